@@ -1,0 +1,29 @@
+# The two commands in the README: `make test` and `make demo`. Both set up .venv first.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+# The real MNIST where this machine has it; the product itself never knows this path.
+BNGRAPH_DATA ?= $(wildcard ../shared/data/mnist)
+DEMO_OUT ?= demo-out
+
+.PHONY: setup test demo clean
+
+setup: $(VENV)/.installed
+
+# torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet '$(TORCH)'
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -n 2 -q
+
+demo: setup
+	BNGRAPH_DATA=$(BNGRAPH_DATA) DEMO_OUT=$(DEMO_OUT) bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info

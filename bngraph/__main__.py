@@ -1,0 +1,5 @@
+import sys
+
+from bngraph.cli import main
+
+sys.exit(main())

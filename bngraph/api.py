@@ -1,0 +1,1 @@
+"""The Python API behind each command: every command is a function first."""

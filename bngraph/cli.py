@@ -1,0 +1,59 @@
+"""argv -> exit code. Each verb lives in `bngraph/commands/<verb>.py`; its docstring is its help.
+
+Exit codes: 0 done, 1 a check ran and failed, 2 the user's input is wrong (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import bngraph.commands
+
+from bngraph.errors import UserError
+
+# The life of a BN model, in order; any other module in bngraph/commands/ follows.
+ORDER = ["insert", "train", "recalibrate", "reproduce", "fold", "export", "verify", "graph", "zoo"]
+
+
+def command_names() -> list[str]:
+    found = {m.name for m in pkgutil.iter_modules(bngraph.commands.__path__)} - {"common"}
+    return sorted(found, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bngraph",
+        description="Batch Normalization as a compiler pass: insert, train, fold, export, verify.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in command_names():
+        module = importlib.import_module(f"bngraph.commands.{name}")
+        doc = module.__doc__.strip()
+        p = sub.add_parser(
+            name,
+            help=doc.splitlines()[0],
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # argparse already exits 2 on a bad flag
+    try:
+        return args.run(args)
+    except UserError as err:
+        print(f"bngraph: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bngraph: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

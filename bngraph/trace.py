@@ -1,0 +1,71 @@
+"""nn.Module -> torch.fx.GraphModule, with every node's output shape from an example input.
+
+Tracing works on a deep copy: a GraphModule shares submodules with the module it was traced
+from, and no bngraph command mutates the model it was handed.
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from bngraph.errors import UserError
+
+
+def _user_frame(err: BaseException) -> str:
+    """`file:line` of the innermost frame outside torch: where the user's code stopped tracing."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
+    frames = [f for f in frames if "/bngraph/" not in f.filename or "/tests/" in f.filename]
+    if not frames:
+        return "?"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} ({f.line.strip() if f.line else f.name})"
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def trace(module: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> fx.GraphModule:
+    """Trace a copy of `module`; with `example_inputs`, fill `node.meta['tensor_meta']`."""
+    module = copy.deepcopy(module)
+    try:
+        gm = fx.symbolic_trace(module)
+    except Exception as err:  # fx raises TraceError, TypeError, AttributeError... for one cause
+        raise UserError(
+            f"torch.fx could not trace {type(module).__name__} at {_user_frame(err)}: {one_line(err)}"
+        ) from err
+    if example_inputs is not None:
+        propagate_shapes(gm, example_inputs)
+    return gm
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    """Run `gm` once in eval mode (no statistics updated, no dropout) and record each node's shape."""
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as err:
+        shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
+        raise UserError(f"the model failed on its example input {shapes}: {one_line(err)}") from err
+    finally:
+        gm.train(was_training)
+    return gm
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def tensor_dtype(node: fx.Node) -> torch.dtype | None:
+    meta = node.meta.get("tensor_meta")
+    return getattr(meta, "dtype", None)
