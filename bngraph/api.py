@@ -1,1 +1,114 @@
-"""The Python API behind each command: every command is a function first."""
+"""The Python API behind each command: every command is a function first, the CLI a thin layer.
+
+    bn_model, report = bngraph.insert(model, example_inputs)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from bngraph.passes.base import PassResult, Skip, run_passes
+from bngraph.passes.calibrate_bn_as_identity import CalibrateBnAsIdentity
+from bngraph.passes.drop_bias_before_bn import drop_bias_before_bn
+from bngraph.passes.insert_bn_before_activation import insert_bn_before_activation
+from bngraph.passes.wrap_activation_modules import wrap_activation_modules
+from bngraph.report import Report
+from bngraph.trace import TraceFailed, propagate_shapes, trace
+
+FALLBACK = "module-level fallback"
+
+
+def calibration_batches(example_inputs: Sequence[torch.Tensor], count: int = 4, batch: int = 16, seed: int = 0):
+    """Random batches shaped like the example input (N(0, 1), as the example input itself)."""
+    gen = torch.Generator().manual_seed(seed)
+    size = max(batch, example_inputs[0].shape[0])
+    return [
+        tuple(torch.randn((size, *x.shape[1:]), generator=gen, dtype=x.dtype) for x in example_inputs)
+        for _ in range(count)
+    ]
+
+
+def insert(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    preserve: bool = False,
+    calibration_data: Iterable[Sequence[torch.Tensor]] | None = None,
+    fallback: bool = True,
+) -> tuple[nn.Module, Report]:
+    """A copy of `model` with a BatchNorm before every nonlinearity, and the report.
+
+    `preserve=True` calibrates the new BatchNorms (on `calibration_data`, or random batches like
+    the example input) so that the eval-mode model computes what `model` computed. Models that
+    torch.fx cannot trace get the module-level fallback unless `fallback=False`.
+    """
+    try:
+        graph = trace(model, example_inputs)
+        tracing = "torch.fx"
+        inserted = insert_bn_before_activation
+    except TraceFailed as err:
+        if not fallback:
+            raise
+        graph = copy.deepcopy(model)
+        tracing = f"{FALLBACK} ({err})"
+
+        def inserted(module):
+            return wrap_activation_modules(module, example_inputs)
+
+        inserted.__name__ = wrap_activation_modules.__name__
+
+    graph, results = run_passes(graph, [inserted])
+    insert_result: PassResult = results[inserted.__name__]
+    bn_paths = [row["bn"] for row in insert_result.details]
+    passes = []
+    if preserve and bn_paths:
+        passes.append(CalibrateBnAsIdentity(bn_paths, calibration_data or calibration_batches(example_inputs)))
+    if tracing == "torch.fx" and bn_paths:
+        passes.append(lambda gm: drop_bias_before_bn(gm, only=bn_paths))
+        passes[-1].__name__ = drop_bias_before_bn.__name__
+    graph, more = run_passes(graph, passes)
+    results.update(more)
+    if tracing == "torch.fx":
+        propagate_shapes(graph, example_inputs)  # keep shapes true for the passes that follow
+    return graph, insert_report(results, tracing)
+
+
+def insert_report(results: dict[str, PassResult], tracing: str) -> Report:
+    first = next(iter(results.values()))
+    dropped = results.get(drop_bias_before_bn.__name__)
+    dropped_at = set(dropped.changed) if dropped else set()
+    inserted = [
+        {
+            "node": row["node"],
+            "activation": row["activation"],
+            "norm": row["norm"],
+            "features": row["features"],
+            "bias_removed": row["bn"] in dropped_at,
+            "bn": row["bn"],
+        }
+        for row in first.details
+    ]
+    skipped = [{"node": s.node if hasattr(s, "node") else s.site, "reason": s.reason} for s in first.skipped]
+    for name, result in results.items():
+        if result is not first:
+            skipped += [{"node": s.site, "reason": f"{name}: {s.reason}"} for s in result.skipped]
+    notes = []
+    if not inserted:
+        notes.append("nothing changed: no nonlinearity needs a BatchNorm" + (" (already inserted?)" if first.skipped else ""))
+    if tracing != "torch.fx":
+        notes.append(f"used the {tracing}; biases before the new BatchNorms are kept")
+    report = Report(
+        "bngraph insert",
+        sections={"inserted": inserted, "skipped": skipped},
+        facts={"tracing": tracing.split(" (")[0], "changed": bool(inserted)},
+        notes=notes,
+    )
+    report.passes = results  # the per-pass results, for an artifact's history
+    return report
+
+
+__all__ = ["Skip", "calibration_batches", "insert", "insert_report"]

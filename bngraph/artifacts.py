@@ -93,17 +93,18 @@ def _check_rebuilt(path: str, original: nn.Module, rebuilt: nn.Module) -> None:
 def module_source(gm: fx.GraphModule, *, input_shapes=None, source: str = "a traced module") -> str:
     """Python source of a module class equivalent to `gm` (same names, same state dict keys)."""
     code = gm.graph.python_code(root_module="self")
-    imports = sorted({line for n, v in code.globals.items() if (line := _import_line(n, v))} - {"import torch"})
+    used = {n: v for n, v in code.globals.items() if re.search(rf"\b{re.escape(n)}\b", code.src)}
+    imports = sorted({line for n, v in used.items() if (line := _import_line(n, v))} - {"import torch"})
 
     body = ["    def __init__(self):", "        super().__init__()"]
-    leaves = {node.target for node in gm.graph.nodes if node.op == "call_module"}
-    installed: dict[int, str] = {}
-    for path, module in gm.named_modules():
-        if path in leaves:
-            ctor = _constructor(path, module)
-            _check_rebuilt(path, module, eval(ctor, {"torch": torch}))  # noqa: S307 (our own string)
-            body.append(f"        _install(self, {path!r}, {ctor})")
-            installed[id(module)] = path
+    # In the order the forward calls them, so that print(model) reads like the computation.
+    leaves = list(dict.fromkeys(node.target for node in gm.graph.nodes if node.op == "call_module"))
+    for path in leaves:
+        module = gm.get_submodule(path)
+        ctor = _constructor(path, module)
+        _check_rebuilt(path, module, eval(ctor, {"torch": torch}))  # noqa: S307 (our own string)
+        body.append(f"        _install(self, {path!r}, {ctor})")
+    leaves = set(leaves)
     owned = {name for leaf in leaves for name, _ in gm.get_submodule(leaf).named_parameters(leaf)}
     owned |= {name for leaf in leaves for name, _ in gm.get_submodule(leaf).named_buffers(leaf)}
     first_name: dict[int, str] = {}
@@ -143,6 +144,36 @@ def module_source(gm: fx.GraphModule, *, input_shapes=None, source: str = "a tra
     )
 
 
+_WRAPPED_TAIL = """
+
+# --- Appended by bngraph: torch.fx could not trace {symbol}, so `bngraph insert` wrapped its
+# --- activation modules with a BatchNorm in front (module-level fallback), as listed here.
+import collections as _bngraph_collections  # noqa: E402
+
+import torch as _bngraph_torch  # noqa: E402
+
+_BNGRAPH_WRAPS = {wraps!r}
+
+
+def {cls}():
+    model = {symbol}()
+    for path, norm, features in _BNGRAPH_WRAPS:
+        *parents, name = path.split(".")
+        parent = model.get_submodule(".".join(parents))
+        bn = getattr(_bngraph_torch.nn, norm)(features)
+        parent._modules[name] = _bngraph_torch.nn.Sequential(
+            _bngraph_collections.OrderedDict(bn=bn, act=parent._modules[name])
+        )
+    return model
+"""
+
+
+def wrapped_source(user_file: Path, symbol: str, wraps: Sequence[dict]) -> str:
+    """model.py for a model that cannot be traced: the user's file plus the recorded wraps."""
+    listed = [(w["node"], w["norm"], w["features"]) for w in wraps]
+    return Path(user_file).read_text() + _WRAPPED_TAIL.format(symbol=symbol, wraps=listed, cls=CLASS_NAME)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -154,12 +185,19 @@ def save(
     example_inputs: Sequence[torch.Tensor] | None = None,
     history: Sequence[dict] = (),
     source: str = "a module",
+    code: str | None = None,
 ) -> Path:
-    """Write `module` as an artifact folder at `path`, whole or not at all."""
-    gm = module if isinstance(module, fx.GraphModule) else trace(module)
+    """Write `module` as an artifact folder at `path`, whole or not at all.
+
+    The module is traced and written as generated code, unless `code` (see `wrapped_source`)
+    gives the source of a model that cannot be traced.
+    """
     input_shapes = [list(x.shape) for x in example_inputs] if example_inputs is not None else None
-    text = module_source(gm, input_shapes=input_shapes, source=source)
-    state = {k: v.detach().clone() for k, v in gm.state_dict().items()}
+    if code is None:
+        module = module if isinstance(module, fx.GraphModule) else trace(module)
+        code = module_source(module, input_shapes=input_shapes, source=source)
+    text = code
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     def write(folder: Path) -> None:
         (folder / CODE_FILE).write_text(text)
@@ -174,7 +212,7 @@ def save(
             "history": list(history),
         }
         (folder / ARTIFACT_META).write_text(json.dumps(meta, indent=2) + "\n")
-        _check_round_trip(gm, load_artifact(folder)[0], example_inputs)
+        _check_round_trip(module, load_artifact(folder)[0], example_inputs)
 
     return write_dir_atomically(path, write)
 

@@ -24,6 +24,7 @@ class LoadedModel:
     spec: ModelSpec
     input_shapes: list[tuple[int, ...]] | None
     history: list[dict] = field(default_factory=list)  # passes already applied (artifacts)
+    symbol: str | None = None  # the class or function a .py spec resolved to
 
     def example_inputs(self, seed: int = 0) -> list[torch.Tensor]:
         if not self.input_shapes:
@@ -56,7 +57,7 @@ def _module_candidates(code) -> list[str]:
     ]
 
 
-def _build(path: Path, symbol: str | None) -> nn.Module:
+def _build(path: Path, symbol: str | None) -> tuple[nn.Module, str]:
     code = _import_file(path)
     if symbol is None:
         candidates = _module_candidates(code)
@@ -79,7 +80,7 @@ def _build(path: Path, symbol: str | None) -> nn.Module:
         raise UserError(f"building {path}:{symbol}() failed: {one_line(err)}") from err
     if not isinstance(module, nn.Module):
         raise UserError(f"{path}:{symbol}() returned {type(module).__name__}, not an nn.Module")
-    return module
+    return module, symbol
 
 
 def _declared_shapes(module: nn.Module) -> list[tuple[int, ...]] | None:
@@ -110,14 +111,14 @@ def load_model(spec: str | ModelSpec, *, weights=None, input_shape: str | None =
     """Load what a model spec names (see `bngraph.spec`), with its example input shapes."""
     spec = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
     history: list[dict] = []
-    shapes = None
+    shapes, symbol = None, spec.symbol
     if spec.kind == "zoo":
         from bngraph.zoo import create_model, get_entry
 
         module = create_model(spec.symbol)
         shapes = [get_entry(spec.symbol).input_shape]
     elif spec.kind == "file":
-        module = _build(spec.path, spec.symbol)
+        module, symbol = _build(spec.path, spec.symbol)
         shapes = _declared_shapes(module)
     elif spec.kind == "artifact":
         module, meta = load_artifact(spec.path)
@@ -129,7 +130,7 @@ def load_model(spec: str | ModelSpec, *, weights=None, input_shape: str | None =
         load_weights(module, weights)
     if input_shape is not None:
         shapes = parse_input_shapes(input_shape)
-    return LoadedModel(module, spec, shapes, history)
+    return LoadedModel(module, spec, shapes, history, symbol)
 
 
 def load(spec: str | Path, *, weights=None) -> nn.Module:

@@ -26,7 +26,9 @@ class Report:
         (stream or sys.stdout).write("\n")
 
     def print_table(self, stream: TextIO | None = None) -> None:
-        console = Console(file=stream or sys.stdout, width=120, highlight=False, soft_wrap=True)
+        stream = stream or sys.stdout
+        # Wide enough for node paths when piped to a file or CI log; the terminal's own width otherwise.
+        console = Console(file=stream, width=None if stream.isatty() else 160, highlight=False)
         console.print(f"[bold]{self.title}[/bold]")
         for key, value in self.facts.items():
             console.print(f"  {key}: {value}")

@@ -17,6 +17,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 from bngraph.errors import UserError
 
 
+class TraceFailed(UserError):
+    """torch.fx could not trace the model (data-dependent control flow, unsupported Python)."""
+
+
 def _user_frame(err: BaseException) -> str:
     """`file:line` of the innermost frame outside torch: where the user's code stopped tracing."""
     frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
@@ -38,7 +42,7 @@ def trace(module: nn.Module, example_inputs: Sequence[torch.Tensor] | None = Non
     try:
         gm = fx.symbolic_trace(module)
     except Exception as err:  # fx raises TraceError, TypeError, AttributeError... for one cause
-        raise UserError(
+        raise TraceFailed(
             f"torch.fx could not trace {type(module).__name__} at {_user_frame(err)}: {one_line(err)}"
         ) from err
     if example_inputs is not None:

@@ -1,0 +1,66 @@
+"""Put a BatchNorm before every nonlinearity of a model and save the result.
+
+Traces MODEL with torch.fx and inserts a BatchNorm{1,2,3}d in front of each elementwise
+nonlinearity (module, functional or method form) whose input is not already normalized: one
+feature per channel for convolutions, per last-axis feature for Linear on (N, T, C). The bias of
+a conv/linear feeding only the new BatchNorm is dropped (beta replaces it; paper Sec. 3.2).
+Running it on its own output changes nothing.
+
+--preserve calibrates the new BatchNorms so that the model in eval mode computes exactly what it
+computed before (for pretrained weights); training then continues from there.
+
+Examples:
+  bngraph insert zoo:inception -o inception-bn
+  bngraph insert model.py:Net --input-shape 8,3,32,32 --weights net.pt --preserve -o net-bn
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bngraph.api import FALLBACK, insert
+from bngraph.artifacts import save, wrapped_source
+from bngraph.commands.common import add_model_arguments, add_report_arguments, emit, load_from_args
+from bngraph.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("-o", "--output", metavar="DIR", help="artifact folder to write")
+    parser.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
+    parser.add_argument(
+        "--preserve", action="store_true", help="calibrate the new BatchNorms so the eval-mode function is unchanged"
+    )
+    parser.add_argument(
+        "--no-fallback",
+        action="store_true",
+        help="fail when torch.fx cannot trace the model instead of wrapping activation modules",
+    )
+    add_report_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.output and not args.dry_run:
+        raise UserError("insert needs -o DIR (or --dry-run to only report)")
+    loaded = load_from_args(args)
+    example_inputs = loaded.example_inputs()
+    model, report = insert(loaded.module, example_inputs, preserve=args.preserve, fallback=not args.no_fallback)
+    report.title = f"bngraph insert {args.model}"
+    if args.output and not args.dry_run:
+        code = None
+        if report.facts["tracing"] == FALLBACK:
+            if loaded.spec.kind != "file":
+                raise UserError("the module-level fallback can only save models loaded from a .py file")
+            code = wrapped_source(loaded.spec.path, loaded.symbol, report.sections["inserted"])
+        entry = {"command": "insert", "preserve": args.preserve, "report": report.to_json()}
+        save(
+            model,
+            args.output,
+            example_inputs=example_inputs,
+            history=[*loaded.history, entry],
+            source=args.model,
+            code=code,
+        )
+        report.facts["output"] = args.output
+    emit(report, args)
+    return 0

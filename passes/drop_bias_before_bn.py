@@ -1,0 +1,71 @@
+"""Remove the bias of a conv/linear whose only user is a BatchNorm (paper, Sec. 3.2).
+
+BN subtracts the mean, so a bias in front of it cancels; beta takes its role. Removing it
+changes nothing in train mode, and in eval mode the running mean shifts by the same bias
+(`running_mean -= bias`), so the model computes exactly what it did before.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection
+
+import torch
+from torch import fx, nn
+
+from bngraph.passes.base import PassResult, Skip
+from bngraph.passes.op_kinds import CONV_LINEAR_MODULES
+from bngraph.trace import tensor_shape
+
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
+
+
+def _is_transpose_1_last(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target == "transpose" and tuple(node.args[1:]) in {(1, -1), (-1, 1)}
+
+
+def drop_bias_before_bn(gm: fx.GraphModule, only: Collection[str] | None = None) -> PassResult:
+    """Drop the redundant bias before each BatchNorm (or those whose module path is in `only`)."""
+    result = PassResult(gm)
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    for bn_node in gm.graph.nodes:
+        if bn_node.op != "call_module" or (only is not None and bn_node.target not in only):
+            continue
+        bn = gm.get_submodule(bn_node.target)
+        if not isinstance(bn, _BATCHNORM):
+            continue
+        layer_node, moved = bn_node.args[0], None
+        if isinstance(layer_node, fx.Node) and _is_transpose_1_last(layer_node):
+            moved, layer_node = layer_node, layer_node.args[0]
+        if not isinstance(layer_node, fx.Node) or layer_node.op != "call_module":
+            continue  # fed by something without a bias module: nothing to drop
+        layer = gm.get_submodule(layer_node.target)
+        if not isinstance(layer, CONV_LINEAR_MODULES) or layer.bias is None:
+            continue
+        site = bn_node.target
+        shape = tensor_shape(layer_node)
+        if shape is None:
+            result.skipped.append(Skip(site, f"no shape recorded for {layer_node.target}'s output"))
+            continue
+        # The BN must normalize the layer's output features: axis 1 for a conv or a 2-D linear,
+        # the last axis (reached through the transpose) for a linear on (N, T, C).
+        layer_features_last = isinstance(layer, nn.Linear) and len(shape) > 2
+        if layer_features_last != (moved is not None):
+            result.skipped.append(Skip(site, f"normalizes another axis than {layer_node.target}'s output features"))
+            continue
+        if len(layer_node.users) > 1 or (moved is not None and len(moved.users) > 1):
+            others = ", ".join(u.name for u in layer_node.users if u is not bn_node and u is not moved)
+            result.skipped.append(Skip(site, f"{layer_node.target}'s output also feeds {others}, which needs the bias"))
+            continue
+        if calls[layer_node.target] > 1:
+            result.skipped.append(Skip(site, f"{layer_node.target} is called at {calls[layer_node.target]} sites; its bias serves the others"))
+            continue
+        with torch.no_grad():
+            if bn.running_mean is not None:
+                bn.running_mean.sub_(layer.bias.to(bn.running_mean.dtype))
+        layer.bias = None
+        result.changed.append(site)
+        result.details.append({"bn": site, "layer": layer_node.target})
+    if result.changed:
+        gm.recompile()
+    return result

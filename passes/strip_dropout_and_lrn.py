@@ -1,0 +1,38 @@
+"""Remove Dropout and Local Response Normalization (paper, Sec. 4.2.1: BN makes both unneeded).
+
+Each such op is replaced by its input; the modules it called are deleted from the model.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from bngraph.passes.base import PassResult
+from bngraph.passes.op_kinds import first_node_arg, op_label
+
+STRIPPED_MODULES = (nn.modules.dropout._DropoutNd, nn.LocalResponseNorm)
+STRIPPED_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.local_response_norm}
+
+
+def _is_stripped(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), STRIPPED_MODULES)
+    return node.op == "call_function" and node.target in STRIPPED_FUNCTIONS
+
+
+def strip_dropout_and_lrn(gm: fx.GraphModule) -> PassResult:
+    """Replace every Dropout and LocalResponseNorm by its input. Works in place."""
+    result = PassResult(gm)
+    for node in list(gm.graph.nodes):
+        if not _is_stripped(gm, node):
+            continue
+        label = op_label(gm, node)
+        node.replace_all_uses_with(first_node_arg(node))
+        gm.graph.erase_node(node)
+        result.changed.append(node.name)
+        result.details.append({"node": node.name, "op": label})
+    if result.changed:
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return result

@@ -1,0 +1,56 @@
+"""Replace one nonlinearity by another: ReLU -> sigmoid makes BN-x5-Sigmoid (paper, Sec. 4.2.2).
+
+Module calls get a new module at the same path (so the artifact reads naturally); function and
+method calls become a call of the new activation's functional form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import fx, nn
+
+from bngraph.passes.base import PassResult
+from bngraph.passes.op_kinds import activation_kind
+
+# What each target is as a module and as a function of one tensor.
+TARGETS: dict[str, tuple[Callable[[], nn.Module], Callable]] = {
+    "sigmoid": (nn.Sigmoid, torch.sigmoid),
+    "relu": (nn.ReLU, torch.relu),
+    "tanh": (nn.Tanh, torch.tanh),
+}
+
+
+class SwapActivation:
+    """Swap every activation of a kind in `replace` (module class names or functional names,
+    compared lower-case: 'relu' matches nn.ReLU, F.relu and x.relu()) for `to`."""
+
+    def __init__(self, to: str = "sigmoid", replace: tuple[str, ...] = ("relu",)):
+        if to not in TARGETS:
+            raise ValueError(f"unknown activation {to!r}; choose from {sorted(TARGETS)}")
+        self.to, self.replace = to, {r.lower() for r in replace}
+        self.name = f"swap_activation({'|'.join(sorted(self.replace))}->{to})"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        result = PassResult(gm)
+        make_module, function = TARGETS[self.to]
+        for node in list(gm.graph.nodes):
+            kind = activation_kind(gm, node)
+            if kind is None or kind.lower() not in self.replace:
+                continue
+            if node.op == "call_module":
+                *parent, name = node.target.split(".")
+                gm.get_submodule(".".join(parent)).add_module(name, make_module())
+            else:
+                node.op, node.target = "call_function", function
+                node.args, node.kwargs = node.args[:1], {}  # inplace=, negative_slope= belong to the old one
+            result.changed.append(node.name)
+            result.details.append({"node": node.name, "from": kind, "to": self.to})
+        if result.changed:
+            gm.recompile()
+        return result
+
+
+def swap_activation(gm: fx.GraphModule, to: str = "sigmoid", replace: tuple[str, ...] = ("relu",)) -> PassResult:
+    return SwapActivation(to, replace)(gm)
