@@ -15,7 +15,9 @@ def _sibling(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.{kind}{path.suffix}")
 
 
-def _check_parent(path: Path) -> None:
+def check_writable(path: str | Path) -> None:
+    """Fail before the work, not after it, when `path` cannot be written."""
+    path = Path(path)
     parent = path.parent
     if not parent.is_dir():
         raise UserError(f"cannot write {path}: folder {parent} does not exist")
@@ -26,7 +28,7 @@ def _check_parent(path: Path) -> None:
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary sibling of `path`, then rename it onto `path`."""
     path = Path(path)
-    _check_parent(path)
+    check_writable(path)
     tmp = _sibling(path, "partial")
     try:
         write(tmp)
@@ -39,7 +41,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
 def write_dir_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Build a folder as a temporary sibling, then move it onto `path` (replacing an old one)."""
     path = Path(path)
-    _check_parent(path)
+    check_writable(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"cannot write folder {path}: a file of that name exists")
     tmp = _sibling(path, "partial")

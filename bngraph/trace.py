@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from bngraph.errors import UserError
 
@@ -50,16 +51,36 @@ def trace(module: nn.Module, example_inputs: Sequence[torch.Tensor] | None = Non
     return gm
 
 
+class _RecordShapes(fx.Interpreter):
+    """torch.fx's ShapeProp, minus its printed traceback: a failure names the node instead."""
+
+    def run_node(self, node: fx.Node):
+        try:
+            result = super().run_node(node)
+        except Exception as err:
+            err.add_note(f"bngraph: at node {node.name}")
+            self.failed_at = node.name
+            raise
+        if any(isinstance(leaf, torch.Tensor) for leaf in torch.utils._pytree.tree_leaves(result)):
+            node.meta["tensor_meta"] = map_aggregate(
+                result, lambda r: _extract_tensor_metadata(r) if isinstance(r, torch.Tensor) else None
+            )
+        node.meta["type"] = type(result)
+        return result
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
     """Run `gm` once in eval mode (no statistics updated, no dropout) and record each node's shape."""
     was_training = gm.training
     gm.eval()
+    recorder = _RecordShapes(gm)
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            recorder.run(*example_inputs)
     except Exception as err:
         shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
-        raise UserError(f"the model failed on its example input {shapes}: {one_line(err)}") from err
+        where = getattr(recorder, "failed_at", "?")
+        raise UserError(f"the model failed on its example input {shapes} at node {where}: {one_line(err)}") from err
     finally:
         gm.train(was_training)
     return gm

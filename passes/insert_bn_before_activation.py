@@ -25,7 +25,7 @@ BATCHNORM_BY_RANK: dict[int, type[nn.Module]] = {2: nn.BatchNorm1d, 3: nn.BatchN
 def _free_name(gm: fx.GraphModule, wanted: str) -> str:
     name, i = wanted, 1
     while _exists(gm, name):
-        name, i = f"{wanted}{i}", i + 1
+        name, i = f"{wanted}_{i}", i + 1
     return name
 
 

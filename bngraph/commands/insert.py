@@ -20,6 +20,7 @@ import argparse
 
 from bngraph.api import FALLBACK, insert
 from bngraph.artifacts import save, wrapped_source
+from bngraph.atomic import check_writable
 from bngraph.commands.common import add_model_arguments, add_report_arguments, emit, load_from_args
 from bngraph.errors import UserError
 
@@ -42,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.output and not args.dry_run:
         raise UserError("insert needs -o DIR (or --dry-run to only report)")
+    if args.output and not args.dry_run:
+        check_writable(args.output)
     loaded = load_from_args(args)
     example_inputs = loaded.example_inputs()
     model, report = insert(loaded.module, example_inputs, preserve=args.preserve, fallback=not args.no_fallback)

@@ -1,0 +1,116 @@
+"""Save/load round trips: every tested model, in this process and in a fresh one."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bngraph
+from bngraph.artifacts import load_artifact
+from bngraph.errors import UserError
+from tests import models
+from tests.conftest import REPO
+from tests.util import randomize_bn
+
+CASES = [*models.TRACEABLE, models.Untraceable]
+
+
+def _inserted(cls):
+    x = torch.randn(*cls.example_input_shape, generator=torch.Generator().manual_seed(1))
+    out, report = bngraph.insert(cls(), [x])
+    return randomize_bn(out, seed=2), x, report
+
+
+@pytest.mark.parametrize("cls", models.TRACEABLE, ids=lambda c: c.__name__)
+def test_round_trip_gives_the_same_module(cls, tmp_path):
+    out, x, _ = _inserted(cls)
+    bngraph.save(out, tmp_path / "a", example_inputs=[x])
+    loaded = bngraph.load(tmp_path / "a")
+    assert not isinstance(loaded, torch.fx.GraphModule)  # plain, readable PyTorch
+    assert loaded.state_dict().keys() == out.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), out.eval()(x), rtol=0, atol=0)
+    loaded.train()(torch.randn(3, *x.shape[1:])).float().sum().backward()  # still trainable
+    assert json.loads((tmp_path / "a" / "bngraph.json").read_text())["input_shapes"] == [list(x.shape)]
+
+
+def test_tied_weights_stay_tied(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    bngraph.save(Tied(), tmp_path / "t", example_inputs=[torch.randn(2, 4)])
+    loaded = bngraph.load(tmp_path / "t")
+    assert loaded.a.weight is loaded.b.weight
+
+
+def test_fresh_process_loads_artifacts_without_the_model_file(tmp_path):
+    """A new interpreter that never imports tests/models.py rebuilds every model exactly."""
+    expected = {}
+    for cls in models.TRACEABLE:
+        out, x, _ = _inserted(cls)
+        bngraph.save(out, tmp_path / cls.__name__, example_inputs=[x])
+        with torch.no_grad():
+            expected[cls.__name__] = (x, out.eval()(x))
+    torch.save(expected, tmp_path / "expected.pt")
+    script = f"""
+import sys, torch, bngraph
+expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+for name, (x, y) in expected.items():
+    model = bngraph.load({str(tmp_path)!r} + "/" + name).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), y), name
+assert not any("models" in m for m in sys.modules if m.startswith("tests")), "imported the original"
+print("ok", len(expected))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"ok {len(models.TRACEABLE)}"
+
+
+def test_untraceable_model_round_trips_through_its_source(tmp_path):
+    from bngraph.cli import main
+
+    out = tmp_path / "u"
+    assert main(["insert", f"{REPO}/tests/models.py:Untraceable", "-o", str(out)]) == 0
+    loaded = bngraph.load(out)
+    assert isinstance(loaded.act1.bn, torch.nn.BatchNorm1d)
+    assert "_BNGRAPH_WRAPS" in (out / "model.py").read_text()
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "flip_code", "bad_json", "missing_weights"])
+def test_corrupted_artifacts_are_refused(tmp_path, damage):
+    out, x, _ = _inserted(models.Residual)
+    folder = bngraph.save(out, tmp_path / "a", example_inputs=[x])
+    if damage == "truncate_weights":
+        data = (folder / "weights.pt").read_bytes()
+        (folder / "weights.pt").write_bytes(data[: len(data) // 2])
+    elif damage == "flip_code":
+        (folder / "model.py").write_text((folder / "model.py").read_text().replace("relu", "tanh"))
+    elif damage == "bad_json":
+        (folder / "bngraph.json").write_text("{not json")
+    else:
+        (folder / "weights.pt").unlink()
+    with pytest.raises(UserError, match="corrupted|incomplete"):
+        load_artifact(folder)
+
+
+def test_failed_save_leaves_no_folder(tmp_path):
+    class Outer(torch.nn.Module):  # MultiheadAttention: a leaf its extra_repr cannot rebuild
+        def __init__(self):
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0]
+
+    with pytest.raises(UserError, match="cannot save layer 'mha'"):
+        bngraph.save(Outer(), tmp_path / "x", example_inputs=[torch.randn(2, 3, 4)])
+    assert list(tmp_path.iterdir()) == []

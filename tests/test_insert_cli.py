@@ -1,0 +1,114 @@
+"""`bngraph insert` end to end: reports, artifacts, and the error contract (one line, exit 2)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bngraph
+from bngraph.cli import main
+from tests.conftest import MODELS_PY
+
+
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_insert_writes_a_loadable_artifact_and_a_json_report(tmp_path, capsys):
+    code, out, _ = _cli(capsys, "insert", f"{MODELS_PY}:Branches", "-o", str(tmp_path / "b"), "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert {r["node"] for r in report["inserted"]} == {"relu", "relu_1", "relu_2"}
+    assert set(report["inserted"][0]) >= {"node", "activation", "norm", "features", "bias_removed"}
+    assert report["skipped"] == []
+    model = bngraph.load(tmp_path / "b")
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 3
+    history = json.loads((tmp_path / "b" / "bngraph.json").read_text())["history"]
+    assert history[0]["command"] == "insert" and len(history[0]["report"]["inserted"]) == 3
+
+
+def test_insert_on_its_own_output_changes_nothing_and_says_so(tmp_path, capsys):
+    assert _cli(capsys, "insert", "zoo:mnist-mlp", "-o", str(tmp_path / "a"))[0] == 0
+    code, out, _ = _cli(capsys, "insert", str(tmp_path / "a"), "-o", str(tmp_path / "b"), "--json")
+    report = json.loads(out)
+    assert code == 0 and report["changed"] is False and report["inserted"] == []
+    assert "nothing changed" in report["notes"][0]
+    history = json.loads((tmp_path / "b" / "bngraph.json").read_text())["history"]
+    assert [h["command"] for h in history] == ["insert", "insert"]
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    code, out, _ = _cli(capsys, "insert", "zoo:mnist-mlp", "--dry-run", "-o", str(tmp_path / "x"))
+    assert code == 0 and "BatchNorm1d" in out and not (tmp_path / "x").exists()
+
+
+def test_weights_and_preserve_keep_a_pretrained_function(tmp_path, capsys):
+    from tests.models import Residual
+
+    model = Residual()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    args = ["insert", f"{MODELS_PY}:Residual", "--weights", str(tmp_path / "w.pt"), "--preserve"]
+    assert _cli(capsys, *args, "-o", str(tmp_path / "p"))[0] == 0
+    x = torch.randn(3, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(bngraph.load(tmp_path / "p").eval()(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def two_classes(tmp_path):
+    path = tmp_path / "two.py"
+    path.write_text(
+        "import torch\n"
+        "class A(torch.nn.Module):\n    def forward(self, x): return x.relu()\n"
+        "class B(torch.nn.Module):\n    def __init__(self, width): super().__init__()\n"
+    )
+    return path
+
+
+BAD = {
+    "missing file": (["insert", "/nonexistent/model.py:Net", "--input-shape", "2,4", "-o", "{tmp}/o"], "does not exist"),
+    "no such symbol": (["insert", f"{MODELS_PY}:Nope", "-o", "{tmp}/o"], "no symbol 'Nope'"),
+    "ambiguous file": (["insert", "{two}", "-o", "{tmp}/o"], "defines 2 nn.Module classes"),
+    "constructor args": (["insert", "{two}:B", "-o", "{tmp}/o"], "cannot be called without arguments"),
+    "unknown zoo name": (["insert", "zoo:resnet5", "-o", "{tmp}/o"], "no model named 'resnet5'"),
+    "bad shape": (["insert", "zoo:mnist-mlp", "--input-shape", "2,x", "-o", "{tmp}/o"], "bad --input-shape"),
+    "model fails on input": (["insert", "zoo:mnist-mlp", "--input-shape", "2,3,5", "-o", "{tmp}/o"], "failed on its example input"),
+    "no example input": (["insert", "{two}:A", "-o", "{tmp}/o"], "declares no example input"),
+    "not an artifact": (["insert", "{tmp}", "-o", "{tmp}/o"], "not a bngraph artifact"),
+    "unwritable output": (["insert", "zoo:mnist-mlp", "-o", "{tmp}/no/such/dir/o"], "does not exist"),
+    "missing -o": (["insert", "zoo:mnist-mlp"], "needs -o"),
+    "bad weights": (["insert", "zoo:mnist-mlp", "--weights", "{two}", "-o", "{tmp}/o"], "cannot read weights"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, two_classes, capsys):
+    argv, message = BAD[case]
+    argv = [a.format(tmp=tmp_path, two=two_classes) for a in argv]
+    code, _, err = _cli(capsys, *argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("bngraph: error: ")
+    assert message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_installed_command_follows_the_contract(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "bngraph", "insert", f"{tmp_path}/missing.py:Net", "--input-shape", "2,4", "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"bngraph: error: model file {tmp_path}/missing.py does not exist"]
+
+
+def test_an_existing_output_is_replaced_whole(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert _cli(capsys, "insert", "zoo:mnist-mlp", "-o", str(out))[0] == 0
+    assert _cli(capsys, "insert", f"{MODELS_PY}:SharedActivation", "-o", str(out))[0] == 0
+    assert "act_bn_1" in (out / "model.py").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no temporary folders left
