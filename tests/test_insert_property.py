@@ -1,0 +1,86 @@
+"""Property: on random small networks, insert works in train mode, is idempotent, and
+--preserve keeps the eval-mode function."""
+
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import bngraph
+from bngraph.passes.op_kinds import activation_kind, normalizer_behind
+
+MODULE_ACTS = [nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Hardswish, nn.Softplus, nn.Mish]
+FUNCTIONAL_ACTS = [F.relu, torch.sigmoid, torch.tanh, F.gelu, F.silu, F.elu]
+
+
+class Functional(nn.Module):
+    """An activation in functional form, as users write it inside forward()."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def forward(self, x):
+        return FUNCTIONAL_ACTS[self.index](x)
+
+
+@st.composite
+def activations(draw):
+    if draw(st.booleans()):
+        return draw(st.sampled_from(MODULE_ACTS))()
+    return Functional(draw(st.integers(0, len(FUNCTIONAL_ACTS) - 1)))
+
+
+@st.composite
+def networks(draw):
+    kind = draw(st.sampled_from(["image", "vector", "sequence"]))
+    layers, width = [], draw(st.integers(2, 6))
+    shape = {"image": (width, 6, 6), "vector": (width,), "sequence": (3, width)}[kind]
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["layer", "layer", "act", "norm", "dropout"]))
+        out = draw(st.integers(2, 6))
+        if op == "layer" and kind == "image":
+            groups = width if draw(st.booleans()) and out % width == 0 else 1
+            layers.append(nn.Conv2d(width, out, draw(st.sampled_from([1, 3])), padding="same", groups=groups, bias=draw(st.booleans())))
+            width = out
+        elif op == "layer":
+            layers.append(nn.Linear(width, out, bias=draw(st.booleans())))
+            width = out
+        elif op == "norm":
+            layers.append(nn.BatchNorm2d(width) if kind == "image" else nn.LayerNorm(width))
+        elif op == "dropout":
+            layers.append(nn.Dropout(0.2))
+        if op in ("act", "layer") and draw(st.booleans()):
+            layers.append(draw(activations()))
+    layers.append(draw(activations()))
+    return nn.Sequential(*layers), shape
+
+
+def _every_activation_is_normalized(gm):
+    return all(
+        normalizer_behind(gm, node.args[0]) is not None
+        for node in gm.graph.nodes
+        if activation_kind(gm, node) is not None
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(networks(), st.integers(0, 2**16))
+def test_insert_then_train_is_idempotent_and_preserve_is_exact(net, seed):
+    model, shape = net
+    torch.manual_seed(seed)
+    x = torch.randn(4, *shape)
+
+    out, report = bngraph.insert(model, [x])
+    assert _every_activation_is_normalized(out)
+    y = out.train()(x)
+    assert y.shape == model(x).shape and torch.isfinite(y).all()
+
+    again, report_again = bngraph.insert(out, [x])
+    assert report_again.sections["inserted"] == [] and str(again.graph) == str(out.graph)
+
+    kept, _ = bngraph.insert(model, [x], preserve=True)
+    probe = torch.randn(7, *shape) * 2
+    with torch.no_grad():
+        torch.testing.assert_close(kept.eval()(probe), model.eval()(probe), rtol=1e-4, atol=1e-5)
