@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from bngraph.passes.base import PassResult, Skip, run_passes
+from bngraph.passes.base import PassResult, pass_name, run_passes
 from bngraph.passes.calibrate_bn_as_identity import CalibrateBnAsIdentity
 from bngraph.passes.drop_bias_before_bn import drop_bias_before_bn
 from bngraph.passes.insert_bn_before_activation import insert_bn_before_activation
@@ -49,27 +50,21 @@ def insert(
     try:
         graph = trace(model, example_inputs)
         tracing = "torch.fx"
-        inserted = insert_bn_before_activation
+        insert_pass = insert_bn_before_activation
     except TraceFailed as err:
         if not fallback:
             raise
         graph = copy.deepcopy(model)
         tracing = f"{FALLBACK} ({err})"
+        insert_pass = partial(wrap_activation_modules, example_inputs=example_inputs)
 
-        def inserted(module):
-            return wrap_activation_modules(module, example_inputs)
-
-        inserted.__name__ = wrap_activation_modules.__name__
-
-    graph, results = run_passes(graph, [inserted])
-    insert_result: PassResult = results[inserted.__name__]
-    bn_paths = [row["bn"] for row in insert_result.details]
+    graph, results = run_passes(graph, [insert_pass])
+    bn_paths = [row["bn"] for row in results[pass_name(insert_pass)].details]
     passes = []
     if preserve and bn_paths:
         passes.append(CalibrateBnAsIdentity(bn_paths, calibration_data or calibration_batches(example_inputs)))
     if tracing == "torch.fx" and bn_paths:
-        passes.append(lambda gm: drop_bias_before_bn(gm, only=bn_paths))
-        passes[-1].__name__ = drop_bias_before_bn.__name__
+        passes.append(partial(drop_bias_before_bn, only=bn_paths))
     graph, more = run_passes(graph, passes)
     results.update(more)
     if tracing == "torch.fx":
@@ -92,7 +87,7 @@ def insert_report(results: dict[str, PassResult], tracing: str) -> Report:
         }
         for row in first.details
     ]
-    skipped = [{"node": s.node if hasattr(s, "node") else s.site, "reason": s.reason} for s in first.skipped]
+    skipped = [{"node": s.site, "reason": s.reason} for s in first.skipped]
     for name, result in results.items():
         if result is not first:
             skipped += [{"node": s.site, "reason": f"{name}: {s.reason}"} for s in result.skipped]
@@ -111,4 +106,4 @@ def insert_report(results: dict[str, PassResult], tracing: str) -> Report:
     return report
 
 
-__all__ = ["Skip", "calibration_batches", "insert", "insert_report"]
+__all__ = ["calibration_batches", "insert", "insert_report"]

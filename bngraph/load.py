@@ -49,11 +49,21 @@ def _import_file(path: Path):
     return module
 
 
+def _builds_a_module(obj) -> bool:
+    """An nn.Module class, or a function annotated to return one."""
+    if inspect.isclass(obj):
+        return issubclass(obj, nn.Module)
+    if inspect.isfunction(obj):
+        returns = inspect.signature(obj, eval_str=False).return_annotation
+        return inspect.isclass(returns) and issubclass(returns, nn.Module)
+    return False
+
+
 def _module_candidates(code) -> list[str]:
     return [
         name
         for name, obj in vars(code).items()
-        if inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == code.__name__
+        if getattr(obj, "__module__", None) == code.__name__ and _builds_a_module(obj)
     ]
 
 
@@ -64,7 +74,7 @@ def _build(path: Path, symbol: str | None) -> tuple[nn.Module, str]:
         if len(candidates) != 1:
             found = ", ".join(candidates) or "none"
             raise UserError(
-                f"{path} defines {len(candidates)} nn.Module classes ({found}); name one as {path}:Symbol"
+                f"{path} defines {len(candidates)} models ({found}); name one as {path}:Symbol"
             )
         symbol = candidates[0]
     if not hasattr(code, symbol):

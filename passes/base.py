@@ -45,6 +45,8 @@ Pass = Callable[[Any], PassResult]
 
 
 def pass_name(p: Pass) -> str:
+    """A pass's name: its `name`, its function's name (also through functools.partial)."""
+    p = getattr(p, "func", p)
     return getattr(p, "name", None) or getattr(p, "__name__", None) or type(p).__name__
 
 

@@ -9,7 +9,7 @@ import torch
 
 import bngraph
 from bngraph.cli import main
-from tests.conftest import MODELS_PY
+from tests.conftest import MODELS_PY, REAL_MNIST
 
 
 def _cli(capsys, *argv):
@@ -72,7 +72,7 @@ def two_classes(tmp_path):
 BAD = {
     "missing file": (["insert", "/nonexistent/model.py:Net", "--input-shape", "2,4", "-o", "{tmp}/o"], "does not exist"),
     "no such symbol": (["insert", f"{MODELS_PY}:Nope", "-o", "{tmp}/o"], "no symbol 'Nope'"),
-    "ambiguous file": (["insert", "{two}", "-o", "{tmp}/o"], "defines 2 nn.Module classes"),
+    "ambiguous file": (["insert", "{two}", "-o", "{tmp}/o"], "defines 2 models"),
     "constructor args": (["insert", "{two}:B", "-o", "{tmp}/o"], "cannot be called without arguments"),
     "unknown zoo name": (["insert", "zoo:resnet5", "-o", "{tmp}/o"], "no model named 'resnet5'"),
     "bad shape": (["insert", "zoo:mnist-mlp", "--input-shape", "2,x", "-o", "{tmp}/o"], "bad --input-shape"),
@@ -81,19 +81,55 @@ BAD = {
     "not an artifact": (["insert", "{tmp}", "-o", "{tmp}/o"], "not a bngraph artifact"),
     "unwritable output": (["insert", "zoo:mnist-mlp", "-o", "{tmp}/no/such/dir/o"], "does not exist"),
     "missing -o": (["insert", "zoo:mnist-mlp"], "needs -o"),
+    "corrupted artifact": (["insert", "{broken}", "-o", "{tmp}/o"], "is corrupted"),
+    "data without preserve": (["insert", "zoo:mnist-mlp", "--data", "{tmp}", "-o", "{tmp}/o"], "add --preserve"),
     "bad weights": (["insert", "zoo:mnist-mlp", "--weights", "{two}", "-o", "{tmp}/o"], "cannot read weights"),
 }
 
 
+@pytest.fixture
+def broken_artifact(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("broken") / "a"
+    assert main(["insert", "zoo:mnist-mlp", "-o", str(folder)]) == 0
+    (folder / "weights.pt").write_bytes((folder / "weights.pt").read_bytes()[:100])
+    return folder
+
+
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
-def test_bad_input_is_one_line_and_exit_2(case, tmp_path, two_classes, capsys):
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, two_classes, broken_artifact, capsys):
     argv, message = BAD[case]
-    argv = [a.format(tmp=tmp_path, two=two_classes) for a in argv]
+    argv = [a.format(tmp=tmp_path, two=two_classes, broken=broken_artifact) for a in argv]
     code, _, err = _cli(capsys, *argv)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("bngraph: error: ")
     assert message in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_file_with_one_builder_function_needs_no_symbol(tmp_path, capsys):
+    path = tmp_path / "net.py"
+    path.write_text(
+        "import torch\n"
+        "def build() -> torch.nn.Module:\n    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())\n"
+    )
+    code, out, _ = _cli(capsys, "insert", str(path), "--input-shape", "2,4", "-o", str(tmp_path / "o"), "--json")
+    assert code == 0 and [r["features"] for r in json.loads(out)["inserted"]] == [3]
+
+
+@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason="needs the real MNIST copy")
+def test_preserve_calibrates_on_real_data(tmp_path, capsys):
+    args = ["insert", "zoo:mnist-mlp", "--preserve", "--data", str(REAL_MNIST), "-o", str(tmp_path / "o")]
+    assert _cli(capsys, *args)[0] == 0
+    model = bngraph.load(tmp_path / "o").eval()
+    from bngraph.data import resolve_dataset
+
+    images = resolve_dataset(str(REAL_MNIST)).as_float()[2][:256]
+    with torch.no_grad():
+        hidden = model.fc1(model.flatten(images))  # the first BN's input on real test images
+    bn = model.act1_bn
+    # calibrated on training images: close to the test images' statistics, not to N(0, 1)'s
+    torch.testing.assert_close(bn.running_mean, hidden.mean(0), atol=0.1, rtol=0)
+    torch.testing.assert_close(bn.running_var, hidden.var(0), atol=0.01, rtol=0.3)
 
 
 def test_the_installed_command_follows_the_contract(tmp_path):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from bngraph.api import FALLBACK, insert
 from bngraph.artifacts import save, wrapped_source
 from bngraph.atomic import check_writable
@@ -33,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preserve", action="store_true", help="calibrate the new BatchNorms so the eval-mode function is unchanged"
     )
     parser.add_argument(
+        "--data",
+        metavar="DIR",
+        help="with --preserve: calibrate on these MNIST-format training images instead of random "
+        "inputs shaped like the example",
+    )
+    parser.add_argument(
         "--no-fallback",
         action="store_true",
         help="fail when torch.fx cannot trace the model instead of wrapping activation modules",
@@ -40,14 +48,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_report_arguments(parser)
 
 
+def _calibration_batches(data_dir: str, example_inputs, count: int = 8, batch: int = 64):
+    from bngraph.data import resolve_dataset
+
+    if len(example_inputs) != 1:
+        raise UserError("--data calibrates models with one image input; this model takes several inputs")
+    dataset = resolve_dataset(data_dir)
+    images = dataset.as_float()[0]
+    want = tuple(example_inputs[0].shape[1:])
+    if tuple(images.shape[1:]) != want:
+        raise UserError(f"--data gives {dataset.name} images of shape {tuple(images.shape[1:])}; the model takes {want}")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: count * batch]
+    return [(images[order[i : i + batch]],) for i in range(0, len(order), batch)]
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.data and not args.preserve:
+        raise UserError("--data is the calibration data of --preserve; add --preserve")
     if not args.output and not args.dry_run:
         raise UserError("insert needs -o DIR (or --dry-run to only report)")
     if args.output and not args.dry_run:
         check_writable(args.output)
     loaded = load_from_args(args)
     example_inputs = loaded.example_inputs()
-    model, report = insert(loaded.module, example_inputs, preserve=args.preserve, fallback=not args.no_fallback)
+    calibration = _calibration_batches(args.data, example_inputs) if args.data else None
+    model, report = insert(
+        loaded.module,
+        example_inputs,
+        preserve=args.preserve,
+        calibration_data=calibration,
+        fallback=not args.no_fallback,
+    )
     report.title = f"bngraph insert {args.model}"
     if args.output and not args.dry_run:
         code = None
@@ -55,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             if loaded.spec.kind != "file":
                 raise UserError("the module-level fallback can only save models loaded from a .py file")
             code = wrapped_source(loaded.spec.path, loaded.symbol, report.sections["inserted"])
-        entry = {"command": "insert", "preserve": args.preserve, "report": report.to_json()}
+        entry = {"command": "insert", "preserve": args.preserve, "data": args.data, "report": report.to_json()}
         save(
             model,
             args.output,
