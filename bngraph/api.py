@@ -18,7 +18,7 @@ from bngraph.passes.drop_bias_before_bn import drop_bias_before_bn
 from bngraph.passes.insert_bn_before_activation import insert_bn_before_activation
 from bngraph.passes.wrap_activation_modules import wrap_activation_modules
 from bngraph.report import Report
-from bngraph.trace import TraceFailed, propagate_shapes, trace
+from bngraph.trace import TraceFailed, trace
 
 FALLBACK = "module-level fallback"
 
@@ -67,8 +67,6 @@ def insert(
         passes.append(partial(drop_bias_before_bn, only=bn_paths))
     graph, more = run_passes(graph, passes)
     results.update(more)
-    if tracing == "torch.fx":
-        propagate_shapes(graph, example_inputs)  # keep shapes true for the passes that follow
     return graph, insert_report(results, tracing)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from bngraph.passes.base import PassResult, Skip
 from bngraph.passes.op_kinds import activation_kind, features_last, normalizer_behind, op_label
@@ -81,10 +82,14 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
         with gm.graph.inserting_before(act):
             if last:
                 moved = gm.graph.call_method("transpose", (x, 1, -1))
-                normed = gm.graph.call_method("transpose", (gm.graph.call_module(bn_path, (moved,)), 1, -1))
+                bn_node = gm.graph.call_module(bn_path, (moved,))
+                normed = gm.graph.call_method("transpose", (bn_node, 1, -1))
+                # Shapes stay known for the passes that follow, without running the model again.
+                swapped = torch.empty(shape, dtype=dtype, device="meta").transpose(1, -1)
+                moved.meta["tensor_meta"] = bn_node.meta["tensor_meta"] = _extract_tensor_metadata(swapped)
             else:
                 normed = gm.graph.call_module(bn_path, (x,))
-                normed.meta["tensor_meta"] = x.meta.get("tensor_meta")
+            normed.meta["tensor_meta"] = x.meta["tensor_meta"]
         act.replace_input_with(x, normed)
         result.changed.append(act.name)
         result.details.append(
