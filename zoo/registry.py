@@ -6,6 +6,7 @@ import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from bngraph.errors import UserError
@@ -51,5 +52,12 @@ def get_entry(name: str) -> ZooEntry:
         raise UserError(f"no model named {name!r} in the zoo (list them: bngraph zoo)") from None
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    return get_entry(name).build(**kwargs)
+def create_model(name: str, seed: int | None = 0, **kwargs) -> nn.Module:
+    """Build a zoo model. Its initial weights depend on `seed` alone (None: the global RNG), so
+    `zoo:NAME` names the same weights on every machine and in every process."""
+    entry = get_entry(name)
+    if seed is None:
+        return entry.build(**kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return entry.build(**kwargs)

@@ -1,0 +1,47 @@
+"""Export a model to ONNX, BN folded and the file verified: bngraph export MODEL -o model.onnx.
+
+The model is folded by the FX passes, exported with torch.onnx.export (dynamo=True) with a
+dynamic batch axis, folded again at the ONNX level (whatever the FX fold could not reach),
+then run in onnxruntime at batch 1 and 7 against the unfolded model. Exit 1, and no file,
+when they differ beyond tolerance (default: atol = rtol = 1e-4).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bngraph.commands.common import add_model_arguments, add_report_arguments, emit, load_from_args
+from bngraph.commands.verify import add_tolerance_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    parser.add_argument(
+        "--exporter-optimize",
+        action="store_true",
+        help="turn on torch.onnx's own optimizer (it also folds BN into Conv/Gemm)",
+    )
+    parser.add_argument("--no-fold", action="store_true", help="skip the FX fold (the ONNX passes still fold)")
+    add_tolerance_arguments(parser)
+    add_report_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bngraph.export import export
+    from bngraph.verify import print_lines
+
+    loaded = load_from_args(args)
+    result = export(
+        loaded.module,
+        loaded.example_inputs(),
+        args.output,
+        fold=not args.no_fold,
+        exporter_optimize=args.exporter_optimize,
+        atol=args.atol,
+        rtol=args.rtol,
+    )
+    result.report.facts = {"model": args.model, **result.report.facts}
+    emit(result.report, args)
+    print_lines(result.verification, args)
+    return 0 if result else 1

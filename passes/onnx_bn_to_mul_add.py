@@ -1,0 +1,62 @@
+"""Turn each BatchNormalization left after the folds into Mul + Add.
+
+In eval mode a BN is the fixed affine map of Algorithm 2, step 3:
+    y = s * x + t,   s = gamma / sqrt(var + eps),   t = beta - s * mean   (per channel),
+with s and t from `bn_scale_shift` (torch.nn.utils.fusion) shaped (C, 1, ..., 1) to broadcast
+over axis 1. Every runtime has Mul and Add, and they run where BN kernels are missing
+(some accelerators have none); onnxruntime fuses them into a neighbour when it can.
+In place.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
+
+from bngraph.passes.base import PassResult, Skip
+from bngraph.passes.onnx_common import batchnorms, bn_scale_shift, new_initializer, rank, site, skip_reason
+
+
+class BnToMulAdd(RewriteRuleClassBase):
+    def pattern(self, op, x):
+        return op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["bn_out"])
+
+    def check(self, context, x, bn_out) -> MatchResult:
+        reason = _refusal(bn_out.producer())
+        return MatchResult().fail(reason) if reason else MatchResult()
+
+    def rewrite(self, op, x, bn_out):
+        bn = bn_out.producer()
+        scale, shift = bn_scale_shift(bn)
+        shape = (scale.shape[0],) + (1,) * (rank(x) - 2)
+        # A BN may keep float32 statistics for a float16 input (opset 15); Mul and Add may not.
+        graph, dtype = bn.graph, x.dtype
+        y = op.Mul(x, new_initializer(op, graph, scale.reshape(shape), f"{bn.inputs[1].name}_scale", dtype))
+        return op.Add(y, new_initializer(op, graph, shift.reshape(shape), f"{bn.inputs[2].name}_shift", dtype))
+
+
+def _refusal(bn: ir.Node) -> str | None:
+    reason = skip_reason(bn)
+    if reason:
+        return reason
+    if rank(bn.inputs[0]) is None:
+        return "the rank of its input is unknown, so its channel axis cannot be broadcast"
+    return None
+
+
+RULES = RewriteRuleSet([BnToMulAdd.rule()])
+
+
+def onnx_bn_to_mul_add(model: ir.Model) -> PassResult:
+    """Rewrite every eval-mode BN of constants as Mul + Add; a training-mode BN stays."""
+    result = PassResult(model)
+    before = batchnorms(model)
+    RULES.apply_to_model(model)
+    left = set(batchnorms(model))
+    for bn in before:
+        if bn in left:
+            result.skipped.append(Skip(site(bn), _refusal(bn) or "no rule matched it"))
+        else:
+            result.changed.append(site(bn))
+            result.details.append({"node": site(bn), "into": "Mul + Add", "how": "multiply-add", "note": ""})
+    return result

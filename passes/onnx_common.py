@@ -1,0 +1,111 @@
+"""What the ONNX passes share: reading a BatchNormalization node, torch tensors from initializers.
+
+The fold algebra lives in torch.nn.utils.fusion (the FX fold's home too) and in onnxscript's
+rules; this module only adapts ONNX values to it. Everything here reads the graph, except
+`new_initializer`, which adds one under a name nobody uses yet.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx_ir as ir
+import torch
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+BATCHNORM = "BatchNormalization"
+DEFAULT_EPSILON = 1e-5  # BatchNormalization's default in every opset
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def site(node: ir.Node) -> str:
+    """A node as the user finds it in Netron: its name, or its op and first output."""
+    return node.name or f"{node.op_type}:{node.outputs[0].name}"
+
+
+def batchnorms(model: ir.Model) -> list[ir.Node]:
+    return [n for n in model.graph if n.op_type == BATCHNORM and n.domain in ("", "ai.onnx")]
+
+
+def op_counts(model: ir.Model) -> Counter:
+    return Counter(n.op_type for n in model.graph.all_nodes())
+
+
+def constant(value: ir.Value | None) -> torch.Tensor | None:
+    """`value` as a torch tensor when it is a constant (an initializer that is not an input)."""
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    try:
+        return torch.from_numpy(value.const_value.numpy().copy())
+    except TypeError:  # a dtype torch lacks (e.g. an ml_dtypes float8): leave the node alone
+        return None
+
+
+def training_reason(bn: ir.Node) -> str | None:
+    """Why `bn` must keep normalizing with batch statistics, or None when it is in eval mode."""
+    mode = bn.attributes.get("training_mode")
+    if mode is not None and (mode.is_ref() or mode.as_int() != 0):
+        return "runs in training mode (batch statistics): export the model in eval mode"
+    # Before opset 14 the number of outputs chose the mode; used extra outputs mean training.
+    if any(out.uses() or out.is_graph_output() for out in bn.outputs[1:]):
+        return "its running-statistics outputs are used, so it runs in training mode"
+    return None
+
+
+def skip_reason(bn: ir.Node) -> str | None:
+    """Why no rewrite may touch `bn` at all, or None when it is an eval-mode BN of constants."""
+    reason = training_reason(bn)
+    if reason:
+        return reason
+    for value, what in zip(bn.inputs[1:], ("scale", "bias", "mean", "variance")):
+        if constant(value) is None:
+            return f"its {what} {value.name if value else '(missing)'!r} is not a constant"
+    return None
+
+
+def bn_parameters(bn: ir.Node) -> dict[str, torch.Tensor | float]:
+    """The keyword arguments of torch.nn.utils.fusion's fuse_*_bn_weights for this node."""
+    scale, bias, mean, var = (constant(v) for v in bn.inputs[1:5])
+    eps = bn.attributes.get("epsilon")
+    return {
+        "bn_rm": mean,
+        "bn_rv": var,
+        "bn_eps": eps.as_float() if eps is not None else DEFAULT_EPSILON,
+        "bn_w": scale,
+        "bn_b": bias,
+    }
+
+
+def bn_scale_shift(bn: ir.Node) -> tuple[torch.Tensor, torch.Tensor]:
+    """The BN as an affine map per channel, y = scale * x + shift.
+
+    A lone BN is a BN folded into the identity, so torch's own fold of a 1x1 identity layer
+    gives its scale and shift: one algebra for every fold, not a second copy of it here.
+    """
+    params = bn_parameters(bn)
+    channels = params["bn_rm"].shape[0]
+    with torch.no_grad():
+        scale, shift = fuse_conv_bn_weights(torch.ones(channels, 1), None, **params)
+    return scale.detach().reshape(channels), shift.detach()
+
+
+def fresh_name(graph: ir.Graph, base: str) -> str:
+    """A name no initializer has: reusing one would overwrite a weight that another node still
+    reads (the trap onnxscript's BN rules avoid by refusing shared weights)."""
+    name, n = base, 1
+    while name in graph.initializers:
+        n += 1
+        name = f"{base}{n}"
+    return name
+
+
+def new_initializer(op, graph: ir.Graph, tensor: torch.Tensor, base: str, dtype: ir.DataType | None = None) -> ir.Value:
+    """A folded tensor as a new initializer of the rewrite `op` is building (cast to `dtype`)."""
+    array = tensor.detach().contiguous().numpy()
+    if dtype is not None:
+        array = array.astype(dtype.numpy())
+    return op.initializer(ir.tensor(array), name=fresh_name(graph, f"{base}_bnfolded"))
+
+
+def rank(value: ir.Value) -> int | None:
+    return len(value.shape) if value.shape is not None else None

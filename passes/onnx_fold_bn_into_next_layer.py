@@ -1,0 +1,154 @@
+"""Fold a BatchNormalization that no layer precedes into the Conv or Gemm after it.
+
+The BN is the affine map x -> s * x + t per input channel c (s, t from `bn_scale_shift`, that
+is torch.nn.utils.fusion). A layer after it sums over input channels, so for each output o:
+    sum_c W[o, c] (s[c] x[c] + t[c]) + B[o]  =  sum_c W'[o, c] x[c] + B'[o],
+    W'[o, c] = W[o, c] s[c],   B'[o] = B[o] + sum_c,k W[o, c, k] t[c].
+Exact for a Conv only without zero padding: the original conv pads the BN's output with 0,
+the folded one pads x with 0, which the BN would have turned into t. Such a BN (and one before
+a pool, an add...) is left for `onnx_bn_to_mul_add`. Grouped convs fold per group. In place.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import torch
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
+
+from bngraph.passes.base import PassResult, Skip
+from bngraph.passes.onnx_common import batchnorms, bn_scale_shift, constant, new_initializer, site, skip_reason
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+class _FoldBnIntoNext(RewriteRuleClassBase):
+    op_type = ""
+
+    def pattern(self, op, x, w):
+        bn = op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["bn_out"])
+        return getattr(op, self.op_type)(bn, w, _allow_other_inputs=True, _outputs=["layer_out"])
+
+    def check(self, context, x, w, bn_out, layer_out) -> MatchResult:
+        reason = _refusal(bn_out.producer(), layer_out.producer())
+        return MatchResult().fail(reason) if reason else MatchResult()
+
+
+class FoldBnIntoNextConv(_FoldBnIntoNext):
+    op_type = "Conv"
+
+    def rewrite(self, op, x, w, bn_out, layer_out):
+        conv, weight = layer_out.producer(), constant(w)
+        scale, shift = bn_scale_shift(bn_out.producer())
+        groups = _attr(conv, "group", 1)
+        # Input channel c feeds the outputs of group c // (C / groups), as weight column c % (C / groups).
+        out_channels, per_group = weight.shape[0], weight.shape[1]
+        index = (torch.arange(out_channels) // (out_channels // groups))[:, None] * per_group + torch.arange(per_group)
+        shape = (out_channels, per_group) + (1,) * (weight.ndim - 2)
+        folded_w = (weight * scale[index].reshape(shape)).to(weight.dtype)
+        folded_b = (weight * shift[index].reshape(shape)).flatten(1).sum(1) + _bias(conv, out_channels)
+        folded_b = folded_b.to(weight.dtype)
+        graph = conv.graph
+        return op.Conv(
+            x,
+            new_initializer(op, graph, folded_w, w.name),
+            new_initializer(op, graph, folded_b, _bias_name(conv)),
+            **conv.attributes,
+        )
+
+
+class FoldBnIntoNextGemm(_FoldBnIntoNext):
+    op_type = "Gemm"
+
+    def rewrite(self, op, x, w, bn_out, layer_out):
+        gemm, weight = layer_out.producer(), constant(w)
+        scale, shift = bn_scale_shift(bn_out.producer())
+        by_row = weight if not _attr(gemm, "transB", 0) else weight.T  # (in, out) either way
+        alpha, beta = _attr(gemm, "alpha", 1.0), _attr(gemm, "beta", 1.0)
+        folded = (by_row * scale[:, None]).to(weight.dtype)
+        # Y = alpha (s x + t) W + beta C  =  alpha x (s W) + (alpha t W + beta C): beta is spent here.
+        folded_b = (alpha * (shift @ by_row.to(shift.dtype)) + beta * _bias(gemm, by_row.shape[1])).to(weight.dtype)
+        attributes = {k: v for k, v in gemm.attributes.items() if k != "beta"}
+        graph = gemm.graph
+        return op.Gemm(
+            x,
+            new_initializer(op, graph, folded if not _attr(gemm, "transB", 0) else folded.T, w.name),
+            new_initializer(op, graph, folded_b, _bias_name(gemm)),
+            **attributes,
+        )
+
+
+def _bias(layer: ir.Node, out_features: int) -> torch.Tensor:
+    bias = constant(layer.inputs[2]) if len(layer.inputs) > 2 else None
+    return torch.zeros(out_features) if bias is None else bias.reshape(-1).expand(out_features)
+
+
+def _bias_name(layer: ir.Node) -> str:
+    has_bias = len(layer.inputs) > 2 and layer.inputs[2] is not None
+    return layer.inputs[2].name if has_bias else f"{layer.inputs[1].name}_bias"
+
+
+def _refusal(bn: ir.Node, layer: ir.Node) -> str | None:
+    """Why `bn` may not fold into `layer`, the only user of its output; None when it may."""
+    reason = skip_reason(bn)
+    if reason:
+        return reason
+    where = f"{layer.op_type} {site(layer)!r}"
+    if constant(layer.inputs[1]) is None:
+        return f"the weight of {where} is not a constant"
+    if len(layer.inputs) > 2 and layer.inputs[2] is not None and constant(layer.inputs[2]) is None:
+        return f"the bias of {where} is not a constant"
+    if layer.op_type == "Conv":
+        pads = _attr(layer, "pads", [0])
+        if _attr(layer, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or any(pads):
+            return f"{where} pads with zeros, which the BN would have shifted: the border would differ"
+    if layer.op_type == "Gemm":
+        if _attr(layer, "transA", 0):
+            return f"{where} transposes its input (transA), so the BN's channels are not its rows"
+        bias = layer.inputs[2] if len(layer.inputs) > 2 else None
+        out_features = constant(layer.inputs[1]).shape[0 if _attr(layer, "transB", 0) else 1]
+        if bias is not None and constant(bias).numel() not in (1, out_features):
+            return f"the bias of {where} differs per row, not per output feature"
+    return None
+
+
+RULES = RewriteRuleSet([FoldBnIntoNextConv.rule(), FoldBnIntoNextGemm.rule()])
+
+
+def onnx_fold_bn_into_next_layer(model: ir.Model) -> PassResult:
+    """Fold every BN whose output only feeds a Conv (without zero padding) or a Gemm."""
+    result = PassResult(model)
+    nexts = {bn: _next_layer(bn) for bn in batchnorms(model)}
+    RULES.apply_to_model(model)
+    left = set(batchnorms(model))
+    for bn, layer in nexts.items():
+        if bn not in left:
+            result.changed.append(site(bn))
+            into = f"{layer.op_type} {site(layer)}"
+            result.details.append({"node": site(bn), "into": into, "how": "into the layer after it", "note": ""})
+        else:
+            result.skipped.append(Skip(site(bn), _why_left(bn, layer)))
+    return result
+
+
+def _next_layer(bn: ir.Node) -> ir.Node | None:
+    uses = bn.outputs[0].uses()
+    return uses[0].node if len(uses) == 1 and not bn.outputs[0].is_graph_output() else None
+
+
+def _why_left(bn: ir.Node, layer: ir.Node | None) -> str:
+    reason = skip_reason(bn)
+    if reason:
+        return reason
+    if bn.outputs[0].is_graph_output():
+        return "its output is a model output, not a layer's input"
+    if layer is None:
+        users = sorted(site(u) for u, _ in bn.outputs[0].uses())
+        return f"its output feeds {len(users)} nodes ({', '.join(users)}), not one layer"
+    if layer.op_type not in ("Conv", "Gemm"):
+        return f"its output feeds {layer.op_type} {site(layer)!r}, not a Conv or Gemm"
+    if layer.inputs[0] is not bn.outputs[0]:
+        return f"it feeds the weight of {layer.op_type} {site(layer)!r}, not its input"
+    return _refusal(bn, layer) or f"no rule folds it into {layer.op_type} {site(layer)!r}"

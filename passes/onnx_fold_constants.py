@@ -1,0 +1,35 @@
+"""Compute every subgraph of constants once, so that the BN rules see weights and biases as initializers.
+
+The torch.export-based exporter with its optimizer off writes the bias of a bias-free conv as
+a computation on the weight's shape, `Expand(CastLike(0, x), Shape(W)[0:1])`, and the
+TorchScript exporter without constant folding writes a Linear's weight as `Transpose(W)`.
+A BN fold needs both as constants, so this pass runs first: onnxscript's constant folder
+(its own size limits, which still fold a large weight's Transpose since that frees the
+original), then every Constant node lifted to an initializer, then dead nodes removed.
+In place.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_passes
+from onnxscript.optimizer import fold_constants_ir
+
+from bngraph.passes.base import PassResult
+from bngraph.passes.onnx_common import site
+
+
+def onnx_fold_constants(model: ir.Model) -> PassResult:
+    """Fold constant subgraphs into initializers; `changed` lists the nodes that disappeared."""
+    before = {id(n): n for n in model.graph}
+    # Shape inference on: later passes need the rank of a BN's input for its Mul+Add form.
+    fold_constants_ir(model, onnx_shape_inference=True)
+    ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    ir_passes.RemoveUnusedNodesPass()(model)
+    after = {id(n) for n in model.graph}
+    result = PassResult(model)
+    for key, node in before.items():
+        if key not in after:
+            result.changed.append(site(node))
+            result.details.append({"node": site(node), "op": node.op_type})
+    return result

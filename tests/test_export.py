@@ -1,0 +1,122 @@
+"""bngraph export: folded, dynamic in batch, verified, and no file when verification fails."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from importlib.util import find_spec
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import bngraph
+from bngraph.cli import main
+from bngraph.export import OPSET, export
+from bngraph.verify import ONNX_TOLERANCE, OrtRunner
+from bngraph.zoo import create_model, get_entry, list_models
+from tests.onnx_models import conv_bn_net
+from tests.util import randomize_bn
+
+MODEL = "tests/onnx_models.py:conv_bn_net"
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module", params=["default", "exporter-optimize", "no-fold"])
+def exported(request, tmp_path_factory):
+    """One export per path, shared by the tests below: export is the slow part."""
+    folder = tmp_path_factory.mktemp(request.param)
+    path = folder / "model.onnx"
+    flags = {"default": [], "exporter-optimize": ["--exporter-optimize"], "no-fold": ["--no-fold"]}[request.param]
+    code, out, _ = run_cli("export", MODEL, "-o", str(path), "--json", *flags)
+    return request.param, code, json.loads(out), path
+
+
+def test_export_verifies_and_leaves_no_batchnorm(exported):
+    how, code, report, path = exported
+    assert code == 0 and report["passed"] is True
+    model = onnx.load(str(path))
+    assert "BatchNormalization" not in {n.op_type for n in model.graph.node}
+    assert model.opset_import[0].version == OPSET
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]  # self-contained, no leftovers
+    assert {row["runtime"] for row in report["verification"]} == {"ort-disable-all vs torch", "ort-enable-all vs torch"}
+    if how == "no-fold":  # the exporter left all four BNs, the ONNX passes folded them
+        assert report["fx_fold"] == "off (--no-fold)" and report["onnx_batchnorms_before"] == 4
+    else:
+        fx_fold = "done" if find_spec("bngraph.fold") else "not available (the ONNX passes fold instead)"
+        assert report["fx_fold"] == fx_fold
+
+
+def test_the_batch_axis_is_dynamic(exported):
+    *_, path = exported
+    assert onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    runner, model = OrtRunner(path), conv_bn_net()
+    for batch in (1, 7):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 12, 12)).astype(np.float32)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(runner([x])[0], expected, atol=ONNX_TOLERANCE, rtol=ONNX_TOLERANCE)
+
+
+def test_a_batch_1_example_still_exports_a_dynamic_batch(tmp_path):
+    path = tmp_path / "model.onnx"
+    code, _, _ = run_cli("export", "tests/onnx_models.py:conv_bn_net_batch1", "-o", str(path))
+    assert code == 0
+    assert onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0].dim_param
+
+
+def test_a_verification_failure_writes_nothing(tmp_path):
+    # Tolerance 0: the folded file rounds differently from the unfolded model somewhere.
+    path = tmp_path / "model.onnx"
+    code, out, err = run_cli("export", MODEL, "-o", str(path), "--atol", "0", "--rtol", "0")
+    assert code == 1
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary sibling
+    assert "FAILED | worst output" in out
+
+
+def test_export_leaves_the_model_in_its_mode(tmp_path):
+    model = conv_bn_net().train()
+    result = export(model, [torch.randn(2, 3, 12, 12)], tmp_path / "model.onnx")
+    assert result and model.training and model.bn1.training
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(result.path)).graph.node}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["export", "tests/no_such_model.py", "-o", "x.onnx"],
+        ["export", MODEL, "-o", "model.txt"],
+        ["export", MODEL, "-o", "no/such/folder/model.onnx"],
+        ["export", MODEL, "-o", "x.onnx", "--atol", "-1"],
+    ],
+    ids=["missing-model", "not-onnx", "missing-folder", "negative-tolerance"],
+)
+def test_bad_input_exits_2_with_one_line(argv):
+    code, out, err = run_cli(*argv)
+    assert code == 2 and out == ""
+    assert err.startswith("bngraph: error: ") and err.count("\n") == 1
+
+
+def test_an_onnx_model_is_bad_input(tmp_path):
+    path = tmp_path / "model.onnx"
+    run_cli("export", MODEL, "-o", str(path))
+    code, _, err = run_cli("export", str(path), "-o", str(tmp_path / "again.onnx"))
+    assert code == 2 and "ONNX file" in err
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_zoo_models_with_bn_export_well_within_the_default_tolerance(name, tmp_path):
+    # The margin that justifies ONNX_TOLERANCE: torch and onnxruntime agree 10x more closely.
+    torch.manual_seed(0)
+    example = [torch.randn(get_entry(name).input_shape)]
+    model, _ = bngraph.insert(create_model(name), example)
+    result = export(randomize_bn(model), example, tmp_path / "model.onnx")
+    assert result and max(d.max_abs for d in result.verification.diffs) < ONNX_TOLERANCE / 10

@@ -1,0 +1,77 @@
+"""bngraph fold on an ONNX file from another exporter: folded, verified against the input, reported."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+
+import onnx
+import pytest
+
+from bngraph.errors import UserError
+from bngraph.onnx_fold import fold_onnx_file
+from tests.onnx_models import conv_bn_net
+from tests.onnx_util import export_onnx, ops
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """ConvBnNet through the TorchScript exporter with training=PRESERVE: all four BNs left."""
+    folder = tmp_path_factory.mktemp("onnx_fold")
+    eval_path, train_path = folder / "eval.onnx", folder / "train.onnx"
+    onnx.save(export_onnx(conv_bn_net(), (2, 3, 12, 12), "preserve"), eval_path)
+    onnx.save(export_onnx(conv_bn_net().train(), (2, 3, 12, 12), "preserve"), train_path)
+    return eval_path, train_path
+
+
+def fold(in_path, out_path, **flags) -> tuple[int, dict]:
+    defaults = {"json": True, "strict": False, "atol": None, "rtol": None, "input_shape": None}
+    args = argparse.Namespace(**{**defaults, **flags})
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = fold_onnx_file(in_path, out_path, args)
+    return code, json.loads(out.getvalue())
+
+
+def test_writes_a_folded_file_that_matches_the_input(exported, tmp_path):
+    eval_path, _ = exported
+    code, report = fold(eval_path, tmp_path / "out.onnx")
+    assert code == 0 and report["passed"] is True
+    assert "BatchNormalization" not in ops(onnx.load(str(tmp_path / "out.onnx")))
+    assert report["batchnorms_before"] == 4 and report["batchnorms_after"] == 0 and report["remaining"] == []
+    hows = sorted(row["how"] for row in report["folded"])
+    assert hows == ["into the layer before it"] * 3 + ["multiply-add"]
+    ops_table = {row["op"]: (row["before"], row["after"]) for row in report["ops"]}
+    assert ops_table["BatchNormalization"] == (4, 0) and ops_table["Mul"] == (0, 1)
+    assert {"output", "runtime", "passed", "max_abs", "min_atol"} <= set(report["verification"][0])
+
+
+def test_a_training_mode_bn_is_left_and_strict_exits_1(exported, tmp_path):
+    _, train_path = exported
+    code, report = fold(train_path, tmp_path / "out.onnx", strict=False)
+    assert code == 0 and report["batchnorms_after"] == 4
+    assert all("training mode" in row["reason"] for row in report["remaining"])
+    code, _ = fold(train_path, tmp_path / "strict.onnx", strict=True)
+    assert code == 1 and (tmp_path / "strict.onnx").exists()  # verified, so still written
+
+
+def test_a_mismatch_writes_nothing(exported, tmp_path):
+    eval_path, _ = exported
+    code, report = fold(eval_path, tmp_path / "out.onnx", atol=0.0, rtol=0.0)
+    assert code == 1 and report["passed"] is False
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_output_it_verifies_and_writes_nothing(exported, tmp_path):
+    eval_path, _ = exported
+    code, report = fold(eval_path, None)
+    assert code == 0 and report["passed"] is True and "output" not in report
+
+
+def test_a_file_that_is_not_onnx_is_a_user_error(tmp_path):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not a protobuf")
+    with pytest.raises(UserError, match="not a valid ONNX model"):
+        fold(path, tmp_path / "out.onnx")

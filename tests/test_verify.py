@@ -1,0 +1,178 @@
+"""bngraph verify: the tolerance rule on hand-made tensors, then whole models through the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from bngraph.cli import main
+from bngraph.export import export
+from bngraph.verify import ONNX_TOLERANCE, TORCH_TOLERANCE, compare
+from tests.onnx_models import conv_bn_net, mlp_bn_net
+from tests.test_data import make_arrays, write_set
+
+MODEL = "tests/onnx_models.py:conv_bn_net"
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+# ---- the rule, on hand-made tensors --------------------------------------------------------
+
+
+def test_an_element_fails_only_beyond_both_atol_and_rtol():
+    reference = np.array([0.0, 100.0, 1.0])
+    candidate = np.array([0.05, 100.5, 1.25])
+    # 0.05 off a 0: atol covers it. 0.5 off 100: rtol covers it. 0.25 off 1: neither does.
+    diff = compare("y", [reference], [candidate], atol=0.1, rtol=0.01)
+    assert not diff.passed and diff.failed_elements == 1 and diff.worst_index == (2,)
+    assert diff.worst_reference == 1.0 and diff.worst_candidate == 1.25
+    assert compare("y", [reference], [candidate], atol=0.1, rtol=0.0).failed_elements == 2  # atol alone
+    assert compare("y", [reference], [candidate], atol=0.0, rtol=0.01).failed_elements == 2  # rtol alone
+
+
+def test_reports_the_smallest_tolerances_that_pass():
+    reference, candidate = np.array([0.0, 100.0, 1.0]), np.array([0.05, 100.5, 1.25])
+    diff = compare("y", [reference], [candidate], atol=0.1, rtol=0.01)
+    assert diff.min_atol == pytest.approx(0.24) and diff.min_rtol == pytest.approx(0.15)
+    assert compare("y", [reference], [candidate], atol=diff.min_atol * 1.000001, rtol=0.01).passed
+    assert compare("y", [reference], [candidate], atol=0.1, rtol=diff.min_rtol * 1.000001).passed
+
+
+def test_statistics_and_relative_error_guarded_near_zero():
+    reference, candidate = np.zeros(100), np.full(100, 1e-6)
+    candidate[7] = 3e-6
+    diff = compare("y", [reference], [candidate], atol=1e-4, rtol=1e-4)
+    assert diff.passed and diff.max_abs == pytest.approx(3e-6) and diff.worst_index == (7,)
+    assert diff.max_rel == pytest.approx(3e-6 / 1e-4)  # against atol, not against 0
+    assert diff.mean_abs == pytest.approx(1.02e-6) and diff.p99_abs == pytest.approx(1.02e-6, rel=0.05)
+
+
+def test_stats_pool_batches_and_name_the_worst_batch():
+    reference = [np.zeros((1, 3)), np.zeros((2, 3))]
+    candidate = [np.zeros((1, 3)), np.array([[0.0, 0.0, 0.0], [0.0, 0.5, 0.0]])]
+    diff = compare("y", reference, candidate, atol=1e-4, rtol=1e-4)
+    assert (diff.worst_batch, diff.worst_index, diff.elements) == (1, (1, 1), 9)
+
+
+def test_nan_on_one_side_fails_and_on_both_passes():
+    assert not compare("y", [np.array([1.0, np.nan])], [np.array([1.0, 2.0])], 1e-4, 1e-4).passed
+    assert compare("y", [np.array([1.0, np.nan])], [np.array([1.0, np.nan])], 1e-4, 1e-4).passed
+
+
+def test_top1_agreement_for_classifiers():
+    reference = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    candidate = np.array([[0.2, 0.8], [0.3, 0.7], [0.3, 0.7], [0.6, 0.4]])
+    assert compare("logits", [reference], [candidate], 1e-4, 1e-4).top1_agreement == 0.75
+    assert compare("y", [np.zeros((2, 3, 4))], [np.zeros((2, 3, 4))], 1e-4, 1e-4).top1_agreement is None
+
+
+def test_different_shapes_fail_with_the_shapes():
+    diff = compare("y", [np.zeros((2, 3))], [np.zeros((2, 4))], 1e-4, 1e-4)
+    assert not diff.passed and "(2, 4) vs (2, 3)" in diff.line()
+
+
+# ---- whole models ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory):
+    """ConvBnNet exported once, and a copy with one bias of the last layer moved by 0.5."""
+    folder = tmp_path_factory.mktemp("verify")
+    exported = folder / "model.onnx"
+    assert export(conv_bn_net(), [torch.randn(2, 3, 12, 12)], exported)
+    model = onnx.load(str(exported))
+    last_gemm = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
+    bias = next(t for t in model.graph.initializer if t.name == last_gemm.input[2])
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[3] += 0.5
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    perturbed = folder / "perturbed.onnx"
+    onnx.save(model, perturbed)
+    return exported, perturbed, last_gemm.output[0]
+
+
+def test_a_model_and_its_export_pass(onnx_files):
+    exported, _, _ = onnx_files
+    code, out, _ = run_cli("verify", MODEL, exported)
+    lines = [line for line in out.splitlines() if line.startswith(("PASSED", "FAILED"))]
+    assert code == 0 and len(lines) == 3 and all(line.startswith("PASSED") for line in lines)
+    assert f"(rel={ONNX_TOLERANCE:g}, abs={ONNX_TOLERANCE:g})" in lines[0]
+
+
+def test_two_equal_onnx_files_pass_at_each_level(onnx_files):
+    exported, _, _ = onnx_files
+    code, out, _ = run_cli("verify", exported, exported, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["batch_sizes"] == [1, 1, 1, 7]  # the graph's symbolic batch
+    runtimes = [r["runtime"] for r in report["outputs"]]
+    assert runtimes == ["ort-disable-all vs ort-disable-all", "ort-enable-all vs ort-enable-all"]
+
+
+def test_a_perturbed_model_fails_with_exit_1_and_names_the_worst_output(onnx_files):
+    exported, perturbed, output = onnx_files
+    code, out, _ = run_cli("verify", exported, perturbed)
+    assert code == 1
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"FAILED | worst output '{output}'")
+    assert "index [" in last and "--atol 0.5" in last
+
+
+def test_two_pytorch_models_compare_at_the_tighter_tolerance():
+    code, out, _ = run_cli("verify", MODEL, "tests/onnx_models.py:conv_bn_net_perturbed", "--json")
+    report = json.loads(out)
+    assert code == 1 and report["atol"] == [TORCH_TOLERANCE] and report["rtol"] == [TORCH_TOLERANCE]
+    assert report["outputs"][0]["runtime"] == "torch vs torch"
+
+
+def test_json_report_keys(onnx_files):
+    exported, _, _ = onnx_files
+    code, out, err = run_cli("verify", MODEL, exported, "--json", "--atol", "1e-3", "--rtol", "1e-3")
+    report = json.loads(out)
+    assert code == 0 and "PASSED |" in err  # the lines go beside the JSON, not into it
+    assert {"reference", "candidate", "passed", "atol", "rtol", "batch_sizes", "worst_output", "worst_runtime",
+            "outputs", "notes"} == set(report)  # fmt: skip
+    assert report["atol"] == [1e-3]
+    assert {"output", "runtime", "passed", "max_abs", "max_rel", "mean_abs", "p99_abs", "worst_batch", "worst_index",
+            "min_atol", "min_rtol", "top1", "failed"} == set(report["outputs"][0])  # fmt: skip
+    assert report["outputs"][0]["top1"] == 1.0
+
+
+def test_the_reference_evaluator_is_a_third_opinion(onnx_files):
+    exported, _, _ = onnx_files
+    code, out, _ = run_cli("verify", MODEL, exported, "--reference", "--json")
+    report = json.loads(out)
+    assert code == 0
+    assert [r["runtime"] for r in report["outputs"]][-1] == "onnx-reference vs torch"
+
+
+def test_real_data_is_one_more_batch(tmp_path):
+    data = write_set(tmp_path / "mnist", make_arrays(n_test=5))
+    exported = tmp_path / "mlp.onnx"
+    assert export(mlp_bn_net(), [torch.randn(2, 1, 28, 28)], exported)
+    code, out, _ = run_cli("verify", "tests/onnx_models.py:mlp_bn_net", exported, "--data", data, "--json")
+    assert code == 0 and json.loads(out)["batch_sizes"] == [1, 1, 1, 7, 5]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["verify", "missing.onnx", MODEL],
+        ["verify", MODEL, MODEL, "--atol", "-1"],
+        ["verify", MODEL, MODEL, "--data", "nowhere"],
+    ],
+    ids=["missing-file", "negative-tolerance", "missing-data"],
+)
+def test_bad_input_exits_2_with_one_line(argv):
+    code, out, err = run_cli(*argv)
+    assert code == 2 and out == "" and err.startswith("bngraph: error: ") and err.count("\n") == 1
