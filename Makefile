@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 BNGRAPH_DATA ?= $(wildcard ../shared/data/mnist)
 DEMO_OUT ?= demo-out
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,14 @@ test: setup
 
 demo: setup
 	BNGRAPH_DATA=$(BNGRAPH_DATA) DEMO_OUT=$(DEMO_OUT) bash scripts/demo.sh
+
+# The benchmarks' figures in the README; each script prints ratios measured side by side.
+bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python benchmarks/passes.py
+	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/onnx_fold.py
+	BNGRAPH_DATA=$(BNGRAPH_DATA) $(BIN)/python benchmarks/train_mnist.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info
