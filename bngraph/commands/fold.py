@@ -1,0 +1,61 @@
+"""Fold each BatchNorm into a neighbouring layer, for inference (paper, Algorithm 2 step 3).
+
+Puts MODEL in eval mode and traces it. Each BatchNorm then becomes part of the conv, transposed
+conv or linear layer that produces its input (matched by operation, with a shape proof that
+it normalizes that layer's features), or else of the conv or linear that consumes its output
+where that is exact (no zero padding), or else one per-channel multiply-add. A BatchNorm
+without running statistics is left, with its reason. The report lists what went where, what
+was left and why, and the op counts before and after.
+
+MODEL may also be an ONNX file, folded in ONNX.
+
+Examples:
+  bngraph fold net-bn/ -o net-folded          an artifact: bngraph.load('net-folded')
+  bngraph fold model.py:Net --json --strict   exit 1 if any BatchNorm is left
+  bngraph fold model.onnx -o folded.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bngraph.artifacts import history_entry, save
+from bngraph.atomic import check_writable
+from bngraph.commands.common import add_model_arguments, add_report_arguments, emit, load_from_args
+from bngraph.errors import UserError
+from bngraph.fold import fold
+from bngraph.spec import parse_model_spec
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("-o", "--output", metavar="OUT", help="artifact folder to write (a .onnx file for ONNX input)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if any BatchNorm is left (the output is still written)")
+    # An ONNX fold is checked against its input in onnxruntime; an FX fold computes in float64.
+    parser.add_argument("--atol", type=float, metavar="X", help="ONNX input: absolute tolerance of that check")
+    parser.add_argument("--rtol", type=float, metavar="X", help="ONNX input: relative tolerance of that check")
+    add_report_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = parse_model_spec(args.model)
+    if spec.kind == "onnx":
+        try:
+            from bngraph.onnx_fold import fold_onnx_file
+        except ModuleNotFoundError as err:
+            if err.name != "bngraph.onnx_fold":
+                raise
+            raise UserError("folding ONNX files is not available yet") from None
+        return fold_onnx_file(spec.path, args.output, args)
+    if args.output:
+        check_writable(args.output)  # before the work, not after it
+    loaded = load_from_args(args)
+    example_inputs = loaded.example_inputs()
+    folded, report = fold(loaded.module, example_inputs)
+    report.title = f"bngraph fold {args.model}"
+    if args.output:
+        history = [*loaded.history, {**history_entry("fold", report.passes), "report": report.to_json()}]
+        save(folded, args.output, example_inputs=example_inputs, history=history, source=args.model)
+        report.facts["output"] = args.output
+    emit(report, args)
+    return 1 if args.strict and report.sections["remaining"] else 0

@@ -1,0 +1,41 @@
+"""Remove chains of transposes/permutes that undo each other.
+
+`y = x.permute(P)` holds x's axis P[j] at axis j; `z = y.permute(Q)` then holds x's axis
+P[Q[k]] at axis k, so when P[Q[k]] == k for every k, z has x's values and the chain goes. They
+appear when a BN between `transpose(1, -1)` and `transpose(1, -1)` (the insert pass's way of
+normalizing the features of a Linear on (N, T, C)) has been folded away. A `contiguous()` inside
+the chain goes with it; one at its end stays, as a later `view` may need it. Every node of the
+chain but the last must have no other user, or it still has to run. Works in place.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from bngraph.passes.base import PassResult
+from bngraph.passes.fx_batchnorm import permutation
+
+
+def cancel_inverse_permutes(gm: fx.GraphModule) -> PassResult:
+    """Replace every chain of permutes that composes to the identity by its input (needs shapes)."""
+    result = PassResult(gm)
+    erased: set[fx.Node] = set()
+    for node in list(gm.graph.nodes):
+        composed = permutation(node) if node not in erased and node.target != "contiguous" else None
+        if composed is None:
+            continue
+        chain, source = [node], node.args[0]
+        while (inner := permutation(source)) is not None and len(source.users) == 1:
+            composed = [inner[axis] for axis in composed]  # node's axis k is axis inner[composed[k]] here
+            chain, source = [*chain, source], source.args[0]
+            if composed == sorted(composed):
+                node.replace_all_uses_with(source)
+                for dead in chain:  # users first
+                    gm.graph.erase_node(dead)
+                erased.update(chain)
+                result.changed.append(node.name)
+                result.details.append({"node": node.name, "undoes": ", ".join(n.name for n in chain[1:])})
+                break
+    if result.changed:
+        gm.recompile()
+    return result

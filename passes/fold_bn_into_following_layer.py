@@ -1,0 +1,84 @@
+"""Fold a BatchNorm that no layer could take into the conv or linear layer that consumes it.
+
+For y = W BN(x) + b with BN(x) = s * x + t per input channel: W' = W diag(s) and
+b' = b + sum over input channels and kernel taps of W t (see `bn_affine`, in float64). This
+is exact only when every output of the layer sums whole kernels of BN'd values, so a conv
+that pads with zeros is refused: the folded conv would see 0 at the border where the original
+saw BN(0) = t. Reflect, replicate and circular padding copy BN'd values and commute with a
+per-channel affine map, so they fold. Cases, numbered as in the code:
+  1. The BN is not a fixed affine map: skip.
+  2. Its output, looked at through transposes, feeds more than one op, or no conv/linear: skip.
+  3. It feeds a transposed conv, whose outputs near the border sum fewer kernel taps, so the
+     shift would not be uniform: skip. (Feeding a weight makes the layer unfoldable in case 2.)
+  4. The axis it normalizes is not the layer's input feature axis: skip.
+  5. The conv pads with zeros: skip.
+  6. Fold; a layer whose weights other nodes share gets a copy for this site.
+Works in place. Runs from the output backwards, so BN -> BN -> Linear folds both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from bngraph.passes.base import PassResult, Skip
+from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, fold_into_consumer, rounding_gain
+from bngraph.passes.fx_batchnorm import axis_at_user, describe, read_batch_norm
+from bngraph.passes.fx_layers import TensorUses, as_layer, write_weights
+from bngraph.trace import tensor_shape
+
+
+def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:
+    """Fold every BatchNorm whose only consumer is a linear or a conv without zero padding."""
+    result = PassResult(gm)
+    modules = dict(gm.named_modules())
+    uses = TensorUses(gm, modules)
+    for node in reversed(list(gm.graph.nodes)):
+        site = read_batch_norm(node, gm, modules)
+        if site is None:
+            continue
+        # 1.
+        if site.refusal:
+            result.skipped.append(Skip(node.name, site.refusal))
+            continue
+        # 2.
+        last, axis, _ = axis_at_user(node, 1)
+        users = list(last.users)
+        if len(users) != 1:
+            fed = ", ".join(u.name for u in users) or "nothing"
+            result.skipped.append(Skip(node.name, f"its output feeds {len(users)} ops ({fed}), not one layer"))
+            continue
+        consumer = users[0]
+        layer = as_layer(consumer, gm, modules)
+        if not layer or isinstance(layer, str):
+            result.skipped.append(Skip(node.name, layer or f"its output goes to {describe(gm, consumer)}, not a conv or linear"))
+            continue
+        # 3. (A BN feeding a weight or bias made that layer's `as_layer` fail: computed, not constant.)
+        if layer.kind == "conv_transpose":
+            result.skipped.append(Skip(node.name, f"{layer.label} is a transposed conv: its border outputs sum fewer "
+                                                  "kernel taps, so the BN's shift cannot move into its bias"))  # fmt: skip
+            continue
+        # 4.
+        reason = layer.axis_mismatch(tensor_shape(last), axis, "input")
+        if reason:
+            result.skipped.append(Skip(node.name, reason))
+            continue
+        # 5.
+        if layer.zero_padding:
+            result.skipped.append(Skip(node.name, f"{layer.label} pads with zeros, where the BN would have put its shift: "
+                                                  "the border would differ"))  # fmt: skip
+            continue
+        # 6.
+        with torch.no_grad():
+            weight, bias = fold_into_consumer(layer.weight, layer.bias, layer.groups, site.stats)
+        note = write_weights(gm, layer, weight, bias, uses, modules)
+        node.replace_all_uses_with(site.input)
+        gm.graph.erase_node(node)
+        result.changed.append(node.name)
+        row = {"node": node.name, "into": layer.label, "how": "into the layer after it", "note": note or ""}
+        if (gain := rounding_gain(site.stats)) > PRECISION_LOSS_GAIN:
+            row.update(rounding_gain=gain, probe=[consumer.name, consumer.name])
+        result.details.append(row)
+    if result.changed:
+        gm.recompile()
+    return result

@@ -1,0 +1,194 @@
+"""BatchNorms in a traced graph, read as fixed statistics, and the transposes around them.
+
+A BatchNorm is a call of a torch BatchNorm module or of `F.batch_norm`; either way it normalizes
+axis 1 of its input. It is a fixed affine map only in eval mode with running statistics that are
+constants of the model; `read_batch_norm` says why not otherwise. Statistics that are NaN or
+infinite are the user's to fix, so they raise a `UserError` naming the layer. Reads only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from bngraph.errors import UserError
+from bngraph.passes.bn_affine import BatchNormStats
+from bngraph.passes.op_kinds import op_label
+from bngraph.trace import tensor_dtype, tensor_shape
+
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
+# F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+_BN_ARGS = {"input": 0, "running_mean": 1, "running_var": 2, "weight": 3, "bias": 4, "training": 5, "eps": 7}
+_BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "eps": 1e-5}
+# Methods and functions that only reorder axes: output axis j holds input axis perm[j].
+_PERMUTE_METHODS = {"transpose", "swapaxes", "swapdims", "permute", "contiguous"}
+_PERMUTE_FUNCTIONS = {torch.transpose: "transpose", torch.swapaxes: "swapaxes", torch.swapdims: "swapdims",
+                      torch.permute: "permute"}  # fmt: skip
+
+
+@dataclass
+class BatchNormSite:
+    node: fx.Node
+    label: str  # the module path, or the node name for F.batch_norm
+    input: fx.Node
+    stats: BatchNormStats | None  # None when `refusal` says why it is not a fixed map
+    refusal: str | None = None
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    """A call's argument by position or keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def attr_value(gm: fx.GraphModule, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def is_batch_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _BATCHNORM)
+    return node.op == "call_function" and node.target is F.batch_norm
+
+
+def read_batch_norm(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module]) -> BatchNormSite | None:
+    """`node` as a BatchNorm site, or None if it is not a BatchNorm."""
+    if not is_batch_norm(node, modules):
+        return None
+    if node.op == "call_module":
+        bn = modules[node.target]
+        site = BatchNormSite(node, node.target, arg(node, 0, "input"), None)
+        if bn.training:
+            site.refusal = "it is in training mode, normalizing with each batch's statistics"
+        elif bn.running_mean is None or bn.running_var is None:
+            site.refusal = ("it has no running statistics (track_running_stats=False), so it normalizes "
+                            "with each batch's own statistics even in eval mode")  # fmt: skip
+        else:
+            site.stats = BatchNormStats(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    else:
+        site = BatchNormSite(node, node.name, arg(node, 0, "input"), None)
+        site.refusal, site.stats = _read_functional(node, gm)
+    if not isinstance(site.input, fx.Node):
+        site.refusal, site.stats = "its input is a constant, not a tensor the model computes", None
+    if site.stats is not None:
+        site.refusal = _dtype_refusal(site)
+        _check_finite(site)
+    if site.refusal is None and tensor_shape(node) is None:
+        site.refusal = "no shape was recorded for it (trace with example inputs)"
+    if site.refusal is not None:
+        site.stats = None
+    return site
+
+
+def _read_functional(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, BatchNormStats | None]:
+    training = arg(node, _BN_ARGS["training"], "training", _BN_DEFAULTS["training"])
+    if training is not False:
+        return "it calls F.batch_norm with training=True, normalizing with each batch's statistics", None
+    values = {}
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        value = arg(node, _BN_ARGS[name], name, _BN_DEFAULTS.get(name))
+        constant = attr_value(gm, value.target) if isinstance(value, fx.Node) and value.op == "get_attr" else None
+        if value is None and name in ("weight", "bias"):
+            values[name] = None
+        elif value is None:
+            return "it has no running statistics, so it normalizes with each batch's own statistics", None
+        elif isinstance(constant, torch.Tensor):
+            values[name] = constant
+        else:
+            where = f"by {value.name}" if isinstance(value, fx.Node) else "outside the model"
+            return f"its {name} is computed {where}, not a constant of the model", None
+    eps = arg(node, _BN_ARGS["eps"], "eps", _BN_DEFAULTS["eps"])
+    if not isinstance(eps, (int, float)):
+        return "its eps is computed in the graph, not a constant", None
+    return None, BatchNormStats(values["running_mean"], values["running_var"], values["weight"], values["bias"], float(eps))
+
+
+def _dtype_refusal(site: BatchNormSite) -> str | None:
+    for name, tensor in site.stats.named().items():
+        if tensor is not None and not tensor.is_floating_point():
+            return f"its {name} is {tensor.dtype}, not floating point"
+    dtype = tensor_dtype(site.input)
+    if dtype is not None and not dtype.is_floating_point:
+        return f"its input is {dtype}, not floating point"
+    return None
+
+
+def _check_finite(site: BatchNormSite) -> None:
+    stats, named = site.stats, site.stats.named()
+    tensors = [t.detach().reshape(-1) for t in named.values() if t is not None]
+    # One check for the common case (a NaN fails the comparison too); the details only on failure.
+    if bool(torch.isfinite(torch.cat(tensors)).all()) and float(stats.running_var.min()) + stats.eps > 0:
+        return
+    for name, tensor in named.items():
+        if tensor is not None and not torch.isfinite(tensor).all():
+            bad = "NaN" if torch.isnan(tensor).any() else "infinite values"
+            raise UserError(f"BatchNorm {site.label!r} has {bad} in its {name}: re-estimate its statistics "
+                            "(bngraph recalibrate) or load intact weights before folding")  # fmt: skip
+    raise UserError(f"BatchNorm {site.label!r} has running_var + eps <= 0: its statistics are broken")
+
+
+def permutation(node: fx.Node) -> list[int] | None:
+    """The axis order of a transpose/permute/contiguous node (output axis j = input axis perm[j])."""
+    if node.op == "call_method" and node.target in _PERMUTE_METHODS:
+        name = node.target
+    elif node.op == "call_function" and node.target in _PERMUTE_FUNCTIONS:
+        name = _PERMUTE_FUNCTIONS[node.target]
+    else:
+        return None
+    shape = tensor_shape(node)
+    if shape is None or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    rank, dims = len(shape), [*node.args[1:], *node.kwargs.values()]
+    perm = list(range(rank))
+    if name == "contiguous":
+        return perm
+    if name == "permute":
+        dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        if len(dims) != rank or not all(isinstance(d, int) for d in dims):
+            return None
+        return [d % rank for d in dims]
+    if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+        return None
+    a, b = (d % rank for d in dims)
+    perm[a], perm[b] = perm[b], perm[a]
+    return perm
+
+
+def axis_at_source(node: fx.Node, axis: int) -> tuple[fx.Node, int, list[fx.Node]]:
+    """Follow `axis` of `node` back through transposes: (the node before them, its axis, them)."""
+    chain = []
+    while (perm := permutation(node)) is not None:
+        chain.append(node)
+        node, axis = node.args[0], perm[axis]
+    return node, axis, chain
+
+
+def axis_at_user(node: fx.Node, axis: int) -> tuple[fx.Node, int, list[fx.Node]]:
+    """Follow `axis` of `node` forward through sole-user transposes: (the last of them, its axis, them)."""
+    chain = []
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        perm = permutation(user)
+        if perm is None or user.args[0] is not node:
+            break
+        chain.append(user)
+        node, axis = user, perm.index(axis)
+    return node, axis, chain
+
+
+def describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    """A node as a reason names it: 'pool (MaxPool2d)', 'add (add)', 'the model input x'."""
+    if node.op == "placeholder":
+        return f"the model input {node.name}"
+    if node.op == "output":
+        return "the model's output"
+    if node.op == "get_attr":
+        return f"the constant {node.target}"
+    return f"{node.name} ({op_label(gm, node)})"

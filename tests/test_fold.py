@@ -1,0 +1,103 @@
+"""bngraph.fold.fold: the whole pipeline, its report, and what it leaves untouched."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+
+import bngraph
+from bngraph.fold import fold
+from bngraph.zoo import create_model, get_entry
+from tests.passes.fold_util import assert_matches, batch_norms_left, nearly_dead_channel
+from tests.util import randomize_bn
+
+
+class Mixed(nn.Module):
+    """One BN of each fate: into the conv before, into the linear after, a multiply-add, left."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn_conv = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pool, self.bn_pool = nn.MaxPool2d(2), nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn_batch = nn.BatchNorm2d(8, track_running_stats=False)
+        self.bn_head, self.drop, self.fc = nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.pool(torch.relu(self.bn_conv(self.conv(x))))
+        y = self.bn_batch(self.conv2(self.bn_pool(y)))
+        return self.fc(self.drop(self.bn_head(y.mean((2, 3)))))
+
+
+def test_each_bn_gets_its_fate_and_the_report_says_so():
+    model = randomize_bn(Mixed()).train()  # handed over in training mode: fold uses eval
+    x = torch.randn(4, 3, 8, 8)
+    state = copy.deepcopy(model.state_dict())
+    gm, report = fold(model, [x])
+    assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    folded = {row["node"]: (row["into"], row["how"]) for row in report.sections["folded"]}
+    assert folded == {
+        "bn_conv": ("conv", "into the layer before it"),
+        "bn_head": ("fc", "into the layer after it"),
+        "bn_pool": ("addcmul", "multiply-add"),
+    }
+    assert "before: its input comes from pool (MaxPool2d)" in report.sections["folded"][2]["note"]
+    assert report.sections["remaining"] == [
+        {"node": "bn_batch", "reason": "it has no running statistics (track_running_stats=False), so it normalizes "
+                                       "with each batch's own statistics even in eval mode"}  # fmt: skip
+    ]
+    ops = {row["op"]: (row["before"], row["after"]) for row in report.sections["ops"]}
+    assert ops["BatchNorm2d"] == (3, 1) and ops["BatchNorm1d"] == (1, 0) and ops["Dropout"] == (1, 0)
+    assert report.facts == {"nodes_before": 11, "nodes_after": 8, "batchnorms_before": 4, "batchnorms_after": 1}
+    assert batch_norms_left(gm) == ["bn_batch"] and not gm.training
+    assert set(report.passes) == {row["pass"] for row in report.sections["passes"]}
+    assert_matches(gm, model.eval(), x)
+
+
+def test_report_json_has_the_documented_keys():
+    _, report = fold(randomize_bn(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))), [torch.randn(2, 3)])
+    data = report.to_json()
+    assert {"folded", "remaining", "nodes_before", "nodes_after"} <= set(data)
+    assert data["folded"][0]["node"] == "_1" and data["remaining"] == []
+
+
+def test_equal_size_trap_end_to_end():
+    model = randomize_bn(nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6)))
+    x = torch.randn(2, 6, 6)
+    gm, report = fold(model, [x])
+    assert report.sections["folded"][0]["how"] == "multiply-add"  # over T, where it belongs
+    assert_matches(gm, model, x)
+    with torch.no_grad():
+        assert not torch.allclose(fuse(model)(x), model(x), atol=1e-3)  # fx folds it onto C
+
+
+def test_tiny_variance_is_flagged_with_the_error_measured():
+    model = nearly_dead_channel()
+    x = torch.randn(2, 3, 6, 6)
+    gm, report = fold(model, [x])
+    row = report.sections["folded"][0]
+    with torch.no_grad():
+        actual = float((gm(x) - model(x)).abs().max())
+    assert row["rounding_gain"] > 1e5 and row["max_abs_error"] == pytest.approx(actual, rel=1e-6)
+    assert 1e-5 < row["max_rel_error"] < 0.1
+    assert "variance is so small" in report.notes[0]
+
+
+def test_nan_statistics_are_a_user_error():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    model[1].running_var[2] = float("nan")
+    with pytest.raises(bngraph.UserError, match="fold_bn_into_preceding_layer: BatchNorm '1' has NaN in its running_var"):
+        fold(model, [torch.randn(2, 3, 6, 6)])
+
+
+@pytest.mark.parametrize("name", ["mnist-mlp", "inception-small"])
+def test_zoo_models_after_insert_fold_completely(name):
+    x = torch.randn(get_entry(name).input_shape)
+    with_bn, _ = bngraph.insert(create_model(name), [x])
+    gm, report = fold(randomize_bn(with_bn), [x])
+    assert report.sections["remaining"] == [] and batch_norms_left(gm) == []
+    assert all(row["how"] == "into the layer before it" for row in report.sections["folded"])
+    assert not any(n.op == "call_method" and n.target == "transpose" for n in gm.graph.nodes)
+    assert_matches(gm, with_bn, x, rtol=1e-4, atol=1e-5)
