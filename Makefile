@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
+	$(BIN)/ruff check -q bngraph passes zoo tests benchmarks
 	$(BIN)/python -m pytest -n 2 -q
 
 demo: setup

@@ -4,7 +4,7 @@
     if not result:                 # verification failed: no file was written
         print(result.verification.worst.line())
 
-1. The model is folded by our FX passes (`bngraph.fold.fold`, when that module exists).
+1. The model is folded by our FX passes (`bngraph.fold`).
 2. torch.onnx.export with the torch.export-based exporter (dynamo=True), opset OPSET, a
    dynamic batch axis and the model in eval mode; the exporter's optimizer stays off unless
    asked for, so what ends up in the file is what our passes wrote.
@@ -29,6 +29,7 @@ from torch import nn
 
 from bngraph.atomic import check_writable, write_atomically
 from bngraph.errors import UserError
+from bngraph.fold import fold as fx_fold
 from bngraph.onnx_fold import Rejected, fold_onnx, save_onnx
 from bngraph.report import Report
 from bngraph.trace import one_line
@@ -80,12 +81,7 @@ def to_onnx(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, export
 
 def _fx_fold(module: nn.Module, example_inputs, report: Report) -> nn.Module:
     try:
-        from bngraph.fold import fold
-    except ImportError:  # bngraph.fold is newer than this module: the ONNX passes fold alone
-        report.facts["fx_fold"] = "not available (the ONNX passes fold instead)"
-        return module
-    try:
-        folded, fold_report = fold(module, example_inputs)
+        folded, fold_report = fx_fold(module, example_inputs)
     except UserError as err:  # torch.fx cannot trace what torch.export can: fold in ONNX instead
         report.facts["fx_fold"] = "skipped"
         report.notes.append(f"FX fold skipped ({err}); the ONNX passes fold instead")

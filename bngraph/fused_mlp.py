@@ -26,7 +26,7 @@ import torch
 from torch import fx, nn
 
 ACTIVATIONS = {nn.Sigmoid: "sigmoid", nn.ReLU: "relu"}
-QUANTILES = (0.15, 0.50, 0.85)  # Figure 1(b, c)
+from bngraph.track import QUANTILES  # Figure 1(b, c)
 
 
 class NotAnMLP(ValueError):
@@ -74,50 +74,49 @@ def mlp_layers(model: nn.Module) -> list[tuple[nn.Linear, nn.BatchNorm1d | None,
     raise NotAnMLP("it has no head")
 
 
-_BN_TENSORS = ("gamma", "beta", "running_mean", "running_var")  # native_batch_norm's order
-_BN_BACKWARD = ("gamma", "running_mean", "running_var")
+@dataclass
+class _StackedBN:
+    """The BNs of one layer of Kg nets, flat [Kg * F]: one BatchNorm1d to torch's kernels."""
+
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    eps: float
+    momentum: float
 
 
 class _Group:
     """The nets [start, stop) of the stack, which share layer kinds; their own bias/BN tensors."""
 
-    def __init__(self, start: int, chains: list, device: torch.device):
+    def __init__(self, start: int, chains: list, K: int, device: torch.device):
         self.start, self.stop = start, start + len(chains)
-        self.kinds = [kind for _, _, kind in chains[0]]
-        stack = lambda get: torch.stack([get(c).detach().float() for c in chains]).to(device)  # noqa: E731
-        self.bias = [stack(lambda c, l=l: c[l][0].bias) if k.has_bias else None for l, k in enumerate(self.kinds)]
-        self.bn = []
-        for l, k in enumerate(self.kinds):
+        self.whole = len(chains) == K  # no slicing needed
+        kinds = [kind for _, _, kind in chains[0]]
+
+        def stack(get) -> torch.Tensor:
+            return torch.stack([get(c).detach().float() for c in chains]).to(device)
+
+        self.bias = [stack(lambda c, l=l: c[l][0].bias) if k.has_bias else None for l, k in enumerate(kinds)]
+        self.bn: list[_StackedBN | None] = []
+        for l, k in enumerate(kinds):
+            bns = [c[l][1] for c in chains]
             if not k.has_bn:
                 self.bn.append(None)
-                continue
-            bns = [c[l][1] for c in chains]
-            if len({(b.eps, b.momentum) for b in bns}) != 1:
+            elif len({(b.eps, b.momentum) for b in bns}) != 1:
                 raise NotAnMLP("the BNs of one layer differ in eps or momentum")
-            self.bn.append(
-                {
-                    "gamma": stack(lambda c, l=l: c[l][1].weight),
-                    "beta": stack(lambda c, l=l: c[l][1].bias),
-                    "running_mean": stack(lambda c, l=l: c[l][1].running_mean),
-                    "running_var": stack(lambda c, l=l: c[l][1].running_var),
-                    "eps": bns[0].eps,
-                    "momentum": bns[0].momentum,
+            else:
+                flat = {
+                    name: stack(lambda c, l=l, name=name: getattr(c[l][1], name)).flatten()
+                    for name in ("weight", "bias", "running_mean", "running_var")
                 }
-            )
+                self.bn.append(
+                    _StackedBN(flat["weight"], flat["bias"], flat["running_mean"], flat["running_var"],
+                               bns[0].eps, bns[0].momentum)
+                )
 
     def __len__(self) -> int:
         return self.stop - self.start
-
-    @property
-    def slice(self) -> slice:
-        return slice(self.start, self.stop)
-
-    def param_keys(self) -> list[tuple[str, int]]:
-        keys = [("bias", l) for l, b in enumerate(self.bias) if b is not None]
-        return keys + [(name, l) for l, bn in enumerate(self.bn) if bn is not None for name in ("gamma", "beta")]
-
-    def params(self) -> list[torch.Tensor]:
-        return [self.bias[l] if name == "bias" else self.bn[l][name] for name, l in self.param_keys()]
 
 
 class StackedMLP:
@@ -132,7 +131,7 @@ class StackedMLP:
         acts = {kind.act for c in chains for _, _, kind in c[:-1]}
         if len(acts) != 1:
             raise NotAnMLP("the nets use different nonlinearities")
-        self.act = acts.pop()
+        self.sigmoid = acts.pop() == "sigmoid"
         self.K = len(models)
         # nn.Linear stores W as [out, in]; the stack keeps W^T, [K, in, out], for a W.
         self.weights = [
@@ -146,88 +145,96 @@ class StackedMLP:
             sig = [k for _, _, k in chains[start]]
             while stop < self.K and [k for _, _, k in chains[stop]] == sig:
                 stop += 1
-            self.groups.append(_Group(start, chains[start:stop], self.device))
+            self.groups.append(_Group(start, chains[start:stop], self.K, self.device))
             start = stop
         self.num_batches_tracked = 0
+        self._ones: torch.Tensor | None = None
 
     # --- the training step --------------------------------------------------------------
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
         """One SGD step of every net: x [K, B, features] or [B, features] (one batch for all
-        nets: bmm reads the expanded view without a copy), y [K, B] or [B]."""
+        nets: bmm reads the expanded view without a copy), y [K, B] or [B].
+
+        Each update is fused into the op that computes its gradient (`W.baddbmm_(a^T, dz,
+        alpha=-lr)`), after that layer's backward has read the old values."""
         K, B = self.K, x.shape[-2]
         a = x.expand(K, *x.shape) if x.dim() == 2 else x
         inputs, saved = [], []  # each layer's input; per layer and group, what BN's backward needs
         for l, W in enumerate(self.weights[:-1]):
             inputs.append(a)
             z = torch.bmm(a, W)
-            group_saved = []
+            layer_saved = []
             for g in self.groups:
-                zg = z[g.slice]
+                zg = z if g.whole else z[g.start : g.stop]
                 if g.bias[l] is not None:
                     zg.add_(g.bias[l].unsqueeze(1))
                 bn = g.bn[l]
                 if bn is None:
-                    group_saved.append(None)
+                    layer_saved.append(None)
                     continue
                 # BN of Kg nets as one BatchNorm1d of Kg*F features over the batch: torch's own
                 # kernel (batch statistics, moving averages updated in place, as nn.BatchNorm1d).
                 flat = zg.transpose(0, 1).reshape(B, -1)
+                if not g.whole and flat.data_ptr() == zg.data_ptr():
+                    flat = flat.clone()  # a view of z, which the BN output overwrites below
                 out, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
-                    flat, *(bn[k].view(-1) for k in _BN_TENSORS), True, bn["momentum"], bn["eps"]
+                    flat, bn.gamma, bn.beta, bn.running_mean, bn.running_var, True, bn.momentum, bn.eps
                 )
-                zg.copy_(out.view(B, len(g), -1).transpose(0, 1))
-                group_saved.append((flat, save_mean, save_invstd))
-            a = torch.sigmoid_(z) if self.act == "sigmoid" else torch.relu_(z)
-            saved.append(group_saved)
+                out = out.view(B, len(g), -1).transpose(0, 1)
+                if g.whole:
+                    z = out
+                else:
+                    zg.copy_(out)
+                layer_saved.append((flat, save_mean, save_invstd))
+            a = torch.sigmoid_(z) if self.sigmoid else torch.relu_(z)
+            saved.append(layer_saved)
         inputs.append(a)
         W_head = self.weights[-1]
         logits = torch.bmm(a, W_head)
         for g in self.groups:
-            logits[g.slice].add_(g.bias[-1].unsqueeze(1))
+            (logits if g.whole else logits[g.start : g.stop]).add_(g.bias[-1].unsqueeze(1))
         grad = torch.softmax(logits, -1)
         grad.scatter_add_(2, y.expand(K, B).unsqueeze(2), self._minus_ones(K, B))
         grad.mul_(1.0 / B)  # the loss is the batch mean
 
-        head = len(self.weights) - 1
-        grads_w = [torch.bmm(a.transpose(1, 2), grad)]
-        # Per group, the gradient of each tensor of `_Group.params()`, keyed as there.
-        grads_g: list[dict] = [{("bias", head): grad[g.slice].sum(1)} for g in self.groups]
-        grad = torch.bmm(grad, W_head.transpose(1, 2))
-        for l in range(head - 1, -1, -1):
-            if self.act == "sigmoid":
-                grad = torch.ops.aten.sigmoid_backward(grad, inputs[l + 1])
-            else:
-                grad = torch.ops.aten.threshold_backward(grad, inputs[l + 1], 0)
-            for g, g_grads, g_saved in zip(self.groups, grads_g, saved[l]):
-                dg = grad[g.slice]
-                if g_saved is not None:
-                    flat, save_mean, save_invstd = g_saved
-                    bn = g.bn[l]
-                    d_flat, d_gamma, d_beta = torch.ops.aten.native_batch_norm_backward(
-                        dg.transpose(0, 1).reshape(B, -1), flat, *(bn[k].view(-1) for k in _BN_BACKWARD),
-                        save_mean, save_invstd, True, bn["eps"], [True, True, True],
-                    )
-                    dg.copy_(d_flat.view(B, len(g), -1).transpose(0, 1))
-                    g_grads[("gamma", l)] = d_gamma.view(len(g), -1)
-                    g_grads[("beta", l)] = d_beta.view(len(g), -1)
+        for l in range(len(self.weights) - 1, -1, -1):
+            W = self.weights[l]
+            grad_in = torch.bmm(grad, W.transpose(1, 2)) if l > 0 else None  # before W changes
+            for g in self.groups:
                 if g.bias[l] is not None:
-                    g_grads[("bias", l)] = dg.sum(1)
-            grads_w.append(torch.bmm(inputs[l].transpose(1, 2), grad))
-            if l > 0:  # the input images need no gradient
-                grad = torch.bmm(grad, self.weights[l].transpose(1, 2))
-        grads_w.reverse()
-        params, grads = list(self.weights), grads_w
-        for g, g_grads in zip(self.groups, grads_g):
-            params += g.params()
-            grads += [g_grads[key] for key in g.param_keys()]
-        torch._foreach_add_(params, grads, alpha=-lr)
+                    dg = grad if g.whole else grad[g.start : g.stop]
+                    g.bias[l].sub_(dg.sum(1), alpha=lr)
+            W.baddbmm_(inputs[l].transpose(1, 2), grad, alpha=-lr)
+            if grad_in is None:
+                break  # the input images need no gradient
+            if self.sigmoid:
+                grad = torch.ops.aten.sigmoid_backward(grad_in, inputs[l])
+            else:
+                grad = torch.ops.aten.threshold_backward(grad_in, inputs[l], 0)
+            for g, g_saved in zip(self.groups, saved[l - 1]):
+                if g_saved is None:
+                    continue
+                flat, save_mean, save_invstd = g_saved
+                bn = g.bn[l - 1]
+                dg = grad if g.whole else grad[g.start : g.stop]
+                d_flat, d_gamma, d_beta = torch.ops.aten.native_batch_norm_backward(
+                    dg.transpose(0, 1).reshape(B, -1), flat, bn.gamma, bn.running_mean, bn.running_var,
+                    save_mean, save_invstd, True, bn.eps, [True, True, True],
+                )
+                bn.gamma.sub_(d_gamma, alpha=lr)
+                bn.beta.sub_(d_beta, alpha=lr)
+                d_flat = d_flat.view(B, len(g), -1).transpose(0, 1)
+                if g.whole:
+                    grad = d_flat
+                else:
+                    dg.copy_(d_flat)
         self.num_batches_tracked += 1
 
     def _minus_ones(self, K: int, B: int) -> torch.Tensor:
-        if getattr(self, "_ones_cache", None) is None or self._ones_cache.shape != (K, B, 1):
-            self._ones_cache = torch.full((K, B, 1), -1.0, device=self.device)
-        return self._ones_cache
+        if self._ones is None or self._ones.shape != (K, B, 1):
+            self._ones = torch.full((K, B, 1), -1.0, device=self.device)
+        return self._ones
 
     # --- evaluation and write-back ------------------------------------------------------
 
@@ -235,35 +242,37 @@ class StackedMLP:
     def evaluate(
         self, x: torch.Tensor, y: torch.Tensor, *, track_unit: int | None = None, chunk: int = 10000
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Test accuracy of each net [K], and the QUANTILES of unit `track_unit`'s input to the
-        last hidden nonlinearity [K, 3], with BN on its moving averages (inference mode)."""
+        """Each net's accuracy on (x, y) [K] in inference mode (BN on its moving averages), and
+        the QUANTILES of unit `track_unit`'s input to the last hidden nonlinearity [K, 3]."""
         correct = torch.zeros(self.K, device=self.device)
         tracked = []
+        hidden = len(self.weights) - 1
+        W0 = self.weights[0]
+        W0_wide = W0.transpose(0, 1).reshape(W0.shape[1], -1)  # [in, K*out]: one matmul for all
         for lo in range(0, x.shape[0], chunk):
             a = x[lo : lo + chunk].flatten(1)
             n = a.shape[0]
-            # One matmul for the first layer of all nets: [n, in] @ [in, K*out].
-            W0 = self.weights[0]
-            z = (a @ W0.transpose(0, 1).reshape(W0.shape[1], -1)).view(n, self.K, -1).transpose(0, 1)
-            for l in range(len(self.weights) - 1):
-                if l > 0:
+            for l in range(hidden):
+                if l == 0:
+                    z = (a @ W0_wide).view(n, self.K, -1).transpose(0, 1).contiguous()
+                else:
                     z = torch.bmm(a, self.weights[l])
-                z = z.contiguous()
                 for g in self.groups:
-                    zg = z[g.slice]
+                    zg = z[g.start : g.stop]
                     if g.bias[l] is not None:
                         zg.add_(g.bias[l].unsqueeze(1))
                     bn = g.bn[l]
                     if bn is not None:
-                        scale = (bn["running_var"] + bn["eps"]).rsqrt() * bn["gamma"]
-                        zg.sub_(bn["running_mean"].unsqueeze(1)).mul_(scale.unsqueeze(1))
-                        zg.add_(bn["beta"].unsqueeze(1))
-                if l == len(self.weights) - 2 and track_unit is not None:
+                        shape = (len(g), 1, -1)
+                        scale = (bn.running_var + bn.eps).rsqrt_().mul_(bn.gamma)
+                        zg.sub_(bn.running_mean.view(shape)).mul_(scale.view(shape))
+                        zg.add_(bn.beta.view(shape))
+                if l == hidden - 1 and track_unit is not None:
                     tracked.append(z[:, :, track_unit].clone())
-                a = torch.sigmoid_(z) if self.act == "sigmoid" else torch.relu_(z)
+                a = torch.sigmoid_(z) if self.sigmoid else torch.relu_(z)
             logits = torch.bmm(a, self.weights[-1])
             for g in self.groups:
-                logits[g.slice].add_(g.bias[-1].unsqueeze(1))
+                logits[g.start : g.stop].add_(g.bias[-1].unsqueeze(1))
             correct += (logits.argmax(-1) == y[lo : lo + chunk]).sum(1)
         accuracy = correct / x.shape[0]
         if not tracked:
@@ -282,9 +291,8 @@ class StackedMLP:
                 if g.bias[l] is not None:
                     linear.bias.copy_(g.bias[l][i])
                 if bn is not None:
-                    st = g.bn[l]
-                    bn.weight.copy_(st["gamma"][i])
-                    bn.bias.copy_(st["beta"][i])
-                    bn.running_mean.copy_(st["running_mean"][i])
-                    bn.running_var.copy_(st["running_var"][i])
-                    bn.num_batches_tracked.fill_(bn.num_batches_tracked.item() + self.num_batches_tracked)
+                    stacked = g.bn[l]
+                    for name in ("weight", "bias", "running_mean", "running_var"):
+                        flat = getattr(stacked, "gamma" if name == "weight" else "beta" if name == "bias" else name)
+                        getattr(bn, name).copy_(flat.view(len(g), -1)[i])
+                    bn.num_batches_tracked += self.num_batches_tracked

@@ -1,6 +1,5 @@
 """`bngraph fold` end to end: artifacts, the JSON report, --strict, and the error contract."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -117,13 +116,6 @@ def test_broken_statistics_exit_2_with_one_line(tmp_path, model_py, capsys):
 def test_missing_model_exits_2(capsys):
     code, _, err = _cli(capsys, "fold", "no_such_model.py")
     assert code == 2 and err.count("\n") == 1 and "does not exist" in err
-
-
-@pytest.mark.skipif(importlib.util.find_spec("bngraph.onnx_fold") is not None, reason="ONNX folding is installed")
-def test_onnx_without_the_onnx_fold_module_says_so(tmp_path, capsys):
-    (tmp_path / "m.onnx").write_bytes(b"")
-    code, _, err = _cli(capsys, "fold", tmp_path / "m.onnx", "-o", tmp_path / "out.onnx")
-    assert code == 2 and err == "bngraph: error: folding ONNX files is not available yet\n"
 
 
 def test_an_onnx_model_is_folded_in_onnx(tmp_path, capsys):

@@ -22,7 +22,6 @@ import argparse
 from bngraph.artifacts import history_entry, save
 from bngraph.atomic import check_writable
 from bngraph.commands.common import add_model_arguments, add_report_arguments, emit, load_from_args
-from bngraph.errors import UserError
 from bngraph.fold import fold
 from bngraph.spec import parse_model_spec
 
@@ -40,12 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     spec = parse_model_spec(args.model)
     if spec.kind == "onnx":
-        try:
-            from bngraph.onnx_fold import fold_onnx_file
-        except ModuleNotFoundError as err:
-            if err.name != "bngraph.onnx_fold":
-                raise
-            raise UserError("folding ONNX files is not available yet") from None
+        from bngraph.onnx_fold import fold_onnx_file  # onnx imports are slow: only when needed
+
         return fold_onnx_file(spec.path, args.output, args)
     if args.output:
         check_writable(args.output)  # before the work, not after it
