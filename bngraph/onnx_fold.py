@@ -29,6 +29,7 @@ from bngraph.passes.onnx_copy_shared_weights import onnx_copy_shared_weights
 from bngraph.passes.onnx_fold_bn_into_layer import onnx_fold_bn_into_layer
 from bngraph.passes.onnx_fold_bn_into_next_layer import onnx_fold_bn_into_next_layer
 from bngraph.passes.onnx_fold_constants import onnx_fold_constants
+from bngraph.passes.onnx_simplify import onnx_simplify
 from bngraph.report import Report
 from bngraph.trace import one_line
 
@@ -38,6 +39,7 @@ ONNX_PASSES = [
     onnx_fold_bn_into_layer,
     onnx_fold_bn_into_next_layer,
     onnx_bn_to_mul_add,
+    onnx_simplify,
     onnx_check,
 ]
 # protobuf cannot serialize a message over 2 GiB; keep a margin for the graph itself.

@@ -1,0 +1,40 @@
+"""Tidy the graph once the BatchNorms are gone: onnxscript's optimizer, minus its BN fusions.
+
+Constant folding with shape inference turns the exporter's dynamic flatten chain
+(Shape, Squeeze, Concat, Reshape) into one Reshape, and onnxscript's default rewrite rules
+cancel the Transpose pairs that a BN over a Linear's features leaves behind. Its BatchNorm
+rules are left out: they fuse a BN in training mode too (onnxscript 0.7.2), and the BNs are
+ours to fold, with the guards and the report. In place.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_passes
+import onnxscript.rewriter
+from onnxscript.optimizer import fold_constants_ir
+
+from bngraph.passes.base import PassResult
+from bngraph.passes.onnx_common import site
+
+TIDY_RULES = onnxscript.rewriter.RewriteRuleSet(
+    [rule for rule in onnxscript.rewriter._DEFAULT_REWRITE_RULES if "BatchNorm" not in (rule.name or "")]
+)
+
+
+def onnx_simplify(model: ir.Model, rounds: int = 2) -> PassResult:
+    """Fold constants and apply the tidy rules; `changed` lists the nodes that disappeared."""
+    before = {id(n): n for n in model.graph}
+    for _ in range(rounds):  # a rewrite can expose a constant, and the other way round
+        fold_constants_ir(model, onnx_shape_inference=True)
+        onnxscript.rewriter.rewrite(model, pattern_rewrite_rules=TIDY_RULES)
+        ir_passes.RemoveUnusedNodesPass()(model)
+    ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    ir_passes.CommonSubexpressionEliminationPass()(model)
+    after = {id(n) for n in model.graph}
+    result = PassResult(model)
+    for key, node in before.items():
+        if key not in after:
+            result.changed.append(site(node))
+            result.details.append({"node": site(node), "op": node.op_type})
+    return result
