@@ -136,7 +136,8 @@ def module_source(gm: fx.GraphModule, *, input_shapes=None, source: str = "a tra
         if not p.requires_grad:
             body.append(f"        self.get_parameter({name!r}).requires_grad_(False)")
 
-    forward = code.src.strip("\n").replace("\n", "\n    ")
+    top_level = {path for path in leaves if "." not in path}
+    forward = _call_top_level_directly(code.src.strip("\n"), top_level).replace("\n", "\n    ")
     shapes = [tuple(s) for s in input_shapes] if input_shapes else None
     return (
         _HEADER.format(source=source, imports="\n".join(imports))
@@ -177,6 +178,18 @@ def wrapped_source(user_file: Path, symbol: str, wraps: Sequence[dict]) -> str:
     """model.py for a model that cannot be traced: the user's file plus the recorded wraps."""
     listed = [(w["node"], w["norm"], w["features"]) for w in wraps]
     return Path(user_file).read_text() + _WRAPPED_TAIL.format(symbol=symbol, wraps=listed, cls=CLASS_NAME)
+
+
+def _call_top_level_directly(src: str, names: set[str]) -> str:
+    """`self.fc1(x)` -> `layers["fc1"](x)` with `layers = self._modules`: a dict lookup instead
+    of nn.Module.__getattr__ (about 0.6 us a call, 5% of the MNIST MLP's whole forward)."""
+    local = next(n for n in ("layers", "layers_", "layers__") if not re.search(rf"\b{n}\b", src))
+    calls = re.compile(r"\bself\.([A-Za-z_]\w*)\(")
+    body = calls.sub(lambda m: f'{local}["{m.group(1)}"](' if m.group(1) in names else m.group(0), src)
+    if body == src:
+        return src
+    signature, _, rest = body.partition("\n")
+    return f"{signature}\n    {local} = self._modules  # dict lookups: faster than self.<name>\n{rest}"
 
 
 def _sha256(path: Path) -> str:

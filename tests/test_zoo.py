@@ -41,6 +41,15 @@ def test_insert_puts_a_batchnorm_before_every_nonlinearity(name):
     y.sum().backward()
 
 
+@pytest.mark.parametrize("name", list_models())
+def test_traced_zoo_models_pickle(name):
+    import io
+
+    from bngraph.trace import trace
+
+    torch.save(trace(create_model(name)), io.BytesIO())
+
+
 def test_inception_output_channels_follow_the_layer_table():
     model = create_model("inception")
     assert [block.out_channels for block in model.blocks] == [256, 320, 576, 576, 576, 608, 608, 1056, 1024, 1024]

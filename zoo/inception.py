@@ -6,8 +6,6 @@ the sigmoid variant and the Sec. 4.2.1 changes come from passes, not from copies
 `inception-small` is the same module structure at a quarter of the width for 28x28x1 inputs.
 """
 
-from __future__ import annotations
-
 from collections import OrderedDict
 from dataclasses import dataclass
 

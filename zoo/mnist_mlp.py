@@ -3,8 +3,6 @@
 BN comes from the insert pass, not from a second definition of the network.
 """
 
-from __future__ import annotations
-
 from collections import OrderedDict
 
 import torch
