@@ -13,7 +13,8 @@ from torch import fx
 
 from bngraph.atomic import write_atomically
 from bngraph.errors import UserError
-from bngraph.passes.op_kinds import is_batchnorm, op_label
+from bngraph.passes.fx_batchnorm import is_batch_norm
+from bngraph.passes.op_kinds import op_label
 
 # What each mark means, and its colour in every format.
 MARKS = {
@@ -27,11 +28,12 @@ MARKS = {
 def graph_of(gm: fx.GraphModule, inserted: set[str] = frozenset(), folded: set[str] = frozenset()) -> nx.DiGraph:
     """The data-flow graph of `gm`: one node per op, with its label and mark."""
     graph = nx.DiGraph()
+    modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         target = str(node.target)
         if node.op == "call_module" and target in inserted:
             mark = "inserted"
-        elif is_batchnorm(gm, node):
+        elif is_batch_norm(node, modules):
             mark = "left"
         elif node.op == "call_module" and target in folded:
             mark = "folded"

@@ -108,10 +108,6 @@ def is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
     return _is(gm, node, NORM_MODULES, NORM_FUNCTIONS)
 
 
-def is_batchnorm(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return _is(gm, node, (nn.modules.batchnorm._BatchNorm,), {F.batch_norm})
-
-
 def is_shape_only(gm: fx.GraphModule, node: fx.Node) -> bool:
     return _is(gm, node, SHAPE_ONLY_MODULES, SHAPE_ONLY_FUNCTIONS, SHAPE_ONLY_METHODS)
 
