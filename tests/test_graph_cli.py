@@ -25,3 +25,14 @@ def test_graph_refuses_an_unknown_format(tmp_path, capsys):
     assert main(["graph", "zoo:mnist-mlp", "-o", str(tmp_path / "g.jpg")]) == 2
     assert "use a .svg, .png or .dot" in capsys.readouterr().err
     assert not (tmp_path / "g.jpg").exists()
+
+
+def test_graph_marks_the_layers_a_fold_merged_into(tmp_path, capsys):
+    assert main(["insert", "zoo:mnist-mlp", "-o", str(tmp_path / "a")]) == 0
+    assert main(["fold", str(tmp_path / "a"), "-o", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    assert main(["graph", str(tmp_path / "b"), "-o", str(tmp_path / "g.dot")]) == 0
+    assert "folded: 3" in capsys.readouterr().out
+    dot = (tmp_path / "g.dot").read_text()
+    folded = re.findall(rf'"(\w+)" \[label="[^"]*", fillcolor="{MARKS["folded"][0]}"\]', dot)
+    assert folded == ["fc1", "fc2", "fc3"]
