@@ -1,20 +1,22 @@
 """Many small MLPs trained at once with hand-written gradients: the fast path of `reproduce mnist`.
 
 The paper's MNIST net (Sec. 4.1) is a chain `Flatten -> (Linear -> [BatchNorm1d] -> act)* ->
-Linear`. At batch 60 its matmuls take ~0.1 ms a step, and eager autograd plus the optimizer add
-~1.5 ms of bookkeeping. So the nets of a reproduction (with and without BN, times seeds) are
-stacked on a leading axis, K nets in all, and one step is ~80 tensor ops shared by all of them:
-`bmm` for every layer, and each gradient written out by hand:
+Linear`. At batch 60 its matmuls take ~0.2 ms a step on one core, and eager autograd plus the
+optimizer add more than that again in bookkeeping. So the nets of a reproduction (with and
+without BN, times seeds) are stacked on a leading axis, K nets in all, and a step is ~40 tensor
+ops shared by all of them, each gradient written out by hand:
 
     softmax + cross-entropy   d logits = (softmax(logits) - onehot(y)) / B
     linear  z = a W (+ b)     dW = a^T dz,  db = sum_batch dz,  da = dz W^T
     sigmoid a = s(y)          dy = da * a * (1 - a)                (aten.sigmoid_backward)
-    BN      y = g x^ + beta,  x^ = (z - mu) / sqrt(var + eps)      (Algorithm 1, biased var)
-            dz = g / sqrt(var + eps) * (dy - (sum_batch dy + x^ * sum_batch(dy x^)) / B)
+    BN (Algorithm 1)          torch's own kernels, native_batch_norm and its backward, the ones
+                              nn.BatchNorm1d runs: the Kg nets of a group as Kg*F features
 
-Nets with the same layer kinds form a group (a contiguous slice of the stack), so bias and BN
-are applied per group on views while the matmuls run once for all. `tests/test_fused_mlp.py`
-checks every gradient against autograd. Plain SGD only: the paper's MNIST run has no momentum.
+Each SGD update is fused into the matmul that computes its gradient (`W.baddbmm_(a^T, dz,
+alpha=-lr)`). Nets with the same layer kinds form a group (a contiguous slice of the stack), so
+bias and BN apply per group while the matmuls run once for all. `tests/test_fused_mlp.py`
+checks the result against autograd and torch.optim.SGD. Plain SGD only: the paper's MNIST run
+names no momentum. Anything else is `NotAnMLP`; train it with `bngraph.train`.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-ACTIVATIONS = {nn.Sigmoid: "sigmoid", nn.ReLU: "relu"}
 from bngraph.track import QUANTILES  # Figure 1(b, c)
+
+ACTIVATIONS = {nn.Sigmoid: "sigmoid", nn.ReLU: "relu"}
 
 
 class NotAnMLP(ValueError):
-    """The model is not a plain Linear[-BN]-act chain; the caller uses the generic engine."""
+    """The model is not a plain Linear[-BN]-act chain (the message says where it is not)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,131 @@
+"""Reproduce the paper's experiments: `mnist` (Sec. 4.1, Figure 1) or `inception` (Sec. 4.2.2).
+
+mnist trains the paper's MLP (3 x 100 sigmoid units) with and without BN side by side, from the
+same initial weights and on the same batches: 50,000 steps of 60 examples, evaluated on the
+whole test set every 500 steps. It writes OUT/fig1.png ((a) test accuracy, (b, c) the 15/50/85th
+percentiles of one sigmoid input of the last hidden layer without and with BN), summary.json
+(best accuracies, curves, the speed-up: steps the plain net needs to reach its best accuracy
+over the steps the BN net needs to reach the same), table.md and the trained nets in OUT/models/.
+About 40 s on two CPU cores; --seeds N adds seeds, drawn as a spread.
+
+inception builds Inception, BN-Baseline, BN-x5, BN-x30 and BN-x5-Sigmoid from zoo:inception-small
+with the recipe passes (`bngraph train --help`), trains each on the images, and writes the
+paper's table (steps to reach Inception's best accuracy, each variant's best), accuracy.png and
+summary.json. Choose with --variants; `inception-sigmoid` adds the paper's control (sigmoid, no
+BN). --full uses the 224x224 zoo:inception instead (a GPU's job).
+
+Examples:
+  bngraph reproduce mnist --data ~/mnist -o repro/mnist
+  bngraph reproduce mnist --data ~/mnist --steps 10000 --seeds 3 -o repro/mnist-3
+  bngraph reproduce inception --data ~/mnist --steps 1000 --variants inception,bn-x5,bn-x30 -o repro/inc
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bngraph.commands.common import add_report_arguments, emit
+from bngraph.commands.train import add_data_arguments, data_from_args
+from bngraph.errors import UserError
+from bngraph.report import Report
+
+
+def _common(parser: argparse.ArgumentParser, steps: int) -> None:
+    add_data_arguments(parser)
+    parser.add_argument("-o", "--output", metavar="DIR", required=True, help="folder to write")
+    parser.add_argument("--steps", type=int, default=steps, help=f"training steps (default: {steps:,})")
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order (default: 0)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda (default: auto)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_report_arguments(parser)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    mnist = sub.add_parser("mnist", help="Sec. 4.1: the MLP with and without BN (Figure 1)")
+    _common(mnist, 50_000)
+    mnist.add_argument("--batch-size", type=int, default=60, help="(default: 60, the paper's)")
+    mnist.add_argument("--lr", type=float, default=0.5, help="plain SGD learning rate (default: 0.5)")
+    mnist.add_argument("--eval-every", type=int, default=500, help="(default: 500)")
+    mnist.add_argument("--seeds", type=int, default=1, help="independent runs, drawn as a spread (default: 1)")
+    mnist.add_argument(
+        "--init-std", default="0.01",
+        help="std of the Gaussian initial weights, the paper's 'small random Gaussian values' "
+        "(default: 0.01); 'torch' for PyTorch's default initialization",
+    )  # fmt: skip
+    mnist.add_argument("--unit", type=int, default=0, help="the sigmoid of the last hidden layer that (b, c) follow")
+    mnist.add_argument("--workers", type=int, help="processes (default: one per core)")
+
+    inception = sub.add_parser("inception", help="Sec. 4.2.2: the five Inception variants")
+    _common(inception, 1000)
+    inception.add_argument(
+        "--variants", default="inception,bn-baseline,bn-x5,bn-x30,bn-x5-sigmoid",
+        help="comma-separated recipes (default: the paper's five; add inception-sigmoid for the control)",
+    )  # fmt: skip
+    inception.add_argument("--batch-size", type=int, default=32, help="(default: 32, the paper's)")
+    inception.add_argument("--lr", type=float, default=0.0015, help="Inception's learning rate (default: 0.0015)")
+    inception.add_argument("--eval-every", type=int, help="(default: a tenth of the run)")
+    inception.add_argument("--test-examples", type=int, default=2000, help="test images per evaluation (default: 2000)")
+    inception.add_argument("--full", action="store_true", help="zoo:inception at 224x224 (upsampled images)")
+
+
+def _init_std(text: str) -> float | None:
+    if text == "torch":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--init-std {text!r}: a positive number, or 'torch'") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from bngraph import reproduce
+    from bngraph.atomic import check_writable
+    from bngraph.train import pick_device
+
+    check_writable(args.output)
+    if args.experiment == "mnist":
+        cfg = reproduce.MnistConfig(
+            steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+            seeds=args.seeds, seed=args.seed, init_std=_init_std(args.init_std), track_unit=args.unit,
+            workers=args.workers, device=args.device,
+        )  # fmt: skip
+        data = data_from_args(args)
+        result = reproduce.reproduce_mnist(data, cfg, progress=not args.quiet)
+        reproduce.write_mnist(result, Path(args.output))
+        summary = result.summary
+        facts = {
+            "data": summary["data"],
+            "speedup": summary["speedup"],
+            "bn_ahead_at_every_evaluation": summary["bn_ahead_at_every_evaluation"],
+            "wall_s": summary["wall_s"],
+            "output": args.output,
+        }
+        rows = [
+            {"net": name, "best_test_accuracy": net["best_test_accuracy"],
+             "final_test_accuracy": net["final_test_accuracy"],
+             "steps_to_target": summary["steps_without_bn" if name == "without BN" else "steps_with_bn"]}
+            for name, net in summary["nets"].items()
+        ]  # fmt: skip
+        notes = [f"target: the plain net's best test accuracy, {summary['target_accuracy']:.4f}"]
+    else:
+        cfg = reproduce.InceptionConfig(
+            variants=tuple(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip())), steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, test_examples=args.test_examples,
+            seed=args.seed, full=args.full, device=args.device,
+        )  # fmt: skip
+        data = data_from_args(args, pick_device(args.device))
+        result = reproduce.reproduce_inception(data, cfg, progress=not args.quiet)
+        reproduce.write_inception(result, Path(args.output))
+        summary = result.summary
+        facts = {"data": summary["data"], "reference_accuracy": summary["reference_accuracy"],
+                 "wall_s": summary["wall_s"], "output": args.output}  # fmt: skip
+        rows = [
+            {"variant": v["paper_name"], "steps_to_reference": v["steps_to_reference"],
+             "best_test_accuracy": v["best_test_accuracy"], "lr": v["lr"], "batchnorms": v["batchnorms"]}
+            for v in summary["variants"].values()
+        ]  # fmt: skip
+        notes = ["steps_to_reference: steps to reach the plain Inception's best accuracy"]
+    emit(Report(f"bngraph reproduce {args.experiment}", sections={"results": rows}, facts=facts, notes=notes), args)
+    return 0

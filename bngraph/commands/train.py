@@ -1,0 +1,161 @@
+"""Train a model on MNIST-format images: SGD with momentum, checkpoints, an exact --resume.
+
+Writes OUT/model/ (an artifact for `bngraph fold OUT/model`, export and verify),
+OUT/metrics.jsonl (one JSON line per evaluation), OUT/checkpoint.pt and, with --track-inputs,
+OUT/inputs.png. A stopped run (Ctrl-C, SIGTERM, or a crash after a checkpoint) continues with
+--resume and the same arguments: same next batch, optimizer and RNG state, so it ends with
+bit-identical weights. --steps may grow on resume.
+
+--recipe applies the paper's Sec. 4.2.1 changes through passes before training:
+  inception          the model as built
+  bn-baseline        BN before every nonlinearity
+  bn-x5, bn-x30      BN, no dropout, no LRN; learning rate x5 / x30, L2 decay /5, decay 6x faster
+  bn-x5-sigmoid      as bn-x5, with sigmoid instead of ReLU
+  inception-sigmoid  sigmoid and no BN (the paper's control)
+
+--device auto uses CUDA when present (bf16 autocast, channels_last), else the CPU; the data stays
+on the device as tensors.
+
+Examples:
+  bngraph train zoo:mnist-mlp --data ~/mnist --steps 5000 --lr 0.1 -o runs/mlp
+  bngraph train zoo:inception-small --recipe bn-x5 --data ~/mnist --epochs 2 -o runs/x5
+  bngraph train zoo:inception-small --recipe bn-x5 --data ~/mnist --epochs 4 -o runs/x5 --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from bngraph.commands.common import add_model_arguments, add_report_arguments, emit, load_from_args
+from bngraph.errors import UserError
+from bngraph.report import Report
+
+MODEL_DIR, PLOT = "model", "inputs.png"
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", metavar="DIR", help="MNIST-format files (default: $BNGRAPH_DATA, the cache, a download)"
+    )
+    parser.add_argument("--dataset", default="mnist", choices=("mnist", "fashion-mnist"), help="what --data holds")
+
+
+def data_from_args(args: argparse.Namespace, device: torch.device | str = "cpu"):
+    from bngraph.data import resolve_dataset
+    from bngraph.train import TensorData
+
+    return TensorData.from_dataset(resolve_dataset(args.data, dataset=args.dataset), device)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    add_data_arguments(parser)
+    parser.add_argument("-o", "--output", metavar="DIR", required=True, help="run folder to write")
+    parser.add_argument("--recipe", metavar="NAME", help="a paper variant to build first (see above)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="training steps (default: 2 epochs)")
+    length.add_argument("--epochs", type=float, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per step (default: 32)")
+    parser.add_argument("--lr", type=float, default=0.01, help="before a recipe scales it (default: 0.01)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default: 0)")
+    parser.add_argument("--lr-decay", type=float, default=0.96, help="lr factor per --decay-every (default: 0.96)")
+    parser.add_argument(
+        "--decay-every", type=float, help="steps per --lr-decay factor, applied smoothly (default: 1/8 of the run)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="initial weights, batch order, dropout (default: 0)")
+    parser.add_argument("--eval-every", type=int, default=500, help="steps between test evaluations (default: 500)")
+    parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: every evaluation)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--resume", action="store_true", help="continue the stopped run in OUT")
+    parser.add_argument(
+        "--track-inputs", nargs="*", metavar="NAME",
+        help="record the 15/50/85th percentiles of these nonlinearity modules' inputs (none named: "
+        "the last one) at each evaluation, and plot them to OUT/inputs.png (paper, Figure 1(b, c))",
+    )  # fmt: skip
+    parser.add_argument("--track-unit", type=int, default=0, help="which feature or channel to track (default: 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_report_arguments(parser)
+
+
+def _decay_every(args, out: Path, steps: int) -> float | None:
+    """An eighth of the run unless given; on --resume, what the run used (its --steps may grow)."""
+    if args.decay_every is not None:
+        return args.decay_every
+    checkpoint = out / "checkpoint.pt"
+    if args.resume and checkpoint.is_file():
+        try:
+            return torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]["decay_every"]
+        except Exception:  # noqa: BLE001 (train() reports what is wrong with the checkpoint)
+            pass
+    return steps / 8
+
+
+def run(args: argparse.Namespace) -> int:
+    from bngraph.artifacts import save
+    from bngraph.atomic import check_writable
+    from bngraph.plots import plot_tracked_inputs
+    from bngraph.recipes import apply_recipe, get_recipe
+    from bngraph.train import TrainConfig, check_model_fits, epochs_to_steps, pick_device, train
+
+    recipe = get_recipe(args.recipe) if args.recipe else None
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, not {args.steps}")
+    out = Path(args.output)
+    check_writable(out)
+    device = pick_device(args.device)
+    data = data_from_args(args, device)
+    steps = args.steps or epochs_to_steps(args.epochs or 2, len(data.x_train), args.batch_size)
+
+    torch.manual_seed(args.seed)  # the initial weights of a zoo or file model
+    loaded = load_from_args(args)
+    model, history = loaded.module, list(loaded.history)
+    example = [data.x_test[:2].cpu()]
+    hyper = {"lr": args.lr, "weight_decay": args.weight_decay, "decay_every": _decay_every(args, out, steps)}
+    if recipe is not None:
+        model, entry = apply_recipe(model, recipe, example)
+        history.append(entry)
+        hyper = recipe.scale(**hyper)
+    check_model_fits(model, data)
+    config = TrainConfig(
+        steps=steps, batch_size=args.batch_size, momentum=args.momentum, lr_decay=args.lr_decay,
+        seed=args.seed, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        track_inputs=tuple(args.track_inputs) if args.track_inputs is not None else None,
+        track_unit=args.track_unit, **hyper,
+    )  # fmt: skip
+    result = train(model, data, config, out_dir=out, resume=args.resume, device=args.device, progress=not args.quiet)
+
+    history.append({"command": "train", "data": f"{data.name} ({data.source})", "config": asdict(config)})
+    save(result.model, out / MODEL_DIR, example_inputs=example, history=history, source=args.model)
+    facts = {
+        "model": args.model,
+        "recipe": recipe.name if recipe else None,
+        "data": f"{data.name} ({data.source})",
+        "device": result.device,
+        "steps": config.steps,
+        "resumed_from": result.resumed_from,
+        "lr": config.lr,
+        "best_test_accuracy": result.best_test_accuracy,
+        "final_test_accuracy": result.metrics[-1]["test_accuracy"],
+        "wall_s": round(result.wall_s, 2),
+        "output": str(out / MODEL_DIR),
+    }
+    if config.track_inputs is not None:
+        rows = [r for r in result.metrics if "inputs" in r]
+        quantiles = {name: [r["inputs"][name] for r in rows] for name in rows[-1]["inputs"]}
+        plot = plot_tracked_inputs([r["step"] for r in rows], quantiles, out / PLOT, unit=config.track_unit)
+        facts["inputs_plot"] = str(plot)
+    shown = result.metrics[-1 :: -max(1, len(result.metrics) // 10)][::-1]  # ~10 rows, the last included
+    keys = ("step", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "steps_per_s")
+    report = Report(
+        f"bngraph train {args.model}",
+        sections={"evaluations": [{k: row[k] for k in keys} for row in shown]},
+        facts=facts,
+        notes=[f"every evaluation is in {out / 'metrics.jsonl'}"],
+    )
+    emit(report, args)
+    return 0

@@ -1,0 +1,111 @@
+"""Replace each BatchNorm's moving averages by the population statistics of Algorithm 2, step 2.
+
+Over training mini-batches B_1..B_n, each BN input x (per feature; for convolutions pooled over
+the batch and every position, m = N*H*W values, Sec. 3.2) gives mu_B and the biased var_B, and
+
+    E[x]   = mean_i mu_B_i
+    Var[x] = m/(m-1) * mean_i var_B_i        (the unbiased estimate)
+
+which become `running_mean` and `running_var`. (With batches of unequal size each var_B_i gets
+its own m_i/(m_i-1), which is the same thing when all m_i are equal.) The inputs are those of
+the training network, as in the paper: every BN normalizes with its batch statistics, while the
+rest of the model is frozen in eval mode (no dropout). Works in place on any nn.Module, traced
+or not; on images of another domain it re-targets the model to that domain (Sec. 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from bngraph.errors import UserError
+from bngraph.passes.base import PassResult, Skip
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+class _Moments:
+    """Running sums of mu_B and unbiased var_B of one BN's input, per feature, in float64."""
+
+    def __init__(self):
+        self.batches, self.mean_sum, self.var_sum = 0, None, None
+
+    def add(self, x: torch.Tensor) -> None:
+        dims = [0, *range(2, x.dim())]
+        m = x.numel() // x.shape[1]
+        if m < 2:
+            raise UserError(f"a calibration batch gives {m} value per feature; Var[x] needs at least 2")
+        x = x.detach().double()
+        var_b, mu_b = torch.var_mean(x, dim=dims, correction=0)
+        unbiased = var_b * (m / (m - 1))
+        self.mean_sum = mu_b if self.mean_sum is None else self.mean_sum + mu_b
+        self.var_sum = unbiased if self.var_sum is None else self.var_sum + unbiased
+        self.batches += 1
+
+
+class RecalibrateBN:
+    """Set every BN's running statistics to Algorithm 2's population statistics over `batches`
+    (each a tuple of model inputs). Works in place; the model's train/eval flags are restored."""
+
+    name = "recalibrate_bn"
+
+    def __init__(self, batches: Iterable[Sequence[torch.Tensor]]):
+        self.batches = batches
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> PassResult:
+        result = PassResult(model)
+        bns = {name: m for name, m in model.named_modules() if isinstance(m, _BN)}
+        moments = {}
+        for name, bn in bns.items():
+            if bn.running_mean is None:
+                result.skipped.append(Skip(name, "keeps no running statistics: it always uses batch statistics"))
+            else:
+                moments[name] = _Moments()
+        if not moments:
+            return result
+        flags = {m: m.training for m in model.modules()}
+        # The forward passes below also move the moving averages: keep the originals to compare.
+        before = {n: (bns[n].running_mean.clone(), bns[n].running_var.clone(), bns[n].num_batches_tracked.clone())
+                  for n in moments}  # fmt: skip
+        hooks = [bns[n].register_forward_pre_hook(lambda mod, args, n=n: moments[n].add(args[0])) for n in moments]
+        try:
+            model.eval()
+            for name in moments:
+                bns[name].train()  # batch statistics, as the training network computes them
+            for batch in self.batches:
+                model(*batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for module, training in flags.items():
+                module.training = training  # this module only: train() would recurse
+        for name, m in moments.items():
+            bn = bns[name]
+            old_mean, old_var, count = before[name]
+            bn.num_batches_tracked.copy_(count)
+            if m.batches == 0:
+                bn.running_mean.copy_(old_mean)
+                bn.running_var.copy_(old_var)
+                result.skipped.append(Skip(name, "never ran on the calibration batches"))
+                continue
+            mean, var = m.mean_sum / m.batches, m.var_sum / m.batches
+            result.details.append(
+                {
+                    "bn": name,
+                    "features": mean.numel(),
+                    "batches": m.batches,
+                    "max_mean_change": (mean - old_mean.double()).abs().max().item(),
+                    "max_var_ratio": (var / old_var.double().clamp_min(1e-12)).max().item(),
+                }
+            )
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            result.changed.append(name)
+        return result
+
+
+def recalibrate_bn(model: nn.Module, batches: Iterable[Sequence[torch.Tensor]]) -> PassResult:
+    return RecalibrateBN(batches)(model)

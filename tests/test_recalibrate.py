@@ -1,0 +1,87 @@
+"""`bngraph recalibrate`: Algorithm 2's statistics on a trained model, and domain adaptation."""
+
+import json
+
+import pytest
+import torch
+
+import bngraph
+from bngraph.cli import main
+from bngraph.data import load_mnist
+from bngraph.passes.recalibrate_bn import recalibrate_bn
+from bngraph.train import EpochSampler
+from tests.mnist_like import write_learnable
+
+
+def _cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A BN MLP trained on one domain, and a second domain: same classes, other contrast."""
+    root = tmp_path_factory.mktemp("recalibrate")
+    source = write_learnable(root / "source", n_train=600, n_test=200)
+    target = write_learnable(root / "target", seed=1, n_train=600, n_test=200, contrast=0.4, offset=120)
+    assert main(["train", "zoo:mnist-mlp", "--recipe", "bn-baseline", "--data", str(source), "--steps", "150",
+                 "--eval-every", "50", "--quiet", "-o", str(root / "run")]) == 0  # fmt: skip
+    return root / "run" / "model", source, target
+
+
+def test_statistics_are_those_of_the_training_batches(tmp_path, capsys, trained):
+    model_dir, source, _ = trained
+    code, out, _ = _cli(capsys, "recalibrate", model_dir, "--data", source, "--batches", 7, "--batch-size", 30,
+                        "--seed", 3, "-o", tmp_path / "r", "--json")  # fmt: skip
+    assert code == 0
+    report = json.loads(out)
+    assert [row["bn"] for row in report["recalibrated"]] == ["act1_bn", "act2_bn", "act3_bn"]
+    assert report["batches"] == "7 x 30" and 0 <= report["test_accuracy_after"] <= 1
+
+    # The same batches through the pass on the original model give the same statistics.
+    images = load_mnist(source).as_float()[0]
+    sampler = EpochSampler(len(images), 30, seed=3)
+    expected = bngraph.load(model_dir)
+    recalibrate_bn(expected, [(images[sampler(i)],) for i in range(7)])
+    got = bngraph.load(tmp_path / "r")
+    for name in ("act1_bn", "act2_bn", "act3_bn"):
+        for stat in ("running_mean", "running_var"):
+            mine, theirs = got.get_submodule(name), expected.get_submodule(name)
+            torch.testing.assert_close(getattr(mine, stat), getattr(theirs, stat))
+    history = json.loads((tmp_path / "r" / "bngraph.json").read_text())["history"]
+    assert [h["command"] for h in history] == ["recipe", "train", "recalibrate"]
+
+
+def test_another_domains_images_retarget_the_model(tmp_path, capsys, trained):
+    model_dir, _, target = trained
+    code, out, _ = _cli(capsys, "recalibrate", model_dir, "--data", target, "--batches", 10, "-o", tmp_path / "a",
+                        "--json")  # fmt: skip
+    report = json.loads(out)
+    assert code == 0
+    # Contrast and offset move every BN input; new statistics undo it, with the same weights.
+    assert report["test_accuracy_before"] < 0.95 and report["test_accuracy_after"] > 0.98
+
+
+def test_a_model_without_bn_is_written_unchanged_with_a_note(tmp_path, capsys, trained):
+    _, source, _ = trained
+    code, out, _ = _cli(capsys, "recalibrate", "zoo:mnist-mlp", "--data", source, "--batches", 2, "-o", tmp_path / "n",
+                        "--json")  # fmt: skip
+    report = json.loads(out)
+    assert code == 0 and report["recalibrated"] == [] and "nothing to recalibrate" in report["notes"][0]
+    assert report["test_accuracy_before"] == report["test_accuracy_after"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--data", "{tmp}/missing"), "does not exist"),
+        (("--batches", "0"), "--batches must be at least 1"),
+        (("--batch-size", "1"), "at least 2"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, trained, argv, message):
+    model_dir, source, _ = trained
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, _, err = _cli(capsys, "recalibrate", model_dir, "--data", source, "-o", tmp_path / "o", *argv)
+    assert code == 2 and message in err and err.count("\n") == 1

@@ -1,0 +1,83 @@
+"""Each recipe's graph has what Sec. 4.2.1-4.2.2 says: BN count, activation, no dropout, no LRN."""
+
+import pytest
+import torch
+from torch import fx, nn
+
+from bngraph.errors import UserError
+from bngraph.recipes import CONTROL, PAPER_VARIANTS, RECIPES, apply_recipe, get_recipe
+from bngraph.reproduce import graph_facts
+from bngraph.zoo import create_model
+
+EXAMPLE = [torch.randn(2, 1, 28, 28)]
+
+# (BatchNorms, activation kinds, dropout layers, LRN layers, lr, weight decay, decay period)
+PAPER = {
+    "inception": (False, {"ReLU"}, 1, 2, 0.0015, 4e-5, 600),
+    "bn-baseline": (True, {"ReLU"}, 1, 2, 0.0015, 4e-5, 600),
+    "bn-x5": (True, {"ReLU"}, 0, 0, 0.0075, 8e-6, 100),
+    "bn-x30": (True, {"ReLU"}, 0, 0, 0.045, 8e-6, 100),
+    "bn-x5-sigmoid": (True, {"Sigmoid"}, 0, 0, 0.0075, 8e-6, 100),
+    CONTROL: (False, {"Sigmoid"}, 1, 2, 0.0015, 4e-5, 600),
+}
+
+
+@pytest.fixture(scope="module")
+def inception_small():
+    torch.manual_seed(0)
+    return create_model("inception-small")
+
+
+def test_the_table_holds_the_papers_five_and_the_control():
+    assert set(PAPER_VARIANTS) | {CONTROL} == set(RECIPES) == set(PAPER)
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_variant_graph_and_hyperparameters(name, inception_small):
+    has_bn, activations, dropout, lrn, lr, weight_decay, decay_every = PAPER[name]
+    sites = sum(isinstance(m, nn.ReLU) for m in inception_small.modules())  # one BN before each
+    model, entry = apply_recipe(inception_small, name, EXAMPLE)
+    facts = graph_facts(model)
+    assert facts["batchnorms"] == (sites if has_bn else 0)
+    assert set(facts["activations"]) == activations
+    assert (facts["dropout"], facts["lrn"]) == (dropout, lrn)
+    hyper = get_recipe(name).scale(lr=0.0015, weight_decay=4e-5, decay_every=600)
+    assert hyper == pytest.approx({"lr": lr, "weight_decay": weight_decay, "decay_every": decay_every})
+    assert entry["recipe"]["name"] == name
+    if has_bn:  # insert's report travels with the artifact
+        assert len(entry["insert"]["inserted"]) == sites
+    with torch.no_grad():
+        assert model.eval()(EXAMPLE[0]).shape == (2, 10)
+    # The recipes never touch the model they were given.
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in inception_small.modules()) == 0
+
+
+def test_every_relu_site_gets_a_bn_in_front(inception_small):
+    model, _ = apply_recipe(inception_small, "bn-x5-sigmoid", EXAMPLE)
+    gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Sigmoid):
+            feeder = node.args[0]
+            assert feeder.op == "call_module" and isinstance(gm.get_submodule(feeder.target), nn.BatchNorm2d)
+
+
+def test_recipes_apply_to_any_model_the_mlp_too():
+    torch.manual_seed(0)
+    model, _ = apply_recipe(create_model("mnist-mlp"), "bn-x30", EXAMPLE)
+    assert graph_facts(model)["batchnorms"] == 3
+    assert graph_facts(model)["activations"] == ["Sigmoid"]  # only ReLUs are swapped, and only by -sigmoid
+
+
+def test_inception_recipe_leaves_the_model_as_it_is():
+    model = create_model("mnist-mlp")
+    assert apply_recipe(model, "inception", EXAMPLE)[0] is model
+
+
+@pytest.mark.parametrize("name", ["bn-x7", "", "resnet"])
+def test_unknown_recipe_is_a_user_error(name):
+    with pytest.raises(UserError, match="choose one of inception, bn-baseline"):
+        get_recipe(name)
+
+
+def test_names_are_forgiving_about_case_and_underscores():
+    assert get_recipe("BN_x5").name == "bn-x5"

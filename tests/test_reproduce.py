@@ -1,0 +1,123 @@
+"""`bngraph reproduce`: summaries from the curves, the worker layout, outputs, errors, real MNIST."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import bngraph
+from bngraph.cli import main
+from bngraph.data import load_mnist
+from bngraph.reproduce import MnistConfig, first_step_reaching, mnist_summary, reproduce_mnist, write_mnist
+from bngraph.train import TensorData
+from tests.conftest import REAL_MNIST
+from tests.mnist_like import write_learnable
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    return write_learnable(tmp_path_factory.mktemp("data") / "mnist", n_train=600, n_test=200)
+
+
+@pytest.fixture(scope="module")
+def data(mnist_dir):
+    return TensorData.from_dataset(load_mnist(mnist_dir))
+
+
+def _cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_first_step_reaching_and_speedup_follow_the_definition(data):
+    assert first_step_reaching([10, 20, 30], [0.5, 0.7, 0.9], 0.7) == 20
+    assert first_step_reaching([10, 20], [0.5, 0.6], 0.7) is None
+    run = reproduce_mnist(data, MnistConfig(steps=4, eval_every=1, batch_size=20, workers=1), progress=False)
+    run.steps = [100, 200, 300, 400]
+    run.accuracy = {"without BN": np.array([[0.5, 0.8, 0.9, 0.85]]), "with BN": np.array([[0.9, 0.95, 0.9, 0.97]])}
+    summary = mnist_summary(run)
+    # The plain net's best is 0.9 at step 300; the BN net gets there at step 100: 3x.
+    assert (summary["target_accuracy"], summary["steps_without_bn"], summary["steps_with_bn"]) == (0.9, 300, 100)
+    assert summary["speedup"] == 3.0 and summary["bn_ahead_at_every_evaluation"] is False
+    assert summary["evaluations_bn_ahead"] == 3
+
+
+def test_mnist_writes_figure_summary_table_and_the_trained_nets(tmp_path, data):
+    cfg = MnistConfig(steps=60, eval_every=20, batch_size=20, lr=0.1, workers=1)
+    run = reproduce_mnist(data, cfg, progress=False)
+    write_mnist(run, tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps"] == [20, 40, 60]
+    for net in ("without BN", "with BN"):
+        assert len(summary["nets"][net]["test_accuracy"]) == 3
+        assert summary["nets"][net]["best_test_accuracy"] == max(summary["nets"][net]["test_accuracy"])
+    assert "| with BN |" in (tmp_path / "out" / "table.md").read_text()
+    assert (tmp_path / "out" / "fig1.png").stat().st_size > 10_000
+    bn_net = bngraph.load(tmp_path / "out" / "models" / "mnist-mlp-bn")
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in bn_net.modules()) == 3
+    # The saved net is the trained one: its accuracy is the last point of its curve.
+    with torch.no_grad():
+        accuracy = (bn_net.eval()(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    assert accuracy == pytest.approx(summary["nets"]["with BN"]["test_accuracy"][-1], abs=1e-6)
+
+
+def test_worker_processes_train_the_same_nets_as_one_process(data):
+    cfg = MnistConfig(steps=30, eval_every=10, batch_size=20, seeds=2, lr=0.2)
+    one = reproduce_mnist(data, MnistConfig(**{**cfg.__dict__, "workers": 1}), progress=False)
+    two = reproduce_mnist(data, MnistConfig(**{**cfg.__dict__, "workers": 2}), progress=False)
+    assert two.workers == 2 and one.steps == two.steps == [10, 20, 30]
+    for net in ("without BN", "with BN"):
+        np.testing.assert_allclose(one.accuracy[net], two.accuracy[net], atol=1 / len(data.y_test))
+        assert one.accuracy[net].shape == (2, 3)  # seeds x evaluations
+        for a, b in zip(one.models[net], two.models[net]):
+            for key, value in a.state_dict().items():
+                torch.testing.assert_close(value.float(), b.state_dict()[key].float(), atol=1e-4, rtol=1e-4)
+    # Seeds differ: other initial weights and batch orders.
+    assert not torch.equal(one.models["with BN"][0].fc1.weight, one.models["with BN"][1].fc1.weight)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("mnist", "--steps", "0"), "--steps must be at least 1"),
+        (("mnist", "--seeds", "0"), "--seeds must be at least 1"),
+        (("mnist", "--init-std", "small"), "--init-std 'small'"),
+        (("mnist", "--data", "{tmp}/missing"), "does not exist"),
+        (("inception", "--variants", "inception,bn-x7"), "no recipe 'bn-x7'"),
+        (("inception", "--steps", "-1"), "--steps must be at least 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, mnist_dir, argv, message):
+    experiment, *rest = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    data = [] if "--data" in rest else ["--data", mnist_dir]
+    code, _, err = _cli(capsys, "reproduce", experiment, *data, *rest, "--quiet", "-o", tmp_path / "o")
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_inception_variants_table_and_plot(tmp_path, capsys, mnist_dir):
+    code, out, _ = _cli(capsys, "reproduce", "inception", "--data", mnist_dir, "--steps", 4, "--eval-every", 2,
+                        "--variants", "inception,bn-x30,inception-sigmoid", "--test-examples", 20,
+                        "--quiet", "-o", tmp_path / "inc", "--json")  # fmt: skip
+    assert code == 0
+    rows = {row["variant"]: row for row in json.loads(out)["results"]}
+    assert set(rows) == {"Inception", "BN-x30", "Inception-Sigmoid (no BN)"}
+    assert rows["BN-x30"]["lr"] == pytest.approx(0.045) and rows["BN-x30"]["batchnorms"] > 60
+    assert rows["Inception"]["batchnorms"] == 0
+    summary = json.loads((tmp_path / "inc" / "summary.json").read_text())
+    assert summary["variants"]["inception"]["steps"] == [2, 4]
+    assert summary["variants"]["inception"]["steps_to_reference"] is not None  # it reaches its own best
+    table = (tmp_path / "inc" / "table.md").read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 4 and "| BN-x30 |" in table
+    assert (tmp_path / "inc" / "accuracy.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason="no ../shared/data/mnist on this machine")
+def test_real_mnist_10k_steps_bn_ahead_at_every_evaluation():
+    data = TensorData.from_dataset(load_mnist(REAL_MNIST))
+    summary = reproduce_mnist(data, MnistConfig(steps=10_000), progress=False).summary
+    assert summary["bn_ahead_at_every_evaluation"], summary["nets"]
+    assert summary["speedup"] > 2
+    assert summary["nets"]["with BN"]["best_test_accuracy"] > 0.97

@@ -1,0 +1,220 @@
+"""bngraph.train and `bngraph train`: exact resume, the schedule, input tracking, the CLI contract."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+import bngraph
+from bngraph.cli import main
+from bngraph.errors import UserError
+from bngraph.train import EpochSampler, InputTracker, TensorData, TrainConfig, read_metrics, train
+from tests.mnist_like import learnable_arrays, write_learnable
+
+
+def tensor_data(seed=0, n_train=300, n_test=100) -> TensorData:
+    arrays = learnable_arrays(seed, n_train, n_test)
+    images = lambda key: torch.from_numpy(arrays[key]).float().div(255).unsqueeze(1)  # noqa: E731
+    labels = lambda key: torch.from_numpy(arrays[key]).long()  # noqa: E731
+    return TensorData(images("train-images-idx3-ubyte"), labels("train-labels-idx1-ubyte"),
+                      images("t10k-images-idx3-ubyte"), labels("t10k-labels-idx1-ubyte"))  # fmt: skip
+
+
+def small_net() -> nn.Module:
+    """Conv, BN, dropout: every kind of state a resume must restore."""
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 5, stride=3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Dropout(0.3), nn.Linear(4 * 8 * 8, 10),
+    )  # fmt: skip
+
+
+CONFIG = TrainConfig(steps=40, batch_size=16, lr=0.05, weight_decay=1e-3, decay_every=10, eval_every=10,
+                     checkpoint_every=10, track_inputs=())  # fmt: skip
+
+
+def assert_bit_identical(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_a_run_killed_mid_way_and_resumed_ends_bit_identical(tmp_path):
+    data = tensor_data()
+    whole = train(small_net(), data, CONFIG, out_dir=tmp_path / "whole", progress=False)
+
+    def crash(row):  # dies after step 30 was evaluated, before its checkpoint: steps 21-30 are lost
+        if row["step"] == 30:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(small_net(), data, CONFIG, out_dir=tmp_path / "killed", progress=False, on_eval=crash)
+    resumed = train(small_net(), data, CONFIG, out_dir=tmp_path / "killed", resume=True, progress=False)
+    assert resumed.resumed_from == 20
+    assert_bit_identical(whole.model, resumed.model)
+    timing = ("steps_per_s", "elapsed_s")
+    drop = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert drop(read_metrics(tmp_path / "killed" / "metrics.jsonl")) == drop(whole.metrics)
+
+
+def test_sigterm_stops_after_a_whole_step_and_resumes_exactly(tmp_path):
+    data = tensor_data()
+    whole = train(small_net(), data, CONFIG, progress=False)
+
+    def terminate(row):
+        if row["step"] == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(small_net(), data, CONFIG, out_dir=tmp_path, progress=False, on_eval=terminate)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 10
+    resumed = train(small_net(), data, CONFIG, out_dir=tmp_path, resume=True, progress=False)
+    assert_bit_identical(whole.model, resumed.model)
+
+
+def test_resume_refuses_other_settings_and_finished_runs(tmp_path):
+    data = tensor_data()
+    train(small_net(), data, CONFIG, out_dir=tmp_path, progress=False)
+    with pytest.raises(UserError, match="holds a run already"):
+        train(small_net(), data, CONFIG, out_dir=tmp_path, progress=False)
+    with pytest.raises(UserError, match="lr: 0.05 then, 0.1 now"):
+        train(small_net(), data, TrainConfig(**{**CONFIG.__dict__, "lr": 0.1}), out_dir=tmp_path, resume=True)
+    with pytest.raises(UserError, match="has done 40 steps"):
+        train(small_net(), data, CONFIG, out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(small_net(), data, CONFIG, out_dir=tmp_path / "elsewhere", resume=True)
+
+
+def test_sampler_reshuffles_every_epoch_as_a_function_of_seed_and_step():
+    a, b = EpochSampler(100, 30, seed=3), EpochSampler(100, 30, seed=3)
+    assert a.steps_per_epoch == 3  # the last partial batch is dropped
+    epoch0 = torch.cat([a(i) for i in range(3)])
+    assert len(set(epoch0.tolist())) == 90
+    assert torch.equal(b(4), a(4)) and torch.equal(b(1), a(1))  # any order of calls
+    assert not torch.equal(a(3), a(0))  # epoch 1 is another order
+    assert not torch.equal(EpochSampler(100, 30, seed=4)(0), a(0))
+    with pytest.raises(UserError, match="larger than"):
+        EpochSampler(10, 11, seed=0)
+
+
+def test_learning_rate_decays_smoothly_and_the_recipe_speedup_divides_the_period():
+    config = TrainConfig(steps=1, lr=0.1, lr_decay=0.5, decay_every=100)
+    assert config.lr_at(0) == 0.1 and config.lr_at(100) == pytest.approx(0.05)
+    assert config.lr_at(50) == pytest.approx(0.1 * 0.5**0.5)
+    assert TrainConfig(steps=1, lr=0.1).lr_at(10_000) == 0.1
+
+
+def test_tracked_percentiles_are_those_of_the_activation_input():
+    data = tensor_data()
+    run = train(small_net(), data, CONFIG, progress=False)
+    tracker = InputTracker(run.model, (), unit=2)
+    assert tracker.names == ["2"]  # the last nonlinearity, by default
+    captured = []
+    run.model.get_submodule("2").register_forward_pre_hook(lambda m, args: captured.append(args[0][:, 2].flatten()))
+    with tracker.recording(), torch.no_grad():
+        run.model(data.x_test)
+    want = torch.quantile(captured[0], torch.tensor([0.15, 0.5, 0.85])).tolist()
+    assert tracker.quantiles()["2"] == pytest.approx(want)
+    assert set(run.metrics[-1]["inputs"]) == {"2"}
+    with pytest.raises(UserError, match="no nonlinearity module 'nope'"):
+        InputTracker(run.model, ["nope"])
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    return write_learnable(tmp_path_factory.mktemp("data") / "mnist", n_train=600, n_test=200)
+
+
+def _cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_writes_an_artifact_metrics_and_a_checkpoint(tmp_path, capsys, mnist_dir):
+    out = tmp_path / "run"
+    code, stdout, _ = _cli(capsys, "train", "zoo:mnist-mlp", "--recipe", "bn-x5", "--data", mnist_dir, "--steps", 60,
+                           "--eval-every", 20, "--lr", 0.02, "--track-inputs", "act3", "--quiet", "-o", out,
+                           "--json")  # fmt: skip
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["steps"] == 60 and report["lr"] == pytest.approx(0.1)  # x5
+    assert report["best_test_accuracy"] > 0.5  # the squares are easy
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [20, 40, 60]
+    assert (out / "checkpoint.pt").is_file() and (out / "inputs.png").stat().st_size > 0
+    model = bngraph.load(out / "model")
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in model.modules()) == 3
+    history = json.loads((out / "model" / "bngraph.json").read_text())["history"]
+    assert [h["command"] for h in history] == ["recipe", "train"]
+
+
+def test_cli_resume_may_extend_the_run(tmp_path, capsys, mnist_dir):
+    common = ("train", "zoo:mnist-mlp", "--data", mnist_dir, "--eval-every", 20, "--decay-every", 50, "--quiet")
+    assert _cli(capsys, *common, "--steps", 40, "-o", tmp_path / "a")[0] == 0
+    assert _cli(capsys, *common, "--steps", 80, "-o", tmp_path / "a", "--resume")[0] == 0
+    assert _cli(capsys, *common, "--steps", 80, "-o", tmp_path / "b")[0] == 0
+    assert_bit_identical(bngraph.load(tmp_path / "a" / "model"), bngraph.load(tmp_path / "b" / "model"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--data", "{tmp}/missing"), "does not exist"),
+        (("--recipe", "bn-x7"), "no recipe 'bn-x7'; choose one of"),
+        (("--steps", "0"), "--steps must be at least 1"),
+        (("--steps", "-3"), "--steps must be at least 1"),
+        (("--lr", "-1"), "--lr must be a positive number"),
+        (("--resume",), "nothing to resume"),
+        (("--track-inputs", "fc1"), "no nonlinearity module 'fc1'"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, mnist_dir, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    base = ["train", "zoo:mnist-mlp", "--data", mnist_dir, "--steps", 5, "--quiet", "-o", tmp_path / "o"]
+    code, _, err = _cli(capsys, *base, *argv)
+    assert code == 2 and message in err
+    assert err.count("\n") == 1 and err.startswith("bngraph: error:")
+
+
+def test_cli_a_model_that_cannot_take_the_images_is_the_users_error(tmp_path, capsys, mnist_dir):
+    code, _, err = _cli(capsys, "train", "zoo:inception", "--data", mnist_dir, "--steps", 2, "-o", tmp_path / "o")
+    assert code == 2 and "cannot take mnist images (1x28x28)" in err
+
+
+def test_cli_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, capsys, mnist_dir):
+    """A real kill -9 of `bngraph train`: the last atomic checkpoint is all that survives."""
+    import subprocess
+    import sys
+    import time
+
+    common = ["train", "zoo:mnist-mlp", "--data", str(mnist_dir), "--eval-every", "50", "--decay-every", "100",
+              "--quiet"]  # fmt: skip
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "bngraph", *common, "--steps", "1000000", "-o", str(killed)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (killed / "metrics.jsonl").exists() or len(read_metrics(killed / "metrics.jsonl")) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    code, out, _ = _cli(capsys, *common, "--steps", 600, "-o", killed, "--resume", "--json")
+    assert code == 0 and json.loads(out)["resumed_from"] >= 50  # the checkpoint at 100 may not be written
+    assert _cli(capsys, *common, "--steps", 600, "-o", tmp_path / "whole")[0] == 0
+    assert_bit_identical(bngraph.load(killed / "model"), bngraph.load(tmp_path / "whole" / "model"))
+
+
+def test_cli_resume_from_a_damaged_checkpoint_is_the_users_error(tmp_path, capsys, mnist_dir):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    code, _, err = _cli(capsys, "train", "zoo:mnist-mlp", "--data", mnist_dir, "--steps", 5, "-o", tmp_path / "o",
+                        "--resume")  # fmt: skip
+    assert code == 2 and "cannot read" in err and err.count("\n") == 1
