@@ -4,7 +4,8 @@ Model specs, accepted by every command:
   zoo:NAME                 a model from `bngraph zoo`
   path/to/file.py:Symbol   a class with a no-argument constructor, or a function returning a module
   path/to/file.py          when the file defines exactly one nn.Module class
-  path/to/artifact/        a folder written by `bngraph.save` (any `-o` of insert, fold, train)
+  path/to/artifact/        a folder written by `bngraph.save` (any `-o` of insert, fold), or a
+                           `bngraph train` run folder (its artifact is run/model/)
   path/to/model.onnx       an ONNX file (fold, verify)
 """
 
@@ -45,6 +46,8 @@ def parse_model_spec(text: str) -> ModelSpec:
             raise UserError(f"ONNX file {path} does not exist")
         return ModelSpec("onnx", text, path=path)
     if path.is_dir():
+        if not (path / ARTIFACT_META).is_file() and (path / "model" / ARTIFACT_META).is_file():
+            path = path / "model"  # a `bngraph train` run folder: its artifact is model/
         if not (path / ARTIFACT_META).is_file():
             raise UserError(f"{path} is a folder but not a bngraph artifact (no {ARTIFACT_META})")
         return ModelSpec("artifact", text, path=path)
