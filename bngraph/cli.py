@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)  # argparse already exits 2 on a bad flag
+    args.argv = argv  # for a command that starts others with the same arguments (train --nproc)
     try:
         return args.run(args)
     except UserError as err:

@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bngraph.atomic import check_writable, write_atomically
+from bngraph.distributed import SINGLE, Distributed, broadcast_buffers, from_main, gather_to_main, sum_over_ranks, wrap
 from bngraph.errors import UserError
+from bngraph.sync_bn import has_sync_bn
 from bngraph.trace import one_line
 from bngraph.track import InputTracker, nonlinearity_names  # noqa: F401 (part of this API)
 
@@ -98,13 +100,20 @@ class TrainConfig:
 class EpochSampler:
     """Batch `step` of a run that reshuffles the training set every epoch (Sec. 4.2.1: "shuffle
     training examples more thoroughly"). A pure function of (seed, step): resuming needs no
-    sampler state, and two nets given the same seed see the same batches."""
+    sampler state, and two nets given the same seed see the same batches.
 
-    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu"):
-        if batch_size > n:
-            raise UserError(f"--batch-size {batch_size} is larger than the {n} training examples")
+    With `world_size` processes, step s is the global batch of `batch_size * world_size` that
+    one process would take, and `rank` gets its rank-th slice: the ranks' batches are disjoint,
+    each example comes once per epoch, and their union is the one-process batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu",
+                 rank: int = 0, world_size: int = 1):  # fmt: skip
+        if batch_size * world_size > n:
+            times = f" x {world_size} processes" if world_size > 1 else ""
+            raise UserError(f"--batch-size {batch_size}{times} is larger than the {n} training examples")
         self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
-        self.steps_per_epoch = n // batch_size  # the last partial batch is dropped
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = n // (batch_size * world_size)  # the last partial batch is dropped
         self._epoch, self._order = -1, None
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -116,7 +125,8 @@ class EpochSampler:
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._epoch, self._order = epoch, self.order(epoch)
-        return self._order[i * self.batch_size : (i + 1) * self.batch_size]
+        lo = (i * self.world_size + self.rank) * self.batch_size
+        return self._order[lo : lo + self.batch_size]
 
 
 @dataclass
@@ -194,11 +204,13 @@ def evaluate(
 
 
 @contextlib.contextmanager
-def _stop_requests() -> Iterator[Callable[[], bool]]:
+def _stop_requests(enabled: bool = True) -> Iterator[Callable[[], bool]]:
     """SIGINT/SIGTERM ask the loop to stop after the current step, so that the checkpoint it
-    writes then is of a whole step (an exception in the middle of `optimizer.step` is not)."""
+    writes then is of a whole step (an exception in the middle of `optimizer.step` is not).
+    Not under torchrun: a signal reaches the ranks at different steps, and a checkpoint needs
+    them all; a stopped job resumes from its last scheduled checkpoint."""
     requested = []
-    if threading.current_thread() is not threading.main_thread():
+    if not enabled or threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -232,10 +244,22 @@ def _new_interval(dev: torch.device) -> dict:
             "correct": torch.zeros((), device=dev, dtype=torch.int64), "steps": 0}  # fmt: skip
 
 
-def _interval_means(interval: dict, batch_size: int) -> tuple[float, float]:
-    """(mean loss, accuracy) of the training batches since the last evaluation."""
-    steps = max(interval["steps"], 1)
+def _interval_means(interval: dict, batch_size: int, world_size: int = 1) -> tuple[float, float]:
+    """(mean loss, accuracy) of the training batches since the last evaluation; with
+    `world_size`, of sums over that many ranks."""
+    steps = max(interval["steps"], 1) * world_size
     return interval["loss"].item() / steps, interval["correct"].item() / (steps * batch_size)
+
+
+def _evaluate_shared(model: nn.Module, data: TensorData, ctx: Distributed, amp) -> tuple[float, float]:
+    """`evaluate` on the test set, each rank taking every world_size-th example; sums combined."""
+    x, y = data.x_test[ctx.rank :: ctx.world_size], data.y_test[ctx.rank :: ctx.world_size]
+    loss, accuracy = evaluate(model, x, y, amp=amp)
+    if not ctx.is_distributed:
+        return loss, accuracy
+    sums = torch.tensor([loss * len(x), accuracy * len(x)], dtype=torch.float64, device=x.device)
+    loss_sum, correct = sum_over_ranks([sums], ctx)[0].tolist()
+    return loss_sum / len(data.x_test), round(correct) / len(data.x_test)
 
 
 def write_metrics(path: Path, rows: Sequence[dict]) -> None:
@@ -275,26 +299,33 @@ def train(
     progress: bool = True,
     label: str = "train",
     on_eval: Callable[[dict], None] | None = None,
+    distributed: Distributed = SINGLE,
 ) -> TrainRun:
     """Train `model` in place on `data` (on its device) and return it on the CPU, in eval mode.
 
     With `out_dir`, checkpoints and metrics go there, and `resume=True` continues from its
     checkpoint. `on_eval(row)` sees each metrics row as it is written (and may raise to stop).
+    Under torchrun (`distributed` from `bngraph.distributed.join`), every rank calls this with
+    the same arguments; rank 0 alone reads and writes `out_dir` (see bngraph.distributed).
     """
     dev = pick_device(device)
     on_gpu = dev.type == "cuda"
+    ctx = distributed
     checkpoint_path = None
     if out_dir is not None:
         out_dir = Path(out_dir)
-        check_writable(out_dir)
         checkpoint_path = out_dir / CHECKPOINT
-    if resume and (checkpoint_path is None or not checkpoint_path.is_file()):
-        missing = checkpoint_path or "no run folder"
-        raise UserError(f"nothing to resume: {missing} does not exist (start without --resume)")
-    if not resume and checkpoint_path is not None and checkpoint_path.exists():
-        raise UserError(f"{out_dir} holds a run already: add --resume to continue it, or choose another -o")
-    if out_dir is not None:
-        out_dir.mkdir(exist_ok=True)
+    if ctx.is_main:  # rank 0 alone reads and writes the run folder
+        if out_dir is not None:
+            check_writable(out_dir)
+        if resume and (checkpoint_path is None or not checkpoint_path.is_file()):
+            missing = checkpoint_path or "no run folder"
+            raise UserError(f"nothing to resume: {missing} does not exist (start without --resume)")
+        if not resume and checkpoint_path is not None and checkpoint_path.exists():
+            raise UserError(f"{out_dir} holds a run already: add --resume to continue it, or choose another -o")
+        if out_dir is not None:
+            out_dir.mkdir(exist_ok=True)
+    writes = out_dir is not None and ctx.is_main
 
     channels_last = on_gpu and data.x_train.dim() == 4
     model.to(dev, memory_format=torch.channels_last) if channels_last else model.to(dev)
@@ -304,19 +335,31 @@ def train(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    sampler = EpochSampler(len(data.x_train), config.batch_size, config.seed, dev)
+    sampler = EpochSampler(len(data.x_train), config.batch_size, config.seed, dev, ctx.rank, ctx.world_size)
     tracker = InputTracker(model, config.track_inputs, config.track_unit) if config.track_inputs is not None else None
     checkpoint_every = config.checkpoint_every or config.eval_every
 
     start, metrics, resumed_from, elapsed_before = 0, [], None, 0.0
     interval = _new_interval(dev)  # sums since the last evaluation, kept on the device
     if resume:
-        try:
-            state = torch.load(checkpoint_path, map_location=dev, weights_only=True)
-        except Exception as err:
-            raise UserError(f"cannot read {checkpoint_path}: {one_line(err)}") from None
+
+        def load() -> dict:
+            # Under torchrun rank 0 reads the file and sends it: other hosts need no copy of it.
+            try:
+                return torch.load(checkpoint_path, map_location="cpu" if ctx.is_distributed else dev, weights_only=True)
+            except Exception as err:
+                raise UserError(f"cannot read {checkpoint_path}: {one_line(err)}") from None
+
+        state = from_main(load, ctx)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"{checkpoint_path} is not a bngraph training checkpoint")
+        ran_as = state.get("world_size", 1)
+        if ran_as != ctx.world_size:
+            raise UserError(f"the run in {out_dir} ran as {ran_as} process(es), not {ctx.world_size}: "
+                            "resume it with as many (they decide the batches)")  # fmt: skip
+        if state.get("sync_bn", False) != has_sync_bn(model):
+            was = "was" if state.get("sync_bn") else "was not"
+            raise UserError(f"the run in {out_dir} {was} trained with --sync-bn; resume it the same way")
         changes = _config_changes(state["config"], config)
         if changes:
             raise UserError(f"--resume with other settings than the run in {out_dir}: {'; '.join(changes)}")
@@ -325,34 +368,46 @@ def train(
         except RuntimeError as err:
             raise UserError(f"--resume: the checkpoint in {out_dir} is of another model: {one_line(err)}") from None
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["cpu"].cpu())
-        if on_gpu and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
+        own = state["ranks"][ctx.rank] if ctx.is_distributed else state  # this rank's RNG and sums
+        torch.set_rng_state(own["rng"]["cpu"].cpu())
+        if on_gpu and "cuda" in own["rng"]:
+            torch.cuda.set_rng_state(own["rng"]["cuda"].cpu())
         start = resumed_from = int(state["step"])
         metrics, elapsed_before = list(state["metrics"]), float(state["elapsed_s"])
-        interval = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in state["interval"].items()}
+        interval = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in own["interval"].items()}
         if start >= config.steps:
             raise UserError(f"the run in {out_dir} has done {start} steps already; ask for more with --steps")
     else:
-        torch.manual_seed(config.seed)  # dropout draws from the global generator
+        # Dropout draws from the global generator; other ranks' masks must differ from rank 0's.
+        torch.manual_seed(config.seed if ctx.is_main else zlib.crc32(f"{config.seed}:rank{ctx.rank}".encode()))
 
     def checkpoint(step: int, elapsed: float) -> None:
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if on_gpu else {})}
+        # What differs between ranks goes in too (a collective: every rank gets here together).
+        ranks = gather_to_main({"rng": rng, "interval": {k: (v.cpu() if isinstance(v, torch.Tensor) else v)
+                                                         for k, v in interval.items()}}, ctx)  # fmt: skip
+        if not ctx.is_main:
+            return
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": step,
             "config": asdict(config),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "rng": {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if on_gpu else {})},
+            "rng": rng,
             "interval": interval,
             "metrics": metrics,
             "elapsed_s": elapsed,
+            "world_size": ctx.world_size,
+            "sync_bn": has_sync_bn(model),
+            **({"ranks": ranks} if ctx.is_distributed else {}),
         }
         write_atomically(checkpoint_path, lambda tmp: torch.save(state, tmp))
 
     started = time.perf_counter()
     window_start, window_steps = started, 0
-    with _stop_requests() as stop_requested, _progress(progress, label) as bar:
+    net = wrap(model, ctx, dev)  # DDP under torchrun: a step's gradients are the global batch's
+    with _stop_requests(not ctx.is_distributed) as stop_requested, _progress(progress and ctx.is_main, label) as bar:
         task = bar.add_task("train", total=config.steps, completed=start, loss="-", acc="-", test="-", rate="-")
         for step in range(start, config.steps):
             lr = config.lr_at(step)
@@ -363,7 +418,7 @@ def train(
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with amp():
-                logits = model(x)
+                logits = net(x)
             loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -381,9 +436,13 @@ def train(
                 bar.update(task, completed=done, loss=f"{train_loss:.3f}", acc=f"{train_accuracy:.3f}",
                            rate=f"{rate:.0f}")  # fmt: skip
             if is_eval:
+                broadcast_buffers(model, ctx)  # the running statistics rank 0 saves are the ones tested
+                # Under torchrun each rank tests (and tracks) its share; rank 0's quantiles are written.
                 with tracker.recording() if tracker else contextlib.nullcontext():
-                    test_loss, test_accuracy = evaluate(model, data.x_test, data.y_test, amp=amp)
-                train_loss, train_accuracy = _interval_means(interval, config.batch_size)
+                    test_loss, test_accuracy = _evaluate_shared(model, data, ctx, amp)
+                loss_sum, correct = sum_over_ranks([interval["loss"], interval["correct"]], ctx)
+                totals = {**interval, "loss": loss_sum, "correct": correct}
+                train_loss, train_accuracy = _interval_means(totals, config.batch_size, ctx.world_size)
                 row = {
                     "step": done,
                     "epoch": round(done / sampler.steps_per_epoch, 4),
@@ -401,7 +460,7 @@ def train(
                 interval = _new_interval(dev)
                 bar.update(task, test=f"{test_accuracy:.4f}")
                 window_start, window_steps = time.perf_counter(), 0
-                if out_dir is not None:
+                if writes:
                     write_metrics(out_dir / METRICS, metrics)
                 if on_eval is not None:
                     on_eval(row)

@@ -16,15 +16,30 @@ bit-identical weights. --steps may grow on resume.
 --device auto uses CUDA when present (bf16 autocast, channels_last), else the CPU; the data stays
 on the device as tensors.
 
+Several processes: launched by torchrun (`--nproc N` execs `torchrun --standalone` on this host),
+trained with DistributedDataParallel, nccl on CUDA (one GPU per process), gloo on the CPU. Each
+process takes --batch-size examples per step from its own disjoint share of one shuffle, so a step
+is one SGD step on a global batch of --batch-size x N (gradients are averaged over it) and an epoch
+sees every example once. --lr is the rate for that global batch: N processes at --batch-size B
+train like one at --batch-size N*B with the same --lr. To grow the global batch k-fold, multiply
+--lr by k (the linear scaling rule, Goyal et al. 2017); bngraph does not rescale it for you.
+Rank 0 alone writes OUT; --resume needs as many processes as the run had. Several hosts join by
+torchrun's rendezvous: run on each host
+  torchrun --nnodes=2 --nproc-per-node=G --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT --rdzv-id=ID \\
+      -m bngraph train ...
+
 Examples:
   bngraph train zoo:mnist-mlp --data ~/mnist --steps 5000 --lr 0.1 -o runs/mlp
   bngraph train zoo:inception-small --recipe bn-x5 --data ~/mnist --epochs 2 -o runs/x5
   bngraph train zoo:inception-small --recipe bn-x5 --data ~/mnist --epochs 4 -o runs/x5 --resume
+  bngraph train zoo:inception-small --recipe bn-x5 --data ~/mnist --nproc 4 --sync-bn -o runs/x5-4
+  torchrun --nproc-per-node=4 -m bngraph train zoo:inception-small --recipe bn-x5 -o runs/x5-4
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 from dataclasses import asdict
 from pathlib import Path
 
@@ -59,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="training steps (default: 2 epochs)")
     length.add_argument("--epochs", type=float, help="passes over the training set")
-    parser.add_argument("--batch-size", type=int, default=32, help="examples per step (default: 32)")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per step and process (default: 32)")
     parser.add_argument("--lr", type=float, default=0.01, help="before a recipe scales it (default: 0.01)")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default: 0)")
@@ -79,6 +94,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--track-unit", type=int, default=0, help="which feature or channel to track (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--nproc", type=int, metavar="N",
+        help="train with N processes on this host: execs `torchrun --standalone --nproc-per-node=N -m bngraph "
+        "train ...` (one GPU each on CUDA). Under torchrun, leave it out",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sync-bn", action="store_true",
+        help="with several processes, make every BatchNorm a SyncBatchNorm: mean and variance over the global "
+        "batch (all processes). Without it each process normalizes over its own --batch-size examples, the "
+        "paper's setting (BN sees the batch of one device). The saved model has plain BatchNorms either way",
+    )  # fmt: skip
     add_report_arguments(parser)
 
 
@@ -95,47 +121,96 @@ def _decay_every(args, out: Path, steps: int) -> float | None:
     return steps / 8
 
 
+def _launch(args: argparse.Namespace, device: torch.device) -> None:
+    """--nproc N > 1: become torchrun (this does not return); N = 1: go on in this process."""
+    from bngraph.distributed import exec_torchrun, under_torchrun, without_option
+
+    if under_torchrun():
+        raise UserError("--nproc launches torchrun; under torchrun leave it out (its --nproc-per-node says how many)")
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be at least 1, not {args.nproc}")
+    if device.type == "cuda" and args.nproc > torch.cuda.device_count():
+        raise UserError(f"--nproc {args.nproc}: this host has {torch.cuda.device_count()} GPU(s), one per process")
+    if args.nproc > 1:
+        exec_torchrun(args.nproc, without_option(args.argv, "--nproc"))
+
+
 def run(args: argparse.Namespace) -> int:
-    from bngraph.artifacts import save
-    from bngraph.atomic import check_writable
-    from bngraph.plots import plot_tracked_inputs
-    from bngraph.recipes import apply_recipe, get_recipe
-    from bngraph.train import TrainConfig, check_model_fits, epochs_to_steps, pick_device, train
+    from bngraph.distributed import join
+    from bngraph.recipes import get_recipe
+    from bngraph.train import pick_device
 
     recipe = get_recipe(args.recipe) if args.recipe else None
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, not {args.steps}")
-    out = Path(args.output)
-    check_writable(out)
     device = pick_device(args.device)
-    data = data_from_args(args, device)
-    steps = args.steps or epochs_to_steps(args.epochs or 2, len(data.x_train), args.batch_size)
+    if args.nproc is not None:
+        _launch(args, device)
+    with join(device) as (ctx, device):
+        return _run(args, recipe, ctx, device)
+
+
+def _run(args: argparse.Namespace, recipe, ctx, device: torch.device) -> int:
+    from bngraph.artifacts import save
+    from bngraph.atomic import check_writable
+    from bngraph.distributed import from_main, local_main_first
+    from bngraph.passes.convert_bn_to_sync_bn import convert_bn_to_sync_bn
+    from bngraph.plots import plot_tracked_inputs
+    from bngraph.recipes import apply_recipe
+    from bngraph.sync_bn import use_cpu_sync_bn
+    from bngraph.train import TrainConfig, check_model_fits, epochs_to_steps, train
+
+    out = Path(args.output)
+    if ctx.is_main:  # rank 0 alone writes OUT; other hosts need not have its folder
+        check_writable(out)
+    with local_main_first(ctx):  # one download per host, not one per process
+        data = data_from_args(args, device)
+    global_batch = args.batch_size * ctx.world_size
+    steps = args.steps or epochs_to_steps(args.epochs or 2, len(data.x_train), global_batch)
 
     torch.manual_seed(args.seed)  # the initial weights of a zoo or file model
     loaded = load_from_args(args)
     model, history = loaded.module, list(loaded.history)
     example = [data.x_test[:2].cpu()]
-    hyper = {"lr": args.lr, "weight_decay": args.weight_decay, "decay_every": _decay_every(args, out, steps)}
+    decay_every = from_main(lambda: _decay_every(args, out, steps), ctx)  # rank 0 has the checkpoint
+    hyper = {"lr": args.lr, "weight_decay": args.weight_decay, "decay_every": decay_every}
     if recipe is not None:
         model, entry = apply_recipe(model, recipe, example)
         history.append(entry)
         hyper = recipe.scale(**hyper)
     check_model_fits(model, data)
+    plain, sync_bn = model, None
+    if args.sync_bn:
+        plain = copy.deepcopy(model)  # what OUT/model holds: the model with plain BatchNorms
+        sync_bn = convert_bn_to_sync_bn(model)
+        # torch's SyncBatchNorm runs on GPUs only; on the CPU, the same statistics by all-reduce.
+        model = sync_bn.graph if device.type == "cuda" else use_cpu_sync_bn(sync_bn.graph)
+        history.append({"command": "sync-bn", "passes": {"convert_bn_to_sync_bn": sync_bn.summary()}})
     config = TrainConfig(
         steps=steps, batch_size=args.batch_size, momentum=args.momentum, lr_decay=args.lr_decay,
         seed=args.seed, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         track_inputs=tuple(args.track_inputs) if args.track_inputs is not None else None,
         track_unit=args.track_unit, **hyper,
     )  # fmt: skip
-    result = train(model, data, config, out_dir=out, resume=args.resume, device=args.device, progress=not args.quiet)
+    result = train(model, data, config, out_dir=out, resume=args.resume, device=str(device),
+                   progress=not args.quiet, distributed=ctx)  # fmt: skip
+    if not ctx.is_main:
+        return 0
+    if sync_bn is not None:  # same state-dict keys: the trained state, in BatchNorms again
+        plain.load_state_dict(result.model.state_dict())
+    trained = plain.eval()
 
-    history.append({"command": "train", "data": f"{data.name} ({data.source})", "config": asdict(config)})
-    save(result.model, out / MODEL_DIR, example_inputs=example, history=history, source=args.model)
+    history.append({"command": "train", "data": f"{data.name} ({data.source})", "config": asdict(config),
+                    "processes": ctx.world_size})  # fmt: skip
+    save(trained, out / MODEL_DIR, example_inputs=example, history=history, source=args.model)
     facts = {
         "model": args.model,
         "recipe": recipe.name if recipe else None,
         "data": f"{data.name} ({data.source})",
         "device": result.device,
+        "processes": ctx.world_size,
+        "global_batch_size": global_batch,
+        "sync_bn": len(sync_bn.changed) if sync_bn is not None else "off",
         "steps": config.steps,
         "resumed_from": result.resumed_from,
         "lr": config.lr,
@@ -151,9 +226,15 @@ def run(args: argparse.Namespace) -> int:
         facts["inputs_plot"] = str(plot)
     shown = result.metrics[-1 :: -max(1, len(result.metrics) // 10)][::-1]  # ~10 rows, the last included
     keys = ("step", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "steps_per_s")
+    sections = {"evaluations": [{k: row[k] for k in keys} for row in shown]}
+    if sync_bn is not None:
+        counts = {"changed": len(sync_bn.changed), "skipped": len(sync_bn.skipped)}
+        sections["passes"] = [{"pass": "convert_bn_to_sync_bn", **counts}]
+        if sync_bn.skipped:
+            sections["skipped"] = [{"site": s.site, "reason": s.reason} for s in sync_bn.skipped]
     report = Report(
         f"bngraph train {args.model}",
-        sections={"evaluations": [{k: row[k] for k in keys} for row in shown]},
+        sections=sections,
         facts=facts,
         notes=[f"every evaluation is in {out / 'metrics.jsonl'}"],
     )

@@ -1,0 +1,194 @@
+"""bngraph under torchrun: two CPU processes with gloo on loopback, launched the way users do.
+
+Each launch is a real `torchrun` (or `bngraph train --nproc 2`, which execs it) in a subprocess
+with a timeout, so a hang fails its test instead of stalling the suite. Runs that several tests
+read are module fixtures; five launches in all.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bngraph
+from bngraph.cli import main
+from bngraph.data import resolve_dataset
+from bngraph.distributed import PROCESS_GROUP_TIMEOUT_S, without_option
+from bngraph.load import load_model
+from bngraph.train import EpochSampler, TensorData, read_metrics
+from tests.conftest import REPO
+from tests.mnist_like import write_learnable
+
+MODELS = REPO / "tests" / "ranked_models.py"
+BATCH = 8  # per process
+# Well below the process group's timeout: a failed job that ends within it was ended by
+# torchrun and gloo noticing the dead peer, not by a collective timing out.
+LAUNCH_TIMEOUT_S = 120
+assert LAUNCH_TIMEOUT_S < PROCESS_GROUP_TIMEOUT_S
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train_args(data, out, *extra, model="SmallConvNet") -> list[str]:
+    return ["train", f"{MODELS}:{model}", "--data", str(data), "--batch-size", str(BATCH), "--lr", "0.1",
+            "--decay-every", "4", "--eval-every", "1", "--quiet", "-o", str(out), *extra]  # fmt: skip
+
+
+def bngraph_cli(*args) -> list[str]:
+    return [sys.executable, "-m", "bngraph", *args]
+
+
+def torchrun(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def launch(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Run the commands side by side (the hosts of one job); all are killed at the timeout."""
+    procs = [subprocess.Popen(c, cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for c in commands]  # fmt: skip
+    try:
+        outputs = [p.communicate(timeout=LAUNCH_TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # no-op for those that ended; torchrun's workers die with their agent's pipe
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def succeeded(*commands: list[str]) -> None:
+    for done in launch(*commands):
+        assert done.returncode == 0, done.stderr[-4000:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_learnable(tmp_path_factory.mktemp("mnist"), n_train=64, n_test=32)
+
+
+@pytest.fixture(scope="module")
+def one_step(data, tmp_path_factory):
+    """One step of two processes, with --sync-bn (through --nproc) and without (plain torchrun)."""
+    root = tmp_path_factory.mktemp("one-step")
+    succeeded(bngraph_cli(*train_args(data, root / "sync", "--steps", "1", "--sync-bn", "--nproc", "2")))
+    plain = train_args(data, root / "local", "--steps", "1")
+    succeeded(torchrun("--standalone", "--nproc-per-node=2", "-m", "bngraph", *plain))
+    return root
+
+
+def checkpoint(run) -> dict:
+    return torch.load(run / "checkpoint.pt", weights_only=True)
+
+
+def bn_statistics(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
+
+
+def one_process_statistics(data_dir, rows: slice) -> dict:
+    """BN running statistics after one training forward of one process on `rows` of step 0's
+    global batch (the batch of 2 x BATCH that the two ranks split)."""
+    tensors = TensorData.from_dataset(resolve_dataset(str(data_dir)))
+    batch = EpochSampler(len(tensors.x_train), 2 * BATCH, seed=0)(0)[rows]
+    torch.manual_seed(0)  # as `bngraph train --seed 0` does before building the model
+    model = load_model(f"{MODELS}:SmallConvNet").module.train()
+    with torch.no_grad():
+        model(tensors.x_train[batch])
+    return bn_statistics(model.state_dict())
+
+
+def test_sync_bn_statistics_are_the_global_batchs_and_plain_bn_the_ranks_own(one_step, data):
+    synced = bn_statistics(checkpoint(one_step / "sync")["model"])
+    local = bn_statistics(checkpoint(one_step / "local")["model"])
+    global_batch = one_process_statistics(data, slice(None))
+    rank0_batch = one_process_statistics(data, slice(0, BATCH))
+    assert synced.keys() == local.keys() == global_batch.keys() and len(global_batch) == 4
+    fp32_rounding = dict(rtol=1e-5, atol=1e-6)
+    for key in global_batch:
+        torch.testing.assert_close(synced[key], global_batch[key], **fp32_rounding)
+        # Without --sync-bn, each rank's statistics are its own batch's; rank 0's are saved.
+        torch.testing.assert_close(local[key], rank0_batch[key], **fp32_rounding)
+        assert not torch.allclose(local[key], global_batch[key], **fp32_rounding), key
+
+
+def test_a_two_process_run_folds_exports_and_verifies_like_any_other(one_step, tmp_path):
+    run = one_step / "sync"
+    state = checkpoint(run)
+    assert state["world_size"] == 2 and state["sync_bn"] is True
+    assert not any(key.startswith("module.") for key in state["model"])
+    model = bngraph.load(str(run / "model"))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"BatchNorm1d", "BatchNorm2d"} <= kinds and not any("Sync" in kind for kind in kinds)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state["model"][key]), key
+    assert main(["fold", str(run / "model"), "-o", str(tmp_path / "folded"), "--strict"]) == 0
+    assert main(["export", str(run / "model"), "-o", str(tmp_path / "model.onnx")]) == 0
+    assert main(["verify", str(run / "model"), str(tmp_path / "model.onnx")]) == 0
+
+
+def test_one_rank_raising_ends_the_job_with_its_error(data, tmp_path):
+    args = train_args(data, tmp_path / "run", "--steps", "30", "--nproc", "2", model="FailsOnRank1")
+    (done,) = launch(bngraph_cli(*args))  # within LAUNCH_TIMEOUT_S, or the test fails
+    assert done.returncode != 0
+    assert "rank 1 fails in its third step" in done.stderr
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_two_torchrun_launches_form_one_job_and_a_resumed_run_matches_it(one_step, data, tmp_path):
+    port = free_port()
+    hosts = [tmp_path / "host-a", tmp_path / "host-b"]  # two -o folders, as on two machines
+    succeeded(*[
+        torchrun("--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                 "--rdzv-id=bngraph-test", "--local-addr=127.0.0.1", "-m", "bngraph",
+                 *train_args(data, host, "--steps", "4", "--sync-bn"))
+        for host in hosts
+    ])  # fmt: skip
+    (whole,) = [host for host in hosts if host.exists()]  # rank 0 alone wrote, on its host
+    assert checkpoint(whole)["world_size"] == 2
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(one_step / "sync", resumed)  # stopped after step 1 of 4
+    succeeded(bngraph_cli(*train_args(data, resumed, "--steps", "4", "--sync-bn", "--resume", "--nproc", "2")))
+    a, b = checkpoint(whole), checkpoint(resumed)
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    untimed = lambda run: [{k: v for k, v in row.items() if k not in ("steps_per_s", "elapsed_s")}  # noqa: E731
+                           for row in read_metrics(run / "metrics.jsonl")]  # fmt: skip
+    assert untimed(resumed) == untimed(whole)
+
+
+def test_resume_needs_as_many_processes_as_the_run_had(one_step, data, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(one_step / "sync", run)
+    assert main(train_args(data, run, "--steps", "2", "--sync-bn", "--resume")) == 2
+    assert "ran as 2 process(es), not 1" in capsys.readouterr().err
+
+
+def test_ranks_take_disjoint_slices_of_the_one_process_batch():
+    one = EpochSampler(50, 6, seed=3)
+    ranks = [EpochSampler(50, 3, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].steps_per_epoch == one.steps_per_epoch == 8
+    for step in range(3 * 8):  # three epochs, each reshuffled
+        assert torch.equal(torch.cat([rank(step) for rank in ranks]), one(step))
+    epoch = [i for rank in ranks for step in range(8) for i in rank(step).tolist()]
+    assert len(epoch) == len(set(epoch)) == 48  # once each; the last 2 of 50 make no whole batch
+
+
+@pytest.mark.parametrize("given", [["--nproc", "2"], ["--nproc=2"], ["--npr", "2"]], ids=" ".join)
+def test_nproc_is_left_out_of_what_torchrun_runs(given):
+    argv = ["train", "zoo:mnist-mlp", *given, "-o", "run"]
+    assert without_option(argv, "--nproc") == ["train", "zoo:mnist-mlp", "-o", "run"]
+
+
+def test_nproc_under_torchrun_is_refused(monkeypatch, tmp_path, capsys):
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["train", "zoo:mnist-mlp", "--nproc", "2", "-o", str(tmp_path / "run")]) == 2
+    assert "under torchrun leave it out" in capsys.readouterr().err
