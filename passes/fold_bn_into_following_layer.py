@@ -23,7 +23,7 @@ from torch import fx
 
 from bngraph.passes.base import PassResult, Skip
 from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, fold_into_consumer, rounding_gain
-from bngraph.passes.fx_batchnorm import axis_at_user, describe, read_batch_norm
+from bngraph.passes.fx_batchnorm import axis_at_user, describe, fixed_batch_norms
 from bngraph.passes.fx_layers import TensorUses, as_layer, write_weights
 from bngraph.trace import tensor_shape
 
@@ -33,14 +33,8 @@ def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:
     result = PassResult(gm)
     modules = dict(gm.named_modules())
     uses = TensorUses(gm, modules)
-    for node in reversed(list(gm.graph.nodes)):
-        site = read_batch_norm(node, gm, modules)
-        if site is None:
-            continue
-        # 1.
-        if site.refusal:
-            result.skipped.append(Skip(node.name, site.refusal))
-            continue
+    for site in fixed_batch_norms(gm, result, backwards=True):  # 1.
+        node = site.node
         # 2.
         last, axis, _ = axis_at_user(node, 1)
         users = list(last.users)

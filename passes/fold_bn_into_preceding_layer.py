@@ -21,7 +21,7 @@ from torch import fx
 
 from bngraph.passes.base import PassResult, Skip
 from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, fold_into_producer, rounding_gain
-from bngraph.passes.fx_batchnorm import axis_at_source, describe, read_batch_norm
+from bngraph.passes.fx_batchnorm import axis_at_source, describe, fixed_batch_norms
 from bngraph.passes.fx_layers import TensorUses, as_layer, write_weights
 from bngraph.trace import tensor_shape
 
@@ -32,14 +32,8 @@ def fold_bn_into_preceding_layer(gm: fx.GraphModule) -> PassResult:
     modules = dict(gm.named_modules())
     uses = TensorUses(gm, modules)
     flagged_at: dict[fx.Node, dict] = {}  # node -> the flagged row whose error is measured at its output
-    for node in list(gm.graph.nodes):
-        site = read_batch_norm(node, gm, modules)
-        if site is None:
-            continue
-        # 1.
-        if site.refusal:
-            result.skipped.append(Skip(node.name, site.refusal))
-            continue
+    for site in fixed_batch_norms(gm, result):  # 1.
+        node = site.node
         # 2.
         source, axis, moves = axis_at_source(site.input, 1)
         layer = as_layer(source, gm, modules)

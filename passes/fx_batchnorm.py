@@ -8,6 +8,7 @@ infinite are the user's to fix, so they raise a `UserError` naming the layer. Re
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bngraph.errors import UserError
+from bngraph.passes.base import PassResult, Skip
 from bngraph.passes.bn_affine import BatchNormStats
 from bngraph.passes.op_kinds import op_label
 from bngraph.trace import tensor_dtype, tensor_shape
@@ -85,6 +87,21 @@ def read_batch_norm(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Mod
     if site.refusal is not None:
         site.stats = None
     return site
+
+
+def fixed_batch_norms(gm: fx.GraphModule, result: PassResult, *, backwards: bool = False) -> Iterator[BatchNormSite]:
+    """Each BatchNorm of `gm` that is a fixed affine map, in graph order (or from the output
+    backwards); every other BatchNorm goes into `result.skipped` with the reason."""
+    modules = dict(gm.named_modules())
+    nodes = list(gm.graph.nodes)
+    for node in reversed(nodes) if backwards else nodes:
+        site = read_batch_norm(node, gm, modules)
+        if site is None:
+            continue
+        if site.refusal:
+            result.skipped.append(Skip(node.name, site.refusal))
+            continue
+        yield site
 
 
 def _read_functional(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, BatchNormStats | None]:

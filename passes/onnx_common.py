@@ -13,6 +13,8 @@ import onnx_ir as ir
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from bngraph.passes.base import PassResult
+
 BATCHNORM = "BatchNormalization"
 DEFAULT_EPSILON = 1e-5  # BatchNormalization's default in every opset
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -109,3 +111,16 @@ def new_initializer(op, graph: ir.Graph, tensor: torch.Tensor, base: str, dtype:
 
 def rank(value: ir.Value) -> int | None:
     return len(value.shape) if value.shape is not None else None
+
+
+def report_removed_nodes(model: ir.Model, transform) -> PassResult:
+    """Run `transform(model)` in place; the result lists each node it removed (for cleanup passes)."""
+    before = {id(n): n for n in model.graph}
+    transform(model)
+    after = {id(n) for n in model.graph}
+    result = PassResult(model)
+    for key, node in before.items():
+        if key not in after:
+            result.changed.append(site(node))
+            result.details.append({"node": site(node), "op": node.op_type})
+    return result

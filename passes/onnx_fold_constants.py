@@ -16,20 +16,16 @@ import onnx_ir.passes.common as ir_passes
 from onnxscript.optimizer import fold_constants_ir
 
 from bngraph.passes.base import PassResult
-from bngraph.passes.onnx_common import site
+from bngraph.passes.onnx_common import report_removed_nodes
 
 
 def onnx_fold_constants(model: ir.Model) -> PassResult:
     """Fold constant subgraphs into initializers; `changed` lists the nodes that disappeared."""
-    before = {id(n): n for n in model.graph}
-    # Shape inference on: later passes need the rank of a BN's input for its Mul+Add form.
-    fold_constants_ir(model, onnx_shape_inference=True)
-    ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    ir_passes.RemoveUnusedNodesPass()(model)
-    after = {id(n) for n in model.graph}
-    result = PassResult(model)
-    for key, node in before.items():
-        if key not in after:
-            result.changed.append(site(node))
-            result.details.append({"node": site(node), "op": node.op_type})
-    return result
+
+    def fold(model: ir.Model) -> None:
+        # Shape inference on: later passes need the rank of a BN's input for its Mul+Add form.
+        fold_constants_ir(model, onnx_shape_inference=True)
+        ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        ir_passes.RemoveUnusedNodesPass()(model)
+
+    return report_removed_nodes(model, fold)

@@ -15,7 +15,7 @@ import onnxscript.rewriter
 from onnxscript.optimizer import fold_constants_ir
 
 from bngraph.passes.base import PassResult
-from bngraph.passes.onnx_common import site
+from bngraph.passes.onnx_common import report_removed_nodes
 
 TIDY_RULES = onnxscript.rewriter.RewriteRuleSet(
     [rule for rule in onnxscript.rewriter._DEFAULT_REWRITE_RULES if "BatchNorm" not in (rule.name or "")]
@@ -24,17 +24,13 @@ TIDY_RULES = onnxscript.rewriter.RewriteRuleSet(
 
 def onnx_simplify(model: ir.Model, rounds: int = 2) -> PassResult:
     """Fold constants and apply the tidy rules; `changed` lists the nodes that disappeared."""
-    before = {id(n): n for n in model.graph}
-    for _ in range(rounds):  # a rewrite can expose a constant, and the other way round
-        fold_constants_ir(model, onnx_shape_inference=True)
-        onnxscript.rewriter.rewrite(model, pattern_rewrite_rules=TIDY_RULES)
-        ir_passes.RemoveUnusedNodesPass()(model)
-    ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    ir_passes.CommonSubexpressionEliminationPass()(model)
-    after = {id(n) for n in model.graph}
-    result = PassResult(model)
-    for key, node in before.items():
-        if key not in after:
-            result.changed.append(site(node))
-            result.details.append({"node": site(node), "op": node.op_type})
-    return result
+
+    def simplify(model: ir.Model) -> None:
+        for _ in range(rounds):  # a rewrite can expose a constant, and the other way round
+            fold_constants_ir(model, onnx_shape_inference=True)
+            onnxscript.rewriter.rewrite(model, pattern_rewrite_rules=TIDY_RULES)
+            ir_passes.RemoveUnusedNodesPass()(model)
+        ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        ir_passes.CommonSubexpressionEliminationPass()(model)
+
+    return report_removed_nodes(model, simplify)

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bngraph.passes.base import PassResult, Skip
+from bngraph.passes.base import PassResult
 from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, rounding_gain, scale_shift
-from bngraph.passes.fx_batchnorm import read_batch_norm
+from bngraph.passes.fx_batchnorm import fixed_batch_norms
 from bngraph.passes.fx_layers import free_name
 from bngraph.trace import tensor_dtype, tensor_shape
 
@@ -29,14 +29,8 @@ from bngraph.trace import tensor_dtype, tensor_shape
 def replace_bn_with_multiply_add(gm: fx.GraphModule) -> PassResult:
     """Turn every BatchNorm with fixed statistics into `addcmul(shift, x, scale)`."""
     result = PassResult(gm)
-    modules = dict(gm.named_modules())
-    for node in list(gm.graph.nodes):
-        site = read_batch_norm(node, gm, modules)
-        if site is None:
-            continue
-        if site.refusal:
-            result.skipped.append(Skip(node.name, site.refusal))
-            continue
+    for site in fixed_batch_norms(gm, result):
+        node = site.node
         rank, dtype = len(tensor_shape(node)), tensor_dtype(node)
         like = site.stats.running_mean
         with torch.no_grad():
