@@ -68,3 +68,25 @@ def test_random_stacks_fold_exactly(stack, seed):
     with torch.no_grad():
         want, got = model(x), gm(x)
     assert float((got - want).abs().max()) <= 1e-4 * max(float(want.abs().max()), 1.0)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stacks(), st.integers(0, 2**16))
+def test_random_stacks_export_without_batchnorm_and_exactly(tmp_path_factory, stack, seed):
+    import onnx
+    import onnxruntime as ort
+
+    from bngraph.export import export
+
+    model, shape, _ = stack
+    model = randomize_bn(model, seed)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    path = tmp_path_factory.mktemp("export") / "m.onnx"
+    assert export(model, [x], path)
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(path).graph.node}
+    probe = torch.randn((5, *shape[1:]), generator=torch.Generator().manual_seed(seed + 1))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: probe.numpy()})
+    with torch.no_grad():
+        want = model(probe).numpy()
+    assert abs(got - want).max() <= 1e-4 * max(abs(want).max(), 1.0)
