@@ -63,18 +63,8 @@ def patterns() -> list[Pattern]:
     from torch import nn
 
     from tests.passes.test_onnx_copy_shared_weights import ConvAppliedTwice
+    from tests.onnx_models import ConvOutputShared
     from tests.passes.test_onnx_fold_bn_into_layer import LinearOnSequence
-
-    class SharedConvOutput(nn.Module):
-        """The conv output feeds the BN and an Add: folding into the conv would change the Add's input."""
-
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32)
-
-        def forward(self, x):
-            y = self.conv(x)
-            return self.bn(y) + y
 
     def seq(*layers):  # built when called: export_all seeds the weights first
         return lambda: nn.Sequential(*(make() for make in layers))
@@ -99,7 +89,7 @@ def patterns() -> list[Pattern]:
         Pattern("bn_before_conv_pad1", seq(lambda: nn.BatchNorm2d(16), lambda: nn.Conv2d(16, 32, 3, padding=1)), conv_in, False),
         # max(s * x) = s * max(x) only for s > 0, and random BN scales have both signs.
         Pattern("bn_after_max_pool", seq(lambda: nn.Conv2d(16, 32, 3), lambda: nn.MaxPool2d(2), lambda: nn.BatchNorm2d(32)), conv_in, False),
-        Pattern("conv_output_shared", SharedConvOutput, conv_in, False),
+        Pattern("conv_output_shared", lambda: ConvOutputShared(16, 32), conv_in, False),
         Pattern("conv_weight_shared", ConvAppliedTwice, (2, 4, 32, 32), True),
     ]
     # fmt: on

@@ -43,6 +43,18 @@ class MlpBn(nn.Module):
         return self.fc2(torch.sigmoid(self.bn(self.fc1(x.flatten(1)))))
 
 
+class ConvOutputShared(nn.Module):
+    """A conv output that feeds the BN and an Add: folding into the conv would change the Add's input."""
+
+    def __init__(self, cin: int = 3, cout: int = 4):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(cin, cout, 3), nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
 def seeded(build, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return randomize_bn(build(), seed)

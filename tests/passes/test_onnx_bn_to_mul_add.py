@@ -9,6 +9,7 @@ from torch import nn
 from bngraph.passes.base import run_passes
 from bngraph.passes.onnx_bn_to_mul_add import onnx_bn_to_mul_add
 from bngraph.passes.onnx_fold_constants import onnx_fold_constants
+from tests.onnx_models import ConvOutputShared
 from tests.onnx_util import FOLD_ATOL, export_onnx, fold_and_check, ops
 from tests.util import randomize_bn
 
@@ -31,16 +32,7 @@ def test_bn_after_a_max_pool_becomes_mul_add():
 
 
 def test_bn_on_a_conv_output_that_also_feeds_an_add_becomes_mul_add():
-    class Shared(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            y = self.conv(x)
-            return self.bn(y) + y
-
-    original = export_onnx(built(Shared()), (2, 3, 6, 6), "dynamo")
+    original = export_onnx(built(ConvOutputShared()), (2, 3, 6, 6), "dynamo")
     folded, report, check = fold_and_check(original)
     [row] = report.sections["folded"]
     assert "BatchNormalization" not in ops(folded) and row["how"] == "multiply-add"

@@ -9,6 +9,7 @@ from torch import nn
 from bngraph.passes.base import run_passes
 from bngraph.passes.onnx_fold_bn_into_layer import onnx_fold_bn_into_layer
 from bngraph.passes.onnx_fold_constants import onnx_fold_constants
+from tests.onnx_models import ConvOutputShared
 from tests.onnx_util import FOLD_ATOL, export_onnx, fold_and_check, ops
 from tests.util import randomize_bn
 
@@ -99,16 +100,7 @@ def test_which_exporters_leave_batchnorm(mode, conv, linear, sequence):
 
 
 def test_skips_bn_whose_conv_output_also_feeds_an_add():
-    class Shared(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            y = self.conv(x)
-            return self.bn(y) + y  # the add needs the conv's output as it was
-
-    original = export_onnx(built(Shared()), (2, 3, 6, 6), "preserve")
+    original = export_onnx(built(ConvOutputShared()), (2, 3, 6, 6), "preserve")
     model, results = run_passes(_ir(original), [onnx_fold_constants, onnx_fold_bn_into_layer])
     [skip] = results["onnx_fold_bn_into_layer"].skipped
     assert "also feeds" in skip.reason and "Add" in skip.reason
