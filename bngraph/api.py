@@ -94,14 +94,13 @@ def insert_report(results: dict[str, PassResult], tracing: str) -> Report:
         notes.append("nothing changed: no nonlinearity needs a BatchNorm" + (" (already inserted?)" if first.skipped else ""))
     if tracing != "torch.fx":
         notes.append(f"used the {tracing}; biases before the new BatchNorms are kept")
-    report = Report(
+    return Report(
         "bngraph insert",
         sections={"inserted": inserted, "skipped": skipped},
         facts={"tracing": tracing.split(" (")[0], "changed": bool(inserted)},
         notes=notes,
+        passes=results,
     )
-    report.passes = results  # the per-pass results, for an artifact's history
-    return report
 
 
 __all__ = ["calibration_batches", "insert", "insert_report"]

@@ -17,6 +17,8 @@ class Report:
     sections: dict[str, list[dict]] = field(default_factory=dict)  # e.g. "inserted", "skipped"
     facts: dict[str, Any] = field(default_factory=dict)  # scalars: counts, paths, verdicts
     notes: list[str] = field(default_factory=list)  # sentences for people, also kept in JSON
+    # Each pass's PassResult by name, for an artifact's history; not rendered.
+    passes: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
         return {**self.facts, **self.sections, "notes": list(self.notes)}

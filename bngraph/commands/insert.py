@@ -21,7 +21,7 @@ import argparse
 import torch
 
 from bngraph.api import FALLBACK, insert
-from bngraph.artifacts import save, wrapped_source
+from bngraph.artifacts import history_entry, save, wrapped_source
 from bngraph.atomic import check_writable
 from bngraph.commands.common import add_model_arguments, add_report_arguments, emit, load_from_args
 from bngraph.errors import UserError
@@ -86,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
             if loaded.spec.kind != "file":
                 raise UserError("the module-level fallback can only save models loaded from a .py file")
             code = wrapped_source(loaded.spec.path, loaded.symbol, report.sections["inserted"])
-        entry = {"command": "insert", "preserve": args.preserve, "data": args.data, "report": report.to_json()}
+        entry = {
+            **history_entry("insert", report.passes),
+            "preserve": args.preserve,
+            "data": args.data,
+            "report": report.to_json(),
+        }
         save(
             model,
             args.output,
