@@ -10,7 +10,6 @@ left as it is. BatchNorms that are not fixed maps are left, each with its reason
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from collections.abc import Collection, Sequence
 
@@ -44,13 +43,10 @@ def fold(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple[fx.
 
     `report.passes` keeps each pass's `PassResult`, for an artifact's history.
     """
-    model = module
-    if any(m.training for m in module.modules()):  # eval before tracing: forwards may branch on it
-        model = copy.deepcopy(module).eval()
-    gm = trace(model, example_inputs)  # a copy: `module` is never changed
+    gm = trace(module, example_inputs, training=False)  # an eval-mode copy: `module` is never changed
     before, batch_norms = _op_counts(gm), len(_batch_norm_names(gm))
     gm, results = run_passes(gm, FOLD_PASSES)
-    errors = _measure_flagged(model, gm, results, example_inputs)
+    errors = _measure_flagged(module, gm, results, example_inputs)
     gm, tidied = run_passes(gm, TIDY_PASSES)
     results.update(tidied)
     report = fold_report(before, _op_counts(gm), batch_norms, _batch_norm_names(gm), results, errors)
@@ -87,7 +83,7 @@ def _measure_flagged(model, gm, results: dict[str, PassResult], example_inputs) 
     probes = {row["node"]: row["probe"] for r in results.values() for row in r.details if "probe" in row}
     if not probes:
         return {}
-    reference = trace(model)  # the same node names as the graph the passes started from
+    reference = trace(model, training=False)  # the same node names as the graph the passes started from
     with torch.no_grad():
         want, got = _Capture(reference, {p[0] for p in probes.values()}), _Capture(gm, {p[1] for p in probes.values()})
         want.run(*example_inputs)

@@ -37,9 +37,43 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def trace(module: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> fx.GraphModule:
-    """Trace a copy of `module`; with `example_inputs`, fill `node.meta['tensor_meta']`."""
-    module = copy.deepcopy(module)
+def copy_module(module: nn.Module, memo: dict | None = None) -> nn.Module:
+    """A copy of `module` that shares no module, parameter or buffer with it (tied weights stay
+    tied within the copy). copy.deepcopy does the same through pickle's generic machinery, which
+    is most of the cost of tracing a large model; this copies only what a module owns."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    new = copy.copy(module)  # a new __dict__ whose containers are still the original's
+    memo[id(module)] = new
+
+    def tensor(t, make):
+        if t is None:
+            return None
+        if id(t) not in memo:
+            memo[id(t)] = make(t)
+        return memo[id(t)]
+
+    new._parameters = {
+        k: tensor(p, lambda p: nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+        for k, p in module._parameters.items()
+    }
+    new._buffers = {k: tensor(b, lambda b: b.clone()) for k, b in module._buffers.items()}
+    new._modules = {k: None if m is None else copy_module(m, memo) for k, m in module._modules.items()}
+    for name, value in vars(module).items():  # hook dicts and other containers: no sharing either
+        if name not in ("_parameters", "_buffers", "_modules") and isinstance(value, (dict, list, set)):
+            new.__dict__[name] = copy.copy(value)
+    return new
+
+
+def trace(
+    module: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None, *, training: bool | None = None
+) -> fx.GraphModule:
+    """Trace a copy of `module` (in train or eval mode first, with `training`); with
+    `example_inputs`, fill `node.meta['tensor_meta']`."""
+    module = copy_module(module)
+    if training is not None:
+        module.train(training)  # before tracing: a forward may branch on self.training
     try:
         gm = fx.symbolic_trace(module)
     except Exception as err:  # fx raises TraceError, TypeError, AttributeError... for one cause
