@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import copy
 from functools import partial
 from collections.abc import Iterable, Sequence
 
@@ -18,7 +17,7 @@ from bngraph.passes.drop_bias_before_bn import drop_bias_before_bn
 from bngraph.passes.insert_bn_before_activation import insert_bn_before_activation
 from bngraph.passes.wrap_activation_modules import wrap_activation_modules
 from bngraph.report import Report
-from bngraph.trace import TraceFailed, trace
+from bngraph.trace import TraceFailed, copy_module, trace
 
 FALLBACK = "module-level fallback"
 
@@ -47,15 +46,14 @@ def insert(
     the example input) so that the eval-mode model computes what `model` computed. Models that
     torch.fx cannot trace get the module-level fallback unless `fallback=False`.
     """
+    trace_failure = None
     try:
         graph = trace(model, example_inputs)
-        tracing = "torch.fx"
         insert_pass = insert_bn_before_activation
     except TraceFailed as err:
         if not fallback:
             raise
-        graph = copy.deepcopy(model)
-        tracing = f"{FALLBACK} ({err})"
+        graph, trace_failure = copy_module(model), str(err)
         insert_pass = partial(wrap_activation_modules, example_inputs=example_inputs)
 
     graph, results = run_passes(graph, [insert_pass])
@@ -63,14 +61,14 @@ def insert(
     passes = []
     if preserve and bn_paths:
         passes.append(CalibrateBnAsIdentity(bn_paths, calibration_data or calibration_batches(example_inputs)))
-    if tracing == "torch.fx" and bn_paths:
+    if trace_failure is None and bn_paths:
         passes.append(partial(drop_bias_before_bn, only=bn_paths))
     graph, more = run_passes(graph, passes)
     results.update(more)
-    return graph, insert_report(results, tracing)
+    return graph, insert_report(results, trace_failure)
 
 
-def insert_report(results: dict[str, PassResult], tracing: str) -> Report:
+def insert_report(results: dict[str, PassResult], trace_failure: str | None = None) -> Report:
     first = next(iter(results.values()))
     dropped = results.get(drop_bias_before_bn.__name__)
     dropped_at = set(dropped.changed) if dropped else set()
@@ -92,12 +90,12 @@ def insert_report(results: dict[str, PassResult], tracing: str) -> Report:
     notes = []
     if not inserted:
         notes.append("nothing changed: no nonlinearity needs a BatchNorm" + (" (already inserted?)" if first.skipped else ""))
-    if tracing != "torch.fx":
-        notes.append(f"used the {tracing}; biases before the new BatchNorms are kept")
+    if trace_failure is not None:
+        notes.append(f"used the {FALLBACK} ({trace_failure}); biases before the new BatchNorms are kept")
     return Report(
         "bngraph insert",
         sections={"inserted": inserted, "skipped": skipped},
-        facts={"tracing": tracing.split(" (")[0], "changed": bool(inserted)},
+        facts={"tracing": "torch.fx" if trace_failure is None else FALLBACK, "changed": bool(inserted)},
         notes=notes,
         passes=results,
     )
