@@ -33,7 +33,8 @@ from bngraph.fold import fold as fx_fold
 from bngraph.onnx_fold import Rejected, fold_onnx, save_onnx
 from bngraph.report import Report
 from bngraph.trace import one_line
-from bngraph.verify import BATCH_SIZES, VerifyResult, eval_mode, random_batches, verify
+from bngraph.runners import BATCH_SIZES, eval_mode, random_batches
+from bngraph.verify import VerifyResult, verify
 
 # The newest opset that every onnxruntime pyproject admits (>= 1.20) runs; torch's default is 20.
 OPSET = 21

@@ -138,7 +138,8 @@ def fold_onnx_file(in_path: str | Path, out_path: str | Path | None, args: argpa
     """
     from bngraph.commands.common import emit
     from bngraph.spec import parse_input_shapes
-    from bngraph.verify import BATCH_SIZES, onnx_inputs, print_lines, random_batches, verify
+    from bngraph.runners import BATCH_SIZES, onnx_inputs, random_batches
+    from bngraph.verify import print_lines, verify
 
     in_path = Path(in_path)
     if out_path is not None and Path(out_path).suffix != ".onnx":

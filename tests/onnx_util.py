@@ -25,7 +25,8 @@ import onnx_ir as ir
 import torch
 
 from bngraph.onnx_fold import fold_onnx
-from bngraph.verify import VerifyResult, onnx_inputs, random_batches, verify
+from bngraph.runners import onnx_inputs, random_batches
+from bngraph.verify import VerifyResult, verify
 
 MODES = ("dynamo", "torchscript", "preserve", "nofold", "dynamo_optimize")
 # Folding reorders float32 arithmetic once per layer: errors of a few 1e-7 on these small

@@ -15,7 +15,8 @@ import torch
 import bngraph
 from bngraph.cli import main
 from bngraph.export import OPSET, export
-from bngraph.verify import ONNX_TOLERANCE, OrtRunner
+from bngraph.runners import OrtRunner
+from bngraph.verify import ONNX_TOLERANCE
 from bngraph.zoo import create_model, get_entry, list_models
 from tests.onnx_models import conv_bn_net
 from tests.util import randomize_bn

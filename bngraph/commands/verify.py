@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from bngraph.load import load_model
     from bngraph.report import Report
     from bngraph.spec import parse_input_shapes, parse_model_spec
-    from bngraph.verify import BATCH_SIZES, onnx_inputs, print_lines, random_batches, verify
+    from bngraph.runners import BATCH_SIZES, onnx_inputs, random_batches
+    from bngraph.verify import print_lines, verify
 
     given = parse_input_shapes(args.input_shape) if args.input_shape else None
     models, torch_shapes, onnx_specs = [], None, []
