@@ -13,11 +13,11 @@ the modules that define them: import helpers with `from bngraph.fold import ...`
 
 from bngraph.api import insert
 from bngraph.artifacts import save
-from bngraph.errors import UserError
+from bngraph.errors import CheckFailed, UserError
 from bngraph.export import export
 from bngraph.fold import fold
 from bngraph.load import load
 from bngraph.verify import verify
 
 __version__ = "0.1.0"
-__all__ = ["UserError", "export", "fold", "insert", "load", "save", "verify"]
+__all__ = ["CheckFailed", "UserError", "export", "fold", "insert", "load", "save", "verify"]

@@ -12,7 +12,7 @@ import sys
 
 import bngraph.commands
 
-from bngraph.errors import UserError
+from bngraph.errors import CheckFailed, UserError
 
 # The life of a BN model, in order; any other module in bngraph/commands/ follows.
 ORDER = ["insert", "train", "recalibrate", "reproduce", "fold", "export", "verify", "graph", "zoo"]
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"bngraph: error: {err}", file=sys.stderr)
         return 2
+    except CheckFailed as err:
+        print(f"bngraph: check failed: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bngraph: interrupted", file=sys.stderr)
         return 130
