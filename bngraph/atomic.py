@@ -1,61 +1,345 @@
-"""Outputs appear whole or not at all: write beside the target, then rename."""
+"""Outputs appear whole or not at all, and never in place of something bngraph did not write.
+
+The rule for every output (each command's `-o`, `bngraph.save`, `bngraph.export`):
+- A path that exists is replaced only when it is a bngraph output of the same kind (an artifact,
+  a run or reproduce folder, each known by its `bngraph.json`; an `.onnx` file; a picture that
+  carries bngraph's mark) and the caller passed `force`. Anything else is refused with one line
+  (`UserError`) and left exactly as it was. Symbolic links are never replaced.
+- The checks run before the work (`check_output`) and again just before the rename.
+- Missing parent folders are created after the checks pass, and removed again when the write
+  fails. The output is built beside its path and renamed onto it last; an old output of the same
+  kind is moved aside first and deleted only once the new one is in place.
+- A full disk, a file-size limit or Ctrl-C leave no temporary file behind and the old output as it
+  was; a full disk is one line (the user's to fix), Ctrl-C propagates as KeyboardInterrupt.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import itertools
+import json
 import os
 import shutil
-from collections.abc import Callable
+import struct
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from bngraph.errors import UserError
 
+MARKER = "bngraph.json"  # the artifact's description; run and reproduce folders carry one too
+ARTIFACT, RUN, REPRODUCE, ONNX, PICTURE = "artifact", "run", "reproduce", "onnx", "picture"
+FOLDER_FORMATS = {ARTIFACT: "bngraph-artifact", RUN: "bngraph-run", REPRODUCE: "bngraph-reproduce"}
+FILE_SUFFIXES = {ONNX: (".onnx",), PICTURE: (".svg", ".png", ".dot")}
+DESCRIBED = {ARTIFACT: "an artifact folder", RUN: "a training run folder", REPRODUCE: "a reproduce folder",
+             ONNX: "an ONNX file", PICTURE: "a graph picture"}  # fmt: skip
+# Names that say "file": a folder written under one would mislead every later reader.
+FILE_LIKE_SUFFIXES = {".onnx", ".pt", ".pth", ".py", ".json", ".jsonl", ".safetensors", ".png", ".svg", ".dot"}
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+PICTURE_MARK = b"written by bngraph graph"  # in a PNG tEXt chunk, an SVG or DOT comment
 
-def _sibling(path: Path, kind: str) -> Path:
-    # Keep the suffix: onnx.save and savefig choose the format from it.
-    return path.with_name(f".{path.stem}.{os.getpid()}.{kind}{path.suffix}")
 
-
-def check_writable(path: str | Path) -> None:
-    """Fail before the work, not after it, when `path` cannot be written."""
+def output_kind(path: str | Path) -> str | None:
+    """Which bngraph output `path` is (ARTIFACT, RUN, REPRODUCE, ONNX, PICTURE), or None."""
     path = Path(path)
-    parent = path.parent
+    if path.is_symlink():
+        return None
+    if path.is_dir():
+        try:
+            meta = json.loads((path / MARKER).read_text())
+        except FileNotFoundError:  # a run folder from before bngraph 0.2 had no bngraph.json
+            is_old_run = (path / "checkpoint.pt").is_file() and (path / "metrics.jsonl").is_file()
+            return RUN if is_old_run else None
+        except (OSError, ValueError):
+            return None
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        return next((kind for kind, name in FOLDER_FORMATS.items() if name == fmt), None)
+    if not path.is_file():
+        return None
+    if path.suffix == ".onnx":
+        return ONNX
+    if path.suffix in FILE_SUFFIXES[PICTURE] and _is_marked_picture(path):
+        return PICTURE
+    return None
+
+
+def _is_marked_picture(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - 512))
+        return PICTURE_MARK in f.read()
+
+
+def mark_picture(path: Path) -> None:
+    """Sign a picture bngraph drew, so that a later `--force` may replace it and nothing else."""
+    if path.suffix == ".png":
+        data = path.read_bytes()
+        end = data.rfind(b"IEND") - 4  # before the IEND chunk's length field
+        body = b"tEXtComment\0" + PICTURE_MARK
+        chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+        path.write_bytes(data[:end] + chunk + data[end:])
+    elif path.suffix == ".svg":  # XML allows a comment after the root element
+        with path.open("ab") as f:
+            f.write(b"\n<!-- " + PICTURE_MARK + b" -->\n")
+    elif path.suffix == ".dot":
+        with path.open("ab") as f:
+            f.write(b"\n// " + PICTURE_MARK + b"\n")
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _check_place(path: Path, inputs: Iterable[str | Path | None]) -> None:
+    """Not the folder the user is in (or one around it), not in, at or around an input."""
+    if not str(path).strip():
+        raise UserError("the output path is empty")
+    where = path.resolve()
+    if _within(Path.cwd().resolve(), where):
+        raise UserError(f"-o {path} is the folder you are in or one around it: name a new file or folder")
+    for given in inputs:
+        if given is None or not os.path.lexists(given):
+            continue
+        source = Path(given).resolve()
+        if _within(where, source) or _within(source, where):
+            raise UserError(f"-o {path} would replace or sit inside the input {given}: choose another output")
+
+
+def _check_parent(path: Path) -> None:
+    parent = next(p for p in path.absolute().parents if os.path.lexists(p))
     if not parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {path}: folder {parent} is not writable")
 
 
-def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary sibling of `path`, then rename it onto `path`."""
+def check_output(
+    path: str | Path, kind: str | None, *, force: bool = False, inputs: Iterable[str | Path | None] = ()
+) -> Path:
+    """Refuse, before any work, an output that would replace or sit inside something it must not.
+
+    `kind` is what will be written there (None: a file only bngraph reads, such as a download).
+    `inputs` are the paths the command reads (its model, weights, data): the output may not be
+    one of them, inside one, or around one. Returns `path` as a Path.
+    """
     path = Path(path)
-    check_writable(path)
-    tmp = _sibling(path, "partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # same folder, same filesystem: the rename is atomic
-    finally:
-        tmp.unlink(missing_ok=True)
+    _check_place(path, inputs)
+    if kind in FOLDER_FORMATS and path.suffix.lower() in FILE_LIKE_SUFFIXES:
+        hint = " (an ONNX file is written by `bngraph export MODEL -o FILE.onnx`)" if path.suffix == ".onnx" else ""
+        raise UserError(f"-o {path} names a file, but this writes {DESCRIBED[kind]}: drop the {path.suffix}{hint}")
+    if kind in FILE_SUFFIXES and path.suffix not in FILE_SUFFIXES[kind]:
+        *others, last = FILE_SUFFIXES[kind]
+        raise UserError(f"cannot write {path}: use a {', '.join(others) + ' or ' if others else ''}{last} file name")
+    if os.path.lexists(path):
+        if path.is_symlink():
+            raise UserError(f"{path} is a symbolic link: bngraph does not replace it; choose another -o")
+        found = output_kind(path)
+        if found is None:
+            what = "folder" if path.is_dir() else "file"
+            raise UserError(f"{path} is a {what} bngraph did not write: it is left as it is; choose another -o")
+        if found != kind:
+            raise UserError(f"{path} is {DESCRIBED[found]}, not {DESCRIBED.get(kind, 'this output')}; choose another -o")
+        if not force:
+            resume = "add --resume to continue it, " if kind == RUN else ""
+            raise UserError(f"{path} exists ({DESCRIBED[kind]} bngraph wrote): {resume}add --force to replace it, "
+                            "or choose another -o")  # fmt: skip
+    _check_parent(path)
     return path
 
 
-def write_dir_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Build a folder as a temporary sibling, then move it onto `path` (replacing an old one)."""
+def check_writable(path: str | Path) -> None:
+    """Fail before the work when `path`'s folder cannot be written (whether `path` may be
+    replaced is `check_output`'s question, asked again by the writers)."""
     path = Path(path)
-    check_writable(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"cannot write folder {path}: a file of that name exists")
-    tmp = _sibling(path, "partial")
-    old = _sibling(path, "old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    _check_place(path, ())
+    _check_parent(path)
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create the missing folders above `path`; return them, outermost first, to undo."""
+    missing = [p for p in path.absolute().parents if not os.path.lexists(p)][::-1]
+    made = []
     try:
-        write(tmp)
-        if path.exists():
-            # A folder cannot be replaced in one rename: move the old one aside first, so that
-            # `path` is missing for an instant but never half-written.
-            os.replace(path, old)
+        for folder in missing:
+            folder.mkdir()
+            made.append(folder)
+    except OSError as err:
+        _remove_made(made)
+        raise UserError(f"cannot create folder {folder}: {err.strerror}") from None
+    return made
+
+
+def _remove_made(made: list[Path]) -> None:
+    for folder in reversed(made):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if still empty: something else may have come to live there
+
+
+def _fresh_sibling(path: Path, tag: str) -> Path:
+    # Hidden, beside the target (same filesystem: the rename is atomic), the suffix kept (onnx.save
+    # and savefig choose the format from it), and new: an old leftover is never reused or deleted.
+    for n in itertools.count():
+        name = f".{path.stem}.{os.getpid()}{f'-{n}' if n else ''}.{tag}{path.suffix}"
+        if not os.path.lexists(path.with_name(name)):
+            return path.with_name(name)
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    """A full disk or a file-size limit is the user's to fix: one line, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            raise UserError(f"cannot write {path}: {os.strerror(err.errno)} (nothing was written)") from None
+        raise
+    except Exception:
+        # Some writers (torch.save, protobuf) hide the OSError; a disk with no room left says it.
+        with contextlib.suppress(OSError):
+            if os.statvfs(path.absolute().parent).f_bavail == 0:
+                raise UserError(f"cannot write {path}: no space left on device (nothing was written)") from None
+        raise
+
+
+def save_tensors(obj, path: Path) -> None:
+    """torch.save through bytes: written directly, a full disk raises an opaque RuntimeError
+    ("unexpected pos"); through Python's own write it is an OSError that says ENOSPC or EFBIG."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    path.write_bytes(buffer.getbuffer())
+
+
+def write_atomically(
+    path: str | Path,
+    write: Callable[[Path], None],
+    *,
+    kind: str | None = None,
+    force: bool = False,
+    replace_own: bool = False,
+) -> Path:
+    """Call `write(tmp)` on a temporary sibling of `path`, then rename it onto `path`.
+
+    An existing `path` is replaced only as the module docstring says; `replace_own` is for a file
+    inside a folder bngraph owns (a run's checkpoint), rewritten as the run goes.
+    """
+    path = Path(path)
+    if not (replace_own and path.is_file()):
+        check_output(path, kind, force=force)
+    made = _make_parents(path)
+    tmp = _fresh_sibling(path, "partial")
+    try:
+        with _disk_errors(path):
+            write(tmp)
+            if kind == PICTURE:
+                mark_picture(tmp)
+        if os.path.lexists(path) and not replace_own:
+            check_output(path, kind, force=force)  # the long work may have let something else in
         os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        _remove_made(made)  # after the temporary: a folder is removed only once empty
+        raise
     return path
+
+
+def _write_marker(folder: Path, kind: str) -> None:
+    text = json.dumps({"format": FOLDER_FORMATS[kind], "format_version": 1}, indent=2) + "\n"
+    (folder / MARKER).write_text(text)
+
+
+def _swap_in(built: Path, path: Path, kind: str, force: bool) -> None:
+    """Put the folder `built` at `path`; an old output there goes aside, then away."""
+    old = None
+    if os.path.lexists(path):
+        check_output(path, kind, force=force)  # the long work may have let something else in
+        old = _fresh_sibling(path, "old")
+        os.replace(path, old)  # a folder cannot be replaced in one rename: `path` is gone an instant
+    try:
+        os.replace(built, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)  # checked above: a bngraph output of this kind
+
+
+def write_dir_atomically(
+    path: str | Path, write: Callable[[Path], None], *, kind: str = ARTIFACT, force: bool = False
+) -> Path:
+    """Build a folder as a temporary sibling, then move it onto `path` (see the module docstring).
+
+    `write(tmp)` fills the folder; a run or reproduce folder gets its `bngraph.json` here.
+    """
+    path = check_output(path, kind, force=force)
+    made = _make_parents(path)
+    tmp = _fresh_sibling(path, "partial")
+    try:
+        tmp.mkdir()
+        with _disk_errors(path):
+            write(tmp)
+            if kind != ARTIFACT and not (tmp / MARKER).exists():
+                _write_marker(tmp, kind)
+        _swap_in(tmp, path, kind, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(made)  # after the temporary: a folder is removed only once empty
+        raise
+    return path
+
+
+def start_run_folder(path: Path, *, resume: bool) -> None:
+    """The folder a training run writes as it goes (see `run_folder`): new, empty or a run's."""
+    path = Path(path)
+    if resume:
+        return
+    if path.is_dir() and any(p.name != MARKER for p in path.iterdir()) and output_kind(path) != RUN:
+        raise UserError(f"{path} is a folder bngraph did not write: it is left as it is; choose another -o")
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / MARKER).exists():
+        _write_marker(path, RUN)
+
+
+@contextlib.contextmanager
+def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, inputs=()) -> Iterator[Path]:
+    """The folder a training run fills as it goes, so that a stopped run can `--resume`.
+
+    A new path is the run folder itself: a run stopped after a checkpoint stays there, whole and
+    resumable; one stopped before any checkpoint is removed with the folders made for it. With
+    `force` over an old run, the new run is built beside it and swapped in when done: stopped, it
+    is discarded and the old run stays as it was.
+    """
+    path = Path(path)
+    if resume:
+        if force:
+            raise UserError("--resume continues the run in -o, --force replaces it: choose one")
+        _check_place(path, inputs)
+        yield path
+        return
+    check_output(path, RUN, force=force, inputs=inputs)
+    replacing = os.path.lexists(path)
+    made = _make_parents(path)
+    folder = _fresh_sibling(path, "partial") if replacing else path
+    try:
+        folder.mkdir()
+        _write_marker(folder, RUN)
+        yield folder
+        if replacing:
+            _swap_in(folder, path, RUN, force)
+    except KeyboardInterrupt:
+        if replacing:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise KeyboardInterrupt(f"the new run was discarded; {path} is as it was") from None
+        if not (folder / "checkpoint.pt").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            _remove_made(made)
+        raise
+    except BaseException:
+        if replacing or not (folder / "checkpoint.pt").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            _remove_made(made)
+        raise

@@ -1,6 +1,11 @@
 """argv -> exit code. Each verb lives in `bngraph/commands/<verb>.py`; its docstring is its help.
 
-Exit codes: 0 done, 1 a check ran and failed, 2 the user's input is wrong (one line on stderr).
+Exit codes: 0 done, 1 a check ran and failed, 2 the user's input is wrong (one line on stderr),
+130 interrupted (Ctrl-C; nothing half-written is left).
+
+Building the parser imports each verb's module for its docstring and arguments, and nothing
+heavy: a verb imports torch and onnx inside its run(), so `bngraph --help` and `bngraph zoo`
+start without them (tests/test_packaging.py checks).
 """
 
 from __future__ import annotations
@@ -10,8 +15,8 @@ import importlib
 import pkgutil
 import sys
 
+import bngraph
 import bngraph.commands
-
 from bngraph.errors import CheckFailed, UserError
 
 # The life of a BN model, in order; any other module in bngraph/commands/ follows.
@@ -28,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bngraph",
         description="Batch Normalization as a compiler pass: insert, train, fold, export, verify.",
     )
+    parser.add_argument("--version", action="version", version=f"bngraph {bngraph.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in command_names():
         module = importlib.import_module(f"bngraph.commands.{name}")
@@ -55,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as err:
         print(f"bngraph: check failed: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("bngraph: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a stopped training run says where to resume
+        print(f"bngraph: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
         return 130
 
 

@@ -28,7 +28,8 @@ def _pyplot():
 def _save(fig, path: Path) -> Path:
     plt = _pyplot()
     try:
-        return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=130, bbox_inches="tight"))
+        # Only into folders bngraph owns (a run, a reproduce folder); --resume redraws inputs.png.
+        return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=130, bbox_inches="tight"), replace_own=True)
     finally:
         plt.close(fig)
 

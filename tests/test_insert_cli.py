@@ -79,7 +79,8 @@ BAD = {
     "model fails on input": (["insert", "zoo:mnist-mlp", "--input-shape", "2,3,5", "-o", "{tmp}/o"], "failed on its example input"),
     "no example input": (["insert", "{two}:A", "-o", "{tmp}/o"], "declares no example input"),
     "not an artifact": (["insert", "{tmp}", "-o", "{tmp}/o"], "not a bngraph artifact"),
-    "unwritable output": (["insert", "zoo:mnist-mlp", "-o", "{tmp}/no/such/dir/o"], "does not exist"),
+    # Missing folders above -o are created since issue 9; a file in their place is refused.
+    "unwritable output": (["insert", "zoo:mnist-mlp", "-o", "{two}/o"], "is a file, not a folder"),
     "missing -o": (["insert", "zoo:mnist-mlp"], "needs -o"),
     "corrupted artifact": (["insert", "{broken}", "-o", "{tmp}/o"], "is corrupted"),
     "data without preserve": (["insert", "zoo:mnist-mlp", "--data", "{tmp}", "-o", "{tmp}/o"], "add --preserve"),
@@ -145,6 +146,7 @@ def test_the_installed_command_follows_the_contract(tmp_path):
 def test_an_existing_output_is_replaced_whole(tmp_path, capsys):
     out = tmp_path / "o"
     assert _cli(capsys, "insert", "zoo:mnist-mlp", "-o", str(out))[0] == 0
-    assert _cli(capsys, "insert", f"{MODELS_PY}:SharedActivation", "-o", str(out))[0] == 0
+    # Replacing needs --force since issue 9 (tests/test_outputs.py tests the refusal).
+    assert _cli(capsys, "insert", f"{MODELS_PY}:SharedActivation", "-o", str(out), "--force")[0] == 0
     assert "act_bn_1" in (out / "model.py").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no temporary folders left

@@ -60,4 +60,4 @@ def test_zoo_command_lists_models_with_parameter_counts(capsys):
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)["models"]}
     assert set(rows) == set(list_models())
     assert rows["mnist-mlp"]["parameters"] == 784 * 100 + 100 + 2 * (100 * 100 + 100) + 100 * 10 + 10
-    assert rows["inception"]["input_shape"] == "2,3,224,224"
+    assert rows["inception"]["input_shape"] == [2, 3, 224, 224]  # numbers, not text

@@ -1,19 +1,27 @@
-"""The zoo's registry: builders filed by name, each with the example input it declares."""
+"""The zoo's registry: builders filed by name, each with the example input it declares.
+
+The builders' modules import torch, so they are imported on first need: `CATALOG` lets
+`bngraph zoo` list the models (names, parameters, inputs) without torch or building any.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from bngraph.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
 class ZooEntry:
+    """A registered model: its name, builder, example input shape and one-line description."""
+
     name: str
     build: Callable[..., nn.Module]
     input_shape: tuple[int, ...]  # an example input, batch first (a batch of 2: BN needs > 1)
@@ -21,6 +29,31 @@ class ZooEntry:
 
 
 _REGISTRY: dict[str, ZooEntry] = {}
+
+
+@dataclass(frozen=True)
+class Listed:
+    module: str  # the bngraph.zoo module whose builder registers the model
+    input_shape: tuple[int, ...]
+    parameters: int
+    description: str
+
+
+# What `bngraph zoo` prints. tests/test_packaging.py checks every row against the registered
+# builder and the model it builds, so this copy cannot drift from them.
+CATALOG: dict[str, Listed] = {
+    "mnist-mlp": Listed("mnist_mlp", (2, 1, 28, 28), 99_710,
+                        "The paper's MNIST MLP: 3 hidden layers of 100 sigmoid units, no BN (Sec. 4.1)."),
+    "inception": Listed("inception", (2, 3, 224, 224), 11_268_536,
+                        "The paper's Inception variant for 224x224 ImageNet, without BN (appendix, Figure 5)."),
+    "inception-small": Listed("inception", (2, 1, 28, 28), 645_026,
+                              "The same Inception modules at 1/4 width for 28x28x1 images (MNIST), CPU-sized."),
+}  # fmt: skip
+
+
+def _import_builders() -> None:
+    for module in sorted({listed.module for listed in CATALOG.values()}):
+        importlib.import_module(f"bngraph.zoo.{module}")
 
 
 def _canonical(name: str) -> str:
@@ -42,10 +75,13 @@ def register_model(name: str, input_shape: tuple[int, ...]):
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, _canonical(pattern)))
+    """The zoo's names matching a glob, sorted (without importing a builder)."""
+    return sorted(n for n in {*CATALOG, *_REGISTRY} if fnmatch.fnmatch(n, _canonical(pattern)))
 
 
 def get_entry(name: str) -> ZooEntry:
+    """The registered builder of `name`, with its example input and description."""
+    _import_builders()
     try:
         return _REGISTRY[_canonical(name)]
     except KeyError:
@@ -55,6 +91,8 @@ def get_entry(name: str) -> ZooEntry:
 def create_model(name: str, seed: int | None = 0, **kwargs) -> nn.Module:
     """Build a zoo model. Its initial weights depend on `seed` alone (None: the global RNG), so
     `zoo:NAME` names the same weights on every machine and in every process."""
+    import torch
+
     entry = get_entry(name)
     if seed is None:
         return entry.build(**kwargs)

@@ -1,0 +1,302 @@
+"""The output rule of every `-o` (bngraph/atomic.py): nothing bngraph did not write is replaced.
+
+For each command with -o: a user's file and a user's folder at the output path survive byte for
+byte (exit 2, one line); `--force` replaces a bngraph output of the same kind and nothing else;
+missing parents are created; `.`, `..` and paths in or around the input are refused; a full disk
+and Ctrl-C leave no temporary file and the old output as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+
+from bngraph.atomic import ARTIFACT, ONNX, PICTURE, RUN, output_kind, write_atomically, write_dir_atomically
+from bngraph.cli import main
+from bngraph.errors import UserError
+from tests.mnist_like import write_learnable
+from tests.onnx_models import conv_bn_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """What the commands read, in a folder of its own: an artifact with BNs, an ONNX file, data."""
+    root = tmp_path_factory.mktemp("inputs")
+    assert main(["insert", "zoo:mnist-mlp", "-o", str(root / "bn")]) == 0
+    onnx.save(conv_bn_file(), root / "bn.onnx")
+    write_learnable(root / "mnist", n_train=200, n_test=60)
+    return root
+
+
+# Each command with -o: its arguments before -o, and the name its output gets here.
+COMMANDS = {
+    "insert": (["insert", "zoo:mnist-mlp"], "out"),
+    "fold": (["fold", "{in}/bn"], "out"),
+    "fold-onnx": (["fold", "{in}/bn.onnx"], "out.onnx"),
+    "export": (["export", "{in}/bn"], "out.onnx"),
+    "recalibrate": (["recalibrate", "{in}/bn", "--data", "{in}/mnist", "--batches", "2", "--batch-size", "10"], "out"),
+    "train": (["train", "zoo:mnist-mlp", "--data", "{in}/mnist", "--steps", "2", "--eval-every", "1", "--quiet"], "out"),
+    "reproduce": (["reproduce", "mnist", "--data", "{in}/mnist", "--steps", "2", "--eval-every", "1",
+                   "--batch-size", "10", "--workers", "1", "--quiet"], "out"),
+    "graph": (["graph", "zoo:mnist-mlp"], "out.svg"),
+}  # fmt: skip
+
+
+def _argv(name: str, inputs: Path, out: Path, *extra: str) -> list[str]:
+    before, _ = COMMANDS[name]
+    return [a.replace("{in}", str(inputs)) for a in before] + ["-o", str(out), *extra]
+
+
+def _run(capsys, argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bngraph: error: "), err
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its bytes (None for a folder): what must not change."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+def _users_file(path: Path) -> None:
+    path.write_bytes(b"the user's notes\n")
+
+
+def _users_folder(path: Path) -> None:
+    (path / "sub").mkdir(parents=True)
+    (path / "thesis.tex").write_text("\\section{results}\n")
+    (path / "sub" / "data.csv").write_text("1,2,3\n")
+    (path / "bngraph.json").write_text('{"format": "something-else"}\n')  # not ours, though named so
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_a_users_file_or_folder_at_the_output_survives(name, what, tmp_path, capsys, inputs):
+    out = tmp_path / COMMANDS[name][1]
+    (_users_file if what == "file" else _users_folder)(out)
+    before = snapshot(tmp_path)
+    # Any .onnx file counts as an ONNX output (the issue's rule): --force may replace it.
+    for extra in ((),) if what == "file" and out.suffix == ".onnx" else ((), ("--force",)):
+        code, _, err = _run(capsys, _argv(name, inputs, out, *extra))
+        assert code == 2, err
+        _one_error_line(err)
+        assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["insert", "fold-onnx", "export", "recalibrate", "train", "reproduce", "graph"])
+def test_force_replaces_a_bngraph_output_of_the_same_kind(name, tmp_path, capsys, inputs):
+    out = tmp_path / COMMANDS[name][1]
+    assert _run(capsys, _argv(name, inputs, out))[0] == 0
+    kind = output_kind(out)
+    assert kind is not None
+    code, _, err = _run(capsys, _argv(name, inputs, out))
+    assert code == 2 and "--force" in _one_error_line(err)
+    code, _, err = _run(capsys, _argv(name, inputs, out, "--force"))
+    assert code == 0, err
+    assert output_kind(out) == kind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary or old copy left
+
+
+def test_force_does_not_cross_kinds(tmp_path, capsys, inputs):
+    run = tmp_path / "run"
+    assert _run(capsys, _argv("train", inputs, run))[0] == 0
+    before = snapshot(tmp_path)
+    code, _, err = _run(capsys, _argv("insert", inputs, run, "--force"))
+    assert code == 2 and "a training run folder, not an artifact folder" in _one_error_line(err)
+    assert snapshot(tmp_path) == before
+
+
+def test_graph_replaces_only_a_picture_it_drew(tmp_path, capsys, inputs):
+    drawn, foreign = tmp_path / "drawn.svg", tmp_path / "foreign.svg"
+    assert _run(capsys, _argv("graph", inputs, drawn))[0] == 0
+    assert output_kind(drawn) == PICTURE
+    foreign.write_text('<svg xmlns="http://www.w3.org/2000/svg"/>\n')
+    code, _, err = _run(capsys, _argv("graph", inputs, foreign, "--force"))
+    assert code == 2 and "did not write" in _one_error_line(err)
+    assert _run(capsys, _argv("graph", inputs, drawn, "--force"))[0] == 0
+
+
+def test_missing_parents_are_created_as_the_readme_writes_them(tmp_path, capsys, inputs, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an empty folder, relative paths
+    assert _run(capsys, _argv("train", inputs, Path("runs/x5")))[0] == 0
+    assert output_kind("runs/x5") == RUN and output_kind("runs/x5/model") == ARTIFACT
+    assert _run(capsys, _argv("reproduce", inputs, Path("repro/mnist")))[0] == 0
+    assert (tmp_path / "repro" / "mnist" / "fig1.png").is_file()
+    assert _run(capsys, ["export", "runs/x5", "-o", "a/b/x5.onnx"])[0] == 0
+    assert _run(capsys, ["fold", "runs/x5", "-o", "c/d/x5-folded"])[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c", "repro", "runs"]
+
+
+def test_a_failed_command_leaves_no_parents_behind(tmp_path, capsys):
+    code, _, err = _run(capsys, ["insert", "zoo:no-such-model", "-o", tmp_path / "x" / "y" / "out"])
+    assert code == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", [".", ".."])
+def test_the_current_folder_and_its_parent_are_refused(target, tmp_path, capsys, inputs, monkeypatch):
+    here = tmp_path / "work"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for name in ("insert", "train", "reproduce"):
+        code, _, err = _run(capsys, _argv(name, inputs, Path(target), "--force"))
+        assert code == 2 and "the folder you are in" in _one_error_line(err)
+    assert list(tmp_path.rglob("*")) == [here]
+
+
+def test_an_output_in_or_at_the_input_is_refused(tmp_path, capsys, inputs):
+    artifact = tmp_path / "bn"
+    assert _run(capsys, ["insert", "zoo:mnist-mlp", "-o", artifact])[0] == 0
+    assert _run(capsys, ["export", artifact, "-o", tmp_path / "bn.onnx"])[0] == 0
+    before = snapshot(tmp_path)
+    for argv in (
+        ["fold", artifact, "-o", artifact, "--force"],
+        ["fold", artifact, "-o", artifact / "folded"],
+        ["insert", artifact, "-o", artifact / "model.py"],
+        ["recalibrate", artifact, "--data", inputs / "mnist", "-o", artifact, "--force"],
+        ["fold", tmp_path / "bn.onnx", "-o", tmp_path / "bn.onnx", "--force"],
+    ):
+        code, _, err = _run(capsys, argv)
+        assert code == 2, argv
+        _one_error_line(err)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv", [["fold", "zoo:mnist-mlp"], ["insert", "zoo:mnist-mlp"], ["train", "zoo:mnist-mlp"]])
+def test_a_folder_is_never_named_like_a_file(argv, tmp_path, capsys):
+    code, _, err = _run(capsys, [*argv, "-o", tmp_path / "x.onnx"])
+    assert code == 2 and "bngraph export" in _one_error_line(err)
+    code, _, err = _run(capsys, ["insert", "zoo:mnist-mlp", "-o", tmp_path / "weights.pt"])
+    assert code == 2 and "drop the .pt" in _one_error_line(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _limited(max_file_bytes: int):
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    return limit
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """A file-size limit makes writes fail as on a full disk (EFBIG, like ENOSPC): the model's
+    code fits under 64 KiB, its 400 KB of weights do not."""
+    done = subprocess.run([sys.executable, "-m", "bngraph", "insert", "zoo:mnist-mlp", "-o", "new/bn"],
+                          capture_output=True, text=True, cwd=tmp_path, preexec_fn=_limited(64 * 1024),
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "File too large (nothing was written)" in _one_error_line(done.stderr)
+    assert list(tmp_path.iterdir()) == []  # not even the parent folder made for it
+
+
+def test_a_full_disk_under_a_file_output_keeps_the_old_file(tmp_path):
+    old = tmp_path / "model.onnx"
+    old.write_bytes(b"the old model")
+    before = snapshot(tmp_path)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))
+    try:
+        with pytest.raises(UserError, match="File too large"):
+            write_atomically(old, lambda tmp: tmp.write_bytes(bytes(200_000)), kind=ONNX, force=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert snapshot(tmp_path) == before
+
+
+def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_while_force_replaces_a_run_keeps_the_old_run(tmp_path, capsys, inputs):
+    run = tmp_path / "run"
+    assert _run(capsys, _argv("train", inputs, run))[0] == 0
+    before = snapshot(tmp_path)
+    argv = _argv("train", inputs, run, "--force")
+    argv[argv.index("--steps") + 1] = "1000000"
+    proc = subprocess.Popen([sys.executable, "-m", "bngraph", *argv], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: any((p / "metrics.jsonl").exists() for p in tmp_path.glob(".run.*.partial")), proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bngraph: interrupted") and str(run) in lines[0]
+    assert snapshot(tmp_path) == before
+
+
+def test_ctrl_c_of_a_new_run_leaves_a_whole_resumable_run(tmp_path, capsys, inputs):
+    run = tmp_path / "runs" / "new"
+    argv = _argv("train", inputs, run)
+    argv[argv.index("--steps") + 1] = "1000000"
+    proc = subprocess.Popen([sys.executable, "-m", "bngraph", *argv], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (run / "metrics.jsonl").exists(), proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "resume with --resume" in lines[0]
+    assert output_kind(run) == RUN and (run / "checkpoint.pt").is_file()
+    assert not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
+
+
+@pytest.mark.parametrize("writer", ["file", "folder"])
+def test_an_interrupted_write_leaves_the_old_output_and_no_temporary(writer, tmp_path):
+    """Ctrl-C in the middle of writing (here: after the first file of the new output)."""
+    out = tmp_path / ("model.onnx" if writer == "file" else "artifact")
+    if writer == "file":
+        out.write_bytes(b"old onnx bytes")
+    else:
+        out.mkdir()
+        (out / "bngraph.json").write_text(json.dumps({"format": "bngraph-artifact"}))
+    before = snapshot(tmp_path)
+
+    def write(tmp: Path) -> None:
+        (tmp / "model.py" if tmp.is_dir() else tmp).write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        if writer == "file":
+            write_atomically(out, write, kind=ONNX, force=True)
+        else:
+            write_dir_atomically(out, write, kind=ARTIFACT, force=True)
+    assert snapshot(tmp_path) == before
+
+
+def test_the_installed_entry_point_refuses_too(tmp_path):
+    """The same contract through `python -m bngraph`, as a user runs it."""
+    _users_folder(tmp_path / "important")
+    before = snapshot(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "bngraph", "insert", "zoo:mnist-mlp", "-o", "important"],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert done.returncode == 2
+    assert "important is a folder bngraph did not write" in _one_error_line(done.stderr)
+    assert snapshot(tmp_path) == before
