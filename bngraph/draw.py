@@ -1,17 +1,34 @@
-"""Draw a traced model's graph with the BatchNorms that bngraph inserted, folded or left marked.
+"""Draw a traced model's graph so that one look shows where each BatchNorm went.
 
-networkx holds the graph and lays it out in layers (topological generations, top to bottom);
-matplotlib draws SVG or PNG, and DOT is written as text for Graphviz users.
+Each op is a box labelled with the module path the user wrote (`b1.conv1  Conv2d`), coloured by
+what bngraph did there: a BatchNorm it inserted, a layer a BatchNorm was folded into (the box
+names the BatchNorms it absorbed), a BatchNorm turned into a multiply-add, a BatchNorm left.
+The legend's counts are the report's: they come from the artifact's history (`insert` and the
+last `fold`), not from re-counting the picture.
+
+Layout: Graphviz `dot` renders SVG and PNG where it is installed, for graphs up to 40 layers deep
+(it cannot wrap a deeper one, which would come out as a strip). Otherwise a built-in layered
+(Sugiyama-style) layout: layers by longest path from the inputs; an edge that spans several
+layers gets a dummy point per layer, so a skip connection runs in its own lane beside the chain
+instead of behind it; orders by barycenters, sweeping down and up; coordinates pulled towards
+the neighbours' mean. A deep graph wraps into side-by-side columns, kept near a page's aspect.
 """
 
 from __future__ import annotations
 
+import math
+import re
+import shutil
+import subprocess
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import networkx as nx
+import torch
 from torch import fx
 
-from bngraph.atomic import write_atomically
+from bngraph.atomic import PICTURE, write_atomically
 from bngraph.errors import UserError
 from bngraph.passes.fx_batchnorm import is_batch_norm
 from bngraph.passes.op_kinds import op_label
@@ -20,41 +37,249 @@ from bngraph.passes.op_kinds import op_label
 MARKS = {
     "inserted": ("#2ca02c", "BatchNorm inserted by bngraph"),
     "folded": ("#1f77b4", "layer a BatchNorm was folded into"),
+    "multiply_add": ("#ff7f0e", "BatchNorm turned into a multiply-add"),
     "left": ("#d62728", "BatchNorm still in the graph"),
-    None: ("#dddddd", "other op"),
+    "io": ("#ffffff", "model input or output"),
+    None: ("#e6e6e6", "other op"),
 }
+_LONGEST_LABEL = 30  # characters of a module path shown; the tail is the specific part
+_GRAPHVIZ_MAX_LAYERS = 40  # deeper graphs get the built-in layout, which wraps into columns
+_SCALE_SUFFIX = "_scale"  # replace_bn_with_multiply_add names its buffers f"{bn}_scale"
 
 
-def graph_of(gm: fx.GraphModule, inserted: set[str] = frozenset(), folded: set[str] = frozenset()) -> nx.DiGraph:
-    """The data-flow graph of `gm`: one node per op, with its label and mark."""
+@dataclass
+class Marks:
+    """What the history says bngraph did: the BatchNorms `insert` added (module paths), the BNs
+    the last `fold` merged into each layer, and the BNs it turned into multiply-adds."""
+
+    inserted: set[str] = field(default_factory=set)
+    folded_into: dict[str, list[str]] = field(default_factory=dict)  # layer -> BN node names
+    multiply_add: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """The report's numbers, as the legend and the command's report show them."""
+        return {
+            "inserted": len(self.inserted),
+            "folded": sum(len(bns) for bns in self.folded_into.values()),
+            "folded_into_layers": len(self.folded_into),
+            "multiply_add": len(self.multiply_add),
+        }
+
+
+def marks_from_history(history: list[dict]) -> Marks:
+    """The marks an artifact's history gives: every insert's BatchNorms, the last fold's rows."""
+    marks = Marks()
+    folds = [entry for entry in history if entry.get("command") == "fold"]
+    for entry in history:
+        if entry.get("command") == "insert":
+            marks.inserted |= {row["bn"] for row in entry.get("report", {}).get("inserted", []) if "bn" in row}
+    if folds:
+        for row in folds[-1].get("report", {}).get("folded", []):
+            if row.get("how") == "multiply-add":
+                marks.multiply_add.append(str(row["node"]))
+            elif row.get("into") is not None:
+                marks.folded_into.setdefault(str(row["into"]), []).append(str(row["node"]))
+    return marks
+
+
+def _short(path: str) -> str:
+    """A long module path without its leading parts: `….mixed_3a.branch3x3.0.conv`."""
+    parts = path.split(".")
+    while len(".".join(parts)) > _LONGEST_LABEL - 2 and len(parts) > 1:
+        parts = parts[1:]
+    short = path if len(parts) == len(path.split(".")) else "…" + ".".join(parts)
+    return short if len(short) <= _LONGEST_LABEL else "…" + short[-(_LONGEST_LABEL - 1) :]
+
+
+def _multiply_add_of(node: fx.Node) -> str | None:
+    """The BatchNorm a `torch.addcmul(shift, x, scale)` stands for, when a fold made it."""
+    if node.op != "call_function" or node.target is not torch.addcmul or len(node.args) != 3:
+        return None
+    scale = node.args[2]
+    if isinstance(scale, fx.Node) and scale.op == "get_attr" and str(scale.target).endswith(_SCALE_SUFFIX):
+        return str(scale.target)[: -len(_SCALE_SUFFIX)]
+    return None
+
+
+def graph_of(gm: fx.GraphModule, marks: Marks | None = None) -> nx.DiGraph:
+    """The data-flow graph of `gm`: one node per op (constants left out), with its label, mark
+    and the module path a user would recognise. `graph.graph["counts"]` holds the marks' counts:
+    the history's for what bngraph did, the graph's own for the BatchNorms still in it."""
+    marks = marks or Marks()
     graph = nx.DiGraph()
     modules = dict(gm.named_modules())
+    left = 0
     for node in gm.graph.nodes:
-        target = str(node.target)
-        if node.op == "call_module" and target in inserted:
+        if node.op == "get_attr":
+            continue  # weights and the multiply-adds' constants: not data flow
+        op = op_label(gm, node)
+        name = str(node.target) if node.op == "call_module" else node.name
+        detail = op
+        if node.op in ("placeholder", "output"):
+            mark, name, detail = "io", ("input " + node.name if node.op == "placeholder" else "output"), ""
+        elif node.op == "call_module" and node.target in marks.inserted:
             mark = "inserted"
         elif is_batch_norm(node, modules):
-            mark = "left"
-        elif node.op == "call_module" and target in folded:
+            mark, left = "left", left + 1
+        elif (bn := _multiply_add_of(node)) is not None:
+            mark, name, detail = "multiply_add", bn, "multiply-add (was BatchNorm)"
+        elif name in marks.folded_into or node.name in marks.folded_into:
             mark = "folded"
+            absorbed = marks.folded_into.get(name) or marks.folded_into[node.name]
+            names = ", ".join(absorbed)
+            # Which BN went where, where the name fits; the count where it does not.
+            many = f"{len(absorbed)} BatchNorms" if len(absorbed) > 1 else "BatchNorm"
+            detail = f"{op} + {names if len(op) + len(names) + 3 <= _LONGEST_LABEL else many}"
         else:
             mark = None
-        graph.add_node(node.name, label=f"{node.name}\n{op_label(gm, node)}", mark=mark)
+        said = not detail or re.sub(r"_\d+$", "", name) == detail.strip(".()")  # `add_1` is an add
+        label = _short(name) if said else f"{_short(name)}\n{_short(detail)}"
+        graph.add_node(node.name, label=label, mark=mark, module=name)
         for source in node.all_input_nodes:
-            graph.add_edge(source.name, node.name)
-    for layer, names in enumerate(nx.topological_generations(graph)):
-        for name in names:
-            graph.nodes[name]["layer"] = layer
+            if source.op != "get_attr":
+                graph.add_edge(source.name, node.name)
+    graph.graph["counts"] = {**marks.counts(), "left": left}
     return graph
 
 
-def _dot(graph: nx.DiGraph) -> str:
-    lines = ["digraph bngraph {", '  node [shape=box, style=filled, fontname="Helvetica"];']
-    for name, data in graph.nodes(data=True):
-        label = data["label"].replace('"', "'").replace("\n", "\\n")
-        lines.append(f'  "{name}" [label="{label}", fillcolor="{MARKS[data["mark"]][0]}"];')
-    lines += [f'  "{a}" -> "{b}";' for a, b in graph.edges]
-    return "\n".join([*lines, "}"]) + "\n"
+# --- the built-in layered layout -------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    """Where everything goes: `points[n]` is (x, y) for each node and dummy point (y grows
+    downwards, one unit per layer); `paths[(u, v)]` the points an edge passes through, its
+    end points included; `column[n]` which wrapped column a point is in, `spans[c]` the x range
+    of column c and `rows` the layers in the tallest column."""
+
+    points: dict[str, tuple[float, float]]
+    paths: dict[tuple[str, str], list[str]]
+    column: dict[str, int]
+    spans: list[tuple[float, float]]
+    rows: int
+    lane_in: float  # inches per lane: the widest label fits
+
+
+def _layers(graph: nx.DiGraph) -> dict[str, int]:
+    layer = {}
+    for n in nx.topological_sort(graph):
+        layer[n] = max((layer[p] + 1 for p in graph.predecessors(n)), default=0)
+    return layer
+
+
+def _order(rows: list[list[str]], up: dict[str, list[str]], down: dict[str, list[str]], sweeps: int = 4) -> None:
+    """Barycenter ordering, in place: each row sorted by its neighbours' mean position in the
+    row above (sweeping down), then in the row below (sweeping up)."""
+    for _ in range(sweeps):
+        for i, neighbours, beside in [*((i, up, i - 1) for i in range(1, len(rows))),
+                                      *((i, down, i + 1) for i in range(len(rows) - 2, -1, -1))]:  # fmt: skip
+            rank = {n: k for k, n in enumerate(rows[beside])}
+            here = {n: k for k, n in enumerate(rows[i])}
+            rows[i].sort(key=lambda n: _mean([rank[m] for m in neighbours[n] if m in rank], here[n]))
+
+
+def _mean(values: list[float], default: float) -> float:
+    return sum(values) / len(values) if values else default
+
+
+def _place(graph: nx.DiGraph, rows: list[list[str]], up: dict[str, list[str]], down: dict[str, list[str]],
+           sweeps: int = 4) -> dict[str, float]:  # fmt: skip
+    """x per point: the row's order kept, one unit apart at least, each pulled towards the mean
+    x of its neighbours so that a chain runs straight."""
+    x = {n: k - (len(row) - 1) / 2 for row in rows for k, n in enumerate(row)}
+    real = set(graph)
+
+    def pulled_by(n: str, downward: bool) -> list[str]:
+        # An op lines up with the ops next to it, not with a skip lane passing by: the chain
+        # stays straight and the lane runs beside it.
+        neighbours = up[n] if downward else down[n]
+        ops = [m for m in neighbours if m in real]
+        return ops if n in real and ops else neighbours
+
+    for sweep in range(sweeps * 2):
+        downward = sweep % 2 == 0
+        for row in rows if downward else rows[::-1]:
+            want = [_mean([x[m] for m in pulled_by(n, downward)], x[n]) for n in row]
+            placed = []
+            for w in want:
+                placed.append(w if not placed else max(w, placed[-1] + 1))
+            # Centre the row on its ops' wishes (on the lanes' where it has no op).
+            pairs = [(w, p) for n, w, p in zip(row, want, placed) if n in real] or list(zip(want, placed))
+            shift = sum(w - p for w, p in pairs) / len(pairs)
+            for n, p in zip(row, placed):
+                x[n] = p + shift
+    return x
+
+
+def _lane_in(graph: nx.DiGraph) -> float:
+    """Inches per lane: the longest label line at 6 pt, and a margin."""
+    longest = max((len(line) for _, d in graph.nodes(data=True) for line in d["label"].splitlines()), default=8)
+    return max(1.0, 0.048 * longest + 0.3)
+
+
+def layered_layout(graph: nx.DiGraph, aspect: float = 1.4) -> Layout:
+    """The layered layout of `graph`, wrapped into columns so that the picture's height/width
+    is near `aspect`; columns break where the fewest edges cross."""
+    layer = _layers(graph)
+    up: dict[str, list[str]] = defaultdict(list)
+    down: dict[str, list[str]] = defaultdict(list)
+    paths = {}
+    for u, v in graph.edges:
+        chain = [u, *(f"{u}->{v}#{k}" for k in range(layer[u] + 1, layer[v])), v]
+        for k, point in enumerate(chain[1:-1], start=layer[u] + 1):
+            layer[point] = k
+        for a, b in zip(chain, chain[1:]):
+            down[a].append(b)
+            up[b].append(a)
+        paths[(u, v)] = chain
+    depth = max(layer.values(), default=-1) + 1
+    rows: list[list[str]] = [[] for _ in range(depth)]
+    for n in [*nx.topological_sort(graph), *(p for path in paths.values() for p in path[1:-1])]:
+        rows[layer[n]].append(n)
+    _order(rows, up, down)
+    x = _place(graph, rows, up, down)
+    lane_in = _lane_in(graph)
+    starts = _column_starts(rows, x, aspect, lane_in)
+    first_row = [max(s for s in starts if s <= i) for i in range(depth)]
+    column = {n: starts.index(first_row[layer[n]]) for n in layer}
+    points, spans, left = {}, [], 0.0
+    for c in range(len(starts)):
+        members = [n for n in layer if column[n] == c]
+        low, high = min(x[n] for n in members), max(x[n] for n in members)
+        for n in members:
+            points[n] = (left + x[n] - low, float(layer[n] - starts[c]))
+        spans.append((left, left + high - low))
+        left += high - low + 2.0  # a gap of two lanes: the wrapped edges climb through it
+    tallest = max(b - a for a, b in zip(starts, [*starts[1:], depth])) if depth else 1
+    return Layout(points, paths, column, spans, tallest, lane_in)
+
+
+def _column_starts(rows: list[list[str]], x: dict[str, float], aspect: float, lane_in: float) -> list[int]:
+    """The first layer of each column: as many columns as bring height/width nearest `aspect`,
+    each break moved (by up to a quarter column) to where the fewest edges cross it."""
+    depth = len(rows)
+    if depth == 0:
+        return [0]
+    lanes = max(x.values()) - min(x.values()) + 1
+    count, best_error = 1, math.inf
+    for columns in range(1, depth + 1):
+        height = math.ceil(depth / columns) * _ROW_IN
+        if height < 12 * _ROW_IN and columns > 1:
+            break
+        error = abs(math.log(height / (columns * (lanes + 2) * lane_in) / aspect))
+        if error < best_error:
+            count, best_error = columns, error
+    per_column = math.ceil(depth / count)
+    starts = [0]
+    for k in range(1, count):
+        target = k * per_column
+        window = range(max(starts[-1] + 1, target - per_column // 4), min(depth - 1, target + per_column // 4) + 1)
+        if window:
+            starts.append(min(window, key=lambda i: (len(rows[i]), abs(i - target))))  # a narrow row
+    return starts
+
+
+_ROW_IN = 0.55  # inches per layer: two lines of 6 pt text and an edge
 
 
 def _draw(graph: nx.DiGraph, path: Path) -> None:
@@ -62,44 +287,119 @@ def _draw(graph: nx.DiGraph, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
+    from matplotlib.patches import FancyArrowPatch, Patch
 
-    layers = max((d["layer"] for _, d in graph.nodes(data=True)), default=0) + 1
-    widest = max((sum(1 for _, d in graph.nodes(data=True) if d["layer"] == i) for i in range(layers)), default=1)
-    pos = nx.multipartite_layout(graph, subset_key="layer", align="horizontal", scale=1.0)
-    pos = {n: (x, -y) for n, (x, y) in pos.items()}  # inputs at the top
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * widest), max(4, 0.55 * layers)))
-    colours = [MARKS[d["mark"]][0] for _, d in graph.nodes(data=True)]
-    nx.draw_networkx_edges(graph, pos, ax=ax, arrows=True, arrowsize=6, edge_color="#888888", width=0.6)
-    nx.draw_networkx_nodes(graph, pos, ax=ax, node_color=colours, node_size=120, linewidths=0.3, edgecolors="black")
-    labels = {n: d["label"].split("\n")[1] for n, d in graph.nodes(data=True)}
-    nx.draw_networkx_labels(graph, pos, labels, ax=ax, font_size=5)
-    handles = [Patch(color=c, label=text) for c, text in MARKS.values()]
-    ax.legend(handles=handles, loc="upper left", fontsize=7, frameon=False)
+    matplotlib.rcParams["svg.fonttype"] = "none"  # labels stay text in an SVG: searchable, small
+    layout = layered_layout(graph)
+    entries = legend_entries(graph)
+    xs = [p[0] for p in layout.points.values()] or [0.0]
+    legend_in = 0.15 + 0.17 * len(entries)  # the legend sits above the graph
+    width_in = max((max(xs) - min(xs) + 1) * layout.lane_in, 4.5)
+    graph_in = max((layout.rows + 0.6) * _ROW_IN, 1.0)
+    fig = plt.figure(figsize=(width_in, graph_in + legend_in))
+    ax = fig.add_axes((0, 0, 1, graph_in / (graph_in + legend_in)))
+    middle, half = (min(xs) + max(xs)) / 2, width_in / layout.lane_in / 2
+    ax.set_xlim(middle - half, middle + half)
+    top, bottom = -0.6, layout.rows - 0.3
+    ax.set_ylim(bottom + 0.2, top - 0.2)  # inputs at the top
     ax.set_axis_off()
-    fig.tight_layout()
+    for (u, v), chain in layout.paths.items():
+        skip = len(chain) > 2  # spans several layers: a skip connection or a long branch
+        style = dict(color="#7b4fa0" if skip else "#808080", lw=0.9 if skip else 0.6)
+        for a, b in zip(chain, chain[1:]):
+            (xa, ya), (xb, yb) = layout.points[a], layout.points[b]
+            head = "-|>" if b == v else "-"
+            if layout.column[a] != layout.column[b]:
+                # Wrapped: down out of this column, up through the gap, into the next one's head.
+                gap = layout.spans[layout.column[b]][0] - 1.0
+                ax.plot([xa, xa, gap, gap, xb], [ya, bottom, bottom, top, top], ls=(0, (3, 2)), zorder=1, **style)
+                xa, ya = xb, top
+            ax.add_patch(FancyArrowPatch((xa, ya), (xb, yb), arrowstyle=head, mutation_scale=6, zorder=1,
+                                         shrinkA=9 if a in graph and ya != top else 0,
+                                         shrinkB=9 if b == v else 0, **style))  # fmt: skip
+    for n, data in graph.nodes(data=True):
+        px, py = layout.points[n]
+        ax.text(px, py, data["label"], ha="center", va="center", fontsize=6, zorder=2, linespacing=1.1,
+                bbox=dict(boxstyle="round,pad=0.3", fc=MARKS[data["mark"]][0], ec="#333333", lw=0.4))  # fmt: skip
+    handles = [Patch(facecolor=MARKS[mark][0], edgecolor="#333333", label=text) for mark, text in entries]
+    fig.legend(handles=handles, loc="upper left", fontsize=7, frameon=False, borderaxespad=0.3)
     fig.savefig(path, format=path.suffix[1:], dpi=150)
     plt.close(fig)
 
 
-def draw_graph(graph: nx.DiGraph, path: str | Path) -> Path:
-    """Write `graph` to `path`; the suffix (.svg, .png, .dot) picks the format."""
+def legend_entries(graph: nx.DiGraph) -> list[tuple[str | None, str]]:
+    """(mark, text) per legend line, with the report's counts; marks absent from both the
+    history and the picture are left out."""
+    counts = graph.graph.get("counts", {})
+    present = {d["mark"] for _, d in graph.nodes(data=True)}
+    entries = []
+    if counts.get("inserted") or "inserted" in present:
+        entries.append(("inserted", f"{MARKS['inserted'][1]}: {counts.get('inserted', 0)}"))
+    if counts.get("folded") or "folded" in present:
+        layers = counts.get("folded_into_layers", 0)
+        entries.append(("folded", f"{MARKS['folded'][1]}: {counts.get('folded', 0)} BatchNorms into {layers} layers"))
+    if counts.get("multiply_add") or "multiply_add" in present:
+        entries.append(("multiply_add", f"{MARKS['multiply_add'][1]}: {counts.get('multiply_add', 0)}"))
+    entries.append(("left", f"{MARKS['left'][1]}: {counts.get('left', 0)}"))
+    entries.append((None, MARKS[None][1]))
+    return entries
+
+
+# --- DOT, and Graphviz where it is installed ---------------------------------------------------
+
+
+def _dot(graph: nx.DiGraph) -> str:
+    lines = [
+        "digraph bngraph {",
+        '  graph [rankdir=TB, nodesep=0.25, ranksep=0.3, fontname="Helvetica"];',
+        '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=9];',
+        '  edge [color="#808080", arrowsize=0.5];',
+    ]
+    for name, data in graph.nodes(data=True):
+        label = data["label"].replace('"', "'").replace("\n", "\\n")
+        lines.append(f'  "{name}" [label="{label}", fillcolor="{MARKS[data["mark"]][0]}"];')
+    lines += [f'  "{a}" -> "{b}";' for a, b in graph.edges]
+    rows = "".join(
+        f'<TR><TD BGCOLOR="{MARKS[mark][0]}" WIDTH="14"> </TD><TD ALIGN="LEFT">{_html(text)}</TD></TR>'
+        for mark, text in legend_entries(graph)
+    )
+    lines.append(f'  bngraph__legend [shape=plaintext, style="", label=<<TABLE BORDER="0" CELLSPACING="2">{rows}</TABLE>>];')
+    return "\n".join([*lines, "}"]) + "\n"
+
+
+def _html(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _graphviz(graph: nx.DiGraph, path: Path) -> bool:
+    """Render with Graphviz `dot` when it is installed; False when it is not."""
+    dot = shutil.which("dot")
+    if dot is None:
+        return False
+    done = subprocess.run([dot, f"-T{path.suffix[1:]}", "-o", str(path)], input=_dot(graph), text=True,
+                          capture_output=True, timeout=300)  # fmt: skip
+    if done.returncode != 0:
+        raise UserError(f"Graphviz dot could not draw the graph: {done.stderr.strip().splitlines()[-1:]}")
+    return True
+
+
+def draw_graph(graph: nx.DiGraph, path: str | Path, *, force: bool = False, graphviz: bool = True) -> Path:
+    """Write `graph` to `path`; the suffix (.svg, .png, .dot) picks the format. SVG and PNG come
+    from Graphviz `dot` where it is installed (and `graphviz`) and the graph is at most
+    _GRAPHVIZ_MAX_LAYERS deep, else from the built-in layout.
+
+    The picture carries bngraph's mark (bngraph.atomic): `force` replaces only a marked one."""
     path = Path(path)
     if path.suffix not in (".svg", ".png", ".dot"):
         raise UserError(f"cannot draw to {path}: use a .svg, .png or .dot file name")
     if path.suffix == ".dot":
-        return write_atomically(path, lambda tmp: tmp.write_text(_dot(graph)))
-    return write_atomically(path, lambda tmp: _draw(graph, tmp))
+        return write_atomically(path, lambda tmp: tmp.write_text(_dot(graph)), kind=PICTURE, force=force)
 
+    # dot draws one long column, so a deep graph (Inception) would be a strip: ours wraps it.
+    graphviz = graphviz and max(_layers(graph).values(), default=0) < _GRAPHVIZ_MAX_LAYERS
 
-def marks_from_history(history: list[dict]) -> tuple[set[str], set[str]]:
-    """The module paths of BatchNorms inserted, and of layers that absorbed one, per the history."""
-    inserted, folded = set(), set()
-    for entry in history:
-        report = entry.get("report", {})
-        if entry.get("command") == "insert":
-            inserted |= {row["bn"] for row in report.get("inserted", []) if "bn" in row}
-        if entry.get("command") == "fold":
-            for row in report.get("folded", []):
-                folded |= {str(v) for k, v in row.items() if k in ("into", "layer", "producer", "consumer")}
-    return inserted, folded
+    def write(tmp: Path) -> None:
+        if not (graphviz and _graphviz(graph, tmp)):
+            _draw(graph, tmp)
+
+    return write_atomically(path, write, kind=PICTURE, force=force)

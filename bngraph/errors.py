@@ -13,3 +13,75 @@ class UserError(Exception):
 
 class CheckFailed(Exception):
     """A check ran and failed: the result would compute something else, so nothing is written."""
+
+
+class ModelRaised(UserError):
+    """The user's model raised while bngraph ran it unchanged: the user's code, not a pass, failed."""
+
+
+def one_line(err: BaseException) -> str:
+    """`TypeName: first line of the message`."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _library_dirs() -> tuple[str, ...]:
+    """Folders whose frames are not the user's: torch, bngraph itself (its zoo aside), the stdlib."""
+    import os
+    import sys
+    import sysconfig
+
+    dirs = [sysconfig.get_paths()["stdlib"]]
+    for name in ("torch", "bngraph", "bngraph.passes", "onnxscript", "onnx_ir", "onnx"):
+        module = sys.modules.get(name)
+        dirs += [os.path.realpath(p) for p in getattr(module, "__path__", [])]
+    return tuple(os.path.join(d, "") for d in dirs)
+
+
+def user_frame(err: BaseException):
+    """The innermost traceback frame of `err` in the user's code (a zoo model counts as the
+    user's: it runs on the user's input), or None when every frame is torch's or bngraph's."""
+    import os
+    import sys
+    import traceback
+
+    library = _library_dirs()
+    zoo = tuple(os.path.join(os.path.realpath(p), "") for p in getattr(sys.modules.get("bngraph.zoo"), "__path__", []))
+
+    def is_users(filename: str) -> bool:
+        real = os.path.realpath(filename)
+        return not filename.startswith("<") and (real.startswith(zoo) or not real.startswith(library))
+
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if is_users(f.filename)]
+    return frames[-1] if frames else None
+
+
+def model_raised(err: BaseException, what: str = "the model", *, failed: str | None = None) -> ModelRaised:
+    """The one-line error for a user's forward that raised `err`: where in the user's file, and
+    what. `failed` puts the circumstance first: "the model failed on its example input (2, 3)"."""
+    frame = user_frame(err)
+    where = ""
+    if frame is not None:
+        code = (frame.line or "").strip()
+        where = f" at {frame.filename}:{frame.lineno}" + (f" ({code})" if code else "")
+    if failed:
+        return ModelRaised(f"{failed}: it raised{where}: {one_line(err)}")
+    return ModelRaised(f"{what} raised{where}: {one_line(err)}")
+
+
+class running_user_model:
+    """`with running_user_model("the model"): model(x)`: an exception from inside the user's own
+    code becomes a one-line `ModelRaised`; one with no frame in the user's code stays a bug."""
+
+    def __init__(self, what: str = "the model"):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None or not isinstance(err, Exception) or isinstance(err, (UserError, CheckFailed)):
+            return False
+        if user_frame(err) is None:
+            return False
+        raise model_raised(err, self.what) from err

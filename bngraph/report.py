@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
 @dataclass
 class Report:
+    """One command's result: a title, tables (`sections`), scalar facts and notes, rendered as a
+    table (`print_table`) or JSON (`to_json`, `print_json`) from the same data."""
+
     title: str
     sections: dict[str, list[dict]] = field(default_factory=dict)  # e.g. "inserted", "skipped"
     facts: dict[str, Any] = field(default_factory=dict)  # scalars: counts, paths, verdicts
@@ -21,10 +27,12 @@ class Report:
     passes: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
-        return {**self.facts, **self.sections, "notes": list(self.notes)}
+        """The facts, sections and notes as JSON values: numbers stay numbers, floats keep the
+        digits they mean (see `json_value`), and a float that is not finite becomes null."""
+        return json_value({**self.facts, **self.sections, "notes": list(self.notes)})
 
     def print_json(self, stream: TextIO | None = None) -> None:
-        json.dump(self.to_json(), stream or sys.stdout, indent=2, default=str)
+        json.dump(self.to_json(), stream or sys.stdout, indent=2, allow_nan=False)
         (stream or sys.stdout).write("\n")
 
     def print_table(self, stream: TextIO | None = None) -> None:
@@ -33,7 +41,7 @@ class Report:
         console = Console(file=stream, width=None if stream.isatty() else 160, highlight=False)
         console.print(f"[bold]{self.title}[/bold]")
         for key, value in self.facts.items():
-            console.print(f"  {key}: {value}")
+            console.print(f"  {key}: {escape(_cell(value))}")
         for name, rows in self.sections.items():
             if not rows:
                 console.print(f"  {name}: none")
@@ -43,10 +51,42 @@ class Report:
             for column in columns:
                 table.add_column(column)
             for row in rows:
-                table.add_row(*(_cell(row.get(c, "")) for c in columns))
+                table.add_row(*(escape(_cell(row.get(c, ""))) for c in columns))  # `[...]` in a reason is text
             console.print(table)
         for note in self.notes:
-            console.print(f"  note: {note}")
+            console.print(f"  note: {escape(str(note))}")
+
+
+# Differences and errors mean their order of magnitude and a few digits; anything else (a loss,
+# an accuracy, a learning rate) keeps 6, which drops float32 noise such as 0.11349999904632568.
+_ERROR_KEY = re.compile(r"(^|_)(abs|rel|err|error|errors|diff|change|ratio|excess)(_|$)")
+ERROR_DIGITS, FLOAT_DIGITS = 4, 6
+
+
+def json_value(value: Any, key: str = "") -> Any:
+    """`value` made JSON: dicts, lists and tuples recursively; numpy and 0-d torch numbers as
+    Python numbers; floats to ERROR_DIGITS significant digits under an error-like key, else
+    FLOAT_DIGITS; NaN and infinities as null; paths and anything else as their text."""
+    if isinstance(value, dict):
+        return {str(k): json_value(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(v, key) for v in value]
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", getattr(value, "dim", lambda: 1)) in (0, ()):
+        value = value.item()  # numpy scalar or 0-d tensor
+    elif hasattr(value, "tolist") and not isinstance(value, (int, float)):
+        return json_value(value.tolist(), key)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        digits = ERROR_DIGITS if _ERROR_KEY.search(key) else FLOAT_DIGITS
+        return float(f"{value:.{digits}g}")
+    return str(value)
 
 
 def _cell(value: Any) -> str:
@@ -54,4 +94,6 @@ def _cell(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3g}"
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+        return ",".join(map(str, value))  # a shape, as --input-shape writes it
     return str(value)

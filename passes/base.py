@@ -12,17 +12,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bngraph.errors import UserError
+from bngraph.errors import ModelRaised, UserError
 
 
 @dataclass(frozen=True)
 class Skip:
+    """A site a pass left alone, and why (one sentence about the user's model)."""
+
     site: str  # node name as the user sees it in the traced graph
     reason: str  # one sentence about the user's model, not about our code
 
 
 @dataclass
 class PassResult:
+    """What a pass did: the graph it returns, the sites it changed, those it skipped and why."""
+
     graph: Any  # torch.fx.GraphModule or onnx_ir.Model
     changed: list[str] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
@@ -57,6 +61,8 @@ def run_passes(graph: Any, passes: Sequence[Pass]) -> tuple[Any, dict[str, PassR
         name = pass_name(p)
         try:
             result = p(graph)
+        except ModelRaised:  # the user's forward raised where a pass ran it: not this pass's doing
+            raise
         except UserError as err:
             raise UserError(f"{name}: {err}") from err
         except Exception as err:  # a bug: keep the traceback, but say which pass it was in

@@ -37,7 +37,7 @@ def test_statistics_are_those_of_the_training_batches(tmp_path, capsys, trained)
     assert code == 0
     report = json.loads(out)
     assert [row["bn"] for row in report["recalibrated"]] == ["act1_bn", "act2_bn", "act3_bn"]
-    assert report["batches"] == "7 x 30" and 0 <= report["test_accuracy_after"] <= 1
+    assert (report["batches"], report["batch_size"]) == (7, 30) and 0 <= report["test_accuracy_after"] <= 1
 
     # The same batches through the pass on the original model give the same statistics.
     images = load_mnist(source).as_float()[0]
@@ -63,13 +63,13 @@ def test_another_domains_images_retarget_the_model(tmp_path, capsys, trained):
     assert report["test_accuracy_before"] < 0.95 and report["test_accuracy_after"] > 0.98
 
 
-def test_a_model_without_bn_is_written_unchanged_with_a_note(tmp_path, capsys, trained):
+def test_a_model_without_bn_is_refused_and_nothing_written(tmp_path, capsys, trained):
     _, source, _ = trained
-    code, out, _ = _cli(capsys, "recalibrate", "zoo:mnist-mlp", "--data", source, "--batches", 2, "-o", tmp_path / "n",
-                        "--json")  # fmt: skip
-    report = json.loads(out)
-    assert code == 0 and report["recalibrated"] == [] and "nothing to recalibrate" in report["notes"][0]
-    assert report["test_accuracy_before"] == report["test_accuracy_after"]
+    code, out, err = _cli(capsys, "recalibrate", "zoo:mnist-mlp", "--data", source, "--batches", 2, "-o", tmp_path / "n",
+                          "--json")  # fmt: skip
+    assert code == 2 and out == ""
+    assert err == "bngraph: error: nothing to recalibrate: the model has no BatchNorm\n"
+    assert not (tmp_path / "n").exists()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,255 @@
+"""Every way a command ends on the user's input: one line on stderr, the right exit code, no
+traceback, nothing written; and --json prints JSON alone on stdout, numbers as numbers."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+from bngraph.cli import main
+from bngraph.errors import ModelRaised, running_user_model
+from bngraph.passes.base import PassResult, run_passes
+from tests.conftest import REPO
+from tests.mnist_like import write_learnable
+
+ERROR_MODELS = REPO / "tests" / "error_models.py"
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    return write_learnable(tmp_path_factory.mktemp("data") / "mnist", n_train=600, n_test=200)
+
+
+def _cli(capfd, *argv):
+    # capfd, not capsys: what torch prints at the C++ level or through its log handlers counts too.
+    code = main([str(a) for a in argv])
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def _one_line(err: str, prefix: str = "bngraph: error: ") -> str:
+    assert err.count("\n") == 1 and err.startswith(prefix), err
+    assert "Traceback" not in err and "\x1b[" not in err
+    return err
+
+
+def _line_of(marker: str) -> int:
+    lines = ERROR_MODELS.read_text().splitlines()
+    return next(i for i, line in enumerate(lines, start=1) if f"# LINE: {marker}" in line)
+
+
+# 1. A forward that raises is the model's doing: its file and line, in every command.
+
+RAISES = {
+    "insert (traced)": ("ForwardRaises", ["insert", "{model}", "-o", "{tmp}/out"]),
+    "insert (fallback)": ("UntraceableForwardRaises", ["insert", "{model}", "-o", "{tmp}/out"]),
+    "fold": ("ForwardRaises", ["fold", "{model}", "-o", "{tmp}/out"]),
+    "fold (untraceable)": ("UntraceableForwardRaises", ["fold", "{model}", "-o", "{tmp}/out"]),
+    "export": ("ForwardRaises", ["export", "{model}", "-o", "{tmp}/out.onnx"]),
+    "verify": ("ForwardRaises", ["verify", "{model}", "{model}"]),
+    "graph": ("UntraceableForwardRaises", ["graph", "{model}", "-o", "{tmp}/out.svg"]),
+    "train": ("ForwardRaises", ["train", "{model}", "--data", "{data}", "--steps", "2", "--quiet", "-o", "{tmp}/out"]),
+}
+
+
+@pytest.mark.parametrize("case", RAISES, ids=list(RAISES))
+def test_a_forward_that_raises_is_named_at_its_line(case, tmp_path, capfd, mnist_dir):
+    symbol, argv = RAISES[case]
+    model = f"{ERROR_MODELS}:{symbol}"
+    code, out, err = _cli(capfd, *(a.format(model=model, tmp=tmp_path, data=mnist_dir) for a in argv))
+    assert code == 2
+    _one_line(err)
+    assert f"raised at {ERROR_MODELS}:{_line_of(symbol)}" in err
+    assert "pass" not in err  # the user's code failed, not a bngraph pass
+    assert not any(tmp_path.iterdir())
+
+
+def test_run_passes_tells_a_users_forward_from_a_bug_in_a_pass():
+    class Raises(nn.Module):
+        def forward(self, x):
+            return x @ torch.ones(3, 3)
+
+    def runs_the_model(model):  # a pass that runs the user's forward, as the fallback insert does
+        with running_user_model():
+            model(torch.ones(2, 4))
+        return PassResult(model)
+
+    def has_a_bug(model):
+        return PassResult([][0])
+
+    with pytest.raises(ModelRaised, match=rf"raised at {re.escape(__file__)}:\d+ \(return x @ torch.ones"):
+        run_passes(Raises(), [runs_the_model])
+    with pytest.raises(IndexError) as bug:  # a bug keeps its type and traceback, and names its pass
+        run_passes(Raises(), [has_a_bug])
+    assert any("raised in pass 'has_a_bug'" in note for note in bug.value.__notes__)
+
+
+def test_the_fallback_pass_names_the_users_line_too():
+    from functools import partial
+
+    from bngraph.load import load_model
+    from bngraph.passes.wrap_activation_modules import wrap_activation_modules
+
+    loaded = load_model(f"{ERROR_MODELS}:UntraceableForwardRaises")
+    wrap = partial(wrap_activation_modules, example_inputs=loaded.example_inputs())
+    with pytest.raises(ModelRaised, match=rf"^the model raised at {re.escape(str(ERROR_MODELS))}:"
+                                          rf"{_line_of('UntraceableForwardRaises')} "):  # fmt: skip
+        run_passes(loaded.module, [wrap])
+
+
+# 2. --weights that are no state dict, or another model's.
+
+
+def _weights(tmp_path, name: str):
+    from bngraph.zoo import create_model
+
+    path = tmp_path / f"{name}.pt"
+    if name == "tensor":
+        torch.save(torch.randn(3), path)
+    elif name == "list":
+        torch.save([torch.randn(3)], path)
+    elif name == "garbage":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif name == "pickle":
+        path.write_bytes(pickle.dumps(Counter("a pickle of something else")))
+    elif name == "not_tensors":
+        torch.save({"fc1.weight": 1.0, "steps": "many"}, path)
+    elif name == "other_model":
+        torch.save(nn.Sequential(nn.Linear(784, 100), nn.Sigmoid(), nn.Linear(100, 10)).state_dict(), path)
+    elif name == "shapes":
+        state = create_model("mnist-mlp").state_dict()
+        state["fc1.weight"] = torch.randn(5, 784)
+        del state["fc3.bias"]
+        torch.save({"state_dict": state, "step": 3}, path)  # a training checkpoint holding one
+    return path
+
+
+WEIGHTS = {
+    "tensor": "hold a Tensor, not a state dict",
+    "list": "hold a list, not a state dict",
+    "garbage": "not a state dict saved with torch.save",
+    "pickle": "not a state dict saved with torch.save",
+    "not_tensors": "not a state dict: 2 keys: fc1.weight, steps are not tensors",
+    "other_model": "are for another model: missing 8 keys: fc1.weight, fc1.bias, fc2.weight, ...; "
+    "unexpected 4 keys: 0.weight, 0.bias, 2.weight, ...",
+    "shapes": "are for another model: missing 1 key: fc3.bias; shapes differ (file vs model) for 1 key: "
+    "fc1.weight (5, 784) vs (100, 784)",
+}
+
+
+@pytest.mark.parametrize("name", WEIGHTS)
+def test_weights_that_do_not_fit_say_why_in_one_line(name, tmp_path, capfd):
+    weights = _weights(tmp_path, name)
+    code, _, err = _cli(capfd, "insert", "zoo:mnist-mlp", "--weights", weights, "-o", tmp_path / "out")
+    assert code == 2
+    assert WEIGHTS[name] in _one_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+# 3. A failed ONNX export: one line, and the exporter's whole log in the file it names.
+
+
+def test_a_failed_export_is_one_line_and_its_log_is_kept(tmp_path, capfd):
+    code, out, err = _cli(capfd, "export", f"{ERROR_MODELS}:DataDependentSteps", "-o", tmp_path / "m.onnx")
+    assert code == 2 and out == ""
+    _one_line(err)
+    assert "torch.onnx.export could not export DataDependentSteps" in err
+    log = re.search(r"the exporter's full log: (\S+)\)$", err.strip()).group(1)
+    text = open(log).read()
+    assert "Traceback" in text and "\x1b[" not in text  # the whole story, without colour codes
+    assert not (tmp_path / "m.onnx").exists()
+
+
+# 4. Nothing to recalibrate.
+
+
+def test_recalibrating_a_model_without_batchnorm_is_refused(tmp_path, capfd, mnist_dir):
+    code, out, err = _cli(capfd, "recalibrate", f"{ERROR_MODELS}:NoBatchNorm", "--data", mnist_dir, "-o", tmp_path / "o")
+    assert code == 2 and out == ""
+    assert _one_line(err) == "bngraph: error: nothing to recalibrate: the model has no BatchNorm\n"
+    assert not (tmp_path / "o").exists()
+
+
+# 5. A loss that is not finite stops the run: a failed check, exit 1.
+
+
+def test_training_that_diverges_stops_with_exit_1(tmp_path, capfd, mnist_dir):
+    code, _, err = _cli(capfd, "train", "zoo:mnist-mlp", "--data", mnist_dir, "--steps", 200, "--eval-every", 100,
+                        "--lr", 1e38, "--quiet", "-o", tmp_path / "run")  # fmt: skip
+    assert code == 1
+    _one_line(err, "bngraph: check failed: ")
+    assert re.search(r"training diverged: the training loss is nan \(mean over steps 1-25\) at --lr 1e\+38; lower --lr",
+                     err)  # fmt: skip
+    assert "nothing of this run is kept" in err and not (tmp_path / "run").exists()
+
+
+def test_a_run_that_diverges_after_a_checkpoint_keeps_it_whole(tmp_path, capfd, mnist_dir):
+    run = tmp_path / "run"
+    code, _, err = _cli(capfd, "train", "zoo:mnist-mlp", "--data", mnist_dir, "--steps", 40, "--eval-every", 5,
+                        "--lr", 3e35, "--quiet", "-o", run)  # fmt: skip
+    assert code == 1
+    kept = re.search(r"keeps the checkpoint of step (\d+), from before", _one_line(err, "bngraph: check failed: "))
+    step = int(kept.group(1))
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == step  # resumable, no NaN in it
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == step and all(row["train_loss"] < float("inf") for row in rows)
+
+
+def test_reproduce_that_diverges_stops_with_exit_1(tmp_path, capfd, mnist_dir):
+    code, _, err = _cli(capfd, "reproduce", "mnist", "--data", mnist_dir, "--steps", 40, "--eval-every", 20,
+                        "--lr", 1e38, "--workers", 1, "--quiet", "-o", tmp_path / "repro")  # fmt: skip
+    assert code == 1
+    assert "training diverged: the weights are not finite at step 20" in _one_line(err, "bngraph: check failed: ")
+    assert not (tmp_path / "repro").exists()
+
+
+# 6. --json: JSON alone on stdout, numbers as numbers.
+
+
+def _json(capfd, *argv) -> dict:
+    code, out, _ = _cli(capfd, *argv, "--json")
+    assert code == 0
+    return json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+
+def test_every_command_prints_only_json_with_numbers(tmp_path, capfd, mnist_dir):
+    a, onnx = tmp_path / "a", tmp_path / "a.onnx"
+    assert _json(capfd, "insert", "zoo:mnist-mlp", "-o", a)["inserted"][0]["features"] == 100
+    fold = _json(capfd, "fold", a, "-o", tmp_path / "b")
+    assert (fold["batchnorms_before"], fold["batchnorms_after"]) == (3, 0)
+    export = _json(capfd, "export", a, "-o", onnx)
+    verify = _json(capfd, "verify", a, onnx)
+    for report in (export, verify):
+        row = (report.get("verification") or report["outputs"])[0]
+        assert isinstance(row["elements"], int) and isinstance(row["failed_elements"], int)
+        assert isinstance(row["max_abs"], float)
+    onnx_fold = _json(capfd, "fold", onnx, "-o", tmp_path / "c.onnx")
+    assert all(isinstance(v, (int, float)) for k, v in onnx_fold.items() if k.endswith(("_before", "_after")))
+    graph = _json(capfd, "graph", tmp_path / "b", "-o", tmp_path / "g.dot")
+    assert (graph["inserted"], graph["folded"], graph["left"]) == (3, 3, 0)
+    assert isinstance(_json(capfd, "zoo")["models"][0]["parameters"], int)
+    train = _json(capfd, "train", a, "--data", mnist_dir, "--steps", 10, "--eval-every", 5, "--quiet", "-o",
+                  tmp_path / "t")  # fmt: skip
+    row = train["evaluations"][-1]
+    assert isinstance(row["step"], int) and isinstance(row["test_accuracy"], float)
+    assert len(repr(row["test_loss"])) <= 10  # 6 significant digits, not float32 noise
+    recal = _json(capfd, "recalibrate", a, "--data", mnist_dir, "--batches", 2, "-o", tmp_path / "r")
+    assert (recal["batches"], recal["batch_size"]) == (2, 60)
+    repro = _json(capfd, "reproduce", "mnist", "--data", mnist_dir, "--steps", 10, "--eval-every", 5,
+                  "--workers", 1, "--quiet", "-o", tmp_path / "p")  # fmt: skip
+    assert all(isinstance(v["best_test_accuracy"], float) for v in repro["results"])
+
+
+def test_json_has_no_nan_and_rounds_floats_by_meaning():
+    from bngraph.report import Report
+
+    report = Report("t", facts={"loss": float("nan"), "lr": 0.008633292175601102, "max_abs": 1.23456789e-7,
+                                "steps": torch.tensor(3), "accuracy": torch.tensor(0.1135, dtype=torch.float32)})  # fmt: skip
+    assert report.to_json() == {"loss": None, "lr": 0.00863329, "max_abs": 1.235e-07, "steps": 3, "accuracy": 0.1135,
+                                "notes": []}  # fmt: skip
