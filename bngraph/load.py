@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import pickle
 import sys
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,8 +17,9 @@ from torch import nn
 
 from bngraph.artifacts import load_artifact
 from bngraph.errors import UserError
-from bngraph.spec import ModelSpec, parse_input_shapes, parse_model_spec
-from bngraph.trace import one_line
+from bngraph.runners import ExampleInputs, random_tensor
+from bngraph.spec import ModelSpec, input_layout, parse_input_dtypes, parse_input_shapes, parse_model_spec
+from bngraph.trace import materialize_lazy, one_line
 
 
 @dataclass
@@ -25,14 +29,31 @@ class LoadedModel:
     input_shapes: list[tuple[int, ...]] | None
     history: list[dict] = field(default_factory=list)  # passes already applied (artifacts)
     symbol: str | None = None  # the class or function a .py spec resolved to
+    input_dtypes: list[str] | None = None  # numpy names, one per input; None: all float32
+    batch_axes: list[int | None] | None = None  # 0, or None for an input without one; None: all 0
 
-    def example_inputs(self, seed: int = 0) -> list[torch.Tensor]:
+    def example_inputs(self, seed: int = 0) -> ExampleInputs:
+        """Random inputs of the declared shapes and dtypes (see `bngraph.runners.random_tensor`),
+        carrying each one's batch axis for the checks that vary the batch."""
         if not self.input_shapes:
             raise UserError(
                 f"{self.spec.text} declares no example input: give one with --input-shape, e.g. 2,3,32,32"
             )
+        dtypes, batch_axes = input_layout(self.input_shapes, self.input_dtypes, (), self.batch_axes)
         gen = torch.Generator().manual_seed(seed)
-        return [torch.randn(shape, generator=gen) for shape in self.input_shapes]
+        tensors = [
+            random_tensor(shape, _torch_dtype(dtype), gen) for shape, dtype in zip(self.input_shapes, dtypes)
+        ]
+        # Lazy layers take their shapes now, on the model itself, so that every command and the
+        # copies they make see one set of weights (see `bngraph.trace.materialize_lazy`).
+        materialize_lazy(self.module, tensors)
+        return ExampleInputs(tensors, batch_axes)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import numpy as np
+
+    return torch.from_numpy(np.zeros(0, dtype=name)).dtype
 
 
 def _import_file(path: Path):
@@ -102,26 +123,79 @@ def _declared_shapes(module: nn.Module) -> list[tuple[int, ...]] | None:
 
 
 def load_weights(module: nn.Module, weights: str | Path) -> None:
+    """Load a state dict (or a checkpoint holding one under "state_dict"/"model") into `module`,
+    strictly: every key present, none extra, every shape the model's."""
     path = Path(weights)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error says enough
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only=True unpickles tensors and containers only; anything else, or bytes that
+        # are no pickle at all, ends here (and loading it unrestricted would run its code).
+        raise UserError(
+            f"cannot read weights {path}: not a state dict saved with torch.save (it holds other "
+            f"objects, or is not a torch file at all)"
+        ) from err
     except Exception as err:
-        raise UserError(f"cannot read weights {path}: {one_line(err)}") from err
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]  # a training checkpoint rather than a bare state dict
+        raise UserError(f"cannot read weights {path}: {_first_line(one_line(err))}") from err
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):  # a training checkpoint rather than a bare state dict
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise UserError(f"weights {path} hold a {type(state).__name__}, not a state dict (parameter name -> tensor)")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise UserError(f"weights {path} are not a state dict: {_some(not_tensors)} are not tensors")
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in state and state[k].shape != v.shape]  # fmt: skip
+    problems = []
+    if missing:
+        problems.append(f"missing {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_some(unexpected)}")
+    if mismatched:
+        problems.append(f"shapes differ (file vs model) for {_some(mismatched)}")
+    if problems:
+        raise UserError(f"weights {path} are for another model: " + "; ".join(problems))
     try:
         module.load_state_dict(state, strict=True)
     except Exception as err:
-        raise UserError(f"weights {path} do not fit the model: {one_line(err).splitlines()[0]}") from err
+        raise UserError(f"weights {path} do not fit the model: {_first_line(one_line(err))}") from err
 
 
-def load_model(spec: str | ModelSpec, *, weights=None, input_shape: str | None = None) -> LoadedModel:
-    """Load what a model spec names (see `bngraph.spec`), with its example input shapes."""
+def _some(names: list[str], shown: int = 3) -> str:
+    """"3 keys: a, b, c" or "12 keys: a, b, c, ...": a few names and the count."""
+    more = ", ..." if len(names) > shown else ""
+    return f"{len(names)} key{'s' if len(names) != 1 else ''}: {', '.join(names[:shown])}{more}"
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def load_model(
+    spec: str | ModelSpec,
+    *,
+    weights=None,
+    input_shape: str | None = None,
+    input_dtype: str | None = None,
+    static_inputs: Sequence[int] = (),
+) -> LoadedModel:
+    """Load what a model spec names (see `bngraph.spec`), with its example inputs' shapes, dtypes
+    and batch axes: declared (zoo entry; a model class's `example_input_shapes`,
+    `example_input_dtypes`, `example_input_batch_axes`; an artifact's bngraph.json) unless given."""
     spec = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
     history: list[dict] = []
     shapes, symbol = None, spec.symbol
+    dtypes, batch_axes = None, None
     if spec.kind == "zoo":
         from bngraph.zoo import create_model, get_entry
 
@@ -130,19 +204,45 @@ def load_model(spec: str | ModelSpec, *, weights=None, input_shape: str | None =
     elif spec.kind == "file":
         module, symbol = _build(spec.path, spec.symbol)
         shapes = _declared_shapes(module)
+        dtypes, batch_axes = _declared(module, "example_input_dtypes"), _declared(module, "example_input_batch_axes")
     elif spec.kind == "artifact":
         module, meta = load_artifact(spec.path)
         shapes = [tuple(s) for s in meta["input_shapes"]] if meta.get("input_shapes") else None
+        dtypes, batch_axes = meta.get("input_dtypes"), meta.get("input_batch_axes")  # absent before they were stored
         history = list(meta.get("history", []))
     else:
         raise UserError(f"{spec.text} is an ONNX file; this command needs a PyTorch model")
     if weights is not None:
         load_weights(module, weights)
     if input_shape is not None:
-        shapes = parse_input_shapes(input_shape)
-    return LoadedModel(module, spec, shapes, history, symbol)
+        given = parse_input_shapes(input_shape)
+        if shapes is None or len(given) != len(shapes):
+            dtypes, batch_axes = None, None  # declared for other inputs
+        shapes = given
+    if input_dtype is not None:
+        dtypes = parse_input_dtypes(input_dtype)
+    elif dtypes is not None:  # declared as numpy names or torch dtypes
+        dtypes = parse_input_dtypes(";".join(str(d).removeprefix("torch.") for d in dtypes))
+    if shapes is not None:
+        dtypes, batch_axes = input_layout(shapes, dtypes, static_inputs, batch_axes)
+    elif input_dtype is not None or static_inputs:
+        raise UserError(f"{spec.text} declares no example input: give --input-shape with --input-dtype/--static-input")
+    return LoadedModel(module, spec, shapes, history, symbol, dtypes, batch_axes)
+
+
+def _declared(module: nn.Module, name: str) -> list | None:
+    value = getattr(module, name, None)
+    return list(value) if value is not None else None
 
 
 def load(spec: str | Path, *, weights=None) -> nn.Module:
-    """`bngraph.load('zoo:mnist-mlp')`, `bngraph.load('out/')`: the nn.Module a spec names."""
+    """`bngraph.load('zoo:mnist-mlp')`, `bngraph.load('out/')`: the nn.Module a spec names.
+
+    Loading runs Python code: a `file.py` spec, and an artifact's `model.py` (its generated
+    code). As with pickle, load only artifacts and files you trust. The weights are read with
+    `weights_only=True`, and an artifact whose files no longer match the checksums in its
+    bngraph.json is refused (UserError), so a changed or damaged file is never run unnoticed;
+    but the checksums live in the same folder, so they are no defence against a folder someone
+    else wrote.
+    """
     return load_model(str(spec), weights=weights).module

@@ -10,6 +10,7 @@ random batches both sides run on, and the input shapes an ONNX file declares.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from bngraph.errors import UserError
+from bngraph.errors import running_user_model
 from bngraph.trace import one_line
 
 ORT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL")
@@ -29,15 +31,20 @@ BATCH_SIZES = (1, 1, 1, 7)
 
 
 class TorchRunner:
-    kind, output_names = "torch", None
+    """A PyTorch module in eval mode; its outputs flattened and named by `named_tensors`."""
+
+    kind = "torch"
 
     def __init__(self, module: nn.Module, label: str = "torch"):
         self.module, self.label = module, label
+        self.output_names: list[str] | None = None  # known after the first call
 
     def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        with torch.no_grad(), eval_mode(self.module):
+        with torch.no_grad(), eval_mode(self.module), running_user_model():
             out = self.module(*(torch.from_numpy(np.ascontiguousarray(x)) for x in inputs))
-        return [t.detach().cpu().numpy() for t in _leaves(out)]
+        named = named_tensors(out)
+        self.output_names = [name for name, _ in named]
+        return [_to_numpy(t) for _, t in named]
 
 
 class OrtRunner:
@@ -58,7 +65,9 @@ class OrtRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        feeds = {i.name: x for i, x in zip(self.session.get_inputs(), inputs)}
+        # onnxruntime lists neither initializers nor IR-3 initializers-as-inputs here: the same
+        # inputs as `onnx_inputs` and the ReferenceEvaluator feed, in graph order.
+        feeds = {i.name: np.asarray(x) for i, x in zip(self.session.get_inputs(), inputs)}
         return self.session.run(None, feeds)
 
 
@@ -75,7 +84,8 @@ class EvaluatorRunner:
         self.output_names = list(self.evaluator.output_names)
 
     def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return list(self.evaluator.run(None, dict(zip(self.input_names, inputs))))
+        feeds = {name: np.asarray(x) for name, x in zip(self.input_names, inputs)}
+        return [np.asarray(y) for y in self.evaluator.run(None, feeds)]
 
 
 def runners_for(model: Any, *, evaluator: bool = False) -> list:
@@ -99,18 +109,40 @@ def eval_mode(module: nn.Module):
         yield
     finally:
         for m, training in modes.items():
-            m.training = training
+            if m.training is not training:  # nn.Module's __setattr__ is slow: 1000s of layers, each check
+                m.training = training
 
 
-def _leaves(out: Any) -> list[torch.Tensor]:
-    """The tensors of a forward's result (a tensor, or tuples, lists and dicts of them) in order."""
+def named_tensors(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a forward's result, in order, named by where they sit in it.
+
+    A tensor alone is 'output'; dict keys, dataclass fields (HuggingFace's ModelOutput is both a
+    dict and a dataclass) and NamedTuple fields give their names ('logits'); list and tuple items
+    their index ('hidden_states.0', 'output.1' at the top). None entries and other leaves (ints,
+    strings) are not outputs to compare: torch.onnx drops or bakes them in too.
+    """
     if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if not isinstance(out, (list, tuple)):
-        return []  # a constant the exporter would bake in: nothing to compare
-    return [t for item in out for t in _leaves(item)]
+        return [(prefix or "output", out)]
+    if isinstance(out, dict):  # before dataclasses: a ModelOutput lists only its non-None fields
+        items = [(str(key), value) for key, value in out.items()]
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        items = [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+    elif isinstance(out, tuple) and hasattr(out, "_fields"):  # a NamedTuple
+        items = list(zip(out._fields, out))
+    elif isinstance(out, (list, tuple)):
+        items = [(str(i), value) for i, value in enumerate(out)]
+        if not prefix:
+            prefix = "output"
+    else:
+        return []
+    return [pair for key, value in items for pair in named_tensors(value, f"{prefix}.{key}" if prefix else key)]
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+        tensor = tensor.float()
+    return tensor.numpy()
 
 
 def _describe(model: Any) -> str:
@@ -120,27 +152,76 @@ def _describe(model: Any) -> str:
 # ---- inputs -------------------------------------------------------------------------------
 
 
+class ExampleInputs(list):
+    """Example input tensors, with each one's batch axis (0, or None for an input without one,
+    such as a (T, T) mask or a per-feature scale) beside them, so that what checks a model at
+    another batch size (export, fold, verify) varies only the inputs that have a batch."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], batch_axes: Sequence[int | None] | None = None):
+        super().__init__(tensors)
+        self.batch_axes = batch_axes_of(self, batch_axes)
+
+
+def batch_axes_of(example_inputs: Sequence[torch.Tensor], batch_axes: Sequence[int | None] | None = None):
+    """`batch_axes` if given, else what `ExampleInputs` carries, else axis 0 of every input but a 0-d one."""
+    if batch_axes is None:
+        batch_axes = getattr(example_inputs, "batch_axes", None)
+    if batch_axes is None:
+        return [0 if x.dim() else None for x in example_inputs]
+    if len(batch_axes) != len(example_inputs):
+        raise UserError(f"{len(batch_axes)} batch axes given for {len(example_inputs)} example inputs")
+    return [None if axis is None or not x.dim() else 0 for x, axis in zip(example_inputs, batch_axes)]
+
+
+def random_tensor(shape: Sequence[int], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """N(0, 1) floats; integers 0 or 1 (indices valid in any embedding table); either boolean."""
+    if dtype.is_floating_point:
+        return torch.randn(tuple(shape), generator=generator, dtype=dtype)
+    return torch.randint(0, 2, tuple(shape), generator=generator).to(dtype)
+
+
+def example_batches(
+    example_inputs: Sequence[torch.Tensor],
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    batch_axes: Sequence[int | None] | None = None,
+    seed: int = 0,
+) -> list[list[np.ndarray]]:
+    """`random_batches` shaped and typed like `example_inputs`, batch varied where there is one."""
+    shapes = [tuple(x.shape) for x in example_inputs]
+    dtypes = [torch.empty(0, dtype=x.dtype).numpy().dtype for x in example_inputs]
+    return random_batches(shapes, batch_sizes, dtypes, seed, batch_axes_of(example_inputs, batch_axes))
+
+
 def random_batches(
     shapes: Sequence[Sequence[int]],
     batch_sizes: Sequence[int] = BATCH_SIZES,
     dtypes: Sequence[np.dtype] | None = None,
     seed: int = 0,
+    batch_axes: Sequence[int | None] | None = None,
 ) -> list[list[np.ndarray]]:
-    """One list of inputs per batch size: `shapes` with the batch axis (0) replaced."""
+    """One list of inputs per batch size: `shapes` with the batch axis (0) replaced, on the
+    inputs that have one (`batch_axes`: 0 or None per input; default 0 for all but 0-d ones)."""
     rng = np.random.default_rng(seed)
-    dtypes = dtypes or [np.dtype(np.float32)] * len(shapes)
+    dtypes = [np.dtype(d) for d in dtypes] if dtypes is not None else [np.dtype(np.float32)] * len(shapes)
+    if batch_axes is None:
+        batch_axes = [0 if len(shape) else None for shape in shapes]
     batches = []
     for batch in batch_sizes:
-        batches.append([_random(rng, (batch, *shape[1:]), dtype) for shape, dtype in zip(shapes, dtypes)])
+        batches.append(
+            [
+                _random(rng, tuple(shape) if axis is None or not len(shape) else (batch, *shape[1:]), dtype)
+                for shape, dtype, axis in zip(shapes, dtypes, batch_axes)
+            ]
+        )
     return batches
 
 
 def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if np.issubdtype(dtype, np.floating):
-        return rng.standard_normal(shape).astype(dtype)
+        return np.asarray(rng.standard_normal(shape), dtype=dtype)  # a 0-d array for shape ()
     if dtype == np.bool_:
-        return rng.integers(0, 2, shape).astype(bool)
-    return rng.integers(0, 2, shape).astype(dtype)  # indices: 0 and 1 are valid in any table
+        return np.asarray(rng.integers(0, 2, shape), dtype=bool)
+    return np.asarray(rng.integers(0, 2, shape), dtype=dtype)  # indices: 0 and 1 are valid in any table
 
 
 @dataclass
@@ -148,10 +229,22 @@ class OnnxInputs:
     shapes: list[tuple[int, ...]]  # batch axis as 1 where it is symbolic
     dtypes: list[np.dtype]
     fixed_batch: int | None  # the batch size the file allows, when it fixes one
+    batch_axes: list[int | None] = dataclasses.field(default_factory=list)  # 0, or None: no batch axis
 
 
-def onnx_inputs(model: str | Path | bytes, input_shape: list[tuple[int, ...]] | None = None) -> OnnxInputs:
-    """The graph's inputs (initializers listed as inputs excluded), as shapes to feed."""
+def onnx_inputs(
+    model: str | Path | bytes,
+    input_shape: list[tuple[int, ...]] | None = None,
+    static_inputs: Sequence[int] = (),
+) -> OnnxInputs:
+    """The graph's inputs to feed (initializers listed as inputs, as IR 3 files do, excluded).
+
+    A dimension is symbolic when it has a name, no value, or a value <= 0 (older exporters write
+    -1). An input whose first dimension is symbolic has a batch axis; where another input has
+    one, an input whose first dimension is fixed has none (a mask, a table); where none has one,
+    the file fixes the batch. A scalar input (shape []) is fed a 0-d array. `input_shape`
+    replaces the declared shapes; `static_inputs` names inputs without a batch axis.
+    """
     import onnx
 
     try:
@@ -165,20 +258,53 @@ def onnx_inputs(model: str | Path | bytes, input_shape: list[tuple[int, ...]] | 
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if input_shape is not None and len(input_shape) != len(inputs):
         raise UserError(f"--input-shape gives {len(input_shape)} shapes; {_describe(model)} has {len(inputs)} inputs")
-    shapes, dtypes, fixed = [], [], set()
-    for index, value in enumerate(inputs):
+    for index in static_inputs:
+        if not 0 <= index < len(inputs):
+            raise UserError(f"--static-input {index}: {_describe(model)} has inputs 0 to {len(inputs) - 1}")
+    declared, dtypes = [], []
+    for value in inputs:
         tensor = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-        dtypes.append(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)))
-        if dims and dims[0] is not None:
-            fixed.add(dims[0])
-        if input_shape is not None:
-            shapes.append(tuple(input_shape[index]))
-        elif any(d is None for d in dims[1:]):
-            raise UserError(
-                f"input {value.name!r} of {_describe(model)} has symbolic dimensions {dims} beyond the batch: "
-                "give them with --input-shape"
+        if tensor.HasField("shape"):
+            declared.append(
+                [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
             )
         else:
-            shapes.append((1, *dims[1:]) if dims else ())
-    return OnnxInputs(shapes, dtypes, fixed.pop() if len(fixed) == 1 else None)
+            declared.append(None)  # rank unknown
+        dtypes.append(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)))
+    has_symbolic_batch = any(dims and dims[0] is None for dims in declared)
+    fixed = {dims[0] for dims in declared if dims and dims[0] is not None}
+    shapes, batch_axes = [], []
+    for index, (value, dims) in enumerate(zip(inputs, declared)):
+        if input_shape is not None:
+            shape = tuple(input_shape[index])
+            if dims is not None and len(dims) != len(shape):
+                raise UserError(
+                    f"--input-shape gives input {value.name!r} of {_describe(model)} rank {len(shape)}; "
+                    f"the file declares rank {len(dims)} ({_dims_text(dims)})"
+                )
+        elif dims is None:
+            raise UserError(f"input {value.name!r} of {_describe(model)} declares no shape: give it with --input-shape")
+        elif any(d is None for d in dims[1:]):
+            raise UserError(
+                f"input {value.name!r} of {_describe(model)} has symbolic dimensions ({_dims_text(dims)}) "
+                "beyond the batch: give them with --input-shape"
+            )
+        else:
+            shape = tuple(1 if d is None else d for d in dims)
+        shapes.append(shape)
+        batched = len(shape) > 0 and index not in set(static_inputs)
+        if dims:  # the file's own word: a fixed first dimension beside a symbolic batch is no batch
+            batched = batched and (dims[0] is None or not has_symbolic_batch)
+        batch_axes.append(0 if batched else None)
+    fixed_batch = None
+    if not has_symbolic_batch and fixed:
+        fixed_batch = next(dims[0] for dims in declared if dims)
+        # Inputs that fix another first dimension keep their shape at that batch.
+        batch_axes = [
+            0 if axis == 0 and dims and dims[0] == fixed_batch else None for axis, dims in zip(batch_axes, declared)
+        ]
+    return OnnxInputs(shapes, dtypes, fixed_batch, batch_axes)
+
+
+def _dims_text(dims: Sequence[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"

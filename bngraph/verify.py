@@ -1,10 +1,21 @@
 """Reference vs candidate on the same inputs: per-output errors, a verdict, and the worst element.
 
 Each side runs through a runner (`bngraph.runners`): a PyTorch module, an ONNX model in
-onnxruntime at ORT_DISABLE_ALL and ORT_ENABLE_ALL, or onnx's ReferenceEvaluator.
+onnxruntime at ORT_DISABLE_ALL and ORT_ENABLE_ALL, or onnx's ReferenceEvaluator. A PyTorch
+model's result is flattened to named tensors (dicts, dataclasses such as HuggingFace's
+ModelOutput, NamedTuples, lists and tuples, nested; None skipped); an ONNX model's outputs are
+named by its graph and paired with the other side's by position. Outputs that differ in number
+(or, between two PyTorch models, in names) fail; comparing no tensor at all is an error.
 
-An element fails only when it is beyond both tolerances, |c - r| > atol + rtol * |r|
-(numpy.allclose's rule: atol covers outputs near zero, rtol large ones). The result of
+What passing means: for every output and every element, with r the reference and c the candidate,
+
+    |c - r| <= atol * scale + rtol * |r|,   scale = RMS of the reference output (finite values,
+                                                    over every batch compared)
+
+The absolute part is relative to the output's own magnitude, so the rule reads the same on
+logits of 10 and on outputs of 1e-5: with the defaults, an error of 1% of an output's RMS
+fails at any scale (by about 50x against ONNX, 500x between two PyTorch models). NaN against NaN and
+inf against the same inf agree; NaN or inf on one side only is an infinite error. The result of
 `verify` is truthy on a pass.
 
     result = verify(model, "model.onnx", random_batches([(1, 3, 32, 32)]))  # bngraph.runners
@@ -21,20 +32,22 @@ from typing import Any
 
 import numpy as np
 
-from bngraph.errors import UserError
+from bngraph.errors import ModelRaised, UserError
 from bngraph.runners import runners_for
 from bngraph.trace import one_line
 
-# Default tolerances, by what is compared. torch against onnxruntime: different kernels (ATen
-# vs MLAS), and at ORT_ENABLE_ALL onnxruntime's own fusions, sum float32 products in another
-# order. On the zoo's models with BN inserted, random statistics and folded, the largest
-# difference measured is below 1e-6 (inception 8e-7, inception-small 5e-7, mnist-mlp 2e-7;
-# tests/test_export.py keeps it under a tenth of the tolerance), while a wrong fold errs by the
-# size of a BN statistic (~0.1): 1e-4 sits between, 100x from each. Folded against unfolded
-# torch: the same kernels, and the fold only rounds W * s and the bias once more; measured on
-# the same models up to 6e-7 (inception), so 1e-5 keeps a 15x margin and catches more.
+# Default tolerances, by what is compared, as fractions of the output's RMS (`scale`). torch
+# against onnxruntime: different kernels (ATen vs MLAS), and at ORT_ENABLE_ALL onnxruntime's own
+# fusions, sum float32 products in another order. On the zoo's models with BN inserted, random
+# statistics and folded, the largest difference measured is 1.5e-6 of the output's RMS
+# (inception; the worst element at 1/99 of what 1e-4 allows; inception-small 1/148, mnist-mlp
+# 1/370), while a wrong fold errs by the size of a BN statistic (~0.1 of it). Folded against
+# unfolded torch: the same kernels, and the fold only rounds W * s and the bias once more:
+# 8e-7 of the RMS (inception, 1/15 of what 1e-5 allows; inception-small 1/35, mnist-mlp 1/85),
+# so 1e-5 keeps that margin and fails a 1% error by 500x.
 ONNX_TOLERANCE = 1e-4
 TORCH_TOLERANCE = 1e-5
+RULE = "|c - r| <= atol * scale + rtol * |r|, scale = RMS of the reference output"
 
 
 # ---- comparison ---------------------------------------------------------------------------
@@ -48,54 +61,81 @@ class OutputDiff:
     atol: float
     rtol: float
     passed: bool
+    scale: float = 0.0  # RMS of the reference output: the unit of atol
+    batches: int = 0
     max_abs: float = 0.0
-    max_rel: float = 0.0  # |c - r| / max(|r|, atol): relative to atol where r is below it
+    max_rel: float = 0.0  # max |c - r| / scale
     mean_abs: float = 0.0
     p99_abs: float = 0.0
-    min_atol: float = 0.0  # the smallest atol that passes at this rtol
+    min_atol: float = 0.0  # the smallest atol (x scale) that passes at this rtol
     min_rtol: float = 0.0  # the smallest rtol that passes at this atol (inf: none does)
     worst_batch: int = 0
     worst_index: tuple[int, ...] = ()
     worst_reference: float = 0.0
     worst_candidate: float = 0.0
-    excess: float = 0.0  # worst |c - r| / (atol + rtol |r|): above 1 fails
+    excess: float = 0.0  # worst |c - r| / (atol * scale + rtol |r|): above 1 fails
     failed_elements: int = 0
     elements: int = 0
     top1_agreement: float | None = None  # classifiers (N, K): argmax agrees
-    problem: str | None = None  # shapes that cannot be compared
+    problem: str | None = None  # outputs that cannot be compared (shapes, structures)
+
+    def rule(self) -> str:
+        """The pass rule with this output's numbers in it."""
+        return f"|c - r| <= {self.atol:g} x {self.scale:.3g} (output RMS) + {self.rtol:g} x |r|"
 
     def line(self) -> str:
-        verdict = "PASSED" if self.passed else "FAILED"
-        if self.problem:
-            return f"FAILED | Output: {self.output!r} | {self.candidate} vs {self.reference} | {self.problem}"
-        within = "is within" if self.passed else "exceeds"
-        return (
-            f"{verdict} | Output: {self.output!r} | {self.candidate} vs {self.reference} | "
-            f"Difference {within} tolerance (rel={self.rtol:g}, abs={self.atol:g}) | "
-            f"max abs={self.max_abs:.3g}, max rel={self.max_rel:.3g}"
+        """Polygraphy's shape: verdict, output, what against what, then why (c: candidate, r: reference)."""
+        head = (
+            f"{'PASSED' if self.passed else 'FAILED'} | Output: {self.output!r} | {self.candidate} vs {self.reference}"
         )
+        if self.problem:
+            return f"{head} | {self.problem}"
+        compared = f"{self.batches} batches, {self.elements} elements"
+        if self.passed:
+            verdict = f"{self.rule()} everywhere, worst at {_ratio(self.excess)} of it"
+        else:
+            verdict = f"{self.rule()} fails on {self.failed_elements} elements, worst at {_ratio(self.excess)} times it"
+        return f"{head} | {compared} | {verdict} | max |c - r| {self.max_abs:.3g}"
 
     def row(self) -> dict:
-        """The facts for the report's table and JSON (the tolerance is in the report's facts)."""
+        """The facts for the report's table and JSON: numbers as numbers, None where not finite."""
         return {
             "output": self.output,
             "runtime": f"{self.candidate} vs {self.reference}",
             "passed": self.passed,
+            "problem": self.problem,
+            "elements": self.elements,
+            "failed_elements": self.failed_elements,
+            "scale": _json_float(self.scale),
             "max_abs": _json_float(self.max_abs),
             "max_rel": _json_float(self.max_rel),
+            "excess": _json_float(self.excess),
             "mean_abs": _json_float(self.mean_abs),
             "p99_abs": _json_float(self.p99_abs),
             "worst_batch": self.worst_batch,
             "worst_index": list(self.worst_index),
             "min_atol": _json_float(self.min_atol),
             "min_rtol": _json_float(self.min_rtol),
-            "top1": self.top1_agreement,
-            "failed": f"{self.failed_elements}/{self.elements}" if not self.problem else self.problem,
+            "top1": None if self.top1_agreement is None else _json_float(self.top1_agreement),
         }
 
 
-def _json_float(value: float) -> float | str:
-    return value if np.isfinite(value) else str(value)  # "inf": JSON has no infinity
+def _json_float(value: float) -> float | None:
+    """Four significant digits, the precision these numbers mean; None for inf and NaN (JSON has neither)."""
+    return float(f"{value:.4g}") if np.isfinite(value) else None
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2g}" if np.isfinite(value) else "inf"
+
+
+def output_scale(reference: Sequence[np.ndarray]) -> float:
+    """RMS of the finite reference values over every batch (float32's tiny for an all-zero output)."""
+    finite = [np.asarray(r, dtype=np.float64).ravel() for r in reference]
+    values = np.concatenate(finite) if finite else np.zeros(0)
+    values = values[np.isfinite(values)]
+    rms = float(np.sqrt(np.mean(np.square(values)))) if values.size else 0.0
+    return max(rms, float(np.finfo(np.float32).tiny))
 
 
 def compare(
@@ -105,53 +145,58 @@ def compare(
     atol: float,
     rtol: float,
     labels: tuple[str, str] = ("reference", "candidate"),
+    *,
+    scale: float | None = None,
 ) -> OutputDiff:
-    """Compare one output over several batches (one array per batch on each side)."""
-    diff = OutputDiff(name, labels[0], labels[1], atol, rtol, passed=True)
+    """Compare one output over several batches (one array per batch on each side).
+
+    `scale` (default: `output_scale(reference)`) is what atol is a fraction of; scale=1 gives
+    numpy.allclose's rule, atol in absolute units.
+    """
+    diff = OutputDiff(name, labels[0], labels[1], atol, rtol, passed=True, batches=len(reference))
     for ref, cand in zip(reference, candidate):
         if np.shape(ref) != np.shape(cand):
             diff.passed, diff.problem = False, f"shapes differ: {np.shape(cand)} vs {np.shape(ref)}"
             return diff
-    ref = [np.asarray(r, dtype=np.float64) for r in reference]
-    cand = [np.asarray(c, dtype=np.float64) for c in candidate]
-    errors = [_abs_error(r, c) for r, c in zip(ref, cand)]
-    flat_err = np.concatenate([e.ravel() for e in errors]) if errors else np.zeros(0)
-    flat_ref = np.abs(np.concatenate([r.ravel() for r in ref])) if ref else np.zeros(0)
-    # A NaN or inf reference gives no scale to be relative to; `_abs_error` judged it already.
-    flat_ref[~np.isfinite(flat_ref)] = 0.0
-    diff.elements = int(flat_err.size)
-    if flat_err.size == 0:
+    shapes = [np.shape(r) for r in reference]
+    ref = np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in reference]) if shapes else np.zeros(0)
+    cand = np.concatenate([np.asarray(c, dtype=np.float64).ravel() for c in candidate]) if shapes else np.zeros(0)
+    diff.scale = output_scale(reference) if scale is None else float(scale)
+    err = _abs_error(ref, cand)
+    magnitude = np.abs(ref)
+    magnitude[~np.isfinite(magnitude)] = 0.0  # a NaN or inf reference gives no scale; `_abs_error` judged it
+    diff.elements = int(err.size)
+    if err.size == 0:
         return diff
-    allowed = atol + rtol * flat_ref
-    diff.failed_elements = int(np.count_nonzero(flat_err > allowed))
+    allowed = atol * diff.scale + rtol * magnitude
+    diff.failed_elements = int(np.count_nonzero(err > allowed))
     diff.passed = diff.failed_elements == 0
-    diff.max_abs = float(flat_err.max())
-    diff.max_rel = float((flat_err / np.maximum(flat_ref, max(atol, np.finfo(np.float32).tiny))).max())
-    diff.mean_abs = float(flat_err.mean())
+    diff.max_abs = float(err.max())
+    diff.max_rel = diff.max_abs / diff.scale
+    diff.mean_abs = float(err.mean())
     with np.errstate(invalid="ignore"):
-        diff.p99_abs = float(np.percentile(flat_err, 99))
-    diff.min_atol = float(np.maximum(flat_err - rtol * flat_ref, 0).max())
-    beyond_atol = flat_err > atol
+        diff.p99_abs = float(np.percentile(err, 99))
+    diff.min_atol = float(np.maximum(err - rtol * magnitude, 0).max() / diff.scale)
+    beyond_atol = err > atol * diff.scale
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(allowed > 0, flat_err / allowed, np.where(flat_err > 0, np.inf, 0.0))
-        needed_rtol = np.where(flat_ref > 0, (flat_err - atol) / flat_ref, np.inf)
+        ratio = np.where(allowed > 0, err / allowed, np.where(err > 0, np.inf, 0.0))
+        needed_rtol = np.where(magnitude > 0, (err - atol * diff.scale) / magnitude, np.inf)
     diff.min_rtol = float(needed_rtol[beyond_atol].max()) if beyond_atol.any() else 0.0
     worst = int(np.argmax(ratio))
     diff.excess = float(ratio[worst])
-    sizes = np.cumsum([e.size for e in errors])
-    diff.worst_batch = int(np.searchsorted(sizes, worst, side="right"))
-    offset = worst - (sizes[diff.worst_batch - 1] if diff.worst_batch else 0)
-    diff.worst_index = tuple(int(i) for i in np.unravel_index(offset, errors[diff.worst_batch].shape))
-    diff.worst_reference = float(ref[diff.worst_batch][diff.worst_index])
-    diff.worst_candidate = float(cand[diff.worst_batch][diff.worst_index])
-    if all(r.ndim == 2 and r.shape[1] > 1 for r in ref):
-        agree = np.concatenate([r.argmax(1) == c.argmax(1) for r, c in zip(ref, cand)])
+    ends = np.cumsum([int(np.prod(s)) for s in shapes])
+    diff.worst_batch = int(np.searchsorted(ends, worst, side="right"))
+    offset = worst - (int(ends[diff.worst_batch - 1]) if diff.worst_batch else 0)
+    diff.worst_index = tuple(int(i) for i in np.unravel_index(offset, shapes[diff.worst_batch]))
+    diff.worst_reference, diff.worst_candidate = float(ref[worst]), float(cand[worst])
+    if all(len(s) == 2 and s[1] > 1 for s in shapes):
+        agree = np.concatenate([np.argmax(r, 1) == np.argmax(c, 1) for r, c in zip(reference, candidate)])
         diff.top1_agreement = float(agree.mean())
     return diff
 
 
 def _abs_error(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """|c - r|, with a NaN or inf on one side only as an infinite error and on both as none."""
+    """|c - r| of flat arrays, with a NaN or inf on one side only as an infinite error and on both as none."""
     with np.errstate(invalid="ignore", over="ignore"):
         err = np.abs(cand - ref)
     same = (np.isnan(ref) & np.isnan(cand)) | (np.isinf(ref) & (ref == cand))
@@ -166,7 +211,7 @@ class VerifyResult:
     batch_sizes: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return all(d.passed for d in self.diffs)
+        return bool(self.diffs) and all(d.passed for d in self.diffs)
 
     @property
     def worst(self) -> OutputDiff | None:
@@ -180,16 +225,20 @@ class VerifyResult:
         if worst is None:
             return lines
         if self:
-            lines.append(f"PASSED | {len(self.diffs)} comparisons on batches {self.batch_sizes}")
+            lines.append(
+                f"PASSED | {len(self.diffs)} comparisons (outputs x runtimes) on batches {self.batch_sizes} | "
+                f"worst: {worst.output!r} ({worst.candidate} vs {worst.reference}) at {_ratio(worst.excess)} of allowed"
+            )
         elif worst.problem:
             lines.append(f"FAILED | worst output {worst.output!r} ({worst.candidate}): {worst.problem}")
         else:
+            rtol = f"--rtol {worst.min_rtol:.2g}" if np.isfinite(worst.min_rtol) else "no --rtol alone"
             lines.append(
                 f"FAILED | worst output {worst.output!r} ({worst.candidate} vs {worst.reference}): "
-                f"{worst.failed_elements} of {worst.elements} elements beyond tolerance, max abs error "
+                f"{worst.failed_elements} of {worst.elements} elements beyond {worst.rule()}, max |c - r| "
                 f"{worst.max_abs:.3g} at batch {worst.worst_batch} index {list(worst.worst_index)} "
-                f"({worst.worst_candidate:.6g} vs {worst.worst_reference:.6g}); it would pass with "
-                f"--atol {worst.min_atol:.2g} (or --rtol {worst.min_rtol:.2g})"
+                f"(c {worst.worst_candidate:.6g} vs r {worst.worst_reference:.6g}); it would pass with "
+                f"--atol {worst.min_atol:.2g} (or {rtol})"
             )
         return lines
 
@@ -217,53 +266,88 @@ def verify(
     rtol: float | None = None,
     *,
     evaluator: bool = False,
+    batch_sizes: Sequence[int] | None = None,
 ) -> VerifyResult:
-    """Run both on each batch of `inputs` and compare every output.
+    """Run both on each batch of `inputs` and compare every output (see the module docstring).
 
     `reference` and `candidate` are nn.Modules or ONNX models (a path, bytes, a ModelProto).
     An ONNX model runs at both onnxruntime levels (and in onnx's ReferenceEvaluator with
     `evaluator`); two ONNX models are compared level by level. `atol`/`rtol` default to
-    `default_tolerance` for the kinds compared.
+    `default_tolerance` for the kinds compared. `batch_sizes` labels the batches in the report
+    (default: the first dimension of each batch's first input that has one).
     """
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if tol is not None and not tol >= 0:
             raise UserError(f"--{name} must be a number >= 0, not {tol}")
+    if not inputs:
+        raise UserError("nothing to compare: no input batches")
     refs, cands = runners_for(reference, evaluator=evaluator), runners_for(candidate, evaluator=evaluator)
     if len(refs) > 1 and len(cands) > 1:
         pairs = list(zip(refs, cands))  # same level against same level
     else:
         pairs = [(r, c) for r in refs for c in cands]
-    result = VerifyResult(batch_sizes=[len(batch[0]) if batch else 0 for batch in inputs])
+    if batch_sizes is None:
+        batch_sizes = [next((len(x) for x in map(np.asarray, batch) if x.ndim), 1) for batch in inputs]
+    result = VerifyResult(batch_sizes=list(batch_sizes))
     outputs: dict[int, list[list[np.ndarray]]] = {}
+
+    # A model with several inputs that fails on the batches may have an input without a batch axis.
+    hint = " (an input without a batch axis? name it: --static-input INDEX)" if len(inputs[0]) > 1 else ""
 
     def run(runner) -> list[list[np.ndarray]]:
         if id(runner) not in outputs:
             try:
                 outputs[id(runner)] = [runner(batch) for batch in inputs]
+            except ModelRaised as err:
+                raise ModelRaised(f"{err}; on batches {result.batch_sizes}{hint}") from err
             except UserError:
                 raise
             except Exception as err:
-                raise UserError(f"{runner.label} failed on a batch of {result.batch_sizes}: {one_line(err)}") from err
+                raise UserError(
+                    f"{runner.label} failed on a batch of {result.batch_sizes}: {one_line(err)}{hint}"
+                ) from err
         return outputs[id(runner)]
 
     for ref, cand in pairs:
         ref_out, cand_out = run(ref), run(cand)
-        if ref_out and len(ref_out[0]) != len(cand_out[0]):
-            raise UserError(f"{ref.label} gives {len(ref_out[0])} outputs but {cand.label} gives {len(cand_out[0])}")
-        tol = default_tolerance(ref.kind, cand.kind)
-        names = cand.output_names or ref.output_names or [f"output{i}" for i in range(len(ref_out[0]))]
+        names, problem = _paired_names(ref, cand, len(ref_out[0]), len(cand_out[0]))
+        tolerance = default_tolerance(ref.kind, cand.kind)
+        atol_used, rtol_used = (tolerance if atol is None else atol), (tolerance if rtol is None else rtol)
+        if problem:
+            diff = OutputDiff(names[0], ref.label, cand.label, atol_used, rtol_used, passed=False, problem=problem)
+            result.diffs.append(diff)
+            continue
         for i, name in enumerate(names):
-            result.diffs.append(
-                compare(
-                    name,
-                    [batch[i] for batch in ref_out],
-                    [batch[i] for batch in cand_out],
-                    tol if atol is None else atol,
-                    tol if rtol is None else rtol,
-                    (ref.label, cand.label),
-                )
-            )
+            ref_batches, cand_batches = [batch[i] for batch in ref_out], [batch[i] for batch in cand_out]
+            diff = compare(name, ref_batches, cand_batches, atol_used, rtol_used, (ref.label, cand.label))
+            result.diffs.append(diff)
     return result
+
+
+def _paired_names(ref, cand, ref_count: int, cand_count: int) -> tuple[list[str], str | None]:
+    """The name of each output pair, or (a name, why they cannot be paired)."""
+    ref_names = ref.output_names or [f"output{i}" for i in range(ref_count)]
+    cand_names = cand.output_names or [f"output{i}" for i in range(cand_count)]
+    if not ref_count and not cand_count:
+        raise UserError(
+            f"nothing to compare: neither model returns a tensor ({_what(ref)} and {_what(cand)} give no tensor output)"
+        )
+    if ref.kind == cand.kind == "torch" and ref_names != cand_names:
+        return ["(structure)"], f"output structures differ: {_listed(cand_names)} vs {_listed(ref_names)}"
+    if ref_count != cand_count:
+        return ["(structure)"], f"{cand_count} outputs {_listed(cand_names)} vs {ref_count} {_listed(ref_names)}"
+    # An ONNX graph's names are what a user finds in the file; two PyTorch models agree on theirs.
+    return (cand_names if cand.kind == "onnx" else ref_names), None
+
+
+def _what(runner) -> str:
+    module = getattr(runner, "module", None)
+    return f"{runner.label} {type(module).__name__}" if module is not None else runner.label
+
+
+def _listed(names: Sequence[str], most: int = 6) -> str:
+    shown = ", ".join(repr(n) for n in names[:most])
+    return f"[{shown}{', ...' if len(names) > most else ''}]"
 
 
 def print_lines(result: VerifyResult, args: Any = None) -> None:

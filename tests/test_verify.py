@@ -34,27 +34,29 @@ def test_an_element_fails_only_beyond_both_atol_and_rtol():
     reference = np.array([0.0, 100.0, 1.0])
     candidate = np.array([0.05, 100.5, 1.25])
     # 0.05 off a 0: atol covers it. 0.5 off 100: rtol covers it. 0.25 off 1: neither does.
-    diff = compare("y", [reference], [candidate], atol=0.1, rtol=0.01)
+    # scale=1: atol in absolute units (numpy.allclose's rule; by default atol is x the output's RMS).
+    diff = compare("y", [reference], [candidate], atol=0.1, rtol=0.01, scale=1.0)
     assert not diff.passed and diff.failed_elements == 1 and diff.worst_index == (2,)
     assert diff.worst_reference == 1.0 and diff.worst_candidate == 1.25
-    assert compare("y", [reference], [candidate], atol=0.1, rtol=0.0).failed_elements == 2  # atol alone
-    assert compare("y", [reference], [candidate], atol=0.0, rtol=0.01).failed_elements == 2  # rtol alone
+    assert compare("y", [reference], [candidate], atol=0.1, rtol=0.0, scale=1.0).failed_elements == 2  # atol alone
+    assert compare("y", [reference], [candidate], atol=0.0, rtol=0.01, scale=1.0).failed_elements == 2  # rtol alone
 
 
 def test_reports_the_smallest_tolerances_that_pass():
     reference, candidate = np.array([0.0, 100.0, 1.0]), np.array([0.05, 100.5, 1.25])
-    diff = compare("y", [reference], [candidate], atol=0.1, rtol=0.01)
+    diff = compare("y", [reference], [candidate], atol=0.1, rtol=0.01, scale=1.0)
     assert diff.min_atol == pytest.approx(0.24) and diff.min_rtol == pytest.approx(0.15)
-    assert compare("y", [reference], [candidate], atol=diff.min_atol * 1.000001, rtol=0.01).passed
-    assert compare("y", [reference], [candidate], atol=0.1, rtol=diff.min_rtol * 1.000001).passed
+    assert compare("y", [reference], [candidate], atol=diff.min_atol * 1.000001, rtol=0.01, scale=1.0).passed
+    assert compare("y", [reference], [candidate], atol=0.1, rtol=diff.min_rtol * 1.000001, scale=1.0).passed
 
 
 def test_statistics_and_relative_error_guarded_near_zero():
     reference, candidate = np.zeros(100), np.full(100, 1e-6)
     candidate[7] = 3e-6
-    diff = compare("y", [reference], [candidate], atol=1e-4, rtol=1e-4)
+    # An all-zero reference has no scale of its own: here atol in absolute units (scale=1).
+    diff = compare("y", [reference], [candidate], atol=1e-4, rtol=1e-4, scale=1.0)
     assert diff.passed and diff.max_abs == pytest.approx(3e-6) and diff.worst_index == (7,)
-    assert diff.max_rel == pytest.approx(3e-6 / 1e-4)  # against atol, not against 0
+    assert diff.max_rel == pytest.approx(3e-6)  # against the scale, not against 0
     assert diff.mean_abs == pytest.approx(1.02e-6) and diff.p99_abs == pytest.approx(1.02e-6, rel=0.05)
 
 
@@ -107,7 +109,7 @@ def test_a_model_and_its_export_pass(onnx_files):
     code, out, _ = run_cli("verify", MODEL, exported)
     lines = [line for line in out.splitlines() if line.startswith(("PASSED", "FAILED"))]
     assert code == 0 and len(lines) == 3 and all(line.startswith("PASSED") for line in lines)
-    assert f"(rel={ONNX_TOLERANCE:g}, abs={ONNX_TOLERANCE:g})" in lines[0]
+    assert f"|c - r| <= {ONNX_TOLERANCE:g} x " in lines[0] and f"+ {ONNX_TOLERANCE:g} x |r| everywhere" in lines[0]
 
 
 def test_two_equal_onnx_files_pass_at_each_level(onnx_files):
@@ -125,7 +127,7 @@ def test_a_perturbed_model_fails_with_exit_1_and_names_the_worst_output(onnx_fil
     assert code == 1
     last = out.strip().splitlines()[-1]
     assert last.startswith(f"FAILED | worst output '{output}'")
-    assert "index [" in last and "--atol 0.5" in last
+    assert "index [" in last and "it would pass with --atol " in last
 
 
 def test_two_pytorch_models_compare_at_the_tighter_tolerance():
@@ -143,8 +145,9 @@ def test_json_report_keys(onnx_files):
     assert {"reference", "candidate", "passed", "atol", "rtol", "batch_sizes", "worst_output", "worst_runtime",
             "outputs", "notes"} == set(report)  # fmt: skip
     assert report["atol"] == [1e-3]
-    assert {"output", "runtime", "passed", "max_abs", "max_rel", "mean_abs", "p99_abs", "worst_batch", "worst_index",
-            "min_atol", "min_rtol", "top1", "failed"} == set(report["outputs"][0])  # fmt: skip
+    assert {"output", "runtime", "passed", "problem", "elements", "failed_elements", "scale", "max_abs", "max_rel",
+            "excess", "mean_abs", "p99_abs", "worst_batch", "worst_index", "min_atol", "min_rtol",
+            "top1"} == set(report["outputs"][0])  # fmt: skip
     assert report["outputs"][0]["top1"] == 1.0
 
 

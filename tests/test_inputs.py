@@ -1,0 +1,196 @@
+"""Example inputs: a shape, a dtype and a batch axis (or none) per input, from the command line, a
+model's declaration, an artifact or an ONNX graph; the checks vary the batch only where there is one."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from bngraph.api import calibration_batches
+from bngraph.cli import main
+from bngraph.load import load_model
+from bngraph.runners import ExampleInputs, onnx_inputs, random_batches
+
+TOKEN_MIXER_PY = '''
+import torch
+from torch import nn
+
+
+class TokenMixer(nn.Module):
+    """Token ids (N, T) int64, and a (T, T) attention mask without a batch axis."""
+
+    example_input_shapes = [(2, 6), (6, 6)]
+    example_input_dtypes = ["int64", "float32"]
+    example_input_batch_axes = [0, None]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)  # both sides of `verify` build the same weights
+        self.embed, self.bn, self.fc = nn.Embedding(50, 8), nn.BatchNorm1d(8), nn.Linear(8, 5)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.normal_()
+            self.bn.bias.normal_()
+        self.eval()
+
+    def forward(self, ids, mask):
+        h = self.embed(ids)
+        scores = h @ h.transpose(1, 2) / 8**0.5 + mask  # an additive (T, T) attention mask
+        mixed = scores.softmax(-1) @ h
+        return self.fc(self.bn(mixed.mean(1)).relu())
+
+
+class Undeclared(TokenMixer):
+    example_input_shapes = example_input_dtypes = example_input_batch_axes = None
+'''
+FLAGS = ["--input-shape", "2,6;6,6", "--input-dtype", "int64;float32", "--static-input", "1"]
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mixer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    (folder / "mixer.py").write_text(TOKEN_MIXER_PY)
+    return folder, f"{folder / 'mixer.py'}:TokenMixer", f"{folder / 'mixer.py'}:Undeclared"
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+
+def test_flags_describe_each_input(mixer):
+    _, _, undeclared = mixer
+    loaded = load_model(undeclared, input_shape="2,6;6,6", input_dtype="int64;float32", static_inputs=[1])
+    x = loaded.example_inputs()
+    assert [t.dtype for t in x] == [torch.int64, torch.float32] and x.batch_axes == [0, None]
+    assert set(x[0].unique().tolist()) <= {0, 1}  # valid ids for any vocabulary
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--input-shape", "2,6;6,6", "--input-dtype", "long;float32"], "bad --input-dtype 'long'"),
+        (["--input-shape", "2,6;6,6", "--input-dtype", "int64"], "--input-dtype gives 1 dtypes for 2 inputs"),
+        (["--input-shape", "2,6;6,6", "--static-input", "2"], "--static-input 2: the model has inputs 0 to 1"),
+    ],
+    ids=["unknown-dtype", "dtype-count", "static-index"],
+)
+def test_bad_input_flags_exit_2_with_one_line(mixer, flags, message):
+    _, _, undeclared = mixer
+    code, out, err = run_cli("verify", undeclared, undeclared, *flags)
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err
+
+
+def test_a_model_with_a_static_int_input_verifies_against_itself(mixer):
+    _, declared, undeclared = mixer
+    code, out, err = run_cli("verify", declared, declared, "--json")  # the class declares its inputs
+    assert code == 0 and json.loads(out)["batch_sizes"] == [1, 1, 1, 7], err
+    assert run_cli("verify", undeclared, undeclared, *FLAGS)[0] == 0
+    # Without --static-input the mask is given a batch too: one line that names the flag.
+    code, _, err = run_cli("verify", undeclared, undeclared, *FLAGS[:4])
+    assert code == 2 and "--static-input" in err and err.count("\n") == 1
+
+
+def test_export_keeps_the_static_input_static_and_the_ids_int64(mixer):
+    folder, declared, undeclared = mixer
+    path = folder / "mixer.onnx"
+    code, _, err = run_cli("export", undeclared, "-o", path, *FLAGS)
+    assert code == 0, err
+    ids, mask = onnx.load(str(path)).graph.input
+    assert ids.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert ids.type.tensor_type.shape.dim[0].dim_param  # the batch is dynamic
+    assert [d.dim_value for d in mask.type.tensor_type.shape.dim] == [6, 6]
+    spec = onnx_inputs(path)
+    assert spec.batch_axes == [0, None] and spec.fixed_batch is None
+    assert run_cli("verify", path, path)[0] == 0  # the file alone says which input has a batch
+    code, out, err = run_cli("verify", declared, path)
+    assert code == 0, out + err
+
+
+def test_artifacts_store_dtypes_and_batch_axes(mixer):
+    folder, declared, undeclared = mixer
+    artifact = folder / "folded"
+    code, _, err = run_cli("fold", undeclared, "-o", artifact, *FLAGS)
+    assert code == 0, err
+    meta = json.loads((artifact / "bngraph.json").read_text())
+    assert meta["input_dtypes"] == ["int64", "float32"] and meta["input_batch_axes"] == [0, None]
+    x = load_model(str(artifact)).example_inputs()
+    assert [t.dtype for t in x] == [torch.int64, torch.float32]
+    assert x.batch_axes == [0, None]
+    assert run_cli("verify", declared, artifact)[0] == 0
+    # An artifact written before dtypes and batch axes were stored: float32, all batched.
+    del meta["input_dtypes"], meta["input_batch_axes"]
+    (artifact / "bngraph.json").write_text(json.dumps(meta))
+    old = load_model(str(artifact))
+    assert old.input_dtypes == ["float32", "float32"] and old.batch_axes == [0, 0]
+
+
+def test_calibration_batches_draw_ids_and_keep_static_shapes():
+    example = ExampleInputs([torch.zeros(2, 6, dtype=torch.int64), torch.ones(6, 6)], [0, None])
+    for ids, mask in calibration_batches(example, count=2, batch=16):
+        assert ids.shape == (16, 6) and ids.dtype == torch.int64 and set(ids.unique().tolist()) <= {0, 1}
+        assert mask.shape == (6, 6) and mask.dtype == torch.float32
+
+
+def test_random_batches_vary_only_batched_inputs():
+    batches = random_batches([(2, 6), (6, 6), ()], (1, 7), ["int64", "float32", "float32"], batch_axes=[0, None, None])
+    assert [[x.shape for x in b] for b in batches] == [[(1, 6), (6, 6), ()], [(7, 6), (6, 6), ()]]
+    assert batches[0][0].dtype == np.int64 and batches[0][2].ndim == 0
+
+
+# ---- ONNX files from other exporters -------------------------------------------------------------
+
+
+def old_style_onnx() -> onnx.ModelProto:
+    """y = (x @ W) * s as older exporters write it: IR 3 (W also listed as a graph input), the
+    batch dimension as dim_value -1, and a scalar input s of shape []."""
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32), "W")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "W"], ["t"]), onnx.helper.make_node("Mul", ["t", "s"], ["y"])],
+        "old",
+        [
+            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [-1, 3]),
+            onnx.helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [3, 4]),
+            onnx.helper.make_tensor_value_info("s", onnx.TensorProto.FLOAT, []),
+        ],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [-1, 4])],
+        [w],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 9)])
+    model.ir_version = 3
+    return model
+
+
+def test_onnx_inputs_of_an_old_style_file():
+    data = old_style_onnx().SerializeToString()
+    spec = onnx_inputs(data)
+    assert spec.shapes == [(1, 3), ()] and spec.batch_axes == [0, None] and spec.fixed_batch is None
+    given = onnx_inputs(data, [(5, 3), ()])
+    assert given.shapes == [(5, 3), ()] and given.batch_axes == [0, None]
+
+
+def test_an_old_style_file_verifies_and_folds(tmp_path):
+    path = tmp_path / "old.onnx"
+    onnx.save(old_style_onnx(), str(path))
+    code, out, err = run_cli("verify", path, path, "--reference", "--json")  # ORT and the evaluator agree on feeds
+    assert code == 0 and json.loads(out)["batch_sizes"] == [1, 1, 1, 7], err
+    code, out, err = run_cli("verify", path, path, "--input-shape", "2,3;", "--json")  # '': the 0-d input
+    assert code == 0 and json.loads(out)["batch_sizes"] == [1, 1, 1, 7], err
+    code, out, err = run_cli("verify", path, path, "--input-shape", "2,3;1")
+    assert code == 2 and "rank 1" in err and err.count("\n") == 1
+    code, out, err = run_cli("verify", path, path, "--input-dtype", "int64;float32")
+    assert code == 2 and "declares float32;float32" in err and err.count("\n") == 1
+    code, _, err = run_cli("fold", path, "-o", tmp_path / "folded.onnx")
+    assert code == 0, err

@@ -1,0 +1,313 @@
+"""verify says PASSED only when it is true: a scale-free tolerance, every output compared
+(dataclasses, dicts, nested), 0-d outputs, and each side with its own weights."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+from collections import OrderedDict
+from typing import NamedTuple
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from bngraph.cli import main
+from bngraph.errors import UserError
+from bngraph.export import export
+from bngraph.fold import fold
+from bngraph.runners import named_tensors, random_batches
+from bngraph.verify import ONNX_TOLERANCE, TORCH_TOLERANCE, compare, verify
+from tests.util import randomize_bn
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+# ---- the rule scales with the output ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 1.0, 1e3, 1e6])
+@pytest.mark.parametrize("tolerance", [ONNX_TOLERANCE, TORCH_TOLERANCE])
+def test_a_one_percent_error_fails_at_any_output_scale(scale, tolerance):
+    rng = np.random.default_rng(0)
+    reference = [scale * rng.standard_normal((7, 10)) for _ in range(3)]
+    relative = [r * 1.01 for r in reference]  # 1% of each element
+    noise = [r + 0.01 * scale * rng.standard_normal(r.shape) for r in reference]  # 1% of the output's size
+    for candidate in (relative, noise):
+        diff = compare("y", reference, candidate, tolerance, tolerance)
+        assert not diff.passed and diff.excess > 10, diff.line()
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_float32_rounding_passes_at_any_output_scale(scale):
+    rng = np.random.default_rng(1)
+    reference = [scale * rng.standard_normal((7, 10)) for _ in range(3)]
+    # float32 keeps 24 bits: a float32 copy is what another kernel's rounding looks like, 10x over.
+    candidate = [r + 10 * (r.astype(np.float32).astype(np.float64) - r) for r in reference]
+    diff = compare("y", reference, candidate, TORCH_TOLERANCE, TORCH_TOLERANCE)
+    assert diff.passed and diff.excess < 0.1, diff.line()
+
+
+def test_the_issue_example_67_percent_off_a_tiny_output_fails():
+    reference = np.full((4, 10), 4e-5)
+    diff = compare("y", [reference], [reference * 1.67], ONNX_TOLERANCE, ONNX_TOLERANCE)
+    assert not diff.passed and diff.failed_elements == 40
+
+
+class TinyOutput(nn.Module):
+    """A conv-BN net whose output is of magnitude ~1e-5 (as a loss term or a small head can be)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 4)
+        self.factor = factor
+
+    def forward(self, x):
+        out = self.bn(self.conv(x)).relu().mean((2, 3))
+        return self.head(out) * self.factor
+
+
+@pytest.mark.parametrize("factor", [1e-6, 1.0, 1e6])
+def test_a_correct_fold_passes_and_a_one_percent_wrong_one_fails(factor):
+    torch.manual_seed(0)
+    model = randomize_bn(TinyOutput(factor))
+    x = torch.randn(2, 3, 8, 8)
+    folded, _ = fold(model, [x])
+    batches = random_batches([(2, 3, 8, 8)])
+    result = verify(model, folded, batches)
+    assert result, result.lines()
+    with torch.no_grad():  # the folded model off by 1%, as a fold with a wrong statistic would be
+        folded.head.weight.mul_(1.01)
+    assert not verify(model, folded, batches)
+
+
+def test_the_passing_line_states_the_rule_and_the_margin():
+    reference = [np.linspace(-1, 1, 50)]
+    candidate = [reference[0] + 1e-6]
+    line = compare("logits", reference, candidate, 1e-4, 1e-4, ("torch", "ort-enable-all")).line()
+    scale = np.sqrt(np.mean(reference[0] ** 2))
+    assert line.startswith("PASSED | Output: 'logits' | ort-enable-all vs torch | 1 batches, 50 elements | ")
+    assert f"|c - r| <= 0.0001 x {scale:.3g} (output RMS) + 0.0001 x |r| everywhere, worst at " in line
+    assert "max |c - r| 1e-06" in line
+
+
+def test_json_rows_hold_numbers_not_strings():
+    diff = compare("y", [np.array([1.0, 0.0])], [np.array([1.0, np.nan])], 1e-4, 1e-4)
+    row = diff.row()
+    assert row["failed_elements"] == 1 and row["elements"] == 2
+    assert row["max_abs"] is None and row["excess"] is None  # inf is not JSON: null
+    json.dumps(row, allow_nan=False)
+    for key, value in row.items():
+        assert not isinstance(value, str) or key in ("output", "runtime"), key
+
+
+# ---- every output is compared ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelOutput(OrderedDict):
+    """HuggingFace's ModelOutput in miniature: a dataclass AND an OrderedDict of its non-None fields."""
+
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is not None:
+                self[f.name] = getattr(self, f.name)
+
+
+@dataclasses.dataclass
+class PlainOutput:
+    loss: torch.Tensor
+    extra: dict
+    steps: int = 3  # not a tensor: not an output to compare
+
+
+class Pair(NamedTuple):
+    mean: torch.Tensor
+    spread: torch.Tensor
+
+
+class HfStyle(nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed, self.classifier = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.embed(x))
+        return ModelOutput(logits=self.classifier(hidden), hidden_states=(x, hidden))
+
+
+def test_named_tensors_flattens_user_structures():
+    t = torch.zeros(1)
+    out = {
+        "hf": ModelOutput(logits=t, hidden_states=(t, t)),
+        "plain": PlainOutput(loss=t, extra={"pair": Pair(t, t), "none": None}),
+        "list": [t, None, "text"],
+    }
+    names = [name for name, _ in named_tensors(out)]
+    assert names == ["hf.logits", "hf.hidden_states.0", "hf.hidden_states.1", "plain.loss",
+                     "plain.extra.pair.mean", "plain.extra.pair.spread", "list.0"]  # fmt: skip
+    assert [n for n, _ in named_tensors((t, t))] == ["output.0", "output.1"]
+    assert [n for n, _ in named_tensors(t)] == ["output"]
+
+
+def test_dataclass_outputs_are_compared_and_two_unrelated_models_fail():
+    batches = random_batches([(2, 6)])
+    same = verify(HfStyle(0), HfStyle(0), batches)
+    assert same and [d.output for d in same.diffs] == ["logits", "hidden_states.0", "hidden_states.1"]
+    other = verify(HfStyle(0), HfStyle(1), batches)
+    assert not other and {d.output for d in other.diffs if not d.passed} == {"logits", "hidden_states.1"}
+
+
+class Returns(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.layer = kind, nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.layer(x)
+        if self.kind == "nothing":
+            return {"steps": 3, "name": "none"}
+        if self.kind == "two":
+            return {"logits": y, "probs": y.softmax(-1)}
+        return {"logits": y}
+
+
+def test_comparing_nothing_is_an_error():
+    with pytest.raises(UserError, match="nothing to compare"):
+        verify(Returns("nothing"), Returns("nothing"), random_batches([(2, 6)]))
+
+
+def test_different_output_structures_fail_with_the_reason():
+    result = verify(Returns("one"), Returns("two"), random_batches([(2, 6)]))
+    assert not result and "output structures differ" in result.diffs[0].problem
+    assert "'probs'" in result.lines()[-1]
+
+
+def two_output_onnx() -> bytes:
+    """y = x @ W and its softmax, as two graph outputs named by the file."""
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32), "W")
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("MatMul", ["x", "W"], ["scores"]),
+            onnx.helper.make_node("Softmax", ["scores"], ["probs"]),
+        ],
+        "two",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 6])],
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["batch", 3]) for n in ("scores", "probs")],
+        [w],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_an_onnx_graph_is_paired_by_position_and_counts_are_checked():
+    two = two_output_onnx()
+    result = verify(two, two, random_batches([(2, 6)]))
+    assert result and [d.output for d in result.diffs] == ["scores", "probs"] * 2
+    result = verify(Returns("one"), two, random_batches([(2, 6)]))
+    assert not result and len(result.diffs) == 2  # one line per onnxruntime level
+    assert all(
+        d.problem and d.problem.startswith("2 outputs ['scores', 'probs'] vs 1 ['logits']") for d in result.diffs
+    )
+
+
+# ---- 0-d outputs ---------------------------------------------------------------------------------
+
+
+class MeanLoss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        out += 1.0  # in place, as users write it
+        return out.relu().mean()
+
+
+def bn_then_mean_onnx() -> bytes:
+    """Conv -> BatchNormalization (random statistics) -> the mean of everything: a 0-d output."""
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape, low=None):
+        values = rng.uniform(low, 2.0, shape) if low else rng.standard_normal(shape)
+        return onnx.numpy_helper.from_array(values.astype(np.float32), name)
+
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "W"], ["c"]),
+        onnx.helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["n"]),
+        onnx.helper.make_node("Relu", ["n"], ["r"]),
+        onnx.helper.make_node("ReduceMean", ["r"], ["loss"], keepdims=0),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "loss",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("loss", onnx.TensorProto.FLOAT, [])],
+        [init("W", 4, 3, 3, 3), init("gamma", 4), init("beta", 4), init("mean", 4), init("var", 4, low=0.5)],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_a_0d_output_verifies_exports_and_folds_in_onnx(tmp_path):
+    model = randomize_bn(MeanLoss())
+    batches = random_batches([(2, 3, 8, 8)])
+    assert verify(model, model, batches)
+    result = export(model, [torch.randn(2, 3, 8, 8)], tmp_path / "loss.onnx")
+    assert result and result.verification.diffs[0].elements == len(batches)  # one value per batch
+    (tmp_path / "bn.onnx").write_bytes(bn_then_mean_onnx())
+    code, out, err = run_cli("fold", tmp_path / "bn.onnx", "-o", tmp_path / "folded.onnx", "--json")
+    assert code == 0 and json.loads(out)["batchnorms_after"] == 0, err
+    assert onnx.load(str(tmp_path / "folded.onnx")).graph.output[0].type.tensor_type.shape.dim == []
+
+
+# ---- each side takes its weights -------------------------------------------------------------------
+
+NET_PY = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).relu().mean((2, 3)))
+"""
+
+
+def test_verify_weights_makes_a_correct_fold_pass(tmp_path):
+    (tmp_path / "model.py").write_text(NET_PY)
+    net_py = f"{tmp_path / 'model.py'}:Net"
+    torch.manual_seed(5)
+    from bngraph.load import load
+
+    trained = randomize_bn(load(net_py), seed=3)
+    torch.save(trained.state_dict(), tmp_path / "net.pt")
+    code, _, err = run_cli("fold", net_py, "--weights", tmp_path / "net.pt", "-o", tmp_path / "folded")
+    assert code == 0, err
+    code, out, _ = run_cli("verify", net_py, tmp_path / "folded")
+    assert code == 1  # a fresh init against the folded trained weights
+    code, out, err = run_cli("verify", net_py, tmp_path / "folded", "--weights", tmp_path / "net.pt")
+    assert code == 0 and out.strip().splitlines()[-1].startswith("PASSED"), out + err
+    code, out, err = run_cli("verify", tmp_path / "folded", net_py, "--candidate-weights", tmp_path / "net.pt")
+    assert code == 0, out + err
+    code, _, err = run_cli("verify", net_py, tmp_path / "folded", "--weights", tmp_path / "folded" / "weights.pt")
+    assert code == 2 and err.startswith("bngraph: error: weights") and err.count("\n") == 1
