@@ -9,7 +9,11 @@
    dynamic batch axis and the model in eval mode; the exporter's optimizer stays off unless
    asked for, so what ends up in the file is what our passes wrote.
 3. The ONNX passes (`bngraph.onnx_fold`) fold whatever BN the FX fold could not reach, and
-   constant-fold the exporter's leftovers; a BN still left is in training mode: an error.
+   constant-fold the exporter's leftovers. A BN that no layer can take exactly (after a max
+   pool, before a zero-padded conv, on a conv output another op reads) is left alone by the FX
+   fold, so that the ONNX passes write it in the form fastest for the target (`standalone_bn`,
+   a key of `bngraph.onnx_fold.STANDALONE_BN_FORMS`: kept as BatchNormalization by default,
+   listed under `onnx_kept`); a BN still left otherwise is in training mode: an error.
 4. The file is written aside, verified against the unfolded model in onnxruntime at batch 1
    and an odd batch, and renamed into place only if it passes.
 """
@@ -17,8 +21,12 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
+import os
+import re
+import sys
+import tempfile
+import traceback
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,13 +35,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bngraph.atomic import check_writable, write_atomically
-from bngraph.errors import UserError
+from bngraph.atomic import ONNX, check_output, write_atomically
+from bngraph.errors import CheckFailed, ModelRaised, UserError
 from bngraph.fold import fold as fx_fold
-from bngraph.onnx_fold import Rejected, fold_onnx, save_onnx
+from bngraph.onnx_fold import STANDALONE_BN_FORMS, Rejected, fold_onnx, save_onnx
 from bngraph.report import Report
-from bngraph.trace import one_line
-from bngraph.runners import BATCH_SIZES, eval_mode, random_batches
+from bngraph.trace import one_line, raise_if_model_raises
+from bngraph.runners import BATCH_SIZES, batch_axes_of, eval_mode, example_batches
 from bngraph.verify import VerifyResult, verify
 
 # The newest opset that every onnxruntime pyproject admits (>= 1.20) runs; torch's default is 20.
@@ -50,39 +58,112 @@ class ExportResult:
         return bool(self.verification)
 
 
-def to_onnx(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, exporter_optimize: bool = False):
+def to_onnx(
+    module: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    exporter_optimize: bool = False,
+    batch_axes: Sequence[int | None] | None = None,
+):
     """torch.onnx.export (dynamo=True) with a dynamic batch axis; returns the onnx_ir.Model."""
     # torch.export specializes a dimension of size 1, so a batch-1 example would fix the
     # batch at 1: repeat it to 2 (the values do not matter, only the shapes are traced).
-    inputs = tuple(x.repeat(2, *([1] * (x.dim() - 1))) if x.dim() and x.shape[0] == 1 else x for x in example_inputs)
+    # Only inputs with a batch axis get the dynamic dimension (`bngraph.runners.batch_axes_of`):
+    # a (T, T) mask or a 0-d input keeps its shape.
+    axes = batch_axes_of(example_inputs, batch_axes)
+    inputs = tuple(
+        x.repeat(2, *([1] * (x.dim() - 1))) if axis == 0 and x.shape[0] == 1 else x
+        for x, axis in zip(example_inputs, axes)
+    )
     batch = torch.export.Dim("batch")
-    dynamic_shapes = tuple({0: batch} if x.dim() else None for x in inputs)
-    # The exporter prints progress and logs a warning per missing torchvision op: not our report.
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)
-    try:
-        with eval_mode(module), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch's deprecations inside torch
-            program = torch.onnx.export(
-                module,
-                inputs,
-                dynamo=True,
-                optimize=exporter_optimize,
-                opset_version=OPSET,
-                dynamic_shapes=dynamic_shapes,
-                verbose=False,
-            )
-    except Exception as err:
-        raise UserError(f"torch.onnx.export could not export {type(module).__name__}: {one_line(err)}") from err
-    finally:
-        exporter_log.setLevel(level)
+    dynamic_shapes = tuple({0: batch} if axis == 0 else None for axis in axes)
+    # The exporter prints progress, logs a warning per missing torchvision op and, when it fails,
+    # dumps the graph with colour codes: none of it is our report. All of it goes to a log that
+    # is kept, and named in the one error line, only when the export fails.
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as log:
+        try:
+            with eval_mode(module), _output_captured_in(log):
+                program = torch.onnx.export(
+                    module,
+                    inputs,
+                    dynamo=True,
+                    optimize=exporter_optimize,
+                    opset_version=OPSET,
+                    dynamic_shapes=dynamic_shapes,
+                    verbose=False,
+                )
+        except Exception as err:
+            raise_if_model_raises(module, example_inputs)
+            saved = _keep_export_log(log, err)
+            raise UserError(
+                f"torch.onnx.export could not export {type(module).__name__}: {_root_cause(err)} "
+                f"(the exporter's full log: {saved})"
+            ) from err
     return program.model
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _root_cause(err: BaseException) -> str:
+    """The most specific line: the innermost cause's, without the exporter's colour codes."""
+    while err.__cause__ is not None and str(err.__cause__).strip():
+        err = err.__cause__
+    return _ANSI.sub("", one_line(err))
+
+
+@contextlib.contextmanager
+def _output_captured_in(log):
+    """Python's streams, file descriptors 1 and 2 (C++ prints), torch's log handlers and warnings,
+    all into `log`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_fds = [os.dup(1), os.dup(2)]
+    handlers = [
+        h
+        for logger in [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
+        for h in getattr(logger, "handlers", [])
+        if type(h) is logging.StreamHandler  # subclasses (files, torch's trace log) keep their own
+    ]
+    streams = [h.setStream(log) for h in handlers]
+    try:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: log.write(
+                warnings.formatwarning(message, category, filename, lineno, line)
+            )
+            yield
+    finally:
+        log.flush()
+        os.dup2(saved_fds[0], 1)
+        os.dup2(saved_fds[1], 2)
+        for fd in saved_fds:
+            os.close(fd)
+        for h, stream in zip(handlers, streams):
+            h.setStream(stream)
+
+
+def _keep_export_log(log, err: BaseException) -> str:
+    """Copy the captured output and the traceback to a new file in the temp folder; its path."""
+    log.flush()
+    log.seek(0)
+    fd, path = tempfile.mkstemp(prefix="bngraph-export-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(_ANSI.sub("", log.read()))
+        out.write("\n" + _ANSI.sub("", "".join(traceback.format_exception(err))))
+    return path
 
 
 def _fx_fold(module: nn.Module, example_inputs, report: Report) -> nn.Module:
     try:
-        folded, fold_report = fx_fold(module, example_inputs)
+        # A BN with no exact fold stays a BN here: the ONNX passes choose its form per target.
+        folded, fold_report = fx_fold(module, example_inputs, standalone_bn="keep")
+    except ModelRaised:
+        raise
+    except CheckFailed as err:  # the folded graph computes something else: nothing is exported
+        raise CheckFailed(f"export's FX fold: {err}") from err
     except UserError as err:  # torch.fx cannot trace what torch.export can: fold in ONNX instead
         report.facts["fx_fold"] = "skipped"
         report.notes.append(f"FX fold skipped ({err}); the ONNX passes fold instead")
@@ -103,36 +184,63 @@ def export(
     exporter_optimize: bool = False,
     atol: float | None = None,
     rtol: float | None = None,
+    force: bool = False,
+    batch_axes: Sequence[int | None] | None = None,
+    standalone_bn: str = "batchnorm",
 ) -> ExportResult:
-    """Export `module` to `path`, or write nothing when the file's outputs differ from it."""
+    """Export `module` to `path`, or write nothing when the file's outputs differ from it.
+
+    An existing `path` is replaced only when it is an .onnx file and `force` is true.
+    `batch_axes` (0 or None per input; default: what `example_inputs` carries, see
+    `bngraph.runners.ExampleInputs`, else 0 for every input but a 0-d one) says which inputs have a
+    batch axis: only those are dynamic in the file and vary in the verification.
+    `standalone_bn` (a key of `bngraph.onnx_fold.STANDALONE_BN_FORMS`) is the form of a BN that
+    no layer can take exactly: "batchnorm" keeps it (fastest in onnxruntime), "mul-add" writes
+    a Mul and an Add, for a runtime without a BatchNormalization kernel."""
     path = Path(path)
     if path.suffix != ".onnx":
         raise UserError(f"the output {path} must end in .onnx")
-    check_writable(path)  # before the export, not after it
-    facts = {"output": str(path), "opset": OPSET, "exporter_optimize": exporter_optimize}
+    check_output(path, ONNX, force=force)  # before the export, not after it
+    if standalone_bn not in STANDALONE_BN_FORMS:  # before the work, not after it
+        raise UserError(f"unknown form {standalone_bn!r} for a BN with no exact fold: {', '.join(STANDALONE_BN_FORMS)}")
+    facts = {
+        "output": str(path),
+        "opset": OPSET,
+        "exporter_optimize": exporter_optimize,
+        "standalone_bn": standalone_bn,
+    }
     report = Report("bngraph export", facts=facts)
     exported = _fx_fold(module, example_inputs, report) if fold else module
     if not fold:
         report.facts["fx_fold"] = "off (--no-fold)"
-    model, onnx_report = fold_onnx(to_onnx(exported, example_inputs, exporter_optimize=exporter_optimize))
+    exported_onnx = to_onnx(exported, example_inputs, exporter_optimize=exporter_optimize, batch_axes=batch_axes)
+    model, onnx_report = fold_onnx(exported_onnx, standalone_bn=standalone_bn)
     report.facts.update({f"onnx_{k}": v for k, v in onnx_report.facts.items()})
     report.sections.update({f"onnx_{k}": v for k, v in onnx_report.sections.items()})
     if onnx_report.sections["remaining"]:
         left = "; ".join(f"{row['node']} ({row['reason']})" for row in onnx_report.sections["remaining"])
         raise UserError(f"the exported graph keeps a BatchNormalization that cannot be folded: {left}")
-    shapes, dtypes = [tuple(x.shape) for x in example_inputs], [_np_dtype(x) for x in example_inputs]
-    batches = random_batches(shapes, BATCH_SIZES, dtypes)
+    if kept := onnx_report.sections.get("kept"):
+        # The ONNX node names are the exporter's; the FX fold's rows name the model's own BNs.
+        fx_kept = report.sections.get("fx_fold_kept", [])
+        names = [row["node"] for row in (fx_kept if len(fx_kept) == len(kept) else kept)]
+        report.notes.append(
+            f"{len(kept)} BatchNorm(s) with no exact fold kept as BatchNormalization, the fastest exact form in "
+            f"onnxruntime: {', '.join(names)} (why no layer took each: 'onnx_kept'); "
+            "--standalone-bn mul-add writes a Mul and an Add instead"
+        )
+    batches = example_batches(example_inputs, BATCH_SIZES, batch_axes)
     outcome = {}
 
     def write(tmp: Path) -> None:
         save_onnx(model, tmp, path)
-        outcome["result"] = result = verify(module, tmp, batches, atol, rtol)
+        outcome["result"] = result = verify(module, tmp, batches, atol, rtol, batch_sizes=BATCH_SIZES)
         if not result:
             raise Rejected
 
     written: Path | None = path
     try:
-        write_atomically(path, write)
+        write_atomically(path, write, kind=ONNX, force=force)
     except Rejected:
         written = None
         report.facts["output"] = "(not written: verification failed)"
@@ -140,7 +248,3 @@ def export(
     report.facts.update(result.facts())
     report.sections["verification"] = [d.row() for d in result.diffs]
     return ExportResult(written, result, report)
-
-
-def _np_dtype(x: torch.Tensor):
-    return torch.empty(0, dtype=x.dtype).numpy().dtype

@@ -16,17 +16,23 @@ from collections.abc import Collection, Sequence
 import torch
 from torch import fx, nn
 
+from bngraph.equivalence import Reference
 from bngraph.passes.base import PassResult, run_passes
 from bngraph.passes.cancel_inverse_permutes import cancel_inverse_permutes
 from bngraph.passes.fold_bn_into_following_layer import fold_bn_into_following_layer
 from bngraph.passes.fold_bn_into_preceding_layer import fold_bn_into_preceding_layer
-from bngraph.passes.fx_batchnorm import is_batch_norm
+from bngraph.errors import UserError
+from bngraph.fold_reach import fold_inside_hooked_modules, opaque_batch_norms, unused_batch_norms
+from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, rounding_gain
+from bngraph.runners import eval_mode
+from bngraph.passes.fx_batchnorm import is_batch_norm, read_batch_norm
 from bngraph.passes.op_kinds import op_label
 from bngraph.passes.remove_dead_code import remove_dead_code
 from bngraph.passes.remove_eval_identities import remove_eval_identities
 from bngraph.passes.replace_bn_with_multiply_add import replace_bn_with_multiply_add
 from bngraph.report import Report
-from bngraph.trace import trace
+from bngraph.trace import TraceFailed, check_faithful_trace, trace, trace_and_run
+from bngraph.verify import TORCH_TOLERANCE
 
 # In order: the layer before a BN is the first choice (no constraint on padding), the layer
 # after it the second, a multiply-add the last. Identities go first, as they can stand between
@@ -38,20 +44,91 @@ _BN_PASSES = (fold_bn_into_preceding_layer.__name__, fold_bn_into_following_laye
               replace_bn_with_multiply_add.__name__)  # fmt: skip
 
 
-def fold(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple[fx.GraphModule, Report]:
+# What a BN no layer can take becomes: one multiply-add (the default: exact, and no BN kernel is
+# left), or kept as it is, for `bngraph export`, whose ONNX passes pick the form per target
+# (`bngraph.onnx_fold.STANDALONE_BN_FORMS`) and may still fold it (moved before a max pool).
+STANDALONE_BN_FORMS = ("multiply-add", "keep")
+KEPT_REASON = "kept as BatchNorm (standalone_bn='keep'): no layer can take it exactly"
+
+
+def fold(
+    module: nn.Module, example_inputs: Sequence[torch.Tensor], *, standalone_bn: str = "multiply-add"
+) -> tuple[fx.GraphModule, Report]:
     """`module` in eval mode with its BatchNorms folded, and the report.
 
+    `standalone_bn` (one of STANDALONE_BN_FORMS) is what a BN with no exact fold becomes; a BN
+    kept that way is a fixed map listed under `kept`, not `remaining`.
+
+    Checked twice against `module` in eval mode (`bngraph.equivalence`, on the example input and
+    a batch of another size): the trace must compute what the model computes (else
+    `TraceUnfaithful`, a UserError), and so must the folded graph (else `CheckFailed`), within
+    verify's tolerance widened only where a fold is flagged for precision (`fold_tolerance`).
     `report.passes` keeps each pass's `PassResult`, for an artifact's history.
     """
-    gm = trace(module, example_inputs, training=False)  # an eval-mode copy: `module` is never changed
+    if standalone_bn not in STANDALONE_BN_FORMS:
+        raise ValueError(f"standalone_bn must be one of {STANDALONE_BN_FORMS}, not {standalone_bn!r}")
+    try:
+        # An eval-mode copy (`module` is never changed), and its output from the run that recorded the
+        # shapes, which the faithfulness check takes instead of running the graph again.
+        gm, traced_output = trace_and_run(module, example_inputs, training=False)
+        reference = Reference(module, example_inputs)  # the model's outputs, for every check below
+        check_faithful_trace(module, gm, example_inputs, reference=reference, output=traced_output)
+    except TraceFailed as err:  # what insert's module-level fallback writes, among others
+        from bngraph.fold_untraced import fold_untraced
+
+        return fold_untraced(module, example_inputs, str(err))
     before, batch_norms = _op_counts(gm), len(_batch_norm_names(gm))
-    gm, results = run_passes(gm, FOLD_PASSES)
-    errors = _measure_flagged(module, gm, results, example_inputs)
+    unused = unused_batch_norms(module, gm)
+    inside = opaque_batch_norms(gm)
+    inner_rows, inner_left, done = fold_inside_hooked_modules(gm, example_inputs)
+    opaque = [*inner_left, *(row for row in inside if not row["node"].startswith(tuple(f"{t}." for t in done)))]
+    gain = _largest_rounding_gain(gm)
+    unfolded = _values_near_flagged(gm, example_inputs) if gain > PRECISION_LOSS_GAIN else {}
+    passes = FOLD_PASSES if standalone_bn == "multiply-add" else FOLD_PASSES[:-1]
+    gm, results = run_passes(gm, passes)
+    errors = _measure_flagged(module, gm, results, example_inputs, unfolded)
     gm, tidied = run_passes(gm, TIDY_PASSES)
     results.update(tidied)
-    report = fold_report(before, _op_counts(gm), batch_norms, _batch_norm_names(gm), results, errors)
+    tolerance = fold_tolerance(gain)
+    reference.check(gm, what="the folded model", atol=tolerance, rtol=tolerance)
+    report = fold_report(before, _op_counts(gm), batch_norms, _batch_norm_names(gm), results, errors, opaque,
+                         kept=_fixed_batch_norm_names(gm) if standalone_bn == "keep" else ())  # fmt: skip
+    report.sections["folded"][:0] = inner_rows
+    if unused:
+        report.notes.append(f"{len(unused)} BatchNorm(s) the model holds are never called by its forward, so the "
+                            f"folded model does not have them: {', '.join(unused)}")  # fmt: skip
+    report.facts["batchnorms_before"] += len(inside) - len(opaque)  # those folded inside hooked modules
+    if inner_rows:
+        report.notes = [n for n in report.notes if not n.startswith("nothing to fold")]
     report.passes = results
     return gm, report
+
+
+def fold_tolerance(rounding_gain: float) -> float | None:
+    """verify's default (None), unless a BN magnifies float32 rounding by `rounding_gain`
+    (`bn_affine.rounding_gain`, the largest of the model's): any fold of it errs by up to about
+    gain x 2**-24 of the output's scale (measured: 0.04-0.25 of that on
+    `tests.passes.fold_util.nearly_dead_channel` at gains 1e3-2.7e5), and the check allows 4x it."""
+    tolerance = rounding_gain * 2.0**-24 * 4
+    return tolerance if tolerance > TORCH_TOLERANCE else None
+
+
+def _largest_rounding_gain(gm: fx.GraphModule) -> float:
+    modules, gains = dict(gm.named_modules()), [0.0]
+    for node in gm.graph.nodes:
+        try:
+            site = read_batch_norm(node, gm, modules)
+        except UserError:  # broken statistics: the passes say so, naming themselves
+            continue
+        if site is not None and site.stats is not None:
+            gains.append(rounding_gain(site.stats))
+    return max(gains)
+
+
+def _fixed_batch_norm_names(gm: fx.GraphModule) -> set[str]:
+    """The BNs of `gm` that are fixed affine maps (eval mode, constant statistics, no hooks)."""
+    modules = dict(gm.named_modules())
+    return {n.name for n in gm.graph.nodes if (site := read_batch_norm(n, gm, modules)) is not None and site.stats is not None}
 
 
 def _op_counts(gm: fx.GraphModule) -> Counter:
@@ -77,20 +154,53 @@ class _Capture(fx.Interpreter):
         return value
 
 
-def _measure_flagged(model, gm, results: dict[str, PassResult], example_inputs) -> dict[str, tuple[float, float]]:
+# How far past a flagged BN the value a probe reads can be (its own, its layer's, the layer after it
+# reached through a reshape or permute): kept from the unfolded graph before the passes run.
+_PROBE_DEPTH = 3
+
+
+def _values_near_flagged(gm: fx.GraphModule, example_inputs) -> dict[str, torch.Tensor]:
+    """The unfolded graph's values on the example input at and just past each BN the passes
+    will flag for precision (`PRECISION_LOSS_GAIN`): what `_measure_flagged` compares the
+    folded graph with, without tracing the model again."""
+    modules, names, frontier = dict(gm.named_modules()), set(), []
+    for node in gm.graph.nodes:
+        try:
+            site = read_batch_norm(node, gm, modules)
+        except UserError:
+            continue
+        if site is not None and site.stats is not None and rounding_gain(site.stats) > PRECISION_LOSS_GAIN:
+            frontier.append(node)
+    for _ in range(_PROBE_DEPTH + 1):
+        names.update(n.name for n in frontier)
+        frontier = [user for n in frontier for user in n.users if user.name not in names]
+    capture = _Capture(gm, names)
+    with torch.no_grad(), eval_mode(gm):
+        capture.run(*(x.clone() for x in example_inputs))
+    return capture.values
+
+
+def _measure_flagged(
+    model, gm, results: dict[str, PassResult], example_inputs, unfolded: dict[str, torch.Tensor]
+) -> dict[str, tuple[float, float]]:
     """For each fold flagged for precision, the largest abs and relative error it made on the
-    example input, measured where its output is: the unfolded model's value vs the folded one's."""
+    example input, measured where its output is: the unfolded model's value (from `unfolded`,
+    `_values_near_flagged`'s, else from the model traced again) vs the folded one's."""
     probes = {row["node"]: row["probe"] for r in results.values() for row in r.details if "probe" in row}
     if not probes:
         return {}
-    reference = trace(model, training=False)  # the same node names as the graph the passes started from
     with torch.no_grad():
-        want, got = _Capture(reference, {p[0] for p in probes.values()}), _Capture(gm, {p[1] for p in probes.values()})
-        want.run(*example_inputs)
+        want = unfolded
+        if not all(p[0] in unfolded for p in probes.values()):
+            reference = trace(model, training=False)  # the same node names as the graph the passes started from
+            capture = _Capture(reference, {p[0] for p in probes.values()})
+            capture.run(*example_inputs)
+            want = capture.values
+        got = _Capture(gm, {p[1] for p in probes.values()})
         got.run(*example_inputs)
     errors = {}
     for bn, (ref, new) in probes.items():
-        expected, actual = want.values[ref].double(), got.values[new].double()
+        expected, actual = want[ref].double(), got.values[new].double()
         error = float((expected - actual).abs().max())
         errors[bn] = (error, error / max(float(expected.abs().max()), 1e-30))
     return errors
@@ -103,14 +213,20 @@ def fold_report(
     left: list[str],
     results: dict[str, PassResult],
     errors: dict[str, tuple[float, float]],
+    opaque: Sequence[dict] = (),
+    kept: Collection[str] = (),
 ) -> Report:
-    """The report of a fold, from the op counts, the BatchNorms before and left, and the passes' results."""
+    """The report of a fold, from the op counts, the BatchNorms before and left, and the passes' results.
+
+    A BN of `left` named in `kept` is a fixed map left on purpose (see `fold`'s `standalone_bn`):
+    listed under `kept` with why no layer took it; `remaining` holds the others."""
     reasons: dict[str, dict[str, str]] = {}  # BN node -> pass -> why it left the BN alone
-    for name in _BN_PASSES:
+    ran = [name for name in _BN_PASSES if name in results]
+    for name in ran:
         for skip in results[name].skipped:
             reasons.setdefault(skip.site, {})[name] = skip.reason
     folded, notes = [], []
-    for name in _BN_PASSES:
+    for name in ran:
         for row in results[name].details:
             row = {k: v for k, v in row.items() if k != "probe"}
             if row["how"] == "multiply-add":
@@ -124,19 +240,27 @@ def fold_report(
                              f"model's by up to {row['max_abs_error']:.3g} ({row['max_rel_error']:.3g} relative)")  # fmt: skip
             folded.append(row)
     # A BN left by the last pass was left by all of them; the last one's reason is the one that counts.
-    remaining = [{"node": n, "reason": list(reasons.get(n, {"": "no pass matched it"}).values())[-1]} for n in left]
+    remaining = [{"node": n, "reason": list(reasons.get(n, {"": "no pass matched it"}).values())[-1]}
+                 for n in left if n not in kept]  # fmt: skip
+    kept_rows = [{"node": n, "form": "BatchNorm", "reason": KEPT_REASON,
+                  "note": "; ".join(f"{where}: {reasons.get(n, {})[p]}" for where, p in
+                                    (("before", _BN_PASSES[0]), ("after", _BN_PASSES[1])) if p in reasons.get(n, {}))}
+                 for n in left if n in kept]  # fmt: skip
+    remaining += list(opaque)  # inside a module called as a whole: no pass saw them
     ops = [{"op": op, "before": before[op], "after": after[op]} for op in sorted(before.keys() | after.keys())]
     passes = [{"pass": name, "changed": len(r.changed), "skipped": len(r.skipped)} for name, r in results.items()]
-    if not batch_norms:
+    if not batch_norms and not opaque:
         notes.append("nothing to fold: the model has no BatchNorm")
     facts = {
         "nodes_before": sum(before.values()),
         "nodes_after": sum(after.values()),
-        "batchnorms_before": batch_norms,
-        "batchnorms_after": len(left),
+        "batchnorms_before": batch_norms + len(opaque),
+        "batchnorms_after": len(left) + len(opaque),
     }
-    sections = {"folded": folded, "remaining": remaining, "ops": ops, "passes": passes}
+    if kept_rows:
+        facts["batchnorms_kept"] = len(kept_rows)
+    sections = {"folded": folded, **({"kept": kept_rows} if kept_rows else {}), "remaining": remaining, "ops": ops, "passes": passes}
     return Report("bngraph fold", sections=sections, facts=facts, notes=notes)
 
 
-__all__ = ["FOLD_PASSES", "TIDY_PASSES", "fold", "fold_report"]
+__all__ = ["FOLD_PASSES", "STANDALONE_BN_FORMS", "TIDY_PASSES", "fold", "fold_report", "fold_tolerance"]

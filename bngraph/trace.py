@@ -6,16 +6,19 @@ from, and no bngraph command mutates the model it was handed.
 
 from __future__ import annotations
 
+import collections
 import copy
-import traceback
 from collections.abc import Sequence
 
 import torch
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.nn.parameter import is_lazy
+from torch.nn.utils import parametrize
 
-from bngraph.errors import UserError
+from bngraph.errors import UserError, model_raised, one_line, user_frame
+from bngraph.passes.fx_effects import hooks_of
 
 
 class TraceFailed(UserError):
@@ -23,47 +26,150 @@ class TraceFailed(UserError):
 
 
 def _user_frame(err: BaseException) -> str:
-    """`file:line` of the innermost frame outside torch: where the user's code stopped tracing."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
-    frames = [f for f in frames if "/bngraph/" not in f.filename or "/tests/" in f.filename]
-    if not frames:
+    """`file:line (code)` of the innermost frame in the user's code: where tracing stopped."""
+    f = user_frame(err)
+    if f is None:
         return "?"
-    f = frames[-1]
     return f"{f.filename}:{f.lineno} ({f.line.strip() if f.line else f.name})"
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def copy_module(module: nn.Module, memo: dict | None = None) -> nn.Module:
     """A copy of `module` that shares no module, parameter or buffer with it (tied weights stay
     tied within the copy). copy.deepcopy does the same through pickle's generic machinery, which
-    is most of the cost of tracing a large model; this copies only what a module owns."""
+    is most of the cost of tracing a large model; this copies only what a module owns.
+
+    Modules and tensors held in plain attributes, lists, tuples and dicts (not registered, as some
+    models keep them) are copied through the same memo, so that the copy's list holds the copy's
+    modules. Parametrized modules (weight_norm, spectral_norm) and TorchScript modules have
+    classes made at run time that only deepcopy knows how to copy."""
     memo = {} if memo is None else memo
     if id(module) in memo:
         return memo[id(module)]
+    if parametrize.is_parametrized(module) or isinstance(module, torch.jit.ScriptModule):
+        memo[id(module)] = copy.deepcopy(module, memo)
+        return memo[id(module)]
     new = copy.copy(module)  # a new __dict__ whose containers are still the original's
     memo[id(module)] = new
-
-    def tensor(t, make):
-        if t is None:
-            return None
-        if id(t) not in memo:
-            memo[id(t)] = make(t)
-        return memo[id(t)]
-
-    new._parameters = {
-        k: tensor(p, lambda p: nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
-        for k, p in module._parameters.items()
-    }
-    new._buffers = {k: tensor(b, lambda b: b.clone()) for k, b in module._buffers.items()}
+    new._parameters = {k: _copy_value(p, memo) for k, p in module._parameters.items()}
+    new._buffers = {k: _copy_value(b, memo) for k, b in module._buffers.items()}
     new._modules = {k: None if m is None else copy_module(m, memo) for k, m in module._modules.items()}
-    for name, value in vars(module).items():  # hook dicts and other containers: no sharing either
-        if name not in ("_parameters", "_buffers", "_modules") and isinstance(value, (dict, list, set)):
-            new.__dict__[name] = copy.copy(value)
+    for name, value in vars(module).items():  # hook dicts, plain containers and tensors: no sharing either
+        if name not in ("_parameters", "_buffers", "_modules"):
+            new.__dict__[name] = _copy_value(value, memo)
     return new
+
+
+_DICTS = (dict, collections.OrderedDict, collections.defaultdict)
+
+
+_PLAIN = frozenset({int, float, bool, str, type(None)})  # nothing in them to copy
+
+
+def _copy_value(value, memo: dict):
+    """`value` with every module and tensor in it copied once (through `memo`); the rest shared."""
+    kind = type(value)  # the fast paths first: a layer's __dict__ is mostly ints and tuples of ints
+    if kind in _PLAIN or kind is tuple and all(type(item) in _PLAIN for item in value):
+        return value
+    if isinstance(value, nn.Module):
+        return copy_module(value, memo)
+    if isinstance(value, torch.Tensor):
+        if id(value) not in memo:
+            if is_lazy(value):  # a lazy layer not yet run: the copy takes its shapes on its own first call
+                memo[id(value)] = type(value)(requires_grad=value.requires_grad, device=value.device, dtype=value.dtype)
+            elif not value.is_leaf:  # a value computed with autograd (classic weight_norm's `weight`)
+                memo[id(value)] = value.detach().clone()
+            elif isinstance(value, nn.Parameter):
+                memo[id(value)] = nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
+            else:
+                memo[id(value)] = value.clone()
+        return memo[id(value)]
+    if type(value) in (list, tuple, set, frozenset) or isinstance(value, dict):
+        if id(value) in memo:
+            return memo[id(value)]
+        if isinstance(value, dict):
+            # keeps OrderedDict, defaultdict's factory...; .copy() where it does: copy.copy goes
+            # through __reduce_ex__, a third of the time a module's copy took (hook dicts)
+            new = value.copy() if type(value) in _DICTS else copy.copy(value)
+            memo[id(value)] = new
+            for key, item in value.items():
+                new[key] = _copy_value(item, memo)
+            return new
+        items = [_copy_value(item, memo) for item in value]
+        new = type(value)(items)
+        if type(value) is list:
+            memo[id(value)] = new
+        return new
+    return value
+
+
+def materialize_lazy(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Give lazy layers (LazyConv2d, LazyLinear, LazyBatchNorm...) their shapes by running the
+    model once on the example input, in eval mode and without gradients.
+
+    On the model itself, not a copy: a lazy layer draws its initial weights on its first forward,
+    so materializing a copy would give the copy weights that the model never has. This is what
+    the model's own first call would do; no statistic is updated, and each submodule's mode is
+    put back. A model without lazy layers is not run."""
+    if not any(is_lazy(t) for t in (*module.parameters(), *module.buffers())):
+        return
+    modes = {m: m.training for m in module.modules()}
+    try:
+        with torch.no_grad():
+            module.eval()(*(x.clone() for x in example_inputs))
+    except Exception as err:
+        raise UserError(f"the model's lazy layers could not take their shapes from the example input: {one_line(err)}") from err
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def must_stay_whole(module: nn.Module) -> bool:
+    """Whether a traced graph must call `module` as one module, though fx would trace through it:
+    its call does more than its forward when it has hooks (which run only when the module itself
+    is called), and fx would call a TorchScript module through its C++ object."""
+    return isinstance(module, torch.jit.ScriptModule) or bool(hooks_of(module, global_hooks=False))
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping each module that `must_stay_whole` as one call."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return must_stay_whole(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _symbolic_trace(module: nn.Module) -> fx.GraphModule:
+    hooked = hooks_of(module, global_hooks=False)
+    if hooked:
+        # torch.fx runs the root's forward, never its __call__: the hooks would be lost.
+        raise TraceFailed(f"{type(module).__name__} itself has a {' and a '.join(hooked)}, which a traced graph cannot keep")
+    tracer = _Tracer()
+    graph = tracer.trace(module)
+    return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+class TraceUnfaithful(TraceFailed):
+    """The traced graph computes something else than the model: a value fixed at trace time."""
+
+
+def check_faithful_trace(
+    module: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, reference=None, output=None
+) -> None:
+    """Raise TraceUnfaithful when `gm` does not compute what `module` computes in eval mode on the
+    example input: the forward branched on a tensor's value, a global or other Python state that
+    the trace froze (see `bngraph.equivalence`). One forward of each; a command's own check of
+    its result then covers a batch of another size too. `output`: `gm`'s from `trace_and_run`,
+    which then saves the graph's forward."""
+    from bngraph.equivalence import Reference
+    from bngraph.errors import CheckFailed
+
+    reference = reference or Reference(module, example_inputs)  # `bngraph.equivalence.Reference` of `module`
+    try:
+        reference.check(gm, what="the traced graph", example_only=True, example_output=output)
+    except CheckFailed as err:
+        raise TraceUnfaithful(
+            f"torch.fx's trace of {type(module).__name__} computes something else than the model ({err}): its "
+            "forward depends on Python state (a tensor's value, a global, a counter) that tracing froze"
+        ) from err
 
 
 def trace(
@@ -71,18 +177,56 @@ def trace(
 ) -> fx.GraphModule:
     """Trace a copy of `module` (in train or eval mode first, with `training`); with
     `example_inputs`, fill `node.meta['tensor_meta']`."""
+    return trace_and_run(module, example_inputs, training=training)[0]
+
+
+def trace_and_run(
+    module: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None, *, training: bool | None = None
+) -> tuple[fx.GraphModule, object]:
+    """`trace`, and the graph's output from the run that recorded the shapes (see
+    `record_shapes`; None without `example_inputs`)."""
+    if example_inputs is not None:
+        materialize_lazy(module, example_inputs)
     module = copy_module(module)
     if training is not None:
         module.train(training)  # before tracing: a forward may branch on self.training
     try:
-        gm = fx.symbolic_trace(module)
+        gm = _symbolic_trace(module)
+    except TraceFailed:
+        raise
     except Exception as err:  # fx raises TraceError, TypeError, AttributeError... for one cause
+        if example_inputs is not None:
+            raise_if_model_raises(module, example_inputs)
         raise TraceFailed(
             f"torch.fx could not trace {type(module).__name__} at {_user_frame(err)}: {one_line(err)}"
         ) from err
+    output = None
     if example_inputs is not None:
-        propagate_shapes(gm, example_inputs)
-    return gm
+        try:
+            output = record_shapes(gm, example_inputs)
+        except UserError as err:
+            raise_if_model_raises(module, example_inputs)  # the user's own file:line, not a node name
+            # The model runs where its graph fails: the trace took a path the model does not take
+            # (monai's BasicUNet), so it is untraceable, not the model's fault.
+            raise TraceUnfaithful(f"torch.fx traced {type(module).__name__} unfaithfully: {err}") from err
+    return gm, output
+
+
+def raise_if_model_raises(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Run the model eagerly once, in eval mode and without gradients (each submodule's mode put
+    back): when its own forward raises, say so with its file and line. Only on a failure path,
+    so a model that works is never run twice."""
+    modes = {m: m.training for m in module.modules()}
+    try:
+        with torch.no_grad():
+            module.eval()(*example_inputs)
+    except Exception as err:
+        if user_frame(err) is not None:
+            shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
+            raise model_raised(err, failed=f"the model failed on its example input {shapes}") from err
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 class _RecordShapes(fx.Interpreter):
@@ -105,19 +249,28 @@ class _RecordShapes(fx.Interpreter):
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
     """Run `gm` once in eval mode (no statistics updated, no dropout) and record each node's shape."""
+    record_shapes(gm, example_inputs)
+    return gm
+
+
+def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
+    """`propagate_shapes`, returning the output of that run: drawn under
+    `bngraph.equivalence.seeded()`, so that a check of `gm` can take it instead of running `gm`
+    on the example input again (`Reference.check(example_output=...)`)."""
+    from bngraph.equivalence import seeded
+
     was_training = gm.training
     gm.eval()
     recorder = _RecordShapes(gm)
     try:
-        with torch.no_grad():
-            recorder.run(*example_inputs)
+        with torch.no_grad(), seeded():
+            return recorder.run(*(x.clone() for x in example_inputs))  # a forward may write into its input
     except Exception as err:
         shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
         where = getattr(recorder, "failed_at", "?")
         raise UserError(f"the model failed on its example input {shapes} at node {where}: {one_line(err)}") from err
     finally:
         gm.train(was_training)
-    return gm
 
 
 def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:

@@ -5,15 +5,19 @@ P[Q[k]] at axis k, so when P[Q[k]] == k for every k, z has x's values and the ch
 appear when a BN between `transpose(1, -1)` and `transpose(1, -1)` (the insert pass's way of
 normalizing the features of a Linear on (N, T, C)) has been folded away. A `contiguous()` inside
 the chain goes with it; one at its end stays, as a later `view` may need it. Every node of the
-chain but the last must have no other user, or it still has to run. Works in place.
+chain but the last must have no other user, or it still has to run. A chain with a
+`contiguous()` inside, whose result is then written in place, stays: the copy `contiguous()` may
+have made is what the write changed, and without the chain the write would reach its input.
+Works in place.
 """
 
 from __future__ import annotations
 
 from torch import fx
 
-from bngraph.passes.base import PassResult
+from bngraph.passes.base import PassResult, Skip
 from bngraph.passes.fx_batchnorm import permutation
+from bngraph.passes.fx_effects import mutations_of
 
 
 def cancel_inverse_permutes(gm: fx.GraphModule) -> PassResult:
@@ -29,6 +33,11 @@ def cancel_inverse_permutes(gm: fx.GraphModule) -> PassResult:
             composed = [inner[axis] for axis in composed]  # node's axis k is axis inner[composed[k]] here
             chain, source = [*chain, source], source.args[0]
             if composed == sorted(composed):
+                written = mutations_of(node) if any(n.target == "contiguous" for n in chain) else []
+                if written:
+                    result.skipped.append(Skip(node.name, f"{written[0].name} writes in place into the copy that "
+                                                          f"contiguous() made of {source.name}"))  # fmt: skip
+                    break
                 node.replace_all_uses_with(source)
                 for dead in chain:  # users first
                     gm.graph.erase_node(dead)

@@ -12,7 +12,9 @@ per-channel affine map, so they fold. Cases, numbered as in the code:
      shift would not be uniform: skip. (Feeding a weight makes the layer unfoldable in case 2.)
   4. The axis it normalizes is not the layer's input feature axis: skip.
   5. The conv pads with zeros: skip.
-  6. Fold; a layer whose weights other nodes share gets a copy for this site.
+  6. The BN's input (or a view of it) is written in place between the BN and the layer, so the
+     layer would read the written values where it read the BN's copy: skip.
+  7. Fold; a layer whose weights other nodes share gets a copy for this site.
 Works in place. Runs from the output backwards, so BN -> BN -> Linear folds both.
 """
 
@@ -24,6 +26,7 @@ from torch import fx
 from bngraph.passes.base import PassResult, Skip
 from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, fold_into_consumer, rounding_gain
 from bngraph.passes.fx_batchnorm import axis_at_user, describe, fixed_batch_norms
+from bngraph.passes.fx_effects import mutations_of
 from bngraph.passes.fx_layers import TensorUses, as_layer, write_weights
 from bngraph.trace import tensor_shape
 
@@ -63,6 +66,13 @@ def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:
                                                   "the border would differ"))  # fmt: skip
             continue
         # 6.
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        between = [w for w in mutations_of(site.input, modules) if order[node] < order[w] < order[consumer]]
+        if between:
+            result.skipped.append(Skip(node.name, f"{between[0].name} writes in place into {site.input.name}, the BN's "
+                                                  f"input, before {layer.label} would read it"))  # fmt: skip
+            continue
+        # 7.
         with torch.no_grad():
             weight, bias = fold_into_consumer(layer.weight, layer.bias, layer.groups, site.stats)
         note = write_weights(gm, layer, weight, bias, uses, modules)

@@ -2,7 +2,8 @@
 
 A BatchNorm is a call of a torch BatchNorm module or of `F.batch_norm`; either way it normalizes
 axis 1 of its input. It is a fixed affine map only in eval mode with running statistics that are
-constants of the model; `read_batch_norm` says why not otherwise. Statistics that are NaN or
+constants of the model, and only without hooks, which would no longer run once it is folded
+away; `read_batch_norm` says why not otherwise. Statistics that are NaN or
 infinite are the user's to fix, so they raise a `UserError` naming the layer. Reads only.
 """
 
@@ -18,6 +19,7 @@ from torch import fx, nn
 from bngraph.errors import UserError
 from bngraph.passes.base import PassResult, Skip
 from bngraph.passes.bn_affine import BatchNormStats
+from bngraph.passes.fx_effects import hook_refusal
 from bngraph.passes.op_kinds import op_label
 from bngraph.trace import tensor_dtype, tensor_shape
 
@@ -69,6 +71,8 @@ def read_batch_norm(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Mod
         site = BatchNormSite(node, node.target, arg(node, 0, "input"), None)
         if bn.training:
             site.refusal = "it is in training mode, normalizing with each batch's statistics"
+        elif reason := hook_refusal(node.target, bn, "folding it away"):
+            site.refusal = reason
         elif bn.running_mean is None or bn.running_var is None:
             site.refusal = ("it has no running statistics (track_running_stats=False), so it normalizes "
                             "with each batch's own statistics even in eval mode")  # fmt: skip

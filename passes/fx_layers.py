@@ -5,6 +5,9 @@ also what a Conv2d subclass with its own forward traces into). A fold needs the 
 either, kept in `Layer`: constant weight and bias, groups, zero padding, and the feature axis:
 1 for a conv on a batched input, the last one for a linear. Weights that another node also uses
 (a module called twice, tied parameters) are never changed in place: the site gets a copy.
+A layer with hooks is refused (the hooks would see other values). A reparametrized weight
+(`parametrizations.weight_norm`, `spectral_norm`, classic `weight_norm` with its pre-hook) is
+read as the eval-mode value it computes, and a fold makes it a plain parameter, which it reports.
 """
 
 from __future__ import annotations
@@ -16,8 +19,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from bngraph.passes.fx_batchnorm import arg, attr_value
+from bngraph.passes.fx_effects import hook_refusal
 
 # Positions in the functional signatures, e.g. F.conv2d(input, weight, bias, stride, padding, ...).
 _CONV = {"weight": 1, "bias": 2, "padding": 4, "dilation": 5, "groups": 6}
@@ -71,9 +78,12 @@ def as_layer(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module]) -
         kind = next((k for cls, k in MODULES if isinstance(module, cls) and type(module).forward is cls.forward), None)
         if kind is None:
             return None
+        if reason := hook_refusal(node.target, _without_reparametrizing_hooks(module), "folding a BatchNorm into it"):
+            return reason
         groups = getattr(module, "groups", 1)
         zero = kind == "conv" and module.padding_mode == "zeros" and _pads(module.padding, module.kernel_size, module.dilation)
-        layer = Layer(node, kind, node.target, module.weight, module.bias, groups, zero, module=module)
+        weight, bias = (_eval_value(module, name) for name in ("weight", "bias"))
+        layer = Layer(node, kind, node.target, weight, bias, groups, zero, module=module)
     elif node.op == "call_function" and node.target in FUNCTIONS:
         kind, positions = FUNCTIONS[node.target]
         tensors = {}
@@ -103,6 +113,63 @@ def as_layer(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module]) -
     return layer
 
 
+def _norm_hooks(module: nn.Module) -> dict:
+    """Classic `torch.nn.utils.weight_norm`/`spectral_norm`: pre-hooks that recompute a weight."""
+    return {k: h for k, h in module._forward_pre_hooks.items() if isinstance(h, (WeightNorm, SpectralNorm))}
+
+
+class _without_reparametrizing_hooks:
+    """`module` as the hook check sees it: the classic norms' pre-hooks are reparametrizations,
+    which a fold removes (see `make_plain`), not user code."""
+
+    def __init__(self, module: nn.Module):
+        norms = _norm_hooks(module)
+        for attr in ("_forward_hooks", "_backward_pre_hooks", "_backward_hooks"):
+            setattr(self, attr, getattr(module, attr, None))
+        self._forward_pre_hooks = {k: h for k, h in module._forward_pre_hooks.items() if k not in norms}
+
+
+def _eval_value(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The tensor a forward in eval mode uses for `module.<name>`."""
+    for hook in _norm_hooks(module).values():
+        if hook.name == name:  # the attribute holds the last forward's value: recompute it
+            with torch.no_grad():
+                if isinstance(hook, SpectralNorm):
+                    return hook.compute_weight(module, do_power_iteration=False)
+                return hook.compute_weight(module)
+    return getattr(module, name)  # a parametrization computes it on access, in the module's mode
+
+
+def make_plain(module: nn.Module) -> str | None:
+    """Turn reparametrized weights into plain parameters holding their current value; say which."""
+    removed = []
+    if parametrize.is_parametrized(module):
+        # Not torch's remove_parametrizations: it deletes the property from the class, which the
+        # model this graph was copied from shares, and breaks it. The injected class derives
+        # from the layer's own, so the instance goes back to that.
+        with torch.no_grad():
+            values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+        for name in values:
+            kinds = "+".join(type(p).__name__.lstrip("_") for p in module.parametrizations[name])
+            removed.append(f"{kinds} on {name}")
+        module.__class__ = type(module).__bases__[0]
+        del module._modules["parametrizations"]
+        for name, value in values.items():
+            module.register_parameter(name, nn.Parameter(value))
+    for key, hook in _norm_hooks(module).items():
+        if isinstance(hook, SpectralNorm):
+            torch.nn.utils.remove_spectral_norm(module, hook.name)
+        else:
+            torch.nn.utils.remove_weight_norm(module, hook.name)
+        removed.append(f"{type(hook).__name__} on {hook.name}")
+    for name in ("weight", "bias"):  # under no_grad, torch leaves the value as a plain tensor
+        value = getattr(module, name, None)
+        if removed and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            delattr(module, name)
+            module.register_parameter(name, nn.Parameter(value.detach().clone()))
+    return f"removed its {', '.join(removed)}: the folded weights are plain parameters" if removed else None
+
+
 def _pads(padding, kernel: tuple[int, ...], dilation) -> bool:
     """Whether a conv pads its input with zeros at all."""
     if isinstance(padding, str):  # "valid" pads nothing; "same" pads what the kernel overhangs
@@ -120,6 +187,7 @@ class TensorUses:
         for node in gm.graph.nodes:
             if node.op == "call_module" and node.target in modules:
                 module = modules[node.target]
+                self._add([module], [node])  # a module called twice shares whatever it computes
                 if module._modules:  # a leaf with parts (MultiheadAttention): everything it holds
                     self._add([*module.parameters(), *module.buffers()], [node])
                 else:  # the common case, without walking the module tree
@@ -136,14 +204,14 @@ class TensorUses:
 
     def sharers(self, layer: Layer) -> list[str]:
         others = set()
-        for tensor in (layer.weight, layer.bias):
+        for tensor in (layer.module, layer.weight, layer.bias):
             if tensor is not None:
                 others |= self._users.get(id(tensor), set()) - {layer.node}
         return sorted(n.name for n in others)
 
     def release(self, layer: Layer) -> None:
         """`layer.node` no longer uses the tensors `layer` was read with."""
-        for tensor in (layer.weight, layer.bias):
+        for tensor in (layer.module, layer.weight, layer.bias):
             if tensor is not None:
                 self._users.get(id(tensor), set()).discard(layer.node)
 
@@ -160,8 +228,9 @@ def write_weights(gm, layer: Layer, weight, bias, uses: TensorUses, modules: dic
             node.target = ".".join(filter(None, [parent, free_name(gm.get_submodule(parent), f"{name}_folded")]))
             gm.add_submodule(node.target, module)
             modules[node.target] = module
-        _store(module, "weight", weight, like)
-        _store(module, "bias", bias, like)
+        plain = make_plain(module)
+        _store(module, "weight", weight, module.weight)
+        _store(module, "bias", bias, module.weight)
     else:
         for name, value in (("weight", weight), ("bias", bias)):
             current = arg(node, layer.positions[name], name)
@@ -178,7 +247,9 @@ def write_weights(gm, layer: Layer, weight, bias, uses: TensorUses, modules: dic
                 getter = gm.graph.get_attr(".".join(filter(None, [owner_path, attr])))
             _set_arg(node, layer.positions[name], name, getter)
     uses.release(layer)
-    return f"folded into a copy of {layer.label}, whose weights {', '.join(sharers)} also uses" if sharers else None
+    notes = [f"folded into a copy of {layer.label}, whose weights {', '.join(sharers)} also uses" if sharers else None,
+             plain if layer.module is not None else None]  # fmt: skip
+    return "; ".join(n for n in notes if n) or None
 
 
 def _store(owner: nn.Module, name: str, value: torch.Tensor, like: torch.Tensor) -> None:

@@ -3,7 +3,9 @@
 After a fold the BatchNorm modules, the get_attr nodes of F.batch_norm's statistics and the
 weights of layers that got a copy are unreachable; left in place they would still be saved,
 loaded and moved between devices. torch.fx's `delete_all_unused_submodules` tests membership
-in a list (quadratic in the number of modules), so this pass keeps sets. Works in place.
+in a list (quadratic in the number of modules), so this pass keeps sets. A node nobody reads
+is dead only if it has no effect: `out.add_(x)`, `x[i] = v`, an inplace ReLU or a hooked module
+stay (`fx_effects.is_impure_node`; fx's own rule knows none of them). Works in place.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from torch import fx
 
 from bngraph.passes.base import PassResult
+from bngraph.passes.fx_effects import is_impure_node
 
 
 def _prefixes(path: str) -> list[str]:
@@ -18,16 +21,25 @@ def _prefixes(path: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
+def _is_module(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def remove_dead_code(gm: fx.GraphModule) -> PassResult:
     """Eliminate dead nodes, then every submodule, parameter and buffer that no node reaches."""
     result = PassResult(gm)
     before = [n.name for n in gm.graph.nodes]
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=is_impure_node)
     alive = {n.name for n in gm.graph.nodes}
     result.changed += [name for name in before if name not in alive]
 
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}  # used with all they hold
     fetched = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    # Used with all they hold: modules called, and modules fetched whole (passed to a function).
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"} | {t for t in fetched if _is_module(gm, t)}
     on_path = {p for target in called | fetched for p in _prefixes(target)}
 
     def is_held(path: str) -> bool:  # by a called module, itself or an ancestor

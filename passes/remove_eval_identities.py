@@ -4,7 +4,8 @@ A Dropout module in eval mode, or F.dropout called with training=False, passes i
 through; in the folded model such a node is only a call's overhead, and it can stand between a
 layer and its BatchNorm. Unlike `strip_dropout_and_lrn` (paper, Sec. 4.2.1) this never changes
 what the model computes: a Dropout in training mode, or F.dropout with training=True (which
-drops activations even in eval mode), is kept, with the reason. Works in place.
+drops activations even in eval mode), is kept, with the reason, and so is a module with hooks,
+which would no longer run. Works in place.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import fx, nn
 
 from bngraph.passes.base import PassResult, Skip
 from bngraph.passes.fx_batchnorm import arg
+from bngraph.passes.fx_effects import hook_refusal
 
 # Each dropout function's `training` argument (position 2) and its default.
 _DROPOUT_FUNCTIONS = {F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True,
@@ -29,6 +31,9 @@ def remove_eval_identities(gm: fx.GraphModule) -> PassResult:
             module = modules[node.target]
             if module.training and not isinstance(module, nn.Identity):
                 result.skipped.append(Skip(node.name, f"{node.target} is in training mode, so it drops activations"))
+                continue
+            if reason := hook_refusal(node.target, module, "removing it"):
+                result.skipped.append(Skip(node.name, reason))
                 continue
             label = type(module).__name__
         elif node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:

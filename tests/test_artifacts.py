@@ -103,14 +103,14 @@ def test_corrupted_artifacts_are_refused(tmp_path, damage):
 
 
 def test_failed_save_leaves_no_folder(tmp_path):
-    class Outer(torch.nn.Module):  # MultiheadAttention: a leaf its extra_repr cannot rebuild
+    class Outer(torch.nn.Module):  # a weight_norm-parametrized layer: no torch.nn constructor builds it
         def __init__(self):
             super().__init__()
-            self.mha = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+            self.layer = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 4))
 
         def forward(self, x):
-            return self.mha(x, x, x)[0]
+            return self.layer(x)
 
-    with pytest.raises(UserError, match="cannot save layer 'mha'"):
+    with pytest.raises(UserError, match="cannot save layer 'layer'"):
         bngraph.save(Outer(), tmp_path / "x", example_inputs=[torch.randn(2, 3, 4)])
     assert list(tmp_path.iterdir()) == []

@@ -2,7 +2,9 @@
 
 The model is folded by the FX passes, exported with torch.onnx.export (dynamo=True) with a
 dynamic batch axis, folded again at the ONNX level (whatever the FX fold could not reach),
-then run in onnxruntime at batch 1 and 7 against the unfolded model. Exit 1, and no file,
+then run in onnxruntime at batch 1 and 7 against the unfolded model. A BN that no layer can
+take exactly stays a BatchNormalization, the fastest exact form in onnxruntime, or becomes a
+Mul and an Add with --standalone-bn mul-add (for a runtime without a BN kernel). Exit 1, and no file,
 when they differ beyond tolerance (default: atol = rtol = 1e-4).
 """
 
@@ -10,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 
-from bngraph.commands.common import add_model_arguments, add_report_arguments, emit, load_from_args
+from bngraph.atomic import ONNX, check_output
+from bngraph.commands.common import (
+    add_force_argument, add_model_arguments, add_report_arguments, emit, input_paths, load_from_args,
+)  # fmt: skip
 from bngraph.commands.verify import add_tolerance_arguments
 
 
@@ -23,11 +28,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="turn on torch.onnx's own optimizer (it also folds BN into Conv/Gemm)",
     )
     parser.add_argument("--no-fold", action="store_true", help="skip the FX fold (the ONNX passes still fold)")
+    parser.add_argument(
+        "--standalone-bn",
+        choices=["batchnorm", "mul-add"],
+        default="batchnorm",
+        help="form of a BN with no exact fold: kept (fastest in onnxruntime) or Mul+Add (no BN kernel)",
+    )
     add_tolerance_arguments(parser)
+    add_force_argument(parser, ".onnx file")
     add_report_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output, ONNX, force=args.force, inputs=input_paths(args))  # before the work
     from bngraph.export import export
     from bngraph.verify import print_lines
 
@@ -40,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         exporter_optimize=args.exporter_optimize,
         atol=args.atol,
         rtol=args.rtol,
+        force=args.force,
+        standalone_bn=args.standalone_bn,
     )
     result.report.facts = {"model": args.model, **result.report.facts}
     emit(result.report, args)

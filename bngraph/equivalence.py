@@ -1,0 +1,161 @@
+"""Does a transformed model still compute what it was made from? One check, run before writing.
+
+    check_same_function(original, folded, example_inputs, what="the folded model")
+
+Every command that promises an unchanged function (fold, export's FX fold, insert with
+--preserve, a trace) runs both models in eval mode on the example input and on a random batch
+of another size, the smallest that differs (1, or 2 after an example of 1; the next size up
+where the model itself refuses a batch of 1; only inputs with a batch axis change size; see
+`bngraph.runners`), compares
+every output with `bngraph.verify`'s rule and tolerances (PyTorch against PyTorch: 1e-5 of the
+output's RMS plus 1e-5 relative), and raises `CheckFailed` naming the output that differs and by
+how much. Both run with the same random seed, so a forward that draws random numbers (dropout
+with training=True) compares equal when the transformation kept those draws. Neither model's
+mode is changed: each submodule's training flag is put back. `recalibrate` changes the function
+on purpose; `check_only_statistics_changed` checks that it changed nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from bngraph.errors import CheckFailed
+from bngraph.runners import TorchRunner, _to_numpy, batch_axes_of, example_batches, named_tensors
+
+
+class _SeededRunner(TorchRunner):
+    """A TorchRunner that draws the same random numbers on every call, and keeps its outputs."""
+
+    def __init__(self, module: nn.Module, label: str):
+        super().__init__(module, label)
+        self._outputs: dict[int, list[np.ndarray]] = {}
+
+    def __call__(self, inputs):
+        if id(inputs) not in self._outputs:
+            with seeded():
+                # Copies: a forward that writes into its input in place must not change the batch.
+                self._outputs[id(inputs)] = super().__call__([np.array(x, copy=True) for x in inputs])
+        return self._outputs[id(inputs)]
+
+    def know(self, inputs, outputs) -> None:
+        """Take `outputs` (a forward's result, run under `seeded()` in eval mode without gradients)
+        as this module's on `inputs`, instead of running it again."""
+        named = named_tensors(outputs)
+        self.output_names = [name for name, _ in named]
+        self._outputs[id(inputs)] = [_to_numpy(t) for _, t in named]
+
+
+@contextlib.contextmanager
+def seeded():
+    """The random state every run compared here starts from (a run outside this module, such as
+    the shape-recording run of `bngraph.trace`, uses it to stand for one of these runs)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
+class Reference:
+    """The original model's outputs on the check's batches, computed once for several checks."""
+
+    def __init__(self, original: nn.Module, example_inputs: Sequence[torch.Tensor]):
+        self.runner = _SeededRunner(original, "original")
+        self.batches = [[_numpy(x) for x in example_inputs]]
+        axes = batch_axes_of(example_inputs)
+        sizes = {x.shape[0] for x, axis in zip(example_inputs, axes) if axis is not None}
+        if len(sizes) == 1:
+            size = sizes.pop()
+            # The smallest other size costs the least; where the model refuses it (a squeeze that
+            # takes the batch axis away), the next size up.
+            for other_size in [1, size + 1] if size > 1 else [2]:
+                other = example_batches(example_inputs, [other_size], axes, seed=1234)
+                try:
+                    self.runner(other[0])
+                except Exception:
+                    continue
+                self.batches += other
+                break
+            # else the model itself only takes its example's batch size: check on that alone
+        self.runner(self.batches[0])  # a model that fails on its own example input fails here, as itself
+
+    def check(
+        self,
+        transformed: nn.Module,
+        *,
+        what: str,
+        atol: float | None = None,
+        rtol: float | None = None,
+        example_only: bool = False,
+        example_output=None,
+    ) -> float:
+        """Raise CheckFailed unless `transformed` computes the reference's outputs (on the example
+        input alone with `example_only`); return the worst error as a fraction of the tolerance.
+        `example_output`: `transformed`'s output on the example input, where a run the caller
+        needed anyway computed it (under `seeded()`, in eval mode): not run again."""
+        from bngraph.verify import verify
+
+        batches = self.batches[:1] if example_only else self.batches
+        runner = _SeededRunner(transformed, what)
+        if example_output is not None:
+            runner.know(batches[0], example_output)
+        result = verify(self.runner, runner, batches, atol, rtol)
+        if not result:
+            worst = result.worst
+            batch = (
+                f"batch of {result.batch_sizes[worst.worst_batch]}"
+                if worst.worst_batch < len(result.batch_sizes)
+                else "a batch"
+            )
+            if worst.problem:
+                raise CheckFailed(
+                    f"{what} differs from the model it was made from: output {worst.output!r}: {worst.problem}"
+                )
+            raise CheckFailed(
+                f"{what} differs from the model it was made from: output {worst.output!r} by up to {worst.max_abs:.3g} "
+                f"({worst.max_rel:.3g} of its RMS, {worst.failed_elements} of {worst.elements} elements beyond "
+                f"tolerance, worst on the {batch}); nothing was written"
+            )
+        return max((d.excess for d in result.diffs), default=0.0)
+
+
+def check_same_function(
+    original: nn.Module,
+    transformed: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    what: str,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> float:
+    """Raise CheckFailed unless `transformed` computes what `original` computes in eval mode (see
+    the module docstring); return the worst error as a fraction of the tolerance."""
+    return Reference(original, example_inputs).check(transformed, what=what, atol=atol, rtol=rtol)
+
+
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def check_only_statistics_changed(state_before: dict[str, torch.Tensor], model: nn.Module, *, what: str) -> None:
+    """Raise CheckFailed unless `model` holds the same tensors as `state_before` (its state dict
+    before a pass that may only re-estimate BatchNorm statistics, as `recalibrate` does) apart
+    from the BatchNorms' running statistics."""
+    statistics = {f"{path}.{name}".lstrip(".") for path, m in model.named_modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) for name in _STATISTICS}  # fmt: skip
+    state = model.state_dict()
+    if state.keys() != state_before.keys():
+        changed = sorted(state.keys() ^ state_before.keys())
+        raise CheckFailed(f"{what} holds other tensors than the model it was made from: {', '.join(changed[:5])}")
+    for key, value in state.items():
+        if key not in statistics and not torch.equal(value, state_before[key]):
+            raise CheckFailed(f"{what} changed {key}, which is not a BatchNorm statistic")
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy()
+
+
+__all__ = ["Reference", "check_only_statistics_changed", "check_same_function", "seeded"]
