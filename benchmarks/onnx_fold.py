@@ -5,7 +5,11 @@
 
 Each pattern is a small torch model with BatchNorm (BN statistics randomized, eval mode), exported
 with torch.onnx.export(dynamo=True, optimize=False) and a dynamic batch axis, then run through:
-  bngraph              bngraph.onnx_fold.fold_onnx (what `bngraph fold in.onnx -o out.onnx` writes)
+  bngraph              bngraph.onnx_fold.fold_onnx (what `bngraph fold in.onnx -o out.onnx` writes):
+                       a BN with no exact fold stays a BatchNormalization (the onnxruntime target)
+  bngraph.mul-add      the same, such a BN as Mul + Add (`--standalone-bn mul-add`: no BN kernel)
+  bngraph.dw-conv      the same, such a BN as a depthwise 1x1 Conv (group = C): a candidate form,
+                       measured, not shipped
   onnxoptimizer        onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])
   onnxsim              onnxsim.simplify(model)
   onnxslim             onnxslim.slim(model)
@@ -13,7 +17,8 @@ with torch.onnx.export(dynamo=True, optimize=False) and a dynamic batch axis, th
   onnxscript.optimize  onnxscript.optimizer.optimize(model)
   exporter             the same torch model exported with optimize=True
   ort.offline          onnxruntime's offline optimizer: SessionOptions.optimized_model_filepath at
-                       ORT_ENABLE_EXTENDED (ALL would write layout-specific NCHWc kernels)
+                       ORT_ENABLE_EXTENDED
+  ort.offline-all      the same at ORT_ENABLE_ALL (layout-specific NCHWc kernels for this CPU)
 and measured for: BatchNormalization nodes left; the largest abs difference from the original
 file, both run in onnxruntime at ORT_DISABLE_ALL (the graph as written) on random inputs at
 batches 1 and 5; and onnxruntime latency at --ort-level as a ratio to the original's (interleaved
@@ -23,7 +28,9 @@ cells and the rest goes on.
 
 Model definitions that the tests already have are imported from there (tests/passes/...); the
 rest are here. `true fold` says whether an exact fold into a layer exists; where it does not, a
-BN can only become a multiply-add (bngraph) or stay. Default sizes take under a minute on 2 cores.
+BN stays a fixed affine map in some form; the three bngraph rows compare those forms (for the
+three standalone patterns alone: --patterns bn_before_conv_pad1,bn_after_max_pool,conv_output_shared).
+Default sizes take a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -98,15 +105,49 @@ def patterns() -> list[Pattern]:
 # ---- the tools: each reads in.onnx and writes out.onnx, in a child process -----------------------
 
 
-def run_bngraph(src: Path, dst: Path) -> dict:
+def run_bngraph(src: Path, dst: Path, form: str = "batchnorm") -> dict:
     import onnx
     import onnx_ir as ir
 
     from bngraph.onnx_fold import fold_onnx
 
-    model, report = fold_onnx(onnx.load(str(src)))
+    model, report = fold_onnx(onnx.load(str(src)), standalone_bn="batchnorm" if form == "dw-conv" else form)
+    if form == "dw-conv":
+        to_depthwise_conv(model)
     ir.save(model, dst)
-    return {"how": [row["how"] for row in report.sections["folded"]], "remaining": report.sections["remaining"]}
+    kept = [f"{row['node']} kept" for row in report.sections["kept"]]
+    return {"how": [row["how"] for row in report.sections["folded"]] + kept, "remaining": report.sections["remaining"]}
+
+
+def to_depthwise_conv(model) -> None:
+    """Each BN left on an (N, C, D...) input as Conv(x, scale as (C, 1, 1...), shift, group=C)."""
+    import onnx_ir as ir
+
+    from bngraph.passes.onnx_common import batchnorms, bn_scale_shift, fresh_name, rank, skip_reason
+
+    graph = model.graph
+    for bn in batchnorms(model):
+        x, out = bn.inputs[0], bn.outputs[0]
+        if skip_reason(bn) or (rank(x) or 0) < 3:
+            continue
+        scale, shift = bn_scale_shift(bn)
+        if scale.ndim != 1:
+            continue  # spatial=0: per position, no conv kernel holds it
+        channels, ones = scale.shape[0], [1] * (rank(x) - 2)
+        arrays = {"w": scale.reshape(channels, 1, *ones), "b": shift}
+        values = []
+        for suffix, array in arrays.items():
+            value = ir.Value(name=fresh_name(graph, f"{bn.name}_{suffix}"), const_value=ir.tensor(array.numpy()))
+            graph.register_initializer(value)
+            values.append(value)
+        attributes = [ir.AttrInt64("group", channels), ir.AttrInt64s("kernel_shape", ones)]
+        conv = ir.Node("", "Conv", [x, *values], attributes, name=f"{bn.name}_dwconv")
+        graph.insert_before(bn, conv)
+        if out.is_graph_output():
+            graph.outputs[graph.outputs.index(out)] = conv.outputs[0]
+            conv.outputs[0].name, out.name = out.name, f"{out.name}_unused"
+        out.replace_all_uses_with(conv.outputs[0])
+        graph.remove(bn, safe=True)
 
 
 def run_onnxoptimizer(src: Path, dst: Path) -> dict:
@@ -150,11 +191,11 @@ def run_onnxscript_optimize(src: Path, dst: Path) -> dict:
     return {}
 
 
-def run_ort_offline(src: Path, dst: Path) -> dict:
+def run_ort_offline(src: Path, dst: Path, level: str = "ORT_ENABLE_EXTENDED") -> dict:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     options.optimized_model_filepath = str(dst)
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
     return {}
@@ -163,6 +204,8 @@ def run_ort_offline(src: Path, dst: Path) -> dict:
 EXPORTER = "exporter"  # exported by the parent, which has the torch models
 TOOLS: dict[str, Callable[[Path, Path], dict] | None] = {
     "bngraph": run_bngraph,
+    "bngraph.mul-add": lambda src, dst: run_bngraph(src, dst, "mul-add"),
+    "bngraph.dw-conv": lambda src, dst: run_bngraph(src, dst, "dw-conv"),
     "onnxoptimizer": run_onnxoptimizer,
     "onnxsim": run_onnxsim,
     "onnxslim": run_onnxslim,
@@ -170,6 +213,7 @@ TOOLS: dict[str, Callable[[Path, Path], dict] | None] = {
     "onnxscript.optimize": run_onnxscript_optimize,
     EXPORTER: None,
     "ort.offline": run_ort_offline,
+    "ort.offline-all": lambda src, dst: run_ort_offline(src, dst, "ORT_ENABLE_ALL"),
 }
 
 
@@ -324,7 +368,7 @@ def bngraph_rows(chosen: list[Pattern], extras) -> tuple[list[dict], str]:
             if extra
             else "(failed)"
         )
-        is_exact = bool(extra) and bool(extra["how"]) and not extra["remaining"] and "multiply-add" not in extra["how"]
+        is_exact = bool(extra) and bool(extra["how"]) and all(h.startswith("into the layer") for h in extra["how"])
         possible += p.true_fold
         exact += p.true_fold and is_exact
         rows.append({"pattern": p.name, "true fold exists": p.true_fold, "where bngraph put each BN": how})
@@ -350,7 +394,7 @@ def collect(args, chosen: list[Pattern], tools: list[str], root: Path):
         files.update({t: outcome(root / p.name, t) for t in tools if isinstance(errors[p.name][t], float)})
         groups[p.name] = {"batch": args.batch, "contenders": {t: str(f) for t, f in files.items()}}
     spec = {"threads": args.threads, "level": args.ort_level, "rounds": args.rounds,
-            "sample_s": args.sample_ms / 1e3, "groups": groups}  # fmt: skip
+            "sample_s": args.sample_ms / 1e3, "clock": args.clock, "groups": groups}  # fmt: skip
     (root / "ort-spec.json").write_text(json.dumps(spec))
     run_child(
         [str(TIMING), str(root / "ort-spec.json"), str(root / "ort-times.json")],
@@ -389,11 +433,17 @@ def build_report(args, chosen: list[Pattern], tools: list[str], left, errors, ex
     facts = {
         "patterns": len(chosen),
         "onnxruntime": f"{onnxruntime.__version__}, CPU, {args.threads} intra-op thread(s)",
-        "latency": f"median of {args.rounds} interleaved rounds of per-round ratios" if latency else "skipped",
+        "latency": f"median of {args.rounds} interleaved rounds of per-round ratios, {clock_name(args)} time"
+        if latency
+        else "skipped",
     }
     notes = [true_folds] if true_folds else []
     notes += sorted({v for row in errors.values() for v in row.values() if isinstance(v, str)})
     return Report("ONNX BN folding: bngraph and the other tools", sections=sections, facts=facts, notes=notes)
+
+
+def clock_name(args) -> str:
+    return "CPU" if args.clock == "cpu" and args.threads == 1 else "wall"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch", type=int, default=8, help="batch size for the latency")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for the latency")
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: the timing thread's CPU time (one thread only; robust to a busy machine), or wall time",
+    )
     parser.add_argument(
         "--ort-level",
         default="ORT_ENABLE_ALL",

@@ -4,10 +4,20 @@
     fold_onnx_file("in.onnx", "out.onnx", args)          # `bngraph fold in.onnx -o out.onnx`
 
 Files from any exporter go through the same passes, in this order (each in passes/):
-constants first (the exporters hide biases and weights behind Expand/Transpose), weights
-shared with another layer copied, each BN folded into the layer before it, then into the
-layer after it, what is left turned into Mul + Add, and the model checked. A training-mode BN
-is the one thing left: its output depends on the batch.
+initializers listed as graph inputs made constants (IR version 3 files list them all),
+constants folded (the exporters hide biases and weights behind Expand/Transpose), a bias
+written as an Add moved into its layer, a BN with scales >= 0 moved from after a max pool to
+before it, weights shared with another layer copied, each BN folded into the layer before it,
+then into the layer after it, and the model checked.
+
+A BN that no layer can take (after a max pool, before a zero-padded conv, on a conv output that
+another op reads) has no exact fold; it stays a fixed affine map in the form fastest for the
+target (STANDALONE_BN_FORMS). For onnxruntime that is the BatchNormalization itself: onnxruntime
+runs it as a depthwise NCHWc conv inside its layout, where a Mul + Add costs 2-11% more
+(benchmarks/onnx_fold.py), and it is the same node the exporter's optimizer and onnxruntime's
+offline optimizer leave there. Such a BN is listed under `kept`, not `remaining`: `remaining`
+holds only the BNs that are not a fixed map (training mode, statistics fed at run time), the
+ones `--strict` fails on. A runtime without a BatchNormalization kernel asks for "mul-add".
 """
 
 from __future__ import annotations
@@ -19,22 +29,28 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from bngraph.atomic import write_atomically
+from bngraph.atomic import ONNX, check_output, write_atomically
 from bngraph.errors import UserError
 from bngraph.passes.base import run_passes
 from bngraph.passes.onnx_bn_to_mul_add import onnx_bn_to_mul_add
 from bngraph.passes.onnx_check import onnx_check
-from bngraph.passes.onnx_common import batchnorms, op_counts, site
+from bngraph.passes.onnx_common import batchnorms, op_counts, site, skip_reason
 from bngraph.passes.onnx_copy_shared_weights import onnx_copy_shared_weights
 from bngraph.passes.onnx_fold_bn_into_layer import onnx_fold_bn_into_layer
 from bngraph.passes.onnx_fold_bn_into_next_layer import onnx_fold_bn_into_next_layer
 from bngraph.passes.onnx_fold_constants import onnx_fold_constants
+from bngraph.passes.onnx_fuse_bias_add_into_layer import onnx_fuse_bias_add_into_layer
+from bngraph.passes.onnx_initializer_inputs_to_constants import onnx_initializer_inputs_to_constants
+from bngraph.passes.onnx_move_bn_before_max_pool import onnx_move_bn_before_max_pool
 from bngraph.passes.onnx_simplify import onnx_simplify
 from bngraph.report import Report
 from bngraph.trace import one_line
 
 ONNX_PASSES = [
+    onnx_initializer_inputs_to_constants,
     onnx_fold_constants,
+    onnx_fuse_bias_add_into_layer,
+    onnx_move_bn_before_max_pool,
     onnx_copy_shared_weights,
     onnx_fold_bn_into_layer,
     onnx_fold_bn_into_next_layer,
@@ -42,49 +58,90 @@ ONNX_PASSES = [
     onnx_simplify,
     onnx_check,
 ]
+# What a BN with no exact fold becomes, per target: the pass that rewrites it, or None to keep it.
+STANDALONE_BN_FORMS = {
+    "batchnorm": None,  # onnxruntime, TensorRT, OpenVINO...: a BN kernel, fused into their layouts
+    "mul-add": onnx_bn_to_mul_add,  # a runtime with no BatchNormalization kernel
+}
+KEPT_REASON = "kept as BatchNormalization: the fastest exact form in onnxruntime (measured: benchmarks/onnx_fold.py)"
 # protobuf cannot serialize a message over 2 GiB; keep a margin for the graph itself.
 SINGLE_FILE_LIMIT_BYTES = 2**31 - 2**27
 
 
-def fold_onnx(model: onnx.ModelProto | ir.Model) -> tuple[ir.Model, Report]:
-    """Run ONNX_PASSES on a copy of `model`; the report says where each BN went, or why it stayed."""
+def fold_onnx(
+    model: onnx.ModelProto | ir.Model, *, standalone_bn: str = "batchnorm", keep_initializer_inputs: bool = False
+) -> tuple[ir.Model, Report]:
+    """Run ONNX_PASSES on a copy of `model`; the report says where each BN went, or why it stayed.
+
+    `standalone_bn` (a key of STANDALONE_BN_FORMS) is the form of a BN no layer can take;
+    `keep_initializer_inputs` leaves initializers listed as graph inputs overridable (a BN
+    reading one then stays, reported)."""
+    if standalone_bn not in STANDALONE_BN_FORMS:
+        raise UserError(f"unknown form {standalone_bn!r} for a BN with no exact fold: {', '.join(STANDALONE_BN_FORMS)}")
     if isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)
     else:
         model = ir.serde.deserialize_model(ir.serde.serialize_model(model))  # never the caller's
     before, batch_norms, size_before = op_counts(model), len(batchnorms(model)), initializer_bytes(model)
-    model, results = run_passes(model, ONNX_PASSES)
+    chosen = STANDALONE_BN_FORMS[standalone_bn]
+    passes = [p for p in ONNX_PASSES if p not in STANDALONE_BN_FORMS.values() or p is chosen]
+    if keep_initializer_inputs:
+        passes.remove(onnx_initializer_inputs_to_constants)
+    model, results = run_passes(model, passes)
     after = op_counts(model)
-    left = [site(bn) for bn in batchnorms(model)]
-    return model, fold_report(before, after, batch_norms, left, results, size_before, initializer_bytes(model))
+    # Kept on purpose: an eval-mode BN of constants, left because this target runs it fastest.
+    left = [(site(bn), chosen is None and skip_reason(bn) is None) for bn in batchnorms(model)]
+    report = fold_report(before, after, batch_norms, left, results, size_before, initializer_bytes(model))
+    lifted = results.get("onnx_initializer_inputs_to_constants")
+    if lifted and lifted.changed:
+        report.notes.append(
+            f"{len(lifted.changed)} initializers listed as graph inputs (IR version {lifted.details[0]['ir_version']}) "
+            "were read as constants; keep them overridable with --keep-initializer-inputs"
+        )
+    return model, report
 
 
 # The passes that move a BN somewhere, in the order they try; their rows read like the FX fold's.
 _BN_PASSES = ("onnx_fold_bn_into_layer", "onnx_fold_bn_into_next_layer", "onnx_bn_to_mul_add")
 
 
-def fold_report(before, after, batch_norms: int, left: list[str], results, size_before: int, size_after: int) -> Report:
-    """The same sections and facts as `bngraph.fold.fold_report`, so that both folds read alike."""
+def fold_report(
+    before, after, batch_norms: int, left: list[tuple[str, bool]], results, size_before: int, size_after: int
+) -> Report:
+    """The same sections and facts as `bngraph.fold.fold_report`, so that both folds read alike.
+
+    `left` is each BN still in the graph with whether it is a fixed map kept on purpose."""
+    ran = [name for name in _BN_PASSES if name in results]
     reasons: dict[str, dict[str, str]] = {}  # BN node -> pass -> why it left the BN alone
-    for name in _BN_PASSES:
+    for name in ran:
         for skip in results[name].skipped:
             reasons.setdefault(skip.site, {})[name] = skip.reason
     folded = []
-    for name in _BN_PASSES:
+    for name in ran:
         for row in results[name].details:
             why = reasons.get(row["node"], {})
             note = "; ".join(f"{where}: {why[p]}" for where, p in zip(("before", "after"), _BN_PASSES) if p in why)
             folded.append({**row, "note": note})
     # A BN left by the last pass was left by all of them; the last one's reason is the one that counts.
-    remaining = [{"node": n, "reason": list(reasons.get(n, {"": "no pass matched it"}).values())[-1]} for n in left]
+    remaining = [
+        {"node": n, "reason": list(reasons.get(n, {"": "no pass matched it"}).values())[-1]} for n, kept in left if not kept
+    ]
+    kept = []
+    for n, is_kept in left:
+        if is_kept:
+            why = reasons.get(n, {})
+            no_fold = "; ".join(f"{where}: {why[p]}" for where, p in zip(("before", "after"), _BN_PASSES) if p in why)
+            kept.append({"node": n, "form": "BatchNormalization", "reason": KEPT_REASON, "note": no_fold})
     facts = {
         "nodes_before": sum(before.values()),
         "nodes_after": sum(after.values()),
         "batchnorms_before": batch_norms,
-        "batchnorms_after": len(left),
+        "batchnorms_after": len(left),  # every BatchNormalization node in the result, kept ones too
+        "batchnorms_kept": len(kept),
     }
     sections = {
         "folded": folded,
+        "kept": kept,
         "remaining": remaining,
         "ops": op_table(before, after, size_before, size_after),
         "passes": [{"pass": name, "changed": len(r.changed), "skipped": len(r.skipped)} for name, r in results.items()],
@@ -144,29 +201,36 @@ def fold_onnx_file(in_path: str | Path, out_path: str | Path | None, args: argpa
     in_path = Path(in_path)
     if out_path is not None and Path(out_path).suffix != ".onnx":
         raise UserError(f"the output {out_path} of an ONNX fold must be a .onnx file")
+    if out_path is not None:  # before the work, not after it
+        check_output(out_path, ONNX, force=getattr(args, "force", False), inputs=[in_path])
     original = load_onnx(in_path)
     shapes = getattr(args, "input_shape", None)
-    spec = onnx_inputs(in_path, parse_input_shapes(shapes) if shapes else None)
-    model, report = fold_onnx(original)
+    spec = onnx_inputs(in_path, parse_input_shapes(shapes) if shapes else None, getattr(args, "static_input", None) or ())
+    model, report = fold_onnx(
+        original,
+        standalone_bn=getattr(args, "standalone_bn", None) or "batchnorm",
+        keep_initializer_inputs=getattr(args, "keep_initializer_inputs", False),
+    )
     report.title = f"bngraph fold {in_path}"
     sizes = BATCH_SIZES if spec.fixed_batch is None else (spec.fixed_batch,) * 2
     if spec.fixed_batch is not None:
         report.notes.append(f"{in_path} fixes the batch at {spec.fixed_batch}: verified at that batch only")
-    batches = random_batches(spec.shapes, sizes, spec.dtypes)
+    batches = random_batches(spec.shapes, sizes, spec.dtypes, batch_axes=spec.batch_axes)
     tolerances = getattr(args, "atol", None), getattr(args, "rtol", None)
     outcome = {}
 
     def write(tmp: Path) -> None:
         save_onnx(model, tmp, Path(out_path))
-        outcome["result"] = verify(in_path, tmp, batches, *tolerances)
+        outcome["result"] = verify(in_path, tmp, batches, *tolerances, batch_sizes=sizes)
         if not outcome["result"]:
             raise Rejected
 
     if out_path is None:
-        outcome["result"] = verify(in_path, ir.serde.serialize_model(model).SerializeToString(), batches, *tolerances)
+        folded = ir.serde.serialize_model(model).SerializeToString()
+        outcome["result"] = verify(in_path, folded, batches, *tolerances, batch_sizes=sizes)
     else:
         try:
-            write_atomically(out_path, write)
+            write_atomically(out_path, write, kind=ONNX, force=getattr(args, "force", False))
             report.facts["output"] = str(out_path)
         except Rejected:
             report.facts["output"] = "(not written: the folded model differs from the input)"
@@ -175,8 +239,9 @@ def fold_onnx_file(in_path: str | Path, out_path: str | Path | None, args: argpa
     report.sections["verification"] = [d.row() for d in result.diffs]
     emit(report, args)
     print_lines(result, args)
-    left = report.facts["batchnorms_after"]
+    # A BN kept as the fastest exact form is a fixed map, not a failure: --strict counts the others.
+    left = len(report.sections["remaining"])
     if getattr(args, "strict", False) and left:
-        print(f"bngraph: --strict: {left} BatchNormalization left (see 'remaining')", file=sys.stderr)
+        print(f"bngraph: --strict: {left} BatchNormalization left unfolded (see 'remaining')", file=sys.stderr)
         return 1
     return 0 if result else 1

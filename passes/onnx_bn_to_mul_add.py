@@ -1,10 +1,12 @@
-"""Turn each BatchNormalization left after the folds into Mul + Add.
+"""Turn each BatchNormalization left after the folds into Mul + Add, for a runtime without a
+BatchNormalization kernel (`fold_onnx(standalone_bn="mul-add")`); onnxruntime runs the BN itself
+faster, so the default pipeline keeps it (bngraph/onnx_fold.py).
 
 In eval mode a BN is the fixed affine map of Algorithm 2, step 3:
     y = s * x + t,   s = gamma / sqrt(var + eps),   t = beta - s * mean   (per channel),
 with s and t from `bn_scale_shift` (torch.nn.utils.fusion) shaped (C, 1, ..., 1) to broadcast
 over axis 1. Every runtime has Mul and Add, and they run where BN kernels are missing
-(some accelerators have none); onnxruntime fuses them into a neighbour when it can.
+(some accelerators have none). spatial=0 statistics (opsets 7, 8) give (C, D1, ...) constants.
 In place.
 """
 
@@ -28,7 +30,8 @@ class BnToMulAdd(RewriteRuleClassBase):
     def rewrite(self, op, x, bn_out):
         bn = bn_out.producer()
         scale, shift = bn_scale_shift(bn)
-        shape = (scale.shape[0],) + (1,) * (rank(x) - 2)
+        # Per channel: (C, 1, ..., 1). spatial=0 statistics are already shaped (C, D1, ...).
+        shape = scale.shape if scale.ndim > 1 else (scale.shape[0],) + (1,) * (rank(x) - 2)
         # A BN may keep float32 statistics for a float16 input (opset 15); Mul and Add may not.
         graph, dtype = bn.graph, x.dtype
         y = op.Mul(x, new_initializer(op, graph, scale.reshape(shape), f"{bn.inputs[1].name}_scale", dtype))

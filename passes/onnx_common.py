@@ -60,9 +60,27 @@ def skip_reason(bn: ir.Node) -> str | None:
     if reason:
         return reason
     for value, what in zip(bn.inputs[1:], ("scale", "bias", "mean", "variance")):
+        if value is not None and value.const_value is not None and value.is_graph_input():
+            # Only when asked to (keep_initializer_inputs): a caller may feed another value.
+            return f"its {what} {value.name!r} is a graph input (an initializer a caller may override)"
         if constant(value) is None:
             return f"its {what} {value.name if value else '(missing)'!r} is not a constant"
     return None
+
+
+def per_position_reason(bn: ir.Node) -> str | None:
+    """Why no layer can take `bn` even in eval mode: opset 7/8's spatial=0 keeps statistics per
+    channel and position, shaped like one example (C, D1, ...), not per channel."""
+    attr = bn.attributes.get("spatial")
+    mean = constant(bn.inputs[3]) if len(bn.inputs) > 3 else None
+    if attr is None or attr.is_ref() or attr.as_int() != 0 or mean is None or mean.ndim < 2:
+        return None
+    return f"spatial=0: its statistics are per channel and position {tuple(mean.shape)}, not per channel"
+
+
+def layer_fold_reason(bn: ir.Node) -> str | None:
+    """Why `bn` may not fold into a layer's per-channel weights, or None when it may."""
+    return skip_reason(bn) or per_position_reason(bn)
 
 
 def bn_parameters(bn: ir.Node) -> dict[str, torch.Tensor | float]:
@@ -79,16 +97,19 @@ def bn_parameters(bn: ir.Node) -> dict[str, torch.Tensor | float]:
 
 
 def bn_scale_shift(bn: ir.Node) -> tuple[torch.Tensor, torch.Tensor]:
-    """The BN as an affine map per channel, y = scale * x + shift.
+    """The BN as an affine map per channel, y = scale * x + shift, shaped like its statistics:
+    (C,), or (C, D1, ...) for spatial=0.
 
     A lone BN is a BN folded into the identity, so torch's own fold of a 1x1 identity layer
     gives its scale and shift: one algebra for every fold, not a second copy of it here.
     """
     params = bn_parameters(bn)
-    channels = params["bn_rm"].shape[0]
+    shape = params["bn_rm"].shape
+    flat = {k: v.reshape(-1) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
+    features = flat["bn_rm"].numel()
     with torch.no_grad():
-        scale, shift = fuse_conv_bn_weights(torch.ones(channels, 1), None, **params)
-    return scale.detach().reshape(channels), shift.detach()
+        scale, shift = fuse_conv_bn_weights(torch.ones(features, 1), None, **flat)
+    return scale.detach().reshape(shape), shift.detach().reshape(shape)
 
 
 def fresh_name(graph: ir.Graph, base: str) -> str:

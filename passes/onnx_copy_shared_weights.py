@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from bngraph.passes.base import PassResult
-from bngraph.passes.onnx_common import batchnorms, fresh_name, skip_reason, site
+from bngraph.passes.onnx_common import batchnorms, fresh_name, layer_fold_reason, site
 
 # The layers whose initializers onnxscript's BN rules rewrite under their own names.
 _RULE_LAYERS = ("Conv", "ConvTranspose", "Gemm")
@@ -25,7 +25,7 @@ def onnx_copy_shared_weights(model: ir.Model) -> PassResult:
     graph = model.graph
     for bn in batchnorms(model):
         layer = bn.inputs[0].producer()
-        if layer is None or layer.op_type not in _RULE_LAYERS or skip_reason(bn) is not None:
+        if layer is None or layer.op_type not in _RULE_LAYERS or layer_fold_reason(bn) is not None:
             continue  # not a fold these rules make: the fold pass reports why
         if len(bn.inputs[0].uses()) != 1:
             continue

@@ -34,18 +34,30 @@ from bngraph.passes.onnx_common import (
     bn_parameters,
     constant,
     new_initializer,
+    layer_fold_reason,
     rank,
     site,
-    skip_reason,
 )
 
 
 class _EvalModeOnly:
-    """Their check reads constants only; a training-mode BN uses batch statistics instead."""
+    """Their check reads constants only; a training-mode BN uses batch statistics instead, and
+    a spatial=0 BN has statistics per position, which no per-channel weight can take."""
 
     def check(self, context, x, inbound_out, batchnorm_out) -> MatchResult:
-        reason = skip_reason(batchnorm_out.producer())
+        reason = layer_fold_reason(batchnorm_out.producer())
         return MatchResult().fail(reason) if reason else super().check(context, x, inbound_out, batchnorm_out)
+
+    def rewrite(self, op, x, inbound_out, batchnorm_out):
+        folded = super().rewrite(op, x, inbound_out, batchnorm_out)
+        # Opset 15 lets a float16 layer's BN keep float32 statistics; their numpy algebra then
+        # promotes the folded weight and bias to float32, which the layer's type forbids.
+        dtype = inbound_out.producer().inputs[1].dtype
+        for value in folded.producer().inputs[1:]:
+            if value is not None and value.dtype != dtype:
+                value.const_value = ir.tensor(value.const_value.numpy().astype(dtype.numpy()), name=value.name)
+                value.dtype = dtype
+        return folded
 
 
 class FoldBnIntoConv(_EvalModeOnly, FuseBatchNormIntoConv): ...
@@ -80,7 +92,7 @@ class FoldBnIntoMatMul(RewriteRuleClassBase):
     def check(self, context, x, w, b=None, layer_out=None, bn_out=None, moved=None, **_) -> MatchResult:
         result = MatchResult()
         bn = bn_out.producer()
-        reason = skip_reason(bn)
+        reason = layer_fold_reason(bn)
         if reason:
             return result.fail(reason)
         weight = constant(w)
@@ -106,8 +118,9 @@ class FoldBnIntoMatMul(RewriteRuleClassBase):
         bias = constant(b).reshape(-1) if b is not None else None
         with torch.no_grad():
             weight, bias = fuse_linear_bn_weights(constant(w).T, bias, **bn_parameters(bn_out.producer()))
-        y = op.MatMul(x, new_initializer(op, graph, weight.T, w.name))
-        y = op.Add(y, new_initializer(op, graph, bias, b.name if b is not None else f"{w.name}_bias"))
+        dtype = w.dtype  # float32 statistics of a float16 layer (opset 15) must not promote it
+        y = op.MatMul(x, new_initializer(op, graph, weight.T, w.name, dtype))
+        y = op.Add(y, new_initializer(op, graph, bias, b.name if b is not None else f"{w.name}_bias", dtype))
         if moved is not None:
             y = op.Transpose(y, **moved.producer().attributes)
         return y
@@ -168,7 +181,7 @@ def _matmul_operand(add: ir.Node) -> ir.Node | None:
 
 
 def _why_left(model: ir.Model, bn: ir.Node, path: list[ir.Node]) -> str:
-    reason = skip_reason(bn)
+    reason = layer_fold_reason(bn)
     if reason:
         return reason
     source = bn.inputs[0].producer()

@@ -16,7 +16,7 @@ import torch
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
 from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.onnx_common import batchnorms, bn_scale_shift, constant, new_initializer, site, skip_reason
+from bngraph.passes.onnx_common import batchnorms, bn_scale_shift, constant, layer_fold_reason, new_initializer, site
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -92,7 +92,7 @@ def _bias_name(layer: ir.Node) -> str:
 
 def _refusal(bn: ir.Node, layer: ir.Node) -> str | None:
     """Why `bn` may not fold into `layer`, the only user of its output; None when it may."""
-    reason = skip_reason(bn)
+    reason = layer_fold_reason(bn)
     if reason:
         return reason
     where = f"{layer.op_type} {site(layer)!r}"
@@ -139,7 +139,7 @@ def _next_layer(bn: ir.Node) -> ir.Node | None:
 
 
 def _why_left(bn: ir.Node, layer: ir.Node | None) -> str:
-    reason = skip_reason(bn)
+    reason = layer_fold_reason(bn)
     if reason:
         return reason
     if bn.outputs[0].is_graph_output():

@@ -3,7 +3,10 @@ tests/onnx_models.py:NAME. Each builder seeds its weights, so two loads are the 
 randomizes the BN statistics: a fresh BN is almost the identity, so a broken fold would pass.
 """
 
+import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from tests.util import randomize_bn
@@ -81,3 +84,83 @@ def conv_bn_net_perturbed() -> nn.Module:
 
 def mlp_bn_net() -> nn.Module:
     return seeded(MlpBn)
+
+
+# ---- ONNX files written the way other and older exporters write them (onnx.helper) ------------
+# Each has one Conv (or Gemm) and a BatchNormalization with random statistics.
+
+BN_STATS = ("bn_scale", "bn_bias", "bn_mean", "bn_var")
+
+
+def random_bn_stats(shape, seed: int, dtype=np.float32) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    scale, bias, mean = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+    return [scale, bias, mean, (rng.random(shape) + 0.5).astype(dtype)]  # variance away from zero
+
+
+def onnx_file(nodes, inputs, outputs, arrays: dict, *, opset: int, ir_version: int, initializers_as_inputs=False):
+    """A model from helper nodes; IR version 3 files list every initializer as an input too."""
+    initializers = [numpy_helper.from_array(a, name) for name, a in arrays.items()]
+    if initializers_as_inputs:
+        inputs = inputs + [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in initializers]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="tests")
+    model.ir_version = ir_version
+    onnx.checker.check_model(model, full_check=True)  # valid input: a crash would be ours
+    return model
+
+
+def conv_bn_file(
+    *,
+    opset: int = 13,
+    ir_version: int = 7,
+    spatial: int | None = None,
+    initializers_as_inputs: bool = False,
+    dtype=np.float32,
+    stats_dtype=None,
+    batch_dim="N",
+    pool: bool = False,
+    scalar_input: bool = False,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """x (batch, 3, 8, 8) -> [x * gain, a scalar input] -> Conv 3x3 -> [MaxPool 2] -> BN.
+
+    `spatial=0` (opsets 7, 8) gives the BN statistics per channel and position, (4, H, W)."""
+    rng = np.random.default_rng(seed)
+    channels, size = 4, 3 if pool else 6
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    stats_shape = (channels, size, size) if spatial == 0 else (channels,)
+    arrays = {
+        "W": (rng.standard_normal((channels, 3, 3, 3)) * 0.3).astype(dtype),
+        "B": rng.standard_normal(channels).astype(dtype),
+    }
+    arrays.update(zip(BN_STATS, random_bn_stats(stats_shape, seed + 1, stats_dtype or dtype)))
+    inputs = [helper.make_tensor_value_info("x", elem, [batch_dim, 3, 8, 8])]
+    nodes, x = [], "x"
+    if scalar_input:
+        inputs.append(helper.make_tensor_value_info("gain", elem, []))
+        nodes.append(helper.make_node("Mul", ["x", "gain"], ["scaled"]))
+        x = "scaled"
+    nodes.append(helper.make_node("Conv", [x, "W", "B"], ["conv"], kernel_shape=[3, 3]))
+    if pool:
+        nodes.append(helper.make_node("MaxPool", ["conv"], ["pooled"], kernel_shape=[2, 2], strides=[2, 2]))
+    attrs = {} if spatial is None else {"spatial": spatial}
+    nodes.append(helper.make_node("BatchNormalization", [nodes[-1].output[0], *BN_STATS], ["y"], epsilon=1e-3, **attrs))
+    outputs = [helper.make_tensor_value_info("y", elem, [batch_dim, channels, size, size])]
+    return onnx_file(
+        nodes, inputs, outputs, arrays, opset=opset, ir_version=ir_version, initializers_as_inputs=initializers_as_inputs
+    )
+
+
+def gemm_bn_file(*, opset: int = 8, ir_version: int = 3, spatial: int = 0, seed: int = 0) -> onnx.ModelProto:
+    """x (N, 6) -> Gemm -> BN on (N, 5): with spatial=0 the statistics are per feature all the same."""
+    rng = np.random.default_rng(seed)
+    arrays = {"W": rng.standard_normal((5, 6)).astype(np.float32), "B": rng.standard_normal(5).astype(np.float32)}
+    arrays.update(zip(BN_STATS, random_bn_stats((5,), seed + 1)))
+    nodes = [
+        helper.make_node("Gemm", ["x", "W", "B"], ["fc"], transB=1),
+        helper.make_node("BatchNormalization", ["fc", *BN_STATS], ["y"], spatial=spatial),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])]
+    return onnx_file(nodes, inputs, outputs, arrays, opset=opset, ir_version=ir_version, initializers_as_inputs=ir_version < 4)

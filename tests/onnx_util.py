@@ -73,11 +73,36 @@ def check_against_input(original: onnx.ModelProto, folded: ir.Model) -> VerifyRe
     data = original.SerializeToString()
     spec = onnx_inputs(data)
     sizes = (1, 3) if spec.fixed_batch is None else (spec.fixed_batch,)
-    batches = random_batches(spec.shapes, sizes, spec.dtypes)
+    batches = random_batches(spec.shapes, sizes, spec.dtypes, batch_axes=spec.batch_axes)
     return verify(data, ir.serde.serialize_model(folded).SerializeToString(), batches, FOLD_ATOL, FOLD_ATOL)
 
 
-def fold_and_check(original: onnx.ModelProto):
-    """fold_onnx, then the comparison: (folded model, report, verification)."""
-    folded, report = fold_onnx(original)
+def fold_and_check(original: onnx.ModelProto, **options):
+    """fold_onnx (with `options`), then the comparison: (folded model, report, verification)."""
+    folded, report = fold_onnx(original, **options)
     return folded, report, check_against_input(original, folded)
+
+
+def run_in_ort(model: onnx.ModelProto | ir.Model, feeds: dict, level: str = "ORT_DISABLE_ALL") -> list:
+    import onnxruntime as ort
+
+    if isinstance(model, ir.Model):
+        model = ir.serde.serialize_model(model)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def relative_error(original: onnx.ModelProto, folded: ir.Model, feeds: dict) -> float:
+    """Largest |folded - original| / max |original| over the outputs, at both onnxruntime levels:
+    relative, so that a wrong fold on small outputs cannot hide under an absolute tolerance."""
+    import numpy as np
+
+    worst = 0.0
+    for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
+        for want, got in zip(run_in_ort(original, feeds, level), run_in_ort(folded, feeds, level), strict=True):
+            want, got = want.astype(np.float64), got.astype(np.float64)
+            worst = max(worst, float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)))
+    return worst

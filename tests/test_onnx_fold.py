@@ -39,13 +39,26 @@ def test_writes_a_folded_file_that_matches_the_input(exported, tmp_path):
     eval_path, _ = exported
     code, report = fold(eval_path, tmp_path / "out.onnx")
     assert code == 0 and report["passed"] is True
+    # The BN after the max pool has no exact fold: kept, the fastest exact form in onnxruntime.
+    assert ops(onnx.load(str(tmp_path / "out.onnx"))).count("BatchNormalization") == 1
+    assert report["batchnorms_before"] == 4 and report["batchnorms_after"] == 1 and report["remaining"] == []
+    [kept] = report["kept"]
+    assert "fastest exact form" in kept["reason"] and "MaxPool" in kept["note"]
+    hows = sorted(row["how"] for row in report["folded"])
+    assert hows == ["into the layer before it"] * 3
+    assert {"output", "runtime", "passed", "max_abs", "min_atol"} <= set(report["verification"][0])
+
+
+def test_a_runtime_without_batchnorm_gets_mul_add_and_strict_passes(exported, tmp_path):
+    eval_path, _ = exported
+    code, report = fold(eval_path, tmp_path / "out.onnx", standalone_bn="mul-add", strict=True)
+    assert code == 0 and report["passed"] is True
     assert "BatchNormalization" not in ops(onnx.load(str(tmp_path / "out.onnx")))
-    assert report["batchnorms_before"] == 4 and report["batchnorms_after"] == 0 and report["remaining"] == []
+    assert report["batchnorms_after"] == 0 and report["kept"] == [] and report["remaining"] == []
     hows = sorted(row["how"] for row in report["folded"])
     assert hows == ["into the layer before it"] * 3 + ["multiply-add"]
     ops_table = {row["op"]: (row["before"], row["after"]) for row in report["ops"]}
     assert ops_table["BatchNormalization"] == (4, 0) and ops_table["Mul"] == (0, 1)
-    assert {"output", "runtime", "passed", "max_abs", "min_atol"} <= set(report["verification"][0])
 
 
 def test_a_training_mode_bn_is_left_and_strict_exits_1(exported, tmp_path):

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 
-from bngraph.artifacts import history_entry, save
-from bngraph.atomic import check_writable
-from bngraph.commands.common import add_model_arguments, add_report_arguments, emit, load_from_args
-from bngraph.fold import fold
+from bngraph.atomic import ARTIFACT, check_output
+from bngraph.commands.common import (
+    add_force_argument, add_model_arguments, add_report_arguments, emit, input_paths, load_from_args,
+)  # fmt: skip
 from bngraph.spec import parse_model_spec
 
 
@@ -33,6 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # An ONNX fold is checked against its input in onnxruntime; an FX fold computes in float64.
     parser.add_argument("--atol", type=float, metavar="X", help="ONNX input: absolute tolerance of that check")
     parser.add_argument("--rtol", type=float, metavar="X", help="ONNX input: relative tolerance of that check")
+    parser.add_argument(
+        "--standalone-bn",
+        choices=["batchnorm", "mul-add"],
+        default="batchnorm",
+        help="ONNX input: form of a BN with no exact fold: kept (fastest in onnxruntime) or Mul+Add (no BN kernel)",
+    )
+    parser.add_argument(
+        "--keep-initializer-inputs",
+        action="store_true",
+        help="ONNX input: initializers also listed as graph inputs stay overridable inputs, not constants",
+    )
+    add_force_argument(parser, "artifact folder (ONNX input: .onnx file)")
     add_report_arguments(parser)
 
 
@@ -42,15 +54,23 @@ def run(args: argparse.Namespace) -> int:
         from bngraph.onnx_fold import fold_onnx_file  # onnx imports are slow: only when needed
 
         return fold_onnx_file(spec.path, args.output, args)
-    if args.output:
-        check_writable(args.output)  # before the work, not after it
+    if args.output:  # before the work, not after it; a PyTorch fold writes a folder, never x.onnx
+        check_output(args.output, ARTIFACT, force=args.force, inputs=input_paths(args))
+    from bngraph.artifacts import edited_source, fallback_source, history_entry, save
+    from bngraph.fold import fold
+    from bngraph.fold_untraced import FALLBACK, source_edits
+
     loaded = load_from_args(args)
     example_inputs = loaded.example_inputs()
     folded, report = fold(loaded.module, example_inputs)
     report.title = f"bngraph fold {args.model}"
     if args.output:
         history = [*loaded.history, {**history_entry("fold", report.passes), "report": report.to_json()}]
-        save(folded, args.output, example_inputs=example_inputs, history=history, source=args.model)
+        code = None
+        if report.facts.get("tracing") == FALLBACK:  # no graph to write code from: the source plus edits
+            code = edited_source(*fallback_source(loaded), source_edits(report), "fold")
+        save(folded, args.output, example_inputs=example_inputs, history=history, source=args.model,
+             force=args.force, code=code)  # fmt: skip
         report.facts["output"] = args.output
     emit(report, args)
     return 1 if args.strict and report.sections["remaining"] else 0

@@ -1,0 +1,61 @@
+"""ONNX files shipped inside PyPI packages (the `real` extra) fold, and compute what they did.
+
+Each file is folded by bngraph and, where installed (the `bench` extra), by onnxsim, onnxoptimizer
+and onnxslim; bngraph's result must match the original in onnxruntime on text-like images and
+leave no more BatchNormalization than any of them. Skipped where the package is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+
+import onnx
+import pytest
+
+from tests.real.onnx_files import FILES, TOOLS, available, compare, count_bn, fold_with, locate
+
+# Folding reorders float32 roundings once per layer; these nets are 30-60 layers deep.
+REL_TOLERANCE = 1e-4
+
+
+def original(entry) -> onnx.ModelProto:
+    path = locate(entry)
+    if path is None:
+        pytest.skip(f"{entry.package} is not installed (pip install -e '.[real]')")
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("entry", FILES, ids=lambda e: e.path.rsplit("/", 1)[-1])
+def test_bngraph_folds_every_bn_and_the_outputs_match(entry):
+    model = original(entry)
+    before = count_bn(model)
+    assert before > 0  # the reason the file is here
+    folded = fold_with("bngraph", model)
+    _, rel = compare(model, folded, entry.shapes)
+    assert rel < REL_TOLERANCE
+    left = count_bn(folded)
+    for tool in ("onnxsim", "onnxoptimizer", "onnxslim"):
+        if available(tool):
+            assert left <= count_bn(fold_with(tool, model)), tool
+
+
+@pytest.mark.parametrize("entry", FILES[2:3], ids=["batch_minus_1"])
+def test_the_command_folds_a_file_whose_batch_is_minus_1(entry, tmp_path):
+    model = original(entry)
+    onnx.save(model, tmp_path / "in.onnx")
+    shape = ",".join(map(str, entry.shapes[0]))
+    args = argparse.Namespace(json=True, strict=True, atol=None, rtol=None, input_shape=shape)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        from bngraph.onnx_fold import fold_onnx_file
+
+        code = fold_onnx_file(tmp_path / "in.onnx", tmp_path / "out.onnx", args)
+    report = json.loads(out.getvalue())
+    assert code == 0 and report["passed"] is True and report["remaining"] == []
+
+
+def test_every_tool_in_the_table_is_known():
+    assert {"bngraph", "onnxsim", "onnxoptimizer", "onnxslim"} <= set(TOOLS)

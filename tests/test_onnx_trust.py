@@ -1,0 +1,156 @@
+"""ONNX files as other and older exporters write them fold without a crash, and compute what they did.
+
+Each file is built with onnx.helper the way that exporter writes it (tests/onnx_models.py), with
+random BN statistics, folded, and compared with the original in onnxruntime at both levels, by
+the largest error relative to the output's magnitude. onnxruntime runs every opset from 7.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from bngraph.onnx_fold import fold_onnx, fold_onnx_file
+from tests.onnx_models import conv_bn_file, gemm_bn_file
+from tests.onnx_util import ops, relative_error
+
+# float32 folds reorder a few roundings: ~1e-7 of the output's size; a wrong fold is off by ~1.
+FLOAT32_REL = 1e-5
+# float16 rounds to 2**-11 of a value; the folded conv rounds once less, the BN once less.
+FLOAT16_REL = 5e-3
+
+
+def feeds(batch: int = 3, dtype=np.float32, scalar: bool = False, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {"x": rng.standard_normal((batch, 3, 8, 8)).astype(dtype)}
+    if scalar:
+        out["gain"] = np.asarray(rng.standard_normal(), dtype=dtype)
+    return out
+
+
+def initializer(model, name: str):
+    return next(v for v in model.graph.initializers.values() if v.name == name)
+
+
+# ---- IR version 3: every initializer is also a graph input -----------------------------------
+
+
+def test_ir3_initializers_listed_as_inputs_are_read_as_constants_and_fold():
+    original = conv_bn_file(opset=7, ir_version=3, spatial=1, initializers_as_inputs=True)
+    folded, report = fold_onnx(original)
+    assert ops(folded) == ["Conv"] and report.sections["remaining"] == []
+    assert [v.name for v in folded.graph.inputs] == ["x"] and folded.ir_version == 4
+    assert any("6 initializers listed as graph inputs" in note for note in report.notes)
+    assert relative_error(original, folded, feeds()) < FLOAT32_REL
+
+
+def test_keep_initializer_inputs_leaves_the_bn_overridable_with_the_reason():
+    original = conv_bn_file(opset=7, ir_version=3, spatial=1, initializers_as_inputs=True)
+    folded, report = fold_onnx(original, keep_initializer_inputs=True)
+    assert ops(folded) == ["Conv", "BatchNormalization"] and len(folded.graph.inputs) == 7
+    [row] = report.sections["remaining"]
+    assert "is a graph input" in row["reason"] and report.sections["kept"] == []
+    assert relative_error(original, folded, feeds()) < FLOAT32_REL
+
+
+def test_an_ir3_file_folds_and_verifies_through_the_command(tmp_path):
+    path = tmp_path / "old.onnx"
+    onnx.save(conv_bn_file(opset=7, ir_version=3, spatial=1, initializers_as_inputs=True), path)
+    args = argparse.Namespace(json=True, strict=True, atol=None, rtol=None, input_shape=None)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = fold_onnx_file(path, tmp_path / "new.onnx", args)
+    report = json.loads(out.getvalue())
+    assert code == 0 and report["passed"] is True and report["batchnorms_after"] == 0
+    assert ops(onnx.load(str(tmp_path / "new.onnx"))) == ["Conv"]
+
+
+# ---- opsets 7 and 8: spatial=0 keeps statistics per channel and position ---------------------
+
+
+@pytest.mark.parametrize("opset", [7, 8])
+def test_spatial_0_after_a_conv_is_kept_or_becomes_a_per_position_mul_add(opset):
+    original = conv_bn_file(opset=opset, ir_version=3, spatial=0, initializers_as_inputs=True)
+    folded, report = fold_onnx(original)
+    assert ops(folded) == ["Conv", "BatchNormalization"] and report.sections["remaining"] == []
+    [kept] = report.sections["kept"]
+    assert "per channel and position (4, 6, 6)" in kept["note"]
+    assert relative_error(original, folded, feeds()) < FLOAT32_REL
+    folded, report = fold_onnx(original, standalone_bn="mul-add")
+    assert ops(folded) == ["Conv", "Mul", "Add"]
+    mul = next(n for n in folded.graph if n.op_type == "Mul")
+    assert mul.inputs[1].const_value.shape == (4, 6, 6)  # one scale per channel and position
+    assert relative_error(original, folded, feeds()) < FLOAT32_REL
+
+
+def test_spatial_0_on_features_is_per_feature_and_folds_into_the_gemm():
+    original = gemm_bn_file(opset=8, ir_version=3, spatial=0)
+    folded, report = fold_onnx(original)
+    assert ops(folded) == ["Gemm"] and report.sections["folded"][0]["how"] == "into the layer before it"
+    x = {"x": np.random.default_rng(0).standard_normal((3, 6)).astype(np.float32)}
+    assert relative_error(original, folded, x) < FLOAT32_REL
+
+
+# ---- opset 15: a float16 layer with float32 BN statistics --------------------------------------
+
+
+def test_float16_conv_with_float32_statistics_folds_in_float16():
+    original = conv_bn_file(opset=15, ir_version=8, dtype=np.float16, stats_dtype=np.float32)
+    folded, report = fold_onnx(original)
+    assert ops(folded) == ["Conv"] and report.sections["remaining"] == []
+    conv = next(iter(folded.graph))
+    assert {v.dtype.name for v in conv.inputs} == {"FLOAT16"}  # weights and bias stay float16
+    assert relative_error(original, folded, feeds(dtype=np.float16)) < FLOAT16_REL
+
+
+def test_float16_bn_after_a_pool_becomes_a_float16_mul_add():
+    original = conv_bn_file(opset=15, ir_version=8, dtype=np.float16, stats_dtype=np.float32, pool=True)
+    folded, _ = fold_onnx(original, standalone_bn="mul-add")
+    assert ops(folded) == ["Conv", "MaxPool", "Mul", "Add"]
+    assert all(v.dtype.name == "FLOAT16" for n in folded.graph for v in n.inputs)
+    assert relative_error(original, folded, feeds(dtype=np.float16)) < FLOAT16_REL
+
+
+# ---- a batch dimension written as -1, a scalar input -------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["batchnorm", "mul-add"])
+def test_batch_written_as_minus_1_and_a_scalar_input(form):
+    original = conv_bn_file(batch_dim=-1, scalar_input=True, pool=True)
+    folded, report = fold_onnx(original, standalone_bn=form)
+    assert report.sections["remaining"] == [] and report.facts["batchnorms_kept"] == (form == "batchnorm")
+    assert [v.name for v in folded.graph.inputs] == ["x", "gain"]
+    for batch in (1, 5):
+        assert relative_error(original, folded, feeds(batch, scalar=True)) < FLOAT32_REL
+
+
+def test_batch_written_as_minus_1_folds_into_the_conv():
+    original = conv_bn_file(batch_dim=-1)
+    folded, _ = fold_onnx(original)
+    assert ops(folded) == ["Conv"]
+    assert relative_error(original, folded, feeds(4)) < FLOAT32_REL
+
+
+def test_an_unknown_standalone_form_is_a_user_error():
+    from bngraph.errors import UserError
+
+    with pytest.raises(UserError, match="mul-add"):
+        fold_onnx(conv_bn_file(), standalone_bn="mul_add")
+
+
+def test_the_command_folds_and_verifies_a_minus_1_batch_and_a_scalar_input(tmp_path):
+    path = tmp_path / "in.onnx"
+    onnx.save(conv_bn_file(batch_dim=-1, scalar_input=True), path)
+    args = argparse.Namespace(json=True, strict=True, atol=None, rtol=None, input_shape=None)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = fold_onnx_file(path, tmp_path / "out.onnx", args)
+    report = json.loads(out.getvalue())
+    assert code == 0 and report["passed"] is True and report["batchnorms_after"] == 0
+    assert ops(onnx.load(str(tmp_path / "out.onnx"))) == ["Mul", "Conv"]
