@@ -11,24 +11,30 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from bngraph.equivalence import check_same_function
+from bngraph.partial_trace import Opaque, nonlinearities_not_handled, trace_for_insert
 from bngraph.passes.base import PassResult, pass_name, run_passes
 from bngraph.passes.calibrate_bn_as_identity import CalibrateBnAsIdentity
 from bngraph.passes.drop_bias_before_bn import drop_bias_before_bn
 from bngraph.passes.insert_bn_before_activation import insert_bn_before_activation
 from bngraph.passes.wrap_activation_modules import wrap_activation_modules
 from bngraph.report import Report
-from bngraph.trace import TraceFailed, copy_module, trace
+from bngraph.trace import TraceFailed, copy_module, materialize_lazy
 
 FALLBACK = "module-level fallback"
 
 
 def calibration_batches(example_inputs: Sequence[torch.Tensor], count: int = 4, batch: int = 16, seed: int = 0):
-    """Random batches shaped like the example input (N(0, 1), as the example input itself)."""
+    """Random batches like the example input: its dtypes (floats N(0, 1) as the example itself,
+    integers 0 or 1), the batch grown to `batch` only on inputs with a batch axis."""
+    from bngraph.runners import batch_axes_of, random_tensor
+
     gen = torch.Generator().manual_seed(seed)
-    size = max(batch, example_inputs[0].shape[0])
+    axes = batch_axes_of(example_inputs)
+    size = max([batch] + [x.shape[0] for x, axis in zip(example_inputs, axes) if axis == 0])
+    shapes = [(size, *x.shape[1:]) if axis == 0 else tuple(x.shape) for x, axis in zip(example_inputs, axes)]
     return [
-        tuple(torch.randn((size, *x.shape[1:]), generator=gen, dtype=x.dtype) for x in example_inputs)
-        for _ in range(count)
+        tuple(random_tensor(shape, x.dtype, gen) for shape, x in zip(shapes, example_inputs)) for _ in range(count)
     ]
 
 
@@ -43,12 +49,14 @@ def insert(
     """A copy of `model` with a BatchNorm before every nonlinearity, and the report.
 
     `preserve=True` calibrates the new BatchNorms (on `calibration_data`, or random batches like
-    the example input) so that the eval-mode model computes what `model` computed. Models that
+    the example input) so that the eval-mode model computes what `model` computed, which is
+    checked (`bngraph.equivalence`; CheckFailed otherwise). Models that
     torch.fx cannot trace get the module-level fallback unless `fallback=False`.
     """
-    trace_failure = None
+    trace_failure, opaque = None, []
+    materialize_lazy(model, example_inputs)  # on the model itself: see bngraph.trace.materialize_lazy
     try:
-        graph = trace(model, example_inputs)
+        graph, opaque = trace_for_insert(model, example_inputs)
         insert_pass = insert_bn_before_activation
     except TraceFailed as err:
         if not fallback:
@@ -65,10 +73,21 @@ def insert(
         passes.append(partial(drop_bias_before_bn, only=bn_paths))
     graph, more = run_passes(graph, passes)
     results.update(more)
-    return graph, insert_report(results, trace_failure)
+    if preserve:  # the promise of --preserve, checked before anything is returned or written
+        check_same_function(model, graph, example_inputs, what="the model with BatchNorms inserted (--preserve)")
+    not_handled = nonlinearities_not_handled(graph, example_inputs, opaque) if trace_failure is None else []
+    return graph, insert_report(results, trace_failure, opaque=opaque, not_handled=not_handled)
 
 
-def insert_report(results: dict[str, PassResult], trace_failure: str | None = None) -> Report:
+def insert_report(
+    results: dict[str, PassResult],
+    trace_failure: str | None = None,
+    *,
+    opaque: Sequence[Opaque] = (),
+    not_handled: Sequence[dict] = (),
+) -> Report:
+    """`opaque`: submodules partial tracing kept as one call; `not_handled`: nonlinearities the
+    model runs that no BatchNorm was considered for (inside leaves), each with its reason."""
     first = next(iter(results.values()))
     dropped = results.get(drop_bias_before_bn.__name__)
     dropped_at = set(dropped.changed) if dropped else set()
@@ -78,6 +97,7 @@ def insert_report(results: dict[str, PassResult], trace_failure: str | None = No
             "activation": row["activation"],
             "norm": row["norm"],
             "features": row["features"],
+            "axes": row.get("axis", ""),
             "bias_removed": row["bn"] in dropped_at,
             "bn": row["bn"],
         }
@@ -88,13 +108,22 @@ def insert_report(results: dict[str, PassResult], trace_failure: str | None = No
         if result is not first:
             skipped += [{"node": s.site, "reason": f"{name}: {s.reason}"} for s in result.skipped]
     notes = []
-    if not inserted:
+    if opaque:
+        notes.append(f"traced partially: {len(opaque)} submodule(s) kept opaque (see 'opaque')")
+    if not inserted and not not_handled:
         notes.append("nothing changed: no nonlinearity needs a BatchNorm" + (" (already inserted?)" if first.skipped else ""))
+    elif not_handled:
+        notes.append(f"{len(not_handled)} nonlinearities run inside submodules insert cannot see into (see 'not_handled')")
     if trace_failure is not None:
         notes.append(f"used the {FALLBACK} ({trace_failure}); biases before the new BatchNorms are kept")
     return Report(
         "bngraph insert",
-        sections={"inserted": inserted, "skipped": skipped},
+        sections={
+            "inserted": inserted,
+            "skipped": skipped,
+            "opaque": [{"module": o.module, "type": o.type, "reason": o.reason} for o in opaque],
+            "not_handled": list(not_handled),
+        },
         facts={"tracing": "torch.fx" if trace_failure is None else FALLBACK, "changed": bool(inserted)},
         notes=notes,
         passes=results,

@@ -2,11 +2,12 @@
 
     model.py       readable module code generated from the traced graph (constructors + forward)
     weights.pt     the state dict, read back with torch.load(weights_only=True): no pickled objects
-    bngraph.json   format version, example input shapes, the passes applied with their reports,
-                   and SHA-256 of the two files above, so a corrupted copy is refused, not half-loaded
+    bngraph.json   format version, example input shapes, dtypes and batch axes (0 or null), the
+                   passes applied with their reports, and SHA-256 of the two files above, so a
+                   corrupted copy is refused, not half-loaded
 
-Every leaf layer is rebuilt from its torch.nn constructor (`extra_repr` gives the arguments), so
-the loaded module is ordinary, trainable PyTorch. `save` loads what it wrote and compares weights
+Every leaf layer is rebuilt from its torch.nn constructor (arguments read back from its attributes
+and written with repr), so the loaded module is ordinary, trainable PyTorch. `save` loads what it wrote and compares weights
 and outputs before the folder appears: an artifact that would not round-trip is never written.
 """
 
@@ -15,7 +16,9 @@ from __future__ import annotations
 import builtins
 import hashlib
 import importlib.util
+import inspect
 import json
+import math
 import re
 import sys
 import types
@@ -25,8 +28,10 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from bngraph.atomic import write_dir_atomically
+from bngraph.atomic import ARTIFACT, check_output, save_tensors, write_dir_atomically
 from bngraph.errors import UserError
+from bngraph.runners import batch_axes_of
+from bngraph.passes.fx_effects import hooks_of
 from bngraph.spec import ARTIFACT_META
 from bngraph.trace import one_line, trace
 
@@ -72,43 +77,128 @@ def _import_line(name: str, value) -> str | None:
 
 def _constructor(path: str, module: nn.Module) -> str:
     cls = type(module)
+    if hooks := hooks_of(module, global_hooks=False):
+        raise UserError(
+            f"cannot save layer {path!r} as code: it has a {' and a '.join(dict.fromkeys(hooks))}, which the "
+            "generated model.py cannot hold (remove it before saving, and register it again after loading)"
+        )
     if not cls.__module__.startswith("torch."):
         raise UserError(
             f"cannot save layer {path!r} of type {cls.__qualname__} as code: only torch.nn layers "
             "are rebuilt from their constructors (trace through it instead)"
         )
-    return f"torch.nn.{cls.__name__}({module.extra_repr()})"
+    candidates = dict.fromkeys([f"torch.nn.{cls.__name__}({_arguments(module)})",
+                                f"torch.nn.{cls.__name__}({module.extra_repr()})"])  # fmt: skip
+    for ctor in candidates:
+        if _rebuilds(module, ctor):
+            return ctor
+    raise UserError(
+        f"cannot save layer {path!r} ({cls.__name__}) as code: its constructor arguments do not reproduce it"
+    )
 
 
-def _rebuild(path: str, original: nn.Module, ctor: str) -> None:
-    """Build the layer from `ctor` and check that it is `original` up to the weights."""
+def _arguments(module: nn.Module) -> str:
+    """The constructor's keyword arguments, read back from the attributes of the same names and
+    written with repr, so that strings stay quoted (`padding='valid'`, `padding_mode='reflect'`).
+    A tensor attribute answers a boolean parameter by its presence (`bias=False` when `bias` is
+    None). Arguments with no attribute of their name keep their defaults; `_rebuilds` checks."""
+    try:
+        parameters = inspect.signature(type(module).__init__).parameters.values()
+    except (TypeError, ValueError):
+        return module.extra_repr()
+    rendered = []
+    for p in parameters:
+        if p.name in ("self", "device", "dtype") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if not hasattr(module, p.name):
+            continue
+        value = getattr(module, p.name)
+        if isinstance(p.default, bool) and (value is None or isinstance(value, torch.Tensor)):
+            value = value is not None
+        if p.default is not p.empty and _same(value, p.default):
+            continue
+        text = _literal(value)
+        if text is None:
+            return module.extra_repr()  # not a literal: the layer's own description is all there is
+        rendered.append(f"{p.name}={text}")
+    return ", ".join(rendered)
+
+
+def _same(value, default) -> bool:
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except Exception:
+        return False
+
+
+def _literal(value) -> str | None:
+    """Python source for a constructor argument, or None when it is not a plain literal."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return repr(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else f"float({str(value)!r})"
+    if isinstance(value, torch.dtype):
+        return str(value)  # torch.float32
+    if isinstance(value, (tuple, list)):
+        items = [_literal(v) for v in value]
+        if any(i is None for i in items):
+            return None
+        body = ", ".join(items) + ("," if isinstance(value, tuple) and len(items) == 1 else "")
+        return f"({body})" if isinstance(value, tuple) else f"[{body}]"
+    return None
+
+
+def _rebuilds(original: nn.Module, ctor: str) -> bool:
+    """Whether `ctor` builds a layer that is `original` up to the weights."""
     try:
         rebuilt = eval(ctor, {"torch": torch})  # noqa: S307 (a string we generated)
     except Exception:
-        rebuilt = None
+        return False
     theirs = {k: (tuple(v.shape), v.dtype) for k, v in original.state_dict().items()}
-    ours = rebuilt and {k: (tuple(v.shape), v.dtype) for k, v in rebuilt.state_dict().items()}
-    if theirs != ours or repr(original) != repr(rebuilt):
-        raise UserError(
-            f"cannot save layer {path!r} ({type(original).__name__}) as code: its constructor "
-            "arguments do not reproduce it"
-        )
+    ours = {k: (tuple(v.shape), v.dtype) for k, v in rebuilt.state_dict().items()}
+    return theirs == ours and repr(original) == repr(rebuilt)
 
 
-def module_source(gm: fx.GraphModule, *, input_shapes=None, source: str = "a traced module") -> str:
-    """Python source of a module class equivalent to `gm` (same names, same state dict keys)."""
+_LOADED_PREFIXES = ("bngraph_user_", "bngraph_artifact_")  # module names bngraph.load gives files it imports
+
+
+def module_source(
+    gm: fx.GraphModule, *, input_shapes=None, source: str = "a traced module", base: tuple[str, str] | None = None
+) -> str:
+    """Python source of a module class equivalent to `gm` (same names, same state dict keys).
+
+    `base`, (source text, symbol that builds the model): a leaf no torch.nn constructor rebuilds
+    (a submodule partial tracing kept opaque, the user's own class) is taken, by its path, from
+    a model that `symbol` builds, and that source is carried in front of the generated code."""
     code = gm.graph.python_code(root_module="self")
+    # fx's `wrap("name")` lines register functions kept as one call for later tracing; the
+    # generated file imports the functions instead.
+    code.src = re.sub(r"^torch\.fx\._symbolic_trace\.wrap\(.*\)\n", "", code.src.lstrip("\n"), flags=re.M)
     used = {n: v for n, v in code.globals.items() if re.search(rf"\b{re.escape(n)}\b", code.src)}
-    imports = sorted({line for n, v in used.items() if (line := _import_line(n, v))} - {"import torch"})
+    # A function of the user's own file (a helper fx kept as one call) has no import path: it
+    # comes from the carried source (`base`), defined above the generated code.
+    from_file = {n: v for n, v in used.items() if str(getattr(v, "__module__", "")).startswith(_LOADED_PREFIXES)}
+    if from_file and base is None:
+        name = next(iter(from_file.values())).__qualname__
+        raise UserError(f"cannot save the model as code: its forward calls {name} from the model's own file")
+    imports = {line for n, v in used.items() if n not in from_file and (line := _import_line(n, v))}
+    imports = sorted(imports - {"import torch"}) + [f"{n} = {v.__qualname__}" for n, v in from_file.items()]
 
     body = ["    def __init__(self):", "        super().__init__()"]
     # In the order the forward calls them, so that print(model) reads like the computation.
     leaves = list(dict.fromkeys(node.target for node in gm.graph.nodes if node.op == "call_module"))
+    from_base = False
     for path in leaves:
         module = gm.get_submodule(path)
-        ctor = _constructor(path, module)
-        _rebuild(path, module, ctor)
+        try:
+            ctor = _constructor(path, module)
+        except UserError:
+            if base is None:
+                raise
+            ctor, from_base = f"_bngraph_model.get_submodule({path!r})", True
         body.append(f"        _install(self, {path!r}, {ctor})")
+    if from_base:  # the layers bngraph did not trace come from the model's own code
+        body.insert(2, "        _bngraph_model = _BNGRAPH_BASE()")
     leaves = set(leaves)
     owned = {name for leaf in leaves for name, _ in gm.get_submodule(leaf).named_parameters(leaf)}
     owned |= {name for leaf in leaves for name, _ in gm.get_submodule(leaf).named_buffers(leaf)}
@@ -139,8 +229,15 @@ def module_source(gm: fx.GraphModule, *, input_shapes=None, source: str = "a tra
     top_level = {path for path in leaves if "." not in path}
     forward = _call_top_level_directly(code.src.strip("\n"), top_level).replace("\n", "\n    ")
     shapes = [tuple(s) for s in input_shapes] if input_shapes else None
+    carried = ""
+    if from_base or from_file:
+        carried = (
+            f"{base[0].rstrip()}\n\n\n# --- Appended by bngraph: the traced model; the submodules and functions it did\n"
+            f"# --- not trace come from the code above.\n_BNGRAPH_BASE = {base[1]}\n\n"
+        )
     return (
-        _HEADER.format(source=source, imports="\n".join(imports))
+        carried
+        + _HEADER.format(source=source, imports="\n".join(imports))
         + f"\nclass {CLASS_NAME}(torch.nn.Module):\n"
         + f"    example_input_shapes = {shapes!r}\n\n"
         + "\n".join(body)
@@ -150,34 +247,70 @@ def module_source(gm: fx.GraphModule, *, input_shapes=None, source: str = "a tra
     )
 
 
-_WRAPPED_TAIL = """
+_EDITED_TAIL = """
 
-# --- Appended by bngraph: torch.fx could not trace {symbol}, so `bngraph insert` wrapped its
-# --- activation modules with a BatchNorm in front (module-level fallback), as listed here.
+# --- Appended by bngraph: torch.fx could not trace {symbol}, so `bngraph {command}` changed its
+# --- modules by path (module-level fallback), as listed here.
 import collections as _bngraph_collections  # noqa: E402
 
 import torch as _bngraph_torch  # noqa: E402
 
-_BNGRAPH_WRAPS = {wraps!r}
+
+def _bngraph_edit(model, edits):
+    for kind, path, *args in edits:
+        *parents, name = path.split(".")
+        parent = model.get_submodule(".".join(parents))
+        if kind == "wrap":  # a BatchNorm in front of an activation module
+            norm, features, dtype = args
+            bn = getattr(_bngraph_torch.nn, norm)(features, dtype=getattr(_bngraph_torch, dtype))
+            parent._modules[name] = _bngraph_torch.nn.Sequential(
+                _bngraph_collections.OrderedDict(bn=bn, act=parent._modules[name])
+            )
+        elif kind == "identity":  # a BatchNorm folded into its layer
+            parent._modules[name] = _bngraph_torch.nn.Identity()
+        elif kind == "bias":  # a layer that gained a bias from the BatchNorm folded into it
+            features, dtype = args
+            parent._modules[name].bias = _bngraph_torch.nn.Parameter(
+                _bngraph_torch.zeros(features, dtype=getattr(_bngraph_torch, dtype))
+            )
+    return model
+
+
+{base} = {symbol}
+{edits_name} = {edits!r}
 
 
 def {cls}():
-    model = {symbol}()
-    for path, norm, features in _BNGRAPH_WRAPS:
-        *parents, name = path.split(".")
-        parent = model.get_submodule(".".join(parents))
-        bn = getattr(_bngraph_torch.nn, norm)(features)
-        parent._modules[name] = _bngraph_torch.nn.Sequential(
-            _bngraph_collections.OrderedDict(bn=bn, act=parent._modules[name])
-        )
-    return model
+    return _bngraph_edit({base}(), {edits_name})
 """
 
 
-def wrapped_source(user_file: Path, symbol: str, wraps: Sequence[dict]) -> str:
-    """model.py for a model that cannot be traced: the user's file plus the recorded wraps."""
-    listed = [(w["node"], w["norm"], w["features"]) for w in wraps]
-    return Path(user_file).read_text() + _WRAPPED_TAIL.format(symbol=symbol, wraps=listed, cls=CLASS_NAME)
+def edited_source(source: str, symbol: str, edits: Sequence[tuple], command: str) -> str:
+    """model.py for a model that cannot be traced: its source (the user's file, or an earlier
+    such model.py) plus `edits`, each `("wrap", path, norm, features, dtype)`, `("identity",
+    path)` or `("bias", path, features, dtype)`, applied by path to what `symbol` builds."""
+    n = source.count("# --- Appended by bngraph:")  # each edit step keeps the one before as its base
+    return source + _EDITED_TAIL.format(
+        symbol=symbol, command=command, base=f"_bngraph_base_{n}",
+        edits_name=f"_BNGRAPH_{'WRAPS' if command == 'insert' else 'FOLDS'}_{n}",
+        edits=[tuple(e) for e in edits], cls=CLASS_NAME,
+    )  # fmt: skip
+
+
+def wrapped_source(source: str, symbol: str, wraps: Sequence[dict]) -> str:
+    """model.py after a fallback insert: `source` plus the wraps the insert report lists."""
+    edits = [("wrap", w["node"], w["norm"], w["features"], w.get("dtype", "float32")) for w in wraps]
+    return edited_source(source, symbol, edits, "insert")
+
+
+def fallback_source(loaded) -> tuple[str, str]:
+    """(source text, symbol that builds the model) of a loaded model that cannot be traced: a
+    .py file, or an artifact written by a module-level fallback."""
+    if loaded.spec.kind == "file":
+        return Path(loaded.spec.path).read_text(), loaded.symbol
+    if loaded.spec.kind == "artifact":
+        return (Path(loaded.spec.path) / CODE_FILE).read_text(), CLASS_NAME
+    raise UserError(f"the module-level fallback can only save models loaded from a .py file or an artifact, not {loaded.spec.text}")
 
 
 def _call_top_level_directly(src: str, names: set[str]) -> str:
@@ -204,13 +337,21 @@ def save(
     history: Sequence[dict] = (),
     source: str = "a module",
     code: str | None = None,
+    force: bool = False,
 ) -> Path:
     """Write `module` as an artifact folder at `path`, whole or not at all.
+
+    An existing `path` is replaced only when it is an artifact folder and `force` is true:
+    anything else there is refused (UserError) and left as it was (see bngraph.atomic).
 
     The module is traced and written as generated code, unless `code` (see `wrapped_source`)
     gives the source of a model that cannot be traced.
     """
+    check_output(path, ARTIFACT, force=force)  # before the trace, not after it
     input_shapes = [list(x.shape) for x in example_inputs] if example_inputs is not None else None
+    # Each input's dtype and batch axis (0, or None), so that later commands build the same inputs.
+    input_dtypes = [str(x.dtype).removeprefix("torch.") for x in example_inputs] if example_inputs is not None else None
+    batch_axes = batch_axes_of(example_inputs) if example_inputs is not None else None
     if code is None:
         module = module if isinstance(module, fx.GraphModule) else trace(module)
         code = module_source(module, input_shapes=input_shapes, source=source)
@@ -219,20 +360,22 @@ def save(
 
     def write(folder: Path) -> None:
         (folder / CODE_FILE).write_text(text)
-        torch.save(state, folder / WEIGHTS_FILE)
+        save_tensors(state, folder / WEIGHTS_FILE)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "torch_version": torch.__version__,
             "source": source,
             "input_shapes": input_shapes,
+            "input_dtypes": input_dtypes,
+            "input_batch_axes": batch_axes,
             "sha256": {f: _sha256(folder / f) for f in (CODE_FILE, WEIGHTS_FILE)},
             "history": list(history),
         }
         (folder / ARTIFACT_META).write_text(json.dumps(meta, indent=2) + "\n")
         _check_round_trip(module, load_artifact(folder)[0], example_inputs)
 
-    return write_dir_atomically(path, write)
+    return write_dir_atomically(path, write, kind=ARTIFACT, force=force)
 
 
 def _check_round_trip(original: nn.Module, loaded: nn.Module, example_inputs) -> None:

@@ -3,6 +3,11 @@
 At each evaluation, `InputTracker` records the 15th, 50th and 85th percentiles of one feature of
 each chosen nonlinearity's input over the test set. Sec. 4.1 shows them for a sigmoid of the
 MNIST net's last hidden layer: without BN they drift, with BN they stay put.
+
+A nonlinearity is a module (`act3`, hooked) or a call of a function or method (`F.relu(x)`,
+`x.sigmoid()`), seen by a TorchFunctionMode during the tracked forward. A call is named as
+torch.fx names nodes: the op, `_1`, `_2`... for its later calls, after the path of the module
+whose forward makes it: `sigmoid` in the model's own forward, `block.relu_1` in `block`'s.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from bngraph.errors import UserError
 
@@ -25,34 +31,111 @@ def nonlinearity_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, ACTIVATION_MODULES)]
 
 
+class _FunctionalCalls(TorchFunctionMode):
+    """Names each nonlinearity called as a function outside activation modules, and hands the
+    input of the wanted ones to `record(name, tensor)`."""
+
+    def __init__(self, model: nn.Module, record):
+        from bngraph.passes.op_kinds import ACTIVATION_MODULES
+
+        super().__init__()
+        self.paths = {id(m): p for p, m in reversed(list(model.named_modules(remove_duplicate=False)))}
+        self.activation_modules = ACTIVATION_MODULES
+        self.record = record
+        self.frames: list[tuple[str, nn.Module, dict[str, int]]] = []  # (path, module, calls per op)
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from bngraph.dataflow import NONLINEARITIES, op_name
+
+        name = op_name(func)
+        if name in NONLINEARITIES and self.frames and not isinstance(self.frames[-1][1], self.activation_modules):
+            path, _, counts = self.frames[-1]
+            k = counts.get(name, 0)
+            counts[name] = k + 1
+            full = (f"{path}." if path else "") + name + (f"_{k}" if k else "")
+            if full not in self.seen:
+                self.seen.append(full)
+            x = args[0] if args else (kwargs or {}).get("input")
+            if isinstance(x, torch.Tensor):
+                self.record(full, x)  # before the call: an in-place form would change it
+        return func(*args, **(kwargs or {}))
+
+    def pre_hook(self, module, args):
+        path = self.paths.get(id(module))
+        if path is not None:
+            self.frames.append((path, module, {}))
+
+    def hook(self, module, args, output):
+        if self.paths.get(id(module)) is not None and self.frames:
+            self.frames.pop()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        handles = [register_module_forward_pre_hook(self.pre_hook), register_module_forward_hook(self.hook)]
+        try:
+            with self:
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def functional_nonlinearity_names(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> list[str]:
+    """The names of the nonlinearities `model` calls as functions, in the order it calls them
+    (one eval-mode forward on `example_inputs`, without gradients)."""
+    calls = _FunctionalCalls(model, lambda name, x: None)
+    was_training = model.training
+    try:
+        with torch.no_grad(), calls.active():
+            model.eval()(*example_inputs)
+    finally:
+        model.train(was_training)
+    return calls.seen
+
+
 class InputTracker:
     """The QUANTILES of feature `unit` of each chosen nonlinearity's input, over an evaluation.
 
     A conv activation's feature is a channel: its values at every position of every image are
-    pooled, as BN pools them (Sec. 3.2). Only module nonlinearities can be hooked; `insert`
-    keeps the model's own modules, so zoo models and most user models have them.
+    pooled, as BN pools them (Sec. 3.2). Nonlinearities called as functions are found by
+    running the model once on `example_inputs`; without them, only modules can be chosen.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], unit: int = 0):
-        available = nonlinearity_names(model)
+    def __init__(
+        self, model: nn.Module, names: Sequence[str], unit: int = 0, example_inputs: Sequence[torch.Tensor] | None = None
+    ):
+        modules = nonlinearity_names(model)
+        functional = functional_nonlinearity_names(model, example_inputs) if example_inputs is not None else []
+        available = modules + functional
         if not available:
-            raise UserError("--track-inputs: the model has no nonlinearity modules to hook")
-        self.names = list(names) or [available[-1]]
+            raise UserError("--track-inputs: the model has no nonlinearity modules to hook"
+                            + (", nor nonlinearities called as functions" if example_inputs is not None else ""))
+        self.names = list(names) or [modules[-1] if modules else available[-1]]
         unknown = [n for n in self.names if n not in available]
         if unknown:
             shown = ", ".join(available[:12]) + (", ..." if len(available) > 12 else "")
-            raise UserError(f"--track-inputs: no nonlinearity module {unknown[0]!r}; the model has {shown}")
+            raise UserError(
+                f"--track-inputs: no nonlinearity module {unknown[0]!r} (nor a nonlinearity call of that name); "
+                f"the model has {shown}"
+            )
         self.model, self.unit = model, unit
+        self.hooked = [n for n in self.names if n in modules]
+        self.functional = [n for n in self.names if n not in modules]
         self._values: dict[str, list[torch.Tensor]] = {}
         self._handles = []
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
         self._values = {name: [] for name in self.names}
-        for name in self.names:
+        for name in self.hooked:
             self._handles.append(self.model.get_submodule(name).register_forward_pre_hook(self._hook(name)))
+        calls = _FunctionalCalls(self.model, self._record) if self.functional else None
         try:
-            yield
+            with calls.active() if calls else contextlib.nullcontext():
+                yield
         finally:
             for handle in self._handles:
                 handle.remove()
@@ -60,14 +143,19 @@ class InputTracker:
 
     def _hook(self, name: str):
         def record(module, args):
-            x = args[0]
-            if x.dim() < 2 or not 0 <= self.unit < x.shape[1]:
-                raise UserError(f"--track-unit {self.unit}: {name}'s input has shape {tuple(x.shape)}")
-            values = x[:, self.unit].detach().float().flatten()
-            stride = -(-values.numel() // _MAX_VALUES_PER_BATCH)
-            self._values[name].append(values[::stride].cpu())
+            self._record(name, args[0])
 
         return record
+
+    def _record(self, name: str, x: torch.Tensor) -> None:
+        if name not in self._values:
+            return
+        if x.dim() < 2 or not 0 <= self.unit < x.shape[1]:
+            raise UserError(f"--track-unit {self.unit}: {name}'s input has shape {tuple(x.shape)}")
+        values = x[:, self.unit].detach().float().flatten()
+        stride = -(-values.numel() // _MAX_VALUES_PER_BATCH)
+        # A copy: on the CPU these are views, and an in-place nonlinearity (x.sigmoid_()) would change them.
+        self._values[name].append(values[::stride].cpu().clone())
 
     def quantiles(self) -> dict[str, list[float]]:
         q = torch.tensor(QUANTILES)

@@ -84,3 +84,11 @@ class CalibrateBnAsIdentity:
             result.changed.append(path)
             result.details.append({"bn": path, "samples": int(count)})
         return result
+
+
+def calibrate_bn_as_identity(
+    gm: fx.GraphModule, bn_paths: Collection[str], batches: Iterable[Sequence[torch.Tensor]]
+) -> PassResult:
+    """Calibrate the BatchNorms at `bn_paths` on `batches` so that, in eval mode, each computes
+    what the model computed without it (see `CalibrateBnAsIdentity`)."""
+    return CalibrateBnAsIdentity(bn_paths, batches)(gm)

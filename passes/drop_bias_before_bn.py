@@ -24,10 +24,35 @@ def _is_transpose_1_last(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target == "transpose" and tuple(node.args[1:]) in {(1, -1), (-1, 1)}
 
 
+class _Readers:
+    """Where else the model reaches a layer's bias: `self.fc.bias` in forward (a get_attr node),
+    the same Parameter under another name (tied), the layer under another path (a submodule kept
+    opaque may call it). Indexed once: a pass over a 1000-layer model asks 1000 times."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.get_attrs: dict[str, list[str]] = {}
+        for n in gm.graph.nodes:
+            if n.op == "get_attr":
+                self.get_attrs.setdefault(n.target, []).append(n.name)
+        self.names: dict[int, list[str]] = {}
+        for name, p in gm.named_parameters(remove_duplicate=False):
+            self.names.setdefault(id(p), []).append(name)
+        for name, m in gm.named_modules(remove_duplicate=False):
+            self.names.setdefault(id(m), []).append(name)
+
+    def of(self, path: str, layer: nn.Module) -> str:
+        bias_name = f"{path}.bias"
+        found = list(self.get_attrs.get(bias_name, []))
+        found += [n for n in self.names.get(id(layer.bias), []) if n != bias_name]
+        found += [n for n in self.names.get(id(layer), []) if n != path]
+        return ", ".join(found)
+
+
 def drop_bias_before_bn(gm: fx.GraphModule, only: Collection[str] | None = None) -> PassResult:
     """Drop the redundant bias before each BatchNorm (or those whose module path is in `only`)."""
     result = PassResult(gm)
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    readers = _Readers(gm)
     for bn_node in gm.graph.nodes:
         if bn_node.op != "call_module" or (only is not None and bn_node.target not in only):
             continue
@@ -57,8 +82,19 @@ def drop_bias_before_bn(gm: fx.GraphModule, only: Collection[str] | None = None)
             others = ", ".join(u.name for u in layer_node.users if u is not bn_node and u is not moved)
             result.skipped.append(Skip(site, f"{layer_node.target}'s output also feeds {others}, which needs the bias"))
             continue
+        read_again = readers.of(layer_node.target, layer)
+        if read_again:
+            result.skipped.append(
+                Skip(site, f"the model also reads {layer_node.target}.bias ({read_again}), so it must stay")
+            )
+            continue
         if calls[layer_node.target] > 1:
-            result.skipped.append(Skip(site, f"{layer_node.target} is called at {calls[layer_node.target]} sites; its bias serves the others"))
+            result.skipped.append(
+                Skip(
+                    site,
+                    f"{layer_node.target} is called at {calls[layer_node.target]} sites; its bias serves the others",
+                )
+            )
             continue
         with torch.no_grad():
             if bn.running_mean is not None:

@@ -2,10 +2,17 @@
 
 Cases, numbered as in the code:
   1. The input is already normalized (a norm, maybe behind shape-only ops or a Dropout): skip.
-  2. Features in axis 1, (N, C) or (N, C, *spatial): BatchNorm{1,2,3}d(C), one gamma/beta per
-     feature map with statistics over the batch and every position, as the paper does for convs.
-  3. Features in the last axis, e.g. a Linear on (N, T, C): the same BatchNorm between two
-     `transpose(1, -1)`, so each feature is normalized over all other axes.
+  2. The features of the layer that made the input are found by following them through every
+     op in between, on the recorded shapes (`feature_axis`); where that is not proven, skip
+     with the reason. No axis is guessed.
+  3. One BatchNorm{1,2,3}d with one gamma/beta per feature and statistics over every other
+     axis: per feature map for a conv, per activation for a Linear (Sec. 3.2). Features on
+     another axis than 1 are moved there and back (`transpose`); features spread over several
+     axes (a Linear's C*H*W reshaped to (N, C, H, W)) are flattened into one and unflattened.
+  4. An in-place activation (`y.relu_()`, `F.relu(y, inplace=True)`, `ReLU(inplace=True)`)
+     now writes into the BatchNorm's output, not into y: every later reader of y reads the
+     activation instead. Where y shares memory with a view read later, or is the model's input
+     or a view of another tensor, that cannot be kept exactly: skip.
 An activation module called at several sites gets one BatchNorm per site. Dropping the bias
 that BN makes redundant is a separate pass (`drop_bias_before_bn`).
 """
@@ -17,10 +24,17 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.op_kinds import activation_kind, features_last, normalizer_behind, op_label
+from bngraph.passes.feature_axis import Features, feature_layouts
+from bngraph.passes.fx_effects import aliases_of, mutates_first_argument
+from bngraph.passes.op_kinds import activation_kind, normalizer_behind, op_label
 from bngraph.trace import tensor_dtype, tensor_shape
 
-BATCHNORM_BY_RANK: dict[int, type[nn.Module]] = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+BATCHNORM_BY_RANK: dict[int, type[nn.Module]] = {
+    2: nn.BatchNorm1d,
+    3: nn.BatchNorm1d,
+    4: nn.BatchNorm2d,
+    5: nn.BatchNorm3d,
+}
 
 
 def _free_name(gm: fx.GraphModule, wanted: str) -> str:
@@ -42,11 +56,49 @@ def _device(gm: fx.GraphModule) -> torch.device:
     return next((t.device for t in [*gm.parameters(), *gm.buffers()]), torch.device("cpu"))
 
 
+def _later_readers(gm: fx.GraphModule, act: fx.Node, x: fx.Node) -> list[tuple[fx.Node, fx.Node]] | str:
+    """4. For an in-place `act` on `x`: the (reader, name of x) pairs to point at `act`, or why not."""
+    modules = dict(gm.named_modules())
+    same = {x, act}  # names of the one tensor act writes into: x and in-place results on it
+    root = x
+    while (
+        root.op not in ("placeholder", "get_attr")
+        and root.args
+        and isinstance(root.args[0], fx.Node)
+        and mutates_first_argument(root, modules)
+    ):
+        root = root.args[0]
+        same.add(root)
+    if root.op in ("placeholder", "get_attr"):
+        return f"it writes into {root.name}, {'an input of the model' if root.op == 'placeholder' else 'a tensor the model holds'}"
+    base = root.args[0] if root.args and isinstance(root.args[0], fx.Node) else None
+    if base is not None and root in aliases_of(base):
+        return f"it writes into {root.name}, a view of {base.name}"
+    todo = list(same)
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user not in same and user.args and user.args[0] is node and mutates_first_argument(user, modules):
+                same.add(user)
+                todo.append(user)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for name in same:
+        for view in aliases_of(name) - same:
+            if order[view] < order[act] and any(order[u] > order[act] for u in view.users):
+                return f"{view.name} views the memory it writes into and is read after it"
+    return [(user, name) for name in same - {act} for user in name.users if order[user] > order[act]]
+
+
+def _meta(shape, dtype):
+    return _extract_tensor_metadata(torch.empty(shape, dtype=dtype, device="meta"))
+
+
 def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
     """Insert a BatchNorm before each nonlinearity whose input is not normalized (needs shapes:
     `bngraph.trace.trace(module, example_inputs)`). Works in place on `gm`."""
     result = PassResult(gm)
     device = _device(gm)
+    layouts = feature_layouts(gm)
     for act in list(gm.graph.nodes):
         kind = activation_kind(gm, act)
         if kind is None:
@@ -67,30 +119,56 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
         if dtype is None or not dtype.is_floating_point:
             result.skipped.append(Skip(act.name, f"input has dtype {dtype}; BatchNorm needs floating point"))
             continue
-        if len(shape) not in BATCHNORM_BY_RANK:
-            why = "no batch axis besides the features" if len(shape) < 2 else f"no BatchNorm for rank-{len(shape)} tensors"
+        # 2. Where the features are.
+        layout = layouts.get(x)
+        if not isinstance(layout, Features):
+            result.skipped.append(Skip(act.name, f"the feature axis of its input is not proven: {layout}"))
+            continue
+        span = layout.stop - layout.start
+        rank = len(shape) - span + 1
+        if rank not in BATCHNORM_BY_RANK or len(shape) < 2:
+            why = "no batch axis besides the features" if len(shape) < 2 else f"no BatchNorm for rank-{rank} tensors"
             result.skipped.append(Skip(act.name, f"input of shape {shape}: {why}"))
             continue
-        # 2./3. Per feature: axis 1, or the last axis behind a transpose pair.
-        last = len(shape) > 2 and features_last(gm, x)
-        features = shape[-1] if last else shape[1]
-        norm_cls = BATCHNORM_BY_RANK[len(shape)]
+        # 4. In place: who reads the written tensor afterwards.
+        readers = _later_readers(gm, act, x) if mutates_first_argument(act) else []
+        if isinstance(readers, str):
+            result.skipped.append(Skip(act.name, f"in-place activation: {readers}"))
+            continue
+        # 3. The BatchNorm, on one feature axis moved to axis 1.
+        features, axis = layout.count(shape), layout.start
+        norm_cls = BATCHNORM_BY_RANK[rank]
         bn = norm_cls(features, device=device, dtype=dtype).train(gm.training)
         owner = act.target if act.op == "call_module" else act.name
         bn_path = _free_name(gm, f"{owner}_bn")
         gm.add_submodule(bn_path, bn)
-        with gm.graph.inserting_before(act):
-            if last:
-                moved = gm.graph.call_method("transpose", (x, 1, -1))
-                bn_node = gm.graph.call_module(bn_path, (moved,))
-                normed = gm.graph.call_method("transpose", (bn_node, 1, -1))
-                # Shapes stay known for the passes that follow, without running the model again.
-                swapped = torch.empty(shape, dtype=dtype, device="meta").transpose(1, -1)
-                moved.meta["tensor_meta"] = bn_node.meta["tensor_meta"] = _extract_tensor_metadata(swapped)
-            else:
-                normed = gm.graph.call_module(bn_path, (x,))
-            normed.meta["tensor_meta"] = x.meta["tensor_meta"]
-        act.replace_input_with(x, normed)
+        graph = gm.graph
+        with graph.inserting_before(act):
+            value, flat_shape = x, list(shape)
+            if span > 1:
+                # A Linear's C*H*W outputs reshaped to (N, C, H, W) are C*H*W activations, each
+                # from its own row of W: the paper pools positions only for a conv, whose weights
+                # are shared across them (Sec. 3.2), so each keeps its own statistics and gamma.
+                value = graph.call_method("flatten", (value, layout.start, layout.stop - 1))
+                flat_shape[layout.start : layout.stop] = [features]
+                value.meta["tensor_meta"] = _meta(flat_shape, dtype)
+            moved_shape = list(flat_shape)
+            if axis != 1:
+                where = -1 if axis == rank - 1 else axis
+                moved_shape[1], moved_shape[axis] = moved_shape[axis], moved_shape[1]
+                value = graph.call_method("transpose", (value, 1, where))
+                value.meta["tensor_meta"] = _meta(moved_shape, dtype)
+            value = graph.call_module(bn_path, (value,))
+            value.meta["tensor_meta"] = _meta(moved_shape, dtype)
+            if axis != 1:
+                value = graph.call_method("transpose", (value, 1, where))
+                value.meta["tensor_meta"] = _meta(flat_shape, dtype)
+            if span > 1:
+                value = graph.call_method("unflatten", (value, layout.start, tuple(shape[layout.start : layout.stop])))
+            value.meta["tensor_meta"] = x.meta["tensor_meta"]
+        act.replace_input_with(x, value)
+        for reader, name in readers:
+            reader.replace_input_with(name, act)
         result.changed.append(act.name)
         result.details.append(
             {
@@ -98,9 +176,10 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
                 "activation": kind,
                 "norm": norm_cls.__name__,
                 "features": features,
-                "axis": "last" if last else "1",
+                "axis": list(range(layout.start, layout.stop)),
                 "bn": bn_path,
                 "input": x.name,
+                "layer": layout.source,
             }
         )
     if result.changed:

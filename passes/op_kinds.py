@@ -7,7 +7,6 @@ method call (`x.relu()`). Everything here reads the graph and changes nothing.
 
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.nn.functional as F
@@ -50,20 +49,6 @@ SHAPE_ONLY_FUNCTIONS = {
 SHAPE_ONLY_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
     "view_as", "reshape_as", "clone", "t",
-}  # fmt: skip
-
-# Layers whose output features sit in the last axis (Linear on (N, T, C)) or in axis 1 (conv).
-LAST_AXIS_MODULES = (nn.Linear, nn.Bilinear, nn.Embedding, nn.LayerNorm, nn.RMSNorm)
-LAST_AXIS_FUNCTIONS = {F.linear, torch.matmul, operator.matmul, torch.bmm, F.layer_norm, F.embedding}
-CHANNEL_AXIS_MODULES = (
-    nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-)  # fmt: skip
-CHANNEL_AXIS_FUNCTIONS = {
-    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-    F.batch_norm, F.group_norm, F.instance_norm, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool2d, torch.cat,
 }  # fmt: skip
 
 CONV_LINEAR_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -125,18 +110,3 @@ def normalizer_behind(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
             return None
         node = first_node_arg(node)
     return None
-
-
-def features_last(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether `node`'s features sit in the last axis: the nearest layer behind it, through
-    ops that keep the layout (elementwise math, activations, dropout), is a Linear-like one."""
-    seen = 0
-    while node is not None and seen < 64:  # bounded: a chain of elementwise ops, not the graph
-        if _is(gm, node, LAST_AXIS_MODULES, LAST_AXIS_FUNCTIONS):
-            return True
-        if _is(gm, node, CHANNEL_AXIS_MODULES, CHANNEL_AXIS_FUNCTIONS) or node.op == "placeholder":
-            return False
-        if node.op == "call_method" and node.target in {"view", "reshape", "flatten", "permute", "transpose", "t"}:
-            return False  # the user re-laid the tensor out: fall back to PyTorch's (N, C, ...) rule
-        node, seen = first_node_arg(node), seen + 1
-    return False

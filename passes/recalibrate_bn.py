@@ -108,4 +108,6 @@ class RecalibrateBN:
 
 
 def recalibrate_bn(model: nn.Module, batches: Iterable[Sequence[torch.Tensor]]) -> PassResult:
+    """Set every BN's running statistics to Algorithm 2's population statistics over `batches`
+    (see `RecalibrateBN`)."""
     return RecalibrateBN(batches)(model)

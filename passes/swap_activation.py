@@ -53,4 +53,6 @@ class SwapActivation:
 
 
 def swap_activation(gm: fx.GraphModule, to: str = "sigmoid", replace: tuple[str, ...] = ("relu",)) -> PassResult:
+    """Replace every nonlinearity of the kinds in `replace` by `to` (ReLU -> sigmoid for
+    BN-x5-Sigmoid, paper Sec. 4.2.2); see `SwapActivation`."""
     return SwapActivation(to, replace)(gm)

@@ -1,11 +1,22 @@
-"""The fallback for models torch.fx cannot trace: wrap activation modules, not graph sites.
+"""The fallback for models torch.fx cannot trace: wrap activation modules, decided by running.
 
 Without a graph, an activation is only visible as a module instance, and its input only when it
-runs. So: run the model once on the example input, recording each activation module's calls and
-input shape, then replace each one called exactly once by `Sequential(bn=BatchNorm, act=...)`.
-A module called at several sites is refused: one BatchNorm would pool the statistics of
-different layers. Functional activations (`F.relu`) and features-last layouts need the graph,
-and are reported as out of reach.
+runs. So the model runs once on the example input (eval mode, `bngraph.dataflow.record_run`),
+which records for each activation module call the op and the module that produced its input,
+its shape and dtype. Then, numbered as in the code:
+  1. Activation modules are the known ones (nn.ReLU, ...) and modules that were seen computing
+     one elementwise nonlinearity by hand (HuggingFace's GELUActivation, SiLUActivation).
+  2. Never called: skip. Every call's input already normalized (a norm produced it, maybe inside a
+     custom block, maybe behind a dropout): skip; that is where Conv-Norm-Act blocks keep theirs.
+  3. Called at several sites: skip; one BatchNorm would pool the statistics of different layers.
+  4. The feature axis comes from the layer that produced the input (conv: axis 1, linear: the
+     last axis), followed through elementwise ops; unproven, or the last axis of a rank > 2
+     input (a BatchNorm over axis 1 is all a wrap can hold): skip, with the reason.
+  5. An in-place activation whose result is read more than once: skip, as a BatchNorm in front
+     would stop it from mutating the tensor the other reads see.
+  6. Otherwise the module becomes `Sequential(bn=BatchNorm{1,2,3}d(features), act=module)`, the
+     BatchNorm in the input's dtype and on its device.
+Nonlinearities called as functions (`F.relu`, `x.sigmoid()`) cannot be wrapped: each is reported.
 """
 
 from __future__ import annotations
@@ -16,59 +27,112 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from bngraph.dataflow import feature_axis, is_elementwise_nonlinearity, normalizer_of, record_run
+from bngraph.errors import running_user_model
 from bngraph.passes.base import PassResult, Skip
 from bngraph.passes.insert_bn_before_activation import BATCHNORM_BY_RANK
-from bngraph.passes.op_kinds import ACTIVATION_MODULES, LAST_AXIS_MODULES, NORM_MODULES
+from bngraph.passes.op_kinds import ACTIVATION_MODULES
 
 
-def _previous_sibling(parent: nn.Module, name: str) -> nn.Module | None:
-    if not isinstance(parent, nn.Sequential):
-        return None
-    names = list(parent._modules)
-    i = names.index(name)
-    return parent._modules[names[i - 1]] if i > 0 else None
+def _input_problem(call) -> str | None:
+    x = call.input
+    if x is None:
+        return "its input is not a tensor"
+    if x.dtype is None or not x.dtype.is_floating_point:
+        return f"input has dtype {x.dtype}; BatchNorm needs floating point"
+    if len(x.shape) not in BATCHNORM_BY_RANK:
+        why = "no batch axis besides the features" if len(x.shape) < 2 else f"no BatchNorm for rank-{len(x.shape)} tensors"
+        return f"input of shape {x.shape}: {why}"
+    return None
 
 
 def wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> PassResult:
     """Wrap each activation module of `module` (in place) with a BatchNorm in front of it."""
     result = PassResult(module)
-    seen: dict[str, list[torch.Size]] = {}
-    handles = []
-    for path, m in module.named_modules():
-        if isinstance(m, ACTIVATION_MODULES):
-            seen[path] = []
-            handles.append(m.register_forward_pre_hook(lambda _m, inp, p=path: seen[p].append(inp[0].shape)))
+    with running_user_model():
+        record = record_run(module, example_inputs)
     was_training = module.training
-    try:
-        with torch.no_grad():
-            module.eval()(*example_inputs)
-    finally:
-        module.train(was_training)
-        for h in handles:
-            h.remove()
-    for path, shapes in seen.items():
+
+    # 1. Which modules are activations: by type, or by what their calls computed.
+    calls: dict[str, list] = {}
+    for call in record.module_calls:
+        calls.setdefault(call.path, []).append(call)
+    hand_written = {p for p, cs in calls.items() if all(is_elementwise_nonlinearity(c) for c in cs)}
+    activations = [p for p, m in module.named_modules() if isinstance(m, ACTIVATION_MODULES) or p in hand_written]
+    activations = [p for p in activations if not any(p.startswith(a + ".") for a in activations)]
+
+    for path in activations:
+        act = module.get_submodule(path)
+        kind = type(act).__name__
+        sites = calls.get(path, [])
+        # 2. Not called, or already normalized at every call.
+        if not sites:
+            result.skipped.append(Skip(path, "never called on the example input"))
+            continue
+        norms = [normalizer_of(c.input) for c in sites]
+        if all(norms):
+            result.skipped.append(Skip(path, f"input already normalized by {norms[0]}"))
+            continue
+        # 3. One module, several sites.
+        if len(sites) > 1:
+            result.skipped.append(
+                Skip(path, f"called {len(sites)} times; without a graph one BatchNorm would mix their statistics")
+            )
+            continue
+        call = sites[0]
+        problem = _input_problem(call)
+        if problem:
+            result.skipped.append(Skip(path, problem))
+            continue
+        # 4. The feature axis, proven by the layer that produced the input.
+        x = call.input
+        found = feature_axis(x)
+        if found.axis is None:
+            result.skipped.append(Skip(path, f"the feature axis of its input cannot be proven: it comes from {found.layer}"))
+            continue
+        if found.axis == "last" and len(x.shape) > 2:
+            result.skipped.append(
+                Skip(path, f"features in the last axis of a rank-{len(x.shape)} input (from {found.layer}): "
+                           "the module-level fallback can only put a BatchNorm over axis 1")  # fmt: skip
+            )
+            continue
+        # 5. In place, with the mutated tensor read again.
+        if getattr(act, "inplace", False) and call.output is not None:
+            reads = call.output.uses + sum(v is call.output for v in record.outputs)
+            if reads > 1:
+                result.skipped.append(
+                    Skip(path, f"in-place activation whose result is read {reads} times; a BatchNorm in front "
+                               "would change what the other reads see")  # fmt: skip
+                )
+                continue
+        # 6. Wrap.
+        norm_cls = BATCHNORM_BY_RANK[len(x.shape)]
+        features = x.shape[1]
+        bn = norm_cls(features, device=x.device, dtype=x.dtype).train(was_training)
         parent_path, _, name = path.rpartition(".")
         parent = module.get_submodule(parent_path)
-        previous = _previous_sibling(parent, name)
-        if not shapes:
-            result.skipped.append(Skip(path, "never called on the example input"))
-        elif len(shapes) > 1:
-            result.skipped.append(Skip(path, f"called {len(shapes)} times; without a graph one BatchNorm would mix their statistics"))
-        elif isinstance(previous, NORM_MODULES):
-            result.skipped.append(Skip(path, f"input already normalized by {type(previous).__name__}"))
-        elif len(shapes[0]) not in BATCHNORM_BY_RANK:
-            result.skipped.append(Skip(path, f"input of shape {tuple(shapes[0])} has no BatchNorm of its rank"))
-        elif len(shapes[0]) > 2 and isinstance(previous, LAST_AXIS_MODULES):
-            result.skipped.append(Skip(path, "features in the last axis need a traced graph to normalize"))
-        else:
-            shape = shapes[0]
-            act = parent._modules[name]
-            norm_cls = BATCHNORM_BY_RANK[len(shape)]
-            ref = next(iter(act.parameters()), None) or next(iter(module.parameters()), torch.empty(0))
-            bn = norm_cls(shape[1], device=ref.device).train(was_training)
-            parent._modules[name] = nn.Sequential(OrderedDict(bn=bn, act=act))
-            result.changed.append(path)
-            result.details.append(
-                {"node": path, "activation": type(act).__name__, "norm": norm_cls.__name__, "features": shape[1], "axis": "1", "bn": f"{path}.bn"}
-            )
+        parent._modules[name] = nn.Sequential(OrderedDict(bn=bn, act=act))
+        result.changed.append(path)
+        result.details.append(
+            {
+                "node": path,
+                "activation": kind,
+                "norm": norm_cls.__name__,
+                "features": features,
+                "axis": found.axis if len(x.shape) > 2 else "1",
+                "bn": f"{path}.bn",
+                "input": found.layer,
+                "dtype": str(x.dtype).removeprefix("torch."),
+            }
+        )
+
+    wrapped = set(activations)
+    for i, f in enumerate(record.functional):
+        if f.module in wrapped or any(f.module.startswith(a + ".") for a in wrapped):
+            continue  # inside an activation module handled above (GELUActivation calls F.gelu)
+        where = f.module or "the model's forward"
+        result.skipped.append(
+            Skip(f"{f.module or 'forward'}:{f.op}#{f.index}",
+                 f"{f.op} called as a function in {where}: without a traced graph only activation modules can be wrapped")  # fmt: skip
+        )
     return result

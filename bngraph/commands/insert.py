@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from bngraph.api import FALLBACK, insert
-from bngraph.artifacts import history_entry, save, wrapped_source
-from bngraph.atomic import check_writable
-from bngraph.commands.common import add_model_arguments, add_report_arguments, emit, load_from_args
+from bngraph.atomic import ARTIFACT, check_output
+from bngraph.commands.common import (
+    add_force_argument, add_model_arguments, add_report_arguments, emit, input_paths, load_from_args,
+)  # fmt: skip
 from bngraph.errors import UserError
 
 
@@ -45,10 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fail when torch.fx cannot trace the model instead of wrapping activation modules",
     )
+    add_force_argument(parser, "artifact folder")
     add_report_arguments(parser)
 
 
 def _calibration_batches(data_dir: str, example_inputs, count: int = 8, batch: int = 64):
+    import torch
+
     from bngraph.data import resolve_dataset
 
     if len(example_inputs) != 1:
@@ -68,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.output and not args.dry_run:
         raise UserError("insert needs -o DIR (or --dry-run to only report)")
     if args.output and not args.dry_run:
-        check_writable(args.output)
+        check_output(args.output, ARTIFACT, force=args.force, inputs=input_paths(args))  # before the work
+    from bngraph.api import FALLBACK, insert
+    from bngraph.artifacts import fallback_source, history_entry, module_source, save, wrapped_source
+
     loaded = load_from_args(args)
     example_inputs = loaded.example_inputs()
     calibration = _calibration_batches(args.data, example_inputs) if args.data else None
@@ -83,9 +87,10 @@ def run(args: argparse.Namespace) -> int:
     if args.output and not args.dry_run:
         code = None
         if report.facts["tracing"] == FALLBACK:
-            if loaded.spec.kind != "file":
-                raise UserError("the module-level fallback can only save models loaded from a .py file")
-            code = wrapped_source(loaded.spec.path, loaded.symbol, report.sections["inserted"])
+            code = wrapped_source(*fallback_source(loaded), report.passes["wrap_activation_modules"].details)
+        elif loaded.spec.kind == "file":  # layers kept opaque are rebuilt by the user's own code
+            shapes = [list(x.shape) for x in example_inputs]
+            code = module_source(model, input_shapes=shapes, source=args.model, base=fallback_source(loaded))
         entry = {
             **history_entry("insert", report.passes),
             "preserve": args.preserve,
@@ -99,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             history=[*loaded.history, entry],
             source=args.model,
             code=code,
+            force=args.force,
         )
         report.facts["output"] = args.output
     emit(report, args)

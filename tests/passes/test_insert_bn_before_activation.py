@@ -102,3 +102,40 @@ def test_softmax_is_not_a_nonlinearity_here():
     _, out, report, _ = _run(models.MethodsAndFunctions)
     assert "softmax" not in {r["node"] for r in report.sections["inserted"]}
     assert sum(isinstance(m, nn.BatchNorm1d) for m in out.modules()) == 5
+
+
+class _InplaceOnAView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h[:, :4].relu_()  # writes into half of h, which is returned
+        return h
+
+
+class _ConvFlattened(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv(x).flatten(1))  # channels merged with positions
+
+
+@pytest.mark.parametrize(
+    "cls,shape,site,reason",
+    [
+        (_InplaceOnAView, (4, 6), "relu_", "in-place activation: it writes into getitem, a view of fc"),
+        (_ConvFlattened, (4, 3, 5, 5), "sigmoid", "flatten (.flatten()) merges conv's features with other axes"),
+    ],
+)
+def test_skips_what_it_cannot_prove(cls, shape, site, reason):
+    model = cls()
+    x = torch.randn(*shape)
+    out, report = bngraph.insert(model, [x])
+    assert report.sections["inserted"] == []
+    assert {r["node"]: r["reason"] for r in report.sections["skipped"]}[site].endswith(reason)
+    with torch.no_grad():
+        torch.testing.assert_close(out.eval()(x), model.eval()(x), rtol=0, atol=0)

@@ -1,0 +1,316 @@
+"""What a model does when it runs: which op and which module produced each tensor it computed.
+
+For models torch.fx cannot trace, this is the graph: run the model once on the example input
+under a TorchFunctionMode (every torch function, method and operator call) with global module
+hooks (which module call each value came out of), and keep, per tensor object, the op that
+made it. A tensor mutated in place (`out += x`) gets a new producer, the in-place op; a mutation
+the mode could not see (inside a scripted module) shows as a version-counter mismatch and makes
+the producer unknown, never stale.
+
+    record = record_run(model, example_inputs)
+    record.module_calls   # every module call: path, module, input value, inner ops
+    record.functional     # every nonlinearity called as a function outside an activation module
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from bngraph.passes.op_kinds import ACTIVATION_MODULES, NORM_MODULES
+
+# The elementwise nonlinearities as torch names them, in all three forms (F.relu, torch.relu,
+# x.relu(), x.relu_()): the same set as op_kinds' tables, by name, since the mode sees the name.
+NONLINEARITIES = frozenset({
+    "relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "selu", "celu", "gelu", "silu", "mish",
+    "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "softplus", "softsign", "logsigmoid",
+    "tanhshrink", "softshrink", "hardshrink", "threshold",
+})  # fmt: skip
+# Pieces of nonlinearities written by hand (HuggingFace's gelu_python, NewGELU, QuickGELU).
+_NONLINEAR_PARTS = NONLINEARITIES | {"erf", "exp", "log1p"}
+
+_NAME_HINTS = ("relu", "gelu", "silu", "swish", "sigmoid", "tanh", "mish", "elu")
+
+# Ops that keep every feature where it was: unary math, dtype casts, dropout, in-place forms.
+_UNARY = frozenset({
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+    "clone", "contiguous", "to", "float", "double", "half", "bfloat16", "type_as", "detach",
+    "neg", "__neg__", "abs", "exp", "log", "log1p", "sqrt", "rsqrt", "square", "reciprocal", "erf",
+    "clamp", "clip", "pow", "__pow__", "__rpow__", "identity",
+}) | NONLINEARITIES  # fmt: skip
+_BINARY = frozenset({
+    "add", "sub", "mul", "div", "true_divide", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__",
+    "__isub__", "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__",
+    "maximum", "minimum", "where",
+})  # fmt: skip
+ELEMENTWISE = _UNARY | _BINARY
+# Ops whose output channels are their input's, in axis 1 (pooling, resizing).
+_CHANNEL_KEEPING = frozenset({
+    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+    "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate", "upsample", "max_pool2d_with_indices",
+})  # fmt: skip
+# Ops that move values without changing them: a normalized tensor stays normalized through them.
+_RELAYOUT = frozenset({
+    "view", "reshape", "reshape_as", "view_as", "flatten", "unflatten", "permute", "transpose", "t",
+    "squeeze", "unsqueeze", "contiguous",
+})  # fmt: skip
+_SHAPE_OF_SECOND = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})
+_SHAPE_ONLY_READS = frozenset({"zeros_like", "ones_like", "empty_like", "full_like"})
+# Layers: where their output features sit.
+CHANNEL_LAYERS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
+LAST_AXIS_LAYERS = frozenset({"linear", "bilinear", "addmm", "matmul", "__matmul__", "embedding"})
+CHANNEL_NORMS = frozenset({"batch_norm", "instance_norm", "group_norm"})
+LAST_AXIS_NORMS = frozenset({"layer_norm", "rms_norm"})
+
+
+def op_name(func) -> str:
+    name = getattr(func, "__name__", None) or type(func).__name__
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name  # relu_ -> relu
+
+
+@dataclass(eq=False)
+class Value:
+    """One tensor value the model computed: the op that made it and the values it read."""
+
+    op: str  # torch's name for the op ("conv2d", "__iadd__"), or "input" / "unknown"
+    inputs: tuple[Value, ...] = ()  # values of the tensor arguments shaped like the output
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+    modules: list[str] = field(default_factory=list)  # module calls that returned it, innermost first
+    module_types: list[type] = field(default_factory=list)
+    uses: int = 0  # calls that read it after it was made
+    relaid: Value | None = None  # for a re-layout op (view, permute...): the value it re-laid
+    parameters: frozenset[int] = frozenset()  # ids of the nn.Parameters the op read (a layer's weight)
+
+    def where(self) -> str:
+        if self.modules:
+            return f"{self.modules[0]} ({self.module_types[0].__name__})"
+        return f"{self.op}"
+
+
+@dataclass(eq=False)
+class ModuleCall:
+    path: str
+    module: nn.Module
+    input: Value | None  # the first tensor argument's value, as it was when the call began
+    ops: list[str] = field(default_factory=list)  # every op run inside it, nested modules included
+    uses_before: int = 0
+    output: Value | None = None
+
+
+@dataclass(eq=False)
+class FunctionalNonlinearity:
+    op: str
+    module: str  # the innermost module call it ran in ("" for the model's own forward)
+    input: Value | None
+    index: int  # position among all the nonlinearity calls of the run, for stable names
+
+
+@dataclass
+class RunRecord:
+    module_calls: list[ModuleCall] = field(default_factory=list)
+    functional: list[FunctionalNonlinearity] = field(default_factory=list)
+    outputs: list[Value] = field(default_factory=list)
+
+    def calls_of(self, path: str) -> list[ModuleCall]:
+        return [c for c in self.module_calls if c.path == path]
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, paths: dict[int, str]):
+        super().__init__()
+        self.paths = paths
+        self.values: dict[int, tuple[torch.Tensor, int, Value]] = {}  # id -> (tensor kept alive, version, value)
+        self.stack: list[ModuleCall] = []
+        self.record = RunRecord()
+        self.nonlinear_calls = 0
+
+    def value_of(self, t: torch.Tensor) -> Value:
+        entry = self.values.get(id(t))
+        if entry is None:
+            return Value("input", shape=tuple(t.shape), dtype=t.dtype, device=t.device)
+        kept, version, value = entry
+        if kept is not t or version != t._version:  # changed where the mode could not see it
+            return Value("unknown", shape=tuple(t.shape), dtype=t.dtype, device=t.device)
+        return value
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        read = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        before = [self.value_of(t) for t in read]
+        out = func(*args, **kwargs)
+        made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not made:
+            return out  # x.shape, x.dim(), x.size(0): reads no value
+        name = op_name(func)
+        for frame in self.stack:
+            frame.ops.append(name)
+        # Reads of values, not of shapes: x.reshape_as(y) and torch.zeros_like(y) do not read y's values.
+        for value in before[:1] if name in _SHAPE_OF_SECOND else [] if name in _SHAPE_ONLY_READS else before:
+            value.uses += 1
+        if name in NONLINEARITIES and not self._inside_activation_module():
+            where = self.stack[-1].path if self.stack else ""
+            self.record.functional.append(
+                FunctionalNonlinearity(name, where, before[0] if before else None, self.nonlinear_calls)
+            )
+        if name in NONLINEARITIES:
+            self.nonlinear_calls += 1
+        for t in made:
+            same_shape = tuple(v for v in before if v.shape == tuple(t.shape))
+            value = Value(name, same_shape, tuple(t.shape), t.dtype, t.device)
+            if name in _RELAYOUT and before:
+                value.relaid = before[0]
+            if name in CHANNEL_LAYERS or name in LAST_AXIS_LAYERS:
+                value.parameters = frozenset(id(t) for t in read if isinstance(t, nn.Parameter))
+            self.values[id(t)] = (t, t._version, value)
+        return out
+
+    def _inside_activation_module(self) -> bool:
+        return bool(self.stack) and isinstance(self.stack[-1].module, ACTIVATION_MODULES)
+
+    def pre_hook(self, module, args):
+        path = self.paths.get(id(module))
+        if path is None:
+            return
+        first = next((t for t in tree_leaves(args) if isinstance(t, torch.Tensor)), None)
+        value = self.value_of(first) if first is not None else None
+        call = ModuleCall(path, module, value, uses_before=value.uses if value else 0)
+        self.stack.append(call)
+        self.record.module_calls.append(call)
+
+    def hook(self, module, args, output):
+        if self.paths.get(id(module)) is None or not self.stack:
+            return
+        call = self.stack.pop()
+        for t in tree_leaves(output):
+            if isinstance(t, torch.Tensor):
+                value = self.value_of(t)
+                if value.op not in ("input", "unknown"):
+                    value.modules.append(call.path)
+                    value.module_types.append(type(module))
+                call.output = call.output or value
+
+
+def record_run(model: nn.Module, example_inputs: Sequence, *, training: bool = False) -> RunRecord:
+    """Run `model` once (in eval mode unless `training`, without gradients) and record its dataflow."""
+    paths = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), path)
+    recorder = _Recorder(paths)
+    was_training = model.training
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.callback(model.train, was_training)
+        model.train(training)
+        stack.enter_context(_global_hooks(recorder))
+        with recorder:
+            out = model(*example_inputs)
+        recorder.record.outputs = [recorder.value_of(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return recorder.record
+
+
+@contextlib.contextmanager
+def _global_hooks(recorder: _Recorder) -> Iterator[None]:
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    handles = [register_module_forward_pre_hook(recorder.pre_hook), register_module_forward_hook(recorder.hook)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# What feeds a nonlinearity, as the fallback needs to know it.
+
+
+def normalizer_of(value: Value | None) -> str | None:
+    """The norm `value` comes out of (through unary layout-keeping ops), described, or None."""
+    seen = 0
+    while value is not None and seen < 64:
+        for path, cls in zip(value.modules, value.module_types):
+            if issubclass(cls, NORM_MODULES) or cls.__name__.endswith(("Norm", "Norm1d", "Norm2d", "Norm3d")):
+                return f"{path} ({cls.__name__})"
+        if value.op in CHANNEL_NORMS | LAST_AXIS_NORMS:
+            return value.where()
+        if value.op in _RELAYOUT and value.relaid is not None:
+            value, seen = value.relaid, seen + 1
+            continue
+        if value.op not in _UNARY - NONLINEARITIES or len(value.inputs) != 1:
+            return None
+        value, seen = value.inputs[0], seen + 1
+    return None
+
+
+@dataclass(frozen=True)
+class FeatureAxis:
+    axis: str | None  # "1", "last", or None when it cannot be proven
+    layer: str  # the layer (or op) that decided it, or why none did
+
+
+def feature_axis(value: Value | None, _memo: dict | None = None, _depth: int = 0) -> FeatureAxis:
+    """Where `value`'s features sit, from the layer that made it, followed through elementwise
+    ops (every operand shaped like the result must agree) and channel-keeping pooling."""
+    memo = {} if _memo is None else _memo
+    if value is None:
+        return FeatureAxis(None, "its input is not a tensor the model computed")
+    if id(value) in memo:
+        return memo[id(value)]
+    memo[id(value)] = FeatureAxis(None, "a cycle")  # a value cannot feed itself; guards the recursion
+    op, where = value.op, value.where()
+    if op in CHANNEL_LAYERS or op in CHANNEL_NORMS:
+        found = FeatureAxis("1", where)
+    elif op in LAST_AXIS_LAYERS or op in LAST_AXIS_NORMS:
+        found = FeatureAxis("last", where)
+    elif op == "input":
+        found = FeatureAxis(None, "the model's input")
+    elif op == "unknown":
+        found = FeatureAxis(None, "a tensor changed in place where bngraph could not see it")
+    elif _depth > 400:
+        found = FeatureAxis(None, "a chain of elementwise ops too long to follow")
+    elif op in ELEMENTWISE or op in _CHANNEL_KEEPING:
+        axes = [feature_axis(v, memo, _depth + 1) for v in value.inputs]
+        known = {a.axis: a.layer for a in axes if a.axis is not None}
+        if op in _CHANNEL_KEEPING:
+            known = {k: v for k, v in known.items() if k == "1"}
+        if len(known) == 1:
+            found = FeatureAxis(*next(iter(known.items())))
+        elif len(known) > 1:
+            found = FeatureAxis(None, f"{where} adds features from different axes ({', '.join(known.values())})")
+        else:
+            found = FeatureAxis(None, f"{where}, whose inputs come from no layer with a known feature axis")
+    else:
+        found = FeatureAxis(None, f"{where}, through which the feature axis cannot be followed")
+    memo[id(value)] = found
+    return found
+
+
+def is_elementwise_nonlinearity(call: ModuleCall) -> bool:
+    """Whether a module call was an elementwise nonlinearity written by hand: HuggingFace's
+    GELUActivation (F.gelu held as an attribute), SiLUActivation (x * sigmoid(x)), NewGELU (tanh
+    formula). Every op inside it is elementwise, at least one is nonlinear, and the result has
+    its input's shape."""
+    if isinstance(call.module, ACTIVATION_MODULES) or call.input is None or call.output is None:
+        return False
+    if any(True for _ in call.module.parameters()) or any(True for _ in call.module.children()):
+        return False
+    if call.output.shape != call.input.shape or not call.ops:
+        return False
+    if all(op in ELEMENTWISE or op in _NONLINEAR_PARTS for op in call.ops):
+        return any(op in _NONLINEAR_PARTS for op in call.ops)
+    # A custom autograd Function (efficientnet-pytorch's MemoryEfficientSwish) hides its ops:
+    # only there does the class name count, as a hint confirmed by the shapes.
+    name = type(call.module).__name__.lower()
+    return all(op in ELEMENTWISE or op == "apply" for op in call.ops) and any(h in name for h in _NAME_HINTS)
+
+
+__all__ = ["FeatureAxis", "ModuleCall", "RunRecord", "Value", "feature_axis", "is_elementwise_nonlinearity",
+           "normalizer_of", "record_run"]  # fmt: skip

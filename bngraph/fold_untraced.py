@@ -1,0 +1,87 @@
+"""`bngraph fold` for models torch.fx cannot trace: BatchNorms folded module by module.
+
+What the module-level fallback of `insert` writes (the user's code with `Sequential(bn, act)`
+wraps) cannot be traced either, so `fold` folds it without a graph
+(`fold_bn_into_producer_module`), on an eval-mode copy, and checks the result against the model
+it was given (`bngraph.equivalence`) before returning it, within the traced fold's tolerance
+(`bngraph.fold.fold_tolerance`: verify's, widened only where a BN's tiny variance magnifies
+float32 rounding). The report has the sections of the
+traced fold's report, and each fold lists the edits that `bngraph fold -o` appends to the
+model's source (`bngraph.artifacts.edited_source`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from torch import nn
+
+from bngraph.equivalence import check_same_function
+from bngraph.fold import fold_tolerance
+from bngraph.passes.base import run_passes
+from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, BatchNormStats, rounding_gain
+from bngraph.passes.fold_bn_into_producer_module import fold_bn_into_producer_module
+from bngraph.report import Report
+from bngraph.trace import copy_module
+
+FALLBACK = "module-level fallback"
+
+
+def _batch_norms(module: nn.Module) -> list[str]:
+    return [p for p, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _rounding_gains(module: nn.Module) -> dict[str, float]:
+    """Each BN with running statistics: how much folding it magnifies float32 rounding."""
+    return {
+        path: rounding_gain(BatchNormStats(m.running_mean, m.running_var, m.weight, m.bias, m.eps))
+        for path, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and m.running_var is not None
+    }
+
+
+def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], trace_failure: str) -> tuple[nn.Module, Report]:
+    """An eval-mode copy of `module` with each BatchNorm folded where that is exact without a
+    graph, and the report; raises CheckFailed if the copy computes something else."""
+    copy = copy_module(module).eval()
+    before = _batch_norms(copy)
+    gains = _rounding_gains(copy)
+    copy, results = run_passes(copy, [partial(fold_bn_into_producer_module, example_inputs=example_inputs)])
+    result = results[fold_bn_into_producer_module.__name__]
+    # Only the BNs folded away can magnify rounding: one left computes as it did.
+    gain = max((gains.get(p, 0.0) for p in result.changed), default=0.0)
+    tolerance = fold_tolerance(gain)
+    check_same_function(module, copy, example_inputs, what="the folded model", atol=tolerance, rtol=tolerance)
+    left = _batch_norms(copy)
+    reasons = {s.site: s.reason for s in result.skipped}
+    folded = [{k: v for k, v in row.items() if k != "edits"} for row in result.details]
+    remaining = [{"node": p, "reason": reasons.get(p, "no pass matched it")} for p in left]
+    notes = [f"torch.fx could not trace the model ({trace_failure}): BatchNorms were folded module by module, "
+             "and those left can still be folded by `bngraph export` in ONNX"]  # fmt: skip
+    if not before:
+        notes.append("nothing to fold: the model has no BatchNorm")
+    for row in folded:
+        if (row_gain := gains.get(row["node"], 0.0)) > PRECISION_LOSS_GAIN:
+            row["rounding_gain"] = row_gain
+            notes.append(f"{row['node']}: its variance is so small that folding magnifies float32 rounding "
+                         f"{row_gain:.3g}x; the check against the model used atol = rtol = {fold_tolerance(row_gain):.3g}")  # fmt: skip
+    report = Report(
+        "bngraph fold",
+        sections={"folded": folded, "remaining": remaining,
+                  "passes": [{"pass": fold_bn_into_producer_module.__name__, "changed": len(result.changed), "skipped": len(result.skipped)}]},
+        facts={"tracing": FALLBACK, "batchnorms_before": len(before), "batchnorms_after": len(left)},
+        notes=notes,
+        passes=results,
+    )  # fmt: skip
+    return copy, report
+
+
+def source_edits(report: Report) -> list[tuple]:
+    """The edits of an untraced fold, in order, for `bngraph.artifacts.edited_source`."""
+    result = report.passes.get(fold_bn_into_producer_module.__name__)
+    return [tuple(e) for row in (result.details if result else []) for e in row["edits"]]
+
+
+__all__ = ["fold_untraced", "source_edits"]

@@ -1,0 +1,129 @@
+"""Fold BatchNorms into the layer module that produced their input, for models fx cannot trace.
+
+The graph-free counterpart of `fold_bn_into_preceding_layer`, for what the module-level fallback
+of `insert` writes (`Sequential(bn, act)` wraps) and any other untraceable model: the model runs
+once in eval mode (`bngraph.dataflow.record_run`), and a BatchNorm module folds into the conv or
+linear module whose output it normalizes when that is exact without a graph:
+  1. the BN is called once, in eval mode, with running statistics, and runs no hooks (forward,
+     backward or global: `fx_effects.hook_refusal`, the traced passes' rule);
+  2. its input was made, maybe through an eval-mode dropout, by one call of a Conv*d or
+     ConvTranspose*d (features in axis 1), or of a Linear on (N, C), or on (N, T, C) flattened to
+     (N*T, C) as LeViT does (BatchNorm1d's axis 1 is then the Linear's output axis); a plain
+     layer (its op read its own weight and bias), unshared, running no hooks, called once;
+  3. nothing but the BN read that output, and nothing changed it in place in between.
+Then the layer's weight and bias absorb the BN (torch.nn.utils.fusion) and the BN becomes an
+nn.Identity. Every other BN is left, with the reason; export's ONNX passes can still fold it.
+Each fold also lists the edits that rebuild it from the model's source, for `bngraph fold -o`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+from bngraph.dataflow import record_run
+from bngraph.errors import running_user_model
+from bngraph.passes.base import PassResult, Skip
+from bngraph.passes.fx_effects import hook_refusal
+
+
+def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:
+    """(reason the BN stays, None) or (None, path of the layer it folds into)."""
+    if not calls:
+        return "never called on the example input", None
+    if len(calls) > 1:
+        return f"called {len(calls)} times; one fold would change every call", None
+    if bn.running_mean is None or bn.running_var is None:
+        return "it has no running statistics (track_running_stats=False), so it normalizes each batch", None
+    if reason := hook_refusal(path, bn, "folding it away"):
+        return reason, None
+    x = calls[0].input
+    # In eval mode a dropout is the identity: the BN folds through it into the layer before.
+    while x is not None and x.op in _EVAL_IDENTITIES and len(x.inputs) == 1 and _reads(x, record) == 1:
+        x = x.inputs[0]
+    merged = _merged_leading_axes(x, record)
+    if merged is not None:  # LeViT: BatchNorm1d(linear(x).flatten(0, 1)), features still last
+        x = merged
+    if x is None or not x.modules:
+        return f"its input comes from {x.where() if x else 'no op'}, not a layer module", None
+    layer_path, layer = x.modules[0], module.get_submodule(x.modules[0])
+    if not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) or x.op not in ("linear", *_CONV_OPS):
+        return f"its input comes from {x.where()}, not a conv or linear layer", None
+    if isinstance(layer, nn.Linear) and len(x.shape) != 2 and merged is None:
+        return f"the Linear {layer_path}'s output has rank {len(x.shape)}: the BN's axis 1 is not its feature axis", None
+    used = x.parameters
+    if id(layer.weight) not in used or (layer.bias is not None and id(layer.bias) not in used):
+        return f"{layer_path} ({type(layer).__name__}) computes with other tensors than its own weight and bias", None
+    if _shares_parameters(module, layer):
+        return f"{layer_path} shares its weight or bias with another layer", None
+    if reason := hook_refusal(layer_path, layer, "folding a BatchNorm into it"):
+        return reason, None
+    if len(record.calls_of(layer_path)) != 1:
+        return f"{layer_path} is called {len(record.calls_of(layer_path))} times", None
+    reads = _reads(x, record)
+    if reads != 1:
+        return f"{layer_path}'s output is read {reads} times, not only by the BN", None
+    return None, layer_path
+
+
+_EVAL_IDENTITIES = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
+
+
+def _merged_leading_axes(x, record):
+    """The value `x` re-lays as (all leading axes, last axis), when that is all it does."""
+    if x is None or x.op not in ("flatten", "reshape", "view") or x.relaid is None or len(x.shape) != 2:
+        return None
+    source = x.relaid
+    if len(source.shape) < 3 or source.shape[-1] != x.shape[-1] or _reads(x, record) != 1:
+        return None
+    return source if math.prod(source.shape[:-1]) == x.shape[0] else None
+
+
+def _reads(value, record) -> int:
+    return value.uses + sum(v is value for v in record.outputs)
+
+
+def _shares_parameters(module: nn.Module, layer: nn.Module) -> bool:
+    mine = {id(p) for p in layer.parameters()}
+    return sum(id(p) in mine for _, p in module.named_parameters(remove_duplicate=False)) > len(mine)
+
+
+_CONV_OPS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+
+
+def fold_bn_into_producer_module(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> PassResult:
+    """Fold each BatchNorm of `module` (in eval mode; changed in place) into the layer module
+    that produced its input, where that is exact (see the module docstring)."""
+    result = PassResult(module)
+    with running_user_model():
+        record = record_run(module, example_inputs)
+    for path, bn in list(module.named_modules()):
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            continue
+        reason, layer_path = _why_not(path, bn, record.calls_of(path), record, module)
+        if reason:
+            result.skipped.append(Skip(path, reason))
+            continue
+        layer = module.get_submodule(layer_path)
+        edits: list[tuple] = [("identity", path)]
+        had_bias = layer.bias is not None
+        with torch.no_grad():
+            if isinstance(layer, nn.Linear):
+                weight, bias = fuse_linear_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var,
+                                                      bn.eps, bn.weight, bn.bias)  # fmt: skip
+            else:
+                transpose = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+                weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var,
+                                                    bn.eps, bn.weight, bn.bias, transpose=transpose)  # fmt: skip
+        layer.weight, layer.bias = weight, bias
+        if not had_bias:
+            edits.append(("bias", layer_path, bias.shape[0], str(bias.dtype).removeprefix("torch.")))
+        parent_path, _, name = path.rpartition(".")
+        module.get_submodule(parent_path)._modules[name] = nn.Identity()
+        result.changed.append(path)
+        result.details.append({"node": path, "into": layer_path, "how": "into the layer before it", "edits": edits})
+    return result

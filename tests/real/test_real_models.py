@@ -1,0 +1,57 @@
+"""Models people use, small and with random weights: insert, train one step, fold, export, verify.
+
+The counts are checked against what running the model shows (tests/real/real_models.py counts
+independently of insert's report): insert adds exactly the BatchNorms it reports, none on an
+input a norm already made, at most one per unnormalized nonlinearity, and with --preserve the
+eval-mode function stays. Each later step works or refuses in one line. Skipped where the
+package is not installed (make test-real installs the `real` extra).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.real.real_models import MODELS, installed
+from tests.real.real_models import run_chain as _run_chain
+
+_rows: dict = {}
+
+
+def run_chain(name: str):
+    """Each model's chain runs once per session: the tests below read the same row."""
+    if name not in _rows:
+        _rows[name] = _run_chain(name)
+    return _rows[name]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_chain_on_a_real_model(name):
+    if not installed(name):
+        pytest.skip(f"{MODELS[name].package} is not installed (make test-real)")
+    row = run_chain(name)
+    assert row.nonlinearities > 0
+    assert row.inserted == row.reported  # the report lists every BatchNorm the model gained
+    assert row.bn_on_normalized == 0  # none on top of a norm's output, found by running the model
+    assert row.inserted <= row.nonlinearities - row.normalized
+    assert row.preserve_error <= 1e-4
+    assert row.trained == "ok"
+    assert row.fold.startswith("ok"), row.fold
+    # export may refuse a model, but then in one line with its reason; what it writes is verified
+    assert row.export == "ok" or ("\n" not in row.export and ": " in row.export), row.export
+    if row.export == "ok":
+        assert row.verify == "PASSED"
+
+
+def test_hf_mobilenet_v2_gets_no_batchnorm_on_its_conv_norm_act_blocks():
+    """Issue 11: all 35 new BatchNorms sat on an existing one; every ReLU6 there is normalized."""
+    if not installed("hf-mobilenet-v2"):
+        pytest.skip("transformers is not installed (make test-real)")
+    row = run_chain("hf-mobilenet-v2")
+    assert (row.nonlinearities, row.normalized, row.inserted) == (35, 35, 0)
+
+
+def test_hf_resnet_normalizes_only_the_activations_after_the_residual_add():
+    if not installed("hf-resnet"):
+        pytest.skip("transformers is not installed (make test-real)")
+    row = run_chain("hf-resnet")
+    assert (row.nonlinearities, row.normalized, row.inserted) == (5, 3, 2)

@@ -1,0 +1,393 @@
+"""insert's module-level fallback, decided by running the model: the sites, the axes, the dtypes,
+and an artifact that fold, export and verify take. Models are written as HuggingFace writes them:
+blocks holding conv/normalization/activation as attributes, activation classes wrapping
+F.gelu, a shape check in forward (what stops torch.fx), layers held as plain attributes."""
+
+import json
+import math
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bngraph
+from bngraph.cli import main
+from bngraph.passes.wrap_activation_modules import wrap_activation_modules
+from bngraph.trace import copy_module
+from tests.util import randomize_bn
+
+
+class GELUActivation(nn.Module):
+    """HuggingFace's: the function is an attribute, so the module is no nn.GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = F.gelu
+
+    def forward(self, input):
+        return self.act(input)
+
+
+class SiLUActivation(nn.Module):
+    def forward(self, input):
+        return input * torch.sigmoid(input)
+
+
+class NewGELUActivation(nn.Module):
+    def forward(self, input):
+        return 0.5 * input * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (input + 0.044715 * torch.pow(input, 3.0))))
+
+
+class ConvLayer(nn.Module):
+    """HF MobileNetV2's block: conv, normalization, activation as attributes, called in order."""
+
+    def __init__(self, cin, cout, stride=1, activation=True):
+        super().__init__()
+        self.convolution = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.normalization = nn.BatchNorm2d(cout)
+        self.activation = nn.ReLU6() if activation else None
+
+    def forward(self, features):
+        features = self.normalization(self.convolution(features))
+        if self.activation is not None:
+            features = self.activation(features)
+        return features
+
+
+class HFStyleNet(nn.Module):
+    """Conv blocks with their own norms, a residual written in place, a hand-written SiLU after
+    a bare conv, and a head whose Linear is a plain attribute behind a Dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvLayer(3, 8, stride=2)
+        self.block = ConvLayer(8, 8, activation=False)
+        self.residual_act = nn.ReLU()
+        self.expand = nn.Conv2d(8, 12, 1)
+        self.expand_act = SiLUActivation()
+        self.proj = nn.Linear(12, 16)
+        self.dropout = nn.Dropout(0.1)
+        self.intermediate_act_fn = GELUActivation()
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, pixel_values):
+        if pixel_values.shape[1] != 3:  # as HF checks num_channels: torch.fx cannot trace this
+            raise ValueError("Make sure that the channel dimension of the pixel values match")
+        x = self.stem(pixel_values)
+        hidden = self.block(x)
+        hidden += x  # ResNet's `hidden_state += residual`: no longer normalized
+        hidden = self.residual_act(hidden)
+        hidden = self.expand_act(self.expand(hidden))
+        pooled = hidden.mean((2, 3))
+        return self.head(self.intermediate_act_fn(self.dropout(self.proj(pooled))))
+
+
+def _wrap(model, *inputs):
+    return wrap_activation_modules(copy_module(model), list(inputs))
+
+
+def _sites(result):
+    return {row["node"]: (row["norm"], row["features"], row["axis"]) for row in result.details}
+
+
+def _reasons(result):
+    return {s.site: s.reason for s in result.skipped}
+
+
+def test_sites_come_from_what_the_model_runs():
+    result = _wrap(HFStyleNet(), torch.randn(4, 3, 16, 16))
+    assert _sites(result) == {
+        "residual_act": ("BatchNorm2d", 8, "1"),  # behind the in-place add: the conv's channels
+        "expand_act": ("BatchNorm2d", 12, "1"),  # a hand-written SiLU is an activation
+        "intermediate_act_fn": ("BatchNorm1d", 16, "1"),  # proj's features, found through the Dropout
+    }
+    assert _reasons(result) == {"stem.activation": "input already normalized by stem.normalization (BatchNorm2d)"}
+    wrapped = result.graph
+    assert isinstance(wrapped.intermediate_act_fn, nn.Sequential)
+    assert isinstance(wrapped.intermediate_act_fn.act, GELUActivation)
+
+
+def test_insert_uses_the_fallback_and_preserve_keeps_the_eval_function():
+    model = randomize_bn(HFStyleNet()).eval()
+    x = torch.randn(4, 3, 16, 16)
+    out, report = bngraph.insert(model, [x], preserve=True)
+    assert report.facts["tracing"] == "module-level fallback"
+    assert {r["node"] for r in report.sections["inserted"]} == {"residual_act", "expand_act", "intermediate_act_fn"}
+    y = torch.randn(7, 3, 16, 16)
+    with torch.no_grad():
+        first, second = out.eval()(y), out.eval()(y)
+        torch.testing.assert_close(first, model(y), rtol=1e-5, atol=1e-5)
+    assert torch.equal(first, second)
+    out.train()(torch.randn(6, 3, 16, 16)).sum().backward()  # trainable
+
+
+class TokenMixer(nn.Module):
+    """Linear on (N, T, C), held as a plain attribute, behind a Dropout: features in the last axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 10)
+        self.drop = nn.Dropout(0.0)
+        self.act = NewGELUActivation()
+
+    def forward(self, x):
+        if x.shape[-1] != 6:
+            raise ValueError("bad width")
+        return self.act(self.drop(self.fc(x)))
+
+
+def test_features_in_the_last_axis_of_a_sequence_are_skipped_not_normalized_over_time():
+    # T == 10 == C would make a BatchNorm1d over axis 1 run without error, over the wrong axis.
+    result = _wrap(TokenMixer(), torch.randn(4, 10, 6))
+    assert result.changed == []
+    assert _reasons(result)["act"] == (
+        "features in the last axis of a rank-3 input (from fc (Linear)): the module-level fallback can only put a "
+        "BatchNorm over axis 1"
+    )
+
+
+def test_linear_on_a_batch_of_vectors_gets_its_output_features():
+    result = _wrap(TokenMixer(), torch.randn(4, 6))
+    assert _sites(result) == {"act": ("BatchNorm1d", 10, "1")}
+
+
+def test_linear_held_in_a_plain_list_is_still_found_by_running():
+    class Held(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = [nn.Linear(6, 12)]  # not registered: no module path, only its F.linear call
+            self.act = nn.Tanh()
+
+        def forward(self, x):
+            if x.shape[-1] != 6:
+                raise ValueError
+            return self.act(self.layers[0](x))
+
+    result = _wrap(Held(), torch.randn(4, 6))
+    assert _sites(result) == {"act": ("BatchNorm1d", 12, "1")}
+    assert result.details[0]["input"] == "linear"
+
+
+class PerChannelPReLU(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, dtype=dtype)
+        self.act = nn.PReLU(6, dtype=dtype)
+        self.head = nn.Conv2d(6, 2, 1, dtype=dtype)
+
+    def forward(self, x):
+        if x.shape[1] != 3:
+            raise ValueError("three channels")
+        return self.head(self.act(self.conv(x)))
+
+
+def test_per_channel_prelu_is_wrapped():
+    result = _wrap(PerChannelPReLU(), torch.randn(2, 3, 8, 8))
+    assert _sites(result) == {"act": ("BatchNorm2d", 6, "1")}
+    assert result.graph.act.act.num_parameters == 6
+
+
+def test_float64_model_gets_float64_batchnorms_and_keeps_its_function():
+    model = PerChannelPReLU(torch.float64).eval()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    out, report = bngraph.insert(model, [x], preserve=True)
+    assert report.sections["inserted"][0]["features"] == 6
+    bn = out.act.bn
+    assert bn.weight.dtype == bn.running_mean.dtype == torch.float64
+    y = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(out.eval()(y), model(y), rtol=1e-10, atol=1e-10)
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent: untraceable
+            x = x / 2
+        return self.fc2(F.relu(self.fc1(x))).sigmoid()
+
+
+def test_functional_nonlinearities_are_reported_not_silently_ignored():
+    result = _wrap(Functional(), torch.randn(4, 4))
+    assert result.changed == []
+    assert _reasons(result) == {
+        "forward:relu#0": "relu called as a function in the model's forward: without a traced graph only activation "
+        "modules can be wrapped",
+        "forward:sigmoid#1": "sigmoid called as a function in the model's forward: without a traced graph only "
+        "activation modules can be wrapped",
+    }
+
+
+class InPlaceReused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        if x.shape[1] != 3:
+            raise ValueError
+        y = self.conv(x)
+        z = self.act(y)  # mutates y: y and z are one tensor
+        return z + y
+
+
+def test_in_place_activation_read_twice_is_skipped():
+    result = _wrap(InPlaceReused(), torch.randn(2, 3, 4, 4))
+    assert result.changed == []
+    assert "in-place activation whose result is read 2 times" in _reasons(result)["act"]
+
+
+class SharedAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(4, 4), nn.Linear(4, 4), nn.Tanh()
+
+    def forward(self, x):
+        if x.shape[1] != 4:
+            raise ValueError
+        return self.act(self.fc2(self.act(self.fc1(x))))
+
+
+def test_shared_activation_module_is_refused():
+    result = _wrap(SharedAct(), torch.randn(3, 4))
+    assert _reasons(result) == {"act": "called 2 times; without a graph one BatchNorm would mix their statistics"}
+
+
+def test_already_wrapped_model_is_left_as_it_is():
+    once = _wrap(HFStyleNet(), torch.randn(4, 3, 16, 16)).graph
+    again = _wrap(once, torch.randn(4, 3, 16, 16))
+    assert again.changed == []
+
+
+HF_FILE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+
+
+    class GELUActivation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = F.gelu
+
+        def forward(self, input):
+            return self.act(input)
+
+
+    class ConvLayer(nn.Module):
+        def __init__(self, cin, cout, stride=1, activation=True):
+            super().__init__()
+            self.convolution = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.normalization = nn.BatchNorm2d(cout)
+            self.activation = nn.ReLU6() if activation else None
+
+        def forward(self, x):
+            x = self.normalization(self.convolution(x))
+            return self.activation(x) if self.activation is not None else x
+
+
+    class Net(nn.Module):
+        example_input_shape = (4, 3, 8, 8)
+
+        def __init__(self):
+            super().__init__()
+            self.stem, self.block = ConvLayer(3, 8, 2), ConvLayer(8, 8, activation=False)
+            self.conv, self.act = nn.Conv2d(8, 8, 1), nn.ReLU()
+            self.proj, self.dropout, self.gelu = nn.Linear(8, 16), nn.Dropout(0.1), GELUActivation()
+            self.head = nn.Linear(16, 3)
+            with torch.no_grad():
+                for bn in (self.stem.normalization, self.block.normalization):
+                    bn.running_mean.normal_()
+                    bn.running_var.uniform_(0.5, 2.0)
+                    bn.weight.normal_()
+                    bn.bias.normal_()
+
+        def forward(self, pixel_values):
+            if pixel_values.shape[1] != 3:
+                raise ValueError("expected 3 channels")
+            x = self.stem(pixel_values)
+            y = self.block(x)
+            y += x
+            y = self.act(self.conv(y))
+            return self.head(self.gelu(self.dropout(self.proj(y.mean((2, 3))))))
+    """
+)
+
+
+def _cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_fallback_artifact_folds_exports_and_verifies(tmp_path, capsys):
+    """Whatever insert writes, fold and export take: the artifact is the user's source plus the
+    recorded wraps, and fold folds each wrapped BN into the layer that produced its input."""
+    (tmp_path / "hf.py").write_text(HF_FILE)
+    bn_dir, folded, onnx = tmp_path / "bn", tmp_path / "folded", tmp_path / "m.onnx"
+    code, out, err = _cli(capsys, "insert", f"{tmp_path / 'hf.py'}:Net", "--preserve", "-o", bn_dir)
+    assert code == 0, err
+    assert "module-level fallback" in out
+    code, out, err = _cli(capsys, "fold", bn_dir, "-o", folded, "--strict", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert {(r["node"], r["into"]) for r in report["folded"]} == {
+        ("stem.normalization", "stem.convolution"), ("block.normalization", "block.convolution"),
+        ("act.bn", "conv"), ("gelu.bn", "proj"),
+    }  # fmt: skip
+    assert report["batchnorms_after"] == 0
+    loaded = bngraph.load(folded)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in loaded.modules())
+    code, out, err = _cli(capsys, "verify", bn_dir, folded)
+    assert code == 0, out + err
+    code, out, err = _cli(capsys, "export", folded, "-o", onnx)  # verified against `folded` before it appears
+    assert code == 0, err
+    assert onnx.is_file()
+
+
+def test_untraced_fold_leaves_a_bn_whose_layer_output_is_read_twice():
+    class ReadTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if x.shape[1] != 3:
+                raise ValueError
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    model = randomize_bn(ReadTwice())
+    x = torch.randn(2, 3, 4, 4)
+    folded, report = bngraph.fold(model, [x])
+    assert report.sections["remaining"] == [{"node": "bn", "reason": "conv's output is read 2 times, not only by the BN"}]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_untraced_fold_is_exact_with_and_without_a_conv_bias(bias):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3, bias=bias), nn.BatchNorm2d(4), nn.ReLU()
+
+        def forward(self, x):
+            if x.shape[1] != 3:
+                raise ValueError
+            return self.act(self.bn(self.conv(x)))
+
+    model = randomize_bn(Block())
+    x = torch.randn(3, 3, 6, 6)
+    folded, report = bngraph.fold(model, [x])
+    assert [r["node"] for r in report.sections["folded"]] == ["bn"]
+    assert isinstance(folded.bn, nn.Identity) and folded.conv.bias is not None
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)

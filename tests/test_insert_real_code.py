@@ -1,0 +1,745 @@
+"""insert on code written the way people write it (issue 11): the right sites, the right axis,
+the same function, or a clear reason.
+
+Each model below is in the style of a real code base (efficientnet-pytorch's drop-connect, a
+VAE decoder, attention blocks, in-place ReLUs, HuggingFace-style attention with a shape check).
+The tests assert the exact sites, the BatchNorm's feature count and, numerically, the axis it
+normalizes; that --preserve keeps the eval-mode function to fp32 rounding; and that eval mode is
+deterministic.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bngraph
+from bngraph.trace import TraceFailed
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def _x(*shape):
+    return torch.randn(*shape, generator=GEN)
+
+
+def _sites(report):
+    return {r["node"]: (r["norm"], r["features"]) for r in report.sections["inserted"]}
+
+
+def _skips(report):
+    return {r["node"]: r["reason"] for r in report.sections["skipped"]}
+
+
+def _assert_preserved(model, inputs, probe=None):
+    """insert(preserve=True) computes what the model did, in eval mode, deterministically."""
+    out, report = bngraph.insert(model.train(), inputs, preserve=True)
+    probe = probe or [x * 2 + 0.5 if x.is_floating_point() else x for x in inputs]
+    with torch.no_grad():
+        want = model.eval()(*probe)
+        got, again = out.eval()(*probe), out(*probe)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, again, rtol=0, atol=0)
+    model.train()
+    return out, report
+
+
+def _normalized_axes(bn_model, bn_path, x, feature_dims):
+    """What the BN at `bn_path` hands on in train mode, per feature, back in the activation's
+    layout: mean 0 and variance 1 over every other axis, for exactly the features in `feature_dims`."""
+    seen = {}
+    bn = bn_model.get_submodule(bn_path)
+    with torch.no_grad():
+        bn.weight.fill_(1)
+        bn.bias.zero_()
+    act_inputs = []
+    act = next(n for n in bn_model.graph.nodes if n.op == "call_module" and n.target == bn_path)
+    # the value the activation reads: follow the BN's single-user chain (transpose/unflatten back)
+    node = act
+    while len(node.users) == 1 and next(iter(node.users)).op == "call_method":
+        node = next(iter(node.users))
+    handle_value = node.name
+    interp = torch.fx.Interpreter(bn_model.train())
+    orig = interp.run_node
+
+    def run_node(n):
+        value = orig(n)
+        if n.name == handle_value:
+            act_inputs.append(value)
+        return value
+
+    interp.run_node = run_node
+    with torch.no_grad():
+        interp.run(*x)
+    value = act_inputs[0]
+    others = tuple(d for d in range(value.ndim) if d not in feature_dims)
+    torch.testing.assert_close(value.mean(dim=others), torch.zeros_like(value.mean(dim=others)), atol=1e-4, rtol=0)
+    var = value.var(dim=others, unbiased=False)
+    torch.testing.assert_close(var, torch.ones_like(var), atol=5e-3, rtol=0)
+    return seen
+
+
+# 1. The mode: dropout, drop-connect and `if self.training:` stay mode-dependent.
+
+
+class FunctionalDropoutMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(12, 32), nn.Linear(32, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = F.dropout(F.relu(self.fc1(x)), p=0.5, training=self.training)
+        x = F.dropout(torch.tanh(self.fc2(x)), p=0.5, training=self.training)
+        return self.out(x)
+
+
+def drop_connect(inputs, p, training):
+    """efficientnet-pytorch's utils.drop_connect."""
+    if not training:
+        return inputs
+    batch_size = inputs.shape[0]
+    keep_prob = 1 - p
+    random_tensor = keep_prob + torch.rand([batch_size, 1, 1, 1], dtype=inputs.dtype, device=inputs.device)
+    binary_tensor = torch.floor(random_tensor)
+    return inputs / keep_prob * binary_tensor
+
+
+class MBConvBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self._expand_conv = nn.Conv2d(channels, channels * 2, 1, bias=False)
+        self._bn0 = nn.BatchNorm2d(channels * 2)
+        self._project_conv = nn.Conv2d(channels * 2, channels, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(channels)
+        self._swish = nn.SiLU()
+
+    def forward(self, inputs, drop_connect_rate=0.2):
+        x = self._swish(self._bn0(self._expand_conv(inputs)))
+        x = self._bn2(self._project_conv(x))
+        if drop_connect_rate:
+            x = drop_connect(x, p=drop_connect_rate, training=self.training)
+        return x + inputs
+
+
+class EfficientNetStyle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([MBConvBlock(8), MBConvBlock(8)])
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean((2, 3)))
+
+
+class NoisyTraining(nn.Module):
+    """A submodule branching on self.training in Python."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        if self.training:
+            x = x + 0.1 * torch.randn_like(x)
+        return self.fc(x)
+
+
+class NoisyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.noisy, self.fc, self.out = NoisyTraining(), nn.Linear(6, 10), nn.Linear(10, 2)
+
+    def forward(self, x):
+        return self.out(F.gelu(self.fc(self.noisy(x))))
+
+
+def test_functional_dropout_keeps_reading_the_mode():
+    model = FunctionalDropoutMLP().train()
+    x = _x(8, 12)
+    out, report = _assert_preserved(model, [x])
+    assert _sites(report) == {"relu": ("BatchNorm1d", 32), "tanh": ("BatchNorm1d", 32)}
+    assert report.sections["opaque"] == []
+    out.train()
+    torch.manual_seed(1)
+    a = out(x)
+    torch.manual_seed(2)
+    assert not torch.equal(a, out(x))  # train mode still drops units
+
+
+def test_drop_connect_is_one_call_that_reads_the_mode():
+    model = EfficientNetStyle().train()
+    x = _x(4, 3, 6, 6)
+    out, report = _assert_preserved(model, [x])
+    assert _sites(report) == {"relu": ("BatchNorm2d", 8)}
+    skips = _skips(report)
+    assert "already normalized by blocks_0__bn0" in skips["blocks_0__swish"]
+    # the helper runs as one call with the real mode; the blocks around it are traced
+    (opaque,) = report.sections["opaque"]
+    assert opaque["type"] == "function" and opaque["module"].endswith("drop_connect")
+    assert "if not training" in opaque["reason"]
+    assert report.sections["not_handled"] == []
+    out.train()
+    torch.manual_seed(3)
+    a = out(x)
+    torch.manual_seed(4)
+    assert not torch.equal(a, out(x))
+
+
+def test_if_self_training_branch_in_a_submodule():
+    model = NoisyNet().train()
+    x = _x(6, 6)
+    out, report = _assert_preserved(model, [x])
+    assert _sites(report) == {"gelu": ("BatchNorm1d", 10)}
+    assert [o["module"] for o in report.sections["opaque"]] == ["noisy"]
+
+
+# 2. The feature axis, followed through the ops in between.
+
+
+class PositionalMLP(nn.Module):
+    """Linear on (N, T, C) with T == C, reached through `pos + fc(x)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.pos = nn.Parameter(torch.randn(1, 5, 5))
+
+    def forward(self, x):
+        return torch.relu(self.pos + self.fc(x))
+
+
+class ConcatLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):  # (N, 6, 4) -> (N, 6, 6): T == features
+        return F.gelu(torch.cat([self.a(x), self.b(x)], dim=-1))
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def forward(self, x):
+        y, _ = self.attn(x, x, x)
+        return F.gelu(y)
+
+
+class LSTMHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 7, batch_first=True)
+
+    def forward(self, x):
+        out, (h, c) = self.lstm(x)
+        return torch.tanh(out), torch.sigmoid(h)
+
+
+class TransposeFunctions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(4, 5)
+
+    def forward(self, x):  # (N, 5, 4): after the transposes features sit on axis 1, T on axis 2
+        a = torch.relu(torch.transpose(self.fc1(x), 1, 2))
+        b = torch.sigmoid(torch.permute(self.fc2(x), (0, 2, 1)))
+        return a + b
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4 * 3 * 3)
+        self.unflatten = nn.Unflatten(1, (4, 3, 3))
+        self.fc2 = nn.Linear(8, 4 * 3 * 3)
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+
+    def forward(self, z):
+        a = F.relu(self.unflatten(self.fc(z)))
+        b = F.relu(torch.reshape(self.fc2(z), (-1, 4, 3, 3)))
+        return torch.sigmoid(self.up(a + b))
+
+
+class ViTPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x):  # (N, T, C) -> the first token, (N, C); the mean over T
+        y = self.fc(x)
+        return torch.tanh(y[:, 0]) + F.silu(y.mean(1))
+
+
+class Unproven(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        scores = torch.sigmoid(self.q(x) @ self.k(x).transpose(1, 2))  # (N, T, T): no layer's features
+        return torch.relu(x) + scores.sum(-1, keepdim=True)  # the model's own input: layout unknown
+
+
+def test_position_table_plus_linear_with_t_equal_c():
+    model = PositionalMLP()
+    x = _x(16, 5, 5) * 3 + 1
+    out, report = _assert_preserved(model, [x])
+    assert _sites(report) == {"relu": ("BatchNorm1d", 5)}
+    bn_out, _ = bngraph.insert(model, [x])
+    _normalized_axes(bn_out, "relu_bn", [x], feature_dims=(2,))
+
+
+def test_concat_along_the_features():
+    model = ConcatLast()
+    x = _x(16, 6, 4)
+    _assert_preserved(model, [x])
+    out, report = bngraph.insert(model, [x])
+    assert _sites(report) == {"gelu": ("BatchNorm1d", 6)}
+    _normalized_axes(out, "gelu_bn", [x], feature_dims=(2,))
+
+
+def test_multihead_attention_output():
+    model = AttentionBlock()
+    x = _x(16, 6, 6)
+    _assert_preserved(model, [x])
+    out, report = bngraph.insert(model, [x])
+    assert _sites(report) == {"gelu": ("BatchNorm1d", 6)}
+    _normalized_axes(out, "gelu_bn", [x], feature_dims=(2,))
+
+
+def test_lstm_outputs():
+    model = LSTMHead()
+    x = _x(16, 7, 4)  # T == hidden size
+    _assert_preserved(model, [x])
+    out, report = bngraph.insert(model, [x])
+    assert _sites(report) == {"tanh": ("BatchNorm1d", 7), "sigmoid": ("BatchNorm1d", 7)}
+    _normalized_axes(out, "tanh_bn", [x], feature_dims=(2,))
+    _normalized_axes(out, "sigmoid_bn", [x], feature_dims=(2,))  # h_n: (layers, N, H)
+
+
+def test_transpose_and_permute_function_forms():
+    model = TransposeFunctions()
+    x = _x(16, 5, 4)
+    _assert_preserved(model, [x])
+    out, report = bngraph.insert(model, [x])
+    assert _sites(report) == {"relu": ("BatchNorm1d", 5), "sigmoid": ("BatchNorm1d", 5)}
+    _normalized_axes(out, "relu_bn", [x], feature_dims=(1,))
+    _normalized_axes(out, "sigmoid_bn", [x], feature_dims=(1,))
+
+
+def test_vae_decoder_linear_reshaped_keeps_one_feature_per_activation():
+    model = VAEDecoder()
+    z = _x(32, 8)
+    _assert_preserved(model, [z])
+    out, report = bngraph.insert(model, [z])
+    # A Linear's C*H*W outputs are C*H*W activations, not C feature maps (paper, Sec. 3.2)
+    assert _sites(report) == {"relu": ("BatchNorm1d", 36), "relu_1": ("BatchNorm1d", 36), "sigmoid": ("BatchNorm2d", 2)}
+    _normalized_axes(out, "relu_bn", [z], feature_dims=(1, 2, 3))
+    _normalized_axes(out, "sigmoid_bn", [z], feature_dims=(1,))
+
+
+def test_indexing_and_reduction_keep_the_features():
+    model = ViTPool()
+    x = _x(16, 6, 4)  # T == features
+    _assert_preserved(model, [x])
+    out, report = bngraph.insert(model, [x])
+    assert _sites(report) == {"tanh": ("BatchNorm1d", 6), "silu": ("BatchNorm1d", 6)}
+
+
+def test_unproven_axes_are_skipped_with_the_reason():
+    model = Unproven()
+    x = _x(4, 3, 4)
+    out, report = bngraph.insert(model, [x])
+    assert _sites(report) == {}
+    skips = _skips(report)
+    assert "attention-style" in skips["sigmoid"] and "model's input" in skips["relu"]
+
+
+# 3. In-place activations.
+
+
+class ReluStatement(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(6, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.fc(x)
+        y.relu_()  # a statement: its result is unused, y is read afterwards
+        return self.out(y)
+
+
+class InplaceReused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.relu = nn.Linear(6, 6), nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.fc(x)
+        out = self.relu(h)  # writes into h: `out + h` is 2 * relu(h)
+        g = self.fc2(x)
+        F.relu(g, inplace=True)
+        return out + h + g
+
+
+class BasicBlock(nn.Module):
+    """torchvision's residual block without its BatchNorms: `out += identity` then ReLU(inplace)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.conv1(x))
+        out = self.conv2(out)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class ViewReadAfter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+
+    def forward(self, x):
+        y = self.fc(x)
+        flat = y.view(-1)
+        y.relu_()
+        return flat.sum() + y
+
+
+def test_relu_statement_writes_into_what_is_read_next():
+    model = ReluStatement()
+    x = _x(16, 6)
+    _assert_preserved(model, [x])
+    out, report = bngraph.insert(model, [x])
+    assert _sites(report) == {"relu_": ("BatchNorm1d", 8)}
+    out.train()
+    with torch.no_grad():  # the BN model is g(BN(Wx)), not linear: compute it by hand
+        bn = out.get_submodule("relu__bn")
+        h = model.fc(x) - model.fc.bias
+        want = out.out(torch.relu(F.batch_norm(h, None, None, bn.weight, bn.bias, training=True)))
+        torch.testing.assert_close(out(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_inplace_module_and_functional_whose_input_is_reused():
+    model = InplaceReused()
+    x = _x(16, 6)
+    _assert_preserved(model, [x])
+    out, report = bngraph.insert(model, [x])
+    assert _sites(report) == {"relu": ("BatchNorm1d", 6), "relu_1": ("BatchNorm1d", 6)}
+    out.train()
+    with torch.no_grad():
+        a = torch.relu(F.batch_norm(model.fc(x), None, None, training=True))
+        b = torch.relu(F.batch_norm(model.fc2(x), None, None, training=True))
+        torch.testing.assert_close(out(x), 2 * a + b, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_block_with_inplace_relu():
+    model = BasicBlock()
+    x = _x(8, 4, 5, 5)
+    _, report = _assert_preserved(model, [x])
+    assert _sites(report) == {"relu": ("BatchNorm2d", 4), "relu_1": ("BatchNorm2d", 4)}
+
+
+def test_inplace_activation_under_a_view_read_later_is_skipped():
+    model = ViewReadAfter()
+    x = _x(4, 6)
+    out, report = bngraph.insert(model, [x])
+    assert _sites(report) == {}
+    assert "view" in _skips(report)["relu_"]
+
+
+# 4. A bias read again by forward.
+
+
+class BiasReadAgain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(6, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(F.relu(self.fc(x))) + self.fc.bias.mean()
+
+
+def test_bias_read_elsewhere_is_kept():
+    model = BiasReadAgain()
+    x = _x(8, 6)
+    out, report = _assert_preserved(model, [x])
+    assert out.fc.bias is not None
+    assert report.sections["inserted"][0]["bias_removed"] is False
+    assert any("fc.bias" in r["reason"] for r in report.sections["skipped"])
+
+
+# 5. Integer inputs: token ids into an Embedding.
+
+
+class TokenMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.out = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.out(F.gelu(self.fc(self.embed(ids))))
+
+
+def test_token_ids_with_preserve():
+    model = TokenMLP()
+    ids = torch.randint(0, 20, (4, 6), generator=GEN)
+    _, report = _assert_preserved(model, [ids], probe=[torch.randint(0, 20, (5, 6), generator=GEN)])
+    assert _sites(report) == {"gelu": ("BatchNorm1d", 8)}
+
+
+# 6. Nonlinearities inside modules torch.fx keeps opaque.
+
+
+class EncoderModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.scripted = torch.jit.script(nn.Sequential(nn.Linear(8, 8), nn.Tanh()))
+
+    def forward(self, x):
+        return self.scripted(self.encoder(F.relu(self.proj(x))))
+
+
+def test_nonlinearities_in_opaque_modules_are_reported():
+    model = EncoderModel()
+    x = _x(4, 5, 4)
+    out, report = _assert_preserved(model, [x])
+    assert _sites(report) == {"relu": ("BatchNorm1d", 8)}
+    rows = {(r["module"], r["nonlinearity"]) for r in report.sections["not_handled"]}
+    assert rows == {("encoder", "relu"), ("scripted", "tanh")}
+    reasons = {r["module"]: r["reason"] for r in report.sections["not_handled"]}
+    assert "does not trace into" in reasons["encoder"]
+    assert "TorchScript" in reasons["scripted"]
+
+
+# 7./8. Unfaithful traces and submodules torch.fx cannot follow.
+
+
+class UpCat(nn.Module):
+    """monai's BasicUNet UpCat: `torch.jit.isinstance` is False for a tracing proxy, so fx
+    records the `else` branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(8, 4, 3, padding=1), nn.ReLU())
+
+    def forward(self, x, x_e):
+        if x_e is not None and torch.jit.isinstance(x_e, torch.Tensor):
+            x = torch.cat([x_e, x], dim=1)
+        else:
+            x = torch.cat([x, x], dim=1)
+        return self.convs(x)
+
+
+_BACKENDS = {torch.Tensor: "torch"}
+
+
+class Rearrange(nn.Module):
+    """An einops-style layer: it picks a backend by the input's type, which a tracing proxy is not."""
+
+    def forward(self, x):
+        assert _BACKENDS[type(x)] == "torch"
+        b, c, h, w = x.shape
+        return x.reshape(b, c, h * w).transpose(1, 2)
+
+
+class HFStyleAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.o = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        attn = torch.softmax(self.q(x) @ x.transpose(1, 2), dim=-1)
+        if attn.size() != (x.size(0), x.size(1), x.size(1)):
+            raise ValueError("bad attention shape")
+        return self.o(attn @ x)
+
+
+class UNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(inplace=True))
+        self.down = nn.Conv2d(3, 4, 3, padding=1)
+        self.up = UpCat()
+        self.rearrange = Rearrange()
+        self.attn = HFStyleAttention()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        d = F.silu(self.down(self.pre(x)))
+        u = self.up(d, d * 2)
+        t = self.attn(self.rearrange(u))
+        return self.head(F.gelu(t))
+
+
+def test_partial_tracing_keeps_failing_and_unfaithful_submodules_opaque():
+    model = UNetLike()
+    x = _x(4, 3, 4, 4)
+    out, report = _assert_preserved(model, [x])
+    assert report.facts["tracing"] == "torch.fx"
+    opaque = {o["module"]: o["reason"] for o in report.sections["opaque"]}
+    assert set(opaque) == {"up", "rearrange", "attn"}
+    assert "computes something else" in opaque["up"]
+    assert "cannot trace" in opaque["rearrange"] and "cannot trace" in opaque["attn"]
+    assert _sites(report) == {"pre_1": ("BatchNorm2d", 3), "silu": ("BatchNorm2d", 4)}
+    assert "attn (HFStyleAttention), which bngraph cannot see into" in _skips(report)["gelu"]
+    assert {(r["module"], r["nonlinearity"]) for r in report.sections["not_handled"]} == {("up.convs.1", "ReLU")}
+
+
+class UnfaithfulAtTheTop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, extra=None):
+        h = self.fc(x)
+        if torch.jit.isinstance(x, torch.Tensor):  # False while tracing
+            h = h * 2
+        return torch.relu(h)
+
+
+class OptionalMask(nn.Module):
+    """Optional arguments left at their defaults are fixed while tracing: `mask` is None, as in
+    the call the example input stands for (as a graph input, `mask is not None` would be True)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x, mask=None, return_dict=None):
+        h = F.gelu(self.fc(x))
+        if mask is not None:
+            h = h.masked_fill(mask, 0.0)
+        return {"h": h} if return_dict else h
+
+
+def test_optional_arguments_take_their_defaults():
+    model = OptionalMask()
+    x = _x(8, 5, 4)
+    _, report = _assert_preserved(model, [x])
+    assert _sites(report) == {"gelu": ("BatchNorm1d", 6)}
+
+
+def test_unfaithful_top_level_forward_is_untraceable():
+    with pytest.raises(TraceFailed, match="unfaithfully"):
+        bngraph.insert(UnfaithfulAtTheTop(), [_x(4, 4)], fallback=False)
+
+
+def test_partially_traced_model_saves_with_its_own_code_and_folds(tmp_path):
+    from bngraph.cli import main
+
+    out = tmp_path / "unet-bn"
+    here = f"{__file__}:UNetLike"
+    assert main(["insert", here, "--input-shape", "4,3,4,4", "--preserve", "-o", str(out)]) == 0
+    loaded = bngraph.load(out)
+    assert type(loaded.up).__name__ == "UpCat"  # built by the user's class, from the carried source
+    x = _x(5, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), bngraph.load(out).eval()(x), rtol=0, atol=0)
+    folded, _ = bngraph.fold(loaded.eval(), [x])
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), loaded(x), rtol=1e-4, atol=1e-5)
+
+
+def test_cli_token_ids_with_preserve(tmp_path):
+    from bngraph.cli import main
+
+    out = tmp_path / "tok"
+    here = f"{__file__}:TokenMLP"
+    assert main(["insert", here, "--input-shape", "4,6", "--input-dtype", "int64", "--preserve", "-o", str(out)]) == 0
+    loaded = bngraph.load(out)
+    assert isinstance(loaded.gelu_bn, nn.BatchNorm1d) and loaded.gelu_bn.num_features == 8
+
+
+@pytest.mark.parametrize(
+    "cls,shape", [(VAEDecoder, (6, 8)), (TransposeFunctions, (6, 5, 4)), (PositionalMLP, (6, 5, 5))]
+)
+def test_new_placements_fold_away(cls, shape):
+    from tests.util import randomize_bn
+
+    x = _x(*shape)
+    out, _ = bngraph.insert(cls(), [x])
+    randomize_bn(out)
+    folded, report = bngraph.fold(out, [x])
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), out(x), rtol=1e-4, atol=1e-5)
+
+
+def test_saved_partial_traces_load_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    from bngraph.cli import main
+
+    shapes = {"UNetLike": (4, 3, 4, 4), "EfficientNetStyle": (4, 3, 6, 6)}
+    for name, shape in shapes.items():
+        argv = ["insert", f"{__file__}:{name}", "--input-shape", ",".join(map(str, shape)), "-o", str(tmp_path / name)]
+        assert main(argv) == 0
+    check = (
+        "import bngraph, torch\n"
+        f"for name, shape in {shapes!r}.items():\n"
+        "    model = bngraph.load(name).eval()\n"
+        "    x = torch.randn(*shape)\n"
+        "    assert torch.equal(model(x), model(x))\n"
+    )
+    # Another process, away from the tests: the artifact carries the code it needs.
+    subprocess.run([sys.executable, "-c", check], cwd=tmp_path, check=True, timeout=120)
+
+
+# ---- a custom block with a hook stays one call ---------------------------------------------------
+
+
+class _GatedBlock(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x)) * x
+
+
+class _HookedBlockNet(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.stem, self.block, self.head = nn.Linear(width, width), _GatedBlock(width), nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.block(F.relu(self.stem(x)))))
+
+
+def test_a_hook_on_a_custom_block_still_fires_on_the_inserted_model():
+    model = _HookedBlockNet()
+    seen = []
+    model.block.register_forward_hook(
+        lambda module, args, output: seen.append((module, args[0].detach().clone(), output.detach().clone()))
+    )
+    x = _x(16, 8)
+    out, report = bngraph.insert(model, [x])
+    # The block is one call in insert's graph (`trace.must_stay_whole`): its tanh is reported.
+    assert "block" in {n.target for n in out.graph.nodes if n.op == "call_module"}
+    assert not any(n.target.startswith("block.") for n in out.graph.nodes if n.op == "call_module")
+    (row,) = [r for r in report.sections["not_handled"] if r["module"] == "block"]
+    assert row["nonlinearity"] == "tanh" and "kept as one call so that its forward hook still runs" in row["reason"]
+    assert _sites(report) == {"relu": ("BatchNorm1d", 8)}
+    assert "it comes out of block (_GatedBlock)" in _skips(report)["relu_1"]  # no axis proven through it
+    seen.clear()
+    with torch.no_grad():
+        out.eval()(x)
+        (module, block_input, block_output), = seen  # the hook ran once, on the inserted model's block
+        assert module is out.get_submodule("block")
+        torch.testing.assert_close(block_output, module.forward(block_input), rtol=0, atol=0)
