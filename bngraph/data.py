@@ -201,7 +201,8 @@ def download_mnist(
             url = mirror.rstrip("/") + f"/{name}.gz"
             # Mirrors serve gzip; should one serve raw bytes, read_idx still tells by the magic.
             try:
-                write_atomically(cache / f"{name}.gz", lambda tmp: _fetch(url, tmp, want, timeout))
+                # bngraph's own cache: a file there is ours to replace
+                write_atomically(cache / f"{name}.gz", lambda tmp: _fetch(url, tmp, want, timeout), replace_own=True)
                 break
             except (OSError, http.client.HTTPException, ValueError) as err:
                 failures.append(f"{url} ({getattr(err, 'reason', None) or err})")

@@ -239,7 +239,24 @@ class StackedMLP:
             self._ones = torch.full((K, B, 1), -1.0, device=self.device)
         return self._ones
 
-    # --- evaluation and write-back ------------------------------------------------------
+    # --- state, evaluation and write-back -----------------------------------------------
+
+    def state(self) -> list[torch.Tensor]:
+        """Every tensor a step changes (weights, biases, BN parameters and moving averages), in a
+        fixed order: what another process needs to evaluate this stack (`load_state`)."""
+        tensors = list(self.weights)
+        for g in self.groups:
+            tensors += [b for b in g.bias if b is not None]
+            for bn in g.bn:
+                if bn is not None:
+                    tensors += [bn.gamma, bn.beta, bn.running_mean, bn.running_var]
+        return tensors
+
+    @torch.no_grad()
+    def load_state(self, tensors: Sequence) -> None:
+        for mine, theirs in zip(self.state(), tensors, strict=True):
+            mine.copy_(torch.as_tensor(theirs))
+
 
     @torch.no_grad()
     def evaluate(

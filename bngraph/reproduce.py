@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bngraph.errors import UserError
+from bngraph.errors import CheckFailed, UserError
 from bngraph.train import EpochSampler, TensorData
 
 MNIST_NETS = ("without BN", "with BN")
@@ -35,6 +35,8 @@ MNIST_NETS = ("without BN", "with BN")
 
 @dataclass(frozen=True)
 class MnistConfig:
+    """The settings of `reproduce_mnist`; the defaults are the paper's (Sec. 4.1)."""
+
     steps: int = 50_000  # Sec. 4.1
     batch_size: int = 60  # Sec. 4.1
     lr: float = 0.5
@@ -72,13 +74,37 @@ def mnist_nets(seed: int, init_std: float | None) -> tuple[nn.Module, nn.Module]
 # --- training, in worker processes --------------------------------------------------------
 
 
-def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: Callable) -> dict:
-    """Train `models` as one StackedMLP, evaluating every `eval_every` steps."""
+def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: Callable, *,
+                 send_state=None, evaluate_for=None) -> dict:  # fmt: skip
+    """Train `models` as one StackedMLP, evaluating every `eval_every` steps.
+
+    With `send_state` (a queue), the evaluations are another process's job: the stack's state
+    goes there instead. With `evaluate_for` = (models, queue, report), this process also
+    evaluates those models' states as they come, between its own steps and after them."""
     from bngraph.fused_mlp import StackedMLP
 
     torch.set_flush_denormal(True)  # saturated sigmoids make denormals, 2x slower on x86
     device = data.x_train.device
     stack = StackedMLP(models, device)
+    if evaluate_for is not None:
+        other_models, states, other_report = evaluate_for
+        shadow = StackedMLP(other_models, device)
+        offloaded = {"accuracy": [], "quantiles": []}
+
+        def evaluate_states(until: int | None) -> None:
+            """Evaluate the states waiting; with `until`, wait for that many in all."""
+            while until is None or len(offloaded["accuracy"]) < until:
+                try:
+                    step, state = states.get(block=until is not None, timeout=1.0)
+                except queue.Empty:
+                    if until is None:
+                        return
+                    continue
+                shadow.load_state(state)
+                acc, q = shadow.evaluate(data.x_test, data.y_test, track_unit=cfg.track_unit)
+                offloaded["accuracy"].append(acc.tolist())
+                offloaded["quantiles"].append(q.tolist())
+                other_report(step, acc.tolist())
     x_train = data.x_train.flatten(1)
     samplers = {s: EpochSampler(len(x_train), cfg.batch_size, s, device) for s in dict.fromkeys(net_seeds)}
     rows = [list(samplers).index(s) for s in net_seeds]  # which sampler each net draws from
@@ -93,17 +119,34 @@ def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: 
             x, y = x_train[index], data.y_train[index]
         stack.step(x, y, cfg.lr)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            acc, q = stack.evaluate(data.x_test, data.y_test, track_unit=cfg.track_unit)
+            # The fused step computes no loss; non-finite weights are the same fact, and cost
+            # nothing next to the evaluation.
+            if not all(bool(torch.isfinite(w).all()) for w in stack.weights):
+                raise CheckFailed(
+                    f"training diverged: the weights are not finite at step {step + 1} (--lr {cfg.lr:g}); lower --lr"
+                )
             steps.append(step + 1)
+            if send_state is not None:  # a copy: the queue pickles it later, in another thread
+                send_state.put((step + 1, [t.cpu().numpy().copy() for t in stack.state()]))
+                continue
+            acc, q = stack.evaluate(data.x_test, data.y_test, track_unit=cfg.track_unit)
             accuracy.append(acc.tolist())
             quantiles.append(q.tolist())
             report(step + 1, acc.tolist())
+            if evaluate_for is not None:
+                evaluate_states(None)
+    result = {}
+    if evaluate_for is not None:
+        evaluate_states(len(steps))  # the other process runs the same schedule
+        result["offloaded"] = {"accuracy": np.asarray(offloaded["accuracy"]).T.tolist(),
+                               "quantiles": np.asarray(offloaded["quantiles"]).transpose(1, 0, 2).tolist()}  # fmt: skip
     wall_s = time.perf_counter() - started
     stack.write_back(models)
     return {
+        **result,
         "steps": steps,
-        "accuracy": np.asarray(accuracy).T.tolist(),  # [net][evaluation]
-        "quantiles": np.asarray(quantiles).transpose(1, 0, 2).tolist(),  # [net][evaluation][3]
+        "accuracy": np.asarray(accuracy).T.tolist() if accuracy else None,  # [net][evaluation]
+        "quantiles": np.asarray(quantiles).transpose(1, 0, 2).tolist() if quantiles else None,  # [net][evaluation][3]
         # numpy, not tensors: a tensor crosses processes as a file descriptor that dies with
         # the worker, which may exit before the parent has read it.
         "state_dicts": [{k: v.numpy().copy() for k, v in m.state_dict().items()} for m in models],
@@ -111,11 +154,17 @@ def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: 
     }
 
 
-def _worker(rank, models, net_seeds, data, cfg, messages) -> None:
+def _worker(rank, models, net_seeds, data, cfg, messages, send_state=None, evaluate_for=None) -> None:
     torch.set_num_threads(1)
     try:
-        result = _train_stack(models, net_seeds, data, cfg, lambda step, acc: messages.put(("eval", rank, step, acc)))
+        if evaluate_for is not None:
+            other_models, states, other_rank = evaluate_for
+            evaluate_for = (other_models, states, lambda step, acc: messages.put(("eval", other_rank, step, acc)))
+        result = _train_stack(models, net_seeds, data, cfg, lambda step, acc: messages.put(("eval", rank, step, acc)),
+                              send_state=send_state, evaluate_for=evaluate_for)  # fmt: skip
         messages.put(("done", rank, result))
+    except CheckFailed as err:
+        messages.put(("check_failed", rank, str(err)))
     except BaseException:  # noqa: BLE001 (the parent re-raises it with this text)
         messages.put(("error", rank, traceback.format_exc()))
 
@@ -127,8 +176,13 @@ def _run_workers(chunks, data: TensorData, cfg: MnistConfig, on_eval: Callable) 
     ctx = mp.get_context("spawn")  # fork after torch has started its threads can hang
     messages = ctx.Queue()
     shared = TensorData(*(t.share_memory_() for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
+    # Two processes hold the plain nets and the BN nets; BN's steps cost more (~1.4x on one
+    # core), so the plain process also evaluates the BN nets, on states the other sends it.
+    offload = len(chunks) == 2
+    states = ctx.Queue() if offload else None
+    extra = [{"evaluate_for": (chunks[1][0], states, 1)}, {"send_state": states}] if offload else [{}] * len(chunks)
     procs = [
-        ctx.Process(target=_worker, args=(rank, models, seeds, shared, cfg, messages), daemon=True)
+        ctx.Process(target=_worker, args=(rank, models, seeds, shared, cfg, messages), kwargs=extra[rank], daemon=True)
         for rank, (models, seeds) in enumerate(chunks)
     ]
     for p in procs:
@@ -149,6 +203,8 @@ def _run_workers(chunks, data: TensorData, cfg: MnistConfig, on_eval: Callable) 
             kind, rank, *rest = message
             if kind == "eval":
                 on_eval(rank, *rest)
+            elif kind == "check_failed":
+                raise CheckFailed(rest[0])
             elif kind == "error":
                 raise RuntimeError(f"training process {rank} failed:\n{rest[0]}")
             else:
@@ -158,6 +214,8 @@ def _run_workers(chunks, data: TensorData, cfg: MnistConfig, on_eval: Callable) 
             if p.is_alive() and len(results) < len(procs):
                 p.terminate()
             p.join(timeout=10)
+    if offload:
+        results[1].update(results[0].pop("offloaded"))
     return [results[i] for i in range(len(procs))]
 
 
@@ -331,10 +389,12 @@ def mnist_table(summary: dict) -> str:
     )
 
 
-def write_mnist(run: MnistRun, out: Path, *, save_models: bool = True) -> Path:
-    """OUT/fig1.png, summary.json, table.md and models/{mnist-mlp,mnist-mlp-bn} (first seed)."""
+def write_mnist(run: MnistRun, out: Path, *, save_models: bool = True, force: bool = False) -> Path:
+    """OUT/fig1.png, summary.json, table.md and models/{mnist-mlp,mnist-mlp-bn} (first seed).
+
+    `force` replaces an old reproduce folder at `out` (nothing else: see bngraph.atomic)."""
     from bngraph.artifacts import save
-    from bngraph.atomic import write_dir_atomically
+    from bngraph.atomic import REPRODUCE, write_dir_atomically
     from bngraph.plots import plot_fig1
     from bngraph.zoo import get_entry
 
@@ -351,7 +411,7 @@ def write_mnist(run: MnistRun, out: Path, *, save_models: bool = True) -> Path:
                 save(run.models[name][0], folder / "models" / folder_name, example_inputs=example,
                      history=[entry], source="zoo:mnist-mlp")  # fmt: skip
 
-    return write_dir_atomically(out, write)
+    return write_dir_atomically(out, write, kind=REPRODUCE, force=force)
 
 
 # --- Inception (Sec. 4.2.2) ------------------------------------------------------------------
@@ -359,6 +419,8 @@ def write_mnist(run: MnistRun, out: Path, *, save_models: bool = True) -> Path:
 
 @dataclass(frozen=True)
 class InceptionConfig:
+    """The settings of `reproduce_inception`: which variants (recipes), and a CPU-sized run."""
+
     variants: tuple[str, ...] = ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid")
     steps: int = 1000
     batch_size: int = 32  # Sec. 4.2
@@ -466,6 +528,9 @@ def reproduce_inception(data: TensorData, cfg: InceptionConfig, *, progress: boo
         run = train(model, subset, config, device=cfg.device, progress=progress, label=recipe.paper_name)
         metrics[name], models[name] = run.metrics, run.model
         facts[name]["train_s"] = round(run.wall_s, 2)
+        # Rates of the windows between evaluations (evaluation excluded); the median drops the
+        # first window's warm-up (cuDNN autotuning, allocations).
+        facts[name]["images_per_s"] = round(float(np.median([r["steps_per_s"] for r in run.metrics])) * cfg.batch_size, 1)
     run = InceptionRun(cfg, metrics, models, facts, time.perf_counter() - started, f"{data.name} ({data.source})")
     run.summary = inception_summary(run)
     return run
@@ -486,10 +551,15 @@ def inception_summary(run: InceptionRun) -> dict:
             "steps": steps,
             "test_accuracy": acc,
         }
+    rate = {name: run.facts[name].get("images_per_s") for name in run.metrics}
+    step_time_ratio = None  # what BN costs per step: BN-Baseline's step time over Inception's
+    if rate.get("inception") and rate.get("bn-baseline"):
+        step_time_ratio = round(rate["inception"] / rate["bn-baseline"], 3)
     return {
         "experiment": "inception",
         "config": asdict(run.config),
         "data": run.data,
+        "bn_baseline_step_time_ratio": step_time_ratio,
         "reference_accuracy": reference,
         "variants": variants,
         "wall_s": round(run.wall_s, 2),
@@ -499,22 +569,25 @@ def inception_summary(run: InceptionRun) -> dict:
 def inception_table(summary: dict) -> str:
     ref = summary["reference_accuracy"]
     head = f"steps to {ref:.2%}" if ref is not None else "steps to Inception's best"
-    rows = [f"| model | {head} | max accuracy | lr | BN | activation | dropout | LRN |", "|---" * 8 + "|"]
+    rows = [f"| model | {head} | max accuracy | lr | BN | activation | dropout | LRN | images/s |", "|---" * 9 + "|"]
     for v in summary["variants"].values():
         rows.append(
             f"| {v['paper_name']} | {_fmt(v['steps_to_reference'], 'd')} | {v['best_test_accuracy']:.2%} "
-            f"| {v['lr']:g} | {v['batchnorms']} | {'/'.join(v['activations'])} | {v['dropout']} | {v['lrn']} |"
+            f"| {v['lr']:g} | {v['batchnorms']} | {'/'.join(v['activations'])} | {v['dropout']} | {v['lrn']} "
+            f"| {_fmt(v.get('images_per_s'), '.0f')} |"
         )
     cfg = summary["config"]
+    ratio = summary.get("bn_baseline_step_time_ratio")
+    cost = f" BN-Baseline's step time / Inception's: {ratio:.3f}." if ratio else ""
     return "\n".join(rows) + (
         f"\n\n{cfg['steps']} steps of batch {cfg['batch_size']} on {summary['data']}; accuracy on "
-        f"{cfg['test_examples']} test images; {summary['wall_s']:.0f} s.\n"
+        f"{cfg['test_examples']} test images; {summary['wall_s']:.0f} s.{cost}\n"
     )
 
 
-def write_inception(run: InceptionRun, out: Path) -> Path:
-    """OUT/accuracy.png, summary.json, table.md."""
-    from bngraph.atomic import write_dir_atomically
+def write_inception(run: InceptionRun, out: Path, *, force: bool = False) -> Path:
+    """OUT/accuracy.png, summary.json, table.md; `force` as for `write_mnist`."""
+    from bngraph.atomic import REPRODUCE, write_dir_atomically
     from bngraph.plots import plot_accuracy
 
     def write(folder: Path) -> None:
@@ -529,4 +602,4 @@ def write_inception(run: InceptionRun, out: Path) -> Path:
         (folder / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n")
         (folder / "table.md").write_text(inception_table(run.summary))
 
-    return write_dir_atomically(out, write)
+    return write_dir_atomically(out, write, kind=REPRODUCE, force=force)

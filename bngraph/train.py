@@ -35,15 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bngraph.atomic import check_writable, write_atomically
+from bngraph.atomic import check_writable, save_tensors, start_run_folder, write_atomically
 from bngraph.distributed import SINGLE, Distributed, broadcast_buffers, from_main, gather_to_main, sum_over_ranks, wrap
-from bngraph.errors import UserError
+from bngraph.errors import CheckFailed, UserError, model_raised
 from bngraph.sync_bn import has_sync_bn
 from bngraph.trace import one_line
 from bngraph.track import InputTracker, nonlinearity_names  # noqa: F401 (part of this API)
 
 CHECKPOINT, METRICS = "checkpoint.pt", "metrics.jsonl"
 CHECKPOINT_FORMAT = "bngraph-checkpoint-1"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # name -> autocast dtype
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -60,6 +61,9 @@ def pick_device(name: str = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Everything that decides a run's result: steps, batch, SGD and its schedule, evaluation and
+    checkpoints (`--resume` refuses other values than the run had)."""
+
     steps: int
     batch_size: int = 32
     lr: float = 0.01
@@ -72,6 +76,10 @@ class TrainConfig:
     checkpoint_every: int | None = None  # None: at every evaluation
     track_inputs: tuple[str, ...] | None = None  # nonlinearity module names; () = the last one
     track_unit: int = 0  # which feature (channel) of each tracked input
+    precision: str | None = None  # fp32, bf16 or fp16 autocast; None: bf16 on CUDA, fp32 elsewhere
+    channels_last: bool | None = None  # None: on CUDA for 4-d images
+    compile: bool = False  # torch.compile the model for the training steps
+    deterministic: bool = False  # torch.use_deterministic_algorithms (exact resume on CUDA)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every"):
@@ -85,6 +93,8 @@ class TrainConfig:
             raise UserError("--momentum must be in [0, 1) and --weight-decay at least 0")
         if not 0 < self.lr_decay <= 1 or (self.decay_every is not None and self.decay_every <= 0):
             raise UserError("--lr-decay must be in (0, 1] and --decay-every positive")
+        if self.precision not in (None, *PRECISIONS):
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
 
     def lr_at(self, step: int) -> float:
         """The learning rate of step `step` (0-based): exponential decay, GoogLeNet's schedule
@@ -139,31 +149,130 @@ class TensorData:
     y_test: torch.Tensor
     name: str = "data"
     source: str = "tensors"
+    format: str = "tensors"  # how it was read (bngraph.data_formats), for the run's metadata
+    label_file: str = ""  # where the training labels come from, for errors
 
     @classmethod
     def from_dataset(cls, dataset, device: torch.device | str = "cpu") -> TensorData:
-        return cls(*dataset.as_float(device), name=dataset.name, source=dataset.source)
+        return cls(*dataset.as_float(device), name=dataset.name, source=dataset.source, format="mnist-idx",
+                   label_file=dataset.source)  # fmt: skip
 
     @property
     def num_classes(self) -> int:
         return int(max(self.y_train.max(), self.y_test.max())) + 1
 
+    @property
+    def n_train(self) -> int:
+        return len(self.x_train)
 
-def check_model_fits(model: nn.Module, data: TensorData) -> None:
-    """Run two training images through `model`: a wrong input or output shape is the user's."""
+    def example(self, n: int = 2) -> torch.Tensor:
+        return self.x_train[:n]
+
+
+@dataclass
+class StreamData:
+    """Data too large for the device: torch Datasets of (image, label), read by a DataLoader with
+    worker processes (pinned memory on CUDA), in the batches `EpochSampler` picks."""
+
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    name: str = "data"
+    source: str = "datasets"
+    format: str = "stream"
+    num_classes: int | None = None  # None: unknown until the model says (a factory's Datasets)
+    example_shape: tuple[int, ...] | None = None
+    label_file: str = ""
+    workers: int | None = None  # None: one per core, less one, at most 8
+    device: torch.device | str = "cpu"
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    def example(self, n: int = 2) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(self.train[i][0], dtype=torch.float32) for i in range(n)])
+
+    def loader(self, dataset, *, batch_sampler=None, batch_size: int = 1, pin: bool = False, persistent: bool = False):
+        from bngraph.data_formats import default_workers
+
+        workers = default_workers() if self.workers is None else self.workers
+        batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
+        return torch.utils.data.DataLoader(dataset, num_workers=workers, pin_memory=pin,
+                                           persistent_workers=persistent and workers > 0, **batching)  # fmt: skip
+
+
+class _StepBatches:
+    """The index batches of steps [start, stop), for a DataLoader's batch_sampler."""
+
+    def __init__(self, sampler: EpochSampler, start: int, stop: int):
+        self.sampler, self.start, self.stop = sampler, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield self.sampler(step).tolist()
+
+
+def _user_error_from_worker(err: UserError) -> UserError:
+    """A UserError raised in a DataLoader worker comes back wrapped in its traceback: keep its line."""
+    last = str(err).strip().splitlines()[-1]
+    return UserError(last.split("UserError: ", 1)[-1])
+
+
+def _batches(data, sampler: EpochSampler, start: int, stop: int, dev: torch.device):
+    """(x, y) of each step from `start`: an index into device tensors, or a DataLoader's batch."""
+    if isinstance(data, TensorData):
+        for step in range(start, stop):
+            index = sampler(step)
+            yield data.x_train[index], data.y_train[index]
+        return
+    loader = data.loader(data.train, batch_sampler=_StepBatches(sampler, start, stop), pin=dev.type == "cuda")
+    batches = iter(loader)
+    while True:
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            return
+        except UserError as err:
+            raise _user_error_from_worker(err) from None
+        yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+
+
+def load_data(path, model: nn.Module | None = None, *, input_shape=None, device: str | torch.device = "cpu", **options):
+    """`bngraph.data_formats.open_data` with the input shape a model declares (`example_input_shape`)."""
+    from bngraph.data_formats import open_data
+
+    if input_shape is None and model is not None:
+        input_shape = getattr(model, "example_input_shape", None)
+    return open_data(path, input_shape=input_shape, device=device, **options)
+
+
+def check_model_fits(model: nn.Module, data: TensorData | StreamData) -> None:
+    """Run two training images through `model`: a wrong input or output shape is the user's, and
+    so is a label the model has no output for."""
     was_training = model.training
+    example = data.example(2)
+    device = next(iter(model.parameters()), example).device
     try:
         with torch.no_grad():
-            logits = model.eval()(data.x_train[:2])
+            logits = model.eval()(example.to(device))
     except Exception as err:
-        shape = "x".join(map(str, data.x_train.shape[1:]))
-        raise UserError(f"the model cannot take {data.name} images ({shape}): {one_line(err)}") from err
+        shape = "x".join(map(str, example.shape[1:]))
+        raise model_raised(err, failed=f"the model cannot take {data.name} images ({shape}) from {data.source}") from err
     finally:
         model.train(was_training)
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] < data.num_classes:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise UserError(f"the model's output is {got}; training on {data.name} needs logits of shape (N, classes)")
+    outputs = logits.shape[1]
+    if data.num_classes is None:  # a factory's streamed labels: checked as they come
+        data.train.num_classes = data.test.num_classes = outputs
+    elif outputs < data.num_classes:
         raise UserError(
-            f"the model's output is {got}; training on {data.name} needs logits of shape (N, {data.num_classes})"
+            f"{data.label_file or data.source}: label {data.num_classes - 1} is out of range for the model's "
+            f"{outputs} outputs; training on {data.name} needs logits of shape (N, {data.num_classes})"
         )
 
 
@@ -172,11 +281,15 @@ def check_model_fits(model: nn.Module, data: TensorData) -> None:
 
 @dataclass
 class TrainRun:
+    """What `train` returns: the trained model, one metrics row per evaluation, the time taken."""
+
     model: nn.Module  # trained, on the CPU, in eval mode
     metrics: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
     resumed_from: int | None = None
     device: str = "cpu"
+    precision: str = "fp32"  # as resolved for the device
+    channels_last: bool = False
 
     @property
     def best_test_accuracy(self) -> float:
@@ -232,10 +345,12 @@ def _stop_requests(enabled: bool = True) -> Iterator[Callable[[], bool]]:
 def _config_changes(saved: dict, config: TrainConfig) -> list[str]:
     now = asdict(config)
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    # A setting added since the checkpoint was written had its default then.
+    then = {k: saved.get(k, TrainConfig.__dataclass_fields__[k].default) for k in now}
     return [
-        f"{k}: {saved.get(k)!r} then, {now[k]!r} now"
+        f"{k}: {then[k]!r} then, {now[k]!r} now"
         for k in now
-        if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]
+        if k not in TrainConfig.RESUMABLE_CHANGES and then[k] != now[k]
     ]
 
 
@@ -251,23 +366,73 @@ def _interval_means(interval: dict, batch_size: int, world_size: int = 1) -> tup
     return interval["loss"].item() / steps, interval["correct"].item() / (steps * batch_size)
 
 
-def _evaluate_shared(model: nn.Module, data: TensorData, ctx: Distributed, amp) -> tuple[float, float]:
+@torch.no_grad()
+def _evaluate_loader(model: nn.Module, loader, dev: torch.device, amp) -> tuple[float, float, int]:
+    """(mean cross-entropy, accuracy, examples) of `model` in eval mode over a DataLoader."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=dev, dtype=torch.float64)
+    correct = torch.zeros((), device=dev, dtype=torch.int64)
+    n = 0
+    try:
+        for x, y in loader:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with amp():
+                logits = model(x).float()
+            loss += F.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
+            n += len(y)
+    except UserError as err:
+        raise _user_error_from_worker(err) from None
+    finally:
+        model.train(was_training)
+    return loss.item() / max(n, 1), correct.item() / max(n, 1), n
+
+
+def _evaluate_shared(model: nn.Module, data, ctx: Distributed, amp, test_loader=None) -> tuple[float, float]:
     """`evaluate` on the test set, each rank taking every world_size-th example; sums combined."""
-    x, y = data.x_test[ctx.rank :: ctx.world_size], data.y_test[ctx.rank :: ctx.world_size]
-    loss, accuracy = evaluate(model, x, y, amp=amp)
+    if test_loader is not None:
+        dev = next(iter(model.parameters())).device
+        loss, accuracy, n = _evaluate_loader(model, test_loader, dev, amp)
+        total = len(data.test)
+    else:
+        x, y = data.x_test[ctx.rank :: ctx.world_size], data.y_test[ctx.rank :: ctx.world_size]
+        loss, accuracy = evaluate(model, x, y, amp=amp)
+        n, dev, total = len(x), x.device, len(data.x_test)
     if not ctx.is_distributed:
         return loss, accuracy
-    sums = torch.tensor([loss * len(x), accuracy * len(x)], dtype=torch.float64, device=x.device)
+    sums = torch.tensor([loss * n, accuracy * n], dtype=torch.float64, device=dev)
     loss_sum, correct = sum_over_ranks([sums], ctx)[0].tolist()
-    return loss_sum / len(data.x_test), round(correct) / len(data.x_test)
+    return loss_sum / total, round(correct) / total
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    """torch.use_deterministic_algorithms for the run: on CUDA, what makes a resume exact."""
+    if not enabled:
+        yield
+        return
+    import os
+
+    # cuBLAS reads this when it starts; without it deterministic mode refuses CUDA matmuls.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
 
 
 def write_metrics(path: Path, rows: Sequence[dict]) -> None:
     text = "".join(json.dumps(row) + "\n" for row in rows)
-    write_atomically(path, lambda tmp: tmp.write_text(text))
+    write_atomically(path, lambda tmp: tmp.write_text(text), replace_own=True)
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, one per evaluation."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
@@ -290,7 +455,7 @@ def _progress(enabled: bool, label: str):
 
 def train(
     model: nn.Module,
-    data: TensorData,
+    data: TensorData | StreamData | str | Path,
     config: TrainConfig,
     *,
     out_dir: Path | None = None,
@@ -303,6 +468,9 @@ def train(
 ) -> TrainRun:
     """Train `model` in place on `data` (on its device) and return it on the CPU, in eval mode.
 
+    `data` may be a path (any format of `bngraph.data_formats`, read for the model's declared
+    `example_input_shape`). `config.precision` and `config.channels_last` default to bf16 autocast
+    and channels_last on CUDA, fp32 and the default layout elsewhere; fp16 uses a GradScaler.
     With `out_dir`, checkpoints and metrics go there, and `resume=True` continues from its
     checkpoint. `on_eval(row)` sees each metrics row as it is written (and may raise to stop).
     Under torchrun (`distributed` from `bngraph.distributed.join`), every rank calls this with
@@ -324,19 +492,34 @@ def train(
         if not resume and checkpoint_path is not None and checkpoint_path.exists():
             raise UserError(f"{out_dir} holds a run already: add --resume to continue it, or choose another -o")
         if out_dir is not None:
-            out_dir.mkdir(exist_ok=True)
+            start_run_folder(out_dir, resume=resume)  # new, empty or a run's: never a user's folder
     writes = out_dir is not None and ctx.is_main
 
-    channels_last = on_gpu and data.x_train.dim() == 4
+    if isinstance(data, (str, Path)):
+        data = load_data(data, model, device=dev)
+    precision = config.precision or ("bf16" if on_gpu else "fp32")
+    channels_last = (on_gpu if config.channels_last is None else config.channels_last) and data.example(1).dim() == 4
     model.to(dev, memory_format=torch.channels_last) if channels_last else model.to(dev)
     model.train()
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
+    amp_dtype = PRECISIONS[precision]
+    amp = (lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
+    # fp16's range is narrow: a loss scale keeps small gradients from flushing to zero.
+    scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
     # SGD's weight decay is L2 regularization, as the paper's "L2 weight regularization".
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    sampler = EpochSampler(len(data.x_train), config.batch_size, config.seed, dev, ctx.rank, ctx.world_size)
-    tracker = InputTracker(model, config.track_inputs, config.track_unit) if config.track_inputs is not None else None
+    streamed = isinstance(data, StreamData)
+    sampler = EpochSampler(data.n_train, config.batch_size, config.seed, "cpu" if streamed else dev, ctx.rank,
+                           ctx.world_size)  # fmt: skip
+    test_loader = None
+    if streamed:
+        shard = torch.utils.data.Subset(data.test, range(ctx.rank, len(data.test), ctx.world_size))
+        test_loader = data.loader(shard, batch_size=max(config.batch_size, 256), pin=on_gpu, persistent=True)
+    tracker = None
+    if config.track_inputs is not None:  # two examples find the nonlinearities called as functions
+        example = [data.example(2).to(dev)]
+        tracker = InputTracker(model, config.track_inputs, config.track_unit, example_inputs=example)
     checkpoint_every = config.checkpoint_every or config.eval_every
 
     start, metrics, resumed_from, elapsed_before = 0, [], None, 0.0
@@ -368,6 +551,8 @@ def train(
         except RuntimeError as err:
             raise UserError(f"--resume: the checkpoint in {out_dir} is of another model: {one_line(err)}") from None
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         own = state["ranks"][ctx.rank] if ctx.is_distributed else state  # this rank's RNG and sums
         torch.set_rng_state(own["rng"]["cpu"].cpu())
         if on_gpu and "cuda" in own["rng"]:
@@ -400,29 +585,40 @@ def train(
             "elapsed_s": elapsed,
             "world_size": ctx.world_size,
             "sync_bn": has_sync_bn(model),
+            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
             **({"ranks": ranks} if ctx.is_distributed else {}),
         }
-        write_atomically(checkpoint_path, lambda tmp: torch.save(state, tmp))
+        write_atomically(checkpoint_path, lambda tmp: save_tensors(state, tmp), replace_own=True)
 
     started = time.perf_counter()
     window_start, window_steps = started, 0
     net = wrap(model, ctx, dev)  # DDP under torchrun: a step's gradients are the global batch's
-    with _stop_requests(not ctx.is_distributed) as stop_requested, _progress(progress and ctx.is_main, label) as bar:
+    if config.compile:
+        net = torch.compile(net)  # the training steps; evaluation runs the model as it is
+    batches = _batches(data, sampler, start, config.steps, dev)
+    checked_at = last_eval = start  # the loss is looked at where it reaches the CPU anyway
+    saved_at = start if resume and out_dir is not None else None
+    with _stop_requests(not ctx.is_distributed) as stop_requested, _progress(progress and ctx.is_main, label) as bar, \
+            _deterministic(config.deterministic):  # fmt: skip
         task = bar.add_task("train", total=config.steps, completed=start, loss="-", acc="-", test="-", rate="-")
         for step in range(start, config.steps):
             lr = config.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            index = sampler(step)
-            x, y = data.x_train[index], data.y_train[index]
+            x, y = next(batches)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with amp():
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             interval["loss"] += loss.detach().double()
             interval["correct"] += (logits.detach().argmax(1) == y).sum()
             interval["steps"] += 1
@@ -433,16 +629,21 @@ def train(
                 now = time.perf_counter()
                 rate = window_steps / max(now - window_start, 1e-9)
                 train_loss, train_accuracy = _interval_means(interval, config.batch_size)
+                if not ctx.is_distributed:  # under torchrun all ranks stop together, below
+                    _stop_if_diverged(train_loss, checked_at, done, config.lr, out_dir, saved_at)
+                checked_at = done
                 bar.update(task, completed=done, loss=f"{train_loss:.3f}", acc=f"{train_accuracy:.3f}",
                            rate=f"{rate:.0f}")  # fmt: skip
             if is_eval:
                 broadcast_buffers(model, ctx)  # the running statistics rank 0 saves are the ones tested
                 # Under torchrun each rank tests (and tracks) its share; rank 0's quantiles are written.
                 with tracker.recording() if tracker else contextlib.nullcontext():
-                    test_loss, test_accuracy = _evaluate_shared(model, data, ctx, amp)
+                    test_loss, test_accuracy = _evaluate_shared(model, data, ctx, amp, test_loader)
                 loss_sum, correct = sum_over_ranks([interval["loss"], interval["correct"]], ctx)
                 totals = {**interval, "loss": loss_sum, "correct": correct}
                 train_loss, train_accuracy = _interval_means(totals, config.batch_size, ctx.world_size)
+                _stop_if_diverged(train_loss, last_eval, done, config.lr, out_dir, saved_at)  # the same sum on every rank
+                last_eval = done
                 row = {
                     "step": done,
                     "epoch": round(done / sampler.steps_per_epoch, 4),
@@ -467,12 +668,29 @@ def train(
             stopping = stop_requested()
             if out_dir is not None and (done % checkpoint_every == 0 or done == config.steps or stopping):
                 checkpoint(done, elapsed_before + time.perf_counter() - started)
+                saved_at = done
             if stopping:
                 where = f"; resume with --resume (checkpoint in {out_dir})" if out_dir is not None else ""
-                print(f"bngraph: stopped after step {done}{where}", file=sys.stderr)
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt(f"stopped after step {done}{where}")  # the CLI's one line
     model.to("cpu", memory_format=torch.contiguous_format).eval()
-    return TrainRun(model, metrics, elapsed_before + time.perf_counter() - started, resumed_from, str(dev))
+    return TrainRun(model, metrics, elapsed_before + time.perf_counter() - started, resumed_from, str(dev),
+                    precision, channels_last)  # fmt: skip
+
+
+def _stop_if_diverged(mean_loss: float, since: int, step: int, lr: float, out_dir, saved_at: int | None) -> None:
+    """A loss that is not finite never comes back: stop before it reaches a checkpoint."""
+    if math.isfinite(mean_loss):
+        return
+    steps = f"step {step}" if step - since == 1 else f"steps {since + 1}-{step}"
+    if out_dir is None:
+        kept = ""
+    elif saved_at is None:
+        kept = "; nothing of this run is kept"
+    else:
+        kept = f"; {out_dir} keeps the checkpoint of step {saved_at}, from before"
+    raise CheckFailed(
+        f"training diverged: the training loss is {mean_loss} (mean over {steps}) at --lr {lr:g}; lower --lr{kept}"
+    )
 
 
 def epochs_to_steps(epochs: float, n: int, batch_size: int) -> int:
@@ -484,11 +702,13 @@ def epochs_to_steps(epochs: float, n: int, batch_size: int) -> int:
 __all__ = [
     "EpochSampler",
     "InputTracker",
+    "StreamData",
     "TensorData",
     "TrainConfig",
     "TrainRun",
     "check_model_fits",
     "evaluate",
+    "load_data",
     "nonlinearity_names",
     "pick_device",
     "read_metrics",

@@ -25,7 +25,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bngraph.commands.common import add_report_arguments, emit
+from bngraph.atomic import REPRODUCE, check_output
+from bngraph.commands.common import add_force_argument, add_report_arguments, emit
 from bngraph.commands.train import add_data_arguments, data_from_args
 from bngraph.errors import UserError
 from bngraph.report import Report
@@ -38,6 +39,7 @@ def _common(parser: argparse.ArgumentParser, steps: int) -> None:
     parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order (default: 0)")
     parser.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_force_argument(parser, "reproduce folder")
     add_report_arguments(parser)
 
 
@@ -80,11 +82,10 @@ def _init_std(text: str) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output, REPRODUCE, force=args.force, inputs=[args.data])  # before the work
     from bngraph import reproduce
-    from bngraph.atomic import check_writable
     from bngraph.train import pick_device
 
-    check_writable(args.output)
     if args.experiment == "mnist":
         cfg = reproduce.MnistConfig(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         data = data_from_args(args)
         result = reproduce.reproduce_mnist(data, cfg, progress=not args.quiet)
-        reproduce.write_mnist(result, Path(args.output))
+        reproduce.write_mnist(result, Path(args.output), force=args.force)
         summary = result.summary
         facts = {
             "data": summary["data"],
@@ -117,13 +118,15 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         data = data_from_args(args, pick_device(args.device))
         result = reproduce.reproduce_inception(data, cfg, progress=not args.quiet)
-        reproduce.write_inception(result, Path(args.output))
+        reproduce.write_inception(result, Path(args.output), force=args.force)
         summary = result.summary
         facts = {"data": summary["data"], "reference_accuracy": summary["reference_accuracy"],
+                 "bn_baseline_step_time_ratio": summary["bn_baseline_step_time_ratio"],
                  "wall_s": summary["wall_s"], "output": args.output}  # fmt: skip
         rows = [
             {"variant": v["paper_name"], "steps_to_reference": v["steps_to_reference"],
-             "best_test_accuracy": v["best_test_accuracy"], "lr": v["lr"], "batchnorms": v["batchnorms"]}
+             "best_test_accuracy": v["best_test_accuracy"], "lr": v["lr"], "batchnorms": v["batchnorms"],
+             "images_per_s": v["images_per_s"]}
             for v in summary["variants"].values()
         ]  # fmt: skip
         notes = ["steps_to_reference: steps to reach the plain Inception's best accuracy"]

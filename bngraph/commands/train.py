@@ -1,4 +1,4 @@
-"""Train a model on MNIST-format images: SGD with momentum, checkpoints, an exact --resume.
+"""Train a model on your images: SGD with momentum, checkpoints, an exact --resume.
 
 Writes OUT/model/ (an artifact for `bngraph fold OUT/model`, export and verify),
 OUT/metrics.jsonl (one JSON line per evaluation), OUT/checkpoint.pt and, with --track-inputs,
@@ -13,8 +13,34 @@ bit-identical weights. --steps may grow on resume.
   bn-x5-sigmoid      as bn-x5, with sigmoid instead of ReLU
   inception-sigmoid  sigmoid and no BN (the paper's control)
 
---device auto uses CUDA when present (bf16 autocast, channels_last), else the CPU; the data stays
-on the device as tensors.
+--data PATH: what the path holds decides how it is read (the format goes into OUT/model's history):
+  MNIST IDX     a folder with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte
+                and t10k-labels-idx1-ubyte (raw or .gz); --dataset names it (mnist or fashion-mnist)
+  image folder  DIR/train/CLASS/*.png|jpg|jpeg|bmp|webp and DIR/test/CLASS/... (or DIR/val/), as
+                torchvision's ImageFolder: the classes are train/'s sorted folder names. Images become
+                L or RGB for the model's input channels, at --image-size H,W or the model's input size
+  .npz          FILE.npz with x_train, y_train, x_test, y_test (Keras' convention): images N,H,W or
+                N,H,W,C or N,C,H,W (the axis matching the model's channels), uint8 (scaled to [0, 1])
+                or float (as is); integer labels
+  CIFAR binary  the "binary version" folder: data_batch_1..5.bin + test_batch.bin (CIFAR-10), or
+                train.bin + test.bin (CIFAR-100, fine labels; --cifar100-labels coarse for the 20
+                superclasses). The pickled "python version" is refused: unpickling runs code
+  factory       FILE.py:make (FILE.py alone: make), a function returning (train, test) torch Datasets
+                whose items are (image tensor, integer label), for everything else
+Without --data: $BNGRAPH_DATA, the MNIST cache (downloaded when online), then Debian's Fashion-MNIST.
+Data whose float32 images fit in --stream-above MB (default 2048) stay on the device as tensors;
+larger data streams through a DataLoader with --loader-workers processes (pinned memory on CUDA), in
+the same batches. Bad data (an unreadable image, labels out of range for the model's outputs, x and
+y of different lengths, an empty class folder, a shape the model cannot take) stops the run with
+one line naming the file (exit code 2).
+
+Precision and layout: --precision fp32|bf16|fp16 (autocast; fp16 with a gradient scaler) and
+--channels-last / --no-channels-last; --device auto uses CUDA when present with bf16 and
+channels_last, else the CPU with fp32. --compile runs the training steps through torch.compile
+(worth it for long runs: it compiles for a while first). --resume is bit-identical on the CPU in
+every precision and layout. On CUDA, add --deterministic (torch.use_deterministic_algorithms,
+CUBLAS_WORKSPACE_CONFIG=:4096:8) for the same guarantee; without it cuDNN and atomics may round
+differently from run to run, and a resumed run matches an uninterrupted one only to that rounding.
 
 Several processes: launched by torchrun (`--nproc N` execs `torchrun --standalone` on this host),
 trained with DistributedDataParallel, nccl on CUDA (one GPU per process), gloo on the CPU. Each
@@ -43,27 +69,58 @@ import copy
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from bngraph.commands.common import add_model_arguments, add_report_arguments, emit, load_from_args
+from bngraph.commands.common import (
+    add_force_argument, add_model_arguments, add_report_arguments, emit, input_paths, load_from_args,
+)  # fmt: skip
 from bngraph.errors import UserError
 from bngraph.report import Report
+
+if TYPE_CHECKING:  # the CLI builds its parser without torch: heavy imports wait for run()
+    import torch
 
 MODEL_DIR, PLOT = "model", "inputs.png"
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data", metavar="DIR", help="MNIST-format files (default: $BNGRAPH_DATA, the cache, a download)"
+        "--data", metavar="PATH",
+        help="MNIST IDX folder, image folder (train/CLASS/*.png, test/...), FILE.npz, CIFAR binary folder, "
+        "or FILE.py:make (default: $BNGRAPH_DATA, the cache, a download)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dataset", default="mnist", choices=("mnist", "fashion-mnist"), help="what an MNIST-format --data holds"
     )
-    parser.add_argument("--dataset", default="mnist", choices=("mnist", "fashion-mnist"), help="what --data holds")
+    parser.add_argument("--image-size", metavar="H,W", help="resize images to this (default: the model's input size)")
+    parser.add_argument(
+        "--stream-above", type=float, metavar="MB", default=2048.0,
+        help="data larger than this (as float32) streams through a DataLoader instead of staying on the "
+        "device (default: 2048)",
+    )  # fmt: skip
+    parser.add_argument("--loader-workers", type=int, metavar="N", help="DataLoader processes when streaming "
+                        "(default: one per core, less one, at most 8)")  # fmt: skip
+    parser.add_argument("--cifar100-labels", default="fine", choices=("fine", "coarse"), help="(default: fine)")
 
 
-def data_from_args(args: argparse.Namespace, device: torch.device | str = "cpu"):
+def data_from_args(args: argparse.Namespace, device: torch.device | str = "cpu", *, input_shape=None,
+                   allow_stream: bool = False):  # fmt: skip
+    """The data --data names, for a model whose example input has `input_shape`: TensorData on
+    `device`, or (with `allow_stream`, above --stream-above) StreamData."""
     from bngraph.data import resolve_dataset
     from bngraph.train import TensorData
 
-    return TensorData.from_dataset(resolve_dataset(args.data, dataset=args.dataset), device)
+    if args.data is None:
+        return TensorData.from_dataset(resolve_dataset(None, dataset=args.dataset), device)
+    from bngraph.data_formats import open_data
+
+    if getattr(args, "loader_workers", None) is not None and args.loader_workers < 0:
+        raise UserError(f"--loader-workers must be at least 0, not {args.loader_workers}")
+    return open_data(
+        args.data, input_shape=input_shape, image_size=getattr(args, "image_size", None), device=device,
+        stream_above_mb=args.stream_above if allow_stream else None, workers=getattr(args, "loader_workers", None),
+        dataset=args.dataset, cifar100_labels=getattr(args, "cifar100_labels", "fine"),
+    )  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,11 +143,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=500, help="steps between test evaluations (default: 500)")
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: every evaluation)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default: bf16 on CUDA, else fp32)"
+    )
+    parser.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=None,
+        help="channels_last memory format for 4-d images (default: on CUDA only)",
+    )  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training steps (long runs)")
+    parser.add_argument(
+        "--deterministic", action="store_true", help="deterministic algorithms: exact --resume on CUDA too"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the stopped run in OUT")
     parser.add_argument(
         "--track-inputs", nargs="*", metavar="NAME",
-        help="record the 15/50/85th percentiles of these nonlinearity modules' inputs (none named: "
-        "the last one) at each evaluation, and plot them to OUT/inputs.png (paper, Figure 1(b, c))",
+        help="record the 15/50/85th percentiles of these nonlinearities' inputs (none named: the last "
+        "module) at each evaluation, and plot them to OUT/inputs.png (paper, Figure 1(b, c)); a module "
+        "path (act3), or a function or method call named as torch.fx names it (sigmoid_1, block.relu)",
     )  # fmt: skip
     parser.add_argument("--track-unit", type=int, default=0, help="which feature or channel to track (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -105,11 +174,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "batch (all processes). Without it each process normalizes over its own --batch-size examples, the "
         "paper's setting (BN sees the batch of one device). The saved model has plain BatchNorms either way",
     )  # fmt: skip
+    add_force_argument(parser, "run folder")
     add_report_arguments(parser)
 
 
 def _decay_every(args, out: Path, steps: int) -> float | None:
     """An eighth of the run unless given; on --resume, what the run used (its --steps may grow)."""
+    import torch
+
     if args.decay_every is not None:
         return args.decay_every
     checkpoint = out / "checkpoint.pt"
@@ -123,6 +195,8 @@ def _decay_every(args, out: Path, steps: int) -> float | None:
 
 def _launch(args: argparse.Namespace, device: torch.device) -> None:
     """--nproc N > 1: become torchrun (this does not return); N = 1: go on in this process."""
+    import torch
+
     from bngraph.distributed import exec_torchrun, under_torchrun, without_option
 
     if under_torchrun():
@@ -146,13 +220,26 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     if args.nproc is not None:
         _launch(args, device)
-    with join(device) as (ctx, device):
-        return _run(args, recipe, ctx, device)
+    with join(device) as (ctx, device), _output_folder(args, ctx) as folder:
+        return _run(args, recipe, ctx, device, folder)
 
 
-def _run(args: argparse.Namespace, recipe, ctx, device: torch.device) -> int:
+def _output_folder(args: argparse.Namespace, ctx):
+    """Where this run writes: OUT itself, or beside it when --force replaces an old run (see
+    bngraph.atomic.run_folder). Rank 0 alone writes; other hosts need not have its folder."""
+    import contextlib
+
+    from bngraph.atomic import run_folder
+
+    if not ctx.is_main:
+        return contextlib.nullcontext(Path(args.output))
+    return run_folder(args.output, force=args.force, resume=args.resume, inputs=input_paths(args))
+
+
+def _run(args: argparse.Namespace, recipe, ctx, device: torch.device, out: Path) -> int:
+    import torch
+
     from bngraph.artifacts import save
-    from bngraph.atomic import check_writable
     from bngraph.distributed import from_main, local_main_first
     from bngraph.passes.convert_bn_to_sync_bn import convert_bn_to_sync_bn
     from bngraph.plots import plot_tracked_inputs
@@ -160,18 +247,16 @@ def _run(args: argparse.Namespace, recipe, ctx, device: torch.device) -> int:
     from bngraph.sync_bn import use_cpu_sync_bn
     from bngraph.train import TrainConfig, check_model_fits, epochs_to_steps, train
 
-    out = Path(args.output)
-    if ctx.is_main:  # rank 0 alone writes OUT; other hosts need not have its folder
-        check_writable(out)
-    with local_main_first(ctx):  # one download per host, not one per process
-        data = data_from_args(args, device)
-    global_batch = args.batch_size * ctx.world_size
-    steps = args.steps or epochs_to_steps(args.epochs or 2, len(data.x_train), global_batch)
-
+    out_named = Path(args.output)  # `out` is a sibling of it while --force builds a new run
     torch.manual_seed(args.seed)  # the initial weights of a zoo or file model
     loaded = load_from_args(args)
     model, history = loaded.module, list(loaded.history)
-    example = [data.x_test[:2].cpu()]
+    input_shape = loaded.input_shapes[0] if loaded.input_shapes else getattr(model, "example_input_shape", None)
+    with local_main_first(ctx):  # one download per host, not one per process
+        data = data_from_args(args, device, input_shape=input_shape, allow_stream=True)
+    global_batch = args.batch_size * ctx.world_size
+    steps = args.steps or epochs_to_steps(args.epochs or 2, data.n_train, global_batch)
+    example = [data.example(2).cpu()]
     decay_every = from_main(lambda: _decay_every(args, out, steps), ctx)  # rank 0 has the checkpoint
     hyper = {"lr": args.lr, "weight_decay": args.weight_decay, "decay_every": decay_every}
     if recipe is not None:
@@ -190,7 +275,8 @@ def _run(args: argparse.Namespace, recipe, ctx, device: torch.device) -> int:
         steps=steps, batch_size=args.batch_size, momentum=args.momentum, lr_decay=args.lr_decay,
         seed=args.seed, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         track_inputs=tuple(args.track_inputs) if args.track_inputs is not None else None,
-        track_unit=args.track_unit, **hyper,
+        track_unit=args.track_unit, precision=args.precision, channels_last=args.channels_last,
+        compile=args.compile, deterministic=args.deterministic, **hyper,
     )  # fmt: skip
     result = train(model, data, config, out_dir=out, resume=args.resume, device=str(device),
                    progress=not args.quiet, distributed=ctx)  # fmt: skip
@@ -200,14 +286,19 @@ def _run(args: argparse.Namespace, recipe, ctx, device: torch.device) -> int:
         plain.load_state_dict(result.model.state_dict())
     trained = plain.eval()
 
-    history.append({"command": "train", "data": f"{data.name} ({data.source})", "config": asdict(config),
-                    "processes": ctx.world_size})  # fmt: skip
-    save(trained, out / MODEL_DIR, example_inputs=example, history=history, source=args.model)
+    history.append({"command": "train", "data": f"{data.name} ({data.source})", "data_format": data.format,
+                    "config": asdict(config), "processes": ctx.world_size})  # fmt: skip
+    # force: a resumed run replaces its own model/, in a folder checked to be a run's
+    save(trained, out / MODEL_DIR, example_inputs=example, history=history, source=args.model, force=True)
     facts = {
         "model": args.model,
         "recipe": recipe.name if recipe else None,
         "data": f"{data.name} ({data.source})",
+        "data_format": data.format,
+        "streamed": type(data).__name__ == "StreamData",
         "device": result.device,
+        "precision": result.precision,
+        "channels_last": result.channels_last,
         "processes": ctx.world_size,
         "global_batch_size": global_batch,
         "sync_bn": len(sync_bn.changed) if sync_bn is not None else "off",
@@ -217,13 +308,13 @@ def _run(args: argparse.Namespace, recipe, ctx, device: torch.device) -> int:
         "best_test_accuracy": result.best_test_accuracy,
         "final_test_accuracy": result.metrics[-1]["test_accuracy"],
         "wall_s": round(result.wall_s, 2),
-        "output": str(out / MODEL_DIR),
+        "output": str(out_named / MODEL_DIR),
     }
     if config.track_inputs is not None:
         rows = [r for r in result.metrics if "inputs" in r]
         quantiles = {name: [r["inputs"][name] for r in rows] for name in rows[-1]["inputs"]}
-        plot = plot_tracked_inputs([r["step"] for r in rows], quantiles, out / PLOT, unit=config.track_unit)
-        facts["inputs_plot"] = str(plot)
+        plot_tracked_inputs([r["step"] for r in rows], quantiles, out / PLOT, unit=config.track_unit)
+        facts["inputs_plot"] = str(out_named / PLOT)
     shown = result.metrics[-1 :: -max(1, len(result.metrics) // 10)][::-1]  # ~10 rows, the last included
     keys = ("step", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "steps_per_s")
     sections = {"evaluations": [{k: row[k] for k in keys} for row in shown]}
@@ -236,7 +327,7 @@ def _run(args: argparse.Namespace, recipe, ctx, device: torch.device) -> int:
         f"bngraph train {args.model}",
         sections=sections,
         facts=facts,
-        notes=[f"every evaluation is in {out / 'metrics.jsonl'}"],
+        notes=[f"every evaluation is in {out_named / 'metrics.jsonl'}"],
     )
     emit(report, args)
     return 0

@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# The GPU path, proven in one run of about 8 minutes on one CUDA GPU (issue 13):
+#   1. the test suite with CUDA present (training tests use --device auto: CUDA there)
+#   2. torchrun --standalone --nproc-per-node=1 (nccl) with --sync-bn, then fold and export of its model
+#   3. a CUDA run stopped by SIGTERM and resumed, against an uninterrupted one (with and without
+#      --deterministic): bit-identical or the largest difference
+#   4. reproduce mnist, 50,000 steps, on the GPU
+#   5. reproduce inception --full (224x224, the paper's five variants): images/s, BN-Baseline's
+#      step time over Inception's (goal <= 1.15), the table
+#   6. training throughput of zoo:inception at batch 32 and 256: bngraph against a plain AMP loop
+#
+#   benchmarks/gpu.sh [OUT]          (OUT defaults to $OUT, else ./gpu-out)
+#
+# Each stage runs under its own `timeout` and appends its figures to OUT/summary.md as it ends,
+# so a run cut short still reports what it did; OUT/gpu.log has every command's output. OUT
+# gets at most 7 files (the device tool brings back 8).
+#
+# Python: $GPU_SH_PYTHON if set, else a venv in $WORK made with --system-site-packages from
+# python3 (a GPU image's torch, onnx, onnxruntime, pytest) with bngraph installed editable, no
+# network. MNIST: $BNGRAPH_DATA, else ./.gpu-data/mnist (copy ../shared/data/mnist there and
+# carry it: the device machine cannot download), else synthetic MNIST-format data (the timings
+# hold, the accuracies mean nothing; the summary says so).
+#
+# GPU_SH_SMOKE=1 runs every stage tiny on the CPU (no CUDA needed): the script's own test, with
+# zoo:mnist-mlp for stages 2-3 and each limit times GPU_SH_LIMIT_SCALE (default 4 there, 1 here).
+set -u -o pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${1:-${OUT:-$REPO/gpu-out}}
+SMOKE=${GPU_SH_SMOKE:-0}
+LIMIT_SCALE=${GPU_SH_LIMIT_SCALE:-$([ "$SMOKE" = 1 ] && echo 4 || echo 1)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=${GPU_SH_WORK:-$(mktemp -d /tmp/bngraph-gpu.XXXXXX)}
+SUMMARY=$OUT/summary.md
+LOG=$OUT/gpu.log
+: >"$SUMMARY"
+: >"$LOG"
+cd "$REPO" || exit 2
+export PYTHONUNBUFFERED=1
+
+say() { echo "$*" | tee -a "$SUMMARY"; }
+# stage NAME LIMIT_S CMD...: run CMD under its own time limit, log it, record rc and seconds.
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    echo "=== $name: $*" >>"$LOG"
+    limit=$((limit * LIMIT_SCALE))
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    local took=$((SECONDS - start))
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        say "- $name: **cut at its ${limit} s limit** (\`$*\`)"
+    else
+        say "- $name: exit $rc in ${took} s (\`$*\`)"
+    fi
+    return $rc
+}
+
+say "# benchmarks/gpu.sh $(date -u '+%Y-%m-%d %H:%M UTC')"
+say ""
+
+# --- Python and bngraph -----------------------------------------------------------------------
+if [ -n "${GPU_SH_PYTHON:-}" ]; then
+    PY=$GPU_SH_PYTHON
+else
+    python3 -m venv --system-site-packages "$WORK/venv" >>"$LOG" 2>&1 ||
+        { say "- setup: python3 -m venv failed (see gpu.log)"; exit 2; }
+    PY=$WORK/venv/bin/python
+    if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e "$REPO" >>"$LOG" 2>&1; then
+        # An older setuptools cannot build pyproject.toml: lay the package out as it installs
+        # (bngraph.passes from passes/, bngraph.zoo from zoo/) with links, on PYTHONPATH.
+        mkdir -p "$WORK/src/bngraph"
+        ln -sf "$REPO"/bngraph/* "$WORK/src/bngraph/"
+        ln -sfn "$REPO/passes" "$WORK/src/bngraph/passes"
+        ln -sfn "$REPO/zoo" "$WORK/src/bngraph/zoo"
+        export PYTHONPATH=$WORK/src${PYTHONPATH:+:$PYTHONPATH}
+        say "- setup: pip could not install bngraph here; it runs from links on PYTHONPATH ($WORK/src)"
+    fi
+fi
+BNGRAPH=("$PY" -m bngraph)
+"$PY" - >>"$SUMMARY" 2>>"$LOG" <<'EOF'
+import platform, torch
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+print(f"- machine: {gpu}; torch {torch.__version__}; Python {platform.python_version()}")
+EOF
+
+if [ "$SMOKE" = 1 ]; then
+    DEVICE=cpu
+    MODEL=zoo:mnist-mlp
+    say "- mode: **GPU_SH_SMOKE=1, every stage tiny on the CPU: a test of this script, not a GPU result**"
+else
+    DEVICE=cuda
+    MODEL=zoo:inception-small
+    "$PY" -c "import torch; assert torch.cuda.is_available()" 2>>"$LOG" ||
+        { say "- no CUDA GPU here: run with GPU_SH_SMOKE=1 for the CPU smoke test"; exit 2; }
+fi
+
+DATA=${BNGRAPH_DATA:-$REPO/.gpu-data/mnist}
+if [ ! -d "$DATA" ]; then
+    DATA=$WORK/synthetic-mnist
+    "$PY" -c "import sys; sys.path.insert(0, '$REPO'); from tests.mnist_like import write_learnable; write_learnable('$DATA', n_train=60000, n_test=10000)" >>"$LOG" 2>&1
+    say "- data: **synthetic MNIST-format images** ($DATA): timings hold, accuracies mean nothing"
+else
+    say "- data: $DATA"
+fi
+export BNGRAPH_DATA=$DATA
+say ""
+
+# --- 1. the test suite with CUDA present -----------------------------------------------------
+if [ "$SMOKE" = 1 ]; then
+    TESTS=(tests/test_data_formats.py -k "resume_bit_identically and bf16-True")
+    XDIST=(-p no:xdist)
+else
+    TESTS=()
+    XDIST=(-n "$(nproc)")
+fi
+stage "1. tests with CUDA present" 150 "$PY" -m pytest -q "${XDIST[@]}" "${TESTS[@]}"
+grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$LOG" | tail -15 | sed 's/^/    /' >>"$SUMMARY"
+
+# --- 2. torchrun with nccl and --sync-bn, then fold and export --------------------------------
+if [ "$SMOKE" = 1 ]; then STEPS=4; EVAL=2; else STEPS=300; EVAL=100; fi
+stage "2. torchrun --nproc-per-node=1 --sync-bn" 60 "$PY" -m torch.distributed.run --standalone --nproc-per-node=1 \
+    -m bngraph train $MODEL --recipe bn-x5 --steps $STEPS --eval-every $EVAL --sync-bn --device $DEVICE \
+    --quiet --json -o "$WORK/ddp" &&
+    stage "2. fold of its model" 30 "${BNGRAPH[@]}" fold "$WORK/ddp" -o "$WORK/ddp-folded" --strict &&
+    stage "2. export of its model" 60 "${BNGRAPH[@]}" export "$WORK/ddp" -o "$WORK/ddp.onnx"
+"$PY" - "$WORK/ddp" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
+import json, sys
+rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
+history = json.load(open(f"{sys.argv[1]}/model/bngraph.json"))["history"]
+sync = next((h for h in history if h.get("command") == "sync-bn"), {}).get("passes", {}).get("convert_bn_to_sync_bn")
+train = next(h for h in reversed(history) if h.get("command") == "train")
+print(f"    final test accuracy {rows[-1]['test_accuracy']:.4f}, {rows[-1]['steps_per_s']} steps/s, "
+      f"{train.get('processes')} process(es); BatchNorms made SyncBatchNorm: {len(sync['changed']) if sync else 'none'}")
+EOF
+
+# --- 3. stopped and resumed against uninterrupted, on the device ------------------------------
+if [ "$SMOKE" = 1 ]; then STEPS=40; else STEPS=600; fi
+for det in "" "--deterministic"; do
+    tag=${det:+det}
+    common=($MODEL --recipe bn-x5 --steps $STEPS --eval-every 20 --decay-every 50 --device $DEVICE --quiet $det)
+    stage "3. uninterrupted run ${det}" 60 "${BNGRAPH[@]}" train "${common[@]}" -o "$WORK/whole$tag"
+    # Stopped by SIGTERM once its first checkpoint exists (it stops after the step in hand and
+    # checkpoints there), then resumed with the same arguments.
+    ( "${BNGRAPH[@]}" train "${common[@]}" -o "$WORK/stopped$tag" >>"$LOG" 2>&1 & pid=$!
+      for _ in $(seq 600); do [ -f "$WORK/stopped$tag/checkpoint.pt" ] && break; sleep 0.1; done
+      kill -TERM $pid 2>/dev/null; wait $pid; echo "stopped run exited $?" >>"$LOG" )
+    stage "3. resumed run ${det}" 60 "${BNGRAPH[@]}" train "${common[@]}" -o "$WORK/stopped$tag" --resume
+    "$PY" - "$WORK/whole$tag" "$WORK/stopped$tag" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
+import sys, bngraph, torch
+a, b = (bngraph.load(p).state_dict() for p in sys.argv[1:3])
+worst = max(float((a[k].double() - b[k].double()).abs().max()) if a[k].is_floating_point() else float(not torch.equal(a[k], b[k])) for k in a)
+same = all(torch.equal(a[k], b[k]) for k in a)
+print(f"    resumed vs uninterrupted: {'bit-identical' if same else f'differ, largest difference {worst:.3g}'}")
+EOF
+done
+
+# --- 4. reproduce mnist on the device ---------------------------------------------------------
+if [ "$SMOKE" = 1 ]; then STEPS=(--steps 1000); else STEPS=(); fi
+stage "4. reproduce mnist (50,000 steps)" 120 "${BNGRAPH[@]}" reproduce mnist "${STEPS[@]}" --device $DEVICE --quiet \
+    -o "$WORK/mnist" && cp "$WORK/mnist/table.md" "$OUT/mnist-table.md" && sed 's/^/    /' "$WORK/mnist/table.md" >>"$SUMMARY"
+
+# --- 5. reproduce inception --full: 224x224, the five variants ------------------------------
+if [ "$SMOKE" = 1 ]; then
+    INC=(--steps 2 --batch-size 2 --eval-every 1 --test-examples 4 --variants inception,bn-baseline)
+else
+    INC=(--steps 300 --eval-every 30 --test-examples 1000)  # ~25 s a variant on an H100 (bounded by its limit)
+fi
+stage "5. reproduce inception --full" 150 "${BNGRAPH[@]}" reproduce inception --full "${INC[@]}" --device $DEVICE --quiet \
+    -o "$WORK/inception-full" && cp "$WORK/inception-full/table.md" "$OUT/inception-full-table.md" &&
+    sed 's/^/    /' "$WORK/inception-full/table.md" >>"$SUMMARY"
+
+# --- 6. throughput of zoo:inception against a plain AMP loop ------------------------------------
+if [ "$SMOKE" = 1 ]; then
+    TP=(--model zoo:inception-small --batch-sizes 4 --steps 4 --repeats 1)
+else
+    TP=(--model zoo:inception --batch-sizes 32,256 --steps 15 --repeats 2)
+fi
+stage "6. throughput, bngraph vs plain AMP loop" 110 "$PY" benchmarks/train_throughput.py "${TP[@]}" --device $DEVICE \
+    --json "$OUT/throughput.json"
+[ -f "$OUT/throughput.json" ] && "$PY" - "$OUT/throughput.json" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for batch, rows in r["batches"].items():
+    print(f"    batch {batch}: " + "; ".join(f"{k} {v['images_per_s']:.0f} images/s ({v['x_plain']:.3f}x plain)" for k, v in rows.items()))
+EOF
+
+say ""
+say "total: ${SECONDS} s"

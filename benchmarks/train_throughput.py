@@ -1,0 +1,141 @@
+"""Training throughput: `bngraph.train` against a plain PyTorch AMP loop of the same model, in one run.
+
+The plain loop is what one writes from the PyTorch AMP recipe: the model (channels_last where
+bngraph uses it), SGD with momentum, random batches from tensors on the device, autocast in the
+same precision, zero_grad/backward/step. `bngraph` is `bngraph.train.train` on the same tensors
+(its sampler, schedule, running sums and checkpoint-free loop); `bngraph --compile` adds
+torch.compile. Each contender runs N and 2N steps from fresh weights and the time per step is
+(T(2N) - T(N)) / N, so start-up, compilation and the final evaluation cancel out; contenders
+are interleaved over --repeats rounds and medians printed, with images/s and the ratio to the
+plain loop (goal: at least 1.0).
+
+    .venv/bin/python benchmarks/train_throughput.py --model zoo:inception-small --batch-sizes 32 --steps 20
+    python benchmarks/train_throughput.py --model zoo:inception --batch-sizes 32,256 --json out.json   # a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bngraph.train import PRECISIONS, TensorData, TrainConfig, pick_device, train
+from bngraph.zoo import create_model, get_entry
+
+
+def synthetic(shape, classes: int, n: int, device) -> TensorData:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((n, *shape[1:]), generator=gen)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    return TensorData(x.to(device), y.to(device), x[:8].to(device), y[:8].to(device), "synthetic", "random")
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_amp_loop(name: str, data: TensorData, steps: int, batch: int, precision: str, channels_last: bool,
+                   device) -> float:  # fmt: skip
+    torch.manual_seed(0)
+    model = create_model(name).to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    dtype = PRECISIONS[precision]
+    amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    gen = torch.Generator(device=device).manual_seed(0)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        index = torch.randint(0, len(data.x_train), (batch,), device=device, generator=gen)
+        x, y = data.x_train[index], data.y_train[index]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with amp():
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def bngraph_loop(name: str, data: TensorData, steps: int, batch: int, precision: str, channels_last: bool,
+                 device, compile: bool = False) -> float:  # fmt: skip
+    torch.manual_seed(0)
+    model = create_model(name)
+    config = TrainConfig(steps=steps, batch_size=batch, lr=0.001, eval_every=steps, precision=precision,
+                         channels_last=channels_last, compile=compile)  # fmt: skip
+    sync(device)
+    start = time.perf_counter()
+    train(model, data, config, device=str(device), progress=False)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="zoo:inception", help="a zoo model (default: zoo:inception)")
+    parser.add_argument("--batch-sizes", default="32,256", help="(default: 32,256)")
+    parser.add_argument("--steps", type=int, default=20, help="N: each contender runs N and 2N steps (default: 20)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are printed (default: 3)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), help="(default: bf16 on CUDA, else fp32)")
+    parser.add_argument("--compile", action="store_true", help="also time bngraph with --compile")
+    parser.add_argument("--json", metavar="FILE", help="write the figures here too")
+    args = parser.parse_args()
+
+    name = args.model.removeprefix("zoo:")
+    device = pick_device(args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    channels_last = device.type == "cuda"
+    shape = get_entry(name).input_shape
+    with torch.no_grad():
+        classes = create_model(name)(torch.zeros(shape)).shape[1]
+    print(f"torch {torch.__version__}, {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"{name} {shape[1:]}, {precision}, channels_last={channels_last}, N={args.steps}")  # fmt: skip
+    results = {"model": name, "device": str(device), "precision": precision, "channels_last": channels_last,
+               "steps": args.steps, "torch": torch.__version__, "batches": {}}  # fmt: skip
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        data = synthetic(shape, classes, max(4 * batch, 64), device)
+        contenders = {
+            "plain AMP loop": lambda n: plain_amp_loop(name, data, n, batch, precision, channels_last, device),
+            "bngraph": lambda n: bngraph_loop(name, data, n, batch, precision, channels_last, device),
+        }
+        if args.compile:
+            contenders["bngraph --compile"] = lambda n: bngraph_loop(
+                name, data, n, batch, precision, channels_last, device, compile=True
+            )
+        per_step = {k: [] for k in contenders}
+        for r in range(args.repeats):
+            order = list(contenders)[r % len(contenders) :] + list(contenders)[: r % len(contenders)]
+            for k in order:
+                short, long = contenders[k](args.steps), contenders[k](2 * args.steps)
+                if long > short:  # else the noise outweighed N steps: that round tells nothing
+                    per_step[k].append((long - short) / args.steps)
+        if not all(per_step.values()):
+            print(f"batch {batch}: too noisy to measure (T(2N) <= T(N)); raise --steps")
+            continue
+        plain = statistics.median(per_step["plain AMP loop"])
+        rows = {}
+        print(f"batch {batch}: {'contender':<20} {'ms/step':>9} {'images/s':>10} {'x plain':>8}")
+        for k, times in per_step.items():
+            t = statistics.median(times)
+            rows[k] = {"ms_per_step": round(t * 1e3, 3), "images_per_s": round(batch / t, 1),
+                       "x_plain": round(plain / t, 3)}  # fmt: skip
+            print(f"{'':9}{k:<20} {t * 1e3:>9.2f} {batch / t:>10.1f} {plain / t:>8.3f}")
+        results["batches"][str(batch)] = rows
+        if args.json:
+            with open(args.json, "w") as f:  # after each batch size: a cut run still reports
+                json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

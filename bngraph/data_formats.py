@@ -1,0 +1,490 @@
+"""The data users have, told apart by what `--data` holds, and made into what `train` needs.
+
+    data = open_data("~/flowers", input_shape=(2, 3, 64, 64), device="cuda")
+
+Formats (`detect_format`), each named in the run's metadata. Only image folders are converted to
+the model's input (channels, size); the others are taken as they are, and a shape the model
+cannot take is the user's error:
+  mnist-idx      the four MNIST-format IDX files (bngraph.data, unchanged)
+  image-folder   DIR/train/CLASS/*.png|jpg and DIR/test/CLASS/... (or DIR/val/...), torchvision's
+                 ImageFolder convention: classes are the sorted folder names of train/. Pillow
+                 decodes; each image is converted to L or RGB for the model's channel count and
+                 resized (bilinear) to --image-size or the model's input size
+  npz            a NumPy .npz with x_train, y_train, x_test, y_test (Keras' convention): images
+                 N,H,W or N,H,W,C or N,C,H,W (the channel axis is the one matching the model's),
+                 uint8 (scaled to [0, 1]) or float (as is); read without pickles
+  cifar-10-bin   data_batch_1..5.bin and test_batch.bin, records of 1 label byte and 3x32x32 bytes
+  cifar-100-bin  train.bin and test.bin, records of a coarse and a fine label byte, then 3x32x32
+                 (fine labels unless told otherwise). The pickled Python versions are never read:
+                 unpickling a downloaded file runs whatever code it holds
+  factory        FILE.py:make (or FILE.py, calling `make`): a function returning (train, test),
+                 torch Datasets of (image tensor, integer label)
+
+Data whose float32 images fit under `stream_above_mb` go to the device as whole tensors
+(`TensorData`: a batch is an index, the fast path). Larger data becomes `StreamData`: a DataLoader
+with worker processes (pinned memory on CUDA) reads the batches the same `EpochSampler` picks, so
+a resumed run still sees the same batches. Bad data is a UserError naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bngraph.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+CIFAR10_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR_SUBFOLDERS = ("", "cifar-10-batches-bin", "cifar-100-binary")
+CIFAR_PIXELS = 3 * 32 * 32
+DEFAULT_STREAM_ABOVE_MB = 2048.0
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, what Pillow's convert("L") uses
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the model takes: channels and H, W from its example input (None: the data's own)."""
+
+    channels: int | None = None
+    size: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, input_shape, image_size=None) -> Target:
+        channels, size = None, None
+        if input_shape is not None and len(input_shape) == 4:
+            channels, size = int(input_shape[1]), (int(input_shape[2]), int(input_shape[3]))
+        elif input_shape is not None and len(input_shape) == 3:  # (N, H, W): one channel, unsqueezed
+            size = (int(input_shape[1]), int(input_shape[2]))
+        return cls(channels, parse_image_size(image_size) if image_size is not None else size)
+
+
+def parse_image_size(text) -> tuple[int, int]:
+    if isinstance(text, (tuple, list)):
+        dims = tuple(int(d) for d in text)
+    else:
+        try:
+            dims = tuple(int(d) for d in str(text).split(","))
+        except ValueError:
+            dims = ()
+    if len(dims) == 1:
+        dims = dims * 2
+    if len(dims) != 2 or min(dims) < 1:
+        raise UserError(f"bad --image-size {text!r}: expected H,W (e.g. 224,224) or one number")
+    return dims
+
+
+def detect_format(path: str | Path) -> str:
+    """Which format `path` holds (see the module docstring), or a UserError saying what it lacks."""
+    text = str(path)
+    if ".py:" in text or text.endswith(".py"):
+        return "factory"
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix == ".npz":
+            return "npz"
+        raise UserError(f"{path} is a file but not an .npz or a .py factory; --data takes a folder, an .npz or FILE.py:make")
+    if not path.is_dir():
+        raise UserError(f"data {path} does not exist")
+    from bngraph.data import FILES, _find
+
+    if any(_find(path, name) for name in FILES):
+        return "mnist-idx"
+    for sub in CIFAR_SUBFOLDERS:
+        if (path / sub / "test_batch.bin").is_file():
+            return "cifar-10-bin"
+        if (path / sub / "train.bin").is_file() and (path / sub / "test.bin").is_file():
+            return "cifar-100-bin"
+    if (path / "train").is_dir():
+        return "image-folder"
+    if any(path.glob("*.npz")):
+        raise UserError(f"{path} holds .npz files: name one with --data {path}/FILE.npz")
+    raise UserError(
+        f"cannot tell what {path} holds: expected MNIST IDX files, CIFAR binary batches (*.bin), "
+        "or an image folder (train/CLASS/*.png and test/CLASS/...)"
+    )
+
+
+# --- images as uint8 or float arrays, N x C x H x W --------------------------------------------
+
+
+def to_model_input(x: torch.Tensor, target: Target) -> torch.Tensor:
+    """uint8 (scaled to [0, 1]) or float images N,C,H,W -> float32 with the target's channels and size."""
+    x = x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32)
+    c = x.shape[1]
+    if target.channels is not None and target.channels != c:
+        if c == 3 and target.channels == 1:
+            x = sum(w * x[:, i : i + 1] for i, w in enumerate(_LUMA))
+        elif c == 1:
+            x = x.expand(-1, target.channels, -1, -1)
+    if target.size is not None and tuple(x.shape[2:]) != target.size:
+        x = F.interpolate(x, size=target.size, mode="bilinear", align_corners=False, antialias=True)
+    return x.contiguous()
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # N, C, H, W; uint8 or float32, on the CPU
+    labels: torch.Tensor  # N, int64
+    label_file: str  # where the labels come from, for errors
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """A split held on the CPU, converted batch by batch (the streaming path of in-RAM formats)."""
+
+    def __init__(self, split: Split, target: Target):
+        self.split, self.target = split, target
+
+    def __len__(self) -> int:
+        return len(self.split.labels)
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices):  # DataLoader fetches a whole batch with one call
+        index = torch.as_tensor(indices)
+        x = to_model_input(self.split.images[index], self.target)
+        return list(zip(x, self.split.labels[index]))
+
+
+def _check_labels(labels: np.ndarray, where: str, limit: int | None = None) -> np.ndarray:
+    if labels.ndim == 2 and labels.shape[1] == 1:  # Keras' CIFAR labels are (N, 1)
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise UserError(f"{where} has labels of shape {labels.shape}; expected one integer per example")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{where} has labels of type {labels.dtype}; expected integers (class indices)")
+    if labels.size and labels.min() < 0:
+        i = int(np.argmin(labels))
+        raise UserError(f"{where} has label {labels[i]} at index {i}; labels are class indices from 0")
+    if limit is not None and labels.size and labels.max() >= limit:
+        i = int(np.argmax(labels))
+        raise UserError(f"{where} has label {labels[i]} at index {i}; labels must be 0 to {limit - 1}")
+    return labels.astype(np.int64)
+
+
+# --- the readers --------------------------------------------------------------------------------
+
+
+def read_npz(path: Path, target: Target) -> tuple[Split, Split]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in archive.files]
+            if missing:
+                raise UserError(f"{path} lacks {', '.join(missing)} (it holds {', '.join(archive.files) or 'nothing'})")
+            arrays = {k: archive[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError) as err:  # not a zip, damaged, or object arrays (pickles)
+        raise UserError(f"cannot read {path} as an .npz of arrays: {err}") from None
+    splits = []
+    for part in ("train", "test"):
+        x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
+        where = f"{path} (y_{part})"
+        y = _check_labels(y, where)
+        if len(x) != len(y):
+            raise UserError(f"{path}: x_{part} holds {len(x)} examples but y_{part} {len(y)} labels")
+        if len(x) == 0:
+            raise UserError(f"{path}: x_{part} is empty")
+        if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+            raise UserError(f"{path}: x_{part} is {x.dtype}; expected uint8 (0-255) or float images")
+        splits.append(Split(torch.from_numpy(_nchw(x, target.channels, f"{path}: x_{part}")), torch.from_numpy(y), where))
+    train, test = splits
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise UserError(f"{path}: x_train images are {tuple(train.images.shape[1:])}, x_test {tuple(test.images.shape[1:])}")
+    return train, test
+
+
+def _nchw(x: np.ndarray, channels: int | None, where: str) -> np.ndarray:
+    if x.ndim == 3:
+        return np.ascontiguousarray(x[:, None])
+    if x.ndim != 4:
+        raise UserError(f"{where} has shape {x.shape}; images are N,H,W or N,H,W,C or N,C,H,W")
+    if channels is not None:
+        if x.shape[3] == channels:
+            return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        if x.shape[1] == channels:
+            return np.ascontiguousarray(x)
+        raise UserError(f"{where} has shape {x.shape}: neither axis 1 nor axis 3 is the model's {channels} channels")
+    if x.shape[3] in (1, 3, 4) or x.shape[1] not in (1, 3, 4):  # Keras' NHWC unless it cannot be
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return np.ascontiguousarray(x)
+
+
+def read_cifar(root: Path, fmt: str, labels: str = "fine") -> tuple[Split, Split]:
+    """CIFAR-10/100 binary records; `labels` picks CIFAR-100's fine (100) or coarse (20) classes."""
+    if labels not in ("fine", "coarse"):
+        raise UserError(f"CIFAR-100 labels are 'fine' or 'coarse', not {labels!r}")
+    label_bytes, limit = (1, 10) if fmt == "cifar-10-bin" else (2, 100 if labels == "fine" else 20)
+    which = 0 if fmt == "cifar-10-bin" or labels == "coarse" else 1
+    folder = next(root / s for s in CIFAR_SUBFOLDERS if (root / s / ("test_batch.bin" if fmt == "cifar-10-bin" else "test.bin")).is_file())
+    names = (CIFAR10_TRAIN, ("test_batch.bin",)) if fmt == "cifar-10-bin" else (("train.bin",), ("test.bin",))
+    splits = []
+    for part in names:
+        images, ys = [], []
+        for name in part:
+            path = folder / name
+            if not path.is_file():
+                raise UserError(f"{folder} lacks {name} ({fmt}: {', '.join(part)})")
+            raw = np.fromfile(path, dtype=np.uint8)
+            record = label_bytes + CIFAR_PIXELS
+            if raw.size == 0 or raw.size % record:
+                raise UserError(f"{path} holds {raw.size} bytes, not a whole number of {record}-byte {fmt} records")
+            raw = raw.reshape(-1, record)
+            ys.append(_check_labels(raw[:, which].copy(), str(path), limit))
+            images.append(raw[:, label_bytes:].reshape(-1, 3, 32, 32))
+        where = str(folder / part[0]) if len(part) == 1 else f"{folder}/data_batch_*.bin"
+        splits.append(Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(ys)), where))
+    return splits[0], splits[1]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]], Path]:
+    """Classes (sorted folder names of train/) and the (file, class) pairs of train and test."""
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if test_dir is None:
+        raise UserError(f"{root} has train/ but no test/ (or val/) folder of the same classes")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UserError(f"{root / 'train'} has no class folders (train/CLASS/*.png)")
+    index = {c: i for i, c in enumerate(classes)}
+    splits = []
+    for split_dir in (root / "train", test_dir):
+        pairs = []
+        for folder in sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            if folder.name not in index:
+                raise UserError(f"{folder} is a class that {root / 'train'} does not have")
+            files = _image_files(folder)
+            if not files:
+                raise UserError(f"{folder} is an empty class folder (no {'/'.join(s[1:] for s in IMAGE_SUFFIXES[:3])} images)")
+            pairs += [(f, index[folder.name]) for f in files]
+        if not pairs:
+            raise UserError(f"{split_dir} has no class folders with images")
+        splits.append(pairs)
+    return classes, splits[0], splits[1], test_dir
+
+
+def decode_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    """One image file -> uint8 C,H,W in `mode` (L or RGB), resized to `size` (H, W) if given."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert(mode)
+            if size is not None and image.size != (size[1], size[0]):
+                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            array = np.array(image, dtype=np.uint8)  # a copy: torch wants writable memory
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's "cannot identify", truncated data, bad headers
+        raise UserError(f"{path}: not a readable image ({err})") from None
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files decoded one by one (in the DataLoader's workers), all to one mode and size."""
+
+    def __init__(self, pairs: list[tuple[Path, int]], mode: str, size: tuple[int, int]):
+        self.pairs, self.mode, self.size = pairs, mode, size
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        path, label = self.pairs[i]
+        x = torch.from_numpy(decode_image(path, self.mode, self.size)).float().div_(255.0)
+        return x, torch.tensor(label)
+
+
+def image_folder_mode(channels: int | None) -> str:
+    if channels in (None, 3):
+        return "RGB"
+    if channels == 1:
+        return "L"
+    raise UserError(f"the model takes {channels} channels; image folders give 1 (L) or 3 (RGB)")
+
+
+def image_folder_size(pairs, target: Target) -> tuple[int, int]:
+    """--image-size, the model's size, or (if neither is known) the images' one common size."""
+    if target.size is not None:
+        return target.size
+    from PIL import Image
+
+    sizes = {}
+    for path, _ in pairs:
+        try:
+            with Image.open(path) as image:
+                sizes.setdefault(image.size[::-1], path)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise UserError(f"{path}: not a readable image ({err})") from None
+        if len(sizes) > 1:
+            (a, pa), (b, pb) = sizes.items()
+            raise UserError(f"{pb} is {b[0]}x{b[1]} but {pa} {a[0]}x{a[1]}: give the size to train at with --image-size H,W")
+    return next(iter(sizes))
+
+
+# --- the factory --------------------------------------------------------------------------------
+
+
+def read_factory(text: str):
+    from bngraph.load import _import_file
+
+    path_text, _, symbol = text.partition(".py:")
+    path = Path(path_text + ".py" if symbol else text).expanduser()
+    symbol = symbol or "make"
+    if not path.is_file():
+        raise UserError(f"data factory file {path} does not exist")
+    code = _import_file(path)
+    make = getattr(code, symbol, None)
+    if not callable(make):
+        raise UserError(f"{path} has no function {symbol!r} returning (train, test) Datasets")
+    try:
+        made = make()
+    except Exception as err:
+        from bngraph.trace import one_line
+
+        raise UserError(f"{path}:{symbol}() failed: {one_line(err)}") from err
+    if not (isinstance(made, tuple) and len(made) == 2 and all(hasattr(d, "__getitem__") and hasattr(d, "__len__") for d in made)):
+        raise UserError(f"{path}:{symbol}() returned {type(made).__name__}; expected a tuple (train, test) of Datasets")
+    for part, dataset in zip(("train", "test"), made):
+        if len(dataset) == 0:
+            raise UserError(f"{path}:{symbol}() returned an empty {part} Dataset")
+        _item(dataset, 0, f"{path}:{symbol}() {part}")
+    return made, f"{path}:{symbol}"
+
+
+def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
+    item = dataset[i]
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise UserError(f"{where}[{i}] is {type(item).__name__}; expected (image tensor, label)")
+    x, y = item
+    x = torch.as_tensor(x)
+    try:
+        y = int(y)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}[{i}] has label {y!r}; expected an integer class index") from None
+    return x, y
+
+
+class CheckedLabels(torch.utils.data.Dataset):
+    """A factory's Dataset, its labels checked as they stream (it may be too large to scan first)."""
+
+    def __init__(self, dataset, where: str, num_classes: int | None = None):
+        self.dataset, self.where, self.num_classes = dataset, where, num_classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = _item(self.dataset, i, self.where)
+        if y < 0 or (self.num_classes is not None and y >= self.num_classes):
+            raise UserError(f"{self.where}[{i}] has label {y}, out of range for the model's {self.num_classes} outputs")
+        return x.to(torch.float32), torch.tensor(y)
+
+
+# --- putting it together ------------------------------------------------------------------------
+
+
+def open_data(
+    path: str | Path,
+    *,
+    input_shape=None,
+    image_size=None,
+    device: torch.device | str = "cpu",
+    stream_above_mb: float | None = DEFAULT_STREAM_ABOVE_MB,
+    workers: int | None = None,
+    dataset: str = "mnist",
+    cifar100_labels: str = "fine",
+):
+    """`path`'s data as TensorData on `device` (it fits) or StreamData (it does not; None: never).
+
+    `input_shape` is the model's example input (N, C, H, W): its channels and size are what the
+    images become. `dataset` names what an MNIST-format folder holds (mnist or fashion-mnist)."""
+    from bngraph.train import StreamData, TensorData
+
+    fmt = detect_format(path)
+    target = Target.of(input_shape, image_size)
+    if image_size is not None and fmt != "image-folder":
+        raise UserError(f"--image-size resizes image folders; {path} is {fmt}, whose images are used as they are")
+    wanted = target  # only image folders are decoded to the model's channels and size ...
+    target = target if fmt == "image-folder" else Target()  # ... other formats are what they hold
+    device = torch.device(device)
+    limit = None if stream_above_mb is None else stream_above_mb * 2**20
+
+    def fits(n: int, per_example: int) -> bool:
+        return limit is None or n * per_example * 4 <= limit
+
+    def finish(train: Split, test: Split, name: str, source: str):
+        shape = tuple(to_model_input(train.images[:1], target).shape[1:])
+        num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+        if fits(len(train.labels) + len(test.labels), int(np.prod(shape))):
+            x = [_convert_in_chunks(s.images, target, device) for s in (train, test)]
+            return TensorData(x[0], train.labels.to(device), x[1], test.labels.to(device), name, source,
+                              format=fmt, label_file=train.label_file)  # fmt: skip
+        return StreamData(ArrayDataset(train, target), ArrayDataset(test, target), name, source, format=fmt,
+                          num_classes=num_classes, example_shape=shape, label_file=train.label_file,
+                          workers=workers, device=device)  # fmt: skip
+
+    if fmt == "mnist-idx":
+        from bngraph.data import load_mnist
+
+        mnist = load_mnist(Path(path).expanduser(), name=dataset)
+        split = lambda x, y, f: Split(x.unsqueeze(1), y, str(Path(path) / f))  # noqa: E731
+        return finish(split(mnist.train_images, mnist.train_labels, "train-labels-idx1-ubyte"),
+                      split(mnist.test_images, mnist.test_labels, "t10k-labels-idx1-ubyte"), dataset, str(path))  # fmt: skip
+    if fmt == "npz":
+        train, test = read_npz(Path(path).expanduser(), wanted)
+        return finish(train, test, Path(path).stem, str(path))
+    if fmt in ("cifar-10-bin", "cifar-100-bin"):
+        train, test = read_cifar(Path(path).expanduser(), fmt, cifar100_labels)
+        name = fmt.removesuffix("-bin") + ("-coarse" if fmt == "cifar-100-bin" and cifar100_labels == "coarse" else "")
+        return finish(train, test, name, str(path))
+    if fmt == "image-folder":
+        root = Path(path).expanduser()
+        classes, train_pairs, test_pairs, test_dir = list_image_folder(root)
+        mode = image_folder_mode(target.channels)
+        size = image_folder_size(train_pairs[:1] + test_pairs[:1] if target.size else train_pairs + test_pairs, target)
+        shape = (1 if mode == "L" else 3, *size)
+        where = f"{root / 'train'} ({len(classes)} class folders)"
+        if fits(len(train_pairs) + len(test_pairs), int(np.prod(shape))):
+            splits = [Split(torch.from_numpy(np.stack([decode_image(p, mode, size) for p, _ in pairs])),
+                            torch.tensor([c for _, c in pairs]), where) for pairs in (train_pairs, test_pairs)]  # fmt: skip
+            return finish(splits[0], splits[1], root.name, str(root))
+        return StreamData(ImageFiles(train_pairs, mode, size), ImageFiles(test_pairs, mode, size), root.name,
+                          str(root), format=fmt, num_classes=len(classes), example_shape=shape, label_file=where,
+                          workers=workers, device=device)  # fmt: skip
+    (train_set, test_set), where = read_factory(str(path))
+    x0, _ = _item(train_set, 0, where)
+    if fits(len(train_set) + len(test_set), x0.numel()):
+        splits = []
+        for part, ds in (("train", train_set), ("test", test_set)):
+            items = [_item(ds, i, f"{where} {part}") for i in range(len(ds))]
+            shapes = {tuple(x.shape) for x, _ in items}
+            if len(shapes) > 1:
+                raise UserError(f"{where} {part} has images of several shapes: {', '.join(map(str, sorted(shapes)))}")
+            labels = _check_labels(np.array([y for _, y in items]), f"{where} {part}")
+            splits.append(Split(torch.stack([x for x, _ in items]), torch.from_numpy(labels), where))
+        if splits[0].images.dim() == 3:  # (C?) H, W without a channel axis
+            splits = [Split(s.images.unsqueeze(1), s.labels, s.label_file) for s in splits]
+        return finish(splits[0], splits[1], Path(where.split(":")[0]).stem, where)
+    return StreamData(CheckedLabels(train_set, f"{where} train"), CheckedLabels(test_set, f"{where} test"),
+                      Path(where.split(":")[0]).stem, where, format=fmt, num_classes=None,
+                      example_shape=tuple(x0.shape), label_file=where, workers=workers, device=device)  # fmt: skip
+
+
+def _convert_in_chunks(images: torch.Tensor, target: Target, device: torch.device, chunk: int = 4096) -> torch.Tensor:
+    """All images to float32 on `device`, a chunk at a time (uint8 travels, a quarter the bytes)."""
+    first = to_model_input(images[:1], target)
+    out = torch.empty((len(images), *first.shape[1:]), dtype=torch.float32, device=device)
+    for lo in range(0, len(images), chunk):
+        out[lo : lo + chunk] = to_model_input(images[lo : lo + chunk].to(device), target)
+    return out
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))

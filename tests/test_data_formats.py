@@ -1,0 +1,345 @@
+"""`--data` beyond MNIST: image folders, .npz, CIFAR binary, factories; streaming; precision and layout.
+
+Each format is written here, small, in the layout users have it, and trained for a few steps
+through the CLI; each kind of bad data must stop the run with one line naming the file.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from bngraph.cli import main
+from bngraph.data_formats import detect_format, open_data
+from bngraph.train import StreamData, TensorData, TrainConfig, train
+from tests.mnist_like import learnable_arrays
+
+NETS_PY = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """A conv, a BN and a pooled head: any input size, 3 channels."""
+
+    example_input_shape = (2, 3, 8, 8)
+    classes = 10
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.head = nn.Linear(16, self.classes)
+
+    def forward(self, x):
+        return self.head(self.pool(self.act(self.bn(self.conv(x)))).flatten(1))
+
+
+class Cifar10Net(Net):
+    example_input_shape = (2, 3, 32, 32)
+
+
+class Cifar100Net(Net):
+    example_input_shape = (2, 3, 32, 32)
+    classes = 100
+'''
+
+
+@pytest.fixture
+def nets(tmp_path):
+    path = tmp_path / "nets.py"
+    path.write_text(NETS_PY)
+    return path
+
+
+def _cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _train(capsys, tmp_path, model, data, *extra, steps=3):
+    out = tmp_path / "run"
+    code, stdout, err = _cli(capsys, "train", model, "--data", data, "--steps", steps, "--batch-size", 4,
+                             "--eval-every", steps, "--quiet", "--json", "-o", out, *extra)  # fmt: skip
+    assert code == 0, err
+    facts = json.loads(stdout)
+    history = json.loads((out / "model" / "bngraph.json").read_text())["history"]
+    assert history[-1]["data_format"] == facts["data_format"]
+    return facts
+
+
+def _bad(capsys, tmp_path, model, data, *extra):
+    code, _, err = _cli(capsys, "train", model, "--data", data, "--steps", 2, "--batch-size", 2, "--quiet",
+                        "-o", tmp_path / "bad", *extra)  # fmt: skip
+    assert code == 2, err
+    assert err.startswith("bngraph: error:") and err.count("\n") == 1, err
+    return err
+
+
+def write_image_folder(root, classes=("cat", "dog", "emu"), per_class=3, sizes=((10, 12), (9, 9))):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                h, w = sizes[i % len(sizes)]
+                pixels = rng.integers(0, 60, (h, w, 3), dtype=np.uint8) + np.uint8(60 * c % 190)
+                image = Image.fromarray(pixels, "RGB")
+                if i == 1:
+                    image = image.convert("L")  # folders mix modes: each is converted
+                image.save(folder / f"{i}.{'png' if i % 2 == 0 else 'jpg'}")
+    return root
+
+
+def write_npz(path, layout="NHW", n_train=40, n_test=12, dtype=np.uint8, **override):
+    arrays = learnable_arrays(0, n_train, n_test)
+    x_train, x_test = arrays["train-images-idx3-ubyte"], arrays["t10k-images-idx3-ubyte"]
+    if layout != "NHW":  # three channels, 28 x 28
+        x_train, x_test = (np.repeat(x[..., None], 3, -1) for x in (x_train, x_test))
+        if layout == "NCHW":
+            x_train, x_test = (x.transpose(0, 3, 1, 2) for x in (x_train, x_test))
+    data = {"x_train": x_train.astype(dtype), "y_train": arrays["train-labels-idx1-ubyte"],
+            "x_test": x_test.astype(dtype), "y_test": arrays["t10k-labels-idx1-ubyte"]}  # fmt: skip
+    if dtype != np.uint8:
+        data["x_train"], data["x_test"] = data["x_train"] / 255, data["x_test"] / 255
+    data.update(override)
+    np.savez(path, **data)
+    return path
+
+
+def write_cifar(root, hundred=False, records=6, bad_label=None):
+    rng = np.random.default_rng(1)
+    root.mkdir()
+    names = ["train.bin", "test.bin"] if hundred else [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    for name in names:
+        labels = rng.integers(0, 100 if hundred else 10, records, dtype=np.uint8)
+        head = [labels // 5, labels] if hundred else [labels]  # CIFAR-100: coarse, fine
+        if bad_label is not None and name == names[0]:
+            head[-1][2] = bad_label
+        pixels = rng.integers(0, 256, (records, 3 * 32 * 32), dtype=np.uint8)
+        np.concatenate([np.stack(head, 1), pixels], 1).tofile(root / name)
+    return root
+
+
+FACTORY_PY = '''
+import torch
+from torch.utils.data import TensorDataset
+
+
+def make():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(48, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (48,), generator=gen)
+    return TensorDataset(x[:36], y[:36]), TensorDataset(x[36:], y[36:])
+
+
+def bad_labels():
+    x = torch.rand(8, 1, 28, 28)
+    return TensorDataset(x, torch.full((8,), 11)), TensorDataset(x, torch.zeros(8, dtype=torch.long))
+'''
+
+
+# --- each format trains ---------------------------------------------------------------------------
+
+
+def test_image_folder_trains_at_the_models_size_and_channels(tmp_path, capsys, nets):
+    root = write_image_folder(tmp_path / "pets")
+    assert detect_format(root) == "image-folder"
+    facts = _train(capsys, tmp_path, f"{nets}:Net", root)  # RGB, 8 x 8
+    assert facts["data_format"] == "image-folder" and not facts["streamed"]
+    data = open_data(root, input_shape=(2, 1, 28, 28))  # the same files, for a grayscale model
+    assert data.x_train.shape == (9, 1, 28, 28) and data.y_train.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    data = open_data(root, input_shape=(2, 3, 8, 8), image_size="5,6")
+    assert data.x_test.shape == (9, 3, 5, 6) and 0 <= data.x_test.min() and data.x_test.max() <= 1
+
+
+def test_npz_in_each_layout_trains(tmp_path, capsys, nets):
+    facts = _train(capsys, tmp_path, "zoo:mnist-mlp", write_npz(tmp_path / "gray.npz"))
+    assert facts["data_format"] == "npz"
+    nhwc = open_data(write_npz(tmp_path / "nhwc.npz", "NHWC"), input_shape=(2, 3, 28, 28))
+    nchw = open_data(write_npz(tmp_path / "nchw.npz", "NCHW", dtype=np.float32), input_shape=(2, 3, 28, 28))
+    assert nhwc.x_train.shape == nchw.x_train.shape == (40, 3, 28, 28)
+    torch.testing.assert_close(nhwc.x_train, nchw.x_train)  # uint8 scaled as the float arrays hold it
+    (tmp_path / "run").rename(tmp_path / "run-gray")
+    _train(capsys, tmp_path, f"{nets}:Net", tmp_path / "nhwc.npz")
+
+
+@pytest.mark.parametrize("hundred", [False, True])
+def test_cifar_binary_trains(tmp_path, capsys, nets, hundred):
+    root = write_cifar(tmp_path / ("cifar-100-binary" if hundred else "cifar-10-batches-bin"), hundred)
+    facts = _train(capsys, tmp_path, f"{nets}:{'Cifar100Net' if hundred else 'Cifar10Net'}", root)
+    assert facts["data_format"] == ("cifar-100-bin" if hundred else "cifar-10-bin")
+    data = open_data(root)
+    assert data.x_train.shape == (6 if hundred else 30, 3, 32, 32)
+    if hundred:
+        raw = np.fromfile(root / "train.bin", np.uint8).reshape(-1, 2 + 3072)
+        assert data.y_train.tolist() == raw[:, 1].tolist()  # fine labels
+        assert open_data(root, cifar100_labels="coarse").y_train.tolist() == raw[:, 0].tolist()
+
+
+def test_factory_trains_in_memory_and_streamed(tmp_path, capsys):
+    factory = tmp_path / "data.py"
+    factory.write_text(FACTORY_PY)
+    assert _train(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:make")["data_format"] == "factory"
+    (tmp_path / "run").rename(tmp_path / "in-memory")
+    facts = _train(capsys, tmp_path, "zoo:mnist-mlp", factory, "--stream-above", 0, "--loader-workers", 1)
+    assert facts["streamed"] and facts["data_format"] == "factory"
+
+
+def test_streamed_data_trains_bit_identically_to_in_memory(tmp_path):
+    path = write_npz(tmp_path / "d.npz", n_train=64, n_test=20)
+    memory, streamed = open_data(path), open_data(path, stream_above_mb=0, workers=0)
+    assert isinstance(memory, TensorData) and isinstance(streamed, StreamData)
+    config = TrainConfig(steps=12, batch_size=8, lr=0.1, eval_every=6)
+    runs = []
+    for data in (memory, streamed):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+        runs.append(train(model, data, config, progress=False))
+    for key, value in runs[0].model.state_dict().items():
+        assert torch.equal(value, runs[1].model.state_dict()[key]), key
+    assert [r["test_accuracy"] for r in runs[0].metrics] == [r["test_accuracy"] for r in runs[1].metrics]
+
+
+# --- bad data: one line naming the file, exit 2 ----------------------------------------------------
+
+
+def test_a_corrupt_image_is_named(tmp_path, capsys, nets):
+    root = write_image_folder(tmp_path / "pets")
+    broken = root / "train" / "dog" / "1.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    assert str(broken) in _bad(capsys, tmp_path, f"{nets}:Net", root)
+
+
+def test_a_corrupt_image_found_while_streaming_is_named(tmp_path, capsys, nets):
+    root = write_image_folder(tmp_path / "pets")
+    broken = root / "train" / "emu" / "2.png"
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated
+    err = _bad(capsys, tmp_path, f"{nets}:Net", root, "--stream-above", 0, "--loader-workers", 1, "--steps", 6)
+    assert str(broken) in err
+
+
+def test_an_empty_class_folder_is_named(tmp_path, capsys, nets):
+    root = write_image_folder(tmp_path / "pets")
+    (root / "test" / "yak").mkdir()
+    (root / "train" / "yak").mkdir()
+    assert f"{root / 'train' / 'yak'} is an empty class folder" in _bad(capsys, tmp_path, f"{nets}:Net", root)
+
+
+def test_labels_the_model_has_no_output_for_are_named(tmp_path, capsys, nets):
+    path = write_npz(tmp_path / "d.npz", y_train=np.arange(40) % 12)
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", path)
+    assert str(path) in err and "label 11 is out of range for the model's 10 outputs" in err
+    root = write_image_folder(tmp_path / "pets", classes=tuple("abcdefghijk"), per_class=1, sizes=((8, 8),))
+    assert "11 class folders" in _bad(capsys, tmp_path, f"{nets}:Net", root)
+    cifar = write_cifar(tmp_path / "c10", bad_label=10)
+    assert f"{cifar / 'data_batch_1.bin'} has label 10 at index 2" in _bad(capsys, tmp_path, f"{nets}:Cifar10Net", cifar)
+
+
+def test_a_factorys_streamed_labels_are_checked(tmp_path, capsys):
+    factory = tmp_path / "data.py"
+    factory.write_text(FACTORY_PY)
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:bad_labels", "--stream-above", 0, "--loader-workers", 0)
+    assert str(factory) in err and "label 11, out of range for the model's 10 outputs" in err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"y_train": np.zeros(39, np.int64)}, "x_train holds 40 examples but y_train 39 labels"),
+        ({"y_test": np.full(12, -1)}, "has label -1 at index 0"),
+        ({"y_train": np.zeros(40, np.float32)}, "labels of type float32"),
+        ({"x_test": np.zeros((12, 27, 27), np.uint8)}, "x_train images are (1, 28, 28), x_test (1, 27, 27)"),
+    ],
+)
+def test_inconsistent_arrays_are_named(tmp_path, capsys, override, message):
+    path = write_npz(tmp_path / "d.npz", **override)
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", path)
+    assert str(path) in err and message in err
+
+
+def test_a_shape_the_model_cannot_take_is_named(tmp_path, capsys, nets):
+    path = write_npz(tmp_path / "rgb.npz", "NHWC")
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", path)
+    assert str(path) in err and "(40, 28, 28, 3): neither axis 1 nor axis 3 is the model's 1 channels" in err
+    err = _bad(capsys, tmp_path, f"{nets}:Net", write_npz(tmp_path / "gray.npz"))
+    assert "cannot take gray images (1x28x28)" in err
+
+
+def test_truncated_cifar_records_and_pickles_are_refused(tmp_path, capsys, nets):
+    root = write_cifar(tmp_path / "c10")
+    (root / "test_batch.bin").write_bytes((root / "test_batch.bin").read_bytes()[:-5])
+    err = _bad(capsys, tmp_path, f"{nets}:Cifar10Net", root)
+    assert f"{root / 'test_batch.bin'} holds" in err and "3073-byte" in err
+    pickled = tmp_path / "p.npz"
+    np.savez(pickled, x_train=np.array([{"a": 1}], dtype=object), y_train=[0], x_test=[0], y_test=[0])
+    assert f"cannot read {pickled}" in _bad(capsys, tmp_path, "zoo:mnist-mlp", pickled)
+
+
+# --- precision and memory format on the CPU, resumed exactly ------------------------------------
+
+
+def _small_data():
+    arrays = learnable_arrays(0, 96, 32)
+    images = lambda key: torch.from_numpy(arrays[key]).float().div(255).unsqueeze(1)  # noqa: E731
+    labels = lambda key: torch.from_numpy(arrays[key]).long()  # noqa: E731
+    return TensorData(images("train-images-idx3-ubyte"), labels("train-labels-idx1-ubyte"),
+                      images("t10k-images-idx3-ubyte"), labels("t10k-labels-idx1-ubyte"))  # fmt: skip
+
+
+def _conv_net():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(1, 4, 5, stride=3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Dropout(0.3), nn.Linear(4 * 8 * 8, 10))  # fmt: skip
+
+
+@pytest.mark.parametrize("precision, channels_last", [("bf16", False), ("fp32", True), ("bf16", True), ("fp16", True)])
+def test_precision_and_layout_resume_bit_identically(tmp_path, precision, channels_last):
+    data = _small_data()
+    config = TrainConfig(steps=12, batch_size=8, lr=0.05, eval_every=4, precision=precision,
+                         channels_last=channels_last)  # fmt: skip
+    whole = train(_conv_net(), data, config, out_dir=tmp_path / "whole", progress=False)
+
+    def crash(row):
+        if row["step"] == 8:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(_conv_net(), data, config, out_dir=tmp_path / "killed", progress=False, on_eval=crash)
+    resumed = train(_conv_net(), data, config, out_dir=tmp_path / "killed", resume=True, progress=False)
+    assert resumed.resumed_from == 4
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    fp32 = train(_conv_net(), data, TrainConfig(steps=12, batch_size=8, lr=0.05, eval_every=4), progress=False)
+    if precision != "fp32":  # autocast really ran in the lower precision
+        assert any(not torch.equal(v, fp32.model.state_dict()[k]) for k, v in whole.model.state_dict().items())
+    else:  # channels_last kernels sum in another order: close, not equal
+        for key, value in whole.model.state_dict().items():
+            torch.testing.assert_close(value, fp32.model.state_dict()[key], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_refuses_another_precision(tmp_path, capsys):
+    common = ["train", "zoo:mnist-mlp", "--data", write_npz(tmp_path / "d.npz"), "--batch-size", 4, "--eval-every", 2,
+              "--quiet", "-o", tmp_path / "run"]  # fmt: skip
+    assert _cli(capsys, *common, "--steps", 2, "--precision", "bf16")[0] == 0
+    code, _, err = _cli(capsys, *common, "--steps", 4, "--resume")
+    assert code == 2 and "precision: 'bf16' then, None now" in err
+    assert _cli(capsys, *common, "--steps", 4, "--resume", "--precision", "bf16")[0] == 0
+
+
+def test_the_python_api_reads_a_path_for_the_models_declared_input(tmp_path):
+    class Net(nn.Sequential):
+        example_input_shape = (2, 3, 28, 28)  # decides NHWC here
+
+    path = write_npz(tmp_path / "nhwc.npz", "NHWC")
+    torch.manual_seed(0)
+    model = Net(nn.Flatten(), nn.Linear(3 * 28 * 28, 10))
+    run = train(model, str(path), TrainConfig(steps=3, batch_size=4, eval_every=3), progress=False)
+    assert [row["step"] for row in run.metrics] == [3]
