@@ -105,6 +105,9 @@ def join(
         backend, timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None
     )
     yield Distributed(rank, world, local, backend), device
+    # Every rank leaves together: a rank that tears gloo down while rank 0 is still writing the
+    # run folder can abort in gloo's own threads ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
