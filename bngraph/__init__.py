@@ -11,12 +11,10 @@ Each function is what the command of the same name runs. (The functions share th
 the modules that define them: import helpers with `from bngraph.fold import ...`.)
 """
 
-import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 from bngraph.errors import CheckFailed, UserError
+from bngraph.lazy_names import answer_names_lazily
 
 __version__ = "0.2.0"
 
@@ -47,17 +45,4 @@ if TYPE_CHECKING:  # what type checkers and editors see (py.typed)
     from bngraph.verify import verify
 
 
-class _Package(types.ModuleType):
-    # `bngraph.fold` names a function and the module defining it, and importing the module sets
-    # the package's attribute to the module: the public names are answered first, here.
-    def __getattribute__(self, name: str):
-        where = _API.get(name)
-        if where is None:
-            return super().__getattribute__(name)
-        return getattr(importlib.import_module(where), name)
-
-    def __dir__(self):
-        return sorted({*super().__dir__(), *_API})
-
-
-sys.modules[__name__].__class__ = _Package
+answer_names_lazily(__name__, _API)

@@ -5,11 +5,10 @@ callable, and its module stays importable (`from bngraph.passes.drop_bias_before
 They are imported on first use: the ONNX passes start onnx, the others torch.
 """
 
-import importlib
 import re
-import sys
-import types
 from pathlib import Path
+
+from bngraph.lazy_names import answer_names_lazily
 
 # A module that defines a function of its own name is a pass (the others are what passes share):
 # found in the source text, so that listing them imports nothing and a new pass is never missed.
@@ -30,17 +29,4 @@ _API = {
 __all__ = sorted(_API)
 
 
-class _Passes(types.ModuleType):
-    # Importing a pass's module sets this package's attribute of that name to the module:
-    # the pass names are answered first, here, so that they always give the function.
-    def __getattribute__(self, name: str):
-        where = _API.get(name)
-        if where is None:
-            return super().__getattribute__(name)
-        return getattr(importlib.import_module(where), name)
-
-    def __dir__(self):
-        return sorted({*super().__dir__(), *_API})
-
-
-sys.modules[__name__].__class__ = _Passes
+answer_names_lazily(__name__, _API)
