@@ -48,6 +48,20 @@ class Opaque:
     reason: str
 
 
+_fx_assert_is_none = torch.fx._symbolic_trace._assert_is_none
+
+
+@fx.wrap
+def assert_argument_is_none(value, message: str) -> None:
+    """The guard torch.fx writes for an argument fixed at None (`mask=None`), under our name.
+
+    torch.fx's own guard makes the generated code run `wrap("torch.fx._symbolic_trace.
+    _assert_is_none")`, a dotted name that no globals dict holds: every later torch.fx trace in
+    the process, torch.onnx.export's included, then fails with a KeyError (torch 2.13)."""
+    if value is not None:
+        raise AssertionError(message)
+
+
 class InsertTracer(_Tracer):
     """bngraph's tracer (modules with hooks and TorchScript modules stay one call) with the mode
     as a graph value (1.) and the modules at `leaves` kept opaque (3.)."""
@@ -82,6 +96,8 @@ class InsertTracer(_Tracer):
         for node in graph.nodes:  # no forward read the mode: no node for it
             if node.op == "get_attr" and node.target == "training" and not node.users:
                 graph.erase_node(node)
+            elif node.op == "call_function" and node.target is _fx_assert_is_none:
+                node.target = assert_argument_is_none
         return graph
 
     def call_module(self, m, forward, args, kwargs):

@@ -743,3 +743,31 @@ def test_a_hook_on_a_custom_block_still_fires_on_the_inserted_model():
         (module, block_input, block_output), = seen  # the hook ran once, on the inserted model's block
         assert module is out.get_submodule("block")
         torch.testing.assert_close(block_output, module.forward(block_input), rtol=0, atol=0)
+
+
+class MaskedClassifier(nn.Module):
+    """HuggingFace-style: arguments past the input default to None and are checked in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x, mask=None, return_dict=None):
+        h = F.gelu(self.fc1(x))
+        if mask is not None:
+            h = h * mask
+        return self.fc2(h)
+
+
+def test_arguments_fixed_at_none_leave_later_traces_and_exports_working(tmp_path):
+    # torch.fx's own guard for `mask=None` registered a name no globals dict holds, and every
+    # later trace in the process failed, torch.onnx.export's too (found on HF models).
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    bn_model, report = bngraph.insert(MaskedClassifier(), [x])
+    assert [row["features"] for row in report.sections["inserted"]] == [16]
+    with pytest.raises(AssertionError, match="mask"):
+        bn_model.eval()(x, torch.ones(4, 16))  # the guard still refuses a mask it was not traced with
+    result = bngraph.export(bn_model.eval(), [x], tmp_path / "m.onnx")
+    assert result, result.verification.lines()
+    bngraph.insert(MaskedClassifier(), [x])  # and tracing again works
