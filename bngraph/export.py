@@ -35,14 +35,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bngraph.atomic import ONNX, check_output, write_atomically
+from bngraph.atomic import ONNX, check_output
 from bngraph.errors import CheckFailed, ModelRaised, UserError
 from bngraph.fold import fold as fx_fold
-from bngraph.onnx_fold import STANDALONE_BN_FORMS, Rejected, fold_onnx, save_onnx
+from bngraph.onnx_fold import STANDALONE_BN_FORMS, fold_onnx
+from bngraph.onnx_io import write_verified
 from bngraph.report import Report
 from bngraph.trace import one_line, raise_if_model_raises
 from bngraph.runners import BATCH_SIZES, batch_axes_of, eval_mode, example_batches
-from bngraph.verify import VerifyResult, verify
+from bngraph.verify import VerifyResult
 
 # The newest opset that every onnxruntime pyproject admits (>= 1.20) runs; torch's default is 20.
 OPSET = 21
@@ -230,21 +231,9 @@ def export(
             "--standalone-bn mul-add writes a Mul and an Add instead"
         )
     batches = example_batches(example_inputs, BATCH_SIZES, batch_axes)
-    outcome = {}
-
-    def write(tmp: Path) -> None:
-        save_onnx(model, tmp, path)
-        outcome["result"] = result = verify(module, tmp, batches, atol, rtol, batch_sizes=BATCH_SIZES)
-        if not result:
-            raise Rejected
-
-    written: Path | None = path
-    try:
-        write_atomically(path, write, kind=ONNX, force=force)
-    except Rejected:
-        written = None
+    result, written = write_verified(model, path, module, batches, atol, rtol, batch_sizes=BATCH_SIZES, force=force)
+    if not written:
         report.facts["output"] = "(not written: verification failed)"
-    result = outcome["result"]
     report.facts.update(result.facts())
     report.sections["verification"] = [d.row() for d in result.diffs]
-    return ExportResult(written, result, report)
+    return ExportResult(path if written else None, result, report)

@@ -1,7 +1,7 @@
 """Fold the BatchNormalization nodes of any ONNX model, and write the result only once it verifies.
 
     model, report = fold_onnx(onnx.load("in.onnx"))      # the passes and their report
-    fold_onnx_file("in.onnx", "out.onnx", args)          # `bngraph fold in.onnx -o out.onnx`
+    result, report = fold_onnx_verified("in.onnx", "out.onnx")   # `bngraph fold in.onnx -o out.onnx`
 
 Files from any exporter go through the same passes, in this order (each in passes/):
 initializers listed as graph inputs made constants (IR version 3 files list them all),
@@ -22,15 +22,15 @@ ones `--strict` fails on. A runtime without a BatchNormalization kernel asks for
 
 from __future__ import annotations
 
-import argparse
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
-from bngraph.atomic import ONNX, check_output, write_atomically
+from bngraph.atomic import ONNX, check_output
 from bngraph.errors import UserError
+from bngraph.onnx_io import initializer_bytes, load_onnx, write_verified
 from bngraph.passes.base import run_passes
 from bngraph.passes.onnx_bn_to_mul_add import onnx_bn_to_mul_add
 from bngraph.passes.onnx_check import onnx_check
@@ -44,7 +44,8 @@ from bngraph.passes.onnx_initializer_inputs_to_constants import onnx_initializer
 from bngraph.passes.onnx_move_bn_before_max_pool import onnx_move_bn_before_max_pool
 from bngraph.passes.onnx_simplify import onnx_simplify
 from bngraph.report import Report
-from bngraph.trace import one_line
+from bngraph.runners import BATCH_SIZES, onnx_inputs, random_batches
+from bngraph.verify import VerifyResult, verify
 
 ONNX_PASSES = [
     onnx_initializer_inputs_to_constants,
@@ -64,8 +65,6 @@ STANDALONE_BN_FORMS = {
     "mul-add": onnx_bn_to_mul_add,  # a runtime with no BatchNormalization kernel
 }
 KEPT_REASON = "kept as BatchNormalization: the fastest exact form in onnxruntime (measured: benchmarks/onnx_fold.py)"
-# protobuf cannot serialize a message over 2 GiB; keep a margin for the graph itself.
-SINGLE_FILE_LIMIT_BYTES = 2**31 - 2**27
 
 
 def fold_onnx(
@@ -157,91 +156,43 @@ def op_table(before, after, size_before: int, size_after: int) -> list[dict]:
     return rows
 
 
-def initializer_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+def fold_onnx_verified(
+    in_path: str | Path,
+    out_path: str | Path | None = None,
+    *,
+    standalone_bn: str = "batchnorm",
+    keep_initializer_inputs: bool = False,
+    input_shapes: list[tuple[int, ...]] | None = None,
+    static_inputs: Sequence[int] = (),
+    atol: float | None = None,
+    rtol: float | None = None,
+    force: bool = False,
+) -> tuple[VerifyResult, Report]:
+    """Fold the ONNX file `in_path`, verify the result against it in onnxruntime, and write it to
+    `out_path` only if it passes (`out_path` None: verified, not saved).
 
-
-def save_onnx(model: ir.Model, path: Path, final: Path) -> None:
-    """One self-contained file unless the weights pass protobuf's 2 GiB limit; then the weights go
-    to `<final name>.data` beside it (written whole by onnx-ir before the model file appears)."""
-    if initializer_bytes(model) > SINGLE_FILE_LIMIT_BYTES:
-        ir.save(model, path, external_data=f"{final.name}.data")
-    else:
-        ir.save(model, path)
-
-
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """The model, if onnx.checker with shape inference accepts it: the fold ends with the same
-    check, so a model that fails it is the input's fault, said here rather than after the work."""
-    path = Path(path)
-    try:
-        proto = onnx.load(str(path))
-        onnx.checker.check_model(proto if proto.ByteSize() < SINGLE_FILE_LIMIT_BYTES else str(path), full_check=True)
-    except Exception as err:
-        raise UserError(f"{path} is not a valid ONNX model: {one_line(err)}") from err
-    return proto
-
-
-class Rejected(Exception):
-    """Raised inside an atomic write to drop the file: the check ran and failed."""
-
-
-def fold_onnx_file(in_path: str | Path, out_path: str | Path | None, args: argparse.Namespace) -> int:
-    """`bngraph fold in.onnx [-o out.onnx]`: fold, verify against the input in onnxruntime, write.
-
-    Exit 1 and no file when the outputs differ beyond tolerance (--atol/--rtol where the
-    command has them); with --strict, exit 1 (the verified file still written) when a
-    BatchNormalization is left. Without -o, the folded model is verified but not saved.
-    """
-    from bngraph.commands.common import emit
-    from bngraph.spec import parse_input_shapes
-    from bngraph.runners import BATCH_SIZES, onnx_inputs, random_batches
-    from bngraph.verify import print_lines, verify
-
+    `input_shapes` and `static_inputs` are `bngraph.runners.onnx_inputs`'s; a file that fixes its
+    batch is verified at that batch only. The report's `output` fact says whether the file was
+    written; `remaining` lists the BNs that are not a fixed map (what `--strict` fails on)."""
     in_path = Path(in_path)
     if out_path is not None and Path(out_path).suffix != ".onnx":
         raise UserError(f"the output {out_path} of an ONNX fold must be a .onnx file")
     if out_path is not None:  # before the work, not after it
-        check_output(out_path, ONNX, force=getattr(args, "force", False), inputs=[in_path])
+        check_output(out_path, ONNX, force=force, inputs=[in_path])
     original = load_onnx(in_path)
-    shapes = getattr(args, "input_shape", None)
-    spec = onnx_inputs(in_path, parse_input_shapes(shapes) if shapes else None, getattr(args, "static_input", None) or ())
-    model, report = fold_onnx(
-        original,
-        standalone_bn=getattr(args, "standalone_bn", None) or "batchnorm",
-        keep_initializer_inputs=getattr(args, "keep_initializer_inputs", False),
-    )
+    spec = onnx_inputs(in_path, input_shapes, static_inputs)
+    model, report = fold_onnx(original, standalone_bn=standalone_bn, keep_initializer_inputs=keep_initializer_inputs)
     report.title = f"bngraph fold {in_path}"
     sizes = BATCH_SIZES if spec.fixed_batch is None else (spec.fixed_batch,) * 2
     if spec.fixed_batch is not None:
         report.notes.append(f"{in_path} fixes the batch at {spec.fixed_batch}: verified at that batch only")
     batches = random_batches(spec.shapes, sizes, spec.dtypes, batch_axes=spec.batch_axes)
-    tolerances = getattr(args, "atol", None), getattr(args, "rtol", None)
-    outcome = {}
-
-    def write(tmp: Path) -> None:
-        save_onnx(model, tmp, Path(out_path))
-        outcome["result"] = verify(in_path, tmp, batches, *tolerances, batch_sizes=sizes)
-        if not outcome["result"]:
-            raise Rejected
-
     if out_path is None:
         folded = ir.serde.serialize_model(model).SerializeToString()
-        outcome["result"] = verify(in_path, folded, batches, *tolerances, batch_sizes=sizes)
+        result = verify(in_path, folded, batches, atol, rtol, batch_sizes=sizes)
     else:
-        try:
-            write_atomically(out_path, write, kind=ONNX, force=getattr(args, "force", False))
-            report.facts["output"] = str(out_path)
-        except Rejected:
-            report.facts["output"] = "(not written: the folded model differs from the input)"
-    result = outcome["result"]
+        result, written = write_verified(model, out_path, in_path, batches, atol, rtol, batch_sizes=sizes, force=force)
+        report.facts["output"] = str(out_path) if written else "(not written: the folded model differs from the input)"
     report.facts.update(result.facts())
     report.sections["verification"] = [d.row() for d in result.diffs]
-    emit(report, args)
-    print_lines(result, args)
-    # A BN kept as the fastest exact form is a fixed map, not a failure: --strict counts the others.
-    left = len(report.sections["remaining"])
-    if getattr(args, "strict", False) and left:
-        print(f"bngraph: --strict: {left} BatchNormalization left unfolded (see 'remaining')", file=sys.stderr)
-        return 1
-    return 0 if result else 1
+    return result, report

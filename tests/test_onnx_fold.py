@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from bngraph.errors import UserError
-from bngraph.onnx_fold import fold_onnx_file
+from bngraph.commands.fold import fold_onnx_file
 from tests.onnx_models import conv_bn_net
 from tests.onnx_util import export_onnx, ops
 

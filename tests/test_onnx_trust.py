@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 import pytest
 
-from bngraph.onnx_fold import fold_onnx, fold_onnx_file
+from bngraph.commands.fold import fold_onnx_file
+from bngraph.onnx_fold import fold_onnx
 from tests.onnx_models import conv_bn_file, gemm_bn_file
 from tests.onnx_util import ops, relative_error
 

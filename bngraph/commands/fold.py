@@ -18,12 +18,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from bngraph.atomic import ARTIFACT, check_output
 from bngraph.commands.common import (
     add_force_argument, add_model_arguments, add_report_arguments, emit, input_paths, load_from_args,
 )  # fmt: skip
-from bngraph.spec import parse_model_spec
+from bngraph.spec import parse_input_shapes, parse_model_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,8 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     spec = parse_model_spec(args.model)
     if spec.kind == "onnx":
-        from bngraph.onnx_fold import fold_onnx_file  # onnx imports are slow: only when needed
-
         return fold_onnx_file(spec.path, args.output, args)
     if args.output:  # before the work, not after it; a PyTorch fold writes a folder, never x.onnx
         check_output(args.output, ARTIFACT, force=args.force, inputs=input_paths(args))
@@ -74,3 +74,35 @@ def run(args: argparse.Namespace) -> int:
         report.facts["output"] = args.output
     emit(report, args)
     return 1 if args.strict and report.sections["remaining"] else 0
+
+
+def fold_onnx_file(in_path: str | Path, out_path: str | Path | None, args: argparse.Namespace) -> int:
+    """`bngraph fold in.onnx [-o out.onnx]`: fold, verify against the input in onnxruntime, write.
+
+    Exit 1 and no file when the outputs differ beyond tolerance (--atol/--rtol where the
+    command has them); with --strict, exit 1 (the verified file still written) when a
+    BatchNormalization is left. Without -o, the folded model is verified but not saved.
+    """
+    from bngraph.onnx_fold import fold_onnx_verified  # onnx imports are slow: only when needed
+    from bngraph.verify import print_lines
+
+    shapes = getattr(args, "input_shape", None)
+    result, report = fold_onnx_verified(
+        in_path,
+        out_path,
+        standalone_bn=getattr(args, "standalone_bn", None) or "batchnorm",
+        keep_initializer_inputs=getattr(args, "keep_initializer_inputs", False),
+        input_shapes=parse_input_shapes(shapes) if shapes else None,
+        static_inputs=getattr(args, "static_input", None) or (),
+        atol=getattr(args, "atol", None),
+        rtol=getattr(args, "rtol", None),
+        force=getattr(args, "force", False),
+    )
+    emit(report, args)
+    print_lines(result, args)
+    # A BN kept as the fastest exact form is a fixed map, not a failure: --strict counts the others.
+    left = len(report.sections["remaining"])
+    if getattr(args, "strict", False) and left:
+        print(f"bngraph: --strict: {left} BatchNormalization left unfolded (see 'remaining')", file=sys.stderr)
+        return 1
+    return 0 if result else 1

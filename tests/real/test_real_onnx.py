@@ -50,7 +50,7 @@ def test_the_command_folds_a_file_whose_batch_is_minus_1(entry, tmp_path):
     args = argparse.Namespace(json=True, strict=True, atol=None, rtol=None, input_shape=shape)
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        from bngraph.onnx_fold import fold_onnx_file
+        from bngraph.commands.fold import fold_onnx_file
 
         code = fold_onnx_file(tmp_path / "in.onnx", tmp_path / "out.onnx", args)
     report = json.loads(out.getvalue())
