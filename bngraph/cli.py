@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 import sys
+import threading
 
 import bngraph
 import bngraph.commands
@@ -53,6 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)  # argparse already exits 2 on a bad flag
     args.argv = argv  # for a command that starts others with the same arguments (train --nproc)
+    terminated = []
+
+    def stop_on_sigterm(signum, frame):
+        # A scheduler's or kill's SIGTERM takes the same way out as Ctrl-C: temporary outputs
+        # removed, worker processes ended, an old output left as it was (the default handler
+        # would end this process at once and leave its workers running).
+        terminated.append(signum)
+        raise KeyboardInterrupt("terminated")
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
     try:
         return args.run(args)
     except UserError as err:
@@ -63,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as err:  # a stopped training run says where to resume
         print(f"bngraph: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if terminated else 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

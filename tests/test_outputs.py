@@ -300,3 +300,40 @@ def test_the_installed_entry_point_refuses_too(tmp_path):
     assert done.returncode == 2
     assert "important is a folder bngraph did not write" in _one_error_line(done.stderr)
     assert snapshot(tmp_path) == before
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc: no psutil needed)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+def test_sigterm_ends_reproduce_and_its_workers_and_leaves_nothing(tmp_path):
+    out = tmp_path / "repro"
+    data = tmp_path / "mnist"
+    write_learnable(data, n_train=600, n_test=100)
+    argv = ["reproduce", "mnist", "--data", str(data), "--steps", "10000000", "-o", str(out), "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "bngraph", *argv], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: len(_children(proc.pid)) >= 2, proc)  # its training workers run
+        workers = _children(proc.pid)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert len(err.strip().splitlines()) == 1 and err.startswith("bngraph: interrupted"), err
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlived the command"
+    assert not out.exists() and not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
