@@ -11,9 +11,11 @@
 #
 #   benchmarks/gpu.sh [OUT]          (OUT defaults to $OUT, else ./gpu-out)
 #
-# Each stage runs under its own `timeout` and appends its figures to OUT/summary.md as it ends,
-# so a run cut short still reports what it did; OUT/gpu.log has every command's output. OUT
-# gets at most 7 files (the device tool brings back 8).
+# Each stage runs under its own `timeout`, shortened to what is left of the whole run's budget
+# (GPU_SH_BUDGET seconds, default 520: a lease of 15 minutes holds the machine's start, this and
+# the transfers), and appends its figures to OUT/summary.md as it ends, so a run cut short still
+# reports what it did; OUT/gpu.log has every command's output. OUT gets at most 7 files (the
+# device tool brings back 8). Stage 7, torch.compile against eager, runs on what time is left.
 #
 # Python: $GPU_SH_PYTHON if set, else a venv in $WORK made with --system-site-packages from
 # python3 (a GPU image's torch, onnx, onnxruntime, pytest) with bngraph installed editable, no
@@ -32,6 +34,7 @@ LIMIT_SCALE=${GPU_SH_LIMIT_SCALE:-$([ "$SMOKE" = 1 ] && echo 4 || echo 1)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=${GPU_SH_WORK:-$(mktemp -d /tmp/bngraph-gpu.XXXXXX)}
+BUDGET=${GPU_SH_BUDGET:-520}
 SUMMARY=$OUT/summary.md
 LOG=$OUT/gpu.log
 : >"$SUMMARY"
@@ -40,13 +43,20 @@ cd "$REPO" || exit 2
 export PYTHONUNBUFFERED=1
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
-# stage NAME LIMIT_S CMD...: run CMD under its own time limit, log it, record rc and seconds.
+# stage NAME LIMIT_S CMD...: run CMD under its own time limit (never past the run's budget), log
+# it, record rc and seconds.
 stage() {
     local name=$1 limit=$2
     shift 2
     local start=$SECONDS
     echo "=== $name: $*" >>"$LOG"
     limit=$((limit * LIMIT_SCALE))
+    local left=$((BUDGET - SECONDS))
+    if [ $left -lt 15 ]; then
+        say "- $name: **not run: the run's ${BUDGET} s budget is spent**"
+        return 124
+    fi
+    [ $limit -gt $left ] && limit=$left
     timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
     local rc=$?
     local took=$((SECONDS - start))
@@ -65,8 +75,11 @@ say ""
 if [ -n "${GPU_SH_PYTHON:-}" ]; then
     PY=$GPU_SH_PYTHON
 else
-    python3 -m venv --system-site-packages "$WORK/venv" >>"$LOG" 2>&1 ||
+    # A python3 that is itself a venv (GPU images keep torch in one) lends its packages through
+    # a .pth file: --system-site-packages would reach only its base interpreter's.
+    python3 -m venv --without-pip "$WORK/venv" >>"$LOG" 2>&1 ||
         { say "- setup: python3 -m venv failed (see gpu.log)"; exit 2; }
+    python3 -c "import site; print('\n'.join(site.getsitepackages()))" >"$(echo "$WORK"/venv/lib/python3*/site-packages)/gpu-image.pth"
     PY=$WORK/venv/bin/python
     if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e "$REPO" >>"$LOG" 2>&1; then
         # An older setuptools cannot build pyproject.toml: lay the package out as it installs
@@ -116,16 +129,17 @@ else
     TESTS=()
     XDIST=(-n "$(nproc)")
 fi
-stage "1. tests with CUDA present" 150 "$PY" -m pytest -q "${XDIST[@]}" "${TESTS[@]}"
+# One worker per core, each with 2 threads: the suite is many small CPU-bound processes.
+OMP_NUM_THREADS=2 stage "1. tests with CUDA present" 110 "$PY" -m pytest -q "${XDIST[@]}" "${TESTS[@]}"
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$LOG" | tail -15 | sed 's/^/    /' >>"$SUMMARY"
 
 # --- 2. torchrun with nccl and --sync-bn, then fold and export --------------------------------
 if [ "$SMOKE" = 1 ]; then STEPS=4; EVAL=2; else STEPS=300; EVAL=100; fi
-stage "2. torchrun --nproc-per-node=1 --sync-bn" 60 "$PY" -m torch.distributed.run --standalone --nproc-per-node=1 \
+stage "2. torchrun --nproc-per-node=1 --sync-bn" 50 "$PY" -m torch.distributed.run --standalone --nproc-per-node=1 \
     -m bngraph train $MODEL --recipe bn-x5 --steps $STEPS --eval-every $EVAL --sync-bn --device $DEVICE \
     --quiet --json -o "$WORK/ddp" &&
     stage "2. fold of its model" 30 "${BNGRAPH[@]}" fold "$WORK/ddp" -o "$WORK/ddp-folded" --strict &&
-    stage "2. export of its model" 60 "${BNGRAPH[@]}" export "$WORK/ddp" -o "$WORK/ddp.onnx"
+    stage "2. export of its model" 45 "${BNGRAPH[@]}" export "$WORK/ddp" -o "$WORK/ddp.onnx"
 "$PY" - "$WORK/ddp" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
@@ -137,17 +151,18 @@ print(f"    final test accuracy {rows[-1]['test_accuracy']:.4f}, {rows[-1]['step
 EOF
 
 # --- 3. stopped and resumed against uninterrupted, on the device ------------------------------
-if [ "$SMOKE" = 1 ]; then STEPS=40; else STEPS=600; fi
+if [ "$SMOKE" = 1 ]; then STEPS=40; else STEPS=400; fi
 for det in "" "--deterministic"; do
     tag=${det:+det}
     common=($MODEL --recipe bn-x5 --steps $STEPS --eval-every 20 --decay-every 50 --device $DEVICE --quiet $det)
-    stage "3. uninterrupted run ${det}" 60 "${BNGRAPH[@]}" train "${common[@]}" -o "$WORK/whole$tag"
+    stage "3. uninterrupted run ${det}" 40 "${BNGRAPH[@]}" train "${common[@]}" -o "$WORK/whole$tag"
     # Stopped by SIGTERM once its first checkpoint exists (it stops after the step in hand and
     # checkpoints there), then resumed with the same arguments.
+    [ $((BUDGET - SECONDS)) -ge 15 ] &&
     ( "${BNGRAPH[@]}" train "${common[@]}" -o "$WORK/stopped$tag" >>"$LOG" 2>&1 & pid=$!
-      for _ in $(seq 600); do [ -f "$WORK/stopped$tag/checkpoint.pt" ] && break; sleep 0.1; done
+      for _ in $(seq 400); do [ -f "$WORK/stopped$tag/checkpoint.pt" ] && break; sleep 0.1; done
       kill -TERM $pid 2>/dev/null; wait $pid; echo "stopped run exited $?" >>"$LOG" )
-    stage "3. resumed run ${det}" 60 "${BNGRAPH[@]}" train "${common[@]}" -o "$WORK/stopped$tag" --resume
+    stage "3. resumed run ${det}" 40 "${BNGRAPH[@]}" train "${common[@]}" -o "$WORK/stopped$tag" --resume
     "$PY" - "$WORK/whole$tag" "$WORK/stopped$tag" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
 import sys, bngraph, torch
 a, b = (bngraph.load(p).state_dict() for p in sys.argv[1:3])
@@ -159,16 +174,16 @@ done
 
 # --- 4. reproduce mnist on the device ---------------------------------------------------------
 if [ "$SMOKE" = 1 ]; then STEPS=(--steps 1000); else STEPS=(); fi
-stage "4. reproduce mnist (50,000 steps)" 120 "${BNGRAPH[@]}" reproduce mnist "${STEPS[@]}" --device $DEVICE --quiet \
+stage "4. reproduce mnist (50,000 steps)" 100 "${BNGRAPH[@]}" reproduce mnist "${STEPS[@]}" --device $DEVICE --quiet \
     -o "$WORK/mnist" && cp "$WORK/mnist/table.md" "$OUT/mnist-table.md" && sed 's/^/    /' "$WORK/mnist/table.md" >>"$SUMMARY"
 
 # --- 5. reproduce inception --full: 224x224, the five variants ------------------------------
 if [ "$SMOKE" = 1 ]; then
     INC=(--steps 2 --batch-size 2 --eval-every 1 --test-examples 4 --variants inception,bn-baseline)
 else
-    INC=(--steps 300 --eval-every 30 --test-examples 1000)  # ~25 s a variant on an H100 (bounded by its limit)
+    INC=(--steps 200 --eval-every 50 --test-examples 1000)  # guessed ~20 s a variant on an H100
 fi
-stage "5. reproduce inception --full" 150 "${BNGRAPH[@]}" reproduce inception --full "${INC[@]}" --device $DEVICE --quiet \
+stage "5. reproduce inception --full" 130 "${BNGRAPH[@]}" reproduce inception --full "${INC[@]}" --device $DEVICE --quiet \
     -o "$WORK/inception-full" && cp "$WORK/inception-full/table.md" "$OUT/inception-full-table.md" &&
     sed 's/^/    /' "$WORK/inception-full/table.md" >>"$SUMMARY"
 
@@ -178,9 +193,24 @@ if [ "$SMOKE" = 1 ]; then
 else
     TP=(--model zoo:inception --batch-sizes 32,256 --steps 15 --repeats 2)
 fi
-stage "6. throughput, bngraph vs plain AMP loop" 110 "$PY" benchmarks/train_throughput.py "${TP[@]}" --device $DEVICE \
+stage "6. throughput, bngraph vs plain AMP loop" 90 "$PY" benchmarks/train_throughput.py "${TP[@]}" --device $DEVICE \
     --json "$OUT/throughput.json"
 [ -f "$OUT/throughput.json" ] && "$PY" - "$OUT/throughput.json" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for batch, rows in r["batches"].items():
+    print(f"    batch {batch}: " + "; ".join(f"{k} {v['images_per_s']:.0f} images/s ({v['x_plain']:.3f}x plain)" for k, v in rows.items()))
+EOF
+
+# --- 7. torch.compile of the training step against eager, on what time is left ----------------
+if [ "$SMOKE" = 1 ]; then
+    TC=(--model zoo:mnist-mlp --batch-sizes 60 --steps 20 --repeats 1)
+else
+    TC=(--model zoo:inception-small --batch-sizes 256 --steps 15 --repeats 1)  # compiles 2x per contender
+fi
+stage "7. throughput, bngraph --compile vs eager" 150 "$PY" benchmarks/train_throughput.py "${TC[@]}" --compile \
+    --device $DEVICE --json "$OUT/compile.json"
+[ -f "$OUT/compile.json" ] && "$PY" - "$OUT/compile.json" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 for batch, rows in r["batches"].items():
