@@ -2,7 +2,7 @@
 
 The plain loop is what one would write: the two nets (the paper's MLP and its BN version, as
 `reproduce` builds them), data in memory, random batch indices, torch.optim.SGD, autograd, and
-the whole test set every 500 steps. The shipped path is `bngraph.reproduce.reproduce_mnist`
+the whole test set every 500 steps. The shipped path is `bngraph.reproduce.mnist.reproduce_mnist`
 (hand-written gradients, one process per core). Both run `--steps` pair-steps; the script prints
 pair-steps per second while training, the shipped path's fixed setup (starting its processes),
 the wall time each would need for the paper's 50,000 steps, and the ratio of those.
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from bngraph.data import resolve_dataset
-from bngraph.reproduce import MnistConfig, mnist_nets, reproduce_mnist
-from bngraph.train import TensorData
+from bngraph.reproduce.mnist import MnistConfig, mnist_nets, reproduce_mnist
+from bngraph.training import TensorData
 
 PAPER_STEPS = 50_000
 

@@ -2,7 +2,7 @@
 
 The plain loop is what one writes from the PyTorch AMP recipe: the model (channels_last where
 bngraph uses it), SGD with momentum, random batches from tensors on the device, autocast in the
-same precision, zero_grad/backward/step. `bngraph` is `bngraph.train.train` on the same tensors
+same precision, zero_grad/backward/step. `bngraph` is `bngraph.train` on the same tensors
 (its sampler, schedule, running sums and checkpoint-free loop); `bngraph --compile` adds
 torch.compile. Each contender runs N and 2N steps from fresh weights and the time per step is
 (T(2N) - T(N)) / N, so start-up, compilation and the final evaluation cancel out; contenders
@@ -24,7 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bngraph.train import PRECISIONS, TensorData, TrainConfig, pick_device, train
+from bngraph.training import TensorData, TrainConfig, pick_device, train
+from bngraph.training.config import PRECISIONS
 from bngraph.zoo import create_model, get_entry
 
 

@@ -19,7 +19,7 @@ from bngraph.lazy_names import answer_names_lazily
 __version__ = "0.2.0"
 
 # Each public name and the module that defines it, imported on first use: `import bngraph`
-# (and so `bngraph --help`) does not start torch. Training lives in `bngraph.train`
+# (and so `bngraph --help`) does not start torch. Training lives in `bngraph.training`
 # (`train`, `TrainConfig`, `TensorData`), the experiments in `bngraph.reproduce`.
 _API = {
     "insert": "bngraph.api",
@@ -28,11 +28,15 @@ _API = {
     "verify": "bngraph.verify",
     "load": "bngraph.load",
     "save": "bngraph.artifacts",
+    "train": "bngraph.training.loop",
     "Report": "bngraph.report",
     "PassResult": "bngraph.passes.base",
     "Skip": "bngraph.passes.base",
 }
-__all__ = ["CheckFailed", "PassResult", "Report", "Skip", "UserError", "export", "fold", "insert", "load", "save", "verify"]
+__all__ = [
+    "CheckFailed", "PassResult", "Report", "Skip", "UserError", "export", "fold", "insert", "load", "save", "train",
+    "verify",
+]
 
 if TYPE_CHECKING:  # what type checkers and editors see (py.typed)
     from bngraph.api import insert
@@ -42,6 +46,7 @@ if TYPE_CHECKING:  # what type checkers and editors see (py.typed)
     from bngraph.load import load
     from bngraph.passes.base import PassResult, Skip
     from bngraph.report import Report
+    from bngraph.training.loop import train
     from bngraph.verify import verify
 
 

@@ -100,7 +100,7 @@ class Dataset:
         return x_train, self.train_labels.to(device), x_test, self.test_labels.to(device)
 
 
-def _find(root: Path, name: str) -> Path | None:
+def find_idx_file(root: Path, name: str) -> Path | None:
     for candidate in (root / name, root / f"{name}.gz"):
         if candidate.is_file():
             return candidate
@@ -108,12 +108,12 @@ def _find(root: Path, name: str) -> Path | None:
 
 
 def _missing(root: Path) -> list[str]:
-    return [name for name in FILES if _find(root, name) is None]
+    return [name for name in FILES if find_idx_file(root, name) is None]
 
 
 def _split(root: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-    images_path = _find(root, f"{prefix}-images-idx3-ubyte")
-    labels_path = _find(root, f"{prefix}-labels-idx1-ubyte")
+    images_path = find_idx_file(root, f"{prefix}-images-idx3-ubyte")
+    labels_path = find_idx_file(root, f"{prefix}-labels-idx1-ubyte")
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3:
         raise UserError(f"{images_path} has shape {images.shape}; images must be N x H x W.")
@@ -191,7 +191,7 @@ def download_mnist(
         raise UserError(f"cannot create the data cache {cache}: {err.strerror or err}.") from None
     for name in FILES:
         want = checksums[name]
-        present = _find(cache, name)
+        present = find_idx_file(cache, name)
         if present is not None:
             if _sha256(present) == want:
                 continue

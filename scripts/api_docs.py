@@ -20,9 +20,9 @@ OUT = ROOT / "docs" / "api.md"
 # Module -> its public names: `__all__` where it has one; the names the README points to otherwise.
 MODULES = {
     "bngraph": None,
-    "bngraph.train": ["train", "TrainConfig", "TrainRun", "TensorData", "pick_device", "evaluate", "read_metrics"],
-    "bngraph.reproduce": ["reproduce_mnist", "MnistConfig", "write_mnist", "reproduce_inception", "InceptionConfig",
-                          "write_inception"],  # fmt: skip
+    "bngraph.training": ["train", "TrainConfig", "TrainRun", "TensorData", "pick_device", "evaluate", "read_metrics"],
+    "bngraph.reproduce.mnist": ["reproduce_mnist", "MnistConfig", "write_mnist"],
+    "bngraph.reproduce.inception": ["reproduce_inception", "InceptionConfig", "write_inception"],
     "bngraph.passes": None,
     "bngraph.zoo": None,
 }

@@ -13,8 +13,8 @@ from PIL import Image
 from torch import nn
 
 from bngraph.cli import main
-from bngraph.data_formats import detect_format, open_data
-from bngraph.train import StreamData, TensorData, TrainConfig, train
+from bngraph.training.data_formats import detect_format, open_data
+from bngraph.training import StreamData, TensorData, TrainConfig, train
 from tests.mnist_like import learnable_arrays
 
 NETS_PY = '''

@@ -17,9 +17,9 @@ import torch
 import bngraph
 from bngraph.cli import main
 from bngraph.data import resolve_dataset
-from bngraph.distributed import PROCESS_GROUP_TIMEOUT_S, without_option
+from bngraph.training.distributed import PROCESS_GROUP_TIMEOUT_S, without_option
 from bngraph.load import load_model
-from bngraph.train import EpochSampler, TensorData, read_metrics
+from bngraph.training import EpochSampler, TensorData, read_metrics
 from tests.conftest import REPO
 from tests.mnist_like import write_learnable
 

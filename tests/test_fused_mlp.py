@@ -1,4 +1,4 @@
-"""The hand-written gradients of bngraph.fused_mlp against autograd and torch.optim.SGD."""
+"""The hand-written gradients of bngraph.training.fused_mlp against autograd and torch.optim.SGD."""
 
 import copy
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bngraph
-from bngraph.fused_mlp import NotAnMLP, StackedMLP, mlp_layers
+from bngraph.training.fused_mlp import NotAnMLP, StackedMLP, mlp_layers
 from bngraph.zoo import create_model
 
 EXAMPLE = [torch.zeros(2, 1, 28, 28)]

@@ -9,7 +9,7 @@ import bngraph
 from bngraph.cli import main
 from bngraph.data import load_mnist
 from bngraph.passes.recalibrate_bn import recalibrate_bn
-from bngraph.train import EpochSampler
+from bngraph.training import EpochSampler
 from tests.mnist_like import write_learnable
 
 

@@ -5,8 +5,8 @@ import torch
 from torch import fx, nn
 
 from bngraph.errors import UserError
-from bngraph.recipes import CONTROL, PAPER_VARIANTS, RECIPES, apply_recipe, get_recipe
-from bngraph.reproduce import graph_facts
+from bngraph.reproduce.recipes import CONTROL, PAPER_VARIANTS, RECIPES, apply_recipe, get_recipe
+from bngraph.reproduce.inception import graph_facts
 from bngraph.zoo import create_model
 
 EXAMPLE = [torch.randn(2, 1, 28, 28)]

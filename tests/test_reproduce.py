@@ -9,8 +9,9 @@ import torch
 import bngraph
 from bngraph.cli import main
 from bngraph.data import load_mnist
-from bngraph.reproduce import MnistConfig, first_step_reaching, mnist_summary, reproduce_mnist, write_mnist
-from bngraph.train import TensorData
+from bngraph.reproduce.mnist import MnistConfig, mnist_summary, reproduce_mnist, write_mnist
+from bngraph.reproduce.tables import first_step_reaching
+from bngraph.training import TensorData
 from tests.conftest import REAL_MNIST
 from tests.mnist_like import write_learnable
 

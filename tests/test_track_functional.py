@@ -9,7 +9,7 @@ from torch import nn
 
 from bngraph.cli import main
 from bngraph.errors import UserError
-from bngraph.track import InputTracker, functional_nonlinearity_names
+from bngraph.training.track import InputTracker, functional_nonlinearity_names
 from tests.mnist_like import write_learnable
 
 NET_PY = '''

@@ -11,7 +11,7 @@ from torch import nn
 import bngraph
 from bngraph.cli import main
 from bngraph.errors import UserError
-from bngraph.train import EpochSampler, InputTracker, TensorData, TrainConfig, read_metrics, train
+from bngraph.training import EpochSampler, InputTracker, TensorData, TrainConfig, read_metrics, train
 from tests.mnist_like import learnable_arrays, write_learnable
 
 

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from bngraph.equivalence import check_only_statistics_changed
     from bngraph.passes.base import run_passes
     from bngraph.passes.recalibrate_bn import RecalibrateBN
-    from bngraph.train import EpochSampler, check_model_fits, evaluate
+    from bngraph.training import EpochSampler, check_model_fits, evaluate
 
     if args.batches < 1 or args.batch_size < 2:
         raise UserError("--batches must be at least 1 and --batch-size at least 2 (a variance needs two values)")

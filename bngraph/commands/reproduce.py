@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--init-std", default="0.01",
         help="std of the Gaussian initial weights, the paper's 'small random Gaussian values' "
         "(default: 0.01); 'torch' for PyTorch's default initialization",
-    )  # fmt: skip
+    )
     mnist.add_argument("--unit", type=int, default=0, help="the sigmoid of the last hidden layer that (b, c) follow")
     mnist.add_argument("--workers", type=int, help="processes (default: one per core)")
 
@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inception.add_argument(
         "--variants", default="inception,bn-baseline,bn-x5,bn-x30,bn-x5-sigmoid",
         help="comma-separated recipes (default: the paper's five; add inception-sigmoid for the control)",
-    )  # fmt: skip
+    )
     inception.add_argument("--batch-size", type=int, default=32, help="(default: 32, the paper's)")
     inception.add_argument("--lr", type=float, default=0.0015, help="Inception's learning rate (default: 0.0015)")
     inception.add_argument("--eval-every", type=int, help="(default: a tenth of the run)")
@@ -83,52 +83,61 @@ def _init_std(text: str) -> float | None:
 
 def run(args: argparse.Namespace) -> int:
     check_output(args.output, REPRODUCE, force=args.force, inputs=[args.data])  # before the work
-    from bngraph import reproduce
-    from bngraph.train import pick_device
-
-    if args.experiment == "mnist":
-        cfg = reproduce.MnistConfig(
-            steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
-            seeds=args.seeds, seed=args.seed, init_std=_init_std(args.init_std), track_unit=args.unit,
-            workers=args.workers, device=args.device,
-        )  # fmt: skip
-        data = data_from_args(args)
-        result = reproduce.reproduce_mnist(data, cfg, progress=not args.quiet)
-        reproduce.write_mnist(result, Path(args.output), force=args.force)
-        summary = result.summary
-        facts = {
-            "data": summary["data"],
-            "speedup": summary["speedup"],
-            "bn_ahead_at_every_evaluation": summary["bn_ahead_at_every_evaluation"],
-            "wall_s": summary["wall_s"],
-            "output": args.output,
-        }
-        rows = [
-            {"net": name, "best_test_accuracy": net["best_test_accuracy"],
-             "final_test_accuracy": net["final_test_accuracy"],
-             "steps_to_target": summary["steps_without_bn" if name == "without BN" else "steps_with_bn"]}
-            for name, net in summary["nets"].items()
-        ]  # fmt: skip
-        notes = [f"target: the plain net's best test accuracy, {summary['target_accuracy']:.4f}"]
-    else:
-        cfg = reproduce.InceptionConfig(
-            variants=tuple(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip())), steps=args.steps,
-            batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, test_examples=args.test_examples,
-            seed=args.seed, full=args.full, device=args.device,
-        )  # fmt: skip
-        data = data_from_args(args, pick_device(args.device))
-        result = reproduce.reproduce_inception(data, cfg, progress=not args.quiet)
-        reproduce.write_inception(result, Path(args.output), force=args.force)
-        summary = result.summary
-        facts = {"data": summary["data"], "reference_accuracy": summary["reference_accuracy"],
-                 "bn_baseline_step_time_ratio": summary["bn_baseline_step_time_ratio"],
-                 "wall_s": summary["wall_s"], "output": args.output}  # fmt: skip
-        rows = [
-            {"variant": v["paper_name"], "steps_to_reference": v["steps_to_reference"],
-             "best_test_accuracy": v["best_test_accuracy"], "lr": v["lr"], "batchnorms": v["batchnorms"],
-             "images_per_s": v["images_per_s"]}
-            for v in summary["variants"].values()
-        ]  # fmt: skip
-        notes = ["steps_to_reference: steps to reach the plain Inception's best accuracy"]
-    emit(Report(f"bngraph reproduce {args.experiment}", sections={"results": rows}, facts=facts, notes=notes), args)
+    report = _mnist(args) if args.experiment == "mnist" else _inception(args)
+    emit(report, args)
     return 0
+
+
+def _mnist(args: argparse.Namespace) -> Report:
+    # Imported here, not above: `bngraph --help` starts without torch.
+    from bngraph.reproduce.mnist import MnistConfig, reproduce_mnist, write_mnist
+
+    cfg = MnistConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+        seeds=args.seeds, seed=args.seed, init_std=_init_std(args.init_std), track_unit=args.unit,
+        workers=args.workers, device=args.device,
+    )
+    result = reproduce_mnist(data_from_args(args), cfg, progress=not args.quiet)
+    write_mnist(result, Path(args.output), force=args.force)
+    summary = result.summary
+    facts = {
+        "data": summary["data"],
+        "speedup": summary["speedup"],
+        "bn_ahead_at_every_evaluation": summary["bn_ahead_at_every_evaluation"],
+        "wall_s": summary["wall_s"],
+        "output": args.output,
+    }
+    rows = [
+        {"net": name, "best_test_accuracy": net["best_test_accuracy"],
+         "final_test_accuracy": net["final_test_accuracy"],
+         "steps_to_target": summary["steps_without_bn" if name == "without BN" else "steps_with_bn"]}
+        for name, net in summary["nets"].items()
+    ]
+    notes = [f"target: the plain net's best test accuracy, {summary['target_accuracy']:.4f}"]
+    return Report("bngraph reproduce mnist", sections={"results": rows}, facts=facts, notes=notes)
+
+
+def _inception(args: argparse.Namespace) -> Report:
+    # Imported here, not above: `bngraph --help` starts without torch.
+    from bngraph.reproduce.inception import InceptionConfig, reproduce_inception, write_inception
+    from bngraph.training.config import pick_device
+
+    cfg = InceptionConfig(
+        variants=tuple(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip())), steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, test_examples=args.test_examples,
+        seed=args.seed, full=args.full, device=args.device,
+    )
+    result = reproduce_inception(data_from_args(args, pick_device(args.device)), cfg, progress=not args.quiet)
+    write_inception(result, Path(args.output), force=args.force)
+    summary = result.summary
+    facts = {"data": summary["data"], "reference_accuracy": summary["reference_accuracy"],
+             "bn_baseline_step_time_ratio": summary["bn_baseline_step_time_ratio"],
+             "wall_s": summary["wall_s"], "output": args.output}
+    rows = [
+        {"variant": v["paper_name"], "steps_to_reference": v["steps_to_reference"],
+         "best_test_accuracy": v["best_test_accuracy"], "lr": v["lr"], "batchnorms": v["batchnorms"],
+         "images_per_s": v["images_per_s"]}
+        for v in summary["variants"].values()
+    ]
+    notes = ["steps_to_reference: steps to reach the plain Inception's best accuracy"]
+    return Report("bngraph reproduce inception", sections={"results": rows}, facts=facts, notes=notes)

@@ -65,22 +65,20 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import copy
-from dataclasses import asdict
+import contextlib
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from bngraph.commands.common import (
     add_force_argument, add_model_arguments, add_report_arguments, emit, input_paths, load_from_args,
-)  # fmt: skip
+)
 from bngraph.errors import UserError
 from bngraph.report import Report
 
 if TYPE_CHECKING:  # the CLI builds its parser without torch: heavy imports wait for run()
     import torch
 
-MODEL_DIR, PLOT = "model", "inputs.png"
+    from bngraph.training.run_folder import TrainedFolder
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +86,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", metavar="PATH",
         help="MNIST IDX folder, image folder (train/CLASS/*.png, test/...), FILE.npz, CIFAR binary folder, "
         "or FILE.py:make (default: $BNGRAPH_DATA, the cache, a download)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--dataset", default="mnist", choices=("mnist", "fashion-mnist"), help="what an MNIST-format --data holds"
     )
@@ -97,30 +95,30 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--stream-above", type=float, metavar="MB", default=2048.0,
         help="data larger than this (as float32) streams through a DataLoader instead of staying on the "
         "device (default: 2048)",
-    )  # fmt: skip
+    )
     parser.add_argument("--loader-workers", type=int, metavar="N", help="DataLoader processes when streaming "
-                        "(default: one per core, less one, at most 8)")  # fmt: skip
+                        "(default: one per core, less one, at most 8)")
     parser.add_argument("--cifar100-labels", default="fine", choices=("fine", "coarse"), help="(default: fine)")
 
 
 def data_from_args(args: argparse.Namespace, device: torch.device | str = "cpu", *, input_shape=None,
-                   allow_stream: bool = False):  # fmt: skip
+                   allow_stream: bool = False):
     """The data --data names, for a model whose example input has `input_shape`: TensorData on
     `device`, or (with `allow_stream`, above --stream-above) StreamData."""
+    # Imported here, not above: `bngraph --help` starts without torch.
     from bngraph.data import resolve_dataset
-    from bngraph.train import TensorData
+    from bngraph.training.data import TensorData
+    from bngraph.training.data_formats import open_data
 
     if args.data is None:
         return TensorData.from_dataset(resolve_dataset(None, dataset=args.dataset), device)
-    from bngraph.data_formats import open_data
-
     if getattr(args, "loader_workers", None) is not None and args.loader_workers < 0:
         raise UserError(f"--loader-workers must be at least 0, not {args.loader_workers}")
     return open_data(
         args.data, input_shape=input_shape, image_size=getattr(args, "image_size", None), device=device,
         stream_above_mb=args.stream_above if allow_stream else None, workers=getattr(args, "loader_workers", None),
         dataset=args.dataset, cifar100_labels=getattr(args, "cifar100_labels", "fine"),
-    )  # fmt: skip
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--channels-last", action=argparse.BooleanOptionalAction, default=None,
         help="channels_last memory format for 4-d images (default: on CUDA only)",
-    )  # fmt: skip
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the training steps (long runs)")
     parser.add_argument(
         "--deterministic", action="store_true", help="deterministic algorithms: exact --resume on CUDA too"
@@ -160,44 +158,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="record the 15/50/85th percentiles of these nonlinearities' inputs (none named: the last "
         "module) at each evaluation, and plot them to OUT/inputs.png (paper, Figure 1(b, c)); a module "
         "path (act3), or a function or method call named as torch.fx names it (sigmoid_1, block.relu)",
-    )  # fmt: skip
+    )
     parser.add_argument("--track-unit", type=int, default=0, help="which feature or channel to track (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--nproc", type=int, metavar="N",
         help="train with N processes on this host: execs `torchrun --standalone --nproc-per-node=N -m bngraph "
         "train ...` (one GPU each on CUDA). Under torchrun, leave it out",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--sync-bn", action="store_true",
         help="with several processes, make every BatchNorm a SyncBatchNorm: mean and variance over the global "
         "batch (all processes). Without it each process normalizes over its own --batch-size examples, the "
         "paper's setting (BN sees the batch of one device). The saved model has plain BatchNorms either way",
-    )  # fmt: skip
+    )
     add_force_argument(parser, "run folder")
     add_report_arguments(parser)
 
 
-def _decay_every(args, out: Path, steps: int) -> float | None:
-    """An eighth of the run unless given; on --resume, what the run used (its --steps may grow)."""
-    import torch
+def run(args: argparse.Namespace) -> int:
+    # Imported here, not above: `bngraph --help` starts without torch.
+    from bngraph.atomic import run_folder
+    from bngraph.reproduce.recipes import get_recipe
+    from bngraph.training.config import pick_device
+    from bngraph.training.distributed import join
 
-    if args.decay_every is not None:
-        return args.decay_every
-    checkpoint = out / "checkpoint.pt"
-    if args.resume and checkpoint.is_file():
-        try:
-            return torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]["decay_every"]
-        except Exception:  # noqa: BLE001 (train() reports what is wrong with the checkpoint)
-            pass
-    return steps / 8
+    recipe = get_recipe(args.recipe) if args.recipe else None
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, not {args.steps}")
+    device = pick_device(args.device)
+    if args.nproc is not None:
+        _launch(args, device)
+    with join(device) as (ctx, device):
+        # Rank 0 alone writes, to OUT or (when --force replaces an old run) beside it; other
+        # hosts need not have its folder.
+        folder = (run_folder(args.output, force=args.force, resume=args.resume, inputs=input_paths(args))
+                  if ctx.is_main else contextlib.nullcontext(Path(args.output)))
+        with folder as out:
+            return _train(args, recipe, ctx, device, out)
 
 
 def _launch(args: argparse.Namespace, device: torch.device) -> None:
     """--nproc N > 1: become torchrun (this does not return); N = 1: go on in this process."""
+    # Imported here, not above: `bngraph --help` starts without torch.
     import torch
 
-    from bngraph.distributed import exec_torchrun, under_torchrun, without_option
+    from bngraph.training.distributed import exec_torchrun, under_torchrun, without_option
 
     if under_torchrun():
         raise UserError("--nproc launches torchrun; under torchrun leave it out (its --nproc-per-node says how many)")
@@ -209,113 +215,82 @@ def _launch(args: argparse.Namespace, device: torch.device) -> None:
         exec_torchrun(args.nproc, without_option(args.argv, "--nproc"))
 
 
-def run(args: argparse.Namespace) -> int:
-    from bngraph.distributed import join
-    from bngraph.recipes import get_recipe
-    from bngraph.train import pick_device
-
-    recipe = get_recipe(args.recipe) if args.recipe else None
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1, not {args.steps}")
-    device = pick_device(args.device)
-    if args.nproc is not None:
-        _launch(args, device)
-    with join(device) as (ctx, device), _output_folder(args, ctx) as folder:
-        return _run(args, recipe, ctx, device, folder)
-
-
-def _output_folder(args: argparse.Namespace, ctx):
-    """Where this run writes: OUT itself, or beside it when --force replaces an old run (see
-    bngraph.atomic.run_folder). Rank 0 alone writes; other hosts need not have its folder."""
-    import contextlib
-
-    from bngraph.atomic import run_folder
-
-    if not ctx.is_main:
-        return contextlib.nullcontext(Path(args.output))
-    return run_folder(args.output, force=args.force, resume=args.resume, inputs=input_paths(args))
-
-
-def _run(args: argparse.Namespace, recipe, ctx, device: torch.device, out: Path) -> int:
+def _train(args: argparse.Namespace, recipe, ctx, device: torch.device, out: Path) -> int:
+    # Imported here, not above: `bngraph --help` starts without torch.
     import torch
 
-    from bngraph.artifacts import save
-    from bngraph.distributed import from_main, local_main_first
-    from bngraph.passes.convert_bn_to_sync_bn import convert_bn_to_sync_bn
-    from bngraph.plots import plot_tracked_inputs
-    from bngraph.recipes import apply_recipe
-    from bngraph.sync_bn import use_cpu_sync_bn
-    from bngraph.train import TrainConfig, check_model_fits, epochs_to_steps, train
+    from bngraph.reproduce.recipes import apply_recipe
+    from bngraph.training.checkpoint import saved_config
+    from bngraph.training.config import TrainConfig, epochs_to_steps
+    from bngraph.training.data import check_model_fits
+    from bngraph.training.distributed import from_main, local_main_first
+    from bngraph.training.run_folder import train_into_folder
 
-    out_named = Path(args.output)  # `out` is a sibling of it while --force builds a new run
     torch.manual_seed(args.seed)  # the initial weights of a zoo or file model
     loaded = load_from_args(args)
     model, history = loaded.module, list(loaded.history)
     input_shape = loaded.input_shapes[0] if loaded.input_shapes else getattr(model, "example_input_shape", None)
     with local_main_first(ctx):  # one download per host, not one per process
         data = data_from_args(args, device, input_shape=input_shape, allow_stream=True)
-    global_batch = args.batch_size * ctx.world_size
-    steps = args.steps or epochs_to_steps(args.epochs or 2, data.n_train, global_batch)
+    steps = args.steps or epochs_to_steps(args.epochs or 2, data.n_train, args.batch_size * ctx.world_size)
     example = [data.example(2).cpu()]
-    decay_every = from_main(lambda: _decay_every(args, out, steps), ctx)  # rank 0 has the checkpoint
-    hyper = {"lr": args.lr, "weight_decay": args.weight_decay, "decay_every": decay_every}
+
+    def decay_every() -> float | None:
+        """An eighth of the run unless given; on --resume, what the run used (its --steps may grow)."""
+        if args.decay_every is not None:
+            return args.decay_every
+        saved = saved_config(out) if args.resume else None
+        return saved["decay_every"] if isinstance(saved, dict) and "decay_every" in saved else steps / 8
+
+    decay = from_main(decay_every, ctx)  # rank 0 has the checkpoint
     if recipe is not None:
         model, entry = apply_recipe(model, recipe, example)
         history.append(entry)
-        hyper = recipe.scale(**hyper)
     check_model_fits(model, data)
-    plain, sync_bn = model, None
-    if args.sync_bn:
-        plain = copy.deepcopy(model)  # what OUT/model holds: the model with plain BatchNorms
-        sync_bn = convert_bn_to_sync_bn(model)
-        # torch's SyncBatchNorm runs on GPUs only; on the CPU, the same statistics by all-reduce.
-        model = sync_bn.graph if device.type == "cuda" else use_cpu_sync_bn(sync_bn.graph)
-        history.append({"command": "sync-bn", "passes": {"convert_bn_to_sync_bn": sync_bn.summary()}})
     config = TrainConfig(
-        steps=steps, batch_size=args.batch_size, momentum=args.momentum, lr_decay=args.lr_decay,
-        seed=args.seed, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        steps=steps, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        lr_decay=args.lr_decay, decay_every=decay, seed=args.seed, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
         track_inputs=tuple(args.track_inputs) if args.track_inputs is not None else None,
         track_unit=args.track_unit, precision=args.precision, channels_last=args.channels_last,
-        compile=args.compile, deterministic=args.deterministic, **hyper,
-    )  # fmt: skip
-    result = train(model, data, config, out_dir=out, resume=args.resume, device=str(device),
-                   progress=not args.quiet, distributed=ctx)  # fmt: skip
-    if not ctx.is_main:
-        return 0
-    if sync_bn is not None:  # same state-dict keys: the trained state, in BatchNorms again
-        plain.load_state_dict(result.model.state_dict())
-    trained = plain.eval()
+        compile=args.compile, deterministic=args.deterministic,
+    )
+    if recipe is not None:
+        config = recipe.train_config(config)
+    done = train_into_folder(model, data, config, out, history=history, source=args.model, example_inputs=example,
+                             sync_bn=args.sync_bn, resume=args.resume, device=str(device), progress=not args.quiet,
+                             distributed=ctx)
+    if done is not None:  # rank 0
+        emit(_report(args, recipe, data, config, ctx.world_size, done), args)
+    return 0
 
-    history.append({"command": "train", "data": f"{data.name} ({data.source})", "data_format": data.format,
-                    "config": asdict(config), "processes": ctx.world_size})  # fmt: skip
-    # force: a resumed run replaces its own model/, in a folder checked to be a run's
-    save(trained, out / MODEL_DIR, example_inputs=example, history=history, source=args.model, force=True)
+
+def _report(args: argparse.Namespace, recipe, data, config, processes: int, done: TrainedFolder) -> Report:
+    out_named = Path(args.output)  # the run is written beside it while --force builds a new one
+    run, sync_bn = done.run, done.sync_bn
     facts = {
         "model": args.model,
         "recipe": recipe.name if recipe else None,
         "data": f"{data.name} ({data.source})",
         "data_format": data.format,
         "streamed": type(data).__name__ == "StreamData",
-        "device": result.device,
-        "precision": result.precision,
-        "channels_last": result.channels_last,
-        "processes": ctx.world_size,
-        "global_batch_size": global_batch,
+        "device": run.device,
+        "precision": run.precision,
+        "channels_last": run.channels_last,
+        "processes": processes,
+        "global_batch_size": args.batch_size * processes,
         "sync_bn": len(sync_bn.changed) if sync_bn is not None else "off",
         "steps": config.steps,
-        "resumed_from": result.resumed_from,
+        "resumed_from": run.resumed_from,
         "lr": config.lr,
-        "best_test_accuracy": result.best_test_accuracy,
-        "final_test_accuracy": result.metrics[-1]["test_accuracy"],
-        "wall_s": round(result.wall_s, 2),
-        "output": str(out_named / MODEL_DIR),
+        "best_test_accuracy": run.best_test_accuracy,
+        "final_test_accuracy": run.metrics[-1]["test_accuracy"],
+        "wall_s": round(run.wall_s, 2),
+        "output": str(out_named / done.model_dir.name),
     }
-    if config.track_inputs is not None:
-        rows = [r for r in result.metrics if "inputs" in r]
-        quantiles = {name: [r["inputs"][name] for r in rows] for name in rows[-1]["inputs"]}
-        plot_tracked_inputs([r["step"] for r in rows], quantiles, out / PLOT, unit=config.track_unit)
-        facts["inputs_plot"] = str(out_named / PLOT)
-    shown = result.metrics[-1 :: -max(1, len(result.metrics) // 10)][::-1]  # ~10 rows, the last included
+    if done.plot is not None:
+        facts["inputs_plot"] = str(out_named / done.plot.name)
+    shown = run.metrics[-1 :: -max(1, len(run.metrics) // 10)][::-1]  # ~10 rows, the last included
     keys = ("step", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "steps_per_s")
     sections = {"evaluations": [{k: row[k] for k in keys} for row in shown]}
     if sync_bn is not None:
@@ -323,11 +298,5 @@ def _run(args: argparse.Namespace, recipe, ctx, device: torch.device, out: Path)
         sections["passes"] = [{"pass": "convert_bn_to_sync_bn", **counts}]
         if sync_bn.skipped:
             sections["skipped"] = [{"site": s.site, "reason": s.reason} for s in sync_bn.skipped]
-    report = Report(
-        f"bngraph train {args.model}",
-        sections=sections,
-        facts=facts,
-        notes=[f"every evaluation is in {out_named / 'metrics.jsonl'}"],
-    )
-    emit(report, args)
-    return 0
+    notes = [f"every evaluation is in {out_named / 'metrics.jsonl'}"]
+    return Report(f"bngraph train {args.model}", sections=sections, facts=facts, notes=notes)

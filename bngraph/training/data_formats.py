@@ -24,19 +24,27 @@ Data whose float32 images fit under `stream_above_mb` go to the device as whole 
 (`TensorData`: a batch is an index, the fast path). Larger data becomes `StreamData`: a DataLoader
 with worker processes (pinned memory on CUDA) reads the batches the same `EpochSampler` picks, so
 a resumed run still sees the same batches. Bad data is a UserError naming the file.
+
+One module (over 300 lines) because it is one table: each format's reader sits under the
+docstring line that describes it, and `open_data` dispatches over them at the end.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torch import nn
 
+from bngraph.data import FILES, find_idx_file, load_mnist
 from bngraph.errors import UserError
+from bngraph.load import _import_file
+from bngraph.trace import one_line
+from bngraph.training.data import StreamData, TensorData
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 CIFAR10_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
@@ -90,9 +98,7 @@ def detect_format(path: str | Path) -> str:
         raise UserError(f"{path} is a file but not an .npz or a .py factory; --data takes a folder, an .npz or FILE.py:make")
     if not path.is_dir():
         raise UserError(f"data {path} does not exist")
-    from bngraph.data import FILES, _find
-
-    if any(_find(path, name) for name in FILES):
+    if any(find_idx_file(path, name) for name in FILES):
         return "mnist-idx"
     for sub in CIFAR_SUBFOLDERS:
         if (path / sub / "test_batch.bin").is_file():
@@ -273,8 +279,6 @@ def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]], li
 
 def decode_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
     """One image file -> uint8 C,H,W in `mode` (L or RGB), resized to `size` (H, W) if given."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             image = image.convert(mode)
@@ -313,8 +317,6 @@ def image_folder_size(pairs, target: Target) -> tuple[int, int]:
     """--image-size, the model's size, or (if neither is known) the images' one common size."""
     if target.size is not None:
         return target.size
-    from PIL import Image
-
     sizes = {}
     for path, _ in pairs:
         try:
@@ -332,8 +334,6 @@ def image_folder_size(pairs, target: Target) -> tuple[int, int]:
 
 
 def read_factory(text: str):
-    from bngraph.load import _import_file
-
     path_text, _, symbol = text.partition(".py:")
     path = Path(path_text + ".py" if symbol else text).expanduser()
     symbol = symbol or "make"
@@ -346,8 +346,6 @@ def read_factory(text: str):
     try:
         made = make()
     except Exception as err:
-        from bngraph.trace import one_line
-
         raise UserError(f"{path}:{symbol}() failed: {one_line(err)}") from err
     if not (isinstance(made, tuple) and len(made) == 2 and all(hasattr(d, "__getitem__") and hasattr(d, "__len__") for d in made)):
         raise UserError(f"{path}:{symbol}() returned {type(made).__name__}; expected a tuple (train, test) of Datasets")
@@ -405,8 +403,6 @@ def open_data(
 
     `input_shape` is the model's example input (N, C, H, W): its channels and size are what the
     images become. `dataset` names what an MNIST-format folder holds (mnist or fashion-mnist)."""
-    from bngraph.train import StreamData, TensorData
-
     fmt = detect_format(path)
     target = Target.of(input_shape, image_size)
     if image_size is not None and fmt != "image-folder":
@@ -425,18 +421,16 @@ def open_data(
         if fits(len(train.labels) + len(test.labels), int(np.prod(shape))):
             x = [_convert_in_chunks(s.images, target, device) for s in (train, test)]
             return TensorData(x[0], train.labels.to(device), x[1], test.labels.to(device), name, source,
-                              format=fmt, label_file=train.label_file)  # fmt: skip
+                              format=fmt, label_file=train.label_file)
         return StreamData(ArrayDataset(train, target), ArrayDataset(test, target), name, source, format=fmt,
                           num_classes=num_classes, example_shape=shape, label_file=train.label_file,
-                          workers=workers, device=device)  # fmt: skip
+                          workers=workers, device=device)
 
     if fmt == "mnist-idx":
-        from bngraph.data import load_mnist
-
         mnist = load_mnist(Path(path).expanduser(), name=dataset)
         split = lambda x, y, f: Split(x.unsqueeze(1), y, str(Path(path) / f))  # noqa: E731
         return finish(split(mnist.train_images, mnist.train_labels, "train-labels-idx1-ubyte"),
-                      split(mnist.test_images, mnist.test_labels, "t10k-labels-idx1-ubyte"), dataset, str(path))  # fmt: skip
+                      split(mnist.test_images, mnist.test_labels, "t10k-labels-idx1-ubyte"), dataset, str(path))
     if fmt == "npz":
         train, test = read_npz(Path(path).expanduser(), wanted)
         return finish(train, test, Path(path).stem, str(path))
@@ -453,11 +447,11 @@ def open_data(
         where = f"{root / 'train'} ({len(classes)} class folders)"
         if fits(len(train_pairs) + len(test_pairs), int(np.prod(shape))):
             splits = [Split(torch.from_numpy(np.stack([decode_image(p, mode, size) for p, _ in pairs])),
-                            torch.tensor([c for _, c in pairs]), where) for pairs in (train_pairs, test_pairs)]  # fmt: skip
+                            torch.tensor([c for _, c in pairs]), where) for pairs in (train_pairs, test_pairs)]
             return finish(splits[0], splits[1], root.name, str(root))
         return StreamData(ImageFiles(train_pairs, mode, size), ImageFiles(test_pairs, mode, size), root.name,
                           str(root), format=fmt, num_classes=len(classes), example_shape=shape, label_file=where,
-                          workers=workers, device=device)  # fmt: skip
+                          workers=workers, device=device)
     (train_set, test_set), where = read_factory(str(path))
     x0, _ = _item(train_set, 0, where)
     if fits(len(train_set) + len(test_set), x0.numel()):
@@ -474,7 +468,7 @@ def open_data(
         return finish(splits[0], splits[1], Path(where.split(":")[0]).stem, where)
     return StreamData(CheckedLabels(train_set, f"{where} train"), CheckedLabels(test_set, f"{where} test"),
                       Path(where.split(":")[0]).stem, where, format=fmt, num_classes=None,
-                      example_shape=tuple(x0.shape), label_file=where, workers=workers, device=device)  # fmt: skip
+                      example_shape=tuple(x0.shape), label_file=where, workers=workers, device=device)
 
 
 def _convert_in_chunks(images: torch.Tensor, target: Target, device: torch.device, chunk: int = 4096) -> torch.Tensor:
@@ -486,5 +480,8 @@ def _convert_in_chunks(images: torch.Tensor, target: Target, device: torch.devic
     return out
 
 
-def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+def load_data(path, model: nn.Module | None = None, *, input_shape=None, device: str | torch.device = "cpu", **options):
+    """`open_data` with the input shape a model declares (`example_input_shape`)."""
+    if input_shape is None and model is not None:
+        input_shape = getattr(model, "example_input_shape", None)
+    return open_data(path, input_shape=input_shape, device=device, **options)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from bngraph.track import QUANTILES  # Figure 1(b, c)
+from bngraph.training.track import QUANTILES  # Figure 1(b, c)
 
 ACTIVATIONS = {nn.Sigmoid: "sigmoid", nn.ReLU: "relu"}
 

@@ -5,7 +5,7 @@ and sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `join` reads
 initializes torch.distributed (nccl for CUDA, gloo for the CPU). Several hosts are torchrun's
 rendezvous (`--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT`), not ours.
 
-What each rank does (bngraph.train calls these; one process is `SINGLE` and takes no branch):
+What each rank does (bngraph.training.loop calls these; one process is `SINGLE` and takes no branch):
   1. data      every rank holds the data set; batch `step` is one global permutation's slice of
                batch_size x world_size examples, and rank r takes its r-th batch_size part
                (`EpochSampler(rank=, world_size=)`), so each example is seen once per epoch.
@@ -21,7 +21,7 @@ What each rank does (bngraph.train calls these; one process is `SINGLE` and take
 
 A rank that raises exits non-zero; torchrun then stops the others (it watches its workers), and a
 peer waiting on the dead one fails its collective or, at the latest, when PROCESS_GROUP_TIMEOUT_S
-runs out. torch 2.13 cannot run SyncBatchNorm on the CPU: bngraph.sync_bn fills in.
+runs out. torch 2.13 cannot run SyncBatchNorm on the CPU: bngraph.training.sync_bn fills in.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from bngraph.errors import UserError
 
@@ -121,8 +122,6 @@ def wrap(model: nn.Module, ctx: Distributed, device: torch.device) -> nn.Module:
     """
     if not ctx.is_distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -198,7 +197,7 @@ def exec_torchrun(nproc: int, argv: Sequence[str]) -> NoReturn:
     """Replace this process by `torchrun --standalone --nproc-per-node=N -m bngraph ARGV`: a job
     on this host, on a free port, that torchrun supervises (Ctrl-C and failures included)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "bngraph", *argv]  # fmt: skip
+               "-m", "bngraph", *argv]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, command)

@@ -90,7 +90,7 @@ def use_cpu_sync_bn(model: nn.Module) -> nn.Module:
         if type(module) is not nn.SyncBatchNorm:
             continue
         cpu = SyncBatchNormCPU(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats, bias=module.bias is not None)  # fmt: skip
+                               module.track_running_stats, bias=module.bias is not None)
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             setattr(cpu, name, tensor)
         cpu.train(module.training)

@@ -15,18 +15,28 @@ hyperparameters it is given:
 With the paper's base rate of 0.0015 these give its 0.0075 (BN-x5) and 0.045 (BN-x30). The last
 row is the paper's control: Inception with sigmoid and no BN "never gets beyond chance". The
 other items of Sec. 4.2.1 are about data: the batch order is reshuffled every epoch
-(`bngraph.train.EpochSampler`) and no photometric distortions are applied at all.
+(`bngraph.training.EpochSampler`) and no photometric distortions are applied at all.
+
+Recipes live with the experiments, not in `bngraph.training`: building a variant inserts BN
+(`bngraph.insert`, the API), and training only takes the model it is given. A recipe turns the
+base training settings into its own (`Recipe.train_config`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
+from bngraph.api import insert
 from bngraph.errors import UserError
+from bngraph.passes.base import run_passes
+from bngraph.passes.strip_dropout_and_lrn import strip_dropout_and_lrn
+from bngraph.passes.swap_activation import SwapActivation
+from bngraph.trace import trace
+from bngraph.training.config import TrainConfig
 
 PAPER_VARIANTS = ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid")
 CONTROL = "inception-sigmoid"
@@ -50,6 +60,10 @@ class Recipe:
             "weight_decay": weight_decay / self.weight_decay_divisor,
             "decay_every": None if decay_every is None else decay_every / self.decay_speedup,
         }
+
+    def train_config(self, base: TrainConfig) -> TrainConfig:
+        """`base` with this variant's learning rate, weight decay and decay period."""
+        return replace(base, **self.scale(lr=base.lr, weight_decay=base.weight_decay, decay_every=base.decay_every))
 
 
 _SEC_4_2_1 = dict(strip_dropout_and_lrn=True, weight_decay_divisor=5.0, decay_speedup=6.0)
@@ -82,12 +96,6 @@ def apply_recipe(
     The order matters: the activation is swapped first so that `insert` puts its BatchNorms in
     front of the new sigmoids, and dropout/LRN go before BN so no BN is placed around them.
     """
-    from bngraph.api import insert
-    from bngraph.passes.base import run_passes
-    from bngraph.passes.strip_dropout_and_lrn import strip_dropout_and_lrn
-    from bngraph.passes.swap_activation import SwapActivation
-    from bngraph.trace import trace
-
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     entry: dict = {"command": "recipe", "recipe": asdict(recipe), "passes": {}}
     passes = []

@@ -1,0 +1,148 @@
+"""A run's folder and its checkpoint: what a stopped run needs to continue exactly.
+
+A checkpoint holds everything a step depends on that is not a pure function of the step number:
+weights, BN statistics, momentum buffers (and the fp16 loss scale), the RNG that dropout draws
+from, the training sums since the last evaluation, and the metrics so far. Under torchrun rank 0
+writes it, with what differs between ranks (RNG, sums) gathered into it, and sends it on resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bngraph.atomic import check_writable, save_tensors, start_run_folder, write_atomically
+from bngraph.errors import UserError
+from bngraph.trace import one_line
+from bngraph.training.config import TrainConfig
+from bngraph.training.distributed import Distributed, from_main, gather_to_main
+from bngraph.training.sync_bn import has_sync_bn
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "bngraph-checkpoint-1"
+
+
+def open_run_folder(out_dir: Path | None, resume: bool) -> None:
+    """Check that `out_dir` can hold this run (a new one, or the one to resume) and prepare it.
+    Rank 0's job: it alone reads and writes the run folder."""
+    checkpoint_path = None if out_dir is None else out_dir / CHECKPOINT
+    if out_dir is not None:
+        check_writable(out_dir)
+    if resume and (checkpoint_path is None or not checkpoint_path.is_file()):
+        missing = checkpoint_path or "no run folder"
+        raise UserError(f"nothing to resume: {missing} does not exist (start without --resume)")
+    if not resume and checkpoint_path is not None and checkpoint_path.exists():
+        raise UserError(f"{out_dir} holds a run already: add --resume to continue it, or choose another -o")
+    if out_dir is not None:
+        start_run_folder(out_dir, resume=resume)  # new, empty or a run's: never a user's folder
+
+
+def saved_config(out_dir: Path) -> dict | None:
+    """The settings the run in `out_dir` was started with, or None (no checkpoint, or unreadable:
+    resuming reports that)."""
+    path = Path(out_dir) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["config"]
+    except Exception:  # noqa: BLE001 (train() reports what is wrong with the checkpoint)
+        return None
+
+
+def save_checkpoint(path: Path, *, step: int, elapsed_s: float, config: TrainConfig, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, scaler, interval: dict, metrics: list[dict],
+                    ctx: Distributed, on_gpu: bool) -> None:
+    """Write the checkpoint of `step` (a collective: every rank calls it at the same step)."""
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if on_gpu else {})}
+    # What differs between ranks goes in too.
+    on_cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in interval.items()}
+    ranks = gather_to_main({"rng": rng, "interval": on_cpu}, ctx)
+    if not ctx.is_main:
+        return
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "config": asdict(config),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng,
+        "interval": interval,
+        "metrics": metrics,
+        "elapsed_s": elapsed_s,
+        "world_size": ctx.world_size,
+        "sync_bn": has_sync_bn(model),
+        **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+        **({"ranks": ranks} if ctx.is_distributed else {}),
+    }
+    write_atomically(path, lambda tmp: save_tensors(state, tmp), replace_own=True)
+
+
+@dataclass
+class Resumed:
+    """Where a resumed run stands, beside the model, optimizer and RNG it restored."""
+
+    step: int
+    metrics: list[dict]
+    elapsed_s: float  # the time the run had taken before
+    interval: dict  # the training sums since its last evaluation, on the device
+
+
+def resume_from_checkpoint(out_dir: Path, *, config: TrainConfig, model: nn.Module,
+                           optimizer: torch.optim.Optimizer, scaler, ctx: Distributed,
+                           dev: torch.device) -> Resumed:
+    """Restore model, optimizer, loss scale and RNG from the checkpoint in `out_dir`, after
+    checking it is of this run: the same model, settings, process count and --sync-bn."""
+    path = None if out_dir is None else out_dir / CHECKPOINT  # rank 0 has refused a resume without one
+
+    def load() -> dict:
+        # Under torchrun rank 0 reads the file and sends it: other hosts need no copy of it.
+        try:
+            return torch.load(path, map_location="cpu" if ctx.is_distributed else dev, weights_only=True)
+        except Exception as err:
+            raise UserError(f"cannot read {path}: {one_line(err)}") from None
+
+    state = from_main(load, ctx)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a bngraph training checkpoint")
+    ran_as = state.get("world_size", 1)
+    if ran_as != ctx.world_size:
+        raise UserError(f"the run in {out_dir} ran as {ran_as} process(es), not {ctx.world_size}: "
+                        "resume it with as many (they decide the batches)")
+    if state.get("sync_bn", False) != has_sync_bn(model):
+        was = "was" if state.get("sync_bn") else "was not"
+        raise UserError(f"the run in {out_dir} {was} trained with --sync-bn; resume it the same way")
+    changes = config_changes(state["config"], config)
+    if changes:
+        raise UserError(f"--resume with other settings than the run in {out_dir}: {'; '.join(changes)}")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise UserError(f"--resume: the checkpoint in {out_dir} is of another model: {one_line(err)}") from None
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    own = state["ranks"][ctx.rank] if ctx.is_distributed else state  # this rank's RNG and sums
+    torch.set_rng_state(own["rng"]["cpu"].cpu())
+    if dev.type == "cuda" and "cuda" in own["rng"]:
+        torch.cuda.set_rng_state(own["rng"]["cuda"].cpu())
+    step = int(state["step"])
+    interval = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in own["interval"].items()}
+    if step >= config.steps:
+        raise UserError(f"the run in {out_dir} has done {step} steps already; ask for more with --steps")
+    return Resumed(step, list(state["metrics"]), float(state["elapsed_s"]), interval)
+
+
+def config_changes(saved: dict, config: TrainConfig) -> list[str]:
+    """The settings `config` changes from the run's, other than those a resume may change."""
+    now = asdict(config)
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    # A setting added since the checkpoint was written had its default then.
+    then = {k: saved.get(k, TrainConfig.__dataclass_fields__[k].default) for k in now}
+    return [
+        f"{k}: {then[k]!r} then, {now[k]!r} now"
+        for k in now
+        if k not in TrainConfig.RESUMABLE_CHANGES and then[k] != now[k]
+    ]

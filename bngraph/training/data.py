@@ -1,0 +1,182 @@
+"""What a run trains on: a dataset as device tensors or as streamed Datasets, and its batches.
+
+MNIST-sized data lives on the device as whole tensors (`TensorData`) and a batch is an index into
+them, so a step does no Python data loading. Larger data (`StreamData`) goes through a DataLoader
+in the same batches. Either way the batch of a step is a pure function of (seed, step)
+(`EpochSampler`): a resumed run sees the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bngraph.errors import UserError, model_raised
+
+
+class EpochSampler:
+    """Batch `step` of a run that reshuffles the training set every epoch (Sec. 4.2.1: "shuffle
+    training examples more thoroughly"). A pure function of (seed, step): resuming needs no
+    sampler state, and two nets given the same seed see the same batches.
+
+    With `world_size` processes, step s is the global batch of `batch_size * world_size` that
+    one process would take, and `rank` gets its rank-th slice: the ranks' batches are disjoint,
+    each example comes once per epoch, and their union is the one-process batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu",
+                 rank: int = 0, world_size: int = 1):
+        if batch_size * world_size > n:
+            times = f" x {world_size} processes" if world_size > 1 else ""
+            raise UserError(f"--batch-size {batch_size}{times} is larger than the {n} training examples")
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = n // (batch_size * world_size)  # the last partial batch is dropped
+        self._epoch, self._order = -1, None
+
+    def order(self, epoch: int) -> torch.Tensor:
+        # The CPU generator keeps 32 bits of a seed: mix seed and epoch into those 32.
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{epoch}".encode()))
+        return torch.randperm(self.n, generator=gen).to(self.device)
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, self.order(epoch)
+        lo = (i * self.world_size + self.rank) * self.batch_size
+        return self._order[lo : lo + self.batch_size]
+
+
+@dataclass
+class TensorData:
+    """A whole image-classification dataset as tensors on one device."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    name: str = "data"
+    source: str = "tensors"
+    format: str = "tensors"  # how it was read (bngraph.training.data_formats), for the run's metadata
+    label_file: str = ""  # where the training labels come from, for errors
+
+    @classmethod
+    def from_dataset(cls, dataset, device: torch.device | str = "cpu") -> TensorData:
+        return cls(*dataset.as_float(device), name=dataset.name, source=dataset.source, format="mnist-idx",
+                   label_file=dataset.source)
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.y_train.max(), self.y_test.max())) + 1
+
+    @property
+    def n_train(self) -> int:
+        return len(self.x_train)
+
+    def example(self, n: int = 2) -> torch.Tensor:
+        return self.x_train[:n]
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class StreamData:
+    """Data too large for the device: torch Datasets of (image, label), read by a DataLoader with
+    worker processes (pinned memory on CUDA), in the batches `EpochSampler` picks."""
+
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    name: str = "data"
+    source: str = "datasets"
+    format: str = "stream"
+    num_classes: int | None = None  # None: unknown until the model says (a factory's Datasets)
+    example_shape: tuple[int, ...] | None = None
+    label_file: str = ""
+    workers: int | None = None  # None: one per core, less one, at most 8
+    device: torch.device | str = "cpu"
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    def example(self, n: int = 2) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(self.train[i][0], dtype=torch.float32) for i in range(n)])
+
+    def loader(self, dataset, *, batch_sampler=None, batch_size: int = 1, pin: bool = False, persistent: bool = False):
+        workers = default_workers() if self.workers is None else self.workers
+        batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
+        return torch.utils.data.DataLoader(dataset, num_workers=workers, pin_memory=pin,
+                                           persistent_workers=persistent and workers > 0, **batching)
+
+
+class _StepBatches:
+    """The index batches of steps [start, stop), for a DataLoader's batch_sampler."""
+
+    def __init__(self, sampler: EpochSampler, start: int, stop: int):
+        self.sampler, self.start, self.stop = sampler, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield self.sampler(step).tolist()
+
+
+def user_error_from_worker(err: UserError) -> UserError:
+    """A UserError raised in a DataLoader worker comes back wrapped in its traceback: keep its line."""
+    last = str(err).strip().splitlines()[-1]
+    return UserError(last.split("UserError: ", 1)[-1])
+
+
+def step_batches(data: TensorData | StreamData, sampler: EpochSampler, start: int, stop: int,
+                 dev: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) of each step from `start`: an index into device tensors, or a DataLoader's batch."""
+    if isinstance(data, TensorData):
+        for step in range(start, stop):
+            index = sampler(step)
+            yield data.x_train[index], data.y_train[index]
+        return
+    loader = data.loader(data.train, batch_sampler=_StepBatches(sampler, start, stop), pin=dev.type == "cuda")
+    batches = iter(loader)
+    while True:
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            return
+        except UserError as err:
+            raise user_error_from_worker(err) from None
+        yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+
+
+def check_model_fits(model: nn.Module, data: TensorData | StreamData) -> None:
+    """Run two training images through `model`: a wrong input or output shape is the user's, and
+    so is a label the model has no output for."""
+    was_training = model.training
+    example = data.example(2)
+    device = next(iter(model.parameters()), example).device
+    try:
+        with torch.no_grad():
+            logits = model.eval()(example.to(device))
+    except Exception as err:
+        shape = "x".join(map(str, example.shape[1:]))
+        raise model_raised(err, failed=f"the model cannot take {data.name} images ({shape}) from {data.source}") from err
+    finally:
+        model.train(was_training)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise UserError(f"the model's output is {got}; training on {data.name} needs logits of shape (N, classes)")
+    outputs = logits.shape[1]
+    if data.num_classes is None:  # a factory's streamed labels: checked as they come
+        data.train.num_classes = data.test.num_classes = outputs
+    elif outputs < data.num_classes:
+        raise UserError(
+            f"{data.label_file or data.source}: label {data.num_classes - 1} is out of range for the model's "
+            f"{outputs} outputs; training on {data.name} needs logits of shape (N, {data.num_classes})"
+        )

@@ -1,0 +1,331 @@
+"""Train a classifier on in-memory images: SGD with momentum, checkpoints that resume exactly.
+
+    data = TensorData.from_dataset(resolve_dataset(None), device)
+    run = train(model, data, TrainConfig(steps=2000, lr=0.01), out_dir=Path("run"))
+
+Everything a step depends on is either saved in the checkpoint (`bngraph.training.checkpoint`) or
+a pure function of the step number (the batch, `EpochSampler`; the learning rate,
+`TrainConfig.lr_at`). So a run stopped at any checkpoint and resumed performs the same operations
+on the same values and ends with bit-identical weights (tests/test_train.py kills one and checks
+with torch.equal). That holds on the CPU; on a GPU, only as far as its kernels are deterministic
+(`torch.use_deterministic_algorithms`), since some backward kernels accumulate with atomics.
+
+`out_dir` holds `checkpoint.pt` and `metrics.jsonl`, each rewritten atomically: one JSON object
+per evaluation (step, learning rate, train/test loss and accuracy, steps per second and, with
+`track_inputs`, the 15/50/85th percentiles of chosen nonlinearities' inputs, Figure 1(b, c)).
+
+`train` reads as its steps: open the run folder, set up (precision, optimizer, batches), resume or
+seed, then the loop, whose step and evaluation are functions of their own. The module stays one
+(over 300 lines) so that the loop and everything it calls read in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from bngraph.errors import CheckFailed
+from bngraph.training.checkpoint import CHECKPOINT, open_run_folder, resume_from_checkpoint, save_checkpoint
+from bngraph.training.config import PRECISIONS, TrainConfig, pick_device
+from bngraph.training.data import EpochSampler, StreamData, TensorData, step_batches
+from bngraph.training.data_formats import load_data
+from bngraph.training.distributed import SINGLE, Distributed, broadcast_buffers, sum_over_ranks, wrap
+from bngraph.training.metrics import METRICS, evaluate_shared, interval_means, new_interval, write_metrics
+from bngraph.training.track import InputTracker
+
+
+@dataclass
+class TrainRun:
+    """What `train` returns: the trained model, one metrics row per evaluation, the time taken."""
+
+    model: nn.Module  # trained, on the CPU, in eval mode
+    metrics: list[dict] = field(default_factory=list)
+    wall_s: float = 0.0
+    resumed_from: int | None = None
+    device: str = "cpu"
+    precision: str = "fp32"  # as resolved for the device
+    channels_last: bool = False
+
+    @property
+    def best_test_accuracy(self) -> float:
+        return max((row["test_accuracy"] for row in self.metrics), default=float("nan"))
+
+
+@dataclass
+class _Setup:
+    """What the loop works with, resolved for the device and the data."""
+
+    precision: str
+    channels_last: bool
+    amp: Callable[[], contextlib.AbstractContextManager]
+    scaler: torch.amp.GradScaler | None
+    optimizer: torch.optim.SGD
+    sampler: EpochSampler
+    test_loader: torch.utils.data.DataLoader | None
+    tracker: InputTracker | None
+
+
+def train(
+    model: nn.Module,
+    data: TensorData | StreamData | str | Path,
+    config: TrainConfig,
+    *,
+    out_dir: Path | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    label: str = "train",
+    on_eval: Callable[[dict], None] | None = None,
+    distributed: Distributed = SINGLE,
+) -> TrainRun:
+    """Train `model` in place on `data` (on its device) and return it on the CPU, in eval mode.
+
+    `data` may be a path (any format of `bngraph.training.data_formats`, read for the model's
+    declared `example_input_shape`). `config.precision` and `config.channels_last` default to
+    bf16 autocast and channels_last on CUDA, fp32 and the default layout elsewhere; fp16 uses a
+    GradScaler. With `out_dir`, checkpoints and metrics go there, and `resume=True` continues from
+    its checkpoint. `on_eval(row)` sees each metrics row as it is written (and may raise to stop).
+    Under torchrun (`distributed` from `bngraph.training.distributed.join`), every rank calls this
+    with the same arguments; rank 0 alone reads and writes `out_dir` (see
+    bngraph.training.distributed).
+    """
+    dev = pick_device(device)
+    ctx = distributed
+    out_dir = None if out_dir is None else Path(out_dir)
+    if ctx.is_main:  # rank 0 alone reads and writes the run folder
+        open_run_folder(out_dir, resume)
+    if isinstance(data, (str, Path)):
+        data = load_data(data, model, device=dev)
+    setup = _set_up(model, data, config, dev, ctx)
+    if resume:
+        resumed = resume_from_checkpoint(out_dir, config=config, model=model, optimizer=setup.optimizer,
+                                         scaler=setup.scaler, ctx=ctx, dev=dev)
+        start, metrics, elapsed_before, interval = resumed.step, resumed.metrics, resumed.elapsed_s, resumed.interval
+    else:
+        # Dropout draws from the global generator; other ranks' masks must differ from rank 0's.
+        torch.manual_seed(config.seed if ctx.is_main else zlib.crc32(f"{config.seed}:rank{ctx.rank}".encode()))
+        start, metrics, elapsed_before, interval = 0, [], 0.0, new_interval(dev)
+    checkpoint_every = config.checkpoint_every or config.eval_every
+
+    started = time.perf_counter()
+    window_start, window_steps = started, 0
+    net = wrap(model, ctx, dev)  # DDP under torchrun: a step's gradients are the global batch's
+    if config.compile:
+        net = torch.compile(net)  # the training steps; evaluation runs the model as it is
+    batches = step_batches(data, setup.sampler, start, config.steps, dev)
+    checked_at = last_eval = start  # the loss is looked at where it reaches the CPU anyway
+    saved_at = start if resume and out_dir is not None else None
+    with _stop_requests(not ctx.is_distributed) as stop_requested, \
+            _progress_bar(progress and ctx.is_main, label) as bar, _deterministic(config.deterministic):
+        task = bar.add_task("train", total=config.steps, completed=start, loss="-", acc="-", test="-", rate="-")
+        for step in range(start, config.steps):
+            lr = config.lr_at(step)
+            _train_step(net, next(batches), lr, setup, interval)
+            done, window_steps = step + 1, window_steps + 1
+
+            is_eval = done % config.eval_every == 0 or done == config.steps
+            if is_eval or done % 25 == 0:
+                now = time.perf_counter()
+                rate = window_steps / max(now - window_start, 1e-9)
+                train_loss, train_accuracy = interval_means(interval, config.batch_size)
+                if not ctx.is_distributed:  # under torchrun all ranks stop together, below
+                    _stop_if_diverged(train_loss, checked_at, done, config.lr, out_dir, saved_at)
+                checked_at = done
+                bar.update(task, completed=done, loss=f"{train_loss:.3f}", acc=f"{train_accuracy:.3f}",
+                           rate=f"{rate:.0f}")
+            if is_eval:
+                row = _evaluation_row(model, data, config, setup, ctx, interval, done, lr, rate,
+                                      elapsed_before + time.perf_counter() - started)
+                _stop_if_diverged(row["train_loss"], last_eval, done, config.lr, out_dir, saved_at)  # the same on every rank
+                last_eval = done
+                metrics.append(row)
+                interval = new_interval(dev)
+                bar.update(task, test=f"{row['test_accuracy']:.4f}")
+                window_start, window_steps = time.perf_counter(), 0
+                if out_dir is not None and ctx.is_main:
+                    write_metrics(out_dir / METRICS, metrics)
+                if on_eval is not None:
+                    on_eval(row)
+            stopping = stop_requested()
+            if out_dir is not None and (done % checkpoint_every == 0 or done == config.steps or stopping):
+                save_checkpoint(out_dir / CHECKPOINT, step=done, elapsed_s=elapsed_before + time.perf_counter() - started,
+                                config=config, model=model, optimizer=setup.optimizer, scaler=setup.scaler,
+                                interval=interval, metrics=metrics, ctx=ctx, on_gpu=dev.type == "cuda")
+                saved_at = done
+            if stopping:
+                where = f"; resume with --resume (checkpoint in {out_dir})" if out_dir is not None else ""
+                raise KeyboardInterrupt(f"stopped after step {done}{where}")  # the CLI's one line
+    model.to("cpu", memory_format=torch.contiguous_format).eval()
+    return TrainRun(model, metrics, elapsed_before + time.perf_counter() - started, start if resume else None,
+                    str(dev), setup.precision, setup.channels_last)
+
+
+def _set_up(model: nn.Module, data: TensorData | StreamData, config: TrainConfig, dev: torch.device,
+            ctx: Distributed) -> _Setup:
+    """Put the model on the device in its training layout, and make the optimizer, the loss
+    scaler, the batch sampler, the streamed test loader and the input tracker."""
+    on_gpu = dev.type == "cuda"
+    precision = config.precision or ("bf16" if on_gpu else "fp32")
+    channels_last = (on_gpu if config.channels_last is None else config.channels_last) and data.example(1).dim() == 4
+    model.to(dev, memory_format=torch.channels_last) if channels_last else model.to(dev)
+    model.train()
+    amp_dtype = PRECISIONS[precision]
+    amp = (lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
+    # fp16's range is narrow: a loss scale keeps small gradients from flushing to zero.
+    scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
+    # SGD's weight decay is L2 regularization, as the paper's "L2 weight regularization".
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    streamed = isinstance(data, StreamData)
+    sampler = EpochSampler(data.n_train, config.batch_size, config.seed, "cpu" if streamed else dev, ctx.rank,
+                           ctx.world_size)
+    test_loader = None
+    if streamed:
+        shard = torch.utils.data.Subset(data.test, range(ctx.rank, len(data.test), ctx.world_size))
+        test_loader = data.loader(shard, batch_size=max(config.batch_size, 256), pin=on_gpu, persistent=True)
+    tracker = None
+    if config.track_inputs is not None:  # two examples find the nonlinearities called as functions
+        example = [data.example(2).to(dev)]
+        tracker = InputTracker(model, config.track_inputs, config.track_unit, example_inputs=example)
+    return _Setup(precision, channels_last, amp, scaler, optimizer, sampler, test_loader, tracker)
+
+
+def _train_step(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], lr: float, setup: _Setup,
+                interval: dict) -> None:
+    """One SGD step at `lr` on `batch`, its loss and hits added to `interval`."""
+    for group in setup.optimizer.param_groups:
+        group["lr"] = lr
+    x, y = batch
+    if setup.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with setup.amp():
+        logits = net(x)
+    loss = F.cross_entropy(logits.float(), y)
+    setup.optimizer.zero_grad(set_to_none=True)
+    if setup.scaler is not None:
+        setup.scaler.scale(loss).backward()
+        setup.scaler.step(setup.optimizer)
+        setup.scaler.update()
+    else:
+        loss.backward()
+        setup.optimizer.step()
+    interval["loss"] += loss.detach().double()
+    interval["correct"] += (logits.detach().argmax(1) == y).sum()
+    interval["steps"] += 1
+
+
+def _evaluation_row(model: nn.Module, data: TensorData | StreamData, config: TrainConfig, setup: _Setup,
+                    ctx: Distributed, interval: dict, done: int, lr: float, rate: float, elapsed_s: float) -> dict:
+    """The metrics row of step `done`: the test set's loss and accuracy, the training batches'
+    since the last evaluation (over all ranks) and, with a tracker, the tracked quantiles."""
+    broadcast_buffers(model, ctx)  # the running statistics rank 0 saves are the ones tested
+    # Under torchrun each rank tests (and tracks) its share; rank 0's quantiles are written.
+    with setup.tracker.recording() if setup.tracker else contextlib.nullcontext():
+        test_loss, test_accuracy = evaluate_shared(model, data, ctx, setup.amp, setup.test_loader)
+    loss_sum, correct = sum_over_ranks([interval["loss"], interval["correct"]], ctx)
+    totals = {**interval, "loss": loss_sum, "correct": correct}
+    train_loss, train_accuracy = interval_means(totals, config.batch_size, ctx.world_size)
+    row = {
+        "step": done,
+        "epoch": round(done / setup.sampler.steps_per_epoch, 4),
+        "lr": lr,
+        "train_loss": train_loss,
+        "train_accuracy": train_accuracy,
+        "test_loss": test_loss,
+        "test_accuracy": test_accuracy,
+        "steps_per_s": round(rate, 2),
+        "elapsed_s": round(elapsed_s, 3),
+    }
+    if setup.tracker:
+        row["inputs"] = setup.tracker.quantiles()
+    return row
+
+
+@contextlib.contextmanager
+def _stop_requests(enabled: bool = True) -> Iterator[Callable[[], bool]]:
+    """SIGINT/SIGTERM ask the loop to stop after the current step, so that the checkpoint it
+    writes then is of a whole step (an exception in the middle of `optimizer.step` is not).
+    Not under torchrun: a signal reaches the ranks at different steps, and a checkpoint needs
+    them all; a stopped job resumes from its last scheduled checkpoint."""
+    requested = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def ask(signum, frame):
+        if requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    for s in previous:
+        signal.signal(s, ask)
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    """torch.use_deterministic_algorithms for the run: on CUDA, what makes a resume exact."""
+    if not enabled:
+        yield
+        return
+    # cuBLAS reads this when it starts; without it deterministic mode refuses CUDA matmuls.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+
+
+def _progress_bar(enabled: bool, label: str) -> Progress:
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  test {task.fields[test]}"),
+        TextColumn("{task.fields[rate]} steps/s"),
+        TimeRemainingColumn(),
+        console=Console(file=sys.stderr),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def _stop_if_diverged(mean_loss: float, since: int, step: int, lr: float, out_dir, saved_at: int | None) -> None:
+    """A loss that is not finite never comes back: stop before it reaches a checkpoint."""
+    if math.isfinite(mean_loss):
+        return
+    steps = f"step {step}" if step - since == 1 else f"steps {since + 1}-{step}"
+    if out_dir is None:
+        kept = ""
+    elif saved_at is None:
+        kept = "; nothing of this run is kept"
+    else:
+        kept = f"; {out_dir} keeps the checkpoint of step {saved_at}, from before"
+    raise CheckFailed(
+        f"training diverged: the training loss is {mean_loss} (mean over {steps}) at --lr {lr:g}; lower --lr{kept}"
+    )

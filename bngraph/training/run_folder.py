@@ -1,0 +1,84 @@
+"""What `bngraph train` leaves in its run folder: the trained model as an artifact, the plot.
+
+    done = train_into_folder(model, data, config, out, history=history, source="zoo:mnist-mlp")
+
+Beside `train`'s checkpoint and metrics, OUT/model is the trained model (with plain BatchNorms,
+though `sync_bn` trained it with SyncBatchNorms) for `bngraph fold`, export and verify, and with
+`config.track_inputs` OUT/inputs.png draws the tracked percentiles (Figure 1(b, c)).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bngraph.artifacts import save
+from bngraph.passes.base import PassResult
+from bngraph.passes.convert_bn_to_sync_bn import convert_bn_to_sync_bn
+from bngraph.training.config import TrainConfig
+from bngraph.training.data import StreamData, TensorData
+from bngraph.training.distributed import SINGLE, Distributed
+from bngraph.training.loop import TrainRun, train
+from bngraph.training.plots import plot_tracked_inputs
+from bngraph.training.sync_bn import use_cpu_sync_bn
+
+MODEL_DIR, PLOT = "model", "inputs.png"
+
+
+@dataclass
+class TrainedFolder:
+    """What `train_into_folder` did: `train`'s result, and the SyncBatchNorm conversion if any."""
+
+    run: TrainRun
+    sync_bn: PassResult | None
+    model_dir: Path  # OUT/model
+    plot: Path | None  # OUT/inputs.png, when inputs were tracked
+
+
+def train_into_folder(
+    model: nn.Module,
+    data: TensorData | StreamData,
+    config: TrainConfig,
+    out: Path,
+    *,
+    history: Sequence[dict],
+    source: str,
+    example_inputs: Sequence[torch.Tensor],
+    sync_bn: bool = False,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    distributed: Distributed = SINGLE,
+) -> TrainedFolder | None:
+    """`train` into `out`, then save OUT/model with `history` and this run's entry; None on the
+    ranks other than 0 (they write nothing). `sync_bn` trains with SyncBatchNorms, on the CPU
+    through `bngraph.training.sync_bn`."""
+    history = list(history)
+    plain, converted = model, None
+    if sync_bn:
+        plain = copy.deepcopy(model)  # what OUT/model holds: the model with plain BatchNorms
+        converted = convert_bn_to_sync_bn(model)
+        # torch's SyncBatchNorm runs on GPUs only; on the CPU, the same statistics by all-reduce.
+        model = converted.graph if torch.device(device).type == "cuda" else use_cpu_sync_bn(converted.graph)
+        history.append({"command": "sync-bn", "passes": {"convert_bn_to_sync_bn": converted.summary()}})
+    ctx = distributed
+    run = train(model, data, config, out_dir=out, resume=resume, device=device, progress=progress, distributed=ctx)
+    if not ctx.is_main:
+        return None
+    if converted is not None:  # same state-dict keys: the trained state, in BatchNorms again
+        plain.load_state_dict(run.model.state_dict())
+    history.append({"command": "train", "data": f"{data.name} ({data.source})", "data_format": data.format,
+                    "config": asdict(config), "processes": ctx.world_size})
+    # force: a resumed run replaces its own model/, in a folder checked to be a run's
+    save(plain.eval(), out / MODEL_DIR, example_inputs=example_inputs, history=history, source=source, force=True)
+    plot = None
+    if config.track_inputs is not None:
+        rows = [r for r in run.metrics if "inputs" in r]
+        quantiles = {name: [r["inputs"][name] for r in rows] for name in rows[-1]["inputs"]}
+        plot = plot_tracked_inputs([r["step"] for r in rows], quantiles, out / PLOT, unit=config.track_unit)
+    return TrainedFolder(run, converted, out / MODEL_DIR, plot)
