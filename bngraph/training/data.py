@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -79,6 +79,13 @@ class TensorData:
 
     def example(self, n: int = 2) -> torch.Tensor:
         return self.x_train[:n]
+
+    def to(self, device: torch.device) -> TensorData:
+        """These tensors on `device` (self when they are there already)."""
+        if self.x_train.device == device:
+            return self
+        moved = [t.to(device) for t in (self.x_train, self.y_train, self.x_test, self.y_test)]
+        return replace(self, x_train=moved[0], y_train=moved[1], x_test=moved[2], y_test=moved[3])
 
 
 def default_workers() -> int:

@@ -93,7 +93,7 @@ def train(
     on_eval: Callable[[dict], None] | None = None,
     distributed: Distributed = SINGLE,
 ) -> TrainRun:
-    """Train `model` in place on `data` (on its device) and return it on the CPU, in eval mode.
+    """Train `model` in place on `data` (moved to the device when it is elsewhere) and return it on the CPU, in eval mode.
 
     `data` may be a path (any format of `bngraph.training.data_formats`, read for the model's
     declared `example_input_shape`). `config.precision` and `config.channels_last` default to
@@ -111,6 +111,8 @@ def train(
         open_run_folder(out_dir, resume)
     if isinstance(data, (str, Path)):
         data = load_data(data, model, device=dev)
+    elif isinstance(data, TensorData):  # tensors made on the CPU, a run on CUDA: found on a GPU
+        data = data.to(dev)
     setup = _set_up(model, data, config, dev, ctx)
     if resume:
         resumed = resume_from_checkpoint(out_dir, config=config, model=model, optimizer=setup.optimizer,
