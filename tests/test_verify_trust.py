@@ -210,7 +210,10 @@ def two_output_onnx() -> bytes:
         [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["batch", 3]) for n in ("scores", "probs")],
         [w],
     )
-    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]).SerializeToString()
+    # IR 8 is opset 17's; make_model's default is the onnx package's newest (14 in onnx 1.23),
+    # which an older onnxruntime refuses to load (1.30 reads up to 13).
+    model = onnx.helper.make_model(graph, ir_version=8, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    return model.SerializeToString()
 
 
 def test_an_onnx_graph_is_paired_by_position_and_counts_are_checked():
@@ -259,7 +262,8 @@ def bn_then_mean_onnx() -> bytes:
         [onnx.helper.make_tensor_value_info("loss", onnx.TensorProto.FLOAT, [])],
         [init("W", 4, 3, 3, 3), init("gamma", 4), init("beta", 4), init("mean", 4), init("var", 4, low=0.5)],
     )
-    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]).SerializeToString()
+    model = onnx.helper.make_model(graph, ir_version=8, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    return model.SerializeToString()
 
 
 def test_a_0d_output_verifies_exports_and_folds_in_onnx(tmp_path):
