@@ -52,6 +52,9 @@ def _normalized_axes(bn_model, bn_path, x, feature_dims):
     with torch.no_grad():
         bn.weight.fill_(1)
         bn.bias.zero_()
+    # Variance 1 to fp32 rounding: with eps a feature of batch variance v comes out as v / (v + eps),
+    # and an LSTM's h_n has features of v ~ 1e-3 for a third of the global seeds (test order decides).
+    bn.eps = 1e-12  # torch wants it positive
     act_inputs = []
     act = next(n for n in bn_model.graph.nodes if n.op == "call_module" and n.target == bn_path)
     # the value the activation reads: follow the BN's single-user chain (transpose/unflatten back)
