@@ -33,8 +33,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def train_args(data, out, *extra, model="SmallConvNet") -> list[str]:
+    # --device cpu: the CPU processes with gloo that this file is about; on a host with a GPU, auto
+    # would pick CUDA, and --nproc 2 needs two GPUs there.
     return ["train", f"{MODELS}:{model}", "--data", str(data), "--batch-size", str(BATCH), "--lr", "0.1",
-            "--decay-every", "4", "--eval-every", "1", "--quiet", "-o", str(out), *extra]  # fmt: skip
+            "--decay-every", "4", "--eval-every", "1", "--device", "cpu", "--quiet",
+            "-o", str(out), *extra]  # fmt: skip
 
 
 def bngraph_cli(*args) -> list[str]:
