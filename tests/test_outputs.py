@@ -320,7 +320,9 @@ def test_sigterm_ends_reproduce_and_its_workers_and_leaves_nothing(tmp_path):
     out = tmp_path / "repro"
     data = tmp_path / "mnist"
     write_learnable(data, n_train=600, n_test=100)
-    argv = ["reproduce", "mnist", "--data", str(data), "--steps", "10000000", "-o", str(out), "--quiet"]
+    # --device cpu: CPU worker processes (on a GPU every net trains in the one process).
+    argv = ["reproduce", "mnist", "--data", str(data), "--steps", "10000000", "--device", "cpu",
+            "-o", str(out), "--quiet"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "bngraph", *argv], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: len(_children(proc.pid)) >= 2, proc)  # its training workers run

@@ -65,7 +65,8 @@ def test_mnist_writes_figure_summary_table_and_the_trained_nets(tmp_path, data):
 
 
 def test_worker_processes_train_the_same_nets_as_one_process(data):
-    cfg = MnistConfig(steps=30, eval_every=10, batch_size=20, seeds=2, lr=0.2)
+    # The CPU: on a GPU every net trains in one process (workers=1).
+    cfg = MnistConfig(steps=30, eval_every=10, batch_size=20, seeds=2, lr=0.2, device="cpu")
     one = reproduce_mnist(data, MnistConfig(**{**cfg.__dict__, "workers": 1}), progress=False)
     two = reproduce_mnist(data, MnistConfig(**{**cfg.__dict__, "workers": 2}), progress=False)
     assert two.workers == 2 and one.steps == two.steps == [10, 20, 30]
