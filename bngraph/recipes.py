@@ -82,7 +82,7 @@ def apply_recipe(
     The order matters: the activation is swapped first so that `insert` puts its BatchNorms in
     front of the new sigmoids, and dropout/LRN go before BN so no BN is placed around them.
     """
-    from bngraph.api import insert
+    from bngraph.insert import insert
     from bngraph.passes.base import run_passes
     from bngraph.passes.strip_dropout_and_lrn import strip_dropout_and_lrn
     from bngraph.passes.swap_activation import SwapActivation

@@ -62,7 +62,7 @@ class MnistConfig:
 
 def mnist_nets(seed: int, init_std: float | None) -> tuple[nn.Module, nn.Module]:
     """The paper's MLP and, from the same initial weights (bias aside), its BN version."""
-    from bngraph.api import insert
+    from bngraph.insert import insert
     from bngraph.zoo import create_model, get_entry
 
     torch.manual_seed(seed)

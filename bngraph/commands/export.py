@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import argparse
 
-from bngraph.atomic import ONNX, check_output
-from bngraph.commands.common import (
-    add_force_argument, add_model_arguments, add_report_arguments, emit, input_paths, load_from_args,
-)  # fmt: skip
-from bngraph.commands.verify import add_tolerance_arguments
+from bngraph.atomic import ONNX
+from bngraph.commands.args import (
+    add_force_argument,
+    add_model_arguments,
+    add_report_arguments,
+    add_standalone_bn_argument,
+    add_tolerance_arguments,
+    check_output_first,
+    emit,
+    load_from_args,
+    print_lines,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,21 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="turn on torch.onnx's own optimizer (it also folds BN into Conv/Gemm)",
     )
     parser.add_argument("--no-fold", action="store_true", help="skip the FX fold (the ONNX passes still fold)")
-    parser.add_argument(
-        "--standalone-bn",
-        choices=["batchnorm", "mul-add"],
-        default="batchnorm",
-        help="form of a BN with no exact fold: kept (fastest in onnxruntime) or Mul+Add (no BN kernel)",
-    )
+    add_standalone_bn_argument(parser)
     add_tolerance_arguments(parser)
     add_force_argument(parser, ".onnx file")
     add_report_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output(args.output, ONNX, force=args.force, inputs=input_paths(args))  # before the work
-    from bngraph.export import export
-    from bngraph.verify import print_lines
+    check_output_first(args, ONNX)
+    from bngraph.export import export  # torch and onnx: only once the command runs
 
     loaded = load_from_args(args)
     result = export(
