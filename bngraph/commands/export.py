@@ -13,21 +13,11 @@ from __future__ import annotations
 import argparse
 
 from bngraph.atomic import ONNX
-from bngraph.commands.args import (
-    add_force_argument,
-    add_model_arguments,
-    add_report_arguments,
-    add_standalone_bn_argument,
-    add_tolerance_arguments,
-    check_output_first,
-    emit,
-    load_from_args,
-    print_lines,
-)
+from bngraph.commands import args as shared
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    shared.add_model_arguments(parser)
     parser.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="the ONNX file to write")
     parser.add_argument(
         "--exporter-optimize",
@@ -35,17 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="turn on torch.onnx's own optimizer (it also folds BN into Conv/Gemm)",
     )
     parser.add_argument("--no-fold", action="store_true", help="skip the FX fold (the ONNX passes still fold)")
-    add_standalone_bn_argument(parser)
-    add_tolerance_arguments(parser)
-    add_force_argument(parser, ".onnx file")
-    add_report_arguments(parser)
+    shared.add_standalone_bn_argument(parser)
+    shared.add_tolerance_arguments(parser)
+    shared.add_force_argument(parser, ".onnx file")
+    shared.add_report_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_first(args, ONNX)
+    shared.check_output_first(args, ONNX)
     from bngraph.export import export  # torch and onnx: only once the command runs
 
-    loaded = load_from_args(args)
+    loaded = shared.load_from_args(args)
     result = export(
         loaded.module,
         loaded.example_inputs(),
@@ -58,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
         standalone_bn=args.standalone_bn,
     )
     result.report.facts = {"model": args.model, **result.report.facts}
-    emit(result.report, args)
-    print_lines(result.verification, args)
+    shared.emit(result.report, args)
+    shared.print_lines(result.verification, args)
     return 0 if result else 1

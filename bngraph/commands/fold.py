@@ -22,34 +22,22 @@ import sys
 from pathlib import Path
 
 from bngraph.atomic import ARTIFACT
-from bngraph.commands.args import (
-    add_force_argument,
-    add_model_arguments,
-    add_report_arguments,
-    add_standalone_bn_argument,
-    check_output_first,
-    emit,
-    load_from_args,
-    print_lines,
-)
+from bngraph.commands import args as shared
 from bngraph.spec import parse_input_shapes, parse_model_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    shared.add_model_arguments(parser)
     parser.add_argument("-o", "--output", metavar="OUT", help="artifact folder to write (a .onnx file for ONNX input)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any BatchNorm is left (the output is still written)")
     # An ONNX fold is checked against its input in onnxruntime; an FX fold computes in float64.
     parser.add_argument("--atol", type=float, metavar="X", help="ONNX input: absolute tolerance of that check")
     parser.add_argument("--rtol", type=float, metavar="X", help="ONNX input: relative tolerance of that check")
-    add_standalone_bn_argument(parser, "ONNX input: ")
-    parser.add_argument(
-        "--keep-initializer-inputs",
-        action="store_true",
-        help="ONNX input: initializers also listed as graph inputs stay overridable inputs, not constants",
-    )
-    add_force_argument(parser, "artifact folder (ONNX input: .onnx file)")
-    add_report_arguments(parser)
+    shared.add_standalone_bn_argument(parser, "ONNX input: ")
+    overridable = "ONNX input: initializers also listed as graph inputs stay overridable inputs, not constants"
+    parser.add_argument("--keep-initializer-inputs", action="store_true", help=overridable)
+    shared.add_force_argument(parser, "artifact folder (ONNX input: .onnx file)")
+    shared.add_report_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,11 +45,11 @@ def run(args: argparse.Namespace) -> int:
     if spec.kind == "onnx":
         return fold_onnx_file(spec.path, args.output, args)
     if args.output:  # a PyTorch fold writes a folder, never x.onnx
-        check_output_first(args, ARTIFACT)
+        shared.check_output_first(args, ARTIFACT)
     from bngraph.fold import fold_artifact  # torch: only once the command runs
 
-    _, report = fold_artifact(load_from_args(args), args.output, force=args.force)
-    emit(report, args)
+    _, report = fold_artifact(shared.load_from_args(args), args.output, force=args.force)
+    shared.emit(report, args)
     return 1 if args.strict and report.sections["remaining"] else 0
 
 
@@ -86,8 +74,8 @@ def fold_onnx_file(in_path: str | Path, out_path: str | Path | None, args: argpa
         rtol=getattr(args, "rtol", None),
         force=getattr(args, "force", False),
     )
-    emit(report, args)
-    print_lines(result, args)
+    shared.emit(report, args)
+    shared.print_lines(result, args)
     # A BN kept as the fastest exact form is a fixed map, not a failure: --strict counts the others.
     left = len(report.sections["remaining"])
     if getattr(args, "strict", False) and left:

@@ -17,27 +17,20 @@ from __future__ import annotations
 import argparse
 
 from bngraph.atomic import PICTURE
-from bngraph.commands.args import (
-    add_force_argument,
-    add_model_arguments,
-    add_report_arguments,
-    check_output_first,
-    emit,
-    load_from_args,
-)
+from bngraph.commands import args as shared
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    shared.add_model_arguments(parser)
     parser.add_argument("-o", "--output", required=True, metavar="FILE", help="graph.svg, graph.png or graph.dot")
-    add_force_argument(parser, "picture (one bngraph drew: it carries bngraph's mark)")
-    add_report_arguments(parser)
+    shared.add_force_argument(parser, "picture (one bngraph drew: it carries bngraph's mark)")
+    shared.add_report_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_first(args, PICTURE)
+    shared.check_output_first(args, PICTURE)
     from bngraph.draw import draw_model  # torch: only once the command runs
 
-    _, report = draw_model(load_from_args(args), args.output, force=args.force)
-    emit(report, args)
+    _, report = draw_model(shared.load_from_args(args), args.output, force=args.force)
+    shared.emit(report, args)
     return 0

@@ -19,19 +19,12 @@ from __future__ import annotations
 import argparse
 
 from bngraph.atomic import ARTIFACT
-from bngraph.commands.args import (
-    add_force_argument,
-    add_model_arguments,
-    add_report_arguments,
-    check_output_first,
-    emit,
-    load_from_args,
-)
+from bngraph.commands import args as shared
 from bngraph.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    shared.add_model_arguments(parser)
     parser.add_argument("-o", "--output", metavar="DIR", help="artifact folder to write")
     parser.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
     parser.add_argument(
@@ -48,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fail when torch.fx cannot trace the model instead of wrapping activation modules",
     )
-    add_force_argument(parser, "artifact folder")
-    add_report_arguments(parser)
+    shared.add_force_argument(parser, "artifact folder")
+    shared.add_report_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,12 +52,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("insert needs -o DIR (or --dry-run to only report)")
     output = None if args.dry_run else args.output
     if output:
-        check_output_first(args, ARTIFACT)
+        shared.check_output_first(args, ARTIFACT)
     from bngraph.insert import insert_artifact  # torch: only once the command runs
 
-    loaded = load_from_args(args)
+    loaded = shared.load_from_args(args)
     _, report = insert_artifact(
         loaded, output, preserve=args.preserve, data=args.data, fallback=not args.no_fallback, force=args.force
     )
-    emit(report, args)
+    shared.emit(report, args)
     return 0

@@ -21,33 +21,26 @@ from __future__ import annotations
 import argparse
 
 from bngraph.atomic import ARTIFACT
-from bngraph.commands.args import (
-    add_force_argument,
-    add_model_arguments,
-    add_report_arguments,
-    check_output_first,
-    emit,
-    load_from_args,
-)
+from bngraph.commands import args as shared
 from bngraph.commands.train import add_data_arguments, data_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    shared.add_model_arguments(parser)
     add_data_arguments(parser)
     parser.add_argument("-o", "--output", metavar="DIR", required=True, help="artifact folder to write")
     parser.add_argument("--batches", type=int, default=100, help="training mini-batches to average over (default: 100)")
     parser.add_argument("--batch-size", type=int, default=60, help="m, examples per mini-batch (default: 60)")
     parser.add_argument("--seed", type=int, default=0, help="which training examples make the batches (default: 0)")
-    add_force_argument(parser, "artifact folder")
-    add_report_arguments(parser)
+    shared.add_force_argument(parser, "artifact folder")
+    shared.add_report_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_first(args, ARTIFACT)
+    shared.check_output_first(args, ARTIFACT)
     from bngraph.recalibrate import recalibrate  # torch: only once the command runs
 
-    loaded = load_from_args(args)
+    loaded = shared.load_from_args(args)
     _, report = recalibrate(
         loaded,
         data_from_args(args),
@@ -57,5 +50,5 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         force=args.force,
     )
-    emit(report, args)
+    shared.emit(report, args)
     return 0

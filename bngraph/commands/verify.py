@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 
-from bngraph.commands.args import add_input_arguments, add_report_arguments, add_tolerance_arguments, emit, print_lines
+from bngraph.commands import args as shared
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,11 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("candidate", help="model B, the same kinds")
     parser.add_argument("--weights", metavar="FILE", help="load this state dict into A (a PyTorch model) first")
     parser.add_argument("--candidate-weights", metavar="FILE", help="load this state dict into B first")
-    add_input_arguments(parser)
-    add_tolerance_arguments(parser)
+    shared.add_input_arguments(parser)
+    shared.add_tolerance_arguments(parser)
     parser.add_argument("--reference", dest="evaluator", action="store_true", help="also run onnx's ReferenceEvaluator")
     parser.add_argument("--data", metavar="DIR", help="also compare on the first test images of an MNIST-format folder")
-    add_report_arguments(parser)
+    shared.add_report_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,6 +56,6 @@ def run(args: argparse.Namespace) -> int:
         rtol=args.rtol,
         evaluator=args.evaluator,
     )
-    emit(report, args)
-    print_lines(result, args)
+    shared.emit(report, args)
+    shared.print_lines(result, args)
     return 0 if result else 1

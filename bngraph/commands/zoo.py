@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import argparse
 
-from bngraph.commands.args import add_report_arguments, emit
+from bngraph.commands import args as shared
 from bngraph.report import Report
 from bngraph.zoo import describe_models
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pattern", nargs="?", default="*", help="glob over names (default: all)")
-    add_report_arguments(parser)
+    shared.add_report_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    emit(Report("bngraph zoo", sections={"models": describe_models(args.pattern)}), args)
+    shared.emit(Report("bngraph zoo", sections={"models": describe_models(args.pattern)}), args)
     return 0
