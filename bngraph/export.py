@@ -43,7 +43,7 @@ from bngraph.onnx_io import write_verified
 from bngraph.report import Report
 from bngraph.trace import one_line, raise_if_model_raises
 from bngraph.runners import BATCH_SIZES, batch_axes_of, eval_mode, example_batches
-from bngraph.verify import VerifyResult
+from bngraph.compare import VerifyResult
 
 # The newest opset that every onnxruntime pyproject admits (>= 1.20) runs; torch's default is 20.
 OPSET = 21

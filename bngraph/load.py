@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,6 +21,7 @@ from bngraph.errors import UserError
 from bngraph.runners import ExampleInputs, random_tensor
 from bngraph.spec import ModelSpec, input_layout, parse_input_dtypes, parse_input_shapes, parse_model_spec
 from bngraph.trace import materialize_lazy, one_line
+from bngraph.zoo import create_model, get_entry
 
 
 @dataclass
@@ -51,8 +53,6 @@ class LoadedModel:
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    import numpy as np
-
     return torch.from_numpy(np.zeros(0, dtype=name)).dtype
 
 
@@ -155,7 +155,7 @@ def load_weights(module: nn.Module, weights: str | Path) -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                  if k in state and state[k].shape != v.shape]  # fmt: skip
+                  if k in state and state[k].shape != v.shape]
     problems = []
     if missing:
         problems.append(f"missing {_some(missing)}")
@@ -197,8 +197,6 @@ def load_model(
     shapes, symbol = None, spec.symbol
     dtypes, batch_axes = None, None
     if spec.kind == "zoo":
-        from bngraph.zoo import create_model, get_entry
-
         module = create_model(spec.symbol)
         shapes = [get_entry(spec.symbol).input_shape]
     elif spec.kind == "file":

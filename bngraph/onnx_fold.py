@@ -45,7 +45,8 @@ from bngraph.passes.onnx_move_bn_before_max_pool import onnx_move_bn_before_max_
 from bngraph.passes.onnx_simplify import onnx_simplify
 from bngraph.report import Report
 from bngraph.runners import BATCH_SIZES, onnx_inputs, random_batches
-from bngraph.verify import VerifyResult, verify
+from bngraph.compare import VerifyResult
+from bngraph.verify import verify
 
 ONNX_PASSES = [
     onnx_initializer_inputs_to_constants,

@@ -26,7 +26,8 @@ import torch
 
 from bngraph.onnx_fold import fold_onnx
 from bngraph.runners import onnx_inputs, random_batches
-from bngraph.verify import VerifyResult, verify
+from bngraph.compare import VerifyResult
+from bngraph.verify import verify
 
 MODES = ("dynamo", "torchscript", "preserve", "nofold", "dynamo_optimize")
 # Folding reorders float32 arithmetic once per layer: errors of a few 1e-7 on these small

@@ -634,7 +634,7 @@ def _nearly_dead(model: _DataDependent) -> _DataDependent:
 
 
 def test_an_untraceable_high_gain_fold_passes_with_the_traced_folds_tolerance():
-    from bngraph.fold import fold_tolerance
+    from bngraph.compare import fold_tolerance
     from bngraph.fold_untraced import FALLBACK
 
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import torch
 
 from bngraph.cli import main
 from bngraph.export import export
-from bngraph.verify import ONNX_TOLERANCE, TORCH_TOLERANCE, compare
+from bngraph.compare import ONNX_TOLERANCE, TORCH_TOLERANCE, compare
 from tests.onnx_models import conv_bn_net, mlp_bn_net
 from tests.test_data import make_arrays, write_set
 

@@ -69,7 +69,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bngraph.commands.common import (
+from bngraph.commands.args import (
     add_force_argument, add_model_arguments, add_report_arguments, emit, input_paths, load_from_args,
 )
 from bngraph.errors import UserError
