@@ -22,7 +22,7 @@ import argparse
 
 from bngraph.atomic import ARTIFACT
 from bngraph.commands import args as shared
-from bngraph.commands.train import add_data_arguments, data_from_args
+from bngraph.commands.args import add_data_arguments, data_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
