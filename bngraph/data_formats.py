@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bngraph.errors import UserError
+from bngraph.errors import UserError, one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 CIFAR10_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
@@ -346,8 +346,6 @@ def read_factory(text: str):
     try:
         made = make()
     except Exception as err:
-        from bngraph.trace import one_line
-
         raise UserError(f"{path}:{symbol}() failed: {one_line(err)}") from err
     if not (isinstance(made, tuple) and len(made) == 2 and all(hasattr(d, "__getitem__") and hasattr(d, "__len__") for d in made)):
         raise UserError(f"{path}:{symbol}() returned {type(made).__name__}; expected a tuple (train, test) of Datasets")

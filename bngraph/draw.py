@@ -30,8 +30,8 @@ from torch import fx
 
 from bngraph.atomic import PICTURE, write_atomically
 from bngraph.errors import UserError
-from bngraph.passes.fx_batchnorm import is_batch_norm
-from bngraph.passes.op_kinds import op_label
+from bngraph.passes._fx_batchnorm import is_batch_norm
+from bngraph.passes._op_kinds import op_label
 
 # What each mark means, and its colour in every format.
 MARKS = {

@@ -23,10 +23,10 @@ from bngraph.passes.fold_bn_into_following_layer import fold_bn_into_following_l
 from bngraph.passes.fold_bn_into_preceding_layer import fold_bn_into_preceding_layer
 from bngraph.errors import UserError
 from bngraph.fold_reach import fold_inside_hooked_modules, opaque_batch_norms, unused_batch_norms
-from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, rounding_gain
+from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, rounding_gain
 from bngraph.runners import eval_mode
-from bngraph.passes.fx_batchnorm import is_batch_norm, read_batch_norm
-from bngraph.passes.op_kinds import op_label
+from bngraph.passes._fx_batchnorm import is_batch_norm, read_batch_norm
+from bngraph.passes._op_kinds import op_label
 from bngraph.passes.remove_dead_code import remove_dead_code
 from bngraph.passes.remove_eval_identities import remove_eval_identities
 from bngraph.passes.replace_bn_with_multiply_add import replace_bn_with_multiply_add
@@ -106,7 +106,7 @@ def fold(
 
 def fold_tolerance(rounding_gain: float) -> float | None:
     """verify's default (None), unless a BN magnifies float32 rounding by `rounding_gain`
-    (`bn_affine.rounding_gain`, the largest of the model's): any fold of it errs by up to about
+    (`_bn_affine.rounding_gain`, the largest of the model's): any fold of it errs by up to about
     gain x 2**-24 of the output's scale (measured: 0.04-0.25 of that on
     `tests.passes.fold_util.nearly_dead_channel` at gains 1e3-2.7e5), and the check allows 4x it."""
     tolerance = rounding_gain * 2.0**-24 * 4

@@ -16,8 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from bngraph.atomic import ONNX, write_atomically
-from bngraph.errors import UserError
-from bngraph.trace import one_line
+from bngraph.errors import UserError, one_line
 from bngraph.verify import VerifyResult, verify
 
 # protobuf cannot serialize a message over 2 GiB; keep a margin for the graph itself.

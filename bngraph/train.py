@@ -37,9 +37,8 @@ from torch import nn
 
 from bngraph.atomic import check_writable, save_tensors, start_run_folder, write_atomically
 from bngraph.distributed import SINGLE, Distributed, broadcast_buffers, from_main, gather_to_main, sum_over_ranks, wrap
-from bngraph.errors import CheckFailed, UserError, model_raised
+from bngraph.errors import CheckFailed, UserError, model_raised, one_line
 from bngraph.sync_bn import has_sync_bn
-from bngraph.trace import one_line
 from bngraph.track import InputTracker, nonlinearity_names  # noqa: F401 (part of this API)
 
 CHECKPOINT, METRICS = "checkpoint.pt", "metrics.jsonl"

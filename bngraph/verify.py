@@ -32,9 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from bngraph.errors import ModelRaised, UserError
+from bngraph.errors import ModelRaised, UserError, one_line
 from bngraph.runners import runners_for
-from bngraph.trace import one_line
 
 # Default tolerances, by what is compared, as fractions of the output's RMS (`scale`). torch
 # against onnxruntime: different kernels (ATen vs MLAS), and at ORT_ENABLE_ALL onnxruntime's own

@@ -16,8 +16,8 @@ from __future__ import annotations
 from torch import fx
 
 from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.fx_batchnorm import permutation
-from bngraph.passes.fx_effects import mutations_of
+from bngraph.passes._fx_batchnorm import permutation
+from bngraph.passes._fx_effects import mutations_of
 
 
 def cancel_inverse_permutes(gm: fx.GraphModule) -> PassResult:

@@ -14,8 +14,8 @@ import torch
 from torch import fx, nn
 
 from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.op_kinds import CONV_LINEAR_MODULES
-from bngraph.trace import tensor_shape
+from bngraph.passes._op_kinds import CONV_LINEAR_MODULES
+from bngraph.passes._fx_meta import tensor_shape
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 

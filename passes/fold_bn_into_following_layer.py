@@ -1,7 +1,7 @@
 """Fold a BatchNorm that no layer could take into the conv or linear layer that consumes it.
 
 For y = W BN(x) + b with BN(x) = s * x + t per input channel: W' = W diag(s) and
-b' = b + sum over input channels and kernel taps of W t (see `bn_affine`, in float64). This
+b' = b + sum over input channels and kernel taps of W t (see `_bn_affine`, in float64). This
 is exact only when every output of the layer sums whole kernels of BN'd values, so a conv
 that pads with zeros is refused: the folded conv would see 0 at the border where the original
 saw BN(0) = t. Reflect, replicate and circular padding copy BN'd values and commute with a
@@ -24,11 +24,11 @@ import torch
 from torch import fx
 
 from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, fold_into_consumer, rounding_gain
-from bngraph.passes.fx_batchnorm import axis_at_user, describe, fixed_batch_norms
-from bngraph.passes.fx_effects import mutations_of
-from bngraph.passes.fx_layers import TensorUses, as_layer, write_weights
-from bngraph.trace import tensor_shape
+from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, fold_into_consumer, rounding_gain
+from bngraph.passes._fx_batchnorm import axis_at_user, describe, fixed_batch_norms
+from bngraph.passes._fx_effects import mutations_of
+from bngraph.passes._fx_layers import TensorUses, as_layer, write_weights
+from bngraph.passes._fx_meta import tensor_shape
 
 
 def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:

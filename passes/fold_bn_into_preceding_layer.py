@@ -1,7 +1,7 @@
 """Fold each BatchNorm into the conv, transposed conv or linear layer that produces its input.
 
 In eval mode BN(z) = s * z + t per channel (paper, Algorithm 2 step 3), so for z = W x + b the
-pair is one layer with W' = diag(s) W and b' = s * b + t (see `bn_affine`, which calls
+pair is one layer with W' = diag(s) W and b' = s * b + t (see `_bn_affine`, which calls
 torch.nn.utils.fusion in float64). Matched on the graph by operation, not by module type, with a
 shape proof that the BN normalizes the layer's output features. Cases, numbered as in the code:
   1. The BN is not a fixed affine map (training mode, no running statistics...): skip.
@@ -20,10 +20,10 @@ import torch
 from torch import fx
 
 from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, fold_into_producer, rounding_gain
-from bngraph.passes.fx_batchnorm import axis_at_source, describe, fixed_batch_norms
-from bngraph.passes.fx_layers import TensorUses, as_layer, write_weights
-from bngraph.trace import tensor_shape
+from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, fold_into_producer, rounding_gain
+from bngraph.passes._fx_batchnorm import axis_at_source, describe, fixed_batch_norms
+from bngraph.passes._fx_layers import TensorUses, as_layer, write_weights
+from bngraph.passes._fx_meta import tensor_shape
 
 
 def fold_bn_into_preceding_layer(gm: fx.GraphModule) -> PassResult:

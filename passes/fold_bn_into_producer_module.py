@@ -2,10 +2,10 @@
 
 The graph-free counterpart of `fold_bn_into_preceding_layer`, for what the module-level fallback
 of `insert` writes (`Sequential(bn, act)` wraps) and any other untraceable model: the model runs
-once in eval mode (`bngraph.dataflow.record_run`), and a BatchNorm module folds into the conv or
+once in eval mode (`_dataflow.record_run`), and a BatchNorm module folds into the conv or
 linear module whose output it normalizes when that is exact without a graph:
   1. the BN is called once, in eval mode, with running statistics, and runs no hooks (forward,
-     backward or global: `fx_effects.hook_refusal`, the traced passes' rule);
+     backward or global: `_fx_effects.hook_refusal`, the traced passes' rule);
   2. its input was made, maybe through an eval-mode dropout, by one call of a Conv*d or
      ConvTranspose*d (features in axis 1), or of a Linear on (N, C), or on (N, T, C) flattened to
      (N*T, C) as LeViT does (BatchNorm1d's axis 1 is then the Linear's output axis); a plain
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from bngraph.dataflow import record_run
+from bngraph.passes._dataflow import record_run
 from bngraph.errors import running_user_model
 from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.fx_effects import hook_refusal
+from bngraph.passes._fx_effects import hook_refusal
 
 
 def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from bngraph.passes.base import PassResult
-from bngraph.passes.onnx_common import batchnorms, fresh_name, layer_fold_reason, site
+from bngraph.passes._onnx_common import batchnorms, fresh_name, layer_fold_reason, site
 
 # The layers whose initializers onnxscript's BN rules rewrite under their own names.
 _RULE_LAYERS = ("Conv", "ConvTranspose", "Gemm")

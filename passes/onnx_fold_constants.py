@@ -16,7 +16,7 @@ import onnx_ir.passes.common as ir_passes
 from onnxscript.optimizer import fold_constants_ir
 
 from bngraph.passes.base import PassResult
-from bngraph.passes.onnx_common import report_removed_nodes
+from bngraph.passes._onnx_common import report_removed_nodes
 
 
 def onnx_fold_constants(model: ir.Model) -> PassResult:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.onnx_common import batchnorms, bn_scale_shift, layer_fold_reason, site
+from bngraph.passes._onnx_common import batchnorms, bn_scale_shift, layer_fold_reason, site
 
 _LAYERS = ("Conv", "ConvTranspose")
 

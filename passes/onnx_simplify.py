@@ -15,7 +15,7 @@ import onnxscript.rewriter
 from onnxscript.optimizer import fold_constants_ir
 
 from bngraph.passes.base import PassResult
-from bngraph.passes.onnx_common import report_removed_nodes
+from bngraph.passes._onnx_common import report_removed_nodes
 
 TIDY_RULES = onnxscript.rewriter.RewriteRuleSet(
     [rule for rule in onnxscript.rewriter._DEFAULT_REWRITE_RULES if "BatchNorm" not in (rule.name or "")]

@@ -5,7 +5,7 @@ weights of layers that got a copy are unreachable; left in place they would stil
 loaded and moved between devices. torch.fx's `delete_all_unused_submodules` tests membership
 in a list (quadratic in the number of modules), so this pass keeps sets. A node nobody reads
 is dead only if it has no effect: `out.add_(x)`, `x[i] = v`, an inplace ReLU or a hooked module
-stay (`fx_effects.is_impure_node`; fx's own rule knows none of them). Works in place.
+stay (`_fx_effects.is_impure_node`; fx's own rule knows none of them). Works in place.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import fx
 
 from bngraph.passes.base import PassResult
-from bngraph.passes.fx_effects import is_impure_node
+from bngraph.passes._fx_effects import is_impure_node
 
 
 def _prefixes(path: str) -> list[str]:

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.fx_batchnorm import arg
-from bngraph.passes.fx_effects import hook_refusal
+from bngraph.passes._fx_batchnorm import arg
+from bngraph.passes._fx_effects import hook_refusal
 
 # Each dropout function's `training` argument (position 2) and its default.
 _DROPOUT_FUNCTIONS = {F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True,

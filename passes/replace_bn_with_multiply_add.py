@@ -1,7 +1,7 @@
 """Replace each BatchNorm that no layer could take by one per-channel multiply-add.
 
 In eval mode BN(x) = s * x + t with s and t per channel of axis 1 (paper, Algorithm 2 step 3;
-s and t from `bn_affine`, which asks torch.nn.utils.fusion in float64). The BN becomes a single
+s and t from `_bn_affine`, which asks torch.nn.utils.fusion in float64). The BN becomes a single
 `torch.addcmul(t, x, s)` with s and t constant buffers shaped (C, 1, ..., 1), so that they
 broadcast over axis 1: exact for any producer (a pool, an add, a model input) and any consumer.
 A BN that is not a fixed affine map (training mode, no running statistics, statistics computed
@@ -20,10 +20,10 @@ import torch
 from torch import fx
 
 from bngraph.passes.base import PassResult
-from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, rounding_gain, scale_shift
-from bngraph.passes.fx_batchnorm import fixed_batch_norms
-from bngraph.passes.fx_layers import free_name
-from bngraph.trace import tensor_dtype, tensor_shape
+from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, rounding_gain, scale_shift
+from bngraph.passes._fx_batchnorm import fixed_batch_norms
+from bngraph.passes._fx_layers import free_name
+from bngraph.passes._fx_meta import tensor_dtype, tensor_shape
 
 
 def replace_bn_with_multiply_add(gm: fx.GraphModule) -> PassResult:

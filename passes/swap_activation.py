@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 
 from bngraph.passes.base import PassResult
-from bngraph.passes.op_kinds import activation_kind
+from bngraph.passes._op_kinds import activation_kind
 
 # What each target is as a module and as a function of one tensor.
 TARGETS: dict[str, tuple[Callable[[], nn.Module], Callable]] = {

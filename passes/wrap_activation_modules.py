@@ -1,7 +1,7 @@
 """The fallback for models torch.fx cannot trace: wrap activation modules, decided by running.
 
 Without a graph, an activation is only visible as a module instance, and its input only when it
-runs. So the model runs once on the example input (eval mode, `bngraph.dataflow.record_run`),
+runs. So the model runs once on the example input (eval mode, `_dataflow.record_run`),
 which records for each activation module call the op and the module that produced its input,
 its shape and dtype. Then, numbered as in the code:
   1. Activation modules are the known ones (nn.ReLU, ...) and modules that were seen computing
@@ -27,11 +27,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bngraph.dataflow import feature_axis, is_elementwise_nonlinearity, normalizer_of, record_run
+from bngraph.passes._dataflow import feature_axis, is_elementwise_nonlinearity, normalizer_of, record_run
 from bngraph.errors import running_user_model
 from bngraph.passes.base import PassResult, Skip
 from bngraph.passes.insert_bn_before_activation import BATCHNORM_BY_RANK
-from bngraph.passes.op_kinds import ACTIVATION_MODULES
+from bngraph.passes._op_kinds import ACTIVATION_MODULES
 
 
 def _input_problem(call) -> str | None:

@@ -10,6 +10,12 @@ the producer unknown, never stale.
     record = record_run(model, example_inputs)
     record.module_calls   # every module call: path, module, input value, inner ops
     record.functional     # every nonlinearity called as a function outside an activation module
+
+It lives with the passes that decide by it (`wrap_activation_modules`,
+`fold_bn_into_producer_module`); the trace fallback (`bngraph.partial_trace`) and `--track-inputs`
+(`bngraph.track`) read it too. One module past 300 lines: the op tables, the recorder that names
+ops by them and the questions asked of its record (`normalizer_of`, `feature_axis`) share one
+vocabulary of op names, and split they would each import the others' tables.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from bngraph.passes.op_kinds import ACTIVATION_MODULES, NORM_MODULES
+from bngraph.passes._op_kinds import ACTIVATION_MODULES, NORM_MODULES
 
 # The elementwise nonlinearities as torch names them, in all three forms (F.relu, torch.relu,
-# x.relu(), x.relu_()): the same set as op_kinds' tables, by name, since the mode sees the name.
+# x.relu(), x.relu_()): the same set as _op_kinds' tables, by name, since the mode sees the name.
 NONLINEARITIES = frozenset({
     "relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "selu", "celu", "gelu", "silu", "mish",
     "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "softplus", "softsign", "logsigmoid",
@@ -219,8 +226,6 @@ def record_run(model: nn.Module, example_inputs: Sequence, *, training: bool = F
 
 @contextlib.contextmanager
 def _global_hooks(recorder: _Recorder) -> Iterator[None]:
-    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-
     handles = [register_module_forward_pre_hook(recorder.pre_hook), register_module_forward_hook(recorder.hook)]
     try:
         yield

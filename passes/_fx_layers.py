@@ -23,8 +23,8 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from bngraph.passes.fx_batchnorm import arg, attr_value
-from bngraph.passes.fx_effects import hook_refusal
+from bngraph.passes._fx_batchnorm import arg, attr_value
+from bngraph.passes._fx_effects import hook_refusal
 
 # Positions in the functional signatures, e.g. F.conv2d(input, weight, bias, stride, padding, ...).
 _CONV = {"weight": 1, "bias": 2, "padding": 4, "dilation": 5, "groups": 6}

@@ -28,7 +28,7 @@ from onnxscript.rewriter.rules.common._fuse_batchnorm import (
 from torch.nn.utils.fusion import fuse_linear_bn_weights
 
 from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.onnx_common import (
+from bngraph.passes._onnx_common import (
     LAYER_OPS,
     batchnorms,
     bn_parameters,
@@ -145,7 +145,7 @@ RULES = RewriteRuleSet(
 )
 
 
-def onnx_fold_bn_into_layer(model: ir.Model) -> PassResult:
+def onnx_fold_bn_into_preceding_layer(model: ir.Model) -> PassResult:
     """Fold every BN that follows a Conv, ConvTranspose, Gemm or MatMul; say why for the others."""
     result = PassResult(model)
     layers = {bn: _layer_path(bn) for bn in batchnorms(model)}

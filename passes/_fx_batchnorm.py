@@ -18,10 +18,10 @@ from torch import fx, nn
 
 from bngraph.errors import UserError
 from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.bn_affine import BatchNormStats
-from bngraph.passes.fx_effects import hook_refusal
-from bngraph.passes.op_kinds import op_label
-from bngraph.trace import tensor_dtype, tensor_shape
+from bngraph.passes._bn_affine import BatchNormStats
+from bngraph.passes._fx_effects import hook_refusal
+from bngraph.passes._op_kinds import op_label
+from bngraph.passes._fx_meta import tensor_dtype, tensor_shape
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

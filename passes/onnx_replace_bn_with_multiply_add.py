@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
 from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.onnx_common import batchnorms, bn_scale_shift, new_initializer, rank, site, skip_reason
+from bngraph.passes._onnx_common import batchnorms, bn_scale_shift, new_initializer, rank, site, skip_reason
 
 
 class BnToMulAdd(RewriteRuleClassBase):
@@ -50,7 +50,7 @@ def _refusal(bn: ir.Node) -> str | None:
 RULES = RewriteRuleSet([BnToMulAdd.rule()])
 
 
-def onnx_bn_to_mul_add(model: ir.Model) -> PassResult:
+def onnx_replace_bn_with_multiply_add(model: ir.Model) -> PassResult:
     """Rewrite every eval-mode BN of constants as Mul + Add; a training-mode BN stays."""
     result = PassResult(model)
     before = batchnorms(model)
