@@ -8,18 +8,18 @@ the chain goes with it; one at its end stays, as a later `view` may need it. Eve
 chain but the last must have no other user, or it still has to run. A chain with a
 `contiguous()` inside, whose result is then written in place, stays: the copy `contiguous()` may
 have made is what the write changed, and without the chain the write would reach its input.
-Works in place.
 """
 
 from __future__ import annotations
 
 from torch import fx
 
-from bngraph.passes.base import PassResult, Skip
+from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes._fx_batchnorm import permutation
 from bngraph.passes._fx_effects import mutations_of
 
 
+@graph_pass(in_place=True)
 def cancel_inverse_permutes(gm: fx.GraphModule) -> PassResult:
     """Replace every chain of permutes that composes to the identity by its input (needs shapes)."""
     result = PassResult(gm)

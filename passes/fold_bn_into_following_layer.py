@@ -15,7 +15,7 @@ per-channel affine map, so they fold. Cases, numbered as in the code:
   6. The BN's input (or a view of it) is written in place between the BN and the layer, so the
      layer would read the written values where it read the BN's copy: skip.
   7. Fold; a layer whose weights other nodes share gets a copy for this site.
-Works in place. Runs from the output backwards, so BN -> BN -> Linear folds both.
+Runs from the output backwards, so BN -> BN -> Linear folds both.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bngraph.passes.base import PassResult, Skip
+from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, fold_into_consumer, rounding_gain
 from bngraph.passes._fx_batchnorm import axis_at_user, describe, fixed_batch_norms
 from bngraph.passes._fx_effects import mutations_of
@@ -31,6 +31,7 @@ from bngraph.passes._fx_layers import TensorUses, as_layer, write_weights
 from bngraph.passes._fx_meta import tensor_shape
 
 
+@graph_pass(in_place=True)
 def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:
     """Fold every BatchNorm whose only consumer is a linear or a conv without zero padding."""
     result = PassResult(gm)

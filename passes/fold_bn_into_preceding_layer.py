@@ -11,7 +11,7 @@ shape proof that the BN normalizes the layer's output features. Cases, numbered 
      (N, T, C) output, which fx's `fuse` folds onto C when T == C: skip. The insert pass's
      `transpose(1, -1) -> BN -> transpose(1, -1)` behind a Linear passes this proof.
   5. Fold; a layer whose weights other nodes share gets a copy for this site.
-Works in place; the transposes left facing each other are `cancel_inverse_permutes`' job.
+The transposes left facing each other are `cancel_inverse_permutes`' job.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bngraph.passes.base import PassResult, Skip
+from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, fold_into_producer, rounding_gain
 from bngraph.passes._fx_batchnorm import axis_at_source, describe, fixed_batch_norms
 from bngraph.passes._fx_layers import TensorUses, as_layer, write_weights
 from bngraph.passes._fx_meta import tensor_shape
 
 
+@graph_pass(in_place=True)
 def fold_bn_into_preceding_layer(gm: fx.GraphModule) -> PassResult:
     """Fold every BatchNorm that a conv or linear layer feeds (needs recorded shapes)."""
     result = PassResult(gm)

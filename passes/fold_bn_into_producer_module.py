@@ -27,7 +27,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from bngraph.passes._dataflow import record_run
 from bngraph.errors import running_user_model
-from bngraph.passes.base import PassResult, Skip
+from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes._fx_effects import hook_refusal
 
 
@@ -95,8 +95,9 @@ def _shares_parameters(module: nn.Module, layer: nn.Module) -> bool:
 _CONV_OPS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 
 
+@graph_pass(in_place=True)
 def fold_bn_into_producer_module(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> PassResult:
-    """Fold each BatchNorm of `module` (in eval mode; changed in place) into the layer module
+    """Fold each BatchNorm of `module` (in eval mode) into the layer module
     that produced its input, where that is exact (see the module docstring)."""
     result = PassResult(module)
     with running_user_model():

@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from bngraph.passes.base import PassResult, Skip
+from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes._feature_axis import Features, feature_layouts
 from bngraph.passes._fx_effects import aliases_of, mutates_first_argument
 from bngraph.passes._op_kinds import activation_kind, normalizer_behind, op_label
@@ -93,9 +93,10 @@ def _meta(shape, dtype):
     return _extract_tensor_metadata(torch.empty(shape, dtype=dtype, device="meta"))
 
 
+@graph_pass(in_place=True)
 def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
     """Insert a BatchNorm before each nonlinearity whose input is not normalized (needs shapes:
-    `bngraph.trace.trace(module, example_inputs)`). Works in place on `gm`."""
+    `bngraph.trace.trace(module, example_inputs)`)."""
     result = PassResult(gm)
     device = _device(gm)
     layouts = feature_layouts(gm)

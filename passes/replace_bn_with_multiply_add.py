@@ -5,7 +5,7 @@ s and t from `_bn_affine`, which asks torch.nn.utils.fusion in float64). The BN 
 `torch.addcmul(t, x, s)` with s and t constant buffers shaped (C, 1, ..., 1), so that they
 broadcast over axis 1: exact for any producer (a pool, an add, a model input) and any consumer.
 A BN that is not a fixed affine map (training mode, no running statistics, statistics computed
-in the graph) is left as it is, with the reason. Works in place.
+in the graph) is left as it is, with the reason.
 
 Speed on one CPU thread (benchmarks/multiply_add_speed.py prints the ratios): on (N, C) the
 addcmul takes 0.4x the time of the eval-mode BN kernel; with spatial axes it takes 1.7-3x, as
@@ -19,13 +19,14 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bngraph.passes.base import PassResult
+from bngraph.passes.base import PassResult, graph_pass
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, rounding_gain, scale_shift
 from bngraph.passes._fx_batchnorm import fixed_batch_norms
 from bngraph.passes._fx_layers import free_name
 from bngraph.passes._fx_meta import tensor_dtype, tensor_shape
 
 
+@graph_pass(in_place=True)
 def replace_bn_with_multiply_add(gm: fx.GraphModule) -> PassResult:
     """Turn every BatchNorm with fixed statistics into `addcmul(shift, x, scale)`."""
     result = PassResult(gm)

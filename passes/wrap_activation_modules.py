@@ -29,7 +29,7 @@ from torch import nn
 
 from bngraph.passes._dataflow import feature_axis, is_elementwise_nonlinearity, normalizer_of, record_run
 from bngraph.errors import running_user_model
-from bngraph.passes.base import PassResult, Skip
+from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes.insert_bn_before_activation import BATCHNORM_BY_RANK
 from bngraph.passes._op_kinds import ACTIVATION_MODULES
 
@@ -46,8 +46,9 @@ def _input_problem(call) -> str | None:
     return None
 
 
+@graph_pass(in_place=True)
 def wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> PassResult:
-    """Wrap each activation module of `module` (in place) with a BatchNorm in front of it."""
+    """Wrap each activation module of `module` with a BatchNorm in front of it."""
     result = PassResult(module)
     with running_user_model():
         record = record_run(module, example_inputs)
