@@ -186,21 +186,21 @@ def _measure_flagged(
     """For each fold flagged for precision, the largest abs and relative error it made on the
     example input, measured where its output is: the unfolded model's value (from `unfolded`,
     `_values_near_flagged`'s, else from the model traced again) vs the folded one's."""
-    probes = {row["node"]: row["probe"] for r in results.values() for row in r.details if "probe" in row}
+    probes = {site: probe for r in results.values() for site, probe in r.probes.items()}
     if not probes:
         return {}
     with torch.no_grad():
         want = unfolded
-        if not all(p[0] in unfolded for p in probes.values()):
+        if not all(p.reference in unfolded for p in probes.values()):
             reference = trace(model, training=False)  # the same node names as the graph the passes started from
-            capture = _Capture(reference, {p[0] for p in probes.values()})
+            capture = _Capture(reference, {p.reference for p in probes.values()})
             capture.run(*example_inputs)
             want = capture.values
-        got = _Capture(gm, {p[1] for p in probes.values()})
+        got = _Capture(gm, {p.folded for p in probes.values()})
         got.run(*example_inputs)
     errors = {}
-    for bn, (ref, new) in probes.items():
-        expected, actual = want[ref].double(), got.values[new].double()
+    for bn, probe in probes.items():
+        expected, actual = want[probe.reference].double(), got.values[probe.folded].double()
         error = float((expected - actual).abs().max())
         errors[bn] = (error, error / max(float(expected.abs().max()), 1e-30))
     return errors
@@ -228,7 +228,7 @@ def fold_report(
     folded, notes = [], []
     for name in ran:
         for row in results[name].details:
-            row = {k: v for k, v in row.items() if k != "probe"}
+            row = dict(row)  # the report's copy: notes and errors are added below
             if row["how"] == "multiply-add":
                 why = reasons.get(row["node"], {})
                 row["note"] = "; ".join(f"{where}: {why[p]}" for where, p in

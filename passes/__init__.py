@@ -19,6 +19,7 @@ _API = {
     "CalibrateBnAsIdentity": "bngraph.passes.calibrate_bn_as_identity",
     "RecalibrateBN": "bngraph.passes.recalibrate_bn",
     "PassResult": "bngraph.passes.base",
+    "Probe": "bngraph.passes.base",
     "Skip": "bngraph.passes.base",
     "graph_pass": "bngraph.passes.base",
     "run_passes": "bngraph.passes.base",

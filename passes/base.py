@@ -28,6 +28,15 @@ class Skip:
     reason: str  # one sentence about the user's model, not about our code
 
 
+@dataclass(frozen=True)
+class Probe:
+    """Where to measure what a fold flagged for precision did: the node that held the BN's result
+    in the graph the pass was given (`reference`), and the node that holds it now (`folded`)."""
+
+    reference: str
+    folded: str
+
+
 @dataclass
 class PassResult:
     """What a pass did: the graph it returns, the sites it changed, those it skipped and why."""
@@ -37,6 +46,9 @@ class PassResult:
     skipped: list[Skip] = field(default_factory=list)
     # One row of facts per changed site (features, layer names...), for the report's table.
     details: list[dict] = field(default_factory=list)
+    # Changed site -> where its error is measured, for the folds that may magnify rounding
+    # (`_bn_affine.PRECISION_LOSS_GAIN`): the pipeline measures, the report shows the error.
+    probes: dict[str, Probe] = field(default_factory=dict)
 
     @property
     def modified(self) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bngraph.passes.base import PassResult, Skip, graph_pass
+from bngraph.passes.base import PassResult, Probe, Skip, graph_pass
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, fold_into_consumer, rounding_gain
 from bngraph.passes._fx_batchnorm import axis_at_user, describe, fixed_batch_norms
 from bngraph.passes._fx_effects import mutations_of
@@ -82,7 +82,8 @@ def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:
         result.changed.append(node.name)
         row = {"node": node.name, "into": layer.label, "how": "into the layer after it", "note": note or ""}
         if (gain := rounding_gain(site.stats)) > PRECISION_LOSS_GAIN:
-            row.update(rounding_gain=gain, probe=[consumer.name, consumer.name])
+            row["rounding_gain"] = gain
+            result.probes[node.name] = Probe(reference=consumer.name, folded=consumer.name)
         result.details.append(row)
     if result.changed:
         gm.recompile()

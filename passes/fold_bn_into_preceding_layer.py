@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bngraph.passes.base import PassResult, Skip, graph_pass
+from bngraph.passes.base import PassResult, Probe, Skip, graph_pass
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, fold_into_producer, rounding_gain
 from bngraph.passes._fx_batchnorm import axis_at_source, describe, fixed_batch_norms
 from bngraph.passes._fx_layers import TensorUses, as_layer, write_weights
@@ -32,7 +32,7 @@ def fold_bn_into_preceding_layer(gm: fx.GraphModule) -> PassResult:
     result = PassResult(gm)
     modules = dict(gm.named_modules())
     uses = TensorUses(gm, modules)
-    flagged_at: dict[fx.Node, dict] = {}  # node -> the flagged row whose error is measured at its output
+    flagged_at: dict[fx.Node, str] = {}  # node -> the flagged BN whose error is measured at its output
     for site in fixed_batch_norms(gm, result):  # 1.
         node = site.node
         # 2.
@@ -61,10 +61,12 @@ def fold_bn_into_preceding_layer(gm: fx.GraphModule) -> PassResult:
         result.changed.append(node.name)
         row = {"node": node.name, "into": layer.label, "how": "into the layer before it", "note": note or ""}
         if site.input in flagged_at:  # BN -> BN: that output now holds this BN's result too
-            flagged_at[site.input]["probe"][0] = node.name
+            earlier = flagged_at[site.input]
+            result.probes[earlier] = Probe(reference=node.name, folded=result.probes[earlier].folded)
         if (gain := rounding_gain(site.stats)) > PRECISION_LOSS_GAIN:
-            row.update(rounding_gain=gain, probe=[node.name, site.input.name])
-            flagged_at[site.input] = row
+            row["rounding_gain"] = gain
+            result.probes[node.name] = Probe(reference=node.name, folded=site.input.name)
+            flagged_at[site.input] = node.name
         result.details.append(row)
     if result.changed:
         gm.recompile()

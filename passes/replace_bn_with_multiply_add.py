@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bngraph.passes.base import PassResult, graph_pass
+from bngraph.passes.base import PassResult, Probe, graph_pass
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, rounding_gain, scale_shift
 from bngraph.passes._fx_batchnorm import fixed_batch_norms
 from bngraph.passes._fx_layers import free_name
@@ -51,7 +51,8 @@ def replace_bn_with_multiply_add(gm: fx.GraphModule) -> PassResult:
         result.changed.append(node.name)
         row = {"node": node.name, "into": multiply_add.name, "how": "multiply-add", "note": ""}
         if (gain := rounding_gain(site.stats)) > PRECISION_LOSS_GAIN:
-            row.update(rounding_gain=gain, probe=[node.name, multiply_add.name])
+            row["rounding_gain"] = gain
+            result.probes[node.name] = Probe(reference=node.name, folded=multiply_add.name)
         result.details.append(row)
     if result.changed:
         gm.recompile()
