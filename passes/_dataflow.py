@@ -38,7 +38,7 @@ NONLINEARITIES = frozenset({
     "relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "selu", "celu", "gelu", "silu", "mish",
     "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "softplus", "softsign", "logsigmoid",
     "tanhshrink", "softshrink", "hardshrink", "threshold",
-})  # fmt: skip
+})
 # Pieces of nonlinearities written by hand (HuggingFace's gelu_python, NewGELU, QuickGELU).
 _NONLINEAR_PARTS = NONLINEARITIES | {"erf", "exp", "log1p"}
 
@@ -50,24 +50,24 @@ _UNARY = frozenset({
     "clone", "contiguous", "to", "float", "double", "half", "bfloat16", "type_as", "detach",
     "neg", "__neg__", "abs", "exp", "log", "log1p", "sqrt", "rsqrt", "square", "reciprocal", "erf",
     "clamp", "clip", "pow", "__pow__", "__rpow__", "identity",
-}) | NONLINEARITIES  # fmt: skip
+}) | NONLINEARITIES
 _BINARY = frozenset({
     "add", "sub", "mul", "div", "true_divide", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__",
     "__isub__", "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__",
     "maximum", "minimum", "where",
-})  # fmt: skip
+})
 ELEMENTWISE = _UNARY | _BINARY
 # Ops whose output channels are their input's, in axis 1 (pooling, resizing).
 _CHANNEL_KEEPING = frozenset({
     "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
     "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate", "upsample", "max_pool2d_with_indices",
-})  # fmt: skip
+})
 # Ops that move values without changing them: a normalized tensor stays normalized through them.
 _RELAYOUT = frozenset({
     "view", "reshape", "reshape_as", "view_as", "flatten", "unflatten", "permute", "transpose", "t",
     "squeeze", "unsqueeze", "contiguous",
-})  # fmt: skip
+})
 _SHAPE_OF_SECOND = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})
 _SHAPE_ONLY_READS = frozenset({"zeros_like", "ones_like", "empty_like", "full_like"})
 # Layers: where their output features sit.
@@ -318,4 +318,4 @@ def is_elementwise_nonlinearity(call: ModuleCall) -> bool:
 
 
 __all__ = ["FeatureAxis", "ModuleCall", "RunRecord", "Value", "feature_axis", "is_elementwise_nonlinearity",
-           "normalizer_of", "record_run"]  # fmt: skip
+           "normalizer_of", "record_run"]

@@ -30,7 +30,7 @@ _BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "eps": 1e-5}
 # Methods and functions that only reorder axes: output axis j holds input axis perm[j].
 _PERMUTE_METHODS = {"transpose", "swapaxes", "swapdims", "permute", "contiguous"}
 _PERMUTE_FUNCTIONS = {torch.transpose: "transpose", torch.swapaxes: "swapaxes", torch.swapdims: "swapdims",
-                      torch.permute: "permute"}  # fmt: skip
+                      torch.permute: "permute"}
 
 
 @dataclass
@@ -75,7 +75,7 @@ def read_batch_norm(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Mod
             site.refusal = reason
         elif bn.running_mean is None or bn.running_var is None:
             site.refusal = ("it has no running statistics (track_running_stats=False), so it normalizes "
-                            "with each batch's own statistics even in eval mode")  # fmt: skip
+                            "with each batch's own statistics even in eval mode")
         else:
             site.stats = BatchNormStats(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
     else:
@@ -151,7 +151,7 @@ def _check_finite(site: BatchNormSite) -> None:
         if tensor is not None and not torch.isfinite(tensor).all():
             bad = "NaN" if torch.isnan(tensor).any() else "infinite values"
             raise UserError(f"BatchNorm {site.label!r} has {bad} in its {name}: re-estimate its statistics "
-                            "(bngraph recalibrate) or load intact weights before folding")  # fmt: skip
+                            "(bngraph recalibrate) or load intact weights before folding")
     raise UserError(f"BatchNorm {site.label!r} has running_var + eps <= 0: its statistics are broken")
 
 

@@ -36,7 +36,7 @@ def cancel_inverse_permutes(gm: fx.GraphModule) -> PassResult:
                 written = mutations_of(node) if any(n.target == "contiguous" for n in chain) else []
                 if written:
                     result.skipped.append(Skip(node.name, f"{written[0].name} writes in place into the copy that "
-                                                          f"contiguous() made of {source.name}"))  # fmt: skip
+                                                          f"contiguous() made of {source.name}"))
                     break
                 node.replace_all_uses_with(source)
                 for dead in chain:  # users first

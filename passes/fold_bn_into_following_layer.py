@@ -54,7 +54,7 @@ def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:
         # 3. (A BN feeding a weight or bias made that layer's `as_layer` fail: computed, not constant.)
         if layer.kind == "conv_transpose":
             result.skipped.append(Skip(node.name, f"{layer.label} is a transposed conv: its border outputs sum fewer "
-                                                  "kernel taps, so the BN's shift cannot move into its bias"))  # fmt: skip
+                                                  "kernel taps, so the BN's shift cannot move into its bias"))
             continue
         # 4.
         reason = layer.axis_mismatch(tensor_shape(last), axis, "input")
@@ -64,14 +64,14 @@ def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:
         # 5.
         if layer.zero_padding:
             result.skipped.append(Skip(node.name, f"{layer.label} pads with zeros, where the BN would have put its shift: "
-                                                  "the border would differ"))  # fmt: skip
+                                                  "the border would differ"))
             continue
         # 6.
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         between = [w for w in mutations_of(site.input, modules) if order[node] < order[w] < order[consumer]]
         if between:
             result.skipped.append(Skip(node.name, f"{between[0].name} writes in place into {site.input.name}, the BN's "
-                                                  f"input, before {layer.label} would read it"))  # fmt: skip
+                                                  f"input, before {layer.label} would read it"))
             continue
         # 7.
         with torch.no_grad():

@@ -115,11 +115,11 @@ def fold_bn_into_producer_module(module: nn.Module, example_inputs: Sequence[tor
         with torch.no_grad():
             if isinstance(layer, nn.Linear):
                 weight, bias = fuse_linear_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var,
-                                                      bn.eps, bn.weight, bn.bias)  # fmt: skip
+                                                      bn.eps, bn.weight, bn.bias)
             else:
                 transpose = isinstance(layer, nn.modules.conv._ConvTransposeNd)
                 weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var,
-                                                    bn.eps, bn.weight, bn.bias, transpose=transpose)  # fmt: skip
+                                                    bn.eps, bn.weight, bn.bias, transpose=transpose)
         layer.weight, layer.bias = weight, bias
         if not had_bias:
             edits.append(("bias", layer_path, bias.shape[0], str(bias.dtype).removeprefix("torch.")))

@@ -70,7 +70,7 @@ class RecalibrateBN:
         flags = {m: m.training for m in model.modules()}
         # The forward passes below also move the moving averages: keep the originals to compare.
         before = {n: (bns[n].running_mean.clone(), bns[n].running_var.clone(), bns[n].num_batches_tracked.clone())
-                  for n in moments}  # fmt: skip
+                  for n in moments}
         hooks = [bns[n].register_forward_pre_hook(lambda mod, args, n=n: moments[n].add(args[0])) for n in moments]
         try:
             model.eval()

@@ -19,7 +19,7 @@ from bngraph.passes._fx_effects import hook_refusal
 
 # Each dropout function's `training` argument (position 2) and its default.
 _DROPOUT_FUNCTIONS = {F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True,
-                      F.alpha_dropout: False, F.feature_alpha_dropout: False}  # fmt: skip
+                      F.alpha_dropout: False, F.feature_alpha_dropout: False}
 
 
 @graph_pass(in_place=True)
@@ -40,7 +40,7 @@ def remove_eval_identities(gm: fx.GraphModule) -> PassResult:
         elif node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
             if arg(node, 2, "training", _DROPOUT_FUNCTIONS[node.target]) is not False:
                 result.skipped.append(Skip(node.name, f"it calls F.{node.target.__name__} with training=True, "
-                                                      "which drops activations in eval mode too"))  # fmt: skip
+                                                      "which drops activations in eval mode too"))
                 continue
             label = f"F.{node.target.__name__}"
         else:

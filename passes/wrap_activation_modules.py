@@ -94,7 +94,7 @@ def wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Te
         if found.axis == "last" and len(x.shape) > 2:
             result.skipped.append(
                 Skip(path, f"features in the last axis of a rank-{len(x.shape)} input (from {found.layer}): "
-                           "the module-level fallback can only put a BatchNorm over axis 1")  # fmt: skip
+                           "the module-level fallback can only put a BatchNorm over axis 1")
             )
             continue
         # 5. In place, with the mutated tensor read again.
@@ -103,7 +103,7 @@ def wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Te
             if reads > 1:
                 result.skipped.append(
                     Skip(path, f"in-place activation whose result is read {reads} times; a BatchNorm in front "
-                               "would change what the other reads see")  # fmt: skip
+                               "would change what the other reads see")
                 )
                 continue
         # 6. Wrap.
@@ -134,6 +134,6 @@ def wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Te
         where = f.module or "the model's forward"
         result.skipped.append(
             Skip(f"{f.module or 'forward'}:{f.op}#{f.index}",
-                 f"{f.op} called as a function in {where}: without a traced graph only activation modules can be wrapped")  # fmt: skip
+                 f"{f.op} called as a function in {where}: without a traced graph only activation modules can be wrapped")
         )
     return result
