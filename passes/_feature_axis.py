@@ -12,6 +12,10 @@ keeps all C*H*W as features (axes 1 to 3), never C alone.
 
 A layout is `Features(start, stop)`: axes [start, stop) of the tensor. Anything not proven is a
 sentence saying why (a string), so a caller skips the site with that reason: no axis is guessed.
+
+One module past 300 lines: it is one walk over the graph with one rule per kind of op, and each
+rule reads the layouts the walk already gave the op's inputs (`_Layouts.of`); split, the rules
+would reach back into the walker from another file.
 """
 
 from __future__ import annotations
