@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bngraph.errors import UserError
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes._bn_affine import BatchNormStats
+from bngraph.passes.base import PassResult, Probe, Skip
+from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, BatchNormStats, rounding_gain
 from bngraph.passes._fx_effects import hook_refusal
 from bngraph.passes._op_kinds import op_label
 from bngraph.passes._fx_meta import tensor_dtype, tensor_shape
@@ -106,6 +106,17 @@ def fixed_batch_norms(gm: fx.GraphModule, result: PassResult, *, backwards: bool
             result.skipped.append(Skip(node.name, site.refusal))
             continue
         yield site
+
+
+def flag_rounding(result: PassResult, row: dict, site: BatchNormSite, probe: Probe) -> bool:
+    """For a fold that magnifies float32 rounding past PRECISION_LOSS_GAIN: its gain in the
+    report's `row`, and where the pipeline measures its error (`probe`). Whether it was flagged."""
+    gain = rounding_gain(site.stats)
+    if gain <= PRECISION_LOSS_GAIN:
+        return False
+    row["rounding_gain"] = gain
+    result.probes[row["node"]] = probe
+    return True
 
 
 def _read_functional(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, BatchNormStats | None]:

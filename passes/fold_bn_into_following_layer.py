@@ -24,8 +24,8 @@ import torch
 from torch import fx
 
 from bngraph.passes.base import PassResult, Probe, Skip, graph_pass
-from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, fold_into_consumer, rounding_gain
-from bngraph.passes._fx_batchnorm import axis_at_user, describe, fixed_batch_norms
+from bngraph.passes._bn_affine import fold_into_consumer
+from bngraph.passes._fx_batchnorm import axis_at_user, describe, fixed_batch_norms, flag_rounding
 from bngraph.passes._fx_effects import mutations_of
 from bngraph.passes._fx_layers import TensorUses, as_layer, write_weights
 from bngraph.passes._fx_meta import tensor_shape
@@ -81,9 +81,7 @@ def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:
         gm.graph.erase_node(node)
         result.changed.append(node.name)
         row = {"node": node.name, "into": layer.label, "how": "into the layer after it", "note": note or ""}
-        if (gain := rounding_gain(site.stats)) > PRECISION_LOSS_GAIN:
-            row["rounding_gain"] = gain
-            result.probes[node.name] = Probe(reference=consumer.name, folded=consumer.name)
+        flag_rounding(result, row, site, Probe(reference=consumer.name, folded=consumer.name))
         result.details.append(row)
     if result.changed:
         gm.recompile()

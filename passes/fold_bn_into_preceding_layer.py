@@ -20,8 +20,8 @@ import torch
 from torch import fx
 
 from bngraph.passes.base import PassResult, Probe, Skip, graph_pass
-from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, fold_into_producer, rounding_gain
-from bngraph.passes._fx_batchnorm import axis_at_source, describe, fixed_batch_norms
+from bngraph.passes._bn_affine import fold_into_producer
+from bngraph.passes._fx_batchnorm import axis_at_source, describe, fixed_batch_norms, flag_rounding
 from bngraph.passes._fx_layers import TensorUses, as_layer, write_weights
 from bngraph.passes._fx_meta import tensor_shape
 
@@ -63,9 +63,7 @@ def fold_bn_into_preceding_layer(gm: fx.GraphModule) -> PassResult:
         if site.input in flagged_at:  # BN -> BN: that output now holds this BN's result too
             earlier = flagged_at[site.input]
             result.probes[earlier] = Probe(reference=node.name, folded=result.probes[earlier].folded)
-        if (gain := rounding_gain(site.stats)) > PRECISION_LOSS_GAIN:
-            row["rounding_gain"] = gain
-            result.probes[node.name] = Probe(reference=node.name, folded=site.input.name)
+        if flag_rounding(result, row, site, Probe(reference=node.name, folded=site.input.name)):
             flagged_at[site.input] = node.name
         result.details.append(row)
     if result.changed:

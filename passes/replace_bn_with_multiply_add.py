@@ -20,8 +20,8 @@ import torch
 from torch import fx
 
 from bngraph.passes.base import PassResult, Probe, graph_pass
-from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, rounding_gain, scale_shift
-from bngraph.passes._fx_batchnorm import fixed_batch_norms
+from bngraph.passes._bn_affine import scale_shift
+from bngraph.passes._fx_batchnorm import fixed_batch_norms, flag_rounding
 from bngraph.passes._fx_layers import free_name
 from bngraph.passes._fx_meta import tensor_dtype, tensor_shape
 
@@ -50,9 +50,7 @@ def replace_bn_with_multiply_add(gm: fx.GraphModule) -> PassResult:
         gm.graph.erase_node(node)
         result.changed.append(node.name)
         row = {"node": node.name, "into": multiply_add.name, "how": "multiply-add", "note": ""}
-        if (gain := rounding_gain(site.stats)) > PRECISION_LOSS_GAIN:
-            row["rounding_gain"] = gain
-            result.probes[node.name] = Probe(reference=node.name, folded=multiply_add.name)
+        flag_rounding(result, row, site, Probe(reference=node.name, folded=multiply_add.name))
         result.details.append(row)
     if result.changed:
         gm.recompile()
