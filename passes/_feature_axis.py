@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from bngraph.passes._op_kinds import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, op_label
 from bngraph.passes._fx_meta import tensor_shape
+from bngraph.passes._op_kinds import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, op_label
 
 
 @dataclass(frozen=True)

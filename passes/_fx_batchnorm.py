@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bngraph.errors import UserError
-from bngraph.passes.base import PassResult, Probe, Skip
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, BatchNormStats, rounding_gain
 from bngraph.passes._fx_effects import hook_refusal
-from bngraph.passes._op_kinds import op_label
 from bngraph.passes._fx_meta import tensor_dtype, tensor_shape
+from bngraph.passes._op_kinds import op_label
+from bngraph.passes.base import PassResult, Probe, Skip
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -7,7 +7,6 @@ method call (`x.relu()`). Everything here reads the graph and changes nothing.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import fx, nn

@@ -63,14 +63,14 @@ class PassResult:
 
 
 Pass = Callable[[Any], PassResult]
-F = TypeVar("F", bound=Callable[..., PassResult])
+PassFunction = TypeVar("PassFunction", bound=Callable[..., PassResult])
 
 
-def graph_pass(*, in_place: bool) -> Callable[[F], F]:
+def graph_pass(*, in_place: bool) -> Callable[[PassFunction], PassFunction]:
     """Declare a pass function's contract: `in_place=True` when it changes the graph it is given
     and returns it, False when it returns a new graph and leaves the given one unchanged."""
 
-    def declare(function: F) -> F:
+    def declare(function: PassFunction) -> PassFunction:
         function.in_place = in_place
         return function
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from torch import fx
 
-from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes._fx_batchnorm import permutation
 from bngraph.passes._fx_effects import mutations_of
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 
 @graph_pass(in_place=True)

@@ -13,9 +13,9 @@ from collections.abc import Collection
 import torch
 from torch import fx, nn
 
-from bngraph.passes.base import PassResult, Skip, graph_pass
-from bngraph.passes._op_kinds import CONV_LINEAR_MODULES
 from bngraph.passes._fx_meta import tensor_shape
+from bngraph.passes._op_kinds import CONV_LINEAR_MODULES
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 

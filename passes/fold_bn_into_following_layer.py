@@ -23,12 +23,12 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bngraph.passes.base import PassResult, Probe, Skip, graph_pass
 from bngraph.passes._bn_affine import fold_into_consumer
 from bngraph.passes._fx_batchnorm import axis_at_user, describe, fixed_batch_norms, flag_rounding
 from bngraph.passes._fx_effects import mutations_of
 from bngraph.passes._fx_layers import TensorUses, as_layer, write_weights
 from bngraph.passes._fx_meta import tensor_shape
+from bngraph.passes.base import PassResult, Probe, Skip, graph_pass
 
 
 @graph_pass(in_place=True)

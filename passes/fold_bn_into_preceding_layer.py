@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bngraph.passes.base import PassResult, Probe, Skip, graph_pass
 from bngraph.passes._bn_affine import fold_into_producer
 from bngraph.passes._fx_batchnorm import axis_at_source, describe, fixed_batch_norms, flag_rounding
 from bngraph.passes._fx_layers import TensorUses, as_layer, write_weights
 from bngraph.passes._fx_meta import tensor_shape
+from bngraph.passes.base import PassResult, Probe, Skip, graph_pass
 
 
 @graph_pass(in_place=True)

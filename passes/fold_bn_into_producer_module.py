@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from bngraph.passes._dataflow import record_run
 from bngraph.errors import running_user_model
-from bngraph.passes.base import PassResult, Skip, graph_pass
+from bngraph.passes._dataflow import record_run
 from bngraph.passes._fx_effects import hook_refusal
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 
 def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:

@@ -23,11 +23,11 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes._feature_axis import Features, feature_layouts
 from bngraph.passes._fx_effects import aliases_of, mutates_first_argument
-from bngraph.passes._op_kinds import activation_kind, normalizer_behind, op_label
 from bngraph.passes._fx_meta import tensor_dtype, tensor_shape
+from bngraph.passes._op_kinds import activation_kind, normalizer_behind, op_label
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 BATCHNORM_BY_RANK: dict[int, type[nn.Module]] = {
     2: nn.BatchNorm1d,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from bngraph.passes.base import PassResult, graph_pass
 from bngraph.passes._onnx_common import batchnorms, fresh_name, layer_fold_reason, site
+from bngraph.passes.base import PassResult, graph_pass
 
 # The layers whose initializers onnxscript's BN rules rewrite under their own names.
 _RULE_LAYERS = ("Conv", "ConvTranspose", "Gemm")

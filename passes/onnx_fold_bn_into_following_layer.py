@@ -15,8 +15,8 @@ import onnx_ir as ir
 import torch
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes._onnx_common import batchnorms, bn_scale_shift, constant, layer_fold_reason, new_initializer, site
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 
 def _attr(node: ir.Node, name: str, default):

@@ -27,17 +27,17 @@ from onnxscript.rewriter.rules.common._fuse_batchnorm import (
 )
 from torch.nn.utils.fusion import fuse_linear_bn_weights
 
-from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes._onnx_common import (
     LAYER_OPS,
     batchnorms,
     bn_parameters,
     constant,
-    new_initializer,
     layer_fold_reason,
+    new_initializer,
     rank,
     site,
 )
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 
 class _EvalModeOnly:

@@ -14,8 +14,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 from onnxscript.optimizer import fold_constants_ir
 
-from bngraph.passes.base import PassResult, graph_pass
 from bngraph.passes._onnx_common import report_removed_nodes
+from bngraph.passes.base import PassResult, graph_pass
 
 
 @graph_pass(in_place=True)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import onnx_ir as ir
 import torch
 
-from bngraph.passes.base import PassResult, graph_pass
 from bngraph.passes._onnx_common import batchnorms, constant, fresh_name, layer_fold_reason, site
+from bngraph.passes.base import PassResult, graph_pass
 
 _BIASED_LAYERS = ("Conv", "ConvTranspose")
 

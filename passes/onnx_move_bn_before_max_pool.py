@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes._onnx_common import batchnorms, bn_scale_shift, layer_fold_reason, site
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 _LAYERS = ("Conv", "ConvTranspose")
 

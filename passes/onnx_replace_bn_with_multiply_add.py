@@ -14,8 +14,8 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes._onnx_common import batchnorms, bn_scale_shift, new_initializer, rank, site, skip_reason
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 
 class BnToMulAdd(RewriteRuleClassBase):

@@ -14,8 +14,8 @@ import onnx_ir.passes.common as ir_passes
 import onnxscript.rewriter
 from onnxscript.optimizer import fold_constants_ir
 
-from bngraph.passes.base import PassResult, graph_pass
 from bngraph.passes._onnx_common import report_removed_nodes
+from bngraph.passes.base import PassResult, graph_pass
 
 TIDY_RULES = onnxscript.rewriter.RewriteRuleSet(
     [rule for rule in onnxscript.rewriter._DEFAULT_REWRITE_RULES if "BatchNorm" not in (rule.name or "")]

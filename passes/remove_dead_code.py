@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import fx
 
-from bngraph.passes.base import PassResult, graph_pass
 from bngraph.passes._fx_effects import is_impure_node
+from bngraph.passes.base import PassResult, graph_pass
 
 
 def _prefixes(path: str) -> list[str]:

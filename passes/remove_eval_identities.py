@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import fx, nn
 
-from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes._fx_batchnorm import arg
 from bngraph.passes._fx_effects import hook_refusal
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 # Each dropout function's `training` argument (position 2) and its default.
 _DROPOUT_FUNCTIONS = {F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True,

@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bngraph.passes.base import PassResult, Probe, graph_pass
 from bngraph.passes._bn_affine import scale_shift
 from bngraph.passes._fx_batchnorm import fixed_batch_norms, flag_rounding
 from bngraph.passes._fx_layers import free_name
 from bngraph.passes._fx_meta import tensor_dtype, tensor_shape
+from bngraph.passes.base import PassResult, Probe, graph_pass
 
 
 @graph_pass(in_place=True)

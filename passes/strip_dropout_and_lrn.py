@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import fx, nn
 
-from bngraph.passes.base import PassResult, graph_pass
 from bngraph.passes._op_kinds import first_node_arg, op_label
+from bngraph.passes.base import PassResult, graph_pass
 
 STRIPPED_MODULES = (nn.modules.dropout._DropoutNd, nn.LocalResponseNorm)
 STRIPPED_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.local_response_norm}

@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
-from bngraph.passes.base import PassResult, graph_pass
 from bngraph.passes._op_kinds import activation_kind
+from bngraph.passes.base import PassResult, graph_pass
 
 # What each target is as a module and as a function of one tensor.
 TARGETS: dict[str, tuple[Callable[[], nn.Module], Callable]] = {

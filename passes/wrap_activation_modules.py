@@ -27,11 +27,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bngraph.passes._dataflow import feature_axis, is_elementwise_nonlinearity, normalizer_of, record_run
 from bngraph.errors import running_user_model
+from bngraph.passes._dataflow import feature_axis, is_elementwise_nonlinearity, normalizer_of, record_run
+from bngraph.passes._op_kinds import ACTIVATION_MODULES
 from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes.insert_bn_before_activation import BATCHNORM_BY_RANK
-from bngraph.passes._op_kinds import ACTIVATION_MODULES
 
 
 def _input_problem(call) -> str | None:

@@ -1,8 +1,8 @@
 """base: each pass declares whether it works in place, and run_passes holds it to that."""
 
 import copy
-from collections import OrderedDict
 import importlib
+from collections import OrderedDict
 from pathlib import Path
 
 import onnx_ir as ir
