@@ -26,7 +26,7 @@ import torch
 from torch import fx, nn
 
 from bngraph.errors import UserError
-from bngraph.passes.fx_effects import hooks_of
+from bngraph.passes._fx_effects import hooks_of
 
 CODE_FILE = "model.py"
 CLASS_NAME = "BngraphModel"

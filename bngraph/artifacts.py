@@ -24,10 +24,10 @@ from torch import fx, nn
 
 from bngraph.artifact_code import CLASS_NAME, CODE_FILE, module_source
 from bngraph.atomic import ARTIFACT, check_output, save_tensors, write_dir_atomically
-from bngraph.errors import UserError
+from bngraph.errors import UserError, one_line
 from bngraph.runners import batch_axes_of
 from bngraph.spec import ARTIFACT_META
-from bngraph.trace import one_line, trace
+from bngraph.trace import trace
 
 FORMAT = "bngraph-artifact"
 FORMAT_VERSION = 1

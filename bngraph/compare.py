@@ -243,7 +243,7 @@ def default_tolerance(reference_kind: str, candidate_kind: str) -> float:
 
 def fold_tolerance(rounding_gain: float) -> float | None:
     """verify's default (None), unless a BN magnifies float32 rounding by `rounding_gain`
-    (`bn_affine.rounding_gain`, the largest of the model's): any fold of it errs by up to about
+    (`_bn_affine.rounding_gain`, the largest of the model's): any fold of it errs by up to about
     gain x 2**-24 of the output's scale (measured: 0.04-0.25 of that on
     `tests.passes.fold_util.nearly_dead_channel` at gains 1e3-2.7e5), and the check allows 4x it."""
     tolerance = rounding_gain * 2.0**-24 * 4

@@ -29,8 +29,8 @@ from bngraph.atomic import PICTURE, write_atomically
 from bngraph.errors import UserError
 from bngraph.layout import ROW_IN, layered_layout, layers
 from bngraph.load import LoadedModel
-from bngraph.passes.fx_batchnorm import is_batch_norm
-from bngraph.passes.op_kinds import op_label
+from bngraph.passes._fx_batchnorm import is_batch_norm
+from bngraph.passes._op_kinds import op_label
 from bngraph.report import Report
 from bngraph.trace import trace
 

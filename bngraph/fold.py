@@ -30,10 +30,10 @@ from bngraph.passes.fold_bn_into_preceding_layer import fold_bn_into_preceding_l
 from bngraph.errors import UserError
 from bngraph.fold_reach import fold_inside_hooked_modules, opaque_batch_norms, unused_batch_norms
 from bngraph.fold_untraced import FALLBACK, fold_untraced, source_edits
-from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, rounding_gain
+from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, rounding_gain
 from bngraph.runners import eval_mode
-from bngraph.passes.fx_batchnorm import is_batch_norm, read_batch_norm
-from bngraph.passes.op_kinds import op_label
+from bngraph.passes._fx_batchnorm import is_batch_norm, read_batch_norm
+from bngraph.passes._op_kinds import op_label
 from bngraph.passes.remove_dead_code import remove_dead_code
 from bngraph.passes.remove_eval_identities import remove_eval_identities
 from bngraph.passes.replace_bn_with_multiply_add import replace_bn_with_multiply_add
@@ -181,21 +181,21 @@ def _measure_flagged(
     """For each fold flagged for precision, the largest abs and relative error it made on the
     example input, measured where its output is: the unfolded model's value (from `unfolded`,
     `_values_near_flagged`'s, else from the model traced again) vs the folded one's."""
-    probes = {row["node"]: row["probe"] for r in results.values() for row in r.details if "probe" in row}
+    probes = {site: probe for r in results.values() for site, probe in r.probes.items()}
     if not probes:
         return {}
     with torch.no_grad():
         want = unfolded
-        if not all(p[0] in unfolded for p in probes.values()):
+        if not all(p.reference in unfolded for p in probes.values()):
             reference = trace(model, training=False)  # the same node names as the graph the passes started from
-            capture = _Capture(reference, {p[0] for p in probes.values()})
+            capture = _Capture(reference, {p.reference for p in probes.values()})
             capture.run(*example_inputs)
             want = capture.values
-        got = _Capture(gm, {p[1] for p in probes.values()})
+        got = _Capture(gm, {p.folded for p in probes.values()})
         got.run(*example_inputs)
     errors = {}
-    for bn, (ref, new) in probes.items():
-        expected, actual = want[ref].double(), got.values[new].double()
+    for bn, probe in probes.items():
+        expected, actual = want[probe.reference].double(), got.values[probe.folded].double()
         error = float((expected - actual).abs().max())
         errors[bn] = (error, error / max(float(expected.abs().max()), 1e-30))
     return errors
@@ -223,7 +223,7 @@ def fold_report(
     folded, notes = [], []
     for name in ran:
         for row in results[name].details:
-            row = {k: v for k, v in row.items() if k != "probe"}
+            row = dict(row)  # the report's copy: notes and errors are added below
             if row["how"] == "multiply-add":
                 why = reasons.get(row["node"], {})
                 row["note"] = "; ".join(f"{where}: {why[p]}" for where, p in

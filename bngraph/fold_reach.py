@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from bngraph.errors import CheckFailed, UserError
-from bngraph.passes.fx_effects import hooks_of
+from bngraph.passes._fx_effects import hooks_of
 
 _HOOK_ATTRS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")

@@ -21,7 +21,7 @@ from torch import nn
 from bngraph.equivalence import check_same_function
 from bngraph.compare import fold_tolerance
 from bngraph.passes.base import run_passes
-from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, BatchNormStats, rounding_gain
+from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, BatchNormStats, rounding_gain
 from bngraph.passes.fold_bn_into_producer_module import fold_bn_into_producer_module
 from bngraph.report import Report
 from bngraph.trace import copy_module

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from bngraph.artifacts import load_artifact
-from bngraph.errors import UserError
+from bngraph.errors import UserError, one_line
 from bngraph.runners import ExampleInputs, random_tensor
 from bngraph.spec import ModelSpec, input_layout, parse_input_dtypes, parse_input_shapes, parse_model_spec
-from bngraph.trace import materialize_lazy, one_line
+from bngraph.trace import materialize_lazy
 from bngraph.zoo import create_model, get_entry
 
 

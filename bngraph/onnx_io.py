@@ -16,8 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from bngraph.atomic import ONNX, write_atomically
-from bngraph.errors import UserError
-from bngraph.trace import one_line
+from bngraph.errors import UserError, one_line
 from bngraph.compare import VerifyResult
 from bngraph.verify import verify
 

@@ -34,10 +34,10 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from bngraph.dataflow import NONLINEARITIES, normalizer_of, record_run
+from bngraph.passes._dataflow import NONLINEARITIES, normalizer_of, record_run
 from bngraph.errors import UserError, model_raised, one_line, user_frame
-from bngraph.passes.op_kinds import ACTIVATION_MODULES
-from bngraph.passes.fx_effects import hooks_of
+from bngraph.passes._op_kinds import ACTIVATION_MODULES
+from bngraph.passes._fx_effects import hooks_of
 from bngraph.trace import TraceFailed, _RecordShapes, _Tracer, copy_module
 
 MAX_LEAVES = 48

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bngraph.errors import UserError
+from bngraph.errors import UserError, one_line
 from bngraph.errors import running_user_model
-from bngraph.trace import one_line
 
 ORT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL")
 # Several single examples, then an odd batch: batch 1 and a batch the example never had show

@@ -18,7 +18,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from bngraph.errors import UserError, model_raised, one_line, user_frame
-from bngraph.passes.fx_effects import hooks_of
+from bngraph.passes._fx_effects import hooks_of
 
 
 class TraceFailed(UserError):
@@ -271,13 +271,3 @@ def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
         raise UserError(f"the model failed on its example input {shapes} at node {where}: {one_line(err)}") from err
     finally:
         gm.train(was_training)
-
-
-def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-def tensor_dtype(node: fx.Node) -> torch.dtype | None:
-    meta = node.meta.get("tensor_meta")
-    return getattr(meta, "dtype", None)

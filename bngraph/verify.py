@@ -24,12 +24,11 @@ import numpy as np
 
 from bngraph.compare import OutputDiff, VerifyResult, compare, default_tolerance
 from bngraph.data import resolve_dataset
-from bngraph.errors import ModelRaised, UserError
+from bngraph.errors import ModelRaised, UserError, one_line
 from bngraph.load import load_model
 from bngraph.report import Report
 from bngraph.runners import BATCH_SIZES, onnx_inputs, random_batches, runners_for
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
-from bngraph.trace import one_line
 
 DATA_EXAMPLES = 97  # an odd batch of real images, besides the random ones
 

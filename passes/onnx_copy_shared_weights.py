@@ -5,20 +5,20 @@ When another node reads the same initializer (a layer applied twice, tied weight
 must stay, so the folded layer needs a copy: onnxscript's rules refuse shared initializers,
 because they write the folded tensor back under the old name. After this pass they fold.
 Only layers whose BN fold can go ahead get a copy; the file grows by one weight per copy.
-In place.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
-from bngraph.passes.base import PassResult
-from bngraph.passes.onnx_common import batchnorms, fresh_name, layer_fold_reason, site
+from bngraph.passes._onnx_common import batchnorms, fresh_name, layer_fold_reason, site
+from bngraph.passes.base import PassResult, graph_pass
 
 # The layers whose initializers onnxscript's BN rules rewrite under their own names.
 _RULE_LAYERS = ("Conv", "ConvTranspose", "Gemm")
 
 
+@graph_pass(in_place=True)
 def onnx_copy_shared_weights(model: ir.Model) -> PassResult:
     """Copy each shared weight/bias of a Conv, ConvTranspose or Gemm whose only user is a BN."""
     result = PassResult(model)

@@ -4,9 +4,9 @@ where a BatchNormalization reads the sum.
 Paddle2ONNX and others write a layer's bias as a separate Add, Conv(x, W) + c with c shaped
 (1, C, 1, 1) or (C, 1, 1). A conv's bias is that same per-output-channel addition, so
     Add(Conv(x, W, B), c) = Conv(x, W, B + c)   exactly,
-and the BN after it then folds into the layer (onnx_fold_bn_into_layer). Only where the layer's
+and the BN after it then folds into the layer (onnx_fold_bn_into_preceding_layer). Only where the layer's
 output feeds nothing but the Add, and the Add nothing but a BN: elsewhere the graph stays as
-written. In place.
+written.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from __future__ import annotations
 import onnx_ir as ir
 import torch
 
-from bngraph.passes.base import PassResult
-from bngraph.passes.onnx_common import batchnorms, constant, fresh_name, layer_fold_reason, site
+from bngraph.passes._onnx_common import batchnorms, constant, fresh_name, layer_fold_reason, site
+from bngraph.passes.base import PassResult, graph_pass
 
 _BIASED_LAYERS = ("Conv", "ConvTranspose")
 
 
+@graph_pass(in_place=True)
 def onnx_fuse_bias_add_into_layer(model: ir.Model) -> PassResult:
     """Fuse Add(layer, per-channel constant) into the layer's bias before a BN; `changed` names the layers."""
     result = PassResult(model)

@@ -8,19 +8,20 @@ ignores its padding, it never takes the max over it). Then
 A scale below zero turns the max into a min: such a BN stays where it is (reported). Trained
 networks often have every gamma > 0, so this is the fold for most BNs after a pool. Only
 where the pool's input comes from a Conv or ConvTranspose read by nothing else, and the pool's
-output (and not its indices) is read by the BN alone: elsewhere the move gains nothing. In place.
+output (and not its indices) is read by the BN alone: elsewhere the move gains nothing.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.onnx_common import batchnorms, bn_scale_shift, layer_fold_reason, site
+from bngraph.passes._onnx_common import batchnorms, bn_scale_shift, layer_fold_reason, site
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 _LAYERS = ("Conv", "ConvTranspose")
 
 
+@graph_pass(in_place=True)
 def onnx_move_bn_before_max_pool(model: ir.Model) -> PassResult:
     """Swap MaxPool -> BN into BN -> MaxPool where the BN then follows a layer; `changed` names the BNs."""
     result = PassResult(model)

@@ -14,7 +14,7 @@ from torch import nn
 
 from bngraph.cli import main
 from bngraph.errors import ModelRaised, running_user_model
-from bngraph.passes.base import PassResult, run_passes
+from bngraph.passes.base import PassResult, graph_pass, run_passes
 from tests.conftest import REPO
 from tests.mnist_like import write_learnable
 
@@ -75,11 +75,13 @@ def test_run_passes_tells_a_users_forward_from_a_bug_in_a_pass():
         def forward(self, x):
             return x @ torch.ones(3, 3)
 
+    @graph_pass(in_place=True)
     def runs_the_model(model):  # a pass that runs the user's forward, as the fallback insert does
         with running_user_model():
             model(torch.ones(2, 4))
         return PassResult(model)
 
+    @graph_pass(in_place=True)
     def has_a_bug(model):
         return PassResult([][0])
 

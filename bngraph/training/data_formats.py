@@ -41,9 +41,8 @@ from PIL import Image
 from torch import nn
 
 from bngraph.data import FILES, find_idx_file, load_mnist
-from bngraph.errors import UserError
+from bngraph.errors import UserError, one_line
 from bngraph.load import _import_file
-from bngraph.trace import one_line
 from bngraph.training.data import StreamData, TensorData
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")

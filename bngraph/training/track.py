@@ -26,7 +26,7 @@ _MAX_VALUES_PER_BATCH = 65536  # per module and evaluation batch; a conv map is 
 
 
 def nonlinearity_names(model: nn.Module) -> list[str]:
-    from bngraph.passes.op_kinds import ACTIVATION_MODULES
+    from bngraph.passes._op_kinds import ACTIVATION_MODULES
 
     return [name for name, m in model.named_modules() if isinstance(m, ACTIVATION_MODULES)]
 
@@ -36,7 +36,7 @@ class _FunctionalCalls(TorchFunctionMode):
     input of the wanted ones to `record(name, tensor)`."""
 
     def __init__(self, model: nn.Module, record):
-        from bngraph.passes.op_kinds import ACTIVATION_MODULES
+        from bngraph.passes._op_kinds import ACTIVATION_MODULES
 
         super().__init__()
         self.paths = {id(m): p for p, m in reversed(list(model.named_modules(remove_duplicate=False)))}
@@ -46,7 +46,7 @@ class _FunctionalCalls(TorchFunctionMode):
         self.seen: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        from bngraph.dataflow import NONLINEARITIES, op_name
+        from bngraph.passes._dataflow import NONLINEARITIES, op_name
 
         name = op_name(func)
         if name in NONLINEARITIES and self.frames and not isinstance(self.frames[-1][1], self.activation_modules):

@@ -11,8 +11,11 @@ the producer unknown, never stale.
     record.module_calls   # every module call: path, module, input value, inner ops
     record.functional     # every nonlinearity called as a function outside an activation module
 
-One module, though long: the recorder and the questions asked of its record (`normalizer_of`,
-`feature_axis`) share the `Value` type and the op-name tables, which change together.
+It lives with the passes that decide by it (`wrap_activation_modules`,
+`fold_bn_into_producer_module`); the trace fallback (`bngraph.partial_trace`) and `--track-inputs`
+(`bngraph.track`) read it too. One module past 300 lines: the op tables, the recorder that names
+ops by them and the questions asked of its record (`normalizer_of`, `feature_axis`) share one
+vocabulary of op names, and split they would each import the others' tables.
 """
 
 from __future__ import annotations
@@ -22,15 +25,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from bngraph.passes.op_kinds import ACTIVATION_MODULES, NORM_MODULES
+from bngraph.passes._op_kinds import ACTIVATION_MODULES, NORM_MODULES
 
 # The elementwise nonlinearities as torch names them, in all three forms (F.relu, torch.relu,
-# x.relu(), x.relu_()): the same set as op_kinds' tables, by name, since the mode sees the name.
+# x.relu(), x.relu_()): the same set as _op_kinds' tables, by name, since the mode sees the name.
 NONLINEARITIES = frozenset({
     "relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "selu", "celu", "gelu", "silu", "mish",
     "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "softplus", "softsign", "logsigmoid",

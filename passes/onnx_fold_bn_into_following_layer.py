@@ -6,7 +6,7 @@ is torch.nn.utils.fusion). A layer after it sums over input channels, so for eac
     W'[o, c] = W[o, c] s[c],   B'[o] = B[o] + sum_c,k W[o, c, k] t[c].
 Exact for a Conv only without zero padding: the original conv pads the BN's output with 0,
 the folded one pads x with 0, which the BN would have turned into t. Such a BN (and one before
-a pool, an add...) is left for `onnx_bn_to_mul_add`. Grouped convs fold per group. In place.
+a pool, an add...) is left for `onnx_replace_bn_with_multiply_add`. Grouped convs fold per group.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import onnx_ir as ir
 import torch
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.onnx_common import batchnorms, bn_scale_shift, constant, layer_fold_reason, new_initializer, site
+from bngraph.passes._onnx_common import batchnorms, bn_scale_shift, constant, layer_fold_reason, new_initializer, site
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -117,7 +117,8 @@ def _refusal(bn: ir.Node, layer: ir.Node) -> str | None:
 RULES = RewriteRuleSet([FoldBnIntoNextConv.rule(), FoldBnIntoNextGemm.rule()])
 
 
-def onnx_fold_bn_into_next_layer(model: ir.Model) -> PassResult:
+@graph_pass(in_place=True)
+def onnx_fold_bn_into_following_layer(model: ir.Model) -> PassResult:
     """Fold every BN whose output only feeds a Conv (without zero padding) or a Gemm."""
     result = PassResult(model)
     nexts = {bn: _next_layer(bn) for bn in batchnorms(model)}

@@ -7,7 +7,7 @@ onnxscript's rules fold into Conv, ConvTranspose (grouped too) and Gemm (with or
 transB); we use them as they are, adding a training-mode guard they lack. Our one rule covers
 what they do not match: a Linear exported as MatMul (+ Add), on (N, C) or, through the
 Transpose users write around BatchNorm1d, on (N, T, C). It feeds the initializers to
-torch.nn.utils.fusion.fuse_linear_bn_weights, the FX fold's own function. In place.
+torch.nn.utils.fusion.fuse_linear_bn_weights, the FX fold's own function.
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ from onnxscript.rewriter.rules.common._fuse_batchnorm import (
 )
 from torch.nn.utils.fusion import fuse_linear_bn_weights
 
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.onnx_common import (
+from bngraph.passes._onnx_common import (
     LAYER_OPS,
     batchnorms,
     bn_parameters,
     constant,
-    new_initializer,
     layer_fold_reason,
+    new_initializer,
     rank,
     site,
 )
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 
 class _EvalModeOnly:
@@ -145,7 +145,8 @@ RULES = RewriteRuleSet(
 )
 
 
-def onnx_fold_bn_into_layer(model: ir.Model) -> PassResult:
+@graph_pass(in_place=True)
+def onnx_fold_bn_into_preceding_layer(model: ir.Model) -> PassResult:
     """Fold every BN that follows a Conv, ConvTranspose, Gemm or MatMul; say why for the others."""
     result = PassResult(model)
     layers = {bn: _layer_path(bn) for bn in batchnorms(model)}
