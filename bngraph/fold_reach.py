@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from bngraph.errors import CheckFailed, UserError
 from bngraph.passes._fx_effects import hooks_of
+from bngraph.passes._fx_meta import has_submodule
 
 _HOOK_ATTRS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")
@@ -111,7 +112,7 @@ def opaque_batch_norms(gm: fx.GraphModule) -> list[dict]:
     for node in gm.graph.nodes:
         if (
             node.op == "get_attr"
-            and _is_module_path(gm, node.target)
+            and has_submodule(gm, node.target)
             and is_batch_norm_module(gm.get_submodule(node.target))
         ):
             users = ", ".join(u.name for u in node.users)
@@ -134,13 +135,6 @@ def opaque_batch_norms(gm: fx.GraphModule) -> list[dict]:
                 )
     return found
 
-
-def _is_module_path(gm: fx.GraphModule, target: str) -> bool:
-    try:
-        gm.get_submodule(target)
-        return True
-    except AttributeError:
-        return False
 
 
 def is_batch_norm_module(module: nn.Module | None) -> bool:

@@ -56,7 +56,7 @@ def _torch_dtype(name: str) -> torch.dtype:
     return torch.from_numpy(np.zeros(0, dtype=name)).dtype
 
 
-def _import_file(path: Path):
+def import_user_file(path: Path):
     path = path.resolve()
     name = "bngraph_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(name, path)
@@ -89,7 +89,7 @@ def _module_candidates(code) -> list[str]:
 
 
 def _build(path: Path, symbol: str | None) -> tuple[nn.Module, str]:
-    code = _import_file(path)
+    code = import_user_file(path)
     if symbol is None:
         candidates = _module_candidates(code)
         if len(candidates) != 1:
@@ -103,15 +103,20 @@ def _build(path: Path, symbol: str | None) -> tuple[nn.Module, str]:
     factory = getattr(code, symbol)
     if not callable(factory):
         raise UserError(f"{path}:{symbol} is not a class or function")
-    try:
-        module = factory()
-    except TypeError as err:
-        raise UserError(f"{path}:{symbol}() cannot be called without arguments: {one_line(err)}") from err
-    except Exception as err:
-        raise UserError(f"building {path}:{symbol}() failed: {one_line(err)}") from err
+    module = call_user_factory(path, symbol, factory)
     if not isinstance(module, nn.Module):
         raise UserError(f"{path}:{symbol}() returned {type(module).__name__}, not an nn.Module")
     return module, symbol
+
+
+def call_user_factory(path: Path, symbol: str, factory):
+    """`factory()`, `symbol` of the user's file `path`: whatever it raises is the user's error."""
+    try:
+        return factory()
+    except TypeError as err:
+        raise UserError(f"{path}:{symbol}() cannot be called without arguments: {one_line(err)}") from err
+    except Exception as err:
+        raise UserError(f"{path}:{symbol}() failed: {one_line(err)}") from err
 
 
 def _declared_shapes(module: nn.Module) -> list[tuple[int, ...]] | None:

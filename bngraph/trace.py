@@ -17,7 +17,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
-from bngraph.errors import UserError, model_raised, one_line, user_frame
+from bngraph.errors import CheckFailed, UserError, model_raised, one_line, user_frame
 from bngraph.passes._fx_effects import hooks_of
 
 
@@ -159,8 +159,7 @@ def check_faithful_trace(
     the trace froze (see `bngraph.equivalence`). One forward of each; a command's own check of
     its result then covers a batch of another size too. `output`: `gm`'s from `trace_and_run`,
     which then saves the graph's forward."""
-    from bngraph.equivalence import Reference
-    from bngraph.errors import CheckFailed
+    from bngraph.equivalence import Reference  # here: equivalence imports verify, which imports this module
 
     reference = reference or Reference(module, example_inputs)  # `bngraph.equivalence.Reference` of `module`
     try:
@@ -257,7 +256,7 @@ def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
     """`propagate_shapes`, returning the output of that run: drawn under
     `bngraph.equivalence.seeded()`, so that a check of `gm` can take it instead of running `gm`
     on the example input again (`Reference.check(example_output=...)`)."""
-    from bngraph.equivalence import seeded
+    from bngraph.equivalence import seeded  # here: equivalence imports verify, which imports this module
 
     was_training = gm.training
     gm.eval()

@@ -1,4 +1,5 @@
-"""What a traced node's output is: the shape and dtype recorded in its `tensor_meta`.
+"""What a traced node's output is (the shape and dtype recorded in its `tensor_meta`), and whether
+a name is taken by a submodule of the graph.
 
 `bngraph.trace` runs the example input through the graph and records them (as torch.fx's
 ShapeProp does); a pass that inserts a node records its own. A node whose output is not one
@@ -19,3 +20,11 @@ def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
 def tensor_dtype(node: fx.Node) -> torch.dtype | None:
     meta = node.meta.get("tensor_meta")
     return getattr(meta, "dtype", None)
+
+
+def has_submodule(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False

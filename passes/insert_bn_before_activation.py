@@ -25,7 +25,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from bngraph.passes._feature_axis import Features, feature_layouts
 from bngraph.passes._fx_effects import aliases_of, mutates_first_argument
-from bngraph.passes._fx_meta import tensor_dtype, tensor_shape
+from bngraph.passes._fx_meta import has_submodule, tensor_dtype, tensor_shape
 from bngraph.passes._op_kinds import activation_kind, normalizer_behind, op_label
 from bngraph.passes.base import PassResult, Skip, graph_pass
 
@@ -39,17 +39,10 @@ BATCHNORM_BY_RANK: dict[int, type[nn.Module]] = {
 
 def _free_name(gm: fx.GraphModule, wanted: str) -> str:
     name, i = wanted, 1
-    while _exists(gm, name):
+    while has_submodule(gm, name):
         name, i = f"{wanted}_{i}", i + 1
     return name
 
-
-def _exists(gm: fx.GraphModule, path: str) -> bool:
-    try:
-        gm.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 def _device(gm: fx.GraphModule) -> torch.device:

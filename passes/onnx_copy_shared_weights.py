@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from bngraph.passes._onnx_common import batchnorms, fresh_name, layer_fold_reason, site
+from bngraph.passes._onnx_common import bns_fed_by, fresh_name, site
 from bngraph.passes.base import PassResult, graph_pass
 
 # The layers whose initializers onnxscript's BN rules rewrite under their own names.
@@ -23,10 +23,8 @@ def onnx_copy_shared_weights(model: ir.Model) -> PassResult:
     """Copy each shared weight/bias of a Conv, ConvTranspose or Gemm whose only user is a BN."""
     result = PassResult(model)
     graph = model.graph
-    for bn in batchnorms(model):
-        layer = bn.inputs[0].producer()
-        if layer is None or layer.op_type not in _RULE_LAYERS or layer_fold_reason(bn) is not None:
-            continue  # not a fold these rules make: the fold pass reports why
+    # Other BNs are not a fold these rules make: the fold pass reports why.
+    for bn, layer in bns_fed_by(model, _RULE_LAYERS):
         if len(bn.inputs[0].uses()) != 1:
             continue
         copied, shared_with = [], set()

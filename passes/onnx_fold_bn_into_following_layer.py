@@ -15,8 +15,8 @@ import onnx_ir as ir
 import torch
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from bngraph.passes._onnx_common import batchnorms, bn_scale_shift, constant, layer_fold_reason, new_initializer, site
-from bngraph.passes.base import PassResult, Skip, graph_pass
+from bngraph.passes._onnx_common import bn_scale_shift, constant, fold_by_rules, layer_fold_reason, new_initializer, site
+from bngraph.passes.base import PassResult, graph_pass
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -120,18 +120,7 @@ RULES = RewriteRuleSet([FoldBnIntoNextConv.rule(), FoldBnIntoNextGemm.rule()])
 @graph_pass(in_place=True)
 def onnx_fold_bn_into_following_layer(model: ir.Model) -> PassResult:
     """Fold every BN whose output only feeds a Conv (without zero padding) or a Gemm."""
-    result = PassResult(model)
-    nexts = {bn: _next_layer(bn) for bn in batchnorms(model)}
-    RULES.apply_to_model(model)
-    left = set(batchnorms(model))
-    for bn, layer in nexts.items():
-        if bn not in left:
-            result.changed.append(site(bn))
-            into = f"{layer.op_type} {site(layer)}"
-            result.details.append({"node": site(bn), "into": into, "how": "into the layer after it", "note": ""})
-        else:
-            result.skipped.append(Skip(site(bn), _why_left(bn, layer)))
-    return result
+    return fold_by_rules(model, RULES, _next_layer, _why_left, "into the layer after it")
 
 
 def _next_layer(bn: ir.Node) -> ir.Node | None:

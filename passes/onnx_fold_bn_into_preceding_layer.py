@@ -12,6 +12,8 @@ torch.nn.utils.fusion.fuse_linear_bn_weights, the FX fold's own function.
 
 from __future__ import annotations
 
+from functools import partial
+
 import onnx_ir as ir
 import torch
 from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus, RewriteRuleClassBase, RewriteRuleSet
@@ -29,15 +31,15 @@ from torch.nn.utils.fusion import fuse_linear_bn_weights
 
 from bngraph.passes._onnx_common import (
     LAYER_OPS,
-    batchnorms,
     bn_parameters,
     constant,
+    fold_by_rules,
     layer_fold_reason,
     new_initializer,
     rank,
     site,
 )
-from bngraph.passes.base import PassResult, Skip, graph_pass
+from bngraph.passes.base import PassResult, graph_pass
 
 
 class _EvalModeOnly:
@@ -148,19 +150,9 @@ RULES = RewriteRuleSet(
 @graph_pass(in_place=True)
 def onnx_fold_bn_into_preceding_layer(model: ir.Model) -> PassResult:
     """Fold every BN that follows a Conv, ConvTranspose, Gemm or MatMul; say why for the others."""
-    result = PassResult(model)
-    layers = {bn: _layer_path(bn) for bn in batchnorms(model)}
-    RULES.apply_to_model(model)
-    left = set(batchnorms(model))
-    for bn, path in layers.items():
-        if bn in left:
-            result.skipped.append(Skip(site(bn), _why_left(model, bn, path)))
-        else:
-            layer = path[-1]
-            result.changed.append(site(bn))
-            into = f"{layer.op_type} {site(layer)}"
-            result.details.append({"node": site(bn), "into": into, "how": "into the layer before it", "note": ""})
-    return result
+    return fold_by_rules(
+        model, RULES, _layer_path, partial(_why_left, model), "into the layer before it", layer_in=lambda path: path[-1]
+    )
 
 
 def _layer_path(bn: ir.Node) -> list[ir.Node]:
