@@ -71,7 +71,7 @@ def patterns() -> list[Pattern]:
 
     from tests.passes.test_onnx_copy_shared_weights import ConvAppliedTwice
     from tests.onnx_models import ConvOutputShared
-    from tests.passes.test_onnx_fold_bn_into_layer import LinearOnSequence
+    from tests.passes.test_onnx_fold_bn_into_preceding_layer import LinearOnSequence
 
     def seq(*layers):  # built when called: export_all seeds the weights first
         return lambda: nn.Sequential(*(make() for make in layers))
@@ -123,7 +123,7 @@ def to_depthwise_conv(model) -> None:
     """Each BN left on an (N, C, D...) input as Conv(x, scale as (C, 1, 1...), shift, group=C)."""
     import onnx_ir as ir
 
-    from bngraph.passes.onnx_common import batchnorms, bn_scale_shift, fresh_name, rank, skip_reason
+    from bngraph.passes._onnx_common import batchnorms, bn_scale_shift, fresh_name, rank, skip_reason
 
     graph = model.graph
     for bn in batchnorms(model):

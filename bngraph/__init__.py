@@ -7,8 +7,10 @@
     result = bngraph.export(folded, example_inputs, "model.onnx")   # verified, or not written
     bngraph.save(bn_model, "out/")
 
-Each function is what the command of the same name runs. (The functions share their names with
-the modules that define them: import helpers with `from bngraph.fold import ...`.)
+Each function is the core of the command of the same name, and lives in the module of that name
+(`bngraph.insert`, `bngraph.fold`, `bngraph.export`, `bngraph.verify`), beside the function the
+command runs on a model spec. (The functions share their names with their modules: import
+helpers with `from bngraph.fold import ...`.)
 """
 
 from typing import TYPE_CHECKING
@@ -22,7 +24,7 @@ __version__ = "0.2.0"
 # (and so `bngraph --help`) does not start torch. Training lives in `bngraph.training`
 # (`train`, `TrainConfig`, `TensorData`), the experiments in `bngraph.reproduce`.
 _API = {
-    "insert": "bngraph.api",
+    "insert": "bngraph.insert",
     "fold": "bngraph.fold",
     "export": "bngraph.export",
     "verify": "bngraph.verify",
@@ -39,10 +41,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what type checkers and editors see (py.typed)
-    from bngraph.api import insert
     from bngraph.artifacts import save
     from bngraph.export import export
     from bngraph.fold import fold
+    from bngraph.insert import insert
     from bngraph.load import load
     from bngraph.passes.base import PassResult, Skip
     from bngraph.report import Report

@@ -11,6 +11,9 @@ The rule for every output (each command's `-o`, `bngraph.save`, `bngraph.export`
   kind is moved aside first and deleted only once the new one is in place.
 - A full disk, a file-size limit or Ctrl-C leave no temporary file behind and the old output as it
   was; a full disk is one line (the user's to fix), Ctrl-C propagates as KeyboardInterrupt.
+
+One module, though long: every output kind goes through the same checks, the same build-aside,
+move-aside and rename, and the same cleanup, and the rule is meant to be read in one place.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ ARTIFACT, RUN, REPRODUCE, ONNX, PICTURE = "artifact", "run", "reproduce", "onnx"
 FOLDER_FORMATS = {ARTIFACT: "bngraph-artifact", RUN: "bngraph-run", REPRODUCE: "bngraph-reproduce"}
 FILE_SUFFIXES = {ONNX: (".onnx",), PICTURE: (".svg", ".png", ".dot")}
 DESCRIBED = {ARTIFACT: "an artifact folder", RUN: "a training run folder", REPRODUCE: "a reproduce folder",
-             ONNX: "an ONNX file", PICTURE: "a graph picture"}  # fmt: skip
+             ONNX: "an ONNX file", PICTURE: "a graph picture"}
 # Names that say "file": a folder written under one would mislead every later reader.
 FILE_LIKE_SUFFIXES = {".onnx", ".pt", ".pth", ".py", ".json", ".jsonl", ".safetensors", ".png", ".svg", ".dot"}
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -143,7 +146,7 @@ def check_output(
         if not force:
             resume = "add --resume to continue it, " if kind == RUN else ""
             raise UserError(f"{path} exists ({DESCRIBED[kind]} bngraph wrote): {resume}add --force to replace it, "
-                            "or choose another -o")  # fmt: skip
+                            "or choose another -o")
     _check_parent(path)
     return path
 
@@ -206,7 +209,7 @@ def _disk_errors(path: Path) -> Iterator[None]:
 def save_tensors(obj, path: Path) -> None:
     """torch.save through bytes: written directly, a full disk raises an opaque RuntimeError
     ("unexpected pos"); through Python's own write it is an OSError that says ENOSPC or EFBIG."""
-    import torch
+    import torch  # here: the CLI checks outputs with this module before torch is needed
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)

@@ -26,7 +26,7 @@ ORDER = ["insert", "train", "recalibrate", "reproduce", "fold", "export", "verif
 
 
 def command_names() -> list[str]:
-    found = {m.name for m in pkgutil.iter_modules(bngraph.commands.__path__)} - {"common"}
+    found = {m.name for m in pkgutil.iter_modules(bngraph.commands.__path__)} - {"args"}
     return sorted(found, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
 
 

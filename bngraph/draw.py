@@ -7,20 +7,17 @@ The legend's counts are the report's: they come from the artifact's history (`in
 last `fold`), not from re-counting the picture.
 
 Layout: Graphviz `dot` renders SVG and PNG where it is installed, for graphs up to 40 layers deep
-(it cannot wrap a deeper one, which would come out as a strip). Otherwise a built-in layered
-(Sugiyama-style) layout: layers by longest path from the inputs; an edge that spans several
-layers gets a dummy point per layer, so a skip connection runs in its own lane beside the chain
-instead of behind it; orders by barycenters, sweeping down and up; coordinates pulled towards
-the neighbours' mean. A deep graph wraps into side-by-side columns, kept near a page's aspect.
+(it cannot wrap a deeper one, which would come out as a strip). Otherwise bngraph's own layered
+layout (`bngraph.layout`), drawn with matplotlib.
+
+    graph, report = draw_model(loaded, "graph.svg")   # what `bngraph graph` runs
 """
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
 import subprocess
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +27,12 @@ from torch import fx
 
 from bngraph.atomic import PICTURE, write_atomically
 from bngraph.errors import UserError
-from bngraph.passes.fx_batchnorm import is_batch_norm
-from bngraph.passes.op_kinds import op_label
+from bngraph.layout import ROW_IN, layered_layout, layers
+from bngraph.load import LoadedModel
+from bngraph.passes._fx_batchnorm import is_batch_norm
+from bngraph.passes._op_kinds import op_label
+from bngraph.report import Report
+from bngraph.trace import trace
 
 # What each mark means, and its colour in every format.
 MARKS = {
@@ -142,147 +143,9 @@ def graph_of(gm: fx.GraphModule, marks: Marks | None = None) -> nx.DiGraph:
     return graph
 
 
-# --- the built-in layered layout -------------------------------------------------------------
-
-
-@dataclass
-class Layout:
-    """Where everything goes: `points[n]` is (x, y) for each node and dummy point (y grows
-    downwards, one unit per layer); `paths[(u, v)]` the points an edge passes through, its
-    end points included; `column[n]` which wrapped column a point is in, `spans[c]` the x range
-    of column c and `rows` the layers in the tallest column."""
-
-    points: dict[str, tuple[float, float]]
-    paths: dict[tuple[str, str], list[str]]
-    column: dict[str, int]
-    spans: list[tuple[float, float]]
-    rows: int
-    lane_in: float  # inches per lane: the widest label fits
-
-
-def _layers(graph: nx.DiGraph) -> dict[str, int]:
-    layer = {}
-    for n in nx.topological_sort(graph):
-        layer[n] = max((layer[p] + 1 for p in graph.predecessors(n)), default=0)
-    return layer
-
-
-def _order(rows: list[list[str]], up: dict[str, list[str]], down: dict[str, list[str]], sweeps: int = 4) -> None:
-    """Barycenter ordering, in place: each row sorted by its neighbours' mean position in the
-    row above (sweeping down), then in the row below (sweeping up)."""
-    for _ in range(sweeps):
-        for i, neighbours, beside in [*((i, up, i - 1) for i in range(1, len(rows))),
-                                      *((i, down, i + 1) for i in range(len(rows) - 2, -1, -1))]:  # fmt: skip
-            rank = {n: k for k, n in enumerate(rows[beside])}
-            here = {n: k for k, n in enumerate(rows[i])}
-            rows[i].sort(key=lambda n: _mean([rank[m] for m in neighbours[n] if m in rank], here[n]))
-
-
-def _mean(values: list[float], default: float) -> float:
-    return sum(values) / len(values) if values else default
-
-
-def _place(graph: nx.DiGraph, rows: list[list[str]], up: dict[str, list[str]], down: dict[str, list[str]],
-           sweeps: int = 4) -> dict[str, float]:  # fmt: skip
-    """x per point: the row's order kept, one unit apart at least, each pulled towards the mean
-    x of its neighbours so that a chain runs straight."""
-    x = {n: k - (len(row) - 1) / 2 for row in rows for k, n in enumerate(row)}
-    real = set(graph)
-
-    def pulled_by(n: str, downward: bool) -> list[str]:
-        # An op lines up with the ops next to it, not with a skip lane passing by: the chain
-        # stays straight and the lane runs beside it.
-        neighbours = up[n] if downward else down[n]
-        ops = [m for m in neighbours if m in real]
-        return ops if n in real and ops else neighbours
-
-    for sweep in range(sweeps * 2):
-        downward = sweep % 2 == 0
-        for row in rows if downward else rows[::-1]:
-            want = [_mean([x[m] for m in pulled_by(n, downward)], x[n]) for n in row]
-            placed = []
-            for w in want:
-                placed.append(w if not placed else max(w, placed[-1] + 1))
-            # Centre the row on its ops' wishes (on the lanes' where it has no op).
-            pairs = [(w, p) for n, w, p in zip(row, want, placed) if n in real] or list(zip(want, placed))
-            shift = sum(w - p for w, p in pairs) / len(pairs)
-            for n, p in zip(row, placed):
-                x[n] = p + shift
-    return x
-
-
-def _lane_in(graph: nx.DiGraph) -> float:
-    """Inches per lane: the longest label line at 6 pt, and a margin."""
-    longest = max((len(line) for _, d in graph.nodes(data=True) for line in d["label"].splitlines()), default=8)
-    return max(1.0, 0.048 * longest + 0.3)
-
-
-def layered_layout(graph: nx.DiGraph, aspect: float = 1.4) -> Layout:
-    """The layered layout of `graph`, wrapped into columns so that the picture's height/width
-    is near `aspect`; columns break where the fewest edges cross."""
-    layer = _layers(graph)
-    up: dict[str, list[str]] = defaultdict(list)
-    down: dict[str, list[str]] = defaultdict(list)
-    paths = {}
-    for u, v in graph.edges:
-        chain = [u, *(f"{u}->{v}#{k}" for k in range(layer[u] + 1, layer[v])), v]
-        for k, point in enumerate(chain[1:-1], start=layer[u] + 1):
-            layer[point] = k
-        for a, b in zip(chain, chain[1:]):
-            down[a].append(b)
-            up[b].append(a)
-        paths[(u, v)] = chain
-    depth = max(layer.values(), default=-1) + 1
-    rows: list[list[str]] = [[] for _ in range(depth)]
-    for n in [*nx.topological_sort(graph), *(p for path in paths.values() for p in path[1:-1])]:
-        rows[layer[n]].append(n)
-    _order(rows, up, down)
-    x = _place(graph, rows, up, down)
-    lane_in = _lane_in(graph)
-    starts = _column_starts(rows, x, aspect, lane_in)
-    first_row = [max(s for s in starts if s <= i) for i in range(depth)]
-    column = {n: starts.index(first_row[layer[n]]) for n in layer}
-    points, spans, left = {}, [], 0.0
-    for c in range(len(starts)):
-        members = [n for n in layer if column[n] == c]
-        low, high = min(x[n] for n in members), max(x[n] for n in members)
-        for n in members:
-            points[n] = (left + x[n] - low, float(layer[n] - starts[c]))
-        spans.append((left, left + high - low))
-        left += high - low + 2.0  # a gap of two lanes: the wrapped edges climb through it
-    tallest = max(b - a for a, b in zip(starts, [*starts[1:], depth])) if depth else 1
-    return Layout(points, paths, column, spans, tallest, lane_in)
-
-
-def _column_starts(rows: list[list[str]], x: dict[str, float], aspect: float, lane_in: float) -> list[int]:
-    """The first layer of each column: as many columns as bring height/width nearest `aspect`,
-    each break moved (by up to a quarter column) to where the fewest edges cross it."""
-    depth = len(rows)
-    if depth == 0:
-        return [0]
-    lanes = max(x.values()) - min(x.values()) + 1
-    count, best_error = 1, math.inf
-    for columns in range(1, depth + 1):
-        height = math.ceil(depth / columns) * _ROW_IN
-        if height < 12 * _ROW_IN and columns > 1:
-            break
-        error = abs(math.log(height / (columns * (lanes + 2) * lane_in) / aspect))
-        if error < best_error:
-            count, best_error = columns, error
-    per_column = math.ceil(depth / count)
-    starts = [0]
-    for k in range(1, count):
-        target = k * per_column
-        window = range(max(starts[-1] + 1, target - per_column // 4), min(depth - 1, target + per_column // 4) + 1)
-        if window:
-            starts.append(min(window, key=lambda i: (len(rows[i]), abs(i - target))))  # a narrow row
-    return starts
-
-
-_ROW_IN = 0.55  # inches per layer: two lines of 6 pt text and an edge
-
-
 def _draw(graph: nx.DiGraph, path: Path) -> None:
+    # Imported here: choosing matplotlib's backend is a side effect that importing bngraph.draw
+    # must not have on a notebook's plots.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,7 +158,7 @@ def _draw(graph: nx.DiGraph, path: Path) -> None:
     xs = [p[0] for p in layout.points.values()] or [0.0]
     legend_in = 0.15 + 0.17 * len(entries)  # the legend sits above the graph
     width_in = max((max(xs) - min(xs) + 1) * layout.lane_in, 4.5)
-    graph_in = max((layout.rows + 0.6) * _ROW_IN, 1.0)
+    graph_in = max((layout.rows + 0.6) * ROW_IN, 1.0)
     fig = plt.figure(figsize=(width_in, graph_in + legend_in))
     ax = fig.add_axes((0, 0, 1, graph_in / (graph_in + legend_in)))
     middle, half = (min(xs) + max(xs)) / 2, width_in / layout.lane_in / 2
@@ -316,11 +179,11 @@ def _draw(graph: nx.DiGraph, path: Path) -> None:
                 xa, ya = xb, top
             ax.add_patch(FancyArrowPatch((xa, ya), (xb, yb), arrowstyle=head, mutation_scale=6, zorder=1,
                                          shrinkA=9 if a in graph and ya != top else 0,
-                                         shrinkB=9 if b == v else 0, **style))  # fmt: skip
+                                         shrinkB=9 if b == v else 0, **style))
     for n, data in graph.nodes(data=True):
         px, py = layout.points[n]
         ax.text(px, py, data["label"], ha="center", va="center", fontsize=6, zorder=2, linespacing=1.1,
-                bbox=dict(boxstyle="round,pad=0.3", fc=MARKS[data["mark"]][0], ec="#333333", lw=0.4))  # fmt: skip
+                bbox=dict(boxstyle="round,pad=0.3", fc=MARKS[data["mark"]][0], ec="#333333", lw=0.4))
     handles = [Patch(facecolor=MARKS[mark][0], edgecolor="#333333", label=text) for mark, text in entries]
     fig.legend(handles=handles, loc="upper left", fontsize=7, frameon=False, borderaxespad=0.3)
     fig.savefig(path, format=path.suffix[1:], dpi=150)
@@ -377,7 +240,7 @@ def _graphviz(graph: nx.DiGraph, path: Path) -> bool:
     if dot is None:
         return False
     done = subprocess.run([dot, f"-T{path.suffix[1:]}", "-o", str(path)], input=_dot(graph), text=True,
-                          capture_output=True, timeout=300)  # fmt: skip
+                          capture_output=True, timeout=300)
     if done.returncode != 0:
         raise UserError(f"Graphviz dot could not draw the graph: {done.stderr.strip().splitlines()[-1:]}")
     return True
@@ -396,10 +259,20 @@ def draw_graph(graph: nx.DiGraph, path: str | Path, *, force: bool = False, grap
         return write_atomically(path, lambda tmp: tmp.write_text(_dot(graph)), kind=PICTURE, force=force)
 
     # dot draws one long column, so a deep graph (Inception) would be a strip: ours wraps it.
-    graphviz = graphviz and max(_layers(graph).values(), default=0) < _GRAPHVIZ_MAX_LAYERS
+    graphviz = graphviz and max(layers(graph).values(), default=0) < _GRAPHVIZ_MAX_LAYERS
 
     def write(tmp: Path) -> None:
         if not (graphviz and _graphviz(graph, tmp)):
             _draw(graph, tmp)
 
     return write_atomically(path, write, kind=PICTURE, force=force)
+
+
+def draw_model(loaded: LoadedModel, output: str | Path, *, force: bool = False) -> tuple[nx.DiGraph, Report]:
+    """`bngraph graph`: the loaded model traced, marked from its artifact history, drawn to
+    `output`; the report carries the legend's counts, so the report and the picture agree."""
+    gm = trace(loaded.module, loaded.example_inputs() if loaded.input_shapes else None)
+    graph = graph_of(gm, marks_from_history(loaded.history))
+    draw_graph(graph, output, force=force)
+    facts = {"output": str(output), "nodes": graph.number_of_nodes(), **graph.graph["counts"]}
+    return graph, Report(f"bngraph graph {loaded.spec.text}", facts=facts)

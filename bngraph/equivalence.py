@@ -7,7 +7,7 @@ Every command that promises an unchanged function (fold, export's FX fold, inser
 of another size, the smallest that differs (1, or 2 after an example of 1; the next size up
 where the model itself refuses a batch of 1; only inputs with a batch axis change size; see
 `bngraph.runners`), compares
-every output with `bngraph.verify`'s rule and tolerances (PyTorch against PyTorch: 1e-5 of the
+every output with `bngraph.compare`'s rule and tolerances (PyTorch against PyTorch: 1e-5 of the
 output's RMS plus 1e-5 relative), and raises `CheckFailed` naming the output that differs and by
 how much. Both run with the same random seed, so a forward that draws random numbers (dropout
 with training=True) compares equal when the transformation kept those draws. Neither model's
@@ -26,6 +26,7 @@ from torch import nn
 
 from bngraph.errors import CheckFailed
 from bngraph.runners import TorchRunner, _to_numpy, batch_axes_of, example_batches, named_tensors
+from bngraph.verify import verify
 
 
 class _SeededRunner(TorchRunner):
@@ -96,8 +97,6 @@ class Reference:
         input alone with `example_only`); return the worst error as a fraction of the tolerance.
         `example_output`: `transformed`'s output on the example input, where a run the caller
         needed anyway computed it (under `seeded()`, in eval mode): not run again."""
-        from bngraph.verify import verify
-
         batches = self.batches[:1] if example_only else self.batches
         runner = _SeededRunner(transformed, what)
         if example_output is not None:
@@ -144,7 +143,7 @@ def check_only_statistics_changed(state_before: dict[str, torch.Tensor], model: 
     before a pass that may only re-estimate BatchNorm statistics, as `recalibrate` does) apart
     from the BatchNorms' running statistics."""
     statistics = {f"{path}.{name}".lstrip(".") for path, m in model.named_modules()
-                  if isinstance(m, nn.modules.batchnorm._BatchNorm) for name in _STATISTICS}  # fmt: skip
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) for name in _STATISTICS}
     state = model.state_dict()
     if state.keys() != state_before.keys():
         changed = sorted(state.keys() ^ state_before.keys())

@@ -6,6 +6,11 @@ no longer computes what it was given, a verification beyond tolerance): exit cod
 written. Anything else is a bug in bngraph and keeps its traceback (see `bngraph.cli`).
 """
 
+import os
+import sys
+import sysconfig
+import traceback
+
 
 class UserError(Exception):
     """Something the user can fix: a path, a model name, a shape, an untraceable forward."""
@@ -27,10 +32,6 @@ def one_line(err: BaseException) -> str:
 
 def _library_dirs() -> tuple[str, ...]:
     """Folders whose frames are not the user's: torch, bngraph itself (its zoo aside), the stdlib."""
-    import os
-    import sys
-    import sysconfig
-
     dirs = [sysconfig.get_paths()["stdlib"]]
     for name in ("torch", "bngraph", "bngraph.passes", "onnxscript", "onnx_ir", "onnx"):
         module = sys.modules.get(name)
@@ -41,10 +42,6 @@ def _library_dirs() -> tuple[str, ...]:
 def user_frame(err: BaseException):
     """The innermost traceback frame of `err` in the user's code (a zoo model counts as the
     user's: it runs on the user's input), or None when every frame is torch's or bngraph's."""
-    import os
-    import sys
-    import traceback
-
     library = _library_dirs()
     zoo = tuple(os.path.join(os.path.realpath(p), "") for p in getattr(sys.modules.get("bngraph.zoo"), "__path__", []))
 

@@ -36,14 +36,14 @@ import torch
 from torch import nn
 
 from bngraph.atomic import ONNX, check_output
-from bngraph.errors import CheckFailed, ModelRaised, UserError
+from bngraph.errors import CheckFailed, ModelRaised, UserError, one_line
 from bngraph.fold import fold as fx_fold
 from bngraph.onnx_fold import STANDALONE_BN_FORMS, fold_onnx
 from bngraph.onnx_io import write_verified
 from bngraph.report import Report
-from bngraph.trace import one_line, raise_if_model_raises
+from bngraph.trace import raise_if_model_raises
 from bngraph.runners import BATCH_SIZES, batch_axes_of, eval_mode, example_batches
-from bngraph.verify import VerifyResult
+from bngraph.compare import VerifyResult
 
 # The newest opset that every onnxruntime pyproject admits (>= 1.20) runs; torch's default is 20.
 OPSET = 21

@@ -1,11 +1,13 @@
-"""The Python API behind `bngraph fold`: each BatchNorm merged into a neighbouring linear map.
+"""`bngraph fold` on a PyTorch model: each BatchNorm merged into a neighbouring linear map.
 
     folded, report = fold(model, example_inputs)   # a GraphModule in eval mode, and the report
+    folded, report = fold_artifact(loaded, "out/")   # what the command runs: folded and saved
 
 Paper, Algorithm 2 step 3: in eval mode a BN is a fixed affine map per channel, so it folds
 into the conv or linear that feeds it, else into the one it feeds where that is exact, else it
 becomes one multiply-add. The passes run on a traced copy in eval mode; the model handed in is
-left as it is. BatchNorms that are not fixed maps are left, each with its reason.
+left as it is. BatchNorms that are not fixed maps are left, each with its reason. An ONNX file
+is folded by `bngraph.onnx_fold`.
 """
 
 from __future__ import annotations
@@ -16,32 +18,36 @@ from collections.abc import Collection, Sequence
 import torch
 from torch import fx, nn
 
+from bngraph.artifact_code import edited_source, fallback_source
+from bngraph.artifacts import history_entry, save
+from bngraph.compare import fold_tolerance
 from bngraph.equivalence import Reference
+from bngraph.load import LoadedModel
 from bngraph.passes.base import PassResult, run_passes
 from bngraph.passes.cancel_inverse_permutes import cancel_inverse_permutes
 from bngraph.passes.fold_bn_into_following_layer import fold_bn_into_following_layer
 from bngraph.passes.fold_bn_into_preceding_layer import fold_bn_into_preceding_layer
 from bngraph.errors import UserError
 from bngraph.fold_reach import fold_inside_hooked_modules, opaque_batch_norms, unused_batch_norms
-from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, rounding_gain
+from bngraph.fold_untraced import FALLBACK, fold_untraced, source_edits
+from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, rounding_gain
 from bngraph.runners import eval_mode
-from bngraph.passes.fx_batchnorm import is_batch_norm, read_batch_norm
-from bngraph.passes.op_kinds import op_label
+from bngraph.passes._fx_batchnorm import is_batch_norm, read_batch_norm
+from bngraph.passes._op_kinds import op_label
 from bngraph.passes.remove_dead_code import remove_dead_code
 from bngraph.passes.remove_eval_identities import remove_eval_identities
 from bngraph.passes.replace_bn_with_multiply_add import replace_bn_with_multiply_add
 from bngraph.report import Report
 from bngraph.trace import TraceFailed, check_faithful_trace, trace, trace_and_run
-from bngraph.verify import TORCH_TOLERANCE
 
 # In order: the layer before a BN is the first choice (no constraint on padding), the layer
 # after it the second, a multiply-add the last. Identities go first, as they can stand between
 # a layer and its BN.
 FOLD_PASSES = (remove_eval_identities, fold_bn_into_preceding_layer, fold_bn_into_following_layer,
-               replace_bn_with_multiply_add)  # fmt: skip
+               replace_bn_with_multiply_add)
 TIDY_PASSES = (cancel_inverse_permutes, remove_dead_code)
 _BN_PASSES = (fold_bn_into_preceding_layer.__name__, fold_bn_into_following_layer.__name__,
-              replace_bn_with_multiply_add.__name__)  # fmt: skip
+              replace_bn_with_multiply_add.__name__)
 
 
 # What a BN no layer can take becomes: one multiply-add (the default: exact, and no BN kernel is
@@ -74,13 +80,11 @@ def fold(
         reference = Reference(module, example_inputs)  # the model's outputs, for every check below
         check_faithful_trace(module, gm, example_inputs, reference=reference, output=traced_output)
     except TraceFailed as err:  # what insert's module-level fallback writes, among others
-        from bngraph.fold_untraced import fold_untraced
-
         return fold_untraced(module, example_inputs, str(err))
     before, batch_norms = _op_counts(gm), len(_batch_norm_names(gm))
     unused = unused_batch_norms(module, gm)
     inside = opaque_batch_norms(gm)
-    inner_rows, inner_left, done = fold_inside_hooked_modules(gm, example_inputs)
+    inner_rows, inner_left, done = fold_inside_hooked_modules(gm, example_inputs, fold)
     opaque = [*inner_left, *(row for row in inside if not row["node"].startswith(tuple(f"{t}." for t in done)))]
     gain = _largest_rounding_gain(gm)
     unfolded = _values_near_flagged(gm, example_inputs) if gain > PRECISION_LOSS_GAIN else {}
@@ -92,25 +96,16 @@ def fold(
     tolerance = fold_tolerance(gain)
     reference.check(gm, what="the folded model", atol=tolerance, rtol=tolerance)
     report = fold_report(before, _op_counts(gm), batch_norms, _batch_norm_names(gm), results, errors, opaque,
-                         kept=_fixed_batch_norm_names(gm) if standalone_bn == "keep" else ())  # fmt: skip
+                         kept=_fixed_batch_norm_names(gm) if standalone_bn == "keep" else ())
     report.sections["folded"][:0] = inner_rows
     if unused:
         report.notes.append(f"{len(unused)} BatchNorm(s) the model holds are never called by its forward, so the "
-                            f"folded model does not have them: {', '.join(unused)}")  # fmt: skip
+                            f"folded model does not have them: {', '.join(unused)}")
     report.facts["batchnorms_before"] += len(inside) - len(opaque)  # those folded inside hooked modules
     if inner_rows:
         report.notes = [n for n in report.notes if not n.startswith("nothing to fold")]
     report.passes = results
     return gm, report
-
-
-def fold_tolerance(rounding_gain: float) -> float | None:
-    """verify's default (None), unless a BN magnifies float32 rounding by `rounding_gain`
-    (`bn_affine.rounding_gain`, the largest of the model's): any fold of it errs by up to about
-    gain x 2**-24 of the output's scale (measured: 0.04-0.25 of that on
-    `tests.passes.fold_util.nearly_dead_channel` at gains 1e3-2.7e5), and the check allows 4x it."""
-    tolerance = rounding_gain * 2.0**-24 * 4
-    return tolerance if tolerance > TORCH_TOLERANCE else None
 
 
 def _largest_rounding_gain(gm: fx.GraphModule) -> float:
@@ -186,21 +181,21 @@ def _measure_flagged(
     """For each fold flagged for precision, the largest abs and relative error it made on the
     example input, measured where its output is: the unfolded model's value (from `unfolded`,
     `_values_near_flagged`'s, else from the model traced again) vs the folded one's."""
-    probes = {row["node"]: row["probe"] for r in results.values() for row in r.details if "probe" in row}
+    probes = {site: probe for r in results.values() for site, probe in r.probes.items()}
     if not probes:
         return {}
     with torch.no_grad():
         want = unfolded
-        if not all(p[0] in unfolded for p in probes.values()):
+        if not all(p.reference in unfolded for p in probes.values()):
             reference = trace(model, training=False)  # the same node names as the graph the passes started from
-            capture = _Capture(reference, {p[0] for p in probes.values()})
+            capture = _Capture(reference, {p.reference for p in probes.values()})
             capture.run(*example_inputs)
             want = capture.values
-        got = _Capture(gm, {p[1] for p in probes.values()})
+        got = _Capture(gm, {p.folded for p in probes.values()})
         got.run(*example_inputs)
     errors = {}
-    for bn, (ref, new) in probes.items():
-        expected, actual = want[ref].double(), got.values[new].double()
+    for bn, probe in probes.items():
+        expected, actual = want[probe.reference].double(), got.values[probe.folded].double()
         error = float((expected - actual).abs().max())
         errors[bn] = (error, error / max(float(expected.abs().max()), 1e-30))
     return errors
@@ -228,24 +223,24 @@ def fold_report(
     folded, notes = [], []
     for name in ran:
         for row in results[name].details:
-            row = {k: v for k, v in row.items() if k != "probe"}
+            row = dict(row)  # the report's copy: notes and errors are added below
             if row["how"] == "multiply-add":
                 why = reasons.get(row["node"], {})
                 row["note"] = "; ".join(f"{where}: {why[p]}" for where, p in
-                                        (("before", _BN_PASSES[0]), ("after", _BN_PASSES[1])) if p in why)  # fmt: skip
+                                        (("before", _BN_PASSES[0]), ("after", _BN_PASSES[1])) if p in why)
             if row["node"] in errors:
                 row["max_abs_error"], row["max_rel_error"] = errors[row["node"]]
                 notes.append(f"{row['node']}: its variance is so small that folding magnifies float32 rounding "
                              f"{row['rounding_gain']:.3g}x; on the example input the result differs from the unfolded "
-                             f"model's by up to {row['max_abs_error']:.3g} ({row['max_rel_error']:.3g} relative)")  # fmt: skip
+                             f"model's by up to {row['max_abs_error']:.3g} ({row['max_rel_error']:.3g} relative)")
             folded.append(row)
     # A BN left by the last pass was left by all of them; the last one's reason is the one that counts.
     remaining = [{"node": n, "reason": list(reasons.get(n, {"": "no pass matched it"}).values())[-1]}
-                 for n in left if n not in kept]  # fmt: skip
+                 for n in left if n not in kept]
     kept_rows = [{"node": n, "form": "BatchNorm", "reason": KEPT_REASON,
                   "note": "; ".join(f"{where}: {reasons.get(n, {})[p]}" for where, p in
                                     (("before", _BN_PASSES[0]), ("after", _BN_PASSES[1])) if p in reasons.get(n, {}))}
-                 for n in left if n in kept]  # fmt: skip
+                 for n in left if n in kept]
     remaining += list(opaque)  # inside a module called as a whole: no pass saw them
     ops = [{"op": op, "before": before[op], "after": after[op]} for op in sorted(before.keys() | after.keys())]
     passes = [{"pass": name, "changed": len(r.changed), "skipped": len(r.skipped)} for name, r in results.items()]
@@ -263,4 +258,21 @@ def fold_report(
     return Report("bngraph fold", sections=sections, facts=facts, notes=notes)
 
 
-__all__ = ["FOLD_PASSES", "STANDALONE_BN_FORMS", "TIDY_PASSES", "fold", "fold_report", "fold_tolerance"]
+def fold_artifact(loaded: LoadedModel, output: str | None, *, force: bool = False) -> tuple[fx.GraphModule, Report]:
+    """`bngraph fold`: `fold` on a loaded model spec, written as an artifact at `output` (None:
+    only reported), its history extended by this fold and its report."""
+    example_inputs = loaded.example_inputs()
+    folded, report = fold(loaded.module, example_inputs)
+    report.title = f"bngraph fold {loaded.spec.text}"
+    if output is None:
+        return folded, report
+    history = [*loaded.history, {**history_entry("fold", report.passes), "report": report.to_json()}]
+    code = None
+    if report.facts.get("tracing") == FALLBACK:  # no graph to write code from: the source plus edits
+        code = edited_source(*fallback_source(loaded), source_edits(report), "fold")
+    save(folded, output, example_inputs=example_inputs, history=history, source=loaded.spec.text, force=force, code=code)
+    report.facts["output"] = output
+    return folded, report
+
+
+__all__ = ["FOLD_PASSES", "STANDALONE_BN_FORMS", "TIDY_PASSES", "fold", "fold_artifact", "fold_report"]

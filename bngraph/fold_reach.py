@@ -13,27 +13,27 @@ takes its place (`fold_inside_hooked_modules`).
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 from torch import fx, nn
 
 from bngraph.errors import CheckFailed, UserError
-from bngraph.passes.fx_effects import hooks_of
+from bngraph.passes._fx_effects import hooks_of
+from bngraph.passes._fx_meta import has_submodule
 
 _HOOK_ATTRS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")  # fmt: skip
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")
 
 
-def fold_inside_hooked_modules(gm: fx.GraphModule, example_inputs) -> tuple[list[dict], list[dict], set[str]]:
+def fold_inside_hooked_modules(gm: fx.GraphModule, example_inputs, fold: Callable) -> tuple[list[dict], list[dict], set[str]]:
     """Fold the BatchNorms inside each module the trace kept whole for its hooks, on its own.
 
     A hook sees the module's inputs and output, which folding inside it does not change: the
     module is folded as a model of its own (on the inputs it got from the example) and its
     folded graph, with the same hooks, takes its place. Returns the folded rows, the BNs left
-    inside with their reasons, and the module paths done."""
-    from bngraph.fold import fold  # a module is folded as a model: fold calls this, and this fold
-
+    inside with their reasons, and the module paths done. `fold` is `bngraph.fold.fold`, which
+    calls this: a module is folded as a model."""
     targets = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target in targets:
@@ -96,7 +96,7 @@ def unused_batch_norms(module: nn.Module, gm: fx.GraphModule) -> list[str]:
     reached = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
     reached = {p for target in reached for p in _prefixes(target)}
     return [path for path, m in module.named_modules()
-            if path and is_batch_norm_module(m) and not any(p in reached for p in _prefixes(path))]  # fmt: skip
+            if path and is_batch_norm_module(m) and not any(p in reached for p in _prefixes(path))]
 
 
 def _prefixes(path: str) -> list[str]:
@@ -112,12 +112,12 @@ def opaque_batch_norms(gm: fx.GraphModule) -> list[dict]:
     for node in gm.graph.nodes:
         if (
             node.op == "get_attr"
-            and _is_module_path(gm, node.target)
+            and has_submodule(gm, node.target)
             and is_batch_norm_module(gm.get_submodule(node.target))
         ):
             users = ", ".join(u.name for u in node.users)
             found.append({"node": node.target, "reason": f"the graph passes it as a module to {users}, which torch.fx "
-                                                          "does not trace, so it cannot be folded"})  # fmt: skip
+                                                          "does not trace, so it cannot be folded"})
     for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "call_module"):
         module = gm.get_submodule(target)
         if is_batch_norm_module(module):
@@ -135,13 +135,6 @@ def opaque_batch_norms(gm: fx.GraphModule) -> list[dict]:
                 )
     return found
 
-
-def _is_module_path(gm: fx.GraphModule, target: str) -> bool:
-    try:
-        gm.get_submodule(target)
-        return True
-    except AttributeError:
-        return False
 
 
 def is_batch_norm_module(module: nn.Module | None) -> bool:

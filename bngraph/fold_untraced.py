@@ -4,10 +4,10 @@ What the module-level fallback of `insert` writes (the user's code with `Sequent
 wraps) cannot be traced either, so `fold` folds it without a graph
 (`fold_bn_into_producer_module`), on an eval-mode copy, and checks the result against the model
 it was given (`bngraph.equivalence`) before returning it, within the traced fold's tolerance
-(`bngraph.fold.fold_tolerance`: verify's, widened only where a BN's tiny variance magnifies
+(`bngraph.compare.fold_tolerance`: verify's, widened only where a BN's tiny variance magnifies
 float32 rounding). The report has the sections of the
 traced fold's report, and each fold lists the edits that `bngraph fold -o` appends to the
-model's source (`bngraph.artifacts.edited_source`).
+model's source (`bngraph.artifact_code.edited_source`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from bngraph.equivalence import check_same_function
-from bngraph.fold import fold_tolerance
+from bngraph.compare import fold_tolerance
 from bngraph.passes.base import run_passes
-from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, BatchNormStats, rounding_gain
+from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, BatchNormStats, rounding_gain
 from bngraph.passes.fold_bn_into_producer_module import fold_bn_into_producer_module
 from bngraph.report import Report
 from bngraph.trace import copy_module
@@ -59,14 +59,14 @@ def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], tra
     folded = [{k: v for k, v in row.items() if k != "edits"} for row in result.details]
     remaining = [{"node": p, "reason": reasons.get(p, "no pass matched it")} for p in left]
     notes = [f"torch.fx could not trace the model ({trace_failure}): BatchNorms were folded module by module, "
-             "and those left can still be folded by `bngraph export` in ONNX"]  # fmt: skip
+             "and those left can still be folded by `bngraph export` in ONNX"]
     if not before:
         notes.append("nothing to fold: the model has no BatchNorm")
     for row in folded:
         if (row_gain := gains.get(row["node"], 0.0)) > PRECISION_LOSS_GAIN:
             row["rounding_gain"] = row_gain
             notes.append(f"{row['node']}: its variance is so small that folding magnifies float32 rounding "
-                         f"{row_gain:.3g}x; the check against the model used atol = rtol = {fold_tolerance(row_gain):.3g}")  # fmt: skip
+                         f"{row_gain:.3g}x; the check against the model used atol = rtol = {fold_tolerance(row_gain):.3g}")
     report = Report(
         "bngraph fold",
         sections={"folded": folded, "remaining": remaining,
@@ -74,12 +74,12 @@ def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], tra
         facts={"tracing": FALLBACK, "batchnorms_before": len(before), "batchnorms_after": len(left)},
         notes=notes,
         passes=results,
-    )  # fmt: skip
+    )
     return copy, report
 
 
 def source_edits(report: Report) -> list[tuple]:
-    """The edits of an untraced fold, in order, for `bngraph.artifacts.edited_source`."""
+    """The edits of an untraced fold, in order, for `bngraph.artifact_code.edited_source`."""
     result = report.passes.get(fold_bn_into_producer_module.__name__)
     return [tuple(e) for row in (result.details if result else []) for e in row["edits"]]
 

@@ -12,14 +12,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from bngraph.artifacts import load_artifact
-from bngraph.errors import UserError
+from bngraph.errors import UserError, one_line
 from bngraph.runners import ExampleInputs, random_tensor
 from bngraph.spec import ModelSpec, input_layout, parse_input_dtypes, parse_input_shapes, parse_model_spec
-from bngraph.trace import materialize_lazy, one_line
+from bngraph.trace import materialize_lazy
+from bngraph.zoo import create_model, get_entry
 
 
 @dataclass
@@ -51,12 +53,10 @@ class LoadedModel:
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    import numpy as np
-
     return torch.from_numpy(np.zeros(0, dtype=name)).dtype
 
 
-def _import_file(path: Path):
+def import_user_file(path: Path):
     path = path.resolve()
     name = "bngraph_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(name, path)
@@ -89,7 +89,7 @@ def _module_candidates(code) -> list[str]:
 
 
 def _build(path: Path, symbol: str | None) -> tuple[nn.Module, str]:
-    code = _import_file(path)
+    code = import_user_file(path)
     if symbol is None:
         candidates = _module_candidates(code)
         if len(candidates) != 1:
@@ -103,15 +103,20 @@ def _build(path: Path, symbol: str | None) -> tuple[nn.Module, str]:
     factory = getattr(code, symbol)
     if not callable(factory):
         raise UserError(f"{path}:{symbol} is not a class or function")
-    try:
-        module = factory()
-    except TypeError as err:
-        raise UserError(f"{path}:{symbol}() cannot be called without arguments: {one_line(err)}") from err
-    except Exception as err:
-        raise UserError(f"building {path}:{symbol}() failed: {one_line(err)}") from err
+    module = call_user_factory(path, symbol, factory)
     if not isinstance(module, nn.Module):
         raise UserError(f"{path}:{symbol}() returned {type(module).__name__}, not an nn.Module")
     return module, symbol
+
+
+def call_user_factory(path: Path, symbol: str, factory):
+    """`factory()`, `symbol` of the user's file `path`: whatever it raises is the user's error."""
+    try:
+        return factory()
+    except TypeError as err:
+        raise UserError(f"{path}:{symbol}() cannot be called without arguments: {one_line(err)}") from err
+    except Exception as err:
+        raise UserError(f"{path}:{symbol}() failed: {one_line(err)}") from err
 
 
 def _declared_shapes(module: nn.Module) -> list[tuple[int, ...]] | None:
@@ -155,7 +160,7 @@ def load_weights(module: nn.Module, weights: str | Path) -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                  if k in state and state[k].shape != v.shape]  # fmt: skip
+                  if k in state and state[k].shape != v.shape]
     problems = []
     if missing:
         problems.append(f"missing {_some(missing)}")
@@ -197,8 +202,6 @@ def load_model(
     shapes, symbol = None, spec.symbol
     dtypes, batch_axes = None, None
     if spec.kind == "zoo":
-        from bngraph.zoo import create_model, get_entry
-
         module = create_model(spec.symbol)
         shapes = [get_entry(spec.symbol).input_shape]
     elif spec.kind == "file":

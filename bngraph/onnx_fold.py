@@ -32,12 +32,12 @@ from bngraph.atomic import ONNX, check_output
 from bngraph.errors import UserError
 from bngraph.onnx_io import initializer_bytes, load_onnx, write_verified
 from bngraph.passes.base import run_passes
-from bngraph.passes.onnx_bn_to_mul_add import onnx_bn_to_mul_add
+from bngraph.passes.onnx_replace_bn_with_multiply_add import onnx_replace_bn_with_multiply_add
 from bngraph.passes.onnx_check import onnx_check
-from bngraph.passes.onnx_common import batchnorms, op_counts, site, skip_reason
+from bngraph.passes._onnx_common import batchnorms, op_counts, site, skip_reason
 from bngraph.passes.onnx_copy_shared_weights import onnx_copy_shared_weights
-from bngraph.passes.onnx_fold_bn_into_layer import onnx_fold_bn_into_layer
-from bngraph.passes.onnx_fold_bn_into_next_layer import onnx_fold_bn_into_next_layer
+from bngraph.passes.onnx_fold_bn_into_preceding_layer import onnx_fold_bn_into_preceding_layer
+from bngraph.passes.onnx_fold_bn_into_following_layer import onnx_fold_bn_into_following_layer
 from bngraph.passes.onnx_fold_constants import onnx_fold_constants
 from bngraph.passes.onnx_fuse_bias_add_into_layer import onnx_fuse_bias_add_into_layer
 from bngraph.passes.onnx_initializer_inputs_to_constants import onnx_initializer_inputs_to_constants
@@ -45,7 +45,8 @@ from bngraph.passes.onnx_move_bn_before_max_pool import onnx_move_bn_before_max_
 from bngraph.passes.onnx_simplify import onnx_simplify
 from bngraph.report import Report
 from bngraph.runners import BATCH_SIZES, onnx_inputs, random_batches
-from bngraph.verify import VerifyResult, verify
+from bngraph.compare import VerifyResult
+from bngraph.verify import verify
 
 ONNX_PASSES = [
     onnx_initializer_inputs_to_constants,
@@ -53,16 +54,16 @@ ONNX_PASSES = [
     onnx_fuse_bias_add_into_layer,
     onnx_move_bn_before_max_pool,
     onnx_copy_shared_weights,
-    onnx_fold_bn_into_layer,
-    onnx_fold_bn_into_next_layer,
-    onnx_bn_to_mul_add,
+    onnx_fold_bn_into_preceding_layer,
+    onnx_fold_bn_into_following_layer,
+    onnx_replace_bn_with_multiply_add,
     onnx_simplify,
     onnx_check,
 ]
 # What a BN with no exact fold becomes, per target: the pass that rewrites it, or None to keep it.
 STANDALONE_BN_FORMS = {
     "batchnorm": None,  # onnxruntime, TensorRT, OpenVINO...: a BN kernel, fused into their layouts
-    "mul-add": onnx_bn_to_mul_add,  # a runtime with no BatchNormalization kernel
+    "mul-add": onnx_replace_bn_with_multiply_add,  # a runtime with no BatchNormalization kernel
 }
 KEPT_REASON = "kept as BatchNormalization: the fastest exact form in onnxruntime (measured: benchmarks/onnx_fold.py)"
 
@@ -101,7 +102,7 @@ def fold_onnx(
 
 
 # The passes that move a BN somewhere, in the order they try; their rows read like the FX fold's.
-_BN_PASSES = ("onnx_fold_bn_into_layer", "onnx_fold_bn_into_next_layer", "onnx_bn_to_mul_add")
+_BN_PASSES = ("onnx_fold_bn_into_preceding_layer", "onnx_fold_bn_into_following_layer", "onnx_replace_bn_with_multiply_add")
 
 
 def fold_report(

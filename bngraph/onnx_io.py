@@ -16,9 +16,9 @@ import onnx
 import onnx_ir as ir
 
 from bngraph.atomic import ONNX, write_atomically
-from bngraph.errors import UserError
-from bngraph.trace import one_line
-from bngraph.verify import VerifyResult, verify
+from bngraph.errors import UserError, one_line
+from bngraph.compare import VerifyResult
+from bngraph.verify import verify
 
 # protobuf cannot serialize a message over 2 GiB; keep a margin for the graph itself.
 SINGLE_FILE_LIMIT_BYTES = 2**31 - 2**27

@@ -19,6 +19,9 @@ record a path the model does not take. `trace_for_insert` fixes the three:
      failure in the top-level forward, or in code 2. cannot place, makes the whole trace fail.
 
 The leaves are reported (`Opaque`): insert does not see inside them.
+
+One module, though long: the tracer, the faithfulness checks and the blame that picks the next leaf
+are the three steps of one loop (`trace_for_insert`), each reading what the last one found.
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from bngraph.dataflow import NONLINEARITIES, normalizer_of, record_run
+from bngraph.passes._dataflow import NONLINEARITIES, normalizer_of, record_run
 from bngraph.errors import UserError, model_raised, one_line, user_frame
-from bngraph.passes.op_kinds import ACTIVATION_MODULES
-from bngraph.passes.fx_effects import hooks_of
+from bngraph.passes._op_kinds import ACTIVATION_MODULES
+from bngraph.passes._fx_effects import hooks_of
 from bngraph.trace import TraceFailed, _RecordShapes, _Tracer, copy_module
 
 MAX_LEAVES = 48
@@ -438,7 +441,7 @@ def trace_for_insert(module: nn.Module, example_inputs: Sequence[torch.Tensor]) 
             gm.train(model.training)
             used = {n.target for n in gm.graph.nodes if n.op == "call_module"}
             called = {f"{t.__module__}.{t.__qualname__}" for n in gm.graph.nodes if n.op == "call_function" for t in [n.target]
-                      if id(t) in functions or getattr(t, "__wrapped__", None) is not None and id(t.__wrapped__) in functions}  # fmt: skip
+                      if id(t) in functions or getattr(t, "__wrapped__", None) is not None and id(t.__wrapped__) in functions}
             return gm, [o for p, o in leaves.items() if p in used] + [
                 o for p, o in opaque_functions.items() if p in called
             ]
@@ -461,7 +464,7 @@ _NO_NONLINEARITY = (
     nn.Upsample, nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
     nn.modules.padding._ReplicationPadNd, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Softmax,
     nn.LogSoftmax, nn.Softmax2d, nn.MultiheadAttention,
-)  # fmt: skip
+)
 
 
 def _containing(path: str, leaves: dict[str, nn.Module]) -> str | None:
@@ -495,7 +498,7 @@ def nonlinearities_not_handled(
         {"module": path, "nonlinearity": "sigmoid/tanh gates", "input_normalized": None,
          "reason": f"inside {path} ({type(m).__name__}): the gates run inside torch's fused recurrent op"}
         for path, m in leaves.items() if isinstance(m, nn.RNNBase)
-    ]  # fmt: skip
+    ]
     leaves = {p: m for p, m in leaves.items() if not isinstance(m, nn.RNNBase)}
     if not leaves:
         return found
@@ -524,7 +527,7 @@ def nonlinearities_not_handled(
                 kind = node.kind().removeprefix("aten::").rstrip("_")
                 if node.kind().startswith("aten::") and kind in NONLINEARITIES:
                     found.append({"module": leaf, "nonlinearity": kind, "reason": _why_opaque(leaf, module, by_path),
-                                  "input_normalized": None})  # fmt: skip
+                                  "input_normalized": None})
     return found
 
 

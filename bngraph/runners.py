@@ -5,6 +5,9 @@ the CPU at ORT_DISABLE_ALL (our graph as written) and at ORT_ENABLE_ALL (as depl
 onnxruntime then fuses BN and constant-folds on its own, which hides what the file says);
 onnx's ReferenceEvaluator is a third opinion that shares no kernel with either. Also here: the
 random batches both sides run on, and the input shapes an ONNX file declares.
+
+One module, though long: the runners and the inputs they are fed (random batches, an ONNX file's
+declared inputs and batch axis) make one contract with `verify`, and change together.
 """
 
 from __future__ import annotations
@@ -20,9 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bngraph.errors import UserError
+from bngraph.errors import UserError, one_line
 from bngraph.errors import running_user_model
-from bngraph.trace import one_line
 
 ORT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL")
 # Several single examples, then an odd batch: batch 1 and a batch the example never had show
@@ -51,7 +53,7 @@ class OrtRunner:
     kind = "onnx"
 
     def __init__(self, model: str | Path | bytes, level: str = "ORT_DISABLE_ALL"):
-        import onnxruntime as ort
+        import onnxruntime as ort  # here: a second to import, and a PyTorch-only command never needs it
 
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
@@ -75,7 +77,7 @@ class EvaluatorRunner:
     kind, label = "onnx", "onnx-reference"
 
     def __init__(self, model: str | Path | bytes):
-        import onnx
+        import onnx  # here, as onnxruntime above
         from onnx.reference import ReferenceEvaluator
 
         proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
@@ -245,7 +247,7 @@ def onnx_inputs(
     the file fixes the batch. A scalar input (shape []) is fed a 0-d array. `input_shape`
     replaces the declared shapes; `static_inputs` names inputs without a batch axis.
     """
-    import onnx
+    import onnx  # here, as onnxruntime above
 
     try:
         if isinstance(model, bytes):

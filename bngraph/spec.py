@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bngraph.atomic import ARTIFACT, DESCRIBED, output_kind
 from bngraph.errors import UserError
 
 ARTIFACT_META = "bngraph.json"
@@ -55,8 +56,6 @@ def parse_model_spec(text: str) -> ModelSpec:
             raise UserError(f"ONNX file {path} does not exist")
         return ModelSpec("onnx", text, path=path)
     if path.is_dir():
-        from bngraph.atomic import ARTIFACT, DESCRIBED, output_kind
-
         kind = output_kind(path)
         if kind != ARTIFACT and (path / "model" / ARTIFACT_META).is_file():
             path, kind = path / "model", ARTIFACT  # a `bngraph train` run folder: its artifact is model/

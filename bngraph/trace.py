@@ -17,8 +17,8 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
-from bngraph.errors import UserError, model_raised, one_line, user_frame
-from bngraph.passes.fx_effects import hooks_of
+from bngraph.errors import CheckFailed, UserError, model_raised, one_line, user_frame
+from bngraph.passes._fx_effects import hooks_of
 
 
 class TraceFailed(UserError):
@@ -159,8 +159,7 @@ def check_faithful_trace(
     the trace froze (see `bngraph.equivalence`). One forward of each; a command's own check of
     its result then covers a batch of another size too. `output`: `gm`'s from `trace_and_run`,
     which then saves the graph's forward."""
-    from bngraph.equivalence import Reference
-    from bngraph.errors import CheckFailed
+    from bngraph.equivalence import Reference  # here: equivalence imports verify, which imports this module
 
     reference = reference or Reference(module, example_inputs)  # `bngraph.equivalence.Reference` of `module`
     try:
@@ -257,7 +256,7 @@ def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
     """`propagate_shapes`, returning the output of that run: drawn under
     `bngraph.equivalence.seeded()`, so that a check of `gm` can take it instead of running `gm`
     on the example input again (`Reference.check(example_output=...)`)."""
-    from bngraph.equivalence import seeded
+    from bngraph.equivalence import seeded  # here: equivalence imports verify, which imports this module
 
     was_training = gm.training
     gm.eval()
@@ -271,13 +270,3 @@ def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
         raise UserError(f"the model failed on its example input {shapes} at node {where}: {one_line(err)}") from err
     finally:
         gm.train(was_training)
-
-
-def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-def tensor_dtype(node: fx.Node) -> torch.dtype | None:
-    meta = node.meta.get("tensor_meta")
-    return getattr(meta, "dtype", None)

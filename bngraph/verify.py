@@ -1,261 +1,36 @@
-"""Reference vs candidate on the same inputs: per-output errors, a verdict, and the worst element.
+"""`bngraph verify`: reference vs candidate on the same inputs, every output compared.
+
+    result = verify(model, "model.onnx", random_batches([(1, 3, 32, 32)]))  # bngraph.runners
+    if not result:
+        print(result.worst.line())
+    result, report = verify_models("model.py:Net", "folded/", weights="net.pt")   # the command
 
 Each side runs through a runner (`bngraph.runners`): a PyTorch module, an ONNX model in
 onnxruntime at ORT_DISABLE_ALL and ORT_ENABLE_ALL, or onnx's ReferenceEvaluator. A PyTorch
 model's result is flattened to named tensors (dicts, dataclasses such as HuggingFace's
 ModelOutput, NamedTuples, lists and tuples, nested; None skipped); an ONNX model's outputs are
 named by its graph and paired with the other side's by position. Outputs that differ in number
-(or, between two PyTorch models, in names) fail; comparing no tensor at all is an error.
-
-What passing means: for every output and every element, with r the reference and c the candidate,
-
-    |c - r| <= atol * scale + rtol * |r|,   scale = RMS of the reference output (finite values,
-                                                    over every batch compared)
-
-The absolute part is relative to the output's own magnitude, so the rule reads the same on
-logits of 10 and on outputs of 1e-5: with the defaults, an error of 1% of an output's RMS
-fails at any scale (by about 50x against ONNX, 500x between two PyTorch models). NaN against NaN and
-inf against the same inf agree; NaN or inf on one side only is an infinite error. The result of
+(or, between two PyTorch models, in names) fail; comparing no tensor at all is an error. The
+rule each output passes by, and the default tolerances: `bngraph.compare`. The result of
 `verify` is truthy on a pass.
-
-    result = verify(model, "model.onnx", random_batches([(1, 3, 32, 32)]))  # bngraph.runners
-    if not result:
-        print(result.worst.line())
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from bngraph.errors import ModelRaised, UserError
-from bngraph.runners import runners_for
-from bngraph.trace import one_line
+from bngraph.compare import OutputDiff, VerifyResult, compare, default_tolerance
+from bngraph.data import resolve_dataset
+from bngraph.errors import ModelRaised, UserError, one_line
+from bngraph.load import load_model
+from bngraph.report import Report
+from bngraph.runners import BATCH_SIZES, onnx_inputs, random_batches, runners_for
+from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
 
-# Default tolerances, by what is compared, as fractions of the output's RMS (`scale`). torch
-# against onnxruntime: different kernels (ATen vs MLAS), and at ORT_ENABLE_ALL onnxruntime's own
-# fusions, sum float32 products in another order. On the zoo's models with BN inserted, random
-# statistics and folded, the largest difference measured is 1.5e-6 of the output's RMS
-# (inception; the worst element at 1/99 of what 1e-4 allows; inception-small 1/148, mnist-mlp
-# 1/370), while a wrong fold errs by the size of a BN statistic (~0.1 of it). Folded against
-# unfolded torch: the same kernels, and the fold only rounds W * s and the bias once more:
-# 8e-7 of the RMS (inception, 1/15 of what 1e-5 allows; inception-small 1/35, mnist-mlp 1/85),
-# so 1e-5 keeps that margin and fails a 1% error by 500x.
-ONNX_TOLERANCE = 1e-4
-TORCH_TOLERANCE = 1e-5
-RULE = "|c - r| <= atol * scale + rtol * |r|, scale = RMS of the reference output"
-
-
-# ---- comparison ---------------------------------------------------------------------------
-
-
-@dataclass
-class OutputDiff:
-    output: str
-    reference: str  # the runner labels
-    candidate: str
-    atol: float
-    rtol: float
-    passed: bool
-    scale: float = 0.0  # RMS of the reference output: the unit of atol
-    batches: int = 0
-    max_abs: float = 0.0
-    max_rel: float = 0.0  # max |c - r| / scale
-    mean_abs: float = 0.0
-    p99_abs: float = 0.0
-    min_atol: float = 0.0  # the smallest atol (x scale) that passes at this rtol
-    min_rtol: float = 0.0  # the smallest rtol that passes at this atol (inf: none does)
-    worst_batch: int = 0
-    worst_index: tuple[int, ...] = ()
-    worst_reference: float = 0.0
-    worst_candidate: float = 0.0
-    excess: float = 0.0  # worst |c - r| / (atol * scale + rtol |r|): above 1 fails
-    failed_elements: int = 0
-    elements: int = 0
-    top1_agreement: float | None = None  # classifiers (N, K): argmax agrees
-    problem: str | None = None  # outputs that cannot be compared (shapes, structures)
-
-    def rule(self) -> str:
-        """The pass rule with this output's numbers in it."""
-        return f"|c - r| <= {self.atol:g} x {self.scale:.3g} (output RMS) + {self.rtol:g} x |r|"
-
-    def line(self) -> str:
-        """Polygraphy's shape: verdict, output, what against what, then why (c: candidate, r: reference)."""
-        head = (
-            f"{'PASSED' if self.passed else 'FAILED'} | Output: {self.output!r} | {self.candidate} vs {self.reference}"
-        )
-        if self.problem:
-            return f"{head} | {self.problem}"
-        compared = f"{self.batches} batches, {self.elements} elements"
-        if self.passed:
-            verdict = f"{self.rule()} everywhere, worst at {_ratio(self.excess)} of it"
-        else:
-            verdict = f"{self.rule()} fails on {self.failed_elements} elements, worst at {_ratio(self.excess)} times it"
-        return f"{head} | {compared} | {verdict} | max |c - r| {self.max_abs:.3g}"
-
-    def row(self) -> dict:
-        """The facts for the report's table and JSON: numbers as numbers, None where not finite."""
-        return {
-            "output": self.output,
-            "runtime": f"{self.candidate} vs {self.reference}",
-            "passed": self.passed,
-            "problem": self.problem,
-            "elements": self.elements,
-            "failed_elements": self.failed_elements,
-            "scale": _json_float(self.scale),
-            "max_abs": _json_float(self.max_abs),
-            "max_rel": _json_float(self.max_rel),
-            "excess": _json_float(self.excess),
-            "mean_abs": _json_float(self.mean_abs),
-            "p99_abs": _json_float(self.p99_abs),
-            "worst_batch": self.worst_batch,
-            "worst_index": list(self.worst_index),
-            "min_atol": _json_float(self.min_atol),
-            "min_rtol": _json_float(self.min_rtol),
-            "top1": None if self.top1_agreement is None else _json_float(self.top1_agreement),
-        }
-
-
-def _json_float(value: float) -> float | None:
-    """Four significant digits, the precision these numbers mean; None for inf and NaN (JSON has neither)."""
-    return float(f"{value:.4g}") if np.isfinite(value) else None
-
-
-def _ratio(value: float) -> str:
-    return f"{value:.2g}" if np.isfinite(value) else "inf"
-
-
-def output_scale(reference: Sequence[np.ndarray]) -> float:
-    """RMS of the finite reference values over every batch (float32's tiny for an all-zero output)."""
-    finite = [np.asarray(r, dtype=np.float64).ravel() for r in reference]
-    values = np.concatenate(finite) if finite else np.zeros(0)
-    values = values[np.isfinite(values)]
-    rms = float(np.sqrt(np.mean(np.square(values)))) if values.size else 0.0
-    return max(rms, float(np.finfo(np.float32).tiny))
-
-
-def compare(
-    name: str,
-    reference: Sequence[np.ndarray],
-    candidate: Sequence[np.ndarray],
-    atol: float,
-    rtol: float,
-    labels: tuple[str, str] = ("reference", "candidate"),
-    *,
-    scale: float | None = None,
-) -> OutputDiff:
-    """Compare one output over several batches (one array per batch on each side).
-
-    `scale` (default: `output_scale(reference)`) is what atol is a fraction of; scale=1 gives
-    numpy.allclose's rule, atol in absolute units.
-    """
-    diff = OutputDiff(name, labels[0], labels[1], atol, rtol, passed=True, batches=len(reference))
-    for ref, cand in zip(reference, candidate):
-        if np.shape(ref) != np.shape(cand):
-            diff.passed, diff.problem = False, f"shapes differ: {np.shape(cand)} vs {np.shape(ref)}"
-            return diff
-    shapes = [np.shape(r) for r in reference]
-    ref = np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in reference]) if shapes else np.zeros(0)
-    cand = np.concatenate([np.asarray(c, dtype=np.float64).ravel() for c in candidate]) if shapes else np.zeros(0)
-    diff.scale = output_scale(reference) if scale is None else float(scale)
-    err = _abs_error(ref, cand)
-    magnitude = np.abs(ref)
-    magnitude[~np.isfinite(magnitude)] = 0.0  # a NaN or inf reference gives no scale; `_abs_error` judged it
-    diff.elements = int(err.size)
-    if err.size == 0:
-        return diff
-    allowed = atol * diff.scale + rtol * magnitude
-    diff.failed_elements = int(np.count_nonzero(err > allowed))
-    diff.passed = diff.failed_elements == 0
-    diff.max_abs = float(err.max())
-    diff.max_rel = diff.max_abs / diff.scale
-    diff.mean_abs = float(err.mean())
-    with np.errstate(invalid="ignore"):
-        diff.p99_abs = float(np.percentile(err, 99))
-    diff.min_atol = float(np.maximum(err - rtol * magnitude, 0).max() / diff.scale)
-    beyond_atol = err > atol * diff.scale
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(allowed > 0, err / allowed, np.where(err > 0, np.inf, 0.0))
-        needed_rtol = np.where(magnitude > 0, (err - atol * diff.scale) / magnitude, np.inf)
-    diff.min_rtol = float(needed_rtol[beyond_atol].max()) if beyond_atol.any() else 0.0
-    worst = int(np.argmax(ratio))
-    diff.excess = float(ratio[worst])
-    ends = np.cumsum([int(np.prod(s)) for s in shapes])
-    diff.worst_batch = int(np.searchsorted(ends, worst, side="right"))
-    offset = worst - (int(ends[diff.worst_batch - 1]) if diff.worst_batch else 0)
-    diff.worst_index = tuple(int(i) for i in np.unravel_index(offset, shapes[diff.worst_batch]))
-    diff.worst_reference, diff.worst_candidate = float(ref[worst]), float(cand[worst])
-    if all(len(s) == 2 and s[1] > 1 for s in shapes):
-        agree = np.concatenate([np.argmax(r, 1) == np.argmax(c, 1) for r, c in zip(reference, candidate)])
-        diff.top1_agreement = float(agree.mean())
-    return diff
-
-
-def _abs_error(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """|c - r| of flat arrays, with a NaN or inf on one side only as an infinite error and on both as none."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        err = np.abs(cand - ref)
-    same = (np.isnan(ref) & np.isnan(cand)) | (np.isinf(ref) & (ref == cand))
-    err[same] = 0.0
-    err[np.isnan(err)] = np.inf
-    return err
-
-
-@dataclass
-class VerifyResult:
-    diffs: list[OutputDiff] = field(default_factory=list)
-    batch_sizes: list[int] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.diffs) and all(d.passed for d in self.diffs)
-
-    @property
-    def worst(self) -> OutputDiff | None:
-        """The output furthest beyond (or closest to) its tolerance."""
-        failed = [d for d in self.diffs if d.problem]
-        return failed[0] if failed else max(self.diffs, key=lambda d: d.excess, default=None)
-
-    def lines(self) -> list[str]:
-        lines = [d.line() for d in self.diffs]
-        worst = self.worst
-        if worst is None:
-            return lines
-        if self:
-            lines.append(
-                f"PASSED | {len(self.diffs)} comparisons (outputs x runtimes) on batches {self.batch_sizes} | "
-                f"worst: {worst.output!r} ({worst.candidate} vs {worst.reference}) at {_ratio(worst.excess)} of allowed"
-            )
-        elif worst.problem:
-            lines.append(f"FAILED | worst output {worst.output!r} ({worst.candidate}): {worst.problem}")
-        else:
-            rtol = f"--rtol {worst.min_rtol:.2g}" if np.isfinite(worst.min_rtol) else "no --rtol alone"
-            lines.append(
-                f"FAILED | worst output {worst.output!r} ({worst.candidate} vs {worst.reference}): "
-                f"{worst.failed_elements} of {worst.elements} elements beyond {worst.rule()}, max |c - r| "
-                f"{worst.max_abs:.3g} at batch {worst.worst_batch} index {list(worst.worst_index)} "
-                f"(c {worst.worst_candidate:.6g} vs r {worst.worst_reference:.6g}); it would pass with "
-                f"--atol {worst.min_atol:.2g} (or {rtol})"
-            )
-        return lines
-
-    def facts(self) -> dict:
-        worst = self.worst
-        return {
-            "passed": bool(self),
-            "atol": sorted({d.atol for d in self.diffs}),
-            "rtol": sorted({d.rtol for d in self.diffs}),
-            "batch_sizes": list(self.batch_sizes),
-            "worst_output": worst.output if worst else None,
-            "worst_runtime": worst.candidate if worst else None,
-        }
-
-
-def default_tolerance(reference_kind: str, candidate_kind: str) -> float:
-    return TORCH_TOLERANCE if reference_kind == candidate_kind == "torch" else ONNX_TOLERANCE
+DATA_EXAMPLES = 97  # an odd batch of real images, besides the random ones
 
 
 def verify(
@@ -350,8 +125,93 @@ def _listed(names: Sequence[str], most: int = 6) -> str:
     return f"[{shown}{', ...' if len(names) > most else ''}]"
 
 
-def print_lines(result: VerifyResult, args: Any = None) -> None:
-    """The PASSED/FAILED lines: on stdout, or on stderr beside --json's report."""
-    stream = sys.stderr if getattr(args, "json", False) else sys.stdout
-    for line in result.lines():
-        print(line, file=stream)
+def verify_models(
+    reference: str,
+    candidate: str,
+    *,
+    weights: str | None = None,
+    candidate_weights: str | None = None,
+    input_shape: str | None = None,
+    input_dtype: str | None = None,
+    static_inputs: Sequence[int] = (),
+    data: str | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    evaluator: bool = False,
+) -> tuple[VerifyResult, Report]:
+    """`bngraph verify A B`: two model specs loaded, random batches of 1 and 7 (and real images
+    from `data`) built for both, and `verify` run on them. `weights` loads a state dict into A,
+    `candidate_weights` into B; the inputs are as the command's --input-shape, --input-dtype
+    and --static-input say, else as the models declare."""
+    given = parse_input_shapes(input_shape) if input_shape else None
+    models, loaded, onnx_specs, onnx_texts = [], [], [], []
+    sides = ((reference, weights, "--weights"), (candidate, candidate_weights, "--candidate-weights"))
+    for text, side_weights, flag in sides:
+        spec = parse_model_spec(text)
+        if spec.kind == "onnx":
+            if side_weights:
+                raise UserError(f"{flag} loads a PyTorch state dict; {text} is an ONNX file with its own weights")
+            models.append(spec.path)
+            onnx_specs.append(onnx_inputs(spec.path, given, static_inputs))
+            onnx_texts.append(text)
+        else:
+            model = load_model(
+                spec, weights=side_weights, input_shape=input_shape, input_dtype=input_dtype, static_inputs=static_inputs
+            )
+            models.append(model.module)
+            if model.input_shapes:
+                loaded.append(model)
+    # The PyTorch side's declared shapes first, else the ONNX graph's (batch axis symbolic); the
+    # dtypes the user gave, else the ONNX graph's, else the PyTorch side's.
+    if loaded:
+        shapes = loaded[0].input_shapes
+    elif onnx_specs:
+        shapes = onnx_specs[0].shapes
+    else:
+        raise UserError(f"neither {reference} nor {candidate} declares an input shape: give --input-shape")
+    if input_dtype:
+        dtypes = parse_input_dtypes(input_dtype)
+        if len(dtypes) != len(shapes):
+            raise UserError(f"--input-dtype gives {len(dtypes)} dtypes for {len(shapes)} inputs")
+        for onnx_spec, text in zip(onnx_specs, onnx_texts):
+            declared = [d.name for d in onnx_spec.dtypes]
+            if declared != dtypes:
+                raise UserError(f"--input-dtype gives {';'.join(dtypes)}; {text} declares {';'.join(declared)}")
+    else:
+        dtypes = onnx_specs[0].dtypes if onnx_specs else loaded[0].input_dtypes
+    # An input has a batch axis only where every side says so.
+    sides_axes = [m.batch_axes for m in loaded] + [s.batch_axes for s in onnx_specs]
+    if any(len(axes) != len(shapes) for axes in sides_axes):
+        counts = sorted({len(axes) for axes in sides_axes} | {len(shapes)})
+        raise UserError(f"the two models declare different numbers of inputs {counts}: give --input-shape")
+    batch_axes = [0 if all(axes[i] == 0 for axes in sides_axes) else None for i in range(len(shapes))]
+    fixed = {s.fixed_batch for s in onnx_specs} - {None}
+    if len(fixed) > 1:
+        raise UserError(f"the two ONNX files fix different batch sizes {sorted(fixed)}: no input fits both")
+    sizes = (fixed.pop(),) * 2 if fixed else BATCH_SIZES
+    batches = random_batches(shapes, sizes, dtypes, batch_axes=batch_axes)
+    batch_sizes = list(sizes)
+    if data:
+        batches.append(data_batch(data, shapes))
+        batch_sizes.append(len(batches[-1][0]))
+    result = verify(models[0], models[1], batches, atol, rtol, evaluator=evaluator, batch_sizes=batch_sizes)
+    report = Report(
+        "bngraph verify",
+        facts={"reference": reference, "candidate": candidate, **result.facts()},
+        sections={"outputs": [d.row() for d in result.diffs]},
+    )
+    if sizes != BATCH_SIZES:
+        report.notes.append(f"an ONNX file fixes the batch at {sizes[0]}: compared at that batch only")
+    return result, report
+
+
+def data_batch(folder: str, shapes) -> list[np.ndarray]:
+    """The first DATA_EXAMPLES test images of an MNIST-format folder, shaped as the model's one input."""
+    if len(shapes) != 1:
+        raise UserError(f"--data feeds images to a model with one input, not {len(shapes)}")
+    x_test = resolve_dataset(folder).as_float()[2][:DATA_EXAMPLES]
+    example, values = tuple(shapes[0][1:]), x_test[0].numel()
+    if int(np.prod(example)) != values:
+        needs = int(np.prod(example))
+        raise UserError(f"--data images have {values} values each; the model's input {example} needs {needs}")
+    return [x_test.reshape(len(x_test), *example).numpy()]

@@ -18,7 +18,7 @@ from collections.abc import Collection, Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from bngraph.passes.base import PassResult, Skip
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 
 def _set_identity(bn: nn.modules.batchnorm._BatchNorm) -> None:
@@ -31,6 +31,7 @@ class CalibrateBnAsIdentity:
     """Calibrate the BatchNorms at module paths `bn_paths` on `batches` (each a tuple of inputs)."""
 
     name = "calibrate_bn_as_identity"
+    in_place = True
 
     def __init__(self, bn_paths: Collection[str], batches: Iterable[Sequence[torch.Tensor]]):
         self.bn_paths = list(bn_paths)
@@ -86,6 +87,7 @@ class CalibrateBnAsIdentity:
         return result
 
 
+@graph_pass(in_place=True)
 def calibrate_bn_as_identity(
     gm: fx.GraphModule, bn_paths: Collection[str], batches: Iterable[Sequence[torch.Tensor]]
 ) -> PassResult:

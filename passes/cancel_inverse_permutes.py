@@ -8,18 +8,18 @@ the chain goes with it; one at its end stays, as a later `view` may need it. Eve
 chain but the last must have no other user, or it still has to run. A chain with a
 `contiguous()` inside, whose result is then written in place, stays: the copy `contiguous()` may
 have made is what the write changed, and without the chain the write would reach its input.
-Works in place.
 """
 
 from __future__ import annotations
 
 from torch import fx
 
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.fx_batchnorm import permutation
-from bngraph.passes.fx_effects import mutations_of
+from bngraph.passes._fx_batchnorm import permutation
+from bngraph.passes._fx_effects import mutations_of
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 
+@graph_pass(in_place=True)
 def cancel_inverse_permutes(gm: fx.GraphModule) -> PassResult:
     """Replace every chain of permutes that composes to the identity by its input (needs shapes)."""
     result = PassResult(gm)
@@ -36,7 +36,7 @@ def cancel_inverse_permutes(gm: fx.GraphModule) -> PassResult:
                 written = mutations_of(node) if any(n.target == "contiguous" for n in chain) else []
                 if written:
                     result.skipped.append(Skip(node.name, f"{written[0].name} writes in place into the copy that "
-                                                          f"contiguous() made of {source.name}"))  # fmt: skip
+                                                          f"contiguous() made of {source.name}"))
                     break
                 node.replace_all_uses_with(source)
                 for dead in chain:  # users first

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from bngraph.passes.base import PassResult, Skip
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 
+@graph_pass(in_place=True)  # as torch's conversion is, for any model but a lone BatchNorm (replaced)
 def convert_bn_to_sync_bn(module: nn.Module) -> PassResult:
-    """Convert `module`'s BatchNorms (in place, as torch does) and report each one."""
+    """Convert `module`'s BatchNorms (as torch does) and report each one."""
     result = PassResult(module)
     before = {
         path: type(m).__name__

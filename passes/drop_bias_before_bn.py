@@ -13,9 +13,9 @@ from collections.abc import Collection
 import torch
 from torch import fx, nn
 
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.op_kinds import CONV_LINEAR_MODULES
-from bngraph.trace import tensor_shape
+from bngraph.passes._fx_meta import tensor_shape
+from bngraph.passes._op_kinds import CONV_LINEAR_MODULES
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 
@@ -48,6 +48,7 @@ class _Readers:
         return ", ".join(found)
 
 
+@graph_pass(in_place=True)
 def drop_bias_before_bn(gm: fx.GraphModule, only: Collection[str] | None = None) -> PassResult:
     """Drop the redundant bias before each BatchNorm (or those whose module path is in `only`)."""
     result = PassResult(gm)

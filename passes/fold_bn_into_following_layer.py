@@ -1,7 +1,7 @@
 """Fold a BatchNorm that no layer could take into the conv or linear layer that consumes it.
 
 For y = W BN(x) + b with BN(x) = s * x + t per input channel: W' = W diag(s) and
-b' = b + sum over input channels and kernel taps of W t (see `bn_affine`, in float64). This
+b' = b + sum over input channels and kernel taps of W t (see `_bn_affine`, in float64). This
 is exact only when every output of the layer sums whole kernels of BN'd values, so a conv
 that pads with zeros is refused: the folded conv would see 0 at the border where the original
 saw BN(0) = t. Reflect, replicate and circular padding copy BN'd values and commute with a
@@ -15,7 +15,7 @@ per-channel affine map, so they fold. Cases, numbered as in the code:
   6. The BN's input (or a view of it) is written in place between the BN and the layer, so the
      layer would read the written values where it read the BN's copy: skip.
   7. Fold; a layer whose weights other nodes share gets a copy for this site.
-Works in place. Runs from the output backwards, so BN -> BN -> Linear folds both.
+Runs from the output backwards, so BN -> BN -> Linear folds both.
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, fold_into_consumer, rounding_gain
-from bngraph.passes.fx_batchnorm import axis_at_user, describe, fixed_batch_norms
-from bngraph.passes.fx_effects import mutations_of
-from bngraph.passes.fx_layers import TensorUses, as_layer, write_weights
-from bngraph.trace import tensor_shape
+from bngraph.passes._bn_affine import fold_into_consumer
+from bngraph.passes._fx_batchnorm import axis_at_user, describe, fixed_batch_norms, flag_rounding
+from bngraph.passes._fx_effects import mutations_of
+from bngraph.passes._fx_layers import TensorUses, as_layer, write_weights
+from bngraph.passes._fx_meta import tensor_shape
+from bngraph.passes.base import PassResult, Probe, Skip, graph_pass
 
 
+@graph_pass(in_place=True)
 def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:
     """Fold every BatchNorm whose only consumer is a linear or a conv without zero padding."""
     result = PassResult(gm)
@@ -53,7 +54,7 @@ def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:
         # 3. (A BN feeding a weight or bias made that layer's `as_layer` fail: computed, not constant.)
         if layer.kind == "conv_transpose":
             result.skipped.append(Skip(node.name, f"{layer.label} is a transposed conv: its border outputs sum fewer "
-                                                  "kernel taps, so the BN's shift cannot move into its bias"))  # fmt: skip
+                                                  "kernel taps, so the BN's shift cannot move into its bias"))
             continue
         # 4.
         reason = layer.axis_mismatch(tensor_shape(last), axis, "input")
@@ -63,14 +64,14 @@ def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:
         # 5.
         if layer.zero_padding:
             result.skipped.append(Skip(node.name, f"{layer.label} pads with zeros, where the BN would have put its shift: "
-                                                  "the border would differ"))  # fmt: skip
+                                                  "the border would differ"))
             continue
         # 6.
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         between = [w for w in mutations_of(site.input, modules) if order[node] < order[w] < order[consumer]]
         if between:
             result.skipped.append(Skip(node.name, f"{between[0].name} writes in place into {site.input.name}, the BN's "
-                                                  f"input, before {layer.label} would read it"))  # fmt: skip
+                                                  f"input, before {layer.label} would read it"))
             continue
         # 7.
         with torch.no_grad():
@@ -80,8 +81,7 @@ def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:
         gm.graph.erase_node(node)
         result.changed.append(node.name)
         row = {"node": node.name, "into": layer.label, "how": "into the layer after it", "note": note or ""}
-        if (gain := rounding_gain(site.stats)) > PRECISION_LOSS_GAIN:
-            row.update(rounding_gain=gain, probe=[consumer.name, consumer.name])
+        flag_rounding(result, row, site, Probe(reference=consumer.name, folded=consumer.name))
         result.details.append(row)
     if result.changed:
         gm.recompile()

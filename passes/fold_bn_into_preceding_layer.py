@@ -1,7 +1,7 @@
 """Fold each BatchNorm into the conv, transposed conv or linear layer that produces its input.
 
 In eval mode BN(z) = s * z + t per channel (paper, Algorithm 2 step 3), so for z = W x + b the
-pair is one layer with W' = diag(s) W and b' = s * b + t (see `bn_affine`, which calls
+pair is one layer with W' = diag(s) W and b' = s * b + t (see `_bn_affine`, which calls
 torch.nn.utils.fusion in float64). Matched on the graph by operation, not by module type, with a
 shape proof that the BN normalizes the layer's output features. Cases, numbered as in the code:
   1. The BN is not a fixed affine map (training mode, no running statistics...): skip.
@@ -11,7 +11,7 @@ shape proof that the BN normalizes the layer's output features. Cases, numbered 
      (N, T, C) output, which fx's `fuse` folds onto C when T == C: skip. The insert pass's
      `transpose(1, -1) -> BN -> transpose(1, -1)` behind a Linear passes this proof.
   5. Fold; a layer whose weights other nodes share gets a copy for this site.
-Works in place; the transposes left facing each other are `cancel_inverse_permutes`' job.
+The transposes left facing each other are `cancel_inverse_permutes`' job.
 """
 
 from __future__ import annotations
@@ -19,19 +19,20 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, fold_into_producer, rounding_gain
-from bngraph.passes.fx_batchnorm import axis_at_source, describe, fixed_batch_norms
-from bngraph.passes.fx_layers import TensorUses, as_layer, write_weights
-from bngraph.trace import tensor_shape
+from bngraph.passes._bn_affine import fold_into_producer
+from bngraph.passes._fx_batchnorm import axis_at_source, describe, fixed_batch_norms, flag_rounding
+from bngraph.passes._fx_layers import TensorUses, as_layer, write_weights
+from bngraph.passes._fx_meta import tensor_shape
+from bngraph.passes.base import PassResult, Probe, Skip, graph_pass
 
 
+@graph_pass(in_place=True)
 def fold_bn_into_preceding_layer(gm: fx.GraphModule) -> PassResult:
     """Fold every BatchNorm that a conv or linear layer feeds (needs recorded shapes)."""
     result = PassResult(gm)
     modules = dict(gm.named_modules())
     uses = TensorUses(gm, modules)
-    flagged_at: dict[fx.Node, dict] = {}  # node -> the flagged row whose error is measured at its output
+    flagged_at: dict[fx.Node, str] = {}  # node -> the flagged BN whose error is measured at its output
     for site in fixed_batch_norms(gm, result):  # 1.
         node = site.node
         # 2.
@@ -60,10 +61,10 @@ def fold_bn_into_preceding_layer(gm: fx.GraphModule) -> PassResult:
         result.changed.append(node.name)
         row = {"node": node.name, "into": layer.label, "how": "into the layer before it", "note": note or ""}
         if site.input in flagged_at:  # BN -> BN: that output now holds this BN's result too
-            flagged_at[site.input]["probe"][0] = node.name
-        if (gain := rounding_gain(site.stats)) > PRECISION_LOSS_GAIN:
-            row.update(rounding_gain=gain, probe=[node.name, site.input.name])
-            flagged_at[site.input] = row
+            earlier = flagged_at[site.input]
+            result.probes[earlier] = Probe(reference=node.name, folded=result.probes[earlier].folded)
+        if flag_rounding(result, row, site, Probe(reference=node.name, folded=site.input.name)):
+            flagged_at[site.input] = node.name
         result.details.append(row)
     if result.changed:
         gm.recompile()

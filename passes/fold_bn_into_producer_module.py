@@ -2,10 +2,10 @@
 
 The graph-free counterpart of `fold_bn_into_preceding_layer`, for what the module-level fallback
 of `insert` writes (`Sequential(bn, act)` wraps) and any other untraceable model: the model runs
-once in eval mode (`bngraph.dataflow.record_run`), and a BatchNorm module folds into the conv or
+once in eval mode (`_dataflow.record_run`), and a BatchNorm module folds into the conv or
 linear module whose output it normalizes when that is exact without a graph:
   1. the BN is called once, in eval mode, with running statistics, and runs no hooks (forward,
-     backward or global: `fx_effects.hook_refusal`, the traced passes' rule);
+     backward or global: `_fx_effects.hook_refusal`, the traced passes' rule);
   2. its input was made, maybe through an eval-mode dropout, by one call of a Conv*d or
      ConvTranspose*d (features in axis 1), or of a Linear on (N, C), or on (N, T, C) flattened to
      (N*T, C) as LeViT does (BatchNorm1d's axis 1 is then the Linear's output axis); a plain
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from bngraph.dataflow import record_run
 from bngraph.errors import running_user_model
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.fx_effects import hook_refusal
+from bngraph.passes._dataflow import record_run
+from bngraph.passes._fx_effects import hook_refusal
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 
 def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:
@@ -95,8 +95,9 @@ def _shares_parameters(module: nn.Module, layer: nn.Module) -> bool:
 _CONV_OPS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 
 
+@graph_pass(in_place=True)
 def fold_bn_into_producer_module(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> PassResult:
-    """Fold each BatchNorm of `module` (in eval mode; changed in place) into the layer module
+    """Fold each BatchNorm of `module` (in eval mode) into the layer module
     that produced its input, where that is exact (see the module docstring)."""
     result = PassResult(module)
     with running_user_model():
@@ -114,11 +115,11 @@ def fold_bn_into_producer_module(module: nn.Module, example_inputs: Sequence[tor
         with torch.no_grad():
             if isinstance(layer, nn.Linear):
                 weight, bias = fuse_linear_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var,
-                                                      bn.eps, bn.weight, bn.bias)  # fmt: skip
+                                                      bn.eps, bn.weight, bn.bias)
             else:
                 transpose = isinstance(layer, nn.modules.conv._ConvTransposeNd)
                 weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var,
-                                                    bn.eps, bn.weight, bn.bias, transpose=transpose)  # fmt: skip
+                                                    bn.eps, bn.weight, bn.bias, transpose=transpose)
         layer.weight, layer.bias = weight, bias
         if not had_bias:
             edits.append(("bias", layer_path, bias.shape[0], str(bias.dtype).removeprefix("torch.")))

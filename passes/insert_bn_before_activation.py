@@ -3,7 +3,7 @@
 Cases, numbered as in the code:
   1. The input is already normalized (a norm, maybe behind shape-only ops or a Dropout): skip.
   2. The features of the layer that made the input are found by following them through every
-     op in between, on the recorded shapes (`feature_axis`); where that is not proven, skip
+     op in between, on the recorded shapes (`_feature_axis`); where that is not proven, skip
      with the reason. No axis is guessed.
   3. One BatchNorm{1,2,3}d with one gamma/beta per feature and statistics over every other
      axis: per feature map for a conv, per activation for a Linear (Sec. 3.2). Features on
@@ -23,11 +23,11 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.feature_axis import Features, feature_layouts
-from bngraph.passes.fx_effects import aliases_of, mutates_first_argument
-from bngraph.passes.op_kinds import activation_kind, normalizer_behind, op_label
-from bngraph.trace import tensor_dtype, tensor_shape
+from bngraph.passes._feature_axis import Features, feature_layouts
+from bngraph.passes._fx_effects import aliases_of, mutates_first_argument
+from bngraph.passes._fx_meta import has_submodule, tensor_dtype, tensor_shape
+from bngraph.passes._op_kinds import activation_kind, normalizer_behind, op_label
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 BATCHNORM_BY_RANK: dict[int, type[nn.Module]] = {
     2: nn.BatchNorm1d,
@@ -39,17 +39,10 @@ BATCHNORM_BY_RANK: dict[int, type[nn.Module]] = {
 
 def _free_name(gm: fx.GraphModule, wanted: str) -> str:
     name, i = wanted, 1
-    while _exists(gm, name):
+    while has_submodule(gm, name):
         name, i = f"{wanted}_{i}", i + 1
     return name
 
-
-def _exists(gm: fx.GraphModule, path: str) -> bool:
-    try:
-        gm.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 def _device(gm: fx.GraphModule) -> torch.device:
@@ -93,9 +86,10 @@ def _meta(shape, dtype):
     return _extract_tensor_metadata(torch.empty(shape, dtype=dtype, device="meta"))
 
 
+@graph_pass(in_place=True)
 def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
     """Insert a BatchNorm before each nonlinearity whose input is not normalized (needs shapes:
-    `bngraph.trace.trace(module, example_inputs)`). Works in place on `gm`."""
+    `bngraph.trace.trace(module, example_inputs)`)."""
     result = PassResult(gm)
     device = _device(gm)
     layouts = feature_layouts(gm)

@@ -5,28 +5,26 @@ When another node reads the same initializer (a layer applied twice, tied weight
 must stay, so the folded layer needs a copy: onnxscript's rules refuse shared initializers,
 because they write the folded tensor back under the old name. After this pass they fold.
 Only layers whose BN fold can go ahead get a copy; the file grows by one weight per copy.
-In place.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
-from bngraph.passes.base import PassResult
-from bngraph.passes.onnx_common import batchnorms, fresh_name, layer_fold_reason, site
+from bngraph.passes._onnx_common import bns_fed_by, fresh_name, site
+from bngraph.passes.base import PassResult, graph_pass
 
 # The layers whose initializers onnxscript's BN rules rewrite under their own names.
 _RULE_LAYERS = ("Conv", "ConvTranspose", "Gemm")
 
 
+@graph_pass(in_place=True)
 def onnx_copy_shared_weights(model: ir.Model) -> PassResult:
     """Copy each shared weight/bias of a Conv, ConvTranspose or Gemm whose only user is a BN."""
     result = PassResult(model)
     graph = model.graph
-    for bn in batchnorms(model):
-        layer = bn.inputs[0].producer()
-        if layer is None or layer.op_type not in _RULE_LAYERS or layer_fold_reason(bn) is not None:
-            continue  # not a fold these rules make: the fold pass reports why
+    # Other BNs are not a fold these rules make: the fold pass reports why.
+    for bn, layer in bns_fed_by(model, _RULE_LAYERS):
         if len(bn.inputs[0].uses()) != 1:
             continue
         copied, shared_with = [], set()

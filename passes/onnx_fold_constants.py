@@ -6,7 +6,6 @@ TorchScript exporter without constant folding writes a Linear's weight as `Trans
 A BN fold needs both as constants, so this pass runs first: onnxscript's constant folder
 (its own size limits, which still fold a large weight's Transpose since that frees the
 original), then every Constant node lifted to an initializer, then dead nodes removed.
-In place.
 """
 
 from __future__ import annotations
@@ -15,10 +14,11 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 from onnxscript.optimizer import fold_constants_ir
 
-from bngraph.passes.base import PassResult
-from bngraph.passes.onnx_common import report_removed_nodes
+from bngraph.passes._onnx_common import report_removed_nodes
+from bngraph.passes.base import PassResult, graph_pass
 
 
+@graph_pass(in_place=True)
 def onnx_fold_constants(model: ir.Model) -> PassResult:
     """Fold constant subgraphs into initializers; `changed` lists the nodes that disappeared."""
 

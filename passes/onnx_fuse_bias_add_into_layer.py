@@ -4,9 +4,9 @@ where a BatchNormalization reads the sum.
 Paddle2ONNX and others write a layer's bias as a separate Add, Conv(x, W) + c with c shaped
 (1, C, 1, 1) or (C, 1, 1). A conv's bias is that same per-output-channel addition, so
     Add(Conv(x, W, B), c) = Conv(x, W, B + c)   exactly,
-and the BN after it then folds into the layer (onnx_fold_bn_into_layer). Only where the layer's
+and the BN after it then folds into the layer (onnx_fold_bn_into_preceding_layer). Only where the layer's
 output feeds nothing but the Add, and the Add nothing but a BN: elsewhere the graph stays as
-written. In place.
+written.
 """
 
 from __future__ import annotations
@@ -14,19 +14,16 @@ from __future__ import annotations
 import onnx_ir as ir
 import torch
 
-from bngraph.passes.base import PassResult
-from bngraph.passes.onnx_common import batchnorms, constant, fresh_name, layer_fold_reason, site
+from bngraph.passes._onnx_common import CONV_LAYERS, bns_fed_by, constant, fresh_name, site
+from bngraph.passes.base import PassResult, graph_pass
 
-_BIASED_LAYERS = ("Conv", "ConvTranspose")
-
-
+@graph_pass(in_place=True)
 def onnx_fuse_bias_add_into_layer(model: ir.Model) -> PassResult:
     """Fuse Add(layer, per-channel constant) into the layer's bias before a BN; `changed` names the layers."""
     result = PassResult(model)
     graph = model.graph
-    for bn in batchnorms(model):
-        add = bn.inputs[0].producer()
-        if add is None or add.op_type != "Add" or layer_fold_reason(bn) is not None or _has_other_users(add, bn):
+    for bn, add in bns_fed_by(model, ("Add",)):
+        if _has_other_users(add, bn):
             continue
         found = _layer_and_bias(add)
         if found is None:
@@ -59,7 +56,7 @@ def _layer_and_bias(add: ir.Node) -> tuple[ir.Node, torch.Tensor] | None:
     for layer_out, other in (add.inputs, reversed(add.inputs)):
         layer = layer_out.producer()
         added = constant(other)
-        if layer is None or layer.op_type not in _BIASED_LAYERS or added is None or layer.domain not in ("", "ai.onnx"):
+        if layer is None or layer.op_type not in CONV_LAYERS or added is None or layer.domain not in ("", "ai.onnx"):
             continue
         weight = constant(layer.inputs[1])
         if weight is None or layer_out.is_graph_output() or len(layer_out.uses()) != 1:

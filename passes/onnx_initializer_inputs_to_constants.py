@@ -6,7 +6,7 @@ literally, no BN of such a file has constant statistics and nothing folds. Nobod
 its own weights, so they become constants: removed from the inputs, and the IR version raised
 to 4, the first that lets an initializer stand alone (opsets keep their meaning). A caller that
 does override one asks to keep them (`fold_onnx(keep_initializer_inputs=True)`); a BN that
-reads one is then left, with that reason. In place.
+reads one is then left, with that reason.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
-from bngraph.passes.base import PassResult
+from bngraph.passes.base import PassResult, graph_pass
 
 FIRST_IR_WITHOUT_INITIALIZER_INPUTS = 4
 
 
+@graph_pass(in_place=True)
 def onnx_initializer_inputs_to_constants(model: ir.Model) -> PassResult:
     """Drop every initializer from the graph inputs; `changed` names them."""
     result = PassResult(model)

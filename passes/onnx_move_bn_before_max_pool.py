@@ -8,30 +8,24 @@ ignores its padding, it never takes the max over it). Then
 A scale below zero turns the max into a min: such a BN stays where it is (reported). Trained
 networks often have every gamma > 0, so this is the fold for most BNs after a pool. Only
 where the pool's input comes from a Conv or ConvTranspose read by nothing else, and the pool's
-output (and not its indices) is read by the BN alone: elsewhere the move gains nothing. In place.
+output (and not its indices) is read by the BN alone: elsewhere the move gains nothing.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.onnx_common import batchnorms, bn_scale_shift, layer_fold_reason, site
+from bngraph.passes._onnx_common import CONV_LAYERS, bn_scale_shift, bns_fed_by, site
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
-_LAYERS = ("Conv", "ConvTranspose")
-
-
+@graph_pass(in_place=True)
 def onnx_move_bn_before_max_pool(model: ir.Model) -> PassResult:
     """Swap MaxPool -> BN into BN -> MaxPool where the BN then follows a layer; `changed` names the BNs."""
     result = PassResult(model)
-    graph = model.graph
-    for bn in batchnorms(model):
-        pool = bn.inputs[0].producer()
-        if pool is None or pool.op_type != "MaxPool" or pool.domain not in ("", "ai.onnx") or layer_fold_reason(bn):
-            continue
+    for bn, pool in bns_fed_by(model, ("MaxPool",)):
         pooled, pool_input = pool.outputs[0], pool.inputs[0]
         layer = pool_input.producer()
-        if layer is None or layer.op_type not in _LAYERS or len(pool_input.uses()) != 1 or pool_input.is_graph_output():
+        if layer is None or layer.op_type not in CONV_LAYERS or len(pool_input.uses()) != 1 or pool_input.is_graph_output():
             continue  # no layer to fold into before the pool: moving the BN gains nothing
         if len(pooled.uses()) != 1 or pooled.is_graph_output() or any(o.uses() or o.is_graph_output() for o in pool.outputs[1:]):
             continue  # the pool's output or indices are read elsewhere: the fold passes say why
@@ -44,14 +38,15 @@ def onnx_move_bn_before_max_pool(model: ir.Model) -> PassResult:
         normalized = bn.outputs[0]
         bn.replace_input_with(0, pool_input)
         if normalized.is_graph_output():  # the pool's output takes over the model output and its name
-            graph.outputs[graph.outputs.index(normalized)] = pooled
+            outputs = model.graph.outputs
+            outputs[outputs.index(normalized)] = pooled
             name = normalized.name
             normalized.name, pooled.name = f"{name}_before_pool", name
         normalized.replace_all_uses_with(pooled)
         pool.replace_input_with(0, normalized)
         normalized.shape = pool_input.shape
-        graph.remove(bn)
-        graph.insert_before(pool, bn)
+        model.graph.remove(bn)
+        model.graph.insert_before(pool, bn)
         result.changed.append(site(bn))
         result.details.append({"node": site(bn), "moved_before": site(pool), "layer": site(layer)})
     return result

@@ -4,7 +4,7 @@ Constant folding with shape inference turns the exporter's dynamic flatten chain
 (Shape, Squeeze, Concat, Reshape) into one Reshape, and onnxscript's default rewrite rules
 cancel the Transpose pairs that a BN over a Linear's features leaves behind. Its BatchNorm
 rules are left out: they fuse a BN in training mode too (onnxscript 0.7.2), and the BNs are
-ours to fold, with the guards and the report. In place.
+ours to fold, with the guards and the report.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ import onnx_ir.passes.common as ir_passes
 import onnxscript.rewriter
 from onnxscript.optimizer import fold_constants_ir
 
-from bngraph.passes.base import PassResult
-from bngraph.passes.onnx_common import report_removed_nodes
+from bngraph.passes._onnx_common import report_removed_nodes
+from bngraph.passes.base import PassResult, graph_pass
 
 TIDY_RULES = onnxscript.rewriter.RewriteRuleSet(
     [rule for rule in onnxscript.rewriter._DEFAULT_REWRITE_RULES if "BatchNorm" not in (rule.name or "")]
 )
 
 
+@graph_pass(in_place=True)
 def onnx_simplify(model: ir.Model, rounds: int = 2) -> PassResult:
     """Fold constants and apply the tidy rules; `changed` lists the nodes that disappeared."""
 

@@ -9,8 +9,8 @@ the batch and every position, m = N*H*W values, Sec. 3.2) gives mu_B and the bia
 which become `running_mean` and `running_var`. (With batches of unequal size each var_B_i gets
 its own m_i/(m_i-1), which is the same thing when all m_i are equal.) The inputs are those of
 the training network, as in the paper: every BN normalizes with its batch statistics, while the
-rest of the model is frozen in eval mode (no dropout). Works in place on any nn.Module, traced
-or not; on images of another domain it re-targets the model to that domain (Sec. 5).
+rest of the model is frozen in eval mode (no dropout). It takes any nn.Module, traced or not;
+on images of another domain it re-targets the model to that domain (Sec. 5).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bngraph.errors import UserError
-from bngraph.passes.base import PassResult, Skip
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -47,9 +47,10 @@ class _Moments:
 
 class RecalibrateBN:
     """Set every BN's running statistics to Algorithm 2's population statistics over `batches`
-    (each a tuple of model inputs). Works in place; the model's train/eval flags are restored."""
+    (each a tuple of model inputs). The model's train/eval flags are restored."""
 
     name = "recalibrate_bn"
+    in_place = True
 
     def __init__(self, batches: Iterable[Sequence[torch.Tensor]]):
         self.batches = batches
@@ -69,7 +70,7 @@ class RecalibrateBN:
         flags = {m: m.training for m in model.modules()}
         # The forward passes below also move the moving averages: keep the originals to compare.
         before = {n: (bns[n].running_mean.clone(), bns[n].running_var.clone(), bns[n].num_batches_tracked.clone())
-                  for n in moments}  # fmt: skip
+                  for n in moments}
         hooks = [bns[n].register_forward_pre_hook(lambda mod, args, n=n: moments[n].add(args[0])) for n in moments]
         try:
             model.eval()
@@ -107,6 +108,7 @@ class RecalibrateBN:
         return result
 
 
+@graph_pass(in_place=True)
 def recalibrate_bn(model: nn.Module, batches: Iterable[Sequence[torch.Tensor]]) -> PassResult:
     """Set every BN's running statistics to Algorithm 2's population statistics over `batches`
     (see `RecalibrateBN`)."""

@@ -5,15 +5,15 @@ weights of layers that got a copy are unreachable; left in place they would stil
 loaded and moved between devices. torch.fx's `delete_all_unused_submodules` tests membership
 in a list (quadratic in the number of modules), so this pass keeps sets. A node nobody reads
 is dead only if it has no effect: `out.add_(x)`, `x[i] = v`, an inplace ReLU or a hooked module
-stay (`fx_effects.is_impure_node`; fx's own rule knows none of them). Works in place.
+stay (`_fx_effects.is_impure_node`; fx's own rule knows none of them).
 """
 
 from __future__ import annotations
 
 from torch import fx
 
-from bngraph.passes.base import PassResult
-from bngraph.passes.fx_effects import is_impure_node
+from bngraph.passes._fx_effects import is_impure_node
+from bngraph.passes.base import PassResult, graph_pass
 
 
 def _prefixes(path: str) -> list[str]:
@@ -29,6 +29,7 @@ def _is_module(gm: fx.GraphModule, path: str) -> bool:
     return True
 
 
+@graph_pass(in_place=True)
 def remove_dead_code(gm: fx.GraphModule) -> PassResult:
     """Eliminate dead nodes, then every submodule, parameter and buffer that no node reaches."""
     result = PassResult(gm)

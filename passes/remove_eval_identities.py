@@ -5,7 +5,7 @@ through; in the folded model such a node is only a call's overhead, and it can s
 layer and its BatchNorm. Unlike `strip_dropout_and_lrn` (paper, Sec. 4.2.1) this never changes
 what the model computes: a Dropout in training mode, or F.dropout with training=True (which
 drops activations even in eval mode), is kept, with the reason, and so is a module with hooks,
-which would no longer run. Works in place.
+which would no longer run.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import fx, nn
 
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.fx_batchnorm import arg
-from bngraph.passes.fx_effects import hook_refusal
+from bngraph.passes._fx_batchnorm import arg
+from bngraph.passes._fx_effects import hook_refusal
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 # Each dropout function's `training` argument (position 2) and its default.
 _DROPOUT_FUNCTIONS = {F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True,
-                      F.alpha_dropout: False, F.feature_alpha_dropout: False}  # fmt: skip
+                      F.alpha_dropout: False, F.feature_alpha_dropout: False}
 
 
+@graph_pass(in_place=True)
 def remove_eval_identities(gm: fx.GraphModule) -> PassResult:
     """Replace every nn.Identity and every Dropout that is off by its input."""
     result = PassResult(gm)
@@ -39,7 +40,7 @@ def remove_eval_identities(gm: fx.GraphModule) -> PassResult:
         elif node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
             if arg(node, 2, "training", _DROPOUT_FUNCTIONS[node.target]) is not False:
                 result.skipped.append(Skip(node.name, f"it calls F.{node.target.__name__} with training=True, "
-                                                      "which drops activations in eval mode too"))  # fmt: skip
+                                                      "which drops activations in eval mode too"))
                 continue
             label = f"F.{node.target.__name__}"
         else:

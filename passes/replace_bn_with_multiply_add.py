@@ -1,11 +1,11 @@
 """Replace each BatchNorm that no layer could take by one per-channel multiply-add.
 
 In eval mode BN(x) = s * x + t with s and t per channel of axis 1 (paper, Algorithm 2 step 3;
-s and t from `bn_affine`, which asks torch.nn.utils.fusion in float64). The BN becomes a single
+s and t from `_bn_affine`, which asks torch.nn.utils.fusion in float64). The BN becomes a single
 `torch.addcmul(t, x, s)` with s and t constant buffers shaped (C, 1, ..., 1), so that they
 broadcast over axis 1: exact for any producer (a pool, an add, a model input) and any consumer.
 A BN that is not a fixed affine map (training mode, no running statistics, statistics computed
-in the graph) is left as it is, with the reason. Works in place.
+in the graph) is left as it is, with the reason.
 
 Speed on one CPU thread (benchmarks/multiply_add_speed.py prints the ratios): on (N, C) the
 addcmul takes 0.4x the time of the eval-mode BN kernel; with spatial axes it takes 1.7-3x, as
@@ -19,13 +19,14 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bngraph.passes.base import PassResult
-from bngraph.passes.bn_affine import PRECISION_LOSS_GAIN, rounding_gain, scale_shift
-from bngraph.passes.fx_batchnorm import fixed_batch_norms
-from bngraph.passes.fx_layers import free_name
-from bngraph.trace import tensor_dtype, tensor_shape
+from bngraph.passes._bn_affine import scale_shift
+from bngraph.passes._fx_batchnorm import fixed_batch_norms, flag_rounding
+from bngraph.passes._fx_layers import free_name
+from bngraph.passes._fx_meta import tensor_dtype, tensor_shape
+from bngraph.passes.base import PassResult, Probe, graph_pass
 
 
+@graph_pass(in_place=True)
 def replace_bn_with_multiply_add(gm: fx.GraphModule) -> PassResult:
     """Turn every BatchNorm with fixed statistics into `addcmul(shift, x, scale)`."""
     result = PassResult(gm)
@@ -49,8 +50,7 @@ def replace_bn_with_multiply_add(gm: fx.GraphModule) -> PassResult:
         gm.graph.erase_node(node)
         result.changed.append(node.name)
         row = {"node": node.name, "into": multiply_add.name, "how": "multiply-add", "note": ""}
-        if (gain := rounding_gain(site.stats)) > PRECISION_LOSS_GAIN:
-            row.update(rounding_gain=gain, probe=[node.name, multiply_add.name])
+        flag_rounding(result, row, site, Probe(reference=node.name, folded=multiply_add.name))
         result.details.append(row)
     if result.changed:
         gm.recompile()

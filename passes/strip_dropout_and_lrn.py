@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import fx, nn
 
-from bngraph.passes.base import PassResult
-from bngraph.passes.op_kinds import first_node_arg, op_label
+from bngraph.passes._op_kinds import first_node_arg, op_label
+from bngraph.passes.base import PassResult, graph_pass
 
 STRIPPED_MODULES = (nn.modules.dropout._DropoutNd, nn.LocalResponseNorm)
 STRIPPED_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.local_response_norm}
@@ -21,8 +21,9 @@ def _is_stripped(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in STRIPPED_FUNCTIONS
 
 
+@graph_pass(in_place=True)
 def strip_dropout_and_lrn(gm: fx.GraphModule) -> PassResult:
-    """Replace every Dropout and LocalResponseNorm by its input. Works in place."""
+    """Replace every Dropout and LocalResponseNorm by its input."""
     result = PassResult(gm)
     for node in list(gm.graph.nodes):
         if not _is_stripped(gm, node):

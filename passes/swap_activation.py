@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
-from bngraph.passes.base import PassResult
-from bngraph.passes.op_kinds import activation_kind
+from bngraph.passes._op_kinds import activation_kind
+from bngraph.passes.base import PassResult, graph_pass
 
 # What each target is as a module and as a function of one tensor.
 TARGETS: dict[str, tuple[Callable[[], nn.Module], Callable]] = {
@@ -25,6 +25,8 @@ TARGETS: dict[str, tuple[Callable[[], nn.Module], Callable]] = {
 class SwapActivation:
     """Swap every activation of a kind in `replace` (module class names or functional names,
     compared lower-case: 'relu' matches nn.ReLU, F.relu and x.relu()) for `to`."""
+
+    in_place = True
 
     def __init__(self, to: str = "sigmoid", replace: tuple[str, ...] = ("relu",)):
         if to not in TARGETS:
@@ -52,6 +54,7 @@ class SwapActivation:
         return result
 
 
+@graph_pass(in_place=True)
 def swap_activation(gm: fx.GraphModule, to: str = "sigmoid", replace: tuple[str, ...] = ("relu",)) -> PassResult:
     """Replace every nonlinearity of the kinds in `replace` by `to` (ReLU -> sigmoid for
     BN-x5-Sigmoid, paper Sec. 4.2.2); see `SwapActivation`."""

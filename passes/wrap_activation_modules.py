@@ -1,7 +1,7 @@
 """The fallback for models torch.fx cannot trace: wrap activation modules, decided by running.
 
 Without a graph, an activation is only visible as a module instance, and its input only when it
-runs. So the model runs once on the example input (eval mode, `bngraph.dataflow.record_run`),
+runs. So the model runs once on the example input (eval mode, `_dataflow.record_run`),
 which records for each activation module call the op and the module that produced its input,
 its shape and dtype. Then, numbered as in the code:
   1. Activation modules are the known ones (nn.ReLU, ...) and modules that were seen computing
@@ -27,11 +27,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bngraph.dataflow import feature_axis, is_elementwise_nonlinearity, normalizer_of, record_run
 from bngraph.errors import running_user_model
-from bngraph.passes.base import PassResult, Skip
+from bngraph.passes._dataflow import feature_axis, is_elementwise_nonlinearity, normalizer_of, record_run
+from bngraph.passes._op_kinds import ACTIVATION_MODULES
+from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes.insert_bn_before_activation import BATCHNORM_BY_RANK
-from bngraph.passes.op_kinds import ACTIVATION_MODULES
 
 
 def _input_problem(call) -> str | None:
@@ -46,8 +46,9 @@ def _input_problem(call) -> str | None:
     return None
 
 
+@graph_pass(in_place=True)
 def wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> PassResult:
-    """Wrap each activation module of `module` (in place) with a BatchNorm in front of it."""
+    """Wrap each activation module of `module` with a BatchNorm in front of it."""
     result = PassResult(module)
     with running_user_model():
         record = record_run(module, example_inputs)
@@ -93,7 +94,7 @@ def wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Te
         if found.axis == "last" and len(x.shape) > 2:
             result.skipped.append(
                 Skip(path, f"features in the last axis of a rank-{len(x.shape)} input (from {found.layer}): "
-                           "the module-level fallback can only put a BatchNorm over axis 1")  # fmt: skip
+                           "the module-level fallback can only put a BatchNorm over axis 1")
             )
             continue
         # 5. In place, with the mutated tensor read again.
@@ -102,7 +103,7 @@ def wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Te
             if reads > 1:
                 result.skipped.append(
                     Skip(path, f"in-place activation whose result is read {reads} times; a BatchNorm in front "
-                               "would change what the other reads see")  # fmt: skip
+                               "would change what the other reads see")
                 )
                 continue
         # 6. Wrap.
@@ -133,6 +134,6 @@ def wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Te
         where = f.module or "the model's forward"
         result.skipped.append(
             Skip(f"{f.module or 'forward'}:{f.op}#{f.index}",
-                 f"{f.op} called as a function in {where}: without a traced graph only activation modules can be wrapped")  # fmt: skip
+                 f"{f.op} called as a function in {where}: without a traced graph only activation modules can be wrapped")
         )
     return result

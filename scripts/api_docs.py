@@ -69,6 +69,8 @@ def render() -> str:
         for name in public_names(module_name):
             obj = getattr(module, name)
             kind = "class" if inspect.isclass(obj) else "function"
+            if isinstance(getattr(obj, "in_place", None), bool):  # a pass: its declared contract
+                kind += ", in place" if obj.in_place else ", returns a new graph"
             parts.append(f"### `{module_name}.{name}` ({kind})\n")
             parts.append(f"```python\n{signature(name, obj)}\n```\n")
             doc = docstring(obj)

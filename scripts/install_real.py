@@ -40,7 +40,7 @@ def main() -> int:
     finally:
         Path(pin.name).unlink()
     now = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
-                         capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+                         capture_output=True, text=True, check=True).stdout.strip()
     if now != torch.__version__:
         print(f"install_real: torch is now {now}, was {torch.__version__}", file=sys.stderr)
         return 1

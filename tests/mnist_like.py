@@ -14,7 +14,7 @@ from tests.test_data import write_set
 
 
 def learnable_arrays(seed: int = 0, n_train: int = 600, n_test: int = 200, contrast: float = 1.0,
-                     offset: float = 0.0) -> dict[str, np.ndarray]:  # fmt: skip
+                     offset: float = 0.0) -> dict[str, np.ndarray]:
     """Class c: noise plus a 6x6 square at row/column given by c; `contrast` and `offset` move
     the pixel statistics (another "domain" with the same classes)."""
     rng = np.random.default_rng(seed)

@@ -190,4 +190,4 @@ class Untraceable(nn.Module):
 TRACEABLE = [
     Residual, SharedActivation, GroupedConvs, Convs1d3d, TransposedConv, Sequence3d, Branches,
     AlreadyNormalized, MethodsAndFunctions, SharedOutput,
-]  # fmt: skip
+]

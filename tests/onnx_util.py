@@ -1,7 +1,7 @@
 """Helpers for the ONNX tests: export a model the ways users do, fold it, measure the error.
 
 What each exporter leaves on torch 2.13 (measured; tests/passes/test_onnx_fold_constants.py
-and test_onnx_fold_bn_into_layer.py pin it):
+and test_onnx_fold_bn_into_preceding_layer.py pin it):
   dynamo       torch.onnx.export(dynamo=True, optimize=False): every BN, and a bias-free conv's
                bias as Expand(CastLike(0, x), Shape(W)[0:1])
   torchscript  dynamo=False, defaults: folds Conv+BN itself, leaves Gemm, MatMul and
@@ -26,7 +26,8 @@ import torch
 
 from bngraph.onnx_fold import fold_onnx
 from bngraph.runners import onnx_inputs, random_batches
-from bngraph.verify import VerifyResult, verify
+from bngraph.compare import VerifyResult
+from bngraph.verify import verify
 
 MODES = ("dynamo", "torchscript", "preserve", "nofold", "dynamo_optimize")
 # Folding reorders float32 arithmetic once per layer: errors of a few 1e-7 on these small

@@ -19,7 +19,7 @@ class SmallConvNet(nn.Module):
         self.layers = nn.Sequential(
             nn.Conv2d(1, 4, 5, stride=3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
             nn.Linear(4 * 8 * 8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 10),
-        )  # fmt: skip
+        )
 
     def forward(self, x):
         return self.layers(x)

@@ -28,10 +28,10 @@ def test_insert_train_fold_export_verify(name, data, tmp_path, capsys):
     inserted = _json(capsys, "insert", f"zoo:{name}", "-o", tmp_path / "bn")
     assert inserted["inserted"]
     _json(capsys, "train", tmp_path / "bn", "--data", data, "--steps", 4, "--batch-size", 16,
-          "--lr", 0.1, "--eval-every", 2, "--quiet", "-o", tmp_path / "run")  # fmt: skip
+          "--lr", 0.1, "--eval-every", 2, "--quiet", "-o", tmp_path / "run")
     trained = bngraph.load(tmp_path / "run")
     assert any(not torch.equal(trained.state_dict()[k], bngraph.load(tmp_path / "bn").state_dict()[k])
-               for k in trained.state_dict() if "running_mean" in k)  # fmt: skip
+               for k in trained.state_dict() if "running_mean" in k)
 
     folded = _json(capsys, "fold", tmp_path / "run", "-o", tmp_path / "folded", "--strict")
     assert folded["batchnorms_before"] == len(inserted["inserted"]) and folded["batchnorms_after"] == 0

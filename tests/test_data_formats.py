@@ -66,7 +66,7 @@ def _cli(capsys, *argv):
 def _train(capsys, tmp_path, model, data, *extra, steps=3):
     out = tmp_path / "run"
     code, stdout, err = _cli(capsys, "train", model, "--data", data, "--steps", steps, "--batch-size", 4,
-                             "--eval-every", steps, "--quiet", "--json", "-o", out, *extra)  # fmt: skip
+                             "--eval-every", steps, "--quiet", "--json", "-o", out, *extra)
     assert code == 0, err
     facts = json.loads(stdout)
     history = json.loads((out / "model" / "bngraph.json").read_text())["history"]
@@ -76,7 +76,7 @@ def _train(capsys, tmp_path, model, data, *extra, steps=3):
 
 def _bad(capsys, tmp_path, model, data, *extra):
     code, _, err = _cli(capsys, "train", model, "--data", data, "--steps", 2, "--batch-size", 2, "--quiet",
-                        "-o", tmp_path / "bad", *extra)  # fmt: skip
+                        "-o", tmp_path / "bad", *extra)
     assert code == 2, err
     assert err.startswith("bngraph: error:") and err.count("\n") == 1, err
     return err
@@ -106,7 +106,7 @@ def write_npz(path, layout="NHW", n_train=40, n_test=12, dtype=np.uint8, **overr
         if layout == "NCHW":
             x_train, x_test = (x.transpose(0, 3, 1, 2) for x in (x_train, x_test))
     data = {"x_train": x_train.astype(dtype), "y_train": arrays["train-labels-idx1-ubyte"],
-            "x_test": x_test.astype(dtype), "y_test": arrays["t10k-labels-idx1-ubyte"]}  # fmt: skip
+            "x_test": x_test.astype(dtype), "y_test": arrays["t10k-labels-idx1-ubyte"]}
     if dtype != np.uint8:
         data["x_train"], data["x_test"] = data["x_train"] / 255, data["x_test"] / 255
     data.update(override)
@@ -291,20 +291,20 @@ def _small_data():
     images = lambda key: torch.from_numpy(arrays[key]).float().div(255).unsqueeze(1)  # noqa: E731
     labels = lambda key: torch.from_numpy(arrays[key]).long()  # noqa: E731
     return TensorData(images("train-images-idx3-ubyte"), labels("train-labels-idx1-ubyte"),
-                      images("t10k-images-idx3-ubyte"), labels("t10k-labels-idx1-ubyte"))  # fmt: skip
+                      images("t10k-images-idx3-ubyte"), labels("t10k-labels-idx1-ubyte"))
 
 
 def _conv_net():
     torch.manual_seed(1)
     return nn.Sequential(nn.Conv2d(1, 4, 5, stride=3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Dropout(0.3), nn.Linear(4 * 8 * 8, 10))  # fmt: skip
+                         nn.Dropout(0.3), nn.Linear(4 * 8 * 8, 10))
 
 
 @pytest.mark.parametrize("precision, channels_last", [("bf16", False), ("fp32", True), ("bf16", True), ("fp16", True)])
 def test_precision_and_layout_resume_bit_identically(tmp_path, precision, channels_last):
     data = _small_data()
     config = TrainConfig(steps=12, batch_size=8, lr=0.05, eval_every=4, precision=precision,
-                         channels_last=channels_last)  # fmt: skip
+                         channels_last=channels_last)
     whole = train(_conv_net(), data, config, out_dir=tmp_path / "whole", progress=False)
 
     def crash(row):
@@ -329,7 +329,7 @@ def test_precision_and_layout_resume_bit_identically(tmp_path, precision, channe
 
 def test_resume_refuses_another_precision(tmp_path, capsys):
     common = ["train", "zoo:mnist-mlp", "--data", write_npz(tmp_path / "d.npz"), "--batch-size", 4, "--eval-every", 2,
-              "--quiet", "-o", tmp_path / "run"]  # fmt: skip
+              "--quiet", "-o", tmp_path / "run"]
     assert _cli(capsys, *common, "--steps", 2, "--precision", "bf16")[0] == 0
     code, _, err = _cli(capsys, *common, "--steps", 4, "--resume")
     assert code == 2 and "precision: 'bf16' then, None now" in err

@@ -37,7 +37,7 @@ def train_args(data, out, *extra, model="SmallConvNet") -> list[str]:
     # would pick CUDA, and --nproc 2 needs two GPUs there.
     return ["train", f"{MODELS}:{model}", "--data", str(data), "--batch-size", str(BATCH), "--lr", "0.1",
             "--decay-every", "4", "--eval-every", "1", "--device", "cpu", "--quiet",
-            "-o", str(out), *extra]  # fmt: skip
+            "-o", str(out), *extra]
 
 
 def bngraph_cli(*args) -> list[str]:
@@ -51,7 +51,7 @@ def torchrun(*args) -> list[str]:
 def launch(*commands: list[str]) -> list[subprocess.CompletedProcess]:
     """Run the commands side by side (the hosts of one job); all are killed at the timeout."""
     procs = [subprocess.Popen(c, cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for c in commands]  # fmt: skip
+             for c in commands]
     try:
         outputs = [p.communicate(timeout=LAUNCH_TIMEOUT_S) for p in procs]
     finally:
@@ -151,7 +151,7 @@ def test_two_torchrun_launches_form_one_job_and_a_resumed_run_matches_it(one_ste
                  "--rdzv-id=bngraph-test", "--local-addr=127.0.0.1", "-m", "bngraph",
                  *train_args(data, host, "--steps", "4", "--sync-bn"))
         for host in hosts
-    ])  # fmt: skip
+    ])
     (whole,) = [host for host in hosts if host.exists()]  # rank 0 alone wrote, on its host
     assert checkpoint(whole)["world_size"] == 2
 
@@ -163,7 +163,7 @@ def test_two_torchrun_launches_form_one_job_and_a_resumed_run_matches_it(one_ste
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     untimed = lambda run: [{k: v for k, v in row.items() if k not in ("steps_per_s", "elapsed_s")}  # noqa: E731
-                           for row in read_metrics(run / "metrics.jsonl")]  # fmt: skip
+                           for row in read_metrics(run / "metrics.jsonl")]
     assert untimed(resumed) == untimed(whole)
 
 

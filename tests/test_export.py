@@ -16,7 +16,7 @@ import bngraph
 from bngraph.cli import main
 from bngraph.export import OPSET, export
 from bngraph.runners import OrtRunner
-from bngraph.verify import ONNX_TOLERANCE
+from bngraph.compare import ONNX_TOLERANCE
 from bngraph.zoo import create_model, get_entry, list_models
 from tests.onnx_models import conv_bn_net
 from tests.util import randomize_bn

@@ -46,7 +46,7 @@ def test_each_bn_gets_its_fate_and_the_report_says_so():
     assert "before: its input comes from pool (MaxPool2d)" in report.sections["folded"][2]["note"]
     assert report.sections["remaining"] == [
         {"node": "bn_batch", "reason": "it has no running statistics (track_running_stats=False), so it normalizes "
-                                       "with each batch's own statistics even in eval mode"}  # fmt: skip
+                                       "with each batch's own statistics even in eval mode"}
     ]
     ops = {row["op"]: (row["before"], row["after"]) for row in report.sections["ops"]}
     assert ops["BatchNorm2d"] == (3, 1) and ops["BatchNorm1d"] == (1, 0) and ops["Dropout"] == (1, 0)

@@ -138,6 +138,6 @@ def test_runs_as_a_program(tmp_path, model_py):
     done = subprocess.run(
         [sys.executable, "-m", "bngraph", "fold", f"{model_py}:Net", "--json"],
         capture_output=True, text=True, cwd=REPO, timeout=300,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["batchnorms_after"] == 0

@@ -262,7 +262,7 @@ def test_bn_inside_a_scripted_submodule_is_listed_and_strict_fails(tmp_path, cap
     assert code == 1
     assert report["batchnorms_before"] == 2 and report["batchnorms_after"] == 1
     assert report["remaining"] == [{"node": "stem.1", "reason": "it is inside stem (a TorchScript module, which "
-                                                                "torch.fx calls as a whole), so it cannot be folded"}]  # fmt: skip
+                                                                "torch.fx calls as a whole), so it cannot be folded"}]
 
 
 # ---- parametrized and lazy layers ------------------------------------------------------------
@@ -489,7 +489,7 @@ def test_bn_handed_to_a_wrapped_function_is_listed_and_an_unused_one_noted():
     model, x = randomize_bn(PassesItsNorm()), torch.randn(3, 4)
     gm, report = fold(model, [x])
     assert report.sections["remaining"] == [{"node": "bn", "reason": "the graph passes it as a module to apply_norm, "
-                                                                      "which torch.fx does not trace, so it cannot be folded"}]  # fmt: skip
+                                                                      "which torch.fx does not trace, so it cannot be folded"}]
     assert report.facts["batchnorms_after"] == 1
     assert any("never called by its forward" in n and "spare_bn" in n for n in report.notes)
     assert_matches(gm, model, x)
@@ -587,7 +587,7 @@ def test_export_keeps_a_bn_with_no_exact_fold_as_batchnormalization_or_writes_mu
             (kept,) = report["onnx_kept"]
             assert kept["form"] == "BatchNormalization" and "MaxPool" in kept["note"]
             assert any(note.startswith("1 BatchNorm(s) with no exact fold kept as BatchNormalization") and ": bn " in note
-                       for note in report["notes"])  # fmt: skip
+                       for note in report["notes"])
             assert len(bns) == 1 and all(a.i == 0 for a in bns[0].attribute if a.name == "training_mode")
             initializers = {t.name for t in onnx.load(str(files[form])).graph.initializer}
             assert set(bns[0].input[1:]) <= initializers  # constant statistics
@@ -634,7 +634,7 @@ def _nearly_dead(model: _DataDependent) -> _DataDependent:
 
 
 def test_an_untraceable_high_gain_fold_passes_with_the_traced_folds_tolerance():
-    from bngraph.fold import fold_tolerance
+    from bngraph.compare import fold_tolerance
     from bngraph.fold_untraced import FALLBACK
 
     torch.manual_seed(0)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bngraph.cli import main
-from bngraph.draw import MARKS, graph_of, layered_layout
+from bngraph.draw import MARKS, graph_of
+from bngraph.layout import layered_layout
 from tests.util import randomize_bn
 
 

@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 
-from bngraph.api import calibration_batches
+from bngraph.insert import calibration_batches
 from bngraph.cli import main
 from bngraph.load import load_model
 from bngraph.runners import ExampleInputs, onnx_inputs, random_batches

@@ -341,7 +341,7 @@ def test_fallback_artifact_folds_exports_and_verifies(tmp_path, capsys):
     assert {(r["node"], r["into"]) for r in report["folded"]} == {
         ("stem.normalization", "stem.convolution"), ("block.normalization", "block.convolution"),
         ("act.bn", "conv"), ("gelu.bn", "proj"),
-    }  # fmt: skip
+    }
     assert report["batchnorms_after"] == 0
     loaded = bngraph.load(folded)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in loaded.modules())

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bngraph
-from bngraph.passes.op_kinds import activation_kind, normalizer_behind
+from bngraph.passes._op_kinds import activation_kind, normalizer_behind
 
 MODULE_ACTS = [nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Hardswish, nn.Softplus, nn.Mish]
 FUNCTIONAL_ACTS = [F.relu, torch.sigmoid, torch.tanh, F.gelu, F.silu, F.elu]

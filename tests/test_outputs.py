@@ -50,7 +50,7 @@ COMMANDS = {
     "reproduce": (["reproduce", "mnist", "--data", "{in}/mnist", "--steps", "2", "--eval-every", "1",
                    "--batch-size", "10", "--workers", "1", "--quiet"], "out"),
     "graph": (["graph", "zoo:mnist-mlp"], "out.svg"),
-}  # fmt: skip
+}
 
 
 def _argv(name: str, inputs: Path, out: Path, *extra: str) -> list[str]:
@@ -201,7 +201,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     code fits under 64 KiB, its 400 KB of weights do not."""
     done = subprocess.run([sys.executable, "-m", "bngraph", "insert", "zoo:mnist-mlp", "-o", "new/bn"],
                           capture_output=True, text=True, cwd=tmp_path, preexec_fn=_limited(64 * 1024),
-                          timeout=300)  # fmt: skip
+                          timeout=300)
     assert done.returncode == 2, done.stderr
     assert "File too large (nothing was written)" in _one_error_line(done.stderr)
     assert list(tmp_path.iterdir()) == []  # not even the parent folder made for it
@@ -296,7 +296,7 @@ def test_the_installed_entry_point_refuses_too(tmp_path):
     _users_folder(tmp_path / "important")
     before = snapshot(tmp_path)
     done = subprocess.run([sys.executable, "-m", "bngraph", "insert", "zoo:mnist-mlp", "-o", "important"],
-                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 2
     assert "important is a folder bngraph did not write" in _one_error_line(done.stderr)
     assert snapshot(tmp_path) == before
@@ -322,7 +322,7 @@ def test_sigterm_ends_reproduce_and_its_workers_and_leaves_nothing(tmp_path):
     write_learnable(data, n_train=600, n_test=100)
     # --device cpu: CPU worker processes (on a GPU every net trains in the one process).
     argv = ["reproduce", "mnist", "--data", str(data), "--steps", "10000000", "--device", "cpu",
-            "-o", str(out), "--quiet"]  # fmt: skip
+            "-o", str(out), "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "bngraph", *argv], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: len(_children(proc.pid)) >= 2, proc)  # its training workers run

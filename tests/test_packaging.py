@@ -102,3 +102,26 @@ def test_an_artifact_whose_code_changed_is_refused_before_it_runs(tmp_path):
     with pytest.raises(UserError, match="checksum"):
         bngraph.load(tmp_path / "a")
     assert not ran.exists()
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's layout section is the map of the tree: a module it does not name is missing
+    from the map (a folder named with a trailing slash covers what is inside it)."""
+    readme = (REPO / "README.md").read_text()
+    layout = readme.split("## Layout\n", 1)[1].split("```", 2)[1]
+    named = set()
+    for line in layout.splitlines():
+        first, *more = line.split("  ", 1)[0].replace(",", " ").split() or [""]
+        folder = first.rsplit("/", 1)[0] + "/" if "/" in first else ""
+        named.update([first, *(folder + path for path in more)])  # `bngraph/a.py, b.py`: b in bngraph/
+    missing = [
+        str(path.relative_to(REPO))
+        for top in ("bngraph", "passes", "zoo")
+        for path in sorted((REPO / top).glob("*"))
+        if path.name not in ("__init__.py", "__main__.py", "py.typed", "__pycache__")
+        and str(path.relative_to(REPO)) not in named
+        and str(path.relative_to(REPO)) + "/" not in named
+        and not (top == "passes" and ("passes/*.py" in named or "passes/_*.py" in named))
+        and not (top == "zoo" and "zoo/" in named)
+    ]
+    assert not missing, f"README's layout does not name {missing}"

@@ -26,14 +26,14 @@ def trained(tmp_path_factory):
     source = write_learnable(root / "source", n_train=600, n_test=200)
     target = write_learnable(root / "target", seed=1, n_train=600, n_test=200, contrast=0.4, offset=120)
     assert main(["train", "zoo:mnist-mlp", "--recipe", "bn-baseline", "--data", str(source), "--steps", "150",
-                 "--eval-every", "50", "--quiet", "-o", str(root / "run")]) == 0  # fmt: skip
+                 "--eval-every", "50", "--quiet", "-o", str(root / "run")]) == 0
     return root / "run" / "model", source, target
 
 
 def test_statistics_are_those_of_the_training_batches(tmp_path, capsys, trained):
     model_dir, source, _ = trained
     code, out, _ = _cli(capsys, "recalibrate", model_dir, "--data", source, "--batches", 7, "--batch-size", 30,
-                        "--seed", 3, "-o", tmp_path / "r", "--json")  # fmt: skip
+                        "--seed", 3, "-o", tmp_path / "r", "--json")
     assert code == 0
     report = json.loads(out)
     assert [row["bn"] for row in report["recalibrated"]] == ["act1_bn", "act2_bn", "act3_bn"]
@@ -56,7 +56,7 @@ def test_statistics_are_those_of_the_training_batches(tmp_path, capsys, trained)
 def test_another_domains_images_retarget_the_model(tmp_path, capsys, trained):
     model_dir, _, target = trained
     code, out, _ = _cli(capsys, "recalibrate", model_dir, "--data", target, "--batches", 10, "-o", tmp_path / "a",
-                        "--json")  # fmt: skip
+                        "--json")
     report = json.loads(out)
     assert code == 0
     # Contrast and offset move every BN input; new statistics undo it, with the same weights.
@@ -66,7 +66,7 @@ def test_another_domains_images_retarget_the_model(tmp_path, capsys, trained):
 def test_a_model_without_bn_is_refused_and_nothing_written(tmp_path, capsys, trained):
     _, source, _ = trained
     code, out, err = _cli(capsys, "recalibrate", "zoo:mnist-mlp", "--data", source, "--batches", 2, "-o", tmp_path / "n",
-                          "--json")  # fmt: skip
+                          "--json")
     assert code == 2 and out == ""
     assert err == "bngraph: error: nothing to recalibrate: the model has no BatchNorm\n"
     assert not (tmp_path / "n").exists()

@@ -102,7 +102,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, mnist_dir, argv, mes
 def test_inception_variants_table_and_plot(tmp_path, capsys, mnist_dir):
     code, out, _ = _cli(capsys, "reproduce", "inception", "--data", mnist_dir, "--steps", 4, "--eval-every", 2,
                         "--variants", "inception,bn-x30,inception-sigmoid", "--test-examples", 20,
-                        "--quiet", "-o", tmp_path / "inc", "--json")  # fmt: skip
+                        "--quiet", "-o", tmp_path / "inc", "--json")
     assert code == 0
     rows = {row["variant"]: row for row in json.loads(out)["results"]}
     assert set(rows) == {"Inception", "BN-x30", "Inception-Sigmoid (no BN)"}

@@ -86,7 +86,7 @@ def test_cli_tracks_a_method_and_a_call_inside_a_submodule(tmp_path, capsys):
     (tmp_path / "net.py").write_text(NET_PY)
     out = tmp_path / "run"
     code = main(["train", f"{tmp_path / 'net.py'}:Net", "--data", str(data), "--steps", "20", "--eval-every", "10",
-                 "--track-inputs", "sigmoid_1", "block.relu", "--quiet", "-o", str(out), "--json"])  # fmt: skip
+                 "--track-inputs", "sigmoid_1", "block.relu", "--quiet", "-o", str(out), "--json"])
     stdout, err = capsys.readouterr()
     assert code == 0, err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

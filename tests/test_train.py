@@ -20,7 +20,7 @@ def tensor_data(seed=0, n_train=300, n_test=100) -> TensorData:
     images = lambda key: torch.from_numpy(arrays[key]).float().div(255).unsqueeze(1)  # noqa: E731
     labels = lambda key: torch.from_numpy(arrays[key]).long()  # noqa: E731
     return TensorData(images("train-images-idx3-ubyte"), labels("train-labels-idx1-ubyte"),
-                      images("t10k-images-idx3-ubyte"), labels("t10k-labels-idx1-ubyte"))  # fmt: skip
+                      images("t10k-images-idx3-ubyte"), labels("t10k-labels-idx1-ubyte"))
 
 
 def small_net() -> nn.Module:
@@ -29,11 +29,11 @@ def small_net() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 4, 5, stride=3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
         nn.Dropout(0.3), nn.Linear(4 * 8 * 8, 10),
-    )  # fmt: skip
+    )
 
 
 CONFIG = TrainConfig(steps=40, batch_size=16, lr=0.05, weight_decay=1e-3, decay_every=10, eval_every=10,
-                     checkpoint_every=10, track_inputs=())  # fmt: skip
+                     checkpoint_every=10, track_inputs=())
 
 
 def assert_bit_identical(a: nn.Module, b: nn.Module) -> None:
@@ -142,7 +142,7 @@ def test_cli_writes_an_artifact_metrics_and_a_checkpoint(tmp_path, capsys, mnist
     out = tmp_path / "run"
     code, stdout, _ = _cli(capsys, "train", "zoo:mnist-mlp", "--recipe", "bn-x5", "--data", mnist_dir, "--steps", 60,
                            "--eval-every", 20, "--lr", 0.02, "--track-inputs", "act3", "--quiet", "-o", out,
-                           "--json")  # fmt: skip
+                           "--json")
     assert code == 0
     report = json.loads(stdout)
     assert report["steps"] == 60 and report["lr"] == pytest.approx(0.1)  # x5
@@ -195,7 +195,7 @@ def test_cli_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, capsy
     import time
 
     common = ["train", "zoo:mnist-mlp", "--data", str(mnist_dir), "--eval-every", "50", "--decay-every", "100",
-              "--quiet"]  # fmt: skip
+              "--quiet"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "bngraph", *common, "--steps", "1000000", "-o", str(killed)])
     try:
@@ -216,5 +216,5 @@ def test_cli_resume_from_a_damaged_checkpoint_is_the_users_error(tmp_path, capsy
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     code, _, err = _cli(capsys, "train", "zoo:mnist-mlp", "--data", mnist_dir, "--steps", 5, "-o", tmp_path / "o",
-                        "--resume")  # fmt: skip
+                        "--resume")
     assert code == 2 and "cannot read" in err and err.count("\n") == 1

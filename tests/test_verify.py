@@ -13,7 +13,7 @@ import torch
 
 from bngraph.cli import main
 from bngraph.export import export
-from bngraph.verify import ONNX_TOLERANCE, TORCH_TOLERANCE, compare
+from bngraph.compare import ONNX_TOLERANCE, TORCH_TOLERANCE, compare
 from tests.onnx_models import conv_bn_net, mlp_bn_net
 from tests.test_data import make_arrays, write_set
 
@@ -143,11 +143,11 @@ def test_json_report_keys(onnx_files):
     report = json.loads(out)
     assert code == 0 and "PASSED |" in err  # the lines go beside the JSON, not into it
     assert {"reference", "candidate", "passed", "atol", "rtol", "batch_sizes", "worst_output", "worst_runtime",
-            "outputs", "notes"} == set(report)  # fmt: skip
+            "outputs", "notes"} == set(report)
     assert report["atol"] == [1e-3]
     assert {"output", "runtime", "passed", "problem", "elements", "failed_elements", "scale", "max_abs", "max_rel",
             "excess", "mean_abs", "p99_abs", "worst_batch", "worst_index", "min_atol", "min_rtol",
-            "top1"} == set(report["outputs"][0])  # fmt: skip
+            "top1"} == set(report["outputs"][0])
     assert report["outputs"][0]["top1"] == 1.0
 
 

@@ -21,7 +21,8 @@ from bngraph.errors import UserError
 from bngraph.export import export
 from bngraph.fold import fold
 from bngraph.runners import named_tensors, random_batches
-from bngraph.verify import ONNX_TOLERANCE, TORCH_TOLERANCE, compare, verify
+from bngraph.compare import ONNX_TOLERANCE, TORCH_TOLERANCE, compare
+from bngraph.verify import verify
 from tests.util import randomize_bn
 
 

@@ -48,7 +48,7 @@ CATALOG: dict[str, Listed] = {
                         "The paper's Inception variant for 224x224 ImageNet, without BN (appendix, Figure 5)."),
     "inception-small": Listed("inception", (2, 1, 28, 28), 645_026,
                               "The same Inception modules at 1/4 width for 28x28x1 images (MNIST), CPU-sized."),
-}  # fmt: skip
+}
 
 
 def _import_builders() -> None:
@@ -91,7 +91,7 @@ def get_entry(name: str) -> ZooEntry:
 def create_model(name: str, seed: int | None = 0, **kwargs) -> nn.Module:
     """Build a zoo model. Its initial weights depend on `seed` alone (None: the global RNG), so
     `zoo:NAME` names the same weights on every machine and in every process."""
-    import torch
+    import torch  # here, not above: `bngraph zoo` lists the catalog without torch
 
     entry = get_entry(name)
     if seed is None:
@@ -99,3 +99,19 @@ def create_model(name: str, seed: int | None = 0, **kwargs) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return entry.build(**kwargs)
+
+
+def describe_models(pattern: str = "*") -> list[dict]:
+    """What `bngraph zoo` lists for each name matching `pattern`: its parameter count, example
+    input shape and description. The catalog's models are listed without torch (their numbers
+    are checked against the models); one registered by other code is built to count."""
+    rows = []
+    for name in list_models(pattern):
+        if name in CATALOG:
+            shape, params, description = CATALOG[name].input_shape, CATALOG[name].parameters, CATALOG[name].description
+        else:
+            entry = get_entry(name)
+            shape, description = entry.input_shape, entry.description
+            params = sum(p.numel() for p in create_model(name).parameters())
+        rows.append({"name": name, "parameters": params, "input_shape": list(shape), "description": description})
+    return rows

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 
-from bngraph.atomic import ONNX, check_output
-from bngraph.commands.common import (
-    add_force_argument, add_model_arguments, add_report_arguments, emit, input_paths, load_from_args,
-)  # fmt: skip
-from bngraph.commands.verify import add_tolerance_arguments
+from bngraph.atomic import ONNX
+from bngraph.commands import args as shared
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    shared.add_model_arguments(parser)
     parser.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="the ONNX file to write")
     parser.add_argument(
         "--exporter-optimize",
@@ -28,23 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="turn on torch.onnx's own optimizer (it also folds BN into Conv/Gemm)",
     )
     parser.add_argument("--no-fold", action="store_true", help="skip the FX fold (the ONNX passes still fold)")
-    parser.add_argument(
-        "--standalone-bn",
-        choices=["batchnorm", "mul-add"],
-        default="batchnorm",
-        help="form of a BN with no exact fold: kept (fastest in onnxruntime) or Mul+Add (no BN kernel)",
-    )
-    add_tolerance_arguments(parser)
-    add_force_argument(parser, ".onnx file")
-    add_report_arguments(parser)
+    shared.add_standalone_bn_argument(parser)
+    shared.add_tolerance_arguments(parser)
+    shared.add_force_argument(parser, ".onnx file")
+    shared.add_report_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output(args.output, ONNX, force=args.force, inputs=input_paths(args))  # before the work
-    from bngraph.export import export
-    from bngraph.verify import print_lines
+    shared.check_output_first(args, ONNX)
+    from bngraph.export import export  # torch and onnx: only once the command runs
 
-    loaded = load_from_args(args)
+    loaded = shared.load_from_args(args)
     result = export(
         loaded.module,
         loaded.example_inputs(),
@@ -57,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
         standalone_bn=args.standalone_bn,
     )
     result.report.facts = {"model": args.model, **result.report.facts}
-    emit(result.report, args)
-    print_lines(result.verification, args)
+    shared.emit(result.report, args)
+    shared.print_lines(result.verification, args)
     return 0 if result else 1

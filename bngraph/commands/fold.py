@@ -21,58 +21,35 @@ import argparse
 import sys
 from pathlib import Path
 
-from bngraph.atomic import ARTIFACT, check_output
-from bngraph.commands.common import (
-    add_force_argument, add_model_arguments, add_report_arguments, emit, input_paths, load_from_args,
-)  # fmt: skip
+from bngraph.atomic import ARTIFACT
+from bngraph.commands import args as shared
 from bngraph.spec import parse_input_shapes, parse_model_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    shared.add_model_arguments(parser)
     parser.add_argument("-o", "--output", metavar="OUT", help="artifact folder to write (a .onnx file for ONNX input)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any BatchNorm is left (the output is still written)")
     # An ONNX fold is checked against its input in onnxruntime; an FX fold computes in float64.
     parser.add_argument("--atol", type=float, metavar="X", help="ONNX input: absolute tolerance of that check")
     parser.add_argument("--rtol", type=float, metavar="X", help="ONNX input: relative tolerance of that check")
-    parser.add_argument(
-        "--standalone-bn",
-        choices=["batchnorm", "mul-add"],
-        default="batchnorm",
-        help="ONNX input: form of a BN with no exact fold: kept (fastest in onnxruntime) or Mul+Add (no BN kernel)",
-    )
-    parser.add_argument(
-        "--keep-initializer-inputs",
-        action="store_true",
-        help="ONNX input: initializers also listed as graph inputs stay overridable inputs, not constants",
-    )
-    add_force_argument(parser, "artifact folder (ONNX input: .onnx file)")
-    add_report_arguments(parser)
+    shared.add_standalone_bn_argument(parser, "ONNX input: ")
+    overridable = "ONNX input: initializers also listed as graph inputs stay overridable inputs, not constants"
+    parser.add_argument("--keep-initializer-inputs", action="store_true", help=overridable)
+    shared.add_force_argument(parser, "artifact folder (ONNX input: .onnx file)")
+    shared.add_report_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     spec = parse_model_spec(args.model)
     if spec.kind == "onnx":
         return fold_onnx_file(spec.path, args.output, args)
-    if args.output:  # before the work, not after it; a PyTorch fold writes a folder, never x.onnx
-        check_output(args.output, ARTIFACT, force=args.force, inputs=input_paths(args))
-    from bngraph.artifacts import edited_source, fallback_source, history_entry, save
-    from bngraph.fold import fold
-    from bngraph.fold_untraced import FALLBACK, source_edits
+    if args.output:  # a PyTorch fold writes a folder, never x.onnx
+        shared.check_output_first(args, ARTIFACT)
+    from bngraph.fold import fold_artifact  # torch: only once the command runs
 
-    loaded = load_from_args(args)
-    example_inputs = loaded.example_inputs()
-    folded, report = fold(loaded.module, example_inputs)
-    report.title = f"bngraph fold {args.model}"
-    if args.output:
-        history = [*loaded.history, {**history_entry("fold", report.passes), "report": report.to_json()}]
-        code = None
-        if report.facts.get("tracing") == FALLBACK:  # no graph to write code from: the source plus edits
-            code = edited_source(*fallback_source(loaded), source_edits(report), "fold")
-        save(folded, args.output, example_inputs=example_inputs, history=history, source=args.model,
-             force=args.force, code=code)  # fmt: skip
-        report.facts["output"] = args.output
-    emit(report, args)
+    _, report = fold_artifact(shared.load_from_args(args), args.output, force=args.force)
+    shared.emit(report, args)
     return 1 if args.strict and report.sections["remaining"] else 0
 
 
@@ -83,8 +60,7 @@ def fold_onnx_file(in_path: str | Path, out_path: str | Path | None, args: argpa
     command has them); with --strict, exit 1 (the verified file still written) when a
     BatchNormalization is left. Without -o, the folded model is verified but not saved.
     """
-    from bngraph.onnx_fold import fold_onnx_verified  # onnx imports are slow: only when needed
-    from bngraph.verify import print_lines
+    from bngraph.onnx_fold import fold_onnx_verified  # onnx: only once the command runs
 
     shapes = getattr(args, "input_shape", None)
     result, report = fold_onnx_verified(
@@ -98,8 +74,8 @@ def fold_onnx_file(in_path: str | Path, out_path: str | Path | None, args: argpa
         rtol=getattr(args, "rtol", None),
         force=getattr(args, "force", False),
     )
-    emit(report, args)
-    print_lines(result, args)
+    shared.emit(report, args)
+    shared.print_lines(result, args)
     # A BN kept as the fastest exact form is a fixed map, not a failure: --strict counts the others.
     left = len(report.sections["remaining"])
     if getattr(args, "strict", False) and left:

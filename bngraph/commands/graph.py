@@ -16,30 +16,21 @@ from __future__ import annotations
 
 import argparse
 
-from bngraph.atomic import PICTURE, check_output
-from bngraph.commands.common import (
-    add_force_argument, add_model_arguments, add_report_arguments, emit, input_paths, load_from_args,
-)  # fmt: skip
+from bngraph.atomic import PICTURE
+from bngraph.commands import args as shared
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    shared.add_model_arguments(parser)
     parser.add_argument("-o", "--output", required=True, metavar="FILE", help="graph.svg, graph.png or graph.dot")
-    add_force_argument(parser, "picture (one bngraph drew: it carries bngraph's mark)")
-    add_report_arguments(parser)
+    shared.add_force_argument(parser, "picture (one bngraph drew: it carries bngraph's mark)")
+    shared.add_report_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output(args.output, PICTURE, force=args.force, inputs=input_paths(args))  # before the work
-    from bngraph.draw import draw_graph, graph_of, marks_from_history
-    from bngraph.report import Report
-    from bngraph.trace import trace
+    shared.check_output_first(args, PICTURE)
+    from bngraph.draw import draw_model  # torch: only once the command runs
 
-    loaded = load_from_args(args)
-    gm = trace(loaded.module, loaded.example_inputs() if loaded.input_shapes else None)
-    graph = graph_of(gm, marks_from_history(loaded.history))
-    draw_graph(graph, args.output, force=args.force)
-    # The legend's numbers, so the report and the picture cannot disagree.
-    facts = {"output": args.output, "nodes": graph.number_of_nodes(), **graph.graph["counts"]}
-    emit(Report(f"bngraph graph {args.model}", facts=facts), args)
+    _, report = draw_model(shared.load_from_args(args), args.output, force=args.force)
+    shared.emit(report, args)
     return 0

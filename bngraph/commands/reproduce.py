@@ -26,8 +26,8 @@ import argparse
 from pathlib import Path
 
 from bngraph.atomic import REPRODUCE, check_output
-from bngraph.commands.common import add_force_argument, add_report_arguments, emit
-from bngraph.commands.train import add_data_arguments, data_from_args
+from bngraph.commands.args import add_force_argument, add_report_arguments, emit
+from bngraph.commands.args import add_data_arguments, data_from_args
 from bngraph.errors import UserError
 from bngraph.report import Report
 

@@ -69,8 +69,9 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bngraph.commands.common import (
-    add_force_argument, add_model_arguments, add_report_arguments, emit, input_paths, load_from_args,
+from bngraph.commands.args import (
+    add_data_arguments, add_force_argument, add_model_arguments, add_report_arguments, data_from_args, emit,
+    input_paths, load_from_args,
 )
 from bngraph.errors import UserError
 from bngraph.report import Report
@@ -79,46 +80,6 @@ if TYPE_CHECKING:  # the CLI builds its parser without torch: heavy imports wait
     import torch
 
     from bngraph.training.run_folder import TrainedFolder
-
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data", metavar="PATH",
-        help="MNIST IDX folder, image folder (train/CLASS/*.png, test/...), FILE.npz, CIFAR binary folder, "
-        "or FILE.py:make (default: $BNGRAPH_DATA, the cache, a download)",
-    )
-    parser.add_argument(
-        "--dataset", default="mnist", choices=("mnist", "fashion-mnist"), help="what an MNIST-format --data holds"
-    )
-    parser.add_argument("--image-size", metavar="H,W", help="resize images to this (default: the model's input size)")
-    parser.add_argument(
-        "--stream-above", type=float, metavar="MB", default=2048.0,
-        help="data larger than this (as float32) streams through a DataLoader instead of staying on the "
-        "device (default: 2048)",
-    )
-    parser.add_argument("--loader-workers", type=int, metavar="N", help="DataLoader processes when streaming "
-                        "(default: one per core, less one, at most 8)")
-    parser.add_argument("--cifar100-labels", default="fine", choices=("fine", "coarse"), help="(default: fine)")
-
-
-def data_from_args(args: argparse.Namespace, device: torch.device | str = "cpu", *, input_shape=None,
-                   allow_stream: bool = False):
-    """The data --data names, for a model whose example input has `input_shape`: TensorData on
-    `device`, or (with `allow_stream`, above --stream-above) StreamData."""
-    # Imported here, not above: `bngraph --help` starts without torch.
-    from bngraph.data import resolve_dataset
-    from bngraph.training.data import TensorData
-    from bngraph.training.data_formats import open_data
-
-    if args.data is None:
-        return TensorData.from_dataset(resolve_dataset(None, dataset=args.dataset), device)
-    if getattr(args, "loader_workers", None) is not None and args.loader_workers < 0:
-        raise UserError(f"--loader-workers must be at least 0, not {args.loader_workers}")
-    return open_data(
-        args.data, input_shape=input_shape, image_size=getattr(args, "image_size", None), device=device,
-        stream_above_mb=args.stream_above if allow_stream else None, workers=getattr(args, "loader_workers", None),
-        dataset=args.dataset, cifar100_labels=getattr(args, "cifar100_labels", "fine"),
-    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bngraph.api import insert
+from bngraph.insert import insert
 from bngraph.artifacts import save
 from bngraph.atomic import REPRODUCE, write_dir_atomically
 from bngraph.errors import CheckFailed, UserError

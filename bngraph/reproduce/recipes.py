@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from bngraph.api import insert
+from bngraph.insert import insert
 from bngraph.errors import UserError
 from bngraph.passes.base import run_passes
 from bngraph.passes.strip_dropout_and_lrn import strip_dropout_and_lrn

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from bngraph.atomic import check_writable, save_tensors, start_run_folder, write_atomically
-from bngraph.errors import UserError
-from bngraph.trace import one_line
+from bngraph.errors import UserError, one_line
 from bngraph.training.config import TrainConfig
 from bngraph.training.distributed import Distributed, from_main, gather_to_main
 from bngraph.training.sync_bn import has_sync_bn

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bngraph.errors import UserError
-from bngraph.trace import one_line
+from bngraph.errors import UserError, one_line
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # name -> autocast dtype
 

@@ -42,8 +42,7 @@ from torch import nn
 
 from bngraph.data import FILES, find_idx_file, load_mnist
 from bngraph.errors import UserError
-from bngraph.load import _import_file
-from bngraph.trace import one_line
+from bngraph.load import call_user_factory, import_user_file
 from bngraph.training.data import StreamData, TensorData
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -339,14 +338,11 @@ def read_factory(text: str):
     symbol = symbol or "make"
     if not path.is_file():
         raise UserError(f"data factory file {path} does not exist")
-    code = _import_file(path)
+    code = import_user_file(path)
     make = getattr(code, symbol, None)
     if not callable(make):
         raise UserError(f"{path} has no function {symbol!r} returning (train, test) Datasets")
-    try:
-        made = make()
-    except Exception as err:
-        raise UserError(f"{path}:{symbol}() failed: {one_line(err)}") from err
+    made = call_user_factory(path, symbol, make)
     if not (isinstance(made, tuple) and len(made) == 2 and all(hasattr(d, "__getitem__") and hasattr(d, "__len__") for d in made)):
         raise UserError(f"{path}:{symbol}() returned {type(made).__name__}; expected a tuple (train, test) of Datasets")
     for part, dataset in zip(("train", "test"), made):

@@ -17,17 +17,18 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
 from bngraph.errors import UserError
+from bngraph.passes._dataflow import NONLINEARITIES, op_name
+from bngraph.passes._op_kinds import ACTIVATION_MODULES
 
 QUANTILES = (0.15, 0.50, 0.85)  # Figure 1(b, c)
 _MAX_VALUES_PER_BATCH = 65536  # per module and evaluation batch; a conv map is subsampled
 
 
 def nonlinearity_names(model: nn.Module) -> list[str]:
-    from bngraph.passes.op_kinds import ACTIVATION_MODULES
-
     return [name for name, m in model.named_modules() if isinstance(m, ACTIVATION_MODULES)]
 
 
@@ -36,8 +37,6 @@ class _FunctionalCalls(TorchFunctionMode):
     input of the wanted ones to `record(name, tensor)`."""
 
     def __init__(self, model: nn.Module, record):
-        from bngraph.passes.op_kinds import ACTIVATION_MODULES
-
         super().__init__()
         self.paths = {id(m): p for p, m in reversed(list(model.named_modules(remove_duplicate=False)))}
         self.activation_modules = ACTIVATION_MODULES
@@ -46,8 +45,6 @@ class _FunctionalCalls(TorchFunctionMode):
         self.seen: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        from bngraph.dataflow import NONLINEARITIES, op_name
-
         name = op_name(func)
         if name in NONLINEARITIES and self.frames and not isinstance(self.frames[-1][1], self.activation_modules):
             path, _, counts = self.frames[-1]
@@ -72,8 +69,6 @@ class _FunctionalCalls(TorchFunctionMode):
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-
         handles = [register_module_forward_pre_hook(self.pre_hook), register_module_forward_hook(self.hook)]
         try:
             with self:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from bngraph.passes.fx_batchnorm import is_batch_norm
+from bngraph.passes._fx_batchnorm import is_batch_norm
 from bngraph.trace import trace
 from tests.util import randomize_bn
 

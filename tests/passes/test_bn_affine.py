@@ -1,4 +1,4 @@
-"""bn_affine: the fold algebra on tensors, and the torch.nn.utils.fusion trap it works around."""
+"""_bn_affine: the fold algebra on tensors, and the torch.nn.utils.fusion trap it works around."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from bngraph.passes.bn_affine import BatchNormStats, fold_into_producer, regroup, scale_shift
+from bngraph.passes._bn_affine import BatchNormStats, fold_into_producer, regroup, scale_shift
 from tests.util import randomize_bn
 
 

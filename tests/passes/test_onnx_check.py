@@ -10,7 +10,7 @@ from torch import nn
 
 from bngraph.passes.base import run_passes
 from bngraph.passes.onnx_check import onnx_check
-from bngraph.passes.onnx_fold_bn_into_layer import onnx_fold_bn_into_layer
+from bngraph.passes.onnx_fold_bn_into_preceding_layer import onnx_fold_bn_into_preceding_layer
 from tests.onnx_util import export_onnx
 from tests.util import randomize_bn
 
@@ -18,7 +18,7 @@ from tests.util import randomize_bn
 def test_removes_the_statistics_a_fold_left_behind():
     torch.manual_seed(0)
     original = export_onnx(randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))), (2, 3, 6, 6), "preserve")
-    model, results = run_passes(ir.serde.deserialize_model(original), [onnx_fold_bn_into_layer, onnx_check])
+    model, results = run_passes(ir.serde.deserialize_model(original), [onnx_fold_bn_into_preceding_layer, onnx_check])
     assert {"1.running_mean", "1.running_var", "1.weight", "1.bias"} <= set(results["onnx_check"].changed)
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
 

@@ -3,7 +3,7 @@ from bngraph.onnx_fold import fold_onnx
 from bngraph.passes.onnx_simplify import onnx_simplify
 from tests.onnx_models import conv_bn_net, mlp_bn_net
 from tests.onnx_util import check_against_input, export_onnx, ops
-from tests.passes.test_onnx_fold_bn_into_layer import LinearOnSequence
+from tests.passes.test_onnx_fold_bn_into_preceding_layer import LinearOnSequence
 from tests.util import randomize_bn
 
 

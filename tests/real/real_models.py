@@ -75,23 +75,23 @@ def _efficientnet_pytorch():
 
     torch.manual_seed(0)
     model = EfficientNet.from_name("efficientnet-b0", width_coefficient=0.25, depth_coefficient=0.25, image_size=32,
-                                   num_classes=10)  # fmt: skip
+                                   num_classes=10)
     return model, _image()
 
 
 MODELS: dict[str, RealModel] = {
     "hf-resnet": RealModel("transformers", _hf("ResNetConfig", "ResNetModel", embedding_size=8, hidden_sizes=[8, 16],
-                                               depths=[1, 1], layer_type="basic")),  # fmt: skip
+                                               depths=[1, 1], layer_type="basic")),
     "hf-mobilenet-v2": RealModel("transformers", _hf("MobileNetV2Config", "MobileNetV2Model", depth_multiplier=0.35,
-                                                     image_size=32)),  # fmt: skip
+                                                     image_size=32)),
     "hf-convnext": RealModel("transformers", _hf("ConvNextConfig", "ConvNextModel", hidden_sizes=[8, 16], depths=[1, 1],
-                                                 num_stages=2, image_size=32)),  # fmt: skip
+                                                 num_stages=2, image_size=32)),
     "hf-levit": RealModel("transformers", _hf("LevitConfig", "LevitModel", image_size=32, hidden_sizes=[16, 32],
                                               num_attention_heads=[1, 2], depths=[1, 1], key_dim=[8, 8],
                                               mlp_ratio=[2, 2], attention_ratio=[2, 2],
-                                              down_ops=[["Subsample", 8, 1, 2, 2, 2]])),  # fmt: skip
+                                              down_ops=[["Subsample", 8, 1, 2, 2, 2]])),
     "hf-efficientnet": RealModel("transformers", _hf("EfficientNetConfig", "EfficientNetModel", image_size=32,
-                                                     width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128)),  # fmt: skip
+                                                     width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128)),
     "monai-basic-unet": RealModel("monai", _monai_basic_unet),
     "monai-unet": RealModel("monai", _monai_unet),
     "x-transformers": RealModel("x_transformers", _x_transformers),
@@ -107,14 +107,14 @@ def installed(name: str) -> bool:
 
 _FUNCTIONS = {"relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "prelu", "elu", "elu_", "selu", "celu", "gelu",
               "silu", "mish", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardtanh", "hardtanh_", "hardswish",
-              "hardsigmoid", "softplus", "softsign", "logsigmoid"}  # fmt: skip
+              "hardsigmoid", "softplus", "softsign", "logsigmoid"}
 _MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-            nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus)  # fmt: skip
+            nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus)
 # The activation classes of the packages above, by name (transformers' activations.py,
 # efficientnet-pytorch's utils.py, monai's blocks/activation.py).
 _CLASS_NAMES = {"GELUActivation", "SiLUActivation", "NewGELUActivation", "QuickGELUActivation", "FastGELUActivation",
                 "GELUTanh", "PytorchGELUTanh", "AccurateGELUActivation", "MishActivation", "ReLUSquaredActivation",
-                "MemoryEfficientSwish", "Swish", "MemoryEfficientMish", "LaplaceActivation", "ClippedGELUActivation"}  # fmt: skip
+                "MemoryEfficientSwish", "Swish", "MemoryEfficientMish", "LaplaceActivation", "ClippedGELUActivation"}
 
 
 def _is_norm(m: nn.Module) -> bool:

@@ -7,7 +7,6 @@ method call (`x.relu()`). Everything here reads the graph and changes nothing.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -18,7 +17,7 @@ ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
     nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
     nn.Threshold,
-)  # fmt: skip
+)
 ACTIVATION_FUNCTIONS: dict[object, str] = {
     F.relu: "relu", torch.relu: "relu", F.relu_: "relu", torch.relu_: "relu", F.relu6: "relu6",
     F.leaky_relu: "leaky_relu", F.prelu: "prelu", torch.prelu: "prelu", F.rrelu: "rrelu",
@@ -28,11 +27,11 @@ ACTIVATION_FUNCTIONS: dict[object, str] = {
     F.hardsigmoid: "hardsigmoid", F.softplus: "softplus", F.softsign: "softsign",
     F.logsigmoid: "logsigmoid", F.tanhshrink: "tanhshrink", F.softshrink: "softshrink",
     F.hardshrink: "hardshrink", F.threshold: "threshold",
-}  # fmt: skip
+}
 ACTIVATION_METHODS: dict[str, str] = {
     "relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
     "tanh": "tanh", "tanh_": "tanh",
-}  # fmt: skip
+}
 
 NORM_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
@@ -41,15 +40,15 @@ NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.r
 
 # Ops that move or drop values without mixing features: a normalized input stays normalized.
 SHAPE_ONLY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                      nn.Identity, nn.Flatten, nn.Unflatten)  # fmt: skip
+                      nn.Identity, nn.Flatten, nn.Unflatten)
 SHAPE_ONLY_FUNCTIONS = {
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.flatten, torch.reshape,
     torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.clone,
-}  # fmt: skip
+}
 SHAPE_ONLY_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
     "view_as", "reshape_as", "clone", "t",
-}  # fmt: skip
+}
 
 CONV_LINEAR_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
 

@@ -10,6 +10,12 @@ the producer unknown, never stale.
     record = record_run(model, example_inputs)
     record.module_calls   # every module call: path, module, input value, inner ops
     record.functional     # every nonlinearity called as a function outside an activation module
+
+It lives with the passes that decide by it (`wrap_activation_modules`,
+`fold_bn_into_producer_module`); the trace fallback (`bngraph.partial_trace`) and `--track-inputs`
+(`bngraph.track`) read it too. One module past 300 lines: the op tables, the recorder that names
+ops by them and the questions asked of its record (`normalizer_of`, `feature_axis`) share one
+vocabulary of op names, and split they would each import the others' tables.
 """
 
 from __future__ import annotations
@@ -20,18 +26,19 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from bngraph.passes.op_kinds import ACTIVATION_MODULES, NORM_MODULES
+from bngraph.passes._op_kinds import ACTIVATION_MODULES, NORM_MODULES
 
 # The elementwise nonlinearities as torch names them, in all three forms (F.relu, torch.relu,
-# x.relu(), x.relu_()): the same set as op_kinds' tables, by name, since the mode sees the name.
+# x.relu(), x.relu_()): the same set as _op_kinds' tables, by name, since the mode sees the name.
 NONLINEARITIES = frozenset({
     "relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "selu", "celu", "gelu", "silu", "mish",
     "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "softplus", "softsign", "logsigmoid",
     "tanhshrink", "softshrink", "hardshrink", "threshold",
-})  # fmt: skip
+})
 # Pieces of nonlinearities written by hand (HuggingFace's gelu_python, NewGELU, QuickGELU).
 _NONLINEAR_PARTS = NONLINEARITIES | {"erf", "exp", "log1p"}
 
@@ -43,24 +50,24 @@ _UNARY = frozenset({
     "clone", "contiguous", "to", "float", "double", "half", "bfloat16", "type_as", "detach",
     "neg", "__neg__", "abs", "exp", "log", "log1p", "sqrt", "rsqrt", "square", "reciprocal", "erf",
     "clamp", "clip", "pow", "__pow__", "__rpow__", "identity",
-}) | NONLINEARITIES  # fmt: skip
+}) | NONLINEARITIES
 _BINARY = frozenset({
     "add", "sub", "mul", "div", "true_divide", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__",
     "__isub__", "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__",
     "maximum", "minimum", "where",
-})  # fmt: skip
+})
 ELEMENTWISE = _UNARY | _BINARY
 # Ops whose output channels are their input's, in axis 1 (pooling, resizing).
 _CHANNEL_KEEPING = frozenset({
     "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
     "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate", "upsample", "max_pool2d_with_indices",
-})  # fmt: skip
+})
 # Ops that move values without changing them: a normalized tensor stays normalized through them.
 _RELAYOUT = frozenset({
     "view", "reshape", "reshape_as", "view_as", "flatten", "unflatten", "permute", "transpose", "t",
     "squeeze", "unsqueeze", "contiguous",
-})  # fmt: skip
+})
 _SHAPE_OF_SECOND = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})
 _SHAPE_ONLY_READS = frozenset({"zeros_like", "ones_like", "empty_like", "full_like"})
 # Layers: where their output features sit.
@@ -219,8 +226,6 @@ def record_run(model: nn.Module, example_inputs: Sequence, *, training: bool = F
 
 @contextlib.contextmanager
 def _global_hooks(recorder: _Recorder) -> Iterator[None]:
-    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-
     handles = [register_module_forward_pre_hook(recorder.pre_hook), register_module_forward_hook(recorder.hook)]
     try:
         yield
@@ -313,4 +318,4 @@ def is_elementwise_nonlinearity(call: ModuleCall) -> bool:
 
 
 __all__ = ["FeatureAxis", "ModuleCall", "RunRecord", "Value", "feature_axis", "is_elementwise_nonlinearity",
-           "normalizer_of", "record_run"]  # fmt: skip
+           "normalizer_of", "record_run"]

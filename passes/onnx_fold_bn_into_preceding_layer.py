@@ -7,10 +7,12 @@ onnxscript's rules fold into Conv, ConvTranspose (grouped too) and Gemm (with or
 transB); we use them as they are, adding a training-mode guard they lack. Our one rule covers
 what they do not match: a Linear exported as MatMul (+ Add), on (N, C) or, through the
 Transpose users write around BatchNorm1d, on (N, T, C). It feeds the initializers to
-torch.nn.utils.fusion.fuse_linear_bn_weights, the FX fold's own function. In place.
+torch.nn.utils.fusion.fuse_linear_bn_weights, the FX fold's own function.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import onnx_ir as ir
 import torch
@@ -27,17 +29,17 @@ from onnxscript.rewriter.rules.common._fuse_batchnorm import (
 )
 from torch.nn.utils.fusion import fuse_linear_bn_weights
 
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.onnx_common import (
+from bngraph.passes._onnx_common import (
     LAYER_OPS,
-    batchnorms,
     bn_parameters,
     constant,
-    new_initializer,
+    fold_by_rules,
     layer_fold_reason,
+    new_initializer,
     rank,
     site,
 )
+from bngraph.passes.base import PassResult, graph_pass
 
 
 class _EvalModeOnly:
@@ -145,21 +147,12 @@ RULES = RewriteRuleSet(
 )
 
 
-def onnx_fold_bn_into_layer(model: ir.Model) -> PassResult:
+@graph_pass(in_place=True)
+def onnx_fold_bn_into_preceding_layer(model: ir.Model) -> PassResult:
     """Fold every BN that follows a Conv, ConvTranspose, Gemm or MatMul; say why for the others."""
-    result = PassResult(model)
-    layers = {bn: _layer_path(bn) for bn in batchnorms(model)}
-    RULES.apply_to_model(model)
-    left = set(batchnorms(model))
-    for bn, path in layers.items():
-        if bn in left:
-            result.skipped.append(Skip(site(bn), _why_left(model, bn, path)))
-        else:
-            layer = path[-1]
-            result.changed.append(site(bn))
-            into = f"{layer.op_type} {site(layer)}"
-            result.details.append({"node": site(bn), "into": into, "how": "into the layer before it", "note": ""})
-    return result
+    return fold_by_rules(
+        model, RULES, _layer_path, partial(_why_left, model), "into the layer before it", layer_in=lambda path: path[-1]
+    )
 
 
 def _layer_path(bn: ir.Node) -> list[ir.Node]:

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from bngraph.passes.base import run_passes
-from bngraph.passes.onnx_fold_bn_into_layer import onnx_fold_bn_into_layer
-from bngraph.passes.onnx_fold_bn_into_next_layer import onnx_fold_bn_into_next_layer
+from bngraph.passes.onnx_fold_bn_into_preceding_layer import onnx_fold_bn_into_preceding_layer
+from bngraph.passes.onnx_fold_bn_into_following_layer import onnx_fold_bn_into_following_layer
 from bngraph.passes.onnx_fold_constants import onnx_fold_constants
 from tests.onnx_util import FOLD_ATOL, export_onnx, fold_and_check, ops
 from tests.util import randomize_bn
@@ -46,8 +46,8 @@ def test_folds_bn_into_a_following_linear():
 def test_skips_a_conv_with_zero_padding():
     # The padded border is 0 after the BN; folded, it would be 0 before it: not the same.
     original = export_onnx(model(nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3, padding=1)), (2, 3, 8, 8), "dynamo")
-    _, results = run_passes(ir.serde.deserialize_model(original), [onnx_fold_constants, onnx_fold_bn_into_next_layer])
-    [skip] = results["onnx_fold_bn_into_next_layer"].skipped
+    _, results = run_passes(ir.serde.deserialize_model(original), [onnx_fold_constants, onnx_fold_bn_into_following_layer])
+    [skip] = results["onnx_fold_bn_into_following_layer"].skipped
     assert "pads with zeros" in skip.reason
     folded, report, check = fold_and_check(original, standalone_bn="mul-add")
     assert ops(folded) == ["Mul", "Add", "Conv"]
@@ -61,7 +61,7 @@ def test_skips_a_conv_with_zero_padding():
 
 def test_does_nothing_when_every_bn_follows_a_layer():
     original = export_onnx(model(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)), (2, 3, 8, 8), "preserve")
-    passes = [onnx_fold_constants, onnx_fold_bn_into_layer, onnx_fold_bn_into_next_layer]
+    passes = [onnx_fold_constants, onnx_fold_bn_into_preceding_layer, onnx_fold_bn_into_following_layer]
     _, results = run_passes(ir.serde.deserialize_model(original), passes)
-    assert results["onnx_fold_bn_into_next_layer"].changed == []
-    assert results["onnx_fold_bn_into_next_layer"].skipped == []
+    assert results["onnx_fold_bn_into_following_layer"].changed == []
+    assert results["onnx_fold_bn_into_following_layer"].skipped == []

@@ -7,7 +7,6 @@ In eval mode a BN is the fixed affine map of Algorithm 2, step 3:
 with s and t from `bn_scale_shift` (torch.nn.utils.fusion) shaped (C, 1, ..., 1) to broadcast
 over axis 1. Every runtime has Mul and Add, and they run where BN kernels are missing
 (some accelerators have none). spatial=0 statistics (opsets 7, 8) give (C, D1, ...) constants.
-In place.
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.onnx_common import batchnorms, bn_scale_shift, new_initializer, rank, site, skip_reason
+from bngraph.passes._onnx_common import batchnorms, bn_scale_shift, new_initializer, rank, site, skip_reason
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 
 class BnToMulAdd(RewriteRuleClassBase):
@@ -50,7 +49,8 @@ def _refusal(bn: ir.Node) -> str | None:
 RULES = RewriteRuleSet([BnToMulAdd.rule()])
 
 
-def onnx_bn_to_mul_add(model: ir.Model) -> PassResult:
+@graph_pass(in_place=True)
+def onnx_replace_bn_with_multiply_add(model: ir.Model) -> PassResult:
     """Rewrite every eval-mode BN of constants as Mul + Add; a training-mode BN stays."""
     result = PassResult(model)
     before = batchnorms(model)

@@ -20,7 +20,7 @@ from torch import fx, nn
 # Python's augmented assignments: in place on a tensor (`out += x`; fx usually records `add`).
 _AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
               operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
-              operator.ixor, operator.ilshift, operator.irshift}  # fmt: skip
+              operator.ixor, operator.ilshift, operator.irshift}
 _STORES = {operator.setitem, operator.delitem, setattr, delattr}
 # Methods that act on the world or the autograd graph rather than return a value.
 _EFFECT_METHODS = {"__setitem__", "backward", "register_hook", "retain_grad", "record_stream", "set_"}
@@ -30,13 +30,13 @@ _VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permu
                  "narrow", "expand", "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "unfold",
                  "as_strided", "diagonal", "movedim", "moveaxis", "swapaxes", "swapdims", "split", "chunk",
                  "unbind", "tensor_split", "detach", "contiguous", "real", "imag", "__getitem__", "type_as",
-                 "to", "float", "double", "half", "bfloat16", "data"}  # fmt: skip
+                 "to", "float", "double", "half", "bfloat16", "data"}
 _VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.select, torch.narrow,
                    torch.squeeze, torch.unsqueeze, torch.flatten, torch.movedim, torch.swapaxes, torch.swapdims,
                    torch.split, torch.chunk, torch.unbind, torch.tensor_split, torch.diagonal, torch.detach,
-                   torch.t, torch.as_strided}  # fmt: skip
+                   torch.t, torch.as_strided}
 _HOOK_KINDS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
-               ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))  # fmt: skip
+               ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
 
 
 def _is_inplace_name(name: str) -> bool:
@@ -93,7 +93,7 @@ def hooks_of(module: nn.Module, *, global_hooks: bool = True) -> list[str]:
     for attr, kind in (("_global_forward_pre_hooks", "global forward pre-hook"),
                        ("_global_forward_hooks", "global forward hook"),
                        ("_global_backward_pre_hooks", "global backward pre-hook"),
-                       ("_global_backward_hooks", "global backward hook")):  # fmt: skip
+                       ("_global_backward_hooks", "global backward hook")):
         if getattr(globals_, attr, None):
             kinds.append(kind)
     return kinds

@@ -6,7 +6,7 @@ is torch.nn.utils.fusion). A layer after it sums over input channels, so for eac
     W'[o, c] = W[o, c] s[c],   B'[o] = B[o] + sum_c,k W[o, c, k] t[c].
 Exact for a Conv only without zero padding: the original conv pads the BN's output with 0,
 the folded one pads x with 0, which the BN would have turned into t. Such a BN (and one before
-a pool, an add...) is left for `onnx_bn_to_mul_add`. Grouped convs fold per group. In place.
+a pool, an add...) is left for `onnx_replace_bn_with_multiply_add`. Grouped convs fold per group.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import onnx_ir as ir
 import torch
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.onnx_common import batchnorms, bn_scale_shift, constant, layer_fold_reason, new_initializer, site
+from bngraph.passes._onnx_common import bn_scale_shift, constant, fold_by_rules, layer_fold_reason, new_initializer, site
+from bngraph.passes.base import PassResult, graph_pass
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -117,20 +117,10 @@ def _refusal(bn: ir.Node, layer: ir.Node) -> str | None:
 RULES = RewriteRuleSet([FoldBnIntoNextConv.rule(), FoldBnIntoNextGemm.rule()])
 
 
-def onnx_fold_bn_into_next_layer(model: ir.Model) -> PassResult:
+@graph_pass(in_place=True)
+def onnx_fold_bn_into_following_layer(model: ir.Model) -> PassResult:
     """Fold every BN whose output only feeds a Conv (without zero padding) or a Gemm."""
-    result = PassResult(model)
-    nexts = {bn: _next_layer(bn) for bn in batchnorms(model)}
-    RULES.apply_to_model(model)
-    left = set(batchnorms(model))
-    for bn, layer in nexts.items():
-        if bn not in left:
-            result.changed.append(site(bn))
-            into = f"{layer.op_type} {site(layer)}"
-            result.details.append({"node": site(bn), "into": into, "how": "into the layer after it", "note": ""})
-        else:
-            result.skipped.append(Skip(site(bn), _why_left(bn, layer)))
-    return result
+    return fold_by_rules(model, RULES, _next_layer, _why_left, "into the layer after it")
 
 
 def _next_layer(bn: ir.Node) -> ir.Node | None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bngraph.passes.base import run_passes
-from bngraph.passes.onnx_bn_to_mul_add import onnx_bn_to_mul_add
+from bngraph.passes.onnx_replace_bn_with_multiply_add import onnx_replace_bn_with_multiply_add
 from bngraph.passes.onnx_fold_constants import onnx_fold_constants
 from tests.onnx_models import ConvOutputShared
 from tests.onnx_util import FOLD_ATOL, export_onnx, fold_and_check, ops
@@ -51,13 +51,13 @@ def test_bn_on_2d_features_broadcasts_over_the_batch_only():
 def test_keeps_a_training_mode_bn():
     model = built(nn.Sequential(nn.MaxPool2d(2), nn.BatchNorm2d(3))).train()
     original = export_onnx(model, (2, 3, 6, 6), "preserve")
-    folded, results = run_passes(ir.serde.deserialize_model(original), [onnx_fold_constants, onnx_bn_to_mul_add])
-    [skip] = results["onnx_bn_to_mul_add"].skipped
+    folded, results = run_passes(ir.serde.deserialize_model(original), [onnx_fold_constants, onnx_replace_bn_with_multiply_add])
+    [skip] = results["onnx_replace_bn_with_multiply_add"].skipped
     assert "training mode" in skip.reason
     assert ops(folded).count("BatchNormalization") == 1
 
 
 def test_does_nothing_without_batchnorm():
     original = export_onnx(built(nn.Sequential(nn.Conv2d(3, 4, 3))), (2, 3, 6, 6), "preserve")
-    result = onnx_bn_to_mul_add(ir.serde.deserialize_model(original))
+    result = onnx_replace_bn_with_multiply_add(ir.serde.deserialize_model(original))
     assert result.changed == [] and result.skipped == []

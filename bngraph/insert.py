@@ -1,6 +1,10 @@
-"""The Python API behind each command: every command is a function first, the CLI a thin layer.
+"""`bngraph insert`: a BatchNorm before every nonlinearity (paper, Algorithm 1).
 
-    bn_model, report = bngraph.insert(model, example_inputs)
+    bn_model, report = bngraph.insert(model, example_inputs)       # the Python API
+    bn_model, report = insert_artifact(loaded, "out/", preserve=True)   # what the command runs
+
+`insert` edits a copy in memory; `insert_artifact` runs it on a loaded model spec and writes the
+artifact folder, with the code that rebuilds models torch.fx could only partly trace.
 """
 
 from __future__ import annotations
@@ -11,7 +15,12 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from bngraph.artifact_code import fallback_source, module_source, wrapped_source
+from bngraph.artifacts import history_entry, save
+from bngraph.data import resolve_dataset
 from bngraph.equivalence import check_same_function
+from bngraph.errors import UserError
+from bngraph.load import LoadedModel
 from bngraph.partial_trace import Opaque, nonlinearities_not_handled, trace_for_insert
 from bngraph.passes.base import PassResult, pass_name, run_passes
 from bngraph.passes.calibrate_bn_as_identity import CalibrateBnAsIdentity
@@ -19,6 +28,7 @@ from bngraph.passes.drop_bias_before_bn import drop_bias_before_bn
 from bngraph.passes.insert_bn_before_activation import insert_bn_before_activation
 from bngraph.passes.wrap_activation_modules import wrap_activation_modules
 from bngraph.report import Report
+from bngraph.runners import batch_axes_of, random_tensor
 from bngraph.trace import TraceFailed, copy_module, materialize_lazy
 
 FALLBACK = "module-level fallback"
@@ -27,8 +37,6 @@ FALLBACK = "module-level fallback"
 def calibration_batches(example_inputs: Sequence[torch.Tensor], count: int = 4, batch: int = 16, seed: int = 0):
     """Random batches like the example input: its dtypes (floats N(0, 1) as the example itself,
     integers 0 or 1), the batch grown to `batch` only on inputs with a batch axis."""
-    from bngraph.runners import batch_axes_of, random_tensor
-
     gen = torch.Generator().manual_seed(seed)
     axes = batch_axes_of(example_inputs)
     size = max([batch] + [x.shape[0] for x, axis in zip(example_inputs, axes) if axis == 0])
@@ -130,4 +138,51 @@ def insert_report(
     )
 
 
-__all__ = ["calibration_batches", "insert", "insert_report"]
+def data_calibration_batches(data_dir: str, example_inputs: Sequence[torch.Tensor], count: int = 8, batch: int = 64):
+    """`count` batches of `batch` training images from an MNIST-format folder, for --preserve --data."""
+    if len(example_inputs) != 1:
+        raise UserError("--data calibrates models with one image input; this model takes several inputs")
+    dataset = resolve_dataset(data_dir)
+    images = dataset.as_float()[0]
+    want = tuple(example_inputs[0].shape[1:])
+    if tuple(images.shape[1:]) != want:
+        raise UserError(f"--data gives {dataset.name} images of shape {tuple(images.shape[1:])}; the model takes {want}")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: count * batch]
+    return [(images[order[i : i + batch]],) for i in range(0, len(order), batch)]
+
+
+def insert_artifact(
+    loaded: LoadedModel,
+    output: str | None,
+    *,
+    preserve: bool = False,
+    data: str | None = None,
+    fallback: bool = True,
+    force: bool = False,
+) -> tuple[nn.Module, Report]:
+    """`bngraph insert`: `insert` on a loaded model spec, written as an artifact at `output`
+    (None: only reported). `data` is a folder of training images for --preserve's calibration."""
+    if data and not preserve:
+        raise UserError("--data is the calibration data of --preserve; add --preserve")
+    example_inputs = loaded.example_inputs()
+    calibration = data_calibration_batches(data, example_inputs) if data else None
+    model, report = insert(
+        loaded.module, example_inputs, preserve=preserve, calibration_data=calibration, fallback=fallback
+    )
+    report.title = f"bngraph insert {loaded.spec.text}"
+    if output is None:
+        return model, report
+    code = None
+    if report.facts["tracing"] == FALLBACK:
+        code = wrapped_source(*fallback_source(loaded), report.passes["wrap_activation_modules"].details)
+    elif loaded.spec.kind == "file":  # layers kept opaque are rebuilt by the user's own code
+        shapes = [list(x.shape) for x in example_inputs]
+        code = module_source(model, input_shapes=shapes, source=loaded.spec.text, base=fallback_source(loaded))
+    entry = {**history_entry("insert", report.passes), "preserve": preserve, "data": data, "report": report.to_json()}
+    history = [*loaded.history, entry]
+    save(model, output, example_inputs=example_inputs, history=history, source=loaded.spec.text, code=code, force=force)
+    report.facts["output"] = output
+    return model, report
+
+
+__all__ = ["calibration_batches", "insert", "insert_artifact", "insert_report"]

@@ -12,6 +12,10 @@ keeps all C*H*W as features (axes 1 to 3), never C alone.
 
 A layout is `Features(start, stop)`: axes [start, stop) of the tensor. Anything not proven is a
 sentence saying why (a string), so a caller skips the site with that reason: no axis is guessed.
+
+One module past 300 lines: it is one walk over the graph with one rule per kind of op, and each
+rule reads the layouts the walk already gave the op's inputs (`_Layouts.of`); split, the rules
+would reach back into the walker from another file.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from bngraph.passes.op_kinds import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, op_label
-from bngraph.trace import tensor_shape
+from bngraph.passes._fx_meta import tensor_shape
+from bngraph.passes._op_kinds import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, op_label
 
 
 @dataclass(frozen=True)
@@ -42,43 +46,43 @@ Layout = Features | str | tuple | None  # a tuple for a tuple output, None for a
 
 LAST_AXIS_LAYERS = (nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.MultiheadAttention,
                     nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
-                    nn.TransformerDecoder, nn.Transformer)  # fmt: skip
+                    nn.TransformerDecoder, nn.Transformer)
 CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 LINEAR_FUNCTIONS = {F.linear, F.embedding, F.bilinear}
 NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm)
 
 # Ops whose output has the input's shape and keeps every value where it was (possibly changed).
 SAME_LAYOUT_MODULES = (*ACTIVATION_MODULES, *NORM_MODULES, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                       nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity, nn.Softmax, nn.LogSoftmax)  # fmt: skip
+                       nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity, nn.Softmax, nn.LogSoftmax)
 SAME_LAYOUT_FUNCTIONS = {
     *ACTIVATION_FUNCTIONS, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.batch_norm,
     F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm, F.softmax, F.log_softmax, F.normalize, torch.clone,
     torch.neg, torch.abs, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.square, torch.clamp, torch.clip,
     torch.softmax, torch.log_softmax, torch.erf, torch.detach, torch.pow, operator.neg, torch.square,
-}  # fmt: skip
+}
 SAME_LAYOUT_METHODS = {
     *ACTIVATION_METHODS, "clone", "contiguous", "detach", "to", "float", "double", "half", "bfloat16", "type",
     "type_as", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "square", "clamp", "clip", "clamp_", "softmax",
     "log_softmax", "pow", "masked_fill", "masked_fill_", "erf", "__neg__",
-}  # fmt: skip
+}
 # Broadcasting elementwise binary ops (an in-place form returns its first argument).
 BINARY_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
     operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where,
     torch.true_divide, torch.multiply, torch.subtract,
-}  # fmt: skip
+}
 BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "maximum", "minimum", "where",
                   "true_divide", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
-                  "__truediv__", "__rtruediv__", "__iadd__", "__imul__"}  # fmt: skip
+                  "__truediv__", "__rtruediv__", "__iadd__", "__imul__"}
 RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten}
 RESHAPE_METHODS = {"reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 TRANSPOSE_NAMES = {"transpose", "swapaxes", "swapdims"}
 # Channel-first ops on the trailing `spatial` axes: features must all sit before them.
 SPATIAL_MODULES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-                   nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd, nn.Upsample)  # fmt: skip
+                   nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd, nn.Upsample)
 SPATIAL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
                      F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-                     F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.pad}  # fmt: skip
+                     F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.pad}
 REDUCTIONS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nanmean", "nansum"}
 
 

@@ -23,8 +23,8 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from bngraph.passes.fx_batchnorm import arg, attr_value
-from bngraph.passes.fx_effects import hook_refusal
+from bngraph.passes._fx_batchnorm import arg, attr_value
+from bngraph.passes._fx_effects import hook_refusal
 
 # Positions in the functional signatures, e.g. F.conv2d(input, weight, bias, stride, padding, ...).
 _CONV = {"weight": 1, "bias": 2, "padding": 4, "dilation": 5, "groups": 6}
@@ -34,11 +34,11 @@ FUNCTIONS = {
     F.conv1d: ("conv", _CONV), F.conv2d: ("conv", _CONV), F.conv3d: ("conv", _CONV),
     F.conv_transpose1d: ("conv_transpose", _CONV_T), F.conv_transpose2d: ("conv_transpose", _CONV_T),
     F.conv_transpose3d: ("conv_transpose", _CONV_T), F.linear: ("linear", _LINEAR),
-}  # fmt: skip
+}
 MODULES = (
     (nn.Conv1d, "conv"), (nn.Conv2d, "conv"), (nn.Conv3d, "conv"), (nn.ConvTranspose1d, "conv_transpose"),
     (nn.ConvTranspose2d, "conv_transpose"), (nn.ConvTranspose3d, "conv_transpose"), (nn.Linear, "linear"),
-)  # fmt: skip
+)
 
 
 @dataclass
@@ -98,7 +98,7 @@ def as_layer(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module]) -
                 where = f"by {value.name}" if isinstance(value, fx.Node) else "outside the model"
                 return f"the {name} of {node.name} is computed {where}, not a constant of the model"
         options = {name: arg(node, positions[name], name, default) if name in positions else default
-                   for name, default in (("groups", 1), ("padding", 0), ("dilation", 1))}  # fmt: skip
+                   for name, default in (("groups", 1), ("padding", 0), ("dilation", 1))}
         groups, padding, dilation = options.values()
         if not all(isinstance(v, (int, str, tuple, list)) for v in (groups, padding, dilation)):
             return f"the groups, padding or dilation of {node.name} are computed in the graph"
@@ -248,7 +248,7 @@ def write_weights(gm, layer: Layer, weight, bias, uses: TensorUses, modules: dic
             _set_arg(node, layer.positions[name], name, getter)
     uses.release(layer)
     notes = [f"folded into a copy of {layer.label}, whose weights {', '.join(sharers)} also uses" if sharers else None,
-             plain if layer.module is not None else None]  # fmt: skip
+             plain if layer.module is not None else None]
     return "; ".join(n for n in notes if n) or None
 
 

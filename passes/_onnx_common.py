@@ -8,16 +8,18 @@ rules; this module only adapts ONNX values to it. Everything here reads the grap
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
 
 import onnx_ir as ir
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from bngraph.passes.base import PassResult
+from bngraph.passes.base import PassResult, Skip
 
 BATCHNORM = "BatchNormalization"
 DEFAULT_EPSILON = 1e-5  # BatchNormalization's default in every opset
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+CONV_LAYERS = ("Conv", "ConvTranspose")  # the layers with a bias input per output channel
 
 
 def site(node: ir.Node) -> str:
@@ -144,4 +146,32 @@ def report_removed_nodes(model: ir.Model, transform) -> PassResult:
         if key not in after:
             result.changed.append(site(node))
             result.details.append({"node": site(node), "op": node.op_type})
+    return result
+
+
+def bns_fed_by(model: ir.Model, op_types: tuple[str, ...]) -> Iterator[tuple[ir.Node, ir.Node]]:
+    """(BN, the standard-domain node of `op_types` making its input) for each BN a layer fold
+    could take (`layer_fold_reason` is None): the sites the rewrites before a fold look at."""
+    for bn in batchnorms(model):
+        node = bn.inputs[0].producer()
+        if node is not None and node.op_type in op_types and node.domain in ("", "ai.onnx") and not layer_fold_reason(bn):
+            yield bn, node
+
+
+def fold_by_rules(model: ir.Model, rules, find: Callable, why_left: Callable, how: str,
+                  layer_in: Callable = lambda found: found) -> PassResult:
+    """Apply the rewrite `rules` and report each BN: folded (a row naming `layer_in(find(bn))`,
+    the layer it went into) or left, with `why_left(bn, find(bn))`. `find` runs before the
+    rewrite, while each BN still stands where the rules look for it."""
+    result = PassResult(model)
+    found = {bn: find(bn) for bn in batchnorms(model)}
+    rules.apply_to_model(model)
+    left = set(batchnorms(model))
+    for bn, where in found.items():
+        if bn in left:
+            result.skipped.append(Skip(site(bn), why_left(bn, where)))
+            continue
+        layer = layer_in(where)
+        result.changed.append(site(bn))
+        result.details.append({"node": site(bn), "into": f"{layer.op_type} {site(layer)}", "how": how, "note": ""})
     return result

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bngraph.errors import UserError
-from bngraph.passes.base import PassResult, Skip
-from bngraph.passes.bn_affine import BatchNormStats
-from bngraph.passes.fx_effects import hook_refusal
-from bngraph.passes.op_kinds import op_label
-from bngraph.trace import tensor_dtype, tensor_shape
+from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, BatchNormStats, rounding_gain
+from bngraph.passes._fx_effects import hook_refusal
+from bngraph.passes._fx_meta import tensor_dtype, tensor_shape
+from bngraph.passes._op_kinds import op_label
+from bngraph.passes.base import PassResult, Probe, Skip
 
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -30,7 +30,7 @@ _BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "eps": 1e-5}
 # Methods and functions that only reorder axes: output axis j holds input axis perm[j].
 _PERMUTE_METHODS = {"transpose", "swapaxes", "swapdims", "permute", "contiguous"}
 _PERMUTE_FUNCTIONS = {torch.transpose: "transpose", torch.swapaxes: "swapaxes", torch.swapdims: "swapdims",
-                      torch.permute: "permute"}  # fmt: skip
+                      torch.permute: "permute"}
 
 
 @dataclass
@@ -75,7 +75,7 @@ def read_batch_norm(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Mod
             site.refusal = reason
         elif bn.running_mean is None or bn.running_var is None:
             site.refusal = ("it has no running statistics (track_running_stats=False), so it normalizes "
-                            "with each batch's own statistics even in eval mode")  # fmt: skip
+                            "with each batch's own statistics even in eval mode")
         else:
             site.stats = BatchNormStats(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
     else:
@@ -106,6 +106,17 @@ def fixed_batch_norms(gm: fx.GraphModule, result: PassResult, *, backwards: bool
             result.skipped.append(Skip(node.name, site.refusal))
             continue
         yield site
+
+
+def flag_rounding(result: PassResult, row: dict, site: BatchNormSite, probe: Probe) -> bool:
+    """For a fold that magnifies float32 rounding past PRECISION_LOSS_GAIN: its gain in the
+    report's `row`, and where the pipeline measures its error (`probe`). Whether it was flagged."""
+    gain = rounding_gain(site.stats)
+    if gain <= PRECISION_LOSS_GAIN:
+        return False
+    row["rounding_gain"] = gain
+    result.probes[row["node"]] = probe
+    return True
 
 
 def _read_functional(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, BatchNormStats | None]:
@@ -151,7 +162,7 @@ def _check_finite(site: BatchNormSite) -> None:
         if tensor is not None and not torch.isfinite(tensor).all():
             bad = "NaN" if torch.isnan(tensor).any() else "infinite values"
             raise UserError(f"BatchNorm {site.label!r} has {bad} in its {name}: re-estimate its statistics "
-                            "(bngraph recalibrate) or load intact weights before folding")  # fmt: skip
+                            "(bngraph recalibrate) or load intact weights before folding")
     raise UserError(f"BatchNorm {site.label!r} has running_var + eps <= 0: its statistics are broken")
 
 

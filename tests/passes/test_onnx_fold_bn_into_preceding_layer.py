@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bngraph.passes.base import run_passes
-from bngraph.passes.onnx_fold_bn_into_layer import onnx_fold_bn_into_layer
+from bngraph.passes.onnx_fold_bn_into_preceding_layer import onnx_fold_bn_into_preceding_layer
 from bngraph.passes.onnx_fold_constants import onnx_fold_constants
 from tests.onnx_models import ConvOutputShared
 from tests.onnx_util import FOLD_ATOL, export_onnx, fold_and_check, ops
@@ -101,8 +101,8 @@ def test_which_exporters_leave_batchnorm(mode, conv, linear, sequence):
 
 def test_skips_bn_whose_conv_output_also_feeds_an_add():
     original = export_onnx(built(ConvOutputShared()), (2, 3, 6, 6), "preserve")
-    model, results = run_passes(_ir(original), [onnx_fold_constants, onnx_fold_bn_into_layer])
-    [skip] = results["onnx_fold_bn_into_layer"].skipped
+    model, results = run_passes(_ir(original), [onnx_fold_constants, onnx_fold_bn_into_preceding_layer])
+    [skip] = results["onnx_fold_bn_into_preceding_layer"].skipped
     assert "also feeds" in skip.reason and "Add" in skip.reason
     assert ops(model).count("BatchNormalization") == 1
 
@@ -117,24 +117,24 @@ def test_skips_bn_over_the_sequence_axis_of_a_linear():
             return self.bn(self.linear(x))
 
     original = export_onnx(built(WrongAxis()), (2, 4, 6), "nofold")
-    model, results = run_passes(_ir(original), [onnx_fold_constants, onnx_fold_bn_into_layer])
-    [skip] = results["onnx_fold_bn_into_layer"].skipped
+    model, results = run_passes(_ir(original), [onnx_fold_constants, onnx_fold_bn_into_preceding_layer])
+    [skip] = results["onnx_fold_bn_into_preceding_layer"].skipped
     assert skip.reason == "it normalizes axis 1 of a rank-3 MatMul output, not its features"
 
 
 def test_refuses_a_training_mode_bn():
     model = seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
     original = export_onnx(model, (2, 3, 6, 6), "preserve")
-    folded, results = run_passes(_ir(original), [onnx_fold_constants, onnx_fold_bn_into_layer])
-    [skip] = results["onnx_fold_bn_into_layer"].skipped
+    folded, results = run_passes(_ir(original), [onnx_fold_constants, onnx_fold_bn_into_preceding_layer])
+    [skip] = results["onnx_fold_bn_into_preceding_layer"].skipped
     assert "training mode" in skip.reason
     assert ops(folded).count("BatchNormalization") == 1
 
 
 def test_does_nothing_without_batchnorm():
     original = export_onnx(seq(nn.Conv2d(3, 4, 3), nn.ReLU()), (2, 3, 6, 6), "preserve")
-    _, results = run_passes(_ir(original), [onnx_fold_bn_into_layer])
-    assert results["onnx_fold_bn_into_layer"].changed == [] and results["onnx_fold_bn_into_layer"].skipped == []
+    _, results = run_passes(_ir(original), [onnx_fold_bn_into_preceding_layer])
+    assert results["onnx_fold_bn_into_preceding_layer"].changed == [] and results["onnx_fold_bn_into_preceding_layer"].skipped == []
 
 
 def _ir(proto):

@@ -1,0 +1,188 @@
+"""The argument groups several commands share, and the steps that read them (as Polygraphy's
+`tools/args/`): the model and its example input, the output, tolerances, and the report.
+
+A group adds its arguments (`add_*`) and reads them back (`load_from_args`, `check_output_first`,
+`emit`, `print_lines`). Nothing here imports torch: the CLI builds its parser without it, and
+a step that needs a heavy module imports it when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from bngraph.atomic import check_output
+from bngraph.errors import UserError
+from bngraph.spec import parse_model_spec
+
+if TYPE_CHECKING:  # the CLI builds its parser without torch: heavy imports wait for run()
+    import torch
+
+    from bngraph.compare import VerifyResult
+    from bngraph.load import LoadedModel
+    from bngraph.report import Report
+
+
+# ---- the model and its example input ----------------------------------------------------------
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="zoo:NAME, file.py[:Symbol], or an artifact folder")
+    parser.add_argument("--weights", metavar="FILE", help="load this state dict first")
+    add_input_arguments(parser)
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """--input-shape, --input-dtype, --static-input: the example inputs (see `bngraph.spec`)."""
+    parser.add_argument(
+        "--input-shape",
+        metavar="SHAPE",
+        help="example input, batch first: 2,3,32,32 (several inputs: 2,8;2,4); "
+        "default: what the model declares",
+    )
+    parser.add_argument(
+        "--input-dtype",
+        metavar="DTYPES",
+        help="one dtype per input, as the shapes: float32;int64 (default float32; random integers "
+        "are 0 or 1, valid token ids for any vocabulary)",
+    )
+    parser.add_argument(
+        "--static-input",
+        metavar="INDEX",
+        type=int,
+        action="append",
+        default=[],
+        help="input INDEX (0-based) has no batch axis (a mask, a per-feature table): checks at "
+        "other batch sizes keep its shape; repeatable",
+    )
+
+
+def load_from_args(args: argparse.Namespace) -> LoadedModel:
+    """The model the model group names, with its example inputs' shapes, dtypes and batch axes."""
+    from bngraph.load import load_model  # torch: only once a command runs
+
+    return load_model(
+        args.model,
+        weights=args.weights,
+        input_shape=args.input_shape,
+        input_dtype=getattr(args, "input_dtype", None),
+        static_inputs=getattr(args, "static_input", None) or (),
+    )
+
+
+
+# ---- the data: --data and how it is read -----------------------------------------------------
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", metavar="PATH",
+        help="MNIST IDX folder, image folder (train/CLASS/*.png, test/...), FILE.npz, CIFAR binary folder, "
+        "or FILE.py:make (default: $BNGRAPH_DATA, the cache, a download)",
+    )
+    parser.add_argument(
+        "--dataset", default="mnist", choices=("mnist", "fashion-mnist"), help="what an MNIST-format --data holds"
+    )
+    parser.add_argument("--image-size", metavar="H,W", help="resize images to this (default: the model's input size)")
+    parser.add_argument(
+        "--stream-above", type=float, metavar="MB", default=2048.0,
+        help="data larger than this (as float32) streams through a DataLoader instead of staying on the "
+        "device (default: 2048)",
+    )
+    parser.add_argument("--loader-workers", type=int, metavar="N", help="DataLoader processes when streaming "
+                        "(default: one per core, less one, at most 8)")
+    parser.add_argument("--cifar100-labels", default="fine", choices=("fine", "coarse"), help="(default: fine)")
+
+
+def data_from_args(args: argparse.Namespace, device: torch.device | str = "cpu", *, input_shape=None,
+                   allow_stream: bool = False):
+    """The data --data names, for a model whose example input has `input_shape`: TensorData on
+    `device`, or (with `allow_stream`, above --stream-above) StreamData."""
+    # Imported here, not above: `bngraph --help` starts without torch.
+    from bngraph.data import resolve_dataset
+    from bngraph.training.data import TensorData
+    from bngraph.training.data_formats import open_data
+
+    if args.data is None:
+        return TensorData.from_dataset(resolve_dataset(None, dataset=args.dataset), device)
+    if getattr(args, "loader_workers", None) is not None and args.loader_workers < 0:
+        raise UserError(f"--loader-workers must be at least 0, not {args.loader_workers}")
+    return open_data(
+        args.data, input_shape=input_shape, image_size=getattr(args, "image_size", None), device=device,
+        stream_above_mb=args.stream_above if allow_stream else None, workers=getattr(args, "loader_workers", None),
+        dataset=args.dataset, cifar100_labels=getattr(args, "cifar100_labels", "fine"),
+    )
+
+
+# ---- the output -------------------------------------------------------------------------------
+
+
+def add_force_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help=f"replace an existing {what} at -o that bngraph wrote (nothing else is ever replaced)",
+    )
+
+
+def input_paths(args: argparse.Namespace) -> list:
+    """What a command reads (model file or folder, weights, data): its -o may not be, hold or sit
+    inside one of them."""
+    model = getattr(args, "model", None)
+    # A wrong model spec is said first: it is the first thing wrong with the command line.
+    path = parse_model_spec(model).path if model else None
+    return [p for p in (path, getattr(args, "weights", None), getattr(args, "data", None)) if p]
+
+
+def check_output_first(args: argparse.Namespace, kind: str) -> None:
+    """Refuse -o before the work, not after it (`bngraph.atomic.check_output`)."""
+    check_output(args.output, kind, force=args.force, inputs=input_paths(args))
+
+
+# ---- checks -----------------------------------------------------------------------------------
+
+
+def add_tolerance_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--atol",
+        type=float,
+        metavar="X",
+        help="tolerance as a fraction of each output's RMS (default: by what is compared)",
+    )
+    parser.add_argument(
+        "--rtol", type=float, metavar="X", help="tolerance relative to each element |r| (default: by what is compared)"
+    )
+
+
+def add_standalone_bn_argument(parser: argparse.ArgumentParser, applies_to: str = "") -> None:
+    """--standalone-bn: the ONNX form of a BN with no exact fold (`bngraph.onnx_fold.STANDALONE_BN_FORMS`)."""
+    parser.add_argument(
+        "--standalone-bn",
+        choices=["batchnorm", "mul-add"],
+        default="batchnorm",
+        help=f"{applies_to}form of a BN with no exact fold: kept (fastest in onnxruntime) or Mul+Add (no BN kernel)",
+    )
+
+
+# ---- the report -------------------------------------------------------------------------------
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
+
+def emit(report: Report, args: argparse.Namespace) -> None:
+    """The table on stdout, or JSON on stdout and the table on stderr."""
+    if getattr(args, "json", False):
+        report.print_json(sys.stdout)
+        report.print_table(sys.stderr)
+    else:
+        report.print_table(sys.stdout)
+
+
+def print_lines(result: VerifyResult, args: argparse.Namespace) -> None:
+    """A verification's PASSED/FAILED lines: on stdout, or on stderr beside --json's report."""
+    stream = sys.stderr if getattr(args, "json", False) else sys.stdout
+    for line in result.lines():
+        print(line, file=stream)

@@ -1,0 +1,250 @@
+"""One output of two models compared: the rule, the tolerances, the numbers, and the verdict.
+
+What passing means: for every output and every element, with r the reference and c the candidate,
+
+    |c - r| <= atol * scale + rtol * |r|,   scale = RMS of the reference output (finite values,
+                                                    over every batch compared)
+
+The absolute part is relative to the output's own magnitude, so the rule reads the same on
+logits of 10 and on outputs of 1e-5: with the defaults, an error of 1% of an output's RMS
+fails at any scale (by about 50x against ONNX, 500x between two PyTorch models). NaN against NaN and
+inf against the same inf agree; NaN or inf on one side only is an infinite error. A
+`VerifyResult` is truthy on a pass.
+
+    diff = compare("logits", reference_batches, candidate_batches, atol=1e-4, rtol=1e-4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Default tolerances, by what is compared, as fractions of the output's RMS (`scale`). torch
+# against onnxruntime: different kernels (ATen vs MLAS), and at ORT_ENABLE_ALL onnxruntime's own
+# fusions, sum float32 products in another order. On the zoo's models with BN inserted, random
+# statistics and folded, the largest difference measured is 1.5e-6 of the output's RMS
+# (inception; the worst element at 1/99 of what 1e-4 allows; inception-small 1/148, mnist-mlp
+# 1/370), while a wrong fold errs by the size of a BN statistic (~0.1 of it). Folded against
+# unfolded torch: the same kernels, and the fold only rounds W * s and the bias once more:
+# 8e-7 of the RMS (inception, 1/15 of what 1e-5 allows; inception-small 1/35, mnist-mlp 1/85),
+# so 1e-5 keeps that margin and fails a 1% error by 500x.
+ONNX_TOLERANCE = 1e-4
+TORCH_TOLERANCE = 1e-5
+RULE = "|c - r| <= atol * scale + rtol * |r|, scale = RMS of the reference output"
+
+
+
+@dataclass
+class OutputDiff:
+    output: str
+    reference: str  # the runner labels
+    candidate: str
+    atol: float
+    rtol: float
+    passed: bool
+    scale: float = 0.0  # RMS of the reference output: the unit of atol
+    batches: int = 0
+    max_abs: float = 0.0
+    max_rel: float = 0.0  # max |c - r| / scale
+    mean_abs: float = 0.0
+    p99_abs: float = 0.0
+    min_atol: float = 0.0  # the smallest atol (x scale) that passes at this rtol
+    min_rtol: float = 0.0  # the smallest rtol that passes at this atol (inf: none does)
+    worst_batch: int = 0
+    worst_index: tuple[int, ...] = ()
+    worst_reference: float = 0.0
+    worst_candidate: float = 0.0
+    excess: float = 0.0  # worst |c - r| / (atol * scale + rtol |r|): above 1 fails
+    failed_elements: int = 0
+    elements: int = 0
+    top1_agreement: float | None = None  # classifiers (N, K): argmax agrees
+    problem: str | None = None  # outputs that cannot be compared (shapes, structures)
+
+    def rule(self) -> str:
+        """The pass rule with this output's numbers in it."""
+        return f"|c - r| <= {self.atol:g} x {self.scale:.3g} (output RMS) + {self.rtol:g} x |r|"
+
+    def line(self) -> str:
+        """Polygraphy's shape: verdict, output, what against what, then why (c: candidate, r: reference)."""
+        head = (
+            f"{'PASSED' if self.passed else 'FAILED'} | Output: {self.output!r} | {self.candidate} vs {self.reference}"
+        )
+        if self.problem:
+            return f"{head} | {self.problem}"
+        compared = f"{self.batches} batches, {self.elements} elements"
+        if self.passed:
+            verdict = f"{self.rule()} everywhere, worst at {_ratio(self.excess)} of it"
+        else:
+            verdict = f"{self.rule()} fails on {self.failed_elements} elements, worst at {_ratio(self.excess)} times it"
+        return f"{head} | {compared} | {verdict} | max |c - r| {self.max_abs:.3g}"
+
+    def row(self) -> dict:
+        """The facts for the report's table and JSON: numbers as numbers, None where not finite."""
+        return {
+            "output": self.output,
+            "runtime": f"{self.candidate} vs {self.reference}",
+            "passed": self.passed,
+            "problem": self.problem,
+            "elements": self.elements,
+            "failed_elements": self.failed_elements,
+            "scale": _json_float(self.scale),
+            "max_abs": _json_float(self.max_abs),
+            "max_rel": _json_float(self.max_rel),
+            "excess": _json_float(self.excess),
+            "mean_abs": _json_float(self.mean_abs),
+            "p99_abs": _json_float(self.p99_abs),
+            "worst_batch": self.worst_batch,
+            "worst_index": list(self.worst_index),
+            "min_atol": _json_float(self.min_atol),
+            "min_rtol": _json_float(self.min_rtol),
+            "top1": None if self.top1_agreement is None else _json_float(self.top1_agreement),
+        }
+
+
+def _json_float(value: float) -> float | None:
+    """Four significant digits, the precision these numbers mean; None for inf and NaN (JSON has neither)."""
+    return float(f"{value:.4g}") if np.isfinite(value) else None
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2g}" if np.isfinite(value) else "inf"
+
+
+def output_scale(reference: Sequence[np.ndarray]) -> float:
+    """RMS of the finite reference values over every batch (float32's tiny for an all-zero output)."""
+    finite = [np.asarray(r, dtype=np.float64).ravel() for r in reference]
+    values = np.concatenate(finite) if finite else np.zeros(0)
+    values = values[np.isfinite(values)]
+    rms = float(np.sqrt(np.mean(np.square(values)))) if values.size else 0.0
+    return max(rms, float(np.finfo(np.float32).tiny))
+
+
+def compare(
+    name: str,
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    atol: float,
+    rtol: float,
+    labels: tuple[str, str] = ("reference", "candidate"),
+    *,
+    scale: float | None = None,
+) -> OutputDiff:
+    """Compare one output over several batches (one array per batch on each side).
+
+    `scale` (default: `output_scale(reference)`) is what atol is a fraction of; scale=1 gives
+    numpy.allclose's rule, atol in absolute units.
+    """
+    diff = OutputDiff(name, labels[0], labels[1], atol, rtol, passed=True, batches=len(reference))
+    for ref, cand in zip(reference, candidate):
+        if np.shape(ref) != np.shape(cand):
+            diff.passed, diff.problem = False, f"shapes differ: {np.shape(cand)} vs {np.shape(ref)}"
+            return diff
+    shapes = [np.shape(r) for r in reference]
+    ref = np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in reference]) if shapes else np.zeros(0)
+    cand = np.concatenate([np.asarray(c, dtype=np.float64).ravel() for c in candidate]) if shapes else np.zeros(0)
+    diff.scale = output_scale(reference) if scale is None else float(scale)
+    err = _abs_error(ref, cand)
+    magnitude = np.abs(ref)
+    magnitude[~np.isfinite(magnitude)] = 0.0  # a NaN or inf reference gives no scale; `_abs_error` judged it
+    diff.elements = int(err.size)
+    if err.size == 0:
+        return diff
+    allowed = atol * diff.scale + rtol * magnitude
+    diff.failed_elements = int(np.count_nonzero(err > allowed))
+    diff.passed = diff.failed_elements == 0
+    diff.max_abs = float(err.max())
+    diff.max_rel = diff.max_abs / diff.scale
+    diff.mean_abs = float(err.mean())
+    with np.errstate(invalid="ignore"):
+        diff.p99_abs = float(np.percentile(err, 99))
+    diff.min_atol = float(np.maximum(err - rtol * magnitude, 0).max() / diff.scale)
+    beyond_atol = err > atol * diff.scale
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(allowed > 0, err / allowed, np.where(err > 0, np.inf, 0.0))
+        needed_rtol = np.where(magnitude > 0, (err - atol * diff.scale) / magnitude, np.inf)
+    diff.min_rtol = float(needed_rtol[beyond_atol].max()) if beyond_atol.any() else 0.0
+    worst = int(np.argmax(ratio))
+    diff.excess = float(ratio[worst])
+    ends = np.cumsum([int(np.prod(s)) for s in shapes])
+    diff.worst_batch = int(np.searchsorted(ends, worst, side="right"))
+    offset = worst - (int(ends[diff.worst_batch - 1]) if diff.worst_batch else 0)
+    diff.worst_index = tuple(int(i) for i in np.unravel_index(offset, shapes[diff.worst_batch]))
+    diff.worst_reference, diff.worst_candidate = float(ref[worst]), float(cand[worst])
+    if all(len(s) == 2 and s[1] > 1 for s in shapes):
+        agree = np.concatenate([np.argmax(r, 1) == np.argmax(c, 1) for r, c in zip(reference, candidate)])
+        diff.top1_agreement = float(agree.mean())
+    return diff
+
+
+def _abs_error(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """|c - r| of flat arrays, with a NaN or inf on one side only as an infinite error and on both as none."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        err = np.abs(cand - ref)
+    same = (np.isnan(ref) & np.isnan(cand)) | (np.isinf(ref) & (ref == cand))
+    err[same] = 0.0
+    err[np.isnan(err)] = np.inf
+    return err
+
+
+@dataclass
+class VerifyResult:
+    diffs: list[OutputDiff] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.diffs) and all(d.passed for d in self.diffs)
+
+    @property
+    def worst(self) -> OutputDiff | None:
+        """The output furthest beyond (or closest to) its tolerance."""
+        failed = [d for d in self.diffs if d.problem]
+        return failed[0] if failed else max(self.diffs, key=lambda d: d.excess, default=None)
+
+    def lines(self) -> list[str]:
+        lines = [d.line() for d in self.diffs]
+        worst = self.worst
+        if worst is None:
+            return lines
+        if self:
+            lines.append(
+                f"PASSED | {len(self.diffs)} comparisons (outputs x runtimes) on batches {self.batch_sizes} | "
+                f"worst: {worst.output!r} ({worst.candidate} vs {worst.reference}) at {_ratio(worst.excess)} of allowed"
+            )
+        elif worst.problem:
+            lines.append(f"FAILED | worst output {worst.output!r} ({worst.candidate}): {worst.problem}")
+        else:
+            rtol = f"--rtol {worst.min_rtol:.2g}" if np.isfinite(worst.min_rtol) else "no --rtol alone"
+            lines.append(
+                f"FAILED | worst output {worst.output!r} ({worst.candidate} vs {worst.reference}): "
+                f"{worst.failed_elements} of {worst.elements} elements beyond {worst.rule()}, max |c - r| "
+                f"{worst.max_abs:.3g} at batch {worst.worst_batch} index {list(worst.worst_index)} "
+                f"(c {worst.worst_candidate:.6g} vs r {worst.worst_reference:.6g}); it would pass with "
+                f"--atol {worst.min_atol:.2g} (or {rtol})"
+            )
+        return lines
+
+    def facts(self) -> dict:
+        worst = self.worst
+        return {
+            "passed": bool(self),
+            "atol": sorted({d.atol for d in self.diffs}),
+            "rtol": sorted({d.rtol for d in self.diffs}),
+            "batch_sizes": list(self.batch_sizes),
+            "worst_output": worst.output if worst else None,
+            "worst_runtime": worst.candidate if worst else None,
+        }
+
+
+def default_tolerance(reference_kind: str, candidate_kind: str) -> float:
+    return TORCH_TOLERANCE if reference_kind == candidate_kind == "torch" else ONNX_TOLERANCE
+
+
+def fold_tolerance(rounding_gain: float) -> float | None:
+    """verify's default (None), unless a BN magnifies float32 rounding by `rounding_gain`
+    (`_bn_affine.rounding_gain`, the largest of the model's): any fold of it errs by up to about
+    gain x 2**-24 of the output's scale (measured: 0.04-0.25 of that on
+    `tests.passes.fold_util.nearly_dead_channel` at gains 1e3-2.7e5), and the check allows 4x it."""
+    tolerance = rounding_gain * 2.0**-24 * 4
+    return tolerance if tolerance > TORCH_TOLERANCE else None

@@ -1,0 +1,94 @@
+"""`bngraph recalibrate`: each BatchNorm's population statistics recomputed (Algorithm 2, step 2).
+
+    model, report = recalibrate(loaded, data, "out/", batches=100, batch_size=60)
+
+Over `batches` training mini-batches of `batch_size` m, E[x] is the average of the batch means
+and Var[x] is m/(m-1) times the average of the batch variances (`passes/recalibrate_bn.py`).
+Not function-preserving by design: the statistics move, and a check makes sure nothing else
+does. The test accuracy before and after is reported.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from bngraph.artifacts import save
+from bngraph.equivalence import check_only_statistics_changed
+from bngraph.errors import UserError
+from bngraph.load import LoadedModel
+from bngraph.passes.base import run_passes
+from bngraph.passes.recalibrate_bn import RecalibrateBN
+from bngraph.report import Report
+from bngraph.training import EpochSampler, TensorData, check_model_fits, evaluate
+
+
+def check_has_statistics(model: nn.Module) -> None:
+    """A model with no BatchNorm statistics to recompute is the user's mistake, not an output."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        raise UserError("nothing to recalibrate: the model has no BatchNorm")
+    if all(bn.running_mean is None for bn in bns):
+        raise UserError(
+            f"nothing to recalibrate: none of the model's {len(bns)} BatchNorms keeps running statistics "
+            "(track_running_stats=False)"
+        )
+
+
+def recalibrate(
+    loaded: LoadedModel,
+    data: TensorData,
+    output: str,
+    *,
+    batches: int = 100,
+    batch_size: int = 60,
+    seed: int = 0,
+    force: bool = False,
+) -> tuple[nn.Module, Report]:
+    """The loaded model with its BN statistics recomputed on `data`'s training images, written as
+    an artifact at `output`, and the report (accuracy on `data`'s test images before and after)."""
+    if batches < 1 or batch_size < 2:
+        raise UserError("--batches must be at least 1 and --batch-size at least 2 (a variance needs two values)")
+    model = loaded.module
+    check_has_statistics(model)
+    check_model_fits(model, data)
+    sampler = EpochSampler(len(data.x_train), batch_size, seed)
+    training_batches = [(data.x_train[sampler(i)],) for i in range(batches)]
+
+    loss_before, accuracy_before = evaluate(model, data.x_test, data.y_test)
+    state_before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model, results = run_passes(model, [RecalibrateBN(training_batches)])
+    # Not function-preserving by design (the statistics move); the rest of the model must not.
+    check_only_statistics_changed(state_before, model, what="the recalibrated model")
+    result = results[RecalibrateBN.name]
+    loss_after, accuracy_after = evaluate(model, data.x_test, data.y_test)
+
+    described = f"{data.name} ({data.source})"
+    entry = {
+        "command": "recalibrate",
+        "data": described,
+        "batches": batches,
+        "batch_size": batch_size,
+        "passes": {name: r.summary() for name, r in results.items()},
+    }
+    example = [data.x_test[:2]]
+    history = [*loaded.history, entry]
+    save(model, output, example_inputs=example, history=history, source=loaded.spec.text, force=force)
+    report = Report(
+        f"bngraph recalibrate {loaded.spec.text}",
+        sections={
+            "recalibrated": result.details,
+            "skipped": [{"bn": s.site, "reason": s.reason} for s in result.skipped],
+        },
+        facts={
+            "data": described,
+            "batches": batches,
+            "batch_size": batch_size,
+            "test_accuracy_before": accuracy_before,
+            "test_accuracy_after": accuracy_after,
+            "test_accuracy_change": accuracy_after - accuracy_before,
+            "test_loss_before": loss_before,
+            "test_loss_after": loss_after,
+            "output": output,
+        },
+    )
+    return model, report
