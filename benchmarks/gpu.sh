@@ -92,11 +92,20 @@ else
         say "- setup: pip could not install bngraph here; it runs from links on PYTHONPATH ($WORK/src)"
     fi
 fi
+# Wheels carried in .gpu-data/wheels (the machine has no network) replace the image's versions:
+# its onnx-ir 1.0.0 turns a training-mode BatchNormalization into an eval-mode one (bngraph
+# needs 1.1, pyproject.toml says why). `pip download --no-deps onnx-ir==1.1.0 -d .gpu-data/wheels`
+if ls "$REPO"/.gpu-data/wheels/*.whl >/dev/null 2>&1 && [ -z "${GPU_SH_PYTHON:-}" ]; then
+    "$PY" -m pip install -q --no-deps --no-index --target "$WORK/wheels" "$REPO"/.gpu-data/wheels/*.whl >>"$LOG" 2>&1 &&
+        export PYTHONPATH=$WORK/wheels${PYTHONPATH:+:$PYTHONPATH}
+fi
 BNGRAPH=("$PY" -m bngraph)
 "$PY" - >>"$SUMMARY" 2>>"$LOG" <<'EOF'
 import platform, torch
+from importlib.metadata import version
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
-print(f"- machine: {gpu}; torch {torch.__version__}; Python {platform.python_version()}")
+print(f"- machine: {gpu}; torch {torch.__version__}; Python {platform.python_version()}; "
+      + ", ".join(f"{name} {version(name)}" for name in ("onnx", "onnxruntime", "onnxscript", "onnx-ir")))
 EOF
 
 if [ "$SMOKE" = 1 ]; then
