@@ -12,6 +12,7 @@ API's training function.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,20 +59,23 @@ def train_run(
     steps = steps or epochs_to_steps(epochs or 2, data.n_train, batch_size * ctx.world_size)
     example = [data.example(2).cpu()]
 
-    def decay() -> float | None:
-        if decay_every is not None:
-            return decay_every
-        saved = saved_config(out) if resume else None
-        return saved["decay_every"] if isinstance(saved, dict) and "decay_every" in saved else steps / 8
+    def resumed_decay() -> tuple[bool, float | None]:
+        """On `resume` without `decay_every`: (True, the period the run used, its recipe's scaling
+        included: scaling it again would refuse the resume as other settings)."""
+        saved = saved_config(out) if resume and decay_every is None else None
+        return (True, saved["decay_every"]) if isinstance(saved, dict) and "decay_every" in saved else (False, None)
 
-    decay_period = from_main(decay, ctx)  # rank 0 has the checkpoint
+    resumed, saved_decay = from_main(resumed_decay, ctx)  # rank 0 has the checkpoint
     if recipe is not None:
         model, entry = apply_recipe(model, recipe, example)
         history.append(entry)
     check_model_fits(model, data)
-    config = TrainConfig(steps=steps, batch_size=batch_size, decay_every=decay_period, **settings)
+    config = TrainConfig(steps=steps, batch_size=batch_size, decay_every=steps / 8 if decay_every is None
+                         else decay_every, **settings)
     if recipe is not None:
         config = recipe.train_config(config)
+    if resumed:
+        config = replace(config, decay_every=saved_decay)
     done = train_into_folder(model, data, config, out, history=history, source=loaded.spec.text,
                              example_inputs=example, sync_bn=sync_bn, resume=resume, device=str(device),
                              progress=progress, distributed=ctx)
