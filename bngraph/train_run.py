@@ -49,10 +49,11 @@ def train_run(
     """Train `loaded` on `data` into the run folder `out`, and report it; (None, None) on the
     ranks other than 0 (they write and report nothing).
 
-    `steps`, or else `epochs` (default 2) of the global batch (`batch_size` per process); `decay_every` defaults to an eighth
-    of the run, or on `resume` to what the run used (its steps may grow). `settings` are
-    TrainConfig's other fields, before `recipe` scales them. `output` is the folder as the user
-    named it, for the report (`out` may be a folder beside it while --force replaces an old run).
+    `steps`, or else `epochs` (default 2) of the global batch (`batch_size` per process).
+    `decay_every` defaults to an eighth of the run, or on `resume` to what the run used (its steps
+    may grow). `settings` are TrainConfig's other fields; `recipe` scales lr, weight decay and
+    the decay period. `output` is the folder as the user named it, for the report (`out` may be
+    a folder beside it while --force replaces an old run).
     """
     ctx = distributed
     model, history = loaded.module, list(loaded.history)
