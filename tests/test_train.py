@@ -163,6 +163,15 @@ def test_cli_resume_may_extend_the_run(tmp_path, capsys, mnist_dir):
     assert_bit_identical(bngraph.load(tmp_path / "a" / "model"), bngraph.load(tmp_path / "b" / "model"))
 
 
+def test_cli_resume_of_a_recipe_run_keeps_its_scaled_decay_period(tmp_path, capsys, mnist_dir):
+    """The checkpoint holds the period after the recipe's 6x speed-up; --resume takes it as it is."""
+    common = ("train", "zoo:mnist-mlp", "--recipe", "bn-x5", "--data", mnist_dir, "--eval-every", 20, "--quiet")
+    assert _cli(capsys, *common, "--steps", 40, "-o", tmp_path / "a")[0] == 0
+    code, out, err = _cli(capsys, *common, "--steps", 80, "-o", tmp_path / "a", "--resume", "--json")
+    assert code == 0, err
+    assert json.loads(out)["resumed_from"] == 40
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -23,13 +23,16 @@ Examples:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bngraph.atomic import REPRODUCE, check_output
-from bngraph.commands.args import add_force_argument, add_report_arguments, emit
-from bngraph.commands.args import add_data_arguments, data_from_args
+from bngraph.commands.args import add_data_arguments, add_force_argument, add_report_arguments, data_from_args, emit
 from bngraph.errors import UserError
-from bngraph.report import Report
+
+if TYPE_CHECKING:  # the CLI builds its parser without torch: heavy imports wait for run()
+    from bngraph.report import Report
+    from bngraph.reproduce.inception import InceptionRun
+    from bngraph.reproduce.mnist import MnistRun
 
 
 def _common(parser: argparse.ArgumentParser, steps: int) -> None:
@@ -83,43 +86,26 @@ def _init_std(text: str) -> float | None:
 
 def run(args: argparse.Namespace) -> int:
     check_output(args.output, REPRODUCE, force=args.force, inputs=[args.data])  # before the work
-    report = _mnist(args) if args.experiment == "mnist" else _inception(args)
+    _, report = _mnist(args) if args.experiment == "mnist" else _inception(args)
     emit(report, args)
     return 0
 
 
-def _mnist(args: argparse.Namespace) -> Report:
+def _mnist(args: argparse.Namespace) -> tuple[MnistRun, Report]:
     # Imported here, not above: `bngraph --help` starts without torch.
-    from bngraph.reproduce.mnist import MnistConfig, reproduce_mnist, write_mnist
+    from bngraph.reproduce.mnist import MnistConfig, mnist_experiment
 
     cfg = MnistConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
         seeds=args.seeds, seed=args.seed, init_std=_init_std(args.init_std), track_unit=args.unit,
         workers=args.workers, device=args.device,
     )
-    result = reproduce_mnist(data_from_args(args), cfg, progress=not args.quiet)
-    write_mnist(result, Path(args.output), force=args.force)
-    summary = result.summary
-    facts = {
-        "data": summary["data"],
-        "speedup": summary["speedup"],
-        "bn_ahead_at_every_evaluation": summary["bn_ahead_at_every_evaluation"],
-        "wall_s": summary["wall_s"],
-        "output": args.output,
-    }
-    rows = [
-        {"net": name, "best_test_accuracy": net["best_test_accuracy"],
-         "final_test_accuracy": net["final_test_accuracy"],
-         "steps_to_target": summary["steps_without_bn" if name == "without BN" else "steps_with_bn"]}
-        for name, net in summary["nets"].items()
-    ]
-    notes = [f"target: the plain net's best test accuracy, {summary['target_accuracy']:.4f}"]
-    return Report("bngraph reproduce mnist", sections={"results": rows}, facts=facts, notes=notes)
+    return mnist_experiment(data_from_args(args), cfg, args.output, progress=not args.quiet, force=args.force)
 
 
-def _inception(args: argparse.Namespace) -> Report:
+def _inception(args: argparse.Namespace) -> tuple[InceptionRun, Report]:
     # Imported here, not above: `bngraph --help` starts without torch.
-    from bngraph.reproduce.inception import InceptionConfig, reproduce_inception, write_inception
+    from bngraph.reproduce.inception import InceptionConfig, inception_experiment
     from bngraph.training.config import pick_device
 
     cfg = InceptionConfig(
@@ -127,17 +113,5 @@ def _inception(args: argparse.Namespace) -> Report:
         batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, test_examples=args.test_examples,
         seed=args.seed, full=args.full, device=args.device,
     )
-    result = reproduce_inception(data_from_args(args, pick_device(args.device)), cfg, progress=not args.quiet)
-    write_inception(result, Path(args.output), force=args.force)
-    summary = result.summary
-    facts = {"data": summary["data"], "reference_accuracy": summary["reference_accuracy"],
-             "bn_baseline_step_time_ratio": summary["bn_baseline_step_time_ratio"],
-             "wall_s": summary["wall_s"], "output": args.output}
-    rows = [
-        {"variant": v["paper_name"], "steps_to_reference": v["steps_to_reference"],
-         "best_test_accuracy": v["best_test_accuracy"], "lr": v["lr"], "batchnorms": v["batchnorms"],
-         "images_per_s": v["images_per_s"]}
-        for v in summary["variants"].values()
-    ]
-    notes = ["steps_to_reference: steps to reach the plain Inception's best accuracy"]
-    return Report("bngraph reproduce inception", sections={"results": rows}, facts=facts, notes=notes)
+    data = data_from_args(args, pick_device(args.device))
+    return inception_experiment(data, cfg, args.output, progress=not args.quiet, force=args.force)

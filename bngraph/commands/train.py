@@ -69,22 +69,16 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bngraph.commands.args import (
-    add_data_arguments, add_force_argument, add_model_arguments, add_report_arguments, data_from_args, emit,
-    input_paths, load_from_args,
-)
+from bngraph.commands import args as shared
 from bngraph.errors import UserError
-from bngraph.report import Report
 
 if TYPE_CHECKING:  # the CLI builds its parser without torch: heavy imports wait for run()
     import torch
 
-    from bngraph.training.run_folder import TrainedFolder
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    add_data_arguments(parser)
+    shared.add_model_arguments(parser)
+    shared.add_data_arguments(parser)
     parser.add_argument("-o", "--output", metavar="DIR", required=True, help="run folder to write")
     parser.add_argument("--recipe", metavar="NAME", help="a paper variant to build first (see above)")
     length = parser.add_mutually_exclusive_group()
@@ -133,16 +127,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "batch (all processes). Without it each process normalizes over its own --batch-size examples, the "
         "paper's setting (BN sees the batch of one device). The saved model has plain BatchNorms either way",
     )
-    add_force_argument(parser, "run folder")
-    add_report_arguments(parser)
+    shared.add_force_argument(parser, "run folder")
+    shared.add_report_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     # Imported here, not above: `bngraph --help` starts without torch.
+    import torch
+
     from bngraph.atomic import run_folder
     from bngraph.reproduce.recipes import get_recipe
+    from bngraph.train_run import train_run
     from bngraph.training.config import pick_device
-    from bngraph.training.distributed import join
+    from bngraph.training.distributed import join, local_main_first
 
     recipe = get_recipe(args.recipe) if args.recipe else None
     if args.steps is not None and args.steps < 1:
@@ -153,10 +150,28 @@ def run(args: argparse.Namespace) -> int:
     with join(device) as (ctx, device):
         # Rank 0 alone writes, to OUT or (when --force replaces an old run) beside it; other
         # hosts need not have its folder.
-        folder = (run_folder(args.output, force=args.force, resume=args.resume, inputs=input_paths(args))
+        folder = (run_folder(args.output, force=args.force, resume=args.resume, inputs=shared.input_paths(args))
                   if ctx.is_main else contextlib.nullcontext(Path(args.output)))
         with folder as out:
-            return _train(args, recipe, ctx, device, out)
+            torch.manual_seed(args.seed)  # the initial weights of a zoo or file model
+            loaded = shared.load_from_args(args)
+            input_shape = (loaded.input_shapes[0] if loaded.input_shapes
+                           else getattr(loaded.module, "example_input_shape", None))
+            with local_main_first(ctx):  # one download per host, not one per process
+                data = shared.data_from_args(args, device, input_shape=input_shape, allow_stream=True)
+            _, report = train_run(
+                loaded, data, out, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+                decay_every=args.decay_every, recipe=recipe, sync_bn=args.sync_bn, resume=args.resume, device=device,
+                progress=not args.quiet, distributed=ctx, output=args.output,
+                lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, lr_decay=args.lr_decay,
+                seed=args.seed, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                track_inputs=tuple(args.track_inputs) if args.track_inputs is not None else None,
+                track_unit=args.track_unit, precision=args.precision, channels_last=args.channels_last,
+                compile=args.compile, deterministic=args.deterministic,
+            )
+            if report is not None:  # rank 0
+                shared.emit(report, args)
+            return 0
 
 
 def _launch(args: argparse.Namespace, device: torch.device) -> None:
@@ -174,90 +189,3 @@ def _launch(args: argparse.Namespace, device: torch.device) -> None:
         raise UserError(f"--nproc {args.nproc}: this host has {torch.cuda.device_count()} GPU(s), one per process")
     if args.nproc > 1:
         exec_torchrun(args.nproc, without_option(args.argv, "--nproc"))
-
-
-def _train(args: argparse.Namespace, recipe, ctx, device: torch.device, out: Path) -> int:
-    # Imported here, not above: `bngraph --help` starts without torch.
-    import torch
-
-    from bngraph.reproduce.recipes import apply_recipe
-    from bngraph.training.checkpoint import saved_config
-    from bngraph.training.config import TrainConfig, epochs_to_steps
-    from bngraph.training.data import check_model_fits
-    from bngraph.training.distributed import from_main, local_main_first
-    from bngraph.training.run_folder import train_into_folder
-
-    torch.manual_seed(args.seed)  # the initial weights of a zoo or file model
-    loaded = load_from_args(args)
-    model, history = loaded.module, list(loaded.history)
-    input_shape = loaded.input_shapes[0] if loaded.input_shapes else getattr(model, "example_input_shape", None)
-    with local_main_first(ctx):  # one download per host, not one per process
-        data = data_from_args(args, device, input_shape=input_shape, allow_stream=True)
-    steps = args.steps or epochs_to_steps(args.epochs or 2, data.n_train, args.batch_size * ctx.world_size)
-    example = [data.example(2).cpu()]
-
-    def decay_every() -> float | None:
-        """An eighth of the run unless given; on --resume, what the run used (its --steps may grow)."""
-        if args.decay_every is not None:
-            return args.decay_every
-        saved = saved_config(out) if args.resume else None
-        return saved["decay_every"] if isinstance(saved, dict) and "decay_every" in saved else steps / 8
-
-    decay = from_main(decay_every, ctx)  # rank 0 has the checkpoint
-    if recipe is not None:
-        model, entry = apply_recipe(model, recipe, example)
-        history.append(entry)
-    check_model_fits(model, data)
-    config = TrainConfig(
-        steps=steps, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        lr_decay=args.lr_decay, decay_every=decay, seed=args.seed, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        track_inputs=tuple(args.track_inputs) if args.track_inputs is not None else None,
-        track_unit=args.track_unit, precision=args.precision, channels_last=args.channels_last,
-        compile=args.compile, deterministic=args.deterministic,
-    )
-    if recipe is not None:
-        config = recipe.train_config(config)
-    done = train_into_folder(model, data, config, out, history=history, source=args.model, example_inputs=example,
-                             sync_bn=args.sync_bn, resume=args.resume, device=str(device), progress=not args.quiet,
-                             distributed=ctx)
-    if done is not None:  # rank 0
-        emit(_report(args, recipe, data, config, ctx.world_size, done), args)
-    return 0
-
-
-def _report(args: argparse.Namespace, recipe, data, config, processes: int, done: TrainedFolder) -> Report:
-    out_named = Path(args.output)  # the run is written beside it while --force builds a new one
-    run, sync_bn = done.run, done.sync_bn
-    facts = {
-        "model": args.model,
-        "recipe": recipe.name if recipe else None,
-        "data": f"{data.name} ({data.source})",
-        "data_format": data.format,
-        "streamed": type(data).__name__ == "StreamData",
-        "device": run.device,
-        "precision": run.precision,
-        "channels_last": run.channels_last,
-        "processes": processes,
-        "global_batch_size": args.batch_size * processes,
-        "sync_bn": len(sync_bn.changed) if sync_bn is not None else "off",
-        "steps": config.steps,
-        "resumed_from": run.resumed_from,
-        "lr": config.lr,
-        "best_test_accuracy": run.best_test_accuracy,
-        "final_test_accuracy": run.metrics[-1]["test_accuracy"],
-        "wall_s": round(run.wall_s, 2),
-        "output": str(out_named / done.model_dir.name),
-    }
-    if done.plot is not None:
-        facts["inputs_plot"] = str(out_named / done.plot.name)
-    shown = run.metrics[-1 :: -max(1, len(run.metrics) // 10)][::-1]  # ~10 rows, the last included
-    keys = ("step", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "steps_per_s")
-    sections = {"evaluations": [{k: row[k] for k in keys} for row in shown]}
-    if sync_bn is not None:
-        counts = {"changed": len(sync_bn.changed), "skipped": len(sync_bn.skipped)}
-        sections["passes"] = [{"pass": "convert_bn_to_sync_bn", **counts}]
-        if sync_bn.skipped:
-            sections["skipped"] = [{"site": s.site, "reason": s.reason} for s in sync_bn.skipped]
-    notes = [f"every evaluation is in {out_named / 'metrics.jsonl'}"]
-    return Report(f"bngraph train {args.model}", sections=sections, facts=facts, notes=notes)

@@ -3,6 +3,7 @@
 
     run = reproduce_inception(data, InceptionConfig(steps=1000))
     write_inception(run, Path("out"))     # accuracy.png, summary.json, table.md
+    run, report = inception_experiment(data, cfg, "out")   # both, and the report of `bngraph reproduce inception`
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from bngraph.atomic import REPRODUCE, write_dir_atomically
 from bngraph.errors import UserError
+from bngraph.report import Report
 from bngraph.reproduce.recipes import apply_recipe, get_recipe
 from bngraph.reproduce.tables import cell, first_step_reaching
 from bngraph.training.config import TrainConfig
@@ -200,3 +202,23 @@ def write_inception(run: InceptionRun, out: Path, *, force: bool = False) -> Pat
         (folder / "table.md").write_text(inception_table(run.summary))
 
     return write_dir_atomically(out, write, kind=REPRODUCE, force=force)
+
+
+def inception_experiment(data: TensorData, cfg: InceptionConfig, output: str, *, progress: bool = True,
+                         force: bool = False) -> tuple[InceptionRun, Report]:
+    """`bngraph reproduce inception`: every variant trained, written to `output`
+    (`write_inception`), and the report: the paper's table as rows."""
+    run = reproduce_inception(data, cfg, progress=progress)
+    write_inception(run, Path(output), force=force)
+    summary = run.summary
+    facts = {"data": summary["data"], "reference_accuracy": summary["reference_accuracy"],
+             "bn_baseline_step_time_ratio": summary["bn_baseline_step_time_ratio"],
+             "wall_s": summary["wall_s"], "output": output}
+    rows = [
+        {"variant": v["paper_name"], "steps_to_reference": v["steps_to_reference"],
+         "best_test_accuracy": v["best_test_accuracy"], "lr": v["lr"], "batchnorms": v["batchnorms"],
+         "images_per_s": v["images_per_s"]}
+        for v in summary["variants"].values()
+    ]
+    notes = ["steps_to_reference: steps to reach the plain Inception's best accuracy"]
+    return run, Report("bngraph reproduce inception", sections={"results": rows}, facts=facts, notes=notes)

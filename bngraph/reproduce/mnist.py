@@ -2,6 +2,7 @@
 
     run = reproduce_mnist(data, MnistConfig(steps=10_000))
     write_mnist(run, Path("out"))     # fig1.png, summary.json, table.md, the trained nets
+    run, report = mnist_experiment(data, cfg, "out")   # both, and the report of `bngraph reproduce mnist`
 
 It trains the paper's MLP (`zoo:mnist-mlp`) and the same net after `bngraph.insert`, from the same
 initial weights and on the same batches. The nets are small enough that bookkeeping, not
@@ -28,6 +29,7 @@ from bngraph.insert import insert
 from bngraph.artifacts import save
 from bngraph.atomic import REPRODUCE, write_dir_atomically
 from bngraph.errors import CheckFailed, UserError
+from bngraph.report import Report
 from bngraph.reproduce.tables import cell, first_step_reaching
 from bngraph.reproduce.workers import MnistProgress, run_workers
 from bngraph.training.config import pick_device
@@ -296,3 +298,27 @@ def write_mnist(run: MnistRun, out: Path, *, save_models: bool = True, force: bo
                      history=[entry], source="zoo:mnist-mlp")
 
     return write_dir_atomically(out, write, kind=REPRODUCE, force=force)
+
+
+def mnist_experiment(data: TensorData, cfg: MnistConfig, output: str, *, progress: bool = True,
+                     force: bool = False) -> tuple[MnistRun, Report]:
+    """`bngraph reproduce mnist`: both nets trained, written to `output` (`write_mnist`), and the
+    report: each net's accuracies and steps to the plain net's best, the speed-up."""
+    run = reproduce_mnist(data, cfg, progress=progress)
+    write_mnist(run, Path(output), force=force)
+    summary = run.summary
+    facts = {
+        "data": summary["data"],
+        "speedup": summary["speedup"],
+        "bn_ahead_at_every_evaluation": summary["bn_ahead_at_every_evaluation"],
+        "wall_s": summary["wall_s"],
+        "output": output,
+    }
+    rows = [
+        {"net": name, "best_test_accuracy": net["best_test_accuracy"],
+         "final_test_accuracy": net["final_test_accuracy"],
+         "steps_to_target": summary["steps_without_bn" if name == "without BN" else "steps_with_bn"]}
+        for name, net in summary["nets"].items()
+    ]
+    notes = [f"target: the plain net's best test accuracy, {summary['target_accuracy']:.4f}"]
+    return run, Report("bngraph reproduce mnist", sections={"results": rows}, facts=facts, notes=notes)

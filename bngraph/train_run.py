@@ -1,0 +1,123 @@
+"""`bngraph train`: a loaded model and its data -> a trained run folder, and the report.
+
+    done, report = train_run(loaded, data, Path("runs/mlp"), steps=5000, lr=0.1)
+
+It settles what the command line leaves open (the length from --epochs, --decay-every from the
+run being resumed), applies a --recipe (its passes on the model, its scaling of the settings),
+and trains through `bngraph.training.run_folder.train_into_folder`. It sits above the training
+wing because a recipe builds its variant with `bngraph.insert` (`bngraph.reproduce.recipes`),
+which `bngraph.training` does not import; it is not `train.py` because `bngraph.train` names the
+API's training function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bngraph.load import LoadedModel
+from bngraph.report import Report
+from bngraph.reproduce.recipes import Recipe, apply_recipe
+from bngraph.training.checkpoint import saved_config
+from bngraph.training.config import TrainConfig, epochs_to_steps
+from bngraph.training.data import StreamData, TensorData, check_model_fits
+from bngraph.training.distributed import SINGLE, Distributed, from_main
+from bngraph.training.run_folder import TrainedFolder, train_into_folder
+
+
+def train_run(
+    loaded: LoadedModel,
+    data: TensorData | StreamData,
+    out: Path,
+    *,
+    steps: int | None = None,
+    epochs: float | None = None,
+    batch_size: int = 32,
+    decay_every: float | None = None,
+    recipe: Recipe | None = None,
+    sync_bn: bool = False,
+    resume: bool = False,
+    device: torch.device | str = "auto",
+    progress: bool = True,
+    distributed: Distributed = SINGLE,
+    output: str | Path | None = None,
+    **settings: Any,
+) -> tuple[TrainedFolder | None, Report | None]:
+    """Train `loaded` on `data` into the run folder `out`, and report it; (None, None) on the
+    ranks other than 0 (they write and report nothing).
+
+    `steps`, or else `epochs` (default 2) of the global batch (`batch_size` per process).
+    `decay_every` defaults to an eighth of the run, or on `resume` to what the run used (its steps
+    may grow). `settings` are TrainConfig's other fields; `recipe` scales lr, weight decay and
+    the decay period. `output` is the folder as the user named it, for the report (`out` may be
+    a folder beside it while --force replaces an old run).
+    """
+    ctx = distributed
+    model, history = loaded.module, list(loaded.history)
+    steps = steps or epochs_to_steps(epochs or 2, data.n_train, batch_size * ctx.world_size)
+    example = [data.example(2).cpu()]
+
+    def resumed_decay() -> tuple[bool, float | None]:
+        """On `resume` without `decay_every`: (True, the period the run used, its recipe's scaling
+        included: scaling it again would refuse the resume as other settings)."""
+        saved = saved_config(out) if resume and decay_every is None else None
+        return (True, saved["decay_every"]) if isinstance(saved, dict) and "decay_every" in saved else (False, None)
+
+    resumed, saved_decay = from_main(resumed_decay, ctx)  # rank 0 has the checkpoint
+    if recipe is not None:
+        model, entry = apply_recipe(model, recipe, example)
+        history.append(entry)
+    check_model_fits(model, data)
+    config = TrainConfig(steps=steps, batch_size=batch_size, decay_every=steps / 8 if decay_every is None
+                         else decay_every, **settings)
+    if recipe is not None:
+        config = recipe.train_config(config)
+    if resumed:
+        config = replace(config, decay_every=saved_decay)
+    done = train_into_folder(model, data, config, out, history=history, source=loaded.spec.text,
+                             example_inputs=example, sync_bn=sync_bn, resume=resume, device=str(device),
+                             progress=progress, distributed=ctx)
+    if done is None:
+        return None, None
+    return done, train_report(loaded.spec.text, recipe, data, config, ctx.world_size, done, Path(output or out))
+
+
+def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamData, config: TrainConfig,
+                 processes: int, done: TrainedFolder, output: Path) -> Report:
+    """The run's facts, about ten of its evaluations, and the SyncBatchNorm conversion if any."""
+    run, sync_bn = done.run, done.sync_bn
+    facts = {
+        "model": model,
+        "recipe": recipe.name if recipe else None,
+        "data": f"{data.name} ({data.source})",
+        "data_format": data.format,
+        "streamed": isinstance(data, StreamData),
+        "device": run.device,
+        "precision": run.precision,
+        "channels_last": run.channels_last,
+        "processes": processes,
+        "global_batch_size": config.batch_size * processes,
+        "sync_bn": len(sync_bn.changed) if sync_bn is not None else "off",
+        "steps": config.steps,
+        "resumed_from": run.resumed_from,
+        "lr": config.lr,
+        "best_test_accuracy": run.best_test_accuracy,
+        "final_test_accuracy": run.metrics[-1]["test_accuracy"],
+        "wall_s": round(run.wall_s, 2),
+        "output": str(output / done.model_dir.name),
+    }
+    if done.plot is not None:
+        facts["inputs_plot"] = str(output / done.plot.name)
+    shown = run.metrics[-1 :: -max(1, len(run.metrics) // 10)][::-1]  # ~10 rows, the last included
+    keys = ("step", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "steps_per_s")
+    sections = {"evaluations": [{k: row[k] for k in keys} for row in shown]}
+    if sync_bn is not None:
+        counts = {"changed": len(sync_bn.changed), "skipped": len(sync_bn.skipped)}
+        sections["passes"] = [{"pass": "convert_bn_to_sync_bn", **counts}]
+        if sync_bn.skipped:
+            sections["skipped"] = [{"site": s.site, "reason": s.reason} for s in sync_bn.skipped]
+    notes = [f"every evaluation is in {output / 'metrics.jsonl'}"]
+    return Report(f"bngraph train {model}", sections=sections, facts=facts, notes=notes)
