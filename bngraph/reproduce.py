@@ -13,6 +13,7 @@ Inception trains each variant with `bngraph.train` after `bngraph.recipes` build
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import queue
@@ -75,12 +76,13 @@ def mnist_nets(seed: int, init_std: float | None) -> tuple[nn.Module, nn.Module]
 
 
 def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: Callable, *,
-                 send_state=None, evaluate_for=None) -> dict:  # fmt: skip
+                 send_state=None, evaluate_for=None, poll: Callable = lambda: None) -> dict:  # fmt: skip
     """Train `models` as one StackedMLP, evaluating every `eval_every` steps.
 
     With `send_state` (a queue), the evaluations are another process's job: the stack's state
     goes there instead. With `evaluate_for` = (models, queue, report), this process also
-    evaluates those models' states as they come, between its own steps and after them."""
+    evaluates those models' states as they come, between its own steps and after them.
+    `poll` runs at each evaluation and while waiting for states (it raises if a worker failed)."""
     from bngraph.fused_mlp import StackedMLP
 
     torch.set_flush_denormal(True)  # saturated sigmoids make denormals, 2x slower on x86
@@ -99,6 +101,7 @@ def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: 
                 except queue.Empty:
                     if until is None:
                         return
+                    poll()
                     continue
                 shadow.load_state(state)
                 acc, q = shadow.evaluate(data.x_test, data.y_test, track_unit=cfg.track_unit)
@@ -126,6 +129,7 @@ def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: 
                     f"training diverged: the weights are not finite at step {step + 1} (--lr {cfg.lr:g}); lower --lr"
                 )
             steps.append(step + 1)
+            poll()
             if send_state is not None:  # a copy: the queue pickles it later, in another thread
                 send_state.put((step + 1, [t.cpu().numpy().copy() for t in stack.state()]))
                 continue
@@ -163,6 +167,9 @@ def _worker(rank, models, net_seeds, data, cfg, messages, send_state=None, evalu
         result = _train_stack(models, net_seeds, data, cfg, lambda step, acc: messages.put(("eval", rank, step, acc)),
                               send_state=send_state, evaluate_for=evaluate_for)  # fmt: skip
         messages.put(("done", rank, result))
+        # This process ends next, and Python's exit would walk every object torch made (~1 s on
+        # one core, while the other trains or writes); frozen, they are left to the OS.
+        gc.freeze()
     except CheckFailed as err:
         messages.put(("check_failed", rank, str(err)))
     except BaseException:  # noqa: BLE001 (the parent re-raises it with this text)
@@ -170,37 +177,40 @@ def _worker(rank, models, net_seeds, data, cfg, messages, send_state=None, evalu
 
 
 def _run_workers(chunks, data: TensorData, cfg: MnistConfig, on_eval: Callable) -> list[dict]:
-    """One process per chunk of nets; their messages drive `on_eval`, their results return."""
+    """Chunk 0 trains in this process, which has torch loaded already, and each other chunk in a
+    process of its own, started first; their messages drive `on_eval`, their results return."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # fork after torch has started its threads can hang
     messages = ctx.Queue()
     shared = TensorData(*(t.share_memory_() for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
-    # Two processes hold the plain nets and the BN nets; BN's steps cost more (~1.4x on one
-    # core), so the plain process also evaluates the BN nets, on states the other sends it.
+    # Two processes hold the plain nets and the BN nets; BN's steps cost more (~1.2x on one
+    # core), so the plain process (this one) also evaluates the BN nets, on states the other sends.
     offload = len(chunks) == 2
     states = ctx.Queue() if offload else None
     extra = [{"evaluate_for": (chunks[1][0], states, 1)}, {"send_state": states}] if offload else [{}] * len(chunks)
-    procs = [
-        ctx.Process(target=_worker, args=(rank, models, seeds, shared, cfg, messages), kwargs=extra[rank], daemon=True)
+    procs = {
+        rank: ctx.Process(target=_worker, args=(rank, models, seeds, shared, cfg, messages), kwargs=extra[rank], daemon=True)
         for rank, (models, seeds) in enumerate(chunks)
-    ]
-    for p in procs:
+        if rank > 0
+    }
+    for p in procs.values():
         p.start()
     results: dict[int, dict] = {}
-    try:
-        while len(results) < len(procs):
+
+    def poll(block: bool = False) -> None:
+        """Handle the workers' messages waiting (with `block`, at least one); raise if one failed or died."""
+        while True:
             try:
-                message = messages.get(timeout=1.0)
+                kind, rank, *rest = messages.get(block=block, timeout=1.0)
             except queue.Empty:
-                dead = [p for i, p in enumerate(procs) if i not in results and not p.is_alive()]
+                dead = [p for rank, p in procs.items() if rank not in results and not p.is_alive()]
                 if dead:
                     raise RuntimeError(
                         f"a training process died (exit code {dead[0].exitcode}); from a script, call "
                         "reproduce_mnist under `if __name__ == '__main__':` (workers are spawned), or pass workers=1"
                     ) from None
-                continue
-            kind, rank, *rest = message
+                return
             if kind == "eval":
                 on_eval(rank, *rest)
             elif kind == "check_failed":
@@ -209,14 +219,35 @@ def _run_workers(chunks, data: TensorData, cfg: MnistConfig, on_eval: Callable) 
                 raise RuntimeError(f"training process {rank} failed:\n{rest[0]}")
             else:
                 results[rank] = rest[0]
+                return
+
+    try:
+        models, seeds = chunks[0]
+        evaluate_for = (chunks[1][0], states, lambda step, acc: on_eval(1, step, acc)) if offload else None
+        results[0] = _train_here(models, seeds, shared, cfg, lambda step, acc: on_eval(0, step, acc),
+                                 evaluate_for=evaluate_for, poll=poll)  # fmt: skip
+        while len(results) < len(chunks):
+            poll(block=True)
     finally:
-        for p in procs:
-            if p.is_alive() and len(results) < len(procs):
+        for rank, p in procs.items():  # one that sent its result exits on its own (reaped at exit)
+            if rank not in results and p.is_alive():
                 p.terminate()
-            p.join(timeout=10)
+                p.join(timeout=10)
     if offload:
         results[1].update(results[0].pop("offloaded"))
-    return [results[i] for i in range(len(procs))]
+    return [results[i] for i in range(len(chunks))]
+
+
+def _train_here(*args, **kwargs) -> dict:
+    """`_train_stack` in this process, single-threaded as the workers are (at batch 60 a second
+    thread buys less than it costs), with torch's settings restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_stack(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
 
 
 @dataclass
@@ -252,13 +283,7 @@ def reproduce_mnist(data: TensorData, cfg: MnistConfig, *, progress: bool = True
 
     with _Progress(progress, cfg.steps) as bar:
         if workers == 1:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                results = [_train_stack(nets, net_seeds, data, cfg, lambda s, acc: bar.update(0, s, acc))]
-            finally:
-                torch.set_num_threads(threads)
-                torch.set_flush_denormal(False)
+            results = [_train_here(nets, net_seeds, data, cfg, lambda s, acc: bar.update(0, s, acc))]
         else:
             results = _run_workers(chunks, data, cfg, bar.update)
     for (models, _), result in zip(chunks, results):
