@@ -88,6 +88,29 @@ def test_one_batch_shared_by_all_nets_and_evaluation():
         torch.testing.assert_close(quantiles[k], want_q, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("act", [nn.Sigmoid, nn.ReLU])
+@pytest.mark.parametrize("which", ["plain", "bn"])
+def test_one_net_alone_steps_and_evaluates_as_autograd(act, which):
+    # One net per stack is what each process of `reproduce mnist` trains: the 2-D step.
+    net = dict(zip(("plain", "bn"), pair(4, act, init_std=0.05)))[which]
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.rand(60, 1, 28, 28, generator=gen) for _ in range(5)]
+    ys = [torch.randint(0, 10, (60,), generator=gen) for _ in range(5)]
+    (reference,) = reference_steps([net], [[x] for x in xs], [[y] for y in ys], lr=0.5, steps=5)
+    stack = StackedMLP([net])
+    for x, y in zip(xs, ys):
+        stack.step(x.flatten(1), y, lr=0.5)
+    x_test, y_test = torch.rand(300, 1, 28, 28, generator=gen), torch.randint(0, 10, (300,), generator=gen)
+    accuracy, quantiles = stack.evaluate(x_test, y_test, track_unit=3, chunk=128)
+    stack.write_back([net])
+    assert_same_state([net], [reference])
+    reference.eval()
+    with torch.no_grad():
+        want = (reference(x_test).argmax(1) == y_test).float().mean()
+    assert accuracy.shape == (1,) and quantiles.shape == (1, 3)
+    assert accuracy[0].item() == pytest.approx(want.item(), abs=1 / 300)
+
+
 def test_num_batches_tracked_counts_the_steps():
     _, bn_net = pair(3)
     stack = StackedMLP([bn_net])

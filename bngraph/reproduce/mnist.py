@@ -31,7 +31,7 @@ from bngraph.atomic import REPRODUCE, write_dir_atomically
 from bngraph.errors import CheckFailed, UserError
 from bngraph.report import Report
 from bngraph.reproduce.tables import cell, first_step_reaching
-from bngraph.reproduce.workers import MnistProgress, run_workers
+from bngraph.reproduce.workers import MnistProgress, run_workers, train_here
 from bngraph.training.config import pick_device
 from bngraph.training.data import EpochSampler, TensorData
 from bngraph.training.fused_mlp import StackedMLP
@@ -77,12 +77,13 @@ def mnist_nets(seed: int, init_std: float | None) -> tuple[nn.Module, nn.Module]
 
 
 def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: Callable, *,
-                 send_state=None, evaluate_for=None) -> dict:
+                 send_state=None, evaluate_for=None, poll: Callable = lambda: None) -> dict:
     """Train `models` as one StackedMLP, evaluating every `eval_every` steps.
 
     With `send_state` (a queue), the evaluations are another process's job: the stack's state
     goes there instead. With `evaluate_for` = (models, queue, report), this process also
-    evaluates those models' states as they come, between its own steps and after them."""
+    evaluates those models' states as they come, between its own steps and after them.
+    `poll` runs at each evaluation and while waiting for states (it raises if a worker failed)."""
     torch.set_flush_denormal(True)  # saturated sigmoids make denormals, 2x slower on x86
     device = data.x_train.device
     stack = StackedMLP(models, device)
@@ -99,6 +100,7 @@ def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: 
                 except queue.Empty:
                     if until is None:
                         return
+                    poll()
                     continue
                 shadow.load_state(state)
                 acc, q = shadow.evaluate(data.x_test, data.y_test, track_unit=cfg.track_unit)
@@ -126,6 +128,7 @@ def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: 
                     f"training diverged: the weights are not finite at step {step + 1} (--lr {cfg.lr:g}); lower --lr"
                 )
             steps.append(step + 1)
+            poll()
             if send_state is not None:  # a copy: the queue pickles it later, in another thread
                 send_state.put((step + 1, [t.cpu().numpy().copy() for t in stack.state()]))
                 continue
@@ -185,13 +188,7 @@ def reproduce_mnist(data: TensorData, cfg: MnistConfig, *, progress: bool = True
 
     with MnistProgress(progress, cfg.steps) as bar:
         if workers == 1:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                results = [_train_stack(nets, net_seeds, data, cfg, lambda s, acc: bar.update(0, s, acc))]
-            finally:
-                torch.set_num_threads(threads)
-                torch.set_flush_denormal(False)
+            results = [train_here(_train_stack, nets, net_seeds, data, cfg, lambda s, acc: bar.update(0, s, acc))]
         else:
             results = run_workers(_train_stack, chunks, data, cfg, bar.update)
     for (models, _), result in zip(chunks, results):

@@ -1,9 +1,11 @@
-"""The MNIST nets' worker processes and progress bar: one process per chunk of nets, each
-single-threaded (at batch 60 a second thread buys less than it costs), reporting evaluations
-through a queue to the parent's progress bar."""
+"""The MNIST nets' worker processes and progress bar: the first chunk of nets trains in the
+command's own process (torch is loaded there already), each other chunk in a process of its
+own, all single-threaded (at batch 60 a second thread buys less than it costs), the workers
+reporting evaluations through a queue to the parent's progress bar."""
 
 from __future__ import annotations
 
+import gc
 import queue
 import sys
 import time
@@ -28,6 +30,9 @@ def _worker(train_stack, rank, models, net_seeds, data, cfg, messages, send_stat
         result = train_stack(models, net_seeds, data, cfg, lambda step, acc: messages.put(("eval", rank, step, acc)),
                              send_state=send_state, evaluate_for=evaluate_for)
         messages.put(("done", rank, result))
+        # This process ends next, and Python's exit would walk every object torch made (~1 s on
+        # one core, while the other trains or writes); frozen, they are left to the OS.
+        gc.freeze()
     except CheckFailed as err:
         messages.put(("check_failed", rank, str(err)))
     except BaseException:  # noqa: BLE001 (the parent re-raises it with this text)
@@ -35,36 +40,41 @@ def _worker(train_stack, rank, models, net_seeds, data, cfg, messages, send_stat
 
 
 def run_workers(train_stack: Callable, chunks, data: TensorData, cfg, on_eval: Callable) -> list[dict]:
-    """One process per chunk of nets, each running `train_stack` on its chunk; their messages
-    drive `on_eval`, their results return."""
+    """`train_stack` on each chunk of nets: chunk 0 in this process, each other chunk in a
+    process of its own, started first; their messages drive `on_eval`, their results return."""
     ctx = mp.get_context("spawn")  # fork after torch has started its threads can hang
     messages = ctx.Queue()
     shared = TensorData(*(t.share_memory_() for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
-    # Two processes hold the plain nets and the BN nets; BN's steps cost more (~1.4x on one
-    # core), so the plain process also evaluates the BN nets, on states the other sends it.
+    # Two chunks hold the plain nets and the BN nets; BN's steps cost more (~1.2x on one core),
+    # so the plain chunk (this process) also evaluates the BN nets, on states the other sends.
     offload = len(chunks) == 2
     states = ctx.Queue() if offload else None
-    extra = [{"evaluate_for": (chunks[1][0], states, 1)}, {"send_state": states}] if offload else [{}] * len(chunks)
-    procs = [
-        ctx.Process(target=_worker, args=(train_stack, rank, models, seeds, shared, cfg, messages), kwargs=extra[rank], daemon=True)
+    extra = [{}, {"send_state": states}] if offload else [{}] * len(chunks)
+    procs = {
+        rank: ctx.Process(target=_worker, args=(train_stack, rank, models, seeds, shared, cfg, messages),
+                          kwargs=extra[rank], daemon=True)
         for rank, (models, seeds) in enumerate(chunks)
-    ]
-    for p in procs:
+        if rank > 0
+    }
+    for p in procs.values():
         p.start()
     results: dict[int, dict] = {}
-    try:
-        while len(results) < len(procs):
+
+    def poll(block: bool = False) -> None:
+        """Handle the workers' waiting messages (with `block`, until a result); raise if one failed or died."""
+        while True:
             try:
-                message = messages.get(timeout=1.0)
+                kind, rank, *rest = messages.get(block=block, timeout=1.0)
             except queue.Empty:
-                dead = [p for i, p in enumerate(procs) if i not in results and not p.is_alive()]
+                dead = [p for rank, p in procs.items() if rank not in results and not p.is_alive()]
                 if dead:
                     raise RuntimeError(
                         f"a training process died (exit code {dead[0].exitcode}); from a script, call "
                         "reproduce_mnist under `if __name__ == '__main__':` (workers are spawned), or pass workers=1"
                     ) from None
+                if not block:
+                    return
                 continue
-            kind, rank, *rest = message
             if kind == "eval":
                 on_eval(rank, *rest)
             elif kind == "check_failed":
@@ -73,14 +83,35 @@ def run_workers(train_stack: Callable, chunks, data: TensorData, cfg, on_eval: C
                 raise RuntimeError(f"training process {rank} failed:\n{rest[0]}")
             else:
                 results[rank] = rest[0]
+                return
+
+    try:
+        models, seeds = chunks[0]
+        evaluate_for = (chunks[1][0], states, lambda step, acc: on_eval(1, step, acc)) if offload else None
+        results[0] = train_here(train_stack, models, seeds, shared, cfg, lambda step, acc: on_eval(0, step, acc),
+                                evaluate_for=evaluate_for, poll=poll)
+        while len(results) < len(chunks):
+            poll(block=True)
     finally:
-        for p in procs:
-            if p.is_alive() and len(results) < len(procs):
+        for rank, p in procs.items():  # one that sent its result exits on its own (reaped at exit)
+            if rank not in results and p.is_alive():
                 p.terminate()
-            p.join(timeout=10)
+                p.join(timeout=10)
     if offload:
         results[1].update(results[0].pop("offloaded"))
-    return [results[i] for i in range(len(procs))]
+    return [results[i] for i in range(len(chunks))]
+
+
+def train_here(train_stack: Callable, *args, **kwargs) -> dict:
+    """`train_stack(*args, **kwargs)` in this process, single-threaded as the workers are, with
+    torch's settings restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_stack(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
 
 
 class MnistProgress:

@@ -17,6 +17,9 @@ alpha=-lr)`). Nets with the same layer kinds form a group (a contiguous slice of
 bias and BN apply per group while the matmuls run once for all. `tests/test_fused_mlp.py`
 checks the result against autograd and torch.optim.SGD. Plain SGD only: the paper's MNIST run
 names no momentum. Anything else is `NotAnMLP`; train it with `bngraph.train`.
+
+One module past 300 lines: reading a model into the stack, the hand-written step and the
+evaluation share the stack's layout (which slice is which net and layer), and change together.
 """
 
 from __future__ import annotations
@@ -101,6 +104,12 @@ class _Group:
             return torch.stack([get(c).detach().float() for c in chains]).to(device)
 
         self.bias = [stack(lambda c, l=l: c[l][0].bias) if k.has_bias else None for l, k in enumerate(kinds)]
+        # The step's views of each bias, made once (in-place updates keep them valid): for one
+        # net the step is 2-D, `vec` [out] and `row` [out]; for a stack `vec` [Kg, out] and
+        # `row` [Kg, 1, out], which broadcasts over the batch.
+        one = K == 1
+        self.bias_vec = [None if b is None else b[0] if one else b for b in self.bias]
+        self.bias_row = [None if b is None else b[0] if one else b.unsqueeze(1) for b in self.bias]
         self.bn: list[_StackedBN | None] = []
         for l, k in enumerate(kinds):
             bns = [c[l][1] for c in chains]
@@ -123,7 +132,10 @@ class _Group:
 
 
 class StackedMLP:
-    """K MLPs of equal widths as stacked tensors: `step` trains all, `evaluate` tests all."""
+    """K MLPs of equal widths as stacked tensors: `step` trains all, `evaluate` tests all.
+
+    One net (K = 1, each process of `reproduce mnist`) steps with 2-D ops (mm, addmm), which
+    cost less than their batched forms over a batch of one; a stack uses bmm and baddbmm."""
 
     def __init__(self, models: Sequence[nn.Module], device: str | torch.device = "cpu"):
         self.device = torch.device(device)
@@ -151,40 +163,56 @@ class StackedMLP:
             self.groups.append(_Group(start, chains[start:stop], self.K, self.device))
             start = stop
         self.num_batches_tracked = 0
+        self._one = self.K == 1
+        self._w = [w[0] if self._one else w for w in self.weights]  # views: updates land in `weights`
+        self._wt = [w.mT for w in self._w]
+        self._mm = torch.mm if self._one else torch.bmm
+        self._addmm = torch.addmm if self._one else torch.baddbmm
+        self._addmm_ = torch.Tensor.addmm_ if self._one else torch.Tensor.baddbmm_
         self._ones: torch.Tensor | None = None
 
     # --- the training step --------------------------------------------------------------
 
+    @torch.inference_mode()  # no autograd bookkeeping in torch's dispatcher: ~15% of a step's overhead
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
         """One SGD step of every net: x [K, B, features] or [B, features] (one batch for all
         nets: bmm reads the expanded view without a copy), y [K, B] or [B].
 
-        Each update is fused into the op that computes its gradient (`W.baddbmm_(a^T, dz,
+        Each update is fused into the op that computes its gradient (`W.addmm_(a^T, dz,
         alpha=-lr)`), after that layer's backward has read the old values."""
         K, B = self.K, x.shape[-2]
-        a = x.expand(K, *x.shape) if x.dim() == 2 else x
+        if self._one:
+            a, y = x.reshape(B, -1), y.reshape(B)
+        else:
+            a, y = (x.expand(K, *x.shape) if x.dim() == 2 else x), y.expand(K, B)
+        groups, one_group = self.groups, len(self.groups) == 1
         inputs, saved = [], []  # each layer's input; per layer and group, what BN's backward needs
-        for l, W in enumerate(self.weights[:-1]):
+        for l, W in enumerate(self._w[:-1]):
             inputs.append(a)
-            z = torch.bmm(a, W)
+            if one_group and groups[0].bias[l] is not None:
+                z = self._addmm(groups[0].bias_row[l], a, W)
+            else:
+                z = self._mm(a, W)
+                for g in groups:
+                    if g.bias[l] is not None:
+                        (z if g.whole else z[g.start : g.stop]).add_(g.bias_row[l])
             layer_saved = []
-            for g in self.groups:
-                zg = z if g.whole else z[g.start : g.stop]
-                if g.bias[l] is not None:
-                    zg.add_(g.bias[l].unsqueeze(1))
+            for g in groups:
                 bn = g.bn[l]
                 if bn is None:
                     layer_saved.append(None)
                     continue
                 # BN of Kg nets as one BatchNorm1d of Kg*F features over the batch: torch's own
                 # kernel (batch statistics, moving averages updated in place, as nn.BatchNorm1d).
-                flat = zg.transpose(0, 1).reshape(B, -1)
+                zg = z if g.whole else z[g.start : g.stop]
+                flat = zg if self._one else zg.transpose(0, 1).reshape(B, -1)
                 if not g.whole and flat.data_ptr() == zg.data_ptr():
                     flat = flat.clone()  # a view of z, which the BN output overwrites below
-                out, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+                out, save_mean, save_invstd = torch.native_batch_norm(
                     flat, bn.gamma, bn.beta, bn.running_mean, bn.running_var, True, bn.momentum, bn.eps
                 )
-                out = out.view(B, len(g), -1).transpose(0, 1)
+                if not self._one:
+                    out = out.view(B, len(g), -1).transpose(0, 1)
                 if g.whole:
                     z = out
                 else:
@@ -192,51 +220,60 @@ class StackedMLP:
                 layer_saved.append((flat, save_mean, save_invstd))
             a = torch.sigmoid_(z) if self.sigmoid else torch.relu_(z)
             saved.append(layer_saved)
-        inputs.append(a)
-        W_head = self.weights[-1]
-        logits = torch.bmm(a, W_head)
-        for g in self.groups:
-            (logits if g.whole else logits[g.start : g.stop]).add_(g.bias[-1].unsqueeze(1))
-        grad = torch.softmax(logits, -1)
-        grad.scatter_add_(2, y.expand(K, B).unsqueeze(2), self._minus_ones(K, B))
-        grad.mul_(1.0 / B)  # the loss is the batch mean
 
-        for l in range(len(self.weights) - 1, -1, -1):
-            W = self.weights[l]
-            grad_in = torch.bmm(grad, W.transpose(1, 2)) if l > 0 else None  # before W changes
-            for g in self.groups:
+        # The head runs transposed, logits^T = W^T a^T [(K,) classes, B]: softmax over the
+        # classes is then a reduction over rows, several times faster on the CPU than over a
+        # last dimension of 10.
+        head = len(self._w) - 1
+        inputs.append(a)
+        if one_group:
+            logits = self._addmm(groups[0].bias_vec[head].unsqueeze(-1), self._wt[head], a.mT)
+        else:
+            logits = self._mm(self._wt[head], a.mT)
+            for g in groups:
+                (logits if g.whole else logits[g.start : g.stop]).add_(g.bias_vec[head].unsqueeze(-1))
+        grad = torch.softmax(logits, -2)
+        grad.scatter_add_(-2, y.unsqueeze(-2), self._minus_ones(B))
+        grad.mul_(1.0 / B)  # the loss is the batch mean
+        grad = grad.mT  # [(K,) B, classes] from here on
+
+        for l in range(head, -1, -1):
+            grad_in = self._mm(grad, self._wt[l]) if l > 0 else None  # before W changes
+            for g in groups:
                 if g.bias[l] is not None:
                     dg = grad if g.whole else grad[g.start : g.stop]
-                    g.bias[l].sub_(dg.sum(1), alpha=lr)
-            W.baddbmm_(inputs[l].transpose(1, 2), grad, alpha=-lr)
+                    g.bias_vec[l].sub_(dg.sum(-2), alpha=lr)
+            self._addmm_(self._w[l], inputs[l].mT, grad, alpha=-lr)
             if grad_in is None:
                 break  # the input images need no gradient
             if self.sigmoid:
                 grad = torch.ops.aten.sigmoid_backward(grad_in, inputs[l])
             else:
                 grad = torch.ops.aten.threshold_backward(grad_in, inputs[l], 0)
-            for g, g_saved in zip(self.groups, saved[l - 1]):
+            for g, g_saved in zip(groups, saved[l - 1]):
                 if g_saved is None:
                     continue
                 flat, save_mean, save_invstd = g_saved
                 bn = g.bn[l - 1]
                 dg = grad if g.whole else grad[g.start : g.stop]
                 d_flat, d_gamma, d_beta = torch.ops.aten.native_batch_norm_backward(
-                    dg.transpose(0, 1).reshape(B, -1), flat, bn.gamma, bn.running_mean, bn.running_var,
-                    save_mean, save_invstd, True, bn.eps, [True, True, True],
-                )
+                    dg if self._one else dg.transpose(0, 1).reshape(B, -1), flat, bn.gamma, bn.running_mean,
+                    bn.running_var, save_mean, save_invstd, True, bn.eps, [True, True, True],
+                )  # fmt: skip
                 bn.gamma.sub_(d_gamma, alpha=lr)
                 bn.beta.sub_(d_beta, alpha=lr)
-                d_flat = d_flat.view(B, len(g), -1).transpose(0, 1)
+                if not self._one:
+                    d_flat = d_flat.view(B, len(g), -1).transpose(0, 1)
                 if g.whole:
                     grad = d_flat
                 else:
                     dg.copy_(d_flat)
         self.num_batches_tracked += 1
 
-    def _minus_ones(self, K: int, B: int) -> torch.Tensor:
-        if self._ones is None or self._ones.shape != (K, B, 1):
-            self._ones = torch.full((K, B, 1), -1.0, device=self.device)
+    def _minus_ones(self, B: int) -> torch.Tensor:
+        shape = (1, B) if self._one else (self.K, 1, B)
+        if self._ones is None or self._ones.shape != shape:
+            self._ones = torch.full(shape, -1.0, device=self.device)
         return self._ones
 
     # --- state, evaluation and write-back -----------------------------------------------
@@ -257,13 +294,14 @@ class StackedMLP:
         for mine, theirs in zip(self.state(), tensors, strict=True):
             mine.copy_(torch.as_tensor(theirs))
 
-
     @torch.no_grad()
     def evaluate(
-        self, x: torch.Tensor, y: torch.Tensor, *, track_unit: int | None = None, chunk: int = 10000
+        self, x: torch.Tensor, y: torch.Tensor, *, track_unit: int | None = None, chunk: int = 1000
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each net's accuracy on (x, y) [K] in inference mode (BN on its moving averages), and
-        the QUANTILES of unit `track_unit`'s input to the last hidden nonlinearity [K, 3]."""
+        the QUANTILES of unit `track_unit`'s input to the last hidden nonlinearity [K, 3].
+
+        Chunks of 1,000 examples keep each layer's activations in the L2 cache."""
         correct = torch.zeros(self.K, device=self.device)
         tracked = []
         hidden = len(self.weights) - 1
@@ -274,26 +312,26 @@ class StackedMLP:
             n = a.shape[0]
             for l in range(hidden):
                 if l == 0:
-                    z = (a @ W0_wide).view(n, self.K, -1).transpose(0, 1).contiguous()
+                    z = a @ W0_wide if self._one else (a @ W0_wide).view(n, self.K, -1).transpose(0, 1).contiguous()
                 else:
-                    z = torch.bmm(a, self.weights[l])
+                    z = self._mm(a, self._w[l])
                 for g in self.groups:
-                    zg = z[g.start : g.stop]
+                    zg = z if g.whole else z[g.start : g.stop]
                     if g.bias[l] is not None:
-                        zg.add_(g.bias[l].unsqueeze(1))
+                        zg.add_(g.bias_row[l])
                     bn = g.bn[l]
                     if bn is not None:
-                        shape = (len(g), 1, -1)
+                        shape = (-1,) if self._one else (len(g), 1, -1)
                         scale = (bn.running_var + bn.eps).rsqrt_().mul_(bn.gamma)
                         zg.sub_(bn.running_mean.view(shape)).mul_(scale.view(shape))
                         zg.add_(bn.beta.view(shape))
                 if l == hidden - 1 and track_unit is not None:
-                    tracked.append(z[:, :, track_unit].clone())
+                    tracked.append(z[..., track_unit].reshape(self.K, n).clone())
                 a = torch.sigmoid_(z) if self.sigmoid else torch.relu_(z)
-            logits = torch.bmm(a, self.weights[-1])
+            logits = self._mm(a, self._w[-1])
             for g in self.groups:
-                logits[g.start : g.stop].add_(g.bias[-1].unsqueeze(1))
-            correct += (logits.argmax(-1) == y[lo : lo + chunk]).sum(1)
+                (logits if g.whole else logits[g.start : g.stop]).add_(g.bias_row[-1])
+            correct += (logits.argmax(-1) == y[lo : lo + chunk]).sum(-1)
         accuracy = correct / x.shape[0]
         if not tracked:
             return accuracy, None
