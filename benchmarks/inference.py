@@ -216,14 +216,14 @@ def build_report(models: dict[str, int], torch_times: dict, ort_times: dict, arg
             "folded / no-BN": ratio_cell(t, "folded", "no_bn", FOLDED_TARGET),
             "folded GM / no-BN": ratio_cell(t, "folded_gm", "no_bn", FOLDED_TARGET),
             "BN / folded GM": ratio_cell(t, "bn", "folded_gm"),
-        })  # fmt: skip
+        })
         ort_rows.append({
             "model": name, "batch": batch,
             **{f"{c} ms": median_ms(o, c) for c in ORT_CONTENDERS},
             "ours / no-BN": ratio_cell(o, "ours", "no_bn", FOLDED_TARGET),
             "BN / ours": ratio_cell(o, "bn", "ours"),
             "ours / exporter": ratio_cell(o, "ours", "exporter", EXPORTER_TARGET),
-        })  # fmt: skip
+        })
     import onnxruntime
 
     facts = {
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads, "level": "ORT_ENABLE_ALL", "rounds": args.rounds, "sample_s": args.sample_ms / 1e3,
             "groups": {n: {"batch": models[n], "contenders": {c: str(f / f"{c}.onnx") for c in ORT_CONTENDERS}}
                        for n, f in folders.items()},
-        }  # fmt: skip
+        }
         (root / "ort-spec.json").write_text(json.dumps(ort_spec))
         print("timing onnxruntime ...", file=sys.stderr, flush=True)
         run_child([str(TIMING), str(root / "ort-spec.json"), str(root / "ort-times.json")], env=env)

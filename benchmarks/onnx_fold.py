@@ -394,7 +394,7 @@ def collect(args, chosen: list[Pattern], tools: list[str], root: Path):
         files.update({t: outcome(root / p.name, t) for t in tools if isinstance(errors[p.name][t], float)})
         groups[p.name] = {"batch": args.batch, "contenders": {t: str(f) for t, f in files.items()}}
     spec = {"threads": args.threads, "level": args.ort_level, "rounds": args.rounds,
-            "sample_s": args.sample_ms / 1e3, "clock": args.clock, "groups": groups}  # fmt: skip
+            "sample_s": args.sample_ms / 1e3, "clock": args.clock, "groups": groups}
     (root / "ort-spec.json").write_text(json.dumps(spec))
     run_child(
         [str(TIMING), str(root / "ort-spec.json"), str(root / "ort-times.json")],
@@ -408,7 +408,7 @@ def build_report(args, chosen: list[Pattern], tools: list[str], left, errors, ex
 
     def table(values, fmt, first=None):
         return [{"pattern": n, **({first: values[n][first]} if first else {}),
-                 **{t: cell(v, fmt) for t, v in values[n].items() if t != first}} for n in values]  # fmt: skip
+                 **{t: cell(v, fmt) for t, v in values[n].items() if t != first}} for n in values]
 
     sections = {
         "BatchNormalization nodes left": table(left, "{}", first="original"),

@@ -47,7 +47,7 @@ def sync(device) -> None:
 
 
 def plain_amp_loop(name: str, data: TensorData, steps: int, batch: int, precision: str, channels_last: bool,
-                   device) -> float:  # fmt: skip
+                   device) -> float:
     torch.manual_seed(0)
     model = create_model(name).to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     model.train()
@@ -74,11 +74,11 @@ def plain_amp_loop(name: str, data: TensorData, steps: int, batch: int, precisio
 
 
 def bngraph_loop(name: str, data: TensorData, steps: int, batch: int, precision: str, channels_last: bool,
-                 device, compile: bool = False) -> float:  # fmt: skip
+                 device, compile: bool = False) -> float:
     torch.manual_seed(0)
     model = create_model(name)
     config = TrainConfig(steps=steps, batch_size=batch, lr=0.001, eval_every=steps, precision=precision,
-                         channels_last=channels_last, compile=compile)  # fmt: skip
+                         channels_last=channels_last, compile=compile)
     sync(device)
     start = time.perf_counter()
     train(model, data, config, device=str(device), progress=False)
@@ -112,9 +112,9 @@ def main() -> None:
     with torch.no_grad():
         classes = create_model(name)(torch.zeros(shape)).shape[1]
     print(f"torch {torch.__version__}, {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"{name} {shape[1:]}, {precision}, channels_last={channels_last}, N={args.steps}")  # fmt: skip
+          f"{name} {shape[1:]}, {precision}, channels_last={channels_last}, N={args.steps}")
     results = {"model": name, "device": str(device), "precision": precision, "channels_last": channels_last,
-               "steps": args.steps, "torch": torch.__version__, "batches": {}}  # fmt: skip
+               "steps": args.steps, "torch": torch.__version__, "batches": {}}
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         data = synthetic(shape, classes, max(4 * batch, 64), device)
         contenders = {
@@ -144,7 +144,7 @@ def main() -> None:
         for k, times in per_step.items():
             t, once = statistics.median(times), statistics.median(setup[k])
             rows[k] = {"ms_per_step": round(t * 1e3, 3), "images_per_s": round(batch / t, 1),
-                       "x_plain": round(plain / t, 3), "setup_s": round(once, 2)}  # fmt: skip
+                       "x_plain": round(plain / t, 3), "setup_s": round(once, 2)}
             print(f"{'':9}{k:<20} {t * 1e3:>9.2f} {batch / t:>10.1f} {plain / t:>8.3f} {once:>8.2f}")
         if args.compile:
             eager, compiled = rows["bngraph"], rows["bngraph --compile"]
@@ -154,7 +154,7 @@ def main() -> None:
             pays_after = round(cost_s * 1e3 / saved_ms) if saved_ms > 0 else None
             rows["compile"] = {"speedup": round(speedup, 3), "compile_s": round(cost_s, 2), "pays_after_steps": pays_after}
             print(f"{'':9}--compile: {speedup:.3f}x the step rate of bngraph; compiling costs {cost_s:.1f} s in the first run, "
-                  + (f"repaid after {pays_after:,} steps" if pays_after is not None else "never repaid"))  # fmt: skip
+                  + (f"repaid after {pays_after:,} steps" if pays_after is not None else "never repaid"))
         results["batches"][str(batch)] = rows
         if args.json:
             with open(args.json, "w") as f:  # after each batch size: a cut run still reports

@@ -13,7 +13,7 @@ the producer unknown, never stale.
 
 It lives with the passes that decide by it (`wrap_activation_modules`,
 `fold_bn_into_producer_module`); the trace fallback (`bngraph.partial_trace`) and `--track-inputs`
-(`bngraph.track`) read it too. One module past 300 lines: the op tables, the recorder that names
+(`bngraph.training.track`) read it too. One module past 300 lines: the op tables, the recorder that names
 ops by them and the questions asked of its record (`normalizer_of`, `feature_axis`) share one
 vocabulary of op names, and split they would each import the others' tables.
 """

@@ -160,7 +160,7 @@ def test_named_tensors_flattens_user_structures():
     }
     names = [name for name, _ in named_tensors(out)]
     assert names == ["hf.logits", "hf.hidden_states.0", "hf.hidden_states.1", "plain.loss",
-                     "plain.extra.pair.mean", "plain.extra.pair.spread", "list.0"]  # fmt: skip
+                     "plain.extra.pair.mean", "plain.extra.pair.spread", "list.0"]
     assert [n for n, _ in named_tensors((t, t))] == ["output.0", "output.1"]
     assert [n for n, _ in named_tensors(t)] == ["output"]
 

@@ -259,7 +259,7 @@ class StackedMLP:
                 d_flat, d_gamma, d_beta = torch.ops.aten.native_batch_norm_backward(
                     dg if self._one else dg.transpose(0, 1).reshape(B, -1), flat, bn.gamma, bn.running_mean,
                     bn.running_var, save_mean, save_invstd, True, bn.eps, [True, True, True],
-                )  # fmt: skip
+                )
                 bn.gamma.sub_(d_gamma, alpha=lr)
                 bn.beta.sub_(d_beta, alpha=lr)
                 if not self._one:
