@@ -211,12 +211,7 @@ class StackedMLP:
                 out, save_mean, save_invstd = torch.native_batch_norm(
                     flat, bn.gamma, bn.beta, bn.running_mean, bn.running_var, True, bn.momentum, bn.eps
                 )
-                if not self._one:
-                    out = out.view(B, len(g), -1).transpose(0, 1)
-                if g.whole:
-                    z = out
-                else:
-                    zg.copy_(out)
+                z = self._ungroup(g, out, z, zg)
                 layer_saved.append((flat, save_mean, save_invstd))
             a = torch.sigmoid_(z) if self.sigmoid else torch.relu_(z)
             saved.append(layer_saved)
@@ -262,13 +257,17 @@ class StackedMLP:
                 )
                 bn.gamma.sub_(d_gamma, alpha=lr)
                 bn.beta.sub_(d_beta, alpha=lr)
-                if not self._one:
-                    d_flat = d_flat.view(B, len(g), -1).transpose(0, 1)
-                if g.whole:
-                    grad = d_flat
-                else:
-                    dg.copy_(d_flat)
+                grad = self._ungroup(g, d_flat, grad, dg)
         self.num_batches_tracked += 1
+
+    def _ungroup(self, g, flat: torch.Tensor, full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """A group's BN result `flat` [B, Kg*F] back in the stack's layout: the whole tensor when
+        the group is every net, else written into `part` (its slice of `full`) and `full` returned."""
+        out = flat if self._one else flat.view(flat.shape[0], len(g), -1).transpose(0, 1)
+        if g.whole:
+            return out
+        part.copy_(out)
+        return full
 
     def _minus_ones(self, B: int) -> torch.Tensor:
         shape = (1, B) if self._one else (self.K, 1, B)
