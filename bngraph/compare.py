@@ -32,8 +32,6 @@ import numpy as np
 # so 1e-5 keeps that margin and fails a 1% error by 500x.
 ONNX_TOLERANCE = 1e-4
 TORCH_TOLERANCE = 1e-5
-RULE = "|c - r| <= atol * scale + rtol * |r|, scale = RMS of the reference output"
-
 
 
 @dataclass

@@ -246,14 +246,9 @@ class _RecordShapes(fx.Interpreter):
         return result
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
-    """Run `gm` once in eval mode (no statistics updated, no dropout) and record each node's shape."""
-    record_shapes(gm, example_inputs)
-    return gm
-
-
 def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
-    """`propagate_shapes`, returning the output of that run: drawn under
+    """Run `gm` once in eval mode (no statistics updated, no dropout), record each node's shape,
+    and return the output of that run: drawn under
     `bngraph.equivalence.seeded()`, so that a check of `gm` can take it instead of running `gm`
     on the example input again (`Reference.check(example_output=...)`)."""
     from bngraph.equivalence import seeded  # here: equivalence imports verify, which imports this module

@@ -109,7 +109,6 @@ class ModuleCall:
     module: nn.Module
     input: Value | None  # the first tensor argument's value, as it was when the call began
     ops: list[str] = field(default_factory=list)  # every op run inside it, nested modules included
-    uses_before: int = 0
     output: Value | None = None
 
 
@@ -189,7 +188,7 @@ class _Recorder(TorchFunctionMode):
             return
         first = next((t for t in tree_leaves(args) if isinstance(t, torch.Tensor)), None)
         value = self.value_of(first) if first is not None else None
-        call = ModuleCall(path, module, value, uses_before=value.uses if value else 0)
+        call = ModuleCall(path, module, value)
         self.stack.append(call)
         self.record.module_calls.append(call)
 

@@ -415,7 +415,7 @@ class _Layouts:
 
 
 def feature_layouts(gm: fx.GraphModule) -> dict[fx.Node, Layout]:
-    """Every node's feature layout (needs recorded shapes: `bngraph.trace.propagate_shapes`)."""
+    """Every node's feature layout (needs recorded shapes: `bngraph.trace.record_shapes`)."""
     return _Layouts(gm).run()
 
 

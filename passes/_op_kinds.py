@@ -53,10 +53,6 @@ SHAPE_ONLY_METHODS = {
 CONV_LINEAR_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
 def _is(gm: fx.GraphModule, node: fx.Node, modules, functions, methods=()) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), modules)
