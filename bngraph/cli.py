@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as err:  # a stopped training run says where to resume
         print(f"bngraph: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
-        return 128 + signal.SIGTERM if terminated else 130
+        # 128 + the signal, as a shell reports it: the training loop stops on either signal
+        # itself (after a whole step) and says which; else SIGTERM came through our handler.
+        return 128 + getattr(err, "signum", signal.SIGTERM if terminated else signal.SIGINT)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -250,18 +250,19 @@ def test_ctrl_c_while_force_replaces_a_run_keeps_the_old_run(tmp_path, capsys, i
     assert snapshot(tmp_path) == before
 
 
-def test_ctrl_c_of_a_new_run_leaves_a_whole_resumable_run(tmp_path, capsys, inputs):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_of_a_new_run_leaves_a_whole_resumable_run(signum, tmp_path, capsys, inputs):
     run = tmp_path / "runs" / "new"
     argv = _argv("train", inputs, run)
     argv[argv.index("--steps") + 1] = "1000000"
     proc = subprocess.Popen([sys.executable, "-m", "bngraph", *argv], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: (run / "metrics.jsonl").exists(), proc)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130
+    assert proc.returncode == 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "resume with --resume" in lines[0]
     assert output_kind(run) == RUN and (run / "checkpoint.pt").is_file()

@@ -171,7 +171,9 @@ def train(
                 saved_at = done
             if stopping:
                 where = f"; resume with --resume (checkpoint in {out_dir})" if out_dir is not None else ""
-                raise KeyboardInterrupt(f"stopped after step {done}{where}")  # the CLI's one line
+                stop = KeyboardInterrupt(f"stopped after step {done}{where}")  # the CLI's one line
+                stop.signum = stopping  # the CLI's exit code: 128 + the signal, as a shell reports it
+                raise stop
     model.to("cpu", memory_format=torch.contiguous_format).eval()
     return TrainRun(model, metrics, elapsed_before + time.perf_counter() - started, start if resume else None,
                     str(dev), setup.precision, setup.channels_last)
@@ -260,14 +262,15 @@ def _evaluation_row(model: nn.Module, data: TensorData | StreamData, config: Tra
 
 
 @contextlib.contextmanager
-def _stop_requests(enabled: bool = True) -> Iterator[Callable[[], bool]]:
+def _stop_requests(enabled: bool = True) -> Iterator[Callable[[], int]]:
     """SIGINT/SIGTERM ask the loop to stop after the current step, so that the checkpoint it
-    writes then is of a whole step (an exception in the middle of `optimizer.step` is not).
+    writes then is of a whole step (an exception in the middle of `optimizer.step` is not). The
+    function yielded says which signal asked (0: none).
     Not under torchrun: a signal reaches the ranks at different steps, and a checkpoint needs
     them all; a stopped job resumes from its last scheduled checkpoint."""
     requested = []
     if not enabled or threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: 0
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
@@ -279,7 +282,7 @@ def _stop_requests(enabled: bool = True) -> Iterator[Callable[[], bool]]:
     for s in previous:
         signal.signal(s, ask)
     try:
-        yield lambda: bool(requested)
+        yield lambda: requested[0] if requested else 0
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
