@@ -41,7 +41,12 @@ class EpochSampler:
     def order(self, epoch: int) -> torch.Tensor:
         # The CPU generator keeps 32 bits of a seed: mix seed and epoch into those 32.
         gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{epoch}".encode()))
-        return torch.randperm(self.n, generator=gen).to(self.device)
+        order = torch.randperm(self.n, generator=gen)
+        if torch.device(self.device).type == "cuda":
+            # From pinned memory the copy is queued like a kernel; from pageable memory it would
+            # wait for every queued step to finish, idling the GPU at each epoch.
+            return order.pin_memory().to(self.device, non_blocking=True)
+        return order.to(self.device)
 
     def __call__(self, step: int) -> torch.Tensor:
         epoch, i = divmod(step, self.steps_per_epoch)
