@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import warnings
 
@@ -107,3 +108,13 @@ def relative_error(original: onnx.ModelProto, folded: ir.Model, feeds: dict) -> 
             want, got = want.astype(np.float64), got.astype(np.float64)
             worst = max(worst, float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)))
     return worst
+
+
+def fold_file(in_path, out_path, *flags: str) -> tuple[int, dict]:
+    """`bngraph fold IN [-o OUT] --json FLAGS...` as a user runs it: the exit code and the report."""
+    from bngraph.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["fold", str(in_path), *(["-o", str(out_path)] if out_path else []), "--json", *flags])
+    return code, json.loads(out.getvalue())

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
-import json
 
 import onnx
 import pytest
 
 from bngraph.errors import UserError
-from bngraph.commands.fold import fold_onnx_file
+from bngraph.onnx_fold import fold_onnx_verified
 from tests.onnx_models import conv_bn_net
-from tests.onnx_util import export_onnx, ops
+from tests.onnx_util import export_onnx, fold_file, ops
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +23,12 @@ def exported(tmp_path_factory):
 
 
 def fold(in_path, out_path, **flags) -> tuple[int, dict]:
-    defaults = {"json": True, "strict": False, "atol": None, "rtol": None, "input_shape": None}
-    args = argparse.Namespace(**{**defaults, **flags})
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        code = fold_onnx_file(in_path, out_path, args)
-    return code, json.loads(out.getvalue())
+    """`bngraph fold` with flags as keywords: strict=True -> --strict, atol=0.0 -> --atol 0.0."""
+    argv = []
+    for name, value in flags.items():
+        option = "--" + name.replace("_", "-")
+        argv += [option] if value is True else [] if value is False else [option, str(value)]
+    return fold_file(in_path, out_path, *argv)
 
 
 def test_writes_a_folded_file_that_matches_the_input(exported, tmp_path):
@@ -87,4 +83,4 @@ def test_a_file_that_is_not_onnx_is_a_user_error(tmp_path):
     path = tmp_path / "broken.onnx"
     path.write_bytes(b"not a protobuf")
     with pytest.raises(UserError, match="not a valid ONNX model"):
-        fold(path, tmp_path / "out.onnx")
+        fold_onnx_verified(path, tmp_path / "out.onnx")

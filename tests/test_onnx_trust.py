@@ -7,19 +7,14 @@ the largest error relative to the output's magnitude. onnxruntime runs every ops
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
-import json
 
 import numpy as np
 import onnx
 import pytest
 
-from bngraph.commands.fold import fold_onnx_file
 from bngraph.onnx_fold import fold_onnx
 from tests.onnx_models import conv_bn_file, gemm_bn_file
-from tests.onnx_util import ops, relative_error
+from tests.onnx_util import fold_file, ops, relative_error
 
 # float32 folds reorder a few roundings: ~1e-7 of the output's size; a wrong fold is off by ~1.
 FLOAT32_REL = 1e-5
@@ -63,11 +58,7 @@ def test_keep_initializer_inputs_leaves_the_bn_overridable_with_the_reason():
 def test_an_ir3_file_folds_and_verifies_through_the_command(tmp_path):
     path = tmp_path / "old.onnx"
     onnx.save(conv_bn_file(opset=7, ir_version=3, spatial=1, initializers_as_inputs=True), path)
-    args = argparse.Namespace(json=True, strict=True, atol=None, rtol=None, input_shape=None)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        code = fold_onnx_file(path, tmp_path / "new.onnx", args)
-    report = json.loads(out.getvalue())
+    code, report = fold_file(path, tmp_path / "new.onnx", "--strict")
     assert code == 0 and report["passed"] is True and report["batchnorms_after"] == 0
     assert ops(onnx.load(str(tmp_path / "new.onnx"))) == ["Conv"]
 
@@ -148,10 +139,6 @@ def test_an_unknown_standalone_form_is_a_user_error():
 def test_the_command_folds_and_verifies_a_minus_1_batch_and_a_scalar_input(tmp_path):
     path = tmp_path / "in.onnx"
     onnx.save(conv_bn_file(batch_dim=-1, scalar_input=True), path)
-    args = argparse.Namespace(json=True, strict=True, atol=None, rtol=None, input_shape=None)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        code = fold_onnx_file(path, tmp_path / "out.onnx", args)
-    report = json.loads(out.getvalue())
+    code, report = fold_file(path, tmp_path / "out.onnx", "--strict")
     assert code == 0 and report["passed"] is True and report["batchnorms_after"] == 0
     assert ops(onnx.load(str(tmp_path / "out.onnx"))) == ["Mul", "Conv"]

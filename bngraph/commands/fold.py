@@ -62,23 +62,22 @@ def fold_onnx_file(in_path: str | Path, out_path: str | Path | None, args: argpa
     """
     from bngraph.onnx_fold import fold_onnx_verified  # onnx: only once the command runs
 
-    shapes = getattr(args, "input_shape", None)
     result, report = fold_onnx_verified(
         in_path,
         out_path,
-        standalone_bn=getattr(args, "standalone_bn", None) or "batchnorm",
-        keep_initializer_inputs=getattr(args, "keep_initializer_inputs", False),
-        input_shapes=parse_input_shapes(shapes) if shapes else None,
-        static_inputs=getattr(args, "static_input", None) or (),
-        atol=getattr(args, "atol", None),
-        rtol=getattr(args, "rtol", None),
-        force=getattr(args, "force", False),
+        standalone_bn=args.standalone_bn or "batchnorm",
+        keep_initializer_inputs=args.keep_initializer_inputs,
+        input_shapes=parse_input_shapes(args.input_shape) if args.input_shape else None,
+        static_inputs=args.static_input or (),
+        atol=args.atol,
+        rtol=args.rtol,
+        force=args.force,
     )
     shared.emit(report, args)
     shared.print_lines(result, args)
     # A BN kept as the fastest exact form is a fixed map, not a failure: --strict counts the others.
     left = len(report.sections["remaining"])
-    if getattr(args, "strict", False) and left:
+    if args.strict and left:
         print(f"bngraph: --strict: {left} BatchNormalization left unfolded (see 'remaining')", file=sys.stderr)
         return 1
     return 0 if result else 1

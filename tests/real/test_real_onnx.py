@@ -7,15 +7,12 @@ leave no more BatchNormalization than any of them. Skipped where the package is 
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
-import json
 
 import onnx
 import pytest
 
 from tests.real.onnx_files import FILES, TOOLS, available, compare, count_bn, fold_with, locate
+from tests.onnx_util import fold_file
 
 # Folding reorders float32 roundings once per layer; these nets are 30-60 layers deep.
 REL_TOLERANCE = 1e-4
@@ -47,13 +44,7 @@ def test_the_command_folds_a_file_whose_batch_is_minus_1(entry, tmp_path):
     model = original(entry)
     onnx.save(model, tmp_path / "in.onnx")
     shape = ",".join(map(str, entry.shapes[0]))
-    args = argparse.Namespace(json=True, strict=True, atol=None, rtol=None, input_shape=shape)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        from bngraph.commands.fold import fold_onnx_file
-
-        code = fold_onnx_file(tmp_path / "in.onnx", tmp_path / "out.onnx", args)
-    report = json.loads(out.getvalue())
+    code, report = fold_file(tmp_path / "in.onnx", tmp_path / "out.onnx", "--strict", "--input-shape", shape)
     assert code == 0 and report["passed"] is True and report["remaining"] == []
 
 
