@@ -71,7 +71,6 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
     )
 
 
-
 # ---- the data: --data and how it is read -----------------------------------------------------
 
 

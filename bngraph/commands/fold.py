@@ -65,7 +65,7 @@ def fold_onnx_file(in_path: str | Path, out_path: str | Path | None, args: argpa
     result, report = fold_onnx_verified(
         in_path,
         out_path,
-        standalone_bn=args.standalone_bn or "batchnorm",
+        standalone_bn=args.standalone_bn,
         keep_initializer_inputs=args.keep_initializer_inputs,
         input_shapes=parse_input_shapes(args.input_shape) if args.input_shape else None,
         static_inputs=args.static_input or (),
