@@ -9,6 +9,10 @@ initial weights and on the same batches. The nets are small enough that bookkeep
 arithmetic, costs the time, so they go to `bngraph.training.fused_mlp` (hand-written gradients,
 all nets of a process stacked) with one process per core (`bngraph.reproduce.workers`). Seeds
 stack the same way.
+
+One module past 300 lines: the experiment's settings, its training loop, its summary, table and
+writer read the same record of a run (`MnistRun`), and change together when the paper's
+measurements do.
 """
 
 from __future__ import annotations
