@@ -17,12 +17,13 @@ measurements do.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from bngraph.reproduce.tables import cell, first_step_reaching
 from bngraph.reproduce.workers import MnistProgress, run_workers, train_here
 from bngraph.training.config import pick_device
 from bngraph.training.data import EpochSampler, TensorData
-from bngraph.training.fused_mlp import StackedMLP
+from bngraph.training.fused_mlp import StackedMLP, feature_order, prefix_widths
 from bngraph.training.plots import plot_fig1
 from bngraph.zoo import create_model, get_entry
 
@@ -81,8 +82,11 @@ def mnist_nets(seed: int, init_std: float | None) -> tuple[nn.Module, nn.Module]
 
 
 def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: Callable, *,
-                 send_state=None, evaluate_for=None, poll: Callable = lambda: None) -> dict:
-    """Train `models` as one StackedMLP, evaluating every `eval_every` steps.
+                 input_order: torch.Tensor | None = None, send_state=None, evaluate_for=None,
+                 poll: Callable = lambda: None) -> dict:
+    """Train `models` as one StackedMLP, evaluating every `eval_every` steps. With `input_order`
+    (a `feature_order`), `data`'s images are flat and in that order, and the first layer reads
+    only the features each batch uses.
 
     With `send_state` (a queue), the evaluations are another process's job: the stack's state
     goes there instead. With `evaluate_for` = (models, queue, report), this process also
@@ -90,10 +94,16 @@ def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: 
     `poll` runs at each evaluation and while waiting for states (it raises if a worker failed)."""
     torch.set_flush_denormal(True)  # saturated sigmoids make denormals, 2x slower on x86
     device = data.x_train.device
-    stack = StackedMLP(models, device)
+    x_train, x_test, y_test = data.x_train.flatten(1), data.x_test.flatten(1), data.y_test
+    train_widths = test_widths = None
+    if input_order is not None:  # the test images by width: each chunk of an evaluation reads its widest
+        train_widths = prefix_widths(x_train)
+        test_widths, by_width = prefix_widths(x_test).sort(stable=True)
+        x_test, y_test = x_test[by_width], y_test[by_width]
+    stack = StackedMLP(models, device, input_order)
     if evaluate_for is not None:
         other_models, states, other_report = evaluate_for
-        shadow = StackedMLP(other_models, device)
+        shadow = StackedMLP(other_models, device, input_order)
         offloaded = {"accuracy": [], "quantiles": []}
 
         def evaluate_states(until: int | None) -> None:
@@ -107,11 +117,10 @@ def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: 
                     poll()
                     continue
                 shadow.load_state(state)
-                acc, q = shadow.evaluate(data.x_test, data.y_test, track_unit=cfg.track_unit)
+                acc, q = shadow.evaluate(x_test, y_test, track_unit=cfg.track_unit, widths=test_widths)
                 offloaded["accuracy"].append(acc.tolist())
                 offloaded["quantiles"].append(q.tolist())
                 other_report(step, acc.tolist())
-    x_train = data.x_train.flatten(1)
     samplers = {s: EpochSampler(len(x_train), cfg.batch_size, s, device) for s in dict.fromkeys(net_seeds)}
     rows = [list(samplers).index(s) for s in net_seeds]  # which sampler each net draws from
     steps, accuracy, quantiles = [], [], []
@@ -123,7 +132,8 @@ def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: 
         else:
             index = torch.stack([sampler(step) for sampler in samplers.values()])[rows]
             x, y = x_train[index], data.y_train[index]
-        stack.step(x, y, cfg.lr)
+        width = None if train_widths is None else int(train_widths.index_select(0, index.flatten()).max())
+        stack.step(x, y, cfg.lr, width)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             # The fused step computes no loss; non-finite weights are the same fact, and cost
             # nothing next to the evaluation.
@@ -136,7 +146,7 @@ def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: 
             if send_state is not None:  # a copy: the queue pickles it later, in another thread
                 send_state.put((step + 1, [t.cpu().numpy().copy() for t in stack.state()]))
                 continue
-            acc, q = stack.evaluate(data.x_test, data.y_test, track_unit=cfg.track_unit)
+            acc, q = stack.evaluate(x_test, y_test, track_unit=cfg.track_unit, widths=test_widths)
             accuracy.append(acc.tolist())
             quantiles.append(q.tolist())
             report(step + 1, acc.tolist())
@@ -182,6 +192,13 @@ def reproduce_mnist(data: TensorData, cfg: MnistConfig, *, progress: bool = True
     if device.type != "cpu":
         data = TensorData(*(t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)),
                           data.name, data.source)
+    input_order = None
+    if device.type == "cpu":  # on a GPU, each batch's width would cost a sync: it reads everything
+        # Once, before the workers start: they read one shared copy of the images.
+        input_order = feature_order(data.x_train.flatten(1))
+        data = replace(data, x_train=data.x_train.flatten(1)[:, input_order],
+                       x_test=data.x_test.flatten(1)[:, input_order])
+    train_stack = functools.partial(_train_stack, input_order=input_order)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     pairs = [mnist_nets(s, cfg.init_std) for s in seeds]
     nets = [p[0] for p in pairs] + [p[1] for p in pairs]  # all plain nets, then all BN nets
@@ -192,9 +209,9 @@ def reproduce_mnist(data: TensorData, cfg: MnistConfig, *, progress: bool = True
 
     with MnistProgress(progress, cfg.steps) as bar:
         if workers == 1:
-            results = [train_here(_train_stack, nets, net_seeds, data, cfg, lambda s, acc: bar.update(0, s, acc))]
+            results = [train_here(train_stack, nets, net_seeds, data, cfg, lambda s, acc: bar.update(0, s, acc))]
         else:
-            results = run_workers(_train_stack, chunks, data, cfg, bar.update)
+            results = run_workers(train_stack, chunks, data, cfg, bar.update)
     for (models, _), result in zip(chunks, results):
         for model, state in zip(models, result["state_dicts"]):
             model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})

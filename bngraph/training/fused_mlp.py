@@ -18,6 +18,13 @@ bias and BN apply per group while the matmuls run once for all. `tests/test_fuse
 checks the result against autograd and torch.optim.SGD. Plain SGD only: the paper's MNIST run
 names no momentum. Anything else is `NotAnMLP`; train it with `bngraph.train`.
 
+The first layer's two matmuls are ~70% of a step's arithmetic, and MNIST's images are mostly
+background. With the input features ordered by how many training images use them
+(`feature_order`), every image is zero past some width (`prefix_widths`), and a batch's first
+layer reads only its widest image's prefix (~610 of 784 features on MNIST: a step ~7-10% faster
+on one core); an evaluation sorted by width reads each chunk's (~25% faster). Exact: what it skips
+are products with zero, and the weights it does not update would get a zero update.
+
 One module past 300 lines: reading a model into the stack, the hand-written step and the
 evaluation share the stack's layout (which slice is which net and layer), and change together.
 """
@@ -80,6 +87,18 @@ def mlp_layers(model: nn.Module) -> list[tuple[nn.Linear, nn.BatchNorm1d | None,
     raise NotAnMLP("it has no head")
 
 
+def feature_order(x: torch.Tensor) -> torch.Tensor:
+    """The features of the training images `x` [N, F] by how many images use them (are nonzero
+    there), most first: a permutation of range(F), to apply as x[:, order]."""
+    return torch.argsort((x != 0).sum(0, dtype=torch.int32), descending=True, stable=True)
+
+
+def prefix_widths(x: torch.Tensor) -> torch.Tensor:
+    """For images `x` [N, F] in a `feature_order`, each one's width: it is zero past it."""
+    places = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.int16 if x.shape[1] < 2**15 else torch.int32)
+    return ((x != 0) * places).amax(1)  # int16 (2 bytes a pixel of MNIST): no [N, F] int64 on the way
+
+
 @dataclass
 class _StackedBN:
     """The BNs of one layer of Kg nets, flat [Kg * F]: one BatchNorm1d to torch's kernels."""
@@ -135,10 +154,13 @@ class StackedMLP:
     """K MLPs of equal widths as stacked tensors: `step` trains all, `evaluate` tests all.
 
     One net (K = 1, each process of `reproduce mnist`) steps with 2-D ops (mm, addmm), which
-    cost less than their batched forms over a batch of one; a stack uses bmm and baddbmm."""
+    cost less than their batched forms over a batch of one; a stack uses bmm and baddbmm.
+    With `input_order` (a `feature_order`), `step` and `evaluate` take inputs in that order."""
 
-    def __init__(self, models: Sequence[nn.Module], device: str | torch.device = "cpu"):
+    def __init__(self, models: Sequence[nn.Module], device: str | torch.device = "cpu",
+                 input_order: torch.Tensor | None = None):
         self.device = torch.device(device)
+        self.input_order = None if input_order is None else input_order.to(self.device)
         chains = [mlp_layers(m) for m in models]
         widths = {tuple(lin.weight.shape for lin, _, _ in c) for c in chains}
         if len(widths) != 1:
@@ -153,6 +175,8 @@ class StackedMLP:
             torch.stack([c[l][0].weight.detach().float().t() for c in chains]).contiguous().to(self.device)
             for l in range(len(chains[0]))
         ]
+        if input_order is not None:  # the first layer's rows in the order of its inputs
+            self.weights[0] = self.weights[0][:, self.input_order].contiguous()
         self.groups: list[_Group] = []
         start = 0
         while start < self.K:
@@ -174,9 +198,11 @@ class StackedMLP:
     # --- the training step --------------------------------------------------------------
 
     @torch.inference_mode()  # no autograd bookkeeping in torch's dispatcher: ~15% of a step's overhead
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, width: int | None = None) -> None:
         """One SGD step of every net: x [K, B, features] or [B, features] (one batch for all
-        nets: bmm reads the expanded view without a copy), y [K, B] or [B].
+        nets: bmm reads the expanded view without a copy), y [K, B] or [B]. With `width`, every
+        image of x is zero past its first `width` features (the largest of their `prefix_widths`),
+        which are all the first layer reads.
 
         Each update is fused into the op that computes its gradient (`W.addmm_(a^T, dz,
         alpha=-lr)`), after that layer's backward has read the old values."""
@@ -185,9 +211,13 @@ class StackedMLP:
             a, y = x.reshape(B, -1), y.reshape(B)
         else:
             a, y = (x.expand(K, *x.shape) if x.dim() == 2 else x), y.expand(K, B)
+        weights = self._w
+        if width is not None:
+            a = a[..., :width]
+            weights = [weights[0][..., :width, :], *weights[1:]]
         groups, one_group = self.groups, len(self.groups) == 1
         inputs, saved = [], []  # each layer's input; per layer and group, what BN's backward needs
-        for l, W in enumerate(self._w[:-1]):
+        for l, W in enumerate(weights[:-1]):
             inputs.append(a)
             if one_group and groups[0].bias[l] is not None:
                 z = self._addmm(groups[0].bias_row[l], a, W)
@@ -238,7 +268,7 @@ class StackedMLP:
                 if g.bias[l] is not None:
                     dg = grad if g.whole else grad[g.start : g.stop]
                     g.bias_vec[l].sub_(dg.sum(-2), alpha=lr)
-            self._addmm_(self._w[l], inputs[l].mT, grad, alpha=-lr)
+            self._addmm_(weights[l], inputs[l].mT, grad, alpha=-lr)
             if grad_in is None:
                 break  # the input images need no gradient
             if self.sigmoid:
@@ -279,7 +309,8 @@ class StackedMLP:
 
     def state(self) -> list[torch.Tensor]:
         """Every tensor a step changes (weights, biases, BN parameters and moving averages), in a
-        fixed order: what another process needs to evaluate this stack (`load_state`)."""
+        fixed order: what another process needs to evaluate this stack (`load_state` of a stack
+        of the same models and input order)."""
         tensors = list(self.weights)
         for g in self.groups:
             tensors += [b for b in g.bias if b is not None]
@@ -295,12 +326,14 @@ class StackedMLP:
 
     @torch.no_grad()
     def evaluate(
-        self, x: torch.Tensor, y: torch.Tensor, *, track_unit: int | None = None, chunk: int = 1000
+        self, x: torch.Tensor, y: torch.Tensor, *, track_unit: int | None = None, chunk: int = 1000,
+        widths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each net's accuracy on (x, y) [K] in inference mode (BN on its moving averages), and
         the QUANTILES of unit `track_unit`'s input to the last hidden nonlinearity [K, 3].
 
-        Chunks of 1,000 examples keep each layer's activations in the L2 cache."""
+        Chunks of 1,000 examples keep each layer's activations in the L2 cache. With `widths`
+        (x's `prefix_widths`, x sorted by them), a chunk's first layer reads its last one's."""
         correct = torch.zeros(self.K, device=self.device)
         tracked = []
         hidden = len(self.weights) - 1
@@ -309,9 +342,11 @@ class StackedMLP:
         for lo in range(0, x.shape[0], chunk):
             a = x[lo : lo + chunk].flatten(1)
             n = a.shape[0]
+            width = a.shape[1] if widths is None else int(widths[lo + n - 1])
             for l in range(hidden):
                 if l == 0:
-                    z = a @ W0_wide if self._one else (a @ W0_wide).view(n, self.K, -1).transpose(0, 1).contiguous()
+                    z = a[:, :width] @ W0_wide[:width]
+                    z = z if self._one else z.view(n, self.K, -1).transpose(0, 1).contiguous()
                 else:
                     z = self._mm(a, self._w[l])
                 for g in self.groups:
@@ -344,7 +379,10 @@ class StackedMLP:
             g = next(g for g in self.groups if g.start <= k < g.stop)
             i = k - g.start
             for l, (linear, bn, _) in enumerate(mlp_layers(model)):
-                linear.weight.copy_(self.weights[l][k].t())
+                W = self.weights[l][k]
+                if l == 0 and self.input_order is not None:  # back to the model's order of inputs
+                    W = W.index_select(0, torch.argsort(self.input_order))
+                linear.weight.copy_(W.t())
                 if g.bias[l] is not None:
                     linear.bias.copy_(g.bias[l][i])
                 if bn is not None:
