@@ -201,9 +201,9 @@ stage "5. reproduce inception --full" 130 "${BNGRAPH[@]}" reproduce inception --
 if [ "$SMOKE" = 1 ]; then
     TP=(--model zoo:inception-small --batch-sizes 4 --steps 4 --repeats 1)
 else
-    TP=(--model zoo:inception --batch-sizes 32,256 --steps 15 --repeats 2)
+    TP=(--model zoo:inception --batch-sizes 32,256 --steps 15 --repeats 3)
 fi
-stage "6. throughput, bngraph vs plain AMP loop" 90 "$PY" benchmarks/train_throughput.py "${TP[@]}" --device $DEVICE \
+stage "6. throughput, bngraph vs plain AMP loop" 110 "$PY" benchmarks/train_throughput.py "${TP[@]}" --device $DEVICE \
     --json "$OUT/throughput.json"
 [ -f "$OUT/throughput.json" ] && "$PY" - "$OUT/throughput.json" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
 import json, sys
