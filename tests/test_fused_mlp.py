@@ -111,11 +111,14 @@ def test_one_net_alone_steps_and_evaluates_as_autograd(act, which):
     assert accuracy[0].item() == pytest.approx(want.item(), abs=1 / 300)
 
 
-@pytest.mark.parametrize("which", ["plain", "bn"])
+@pytest.mark.parametrize("which", ["plain", "bn", "both"])
 def test_reading_only_the_used_features_trains_and_evaluates_as_autograd(which):
     # Images blank outside a random patch, as MNIST's are mostly background: each batch's first
     # layer reads only the features its images use, in the order feature_order sorts them.
-    net = dict(zip(("plain", "bn"), pair(5, init_std=0.05)))[which]
+    # "both": a stack of two nets, each with its own batches (reproduce's seeds).
+    plain, bn_net = pair(5, init_std=0.05)
+    nets = {"plain": [plain], "bn": [bn_net], "both": [plain, bn_net]}[which]
+    K = len(nets)
     gen = torch.Generator().manual_seed(3)
     images = torch.rand(600, 28, 28, generator=gen)
     for image in images:
@@ -129,30 +132,31 @@ def test_reading_only_the_used_features_trains_and_evaluates_as_autograd(which):
     widths = prefix_widths(ordered)
     for n in range(len(x_train)):  # the widths are exact: zero past, used at the edge
         assert not ordered[n, widths[n] :].any() and ordered[n, widths[n] - 1] != 0
-    batches = [torch.randperm(600, generator=gen)[:60] for _ in range(5)]
-    ys = [torch.randint(0, 10, (60,), generator=gen) for _ in batches]
-    (reference,) = reference_steps([net], [[x_train[b].view(60, 1, 28, 28)] for b in batches], [[y] for y in ys],
-                                   lr=0.5, steps=5)
-    stack = StackedMLP([net], input_order=order)
+    batches = [torch.stack([torch.randperm(600, generator=gen)[:60] for _ in nets]) for _ in range(5)]  # [K, 60]
+    ys = [torch.randint(0, 10, (K, 60), generator=gen) for _ in batches]
+    references = reference_steps(nets, [x_train[b].view(K, 60, 1, 28, 28) for b in batches], ys, lr=0.5, steps=5)
+    stack = StackedMLP(nets, input_order=order)
     for b, y in zip(batches, ys):
         width = int(widths[b].max())
         assert width < 784  # the step reads a prefix, not every feature
-        stack.step(ordered[b], y, lr=0.5, width=width)
+        x = ordered[b]
+        stack.step(x[0] if K == 1 else x, y[0] if K == 1 else y, lr=0.5, width=width)
 
     y_test = torch.randint(0, 10, (600,), generator=gen)
     test_widths, by_width = widths.sort()
     accuracy, quantiles = stack.evaluate(ordered[by_width], y_test[by_width], track_unit=5, chunk=128,
                                          widths=test_widths)
-    stack.write_back([net])
-    assert_same_state([net], [reference])
-    reference.eval()
-    captured = []
-    reference.act3.register_forward_pre_hook(lambda mod, args: captured.append(args[0][:, 5]))
-    with torch.no_grad():
-        want = (reference(images.unsqueeze(1)).argmax(1) == y_test).float().mean()
-    assert accuracy[0].item() == pytest.approx(want.item(), abs=1 / 600)
-    want_q = torch.quantile(captured[0], torch.tensor([0.15, 0.5, 0.85]))
-    torch.testing.assert_close(quantiles[0], want_q, atol=1e-4, rtol=1e-4)
+    stack.write_back(nets)
+    assert_same_state(nets, references)
+    for k, reference in enumerate(references):
+        reference.eval()
+        captured = []
+        reference.act3.register_forward_pre_hook(lambda mod, args: captured.append(args[0][:, 5]))
+        with torch.no_grad():
+            want = (reference(images.unsqueeze(1)).argmax(1) == y_test).float().mean()
+        assert accuracy[k].item() == pytest.approx(want.item(), abs=1 / 600)
+        want_q = torch.quantile(captured[0], torch.tensor([0.15, 0.5, 0.85]))
+        torch.testing.assert_close(quantiles[k], want_q, atol=1e-4, rtol=1e-4)
 
 
 def test_num_batches_tracked_counts_the_steps():
