@@ -143,6 +143,18 @@ def make():
 def bad_labels():
     x = torch.rand(8, 1, 28, 28)
     return TensorDataset(x, torch.full((8,), 11)), TensorDataset(x, torch.zeros(8, dtype=torch.long))
+
+
+class Examples(torch.utils.data.Dataset):  # as a HuggingFace dataset with_format("torch") yields
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {"pixel_values": torch.rand(1, 28, 28), "label": i % 10}
+
+
+def hf_style():
+    return Examples(), Examples()
 '''
 
 
@@ -248,6 +260,14 @@ def test_a_factorys_streamed_labels_are_checked(tmp_path, capsys):
     factory.write_text(FACTORY_PY)
     err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:bad_labels", "--stream-above", 0, "--loader-workers", 0)
     assert str(factory) in err and "label 11, out of range for the model's 10 outputs" in err
+
+
+def test_a_factory_of_dict_examples_is_told_what_to_return(tmp_path, capsys):
+    factory = tmp_path / "data.py"
+    factory.write_text(FACTORY_PY)
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:hf_style")
+    assert f"{factory}:hf_style() train[0] is a dict ('pixel_values', 'label')" in err
+    assert "(item['pixel_values'], item['label'])" in err
 
 
 @pytest.mark.parametrize(

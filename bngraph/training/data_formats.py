@@ -354,6 +354,10 @@ def read_factory(text: str):
 
 def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
     item = dataset[i]
+    if isinstance(item, dict):  # a HuggingFace-style example: which key is the image is the user's call
+        keys = ", ".join(map(repr, item))
+        raise UserError(f"{where}[{i}] is a dict ({keys}); expected a tuple (image tensor, label): "
+                        "return Datasets whose items are tuples, e.g. (item['pixel_values'], item['label'])")
     if not (isinstance(item, (tuple, list)) and len(item) == 2):
         raise UserError(f"{where}[{i}] is {type(item).__name__}; expected (image tensor, label)")
     x, y = item
