@@ -88,7 +88,8 @@ def _module_candidates(code) -> list[str]:
     ]
 
 
-def _build(path: Path, symbol: str | None) -> tuple[nn.Module, str]:
+def _build(path: Path, symbol: str | None) -> tuple[nn.Module, str, object]:
+    """The model `symbol` of the user's file builds, its name, and the file's Python module."""
     code = import_user_file(path)
     if symbol is None:
         candidates = _module_candidates(code)
@@ -106,7 +107,7 @@ def _build(path: Path, symbol: str | None) -> tuple[nn.Module, str]:
     module = call_user_factory(path, symbol, factory)
     if not isinstance(module, nn.Module):
         raise UserError(f"{path}:{symbol}() returned {type(module).__name__}, not an nn.Module")
-    return module, symbol
+    return module, symbol, code
 
 
 def call_user_factory(path: Path, symbol: str, factory):
@@ -119,8 +120,9 @@ def call_user_factory(path: Path, symbol: str, factory):
         raise UserError(f"{path}:{symbol}() failed: {one_line(err)}") from err
 
 
-def _declared_shapes(module: nn.Module) -> list[tuple[int, ...]] | None:
-    """A model declares its example input as `example_input_shapes` (or `example_input_shape`)."""
+def _declared_shapes(module) -> list[tuple[int, ...]] | None:
+    """A model (or its file) declares its example input as `example_input_shapes` (or
+    `example_input_shape`)."""
     shapes = getattr(module, "example_input_shapes", None)
     if shapes is None and getattr(module, "example_input_shape", None) is not None:
         shapes = [module.example_input_shape]
@@ -196,7 +198,8 @@ def load_model(
 ) -> LoadedModel:
     """Load what a model spec names (see `bngraph.spec`), with its example inputs' shapes, dtypes
     and batch axes: declared (zoo entry; a model class's `example_input_shapes`,
-    `example_input_dtypes`, `example_input_batch_axes`; an artifact's bngraph.json) unless given."""
+    `example_input_dtypes`, `example_input_batch_axes`, or its file's; an artifact's bngraph.json)
+    unless given."""
     spec = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
     history: list[dict] = []
     shapes, symbol = None, spec.symbol
@@ -205,9 +208,11 @@ def load_model(
         module = create_model(spec.symbol)
         shapes = [get_entry(spec.symbol).input_shape]
     elif spec.kind == "file":
-        module, symbol = _build(spec.path, spec.symbol)
-        shapes = _declared_shapes(module)
-        dtypes, batch_axes = _declared(module, "example_input_dtypes"), _declared(module, "example_input_batch_axes")
+        module, symbol, code = _build(spec.path, spec.symbol)
+        # The model's own declaration, else its file's (module-level constants, as users write them).
+        declares = module if _declared_shapes(module) else code
+        shapes = _declared_shapes(declares)
+        dtypes, batch_axes = _declared(declares, "example_input_dtypes"), _declared(declares, "example_input_batch_axes")
     elif spec.kind == "artifact":
         module, meta = load_artifact(spec.path)
         shapes = [tuple(s) for s in meta["input_shapes"]] if meta.get("input_shapes") else None
@@ -233,7 +238,7 @@ def load_model(
     return LoadedModel(module, spec, shapes, history, symbol, dtypes, batch_axes)
 
 
-def _declared(module: nn.Module, name: str) -> list | None:
+def _declared(module, name: str) -> list | None:
     value = getattr(module, name, None)
     return list(value) if value is not None else None
 

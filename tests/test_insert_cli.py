@@ -117,6 +117,24 @@ def test_a_file_with_one_builder_function_needs_no_symbol(tmp_path, capsys):
     assert code == 0 and [r["features"] for r in json.loads(out)["inserted"]] == [3]
 
 
+def test_an_example_input_declared_at_the_files_top_level_is_used(tmp_path, capsys):
+    # As users write it: a module-level constant beside the class, not a class attribute.
+    path = tmp_path / "net.py"
+    path.write_text(
+        "import torch\n"
+        "example_input_shape = (2, 3, 8, 8)\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv, self.act = torch.nn.Conv2d(3, 5, 3), torch.nn.ReLU()\n"
+        "    def forward(self, x):\n"
+        "        return self.act(self.conv(x))\n"
+    )
+    code, out, _ = _cli(capsys, "insert", str(path), "-o", str(tmp_path / "o"), "--json")
+    assert code == 0 and [r["features"] for r in json.loads(out)["inserted"]] == [5]
+    assert bngraph.load(tmp_path / "o")(torch.randn(2, 3, 8, 8)).shape == (2, 5, 6, 6)
+
+
 @pytest.mark.skipif(not REAL_MNIST.is_dir(), reason="needs the real MNIST copy")
 def test_preserve_calibrates_on_real_data(tmp_path, capsys):
     args = ["insert", "zoo:mnist-mlp", "--preserve", "--data", str(REAL_MNIST), "-o", str(tmp_path / "o")]

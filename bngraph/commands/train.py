@@ -155,8 +155,7 @@ def run(args: argparse.Namespace) -> int:
         with folder as out:
             torch.manual_seed(args.seed)  # the initial weights of a zoo or file model
             loaded = shared.load_from_args(args)
-            input_shape = (loaded.input_shapes[0] if loaded.input_shapes
-                           else getattr(loaded.module, "example_input_shape", None))
+            input_shape = loaded.input_shapes[0] if loaded.input_shapes else None
             with local_main_first(ctx):  # one download per host, not one per process
                 data = shared.data_from_args(args, device, input_shape=input_shape, allow_stream=True)
             _, report = train_run(
