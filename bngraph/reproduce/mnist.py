@@ -96,7 +96,7 @@ def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: 
     device = data.x_train.device
     x_train, x_test, y_test = data.x_train.flatten(1), data.x_test.flatten(1), data.y_test
     train_widths = test_widths = None
-    if input_order is not None:  # the test images by width: each chunk of an evaluation reads its widest
+    if input_order is not None:  # each image's width; the test set sorted by it, so each chunk of an evaluation reads its widest
         train_widths = prefix_widths(x_train)
         test_widths, by_width = prefix_widths(x_test).sort(stable=True)
         x_test, y_test = x_test[by_width], y_test[by_width]
