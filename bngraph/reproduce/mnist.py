@@ -81,12 +81,29 @@ def mnist_nets(seed: int, init_std: float | None) -> tuple[nn.Module, nn.Module]
     return plain, bn_net
 
 
+@dataclass(frozen=True)
+class _Widths:
+    """The images reordered so that the first layer reads only the features a batch uses (see
+    `bngraph.training.fused_mlp`): made once, before the workers start, and shared with them."""
+
+    order: torch.Tensor  # the training images' `feature_order`: the data's images are flat and in it
+    train: torch.Tensor  # each training image's `prefix_widths`
+    test: torch.Tensor  # each test image's, in the order the data holds them: sorted by width
+
+    @classmethod
+    def reorder(cls, data: TensorData) -> tuple[TensorData, _Widths]:
+        order = feature_order(data.x_train.flatten(1))
+        x_train, x_test = data.x_train.flatten(1)[:, order], data.x_test.flatten(1)[:, order]
+        test, by_width = prefix_widths(x_test).sort(stable=True)  # an evaluation's chunks read their widest
+        data = replace(data, x_train=x_train, x_test=x_test[by_width], y_test=data.y_test[by_width])
+        return data, cls(order, prefix_widths(x_train), test)
+
+
 def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: Callable, *,
-                 input_order: torch.Tensor | None = None, send_state=None, evaluate_for=None,
+                 widths: _Widths | None = None, send_state=None, evaluate_for=None,
                  poll: Callable = lambda: None) -> dict:
-    """Train `models` as one StackedMLP, evaluating every `eval_every` steps. With `input_order`
-    (a `feature_order`), `data`'s images are flat and in that order, and the first layer reads
-    only the features each batch uses.
+    """Train `models` as one StackedMLP, evaluating every `eval_every` steps. With `widths`, the
+    data is as `_Widths.reorder` left it, and the first layer reads only what each batch uses.
 
     With `send_state` (a queue), the evaluations are another process's job: the stack's state
     goes there instead. With `evaluate_for` = (models, queue, report), this process also
@@ -95,11 +112,7 @@ def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: 
     torch.set_flush_denormal(True)  # saturated sigmoids make denormals, 2x slower on x86
     device = data.x_train.device
     x_train, x_test, y_test = data.x_train.flatten(1), data.x_test.flatten(1), data.y_test
-    train_widths = test_widths = None
-    if input_order is not None:  # each image's width; the test set sorted by it, so each chunk of an evaluation reads its widest
-        train_widths = prefix_widths(x_train)
-        test_widths, by_width = prefix_widths(x_test).sort(stable=True)
-        x_test, y_test = x_test[by_width], y_test[by_width]
+    input_order, test_widths = (None, None) if widths is None else (widths.order, widths.test)
     stack = StackedMLP(models, device, input_order)
     if evaluate_for is not None:
         other_models, states, other_report = evaluate_for
@@ -132,7 +145,7 @@ def _train_stack(models, net_seeds, data: TensorData, cfg: MnistConfig, report: 
         else:
             index = torch.stack([sampler(step) for sampler in samplers.values()])[rows]
             x, y = x_train[index], data.y_train[index]
-        width = None if train_widths is None else int(train_widths.index_select(0, index.flatten()).max())
+        width = None if widths is None else int(widths.train.index_select(0, index.flatten()).max())
         stack.step(x, y, cfg.lr, width)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             # The fused step computes no loss; non-finite weights are the same fact, and cost
@@ -192,13 +205,10 @@ def reproduce_mnist(data: TensorData, cfg: MnistConfig, *, progress: bool = True
     if device.type != "cpu":
         data = TensorData(*(t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)),
                           data.name, data.source)
-    input_order = None
+    widths = None
     if device.type == "cpu":  # on a GPU, each batch's width would cost a sync: it reads everything
-        # Once, before the workers start: they read one shared copy of the images.
-        input_order = feature_order(data.x_train.flatten(1))
-        data = replace(data, x_train=data.x_train.flatten(1)[:, input_order],
-                       x_test=data.x_test.flatten(1)[:, input_order])
-    train_stack = functools.partial(_train_stack, input_order=input_order)
+        data, widths = _Widths.reorder(data)
+    train_stack = functools.partial(_train_stack, widths=widths)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     pairs = [mnist_nets(s, cfg.init_std) for s in seeds]
     nets = [p[0] for p in pairs] + [p[1] for p in pairs]  # all plain nets, then all BN nets
