@@ -21,9 +21,10 @@ names no momentum. Anything else is `NotAnMLP`; train it with `bngraph.train`.
 The first layer's two matmuls are ~70% of a step's arithmetic, and MNIST's images are mostly
 background. With the input features ordered by how many training images use them
 (`feature_order`), every image is zero past some width (`prefix_widths`), and a batch's first
-layer reads only its widest image's prefix (~610 of 784 features on MNIST: a step ~7-10% faster
-on one core); an evaluation sorted by width reads each chunk's (~25% faster). Exact: what it skips
-are products with zero, and the weights it does not update would get a zero update.
+layer reads only its widest image's prefix (611 of 784 features on MNIST: a step ~7% faster on
+one core); an evaluation sorted by width reads each chunk's (~30% faster; both measured by
+benchmarks/mnist_widths.py). Exact: what it skips are products with zero, and the weights it does
+not update would get a zero update.
 
 One module past 300 lines: reading a model into the stack, the hand-written step and the
 evaluation share the stack's layout (which slice is which net and layer), and change together.
