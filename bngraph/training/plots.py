@@ -8,19 +8,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
 from bngraph.atomic import write_atomically
-
-matplotlib.use("Agg")  # no display: figures go to files only; before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"without BN": "#555555", "with BN": "#1f77b4"}
 PERCENTILE_STYLES = (("15th", ":"), ("50th", "-"), ("85th", "--"))
 
 
+def _pyplot():
+    """matplotlib's pyplot, imported when a figure is drawn: ~0.35 s that a `train` run without
+    --track-inputs and `reproduce mnist`'s worker process never pay."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: figures go to files only; before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig, path: Path) -> Path:
+    plt = _pyplot()
     try:
         # Only into folders bngraph owns (a run, a reproduce folder); --resume redraws inputs.png.
         return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=130, bbox_inches="tight"), replace_own=True)
@@ -50,7 +58,7 @@ def plot_fig1(
     """The paper's Figure 1: (a) test accuracy of both nets (seed mean, min-max band); (b, c) one
     sigmoid input's percentiles in the last hidden layer of the first seed's nets, without and
     with BN, on a shared y-axis."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = _pyplot().subplots(1, 3, figsize=(13, 3.6))
     ax = axes[0]
     for label, runs in accuracy.items():
         draw_curves(ax, steps, runs, label, COLORS.get(label))
@@ -79,7 +87,7 @@ def plot_fig1(
 def plot_accuracy(steps_by_run: dict[str, Sequence[int]], accuracy: dict[str, Sequence[float]], path: Path, *,
                   title: str, reference: float | None = None) -> Path:
     """Test accuracy against steps, one line per run (the Inception variants)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = _pyplot().subplots(figsize=(6.5, 4))
     for label, values in accuracy.items():
         ax.plot(steps_by_run[label], values, label=label, lw=1.6)
     if reference is not None:
@@ -95,7 +103,7 @@ def plot_accuracy(steps_by_run: dict[str, Sequence[int]], accuracy: dict[str, Se
 
 def plot_tracked_inputs(steps: Sequence[int], quantiles: dict[str, np.ndarray], path: Path, *, unit: int) -> Path:
     """`train --track-inputs`: one panel per tracked nonlinearity, its input's percentiles."""
-    fig, axes = plt.subplots(1, len(quantiles), figsize=(4.2 * len(quantiles), 3.4), squeeze=False)
+    fig, axes = _pyplot().subplots(1, len(quantiles), figsize=(4.2 * len(quantiles), 3.4), squeeze=False)
     for ax, (name, q) in zip(axes[0], quantiles.items()):
         draw_percentiles(ax, steps, q)
         ax.set_title(f"input of {name}, feature {unit}", fontsize=9)
