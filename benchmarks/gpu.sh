@@ -8,6 +8,7 @@
 #   5. reproduce inception --full (224x224, the paper's five variants): images/s, BN-Baseline's
 #      step time over Inception's (goal <= 1.15), the table
 #   6. training throughput of zoo:inception at batch 32 and 256: bngraph against a plain AMP loop
+#      (goal >= 1), and each contender's top operators in OUT/throughput-profile.txt
 #
 #   benchmarks/gpu.sh [OUT]          (OUT defaults to $OUT, else ./gpu-out)
 #
@@ -204,7 +205,7 @@ else
     TP=(--model zoo:inception --batch-sizes 32,256 --steps 15 --repeats 3)
 fi
 stage "6. throughput, bngraph vs plain AMP loop" 110 "$PY" benchmarks/train_throughput.py "${TP[@]}" --device $DEVICE \
-    --json "$OUT/throughput.json"
+    --json "$OUT/throughput.json" --profile "$OUT/throughput-profile.txt"
 [ -f "$OUT/throughput.json" ] && "$PY" - "$OUT/throughput.json" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))

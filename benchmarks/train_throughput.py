@@ -86,6 +86,20 @@ def bngraph_loop(name: str, data: TensorData, steps: int, batch: int, precision:
     return time.perf_counter() - start
 
 
+def profile(contenders: dict, steps: int, device, title: str, path: str) -> None:
+    """Append each contender's top operators over a run of `steps` steps to `path`."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "a") as out:
+        for name, contender in contenders.items():
+            with torch.profiler.profile(activities=activities) as prof:
+                contender(steps)
+            out.write(f"## {title}: {name}, {steps} steps (setup and final evaluation included)\n")
+            out.write(prof.key_averages().table(sort_by=key, row_limit=20) + "\n\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="zoo:inception", help="a zoo model (default: zoo:inception)")
@@ -97,6 +111,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time bngraph with --compile")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; 1 is steadier on a shared machine)")
     parser.add_argument("--json", metavar="FILE", help="write the figures here too")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="after the rounds, profile N steps of each contender and write torch.profiler's "
+                             "top operators (by device time on CUDA) here: what the ratios alone do not explain")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,6 +175,8 @@ def main() -> None:
             print(f"{'':9}--compile: {speedup:.3f}x the step rate of bngraph; compiling costs {cost_s:.1f} s in the first run, "
                   + (f"repaid after {pays_after:,} steps" if pays_after is not None else "never repaid"))
         results["batches"][str(batch)] = rows
+        if args.profile:
+            profile(contenders, args.steps, device, f"batch {batch}", args.profile)
         if args.json:
             with open(args.json, "w") as f:  # after each batch size: a cut run still reports
                 json.dump(results, f, indent=2)
