@@ -86,9 +86,17 @@ def save(
     return write_dir_atomically(path, write, kind=ARTIFACT, force=force)
 
 
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes, dtypes and values, NaN where the other has NaN: a model that computes NaN for
+    an input (a user's NaN image, say) is saved faithfully when its artifact computes NaN too."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all()) if a.is_floating_point() else torch.equal(a, b)
+
+
 def _check_round_trip(original: nn.Module, loaded: nn.Module, example_inputs) -> None:
     mine, theirs = original.state_dict(), loaded.state_dict()
-    if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
+    if mine.keys() != theirs.keys() or not all(_identical(mine[k], theirs[k]) for k in mine):
         raise AssertionError("bngraph bug: the artifact's weights do not match the module saved")
     if example_inputs is None:
         return
@@ -100,7 +108,7 @@ def _check_round_trip(original: nn.Module, loaded: nn.Module, example_inputs) ->
         original.train(was_training)
     flat_a, flat_b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
     if len(flat_a) != len(flat_b) or not all(
-        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(flat_a, flat_b)
+        _identical(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(flat_a, flat_b)
     ):
         raise AssertionError("bngraph bug: the artifact computes something else than the module saved")
 

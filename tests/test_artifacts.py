@@ -51,6 +51,29 @@ def test_tied_weights_stay_tied(tmp_path):
     assert loaded.a.weight is loaded.b.weight
 
 
+def test_a_model_that_computes_nan_is_saved_as_it_is(tmp_path):
+    # NaN is not equal to NaN: the round-trip check must still see the same computation (a user's
+    # example with a NaN, a log of a negative, a diverged weight) and not call it a bngraph bug.
+    class LogNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return torch.log(self.fc(x))
+
+    net = LogNet()
+    with torch.no_grad():
+        net.fc.bias[0] = float("nan")
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    bngraph.save(net, tmp_path / "n", example_inputs=[x])
+    loaded = bngraph.load(tmp_path / "n")
+    with torch.no_grad():
+        want, got = net(x), loaded(x)
+    assert want.isnan().any() and not want.isnan().all()  # some outputs NaN, some not
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_fresh_process_loads_artifacts_without_the_model_file(tmp_path):
     """A new interpreter that never imports tests/models.py rebuilds every model exactly."""
     expected = {}

@@ -13,8 +13,10 @@ from PIL import Image
 from torch import nn
 
 from bngraph.cli import main
+from bngraph.errors import UserError
 from bngraph.training.data_formats import detect_format, open_data
 from bngraph.training import StreamData, TensorData, TrainConfig, train
+from bngraph.zoo import create_model
 from tests.mnist_like import learnable_arrays
 
 NETS_PY = '''
@@ -155,6 +157,12 @@ class Examples(torch.utils.data.Dataset):  # as a HuggingFace dataset with_forma
 
 def hf_style():
     return Examples(), Examples()
+
+
+def with_inf():
+    x = torch.rand(12, 1, 28, 28)
+    x[3, 0, 5, 5] = float("inf")
+    return TensorDataset(x, torch.zeros(12, dtype=torch.long)), TensorDataset(x[4:], torch.zeros(8, dtype=torch.long))
 '''
 
 
@@ -262,11 +270,30 @@ def test_a_factorys_streamed_labels_are_checked(tmp_path, capsys):
     assert str(factory) in err and "label 11, out of range for the model's 10 outputs" in err
 
 
+def test_images_holding_nan_or_inf_are_named_before_any_training(tmp_path, capsys):
+    # Trained on, a NaN image makes NaN weights; the run would look like any other until the end.
+    x_test = np.random.default_rng(0).random((12, 28, 28))
+    x_test[5, 3, 4] = np.nan
+    path = write_npz(tmp_path / "d.npz", x_test=x_test)
+    assert f"{path}: x_test[5] holds NaN or infinite values" in _bad(capsys, tmp_path, "zoo:mnist-mlp", path)
+    assert not (tmp_path / "bad").exists()
+    factory = tmp_path / "data.py"
+    factory.write_text(FACTORY_PY)
+    for extra in ((), ("--stream-above", 0, "--loader-workers", 0, "--steps", 6)):  # read whole; streamed, a whole epoch
+        err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:with_inf", *extra)
+        assert f"{factory}:with_inf train[3] holds NaN or infinite values" in err
+    data = open_data(write_npz(tmp_path / "ok.npz"))
+    data.x_train[17, 0, 2, 2] = float("nan")
+    user_tensors = TensorData(data.x_train, data.y_train, data.x_test, data.y_test)  # the Python API's
+    with pytest.raises(UserError, match=r"the data's x_train\[17\] holds NaN or infinite values"):
+        train(create_model("mnist-mlp"), user_tensors, TrainConfig(steps=2, batch_size=4), progress=False)
+
+
 def test_a_factory_of_dict_examples_is_told_what_to_return(tmp_path, capsys):
     factory = tmp_path / "data.py"
     factory.write_text(FACTORY_PY)
     err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:hf_style")
-    assert f"{factory}:hf_style() train[0] is a dict ('pixel_values', 'label')" in err
+    assert f"{factory}:hf_style train[0] is a dict ('pixel_values', 'label')" in err
     assert "(item['pixel_values'], item['label'])" in err
 
 

@@ -43,7 +43,7 @@ from torch import nn
 from bngraph.data import FILES, find_idx_file, load_mnist
 from bngraph.errors import UserError
 from bngraph.load import call_user_factory, import_user_file
-from bngraph.training.data import StreamData, TensorData
+from bngraph.training.data import StreamData, TensorData, check_finite
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 CIFAR10_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
@@ -197,6 +197,8 @@ def read_npz(path: Path, target: Target) -> tuple[Split, Split]:
             raise UserError(f"{path}: x_{part} is empty")
         if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
             raise UserError(f"{path}: x_{part} is {x.dtype}; expected uint8 (0-255) or float images")
+        if x.dtype != np.uint8:
+            check_finite(torch.from_numpy(x), f"{path}: x_{part}")
         splits.append(Split(torch.from_numpy(_nchw(x, target.channels, f"{path}: x_{part}")), torch.from_numpy(y), where))
     train, test = splits
     if train.images.shape[1:] != test.images.shape[1:]:
@@ -348,7 +350,7 @@ def read_factory(text: str):
     for part, dataset in zip(("train", "test"), made):
         if len(dataset) == 0:
             raise UserError(f"{path}:{symbol}() returned an empty {part} Dataset")
-        _item(dataset, 0, f"{path}:{symbol}() {part}")
+        _item(dataset, 0, f"{path}:{symbol} {part}")  # as the items read later name it
     return made, f"{path}:{symbol}"
 
 
@@ -362,6 +364,8 @@ def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
         raise UserError(f"{where}[{i}] is {type(item).__name__}; expected (image tensor, label)")
     x, y = item
     x = torch.as_tensor(x)
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise UserError(f"{where}[{i}] holds NaN or infinite values; images must be finite")
     try:
         y = int(y)
     except (TypeError, ValueError):

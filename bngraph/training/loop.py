@@ -42,7 +42,7 @@ from torch import nn
 from bngraph.errors import CheckFailed
 from bngraph.training.checkpoint import CHECKPOINT, open_run_folder, resume_from_checkpoint, save_checkpoint
 from bngraph.training.config import PRECISIONS, TrainConfig, pick_device
-from bngraph.training.data import EpochSampler, StreamData, TensorData, step_batches
+from bngraph.training.data import EpochSampler, StreamData, TensorData, check_finite, step_batches
 from bngraph.training.data_formats import load_data
 from bngraph.training.distributed import SINGLE, Distributed, broadcast_buffers, sum_over_ranks, wrap
 from bngraph.training.metrics import METRICS, evaluate_shared, interval_means, new_interval, write_metrics
@@ -107,6 +107,9 @@ def train(
     dev = pick_device(device)
     ctx = distributed
     out_dir = None if out_dir is None else Path(out_dir)
+    if isinstance(data, TensorData) and data.format == "tensors":  # the caller's own; readers check theirs
+        for name in ("x_train", "x_test"):
+            check_finite(getattr(data, name), f"the data's {name}")
     if ctx.is_main:  # rank 0 alone reads and writes the run folder
         open_run_folder(out_dir, resume)
     if isinstance(data, (str, Path)):
