@@ -246,6 +246,16 @@ def test_a_corrupt_image_found_while_streaming_is_named(tmp_path, capsys, nets):
     assert str(broken) in err
 
 
+def test_a_16_bit_image_is_named_not_clipped_to_white(tmp_path, capsys, nets):
+    # Pillow's convert("L") clips a 16-bit scan (CT, microscopy) at 255: nearly all white.
+    root = write_image_folder(tmp_path / "scans")
+    scan = root / "train" / "emu" / "16bit.png"
+    Image.fromarray((np.random.default_rng(0).random((9, 9)) * 4000).astype(np.uint16)).save(scan)
+    assert Image.open(scan).mode == "I;16"
+    err = _bad(capsys, tmp_path, f"{nets}:Net", root)
+    assert f"{scan} has 16-bit pixels (mode I;16)" in err
+
+
 def test_an_empty_class_folder_is_named(tmp_path, capsys, nets):
     root = write_image_folder(tmp_path / "pets")
     (root / "test" / "yak").mkdir()

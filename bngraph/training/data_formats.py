@@ -278,10 +278,20 @@ def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]], li
     return classes, splits[0], splits[1], test_dir
 
 
+# Pillow's modes of more than 8 bits a channel (16-bit PNG and TIFF, as medical images often are).
+_WIDE_MODES = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
+               "F": "32-bit float"}
+
+
 def decode_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
     """One image file -> uint8 C,H,W in `mode` (L or RGB), resized to `size` (H, W) if given."""
     try:
         with Image.open(path) as image:
+            if image.mode in _WIDE_MODES:  # convert() would clip every value above 255: a white image
+                raise UserError(
+                    f"{path} has {_WIDE_MODES[image.mode]} pixels (mode {image.mode}); image folders are read as "
+                    "8-bit images: convert the files, or give the data as an .npz of float arrays or a factory"
+                )
             image = image.convert(mode)
             if size is not None and image.size != (size[1], size[0]):
                 image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
