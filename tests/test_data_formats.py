@@ -159,6 +159,35 @@ def hf_style():
     return Examples(), Examples()
 
 
+def uint8_images():  # C, H, W uint8 tensors, as a user's own decoding gives them
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (40, 1, 28, 28), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 10, (40,), generator=gen)
+    return TensorDataset(x[:28], y[:28]), TensorDataset(x[28:], y[28:])
+
+
+class PilImages(torch.utils.data.Dataset):  # as torchvision-style datasets give them without ToTensor
+    def __init__(self, n, mode):
+        self.n, self.mode = n, mode
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        from PIL import Image
+        import numpy as np
+        pixels = np.random.default_rng(i).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+        return Image.fromarray(pixels).convert(self.mode), i % 10
+
+
+def pil_gray():
+    return PilImages(16, "L"), PilImages(8, "L")
+
+
+def pil_rgb():
+    return PilImages(16, "RGB"), PilImages(8, "RGB")
+
+
 def with_inf():
     x = torch.rand(12, 1, 28, 28)
     x[3, 0, 5, 5] = float("inf")
@@ -211,6 +240,31 @@ def test_factory_trains_in_memory_and_streamed(tmp_path, capsys):
     (tmp_path / "run").rename(tmp_path / "in-memory")
     facts = _train(capsys, tmp_path, "zoo:mnist-mlp", factory, "--stream-above", 0, "--loader-workers", 1)
     assert facts["streamed"] and facts["data_format"] == "factory"
+
+
+def test_a_factorys_images_read_whole_and_streamed_are_the_same_values(tmp_path):
+    # uint8 tensors are scaled to [0, 1] on both paths (streamed, they once stayed 0-255), and PIL
+    # images become C, H, W.
+    factory = tmp_path / "data.py"
+    factory.write_text(FACTORY_PY)
+    for symbol in ("uint8_images", "pil_gray", "pil_rgb"):
+        whole = open_data(f"{factory}:{symbol}")
+        streamed = open_data(f"{factory}:{symbol}", stream_above_mb=0, workers=0)
+        assert isinstance(whole, TensorData) and isinstance(streamed, StreamData)
+        x_streamed = torch.stack([streamed.train[i][0] for i in range(len(streamed.train))])
+        assert torch.equal(whole.x_train, x_streamed), symbol
+        assert 0 <= whole.x_train.min() and whole.x_train.max() <= 1 and whole.x_train.max() > 0.9
+    pixels = np.random.default_rng(3).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    torch.testing.assert_close(open_data(f"{factory}:pil_rgb").x_train[3],
+                               torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+    config = TrainConfig(steps=12, batch_size=8, lr=0.1, eval_every=6)
+    runs = []
+    for data in (open_data(f"{factory}:uint8_images"), open_data(f"{factory}:uint8_images", stream_above_mb=0, workers=0)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+        runs.append(train(model, data, config, progress=False))
+    for key, value in runs[0].model.state_dict().items():
+        assert torch.equal(value, runs[1].model.state_dict()[key]), key
 
 
 def test_streamed_data_trains_bit_identically_to_in_memory(tmp_path):

@@ -26,7 +26,8 @@ bit-identical weights. --steps may grow on resume.
                 train.bin + test.bin (CIFAR-100, fine labels; --cifar100-labels coarse for the 20
                 superclasses). The pickled "python version" is refused: unpickling runs code
   factory       FILE.py:make (FILE.py alone: make), a function returning (train, test) torch Datasets
-                whose items are (image tensor, integer label), for everything else
+                whose items are (image, integer label), the image a C,H,W tensor or array or a PIL
+                image (uint8 scaled to [0, 1]), for everything else
 Without --data: $BNGRAPH_DATA, the MNIST cache (downloaded when online), then Debian's Fashion-MNIST.
 Data whose float32 images fit in --stream-above MB (default 2048) stay on the device as tensors;
 larger data streams through a DataLoader with --loader-workers processes (pinned memory on CUDA), in

@@ -373,6 +373,9 @@ def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
     if not (isinstance(item, (tuple, list)) and len(item) == 2):
         raise UserError(f"{where}[{i}] is {type(item).__name__}; expected (image tensor, label)")
     x, y = item
+    if isinstance(x, Image.Image):  # as torchvision-style datasets give them without a transform
+        array = np.array(x)
+        x = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
     x = torch.as_tensor(x)
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise UserError(f"{where}[{i}] holds NaN or infinite values; images must be finite")
@@ -396,7 +399,8 @@ class CheckedLabels(torch.utils.data.Dataset):
         x, y = _item(self.dataset, i, self.where)
         if y < 0 or (self.num_classes is not None and y >= self.num_classes):
             raise UserError(f"{self.where}[{i}] has label {y}, out of range for the model's {self.num_classes} outputs")
-        return x.to(torch.float32), torch.tensor(y)
+        # The conversion of the whole-data path (uint8 scaled to [0, 1]): streamed or not, the same values.
+        return to_model_input(x[None], Target())[0], torch.tensor(y)
 
 
 # --- putting it together ------------------------------------------------------------------------
