@@ -167,12 +167,15 @@ def step_batches(data: TensorData | StreamData, sampler: EpochSampler, start: in
         yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
 
 
-def check_finite(images: torch.Tensor, where: str) -> None:
-    """Refuse images holding NaN or infinities, naming the first: trained on, they make NaN
-    weights that look like any others until the end of the run."""
+def check_finite(images: torch.Tensor, where: str, first_index: int = 0) -> None:
+    """Refuse images holding NaN or infinities, naming the first (`where`[index], counted from
+    `first_index`): trained on, they make NaN weights that look like any others until the end."""
+    if not images.is_floating_point():
+        return
     finite = torch.isfinite(images.reshape(len(images), -1)).all(1)
     if not bool(finite.all()):
-        raise UserError(f"{where}[{int((~finite).nonzero()[0])}] holds NaN or infinite values; images must be finite")
+        index = first_index + int((~finite).nonzero()[0])
+        raise UserError(f"{where}[{index}] holds NaN or infinite values; images must be finite")
 
 
 def check_model_fits(model: nn.Module, data: TensorData | StreamData) -> None:

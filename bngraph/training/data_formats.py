@@ -197,8 +197,7 @@ def read_npz(path: Path, target: Target) -> tuple[Split, Split]:
             raise UserError(f"{path}: x_{part} is empty")
         if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
             raise UserError(f"{path}: x_{part} is {x.dtype}; expected uint8 (0-255) or float images")
-        if x.dtype != np.uint8:
-            check_finite(torch.from_numpy(x), f"{path}: x_{part}")
+        check_finite(torch.from_numpy(x), f"{path}: x_{part}")
         splits.append(Split(torch.from_numpy(_nchw(x, target.channels, f"{path}: x_{part}")), torch.from_numpy(y), where))
     train, test = splits
     if train.images.shape[1:] != test.images.shape[1:]:
@@ -377,8 +376,7 @@ def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
         array = np.array(x)
         x = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
     x = torch.as_tensor(x)
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise UserError(f"{where}[{i}] holds NaN or infinite values; images must be finite")
+    check_finite(x[None], where, first_index=i)
     try:
         y = int(y)
     except (TypeError, ValueError):
