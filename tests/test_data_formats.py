@@ -447,6 +447,22 @@ def test_resume_refuses_another_precision(tmp_path, capsys):
     assert _cli(capsys, *common, "--steps", 4, "--resume", "--precision", "bf16")[0] == 0
 
 
+def test_resume_refuses_other_data_and_takes_the_same_data_moved(tmp_path, capsys):
+    # The batches depend on the data: a resumed run on other data would continue another run.
+    original = write_npz(tmp_path / "d.npz")
+    common = ["train", "zoo:mnist-mlp", "--batch-size", 4, "--eval-every", 2, "--quiet", "-o", tmp_path / "run"]
+    assert _cli(capsys, *common, "--data", original, "--steps", 2)[0] == 0
+    relabelled = write_npz(tmp_path / "relabelled.npz", y_train=(np.arange(40) * 7) % 10)
+    code, _, err = _cli(capsys, *common, "--data", relabelled, "--steps", 4, "--resume")
+    assert code == 2 and "--resume with other data than the run in" in err and "training labels (SHA-256)" in err
+    code, _, err = _cli(capsys, *common, "--data", write_npz(tmp_path / "more.npz", n_train=48), "--steps", 4, "--resume")
+    assert code == 2 and "training examples: 40 then, 48 now" in err
+    moved = tmp_path / "moved" / "d.npz"
+    moved.parent.mkdir()
+    moved.write_bytes(original.read_bytes())
+    assert _cli(capsys, *common, "--data", moved, "--steps", 4, "--resume")[0] == 0
+
+
 def test_the_python_api_reads_a_path_for_the_models_declared_input(tmp_path):
     class Net(nn.Sequential):
         example_input_shape = (2, 3, 28, 28)  # decides NHWC here

@@ -53,7 +53,7 @@ def saved_config(out_dir: Path) -> dict | None:
 
 def save_checkpoint(path: Path, *, step: int, elapsed_s: float, config: TrainConfig, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scaler, interval: dict, metrics: list[dict],
-                    ctx: Distributed, on_gpu: bool) -> None:
+                    ctx: Distributed, on_gpu: bool, data: dict) -> None:
     """Write the checkpoint of `step` (a collective: every rank calls it at the same step)."""
     rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if on_gpu else {})}
     # What differs between ranks goes in too.
@@ -65,6 +65,7 @@ def save_checkpoint(path: Path, *, step: int, elapsed_s: float, config: TrainCon
         "format": CHECKPOINT_FORMAT,
         "step": step,
         "config": asdict(config),
+        "data": data,  # `data_fingerprint`: a resume checks it finds the same data
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": rng,
@@ -91,9 +92,10 @@ class Resumed:
 
 def resume_from_checkpoint(out_dir: Path, *, config: TrainConfig, model: nn.Module,
                            optimizer: torch.optim.Optimizer, scaler, ctx: Distributed,
-                           dev: torch.device) -> Resumed:
+                           dev: torch.device, data: dict) -> Resumed:
     """Restore model, optimizer, loss scale and RNG from the checkpoint in `out_dir`, after
-    checking it is of this run: the same model, settings, process count and --sync-bn."""
+    checking it is of this run: the same model, settings, data (its `data_fingerprint`), process
+    count and --sync-bn."""
     path = None if out_dir is None else out_dir / CHECKPOINT  # rank 0 has refused a resume without one
 
     def load() -> dict:
@@ -116,6 +118,10 @@ def resume_from_checkpoint(out_dir: Path, *, config: TrainConfig, model: nn.Modu
     changes = config_changes(state["config"], config)
     if changes:
         raise UserError(f"--resume with other settings than the run in {out_dir}: {'; '.join(changes)}")
+    then = state.get("data", data)  # a checkpoint from before fingerprints: nothing to compare
+    changed = [f"{k}: {then.get(k)} then, {v} now" for k, v in data.items() if k in then and then[k] != v]
+    if changed:
+        raise UserError(f"--resume with other data than the run in {out_dir}: {'; '.join(changed)}")
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:

@@ -8,6 +8,7 @@ in the same batches. Either way the batch of a step is a pure function of (seed,
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zlib
 from collections.abc import Iterator
@@ -165,6 +166,17 @@ def step_batches(data: TensorData | StreamData, sampler: EpochSampler, start: in
         except UserError as err:
             raise user_error_from_worker(err) from None
         yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+
+
+def data_fingerprint(data: TensorData | StreamData) -> dict:
+    """What a resumed run must find again, since the batches depend on it: the numbers of
+    examples, the image shape and, for data in memory, a digest of the training labels."""
+    test = len(data.y_test) if isinstance(data, TensorData) else len(data.test)
+    found = {"training examples": data.n_train, "test examples": test,
+             "image shape": list(data.example(1).shape[1:])}
+    if isinstance(data, TensorData):
+        found["training labels (SHA-256)"] = hashlib.sha256(data.y_train.cpu().numpy().tobytes()).hexdigest()[:16]
+    return found
 
 
 def check_finite(images: torch.Tensor, where: str, first_index: int = 0) -> None:

@@ -42,7 +42,7 @@ from torch import nn
 from bngraph.errors import CheckFailed
 from bngraph.training.checkpoint import CHECKPOINT, open_run_folder, resume_from_checkpoint, save_checkpoint
 from bngraph.training.config import PRECISIONS, TrainConfig, pick_device
-from bngraph.training.data import EpochSampler, StreamData, TensorData, check_finite, step_batches
+from bngraph.training.data import EpochSampler, StreamData, TensorData, check_finite, data_fingerprint, step_batches
 from bngraph.training.data_formats import load_data
 from bngraph.training.distributed import SINGLE, Distributed, broadcast_buffers, sum_over_ranks, wrap
 from bngraph.training.metrics import METRICS, evaluate_shared, interval_means, new_interval, write_metrics
@@ -117,9 +117,10 @@ def train(
     elif isinstance(data, TensorData):  # tensors made on the CPU, a run on CUDA: found on a GPU
         data = data.to(dev)
     setup = _set_up(model, data, config, dev, ctx)
+    fingerprint = data_fingerprint(data)
     if resume:
         resumed = resume_from_checkpoint(out_dir, config=config, model=model, optimizer=setup.optimizer,
-                                         scaler=setup.scaler, ctx=ctx, dev=dev)
+                                         scaler=setup.scaler, ctx=ctx, dev=dev, data=fingerprint)
         start, metrics, elapsed_before, interval = resumed.step, resumed.metrics, resumed.elapsed_s, resumed.interval
     else:
         # Dropout draws from the global generator; other ranks' masks must differ from rank 0's.
@@ -170,7 +171,8 @@ def train(
             if out_dir is not None and (done % checkpoint_every == 0 or done == config.steps or stopping):
                 save_checkpoint(out_dir / CHECKPOINT, step=done, elapsed_s=elapsed_before + time.perf_counter() - started,
                                 config=config, model=model, optimizer=setup.optimizer, scaler=setup.scaler,
-                                interval=interval, metrics=metrics, ctx=ctx, on_gpu=dev.type == "cuda")
+                                interval=interval, metrics=metrics, ctx=ctx, on_gpu=dev.type == "cuda",
+                                data=fingerprint)
                 saved_at = done
             if stopping:
                 where = f"; resume with --resume (checkpoint in {out_dir})" if out_dir is not None else ""
