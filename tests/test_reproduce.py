@@ -14,6 +14,7 @@ from bngraph.reproduce.tables import first_step_reaching
 from bngraph.training import TensorData
 from tests.conftest import REAL_MNIST
 from tests.mnist_like import write_learnable
+from tests.test_data_formats import write_image_folder, write_npz
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,26 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, mnist_dir, argv, mes
     code, _, err = _cli(capsys, "reproduce", experiment, *data, *rest, "--quiet", "-o", tmp_path / "o")
     assert code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_users_data_is_read_as_the_experiments_nets_take_it_or_refused_in_one_line(tmp_path, capsys):
+    # An RGB image folder of another size is decoded to the nets' 1x28x28; an .npz of RGB 28x28
+    # arrays (used as it is) is refused before any training, not with a traceback.
+    pets = write_image_folder(tmp_path / "pets", classes=("cat", "dog"), per_class=6, sizes=((10, 12),))
+    for experiment, extra in (("mnist", ()), ("inception", ("--variants", "inception,bn-baseline"))):
+        code, _, err = _cli(capsys, "reproduce", experiment, "--data", pets, "--steps", 2, "--eval-every", 2,
+                            "--batch-size", 4, *extra, "--quiet", "-o", tmp_path / experiment)
+        assert code == 0, err
+        rgb = write_npz(tmp_path / "rgb.npz", "NHWC")
+        code, _, err = _cli(capsys, "reproduce", experiment, "--data", rgb, "--steps", 2, "--batch-size", 4, *extra,
+                            "--quiet", "-o", tmp_path / f"{experiment}-rgb")
+        assert code == 2 and err.count("\n") == 1 and "neither axis 1 nor axis 3 is the model's 1 channels" in err
+        assert not (tmp_path / f"{experiment}-rgb").exists()
+    wide = np.zeros((12, 32, 32), np.uint8)  # gray, but 32x32: the MLP takes 784 pixels
+    big = write_npz(tmp_path / "big.npz", x_train=np.zeros((40, 32, 32), np.uint8), x_test=wide)
+    code, _, err = _cli(capsys, "reproduce", "mnist", "--data", big, "--steps", 2, "--quiet", "-o", tmp_path / "big")
+    assert code == 2 and err.count("\n") == 1 and "the model cannot take big images (1x32x32)" in err, err
+    assert not (tmp_path / "big").exists()
 
 
 def test_inception_variants_table_and_plot(tmp_path, capsys, mnist_dir):

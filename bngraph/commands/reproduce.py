@@ -94,24 +94,29 @@ def run(args: argparse.Namespace) -> int:
 def _mnist(args: argparse.Namespace) -> tuple[MnistRun, Report]:
     # Imported here, not above: `bngraph --help` starts without torch.
     from bngraph.reproduce.mnist import MnistConfig, mnist_experiment
+    from bngraph.zoo import get_entry
 
     cfg = MnistConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
         seeds=args.seeds, seed=args.seed, init_std=_init_std(args.init_std), track_unit=args.unit,
         workers=args.workers, device=args.device,
     )
-    return mnist_experiment(data_from_args(args), cfg, args.output, progress=not args.quiet, force=args.force)
+    # An image folder is decoded to what the net takes (1x28x28); other formats must hold that.
+    data = data_from_args(args, input_shape=get_entry("mnist-mlp").input_shape)
+    return mnist_experiment(data, cfg, args.output, progress=not args.quiet, force=args.force)
 
 
 def _inception(args: argparse.Namespace) -> tuple[InceptionRun, Report]:
     # Imported here, not above: `bngraph --help` starts without torch.
     from bngraph.reproduce.inception import InceptionConfig, inception_experiment
     from bngraph.training.config import pick_device
+    from bngraph.zoo import get_entry
 
     cfg = InceptionConfig(
         variants=tuple(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip())), steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, test_examples=args.test_examples,
         seed=args.seed, full=args.full, device=args.device,
     )
-    data = data_from_args(args, pick_device(args.device))
+    # Both sizes take 1x28x28 images (--full upsamples them): an image folder is decoded to that.
+    data = data_from_args(args, pick_device(args.device), input_shape=get_entry("inception-small").input_shape)
     return inception_experiment(data, cfg, args.output, progress=not args.quiet, force=args.force)

@@ -24,7 +24,7 @@ from bngraph.report import Report
 from bngraph.reproduce.recipes import apply_recipe, get_recipe
 from bngraph.reproduce.tables import cell, first_step_reaching
 from bngraph.training.config import TrainConfig
-from bngraph.training.data import TensorData
+from bngraph.training.data import TensorData, check_model_fits
 from bngraph.training.loop import train
 from bngraph.training.plots import plot_accuracy
 from bngraph.training.track import nonlinearity_names
@@ -118,6 +118,7 @@ def reproduce_inception(data: TensorData, cfg: InceptionConfig, *, progress: boo
         lr_decay=cfg.lr_decay, decay_every=cfg.decay_every or cfg.steps / 8, seed=cfg.seed,
         eval_every=cfg.eval_every or max(1, cfg.steps // 10),
     )  # the plain Inception's; each recipe scales it
+    check_model_fits(inception_model(cfg.full), subset)  # data it cannot take: one line, before any training
     example = [data.x_train[:2].cpu()]
     metrics, models, facts = {}, {}, {}
     for name in cfg.variants:

@@ -38,7 +38,7 @@ from bngraph.report import Report
 from bngraph.reproduce.tables import cell, first_step_reaching
 from bngraph.reproduce.workers import MnistProgress, run_workers, train_here
 from bngraph.training.config import pick_device
-from bngraph.training.data import EpochSampler, TensorData
+from bngraph.training.data import EpochSampler, TensorData, check_model_fits
 from bngraph.training.fused_mlp import StackedMLP, feature_order, prefix_widths
 from bngraph.training.plots import plot_fig1
 from bngraph.zoo import create_model, get_entry
@@ -205,12 +205,13 @@ def reproduce_mnist(data: TensorData, cfg: MnistConfig, *, progress: bool = True
     if device.type != "cpu":
         data = TensorData(*(t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)),
                           data.name, data.source)
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    pairs = [mnist_nets(s, cfg.init_std) for s in seeds]
+    check_model_fits(pairs[0][0], data)  # data the MLP cannot take: one line, before any training
     widths = None
     if device.type == "cpu":  # on a GPU, each batch's width would cost a sync: it reads everything
         data, widths = _Widths.reorder(data)
     train_stack = functools.partial(_train_stack, widths=widths)
-    seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    pairs = [mnist_nets(s, cfg.init_std) for s in seeds]
     nets = [p[0] for p in pairs] + [p[1] for p in pairs]  # all plain nets, then all BN nets
     net_seeds = seeds + seeds
     workers = 1 if device.type != "cpu" else min(cfg.workers or os.cpu_count() or 1, len(nets))
