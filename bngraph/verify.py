@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 
 from bngraph.compare import OutputDiff, VerifyResult, compare, default_tolerance
-from bngraph.data import resolve_dataset
 from bngraph.errors import ModelRaised, UserError, one_line
 from bngraph.load import load_model
 from bngraph.report import Report
 from bngraph.runners import BATCH_SIZES, onnx_inputs, random_batches, runners_for
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
+from bngraph.training.data_formats import open_data
 
 DATA_EXAMPLES = 97  # an odd batch of real images, besides the random ones
 
@@ -205,13 +205,16 @@ def verify_models(
     return result, report
 
 
-def data_batch(folder: str, shapes) -> list[np.ndarray]:
-    """The first DATA_EXAMPLES test images of an MNIST-format folder, shaped as the model's one input."""
+def data_batch(path: str, shapes) -> list[np.ndarray]:
+    """The first DATA_EXAMPLES test images of any data `train` reads (an image folder decoded to
+    the model's channels and size), shaped as the model's one input."""
     if len(shapes) != 1:
         raise UserError(f"--data feeds images to a model with one input, not {len(shapes)}")
-    x_test = resolve_dataset(folder).as_float()[2][:DATA_EXAMPLES]
-    example, values = tuple(shapes[0][1:]), x_test[0].numel()
+    # Streamed: only the images used are read (an image folder is not decoded whole for 97).
+    data = open_data(path, input_shape=shapes[0], stream_above_mb=0, workers=0)
+    x_test = np.stack([data.test[i][0].numpy() for i in range(min(DATA_EXAMPLES, len(data.test)))])
+    example, values = tuple(shapes[0][1:]), x_test[0].size
     if int(np.prod(example)) != values:
         needs = int(np.prod(example))
         raise UserError(f"--data images have {values} values each; the model's input {example} needs {needs}")
-    return [x_test.reshape(len(x_test), *example).numpy()]
+    return [x_test.reshape(len(x_test), *example)]

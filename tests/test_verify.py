@@ -16,6 +16,7 @@ from bngraph.export import export
 from bngraph.compare import ONNX_TOLERANCE, TORCH_TOLERANCE, compare
 from tests.onnx_models import conv_bn_net, mlp_bn_net
 from tests.test_data import make_arrays, write_set
+from tests.test_data_formats import write_image_folder, write_npz
 
 MODEL = "tests/onnx_models.py:conv_bn_net"
 
@@ -165,6 +166,17 @@ def test_real_data_is_one_more_batch(tmp_path):
     assert export(mlp_bn_net(), [torch.randn(2, 1, 28, 28)], exported)
     code, out, _ = run_cli("verify", "tests/onnx_models.py:mlp_bn_net", exported, "--data", data, "--json")
     assert code == 0 and json.loads(out)["batch_sizes"] == [1, 1, 1, 7, 5]
+
+
+def test_real_data_in_any_format_train_reads(tmp_path):
+    # An .npz as it is, and an image folder decoded to the model's 1x28x28 (RGB 10x12 files).
+    exported = tmp_path / "mlp.onnx"
+    assert export(mlp_bn_net(), [torch.randn(2, 1, 28, 28)], exported)
+    npz = write_npz(tmp_path / "d.npz", n_test=12)
+    pets = write_image_folder(tmp_path / "pets", classes=("cat", "dog"), per_class=3, sizes=((10, 12),))
+    for data, n in ((npz, 12), (pets, 6)):
+        code, out, err = run_cli("verify", "tests/onnx_models.py:mlp_bn_net", exported, "--data", data, "--json")
+        assert code == 0 and json.loads(out)["batch_sizes"] == [1, 1, 1, 7, n], err
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 A (the reference) and B (the candidate) are any model specs: zoo:NAME, file.py[:Symbol], an
 artifact folder or a .onnx file; --weights loads a state dict into A, --candidate-weights into B
 (an artifact carries its own). Both run on random batches of 1 and of 7 (the batch axis must be
-dynamic; --static-input names inputs without one), and on real images with --data DIR. An ONNX
+dynamic; --static-input names inputs without one), and on real images with --data PATH. An ONNX
 model runs in onnxruntime on the CPU, at ORT_DISABLE_ALL (the graph as written) and at
 ORT_ENABLE_ALL (as deployed); --reference adds onnx's ReferenceEvaluator. Outputs are compared
 by name (dicts, dataclasses, tuples are flattened: 'logits', 'hidden_states.0'), or by position
@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shared.add_input_arguments(parser)
     shared.add_tolerance_arguments(parser)
     parser.add_argument("--reference", dest="evaluator", action="store_true", help="also run onnx's ReferenceEvaluator")
-    parser.add_argument("--data", metavar="DIR", help="also compare on the first test images of an MNIST-format folder")
+    parser.add_argument("--data", metavar="PATH", help="also compare on the first 97 test images of any data train "
+                        "reads (MNIST IDX, image folder made the model's size, .npz, CIFAR binary, factory)")
     shared.add_report_arguments(parser)
 
 
