@@ -28,7 +28,6 @@ from bngraph.load import load_model
 from bngraph.report import Report
 from bngraph.runners import BATCH_SIZES, onnx_inputs, random_batches, runners_for
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
-from bngraph.training.data_formats import open_data
 
 DATA_EXAMPLES = 97  # an odd batch of real images, besides the random ones
 
@@ -210,6 +209,9 @@ def data_batch(path: str, shapes) -> list[np.ndarray]:
     the model's channels and size), shaped as the model's one input."""
     if len(shapes) != 1:
         raise UserError(f"--data feeds images to a model with one input, not {len(shapes)}")
+    # Imported here: the deployment side loads the training package only to read --data with it.
+    from bngraph.training.data_formats import open_data
+
     # Streamed: only the images used are read (an image folder is not decoded whole for 97).
     data = open_data(path, input_shape=shapes[0], stream_above_mb=0, workers=0)
     x_test = np.stack([data.test[i][0].numpy() for i in range(min(DATA_EXAMPLES, len(data.test)))])

@@ -46,6 +46,16 @@ def test_help_and_zoo_start_without_torch_or_onnx(argv):
         assert rows["mnist-mlp"]["parameters"] == 99_710
 
 
+def test_the_deployment_side_does_not_load_the_training_package():
+    # bngraph/training's contract: insert, fold, export and verify run without it (verify --data
+    # imports it when asked to read data as train does).
+    code = ("import sys\nimport bngraph.insert, bngraph.fold, bngraph.export, bngraph.verify, bngraph.onnx_fold\n"
+            "print(sorted(m for m in sys.modules if m.startswith('bngraph.training')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["--version"])

@@ -1,5 +1,6 @@
 """The training wing: SGD on image data, exact resume, several processes; the deployment side
-(insert, fold, export, verify) never imports it.
+(insert, fold, export, verify) never imports it, but for `verify --data`, which reads its images
+with `data_formats` as train does.
 
     from bngraph.training import TrainConfig, train
     run = train(model, "path/to/data", TrainConfig(steps=2000, lr=0.01), out_dir=Path("run"))
