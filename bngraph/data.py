@@ -133,6 +133,8 @@ def _split(root: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
 def load_mnist(root: str | Path, *, name: str = "mnist", source: str | None = None) -> Dataset:
     """Load the four standard MNIST-format files from directory `root`."""
     root = Path(root)
+    if root.is_file():
+        raise UserError(f"{root} is a file; this --data takes a folder of MNIST-format files.")
     if not root.is_dir():
         raise UserError(f"data directory {root} does not exist.")
     missing = _missing(root)

@@ -190,6 +190,10 @@ def test_explicit_missing_or_incomplete_dir_is_an_error(tmp_path, monkeypatch):
     (partial / "train-images-idx3-ubyte").unlink()
     with pytest.raises(UserError, match="lacks train-images-idx3-ubyte"):
         resolve_dataset(str(partial), allow_download=False)
+    a_file = tmp_path / "data.npz"  # it exists: "does not exist" would send the user looking for it
+    a_file.write_bytes(b"")
+    with pytest.raises(UserError, match="data.npz is a file; this --data takes a folder of MNIST-format files"):
+        resolve_dataset(str(a_file), allow_download=False)
 
 
 def test_env_naming_a_missing_dir_is_an_error(tmp_path, monkeypatch):
