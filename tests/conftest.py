@@ -2,6 +2,14 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI runs the property tests on a fixed set of examples (Hypothesis' derandomize), so that a run is
+# judged on the change and not on the random examples it drew; elsewhere every run draws new ones,
+# and a failing example is replayed from .hypothesis/ until it passes.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_PY = REPO / "tests" / "models.py"
