@@ -1,4 +1,5 @@
-"""MNIST-format datasets: an IDX reader, a loader, a verified downloader and the search for data.
+"""MNIST-format datasets: an IDX reader, a loader, a verified downloader and the search for data;
+and `model_images`, the images of any data `bngraph train` reads, for the deployment verbs' --data.
 
 The four standard files (training/test images and labels) are read from a directory, raw or
 gzip-compressed, and held as whole tensors: MNIST is small enough that a DataLoader would only
@@ -16,7 +17,7 @@ import os
 import shutil
 import urllib.request
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,3 +267,21 @@ def resolve_dataset(
         f"no {dataset} data found; tried {', '.join(tried)}: pass --data DIR or set BNGRAPH_DATA "
         "to a directory with the four MNIST files, or run `apt-get install dataset-fashion-mnist`."
     )
+
+
+def model_images(path: str, input_shape: Sequence[int], split: str, pick: Callable[[int], Iterable[int]]) -> torch.Tensor:
+    """Images `pick(n)` of the n in `split` ("train" or "test") of any data `bngraph train` reads,
+    as a batch of the model input `input_shape` (N, ...): an image folder decoded to its channels
+    and size, other data reshaped where an image has as many values as the input. Only the images
+    picked are read (an image folder is not decoded whole for a few hundred)."""
+    # Imported here: the deployment side (insert, verify) loads the training package only for --data.
+    from bngraph.training.data_formats import open_data
+
+    data = open_data(path, input_shape=tuple(input_shape), stream_above_mb=0, workers=0)
+    images = data.train if split == "train" else data.test
+    x = torch.stack([images[int(i)][0] for i in pick(len(images))])
+    example, values = tuple(input_shape[1:]), x[0].numel()
+    if int(np.prod(example)) != values:
+        needs = int(np.prod(example))
+        raise UserError(f"--data images have {values} values each; the model's input {example} needs {needs}")
+    return x.reshape(len(x), *example)

@@ -17,7 +17,7 @@ from torch import nn
 
 from bngraph.artifact_code import fallback_source, module_source, wrapped_source
 from bngraph.artifacts import history_entry, save
-from bngraph.data import resolve_dataset
+from bngraph.data import model_images
 from bngraph.equivalence import check_same_function
 from bngraph.errors import UserError
 from bngraph.load import LoadedModel
@@ -138,17 +138,16 @@ def insert_report(
     )
 
 
-def data_calibration_batches(data_dir: str, example_inputs: Sequence[torch.Tensor], count: int = 8, batch: int = 64):
-    """`count` batches of `batch` training images from an MNIST-format folder, for --preserve --data."""
+def data_calibration_batches(path: str, example_inputs: Sequence[torch.Tensor], count: int = 8, batch: int = 64):
+    """`count` batches of `batch` random training images of any data `bngraph train` reads (an
+    image folder decoded to the model's channels and size), for --preserve --data."""
     if len(example_inputs) != 1:
         raise UserError("--data calibrates models with one image input; this model takes several inputs")
-    dataset = resolve_dataset(data_dir)
-    images = dataset.as_float()[0]
-    want = tuple(example_inputs[0].shape[1:])
-    if tuple(images.shape[1:]) != want:
-        raise UserError(f"--data gives {dataset.name} images of shape {tuple(images.shape[1:])}; the model takes {want}")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: count * batch]
-    return [(images[order[i : i + batch]],) for i in range(0, len(order), batch)]
+    gen = torch.Generator().manual_seed(0)
+    example = example_inputs[0]
+    images = model_images(path, example.shape, "train", lambda n: torch.randperm(n, generator=gen)[: count * batch])
+    images = images.to(example.dtype)
+    return [(images[i : i + batch],) for i in range(0, len(images), batch)]
 
 
 def insert_artifact(
@@ -161,7 +160,7 @@ def insert_artifact(
     force: bool = False,
 ) -> tuple[nn.Module, Report]:
     """`bngraph insert`: `insert` on a loaded model spec, written as an artifact at `output`
-    (None: only reported). `data` is a folder of training images for --preserve's calibration."""
+    (None: only reported). `data` (any data `bngraph train` reads) calibrates --preserve's BNs."""
     if data and not preserve:
         raise UserError("--data is the calibration data of --preserve; add --preserve")
     example_inputs = loaded.example_inputs()

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from bngraph.compare import OutputDiff, VerifyResult, compare, default_tolerance
+from bngraph.data import model_images
 from bngraph.errors import ModelRaised, UserError, one_line
 from bngraph.load import load_model
 from bngraph.report import Report
@@ -205,18 +206,8 @@ def verify_models(
 
 
 def data_batch(path: str, shapes) -> list[np.ndarray]:
-    """The first DATA_EXAMPLES test images of any data `train` reads (an image folder decoded to
-    the model's channels and size), shaped as the model's one input."""
+    """The first DATA_EXAMPLES test images of any data `train` reads, shaped as the model's one
+    input (`bngraph.data.model_images`)."""
     if len(shapes) != 1:
         raise UserError(f"--data feeds images to a model with one input, not {len(shapes)}")
-    # Imported here: the deployment side loads the training package only to read --data with it.
-    from bngraph.training.data_formats import open_data
-
-    # Streamed: only the images used are read (an image folder is not decoded whole for 97).
-    data = open_data(path, input_shape=shapes[0], stream_above_mb=0, workers=0)
-    x_test = np.stack([data.test[i][0].numpy() for i in range(min(DATA_EXAMPLES, len(data.test)))])
-    example, values = tuple(shapes[0][1:]), x_test[0].size
-    if int(np.prod(example)) != values:
-        needs = int(np.prod(example))
-        raise UserError(f"--data images have {values} values each; the model's input {example} needs {needs}")
-    return [x_test.reshape(len(x_test), *example)]
+    return [model_images(path, shapes[0], "test", lambda n: range(min(DATA_EXAMPLES, n))).numpy()]

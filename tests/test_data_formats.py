@@ -472,3 +472,61 @@ def test_the_python_api_reads_a_path_for_the_models_declared_input(tmp_path):
     model = Net(nn.Flatten(), nn.Linear(3 * 28 * 28, 10))
     run = train(model, str(path), TrainConfig(steps=3, batch_size=4, eval_every=3), progress=False)
     assert [row["step"] for row in run.metrics] == [3]
+
+
+PRETRAINED_PY = '''
+import torch
+from torch import nn
+
+
+class Pretrained(nn.Module):
+    """A user's CNN without BN (conv bias, in-place ReLU), as insert --preserve gets it."""
+
+    example_input_shape = (2, 3, 28, 28)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 5, 3)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):
+        x = torch.relu_(self.conv(x))
+        return self.head(x.mean((2, 3)))
+'''
+
+
+@pytest.mark.parametrize("fmt", ["image-folder", "npz"])
+def test_insert_preserve_calibrates_on_any_training_format(tmp_path, capsys, fmt):
+    model_py = tmp_path / "pretrained.py"
+    model_py.write_text(PRETRAINED_PY)
+    if fmt == "npz":
+        data = write_npz(tmp_path / "d.npz", layout="NHWC")
+    else:
+        data = write_image_folder(tmp_path / "images", sizes=((30, 26), (28, 28)))
+    out = tmp_path / "bn"
+    code, _, err = _cli(capsys, "insert", f"{model_py}:Pretrained", "--preserve", "--data", data, "-o", out)
+    assert code == 0, err
+    # The new BN's statistics are the conv outputs' on the data's training images (all of them:
+    # fewer than 512), read as `train` reads them, not on random inputs.
+    images = open_data(data, input_shape=(2, 3, 28, 28), stream_above_mb=None).x_train
+    import bngraph
+
+    original = bngraph.load(f"{model_py}:Pretrained").eval()
+    with torch.no_grad():  # the conv's bias is dropped before the BN, which then sees conv - bias
+        conv = original.conv(images) - original.conv.bias.view(-1, 1, 1)
+    bn = next(m for m in bngraph.load(out).modules() if isinstance(m, nn.BatchNorm2d))
+    torch.testing.assert_close(bn.running_mean, conv.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, conv.transpose(0, 1).flatten(1).var(1), rtol=1e-3, atol=1e-6)
+    with torch.no_grad():  # and the eval-mode function is the original's on those images
+        torch.testing.assert_close(bngraph.load(out).eval()(images), original(images), rtol=1e-4, atol=1e-5)
+
+
+def test_insert_preserve_data_the_model_cannot_take_is_one_line(tmp_path, capsys):
+    model_py = tmp_path / "pretrained.py"
+    model_py.write_text(PRETRAINED_PY)
+    data = write_npz(tmp_path / "gray.npz")  # 1 x 28 x 28 images for a 3-channel model
+    code, _, err = _cli(capsys, "insert", f"{model_py}:Pretrained", "--preserve", "--data", data, "-o", tmp_path / "o")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "784 values each; the model's input (3, 28, 28) needs 2352" in err
+    assert not (tmp_path / "o").exists()

@@ -32,9 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data",
-        metavar="DIR",
-        help="with --preserve: calibrate on these MNIST-format training images instead of random "
-        "inputs shaped like the example",
+        metavar="PATH",
+        help="with --preserve: calibrate on 512 training images of this data (any format `bngraph train` reads; "
+        "an image folder is decoded to the model's input) instead of random inputs shaped like the example",
     )
     parser.add_argument(
         "--no-fallback",
