@@ -113,6 +113,12 @@ class Reference:
                 raise CheckFailed(
                     f"{what} differs from the model it was made from: output {worst.output!r}: {worst.problem}"
                 )
+            if worst.scale <= np.finfo(np.float32).tiny:  # every reference value is 0: no size to judge by
+                raise CheckFailed(
+                    f"{what} differs from the model it was made from: output {worst.output!r} is 0 everywhere in the "
+                    f"original on the check's batches and up to {worst.max_abs:.3g} in the transformed model; an "
+                    "all-zero output gives no scale that tells float rounding from a wrong result, so nothing was written"
+                )
             raise CheckFailed(
                 f"{what} differs from the model it was made from: output {worst.output!r} by up to {worst.max_abs:.3g} "
                 f"({worst.max_rel:.3g} of its RMS, {worst.failed_elements} of {worst.elements} elements beyond "

@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,18 @@ def _quiet_threads(monkeypatch):
 
     torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temp_files_in_pytests_folder(tmp_path_factory):
+    # A failed export keeps its log in the temp folder for the user to read, and the suite fails
+    # exports on purpose: their logs go to pytest's own folder, which it prunes, not to /tmp.
+    folder = str(tmp_path_factory.mktemp("tempfile"))
+    saved_dir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = folder, folder
+    yield
+    tempfile.tempdir = saved_dir
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env

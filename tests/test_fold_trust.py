@@ -456,17 +456,20 @@ def test_check_same_function_names_the_output_and_the_error():
         def forward(self, x):
             return {"logits": self.fc(x), "aux": self.fc(x) * 0 + self.shift}
 
-    original, changed = TwoOutputs(0.0), TwoOutputs(0.0)
+    original, changed = TwoOutputs(1.0), TwoOutputs(1.0)
     changed.load_state_dict(original.state_dict())
     x = torch.randn(2, 3)
     assert check_same_function(original, changed, [x], what="copy") < 1e-6
-    changed.shift = 1e-3
+    changed.shift = 1.001
     with pytest.raises(CheckFailed, match=r"copy differs from the model it was made from: output 'aux' by up to 0.001"):
         check_same_function(original, changed, [x], what="copy")
-    assert not original.training and not changed.training or True  # modes are put back (see next line)
-    original.train()
+    # An output that is 0 everywhere has no RMS to scale the tolerance by: the refusal says so.
+    original.shift, changed.shift = 0.0, 1e-8
+    with pytest.raises(CheckFailed, match=r"output 'aux' is 0 everywhere in the original .* up to 1e-08 in the transformed"):
+        check_same_function(original, changed, [x], what="copy")
+    original.train()  # each model's mode is put back after the check
     check_same_function(original, original, [x], what="itself")
-    assert original.training
+    assert original.training and changed.training
 
 
 def apply_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Property: on random small networks, insert works in train mode, is idempotent, and
 --preserve keeps the eval-mode function."""
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -8,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bngraph
+from bngraph.errors import CheckFailed
 from bngraph.passes._op_kinds import activation_kind, normalizer_behind
 
 MODULE_ACTS = [nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Hardswish, nn.Softplus, nn.Mish]
@@ -34,6 +37,9 @@ def activations(draw):
 
 @st.composite
 def networks(draw):
+    # The layers' initial weights come from torch's global generator: seeded by the example, so
+    # that Hypothesis replays the same network (the test body reseeds it after).
+    torch.manual_seed(draw(st.integers(0, 2**16)))
     kind = draw(st.sampled_from(["image", "vector", "sequence"]))
     layers, width = [], draw(st.integers(2, 6))
     shape = {"image": (width, 6, 6), "vector": (width,), "sequence": (3, width)}[kind]
@@ -83,7 +89,29 @@ def test_insert_then_train_is_idempotent_and_preserve_is_exact(net, seed):
     again, report_again = bngraph.insert(out, [x])
     assert report_again.sections["inserted"] == [] and str(again.graph) == str(out.graph)
 
-    kept, _ = bngraph.insert(model, [x], preserve=True)
+    # --preserve's BNs compute the identity up to rounding (~1 ulp of their inputs' means), which
+    # the model then amplifies as it amplifies its own float32 rounding: a LayerNorm over a few
+    # near-equal features by up to 1/sqrt(eps). So the measure of "exact" is that rounding, read
+    # off the model in float64.
+    model.eval()
+    try:
+        kept, _ = bngraph.insert(model, [x], preserve=True)
+    except CheckFailed as err:
+        # A correct --preserve is refused only where the check cannot tell rounding from error:
+        # an output that is 0 everywhere (no scale), or a model whose own float32 rounding is
+        # within 10x of the check's tolerance (1e-5 of the output's RMS).
+        reference = model(x).detach()
+        rms = reference.square().mean().sqrt()
+        assert "is 0 everywhere" in str(err) and not reference.any() or _own_rounding(model, x) > 1e-6 * rms, err
+        return
     probe = torch.randn(7, *shape) * 2
     with torch.no_grad():
-        torch.testing.assert_close(kept.eval()(probe), model.eval()(probe), rtol=1e-4, atol=1e-5)
+        error = (kept.eval()(probe) - model(probe)).abs().max()
+    assert error <= 1e-5 + 1e-4 * model(probe).abs().max() + 50 * _own_rounding(model, probe), error
+
+
+@torch.no_grad()
+def _own_rounding(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """How far the model's float32 output is from its float64 output: its own rounding."""
+    exact = copy.deepcopy(model).double()(x.double())
+    return (model(x).double() - exact).abs().max()
