@@ -18,6 +18,7 @@ on purpose; `check_only_statistics_changed` checks that it changed nothing else.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -122,9 +123,30 @@ class Reference:
             raise CheckFailed(
                 f"{what} differs from the model it was made from: output {worst.output!r} by up to {worst.max_abs:.3g} "
                 f"({worst.max_rel:.3g} of its RMS, {worst.failed_elements} of {worst.elements} elements beyond "
-                f"tolerance, worst on the {batch}); nothing was written"
+                f"tolerance, worst on the {batch}){self._rounding_note(worst, batches)}; nothing was written"
             )
         return max((d.excess for d in result.diffs), default=0.0)
+
+    def _rounding_note(self, worst, batches) -> str:
+        """How far the original's own float32 output is from its float64 output, where `worst`
+        failed: the size of rounding this model amplifies, which tells a refusal of an
+        ill-conditioned model (a LayerNorm over near-equal features) from a wrong transformation.
+        Empty where the model does not run in float64."""
+        if worst.worst_batch >= len(batches):
+            return ""
+        inputs = batches[worst.worst_batch]
+        try:
+            wide = _SeededRunner(copy.deepcopy(self.runner.module).double(), "float64")
+            exact = wide([x.astype(np.float64) if x.dtype == np.float32 else x for x in inputs])
+            index = self.runner.output_names.index(worst.output)
+            rounding = float(np.max(np.abs(self.runner(inputs)[index] - exact[wide.output_names.index(worst.output)])))
+        except Exception:  # noqa: BLE001 (a model that fixes float32 somewhere: no note, the refusal stands)
+            return ""
+        if not np.isfinite(rounding):
+            return ""
+        fraction = rounding / worst.scale
+        verdict = "so rounding may explain it" if 10 * fraction >= worst.max_rel else "far below this difference"
+        return f"; the original's own float32 rounding reaches {fraction:.2g} of the RMS there ({verdict})"
 
 
 def check_same_function(

@@ -5,6 +5,7 @@ the reason (issue 10)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import operator
 
@@ -461,7 +462,8 @@ def test_check_same_function_names_the_output_and_the_error():
     x = torch.randn(2, 3)
     assert check_same_function(original, changed, [x], what="copy") < 1e-6
     changed.shift = 1.001
-    with pytest.raises(CheckFailed, match=r"copy differs from the model it was made from: output 'aux' by up to 0.001"):
+    with pytest.raises(CheckFailed, match=r"copy differs from the model it was made from: output 'aux' by up to 0.001"
+                       r".*own float32 rounding reaches 0 of the RMS there \(far below this difference\)"):
         check_same_function(original, changed, [x], what="copy")
     # An output that is 0 everywhere has no RMS to scale the tolerance by: the refusal says so.
     original.shift, changed.shift = 0.0, 1e-8
@@ -470,6 +472,25 @@ def test_check_same_function_names_the_output_and_the_error():
     original.train()  # each model's mode is put back after the check
     check_same_function(original, original, [x], what="itself")
     assert original.training and changed.training
+
+
+def test_a_refusal_says_when_the_model_amplifies_its_own_rounding():
+    # Two near-equal features into a LayerNorm: their difference, ~1e-4 of their size, is all the
+    # LayerNorm keeps, so float32 rounding of the inputs (1e-7 of their size) becomes ~1e-3 of
+    # the output. One ulp more in each weight of a row is then a difference the check cannot
+    # accept, and the refusal says that the model's own rounding is of that order.
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(4, 2), nn.LayerNorm(2))
+    with torch.no_grad():
+        original[0].weight[1] = original[0].weight[0] * (1 + 1e-4)
+        original[0].bias[1] = original[0].bias[0]
+    nudged = copy.deepcopy(original)
+    with torch.no_grad():
+        row = nudged[0].weight[0]
+        row.copy_(torch.nextafter(row, torch.full_like(row, float("inf"))))
+    x = torch.randn(8, 4) * 10
+    with pytest.raises(CheckFailed, match=r"own float32 rounding reaches \S+ of the RMS there \(so rounding may explain it\)"):
+        check_same_function(original, nudged, [x], what="nudged")
 
 
 def apply_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
