@@ -222,10 +222,7 @@ def module_source(
     shapes = [tuple(s) for s in input_shapes] if input_shapes else None
     carried = ""
     if from_base or from_file:
-        carried = (
-            f"{base[0].rstrip()}\n\n\n# --- Appended by bngraph: the traced model; the submodules and functions it did\n"
-            f"# --- not trace come from the code above.\n_BNGRAPH_BASE = {base[1]}\n\n"
-        )
+        carried = f"{base[0].rstrip()}{_CARRIED}{base[1]}\n\n"
     return (
         carried
         + _HEADER.format(source=source, imports="\n".join(imports))
@@ -292,6 +289,27 @@ def wrapped_source(source: str, symbol: str, wraps: Sequence[dict]) -> str:
     """model.py after a fallback insert: `source` plus the wraps the insert report lists."""
     edits = [("wrap", w["node"], w["norm"], w["features"], w.get("dtype", "float32")) for w in wraps]
     return edited_source(source, symbol, edits, "insert")
+
+
+# Between the user's code an artifact carries and the generated code, the line before it naming
+# what builds the user's model.
+_CARRIED = (
+    "\n\n\n# --- Appended by bngraph: the traced model; the submodules and functions it did\n"
+    "# --- not trace come from the code above.\n_BNGRAPH_BASE = "
+)
+
+
+def user_code(loaded) -> tuple[str, str] | None:
+    """(source text, symbol that builds the model) of the user's own code behind a loaded model,
+    for `module_source`'s `base`: a .py file, or the user's code an artifact carries in front of
+    its generated code (not that code itself: each verb generates its own). None: there is none."""
+    if loaded.spec.kind == "file":
+        return Path(loaded.spec.path).read_text(), loaded.symbol
+    if loaded.spec.kind == "artifact":
+        user, marker, rest = (Path(loaded.spec.path) / CODE_FILE).read_text().partition(_CARRIED)
+        if marker:
+            return user, rest.partition("\n")[0]
+    return None
 
 
 def fallback_source(loaded) -> tuple[str, str]:

@@ -25,7 +25,7 @@ from torch import fx, nn
 from bngraph.artifact_code import CLASS_NAME, CODE_FILE, module_source
 from bngraph.atomic import ARTIFACT, check_output, save_tensors, write_dir_atomically
 from bngraph.errors import UserError, one_line
-from bngraph.runners import batch_axes_of
+from bngraph.runners import batch_axes_of, named_tensors
 from bngraph.spec import ARTIFACT_META
 from bngraph.trace import trace
 
@@ -45,6 +45,7 @@ def save(
     history: Sequence[dict] = (),
     source: str = "a module",
     code: str | None = None,
+    base: tuple[str, str] | None = None,
     force: bool = False,
 ) -> Path:
     """Write `module` as an artifact folder at `path`, whole or not at all.
@@ -54,6 +55,8 @@ def save(
 
     The module is traced and written as generated code, unless `code` (see `wrapped_source`)
     gives the source of a model that cannot be traced (`bngraph.artifact_code.wrapped_source`).
+    `base` (`bngraph.artifact_code.user_code`) is the user's code that generated code naming the
+    user's own functions, classes and untraced layers carries in front of it.
     """
     check_output(path, ARTIFACT, force=force)  # before the trace, not after it
     input_shapes = [list(x.shape) for x in example_inputs] if example_inputs is not None else None
@@ -62,7 +65,7 @@ def save(
     batch_axes = batch_axes_of(example_inputs) if example_inputs is not None else None
     if code is None:
         module = module if isinstance(module, fx.GraphModule) else trace(module)
-        code = module_source(module, input_shapes=input_shapes, source=source)
+        code = module_source(module, input_shapes=input_shapes, source=source, base=base)
     text = code
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -106,9 +109,11 @@ def _check_round_trip(original: nn.Module, loaded: nn.Module, example_inputs) ->
             a, b = original.eval()(*example_inputs), loaded.eval()(*example_inputs)
     finally:
         original.train(was_training)
-    flat_a, flat_b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
-    if len(flat_a) != len(flat_b) or not all(
-        _identical(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(flat_a, flat_b)
+    # Named as verify names them: a user's own dataclass (a class pytree does not know, loaded
+    # again with the artifact's code) is compared field by field, not with its __eq__.
+    named_a, named_b = named_tensors(a), named_tensors(b)
+    if [n for n, _ in named_a] != [n for n, _ in named_b] or not all(
+        _identical(x, y) for (_, x), (_, y) in zip(named_a, named_b)
     ):
         raise AssertionError("bngraph bug: the artifact computes something else than the module saved")
 

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -36,13 +37,13 @@ import torch
 from torch import nn
 
 from bngraph.atomic import ONNX, check_output
-from bngraph.errors import CheckFailed, ModelRaised, UserError, one_line
+from bngraph.errors import CheckFailed, ModelRaised, UserError, one_line, running_user_model
 from bngraph.fold import fold as fx_fold
 from bngraph.onnx_fold import STANDALONE_BN_FORMS, fold_onnx
 from bngraph.onnx_io import write_verified
 from bngraph.report import Report
 from bngraph.trace import raise_if_model_raises
-from bngraph.runners import BATCH_SIZES, batch_axes_of, eval_mode, example_batches
+from bngraph.runners import BATCH_SIZES, batch_axes_of, eval_mode, example_batches, named_tensors
 from bngraph.compare import VerifyResult
 
 # The newest opset that every onnxruntime pyproject admits (>= 1.20) runs; torch's default is 20.
@@ -78,6 +79,9 @@ def to_onnx(
     )
     batch = torch.export.Dim("batch")
     dynamic_shapes = tuple({0: batch} if axis == 0 else None for axis in axes)
+    module = _with_known_outputs(module, example_inputs)
+    if isinstance(module, _TensorOutputs):  # torch.export sees its *inputs as one tuple argument
+        dynamic_shapes = (dynamic_shapes,)
     # The exporter prints progress, logs a warning per missing torchvision op and, when it fails,
     # dumps the graph with colour codes: none of it is our report. All of it goes to a log that
     # is kept, and named in the one error line, only when the export fails.
@@ -101,6 +105,43 @@ def to_onnx(
                 f"(the exporter's full log: {saved})"
             ) from err
     return program.model
+
+
+class _TensorOutputs(nn.Module):
+    """`module` returning its output's tensors as a tuple, in the order verify pairs them in."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs):
+        return tuple(t for _, t in named_tensors(self.module(*inputs)))
+
+
+_LEAVES = (torch.Tensor, int, float, bool, str, type(None))
+
+
+def _with_known_outputs(module: nn.Module, example_inputs) -> nn.Module:
+    """`module`, or `_TensorOutputs(module)` where its output holds a dataclass torch's pytree does
+    not know (a user's own, in HuggingFace's style), which the exporter refuses. Other unknown
+    classes are left to the exporter's error: their tensors would not all be found."""
+    with torch.no_grad(), eval_mode(module), running_user_model():
+        output = module(*example_inputs)
+    if all(isinstance(leaf, _LEAVES) for leaf in torch.utils._pytree.tree_leaves(output)):
+        return module
+    return _TensorOutputs(module) if _dataclasses_of_tensors(output) else module
+
+
+def _dataclasses_of_tensors(output) -> bool:
+    """Whether `named_tensors` finds every tensor in `output`: only leaves in dicts, lists, tuples
+    and dataclasses."""
+    if isinstance(output, _LEAVES):
+        return True
+    if isinstance(output, dict):
+        return all(_dataclasses_of_tensors(v) for v in output.values())
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return all(_dataclasses_of_tensors(getattr(output, f.name)) for f in dataclasses.fields(output))
+    return isinstance(output, (list, tuple)) and all(_dataclasses_of_tensors(v) for v in output)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

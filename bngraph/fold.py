@@ -18,7 +18,7 @@ from collections.abc import Collection, Sequence
 import torch
 from torch import fx, nn
 
-from bngraph.artifact_code import edited_source, fallback_source
+from bngraph.artifact_code import edited_source, fallback_source, user_code
 from bngraph.artifacts import history_entry, save
 from bngraph.compare import fold_tolerance
 from bngraph.equivalence import Reference
@@ -270,7 +270,8 @@ def fold_artifact(loaded: LoadedModel, output: str | None, *, force: bool = Fals
     code = None
     if report.facts.get("tracing") == FALLBACK:  # no graph to write code from: the source plus edits
         code = edited_source(*fallback_source(loaded), source_edits(report), "fold")
-    save(folded, output, example_inputs=example_inputs, history=history, source=loaded.spec.text, force=force, code=code)
+    save(folded, output, example_inputs=example_inputs, history=history, source=loaded.spec.text, force=force, code=code,
+         base=user_code(loaded))
     report.facts["output"] = output
     return folded, report
 

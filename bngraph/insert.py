@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from bngraph.artifact_code import fallback_source, module_source, wrapped_source
+from bngraph.artifact_code import fallback_source, user_code, wrapped_source
 from bngraph.artifacts import history_entry, save
 from bngraph.data import model_images
 from bngraph.equivalence import check_same_function
@@ -174,12 +174,11 @@ def insert_artifact(
     code = None
     if report.facts["tracing"] == FALLBACK:
         code = wrapped_source(*fallback_source(loaded), report.passes["wrap_activation_modules"].details)
-    elif loaded.spec.kind == "file":  # layers kept opaque are rebuilt by the user's own code
-        shapes = [list(x.shape) for x in example_inputs]
-        code = module_source(model, input_shapes=shapes, source=loaded.spec.text, base=fallback_source(loaded))
     entry = {**history_entry("insert", report.passes), "preserve": preserve, "data": data, "report": report.to_json()}
     history = [*loaded.history, entry]
-    save(model, output, example_inputs=example_inputs, history=history, source=loaded.spec.text, code=code, force=force)
+    # Layers kept opaque, and the user's own functions and classes, come from the user's code.
+    save(model, output, example_inputs=example_inputs, history=history, source=loaded.spec.text, code=code,
+         base=user_code(loaded), force=force)
     report.facts["output"] = output
     return model, report
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from bngraph.artifact_code import user_code
 from bngraph.artifacts import save
 from bngraph.equivalence import check_only_statistics_changed
 from bngraph.errors import UserError
@@ -72,7 +73,8 @@ def recalibrate(
     }
     example = [data.x_test[:2]]
     history = [*loaded.history, entry]
-    save(model, output, example_inputs=example, history=history, source=loaded.spec.text, force=force)
+    save(model, output, example_inputs=example, history=history, source=loaded.spec.text, force=force,
+         base=user_code(loaded))
     report = Report(
         f"bngraph recalibrate {loaded.spec.text}",
         sections={

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from bngraph.artifact_code import user_code
 from bngraph.load import LoadedModel
 from bngraph.report import Report
 from bngraph.reproduce.recipes import Recipe, apply_recipe
@@ -78,8 +79,8 @@ def train_run(
     if resumed:
         config = replace(config, decay_every=saved_decay)
     done = train_into_folder(model, data, config, out, history=history, source=loaded.spec.text,
-                             example_inputs=example, sync_bn=sync_bn, resume=resume, device=str(device),
-                             progress=progress, distributed=ctx)
+                             example_inputs=example, base=user_code(loaded), sync_bn=sync_bn, resume=resume,
+                             device=str(device), progress=progress, distributed=ctx)
     if done is None:
         return None, None
     return done, train_report(loaded.spec.text, recipe, data, config, ctx.world_size, done, Path(output or out))

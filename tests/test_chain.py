@@ -44,3 +44,63 @@ def test_insert_train_fold_export_verify(name, data, tmp_path, capsys):
         with capsys.disabled():  # the errors, for whoever runs this with -s
             print(f"\n{name}: {candidate.name} vs the trained BN model, max abs error {errors}")
         assert max(errors.values()) < 1e-4
+
+
+HF_STYLE_PY = '''
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ImageClassifierOutput:  # HuggingFace's style, in the user's own file
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple | None = None
+
+
+class Classifier(nn.Module):
+    example_input_shape = (2, 1, 28, 28)
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3)
+        self.act = nn.GELU()
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, pixel_values):
+        hidden = self.act(self.conv(pixel_values))
+        return ImageClassifierOutput(logits=self.head(hidden.mean((2, 3))), hidden_states=(hidden,))
+
+
+class Pair(Classifier):
+    def forward(self, pixel_values):
+        out = super().forward(pixel_values)
+        return out.logits, out.hidden_states[0]
+'''
+
+
+def test_a_model_returning_its_own_output_dataclass_goes_through_the_chain(data, tmp_path, capsys):
+    # The user's dataclass lives in their file: every artifact carries that code, training reads
+    # its `logits`, and the exporter gets its tensors.
+    (tmp_path / "hf_style.py").write_text(HF_STYLE_PY)
+    _json(capsys, "insert", tmp_path / "hf_style.py:Classifier", "-o", tmp_path / "bn")
+    _json(capsys, "train", tmp_path / "bn", "--data", data, "--steps", 4, "--batch-size", 16, "--quiet",
+          "-o", tmp_path / "run")
+    folded = _json(capsys, "fold", tmp_path / "run", "-o", tmp_path / "folded", "--strict")
+    assert folded["batchnorms_after"] == 0
+    output = bngraph.load(tmp_path / "folded").eval()(torch.randn(3, 1, 28, 28))
+    assert type(output).__name__ == "ImageClassifierOutput" and output.logits.shape == (3, 10)
+    assert _json(capsys, "export", tmp_path / "run", "-o", tmp_path / "m.onnx")["passed"] is True
+    verified = _json(capsys, "verify", tmp_path / "run", tmp_path / "m.onnx", "--data", data)
+    assert verified["passed"] is True and len({o["output"] for o in verified["outputs"]}) == 2
+
+
+def test_training_a_model_with_no_logits_to_read_is_one_line(data, tmp_path, capsys):
+    (tmp_path / "hf_style.py").write_text(HF_STYLE_PY)
+    code = main(["train", f"{tmp_path / 'hf_style.py'}:Pair", "--data", str(data), "--steps", "2", "--quiet",
+                 "-o", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "the model's output is tuple" in err and "the `logits` entry of a dict or dataclass" in err

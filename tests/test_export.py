@@ -128,3 +128,27 @@ def test_zoo_models_with_bn_export_well_within_the_default_tolerance(name, tmp_p
     model, _ = bngraph.insert(create_model(name), example)
     result = export(randomize_bn(model), example, tmp_path / "model.onnx")
     assert result and max(d.max_abs for d in result.verification.diffs) < ONNX_TOLERANCE / 10
+
+
+class _Holder:
+    """Not a dataclass: nothing says which of its attributes are outputs."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+
+class _ReturnsHolder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return _Holder(self.fc(x))
+
+
+def test_an_output_class_whose_tensors_cannot_all_be_found_is_refused_not_dropped(tmp_path):
+    # A dataclass's fields are its outputs (the chain test exports one); an arbitrary object's
+    # attributes are not known to be, so the file is not written with some of them left out.
+    with pytest.raises(bngraph.UserError, match="torch.onnx.export could not export _ReturnsHolder"):
+        export(_ReturnsHolder(), [torch.randn(2, 4)], tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

@@ -190,6 +190,16 @@ def check_finite(images: torch.Tensor, where: str, first_index: int = 0) -> None
         raise UserError(f"{where}[{index}] holds NaN or infinite values; images must be finite")
 
 
+def logits_of(output) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, or the `logits` entry of a dict or field
+    of an object (HuggingFace's ModelOutput, a user's dataclass in its style); else the output
+    as it is, for `check_model_fits` to refuse."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else output
+
+
 def check_model_fits(model: nn.Module, data: TensorData | StreamData) -> None:
     """Run two training images through `model`: a wrong input or output shape is the user's, and
     so is a label the model has no output for."""
@@ -198,7 +208,7 @@ def check_model_fits(model: nn.Module, data: TensorData | StreamData) -> None:
     device = next(iter(model.parameters()), example).device
     try:
         with torch.no_grad():
-            logits = model.eval()(example.to(device))
+            logits = logits_of(model.eval()(example.to(device)))
     except Exception as err:
         shape = "x".join(map(str, example.shape[1:]))
         raise model_raised(err, failed=f"the model cannot take {data.name} images ({shape}) from {data.source}") from err
@@ -206,7 +216,10 @@ def check_model_fits(model: nn.Module, data: TensorData | StreamData) -> None:
         model.train(was_training)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise UserError(f"the model's output is {got}; training on {data.name} needs logits of shape (N, classes)")
+        raise UserError(
+            f"the model's output is {got}; training on {data.name} needs logits of shape (N, classes), "
+            "returned alone or as the `logits` entry of a dict or dataclass"
+        )
     outputs = logits.shape[1]
     if data.num_classes is None:  # a factory's streamed labels: checked as they come
         data.train.num_classes = data.test.num_classes = outputs

@@ -42,7 +42,9 @@ from torch import nn
 from bngraph.errors import CheckFailed
 from bngraph.training.checkpoint import CHECKPOINT, open_run_folder, resume_from_checkpoint, save_checkpoint
 from bngraph.training.config import PRECISIONS, TrainConfig, pick_device
-from bngraph.training.data import EpochSampler, StreamData, TensorData, check_finite, data_fingerprint, step_batches
+from bngraph.training.data import (
+    EpochSampler, StreamData, TensorData, check_finite, data_fingerprint, logits_of, step_batches,
+)
 from bngraph.training.data_formats import load_data
 from bngraph.training.distributed import SINGLE, Distributed, broadcast_buffers, sum_over_ranks, wrap
 from bngraph.training.metrics import METRICS, evaluate_shared, interval_means, new_interval, write_metrics
@@ -224,7 +226,7 @@ def _train_step(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], lr: fl
     if setup.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with setup.amp():
-        logits = net(x)
+        logits = logits_of(net(x))
     loss = F.cross_entropy(logits.float(), y)
     setup.optimizer.zero_grad(set_to_none=True)
     if setup.scaler is not None:

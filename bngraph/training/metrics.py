@@ -14,7 +14,7 @@ from torch import nn
 
 from bngraph.atomic import write_atomically
 from bngraph.errors import UserError
-from bngraph.training.data import TensorData, StreamData, user_error_from_worker
+from bngraph.training.data import StreamData, TensorData, logits_of, user_error_from_worker
 from bngraph.training.distributed import Distributed, sum_over_ranks
 
 METRICS = "metrics.jsonl"
@@ -32,7 +32,7 @@ def evaluate(
     try:
         for lo in range(0, len(x), batch):
             with amp():
-                logits = model(x[lo : lo + batch]).float()
+                logits = logits_of(model(x[lo : lo + batch])).float()
             loss += F.cross_entropy(logits, y[lo : lo + batch], reduction="sum").double()
             correct += (logits.argmax(1) == y[lo : lo + batch]).sum()
     finally:
@@ -52,7 +52,7 @@ def _evaluate_loader(model: nn.Module, loader, dev: torch.device, amp) -> tuple[
         for x, y in loader:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             with amp():
-                logits = model(x).float()
+                logits = logits_of(model(x)).float()
             loss += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
             n += len(y)

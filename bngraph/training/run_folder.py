@@ -49,6 +49,7 @@ def train_into_folder(
     history: Sequence[dict],
     source: str,
     example_inputs: Sequence[torch.Tensor],
+    base: tuple[str, str] | None = None,
     sync_bn: bool = False,
     resume: bool = False,
     device: str = "auto",
@@ -56,7 +57,7 @@ def train_into_folder(
     distributed: Distributed = SINGLE,
 ) -> TrainedFolder | None:
     """`train` into `out`, then save OUT/model with `history` and this run's entry; None on the
-    ranks other than 0 (they write nothing). `sync_bn` trains with SyncBatchNorms, on the CPU
+    ranks other than 0 (they write nothing). `base`: see `bngraph.artifacts.save`. `sync_bn` trains with SyncBatchNorms, on the CPU
     through `bngraph.training.sync_bn`."""
     history = list(history)
     plain, converted = model, None
@@ -75,7 +76,8 @@ def train_into_folder(
     history.append({"command": "train", "data": f"{data.name} ({data.source})", "data_format": data.format,
                     "config": asdict(config), "processes": ctx.world_size})
     # force: a resumed run replaces its own model/, in a folder checked to be a run's
-    save(plain.eval(), out / MODEL_DIR, example_inputs=example_inputs, history=history, source=source, force=True)
+    save(plain.eval(), out / MODEL_DIR, example_inputs=example_inputs, history=history, source=source, base=base,
+         force=True)
     plot = None
     if config.track_inputs is not None:
         rows = [r for r in run.metrics if "inputs" in r]
