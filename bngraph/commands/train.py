@@ -1,4 +1,5 @@
-"""Train a model on your images: SGD with momentum, checkpoints, an exact --resume.
+"""Train a model on your images: SGD with momentum, checkpoints, an exact --resume. The model
+returns logits (N, classes), alone or as the `logits` entry of a dict or dataclass.
 
 Writes OUT/model/ (an artifact for `bngraph fold OUT/model`, export and verify),
 OUT/metrics.jsonl (one JSON line per evaluation), OUT/checkpoint.pt and, with --track-inputs,
