@@ -27,7 +27,7 @@ from bngraph.atomic import ARTIFACT, check_output, save_tensors, write_dir_atomi
 from bngraph.errors import UserError, one_line
 from bngraph.runners import batch_axes_of, named_tensors
 from bngraph.spec import ARTIFACT_META
-from bngraph.trace import trace
+from bngraph.trace import check_modules_registered, trace
 
 FORMAT = "bngraph-artifact"
 FORMAT_VERSION = 1
@@ -59,6 +59,7 @@ def save(
     user's own functions, classes and untraced layers carries in front of it.
     """
     check_output(path, ARTIFACT, force=force)  # before the trace, not after it
+    check_modules_registered(module)  # layers no state dict holds: no artifact computes the same
     input_shapes = [list(x.shape) for x in example_inputs] if example_inputs is not None else None
     # Each input's dtype and batch axis (0, or None), so that later commands build the same inputs.
     input_dtypes = [str(x.dtype).removeprefix("torch.") for x in example_inputs] if example_inputs is not None else None

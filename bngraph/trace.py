@@ -102,6 +102,28 @@ def _copy_value(value, memo: dict):
     return value
 
 
+def check_modules_registered(model: nn.Module) -> None:
+    """Raise UserError where `model` holds a module in a plain list, tuple or dict attribute: not
+    registered, so its weights are not in parameters() (never trained), state_dict() (never
+    saved) or .to(); a saved or traced copy would compute something else. A plain list of
+    modules that are registered elsewhere too (a second reference) is fine."""
+    registered = {id(m) for m in model.modules()}
+    for path, owner in model.named_modules():
+        for name, value in vars(owner).items():
+            if isinstance(value, (nn.Module, str)) or not isinstance(value, (list, tuple, dict)):
+                continue
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(item, nn.Module) and id(item) not in registered:
+                    where = f"{path}.{name}" if path else name
+                    container = "nn.ModuleDict" if isinstance(value, dict) else "nn.ModuleList"
+                    raise UserError(
+                        f"{type(model).__name__}.{where}[{key!r}] is a {type(item).__name__} in a plain "
+                        f"{type(value).__name__}, not a registered submodule: its weights are not parameters "
+                        f"(not trained, saved or moved to a device); hold the layers in {container}"
+                    )
+
+
 def materialize_lazy(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:
     """Give lazy layers (LazyConv2d, LazyLinear, LazyBatchNorm...) their shapes by running the
     model once on the example input, in eval mode and without gradients.

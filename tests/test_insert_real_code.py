@@ -774,3 +774,56 @@ def test_arguments_fixed_at_none_leave_later_traces_and_exports_working(tmp_path
     result = bngraph.export(bn_model.eval(), [x], tmp_path / "m.onnx")
     assert result, result.verification.lines()
     bngraph.insert(MaskedClassifier(), [x])  # and tracing again works
+
+
+class LayersInAPlainList(nn.Module):
+    """A common slip: the layers in a Python list, so PyTorch never registers them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(8, 16)
+        self.layers = [nn.Linear(16, 16), nn.Linear(16, 4)]
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.layers[0](x))
+        return self.layers[1](x)
+
+
+class ASecondReferenceInAPlainList(nn.Module):
+    """A plain list of layers that are registered too (a shortcut to some of them): fine."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 4)])
+        self.first_blocks = [self.blocks[0]]
+
+    def forward(self, x):
+        return self.blocks[1](torch.tanh(self.first_blocks[0](x)))
+
+
+def test_layers_in_a_plain_list_are_refused_with_the_fix_not_saved_wrong(tmp_path, capsys):
+    # Their weights are in no state dict: a saved copy would compute with other weights (this
+    # used to end in "bngraph bug: the artifact computes something else"), and train would never
+    # update them.
+    from bngraph.cli import main
+
+    path = tmp_path / "net.py"
+    path.write_text("import torch\nimport torch.nn.functional as F\nfrom torch import nn\n\n\n"
+                    + _source(LayersInAPlainList) + "\nexample_input_shape = (4, 8)\n")
+    for verb in (["insert"], ["fold"], ["train", "--steps", "1"]):
+        code = main([*verb, str(path), "-o", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert "LayersInAPlainList.layers[0] is a Linear in a plain list, not a registered submodule" in err
+        assert "nn.ModuleList" in err and not (tmp_path / "out").exists()
+    with pytest.raises(bngraph.UserError, match="layers"):  # the library's save says the same
+        bngraph.save(LayersInAPlainList(), tmp_path / "saved", example_inputs=[_x(2, 8)])
+    saved = bngraph.save(ASecondReferenceInAPlainList(), tmp_path / "fine", example_inputs=[_x(2, 8)])
+    assert saved.is_dir()
+
+
+def _source(cls) -> str:
+    import inspect
+
+    return inspect.getsource(cls)

@@ -61,14 +61,17 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 def load_from_args(args: argparse.Namespace) -> LoadedModel:
     """The model the model group names, with its example inputs' shapes, dtypes and batch axes."""
     from bngraph.load import load_model  # torch: only once a command runs
+    from bngraph.trace import check_modules_registered
 
-    return load_model(
+    loaded = load_model(
         args.model,
         weights=args.weights,
         input_shape=args.input_shape,
         input_dtype=getattr(args, "input_dtype", None),
         static_inputs=getattr(args, "static_input", None) or (),
     )
+    check_modules_registered(loaded.module)  # every command here traces, trains or saves it
+    return loaded
 
 
 # ---- the data: --data and how it is read -----------------------------------------------------
