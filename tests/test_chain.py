@@ -104,3 +104,53 @@ def test_training_a_model_with_no_logits_to_read_is_one_line(data, tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "the model's output is tuple" in err and "the `logits` entry of a dict or dataclass" in err
+
+
+OPAQUE_PY = '''
+import torch
+from torch import nn
+
+
+class Gate(nn.Module):
+    """torch.fx cannot follow this: it branches on a tensor's value."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return torch.tanh(self.fc(x))
+        return self.fc(x)
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 1, 28, 28)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(784, 16)
+        self.gate = Gate()
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.gate(torch.relu(self.stem(x.flatten(1)))))
+'''
+
+
+def test_a_model_with_a_part_fx_cannot_trace_trains_and_folds_from_its_artifact(data, tmp_path, capsys):
+    # insert keeps Gate opaque and the artifact rebuilds it from the user's code; train saves the
+    # trained artifact around it the same way, and fold folds what it can reach.
+    (tmp_path / "opaque.py").write_text(OPAQUE_PY)
+    inserted = _json(capsys, "insert", tmp_path / "opaque.py:Net", "-o", tmp_path / "bn")
+    assert [row["module"] for row in inserted["opaque"]] == ["gate"] and len(inserted["inserted"]) == 1
+    _json(capsys, "train", tmp_path / "bn", "--data", data, "--steps", 4, "--batch-size", 16, "--quiet",
+          "-o", tmp_path / "run")
+    folded = _json(capsys, "fold", tmp_path / "run", "-o", tmp_path / "folded", "--strict")
+    assert folded["batchnorms_before"] == 1 and folded["batchnorms_after"] == 0
+    trained, fold_of_it = bngraph.load(tmp_path / "run").eval(), bngraph.load(tmp_path / "folded").eval()
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_of_it(x), trained(x), rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(v, bngraph.load(tmp_path / "bn").state_dict()[k])
+               for k, v in trained.state_dict().items())  # it trained
