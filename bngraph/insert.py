@@ -118,8 +118,12 @@ def insert_report(
     notes = []
     if opaque:
         notes.append(f"traced partially: {len(opaque)} submodule(s) kept opaque (see 'opaque')")
+    already = [s for s in skipped if s["reason"].startswith("input already normalized")]
     if not inserted and not not_handled:
-        notes.append("nothing changed: no nonlinearity needs a BatchNorm" + (" (already inserted?)" if first.skipped else ""))
+        if len(already) < len(skipped):  # some got none for another reason: not "nothing needed"
+            notes.append(f"nothing changed: {len(skipped) - len(already)} nonlinearities got no BatchNorm (see 'skipped' for why)")
+        else:
+            notes.append("nothing changed: no nonlinearity needs a BatchNorm" + (" (already inserted?)" if already else ""))
     elif not_handled:
         notes.append(f"{len(not_handled)} nonlinearities run inside submodules insert cannot see into (see 'not_handled')")
     if trace_failure is not None:

@@ -221,6 +221,11 @@ def test_functional_nonlinearities_are_reported_not_silently_ignored():
         "forward:sigmoid#1": "sigmoid called as a function in the model's forward: without a traced graph only "
         "activation modules can be wrapped",
     }
+    # and insert's report does not say that nothing needed a BatchNorm
+    _, report = bngraph.insert(Functional(), [torch.randn(4, 4)])
+    assert "nothing changed: 2 nonlinearities got no BatchNorm (see 'skipped' for why)" in report.notes
+    _, report = bngraph.insert(bngraph.insert(HFStyleNet(), [torch.randn(4, 3, 16, 16)])[0], [torch.randn(4, 3, 16, 16)])
+    assert "nothing changed: no nonlinearity needs a BatchNorm (already inserted?)" in report.notes
 
 
 class InPlaceReused(nn.Module):
