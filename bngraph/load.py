@@ -195,11 +195,16 @@ def load_model(
     input_shape: str | None = None,
     input_dtype: str | None = None,
     static_inputs: Sequence[int] = (),
+    seed: int = 0,
 ) -> LoadedModel:
     """Load what a model spec names (see `bngraph.spec`), with its example inputs' shapes, dtypes
     and batch axes: declared (zoo entry; a model class's `example_input_shapes`,
     `example_input_dtypes`, `example_input_batch_axes`, or its file's; an artifact's bngraph.json)
-    unless given."""
+    unless given.
+
+    A file's model is built with torch's generator seeded to `seed` (and put back after), so a
+    spec names the same initial weights on every load, as a zoo name does: `bngraph fold
+    model.py:Net -o folded` and then `bngraph verify model.py:Net folded` compare one model."""
     spec = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
     history: list[dict] = []
     shapes, symbol = None, spec.symbol
@@ -208,7 +213,9 @@ def load_model(
         module = create_model(spec.symbol)
         shapes = [get_entry(spec.symbol).input_shape]
     elif spec.kind == "file":
-        module, symbol, code = _build(spec.path, spec.symbol)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module, symbol, code = _build(spec.path, spec.symbol)
         # The model's own declaration, else its file's (module-level constants, as users write them).
         declares = module if _declared_shapes(module) else code
         shapes = _declared_shapes(declares)

@@ -191,3 +191,43 @@ def test_real_data_in_any_format_train_reads(tmp_path):
 def test_bad_input_exits_2_with_one_line(argv):
     code, out, err = run_cli(*argv)
     assert code == 2 and out == "" and err.startswith("bngraph: error: ") and err.count("\n") == 1
+
+
+UNSEEDED_PY = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """Initialized from torch's generator, as user models are, with no seed of its own."""
+
+    example_input_shape = (4, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+'''
+
+
+def test_a_file_model_names_the_same_weights_on_every_load(tmp_path):
+    # fold it, then verify the fold against it: two loads, one model (a file model used to be
+    # built with new random weights each time, and this verify failed on a correct fold).
+    from bngraph.load import load_model
+
+    path = tmp_path / "net.py"
+    path.write_text(UNSEEDED_PY)
+    state = torch.random.get_rng_state()
+    first, second = (load_model(f"{path}:Net").module.state_dict() for _ in range(2))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator is left as it was
+    other = load_model(f"{path}:Net", seed=1).module.state_dict()  # train --seed picks another
+    assert not torch.equal(other["conv.weight"], first["conv.weight"])
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["fold", f"{path}:Net", "-o", str(tmp_path / "folded")]) == 0
+        assert main(["verify", f"{path}:Net", str(tmp_path / "folded")]) == 0

@@ -58,8 +58,9 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_from_args(args: argparse.Namespace) -> LoadedModel:
-    """The model the model group names, with its example inputs' shapes, dtypes and batch axes."""
+def load_from_args(args: argparse.Namespace, seed: int = 0) -> LoadedModel:
+    """The model the model group names, with its example inputs' shapes, dtypes and batch axes
+    (a file's model built with torch seeded to `seed`)."""
     from bngraph.load import load_model  # torch: only once a command runs
     from bngraph.trace import check_modules_registered
 
@@ -69,6 +70,7 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
         input_shape=args.input_shape,
         input_dtype=getattr(args, "input_dtype", None),
         static_inputs=getattr(args, "static_input", None) or (),
+        seed=seed,
     )
     check_modules_registered(loaded.module)  # every command here traces, trains or saves it
     return loaded

@@ -157,8 +157,7 @@ def run(args: argparse.Namespace) -> int:
         folder = (run_folder(args.output, force=args.force, resume=args.resume, inputs=shared.input_paths(args))
                   if ctx.is_main else contextlib.nullcontext(Path(args.output)))
         with folder as out:
-            torch.manual_seed(args.seed)  # the initial weights of a zoo or file model
-            loaded = shared.load_from_args(args)
+            loaded = shared.load_from_args(args, seed=args.seed)  # a file model's initial weights
             input_shape = loaded.input_shapes[0] if loaded.input_shapes else None
             with local_main_first(ctx):  # one download per host, not one per process
                 data = shared.data_from_args(args, device, input_shape=input_shape, allow_stream=True)
