@@ -27,7 +27,7 @@ from bngraph.atomic import ARTIFACT, check_output, save_tensors, write_dir_atomi
 from bngraph.errors import UserError, one_line
 from bngraph.runners import batch_axes_of, named_tensors
 from bngraph.spec import ARTIFACT_META
-from bngraph.trace import TraceFailed, check_modules_registered, trace
+from bngraph.trace import check_modules_registered, trace_around_untraceable
 
 FORMAT = "bngraph-artifact"
 FORMAT_VERSION = 1
@@ -65,7 +65,7 @@ def save(
     input_dtypes = [str(x.dtype).removeprefix("torch.") for x in example_inputs] if example_inputs is not None else None
     batch_axes = batch_axes_of(example_inputs) if example_inputs is not None else None
     if code is None:
-        module = module if isinstance(module, fx.GraphModule) else _trace_for_code(module, example_inputs)
+        module = module if isinstance(module, fx.GraphModule) else trace_around_untraceable(module, example_inputs)
         code = module_source(module, input_shapes=input_shapes, source=source, base=base)
     text = code
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -88,19 +88,6 @@ def save(
         _check_round_trip(module, load_artifact(folder)[0], example_inputs)
 
     return write_dir_atomically(path, write, kind=ARTIFACT, force=force)
-
-
-def _trace_for_code(module: nn.Module, example_inputs) -> fx.GraphModule:
-    """`module` traced for `module_source`; where torch.fx cannot follow a submodule (an artifact
-    that kept one opaque, trained), traced around it as insert traces, the submodule kept whole."""
-    try:
-        return trace(module)
-    except TraceFailed:
-        if example_inputs is None:
-            raise
-        from bngraph.partial_trace import trace_for_insert  # the passes' analyses: only when needed
-
-        return trace_for_insert(module, example_inputs)[0]
 
 
 def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -201,6 +201,20 @@ def trace(
     return trace_and_run(module, example_inputs, training=training)[0]
 
 
+def trace_around_untraceable(module: nn.Module, example_inputs: Sequence[torch.Tensor] | None) -> fx.GraphModule:
+    """`trace`, or where torch.fx cannot follow a submodule (one an artifact kept opaque), the
+    trace insert makes around it (`bngraph.partial_trace`), the submodule kept whole; shapes
+    recorded. Without `example_inputs`, `trace` alone."""
+    try:
+        return trace(module, example_inputs)
+    except TraceFailed:
+        if example_inputs is None:
+            raise
+        from bngraph.partial_trace import trace_for_insert  # it builds on this module
+
+        return trace_for_insert(module, example_inputs)[0]
+
+
 def trace_and_run(
     module: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None, *, training: bool | None = None
 ) -> tuple[fx.GraphModule, object]:

@@ -154,3 +154,5 @@ def test_a_model_with_a_part_fx_cannot_trace_trains_and_folds_from_its_artifact(
         torch.testing.assert_close(fold_of_it(x), trained(x), rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(v, bngraph.load(tmp_path / "bn").state_dict()[k])
                for k, v in trained.state_dict().items())  # it trained
+    assert main(["graph", str(tmp_path / "run"), "-o", str(tmp_path / "graph.svg")]) == 0  # drawn around it too
+    assert "gate" in (tmp_path / "graph.svg").read_text()
