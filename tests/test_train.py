@@ -89,6 +89,27 @@ def test_resume_refuses_other_settings_and_finished_runs(tmp_path):
         train(small_net(), data, CONFIG, out_dir=tmp_path / "elsewhere", resume=True)
 
 
+def test_resume_refuses_a_model_whose_code_changed_with_the_same_state_dict(tmp_path):
+    # The user swapped an activation between the two launches: same keys and shapes, another
+    # function. Resuming would continue one model's run with another.
+    data = tensor_data()
+
+    def stop(row):  # at step 20's evaluation, before its checkpoint: the run resumes from 10
+        if row["step"] == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(small_net(), data, CONFIG, out_dir=tmp_path, progress=False, on_eval=stop)
+    edited = small_net()
+    edited[2] = nn.GELU()
+    with pytest.raises(UserError, match="--resume: the model computes something else with the checkpoint's weights"):
+        train(edited, data, CONFIG, out_dir=tmp_path, resume=True, progress=False)
+    untouched = small_net()  # other initial weights do not matter: the checkpoint's are loaded
+    with torch.no_grad():
+        untouched[0].weight.mul_(3)
+    assert train(untouched, data, CONFIG, out_dir=tmp_path, resume=True, progress=False).resumed_from == 10
+
+
 def test_sampler_reshuffles_every_epoch_as_a_function_of_seed_and_step():
     a, b = EpochSampler(100, 30, seed=3), EpochSampler(100, 30, seed=3)
     assert a.steps_per_epoch == 3  # the last partial batch is dropped

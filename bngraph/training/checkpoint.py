@@ -4,6 +4,9 @@ A checkpoint holds everything a step depends on that is not a pure function of t
 weights, BN statistics, momentum buffers (and the fp16 loss scale), the RNG that dropout draws
 from, the training sums since the last evaluation, and the metrics so far. Under torchrun rank 0
 writes it, with what differs between ranks (RNG, sums) gathered into it, and sends it on resume.
+It also holds what the model computes with those weights on a fixed probe (`function_probe`):
+a model whose code changed (an activation swapped) loads the same state dict, and only its
+outputs tell that a resume would continue another model's run.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import nn
 
 from bngraph.atomic import check_writable, save_tensors, start_run_folder, write_atomically
 from bngraph.errors import UserError, one_line
+from bngraph.runners import named_tensors
 from bngraph.training.config import TrainConfig
 from bngraph.training.distributed import Distributed, from_main, gather_to_main
 from bngraph.training.sync_bn import has_sync_bn
@@ -51,10 +55,40 @@ def saved_config(out_dir: Path) -> dict | None:
         return None
 
 
+PROBE_VALUES = 4096  # at most this many output values are kept: a digest of the function
+
+
+def function_probe(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
+    """The model's eval-mode outputs (flattened, evenly thinned to PROBE_VALUES) on a fixed random
+    batch shaped like `example`: what it computes with its present weights."""
+    probe = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example.device, example.dtype)
+    was_training = model.training
+    devices = [example.device] if example.device.type == "cuda" else []
+    try:  # a forward that draws random numbers must not move the run's generator
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            output = model.eval()(probe)
+    finally:
+        model.train(was_training)
+    flat = torch.cat([t.detach().float().flatten().cpu() for _, t in named_tensors(output)])
+    return flat[:: max(1, len(flat) // PROBE_VALUES)][:PROBE_VALUES]
+
+
+def _same_function(then: torch.Tensor, now: torch.Tensor) -> bool:
+    """Equal to float rounding (another device or kernel may round differently): verify's rule
+    at onnxruntime's tolerance, NaN matching NaN."""
+    if then.shape != now.shape:
+        return False
+    finite = then[then.isfinite()]
+    scale = finite.square().mean().sqrt() if len(finite) else torch.tensor(0.0)
+    close = (now - then).abs() <= 1e-4 * scale + 1e-4 * then.abs()
+    return bool((close | (then.isnan() & now.isnan()) | (then == now)).all())
+
+
 def save_checkpoint(path: Path, *, step: int, elapsed_s: float, config: TrainConfig, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scaler, interval: dict, metrics: list[dict],
-                    ctx: Distributed, on_gpu: bool, data: dict) -> None:
-    """Write the checkpoint of `step` (a collective: every rank calls it at the same step)."""
+                    ctx: Distributed, on_gpu: bool, data: dict, example: torch.Tensor) -> None:
+    """Write the checkpoint of `step` (a collective: every rank calls it at the same step);
+    `example`, a batch of the data, shapes `function_probe`'s probe."""
     rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if on_gpu else {})}
     # What differs between ranks goes in too.
     on_cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in interval.items()}
@@ -67,6 +101,7 @@ def save_checkpoint(path: Path, *, step: int, elapsed_s: float, config: TrainCon
         "config": asdict(config),
         "data": data,  # `data_fingerprint`: a resume checks it finds the same data
         "model": model.state_dict(),
+        "probe": function_probe(model, example),  # what `model` computes: a resume checks its model still does
         "optimizer": optimizer.state_dict(),
         "rng": rng,
         "interval": interval,
@@ -92,10 +127,11 @@ class Resumed:
 
 def resume_from_checkpoint(out_dir: Path, *, config: TrainConfig, model: nn.Module,
                            optimizer: torch.optim.Optimizer, scaler, ctx: Distributed,
-                           dev: torch.device, data: dict) -> Resumed:
+                           dev: torch.device, data: dict, example: torch.Tensor) -> Resumed:
     """Restore model, optimizer, loss scale and RNG from the checkpoint in `out_dir`, after
-    checking it is of this run: the same model, settings, data (its `data_fingerprint`), process
-    count and --sync-bn."""
+    checking it is of this run: the same model (its state dict's keys and shapes, and what it
+    computes with the checkpoint's weights: `function_probe` on `example`'s shape), settings,
+    data (its `data_fingerprint`), process count and --sync-bn."""
     path = None if out_dir is None else out_dir / CHECKPOINT  # rank 0 has refused a resume without one
 
     def load() -> dict:
@@ -126,6 +162,12 @@ def resume_from_checkpoint(out_dir: Path, *, config: TrainConfig, model: nn.Modu
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise UserError(f"--resume: the checkpoint in {out_dir} is of another model: {one_line(err)}") from None
+    if "probe" in state and not _same_function(state["probe"].cpu(), function_probe(model, example)):
+        raise UserError(
+            f"--resume: the model computes something else with the checkpoint's weights than the run in {out_dir} "
+            "did (its code changed since, an activation or a forward): resume with the model the run started with, "
+            "or start a new run"
+        )
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])

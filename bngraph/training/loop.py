@@ -119,10 +119,10 @@ def train(
     elif isinstance(data, TensorData):  # tensors made on the CPU, a run on CUDA: found on a GPU
         data = data.to(dev)
     setup = _set_up(model, data, config, dev, ctx)
-    fingerprint = data_fingerprint(data)
+    fingerprint, example = data_fingerprint(data), data.example(2).to(dev)
     if resume:
         resumed = resume_from_checkpoint(out_dir, config=config, model=model, optimizer=setup.optimizer,
-                                         scaler=setup.scaler, ctx=ctx, dev=dev, data=fingerprint)
+                                         scaler=setup.scaler, ctx=ctx, dev=dev, data=fingerprint, example=example)
         start, metrics, elapsed_before, interval = resumed.step, resumed.metrics, resumed.elapsed_s, resumed.interval
     else:
         # Dropout draws from the global generator; other ranks' masks must differ from rank 0's.
@@ -174,7 +174,7 @@ def train(
                 save_checkpoint(out_dir / CHECKPOINT, step=done, elapsed_s=elapsed_before + time.perf_counter() - started,
                                 config=config, model=model, optimizer=setup.optimizer, scaler=setup.scaler,
                                 interval=interval, metrics=metrics, ctx=ctx, on_gpu=dev.type == "cuda",
-                                data=fingerprint)
+                                data=fingerprint, example=example)
                 saved_at = done
             if stopping:
                 where = f"; resume with --resume (checkpoint in {out_dir})" if out_dir is not None else ""
