@@ -7,9 +7,13 @@ method call (`x.relu()`). Everything here reads the graph and changes nothing.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from bngraph.passes._fx_effects import mutates_first_argument
 
 # Elementwise nonlinearities. Softmax and log-softmax mix features, so they are not here.
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
@@ -71,6 +75,98 @@ def activation_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "call_method":
         return ACTIVATION_METHODS.get(node.target)
     return None
+
+
+# Elementwise arithmetic and math, besides the activations: what composite activations are made
+# of (x * sigmoid(x), the tanh form of GELU, x * tanh(softplus(x))). In-place forms are not here.
+ELEMENTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.neg,
+    torch.add, torch.sub, torch.mul, torch.div, torch.pow, torch.neg, torch.exp, torch.log, torch.erf,
+    torch.abs, torch.sqrt, torch.rsqrt, torch.square, torch.clamp, torch.log1p, torch.expm1,
+    *ACTIVATION_FUNCTIONS,
+}
+ELEMENTWISE_METHODS = {
+    "add", "sub", "mul", "div", "pow", "neg", "exp", "log", "erf", "abs", "sqrt", "rsqrt", "square", "clamp",
+    "log1p", "expm1", *ACTIVATION_METHODS,
+}
+
+
+def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` computes each output value from the same place of its inputs alone, without
+    writing into one."""
+    if node.op == "call_module":
+        elementwise = isinstance(gm.get_submodule(node.target), ACTIVATION_MODULES)
+    elif node.op == "call_function":
+        elementwise = node.target in ELEMENTWISE_FUNCTIONS
+    else:
+        elementwise = node.op == "call_method" and node.target in ELEMENTWISE_METHODS
+    return elementwise and not mutates_first_argument(node)
+
+
+def elementwise_region(gm: fx.GraphModule, act: fx.Node, module: str | None = None):
+    """(x, region, results) where `act` is part of an elementwise function of one tensor x: the
+    region is every node computed elementwise from x alone (within submodule `module`'s call,
+    when given), its results the region's nodes read outside it. None where `act` reads more
+    than one tensor the model computed (get_attr tensors, such as a learned beta, are constants)."""
+    sources: dict[fx.Node, frozenset] = {}
+
+    def source(node: fx.Node) -> frozenset:
+        if node not in sources:
+            if node.op == "get_attr":
+                sources[node] = frozenset()
+            elif not is_elementwise(gm, node):
+                sources[node] = frozenset([node])
+            else:
+                inputs = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+                sources[node] = frozenset().union(*(source(a) for a in inputs))
+        return sources[node]
+
+    def inside(node: fx.Node) -> bool:
+        return module is None or any(path == module for path, _ in (node.meta.get("nn_module_stack") or {}).values())
+
+    if not is_elementwise(gm, act):
+        return None
+    (x, *rest) = source(act) or (None,)
+    if x is None or rest:
+        return None
+    region, todo = set(), [x]
+    while todo:
+        for user in todo.pop().users:
+            if user not in region and inside(user) and is_elementwise(gm, user) and source(user) == {x}:
+                region.add(user)
+                todo.append(user)
+    if act not in region:
+        return None
+    return x, region, [n for n in region if not n.users or any(u not in region for u in n.users)]
+
+
+def composite_activation(gm: fx.GraphModule, act: fx.Node) -> tuple[fx.Node, list[fx.Node], fx.Node] | None:
+    """For an activation inside an activation module written out of elementwise pieces (a user's
+    Swish `x * torch.sigmoid(x)`, HuggingFace's NewGELUActivation, a learned-beta swish): (x,
+    the module's nodes that read x, its result). The paper's BN goes on x, in front of the whole
+    nonlinearity, not in front of the part of it that happens to be an activation.
+
+    Only a module's own call counts as one nonlinearity: in a forward, `F.relu(y) + y` is an
+    activation and a skip connection, and `tanh(relu(y))` two activations. None where `act` is
+    a nonlinearity on its own."""
+    stack = act.meta.get("nn_module_stack") or {}
+    found = elementwise_region(gm, act, next(reversed(stack.values()))[0]) if stack else None
+    if found is None or len(found[2]) != 1 or found[1] == {act}:
+        return None
+    x, region, (result,) = found
+    return x, [u for u in x.users if u in region], result
+
+
+def normalized_through_arithmetic(gm: fx.GraphModule, act: fx.Node) -> fx.Node | None:
+    """The norm behind x where `act` is part of an elementwise function of x that does more than
+    activations (arithmetic: x * sigmoid(x), 0.5 * x * (1 + tanh(...)), an affine 3 * x + 1): the
+    nonlinearity reads a normalized tensor. What a composite's inner activations find once its
+    module is flattened into a graph (insert run again on insert's artifact). Activations alone
+    in a row, tanh(relu(x)), are separate nonlinearities: None."""
+    found = elementwise_region(gm, act)
+    if found is None or all(activation_kind(gm, n) for n in found[1]):
+        return None
+    return normalizer_behind(gm, found[0])
 
 
 def op_label(gm: fx.GraphModule, node: fx.Node) -> str:

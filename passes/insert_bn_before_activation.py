@@ -9,6 +9,10 @@ Cases, numbered as in the code:
      axis: per feature map for a conv, per activation for a Linear (Sec. 3.2). Features on
      another axis than 1 are moved there and back (`transpose`); features spread over several
      axes (a Linear's C*H*W reshaped to (N, C, H, W)) are flattened into one and unflattened.
+  0. An activation inside an activation module written out of elementwise pieces (a user's
+     Swish `x * torch.sigmoid(x)`, HuggingFace's NewGELUActivation) is part of one nonlinearity:
+     the BN goes on the module's input x, read by every part of it that read x
+     (`composite_activation`), and the module's other activations find their input normalized.
   4. An in-place activation (`y.relu_()`, `F.relu(y, inplace=True)`, `ReLU(inplace=True)`)
      now writes into the BatchNorm's output, not into y: every later reader of y reads the
      activation instead. Where y shares memory with a view read later, or is the model's input
@@ -26,7 +30,9 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from bngraph.passes._feature_axis import Features, feature_layouts
 from bngraph.passes._fx_effects import aliases_of, mutates_first_argument
 from bngraph.passes._fx_meta import has_submodule, tensor_dtype, tensor_shape
-from bngraph.passes._op_kinds import activation_kind, normalizer_behind, op_label
+from bngraph.passes._op_kinds import (
+    activation_kind, composite_activation, normalized_through_arithmetic, normalizer_behind, op_label,
+)
 from bngraph.passes.base import PassResult, Skip, graph_pass
 
 BATCHNORM_BY_RANK: dict[int, type[nn.Module]] = {
@@ -97,14 +103,16 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
         kind = activation_kind(gm, act)
         if kind is None:
             continue
-        x = act.args[0] if act.args else act.kwargs.get("input")
+        composite = composite_activation(gm, act)
+        x = composite[0] if composite else act.args[0] if act.args else act.kwargs.get("input")
         if not isinstance(x, fx.Node):
             result.skipped.append(Skip(act.name, "its input is a constant, not a tensor computed by the model"))
             continue
         # 1. Already normalized.
-        norm = normalizer_behind(gm, x)
+        norm = normalizer_behind(gm, x) or (None if composite else normalized_through_arithmetic(gm, act))
         if norm is not None:
-            result.skipped.append(Skip(act.name, f"input already normalized by {norm.name} ({op_label(gm, norm)})"))
+            part_of = f", in front of {composite[2].name}, the nonlinearity it is part of" if composite else ""
+            result.skipped.append(Skip(act.name, f"input already normalized by {norm.name} ({op_label(gm, norm)}){part_of}"))
             continue
         shape, dtype = tensor_shape(x), tensor_dtype(x)
         if shape is None:
@@ -137,7 +145,9 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
         bn_path = _free_name(gm, f"{owner}_bn")
         gm.add_submodule(bn_path, bn)
         graph = gm.graph
-        with graph.inserting_before(act):
+        readers_of_x = composite[1] if composite else [act]
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        with graph.inserting_before(min(readers_of_x, key=order.__getitem__)):
             value, flat_shape = x, list(shape)
             if span > 1:
                 # A Linear's C*H*W outputs reshaped to (N, C, H, W) are C*H*W activations, each
@@ -160,14 +170,15 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
             if span > 1:
                 value = graph.call_method("unflatten", (value, layout.start, tuple(shape[layout.start : layout.stop])))
             value.meta["tensor_meta"] = x.meta["tensor_meta"]
-        act.replace_input_with(x, value)
+        for reader in readers_of_x:
+            reader.replace_input_with(x, value)
         for reader, name in readers:
             reader.replace_input_with(name, act)
         result.changed.append(act.name)
         result.details.append(
             {
                 "node": act.name,
-                "activation": kind,
+                "activation": f"{kind} in {composite[2].name}" if composite else kind,
                 "norm": norm_cls.__name__,
                 "features": features,
                 "axis": list(range(layout.start, layout.stop)),

@@ -827,3 +827,76 @@ def _source(cls) -> str:
     import inspect
 
     return inspect.getsource(cls)
+
+
+class Swish(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class NewGELUActivation(nn.Module):
+    """HuggingFace's GPT-2 activation ("gelu_new"), as transformers writes it."""
+
+    def forward(self, input):
+        return 0.5 * input * (1.0 + torch.tanh(0.7978845608028654 * (input + 0.044715 * torch.pow(input, 3.0))))
+
+
+class MishActivation(nn.Module):
+    """HuggingFace's, with its own softplus."""
+
+    def forward(self, input):
+        return input * torch.tanh(nn.functional.softplus(input))
+
+
+class LearnedSwish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.beta = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.beta * x)
+
+
+class CompositeActivations(nn.Module):
+    """Nonlinearities written out of elementwise pieces, as users and HuggingFace write them."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.a1 = nn.Conv2d(3, 8, 3), Swish()
+        self.c2, self.a2 = nn.Conv2d(8, 8, 3), NewGELUActivation()
+        self.c3, self.a3 = nn.Conv2d(8, 8, 1), MishActivation()
+        self.c4, self.a4 = nn.Conv2d(8, 8, 1), LearnedSwish()
+
+    def forward(self, x):
+        x = self.a1(self.c1(x))
+        x = self.a2(self.c2(x))
+        x = self.a3(self.c3(x))
+        return self.a4(self.c4(x))
+
+
+def test_an_activation_module_written_out_gets_one_batchnorm_in_front_of_all_of_it():
+    # Swish()(x) = x * sigmoid(x) is one nonlinearity of x: BN(x) * sigmoid(BN(x)), not
+    # x * sigmoid(BN(x)). Each such module gets one BN on its input, which every part of it reads;
+    # in a forward, F.relu(y) + y stays an activation and a skip (tests/models.py: SharedOutput).
+    model, x = CompositeActivations(), _x(4, 3, 10, 10)
+    out, report = bngraph.insert(model, [x])
+    rows = report.sections["inserted"]
+    assert [(r["activation"].split(" in ")[0], r["features"], r["bias_removed"]) for r in rows] == [
+        ("sigmoid", 8, True), ("tanh", 8, True), ("softplus", 8, True), ("sigmoid", 8, True)]
+    assert all(" in " in r["activation"] for r in rows)  # named with the composite's result
+
+    def bn(z):  # a new BN in train mode: batch statistics, gamma 1, beta 0
+        return F.batch_norm(z, None, None, training=True)
+
+    def conv(layer, z):  # the layer as insert left it: its bias dropped (the BN's mean takes it)
+        return F.conv2d(z, layer.weight)
+
+    with torch.no_grad():
+        h = Swish()(bn(conv(model.c1, x)))
+        h = NewGELUActivation()(bn(conv(model.c2, h)))
+        h = MishActivation()(bn(conv(model.c3, h)))
+        want = model.a4(bn(conv(model.c4, h)))
+        torch.testing.assert_close(out.train()(x), want, rtol=1e-4, atol=1e-5)
+    again, report_again = bngraph.insert(out, [x])
+    assert report_again.sections["inserted"] == []
+    _assert_preserved(model, [x])
