@@ -138,8 +138,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here, not above: `bngraph --help` starts without torch.
-    import torch
-
     from bngraph.atomic import run_folder
     from bngraph.reproduce.recipes import get_recipe
     from bngraph.train_run import train_run
