@@ -110,7 +110,7 @@ def check_modules_registered(model: nn.Module) -> None:
     registered = {id(m) for m in model.modules()}
     for path, owner in model.named_modules():
         for name, value in vars(owner).items():
-            if isinstance(value, (nn.Module, str)) or not isinstance(value, (list, tuple, dict)):
+            if not isinstance(value, (list, tuple, dict)):
                 continue
             items = value.items() if isinstance(value, dict) else enumerate(value)
             for key, item in items:

@@ -122,7 +122,7 @@ def elementwise_region(gm: fx.GraphModule, act: fx.Node, module: str | None = No
         return sources[node]
 
     def inside(node: fx.Node) -> bool:
-        return module is None or any(path == module for path, _ in (node.meta.get("nn_module_stack") or {}).values())
+        return module is None or _made_in(node, module)
 
     if not is_elementwise(gm, act):
         return None
@@ -140,20 +140,29 @@ def elementwise_region(gm: fx.GraphModule, act: fx.Node, module: str | None = No
     return x, region, [n for n in region if not n.users or any(u not in region for u in n.users)]
 
 
+def _made_in(node: fx.Node, module: str) -> bool:
+    """Whether `node` comes from a call of submodule `module` (torch.fx's nn_module_stack)."""
+    return any(path == module for path, _ in (node.meta.get("nn_module_stack") or {}).values())
+
+
 def composite_activation(gm: fx.GraphModule, act: fx.Node) -> tuple[fx.Node, list[fx.Node], fx.Node] | None:
     """For an activation inside an activation module written out of elementwise pieces (a user's
     Swish `x * torch.sigmoid(x)`, HuggingFace's NewGELUActivation, a learned-beta swish): (x,
     the module's nodes that read x, its result). The paper's BN goes on x, in front of the whole
     nonlinearity, not in front of the part of it that happens to be an activation.
 
-    Only a module's own call counts as one nonlinearity: in a forward, `F.relu(y) + y` is an
+    Only a whole module call counts as one nonlinearity, from the module's input to its output:
+    in a forward (the model's, or a block's around its own layers), `F.relu(y) + y` is an
     activation and a skip connection, and `tanh(relu(y))` two activations. None where `act` is
     a nonlinearity on its own."""
     stack = act.meta.get("nn_module_stack") or {}
-    found = elementwise_region(gm, act, next(reversed(stack.values()))[0]) if stack else None
+    module = next(reversed(stack.values()))[0] if stack else None
+    found = elementwise_region(gm, act, module) if module else None
     if found is None or len(found[2]) != 1 or found[1] == {act}:
         return None
     x, region, (result,) = found
+    if _made_in(x, module) or any(_made_in(user, module) for user in result.users):
+        return None  # the module computes more than this function: a block, not an activation
     return x, [u for u in x.users if u in region], result
 
 

@@ -900,3 +900,27 @@ def test_an_activation_module_written_out_gets_one_batchnorm_in_front_of_all_of_
     again, report_again = bngraph.insert(out, [x])
     assert report_again.sections["inserted"] == []
     _assert_preserved(model, [x])
+
+
+class BlockWithASkipOverItsActivation(nn.Module):
+    """A block's own forward, not an activation module: relu(h) + h is an activation and a skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return F.relu(h) + h
+
+
+def test_a_block_whose_forward_adds_its_activation_to_its_input_is_not_one_nonlinearity():
+    model = nn.Sequential(BlockWithASkipOverItsActivation(), nn.Linear(8, 2))
+    out, report = bngraph.insert(model, [_x(6, 8)])
+    (row,) = report.sections["inserted"]
+    assert row["activation"] == "relu" and row["bias_removed"] is False  # h keeps its bias for the skip
+    with torch.no_grad():  # the skip reads h, not BN(h)
+        x = _x(6, 8)
+        h = model[0].fc(x)
+        want = model[1](F.relu(F.batch_norm(h, None, None, training=True)) + h)
+        torch.testing.assert_close(out.train()(x), want, rtol=1e-4, atol=1e-5)
