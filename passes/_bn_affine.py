@@ -39,6 +39,15 @@ class BatchNormStats:
     def named(self) -> dict[str, torch.Tensor | None]:
         return {"running_mean": self.running_mean, "running_var": self.running_var, "weight": self.weight, "bias": self.bias}
 
+    def per_position(self, positions: int) -> BatchNormStats:
+        """These statistics for each of a channel's `positions` values in turn: the BN of a
+        (N, C, *spatial) tensor seen after flattening it to (N, C * positions)."""
+        def spread(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat_interleave(positions)
+
+        return BatchNormStats(spread(self.running_mean), spread(self.running_var), spread(self.weight),
+                              spread(self.bias), self.eps)
+
     @cached_property
     def as_float64(self) -> dict:
         """The keyword arguments of torch's fuse_*_bn_weights, in float64, gamma/beta filled in."""

@@ -171,7 +171,9 @@ def fold_by_rules(model: ir.Model, rules, find: Callable, why_left: Callable, ho
         if bn in left:
             result.skipped.append(Skip(site(bn), why_left(bn, where)))
             continue
-        layer = layer_in(where)
+        # A BN gone although `find` saw no layer for it: the rewrite took it some other way (the
+        # file is verified as a whole after the passes); say so rather than name a layer.
+        into = f"{layer.op_type} {site(layer)}" if where and (layer := layer_in(where)) else "a layer the rules found"
         result.changed.append(site(bn))
-        result.details.append({"node": site(bn), "into": f"{layer.op_type} {site(layer)}", "how": how, "note": ""})
+        result.details.append({"node": site(bn), "into": into, "how": how, "note": ""})
     return result

@@ -7,7 +7,9 @@ that pads with zeros is refused: the folded conv would see 0 at the border where
 saw BN(0) = t. Reflect, replicate and circular padding copy BN'd values and commute with a
 per-channel affine map, so they fold. Cases, numbered as in the code:
   1. The BN is not a fixed affine map: skip.
-  2. Its output, looked at through transposes, feeds more than one op, or no conv/linear: skip.
+  2. Its output, looked at through transposes and a flatten to (N, C * positions) (a classifier
+     head: `BN -> flatten -> Linear`, where each channel's scale and shift apply to its
+     positions' columns of W), feeds more than one op, or no conv/linear: skip.
   3. It feeds a transposed conv, whose outputs near the border sum fewer kernel taps, so the
      shift would not be uniform: skip. (Feeding a weight makes the layer unfoldable in case 2.)
   4. The axis it normalizes is not the layer's input feature axis: skip.
@@ -20,6 +22,8 @@ Runs from the output backwards, so BN -> BN -> Linear folds both.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx
 
@@ -28,7 +32,30 @@ from bngraph.passes._fx_batchnorm import axis_at_user, describe, fixed_batch_nor
 from bngraph.passes._fx_effects import mutations_of
 from bngraph.passes._fx_layers import TensorUses, as_layer, write_weights
 from bngraph.passes._fx_meta import tensor_shape
+from bngraph.passes._op_kinds import first_node_arg, is_shape_only
 from bngraph.passes.base import PassResult, Probe, Skip, graph_pass
+
+
+def _flattened(gm: fx.GraphModule, node: fx.Node, axis: int) -> tuple[fx.Node, int] | None:
+    """(the flatten, positions per channel) where `node`, channels on axis 1 of (N, C, *spatial),
+    goes only to one shape-only op (nn.Flatten, .flatten(1), .view(N, -1), .reshape) whose output
+    is (N, C * positions): channel c's values become columns c * positions ... (c + 1) * positions - 1."""
+    shape = tensor_shape(node)
+    values = [u for u in node.users if not _reads_shape_only(u)]  # y.view(y.size(0), -1) reads y twice
+    if axis != 1 or shape is None or len(shape) < 3 or len(values) != 1:
+        return None
+    flat = values[0]
+    positions = math.prod(shape[2:])
+    if not is_shape_only(gm, flat) or first_node_arg(flat) is not node or tensor_shape(flat) != (shape[0], shape[1] * positions):
+        return None
+    return flat, positions
+
+
+def _reads_shape_only(node: fx.Node) -> bool:
+    """`y.size(0)`, `y.dim()`, `y.shape`: the same for the BN's input as for its output."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)
 
 
 @graph_pass(in_place=True)
@@ -41,6 +68,11 @@ def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:
         node = site.node
         # 2.
         last, axis, _ = axis_at_user(node, 1)
+        stats = site.stats
+        flattened = _flattened(gm, last, axis)
+        if flattened is not None:
+            last, positions = flattened
+            axis, stats = 1, stats.per_position(positions)
         users = list(last.users)
         if len(users) != 1:
             fed = ", ".join(u.name for u in users) or "nothing"
@@ -75,12 +107,13 @@ def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:
             continue
         # 7.
         with torch.no_grad():
-            weight, bias = fold_into_consumer(layer.weight, layer.bias, layer.groups, site.stats)
+            weight, bias = fold_into_consumer(layer.weight, layer.bias, layer.groups, stats)
         note = write_weights(gm, layer, weight, bias, uses, modules)
         node.replace_all_uses_with(site.input)
         gm.graph.erase_node(node)
         result.changed.append(node.name)
-        row = {"node": node.name, "into": layer.label, "how": "into the layer after it", "note": note or ""}
+        how = "into the layer after it" + (f", through {last.name}" if flattened is not None else "")
+        row = {"node": node.name, "into": layer.label, "how": how, "note": note or ""}
         flag_rounding(result, row, site, Probe(reference=consumer.name, folded=consumer.name))
         result.details.append(row)
     if result.changed:

@@ -101,3 +101,42 @@ def test_zoo_models_after_insert_fold_completely(name):
     assert all(row["how"] == "into the layer before it" for row in report.sections["folded"])
     assert not any(n.op == "call_method" and n.target == "transpose" for n in gm.graph.nodes)
     assert_matches(gm, with_bn, x, rtol=1e-4, atol=1e-5)
+
+
+class FlattenHead(nn.Module):
+    """A classifier head as older CNNs write it: BN on the last feature maps, flatten, Linear."""
+
+    def __init__(self, flatten: str, relu_between: bool = False):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 6 * 6, 5)
+        self.flatten, self.relu_between = flatten, relu_between
+        self.flat = nn.Flatten()
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))  # a ReLU: the BN cannot go back into the conv
+        y = self.bn(y)
+        if self.flatten == "module":
+            y = self.flat(y)
+        elif self.flatten == "method":
+            y = y.flatten(1)
+        else:  # the view of older code
+            y = y.view(y.size(0), -1)
+        return self.fc(torch.relu(y) if self.relu_between else y)
+
+
+@pytest.mark.parametrize("flatten", ["module", "method", "view"])
+def test_a_bn_before_flatten_and_linear_folds_into_the_linear(flatten):
+    # Channel c's scale and shift apply to the columns of W its positions flatten into.
+    model = randomize_bn(FlattenHead(flatten)).eval()
+    x = torch.randn(5, 3, 8, 8)
+    gm, report = fold(model, [x])
+    assert [(r["node"], r["into"]) for r in report.sections["folded"]] == [("bn", "fc")]
+    assert batch_norms_left(gm) == []
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x * 3), model(x * 3), rtol=1e-4, atol=1e-5)
+
+
+def test_a_relu_after_the_flatten_keeps_the_bn_out_of_the_linear():
+    model = randomize_bn(FlattenHead("method", relu_between=True)).eval()
+    gm, report = fold(model, [torch.randn(5, 3, 8, 8)])
+    assert all(r["into"] != "fc" for r in report.sections["folded"])
