@@ -7,9 +7,13 @@ is torch.nn.utils.fusion). A layer after it sums over input channels, so for eac
 Exact for a Conv only without zero padding: the original conv pads the BN's output with 0,
 the folded one pads x with 0, which the BN would have turned into t. Such a BN (and one before
 a pool, an add...) is left for `onnx_replace_bn_with_multiply_add`. Grouped convs fold per group.
+A BN before a flatten (a Reshape to (N, C * positions)) and a Gemm folds into the Gemm, each
+channel's s and t spread over its positions' rows of W.
 """
 
 from __future__ import annotations
+
+import math
 
 import onnx_ir as ir
 import torch
@@ -63,21 +67,97 @@ class FoldBnIntoNextGemm(_FoldBnIntoNext):
     op_type = "Gemm"
 
     def rewrite(self, op, x, w, bn_out, layer_out):
-        gemm, weight = layer_out.producer(), constant(w)
-        scale, shift = bn_scale_shift(bn_out.producer())
-        by_row = weight if not _attr(gemm, "transB", 0) else weight.T  # (in, out) either way
-        alpha, beta = _attr(gemm, "alpha", 1.0), _attr(gemm, "beta", 1.0)
-        folded = (by_row * scale[:, None]).to(weight.dtype)
-        # Y = alpha (s x + t) W + beta C  =  alpha x (s W) + (alpha t W + beta C): beta is spent here.
-        folded_b = (alpha * (shift @ by_row.to(shift.dtype)) + beta * _bias(gemm, by_row.shape[1])).to(weight.dtype)
-        attributes = {k: v for k, v in gemm.attributes.items() if k != "beta"}
-        graph = gemm.graph
-        return op.Gemm(
-            x,
-            new_initializer(op, graph, folded if not _attr(gemm, "transB", 0) else folded.T, w.name),
-            new_initializer(op, graph, folded_b, _bias_name(gemm)),
-            **attributes,
-        )
+        return _folded_gemm(op, x, w, bn_out.producer(), layer_out.producer(), positions=1)
+
+
+class FoldBnIntoGemmThroughFlatten(RewriteRuleClassBase):
+    """BN -> Flatten(axis=1) or Reshape(N, C * positions) -> Gemm, a classifier head: channel c's
+    scale and shift apply to the `positions` columns of W that its values flatten into."""
+
+    def pattern(self, op, x, shape, w):
+        bn = op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["bn_out"])
+        flat = op.Reshape(bn, shape, _allow_other_attributes=True, _outputs=["flat_out"])
+        return op.Gemm(flat, w, _allow_other_inputs=True, _outputs=["layer_out"])
+
+    def check(self, context, x, shape, w, bn_out, flat_out, layer_out) -> MatchResult:
+        reason = _refusal(bn_out.producer(), layer_out.producer()) or _not_a_flatten(bn_out, flat_out, w)
+        return MatchResult().fail(reason) if reason else MatchResult()
+
+    def rewrite(self, op, x, shape, w, bn_out, flat_out, layer_out):
+        positions = _in_features(layer_out.producer(), w) // _channels(bn_out)
+        flat = op.Reshape(x, shape, **flat_out.producer().attributes)
+        return _folded_gemm(op, flat, w, bn_out.producer(), layer_out.producer(), positions)
+
+
+
+class FoldBnIntoGemmThroughFlattenOp(RewriteRuleClassBase):
+    """The same through a Flatten(axis=1), as older exporters write `x.flatten(1)`."""
+
+    def pattern(self, op, x, w):
+        bn = op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["bn_out"])
+        flat = op.Flatten(bn, _allow_other_attributes=True, _outputs=["flat_out"])
+        return op.Gemm(flat, w, _allow_other_inputs=True, _outputs=["layer_out"])
+
+    def check(self, context, x, w, bn_out, flat_out, layer_out) -> MatchResult:
+        reason = _refusal(bn_out.producer(), layer_out.producer()) or _not_a_flatten(bn_out, flat_out, w)
+        return MatchResult().fail(reason) if reason else MatchResult()
+
+    def rewrite(self, op, x, w, bn_out, flat_out, layer_out):
+        positions = _in_features(layer_out.producer(), w) // _channels(bn_out)
+        return _folded_gemm(op, op.Flatten(x, axis=1), w, bn_out.producer(), layer_out.producer(), positions)
+
+
+def _folded_gemm(op, x, w, bn: ir.Node, gemm: ir.Node, positions: int):
+    """Gemm(x) with `bn` (before it, each channel's values over `positions` columns) folded in."""
+    weight = constant(w)
+    scale, shift = (t.repeat_interleave(positions) for t in bn_scale_shift(bn))
+    by_row = weight if not _attr(gemm, "transB", 0) else weight.T  # (in, out) either way
+    alpha, beta = _attr(gemm, "alpha", 1.0), _attr(gemm, "beta", 1.0)
+    folded = (by_row * scale[:, None]).to(weight.dtype)
+    # Y = alpha (s x + t) W + beta C  =  alpha x (s W) + (alpha t W + beta C): beta is spent here.
+    folded_b = (alpha * (shift @ by_row.to(shift.dtype)) + beta * _bias(gemm, by_row.shape[1])).to(weight.dtype)
+    attributes = {k: v for k, v in gemm.attributes.items() if k != "beta"}
+    return op.Gemm(
+        x,
+        new_initializer(op, gemm.graph, folded if not _attr(gemm, "transB", 0) else folded.T, w.name),
+        new_initializer(op, gemm.graph, folded_b, _bias_name(gemm)),
+        **attributes,
+    )
+
+
+def _channels(bn_out: ir.Value) -> int:
+    return constant(bn_out.producer().inputs[3]).numel()
+
+
+def _in_features(gemm: ir.Node, w: ir.Value) -> int:
+    return constant(w).shape[1 if _attr(gemm, "transB", 0) else 0]
+
+
+def _not_a_flatten(bn_out: ir.Value, flat_out: ir.Value, w: ir.Value) -> str | None:
+    """Why the Reshape or Flatten between the BN and the Gemm is not (N, C, *spatial) ->
+    (N, C * positions) (a Reshape: with the spatial sizes known)."""
+    flat, gemm = flat_out.producer(), flat_out.uses()[0].node
+    if flat.op_type == "Flatten":
+        if _attr(flat, "axis", 1) != 1:
+            return f"the Flatten after it keeps {_attr(flat, 'axis', 1)} axes, not the batch alone"
+        if _in_features(gemm, w) % _channels(bn_out):
+            return "the Gemm after the flatten does not read its values as the flatten lays them out"
+        return None
+    dims, out = bn_out.shape, flat_out.shape
+    if dims is None or len(dims) < 3 or any(not isinstance(d, int) for d in list(dims)[1:]):
+        return "the reshape after it is not a flatten of each example with a known size"
+    per_example = math.prod(list(dims)[1:])
+    # Per example: the output keeps the batch dimension (the same value, or symbol) and holds
+    # the rest in one axis; or, shapes unknown, the constant target is (-1, per_example).
+    shape = constant(flat.inputs[1])
+    keep_batch = (-1,) if _attr(flat, "allowzero", 0) else (-1, 0)
+    by_shapes = out is not None and len(out) == 2 and out[0] == dims[0] and out[1] == per_example
+    by_target = shape is not None and shape.numel() == 2 and int(shape[0]) in keep_batch and int(shape[1]) == per_example
+    if not (by_shapes or by_target):
+        return "the reshape after it is not a flatten of each example"
+    if _in_features(flat_out.uses()[0].node, w) != per_example or per_example % _channels(bn_out):
+        return "the Gemm after the flatten does not read its values as the flatten lays them out"
+    return None
 
 
 def _bias(layer: ir.Node, out_features: int) -> torch.Tensor:
@@ -114,7 +194,10 @@ def _refusal(bn: ir.Node, layer: ir.Node) -> str | None:
     return None
 
 
-RULES = RewriteRuleSet([FoldBnIntoNextConv.rule(), FoldBnIntoNextGemm.rule()])
+RULES = RewriteRuleSet([
+    FoldBnIntoNextConv.rule(), FoldBnIntoNextGemm.rule(), FoldBnIntoGemmThroughFlatten.rule(),
+    FoldBnIntoGemmThroughFlattenOp.rule(),
+])
 
 
 @graph_pass(in_place=True)
@@ -124,8 +207,13 @@ def onnx_fold_bn_into_following_layer(model: ir.Model) -> PassResult:
 
 
 def _next_layer(bn: ir.Node) -> ir.Node | None:
+    """The one node reading the BN's output, or past a Reshape (a flatten), the one reading that."""
     uses = bn.outputs[0].uses()
-    return uses[0].node if len(uses) == 1 and not bn.outputs[0].is_graph_output() else None
+    node = uses[0].node if len(uses) == 1 and not bn.outputs[0].is_graph_output() else None
+    if node is not None and node.op_type in ("Reshape", "Flatten") and len(node.outputs[0].uses()) == 1:
+        after = node.outputs[0].uses()[0].node
+        return after if after.op_type == "Gemm" else node
+    return node
 
 
 def _why_left(bn: ir.Node, layer: ir.Node | None) -> str:
@@ -139,6 +227,10 @@ def _why_left(bn: ir.Node, layer: ir.Node | None) -> str:
         return f"its output feeds {len(users)} nodes ({', '.join(users)}), not one layer"
     if layer.op_type not in ("Conv", "Gemm"):
         return f"its output feeds {layer.op_type} {site(layer)!r}, not a Conv or Gemm"
+    reshape = layer.inputs[0].producer() if layer.inputs[0] is not None else None
+    if reshape is not None and reshape.op_type in ("Reshape", "Flatten") and reshape.inputs[0] is bn.outputs[0]:
+        return (_refusal(bn, layer) or _not_a_flatten(bn.outputs[0], reshape.outputs[0], layer.inputs[1])
+                or f"no rule folds it through {site(reshape)!r} into {layer.op_type} {site(layer)!r}")
     if layer.inputs[0] is not bn.outputs[0]:
         return f"it feeds the weight of {layer.op_type} {site(layer)!r}, not its input"
     return _refusal(bn, layer) or f"no rule folds it into {layer.op_type} {site(layer)!r}"

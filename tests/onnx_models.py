@@ -13,8 +13,8 @@ from tests.util import randomize_bn
 
 
 class ConvBnNet(nn.Module):
-    """A BN after a bias-free conv, after a grouped conv, after a pool (no layer to fold into)
-    and after a linear: a classifier with 10 outputs."""
+    """A BN after a bias-free conv, after a grouped conv, after a pool and before a ReLU (no layer
+    to fold into) and after a linear: a classifier with 10 outputs."""
 
     example_input_shape = (2, 3, 12, 12)
 
@@ -29,7 +29,7 @@ class ConvBnNet(nn.Module):
     def forward(self, x):
         x = torch.relu(self.bn1(self.conv1(x)))
         x = torch.relu(self.bn2(self.conv2(x)))
-        x = self.bn3(self.pool(x)).flatten(1)
+        x = torch.relu(self.bn3(self.pool(x))).flatten(1)
         return self.fc2(torch.relu(self.bn4(self.fc1(x))))
 
 

@@ -49,9 +49,7 @@ def test_export_verifies_and_leaves_no_batchnorm(exported):
     # exact form in onnxruntime, listed under `onnx_kept`; no other BN is ever left.
     left = [n.op_type for n in model.graph.node].count("BatchNormalization")
     assert left == len(report["onnx_kept"]) and report["onnx_remaining"] == []
-    # bn3, after the max pool and before flatten -> fc1: the FX fold folds it into fc1's columns;
-    # the ONNX passes (--no-fold) do not follow a Flatten, and keep it.
-    assert left == (1 if how == "no-fold" else 0)
+    assert left == 1  # bn3, between the max pool and a ReLU: kept by the FX fold too, for the ONNX passes to place
     assert model.opset_import[0].version == OPSET
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]  # self-contained, no leftovers
     assert {row["runtime"] for row in report["verification"]} == {"ort-disable-all vs torch", "ort-enable-all vs torch"}
@@ -91,9 +89,9 @@ def test_a_verification_failure_writes_nothing(tmp_path):
 
 def test_export_leaves_the_model_in_its_mode(tmp_path):
     model = conv_bn_net().train()
-    result = export(model, [torch.randn(2, 3, 12, 12)], tmp_path / "model.onnx", fold=False)
+    result = export(model, [torch.randn(2, 3, 12, 12)], tmp_path / "model.onnx")
     assert result and model.training and model.bn1.training
-    # Exported in eval mode: only bn3 (no fold the ONNX passes make) is left, as an eval-mode BN.
+    # Exported in eval mode: only bn3 (after the max pool, no exact fold) is left, as an eval-mode BN.
     bns = [n for n in onnx.load(str(result.path)).graph.node if n.op_type == "BatchNormalization"]
     assert len(bns) == 1 and all(a.i == 0 for n in bns for a in n.attribute if a.name == "training_mode")
 

@@ -12,9 +12,12 @@ import numpy as np
 import onnx
 import pytest
 
+from onnx import TensorProto, helper
+
 from bngraph.onnx_fold import fold_onnx
-from tests.onnx_models import conv_bn_file, gemm_bn_file
-from tests.onnx_util import fold_file, ops, relative_error
+from tests.onnx_models import conv_bn_file, gemm_bn_file, onnx_file, random_bn_stats
+from tests.onnx_util import export_onnx, fold_and_check, fold_file, ops, relative_error
+from tests.util import randomize_bn
 
 # float32 folds reorder a few roundings: ~1e-7 of the output's size; a wrong fold is off by ~1.
 FLOAT32_REL = 1e-5
@@ -142,3 +145,32 @@ def test_the_command_folds_and_verifies_a_minus_1_batch_and_a_scalar_input(tmp_p
     code, report = fold_file(path, tmp_path / "out.onnx", "--strict")
     assert code == 0 and report["passed"] is True and report["batchnorms_after"] == 0
     assert ops(onnx.load(str(tmp_path / "out.onnx"))) == ["Mul", "Conv"]
+
+
+@pytest.mark.parametrize("mode", ["dynamo", "torchscript"])  # Reshape(-1, K), and the older Flatten
+@pytest.mark.parametrize("flatten", ["module", "method", "view"])
+def test_a_bn_before_flatten_and_gemm_folds_into_the_gemm(mode, flatten):
+    from tests.test_fold import FlattenHead
+
+    original = export_onnx(randomize_bn(FlattenHead(flatten)).eval(), (5, 3, 8, 8), mode)
+    assert "BatchNormalization" in ops(original)
+    folded, report, verification = fold_and_check(original)
+    assert verification, verification.lines()
+    assert "BatchNormalization" not in ops(folded)
+    assert [row["into"].split()[0] for row in report.sections["folded"]] == ["Gemm"]
+
+
+def test_a_reshape_that_is_not_a_flatten_per_example_keeps_the_bn():
+    # (N, 4, 2, 2) -> (N * 2, 8): rows of two examples' halves; no Gemm column is one channel's.
+    scale, bias, mean, var = random_bn_stats((4,), 3)
+    arrays = {"s": scale, "b": bias, "m": mean, "v": var, "shape": np.array([-1, 8], dtype=np.int64),
+              "w": np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)}
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"]),
+             helper.make_node("Reshape", ["y", "shape"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "w"], ["out"], transB=1)]
+    model = onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 2, 2])],
+                      [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4, 3])], arrays, opset=17, ir_version=8)
+    folded, report, verification = fold_and_check(model)
+    assert verification, verification.lines()
+    assert ops(folded).count("BatchNormalization") + ops(folded).count("Mul") >= 1  # kept, in some exact form
+    assert not [row for row in report.sections["folded"] if row["into"].startswith("Gemm")]
