@@ -145,12 +145,10 @@ def insert_report(
 def data_calibration_batches(path: str, example_inputs: Sequence[torch.Tensor], count: int = 8, batch: int = 64):
     """`count` batches of `batch` random training images of any data `bngraph train` reads (an
     image folder decoded to the model's channels and size), for --preserve --data."""
-    if len(example_inputs) != 1:
-        raise UserError("--data calibrates models with one image input; this model takes several inputs")
     gen = torch.Generator().manual_seed(0)
-    example = example_inputs[0]
-    images = model_images(path, example.shape, "train", lambda n: torch.randperm(n, generator=gen)[: count * batch])
-    images = images.to(example.dtype)
+    shapes = [x.shape for x in example_inputs]
+    images = model_images(path, shapes, "train", lambda n: torch.randperm(n, generator=gen)[: count * batch])
+    images = images.to(example_inputs[0].dtype)
     return [(images[i : i + batch],) for i in range(0, len(images), batch)]
 
 

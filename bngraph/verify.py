@@ -208,6 +208,4 @@ def verify_models(
 def data_batch(path: str, shapes) -> list[np.ndarray]:
     """The first DATA_EXAMPLES test images of any data `train` reads, shaped as the model's one
     input (`bngraph.data.model_images`)."""
-    if len(shapes) != 1:
-        raise UserError(f"--data feeds images to a model with one input, not {len(shapes)}")
-    return [model_images(path, shapes[0], "test", lambda n: range(min(DATA_EXAMPLES, n))).numpy()]
+    return [model_images(path, shapes, "test", lambda n: range(min(DATA_EXAMPLES, n))).numpy()]

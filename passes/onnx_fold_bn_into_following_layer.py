@@ -70,41 +70,38 @@ class FoldBnIntoNextGemm(_FoldBnIntoNext):
         return _folded_gemm(op, x, w, bn_out.producer(), layer_out.producer(), positions=1)
 
 
-class FoldBnIntoGemmThroughFlatten(RewriteRuleClassBase):
-    """BN -> Flatten(axis=1) or Reshape(N, C * positions) -> Gemm, a classifier head: channel c's
-    scale and shift apply to the `positions` columns of W that its values flatten into."""
+class _FoldBnIntoGemmThroughFlatten(RewriteRuleClassBase):
+    """BN -> a flatten -> Gemm, a classifier head: channel c's scale and shift apply to the
+    `positions` columns of W that its values flatten into. The two flattens exporters write are
+    the subclasses' patterns; the fold rebuilds the same flatten on the BN's input."""
+
+    def check(self, context, w, bn_out, flat_out, layer_out, **_) -> MatchResult:
+        reason = _refusal(bn_out.producer(), layer_out.producer()) or _not_a_flatten(bn_out, flat_out, w)
+        return MatchResult().fail(reason) if reason else MatchResult()
+
+    def rewrite(self, op, x, w, bn_out, flat_out, layer_out, **_):
+        flat = flat_out.producer()
+        flattened = getattr(op, flat.op_type)(x, *flat.inputs[1:], **flat.attributes)
+        positions = _in_features(layer_out.producer(), w) // _channels(bn_out)
+        return _folded_gemm(op, flattened, w, bn_out.producer(), layer_out.producer(), positions)
+
+
+class FoldBnIntoGemmThroughReshape(_FoldBnIntoGemmThroughFlatten):
+    """Reshape(N, C * positions), as the torch.export-based exporter writes `x.flatten(1)`."""
 
     def pattern(self, op, x, shape, w):
         bn = op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["bn_out"])
         flat = op.Reshape(bn, shape, _allow_other_attributes=True, _outputs=["flat_out"])
         return op.Gemm(flat, w, _allow_other_inputs=True, _outputs=["layer_out"])
 
-    def check(self, context, x, shape, w, bn_out, flat_out, layer_out) -> MatchResult:
-        reason = _refusal(bn_out.producer(), layer_out.producer()) or _not_a_flatten(bn_out, flat_out, w)
-        return MatchResult().fail(reason) if reason else MatchResult()
 
-    def rewrite(self, op, x, shape, w, bn_out, flat_out, layer_out):
-        positions = _in_features(layer_out.producer(), w) // _channels(bn_out)
-        flat = op.Reshape(x, shape, **flat_out.producer().attributes)
-        return _folded_gemm(op, flat, w, bn_out.producer(), layer_out.producer(), positions)
-
-
-
-class FoldBnIntoGemmThroughFlattenOp(RewriteRuleClassBase):
-    """The same through a Flatten(axis=1), as older exporters write `x.flatten(1)`."""
+class FoldBnIntoGemmThroughFlatten(_FoldBnIntoGemmThroughFlatten):
+    """Flatten(axis=1), as older exporters write it."""
 
     def pattern(self, op, x, w):
         bn = op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["bn_out"])
         flat = op.Flatten(bn, _allow_other_attributes=True, _outputs=["flat_out"])
         return op.Gemm(flat, w, _allow_other_inputs=True, _outputs=["layer_out"])
-
-    def check(self, context, x, w, bn_out, flat_out, layer_out) -> MatchResult:
-        reason = _refusal(bn_out.producer(), layer_out.producer()) or _not_a_flatten(bn_out, flat_out, w)
-        return MatchResult().fail(reason) if reason else MatchResult()
-
-    def rewrite(self, op, x, w, bn_out, flat_out, layer_out):
-        positions = _in_features(layer_out.producer(), w) // _channels(bn_out)
-        return _folded_gemm(op, op.Flatten(x, axis=1), w, bn_out.producer(), layer_out.producer(), positions)
 
 
 def _folded_gemm(op, x, w, bn: ir.Node, gemm: ir.Node, positions: int):
@@ -195,8 +192,8 @@ def _refusal(bn: ir.Node, layer: ir.Node) -> str | None:
 
 
 RULES = RewriteRuleSet([
-    FoldBnIntoNextConv.rule(), FoldBnIntoNextGemm.rule(), FoldBnIntoGemmThroughFlatten.rule(),
-    FoldBnIntoGemmThroughFlattenOp.rule(),
+    FoldBnIntoNextConv.rule(), FoldBnIntoNextGemm.rule(), FoldBnIntoGemmThroughReshape.rule(),
+    FoldBnIntoGemmThroughFlatten.rule(),
 ])
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from bngraph.atomic import check_writable, save_tensors, start_run_folder, write_atomically
+from bngraph.compare import ONNX_TOLERANCE, compare
 from bngraph.errors import UserError, one_line
 from bngraph.runners import named_tensors
 from bngraph.training.config import TrainConfig
@@ -74,14 +75,11 @@ def function_probe(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
 
 
 def _same_function(then: torch.Tensor, now: torch.Tensor) -> bool:
-    """Equal to float rounding (another device or kernel may round differently): verify's rule
-    at onnxruntime's tolerance, NaN matching NaN."""
+    """Equal to float rounding (another device or kernel may round differently): verify's rule at
+    onnxruntime's tolerance."""
     if then.shape != now.shape:
         return False
-    finite = then[then.isfinite()]
-    scale = finite.square().mean().sqrt() if len(finite) else torch.tensor(0.0)
-    close = (now - then).abs() <= 1e-4 * scale + 1e-4 * then.abs()
-    return bool((close | (then.isnan() & now.isnan()) | (then == now)).all())
+    return compare("probe", [then.numpy()], [now.numpy()], ONNX_TOLERANCE, ONNX_TOLERANCE).passed
 
 
 def save_checkpoint(path: Path, *, step: int, elapsed_s: float, config: TrainConfig, model: nn.Module,
