@@ -211,7 +211,11 @@ def test_debian_fashion_mnist_is_the_last_resort(tmp_path, monkeypatch):
     debian = write_set(tmp_path / "debian", make_arrays(), gz=True)
     monkeypatch.setattr(data, "DEBIAN_FASHION_DIR", debian)
     ds = resolve_dataset(None, cache_dir=tmp_path / "empty", allow_download=False)
-    assert ds.name == "fashion-mnist" and ds.source == str(debian)
+    # Asked for MNIST, it says what it used instead and why, in the source every report shows.
+    assert ds.name == "fashion-mnist" and ds.source.startswith(f"{debian}, in place of MNIST: the cache ")
+    assert "downloads disabled" in ds.source
+    asked = resolve_dataset(None, dataset="fashion-mnist", cache_dir=tmp_path / "empty", allow_download=False)
+    assert asked.source == str(debian)
 
 
 def test_nothing_found_says_what_to_do(tmp_path):
