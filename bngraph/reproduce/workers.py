@@ -1,4 +1,4 @@
-"""The MNIST nets' worker processes and progress bar: the first chunk of nets trains in the
+"""The MNIST nets' worker processes and progress bar: the last chunk of nets trains in the
 command's own process (torch is loaded there already), each other chunk in a process of its
 own, all single-threaded (at batch 60 a second thread buys less than it costs), the workers
 reporting evaluations through a queue to the parent's progress bar."""
@@ -40,21 +40,24 @@ def _worker(train_stack, rank, models, net_seeds, data, cfg, messages, send_stat
 
 
 def run_workers(train_stack: Callable, chunks, data: TensorData, cfg, on_eval: Callable) -> list[dict]:
-    """`train_stack` on each chunk of nets: chunk 0 in this process, each other chunk in a
-    process of its own, started first; their messages drive `on_eval`, their results return."""
+    """`train_stack` on each chunk of nets: the last chunk in this process, each other chunk in a
+    process of its own, started first; their messages drive `on_eval`, their results return.
+
+    The last chunk holds the BN nets, whose steps cost the most (~1.2x on one core): this
+    process starts training them at once, while a spawned worker is still importing torch."""
     ctx = mp.get_context("spawn")  # fork after torch has started its threads can hang
     messages = ctx.Queue()
     shared = TensorData(*(t.share_memory_() for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
-    # Two chunks hold the plain nets and the BN nets; BN's steps cost more (~1.2x on one core),
-    # so the plain chunk (this process) also evaluates the BN nets, on states the other sends.
+    here = len(chunks) - 1
+    # Two chunks hold the plain nets and the BN nets: the plain chunk's worker also evaluates the
+    # BN nets, on states this process sends, so that the two processes finish together.
     offload = len(chunks) == 2
     states = ctx.Queue() if offload else None
-    extra = [{}, {"send_state": states}] if offload else [{}] * len(chunks)
     procs = {
         rank: ctx.Process(target=_worker, args=(train_stack, rank, models, seeds, shared, cfg, messages),
-                          kwargs=extra[rank], daemon=True)
+                          kwargs={"evaluate_for": (chunks[here][0], states, here)} if offload else {}, daemon=True)
         for rank, (models, seeds) in enumerate(chunks)
-        if rank > 0
+        if rank != here
     }
     for p in procs.values():
         p.start()
@@ -86,10 +89,9 @@ def run_workers(train_stack: Callable, chunks, data: TensorData, cfg, on_eval: C
                 return
 
     try:
-        models, seeds = chunks[0]
-        evaluate_for = (chunks[1][0], states, lambda step, acc: on_eval(1, step, acc)) if offload else None
-        results[0] = train_here(train_stack, models, seeds, shared, cfg, lambda step, acc: on_eval(0, step, acc),
-                                evaluate_for=evaluate_for, poll=poll)
+        models, seeds = chunks[here]
+        results[here] = train_here(train_stack, models, seeds, shared, cfg, lambda step, acc: on_eval(here, step, acc),
+                                   send_state=states, poll=poll)
         while len(results) < len(chunks):
             poll(block=True)
     finally:
@@ -98,7 +100,7 @@ def run_workers(train_stack: Callable, chunks, data: TensorData, cfg, on_eval: C
                 p.terminate()
                 p.join(timeout=10)
     if offload:
-        results[1].update(results[0].pop("offloaded"))
+        results[here].update(results[0].pop("offloaded"))
     return [results[i] for i in range(len(chunks))]
 
 
