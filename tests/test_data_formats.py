@@ -209,6 +209,24 @@ def test_image_folder_trains_at_the_models_size_and_channels(tmp_path, capsys, n
     assert data.x_test.shape == (9, 3, 5, 6) and 0 <= data.x_test.min() and data.x_test.max() <= 1
 
 
+def test_image_folder_reads_subfolders_of_a_class_and_skips_what_is_not_an_image(tmp_path):
+    # As torchvision's ImageFolder: a class folder's images in subfolders count (dog/batch2/...);
+    # hidden files (macOS's ._x.jpg), hidden folders and other files do not.
+    root = write_image_folder(tmp_path / "pets")
+    batch = root / "train" / "dog" / "batch2"
+    batch.mkdir()
+    pixels = np.random.default_rng(1).integers(0, 256, (7, 7, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(batch / "late.PNG")
+    (root / "train" / "dog" / "._0.jpg").write_bytes(b"AppleDouble, not a JPEG")
+    (root / "train" / "dog" / ".thumbs").mkdir()
+    Image.fromarray(pixels).save(root / "train" / "dog" / ".thumbs" / "t.png")
+    (root / "train" / "emu" / "notes.txt").write_text("not an image")
+    data = open_data(root, input_shape=(2, 3, 7, 7))
+    assert data.y_train.tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    late = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(data.x_train[6], late)  # after dog/0, 1, 2, in path order
+
+
 def test_npz_in_each_layout_trains(tmp_path, capsys, nets):
     facts = _train(capsys, tmp_path, "zoo:mnist-mlp", write_npz(tmp_path / "gray.npz"))
     assert facts["data_format"] == "npz"

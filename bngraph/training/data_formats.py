@@ -31,6 +31,7 @@ docstring line that describes it, and `open_data` dispatches over them at the en
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,7 +250,14 @@ def read_cifar(root: Path, fmt: str, labels: str = "fine") -> tuple[Split, Split
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    """The images anywhere under a class folder, as torchvision's ImageFolder finds them (it walks
+    subfolders too: a `dog/batch1/*.jpg` left out would train on less than the user gave), less
+    hidden files and folders (macOS's `._x.jpg` are not images)."""
+    found = []
+    for parent, folders, names in os.walk(folder, followlinks=True):
+        folders[:] = [d for d in folders if not d.startswith(".")]
+        found += [Path(parent, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith(".")]
+    return sorted(found)
 
 
 def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]], Path]:
