@@ -51,7 +51,7 @@ def recalibrate(
         raise UserError("--batches must be at least 1 and --batch-size at least 2 (a variance needs two values)")
     model = loaded.module
     check_has_statistics(model)
-    check_model_fits(model, data)
+    check_model_fits(model, data, for_training=False)  # a softmax output recalibrates as well
     sampler = EpochSampler(len(data.x_train), batch_size, seed)
     training_batches = [(data.x_train[sampler(i)],) for i in range(batches)]
 

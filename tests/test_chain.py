@@ -78,6 +78,24 @@ class Pair(Classifier):
     def forward(self, pixel_values):
         out = super().forward(pixel_values)
         return out.logits, out.hidden_states[0]
+
+
+class WithAuxiliaryHead(Classifier):
+    """GoogLeNet's way: auxiliary logits beside the logits, in training mode only."""
+
+    def forward(self, pixel_values):
+        out = super().forward(pixel_values)
+        return (out.logits, out.logits.detach() * 0.5) if self.training else out.logits
+
+
+class Probabilities(Classifier):
+    def forward(self, pixel_values):
+        return super().forward(pixel_values).logits.softmax(-1)
+
+
+class LogProbabilities(Classifier):
+    def forward(self, pixel_values):
+        return super().forward(pixel_values).logits.log_softmax(-1)
 '''
 
 
@@ -97,13 +115,26 @@ def test_a_model_returning_its_own_output_dataclass_goes_through_the_chain(data,
     assert verified["passed"] is True and len({o["output"] for o in verified["outputs"]}) == 2
 
 
-def test_training_a_model_with_no_logits_to_read_is_one_line(data, tmp_path, capsys):
+@pytest.mark.parametrize("model, says", [
+    ("Pair", "in eval mode the model's output is tuple"),
+    ("WithAuxiliaryHead", "in training mode the model's output is tuple"),
+    # Cross-entropy would apply a second softmax: it runs, and learns little.
+    ("Probabilities", "the model's outputs are probabilities"),
+])
+def test_training_a_model_with_no_logits_to_read_is_one_line(data, tmp_path, capsys, model, says):
     (tmp_path / "hf_style.py").write_text(HF_STYLE_PY)
-    code = main(["train", f"{tmp_path / 'hf_style.py'}:Pair", "--data", str(data), "--steps", "2", "--quiet",
+    code = main(["train", f"{tmp_path / 'hf_style.py'}:{model}", "--data", str(data), "--steps", "2", "--quiet",
                  "-o", str(tmp_path / "run")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1
-    assert "the model's output is tuple" in err and "the `logits` entry of a dict or dataclass" in err
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "run").exists()
+    assert says in err and ("logits" in err)
+
+
+def test_log_probabilities_train_as_logits(data, tmp_path, capsys):
+    # log_softmax is idempotent: cross-entropy on log-probabilities is cross-entropy on the logits.
+    (tmp_path / "hf_style.py").write_text(HF_STYLE_PY)
+    _json(capsys, "train", tmp_path / "hf_style.py:LogProbabilities", "--data", data, "--steps", 2,
+          "--batch-size", 16, "--quiet", "-o", tmp_path / "run")
 
 
 OPAQUE_PY = '''

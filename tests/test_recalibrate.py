@@ -85,3 +85,32 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, trained, argv, messa
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     code, _, err = _cli(capsys, "recalibrate", model_dir, "--data", source, "-o", tmp_path / "o", *argv)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+SOFTMAX_PY = '''
+from torch import nn
+
+
+class Deployed(nn.Module):
+    """A classifier shipped with its softmax, as deployment code often is."""
+
+    example_input_shape = (2, 1, 28, 28)
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.body(x).softmax(-1)
+'''
+
+
+def test_a_model_that_outputs_probabilities_recalibrates(tmp_path, capsys, trained):
+    # Training refuses probabilities (cross-entropy wants logits); recalibration only needs the
+    # BN inputs, and the accuracy reads the argmax.
+    _, source, _ = trained
+    (tmp_path / "deployed.py").write_text(SOFTMAX_PY)
+    code, out, err = _cli(capsys, "recalibrate", tmp_path / "deployed.py", "--data", source, "--batches", 2,
+                          "-o", tmp_path / "r", "--json")
+    assert code == 0, err
+    assert [row["bn"] for row in json.loads(out)["recalibrated"]] == ["body.2"]

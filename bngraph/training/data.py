@@ -190,35 +190,45 @@ def check_finite(images: torch.Tensor, where: str, first_index: int = 0) -> None
         raise UserError(f"{where}[{index}] holds NaN or infinite values; images must be finite")
 
 
-def logits_of(output) -> torch.Tensor:
+def logits_of(output, *, mode: str = "eval") -> torch.Tensor:
     """The logits in a model's output: the tensor itself, or the `logits` entry of a dict or field
-    of an object (HuggingFace's ModelOutput, a user's dataclass in its style); else the output
-    as it is, for `check_model_fits` to refuse."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
-    return logits if isinstance(logits, torch.Tensor) else output
+    of an object (HuggingFace's ModelOutput, a user's dataclass in its style). Anything else is
+    the user's: a UserError naming the `mode` that returned it (a model may return a tuple of
+    logits and auxiliary logits in training mode only)."""
+    logits = output
+    if not isinstance(output, torch.Tensor):
+        logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(output).__name__
+        raise UserError(
+            f"in {mode} mode the model's output is {got}; training needs logits of shape (N, classes), "
+            "returned alone or as the `logits` entry of a dict or dataclass"
+        )
+    return logits
 
 
-def check_model_fits(model: nn.Module, data: TensorData | StreamData) -> None:
+def check_model_fits(model: nn.Module, data: TensorData | StreamData, *, for_training: bool = True) -> None:
     """Run two training images through `model`: a wrong input or output shape is the user's, and
-    so is a label the model has no output for."""
+    so is a label the model has no output for, or (`for_training`) an output of probabilities."""
     was_training = model.training
     example = data.example(2)
     device = next(iter(model.parameters()), example).device
     try:
         with torch.no_grad():
-            logits = logits_of(model.eval()(example.to(device)))
+            output = model.eval()(example.to(device))
     except Exception as err:
         shape = "x".join(map(str, example.shape[1:]))
         raise model_raised(err, failed=f"the model cannot take {data.name} images ({shape}) from {data.source}") from err
     finally:
         model.train(was_training)
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+    logits = logits_of(output).double()
+    # Cross-entropy takes logits and applies its own softmax; on probabilities it would train on
+    # softmax(softmax(z)), which runs but learns little. (log_softmax outputs are fine: it is
+    # idempotent.)
+    if for_training and logits.shape[1] > 1 and bool((logits >= 0).all()) and torch.allclose(logits.sum(1), torch.ones_like(logits[:, 0])):
         raise UserError(
-            f"the model's output is {got}; training on {data.name} needs logits of shape (N, classes), "
-            "returned alone or as the `logits` entry of a dict or dataclass"
+            "the model's outputs are probabilities (each row is at least 0 and sums to 1, as after a softmax); "
+            "training's cross-entropy takes logits: return the scores before the softmax"
         )
     outputs = logits.shape[1]
     if data.num_classes is None:  # a factory's streamed labels: checked as they come

@@ -226,7 +226,7 @@ def _train_step(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], lr: fl
     if setup.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with setup.amp():
-        logits = logits_of(net(x))
+        logits = logits_of(net(x), mode="training")
     loss = F.cross_entropy(logits.float(), y)
     setup.optimizer.zero_grad(set_to_none=True)
     if setup.scaler is not None:
