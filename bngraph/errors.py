@@ -10,6 +10,7 @@ import os
 import sys
 import sysconfig
 import traceback
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -39,9 +40,9 @@ def _library_dirs() -> tuple[str, ...]:
     return tuple(os.path.join(d, "") for d in dirs)
 
 
-def user_frame(err: BaseException):
-    """The innermost traceback frame of `err` in the user's code (a zoo model counts as the
-    user's: it runs on the user's input), or None when every frame is torch's or bngraph's."""
+def users_file() -> Callable[[str], bool]:
+    """A test of a frame's file name: the user's code (a zoo model counts as the user's: it runs
+    on the user's input), not torch's, bngraph's or the standard library's."""
     library = _library_dirs()
     zoo = tuple(os.path.join(os.path.realpath(p), "") for p in getattr(sys.modules.get("bngraph.zoo"), "__path__", []))
 
@@ -49,6 +50,13 @@ def user_frame(err: BaseException):
         real = os.path.realpath(filename)
         return not filename.startswith("<") and (real.startswith(zoo) or not real.startswith(library))
 
+    return is_users
+
+
+def user_frame(err: BaseException):
+    """The innermost traceback frame of `err` in the user's code, or None when every frame is
+    torch's or bngraph's."""
+    is_users = users_file()
     frames = [f for f in traceback.extract_tb(err.__traceback__) if is_users(f.filename)]
     return frames[-1] if frames else None
 

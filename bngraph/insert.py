@@ -126,6 +126,14 @@ def insert_report(
             notes.append("nothing changed: no nonlinearity needs a BatchNorm" + (" (already inserted?)" if already else ""))
     elif not_handled:
         notes.append(f"{len(not_handled)} nonlinearities run inside submodules insert cannot see into (see 'not_handled')")
+    for row in first.details:
+        if row.get("unnormalized_readers"):
+            readers = ", ".join(row["unnormalized_readers"])
+            notes.append(
+                f"{row['node']}: its input also reaches {readers} unnormalized, in the same forward: counted as "
+                f"{row['activation']} and arithmetic (a skip, or x * sigmoid(x) written inline); to put one BN in "
+                "front of all of it, write it as a function or an activation module"
+            )
     if trace_failure is not None:
         notes.append(f"used the {FALLBACK} ({trace_failure}); biases before the new BatchNorms are kept")
     return Report(

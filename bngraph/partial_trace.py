@@ -27,6 +27,7 @@ are the three steps of one loop (`trace_for_insert`), each reading what the last
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from bngraph.passes._dataflow import NONLINEARITIES, normalizer_of, record_run
-from bngraph.errors import UserError, model_raised, one_line, user_frame
+from bngraph.errors import UserError, model_raised, one_line, user_frame, users_file
 from bngraph.passes._op_kinds import ACTIVATION_MODULES
 from bngraph.passes._fx_effects import hooks_of
 from bngraph.trace import TraceFailed, _RecordShapes, _Tracer, copy_module
@@ -73,6 +74,38 @@ class InsertTracer(_Tracer):
         super().__init__(autowrap_functions=tuple(functions))
         self.leaves = set(leaves)
         self._saved_flags: dict[nn.Module, bool] = {}
+        self._is_users = users_file()
+        self._users_code: dict[object, bool] = {}
+        self._calls: dict[object, tuple[str, int]] = {}  # frame -> (name, serial): each call its own
+        self._trace_frame = None
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        calls = self._function_calls()
+        if calls:
+            proxy.node.meta["function_calls"] = calls
+        return proxy
+
+    def _function_calls(self) -> tuple[tuple[str, int], ...]:
+        """The calls of the user's plain functions (and methods other than `forward`) that the
+        node being made comes from, outermost first, up to the module forward that made them:
+        `def nonlinearity(x): return x * torch.sigmoid(x)` (latent diffusion's swish) is one
+        nonlinearity of x, as a module whose forward does the same is (`composite_activation`)."""
+        calls = []
+        frame = sys._getframe(2)
+        while frame is not None and frame is not self._trace_frame:  # not the callers of trace()
+            code = frame.f_code
+            users = self._users_code.get(code)
+            if users is None:
+                users = self._users_code[code] = self._is_users(code.co_filename)
+            if users:
+                if code.co_name == "forward" and isinstance(frame.f_locals.get("self"), nn.Module):
+                    break
+                if frame not in self._calls:  # the frame stays referenced: no other call gets its id
+                    self._calls[frame] = (code.co_qualname, len(self._calls))
+                calls.append(self._calls[frame])
+            frame = frame.f_back
+        return tuple(reversed(calls))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
@@ -90,12 +123,15 @@ class InsertTracer(_Tracer):
         return made
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
+        self._trace_frame = sys._getframe()
         try:
             graph = super().trace(root, concrete_args)
         finally:
             for module, flag in self._saved_flags.items():
                 module.__dict__["training"] = flag
             self._saved_flags.clear()
+            self._calls.clear()  # the frames, and the tensors they hold
+            self._trace_frame = None
         for node in graph.nodes:  # no forward read the mode: no node for it
             if node.op == "get_attr" and node.target == "training" and not node.users:
                 graph.erase_node(node)

@@ -8,6 +8,7 @@ method call (`x.relu()`). Everything here reads the graph and changes nothing.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,9 +104,9 @@ def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     return elementwise and not mutates_first_argument(node)
 
 
-def elementwise_region(gm: fx.GraphModule, act: fx.Node, module: str | None = None):
+def elementwise_region(gm: fx.GraphModule, act: fx.Node, inside: Callable[[fx.Node], bool] | None = None):
     """(x, region, results) where `act` is part of an elementwise function of one tensor x: the
-    region is every node computed elementwise from x alone (within submodule `module`'s call,
+    region is every node computed elementwise from x alone (among the nodes `inside` accepts,
     when given), its results the region's nodes read outside it. None where `act` reads more
     than one tensor the model computed (get_attr tensors, such as a learned beta, are constants)."""
     sources: dict[fx.Node, frozenset] = {}
@@ -121,9 +122,6 @@ def elementwise_region(gm: fx.GraphModule, act: fx.Node, module: str | None = No
                 sources[node] = frozenset().union(*(source(a) for a in inputs))
         return sources[node]
 
-    def inside(node: fx.Node) -> bool:
-        return module is None or _made_in(node, module)
-
     if not is_elementwise(gm, act):
         return None
     (x, *rest) = source(act) or (None,)
@@ -132,7 +130,7 @@ def elementwise_region(gm: fx.GraphModule, act: fx.Node, module: str | None = No
     region, todo = set(), [x]
     while todo:
         for user in todo.pop().users:
-            if user not in region and inside(user) and is_elementwise(gm, user) and source(user) == {x}:
+            if user not in region and (inside is None or inside(user)) and is_elementwise(gm, user) and source(user) == {x}:
                 region.add(user)
                 todo.append(user)
     if act not in region:
@@ -145,25 +143,39 @@ def _made_in(node: fx.Node, module: str) -> bool:
     return any(path == module for path, _ in (node.meta.get("nn_module_stack") or {}).values())
 
 
-def composite_activation(gm: fx.GraphModule, act: fx.Node) -> tuple[fx.Node, list[fx.Node], fx.Node] | None:
-    """For an activation inside an activation module written out of elementwise pieces (a user's
-    Swish `x * torch.sigmoid(x)`, HuggingFace's NewGELUActivation, a learned-beta swish): (x,
-    the module's nodes that read x, its result). The paper's BN goes on x, in front of the whole
-    nonlinearity, not in front of the part of it that happens to be an activation.
-
-    Only a whole module call counts as one nonlinearity, from the module's input to its output:
-    in a forward (the model's, or a block's around its own layers), `F.relu(y) + y` is an
-    activation and a skip connection, and `tanh(relu(y))` two activations. None where `act` is
-    a nonlinearity on its own."""
+def _calls_around(act: fx.Node) -> list[Callable[[fx.Node], bool]]:
+    """Tests of whether a node comes from the same call as `act`, innermost call first: each
+    call of a plain function of the user's (`function_calls`, recorded by insert's tracer), then
+    the innermost module's."""
+    tests = [lambda n, call=call: call in n.meta.get("function_calls", ())
+             for call in reversed(act.meta.get("function_calls", ()))]
     stack = act.meta.get("nn_module_stack") or {}
-    module = next(reversed(stack.values()))[0] if stack else None
-    found = elementwise_region(gm, act, module) if module else None
-    if found is None or len(found[2]) != 1 or found[1] == {act}:
-        return None
-    x, region, (result,) = found
-    if _made_in(x, module) or any(_made_in(user, module) for user in result.users):
-        return None  # the module computes more than this function: a block, not an activation
-    return x, [u for u in x.users if u in region], result
+    if stack:
+        module = next(reversed(stack.values()))[0]
+        tests.append(lambda n: _made_in(n, module))
+    return tests
+
+
+def composite_activation(gm: fx.GraphModule, act: fx.Node) -> tuple[fx.Node, list[fx.Node], fx.Node] | None:
+    """For an activation inside an activation written out of elementwise pieces, as a module or
+    a plain function (a user's Swish `x * torch.sigmoid(x)`, HuggingFace's NewGELUActivation, a
+    learned-beta swish, latent diffusion's `nonlinearity(x)`): (x, the call's nodes that read x,
+    its result). The paper's BN goes on x, in front of the whole nonlinearity, not in front of
+    the part of it that happens to be an activation.
+
+    Only a whole call counts as one nonlinearity, from its input to its output: in a forward
+    (the model's, or a block's around its own layers), `F.relu(y) + y` is an activation and a
+    skip connection, and `tanh(relu(y))` two activations. None where `act` is a nonlinearity on
+    its own."""
+    for inside in _calls_around(act):
+        found = elementwise_region(gm, act, inside)
+        if found is None or len(found[2]) != 1 or found[1] == {act}:
+            continue
+        x, region, (result,) = found
+        if inside(x) or any(inside(user) for user in result.users):
+            continue  # the call computes more than this function: a block, not an activation
+        return x, [u for u in x.users if u in region], result
+    return None
 
 
 def normalized_through_arithmetic(gm: fx.GraphModule, act: fx.Node) -> fx.Node | None:

@@ -9,10 +9,12 @@ Cases, numbered as in the code:
      axis: per feature map for a conv, per activation for a Linear (Sec. 3.2). Features on
      another axis than 1 are moved there and back (`transpose`); features spread over several
      axes (a Linear's C*H*W reshaped to (N, C, H, W)) are flattened into one and unflattened.
-  0. An activation inside an activation module written out of elementwise pieces (a user's
-     Swish `x * torch.sigmoid(x)`, HuggingFace's NewGELUActivation) is part of one nonlinearity:
-     the BN goes on the module's input x, read by every part of it that read x
-     (`composite_activation`), and the module's other activations find their input normalized.
+  0. An activation inside an activation module or function written out of elementwise pieces
+     (a user's Swish `x * torch.sigmoid(x)`, HuggingFace's NewGELUActivation, latent
+     diffusion's `nonlinearity(x)`) is part of one nonlinearity: the BN goes on the call's input
+     x, read by every part of it that read x (`composite_activation`), and the call's other
+     activations find their input normalized. Written inline in a forward of layers, the same
+     is an activation and arithmetic; the details name the ops that read x unnormalized.
   4. An in-place activation (`y.relu_()`, `F.relu(y, inplace=True)`, `ReLU(inplace=True)`)
      now writes into the BatchNorm's output, not into y: every later reader of y reads the
      activation instead. Where y shares memory with a view read later, or is the model's input
@@ -31,7 +33,8 @@ from bngraph.passes._feature_axis import Features, feature_layouts
 from bngraph.passes._fx_effects import aliases_of, mutates_first_argument
 from bngraph.passes._fx_meta import has_submodule, tensor_dtype, tensor_shape
 from bngraph.passes._op_kinds import (
-    activation_kind, composite_activation, normalized_through_arithmetic, normalizer_behind, op_label,
+    activation_kind, composite_activation, elementwise_region, normalized_through_arithmetic, normalizer_behind,
+    op_label,
 )
 from bngraph.passes.base import PassResult, Skip, graph_pass
 
@@ -92,6 +95,17 @@ def _meta(shape, dtype):
     return _extract_tensor_metadata(torch.empty(shape, dtype=dtype, device="meta"))
 
 
+def _inline_arithmetic(gm: fx.GraphModule, act: fx.Node) -> list[fx.Node]:
+    """The other readers of `act`'s input in the elementwise function of it that `act` is part
+    of, where that function is not one call (`composite_activation`): x * sigmoid(x) in a
+    block's forward gives [mul]."""
+    found = elementwise_region(gm, act)
+    if found is None:
+        return []
+    x, region, _ = found
+    return [u for u in x.users if u in region and u is not act]
+
+
 @graph_pass(in_place=True)
 def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
     """Insert a BatchNorm before each nonlinearity whose input is not normalized (needs shapes:
@@ -105,6 +119,9 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
             continue
         composite = composite_activation(gm, act)
         x = composite[0] if composite else act.args[0] if act.args else act.kwargs.get("input")
+        # x * sigmoid(x) written in a forward of layers counts as sigmoid and arithmetic (as
+        # relu(y) + y is an activation and a skip): the report names what reads x unnormalized.
+        inline = [] if composite else _inline_arithmetic(gm, act)
         if not isinstance(x, fx.Node):
             result.skipped.append(Skip(act.name, "its input is a constant, not a tensor computed by the model"))
             continue
@@ -185,6 +202,7 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
                 "bn": bn_path,
                 "input": x.name,
                 "layer": layout.source,
+                "unnormalized_readers": [n.name for n in inline],
             }
         )
     if result.changed:

@@ -924,3 +924,56 @@ def test_a_block_whose_forward_adds_its_activation_to_its_input_is_not_one_nonli
         h = model[0].fc(x)
         want = model[1](F.relu(F.batch_norm(h, None, None, training=True)) + h)
         torch.testing.assert_close(out.train()(x), want, rtol=1e-4, atol=1e-5)
+
+
+def nonlinearity(x):
+    # swish, as taming-transformers and latent diffusion write it: a plain function, which
+    # torch.fx traces into the caller's graph
+    return x * torch.sigmoid(x)
+
+
+def _sigmoid(x):
+    return torch.sigmoid(x)
+
+
+def swish_of_a_helper(x):
+    return x * _sigmoid(x)
+
+
+class DiffusionStyleBlock(nn.Module):
+    """Activations written as functions the forward calls, and one written inline."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3, self.c4 = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+        self.gate = lambda h: h * torch.tanh(F.softplus(h))  # mish, as a lambda on the module
+
+    def forward(self, x):
+        h = nonlinearity(self.c1(x))
+        h = swish_of_a_helper(self.c2(h))  # a function calling a function: one call, the outer
+        h = self.gate(self.c3(h))
+        h = self.c4(h)
+        return h * torch.sigmoid(h)  # inline in a forward of layers: sigmoid and arithmetic
+
+
+def test_an_activation_written_as_a_function_gets_one_batchnorm_in_front_of_all_of_it():
+    model, x = DiffusionStyleBlock(), _x(4, 4, 6, 6)
+    out, report = bngraph.insert(model, [x])
+    rows = report.sections["inserted"]
+    assert [(r["activation"], r["bias_removed"]) for r in rows] == [
+        ("sigmoid in mul", True), ("sigmoid in mul_1", True), ("softplus in mul_2", True), ("sigmoid", False)]
+    (note,) = [n for n in report.notes if "unnormalized" in n]
+    assert note.startswith("sigmoid_2: its input also reaches mul_3 unnormalized")
+
+    def bn(z):  # a new BN in train mode: batch statistics, gamma 1, beta 0
+        return F.batch_norm(z, None, None, training=True)
+
+    with torch.no_grad():
+        h = nonlinearity(bn(F.conv2d(x, model.c1.weight, padding=1)))
+        h = swish_of_a_helper(bn(F.conv2d(h, model.c2.weight, padding=1)))
+        h = model.gate(bn(F.conv2d(h, model.c3.weight, padding=1)))
+        h = model.c4(h)
+        want = h * torch.sigmoid(bn(h))
+        torch.testing.assert_close(out.train()(x), want, rtol=1e-4, atol=1e-5)
+    assert bngraph.insert(out, [x])[1].sections["inserted"] == []
+    _assert_preserved(model, [x])
