@@ -99,8 +99,8 @@ class InsertTracer(_Tracer):
             if users is None:
                 users = self._users_code[code] = self._is_users(code.co_filename)
             if users:
-                if code.co_name == "forward" and isinstance(frame.f_locals.get("self"), nn.Module):
-                    break
+                if code.co_name == "forward" and code.co_varnames[:1] == ("self",):
+                    break  # a module's forward (not read from f_locals: that copies every local)
                 if frame not in self._calls:  # the frame stays referenced: no other call gets its id
                     self._calls[frame] = (code.co_qualname, len(self._calls))
                 calls.append(self._calls[frame])
