@@ -53,6 +53,11 @@ def run_workers(train_stack: Callable, chunks, data: TensorData, cfg, on_eval: C
     # BN nets, on states this process sends, so that the two processes finish together.
     offload = len(chunks) == 2
     states = ctx.Queue() if offload else None
+    if states is not None:
+        # This process feeds it: stopped (Ctrl-C, SIGTERM, a failed worker) with states not yet
+        # read, its exit would wait for the pipe to drain into a worker that is gone. A finished
+        # run has had every state read (the worker's result waits for them).
+        states.cancel_join_thread()
     procs = {
         rank: ctx.Process(target=_worker, args=(train_stack, rank, models, seeds, shared, cfg, messages),
                           kwargs={"evaluate_for": (chunks[here][0], states, here)} if offload else {}, daemon=True)
