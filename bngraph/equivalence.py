@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bngraph.errors import CheckFailed
+from bngraph.errors import CheckFailed, ModelNotAFunction
 from bngraph.runners import TorchRunner, _to_numpy, batch_axes_of, example_batches, named_tensors
 from bngraph.verify import verify
 
@@ -82,7 +82,26 @@ class Reference:
                 self.batches += other
                 break
             # else the model itself only takes its example's batch size: check on that alone
+        state = {k: v.detach().clone() for k, v in original.state_dict().items()}
         self.runner(self.batches[0])  # a model that fails on its own example input fails here, as itself
+        self._check_is_a_function(state)
+
+    def _check_is_a_function(self, state_before: dict[str, torch.Tensor]) -> None:
+        """ModelNotAFunction where the original computes something else on the same input each time it
+        runs (its forward counts its calls into a buffer it then reads): any copy would differ
+        from it by its calls, not by what a transformation did."""
+        again = _SeededRunner(self.runner.module, "the original, run again")
+        result = verify(self.runner, again, self.batches[:1])
+        if result:
+            return
+        now = self.runner.module.state_dict()
+        changed = [k for k, v in state_before.items() if k in now and not torch.equal(now[k], v)]
+        written = f" (its forward writes {', '.join(repr(k) for k in changed[:3])})" if changed else ""
+        raise ModelNotAFunction(
+            f"the model computes something else each time it runs on the same input in eval mode{written}: "
+            f"output {result.worst.output!r} moved by up to {result.worst.max_abs:.3g} between two calls; no "
+            "transformed copy can be checked against it, so nothing was written"
+        )
 
     def check(
         self,

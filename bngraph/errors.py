@@ -25,6 +25,11 @@ class ModelRaised(UserError):
     """The user's model raised while bngraph ran it unchanged: the user's code, not a pass, failed."""
 
 
+class ModelNotAFunction(UserError):
+    """The user's model, run unchanged, computes something else each time on the same input (a
+    forward that counts its calls into a buffer it reads): no copy can be checked against it."""
+
+
 def one_line(err: BaseException) -> str:
     """`TypeName: first line of the message`."""
     text = str(err).strip().splitlines()

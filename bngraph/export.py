@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from bngraph.atomic import ONNX, check_output
-from bngraph.errors import CheckFailed, ModelRaised, UserError, one_line, running_user_model
+from bngraph.errors import CheckFailed, ModelNotAFunction, ModelRaised, UserError, one_line, running_user_model
 from bngraph.fold import fold as fx_fold
 from bngraph.onnx_fold import STANDALONE_BN_FORMS, fold_onnx
 from bngraph.onnx_io import write_verified
@@ -202,7 +202,7 @@ def _fx_fold(module: nn.Module, example_inputs, report: Report) -> nn.Module:
     try:
         # A BN with no exact fold stays a BN here: the ONNX passes choose its form per target.
         folded, fold_report = fx_fold(module, example_inputs, standalone_bn="keep")
-    except ModelRaised:
+    except (ModelRaised, ModelNotAFunction):  # the model itself: no other route exports it
         raise
     except CheckFailed as err:  # the folded graph computes something else: nothing is exported
         raise CheckFailed(f"export's FX fold: {err}") from err
