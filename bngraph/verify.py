@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bngraph.compare import OutputDiff, VerifyResult, compare, default_tolerance
+from bngraph.compare import OutputDiff, VerifyResult, compare, default_tolerance, output_dtype
 from bngraph.data import model_images
 from bngraph.errors import ModelRaised, UserError, one_line
 from bngraph.load import load_model
@@ -86,14 +86,16 @@ def verify(
     for ref, cand in pairs:
         ref_out, cand_out = run(ref), run(cand)
         names, problem = _paired_names(ref, cand, len(ref_out[0]), len(cand_out[0]))
-        tolerance = default_tolerance(ref.kind, cand.kind)
-        atol_used, rtol_used = (tolerance if atol is None else atol), (tolerance if rtol is None else rtol)
         if problem:
+            tolerance = default_tolerance(ref.kind, cand.kind)
+            atol_used, rtol_used = (tolerance if atol is None else atol), (tolerance if rtol is None else rtol)
             diff = OutputDiff(names[0], ref.label, cand.label, atol_used, rtol_used, passed=False, problem=problem)
             result.diffs.append(diff)
             continue
         for i, name in enumerate(names):
             ref_batches, cand_batches = [batch[i] for batch in ref_out], [batch[i] for batch in cand_out]
+            tolerance = default_tolerance(ref.kind, cand.kind, output_dtype(ref_batches, cand_batches))
+            atol_used, rtol_used = (tolerance if atol is None else atol), (tolerance if rtol is None else rtol)
             diff = compare(name, ref_batches, cand_batches, atol_used, rtol_used, (ref.label, cand.label))
             result.diffs.append(diff)
     return result
