@@ -159,6 +159,7 @@ def load_weights(module: nn.Module, weights: str | Path) -> None:
     if not_tensors:
         raise UserError(f"weights {path} are not a state dict: {_some(not_tensors)} are not tensors")
     own = module.state_dict()
+    state = _without_wrapper_prefix(state, own)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
@@ -176,6 +177,20 @@ def load_weights(module: nn.Module, weights: str | Path) -> None:
         module.load_state_dict(state, strict=True)
     except Exception as err:
         raise UserError(f"weights {path} do not fit the model: {_first_line(one_line(err))}") from err
+
+
+def _without_wrapper_prefix(state: dict, own: dict) -> dict:
+    """`state` with the prefix a wrapper put on every key removed (DataParallel's and DDP's
+    `module.`, torch.compile's `_orig_mod.`, a Lightning module's `model.`), where the keys left are
+    exactly the model's: no other reading of them is possible. Else `state` as it is."""
+    keys, stripped = set(own), state
+    while set(stripped) != keys:
+        heads = {k.split(".", 1)[0] for k in stripped}
+        if len(heads) != 1 or not all("." in k for k in stripped):
+            return state
+        cut = len(heads.pop()) + 1
+        stripped = {k[cut:]: v for k, v in stripped.items()}
+    return stripped
 
 
 def _some(names: list[str], shown: int = 3) -> str:

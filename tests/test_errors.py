@@ -155,6 +155,28 @@ def test_weights_that_do_not_fit_say_why_in_one_line(name, tmp_path, capfd):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "model."])
+def test_weights_saved_through_a_wrapper_load_when_the_rest_of_each_key_is_the_models(prefix, tmp_path, capfd):
+    # DataParallel and DDP save `module.`, torch.compile `_orig_mod.`, a Lightning module `model.`
+    from bngraph.zoo import create_model
+
+    torch.manual_seed(3)
+    state = create_model("mnist-mlp").state_dict()
+    path = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": {prefix + k: v for k, v in state.items()}, "epoch": 7}, path)
+    code, _, err = _cli(capfd, "insert", "zoo:mnist-mlp", "--weights", path, "-o", tmp_path / "out")
+    assert code == 0, err
+    import bngraph
+
+    loaded = bngraph.load(tmp_path / "out").state_dict()
+    torch.testing.assert_close(loaded["fc1.weight"], state["fc1.weight"])
+    # One key short: the prefix cannot be proven, so nothing is guessed.
+    del state["fc3.bias"]
+    torch.save({prefix + k: v for k, v in state.items()}, path)
+    code, _, err = _cli(capfd, "insert", "zoo:mnist-mlp", "--weights", path, "-o", tmp_path / "out2")
+    assert code == 2 and f"unexpected 7 keys: {prefix}fc1.weight" in _one_line(err)
+
+
 # 3. A failed ONNX export: one line, and the exporter's whole log in the file it names.
 
 
