@@ -131,7 +131,8 @@ def _declared_shapes(module) -> list[tuple[int, ...]] | None:
 
 def load_weights(module: nn.Module, weights: str | Path) -> None:
     """Load a state dict (or a checkpoint holding one under "state_dict"/"model") into `module`,
-    strictly: every key present, none extra, every shape the model's."""
+    strictly: every key present, none extra, every shape the model's (once a wrapper's prefix on
+    every key is dropped: `_without_wrapper_prefix`)."""
     path = Path(weights)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
