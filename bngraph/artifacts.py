@@ -2,8 +2,9 @@
 
     model.py       readable module code generated from the traced graph (constructors + forward)
     weights.pt     the state dict, read back with torch.load(weights_only=True): no pickled objects
+    code/          the user's own modules model.py imports (blocks.py beside their model.py), if any
     bngraph.json   format version, example input shapes, dtypes and batch axes (0 or null), the
-                   passes applied with their reports, and SHA-256 of the two files above, so a
+                   passes applied with their reports, and SHA-256 of the files above, so a
                    corrupted copy is refused, not half-loaded
 
 model.py comes from `bngraph.artifact_code`. `save` loads what it wrote and compares weights and
@@ -12,6 +13,7 @@ outputs before the folder appears: an artifact that would not round-trip is neve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -22,12 +24,13 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from bngraph.artifact_code import CLASS_NAME, CODE_FILE, module_source
+from bngraph.artifact_code import CARRIED_DIR, CLASS_NAME, CODE_FILE, module_source
 from bngraph.atomic import ARTIFACT, check_output, save_tensors, write_dir_atomically
 from bngraph.errors import UserError, one_line
 from bngraph.runners import batch_axes_of, named_tensors
 from bngraph.spec import ARTIFACT_META
 from bngraph.trace import check_modules_registered, trace_around_untraceable
+from bngraph.user_modules import importing_beside
 
 FORMAT = "bngraph-artifact"
 FORMAT_VERSION = 1
@@ -46,6 +49,7 @@ def save(
     source: str = "a module",
     code: str | None = None,
     base: tuple[str, str] | None = None,
+    carry: dict[str, bytes] | None = None,
     force: bool = False,
 ) -> Path:
     """Write `module` as an artifact folder at `path`, whole or not at all.
@@ -56,7 +60,9 @@ def save(
     The module is traced and written as generated code, unless `code` (see `wrapped_source`)
     gives the source of a model that cannot be traced (`bngraph.artifact_code.wrapped_source`).
     `base` (`bngraph.artifact_code.user_code`) is the user's code that generated code naming the
-    user's own functions, classes and untraced layers carries in front of it.
+    user's own functions, classes and untraced layers carries in front of it. `carry`
+    (`bngraph.artifact_code.user_files`) holds the user's modules that code imports from beside
+    its file (relative path -> contents): they go to code/, which loading imports from.
     """
     check_output(path, ARTIFACT, force=force)  # before the trace, not after it
     check_modules_registered(module)  # layers no state dict holds: no artifact computes the same
@@ -70,9 +76,14 @@ def save(
     text = code
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
+    carried = {f"{CARRIED_DIR}/{name}": data for name, data in (carry or {}).items()}
+
     def write(folder: Path) -> None:
         (folder / CODE_FILE).write_text(text)
         save_tensors(state, folder / WEIGHTS_FILE)
+        for name, data in carried.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -81,7 +92,7 @@ def save(
             "input_shapes": input_shapes,
             "input_dtypes": input_dtypes,
             "input_batch_axes": batch_axes,
-            "sha256": {f: _sha256(folder / f) for f in (CODE_FILE, WEIGHTS_FILE)},
+            "sha256": {f: _sha256(folder / f) for f in (CODE_FILE, WEIGHTS_FILE, *carried)},
             "history": list(history),
         }
         (folder / ARTIFACT_META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -151,7 +162,12 @@ def load_artifact(path: str | Path) -> tuple[nn.Module, dict]:
     spec = importlib.util.spec_from_file_location(module_name, path / CODE_FILE)
     code = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = code  # so that tracing and pickling can find the class
-    spec.loader.exec_module(code)
+    try:
+        with importing_beside(path / CARRIED_DIR) if (path / CARRIED_DIR).is_dir() else contextlib.nullcontext():
+            spec.loader.exec_module(code)
+    except Exception as err:  # the user's code it carries: theirs to fix, in one line
+        del sys.modules[module_name]
+        raise UserError(f"artifact {path}: importing its {CODE_FILE} failed: {one_line(err)}") from err
     model = getattr(code, CLASS_NAME)()
     try:
         state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)

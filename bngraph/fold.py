@@ -18,7 +18,7 @@ from collections.abc import Collection, Sequence
 import torch
 from torch import fx, nn
 
-from bngraph.artifact_code import edited_source, fallback_source, user_code
+from bngraph.artifact_code import edited_source, fallback_source, user_code, user_files
 from bngraph.artifacts import history_entry, save
 from bngraph.compare import fold_tolerance
 from bngraph.equivalence import Reference
@@ -271,7 +271,7 @@ def fold_artifact(loaded: LoadedModel, output: str | None, *, force: bool = Fals
     if report.facts.get("tracing") == FALLBACK:  # no graph to write code from: the source plus edits
         code = edited_source(*fallback_source(loaded), source_edits(report), "fold")
     save(folded, output, example_inputs=example_inputs, history=history, source=loaded.spec.text, force=force, code=code,
-         base=user_code(loaded))
+         base=user_code(loaded), carry=user_files(loaded))
     report.facts["output"] = output
     return folded, report
 

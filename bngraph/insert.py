@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from bngraph.artifact_code import fallback_source, user_code, wrapped_source
+from bngraph.artifact_code import fallback_source, user_code, user_files, wrapped_source
 from bngraph.artifacts import history_entry, save
 from bngraph.data import model_images
 from bngraph.equivalence import check_same_function
@@ -188,7 +188,7 @@ def insert_artifact(
     history = [*loaded.history, entry]
     # Layers kept opaque, and the user's own functions and classes, come from the user's code.
     save(model, output, example_inputs=example_inputs, history=history, source=loaded.spec.text, code=code,
-         base=user_code(loaded), force=force)
+         base=user_code(loaded), carry=user_files(loaded), force=force)
     report.facts["output"] = output
     return model, report
 

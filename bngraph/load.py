@@ -21,6 +21,7 @@ from bngraph.errors import UserError, one_line
 from bngraph.runners import ExampleInputs, random_tensor
 from bngraph.spec import ModelSpec, input_layout, parse_input_dtypes, parse_input_shapes, parse_model_spec
 from bngraph.trace import materialize_lazy
+from bngraph.user_modules import importing_beside
 from bngraph.zoo import create_model, get_entry
 
 
@@ -57,13 +58,16 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 def import_user_file(path: Path):
+    """The user's file imported as `python path` would run it: `from blocks import Block` finds
+    the file's sibling blocks.py (`importing_beside`)."""
     path = path.resolve()
     name = "bngraph_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look the module up by name
     try:
-        spec.loader.exec_module(module)
+        with importing_beside(path.parent):
+            spec.loader.exec_module(module)
     except Exception as err:
         del sys.modules[name]
         raise UserError(f"importing {path} failed: {one_line(err)}") from err

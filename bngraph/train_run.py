@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bngraph.artifact_code import user_code
+from bngraph.artifact_code import user_code, user_files
 from bngraph.load import LoadedModel
 from bngraph.report import Report
 from bngraph.reproduce.recipes import Recipe, apply_recipe
@@ -79,7 +79,7 @@ def train_run(
     if resumed:
         config = replace(config, decay_every=saved_decay)
     done = train_into_folder(model, data, config, out, history=history, source=loaded.spec.text,
-                             example_inputs=example, base=user_code(loaded), sync_bn=sync_bn, resume=resume,
+                             example_inputs=example, base=user_code(loaded), carry=user_files(loaded), sync_bn=sync_bn, resume=resume,
                              device=str(device), progress=progress, distributed=ctx)
     if done is None:
         return None, None

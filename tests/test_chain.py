@@ -2,6 +2,9 @@
 insert, a few training steps, fold, export, verify, with the errors printed."""
 
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -187,3 +190,87 @@ def test_a_model_with_a_part_fx_cannot_trace_trains_and_folds_from_its_artifact(
                for k, v in trained.state_dict().items())  # it trained
     assert main(["graph", str(tmp_path / "run"), "-o", str(tmp_path / "graph.svg")]) == 0  # drawn around it too
     assert "gate" in (tmp_path / "graph.svg").read_text()
+
+
+PROJECT = {
+    "netblocks/__init__.py": "from .conv import ConvAct\n",
+    "netblocks/conv.py": '''
+from torch import nn
+
+
+class ConvAct(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(c_in, c_out, 3, padding=1), nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+''',
+    "netops.py": '''
+import torch
+
+
+def nonlinearity(x):
+    return x * torch.sigmoid(x)
+''',
+    "model.py": '''
+import torch
+from torch import nn
+
+from netblocks import ConvAct
+from netops import nonlinearity
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 1, 28, 28)
+
+    def __init__(self):
+        super().__init__()
+        self.block = ConvAct(1, 4)
+        self.conv = nn.Conv2d(4, 4, 3, stride=2)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = nonlinearity(self.conv(self.block(x)))
+        return self.head(h.mean((2, 3)))
+''',
+}
+
+
+def test_a_model_that_imports_its_siblings_goes_through_the_chain_and_its_artifacts_load_anywhere(data, tmp_path,
+                                                                                                      capsys):
+    # `python model.py` finds netblocks/ and netops.py beside it: so does every command, and each
+    # artifact carries them (code/), so that a copy elsewhere loads in a fresh process.
+    project = tmp_path / "project"
+    for name, text in PROJECT.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+    inserted = _json(capsys, "insert", project / "model.py:Net", "-o", tmp_path / "bn")
+    assert [r["activation"] for r in inserted["inserted"]] == ["SiLU", "sigmoid in mul"]
+    assert sorted(p.relative_to(tmp_path / "bn" / "code").as_posix() for p in (tmp_path / "bn" / "code").rglob("*.py")) \
+        == ["netblocks/__init__.py", "netblocks/conv.py", "netops.py"]
+    _json(capsys, "train", tmp_path / "bn", "--data", data, "--steps", 2, "--batch-size", 16, "--quiet",
+          "-o", tmp_path / "run")
+    _json(capsys, "fold", tmp_path / "run", "-o", tmp_path / "folded", "--strict")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(tmp_path / "folded", elsewhere / "folded")
+    for argv in (["export", project / "model.py:Net", "-o", elsewhere / "net.onnx"],
+                 ["verify", elsewhere / "folded", tmp_path / "run"]):
+        done = subprocess.run([sys.executable, "-m", "bngraph", *map(str, argv)], cwd=elsewhere, capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr
+    assert "PASSED" in done.stdout
+
+
+def test_the_users_folder_leads_sys_path_only_while_their_file_imports(tmp_path):
+    # Later imports (inside a forward) still find the user's modules, and a user's onnx.py beside
+    # their model does not shadow the onnx package that bngraph imports after it.
+    from bngraph.user_modules import importing_beside
+
+    folder = str(tmp_path)
+    with importing_beside(tmp_path):
+        assert sys.path[0] == folder
+    assert sys.path[-1] == folder and sys.path.count(folder) == 1
+    sys.path.remove(folder)

@@ -50,6 +50,7 @@ def train_into_folder(
     source: str,
     example_inputs: Sequence[torch.Tensor],
     base: tuple[str, str] | None = None,
+    carry: dict[str, bytes] | None = None,
     sync_bn: bool = False,
     resume: bool = False,
     device: str = "auto",
@@ -57,7 +58,7 @@ def train_into_folder(
     distributed: Distributed = SINGLE,
 ) -> TrainedFolder | None:
     """`train` into `out`, then save OUT/model with `history` and this run's entry; None on the
-    ranks other than 0 (they write nothing). `base`: see `bngraph.artifacts.save`. `sync_bn` trains with SyncBatchNorms, on the CPU
+    ranks other than 0 (they write nothing). `base`, `carry`: see `bngraph.artifacts.save`. `sync_bn` trains with SyncBatchNorms, on the CPU
     through `bngraph.training.sync_bn`."""
     history = list(history)
     plain, converted = model, None
@@ -77,7 +78,7 @@ def train_into_folder(
                     "config": asdict(config), "processes": ctx.world_size})
     # force: a resumed run replaces its own model/, in a folder checked to be a run's
     save(plain.eval(), out / MODEL_DIR, example_inputs=example_inputs, history=history, source=source, base=base,
-         force=True)
+         carry=carry, force=True)
     plot = None
     if config.track_inputs is not None:
         rows = [r for r in run.metrics if "inputs" in r]

@@ -1,0 +1,49 @@
+"""The user's own Python files beside their model: imported as `python model.py` would import
+them, and carried into artifacts so that an artifact loads anywhere.
+
+    with importing_beside(folder): ...     # `from blocks import Block` finds folder/blocks.py
+    local_modules(folder)                  # {"blocks.py": Path(...)}: what the model imported from there
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def importing_beside(folder: Path):
+    """`folder` leads sys.path while the code inside runs (the user's file's own imports), as a
+    script's folder does; then it goes last, so that imports made later (inside a forward) still
+    find its modules while the packages bngraph imports later are not shadowed by a user's
+    onnx.py."""
+    entry = str(folder)
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        sys.path.remove(entry)
+        if entry not in sys.path:
+            sys.path.append(entry)
+
+
+def local_modules(folder: Path) -> dict[str, Path]:
+    """The modules this process imported from `folder` itself (a sibling blocks.py, a package
+    layers/ with every .py file in it, as its modules may import each other later): path
+    relative to `folder` -> file. A module counts when its top-level name is a file or package
+    directly in `folder`, so a virtual environment inside the folder brings nothing along."""
+    folder = folder.resolve()
+    found: dict[str, Path] = {}
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if not file or name.startswith(("bngraph_user_", "bngraph_artifact_")) or name.partition(".")[0] == "bngraph":
+            continue  # the user's file itself, artifacts' code, and bngraph (a model beside its checkout)
+        top, file = name.partition(".")[0], Path(file).resolve()
+        if file == folder / f"{top}.py":
+            found[f"{top}.py"] = file
+        elif (folder / top).is_dir() and file.is_relative_to(folder / top):
+            for py in (folder / top).rglob("*.py"):
+                if "__pycache__" not in py.parts:
+                    found[py.relative_to(folder).as_posix()] = py
+    return dict(sorted(found.items()))
