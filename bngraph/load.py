@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bngraph.artifacts import load_artifact
-from bngraph.errors import UserError, one_line
+from bngraph.errors import UserError, model_raised, one_line
 from bngraph.runners import ExampleInputs, random_tensor
 from bngraph.spec import ModelSpec, input_layout, parse_input_dtypes, parse_input_shapes, parse_model_spec
 from bngraph.trace import materialize_lazy
@@ -117,11 +117,18 @@ def _build(path: Path, symbol: str | None) -> tuple[nn.Module, str, object]:
 def call_user_factory(path: Path, symbol: str, factory):
     """`factory()`, `symbol` of the user's file `path`: whatever it raises is the user's error."""
     try:
+        inspect.signature(factory).bind()
+    except TypeError as err:  # before calling: a TypeError raised inside it is another story
+        raise UserError(
+            f"{path}:{symbol}() cannot be called without arguments ({err}); add a function that builds it "
+            f"to {path.name}, e.g. `def build(): return {symbol}(...)`, and name that: {path}:build"
+        ) from err
+    except ValueError:
+        pass  # no signature to read (a builtin): the call says
+    try:
         return factory()
-    except TypeError as err:
-        raise UserError(f"{path}:{symbol}() cannot be called without arguments: {one_line(err)}") from err
     except Exception as err:
-        raise UserError(f"{path}:{symbol}() failed: {one_line(err)}") from err
+        raise model_raised(err, f"{path}:{symbol}()") from err
 
 
 def _declared_shapes(module) -> list[tuple[int, ...]] | None:

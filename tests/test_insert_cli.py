@@ -65,6 +65,7 @@ def two_classes(tmp_path):
         "import torch\n"
         "class A(torch.nn.Module):\n    def forward(self, x): return x.relu()\n"
         "class B(torch.nn.Module):\n    def __init__(self, width): super().__init__()\n"
+        "def broken():\n    return torch.nn.Conv2d(3, '8', 3)\n"
     )
     return path
 
@@ -73,7 +74,10 @@ BAD = {
     "missing file": (["insert", "/nonexistent/model.py:Net", "--input-shape", "2,4", "-o", "{tmp}/o"], "does not exist"),
     "no such symbol": (["insert", f"{MODELS_PY}:Nope", "-o", "{tmp}/o"], "no symbol 'Nope'"),
     "ambiguous file": (["insert", "{two}", "-o", "{tmp}/o"], "defines 2 models"),
-    "constructor args": (["insert", "{two}:B", "-o", "{tmp}/o"], "cannot be called without arguments"),
+    "constructor args": (["insert", "{two}:B", "-o", "{tmp}/o"],
+                         "cannot be called without arguments (missing a required argument: 'width'); add a function"),
+    # A TypeError raised inside the builder is the user's bug, where it is: not missing arguments.
+    "builder raises": (["insert", "{two}:broken", "-o", "{tmp}/o"], "two.py:broken() raised at "),
     "unknown zoo name": (["insert", "zoo:resnet5", "-o", "{tmp}/o"], "no model named 'resnet5'"),
     "bad shape": (["insert", "zoo:mnist-mlp", "--input-shape", "2,x", "-o", "{tmp}/o"], "bad --input-shape"),
     "model fails on input": (["insert", "zoo:mnist-mlp", "--input-shape", "2,3,5", "-o", "{tmp}/o"], "failed on its example input"),
