@@ -68,9 +68,10 @@ def train_run(
         return (True, saved["decay_every"]) if isinstance(saved, dict) and "decay_every" in saved else (False, None)
 
     resumed, saved_decay = from_main(resumed_decay, ctx)  # rank 0 has the checkpoint
+    recipe_entry = None
     if recipe is not None:
-        model, entry = apply_recipe(model, recipe, example)
-        history.append(entry)
+        model, recipe_entry = apply_recipe(model, recipe, example)
+        history.append(recipe_entry)
     check_model_fits(model, data)
     config = TrainConfig(steps=steps, batch_size=batch_size, decay_every=steps / 8 if decay_every is None
                          else decay_every, **settings)
@@ -83,12 +84,14 @@ def train_run(
                              device=str(device), progress=progress, distributed=ctx)
     if done is None:
         return None, None
-    return done, train_report(loaded.spec.text, recipe, data, config, ctx.world_size, done, Path(output or out))
+    return done, train_report(loaded.spec.text, recipe, data, config, ctx.world_size, done, Path(output or out),
+                              recipe_entry)
 
 
 def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamData, config: TrainConfig,
-                 processes: int, done: TrainedFolder, output: Path) -> Report:
-    """The run's facts, about ten of its evaluations, and the SyncBatchNorm conversion if any."""
+                 processes: int, done: TrainedFolder, output: Path, recipe_entry: dict | None = None) -> Report:
+    """The run's facts, about ten of its evaluations, the SyncBatchNorm conversion if any, and
+    what the recipe did to the model (`recipe_changes` of its history entry)."""
     run, sync_bn = done.run, done.sync_bn
     facts = {
         "model": model,
@@ -120,5 +123,26 @@ def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamDat
         sections["passes"] = [{"pass": "convert_bn_to_sync_bn", **counts}]
         if sync_bn.skipped:
             sections["skipped"] = [{"site": s.site, "reason": s.reason} for s in sync_bn.skipped]
+    if recipe_entry is not None:
+        sections["recipe"] = recipe_changes(recipe_entry)
     notes = [f"every evaluation is in {output / 'metrics.jsonl'}"]
     return Report(f"bngraph train {model}", sections=sections, facts=facts, notes=notes)
+
+
+def recipe_changes(entry: dict) -> list[dict]:
+    """What a recipe did to the user's model, a row per site: each activation swapped, dropout
+    or LRN removed and BatchNorm inserted, and each site it left alone with the reason."""
+    rows = []
+    for name, result in entry.get("passes", {}).items():
+        changed = {d["node"]: d for d in result.get("details", [])}
+        for node in result.get("changed", []):
+            detail = changed.get(node, {})
+            done = f"{detail['from']} -> {detail['to']}" if "to" in detail else f"removed {detail.get('op', '')}".strip()
+            rows.append({"pass": name.partition("(")[0], "node": node, "change": done})
+        rows += [{"pass": name.partition("(")[0], "node": s["site"], "change": f"none: {s['reason']}"}
+                 for s in result.get("skipped", [])]
+    inserted = entry.get("insert") or {}
+    rows += [{"pass": "insert", "node": r["node"], "change": f"{r['norm']} before {r['activation']}"}
+             for r in inserted.get("inserted", [])]
+    rows += [{"pass": "insert", "node": r["node"], "change": f"none: {r['reason']}"} for r in inserted.get("skipped", [])]
+    return rows

@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 
 from bngraph.passes._op_kinds import activation_kind
-from bngraph.passes.base import PassResult, graph_pass
+from bngraph.passes.base import PassResult, Skip, graph_pass
 
 # What each target is as a module and as a function of one tensor.
 TARGETS: dict[str, tuple[Callable[[], nn.Module], Callable]] = {
@@ -39,7 +39,10 @@ class SwapActivation:
         make_module, function = TARGETS[self.to]
         for node in list(gm.graph.nodes):
             kind = activation_kind(gm, node)
-            if kind is None or kind.lower() not in self.replace:
+            if kind is None or kind.lower() == self.to:
+                continue
+            if kind.lower() not in self.replace:  # a user's GELU under the paper's ReLU -> sigmoid
+                result.skipped.append(Skip(node.name, f"{kind} is not {' or '.join(sorted(self.replace))}: kept"))
                 continue
             if node.op == "call_module":
                 *parent, name = node.target.split(".")

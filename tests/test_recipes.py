@@ -81,3 +81,50 @@ def test_unknown_recipe_is_a_user_error(name):
 
 def test_names_are_forgiving_about_case_and_underscores():
     assert get_recipe("BN_x5").name == "bn-x5"
+
+
+USERS_NET_PY = '''
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 1, 28, 28)
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.act, self.drop, self.head = nn.GELU(), nn.Dropout(0.3), nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = self.act(self.c2(x))
+        return self.head(self.drop(x.mean((2, 3))))
+'''
+
+
+def test_train_reports_what_a_recipe_did_to_the_users_model(tmp_path, capsys):
+    # The paper's BN-x5-Sigmoid swaps ReLUs; a user's GELU is kept, and the report says so.
+    import json
+
+    import bngraph
+    from bngraph.cli import main
+    from tests.mnist_like import write_learnable
+
+    (tmp_path / "net.py").write_text(USERS_NET_PY)
+    data = write_learnable(tmp_path / "data", n_train=40, n_test=20)
+    code = main(["train", str(tmp_path / "net.py"), "--recipe", "bn-x5-sigmoid", "--data", str(data), "--steps", "2",
+                 "--batch-size", "8", "--quiet", "--json", "-o", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [(r["pass"], r["node"], r["change"]) for r in json.loads(out)["recipe"]]
+    assert rows == [
+        ("swap_activation", "relu", "relu -> sigmoid"),
+        ("swap_activation", "act", "none: GELU is not relu: kept"),
+        ("strip_dropout_and_lrn", "drop", "removed Dropout"),
+        ("insert", "sigmoid", "BatchNorm2d before sigmoid"),
+        ("insert", "act", "BatchNorm2d before GELU"),
+    ]
+    trained = bngraph.load(tmp_path / "run")
+    kinds = {type(m).__name__ for m in trained.modules()}
+    assert "GELU" in kinds and "Dropout" not in kinds and "sigmoid_bn" in dict(trained.named_modules())
