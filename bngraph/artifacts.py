@@ -30,7 +30,7 @@ from bngraph.errors import UserError, one_line
 from bngraph.runners import batch_axes_of, named_tensors
 from bngraph.spec import ARTIFACT_META
 from bngraph.trace import check_modules_registered, trace_around_untraceable
-from bngraph.user_modules import importing_beside
+from bngraph.user_modules import importing_beside, isolated_modules
 
 FORMAT = "bngraph-artifact"
 FORMAT_VERSION = 1
@@ -162,8 +162,10 @@ def load_artifact(path: str | Path) -> tuple[nn.Module, dict]:
     spec = importlib.util.spec_from_file_location(module_name, path / CODE_FILE)
     code = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = code  # so that tracing and pickling can find the class
+    carried = path / CARRIED_DIR
+    names = {p.relative_to(carried).parts[0].removesuffix(".py") for p in carried.rglob("*.py")} if carried.is_dir() else set()
     try:
-        with importing_beside(path / CARRIED_DIR) if (path / CARRIED_DIR).is_dir() else contextlib.nullcontext():
+        with importing_beside(carried) if names else contextlib.nullcontext(), isolated_modules(names):
             spec.loader.exec_module(code)
     except Exception as err:  # the user's code it carries: theirs to fix, in one line
         del sys.modules[module_name]

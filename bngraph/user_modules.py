@@ -3,6 +3,7 @@ them, and carried into artifacts so that an artifact loads anywhere.
 
     with importing_beside(folder): ...     # `from blocks import Block` finds folder/blocks.py
     local_modules(folder)                  # {"blocks.py": Path(...)}: what the model imported from there
+    with isolated_modules({"blocks"}): ... # an artifact's carried blocks.py, not the user's current one
 """
 
 from __future__ import annotations
@@ -47,3 +48,24 @@ def local_modules(folder: Path) -> dict[str, Path]:
                 if "__pycache__" not in py.parts:
                     found[py.relative_to(folder).as_posix()] = py
     return dict(sorted(found.items()))
+
+
+@contextlib.contextmanager
+def isolated_modules(names: set[str]):
+    """Top-level modules `names` (and their submodules) imported afresh inside, and the process's
+    own modules of those names back after: an artifact's carried blocks.py is the one its code
+    runs, not the user's current blocks.py imported earlier in this process (nor the other way
+    round). The artifact's code keeps the modules it imported; sys.modules forgets them."""
+
+    def ours(name: str) -> bool:
+        return name.partition(".")[0] in names
+
+    saved = {name: module for name, module in sys.modules.items() if ours(name)}
+    for name in saved:
+        del sys.modules[name]
+    try:
+        yield
+    finally:
+        for name in [n for n in sys.modules if ours(n)]:
+            del sys.modules[name]
+        sys.modules.update(saved)

@@ -274,3 +274,49 @@ def test_the_users_folder_leads_sys_path_only_while_their_file_imports(tmp_path)
         assert sys.path[0] == folder
     assert sys.path[-1] == folder and sys.path.count(folder) == 1
     sys.path.remove(folder)
+
+
+BLOCK_PY = '''
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.mean() > 100:  # data-dependent: torch.fx keeps the block whole, run from its code
+            return x
+        return torch.relu(self.conv(x))
+'''
+
+BLOCK_MODEL_PY = '''
+from torch import nn
+
+from editedblocks import Block
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 4, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x):
+        return self.block(x)
+'''
+
+
+def test_an_artifact_runs_the_modules_it_carries_not_the_users_edited_ones(tmp_path, capsys):
+    # The user edits editedblocks.py after folding: verify must compare the artifact's own copy
+    # (relu) with the edited model (tanh), not import the edited file for both and pass.
+    (tmp_path / "editedblocks.py").write_text(BLOCK_PY)
+    (tmp_path / "model.py").write_text(BLOCK_MODEL_PY)
+    _json(capsys, "fold", tmp_path / "model.py:Net", "-o", tmp_path / "folded")
+    (tmp_path / "editedblocks.py").write_text(BLOCK_PY.replace("torch.relu", "torch.tanh"))
+    done = subprocess.run([sys.executable, "-m", "bngraph", "verify", str(tmp_path / "model.py:Net"),
+                           str(tmp_path / "folded")], capture_output=True, text=True)  # a new process, as a user's
+    assert done.returncode == 1 and "FAILED" in done.stdout, done.stdout + done.stderr
