@@ -205,7 +205,21 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
                 "unnormalized_readers": [n.name for n in inline],
             }
         )
+    result.skipped += [Skip(n.name, f"{op_label(gm, n)} at 0 computes a ReLU, which insert does not take for an activation "
+                            "(a clamp may as well bound a statistic): write F.relu for a BN in front of it")
+                       for n in gm.graph.nodes if _clamps_at_zero(n)]
     if result.changed:
         gm.graph.lint()
         gm.recompile()
     return result
+
+
+def _clamps_at_zero(node: fx.Node) -> bool:
+    """`x.clamp(min=0)`, `torch.clamp(x, 0)`, `x.clamp_min(0)`, `x.clamp(0, 6)`: a ReLU (or ReLU6)
+    written as a clamp, which the report should name rather than pass over in silence."""
+    clamps = node.op == "call_method" and node.target in ("clamp", "clamp_", "clamp_min", "clamp_min_")
+    clamps |= node.op == "call_function" and node.target in (torch.clamp, torch.clamp_min, torch.clip)
+    if not clamps:
+        return False
+    low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    return isinstance(low, (int, float)) and not isinstance(low, bool) and low == 0

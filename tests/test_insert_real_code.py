@@ -977,3 +977,29 @@ def test_an_activation_written_as_a_function_gets_one_batchnorm_in_front_of_all_
         torch.testing.assert_close(out.train()(x), want, rtol=1e-4, atol=1e-5)
     assert bngraph.insert(out, [x])[1].sections["inserted"] == []
     _assert_preserved(model, [x])
+
+
+class ReluWrittenAsAClamp(nn.Module):
+    """Two ReLUs a user wrote as clamps, and a clamp at eps that bounds a statistic."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        h = self.c1(x).clamp(min=0)
+        h = torch.clamp(self.c2(h), 0, 6)
+        scale = h.var((2, 3), keepdim=True).clamp(min=1e-5).rsqrt()
+        return h * scale
+
+
+def test_a_relu_written_as_a_clamp_is_named_in_the_report_and_left_as_it_is():
+    model, x = ReluWrittenAsAClamp(), _x(4, 3, 10, 10)
+    out, report = bngraph.insert(model, [x])
+    assert report.sections["inserted"] == []
+    reasons = {row["node"]: row["reason"] for row in report.sections["skipped"]}
+    assert set(reasons) == {"clamp", "clamp_1"}  # the clamp at 1e-5 bounds a variance: not a ReLU
+    assert all("computes a ReLU" in r and "write F.relu" in r for r in reasons.values())
+    assert any("got no BatchNorm" in note for note in report.notes)
+    with torch.no_grad():
+        torch.testing.assert_close(out.eval()(x), model.eval()(x))
