@@ -122,12 +122,13 @@ _LEAVES = (torch.Tensor, int, float, bool, str, type(None))
 
 
 def _with_known_outputs(module: nn.Module, example_inputs) -> nn.Module:
-    """`module`, or `_TensorOutputs(module)` where its output holds a dataclass torch's pytree does
-    not know (a user's own, in HuggingFace's style), which the exporter refuses. Other unknown
-    classes are left to the exporter's error: their tensors would not all be found."""
+    """`module`, or `_TensorOutputs(module)` where its output holds what the exporter refuses: a
+    dataclass torch's pytree does not know (a user's own, in HuggingFace's style), or numbers and
+    strings beside the tensors (`{"logits": t, "n_layers": 3}`). Other unknown classes are left
+    to the exporter's error: their tensors would not all be found."""
     with torch.no_grad(), eval_mode(module), running_user_model():
         output = module(*example_inputs)
-    if all(isinstance(leaf, _LEAVES) for leaf in torch.utils._pytree.tree_leaves(output)):
+    if all(isinstance(leaf, (torch.Tensor, type(None))) for leaf in torch.utils._pytree.tree_leaves(output)):
         return module
     return _TensorOutputs(module) if _dataclasses_of_tensors(output) else module
 

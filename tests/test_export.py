@@ -152,3 +152,21 @@ def test_an_output_class_whose_tensors_cannot_all_be_found_is_refused_not_droppe
     with pytest.raises(bngraph.UserError, match="torch.onnx.export could not export _ReturnsHolder"):
         export(_ReturnsHolder(), [torch.randn(2, 4)], tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+class _ReturnsNumbersBesideTensors(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return {"logits": self.bn(self.fc(x)), "n_layers": 2, "name": "net", "aux": None, "hidden": x * 2}
+
+
+def test_numbers_and_strings_beside_the_tensors_of_an_output_export(tmp_path):
+    # The exporter refused `{"logits": t, "n_layers": 2}` (AttributeError: 'int' object has no
+    # attribute 'name'); the file holds the tensors, in the order verify pairs them.
+    model = randomize_bn(_ReturnsNumbersBesideTensors())
+    result = export(model, [torch.randn(2, 4)], tmp_path / "m.onnx")
+    assert result and len(onnx.load(tmp_path / "m.onnx").graph.output) == 2
+    assert len({d.output for d in result.verification.diffs}) == 2  # both tensors compared
