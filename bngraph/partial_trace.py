@@ -27,6 +27,8 @@ are the three steps of one loop (`trace_for_insert`), each reading what the last
 from __future__ import annotations
 
 import inspect
+import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -137,6 +139,8 @@ class InsertTracer(_Tracer):
                 graph.erase_node(node)
             elif node.op == "call_function" and node.target is _fx_assert_is_none:
                 node.target = assert_argument_is_none
+            elif node.op == "call_function" and isinstance(node.target, torch.jit.ScriptFunction):
+                node.target = _python_caller(node.target)
         return graph
 
     def call_module(self, m, forward, args, kwargs):
@@ -186,12 +190,41 @@ def _failing_function(err: BaseException):
         if tb.tb_frame.f_code.co_filename == frame_summary.filename and tb.tb_lineno == frame_summary.lineno:
             frame = tb.tb_frame
         tb = tb.tb_next
+    # A TorchScript function (`@torch.jit.script def swish(x)`) refuses fx's Proxy: it is called
+    # from `frame`, and found there by the name its error gives.
+    refused = re.match(r"(\w+)\(\) Expected a value of type", str(err))
+    if frame is not None and refused and isinstance(frame.f_globals.get(refused[1]), torch.jit.ScriptFunction):
+        return frame.f_globals[refused[1]]
     if frame is None or frame.f_code.co_name.startswith("_"):  # fx wraps public names only
         return None
     function = frame.f_globals.get(frame.f_code.co_name)
     if getattr(function, "__code__", None) is not frame.f_code:
         return None
     return function
+
+
+def _python_caller(script: torch.jit.ScriptFunction):
+    """A Python function that calls TorchScript function `script`, named as `script` is in the
+    user's file: fx's generated code would name a ScriptFunction by its class, and an artifact's
+    code finds the function in the user's source it carries."""
+
+    def call(*args, **kwargs):
+        return script(*args, **kwargs)
+
+    module, _, name = script.qualified_name.removeprefix("__torch__.").rpartition(".")
+    call.__module__, call.__name__, call.__qualname__, call.__wrapped__ = module, name, name, script
+    return call
+
+
+def _function_label(function) -> str:
+    """`module.name` of a function, a TorchScript one's included; `model.py:name` for one of the
+    user's file (which bngraph imports under a name of its own)."""
+    if isinstance(function, torch.jit.ScriptFunction):
+        module, _, name = function.qualified_name.removeprefix("__torch__.").rpartition(".")
+    else:
+        module, name = function.__module__, function.__qualname__
+    file = getattr(sys.modules.get(module), "__file__", None)
+    return f"{os.path.basename(file)}:{name}" if module.startswith("bngraph_user_") and file else f"{module}.{name}"
 
 
 def _stack(node: fx.Node) -> list[str]:
@@ -462,7 +495,7 @@ def trace_for_insert(module: nn.Module, example_inputs: Sequence[torch.Tensor]) 
                 # A helper such as drop_connect(x, p, training): one call in the graph, run with the
                 # real values (the mode included), keeps the module around it traceable.
                 functions[id(function)] = function
-                label = f"{function.__module__}.{function.__qualname__}"
+                label = _function_label(function)
                 leaves_reason = f"torch.fx cannot trace it{at}: {one_line(err)}"
                 opaque_functions[label] = Opaque(label, "function", leaves_reason)
                 continue
@@ -476,7 +509,8 @@ def trace_for_insert(module: nn.Module, example_inputs: Sequence[torch.Tensor]) 
         if problem is None:
             gm.train(model.training)
             used = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-            called = {f"{t.__module__}.{t.__qualname__}" for n in gm.graph.nodes if n.op == "call_function" for t in [n.target]
+            called = {_function_label(getattr(t, "__wrapped__", t)) for n in gm.graph.nodes if n.op == "call_function"
+                      for t in [n.target]
                       if id(t) in functions or getattr(t, "__wrapped__", None) is not None and id(t.__wrapped__) in functions}
             return gm, [o for p, o in leaves.items() if p in used] + [
                 o for p, o in opaque_functions.items() if p in called

@@ -1003,3 +1003,69 @@ def test_a_relu_written_as_a_clamp_is_named_in_the_report_and_left_as_it_is():
     assert any("got no BatchNorm" in note for note in report.notes)
     with torch.no_grad():
         torch.testing.assert_close(out.eval()(x), model.eval()(x))
+
+
+@torch.jit.script
+def scripted_swish(x):
+    return x * torch.sigmoid(x)
+
+
+class CallsATorchScriptFunction(nn.Module):
+    """timm's older activations were `@torch.jit.script` functions called from the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = scripted_swish(self.c1(x))
+        return F.silu(self.c2(x))
+
+
+def test_a_torchscript_function_is_one_opaque_call_and_the_rest_is_traced(tmp_path):
+    # torch.fx cannot call a ScriptFunction with its Proxy: the whole model fell back to
+    # module-level wrapping, which gave F.silu no BN, and the scripted function went unnamed.
+    model, x = CallsATorchScriptFunction(), _x(4, 3, 8, 8)
+    out, report = bngraph.insert(model, [x], preserve=True)
+    assert report.facts["tracing"] == "torch.fx"
+    assert [r["activation"] for r in report.sections["inserted"]] == ["silu"]
+    (opaque,) = report.sections["opaque"]
+    assert opaque["type"] == "function" and opaque["module"].endswith("scripted_swish")
+    _assert_preserved(model, [x])
+    with torch.no_grad():
+        torch.testing.assert_close(out.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+SCRIPTED_PY = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.jit.script
+def swish(x):
+    return x * torch.sigmoid(x)
+
+
+class Net(nn.Module):
+    example_input_shape = (4, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return F.silu(self.c2(swish(self.c1(x))))
+'''
+
+
+def test_an_artifact_of_a_model_calling_a_torchscript_function_loads_and_computes_it(tmp_path):
+    from bngraph.cli import main
+
+    (tmp_path / "scripted.py").write_text(SCRIPTED_PY)
+    assert main(["insert", str(tmp_path / "scripted.py"), "--preserve", "-o", str(tmp_path / "bn")]) == 0
+    assert main(["fold", str(tmp_path / "bn"), "-o", str(tmp_path / "folded")]) == 0
+    original, folded = bngraph.load(str(tmp_path / "scripted.py")), bngraph.load(tmp_path / "folded")
+    x = _x(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.eval()(x), original.eval()(x), rtol=1e-5, atol=1e-5)
