@@ -17,6 +17,7 @@ import pkgutil
 import signal
 import sys
 import threading
+import warnings
 
 import bngraph
 import bngraph.commands
@@ -69,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
     try:
-        return args.run(args)
+        # Warnings (torch's, the user's model's) are held until the command ends: shown after a
+        # result, dropped before the one line that says why there is none.
+        with warnings.catch_warnings(record=True) as caught:  # the filters as they are
+            code = args.run(args)
+        _show(caught)
+        return code
     except UserError as err:
         print(f"bngraph: error: {err}", file=sys.stderr)
         return 2
@@ -88,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             # Python's exit would walk every object torch made, ~1 s after a command that used
             # it; frozen, they are left to the OS.
             gc.freeze()
+
+
+def _show(caught: list) -> None:
+    """The warnings a successful command held back, each once, as Python would have shown them."""
+    shown = set()
+    for w in caught:
+        key = (str(w.message), w.category, w.filename, w.lineno)
+        if key not in shown:
+            shown.add(key)
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 if __name__ == "__main__":

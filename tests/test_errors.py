@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -278,3 +280,45 @@ def test_json_has_no_nan_and_rounds_floats_by_meaning():
                                 "steps": torch.tensor(3), "accuracy": torch.tensor(0.1135, dtype=torch.float32)})
     assert report.to_json() == {"loss": None, "lr": 0.00863329, "max_abs": 1.235e-07, "steps": 3, "accuracy": 0.1135,
                                 "notes": []}
+
+
+WARNS_PY = '''
+import warnings
+
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 3, 8, 8)
+
+    def __init__(self, fail=False):
+        super().__init__()
+        self.conv, self.fail = nn.Conv2d(3, 4, 3), fail
+
+    def forward(self, x):
+        warnings.warn("this model warns on every call")
+        if self.fail:
+            return torch.relu(self.conv(x["image"]))  # a batch dict the example is not
+        return torch.relu(self.conv(x))
+
+
+def failing():
+    return Net(fail=True)
+'''
+
+
+def test_warnings_are_shown_after_a_result_and_not_before_the_one_error_line(tmp_path):
+    # A torch or model warning printed before the error made "one line" three.
+    # A process of its own, as a user's: pytest records warnings in place of printing them.
+    (tmp_path / "warns.py").write_text(WARNS_PY)
+
+    def run(symbol, out):
+        done = subprocess.run([sys.executable, "-m", "bngraph", "insert", f"{tmp_path / 'warns.py'}:{symbol}", "-o",
+                               str(tmp_path / out)], capture_output=True, text=True)
+        return done.returncode, done.stderr
+
+    code, err = run("failing", "bad")
+    assert code == 2 and "the model raised at" in _one_line(err)
+    code, err = run("Net", "good")
+    assert code == 0 and err.count("UserWarning: this model warns on every call") == 1
