@@ -170,3 +170,24 @@ def test_numbers_and_strings_beside_the_tensors_of_an_output_export(tmp_path):
     result = export(model, [torch.randn(2, 4)], tmp_path / "m.onnx")
     assert result and len(onnx.load(tmp_path / "m.onnx").graph.output) == 2
     assert len({d.output for d in result.verification.diffs}) == 2  # both tensors compared
+
+
+class _BatchOfOneOnly(torch.nn.Module):
+    """`.view(1, -1)`: written for one image at a time."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4 * 36, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).view(1, -1))
+
+
+def test_a_model_that_takes_one_batch_size_is_told_how_to_export_it_at_that_size(tmp_path):
+    # The exporter said only "ValueError: The following inconsistencies were found".
+    model, x = randomize_bn(_BatchOfOneOnly()), torch.randn(1, 3, 8, 8)
+    with pytest.raises(bngraph.UserError, match=r"runs at its example's batch size 1 but not at others.*"
+                                                 r"at batch 2: RuntimeError.*add --static-input 0$"):
+        export(model, [x], tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    assert export(model, [x], tmp_path / "m.onnx", batch_axes=[None])  # what --static-input 0 does
