@@ -99,7 +99,7 @@ def to_onnx(
                 )
         except Exception as err:
             raise_if_model_raises(module, example_inputs)
-            _raise_if_batch_fixed(module, example_inputs, [x for x, axis in zip(example_inputs, axes) if axis == 0])
+            _raise_if_batch_fixed(module, example_inputs, axes)
             saved = _keep_export_log(log, err)
             raise UserError(
                 f"torch.onnx.export could not export {type(module).__name__}: {_root_cause(err)} "
@@ -108,23 +108,24 @@ def to_onnx(
     return program.model
 
 
-def _raise_if_batch_fixed(module: nn.Module, example_inputs, batched: list[torch.Tensor]) -> None:
+def _raise_if_batch_fixed(module: nn.Module, example_inputs, axes: Sequence[int | None]) -> None:
     """After a failed export: where the model itself runs at its example's batch size and at no
     other (`x.view(1, -1)`), say so, with the way to export it at that size. Only on a failure
     path, so a model that exports is never run again."""
+    batched = [i for i, axis in enumerate(axes) if axis == 0]
     if not batched:
         return
-    size = batched[0].shape[0]
-    other = [torch.cat([x, x]) if any(x is b for b in batched) else x for x in example_inputs]
+    size = example_inputs[batched[0]].shape[0]
+    doubled = [torch.cat([x, x]) if i in batched else x for i, x in enumerate(example_inputs)]
     try:
         with torch.no_grad(), eval_mode(module):
-            module(*other)
+            module(*doubled)
     except Exception as err:  # noqa: BLE001 (the user's model, at a size it does not take)
-        where = f"at batch {2 * size}: {one_line(err)}"
-        static = ", ".join(f"--static-input {i}" for i, x in enumerate(example_inputs) if any(x is b for b in batched))
+        static = ", ".join(f"--static-input {i}" for i in batched)
         raise UserError(
             f"the model runs at its example's batch size {size} but not at others, which an ONNX file with a "
-            f"dynamic batch must take ({where}); to export it at batch {size} only, add {static}"
+            f"dynamic batch must take (at batch {2 * size}: {one_line(err)}); to export it at batch {size} only, "
+            f"add {static}"
         ) from err
 
 
