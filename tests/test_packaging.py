@@ -135,3 +135,20 @@ def test_the_readme_layout_names_every_module():
         and not (top == "zoo" and "zoo/" in named)
     ]
     assert not missing, f"README's layout does not name {missing}"
+
+
+def test_every_command_module_is_a_command_and_a_stray_module_does_not_stop_the_cli(tmp_path):
+    # The CLI names its commands: a module left over in an installed copy (setuptools' build/
+    # keeps deleted files; one such commands/common.py stopped `bngraph` from starting) is not
+    # imported, and a new command file must be named.
+    from bngraph.cli import COMMANDS
+
+    modules = {p.stem for p in (REPO / "bngraph" / "commands").glob("*.py")} - {"__init__", "args"}
+    assert modules == set(COMMANDS)
+    stray = tmp_path / "bngraph" / "commands"
+    stray.mkdir(parents=True)
+    (stray / "common.py").write_text("HELPERS = {}\n")  # what an old version left: no command in it
+    code = subprocess.run([sys.executable, "-c", (
+        "import sys, bngraph.commands as c; c.__path__.append(sys.argv[1]); "
+        "from bngraph.cli import main; sys.exit(main(['zoo']))"), str(stray)], capture_output=True, text=True)
+    assert code.returncode == 0, code.stderr
