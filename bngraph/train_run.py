@@ -126,6 +126,10 @@ def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamDat
     if recipe_entry is not None:
         sections["recipe"] = recipe_changes(recipe_entry)
     notes = [f"every evaluation is in {output / 'metrics.jsonl'}"]
+    if data.class_names is not None:
+        names = ", ".join(data.class_names[:8]) + (", ..." if len(data.class_names) > 8 else "")
+        notes.append(f"output i is class folder i, by sorted name: {names} (all {len(data.class_names)} in the "
+                     f"model's bngraph.json)")
     return Report(f"bngraph train {model}", sections=sections, facts=facts, notes=notes)
 
 

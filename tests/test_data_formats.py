@@ -227,6 +227,17 @@ def test_image_folder_reads_subfolders_of_a_class_and_skips_what_is_not_an_image
     torch.testing.assert_close(data.x_train[6], late)  # after dog/0, 1, 2, in path order
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_model_trained_on_an_image_folder_records_what_each_output_means(tmp_path, capsys, nets, streamed):
+    # Output i is class folder i by sorted name, as in torchvision: "10" before "2". The run says
+    # so, and the model's bngraph.json keeps the list for whoever deploys it.
+    root = write_image_folder(tmp_path / "digits", classes=("2", "10", "9"))
+    facts = _train(capsys, tmp_path, f"{nets}:Net", root, *(["--stream-above", 0] if streamed else []))
+    assert facts["streamed"] is streamed
+    history = json.loads((tmp_path / "run" / "model" / "bngraph.json").read_text())["history"]
+    assert history[-1]["classes"] == ["10", "2", "9"]
+
+
 def test_npz_in_each_layout_trains(tmp_path, capsys, nets):
     facts = _train(capsys, tmp_path, "zoo:mnist-mlp", write_npz(tmp_path / "gray.npz"))
     assert facts["data_format"] == "npz"

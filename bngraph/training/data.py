@@ -69,6 +69,7 @@ class TensorData:
     source: str = "tensors"
     format: str = "tensors"  # how it was read (bngraph.training.data_formats), for the run's metadata
     label_file: str = ""  # where the training labels come from, for errors
+    class_names: tuple[str, ...] | None = None  # what label i means, where the data names it (class folders)
 
     @classmethod
     def from_dataset(cls, dataset, device: torch.device | str = "cpu") -> TensorData:
@@ -113,6 +114,7 @@ class StreamData:
     label_file: str = ""
     workers: int | None = None  # None: one per core, less one, at most 8
     device: torch.device | str = "cpu"
+    class_names: tuple[str, ...] | None = None  # as TensorData's
 
     @property
     def n_train(self) -> int:

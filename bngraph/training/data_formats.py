@@ -439,16 +439,16 @@ def open_data(
     def fits(n: int, per_example: int) -> bool:
         return limit is None or n * per_example * 4 <= limit
 
-    def finish(train: Split, test: Split, name: str, source: str):
+    def finish(train: Split, test: Split, name: str, source: str, class_names: tuple[str, ...] | None = None):
         shape = tuple(to_model_input(train.images[:1], target).shape[1:])
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
         if fits(len(train.labels) + len(test.labels), int(np.prod(shape))):
             x = [_convert_in_chunks(s.images, target, device) for s in (train, test)]
             return TensorData(x[0], train.labels.to(device), x[1], test.labels.to(device), name, source,
-                              format=fmt, label_file=train.label_file)
+                              format=fmt, label_file=train.label_file, class_names=class_names)
         return StreamData(ArrayDataset(train, target), ArrayDataset(test, target), name, source, format=fmt,
                           num_classes=num_classes, example_shape=shape, label_file=train.label_file,
-                          workers=workers, device=device)
+                          workers=workers, device=device, class_names=class_names)
 
     if fmt == "mnist-idx":
         mnist = load_mnist(Path(path).expanduser(), name=dataset)
@@ -472,10 +472,10 @@ def open_data(
         if fits(len(train_pairs) + len(test_pairs), int(np.prod(shape))):
             splits = [Split(torch.from_numpy(np.stack([decode_image(p, mode, size) for p, _ in pairs])),
                             torch.tensor([c for _, c in pairs]), where) for pairs in (train_pairs, test_pairs)]
-            return finish(splits[0], splits[1], root.name, str(root))
+            return finish(splits[0], splits[1], root.name, str(root), tuple(classes))
         return StreamData(ImageFiles(train_pairs, mode, size), ImageFiles(test_pairs, mode, size), root.name,
                           str(root), format=fmt, num_classes=len(classes), example_shape=shape, label_file=where,
-                          workers=workers, device=device)
+                          workers=workers, device=device, class_names=tuple(classes))
     (train_set, test_set), where = read_factory(str(path))
     x0, _ = _item(train_set, 0, where)
     if fits(len(train_set) + len(test_set), x0.numel()):

@@ -76,6 +76,8 @@ def train_into_folder(
         plain.load_state_dict(run.model.state_dict())
     history.append({"command": "train", "data": f"{data.name} ({data.source})", "data_format": data.format,
                     "config": asdict(config), "processes": ctx.world_size})
+    if data.class_names is not None:  # output i is this class: the sorted folder names, "10" before "2"
+        history[-1]["classes"] = list(data.class_names)
     # force: a resumed run replaces its own model/, in a folder checked to be a run's
     save(plain.eval(), out / MODEL_DIR, example_inputs=example_inputs, history=history, source=source, base=base,
          carry=carry, force=True)
