@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from bngraph.errors import UserError
 from bngraph.passes._fx_effects import hooks_of
-from bngraph.user_modules import local_modules
+from bngraph.user_modules import local_modules, python_files
 
 CODE_FILE = "model.py"
 CARRIED_DIR = "code"  # the user's modules that model.py imports (blocks.py beside their model.py)
@@ -324,9 +324,7 @@ def user_files(loaded) -> dict[str, bytes]:
         return {name: file.read_bytes() for name, file in local_modules(folder).items()}
     if loaded.spec.kind != "artifact" or not (Path(loaded.spec.path) / CARRIED_DIR).is_dir():
         return {}  # a zoo model is bngraph's own code; an ONNX file has none
-    carried = Path(loaded.spec.path) / CARRIED_DIR
-    return {f.relative_to(carried).as_posix(): f.read_bytes() for f in sorted(carried.rglob("*.py"))
-            if "__pycache__" not in f.parts}
+    return {name: file.read_bytes() for name, file in python_files(Path(loaded.spec.path) / CARRIED_DIR).items()}
 
 
 def fallback_source(loaded) -> tuple[str, str]:

@@ -30,7 +30,7 @@ from bngraph.errors import UserError, one_line
 from bngraph.runners import batch_axes_of, named_tensors
 from bngraph.spec import ARTIFACT_META
 from bngraph.trace import check_modules_registered, trace_around_untraceable
-from bngraph.user_modules import importing_beside, isolated_modules
+from bngraph.user_modules import importing_beside, isolated_modules, python_files
 
 FORMAT = "bngraph-artifact"
 FORMAT_VERSION = 1
@@ -163,7 +163,7 @@ def load_artifact(path: str | Path) -> tuple[nn.Module, dict]:
     code = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = code  # so that tracing and pickling can find the class
     carried = path / CARRIED_DIR
-    names = {p.relative_to(carried).parts[0].removesuffix(".py") for p in carried.rglob("*.py")} if carried.is_dir() else set()
+    names = {name.split("/")[0].removesuffix(".py") for name in python_files(carried)} if carried.is_dir() else set()
     try:
         with importing_beside(carried) if names else contextlib.nullcontext(), isolated_modules(names):
             spec.loader.exec_module(code)

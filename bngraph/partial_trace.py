@@ -203,6 +203,12 @@ def _failing_function(err: BaseException):
     return function
 
 
+def _script_name(script: torch.jit.ScriptFunction) -> tuple[str, str]:
+    """(Python module, name) of a TorchScript function: its qualified name, less TorchScript's prefix."""
+    module, _, name = script.qualified_name.removeprefix("__torch__.").rpartition(".")
+    return module, name
+
+
 def _python_caller(script: torch.jit.ScriptFunction):
     """A Python function that calls TorchScript function `script`, named as `script` is in the
     user's file: fx's generated code would name a ScriptFunction by its class, and an artifact's
@@ -211,7 +217,7 @@ def _python_caller(script: torch.jit.ScriptFunction):
     def call(*args, **kwargs):
         return script(*args, **kwargs)
 
-    module, _, name = script.qualified_name.removeprefix("__torch__.").rpartition(".")
+    module, name = _script_name(script)
     call.__module__, call.__name__, call.__qualname__, call.__wrapped__ = module, name, name, script
     return call
 
@@ -220,7 +226,7 @@ def _function_label(function) -> str:
     """`module.name` of a function, a TorchScript one's included; `model.py:name` for one of the
     user's file (which bngraph imports under a name of its own)."""
     if isinstance(function, torch.jit.ScriptFunction):
-        module, _, name = function.qualified_name.removeprefix("__torch__.").rpartition(".")
+        module, name = _script_name(function)
     else:
         module, name = function.__module__, function.__qualname__
     file = getattr(sys.modules.get(module), "__file__", None)

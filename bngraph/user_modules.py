@@ -29,6 +29,12 @@ def importing_beside(folder: Path):
             sys.path.append(entry)
 
 
+def python_files(folder: Path) -> dict[str, Path]:
+    """Every .py file under `folder` (none from __pycache__), by path relative to it, sorted."""
+    files = {py.relative_to(folder).as_posix(): py for py in folder.rglob("*.py") if "__pycache__" not in py.parts}
+    return dict(sorted(files.items()))
+
+
 def local_modules(folder: Path) -> dict[str, Path]:
     """The modules this process imported from `folder` itself (a sibling blocks.py, a package
     layers/ with every .py file in it, as its modules may import each other later): path
@@ -44,9 +50,7 @@ def local_modules(folder: Path) -> dict[str, Path]:
         if file == folder / f"{top}.py":
             found[f"{top}.py"] = file
         elif (folder / top).is_dir() and file.is_relative_to(folder / top):
-            for py in (folder / top).rglob("*.py"):
-                if "__pycache__" not in py.parts:
-                    found[py.relative_to(folder).as_posix()] = py
+            found.update({f"{top}/{name}": py for name, py in python_files(folder / top).items()})
     return dict(sorted(found.items()))
 
 
