@@ -92,13 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _show(caught: list) -> None:
-    """The warnings a successful command held back, each once, as Python would have shown them."""
-    shown = set()
+    """The warnings a successful command held back (recorded past the filters, so each as often
+    as Python would have shown it), shown now."""
     for w in caught:
-        key = (str(w.message), w.category, w.filename, w.lineno)
-        if key not in shown:
-            shown.add(key)
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 if __name__ == "__main__":
