@@ -138,13 +138,13 @@ def recipe_changes(entry: dict) -> list[dict]:
     or LRN removed and BatchNorm inserted, and each site it left alone with the reason."""
     rows = []
     for name, result in entry.get("passes", {}).items():
-        changed = {d["node"]: d for d in result.get("details", [])}
+        short = name.partition("(")[0]  # swap_activation(relu->sigmoid): the change says the rest
+        details = {d["node"]: d for d in result.get("details", [])}
         for node in result.get("changed", []):
-            detail = changed.get(node, {})
-            done = f"{detail['from']} -> {detail['to']}" if "to" in detail else f"removed {detail.get('op', '')}".strip()
-            rows.append({"pass": name.partition("(")[0], "node": node, "change": done})
-        rows += [{"pass": name.partition("(")[0], "node": s["site"], "change": f"none: {s['reason']}"}
-                 for s in result.get("skipped", [])]
+            d = details.get(node, {})
+            done = f"{d['from']} -> {d['to']}" if "to" in d else f"removed {d.get('op', '')}".strip()
+            rows.append({"pass": short, "node": node, "change": done})
+        rows += [{"pass": short, "node": s["site"], "change": f"none: {s['reason']}"} for s in result.get("skipped", [])]
     inserted = entry.get("insert") or {}
     rows += [{"pass": "insert", "node": r["node"], "change": f"{r['norm']} before {r['activation']}"}
              for r in inserted.get("inserted", [])]
