@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -153,10 +154,57 @@ def must_stay_whole(module: nn.Module) -> bool:
 
 
 class _Tracer(fx.Tracer):
-    """fx's tracer, keeping each module that `must_stay_whole` as one call."""
+    """fx's tracer, keeping each module that `must_stay_whole` as one call, and tracing a forward
+    behind a decorator (`_callable_as_traced`)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return must_stay_whole(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        return super().create_args_for_root(_callable_as_traced(root_fn, concrete_args), is_module, concrete_args)
+
+
+def _callable_as_traced(root_fn, concrete_args):
+    """`root_fn` as fx can trace it.
+
+    fx takes the root forward's parameters from the function a `functools.wraps` decorator wraps
+    (HuggingFace's `merge_with_config_defaults` and `can_return_tuple` on every model's forward),
+    then calls the decorator's `(*args, **kwargs)` wrapper as if it had those parameters: the
+    wrapper's `kwargs` gets the second argument. And a `**kwargs` parameter becomes a graph input,
+    so that every use of it is a Proxy. So such a forward is traced through a function with the
+    wrapped parameters but `**kwargs`, which calls it as the example's call does: its inputs by
+    position, what the example fixes by keyword (a decorator such as HuggingFace's fills in a
+    keyword it was not given: `use_cache` from the config), no other keywords."""
+    wrapped = inspect.unwrap(root_fn)
+    try:
+        params = list(inspect.signature(wrapped).parameters.values())
+    except (TypeError, ValueError):
+        return root_fn
+    hides_signature = wrapped is not root_fn and root_fn.__code__.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
+    if not hides_signature and all(p.kind is not p.VAR_KEYWORD for p in params):
+        return root_fn
+    fixed = concrete_args if isinstance(concrete_args, dict) else {}
+    declared, passed, keyword_only, by_keyword = [], [], False, False
+    for p in params:
+        if p.kind is p.VAR_KEYWORD:
+            continue
+        if p.kind is p.VAR_POSITIONAL:
+            declared.append(f"*{p.name}")
+            passed.append(f"*{p.name}")
+            keyword_only = True
+            continue
+        if p.kind is p.KEYWORD_ONLY and not keyword_only:
+            declared.append("*")
+            keyword_only = True
+        declared.append(p.name)
+        by_keyword = by_keyword or p.kind is p.KEYWORD_ONLY or p.kind is not p.POSITIONAL_ONLY and p.name in fixed
+        passed.append(f"{p.name}={p.name}" if by_keyword else p.name)
+    namespace: dict = {}
+    exec(f"def forward({', '.join(declared)}):\n    return call({', '.join(passed)})",  # noqa: S102
+         {"call": root_fn}, namespace)
+    forward = namespace["forward"]
+    forward.__defaults__, forward.__kwdefaults__ = wrapped.__defaults__, wrapped.__kwdefaults__
+    return forward
 
 
 def _symbolic_trace(module: nn.Module) -> fx.GraphModule:

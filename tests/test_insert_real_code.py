@@ -8,6 +8,8 @@ normalizes; that --preserve keeps the eval-mode function to fp32 rounding; and t
 deterministic.
 """
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -635,6 +637,48 @@ def test_optional_arguments_take_their_defaults():
     x = _x(8, 5, 4)
     _, report = _assert_preserved(model, [x])
     assert _sites(report) == {"gelu": ("BatchNorm1d", 6)}
+
+
+def with_config_defaults(forward):
+    """A decorator as HuggingFace puts on every model's forward (`merge_with_config_defaults`):
+    a keyword the caller did not give comes from the model's config."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        if kwargs.get("scale") is None:
+            kwargs["scale"] = self.config["scale"]
+        return forward(self, *args, **kwargs)
+
+    return wrapper
+
+
+class DecoratedForward(nn.Module):
+    """A forward behind a (*args, **kwargs) decorator, taking **kwargs itself (HuggingFace's
+    `**kwargs: Unpack[TransformersKwargs]`), passed on to its layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {"scale": 0.5}
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    @with_config_defaults
+    def forward(self, x, mask=None, scale=None, **kwargs):
+        h = self.fc1(x) * scale
+        if mask is not None:
+            h = h.masked_fill(mask, 0.0)
+        return self.fc2(F.gelu(h, **kwargs))
+
+
+def test_forward_behind_a_decorator_is_traced():
+    # torch.fx alone calls the decorator's wrapper as if it had forward's parameters, and fails;
+    # the module-level fallback cannot wrap the F.gelu call.
+    model = DecoratedForward()
+    x = _x(8, 5, 4)
+    out, report = _assert_preserved(model, [x])
+    assert report.facts["tracing"] == "torch.fx"
+    assert _sites(report) == {"gelu": ("BatchNorm1d", 6)}
+    _normalized_axes(out, "gelu_bn", [x], (2,))  # the scale from the config is applied before it
+    assert torch.equal(out.fc1.weight, model.fc1.weight)
 
 
 def test_unfaithful_top_level_forward_is_untraceable():
