@@ -13,6 +13,14 @@ how much. Both run with the same random seed, so a forward that draws random num
 with training=True) compares equal when the transformation kept those draws. Neither model's
 mode is changed: each submodule's training flag is put back. `recalibrate` changes the function
 on purpose; `check_only_statistics_changed` checks that it changed nothing else.
+
+A fixed tolerance cannot fit every model: a deep one's own float32 arithmetic can stray from its
+exact result by more (HuggingFace's MobileNetV1 after ten training steps: 5.6e-5 of its output's
+RMS, against itself run in float64). So an output beyond the tolerance passes where the
+transformed model is at most twice as far from that exact result as the original is, and the
+original's distance is at most `OWN_ROUNDING_CAP` of the output's RMS; the check says so in its
+notes (`Reference.notes`), which the command's report carries. A wrong fold errs by the size of a
+BN statistic, ~0.1 of the RMS: 500x more than this ever admits.
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ from torch import nn
 from bngraph.errors import CheckFailed, ModelNotAFunction
 from bngraph.runners import TorchRunner, _to_numpy, batch_axes_of, example_batches, named_tensors
 from bngraph.verify import verify
+
+OWN_ROUNDING_FACTOR = 2.0  # how much further from the exact result than the original a transformed model may be
+OWN_ROUNDING_CAP = 1e-4  # of the output's RMS: a model that rounds worse is refused, with the figure
 
 
 class _SeededRunner(TorchRunner):
@@ -82,6 +93,9 @@ class Reference:
                 self.batches += other
                 break
             # else the model itself only takes its example's batch size: check on that alone
+        self.notes: list[str] = []  # outputs that passed within the model's own rounding, for the report
+        self._float64: _SeededRunner | None = None
+        self._float64_inputs: dict[int, list[np.ndarray]] = {}
         state = {k: v.detach().clone() for k, v in original.state_dict().items()}
         self.runner(self.batches[0])  # a model that fails on its own example input fails here, as itself
         self._check_is_a_function(state)
@@ -114,7 +128,8 @@ class Reference:
         example_output=None,
     ) -> float:
         """Raise CheckFailed unless `transformed` computes the reference's outputs (on the example
-        input alone with `example_only`); return the worst error as a fraction of the tolerance.
+        input alone with `example_only`); return the worst error as a fraction of the tolerance
+        (above 1 where an output passed within the model's own rounding: see `notes`).
         `example_output`: `transformed`'s output on the example input, where a run the caller
         needed anyway computed it (under `seeded()`, in eval mode): not run again."""
         batches = self.batches[:1] if example_only else self.batches
@@ -122,7 +137,7 @@ class Reference:
         if example_output is not None:
             runner.know(batches[0], example_output)
         result = verify(self.runner, runner, batches, atol, rtol)
-        if not result:
+        if not result and not self._within_own_rounding(result, runner, batches, what):
             worst = result.worst
             batch = (
                 f"batch of {result.batch_sizes[worst.worst_batch]}"
@@ -142,30 +157,68 @@ class Reference:
             raise CheckFailed(
                 f"{what} differs from the model it was made from: output {worst.output!r} by up to {worst.max_abs:.3g} "
                 f"({worst.max_rel:.3g} of its RMS, {worst.failed_elements} of {worst.elements} elements beyond "
-                f"tolerance, worst on the {batch}){self._rounding_note(worst, batches)}; nothing was written"
+                f"tolerance, worst on the {batch}){self._rounding_note(worst, runner, batches)}; nothing was written"
             )
         return max((d.excess for d in result.diffs), default=0.0)
 
-    def _rounding_note(self, worst, batches) -> str:
-        """How far the original's own float32 output is from its float64 output, where `worst`
-        failed: the size of rounding this model amplifies, which tells a refusal of an
-        ill-conditioned model (a LayerNorm over near-equal features) from a wrong transformation.
-        Empty where the model does not run in float64."""
-        if worst.worst_batch >= len(batches):
-            return ""
-        inputs = batches[worst.worst_batch]
+    def _from_exact(self, runner: _SeededRunner, output: str, batches) -> float | None:
+        """The largest |float32 - float64| of `runner`'s `output` on `batches`, against the
+        original run in float64: how far a float32 model strays from the original's exact result.
+        None where the original does not run in float64."""
         try:
-            wide = _SeededRunner(copy.deepcopy(self.runner.module).double(), "float64")
-            exact = wide([x.astype(np.float64) if x.dtype == np.float32 else x for x in inputs])
-            index = self.runner.output_names.index(worst.output)
-            rounding = float(np.max(np.abs(self.runner(inputs)[index] - exact[wide.output_names.index(worst.output)])))
-        except Exception:  # noqa: BLE001 (a model that fixes float32 somewhere: no note, the refusal stands)
+            if self._float64 is None:
+                self._float64 = _SeededRunner(copy.deepcopy(self.runner.module).double(), "float64")
+            distance = 0.0
+            for inputs in batches:
+                if id(inputs) not in self._float64_inputs:  # kept: the runner knows its outputs by the inputs' id
+                    self._float64_inputs[id(inputs)] = [x.astype(np.float64) if x.dtype == np.float32 else x
+                                                        for x in inputs]
+                exact = self._float64(self._float64_inputs[id(inputs)])[self._float64.output_names.index(output)]
+                distance = max(distance, float(np.max(np.abs(runner(inputs)[runner.output_names.index(output)] - exact))))
+        except Exception:  # noqa: BLE001 (a model that fixes float32 somewhere: no figure, the tolerance stands)
+            return None
+        return distance if np.isfinite(distance) else None
+
+    def _within_own_rounding(self, result, runner: _SeededRunner, batches, what: str) -> bool:
+        """Whether every output beyond the tolerance is within the original's own rounding (see the
+        module docstring); if so, a note for each in `notes`."""
+        notes = []
+        for d in (d for d in result.diffs if not d.passed):
+            if d.problem or d.scale <= np.finfo(np.float32).tiny:
+                return False
+            own = self._from_exact(self.runner, d.output, batches)
+            if own is None or own > OWN_ROUNDING_CAP * d.scale:
+                return False
+            theirs = self._from_exact(runner, d.output, batches)
+            if theirs is None or theirs > OWN_ROUNDING_FACTOR * own:
+                return False
+            notes.append(
+                f"{what}: output {d.output!r} differs from the model's by up to {d.max_rel:.2g} of its RMS, beyond the "
+                f"check's {d.atol:.2g}, but is as close to the model's exact (float64) result as the model itself: "
+                f"{theirs / d.scale:.2g} of the RMS against the model's own {own / d.scale:.2g}"
+            )
+        self.notes += notes
+        return True
+
+    def _rounding_note(self, worst, runner: _SeededRunner, batches) -> str:
+        """Where `worst` failed, how far each model is from the original's exact (float64) result:
+        tells a refusal of an ill-conditioned model (a LayerNorm over near-equal features) from a
+        wrong transformation. Empty where the model does not run in float64."""
+        own = self._from_exact(self.runner, worst.output, batches)
+        theirs = self._from_exact(runner, worst.output, batches)
+        if own is None or theirs is None:
             return ""
-        if not np.isfinite(rounding):
-            return ""
-        fraction = rounding / worst.scale
-        verdict = "so rounding may explain it" if 10 * fraction >= worst.max_rel else "far below this difference"
-        return f"; the original's own float32 rounding reaches {fraction:.2g} of the RMS there ({verdict})"
+        if theirs > OWN_ROUNDING_FACTOR * own:
+            verdict = f"{_ratio(theirs, own)} the model's own float32 rounding"
+        else:
+            verdict = (f"as close as the model's own float32 rounding, which is beyond the {OWN_ROUNDING_CAP:g} of "
+                       "the RMS within which rounding can be told from a wrong result")
+        return (f"; against the model's exact (float64) result it is off by {theirs / worst.scale:.2g} of the RMS, "
+                f"the model itself by {own / worst.scale:.2g}: {verdict}")
+
+
+def _ratio(theirs: float, own: float) -> str:
+    return "far beyond" if own == 0 or theirs > 1000 * own else f"{theirs / own:.3g}x"
 
 
 def check_same_function(

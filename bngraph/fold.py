@@ -98,6 +98,7 @@ def fold(
     report = fold_report(before, _op_counts(gm), batch_norms, _batch_norm_names(gm), results, errors, opaque,
                          kept=_fixed_batch_norm_names(gm) if standalone_bn == "keep" else ())
     report.sections["folded"][:0] = inner_rows
+    report.notes += reference.notes
     if unused:
         report.notes.append(f"{len(unused)} BatchNorm(s) the model holds are never called by its forward, so the "
                             f"folded model does not have them: {', '.join(unused)}")

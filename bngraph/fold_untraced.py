@@ -18,7 +18,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from bngraph.equivalence import check_same_function
+from bngraph.equivalence import Reference
 from bngraph.compare import fold_tolerance
 from bngraph.passes.base import run_passes
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, BatchNormStats, rounding_gain
@@ -53,7 +53,8 @@ def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], tra
     # Only the BNs folded away can magnify rounding: one left computes as it did.
     gain = max((gains.get(p, 0.0) for p in result.changed), default=0.0)
     tolerance = fold_tolerance(gain)
-    check_same_function(module, copy, example_inputs, what="the folded model", atol=tolerance, rtol=tolerance)
+    reference = Reference(module, example_inputs)
+    reference.check(copy, what="the folded model", atol=tolerance, rtol=tolerance)
     left = _batch_norms(copy)
     reasons = {s.site: s.reason for s in result.skipped}
     folded = [{k: v for k, v in row.items() if k != "edits"} for row in result.details]
@@ -62,6 +63,7 @@ def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], tra
              "and those left can still be folded by `bngraph export` in ONNX"]
     if not before:
         notes.append("nothing to fold: the model has no BatchNorm")
+    notes += reference.notes
     for row in folded:
         if (row_gain := gains.get(row["node"], 0.0)) > PRECISION_LOSS_GAIN:
             row["rounding_gain"] = row_gain

@@ -18,7 +18,7 @@ from torch import nn
 from bngraph.artifact_code import fallback_source, user_code, user_files, wrapped_source
 from bngraph.artifacts import history_entry, save
 from bngraph.data import model_images
-from bngraph.equivalence import check_same_function
+from bngraph.equivalence import Reference
 from bngraph.errors import UserError
 from bngraph.load import LoadedModel
 from bngraph.partial_trace import Opaque, nonlinearities_not_handled, trace_for_insert
@@ -81,10 +81,15 @@ def insert(
         passes.append(partial(drop_bias_before_bn, only=bn_paths))
     graph, more = run_passes(graph, passes)
     results.update(more)
+    checked = []
     if preserve:  # the promise of --preserve, checked before anything is returned or written
-        check_same_function(model, graph, example_inputs, what="the model with BatchNorms inserted (--preserve)")
+        reference = Reference(model, example_inputs)
+        reference.check(graph, what="the model with BatchNorms inserted (--preserve)")
+        checked = reference.notes
     not_handled = nonlinearities_not_handled(graph, example_inputs, opaque) if trace_failure is None else []
-    return graph, insert_report(results, trace_failure, opaque=opaque, not_handled=not_handled)
+    report = insert_report(results, trace_failure, opaque=opaque, not_handled=not_handled)
+    report.notes += checked
+    return graph, report
 
 
 def insert_report(

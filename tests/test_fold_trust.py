@@ -496,7 +496,7 @@ def test_check_same_function_names_the_output_and_the_error():
     assert check_same_function(original, changed, [x], what="copy") < 1e-6
     changed.shift = 1.001
     with pytest.raises(CheckFailed, match=r"copy differs from the model it was made from: output 'aux' by up to 0.001"
-                       r".*own float32 rounding reaches 0 of the RMS there \(far below this difference\)"):
+                       r".*off by 0.001 of the RMS, the model itself by 0: far beyond the model's own float32 rounding"):
         check_same_function(original, changed, [x], what="copy")
     # An output that is 0 everywhere has no RMS to scale the tolerance by: the refusal says so.
     original.shift, changed.shift = 0.0, 1e-8
@@ -522,8 +522,62 @@ def test_a_refusal_says_when_the_model_amplifies_its_own_rounding():
         row = nudged[0].weight[0]
         row.copy_(torch.nextafter(row, torch.full_like(row, float("inf"))))
     x = torch.randn(8, 4) * 10
-    with pytest.raises(CheckFailed, match=r"own float32 rounding reaches \S+ of the RMS there \(so rounding may explain it\)"):
+    with pytest.raises(CheckFailed, match=r"the model itself by \S+: as close as the model's own float32 rounding, "
+                                          r"which is beyond the 0.0001 of the RMS"):
         check_same_function(original, nudged, [x], what="nudged")
+
+
+class AnchoredShifts(nn.Module):
+    """Box corners as an anchor (256 px) plus a predicted shift, returned relative to the anchor:
+    float32 rounds each at the anchor's scale (ulp(256) = 3e-5), about 2e-5 of the output's RMS,
+    twice the check's tolerance, however exact the layers before it are."""
+
+    def __init__(self, bn: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(16, 256)
+        self.bn = nn.BatchNorm1d(256) if bn else nn.Identity()
+        self.register_buffer("anchor", torch.full((256,), 256.0))
+
+    def forward(self, x):
+        boxes = self.anchor + self.bn(self.fc(x))
+        return boxes - self.anchor
+
+
+def _scaled(model: nn.Module, factor: float) -> nn.Module:
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled.fc.weight.mul_(factor)
+    return scaled
+
+
+def test_a_difference_within_the_models_own_rounding_passes_and_is_reported():
+    from bngraph.equivalence import Reference
+    from bngraph.verify import verify
+
+    torch.manual_seed(0)
+    model, x = AnchoredShifts().eval(), torch.randn(64, 16)
+    # Ten ulps more in each weight: beyond the fixed tolerance, as the rounding at 256 differs...
+    close = _scaled(model, 1 + 1e-6)
+    assert not verify(model, close, [[x.numpy()]])
+    reference = Reference(model, [x])
+    assert reference.check(close, what="nudged") > 1
+    (note,) = reference.notes
+    assert note.startswith("nudged: output 'output' differs from the model's by up to ")
+    assert "but is as close to the model's exact (float64) result as the model itself" in note
+    # ...but 1e-3 more is 30x further from the exact result than the model's own rounding.
+    with pytest.raises(CheckFailed, match=r"off by \S+ of the RMS, the model itself by \S+: \d+(\.\d+)?x the model's own"):
+        reference.check(_scaled(model, 1 + 1e-3), what="scaled")
+
+
+def test_fold_of_a_model_that_rounds_more_than_the_tolerance_passes_with_a_note():
+    torch.manual_seed(0)
+    model = randomize_bn(AnchoredShifts(bn=True)).eval()
+    x = torch.randn(64, 16)
+    folded, report = fold(model, [x])
+    assert not batch_norms_left(folded)
+    assert any("as close to the model's exact (float64) result as the model itself" in n for n in report.notes)
+    with torch.no_grad():
+        assert (folded(x) - model(x)).abs().max() > 1e-5 * model(x).pow(2).mean().sqrt()  # beyond the fixed tolerance
 
 
 def apply_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
