@@ -17,10 +17,10 @@ on purpose; `check_only_statistics_changed` checks that it changed nothing else.
 A fixed tolerance cannot fit every model: a deep one's own float32 arithmetic can stray from its
 exact result by more (HuggingFace's MobileNetV1 after ten training steps: 5.6e-5 of its output's
 RMS, against itself run in float64). So an output beyond the tolerance passes where the
-transformed model is at most twice as far from that exact result as the original is, and the
-original's distance is at most `OWN_ROUNDING_CAP` of the output's RMS; the check says so in its
-notes (`Reference.notes`), which the command's report carries. A wrong fold errs by the size of a
-BN statistic, ~0.1 of the RMS: 500x more than this ever admits.
+transformed model is at most `OWN_ROUNDING_FACTOR` (4) times as far from that exact result as the
+original is, and the original's distance is at most `OWN_ROUNDING_CAP` (1e-4) of the output's RMS;
+the check says so in its notes (`Reference.notes`), which the command's report carries. A wrong
+fold errs by the size of a BN statistic, ~0.1 of the RMS: 250x more than this ever admits.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ from bngraph.errors import CheckFailed, ModelNotAFunction
 from bngraph.runners import TorchRunner, _to_numpy, batch_axes_of, example_batches, named_tensors
 from bngraph.verify import verify
 
-OWN_ROUNDING_FACTOR = 2.0  # how much further from the exact result than the original a transformed model may be
+# How much further from the exact result than the original a transformed model may be. Where
+# rounding is amplified this much, where it lands is close to random: two exact folds of HF
+# MobileNetV2 (FX and module by module) landed 0.26x and 3.2x the model's own distance away.
+OWN_ROUNDING_FACTOR = 4.0
 OWN_ROUNDING_CAP = 1e-4  # of the output's RMS: a model that rounds worse is refused, with the figure
 
 
@@ -194,8 +197,8 @@ class Reference:
                 return False
             notes.append(
                 f"{what}: output {d.output!r} differs from the model's by up to {d.max_rel:.2g} of its RMS, beyond the "
-                f"check's {d.atol:.2g}, but is as close to the model's exact (float64) result as the model itself: "
-                f"{theirs / d.scale:.2g} of the RMS against the model's own {own / d.scale:.2g}"
+                f"check's {d.atol:.2g}, but is off the model's exact (float64) result by {theirs / d.scale:.2g} of the "
+                f"RMS where the model itself is off by {own / d.scale:.2g}: float32 rounding, which this model amplifies"
             )
         self.notes += notes
         return True

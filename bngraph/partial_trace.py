@@ -41,7 +41,7 @@ from bngraph.passes._dataflow import NONLINEARITIES, normalizer_of, record_run
 from bngraph.errors import UserError, model_raised, one_line, user_frame, users_file
 from bngraph.passes._op_kinds import ACTIVATION_MODULES
 from bngraph.passes._fx_effects import hooks_of
-from bngraph.trace import TraceFailed, _RecordShapes, _Tracer, copy_module
+from bngraph.trace import TraceFailed, _RecordShapes, _Tracer, assert_argument_is_none, copy_module
 
 MAX_LEAVES = 48
 _SEED = 20150211  # the paper's arXiv date: any fixed seed makes two train-mode runs comparable
@@ -55,17 +55,6 @@ class Opaque:
 
 
 _fx_assert_is_none = torch.fx._symbolic_trace._assert_is_none
-
-
-@fx.wrap
-def assert_argument_is_none(value, message: str) -> None:
-    """The guard torch.fx writes for an argument fixed at None (`mask=None`), under our name.
-
-    torch.fx's own guard makes the generated code run `wrap("torch.fx._symbolic_trace.
-    _assert_is_none")`, a dotted name that no globals dict holds: every later torch.fx trace in
-    the process, torch.onnx.export's included, then fails with a KeyError (torch 2.13)."""
-    if value is not None:
-        raise AssertionError(message)
 
 
 class InsertTracer(_Tracer):

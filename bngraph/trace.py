@@ -153,9 +153,23 @@ def must_stay_whole(module: nn.Module) -> bool:
     return isinstance(module, torch.jit.ScriptModule) or bool(hooks_of(module, global_hooks=False))
 
 
+def assert_argument_is_none(value, message: str) -> None:
+    """The guard torch.fx writes for an argument fixed at None (`mask=None`), under our name.
+
+    torch.fx's own guard makes the generated code run `wrap("torch.fx._symbolic_trace.
+    _assert_is_none")`, a dotted name that no globals dict holds: every later torch.fx trace in
+    the process, torch.onnx.export's included, then fails with a KeyError (torch 2.13)."""
+    if value is not None:
+        raise AssertionError(message)
+
+
 class _Tracer(fx.Tracer):
-    """fx's tracer, keeping each module that `must_stay_whole` as one call, and tracing a forward
-    behind a decorator (`_callable_as_traced`)."""
+    """fx's tracer, keeping each module that `must_stay_whole` as one call, tracing a forward
+    behind a decorator (`_callable_as_traced`), and keeping the guards of a graph traced with
+    fixed arguments (insert's) as calls: run on a graph input, they would raise."""
+
+    def __init__(self, autowrap_functions=()):
+        super().__init__(autowrap_functions=(assert_argument_is_none, *autowrap_functions))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return must_stay_whole(m) or super().is_leaf_module(m, module_qualified_name)

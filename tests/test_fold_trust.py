@@ -563,8 +563,8 @@ def test_a_difference_within_the_models_own_rounding_passes_and_is_reported():
     assert reference.check(close, what="nudged") > 1
     (note,) = reference.notes
     assert note.startswith("nudged: output 'output' differs from the model's by up to ")
-    assert "but is as close to the model's exact (float64) result as the model itself" in note
-    # ...but 1e-3 more is 30x further from the exact result than the model's own rounding.
+    assert "where the model itself is off by" in note and note.endswith("float32 rounding, which this model amplifies")
+    # ...but 1e-3 more is ~30x further from the exact result than the model's own rounding.
     with pytest.raises(CheckFailed, match=r"off by \S+ of the RMS, the model itself by \S+: \d+(\.\d+)?x the model's own"):
         reference.check(_scaled(model, 1 + 1e-3), what="scaled")
 
@@ -575,7 +575,7 @@ def test_fold_of_a_model_that_rounds_more_than_the_tolerance_passes_with_a_note(
     x = torch.randn(64, 16)
     folded, report = fold(model, [x])
     assert not batch_norms_left(folded)
-    assert any("as close to the model's exact (float64) result as the model itself" in n for n in report.notes)
+    assert any("float32 rounding, which this model amplifies" in n for n in report.notes)
     with torch.no_grad():
         assert (folded(x) - model(x)).abs().max() > 1e-5 * model(x).pow(2).mean().sqrt()  # beyond the fixed tolerance
 

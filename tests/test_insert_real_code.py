@@ -681,6 +681,22 @@ def test_forward_behind_a_decorator_is_traced():
     assert torch.equal(out.fc1.weight, model.fc1.weight)
 
 
+def test_an_inserted_model_with_fixed_arguments_folds_through_its_graph():
+    # The inserted graph guards `mask` and `return_dict` as None; run on a graph input while
+    # tracing it again, the guard raised, and fold fell back to folding module by module.
+    from bngraph.fold_untraced import FALLBACK
+    from tests.util import randomize_bn
+
+    x = _x(8, 5, 4)
+    bn_model, _ = bngraph.insert(OptionalMask(), [x])
+    bn_model = randomize_bn(bn_model).eval()
+    folded, report = bngraph.fold(bn_model, [x])
+    assert report.facts.get("tracing") != FALLBACK
+    assert report.facts["batchnorms_before"] == 1 and report.facts["batchnorms_after"] == 0
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), bn_model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_unfaithful_top_level_forward_is_untraceable():
     with pytest.raises(TraceFailed, match="unfaithfully"):
         bngraph.insert(UnfaithfulAtTheTop(), [_x(4, 4)], fallback=False)

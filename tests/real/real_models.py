@@ -47,6 +47,18 @@ def _hf(config_name: str, model_name: str, **config):
     return build
 
 
+def _hf_text(config_name: str, model_name: str, **config):
+    def build():
+        import transformers
+
+        torch.manual_seed(0)
+        model = getattr(transformers, model_name)(getattr(transformers, config_name)(**config))
+        tokens = torch.randint(0, config["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+        return model, [tokens]
+
+    return build
+
+
 def _monai_basic_unet():
     from monai.networks.nets import BasicUNet
 
@@ -92,6 +104,12 @@ MODELS: dict[str, RealModel] = {
                                               down_ops=[["Subsample", 8, 1, 2, 2, 2]])),
     "hf-efficientnet": RealModel("transformers", _hf("EfficientNetConfig", "EfficientNetModel", image_size=32,
                                                      width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128)),
+    "hf-mobilenet-v1": RealModel("transformers", _hf("MobileNetV1Config", "MobileNetV1Model", depth_multiplier=0.25,
+                                                     image_size=32)),
+    "hf-bert": RealModel("transformers", _hf_text("BertConfig", "BertModel", vocab_size=100, hidden_size=16,
+                                                  num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)),
+    "hf-dinov2": RealModel("transformers", _hf("Dinov2Config", "Dinov2Model", image_size=32, patch_size=8, hidden_size=16,
+                                               num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2)),
     "monai-basic-unet": RealModel("monai", _monai_basic_unet),
     "monai-unet": RealModel("monai", _monai_unet),
     "x-transformers": RealModel("x_transformers", _x_transformers),

@@ -55,3 +55,22 @@ def test_hf_resnet_normalizes_only_the_activations_after_the_residual_add():
         pytest.skip("transformers is not installed (make test-real)")
     row = run_chain("hf-resnet")
     assert (row.nonlinearities, row.normalized, row.inserted) == (5, 3, 2)
+
+
+def test_hf_bert_is_traced_through_its_decorated_forward():
+    """Every HF v5 forward sits behind `functools.wraps` decorators, which torch.fx called with
+    the wrong arguments: BERT fell back to wrapping modules and its GELU got no BatchNorm."""
+    if not installed("hf-bert"):
+        pytest.skip("transformers is not installed (make test-real)")
+    row = run_chain("hf-bert")
+    assert row.tracing == "torch.fx"
+    assert (row.nonlinearities, row.normalized, row.inserted) == (2, 0, 2)  # the MLP's GELU, the pooler's tanh
+
+
+def test_hf_mobilenet_v1_folds_after_training_steps():
+    """Its fold differs from it by more than the fixed tolerance once its BatchNorms have seen a
+    training step (tiny variances, eps 1e-3: rounding grows ~30x a layer), but no more than
+    the model's own float32 rounding, which the check accepts (tests/test_fold_trust.py)."""
+    if not installed("hf-mobilenet-v1"):
+        pytest.skip("transformers is not installed (make test-real)")
+    assert run_chain("hf-mobilenet-v1").fold == "ok"
