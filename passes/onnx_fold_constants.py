@@ -10,6 +10,8 @@ original), then every Constant node lifted to an initializer, then dead nodes re
 
 from __future__ import annotations
 
+import logging
+
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 from onnxscript.optimizer import fold_constants_ir
@@ -24,7 +26,16 @@ def onnx_fold_constants(model: ir.Model) -> PassResult:
 
     def fold(model: ir.Model) -> None:
         # Shape inference on: later passes need the rank of a BN's input for its Mul+Add form.
-        fold_constants_ir(model, onnx_shape_inference=True)
+        # The folder logs a warning for each node it cannot evaluate ("Evaluation failed: cannot
+        # reshape array...", on BERT's position ids) and leaves that node as it was: nothing
+        # for the user's terminal.
+        folder_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+        level = folder_log.level
+        folder_log.setLevel(logging.ERROR)
+        try:
+            fold_constants_ir(model, onnx_shape_inference=True)
+        finally:
+            folder_log.setLevel(level)
         ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         ir_passes.RemoveUnusedNodesPass()(model)
 
