@@ -41,7 +41,7 @@ from bngraph.passes._dataflow import NONLINEARITIES, normalizer_of, record_run
 from bngraph.errors import UserError, model_raised, one_line, user_frame, users_file
 from bngraph.passes._op_kinds import ACTIVATION_MODULES
 from bngraph.passes._fx_effects import hooks_of
-from bngraph.trace import TraceFailed, _RecordShapes, _Tracer, assert_argument_is_none, copy_module
+from bngraph.trace import TraceFailed, _RecordShapes, _Tracer, assert_argument_is_none, copy_module, input_dtypes
 
 MAX_LEAVES = 48
 _SEED = 20150211  # the paper's arXiv date: any fixed seed makes two train-mode runs comparable
@@ -61,8 +61,8 @@ class InsertTracer(_Tracer):
     """bngraph's tracer (modules with hooks and TorchScript modules stay one call) with the mode
     as a graph value (1.) and the modules at `leaves` kept opaque (3.)."""
 
-    def __init__(self, leaves: Sequence[str] = (), functions: Sequence = ()):
-        super().__init__(autowrap_functions=tuple(functions))
+    def __init__(self, leaves: Sequence[str] = (), functions: Sequence = (), dtypes: dict | None = None):
+        super().__init__(autowrap_functions=tuple(functions), input_dtypes=dtypes)
         self.leaves = set(leaves)
         self._saved_flags: dict[nn.Module, bool] = {}
         self._is_users = users_file()
@@ -163,8 +163,9 @@ def _fixed_arguments(model: nn.Module, given: int) -> dict:
     return fixed
 
 
-def _trace(model: nn.Module, leaves: Sequence[str], functions: Sequence, given: int) -> fx.GraphModule:
-    graph = InsertTracer(leaves, functions).trace(model, concrete_args=_fixed_arguments(model, given) or None)
+def _trace(model: nn.Module, leaves: Sequence[str], functions: Sequence, example_inputs) -> fx.GraphModule:
+    tracer = InsertTracer(leaves, functions, input_dtypes(model, example_inputs))
+    graph = tracer.trace(model, concrete_args=_fixed_arguments(model, len(example_inputs)) or None)
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
@@ -414,14 +415,14 @@ def _mode_is_only_the_flags(model: nn.Module) -> bool:
     return True
 
 
-def _graph_difference(model: nn.Module, gm: fx.GraphModule, leaves, functions, given: int) -> fx.Node | None:
+def _graph_difference(model: nn.Module, gm: fx.GraphModule, leaves, functions, example_inputs) -> fx.Node | None:
     """The first node at which tracing in the other mode records another graph."""
     if _mode_is_only_the_flags(model):
         return None
     was_training = model.training
     try:
-        other = InsertTracer(leaves, functions).trace(
-            model.train(not was_training), concrete_args=_fixed_arguments(model, given) or None
+        other = InsertTracer(leaves, functions, input_dtypes(model, example_inputs)).trace(
+            model.train(not was_training), concrete_args=_fixed_arguments(model, len(example_inputs)) or None
         )
     finally:
         model.train(was_training)
@@ -449,7 +450,7 @@ def _check(reference: _Reference, model, gm, leaves, functions) -> tuple[fx.Node
         gm.train(was_training)
     if not _same(got, reference.eval_output):
         return _first_divergence(reference, gm, False), "the traced graph's eval-mode output differs"
-    node = _graph_difference(model, gm, leaves, functions, len(inputs))
+    node = _graph_difference(model, gm, leaves, functions, inputs)
     if node is not None:
         return node, "tracing in train and in eval mode records different graphs"
     if any(n.op == "get_attr" and n.target == "training" for n in gm.graph.nodes):
@@ -481,7 +482,7 @@ def trace_for_insert(module: nn.Module, example_inputs: Sequence[torch.Tensor]) 
     opaque_functions: dict[str, Opaque] = {}
     for _ in range(MAX_LEAVES + 1):
         try:
-            gm = _trace(model, list(leaves), list(functions.values()), len(example_inputs))
+            gm = _trace(model, list(leaves), list(functions.values()), example_inputs)
         except Exception as err:  # fx raises TraceError, TypeError, AttributeError... for one cause
             where = user_frame(err)
             at = f" at {where.filename}:{where.lineno} ({(where.line or '').strip()})" if where else ""

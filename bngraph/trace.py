@@ -163,13 +163,75 @@ def assert_argument_is_none(value, message: str) -> None:
         raise AssertionError(message)
 
 
+def check_input_dtype(value, dtype: torch.dtype, name: str) -> None:
+    """The guard of a graph whose forward branched on an input's dtype (`_Tracer`)."""
+    if isinstance(value, torch.Tensor) and value.dtype != dtype:
+        raise TypeError(
+            f"input {name!r} has dtype {value.dtype}, but this model's forward branches on that dtype and was traced "
+            f"with {dtype} (its example input's); run it with {dtype}, or transform the model with an example of {value.dtype}"
+        )
+
+
+def input_dtypes(module: nn.Module, example_inputs: Sequence) -> dict[str, torch.dtype]:
+    """The example inputs' dtypes by the names of the forward parameters they are given as."""
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: x.dtype for p, x in zip(params, example_inputs) if isinstance(x, torch.Tensor)}
+
+
+class _DtypeProxy(fx.Proxy):
+    """A Proxy whose `.dtype` is a value where the tracer knows it (`_Tracer`)."""
+
+    def __getattr__(self, name: str):
+        if name == "dtype" and "bngraph_dtype" in self.node.meta:
+            if self.node.op == "placeholder":
+                self.tracer.dtypes_read[self.node] = self.node.meta["bngraph_dtype"]
+            return self.node.meta["bngraph_dtype"]
+        return super().__getattr__(name)
+
+
 class _Tracer(fx.Tracer):
     """fx's tracer, keeping each module that `must_stay_whole` as one call, tracing a forward
     behind a decorator (`_callable_as_traced`), and keeping the guards of a graph traced with
-    fixed arguments (insert's) as calls: run on a graph input, they would raise."""
+    fixed arguments (insert's) as calls: run on a graph input, they would raise.
 
-    def __init__(self, autowrap_functions=()):
-        super().__init__(autowrap_functions=(assert_argument_is_none, *autowrap_functions))
+    With `input_dtypes` (`input_dtypes`), an input's `.dtype` and a parameter's or buffer's are
+    values, not Proxies: HuggingFace's ViT begins with `if pixel_values.dtype != weight.dtype:`,
+    which fx cannot branch on. The graph then holds the branch its example took, and a guard
+    (`check_input_dtype`) for each input whose dtype it read."""
+
+    def __init__(self, autowrap_functions=(), input_dtypes: dict[str, torch.dtype] | None = None):
+        super().__init__(autowrap_functions=(assert_argument_is_none, check_input_dtype, *autowrap_functions))
+        self.input_dtypes = input_dtypes or {}
+        self.dtypes_read: dict[fx.Node, torch.dtype] = {}
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _DtypeProxy(node, self)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind == "placeholder" and target in self.input_dtypes:
+            node.meta["bngraph_dtype"] = self.input_dtypes[target]
+        return node
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        value = super().getattr(attr, attr_val, parameter_proxy_cache)
+        if isinstance(value, fx.Proxy) and isinstance(attr_val, torch.Tensor):
+            value.node.meta["bngraph_dtype"] = attr_val.dtype
+        return value
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        self.dtypes_read.clear()
+        graph = super().trace(root, concrete_args)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if self.dtypes_read and placeholders:
+            with graph.inserting_after(placeholders[-1]):
+                for node, dtype in reversed(self.dtypes_read.items()):
+                    graph.call_function(check_input_dtype, (node, dtype, node.target))
+        return graph
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return must_stay_whole(m) or super().is_leaf_module(m, module_qualified_name)
@@ -221,12 +283,12 @@ def _callable_as_traced(root_fn, concrete_args):
     return forward
 
 
-def _symbolic_trace(module: nn.Module) -> fx.GraphModule:
+def _symbolic_trace(module: nn.Module, example_inputs: Sequence | None = None) -> fx.GraphModule:
     hooked = hooks_of(module, global_hooks=False)
     if hooked:
         # torch.fx runs the root's forward, never its __call__: the hooks would be lost.
         raise TraceFailed(f"{type(module).__name__} itself has a {' and a '.join(hooked)}, which a traced graph cannot keep")
-    tracer = _Tracer()
+    tracer = _Tracer(input_dtypes=input_dtypes(module, example_inputs or ()))
     graph = tracer.trace(module)
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
@@ -288,7 +350,7 @@ def trace_and_run(
     if training is not None:
         module.train(training)  # before tracing: a forward may branch on self.training
     try:
-        gm = _symbolic_trace(module)
+        gm = _symbolic_trace(module, example_inputs)
     except TraceFailed:
         raise
     except Exception as err:  # fx raises TraceError, TypeError, AttributeError... for one cause

@@ -697,6 +697,38 @@ def test_an_inserted_model_with_fixed_arguments_folds_through_its_graph():
         torch.testing.assert_close(folded(x), bn_model(x), rtol=1e-5, atol=1e-5)
 
 
+class CastsToItsDtype(nn.Module):
+    """HuggingFace's ViT begins `if pixel_values.dtype != expected_dtype: pixel_values =
+    pixel_values.to(expected_dtype)`, the dtype of a weight: fx cannot branch on that."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        if x.dtype != self.fc1.weight.dtype:
+            x = x.to(self.fc1.weight.dtype)
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def test_a_branch_on_the_inputs_dtype_is_traced_for_the_examples_and_guarded(tmp_path):
+    from bngraph.cli import main
+
+    x = _x(8, 4)
+    out, report = _assert_preserved(CastsToItsDtype(), [x])
+    assert report.facts["tracing"] == "torch.fx"
+    assert _sites(report) == {"gelu": ("BatchNorm1d", 6)}
+    # The graph holds the branch the float32 example took; another dtype is refused by name, not
+    # run without the cast the model would have made.
+    with pytest.raises(TypeError, match="input 'x' has dtype torch.float64, but this model's forward branches on"):
+        out.eval()(x.double())
+    folder = tmp_path / "casts-bn"
+    assert main(["insert", f"{__file__}:CastsToItsDtype", "--input-shape", "8,4", "-o", str(folder)]) == 0
+    loaded = bngraph.load(folder)
+    with pytest.raises(TypeError, match="traced with torch.float32"):
+        loaded.eval()(x.double())
+
+
 def test_unfaithful_top_level_forward_is_untraceable():
     with pytest.raises(TraceFailed, match="unfaithfully"):
         bngraph.insert(UnfaithfulAtTheTop(), [_x(4, 4)], fallback=False)
