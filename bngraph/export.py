@@ -79,7 +79,7 @@ def to_onnx(
     )
     batch = torch.export.Dim("batch")
     dynamic_shapes = tuple({0: batch} if axis == 0 else None for axis in axes)
-    module = _with_known_outputs(module, example_inputs)
+    module, output_names = _with_known_outputs(module, example_inputs)
     if isinstance(module, _TensorOutputs):  # torch.export sees its *inputs as one tuple argument
         dynamic_shapes = (dynamic_shapes,)
     # The exporter prints progress, logs a warning per missing torchvision op and, when it fails,
@@ -95,6 +95,7 @@ def to_onnx(
                     optimize=exporter_optimize,
                     opset_version=OPSET,
                     dynamic_shapes=dynamic_shapes,
+                    output_names=output_names,  # as verify names them: 'logits', not 'linear_12'
                     verbose=False,
                 )
         except Exception as err:
@@ -143,16 +144,23 @@ class _TensorOutputs(nn.Module):
 _LEAVES = (torch.Tensor, int, float, bool, str, type(None))
 
 
-def _with_known_outputs(module: nn.Module, example_inputs) -> nn.Module:
+def _with_known_outputs(module: nn.Module, example_inputs) -> tuple[nn.Module, list[str] | None]:
     """`module`, or `_TensorOutputs(module)` where its output holds what the exporter refuses: a
     dataclass torch's pytree does not know (a user's own, in HuggingFace's style), or numbers and
     strings beside the tensors (`{"logits": t, "n_layers": 3}`). Other unknown classes are left
-    to the exporter's error: their tensors would not all be found."""
+    to the exporter's error: their tensors would not all be found. And the outputs' names
+    (`named_tensors`), in the order the exporter writes them (which verify checks), where every
+    tensor is found."""
     with torch.no_grad(), eval_mode(module), running_user_model():
         output = module(*example_inputs)
-    if all(isinstance(leaf, (torch.Tensor, type(None))) for leaf in torch.utils._pytree.tree_leaves(output)):
-        return module
-    return _TensorOutputs(module) if _dataclasses_of_tensors(output) else module
+    names = [name for name, _ in named_tensors(output)]
+    leaves = torch.utils._pytree.tree_leaves(output)
+    if all(isinstance(leaf, (torch.Tensor, type(None))) for leaf in leaves):
+        # A class torch's pytree knows and `named_tensors` does not: the exporter's own names.
+        return module, names if len(names) == sum(isinstance(leaf, torch.Tensor) for leaf in leaves) else None
+    if _dataclasses_of_tensors(output):
+        return _TensorOutputs(module), names
+    return module, None
 
 
 def _dataclasses_of_tensors(output) -> bool:

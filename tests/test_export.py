@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 from importlib.util import find_spec
@@ -168,8 +169,34 @@ def test_numbers_and_strings_beside_the_tensors_of_an_output_export(tmp_path):
     # attribute 'name'); the file holds the tensors, in the order verify pairs them.
     model = randomize_bn(_ReturnsNumbersBesideTensors())
     result = export(model, [torch.randn(2, 4)], tmp_path / "m.onnx")
-    assert result and len(onnx.load(tmp_path / "m.onnx").graph.output) == 2
-    assert len({d.output for d in result.verification.diffs}) == 2  # both tensors compared
+    assert [o.name for o in onnx.load(tmp_path / "m.onnx").graph.output] == ["logits", "hidden"]
+    assert {d.output for d in result.verification.diffs} == {"logits", "hidden"}  # both tensors compared
+
+
+@dataclasses.dataclass
+class _Output:  # HuggingFace's ModelOutput style: a dataclass, optional fields None
+    logits: torch.Tensor
+    hidden_states: tuple | None = None
+    attentions: torch.Tensor | None = None
+
+
+class _ReturnsModelOutput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.fc1(x)))
+        return _Output(logits=self.fc2(h), hidden_states=(x, h))
+
+
+def test_the_onnx_outputs_are_named_as_the_models_outputs(tmp_path):
+    # The exporter names them by the op that made them ('linear_1'); a deployment asks for 'logits'.
+    result = export(randomize_bn(_ReturnsModelOutput()), [torch.randn(2, 4)], tmp_path / "m.onnx")
+    assert result
+    names = ["logits", "hidden_states.0", "hidden_states.1"]
+    assert [o.name for o in onnx.load(tmp_path / "m.onnx").graph.output] == names
+    assert [d.output for d in result.verification.diffs if d.reference == "torch"][:3] == names
 
 
 class _BatchOfOneOnly(torch.nn.Module):

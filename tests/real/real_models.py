@@ -108,6 +108,8 @@ MODELS: dict[str, RealModel] = {
                                                      image_size=32)),
     "hf-bert": RealModel("transformers", _hf_text("BertConfig", "BertModel", vocab_size=100, hidden_size=16,
                                                   num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)),
+    "hf-vit": RealModel("transformers", _hf("ViTConfig", "ViTModel", image_size=32, patch_size=8, hidden_size=16,
+                                            num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)),
     "hf-dinov2": RealModel("transformers", _hf("Dinov2Config", "Dinov2Model", image_size=32, patch_size=8, hidden_size=16,
                                                num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2)),
     "monai-basic-unet": RealModel("monai", _monai_basic_unet),

@@ -74,3 +74,13 @@ def test_hf_mobilenet_v1_folds_after_training_steps():
     if not installed("hf-mobilenet-v1"):
         pytest.skip("transformers is not installed (make test-real)")
     assert run_chain("hf-mobilenet-v1").fold == "ok"
+
+
+def test_hf_vit_is_traced_through_its_dtype_check():
+    """ViTModel.forward begins `if pixel_values.dtype != expected_dtype:`: the module-level
+    fallback left its GELU without a BatchNorm."""
+    if not installed("hf-vit"):
+        pytest.skip("transformers is not installed (make test-real)")
+    row = run_chain("hf-vit")
+    assert row.tracing == "torch.fx"
+    assert (row.nonlinearities, row.normalized, row.inserted) == (2, 0, 2)
