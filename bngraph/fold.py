@@ -27,7 +27,7 @@ from bngraph.passes.base import PassResult, run_passes
 from bngraph.passes.cancel_inverse_permutes import cancel_inverse_permutes
 from bngraph.passes.fold_bn_into_following_layer import fold_bn_into_following_layer
 from bngraph.passes.fold_bn_into_preceding_layer import fold_bn_into_preceding_layer
-from bngraph.errors import UserError
+from bngraph.errors import CheckFailed, UserError
 from bngraph.fold_reach import fold_inside_hooked_modules, opaque_batch_norms, unused_batch_norms
 from bngraph.fold_untraced import FALLBACK, fold_untraced, source_edits
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, rounding_gain
@@ -38,6 +38,7 @@ from bngraph.passes.remove_dead_code import remove_dead_code
 from bngraph.passes.remove_eval_identities import remove_eval_identities
 from bngraph.passes.replace_bn_with_multiply_add import replace_bn_with_multiply_add
 from bngraph.report import Report
+from bngraph.partial_trace import trace_for_insert
 from bngraph.trace import TraceFailed, check_faithful_trace, trace, trace_and_run
 
 # In order: the layer before a BN is the first choice (no constraint on padding), the layer
@@ -69,18 +70,31 @@ def fold(
     a batch of another size): the trace must compute what the model computes (else
     `TraceUnfaithful`, a UserError), and so must the folded graph (else `CheckFailed`), within
     verify's tolerance widened only where a fold is flagged for precision (`fold_tolerance`).
+    Where torch.fx stops inside a submodule, the graph is insert's partial trace around it (the
+    submodule kept whole, its BNs listed as out of reach); where it stops in the model's own
+    forward, the BNs are folded module by module (`fold_untraced`).
     `report.passes` keeps each pass's `PassResult`, for an artifact's history.
     """
     if standalone_bn not in STANDALONE_BN_FORMS:
         raise ValueError(f"standalone_bn must be one of {STANDALONE_BN_FORMS}, not {standalone_bn!r}")
+    opaque_notes, trace_failure = [], None
     try:
         # An eval-mode copy (`module` is never changed), and its output from the run that recorded the
         # shapes, which the faithfulness check takes instead of running the graph again.
         gm, traced_output = trace_and_run(module, example_inputs, training=False)
         reference = Reference(module, example_inputs)  # the model's outputs, for every check below
         check_faithful_trace(module, gm, example_inputs, reference=reference, output=traced_output)
-    except TraceFailed as err:  # what insert's module-level fallback writes, among others
-        return fold_untraced(module, example_inputs, str(err))
+    except TraceFailed as err:
+        # Where a submodule stops torch.fx (HF ViT's embeddings, kept opaque by insert), the graph
+        # insert traces around it, checked as faithful there; where none is, module by module.
+        trace_failure = str(err)
+        try:
+            gm, opaque = trace_for_insert(module, example_inputs)
+        except TraceFailed:  # what insert's module-level fallback writes, among others
+            return fold_untraced(module, example_inputs, str(err))
+        gm.eval()
+        reference = Reference(module, example_inputs)
+        opaque_notes = [f"traced partially, {len(opaque)} submodule(s) kept whole: {', '.join(o.module for o in opaque)}"]
     before, batch_norms = _op_counts(gm), len(_batch_norm_names(gm))
     unused = unused_batch_norms(module, gm)
     inside = opaque_batch_norms(gm)
@@ -98,7 +112,7 @@ def fold(
     report = fold_report(before, _op_counts(gm), batch_norms, _batch_norm_names(gm), results, errors, opaque,
                          kept=_fixed_batch_norm_names(gm) if standalone_bn == "keep" else ())
     report.sections["folded"][:0] = inner_rows
-    report.notes += reference.notes
+    report.notes += opaque_notes + reference.notes
     if unused:
         report.notes.append(f"{len(unused)} BatchNorm(s) the model holds are never called by its forward, so the "
                             f"folded model does not have them: {', '.join(unused)}")
@@ -106,6 +120,15 @@ def fold(
     if inner_rows:
         report.notes = [n for n in report.notes if not n.startswith("nothing to fold")]
     report.passes = results
+    if trace_failure is not None and report.facts["batchnorms_after"]:
+        # The submodules kept whole may hold BNs that folding module by module reaches (HF LeViT's
+        # attention: 17 of them): the result that leaves fewer.
+        try:
+            untraced, untraced_report = fold_untraced(module, example_inputs, trace_failure)
+        except CheckFailed:
+            return gm, report
+        if untraced_report.facts["batchnorms_after"] < report.facts["batchnorms_after"]:
+            return untraced, untraced_report
     return gm, report
 
 

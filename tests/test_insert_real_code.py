@@ -605,6 +605,71 @@ def test_partial_tracing_keeps_failing_and_unfaithful_submodules_opaque():
     assert {(r["module"], r["nonlinearity"]) for r in report.sections["not_handled"]} == {("up.convs.1", "ReLU")}
 
 
+class EncoderBlock(nn.Module):
+    """A transformer block in HuggingFace's style: attention torch.fx cannot trace, then an MLP
+    whose GELU reads a Linear's last axis on (N, T, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = HFStyleAttention()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = x + self.attn(x)
+        return h + self.fc2(F.gelu(self.fc1(h)))
+
+
+def test_fold_traces_around_a_submodule_torch_fx_cannot_follow():
+    # The inserted BN sits on fc1's last axis, behind transposes; module by module (the fold's
+    # way when torch.fx stopped at the attention) it was left, since a transpose is no layer.
+    from tests.util import randomize_bn
+
+    x = _x(6, 5, 4)
+    bn_model, report = bngraph.insert(EncoderBlock(), [x])
+    assert _sites(report) == {"gelu": ("BatchNorm1d", 8)}
+    bn_model = randomize_bn(bn_model).eval()
+    folded, report = bngraph.fold(bn_model, [x])
+    assert report.facts["batchnorms_before"] == 1 and report.facts["batchnorms_after"] == 0
+    assert "traced partially, 1 submodule(s) kept whole: attn" in report.notes
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), bn_model(x), rtol=1e-5, atol=1e-5)
+
+
+class CheckedStem(nn.Module):
+    """HuggingFace's embeddings: a channel check torch.fx cannot branch on, then conv and BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.shape[1] != 3:
+            raise ValueError("expected 3 channels")
+        return self.bn(self.conv(x))
+
+
+class StemNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.bn = CheckedStem(), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(torch.relu(self.stem(x)))))
+
+
+def test_fold_goes_module_by_module_where_that_leaves_fewer_batchnorms():
+    # Traced around the stem, its BN is out of reach; module by module, both BNs fold.
+    from bngraph.fold_untraced import FALLBACK
+    from tests.util import randomize_bn
+
+    x = _x(2, 3, 6, 6)
+    model = randomize_bn(StemNet()).eval()
+    folded, report = bngraph.fold(model, [x])
+    assert report.facts["tracing"] == FALLBACK and report.facts["batchnorms_after"] == 0
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 class UnfaithfulAtTheTop(nn.Module):
     def __init__(self):
         super().__init__()
