@@ -271,6 +271,50 @@ def test_factory_trains_in_memory_and_streamed(tmp_path, capsys):
     assert facts["streamed"] and facts["data_format"] == "factory"
 
 
+TOKENS_PY = '''
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+class TokenClassifier(nn.Module):
+    """Token ids in, as a text model takes them: an Embedding, a mean over the sequence, an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+        self.fc, self.head = nn.Linear(8, 16), nn.Linear(16, 2)
+
+    def forward(self, input_ids):
+        return self.head(torch.relu(self.fc(self.embed(input_ids).mean(1))))
+
+
+def make():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (96, 12), generator=g)
+    labels = (ids[:, 0] >= 25).long()  # the first token decides
+    return TensorDataset(ids[:64], labels[:64]), TensorDataset(ids[64:], labels[64:])
+'''
+
+
+def test_a_factory_of_token_ids_trains_a_text_model_in_memory_and_streamed(tmp_path, capsys):
+    # The ids were made float ("expected Long ... but got FloatTensor" from the Embedding), and
+    # the checkpoint's probe of the function fed it N(0, 1) cast to integers (index -1).
+    (tmp_path / "tokens.py").write_text(TOKENS_PY)
+    model = [f"{tmp_path / 'tokens.py'}:TokenClassifier", "--input-shape", "4,12", "--input-dtype", "int64"]
+    facts = _train(capsys, tmp_path, model[0], f"{tmp_path / 'tokens.py'}:make", *model[1:], steps=4)
+    assert facts["data_format"] == "factory"
+    code, _, err = _cli(capsys, "train", *model, "--data", f"{tmp_path / 'tokens.py'}:make", "--steps", 6,
+                        "--batch-size", 4, "--eval-every", 4, "--quiet", "--resume", "-o", tmp_path / "run")
+    assert code == 0, err
+    data = open_data(f"{tmp_path / 'tokens.py'}:make", input_shape=(4, 12), input_dtype=torch.int64)
+    streamed = open_data(f"{tmp_path / 'tokens.py'}:make", input_shape=(4, 12), input_dtype=torch.int64,
+                         stream_above_mb=0, workers=0)
+    assert data.x_train.dtype == torch.int64 and streamed.train[0][0].dtype == torch.int64
+    assert torch.equal(data.x_train[0], streamed.train[0][0])
+    assert open_data(f"{tmp_path / 'tokens.py'}:make").x_train.dtype == torch.float32  # a model of images: floats
+
+
 def test_a_factorys_images_read_whole_and_streamed_are_the_same_values(tmp_path):
     # uint8 tensors are scaled to [0, 1] on both paths (streamed, they once stayed 0-255), and PIL
     # images become C, H, W.

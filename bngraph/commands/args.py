@@ -100,9 +100,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def data_from_args(args: argparse.Namespace, device: torch.device | str = "cpu", *, input_shape=None,
-                   allow_stream: bool = False):
-    """The data --data names, for a model whose example input has `input_shape`: TensorData on
-    `device`, or (with `allow_stream`, above --stream-above) StreamData."""
+                   input_dtype=None, allow_stream: bool = False):
+    """The data --data names, for a model whose example input has `input_shape` and `input_dtype`:
+    TensorData on `device`, or (with `allow_stream`, above --stream-above) StreamData."""
     # Imported here, not above: `bngraph --help` starts without torch.
     from bngraph.data import resolve_dataset
     from bngraph.training.data import TensorData
@@ -113,7 +113,8 @@ def data_from_args(args: argparse.Namespace, device: torch.device | str = "cpu",
     if getattr(args, "loader_workers", None) is not None and args.loader_workers < 0:
         raise UserError(f"--loader-workers must be at least 0, not {args.loader_workers}")
     return open_data(
-        args.data, input_shape=input_shape, image_size=getattr(args, "image_size", None), device=device,
+        args.data, input_shape=input_shape, input_dtype=input_dtype, image_size=getattr(args, "image_size", None),
+        device=device,
         stream_above_mb=args.stream_above if allow_stream else None, workers=getattr(args, "loader_workers", None),
         dataset=args.dataset, cifar100_labels=getattr(args, "cifar100_labels", "fine"),
     )

@@ -20,7 +20,7 @@ from torch import nn
 from bngraph.atomic import check_writable, save_tensors, start_run_folder, write_atomically
 from bngraph.compare import ONNX_TOLERANCE, compare
 from bngraph.errors import UserError, one_line
-from bngraph.runners import named_tensors
+from bngraph.runners import named_tensors, random_tensor
 from bngraph.training.config import TrainConfig
 from bngraph.training.distributed import Distributed, from_main, gather_to_main
 from bngraph.training.sync_bn import has_sync_bn
@@ -62,7 +62,11 @@ PROBE_VALUES = 4096  # at most this many output values are kept: a digest of the
 def function_probe(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
     """The model's eval-mode outputs (flattened, evenly thinned to PROBE_VALUES) on a fixed random
     batch shaped like `example`: what it computes with its present weights."""
-    probe = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example.device, example.dtype)
+    generator = torch.Generator().manual_seed(0)
+    if example.is_floating_point():
+        probe = torch.randn(example.shape, generator=generator).to(example.device, example.dtype)
+    else:  # token ids: N(0, 1) cast to integers would index an embedding at -1
+        probe = random_tensor(example.shape, example.dtype, generator).to(example.device)
     was_training = model.training
     devices = [example.device] if example.device.type == "cuda" else []
     try:  # a forward that draws random numbers must not move the run's generator

@@ -121,7 +121,7 @@ class StreamData:
         return len(self.train)
 
     def example(self, n: int = 2) -> torch.Tensor:
-        return torch.stack([torch.as_tensor(self.train[i][0], dtype=torch.float32) for i in range(n)])
+        return torch.stack([torch.as_tensor(self.train[i][0]) for i in range(n)])  # as the model takes them
 
     def loader(self, dataset, *, batch_sampler=None, batch_size: int = 1, pin: bool = False, persistent: bool = False):
         workers = default_workers() if self.workers is None else self.workers

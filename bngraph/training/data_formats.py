@@ -56,19 +56,22 @@ _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, what Pillow's convert("L") uses
 
 @dataclass(frozen=True)
 class Target:
-    """What the model takes: channels and H, W from its example input (None: the data's own)."""
+    """What the model takes: channels and H, W from its example input (None: the data's own), and
+    its dtype where that is an integer one (token ids for an Embedding: never made float)."""
 
     channels: int | None = None
     size: tuple[int, int] | None = None
+    integer_dtype: torch.dtype | None = None
 
     @classmethod
-    def of(cls, input_shape, image_size=None) -> Target:
+    def of(cls, input_shape, image_size=None, input_dtype: torch.dtype | None = None) -> Target:
         channels, size = None, None
         if input_shape is not None and len(input_shape) == 4:
             channels, size = int(input_shape[1]), (int(input_shape[2]), int(input_shape[3]))
         elif input_shape is not None and len(input_shape) == 3:  # (N, H, W): one channel, unsqueezed
             size = (int(input_shape[1]), int(input_shape[2]))
-        return cls(channels, parse_image_size(image_size) if image_size is not None else size)
+        integer = input_dtype if input_dtype is not None and not input_dtype.is_floating_point else None
+        return cls(channels, parse_image_size(image_size) if image_size is not None else size, integer)
 
 
 def parse_image_size(text) -> tuple[int, int]:
@@ -119,7 +122,10 @@ def detect_format(path: str | Path) -> str:
 
 
 def to_model_input(x: torch.Tensor, target: Target) -> torch.Tensor:
-    """uint8 (scaled to [0, 1]) or float images N,C,H,W -> float32 with the target's channels and size."""
+    """uint8 (scaled to [0, 1]) or float images N,C,H,W -> float32 with the target's channels and size;
+    integers for a model that takes integers (token ids) -> its dtype, as they are."""
+    if target.integer_dtype is not None and not x.is_floating_point():
+        return x.to(target.integer_dtype).contiguous()
     x = x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32)
     c = x.shape[1]
     if target.channels is not None and target.channels != c:
@@ -395,8 +401,8 @@ def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
 class CheckedLabels(torch.utils.data.Dataset):
     """A factory's Dataset, its labels checked as they stream (it may be too large to scan first)."""
 
-    def __init__(self, dataset, where: str, num_classes: int | None = None):
-        self.dataset, self.where, self.num_classes = dataset, where, num_classes
+    def __init__(self, dataset, where: str, num_classes: int | None = None, target: Target = Target()):
+        self.dataset, self.where, self.num_classes, self.target = dataset, where, num_classes, target
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -406,7 +412,7 @@ class CheckedLabels(torch.utils.data.Dataset):
         if y < 0 or (self.num_classes is not None and y >= self.num_classes):
             raise UserError(f"{self.where}[{i}] has label {y}, out of range for the model's {self.num_classes} outputs")
         # The conversion of the whole-data path (uint8 scaled to [0, 1]): streamed or not, the same values.
-        return to_model_input(x[None], Target())[0], torch.tensor(y)
+        return to_model_input(x[None], self.target)[0], torch.tensor(y)
 
 
 # --- putting it together ------------------------------------------------------------------------
@@ -416,6 +422,7 @@ def open_data(
     path: str | Path,
     *,
     input_shape=None,
+    input_dtype: torch.dtype | None = None,
     image_size=None,
     device: torch.device | str = "cpu",
     stream_above_mb: float | None = DEFAULT_STREAM_ABOVE_MB,
@@ -426,13 +433,13 @@ def open_data(
     """`path`'s data as TensorData on `device` (it fits) or StreamData (it does not; None: never).
 
     `input_shape` is the model's example input (N, C, H, W): its channels and size are what the
-    images become. `dataset` names what an MNIST-format folder holds (mnist or fashion-mnist)."""
+    images become; with an integer `input_dtype` (token ids), integer data stays integer. `dataset` names what an MNIST-format folder holds (mnist or fashion-mnist)."""
     fmt = detect_format(path)
-    target = Target.of(input_shape, image_size)
+    target = Target.of(input_shape, image_size, input_dtype)
     if image_size is not None and fmt != "image-folder":
         raise UserError(f"--image-size resizes image folders; {path} is {fmt}, whose images are used as they are")
     wanted = target  # only image folders are decoded to the model's channels and size ...
-    target = target if fmt == "image-folder" else Target()  # ... other formats are what they hold
+    target = target if fmt == "image-folder" else Target(integer_dtype=target.integer_dtype)  # ... others are what they hold
     device = torch.device(device)
     limit = None if stream_above_mb is None else stream_above_mb * 2**20
 
@@ -490,7 +497,8 @@ def open_data(
         if splits[0].images.dim() == 3:  # (C?) H, W without a channel axis
             splits = [Split(s.images.unsqueeze(1), s.labels, s.label_file) for s in splits]
         return finish(splits[0], splits[1], Path(where.split(":")[0]).stem, where)
-    return StreamData(CheckedLabels(train_set, f"{where} train"), CheckedLabels(test_set, f"{where} test"),
+    return StreamData(CheckedLabels(train_set, f"{where} train", target=target),
+                      CheckedLabels(test_set, f"{where} test", target=target),
                       Path(where.split(":")[0]).stem, where, format=fmt, num_classes=None,
                       example_shape=tuple(x0.shape), label_file=where, workers=workers, device=device)
 
@@ -498,7 +506,7 @@ def open_data(
 def _convert_in_chunks(images: torch.Tensor, target: Target, device: torch.device, chunk: int = 4096) -> torch.Tensor:
     """All images to float32 on `device`, a chunk at a time (uint8 travels, a quarter the bytes)."""
     first = to_model_input(images[:1], target)
-    out = torch.empty((len(images), *first.shape[1:]), dtype=torch.float32, device=device)
+    out = torch.empty((len(images), *first.shape[1:]), dtype=first.dtype, device=device)
     for lo in range(0, len(images), chunk):
         out[lo : lo + chunk] = to_model_input(images[lo : lo + chunk].to(device), target)
     return out
