@@ -198,8 +198,8 @@ class _Tracer(fx.Tracer):
     behind a decorator (`_callable_as_traced`), and keeping the guards of a graph traced with
     fixed arguments (insert's) as calls: run on a graph input, they would raise.
 
-    With `input_dtypes` (`input_dtypes`), an input's `.dtype` and a parameter's or buffer's are
-    values, not Proxies: HuggingFace's ViT begins with `if pixel_values.dtype != weight.dtype:`,
+    Given the example inputs' dtypes by parameter name (`input_dtypes`), an input's `.dtype` and a
+    parameter's or buffer's are values, not Proxies: HuggingFace's ViT begins with `if pixel_values.dtype != weight.dtype:`,
     which fx cannot branch on. The graph then holds the branch its example took, and a guard
     (`check_input_dtype`) for each input whose dtype it read."""
 
@@ -276,8 +276,9 @@ def _callable_as_traced(root_fn, concrete_args):
         by_keyword = by_keyword or p.kind is p.KEYWORD_ONLY or p.kind is not p.POSITIONAL_ONLY and p.name in fixed
         passed.append(f"{p.name}={p.name}" if by_keyword else p.name)
     namespace: dict = {}
-    exec(f"def forward({', '.join(declared)}):\n    return call({', '.join(passed)})",  # noqa: S102
-         {"call": root_fn}, namespace)
+    # The wrapper under a name no parameter has (a forward may well take one called `call`).
+    exec(f"def forward({', '.join(declared)}):\n    return __bngraph_forward__({', '.join(passed)})",  # noqa: S102
+         {"__bngraph_forward__": root_fn}, namespace)
     forward = namespace["forward"]
     forward.__defaults__, forward.__kwdefaults__ = wrapped.__defaults__, wrapped.__kwdefaults__
     return forward
