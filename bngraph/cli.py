@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -77,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as err:
         print(f"bngraph: check failed: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # `bngraph ... --json | head`: the reader took what it wanted and left. What the command
+        # writes to disk is whole by then; the rest of the report has nowhere to go.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error at exit
+        return 128 + signal.SIGPIPE  # as a shell reports a process that SIGPIPE ended
     except KeyboardInterrupt as err:  # a stopped training run says where to resume
         print(f"bngraph: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
         # 128 + the signal, as a shell reports it: the training loop stops on either signal

@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+import bngraph
 from bngraph.atomic import ARTIFACT, ONNX, PICTURE, RUN, output_kind, write_atomically, write_dir_atomically
 from bngraph.cli import main
 from bngraph.errors import UserError
@@ -301,6 +302,19 @@ def test_the_installed_entry_point_refuses_too(tmp_path):
     assert done.returncode == 2
     assert "important is a folder bngraph did not write" in _one_error_line(done.stderr)
     assert snapshot(tmp_path) == before
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    # `bngraph ... --json | head -c 100`: the report's writes then fail with EPIPE, which was a
+    # BrokenPipeError traceback on stderr. The artifact is written before the report.
+    proc = subprocess.Popen([sys.executable, "-m", "bngraph", "insert", "zoo:mnist-mlp", "-o", "bn", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc.stdout.close()  # before anything is written: every write fails
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 128 + signal.SIGPIPE
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+    assert bngraph.load(tmp_path / "bn") is not None
 
 
 def _children(pid: int) -> list[int]:
