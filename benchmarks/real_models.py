@@ -5,7 +5,8 @@
 For each model of tests/real/real_models.py (small configs, random weights): how insert traced
 it, the nonlinearities that running the model shows and how many of those already have a
 normalized input (counted independently of insert's report), the BatchNorms insert added, and
-each later step's outcome or its one-line refusal.
+each later step's outcome or its one-line refusal. Below the table: each fold that passed its
+check by the model's own float32 rounding (`bngraph.equivalence`), with the report's figures.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ COLUMNS = ("model", "traced by", "nonlinearities", "already normalized", "BNs in
 def main(names: list[str]) -> int:
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
+    by_rounding = []
     for name in names or list(MODELS):
         if not installed(name):
             print(f"| {name} | ({MODELS[name].package} not installed) |" + " |" * (len(COLUMNS) - 2))
@@ -31,6 +33,9 @@ def main(names: list[str]) -> int:
         export = row.export if row.export != "ok" else f"ok, {row.verify}"
         cells = (name, row.tracing, row.nonlinearities, row.normalized, row.inserted, row.fold, export)
         print("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |", flush=True)
+        by_rounding += [f"{name}: {note}" for note in row.fold_notes if "float32 rounding" in note]
+    for line in by_rounding:
+        print(f"\n{line}")
     return 0
 
 

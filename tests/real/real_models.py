@@ -231,6 +231,7 @@ class ChainRow:
     preserve_error: float = float("nan")  # max |insert(preserve) - original| / max |original|, eval mode
     trained: str = ""
     fold: str = ""
+    fold_notes: list[str] = field(default_factory=list)  # the fold report's
     export: str = ""
     verify: str = ""
     seconds: float = 0.0
@@ -277,6 +278,7 @@ def run_chain(name: str, out_dir: Path | None = None) -> ChainRow:
     folded = None
     try:
         folded, fold_report = bngraph.fold(bn_model, inputs)
+        row.fold_notes = list(fold_report.notes)
         left = fold_report.facts.get("batchnorms_after", 0)
         row.fold = f"ok, {left} BN left" if left else "ok"
     except (UserError, CheckFailed) as err:
