@@ -214,8 +214,8 @@ class Reference:
         if theirs > OWN_ROUNDING_FACTOR * own:
             verdict = f"{_ratio(theirs, own)} the model's own float32 rounding"
         else:
-            verdict = (f"as close as the model's own float32 rounding, which is beyond the {OWN_ROUNDING_CAP:g} of "
-                       "the RMS within which rounding can be told from a wrong result")
+            verdict = (f"within {OWN_ROUNDING_FACTOR:g}x the model's own float32 rounding, but that rounding is beyond "
+                       f"the {OWN_ROUNDING_CAP:g} of the RMS within which it can be told from a wrong result")
         return (f"; against the model's exact (float64) result it is off by {theirs / worst.scale:.2g} of the RMS, "
                 f"the model itself by {own / worst.scale:.2g}: {verdict}")
 
