@@ -188,6 +188,12 @@ def pil_rgb():
     return PilImages(16, "RGB"), PilImages(8, "RGB")
 
 
+def matrices():  # 2-D items: (H, W) images for one model, (T, C) sequences for another
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(20, 6, 16, generator=gen)
+    return TensorDataset(x[:12], torch.arange(12) % 3), TensorDataset(x[12:], torch.arange(8) % 3)
+
+
 def with_inf():
     x = torch.rand(12, 1, 28, 28)
     x[3, 0, 5, 5] = float("inf")
@@ -338,6 +344,21 @@ def test_a_factorys_images_read_whole_and_streamed_are_the_same_values(tmp_path)
         runs.append(train(model, data, config, progress=False))
     for key, value in runs[0].model.state_dict().items():
         assert torch.equal(value, runs[1].model.state_dict()[key]), key
+
+
+def test_a_factorys_2d_items_get_a_channel_axis_only_for_a_model_that_takes_one(tmp_path):
+    # Whole, (T, C) items for an (N, T, C) model once became (N, 1, T, C); streamed, (H, W) items
+    # for an (N, 1, H, W) model stayed (N, H, W). Both paths now give what the model takes.
+    factory = tmp_path / "data.py"
+    factory.write_text(FACTORY_PY)
+    for input_shape in ((2, 6, 16), (2, 1, 6, 16)):
+        whole = open_data(f"{factory}:matrices", input_shape=input_shape)
+        streamed = open_data(f"{factory}:matrices", input_shape=input_shape, stream_above_mb=0, workers=0)
+        assert isinstance(whole, TensorData) and isinstance(streamed, StreamData)
+        assert tuple(whole.x_train.shape) == (12, *input_shape[1:])
+        assert tuple(streamed.example(2).shape) == input_shape
+        x_streamed = torch.stack([streamed.train[i][0] for i in range(len(streamed.train))])
+        assert torch.equal(whole.x_train, x_streamed)
 
 
 def test_streamed_data_trains_bit_identically_to_in_memory(tmp_path):

@@ -401,8 +401,10 @@ def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
 class CheckedLabels(torch.utils.data.Dataset):
     """A factory's Dataset, its labels checked as they stream (it may be too large to scan first)."""
 
-    def __init__(self, dataset, where: str, num_classes: int | None = None, target: Target = Target()):
+    def __init__(self, dataset, where: str, num_classes: int | None = None, target: Target = Target(),
+                 channel_axis: bool = False):
         self.dataset, self.where, self.num_classes, self.target = dataset, where, num_classes, target
+        self.channel_axis = channel_axis  # (H, W) items made (1, H, W), as the whole-data path makes them
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -412,7 +414,8 @@ class CheckedLabels(torch.utils.data.Dataset):
         if y < 0 or (self.num_classes is not None and y >= self.num_classes):
             raise UserError(f"{self.where}[{i}] has label {y}, out of range for the model's {self.num_classes} outputs")
         # The conversion of the whole-data path (uint8 scaled to [0, 1]): streamed or not, the same values.
-        return to_model_input(x[None], self.target)[0], torch.tensor(y)
+        x = x[None, None] if self.channel_axis else x[None]
+        return to_model_input(x, self.target)[0], torch.tensor(y)
 
 
 # --- putting it together ------------------------------------------------------------------------
@@ -485,6 +488,9 @@ def open_data(
                           workers=workers, device=device, class_names=tuple(classes))
     (train_set, test_set), where = read_factory(str(path))
     x0, _ = _item(train_set, 0, where)
+    # (H, W) items for a model that takes (N, 1, H, W) get their channel axis; any other item is
+    # what the model takes already (a (T, C) sequence for an (N, T, C) model stays as it is).
+    channel_axis = input_shape is not None and len(input_shape) == 4 and x0.dim() == 2
     if fits(len(train_set) + len(test_set), x0.numel()):
         splits = []
         for part, ds in (("train", train_set), ("test", test_set)):
@@ -494,13 +500,14 @@ def open_data(
                 raise UserError(f"{where} {part} has images of several shapes: {', '.join(map(str, sorted(shapes)))}")
             labels = _check_labels(np.array([y for _, y in items]), f"{where} {part}")
             splits.append(Split(torch.stack([x for x, _ in items]), torch.from_numpy(labels), where))
-        if splits[0].images.dim() == 3:  # (C?) H, W without a channel axis
+        if channel_axis:
             splits = [Split(s.images.unsqueeze(1), s.labels, s.label_file) for s in splits]
         return finish(splits[0], splits[1], Path(where.split(":")[0]).stem, where)
-    return StreamData(CheckedLabels(train_set, f"{where} train", target=target),
-                      CheckedLabels(test_set, f"{where} test", target=target),
+    return StreamData(CheckedLabels(train_set, f"{where} train", target=target, channel_axis=channel_axis),
+                      CheckedLabels(test_set, f"{where} test", target=target, channel_axis=channel_axis),
                       Path(where.split(":")[0]).stem, where, format=fmt, num_classes=None,
-                      example_shape=tuple(x0.shape), label_file=where, workers=workers, device=device)
+                      example_shape=(1, *x0.shape) if channel_axis else tuple(x0.shape), label_file=where,
+                      workers=workers, device=device)
 
 
 def _convert_in_chunks(images: torch.Tensor, target: Target, device: torch.device, chunk: int = 4096) -> torch.Tensor:
