@@ -246,13 +246,26 @@ import collections as _bngraph_collections  # noqa: E402
 import torch as _bngraph_torch  # noqa: E402
 
 
+class _BngraphLastAxisBatchNorm(_bngraph_torch.nn.Module):
+    # A BatchNorm over the last axis of an (N, ..., C) input (bngraph's LastAxisBatchNorm).
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        return self.norm(x.reshape(-1, x.shape[-1])).view(x.shape)
+
+
 def _bngraph_edit(model, edits):
     for kind, path, *args in edits:
         *parents, name = path.split(".")
         parent = model.get_submodule(".".join(parents))
         if kind == "wrap":  # a BatchNorm in front of an activation module
-            norm, features, dtype = args
+            norm, features, dtype, *axis = args
             bn = getattr(_bngraph_torch.nn, norm)(features, dtype=getattr(_bngraph_torch, dtype))
+            if axis == ["last"]:  # features in the last axis of an (N, ..., C) input
+                bn = _BngraphLastAxisBatchNorm(bn)
             parent._modules[name] = _bngraph_torch.nn.Sequential(
                 _bngraph_collections.OrderedDict(bn=bn, act=parent._modules[name])
             )
@@ -277,19 +290,22 @@ def {cls}():
 
 def edited_source(source: str, symbol: str, edits: Sequence[tuple], command: str) -> str:
     """model.py for a model that cannot be traced: its source (the user's file, or an earlier
-    such model.py) plus `edits`, each `("wrap", path, norm, features, dtype)`, `("identity",
+    such model.py) plus `edits`, each `("wrap", path, norm, features, dtype[, "last"])`, `("identity",
     path)` or `("bias", path, features, dtype)`, applied by path to what `symbol` builds."""
     n = source.count("# --- Appended by bngraph:")  # each edit step keeps the one before as its base
     return source + _EDITED_TAIL.format(
         symbol=symbol, command=command, base=f"_bngraph_base_{n}",
-        edits_name=f"_BNGRAPH_{'WRAPS' if command == 'insert' else 'FOLDS'}_{n}",
+        edits_name=f"_BNGRAPH_{ {'insert': 'WRAPS', 'fold': 'FOLDS'}.get(command, 'EDITS')}_{n}",
         edits=[tuple(e) for e in edits], cls=CLASS_NAME,
     )
 
 
 def wrapped_source(source: str, symbol: str, wraps: Sequence[dict]) -> str:
     """model.py after a fallback insert: `source` plus the wraps the insert report lists."""
-    edits = [("wrap", w["node"], w["norm"], w["features"], w.get("dtype", "float32")) for w in wraps]
+    edits = [
+        ("wrap", w["node"], w["norm"], w["features"], w.get("dtype", "float32"), *(["last"] if w.get("axis") == "last" else []))
+        for w in wraps
+    ]
     return edited_source(source, symbol, edits, "insert")
 
 
@@ -335,6 +351,17 @@ def fallback_source(loaded) -> tuple[str, str]:
     if loaded.spec.kind == "artifact":
         return (Path(loaded.spec.path) / CODE_FILE).read_text(), CLASS_NAME
     raise UserError(f"the module-level fallback can only save models loaded from a .py file or an artifact, not {loaded.spec.text}")
+
+
+def kept_source(loaded, command: str) -> str | None:
+    """model.py for a model torch.fx cannot trace, after a verb that changes only its weights
+    (train, recalibrate): an artifact's model.py as it is, or a .py file's source naming its
+    model; None for a zoo model, which traces."""
+    if loaded.spec.kind == "artifact":
+        return (Path(loaded.spec.path) / CODE_FILE).read_text()
+    if loaded.spec.kind == "file":
+        return edited_source(*fallback_source(loaded), [], command)
+    return None
 
 
 def _call_top_level_directly(src: str, names: set[str]) -> str:

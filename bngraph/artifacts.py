@@ -29,7 +29,7 @@ from bngraph.atomic import ARTIFACT, check_output, save_tensors, write_dir_atomi
 from bngraph.errors import UserError, one_line
 from bngraph.runners import batch_axes_of, named_tensors
 from bngraph.spec import ARTIFACT_META
-from bngraph.trace import check_modules_registered, trace_around_untraceable
+from bngraph.trace import TraceFailed, check_modules_registered, trace_around_untraceable
 from bngraph.user_modules import importing_beside, isolated_modules, python_files
 
 FORMAT = "bngraph-artifact"
@@ -51,6 +51,7 @@ def save(
     base: tuple[str, str] | None = None,
     carry: dict[str, bytes] | None = None,
     force: bool = False,
+    untraceable_code: str | None = None,
 ) -> Path:
     """Write `module` as an artifact folder at `path`, whole or not at all.
 
@@ -63,6 +64,8 @@ def save(
     user's own functions, classes and untraced layers carries in front of it. `carry`
     (`bngraph.artifact_code.user_files`) holds the user's modules that code imports from beside
     its file (relative path -> contents): they go to code/, which loading imports from.
+    `untraceable_code` is the code to write where torch.fx cannot trace the module: the source it
+    was loaded from, for verbs that change only weights (`bngraph.artifact_code.kept_source`).
     """
     check_output(path, ARTIFACT, force=force)  # before the trace, not after it
     check_modules_registered(module)  # layers no state dict holds: no artifact computes the same
@@ -70,8 +73,14 @@ def save(
     # Each input's dtype and batch axis (0, or None), so that later commands build the same inputs.
     input_dtypes = [str(x.dtype).removeprefix("torch.") for x in example_inputs] if example_inputs is not None else None
     batch_axes = batch_axes_of(example_inputs) if example_inputs is not None else None
+    if code is None and not isinstance(module, fx.GraphModule):
+        try:
+            module = trace_around_untraceable(module, example_inputs)
+        except TraceFailed:
+            if untraceable_code is None:
+                raise
+            code = untraceable_code
     if code is None:
-        module = module if isinstance(module, fx.GraphModule) else trace_around_untraceable(module, example_inputs)
         code = module_source(module, input_shapes=input_shapes, source=source, base=base)
     text = code
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from bngraph.artifact_code import user_code, user_files
+from bngraph.artifact_code import kept_source, user_code, user_files
 from bngraph.artifacts import save
 from bngraph.equivalence import check_only_statistics_changed
 from bngraph.errors import UserError
@@ -74,7 +74,7 @@ def recalibrate(
     example = [data.x_test[:2]]
     history = [*loaded.history, entry]
     save(model, output, example_inputs=example, history=history, source=loaded.spec.text, force=force,
-         base=user_code(loaded), carry=user_files(loaded))
+         base=user_code(loaded), carry=user_files(loaded), untraceable_code=kept_source(loaded, "recalibrate"))
     report = Report(
         f"bngraph recalibrate {loaded.spec.text}",
         sections={

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bngraph.artifact_code import user_code, user_files
+from bngraph.artifact_code import kept_source, user_code, user_files
 from bngraph.load import LoadedModel
 from bngraph.report import Report
 from bngraph.reproduce.recipes import Recipe, apply_recipe
@@ -80,7 +80,8 @@ def train_run(
     if resumed:
         config = replace(config, decay_every=saved_decay)
     done = train_into_folder(model, data, config, out, history=history, source=loaded.spec.text,
-                             example_inputs=example, base=user_code(loaded), carry=user_files(loaded), sync_bn=sync_bn, resume=resume,
+                             example_inputs=example, base=user_code(loaded), carry=user_files(loaded),
+                             untraceable_code=kept_source(loaded, "train"), sync_bn=sync_bn, resume=resume,
                              device=str(device), progress=progress, distributed=ctx)
     if done is None:
         return None, None

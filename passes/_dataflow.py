@@ -280,6 +280,11 @@ def feature_axis(value: Value | None, _memo: dict | None = None, _depth: int = 0
         found = FeatureAxis(None, "a tensor changed in place where bngraph could not see it")
     elif _depth > 400:
         found = FeatureAxis(None, "a chain of elementwise ops too long to follow")
+    elif regroups_leading_axes(value):
+        # HuggingFace's Conv1D: addmm on (N*T, C) viewed back as (N, T, C'). Each row of the
+        # last axis stays whole, so features that were last stay last.
+        inner = feature_axis(value.relaid, memo, _depth + 1)
+        found = inner if inner.axis == "last" else FeatureAxis(None, f"{where}, which regroups the axes before the features")
     elif op in ELEMENTWISE or op in _CHANNEL_KEEPING:
         axes = [feature_axis(v, memo, _depth + 1) for v in value.inputs]
         known = {a.axis: a.layer for a in axes if a.axis is not None}
@@ -295,6 +300,15 @@ def feature_axis(value: Value | None, _memo: dict | None = None, _depth: int = 0
         found = FeatureAxis(None, f"{where}, through which the feature axis cannot be followed")
     memo[id(value)] = found
     return found
+
+
+def regroups_leading_axes(value: Value) -> bool:
+    """Whether `value` is a view or reshape of another that changes only the axes before the last."""
+    source = value.relaid
+    return (
+        value.op in ("view", "reshape", "flatten", "unflatten") and source is not None
+        and len(value.shape) >= 2 and len(source.shape) >= 2 and value.shape[-1] == source.shape[-1]
+    )
 
 
 def is_elementwise_nonlinearity(call: ModuleCall) -> bool:
@@ -317,4 +331,4 @@ def is_elementwise_nonlinearity(call: ModuleCall) -> bool:
 
 
 __all__ = ["FeatureAxis", "ModuleCall", "RunRecord", "Value", "feature_axis", "is_elementwise_nonlinearity",
-           "normalizer_of", "record_run"]
+           "normalizer_of", "record_run", "regroups_leading_axes"]

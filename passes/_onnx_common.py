@@ -7,11 +7,13 @@ rules; this module only adapts ONNX values to it. Everything here reads the grap
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 
 import onnx_ir as ir
 import torch
+from onnxscript.optimizer import fold_constants_ir
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from bngraph.passes.base import PassResult, Skip
@@ -20,6 +22,19 @@ BATCHNORM = "BatchNormalization"
 DEFAULT_EPSILON = 1e-5  # BatchNormalization's default in every opset
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 CONV_LAYERS = ("Conv", "ConvTranspose")  # the layers with a bias input per output channel
+
+
+def fold_constants_quietly(model: ir.Model) -> None:
+    """onnxscript's constant folding with shape inference, without its warning for each node it
+    cannot evaluate ("Evaluation failed: cannot reshape array...", on BERT's position ids): it
+    leaves that node as it was, and the user's terminal has nothing to act on."""
+    folder_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folder_log.level
+    folder_log.setLevel(logging.ERROR)
+    try:
+        fold_constants_ir(model, onnx_shape_inference=True)
+    finally:
+        folder_log.setLevel(level)
 
 
 def site(node: ir.Node) -> str:

@@ -8,8 +8,10 @@ linear module whose output it normalizes when that is exact without a graph:
      backward or global: `_fx_effects.hook_refusal`, the traced passes' rule);
   2. its input was made, maybe through an eval-mode dropout, by one call of a Conv*d or
      ConvTranspose*d (features in axis 1), or of a Linear on (N, C), or on (N, T, C) flattened to
-     (N*T, C) as LeViT does (BatchNorm1d's axis 1 is then the Linear's output axis); a plain
-     layer (its op read its own weight and bias), unshared, running no hooks, called once;
+     (N*T, C) as LeViT does (BatchNorm1d's axis 1 is then the Linear's output axis), or of a
+     layer computing `addmm(bias, x, weight)` viewed back to x's leading axes with its own
+     weight (in, out) (HuggingFace's Conv1D); a plain layer (its op read its own weight and
+     bias), unshared, running no hooks, called once;
   3. nothing but the BN read that output, and nothing changed it in place in between.
 Then the layer's weight and bias absorb the BN (torch.nn.utils.fusion) and the BN becomes an
 nn.Identity. Every other BN is left, with the reason; export's ONNX passes can still fold it.
@@ -26,7 +28,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from bngraph.errors import running_user_model
-from bngraph.passes._dataflow import record_run
+from bngraph.passes._dataflow import record_run, regroups_leading_axes
 from bngraph.passes._fx_effects import hook_refusal
 from bngraph.passes.base import PassResult, Skip, graph_pass
 
@@ -51,7 +53,10 @@ def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:
     if x is None or not x.modules:
         return f"its input comes from {x.where() if x else 'no op'}, not a layer module", None
     layer_path, layer = x.modules[0], module.get_submodule(x.modules[0])
-    if not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) or x.op not in ("linear", *_CONV_OPS):
+    product = _transposed_linear_product(x, layer, record)
+    if product is not None:  # HuggingFace's Conv1D
+        x = product
+    elif not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) or x.op not in ("linear", *_CONV_OPS):
         return f"its input comes from {x.where()}, not a conv or linear layer", None
     if isinstance(layer, nn.Linear) and len(x.shape) != 2 and merged is None:
         return f"the Linear {layer_path}'s output has rank {len(x.shape)}: the BN's axis 1 is not its feature axis", None
@@ -81,6 +86,20 @@ def _merged_leading_axes(x, record):
     if len(source.shape) < 3 or source.shape[-1] != x.shape[-1] or _reads(x, record) != 1:
         return None
     return source if math.prod(source.shape[:-1]) == x.shape[0] else None
+
+
+def _transposed_linear_product(x, layer: nn.Module, record):
+    """For a layer whose output `x` is `addmm(bias, input, weight)` viewed back to the input's
+    leading axes, with its own weight (in, out) and bias (out) and no other parameters
+    (HuggingFace's Conv1D: a Linear storing its weight transposed), the addmm's value."""
+    product = x.relaid
+    if product is None or product.op != "addmm" or not regroups_leading_axes(x) or _reads(x, record) != 1:
+        return None
+    params = dict(layer.named_parameters(recurse=False))
+    weight, bias = params.get("weight"), params.get("bias")
+    if len(params) != 2 or weight is None or bias is None or weight.dim() != 2 or bias.shape != weight.shape[1:]:
+        return None
+    return product if product.parameters == {id(weight), id(bias)} else None
 
 
 def _reads(value, record) -> int:
@@ -116,6 +135,10 @@ def fold_bn_into_producer_module(module: nn.Module, example_inputs: Sequence[tor
             if isinstance(layer, nn.Linear):
                 weight, bias = fuse_linear_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var,
                                                       bn.eps, bn.weight, bn.bias)
+            elif not isinstance(layer, nn.modules.conv._ConvNd):  # a Conv1D's weight is (in, out)
+                weight, bias = fuse_linear_bn_weights(layer.weight.t(), layer.bias, bn.running_mean, bn.running_var,
+                                                      bn.eps, bn.weight, bn.bias)
+                weight = nn.Parameter(weight.detach().t().contiguous())
             else:
                 transpose = isinstance(layer, nn.modules.conv._ConvTransposeNd)
                 weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var,

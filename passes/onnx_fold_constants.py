@@ -10,13 +10,10 @@ original), then every Constant node lifted to an initializer, then dead nodes re
 
 from __future__ import annotations
 
-import logging
-
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
-from onnxscript.optimizer import fold_constants_ir
 
-from bngraph.passes._onnx_common import report_removed_nodes
+from bngraph.passes._onnx_common import fold_constants_quietly, report_removed_nodes
 from bngraph.passes.base import PassResult, graph_pass
 
 
@@ -25,17 +22,7 @@ def onnx_fold_constants(model: ir.Model) -> PassResult:
     """Fold constant subgraphs into initializers; `changed` lists the nodes that disappeared."""
 
     def fold(model: ir.Model) -> None:
-        # Shape inference on: later passes need the rank of a BN's input for its Mul+Add form.
-        # The folder logs a warning for each node it cannot evaluate ("Evaluation failed: cannot
-        # reshape array...", on BERT's position ids) and leaves that node as it was: nothing
-        # for the user's terminal.
-        folder_log = logging.getLogger("onnxscript.optimizer._constant_folding")
-        level = folder_log.level
-        folder_log.setLevel(logging.ERROR)
-        try:
-            fold_constants_ir(model, onnx_shape_inference=True)
-        finally:
-            folder_log.setLevel(level)
+        fold_constants_quietly(model)  # with shape inference: a BN's Mul+Add form needs its input's rank
         ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         ir_passes.RemoveUnusedNodesPass()(model)
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 import onnxscript.rewriter
-from onnxscript.optimizer import fold_constants_ir
 
-from bngraph.passes._onnx_common import report_removed_nodes
+from bngraph.passes._onnx_common import fold_constants_quietly, report_removed_nodes
 from bngraph.passes.base import PassResult, graph_pass
 
 TIDY_RULES = onnxscript.rewriter.RewriteRuleSet(
@@ -28,7 +27,7 @@ def onnx_simplify(model: ir.Model, rounds: int = 2) -> PassResult:
 
     def simplify(model: ir.Model) -> None:
         for _ in range(rounds):  # a rewrite can expose a constant, and the other way round
-            fold_constants_ir(model, onnx_shape_inference=True)
+            fold_constants_quietly(model)
             onnxscript.rewriter.rewrite(model, pattern_rewrite_rules=TIDY_RULES)
             ir_passes.RemoveUnusedNodesPass()(model)
         ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)

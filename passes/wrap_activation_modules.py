@@ -10,12 +10,14 @@ its shape and dtype. Then, numbered as in the code:
      custom block, maybe behind a dropout): skip; that is where Conv-Norm-Act blocks keep theirs.
   3. Called at several sites: skip; one BatchNorm would pool the statistics of different layers.
   4. The feature axis comes from the layer that produced the input (conv: axis 1, linear: the
-     last axis), followed through elementwise ops; unproven, or the last axis of a rank > 2
-     input (a BatchNorm over axis 1 is all a wrap can hold): skip, with the reason.
+     last axis), followed through elementwise ops and views that regroup only the axes before
+     the last (HuggingFace's Conv1D); unproven: skip, with the reason.
   5. An in-place activation whose result is read more than once: skip, as a BatchNorm in front
      would stop it from mutating the tensor the other reads see.
   6. Otherwise the module becomes `Sequential(bn=BatchNorm{1,2,3}d(features), act=module)`, the
-     BatchNorm in the input's dtype and on its device.
+     BatchNorm in the input's dtype and on its device; for features in the last axis of a rank > 2
+     input (a transformer's MLP), `bn=LastAxisBatchNorm(BatchNorm1d(features))`, statistics over
+     every axis but the last, as `insert` computes them on a traced graph.
 Nonlinearities called as functions (`F.relu`, `x.sigmoid()`) cannot be wrapped: each is reported.
 """
 
@@ -32,6 +34,19 @@ from bngraph.passes._dataflow import feature_axis, is_elementwise_nonlinearity, 
 from bngraph.passes._op_kinds import ACTIVATION_MODULES
 from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.passes.insert_bn_before_activation import BATCHNORM_BY_RANK
+
+
+class LastAxisBatchNorm(nn.Module):
+    """A BatchNorm over the last axis of an (N, ..., C) input, whose statistics pool every other axis."""
+
+    def __init__(self, norm: nn.BatchNorm1d):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (N*T, C) is BatchNorm1d's own layout: no transposes, and folding it into the Linear
+        # before needs no graph (`fold_bn_into_producer_module`, LeViT's case).
+        return self.norm(x.reshape(-1, x.shape[-1])).view(x.shape)
 
 
 def _input_problem(call) -> str | None:
@@ -91,12 +106,6 @@ def wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Te
         if found.axis is None:
             result.skipped.append(Skip(path, f"the feature axis of its input cannot be proven: it comes from {found.layer}"))
             continue
-        if found.axis == "last" and len(x.shape) > 2:
-            result.skipped.append(
-                Skip(path, f"features in the last axis of a rank-{len(x.shape)} input (from {found.layer}): "
-                           "the module-level fallback can only put a BatchNorm over axis 1")
-            )
-            continue
         # 5. In place, with the mutated tensor read again.
         if getattr(act, "inplace", False) and call.output is not None:
             reads = call.output.uses + sum(v is call.output for v in record.outputs)
@@ -107,12 +116,14 @@ def wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Te
                 )
                 continue
         # 6. Wrap.
-        norm_cls = BATCHNORM_BY_RANK[len(x.shape)]
-        features = x.shape[1]
+        last_axis = found.axis == "last" and len(x.shape) > 2
+        norm_cls = nn.BatchNorm1d if last_axis else BATCHNORM_BY_RANK[len(x.shape)]
+        features = x.shape[-1] if last_axis else x.shape[1]
         bn = norm_cls(features, device=x.device, dtype=x.dtype).train(was_training)
         parent_path, _, name = path.rpartition(".")
         parent = module.get_submodule(parent_path)
-        parent._modules[name] = nn.Sequential(OrderedDict(bn=bn, act=act))
+        wrapper = LastAxisBatchNorm(bn) if last_axis else bn
+        parent._modules[name] = nn.Sequential(OrderedDict(bn=wrapper, act=act))
         result.changed.append(path)
         result.details.append(
             {
@@ -121,7 +132,7 @@ def wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Te
                 "norm": norm_cls.__name__,
                 "features": features,
                 "axis": found.axis if len(x.shape) > 2 else "1",
-                "bn": f"{path}.bn",
+                "bn": f"{path}.bn.norm" if last_axis else f"{path}.bn",
                 "input": found.layer,
                 "dtype": str(x.dtype).removeprefix("torch."),
             }

@@ -138,14 +138,19 @@ class TokenMixer(nn.Module):
         return self.act(self.drop(self.fc(x)))
 
 
-def test_features_in_the_last_axis_of_a_sequence_are_skipped_not_normalized_over_time():
-    # T == 10 == C would make a BatchNorm1d over axis 1 run without error, over the wrong axis.
-    result = _wrap(TokenMixer(), torch.randn(4, 10, 6))
-    assert result.changed == []
-    assert _reasons(result)["act"] == (
-        "features in the last axis of a rank-3 input (from fc (Linear)): the module-level fallback can only put a "
-        "BatchNorm over axis 1"
-    )
+def test_features_in_the_last_axis_of_a_sequence_get_a_batchnorm_over_that_axis():
+    # T == 10 == C: a BatchNorm1d over axis 1 would run without error, normalizing over time.
+    model = TokenMixer()
+    x = torch.randn(4, 10, 6)
+    result = _wrap(model, x)
+    assert _sites(result) == {"act": ("BatchNorm1d", 10, "last")}
+    bn = result.graph.act.bn.norm
+    assert isinstance(bn, nn.BatchNorm1d) and result.details[0]["bn"] == "act.bn.norm"
+    bn.momentum = None  # a cumulative average: after one batch, that batch's statistics
+    result.graph.train()(x)
+    features = model.fc(x).detach().reshape(-1, 10)  # each feature over every example and position
+    torch.testing.assert_close(bn.running_mean, features.mean(0))
+    torch.testing.assert_close(bn.running_var, features.var(0))
 
 
 def test_linear_on_a_batch_of_vectors_gets_its_output_features():
@@ -355,6 +360,141 @@ def test_fallback_artifact_folds_exports_and_verifies(tmp_path, capsys):
     code, out, err = _cli(capsys, "export", folded, "-o", onnx)  # verified against `folded` before it appears
     assert code == 0, err
     assert onnx.is_file()
+
+
+GPT_FILE = textwrap.dedent(
+    """
+    import math
+    import torch
+    from torch import nn
+
+
+    class Conv1D(nn.Module):  # HuggingFace's: a Linear whose weight is stored (in, out)
+        def __init__(self, nf, nx):
+            super().__init__()
+            self.nf = nf
+            self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+            self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+        def forward(self, x):
+            size_out = x.size()[:-1] + (self.nf,)
+            x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+            return x.view(size_out)
+
+
+    class NewGELUActivation(nn.Module):
+        def forward(self, x):
+            return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+    class GPT2MLP(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.c_fc, self.c_proj = Conv1D(4 * d, d), Conv1D(d, 4 * d)
+            self.act, self.dropout = NewGELUActivation(), nn.Dropout(0.1)
+
+        def forward(self, hidden_states):
+            return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
+
+
+    class FeedForward(nn.Module):  # wav2vec2's and ConvBERT's: nn.Linear and an activation module
+        def __init__(self, d):
+            super().__init__()
+            self.intermediate_dense, self.intermediate_act_fn = nn.Linear(d, 3 * d), nn.GELU()
+            self.output_dense = nn.Linear(3 * d, d)
+
+        def forward(self, hidden_states):
+            return self.output_dense(self.intermediate_act_fn(self.intermediate_dense(hidden_states)))
+
+
+    class Net(nn.Module):
+        example_input_shape = (2, 6, 8)
+
+        def __init__(self, d=8):
+            super().__init__()
+            self.ln_1, self.mlp, self.feed_forward = nn.LayerNorm(d), GPT2MLP(d), FeedForward(d)
+            self.score = nn.Linear(d, 3)
+
+        def forward(self, inputs_embeds):
+            if inputs_embeds.shape[1] > 4:  # the last positions only: fx cannot trace the branch
+                inputs_embeds = inputs_embeds[:, -4:]
+            hidden_states = inputs_embeds + self.mlp(self.ln_1(inputs_embeds))
+            hidden_states = hidden_states + self.feed_forward(hidden_states)
+            return self.score(hidden_states.mean(1))
+    """
+)
+
+SEQUENCES_PY = textwrap.dedent(
+    """
+    import torch
+    from torch.utils.data import TensorDataset
+
+
+    def make():  # (T, C) sequences for a model taking (N, T, C)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(96, 6, 8, generator=gen)
+        y = (x[:, :, 0].mean(1) > 0).long() + (x[:, :, 1].mean(1) > 0).long()
+        return TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
+    """
+)
+
+
+def test_a_transformer_mlp_gets_batchnorms_over_its_features_which_fold_into_conv1d_and_linear(tmp_path, capsys):
+    """A GPT-2-style model fx cannot trace: the MLP's features are the last axis of (N, T, C), made
+    by HuggingFace's Conv1D (addmm, then a view) and by nn.Linear. insert, train on a factory of
+    sequences, fold, export and verify, through the command line."""
+    (tmp_path / "gpt.py").write_text(GPT_FILE)
+    (tmp_path / "seqs.py").write_text(SEQUENCES_PY)
+    bn_dir, run, folded, onnx = tmp_path / "bn", tmp_path / "run", tmp_path / "folded", tmp_path / "m.onnx"
+    code, out, err = _cli(capsys, "insert", f"{tmp_path / 'gpt.py'}:Net", "-o", bn_dir, "--json")
+    assert code == 0, err
+    inserted = {r["node"]: (r["features"], r["axes"], r["bn"]) for r in json.loads(out)["inserted"]}
+    assert inserted == {
+        "mlp.act": (32, "last", "mlp.act.bn.norm"),
+        "feed_forward.intermediate_act_fn": (24, "last", "feed_forward.intermediate_act_fn.bn.norm"),
+    }
+    code, out, err = _cli(capsys, "train", bn_dir, "--data", f"{tmp_path / 'seqs.py'}:make", "--steps", 12,
+                          "--batch-size", 16, "-o", run)
+    assert code == 0, err  # the trained model is saved as the source it came from: fx cannot trace it
+    trained = bngraph.load(run / "model")
+    assert trained.mlp.act.bn.norm.num_batches_tracked == 12
+    code, out, err = _cli(capsys, "fold", run / "model", "-o", folded, "--strict", "--json")
+    assert code == 0, err
+    assert {(r["node"], r["into"]) for r in json.loads(out)["folded"]} == {
+        ("mlp.act.bn.norm", "mlp.c_fc"), ("feed_forward.intermediate_act_fn.bn.norm", "feed_forward.intermediate_dense"),
+    }
+    code, out, err = _cli(capsys, "verify", run / "model", folded)
+    assert code == 0, out + err
+    code, out, err = _cli(capsys, "export", folded, "-o", onnx)
+    assert code == 0, err
+
+
+def test_a_bn_folds_into_a_conv1d_exactly_and_a_look_alike_is_left():
+    namespace = {}
+    exec(GPT_FILE, namespace)
+    model = namespace["Net"]()
+    x = torch.randn(5, 4, 8)
+    wrapped = randomize_bn(bngraph.insert(model, [x])[0])
+    folded, report = bngraph.fold(wrapped, [x])
+    assert {r["node"] for r in report.sections["folded"]} == {"mlp.act.bn.norm", "feed_forward.intermediate_act_fn.bn.norm"}
+    assert folded.mlp.c_fc.weight.shape == (8, 32)  # still (in, out), as the module computes with it
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), wrapped(x), rtol=1e-5, atol=1e-5)
+
+    # The same module computing x @ weight.T (a weight that is (out, in) after all) is no Conv1D.
+    class Transposed(namespace["Conv1D"]):
+        def forward(self, x):
+            size_out = x.size()[:-1] + (self.nf,)
+            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight.t()).view(size_out)
+
+    square = namespace["Net"]()
+    square.mlp.c_fc = Transposed(8, 8)
+    square.mlp.c_proj = namespace["Conv1D"](8, 8)
+    wrapped = randomize_bn(bngraph.insert(square, [x])[0])
+    folded, report = bngraph.fold(wrapped, [x])
+    assert "mlp.act.bn.norm" not in {r["node"] for r in report.sections["folded"]}
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), wrapped(x), rtol=1e-5, atol=1e-5)
 
 
 def test_untraced_fold_leaves_a_bn_whose_layer_output_is_read_twice():

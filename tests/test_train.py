@@ -176,6 +176,40 @@ def test_cli_writes_an_artifact_metrics_and_a_checkpoint(tmp_path, capsys, mnist
     assert [h["command"] for h in history] == ["recipe", "train"]
 
 
+UNTRACEABLE_PY = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn, self.act, self.head = nn.Linear(784, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)
+
+    def forward(self, x):
+        if x.shape[1] != 1:  # a shape check, as HuggingFace's models have: torch.fx cannot trace it
+            raise ValueError("expected one channel")
+        return self.head(self.act(self.bn(self.fc(x.flatten(1)))))
+"""
+
+
+def test_cli_saves_and_recalibrates_a_model_torch_fx_cannot_trace(tmp_path, capsys, mnist_dir):
+    # The trained model was written as code generated from a trace: after all its steps, train
+    # ended with "torch.fx could not trace Net", exit 2, and no model/ (recalibrate alike).
+    (tmp_path / "net.py").write_text(UNTRACEABLE_PY)
+    run, recal = tmp_path / "run", tmp_path / "recal"
+    code, _, err = _cli(capsys, "train", f"{tmp_path / 'net.py'}:Net", "--data", mnist_dir, "--steps", 20, "--quiet",
+                        "-o", run)
+    assert code == 0, err
+    trained = bngraph.load(run / "model")
+    assert int(trained.bn.num_batches_tracked) == 20
+    state = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, state[k]) for k, v in trained.state_dict().items())
+    code, _, err = _cli(capsys, "recalibrate", run / "model", "--data", mnist_dir, "-o", recal)
+    assert code == 0, err
+    assert not torch.equal(bngraph.load(recal).bn.running_mean, trained.bn.running_mean)
+
+
 def test_cli_resume_may_extend_the_run(tmp_path, capsys, mnist_dir):
     common = ("train", "zoo:mnist-mlp", "--data", mnist_dir, "--eval-every", 20, "--decay-every", 50, "--quiet")
     assert _cli(capsys, *common, "--steps", 40, "-o", tmp_path / "a")[0] == 0

@@ -51,6 +51,7 @@ def train_into_folder(
     example_inputs: Sequence[torch.Tensor],
     base: tuple[str, str] | None = None,
     carry: dict[str, bytes] | None = None,
+    untraceable_code: str | None = None,
     sync_bn: bool = False,
     resume: bool = False,
     device: str = "auto",
@@ -58,7 +59,7 @@ def train_into_folder(
     distributed: Distributed = SINGLE,
 ) -> TrainedFolder | None:
     """`train` into `out`, then save OUT/model with `history` and this run's entry; None on the
-    ranks other than 0 (they write nothing). `base`, `carry`: see `bngraph.artifacts.save`. `sync_bn` trains with SyncBatchNorms, on the CPU
+    ranks other than 0 (they write nothing). `base`, `carry`, `untraceable_code`: see `bngraph.artifacts.save`. `sync_bn` trains with SyncBatchNorms, on the CPU
     through `bngraph.training.sync_bn`."""
     history = list(history)
     plain, converted = model, None
@@ -80,7 +81,7 @@ def train_into_folder(
         history[-1]["classes"] = list(data.class_names)
     # force: a resumed run replaces its own model/, in a folder checked to be a run's
     save(plain.eval(), out / MODEL_DIR, example_inputs=example_inputs, history=history, source=source, base=base,
-         carry=carry, force=True)
+         carry=carry, untraceable_code=untraceable_code, force=True)
     plot = None
     if config.track_inputs is not None:
         rows = [r for r in run.metrics if "inputs" in r]

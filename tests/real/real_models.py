@@ -59,6 +59,17 @@ def _hf_text(config_name: str, model_name: str, **config):
     return build
 
 
+def _hf_audio(config_name: str, model_name: str, **config):
+    def build():
+        import transformers
+
+        torch.manual_seed(0)
+        model = getattr(transformers, model_name)(getattr(transformers, config_name)(**config))
+        return model, [torch.randn(2, 1600, generator=torch.Generator().manual_seed(0))]  # 0.1 s at 16 kHz
+
+    return build
+
+
 def _monai_basic_unet():
     from monai.networks.nets import BasicUNet
 
@@ -112,6 +123,17 @@ MODELS: dict[str, RealModel] = {
                                             num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)),
     "hf-dinov2": RealModel("transformers", _hf("Dinov2Config", "Dinov2Model", image_size=32, patch_size=8, hidden_size=16,
                                                num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2)),
+    # fx cannot trace these at the top (shape branches, caches): the module-level fallback
+    "hf-gpt2": RealModel("transformers", _hf_text("GPT2Config", "GPT2Model", vocab_size=100, n_embd=16, n_layer=1,
+                                                  n_head=2, use_cache=False)),
+    "hf-convbert": RealModel("transformers", _hf_text("ConvBertConfig", "ConvBertModel", vocab_size=100, hidden_size=16,
+                                                      num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                                      embedding_size=16)),
+    "hf-wav2vec2": RealModel("transformers", _hf_audio("Wav2Vec2Config", "Wav2Vec2Model", hidden_size=16,
+                                                       num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                                       conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                                       num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                                                       feat_extract_norm="layer")),
     "monai-basic-unet": RealModel("monai", _monai_basic_unet),
     "monai-unet": RealModel("monai", _monai_unet),
     "x-transformers": RealModel("x_transformers", _x_transformers),

@@ -67,6 +67,18 @@ def test_hf_bert_is_traced_through_its_decorated_forward():
     assert (row.nonlinearities, row.normalized, row.inserted) == (2, 0, 2)  # the MLP's GELU, the pooler's tanh
 
 
+@pytest.mark.parametrize("name", ["hf-gpt2", "hf-convbert", "hf-wav2vec2"])
+def test_a_transformer_mlp_that_fx_cannot_trace_gets_a_batchnorm_over_its_features_that_folds(name):
+    """The module-level fallback once skipped every activation on the last axis of (N, T, C), so
+    these got none in their MLP. Now a BatchNorm over that axis, folded into the layer before it:
+    GPT-2's Conv1D (weight stored (in, out)), the others' Linear."""
+    if not installed(name):
+        pytest.skip("transformers is not installed (make test-real)")
+    row = run_chain(name)
+    assert row.tracing == "module-level fallback"
+    assert row.inserted == 1 and row.fold == "ok" and row.verify == "PASSED", row
+
+
 def test_hf_mobilenet_v1_folds_after_training_steps():
     """Its fold differs from it by more than the fixed tolerance once its BatchNorms have seen a
     training step (tiny variances, eps 1e-3: rounding grows ~30x a layer), but no more than
