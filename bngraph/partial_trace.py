@@ -41,7 +41,7 @@ from bngraph.passes._dataflow import NONLINEARITIES, normalizer_of, record_run
 from bngraph.errors import UserError, model_raised, one_line, user_frame, users_file
 from bngraph.passes._op_kinds import ACTIVATION_MODULES
 from bngraph.passes._fx_effects import hooks_of
-from bngraph.trace import TraceFailed, _RecordShapes, _Tracer, assert_argument_is_none, copy_module, input_dtypes
+from bngraph.trace import TraceFailed, _RecordShapes, _Tracer, assert_argument_is_none, copy_module, input_examples
 
 MAX_LEAVES = 48
 _SEED = 20150211  # the paper's arXiv date: any fixed seed makes two train-mode runs comparable
@@ -61,8 +61,8 @@ class InsertTracer(_Tracer):
     """bngraph's tracer (modules with hooks and TorchScript modules stay one call) with the mode
     as a graph value (1.) and the modules at `leaves` kept opaque (3.)."""
 
-    def __init__(self, leaves: Sequence[str] = (), functions: Sequence = (), dtypes: dict | None = None):
-        super().__init__(autowrap_functions=tuple(functions), input_dtypes=dtypes)
+    def __init__(self, leaves: Sequence[str] = (), functions: Sequence = (), examples: dict | None = None):
+        super().__init__(autowrap_functions=tuple(functions), input_examples=examples)
         self.leaves = set(leaves)
         self._saved_flags: dict[nn.Module, bool] = {}
         self._is_users = users_file()
@@ -164,7 +164,7 @@ def _fixed_arguments(model: nn.Module, given: int) -> dict:
 
 
 def _trace(model: nn.Module, leaves: Sequence[str], functions: Sequence, example_inputs) -> fx.GraphModule:
-    tracer = InsertTracer(leaves, functions, input_dtypes(model, example_inputs))
+    tracer = InsertTracer(leaves, functions, input_examples(model, example_inputs))
     graph = tracer.trace(model, concrete_args=_fixed_arguments(model, len(example_inputs)) or None)
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
@@ -384,14 +384,23 @@ def _first_divergence(reference: _Reference, gm: fx.GraphModule, training: bool)
     return None
 
 
-def _structure(graph: fx.Graph) -> list:
+def _structure(graph: fx.Graph, root: nn.Module) -> list:
+    """Each node as (op, target, args, kwargs), comparable between two traces. A tensor the code
+    made from constants is named by the order fx stored it in (`_tensor_constant4` in one trace
+    is `_tensor_constant5` in a second one of the same root) and compared by its values."""
     index = {n: i for i, n in enumerate(graph.nodes)}
 
     def norm(a):
         return ("node", index[a]) if isinstance(a, fx.Node) else repr(a)
 
+    def target(n: fx.Node) -> str:
+        if n.op == "get_attr" and re.fullmatch(r"_tensor_constant\d+", str(n.target)):
+            value = getattr(root, n.target)
+            return f"constant {value.dtype} {tuple(value.shape)} {hash(value.cpu().numpy().tobytes())}"
+        return str(n.target)
+
     return [
-        (n.op, str(n.target), repr(fx.node.map_aggregate(n.args, norm)), repr(fx.node.map_aggregate(n.kwargs, norm)))
+        (n.op, target(n), repr(fx.node.map_aggregate(n.args, norm)), repr(fx.node.map_aggregate(n.kwargs, norm)))
         for n in graph.nodes
     ]
 
@@ -421,12 +430,12 @@ def _graph_difference(model: nn.Module, gm: fx.GraphModule, leaves, functions, e
         return None
     was_training = model.training
     try:
-        other = InsertTracer(leaves, functions, input_dtypes(model, example_inputs)).trace(
+        other = InsertTracer(leaves, functions, input_examples(model, example_inputs)).trace(
             model.train(not was_training), concrete_args=_fixed_arguments(model, len(example_inputs)) or None
         )
     finally:
         model.train(was_training)
-    mine, theirs = _structure(gm.graph), _structure(other)
+    mine, theirs = _structure(gm.graph, gm), _structure(other, model)
     nodes = list(gm.graph.nodes)
     for i, (a, b) in enumerate(zip(mine, theirs)):
         if a != b:

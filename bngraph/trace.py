@@ -7,16 +7,19 @@ from, and no bngraph command mutates the model it was handed.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import fx, nn
+from torch.fx import _symbolic_trace as fx_trace_module
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_leaves
 
 from bngraph.errors import CheckFailed, UserError, model_raised, one_line, user_frame
 from bngraph.passes._fx_effects import hooks_of
@@ -172,24 +175,58 @@ def check_input_dtype(value, dtype: torch.dtype, name: str) -> None:
         )
 
 
-def input_dtypes(module: nn.Module, example_inputs: Sequence) -> dict[str, torch.dtype]:
-    """The example inputs' dtypes by the names of the forward parameters they are given as."""
+def check_traced_dtype(value, dtype: torch.dtype, name: str) -> None:
+    """The guard of a graph whose forward branched on the dtype of a value it computed (`_Tracer`)."""
+    if isinstance(value, torch.Tensor) and value.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {value.dtype}, but this model's forward branches on that dtype and was traced where "
+            f"it was {dtype}; run it with the dtypes it was transformed with (autocast changes them: train with "
+            "--precision fp32), or transform it again"
+        )
+
+
+def input_examples(module: nn.Module, example_inputs: Sequence) -> dict[str, torch.Tensor]:
+    """The example inputs as meta tensors (shape and dtype, no data) by the names of the forward
+    parameters they are given as."""
     try:
         params = [p for p in inspect.signature(module.forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     except (TypeError, ValueError):
         return {}
-    return {p.name: x.dtype for p, x in zip(params, example_inputs) if isinstance(x, torch.Tensor)}
+    return {p.name: x.to("meta") for p, x in zip(params, example_inputs) if isinstance(x, torch.Tensor)}
+
+
+_EXAMPLE = "bngraph_example"  # node.meta key: the node's value on the example, computed on meta tensors
+
+
+@contextlib.contextmanager
+def _untraced(module: nn.Module):
+    """`module` callable as outside tracing: fx's patched module call and attribute read (which
+    record nodes) put back for the while, and each training flag insert's tracer made a graph
+    value a bool (eval mode)."""
+    patched = nn.Module.__call__, nn.Module.__getattr__
+    flags = {m: m.__dict__["training"] for m in module.modules()
+             if "training" in m.__dict__ and not isinstance(m.__dict__["training"], bool)}
+    nn.Module.__call__, nn.Module.__getattr__ = fx_trace_module._orig_module_call, fx_trace_module._orig_module_getattr
+    for m in flags:
+        m.__dict__["training"] = False
+    try:
+        yield
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__ = patched
+        for m, flag in flags.items():
+            m.__dict__["training"] = flag
 
 
 class _DtypeProxy(fx.Proxy):
     """A Proxy whose `.dtype` is a value where the tracer knows it (`_Tracer`)."""
 
     def __getattr__(self, name: str):
-        if name == "dtype" and "bngraph_dtype" in self.node.meta:
-            if self.node.op == "placeholder":
-                self.tracer.dtypes_read[self.node] = self.node.meta["bngraph_dtype"]
-            return self.node.meta["bngraph_dtype"]
+        example = self.node.meta.get(_EXAMPLE)
+        if name == "dtype" and isinstance(example, torch.Tensor):
+            if self.node.op != "get_attr":
+                self.tracer.dtypes_read.setdefault(self.node, example.dtype)
+            return example.dtype
         return super().__getattr__(name)
 
 
@@ -198,14 +235,19 @@ class _Tracer(fx.Tracer):
     behind a decorator (`_callable_as_traced`), and keeping the guards of a graph traced with
     fixed arguments (insert's) as calls: run on a graph input, they would raise.
 
-    Given the example inputs' dtypes by parameter name (`input_dtypes`), an input's `.dtype` and a
-    parameter's or buffer's are values, not Proxies: HuggingFace's ViT begins with `if pixel_values.dtype != weight.dtype:`,
-    which fx cannot branch on. The graph then holds the branch its example took, and a guard
-    (`check_input_dtype`) for each input whose dtype it read."""
+    Given the example inputs by parameter name (`input_examples`, meta tensors), each node is also
+    run on meta tensors as it is traced, so that `.dtype` is a value, not a Proxy, for an input,
+    a parameter or buffer, and every value computed from them: HuggingFace's ViT begins with
+    `if pixel_values.dtype != weight.dtype:`, T5's blocks clamp `if hidden_states.dtype ==
+    torch.float16:`, and fx cannot branch on a Proxy. The graph then holds the branch its example
+    took, and a guard for each value whose dtype it read (`check_input_dtype` for an input,
+    `check_traced_dtype` after a computed value): another dtype there is a TypeError naming it,
+    never the other branch silently left out. Shapes stay Proxies: a graph holds no batch size."""
 
-    def __init__(self, autowrap_functions=(), input_dtypes: dict[str, torch.dtype] | None = None):
-        super().__init__(autowrap_functions=(assert_argument_is_none, check_input_dtype, *autowrap_functions))
-        self.input_dtypes = input_dtypes or {}
+    def __init__(self, autowrap_functions=(), input_examples: dict[str, torch.Tensor] | None = None):
+        super().__init__(autowrap_functions=(assert_argument_is_none, check_input_dtype, check_traced_dtype,
+                                             *autowrap_functions))
+        self.input_examples = input_examples or {}
         self.dtypes_read: dict[fx.Node, torch.dtype] = {}
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -213,24 +255,78 @@ class _Tracer(fx.Tracer):
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
-        if kind == "placeholder" and target in self.input_dtypes:
-            node.meta["bngraph_dtype"] = self.input_dtypes[target]
+        if kind == "placeholder" and target in self.input_examples:
+            node.meta[_EXAMPLE] = self.input_examples[target]
         return node
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.input_examples and kind in ("call_function", "call_method", "call_module") and isinstance(proxy, fx.Proxy):
+            example = self._run_on_examples(kind, target, args, kwargs)
+            if example is not None:
+                proxy.node.meta[_EXAMPLE] = example
+        return proxy
+
+    def _run_on_examples(self, kind, target, args, kwargs):
+        """What the node computes from its arguments' examples, on meta tensors; None where an
+        argument has none or the op cannot run there (it then stays unknown, as in fx)."""
+        missing = []
+
+        def example(a):
+            if isinstance(a, fx.Proxy):
+                if _EXAMPLE not in a.node.meta:
+                    missing.append(a)
+                return a.node.meta.get(_EXAMPLE)
+            return a
+
+        args, kwargs = map_aggregate(args, example), map_aggregate(kwargs, example)
+        if missing:
+            return None
+        before = list(self.graph.nodes)
+        try:
+            with torch.no_grad():
+                value = self._run(kind, target, args, kwargs)
+        except Exception:  # noqa: BLE001 (an op without a meta kernel, a value-dependent one)
+            value = None
+        added = list(self.graph.nodes)[len(before):]
+        if added:  # something reached a Proxy after all: what it recorded is no part of the model
+            for node in reversed(added):
+                self.graph.erase_node(node)
+            return None
+        return None if any(isinstance(v, fx.Proxy) for v in tree_leaves(value)) else value
+
+    def _run(self, kind, target, args, kwargs):
+        if kind == "call_function":
+            return target(*args, **kwargs)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        module = self.root.get_submodule(target)
+        if any(hooks_of(m) for m in module.modules()):  # a hook may keep what it sees
+            return None
+        state = {k: v.detach().to("meta") for k, v in [*module.named_parameters(), *module.named_buffers()]}
+        with _untraced(module):
+            return torch.func.functional_call(module, state, tuple(args), dict(kwargs))
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         value = super().getattr(attr, attr_val, parameter_proxy_cache)
         if isinstance(value, fx.Proxy) and isinstance(attr_val, torch.Tensor):
-            value.node.meta["bngraph_dtype"] = attr_val.dtype
+            value.node.meta[_EXAMPLE] = attr_val.detach().to("meta")
         return value
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         self.dtypes_read.clear()
         graph = super().trace(root, concrete_args)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        if self.dtypes_read and placeholders:
+        read = {n: d for n, d in self.dtypes_read.items() if n.graph is graph}
+        inputs = [(n, d) for n, d in read.items() if n.op == "placeholder"]
+        if inputs and placeholders:
             with graph.inserting_after(placeholders[-1]):
-                for node, dtype in reversed(self.dtypes_read.items()):
+                for node, dtype in reversed(inputs):
                     graph.call_function(check_input_dtype, (node, dtype, node.target))
+        for node, dtype in read.items():
+            if node.op != "placeholder":
+                with graph.inserting_after(node):
+                    graph.call_function(check_traced_dtype, (node, dtype, f"the value {node.name}"))
         return graph
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -289,7 +385,7 @@ def _symbolic_trace(module: nn.Module, example_inputs: Sequence | None = None) -
     if hooked:
         # torch.fx runs the root's forward, never its __call__: the hooks would be lost.
         raise TraceFailed(f"{type(module).__name__} itself has a {' and a '.join(hooked)}, which a traced graph cannot keep")
-    tracer = _Tracer(input_dtypes=input_dtypes(module, example_inputs or ()))
+    tracer = _Tracer(input_examples=input_examples(module, example_inputs or ()))
     graph = tracer.trace(module)
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
 

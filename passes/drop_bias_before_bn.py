@@ -13,6 +13,7 @@ from collections.abc import Collection
 import torch
 from torch import fx, nn
 
+from bngraph.passes._fx_effects import value_readers
 from bngraph.passes._fx_meta import tensor_shape
 from bngraph.passes._op_kinds import CONV_LINEAR_MODULES
 from bngraph.passes.base import PassResult, Skip, graph_pass
@@ -79,8 +80,8 @@ def drop_bias_before_bn(gm: fx.GraphModule, only: Collection[str] | None = None)
         if layer_features_last != (moved is not None):
             result.skipped.append(Skip(site, f"normalizes another axis than {layer_node.target}'s output features"))
             continue
-        if len(layer_node.users) > 1 or (moved is not None and len(moved.users) > 1):
-            others = ", ".join(u.name for u in layer_node.users if u is not bn_node and u is not moved)
+        if len(value_readers(layer_node)) > 1 or (moved is not None and len(value_readers(moved)) > 1):
+            others = ", ".join(u.name for u in value_readers(layer_node) if u is not bn_node and u is not moved)
             result.skipped.append(Skip(site, f"{layer_node.target}'s output also feeds {others}, which needs the bias"))
             continue
         read_again = readers.of(layer_node.target, layer)

@@ -21,6 +21,7 @@ from torch import fx
 
 from bngraph.passes._bn_affine import fold_into_producer
 from bngraph.passes._fx_batchnorm import axis_at_source, describe, fixed_batch_norms, flag_rounding
+from bngraph.passes._fx_effects import value_readers
 from bngraph.passes._fx_layers import TensorUses, as_layer, write_weights
 from bngraph.passes._fx_meta import tensor_shape
 from bngraph.passes.base import PassResult, Probe, Skip, graph_pass
@@ -42,9 +43,9 @@ def fold_bn_into_preceding_layer(gm: fx.GraphModule) -> PassResult:
             result.skipped.append(Skip(node.name, layer or f"its input comes from {describe(gm, source)}, not a conv or linear"))
             continue
         # 3.
-        busy = next((n for n in [source, *moves] if len(n.users) > 1), None)
+        busy = next((n for n in [source, *moves] if len(value_readers(n)) > 1), None)
         if busy is not None:
-            others = ", ".join(u.name for u in busy.users if u is not node and u not in moves)
+            others = ", ".join(u.name for u in value_readers(busy) if u is not node and u not in moves)
             result.skipped.append(Skip(node.name, f"the output of {busy.name} also feeds {others}, which needs it unnormalized"))
             continue
         # 4.

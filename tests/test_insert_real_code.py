@@ -8,6 +8,7 @@ normalizes; that --preserve keeps the eval-mode function to fp32 rounding; and t
 deterministic.
 """
 
+import copy
 import functools
 
 import pytest
@@ -792,6 +793,54 @@ def test_a_branch_on_the_inputs_dtype_is_traced_for_the_examples_and_guarded(tmp
     loaded = bngraph.load(folder)
     with pytest.raises(TypeError, match="traced with torch.float32"):
         loaded.eval()(x.double())
+
+
+class SplitHeads(nn.Module):
+    """Attention-style reshaping that torch.fx cannot trace (`(*shape, heads, -1)` iterates a
+    Proxy): insert keeps it whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(6, 6)
+
+    def forward(self, x):
+        heads = self.qkv(x).view(*x.shape[:-1], 2, -1)
+        return heads.flatten(-2)
+
+
+class ClampsInHalfPrecision(nn.Module):
+    """HuggingFace's T5 block: `if hidden_states.dtype == torch.float16:` clamp, on values the
+    forward computed, one of them by a submodule fx keeps whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.fc1, self.fc2 = SplitHeads(), nn.Linear(6, 8), nn.Linear(8, 6)
+
+    def forward(self, x):
+        hidden_states = x + self.attn(x)
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clamp(-1000, 1000)
+        h = self.fc1(hidden_states)
+        if h.dtype == torch.float16:  # on the layer's own output: the BN still folds into it
+            h = h.clamp(-1000, 1000)
+        return hidden_states + self.fc2(F.relu(h))
+
+
+def test_a_branch_on_a_computed_values_dtype_is_traced_for_the_example_and_guarded():
+    from tests.util import randomize_bn
+
+    x = _x(8, 5, 6)
+    out, report = _assert_preserved(ClampsInHalfPrecision(), [x])
+    assert report.facts["tracing"] == "torch.fx"
+    assert _sites(report) == {"relu": ("BatchNorm1d", 8)}
+    # The float32 branches are in the graph; where a value another dtype (the model in float16,
+    # or autocast's), a TypeError names it, never the clamp silently left out.
+    with pytest.raises(TypeError, match="has dtype torch.float16, but this model's forward branches on that dtype"):
+        copy.deepcopy(out).half().eval()(x.half())
+    folded, fold_report = bngraph.fold(randomize_bn(out), [x])
+    assert fold_report.facts["batchnorms_after"] == 0  # the guard on fc1's output reads its dtype, not its values
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), out(x), rtol=1e-5, atol=1e-5)
 
 
 def test_unfaithful_top_level_forward_is_untraceable():

@@ -123,6 +123,8 @@ MODELS: dict[str, RealModel] = {
                                             num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)),
     "hf-dinov2": RealModel("transformers", _hf("Dinov2Config", "Dinov2Model", image_size=32, patch_size=8, hidden_size=16,
                                                num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2)),
+    "hf-t5-encoder": RealModel("transformers", _hf_text("T5Config", "T5EncoderModel", vocab_size=100, d_model=16, d_kv=8,
+                                                        d_ff=32, num_layers=1, num_heads=2)),
     # fx cannot trace these at the top (shape branches, caches): the module-level fallback
     "hf-gpt2": RealModel("transformers", _hf_text("GPT2Config", "GPT2Model", vocab_size=100, n_embd=16, n_layer=1,
                                                   n_head=2, use_cache=False)),

@@ -79,6 +79,17 @@ def test_a_transformer_mlp_that_fx_cannot_trace_gets_a_batchnorm_over_its_featur
     assert row.inserted == 1 and row.fold == "ok" and row.verify == "PASSED", row
 
 
+def test_hf_t5_is_traced_through_its_float16_clamps():
+    """Every T5 block clamps `if hidden_states.dtype == torch.float16:`, a value it computed, one
+    part of it by an attention module fx keeps whole: the block was kept whole too, and its
+    ReLU got no BatchNorm. (torch.onnx.export cannot export T5 itself: refused in one line.)"""
+    if not installed("hf-t5-encoder"):
+        pytest.skip("transformers is not installed (make test-real)")
+    row = run_chain("hf-t5-encoder")
+    assert row.tracing == "torch.fx"
+    assert (row.nonlinearities, row.normalized, row.inserted) == (1, 0, 1) and row.fold == "ok"
+
+
 def test_hf_mobilenet_v1_folds_after_training_steps():
     """Its fold differs from it by more than the fixed tolerance once its BatchNorms have seen a
     training step (tiny variances, eps 1e-3: rounding grows ~30x a layer), but no more than
