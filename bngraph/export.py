@@ -147,10 +147,10 @@ _LEAVES = (torch.Tensor, int, float, bool, str, type(None))
 def _with_known_outputs(module: nn.Module, example_inputs) -> tuple[nn.Module, list[str] | None]:
     """`module`, or `_TensorOutputs(module)` where its output holds what the exporter refuses: a
     dataclass torch's pytree does not know (a user's own, in HuggingFace's style), or numbers and
-    strings beside the tensors (`{"logits": t, "n_layers": 3}`). Other unknown classes are left
-    to the exporter's error: their tensors would not all be found. And the outputs' names
-    (`named_tensors`), in the order the exporter writes them (which verify checks), where every
-    tensor is found."""
+    strings beside the tensors (`{"logits": t, "n_layers": 3}`). An object of another class is
+    refused by name (UserError): which of its tensors are outputs is not known, and the exporter
+    would say only that its class is unknown. And the outputs' names (`named_tensors`), in the
+    order the exporter writes them (which verify checks), where every tensor is found."""
     with torch.no_grad(), eval_mode(module), running_user_model():
         output = module(*example_inputs)
     names = [name for name, _ in named_tensors(output)]
@@ -158,21 +158,34 @@ def _with_known_outputs(module: nn.Module, example_inputs) -> tuple[nn.Module, l
     if all(isinstance(leaf, (torch.Tensor, type(None))) for leaf in leaves):
         # A class torch's pytree knows and `named_tensors` does not: the exporter's own names.
         return module, names if len(names) == sum(isinstance(leaf, torch.Tensor) for leaf in leaves) else None
-    if _dataclasses_of_tensors(output):
+    unknown = _unknown_output(output)
+    if unknown is None:
         return _TensorOutputs(module), names
-    return module, None
+    where, value = unknown
+    cls = type(value)
+    hint = ""
+    if cls.__module__.startswith("transformers.") and cls.__name__.endswith("Cache"):
+        hint = ": a HuggingFace model returns its cache where use_cache is on; load it with use_cache=False"
+    raise UserError(f"the model's output '{where}' is a {cls.__module__}.{cls.__qualname__}, which no ONNX file can "
+                    f"hold (its tensors, if any, are not known to be outputs){hint}")
 
 
-def _dataclasses_of_tensors(output) -> bool:
-    """Whether `named_tensors` finds every tensor in `output`: only leaves in dicts, lists, tuples
-    and dataclasses."""
+def _unknown_output(output, where: str = "output") -> tuple[str, object] | None:
+    """(where it sits, the object) of the first thing in `output` that is no leaf (`_LEAVES`), in
+    no dict, list, tuple or dataclass: where `named_tensors` would not find every tensor."""
     if isinstance(output, _LEAVES):
-        return True
+        return None
     if isinstance(output, dict):
-        return all(_dataclasses_of_tensors(v) for v in output.values())
-    if dataclasses.is_dataclass(output) and not isinstance(output, type):
-        return all(_dataclasses_of_tensors(getattr(output, f.name)) for f in dataclasses.fields(output))
-    return isinstance(output, (list, tuple)) and all(_dataclasses_of_tensors(v) for v in output)
+        items = [(str(k), v) for k, v in output.items()]
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        items = [(f.name, getattr(output, f.name)) for f in dataclasses.fields(output)]
+    elif isinstance(output, (list, tuple)):
+        items = [(str(i), v) for i, v in enumerate(output)]
+    else:
+        return where, output
+    top = where == "output" and not isinstance(output, (list, tuple))
+    return next((found for key, value in items
+                 if (found := _unknown_output(value, key if top else f"{where}.{key}")) is not None), None)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

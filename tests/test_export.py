@@ -147,11 +147,26 @@ class _ReturnsHolder(torch.nn.Module):
         return _Holder(self.fc(x))
 
 
+class _ReturnsACache(torch.nn.Module):
+    """HuggingFace's GPT-2 with use_cache on: a dict-like output whose cache is an object."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return {"last_hidden_state": self.fc(x), "past_key_values": [(x, _Holder(x))]}
+
+
 def test_an_output_class_whose_tensors_cannot_all_be_found_is_refused_not_dropped(tmp_path):
     # A dataclass's fields are its outputs (the chain test exports one); an arbitrary object's
     # attributes are not known to be, so the file is not written with some of them left out.
-    with pytest.raises(bngraph.UserError, match="torch.onnx.export could not export _ReturnsHolder"):
+    # The refusal names where it sits (the exporter's own error named only its class).
+    holder = f"{_Holder.__module__}._Holder"
+    with pytest.raises(bngraph.UserError, match=f"the model's output 'output' is a {holder}, which no ONNX file can hold"):
         export(_ReturnsHolder(), [torch.randn(2, 4)], tmp_path / "m.onnx")
+    with pytest.raises(bngraph.UserError, match=f"output 'past_key_values.0.1' is a {holder}"):
+        export(_ReturnsACache(), [torch.randn(2, 4)], tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
 
 

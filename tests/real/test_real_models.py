@@ -90,6 +90,24 @@ def test_hf_t5_is_traced_through_its_float16_clamps():
     assert (row.nonlinearities, row.normalized, row.inserted) == (1, 0, 1) and row.fold == "ok"
 
 
+def test_hf_gpt2_with_its_cache_on_is_refused_by_export_with_the_way_out(tmp_path):
+    """GPT-2 returns a DynamicCache where use_cache is on (its config's default): the exporter
+    said only that the class is unknown; export names the output and the setting."""
+    if not installed("hf-gpt2"):
+        pytest.skip("transformers is not installed (make test-real)")
+    import torch
+    import transformers
+
+    import bngraph
+
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(transformers.GPT2Config(vocab_size=100, n_embd=16, n_layer=1, n_head=2)).eval()
+    tokens = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(bngraph.UserError, match=r"output 'cache' is a transformers\.cache_utils\.DynamicCache.*use_cache=False"):
+        bngraph.export(model, [tokens], tmp_path / "gpt2.onnx")
+    assert not (tmp_path / "gpt2.onnx").exists()
+
+
 def test_hf_mobilenet_v1_folds_after_training_steps():
     """Its fold differs from it by more than the fixed tolerance once its BatchNorms have seen a
     training step (tiny variances, eps 1e-3: rounding grows ~30x a layer), but no more than
