@@ -218,15 +218,29 @@ def _untraced(module: nn.Module):
             m.__dict__["training"] = flag
 
 
+def _attribute(root: nn.Module, path: str):
+    """What `path` names on `root`, read from the modules' own dicts: while fx traces, reading a
+    module's attribute the usual way records a node."""
+    value = root
+    for part in path.split("."):
+        if isinstance(value, nn.Module):
+            owner = next((d for d in (value._parameters, value._buffers, value._modules, value.__dict__) if part in d), {})
+            value = owner.get(part)
+        else:
+            value = getattr(value, part, None)
+    return value
+
+
 class _DtypeProxy(fx.Proxy):
     """A Proxy whose `.dtype` is a value where the tracer knows it (`_Tracer`)."""
 
     def __getattr__(self, name: str):
-        example = self.node.meta.get(_EXAMPLE)
-        if name == "dtype" and isinstance(example, torch.Tensor):
-            if self.node.op != "get_attr":
-                self.tracer.dtypes_read.setdefault(self.node, example.dtype)
-            return example.dtype
+        if name == "dtype" and isinstance(self.tracer, _Tracer):
+            example = self.tracer.example_of(self.node)
+            if isinstance(example, torch.Tensor):
+                if self.node.op != "get_attr":
+                    self.tracer.dtypes_read.setdefault(self.node, example.dtype)
+                return example.dtype
         return super().__getattr__(name)
 
 
@@ -235,8 +249,8 @@ class _Tracer(fx.Tracer):
     behind a decorator (`_callable_as_traced`), and keeping the guards of a graph traced with
     fixed arguments (insert's) as calls: run on a graph input, they would raise.
 
-    Given the example inputs by parameter name (`input_examples`, meta tensors), each node is also
-    run on meta tensors as it is traced, so that `.dtype` is a value, not a Proxy, for an input,
+    Given the example inputs by parameter name (`input_examples`, meta tensors), nodes are also
+    run on meta tensors (`example_of`), so that `.dtype` is a value, not a Proxy, for an input,
     a parameter or buffer, and every value computed from them: HuggingFace's ViT begins with
     `if pixel_values.dtype != weight.dtype:`, T5's blocks clamp `if hidden_states.dtype ==
     torch.float16:`, and fx cannot branch on a Proxy. The graph then holds the branch its example
@@ -257,43 +271,50 @@ class _Tracer(fx.Tracer):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind == "placeholder" and target in self.input_examples:
             node.meta[_EXAMPLE] = self.input_examples[target]
+        elif kind == "get_attr" and self.input_examples:  # a parameter, buffer or tensor constant
+            value = _attribute(self.root, str(target))
+            if isinstance(value, torch.Tensor):
+                node.meta[_EXAMPLE] = value.detach().to("meta")
         return node
 
-    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
-        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
-        if self.input_examples and kind in ("call_function", "call_method", "call_module") and isinstance(proxy, fx.Proxy):
-            example = self._run_on_examples(kind, target, args, kwargs)
-            if example is not None:
-                proxy.node.meta[_EXAMPLE] = example
-        return proxy
+    def example_of(self, node: fx.Node):
+        """`node`'s value on the example, on meta tensors; None where it cannot be known (an
+        argument has none, or an op cannot run there), as fx alone knows none. Computed when a
+        `.dtype` is read, for every node up to this one not yet run: a graph whose forward reads
+        no dtype costs nothing."""
+        if _EXAMPLE not in node.meta and self.input_examples:
+            for earlier in node.graph.nodes:
+                if _EXAMPLE not in earlier.meta and earlier.op in ("call_function", "call_method", "call_module"):
+                    earlier.meta[_EXAMPLE] = self._run_on_examples(earlier)
+                if earlier is node:
+                    break
+        return node.meta.get(_EXAMPLE)
 
-    def _run_on_examples(self, kind, target, args, kwargs):
-        """What the node computes from its arguments' examples, on meta tensors; None where an
-        argument has none or the op cannot run there (it then stays unknown, as in fx)."""
+    def _run_on_examples(self, node: fx.Node):
         missing = []
 
         def example(a):
-            if isinstance(a, fx.Proxy):
-                if _EXAMPLE not in a.node.meta:
+            if isinstance(a, fx.Node):
+                value = a.meta.get(_EXAMPLE)
+                if value is None:
                     missing.append(a)
-                return a.node.meta.get(_EXAMPLE)
+                return value
             return a
 
-        args, kwargs = map_aggregate(args, example), map_aggregate(kwargs, example)
+        args, kwargs = map_aggregate(node.args, example), map_aggregate(node.kwargs, example)
         if missing:
             return None
-        before = list(self.graph.nodes)
+        before = len(node.graph.nodes)
         try:
             with torch.no_grad():
-                value = self._run(kind, target, args, kwargs)
+                value = self._run(node.op, node.target, args, kwargs)
         except Exception:  # noqa: BLE001 (an op without a meta kernel, a value-dependent one)
             value = None
-        added = list(self.graph.nodes)[len(before):]
-        if added:  # something reached a Proxy after all: what it recorded is no part of the model
-            for node in reversed(added):
-                self.graph.erase_node(node)
+        if len(node.graph.nodes) != before:  # something reached a Proxy after all: no part of the model
+            for added in reversed(list(node.graph.nodes)[before:]):
+                node.graph.erase_node(added)
             return None
-        return None if any(isinstance(v, fx.Proxy) for v in tree_leaves(value)) else value
+        return None if any(isinstance(v, (fx.Proxy, fx.Node)) for v in tree_leaves(value)) else value
 
     def _run(self, kind, target, args, kwargs):
         if kind == "call_function":
@@ -306,12 +327,6 @@ class _Tracer(fx.Tracer):
         state = {k: v.detach().to("meta") for k, v in [*module.named_parameters(), *module.named_buffers()]}
         with _untraced(module):
             return torch.func.functional_call(module, state, tuple(args), dict(kwargs))
-
-    def getattr(self, attr, attr_val, parameter_proxy_cache):
-        value = super().getattr(attr, attr_val, parameter_proxy_cache)
-        if isinstance(value, fx.Proxy) and isinstance(attr_val, torch.Tensor):
-            value.node.meta[_EXAMPLE] = attr_val.detach().to("meta")
-        return value
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         self.dtypes_read.clear()
