@@ -271,6 +271,8 @@ def _bngraph_edit(model, edits):
             )
         elif kind == "identity":  # a BatchNorm folded into its layer
             parent._modules[name] = _bngraph_torch.nn.Identity()
+        elif kind == "plain":  # a layer whose weight_norm the fold made a plain weight
+            _bngraph_torch.nn.utils.parametrize.remove_parametrizations(parent._modules[name], args[0])
         elif kind == "bias":  # a layer that gained a bias from the BatchNorm folded into it
             features, dtype = args
             parent._modules[name].bias = _bngraph_torch.nn.Parameter(
@@ -291,7 +293,8 @@ def {cls}():
 def edited_source(source: str, symbol: str, edits: Sequence[tuple], command: str) -> str:
     """model.py for a model that cannot be traced: its source (the user's file, or an earlier
     such model.py) plus `edits`, each `("wrap", path, norm, features, dtype[, "last"])`, `("identity",
-    path)` or `("bias", path, features, dtype)`, applied by path to what `symbol` builds."""
+    path)`, `("plain", path, "weight")` or `("bias", path, features, dtype)`, applied by path to
+    what `symbol` builds."""
     n = source.count("# --- Appended by bngraph:")  # each edit step keeps the one before as its base
     return source + _EDITED_TAIL.format(
         symbol=symbol, command=command, base=f"_bngraph_base_{n}",

@@ -172,7 +172,7 @@ class _Recorder(TorchFunctionMode):
         for t in made:
             same_shape = tuple(v for v in before if v.shape == tuple(t.shape))
             value = Value(name, same_shape, tuple(t.shape), t.dtype, t.device)
-            if name in _RELAYOUT and before:
+            if (name in _RELAYOUT or name == "__getitem__" and _keeps_every_axis(args[1])) and before:
                 value.relaid = before[0]
             if name in CHANNEL_LAYERS or name in LAST_AXIS_LAYERS:
                 value.parameters = frozenset(id(t) for t in read if isinstance(t, nn.Parameter))
@@ -262,7 +262,7 @@ class FeatureAxis:
 
 def feature_axis(value: Value | None, _memo: dict | None = None, _depth: int = 0) -> FeatureAxis:
     """Where `value`'s features sit, from the layer that made it, followed through elementwise
-    ops (every operand shaped like the result must agree) and channel-keeping pooling."""
+    ops (every operand shaped like the result must agree), slices and channel-keeping pooling."""
     memo = {} if _memo is None else _memo
     if value is None:
         return FeatureAxis(None, "its input is not a tensor the model computed")
@@ -280,6 +280,8 @@ def feature_axis(value: Value | None, _memo: dict | None = None, _depth: int = 0
         found = FeatureAxis(None, "a tensor changed in place where bngraph could not see it")
     elif _depth > 400:
         found = FeatureAxis(None, "a chain of elementwise ops too long to follow")
+    elif op == "__getitem__" and value.relaid is not None:  # x[:, :, :-1]: a slice keeps every axis in place
+        found = feature_axis(value.relaid, memo, _depth + 1)
     elif regroups_leading_axes(value):
         # HuggingFace's Conv1D: addmm on (N*T, C) viewed back as (N, T, C'). Each row of the
         # last axis stays whole, so features that were last stay last.
@@ -300,6 +302,12 @@ def feature_axis(value: Value | None, _memo: dict | None = None, _depth: int = 0
         found = FeatureAxis(None, f"{where}, through which the feature axis cannot be followed")
     memo[id(value)] = found
     return found
+
+
+def _keeps_every_axis(index) -> bool:
+    """Whether `x[index]` only narrows axes (slices, `...`): each axis stays where it was."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(p, slice) or p is Ellipsis for p in parts)
 
 
 def regroups_leading_axes(value: Value) -> bool:

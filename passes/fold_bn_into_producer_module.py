@@ -6,12 +6,13 @@ once in eval mode (`_dataflow.record_run`), and a BatchNorm module folds into th
 linear module whose output it normalizes when that is exact without a graph:
   1. the BN is called once, in eval mode, with running statistics, and runs no hooks (forward,
      backward or global: `_fx_effects.hook_refusal`, the traced passes' rule);
-  2. its input was made, maybe through an eval-mode dropout, by one call of a Conv*d or
-     ConvTranspose*d (features in axis 1), or of a Linear on (N, C), or on (N, T, C) flattened to
-     (N*T, C) as LeViT does (BatchNorm1d's axis 1 is then the Linear's output axis), or of a
+  2. its input was made, maybe through an eval-mode dropout or a slice that keeps every channel,
+     by one call of a Conv*d or ConvTranspose*d (features in axis 1), or of a Linear on (N, C),
+     or on (N, T, C) flattened to (N*T, C) as LeViT does (BatchNorm1d's axis 1 is then the Linear's output axis), or of a
      layer computing `addmm(bias, x, weight)` viewed back to x's leading axes with its own
      weight (in, out) (HuggingFace's Conv1D); a plain layer (its op read its own weight and
-     bias), unshared, running no hooks, called once;
+     bias, or a weight its own weight_norm parametrization computed, made plain by the fold),
+     unshared, running no hooks, called once;
   3. nothing but the BN read that output, and nothing changed it in place in between.
 Then the layer's weight and bias absorb the BN (torch.nn.utils.fusion) and the BN becomes an
 nn.Identity. Every other BN is left, with the reason; export's ONNX passes can still fold it.
@@ -25,11 +26,13 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from bngraph.errors import running_user_model
 from bngraph.passes._dataflow import record_run, regroups_leading_axes
 from bngraph.passes._fx_effects import hook_refusal
+from bngraph.passes._fx_layers import make_plain
 from bngraph.passes.base import PassResult, Skip, graph_pass
 
 
@@ -47,6 +50,11 @@ def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:
     # In eval mode a dropout is the identity: the BN folds through it into the layer before.
     while x is not None and x.op in _EVAL_IDENTITIES and len(x.inputs) == 1 and _reads(x, record) == 1:
         x = x.inputs[0]
+    # A slice that keeps every channel (wav2vec2's SamePadLayer: x[:, :, :-1]): a per-channel
+    # scale and shift commute with it.
+    if (x is not None and x.op == "__getitem__" and x.relaid is not None and _reads(x, record) == 1
+            and len(x.shape) == len(x.relaid.shape) >= 2 and x.shape[1] == x.relaid.shape[1]):
+        x = x.relaid
     merged = _merged_leading_axes(x, record)
     if merged is not None:  # LeViT: BatchNorm1d(linear(x).flatten(0, 1)), features still last
         x = merged
@@ -61,7 +69,8 @@ def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:
     if isinstance(layer, nn.Linear) and len(x.shape) != 2 and merged is None:
         return f"the Linear {layer_path}'s output has rank {len(x.shape)}: the BN's axis 1 is not its feature axis", None
     used = x.parameters
-    if id(layer.weight) not in used or (layer.bias is not None and id(layer.bias) not in used):
+    own_weight = id(layer.weight) in used or _weight_normed(layer, used)
+    if not own_weight or (layer.bias is not None and id(layer.bias) not in used):
         return f"{layer_path} ({type(layer).__name__}) computes with other tensors than its own weight and bias", None
     if _shares_parameters(module, layer):
         return f"{layer_path} shares its weight or bias with another layer", None
@@ -102,6 +111,15 @@ def _transposed_linear_product(x, layer: nn.Module, record):
     return product if product.parameters == {id(weight), id(bias)} else None
 
 
+def _weight_normed(layer: nn.Module, used: frozenset[int]) -> bool:
+    """Whether `layer`'s weight is computed in its call by a parametrization of its own (torch's
+    weight_norm, as on wav2vec2's positional conv), and its op read no other parameter than its
+    bias: the fold then makes the weight it computes a plain one."""
+    if not parametrize.is_parametrized(layer, "weight") or set(layer.parametrizations) != {"weight"}:
+        return False
+    return used <= {id(layer.bias)}
+
+
 def _reads(value, record) -> int:
     return value.uses + sum(v is value for v in record.outputs)
 
@@ -130,6 +148,9 @@ def fold_bn_into_producer_module(module: nn.Module, example_inputs: Sequence[tor
             continue
         layer = module.get_submodule(layer_path)
         edits: list[tuple] = [("identity", path)]
+        if parametrize.is_parametrized(layer, "weight"):  # the weight it computes, now plain
+            make_plain(layer)
+            edits.append(("plain", layer_path, "weight"))
         had_bias = layer.bias is not None
         with torch.no_grad():
             if isinstance(layer, nn.Linear):

@@ -497,6 +497,87 @@ def test_a_bn_folds_into_a_conv1d_exactly_and_a_look_alike_is_left():
         torch.testing.assert_close(folded(x), wrapped(x), rtol=1e-5, atol=1e-5)
 
 
+class SamePadLayer(nn.Module):  # wav2vec2's: an even kernel's extra position cut off
+    def __init__(self, num_pad_remove):
+        super().__init__()
+        self.num_pad_remove = num_pad_remove
+
+    def forward(self, hidden_states):
+        if self.num_pad_remove > 0:
+            hidden_states = hidden_states[:, :, : -self.num_pad_remove]
+        return hidden_states
+
+
+class PositionalConvEmbedding(nn.Module):
+    def __init__(self, weight_norm=False):
+        super().__init__()
+        self.conv = nn.Conv1d(6, 6, kernel_size=4, padding=2, groups=2)
+        if weight_norm:  # as wav2vec2's: the weight computed in each call from two parameters
+            self.conv = nn.utils.parametrizations.weight_norm(self.conv, name="weight", dim=2)
+        self.padding, self.activation = SamePadLayer(1), GELUActivation()
+
+    def forward(self, hidden_states):
+        if hidden_states.shape[-1] != 6:  # a shape check: fx cannot trace it
+            raise ValueError("expected 6 features")
+        hidden_states = self.conv(hidden_states.transpose(1, 2))
+        hidden_states = self.activation(self.padding(hidden_states))
+        return hidden_states.transpose(1, 2)
+
+
+@pytest.mark.parametrize("weight_norm", [False, True])
+def test_a_slice_that_keeps_the_channels_keeps_the_feature_axis_and_the_fold(weight_norm):
+    x = torch.randn(4, 10, 6)
+    result = _wrap(PositionalConvEmbedding(weight_norm), x)
+    assert _sites(result) == {"activation": ("BatchNorm1d", 6, "1")}  # through x[:, :, :-1], from the conv
+    wrapped = randomize_bn(result.graph)
+    folded, report = bngraph.fold(wrapped, [x])
+    assert [(r["node"], r["into"]) for r in report.sections["folded"]] == [("activation.bn", "conv")]
+    assert not nn.utils.parametrize.is_parametrized(folded.conv)  # the weight it computed, plain
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), wrapped(x), rtol=1e-5, atol=1e-5)
+
+
+WEIGHT_NORM_FILE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        example_input_shape = (2, 10, 6)
+
+        def __init__(self):
+            super().__init__()
+            conv = nn.Conv1d(6, 6, kernel_size=4, padding=2, groups=2)
+            self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+            self.act = nn.GELU()
+
+        def forward(self, x):
+            if x.shape[-1] != 6:
+                raise ValueError("expected 6 features")
+            return self.act(self.conv(x.transpose(1, 2))[:, :, :-1]).transpose(1, 2)
+    """
+)
+
+
+def test_a_fold_into_a_weight_normed_conv_writes_a_folder_that_loads(tmp_path, capsys):
+    # The folded model's source builds the conv with its weight_norm, the state dict holds the
+    # plain weight: the edits the fold appends make the built conv's weight plain before loading.
+    (tmp_path / "wn.py").write_text(WEIGHT_NORM_FILE)
+    bn_dir, folded = tmp_path / "bn", tmp_path / "folded"
+    code, _, err = _cli(capsys, "insert", f"{tmp_path / 'wn.py'}:Net", "-o", bn_dir)
+    assert code == 0, err
+    with torch.no_grad():  # statistics of its own: a fold against fresh ones would prove little
+        bn = bngraph.load(bn_dir)
+        randomize_bn(bn)
+        bngraph.save(bn, tmp_path / "bn-random", example_inputs=[torch.randn(2, 10, 6)],
+                     code=(bn_dir / "model.py").read_text())
+    code, out, err = _cli(capsys, "fold", tmp_path / "bn-random", "-o", folded, "--strict")
+    assert code == 0, err
+    code, out, err = _cli(capsys, "verify", tmp_path / "bn-random", folded)
+    assert code == 0, out + err
+
+
 def test_untraced_fold_leaves_a_bn_whose_layer_output_is_read_twice():
     class ReadTwice(nn.Module):
         def __init__(self):

@@ -76,7 +76,11 @@ def test_a_transformer_mlp_that_fx_cannot_trace_gets_a_batchnorm_over_its_featur
         pytest.skip("transformers is not installed (make test-real)")
     row = run_chain(name)
     assert row.tracing == "module-level fallback"
-    assert row.inserted == 1 and row.fold == "ok" and row.verify == "PASSED", row
+    assert row.verify == "PASSED", row
+    # wav2vec2 also has a positional conv whose output a padding layer slices in time
+    # (x[:, :, :-1]): its features stay in axis 1, and it gets a BatchNorm too, folded into the
+    # conv though its weight is weight-normed (computed in each call from two parameters).
+    assert row.inserted == (2 if name == "hf-wav2vec2" else 1) and row.fold == "ok", row
 
 
 def test_hf_t5_is_traced_through_its_float16_clamps():
