@@ -273,19 +273,19 @@ def resolve_dataset(
 
 
 def model_images(path: str, input_shapes: Sequence[Sequence[int]], split: str,
-                 pick: Callable[[int], Iterable[int]]) -> torch.Tensor:
+                 pick: Callable[[int], Iterable[int]], input_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Images `pick(n)` of the n in `split` ("train" or "test") of any data `bngraph train` reads,
     as a batch of the model's one input, shaped `input_shapes[0]` (N, ...): an image folder
     decoded to its channels and size, other data reshaped where an image has as many values as
     the input. Only the images picked are read (an image folder is not decoded whole for a few
-    hundred)."""
+    hundred). With an integer `input_dtype` (token ids), integer data stays integer, as train reads it."""
     if len(input_shapes) != 1:
         raise UserError(f"--data feeds images to a model with one input; this one takes {len(input_shapes)}")
     # Imported here: the deployment side (insert, verify) loads the training package only for --data.
     from bngraph.training.data_formats import open_data
 
     input_shape = input_shapes[0]
-    data = open_data(path, input_shape=tuple(input_shape), stream_above_mb=0, workers=0)
+    data = open_data(path, input_shape=tuple(input_shape), input_dtype=input_dtype, stream_above_mb=0, workers=0)
     images = data.train if split == "train" else data.test
     x = torch.stack([images[int(i)][0] for i in pick(len(images))])
     example, values = tuple(input_shape[1:]), x[0].numel()

@@ -160,8 +160,9 @@ def data_calibration_batches(path: str, example_inputs: Sequence[torch.Tensor], 
     image folder decoded to the model's channels and size), for --preserve --data."""
     gen = torch.Generator().manual_seed(0)
     shapes = [x.shape for x in example_inputs]
-    images = model_images(path, shapes, "train", lambda n: torch.randperm(n, generator=gen)[: count * batch])
-    images = images.to(example_inputs[0].dtype)
+    dtype = example_inputs[0].dtype
+    images = model_images(path, shapes, "train", lambda n: torch.randperm(n, generator=gen)[: count * batch], dtype)
+    images = images.to(dtype)
     return [(images[i : i + batch],) for i in range(0, len(images), batch)]
 
 

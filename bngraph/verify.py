@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from bngraph.compare import OutputDiff, VerifyResult, compare, default_tolerance, output_dtype
 from bngraph.data import model_images
@@ -194,7 +195,7 @@ def verify_models(
     batches = random_batches(shapes, sizes, dtypes, batch_axes=batch_axes)
     batch_sizes = list(sizes)
     if data:
-        batches.append(data_batch(data, shapes))
+        batches.append(data_batch(data, shapes, dtypes[0] if dtypes else None))
         batch_sizes.append(len(batches[-1][0]))
     result = verify(models[0], models[1], batches, atol, rtol, evaluator=evaluator, batch_sizes=batch_sizes)
     report = Report(
@@ -207,7 +208,10 @@ def verify_models(
     return result, report
 
 
-def data_batch(path: str, shapes) -> list[np.ndarray]:
+def data_batch(path: str, shapes, dtype=None) -> list[np.ndarray]:
     """The first DATA_EXAMPLES test images of any data `train` reads, shaped as the model's one
-    input (`bngraph.data.model_images`)."""
-    return [model_images(path, shapes, "test", lambda n: range(min(DATA_EXAMPLES, n))).numpy()]
+    input (`bngraph.data.model_images`), in its dtype (a numpy dtype or its name; token ids for
+    an integer input are read as integers, as train reads them)."""
+    torch_dtype = None if dtype is None else torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
+    images = model_images(path, shapes, "test", lambda n: range(min(DATA_EXAMPLES, n)), torch_dtype)
+    return [images.numpy() if torch_dtype is None else images.to(torch_dtype).numpy()]

@@ -319,6 +319,15 @@ def test_a_factory_of_token_ids_trains_a_text_model_in_memory_and_streamed(tmp_p
     assert data.x_train.dtype == torch.int64 and streamed.train[0][0].dtype == torch.int64
     assert torch.equal(data.x_train[0], streamed.train[0][0])
     assert open_data(f"{tmp_path / 'tokens.py'}:make").x_train.dtype == torch.float32  # a model of images: floats
+    # verify --data reads the test ids as the model takes them (they were made float, and the
+    # Embedding raised), and so does insert --preserve --data for its calibration.
+    onnx = tmp_path / "tokens.onnx"
+    assert _cli(capsys, "export", tmp_path / "run" / "model", "-o", onnx)[0] == 0
+    code, out, err = _cli(capsys, "verify", tmp_path / "run" / "model", onnx, "--data", f"{tmp_path / 'tokens.py'}:make")
+    assert code == 0 and "32]" in out, out + err  # the 32 test examples beside the random batches
+    code, _, err = _cli(capsys, "insert", *model, "--preserve", "--data", f"{tmp_path / 'tokens.py'}:make",
+                        "-o", tmp_path / "bn")
+    assert code == 0, err
 
 
 def test_a_factorys_images_read_whole_and_streamed_are_the_same_values(tmp_path):
