@@ -296,9 +296,9 @@ def edited_source(source: str, symbol: str, edits: Sequence[tuple], command: str
     path)`, `("plain", path, "weight")` or `("bias", path, features, dtype)`, applied by path to
     what `symbol` builds."""
     n = source.count("# --- Appended by bngraph:")  # each edit step keeps the one before as its base
+    kind = {"insert": "WRAPS", "fold": "FOLDS"}.get(command, "EDITS")
     return source + _EDITED_TAIL.format(
-        symbol=symbol, command=command, base=f"_bngraph_base_{n}",
-        edits_name=f"_BNGRAPH_{ {'insert': 'WRAPS', 'fold': 'FOLDS'}.get(command, 'EDITS')}_{n}",
+        symbol=symbol, command=command, base=f"_bngraph_base_{n}", edits_name=f"_BNGRAPH_{kind}_{n}",
         edits=[tuple(e) for e in edits], cls=CLASS_NAME,
     )
 
@@ -306,7 +306,8 @@ def edited_source(source: str, symbol: str, edits: Sequence[tuple], command: str
 def wrapped_source(source: str, symbol: str, wraps: Sequence[dict]) -> str:
     """model.py after a fallback insert: `source` plus the wraps the insert report lists."""
     edits = [
-        ("wrap", w["node"], w["norm"], w["features"], w.get("dtype", "float32"), *(["last"] if w.get("axis") == "last" else []))
+        ("wrap", w["node"], w["norm"], w["features"], w.get("dtype", "float32"),
+         *(["last"] if w.get("axis") == "last" else []))  # LastAxisBatchNorm
         for w in wraps
     ]
     return edited_source(source, symbol, edits, "insert")

@@ -10,8 +10,9 @@ its shape and dtype. Then, numbered as in the code:
      custom block, maybe behind a dropout): skip; that is where Conv-Norm-Act blocks keep theirs.
   3. Called at several sites: skip; one BatchNorm would pool the statistics of different layers.
   4. The feature axis comes from the layer that produced the input (conv: axis 1, linear: the
-     last axis), followed through elementwise ops and views that regroup only the axes before
-     the last (HuggingFace's Conv1D); unproven: skip, with the reason.
+     last axis), followed through elementwise ops, slices (wav2vec2's padding layer) and views
+     that regroup only the axes before the last (HuggingFace's Conv1D); unproven: skip, with the
+     reason.
   5. An in-place activation whose result is read more than once: skip, as a BatchNorm in front
      would stop it from mutating the tensor the other reads see.
   6. Otherwise the module becomes `Sequential(bn=BatchNorm{1,2,3}d(features), act=module)`, the
