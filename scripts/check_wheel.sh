@@ -51,7 +51,11 @@ assert (pathlib.Path(bngraph.__file__).parent / "py.typed").is_file(), "py.typed
 assert callable(bngraph.passes.insert_bn_before_activation)
 EOF
 "$BIN/bngraph" --version
-for verb in $("$BIN/python" -c "from bngraph.cli import command_names; print(*command_names())"); do
+# Assigned first: a failure inside `for ... in $(...)` would not stop the script (set -e), and
+# the loop would check no verb at all.
+verbs=$("$BIN/python" -c "from bngraph.cli import COMMANDS; print(*COMMANDS)")
+[ -n "$verbs" ] || { echo "wheel-check: the installed CLI names no commands" >&2; exit 1; }
+for verb in $verbs; do
     "$BIN/bngraph" "$verb" --help > /dev/null
 done
 "$BIN/bngraph" zoo > /dev/null
