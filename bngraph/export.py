@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import re
@@ -43,7 +42,7 @@ from bngraph.onnx_fold import STANDALONE_BN_FORMS, fold_onnx
 from bngraph.onnx_io import write_verified
 from bngraph.report import Report
 from bngraph.trace import raise_if_model_raises
-from bngraph.runners import BATCH_SIZES, batch_axes_of, eval_mode, example_batches, named_tensors
+from bngraph.runners import BATCH_SIZES, batch_axes_of, eval_mode, example_batches, named_leaves, named_tensors
 from bngraph.compare import VerifyResult
 
 # The newest opset that every onnxruntime pyproject admits (>= 1.20) runs; torch's default is 20.
@@ -158,7 +157,7 @@ def _with_known_outputs(module: nn.Module, example_inputs) -> tuple[nn.Module, l
     if all(isinstance(leaf, (torch.Tensor, type(None))) for leaf in leaves):
         # A class torch's pytree knows and `named_tensors` does not: the exporter's own names.
         return module, names if len(names) == sum(isinstance(leaf, torch.Tensor) for leaf in leaves) else None
-    unknown = _unknown_output(output)
+    unknown = next(((where, leaf) for where, leaf in named_leaves(output) if not isinstance(leaf, _LEAVES)), None)
     if unknown is None:
         return _TensorOutputs(module), names
     where, value = unknown
@@ -168,24 +167,6 @@ def _with_known_outputs(module: nn.Module, example_inputs) -> tuple[nn.Module, l
         hint = ": a HuggingFace model returns its cache where use_cache is on; load it with use_cache=False"
     raise UserError(f"the model's output '{where}' is a {cls.__module__}.{cls.__qualname__}, which no ONNX file can "
                     f"hold (its tensors, if any, are not known to be outputs){hint}")
-
-
-def _unknown_output(output, where: str = "output") -> tuple[str, object] | None:
-    """(where it sits, the object) of the first thing in `output` that is no leaf (`_LEAVES`), in
-    no dict, list, tuple or dataclass: where `named_tensors` would not find every tensor."""
-    if isinstance(output, _LEAVES):
-        return None
-    if isinstance(output, dict):
-        items = [(str(k), v) for k, v in output.items()]
-    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
-        items = [(f.name, getattr(output, f.name)) for f in dataclasses.fields(output)]
-    elif isinstance(output, (list, tuple)):
-        items = [(str(i), v) for i, v in enumerate(output)]
-    else:
-        return where, output
-    top = where == "output" and not isinstance(output, (list, tuple))
-    return next((found for key, value in items
-                 if (found := _unknown_output(value, key if top else f"{where}.{key}")) is not None), None)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

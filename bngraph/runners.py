@@ -123,8 +123,12 @@ def named_tensors(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     their index ('hidden_states.0', 'output.1' at the top). None entries and other leaves (ints,
     strings) are not outputs to compare: torch.onnx drops or bakes them in too.
     """
-    if isinstance(out, torch.Tensor):
-        return [(prefix or "output", out)]
+    return [(name, leaf) for name, leaf in named_leaves(out, prefix) if isinstance(leaf, torch.Tensor)]
+
+
+def named_leaves(out: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every leaf of a forward's result, tensor or not (None, a number, an object of any other
+    class), named as `named_tensors` names the tensors."""
     if isinstance(out, dict):  # before dataclasses: a ModelOutput lists only its non-None fields
         items = [(str(key), value) for key, value in out.items()]
     elif dataclasses.is_dataclass(out) and not isinstance(out, type):
@@ -136,8 +140,8 @@ def named_tensors(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
         if not prefix:
             prefix = "output"
     else:
-        return []
-    return [pair for key, value in items for pair in named_tensors(value, f"{prefix}.{key}" if prefix else key)]
+        return [(prefix or "output", out)]
+    return [pair for key, value in items for pair in named_leaves(value, f"{prefix}.{key}" if prefix else key)]
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
