@@ -126,3 +126,27 @@ def test_the_svg_shows_module_paths_and_the_legend(graphviz, tmp_path, residual_
     svg = html.unescape(draw_graph(graph, tmp_path / "g.svg", graphviz=graphviz).read_text())
     assert "b1.conv1" in svg and "b2_bn_skip" in svg
     assert "BatchNorm turned into a multiply-add: 3" in svg
+
+
+class _ClampsInHalf(torch.nn.Module):
+    """A forward that branches on a computed value's dtype, as HF T5's blocks do: its trace holds
+    a dtype guard."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = torch.nn.Linear(4, 6), torch.nn.ReLU()
+
+    def forward(self, x):
+        h = self.fc(x)
+        if h.dtype == torch.float16:
+            h = h.clamp(-1000, 1000)
+        return self.act(h)
+
+
+def test_dtype_guards_are_not_drawn_as_ops():
+    from bngraph.trace import trace
+
+    gm = trace(_ClampsInHalf(), [torch.randn(3, 4)])
+    assert any(n.op == "call_function" and n.target.__name__ == "check_traced_dtype" for n in gm.graph.nodes)
+    graph = graph_of(gm)
+    assert [graph.nodes[n]["module"] for n in graph] == ["input x", "fc", "act", "output"]
