@@ -9,21 +9,18 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bngraph
+from tests.test_insert_fallback import GPT_FILE
 from tests.util import randomize_bn
 
 
-class Conv1D(nn.Module):
-    """HuggingFace's: a Linear whose weight is stored (in, out), applied by addmm and a view."""
+def _user_classes() -> dict:
+    """The GPT-2-style file's classes, HuggingFace's Conv1D among them (tests/test_insert_fallback.py)."""
+    namespace: dict = {}
+    exec(GPT_FILE, namespace)  # noqa: S102 (the test's own source text)
+    return namespace
 
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
 
-    def forward(self, x):
-        size_out = x.size()[:-1] + (self.nf,)
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+Conv1D = _user_classes()["Conv1D"]
 
 
 class Stack(nn.Module):
