@@ -124,7 +124,7 @@ def fold(
         # The submodules kept whole may hold BNs that folding module by module reaches (HF LeViT's
         # attention: 17 of them): the result that leaves fewer.
         try:
-            untraced, untraced_report = fold_untraced(module, example_inputs, trace_failure)
+            untraced, untraced_report = fold_untraced(module, example_inputs, trace_failure, reference=reference)
         except CheckFailed:
             return gm, report
         if untraced_report.facts["batchnorms_after"] < report.facts["batchnorms_after"]:

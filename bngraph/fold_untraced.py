@@ -42,9 +42,12 @@ def _rounding_gains(module: nn.Module) -> dict[str, float]:
     }
 
 
-def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], trace_failure: str) -> tuple[nn.Module, Report]:
+def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], trace_failure: str, *,
+                  reference: Reference | None = None) -> tuple[nn.Module, Report]:
     """An eval-mode copy of `module` with each BatchNorm folded where that is exact without a
-    graph, and the report; raises CheckFailed if the copy computes something else."""
+    graph, and the report; raises CheckFailed if the copy computes something else. `reference`:
+    the model's outputs a caller already has (`bngraph.fold` after its partial trace), so that
+    the model is not run again for them."""
     copy = copy_module(module).eval()
     before = _batch_norms(copy)
     gains = _rounding_gains(copy)
@@ -53,7 +56,8 @@ def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], tra
     # Only the BNs folded away can magnify rounding: one left computes as it did.
     gain = max((gains.get(p, 0.0) for p in result.changed), default=0.0)
     tolerance = fold_tolerance(gain)
-    reference = Reference(module, example_inputs)
+    reference = reference or Reference(module, example_inputs)
+    noted = len(reference.notes)  # a caller's reference holds its own checks' notes
     reference.check(copy, what="the folded model", atol=tolerance, rtol=tolerance)
     left = _batch_norms(copy)
     reasons = {s.site: s.reason for s in result.skipped}
@@ -63,7 +67,7 @@ def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], tra
              "and those left can still be folded by `bngraph export` in ONNX"]
     if not before:
         notes.append("nothing to fold: the model has no BatchNorm")
-    notes += reference.notes
+    notes += reference.notes[noted:]
     for row in folded:
         if (row_gain := gains.get(row["node"], 0.0)) > PRECISION_LOSS_GAIN:
             row["rounding_gain"] = row_gain

@@ -163,10 +163,13 @@ def _fixed_arguments(model: nn.Module, given: int) -> dict:
     return fixed
 
 
-def _trace(model: nn.Module, leaves: Sequence[str], functions: Sequence, example_inputs) -> fx.GraphModule:
+def _graph(model: nn.Module, leaves: Sequence[str], functions: Sequence, example_inputs) -> fx.Graph:
     tracer = InsertTracer(leaves, functions, input_examples(model, example_inputs))
-    graph = tracer.trace(model, concrete_args=_fixed_arguments(model, len(example_inputs)) or None)
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+    return tracer.trace(model, concrete_args=_fixed_arguments(model, len(example_inputs)) or None)
+
+
+def _trace(model: nn.Module, leaves: Sequence[str], functions: Sequence, example_inputs) -> fx.GraphModule:
+    return fx.GraphModule(model, _graph(model, leaves, functions, example_inputs), class_name=type(model).__name__)
 
 
 def _failing_function(err: BaseException):
@@ -430,9 +433,7 @@ def _graph_difference(model: nn.Module, gm: fx.GraphModule, leaves, functions, e
         return None
     was_training = model.training
     try:
-        other = InsertTracer(leaves, functions, input_examples(model, example_inputs)).trace(
-            model.train(not was_training), concrete_args=_fixed_arguments(model, len(example_inputs)) or None
-        )
+        other = _graph(model.train(not was_training), leaves, functions, example_inputs)
     finally:
         model.train(was_training)
     mine, theirs = _structure(gm.graph, gm), _structure(other, model)

@@ -312,6 +312,7 @@ class _Tracer(fx.Tracer):
             value = None
         if len(node.graph.nodes) != before:  # something reached a Proxy after all: no part of the model
             for added in reversed(list(node.graph.nodes)[before:]):
+                self.dtypes_read.pop(added, None)
                 node.graph.erase_node(added)
             return None
         return None if any(isinstance(v, (fx.Proxy, fx.Node)) for v in tree_leaves(value)) else value
@@ -332,7 +333,7 @@ class _Tracer(fx.Tracer):
         self.dtypes_read.clear()
         graph = super().trace(root, concrete_args)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        read = {n: d for n, d in self.dtypes_read.items() if n.graph is graph}
+        read = self.dtypes_read
         inputs = [(n, d) for n, d in read.items() if n.op == "placeholder"]
         if inputs and placeholders:
             with graph.inserting_after(placeholders[-1]):
