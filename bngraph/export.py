@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from bngraph.atomic import ONNX, check_output
+from bngraph.attention_math import attention_as_math
 from bngraph.errors import CheckFailed, ModelNotAFunction, ModelRaised, UserError, one_line, running_user_model
 from bngraph.fold import fold as fx_fold
 from bngraph.onnx_fold import STANDALONE_BN_FORMS, fold_onnx
@@ -65,8 +66,13 @@ def to_onnx(
     *,
     exporter_optimize: bool = False,
     batch_axes: Sequence[int | None] | None = None,
+    notes: list[str] | None = None,
 ):
-    """torch.onnx.export (dynamo=True) with a dynamic batch axis; returns the onnx_ir.Model."""
+    """torch.onnx.export (dynamo=True) with a dynamic batch axis; returns the onnx_ir.Model.
+
+    Where the exporter fails on its own decomposition of scaled_dot_product_attention, the
+    export runs again with the attention written out (`bngraph.attention_math`), and a line
+    saying so goes to `notes`."""
     # torch.export specializes a dimension of size 1, so a batch-1 example would fix the
     # batch at 1: repeat it to 2 (the values do not matter, only the shapes are traced).
     # Only inputs with a batch axis get the dynamic dimension (`bngraph.runners.batch_axes_of`):
@@ -84,19 +90,31 @@ def to_onnx(
     # The exporter prints progress, logs a warning per missing torchvision op and, when it fails,
     # dumps the graph with colour codes: none of it is our report. All of it goes to a log that
     # is kept, and named in the one error line, only when the export fails.
+    def run_exporter():
+        with eval_mode(module), _output_captured_in(log):
+            return torch.onnx.export(
+                module,
+                inputs,
+                dynamo=True,
+                optimize=exporter_optimize,
+                opset_version=OPSET,
+                dynamic_shapes=dynamic_shapes,
+                output_names=output_names,  # as verify names them: 'logits', not 'linear_12'
+                verbose=False,
+            )
+
     with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as log:
         try:
-            with eval_mode(module), _output_captured_in(log):
-                program = torch.onnx.export(
-                    module,
-                    inputs,
-                    dynamo=True,
-                    optimize=exporter_optimize,
-                    opset_version=OPSET,
-                    dynamic_shapes=dynamic_shapes,
-                    output_names=output_names,  # as verify names them: 'logits', not 'linear_12'
-                    verbose=False,
-                )
+            try:
+                program = run_exporter()
+            except Exception as err:
+                if not _ATTENTION_VIEW_BUG.search(_root_cause(err)):
+                    raise
+                with attention_as_math():
+                    program = run_exporter()
+                if notes is not None:
+                    notes.append(f"exported with scaled_dot_product_attention written as matmuls and a softmax: the "
+                                 f"exporter's own decomposition of it fails ({_root_cause(err)}; pytorch/pytorch#136543)")
         except Exception as err:
             raise_if_model_raises(module, example_inputs)
             _raise_if_batch_fixed(module, example_inputs, axes)
@@ -106,6 +124,11 @@ def to_onnx(
                 f"(the exporter's full log: {saved})"
             ) from err
     return program.model
+
+
+# What torch.onnx.export raises when its decomposition of scaled_dot_product_attention gives the
+# output other strides than the kernel did (`bngraph.attention_math`).
+_ATTENTION_VIEW_BUG = re.compile(r"Cannot view a tensor with shape .* and strides .* as a tensor with shape")
 
 
 def _raise_if_batch_fixed(module: nn.Module, example_inputs, axes: Sequence[int | None]) -> None:
@@ -280,7 +303,8 @@ def export(
     exported = _fx_fold(module, example_inputs, report) if fold else module
     if not fold:
         report.facts["fx_fold"] = "off (--no-fold)"
-    exported_onnx = to_onnx(exported, example_inputs, exporter_optimize=exporter_optimize, batch_axes=batch_axes)
+    exported_onnx = to_onnx(exported, example_inputs, exporter_optimize=exporter_optimize, batch_axes=batch_axes,
+                            notes=report.notes)
     model, onnx_report = fold_onnx(exported_onnx, standalone_bn=standalone_bn)
     report.facts.update({f"onnx_{k}": v for k, v in onnx_report.facts.items()})
     report.sections.update({f"onnx_{k}": v for k, v in onnx_report.sections.items()})
