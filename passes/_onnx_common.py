@@ -11,6 +11,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import onnx_ir as ir
 import torch
 from onnxscript.optimizer import fold_constants_ir
@@ -27,12 +28,14 @@ CONV_LAYERS = ("Conv", "ConvTranspose")  # the layers with a bias input per outp
 def fold_constants_quietly(model: ir.Model) -> None:
     """onnxscript's constant folding with shape inference, without its warning for each node it
     cannot evaluate ("Evaluation failed: cannot reshape array...", on BERT's position ids): it
-    leaves that node as it was, and the user's terminal has nothing to act on."""
+    leaves that node as it was, and the user's terminal has nothing to act on. Nor numpy's
+    warnings on the values it computes (T5's position buckets take log(0) = -inf on purpose)."""
     folder_log = logging.getLogger("onnxscript.optimizer._constant_folding")
     level = folder_log.level
     folder_log.setLevel(logging.ERROR)
     try:
-        fold_constants_ir(model, onnx_shape_inference=True)
+        with np.errstate(all="ignore"):
+            fold_constants_ir(model, onnx_shape_inference=True)
     finally:
         folder_log.setLevel(level)
 
