@@ -239,7 +239,7 @@ def module_source(
 
 _EDITED_TAIL = """
 
-# --- Appended by bngraph: torch.fx could not trace {symbol}, so `bngraph {command}` changed its
+# --- Appended by bngraph: torch.fx could not trace {what}, so `bngraph {command}` changed
 # --- modules by path (module-level fallback), as listed here.
 import collections as _bngraph_collections  # noqa: E402
 
@@ -290,27 +290,49 @@ def {cls}():
 """
 
 
-def edited_source(source: str, symbol: str, edits: Sequence[tuple], command: str) -> str:
+def edited_source(
+    source: str, symbol: str, edits: Sequence[tuple], command: str, *, name: str = CLASS_NAME, what: str | None = None
+) -> str:
     """model.py for a model that cannot be traced: its source (the user's file, or an earlier
     such model.py) plus `edits`, each `("wrap", path, norm, features, dtype[, "last"])`, `("identity",
     path)`, `("plain", path, "weight")` or `("bias", path, features, dtype)`, applied by path to
-    what `symbol` builds."""
-    n = source.count("# --- Appended by bngraph:")  # each edit step keeps the one before as its base
+    what `symbol` builds, by a function called `name`; `what` names what torch.fx could not
+    trace (default: `symbol`)."""
+    n = _edit_steps(source)
     kind = {"insert": "WRAPS", "fold": "FOLDS"}.get(command, "EDITS")
     return source + _EDITED_TAIL.format(
         symbol=symbol, command=command, base=f"_bngraph_base_{n}", edits_name=f"_BNGRAPH_{kind}_{n}",
-        edits=[tuple(e) for e in edits], cls=CLASS_NAME,
+        edits=[tuple(e) for e in edits], cls=name, what=what or symbol,
     )
 
 
-def wrapped_source(source: str, symbol: str, wraps: Sequence[dict]) -> str:
-    """model.py after a fallback insert: `source` plus the wraps the insert report lists."""
-    edits = [
+def _edit_steps(source: str) -> int:
+    """How many times bngraph appended to `source`: each edit step keeps the one before as its
+    base, under names numbered by this."""
+    return source.count("# --- Appended by bngraph:")
+
+
+def wrap_edits(wraps: Sequence[dict]) -> list[tuple]:
+    """The edits of the wraps an insert report lists (`wrap_activation_modules`' rows)."""
+    return [
         ("wrap", w["node"], w["norm"], w["features"], w.get("dtype", "float32"),
          *(["last"] if w.get("axis") == "last" else []))  # LastAxisBatchNorm
         for w in wraps
     ]
-    return edited_source(source, symbol, edits, "insert")
+
+
+def wrapped_source(source: str, symbol: str, wraps: Sequence[dict]) -> str:
+    """model.py after a fallback insert: `source` plus the wraps the insert report lists."""
+    return edited_source(source, symbol, wrap_edits(wraps), "insert")
+
+
+def edited_base(base: tuple[str, str], edits: Sequence[tuple], command: str) -> tuple[str, str]:
+    """`module_source`'s `base` whose model has `edits` applied: after an insert that wrapped
+    activation modules inside the submodules a partial trace kept opaque, the generated code
+    takes those submodules, wraps included, from the model it builds."""
+    name = f"_bngraph_edited_{_edit_steps(base[0])}"
+    what = f"submodules of {base[1]} (kept whole below)"
+    return edited_source(*base, edits, command, name=name, what=what), name
 
 
 # Between the user's code an artifact carries and the generated code, the line before it naming

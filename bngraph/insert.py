@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from bngraph.artifact_code import fallback_source, user_code, user_files, wrapped_source
+from bngraph.artifact_code import edited_base, fallback_source, user_code, user_files, wrap_edits, wrapped_source
 from bngraph.artifacts import history_entry, save
 from bngraph.data import model_images
 from bngraph.equivalence import Reference
@@ -73,12 +73,20 @@ def insert(
         insert_pass = partial(wrap_activation_modules, example_inputs=example_inputs)
 
     graph, results = run_passes(graph, [insert_pass])
-    bn_paths = [row["bn"] for row in results[pass_name(insert_pass)].details]
+    traced_bns = [row["bn"] for row in results[pass_name(insert_pass)].details]
+    leaves = [o.module for o in opaque if o.type != "function"]
+    if leaves:
+        # The activation modules inside the submodules kept opaque run there, not in the graph:
+        # they are wrapped by running the model, as the fallback wraps a whole model's.
+        wrap_inside = partial(wrap_activation_modules, example_inputs=example_inputs, within=leaves)
+        graph, inner = run_passes(graph, [wrap_inside])
+        results.update(inner)
+    bn_paths = [row["bn"] for result in results.values() for row in result.details]
     passes = []
     if preserve and bn_paths:
         passes.append(CalibrateBnAsIdentity(bn_paths, calibration_data or calibration_batches(example_inputs)))
-    if trace_failure is None and bn_paths:
-        passes.append(partial(drop_bias_before_bn, only=bn_paths))
+    if trace_failure is None and traced_bns:  # the biases in front of wrapped ones are kept: no graph proves them redundant
+        passes.append(partial(drop_bias_before_bn, only=traced_bns))
     graph, more = run_passes(graph, passes)
     results.update(more)
     checked = []
@@ -86,10 +94,28 @@ def insert(
         reference = Reference(model, example_inputs)
         reference.check(graph, what="the model with BatchNorms inserted (--preserve)")
         checked = reference.notes
-    not_handled = nonlinearities_not_handled(graph, example_inputs, opaque) if trace_failure is None else []
+    not_handled = []
+    if trace_failure is None:
+        not_handled = _left_inside(nonlinearities_not_handled(graph, example_inputs, opaque),
+                                   results.get(wrap_activation_modules.__name__))
     report = insert_report(results, trace_failure, opaque=opaque, not_handled=not_handled)
     report.notes += checked
     return graph, report
+
+
+def _left_inside(not_handled: list[dict], wrapped: PassResult | None) -> list[dict]:
+    """The nonlinearities inside leaves less those `wrapped` (the pass that wrapped activation
+    modules inside opaque submodules), each with the reason that pass gave for leaving it."""
+    if wrapped is None:
+        return not_handled
+    acts = [f"{path}.act" for path in wrapped.changed]  # Sequential(bn=..., act=<the module>)
+    left = []
+    for row in not_handled:
+        if any(row["module"] == act or row["module"].startswith(f"{act}.") for act in acts):
+            continue
+        why = [s.reason for s in wrapped.skipped if s.site == row["module"] or s.site.startswith(f"{row['module']}:")]
+        left.append({**row, "reason": "; ".join([*why[:1], row["reason"]])})
+    return left
 
 
 def insert_report(
@@ -102,6 +128,8 @@ def insert_report(
     """`opaque`: submodules partial tracing kept as one call; `not_handled`: nonlinearities the
     model runs that no BatchNorm was considered for (inside leaves), each with its reason."""
     first = next(iter(results.values()))
+    # After a partial trace, what was wrapped inside opaque submodules; what it left is in `not_handled`.
+    inside = results.get(wrap_activation_modules.__name__) if trace_failure is None else None
     dropped = results.get(drop_bias_before_bn.__name__)
     dropped_at = set(dropped.changed) if dropped else set()
     inserted = [
@@ -114,11 +142,11 @@ def insert_report(
             "bias_removed": row["bn"] in dropped_at,
             "bn": row["bn"],
         }
-        for row in first.details
+        for row in [*first.details, *(inside.details if inside else ())]
     ]
     skipped = [{"node": s.site, "reason": s.reason} for s in first.skipped]
     for name, result in results.items():
-        if result is not first:
+        if result is not first and result is not inside:
             skipped += [{"node": s.site, "reason": f"{name}: {s.reason}"} for s in result.skipped]
     notes = []
     if opaque:
@@ -131,6 +159,9 @@ def insert_report(
             notes.append("nothing changed: no nonlinearity needs a BatchNorm" + (" (already inserted?)" if already else ""))
     elif not_handled:
         notes.append(f"{len(not_handled)} nonlinearities run inside submodules insert cannot see into (see 'not_handled')")
+    if inside and inside.changed:
+        notes.append(f"{len(inside.changed)} activation module(s) inside submodules kept opaque got a BatchNorm by "
+                     "running the model (the module-level fallback); the biases before them are kept")
     for row in first.details:
         if row.get("unnormalized_readers"):
             readers = ", ".join(row["unnormalized_readers"])
@@ -187,14 +218,17 @@ def insert_artifact(
     report.title = f"bngraph insert {loaded.spec.text}"
     if output is None:
         return model, report
-    code = None
+    code, base = None, user_code(loaded)
+    wrapped = report.passes.get(wrap_activation_modules.__name__)
     if report.facts["tracing"] == FALLBACK:
-        code = wrapped_source(*fallback_source(loaded), report.passes["wrap_activation_modules"].details)
+        code = wrapped_source(*fallback_source(loaded), wrapped.details)
+    elif wrapped and wrapped.details and base is not None:  # inside submodules kept opaque, from the user's code
+        base = edited_base(base, wrap_edits(wrapped.details), "insert")
     entry = {**history_entry("insert", report.passes), "preserve": preserve, "data": data, "report": report.to_json()}
     history = [*loaded.history, entry]
     # Layers kept opaque, and the user's own functions and classes, come from the user's code.
     save(model, output, example_inputs=example_inputs, history=history, source=loaded.spec.text, code=code,
-         base=user_code(loaded), carry=user_files(loaded), force=force)
+         base=base, carry=user_files(loaded), force=force)
     report.facts["output"] = output
     return model, report
 

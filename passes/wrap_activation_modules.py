@@ -20,6 +20,9 @@ its shape and dtype. Then, numbered as in the code:
      input (a transformer's MLP), `bn=LastAxisBatchNorm(BatchNorm1d(features))`, statistics over
      every axis but the last, as `insert` computes them on a traced graph.
 Nonlinearities called as functions (`F.relu`, `x.sigmoid()`) cannot be wrapped: each is reported.
+
+`insert` runs it on models torch.fx cannot trace at all, and, with `within`, inside the
+submodules a partial trace kept opaque (HF Swin's blocks), whose activations no graph shows.
 """
 
 from __future__ import annotations
@@ -63,9 +66,13 @@ def _input_problem(call) -> str | None:
 
 
 @graph_pass(in_place=True)
-def wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> PassResult:
-    """Wrap each activation module of `module` with a BatchNorm in front of it."""
+def wrap_activation_modules(
+    module: nn.Module, example_inputs: Sequence[torch.Tensor], within: Sequence[str] | None = None
+) -> PassResult:
+    """Wrap each activation module of `module` with a BatchNorm in front of it; with `within`,
+    only those inside the submodules at these paths (the leaves a partial trace kept opaque)."""
     result = PassResult(module)
+    inside = None if within is None else tuple(f"{p}." for p in within)
     with running_user_model():
         record = record_run(module, example_inputs)
     was_training = module.training
@@ -77,6 +84,8 @@ def wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Te
     hand_written = {p for p, cs in calls.items() if all(is_elementwise_nonlinearity(c) for c in cs)}
     activations = [p for p, m in module.named_modules() if isinstance(m, ACTIVATION_MODULES) or p in hand_written]
     activations = [p for p in activations if not any(p.startswith(a + ".") for a in activations)]
+    if inside is not None:
+        activations = [p for p in activations if p.startswith(inside)]
 
     for path in activations:
         act = module.get_submodule(path)
@@ -143,6 +152,8 @@ def wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Te
     for i, f in enumerate(record.functional):
         if f.module in wrapped or any(f.module.startswith(a + ".") for a in wrapped):
             continue  # inside an activation module handled above (GELUActivation calls F.gelu)
+        if inside is not None and f.module not in within and not f.module.startswith(inside):
+            continue
         where = f.module or "the model's forward"
         result.skipped.append(
             Skip(f"{f.module or 'forward'}:{f.op}#{f.index}",

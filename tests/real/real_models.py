@@ -123,6 +123,9 @@ MODELS: dict[str, RealModel] = {
                                             num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)),
     "hf-dinov2": RealModel("transformers", _hf("Dinov2Config", "Dinov2Model", image_size=32, patch_size=8, hidden_size=16,
                                                num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2)),
+    # Swin's layers pick their windows by the input's size: kept whole, their GELUs wrapped by running
+    "hf-swin": RealModel("transformers", _hf("SwinConfig", "SwinModel", image_size=32, patch_size=4, embed_dim=8,
+                                             depths=[1, 1], num_heads=[1, 2], window_size=4)),
     "hf-t5-encoder": RealModel("transformers", _hf_text("T5Config", "T5EncoderModel", vocab_size=100, d_model=16, d_kv=8,
                                                         d_ff=32, num_layers=1, num_heads=2)),
     # fx cannot trace these at the top (shape branches, caches): the module-level fallback

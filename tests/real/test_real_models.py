@@ -83,15 +83,29 @@ def test_a_transformer_mlp_that_fx_cannot_trace_gets_a_batchnorm_over_its_featur
     assert row.inserted == (2 if name == "hf-wav2vec2" else 1) and row.fold == "ok", row
 
 
-def test_hf_t5_is_traced_through_its_float16_clamps():
-    """Every T5 block clamps `if hidden_states.dtype == torch.float16:`, a value it computed, one
-    part of it by an attention module fx keeps whole: the block was kept whole too, and its
-    ReLU got no BatchNorm. (torch.onnx.export cannot export T5 itself: refused in one line.)"""
+def test_hf_t5_is_traced_through_its_float16_clamps_and_exports():
+    """Every T5 block clamps `if hidden_states.dtype == torch.float16:`, a value it computed: the
+    tracer runs it on meta tensors, so the block traces and its ReLU gets a BatchNorm. Its
+    attention adds a learned position bias as SDPA's mask, whose decomposition torch.onnx.export
+    cannot export (pytorch/pytorch#136543): export writes the attention out and verifies."""
     if not installed("hf-t5-encoder"):
         pytest.skip("transformers is not installed (make test-real)")
     row = run_chain("hf-t5-encoder")
     assert row.tracing == "torch.fx"
     assert (row.nonlinearities, row.normalized, row.inserted) == (1, 0, 1) and row.fold == "ok"
+    assert (row.export, row.verify) == ("ok", "PASSED"), row
+
+
+def test_hf_swin_gets_batchnorms_inside_the_blocks_fx_keeps_whole():
+    """Swin's layers pick their windows by the input's size (`if min(input_resolution) <=
+    self.window_size:`), so each stays one call in insert's graph; the GELU module inside each
+    gets its BatchNorm by running the model, and folds into the Linear before it."""
+    if not installed("hf-swin"):
+        pytest.skip("transformers is not installed (make test-real)")
+    row = run_chain("hf-swin")
+    assert row.tracing == "torch.fx"
+    assert (row.nonlinearities, row.normalized, row.inserted, row.reported) == (2, 0, 2, 2), row
+    assert row.fold == "ok" and (row.export, row.verify) == ("ok", "PASSED"), row
 
 
 def test_hf_gpt2_with_its_cache_on_is_refused_by_export_with_the_way_out(tmp_path):

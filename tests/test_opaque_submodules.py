@@ -1,0 +1,130 @@
+"""Activation modules inside a submodule torch.fx cannot trace (HF Swin's blocks) get their
+BatchNorm by running the model, and the artifact insert writes carries them through train, fold,
+export and verify, all through the command line."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import torch
+from torch import nn
+
+import bngraph
+from bngraph.cli import main
+
+SWIN_STYLE = textwrap.dedent(
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+
+    class GELUActivation(nn.Module):  # HuggingFace's activation class
+        def forward(self, input):
+            return F.gelu(input)
+
+
+    class WindowBlock(nn.Module):
+        '''Swin's layer: the window is picked from the input's size, which torch.fx cannot branch
+        on; attention with a learned relative-position bias, then a gated MLP.'''
+
+        def __init__(self, dim=16, heads=2, window=2):
+            super().__init__()
+            self.dim, self.heads, self.window = dim, heads, window
+            self.norm = nn.LayerNorm(dim)
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.relative_position_bias = nn.Parameter(torch.randn(heads, 1, 1) * 0.1)
+            self.fc1, self.act, self.fc2 = nn.Linear(dim, 2 * dim), GELUActivation(), nn.Linear(2 * dim, dim)
+            self.gate = nn.Linear(dim, dim)
+
+        def forward(self, hidden_states, size):
+            height, width = size
+            window = min(height, width) if min(height, width) <= self.window else self.window
+            b, t, c = hidden_states.shape
+            x = self.norm(hidden_states).view(b, height // window, window, width // window, window, c)
+            x = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
+            q, k, v = self.qkv(x).view(x.shape[0], -1, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            bias = self.relative_position_bias.expand(self.heads, window * window, window * window).unsqueeze(0)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            attended = self.proj(attended.transpose(1, 2).reshape(x.shape[0], -1, c))
+            attended = attended.view(b, height // window, width // window, window, window, c)
+            hidden_states = hidden_states + attended.permute(0, 1, 3, 2, 4, 5).reshape(b, t, c)
+            mlp = self.fc2(self.act(self.fc1(hidden_states)))
+            return hidden_states + mlp * torch.sigmoid(self.gate(hidden_states))
+
+
+    class Net(nn.Module):
+        example_input_shape = (4, 3, 8, 8)
+
+        def __init__(self):
+            super().__init__()
+            self.patch_embed = nn.Conv2d(3, 16, 2, stride=2)
+            self.block = WindowBlock()
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, pixel_values):
+            x = self.patch_embed(pixel_values)
+            size = x.shape[2:]
+            x = self.block(x.flatten(2).transpose(1, 2), size)
+            return self.head(x.mean(1))
+    """
+)
+
+IMAGES_PY = textwrap.dedent(
+    """
+    import torch
+    from torch.utils.data import TensorDataset
+
+
+    def make():
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(96, 3, 8, 8, generator=gen)
+        y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()
+        return TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
+    """
+)
+
+
+def _cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_module_inside_a_block_fx_cannot_trace_gets_a_batchnorm_that_trains_folds_and_exports(tmp_path, capsys):
+    (tmp_path / "swin.py").write_text(SWIN_STYLE)
+    (tmp_path / "images.py").write_text(IMAGES_PY)
+    bn_dir, run, folded, onnx = tmp_path / "bn", tmp_path / "run", tmp_path / "folded", tmp_path / "m.onnx"
+
+    code, out, err = _cli(capsys, "insert", f"{tmp_path / 'swin.py'}:Net", "--preserve", "-o", bn_dir, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["tracing"] == "torch.fx"
+    assert [o["module"] for o in report["opaque"]] == ["block"]
+    assert [(r["node"], r["features"], r["axes"], r["bn"], r["bias_removed"]) for r in report["inserted"]] == [
+        ("block.act", 32, "last", "block.act.bn.norm", False)
+    ]
+    (left,) = report["not_handled"]  # the gate's sigmoid, called as a function: nothing to wrap
+    assert (left["module"], left["nonlinearity"]) == ("block", "sigmoid")
+    assert "called as a function" in left["reason"] and "kept opaque" in left["reason"]
+    inserted = bngraph.load(bn_dir)
+    assert isinstance(inserted.block.act.bn.norm, nn.BatchNorm1d)
+
+    code, out, err = _cli(capsys, "train", bn_dir, "--data", f"{tmp_path / 'images.py'}:make", "--steps", 6,
+                          "--batch-size", 16, "-o", run)
+    assert code == 0, err
+    trained = bngraph.load(run / "model")
+    assert trained.block.act.bn.norm.num_batches_tracked == inserted.block.act.bn.norm.num_batches_tracked + 6
+    assert not torch.equal(trained.block.act.bn.norm.running_mean, inserted.block.act.bn.norm.running_mean)
+
+    code, out, err = _cli(capsys, "fold", run / "model", "-o", folded, "--strict", "--json")
+    assert code == 0, err
+    assert {(r["node"], r["into"]) for r in json.loads(out)["folded"]} == {("block.act.bn.norm", "block.fc1")}
+    code, out, err = _cli(capsys, "verify", run / "model", folded)
+    assert code == 0, out + err
+    code, out, err = _cli(capsys, "export", folded, "-o", onnx)
+    assert code == 0, err
+    assert "written as matmuls and a softmax" in out  # the block's position-biased attention
+    code, out, err = _cli(capsys, "verify", folded, onnx)
+    assert code == 0, out + err
