@@ -158,7 +158,8 @@ def insert_report(
         else:
             notes.append("nothing changed: no nonlinearity needs a BatchNorm" + (" (already inserted?)" if already else ""))
     elif not_handled:
-        notes.append(f"{len(not_handled)} nonlinearities run inside submodules insert cannot see into (see 'not_handled')")
+        notes.append(f"{len(not_handled)} nonlinearities run inside submodules kept whole and got no BatchNorm "
+                     "(see 'not_handled' for why)")
     if inside and inside.changed:
         notes.append(f"{len(inside.changed)} activation module(s) inside submodules kept opaque got a BatchNorm by "
                      "running the model (the module-level fallback); the biases before them are kept")
