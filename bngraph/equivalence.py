@@ -33,14 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from bngraph.compare import OWN_ROUNDING_FACTOR
 from bngraph.errors import CheckFailed, ModelNotAFunction
 from bngraph.runners import TorchRunner, _to_numpy, batch_axes_of, example_batches, named_tensors
 from bngraph.verify import verify
 
-# How much further from the exact result than the original a transformed model may be. Where
-# rounding is amplified this much, where it lands is close to random: two exact folds of HF
-# MobileNetV2 (FX and module by module) landed 0.26x and 3.2x the model's own distance away.
-OWN_ROUNDING_FACTOR = 4.0
 OWN_ROUNDING_CAP = 1e-4  # of the output's RMS: a model that rounds worse is refused, with the figure
 
 

@@ -17,6 +17,7 @@ rule each output passes by, and the default tolerances: `bngraph.compare`. The r
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ from bngraph.data import model_images
 from bngraph.errors import ModelRaised, UserError, one_line
 from bngraph.load import load_model
 from bngraph.report import Report
-from bngraph.runners import BATCH_SIZES, onnx_inputs, random_batches, runners_for
+from bngraph.runners import BATCH_SIZES, TorchRunner, onnx_inputs, random_batches, runners_for
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
 
 DATA_EXAMPLES = 97  # an odd batch of real images, besides the random ones
@@ -84,6 +85,7 @@ def verify(
                 ) from err
         return outputs[id(runner)]
 
+    compared = []  # (diff, reference runner, candidate runner, output index)
     for ref, cand in pairs:
         ref_out, cand_out = run(ref), run(cand)
         names, problem = _paired_names(ref, cand, len(ref_out[0]), len(cand_out[0]))
@@ -99,7 +101,40 @@ def verify(
             atol_used, rtol_used = (tolerance if atol is None else atol), (tolerance if rtol is None else rtol)
             diff = compare(name, ref_batches, cand_batches, atol_used, rtol_used, (ref.label, cand.label))
             result.diffs.append(diff)
+            compared.append((diff, ref, cand, i))
+    if not result:
+        _measure_from_exact(compared, inputs, outputs)
     return result
+
+
+def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarray]]]) -> None:
+    """For each output that failed against a float32 PyTorch reference, how far the candidate and
+    the reference are from the reference run in float64 on the same batches (`OutputDiff.from_exact`).
+    Only after a failure: it copies the model and runs it again."""
+    exact: dict[int, list[list[np.ndarray]] | None] = {}
+    for diff, ref, cand, i in compared:
+        if diff.passed or diff.problem or ref.kind != "torch" or diff.scale <= np.finfo(np.float32).tiny:
+            continue
+        if id(ref) not in exact:
+            exact[id(ref)] = _float64_outputs(ref.module, inputs)
+        wide = exact[id(ref)]
+        if wide is None or any(outputs[id(ref)][b][i].dtype != np.float32 for b in range(len(inputs))):
+            continue
+        theirs = max(float(np.max(np.abs(outputs[id(cand)][b][i] - wide[b][i]))) for b in range(len(inputs)))
+        own = max(float(np.max(np.abs(outputs[id(ref)][b][i] - wide[b][i]))) for b in range(len(inputs)))
+        if np.isfinite(theirs) and np.isfinite(own):
+            diff.from_exact = (theirs / diff.scale, own / diff.scale)
+
+
+def _float64_outputs(module: torch.nn.Module, inputs) -> list[list[np.ndarray]] | None:
+    """`module`'s outputs in float64 on `inputs` (float32 arrays widened), or None where it does
+    not run in float64 (a model that fixes float32 somewhere: no figure)."""
+    try:
+        runner = TorchRunner(copy.deepcopy(module).double(), "float64")
+        return [runner([x.astype(np.float64) if x.dtype == np.float32 else x for x in map(np.asarray, batch)])
+                for batch in inputs]
+    except Exception:  # noqa: BLE001 (the user's model in float64)
+        return None
 
 
 def _paired_names(ref, cand, ref_count: int, cand_count: int) -> tuple[list[str], str | None]:

@@ -161,6 +161,44 @@ def test_json_rows_hold_numbers_not_strings():
         assert not isinstance(value, str) or key in ("output", "runtime"), key
 
 
+# ---- a failure says whether the model's own float32 rounding explains it ----------------------
+
+
+class NearlyEqualFeatures(nn.Module):
+    """A LayerNorm over features that differ by 5e-4 of their size: subtracting their mean cancels
+    most of float32's digits, so the model's float32 output strays from its exact result."""
+
+    def __init__(self, offset: float = 100.0, gain: float = 1.0):
+        super().__init__()
+        self.offset, self.gain = offset, gain
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(self.offset + 0.05 * x) * self.gain
+
+
+@pytest.mark.parametrize("gain, verdict", [(1.0, "not a wrong result"), (1.01, "computes something else")])
+def test_a_failure_against_an_ill_conditioned_model_says_whether_rounding_explains_it(gain, verdict):
+    # The candidate drops the offset, which LayerNorm removes anyway: exact to float32 (gain 1),
+    # or 1% off (gain 1.01). Both fail the 1e-5 check against the model's own noisy float32.
+    torch.manual_seed(0)
+    reference = NearlyEqualFeatures()
+    candidate = NearlyEqualFeatures(offset=0.0, gain=gain)
+    candidate.load_state_dict(reference.state_dict())
+    result = verify(reference, candidate, random_batches([(4, 16)], (1, 7)))
+    assert not result
+    theirs, own = result.worst.from_exact
+    assert 1e-5 < own < 1e-3  # the model's own float32 output is off its float64 one
+    assert (theirs < own) if gain == 1.0 else (theirs > 10 * own)
+    assert verdict in result.lines()[-1] and result.lines()[-1].startswith("FAILED | against torch's exact (float64)")
+    assert result.worst.row()["reference_from_exact"] == pytest.approx(own, rel=1e-3)
+
+
+def test_a_passing_check_runs_no_float64_copy():
+    result = verify(NearlyEqualFeatures(offset=0.0), NearlyEqualFeatures(offset=0.0), random_batches([(4, 16)], (1, 7)))
+    assert result and all(d.from_exact is None for d in result.diffs)
+
+
 # ---- every output is compared ------------------------------------------------------------------
 
 
