@@ -152,14 +152,17 @@ def insert_report(
     if opaque:
         notes.append(f"traced partially: {len(opaque)} submodule(s) kept opaque (see 'opaque')")
     already = [s for s in skipped if s["reason"].startswith("input already normalized")]
-    if not inserted and not not_handled:
+    already_inside = [r for r in not_handled if r.get("input_normalized") is True]
+    left_inside = len(not_handled) - len(already_inside)
+    if not inserted and not left_inside:
         if len(already) < len(skipped):  # some got none for another reason: not "nothing needed"
             notes.append(f"nothing changed: {len(skipped) - len(already)} nonlinearities got no BatchNorm (see 'skipped' for why)")
         else:
-            notes.append("nothing changed: no nonlinearity needs a BatchNorm" + (" (already inserted?)" if already else ""))
-    elif not_handled:
-        notes.append(f"{len(not_handled)} nonlinearities run inside submodules kept whole and got no BatchNorm "
-                     "(see 'not_handled' for why)")
+            notes.append("nothing changed: no nonlinearity needs a BatchNorm"
+                         + (" (already inserted?)" if already or already_inside else ""))
+    elif left_inside:
+        notes.append(f"{left_inside} nonlinearities run inside submodules kept whole, on an input no norm made, and got "
+                     "no BatchNorm (see 'not_handled' for why)")
     if inside and inside.changed:
         notes.append(f"{len(inside.changed)} activation module(s) inside submodules kept opaque got a BatchNorm by "
                      "running the model (the module-level fallback); the biases before them are kept")

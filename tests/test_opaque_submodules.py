@@ -110,6 +110,13 @@ def test_a_module_inside_a_block_fx_cannot_trace_gets_a_batchnorm_that_trains_fo
     assert "called as a function" in left["reason"] and "kept opaque" in left["reason"]
     inserted = bngraph.load(bn_dir)
     assert isinstance(inserted.block.act.bn.norm, nn.BatchNorm1d)
+    code, out, err = _cli(capsys, "insert", bn_dir, "--dry-run", "--json")  # again, on what it wrote: nothing to add
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["inserted"] == []
+    rows = {(r["module"], r["nonlinearity"], r["input_normalized"]) for r in again["not_handled"]}
+    assert rows == {("block.act.act", "gelu", True), ("block", "sigmoid", False)}  # the GELU has its BN
+    assert "1 nonlinearities run inside submodules kept whole, on an input no norm made" in again["notes"][1]
 
     code, out, err = _cli(capsys, "train", bn_dir, "--data", f"{tmp_path / 'images.py'}:make", "--steps", 6,
                           "--batch-size", 16, "-o", run)
