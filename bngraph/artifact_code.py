@@ -191,7 +191,7 @@ def module_source(
             ctor, from_base = f"_bngraph_model.get_submodule({path!r})", True
         body.append(f"        _install(self, {path!r}, {ctor})")
     if from_base:  # the layers bngraph did not trace come from the model's own code
-        body.insert(2, "        _bngraph_model = _BNGRAPH_BASE()")
+        body.insert(2, "        _bngraph_model = self._bngraph_base()")
     leaves = set(leaves)
     owned = {name for leaf in leaves for name, _ in gm.get_submodule(leaf).named_parameters(leaf)}
     owned |= {name for leaf in leaves for name, _ in gm.get_submodule(leaf).named_buffers(leaf)}
@@ -229,7 +229,11 @@ def module_source(
         carried
         + _HEADER.format(source=source, imports="\n".join(imports))
         + f"\nclass {CLASS_NAME}(torch.nn.Module):\n"
-        + f"    example_input_shapes = {shapes!r}\n\n"
+        + f"    example_input_shapes = {shapes!r}\n"
+        # Bound here, not looked up when called: code carried in front may hold an earlier such
+        # class, whose own base is the _BNGRAPH_BASE of its time (see `user_code`).
+        + ("    _bngraph_base = staticmethod(_BNGRAPH_BASE)\n" if from_base else "")
+        + "\n"
         + "\n".join(body)
         + "\n\n    "
         + forward.rstrip()
@@ -346,11 +350,17 @@ _CARRIED = (
 def user_code(loaded) -> tuple[str, str] | None:
     """(source text, symbol that builds the model) of the user's own code behind a loaded model,
     for `module_source`'s `base`: a .py file, or the user's code an artifact carries in front of
-    its generated code (not that code itself: each verb generates its own). None: there is none."""
+    its generated code (not that code itself: each verb generates its own), or the whole model.py
+    where edits follow that code. None: there is none."""
     if loaded.spec.kind == "file":
         return Path(loaded.spec.path).read_text(), loaded.symbol
     if loaded.spec.kind == "artifact":
-        user, marker, rest = (Path(loaded.spec.path) / CODE_FILE).read_text().partition(_CARRIED)
+        text = (Path(loaded.spec.path) / CODE_FILE).read_text()
+        user, marker, rest = text.partition(_CARRIED)
+        if marker and _edit_steps(rest) and "self._bngraph_base()" in rest:
+            # The generated model was edited after (a fold module by module): what builds it is
+            # the whole file, earlier generated code and all, each class bound to its own base.
+            return text, CLASS_NAME
         if marker:
             return user, rest.partition("\n")[0]
     return None

@@ -135,3 +135,9 @@ def test_a_module_inside_a_block_fx_cannot_trace_gets_a_batchnorm_that_trains_fo
     assert "written as matmuls and a softmax" in out  # the block's position-biased attention
     code, out, err = _cli(capsys, "verify", folded, onnx)
     assert code == 0, out + err
+    # The fold went module by module, editing the generated model: folding that again builds its
+    # block from the whole model.py, each generated class from its own base.
+    code, out, err = _cli(capsys, "fold", folded, "-o", tmp_path / "again", "--strict")
+    assert code == 0, err
+    code, out, err = _cli(capsys, "verify", run / "model", tmp_path / "again")
+    assert code == 0, out + err
