@@ -6,6 +6,12 @@ feature per channel for convolutions, per last-axis feature for Linear on (N, T,
 a conv/linear feeding only the new BatchNorm is dropped (beta replaces it; paper Sec. 3.2).
 Running it on its own output changes nothing.
 
+A submodule torch.fx cannot follow (a shape check, HF Swin's windows, `if self.training:`) stays
+one call; the activation modules inside it get their BatchNorm by running the model. Where the
+model's own forward cannot be traced, every activation module is wrapped that way (the
+module-level fallback; --no-fallback refuses instead). The report lists what got no BatchNorm,
+each with why (skipped, not_handled).
+
 --preserve calibrates the new BatchNorms so that the model in eval mode computes exactly what it
 computed before (for pretrained weights); training then continues from there.
 
