@@ -59,7 +59,8 @@ def insert(
     `preserve=True` calibrates the new BatchNorms (on `calibration_data`, or random batches like
     the example input) so that the eval-mode model computes what `model` computed, which is
     checked (`bngraph.equivalence`; CheckFailed otherwise). Models that
-    torch.fx cannot trace get the module-level fallback unless `fallback=False`.
+    torch.fx cannot trace get the module-level fallback unless `fallback=False`, which also
+    leaves the activation modules inside submodules a partial trace keeps whole (`not_handled`).
     """
     trace_failure, opaque = None, []
     materialize_lazy(model, example_inputs)  # on the model itself: see bngraph.trace.materialize_lazy
@@ -75,7 +76,7 @@ def insert(
     graph, results = run_passes(graph, [insert_pass])
     traced_bns = [row["bn"] for row in results[pass_name(insert_pass)].details]
     leaves = [o.module for o in opaque if o.type != "function"]
-    if leaves:
+    if leaves and fallback:
         # The activation modules inside the submodules kept opaque run there, not in the graph:
         # they are wrapped by running the model, as the fallback wraps a whole model's.
         wrap_inside = partial(wrap_activation_modules, example_inputs=example_inputs, within=leaves)

@@ -141,3 +141,16 @@ def test_a_module_inside_a_block_fx_cannot_trace_gets_a_batchnorm_that_trains_fo
     assert code == 0, err
     code, out, err = _cli(capsys, "verify", run / "model", tmp_path / "again")
     assert code == 0, out + err
+
+
+def test_no_fallback_leaves_the_activations_inside_a_block_fx_keeps_whole_and_lists_them():
+    namespace: dict = {}
+    exec(SWIN_STYLE, namespace)  # noqa: S102 (the test's own model source)
+    model, x = namespace["Net"](), torch.randn(4, 3, 8, 8)
+    _, report = bngraph.insert(model, [x], fallback=False)
+    assert report.sections["inserted"] == []
+    rows = {(r["module"], r["nonlinearity"]): r["reason"] for r in report.sections["not_handled"]}
+    assert set(rows) == {("block.act", "gelu"), ("block", "sigmoid")}
+    assert "kept opaque" in rows[("block.act", "gelu")]
+    wrapped, _ = bngraph.insert(model, [x])  # the default wraps it
+    assert isinstance(wrapped.get_submodule("block.act.bn.norm"), nn.BatchNorm1d)

@@ -9,7 +9,7 @@ Running it on its own output changes nothing.
 A submodule torch.fx cannot follow (a shape check, HF Swin's windows, `if self.training:`) stays
 one call; the activation modules inside it get their BatchNorm by running the model. Where the
 model's own forward cannot be traced, every activation module is wrapped that way (the
-module-level fallback; --no-fallback refuses instead). The report lists what got no BatchNorm,
+module-level fallback; --no-fallback does neither). The report lists what got no BatchNorm,
 each with why (skipped, not_handled).
 
 --preserve calibrates the new BatchNorms so that the model in eval mode computes exactly what it
@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-fallback",
         action="store_true",
-        help="fail when torch.fx cannot trace the model instead of wrapping activation modules",
+        help="never wrap activation modules by running the model: fail when torch.fx cannot trace the "
+        "model's forward, and leave those inside submodules it keeps whole (listed in not_handled)",
     )
     shared.add_force_argument(parser, "artifact folder")
     shared.add_report_arguments(parser)
