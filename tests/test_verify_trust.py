@@ -194,6 +194,45 @@ def test_a_failure_against_an_ill_conditioned_model_says_whether_rounding_explai
     assert result.worst.row()["reference_from_exact"] == pytest.approx(own, rel=1e-3)
 
 
+class RandomMasking(nn.Module):
+    """ViTMAE's embeddings in miniature: a random half of the patches kept, in eval mode too."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, x):  # (N, T, 16)
+        noise = torch.rand(x.shape[0], x.shape[1], device=x.device)
+        keep = noise.argsort(dim=1)[:, : x.shape[1] // 2]
+        return self.proj(torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])))
+
+
+def test_a_model_that_draws_random_numbers_is_named_as_such_not_as_rounding(tmp_path):
+    torch.manual_seed(0)
+    result = export(RandomMasking(), [torch.randn(2, 6, 16)], tmp_path / "mae.onnx")
+    assert not result and not (tmp_path / "mae.onnx").exists()
+    assert result.verification.worst.reference_varies and result.verification.worst.from_exact is None
+    assert "gives another output when run again on the same batch" in result.verification.lines()[-1]
+
+
+class Float64Branch(nn.Module):
+    """Computes something else in float64 than in float32: its float64 run is no exact result."""
+
+    def __init__(self, gain: float = 1.0):
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, x):
+        return x * (3.0 if x.dtype == torch.float64 else self.gain)
+
+
+def test_a_model_that_branches_on_float64_gets_no_rounding_verdict():
+    result = verify(Float64Branch(), Float64Branch(1.01), random_batches([(4, 16)], (1, 7)))
+    assert not result and result.worst.from_exact is not None
+    verdict = result.lines()[-1]
+    assert "says nothing about the candidate" in verdict and "rounding that this model amplifies" not in verdict
+
+
 def test_a_passing_check_runs_no_float64_copy():
     result = verify(NearlyEqualFeatures(offset=0.0), NearlyEqualFeatures(offset=0.0), random_batches([(4, 16)], (1, 7)))
     assert result and all(d.from_exact is None for d in result.diffs)
