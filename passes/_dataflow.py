@@ -96,6 +96,7 @@ class Value:
     uses: int = 0  # calls that read it after it was made
     relaid: Value | None = None  # for a re-layout op (view, permute...): the value it re-laid
     parameters: frozenset[int] = frozenset()  # ids of the nn.Parameters the op read (a layer's weight)
+    data: bool = False  # computed from the model's inputs (else from parameters, buffers, constants)
 
     def where(self) -> str:
         if self.modules:
@@ -131,9 +132,10 @@ class RunRecord:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, paths: dict[int, str]):
+    def __init__(self, paths: dict[int, str], constants: set[int]):
         super().__init__()
         self.paths = paths
+        self.constants = constants  # ids of the model's parameters and buffers: never data
         self.values: dict[int, tuple[torch.Tensor, int, Value]] = {}  # id -> (tensor kept alive, version, value)
         self.stack: list[ModuleCall] = []
         self.record = RunRecord()
@@ -141,11 +143,11 @@ class _Recorder(TorchFunctionMode):
 
     def value_of(self, t: torch.Tensor) -> Value:
         entry = self.values.get(id(t))
-        if entry is None:
-            return Value("input", shape=tuple(t.shape), dtype=t.dtype, device=t.device)
+        if entry is None:  # a parameter or buffer, else made where the mode could not see (taken as data)
+            return Value("input", shape=tuple(t.shape), dtype=t.dtype, device=t.device, data=id(t) not in self.constants)
         kept, version, value = entry
         if kept is not t or version != t._version:  # changed where the mode could not see it
-            return Value("unknown", shape=tuple(t.shape), dtype=t.dtype, device=t.device)
+            return Value("unknown", shape=tuple(t.shape), dtype=t.dtype, device=t.device, data=True)
         return value
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -171,7 +173,7 @@ class _Recorder(TorchFunctionMode):
             self.nonlinear_calls += 1
         for t in made:
             same_shape = tuple(v for v in before if v.shape == tuple(t.shape))
-            value = Value(name, same_shape, tuple(t.shape), t.dtype, t.device)
+            value = Value(name, same_shape, tuple(t.shape), t.dtype, t.device, data=any(v.data for v in before))
             if (name in _RELAYOUT or name == "__getitem__" and _keeps_every_axis(args[1])) and before:
                 value.relaid = before[0]
             if name in CHANNEL_LAYERS or name in LAST_AXIS_LAYERS:
@@ -210,7 +212,8 @@ def record_run(model: nn.Module, example_inputs: Sequence, *, training: bool = F
     paths = {}
     for path, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), path)
-    recorder = _Recorder(paths)
+    constants = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    recorder = _Recorder(paths, constants)
     was_training = model.training
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())

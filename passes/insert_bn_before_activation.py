@@ -1,7 +1,9 @@
 """Put a BatchNorm in front of every elementwise nonlinearity: z = g(BN(Wu)) (paper, Sec. 3.2).
 
 Cases, numbered as in the code:
-  1. The input is already normalized (a norm, maybe behind shape-only ops or a Dropout): skip.
+  1. The input is already normalized (a norm, maybe behind shape-only ops or a Dropout), or no
+     input of the model reaches it (an MLP over a table of coordinates: no batch to normalize
+     over): skip.
   2. The features of the layer that made the input are found by following them through every
      op in between, on the recorded shapes (`_feature_axis`); where that is not proven, skip
      with the reason. No axis is guessed.
@@ -106,6 +108,24 @@ def _inline_arithmetic(gm: fx.GraphModule, act: fx.Node) -> list[fx.Node]:
     return [u for u in x.users if u in region and u is not act]
 
 
+# A nonlinearity whose input no model input reaches (an MLP over a table of coordinates, as Swin
+# V2's position bias): the same tensor in every batch, so a BatchNorm would normalize over the
+# table, not over examples.
+NOT_FROM_THE_INPUT = (
+    "its input is computed from parameters and buffers alone, not from the model's input: a BatchNorm "
+    "there would take its statistics over that table, not over a batch"
+)
+
+
+def _computed_from_inputs(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes that the graph's inputs reach (one pass in graph order)."""
+    reached: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in reached for a in node.all_input_nodes):
+            reached.add(node)
+    return reached
+
+
 @graph_pass(in_place=True)
 def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
     """Insert a BatchNorm before each nonlinearity whose input is not normalized (needs shapes:
@@ -113,6 +133,7 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
     result = PassResult(gm)
     device = _device(gm)
     layouts = feature_layouts(gm)
+    from_input = _computed_from_inputs(gm)
     for act in list(gm.graph.nodes):
         kind = activation_kind(gm, act)
         if kind is None:
@@ -124,6 +145,9 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
         inline = [] if composite else _inline_arithmetic(gm, act)
         if not isinstance(x, fx.Node):
             result.skipped.append(Skip(act.name, "its input is a constant, not a tensor computed by the model"))
+            continue
+        if x not in from_input:
+            result.skipped.append(Skip(act.name, NOT_FROM_THE_INPUT))
             continue
         # 1. Already normalized.
         norm = normalizer_behind(gm, x) or (None if composite else normalized_through_arithmetic(gm, act))

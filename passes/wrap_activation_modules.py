@@ -9,6 +9,8 @@ its shape and dtype. Then, numbered as in the code:
   2. Never called: skip. Every call's input already normalized (a norm produced it, maybe inside a
      custom block, maybe behind a dropout): skip; that is where Conv-Norm-Act blocks keep theirs.
   3. Called at several sites: skip; one BatchNorm would pool the statistics of different layers.
+     Its input computed from parameters and buffers alone (Swin V2's position-bias MLP reads a
+     table of coordinates): skip; there is no batch to take statistics over.
   4. The feature axis comes from the layer that produced the input (conv: axis 1, linear: the
      last axis), followed through elementwise ops, slices (wav2vec2's padding layer) and views
      that regroup only the axes before the last (HuggingFace's Conv1D); unproven: skip, with the
@@ -37,7 +39,7 @@ from bngraph.errors import running_user_model
 from bngraph.passes._dataflow import feature_axis, is_elementwise_nonlinearity, normalizer_of, record_run
 from bngraph.passes._op_kinds import ACTIVATION_MODULES
 from bngraph.passes.base import PassResult, Skip, graph_pass
-from bngraph.passes.insert_bn_before_activation import BATCHNORM_BY_RANK
+from bngraph.passes.insert_bn_before_activation import BATCHNORM_BY_RANK, NOT_FROM_THE_INPUT
 
 
 class LastAxisBatchNorm(nn.Module):
@@ -109,6 +111,9 @@ def wrap_activation_modules(
         problem = _input_problem(call)
         if problem:
             result.skipped.append(Skip(path, problem))
+            continue
+        if not call.input.data:
+            result.skipped.append(Skip(path, NOT_FROM_THE_INPUT))
             continue
         # 4. The feature axis, proven by the layer that produced the input.
         x = call.input

@@ -1276,3 +1276,35 @@ def test_an_artifact_of_a_model_calling_a_torchscript_function_loads_and_compute
     x = _x(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(folded.eval()(x), original.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+class PositionBiasNet(nn.Module):
+    """Swin V2's continuous position bias in miniature: an MLP over a fixed table of coordinates,
+    added to the tokens, the same tensor in every batch. `checked` adds HF's shape check, which
+    torch.fx cannot trace, so insert takes the module-level fallback."""
+
+    def __init__(self, checked: bool):
+        super().__init__()
+        self.checked = checked
+        grid = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+        self.register_buffer("relative_coords_table", torch.stack(grid, -1).view(16, 2) / 3)
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(inplace=True), nn.Linear(8, 6, bias=False))
+        self.dense, self.act = nn.Linear(6, 6), nn.GELU()
+
+    def forward(self, hidden_states):  # (N, 16, 6)
+        if self.checked and hidden_states.shape[1] != 16:
+            raise ValueError("expected 16 tokens")
+        return self.act(self.dense(hidden_states + self.cpb_mlp(self.relative_coords_table)))
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["traced", "fallback"])
+def test_a_nonlinearity_on_a_table_no_input_reaches_gets_no_batchnorm(checked):
+    from bngraph.passes.insert_bn_before_activation import NOT_FROM_THE_INPUT
+
+    out, report = _assert_preserved(PositionBiasNet(checked), [_x(4, 16, 6)])
+    assert report.facts["tracing"] == ("module-level fallback" if checked else "torch.fx")
+    assert [(r["activation"], r["features"], r["axes"]) for r in report.sections["inserted"]] == [
+        ("GELU", 6, "last" if checked else [2])  # the fallback's axis name, and the graph's axis number
+    ]
+    (skip,) = [r for r in report.sections["skipped"] if "cpb_mlp" in r["node"]]
+    assert skip["reason"] == NOT_FROM_THE_INPUT
