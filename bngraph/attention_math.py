@@ -4,9 +4,9 @@ torch.onnx.export decomposes scaled_dot_product_attention into ops whose output 
 strides than the kernel's had when the model was captured, and a `reshape` after it, already
 turned into a `view` for the kernel's strides, then fails: "Cannot view a tensor with shape ...
 and strides ..." (pytorch/pytorch#136543, #141107). HuggingFace's T5 and Swin hit it, whose mask
-is a learned position bias, and so does any attention written that way. While `attention_as_math()` is active, every call
-of the function (from Python code or from a traced graph) runs its definition in plain ops
-instead, which export as they are.
+is a learned position bias, and so does any attention written that way. While
+`attention_as_math()` is active, every call of the function (from Python code or from a traced
+graph) runs its definition in plain ops instead, which export as they are.
 
 `bngraph.export` uses it only after the exporter failed that way, and verifies the file it then
 writes against the model as it is, attention kernel and all.
@@ -14,7 +14,6 @@ writes against the model as it is, attention kernel and all.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -45,7 +44,7 @@ class _AttentionAsMath(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def attention_as_math() -> contextlib.AbstractContextManager:
+def attention_as_math() -> TorchFunctionMode:
     """For the duration, each call of `F.scaled_dot_product_attention` runs `attention_math`: a
     torch function mode, so that a traced graph's calls, and a name imported from
     torch.nn.functional, are caught as well as `F.scaled_dot_product_attention(...)`."""

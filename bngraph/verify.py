@@ -132,10 +132,14 @@ def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarra
         wide = exact[id(ref)]
         if wide is None or any(outputs[id(ref)][b][i].dtype != np.float32 for b in range(len(inputs))):
             continue
-        theirs = max(float(np.max(np.abs(outputs[id(cand)][b][i] - wide[b][i]))) for b in range(len(inputs)))
-        own = max(float(np.max(np.abs(outputs[id(ref)][b][i] - wide[b][i]))) for b in range(len(inputs)))
+        theirs, own = _largest_difference(outputs[id(cand)], wide, i), _largest_difference(outputs[id(ref)], wide, i)
         if np.isfinite(theirs) and np.isfinite(own):
             diff.from_exact = (theirs / diff.scale, own / diff.scale)
+
+
+def _largest_difference(batches: list[list[np.ndarray]], exact: list[list[np.ndarray]], i: int) -> float:
+    """max |batches - exact| of output `i` over every batch."""
+    return max(float(np.max(np.abs(outs[i] - wide[i]))) for outs, wide in zip(batches, exact))
 
 
 def _float64_outputs(module: torch.nn.Module, inputs) -> list[list[np.ndarray]] | None:
