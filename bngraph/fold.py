@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Collection, Sequence
+from functools import partial
 
 import torch
 from torch import fx, nn
 
-from bngraph.artifact_code import edited_source, fallback_source, user_code, user_files
+from bngraph.artifact_code import edited_base, edited_source, fallback_source, user_code, user_files
 from bngraph.artifacts import history_entry, save
 from bngraph.compare import fold_tolerance
 from bngraph.equivalence import Reference
@@ -26,10 +27,11 @@ from bngraph.load import LoadedModel
 from bngraph.passes.base import PassResult, run_passes
 from bngraph.passes.cancel_inverse_permutes import cancel_inverse_permutes
 from bngraph.passes.fold_bn_into_following_layer import fold_bn_into_following_layer
+from bngraph.passes.fold_bn_into_producer_module import fold_bn_into_producer_module
 from bngraph.passes.fold_bn_into_preceding_layer import fold_bn_into_preceding_layer
 from bngraph.errors import CheckFailed, UserError
 from bngraph.fold_reach import fold_inside_hooked_modules, opaque_batch_norms, unused_batch_norms
-from bngraph.fold_untraced import FALLBACK, fold_untraced, source_edits
+from bngraph.fold_untraced import FALLBACK, fold_untraced, rounding_gains, source_edits
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, rounding_gain
 from bngraph.runners import eval_mode
 from bngraph.passes._fx_batchnorm import is_batch_norm, read_batch_norm
@@ -48,7 +50,7 @@ FOLD_PASSES = (remove_eval_identities, fold_bn_into_preceding_layer, fold_bn_int
                replace_bn_with_multiply_add)
 TIDY_PASSES = (cancel_inverse_permutes, remove_dead_code)
 _BN_PASSES = (fold_bn_into_preceding_layer.__name__, fold_bn_into_following_layer.__name__,
-              replace_bn_with_multiply_add.__name__)
+              replace_bn_with_multiply_add.__name__, fold_bn_into_producer_module.__name__)
 
 
 # What a BN no layer can take becomes: one multiply-add (the default: exact, and no BN kernel is
@@ -77,7 +79,7 @@ def fold(
     """
     if standalone_bn not in STANDALONE_BN_FORMS:
         raise ValueError(f"standalone_bn must be one of {STANDALONE_BN_FORMS}, not {standalone_bn!r}")
-    opaque_notes, trace_failure = [], None
+    opaque_notes, trace_failure, kept_whole = [], None, []
     try:
         # An eval-mode copy (`module` is never changed), and its output from the run that recorded the
         # shapes, which the faithfulness check takes instead of running the graph again.
@@ -89,12 +91,13 @@ def fold(
         # insert traces around it, checked as faithful there; where none is, module by module.
         trace_failure = str(err)
         try:
-            gm, opaque = trace_for_insert(module, example_inputs)
+            gm, kept_whole = trace_for_insert(module, example_inputs)
         except TraceFailed:  # what insert's module-level fallback writes, among others
             return fold_untraced(module, example_inputs, str(err))
         gm.eval()
         reference = Reference(module, example_inputs)
-        opaque_notes = [f"traced partially, {len(opaque)} submodule(s) kept whole: {', '.join(o.module for o in opaque)}"]
+        opaque_notes = [f"traced partially, {len(kept_whole)} submodule(s) kept whole: "
+                        f"{', '.join(o.module for o in kept_whole)}"]
     before, batch_norms = _op_counts(gm), len(_batch_norm_names(gm))
     unused = unused_batch_norms(module, gm)
     inside = opaque_batch_norms(gm)
@@ -107,6 +110,19 @@ def fold(
     errors = _measure_flagged(module, gm, results, example_inputs, unfolded)
     gm, tidied = run_passes(gm, TIDY_PASSES)
     results.update(tidied)
+    leaves = [o.module for o in kept_whole if o.type != "function"]
+    if leaves and any(row["node"].startswith(tuple(f"{p}." for p in leaves)) for row in opaque):
+        # Inside the submodules kept whole (HF ResNet's embedder, LeViT's attention, what insert
+        # wrapped in Swin's blocks), module by module, as for a model fx cannot trace at all.
+        gains = rounding_gains(gm)
+        gm, inside_results = run_passes(gm, [partial(fold_bn_into_producer_module, example_inputs=example_inputs,
+                                                     within=leaves)])
+        results.update(inside_results)
+        inside_fold = inside_results[fold_bn_into_producer_module.__name__]
+        gain = max([gain, *(gains.get(p, 0.0) for p in inside_fold.changed)])
+        why = {s.site: s.reason for s in inside_fold.skipped}
+        opaque = [{**row, "reason": f"{row['reason']}; module by module: {why[row['node']]}"} if row["node"] in why
+                  else row for row in opaque if row["node"] not in inside_fold.changed]
     tolerance = fold_tolerance(gain)
     reference.check(gm, what="the folded model", atol=tolerance, rtol=tolerance)
     report = fold_report(before, _op_counts(gm), batch_norms, _batch_norm_names(gm), results, errors, opaque,
@@ -117,7 +133,7 @@ def fold(
         report.notes.append(f"{len(unused)} BatchNorm(s) the model holds are never called by its forward, so the "
                             f"folded model does not have them: {', '.join(unused)}")
     report.facts["batchnorms_before"] += len(inside) - len(opaque)  # those folded inside hooked modules
-    if inner_rows:
+    if report.facts["batchnorms_before"]:  # some inside submodules called whole, folded there
         report.notes = [n for n in report.notes if not n.startswith("nothing to fold")]
     report.passes = results
     if trace_failure is not None and report.facts["batchnorms_after"]:
@@ -247,7 +263,7 @@ def fold_report(
     folded, notes = [], []
     for name in ran:
         for row in results[name].details:
-            row = dict(row)  # the report's copy: notes and errors are added below
+            row = {k: v for k, v in row.items() if k != "edits"}  # the report's copy; edits go to model.py
             if row["how"] == "multiply-add":
                 why = reasons.get(row["node"], {})
                 row["note"] = "; ".join(f"{where}: {why[p]}" for where, p in
@@ -291,11 +307,13 @@ def fold_artifact(loaded: LoadedModel, output: str | None, *, force: bool = Fals
     if output is None:
         return folded, report
     history = [*loaded.history, {**history_entry("fold", report.passes), "report": report.to_json()}]
-    code = None
+    code, base = None, user_code(loaded)
     if report.facts.get("tracing") == FALLBACK:  # no graph to write code from: the source plus edits
         code = edited_source(*fallback_source(loaded), source_edits(report), "fold")
+    elif (edits := source_edits(report)) and base is not None:  # folds inside submodules kept whole
+        base = edited_base(base, edits, "fold")
     save(folded, output, example_inputs=example_inputs, history=history, source=loaded.spec.text, force=force, code=code,
-         base=user_code(loaded), carry=user_files(loaded))
+         base=base, carry=user_files(loaded))
     report.facts["output"] = output
     return folded, report
 

@@ -33,7 +33,7 @@ def _batch_norms(module: nn.Module) -> list[str]:
     return [p for p, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def _rounding_gains(module: nn.Module) -> dict[str, float]:
+def rounding_gains(module: nn.Module) -> dict[str, float]:
     """Each BN with running statistics: how much folding it magnifies float32 rounding."""
     return {
         path: rounding_gain(BatchNormStats(m.running_mean, m.running_var, m.weight, m.bias, m.eps))
@@ -50,7 +50,7 @@ def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], tra
     the model is not run again for them."""
     copy = copy_module(module).eval()
     before = _batch_norms(copy)
-    gains = _rounding_gains(copy)
+    gains = rounding_gains(copy)
     copy, results = run_passes(copy, [partial(fold_bn_into_producer_module, example_inputs=example_inputs)])
     result = results[fold_bn_into_producer_module.__name__]
     # Only the BNs folded away can magnify rounding: one left computes as it did.
@@ -90,4 +90,4 @@ def source_edits(report: Report) -> list[tuple]:
     return [tuple(e) for row in (result.details if result else []) for e in row["edits"]]
 
 
-__all__ = ["fold_untraced", "source_edits"]
+__all__ = ["fold_untraced", "rounding_gains", "source_edits"]

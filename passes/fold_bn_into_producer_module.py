@@ -133,14 +133,18 @@ _CONV_OPS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d
 
 
 @graph_pass(in_place=True)
-def fold_bn_into_producer_module(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> PassResult:
-    """Fold each BatchNorm of `module` (in eval mode) into the layer module
-    that produced its input, where that is exact (see the module docstring)."""
+def fold_bn_into_producer_module(
+    module: nn.Module, example_inputs: Sequence[torch.Tensor], within: Sequence[str] | None = None
+) -> PassResult:
+    """Fold each BatchNorm of `module` (in eval mode) into the layer module that produced its
+    input, where that is exact (see the module docstring); with `within`, only those inside the
+    submodules at these paths (what a traced graph calls whole, which its passes cannot reach)."""
     result = PassResult(module)
+    inside = None if within is None else tuple(f"{p}." for p in within)
     with running_user_model():
         record = record_run(module, example_inputs)
     for path, bn in list(module.named_modules()):
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or inside is not None and not path.startswith(inside):
             continue
         reason, layer_path = _why_not(path, bn, record.calls_of(path), record, module)
         if reason:

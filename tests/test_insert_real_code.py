@@ -659,15 +659,18 @@ class StemNet(nn.Module):
         return torch.relu(self.bn(self.conv(torch.relu(self.stem(x)))))
 
 
-def test_fold_goes_module_by_module_where_that_leaves_fewer_batchnorms():
-    # Traced around the stem, its BN is out of reach; module by module, both BNs fold.
-    from bngraph.fold_untraced import FALLBACK
+def test_fold_folds_module_by_module_inside_a_submodule_fx_keeps_whole():
+    # Traced around the stem, the graph's passes fold the outer BN; the stem's BN, out of their
+    # reach, folds module by module into the stem's conv, and the graph stays.
     from tests.util import randomize_bn
 
     x = _x(2, 3, 6, 6)
     model = randomize_bn(StemNet()).eval()
     folded, report = bngraph.fold(model, [x])
-    assert report.facts["tracing"] == FALLBACK and report.facts["batchnorms_after"] == 0
+    assert "tracing" not in report.facts and isinstance(folded, torch.fx.GraphModule)
+    assert (report.facts["batchnorms_before"], report.facts["batchnorms_after"]) == (2, 0)
+    assert ("stem.bn", "stem.conv") in {(r["node"], r["into"]) for r in report.sections["folded"]}
+    assert isinstance(folded.stem.bn, nn.Identity) and folded.stem.conv.bias is not None
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
 

@@ -154,3 +154,59 @@ def test_no_fallback_leaves_the_activations_inside_a_block_fx_keeps_whole_and_li
     assert "kept opaque" in rows[("block.act", "gelu")]
     wrapped, _ = bngraph.insert(model, [x])  # the default wraps it
     assert isinstance(wrapped.get_submodule("block.act.bn.norm"), nn.BatchNorm1d)
+
+
+STEM_FILE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Embeddings(nn.Module):  # HuggingFace's: a channel check torch.fx cannot branch on
+        def __init__(self):
+            super().__init__()
+            self.convolution = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.normalization = nn.BatchNorm2d(8)
+
+        def forward(self, pixel_values):
+            if pixel_values.shape[1] != 3:
+                raise ValueError("expected 3 channels")
+            return torch.relu(self.normalization(self.convolution(pixel_values)))
+
+
+    class Net(nn.Module):
+        example_input_shape = (2, 3, 8, 8)
+
+        def __init__(self):
+            super().__init__()
+            self.embedder = Embeddings()
+            self.conv, self.bn, self.head = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 3)
+            with torch.no_grad():
+                for bn in (self.embedder.normalization, self.bn):
+                    bn.running_mean.normal_()
+                    bn.running_var.uniform_(0.5, 2.0)
+                    bn.weight.normal_()
+                    bn.bias.normal_()
+
+        def forward(self, pixel_values):
+            x = self.embedder(pixel_values)
+            return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+    """
+)
+
+
+def test_a_batchnorm_inside_a_submodule_fx_keeps_whole_folds_and_the_folder_loads(tmp_path, capsys):
+    """HF ResNet's embedder: the graph's passes fold the outer BN, and the embedder's BN folds
+    module by module into its bias-free conv, which gains a bias; the folder rebuilds both."""
+    (tmp_path / "stem.py").write_text(STEM_FILE)
+    folded = tmp_path / "folded"
+    code, out, err = _cli(capsys, "fold", f"{tmp_path / 'stem.py'}:Net", "-o", folded, "--strict", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert {(r["node"], r["into"]) for r in report["folded"]} >= {("embedder.normalization", "embedder.convolution")}
+    assert (report["batchnorms_before"], report["batchnorms_after"]) == (2, 0)
+    assert "tracing" not in report  # the traced graph, not the module-by-module fallback for the whole model
+    loaded = bngraph.load(folded)
+    assert isinstance(loaded.embedder.normalization, nn.Identity) and loaded.embedder.convolution.bias is not None
+    code, out, err = _cli(capsys, "verify", f"{tmp_path / 'stem.py'}:Net", folded)
+    assert code == 0, out + err
