@@ -72,9 +72,10 @@ def fold(
     a batch of another size): the trace must compute what the model computes (else
     `TraceUnfaithful`, a UserError), and so must the folded graph (else `CheckFailed`), within
     verify's tolerance widened only where a fold is flagged for precision (`fold_tolerance`).
-    Where torch.fx stops inside a submodule, the graph is insert's partial trace around it (the
-    submodule kept whole, its BNs listed as out of reach); where it stops in the model's own
-    forward, the BNs are folded module by module (`fold_untraced`).
+    Where torch.fx stops inside a submodule, the graph is insert's partial trace around it, and
+    the BNs inside the submodule kept whole are folded module by module
+    (`fold_bn_into_producer_module`); where it stops in the model's own forward, every BN is
+    (`fold_untraced`).
     `report.passes` keeps each pass's `PassResult`, for an artifact's history.
     """
     if standalone_bn not in STANDALONE_BN_FORMS:
