@@ -96,6 +96,37 @@ def test_hf_t5_is_traced_through_its_float16_clamps_and_exports():
     assert (row.export, row.verify) == ("ok", "PASSED"), row
 
 
+def test_hf_swinv2_gets_no_batchnorm_on_its_position_bias_table():
+    """Swin V2's blocks hold, besides the MLP's GELU, a ReLU in an MLP over a fixed table of
+    relative coordinates: the same tensor in every batch, so it gets no BatchNorm, with why."""
+    if not installed("hf-swinv2"):
+        pytest.skip("transformers is not installed (make test-real)")
+    import bngraph
+    from bngraph.passes.insert_bn_before_activation import NOT_FROM_THE_INPUT
+
+    row = run_chain("hf-swinv2")
+    assert (row.inserted, row.reported) == (2, 2) and row.fold == "ok" and (row.export, row.verify) == ("ok", "PASSED")
+    model, inputs = MODELS["hf-swinv2"].build()
+    _, report = bngraph.insert(model.eval(), inputs)
+    table = [r for r in report.sections["not_handled"] if r["module"].endswith("continuous_position_bias_mlp.1")]
+    assert len(table) == 2 and all(r["reason"].startswith(NOT_FROM_THE_INPUT) for r in table)
+
+
+def test_hf_vitmae_is_refused_by_export_as_a_model_that_draws_random_numbers(tmp_path):
+    """ViTMAE keeps a random subset of patches on every call: export writes nothing, and says the
+    model itself gives another output on the same batch (not that rounding explains it)."""
+    if not installed("hf-vitmae"):
+        pytest.skip("transformers is not installed (make test-real)")
+    import bngraph
+
+    row = run_chain("hf-vitmae")
+    assert row.export == "verification failed: not written"
+    model, inputs = MODELS["hf-vitmae"].build()
+    result = bngraph.export(model.eval(), inputs, tmp_path / "mae.onnx")
+    assert not result and not (tmp_path / "mae.onnx").exists()
+    assert "gives another output when run again on the same batch" in result.verification.lines()[-1]
+
+
 def test_hf_swin_gets_batchnorms_inside_the_blocks_fx_keeps_whole():
     """Swin's layers pick their windows by the input's size (`if min(input_resolution) <=
     self.window_size:`), so each stays one call in insert's graph; the GELU module inside each
