@@ -113,17 +113,9 @@ def fold(
     results.update(tidied)
     leaves = [o.module for o in kept_whole if o.type != "function"]
     if leaves and any(row["node"].startswith(tuple(f"{p}." for p in leaves)) for row in opaque):
-        # Inside the submodules kept whole (HF ResNet's embedder, LeViT's attention, what insert
-        # wrapped in Swin's blocks), module by module, as for a model fx cannot trace at all.
-        gains = rounding_gains(gm)
-        gm, inside_results = run_passes(gm, [partial(fold_bn_into_producer_module, example_inputs=example_inputs,
-                                                     within=leaves)])
+        gm, inside_results, inside_gain, opaque = _fold_inside_kept_whole(gm, example_inputs, leaves, opaque)
         results.update(inside_results)
-        inside_fold = inside_results[fold_bn_into_producer_module.__name__]
-        gain = max([gain, *(gains.get(p, 0.0) for p in inside_fold.changed)])
-        why = {s.site: s.reason for s in inside_fold.skipped}
-        opaque = [{**row, "reason": f"{row['reason']}; module by module: {why[row['node']]}"} if row["node"] in why
-                  else row for row in opaque if row["node"] not in inside_fold.changed]
+        gain = max(gain, inside_gain)
     tolerance = fold_tolerance(gain)
     reference.check(gm, what="the folded model", atol=tolerance, rtol=tolerance)
     report = fold_report(before, _op_counts(gm), batch_norms, _batch_norm_names(gm), results, errors, opaque,
@@ -133,13 +125,15 @@ def fold(
     if unused:
         report.notes.append(f"{len(unused)} BatchNorm(s) the model holds are never called by its forward, so the "
                             f"folded model does not have them: {', '.join(unused)}")
-    report.facts["batchnorms_before"] += len(inside) - len(opaque)  # those folded inside hooked modules
-    if report.facts["batchnorms_before"]:  # some inside submodules called whole, folded there
+    # Those folded inside hooked modules and inside the submodules kept whole count too.
+    report.facts["batchnorms_before"] += len(inside) - len(opaque)
+    if report.facts["batchnorms_before"]:
         report.notes = [n for n in report.notes if not n.startswith("nothing to fold")]
     report.passes = results
     if trace_failure is not None and report.facts["batchnorms_after"]:
-        # The submodules kept whole may hold BNs that folding module by module reaches (HF LeViT's
-        # attention: 17 of them): the result that leaves fewer.
+        # Where BNs are left, folding the whole model module by module may reach more of them
+        # (one whose layer is in the graph and whose BN is inside a submodule kept whole): the
+        # result that leaves fewer.
         try:
             untraced, untraced_report = fold_untraced(module, example_inputs, trace_failure, reference=reference)
         except CheckFailed:
@@ -147,6 +141,20 @@ def fold(
         if untraced_report.facts["batchnorms_after"] < report.facts["batchnorms_after"]:
             return untraced, untraced_report
     return gm, report
+
+
+def _fold_inside_kept_whole(gm: fx.GraphModule, example_inputs, leaves: Sequence[str], opaque: list[dict]):
+    """The BNs inside the submodules a partial trace kept whole (HF ResNet's embedder, LeViT's
+    attention, what insert wrapped in Swin's blocks), folded module by module as for a model fx
+    cannot trace at all: (gm, the pass's results, the largest rounding gain of a BN it folded,
+    the `opaque` rows left, each with why the pass left it)."""
+    gains = rounding_gains(gm)
+    gm, results = run_passes(gm, [partial(fold_bn_into_producer_module, example_inputs=example_inputs, within=leaves)])
+    result = results[fold_bn_into_producer_module.__name__]
+    why = {s.site: s.reason for s in result.skipped}
+    left = [{**row, "reason": f"{row['reason']}; module by module: {why[row['node']]}"} if row["node"] in why else row
+            for row in opaque if row["node"] not in result.changed]
+    return gm, results, max((gains.get(p, 0.0) for p in result.changed), default=0.0), left
 
 
 def _largest_rounding_gain(gm: fx.GraphModule) -> float:
