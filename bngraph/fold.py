@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Collection, Sequence
-from functools import partial
 
 import torch
 from torch import fx, nn
@@ -30,8 +29,8 @@ from bngraph.passes.fold_bn_into_following_layer import fold_bn_into_following_l
 from bngraph.passes.fold_bn_into_producer_module import fold_bn_into_producer_module
 from bngraph.passes.fold_bn_into_preceding_layer import fold_bn_into_preceding_layer
 from bngraph.errors import CheckFailed, UserError
-from bngraph.fold_reach import fold_inside_hooked_modules, opaque_batch_norms, unused_batch_norms
-from bngraph.fold_untraced import FALLBACK, fold_untraced, rounding_gains, source_edits
+from bngraph.fold_reach import fold_inside_hooked_modules, fold_inside_kept_whole, opaque_batch_norms, unused_batch_norms
+from bngraph.fold_untraced import FALLBACK, fold_untraced, source_edits
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, rounding_gain
 from bngraph.runners import eval_mode
 from bngraph.passes._fx_batchnorm import is_batch_norm, read_batch_norm
@@ -113,7 +112,7 @@ def fold(
     results.update(tidied)
     leaves = [o.module for o in kept_whole if o.type != "function"]
     if leaves and any(row["node"].startswith(tuple(f"{p}." for p in leaves)) for row in opaque):
-        gm, inside_results, inside_gain, opaque = _fold_inside_kept_whole(gm, example_inputs, leaves, opaque)
+        gm, inside_results, inside_gain, opaque = fold_inside_kept_whole(gm, example_inputs, leaves, opaque)
         results.update(inside_results)
         gain = max(gain, inside_gain)
     tolerance = fold_tolerance(gain)
@@ -141,20 +140,6 @@ def fold(
         if untraced_report.facts["batchnorms_after"] < report.facts["batchnorms_after"]:
             return untraced, untraced_report
     return gm, report
-
-
-def _fold_inside_kept_whole(gm: fx.GraphModule, example_inputs, leaves: Sequence[str], opaque: list[dict]):
-    """The BNs inside the submodules a partial trace kept whole (HF ResNet's embedder, LeViT's
-    attention, what insert wrapped in Swin's blocks), folded module by module as for a model fx
-    cannot trace at all: (gm, the pass's results, the largest rounding gain of a BN it folded,
-    the `opaque` rows left, each with why the pass left it)."""
-    gains = rounding_gains(gm)
-    gm, results = run_passes(gm, [partial(fold_bn_into_producer_module, example_inputs=example_inputs, within=leaves)])
-    result = results[fold_bn_into_producer_module.__name__]
-    why = {s.site: s.reason for s in result.skipped}
-    left = [{**row, "reason": f"{row['reason']}; module by module: {why[row['node']]}"} if row["node"] in why else row
-            for row in opaque if row["node"] not in result.changed]
-    return gm, results, max((gains.get(p, 0.0) for p in result.changed), default=0.0), left
 
 
 def _largest_rounding_gain(gm: fx.GraphModule) -> float:

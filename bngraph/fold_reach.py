@@ -7,23 +7,42 @@ with the reason, so that `fold --strict` sees it. A BN the forward never reaches
 
 A module kept whole for its hooks is folded on its own: its hooks see its inputs and its
 output, which folding inside it does not change, so its folded graph, with the same hooks,
-takes its place (`fold_inside_hooked_modules`).
+takes its place (`fold_inside_hooked_modules`). A submodule a partial trace kept whole (its
+forward cannot be traced) is folded inside module by module (`fold_inside_kept_whole`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
+from functools import partial
 
 import torch
 from torch import fx, nn
 
 from bngraph.errors import CheckFailed, UserError
+from bngraph.fold_untraced import rounding_gains
+from bngraph.passes.base import run_passes
+from bngraph.passes.fold_bn_into_producer_module import fold_bn_into_producer_module
 from bngraph.passes._fx_effects import hooks_of
 from bngraph.passes._fx_meta import has_submodule
 
 _HOOK_ATTRS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")
+
+
+def fold_inside_kept_whole(gm: fx.GraphModule, example_inputs, leaves: Sequence[str], opaque: list[dict]):
+    """The BNs inside the submodules a partial trace kept whole (HF ResNet's embedder, LeViT's
+    attention, what insert wrapped in Swin's blocks), folded module by module as for a model fx
+    cannot trace at all: (gm, the pass's results, the largest rounding gain of a BN it folded,
+    the `opaque` rows left, each with why the pass left it)."""
+    gains = rounding_gains(gm)
+    gm, results = run_passes(gm, [partial(fold_bn_into_producer_module, example_inputs=example_inputs, within=leaves)])
+    result = results[fold_bn_into_producer_module.__name__]
+    why = {s.site: s.reason for s in result.skipped}
+    left = [{**row, "reason": f"{row['reason']}; module by module: {why[row['node']]}"} if row["node"] in why else row
+            for row in opaque if row["node"] not in result.changed]
+    return gm, results, max((gains.get(p, 0.0) for p in result.changed), default=0.0), left
 
 
 def fold_inside_hooked_modules(gm: fx.GraphModule, example_inputs, fold: Callable) -> tuple[list[dict], list[dict], set[str]]:
@@ -143,4 +162,4 @@ def is_batch_norm_module(module: nn.Module | None) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
-__all__ = ["fold_inside_hooked_modules", "is_batch_norm_module", "opaque_batch_norms", "unused_batch_norms"]
+__all__ = ["fold_inside_hooked_modules", "fold_inside_kept_whole", "is_batch_norm_module", "opaque_batch_norms", "unused_batch_norms"]
