@@ -7,6 +7,11 @@ where that is exact (no zero padding), or else one per-channel multiply-add. A B
 without running statistics is left, with its reason. The report lists what went where, what
 was left and why, and the op counts before and after.
 
+Where torch.fx cannot follow a submodule (a shape check, HF attention), the rest is traced as
+above and the BatchNorms inside that submodule fold module by module, into the conv or linear
+module that produced their input; where it cannot trace the model's own forward, every
+BatchNorm folds that way. The result is checked against MODEL before anything is written.
+
 MODEL may also be an ONNX file, folded in ONNX.
 
 Examples:
