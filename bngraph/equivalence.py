@@ -25,8 +25,6 @@ fold errs by the size of a BN statistic, ~0.1 of the RMS: 250x more than this ev
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,48 +33,17 @@ from torch import nn
 
 from bngraph.compare import OWN_ROUNDING_FACTOR
 from bngraph.errors import CheckFailed, ModelNotAFunction
-from bngraph.runners import TorchRunner, _to_numpy, batch_axes_of, example_batches, named_tensors
+from bngraph.runners import Float64Runner, SeededRunner, batch_axes_of, example_batches, seeded
 from bngraph.verify import verify
 
 OWN_ROUNDING_CAP = 1e-4  # of the output's RMS: a model that rounds worse is refused, with the figure
-
-
-class _SeededRunner(TorchRunner):
-    """A TorchRunner that draws the same random numbers on every call, and keeps its outputs."""
-
-    def __init__(self, module: nn.Module, label: str):
-        super().__init__(module, label)
-        self._outputs: dict[int, list[np.ndarray]] = {}
-
-    def __call__(self, inputs):
-        if id(inputs) not in self._outputs:
-            with seeded():
-                # Copies: a forward that writes into its input in place must not change the batch.
-                self._outputs[id(inputs)] = super().__call__([np.array(x, copy=True) for x in inputs])
-        return self._outputs[id(inputs)]
-
-    def know(self, inputs, outputs) -> None:
-        """Take `outputs` (a forward's result, run under `seeded()` in eval mode without gradients)
-        as this module's on `inputs`, instead of running it again."""
-        named = named_tensors(outputs)
-        self.output_names = [name for name, _ in named]
-        self._outputs[id(inputs)] = [_to_numpy(t) for _, t in named]
-
-
-@contextlib.contextmanager
-def seeded():
-    """The random state every run compared here starts from (a run outside this module, such as
-    the shape-recording run of `bngraph.trace`, uses it to stand for one of these runs)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        yield
 
 
 class Reference:
     """The original model's outputs on the check's batches, computed once for several checks."""
 
     def __init__(self, original: nn.Module, example_inputs: Sequence[torch.Tensor]):
-        self.runner = _SeededRunner(original, "original")
+        self.runner = SeededRunner(original, "original")
         self.batches = [[_numpy(x) for x in example_inputs]]
         axes = batch_axes_of(example_inputs)
         sizes = {x.shape[0] for x, axis in zip(example_inputs, axes) if axis is not None}
@@ -94,8 +61,7 @@ class Reference:
                 break
             # else the model itself only takes its example's batch size: check on that alone
         self.notes: list[str] = []  # outputs that passed within the model's own rounding, for the report
-        self._float64: _SeededRunner | None = None
-        self._float64_inputs: dict[int, list[np.ndarray]] = {}
+        self._float64: Float64Runner | None = None
         state = {k: v.detach().clone() for k, v in original.state_dict().items()}
         self.runner(self.batches[0])  # a model that fails on its own example input fails here, as itself
         self._check_is_a_function(state)
@@ -104,7 +70,7 @@ class Reference:
         """ModelNotAFunction where the original computes something else on the same input each time it
         runs (its forward counts its calls into a buffer it then reads): any copy would differ
         from it by its calls, not by what a transformation did."""
-        again = _SeededRunner(self.runner.module, "the original, run again")
+        again = SeededRunner(self.runner.module, "the original, run again")
         result = verify(self.runner, again, self.batches[:1], explain_failures=False)
         if result:
             return
@@ -133,7 +99,7 @@ class Reference:
         `example_output`: `transformed`'s output on the example input, where a run the caller
         needed anyway computed it (under `seeded()`, in eval mode): not run again."""
         batches = self.batches[:1] if example_only else self.batches
-        runner = _SeededRunner(transformed, what)
+        runner = SeededRunner(transformed, what)
         if example_output is not None:
             runner.know(batches[0], example_output)
         result = verify(self.runner, runner, batches, atol, rtol, explain_failures=False)  # `_rounding_note` does
@@ -161,25 +127,22 @@ class Reference:
             )
         return max((d.excess for d in result.diffs), default=0.0)
 
-    def _from_exact(self, runner: _SeededRunner, output: str, batches) -> float | None:
+    def _from_exact(self, runner: SeededRunner, output: str, batches) -> float | None:
         """The largest |float32 - float64| of `runner`'s `output` on `batches`, against the
         original run in float64: how far a float32 model strays from the original's exact result.
         None where the original does not run in float64."""
         try:
             if self._float64 is None:
-                self._float64 = _SeededRunner(copy.deepcopy(self.runner.module).double(), "float64")
+                self._float64 = Float64Runner(self.runner.module)
             distance = 0.0
             for inputs in batches:
-                if id(inputs) not in self._float64_inputs:  # kept: the runner knows its outputs by the inputs' id
-                    self._float64_inputs[id(inputs)] = [x.astype(np.float64) if x.dtype == np.float32 else x
-                                                        for x in inputs]
-                exact = self._float64(self._float64_inputs[id(inputs)])[self._float64.output_names.index(output)]
+                exact = self._float64(inputs)[self._float64.output_names.index(output)]
                 distance = max(distance, float(np.max(np.abs(runner(inputs)[runner.output_names.index(output)] - exact))))
         except Exception:  # noqa: BLE001 (a model that fixes float32 somewhere: no figure, the tolerance stands)
             return None
         return distance if np.isfinite(distance) else None
 
-    def _within_own_rounding(self, result, runner: _SeededRunner, batches, what: str) -> bool:
+    def _within_own_rounding(self, result, runner: SeededRunner, batches, what: str) -> bool:
         """Whether every output beyond the tolerance is within the original's own rounding (see the
         module docstring); if so, a note for each in `notes`."""
         notes = []
@@ -200,7 +163,7 @@ class Reference:
         self.notes += notes
         return True
 
-    def _rounding_note(self, worst, runner: _SeededRunner, batches) -> str:
+    def _rounding_note(self, worst, runner: SeededRunner, batches) -> str:
         """Where `worst` failed, how far each model is from the original's exact (float64) result:
         tells a refusal of an ill-conditioned model (a LayerNorm over near-equal features) from a
         wrong transformation. Empty where the model does not run in float64."""

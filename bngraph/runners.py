@@ -13,6 +13,7 @@ declared inputs and batch axis) make one contract with `verify`, and change toge
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +48,55 @@ class TorchRunner:
         named = named_tensors(out)
         self.output_names = [name for name, _ in named]
         return [_to_numpy(t) for _, t in named]
+
+
+@contextlib.contextmanager
+def seeded():
+    """The random state every run compared starts from (`bngraph.equivalence`; a run outside it,
+    such as the shape-recording run of `bngraph.trace`, uses it to stand for one of its runs)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
+class SeededRunner(TorchRunner):
+    """A TorchRunner that draws the same random numbers on every call, and keeps its outputs
+    (by the identity of the batch it was given)."""
+
+    def __init__(self, module: nn.Module, label: str):
+        super().__init__(module, label)
+        self._outputs: dict[int, list[np.ndarray]] = {}
+
+    def __call__(self, inputs):
+        if id(inputs) not in self._outputs:
+            with seeded():
+                # Copies: a forward that writes into its input in place must not change the batch.
+                self._outputs[id(inputs)] = super().__call__(self._prepared(inputs))
+        return self._outputs[id(inputs)]
+
+    def _prepared(self, inputs) -> list[np.ndarray]:
+        return [np.array(x, copy=True) for x in inputs]
+
+    def know(self, inputs, outputs) -> None:
+        """Take `outputs` (a forward's result, run under `seeded()` in eval mode without gradients)
+        as this module's on `inputs`, instead of running it again."""
+        named = named_tensors(outputs)
+        self.output_names = [name for name, _ in named]
+        self._outputs[id(inputs)] = [_to_numpy(t) for _, t in named]
+
+
+class Float64Runner(SeededRunner):
+    """The exact result a float32 model's outputs are measured against: a float64 copy of
+    `module`, run on each batch with its float32 inputs widened (`bngraph.equivalence`'s
+    rounding allowance, `bngraph.verify`'s verdict on a failure). Raises where the model does
+    not run in float64 (it fixes float32 somewhere)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__(copy.deepcopy(module).double(), "float64")
+
+    def _prepared(self, inputs) -> list[np.ndarray]:
+        return [np.asarray(x, dtype=np.float64) if np.asarray(x).dtype == np.float32 else np.array(x, copy=True)
+                for x in inputs]
 
 
 class OrtRunner:

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_leaves
 
 from bngraph.errors import CheckFailed, UserError, model_raised, one_line, user_frame
 from bngraph.passes._fx_effects import hooks_of
+from bngraph.runners import seeded
 
 
 class TraceFailed(UserError):
@@ -522,9 +523,8 @@ class _RecordShapes(fx.Interpreter):
 def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
     """Run `gm` once in eval mode (no statistics updated, no dropout), record each node's shape,
     and return the output of that run: drawn under
-    `bngraph.equivalence.seeded()`, so that a check of `gm` can take it instead of running `gm`
-    on the example input again (`Reference.check(example_output=...)`)."""
-    from bngraph.equivalence import seeded  # here: equivalence imports verify, which imports this module
+    `bngraph.runners.seeded()`, as every check's runs are, so that a check of `gm` can take it
+    instead of running `gm` on the example input again (`Reference.check(example_output=...)`)."""
 
     was_training = gm.training
     gm.eval()

@@ -17,7 +17,6 @@ rule each output passes by, and the default tolerances: `bngraph.compare`. The r
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +28,7 @@ from bngraph.data import model_images
 from bngraph.errors import ModelRaised, UserError, one_line
 from bngraph.load import load_model
 from bngraph.report import Report
-from bngraph.runners import BATCH_SIZES, TorchRunner, onnx_inputs, random_batches, runners_for
+from bngraph.runners import BATCH_SIZES, Float64Runner, onnx_inputs, random_batches, runners_for
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
 
 DATA_EXAMPLES = 97  # an odd batch of real images, besides the random ones
@@ -143,12 +142,11 @@ def _largest_difference(batches: list[list[np.ndarray]], exact: list[list[np.nda
 
 
 def _float64_outputs(module: torch.nn.Module, inputs) -> list[list[np.ndarray]] | None:
-    """`module`'s outputs in float64 on `inputs` (float32 arrays widened), or None where it does
-    not run in float64 (a model that fixes float32 somewhere: no figure)."""
+    """`module`'s exact (float64) outputs on `inputs`, or None where it does not run in float64
+    (a model that fixes float32 somewhere: no figure)."""
     try:
-        runner = TorchRunner(copy.deepcopy(module).double(), "float64")
-        return [runner([x.astype(np.float64) if x.dtype == np.float32 else x for x in map(np.asarray, batch)])
-                for batch in inputs]
+        exact = Float64Runner(module)
+        return [exact(batch) for batch in inputs]
     except Exception:  # noqa: BLE001 (the user's model in float64)
         return None
 
