@@ -39,7 +39,7 @@ from bngraph.passes.remove_dead_code import remove_dead_code
 from bngraph.passes.remove_eval_identities import remove_eval_identities
 from bngraph.passes.replace_bn_with_multiply_add import replace_bn_with_multiply_add
 from bngraph.report import Report
-from bngraph.partial_trace import trace_for_insert
+from bngraph.partial_trace import kept_whole_modules, trace_for_insert
 from bngraph.trace import TraceFailed, check_faithful_trace, trace, trace_and_run
 
 # In order: the layer before a BN is the first choice (no constraint on padding), the layer
@@ -110,7 +110,7 @@ def fold(
     errors = _measure_flagged(module, gm, results, example_inputs, unfolded)
     gm, tidied = run_passes(gm, TIDY_PASSES)
     results.update(tidied)
-    leaves = [o.module for o in kept_whole if o.type != "function"]
+    leaves = kept_whole_modules(kept_whole)
     if leaves and any(row["node"].startswith(tuple(f"{p}." for p in leaves)) for row in opaque):
         gm, inside_results, inside_gain, opaque = fold_inside_kept_whole(gm, example_inputs, leaves, opaque)
         results.update(inside_results)

@@ -21,7 +21,7 @@ from bngraph.data import model_images
 from bngraph.equivalence import Reference
 from bngraph.errors import UserError
 from bngraph.load import LoadedModel
-from bngraph.partial_trace import Opaque, nonlinearities_not_handled, trace_for_insert
+from bngraph.partial_trace import Opaque, kept_whole_modules, nonlinearities_not_handled, trace_for_insert
 from bngraph.passes.base import PassResult, pass_name, run_passes
 from bngraph.passes.calibrate_bn_as_identity import CalibrateBnAsIdentity
 from bngraph.passes.drop_bias_before_bn import drop_bias_before_bn
@@ -75,7 +75,7 @@ def insert(
 
     graph, results = run_passes(graph, [insert_pass])
     traced_bns = [row["bn"] for row in results[pass_name(insert_pass)].details]
-    leaves = [o.module for o in opaque if o.type != "function"]
+    leaves = kept_whole_modules(opaque)
     if leaves and fallback:
         # The activation modules inside the submodules kept opaque run there, not in the graph:
         # they are wrapped by running the model, as the fallback wraps a whole model's.

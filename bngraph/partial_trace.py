@@ -54,6 +54,12 @@ class Opaque:
     reason: str
 
 
+def kept_whole_modules(opaque: Sequence[Opaque]) -> list[str]:
+    """The paths of the submodules among `opaque` (the rest are functions called whole), which
+    insert and fold reach into module by module."""
+    return [o.module for o in opaque if o.type != "function"]
+
+
 _fx_assert_is_none = torch.fx._symbolic_trace._assert_is_none
 
 
@@ -607,4 +613,4 @@ def nonlinearities_not_handled(
     return found
 
 
-__all__ = ["InsertTracer", "MAX_LEAVES", "Opaque", "nonlinearities_not_handled", "trace_for_insert"]
+__all__ = ["InsertTracer", "MAX_LEAVES", "Opaque", "kept_whole_modules", "nonlinearities_not_handled", "trace_for_insert"]
