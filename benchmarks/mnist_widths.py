@@ -1,11 +1,12 @@
 """reproduce mnist's input widths: what the first layer reads, and what it saves, measured side by side.
 
 `bngraph.training.fused_mlp` orders MNIST's pixels by how many training images use them, so each
-image is zero past some width; a batch's first layer reads only its widest image's prefix, and an
-evaluation sorted by width reads each chunk's. This script prints the mean width of the paper's
-batches (batch 60, the first --batches of `reproduce mnist`'s own batch order) and of the test
-images, then times one core's step of each net and one evaluation, reading every feature against
-reading the widths, interleaved over --rounds rounds (medians of per-round ratios).
+image is zero past some width, and a batch's first layer reads only its widest image's prefix; an
+evaluation reads only the test images' nonzero pixels (`NonzeroPixels`). This script prints the
+mean width of the paper's batches (batch 60, the first --batches of `reproduce mnist`'s own batch
+order) and the test images' share of nonzero pixels, then times one core's step of each net and
+one evaluation, reading every feature against reading only what is used, interleaved over
+--rounds rounds (medians of per-round ratios).
 
     .venv/bin/python benchmarks/mnist_widths.py --data ../shared/data/mnist
 """
@@ -25,7 +26,7 @@ from bngraph.data import resolve_dataset  # noqa: E402
 from bngraph.reproduce.mnist import MnistConfig, mnist_nets  # noqa: E402
 from bngraph.training import TensorData  # noqa: E402
 from bngraph.training.data import EpochSampler  # noqa: E402
-from bngraph.training.fused_mlp import StackedMLP, feature_order, prefix_widths  # noqa: E402
+from bngraph.training.fused_mlp import NonzeroPixels, StackedMLP, feature_order, prefix_widths  # noqa: E402
 
 
 def main() -> None:
@@ -42,15 +43,15 @@ def main() -> None:
     order = feature_order(x_train)
     ordered_train, ordered_test = x_train[:, order], x_test[:, order]
     train_widths = prefix_widths(ordered_train)
-    test_widths, by_width = prefix_widths(ordered_test).sort(stable=True)
-    sorted_test, sorted_labels = ordered_test[by_width], data.y_test[by_width]
+    test_pixels = NonzeroPixels.of(ordered_test)
     sampler = EpochSampler(len(x_train), cfg.batch_size, cfg.seed)
     batches = [sampler(step) for step in range(args.batches)]
     batch_widths = torch.tensor([int(train_widths[b].max()) for b in batches], dtype=torch.float)
     features = x_train.shape[1]
     print(f"torch {torch.__version__}, 1 thread, {data.source}")
     print(f"features: {features}; batch of {cfg.batch_size}: mean width {batch_widths.mean():.0f} "
-          f"(min {batch_widths.min():.0f}, max {batch_widths.max():.0f}); test image: mean width {test_widths.float().mean():.0f}")
+          f"(min {batch_widths.min():.0f}, max {batch_widths.max():.0f}); "
+          f"test images: {len(test_pixels.values) / x_test.numel():.0%} of pixels nonzero")
 
     for name, net in zip(("plain", "BN"), mnist_nets(cfg.seed, cfg.init_std)):
         every, widths = StackedMLP([net]), StackedMLP([net], input_order=order)
@@ -70,11 +71,11 @@ def main() -> None:
         steps = interleave({"every": step_every, "widths": step_widths}, rounds=args.rounds, sample_s=0.3)
         evals = interleave({
             "every": lambda: every.evaluate(x_test, data.y_test, track_unit=0),
-            "widths": lambda: widths.evaluate(sorted_test, sorted_labels, track_unit=0, widths=test_widths),
+            "widths": lambda: widths.evaluate(test_pixels, data.y_test, track_unit=0),
         }, rounds=args.rounds, sample_s=0.3)
         for what, samples in (("step", steps), ("evaluation", evals)):
             a, b = (sorted(samples[k])[len(samples[k]) // 2] for k in ("every", "widths"))
-            print(f"{name:>5} {what:<10}  every feature {a * 1e6:8.0f} us   widths {b * 1e6:8.0f} us   "
+            print(f"{name:>5} {what:<10}  every feature {a * 1e6:8.0f} us   only the used {b * 1e6:8.0f} us   "
                   f"time ratio {median_ratio(samples, 'widths', 'every'):.3f}")
 
 

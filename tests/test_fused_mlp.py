@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bngraph
-from bngraph.training.fused_mlp import NotAnMLP, StackedMLP, feature_order, mlp_layers, prefix_widths
+from bngraph.training.fused_mlp import NonzeroPixels, NotAnMLP, StackedMLP, feature_order, mlp_layers, prefix_widths
 from bngraph.zoo import create_model
 
 EXAMPLE = [torch.zeros(2, 1, 28, 28)]
@@ -142,10 +142,9 @@ def test_reading_only_the_used_features_trains_and_evaluates_as_autograd(which):
         x = ordered[b]
         stack.step(x[0] if K == 1 else x, y[0] if K == 1 else y, lr=0.5, width=width)
 
+    # The evaluation reads only the nonzero pixels, in chunks that split the images unevenly.
     y_test = torch.randint(0, 10, (600,), generator=gen)
-    test_widths, by_width = widths.sort()
-    accuracy, quantiles = stack.evaluate(ordered[by_width], y_test[by_width], track_unit=5, chunk=128,
-                                         widths=test_widths)
+    accuracy, quantiles = stack.evaluate(NonzeroPixels.of(ordered), y_test, track_unit=5, chunk=128)
     stack.write_back(nets)
     assert_same_state(nets, references)
     for k, reference in enumerate(references):
@@ -157,6 +156,18 @@ def test_reading_only_the_used_features_trains_and_evaluates_as_autograd(which):
         assert accuracy[k].item() == pytest.approx(want.item(), abs=1 / 600)
         want_q = torch.quantile(captured[0], torch.tensor([0.15, 0.5, 0.85]))
         torch.testing.assert_close(quantiles[k], want_q, atol=1e-4, rtol=1e-4)
+
+
+def test_nonzero_pixels_times_a_weight_is_the_dense_product():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(50, 3, 4, 4, generator=gen) * (torch.rand(50, 3, 4, 4, generator=gen) < 0.2)
+    x[7] = 0  # an image with no pixel at all
+    x[8] = 1  # one with every pixel
+    weight = torch.randn(48, 9, generator=gen)
+    pixels = NonzeroPixels.of(x)
+    assert len(pixels) == 50 and len(pixels.values) == int((x != 0).sum())
+    for lo, hi in ((0, 50), (5, 9), (7, 8), (40, 64)):  # whole, a chunk, the empty image, past the end
+        torch.testing.assert_close(pixels.times(weight, lo, hi), x.flatten(1)[lo:hi] @ weight)
 
 
 def test_num_batches_tracked_counts_the_steps():

@@ -9,9 +9,10 @@ import torch
 import bngraph
 from bngraph.cli import main
 from bngraph.data import load_mnist
-from bngraph.reproduce.mnist import MnistConfig, mnist_summary, reproduce_mnist, write_mnist
+from bngraph.reproduce.mnist import MnistConfig, _batches, mnist_summary, reproduce_mnist, write_mnist
 from bngraph.reproduce.tables import first_step_reaching
-from bngraph.training import TensorData
+from bngraph.training import EpochSampler, TensorData
+from bngraph.training.fused_mlp import prefix_widths
 from tests.conftest import REAL_MNIST
 from tests.mnist_like import write_learnable
 from tests.test_data_formats import write_image_folder, write_npz
@@ -65,20 +66,36 @@ def test_mnist_writes_figure_summary_table_and_the_trained_nets(tmp_path, data):
     assert accuracy == pytest.approx(summary["nets"]["with BN"]["test_accuracy"][-1], abs=1e-6)
 
 
-def test_worker_processes_train_the_same_nets_as_one_process(data):
-    # The CPU: on a GPU every net trains in one process (workers=1).
-    cfg = MnistConfig(steps=30, eval_every=10, batch_size=20, seeds=2, lr=0.2, device="cpu")
+def test_batches_of_one_seed_are_the_samplers_with_their_widths(data):
+    # One seed: labels and batch widths are gathered a whole epoch at a time (600 images in
+    # batches of 20: 30 steps an epoch, so 70 steps cross two epoch boundaries).
+    cfg = MnistConfig(steps=70, batch_size=20)
+    x = data.x_train.flatten(1)
+    widths = prefix_widths(x)
+    sampler = EpochSampler(len(x), 20, seed=0)
+    for step, (xb, yb, width) in enumerate(_batches([0, 0], x, data.y_train, widths, cfg)):
+        index = sampler(step)
+        assert torch.equal(xb, x[index]) and torch.equal(yb, data.y_train[index])
+        assert width == int(widths[index].max())
+    assert step == 69
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_worker_processes_train_the_same_nets_as_one_process(data, seeds):
+    # The CPU: on a GPU every net trains in one process (workers=1). One seed: the worker also
+    # evaluates the BN net, on states this process sends.
+    cfg = MnistConfig(steps=30, eval_every=10, batch_size=20, seeds=seeds, lr=0.2, device="cpu")
     one = reproduce_mnist(data, MnistConfig(**{**cfg.__dict__, "workers": 1}), progress=False)
     two = reproduce_mnist(data, MnistConfig(**{**cfg.__dict__, "workers": 2}), progress=False)
     assert two.workers == 2 and one.steps == two.steps == [10, 20, 30]
     for net in ("without BN", "with BN"):
         np.testing.assert_allclose(one.accuracy[net], two.accuracy[net], atol=1 / len(data.y_test))
-        assert one.accuracy[net].shape == (2, 3)  # seeds x evaluations
+        assert one.accuracy[net].shape == (seeds, 3)  # seeds x evaluations
         for a, b in zip(one.models[net], two.models[net]):
             for key, value in a.state_dict().items():
                 torch.testing.assert_close(value.float(), b.state_dict()[key].float(), atol=1e-4, rtol=1e-4)
-    # Seeds differ: other initial weights and batch orders.
-    assert not torch.equal(one.models["with BN"][0].fc1.weight, one.models["with BN"][1].fc1.weight)
+    if seeds == 2:  # seeds differ: other initial weights and batch orders
+        assert not torch.equal(one.models["with BN"][0].fc1.weight, one.models["with BN"][1].fc1.weight)
 
 
 @pytest.mark.parametrize(

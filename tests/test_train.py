@@ -117,6 +117,7 @@ def test_sampler_reshuffles_every_epoch_as_a_function_of_seed_and_step():
     assert len(set(epoch0.tolist())) == 90
     assert torch.equal(b(4), a(4)) and torch.equal(b(1), a(1))  # any order of calls
     assert not torch.equal(a(3), a(0))  # epoch 1 is another order
+    assert torch.equal(b.epoch(1), torch.stack([a(i) for i in range(3, 6)]))  # a whole epoch's batches at once
     assert not torch.equal(EpochSampler(100, 30, seed=4)(0), a(0))
     with pytest.raises(UserError, match="larger than"):
         EpochSampler(10, 11, seed=0)

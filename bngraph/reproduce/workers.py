@@ -6,6 +6,7 @@ reporting evaluations through a queue to the parent's progress bar."""
 from __future__ import annotations
 
 import gc
+import pickle
 import queue
 import sys
 import time
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.multiprocessing as mp
+from multiprocessing.reduction import ForkingPickler
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -21,14 +23,18 @@ from bngraph.errors import CheckFailed
 from bngraph.training.data import TensorData
 
 
-def _worker(train_stack, rank, models, net_seeds, data, cfg, messages, send_state=None, evaluate_for=None) -> None:
+def _worker(rank, jobs, messages, states) -> None:
+    """Wait for this process's job (it starts before the job is ready, see `Workers`), then run
+    it; with `states` (a queue), also evaluate the nets whose states come through it."""
     torch.set_num_threads(1)
+    train_stack, models, net_seeds, data, cfg, evaluated_models, evaluated_rank = pickle.loads(jobs.get())
     try:
-        if evaluate_for is not None:
-            other_models, states, other_rank = evaluate_for
-            evaluate_for = (other_models, states, lambda step, acc: messages.put(("eval", other_rank, step, acc)))
+        evaluate_for = None
+        if states is not None:
+            evaluate_for = (evaluated_models, states,
+                            lambda step, acc: messages.put(("eval", evaluated_rank, step, acc)))
         result = train_stack(models, net_seeds, data, cfg, lambda step, acc: messages.put(("eval", rank, step, acc)),
-                             send_state=send_state, evaluate_for=evaluate_for)
+                             evaluate_for=evaluate_for)
         messages.put(("done", rank, result))
         # This process ends next, and Python's exit would walk every object torch made (~1 s on
         # one core, while the other trains or writes); frozen, they are left to the OS.
@@ -39,42 +45,75 @@ def _worker(train_stack, rank, models, net_seeds, data, cfg, messages, send_stat
         messages.put(("error", rank, traceback.format_exc()))
 
 
-def run_workers(train_stack: Callable, chunks, data: TensorData, cfg, on_eval: Callable) -> list[dict]:
-    """`train_stack` on each chunk of nets: the last chunk in this process, each other chunk in a
-    process of its own, started first; their messages drive `on_eval`, their results return.
+class Workers:
+    """`count` spawned training processes, started before their work is ready: each spends ~1.2 s
+    starting Python and importing torch, while this process builds the nets and arranges the
+    data. `run` hands them their chunks of nets; leaving the `with` block ends any still running.
 
-    The last chunk holds the BN nets, whose steps cost the most (~1.2x on one core): this
-    process starts training them at once, while a spawned worker is still importing torch."""
-    ctx = mp.get_context("spawn")  # fork after torch has started its threads can hang
-    messages = ctx.Queue()
-    shared = TensorData(*(t.share_memory_() for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
-    here = len(chunks) - 1
-    # Two chunks hold the plain nets and the BN nets: the plain chunk's worker also evaluates the
-    # BN nets, on states this process sends, so that the two processes finish together.
-    offload = len(chunks) == 2
-    states = ctx.Queue() if offload else None
-    if states is not None:
-        # This process feeds it: stopped (Ctrl-C, SIGTERM, a failed worker) with states not yet
-        # read, its exit would wait for the pipe to drain into a worker that is gone. A finished
-        # run has had every state read (the worker's result waits for them).
-        states.cancel_join_thread()
-    procs = {
-        rank: ctx.Process(target=_worker, args=(train_stack, rank, models, seeds, shared, cfg, messages),
-                          kwargs={"evaluate_for": (chunks[here][0], states, here)} if offload else {}, daemon=True)
-        for rank, (models, seeds) in enumerate(chunks)
-        if rank != here
-    }
-    for p in procs.values():
-        p.start()
-    results: dict[int, dict] = {}
+        with Workers(1) as workers:
+            ...                                   # build the nets, arrange the data
+            results = workers.run(train_stack, chunks, data, cfg, on_eval)
+    """
 
-    def poll(block: bool = False) -> None:
+    def __init__(self, count: int):
+        ctx = mp.get_context("spawn")  # fork after torch has started its threads can hang
+        self.messages = ctx.Queue()
+        # Two chunks (the plain nets and the BN nets): the plain chunk's worker also evaluates
+        # the BN nets, on states this process sends, so that the two processes finish together.
+        self.states = ctx.Queue() if count == 1 else None
+        if self.states is not None:
+            # This process feeds it: stopped (Ctrl-C, SIGTERM, a failed worker) with states not
+            # yet read, its exit would wait for the pipe to drain into a worker that is gone. A
+            # finished run has had every state read (the worker's result waits for them).
+            self.states.cancel_join_thread()
+        self.jobs = {rank: ctx.Queue() for rank in range(count)}
+        # Queues reach a process only as its arguments, so each one is made here, before it starts.
+        self.procs = {rank: ctx.Process(target=_worker, args=(rank, jobs, self.messages, self.states), daemon=True)
+                      for rank, jobs in self.jobs.items()}
+        self.results: dict[int, dict] = {}
+        for p in self.procs.values():
+            p.start()
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for rank, p in self.procs.items():  # one that sent its result exits on its own (reaped at exit)
+            if rank not in self.results and p.is_alive():
+                p.terminate()
+                p.join(timeout=10)
+
+    def run(self, train_stack: Callable, chunks, data: TensorData, cfg, on_eval: Callable) -> list[dict]:
+        """`train_stack` on each chunk of nets: the last chunk in this process, each other chunk
+        in a worker; their messages drive `on_eval`, their results return.
+
+        The last chunk holds the BN nets, whose steps cost the most (~1.2x on one core): this
+        process starts training them at once, while a worker may still be importing torch."""
+        if len(chunks) != len(self.procs) + 1:
+            raise ValueError(f"{len(chunks)} chunks of nets for {len(self.procs)} workers and this process")
+        shared = TensorData(*(t.share_memory_() for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
+        here = len(chunks) - 1
+        for rank, (models, seeds) in enumerate(chunks[:here]):
+            # Pickled here, not in the queue's thread, where an error would leave the worker waiting.
+            job = bytes(ForkingPickler.dumps((train_stack, models, seeds, shared, cfg, chunks[here][0], here)))
+            self.jobs[rank].put(job)
+        models, seeds = chunks[here]
+        self.results[here] = train_here(train_stack, models, seeds, shared, cfg,
+                                        lambda step, acc: on_eval(here, step, acc),
+                                        send_state=self.states, poll=lambda: self._poll(on_eval))
+        while len(self.results) < len(chunks):
+            self._poll(on_eval, block=True)
+        if self.states is not None:
+            self.results[here].update(self.results[0].pop("offloaded"))
+        return [self.results[i] for i in range(len(chunks))]
+
+    def _poll(self, on_eval: Callable, block: bool = False) -> None:
         """Handle the workers' waiting messages (with `block`, until a result); raise if one failed or died."""
         while True:
             try:
-                kind, rank, *rest = messages.get(block=block, timeout=1.0)
+                kind, rank, *rest = self.messages.get(block=block, timeout=1.0)
             except queue.Empty:
-                dead = [p for rank, p in procs.items() if rank not in results and not p.is_alive()]
+                dead = [p for rank, p in self.procs.items() if rank not in self.results and not p.is_alive()]
                 if dead:
                     raise RuntimeError(
                         f"a training process died (exit code {dead[0].exitcode}); from a script, call "
@@ -90,23 +129,8 @@ def run_workers(train_stack: Callable, chunks, data: TensorData, cfg, on_eval: C
             elif kind == "error":
                 raise RuntimeError(f"training process {rank} failed:\n{rest[0]}")
             else:
-                results[rank] = rest[0]
+                self.results[rank] = rest[0]
                 return
-
-    try:
-        models, seeds = chunks[here]
-        results[here] = train_here(train_stack, models, seeds, shared, cfg, lambda step, acc: on_eval(here, step, acc),
-                                   send_state=states, poll=poll)
-        while len(results) < len(chunks):
-            poll(block=True)
-    finally:
-        for rank, p in procs.items():  # one that sent its result exits on its own (reaped at exit)
-            if rank not in results and p.is_alive():
-                p.terminate()
-                p.join(timeout=10)
-    if offload:
-        results[here].update(results[0].pop("offloaded"))
-    return [results[i] for i in range(len(chunks))]
 
 
 def train_here(train_stack: Callable, *args, **kwargs) -> dict:

@@ -37,7 +37,7 @@ class EpochSampler:
         self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = n // (batch_size * world_size)  # the last partial batch is dropped
-        self._epoch, self._order = -1, None
+        self._epoch, self._batches = -1, None
 
     def order(self, epoch: int) -> torch.Tensor:
         # The CPU generator keeps 32 bits of a seed: mix seed and epoch into those 32.
@@ -49,12 +49,16 @@ class EpochSampler:
             return order.pin_memory().to(self.device, non_blocking=True)
         return order.to(self.device)
 
+    def epoch(self, epoch: int) -> torch.Tensor:
+        """The batches of `epoch`, one row per step: [steps_per_epoch, batch_size]."""
+        global_batches = self.order(epoch)[: self.steps_per_epoch * self.world_size * self.batch_size]
+        return global_batches.view(self.steps_per_epoch, self.world_size, self.batch_size)[:, self.rank]
+
     def __call__(self, step: int) -> torch.Tensor:
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, self.order(epoch)
-        lo = (i * self.world_size + self.rank) * self.batch_size
-        return self._order[lo : lo + self.batch_size]
+            self._epoch, self._batches = epoch, self.epoch(epoch)
+        return self._batches[i]
 
 
 @dataclass
