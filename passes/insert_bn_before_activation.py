@@ -94,7 +94,8 @@ def _later_readers(gm: fx.GraphModule, act: fx.Node, x: fx.Node) -> list[tuple[f
 
 
 def _meta(shape, dtype):
-    return _extract_tensor_metadata(torch.empty(shape, dtype=dtype, device="meta"))
+    # As bngraph.trace records it: no memory format (its check imports sympy).
+    return _extract_tensor_metadata(torch.empty(shape, dtype=dtype, device="meta"), include_contiguity=False)
 
 
 def _inline_arithmetic(gm: fx.GraphModule, act: fx.Node) -> list[fx.Node]:
