@@ -331,7 +331,9 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
-def test_sigterm_ends_reproduce_and_its_workers_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("after_s", [0.0, 3.0], ids=["while-starting", "while-training"])
+def test_sigterm_ends_reproduce_and_its_workers_and_leaves_nothing(tmp_path, after_s):
+    # The worker process starts first; at once, the signal lands while the command imports torch.
     out = tmp_path / "repro"
     data = tmp_path / "mnist"
     write_learnable(data, n_train=600, n_test=100)
@@ -340,9 +342,9 @@ def test_sigterm_ends_reproduce_and_its_workers_and_leaves_nothing(tmp_path):
             "-o", str(out), "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "bngraph", *argv], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: len(_children(proc.pid)) >= 2, proc)  # its training workers run
+        _wait_for(lambda: len(_children(proc.pid)) >= 2, proc)  # its worker (and multiprocessing's tracker) run
         workers = _children(proc.pid)
-        time.sleep(1.0)
+        time.sleep(after_s)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:

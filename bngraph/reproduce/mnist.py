@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import queue
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from bngraph.atomic import REPRODUCE, write_dir_atomically
 from bngraph.errors import CheckFailed, UserError
 from bngraph.report import Report
 from bngraph.reproduce.tables import cell, first_step_reaching
-from bngraph.reproduce.workers import MnistProgress, Workers, train_here
+from bngraph.reproduce.workers import MnistProgress, Workers, cpu_processes, train_here
 from bngraph.training.config import pick_device
 from bngraph.training.data import EpochSampler, TensorData, check_model_fits
 from bngraph.training.fused_mlp import NonzeroPixels, StackedMLP, feature_order, prefix_widths
@@ -215,8 +214,12 @@ class MnistRun:
     summary: dict = field(default_factory=dict)
 
 
-def reproduce_mnist(data: TensorData, cfg: MnistConfig, *, progress: bool = True) -> MnistRun:
-    """Train both nets for every seed and summarize (see `mnist_summary`)."""
+def reproduce_mnist(data: TensorData, cfg: MnistConfig, *, progress: bool = True,
+                    workers: Workers | None = None) -> MnistRun:
+    """Train both nets for every seed and summarize (see `mnist_summary`). `workers`: processes
+    the caller started early (`Workers(cpu_processes(cfg.workers, cfg.seeds) - 1)`); by default,
+    or where their number is not the one this run needs (a GPU trains every net here), they
+    are started here."""
     started = time.perf_counter()
     device = pick_device(cfg.device)
     if device.type != "cpu":
@@ -224,8 +227,10 @@ def reproduce_mnist(data: TensorData, cfg: MnistConfig, *, progress: bool = True
                           data.name, data.source)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     net_seeds = seeds + seeds  # all plain nets, then all BN nets
-    workers = 1 if device.type != "cpu" else min(cfg.workers or os.cpu_count() or 1, len(net_seeds))
-    with MnistProgress(progress, cfg.steps) as bar, Workers(workers - 1) as pool:
+    processes = 1 if device.type != "cpu" else cpu_processes(cfg.workers, cfg.seeds)
+    if workers is None or len(workers) != processes - 1:
+        workers = Workers(processes - 1)
+    with MnistProgress(progress, cfg.steps) as bar, workers:
         pairs = [mnist_nets(s, cfg.init_std) for s in seeds]
         check_model_fits(pairs[0][0], data)  # data the MLP cannot take: one line, before any training
         widths = None
@@ -233,12 +238,12 @@ def reproduce_mnist(data: TensorData, cfg: MnistConfig, *, progress: bool = True
             data, widths = _Widths.reorder(data)
         train_stack = functools.partial(_train_stack, widths=widths)
         nets = [p[0] for p in pairs] + [p[1] for p in pairs]
-        bounds = np.linspace(0, len(nets), workers + 1).round().astype(int)
+        bounds = np.linspace(0, len(nets), processes + 1).round().astype(int)
         chunks = [(nets[a:b], net_seeds[a:b]) for a, b in zip(bounds, bounds[1:])]
-        if workers == 1:
+        if processes == 1:
             results = [train_here(train_stack, nets, net_seeds, data, cfg, lambda s, acc: bar.update(0, s, acc))]
         else:
-            results = pool.run(train_stack, chunks, data, cfg, bar.update)
+            results = workers.run(train_stack, chunks, data, cfg, bar.update)
     for (models, _), result in zip(chunks, results):
         for model, state in zip(models, result["state_dicts"]):
             model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
@@ -253,7 +258,7 @@ def reproduce_mnist(data: TensorData, cfg: MnistConfig, *, progress: bool = True
         models={"without BN": nets[:S], "with BN": nets[S:]},
         wall_s=time.perf_counter() - started,
         train_s=max(r["train_s"] for r in results),
-        workers=workers,
+        workers=processes,
         data=f"{data.name} ({data.source})",
     )
     run.summary = mnist_summary(run)
@@ -346,10 +351,11 @@ def write_mnist(run: MnistRun, out: Path, *, save_models: bool = True, force: bo
 
 
 def mnist_experiment(data: TensorData, cfg: MnistConfig, output: str, *, progress: bool = True,
-                     force: bool = False) -> tuple[MnistRun, Report]:
-    """`bngraph reproduce mnist`: both nets trained, written to `output` (`write_mnist`), and the
-    report: each net's accuracies and steps to the plain net's best, the speed-up."""
-    run = reproduce_mnist(data, cfg, progress=progress)
+                     force: bool = False, workers: Workers | None = None) -> tuple[MnistRun, Report]:
+    """`bngraph reproduce mnist`: both nets trained (`reproduce_mnist`), written to `output`
+    (`write_mnist`), and the report: each net's accuracies and steps to the plain net's best, the
+    speed-up."""
+    run = reproduce_mnist(data, cfg, progress=progress, workers=workers)
     write_mnist(run, Path(output), force=force)
     summary = run.summary
     facts = {

@@ -1,31 +1,47 @@
 """The MNIST nets' worker processes and progress bar: the last chunk of nets trains in the
 command's own process (torch is loaded there already), each other chunk in a process of its
 own, all single-threaded (at batch 60 a second thread buys less than it costs), the workers
-reporting evaluations through a queue to the parent's progress bar."""
+reporting evaluations through a queue to the parent's progress bar.
+
+This module imports no torch: `bngraph reproduce mnist` starts the workers before it imports
+torch itself, so that theirs and its own load at the same time (~1.2 s each)."""
 
 from __future__ import annotations
 
 import gc
+import multiprocessing
+import os
 import pickle
 import queue
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-
-import torch
-import torch.multiprocessing as mp
 from multiprocessing.reduction import ForkingPickler
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bngraph.errors import CheckFailed
-from bngraph.training.data import TensorData
+
+if TYPE_CHECKING:
+    from bngraph.training.data import TensorData
+
+
+def cpu_processes(workers: int | None, seeds: int) -> int:
+    """How many processes train the nets of `seeds` seeds on the CPU: `workers`, by default one
+    per core, at most one per net."""
+    return min(workers or os.cpu_count() or 1, 2 * seeds)
 
 
 def _worker(rank, jobs, messages, states) -> None:
     """Wait for this process's job (it starts before the job is ready, see `Workers`), then run
     it; with `states` (a queue), also evaluate the nets whose states come through it."""
+    import torch
+
+    import bngraph.reproduce.mnist  # noqa: F401  (what the job's pickle names: ~0.2 s, loaded while the job is made)
+
     torch.set_num_threads(1)
     train_stack, models, net_seeds, data, cfg, evaluated_models, evaluated_rank = pickle.loads(jobs.get())
     try:
@@ -46,17 +62,18 @@ def _worker(rank, jobs, messages, states) -> None:
 
 
 class Workers:
-    """`count` spawned training processes, started before their work is ready: each spends ~1.2 s
-    starting Python and importing torch, while this process builds the nets and arranges the
-    data. `run` hands them their chunks of nets; leaving the `with` block ends any still running.
+    """`count` spawned training processes, started before their work is ready: each spends ~1.5 s
+    starting Python and importing torch, while this process does the same, reads the data and
+    builds the nets. `run` hands them their chunks of nets; leaving the `with` block ends any
+    still running (one left without work, too).
 
         with Workers(1) as workers:
-            ...                                   # build the nets, arrange the data
+            ...                                   # import torch, read the data, build the nets
             results = workers.run(train_stack, chunks, data, cfg, on_eval)
     """
 
     def __init__(self, count: int):
-        ctx = mp.get_context("spawn")  # fork after torch has started its threads can hang
+        ctx = multiprocessing.get_context("spawn")  # fork after torch has started its threads can hang
         self.messages = ctx.Queue()
         # Two chunks (the plain nets and the BN nets): the plain chunk's worker also evaluates
         # the BN nets, on states this process sends, so that the two processes finish together.
@@ -74,6 +91,9 @@ class Workers:
         for p in self.procs.values():
             p.start()
 
+    def __len__(self) -> int:
+        return len(self.procs)
+
     def __enter__(self) -> Workers:
         return self
 
@@ -89,6 +109,8 @@ class Workers:
 
         The last chunk holds the BN nets, whose steps cost the most (~1.2x on one core): this
         process starts training them at once, while a worker may still be importing torch."""
+        from bngraph.training.data import TensorData
+
         if len(chunks) != len(self.procs) + 1:
             raise ValueError(f"{len(chunks)} chunks of nets for {len(self.procs)} workers and this process")
         shared = TensorData(*(t.share_memory_() for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
@@ -136,6 +158,8 @@ class Workers:
 def train_here(train_stack: Callable, *args, **kwargs) -> dict:
     """`train_stack(*args, **kwargs)` in this process, single-threaded as the workers are, with
     torch's settings restored after."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
