@@ -4,7 +4,7 @@ own, all single-threaded (at batch 60 a second thread buys less than it costs), 
 reporting evaluations through a queue to the parent's progress bar.
 
 This module imports no torch: `bngraph reproduce mnist` starts the workers before it imports
-torch itself, so that theirs and its own load at the same time (~1.2 s each)."""
+torch itself, so that theirs and its own load at the same time (~1.3 s each)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def _worker(rank, jobs, messages, states) -> None:
 
 
 class Workers:
-    """`count` spawned training processes, started before their work is ready: each spends ~1.5 s
+    """`count` spawned training processes, started before their work is ready: each spends ~1.3 s
     starting Python and importing torch, while this process does the same, reads the data and
     builds the nets. `run` hands them their chunks of nets; leaving the `with` block ends any
     still running (one left without work, too).
