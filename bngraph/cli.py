@@ -11,8 +11,10 @@ start without them (tests/test_packaging.py checks).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
+import importlib.abc
 import os
 import signal
 import sys
@@ -49,6 +51,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Packages whose initialisation a stop signal must not interrupt: a KeyboardInterrupt raised
+# inside it has aborted the process, failed a later import ("cannot load module more than once"),
+# or been swallowed, letting the command run to the end.
+_IMPORTED_WHOLE = ("numpy", "torch")
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM held back while the block runs, and delivered when it ends."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+class _ImportsWhole(importlib.abc.MetaPathFinder):
+    """While installed, the first import of each of `_IMPORTED_WHOLE` runs with stop signals held:
+    a Ctrl-C or SIGTERM then ends the command right after it, as at any other time. Finds nothing
+    itself: it wraps the loader that the finders after it give."""
+
+    def __init__(self):
+        self.pending = {name for name in _IMPORTED_WHOLE if name not in sys.modules}
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in self.pending:
+            return None
+        self.pending.discard(fullname)
+        later = sys.meta_path[sys.meta_path.index(self) + 1 :]
+        spec = next((s for f in later if (s := f.find_spec(fullname, path, target)) is not None), None)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_whole(module):
+                with _signals_held():
+                    exec_module(module)
+
+            spec.loader.exec_module = exec_whole
+        return spec
+
+
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None  # not called from Python: the process ends when this returns
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -65,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
+    imports_whole = _ImportsWhole()
+    if in_main_thread:  # signal masks are per thread
+        sys.meta_path.insert(0, imports_whole)
     try:
         # Warnings (torch's, the user's model's) are held until the command ends: shown after a
         # result, dropped before the one line that says why there is none.
@@ -91,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+            sys.meta_path.remove(imports_whole)
         if as_program:
             # Python's exit would walk every object torch made, ~1 s after a command that used
             # it; frozen, they are left to the OS.

@@ -14,6 +14,7 @@ import resource
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -315,6 +316,30 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
     assert proc.wait() == 128 + signal.SIGPIPE
     assert "Traceback" not in err and "BrokenPipeError" not in err
     assert bngraph.load(tmp_path / "bn") is not None
+
+
+def test_a_stop_signal_while_torch_loads_ends_the_command_cleanly(tmp_path):
+    # The signal lands inside the initialisation of numpy's C extension, which torch's loads:
+    # an import hook sends it as that imports numpy.exceptions. Raised there, its
+    # KeyboardInterrupt left the extension half loaded, and the next import of it failed with a
+    # traceback ("cannot load module more than once per process"); at other moments it has
+    # aborted the process or been swallowed. Held until torch is loaded, it ends the command.
+    script = textwrap.dedent("""
+        import os, signal, sys
+
+        class SignalWhileNumpyLoads:
+            def find_spec(self, name, path=None, target=None):
+                if name == "numpy.exceptions":
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        sys.meta_path.insert(0, SignalWhileNumpyLoads())
+        from bngraph.cli import main
+        sys.exit(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", script, "insert", "zoo:mnist-mlp", "-o", "bn"], capture_output=True,
+                          text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert (done.returncode, done.stderr) == (128 + signal.SIGTERM, "bngraph: interrupted: terminated\n")
+    assert not list(tmp_path.iterdir())
 
 
 def _children(pid: int) -> list[int]:

@@ -23,8 +23,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 from typing import TYPE_CHECKING
 
 from bngraph.atomic import REPRODUCE, check_output
@@ -100,11 +98,8 @@ def _mnist(args: argparse.Namespace) -> tuple[MnistRun, Report]:
     # and reads the data (on a GPU, where every net trains here, one goes unused).
     on_cpu = args.device in ("auto", "cpu")
     with Workers(cpu_processes(args.workers, args.seeds) - 1 if on_cpu else 0) as workers:
-        # Imported here, not above: `bngraph --help` starts without torch. A stop signal waits
-        # until torch is loaded (one that lands inside its initialisation aborts the process,
-        # and the workers with it); then it ends the command as at any other time.
-        with _signals_held():
-            from bngraph.reproduce.mnist import MnistConfig, mnist_experiment
+        # Imported here, not above: `bngraph --help` starts without torch.
+        from bngraph.reproduce.mnist import MnistConfig, mnist_experiment
         from bngraph.zoo import get_entry
 
         cfg = MnistConfig(
@@ -115,16 +110,6 @@ def _mnist(args: argparse.Namespace) -> tuple[MnistRun, Report]:
         # An image folder is decoded to what the net takes (1x28x28); other formats must hold that.
         data = data_from_args(args, input_shape=get_entry("mnist-mlp").input_shape)
         return mnist_experiment(data, cfg, args.output, progress=not args.quiet, force=args.force, workers=workers)
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """SIGINT and SIGTERM held back while the block runs, and delivered when it ends."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _inception(args: argparse.Namespace) -> tuple[InceptionRun, Report]:
