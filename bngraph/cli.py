@@ -59,7 +59,11 @@ _IMPORTED_WHOLE = ("numpy", "torch")
 
 @contextlib.contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM held back while the block runs, and delivered when it ends."""
+    """SIGINT and SIGTERM held back while the block runs, and delivered when it ends (where the
+    system has signal masks: not on Windows)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield

@@ -103,6 +103,7 @@ def test_worker_processes_train_the_same_nets_as_one_process(data, seeds):
     [
         (("mnist", "--steps", "0"), "--steps must be at least 1"),
         (("mnist", "--seeds", "0"), "--seeds must be at least 1"),
+        (("mnist", "--workers", "-1"), "--workers must be at least 1"),
         (("mnist", "--init-std", "small"), "--init-std 'small'"),
         (("mnist", "--data", "{tmp}/missing"), "does not exist"),
         (("inception", "--variants", "inception,bn-x7"), "no recipe 'bn-x7'"),

@@ -64,6 +64,8 @@ class MnistConfig:
         for name in ("steps", "batch_size", "eval_every", "seeds"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.workers is not None and self.workers < 1:
+            raise UserError(f"--workers must be at least 1, not {self.workers}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, not {self.lr}")
         if self.init_std is not None and not self.init_std > 0:
