@@ -318,6 +318,27 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
     assert bngraph.load(tmp_path / "bn") is not None
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+def test_a_killed_worker_fails_the_run_saying_so_and_leaves_nothing(tmp_path):
+    data = tmp_path / "mnist"
+    write_learnable(data, n_train=600, n_test=100)
+    argv = ["reproduce", "mnist", "--data", str(data), "--steps", "10000000", "--device", "cpu", "-o", "repro", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "bngraph", *argv], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        def worker() -> list[int]:
+            return [pid for pid in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+        _wait_for(lambda: worker(), proc)
+        time.sleep(3.0)  # training
+        os.kill(worker()[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert "a training process was killed by SIGKILL (out of memory?)" in err
+    assert not (tmp_path / "repro").exists() and not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
+
+
 def test_a_stop_signal_while_torch_loads_ends_the_command_cleanly(tmp_path):
     # The signal lands inside the initialisation of numpy's C extension, which torch's loads:
     # an import hook sends it as that imports numpy.exceptions. Raised there, its

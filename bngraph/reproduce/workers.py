@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import sys
 import time
 import traceback
@@ -137,10 +138,7 @@ class Workers:
             except queue.Empty:
                 dead = [p for rank, p in self.procs.items() if rank not in self.results and not p.is_alive()]
                 if dead:
-                    raise RuntimeError(
-                        f"a training process died (exit code {dead[0].exitcode}); from a script, call "
-                        "reproduce_mnist under `if __name__ == '__main__':` (workers are spawned), or pass workers=1"
-                    ) from None
+                    raise RuntimeError(_death(dead[0].exitcode)) from None
                 if not block:
                     return
                 continue
@@ -153,6 +151,16 @@ class Workers:
             else:
                 self.results[rank] = rest[0]
                 return
+
+
+def _death(exitcode: int) -> str:
+    """Why a worker that sent no result is gone, from its exit code."""
+    if exitcode < 0:  # a signal: another process's or the kernel's (SIGKILL: most often out of memory)
+        name = signal.Signals(-exitcode).name
+        return f"a training process was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    # Spawned from a script without a main guard, a worker runs the script again and fails.
+    return (f"a training process exited with code {exitcode}; from a script, call reproduce_mnist under "
+            "`if __name__ == '__main__':` (workers are spawned), or pass workers=1")
 
 
 def train_here(train_stack: Callable, *args, **kwargs) -> dict:
