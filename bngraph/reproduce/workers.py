@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bngraph.errors import CheckFailed
+from bngraph.errors import CheckFailed, UserError
 
 if TYPE_CHECKING:
     from bngraph.training.data import TensorData
@@ -137,8 +137,8 @@ class Workers:
                 kind, rank, *rest = self.messages.get(block=block, timeout=1.0)
             except queue.Empty:
                 dead = [p for rank, p in self.procs.items() if rank not in self.results and not p.is_alive()]
-                if dead:
-                    raise RuntimeError(_death(dead[0].exitcode)) from None
+                if dead:  # the machine's to fix, not a bug of ours: one line, no traceback
+                    raise UserError(_death(dead[0].exitcode)) from None
                 if not block:
                     return
                 continue
@@ -157,7 +157,8 @@ def _death(exitcode: int) -> str:
     """Why a worker that sent no result is gone, from its exit code."""
     if exitcode < 0:  # a signal: another process's or the kernel's (SIGKILL: most often out of memory)
         name = signal.Signals(-exitcode).name
-        return f"a training process was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+        oom = " (out of memory? --workers 1 trains every net in one process)" if name == "SIGKILL" else ""
+        return f"a training process was killed by {name}{oom}; nothing was written"
     # Spawned from a script without a main guard, a worker runs the script again and fails.
     return (f"a training process exited with code {exitcode}; from a script, call reproduce_mnist under "
             "`if __name__ == '__main__':` (workers are spawned), or pass workers=1")
