@@ -241,10 +241,10 @@ def module_source(
     )
 
 
-_EDITED_TAIL = """
+# What applies the edits, appended once: a later edit step of the same file reuses it.
+_EDIT_HELPERS = """
 
-# --- Appended by bngraph: torch.fx could not trace {what}, so `bngraph {command}` changed
-# --- modules by path (module-level fallback), as listed here.
+# --- Added by bngraph: what applies the edits listed below it.
 import collections as _bngraph_collections  # noqa: E402
 
 import torch as _bngraph_torch  # noqa: E402
@@ -282,9 +282,15 @@ def _bngraph_edit(model, edits):
             parent._modules[name].bias = _bngraph_torch.nn.Parameter(
                 _bngraph_torch.zeros(features, dtype=getattr(_bngraph_torch, dtype))
             )
+        else:
+            raise ValueError(f"unknown edit {kind!r} of {path}: written by a newer bngraph")
     return model
+"""
 
+_EDIT_STEP = """
 
+# --- Appended by bngraph: torch.fx could not trace {what}, so `bngraph {command}` changed
+# --- modules by path (module-level fallback), as listed here.
 {base} = {symbol}
 {edits_name} = {edits!r}
 
@@ -302,9 +308,14 @@ def edited_source(
     path)`, `("plain", path, "weight")` or `("bias", path, features, dtype)`, applied by path to
     what `symbol` builds, by a function called `name`; `what` names what torch.fx could not
     trace (default: `symbol`)."""
+    if not edits and symbol == name:
+        return source  # it builds the model under that name already: nothing to append
     n = _edit_steps(source)
     kind = {"insert": "WRAPS", "fold": "FOLDS"}.get(command, "EDITS")
-    return source + _EDITED_TAIL.format(
+    # An earlier step's helpers, as this version writes them, serve this step too; any other
+    # (another version's) are defined again, and the later definition is the one every step calls.
+    helpers = "" if _EDIT_HELPERS in source else _EDIT_HELPERS
+    return source + helpers + _EDIT_STEP.format(
         symbol=symbol, command=command, base=f"_bngraph_base_{n}", edits_name=f"_BNGRAPH_{kind}_{n}",
         edits=[tuple(e) for e in edits], cls=name, what=what or symbol,
     )

@@ -355,6 +355,13 @@ def test_fallback_artifact_folds_exports_and_verifies(tmp_path, capsys):
     assert report["batchnorms_after"] == 0
     loaded = bngraph.load(folded)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in loaded.modules())
+    # Two edit steps (insert's wraps, fold's folds) on the user's source; what applies them once.
+    source = (folded / "model.py").read_text()
+    assert source.startswith(HF_FILE) and source.count("# --- Appended by bngraph:") == 2
+    assert source.count("def _bngraph_edit(") == 1
+    code, out, err = _cli(capsys, "fold", folded, "-o", tmp_path / "again")  # nothing left to fold: nothing appended
+    assert code == 0, err
+    assert (tmp_path / "again" / "model.py").read_text() == source
     code, out, err = _cli(capsys, "verify", bn_dir, folded)
     assert code == 0, out + err
     code, out, err = _cli(capsys, "export", folded, "-o", onnx)  # verified against `folded` before it appears
