@@ -30,7 +30,7 @@ from bngraph.errors import UserError
 from bngraph.layout import ROW_IN, layered_layout, layers
 from bngraph.load import LoadedModel
 from bngraph.passes._fx_batchnorm import is_batch_norm
-from bngraph.passes._fx_effects import is_dtype_guard
+from bngraph.passes._fx_effects import is_guard
 from bngraph.passes._op_kinds import op_label
 from bngraph.report import Report
 from bngraph.trace import trace_around_untraceable
@@ -112,7 +112,7 @@ def graph_of(gm: fx.GraphModule, marks: Marks | None = None) -> nx.DiGraph:
     modules = dict(gm.named_modules())
     left = 0
     for node in gm.graph.nodes:
-        if node.op == "get_attr" or is_dtype_guard(node):
+        if node.op == "get_attr" or is_guard(node):
             continue  # weights, the multiply-adds' constants and dtype checks: not data flow
         op = op_label(gm, node)
         name = str(node.target) if node.op == "call_module" else node.name

@@ -41,7 +41,9 @@ from bngraph.passes._dataflow import NONLINEARITIES, normalizer_of, record_run
 from bngraph.errors import UserError, model_raised, one_line, user_frame, users_file
 from bngraph.passes._op_kinds import ACTIVATION_MODULES
 from bngraph.passes._fx_effects import hooks_of
-from bngraph.trace import TraceFailed, _RecordShapes, _Tracer, assert_argument_is_none, copy_module, input_examples
+from bngraph.trace import (
+    TraceFailed, _RecordShapes, _Tracer, assert_argument_is_none, check_no_random_draws, copy_module, input_examples,
+)
 
 MAX_LEAVES = 48
 _SEED = 20150211  # the paper's arXiv date: any fixed seed makes two train-mode runs comparable
@@ -67,9 +69,12 @@ class InsertTracer(_Tracer):
     """bngraph's tracer (modules with hooks and TorchScript modules stay one call) with the mode
     as a graph value (1.) and the modules at `leaves` kept opaque (3.)."""
 
-    def __init__(self, leaves: Sequence[str] = (), functions: Sequence = (), examples: dict | None = None):
+    def __init__(self, leaves: Sequence[str] = (), functions: Sequence = (), examples: Sequence[dict] = (),
+                 mode: bool | None = None):
         super().__init__(autowrap_functions=tuple(functions), input_examples=examples)
         self.leaves = set(leaves)
+        self.mode = mode  # what `if self.training:` in the top-level forward takes (None: fx's TraceError)
+        self.branched_on_mode: str | None = None  # where it did
         self._saved_flags: dict[nn.Module, bool] = {}
         self._is_users = users_file()
         self._users_code: dict[object, bool] = {}
@@ -107,6 +112,15 @@ class InsertTracer(_Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
 
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        # The top-level forward branching on the mode (BART's `if self.training and
+        # self.layerdrop > 0.0:`) has no submodule to keep whole: it is traced in each mode
+        # (`_graph`), and the graph stands only where both are the same.
+        if obj.node.op == "get_attr" and obj.node.target == "training" and not self.module_stack and self.mode is not None:
+            self.branched_on_mode = self.branched_on_mode or self._users_line()
+            return self.mode
+        return super().to_bool(obj)
+
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         made = super().create_args_for_root(root_fn, is_module, concrete_args)
         if is_module:
@@ -139,8 +153,11 @@ class InsertTracer(_Tracer):
         return graph
 
     def call_module(self, m, forward, args, kwargs):
+        rng = torch.random.get_rng_state()
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            check_no_random_draws(rng)  # in this module's forward, which then stays whole
+            return out
         except Exception as err:
             # The innermost module whose forward was being traced when it failed (set once, on
             # the way out of the innermost call).
@@ -170,8 +187,19 @@ def _fixed_arguments(model: nn.Module, given: int) -> dict:
 
 
 def _graph(model: nn.Module, leaves: Sequence[str], functions: Sequence, example_inputs) -> fx.Graph:
-    tracer = InsertTracer(leaves, functions, input_examples(model, example_inputs))
-    return tracer.trace(model, concrete_args=_fixed_arguments(model, len(example_inputs)) or None)
+    examples, fixed = input_examples(model, example_inputs), _fixed_arguments(model, len(example_inputs)) or None
+    tracer = InsertTracer(leaves, functions, examples, mode=model.training)
+    graph = tracer.trace(model, concrete_args=fixed)
+    if tracer.branched_on_mode is None:
+        return graph
+    differs = f"its forward branches on self.training at {tracer.branched_on_mode}, and the other mode"
+    try:
+        other = InsertTracer(leaves, functions, examples, mode=not model.training).trace(model, concrete_args=fixed)
+    except Exception as err:
+        raise fx.proxy.TraceError(f"{differs} cannot be traced ({one_line(err)})") from err
+    if _structure(graph, model) != _structure(other, model):
+        raise fx.proxy.TraceError(f"{differs} traces to another graph")
+    return graph
 
 
 def _trace(model: nn.Module, leaves: Sequence[str], functions: Sequence, example_inputs) -> fx.GraphModule:

@@ -10,7 +10,8 @@ import collections
 import contextlib
 import copy
 import inspect
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -21,9 +22,9 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
-from bngraph.errors import CheckFailed, UserError, model_raised, one_line, user_frame
+from bngraph.errors import CheckFailed, UserError, model_raised, one_line, user_frame, users_file
 from bngraph.passes._fx_effects import hooks_of
-from bngraph.runners import seeded
+from bngraph.runners import batch_axes_of, seeded
 
 
 class TraceFailed(UserError):
@@ -176,6 +177,35 @@ def check_input_dtype(value, dtype: torch.dtype, name: str) -> None:
         )
 
 
+def check_traced_shapes(value, expected, where: str) -> None:
+    """The guard of a graph whose forward branched on shapes, or looped over one (`_Tracer`):
+    `value`, the condition (or the length) as computed now, must be what it was in the trace."""
+    if value != expected:
+        raise ValueError(
+            f"this model's forward branches on shapes at {where}, traced where that gave {expected!r}; here it gives "
+            f"{value!r}: run it with inputs shaped as its example (any batch size), or transform it with an example "
+            "shaped as these"
+        )
+
+
+def check_no_random_draws(rng_before: torch.Tensor) -> None:
+    """Raise fx's TraceError where the global random state moved since `rng_before`: the code
+    traced drew a random number that no input fed (`if torch.rand([]) < self.layerdrop:`), so
+    the graph would keep the one value drawn, a random choice made once for good."""
+    if not torch.equal(rng_before, torch.random.get_rng_state()):
+        raise fx.proxy.TraceError(
+            "its forward draws random numbers that its input does not feed (as `torch.rand([]) < p`), which a graph "
+            "would fix at the values drawn while tracing"
+        )
+
+
+def _is_shape_value(value) -> bool:
+    """A Python number or a tuple of them (a shape), as shapes alone compute: not a tensor."""
+    if isinstance(value, (tuple, list)):
+        return all(_is_shape_value(v) for v in value)
+    return isinstance(value, (bool, int, float))
+
+
 def check_traced_dtype(value, dtype: torch.dtype, name: str) -> None:
     """The guard of a graph whose forward branched on the dtype of a value it computed (`_Tracer`)."""
     if isinstance(value, torch.Tensor) and value.dtype != dtype:
@@ -186,15 +216,29 @@ def check_traced_dtype(value, dtype: torch.dtype, name: str) -> None:
         )
 
 
-def input_examples(module: nn.Module, example_inputs: Sequence) -> dict[str, torch.Tensor]:
+def input_examples(module: nn.Module, example_inputs: Sequence) -> list[dict[str, torch.Tensor]]:
     """The example inputs as meta tensors (shape and dtype, no data) by the names of the forward
-    parameters they are given as."""
+    parameters they are given as: as given, then at batch size 1 and one more than the
+    example's (for inputs with a batch axis), which tell `_Tracer` a fact of the example's
+    shapes from one of its batch size."""
     try:
         params = [p for p in inspect.signature(module.forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     except (TypeError, ValueError):
-        return {}
-    return {p.name: x.to("meta") for p, x in zip(params, example_inputs) if isinstance(x, torch.Tensor)}
+        return []
+    all_tensors = all(isinstance(x, torch.Tensor) for x in example_inputs)
+    axes = batch_axes_of(example_inputs) if all_tensors else [None] * len(example_inputs)
+    given = [(p.name, x, axis == 0) for p, x, axis in zip(params, example_inputs, axes) if isinstance(x, torch.Tensor)]
+    if not given:
+        return []
+    variants = [{name: x.to("meta") for name, x, _ in given}]
+    sizes = {x.shape[0] for _, x, batched in given if batched}
+    if len(sizes) == 1:  # one batch size, as in every batch the example stands for
+        (example,) = sizes
+        for size in (s for s in (1, example + 1) if s != example):
+            variants.append({name: torch.empty((size, *x.shape[1:]) if batched else x.shape, dtype=x.dtype, device="meta")
+                             for name, x, batched in given})
+    return variants
 
 
 _EXAMPLE = "bngraph_example"  # node.meta key: the node's value on the example, computed on meta tensors
@@ -257,46 +301,62 @@ class _Tracer(fx.Tracer):
     torch.float16:`, and fx cannot branch on a Proxy. The graph then holds the branch its example
     took, and a guard for each value whose dtype it read (`check_input_dtype` for an input,
     `check_traced_dtype` after a computed value): another dtype there is a TypeError naming it,
-    never the other branch silently left out. Shapes stay Proxies: a graph holds no batch size."""
+    never the other branch silently left out.
 
-    def __init__(self, autowrap_functions=(), input_examples: dict[str, torch.Tensor] | None = None):
+    Shapes stay Proxies (a graph holds no batch size), but where the forward branches on them
+    (Whisper's `if input_features.shape[-1] != expected_seq_length:`, masks built only when
+    `q_length > 1`) or loops over them, the value is taken from the example when it is the same
+    at other batch sizes too (`input_examples`' variants): a fact of the example's other axes,
+    which the graph then checks each time it runs (`check_traced_shapes`), raising where it
+    differs. A condition on the batch size or on data stays fx's TraceError."""
+
+    def __init__(self, autowrap_functions=(), input_examples: Sequence[dict[str, torch.Tensor]] = ()):
         super().__init__(autowrap_functions=(assert_argument_is_none, check_input_dtype, check_traced_dtype,
-                                             *autowrap_functions))
-        self.input_examples = input_examples or {}
+                                             check_traced_shapes, *autowrap_functions))
+        self.input_examples = input_examples[0] if input_examples else {}
+        self.other_batches = list(input_examples[1:])
         self.dtypes_read: dict[fx.Node, torch.dtype] = {}
+        self._is_users: Callable[[str], bool] | None = None
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _DtypeProxy(node, self)
 
+    def _keys(self) -> list[str]:
+        """The node.meta keys of the values on the example and on each of its other batch sizes."""
+        return [_EXAMPLE, *(f"{_EXAMPLE}@{i}" for i in range(len(self.other_batches)))]
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind == "placeholder" and target in self.input_examples:
-            node.meta[_EXAMPLE] = self.input_examples[target]
+            for key, examples in zip(self._keys(), [self.input_examples, *self.other_batches]):
+                node.meta[key] = examples[target]
         elif kind == "get_attr" and self.input_examples:  # a parameter, buffer or tensor constant
             value = _attribute(self.root, str(target))
             if isinstance(value, torch.Tensor):
-                node.meta[_EXAMPLE] = value.detach().to("meta")
+                for key in self._keys():
+                    node.meta[key] = value.detach().to("meta")
         return node
 
-    def example_of(self, node: fx.Node):
-        """`node`'s value on the example, on meta tensors; None where it cannot be known (an
-        argument has none, or an op cannot run there), as fx alone knows none. Computed when a
-        `.dtype` is read, for every node up to this one not yet run: a graph whose forward reads
-        no dtype costs nothing."""
-        if _EXAMPLE not in node.meta and self.input_examples:
+    def example_of(self, node: fx.Node, key: str = _EXAMPLE):
+        """`node`'s value on the example (or with `key`, at another batch size), on meta
+        tensors; None where it cannot be known (an argument has none, or an op cannot run
+        there), as fx alone knows none. Computed when a `.dtype` is read or a shape decides a
+        branch, for every node up to this one not yet run: a graph whose forward does neither
+        costs nothing."""
+        if key not in node.meta and self.input_examples:
             for earlier in node.graph.nodes:
-                if _EXAMPLE not in earlier.meta and earlier.op in ("call_function", "call_method", "call_module"):
-                    earlier.meta[_EXAMPLE] = self._run_on_examples(earlier)
+                if key not in earlier.meta and earlier.op in ("call_function", "call_method", "call_module"):
+                    earlier.meta[key] = self._run_on_examples(earlier, key)
                 if earlier is node:
                     break
-        return node.meta.get(_EXAMPLE)
+        return node.meta.get(key)
 
-    def _run_on_examples(self, node: fx.Node):
+    def _run_on_examples(self, node: fx.Node, key: str):
         missing = []
 
         def example(a):
             if isinstance(a, fx.Node):
-                value = a.meta.get(_EXAMPLE)
+                value = a.meta.get(key)
                 if value is None:
                     missing.append(a)
                 return value
@@ -318,6 +378,40 @@ class _Tracer(fx.Tracer):
             return None
         return None if any(isinstance(v, (fx.Proxy, fx.Node)) for v in tree_leaves(value)) else value
 
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        values = self._shape_values(obj.node)
+        if values is None or any(bool(v) != bool(values[0]) for v in values):
+            return super().to_bool(obj)  # on data, or on the batch size: fx's TraceError
+        return self._checked(obj, bool(values[0]))
+
+    def iter(self, obj: fx.Proxy):
+        # A loop over a shape (`zip(x.shape[2:], factors)`): its elements stay graph values, so
+        # that only what the loop's body branches on is fixed; the length is checked.
+        values = self._shape_values(obj.node)
+        if values is None or not all(isinstance(v, (tuple, list)) and len(v) == len(values[0]) for v in values):
+            return super().iter(obj)
+        self._checked(self.create_proxy("call_function", len, (obj,), {}), len(values[0]))
+        return iter([obj[i] for i in range(len(values[0]))])
+
+    def _shape_values(self, node: fx.Node) -> list | None:
+        """`node`'s values on the example and at its other batch sizes, where they are Python
+        numbers or tuples of them (what shapes alone compute); else None."""
+        values = [self.example_of(node, key) for key in self._keys()]
+        return values if len(values) > 1 and all(_is_shape_value(v) for v in values) else None
+
+    def _checked(self, proxy: fx.Proxy, expected):
+        """`expected`, with the guard that `proxy` computes it when the graph runs."""
+        self.create_proxy("call_function", check_traced_shapes, (proxy, expected, self._users_line()), {})
+        return expected
+
+    def _users_line(self) -> str:
+        """file:line of the innermost frame of the model's own code: where the forward branched."""
+        self._is_users = self._is_users or users_file()
+        frame = sys._getframe(2)
+        while frame is not None and not self._is_users(frame.f_code.co_filename):
+            frame = frame.f_back
+        return f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else "its forward"
+
     def _run(self, kind, target, args, kwargs):
         if kind == "call_function":
             return target(*args, **kwargs)
@@ -332,7 +426,12 @@ class _Tracer(fx.Tracer):
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         self.dtypes_read.clear()
-        graph = super().trace(root, concrete_args)
+        rng = torch.random.get_rng_state()
+        try:
+            graph = super().trace(root, concrete_args)
+            check_no_random_draws(rng)
+        finally:
+            torch.random.set_rng_state(rng)  # the model's draws while traced are no one's
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         read = self.dtypes_read
         inputs = [(n, d) for n, d in read.items() if n.op == "placeholder"]

@@ -110,19 +110,21 @@ def hook_refusal(label: str, module: nn.Module, change: str) -> str | None:
     return f"{label} has a {' and a '.join(dict.fromkeys(kinds))}; {change} would change what it sees"
 
 
-# The guards bngraph's tracer writes into a graph whose forward branched on a dtype: they read a
-# value's dtype only, which folding a BatchNorm into the layer that made the value keeps.
-_DTYPE_GUARDS = frozenset({("bngraph.trace", "check_input_dtype"), ("bngraph.trace", "check_traced_dtype")})
+# The guards bngraph's tracer writes into a graph whose forward branched on a dtype or on shapes:
+# they read a value's dtype or a shape only, which folding a BatchNorm into the layer that made
+# the value keeps.
+_GUARDS = frozenset({("bngraph.trace", "check_input_dtype"), ("bngraph.trace", "check_traced_dtype"),
+                     ("bngraph.trace", "check_traced_shapes")})
 
 
-def is_dtype_guard(node: fx.Node) -> bool:
+def is_guard(node: fx.Node) -> bool:
     target = node.target
-    return node.op == "call_function" and (getattr(target, "__module__", None), getattr(target, "__name__", None)) in _DTYPE_GUARDS
+    return node.op == "call_function" and (getattr(target, "__module__", None), getattr(target, "__name__", None)) in _GUARDS
 
 
 def value_readers(node: fx.Node) -> list[fx.Node]:
-    """The nodes that read `node`'s values: its users but the dtype guards."""
-    return [u for u in node.users if not is_dtype_guard(u)]
+    """The nodes that read `node`'s values: its users but the guards."""
+    return [u for u in node.users if not is_guard(u)]
 
 
 def is_impure_node(node: fx.Node) -> bool:

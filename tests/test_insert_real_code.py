@@ -570,8 +570,18 @@ class HFStyleAttention(nn.Module):
 
     def forward(self, x):
         attn = torch.softmax(self.q(x) @ x.transpose(1, 2), dim=-1)
-        if attn.size() != (x.size(0), x.size(1), x.size(1)):
+        if attn.size() != (x.size(0), x.size(1), x.size(1)):  # the same at every batch size: traced, and checked
             raise ValueError("bad attention shape")
+        return self.o(attn @ x)
+
+
+class NanCheckedAttention(HFStyleAttention):
+    """An attention that checks its values: a branch on data, which no trace can hold."""
+
+    def forward(self, x):
+        attn = torch.softmax(self.q(x) @ x.transpose(1, 2), dim=-1)
+        if torch.isnan(attn).any():
+            raise ValueError("attention is NaN")
         return self.o(attn @ x)
 
 
@@ -582,7 +592,7 @@ class UNetLike(nn.Module):
         self.down = nn.Conv2d(3, 4, 3, padding=1)
         self.up = UpCat()
         self.rearrange = Rearrange()
-        self.attn = HFStyleAttention()
+        self.attn = NanCheckedAttention()
         self.head = nn.Linear(4, 2)
 
     def forward(self, x):
@@ -603,7 +613,7 @@ def test_partial_tracing_keeps_failing_and_unfaithful_submodules_opaque():
     assert "cannot trace" in opaque["rearrange"] and "cannot trace" in opaque["attn"]
     # The ReLU module inside the opaque `up` is wrapped by running it, as the fallback would.
     assert _sites(report) == {"pre_1": ("BatchNorm2d", 3), "silu": ("BatchNorm2d", 4), "up.convs.1": ("BatchNorm2d", 4)}
-    assert "attn (HFStyleAttention), which bngraph cannot see into" in _skips(report)["gelu"]
+    assert "attn (NanCheckedAttention), which bngraph cannot see into" in _skips(report)["gelu"]
     assert report.sections["not_handled"] == []
 
 
@@ -613,7 +623,7 @@ class EncoderBlock(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.attn = HFStyleAttention()
+        self.attn = NanCheckedAttention()
         self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 4)
 
     def forward(self, x):
@@ -638,15 +648,15 @@ def test_fold_traces_around_a_submodule_torch_fx_cannot_follow():
 
 
 class CheckedStem(nn.Module):
-    """HuggingFace's embeddings: a channel check torch.fx cannot branch on, then conv and BN."""
+    """HuggingFace's embeddings, with a check on values torch.fx cannot branch on, then conv and BN."""
 
     def __init__(self):
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
 
     def forward(self, x):
-        if x.shape[1] != 3:
-            raise ValueError("expected 3 channels")
+        if torch.isinf(x).any():
+            raise ValueError("infinite pixel values")
         return self.bn(self.conv(x))
 
 
@@ -1283,8 +1293,8 @@ def test_an_artifact_of_a_model_calling_a_torchscript_function_loads_and_compute
 
 class PositionBiasNet(nn.Module):
     """Swin V2's continuous position bias in miniature: an MLP over a fixed table of coordinates,
-    added to the tokens, the same tensor in every batch. `checked` adds HF's shape check, which
-    torch.fx cannot trace, so insert takes the module-level fallback."""
+    added to the tokens, the same tensor in every batch. `checked` adds a check of the values,
+    which torch.fx cannot trace, so insert takes the module-level fallback."""
 
     def __init__(self, checked: bool):
         super().__init__()
@@ -1295,8 +1305,8 @@ class PositionBiasNet(nn.Module):
         self.dense, self.act = nn.Linear(6, 6), nn.GELU()
 
     def forward(self, hidden_states):  # (N, 16, 6)
-        if self.checked and hidden_states.shape[1] != 16:
-            raise ValueError("expected 16 tokens")
+        if self.checked and torch.isnan(hidden_states).any():
+            raise ValueError("NaN in the input")
         return self.act(self.dense(hidden_states + self.cpb_mlp(self.relative_coords_table)))
 
 

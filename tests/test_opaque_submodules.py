@@ -26,8 +26,8 @@ SWIN_STYLE = textwrap.dedent(
 
 
     class WindowBlock(nn.Module):
-        '''Swin's layer: the window is picked from the input's size, which torch.fx cannot branch
-        on; attention with a learned relative-position bias, then a gated MLP.'''
+        '''Swin's layer: the window picked from the input's size, a mask written by item assignment,
+        which torch.fx cannot trace; attention with a learned relative-position bias, then a gated MLP.'''
 
         def __init__(self, dim=16, heads=2, window=2):
             super().__init__()
@@ -45,7 +45,8 @@ SWIN_STYLE = textwrap.dedent(
             x = self.norm(hidden_states).view(b, height // window, window, width // window, window, c)
             x = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
             q, k, v = self.qkv(x).view(x.shape[0], -1, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-            bias = self.relative_position_bias.expand(self.heads, window * window, window * window).unsqueeze(0)
+            bias = self.relative_position_bias.expand(self.heads, window * window, window * window).unsqueeze(0).clone()
+            bias[..., 0, 0] = 0.0  # as HF writes its attention masks
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             attended = self.proj(attended.transpose(1, 2).reshape(x.shape[0], -1, c))
             attended = attended.view(b, height // window, width // window, window, window, c)
@@ -162,15 +163,15 @@ STEM_FILE = textwrap.dedent(
     from torch import nn
 
 
-    class Embeddings(nn.Module):  # HuggingFace's: a channel check torch.fx cannot branch on
+    class Embeddings(nn.Module):  # HuggingFace's, with a len() of a tensor, which torch.fx cannot trace
         def __init__(self):
             super().__init__()
             self.convolution = nn.Conv2d(3, 8, 3, padding=1, bias=False)
             self.normalization = nn.BatchNorm2d(8)
 
         def forward(self, pixel_values):
-            if pixel_values.shape[1] != 3:
-                raise ValueError("expected 3 channels")
+            if len(pixel_values) == 0:
+                raise ValueError("an empty batch")
             return torch.relu(self.normalization(self.convolution(pixel_values)))
 
 
