@@ -186,8 +186,12 @@ def _refusal(bn: ir.Node, layer: ir.Node) -> str | None:
             return f"{where} transposes its input (transA), so the BN's channels are not its rows"
         bias = layer.inputs[2] if len(layer.inputs) > 2 else None
         out_features = constant(layer.inputs[1]).shape[0 if _attr(layer, "transB", 0) else 1]
-        if bias is not None and constant(bias).numel() not in (1, out_features):
-            return f"the bias of {where} differs per row, not per output feature"
+        # C broadcasts to (rows, out_features): one bias per output feature only where it is
+        # (), (k,) or (1, k) with k 1 or out_features; an (M, 1) C is one per row, even when M
+        # equals out_features.
+        shape = tuple(constant(bias).shape) if bias is not None else ()
+        if shape and (shape[-1] not in (1, out_features) or any(d != 1 for d in shape[:-1])):
+            return f"the bias of {where} has shape {shape}: it differs per row, not per output feature"
     return None
 
 

@@ -113,6 +113,9 @@ class FoldBnIntoMatMul(RewriteRuleClassBase):
             bias = constant(b)
             if bias is None or bias.numel() != channels or any(d != 1 for d in bias.shape[:-1]):
                 return result.fail(f"the Add after the MatMul does not add a constant per-feature bias ({b.name!r})")
+            if (out_rank := rank(layer_out)) is None or bias.ndim > out_rank:
+                # (N, C) + (1, 1, C) is (1, N, C): the BN's axis 1 is then the MatMul's rows
+                return result.fail(f"the Add after the MatMul raises its rank with {b.name!r} {tuple(bias.shape)}")
         return result
 
     def rewrite(self, op, x, w, b=None, layer_out=None, bn_out=None, moved=None, **_):

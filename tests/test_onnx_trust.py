@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 from bngraph.onnx_fold import fold_onnx
 from tests.onnx_models import conv_bn_file, gemm_bn_file, onnx_file, random_bn_stats
-from tests.onnx_util import export_onnx, fold_and_check, fold_file, ops, relative_error
+from tests.onnx_util import export_onnx, fold_and_check, fold_file, ops, relative_error, run_in_ort
 from tests.util import randomize_bn
 
 # float32 folds reorder a few roundings: ~1e-7 of the output's size; a wrong fold is off by ~1.
@@ -174,3 +174,46 @@ def test_a_reshape_that_is_not_a_flatten_per_example_keeps_the_bn():
     assert verification, verification.lines()
     assert ops(folded).count("BatchNormalization") + ops(folded).count("Mul") >= 1  # kept, in some exact form
     assert not [row for row in report.sections["folded"] if row["into"].startswith("Gemm")]
+
+
+# ---- Biases that look per feature and are not ------------------------------------------------
+
+
+def test_a_gemm_bias_per_row_keeps_the_bn_before_it():
+    # BN -> Gemm with C of shape (M, 1): one bias per row, broadcast over the columns. With the
+    # batch fixed at M == out_features it has as many values as one per feature would; folded as
+    # one, every column but the largest was wrong, by less than the RMS of an output that one
+    # loud column dominates.
+    rng = np.random.default_rng(0)
+    rows, features = 7, 4
+    weight = rng.standard_normal((features, rows)).astype(np.float32)
+    weight[:, 0] *= 1e5
+    scale, bias, mean, var = random_bn_stats((features,), 1)
+    arrays = {"s": scale, "b": bias, "m": mean, "v": var, "W": weight,
+              "C": rng.standard_normal((rows, 1)).astype(np.float32)}
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["bn"], name="bn"),
+             helper.make_node("Gemm", ["bn", "W", "C"], ["y"], name="gemm")]
+    model = onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, features])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, rows])], arrays, opset=15, ir_version=8)
+    folded, report = fold_onnx(model, standalone_bn="mul-add")
+    assert report.sections["folded"][0]["how"] == "multiply-add"
+    assert "(7, 1): it differs per row" in report.sections["folded"][0]["note"]
+    x = np.random.default_rng(1).standard_normal((rows, features)).astype(np.float32)
+    want, got = run_in_ort(model, {"x": x})[0], run_in_ort(folded, {"x": x})[0]
+    np.testing.assert_allclose(got[:, 1:], want[:, 1:], rtol=1e-4, atol=1e-4)  # the quiet columns too
+
+
+def test_a_bias_that_raises_the_matmuls_rank_keeps_the_bn_after_it():
+    # (7, 4) @ (4, 7) + (1, 1, 7) is (1, 7, 7): the BN's axis 1 holds the MatMul's rows, not its
+    # features. Folded as features, the graph no longer type-checked.
+    rng = np.random.default_rng(0)
+    arrays = {"W": rng.standard_normal((4, 7)).astype(np.float32), "c": rng.standard_normal((1, 1, 7)).astype(np.float32)}
+    arrays.update(zip(("s", "b", "m", "v"), random_bn_stats((7,), 2)))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"]), helper.make_node("Add", ["mm", "c"], ["a"]),
+             helper.make_node("BatchNormalization", ["a", "s", "b", "m", "v"], ["y"], name="bn")]
+    model = onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [7, 4])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 7, 7])], arrays, opset=15, ir_version=8)
+    folded, report, verification = fold_and_check(model)
+    assert verification, verification.lines()
+    assert report.sections["kept"][0]["node"] == "bn"
+    assert "raises its rank" in report.sections["kept"][0]["note"]
