@@ -34,7 +34,7 @@ from bngraph.onnx_io import initializer_bytes, load_onnx, write_verified
 from bngraph.passes.base import run_passes
 from bngraph.passes.onnx_replace_bn_with_multiply_add import onnx_replace_bn_with_multiply_add
 from bngraph.passes.onnx_check import onnx_check
-from bngraph.passes._onnx_common import batchnorms, op_counts, site, skip_reason
+from bngraph.passes._onnx_common import NESTED_REASON, batchnorms, mark_nested_graphs, op_counts, site, skip_reason
 from bngraph.passes.onnx_copy_shared_weights import onnx_copy_shared_weights
 from bngraph.passes.onnx_fold_bn_into_preceding_layer import onnx_fold_bn_into_preceding_layer
 from bngraph.passes.onnx_fold_bn_into_following_layer import onnx_fold_bn_into_following_layer
@@ -82,6 +82,7 @@ def fold_onnx(
         model = ir.serde.deserialize_model(model)
     else:
         model = ir.serde.deserialize_model(ir.serde.serialize_model(model))  # never the caller's
+    nested = [site(bn) for bn in mark_nested_graphs(model)]  # left as they are, and said so
     before, batch_norms, size_before = op_counts(model), len(batchnorms(model)), initializer_bytes(model)
     chosen = STANDALONE_BN_FORMS[standalone_bn]
     passes = [p for p in ONNX_PASSES if p not in STANDALONE_BN_FORMS.values() or p is chosen]
@@ -91,7 +92,7 @@ def fold_onnx(
     after = op_counts(model)
     # Kept on purpose: an eval-mode BN of constants, left because this target runs it fastest.
     left = [(site(bn), chosen is None and skip_reason(bn) is None) for bn in batchnorms(model)]
-    report = fold_report(before, after, batch_norms, left, results, size_before, initializer_bytes(model))
+    report = fold_report(before, after, batch_norms, left, results, size_before, initializer_bytes(model), nested)
     lifted = results.get("onnx_initializer_inputs_to_constants")
     if lifted and lifted.changed:
         report.notes.append(
@@ -106,11 +107,13 @@ _BN_PASSES = ("onnx_fold_bn_into_preceding_layer", "onnx_fold_bn_into_following_
 
 
 def fold_report(
-    before, after, batch_norms: int, left: list[tuple[str, bool]], results, size_before: int, size_after: int
+    before, after, batch_norms: int, left: list[tuple[str, bool]], results, size_before: int, size_after: int,
+    nested: Sequence[str] = (),
 ) -> Report:
     """The same sections and facts as `bngraph.fold.fold_report`, so that both folds read alike.
 
-    `left` is each BN still in the graph with whether it is a fixed map kept on purpose."""
+    `left` is each BN still in the graph with whether it is a fixed map kept on purpose;
+    `nested`, those inside subgraphs and functions, which no pass touches."""
     ran = [name for name in _BN_PASSES if name in results]
     reasons: dict[str, dict[str, str]] = {}  # BN node -> pass -> why it left the BN alone
     for name in ran:
@@ -125,7 +128,7 @@ def fold_report(
     # A BN left by the last pass was left by all of them; the last one's reason is the one that counts.
     remaining = [
         {"node": n, "reason": list(reasons.get(n, {"": "no pass matched it"}).values())[-1]} for n, kept in left if not kept
-    ]
+    ] + [{"node": n, "reason": NESTED_REASON} for n in nested]
     kept = []
     for n, is_kept in left:
         if is_kept:
@@ -135,8 +138,8 @@ def fold_report(
     facts = {
         "nodes_before": sum(before.values()),
         "nodes_after": sum(after.values()),
-        "batchnorms_before": batch_norms,
-        "batchnorms_after": len(left),  # every BatchNormalization node in the result, kept ones too
+        "batchnorms_before": batch_norms + len(nested),
+        "batchnorms_after": len(left) + len(nested),  # every BatchNormalization node in the result, kept ones too
         "batchnorms_kept": len(kept),
     }
     sections = {
@@ -146,7 +149,7 @@ def fold_report(
         "ops": op_table(before, after, size_before, size_after),
         "passes": [{"pass": name, "changed": len(r.changed), "skipped": len(r.skipped)} for name, r in results.items()],
     }
-    notes = [] if batch_norms else ["nothing to fold: the model has no BatchNormalization"]
+    notes = [] if batch_norms or nested else ["nothing to fold: the model has no BatchNormalization"]
     return Report("bngraph fold (ONNX)", sections=sections, facts=facts, notes=notes)
 
 

@@ -49,6 +49,37 @@ def batchnorms(model: ir.Model) -> list[ir.Node]:
     return [n for n in model.graph if n.op_type == BATCHNORM and n.domain in ("", "ai.onnx")]
 
 
+# A graph inside a node (If's branches, Loop's and Scan's bodies) or a model-local function runs
+# only when, and as often as, the node or caller decides: a check on random inputs may never run
+# it. onnxscript's rewriter goes into them; the BN rules leave them as they are (`skip_reason`).
+NESTED = "bngraph.nested_graph"
+NESTED_REASON = ("inside a subgraph or function, which the check runs only where its inputs lead: left as it is, "
+                 "unchecked folds being what this tool does not write")
+
+
+def mark_nested_graphs(model: ir.Model) -> list[ir.Node]:
+    """Mark every graph but the main one (see NESTED); the BatchNormalization nodes inside them."""
+    nested = [f.graph if hasattr(f, "graph") else f for f in model.functions.values()]
+    nested += [graph for node in model.graph.all_nodes() for graph in _subgraphs(node)]
+    for function in model.functions.values():
+        nested += [graph for node in function.all_nodes() for graph in _subgraphs(node)]
+    inside = []
+    for graph in nested:
+        graph.meta[NESTED] = True
+        inside += [n for n in graph if n.op_type == BATCHNORM and n.domain in ("", "ai.onnx")]
+    return inside
+
+
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    graphs = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs.append(attr.value)
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attr.value)
+    return graphs
+
+
 def op_counts(model: ir.Model) -> Counter:
     return Counter(n.op_type for n in model.graph.all_nodes())
 
@@ -76,6 +107,8 @@ def training_reason(bn: ir.Node) -> str | None:
 
 def skip_reason(bn: ir.Node) -> str | None:
     """Why no rewrite may touch `bn` at all, or None when it is an eval-mode BN of constants."""
+    if bn.graph is not None and bn.graph.meta.get(NESTED):
+        return NESTED_REASON
     reason = training_reason(bn)
     if reason:
         return reason

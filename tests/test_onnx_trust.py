@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from bngraph.onnx_fold import fold_onnx
 from tests.onnx_models import conv_bn_file, gemm_bn_file, onnx_file, random_bn_stats
@@ -217,3 +217,43 @@ def test_a_bias_that_raises_the_matmuls_rank_keeps_the_bn_after_it():
     assert verification, verification.lines()
     assert report.sections["kept"][0]["node"] == "bn"
     assert "raises its rank" in report.sections["kept"][0]["note"]
+
+
+# ---- Subgraphs -----------------------------------------------------------------------------------
+
+
+def _if_model() -> onnx.ModelProto:
+    """y = If(max(x) > 5, Conv -> BN, Conv): the random inputs of a check never take the branch."""
+    rng = np.random.default_rng(0)
+    elem = TensorProto.FLOAT
+    stats = [numpy_helper.from_array(a, n) for a, n in zip(random_bn_stats((4,), 5), ("s", "b", "m", "v"))]
+    weight = numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "W")
+    then = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"]), helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["t"], name="bn")],
+        "then", [], [helper.make_tensor_value_info("t", elem, ["N", 4, 4, 4])], [*stats])
+    other = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["e"])], "else", [], [helper.make_tensor_value_info("e", elem, ["N", 4, 4, 4])])
+    nodes = [helper.make_node("ReduceMax", ["x"], ["top"], keepdims=0), helper.make_node("Greater", ["top", "five"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", elem, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", elem, ["N", 4, 4, 4])],
+                              [weight, numpy_helper.from_array(np.array(5.0, np.float32), "five")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_bn_inside_an_if_branch_is_left_as_it_is_and_listed(tmp_path):
+    model = _if_model()
+    onnx.save(model, tmp_path / "in.onnx")
+    code, report = fold_file(tmp_path / "in.onnx", tmp_path / "out.onnx")
+    assert code == 0
+    assert (report["batchnorms_before"], report["batchnorms_after"]) == (1, 1)
+    assert report["folded"] == [] and [r["node"] for r in report["remaining"]] == ["bn"]
+    assert "inside a subgraph" in report["remaining"][0]["reason"]
+    x = np.random.default_rng(1).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    x[0, 0, 0, 0] = 6.0  # takes the branch with the BN
+    want = run_in_ort(model, {"x": x})[0]
+    np.testing.assert_array_equal(run_in_ort(onnx.load(tmp_path / "out.onnx"), {"x": x})[0], want)
+    code, _ = fold_file(tmp_path / "in.onnx", None, "--strict")
+    assert code == 1  # a BN left is what --strict fails on
