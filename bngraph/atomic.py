@@ -2,9 +2,10 @@
 
 The rule for every output (each command's `-o`, `bngraph.save`, `bngraph.export`):
 - A path that exists is replaced only when it is a bngraph output of the same kind (an artifact,
-  a run or reproduce folder, each known by its `bngraph.json`; an `.onnx` file; a picture that
-  carries bngraph's mark) and the caller passed `force`. Anything else is refused with one line
-  (`UserError`) and left exactly as it was. Symbolic links are never replaced.
+  a run or reproduce folder, each known by its `bngraph.json` and holding nothing but what
+  bngraph writes there; an `.onnx` file or a picture that carries bngraph's mark) and the caller
+  passed `force`. Anything else is refused with one line (`UserError`) and left exactly as it
+  was. Symbolic links are never replaced.
 - The checks run before the work (`check_output`) and again just before the rename.
 - Missing parent folders are created after the checks pass, and removed again when the write
   fails. The output is built beside its path and renamed onto it last; an old output of the same
@@ -42,6 +43,20 @@ DESCRIBED = {ARTIFACT: "an artifact folder", RUN: "a training run folder", REPRO
 FILE_LIKE_SUFFIXES = {".onnx", ".pt", ".pth", ".py", ".json", ".jsonl", ".safetensors", ".png", ".svg", ".dot"}
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 PICTURE_MARK = b"written by bngraph graph"  # in a PNG tEXt chunk, an SVG or DOT comment
+# ModelProto's field 2, producer_name, set to "bngraph" (`bngraph.onnx_io.save_onnx`): protobuf
+# writes fields in number order, so it follows the ir_version within the file's first bytes.
+ONNX_MARK, ONNX_PRODUCER = b"\x12\x07bngraph", "bngraph"
+# What bngraph writes at the top of each kind of folder (artifacts: bngraph.artifacts, with the
+# user's modules carried in code/ and the bytecode importing model.py leaves; runs:
+# bngraph.training; reproduce: bngraph.reproduce). Anything else there is the user's, and the
+# folder is then never replaced.
+FOLDER_CONTENTS = {
+    ARTIFACT: {MARKER, "model.py", "weights.pt", "code", "__pycache__"},
+    RUN: {MARKER, "checkpoint.pt", "metrics.jsonl", "model", "inputs.png"},
+    REPRODUCE: {MARKER, "fig1.png", "accuracy.png", "summary.json", "table.md", "models"},
+}
+# Folders inside one that are themselves artifacts: checked the same way.
+_NESTED_ARTIFACTS = {RUN: ("model",), REPRODUCE: ("models/*",)}
 
 
 def output_kind(path: str | Path) -> str | None:
@@ -52,20 +67,31 @@ def output_kind(path: str | Path) -> str | None:
     if path.is_dir():
         try:
             meta = json.loads((path / MARKER).read_text())
-        except FileNotFoundError:  # a run folder from before bngraph 0.2 had no bngraph.json
-            is_old_run = (path / "checkpoint.pt").is_file() and (path / "metrics.jsonl").is_file()
-            return RUN if is_old_run else None
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # no bngraph.json (a run from before 0.2 had none): not ours to replace
             return None
         fmt = meta.get("format") if isinstance(meta, dict) else None
         return next((kind for kind, name in FOLDER_FORMATS.items() if name == fmt), None)
     if not path.is_file():
         return None
-    if path.suffix == ".onnx":
+    if path.suffix in FILE_SUFFIXES[ONNX] and _is_marked_onnx(path):
         return ONNX
     if path.suffix in FILE_SUFFIXES[PICTURE] and _is_marked_picture(path):
         return PICTURE
     return None
+
+
+def _is_marked_onnx(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return ONNX_MARK in f.read(64)
+
+
+def foreign_entries(path: Path, kind: str) -> list[str]:
+    """What a bngraph folder of `kind` at `path` holds that bngraph does not write there."""
+    found = [p.name for p in path.iterdir() if p.name not in FOLDER_CONTENTS[kind]]
+    for pattern in _NESTED_ARTIFACTS.get(kind, ()):
+        found += [f"{p.relative_to(path)}/{name}" for p in path.glob(pattern) if p.is_dir()
+                  for name in foreign_entries(p, ARTIFACT)]
+    return sorted(found)
 
 
 def _is_marked_picture(path: Path) -> bool:
@@ -147,6 +173,10 @@ def check_output(
             resume = "add --resume to continue it, " if kind == RUN else ""
             raise UserError(f"{path} exists ({DESCRIBED[kind]} bngraph wrote): {resume}add --force to replace it, "
                             "or choose another -o")
+        if kind in FOLDER_CONTENTS and (foreign := foreign_entries(path, kind)):
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise UserError(f"{path} holds what bngraph did not write ({shown}), which replacing it would delete: "
+                            "move that out, or choose another -o")
     _check_parent(path)
     return path
 

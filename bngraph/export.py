@@ -280,7 +280,7 @@ def export(
 ) -> ExportResult:
     """Export `module` to `path`, or write nothing when the file's outputs differ from it.
 
-    An existing `path` is replaced only when it is an .onnx file and `force` is true.
+    An existing `path` is replaced only when it is an .onnx file bngraph wrote and `force` is true.
     `batch_axes` (0 or None per input; default: what `example_inputs` carries, see
     `bngraph.runners.ExampleInputs`, else 0 for every input but a 0-d one) says which inputs have a
     batch axis: only those are dynamic in the file and vary in the verification.

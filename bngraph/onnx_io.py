@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bngraph.atomic import ONNX, write_atomically
+from bngraph import __version__
+from bngraph.atomic import ONNX, ONNX_PRODUCER, write_atomically
 from bngraph.errors import UserError, one_line
 from bngraph.compare import VerifyResult
 from bngraph.verify import verify
@@ -30,7 +31,9 @@ def initializer_bytes(model: ir.Model) -> int:
 
 def save_onnx(model: ir.Model, path: Path, final: Path) -> None:
     """One self-contained file unless the weights pass protobuf's 2 GiB limit; then the weights go
-    to `<final name>.data` beside it (written whole by onnx-ir before the model file appears)."""
+    to `<final name>.data` beside it (written whole by onnx-ir before the model file appears).
+    Its producer is bngraph: the mark by which a later `-o ... --force` knows it may replace it."""
+    model.producer_name, model.producer_version = ONNX_PRODUCER, __version__
     if initializer_bytes(model) > SINGLE_FILE_LIMIT_BYTES:
         ir.save(model, path, external_data=f"{final.name}.data")
     else:

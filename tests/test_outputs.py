@@ -22,7 +22,7 @@ import onnx
 import pytest
 
 import bngraph
-from bngraph.atomic import ARTIFACT, ONNX, PICTURE, RUN, output_kind, write_atomically, write_dir_atomically
+from bngraph.atomic import ARTIFACT, ONNX, ONNX_MARK, PICTURE, RUN, output_kind, write_atomically, write_dir_atomically
 from bngraph.cli import main
 from bngraph.errors import UserError
 from tests.mnist_like import write_learnable
@@ -94,8 +94,7 @@ def test_a_users_file_or_folder_at_the_output_survives(name, what, tmp_path, cap
     out = tmp_path / COMMANDS[name][1]
     (_users_file if what == "file" else _users_folder)(out)
     before = snapshot(tmp_path)
-    # Any .onnx file counts as an ONNX output (the issue's rule): --force may replace it.
-    for extra in ((),) if what == "file" and out.suffix == ".onnx" else ((), ("--force",)):
+    for extra in ((), ("--force",)):
         code, _, err = _run(capsys, _argv(name, inputs, out, *extra))
         assert code == 2, err
         _one_error_line(err)
@@ -114,6 +113,38 @@ def test_force_replaces_a_bngraph_output_of_the_same_kind(name, tmp_path, capsys
     assert code == 0, err
     assert output_kind(out) == kind
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary or old copy left
+
+
+@pytest.mark.parametrize("name", ["fold-onnx", "export"])
+def test_an_onnx_file_another_tool_wrote_is_never_replaced(name, tmp_path, capsys, inputs):
+    out = tmp_path / COMMANDS[name][1]
+    onnx.save(conv_bn_file(), out)  # a valid model, as torch.onnx.export or tf2onnx leave one
+    before = snapshot(tmp_path)
+    code, _, err = _run(capsys, _argv(name, inputs, out, "--force"))
+    assert code == 2 and "is a file bngraph did not write" in _one_error_line(err)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(("name", "inside"), [("insert", "notes.txt"), ("train", "model/eval.csv"), ("reproduce", "paper.tex")])
+def test_a_bngraph_folder_holding_the_users_files_is_not_replaced(name, inside, tmp_path, capsys, inputs):
+    out = tmp_path / COMMANDS[name][1]
+    assert _run(capsys, _argv(name, inputs, out))[0] == 0
+    (out / inside).write_text("the user's, put into bngraph's folder\n")
+    before = snapshot(tmp_path)
+    code, _, err = _run(capsys, _argv(name, inputs, out, "--force"))
+    assert code == 2 and f"holds what bngraph did not write ({inside})" in _one_error_line(err)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_folder_that_only_looks_like_a_run_is_not_replaced(tmp_path, capsys, inputs):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("checkpoint.pt", "metrics.jsonl", "paper_draft.tex"):  # names anyone's training script uses
+        (out / name).write_text("the user's\n")
+    before = snapshot(tmp_path)
+    code, _, err = _run(capsys, _argv("train", inputs, out, "--force"))
+    assert code == 2 and "a folder bngraph did not write" in _one_error_line(err)
+    assert snapshot(tmp_path) == before
 
 
 def test_force_does_not_cross_kinds(tmp_path, capsys, inputs):
@@ -211,7 +242,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
 
 def test_a_full_disk_under_a_file_output_keeps_the_old_file(tmp_path):
     old = tmp_path / "model.onnx"
-    old.write_bytes(b"the old model")
+    old.write_bytes(b"\x08\x08" + ONNX_MARK + b" the old model")  # ir_version, then bngraph's producer_name
     before = snapshot(tmp_path)
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -276,7 +307,7 @@ def test_an_interrupted_write_leaves_the_old_output_and_no_temporary(writer, tmp
     """Ctrl-C in the middle of writing (here: after the first file of the new output)."""
     out = tmp_path / ("model.onnx" if writer == "file" else "artifact")
     if writer == "file":
-        out.write_bytes(b"old onnx bytes")
+        out.write_bytes(b"\x08\x08" + ONNX_MARK + b" old onnx bytes")
     else:
         out.mkdir()
         (out / "bngraph.json").write_text(json.dumps({"format": "bngraph-artifact"}))

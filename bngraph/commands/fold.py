@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shared.add_standalone_bn_argument(parser, "ONNX input: ")
     overridable = "ONNX input: initializers also listed as graph inputs stay overridable inputs, not constants"
     parser.add_argument("--keep-initializer-inputs", action="store_true", help=overridable)
-    shared.add_force_argument(parser, "artifact folder (ONNX input: .onnx file)")
+    shared.add_force_argument(parser, "artifact folder (ONNX input: .onnx file, one bngraph wrote)")
     shared.add_report_arguments(parser)
 
 
