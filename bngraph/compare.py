@@ -190,14 +190,16 @@ def compare(
     if err.size == 0:
         return diff
     allowed = atol * diff.scale + rtol * magnitude
-    diff.failed_elements = int(np.count_nonzero(err > allowed))
+    # NaN or inf on one side only is an infinite error, which no tolerance covers (--atol inf too).
+    diff.failed_elements = int(np.count_nonzero((err > allowed) | np.isinf(err)))
     diff.passed = diff.failed_elements == 0
     diff.max_abs = float(err.max())
     diff.max_rel = diff.max_abs / diff.scale
     diff.mean_abs = float(err.mean())
     with np.errstate(invalid="ignore"):
         diff.p99_abs = float(np.percentile(err, 99))
-    diff.min_atol = float(np.maximum(err - rtol * magnitude, 0).max() / diff.scale)
+    with np.errstate(invalid="ignore"):  # inf - inf where rtol is inf
+        diff.min_atol = float(np.maximum(err - rtol * magnitude, 0).max() / diff.scale)
     beyond_atol = err > atol * diff.scale
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(allowed > 0, err / allowed, np.where(err > 0, np.inf, 0.0))
@@ -254,12 +256,13 @@ class VerifyResult:
             lines.append(f"FAILED | worst output {worst.output!r} ({worst.candidate}): {worst.problem}")
         else:
             rtol = f"--rtol {worst.min_rtol:.2g}" if np.isfinite(worst.min_rtol) else "no --rtol alone"
+            passes = (f"it would pass with --atol {worst.min_atol:.2g} (or {rtol})" if np.isfinite(worst.max_abs)
+                      else "NaN or inf on one side only, which no tolerance passes")
             lines.append(
                 f"FAILED | worst output {worst.output!r} ({worst.candidate} vs {worst.reference}): "
                 f"{worst.failed_elements} of {worst.elements} elements beyond {worst.rule()}, max |c - r| "
                 f"{worst.max_abs:.3g} at batch {worst.worst_batch} index {list(worst.worst_index)} "
-                f"(c {worst.worst_candidate:.6g} vs r {worst.worst_reference:.6g}); it would pass with "
-                f"--atol {worst.min_atol:.2g} (or {rtol})"
+                f"(c {worst.worst_candidate:.6g} vs r {worst.worst_reference:.6g}); {passes}"
             )
             if verdict := worst.exact_verdict():
                 lines.append(f"FAILED | {verdict}")

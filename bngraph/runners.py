@@ -34,20 +34,27 @@ BATCH_SIZES = (1, 1, 1, 7)
 
 
 class TorchRunner:
-    """A PyTorch module in eval mode; its outputs flattened and named by `named_tensors`."""
+    """A PyTorch module in eval mode; its outputs flattened and named by `named_tensors`, or with
+    `every_leaf` (two PyTorch models compared: `bngraph.verify`) by `named_arrays`."""
 
     kind = "torch"
 
     def __init__(self, module: nn.Module, label: str = "torch"):
         self.module, self.label = module, label
         self.output_names: list[str] | None = None  # known after the first call
+        self.tensor_outputs = 0  # how many of them are tensors
+        self.every_leaf = False
 
     def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         with torch.no_grad(), eval_mode(self.module), running_user_model():
             out = self.module(*(torch.from_numpy(np.ascontiguousarray(x)) for x in inputs))
-        named = named_tensors(out)
-        self.output_names = [name for name, _ in named]
-        return [_to_numpy(t) for _, t in named]
+        return self._arrays(out)
+
+    def _arrays(self, out: Any) -> list[np.ndarray]:
+        tensors = named_tensors(out)
+        named = named_arrays(out) if self.every_leaf else [(name, _to_numpy(t)) for name, t in tensors]
+        self.output_names, self.tensor_outputs = [name for name, _ in named], len(tensors)
+        return [array for _, array in named]
 
 
 @contextlib.contextmanager
@@ -61,18 +68,21 @@ def seeded():
 
 class SeededRunner(TorchRunner):
     """A TorchRunner that draws the same random numbers on every call, and keeps its outputs
-    (by the identity of the batch it was given)."""
+    (by the identity of the batch it was given, and whether every leaf was asked for)."""
 
     def __init__(self, module: nn.Module, label: str):
         super().__init__(module, label)
-        self._outputs: dict[int, list[np.ndarray]] = {}
+        self._outputs: dict[tuple[int, bool], tuple[list[str], int, list[np.ndarray]]] = {}
 
     def __call__(self, inputs):
-        if id(inputs) not in self._outputs:
+        key = (id(inputs), self.every_leaf)
+        if key not in self._outputs:
             with seeded():
                 # Copies: a forward that writes into its input in place must not change the batch.
-                self._outputs[id(inputs)] = super().__call__(self._prepared(inputs))
-        return self._outputs[id(inputs)]
+                arrays = super().__call__(self._prepared(inputs))
+            self._outputs[key] = (self.output_names, self.tensor_outputs, arrays)
+        self.output_names, self.tensor_outputs, arrays = self._outputs[key]
+        return arrays
 
     def _prepared(self, inputs) -> list[np.ndarray]:
         return [np.array(x, copy=True) for x in inputs]
@@ -80,9 +90,13 @@ class SeededRunner(TorchRunner):
     def know(self, inputs, outputs) -> None:
         """Take `outputs` (a forward's result, run under `seeded()` in eval mode without gradients)
         as this module's on `inputs`, instead of running it again."""
-        named = named_tensors(outputs)
-        self.output_names = [name for name, _ in named]
-        self._outputs[id(inputs)] = [_to_numpy(t) for _, t in named]
+        was = self.every_leaf
+        for every_leaf in (False, True):
+            self.every_leaf = every_leaf
+            arrays = self._arrays(outputs)  # names and counts them too
+            self._outputs[(id(inputs), every_leaf)] = (self.output_names, self.tensor_outputs, arrays)
+        self.every_leaf = was
+        self.output_names, self.tensor_outputs, _ = self._outputs[(id(inputs), was)]
 
 
 class Float64Runner(SeededRunner):
@@ -171,8 +185,8 @@ def named_tensors(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     A tensor alone is 'output'; dict keys, dataclass fields (HuggingFace's ModelOutput is both a
     dict and a dataclass) and NamedTuple fields give their names ('logits'); list and tuple items
     their index ('hidden_states.0', 'output.1' at the top). None entries and other leaves (ints,
-    strings) are not outputs to compare: torch.onnx drops or bakes them in too.
-    """
+    strings) are not outputs of an ONNX file (torch.onnx drops or bakes them in); two PyTorch
+    models compare them too (`named_arrays`)."""
     return [(name, leaf) for name, leaf in named_leaves(out, prefix) if isinstance(leaf, torch.Tensor)]
 
 
@@ -192,6 +206,24 @@ def named_leaves(out: Any, prefix: str = "") -> list[tuple[str, Any]]:
     else:
         return [(prefix or "output", out)]
     return [pair for key, value in items for pair in named_leaves(value, f"{prefix}.{key}" if prefix else key)]
+
+
+def named_arrays(out: Any) -> list[tuple[str, np.ndarray]]:
+    """Every leaf of a forward's result (`named_leaves`) as an array to compare: a tensor as it
+    is, a number (Python's or numpy's) as a 0-d float64 array, compared as a tensor is, and any
+    other leaf as a 0-d string array, compared exactly: the value of None, a string or a bool,
+    the class of anything else (whose repr may hold its address)."""
+    arrays = []
+    for name, leaf in named_leaves(out):
+        if isinstance(leaf, torch.Tensor):
+            arrays.append((name, _to_numpy(leaf)))
+        elif isinstance(leaf, (int, float, np.number)) and not isinstance(leaf, bool):
+            arrays.append((name, np.asarray(leaf, dtype=np.float64)))
+        elif leaf is None or isinstance(leaf, (str, bool)):
+            arrays.append((name, np.asarray(repr(leaf))))
+        else:
+            arrays.append((name, np.asarray(f"a {type(leaf).__module__}.{type(leaf).__qualname__}")))
+    return arrays
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:

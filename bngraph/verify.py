@@ -61,6 +61,10 @@ def verify(
     if not inputs:
         raise UserError("nothing to compare: no input batches")
     refs, cands = runners_for(reference, evaluator=evaluator), runners_for(candidate, evaluator=evaluator)
+    if all(r.kind == "torch" for r in (*refs, *cands)):
+        # Two PyTorch models: what is not a tensor counts too ((logits, 0.43) vs (logits, -123.0)).
+        for runner in (*refs, *cands):
+            runner.every_leaf = True
     if len(refs) > 1 and len(cands) > 1:
         pairs = list(zip(refs, cands))  # same level against same level
     else:
@@ -99,6 +103,9 @@ def verify(
             continue
         for i, name in enumerate(names):
             ref_batches, cand_batches = [batch[i] for batch in ref_out], [batch[i] for batch in cand_out]
+            if any(a.dtype.kind == "U" for a in (*ref_batches, *cand_batches)):  # None, a string, an object
+                result.diffs.append(_compare_exactly(name, ref_batches, cand_batches, (ref.label, cand.label)))
+                continue
             tolerance = default_tolerance(ref.kind, cand.kind, output_dtype(ref_batches, cand_batches))
             atol_used, rtol_used = (tolerance if atol is None else atol), (tolerance if rtol is None else rtol)
             diff = compare(name, ref_batches, cand_batches, atol_used, rtol_used, (ref.label, cand.label))
@@ -119,6 +126,8 @@ def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarra
     for diff, ref, cand, i in compared:
         if diff.passed or diff.problem or ref.kind != "torch" or diff.scale <= np.finfo(np.float32).tiny:
             continue
+        if not np.isfinite(diff.max_abs):  # NaN or inf against a number: no rounding explains it
+            continue
         if id(ref) not in varies:
             again = ref(inputs[0])
             varies[id(ref)] = not all(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
@@ -134,6 +143,17 @@ def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarra
         theirs, own = _largest_difference(outputs[id(cand)], wide, i), _largest_difference(outputs[id(ref)], wide, i)
         if np.isfinite(theirs) and np.isfinite(own):
             diff.from_exact = (theirs / diff.scale, own / diff.scale)
+
+
+def _compare_exactly(name: str, reference, candidate, labels: tuple[str, str]) -> OutputDiff:
+    """An output that is not a number (`named_arrays`' string arrays): equal on every batch, or not."""
+    diff = OutputDiff(name, labels[0], labels[1], 0.0, 0.0, passed=True, batches=len(reference), elements=len(reference))
+    for ref, cand in zip(reference, candidate):
+        if ref.dtype.kind != cand.dtype.kind or ref.tolist() != cand.tolist():
+            show = (lambda a: a.item() if a.dtype.kind == "U" else f"a {a.dtype} value")
+            diff.passed, diff.problem = False, f"not a tensor, and not the same: {show(cand)} vs {show(ref)}"
+            break
+    return diff
 
 
 def _largest_difference(batches: list[list[np.ndarray]], exact: list[list[np.ndarray]], i: int) -> float:
@@ -155,7 +175,7 @@ def _paired_names(ref, cand, ref_count: int, cand_count: int) -> tuple[list[str]
     """The name of each output pair, or (a name, why they cannot be paired)."""
     ref_names = ref.output_names or [f"output{i}" for i in range(ref_count)]
     cand_names = cand.output_names or [f"output{i}" for i in range(cand_count)]
-    if not ref_count and not cand_count:
+    if not getattr(ref, "tensor_outputs", ref_count) and not getattr(cand, "tensor_outputs", cand_count):
         raise UserError(
             f"nothing to compare: neither model returns a tensor ({_what(ref)} and {_what(cand)} give no tensor output)"
         )

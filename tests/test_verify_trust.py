@@ -443,3 +443,65 @@ def test_verify_weights_makes_a_correct_fold_pass(tmp_path):
     assert code == 0, out + err
     code, _, err = run_cli("verify", net_py, tmp_path / "folded", "--weights", tmp_path / "folded" / "weights.pt")
     assert code == 2 and err.startswith("bngraph: error: weights") and err.count("\n") == 1
+
+
+class WithExtras(nn.Module):
+    """A classifier that also returns what is not a tensor: a number computed from the output
+    (`.item()`), a value of its own, and an entry that may be None."""
+
+    def __init__(self, extra, entry):
+        super().__init__()
+        self.layer, self.extra, self.entry = nn.Linear(6, 3), extra, entry
+
+    def forward(self, x):
+        y = self.layer(x)
+        return {"logits": y, "total": y.sum().item(), "extra": self.extra, "entry": self.entry}
+
+
+def _seeded(build):
+    torch.manual_seed(0)
+    return build()
+
+
+def test_what_is_not_a_tensor_is_compared_too():
+    batches = random_batches([(2, 6)])
+    same = verify(_seeded(lambda: WithExtras(0.5, None)), _seeded(lambda: WithExtras(0.5, None)), batches)
+    assert same, same.lines()
+    assert {d.output for d in same.diffs} == {"logits", "total", "extra", "entry"}
+    number = verify(_seeded(lambda: WithExtras(0.5, None)), _seeded(lambda: WithExtras(-123.0, None)), batches)
+    assert not number and [d.output for d in number.diffs if not d.passed] == ["extra"]
+    entry = verify(_seeded(lambda: WithExtras(0.5, None)), _seeded(lambda: WithExtras(0.5, "cached")), batches)
+    assert not entry and "not the same: 'cached' vs None" in entry.lines()[-1]
+    structure = verify(_seeded(lambda: WithExtras(0.5, None)), _seeded(lambda: WithExtras(0.5, [1, 2])), batches)
+    assert not structure and "output structures differ" in structure.diffs[0].problem
+
+
+def test_a_number_computed_from_the_output_is_compared_within_the_tolerance():
+    # `.item()` of a sum rounds as the tensors do: a fold that changes the sum by rounding passes,
+    # one that changes it by more fails, as its tensor would.
+    reference = _seeded(lambda: WithExtras(0.5, None))
+    candidate = _seeded(lambda: WithExtras(0.5, None))
+    with torch.no_grad():
+        candidate.layer.bias += 1e-3
+    result = verify(reference, candidate, random_batches([(2, 6)]))
+    assert {d.output for d in result.diffs if not d.passed} == {"logits", "total"}
+
+
+class NaNWhereLarge(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = self.layer(x)
+        return y + torch.where(x[:, :1] > 1.0, float("nan"), 0.0)
+
+
+def test_nan_against_a_number_fails_at_any_tolerance():
+    nan_model = _seeded(lambda: NaNWhereLarge())
+    plain = _seeded(lambda: NaNWhereLarge())
+    plain.forward = lambda x: plain.layer(x)  # the same layer, without the NaN
+    batches = [[np.full((2, 6), 2.0, dtype=np.float32)]]
+    result = verify(plain, nan_model, batches, atol=float("inf"), rtol=float("inf"))
+    assert not result
+    assert "NaN or inf on one side only, which no tolerance passes" in result.lines()[-1]
