@@ -202,7 +202,7 @@ def module_source(
             holder = f"self.get_submodule({owner!r})" if owner else "self"
             if id(tensor) in first_name and first_name[id(tensor)] != name:
                 # Tied weights stay tied: one tensor, two names.
-                body.append(f"        {holder}.{attr} = self.get_{kind}({first_name[id(tensor)]!r})")
+                body.append(f"        {holder}.register_{kind}({attr!r}, self.get_{kind}({first_name[id(tensor)]!r}))")
                 continue
             first_name[id(tensor)] = name
             if name in owned:
@@ -211,10 +211,9 @@ def module_source(
                 body.append(f"        _install(self, {owner!r}, torch.nn.Module())")
                 leaves = leaves | {owner}
             empty = f"torch.empty({tuple(tensor.shape)}, dtype={tensor.dtype})"
-            if kind == "parameter":
-                body.append(f"        {holder}.{attr} = torch.nn.Parameter({empty})")
-            else:
-                body.append(f"        {holder}.register_buffer({attr!r}, {empty})")
+            value = f"torch.nn.Parameter({empty})" if kind == "parameter" else empty
+            # By name, not as an attribute: nn.ParameterList's entries are called '0', '1'...
+            body.append(f"        {holder}.register_{kind}({attr!r}, {value})")
     for name, p in gm.named_parameters():
         if not p.requires_grad:
             body.append(f"        self.get_parameter({name!r}).requires_grad_(False)")

@@ -171,6 +171,9 @@ def load_weights(module: nn.Module, weights: str | Path) -> None:
     if not_tensors:
         raise UserError(f"weights {path} are not a state dict: {_some(not_tensors)} are not tensors")
     own = module.state_dict()
+    if not any(k.rsplit(".", 1)[-1] == _BATCHES_TRACKED for k in state):
+        # A BatchNorm's state from before torch 0.4.1 has no counter; torch's own load fills it in.
+        own = {k: v for k, v in own.items() if k.rsplit(".", 1)[-1] != _BATCHES_TRACKED}
     state = _without_wrapper_prefix(state, own)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -189,6 +192,9 @@ def load_weights(module: nn.Module, weights: str | Path) -> None:
         module.load_state_dict(state, strict=True)
     except Exception as err:
         raise UserError(f"weights {path} do not fit the model: {_first_line(one_line(err))}") from err
+
+
+_BATCHES_TRACKED = "num_batches_tracked"
 
 
 def _without_wrapper_prefix(state: dict, own: dict) -> dict:

@@ -51,6 +51,27 @@ def test_tied_weights_stay_tied(tmp_path):
     assert loaded.a.weight is loaded.b.weight
 
 
+def test_weights_in_a_parameter_list_are_saved_and_load(tmp_path):
+    # nn.ParameterList names its entries '0', '1': no attribute, so the generated code registers
+    # them by name (it wrote `self.get_submodule('p').0 = ...`, a SyntaxError).
+    class ParamList(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(4, 3, 3, 3)), torch.nn.Parameter(torch.randn(4))])
+            self.bn = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(torch.nn.functional.conv2d(x, self.p[0], self.p[1])))
+
+    x = torch.randn(2, 3, 8, 8)
+    inserted, _ = bngraph.insert(ParamList(), [x])
+    bngraph.save(inserted, tmp_path / "i", example_inputs=[x])
+    loaded = bngraph.load(tmp_path / "i")
+    assert isinstance(loaded.get_parameter("p.0"), torch.nn.Parameter)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), inserted.eval()(x), rtol=0, atol=0)
+
+
 def test_a_model_that_computes_nan_is_saved_as_it_is(tmp_path):
     # NaN is not equal to NaN: the round-trip check must still see the same computation (a user's
     # example with a NaN, a log of a negative, a diverged weight) and not call it a bngraph bug.

@@ -19,6 +19,7 @@ from bngraph.errors import ModelRaised, running_user_model
 from bngraph.passes.base import PassResult, graph_pass, run_passes
 from tests.conftest import REPO
 from tests.mnist_like import write_learnable
+from tests.util import randomize_bn
 
 ERROR_MODELS = REPO / "tests" / "error_models.py"
 
@@ -177,6 +178,22 @@ def test_weights_saved_through_a_wrapper_load_when_the_rest_of_each_key_is_the_m
     torch.save({prefix + k: v for k, v in state.items()}, path)
     code, _, err = _cli(capfd, "insert", "zoo:mnist-mlp", "--weights", path, "-o", tmp_path / "out2")
     assert code == 2 and f"unexpected 7 keys: {prefix}fc1.weight" in _one_line(err)
+
+
+def test_weights_without_the_batchnorms_counters_load_as_torch_loads_them(tmp_path, capfd):
+    # A state dict from before torch 0.4.1 (or trimmed by hand) has no num_batches_tracked;
+    # torch's load_state_dict(strict=True) fills it in, and so does --weights.
+    from bngraph.zoo import create_model
+
+    torch.manual_seed(3)
+    model = create_model("inception-small")
+    state = {k: v for k, v in randomize_bn(model).state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "old.pt"
+    torch.save(state, path)
+    code, _, err = _cli(capfd, "fold", "zoo:inception-small", "--weights", path, "-o", tmp_path / "out")
+    assert code == 0, err
+    code, out, err = _cli(capfd, "verify", "zoo:inception-small", tmp_path / "out", "--weights", path)
+    assert code == 0, out + err
 
 
 # 3. A failed ONNX export: one line, and the exporter's whole log in the file it names.
