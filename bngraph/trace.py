@@ -188,6 +188,12 @@ def check_traced_shapes(value, expected, where: str) -> None:
         )
 
 
+def check_traced_length(value, expected: int, where: str) -> None:
+    """The guard of a graph whose forward looped over a shape (`_Tracer.iter`): as many elements
+    as in the trace. One call, not `len` in the graph: torch.fx cannot trace `len` again."""
+    check_traced_shapes(len(value), expected, where)
+
+
 def check_no_random_draws(rng_before: torch.Tensor) -> None:
     """Raise fx's TraceError where the global random state moved since `rng_before`: the code
     traced drew a random number that no input fed (`if torch.rand([]) < self.layerdrop:`), so
@@ -312,7 +318,7 @@ class _Tracer(fx.Tracer):
 
     def __init__(self, autowrap_functions=(), input_examples: Sequence[dict[str, torch.Tensor]] = ()):
         super().__init__(autowrap_functions=(assert_argument_is_none, check_input_dtype, check_traced_dtype,
-                                             check_traced_shapes, *autowrap_functions))
+                                             check_traced_shapes, check_traced_length, *autowrap_functions))
         self.input_examples = input_examples[0] if input_examples else {}
         self.other_batches = list(input_examples[1:])
         self.dtypes_read: dict[fx.Node, torch.dtype] = {}
@@ -390,7 +396,7 @@ class _Tracer(fx.Tracer):
         values = self._shape_values(obj.node)
         if values is None or not all(isinstance(v, (tuple, list)) and len(v) == len(values[0]) for v in values):
             return super().iter(obj)
-        self._checked(self.create_proxy("call_function", len, (obj,), {}), len(values[0]))
+        self.create_proxy("call_function", check_traced_length, (obj, len(values[0]), self._users_line()), {})
         return iter([obj[i] for i in range(len(values[0]))])
 
     def _shape_values(self, node: fx.Node) -> list | None:

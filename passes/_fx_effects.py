@@ -114,7 +114,7 @@ def hook_refusal(label: str, module: nn.Module, change: str) -> str | None:
 # they read a value's dtype or a shape only, which folding a BatchNorm into the layer that made
 # the value keeps.
 _GUARDS = frozenset({("bngraph.trace", "check_input_dtype"), ("bngraph.trace", "check_traced_dtype"),
-                     ("bngraph.trace", "check_traced_shapes")})
+                     ("bngraph.trace", "check_traced_shapes"), ("bngraph.trace", "check_traced_length")})
 
 
 def is_guard(node: fx.Node) -> bool:

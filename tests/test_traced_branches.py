@@ -21,6 +21,7 @@ from torch import nn
 
 import bngraph
 from bngraph.cli import main
+from tests.util import randomize_bn
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -151,6 +152,10 @@ def test_a_loop_over_the_spatial_shape_is_traced():
         model(_x(2, 3, 10, 8))
     with pytest.raises(ValueError, match=r"branches on shapes at .*test_traced_branches\.py"):
         bn_model(_x(2, 3, 10, 8))
+    # The guarded graph traces again: fold folds it as a graph (the length check once went into
+    # the graph as `len`, which torch.fx cannot trace a second time).
+    folded, report = bngraph.fold(randomize_bn(bn_model), [_x(2, 3, 8, 8)])
+    assert "tracing" not in report.facts and report.facts["batchnorms_after"] == 0
 
 
 class LayerDropEncoder(nn.Module):

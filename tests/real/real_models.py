@@ -70,6 +70,25 @@ def _hf_audio(config_name: str, model_name: str, **config):
     return build
 
 
+def _hf_whisper_encoder():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                                        num_mel_bins=8, max_source_positions=16)
+    # 32 frames of 8 mel bins: the length its forward checks (2 x max_source_positions)
+    return transformers.WhisperModel(config).encoder, [torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0))]
+
+
+def _monai_segresnet_ds():
+    from monai.networks.nets import SegResNetDS
+
+    torch.manual_seed(0)
+    model = SegResNetDS(spatial_dims=2, init_filters=4, in_channels=1, out_channels=2, blocks_down=(1, 1), norm="batch")
+    return model, _image(c=1)
+
+
 def _monai_basic_unet():
     from monai.networks.nets import BasicUNet
 
@@ -145,7 +164,9 @@ MODELS: dict[str, RealModel] = {
                                                        conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
                                                        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
                                                        feat_extract_norm="layer")),
+    "hf-whisper-encoder": RealModel("transformers", _hf_whisper_encoder),
     "monai-basic-unet": RealModel("monai", _monai_basic_unet),
+    "monai-segresnet-ds": RealModel("monai", _monai_segresnet_ds),
     "monai-unet": RealModel("monai", _monai_unet),
     "x-transformers": RealModel("x_transformers", _x_transformers),
     "efficientnet-pytorch": RealModel("efficientnet_pytorch", _efficientnet_pytorch),

@@ -174,3 +174,24 @@ def test_hf_vit_is_traced_through_its_dtype_check():
     row = run_chain("hf-vit")
     assert row.tracing == "torch.fx"
     assert (row.nonlinearities, row.normalized, row.inserted) == (2, 0, 2)
+
+
+def test_hf_whisper_is_traced_through_its_frame_check_and_every_gelu_gets_a_batchnorm():
+    """Whisper's encoder checks `input_features.shape[-1] != expected_seq_length` first: torch.fx
+    stopped there, and the fallback left the F.gelu after each conv without a BatchNorm."""
+    if not installed("hf-whisper-encoder"):
+        pytest.skip("transformers is not installed (make test-real)")
+    row = run_chain("hf-whisper-encoder")
+    assert row.tracing == "torch.fx"
+    assert row.inserted == row.nonlinearities == 3  # both conv GELUs, and the MLP's inside the layer kept whole
+    assert row.export == "ok" and row.verify == "PASSED"
+
+
+def test_monai_segresnet_ds_is_traced_through_its_loop_over_the_shape_and_folds_every_batchnorm():
+    """SegResNetDS checks each spatial size in a loop over `x.shape[2:]`: untraceable before, so
+    fold folded module by module and left three BatchNorms no layer before could take."""
+    if not installed("monai-segresnet-ds"):
+        pytest.skip("monai is not installed (make test-real)")
+    row = run_chain("monai-segresnet-ds")
+    assert row.tracing == "torch.fx"
+    assert row.fold == "ok" and row.export == "ok" and row.verify == "PASSED"
