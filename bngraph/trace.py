@@ -10,6 +10,7 @@ import collections
 import contextlib
 import copy
 import inspect
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -433,11 +434,19 @@ class _Tracer(fx.Tracer):
     def trace(self, root, concrete_args=None) -> fx.Graph:
         self.dtypes_read.clear()
         rng = torch.random.get_rng_state()
+        # TorchScript modules keep their state in C++ (and cache `forward` in their dict when read)
+        modules = {path: m for path, m in root.named_modules() if not isinstance(m, torch.jit.ScriptModule)} \
+            if isinstance(root, nn.Module) else {}
+        states = {path: _module_state(m) for path, m in modules.items()}
         try:
             graph = super().trace(root, concrete_args)
             check_no_random_draws(rng)
+            for path, m in modules.items():  # a forward that set another module's attribute
+                check_state_kept(m, states[path], path or "the model")
         finally:
             torch.random.set_rng_state(rng)  # the model's draws while traced are no one's
+            for path, m in modules.items():
+                _restore_state(m, states[path])
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         read = self.dtypes_read
         inputs = [(n, d) for n, d in read.items() if n.op == "placeholder"]
@@ -454,8 +463,56 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return must_stay_whole(m) or super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(self, m, forward, args, kwargs):
+        state = _module_state(m)
+        out = super().call_module(m, forward, args, kwargs)
+        try:
+            check_state_kept(m, state, "it")  # Swin's layers set their window size in forward
+        finally:
+            _restore_state(m, state)
+        return out
+
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         return super().create_args_for_root(_callable_as_traced(root_fn, concrete_args), is_module, concrete_args)
+
+
+# A module's own state, as its forward may change it: its attributes, and the contents of its
+# parameter, buffer and submodule dicts. Not its mode (`training`), which insert's tracer makes a
+# graph value, nor the constants torch.fx stores on the root (`_tensor_constant0`).
+_TRACER_OWN = re.compile(r"training|_tensor_constant\d+")
+
+
+def _module_state(m: nn.Module) -> dict:
+    return {k: (v, dict(v) if isinstance(v, dict) else None) for k, v in m.__dict__.items() if not _TRACER_OWN.fullmatch(k)}
+
+
+def check_state_kept(m: nn.Module, state: dict, who: str) -> None:
+    """Raise fx's TraceError where `m`'s state differs from `state` (`_module_state`): its
+    forward set an attribute while it was traced, so the graph would compute with a value of
+    that one trace (a Proxy, even) where the model recomputes it on every call."""
+    now = _module_state(m)
+    changed = sorted(now.keys() ^ state.keys())
+    for key, (value, content) in state.items():
+        if key not in now:
+            continue
+        if now[key][0] is not value:
+            changed.append(key)
+        elif content is not None:
+            inner = now[key][1]
+            changed += [name for name in inner.keys() ^ content.keys()]
+            changed += [name for name in content.keys() & inner.keys() if inner[name] is not content[name]]
+    if changed:
+        raise fx.proxy.TraceError(f"{who} sets self.{changed[0]} in its forward, which a graph cannot do")
+
+
+def _restore_state(m: nn.Module, state: dict) -> None:
+    for key in [k for k in m.__dict__ if not _TRACER_OWN.fullmatch(k) and k not in state]:
+        del m.__dict__[key]
+    for key, (value, content) in state.items():
+        if content is not None:
+            value.clear()
+            value.update(content)
+        m.__dict__[key] = value
 
 
 def _callable_as_traced(root_fn, concrete_args):

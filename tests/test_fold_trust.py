@@ -20,7 +20,7 @@ from bngraph.cli import main
 from bngraph.errors import CheckFailed, ModelNotAFunction, UserError
 from bngraph.fold import fold
 from bngraph.passes.remove_dead_code import remove_dead_code
-from bngraph.trace import check_faithful_trace, copy_module, trace
+from bngraph.trace import TraceFailed, copy_module, trace
 from tests.passes.fold_util import assert_matches, batch_norms_left
 from tests.util import randomize_bn
 
@@ -441,12 +441,13 @@ class CountsItsCalls(nn.Module):
 
 def test_a_trace_that_froze_python_state_is_refused():
     model, x = randomize_bn(CountsItsCalls()), torch.randn(3, 4)
-    gm = trace(model, [x], training=False)
-    # The model itself is not a function of its input: that is said before any trace is blamed.
-    with pytest.raises(ModelNotAFunction, match="the model computes something else each time it runs on the same input"):
-        check_faithful_trace(model, gm, [x])
+    # Tracing sees the forward set an attribute (the graph would keep the count of that one
+    # trace), refuses, and puts the attribute back as it was.
+    with pytest.raises(TraceFailed, match="sets self.calls in its forward"):
+        trace(model, [x], training=False)
+    assert model.calls == 0
     assert issubclass(ModelNotAFunction, UserError)
-    with pytest.raises(ModelNotAFunction):
+    with pytest.raises(ModelNotAFunction, match="the model computes something else each time it runs on the same input"):
         fold(model, [x])  # no way computes what a model that counts its calls computes
 
 

@@ -233,3 +233,40 @@ def test_the_guarded_graph_goes_through_the_whole_chain(tmp_path, capsys):
     loaded = bngraph.load(folded)
     with pytest.raises(ValueError, match="branches on shapes"):
         loaded(_x(2, 8, 40))
+
+
+class WindowedBlock(nn.Module):
+    """Swin's layer: it shrinks its window to the input when the input is smaller, setting the
+    attribute in its forward (HF's `set_shift_and_window_size`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.window_size, self.fc = 4, nn.Linear(6, 6)
+
+    def forward(self, x):  # (N, T, 6)
+        if x.shape[1] <= self.window_size:
+            self.window_size = x.shape[1]
+        windows = x.unflatten(1, (-1, self.window_size))
+        return F.gelu(self.fc(windows)).flatten(1, 2)
+
+
+def test_a_forward_that_sets_an_attribute_stays_whole_and_the_model_is_left_as_it_was():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.block = nn.Linear(6, 6), WindowedBlock()
+
+        def forward(self, x):
+            return self.block(F.relu(self.proj(x)))
+
+    model = Net()
+    bn_model, report = bngraph.insert(model, [_x(2, 3, 6)], preserve=True)
+    assert report.facts["tracing"] == "torch.fx"
+    (opaque,) = report.sections["opaque"]
+    assert opaque["module"] == "block" and "sets self.window_size in its forward" in opaque["reason"]
+    # The block runs its own code on every call: its window follows each input, as the model's does.
+    for length in (3, 6):
+        probe = _x(2, length, 6)
+        with torch.no_grad():
+            torch.testing.assert_close(bn_model.eval()(probe), model.eval()(probe), rtol=1e-5, atol=1e-5)
+        assert bn_model.block.window_size == model.block.window_size
