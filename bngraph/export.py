@@ -123,7 +123,25 @@ def to_onnx(
                 f"torch.onnx.export could not export {type(module).__name__}: {_root_cause(err)} "
                 f"(the exporter's full log: {saved})"
             ) from err
+    _raise_if_exported_batch_fixed(program.model, axes)
     return program.model
+
+
+def _raise_if_exported_batch_fixed(model, axes: Sequence[int | None]) -> None:
+    """Where the exporter wrote a number for a batch axis it was told is dynamic: the forward
+    turned the batch size into a Python int (`len(x)`, `int(x.shape[0])`, a loop over it), and
+    the file would take that one batch size only. Said here, not as onnxruntime's error on the
+    first other batch."""
+    inputs = list(model.graph.inputs)
+    if len(inputs) != len(axes):
+        return
+    for i, (value, axis) in enumerate(zip(inputs, axes)):
+        if axis == 0 and value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
+            raise UserError(
+                f"torch.onnx.export fixed the batch of input {value.name!r} at {value.shape[0]}: the forward reads the "
+                f"batch size as a Python number (len(x), int(x.shape[0]), a loop over it), which the export made a "
+                f"constant; nothing was written. To export it at its example's batch only, add --static-input {i}"
+            )
 
 
 # What torch.onnx.export raises when its decomposition of scaled_dot_product_attention gives the

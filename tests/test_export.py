@@ -233,3 +233,24 @@ def test_a_model_that_takes_one_batch_size_is_told_how_to_export_it_at_that_size
         export(model, [x], tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
     assert export(model, [x], tmp_path / "m.onnx", batch_axes=[None])  # what --static-input 0 does
+
+
+class _BatchByLen(torch.nn.Module):
+    """Runs at any batch size, but reads it with len(), which torch.export makes a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = torch.nn.Linear(6, 3), torch.nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.bn(self.fc(x)).reshape(len(x), -1)
+
+
+def test_an_export_that_fixed_the_batch_is_refused_saying_why(tmp_path):
+    # The file took batch 4 only; verify's first other batch ended in onnxruntime's
+    # "Got invalid dimensions for input: x".
+    model, x = randomize_bn(_BatchByLen()), torch.randn(4, 6)
+    with pytest.raises(bngraph.UserError, match=r"fixed the batch of input 'x' at 4: .*len\(x\).*add --static-input 0$"):
+        export(model, [x], tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    assert export(model, [x], tmp_path / "m.onnx", batch_axes=[None])
