@@ -108,7 +108,9 @@ def test_hf_swinv2_gets_no_batchnorm_on_its_position_bias_table():
     assert (row.inserted, row.reported) == (2, 2) and row.fold == "ok" and (row.export, row.verify) == ("ok", "PASSED")
     model, inputs = MODELS["hf-swinv2"].build()
     _, report = bngraph.insert(model.eval(), inputs)
-    table = [r for r in report.sections["not_handled"] if r["module"].endswith("continuous_position_bias_mlp.1")]
+    # Traced through (their window checks are guards now): the table's ReLUs are skipped in the graph.
+    assert report.facts["tracing"] == "torch.fx"
+    table = [r for r in report.sections["skipped"] if r["node"].endswith("continuous_position_bias_mlp_1")]
     assert len(table) == 2 and all(r["reason"].startswith(NOT_FROM_THE_INPUT) for r in table)
 
 
