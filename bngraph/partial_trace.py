@@ -41,9 +41,7 @@ from bngraph.passes._dataflow import NONLINEARITIES, normalizer_of, record_run
 from bngraph.errors import UserError, model_raised, one_line, user_frame, users_file
 from bngraph.passes._op_kinds import ACTIVATION_MODULES
 from bngraph.passes._fx_effects import hooks_of
-from bngraph.trace import (
-    TraceFailed, _RecordShapes, _Tracer, assert_argument_is_none, check_no_random_draws, copy_module, input_examples,
-)
+from bngraph.trace import TraceFailed, _RecordShapes, _Tracer, assert_argument_is_none, copy_module, input_examples
 
 MAX_LEAVES = 48
 _SEED = 20150211  # the paper's arXiv date: any fixed seed makes two train-mode runs comparable
@@ -153,11 +151,8 @@ class InsertTracer(_Tracer):
         return graph
 
     def call_module(self, m, forward, args, kwargs):
-        rng = torch.random.get_rng_state()
         try:
-            out = super().call_module(m, forward, args, kwargs)
-            check_no_random_draws(rng)  # in this module's forward, which then stays whole
-            return out
+            return super().call_module(m, forward, args, kwargs)
         except Exception as err:
             # The innermost module whose forward was being traced when it failed (set once, on
             # the way out of the innermost call).

@@ -464,9 +464,12 @@ class _Tracer(fx.Tracer):
         return must_stay_whole(m) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
-        state = _module_state(m)
+        # What a module's own forward did while traced that no graph can hold: the innermost
+        # module that did it is named (insert's tracer then keeps it whole).
+        state, rng = _module_state(m), torch.random.get_rng_state()
         out = super().call_module(m, forward, args, kwargs)
         try:
+            check_no_random_draws(rng)
             check_state_kept(m, state, "it")  # Swin's layers set their window size in forward
         finally:
             _restore_state(m, state)
