@@ -315,7 +315,12 @@ class _Tracer(fx.Tracer):
     `q_length > 1`) or loops over them, the value is taken from the example when it is the same
     at other batch sizes too (`input_examples`' variants): a fact of the example's other axes,
     which the graph then checks each time it runs (`check_traced_shapes`), raising where it
-    differs. A condition on the batch size or on data stays fx's TraceError."""
+    differs. A condition on the batch size or on data stays fx's TraceError.
+
+    What a forward does while traced that no graph can hold is a TraceError naming the module
+    that did it (insert's tracer then keeps that module whole), and is undone: drawing a random
+    number no input feeds (the graph would keep the one drawn), or setting an attribute (Swin's
+    layers set their window size: the graph would keep this trace's value)."""
 
     def __init__(self, autowrap_functions=(), input_examples: Sequence[dict[str, torch.Tensor]] = ()):
         super().__init__(autowrap_functions=(assert_argument_is_none, check_input_dtype, check_traced_dtype,
