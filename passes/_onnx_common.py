@@ -165,6 +165,28 @@ def bn_scale_shift(bn: ir.Node) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.detach().reshape(shape), shift.detach().reshape(shape)
 
 
+def overflow_reason(bn: ir.Node, layer: ir.Node) -> str | None:
+    """Why folding `bn` into `layer` (before or after it) could overflow the layer's float type, or
+    None. A float16 layer and a BN of tiny variance make weights beyond 65504, which round to inf:
+    the fold is then left to the BN. The bounds are the largest the fold's products can reach
+    either way (each weight times the largest scale; the bias by every weight times the largest
+    shift), so a fold they allow cannot overflow."""
+    weight, dtype = constant(layer.inputs[1]), layer.inputs[1].dtype
+    if weight is None or dtype is None or not np.issubdtype(dtype.numpy(), np.floating):
+        return None
+    largest = float(np.finfo(dtype.numpy()).max)
+    scale, shift = (t.double().abs().max().item() for t in bn_scale_shift(bn))
+    bias = constant(layer.inputs[2]) if len(layer.inputs) > 2 and layer.inputs[2] is not None else None
+    bias_max = bias.double().abs().max().item() if bias is not None else 0.0
+    weights = weight.double().abs().max().item() * max(scale, 1.0)
+    biases = bias_max * max(scale, 1.0) + weight.double().abs().sum().item() * shift + shift
+    reach = max(weights, biases)
+    if reach <= largest:
+        return None
+    return (f"folded into {layer.op_type} {site(layer)!r}, its weights could reach {reach:.3g}, beyond {dtype.name.lower()}'s "
+            f"largest {largest:.3g}")
+
+
 def fresh_name(graph: ir.Graph, base: str) -> str:
     """A name no initializer has: reusing one would overwrite a weight that another node still
     reads (the trap onnxscript's BN rules avoid by refusing shared weights)."""

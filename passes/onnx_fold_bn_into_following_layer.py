@@ -19,7 +19,9 @@ import onnx_ir as ir
 import torch
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from bngraph.passes._onnx_common import bn_scale_shift, constant, fold_by_rules, layer_fold_reason, new_initializer, site
+from bngraph.passes._onnx_common import (
+    bn_scale_shift, constant, fold_by_rules, layer_fold_reason, new_initializer, overflow_reason, site,
+)
 from bngraph.passes.base import PassResult, graph_pass
 
 
@@ -177,6 +179,8 @@ def _refusal(bn: ir.Node, layer: ir.Node) -> str | None:
         return f"the weight of {where} is not a constant"
     if len(layer.inputs) > 2 and layer.inputs[2] is not None and constant(layer.inputs[2]) is None:
         return f"the bias of {where} is not a constant"
+    if reason := overflow_reason(bn, layer):
+        return reason
     if layer.op_type == "Conv":
         pads = _attr(layer, "pads", [0])
         if _attr(layer, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or any(pads):

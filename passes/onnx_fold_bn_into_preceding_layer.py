@@ -36,6 +36,7 @@ from bngraph.passes._onnx_common import (
     fold_by_rules,
     layer_fold_reason,
     new_initializer,
+    overflow_reason,
     rank,
     site,
 )
@@ -47,7 +48,8 @@ class _EvalModeOnly:
     a spatial=0 BN has statistics per position, which no per-channel weight can take."""
 
     def check(self, context, x, inbound_out, batchnorm_out) -> MatchResult:
-        reason = layer_fold_reason(batchnorm_out.producer())
+        bn, layer = batchnorm_out.producer(), inbound_out.producer()
+        reason = layer_fold_reason(bn) or (constant(layer.inputs[1]) is not None and overflow_reason(bn, layer))
         return MatchResult().fail(reason) if reason else super().check(context, x, inbound_out, batchnorm_out)
 
     def rewrite(self, op, x, inbound_out, batchnorm_out):
@@ -109,6 +111,8 @@ class FoldBnIntoMatMul(RewriteRuleClassBase):
         channels = constant(bn.inputs[3]).numel()
         if weight.shape[1] != channels:
             return result.fail(f"it normalizes {channels} channels, but the MatMul has {weight.shape[1]} features")
+        if reason := overflow_reason(bn, layer_out.producer()):
+            return result.fail(reason)
         if b is not None:
             bias = constant(b)
             if bias is None or bias.numel() != channels or any(d != 1 for d in bias.shape[:-1]):

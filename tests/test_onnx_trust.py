@@ -257,3 +257,21 @@ def test_a_bn_inside_an_if_branch_is_left_as_it_is_and_listed(tmp_path):
     np.testing.assert_array_equal(run_in_ort(onnx.load(tmp_path / "out.onnx"), {"x": x})[0], want)
     code, _ = fold_file(tmp_path / "in.onnx", None, "--strict")
     assert code == 1  # a BN left is what --strict fails on
+
+
+def test_a_float16_fold_that_would_overflow_keeps_the_bn_with_the_reason():
+    # A float16 Conv of large weights before a BN that scales by 100: the fold's weights would be
+    # 1e5, beyond float16's 65504 (inf), while the model itself, fed inputs scaled down first,
+    # stays finite. Folded, every output was inf and the check refused the whole file.
+    half = np.float16
+    arrays = {"gain": np.array(0.01, half), "W": np.full((4, 3, 1, 1), 1000.0, half),
+              "s": np.full(4, 100.0 * np.sqrt(1.0 + 1e-5), half), "b": np.zeros(4, half),
+              "m": np.zeros(4, half), "v": np.ones(4, half)}
+    nodes = [helper.make_node("Mul", ["x", "gain"], ["small"]), helper.make_node("Conv", ["small", "W"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn")]
+    model = onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 3, 4, 4])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 4, 4, 4])], arrays, opset=15, ir_version=8)
+    folded, report, verification = fold_and_check(model)
+    assert verification, verification.lines()
+    (kept,) = report.sections["kept"]
+    assert kept["node"] == "bn" and "beyond float16's largest 6.55e+04" in kept["note"]
