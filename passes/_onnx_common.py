@@ -165,18 +165,20 @@ def bn_scale_shift(bn: ir.Node) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.detach().reshape(shape), shift.detach().reshape(shape)
 
 
-def overflow_reason(bn: ir.Node, layer: ir.Node) -> str | None:
+def overflow_reason(bn: ir.Node, layer: ir.Node, bias: torch.Tensor | None = None) -> str | None:
     """Why folding `bn` into `layer` (before or after it) could overflow the layer's float type, or
     None. A float16 layer and a BN of tiny variance make weights beyond 65504, which round to inf:
     the fold is then left to the BN. The bounds are the largest the fold's products can reach
     either way (each weight times the largest scale; the bias by every weight times the largest
-    shift), so a fold they allow cannot overflow."""
+    shift), so a fold they allow cannot overflow. `bias`: the layer's, where an Add after it holds
+    it (a MatMul's)."""
     weight, dtype = constant(layer.inputs[1]), layer.inputs[1].dtype
     if weight is None or dtype is None or not np.issubdtype(dtype.numpy(), np.floating):
         return None
     largest = float(np.finfo(dtype.numpy()).max)
     scale, shift = (t.double().abs().max().item() for t in bn_scale_shift(bn))
-    bias = constant(layer.inputs[2]) if len(layer.inputs) > 2 and layer.inputs[2] is not None else None
+    if bias is None and len(layer.inputs) > 2 and layer.inputs[2] is not None:
+        bias = constant(layer.inputs[2])
     bias_max = bias.double().abs().max().item() if bias is not None else 0.0
     weights = weight.double().abs().max().item() * max(scale, 1.0)
     biases = bias_max * max(scale, 1.0) + weight.double().abs().sum().item() * shift + shift

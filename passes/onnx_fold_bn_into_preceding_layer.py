@@ -111,8 +111,6 @@ class FoldBnIntoMatMul(RewriteRuleClassBase):
         channels = constant(bn.inputs[3]).numel()
         if weight.shape[1] != channels:
             return result.fail(f"it normalizes {channels} channels, but the MatMul has {weight.shape[1]} features")
-        if reason := overflow_reason(bn, layer_out.producer()):
-            return result.fail(reason)
         if b is not None:
             bias = constant(b)
             if bias is None or bias.numel() != channels or any(d != 1 for d in bias.shape[:-1]):
@@ -120,6 +118,8 @@ class FoldBnIntoMatMul(RewriteRuleClassBase):
             if (out_rank := rank(layer_out)) is None or bias.ndim > out_rank:
                 # (N, C) + (1, 1, C) is (1, N, C): the BN's axis 1 is then the MatMul's rows
                 return result.fail(f"the Add after the MatMul raises its rank with {b.name!r} {tuple(bias.shape)}")
+        if reason := overflow_reason(bn, layer_out.producer(), constant(b) if b is not None else None):
+            return result.fail(reason)
         return result
 
     def rewrite(self, op, x, w, b=None, layer_out=None, bn_out=None, moved=None, **_):
