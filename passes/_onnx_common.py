@@ -46,7 +46,11 @@ def site(node: ir.Node) -> str:
 
 
 def batchnorms(model: ir.Model) -> list[ir.Node]:
-    return [n for n in model.graph if n.op_type == BATCHNORM and n.domain in ("", "ai.onnx")]
+    return _batchnorms_in(model.graph)
+
+
+def _batchnorms_in(graph: ir.Graph) -> list[ir.Node]:
+    return [n for n in graph if n.op_type == BATCHNORM and n.domain in ("", "ai.onnx")]
 
 
 # A graph inside a node (If's branches, Loop's and Scan's bodies) or a model-local function runs
@@ -59,25 +63,14 @@ NESTED_REASON = ("inside a subgraph or function, which the check runs only where
 
 def mark_nested_graphs(model: ir.Model) -> list[ir.Node]:
     """Mark every graph but the main one (see NESTED); the BatchNormalization nodes inside them."""
-    nested = [f.graph if hasattr(f, "graph") else f for f in model.functions.values()]
-    nested += [graph for node in model.graph.all_nodes() for graph in _subgraphs(node)]
+    nested = [*model.graph.subgraphs()]
     for function in model.functions.values():
-        nested += [graph for node in function.all_nodes() for graph in _subgraphs(node)]
+        nested += [function.graph, *function.subgraphs()]
     inside = []
     for graph in nested:
         graph.meta[NESTED] = True
-        inside += [n for n in graph if n.op_type == BATCHNORM and n.domain in ("", "ai.onnx")]
+        inside += _batchnorms_in(graph)
     return inside
-
-
-def _subgraphs(node: ir.Node) -> list[ir.Graph]:
-    graphs = []
-    for attr in node.attributes.values():
-        if attr.type == ir.AttributeType.GRAPH:
-            graphs.append(attr.value)
-        elif attr.type == ir.AttributeType.GRAPHS:
-            graphs.extend(attr.value)
-    return graphs
 
 
 def op_counts(model: ir.Model) -> Counter:
