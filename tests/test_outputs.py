@@ -410,6 +410,29 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def test_a_worker_dying_while_it_fetches_the_shared_data_prints_no_traceback(tmp_path):
+    # SIGTERM while a worker unpickles its job: the worker dies in the middle of fetching the
+    # shared tensors' file descriptors, and multiprocessing's handle-sharing thread in the command
+    # printed a BrokenPipeError traceback beside the one line. Here a socket that hangs up
+    # plays the dying worker; an error of the command's own still shows.
+    script = textwrap.dedent("""
+        import os, socket, time
+        import multiprocessing.reduction, multiprocessing.resource_sharer
+        from bngraph.reproduce.workers import _quiet_handle_sharer
+        _quiet_handle_sharer()
+        multiprocessing.reduction.DupFd(os.pipe()[0])  # what sharing a tensor with a spawned worker does
+        worker = socket.socket(socket.AF_UNIX)
+        worker.connect(multiprocessing.resource_sharer._resource_sharer._address)
+        worker.close()
+        time.sleep(0.5)
+        raise ValueError("the command's own error")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert "Error" not in done.stderr.replace("ValueError: the command's own error", ""), done.stderr
+    assert done.stderr.strip().endswith("ValueError: the command's own error")
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
 @pytest.mark.parametrize("after_s", [0.0, 3.0], ids=["while-starting", "while-training"])
 def test_sigterm_ends_reproduce_and_its_workers_and_leaves_nothing(tmp_path, after_s):

@@ -15,6 +15,7 @@ import pickle
 import queue
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -115,6 +116,7 @@ class Workers:
         if len(chunks) != len(self.procs) + 1:
             raise ValueError(f"{len(chunks)} chunks of nets for {len(self.procs)} workers and this process")
         shared = TensorData(*(t.share_memory_() for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
+        _quiet_handle_sharer()
         here = len(chunks) - 1
         for rank, (models, seeds) in enumerate(chunks[:here]):
             # Pickled here, not in the queue's thread, where an error would leave the worker waiting.
@@ -151,6 +153,27 @@ class Workers:
             else:
                 self.results[rank] = rest[0]
                 return
+
+
+def _quiet_handle_sharer() -> None:
+    """Keep multiprocessing's handle-sharing thread from printing a traceback for a worker that
+    died while fetching the shared tensors' file descriptors (the command stopped by a signal
+    during the worker's start): it prints through `sys.excepthook`, never raises, and the
+    worker's death already reaches the user as one line (`_death`). Other errors pass."""
+    from multiprocessing import resource_sharer
+
+    shown = sys.excepthook
+    if getattr(shown, "quiets_handle_sharer", False):
+        return
+
+    def excepthook(kind, value, tb):
+        sharer_thread = getattr(resource_sharer._resource_sharer, "_thread", None)
+        if issubclass(kind, (OSError, EOFError)) and threading.current_thread() is sharer_thread:
+            return
+        shown(kind, value, tb)
+
+    excepthook.quiets_handle_sharer = True
+    sys.excepthook = excepthook
 
 
 def _death(exitcode: int) -> str:
