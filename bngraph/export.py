@@ -43,7 +43,7 @@ from bngraph.onnx_fold import STANDALONE_BN_FORMS, fold_onnx
 from bngraph.onnx_io import write_verified
 from bngraph.report import Report
 from bngraph.trace import raise_if_model_raises
-from bngraph.runners import BATCH_SIZES, batch_axes_of, eval_mode, example_batches, named_leaves, named_tensors
+from bngraph.runners import BATCH_SIZES, batch_axes_of, eval_mode, example_batches, fresh_inputs, named_leaves, named_tensors
 from bngraph.compare import VerifyResult
 
 # The newest opset that every onnxruntime pyproject admits (>= 1.20) runs; torch's default is 20.
@@ -160,7 +160,7 @@ def _raise_if_batch_fixed(module: nn.Module, example_inputs, axes: Sequence[int 
     doubled = [torch.cat([x, x]) if i in batched else x for i, x in enumerate(example_inputs)]
     try:
         with torch.no_grad(), eval_mode(module):
-            module(*doubled)
+            module(*fresh_inputs(doubled))
     except Exception as err:  # noqa: BLE001 (the user's model, at a size it does not take)
         static = ", ".join(f"--static-input {i}" for i in batched)
         raise UserError(
@@ -192,7 +192,7 @@ def _with_known_outputs(module: nn.Module, example_inputs) -> tuple[nn.Module, l
     would say only that its class is unknown. And the outputs' names (`named_tensors`), in the
     order the exporter writes them (which verify checks), where every tensor is found."""
     with torch.no_grad(), eval_mode(module), running_user_model():
-        output = module(*example_inputs)
+        output = module(*fresh_inputs(example_inputs))
     names = [name for name, _ in named_tensors(output)]
     leaves = torch.utils._pytree.tree_leaves(output)
     if all(isinstance(leaf, (torch.Tensor, type(None))) for leaf in leaves):

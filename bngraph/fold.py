@@ -32,7 +32,7 @@ from bngraph.errors import CheckFailed, UserError
 from bngraph.fold_reach import fold_inside_hooked_modules, fold_inside_kept_whole, opaque_batch_norms, unused_batch_norms
 from bngraph.fold_untraced import FALLBACK, fold_untraced, source_edits
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, rounding_gain
-from bngraph.runners import eval_mode
+from bngraph.runners import eval_mode, fresh_inputs
 from bngraph.passes._fx_batchnorm import is_batch_norm, read_batch_norm
 from bngraph.passes._op_kinds import op_label
 from bngraph.passes.remove_dead_code import remove_dead_code
@@ -223,10 +223,10 @@ def _measure_flagged(
         if not all(p.reference in unfolded for p in probes.values()):
             reference = trace(model, training=False)  # the same node names as the graph the passes started from
             capture = _Capture(reference, {p.reference for p in probes.values()})
-            capture.run(*example_inputs)
+            capture.run(*fresh_inputs(example_inputs))
             want = capture.values
         got = _Capture(gm, {p.folded for p in probes.values()})
-        got.run(*example_inputs)
+        got.run(*fresh_inputs(example_inputs))
     errors = {}
     for bn, probe in probes.items():
         expected, actual = want[probe.reference].double(), got.values[probe.folded].double()

@@ -41,6 +41,7 @@ from bngraph.passes._dataflow import NONLINEARITIES, normalizer_of, record_run
 from bngraph.errors import UserError, model_raised, one_line, user_frame, users_file
 from bngraph.passes._op_kinds import ACTIVATION_MODULES
 from bngraph.passes._fx_effects import hooks_of
+from bngraph.runners import fresh_inputs
 from bngraph.trace import TraceFailed, _RecordShapes, _Tracer, assert_argument_is_none, copy_module, input_examples
 
 MAX_LEAVES = 48
@@ -335,7 +336,7 @@ def _run(module: nn.Module, inputs, training: bool):
             torch.manual_seed(_SEED)
             module.train(training)
             with torch.no_grad():
-                return module(*inputs)
+                return module(*fresh_inputs(inputs))
     finally:
         for m, flag in modes.items():
             if m.training is not flag:  # nn.Module's __setattr__ is slow on 1000s of layers
@@ -482,7 +483,7 @@ def _check(reference: _Reference, model, gm, leaves, functions) -> tuple[fx.Node
         with torch.no_grad():
             recorder = _RecordShapes(gm)
             recorder.extra_traceback = False
-            got = recorder.run(*inputs)  # shapes and the eval output in one run
+            got = recorder.run(*fresh_inputs(inputs))  # shapes and the eval output in one run
     except Exception:
         return _first_divergence(reference, gm, False), "the traced graph fails on the example input"
     finally:

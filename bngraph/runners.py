@@ -47,7 +47,7 @@ class TorchRunner:
 
     def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         with torch.no_grad(), eval_mode(self.module), running_user_model():
-            out = self.module(*(torch.from_numpy(np.ascontiguousarray(x)) for x in inputs))
+            out = self.module(*(torch.from_numpy(np.array(x, order="C", copy=True)) for x in inputs))  # see fresh_inputs
         return self._arrays(out)
 
     def _arrays(self, out: Any) -> list[np.ndarray]:
@@ -82,14 +82,13 @@ class SeededRunner(TorchRunner):
                 arrays = self._arrays(self._known[id(inputs)])
             else:
                 with seeded():
-                    # Copies: a forward that writes into its input in place must not change the batch.
                     arrays = super().__call__(self._prepared(inputs))
             self._outputs[key] = (self.output_names, self.tensor_outputs, arrays)
         self.output_names, self.tensor_outputs, arrays = self._outputs[key]
         return arrays
 
     def _prepared(self, inputs) -> list[np.ndarray]:
-        return [np.array(x, copy=True) for x in inputs]
+        return inputs
 
     def know(self, inputs, outputs) -> None:
         """Take `outputs` (a forward's result, run under `seeded()` in eval mode without gradients)
@@ -107,8 +106,7 @@ class Float64Runner(SeededRunner):
         super().__init__(copy.deepcopy(module).double(), "float64")
 
     def _prepared(self, inputs) -> list[np.ndarray]:
-        return [np.asarray(x, dtype=np.float64) if np.asarray(x).dtype == np.float32 else np.array(x, copy=True)
-                for x in inputs]
+        return [np.asarray(x, dtype=np.float64) if np.asarray(x).dtype == np.float32 else x for x in inputs]
 
 
 class OrtRunner:
@@ -162,6 +160,13 @@ def runners_for(model: Any, *, evaluator: bool = False) -> list:
         model = model.SerializeToString()
     runners = [OrtRunner(model, level) for level in ORT_LEVELS]
     return runners + ([EvaluatorRunner(model)] if evaluator else [])
+
+
+def fresh_inputs(inputs: Sequence) -> list:
+    """Copies of the tensors among `inputs`, for one run: a forward that writes into its input
+    (`x.sub_(0.5)`, a user's preprocessing) must not change what the next run is given, or two
+    runs compared would see different batches."""
+    return [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
 
 
 @contextlib.contextmanager

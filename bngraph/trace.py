@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 
 from bngraph.errors import CheckFailed, UserError, model_raised, one_line, user_frame, users_file
 from bngraph.passes._fx_effects import hooks_of
-from bngraph.runners import batch_axes_of, seeded
+from bngraph.runners import batch_axes_of, fresh_inputs, seeded
 
 
 class TraceFailed(UserError):
@@ -144,7 +144,7 @@ def materialize_lazy(module: nn.Module, example_inputs: Sequence[torch.Tensor]) 
     modes = {m: m.training for m in module.modules()}
     try:
         with torch.no_grad():
-            module.eval()(*(x.clone() for x in example_inputs))
+            module.eval()(*fresh_inputs(example_inputs))
     except Exception as err:
         raise UserError(f"the model's lazy layers could not take their shapes from the example input: {one_line(err)}") from err
     finally:
@@ -295,6 +295,12 @@ class _DtypeProxy(fx.Proxy):
                 return example.dtype
         return super().__getattr__(name)
 
+    def __len__(self) -> int:
+        # HF attention's `(*input_shape, -1, self.head_dim)` asks a shape's length before it
+        # iterates it: known where the length is the same at every batch size, and checked.
+        length = self.tracer.length_of(self) if isinstance(self.tracer, _Tracer) else None
+        return super().__len__() if length is None else length
+
 
 class _Tracer(fx.Tracer):
     """fx's tracer, keeping each module that `must_stay_whole` as one call, tracing a forward
@@ -328,6 +334,7 @@ class _Tracer(fx.Tracer):
         self.input_examples = input_examples[0] if input_examples else {}
         self.other_batches = list(input_examples[1:])
         self.dtypes_read: dict[fx.Node, torch.dtype] = {}
+        self.lengths_checked: set[fx.Node] = set()
         self._is_users: Callable[[str], bool] | None = None
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -399,11 +406,19 @@ class _Tracer(fx.Tracer):
     def iter(self, obj: fx.Proxy):
         # A loop over a shape (`zip(x.shape[2:], factors)`): its elements stay graph values, so
         # that only what the loop's body branches on is fixed; the length is checked.
+        length = self.length_of(obj)
+        return super().iter(obj) if length is None else iter([obj[i] for i in range(length)])
+
+    def length_of(self, obj: fx.Proxy) -> int | None:
+        """The length of a shape (or a tuple computed from shapes) where it is the same at every
+        batch size, with the guard that checks it when the graph runs; None where unknown."""
         values = self._shape_values(obj.node)
         if values is None or not all(isinstance(v, (tuple, list)) and len(v) == len(values[0]) for v in values):
-            return super().iter(obj)
-        self.create_proxy("call_function", check_traced_length, (obj, len(values[0]), self._users_line()), {})
-        return iter([obj[i] for i in range(len(values[0]))])
+            return None
+        if obj.node not in self.lengths_checked:
+            self.lengths_checked.add(obj.node)
+            self.create_proxy("call_function", check_traced_length, (obj, len(values[0]), self._users_line()), {})
+        return len(values[0])
 
     def _shape_values(self, node: fx.Node) -> list | None:
         """`node`'s values on the example and at its other batch sizes, where they are Python
@@ -438,6 +453,7 @@ class _Tracer(fx.Tracer):
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         self.dtypes_read.clear()
+        self.lengths_checked.clear()
         rng = torch.random.get_rng_state()
         # TorchScript modules keep their state in C++ (and cache `forward` in their dict when read)
         modules = {path: m for path, m in root.named_modules() if not isinstance(m, torch.jit.ScriptModule)} \
@@ -659,7 +675,7 @@ def raise_if_model_raises(module: nn.Module, example_inputs: Sequence[torch.Tens
     modes = {m: m.training for m in module.modules()}
     try:
         with torch.no_grad():
-            module.eval()(*example_inputs)
+            module.eval()(*fresh_inputs(example_inputs))
     except Exception as err:
         if user_frame(err) is not None:
             shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
@@ -701,7 +717,7 @@ def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
     recorder = _RecordShapes(gm)
     try:
         with torch.no_grad(), seeded():
-            return recorder.run(*(x.clone() for x in example_inputs))  # a forward may write into its input
+            return recorder.run(*fresh_inputs(example_inputs))
     except Exception as err:
         shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
         where = getattr(recorder, "failed_at", "?")

@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from bngraph.passes._op_kinds import ACTIVATION_MODULES, NORM_MODULES
+from bngraph.runners import fresh_inputs
 
 # The elementwise nonlinearities as torch names them, in all three forms (F.relu, torch.relu,
 # x.relu(), x.relu_()): the same set as _op_kinds' tables, by name, since the mode sees the name.
@@ -221,7 +222,7 @@ def record_run(model: nn.Module, example_inputs: Sequence, *, training: bool = F
         model.train(training)
         stack.enter_context(_global_hooks(recorder))
         with recorder:
-            out = model(*example_inputs)
+            out = model(*fresh_inputs(example_inputs))
         recorder.record.outputs = [recorder.value_of(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
     return recorder.record
 

@@ -158,6 +158,39 @@ def test_a_loop_over_the_spatial_shape_is_traced():
     assert "tracing" not in report.facts and report.facts["batchnorms_after"] == 0
 
 
+class HeadsAttention(nn.Module):
+    """HuggingFace's attention since transformers 4.48: `(*input_shape, -1, head_dim)` asks the
+    length of a shape before it unpacks it, where torch.fx stopped (`len` on a Proxy)."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.head_dim = dim // heads
+        self.qkv = nn.ModuleList([nn.Linear(dim, dim) for _ in range(3)])
+        self.mlp = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q, k, v = (proj(hidden_states).view(hidden_shape).transpose(1, 2) for proj in self.qkv)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(*input_shape, -1)
+        return F.gelu(self.mlp(attended))
+
+
+def test_a_shape_unpacked_into_a_tuple_is_traced_and_checked():
+    model = HeadsAttention()
+    bn_model, report = bngraph.insert(model, [_x(3, 5, 8)], preserve=True)
+    assert report.facts["tracing"] == "torch.fx" and report.sections["opaque"] == []
+    assert [(r["activation"], r["features"]) for r in report.sections["inserted"]] == [("gelu", 8)]
+    # The batch and the sequence length stay free...
+    for shape in ((1, 5, 8), (4, 9, 8)):
+        probe = _x(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(bn_model.eval()(probe), model.eval()(probe), rtol=1e-5, atol=1e-5)
+    # ...and an input of another rank, whose shape unpacks to another length, is refused by the graph.
+    with pytest.raises(ValueError, match=r"branches on shapes at .*test_traced_branches\.py"):
+        bn_model(_x(2, 3, 5, 8))
+
+
 class LayerDropEncoder(nn.Module):
     """BART's encoder loop: in training, each layer is skipped with probability `layerdrop`."""
 

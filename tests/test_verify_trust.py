@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import bngraph
 from bngraph.cli import main
 from bngraph.errors import UserError
 from bngraph.export import export
@@ -505,3 +506,56 @@ def test_nan_against_a_number_fails_at_any_tolerance():
     result = verify(plain, nan_model, batches, atol=float("inf"), rtol=float("inf"))
     assert not result
     assert "NaN or inf on one side only, which no tolerance passes" in result.lines()[-1]
+
+
+# ---- a forward that writes into its input ----------------------------------------------------
+
+PREPROCESS_IN_PLACE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    example_input_shape = (4, 6)
+
+    def __init__(self, preprocess=True):
+        super().__init__()
+        self.preprocess = preprocess
+        self.fc = nn.Linear(6, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if self.preprocess:
+            x.sub_(0.5).div_(0.25)  # the user's normalization, done in place on the input
+        return self.out(torch.relu(self.bn(self.fc(x))))
+
+
+class Plain(Net):
+    def __init__(self):
+        super().__init__(preprocess=False)
+'''
+
+
+def test_a_forward_that_writes_into_its_input_is_checked_on_the_batch_it_was_given(tmp_path):
+    # Each run got the batch the run before had written into: verify passed the model against
+    # the same model without its preprocessing (the second run saw preprocessed inputs), and the
+    # commands' own checks compared runs on different batches, failing as "random numbers".
+    (tmp_path / "net.py").write_text(PREPROCESS_IN_PLACE)
+    torch.manual_seed(0)
+    net = tmp_path / "net.py"
+    weights = tmp_path / "w.pt"
+    model = bngraph.load(f"{net}:Net")
+    randomize_bn(model)
+    torch.save(model.state_dict(), weights)
+    code, out, _ = run_cli("verify", f"{net}:Net", f"{net}:Plain", "--weights", weights, "--candidate-weights", weights)
+    assert code == 1 and "FAILED" in out
+    code, out, err = run_cli("verify", f"{net}:Net", f"{net}:Net", "--weights", weights, "--candidate-weights", weights)
+    assert code == 0, out + err
+    for verb, target in (("fold", "folded"), ("insert", "inserted"), ("export", "net.onnx")):
+        code, out, err = run_cli(verb, f"{net}:Net", "--weights", weights, "-o", tmp_path / target)
+        assert code == 0 and (tmp_path / target).exists(), out + err
+    code, out, err = run_cli("verify", f"{net}:Net", tmp_path / "folded", "--weights", weights)
+    assert code == 0, out + err
+    code, out, err = run_cli("verify", f"{net}:Net", tmp_path / "net.onnx", "--weights", weights)
+    assert code == 0, out + err

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from bngraph.errors import UserError
 from bngraph.passes._dataflow import NONLINEARITIES, op_name
 from bngraph.passes._op_kinds import ACTIVATION_MODULES
+from bngraph.runners import fresh_inputs
 
 QUANTILES = (0.15, 0.50, 0.85)  # Figure 1(b, c)
 _MAX_VALUES_PER_BATCH = 65536  # per module and evaluation batch; a conv map is subsampled
@@ -85,7 +86,7 @@ def functional_nonlinearity_names(model: nn.Module, example_inputs: Sequence[tor
     was_training = model.training
     try:
         with torch.no_grad(), calls.active():
-            model.eval()(*example_inputs)
+            model.eval()(*fresh_inputs(example_inputs))
     finally:
         model.train(was_training)
     return calls.seen
