@@ -13,7 +13,7 @@ from collections.abc import Collection
 import torch
 from torch import fx, nn
 
-from bngraph.passes._fx_effects import value_readers
+from bngraph.passes._fx_effects import hook_refusal, value_readers
 from bngraph.passes._fx_meta import tensor_shape
 from bngraph.passes._op_kinds import CONV_LINEAR_MODULES
 from bngraph.passes.base import PassResult, Skip, graph_pass
@@ -89,6 +89,11 @@ def drop_bias_before_bn(gm: fx.GraphModule, only: Collection[str] | None = None)
             result.skipped.append(
                 Skip(site, f"the model also reads {layer_node.target}.bias ({read_again}), so it must stay")
             )
+            continue
+        refusal = hook_refusal(layer_node.target, layer, "dropping its bias") or hook_refusal(
+            site, bn, f"dropping {layer_node.target}'s bias")
+        if refusal:  # a hook after the bias (`output * 2`) would no longer see it cancel
+            result.skipped.append(Skip(site, refusal))
             continue
         if calls[layer_node.target] > 1:
             result.skipped.append(

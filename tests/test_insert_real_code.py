@@ -10,6 +10,7 @@ deterministic.
 
 import copy
 import functools
+import inspect
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bngraph
+from bngraph.cli import main
 from bngraph.trace import TraceFailed
 
 GEN = torch.Generator().manual_seed(0)
@@ -485,6 +487,32 @@ def test_bias_read_elsewhere_is_kept():
     assert out.fc.bias is not None
     assert report.sections["inserted"][0]["bias_removed"] is False
     assert any("fc.bias" in r["reason"] for r in report.sections["skipped"])
+
+
+class ScaledOutputConv(nn.Module):
+    """A forward hook registered in __init__ that scales a conv's output, after its bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv.register_forward_hook(lambda module, args, output: output * 2)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.conv(x))).mean((2, 3))
+
+
+def test_the_bias_of_a_layer_with_a_hook_is_kept(tmp_path):
+    # The BN's running mean takes the bias it cancels, but the hook doubles the output after
+    # the bias: dropped, the model was 10% off in eval mode, and its artifact failed to load.
+    model = ScaledOutputConv()
+    out, report = _assert_preserved(model, [_x(4, 3, 8, 8)])
+    assert out.conv.bias is not None and report.sections["inserted"][0]["bias_removed"] is False
+    assert "conv has a forward hook" in _skips(report)["relu_bn"]
+    source = "import torch.nn.functional as F\nfrom torch import nn\n\n\n" + inspect.getsource(ScaledOutputConv)
+    (tmp_path / "model.py").write_text(source + "\n\nScaledOutputConv.example_input_shape = (4, 3, 8, 8)\n")
+    assert main(["insert", f"{tmp_path / 'model.py'}:ScaledOutputConv", "-o", str(tmp_path / "inserted")]) == 0
+    assert bngraph.load(tmp_path / "inserted").conv.bias is not None
 
 
 # 5. Integer inputs: token ids into an Embedding.
