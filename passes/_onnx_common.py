@@ -92,10 +92,22 @@ def training_reason(bn: ir.Node) -> str | None:
     mode = bn.attributes.get("training_mode")
     if mode is not None and (mode.is_ref() or mode.as_int() != 0):
         return "runs in training mode (batch statistics): export the model in eval mode"
-    # Before opset 14 the number of outputs chose the mode; used extra outputs mean training.
     if any(out.uses() or out.is_graph_output() for out in bn.outputs[1:]):
         return "its running-statistics outputs are used, so it runs in training mode"
+    # Opsets 7-13 have no attribute: a node that declares the statistics outputs is in training
+    # mode, used or not (torch.onnx.export(training=TRAINING) at those opsets writes five unused
+    # ones), and onnxruntime normalizes it with each batch's statistics.
+    if _opset(bn) < 14 and any(out is not None and out.name for out in bn.outputs[1:]):
+        return "it declares the running-statistics outputs, which at opsets below 14 means training mode"
     return None
+
+
+def _opset(node: ir.Node) -> int:
+    """The default-domain opset `node` runs at (the newest where the file does not say)."""
+    if node.version is not None:
+        return node.version
+    imports = node.graph.opset_imports if node.graph is not None else {}
+    return imports.get("", imports.get("ai.onnx", 10**6))
 
 
 def skip_reason(bn: ir.Node) -> str | None:
