@@ -7,6 +7,8 @@ write one only once it verifies against its reference (`bngraph export` and `bng
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from bngraph import __version__
-from bngraph.atomic import ONNX, ONNX_PRODUCER, write_atomically
+from bngraph.atomic import ONNX, ONNX_PRODUCER, output_kind, write_atomically
 from bngraph.errors import UserError, one_line
 from bngraph.compare import VerifyResult
 from bngraph.verify import verify
@@ -29,15 +31,37 @@ def initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save_onnx(model: ir.Model, path: Path, final: Path) -> None:
-    """One self-contained file unless the weights pass protobuf's 2 GiB limit; then the weights go
-    to `<final name>.data` beside it (written whole by onnx-ir before the model file appears).
-    Its producer is bngraph: the mark by which a later `-o ... --force` knows it may replace it."""
+def save_onnx(model: ir.Model, path: Path, external_data: str | None = None) -> None:
+    """Save `model`, its weights in the file `external_data` beside it where given. Its producer
+    is bngraph: the mark by which a later `-o ... --force` knows it may replace it."""
     model.producer_name, model.producer_version = ONNX_PRODUCER, __version__
-    if initializer_bytes(model) > SINGLE_FILE_LIMIT_BYTES:
-        ir.save(model, path, external_data=f"{final.name}.data")
+    if external_data:
+        ir.save(model, path, external_data=external_data)
     else:
         ir.save(model, path)
+
+
+def weights_file(model: ir.Model, path: Path) -> Path | None:
+    """Where `model`'s weights go when saved at `path`: None (inside it) unless they pass
+    protobuf's 2 GiB limit, then `<name>.data` beside it."""
+    return path.with_name(f"{path.name}.data") if initializer_bytes(model) > SINGLE_FILE_LIMIT_BYTES else None
+
+
+def _check_weights_file(data: Path, path: Path, force: bool) -> None:
+    """Refuse to write over a `<name>.data` that bngraph did not write: one is replaced only with
+    --force, and only as the weights of the bngraph ONNX file at `path` that names it."""
+    if not data.exists() and not data.is_symlink():
+        return
+    ours = force and output_kind(path) == ONNX and data.name in _external_locations(path)
+    if not ours:
+        raise UserError(f"{data} exists, and the weights of {path.name} (over 2 GiB) would be written there: "
+                        "bngraph did not write it, so it is left as it is; choose another -o")
+
+
+def _external_locations(path: Path) -> set[str]:
+    proto = onnx.load(str(path), load_external_data=False)
+    return {entry.value for tensor in proto.graph.initializer for entry in tensor.external_data
+            if entry.key == "location"}
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
@@ -74,15 +98,37 @@ def write_verified(
     An existing `path` is replaced only as `bngraph.atomic.write_atomically` allows (`force`)."""
     path = Path(path)
     outcome: dict[str, VerifyResult] = {}
+    moved: list[Path] = []
+    data = weights_file(model, path)
+    if data is not None:
+        _check_weights_file(data, path, force)
 
-    def write(tmp: Path) -> None:
-        save_onnx(model, tmp, path)
-        outcome["result"] = result = verify(reference, tmp, batches, atol, rtol, batch_sizes=batch_sizes)
+    def check(saved: Path) -> None:
+        outcome["result"] = result = verify(reference, saved, batches, atol, rtol, batch_sizes=batch_sizes)
         if not result:
             raise Rejected
+
+    def write(tmp: Path) -> None:
+        if data is None:
+            save_onnx(model, tmp)
+            check(tmp)
+            return
+        # The model names its weights file, which must sit beside it under its final name: the
+        # two are written and verified in a folder of their own, the weights moved out first.
+        with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{path.name}.") as folder:
+            staged = Path(folder) / path.name
+            save_onnx(model, staged, external_data=data.name)
+            check(staged)
+            os.replace(staged.with_name(data.name), data)
+            moved.append(data)
+            os.replace(staged, tmp)
 
     try:
         write_atomically(path, write, kind=ONNX, force=force)
     except Rejected:
         return outcome["result"], False
+    except BaseException:
+        for written in moved:  # the weights moved out, then the model's rename failed
+            written.unlink(missing_ok=True)
+        raise
     return outcome["result"], True

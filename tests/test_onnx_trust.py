@@ -275,3 +275,38 @@ def test_a_float16_fold_that_would_overflow_keeps_the_bn_with_the_reason():
     assert verification, verification.lines()
     (kept,) = report.sections["kept"]
     assert kept["node"] == "bn" and "beyond float16's largest 6.55e+04" in kept["note"]
+
+
+# ---- weights past protobuf's 2 GiB limit go to <out>.data ------------------------------------
+
+
+@pytest.fixture
+def external_weights(monkeypatch):
+    """Every model takes the path of one over 2 GiB: its weights in `<out>.onnx.data`."""
+    import bngraph.onnx_io
+
+    monkeypatch.setattr(bngraph.onnx_io, "SINGLE_FILE_LIMIT_BYTES", 0)
+
+
+def test_weights_written_beside_the_model_never_replace_a_users_file(tmp_path, external_weights):
+    from bngraph.errors import UserError
+    from bngraph.onnx_fold import fold_onnx_verified
+
+    source = tmp_path / "in.onnx"
+    onnx.save(conv_bn_file(), source)
+    users = tmp_path / "out.onnx.data"
+    users.write_text("the user's own file")
+    with pytest.raises(UserError, match="out.onnx.data exists"):
+        fold_onnx_verified(source, tmp_path / "out.onnx")
+    assert users.read_text() == "the user's own file" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.onnx", "out.onnx.data"]
+    users.unlink()
+    # Written: the pair, and they compute what the input did.
+    result, _ = fold_onnx_verified(source, tmp_path / "out.onnx")
+    assert result and sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx", "out.onnx.data"]
+    assert relative_error(onnx.load(str(source)), onnx.load(str(tmp_path / "out.onnx")), feeds()) < FLOAT32_REL
+    # Replaced with --force, as bngraph's own pair; and a failed check leaves no weights behind.
+    result, _ = fold_onnx_verified(source, tmp_path / "out.onnx", force=True)
+    assert result
+    result, _ = fold_onnx_verified(source, tmp_path / "again.onnx", atol=0.0, rtol=0.0)
+    assert not result and sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx", "out.onnx.data"]
