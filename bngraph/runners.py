@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ class TorchRunner:
 
     def __init__(self, module: nn.Module, label: str = "torch"):
         self.module, self.label = module, label
+        self.input_names = forward_parameter_names(module)
         self.output_names: list[str] | None = None  # known after the first call
         self.tensor_outputs = 0  # how many of them are tensors
         self.every_leaf = False
@@ -125,11 +128,12 @@ class OrtRunner:
             raise UserError(f"onnxruntime cannot load {_describe(model)}: {one_line(err)}") from err
         self.label = "ort-" + level.removeprefix("ORT_").lower().replace("_", "-")  # ort-disable-all
         self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         # onnxruntime lists neither initializers nor IR-3 initializers-as-inputs here: the same
         # inputs as `onnx_inputs` and the ReferenceEvaluator feed, in graph order.
-        feeds = {i.name: np.asarray(x) for i, x in zip(self.session.get_inputs(), inputs)}
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        feeds = {name: np.asarray(x) for name, x in zip(self.input_names, inputs)}
         return self.session.run(None, feeds)
 
 
@@ -160,6 +164,25 @@ def runners_for(model: Any, *, evaluator: bool = False) -> list:
         model = model.SerializeToString()
     runners = [OrtRunner(model, level) for level in ORT_LEVELS]
     return runners + ([EvaluatorRunner(model)] if evaluator else [])
+
+
+def forward_parameter_names(module: nn.Module) -> list[str]:
+    """The names of the parameters `module`'s forward takes by position (none after a `*args`)."""
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin or TorchScript forward
+        return []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return list(itertools.takewhile(lambda name: name is not None,
+                                    (p.name if p.kind in positional else None for p in parameters)))
+
+
+def input_order(names: Sequence[str], given: Sequence[str]) -> list[int] | None:
+    """Where each of a model's inputs `names` is among the inputs `given`, when both name the same
+    inputs in another order (an ONNX file whose graph lists y before x); None: by position."""
+    if not names or not given or list(names) == list(given) or sorted(names) != sorted(given):
+        return None
+    return [list(given).index(name) for name in names]
 
 
 def fresh_inputs(inputs: Sequence) -> list:
@@ -321,6 +344,7 @@ class OnnxInputs:
     dtypes: list[np.dtype]
     fixed_batch: int | None  # the batch size the file allows, when it fixes one
     batch_axes: list[int | None] = dataclasses.field(default_factory=list)  # 0, or None: no batch axis
+    names: list[str] = dataclasses.field(default_factory=list)
 
 
 def onnx_inputs(
@@ -394,7 +418,7 @@ def onnx_inputs(
         batch_axes = [
             0 if axis == 0 and dims and dims[0] == fixed_batch else None for axis, dims in zip(batch_axes, declared)
         ]
-    return OnnxInputs(shapes, dtypes, fixed_batch, batch_axes)
+    return OnnxInputs(shapes, dtypes, fixed_batch, batch_axes, [value.name for value in inputs])
 
 
 def _dims_text(dims: Sequence[int | None]) -> str:

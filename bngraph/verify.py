@@ -28,7 +28,9 @@ from bngraph.data import model_images
 from bngraph.errors import ModelRaised, UserError, one_line
 from bngraph.load import load_model
 from bngraph.report import Report
-from bngraph.runners import BATCH_SIZES, Float64Runner, onnx_inputs, random_batches, runners_for
+from bngraph.runners import (
+    BATCH_SIZES, Float64Runner, forward_parameter_names, input_order, onnx_inputs, random_batches, runners_for,
+)
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
 
 DATA_EXAMPLES = 97  # an odd batch of real images, besides the random ones
@@ -44,6 +46,7 @@ def verify(
     evaluator: bool = False,
     batch_sizes: Sequence[int] | None = None,
     explain_failures: bool = True,
+    input_names: Sequence[str] | None = None,
 ) -> VerifyResult:
     """Run both on each batch of `inputs` and compare every output (see the module docstring).
 
@@ -54,6 +57,8 @@ def verify(
     (default: the first dimension of each batch's first input that has one). On a failure
     against a float32 PyTorch reference, each failed output gets `from_exact` unless
     `explain_failures` is false (`bngraph.equivalence` measures that itself, with its own runs).
+    `input_names` names the inputs of each batch (default: the reference's): a model that names
+    the same inputs in another order is fed them by name, as its users call it.
     """
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if tol is not None and not tol >= 0:
@@ -65,6 +70,8 @@ def verify(
         # Two PyTorch models: what is not a tensor counts too ((logits, 0.43) vs (logits, -123.0)).
         for runner in (*refs, *cands):
             runner.every_leaf = True
+    names_given = list(input_names or refs[0].input_names)
+    orders = {id(r): input_order(r.input_names, names_given) for r in (*refs, *cands)}
     if len(refs) > 1 and len(cands) > 1:
         pairs = list(zip(refs, cands))  # same level against same level
     else:
@@ -80,7 +87,8 @@ def verify(
     def run(runner) -> list[list[np.ndarray]]:
         if id(runner) not in outputs:
             try:
-                outputs[id(runner)] = [runner(batch) for batch in inputs]
+                order = orders[id(runner)]
+                outputs[id(runner)] = [runner(batch if order is None else [batch[i] for i in order]) for batch in inputs]
             except ModelRaised as err:
                 raise ModelRaised(f"{err}; on batches {result.batch_sizes}{hint}") from err
             except UserError:
@@ -236,9 +244,9 @@ def verify_models(
     # The PyTorch side's declared shapes first, else the ONNX graph's (batch axis symbolic); the
     # dtypes the user gave, else the ONNX graph's, else the PyTorch side's.
     if loaded:
-        shapes = loaded[0].input_shapes
+        shapes, names = loaded[0].input_shapes, forward_parameter_names(loaded[0].module)
     elif onnx_specs:
-        shapes = onnx_specs[0].shapes
+        shapes, names = onnx_specs[0].shapes, onnx_specs[0].names
     else:
         raise UserError(f"neither {reference} nor {candidate} declares an input shape: give --input-shape")
     if input_dtype:
@@ -266,7 +274,8 @@ def verify_models(
     if data:
         batches.append(data_batch(data, shapes, dtypes[0] if dtypes else None))
         batch_sizes.append(len(batches[-1][0]))
-    result = verify(models[0], models[1], batches, atol, rtol, evaluator=evaluator, batch_sizes=batch_sizes)
+    result = verify(models[0], models[1], batches, atol, rtol, evaluator=evaluator, batch_sizes=batch_sizes,
+                    input_names=names)
     report = Report(
         "bngraph verify",
         facts={"reference": reference, "candidate": candidate, **result.facts()},

@@ -559,3 +559,35 @@ def test_a_forward_that_writes_into_its_input_is_checked_on_the_batch_it_was_giv
     assert code == 0, out + err
     code, out, err = run_cli("verify", f"{net}:Net", tmp_path / "net.onnx", "--weights", weights)
     assert code == 0, out + err
+
+
+# ---- inputs paired by name -------------------------------------------------------------------
+
+
+def _difference_file(path, listed, first, second):
+    """An ONNX graph computing first - second, its inputs listed in the order `listed`."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Sub", [first, second], ["z"])], "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 3]) for name in listed],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+class Difference(nn.Module):
+    def forward(self, x, y):
+        return x - y
+
+
+def test_inputs_are_paired_by_name_not_by_the_order_a_graph_lists_them(tmp_path):
+    # Fed by position, x - y (listing x, y) against y - x (listing y, x) passed, and the same
+    # function listed the other way failed. onnxruntime's users feed inputs by name.
+    a = _difference_file(tmp_path / "a.onnx", ["x", "y"], "x", "y")
+    other = _difference_file(tmp_path / "other.onnx", ["y", "x"], "y", "x")
+    same = _difference_file(tmp_path / "same.onnx", ["y", "x"], "x", "y")
+    assert run_cli("verify", a, other)[0] == 1
+    assert run_cli("verify", a, same)[0] == 0
+    batches = random_batches([(1, 3), (1, 3)], (1, 7))
+    assert verify(Difference(), same, batches) and not verify(Difference(), other, batches)
