@@ -141,6 +141,13 @@ def layer_fold_reason(bn: ir.Node) -> str | None:
     return skip_reason(bn) or per_position_reason(bn)
 
 
+def exposed_reason(*values: ir.Value | None) -> str | None:
+    """Why a layer whose weights are `values` may not take a BN: one is also a graph output,
+    which must keep its value while the layer's changes."""
+    exposed = [v.name for v in values if v is not None and v.is_graph_output()]
+    return f"its {exposed[0]!r} is also a graph output, which must keep its value" if exposed else None
+
+
 def bn_parameters(bn: ir.Node) -> dict[str, torch.Tensor | float]:
     """The keyword arguments of torch.nn.utils.fusion's fuse_*_bn_weights for this node."""
     scale, bias, mean, var = (constant(v) for v in bn.inputs[1:5])

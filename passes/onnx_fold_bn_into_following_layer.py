@@ -20,7 +20,7 @@ import torch
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
 from bngraph.passes._onnx_common import (
-    bn_scale_shift, constant, fold_by_rules, layer_fold_reason, new_initializer, overflow_reason, site,
+    bn_scale_shift, constant, exposed_reason, fold_by_rules, layer_fold_reason, new_initializer, overflow_reason, site,
 )
 from bngraph.passes.base import PassResult, graph_pass
 
@@ -171,7 +171,7 @@ def _bias_name(layer: ir.Node) -> str:
 
 def _refusal(bn: ir.Node, layer: ir.Node) -> str | None:
     """Why `bn` may not fold into `layer`, the only user of its output; None when it may."""
-    reason = layer_fold_reason(bn)
+    reason = layer_fold_reason(bn) or exposed_reason(*layer.inputs[1:])
     if reason:
         return reason
     where = f"{layer.op_type} {site(layer)!r}"

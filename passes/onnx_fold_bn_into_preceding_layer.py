@@ -33,6 +33,7 @@ from bngraph.passes._onnx_common import (
     LAYER_OPS,
     bn_parameters,
     constant,
+    exposed_reason,
     fold_by_rules,
     layer_fold_reason,
     new_initializer,
@@ -49,7 +50,8 @@ class _EvalModeOnly:
 
     def check(self, context, x, inbound_out, batchnorm_out) -> MatchResult:
         bn, layer = batchnorm_out.producer(), inbound_out.producer()
-        reason = layer_fold_reason(bn) or (constant(layer.inputs[1]) is not None and overflow_reason(bn, layer))
+        reason = (layer_fold_reason(bn) or exposed_reason(*layer.inputs[1:])
+                  or (constant(layer.inputs[1]) is not None and overflow_reason(bn, layer)))
         return MatchResult().fail(reason) if reason else super().check(context, x, inbound_out, batchnorm_out)
 
     def rewrite(self, op, x, inbound_out, batchnorm_out):
@@ -96,7 +98,7 @@ class FoldBnIntoMatMul(RewriteRuleClassBase):
     def check(self, context, x, w, b=None, layer_out=None, bn_out=None, moved=None, **_) -> MatchResult:
         result = MatchResult()
         bn = bn_out.producer()
-        reason = layer_fold_reason(bn)
+        reason = layer_fold_reason(bn) or exposed_reason(w, b)
         if reason:
             return result.fail(reason)
         weight = constant(w)

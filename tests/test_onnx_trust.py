@@ -310,3 +310,27 @@ def test_weights_written_beside_the_model_never_replace_a_users_file(tmp_path, e
     assert result
     result, _ = fold_onnx_verified(source, tmp_path / "again.onnx", atol=0.0, rtol=0.0)
     assert not result and sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx", "out.onnx.data"]
+
+
+@pytest.mark.parametrize("exposed", ["W", "B"])
+def test_a_layer_whose_weight_is_also_a_graph_output_keeps_its_bn(tmp_path, exposed):
+    # Valid ONNX that some exporters write: a parameter exposed as an output. The fold renamed
+    # the folded weight onto it, and the final check raised a traceback.
+    rng = np.random.default_rng(0)
+    weights = {"W": rng.standard_normal((4, 3, 3, 3)), "B": rng.standard_normal(4)}
+    stats = dict(zip(["scale", "shift", "mean", "var"], random_bn_stats(4, seed=1)))
+    initializers = [numpy_helper.from_array(np.asarray(v, np.float32), name) for name, v in {**weights, **stats}.items()]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W", "B"], ["c"]),
+         helper.make_node("BatchNormalization", ["c", *stats], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6]),
+         helper.make_tensor_value_info(exposed, TensorProto.FLOAT, weights[exposed].shape)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, tmp_path / "in.onnx")
+    code, report = fold_file(tmp_path / "in.onnx", tmp_path / "out.onnx")
+    assert code == 0 and report["batchnorms_after"] == 1
+    [kept] = report["kept"]
+    assert f"its {exposed!r} is also a graph output" in kept["note"]
+    original, written = run_in_ort(model, feeds()), run_in_ort(onnx.load(str(tmp_path / "out.onnx")), feeds())
+    assert all(np.array_equal(a, b) for a, b in zip(original, written))
