@@ -31,7 +31,12 @@ ACTIVATION_FUNCTIONS: dict[object, str] = {
     torch.tanh: "tanh", F.tanh: "tanh", F.hardtanh: "hardtanh", F.hardswish: "hardswish",
     F.hardsigmoid: "hardsigmoid", F.softplus: "softplus", F.softsign: "softsign",
     F.logsigmoid: "logsigmoid", F.tanhshrink: "tanhshrink", F.softshrink: "softshrink",
-    F.hardshrink: "hardshrink", F.threshold: "threshold",
+    F.hardshrink: "hardshrink", F.threshold: "threshold", torch.special.expit: "sigmoid",
+    # In-place forms: the insert pass gives them what it gives F.relu_ (a BN where the value they
+    # overwrite is read nowhere else, a reason where it is).
+    F.leaky_relu_: "leaky_relu", F.rrelu_: "rrelu", torch.rrelu_: "rrelu", F.elu_: "elu", F.selu_: "selu",
+    torch.selu_: "selu", F.celu_: "celu", torch.celu_: "celu", F.hardtanh_: "hardtanh", F.threshold_: "threshold",
+    torch.sigmoid_: "sigmoid", torch.tanh_: "tanh",
 }
 ACTIVATION_METHODS: dict[str, str] = {
     "relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",

@@ -28,6 +28,7 @@ that BN makes redundant is a separate pass (`drop_bias_before_bn`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
@@ -233,10 +234,21 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
     result.skipped += [Skip(n.name, f"{op_label(gm, n)} at 0 computes a ReLU, which insert does not take for an activation "
                             "(a clamp may as well bound a statistic): write F.relu for a BN in front of it")
                        for n in gm.graph.nodes if _clamps_at_zero(n)]
+    result.skipped += [Skip(n.name, f"{op_label(gm, n)} gates one half of its input's features with the other, which "
+                            "insert does not take for an activation: put a BatchNorm in front of it in the model")
+                       for n in gm.graph.nodes if _is_glu(gm, n)]
     if result.changed:
         gm.graph.lint()
         gm.recompile()
     return result
+
+
+def _is_glu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """`nn.GLU`, `F.glu`: a nonlinearity that halves its input, not elementwise, so none of the
+    passes that move a BN across activations may take it for one; named, not passed over."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.GLU)
+    return node.op == "call_function" and node.target is F.glu
 
 
 def _clamps_at_zero(node: fx.Node) -> bool:

@@ -515,6 +515,33 @@ def test_the_bias_of_a_layer_with_a_hook_is_kept(tmp_path):
     assert bngraph.load(tmp_path / "inserted").conv.bias is not None
 
 
+class InPlaceActivations(nn.Module):
+    """The in-place functional forms, scipy's name for the sigmoid, and a GLU head."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(6, 6) for _ in range(4)])
+        self.gate = nn.Linear(6, 8)
+        self.glu = nn.GLU()
+
+    def forward(self, x):
+        h = F.leaky_relu_(self.layers[0](x), 0.1)
+        h = F.elu_(self.layers[1](h))
+        h = F.hardtanh_(self.layers[2](h))
+        h = torch.special.expit(self.layers[3](h))
+        return self.glu(self.gate(h))
+
+
+def test_in_place_activation_functions_get_their_batchnorm_and_a_glu_is_named():
+    # F.relu_ had its BN; F.leaky_relu_, F.elu_, F.hardtanh_ and expit were passed over in
+    # silence ("nothing changed"), and so was the GLU.
+    out, report = _assert_preserved(InPlaceActivations(), [_x(8, 6)])
+    assert [(r["activation"], r["features"]) for r in report.sections["inserted"]] == [
+        ("leaky_relu", 6), ("elu", 6), ("hardtanh", 6), ("sigmoid", 6)]
+    assert all(out.get_submodule(f"layers.{i}").bias is None for i in range(4))
+    assert "GLU gates one half of its input's features" in _skips(report)["glu"]
+
+
 # 5. Integer inputs: token ids into an Embedding.
 
 
