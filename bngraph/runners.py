@@ -312,30 +312,71 @@ def random_batches(
     dtypes: Sequence[np.dtype] | None = None,
     seed: int = 0,
     batch_axes: Sequence[int | None] | None = None,
+    index_bounds: Sequence[int | None] | None = None,
 ) -> list[list[np.ndarray]]:
     """One list of inputs per batch size: `shapes` with the batch axis (0) replaced, on the
-    inputs that have one (`batch_axes`: 0 or None per input; default 0 for all but 0-d ones)."""
+    inputs that have one (`batch_axes`: 0 or None per input; default 0 for all but 0-d ones).
+    Integer inputs are 0 or 1, indices valid in any table, or below their `index_bounds`."""
     rng = np.random.default_rng(seed)
     dtypes = [np.dtype(d) for d in dtypes] if dtypes is not None else [np.dtype(np.float32)] * len(shapes)
     if batch_axes is None:
         batch_axes = [0 if len(shape) else None for shape in shapes]
+    bounds = list(index_bounds or [None] * len(shapes))
     batches = []
     for batch in batch_sizes:
         batches.append(
             [
-                _random(rng, tuple(shape) if axis is None or not len(shape) else (batch, *shape[1:]), dtype)
-                for shape, dtype, axis in zip(shapes, dtypes, batch_axes)
+                _random(rng, tuple(shape) if axis is None or not len(shape) else (batch, *shape[1:]), dtype, bound or 2)
+                for shape, dtype, axis, bound in zip(shapes, dtypes, batch_axes, bounds)
             ]
         )
     return batches
 
 
-def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, bound: int = 2) -> np.ndarray:
     if np.issubdtype(dtype, np.floating):
         return np.asarray(rng.standard_normal(shape), dtype=dtype)  # a 0-d array for shape ()
     if dtype == np.bool_:
         return np.asarray(rng.integers(0, 2, shape), dtype=bool)
-    return np.asarray(rng.integers(0, 2, shape), dtype=dtype)  # indices: 0 and 1 are valid in any table
+    return np.asarray(rng.integers(0, bound, shape), dtype=dtype)
+
+
+def embedding_bounds(module: nn.Module, batch: Sequence[np.ndarray]) -> list[int | None]:
+    """For each input of `batch`, the size of the smallest embedding table `module` looks it up
+    in directly (an nn.Embedding called on it), or None: token ids drawn below it reach every
+    row, where 0 and 1 left two models that differ past row 1 alike. One eval-mode run."""
+    tensors = [torch.from_numpy(np.array(x, copy=True)) for x in batch]
+    bounds: list[int | None] = [None] * len(tensors)
+
+    def record(table: nn.Module, args) -> None:
+        for i, tensor in enumerate(tensors):
+            if args and args[0] is tensor:
+                bounds[i] = min(bounds[i] or table.num_embeddings, table.num_embeddings)
+
+    tables = [m for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    hooks = [table.register_forward_pre_hook(record) for table in tables]
+    try:
+        with torch.no_grad(), eval_mode(module), running_user_model():
+            module(*tensors)
+    except Exception:  # noqa: BLE001 (the comparison itself runs it again and says why it fails)
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return bounds
+
+
+def _gather_bounds(proto, inputs) -> list[int | None]:
+    """For each graph input, the size of the smallest initializer a Gather looks it up in."""
+    sizes = {t.name: list(t.dims) for t in proto.graph.initializer}
+    bounds: dict[str, int] = {}
+    for node in proto.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in sizes:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            dims = sizes[node.input[0]]
+            if -len(dims) <= axis < len(dims):
+                bounds[node.input[1]] = min(bounds.get(node.input[1], dims[axis]), dims[axis])
+    return [bounds.get(value.name) for value in inputs]
 
 
 @dataclass
@@ -345,6 +386,7 @@ class OnnxInputs:
     fixed_batch: int | None  # the batch size the file allows, when it fixes one
     batch_axes: list[int | None] = dataclasses.field(default_factory=list)  # 0, or None: no batch axis
     names: list[str] = dataclasses.field(default_factory=list)
+    index_bounds: list[int | None] = dataclasses.field(default_factory=list)  # `random_batches`'
 
 
 def onnx_inputs(
@@ -418,7 +460,8 @@ def onnx_inputs(
         batch_axes = [
             0 if axis == 0 and dims and dims[0] == fixed_batch else None for axis, dims in zip(batch_axes, declared)
         ]
-    return OnnxInputs(shapes, dtypes, fixed_batch, batch_axes, [value.name for value in inputs])
+    return OnnxInputs(shapes, dtypes, fixed_batch, batch_axes, [value.name for value in inputs],
+                      _gather_bounds(proto, inputs))
 
 
 def _dims_text(dims: Sequence[int | None]) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from bngraph.compare import OutputDiff, VerifyResult, compare, default_tolerance, output_dtype
 from bngraph.data import model_images
@@ -29,7 +30,8 @@ from bngraph.errors import ModelRaised, UserError, one_line
 from bngraph.load import load_model
 from bngraph.report import Report
 from bngraph.runners import (
-    BATCH_SIZES, Float64Runner, forward_parameter_names, input_order, onnx_inputs, random_batches, runners_for,
+    BATCH_SIZES, Float64Runner, embedding_bounds, forward_parameter_names, input_order, onnx_inputs, random_batches,
+    runners_for,
 )
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
 
@@ -269,7 +271,8 @@ def verify_models(
     if len(fixed) > 1:
         raise UserError(f"the two ONNX files fix different batch sizes {sorted(fixed)}: no input fits both")
     sizes = (fixed.pop(),) * 2 if fixed else BATCH_SIZES
-    batches = random_batches(shapes, sizes, dtypes, batch_axes=batch_axes)
+    bounds = _index_bounds(models, onnx_specs, random_batches(shapes, sizes[:1], dtypes, batch_axes=batch_axes)[0])
+    batches = random_batches(shapes, sizes, dtypes, batch_axes=batch_axes, index_bounds=bounds)
     batch_sizes = list(sizes)
     if data:
         batches.append(data_batch(data, shapes, dtypes[0] if dtypes else None))
@@ -284,6 +287,14 @@ def verify_models(
     if sizes != BATCH_SIZES:
         report.notes.append(f"an ONNX file fixes the batch at {sizes[0]}: compared at that batch only")
     return result, report
+
+
+def _index_bounds(models, onnx_specs, probe: list[np.ndarray]) -> list[int | None]:
+    """Below what each integer input's random ids are drawn: the smallest table either model
+    looks it up in (`embedding_bounds`, `OnnxInputs.index_bounds`), else None (0 or 1)."""
+    found = [embedding_bounds(m, probe) for m in models if isinstance(m, nn.Module)]
+    found += [spec.index_bounds for spec in onnx_specs]
+    return [min((b[i] for b in found if i < len(b) and b[i]), default=None) for i in range(len(probe))]
 
 
 def data_batch(path: str, shapes, dtype=None) -> list[np.ndarray]:

@@ -591,3 +591,48 @@ def test_inputs_are_paired_by_name_not_by_the_order_a_graph_lists_them(tmp_path)
     assert run_cli("verify", a, same)[0] == 0
     batches = random_batches([(1, 3), (1, 3)], (1, 7))
     assert verify(Difference(), same, batches) and not verify(Difference(), other, batches)
+
+
+# ---- token ids reach every row of the table ---------------------------------------------------
+
+TOKEN_MODELS = '''
+import torch
+from torch import nn
+
+
+class Tokens(nn.Module):
+    example_input_shape = (4, 7)
+    example_input_dtypes = ["int64"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(100, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+
+class FirstRowsOnly(Tokens):
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.emb.weight[2:] = 0
+'''
+
+
+def test_token_ids_are_drawn_from_the_whole_table(tmp_path):
+    # Ids of 0 and 1 only: two models differing in rows 2-99 of their embedding passed.
+    (tmp_path / "tokens.py").write_text(TOKEN_MODELS)
+    tokens = tmp_path / "tokens.py"
+    code, out, _ = run_cli("verify", f"{tokens}:Tokens", f"{tokens}:FirstRowsOnly")
+    assert code == 1 and "FAILED" in out
+    assert run_cli("export", f"{tokens}:Tokens", "-o", tmp_path / "tokens.onnx")[0] == 0
+    from bngraph.runners import embedding_bounds, onnx_inputs
+
+    assert onnx_inputs(tmp_path / "tokens.onnx").index_bounds == [100]
+    assert embedding_bounds(bngraph.load(f"{tokens}:Tokens"), [np.zeros((2, 7), np.int64)]) == [100]
+    code, out, _ = run_cli("verify", tmp_path / "tokens.onnx", f"{tokens}:FirstRowsOnly")
+    assert code == 1 and "FAILED" in out
+    assert run_cli("verify", tmp_path / "tokens.onnx", f"{tokens}:Tokens")[0] == 0

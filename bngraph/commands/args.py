@@ -45,7 +45,8 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
         "--input-dtype",
         metavar="DTYPES",
         help="one dtype per input, as the shapes: float32;int64 (default float32; random integers "
-        "are 0 or 1, valid token ids for any vocabulary)",
+        "are 0 or 1, valid token ids for any vocabulary; verify draws them from the embedding table "
+        "they index)",
     )
     parser.add_argument(
         "--static-input",
