@@ -127,23 +127,24 @@ def verify(
 
 
 def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarray]]]) -> None:
-    """For each output that failed against a float32 PyTorch reference: whether the reference
-    gives another output when run again on the first batch (`OutputDiff.reference_varies`), else
-    how far the candidate and the reference are from the reference run in float64 on the same
+    """For each output that failed: whether the reference gives another output when run again on
+    the first batch (`OutputDiff.reference_varies`), else, against a float32 PyTorch reference, how far the candidate and the reference are from the reference run in float64 on the same
     batches (`OutputDiff.from_exact`). Only after a failure: it runs the model again, and a copy."""
     varies: dict[int, bool] = {}
     exact: dict[int, list[list[np.ndarray]] | None] = {}
     for diff, ref, cand, i in compared:
-        if diff.passed or diff.problem or ref.kind != "torch" or diff.scale <= np.finfo(np.float32).tiny:
+        if diff.passed or diff.problem or diff.scale <= np.finfo(np.float32).tiny:
             continue
         if not np.isfinite(diff.max_abs):  # NaN or inf against a number: no rounding explains it
             continue
-        if id(ref) not in varies:
+        if id(ref) not in varies:  # an ONNX file draws too (Bernoulli, RandomNormal)
             again = ref(inputs[0])
             varies[id(ref)] = not all(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
                                       for a, b in zip(again, outputs[id(ref)][0]))
         if varies[id(ref)]:
             diff.reference_varies = True
+            continue
+        if ref.kind != "torch":
             continue
         if id(ref) not in exact:
             exact[id(ref)] = _float64_outputs(ref.module, inputs)

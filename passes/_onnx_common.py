@@ -35,9 +35,29 @@ def fold_constants_quietly(model: ir.Model) -> None:
     folder_log.setLevel(logging.ERROR)
     try:
         with np.errstate(all="ignore"):
-            fold_constants_ir(model, onnx_shape_inference=True)
+            fold_constants_ir(model, onnx_shape_inference=True, should_fold=_should_fold)
     finally:
         folder_log.setLevel(level)
+
+
+# Random draws that onnxscript's folder does not know for one: folded, one sample becomes a constant.
+_RANDOM_OPS = frozenset({"Bernoulli", "RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike",
+                         "Multinomial"})
+
+
+def _should_fold(node: ir.Node) -> bool | None:
+    """The folder's own rules (None), but never a random op, and always a ConstantOfShape whose
+    value a BN or a layer's weights take: the folder keeps ConstantOfShape to keep a file small,
+    and onnx's own "light" models write every weight and BN statistic so (light_resnet50: its 53
+    BNs were left as "not a constant")."""
+    if node.domain in ("", "ai.onnx") and node.op_type in _RANDOM_OPS:
+        return False
+    if node.op_type == "ConstantOfShape" and any(
+        use.node.op_type == "BatchNormalization" or (use.node.op_type in LAYER_OPS and use.idx > 0)
+        for use in node.outputs[0].uses()
+    ):
+        return True
+    return None
 
 
 def site(node: ir.Node) -> str:

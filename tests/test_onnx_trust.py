@@ -334,3 +334,22 @@ def test_a_layer_whose_weight_is_also_a_graph_output_keeps_its_bn(tmp_path, expo
     assert f"its {exposed!r} is also a graph output" in kept["note"]
     original, written = run_in_ort(model, feeds()), run_in_ort(onnx.load(str(tmp_path / "out.onnx")), feeds())
     assert all(np.array_equal(a, b) for a, b in zip(original, written))
+
+
+def test_statistics_written_as_constant_of_shape_fold_and_random_ops_stay_random(tmp_path):
+    # onnx's own "light" models (and exporters' zero and one tensors) write a constant as
+    # ConstantOfShape, which onnxscript's folder keeps: light_resnet50's 53 BNs were all left.
+    # Bernoulli, which that folder does not know for random, was folded into one frozen sample.
+    rng = np.random.default_rng(0)
+    scale, shift, _, var = random_bn_stats(4, seed=2)
+    arrays = {"W": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "shape": np.array([4], np.int64),
+              "scale": scale, "shift": shift, "var": var, "p": np.full((1, 4, 1, 1), 0.5, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]),
+             helper.make_node("ConstantOfShape", ["shape"], ["mean"], value=numpy_helper.from_array(np.array([0.7], np.float32))),
+             helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["bn"]),
+             helper.make_node("Bernoulli", ["p"], ["keep"]),
+             helper.make_node("Mul", ["bn", "keep"], ["y"])]
+    model = onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])], arrays, opset=17, ir_version=8)
+    folded, report = fold_onnx(model)
+    assert report.facts["batchnorms_after"] == 0 and [n.op_type for n in folded.graph].count("Bernoulli") == 1
