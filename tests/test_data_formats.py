@@ -244,6 +244,52 @@ def test_a_model_trained_on_an_image_folder_records_what_each_output_means(tmp_p
     assert history[-1]["classes"] == ["10", "2", "9"]
 
 
+def write_quadrant_folder(root, classes, n_train=64, n_test=16):
+    """Class k of four ("cat", "dog", "fox", "owl"): a bright square in quadrant k; only `classes` written."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            k = i % 4
+            pixels = rng.integers(0, 50, (8, 8, 3), dtype=np.uint8)
+            r, c = divmod(k, 2)
+            pixels[r * 4 : r * 4 + 4, c * 4 : c * 4 + 4] = 230
+            name = ("cat", "dog", "fox", "owl")[k]
+            if name in classes:
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_recalibrating_and_fine_tuning_keep_the_classes_the_model_recorded(tmp_path, capsys):
+    # Trained on cat, dog, fox, owl; a folder without cat must not make dog label 0.
+    model = tmp_path / "m.py"
+    model.write_text("from torch import nn\n\nclass Net(nn.Sequential):\n    example_input_shape = (2, 3, 8, 8)\n\n"
+                     "    def __init__(self):\n        super().__init__(nn.Flatten(), nn.Linear(192, 16), nn.BatchNorm1d(16),"
+                     " nn.ReLU(), nn.Linear(16, 4))\n")
+    all_four = write_quadrant_folder(tmp_path / "all", ("cat", "dog", "fox", "owl"))
+    no_cat = write_quadrant_folder(tmp_path / "no_cat", ("dog", "fox", "owl"))
+    code, _, err = _cli(capsys, "train", model, "--data", all_four, "--steps", 40, "--lr", 0.1, "--batch-size", 16,
+                        "--eval-every", 40, "--quiet", "-o", tmp_path / "run")
+    assert code == 0, err
+    trained = tmp_path / "run" / "model"
+    code, out, err = _cli(capsys, "recalibrate", trained, "--data", no_cat, "--batches", 3, "--batch-size", 16,
+                          "-o", tmp_path / "recal", "--json")
+    assert code == 0, err
+    assert json.loads(out)["test_accuracy_before"] == 1.0
+
+    code, out, err = _cli(capsys, "train", trained, "--data", no_cat, "--steps", 2, "--batch-size", 16,
+                          "--eval-every", 2, "--quiet", "--json", "-o", tmp_path / "tuned")
+    assert code == 0, err
+    assert json.loads(out)["final_test_accuracy"] == 1.0
+    history = json.loads((tmp_path / "tuned" / "model" / "bngraph.json").read_text())["history"]
+    assert [e["classes"] for e in history if "classes" in e] == [["cat", "dog", "fox", "owl"]] * 2
+
+    (no_cat / "train" / "yak").mkdir()
+    (no_cat / "train" / "owl" / "3.png").rename(no_cat / "train" / "yak" / "3.png")
+    err = _bad(capsys, tmp_path, trained, no_cat)
+    assert "class folder 'yak', which is not one of the model's classes (cat, dog, fox, owl" in err
+
+
 def test_npz_in_each_layout_trains(tmp_path, capsys, nets):
     facts = _train(capsys, tmp_path, "zoo:mnist-mlp", write_npz(tmp_path / "gray.npz"))
     assert facts["data_format"] == "npz"

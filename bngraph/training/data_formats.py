@@ -32,7 +32,7 @@ docstring line that describes it, and `open_data` dispatches over them at the en
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -327,6 +327,30 @@ class ImageFiles(torch.utils.data.Dataset):
         path, label = self.pairs[i]
         x = torch.from_numpy(decode_image(path, self.mode, self.size)).float().div_(255.0)
         return x, torch.tensor(label)
+
+
+def recorded_classes(history) -> tuple[str, ...] | None:
+    """The classes a model's training recorded in its history (output i is class i), or None."""
+    return next((tuple(e["classes"]) for e in reversed(history) if isinstance(e, dict) and e.get("classes")), None)
+
+
+def with_model_classes(data, classes: tuple[str, ...] | None):
+    """`data` with its class folders' labels mapped onto the model's `classes` (its output i is
+    class i): a folder lacking one of them must not shift the others' labels. A class the model
+    does not know is refused. Data without class names, or a model without them, is as it is."""
+    if classes is None or data.class_names is None or tuple(data.class_names) == tuple(classes):
+        return data
+    unknown = [c for c in data.class_names if c not in classes]
+    if unknown:
+        raise UserError(f"{data.source} has class folder {unknown[0]!r}, which is not one of the model's classes "
+                        f"({', '.join(classes)}, recorded in its bngraph.json): leave that folder out")
+    label_of = [classes.index(c) for c in data.class_names]  # folder label -> the model's output
+    if isinstance(data, TensorData):
+        mapping = torch.tensor(label_of, device=data.y_train.device)
+        return replace(data, y_train=mapping[data.y_train], y_test=mapping[data.y_test], class_names=tuple(classes))
+    relabel = lambda files: ImageFiles([(p, label_of[c]) for p, c in files.pairs], files.mode, files.size)  # noqa: E731
+    return replace(data, train=relabel(data.train), test=relabel(data.test), num_classes=len(classes),
+                   class_names=tuple(classes))
 
 
 def image_folder_mode(channels: int | None) -> str:
