@@ -279,7 +279,27 @@ def test_cli_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, capsy
 
 def test_cli_resume_from_a_damaged_checkpoint_is_the_users_error(tmp_path, capsys, mnist_dir):
     (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "bngraph.json").write_text('{"format": "bngraph-run", "format_version": 1}')
     (tmp_path / "o" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     code, _, err = _cli(capsys, "train", "zoo:mnist-mlp", "--data", mnist_dir, "--steps", 5, "-o", tmp_path / "o",
                         "--resume")
     assert code == 2 and "cannot read" in err and err.count("\n") == 1
+
+
+def test_cli_resume_continues_only_a_run_folder_bngraph_wrote_and_touches_nothing_else(tmp_path, capsys, mnist_dir):
+    # A checkpoint copied into the user's own folder, beside their notes and their own metrics.jsonl.
+    common = ("train", "zoo:mnist-mlp", "--data", mnist_dir, "--eval-every", 2, "--quiet")
+    assert _cli(capsys, *common, "--steps", 2, "-o", tmp_path / "run")[0] == 0
+    mine = tmp_path / "myproject"
+    mine.mkdir()
+    (mine / "checkpoint.pt").write_bytes((tmp_path / "run" / "checkpoint.pt").read_bytes())
+    (mine / "metrics.jsonl").write_text('{"my": "own experiment log"}\n')
+    (mine / "notes.txt").write_text("my notes\n")
+    (tmp_path / "run" / "notes.txt").write_text("my notes\n")  # and a run folder the user wrote into
+    for folder, message in ((mine, "it is not a run folder bngraph wrote"),
+                            (tmp_path / "run", "it holds what bngraph did not write (notes.txt)")):
+        before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        code, _, err = _cli(capsys, *common, "--steps", 4, "-o", folder, "--resume")
+        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+        assert not (mine / "model").exists()
