@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from torch import nn
 import bngraph
 from bngraph.cli import main
 from bngraph.errors import UserError
-from bngraph.training import EpochSampler, InputTracker, TensorData, TrainConfig, read_metrics, train
+from torch.utils.data import TensorDataset
+
+from bngraph.training import EpochSampler, InputTracker, StreamData, TensorData, TrainConfig, read_metrics, train
 from tests.mnist_like import learnable_arrays, write_learnable
 
 
@@ -59,6 +62,20 @@ def test_a_run_killed_mid_way_and_resumed_ends_bit_identical(tmp_path):
     timing = ("steps_per_s", "elapsed_s")
     drop = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert drop(read_metrics(tmp_path / "killed" / "metrics.jsonl")) == drop(whole.metrics)
+
+
+def test_a_streamed_run_with_dropout_resumed_ends_bit_identical(tmp_path):
+    # Each DataLoader iterator once drew its seed from the global generator, which dropout draws
+    # from: the resume's new iterator moved every later dropout mask.
+    memory = tensor_data(n_train=96, n_test=32)
+    data = StreamData(TensorDataset(memory.x_train, memory.y_train), TensorDataset(memory.x_test, memory.y_test),
+                      num_classes=10, example_shape=(1, 28, 28), workers=0)
+    config = TrainConfig(steps=12, batch_size=8, lr=0.05, decay_every=2, eval_every=4)
+    whole = train(small_net(), data, config, out_dir=tmp_path / "whole", progress=False)
+    train(small_net(), data, replace(config, steps=4), out_dir=tmp_path / "half", progress=False)
+    resumed = train(small_net(), data, config, out_dir=tmp_path / "half", resume=True, progress=False)
+    assert resumed.resumed_from == 4
+    assert_bit_identical(whole.model, resumed.model)
 
 
 def test_sigterm_stops_after_a_whole_step_and_resumes_exactly(tmp_path):
