@@ -502,6 +502,48 @@ def test_images_holding_nan_or_inf_are_named_before_any_training(tmp_path, capsy
         train(create_model("mnist-mlp"), user_tensors, TrainConfig(steps=2, batch_size=4), progress=False)
 
 
+MLP_PY = """
+from torch import nn
+
+
+class Net(nn.Sequential):  # flattens whatever it is given: 8 x 8 x 3 runs as well as 3 x 8 x 8
+    example_input_shape = (2, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__(nn.Flatten(), nn.Linear(192, 4))
+"""
+
+CHANNELS_LAST_PY = """
+import numpy as np
+from torch.utils.data import Dataset
+
+
+class Photos(Dataset):  # np.array(PIL image), as cv2 gives it too: H, W, C
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8), i % 4
+
+
+def make():
+    return Photos(16), Photos(8)
+"""
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_factorys_channels_last_images_are_refused_not_flattened_in_the_wrong_order(tmp_path, capsys, streamed):
+    (tmp_path / "m.py").write_text(MLP_PY)
+    (tmp_path / "photos.py").write_text(CHANNELS_LAST_PY)
+    err = _bad(capsys, tmp_path, tmp_path / "m.py", tmp_path / "photos.py",
+               *(["--stream-above", 0, "--loader-workers", 0] if streamed else []))
+    assert "train[0] is an image of shape (8, 8, 3), channels last (H, W, C), but the model takes (3, 8, 8)" in err
+    assert "x.transpose(2, 0, 1)" in err and not (tmp_path / "bad").exists()
+
+
 def test_a_factory_of_dict_examples_is_told_what_to_return(tmp_path, capsys):
     factory = tmp_path / "data.py"
     factory.write_text(FACTORY_PY)

@@ -515,6 +515,7 @@ def open_data(
     # (H, W) items for a model that takes (N, 1, H, W) get their channel axis; any other item is
     # what the model takes already (a (T, C) sequence for an (N, T, C) model stays as it is).
     channel_axis = input_shape is not None and len(input_shape) == 4 and x0.dim() == 2
+    _check_item_layout((1, *x0.shape) if channel_axis else tuple(x0.shape), input_shape, f"{where} train[0]")
     if fits(len(train_set) + len(test_set), x0.numel()):
         splits = []
         for part, ds in (("train", train_set), ("test", test_set)):
@@ -532,6 +533,23 @@ def open_data(
                       Path(where.split(":")[0]).stem, where, format=fmt, num_classes=None,
                       example_shape=(1, *x0.shape) if channel_axis else tuple(x0.shape), label_file=where,
                       workers=workers, device=device)
+
+
+def _check_item_layout(shape: tuple[int, ...], input_shape, where: str) -> None:
+    """Refuse a factory's items shaped as the model's input in another order (NumPy's and PIL's
+    H, W, C for a model taking C, H, W): a model that flattens them would train on the wrong
+    layout without a word. Other shapes than the model's are left to the model to take or refuse."""
+    if input_shape is None:
+        return
+    declared = tuple(int(d) for d in input_shape[1:])
+    if shape == declared or sorted(shape) != sorted(declared):
+        return
+    if len(shape) == 3 and shape == (*declared[1:], declared[0]):
+        raise UserError(f"{where} is an image of shape {shape}, channels last (H, W, C), but the model takes "
+                        f"{declared} (C, H, W): return x.permute(2, 0, 1) (a NumPy array: x.transpose(2, 0, 1)) "
+                        "from __getitem__, or use torchvision's ToTensor()")
+    raise UserError(f"{where} has shape {shape}, the model's input {declared} in another order: return items "
+                    f"shaped {declared}")
 
 
 def _convert_in_chunks(images: torch.Tensor, target: Target, device: torch.device, chunk: int = 4096) -> torch.Tensor:
