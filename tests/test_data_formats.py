@@ -544,6 +544,48 @@ def test_a_factorys_channels_last_images_are_refused_not_flattened_in_the_wrong_
     assert "x.transpose(2, 0, 1)" in err and not (tmp_path / "bad").exists()
 
 
+LABELS_PY = """
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+class Strings(Dataset):  # labels read from a CSV, as text
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return x[i], str(i % 10)
+
+
+def fractional():  # regression targets or soft labels, not class indices
+    y = torch.linspace(0, 9.5, 16)
+    return TensorDataset(x, y), TensorDataset(x, y)
+
+
+def strings():
+    return Strings(), Strings()
+
+
+def whole_floats():
+    y = (torch.arange(16) % 10).float()
+    return TensorDataset(x, y), TensorDataset(x, y)
+"""
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_factorys_labels_must_be_class_indices_not_truncated_floats_or_text(tmp_path, capsys, streamed):
+    factory = tmp_path / "labels.py"
+    factory.write_text(LABELS_PY)
+    stream = ["--stream-above", 0, "--loader-workers", 0] if streamed else []
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:fractional", *stream)
+    assert f"{factory}:fractional train[1] has label 0.633" in err and "expected an integer class index" in err
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:strings", *stream)
+    assert f"{factory}:strings train[0] has label '0'; expected an integer class index" in err
+    _train(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:whole_floats", *stream)
+
+
 def test_a_factory_of_dict_examples_is_told_what_to_return(tmp_path, capsys):
     factory = tmp_path / "data.py"
     factory.write_text(FACTORY_PY)

@@ -415,11 +415,23 @@ def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
         x = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
     x = torch.as_tensor(x)
     check_finite(x[None], where, first_index=i)
+    return x, _label(y, f"{where}[{i}]")
+
+
+def _label(y, where: str) -> int:
+    """A class index: an integer, or a float that is a whole number (3.0). int() would take 2.73
+    as 2 and "3" as 3: a regression target or a string is not a class index."""
     try:
-        y = int(y)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}[{i}] has label {y!r}; expected an integer class index") from None
-    return x, y
+        value = None if isinstance(y, (str, bytes)) else torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError):
+        value = None
+    if value is None or value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+        raise UserError(f"{where} has label {y!r}; expected an integer class index")
+    number = value.item()
+    if value.is_floating_point() and not float(number).is_integer():
+        raise UserError(f"{where} has label {number!r}; expected an integer class index (a float only when whole, "
+                        "such as 3.0)")
+    return int(number)
 
 
 class CheckedLabels(torch.utils.data.Dataset):
