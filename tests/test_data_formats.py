@@ -586,6 +586,49 @@ def test_a_factorys_labels_must_be_class_indices_not_truncated_floats_or_text(tm
     _train(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:whole_floats", *stream)
 
 
+BROKEN_ITEMS_PY = """
+import torch
+from torch.utils.data import Dataset
+
+x = torch.rand(24, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+class Photos(Dataset):
+    def __init__(self, broken=None):
+        self.broken = broken
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        if self.broken == "missing" and i == 7:
+            raise FileNotFoundError("/data/photos/img0007.jpg")
+        if self.broken == "smaller" and i == 13:
+            return x[i, :, :14, :14], i % 10
+        return x[i], i % 10
+
+
+def missing():
+    return Photos("missing"), Photos()
+
+
+def smaller():
+    return Photos("smaller"), Photos()
+"""
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream-above", 0, "--loader-workers", 0],
+                                    ["--stream-above", 0, "--loader-workers", 1]])
+def test_a_factory_item_that_cannot_be_read_or_is_another_shape_is_named(tmp_path, capsys, stream):
+    factory = tmp_path / "photos.py"
+    factory.write_text(BROKEN_ITEMS_PY)
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:missing", *stream, "--steps", 8)
+    assert f"{factory}:missing train[7] could not be read" in err
+    assert f"{factory}:" in err.split("could not be read")[1] and "FileNotFoundError: /data/photos/img0007.jpg" in err
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:smaller", *stream, "--steps", 8)
+    assert "(1, 14, 14)" in err and "(1, 28, 28)" in err
+
+
 def test_a_factory_of_dict_examples_is_told_what_to_return(tmp_path, capsys):
     factory = tmp_path / "data.py"
     factory.write_text(FACTORY_PY)

@@ -42,7 +42,7 @@ from PIL import Image
 from torch import nn
 
 from bngraph.data import FILES, find_idx_file, load_mnist
-from bngraph.errors import UserError
+from bngraph.errors import UserError, model_raised
 from bngraph.load import call_user_factory, import_user_file
 from bngraph.training.data import StreamData, TensorData, check_finite
 
@@ -402,7 +402,12 @@ def read_factory(text: str):
 
 
 def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
-    item = dataset[i]
+    try:
+        item = dataset[i]
+    except UserError:
+        raise
+    except Exception as err:  # a missing or corrupt file behind item i: the user's data, named
+        raise model_raised(err, failed=f"{where}[{i}] could not be read") from err
     if isinstance(item, dict):  # a HuggingFace-style example: which key is the image is the user's call
         keys = ", ".join(map(repr, item))
         raise UserError(f"{where}[{i}] is a dict ({keys}); expected a tuple (image tensor, label): "
@@ -442,11 +447,16 @@ class CheckedLabels(torch.utils.data.Dataset):
         self.dataset, self.where, self.num_classes, self.target = dataset, where, num_classes, target
         self.channel_axis = channel_axis  # (H, W) items made (1, H, W), as the whole-data path makes them
 
+        self.shape = _item(dataset, 0, where)[0].shape  # every item's: a batch is stacked from them
+
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i):
         x, y = _item(self.dataset, i, self.where)
+        if x.shape != self.shape:  # the whole-data path's check, item by item
+            raise UserError(f"{self.where}[{i}] is an image of shape {tuple(x.shape)}, {self.where}[0] of "
+                            f"{tuple(self.shape)}: the images of a split must all be one shape")
         if y < 0 or (self.num_classes is not None and y >= self.num_classes):
             raise UserError(f"{self.where}[{i}] has label {y}, out of range for the model's {self.num_classes} outputs")
         # The conversion of the whole-data path (uint8 scaled to [0, 1]): streamed or not, the same values.
