@@ -652,6 +652,27 @@ def test_inconsistent_arrays_are_named(tmp_path, capsys, override, message):
     assert str(path) in err and message in err
 
 
+def test_big_endian_arrays_are_read_as_the_same_numbers(tmp_path, capsys):
+    # As some non-Python tools write them; torch.from_numpy refused them with a traceback.
+    native = write_npz(tmp_path / "native.npz", dtype=np.float32)
+    with np.load(native) as arrays:
+        np.savez(tmp_path / "big.npz", **{k: v.astype(v.dtype.newbyteorder(">")) for k, v in arrays.items()})
+    big, same = open_data(tmp_path / "big.npz"), open_data(native)
+    assert torch.equal(big.x_train, same.x_train) and torch.equal(big.y_test, same.y_test)
+    _train(capsys, tmp_path, "zoo:mnist-mlp", tmp_path / "big.npz")
+
+
+def test_a_file_that_is_not_an_npz_of_arrays_is_one_line_without_pickle_advice(tmp_path, capsys):
+    np.save(tmp_path / "plain.npy", np.zeros((4, 28, 28), np.float32))
+    (tmp_path / "plain.npy").rename(tmp_path / "array.npz")
+    assert "array.npz is one .npy array, not an .npz" in _bad(capsys, tmp_path, "zoo:mnist-mlp", tmp_path / "array.npz")
+    (tmp_path / "junk.npz").write_bytes(b"this is not a zip")
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", tmp_path / "junk.npz")
+    assert "junk.npz is not an .npz (not a zip file of arrays)" in err and "pickle" not in err
+    path = write_npz(tmp_path / "scalar.npz", x_train=np.array(0.0))
+    assert "x_train has shape (); images are" in _bad(capsys, tmp_path, "zoo:mnist-mlp", path)
+
+
 def test_a_shape_the_model_cannot_take_is_named(tmp_path, capsys, nets):
     path = write_npz(tmp_path / "rgb.npz", "NHWC")
     err = _bad(capsys, tmp_path, "zoo:mnist-mlp", path)

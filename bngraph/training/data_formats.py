@@ -182,22 +182,49 @@ def _check_labels(labels: np.ndarray, where: str, limit: int | None = None) -> n
 # --- the readers --------------------------------------------------------------------------------
 
 
+_NPY_MAGIC, _ZIP_MAGIC = b"\x93NUMPY", b"PK"
+_NPZ_HOWTO = "np.savez(FILE, x_train=..., y_train=..., x_test=..., y_test=...)"
+
+
+def _check_is_npz(path: Path) -> None:
+    """An .npz is a zip of .npy files; anything else would reach numpy, whose answer for a file
+    it cannot tell is advice to unpickle it."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    if head.startswith(_NPY_MAGIC):
+        raise UserError(f"{path} is one .npy array, not an .npz of x_train, y_train, x_test, y_test: save them "
+                        f"with {_NPZ_HOWTO}")
+    if not head.startswith(_ZIP_MAGIC):
+        raise UserError(f"{path} is not an .npz (not a zip file of arrays): save the data with {_NPZ_HOWTO}")
+
+
+def _native_order(array: np.ndarray) -> np.ndarray:
+    """Big-endian arrays (some non-Python tools write them) are valid data; torch takes native order only."""
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+
+
 def read_npz(path: Path, target: Target) -> tuple[Split, Split]:
+    _check_is_npz(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in archive.files]
             if missing:
                 raise UserError(f"{path} lacks {', '.join(missing)} (it holds {', '.join(archive.files) or 'nothing'})")
-            arrays = {k: archive[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            arrays = {k: _native_order(archive[k]) for k in ("x_train", "y_train", "x_test", "y_test")}
     except UserError:
         raise
-    except (OSError, ValueError, EOFError) as err:  # not a zip, damaged, or object arrays (pickles)
+    except (OSError, ValueError, EOFError) as err:  # a damaged zip, or object arrays (pickles)
         raise UserError(f"cannot read {path} as an .npz of arrays: {err}") from None
     splits = []
     for part in ("train", "test"):
         x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
         where = f"{path} (y_{part})"
         y = _check_labels(y, where)
+        if x.ndim not in (3, 4):  # before len(x): a 0-d array has none
+            raise UserError(f"{path}: x_{part} has shape {x.shape}; images are N,H,W or N,H,W,C or N,C,H,W")
         if len(x) != len(y):
             raise UserError(f"{path}: x_{part} holds {len(x)} examples but y_{part} {len(y)} labels")
         if len(x) == 0:
@@ -215,8 +242,6 @@ def read_npz(path: Path, target: Target) -> tuple[Split, Split]:
 def _nchw(x: np.ndarray, channels: int | None, where: str) -> np.ndarray:
     if x.ndim == 3:
         return np.ascontiguousarray(x[:, None])
-    if x.ndim != 4:
-        raise UserError(f"{where} has shape {x.shape}; images are N,H,W or N,H,W,C or N,C,H,W")
     if channels is not None:
         if x.shape[3] == channels:
             return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
