@@ -236,7 +236,20 @@ def read_npz(path: Path, target: Target) -> tuple[Split, Split]:
     train, test = splits
     if train.images.shape[1:] != test.images.shape[1:]:
         raise UserError(f"{path}: x_train images are {tuple(train.images.shape[1:])}, x_test {tuple(test.images.shape[1:])}")
+    _check_one_scale(arrays["x_train"], arrays["x_test"], path)
     return train, test
+
+
+def _check_one_scale(x_train: np.ndarray, x_test: np.ndarray, path: Path) -> None:
+    """uint8 images are scaled to [0, 1] and float ones used as they are: one split of each, the
+    float one holding values above 1 (0-255 as floats), would train and test on different scales."""
+    if (x_train.dtype == np.uint8) == (x_test.dtype == np.uint8):
+        return
+    whole, floats, values = ("x_train", "x_test", x_test) if x_train.dtype == np.uint8 else ("x_test", "x_train", x_train)
+    if values.size and float(values.max()) > 1:
+        raise UserError(f"{path}: {whole} is uint8 (scaled from 0-255 to [0, 1]) but {floats} is {values.dtype} with "
+                        f"values up to {float(values.max()):g} (used as they are): the splits would be on different "
+                        "scales; save both as uint8, or both as floats on one scale")
 
 
 def _nchw(x: np.ndarray, channels: int | None, where: str) -> np.ndarray:
