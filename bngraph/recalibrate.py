@@ -69,6 +69,7 @@ def recalibrate(
     entry = {
         "command": "recalibrate",
         "data": described,
+        "data_format": data.format,
         "batches": batches,
         "batch_size": batch_size,
         "passes": {name: r.summary() for name, r in results.items()},

@@ -680,6 +680,18 @@ def test_a_file_that_is_not_an_npz_of_arrays_is_one_line_without_pickle_advice(t
     assert "x_train has shape (); images are" in _bad(capsys, tmp_path, "zoo:mnist-mlp", path)
 
 
+def test_an_npz_named_in_capitals_is_an_npz(tmp_path, capsys):
+    path = write_npz(tmp_path / "d.npz").rename(tmp_path / "D.NPZ")
+    assert detect_format(path) == "npz"
+    _train(capsys, tmp_path, "zoo:mnist-mlp", path)
+
+
+def test_a_factory_that_calls_sys_exit_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "exits.py").write_text("import sys\n\n\ndef make():\n    sys.exit(3)\n")
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", tmp_path / "exits.py")
+    assert f"{tmp_path / 'exits.py'}:make called sys.exit(3) instead of returning (train, test) Datasets" in err
+
+
 def test_a_shape_the_model_cannot_take_is_named(tmp_path, capsys, nets):
     path = write_npz(tmp_path / "rgb.npz", "NHWC")
     err = _bad(capsys, tmp_path, "zoo:mnist-mlp", path)

@@ -72,7 +72,7 @@ class TensorData:
     name: str = "data"
     source: str = "tensors"
     format: str = "tensors"  # how it was read (bngraph.training.data_formats), for the run's metadata
-    label_file: str = ""  # where the training labels come from, for errors
+    label_file: str = ""  # where the largest label comes from, for errors
     class_names: tuple[str, ...] | None = None  # what label i means, where the data names it (class folders)
 
     @classmethod
@@ -248,5 +248,5 @@ def check_model_fits(model: nn.Module, data: TensorData | StreamData, *, for_tra
     elif outputs < data.num_classes:
         raise UserError(
             f"{data.label_file or data.source}: label {data.num_classes - 1} is out of range for the model's "
-            f"{outputs} outputs; training on {data.name} needs logits of shape (N, {data.num_classes})"
+            f"{outputs} outputs; {data.name}'s labels need logits of shape (N, {data.num_classes})"
         )

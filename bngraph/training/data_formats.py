@@ -96,7 +96,7 @@ def detect_format(path: str | Path) -> str:
         return "factory"
     path = Path(text).expanduser()
     if path.is_file():
-        if path.suffix == ".npz":
+        if path.suffix.lower() == ".npz":
             return "npz"
         raise UserError(f"{path} is a file but not an .npz or a .py factory; --data takes a folder, an .npz or FILE.py:make")
     if not path.is_dir():
@@ -425,11 +425,15 @@ def read_factory(text: str):
     symbol = symbol or "make"
     if not path.is_file():
         raise UserError(f"data factory file {path} does not exist")
-    code = import_user_file(path)
-    make = getattr(code, symbol, None)
-    if not callable(make):
-        raise UserError(f"{path} has no function {symbol!r} returning (train, test) Datasets")
-    made = call_user_factory(path, symbol, make)
+    try:  # a script's sys.exit() would end bngraph with its code and not a word
+        code = import_user_file(path)
+        make = getattr(code, symbol, None)
+        if not callable(make):
+            raise UserError(f"{path} has no function {symbol!r} returning (train, test) Datasets")
+        made = call_user_factory(path, symbol, make)
+    except SystemExit as stop:
+        raise UserError(f"{path}:{symbol} called sys.exit({stop.code!r}) instead of returning (train, test) "
+                        "Datasets") from None
     if not (isinstance(made, tuple) and len(made) == 2 and all(hasattr(d, "__getitem__") and hasattr(d, "__len__") for d in made)):
         raise UserError(f"{path}:{symbol}() returned {type(made).__name__}; expected a tuple (train, test) of Datasets")
     for part, dataset in zip(("train", "test"), made):
@@ -536,12 +540,14 @@ def open_data(
     def finish(train: Split, test: Split, name: str, source: str, class_names: tuple[str, ...] | None = None):
         shape = tuple(to_model_input(train.images[:1], target).shape[1:])
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+        # An error about the largest label names the split that holds it.
+        label_file = train.label_file if int(train.labels.max()) + 1 == num_classes else test.label_file
         if fits(len(train.labels) + len(test.labels), int(np.prod(shape))):
             x = [_convert_in_chunks(s.images, target, device) for s in (train, test)]
             return TensorData(x[0], train.labels.to(device), x[1], test.labels.to(device), name, source,
-                              format=fmt, label_file=train.label_file, class_names=class_names)
+                              format=fmt, label_file=label_file, class_names=class_names)
         return StreamData(ArrayDataset(train, target), ArrayDataset(test, target), name, source, format=fmt,
-                          num_classes=num_classes, example_shape=shape, label_file=train.label_file,
+                          num_classes=num_classes, example_shape=shape, label_file=label_file,
                           workers=workers, device=device, class_names=class_names)
 
     if fmt == "mnist-idx":
