@@ -25,6 +25,7 @@ from bngraph.reproduce.recipes import Recipe, apply_recipe
 from bngraph.training.checkpoint import saved_config
 from bngraph.training.config import TrainConfig, epochs_to_steps
 from bngraph.training.data import StreamData, TensorData, check_model_fits
+from bngraph.training.data_formats import recorded_classes, with_model_classes
 from bngraph.training.distributed import SINGLE, Distributed, from_main
 from bngraph.training.run_folder import TrainedFolder, train_into_folder
 
@@ -58,6 +59,7 @@ def train_run(
     """
     ctx = distributed
     model, history = loaded.module, list(loaded.history)
+    data = with_model_classes(data, recorded_classes(history))  # fine-tuning: the model's outputs keep their classes
     steps = steps or epochs_to_steps(epochs or 2, data.n_train, batch_size * ctx.world_size)
     example = [data.example(2).cpu()]
 
@@ -129,8 +131,7 @@ def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamDat
     notes = [f"every evaluation is in {output / 'metrics.jsonl'}"]
     if data.class_names is not None:
         names = ", ".join(data.class_names[:8]) + (", ..." if len(data.class_names) > 8 else "")
-        notes.append(f"output i is class folder i, by sorted name: {names} (all {len(data.class_names)} in the "
-                     f"model's bngraph.json)")
+        notes.append(f"output i is class i: {names} (all {len(data.class_names)} in the model's bngraph.json)")
     return Report(f"bngraph train {model}", sections=sections, facts=facts, notes=notes)
 
 

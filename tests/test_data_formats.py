@@ -244,6 +244,52 @@ def test_a_model_trained_on_an_image_folder_records_what_each_output_means(tmp_p
     assert history[-1]["classes"] == ["10", "2", "9"]
 
 
+def write_quadrant_folder(root, classes, n_train=64, n_test=16):
+    """Class k of four ("cat", "dog", "fox", "owl"): a bright square in quadrant k; only `classes` written."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            k = i % 4
+            pixels = rng.integers(0, 50, (8, 8, 3), dtype=np.uint8)
+            r, c = divmod(k, 2)
+            pixels[r * 4 : r * 4 + 4, c * 4 : c * 4 + 4] = 230
+            name = ("cat", "dog", "fox", "owl")[k]
+            if name in classes:
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_recalibrating_and_fine_tuning_keep_the_classes_the_model_recorded(tmp_path, capsys):
+    # Trained on cat, dog, fox, owl; a folder without cat must not make dog label 0.
+    model = tmp_path / "m.py"
+    model.write_text("from torch import nn\n\nclass Net(nn.Sequential):\n    example_input_shape = (2, 3, 8, 8)\n\n"
+                     "    def __init__(self):\n        super().__init__(nn.Flatten(), nn.Linear(192, 16), nn.BatchNorm1d(16),"
+                     " nn.ReLU(), nn.Linear(16, 4))\n")
+    all_four = write_quadrant_folder(tmp_path / "all", ("cat", "dog", "fox", "owl"))
+    no_cat = write_quadrant_folder(tmp_path / "no_cat", ("dog", "fox", "owl"))
+    code, _, err = _cli(capsys, "train", model, "--data", all_four, "--steps", 40, "--lr", 0.1, "--batch-size", 16,
+                        "--eval-every", 40, "--quiet", "-o", tmp_path / "run")
+    assert code == 0, err
+    trained = tmp_path / "run" / "model"
+    code, out, err = _cli(capsys, "recalibrate", trained, "--data", no_cat, "--batches", 3, "--batch-size", 16,
+                          "-o", tmp_path / "recal", "--json")
+    assert code == 0, err
+    assert json.loads(out)["test_accuracy_before"] == 1.0
+
+    code, out, err = _cli(capsys, "train", trained, "--data", no_cat, "--steps", 2, "--batch-size", 16,
+                          "--eval-every", 2, "--quiet", "--json", "-o", tmp_path / "tuned")
+    assert code == 0, err
+    assert json.loads(out)["final_test_accuracy"] == 1.0
+    history = json.loads((tmp_path / "tuned" / "model" / "bngraph.json").read_text())["history"]
+    assert [e["classes"] for e in history if "classes" in e] == [["cat", "dog", "fox", "owl"]] * 2
+
+    (no_cat / "train" / "yak").mkdir()
+    (no_cat / "train" / "owl" / "3.png").rename(no_cat / "train" / "yak" / "3.png")
+    err = _bad(capsys, tmp_path, trained, no_cat)
+    assert "class folder 'yak', which is not one of the model's classes (cat, dog, fox, owl" in err
+
+
 def test_npz_in_each_layout_trains(tmp_path, capsys, nets):
     facts = _train(capsys, tmp_path, "zoo:mnist-mlp", write_npz(tmp_path / "gray.npz"))
     assert facts["data_format"] == "npz"
@@ -456,6 +502,133 @@ def test_images_holding_nan_or_inf_are_named_before_any_training(tmp_path, capsy
         train(create_model("mnist-mlp"), user_tensors, TrainConfig(steps=2, batch_size=4), progress=False)
 
 
+MLP_PY = """
+from torch import nn
+
+
+class Net(nn.Sequential):  # flattens whatever it is given: 8 x 8 x 3 runs as well as 3 x 8 x 8
+    example_input_shape = (2, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__(nn.Flatten(), nn.Linear(192, 4))
+"""
+
+CHANNELS_LAST_PY = """
+import numpy as np
+from torch.utils.data import Dataset
+
+
+class Photos(Dataset):  # np.array(PIL image), as cv2 gives it too: H, W, C
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8), i % 4
+
+
+def make():
+    return Photos(16), Photos(8)
+"""
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_factorys_channels_last_images_are_refused_not_flattened_in_the_wrong_order(tmp_path, capsys, streamed):
+    (tmp_path / "m.py").write_text(MLP_PY)
+    (tmp_path / "photos.py").write_text(CHANNELS_LAST_PY)
+    err = _bad(capsys, tmp_path, tmp_path / "m.py", tmp_path / "photos.py",
+               *(["--stream-above", 0, "--loader-workers", 0] if streamed else []))
+    assert "train[0] is an image of shape (8, 8, 3), channels last (H, W, C), but the model takes (3, 8, 8)" in err
+    assert "x.transpose(2, 0, 1)" in err and not (tmp_path / "bad").exists()
+
+
+LABELS_PY = """
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+class Strings(Dataset):  # labels read from a CSV, as text
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return x[i], str(i % 10)
+
+
+def fractional():  # regression targets or soft labels, not class indices
+    y = torch.linspace(0, 9.5, 16)
+    return TensorDataset(x, y), TensorDataset(x, y)
+
+
+def strings():
+    return Strings(), Strings()
+
+
+def whole_floats():
+    y = (torch.arange(16) % 10).float()
+    return TensorDataset(x, y), TensorDataset(x, y)
+"""
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_factorys_labels_must_be_class_indices_not_truncated_floats_or_text(tmp_path, capsys, streamed):
+    factory = tmp_path / "labels.py"
+    factory.write_text(LABELS_PY)
+    stream = ["--stream-above", 0, "--loader-workers", 0] if streamed else []
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:fractional", *stream)
+    assert f"{factory}:fractional train[1] has label 0.633" in err and "expected an integer class index" in err
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:strings", *stream)
+    assert f"{factory}:strings train[0] has label '0'; expected an integer class index" in err
+    _train(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:whole_floats", *stream)
+
+
+BROKEN_ITEMS_PY = """
+import torch
+from torch.utils.data import Dataset
+
+x = torch.rand(24, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+class Photos(Dataset):
+    def __init__(self, broken=None):
+        self.broken = broken
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        if self.broken == "missing" and i == 7:
+            raise FileNotFoundError("/data/photos/img0007.jpg")
+        if self.broken == "smaller" and i == 13:
+            return x[i, :, :14, :14], i % 10
+        return x[i], i % 10
+
+
+def missing():
+    return Photos("missing"), Photos()
+
+
+def smaller():
+    return Photos("smaller"), Photos()
+"""
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream-above", 0, "--loader-workers", 0],
+                                    ["--stream-above", 0, "--loader-workers", 1]])
+def test_a_factory_item_that_cannot_be_read_or_is_another_shape_is_named(tmp_path, capsys, stream):
+    factory = tmp_path / "photos.py"
+    factory.write_text(BROKEN_ITEMS_PY)
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:missing", *stream, "--steps", 8)
+    assert f"{factory}:missing train[7] could not be read" in err
+    assert f"{factory}:" in err.split("could not be read")[1] and "FileNotFoundError: /data/photos/img0007.jpg" in err
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:smaller", *stream, "--steps", 8)
+    assert "(1, 14, 14)" in err and "(1, 28, 28)" in err
+
+
 def test_a_factory_of_dict_examples_is_told_what_to_return(tmp_path, capsys):
     factory = tmp_path / "data.py"
     factory.write_text(FACTORY_PY)
@@ -471,12 +644,52 @@ def test_a_factory_of_dict_examples_is_told_what_to_return(tmp_path, capsys):
         ({"y_test": np.full(12, -1)}, "has label -1 at index 0"),
         ({"y_train": np.zeros(40, np.float32)}, "labels of type float32"),
         ({"x_test": np.zeros((12, 27, 27), np.uint8)}, "x_train images are (1, 28, 28), x_test (1, 27, 27)"),
+        # uint8 scaled to [0, 1], float 0-255 as it is: test accuracy 0.31 where uint8 for both gave 1
+        ({"x_test": np.full((12, 28, 28), 255, np.float32)},
+         "x_train is uint8 (scaled from 0-255 to [0, 1]) but x_test is float32 with values up to 255"),
     ],
 )
 def test_inconsistent_arrays_are_named(tmp_path, capsys, override, message):
     path = write_npz(tmp_path / "d.npz", **override)
     err = _bad(capsys, tmp_path, "zoo:mnist-mlp", path)
     assert str(path) in err and message in err
+
+
+def test_a_uint8_split_beside_a_float_split_already_in_0_to_1_trains(tmp_path, capsys):
+    _train(capsys, tmp_path, "zoo:mnist-mlp", write_npz(tmp_path / "d.npz", x_test=np.full((12, 28, 28), 0.5)))
+
+
+def test_big_endian_arrays_are_read_as_the_same_numbers(tmp_path, capsys):
+    # As some non-Python tools write them; torch.from_numpy refused them with a traceback.
+    native = write_npz(tmp_path / "native.npz", dtype=np.float32)
+    with np.load(native) as arrays:
+        np.savez(tmp_path / "big.npz", **{k: v.astype(v.dtype.newbyteorder(">")) for k, v in arrays.items()})
+    big, same = open_data(tmp_path / "big.npz"), open_data(native)
+    assert torch.equal(big.x_train, same.x_train) and torch.equal(big.y_test, same.y_test)
+    _train(capsys, tmp_path, "zoo:mnist-mlp", tmp_path / "big.npz")
+
+
+def test_a_file_that_is_not_an_npz_of_arrays_is_one_line_without_pickle_advice(tmp_path, capsys):
+    np.save(tmp_path / "plain.npy", np.zeros((4, 28, 28), np.float32))
+    (tmp_path / "plain.npy").rename(tmp_path / "array.npz")
+    assert "array.npz is one .npy array, not an .npz" in _bad(capsys, tmp_path, "zoo:mnist-mlp", tmp_path / "array.npz")
+    (tmp_path / "junk.npz").write_bytes(b"this is not a zip")
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", tmp_path / "junk.npz")
+    assert "junk.npz is not an .npz (not a zip file of arrays)" in err and "pickle" not in err
+    path = write_npz(tmp_path / "scalar.npz", x_train=np.array(0.0))
+    assert "x_train has shape (); images are" in _bad(capsys, tmp_path, "zoo:mnist-mlp", path)
+
+
+def test_an_npz_named_in_capitals_is_an_npz(tmp_path, capsys):
+    path = write_npz(tmp_path / "d.npz").rename(tmp_path / "D.NPZ")
+    assert detect_format(path) == "npz"
+    _train(capsys, tmp_path, "zoo:mnist-mlp", path)
+
+
+def test_a_factory_that_calls_sys_exit_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "exits.py").write_text("import sys\n\n\ndef make():\n    sys.exit(3)\n")
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", tmp_path / "exits.py")
+    assert f"{tmp_path / 'exits.py'}:make called sys.exit(3) instead of returning (train, test) Datasets" in err
 
 
 def test_a_shape_the_model_cannot_take_is_named(tmp_path, capsys, nets):

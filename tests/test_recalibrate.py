@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from bngraph.data import load_mnist
 from bngraph.passes.recalibrate_bn import recalibrate_bn
 from bngraph.training import EpochSampler
 from tests.mnist_like import write_learnable
+from tests.test_data_formats import write_npz
 
 
 def _cli(capsys, *argv):
@@ -114,3 +116,15 @@ def test_a_model_that_outputs_probabilities_recalibrates(tmp_path, capsys, train
                           "-o", tmp_path / "r", "--json")
     assert code == 0, err
     assert [row["bn"] for row in json.loads(out)["recalibrated"]] == ["body.2"]
+    assert json.loads((tmp_path / "r" / "bngraph.json").read_text())["history"][-1]["data_format"] == "mnist-idx"
+
+
+def test_a_test_label_out_of_range_names_y_test_and_not_training(tmp_path, capsys):
+    (tmp_path / "deployed.py").write_text(SOFTMAX_PY)
+    labels = np.zeros(12, np.int64)
+    labels[3] = 11
+    path = write_npz(tmp_path / "d.npz", y_test=labels)
+    code, _, err = _cli(capsys, "recalibrate", tmp_path / "deployed.py", "--data", path, "--batches", 2,
+                        "-o", tmp_path / "r")
+    assert code == 2 and f"{path} (y_test): label 11 is out of range for the model's 10 outputs" in err
+    assert "training" not in err and err.count("\n") == 1

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from torch import nn
 import bngraph
 from bngraph.cli import main
 from bngraph.errors import UserError
-from bngraph.training import EpochSampler, InputTracker, TensorData, TrainConfig, read_metrics, train
+from torch.utils.data import TensorDataset
+
+from bngraph.training import EpochSampler, InputTracker, StreamData, TensorData, TrainConfig, read_metrics, train
 from tests.mnist_like import learnable_arrays, write_learnable
 
 
@@ -59,6 +62,20 @@ def test_a_run_killed_mid_way_and_resumed_ends_bit_identical(tmp_path):
     timing = ("steps_per_s", "elapsed_s")
     drop = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert drop(read_metrics(tmp_path / "killed" / "metrics.jsonl")) == drop(whole.metrics)
+
+
+def test_a_streamed_run_with_dropout_resumed_ends_bit_identical(tmp_path):
+    # Each DataLoader iterator once drew its seed from the global generator, which dropout draws
+    # from: the resume's new iterator moved every later dropout mask.
+    memory = tensor_data(n_train=96, n_test=32)
+    data = StreamData(TensorDataset(memory.x_train, memory.y_train), TensorDataset(memory.x_test, memory.y_test),
+                      num_classes=10, example_shape=(1, 28, 28), workers=0)
+    config = TrainConfig(steps=12, batch_size=8, lr=0.05, decay_every=2, eval_every=4)
+    whole = train(small_net(), data, config, out_dir=tmp_path / "whole", progress=False)
+    train(small_net(), data, replace(config, steps=4), out_dir=tmp_path / "half", progress=False)
+    resumed = train(small_net(), data, config, out_dir=tmp_path / "half", resume=True, progress=False)
+    assert resumed.resumed_from == 4
+    assert_bit_identical(whole.model, resumed.model)
 
 
 def test_sigterm_stops_after_a_whole_step_and_resumes_exactly(tmp_path):
@@ -279,7 +296,27 @@ def test_cli_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, capsy
 
 def test_cli_resume_from_a_damaged_checkpoint_is_the_users_error(tmp_path, capsys, mnist_dir):
     (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "bngraph.json").write_text('{"format": "bngraph-run", "format_version": 1}')
     (tmp_path / "o" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     code, _, err = _cli(capsys, "train", "zoo:mnist-mlp", "--data", mnist_dir, "--steps", 5, "-o", tmp_path / "o",
                         "--resume")
     assert code == 2 and "cannot read" in err and err.count("\n") == 1
+
+
+def test_cli_resume_continues_only_a_run_folder_bngraph_wrote_and_touches_nothing_else(tmp_path, capsys, mnist_dir):
+    # A checkpoint copied into the user's own folder, beside their notes and their own metrics.jsonl.
+    common = ("train", "zoo:mnist-mlp", "--data", mnist_dir, "--eval-every", 2, "--quiet")
+    assert _cli(capsys, *common, "--steps", 2, "-o", tmp_path / "run")[0] == 0
+    mine = tmp_path / "myproject"
+    mine.mkdir()
+    (mine / "checkpoint.pt").write_bytes((tmp_path / "run" / "checkpoint.pt").read_bytes())
+    (mine / "metrics.jsonl").write_text('{"my": "own experiment log"}\n')
+    (mine / "notes.txt").write_text("my notes\n")
+    (tmp_path / "run" / "notes.txt").write_text("my notes\n")  # and a run folder the user wrote into
+    for folder, message in ((mine, "it is not a run folder bngraph wrote"),
+                            (tmp_path / "run", "it holds what bngraph did not write (notes.txt)")):
+        before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        code, _, err = _cli(capsys, *common, "--steps", 4, "-o", folder, "--resume")
+        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+        assert not (mine / "model").exists()

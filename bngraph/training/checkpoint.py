@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bngraph.atomic import check_writable, save_tensors, start_run_folder, write_atomically
+from bngraph.atomic import (
+    RUN, check_writable, foreign_entries, output_kind, save_tensors, start_run_folder, write_atomically,
+)
 from bngraph.compare import ONNX_TOLERANCE, compare
 from bngraph.errors import UserError, one_line
 from bngraph.runners import named_tensors, random_tensor
@@ -38,10 +40,25 @@ def open_run_folder(out_dir: Path | None, resume: bool) -> None:
     if resume and (checkpoint_path is None or not checkpoint_path.is_file()):
         missing = checkpoint_path or "no run folder"
         raise UserError(f"nothing to resume: {missing} does not exist (start without --resume)")
+    if resume:
+        check_resumable(out_dir)
     if not resume and checkpoint_path is not None and checkpoint_path.exists():
         raise UserError(f"{out_dir} holds a run already: add --resume to continue it, or choose another -o")
     if out_dir is not None:
         start_run_folder(out_dir, resume=resume)  # new, empty or a run's: never a user's folder
+
+
+def check_resumable(out_dir: Path) -> None:
+    """A resume rewrites the checkpoint, the metrics and model/: only in a run folder bngraph
+    wrote, and holding nothing else (a checkpoint copied into a user's folder is not a run)."""
+    if output_kind(out_dir) != RUN:
+        raise UserError(f"cannot resume in {out_dir}: it is not a run folder bngraph wrote (no bngraph.json of a "
+                        "run); it is left as it is: copy the whole run folder, or start a new run elsewhere")
+    foreign = foreign_entries(out_dir, RUN)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"cannot resume in {out_dir}: it holds what bngraph did not write ({shown}), which resuming "
+                        "could overwrite; it is left as it is: move that out, then resume")
 
 
 def saved_config(out_dir: Path) -> dict | None:

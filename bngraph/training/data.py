@@ -72,7 +72,7 @@ class TensorData:
     name: str = "data"
     source: str = "tensors"
     format: str = "tensors"  # how it was read (bngraph.training.data_formats), for the run's metadata
-    label_file: str = ""  # where the training labels come from, for errors
+    label_file: str = ""  # where the largest label comes from, for errors
     class_names: tuple[str, ...] | None = None  # what label i means, where the data names it (class folders)
 
     @classmethod
@@ -127,10 +127,15 @@ class StreamData:
     def example(self, n: int = 2) -> torch.Tensor:
         return torch.stack([torch.as_tensor(self.train[i][0]) for i in range(n)])  # as the model takes them
 
-    def loader(self, dataset, *, batch_sampler=None, batch_size: int = 1, pin: bool = False, persistent: bool = False):
+    def loader(self, dataset, *, batch_sampler=None, batch_size: int = 1, pin: bool = False, persistent: bool = False,
+               seed: int = 0):
         workers = default_workers() if self.workers is None else self.workers
         batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
-        return torch.utils.data.DataLoader(dataset, num_workers=workers, pin_memory=pin,
+        # Each iterator draws its workers' base seed from the loader's generator, by default the
+        # global one that dropout draws from: a resume, which starts one iterator more, would move
+        # every later dropout mask.
+        generator = torch.Generator().manual_seed(seed)
+        return torch.utils.data.DataLoader(dataset, num_workers=workers, pin_memory=pin, generator=generator,
                                            persistent_workers=persistent and workers > 0, **batching)
 
 
@@ -162,7 +167,8 @@ def step_batches(data: TensorData | StreamData, sampler: EpochSampler, start: in
             index = sampler(step)
             yield data.x_train[index], data.y_train[index]
         return
-    loader = data.loader(data.train, batch_sampler=_StepBatches(sampler, start, stop), pin=dev.type == "cuda")
+    loader = data.loader(data.train, batch_sampler=_StepBatches(sampler, start, stop), pin=dev.type == "cuda",
+                         seed=zlib.crc32(f"{sampler.seed}:{start}".encode()))
     batches = iter(loader)
     while True:
         try:
@@ -242,5 +248,5 @@ def check_model_fits(model: nn.Module, data: TensorData | StreamData, *, for_tra
     elif outputs < data.num_classes:
         raise UserError(
             f"{data.label_file or data.source}: label {data.num_classes - 1} is out of range for the model's "
-            f"{outputs} outputs; training on {data.name} needs logits of shape (N, {data.num_classes})"
+            f"{outputs} outputs; {data.name}'s labels need logits of shape (N, {data.num_classes})"
         )

@@ -32,7 +32,7 @@ docstring line that describes it, and `open_data` dispatches over them at the en
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,7 @@ from PIL import Image
 from torch import nn
 
 from bngraph.data import FILES, find_idx_file, load_mnist
-from bngraph.errors import UserError
+from bngraph.errors import UserError, model_raised
 from bngraph.load import call_user_factory, import_user_file
 from bngraph.training.data import StreamData, TensorData, check_finite
 
@@ -96,7 +96,7 @@ def detect_format(path: str | Path) -> str:
         return "factory"
     path = Path(text).expanduser()
     if path.is_file():
-        if path.suffix == ".npz":
+        if path.suffix.lower() == ".npz":
             return "npz"
         raise UserError(f"{path} is a file but not an .npz or a .py factory; --data takes a folder, an .npz or FILE.py:make")
     if not path.is_dir():
@@ -182,22 +182,49 @@ def _check_labels(labels: np.ndarray, where: str, limit: int | None = None) -> n
 # --- the readers --------------------------------------------------------------------------------
 
 
+_NPY_MAGIC, _ZIP_MAGIC = b"\x93NUMPY", b"PK"
+_NPZ_HOWTO = "np.savez(FILE, x_train=..., y_train=..., x_test=..., y_test=...)"
+
+
+def _check_is_npz(path: Path) -> None:
+    """An .npz is a zip of .npy files; anything else would reach numpy, whose answer for a file
+    it cannot tell is advice to unpickle it."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    if head.startswith(_NPY_MAGIC):
+        raise UserError(f"{path} is one .npy array, not an .npz of x_train, y_train, x_test, y_test: save them "
+                        f"with {_NPZ_HOWTO}")
+    if not head.startswith(_ZIP_MAGIC):
+        raise UserError(f"{path} is not an .npz (not a zip file of arrays): save the data with {_NPZ_HOWTO}")
+
+
+def _native_order(array: np.ndarray) -> np.ndarray:
+    """Big-endian arrays (some non-Python tools write them) are valid data; torch takes native order only."""
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+
+
 def read_npz(path: Path, target: Target) -> tuple[Split, Split]:
+    _check_is_npz(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in archive.files]
             if missing:
                 raise UserError(f"{path} lacks {', '.join(missing)} (it holds {', '.join(archive.files) or 'nothing'})")
-            arrays = {k: archive[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            arrays = {k: _native_order(archive[k]) for k in ("x_train", "y_train", "x_test", "y_test")}
     except UserError:
         raise
-    except (OSError, ValueError, EOFError) as err:  # not a zip, damaged, or object arrays (pickles)
+    except (OSError, ValueError, EOFError) as err:  # a damaged zip, or object arrays (pickles)
         raise UserError(f"cannot read {path} as an .npz of arrays: {err}") from None
     splits = []
     for part in ("train", "test"):
         x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
         where = f"{path} (y_{part})"
         y = _check_labels(y, where)
+        if x.ndim not in (3, 4):  # before len(x): a 0-d array has none
+            raise UserError(f"{path}: x_{part} has shape {x.shape}; images are N,H,W or N,H,W,C or N,C,H,W")
         if len(x) != len(y):
             raise UserError(f"{path}: x_{part} holds {len(x)} examples but y_{part} {len(y)} labels")
         if len(x) == 0:
@@ -209,14 +236,25 @@ def read_npz(path: Path, target: Target) -> tuple[Split, Split]:
     train, test = splits
     if train.images.shape[1:] != test.images.shape[1:]:
         raise UserError(f"{path}: x_train images are {tuple(train.images.shape[1:])}, x_test {tuple(test.images.shape[1:])}")
+    _check_one_scale(arrays["x_train"], arrays["x_test"], path)
     return train, test
+
+
+def _check_one_scale(x_train: np.ndarray, x_test: np.ndarray, path: Path) -> None:
+    """uint8 images are scaled to [0, 1] and float ones used as they are: one split of each, the
+    float one holding values above 1 (0-255 as floats), would train and test on different scales."""
+    if (x_train.dtype == np.uint8) == (x_test.dtype == np.uint8):
+        return
+    whole, floats, values = ("x_train", "x_test", x_test) if x_train.dtype == np.uint8 else ("x_test", "x_train", x_train)
+    if values.size and float(values.max()) > 1:
+        raise UserError(f"{path}: {whole} is uint8 (scaled from 0-255 to [0, 1]) but {floats} is {values.dtype} with "
+                        f"values up to {float(values.max()):g} (used as they are): the splits would be on different "
+                        "scales; save both as uint8, or both as floats on one scale")
 
 
 def _nchw(x: np.ndarray, channels: int | None, where: str) -> np.ndarray:
     if x.ndim == 3:
         return np.ascontiguousarray(x[:, None])
-    if x.ndim != 4:
-        raise UserError(f"{where} has shape {x.shape}; images are N,H,W or N,H,W,C or N,C,H,W")
     if channels is not None:
         if x.shape[3] == channels:
             return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
@@ -329,6 +367,30 @@ class ImageFiles(torch.utils.data.Dataset):
         return x, torch.tensor(label)
 
 
+def recorded_classes(history) -> tuple[str, ...] | None:
+    """The classes a model's training recorded in its history (output i is class i), or None."""
+    return next((tuple(e["classes"]) for e in reversed(history) if isinstance(e, dict) and e.get("classes")), None)
+
+
+def with_model_classes(data, classes: tuple[str, ...] | None):
+    """`data` with its class folders' labels mapped onto the model's `classes` (its output i is
+    class i): a folder lacking one of them must not shift the others' labels. A class the model
+    does not know is refused. Data without class names, or a model without them, is as it is."""
+    if classes is None or data.class_names is None or tuple(data.class_names) == tuple(classes):
+        return data
+    unknown = [c for c in data.class_names if c not in classes]
+    if unknown:
+        raise UserError(f"{data.source} has class folder {unknown[0]!r}, which is not one of the model's classes "
+                        f"({', '.join(classes)}, recorded in its bngraph.json): leave that folder out")
+    label_of = [classes.index(c) for c in data.class_names]  # folder label -> the model's output
+    if isinstance(data, TensorData):
+        mapping = torch.tensor(label_of, device=data.y_train.device)
+        return replace(data, y_train=mapping[data.y_train], y_test=mapping[data.y_test], class_names=tuple(classes))
+    relabel = lambda files: ImageFiles([(p, label_of[c]) for p, c in files.pairs], files.mode, files.size)  # noqa: E731
+    return replace(data, train=relabel(data.train), test=relabel(data.test), num_classes=len(classes),
+                   class_names=tuple(classes))
+
+
 def image_folder_mode(channels: int | None) -> str:
     if channels in (None, 3):
         return "RGB"
@@ -363,11 +425,15 @@ def read_factory(text: str):
     symbol = symbol or "make"
     if not path.is_file():
         raise UserError(f"data factory file {path} does not exist")
-    code = import_user_file(path)
-    make = getattr(code, symbol, None)
-    if not callable(make):
-        raise UserError(f"{path} has no function {symbol!r} returning (train, test) Datasets")
-    made = call_user_factory(path, symbol, make)
+    try:  # a script's sys.exit() would end bngraph with its code and not a word
+        code = import_user_file(path)
+        make = getattr(code, symbol, None)
+        if not callable(make):
+            raise UserError(f"{path} has no function {symbol!r} returning (train, test) Datasets")
+        made = call_user_factory(path, symbol, make)
+    except SystemExit as stop:
+        raise UserError(f"{path}:{symbol} called sys.exit({stop.code!r}) instead of returning (train, test) "
+                        "Datasets") from None
     if not (isinstance(made, tuple) and len(made) == 2 and all(hasattr(d, "__getitem__") and hasattr(d, "__len__") for d in made)):
         raise UserError(f"{path}:{symbol}() returned {type(made).__name__}; expected a tuple (train, test) of Datasets")
     for part, dataset in zip(("train", "test"), made):
@@ -378,7 +444,12 @@ def read_factory(text: str):
 
 
 def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
-    item = dataset[i]
+    try:
+        item = dataset[i]
+    except UserError:
+        raise
+    except Exception as err:  # a missing or corrupt file behind item i: the user's data, named
+        raise model_raised(err, failed=f"{where}[{i}] could not be read") from err
     if isinstance(item, dict):  # a HuggingFace-style example: which key is the image is the user's call
         keys = ", ".join(map(repr, item))
         raise UserError(f"{where}[{i}] is a dict ({keys}); expected a tuple (image tensor, label): "
@@ -391,11 +462,23 @@ def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
         x = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
     x = torch.as_tensor(x)
     check_finite(x[None], where, first_index=i)
+    return x, _label(y, f"{where}[{i}]")
+
+
+def _label(y, where: str) -> int:
+    """A class index: an integer, or a float that is a whole number (3.0). int() would take 2.73
+    as 2 and "3" as 3: a regression target or a string is not a class index."""
     try:
-        y = int(y)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}[{i}] has label {y!r}; expected an integer class index") from None
-    return x, y
+        value = None if isinstance(y, (str, bytes)) else torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError):
+        value = None
+    if value is None or value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+        raise UserError(f"{where} has label {y!r}; expected an integer class index")
+    number = value.item()
+    if value.is_floating_point() and not float(number).is_integer():
+        raise UserError(f"{where} has label {number!r}; expected an integer class index (a float only when whole, "
+                        "such as 3.0)")
+    return int(number)
 
 
 class CheckedLabels(torch.utils.data.Dataset):
@@ -406,11 +489,16 @@ class CheckedLabels(torch.utils.data.Dataset):
         self.dataset, self.where, self.num_classes, self.target = dataset, where, num_classes, target
         self.channel_axis = channel_axis  # (H, W) items made (1, H, W), as the whole-data path makes them
 
+        self.shape = _item(dataset, 0, where)[0].shape  # every item's: a batch is stacked from them
+
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i):
         x, y = _item(self.dataset, i, self.where)
+        if x.shape != self.shape:  # the whole-data path's check, item by item
+            raise UserError(f"{self.where}[{i}] is an image of shape {tuple(x.shape)}, {self.where}[0] of "
+                            f"{tuple(self.shape)}: the images of a split must all be one shape")
         if y < 0 or (self.num_classes is not None and y >= self.num_classes):
             raise UserError(f"{self.where}[{i}] has label {y}, out of range for the model's {self.num_classes} outputs")
         # The conversion of the whole-data path (uint8 scaled to [0, 1]): streamed or not, the same values.
@@ -452,12 +540,14 @@ def open_data(
     def finish(train: Split, test: Split, name: str, source: str, class_names: tuple[str, ...] | None = None):
         shape = tuple(to_model_input(train.images[:1], target).shape[1:])
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+        # An error about the largest label names the split that holds it.
+        label_file = train.label_file if int(train.labels.max()) + 1 == num_classes else test.label_file
         if fits(len(train.labels) + len(test.labels), int(np.prod(shape))):
             x = [_convert_in_chunks(s.images, target, device) for s in (train, test)]
             return TensorData(x[0], train.labels.to(device), x[1], test.labels.to(device), name, source,
-                              format=fmt, label_file=train.label_file, class_names=class_names)
+                              format=fmt, label_file=label_file, class_names=class_names)
         return StreamData(ArrayDataset(train, target), ArrayDataset(test, target), name, source, format=fmt,
-                          num_classes=num_classes, example_shape=shape, label_file=train.label_file,
+                          num_classes=num_classes, example_shape=shape, label_file=label_file,
                           workers=workers, device=device, class_names=class_names)
 
     if fmt == "mnist-idx":
@@ -491,6 +581,7 @@ def open_data(
     # (H, W) items for a model that takes (N, 1, H, W) get their channel axis; any other item is
     # what the model takes already (a (T, C) sequence for an (N, T, C) model stays as it is).
     channel_axis = input_shape is not None and len(input_shape) == 4 and x0.dim() == 2
+    _check_item_layout((1, *x0.shape) if channel_axis else tuple(x0.shape), input_shape, f"{where} train[0]")
     if fits(len(train_set) + len(test_set), x0.numel()):
         splits = []
         for part, ds in (("train", train_set), ("test", test_set)):
@@ -508,6 +599,23 @@ def open_data(
                       Path(where.split(":")[0]).stem, where, format=fmt, num_classes=None,
                       example_shape=(1, *x0.shape) if channel_axis else tuple(x0.shape), label_file=where,
                       workers=workers, device=device)
+
+
+def _check_item_layout(shape: tuple[int, ...], input_shape, where: str) -> None:
+    """Refuse a factory's items shaped as the model's input in another order (NumPy's and PIL's
+    H, W, C for a model taking C, H, W): a model that flattens them would train on the wrong
+    layout without a word. Other shapes than the model's are left to the model to take or refuse."""
+    if input_shape is None:
+        return
+    declared = tuple(int(d) for d in input_shape[1:])
+    if shape == declared or sorted(shape) != sorted(declared):
+        return
+    if len(shape) == 3 and shape == (*declared[1:], declared[0]):
+        raise UserError(f"{where} is an image of shape {shape}, channels last (H, W, C), but the model takes "
+                        f"{declared} (C, H, W): return x.permute(2, 0, 1) (a NumPy array: x.transpose(2, 0, 1)) "
+                        "from __getitem__, or use torchvision's ToTensor()")
+    raise UserError(f"{where} has shape {shape}, the model's input {declared} in another order: return items "
+                    f"shaped {declared}")
 
 
 def _convert_in_chunks(images: torch.Tensor, target: Target, device: torch.device, chunk: int = 4096) -> torch.Tensor:
