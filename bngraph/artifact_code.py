@@ -96,7 +96,7 @@ def _arguments(module: nn.Module) -> str:
     A tensor attribute answers a boolean parameter by its presence (`bias=False` when `bias` is
     None). Arguments with no attribute of their name keep their defaults; `_rebuilds` checks."""
     try:
-        parameters = inspect.signature(type(module).__init__).parameters.values()
+        parameters = list(inspect.signature(type(module).__init__).parameters.values())
     except (TypeError, ValueError):
         return module.extra_repr()
     rendered = []
@@ -114,6 +114,9 @@ def _arguments(module: nn.Module) -> str:
         if text is None:
             return module.extra_repr()  # not a literal: the layer's own description is all there is
         rendered.append(f"{p.name}={text}")
+    dtypes = {t.dtype for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)) if t.is_floating_point()}
+    if any(p.name == "dtype" for p in parameters) and len(dtypes) == 1 and dtypes != {torch.get_default_dtype()}:
+        rendered.append(f"dtype={dtypes.pop()}")  # a float64 (or bfloat16) layer, built as it is
     return ", ".join(rendered)
 
 

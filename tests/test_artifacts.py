@@ -159,3 +159,42 @@ def test_failed_save_leaves_no_folder(tmp_path):
     with pytest.raises(UserError, match="cannot save layer 'layer'"):
         bngraph.save(Outer(), tmp_path / "x", example_inputs=[torch.randn(2, 3, 4)])
     assert list(tmp_path.iterdir()) == []
+
+
+FLOAT64_MODEL = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    example_input_shape = (4, 3, 8, 8)
+    example_input_dtypes = ["float64"]
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+        self.double()
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+'''
+
+
+def test_a_float64_model_saves_its_layers_and_batchnorms_in_float64(tmp_path):
+    # The code written for a layer left its dtype out, so a float64 layer was taken from the
+    # user's own class, which has no inserted BN: insert ended in an AttributeError traceback.
+    from bngraph.cli import main
+
+    (tmp_path / "net.py").write_text(FLOAT64_MODEL)
+    assert main(["insert", str(tmp_path / "net.py"), "-o", str(tmp_path / "inserted")]) == 0
+    inserted = bngraph.load(tmp_path / "inserted")
+    assert {p.dtype for p in inserted.parameters()} == {torch.float64} and inserted.conv.bias is None
+    randomize_bn(inserted)
+    torch.save(inserted.state_dict(), tmp_path / "trained.pt")
+    assert main(["fold", str(tmp_path / "inserted"), "--weights", str(tmp_path / "trained.pt"),
+                 "-o", str(tmp_path / "folded")]) == 0
+    folded, x = bngraph.load(tmp_path / "folded"), torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded.eval()(x), inserted.eval()(x), rtol=1e-10, atol=1e-10)
