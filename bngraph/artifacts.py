@@ -14,7 +14,6 @@ outputs before the folder appears: an artifact that would not round-trip is neve
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import sys
@@ -25,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from bngraph.artifact_code import CARRIED_DIR, CLASS_NAME, CODE_FILE, module_source
-from bngraph.atomic import ARTIFACT, check_output, save_tensors, write_dir_atomically
+from bngraph.atomic import ARTIFACT, check_output, save_tensors, sha256, write_dir_atomically
 from bngraph.errors import UserError, one_line
 from bngraph.runners import batch_axes_of, fresh_inputs, named_tensors
 from bngraph.spec import ARTIFACT_META
@@ -35,10 +34,6 @@ from bngraph.user_modules import importing_beside, isolated_modules, python_file
 FORMAT = "bngraph-artifact"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.pt"
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
 
 def save(
     module: nn.Module,
@@ -101,7 +96,7 @@ def save(
             "input_shapes": input_shapes,
             "input_dtypes": input_dtypes,
             "input_batch_axes": batch_axes,
-            "sha256": {f: _sha256(folder / f) for f in (CODE_FILE, WEIGHTS_FILE, *carried)},
+            "sha256": {f: sha256(folder / f) for f in (CODE_FILE, WEIGHTS_FILE, *carried)},
             "history": list(history),
         }
         (folder / ARTIFACT_META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -165,7 +160,7 @@ def load_artifact(path: str | Path) -> tuple[nn.Module, dict]:
         file = path / name
         if not file.is_file():
             raise UserError(f"artifact {path} is incomplete: {name} is missing")
-        if _sha256(file) != digest:
+        if sha256(file) != digest:
             raise UserError(f"artifact {path} is corrupted: {name} does not match its checksum")
     module_name = f"bngraph_artifact_{meta['sha256'][CODE_FILE][:16]}"
     spec = importlib.util.spec_from_file_location(module_name, path / CODE_FILE)

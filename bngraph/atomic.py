@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import itertools
 import json
@@ -86,12 +87,33 @@ def _is_marked_onnx(path: Path) -> bool:
 
 
 def foreign_entries(path: Path, kind: str) -> list[str]:
-    """What a bngraph folder of `kind` at `path` holds that bngraph does not write there."""
+    """What a bngraph folder of `kind` at `path` holds that bngraph does not write there: other
+    files, and an artifact's files changed since (their SHA-256 in its bngraph.json)."""
     found = [p.name for p in path.iterdir() if p.name not in FOLDER_CONTENTS[kind]]
+    if kind == ARTIFACT:
+        found += [f"{name} (changed since bngraph wrote it)" for name in edited_files(path)]
     for pattern in _NESTED_ARTIFACTS.get(kind, ()):
         found += [f"{p.relative_to(path)}/{name}" for p in path.glob(pattern) if p.is_dir()
                   for name in foreign_entries(p, ARTIFACT)]
     return sorted(found)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def edited_files(folder: Path) -> list[str]:
+    """The files of the artifact at `folder` whose contents are not what bngraph wrote."""
+    try:
+        recorded = json.loads((folder / MARKER).read_text()).get("sha256", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [name for name, digest in recorded.items()
+            if (folder / name).is_file() and sha256(folder / name) != digest]
 
 
 def _is_marked_picture(path: Path) -> bool:
