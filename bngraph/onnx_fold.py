@@ -51,6 +51,7 @@ from bngraph.verify import verify
 ONNX_PASSES = [
     onnx_initializer_inputs_to_constants,
     onnx_fold_constants,
+    onnx_simplify,  # first too: a Transpose pair between a layer and its BN (tf2onnx's NHWC) cancelled
     onnx_fuse_bias_add_into_layer,
     onnx_move_bn_before_max_pool,
     onnx_copy_shared_weights,

@@ -13,6 +13,7 @@ a class with an `in_place` attribute, and `run_passes` checks it after each pass
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -134,8 +135,12 @@ def run_passes(graph: Any, passes: Sequence[Pass]) -> tuple[Any, dict[str, PassR
     """Run `passes` in order, each on the previous one's graph; keep each result by name. Each
     pass's declared `in_place` is checked (see the module docstring)."""
     results: dict[str, PassResult] = {}
+    runs: Counter[str] = Counter()
     for p in passes:
         name, in_place = pass_name(p), works_in_place(p)
+        runs[name] += 1
+        if runs[name] > 1:  # a pass run again (onnx_simplify, before and after the folds) keeps both results
+            name = f"{name} ({runs[name]})"
         before = None if in_place else _holdings(graph)
         try:
             result = p(graph)

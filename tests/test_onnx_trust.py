@@ -353,3 +353,20 @@ def test_statistics_written_as_constant_of_shape_fold_and_random_ops_stay_random
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])], arrays, opset=17, ir_version=8)
     folded, report = fold_onnx(model)
     assert report.facts["batchnorms_after"] == 0 and [n.op_type for n in folded.graph].count("Bernoulli") == 1
+
+
+def test_a_transpose_pair_between_a_conv_and_its_bn_is_cancelled_before_the_fold():
+    # tf2onnx's NHWC graphs before its own optimizer: Conv -> to NHWC -> back to NCHW -> BN. The
+    # pair was cancelled after the folds had run, leaving Conv -> BN unfolded in the file.
+    rng = np.random.default_rng(0)
+    arrays = {"W": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+              **dict(zip(["scale", "shift", "mean", "var"], random_bn_stats(4, seed=3)))}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]),
+             helper.make_node("Transpose", ["c"], ["nhwc"], perm=[0, 2, 3, 1]),
+             helper.make_node("Transpose", ["nhwc"], ["nchw"], perm=[0, 3, 1, 2]),
+             helper.make_node("BatchNormalization", ["nchw", "scale", "shift", "mean", "var"], ["y"])]
+    model = onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])], arrays, opset=17, ir_version=8)
+    folded, report = fold_onnx(model)
+    assert report.facts["batchnorms_after"] == 0 and [n.op_type for n in folded.graph] == ["Conv"]
+    assert relative_error(model, folded, feeds()) < FLOAT32_REL
