@@ -30,7 +30,7 @@ from bngraph.errors import ModelRaised, UserError, one_line
 from bngraph.load import load_model
 from bngraph.report import Report
 from bngraph.runners import (
-    BATCH_SIZES, Float64Runner, embedding_bounds, forward_parameter_names, input_order, onnx_inputs, random_batches,
+    BATCH_SIZES, Float64Runner, OrtRunner, embedding_bounds, forward_parameter_names, input_order, onnx_inputs, random_batches,
     runners_for,
 )
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
@@ -144,6 +144,9 @@ def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarra
         if varies[id(ref)]:
             diff.reference_varies = True
             continue
+        if isinstance(ref, OrtRunner):
+            _measure_levels_apart(diff, ref, cand, i, compared, outputs)
+            continue
         if ref.kind != "torch":
             continue
         if id(ref) not in exact:
@@ -154,6 +157,19 @@ def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarra
         theirs, own = _largest_difference(outputs[id(cand)], wide, i), _largest_difference(outputs[id(ref)], wide, i)
         if np.isfinite(theirs) and np.isfinite(own):
             diff.from_exact = (theirs / diff.scale, own / diff.scale)
+
+
+def _measure_levels_apart(diff, ref, cand, i: int, compared, outputs) -> None:
+    """`OutputDiff.levels_apart`: the candidate's largest error, and how far the ONNX reference
+    at its other onnxruntime level is from itself on output `i` (its own float32 rounding, which
+    a fold's rounding matches: a sigmoid near 0 on random inputs moves 1.5e-7 either way)."""
+    other = next((r for _, r, _, _ in compared if isinstance(r, OrtRunner) and r is not ref), None)
+    if other is None:
+        return
+    own = max(float(np.max(np.abs(np.asarray(a[i], np.float64) - np.asarray(b[i], np.float64)), initial=0.0))
+              for a, b in zip(outputs[id(ref)], outputs[id(other)]))
+    if np.isfinite(own):
+        diff.levels_apart = (diff.max_abs / diff.scale, own / diff.scale)
 
 
 def _compare_exactly(name: str, reference, candidate, labels: tuple[str, str]) -> OutputDiff:

@@ -636,3 +636,19 @@ def test_token_ids_are_drawn_from_the_whole_table(tmp_path):
     code, out, _ = run_cli("verify", tmp_path / "tokens.onnx", f"{tokens}:FirstRowsOnly")
     assert code == 1 and "FAILED" in out
     assert run_cli("verify", tmp_path / "tokens.onnx", f"{tokens}:Tokens")[0] == 0
+
+
+def test_a_failure_against_an_onnx_reference_is_measured_against_its_own_levels(tmp_path):
+    # A wrong candidate is far beyond what onnxruntime's own optimizations change in the reference.
+    from tests.onnx_models import conv_bn_file
+
+    reference = conv_bn_file()
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(reference)
+    scale = next(t for t in wrong.graph.initializer if t.name == next(
+        n.input[1] for n in wrong.graph.node if n.op_type == "BatchNormalization"))
+    array = onnx.numpy_helper.to_array(scale) * 1.01
+    scale.CopyFrom(onnx.numpy_helper.from_array(array.astype(np.float32), scale.name))
+    result = verify(reference, wrong, random_batches([(1, 3, 8, 8)], (1, 7)))
+    assert not result and result.worst.levels_apart is not None
+    assert "so the candidate computes something else" in result.lines()[-1]
