@@ -119,8 +119,11 @@ def to_onnx(
             raise_if_model_raises(module, example_inputs)
             _raise_if_batch_fixed(module, example_inputs, axes)
             saved = _keep_export_log(log, err)
+            scripted = next((name for name, m in module.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+            hint = ("" if scripted is None else f"; {scripted or 'the model'} is a TorchScript module, which torch.export "
+                    "cannot take: export the model with its Python modules")
             raise UserError(
-                f"torch.onnx.export could not export {type(module).__name__}: {_root_cause(err)} "
+                f"torch.onnx.export could not export {type(module).__name__}: {_root_cause(err)}{hint} "
                 f"(the exporter's full log: {saved})"
             ) from err
     _raise_if_exported_batch_fixed(program.model, axes)
@@ -327,7 +330,9 @@ def export(
     report.facts.update({f"onnx_{k}": v for k, v in onnx_report.facts.items()})
     report.sections.update({f"onnx_{k}": v for k, v in onnx_report.sections.items()})
     if onnx_report.sections["remaining"]:
-        left = "; ".join(f"{row['node']} ({row['reason']})" for row in onnx_report.sections["remaining"])
+        # The FX fold's rows name the model's own modules and say why; the ONNX ones, the exporter's nodes.
+        rows = report.sections.get("fx_fold_remaining") or onnx_report.sections["remaining"]
+        left = "; ".join(f"{row['node']} ({row['reason']})" for row in rows)
         raise UserError(f"the exported graph keeps a BatchNormalization that cannot be folded: {left}")
     if kept := onnx_report.sections.get("kept"):
         # The ONNX node names are the exporter's; the FX fold's rows name the model's own BNs.

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
 from importlib.util import find_spec
 
 import numpy as np
@@ -254,3 +255,34 @@ def test_an_export_that_fixed_the_batch_is_refused_saying_why(tmp_path):
         export(model, [x], tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
     assert export(model, [x], tmp_path / "m.onnx", batch_axes=[None])
+
+
+class BatchStatistics(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 6)
+        self.b2 = torch.nn.BatchNorm1d(6, track_running_stats=False)
+
+    def forward(self, x):
+        return torch.relu(self.b2(self.fc(x)))
+
+
+class ScriptedBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blk = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
+
+    def forward(self, x):
+        return torch.relu(self.blk(x))
+
+
+@pytest.mark.parametrize(("model", "shape", "says"), [
+    (BatchStatistics, (4, 6), "b2 (it has no running statistics (track_running_stats=False)"),
+    (ScriptedBlock, (2, 3, 8, 8), "blk is a TorchScript module, which torch.export cannot take"),
+])
+def test_an_export_refused_names_the_users_module_and_why(model, shape, says, tmp_path):
+    # The refusals named the exporter's node (node__native_batch_norm_legit__0, "its mean 'val_1'
+    # is not a constant") or gave torch.export's SpecViolationError alone.
+    with pytest.raises(bngraph.UserError, match=re.escape(says)):
+        export(model().eval(), [torch.randn(*shape)], tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
