@@ -16,7 +16,6 @@ import contextlib
 import copy
 import dataclasses
 import inspect
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,9 +171,12 @@ def forward_parameter_names(module: nn.Module) -> list[str]:
         parameters = inspect.signature(module.forward).parameters.values()
     except (TypeError, ValueError):  # a builtin or TorchScript forward
         return []
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return list(itertools.takewhile(lambda name: name is not None,
-                                    (p.name if p.kind in positional else None for p in parameters)))
+    names = []
+    for p in parameters:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(p.name)
+    return names
 
 
 def input_order(names: Sequence[str], given: Sequence[str]) -> list[int] | None:
