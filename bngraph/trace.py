@@ -284,7 +284,7 @@ def _attribute(root: nn.Module, path: str):
 
 
 class _DtypeProxy(fx.Proxy):
-    """A Proxy whose `.dtype` is a value where the tracer knows it (`_Tracer`)."""
+    """A Proxy whose `.dtype`, and a shape's `len()`, are values where the tracer knows them (`_Tracer`)."""
 
     def __getattr__(self, name: str):
         if name == "dtype" and isinstance(self.tracer, _Tracer):
@@ -318,7 +318,7 @@ class _Tracer(fx.Tracer):
 
     Shapes stay Proxies (a graph holds no batch size), but where the forward branches on them
     (Whisper's `if input_features.shape[-1] != expected_seq_length:`, masks built only when
-    `q_length > 1`) or loops over them, the value is taken from the example when it is the same
+    `q_length > 1`), loops over them or unpacks one into a tuple, the value is taken from the example when it is the same
     at other batch sizes too (`input_examples`' variants): a fact of the example's other axes,
     which the graph then checks each time it runs (`check_traced_shapes`), raising where it
     differs. A condition on the batch size or on data stays fx's TraceError.
