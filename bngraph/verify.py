@@ -309,6 +309,8 @@ def verify_models(
 def _index_bounds(models, onnx_specs, probe: list[np.ndarray]) -> list[int | None]:
     """Below what each integer input's random ids are drawn: the smallest table either model
     looks it up in (`embedding_bounds`, `OnnxInputs.index_bounds`), else None (0 or 1)."""
+    if not any(np.asarray(x).dtype.kind in "iu" for x in probe):
+        return [None] * len(probe)  # no ids: the models need not run for this
     found = [embedding_bounds(m, probe) for m in models if isinstance(m, nn.Module)]
     found += [spec.index_bounds for spec in onnx_specs]
     return [min((b[i] for b in found if i < len(b) and b[i]), default=None) for i in range(len(probe))]
