@@ -92,6 +92,7 @@ def foreign_entries(path: Path, kind: str) -> list[str]:
     found = [p.name for p in path.iterdir() if p.name not in FOLDER_CONTENTS[kind]]
     if kind == ARTIFACT:
         found += [f"{name} (changed since bngraph wrote it)" for name in edited_files(path)]
+        found += _unrecorded_files(path)
     for pattern in _NESTED_ARTIFACTS.get(kind, ()):
         found += [f"{p.relative_to(path)}/{name}" for p in path.glob(pattern) if p.is_dir()
                   for name in foreign_entries(p, ARTIFACT)]
@@ -114,6 +115,23 @@ def edited_files(folder: Path) -> list[str]:
         return []
     return [name for name, digest in recorded.items()
             if (folder / name).is_file() and sha256(folder / name) != digest]
+
+
+def _unrecorded_files(folder: Path) -> list[str]:
+    """Files inside an artifact's code/ that its bngraph.json does not list (the user's, put
+    beside the modules bngraph carried), and what is not Python's bytecode in a __pycache__."""
+    try:
+        recorded = set(json.loads((folder / MARKER).read_text()).get("sha256", {}))
+    except (OSError, ValueError, AttributeError):
+        recorded = set()
+    found = []
+    for place in ("code", "__pycache__"):
+        for file in sorted((folder / place).rglob("*")) if (folder / place).is_dir() else ():
+            name = file.relative_to(folder).as_posix()
+            bytecode = file.parent.name == "__pycache__" and file.suffix == ".pyc"
+            if not file.is_dir() and name not in recorded and not bytecode:
+                found.append(name)
+    return found
 
 
 def _is_marked_picture(path: Path) -> bool:

@@ -125,10 +125,15 @@ def test_an_onnx_file_another_tool_wrote_is_never_replaced(name, tmp_path, capsy
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize(("name", "inside"), [("insert", "notes.txt"), ("train", "model/eval.csv"), ("reproduce", "paper.tex")])
+@pytest.mark.parametrize(("name", "inside"), [
+    ("insert", "notes.txt"), ("train", "model/eval.csv"), ("reproduce", "paper.tex"),
+    # Inside the folders an artifact keeps its carried modules and bytecode in:
+    ("insert", "code/helpers.py"), ("insert", "__pycache__/NOTES.txt"), ("train", "model/code/data/table.csv"),
+])
 def test_a_bngraph_folder_holding_the_users_files_is_not_replaced(name, inside, tmp_path, capsys, inputs):
     out = tmp_path / COMMANDS[name][1]
     assert _run(capsys, _argv(name, inputs, out))[0] == 0
+    (out / inside).parent.mkdir(parents=True, exist_ok=True)
     (out / inside).write_text("the user's, put into bngraph's folder\n")
     before = snapshot(tmp_path)
     code, _, err = _run(capsys, _argv(name, inputs, out, "--force"))
