@@ -308,12 +308,24 @@ def verify_models(
 
 def _index_bounds(models, onnx_specs, probe: list[np.ndarray]) -> list[int | None]:
     """Below what each integer input's random ids are drawn: the smallest table either model
-    looks it up in (`embedding_bounds`, `OnnxInputs.index_bounds`), else None (0 or 1)."""
+    looks it up in (`embedding_bounds`, `OnnxInputs.index_bounds`), where both models also run
+    on the largest such id (the same ids may index a smaller table too: `F.one_hot(ids, 10)`);
+    else None (0 or 1)."""
     if not any(np.asarray(x).dtype.kind in "iu" for x in probe):
         return [None] * len(probe)  # no ids: the models need not run for this
     found = [embedding_bounds(m, probe) for m in models if isinstance(m, nn.Module)]
     found += [spec.index_bounds for spec in onnx_specs]
-    return [min((b[i] for b in found if i < len(b) and b[i]), default=None) for i in range(len(probe))]
+    bounds = [min((b[i] for b in found if i < len(b) and b[i]), default=None) for i in range(len(probe))]
+    runners = [runners_for(m)[0] for m in models]
+    for i, bound in enumerate(bounds):
+        highest = [np.full_like(x, bound - 1) if j == i else x for j, x in enumerate(probe)] if bound else None
+        for runner in runners if highest else ():
+            try:
+                runner(highest)
+            except Exception:  # noqa: BLE001 (the model's own limit: its ids stay 0 and 1)
+                bounds[i] = None
+                break
+    return bounds
 
 
 def data_batch(path: str, shapes, dtype=None) -> list[np.ndarray]:

@@ -652,3 +652,30 @@ def test_a_failure_against_an_onnx_reference_is_measured_against_its_own_levels(
     result = verify(reference, wrong, random_batches([(1, 3, 8, 8)], (1, 7)))
     assert not result and result.worst.levels_apart is not None
     assert "so the candidate computes something else" in result.lines()[-1]
+
+
+ONE_HOT_TOO = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class OneHotToo(nn.Module):
+    example_input_shape = (4, 7)
+    example_input_dtypes = ["int64"]
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(1000, 8)
+
+    def forward(self, ids):
+        return self.emb(ids).mean(1) + F.one_hot(ids, 10).float().mean(1)[:, :8]
+'''
+
+
+def test_ids_that_also_index_a_smaller_table_stay_within_it(tmp_path):
+    # Drawn below the embedding's 1000 rows, the same ids broke F.one_hot(ids, 10): verify of
+    # a model against itself failed with the model's own IndexError.
+    (tmp_path / "onehot.py").write_text(ONE_HOT_TOO)
+    spec = f"{tmp_path / 'onehot.py'}:OneHotToo"
+    assert run_cli("verify", spec, spec)[0] == 0
