@@ -120,6 +120,8 @@ class OutputDiff:
 
     def rule(self) -> str:
         """The pass rule with this output's numbers in it."""
+        if self.atol == self.rtol == 0 and self.scale == 1.0:
+            return "c == r (integers and booleans: exactly)"
         return f"|c - r| <= {self.atol:g} x {self.scale:.3g} (output RMS) + {self.rtol:g} x |r|"
 
     def line(self) -> str:

@@ -679,3 +679,26 @@ def test_ids_that_also_index_a_smaller_table_stay_within_it(tmp_path):
     (tmp_path / "onehot.py").write_text(ONE_HOT_TOO)
     spec = f"{tmp_path / 'onehot.py'}:OneHotToo"
     assert run_cli("verify", spec, spec)[0] == 0
+
+
+class Predicts(nn.Module):
+    """Logits and the predicted token ids, as a language model's generate step returns them."""
+
+    def __init__(self, shift: int = 0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head, self.shift = nn.Linear(16, 50_000), shift
+
+    def forward(self, x):
+        logits = self.head(x)
+        return {"logits": logits, "ids": logits.argmax(-1) + self.shift}
+
+
+def test_integer_outputs_are_compared_exactly():
+    # Judged as floats, by a fraction of the RMS of ids near 25,000, ids off by 3 passed.
+    batches = random_batches([(1, 16)], (1, 7))
+    result = verify(Predicts(), Predicts(shift=3), batches)
+    ids = next(d for d in result.diffs if d.output == "ids")
+    assert not result and not ids.passed and ids.failed_elements == ids.elements == 8
+    assert "c == r (integers and booleans: exactly)" in ids.line()
+    assert verify(Predicts(), Predicts(), batches)
