@@ -101,10 +101,15 @@ def verify(
                 ) from err
         return outputs[id(runner)]
 
-    compared = []  # (diff, reference runner, candidate runner, output index)
+    compared = []  # (diff, reference runner, candidate runner, output index in each)
     for ref, cand in pairs:
         ref_out, cand_out = run(ref), run(cand)
         names, problem = _paired_names(ref, cand, len(ref_out[0]), len(cand_out[0]))
+        # Outputs by name where both sides name the same ones in another order (an ONNX graph's
+        # `b, a` against a model's {"a": ..., "b": ...}), else by position.
+        order = input_order(ref.output_names or [], cand.output_names or [])
+        if order is not None:
+            names = list(ref.output_names)
         if problem:
             tolerance = default_tolerance(ref.kind, cand.kind)
             atol_used, rtol_used = (tolerance if atol is None else atol), (tolerance if rtol is None else rtol)
@@ -112,7 +117,8 @@ def verify(
             result.diffs.append(diff)
             continue
         for i, name in enumerate(names):
-            ref_batches, cand_batches = [batch[i] for batch in ref_out], [batch[i] for batch in cand_out]
+            j = i if order is None else order[i]
+            ref_batches, cand_batches = [batch[i] for batch in ref_out], [batch[j] for batch in cand_out]
             if any(a.dtype.kind == "U" for a in (*ref_batches, *cand_batches)):  # None, a string, an object
                 result.diffs.append(_compare_exactly(name, ref_batches, cand_batches, (ref.label, cand.label)))
                 continue
@@ -124,7 +130,7 @@ def verify(
             atol_used, rtol_used = (tolerance if atol is None else atol), (tolerance if rtol is None else rtol)
             diff = compare(name, ref_batches, cand_batches, atol_used, rtol_used, (ref.label, cand.label))
             result.diffs.append(diff)
-            compared.append((diff, ref, cand, i))
+            compared.append((diff, ref, cand, i, j))
     if not result and explain_failures:
         _measure_from_exact(compared, inputs, outputs)
     return result
@@ -136,7 +142,7 @@ def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarra
     batches (`OutputDiff.from_exact`). Only after a failure: it runs the model again, and a copy."""
     varies: dict[int, bool] = {}
     exact: dict[int, list[list[np.ndarray]] | None] = {}
-    for diff, ref, cand, i in compared:
+    for diff, ref, cand, i, j in compared:
         if diff.passed or diff.problem or diff.scale <= np.finfo(np.float32).tiny:
             continue
         if not np.isfinite(diff.max_abs):  # NaN or inf against a number: no rounding explains it
@@ -158,7 +164,7 @@ def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarra
         wide = exact[id(ref)]
         if wide is None or any(outputs[id(ref)][b][i].dtype != np.float32 for b in range(len(inputs))):
             continue
-        theirs, own = _largest_difference(outputs[id(cand)], wide, i), _largest_difference(outputs[id(ref)], wide, i)
+        theirs, own = _largest_difference(outputs[id(cand)], wide, i, j), _largest_difference(outputs[id(ref)], wide, i)
         if np.isfinite(theirs) and np.isfinite(own):
             diff.from_exact = (theirs / diff.scale, own / diff.scale)
 
@@ -167,7 +173,7 @@ def _measure_levels_apart(diff, ref, cand, i: int, compared, outputs) -> None:
     """`OutputDiff.levels_apart`: the candidate's largest error, and how far the ONNX reference
     at its other onnxruntime level is from itself on output `i` (its own float32 rounding, which
     a fold's rounding matches: a sigmoid near 0 on random inputs moves 1.5e-7 either way)."""
-    other = next((r for _, r, _, _ in compared if isinstance(r, OrtRunner) and r is not ref), None)
+    other = next((r for _, r, *_ in compared if isinstance(r, OrtRunner) and r is not ref), None)
     if other is None:
         return
     own = max(float(np.max(np.abs(np.asarray(a[i], np.float64) - np.asarray(b[i], np.float64)), initial=0.0))
@@ -187,9 +193,10 @@ def _compare_exactly(name: str, reference, candidate, labels: tuple[str, str]) -
     return diff
 
 
-def _largest_difference(batches: list[list[np.ndarray]], exact: list[list[np.ndarray]], i: int) -> float:
-    """max |batches - exact| of output `i` over every batch."""
-    return max(float(np.max(np.abs(outs[i] - wide[i]))) for outs, wide in zip(batches, exact))
+def _largest_difference(batches: list[list[np.ndarray]], exact: list[list[np.ndarray]], i: int, j: int | None = None) -> float:
+    """max |batches - exact| over every batch, of the exact output `i` and output `j` (default `i`)."""
+    j = i if j is None else j
+    return max(float(np.max(np.abs(outs[j] - wide[i]))) for outs, wide in zip(batches, exact))
 
 
 def _float64_outputs(module: torch.nn.Module, inputs) -> list[list[np.ndarray]] | None:

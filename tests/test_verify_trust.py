@@ -702,3 +702,23 @@ def test_integer_outputs_are_compared_exactly():
     assert not result and not ids.passed and ids.failed_elements == ids.elements == 8
     assert "c == r (integers and booleans: exactly)" in ids.line()
     assert verify(Predicts(), Predicts(), batches)
+
+
+def _two_outputs_file(path, outputs: dict[str, str]):
+    """An ONNX graph of x with the outputs named as `outputs` says ({name: op}), in that order."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node(op, ["x"], [name]) for name, op in outputs.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 5]) for name in outputs])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+def test_outputs_are_paired_by_name_where_both_sides_name_the_same_ones(tmp_path):
+    # By position, a=Relu, b=Neg against b=Relu, a=Neg passed: a user reading 'a' gets another function.
+    ab = _two_outputs_file(tmp_path / "ab.onnx", {"a": "Relu", "b": "Neg"})
+    swapped = _two_outputs_file(tmp_path / "swapped.onnx", {"b": "Relu", "a": "Neg"})
+    listed_ba = _two_outputs_file(tmp_path / "ba.onnx", {"b": "Neg", "a": "Relu"})
+    assert run_cli("verify", ab, swapped)[0] == 1
+    assert run_cli("verify", ab, listed_ba)[0] == 0
