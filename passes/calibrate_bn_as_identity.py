@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from bngraph.passes.base import PassResult, Skip, graph_pass
+from bngraph.runners import fresh_inputs
 
 
 def _set_identity(bn: nn.modules.batchnorm._BatchNorm) -> None:
@@ -68,7 +69,7 @@ class CalibrateBnAsIdentity:
             gm.eval()
             with torch.no_grad():
                 for batch in self.batches:  # 2.
-                    gm(*batch)
+                    gm(*fresh_inputs(batch))  # a forward may write into its input
         finally:
             gm.train(was_training)
             for h in handles:

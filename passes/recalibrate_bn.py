@@ -22,6 +22,7 @@ from torch import nn
 
 from bngraph.errors import UserError
 from bngraph.passes.base import PassResult, Skip, graph_pass
+from bngraph.runners import fresh_inputs
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -77,7 +78,7 @@ class RecalibrateBN:
             for name in moments:
                 bns[name].train()  # batch statistics, as the training network computes them
             for batch in self.batches:
-                model(*batch)
+                model(*fresh_inputs(batch))  # a forward may write into its input
         finally:
             for hook in hooks:
                 hook.remove()

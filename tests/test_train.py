@@ -320,3 +320,25 @@ def test_cli_resume_continues_only_a_run_folder_bngraph_wrote_and_touches_nothin
         assert code == 2 and message in err and err.count("\n") == 1, err
         assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
         assert not (mine / "model").exists()
+
+
+class NormalizesInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x.sub_(0.5)  # the user's preprocessing, in place on the batch it is given
+        return self.fc(x)
+
+
+def test_evaluation_gives_the_model_copies_of_the_test_set():
+    # The test batches were slices of the test set: each evaluation shifted it by 0.5, and a
+    # run's test accuracy fell to chance while the saved model scored 1.0 by hand.
+    from bngraph.training.metrics import evaluate
+
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    kept = x.clone()
+    first, again = evaluate(NormalizesInPlace(), x, y, batch=4), evaluate(NormalizesInPlace(), x, y, batch=4)
+    assert first == again and torch.equal(x, kept)
