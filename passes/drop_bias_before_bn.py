@@ -12,6 +12,7 @@ from collections.abc import Collection
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from bngraph.passes._fx_effects import hook_refusal, value_readers
 from bngraph.passes._fx_meta import tensor_shape
@@ -89,6 +90,10 @@ def drop_bias_before_bn(gm: fx.GraphModule, only: Collection[str] | None = None)
             result.skipped.append(
                 Skip(site, f"the model also reads {layer_node.target}.bias ({read_again}), so it must stay")
             )
+            continue
+        if parametrize.is_parametrized(layer, "bias"):
+            result.skipped.append(Skip(site, f"{layer_node.target}.bias is computed by a parametrization, which "
+                                             "would have nothing to compute from"))
             continue
         refusal = hook_refusal(layer_node.target, layer, "dropping its bias") or hook_refusal(
             site, bn, f"dropping {layer_node.target}'s bias")

@@ -542,6 +542,22 @@ def test_in_place_activation_functions_get_their_batchnorm_and_a_glu_is_named():
     assert "GLU gates one half of its input's features" in _skips(report)["glu"]
 
 
+class ScaledBias(nn.Module):
+    def forward(self, bias):
+        return bias * 2
+
+    def right_inverse(self, bias):
+        return bias / 2
+
+
+def test_a_bias_computed_by_a_parametrization_is_kept():
+    # Dropping it set `conv.bias = None` inside torch's parametrization: a traceback.
+    model = ScaledOutputConv()
+    torch.nn.utils.parametrize.register_parametrization(model.conv, "bias", ScaledBias())
+    out, report = _assert_preserved(model, [_x(4, 3, 8, 8)])
+    assert "conv.bias is computed by a parametrization" in _skips(report)["relu_bn"]
+
+
 # 5. Integer inputs: token ids into an Embedding.
 
 
