@@ -115,8 +115,11 @@ def _arguments(module: nn.Module) -> str:
             return module.extra_repr()  # not a literal: the layer's own description is all there is
         rendered.append(f"{p.name}={text}")
     dtypes = {t.dtype for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)) if t.is_floating_point()}
-    if any(p.name == "dtype" for p in parameters) and len(dtypes) == 1 and dtypes != {torch.get_default_dtype()}:
-        rendered.append(f"dtype={dtypes.pop()}")  # a float64 (or bfloat16) layer, built as it is
+    # A float64 (or bfloat16) layer is built as it is; so is a float32 one where the user's file
+    # changed the default dtype, as the process that loads the artifact may not.
+    if any(p.name == "dtype" for p in parameters) and len(dtypes) == 1 and (
+            dtypes != {torch.float32} or torch.get_default_dtype() != torch.float32):
+        rendered.append(f"dtype={dtypes.pop()}")
     return ", ".join(rendered)
 
 

@@ -198,3 +198,17 @@ def test_a_float64_model_saves_its_layers_and_batchnorms_in_float64(tmp_path):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     with torch.no_grad():
         torch.testing.assert_close(folded.eval()(x), inserted.eval()(x), rtol=1e-10, atol=1e-10)
+
+
+def test_a_model_built_under_a_float64_default_loads_in_float64_elsewhere(tmp_path):
+    # A user's file that calls torch.set_default_dtype(torch.float64): the saved code built its
+    # layers without a dtype, so a process with torch's own default made them float32.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        inserted, _ = bngraph.insert(model, [torch.randn(3, 4)])
+        bngraph.save(inserted, tmp_path / "inserted", example_inputs=[torch.randn(3, 4)])
+    finally:
+        torch.set_default_dtype(previous)
+    assert {p.dtype for p in bngraph.load(tmp_path / "inserted").parameters()} == {torch.float64}
