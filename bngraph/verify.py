@@ -288,9 +288,9 @@ def verify_models(
             if declared != dtypes:
                 raise UserError(f"--input-dtype gives {';'.join(dtypes)}; {text} declares {';'.join(declared)}")
     else:
-        dtypes = onnx_specs[0].dtypes if onnx_specs else loaded[0].input_dtypes
+        dtypes = _in_order(onnx_specs[0], onnx_specs[0].dtypes, names) if onnx_specs else loaded[0].input_dtypes
     # An input has a batch axis only where every side says so.
-    sides_axes = [m.batch_axes for m in loaded] + [s.batch_axes for s in onnx_specs]
+    sides_axes = [m.batch_axes for m in loaded] + [_in_order(s, s.batch_axes, names) for s in onnx_specs]
     if any(len(axes) != len(shapes) for axes in sides_axes):
         counts = sorted({len(axes) for axes in sides_axes} | {len(shapes)})
         raise UserError(f"the two models declare different numbers of inputs {counts}: give --input-shape")
@@ -315,6 +315,13 @@ def verify_models(
     if sizes != BATCH_SIZES:
         report.notes.append(f"an ONNX file fixes the batch at {sizes[0]}: compared at that batch only")
     return result, report
+
+
+def _in_order(spec, values: list, names: Sequence[str]) -> list:
+    """An ONNX file's `values` (one per input, in its graph's order) in the order of `names`, the
+    inputs the batches are built for, where the file names the same inputs in another order."""
+    order = input_order(names, spec.names)
+    return values if order is None else [values[k] for k in order]
 
 
 def _index_bounds(models, onnx_specs, probe: list[np.ndarray]) -> list[int | None]:

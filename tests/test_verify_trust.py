@@ -722,3 +722,36 @@ def test_outputs_are_paired_by_name_where_both_sides_name_the_same_ones(tmp_path
     listed_ba = _two_outputs_file(tmp_path / "ba.onnx", {"b": "Neg", "a": "Relu"})
     assert run_cli("verify", ab, swapped)[0] == 1
     assert run_cli("verify", ab, listed_ba)[0] == 0
+
+
+IDS_AND_FEATURES = '''
+import torch
+from torch import nn
+
+
+class IdsX(nn.Module):
+    example_input_shapes = [(2, 4), (2, 4)]
+    example_input_dtypes = ["int64", "float32"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.fc = nn.Embedding(50, 4), nn.Linear(4, 3)
+
+    def forward(self, ids, x):
+        return self.fc(self.emb(ids) + x.unsqueeze(-1))
+'''
+
+
+def test_inputs_of_other_dtypes_listed_in_another_order_get_their_own_dtypes(tmp_path):
+    # The batches followed the model's order, their dtypes the ONNX file's: the ids got floats.
+    (tmp_path / "ids.py").write_text(IDS_AND_FEATURES)
+    spec = f"{tmp_path / 'ids.py'}:IdsX"
+    assert run_cli("export", spec, "-o", tmp_path / "ids.onnx")[0] == 0
+    model = onnx.load(str(tmp_path / "ids.onnx"))
+    listed = list(model.graph.input)
+    del model.graph.input[:]
+    model.graph.input.extend(reversed(listed))  # x before ids, as another exporter may list them
+    onnx.save(model, tmp_path / "x_ids.onnx")
+    code, out, err = run_cli("verify", tmp_path / "x_ids.onnx", spec)
+    assert code == 0, out + err
