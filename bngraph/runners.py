@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from bngraph.errors import UserError, one_line
 from bngraph.errors import running_user_model
@@ -345,26 +347,27 @@ def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, b
 
 def embedding_bounds(module: nn.Module, batch: Sequence[np.ndarray]) -> list[int | None]:
     """For each input of `batch`, the size of the smallest embedding table `module` looks it up
-    in directly (an nn.Embedding called on it), or None: token ids drawn below it reach every
-    row, where 0 and 1 left two models that differ past row 1 alike. One eval-mode run."""
+    in (`F.embedding`, which nn.Embedding calls: ids cast first, `emb(ids.long())`, count), or
+    None: token ids drawn below it reach every row, where 0 and 1 left two models that differ
+    past row 1 alike. One eval-mode run."""
     tensors = [torch.from_numpy(np.array(x, copy=True)) for x in batch]
+    ids = [(i, t.long()) for i, t in enumerate(tensors) if not t.is_floating_point() and t.dtype != torch.bool]
     bounds: list[int | None] = [None] * len(tensors)
 
-    def record(table: nn.Module, args) -> None:
-        for i, tensor in enumerate(tensors):
-            if args and args[0] is tensor:
-                bounds[i] = min(bounds[i] or table.num_embeddings, table.num_embeddings)
+    class Lookups(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.embedding and args:
+                looked_up, table = args[0], args[1] if len(args) > 1 else (kwargs or {}).get("weight")
+                for i, t in ids:
+                    if table is not None and looked_up.shape == t.shape and torch.equal(looked_up.long(), t):
+                        bounds[i] = min(bounds[i] or len(table), len(table))
+            return func(*args, **(kwargs or {}))
 
-    tables = [m for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
-    hooks = [table.register_forward_pre_hook(record) for table in tables]
     try:
-        with torch.no_grad(), eval_mode(module), running_user_model():
+        with torch.no_grad(), eval_mode(module), running_user_model(), Lookups():
             module(*tensors)
     except Exception:  # noqa: BLE001 (the comparison itself runs it again and says why it fails)
         pass
-    finally:
-        for hook in hooks:
-            hook.remove()
     return bounds
 
 

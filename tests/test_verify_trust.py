@@ -755,3 +755,39 @@ def test_inputs_of_other_dtypes_listed_in_another_order_get_their_own_dtypes(tmp
     onnx.save(model, tmp_path / "x_ids.onnx")
     code, out, err = run_cli("verify", tmp_path / "x_ids.onnx", spec)
     assert code == 0, out + err
+
+
+CAST_IDS = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CastTied(nn.Module):
+    """int32 ids, cast before a functional lookup of the output layer's (tied) weight."""
+
+    example_input_shape = (4, 7)
+    example_input_dtypes = ["int32"]
+
+    def __init__(self, rows_kept=100):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(8, 100)
+        with torch.no_grad():
+            self.head.weight[rows_kept:] = 0
+
+    def forward(self, ids):
+        return self.head(F.embedding(ids.long(), self.head.weight).mean(1))
+
+
+class FirstRowsOnly(CastTied):
+    def __init__(self):
+        super().__init__(rows_kept=2)
+'''
+
+
+def test_token_ids_cast_before_a_functional_lookup_reach_the_whole_table(tmp_path):
+    # Only an nn.Embedding called on the input itself was seen: these ids stayed 0 and 1.
+    (tmp_path / "cast.py").write_text(CAST_IDS)
+    cast = tmp_path / "cast.py"
+    assert run_cli("verify", f"{cast}:CastTied", f"{cast}:FirstRowsOnly")[0] == 1
