@@ -15,8 +15,8 @@ its shape and dtype. Then, numbered as in the code:
      last axis), followed through elementwise ops, slices (wav2vec2's padding layer) and views
      that regroup only the axes before the last (HuggingFace's Conv1D); unproven: skip, with the
      reason.
-  5. An in-place activation whose result is read more than once: skip, as a BatchNorm in front
-     would stop it from mutating the tensor the other reads see.
+  5. An in-place activation: skip, as a BatchNorm in front would stop it from mutating the tensor
+     the code may read after it, and a run cannot tell that read from a read of its result.
   6. Otherwise the module becomes `Sequential(bn=BatchNorm{1,2,3}d(features), act=module)`, the
      BatchNorm in the input's dtype and on its device; for features in the last axis of a rank > 2
      input (a transformer's MLP), `bn=LastAxisBatchNorm(BatchNorm1d(features))`, statistics over
@@ -121,15 +121,14 @@ def wrap_activation_modules(
         if found.axis is None:
             result.skipped.append(Skip(path, f"the feature axis of its input cannot be proven: it comes from {found.layer}"))
             continue
-        # 5. In place, with the mutated tensor read again.
-        if getattr(act, "inplace", False) and call.output is not None:
-            reads = call.output.uses + sum(v is call.output for v in record.outputs)
-            if reads > 1:
-                result.skipped.append(
-                    Skip(path, f"in-place activation whose result is read {reads} times; a BatchNorm in front "
-                               "would change what the other reads see")
-                )
-                continue
+        # 5. In place: the code may read the tensor it activated through the name it had before
+        # (`self.act(h); return h`), which a run cannot tell from a read of the result.
+        if getattr(act, "inplace", False):
+            result.skipped.append(
+                Skip(path, "in-place activation (inplace=True): the code may read the tensor it activates, which a "
+                           "BatchNorm in front would leave as it was; with inplace=False it gets one")
+            )
+            continue
         # 6. Wrap.
         last_axis = found.axis == "last" and len(x.shape) > 2
         norm_cls = nn.BatchNorm1d if last_axis else BATCHNORM_BY_RANK[len(x.shape)]
