@@ -28,7 +28,7 @@ import sys
 import tempfile
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,10 @@ from bngraph.onnx_fold import STANDALONE_BN_FORMS, fold_onnx
 from bngraph.onnx_io import write_verified
 from bngraph.report import Report
 from bngraph.trace import raise_if_model_raises
-from bngraph.runners import BATCH_SIZES, batch_axes_of, eval_mode, example_batches, fresh_inputs, named_leaves, named_tensors
+from bngraph.runners import (
+    BATCH_SIZES, batch_axes_of, eval_mode, example_batches, forward_parameter_names, fresh_inputs, named_leaves,
+    named_tensors,
+)
 from bngraph.compare import VerifyResult
 
 # The newest opset that every onnxruntime pyproject admits (>= 1.20) runs; torch's default is 20.
@@ -84,6 +87,8 @@ def to_onnx(
     )
     batch = torch.export.Dim("batch")
     dynamic_shapes = tuple({0: batch} if axis == 0 else None for axis in axes)
+    declared = forward_parameter_names(module)
+    input_names = declared[: len(inputs)] if len(declared) >= len(inputs) else None  # `_TensorOutputs` takes *inputs
     module, output_names = _with_known_outputs(module, example_inputs)
     if isinstance(module, _TensorOutputs):  # torch.export sees its *inputs as one tuple argument
         dynamic_shapes = (dynamic_shapes,)
@@ -99,6 +104,7 @@ def to_onnx(
                 optimize=exporter_optimize,
                 opset_version=OPSET,
                 dynamic_shapes=dynamic_shapes,
+                input_names=input_names,
                 output_names=output_names,  # as verify names them: 'logits', not 'linear_12'
                 verbose=False,
             )
@@ -154,34 +160,51 @@ _ATTENTION_VIEW_BUG = re.compile(r"Cannot view a tensor with shape .* and stride
 
 def _raise_if_batch_fixed(module: nn.Module, example_inputs, axes: Sequence[int | None]) -> None:
     """After a failed export: where the model itself runs at its example's batch size and at no
-    other (`x.view(1, -1)`), say so, with the way to export it at that size. Only on a failure
-    path, so a model that exports is never run again."""
+    other (`x.view(1, -1)`), say so, with the way to export it at that size, or, where it runs
+    with one input left as it is (a (T, T) mask), name that input. Only on a failure path, so a
+    model that exports is never run again."""
     batched = [i for i, axis in enumerate(axes) if axis == 0]
     if not batched:
         return
     size = example_inputs[batched[0]].shape[0]
-    doubled = [torch.cat([x, x]) if i in batched else x for i, x in enumerate(example_inputs)]
-    try:
-        with torch.no_grad(), eval_mode(module):
-            module(*fresh_inputs(doubled))
-    except Exception as err:  # noqa: BLE001 (the user's model, at a size it does not take)
-        static = ", ".join(f"--static-input {i}" for i in batched)
-        raise UserError(
-            f"the model runs at its example's batch size {size} but not at others, which an ONNX file with a "
-            f"dynamic batch must take (at batch {2 * size}: {one_line(err)}); to export it at batch {size} only, "
-            f"add {static}"
-        ) from err
+
+    def runs_doubled(inputs: Collection[int]) -> Exception | None:
+        doubled = [torch.cat([x, x]) if i in inputs else x for i, x in enumerate(example_inputs)]
+        try:
+            with torch.no_grad(), eval_mode(module):
+                module(*fresh_inputs(doubled))
+        except Exception as err:  # noqa: BLE001 (the user's model, at a size it does not take)
+            return err
+        return None
+
+    err = runs_doubled(batched)
+    if err is None:
+        return
+    # One input without a batch axis (a (T, T) mask) is the likelier cause: name it alone.
+    static = next((i for i in batched if len(batched) > 1 and runs_doubled(set(batched) - {i}) is None), None)
+    if static is not None:
+        raise UserError(f"input {static} has no batch axis, it seems: the model runs at batch {2 * size} with that "
+                        f"input as it is, and not with it doubled ({one_line(err)}); add --static-input {static}") from err
+    every = ", ".join(f"--static-input {i}" for i in batched)
+    raise UserError(
+        f"the model runs at its example's batch size {size} but not at others, which an ONNX file with a "
+        f"dynamic batch must take (at batch {2 * size}: {one_line(err)}); to export it at batch {size} only, "
+        f"add {every}"
+    ) from err
 
 
 class _TensorOutputs(nn.Module):
     """`module` returning its output's tensors as a tuple, in the order verify pairs them in."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, copied: Sequence[int] = ()):
         super().__init__()
-        self.module = module
+        self.module, self.copied = module, set(copied)
 
     def forward(self, *inputs):
-        return tuple(t for _, t in named_tensors(self.module(*inputs)))
+        # A copy of each output that is an input or an earlier output: an ONNX value has one
+        # name, and each output needs its own (HF's hidden_states holds the input and the last state).
+        tensors = [t for _, t in named_tensors(self.module(*inputs))]
+        return tuple(t.clone() if k in self.copied else t for k, t in enumerate(tensors))
 
 
 _LEAVES = (torch.Tensor, int, float, bool, str, type(None))
@@ -194,9 +217,19 @@ def _with_known_outputs(module: nn.Module, example_inputs) -> tuple[nn.Module, l
     refused by name (UserError): which of its tensors are outputs is not known, and the exporter
     would say only that its class is unknown. And the outputs' names (`named_tensors`), in the
     order the exporter writes them (which verify checks), where every tensor is found."""
+    given = fresh_inputs(example_inputs)
     with torch.no_grad(), eval_mode(module), running_user_model():
-        output = module(*fresh_inputs(example_inputs))
-    names = [name for name, _ in named_tensors(output)]
+        output = module(*given)
+    named = named_tensors(output)
+    names = _unique_output_names([name for name, _ in named], forward_parameter_names(module))
+    seen = {id(x) for x in given}
+    aliased = []
+    for k, (_, tensor) in enumerate(named):
+        if id(tensor) in seen:
+            aliased.append(k)
+        seen.add(id(tensor))
+    if aliased:
+        return _TensorOutputs(module, aliased), names
     leaves = torch.utils._pytree.tree_leaves(output)
     if all(isinstance(leaf, (torch.Tensor, type(None))) for leaf in leaves):
         # A class torch's pytree knows and `named_tensors` does not: the exporter's own names.
@@ -211,6 +244,12 @@ def _with_known_outputs(module: nn.Module, example_inputs) -> tuple[nn.Module, l
         hint = ": a HuggingFace model returns its cache where use_cache is on; load it with use_cache=False"
     raise UserError(f"the model's output '{where}' is a {cls.__module__}.{cls.__qualname__}, which no ONNX file can "
                     f"hold (its tensors, if any, are not known to be outputs){hint}")
+
+
+def _unique_output_names(names: list[str], input_names: Sequence[str]) -> list[str]:
+    """The outputs' names, each unlike the inputs' (ONNX names a value once: HF blocks take
+    `hidden_states` and return `{"hidden_states": ...}`): such an output becomes `NAME.out`."""
+    return [f"{name}.out" if name in input_names else name for name in names]
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

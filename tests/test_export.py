@@ -286,3 +286,73 @@ def test_an_export_refused_names_the_users_module_and_why(model, shape, says, tm
     with pytest.raises(bngraph.UserError, match=re.escape(says)):
         export(model().eval(), [torch.randn(*shape)], tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
+
+
+class EncoderOutputs(torch.nn.Module):
+    """HuggingFace's encoders with output_hidden_states=True: hidden_states[0] is the input itself,
+    and hidden_states[-1] is last_hidden_state; a block's dict names its output as its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.bn1, self.bn2 = torch.nn.BatchNorm1d(5), torch.nn.BatchNorm1d(5)
+
+    def forward(self, hidden_states):
+        h1 = torch.relu(self.bn1(self.l1(hidden_states)))
+        h2 = torch.relu(self.bn2(self.l2(h1)))
+        return {"last_hidden_state": h2, "hidden_states": (hidden_states, h1, h2)}
+
+
+def test_outputs_that_are_inputs_or_each_other_keep_their_names(tmp_path):
+    # The file had two outputs named hidden_states.2 and none named last_hidden_state, and its
+    # input was renamed after an output; an output named as an input made the exporter fail.
+    import onnxruntime as ort
+
+    model = randomize_bn(EncoderOutputs()).eval()
+    x = torch.randn(3, 5, 8)
+    assert export(model, [x], tmp_path / "enc.onnx")
+    session = ort.InferenceSession(str(tmp_path / "enc.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["hidden_states"]
+    names = ["last_hidden_state", "hidden_states.0", "hidden_states.1", "hidden_states.2"]
+    assert [o.name for o in session.get_outputs()] == names
+    with torch.no_grad():
+        want = model(x)
+    got = dict(zip(names, session.run(names, {"hidden_states": x.numpy()})))
+    np.testing.assert_allclose(got["last_hidden_state"], want["last_hidden_state"].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(got["hidden_states.0"], x.numpy())
+
+
+class SameNameBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, hidden_states):
+        return {"hidden_states": torch.relu(self.fc(hidden_states))}
+
+
+def test_an_output_named_as_an_input_is_written_as_name_out(tmp_path):
+    # ONNX names a value once: the exporter's output name collided with the input's (a traceback).
+    assert export(SameNameBlock().eval(), [torch.randn(3, 8)], tmp_path / "block.onnx")
+    model = onnx.load(str(tmp_path / "block.onnx"))
+    assert [v.name for v in model.graph.input] == ["hidden_states"]
+    assert [v.name for v in model.graph.output] == ["hidden_states.out"]
+
+
+class MaskedMixer(torch.nn.Module):
+    """Its second input is a (T, T) mask, without a batch axis; exported as if it had one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(5, 5)
+
+    def forward(self, x, mask):
+        return self.fc(x @ mask)
+
+
+def test_an_input_without_a_batch_axis_is_named_in_the_refusal(tmp_path):
+    # The advice was --static-input for every input, which fixes the whole file at one batch.
+    x, mask = torch.randn(2, 5), torch.randn(5, 5)
+    with pytest.raises(bngraph.UserError, match=r"input 1 has no batch axis, it seems: .*add --static-input 1$"):
+        export(MaskedMixer().eval(), [x, mask], tmp_path / "m.onnx")
+    assert export(MaskedMixer().eval(), [x, mask], tmp_path / "m.onnx", batch_axes=[0, None])
