@@ -101,17 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)  # argparse already exits 2 on a bad flag
     args.argv = argv  # for a command that starts others with the same arguments (train --nproc)
-    terminated = []
+    stopped_by = []  # the signals that asked the command to stop
 
-    def stop_on_sigterm(signum, frame):
+    def stop(signum, frame):
         # A scheduler's or kill's SIGTERM takes the same way out as Ctrl-C: temporary outputs
         # removed, worker processes ended, an old output left as it was (the default handler
         # would end this process at once and leave its workers running).
-        terminated.append(signum)
-        raise KeyboardInterrupt("terminated")
+        stopped_by.append(signum)
+        raise KeyboardInterrupt("terminated" if signum == signal.SIGTERM else "")
 
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
     imports_whole = _ImportsWhole()
     if in_main_thread:  # signal masks are per thread
         sys.meta_path.insert(0, imports_whole)
@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         _show(caught)
         return code
     except UserError as err:
+        if stopped_by:  # the signal landed in code that turned it into another error (torch's lazy imports)
+            print(f"bngraph: interrupted{': terminated' if stopped_by[-1] == signal.SIGTERM else ''}", file=sys.stderr)
+            return 128 + stopped_by[-1]
         print(f"bngraph: error: {err}", file=sys.stderr)
         return 2
     except CheckFailed as err:
@@ -137,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bngraph: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
         # 128 + the signal, as a shell reports it: the training loop stops on either signal
         # itself (after a whole step) and says which; else SIGTERM came through our handler.
-        return 128 + getattr(err, "signum", signal.SIGTERM if terminated else signal.SIGINT)
+        return 128 + getattr(err, "signum", stopped_by[-1] if stopped_by else signal.SIGINT)
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
             sys.meta_path.remove(imports_whole)
         if as_program:
             # Python's exit would walk every object torch made, ~1 s after a command that used
