@@ -101,6 +101,7 @@ def verify(
                 ) from err
         return outputs[id(runner)]
 
+    weights_eps = max(map(_weights_eps, (*refs, *cands)))
     compared = []  # (diff, reference runner, candidate runner, output index in each)
     for ref, cand in pairs:
         ref_out, cand_out = run(ref), run(cand)
@@ -126,7 +127,7 @@ def verify(
                 # Token ids, class indices, masks: off by 3 is wrong, whatever the output's RMS.
                 result.diffs.append(compare(name, ref_batches, cand_batches, 0.0, 0.0, (ref.label, cand.label), scale=1.0))
                 continue
-            tolerance = default_tolerance(ref.kind, cand.kind, output_dtype(ref_batches, cand_batches))
+            tolerance = default_tolerance(ref.kind, cand.kind, output_dtype(ref_batches, cand_batches), weights_eps)
             atol_used, rtol_used = (tolerance if atol is None else atol), (tolerance if rtol is None else rtol)
             diff = compare(name, ref_batches, cand_batches, atol_used, rtol_used, (ref.label, cand.label))
             result.diffs.append(diff)
@@ -134,6 +135,15 @@ def verify(
     if not result and explain_failures:
         _measure_from_exact(compared, inputs, outputs)
     return result
+
+
+def _weights_eps(runner) -> float:
+    """The epsilon of a PyTorch model's least precise floating weights (0 for an ONNX file)."""
+    module = getattr(runner, "module", None)
+    if not isinstance(module, nn.Module):
+        return 0.0
+    return max((torch.finfo(t.dtype).eps for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()),
+               default=0.0)
 
 
 def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarray]]]) -> None:
