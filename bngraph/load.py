@@ -131,13 +131,18 @@ def call_user_factory(path: Path, symbol: str, factory):
         raise model_raised(err, f"{path}:{symbol}()") from err
 
 
-def _declared_shapes(module) -> list[tuple[int, ...]] | None:
+def _declared_shapes(module, where: str) -> list[tuple[int, ...]] | None:
     """A model (or its file) declares its example input as `example_input_shapes` (or
     `example_input_shape`)."""
     shapes = getattr(module, "example_input_shapes", None)
     if shapes is None and getattr(module, "example_input_shape", None) is not None:
         shapes = [module.example_input_shape]
-    return [tuple(s) for s in shapes] if shapes else None
+    shapes = [tuple(s) for s in shapes] if shapes else None
+    for shape in shapes or ():
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            plural = " (several inputs: example_input_shapes = [...])" if any(isinstance(d, (tuple, list)) for d in shape) else ""
+            raise UserError(f"{where}: the example input shape {shape!r} is not a tuple of sizes{plural}")
+    return shapes
 
 
 def load_weights(module: nn.Module, weights: str | Path) -> None:
@@ -250,8 +255,8 @@ def load_model(
             torch.manual_seed(seed)
             module, symbol, code = _build(spec.path, spec.symbol)
         # The model's own declaration, else its file's (module-level constants, as users write them).
-        declares = module if _declared_shapes(module) else code
-        shapes = _declared_shapes(declares)
+        declares = module if _declared_shapes(module, str(spec.path)) else code
+        shapes = _declared_shapes(declares, str(spec.path))
         dtypes, batch_axes = _declared(declares, "example_input_dtypes"), _declared(declares, "example_input_batch_axes")
     elif spec.kind == "artifact":
         module, meta = load_artifact(spec.path)

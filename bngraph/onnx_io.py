@@ -104,7 +104,10 @@ def write_verified(
         _check_weights_file(data, path, force)
 
     def check(saved: Path) -> None:
-        outcome["result"] = result = verify(reference, saved, batches, atol, rtol, batch_sizes=batch_sizes)
+        try:
+            outcome["result"] = result = verify(reference, saved, batches, atol, rtol, batch_sizes=batch_sizes)
+        except UserError as err:  # about the file as the user will know it, not its temporary name
+            raise UserError(str(err).replace(str(saved), str(path))) from err
         if not result:
             raise Rejected
 

@@ -356,3 +356,14 @@ def test_an_input_without_a_batch_axis_is_named_in_the_refusal(tmp_path):
     with pytest.raises(bngraph.UserError, match=r"input 1 has no batch axis, it seems: .*add --static-input 1$"):
         export(MaskedMixer().eval(), [x, mask], tmp_path / "m.onnx")
     assert export(MaskedMixer().eval(), [x, mask], tmp_path / "m.onnx", batch_axes=[0, None])
+
+
+def test_an_example_input_shape_holding_several_shapes_is_one_line(tmp_path, capsys):
+    # A TypeError traceback from torch.randn, where the plural name was meant.
+    (tmp_path / "two.py").write_text(
+        "import torch\nfrom torch import nn\n\nexample_input_shape = [(2, 3, 8, 8), (2, 1, 8, 8)]\n\n\n"
+        "class Net(nn.Module):\n    def forward(self, img, mask):\n        return img * mask\n")
+    assert main(["export", str(tmp_path / "two.py"), "-o", str(tmp_path / "two.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("is not a tuple of sizes (several inputs: example_input_shapes = [...])")
+    assert len(err.splitlines()) == 1
