@@ -213,7 +213,8 @@ _LEAVES = (torch.Tensor, int, float, bool, str, type(None))
 def _with_known_outputs(module: nn.Module, example_inputs) -> tuple[nn.Module, list[str] | None]:
     """`module`, or `_TensorOutputs(module)` where its output holds what the exporter refuses: a
     dataclass torch's pytree does not know (a user's own, in HuggingFace's style), or numbers and
-    strings beside the tensors (`{"logits": t, "n_layers": 3}`). An object of another class is
+    strings beside the tensors (`{"logits": t, "n_layers": 3}`), or an output that is an input or
+    another output (HF's hidden_states), which it copies. An object of another class is
     refused by name (UserError): which of its tensors are outputs is not known, and the exporter
     would say only that its class is unknown. And the outputs' names (`named_tensors`), in the
     order the exporter writes them (which verify checks), where every tensor is found."""
@@ -222,28 +223,28 @@ def _with_known_outputs(module: nn.Module, example_inputs) -> tuple[nn.Module, l
         output = module(*given)
     named = named_tensors(output)
     names = _unique_output_names([name for name, _ in named], forward_parameter_names(module))
+    leaves = torch.utils._pytree.tree_leaves(output)
+    plain = all(isinstance(leaf, (torch.Tensor, type(None))) for leaf in leaves)
+    unknown = None if plain else next(
+        ((where, leaf) for where, leaf in named_leaves(output) if not isinstance(leaf, _LEAVES)), None)
+    if unknown is not None:
+        where, value = unknown
+        cls = type(value)
+        hint = ""
+        if cls.__module__.startswith("transformers.") and cls.__name__.endswith("Cache"):
+            hint = ": a HuggingFace model returns its cache where use_cache is on; load it with use_cache=False"
+        raise UserError(f"the model's output '{where}' is a {cls.__module__}.{cls.__qualname__}, which no ONNX file can "
+                        f"hold (its tensors, if any, are not known to be outputs){hint}")
     seen = {id(x) for x in given}
-    aliased = []
+    aliased = []  # outputs that are an input or an earlier output
     for k, (_, tensor) in enumerate(named):
         if id(tensor) in seen:
             aliased.append(k)
         seen.add(id(tensor))
-    if aliased:
+    if aliased or not plain:
         return _TensorOutputs(module, aliased), names
-    leaves = torch.utils._pytree.tree_leaves(output)
-    if all(isinstance(leaf, (torch.Tensor, type(None))) for leaf in leaves):
-        # A class torch's pytree knows and `named_tensors` does not: the exporter's own names.
-        return module, names if len(names) == sum(isinstance(leaf, torch.Tensor) for leaf in leaves) else None
-    unknown = next(((where, leaf) for where, leaf in named_leaves(output) if not isinstance(leaf, _LEAVES)), None)
-    if unknown is None:
-        return _TensorOutputs(module), names
-    where, value = unknown
-    cls = type(value)
-    hint = ""
-    if cls.__module__.startswith("transformers.") and cls.__name__.endswith("Cache"):
-        hint = ": a HuggingFace model returns its cache where use_cache is on; load it with use_cache=False"
-    raise UserError(f"the model's output '{where}' is a {cls.__module__}.{cls.__qualname__}, which no ONNX file can "
-                    f"hold (its tensors, if any, are not known to be outputs){hint}")
+    # A class torch's pytree knows and `named_tensors` does not: the exporter's own names.
+    return module, names if len(names) == sum(isinstance(leaf, torch.Tensor) for leaf in leaves) else None
 
 
 def _unique_output_names(names: list[str], input_names: Sequence[str]) -> list[str]:
