@@ -118,9 +118,14 @@ class OutputDiff:
         times = "far beyond" if own == 0 or theirs > 1000 * own else f"{theirs / own:.3g}x"
         return f"{head}: {times} what onnxruntime's own optimizations change, so the candidate computes something else"
 
+    @property
+    def exact(self) -> bool:
+        """Compared exactly (integers and booleans), whatever --atol and --rtol say."""
+        return self.atol == self.rtol == 0 and self.scale == 1.0
+
     def rule(self) -> str:
         """The pass rule with this output's numbers in it."""
-        if self.atol == self.rtol == 0 and self.scale == 1.0:
+        if self.exact:
             return "c == r (integers and booleans: exactly)"
         return f"|c - r| <= {self.atol:g} x {self.scale:.3g} (output RMS) + {self.rtol:g} x |r|"
 
@@ -285,8 +290,12 @@ class VerifyResult:
             lines.append(f"FAILED | worst output {worst.output!r} ({worst.candidate}): {worst.problem}")
         else:
             rtol = f"--rtol {worst.min_rtol:.2g}" if np.isfinite(worst.min_rtol) else "no --rtol alone"
-            passes = (f"it would pass with --atol {worst.min_atol:.2g} (or {rtol})" if np.isfinite(worst.max_abs)
-                      else "NaN or inf on one side only, which no tolerance passes")
+            if worst.exact:
+                passes = "integers are compared exactly, whatever --atol says"
+            elif np.isfinite(worst.max_abs):
+                passes = f"it would pass with --atol {worst.min_atol:.2g} (or {rtol})"
+            else:
+                passes = "NaN or inf on one side only, which no tolerance passes"
             lines.append(
                 f"FAILED | worst output {worst.output!r} ({worst.candidate} vs {worst.reference}): "
                 f"{worst.failed_elements} of {worst.elements} elements beyond {worst.rule()}, max |c - r| "

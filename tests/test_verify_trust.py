@@ -701,6 +701,7 @@ def test_integer_outputs_are_compared_exactly():
     ids = next(d for d in result.diffs if d.output == "ids")
     assert not result and not ids.passed and ids.failed_elements == ids.elements == 8
     assert "c == r (integers and booleans: exactly)" in ids.line()
+    assert any("integers are compared exactly, whatever --atol says" in line for line in result.lines())
     assert verify(Predicts(), Predicts(), batches)
 
 
