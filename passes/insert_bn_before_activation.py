@@ -36,8 +36,8 @@ from bngraph.passes._feature_axis import Features, feature_layouts
 from bngraph.passes._fx_effects import aliases_of, mutates_first_argument
 from bngraph.passes._fx_meta import has_submodule, tensor_dtype, tensor_shape
 from bngraph.passes._op_kinds import (
-    activation_kind, composite_activation, elementwise_region, normalized_through_arithmetic, normalizer_behind,
-    op_label,
+    CONV_LINEAR_MODULES, activation_kind, composite_activation, elementwise_region, normalized_through_arithmetic,
+    normalizer_behind, op_label,
 )
 from bngraph.passes.base import PassResult, Skip, graph_pass
 
@@ -237,6 +237,9 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
     result.skipped += [Skip(n.name, f"{op_label(gm, n)} gates one half of its input's features with the other, which "
                             "insert does not take for an activation: put a BatchNorm in front of it in the model")
                        for n in gm.graph.nodes if _is_glu(gm, n)]
+    result.skipped += [Skip(n.name, f"{op_label(gm, n)} on {layer}'s output computes a nonlinearity by hand, which insert "
+                            "does not take for an activation: write it as one (F.leaky_relu, ...) for a BatchNorm in front")
+                       for n in gm.graph.nodes if (layer := _hand_written_on_a_layer(gm, n))]
     if result.changed:
         gm.graph.lint()
         gm.recompile()
@@ -249,6 +252,25 @@ def _is_glu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), nn.GLU)
     return node.op == "call_function" and node.target is F.glu
+
+
+_BY_HAND = {torch.where: 1, torch.maximum: 0, torch.minimum: 0, torch.sin: 0, torch.cos: 0}  # op: its input's index
+_BY_HAND_METHODS = {"maximum": 0, "minimum": 0, "sin": 0, "cos": 0}
+
+
+def _hand_written_on_a_layer(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The conv or linear whose output `node` bends by hand (`torch.where(h > 0, h, 0.1 * h)`, a
+    SIREN's `torch.sin`), which the report should name rather than pass over; else None."""
+    if node.op == "call_function":
+        index = _BY_HAND.get(node.target)
+    elif node.op == "call_method":
+        index = _BY_HAND_METHODS.get(node.target)
+    else:
+        return None
+    value = node.args[index] if index is not None and len(node.args) > index else None
+    if not isinstance(value, fx.Node) or value.op != "call_module":
+        return None
+    return value.target if isinstance(gm.get_submodule(value.target), CONV_LINEAR_MODULES) else None
 
 
 def _clamps_at_zero(node: fx.Node) -> bool:

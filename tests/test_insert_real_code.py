@@ -558,6 +558,27 @@ def test_a_bias_computed_by_a_parametrization_is_kept():
     assert "conv.bias is computed by a parametrization" in _skips(report)["relu_bn"]
 
 
+class HandWritten(nn.Module):
+    """A leaky ReLU with torch.where, a SIREN layer's sine, a ReLU with torch.maximum."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.where(h > 0, h, 0.1 * h)
+        return torch.maximum(self.c(torch.sin(self.b(h))), torch.zeros(()))
+
+
+def test_a_nonlinearity_written_by_hand_on_a_layers_output_is_named():
+    # Passed over in silence: the report said nothing needed a BatchNorm.
+    _, report = bngraph.insert(HandWritten(), [_x(3, 4)])
+    skips = _skips(report)
+    assert [skips[n].split(" computes")[0] for n in ("where", "sin", "maximum")] == [
+        "where on a's output", "sin on b's output", "maximum on c's output"]
+
+
 # 5. Integer inputs: token ids into an Embedding.
 
 
