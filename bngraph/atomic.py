@@ -88,11 +88,10 @@ def _is_marked_onnx(path: Path) -> bool:
 
 def foreign_entries(path: Path, kind: str) -> list[str]:
     """What a bngraph folder of `kind` at `path` holds that bngraph does not write there: other
-    files, and an artifact's files changed since (their SHA-256 in its bngraph.json)."""
+    files, and an artifact's files that are not as bngraph wrote them."""
     found = [p.name for p in path.iterdir() if p.name not in FOLDER_CONTENTS[kind]]
     if kind == ARTIFACT:
-        found += [f"{name} (changed since bngraph wrote it)" for name in edited_files(path)]
-        found += _unrecorded_files(path)
+        found += _changed_or_unrecorded(path)
     for pattern in _NESTED_ARTIFACTS.get(kind, ()):
         found += [f"{p.relative_to(path)}/{name}" for p in path.glob(pattern) if p.is_dir()
                   for name in foreign_entries(p, ARTIFACT)]
@@ -107,24 +106,16 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def edited_files(folder: Path) -> list[str]:
-    """The files of the artifact at `folder` whose contents are not what bngraph wrote."""
+def _changed_or_unrecorded(folder: Path) -> list[str]:
+    """An artifact's files that are not as bngraph wrote them: changed since (their SHA-256 in
+    its bngraph.json), or inside code/ and __pycache__/ without being listed there (the user's,
+    put beside the modules bngraph carried), Python's bytecode aside."""
     try:
         recorded = json.loads((folder / MARKER).read_text()).get("sha256", {})
     except (OSError, ValueError, AttributeError):
-        return []
-    return [name for name, digest in recorded.items()
-            if (folder / name).is_file() and sha256(folder / name) != digest]
-
-
-def _unrecorded_files(folder: Path) -> list[str]:
-    """Files inside an artifact's code/ that its bngraph.json does not list (the user's, put
-    beside the modules bngraph carried), and what is not Python's bytecode in a __pycache__."""
-    try:
-        recorded = set(json.loads((folder / MARKER).read_text()).get("sha256", {}))
-    except (OSError, ValueError, AttributeError):
-        recorded = set()
-    found = []
+        recorded = {}
+    found = [f"{name} (changed since bngraph wrote it)" for name, digest in recorded.items()
+             if (folder / name).is_file() and sha256(folder / name) != digest]
     for place in ("code", "__pycache__"):
         for file in sorted((folder / place).rglob("*")) if (folder / place).is_dir() else ():
             name = file.relative_to(folder).as_posix()
