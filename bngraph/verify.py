@@ -150,8 +150,10 @@ def _weights_eps(runner) -> float:
 
 def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarray]]]) -> None:
     """For each output that failed: whether the reference gives another output when run again on
-    the first batch (`OutputDiff.reference_varies`), else, against a float32 PyTorch reference, how far the candidate and the reference are from the reference run in float64 on the same
-    batches (`OutputDiff.from_exact`). Only after a failure: it runs the model again, and a copy."""
+    the first batch (`OutputDiff.reference_varies`); else, against a float32 PyTorch reference,
+    how far the candidate and the reference are from the reference run in float64 on the same
+    batches (`OutputDiff.from_exact`), and against an ONNX one, how far its two onnxruntime
+    levels are apart (`OutputDiff.levels_apart`). Only after a failure: it runs the model again."""
     varies: dict[int, bool] = {}
     exact: dict[int, list[list[np.ndarray]] | None] = {}
     for diff, ref, cand, i, j in compared:
