@@ -89,7 +89,7 @@ def to_onnx(
     dynamic_shapes = tuple({0: batch} if axis == 0 else None for axis in axes)
     declared = forward_parameter_names(module)
     input_names = declared[: len(inputs)] if len(declared) >= len(inputs) else None  # `_TensorOutputs` takes *inputs
-    module, output_names = _with_known_outputs(module, example_inputs)
+    module, output_names = _with_known_outputs(module, example_inputs, declared)
     if isinstance(module, _TensorOutputs):  # torch.export sees its *inputs as one tuple argument
         dynamic_shapes = (dynamic_shapes,)
     # The exporter prints progress, logs a warning per missing torchvision op and, when it fails,
@@ -181,7 +181,8 @@ def _raise_if_batch_fixed(module: nn.Module, example_inputs, axes: Sequence[int 
     if err is None:
         return
     # One input without a batch axis (a (T, T) mask) is the likelier cause: name it alone.
-    static = next((i for i in batched if len(batched) > 1 and runs_doubled(set(batched) - {i}) is None), None)
+    alone = batched if len(batched) > 1 else []
+    static = next((i for i in alone if runs_doubled(set(batched) - {i}) is None), None)
     if static is not None:
         raise UserError(f"input {static} has no batch axis, it seems: the model runs at batch {2 * size} with that "
                         f"input as it is, and not with it doubled ({one_line(err)}); add --static-input {static}") from err
@@ -210,19 +211,20 @@ class _TensorOutputs(nn.Module):
 _LEAVES = (torch.Tensor, int, float, bool, str, type(None))
 
 
-def _with_known_outputs(module: nn.Module, example_inputs) -> tuple[nn.Module, list[str] | None]:
+def _with_known_outputs(module: nn.Module, example_inputs, input_names: Sequence[str]) -> tuple[nn.Module, list[str] | None]:
     """`module`, or `_TensorOutputs(module)` where its output holds what the exporter refuses: a
     dataclass torch's pytree does not know (a user's own, in HuggingFace's style), or numbers and
     strings beside the tensors (`{"logits": t, "n_layers": 3}`), or an output that is an input or
     another output (HF's hidden_states), which it copies. An object of another class is
     refused by name (UserError): which of its tensors are outputs is not known, and the exporter
     would say only that its class is unknown. And the outputs' names (`named_tensors`), in the
-    order the exporter writes them (which verify checks), where every tensor is found."""
+    order the exporter writes them (which verify checks), where every tensor is found, none named
+    as one of `input_names` (`_unique_output_names`)."""
     given = fresh_inputs(example_inputs)
     with torch.no_grad(), eval_mode(module), running_user_model():
         output = module(*given)
     named = named_tensors(output)
-    names = _unique_output_names([name for name, _ in named], forward_parameter_names(module))
+    names = _unique_output_names([name for name, _ in named], input_names)
     leaves = torch.utils._pytree.tree_leaves(output)
     plain = all(isinstance(leaf, (torch.Tensor, type(None))) for leaf in leaves)
     unknown = None if plain else next(

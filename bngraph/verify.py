@@ -30,7 +30,7 @@ from bngraph.errors import ModelRaised, UserError, one_line
 from bngraph.load import load_model
 from bngraph.report import Report
 from bngraph.runners import (
-    BATCH_SIZES, Float64Runner, OrtRunner, embedding_bounds, forward_parameter_names, input_order, onnx_inputs, random_batches,
+    BATCH_SIZES, Float64Runner, OrtRunner, TorchRunner, embedding_bounds, forward_parameter_names, input_order, onnx_inputs, random_batches,
     runners_for,
 )
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
@@ -126,6 +126,7 @@ def verify(
             if all(a.dtype.kind in "iub" for a in (*ref_batches, *cand_batches)):
                 # Token ids, class indices, masks: off by 3 is wrong, whatever the output's RMS.
                 diff = compare(name, ref_batches, cand_batches, 0.0, 0.0, (ref.label, cand.label), scale=1.0)
+                diff.exact = True
                 result.diffs.append(diff)
                 compared.append((diff, ref, cand, i, j))  # a reference that draws random numbers says so
                 continue
@@ -350,7 +351,7 @@ def _index_bounds(models, onnx_specs, probe: list[np.ndarray]) -> list[int | Non
     found = [embedding_bounds(m, probe) for m in models if isinstance(m, nn.Module)]
     found += [spec.index_bounds for spec in onnx_specs]
     bounds = [min((b[i] for b in found if i < len(b) and b[i]), default=None) for i in range(len(probe))]
-    runners = [runners_for(m)[0] for m in models]
+    runners = [TorchRunner(m) if isinstance(m, nn.Module) else OrtRunner(m) for m in models]  # one session each
     for i, bound in enumerate(bounds):
         highest = [np.full_like(x, bound - 1) if j == i else x for j, x in enumerate(probe)] if bound else None
         for runner in runners if highest else ():
