@@ -40,7 +40,8 @@ def fold_constants_quietly(model: ir.Model) -> None:
         folder_log.setLevel(level)
 
 
-# Random draws that onnxscript's folder does not know for one: folded, one sample becomes a constant.
+# Random draws: onnxscript's folder skips most of them, but not Bernoulli, whose one sample it froze.
+# All are listed here, so that the folder's list (private) may change without our noticing.
 _RANDOM_OPS = frozenset({"Bernoulli", "RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike",
                          "Multinomial"})
 
