@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from bngraph.artifact_code import CARRIED_DIR, CLASS_NAME, CODE_FILE, module_source
-from bngraph.atomic import ARTIFACT, check_output, save_tensors, sha256, write_dir_atomically
+from bngraph.atomic import ARTIFACT, check_output, description_text, save_tensors, sha256, write_dir_atomically
 from bngraph.errors import UserError, one_line
 from bngraph.runners import batch_axes_of, fresh_inputs, named_tensors
 from bngraph.spec import ARTIFACT_META
@@ -99,7 +99,7 @@ def save(
             "sha256": {f: sha256(folder / f) for f in (CODE_FILE, WEIGHTS_FILE, *carried)},
             "history": list(history),
         }
-        (folder / ARTIFACT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        (folder / ARTIFACT_META).write_text(description_text(meta))
         _check_round_trip(module, load_artifact(folder)[0], example_inputs)
 
     return write_dir_atomically(path, write, kind=ARTIFACT, force=force)

@@ -35,6 +35,7 @@ from pathlib import Path
 from bngraph.errors import UserError
 
 MARKER = "bngraph.json"  # the artifact's description; run and reproduce folders carry one too
+DESCRIPTION_DIGEST = "description_sha256"  # in bngraph.json, of the rest of its text
 ARTIFACT, RUN, REPRODUCE, ONNX, PICTURE = "artifact", "run", "reproduce", "onnx", "picture"
 FOLDER_FORMATS = {ARTIFACT: "bngraph-artifact", RUN: "bngraph-run", REPRODUCE: "bngraph-reproduce"}
 FILE_SUFFIXES = {ONNX: (".onnx",), PICTURE: (".svg", ".png", ".dot")}
@@ -90,8 +91,7 @@ def foreign_entries(path: Path, kind: str) -> list[str]:
     """What a bngraph folder of `kind` at `path` holds that bngraph does not write there: other
     files, and an artifact's files that are not as bngraph wrote them."""
     found = [p.name for p in path.iterdir() if p.name not in FOLDER_CONTENTS[kind]]
-    if kind == ARTIFACT:
-        found += _changed_or_unrecorded(path)
+    found += _changed_or_unrecorded(path)
     for pattern in _NESTED_ARTIFACTS.get(kind, ()):
         found += [f"{p.relative_to(path)}/{name}" for p in path.glob(pattern) if p.is_dir()
                   for name in foreign_entries(p, ARTIFACT)]
@@ -106,16 +106,42 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def description_text(meta: dict) -> str:
+    """The text of a folder's bngraph.json describing `meta`, carrying the SHA-256 of its own
+    text without that line: an edit to the description makes the folder the user's, as an edit
+    to any other file bngraph wrote does (`foreign_entries`)."""
+    meta = {key: value for key, value in meta.items() if key != DESCRIPTION_DIGEST}  # one read back
+    body = json.dumps(meta, indent=2) + "\n"
+    return json.dumps({**meta, DESCRIPTION_DIGEST: _digest(body)}, indent=2) + "\n"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _description_changed(folder: Path) -> bool:
+    """Whether `folder`'s bngraph.json is not the text bngraph wrote (one written before the
+    digest was recorded cannot tell, and counts as unchanged, as it did then)."""
+    try:
+        meta = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return True
+    recorded = meta.pop(DESCRIPTION_DIGEST, None) if isinstance(meta, dict) else None
+    return recorded is not None and _digest(json.dumps(meta, indent=2) + "\n") != recorded
+
+
 def _changed_or_unrecorded(folder: Path) -> list[str]:
-    """An artifact's files that are not as bngraph wrote them: changed since (their SHA-256 in
-    its bngraph.json), or inside code/ and __pycache__/ without being listed there (the user's,
-    put beside the modules bngraph carried), Python's bytecode aside."""
+    """A bngraph folder's files that are not as bngraph wrote them: its bngraph.json edited, an
+    artifact's files changed since (their SHA-256 in its bngraph.json), or inside code/ and
+    __pycache__/ without being listed there (the user's, put beside the modules bngraph
+    carried), Python's bytecode aside."""
+    found = [f"{MARKER} (changed since bngraph wrote it)"] if _description_changed(folder) else []
     try:
         recorded = json.loads((folder / MARKER).read_text()).get("sha256", {})
     except (OSError, ValueError, AttributeError):
         recorded = {}
-    found = [f"{name} (changed since bngraph wrote it)" for name, digest in recorded.items()
-             if (folder / name).is_file() and sha256(folder / name) != digest]
+    found += [f"{name} (changed since bngraph wrote it)" for name, digest in recorded.items()
+              if (folder / name).is_file() and sha256(folder / name) != digest]
     for place in ("code", "__pycache__"):
         for file in sorted((folder / place).rglob("*")) if (folder / place).is_dir() else ():
             name = file.relative_to(folder).as_posix()
@@ -311,8 +337,7 @@ def write_atomically(
 
 
 def _write_marker(folder: Path, kind: str) -> None:
-    text = json.dumps({"format": FOLDER_FORMATS[kind], "format_version": 1}, indent=2) + "\n"
-    (folder / MARKER).write_text(text)
+    (folder / MARKER).write_text(description_text({"format": FOLDER_FORMATS[kind], "format_version": 1}))
 
 
 def _swap_in(built: Path, path: Path, kind: str, force: bool) -> None:

@@ -141,13 +141,21 @@ def test_a_bngraph_folder_holding_the_users_files_is_not_replaced(name, inside, 
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize(("name", "edited"), [("insert", "model.py"), ("train", "model/model.py")])
+@pytest.mark.parametrize(("name", "edited"), [
+    ("insert", "model.py"), ("train", "model/model.py"),
+    # bngraph.json records the digest of its own text: a note the user added is theirs too.
+    ("insert", "bngraph.json"), ("train", "bngraph.json"), ("train", "model/bngraph.json"), ("reproduce", "bngraph.json"),
+])
 def test_an_artifact_whose_files_the_user_edited_is_not_replaced(name, edited, tmp_path, capsys, inputs):
     # bngraph.json holds the SHA-256 of each file it wrote: an edit makes the file the user's.
     out = tmp_path / COMMANDS[name][1]
     assert _run(capsys, _argv(name, inputs, out))[0] == 0
-    with (out / edited).open("a") as f:
-        f.write("# the user's note\n")
+    if edited.endswith(".json"):
+        meta = json.loads((out / edited).read_text())
+        (out / edited).write_text(json.dumps({**meta, "note": "the user's"}, indent=2) + "\n")
+    else:
+        with (out / edited).open("a") as f:
+            f.write("# the user's note\n")
     before = snapshot(tmp_path)
     code, _, err = _run(capsys, _argv(name, inputs, out, "--force"))
     assert code == 2 and f"({edited} (changed since bngraph wrote it))" in _one_error_line(err)
