@@ -122,6 +122,8 @@ def to_onnx(
                     notes.append(f"exported with scaled_dot_product_attention written as matmuls and a softmax: the "
                                  f"exporter's own decomposition of it fails ({_root_cause(err)}; pytorch/pytorch#136543)")
         except Exception as err:
+            if (stop := _interrupt_within(err)) is not None:  # the exporter wrapped Ctrl-C or SIGTERM
+                raise stop from None  # as stopped: no log kept, no "could not export"
             raise_if_model_raises(module, example_inputs)
             _raise_if_batch_fixed(module, example_inputs, axes)
             saved = _keep_export_log(log, err)
@@ -256,6 +258,17 @@ def _unique_output_names(names: list[str], input_names: Sequence[str]) -> list[s
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _interrupt_within(err: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI's handler) among `err`'s causes."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _root_cause(err: BaseException) -> str:

@@ -8,7 +8,9 @@ import pickle
 import re
 import subprocess
 import sys
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,6 +210,23 @@ def test_a_failed_export_is_one_line_and_its_log_is_kept(tmp_path, capfd):
     text = open(log).read()
     assert "Traceback" in text and "\x1b[" not in text  # the whole story, without colour codes
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_export_error_caused_by_an_interrupt_is_an_interruption(tmp_path, capfd, monkeypatch):
+    # A signal that lands inside torch's exporter can come out as the exporter's own error,
+    # chained to the KeyboardInterrupt: it is a stop (exit 130), not a failed export with a log.
+    def exporter_stopped(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as stop:
+            raise RuntimeError("Failed to export the model with torch.export") from stop
+
+    monkeypatch.setattr(torch.onnx, "export", exporter_stopped)
+    logs_before = set(Path(tempfile.gettempdir()).glob("bngraph-export-*"))
+    code, out, err = _cli(capfd, "export", "zoo:mnist-mlp", "-o", tmp_path / "m.onnx")
+    assert (code, err) == (130, "bngraph: interrupted\n")
+    assert set(Path(tempfile.gettempdir()).glob("bngraph-export-*")) == logs_before
+    assert not list(tmp_path.iterdir())
 
 
 # 4. Nothing to recalibrate.
