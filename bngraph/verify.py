@@ -306,6 +306,8 @@ def verify_models(
                 raise UserError(f"--input-dtype gives {';'.join(dtypes)}; {text} declares {';'.join(declared)}")
     else:
         dtypes = _in_order(onnx_specs[0], onnx_specs[0].dtypes, names) if onnx_specs else loaded[0].input_dtypes
+        if len(onnx_specs) == 2:
+            _check_same_input_dtypes(onnx_specs, onnx_texts, names)
     # An input has a batch axis only where every side says so.
     sides_axes = [m.batch_axes for m in loaded] + [_in_order(s, s.batch_axes, names) for s in onnx_specs]
     if any(len(axes) != len(shapes) for axes in sides_axes):
@@ -332,6 +334,17 @@ def verify_models(
     if sizes != BATCH_SIZES:
         report.notes.append(f"an ONNX file fixes the batch at {sizes[0]}: compared at that batch only")
     return result, report
+
+
+def _check_same_input_dtypes(specs, texts: Sequence[str], names: Sequence[str]) -> None:
+    """Two ONNX files compared on the same batches must take each input in the same dtype; else
+    onnxruntime refuses one of them in its own words, batch after batch."""
+    a, b = (_in_order(spec, spec.dtypes, names) for spec in specs)
+    for i, (dtype_a, dtype_b) in enumerate(zip(a, b)):
+        if dtype_a != dtype_b:
+            name = names[i] if i < len(names) else str(i)
+            raise UserError(f"{texts[0]} takes input '{name}' as {dtype_a.name}, {texts[1]} as {dtype_b.name}: "
+                            "verify compares two models on the same inputs")
 
 
 def _in_order(spec, values: list, names: Sequence[str]) -> list:

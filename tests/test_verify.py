@@ -132,6 +132,23 @@ def test_a_perturbed_model_fails_with_exit_1_and_names_the_worst_output(onnx_fil
     assert verdict.endswith("far beyond what onnxruntime's own optimizations change, so the candidate computes something else")
 
 
+def test_two_onnx_files_that_take_an_input_in_different_dtypes_are_refused_in_one_line(onnx_files, tmp_path):
+    # The same model taking float64 (as a float64 export writes it): not the same inputs.
+    exported, _, _ = onnx_files
+    model = onnx.load(str(exported))
+    name = model.graph.input[0].name
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+    model.graph.node.insert(0, onnx.helper.make_node("Cast", [name], [name + "_f32"], to=onnx.TensorProto.FLOAT))
+    for node in model.graph.node[1:]:
+        node.input[:] = [name + "_f32" if x == name else x for x in node.input]
+    wide = tmp_path / "wide.onnx"
+    onnx.save(model, wide)
+    code, out, err = run_cli("verify", exported, wide)
+    assert (code, out) == (2, "")
+    assert err == (f"bngraph: error: {exported} takes input '{name}' as float32, {wide} as float64: "
+                   "verify compares two models on the same inputs\n")
+
+
 def test_two_pytorch_models_compare_at_the_tighter_tolerance():
     code, out, _ = run_cli("verify", MODEL, "tests/onnx_models.py:conv_bn_net_perturbed", "--json")
     report = json.loads(out)
