@@ -460,7 +460,8 @@ class _Tracer(fx.Tracer):
             if isinstance(root, nn.Module) else {}
         states = {path: _module_state(m) for path, m in modules.items()}
         try:
-            graph = super().trace(root, concrete_args)
+            with _custom_functions_refused():
+                graph = super().trace(root, concrete_args)
             check_no_random_draws(rng)
             for path, m in modules.items():  # a forward that set another module's attribute
                 check_state_kept(m, states[path], path or "the model")
@@ -505,6 +506,27 @@ _TRACER_OWN = re.compile(r"training|_tensor_constant\d+")
 
 def _module_state(m: nn.Module) -> dict:
     return {k: (v, dict(v) if isinstance(v, dict) else None) for k, v in m.__dict__.items() if not _TRACER_OWN.fullmatch(k)}
+
+
+@contextlib.contextmanager
+def _custom_functions_refused():
+    """While tracing, a custom `torch.autograd.Function` called on a traced value is fx's
+    TraceError naming it: fx would run its forward on Proxies and record the ops, and the graph
+    would then differentiate those, dropping the backward the Function defines (a straight-through
+    estimator, a gradient reversal). torch's own Functions (checkpointing's) keep the gradient."""
+    original = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        if not cls.__module__.startswith("torch.") and any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
+            raise fx.proxy.TraceError(f"it calls the custom autograd Function {cls.__qualname__}, whose own backward "
+                                      "a traced graph would drop (torch.fx records its forward's ops only)")
+        return original.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = original
 
 
 def check_state_kept(m: nn.Module, state: dict, who: str) -> None:

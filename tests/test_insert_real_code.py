@@ -709,6 +709,73 @@ def test_partial_tracing_keeps_failing_and_unfaithful_submodules_opaque():
     assert report.sections["not_handled"] == []
 
 
+class SignSTE(torch.autograd.Function):
+    """sign() forward, the gradient passed straight through (binarized and quantized nets)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class GradReverse(torch.autograd.Function):
+    """DANN's gradient reversal: the identity forward, the gradient negated."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class Binarize(nn.Module):
+    def forward(self, x):
+        return SignSTE.apply(x)
+
+
+class BinaryNet(nn.Module):
+    def __init__(self, reverse: bool):
+        super().__init__()
+        self.reverse = reverse
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.binarize = Binarize()
+
+    def forward(self, x):
+        h = self.binarize(self.fc2(torch.tanh(self.fc1(x))))
+        return self.fc3(F.relu(GradReverse.apply(h) if self.reverse else h))
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in-a-submodule", "in-the-forward"])
+def test_a_custom_autograd_function_keeps_its_backward(reverse):
+    # torch.fx traces a Function's forward and drops its backward: the straight-through
+    # gradient became sign's zero, the reversed one the plain one. The module calling it is
+    # kept whole (in a submodule) or the model is not traced (in the top-level forward).
+    model = BinaryNet(reverse)
+    x = _x(16, 6)
+    out, report = bngraph.insert(model, [x], preserve=True)
+    # The fallback sees no activation module; the ReLU after the opaque block is not proven.
+    assert list(_sites(report)) == ([] if reverse else ["tanh"])
+    if reverse:
+        assert report.facts["tracing"] == "module-level fallback"
+        assert "custom autograd Function GradReverse" in report.notes[-1]
+    else:
+        opaque = {o["module"]: o["reason"] for o in report.sections["opaque"]}
+        assert "custom autograd Function SignSTE" in opaque["binarize"]
+    model.eval(), out.eval()  # --preserve's BNs compute what the model did
+    for net in (model, out):
+        net.zero_grad()
+        net(x).square().sum().backward()
+    for name in ("fc1.weight", "fc2.weight"):
+        want, got = model.get_parameter(name).grad, out.get_parameter(name).grad
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
 class EncoderBlock(nn.Module):
     """A transformer block in HuggingFace's style: attention torch.fx cannot trace, then an MLP
     whose GELU reads a Linear's last axis on (N, T, C)."""
