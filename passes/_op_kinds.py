@@ -53,11 +53,11 @@ SHAPE_ONLY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.A
                       nn.Identity, nn.Flatten, nn.Unflatten)
 SHAPE_ONLY_FUNCTIONS = {
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.flatten, torch.reshape,
-    torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.clone,
+    torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.clone, torch.unflatten,
 }
 SHAPE_ONLY_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-    "view_as", "reshape_as", "clone", "t",
+    "view_as", "reshape_as", "clone", "t", "unflatten",
 }
 
 CONV_LINEAR_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -187,12 +187,22 @@ def normalized_through_arithmetic(gm: fx.GraphModule, act: fx.Node) -> fx.Node |
     """The norm behind x where `act` is part of an elementwise function of x that does more than
     activations (arithmetic: x * sigmoid(x), 0.5 * x * (1 + tanh(...)), an affine 3 * x + 1): the
     nonlinearity reads a normalized tensor. What a composite's inner activations find once its
-    module is flattened into a graph (insert run again on insert's artifact). Activations alone
-    in a row, tanh(relu(x)), are separate nonlinearities: None."""
+    module is flattened into a graph (insert run again on insert's artifact). Activations in a
+    row, tanh(relu(x)), are separate nonlinearities, scaled or not (2 * sigmoid(relu(x))): None
+    where all the region is activations, or where `act` reads x through another activation."""
     found = elementwise_region(gm, act)
     if found is None or all(activation_kind(gm, n) for n in found[1]):
         return None
-    return normalizer_behind(gm, found[0])
+    x, region, _ = found
+    before, todo = set(), [act]
+    while todo:  # the region's nodes `act` reads from
+        for arg in todo.pop().all_input_nodes:
+            if arg in region and arg not in before:
+                before.add(arg)
+                todo.append(arg)
+    if any(activation_kind(gm, n) for n in before):
+        return None
+    return normalizer_behind(gm, x)
 
 
 def op_label(gm: fx.GraphModule, node: fx.Node) -> str:

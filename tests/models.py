@@ -169,6 +169,37 @@ class SharedOutput(nn.Module):
         return F.relu(y) + y
 
 
+class LinearToMaps(nn.Module):
+    """A decoder's stem: a Linear's C*H*W outputs viewed as (N, C, H, W) maps. Its BN sits on the
+    flattened features (one per output of the Linear), written flatten, BN, unflatten."""
+
+    example_input_shape = (4, 6)
+    EXPECTED = {"elu": ("BatchNorm1d", 12, False)}  # the bias stays: not proven redundant through the view
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.conv = nn.Linear(6, 3 * 2 * 2), nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.conv(F.elu(self.fc(x).view(-1, 3, 2, 2)))
+
+
+class GateAfterReLU(nn.Module):
+    """A sigmoid gate on a ReLU's output, scaled: the ReLU's input is normalized, the sigmoid's
+    is not (the scale after it makes no composite of the two)."""
+
+    example_input_shape = (2, 3, 6, 6)
+    EXPECTED = {"sigmoid": ("BatchNorm2d", 4, False)}
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.out = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv(x)))
+        return self.out(torch.sigmoid(h) * 2.0)
+
+
 class Untraceable(nn.Module):
     """Data-dependent control flow: torch.fx cannot trace it."""
 
@@ -189,5 +220,5 @@ class Untraceable(nn.Module):
 
 TRACEABLE = [
     Residual, SharedActivation, GroupedConvs, Convs1d3d, TransposedConv, Sequence3d, Branches,
-    AlreadyNormalized, MethodsAndFunctions, SharedOutput,
+    AlreadyNormalized, MethodsAndFunctions, SharedOutput, LinearToMaps, GateAfterReLU,
 ]
