@@ -462,6 +462,7 @@ class _Tracer(fx.Tracer):
         try:
             with _custom_functions_refused():
                 graph = super().trace(root, concrete_args)
+            _name_fixed_arguments_as_declared(graph, concrete_args)
             check_no_random_draws(rng)
             for path, m in modules.items():  # a forward that set another module's attribute
                 check_state_kept(m, states[path], path or "the model")
@@ -556,6 +557,18 @@ def _restore_state(m: nn.Module, state: dict) -> None:
             value.clear()
             value.update(content)
         m.__dict__[key] = value
+
+
+def _name_fixed_arguments_as_declared(graph: fx.Graph, concrete_args) -> None:
+    """fx names the input of an argument fixed at a value (`temperature=1.0`, `mask=None`)
+    `temperature_1`, one per leaf of the value, and the traced forward would take that keyword:
+    `model(x, temperature=1.0)` raised a TypeError even at the value traced. A value of one leaf
+    keeps its parameter's name."""
+    placeholders = {node.target: node for node in graph.nodes if node.op == "placeholder"}
+    for name, value in (concrete_args or {}).items() if isinstance(concrete_args, dict) else ():
+        node = placeholders.get(f"{name}_1")
+        if node is not None and name not in placeholders and f"{name}_2" not in placeholders and len(tree_leaves(value)) <= 1:
+            node.target = name
 
 
 def _callable_as_traced(root_fn, concrete_args):

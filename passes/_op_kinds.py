@@ -189,7 +189,8 @@ def normalized_through_arithmetic(gm: fx.GraphModule, act: fx.Node) -> fx.Node |
     nonlinearity reads a normalized tensor. What a composite's inner activations find once its
     module is flattened into a graph (insert run again on insert's artifact). Activations in a
     row, tanh(relu(x)), are separate nonlinearities, scaled or not (2 * sigmoid(relu(x))): None
-    where all the region is activations, or where `act` reads x through another activation."""
+    where all the region is activations, or where `act` reads x through another activation and
+    no arithmetic combines two values of x (as Mish's x * tanh(softplus(x)) does)."""
     found = elementwise_region(gm, act)
     if found is None or all(activation_kind(gm, n) for n in found[1]):
         return None
@@ -200,7 +201,8 @@ def normalized_through_arithmetic(gm: fx.GraphModule, act: fx.Node) -> fx.Node |
             if arg in region and arg not in before:
                 before.add(arg)
                 todo.append(arg)
-    if any(activation_kind(gm, n) for n in before):
+    combines = any(sum(a is x or a in region for a in n.all_input_nodes) >= 2 for n in region)
+    if not combines and any(activation_kind(gm, n) for n in before):
         return None
     return normalizer_behind(gm, x)
 

@@ -874,8 +874,13 @@ class OptionalMask(nn.Module):
 def test_optional_arguments_take_their_defaults():
     model = OptionalMask()
     x = _x(8, 5, 4)
-    _, report = _assert_preserved(model, [x])
+    out, report = _assert_preserved(model, [x])
     assert _sites(report) == {"gelu": ("BatchNorm1d", 6)}
+    # Called as the model is, by keyword at the values traced (fx named them mask_1 and
+    # return_dict_1); another value is refused, never computed as the traced one.
+    torch.testing.assert_close(out(x, mask=None, return_dict=None), out(x))
+    with pytest.raises(AssertionError, match="mask"):
+        out(x, mask=torch.zeros(8, 5, 6, dtype=torch.bool))
 
 
 def with_config_defaults(forward):
