@@ -459,6 +459,8 @@ class _Tracer(fx.Tracer):
         modules = {path: m for path, m in root.named_modules() if not isinstance(m, torch.jit.ScriptModule)} \
             if isinstance(root, nn.Module) else {}
         states = {path: _module_state(m) for path, m in modules.items()}
+        buffers = dict(root.named_buffers()) if isinstance(root, nn.Module) else {}
+        versions, values = _versions(buffers), {name: b.detach().clone() for name, b in buffers.items()}
         try:
             with _custom_functions_refused():
                 graph = super().trace(root, concrete_args)
@@ -466,10 +468,15 @@ class _Tracer(fx.Tracer):
             check_no_random_draws(rng)
             for path, m in modules.items():  # a forward that set another module's attribute
                 check_state_kept(m, states[path], path or "the model")
+            check_buffers_kept(buffers, versions, "the model")
         finally:
             torch.random.set_rng_state(rng)  # the model's draws while traced are no one's
             for path, m in modules.items():
                 _restore_state(m, states[path])
+            with torch.no_grad():  # and its buffers' values as they were
+                for name, buffer in buffers.items():
+                    if buffer._version != versions[name]:
+                        buffer.copy_(values[name])
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         read = self.dtypes_read
         inputs = [(n, d) for n, d in read.items() if n.op == "placeholder"]
@@ -490,9 +497,12 @@ class _Tracer(fx.Tracer):
         # What a module's own forward did while traced that no graph can hold: the innermost
         # module that did it is named (insert's tracer then keeps it whole).
         state, rng = _module_state(m), torch.random.get_rng_state()
+        buffers = dict(m.named_buffers())
+        versions = _versions(buffers)
         out = super().call_module(m, forward, args, kwargs)
-        check_no_random_draws(rng)  # `trace` puts back what either changed
+        check_no_random_draws(rng)  # `trace` puts back what any of these changed
         check_state_kept(m, state, "it")  # Swin's layers set their window size in forward
+        check_buffers_kept(buffers, versions, "it")  # a step counter, a custom norm's statistics
         return out
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
@@ -503,6 +513,21 @@ class _Tracer(fx.Tracer):
 # parameter, buffer and submodule dicts. Not its mode (`training`), which insert's tracer makes a
 # graph value, nor the constants torch.fx stores on the root (`_tensor_constant0`).
 _TRACER_OWN = re.compile(r"training|_tensor_constant\d+")
+
+
+def _versions(buffers: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {name: buffer._version for name, buffer in buffers.items()}
+
+
+def check_buffers_kept(buffers: dict[str, torch.Tensor], versions: dict[str, int], who: str) -> None:
+    """Raise fx's TraceError where a buffer among `buffers` was written in place since its
+    `versions`: torch.fx hands a forward the buffer itself, not a Proxy, so `self.steps += 1`
+    or a custom norm's running statistics update ran once, on the tensor, and the graph would
+    never do it again."""
+    changed = next((name for name, buffer in buffers.items() if buffer._version != versions[name]), None)
+    if changed is not None:
+        raise fx.proxy.TraceError(f"{who} updates the buffer {changed} in place in its forward, which a traced graph "
+                                  "would not do")
 
 
 def _module_state(m: nn.Module) -> dict:

@@ -776,6 +776,63 @@ def test_a_custom_autograd_function_keeps_its_backward(reverse):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
 
 
+class RunningScale(nn.Module):
+    """A user's own normalizer: divides by a running RMS it updates in place whenever gradients
+    are on (its author's test for training)."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.register_buffer("rms", torch.ones(features))
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                self.rms.mul_(0.9).add_(0.1 * x.pow(2).mean(0).sqrt())
+        return x / self.rms
+
+
+class ScaledMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.scale = RunningScale(8)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.scale(self.fc1(x))))
+
+
+class CountsItsSteps(ScaledMLP):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.steps += 1  # read by the user's training loop
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("where", ["submodule", "forward"])
+def test_a_buffer_the_forward_updates_in_place_keeps_being_updated(where):
+    # torch.fx hands a forward its buffers themselves: the update ran once on the tensor while
+    # traced and the graph never did it again (the steps stayed 0, the running RMS fixed).
+    model = ScaledMLP() if where == "submodule" else CountsItsSteps()
+    out, report = bngraph.insert(model, [_x(16, 6)])
+    if where == "submodule":
+        opaque = {o["module"]: o["reason"] for o in report.sections["opaque"]}
+        assert "updates the buffer rms in place" in opaque["scale"]
+    else:
+        assert report.facts["tracing"] == "module-level fallback"
+        assert "updates the buffer steps in place" in report.notes[-1]
+    assert torch.equal(out.scale.rms, torch.ones(8))  # as the model was: tracing updated nothing
+    out.train()
+    for _ in range(3):
+        out(_x(16, 6))
+    assert not torch.equal(out.scale.rms, torch.ones(8))
+    if where == "forward":
+        assert out.steps.item() == 3
+
+
 class EncoderBlock(nn.Module):
     """A transformer block in HuggingFace's style: attention torch.fx cannot trace, then an MLP
     whose GELU reads a Linear's last axis on (N, T, C)."""
