@@ -17,7 +17,9 @@ its shape and dtype. Then, numbered as in the code:
      reason.
   5. An in-place activation: skip, as a BatchNorm in front would stop it from mutating the tensor
      the code may read after it, and a run cannot tell that read from a read of its result.
-  6. Otherwise the module becomes `Sequential(bn=BatchNorm{1,2,3}d(features), act=module)`, the
+  6. The code reads the module itself (`isinstance(self.act, ...)`, `self.act.negative_slope`):
+     skip, as a wrapper in its place would change what that reads.
+  7. Otherwise the module becomes `Sequential(bn=BatchNorm{1,2,3}d(features), act=module)`, the
      BatchNorm in the input's dtype and on its device; for features in the last axis of a rank > 2
      input (a transformer's MLP), `bn=LastAxisBatchNorm(BatchNorm1d(features))`, statistics over
      every axis but the last, as `insert` computes them on a traced graph.
@@ -29,6 +31,8 @@ submodules a partial trace kept opaque (HF Swin's blocks), whose activations no 
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -53,6 +57,26 @@ class LastAxisBatchNorm(nn.Module):
         # (N*T, C) is BatchNorm1d's own layout: no transposes, and folding it into the Linear
         # before needs no graph (`fold_bn_into_producer_module`, LeViT's case).
         return self.norm(x.reshape(-1, x.shape[-1])).view(x.shape)
+
+
+def _read_other_than_called(parent: nn.Module, name: str) -> str | None:
+    """Where the source of `parent`'s class (and the classes it inherits from, torch's aside)
+    uses `self.<name>` other than calling it, assigning it or testing it for None (monai's
+    `if self.act is not None:`, which a wrapper leaves true): the line, stripped; else None."""
+    use = re.compile(rf"self\.{re.escape(name)}\b(?!\s*(\(|=[^=]|is\s+(not\s+)?None\b|:))")
+    for cls in type(parent).__mro__:
+        if cls.__module__.startswith("torch.") or cls is object:
+            continue
+        try:
+            lines = inspect.getsource(cls).splitlines()
+        except (OSError, TypeError):  # no source (a class built at run time): nothing to read
+            continue
+        for line in lines:
+            code = line.split("#")[0]
+            assigned = re.search(r"(?<![=!<>])=(?!=)", code)  # left of it: targets (`self.fc, self.act = ...`)
+            if any(not assigned or m.start() > assigned.start() for m in use.finditer(code)):
+                return line.strip()
+    return None
 
 
 def _input_problem(call) -> str | None:
@@ -129,13 +153,21 @@ def wrap_activation_modules(
                            "BatchNorm in front would leave as it was; with inplace=False it gets one")
             )
             continue
-        # 6. Wrap.
+        # 6. The code reads the module itself (`isinstance(self.act, nn.LeakyReLU)`,
+        # `self.act.negative_slope`): a wrapper in its place would change what that reads.
+        parent_path, _, name = path.rpartition(".")
+        parent = module.get_submodule(parent_path)
+        if (read := _read_other_than_called(parent, name)) is not None:
+            result.skipped.append(
+                Skip(path, f"the code reads the module itself, not only calls it ({read}): a BatchNorm wrapped around "
+                           "it would change what that reads")
+            )
+            continue
+        # 7. Wrap.
         last_axis = found.axis == "last" and len(x.shape) > 2
         norm_cls = nn.BatchNorm1d if last_axis else BATCHNORM_BY_RANK[len(x.shape)]
         features = x.shape[-1] if last_axis else x.shape[1]
         bn = norm_cls(features, device=x.device, dtype=x.dtype).train(was_training)
-        parent_path, _, name = path.rpartition(".")
-        parent = module.get_submodule(parent_path)
         wrapper = LastAxisBatchNorm(bn) if last_axis else bn
         parent._modules[name] = nn.Sequential(OrderedDict(bn=wrapper, act=act))
         result.changed.append(path)

@@ -634,3 +634,39 @@ def test_untraced_fold_is_exact_with_and_without_a_conv_bias(bias):
     assert isinstance(folded.bn, nn.Identity) and folded.conv.bias is not None
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class PicksItsGain(nn.Module):
+    """Reads its activation module, not only calls it (He's gain for a leaky ReLU; a block that
+    scales when its activation is one kind), and checks its input for NaN: not traceable."""
+
+    def __init__(self, read: str):
+        super().__init__()
+        self.read = read
+        self.fc, self.act, self.head = nn.Linear(6, 8), nn.LeakyReLU(0.2), nn.Linear(8, 3)
+        self.fc2, self.act2 = nn.Linear(8, 8), nn.Tanh()
+
+    def forward(self, x):
+        if torch.isnan(x).any():
+            raise ValueError("NaN input")
+        h = self.fc(x)
+        if self.read == "attribute":
+            h = h * (2.0 / (1 + self.act.negative_slope ** 2)) ** 0.5
+        elif isinstance(self.act, nn.LeakyReLU):
+            h = h * 3.0
+        return self.head(self.act2(self.fc2(self.act(h))))
+
+
+@pytest.mark.parametrize("read", ["attribute", "isinstance"])
+def test_an_activation_module_the_code_reads_is_not_wrapped(read):
+    # A Sequential(bn, act) in its place has no negative_slope and is no LeakyReLU: the fallback
+    # crashed on the first, and silently computed without the gain on the second.
+    model = PicksItsGain(read)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    out, report = bngraph.insert(model, [x], preserve=True)
+    assert report.facts["tracing"] == "module-level fallback"
+    assert [r["node"] for r in report.sections["inserted"]] == ["act2"]
+    reason = {r["node"]: r["reason"] for r in report.sections["skipped"]}["act"]
+    assert reason.startswith("the code reads the module itself, not only calls it (")
+    with torch.no_grad():
+        torch.testing.assert_close(out.eval()(x * 3 + 1), model.eval()(x * 3 + 1), rtol=1e-5, atol=1e-5)
