@@ -10,7 +10,8 @@ onnxruntime at ORT_DISABLE_ALL and ORT_ENABLE_ALL, or onnx's ReferenceEvaluator.
 model's result is flattened to named tensors (dicts, dataclasses such as HuggingFace's
 ModelOutput, NamedTuples, lists and tuples, nested; None skipped); an ONNX model's outputs are
 named by its graph and paired with the other side's by position. Outputs that differ in number
-(or, between two PyTorch models, in names) fail; comparing no tensor at all is an error. The
+(or, between two PyTorch models, in names) fail; comparing no tensor at all is an error, and so
+is an output that is NaN or inf on both sides at every element (nothing of it compared). The
 rule each output passes by, and the default tolerances: `bngraph.compare`. The result of
 `verify` is truthy on a pass.
 """
@@ -135,9 +136,27 @@ def verify(
             diff = compare(name, ref_batches, cand_batches, atol_used, rtol_used, (ref.label, cand.label))
             result.diffs.append(diff)
             compared.append((diff, ref, cand, i, j))
+    _refuse_if_nothing_compared(result.diffs)
     if not result and explain_failures:
         _measure_from_exact(compared, inputs, outputs)
     return result
+
+
+def _refuse_if_nothing_compared(diffs: Sequence[OutputDiff]) -> None:
+    """NaN against NaN agrees (`bngraph.compare`), but an output that is NaN or inf on both sides
+    at every element would pass whatever the two models compute: a log-spectrogram front end fed
+    N(0, 1) values (Log of a negative) passed against one with other weights. No check, no pass.
+    At any runtime level: onnxruntime's own BN fold may overflow a float16 model at one level only."""
+    by_output: dict[str, list[OutputDiff]] = {}
+    for diff in diffs:
+        by_output.setdefault(diff.output, []).append(diff)
+    for name, compared in by_output.items():
+        if all(d.elements and d.nonfinite_elements == d.elements for d in compared):
+            raise UserError(
+                f"output {name!r} is NaN or inf at every element in both models, so nothing of it was compared: "
+                "random N(0,1) inputs give NaN there (a Log or Sqrt of a negative?); compare on real inputs "
+                "with bngraph verify --data"
+            )
 
 
 def _weights_eps(runner) -> float:

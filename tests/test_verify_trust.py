@@ -820,3 +820,40 @@ def test_a_bfloat16_layer_in_a_float32_model_is_held_to_bfloat16s_rounding():
     with torch.no_grad():
         folded.head.weight.mul_(1.1)
     assert not verify(model, folded, batches)
+
+
+# ---- NaN on both sides -----------------------------------------------------------------------
+
+
+def _log_front_end(weight: np.ndarray) -> onnx.ModelProto:
+    """Log(x + 1e-6) @ W, averaged over time: NaN everywhere on N(0, 1) inputs (a Log of a negative)."""
+    from onnx import TensorProto, helper
+
+    from tests.onnx_models import onnx_file
+
+    nodes = [helper.make_node("Add", ["x", "eps"], ["xe"]), helper.make_node("Log", ["xe"], ["lx"]),
+             helper.make_node("MatMul", ["lx", "W"], ["m"]),
+             helper.make_node("ReduceMean", ["m"], ["y"], axes=[1], keepdims=0)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 8])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])]
+    return onnx_file(nodes, inputs, outputs, {"W": weight, "eps": np.float32(1e-6)}, opset=13, ir_version=8)
+
+
+def test_an_output_nan_at_every_element_on_both_sides_is_refused_not_passed(tmp_path):
+    # Two front ends with weights W and -3W: NaN == NaN everywhere passed, "output RMS 1.18e-38".
+    weight = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(_log_front_end(weight), a)
+    onnx.save(_log_front_end(-3 * weight), b)
+    code, _, err = run_cli("verify", a, b)
+    assert code == 2 and "output 'y' is NaN or inf at every element" in err and "--data" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("fold", a, "-o", tmp_path / "folded.onnx")  # fold's own check: the same rule
+    assert code == 2 and "output 'y' is NaN or inf at every element" in err
+    assert not (tmp_path / "folded.onnx").exists()
+
+
+def test_nan_on_both_sides_at_some_elements_passes_and_is_counted():
+    reference = [np.array([[1.0, np.nan], [np.inf, 2.0]])]
+    diff = compare("y", reference, [r.copy() for r in reference], ONNX_TOLERANCE, ONNX_TOLERANCE)
+    assert diff.passed and diff.nonfinite_elements == 2 and "(2 NaN or inf on both sides)" in diff.line()
