@@ -371,16 +371,26 @@ def embedding_bounds(module: nn.Module, batch: Sequence[np.ndarray]) -> list[int
     return bounds
 
 
+# Ops that pass ids on unchanged, one per element: an int32 input cast to int64 for the Gather
+# (int32-input exports, tf2onnx), or reshaped first, still indexes the same table.
+INDEX_PRESERVING_OPS = {"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten"}
+
+
 def _gather_bounds(proto, inputs) -> list[int | None]:
-    """For each graph input, the size of the smallest initializer a Gather looks it up in."""
+    """For each graph input, the size of the smallest initializer a Gather looks it up in, the
+    input read directly or through INDEX_PRESERVING_OPS."""
     sizes = {t.name: list(t.dims) for t in proto.graph.initializer}
+    carries = {value.name: value.name for value in inputs}  # tensor -> the graph input whose ids it holds
     bounds: dict[str, int] = {}
-    for node in proto.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in sizes:
+    for node in proto.graph.node:  # in the order ONNX requires: a producer before its users
+        if node.op_type in INDEX_PRESERVING_OPS and node.input and node.input[0] in carries and node.output:
+            carries[node.output[0]] = carries[node.input[0]]
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in sizes and node.input[1] in carries:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
             dims = sizes[node.input[0]]
             if -len(dims) <= axis < len(dims):
-                bounds[node.input[1]] = min(bounds.get(node.input[1], dims[axis]), dims[axis])
+                source = carries[node.input[1]]
+                bounds[source] = min(bounds.get(source, dims[axis]), dims[axis])
     return [bounds.get(value.name) for value in inputs]
 
 

@@ -857,3 +857,44 @@ def test_nan_on_both_sides_at_some_elements_passes_and_is_counted():
     reference = [np.array([[1.0, np.nan], [np.inf, 2.0]])]
     diff = compare("y", reference, [r.copy() for r in reference], ONNX_TOLERANCE, ONNX_TOLERANCE)
     assert diff.passed and diff.nonfinite_elements == 2 and "(2 NaN or inf on both sides)" in diff.line()
+
+
+@pytest.mark.parametrize("path", [["Cast"], ["Identity", "Cast"], ["Unsqueeze", "Squeeze", "Cast"],
+                                  ["Flatten", "Reshape", "Cast"]])
+def test_ids_cast_or_reshaped_before_an_onnx_gather_reach_the_whole_table(tmp_path, path):
+    # int32 ids cast to int64 before the Gather (int32-input exports, tf2onnx): the table size was
+    # found only for a Gather reading the graph input itself, so two tables differing in rows
+    # 2-49 passed on ids 0 and 1.
+    from onnx import TensorProto, helper
+
+    from tests.onnx_models import onnx_file
+
+    table = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    other = table.copy()
+    other[2:] *= -1
+    nodes, ids = [], "ids"
+    for k, op in enumerate(path):
+        inputs, attributes = [ids], {}
+        if op == "Cast":
+            attributes["to"] = TensorProto.INT64
+        elif op in ("Unsqueeze", "Squeeze"):
+            inputs.append("axis")
+        elif op == "Reshape":
+            inputs.append("shape")
+        nodes.append(helper.make_node(op, inputs, [f"ids{k}"], **attributes))
+        ids = f"ids{k}"
+    nodes.append(helper.make_node("Gather", ["table", ids], ["y"]))
+    files = []
+    for name, rows in (("a", table), ("b", other)):
+        arrays = {"table": rows, "axis": np.array([2], np.int64), "shape": np.array([-1, 6], np.int64)}
+        model = onnx_file(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT32, ["N", 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 8])], arrays,
+                          opset=13, ir_version=8)
+        onnx.save(model, tmp_path / f"{name}.onnx")
+        files.append(tmp_path / f"{name}.onnx")
+    from bngraph.runners import onnx_inputs
+
+    assert onnx_inputs(files[0]).index_bounds == [50]
+    code, out, _ = run_cli("verify", *files)
+    assert code == 1 and "FAILED" in out
+    assert run_cli("verify", files[0], files[0])[0] == 0
