@@ -90,6 +90,7 @@ class OutputDiff:
     # far the reference's two levels are from each other (its own float32 rounding), x scale.
     levels_apart: tuple[float, float] | None = None
     exact: bool = False  # integers and booleans, compared exactly whatever --atol and --rtol say
+    dtypes: tuple[str, str] | None = None  # (candidate's, reference's) where they differ: float16 vs float32
 
     def exact_verdict(self) -> str:
         """What `reference_varies` or `from_exact` says, in words; empty without either."""
@@ -136,6 +137,8 @@ class OutputDiff:
         if self.problem:
             return f"{head} | {self.problem}"
         compared = f"{self.batches} batches, {self.elements} elements"
+        if self.dtypes:
+            compared += f", {self.dtypes[0]} vs {self.dtypes[1]}"
         if self.nonfinite_elements:
             compared += f" ({self.nonfinite_elements} NaN or inf on both sides)"
         if self.passed:
@@ -165,6 +168,7 @@ class OutputDiff:
             "min_atol": _json_float(self.min_atol),
             "min_rtol": _json_float(self.min_rtol),
             "top1": None if self.top1_agreement is None else _json_float(self.top1_agreement),
+            **({} if self.dtypes is None else {"candidate_dtype": self.dtypes[0], "reference_dtype": self.dtypes[1]}),
             **({"reference_varies": True} if self.reference_varies else {}),
             **({} if self.from_exact is None else {
                 "candidate_from_exact": _json_float(self.from_exact[0]),

@@ -102,7 +102,9 @@ class Reference:
         runner = SeededRunner(transformed, what)
         if example_output is not None:
             runner.know(batches[0], example_output)
-        result = verify(self.runner, runner, batches, atol, rtol, explain_failures=False)  # `_rounding_note` does
+        # A transformation (a fold, inserted BNs, a trace) never changes an output's dtype.
+        result = verify(self.runner, runner, batches, atol, rtol, explain_failures=False,  # `_rounding_note` does
+                        dtypes_must_match=True)
         if not result and not self._within_own_rounding(result, runner, batches, what):
             worst = result.worst
             batch = (

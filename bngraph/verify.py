@@ -50,6 +50,7 @@ def verify(
     batch_sizes: Sequence[int] | None = None,
     explain_failures: bool = True,
     input_names: Sequence[str] | None = None,
+    dtypes_must_match: bool = False,
 ) -> VerifyResult:
     """Run both on each batch of `inputs` and compare every output (see the module docstring).
 
@@ -61,7 +62,10 @@ def verify(
     against a float32 PyTorch reference, each failed output gets `from_exact` unless
     `explain_failures` is false (`bngraph.equivalence` measures that itself, with its own runs).
     `input_names` names the inputs of each batch (default: the reference's): a model that names
-    the same inputs in another order is fed them by name, as its users call it.
+    the same inputs in another order is fed them by name, as its users call it. An output whose
+    dtype differs between the two is compared at the less precise one's tolerance and its diff
+    names both (`OutputDiff.dtypes`); with `dtypes_must_match` (a fold, which never changes one)
+    it fails.
     """
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if tol is not None and not tol >= 0:
@@ -124,22 +128,34 @@ def verify(
             if any(a.dtype.kind == "U" for a in (*ref_batches, *cand_batches)):  # None, a string, an object
                 result.diffs.append(_compare_exactly(name, ref_batches, cand_batches, (ref.label, cand.label)))
                 continue
+            dtypes = _changed_dtypes(ref_batches, cand_batches)
+            if dtypes and dtypes_must_match:
+                result.diffs.append(OutputDiff(name, ref.label, cand.label, 0.0, 0.0, passed=False, dtypes=dtypes,
+                                               problem=f"its dtype changed: {dtypes[0]} vs {dtypes[1]}"))
+                continue
             if all(a.dtype.kind in "iub" for a in (*ref_batches, *cand_batches)):
                 # Token ids, class indices, masks: off by 3 is wrong, whatever the output's RMS.
                 diff = compare(name, ref_batches, cand_batches, 0.0, 0.0, (ref.label, cand.label), scale=1.0)
-                diff.exact = True
+                diff.exact, diff.dtypes = True, dtypes
                 result.diffs.append(diff)
                 compared.append((diff, ref, cand, i, j))  # a reference that draws random numbers says so
                 continue
             tolerance = default_tolerance(ref.kind, cand.kind, output_dtype(ref_batches, cand_batches), weights_eps)
             atol_used, rtol_used = (tolerance if atol is None else atol), (tolerance if rtol is None else rtol)
             diff = compare(name, ref_batches, cand_batches, atol_used, rtol_used, (ref.label, cand.label))
+            diff.dtypes = dtypes
             result.diffs.append(diff)
             compared.append((diff, ref, cand, i, j))
     _refuse_if_nothing_compared(result.diffs)
     if not result and explain_failures:
         _measure_from_exact(compared, inputs, outputs)
     return result
+
+
+def _changed_dtypes(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> tuple[str, str] | None:
+    """(the candidate's dtype, the reference's) of one output where they differ, else None."""
+    ref_dtype, cand_dtype = reference[0].dtype, candidate[0].dtype
+    return None if ref_dtype == cand_dtype else (cand_dtype.name, ref_dtype.name)
 
 
 def _refuse_if_nothing_compared(diffs: Sequence[OutputDiff]) -> None:
@@ -352,6 +368,12 @@ def verify_models(
     )
     if sizes != BATCH_SIZES:
         report.notes.append(f"an ONNX file fixes the batch at {sizes[0]}: compared at that batch only")
+    # Silent, a float16 candidate passed a 0.3% gain error at float16's tolerance against float32.
+    changed = {d.output: d for d in result.diffs if d.dtypes}
+    for name, diff in changed.items():
+        tolerance = "exactly" if diff.exact else f"at the less precise one's tolerance (atol {diff.atol:g}, rtol {diff.rtol:g})"
+        report.notes.append(f"output {name!r} is {diff.dtypes[0]} in {candidate} but {diff.dtypes[1]} in {reference}: "
+                            f"compared {tolerance}")
     return result, report
 
 

@@ -898,3 +898,51 @@ def test_ids_cast_or_reshaped_before_an_onnx_gather_reach_the_whole_table(tmp_pa
     code, out, _ = run_cli("verify", *files)
     assert code == 1 and "FAILED" in out
     assert run_cli("verify", files[0], files[0])[0] == 0
+
+
+# ---- an output whose dtype changed -----------------------------------------------------------
+
+
+def _float16_outputs_file(float16: bool, gain: float = 1.0) -> onnx.ModelProto:
+    """a = x @ W and b = relu(a), float32; with `float16`, a 0.3% gain error and both cast to float16."""
+    from onnx import TensorProto, helper
+
+    from tests.onnx_models import onnx_file
+
+    dtype = TensorProto.FLOAT16 if float16 else TensorProto.FLOAT
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a0"]), helper.make_node("Mul", ["a0", "k"], ["a1"]),
+             helper.make_node("Cast", ["a1"], ["a"], to=dtype), helper.make_node("Relu", ["a"], ["b"])]
+    arrays = {"W": np.random.default_rng(0).standard_normal((16, 10)).astype(np.float32), "k": np.float32(gain)}
+    return onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                     [helper.make_tensor_value_info(n, dtype, ["N", 10]) for n in ("a", "b")], arrays,
+                     opset=17, ir_version=8)
+
+
+def test_a_float16_candidate_of_a_float32_model_is_said_in_the_report(tmp_path):
+    # It passed at float16's tolerance (a 0.3% gain error at 0.6 of it) with nothing said.
+    reference, candidate = tmp_path / "f32.onnx", tmp_path / "f16.onnx"
+    onnx.save(_float16_outputs_file(False), reference)
+    onnx.save(_float16_outputs_file(True, gain=1.003), candidate)
+    code, out, _ = run_cli("verify", reference, candidate)
+    assert code == 0 and "4 batches, 100 elements, float16 vs float32" in out
+    assert "note: output 'a' is float16 in" in out  # the table wraps the rest
+    code, out, _ = run_cli("verify", reference, candidate, "--json")
+    report = json.loads(out)
+    assert f"output 'b' is float16 in {candidate} but float32 in {reference}: compared at the less precise" in (
+        report["notes"][1])
+    assert {(r["candidate_dtype"], r["reference_dtype"]) for r in report["outputs"]} == {("float16", "float32")}
+
+
+def test_a_check_of_a_transformation_fails_where_an_outputs_dtype_changed():
+    # A fold never changes an output's dtype: at float16's tolerance, its check would pass a wrong fold.
+    from bngraph.equivalence import check_same_function
+    from bngraph.errors import CheckFailed
+
+    batches = random_batches([(1, 16)], (1, 7))
+    result = verify(_float16_outputs_file(False), _float16_outputs_file(True), batches, dtypes_must_match=True)
+    assert not result and result.worst.problem == "its dtype changed: float16 vs float32"
+    layer = nn.Linear(16, 4)
+    halved = nn.Sequential(layer, nn.Identity())
+    halved.forward = lambda x: layer(x).half()
+    with pytest.raises(CheckFailed, match="output 'output': its dtype changed: float16 vs float32"):
+        check_same_function(layer, halved, [torch.randn(3, 16)], what="the folded model")
