@@ -152,7 +152,8 @@ class EvaluatorRunner:
 
     def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         feeds = {name: np.asarray(x) for name, x in zip(self.input_names, inputs)}
-        return [np.asarray(y) for y in self.evaluator.run(None, feeds)]
+        # A sequence or map output stays a list or dict, as onnxruntime returns it (`bngraph.verify`).
+        return [y if isinstance(y, (list, dict)) else np.asarray(y) for y in self.evaluator.run(None, feeds)]
 
 
 def runners_for(model: Any, *, evaluator: bool = False) -> list:

@@ -87,6 +87,7 @@ def verify(
         batch_sizes = [next((len(x) for x in map(np.asarray, batch) if x.ndim), 1) for batch in inputs]
     result = VerifyResult(batch_sizes=list(batch_sizes))
     outputs: dict[int, list[list[np.ndarray]]] = {}
+    structures: dict[int, list[list[str | None]]] = {}  # of sequence and map outputs (`_flattened`)
 
     # A model with several inputs that fails on the batches may have an input without a batch axis.
     hint = " (an input without a batch axis? name it: --static-input INDEX)" if len(inputs[0]) > 1 else ""
@@ -95,7 +96,7 @@ def verify(
         if id(runner) not in outputs:
             try:
                 order = orders[id(runner)]
-                outputs[id(runner)] = [runner(batch if order is None else [batch[i] for i in order]) for batch in inputs]
+                raw = [runner(batch if order is None else [batch[i] for i in order]) for batch in inputs]
             except ModelRaised as err:
                 raise ModelRaised(f"{err}; on batches {result.batch_sizes}{hint}") from err
             except UserError:
@@ -104,6 +105,9 @@ def verify(
                 raise UserError(
                     f"{runner.label} failed on a batch of {result.batch_sizes}: {one_line(err)}{hint}"
                 ) from err
+            flat = [[_flattened(value) for value in batch] for batch in raw]
+            outputs[id(runner)] = [[array for array, _ in batch] for batch in flat]
+            structures[id(runner)] = [[structure for _, structure in batch] for batch in flat]
         return outputs[id(runner)]
 
     weights_eps = max(map(_weights_eps, (*refs, *cands)))
@@ -125,6 +129,10 @@ def verify(
         for i, name in enumerate(names):
             j = i if order is None else order[i]
             ref_batches, cand_batches = [batch[i] for batch in ref_out], [batch[j] for batch in cand_out]
+            if problem := _structures_differ(ref_batches, cand_batches, [b[i] for b in structures[id(ref)]],
+                                             [b[j] for b in structures[id(cand)]]):
+                result.diffs.append(OutputDiff(name, ref.label, cand.label, 0.0, 0.0, passed=False, problem=problem))
+                continue
             if any(a.dtype.kind == "U" for a in (*ref_batches, *cand_batches)):  # None, a string, an object
                 result.diffs.append(_compare_exactly(name, ref_batches, cand_batches, (ref.label, cand.label)))
                 continue
@@ -150,6 +158,40 @@ def verify(
     if not result and explain_failures:
         _measure_from_exact(compared, inputs, outputs)
     return result
+
+
+def _flattened(value: Any) -> tuple[np.ndarray, str | None]:
+    """An output as one array, and its structure in words where it is a sequence or a map (an
+    ONNX SequenceConstruct's list of arrays, sklearn-onnx's ZipMap list of {label: probability}):
+    its tensors' (or values') elements in order, by key in a map, compared as one tensor's are."""
+    if not isinstance(value, (list, tuple, dict)):
+        return value, None
+    leaves: list[np.ndarray] = []
+
+    def walk(item: Any) -> str:
+        if isinstance(item, dict):
+            return "{" + ", ".join(f"{key!r}: {walk(item[key])}" for key in sorted(item)) + "}"
+        if isinstance(item, (list, tuple)):
+            return "[" + ", ".join(walk(x) for x in item) + "]"
+        array = np.asarray(item)
+        leaves.append(array.ravel())
+        return f"{array.dtype.name}{list(array.shape)}"
+
+    structure = walk(value)
+    return (np.concatenate(leaves) if leaves else np.zeros(0, np.float32)), structure
+
+
+def _structures_differ(ref_batches, cand_batches, ref_structures, cand_structures) -> str | None:
+    """Why a sequence or map output cannot be compared element by element (another length, other
+    keys, other shapes), on the first batch where it differs; None where it can."""
+    def words(structure: str | None, array: np.ndarray) -> str:
+        text = structure or f"a tensor {list(np.shape(array))}"
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    for b, (r, c) in enumerate(zip(ref_structures, cand_structures)):
+        if r != c:
+            return f"sequence or map outputs differ on batch {b}: {words(c, cand_batches[b])} vs {words(r, ref_batches[b])}"
+    return None
 
 
 def _changed_dtypes(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> tuple[str, str] | None:
@@ -198,7 +240,7 @@ def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarra
         if not np.isfinite(diff.max_abs):  # NaN or inf against a number: no rounding explains it
             continue
         if id(ref) not in varies:  # an ONNX file draws too (Bernoulli, RandomNormal)
-            again = ref(inputs[0])
+            again = [_flattened(value)[0] for value in ref(inputs[0])]
             varies[id(ref)] = not all(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
                                       for a, b in zip(again, outputs[id(ref)][0]))
         if varies[id(ref)]:

@@ -946,3 +946,68 @@ def test_a_check_of_a_transformation_fails_where_an_outputs_dtype_changed():
     halved.forward = lambda x: layer(x).half()
     with pytest.raises(CheckFailed, match="output 'output': its dtype changed: float16 vs float32"):
         check_same_function(layer, halved, [torch.randn(3, 16)], what="the folded model")
+
+
+# ---- sequence and map outputs ----------------------------------------------------------------
+
+
+def _sequence_file(scale: float = 1.0, items: int = 2) -> onnx.ModelProto:
+    """Conv -> BN, its output also returned in a sequence (SequenceConstruct) with the conv's."""
+    from onnx import TensorProto, helper
+
+    from tests.onnx_models import onnx_file, random_bn_stats
+
+    rng = np.random.default_rng(0)
+    stats = dict(zip(("s", "b", "m", "v"), random_bn_stats(4, seed=1)))
+    stats["s"] = stats["s"] * np.float32(scale)
+    arrays = {"W": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), **stats}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"]),
+             helper.make_node("SequenceConstruct", ["y", "c", "y"][:items], ["seq"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6]),
+               helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None)]
+    return onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])], outputs, arrays,
+                     opset=13, ir_version=8)
+
+
+def _zipmap_file(labels=(0, 1, 2)) -> onnx.ModelProto:
+    """sklearn-onnx's classifier outputs: the label, and the probabilities as seq(map(int64, float))."""
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_type_proto(TensorProto.FLOAT, [])
+    probabilities = helper.make_value_info(
+        "probabilities", helper.make_sequence_type_proto(helper.make_map_type_proto(TensorProto.INT64, value)))
+    nodes = [helper.make_node("Softmax", ["x"], ["p"], axis=1),
+             helper.make_node("ArgMax", ["p"], ["label"], axis=1, keepdims=0),
+             helper.make_node("ZipMap", ["p"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=list(labels))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]), probabilities])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_sequence_output_is_compared_tensor_by_tensor_and_folds(tmp_path):
+    # A traceback: 'list' object has no attribute 'dtype'.
+    batches = random_batches([(1, 3, 8, 8)], (1, 7))
+    result = verify(_sequence_file(), _sequence_file(), batches)
+    assert result and [d.output for d in result.diffs[:2]] == ["y", "seq"] and result.diffs[1].elements == 2 * 8 * 4 * 6 * 6
+    wrong = verify(_sequence_file(), _sequence_file(scale=1.01), batches)
+    assert not wrong and {d.output for d in wrong.diffs if not d.passed} == {"y", "seq"}
+    longer = verify(_sequence_file(), _sequence_file(items=3), batches)
+    assert not longer and "sequence or map outputs differ on batch 0: [float32[1, 4, 6, 6], float32[1, 4, 6, 6], " in (
+        longer.worst.problem)
+    onnx.save(_sequence_file(), tmp_path / "seq.onnx")
+    code, out, _ = run_cli("fold", tmp_path / "seq.onnx", "-o", tmp_path / "folded.onnx")
+    assert code == 0 and "PASSED | Output: 'seq'" in out
+
+
+def test_zipmaps_probabilities_are_compared_by_key():
+    batches = random_batches([(1, 3)], (1, 7))
+    result = verify(_zipmap_file(), _zipmap_file(), batches)
+    assert result and result.diffs[1].output == "probabilities" and result.diffs[1].elements == 3 * 8
+    relabelled = verify(_zipmap_file(), _zipmap_file(labels=(0, 1, 5)), batches)
+    assert not relabelled and relabelled.worst.problem == (
+        "sequence or map outputs differ on batch 0: [{0: float64[], 1: float64[], 5: float64[]}] vs "
+        "[{0: float64[], 1: float64[], 2: float64[]}]")
