@@ -146,7 +146,11 @@ class EvaluatorRunner:
         from onnx.reference import ReferenceEvaluator
 
         proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
-        self.evaluator = ReferenceEvaluator(proto)
+        try:
+            self.evaluator = ReferenceEvaluator(proto)
+        except NotImplementedError as err:  # an op it lacks (ai.onnx.ml's ZipMap): the user's choice of --reference
+            raise UserError(f"onnx's ReferenceEvaluator cannot run {_describe(model)}: {one_line(err).removesuffix(' in')} "
+                            "(compare in onnxruntime alone: drop --reference)") from err
         self.input_names = [i for i in self.evaluator.input_names if i not in {t.name for t in proto.graph.initializer}]
         self.output_names = list(self.evaluator.output_names)
 

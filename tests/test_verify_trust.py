@@ -1011,3 +1011,10 @@ def test_zipmaps_probabilities_are_compared_by_key():
     assert not relabelled and relabelled.worst.problem == (
         "sequence or map outputs differ on batch 0: [{0: float64[], 1: float64[], 5: float64[]}] vs "
         "[{0: float64[], 1: float64[], 2: float64[]}]")
+
+
+def test_an_op_the_reference_evaluator_lacks_is_one_line():
+    with pytest.raises(UserError, match="onnx's ReferenceEvaluator cannot run the ONNX model: NotImplementedError: "
+                                        "No registered implementation for operator 'ZipMap' and domain 'ai.onnx.ml' "
+                                        r"\(compare in onnxruntime alone: drop --reference\)"):
+        verify(_zipmap_file(), _zipmap_file(), random_batches([(1, 3)], (1,)), evaluator=True)
