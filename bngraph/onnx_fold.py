@@ -44,7 +44,7 @@ from bngraph.passes.onnx_initializer_inputs_to_constants import onnx_initializer
 from bngraph.passes.onnx_move_bn_before_max_pool import onnx_move_bn_before_max_pool
 from bngraph.passes.onnx_simplify import onnx_simplify
 from bngraph.report import Report
-from bngraph.runners import BATCH_SIZES, onnx_inputs, random_batches
+from bngraph.runners import BATCH_SIZES, onnx_inputs, random_batches, unbatched_note, unbatched_sizes
 from bngraph.compare import VerifyResult
 from bngraph.verify import verify
 
@@ -188,9 +188,13 @@ def fold_onnx_verified(
     spec = onnx_inputs(in_path, input_shapes, static_inputs)
     model, report = fold_onnx(original, standalone_bn=standalone_bn, keep_initializer_inputs=keep_initializer_inputs)
     report.title = f"bngraph fold {in_path}"
+    unbatched = None if spec.fixed_batch is not None else unbatched_sizes(spec.shapes, spec.batch_axes)
     sizes = BATCH_SIZES if spec.fixed_batch is None else (spec.fixed_batch,) * 2
     if spec.fixed_batch is not None:
         report.notes.append(f"{in_path} fixes the batch at {spec.fixed_batch}: verified at that batch only")
+    elif unbatched:  # [1, 1, 1, 7] said the batch was varied where no input has one
+        sizes = unbatched
+        report.notes.append(unbatched_note(unbatched))
     batches = random_batches(spec.shapes, sizes, spec.dtypes, batch_axes=spec.batch_axes)
     if out_path is None:
         folded = ir.serde.serialize_model(model).SerializeToString()

@@ -342,6 +342,20 @@ def random_batches(
     return batches
 
 
+def unbatched_sizes(shapes: Sequence[Sequence[int]], batch_axes: Sequence[int | None]) -> tuple[int, ...] | None:
+    """Where no input has a batch axis (every one named by --static-input, or a model that says
+    so), the size every batch really has, once per batch of BATCH_SIZES (each draws other random
+    values at the same shapes): the first dimension of the first input that has one. Else None."""
+    if any(axis is not None for axis in batch_axes):
+        return None
+    return (next((shape[0] for shape in shapes if len(shape)), 1),) * len(BATCH_SIZES)
+
+
+def unbatched_note(sizes: Sequence[int]) -> str:
+    return (f"no input has a batch axis: every batch has the inputs' own shapes (batch {sizes[0]}), "
+            "so other batch sizes were not tried")
+
+
 def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, bound: int = 2) -> np.ndarray:
     if np.issubdtype(dtype, np.floating):
         return np.asarray(rng.standard_normal(shape), dtype=dtype)  # a 0-d array for shape ()

@@ -32,7 +32,7 @@ from bngraph.load import load_model
 from bngraph.report import Report
 from bngraph.runners import (
     BATCH_SIZES, Float64Runner, OrtRunner, TorchRunner, embedding_bounds, forward_parameter_names, input_order, onnx_inputs, random_batches,
-    runners_for,
+    runners_for, unbatched_note, unbatched_sizes,
 )
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
 
@@ -394,7 +394,8 @@ def verify_models(
     fixed = {s.fixed_batch for s in onnx_specs} - {None}
     if len(fixed) > 1:
         raise UserError(f"the two ONNX files fix different batch sizes {sorted(fixed)}: no input fits both")
-    sizes = (fixed.pop(),) * 2 if fixed else BATCH_SIZES
+    unbatched = None if fixed else unbatched_sizes(shapes, batch_axes)
+    sizes = (fixed.pop(),) * 2 if fixed else unbatched or BATCH_SIZES
     bounds = _index_bounds(models, onnx_specs, random_batches(shapes, sizes[:1], dtypes, batch_axes=batch_axes)[0])
     batches = random_batches(shapes, sizes, dtypes, batch_axes=batch_axes, index_bounds=bounds)
     batch_sizes = list(sizes)
@@ -408,7 +409,9 @@ def verify_models(
         facts={"reference": reference, "candidate": candidate, **result.facts()},
         sections={"outputs": [d.row() for d in result.diffs]},
     )
-    if sizes != BATCH_SIZES:
+    if unbatched:  # [1, 1, 1, 7] said the batch was varied where no input has one
+        report.notes.append(unbatched_note(unbatched))
+    elif sizes != BATCH_SIZES:
         report.notes.append(f"an ONNX file fixes the batch at {sizes[0]}: compared at that batch only")
     # Silent, a float16 candidate passed a 0.3% gain error at float16's tolerance against float32.
     changed = {d.output: d for d in result.diffs if d.dtypes}

@@ -1018,3 +1018,35 @@ def test_an_op_the_reference_evaluator_lacks_is_one_line():
                                         "No registered implementation for operator 'ZipMap' and domain 'ai.onnx.ml' "
                                         r"\(compare in onnxruntime alone: drop --reference\)"):
         verify(_zipmap_file(), _zipmap_file(), random_batches([(1, 3)], (1,)), evaluator=True)
+
+
+# ---- a file that runs at batch 1 only --------------------------------------------------------
+
+
+def _batch_1_only_file(tmp_path):
+    """Conv -> BN -> Reshape to [1, 144]: the batch is declared symbolic, the Reshape fixes it at 1."""
+    from onnx import TensorProto, helper
+
+    from tests.onnx_models import onnx_file, random_bn_stats
+
+    arrays = {"W": np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32),
+              **dict(zip(("s", "b", "m", "v"), random_bn_stats(4, seed=1))), "shape": np.array([1, 144], np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["bn"]),
+             helper.make_node("Reshape", ["bn", "shape"], ["y"])]
+    model = onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 144])], arrays, opset=13, ir_version=8)
+    onnx.save(model, tmp_path / "batch1.onnx")
+    return tmp_path / "batch1.onnx"
+
+
+@pytest.mark.parametrize("command", ["verify", "fold"])
+def test_no_input_with_a_batch_axis_reports_the_batches_it_really_ran(tmp_path, command):
+    # --static-input 0 on the one input: every batch was (1, 3, 8, 8), and the report said [1, 1, 1, 7].
+    path = _batch_1_only_file(tmp_path)
+    files = [path, path] if command == "verify" else [path]
+    code, out, _ = run_cli(command, *files, "--static-input", "0", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["batch_sizes"] == [1, 1, 1, 1]
+    assert ("no input has a batch axis: every batch has the inputs' own shapes (batch 1), so other batch sizes "
+            "were not tried") in report["notes"]
