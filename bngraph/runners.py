@@ -121,7 +121,9 @@ class OrtRunner:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        options.log_severity_level = 3  # unused initializers are warnings; our report says more
+        # Fatal only: unused initializers are warnings, and a failed run is an error onnxruntime
+        # prints in colour before our one line, which already says what failed and why.
+        options.log_severity_level = 4
         source = str(model) if isinstance(model, Path) else model
         try:
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

@@ -89,22 +89,29 @@ def verify(
     outputs: dict[int, list[list[np.ndarray]]] = {}
     structures: dict[int, list[list[str | None]]] = {}  # of sequence and map outputs (`_flattened`)
 
-    # A model with several inputs that fails on the batches may have an input without a batch axis.
-    hint = " (an input without a batch axis? name it: --static-input INDEX)" if len(inputs[0]) > 1 else ""
+    def hint(failed: int) -> str:
+        """What to try, for a model that fails on batch `failed` of `inputs`."""
+        if len(inputs[0]) > 1:  # a model with several inputs may have one without a batch axis
+            return " (an input without a batch axis? name it: --static-input INDEX)"
+        ran = {result.batch_sizes[b] for b in range(failed)} - {result.batch_sizes[failed]}
+        if ran:  # one input, run at batch 1 and not at 7: the model fixes its batch (a Reshape to [1, ...])
+            return (f" (it runs at batch {min(ran)}: if the model fixes its batch, keep the input's own shape "
+                    "with --static-input 0)")
+        return ""
 
     def run(runner) -> list[list[np.ndarray]]:
         if id(runner) not in outputs:
-            try:
-                order = orders[id(runner)]
-                raw = [runner(batch if order is None else [batch[i] for i in order]) for batch in inputs]
-            except ModelRaised as err:
-                raise ModelRaised(f"{err}; on batches {result.batch_sizes}{hint}") from err
-            except UserError:
-                raise
-            except Exception as err:
-                raise UserError(
-                    f"{runner.label} failed on a batch of {result.batch_sizes}: {one_line(err)}{hint}"
-                ) from err
+            order, raw = orders[id(runner)], []
+            for b, batch in enumerate(inputs):
+                which = f"a batch of {result.batch_sizes[b]} (batch {b} of {result.batch_sizes})"
+                try:
+                    raw.append(runner(batch if order is None else [batch[i] for i in order]))
+                except ModelRaised as err:
+                    raise ModelRaised(f"{err}; on {which}{hint(b)}") from err
+                except UserError:
+                    raise
+                except Exception as err:
+                    raise UserError(f"{runner.label} failed on {which}: {one_line(err)}{hint(b)}") from err
             flat = [[_flattened(value) for value in batch] for batch in raw]
             outputs[id(runner)] = [[array for array, _ in batch] for batch in flat]
             structures[id(runner)] = [[structure for _, structure in batch] for batch in flat]

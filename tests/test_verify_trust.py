@@ -1050,3 +1050,17 @@ def test_no_input_with_a_batch_axis_reports_the_batches_it_really_ran(tmp_path, 
     assert code == 0 and report["batch_sizes"] == [1, 1, 1, 1]
     assert ("no input has a batch axis: every batch has the inputs' own shapes (batch 1), so other batch sizes "
             "were not tried") in report["notes"]
+
+
+def test_a_file_that_fails_at_batch_7_says_which_batch_in_one_line_and_what_to_try(tmp_path):
+    # onnxruntime's own coloured [E:onnxruntime:...] line came first, and ours said "a batch of [1, 1, 1, 7]".
+    import subprocess
+    import sys
+
+    path = _batch_1_only_file(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "bngraph", "fold", str(path)], capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("bngraph: error: ort-disable-all failed on a batch of 7 (batch 3 of [1, 1, 1, 7]): ")
+    assert done.stderr.strip().endswith(
+        "(it runs at batch 1: if the model fixes its batch, keep the input's own shape with --static-input 0)")
+    assert run_cli("fold", path, "--static-input", "0")[0] == 0
