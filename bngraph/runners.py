@@ -447,6 +447,13 @@ def onnx_inputs(
             proto = onnx.load(str(model), load_external_data=False)  # the graph is enough
     except Exception as err:
         raise UserError(f"{_describe(model)} is not a valid ONNX model: {one_line(err)}") from err
+    # Protobuf reads a 0-byte file as an empty model, with no input: "the two models declare
+    # different numbers of inputs [0, 1]" hid the cause. onnxruntime needs both fields; the
+    # checker itself would refuse files that onnxruntime runs, which verify compares too.
+    if not proto.ir_version or not proto.HasField("graph"):
+        empty = proto.ByteSize() == 0
+        raise UserError(f"{_describe(model)} is not a valid ONNX model: "
+                        f"{'the file is empty' if empty else 'it sets no IR version or no graph'}")
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if input_shape is not None and len(input_shape) != len(inputs):

@@ -1064,3 +1064,19 @@ def test_a_file_that_fails_at_batch_7_says_which_batch_in_one_line_and_what_to_t
     assert done.stderr.strip().endswith(
         "(it runs at batch 1: if the model fixes its batch, keep the input's own shape with --static-input 0)")
     assert run_cli("fold", path, "--static-input", "0")[0] == 0
+
+
+def test_an_empty_onnx_file_is_not_a_valid_model(tmp_path):
+    # Protobuf reads 0 bytes as a model with no input: "different numbers of inputs [0, 1]".
+    from tests.onnx_models import conv_bn_file
+
+    onnx.save(conv_bn_file(), tmp_path / "model.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for files in [("model.onnx", "empty.onnx"), ("empty.onnx", "model.onnx")]:
+        code, _, err = run_cli("verify", *(tmp_path / f for f in files))
+        assert code == 2 and err == f"bngraph: error: {tmp_path / 'empty.onnx'} is not a valid ONNX model: the file is empty\n"
+    model = onnx.ModelProto()
+    model.producer_name = "not a model"
+    onnx.save(model, tmp_path / "no_graph.onnx")
+    code, _, err = run_cli("verify", tmp_path / "model.onnx", tmp_path / "no_graph.onnx")
+    assert code == 2 and err.endswith("is not a valid ONNX model: it sets no IR version or no graph\n")
