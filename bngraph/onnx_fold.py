@@ -189,11 +189,10 @@ def fold_onnx_verified(
     model, report = fold_onnx(original, standalone_bn=standalone_bn, keep_initializer_inputs=keep_initializer_inputs)
     report.title = f"bngraph fold {in_path}"
     unbatched = None if spec.fixed_batch is not None else unbatched_sizes(spec.shapes, spec.batch_axes)
-    sizes = BATCH_SIZES if spec.fixed_batch is None else (spec.fixed_batch,) * 2
+    sizes = (spec.fixed_batch,) * 2 if spec.fixed_batch is not None else unbatched or BATCH_SIZES
     if spec.fixed_batch is not None:
         report.notes.append(f"{in_path} fixes the batch at {spec.fixed_batch}: verified at that batch only")
     elif unbatched:  # [1, 1, 1, 7] said the batch was varied where no input has one
-        sizes = unbatched
         report.notes.append(unbatched_note(unbatched))
     batches = random_batches(spec.shapes, sizes, spec.dtypes, batch_axes=spec.batch_axes)
     if out_path is None:

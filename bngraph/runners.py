@@ -354,6 +354,7 @@ def unbatched_sizes(shapes: Sequence[Sequence[int]], batch_axes: Sequence[int | 
 
 
 def unbatched_note(sizes: Sequence[int]) -> str:
+    """The report's note for `unbatched_sizes` (verify's and the ONNX fold's)."""
     return (f"no input has a batch axis: every batch has the inputs' own shapes (batch {sizes[0]}), "
             "so other batch sizes were not tried")
 
