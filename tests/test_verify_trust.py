@@ -853,6 +853,31 @@ def test_an_output_nan_at_every_element_on_both_sides_is_refused_not_passed(tmp_
     assert not (tmp_path / "folded.onnx").exists()
 
 
+LOG_NET = """
+import torch
+from torch import nn
+
+
+class LogNet(nn.Module):
+    example_input_shape = (2, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(torch.log(x))).mean((2, 3))  # every output NaN on N(0, 1) inputs
+"""
+
+
+def test_the_pytorch_folds_check_refuses_an_output_nan_everywhere_too(tmp_path):
+    (tmp_path / "lognet.py").write_text(LOG_NET)
+    code, _, err = run_cli("fold", f"{tmp_path / 'lognet.py'}:LogNet", "-o", tmp_path / "folded")
+    assert code == 2 and err.startswith("bngraph: error: output 'output' is NaN or inf at every element")
+    assert not (tmp_path / "folded").exists()
+
+
 def test_nan_on_both_sides_at_some_elements_passes_and_is_counted():
     reference = [np.array([[1.0, np.nan], [np.inf, 2.0]])]
     diff = compare("y", reference, [r.copy() for r in reference], ONNX_TOLERANCE, ONNX_TOLERANCE)
