@@ -16,7 +16,9 @@ every comparison of the test suite, and it fails exact folds: our own Inception'
 PyTorch, at 1.9x what 1e-5 allows with a floor of 1/100 of the RMS, the float16 fold at 1.75x with
 a floor of 1/10, and among the real models (tests/real) HF MobileNetV2's at 18x and 3.1x: rounding
 scales with the terms summed, not with the result. NaN against NaN and
-inf against the same inf agree; NaN or inf on one side only is an infinite error. A
+inf against the same inf agree (counted in `nonfinite_elements`), so a model that gives NaN on
+some of the random inputs can pass; where they agree on every element, nothing was compared and
+`verify` refuses the check. NaN or inf on one side only is an infinite error. A
 `VerifyResult` is truthy on a pass.
 
     diff = compare("logits", reference_batches, candidate_batches, atol=1e-4, rtol=1e-4)
@@ -75,6 +77,7 @@ class OutputDiff:
     excess: float = 0.0  # worst |c - r| / (atol * scale + rtol |r|): above 1 fails
     failed_elements: int = 0
     elements: int = 0
+    nonfinite_elements: int = 0  # NaN, or the same inf, on both sides: agreed, but not compared
     top1_agreement: float | None = None  # classifiers (N, K): argmax agrees
     problem: str | None = None  # outputs that cannot be compared (shapes, structures)
     # Where it failed against a float32 PyTorch reference (`bngraph.verify`): whether the reference
@@ -87,6 +90,7 @@ class OutputDiff:
     # far the reference's two levels are from each other (its own float32 rounding), x scale.
     levels_apart: tuple[float, float] | None = None
     exact: bool = False  # integers and booleans, compared exactly whatever --atol and --rtol say
+    dtypes: tuple[str, str] | None = None  # (candidate's, reference's) where they differ: float16 vs float32
 
     def exact_verdict(self) -> str:
         """What `reference_varies` or `from_exact` says, in words; empty without either."""
@@ -133,6 +137,10 @@ class OutputDiff:
         if self.problem:
             return f"{head} | {self.problem}"
         compared = f"{self.batches} batches, {self.elements} elements"
+        if self.dtypes:
+            compared += f", {self.dtypes[0]} vs {self.dtypes[1]}"
+        if self.nonfinite_elements:
+            compared += f" ({self.nonfinite_elements} NaN or inf on both sides)"
         if self.passed:
             verdict = f"{self.rule()} everywhere, worst at {_ratio(self.excess)} of it"
         else:
@@ -148,6 +156,7 @@ class OutputDiff:
             "problem": self.problem,
             "elements": self.elements,
             "failed_elements": self.failed_elements,
+            "nonfinite_elements": self.nonfinite_elements,
             "scale": _json_float(self.scale),
             "max_abs": _json_float(self.max_abs),
             "max_rel": _json_float(self.max_rel),
@@ -159,6 +168,7 @@ class OutputDiff:
             "min_atol": _json_float(self.min_atol),
             "min_rtol": _json_float(self.min_rtol),
             "top1": None if self.top1_agreement is None else _json_float(self.top1_agreement),
+            **({} if self.dtypes is None else {"candidate_dtype": self.dtypes[0], "reference_dtype": self.dtypes[1]}),
             **({"reference_varies": True} if self.reference_varies else {}),
             **({} if self.from_exact is None else {
                 "candidate_from_exact": _json_float(self.from_exact[0]),
@@ -217,6 +227,7 @@ def compare(
     magnitude = np.abs(ref)
     magnitude[~np.isfinite(magnitude)] = 0.0  # a NaN or inf reference gives no scale; `_abs_error` judged it
     diff.elements = int(err.size)
+    diff.nonfinite_elements = int(np.count_nonzero(~np.isfinite(ref) & (err == 0)))  # `_abs_error`'s agreement
     if err.size == 0:
         return diff
     allowed = atol * diff.scale + rtol * magnitude

@@ -44,7 +44,7 @@ from bngraph.passes.onnx_initializer_inputs_to_constants import onnx_initializer
 from bngraph.passes.onnx_move_bn_before_max_pool import onnx_move_bn_before_max_pool
 from bngraph.passes.onnx_simplify import onnx_simplify
 from bngraph.report import Report
-from bngraph.runners import BATCH_SIZES, onnx_inputs, random_batches
+from bngraph.runners import BATCH_SIZES, onnx_inputs, random_batches, unbatched_note, unbatched_sizes
 from bngraph.compare import VerifyResult
 from bngraph.verify import verify
 
@@ -188,15 +188,19 @@ def fold_onnx_verified(
     spec = onnx_inputs(in_path, input_shapes, static_inputs)
     model, report = fold_onnx(original, standalone_bn=standalone_bn, keep_initializer_inputs=keep_initializer_inputs)
     report.title = f"bngraph fold {in_path}"
-    sizes = BATCH_SIZES if spec.fixed_batch is None else (spec.fixed_batch,) * 2
+    unbatched = None if spec.fixed_batch is not None else unbatched_sizes(spec.shapes, spec.batch_axes)
+    sizes = (spec.fixed_batch,) * 2 if spec.fixed_batch is not None else unbatched or BATCH_SIZES
     if spec.fixed_batch is not None:
         report.notes.append(f"{in_path} fixes the batch at {spec.fixed_batch}: verified at that batch only")
+    elif unbatched:  # [1, 1, 1, 7] said the batch was varied where no input has one
+        report.notes.append(unbatched_note(unbatched))
     batches = random_batches(spec.shapes, sizes, spec.dtypes, batch_axes=spec.batch_axes)
     if out_path is None:
         folded = ir.serde.serialize_model(model).SerializeToString()
-        result = verify(in_path, folded, batches, atol, rtol, batch_sizes=sizes)
-    else:
-        result, written = write_verified(model, out_path, in_path, batches, atol, rtol, batch_sizes=sizes, force=force)
+        result = verify(in_path, folded, batches, atol, rtol, batch_sizes=sizes, dtypes_must_match=True)
+    else:  # a fold never changes an output's dtype: a float16 output would pass at float16's tolerance
+        result, written = write_verified(model, out_path, in_path, batches, atol, rtol, batch_sizes=sizes, force=force,
+                                         dtypes_must_match=True)
         report.facts["output"] = str(out_path) if written else "(not written: the folded model differs from the input)"
     report.facts.update(result.facts())
     report.sections["verification"] = [d.row() for d in result.diffs]

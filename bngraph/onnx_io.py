@@ -90,12 +90,14 @@ def write_verified(
     *,
     batch_sizes: Sequence[int],
     force: bool = False,
+    dtypes_must_match: bool = False,
 ) -> tuple[VerifyResult, bool]:
     """Write `model` beside `path`, verify that file against `reference` (an nn.Module or an ONNX
     model, see `bngraph.verify.verify`), and rename it into place only if it passes.
 
     Returns the verification and whether `path` was written; on a failure nothing is left behind.
-    An existing `path` is replaced only as `bngraph.atomic.write_atomically` allows (`force`)."""
+    An existing `path` is replaced only as `bngraph.atomic.write_atomically` allows (`force`);
+    `dtypes_must_match` is `verify`'s."""
     path = Path(path)
     outcome: dict[str, VerifyResult] = {}
     moved: list[Path] = []
@@ -105,7 +107,8 @@ def write_verified(
 
     def check(saved: Path) -> None:
         try:
-            outcome["result"] = result = verify(reference, saved, batches, atol, rtol, batch_sizes=batch_sizes)
+            outcome["result"] = result = verify(reference, saved, batches, atol, rtol, batch_sizes=batch_sizes,
+                                                dtypes_must_match=dtypes_must_match)
         except UserError as err:  # about the file as the user will know it, not its temporary name
             raise UserError(str(err).replace(str(saved), str(path))) from err
         if not result:

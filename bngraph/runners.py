@@ -121,7 +121,9 @@ class OrtRunner:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        options.log_severity_level = 3  # unused initializers are warnings; our report says more
+        # Fatal only: unused initializers are warnings, and a failed run is an error onnxruntime
+        # prints in colour before our one line, which already says what failed and why.
+        options.log_severity_level = 4
         source = str(model) if isinstance(model, Path) else model
         try:
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
@@ -146,13 +148,18 @@ class EvaluatorRunner:
         from onnx.reference import ReferenceEvaluator
 
         proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
-        self.evaluator = ReferenceEvaluator(proto)
+        try:
+            self.evaluator = ReferenceEvaluator(proto)
+        except NotImplementedError as err:  # an op it lacks (ai.onnx.ml's ZipMap): the user's choice of --reference
+            raise UserError(f"onnx's ReferenceEvaluator cannot run {_describe(model)}: {one_line(err).removesuffix(' in')} "
+                            "(compare in onnxruntime alone: drop --reference)") from err
         self.input_names = [i for i in self.evaluator.input_names if i not in {t.name for t in proto.graph.initializer}]
         self.output_names = list(self.evaluator.output_names)
 
     def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         feeds = {name: np.asarray(x) for name, x in zip(self.input_names, inputs)}
-        return [np.asarray(y) for y in self.evaluator.run(None, feeds)]
+        # A sequence or map output stays a list or dict, as onnxruntime returns it (`bngraph.verify`).
+        return [y if isinstance(y, (list, dict)) else np.asarray(y) for y in self.evaluator.run(None, feeds)]
 
 
 def runners_for(model: Any, *, evaluator: bool = False) -> list:
@@ -337,6 +344,21 @@ def random_batches(
     return batches
 
 
+def unbatched_sizes(shapes: Sequence[Sequence[int]], batch_axes: Sequence[int | None]) -> tuple[int, ...] | None:
+    """Where no input has a batch axis (every one named by --static-input, or a model that says
+    so), the size every batch really has, once per batch of BATCH_SIZES (each draws other random
+    values at the same shapes): the first dimension of the first input that has one. Else None."""
+    if any(axis is not None for axis in batch_axes):
+        return None
+    return (next((shape[0] for shape in shapes if len(shape)), 1),) * len(BATCH_SIZES)
+
+
+def unbatched_note(sizes: Sequence[int]) -> str:
+    """The report's note for `unbatched_sizes` (verify's and the ONNX fold's)."""
+    return (f"no input has a batch axis: every batch has the inputs' own shapes (batch {sizes[0]}), "
+            "so other batch sizes were not tried")
+
+
 def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, bound: int = 2) -> np.ndarray:
     if np.issubdtype(dtype, np.floating):
         return np.asarray(rng.standard_normal(shape), dtype=dtype)  # a 0-d array for shape ()
@@ -371,16 +393,26 @@ def embedding_bounds(module: nn.Module, batch: Sequence[np.ndarray]) -> list[int
     return bounds
 
 
+# Ops that pass ids on unchanged, one per element: an int32 input cast to int64 for the Gather
+# (int32-input exports, tf2onnx), or reshaped first, still indexes the same table.
+INDEX_PRESERVING_OPS = {"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten"}
+
+
 def _gather_bounds(proto, inputs) -> list[int | None]:
-    """For each graph input, the size of the smallest initializer a Gather looks it up in."""
+    """For each graph input, the size of the smallest initializer a Gather looks it up in, the
+    input read directly or through INDEX_PRESERVING_OPS."""
     sizes = {t.name: list(t.dims) for t in proto.graph.initializer}
+    carries = {value.name: value.name for value in inputs}  # tensor -> the graph input whose ids it holds
     bounds: dict[str, int] = {}
-    for node in proto.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in sizes:
+    for node in proto.graph.node:  # in the order ONNX requires: a producer before its users
+        if node.op_type in INDEX_PRESERVING_OPS and node.input and node.input[0] in carries and node.output:
+            carries[node.output[0]] = carries[node.input[0]]
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in sizes and node.input[1] in carries:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
             dims = sizes[node.input[0]]
             if -len(dims) <= axis < len(dims):
-                bounds[node.input[1]] = min(bounds.get(node.input[1], dims[axis]), dims[axis])
+                source = carries[node.input[1]]
+                bounds[source] = min(bounds.get(source, dims[axis]), dims[axis])
     return [bounds.get(value.name) for value in inputs]
 
 
@@ -416,6 +448,13 @@ def onnx_inputs(
             proto = onnx.load(str(model), load_external_data=False)  # the graph is enough
     except Exception as err:
         raise UserError(f"{_describe(model)} is not a valid ONNX model: {one_line(err)}") from err
+    # Protobuf reads a 0-byte file as an empty model, with no input: "the two models declare
+    # different numbers of inputs [0, 1]" hid the cause. onnxruntime needs both fields; the
+    # checker itself would refuse files that onnxruntime runs, which verify compares too.
+    if not proto.ir_version or not proto.HasField("graph"):
+        empty = proto.ByteSize() == 0
+        raise UserError(f"{_describe(model)} is not a valid ONNX model: "
+                        f"{'the file is empty' if empty else 'it sets no IR version or no graph'}")
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if input_shape is not None and len(input_shape) != len(inputs):

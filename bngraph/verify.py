@@ -10,7 +10,8 @@ onnxruntime at ORT_DISABLE_ALL and ORT_ENABLE_ALL, or onnx's ReferenceEvaluator.
 model's result is flattened to named tensors (dicts, dataclasses such as HuggingFace's
 ModelOutput, NamedTuples, lists and tuples, nested; None skipped); an ONNX model's outputs are
 named by its graph and paired with the other side's by position. Outputs that differ in number
-(or, between two PyTorch models, in names) fail; comparing no tensor at all is an error. The
+(or, between two PyTorch models, in names) fail; comparing no tensor at all is an error, and so
+is an output that is NaN or inf on both sides at every element (nothing of it compared). The
 rule each output passes by, and the default tolerances: `bngraph.compare`. The result of
 `verify` is truthy on a pass.
 """
@@ -31,7 +32,7 @@ from bngraph.load import load_model
 from bngraph.report import Report
 from bngraph.runners import (
     BATCH_SIZES, Float64Runner, OrtRunner, TorchRunner, embedding_bounds, forward_parameter_names, input_order, onnx_inputs, random_batches,
-    runners_for,
+    runners_for, unbatched_note, unbatched_sizes,
 )
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
 
@@ -49,6 +50,8 @@ def verify(
     batch_sizes: Sequence[int] | None = None,
     explain_failures: bool = True,
     input_names: Sequence[str] | None = None,
+    dtypes_must_match: bool = False,
+    refuse_nothing_compared: bool = True,
 ) -> VerifyResult:
     """Run both on each batch of `inputs` and compare every output (see the module docstring).
 
@@ -60,7 +63,11 @@ def verify(
     against a float32 PyTorch reference, each failed output gets `from_exact` unless
     `explain_failures` is false (`bngraph.equivalence` measures that itself, with its own runs).
     `input_names` names the inputs of each batch (default: the reference's): a model that names
-    the same inputs in another order is fed them by name, as its users call it.
+    the same inputs in another order is fed them by name, as its users call it. An output whose
+    dtype differs between the two is compared at the less precise one's tolerance and its diff
+    names both (`OutputDiff.dtypes`); with `dtypes_must_match` (a fold, which never changes one)
+    it fails. An output NaN or inf on both sides at every element is a UserError unless
+    `refuse_nothing_compared` is false (a check whose own passes name the cause better).
     """
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if tol is not None and not tol >= 0:
@@ -82,23 +89,34 @@ def verify(
         batch_sizes = [next((len(x) for x in map(np.asarray, batch) if x.ndim), 1) for batch in inputs]
     result = VerifyResult(batch_sizes=list(batch_sizes))
     outputs: dict[int, list[list[np.ndarray]]] = {}
+    structures: dict[int, list[list[str | None]]] = {}  # of sequence and map outputs (`_flattened`)
 
-    # A model with several inputs that fails on the batches may have an input without a batch axis.
-    hint = " (an input without a batch axis? name it: --static-input INDEX)" if len(inputs[0]) > 1 else ""
+    def hint(failed: int) -> str:
+        """What to try, for a model that fails on batch `failed` of `inputs`."""
+        if len(inputs[0]) > 1:  # a model with several inputs may have one without a batch axis
+            return " (an input without a batch axis? name it: --static-input INDEX)"
+        ran = {result.batch_sizes[b] for b in range(failed)} - {result.batch_sizes[failed]}
+        if ran:  # one input, run at batch 1 and not at 7: the model fixes its batch (a Reshape to [1, ...])
+            return (f" (it runs at batch {min(ran)}: if the model fixes its batch, keep the input's own shape "
+                    "with --static-input 0)")
+        return ""
 
     def run(runner) -> list[list[np.ndarray]]:
         if id(runner) not in outputs:
-            try:
-                order = orders[id(runner)]
-                outputs[id(runner)] = [runner(batch if order is None else [batch[i] for i in order]) for batch in inputs]
-            except ModelRaised as err:
-                raise ModelRaised(f"{err}; on batches {result.batch_sizes}{hint}") from err
-            except UserError:
-                raise
-            except Exception as err:
-                raise UserError(
-                    f"{runner.label} failed on a batch of {result.batch_sizes}: {one_line(err)}{hint}"
-                ) from err
+            order, raw = orders[id(runner)], []
+            for b, batch in enumerate(inputs):
+                which = f"a batch of {result.batch_sizes[b]} (batch {b} of {result.batch_sizes})"
+                try:
+                    raw.append(runner(batch if order is None else [batch[i] for i in order]))
+                except ModelRaised as err:
+                    raise ModelRaised(f"{err}; on {which}{hint(b)}") from err
+                except UserError:
+                    raise
+                except Exception as err:
+                    raise UserError(f"{runner.label} failed on {which}: {one_line(err)}{hint(b)}") from err
+            flat = [[_flattened(value) for value in batch] for batch in raw]
+            outputs[id(runner)] = [[array for array, _ in batch] for batch in flat]
+            structures[id(runner)] = [[structure for _, structure in batch] for batch in flat]
         return outputs[id(runner)]
 
     weights_eps = max(map(_weights_eps, (*refs, *cands)))
@@ -120,24 +138,93 @@ def verify(
         for i, name in enumerate(names):
             j = i if order is None else order[i]
             ref_batches, cand_batches = [batch[i] for batch in ref_out], [batch[j] for batch in cand_out]
+            if problem := _structures_differ(ref_batches, cand_batches, [b[i] for b in structures[id(ref)]],
+                                             [b[j] for b in structures[id(cand)]]):
+                result.diffs.append(OutputDiff(name, ref.label, cand.label, 0.0, 0.0, passed=False, problem=problem))
+                continue
             if any(a.dtype.kind == "U" for a in (*ref_batches, *cand_batches)):  # None, a string, an object
                 result.diffs.append(_compare_exactly(name, ref_batches, cand_batches, (ref.label, cand.label)))
+                continue
+            dtypes = _changed_dtypes(ref_batches, cand_batches)
+            if dtypes and dtypes_must_match:
+                result.diffs.append(OutputDiff(name, ref.label, cand.label, 0.0, 0.0, passed=False, dtypes=dtypes,
+                                               problem=f"its dtype changed: {dtypes[0]} vs {dtypes[1]}"))
                 continue
             if all(a.dtype.kind in "iub" for a in (*ref_batches, *cand_batches)):
                 # Token ids, class indices, masks: off by 3 is wrong, whatever the output's RMS.
                 diff = compare(name, ref_batches, cand_batches, 0.0, 0.0, (ref.label, cand.label), scale=1.0)
-                diff.exact = True
+                diff.exact, diff.dtypes = True, dtypes
                 result.diffs.append(diff)
                 compared.append((diff, ref, cand, i, j))  # a reference that draws random numbers says so
                 continue
             tolerance = default_tolerance(ref.kind, cand.kind, output_dtype(ref_batches, cand_batches), weights_eps)
             atol_used, rtol_used = (tolerance if atol is None else atol), (tolerance if rtol is None else rtol)
             diff = compare(name, ref_batches, cand_batches, atol_used, rtol_used, (ref.label, cand.label))
+            diff.dtypes = dtypes
             result.diffs.append(diff)
             compared.append((diff, ref, cand, i, j))
+    if refuse_nothing_compared:
+        _refuse_if_nothing_compared(result.diffs)
     if not result and explain_failures:
         _measure_from_exact(compared, inputs, outputs)
     return result
+
+
+def _flattened(value: Any) -> tuple[np.ndarray, str | None]:
+    """An output as one array, and its structure in words where it is a sequence or a map (an
+    ONNX SequenceConstruct's list of arrays, sklearn-onnx's ZipMap list of {label: probability}):
+    its tensors' (or values') elements in order, by key in a map, compared as one tensor's are."""
+    if not isinstance(value, (list, tuple, dict)):
+        return value, None
+    leaves: list[np.ndarray] = []
+
+    def walk(item: Any) -> str:
+        if isinstance(item, dict):
+            return "{" + ", ".join(f"{key!r}: {walk(item[key])}" for key in sorted(item)) + "}"
+        if isinstance(item, (list, tuple)):
+            return "[" + ", ".join(walk(x) for x in item) + "]"
+        array = np.asarray(item)
+        leaves.append(array.ravel())
+        return f"{array.dtype.name}{list(array.shape)}"
+
+    structure = walk(value)
+    return (np.concatenate(leaves) if leaves else np.zeros(0, np.float32)), structure
+
+
+def _structures_differ(ref_batches, cand_batches, ref_structures, cand_structures) -> str | None:
+    """Why a sequence or map output cannot be compared element by element (another length, other
+    keys, other shapes), on the first batch where it differs; None where it can."""
+    def words(structure: str | None, array: np.ndarray) -> str:
+        text = structure or f"a tensor {list(np.shape(array))}"
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    for b, (r, c) in enumerate(zip(ref_structures, cand_structures)):
+        if r != c:
+            return f"sequence or map outputs differ on batch {b}: {words(c, cand_batches[b])} vs {words(r, ref_batches[b])}"
+    return None
+
+
+def _changed_dtypes(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> tuple[str, str] | None:
+    """(the candidate's dtype, the reference's) of one output where they differ, else None."""
+    ref_dtype, cand_dtype = reference[0].dtype, candidate[0].dtype
+    return None if ref_dtype == cand_dtype else (cand_dtype.name, ref_dtype.name)
+
+
+def _refuse_if_nothing_compared(diffs: Sequence[OutputDiff]) -> None:
+    """NaN against NaN agrees (`bngraph.compare`), but an output that is NaN or inf on both sides
+    at every element would pass whatever the two models compute: a log-spectrogram front end fed
+    N(0, 1) values (Log of a negative) passed against one with other weights. No check, no pass.
+    At any runtime level: onnxruntime's own BN fold may overflow a float16 model at one level only."""
+    by_output: dict[str, list[OutputDiff]] = {}
+    for diff in diffs:
+        by_output.setdefault(diff.output, []).append(diff)
+    for name, compared in by_output.items():
+        if all(d.elements and d.nonfinite_elements == d.elements for d in compared):
+            raise UserError(
+                f"output {name!r} is NaN or inf at every element in both models, so nothing of it was compared: "
+                "random N(0,1) inputs give NaN there (a Log or Sqrt of a negative?); compare on real inputs "
+                "with bngraph verify --data"
+            )
 
 
 def _weights_eps(runner) -> float:
@@ -163,7 +250,7 @@ def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarra
         if not np.isfinite(diff.max_abs):  # NaN or inf against a number: no rounding explains it
             continue
         if id(ref) not in varies:  # an ONNX file draws too (Bernoulli, RandomNormal)
-            again = ref(inputs[0])
+            again = [_flattened(value)[0] for value in ref(inputs[0])]
             varies[id(ref)] = not all(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
                                       for a, b in zip(again, outputs[id(ref)][0]))
         if varies[id(ref)]:
@@ -317,7 +404,8 @@ def verify_models(
     fixed = {s.fixed_batch for s in onnx_specs} - {None}
     if len(fixed) > 1:
         raise UserError(f"the two ONNX files fix different batch sizes {sorted(fixed)}: no input fits both")
-    sizes = (fixed.pop(),) * 2 if fixed else BATCH_SIZES
+    unbatched = None if fixed else unbatched_sizes(shapes, batch_axes)
+    sizes = (fixed.pop(),) * 2 if fixed else unbatched or BATCH_SIZES
     bounds = _index_bounds(models, onnx_specs, random_batches(shapes, sizes[:1], dtypes, batch_axes=batch_axes)[0])
     batches = random_batches(shapes, sizes, dtypes, batch_axes=batch_axes, index_bounds=bounds)
     batch_sizes = list(sizes)
@@ -331,8 +419,16 @@ def verify_models(
         facts={"reference": reference, "candidate": candidate, **result.facts()},
         sections={"outputs": [d.row() for d in result.diffs]},
     )
-    if sizes != BATCH_SIZES:
+    if unbatched:  # [1, 1, 1, 7] said the batch was varied where no input has one
+        report.notes.append(unbatched_note(unbatched))
+    elif sizes != BATCH_SIZES:
         report.notes.append(f"an ONNX file fixes the batch at {sizes[0]}: compared at that batch only")
+    # Silent, a float16 candidate passed a 0.3% gain error at float16's tolerance against float32.
+    changed = {d.output: d for d in result.diffs if d.dtypes}
+    for name, diff in changed.items():
+        tolerance = "exactly" if diff.exact else f"at the less precise one's tolerance (atol {diff.atol:g}, rtol {diff.rtol:g})"
+        report.notes.append(f"output {name!r} is {diff.dtypes[0]} in {candidate} but {diff.dtypes[1]} in {reference}: "
+                            f"compared {tolerance}")
     return result, report
 
 

@@ -164,7 +164,7 @@ def test_json_report_keys(onnx_files):
     assert {"reference", "candidate", "passed", "atol", "rtol", "batch_sizes", "worst_output", "worst_runtime",
             "outputs", "notes"} == set(report)
     assert report["atol"] == [1e-3]
-    assert {"output", "runtime", "passed", "problem", "elements", "failed_elements", "scale", "max_abs", "max_rel",
+    assert {"output", "runtime", "passed", "problem", "elements", "failed_elements", "nonfinite_elements", "scale", "max_abs", "max_rel",
             "excess", "mean_abs", "p99_abs", "worst_batch", "worst_index", "min_atol", "min_rtol",
             "top1"} == set(report["outputs"][0])
     assert report["outputs"][0]["top1"] == 1.0

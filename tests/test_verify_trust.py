@@ -820,3 +820,288 @@ def test_a_bfloat16_layer_in_a_float32_model_is_held_to_bfloat16s_rounding():
     with torch.no_grad():
         folded.head.weight.mul_(1.1)
     assert not verify(model, folded, batches)
+
+
+# ---- NaN on both sides -----------------------------------------------------------------------
+
+
+def _log_front_end(weight: np.ndarray) -> onnx.ModelProto:
+    """Log(x + 1e-6) @ W, averaged over time: NaN everywhere on N(0, 1) inputs (a Log of a negative)."""
+    from onnx import TensorProto, helper
+
+    from tests.onnx_models import onnx_file
+
+    nodes = [helper.make_node("Add", ["x", "eps"], ["xe"]), helper.make_node("Log", ["xe"], ["lx"]),
+             helper.make_node("MatMul", ["lx", "W"], ["m"]),
+             helper.make_node("ReduceMean", ["m"], ["y"], axes=[1], keepdims=0)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 8])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])]
+    return onnx_file(nodes, inputs, outputs, {"W": weight, "eps": np.float32(1e-6)}, opset=13, ir_version=8)
+
+
+def test_an_output_nan_at_every_element_on_both_sides_is_refused_not_passed(tmp_path):
+    # Two front ends with weights W and -3W: NaN == NaN everywhere passed, "output RMS 1.18e-38".
+    weight = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(_log_front_end(weight), a)
+    onnx.save(_log_front_end(-3 * weight), b)
+    code, _, err = run_cli("verify", a, b)
+    assert code == 2 and "output 'y' is NaN or inf at every element" in err and "--data" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("fold", a, "-o", tmp_path / "folded.onnx")  # fold's own check: the same rule
+    assert code == 2 and "output 'y' is NaN or inf at every element" in err
+    assert not (tmp_path / "folded.onnx").exists()
+
+
+LOG_NET = """
+import torch
+from torch import nn
+
+
+class LogNet(nn.Module):
+    example_input_shape = (2, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(torch.log(x))).mean((2, 3))  # every output NaN on N(0, 1) inputs
+"""
+
+
+def test_the_pytorch_folds_check_refuses_an_output_nan_everywhere_too(tmp_path):
+    (tmp_path / "lognet.py").write_text(LOG_NET)
+    code, _, err = run_cli("fold", f"{tmp_path / 'lognet.py'}:LogNet", "-o", tmp_path / "folded")
+    assert code == 2 and err.startswith("bngraph: error: output 'output' is NaN or inf at every element")
+    assert not (tmp_path / "folded").exists()
+
+
+def test_nan_on_both_sides_at_some_elements_passes_and_is_counted():
+    reference = [np.array([[1.0, np.nan], [np.inf, 2.0]])]
+    diff = compare("y", reference, [r.copy() for r in reference], ONNX_TOLERANCE, ONNX_TOLERANCE)
+    assert diff.passed and diff.nonfinite_elements == 2 and "(2 NaN or inf on both sides)" in diff.line()
+
+
+@pytest.mark.parametrize("path", [["Cast"], ["Identity", "Cast"], ["Unsqueeze", "Squeeze", "Cast"],
+                                  ["Flatten", "Reshape", "Cast"]])
+def test_ids_cast_or_reshaped_before_an_onnx_gather_reach_the_whole_table(tmp_path, path):
+    # int32 ids cast to int64 before the Gather (int32-input exports, tf2onnx): the table size was
+    # found only for a Gather reading the graph input itself, so two tables differing in rows
+    # 2-49 passed on ids 0 and 1.
+    from onnx import TensorProto, helper
+
+    from tests.onnx_models import onnx_file
+
+    table = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    other = table.copy()
+    other[2:] *= -1
+    nodes, ids = [], "ids"
+    for k, op in enumerate(path):
+        inputs, attributes = [ids], {}
+        if op == "Cast":
+            attributes["to"] = TensorProto.INT64
+        elif op in ("Unsqueeze", "Squeeze"):
+            inputs.append("axis")
+        elif op == "Reshape":
+            inputs.append("shape")
+        nodes.append(helper.make_node(op, inputs, [f"ids{k}"], **attributes))
+        ids = f"ids{k}"
+    nodes.append(helper.make_node("Gather", ["table", ids], ["y"]))
+    files = []
+    for name, rows in (("a", table), ("b", other)):
+        arrays = {"table": rows, "axis": np.array([2], np.int64), "shape": np.array([-1, 6], np.int64)}
+        model = onnx_file(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT32, ["N", 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 8])], arrays,
+                          opset=13, ir_version=8)
+        onnx.save(model, tmp_path / f"{name}.onnx")
+        files.append(tmp_path / f"{name}.onnx")
+    from bngraph.runners import onnx_inputs
+
+    assert onnx_inputs(files[0]).index_bounds == [50]
+    code, out, _ = run_cli("verify", *files)
+    assert code == 1 and "FAILED" in out
+    assert run_cli("verify", files[0], files[0])[0] == 0
+
+
+# ---- an output whose dtype changed -----------------------------------------------------------
+
+
+def _float16_outputs_file(float16: bool, gain: float = 1.0) -> onnx.ModelProto:
+    """a = x @ W and b = relu(a), float32; with `float16`, a 0.3% gain error and both cast to float16."""
+    from onnx import TensorProto, helper
+
+    from tests.onnx_models import onnx_file
+
+    dtype = TensorProto.FLOAT16 if float16 else TensorProto.FLOAT
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a0"]), helper.make_node("Mul", ["a0", "k"], ["a1"]),
+             helper.make_node("Cast", ["a1"], ["a"], to=dtype), helper.make_node("Relu", ["a"], ["b"])]
+    arrays = {"W": np.random.default_rng(0).standard_normal((16, 10)).astype(np.float32), "k": np.float32(gain)}
+    return onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                     [helper.make_tensor_value_info(n, dtype, ["N", 10]) for n in ("a", "b")], arrays,
+                     opset=17, ir_version=8)
+
+
+def test_a_float16_candidate_of_a_float32_model_is_said_in_the_report(tmp_path):
+    # It passed at float16's tolerance (a 0.3% gain error at 0.6 of it) with nothing said.
+    reference, candidate = tmp_path / "f32.onnx", tmp_path / "f16.onnx"
+    onnx.save(_float16_outputs_file(False), reference)
+    onnx.save(_float16_outputs_file(True, gain=1.003), candidate)
+    code, out, _ = run_cli("verify", reference, candidate)
+    assert code == 0 and "4 batches, 100 elements, float16 vs float32" in out
+    assert "note: output 'a' is float16 in" in out  # the table wraps the rest
+    code, out, _ = run_cli("verify", reference, candidate, "--json")
+    report = json.loads(out)
+    assert f"output 'b' is float16 in {candidate} but float32 in {reference}: compared at the less precise" in (
+        report["notes"][1])
+    assert {(r["candidate_dtype"], r["reference_dtype"]) for r in report["outputs"]} == {("float16", "float32")}
+
+
+def test_a_check_of_a_transformation_fails_where_an_outputs_dtype_changed():
+    # A fold never changes an output's dtype: at float16's tolerance, its check would pass a wrong fold.
+    from bngraph.equivalence import check_same_function
+    from bngraph.errors import CheckFailed
+
+    batches = random_batches([(1, 16)], (1, 7))
+    result = verify(_float16_outputs_file(False), _float16_outputs_file(True), batches, dtypes_must_match=True)
+    assert not result and result.worst.problem == "its dtype changed: float16 vs float32"
+    layer = nn.Linear(16, 4)
+    halved = nn.Sequential(layer, nn.Identity())
+    halved.forward = lambda x: layer(x).half()
+    with pytest.raises(CheckFailed, match="output 'output': its dtype changed: float16 vs float32"):
+        check_same_function(layer, halved, [torch.randn(3, 16)], what="the folded model")
+
+
+# ---- sequence and map outputs ----------------------------------------------------------------
+
+
+def _sequence_file(scale: float = 1.0, items: int = 2) -> onnx.ModelProto:
+    """Conv -> BN, its output also returned in a sequence (SequenceConstruct) with the conv's."""
+    from onnx import TensorProto, helper
+
+    from tests.onnx_models import onnx_file, random_bn_stats
+
+    rng = np.random.default_rng(0)
+    stats = dict(zip(("s", "b", "m", "v"), random_bn_stats(4, seed=1)))
+    stats["s"] = stats["s"] * np.float32(scale)
+    arrays = {"W": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), **stats}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"]),
+             helper.make_node("SequenceConstruct", ["y", "c", "y"][:items], ["seq"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6]),
+               helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None)]
+    return onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])], outputs, arrays,
+                     opset=13, ir_version=8)
+
+
+def _zipmap_file(labels=(0, 1, 2)) -> onnx.ModelProto:
+    """sklearn-onnx's classifier outputs: the label, and the probabilities as seq(map(int64, float))."""
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_type_proto(TensorProto.FLOAT, [])
+    probabilities = helper.make_value_info(
+        "probabilities", helper.make_sequence_type_proto(helper.make_map_type_proto(TensorProto.INT64, value)))
+    nodes = [helper.make_node("Softmax", ["x"], ["p"], axis=1),
+             helper.make_node("ArgMax", ["p"], ["label"], axis=1, keepdims=0),
+             helper.make_node("ZipMap", ["p"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=list(labels))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]), probabilities])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_sequence_output_is_compared_tensor_by_tensor_and_folds(tmp_path):
+    # A traceback: 'list' object has no attribute 'dtype'.
+    batches = random_batches([(1, 3, 8, 8)], (1, 7))
+    result = verify(_sequence_file(), _sequence_file(), batches)
+    assert result and [d.output for d in result.diffs[:2]] == ["y", "seq"] and result.diffs[1].elements == 2 * 8 * 4 * 6 * 6
+    wrong = verify(_sequence_file(), _sequence_file(scale=1.01), batches)
+    assert not wrong and {d.output for d in wrong.diffs if not d.passed} == {"y", "seq"}
+    longer = verify(_sequence_file(), _sequence_file(items=3), batches)
+    assert not longer and "sequence or map outputs differ on batch 0: [float32[1, 4, 6, 6], float32[1, 4, 6, 6], " in (
+        longer.worst.problem)
+    onnx.save(_sequence_file(), tmp_path / "seq.onnx")
+    code, out, _ = run_cli("fold", tmp_path / "seq.onnx", "-o", tmp_path / "folded.onnx")
+    assert code == 0 and "PASSED | Output: 'seq'" in out
+
+
+def test_zipmaps_probabilities_are_compared_by_key():
+    batches = random_batches([(1, 3)], (1, 7))
+    result = verify(_zipmap_file(), _zipmap_file(), batches)
+    assert result and result.diffs[1].output == "probabilities" and result.diffs[1].elements == 3 * 8
+    relabelled = verify(_zipmap_file(), _zipmap_file(labels=(0, 1, 5)), batches)
+    assert not relabelled and relabelled.worst.problem == (
+        "sequence or map outputs differ on batch 0: [{0: float64[], 1: float64[], 5: float64[]}] vs "
+        "[{0: float64[], 1: float64[], 2: float64[]}]")
+
+
+def test_an_op_the_reference_evaluator_lacks_is_one_line():
+    with pytest.raises(UserError, match="onnx's ReferenceEvaluator cannot run the ONNX model: NotImplementedError: "
+                                        "No registered implementation for operator 'ZipMap' and domain 'ai.onnx.ml' "
+                                        r"\(compare in onnxruntime alone: drop --reference\)"):
+        verify(_zipmap_file(), _zipmap_file(), random_batches([(1, 3)], (1,)), evaluator=True)
+
+
+# ---- a file that runs at batch 1 only --------------------------------------------------------
+
+
+def _batch_1_only_file(tmp_path):
+    """Conv -> BN -> Reshape to [1, 144]: the batch is declared symbolic, the Reshape fixes it at 1."""
+    from onnx import TensorProto, helper
+
+    from tests.onnx_models import onnx_file, random_bn_stats
+
+    arrays = {"W": np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32),
+              **dict(zip(("s", "b", "m", "v"), random_bn_stats(4, seed=1))), "shape": np.array([1, 144], np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["bn"]),
+             helper.make_node("Reshape", ["bn", "shape"], ["y"])]
+    model = onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 144])], arrays, opset=13, ir_version=8)
+    onnx.save(model, tmp_path / "batch1.onnx")
+    return tmp_path / "batch1.onnx"
+
+
+@pytest.mark.parametrize("command", ["verify", "fold"])
+def test_no_input_with_a_batch_axis_reports_the_batches_it_really_ran(tmp_path, command):
+    # --static-input 0 on the one input: every batch was (1, 3, 8, 8), and the report said [1, 1, 1, 7].
+    path = _batch_1_only_file(tmp_path)
+    files = [path, path] if command == "verify" else [path]
+    code, out, _ = run_cli(command, *files, "--static-input", "0", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["batch_sizes"] == [1, 1, 1, 1]
+    assert ("no input has a batch axis: every batch has the inputs' own shapes (batch 1), so other batch sizes "
+            "were not tried") in report["notes"]
+
+
+def test_a_file_that_fails_at_batch_7_says_which_batch_in_one_line_and_what_to_try(tmp_path):
+    # onnxruntime's own coloured [E:onnxruntime:...] line came first, and ours said "a batch of [1, 1, 1, 7]".
+    import subprocess
+    import sys
+
+    path = _batch_1_only_file(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "bngraph", "fold", str(path)], capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("bngraph: error: ort-disable-all failed on a batch of 7 (batch 3 of [1, 1, 1, 7]): ")
+    assert done.stderr.strip().endswith(
+        "(it runs at batch 1: if the model fixes its batch, keep the input's own shape with --static-input 0)")
+    assert run_cli("fold", path, "--static-input", "0")[0] == 0
+
+
+def test_an_empty_onnx_file_is_not_a_valid_model(tmp_path):
+    # Protobuf reads 0 bytes as a model with no input: "different numbers of inputs [0, 1]".
+    from tests.onnx_models import conv_bn_file
+
+    onnx.save(conv_bn_file(), tmp_path / "model.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for files in [("model.onnx", "empty.onnx"), ("empty.onnx", "model.onnx")]:
+        code, _, err = run_cli("verify", *(tmp_path / f for f in files))
+        assert code == 2 and err == f"bngraph: error: {tmp_path / 'empty.onnx'} is not a valid ONNX model: the file is empty\n"
+    model = onnx.ModelProto()
+    model.producer_name = "not a model"
+    onnx.save(model, tmp_path / "no_graph.onnx")
+    code, _, err = run_cli("verify", tmp_path / "model.onnx", tmp_path / "no_graph.onnx")
+    assert code == 2 and err.endswith("is not a valid ONNX model: it sets no IR version or no graph\n")
