@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Warnings (torch's, the user's model's) are held until the command ends: shown after a
         # result, dropped before the one line that says why there is none.
-        with warnings.catch_warnings(record=True) as caught:  # the filters as they are
+        # With --json, stdout is the report's alone: what the user's model prints goes to stderr.
+        args.report_stream = sys.stdout
+        printed_elsewhere = contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else contextlib.nullcontext()
+        with warnings.catch_warnings(record=True) as caught, printed_elsewhere:  # the filters as they are
             code = args.run(args)
         _show(caught)
         return code

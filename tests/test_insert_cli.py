@@ -172,3 +172,35 @@ def test_an_existing_output_is_replaced_whole(tmp_path, capsys):
     assert _cli(capsys, "insert", f"{MODELS_PY}:SharedActivation", "-o", str(out), "--force")[0] == 0
     assert "act_bn_1" in (out / "model.py").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no temporary folders left
+
+
+PRINTS_PY = '''
+import torch
+from torch import nn
+
+print("loading my model")
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 4)
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        print("x shape", tuple(x.shape))
+        return self.fc2(torch.relu(self.fc1(x)))
+'''
+
+
+@pytest.mark.parametrize("command", ["insert", "fold", "export", "verify"])
+def test_json_is_alone_on_stdout_when_the_model_prints(command, tmp_path, capsys):
+    (tmp_path / "model.py").write_text(PRINTS_PY)
+    model = str(tmp_path / "model.py")
+    argv = {"insert": ["insert", model, "-o", str(tmp_path / "out")], "fold": ["fold", model, "-o", str(tmp_path / "f")],
+            "export": ["export", model, "-o", str(tmp_path / "m.onnx")], "verify": ["verify", model, model]}[command]
+    code, out, err = _cli(capsys, *argv, "--json")
+    assert code == 0, err
+    assert json.loads(out)  # the model's prints went to stderr
+    assert "loading my model" in err and "x shape" in err

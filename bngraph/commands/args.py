@@ -181,7 +181,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 def emit(report: Report, args: argparse.Namespace) -> None:
     """The table on stdout, or JSON on stdout and the table on stderr."""
     if getattr(args, "json", False):
-        report.print_json(sys.stdout)
+        report.print_json(getattr(args, "report_stream", sys.stdout))  # the CLI's stdout: see `cli.main`
         report.print_table(sys.stderr)
     else:
         report.print_table(sys.stdout)
