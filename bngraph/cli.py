@@ -22,7 +22,7 @@ import threading
 import warnings
 
 import bngraph
-from bngraph.errors import CheckFailed, UserError
+from bngraph.errors import CheckFailed, UserError, user_frame
 
 # The life of a BN model, in order: a module of bngraph/commands each. Named, not discovered: a
 # module deleted from the source can live on in an installed copy (setuptools' build/ keeps what
@@ -134,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as err:
         print(f"bngraph: check failed: {err}", file=sys.stderr)
         return 1
+    except SystemExit as stop:  # the user's code called sys.exit(): theirs, in one line, not our exit code
+        frame = user_frame(stop)
+        if frame is None:
+            raise
+        print(f"bngraph: error: the model's code called sys.exit({stop.code!r}) at {frame.filename}:{frame.lineno}",
+              file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # `bngraph ... --json | head`: the reader took what it wanted and left. What the command
         # writes to disk is whole by then; the rest of the report has nowhere to go.

@@ -229,6 +229,22 @@ def test_an_export_error_caused_by_an_interrupt_is_an_interruption(tmp_path, cap
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("where", ["forward", "module level"])
+def test_a_model_that_calls_sys_exit_is_one_line_and_exit_2(where, tmp_path, capfd):
+    # A script's habit (`sys.exit(main())` at the bottom, a guard that exits): SystemExit is no
+    # Exception, and bngraph ended with the model's exit code and not a word.
+    body = "        sys.exit(3)\n" if where == "forward" else "        return self.fc(x)\n\n\nsys.exit(3)\n"
+    (tmp_path / "model.py").write_text(
+        "import sys\nfrom torch import nn\n\n\nclass Net(nn.Module):\n    example_input_shape = (2, 4)\n\n"
+        "    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(4, 4)\n\n"
+        "    def forward(self, x):\n" + body
+    )
+    code, out, err = _cli(capfd, "insert", tmp_path / "model.py", "-o", tmp_path / "out")
+    assert (code, out) == (2, "")
+    assert _one_line(err).startswith(f"bngraph: error: the model's code called sys.exit(3) at {tmp_path / 'model.py'}:")
+    assert not (tmp_path / "out").exists()
+
+
 # 4. Nothing to recalibrate.
 
 
