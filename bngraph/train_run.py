@@ -60,7 +60,8 @@ def train_run(
     ctx = distributed
     model, history = loaded.module, list(loaded.history)
     data = with_model_classes(data, recorded_classes(history))  # fine-tuning: the model's outputs keep their classes
-    steps = steps or epochs_to_steps(epochs or 2, data.n_train, batch_size * ctx.world_size)
+    if steps is None:  # `--epochs 0` is refused by epochs_to_steps, not read as the default
+        steps = epochs_to_steps(2 if epochs is None else epochs, data.n_train, batch_size * ctx.world_size)
     example = [data.example(2).cpu()]
 
     def resumed_decay() -> tuple[bool, float | None]:

@@ -245,6 +245,12 @@ def test_a_model_that_calls_sys_exit_is_one_line_and_exit_2(where, tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
+def test_zero_epochs_are_refused_not_read_as_the_default(tmp_path, capfd, mnist_dir):
+    code, _, err = _cli(capfd, "train", "zoo:mnist-mlp", "--data", mnist_dir, "--epochs", 0, "-o", tmp_path / "run")
+    assert code == 2 and _one_line(err) == "bngraph: error: --epochs must be positive, not 0.0\n"
+    assert not (tmp_path / "run").exists()
+
+
 # 4. Nothing to recalibrate.
 
 
