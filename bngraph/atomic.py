@@ -419,10 +419,14 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
         yield folder
         if replacing:
             _swap_in(folder, path, RUN, force)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if replacing:
             shutil.rmtree(folder, ignore_errors=True)
-            raise KeyboardInterrupt(f"the new run was discarded; {path} is as it was") from None
+            said = f"{stop}; " if str(stop) else ""
+            discarded = KeyboardInterrupt(f"{said}the new run was discarded; {path} is as it was")
+            if hasattr(stop, "signum"):  # which signal (the exit code says it: 143 for SIGTERM)
+                discarded.signum = stop.signum
+            raise discarded from None
         if not (folder / "checkpoint.pt").exists():
             shutil.rmtree(folder, ignore_errors=True)
             _remove_made(made)

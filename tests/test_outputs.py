@@ -290,7 +290,8 @@ def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_ctrl_c_while_force_replaces_a_run_keeps_the_old_run(tmp_path, capsys, inputs):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_while_force_replaces_a_run_keeps_the_old_run(signum, tmp_path, capsys, inputs):
     run = tmp_path / "run"
     assert _run(capsys, _argv("train", inputs, run))[0] == 0
     before = snapshot(tmp_path)
@@ -299,11 +300,11 @@ def test_ctrl_c_while_force_replaces_a_run_keeps_the_old_run(tmp_path, capsys, i
     proc = subprocess.Popen([sys.executable, "-m", "bngraph", *argv], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: any((p / "metrics.jsonl").exists() for p in tmp_path.glob(".run.*.partial")), proc)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130
+    assert proc.returncode == 128 + signum  # 143 for SIGTERM, as a scheduler reads it
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bngraph: interrupted") and str(run) in lines[0]
     assert snapshot(tmp_path) == before
