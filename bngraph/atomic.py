@@ -414,7 +414,11 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
     made = _make_parents(path)
     folder = _fresh_sibling(path, "partial") if replacing else path
     try:
-        folder.mkdir()
+        folder.mkdir()  # outside the cleanup below: a folder that appeared since the check is not ours
+    except FileExistsError:
+        _remove_made(made)
+        raise UserError(f"{path} appeared while bngraph was starting the run: it is left as it is; choose another -o") from None
+    try:
         _write_marker(folder, RUN)
         yield folder
         if replacing:

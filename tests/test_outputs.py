@@ -22,6 +22,7 @@ import onnx
 import pytest
 
 import bngraph
+from bngraph import atomic
 from bngraph.atomic import ARTIFACT, ONNX, ONNX_MARK, PICTURE, RUN, output_kind, write_atomically, write_dir_atomically
 from bngraph.cli import main
 from bngraph.errors import UserError
@@ -486,3 +487,21 @@ def test_sigterm_ends_reproduce_and_its_workers_and_leaves_nothing(tmp_path, aft
         time.sleep(0.1)
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlived the command"
     assert not out.exists() and not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
+
+
+def test_a_run_folder_that_appears_after_the_check_is_left_to_whoever_made_it(tmp_path, monkeypatch):
+    # Another process (or the user) makes -o between run_folder's check and its mkdir: the
+    # cleanup after the failed mkdir deleted that folder with what was put in it.
+    out = tmp_path / "runs" / "run"
+    make_parents = atomic._make_parents
+
+    def another_process_makes_it_meanwhile(path):
+        made = make_parents(path)
+        path.mkdir()
+        (path / "theirs.txt").write_text("another process wrote this\n")
+        return made
+
+    monkeypatch.setattr(atomic, "_make_parents", another_process_makes_it_meanwhile)
+    with pytest.raises(UserError, match="appeared while bngraph was starting the run"), atomic.run_folder(out):
+        pass
+    assert (out / "theirs.txt").read_text() == "another process wrote this\n"
