@@ -212,3 +212,14 @@ def test_a_model_built_under_a_float64_default_loads_in_float64_elsewhere(tmp_pa
     finally:
         torch.set_default_dtype(previous)
     assert {p.dtype for p in bngraph.load(tmp_path / "inserted").parameters()} == {torch.float64}
+
+
+def test_saving_a_model_torch_fx_cannot_trace_says_what_to_do_instead(tmp_path):
+    # The README's API flow, insert then save, on a model insert took through its fallback.
+    model = models.Untraceable()
+    x = torch.randn(*model.example_input_shape, generator=torch.Generator().manual_seed(0))
+    inserted, report = bngraph.insert(model, [x])
+    assert report.facts["tracing"] == "module-level fallback"
+    with pytest.raises(UserError, match=r"cannot save Untraceable as an artifact: .* Run `bngraph insert`"):
+        bngraph.save(inserted, tmp_path / "out", example_inputs=[x])
+    assert not (tmp_path / "out").exists()
