@@ -32,6 +32,9 @@ ACTIVATION_FUNCTIONS: dict[object, str] = {
     F.hardsigmoid: "hardsigmoid", F.softplus: "softplus", F.softsign: "softsign",
     F.logsigmoid: "logsigmoid", F.tanhshrink: "tanhshrink", F.softshrink: "softshrink",
     F.hardshrink: "hardshrink", F.threshold: "threshold", torch.special.expit: "sigmoid",
+    # The erf GELU written out (BERT's original `x * 0.5 * (1 + erf(x / sqrt(2)))`, HuggingFace's
+    # gelu_python): erf is the nonlinearity of that composite, as tanh is of the tanh GELU.
+    torch.erf: "erf", torch.special.erf: "erf",
     # In-place forms: the insert pass gives them what it gives F.relu_ (a BN where the value they
     # overwrite is read nowhere else, a reason where it is).
     F.leaky_relu_: "leaky_relu", F.rrelu_: "rrelu", torch.rrelu_: "rrelu", F.elu_: "elu", F.selu_: "selu",
@@ -40,7 +43,7 @@ ACTIVATION_FUNCTIONS: dict[object, str] = {
 }
 ACTIVATION_METHODS: dict[str, str] = {
     "relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
-    "tanh": "tanh", "tanh_": "tanh",
+    "tanh": "tanh", "tanh_": "tanh", "erf": "erf",
 }
 
 NORM_MODULES: tuple[type[nn.Module], ...] = (

@@ -254,8 +254,9 @@ def _is_glu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is F.glu
 
 
-_BY_HAND = {torch.where: 1, torch.maximum: 0, torch.minimum: 0, torch.sin: 0, torch.cos: 0}  # op: its input's index
-_BY_HAND_METHODS = {"maximum": 0, "minimum": 0, "sin": 0, "cos": 0}
+_BY_HAND = {torch.where: 1, torch.maximum: 0, torch.minimum: 0, torch.sin: 0, torch.cos: 0,  # op: its input's index
+            torch.exp: 0, torch.abs: 0, torch.log1p: 0}  # a softplus written log1p(exp(h)), a Snake's sin
+_BY_HAND_METHODS = {"maximum": 0, "minimum": 0, "sin": 0, "cos": 0, "exp": 0, "abs": 0, "log1p": 0}
 
 
 def _hand_written_on_a_layer(gm: fx.GraphModule, node: fx.Node) -> str | None:

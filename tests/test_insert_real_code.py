@@ -11,6 +11,7 @@ deterministic.
 import copy
 import functools
 import inspect
+import math
 
 import pytest
 import torch
@@ -577,6 +578,30 @@ def test_a_nonlinearity_written_by_hand_on_a_layers_output_is_named():
     skips = _skips(report)
     assert [skips[n].split(" computes")[0] for n in ("where", "sin", "maximum")] == [
         "where on a's output", "sin on b's output", "maximum on c's output"]
+
+
+def bert_gelu(x):
+    """The original BERT's GELU (pytorch-pretrained-bert), as HuggingFace's gelu_python too."""
+    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+class ErfGeluAndHandSoftplus(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = bert_gelu(self.fc1(x))
+        return self.fc3(torch.log1p(torch.exp(self.fc2(h))))  # a softplus written out
+
+
+def test_the_erf_gelu_written_out_gets_its_batchnorm_and_a_softplus_by_hand_is_named():
+    # Both passed over in silence: "no nonlinearity needs a BatchNorm".
+    out, report = _assert_preserved(ErfGeluAndHandSoftplus(), [_x(16, 8)])
+    assert _sites(report) == {"erf": ("BatchNorm1d", 16)}
+    assert _skips(report)["exp"].startswith("exp on fc2's output computes")
+    again, second = bngraph.insert(out, [_x(16, 8)])
+    assert _sites(second) == {}  # the BN in front of the composite is seen on a second run
 
 
 # 5. Integer inputs: token ids into an Embedding.
