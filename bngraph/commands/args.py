@@ -100,6 +100,15 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cifar100-labels", default="fine", choices=("fine", "coarse"), help="(default: fine)")
 
 
+def data_for_model(args: argparse.Namespace, loaded: LoadedModel, device: torch.device | str = "cpu", *,
+                   allow_stream: bool = False):
+    """The data --data names, read for `loaded`'s example input: an image folder is decoded to its
+    channels and size, integer data stays integer for a model taking token ids."""
+    input_shape = loaded.input_shapes[0] if loaded.input_shapes else None
+    input_dtype = loaded.example_inputs()[0].dtype if loaded.input_shapes else None  # int64: token ids
+    return data_from_args(args, device, input_shape=input_shape, input_dtype=input_dtype, allow_stream=allow_stream)
+
+
 def data_from_args(args: argparse.Namespace, device: torch.device | str = "cpu", *, input_shape=None,
                    input_dtype=None, allow_stream: bool = False):
     """The data --data names, for a model whose example input has `input_shape` and `input_dtype`:

@@ -158,11 +158,8 @@ def run(args: argparse.Namespace) -> int:
                   if ctx.is_main else contextlib.nullcontext(Path(args.output)))
         with folder as out:
             loaded = shared.load_from_args(args, seed=args.seed)  # a file model's initial weights
-            input_shape = loaded.input_shapes[0] if loaded.input_shapes else None
-            input_dtype = loaded.example_inputs()[0].dtype if loaded.input_shapes else None  # int64: token ids
             with local_main_first(ctx):  # one download per host, not one per process
-                data = shared.data_from_args(args, device, input_shape=input_shape, input_dtype=input_dtype,
-                                             allow_stream=True)
+                data = shared.data_for_model(args, loaded, device, allow_stream=True)
             _, report = train_run(
                 loaded, data, out, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
                 decay_every=args.decay_every, recipe=recipe, sync_bn=args.sync_bn, resume=args.resume, device=device,
