@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import bngraph
 from bngraph.cli import main
 from bngraph.errors import UserError
 from bngraph.training.data_formats import detect_format, open_data
@@ -846,3 +847,19 @@ def test_insert_preserve_data_the_model_cannot_take_is_one_line(tmp_path, capsys
     assert code == 2 and err.count("\n") == 1, err
     assert "784 values each; the model's input (3, 28, 28) needs 2352" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_api_reads_a_folder_for_a_loaded_artifacts_declared_input(tmp_path):
+    # bngraph.load() of a run or an artifact declares `example_input_shapes` (plural): a gray
+    # 8x8 model must get the 16x16 RGB files as gray 8x8, as `bngraph train` gives them.
+    root = write_quadrant_folder(tmp_path / "q", ("cat", "dog", "fox", "owl"))
+    for png in root.rglob("*.png"):
+        Image.open(png).resize((16, 16)).save(png)
+    gray = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 4))
+    bngraph.save(gray, tmp_path / "art", example_inputs=[torch.rand(2, 1, 8, 8)])
+    loaded = bngraph.load(tmp_path / "art")
+    run = bngraph.train(loaded, root, TrainConfig(steps=2, batch_size=8, eval_every=2), progress=False)
+    assert len(run.metrics) == 1
+    # A model declaring nothing is handed the files as they are: one line, not torch's traceback.
+    with pytest.raises(UserError, match=r"the model cannot take q images \(3x16x16\)"):
+        bngraph.train(gray, root, TrainConfig(steps=2, batch_size=8), progress=False)

@@ -43,7 +43,7 @@ from torch import nn
 
 from bngraph.data import FILES, find_idx_file, load_mnist
 from bngraph.errors import UserError, model_raised
-from bngraph.load import call_user_factory, import_user_file
+from bngraph.load import call_user_factory, declared_shapes, import_user_file
 from bngraph.training.data import StreamData, TensorData, check_finite
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -628,7 +628,12 @@ def _convert_in_chunks(images: torch.Tensor, target: Target, device: torch.devic
 
 
 def load_data(path, model: nn.Module | None = None, *, input_shape=None, device: str | torch.device = "cpu", **options):
-    """`open_data` with the input shape a model declares (`example_input_shape`)."""
+    """`open_data` with the input a model declares: `example_input_shapes` (as a model loaded
+    from a run or an artifact does) or `example_input_shape`, and `example_input_dtypes`."""
     if input_shape is None and model is not None:
-        input_shape = getattr(model, "example_input_shape", None)
+        shapes = declared_shapes(model, type(model).__name__)
+        input_shape = shapes[0] if shapes else None
+        dtypes = getattr(model, "example_input_dtypes", None)
+        if dtypes and "input_dtype" not in options:  # numpy names or torch dtypes, as load_model takes them
+            options["input_dtype"] = getattr(torch, str(dtypes[0]).removeprefix("torch."))
     return open_data(path, input_shape=input_shape, device=device, **options)

@@ -43,7 +43,7 @@ from bngraph.errors import CheckFailed
 from bngraph.training.checkpoint import CHECKPOINT, open_run_folder, resume_from_checkpoint, save_checkpoint
 from bngraph.training.config import PRECISIONS, TrainConfig, pick_device
 from bngraph.training.data import (
-    EpochSampler, StreamData, TensorData, check_finite, data_fingerprint, logits_of, step_batches,
+    EpochSampler, StreamData, TensorData, check_finite, check_model_fits, data_fingerprint, logits_of, step_batches,
 )
 from bngraph.training.data_formats import load_data
 from bngraph.training.distributed import SINGLE, Distributed, broadcast_buffers, sum_over_ranks, wrap
@@ -98,7 +98,7 @@ def train(
     """Train `model` in place on `data` (moved to the device when it is elsewhere) and return it on the CPU, in eval mode.
 
     `data` may be a path (any format of `bngraph.training.data_formats`, read for the model's
-    declared `example_input_shape`). `config.precision` and `config.channels_last` default to
+    declared `example_input_shapes`, as `bngraph.load` gives them, or `example_input_shape`). `config.precision` and `config.channels_last` default to
     bf16 autocast and channels_last on CUDA, fp32 and the default layout elsewhere; fp16 uses a
     GradScaler. With `out_dir`, checkpoints and metrics go there, and `resume=True` continues from
     its checkpoint. `on_eval(row)` sees each metrics row as it is written (and may raise to stop).
@@ -118,6 +118,9 @@ def train(
         data = load_data(data, model, device=dev)
     elif isinstance(data, TensorData):  # tensors made on the CPU, a run on CUDA: found on a GPU
         data = data.to(dev)
+    # Before the first step: data the model cannot take is one line naming it (train_run checks
+    # too; an API caller's model and data meet here first).
+    check_model_fits(model, data)
     setup = _set_up(model, data, config, dev, ctx)
     fingerprint, example = data_fingerprint(data), data.example(2).to(dev)
     if resume:
