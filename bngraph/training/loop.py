@@ -30,6 +30,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from bngraph.errors import CheckFailed
+from bngraph.errors import CheckFailed, ModelRaised, UserError, model_raised, user_frame
 from bngraph.training.checkpoint import CHECKPOINT, open_run_folder, resume_from_checkpoint, save_checkpoint
 from bngraph.training.config import PRECISIONS, TrainConfig, pick_device
 from bngraph.training.data import (
@@ -228,20 +229,49 @@ def _train_step(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], lr: fl
     x, y = batch
     if setup.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with setup.amp():
-        logits = logits_of(net(x), mode="training")
-    loss = F.cross_entropy(logits.float(), y)
-    setup.optimizer.zero_grad(set_to_none=True)
-    if setup.scaler is not None:
-        setup.scaler.scale(loss).backward()
-        setup.scaler.step(setup.optimizer)
-        setup.scaler.update()
-    else:
-        loss.backward()
-        setup.optimizer.step()
+    try:
+        with setup.amp():
+            logits = logits_of(net(x), mode="training")
+        loss = F.cross_entropy(logits.float(), y)
+        setup.optimizer.zero_grad(set_to_none=True)
+        if setup.scaler is not None:
+            setup.scaler.scale(loss).backward()
+            setup.scaler.step(setup.optimizer)
+            setup.scaler.update()
+        else:
+            loss.backward()
+            setup.optimizer.step()
+    except Exception as err:
+        failed = _model_failed(net, x, setup, err)
+        if failed is None:
+            raise
+        raise failed from err
     interval["loss"] += loss.detach().double()
     interval["correct"] += (logits.detach().argmax(1) == y).sum()
     interval["steps"] += 1
+
+
+def _model_failed(net: nn.Module, x: torch.Tensor, setup: _Setup, err: Exception) -> UserError | None:
+    """The one line for the user's code raising in a training step (check_model_fits ran it only
+    in eval mode, on contiguous inputs), or None when no frame of the user's code raised (a bug)."""
+    if isinstance(err, (UserError, CheckFailed)) or user_frame(err) is None:
+        return None
+    if setup.channels_last:
+        # x.view(x.size(0), -1) cannot view a channels_last tensor: if the same batch passes
+        # through a copy in the default layout (weights too: a channels_last conv weight makes
+        # channels_last outputs from any input), the layout is what the model does not take.
+        model = getattr(net, "_orig_mod", net)  # torch.compile's wrapper
+        model = getattr(model, "module", model)  # DDP's
+        try:
+            copy = deepcopy(model).to(memory_format=torch.contiguous_format)
+            with torch.no_grad(), setup.amp():
+                copy(x.contiguous())
+        except Exception:
+            pass
+        else:
+            raised = str(model_raised(err, failed="the model fails on channels_last inputs")).rstrip(".")
+            return ModelRaised(f"{raised}; train with --no-channels-last (in Python: TrainConfig(channels_last=False))")
+    return model_raised(err, failed="the model failed on a training batch (in training mode)")
 
 
 def _evaluation_row(model: nn.Module, data: TensorData | StreamData, config: TrainConfig, setup: _Setup,
