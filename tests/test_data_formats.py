@@ -863,3 +863,54 @@ def test_the_api_reads_a_folder_for_a_loaded_artifacts_declared_input(tmp_path):
     # A model declaring nothing is handed the files as they are: one line, not torch's traceback.
     with pytest.raises(UserError, match=r"the model cannot take q images \(3x16x16\)"):
         bngraph.train(gray, root, TrainConfig(steps=2, batch_size=8), progress=False)
+
+
+AUGMENTING_PY = '''
+import random
+
+import numpy as np
+import torch
+
+
+class Augmenting(torch.utils.data.Dataset):
+    """Draws in __getitem__, as torchvision's random transforms do: torch, NumPy and Python's random."""
+
+    def __len__(self):
+        return 48
+
+    def __getitem__(self, i):
+        x = torch.full((1, 8, 8), i / 48.0) + torch.rand(1, 8, 8) + float(np.random.rand()) + random.random()
+        return x, i % 10
+
+
+def make():
+    return Augmenting(), Augmenting()
+'''
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def test_a_factory_that_augments_at_random_reads_the_same_in_memory_and_leaves_the_generators(tmp_path):
+    # Read before the run seeds torch, each item's draw was another every run.
+    (tmp_path / "aug.py").write_text(AUGMENTING_PY)
+    state = torch.get_rng_state()
+    first, second = (open_data(f"{tmp_path / 'aug.py'}:make", seed=3) for _ in range(2))
+    assert torch.equal(first.x_train, second.x_train) and torch.equal(state, torch.get_rng_state())
+    assert not torch.equal(first.x_train, open_data(f"{tmp_path / 'aug.py'}:make", seed=4).x_train)
+
+
+def test_a_streamed_factory_that_augments_at_random_resumes_bit_identically_with_workers(tmp_path):
+    # Each worker seeded once read the batches in turn: a resume, whose loader starts over, gave
+    # each batch another worker's draws.
+    (tmp_path / "aug.py").write_text(AUGMENTING_PY)
+    data = open_data(f"{tmp_path / 'aug.py'}:make", stream_above_mb=0, workers=2)
+    assert isinstance(data, StreamData)
+    config = TrainConfig(steps=9, batch_size=8, lr=0.1, eval_every=3)
+    whole = train(_small_net(), data, config, out_dir=tmp_path / "whole", progress=False)
+    train(_small_net(), data, TrainConfig(**{**config.__dict__, "steps": 4}), out_dir=tmp_path / "half", progress=False)
+    resumed = train(_small_net(), data, config, out_dir=tmp_path / "half", resume=True, progress=False)
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key

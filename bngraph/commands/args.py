@@ -93,7 +93,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stream-above", type=float, metavar="MB", default=2048.0,
         help="data larger than this (as float32) streams through a DataLoader instead of staying on the "
-        "device (default: 2048)",
+        "device (default: 2048); a factory held in memory is read once, its random augmentation with it: "
+        "--stream-above 0 draws it anew each time an item is used",
     )
     parser.add_argument("--loader-workers", type=int, metavar="N", help="DataLoader processes when streaming "
                         "(default: one per core, less one, at most 8)")
@@ -126,7 +127,7 @@ def data_from_args(args: argparse.Namespace, device: torch.device | str = "cpu",
         args.data, input_shape=input_shape, input_dtype=input_dtype, image_size=getattr(args, "image_size", None),
         device=device,
         stream_above_mb=args.stream_above if allow_stream else None, workers=getattr(args, "loader_workers", None),
-        dataset=args.dataset, cifar100_labels=getattr(args, "cifar100_labels", "fine"),
+        dataset=args.dataset, cifar100_labels=getattr(args, "cifar100_labels", "fine"), seed=getattr(args, "seed", 0),
     )
 
 

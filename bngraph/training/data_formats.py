@@ -44,7 +44,7 @@ from torch import nn
 from bngraph.data import FILES, find_idx_file, load_mnist
 from bngraph.errors import UserError, model_raised
 from bngraph.load import call_user_factory, declared_shapes, import_user_file
-from bngraph.training.data import StreamData, TensorData, check_finite
+from bngraph.training.data import StreamData, TensorData, check_finite, seeded
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 CIFAR10_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
@@ -520,11 +520,15 @@ def open_data(
     workers: int | None = None,
     dataset: str = "mnist",
     cifar100_labels: str = "fine",
+    seed: int = 0,
 ):
     """`path`'s data as TensorData on `device` (it fits) or StreamData (it does not; None: never).
 
     `input_shape` is the model's example input (N, C, H, W): its channels and size are what the
-    images become; with an integer `input_dtype` (token ids), integer data stays integer. `dataset` names what an MNIST-format folder holds (mnist or fashion-mnist)."""
+    images become; with an integer `input_dtype` (token ids), integer data stays integer. `dataset` names what an MNIST-format folder holds (mnist or fashion-mnist).
+    A factory is called, and its items read, with the generators seeded from `seed`: a Dataset
+    that augments at random gives the same data run after run (held in memory, each item is read
+    once, its augmentation with it; streamed, each batch is read again, seeded by its step)."""
     fmt = detect_format(path)
     target = Target.of(input_shape, image_size, input_dtype)
     if image_size is not None and fmt != "image-folder":
@@ -576,7 +580,13 @@ def open_data(
         return StreamData(ImageFiles(train_pairs, mode, size), ImageFiles(test_pairs, mode, size), root.name,
                           str(root), format=fmt, num_classes=len(classes), example_shape=shape, label_file=where,
                           workers=workers, device=device, class_names=tuple(classes))
-    (train_set, test_set), where = read_factory(str(path))
+    with seeded(f"{seed}:data"):  # before the run seeds torch: the factory's draws are the run's
+        return _open_factory(str(path), target, input_shape, fits, finish, workers, device)
+
+
+def _open_factory(path: str, target: Target, input_shape, fits, finish, workers, device):
+    """open_data's factory branch (see there)."""
+    (train_set, test_set), where = read_factory(path)
     x0, _ = _item(train_set, 0, where)
     # (H, W) items for a model that takes (N, 1, H, W) get their channel axis; any other item is
     # what the model takes already (a (T, C) sequence for an (N, T, C) model stays as it is).
@@ -596,7 +606,7 @@ def open_data(
         return finish(splits[0], splits[1], Path(where.split(":")[0]).stem, where)
     return StreamData(CheckedLabels(train_set, f"{where} train", target=target, channel_axis=channel_axis),
                       CheckedLabels(test_set, f"{where} test", target=target, channel_axis=channel_axis),
-                      Path(where.split(":")[0]).stem, where, format=fmt, num_classes=None,
+                      Path(where.split(":")[0]).stem, where, format="factory", num_classes=None,
                       example_shape=(1, *x0.shape) if channel_axis else tuple(x0.shape), label_file=where,
                       workers=workers, device=device)
 
