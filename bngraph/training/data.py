@@ -202,9 +202,11 @@ class _SeededByStep(torch.utils.data.Dataset):
 
 
 def user_error_from_worker(err: UserError) -> UserError:
-    """A UserError raised in a DataLoader worker comes back wrapped in its traceback: keep its line."""
+    """A UserError raised in a DataLoader worker comes back wrapped in its traceback, ending
+    `bngraph.errors.ModelRaised: line` (its own type, a subclass maybe): keep the line."""
     last = str(err).strip().splitlines()[-1]
-    return UserError(last.split("UserError: ", 1)[-1])
+    name, colon, line = last.partition(": ")
+    return type(err)(line if colon and name.rsplit(".", 1)[-1] == type(err).__name__ else last)
 
 
 def step_batches(data: TensorData | StreamData, sampler: EpochSampler, start: int, stop: int,
