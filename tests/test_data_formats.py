@@ -160,6 +160,15 @@ def hf_style():
     return Examples(), Examples()
 
 
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from ((torch.rand(1, 28, 28), i % 10) for i in range(20))
+
+
+def iterable():
+    return Stream(), Stream()
+
+
 def uint8_images():  # C, H, W uint8 tensors, as a user's own decoding gives them
     gen = torch.Generator().manual_seed(2)
     x = torch.randint(0, 256, (40, 1, 28, 28), generator=gen, dtype=torch.uint8)
@@ -636,6 +645,13 @@ def test_a_factory_of_dict_examples_is_told_what_to_return(tmp_path, capsys):
     err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:hf_style")
     assert f"{factory}:hf_style train[0] is a dict ('pixel_values', 'label')" in err
     assert "(item['pixel_values'], item['label'])" in err
+
+
+def test_a_factory_of_iterable_datasets_is_told_they_cannot_be_indexed(tmp_path, capsys):
+    factory = tmp_path / "data.py"
+    factory.write_text(FACTORY_PY)
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:iterable")
+    assert f"{factory}:iterable() returned an IterableDataset, which has no length and cannot be indexed" in err
 
 
 @pytest.mark.parametrize(

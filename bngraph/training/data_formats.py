@@ -434,6 +434,11 @@ def read_factory(text: str):
     except SystemExit as stop:
         raise UserError(f"{path}:{symbol} called sys.exit({stop.code!r}) instead of returning (train, test) "
                         "Datasets") from None
+    if isinstance(made, tuple) and any(isinstance(d, torch.utils.data.IterableDataset) for d in made):
+        # Each step's batch is picked by index (EpochSampler), so that a resumed run sees the same.
+        raise UserError(f"{path}:{symbol}() returned an IterableDataset, which has no length and cannot be "
+                        "indexed: training picks each step's examples by index; return map-style Datasets "
+                        "(__len__ and __getitem__)")
     if not (isinstance(made, tuple) and len(made) == 2 and all(hasattr(d, "__getitem__") and hasattr(d, "__len__") for d in made)):
         raise UserError(f"{path}:{symbol}() returned {type(made).__name__}; expected a tuple (train, test) of Datasets")
     for part, dataset in zip(("train", "test"), made):
