@@ -180,3 +180,11 @@ def test_data_the_model_takes_at_another_size_does_not_redeclare_its_input(tmp_p
                         "--batches", 2, "--batch-size", 8, "-o", tmp_path / "r")
     assert code == 0, err
     assert json.loads((tmp_path / "r" / "bngraph.json").read_text())["input_shapes"] == [[2, 1, 8, 8]]
+
+
+@pytest.mark.parametrize("flag", ["--stream-above", "--loader-workers"])
+def test_streaming_options_are_not_offered_where_they_would_be_ignored(tmp_path, capsys, flag):
+    # recalibrate holds its data whole: a streaming option accepted would do nothing.
+    with pytest.raises(SystemExit) as stop:
+        main(["recalibrate", "zoo:mnist-mlp", flag, "0", "-o", str(tmp_path / "r")])
+    assert stop.value.code == 2 and f"unrecognized arguments: {flag} 0" in capsys.readouterr().err

@@ -80,7 +80,9 @@ def load_from_args(args: argparse.Namespace, seed: int = 0) -> LoadedModel:
 # ---- the data: --data and how it is read -----------------------------------------------------
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, *, stream: bool = True) -> None:
+    """--data and how it is read; `stream`: --stream-above and --loader-workers too (for a
+    command that reads data larger than memory through a DataLoader)."""
     parser.add_argument(
         "--data", metavar="PATH",
         help="MNIST IDX folder, image folder (train/CLASS/*.png, test/...), FILE.npz, CIFAR binary folder, "
@@ -90,6 +92,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset", default="mnist", choices=("mnist", "fashion-mnist"), help="what an MNIST-format --data holds"
     )
     parser.add_argument("--image-size", metavar="H,W", help="resize images to this (default: the model's input size)")
+    parser.add_argument("--cifar100-labels", default="fine", choices=("fine", "coarse"), help="(default: fine)")
+    if not stream:
+        return
     parser.add_argument(
         "--stream-above", type=float, metavar="MB", default=2048.0,
         help="data larger than this (as float32) streams through a DataLoader instead of staying on the "
@@ -98,7 +103,6 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--loader-workers", type=int, metavar="N", help="DataLoader processes when streaming "
                         "(default: one per core, less one, at most 8)")
-    parser.add_argument("--cifar100-labels", default="fine", choices=("fine", "coarse"), help="(default: fine)")
 
 
 def data_for_model(args: argparse.Namespace, loaded: LoadedModel, device: torch.device | str = "cpu", *,

@@ -28,7 +28,7 @@ from bngraph.commands.args import add_data_arguments, data_for_model
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     shared.add_model_arguments(parser)
-    add_data_arguments(parser)
+    add_data_arguments(parser, stream=False)  # its batches are drawn from data held whole
     parser.add_argument("-o", "--output", metavar="DIR", required=True, help="artifact folder to write")
     parser.add_argument("--batches", type=int, default=100, help="training mini-batches to average over (default: 100)")
     parser.add_argument("--batch-size", type=int, default=60, help="m, examples per mini-batch (default: 60)")
