@@ -5,6 +5,7 @@ through the CLI; each kind of bad data must stop the run with one line naming th
 """
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -930,3 +931,34 @@ def test_a_streamed_factory_that_augments_at_random_resumes_bit_identically_with
     resumed = train(_small_net(), data, config, out_dir=tmp_path / "half", resume=True, progress=False)
     for key, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+READ_ONLY_PY = '''
+import numpy as np
+import torch
+
+
+class Mapped(torch.utils.data.Dataset):
+    """Items from read-only memory, as np.frombuffer and memory maps give them."""
+
+    def __init__(self):
+        self.x = np.frombuffer(bytes(range(256)) * 4 * 12, np.uint8).reshape(12, 1, 32, 32)
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return self.x[i], i % 10
+
+
+def make():
+    return Mapped(), Mapped()
+'''
+
+
+def test_a_factory_of_read_only_arrays_reads_without_torchs_warning(tmp_path):
+    (tmp_path / "mapped.py").write_text(READ_ONLY_PY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "non-writable NumPy array" named bngraph's line
+        data = open_data(f"{tmp_path / 'mapped.py'}:make")
+    assert data.x_train.shape == (12, 1, 32, 32) and data.x_train[0, 0, 0, 1] == torch.tensor(1.0) / 255

@@ -465,6 +465,10 @@ def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
     if isinstance(x, Image.Image):  # as torchvision-style datasets give them without a transform
         array = np.array(x)
         x = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        # A read-only array (np.frombuffer, a memory map): torch would share it and warn that
+        # writing is undefined, pointing at this line; a copy is the item's own.
+        x = x.copy()
     x = torch.as_tensor(x)
     check_finite(x[None], where, first_index=i)
     return x, _label(y, f"{where}[{i}]")
