@@ -98,14 +98,14 @@ def train(
 ) -> TrainRun:
     """Train `model` in place on `data` (moved to the device when it is elsewhere) and return it on the CPU, in eval mode.
 
-    `data` may be a path (any format of `bngraph.training.data_formats`, read for the model's
-    declared `example_input_shapes`, as `bngraph.load` gives them, or `example_input_shape`). `config.precision` and `config.channels_last` default to
-    bf16 autocast and channels_last on CUDA, fp32 and the default layout elsewhere; fp16 uses a
-    GradScaler. With `out_dir`, checkpoints and metrics go there, and `resume=True` continues from
-    its checkpoint. `on_eval(row)` sees each metrics row as it is written (and may raise to stop).
-    Under torchrun (`distributed` from `bngraph.training.distributed.join`), every rank calls this
-    with the same arguments; rank 0 alone reads and writes `out_dir` (see
-    bngraph.training.distributed).
+    `data` may be a path (any format of `bngraph.training.data_formats`, read for the input the
+    model declares: `example_input_shapes`, as `bngraph.load` gives it, or `example_input_shape`).
+    `config.precision` and `config.channels_last` default to bf16 autocast and channels_last on
+    CUDA, fp32 and the default layout elsewhere; fp16 uses a GradScaler. With `out_dir`,
+    checkpoints and metrics go there, and `resume=True` continues from its checkpoint.
+    `on_eval(row)` sees each metrics row as it is written (and may raise to stop). Under torchrun
+    (`distributed` from `bngraph.training.distributed.join`), every rank calls this with the same
+    arguments; rank 0 alone reads and writes `out_dir` (see bngraph.training.distributed).
     """
     dev = pick_device(device)
     ctx = distributed
