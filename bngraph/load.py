@@ -131,7 +131,7 @@ def call_user_factory(path: Path, symbol: str, factory):
         raise model_raised(err, f"{path}:{symbol}()") from err
 
 
-def _declared_shapes(module, where: str) -> list[tuple[int, ...]] | None:
+def declared_shapes(module, where: str) -> list[tuple[int, ...]] | None:
     """A model (or its file) declares its example input as `example_input_shapes` (or
     `example_input_shape`)."""
     shapes = getattr(module, "example_input_shapes", None)
@@ -255,8 +255,8 @@ def load_model(
             torch.manual_seed(seed)
             module, symbol, code = _build(spec.path, spec.symbol)
         # The model's own declaration, else its file's (module-level constants, as users write them).
-        declares = module if _declared_shapes(module, str(spec.path)) else code
-        shapes = _declared_shapes(declares, str(spec.path))
+        declares = module if declared_shapes(module, str(spec.path)) else code
+        shapes = declared_shapes(declares, str(spec.path))
         dtypes, batch_axes = _declared(declares, "example_input_dtypes"), _declared(declares, "example_input_batch_axes")
     elif spec.kind == "artifact":
         module, meta = load_artifact(spec.path)

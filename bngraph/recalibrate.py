@@ -74,7 +74,9 @@ def recalibrate(
         "batch_size": batch_size,
         "passes": {name: r.summary() for name, r in results.items()},
     }
-    example = [data.x_test[:2]]
+    # The model keeps the input it declares: data it takes at another size (an .npz of 32x32
+    # images for an adaptive model declaring 28x28) must not redeclare it.
+    example = loaded.example_inputs() if loaded.input_shapes else [data.x_test[:2]]
     history = [*loaded.history, entry]
     save(model, output, example_inputs=example, history=history, source=loaded.spec.text, force=force,
          base=user_code(loaded), carry=user_files(loaded), untraceable_code=kept_source(loaded, "recalibrate"))

@@ -5,6 +5,7 @@ through the CLI; each kind of bad data must stop the run with one line naming th
 """
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import bngraph
 from bngraph.cli import main
 from bngraph.errors import UserError
 from bngraph.training.data_formats import detect_format, open_data
@@ -157,6 +159,15 @@ class Examples(torch.utils.data.Dataset):  # as a HuggingFace dataset with_forma
 
 def hf_style():
     return Examples(), Examples()
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from ((torch.rand(1, 28, 28), i % 10) for i in range(20))
+
+
+def iterable():
+    return Stream(), Stream()
 
 
 def uint8_images():  # C, H, W uint8 tensors, as a user's own decoding gives them
@@ -623,7 +634,7 @@ def test_a_factory_item_that_cannot_be_read_or_is_another_shape_is_named(tmp_pat
     factory = tmp_path / "photos.py"
     factory.write_text(BROKEN_ITEMS_PY)
     err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:missing", *stream, "--steps", 8)
-    assert f"{factory}:missing train[7] could not be read" in err
+    assert err.startswith(f"bngraph: error: {factory}:missing train[7] could not be read")  # a worker's too
     assert f"{factory}:" in err.split("could not be read")[1] and "FileNotFoundError: /data/photos/img0007.jpg" in err
     err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:smaller", *stream, "--steps", 8)
     assert "(1, 14, 14)" in err and "(1, 28, 28)" in err
@@ -635,6 +646,13 @@ def test_a_factory_of_dict_examples_is_told_what_to_return(tmp_path, capsys):
     err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:hf_style")
     assert f"{factory}:hf_style train[0] is a dict ('pixel_values', 'label')" in err
     assert "(item['pixel_values'], item['label'])" in err
+
+
+def test_a_factory_of_iterable_datasets_is_told_they_cannot_be_indexed(tmp_path, capsys):
+    factory = tmp_path / "data.py"
+    factory.write_text(FACTORY_PY)
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:iterable")
+    assert f"{factory}:iterable() returned an IterableDataset, which has no length and cannot be indexed" in err
 
 
 @pytest.mark.parametrize(
@@ -846,3 +864,101 @@ def test_insert_preserve_data_the_model_cannot_take_is_one_line(tmp_path, capsys
     assert code == 2 and err.count("\n") == 1, err
     assert "784 values each; the model's input (3, 28, 28) needs 2352" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_api_reads_a_folder_for_a_loaded_artifacts_declared_input(tmp_path):
+    # bngraph.load() of a run or an artifact declares `example_input_shapes` (plural): a gray
+    # 8x8 model must get the 16x16 RGB files as gray 8x8, as `bngraph train` gives them.
+    root = write_quadrant_folder(tmp_path / "q", ("cat", "dog", "fox", "owl"))
+    for png in root.rglob("*.png"):
+        Image.open(png).resize((16, 16)).save(png)
+    gray = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 4))
+    bngraph.save(gray, tmp_path / "art", example_inputs=[torch.rand(2, 1, 8, 8)])
+    loaded = bngraph.load(tmp_path / "art")
+    run = bngraph.train(loaded, root, TrainConfig(steps=2, batch_size=8, eval_every=2), progress=False)
+    assert len(run.metrics) == 1
+    # A model declaring nothing is handed the files as they are: one line, not torch's traceback.
+    with pytest.raises(UserError, match=r"the model cannot take q images \(3x16x16\)"):
+        bngraph.train(gray, root, TrainConfig(steps=2, batch_size=8), progress=False)
+
+
+AUGMENTING_PY = '''
+import random
+
+import numpy as np
+import torch
+
+
+class Augmenting(torch.utils.data.Dataset):
+    """Draws in __getitem__, as torchvision's random transforms do: torch, NumPy and Python's random."""
+
+    def __len__(self):
+        return 48
+
+    def __getitem__(self, i):
+        x = torch.full((1, 8, 8), i / 48.0) + torch.rand(1, 8, 8) + float(np.random.rand()) + random.random()
+        return x, i % 10
+
+
+def make():
+    return Augmenting(), Augmenting()
+'''
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def test_a_factory_that_augments_at_random_reads_the_same_in_memory_and_leaves_the_generators(tmp_path):
+    # Read before the run seeds torch, each item's draw was another every run.
+    (tmp_path / "aug.py").write_text(AUGMENTING_PY)
+    state = torch.get_rng_state()
+    first, second = (open_data(f"{tmp_path / 'aug.py'}:make", seed=3) for _ in range(2))
+    assert torch.equal(first.x_train, second.x_train) and torch.equal(state, torch.get_rng_state())
+    assert not torch.equal(first.x_train, open_data(f"{tmp_path / 'aug.py'}:make", seed=4).x_train)
+
+
+def test_a_streamed_factory_that_augments_at_random_resumes_bit_identically_with_workers(tmp_path):
+    # Each worker seeded once read the batches in turn: a resume, whose loader starts over, gave
+    # each batch another worker's draws.
+    (tmp_path / "aug.py").write_text(AUGMENTING_PY)
+    data = open_data(f"{tmp_path / 'aug.py'}:make", stream_above_mb=0, workers=2)
+    assert isinstance(data, StreamData)
+    config = TrainConfig(steps=9, batch_size=8, lr=0.1, eval_every=3)
+    whole = train(_small_net(), data, config, out_dir=tmp_path / "whole", progress=False)
+    train(_small_net(), data, TrainConfig(**{**config.__dict__, "steps": 4}), out_dir=tmp_path / "half", progress=False)
+    resumed = train(_small_net(), data, config, out_dir=tmp_path / "half", resume=True, progress=False)
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+READ_ONLY_PY = '''
+import numpy as np
+import torch
+
+
+class Mapped(torch.utils.data.Dataset):
+    """Items from read-only memory, as np.frombuffer and memory maps give them."""
+
+    def __init__(self):
+        self.x = np.frombuffer(bytes(range(256)) * 4 * 12, np.uint8).reshape(12, 1, 32, 32)
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return self.x[i], i % 10
+
+
+def make():
+    return Mapped(), Mapped()
+'''
+
+
+def test_a_factory_of_read_only_arrays_reads_without_torchs_warning(tmp_path):
+    (tmp_path / "mapped.py").write_text(READ_ONLY_PY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "non-writable NumPy array" named bngraph's line
+        data = open_data(f"{tmp_path / 'mapped.py'}:make")
+    assert data.x_train.shape == (12, 1, 32, 32) and data.x_train[0, 0, 0, 1] == torch.tensor(1.0) / 255

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import bngraph
 from bngraph.cli import main
@@ -128,3 +129,62 @@ def test_a_test_label_out_of_range_names_y_test_and_not_training(tmp_path, capsy
                         "-o", tmp_path / "r")
     assert code == 2 and f"{path} (y_test): label 11 is out of range for the model's 10 outputs" in err
     assert "training" not in err and err.count("\n") == 1
+
+
+CONV_PY = '''
+from torch import nn
+
+
+class Net(nn.Module):
+    example_input_shape = (2, CHANNELS, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(CHANNELS, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(256, 3))
+
+    def forward(self, x):
+        return self.body(x)
+'''
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_an_image_folder_is_read_at_the_models_channels_and_size_and_its_input_kept(tmp_path, capsys, channels):
+    # 16x16 RGB files for a model taking (C, 8, 8): recalibrate must see what train saw (the
+    # statistics of 16x16 images are another model's), and the artifact still takes 8x8.
+    from tests.test_data_formats import write_quadrant_folder
+
+    from bngraph.training.data_formats import open_data
+
+    root = write_quadrant_folder(tmp_path / "q", ("cat", "dog", "fox"))
+    for png in root.rglob("*.png"):
+        Image.open(png).resize((16, 16)).save(png)
+    (tmp_path / "net.py").write_text(CONV_PY.replace("CHANNELS", str(channels)))
+    code, _, err = _cli(capsys, "recalibrate", f"{tmp_path / 'net.py'}:Net", "--data", root, "--batches", 3,
+                        "--batch-size", 8, "-o", tmp_path / "r")
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "bngraph.json").read_text())["input_shapes"] == [[2, channels, 8, 8]]
+    images = open_data(root, input_shape=(2, channels, 8, 8)).x_train
+    sampler = EpochSampler(len(images), 8, seed=0)
+    expected = bngraph.load(f"{tmp_path / 'net.py'}:Net")
+    recalibrate_bn(expected, [(images[sampler(i)],) for i in range(3)])
+    torch.testing.assert_close(bngraph.load(tmp_path / "r").get_submodule("body.1").running_mean,
+                               expected.get_submodule("body.1").running_mean)
+
+
+def test_data_the_model_takes_at_another_size_does_not_redeclare_its_input(tmp_path, capsys):
+    # An .npz is used as it is: 28x28 images through a pooled model declaring 8x8.
+    (tmp_path / "net.py").write_text(CONV_PY.replace("CHANNELS", "1").replace("nn.Flatten()", "nn.AdaptiveAvgPool2d(8), nn.Flatten()")
+                                       .replace("Linear(256, 3)", "Linear(256, 10)"))
+    code, _, err = _cli(capsys, "recalibrate", f"{tmp_path / 'net.py'}:Net", "--data", write_npz(tmp_path / "d.npz"),
+                        "--batches", 2, "--batch-size", 8, "-o", tmp_path / "r")
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "bngraph.json").read_text())["input_shapes"] == [[2, 1, 8, 8]]
+
+
+@pytest.mark.parametrize("flag", ["--stream-above", "--loader-workers"])
+def test_streaming_options_are_not_offered_where_they_would_be_ignored(tmp_path, capsys, flag):
+    # recalibrate holds its data whole: a streaming option accepted would do nothing.
+    with pytest.raises(SystemExit) as stop:
+        main(["recalibrate", "zoo:mnist-mlp", flag, "0", "-o", str(tmp_path / "r")])
+    assert stop.value.code == 2 and f"unrecognized arguments: {flag} 0" in capsys.readouterr().err

@@ -342,3 +342,54 @@ def test_evaluation_gives_the_model_copies_of_the_test_set():
     kept = x.clone()
     first, again = evaluate(NormalizesInPlace(), x, y, batch=4), evaluate(NormalizesInPlace(), x, y, batch=4)
     assert first == again and torch.equal(x, kept)
+
+
+RAISING_PY = '''
+import torch
+from torch import nn
+
+
+class ViewNet(nn.Module):
+    """Flattens with x.view(x.size(0), -1), as classic LeNet code does: no view of channels_last."""
+
+    example_input_shape = (2, 1, 28, 28)
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3, stride=2), nn.BatchNorm2d(4), nn.Linear(4 * 13 * 13, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc(h.view(h.size(0), -1))
+
+
+class AuxNet(ViewNet):
+    """An auxiliary head of the wrong size, called in training mode only."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Linear(100, 10)
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.training:
+            out = out + self.aux(out)
+        return out
+'''
+
+
+@pytest.mark.parametrize("model, flags, message", [
+    ("ViewNet", ["--channels-last"], "the model fails on channels_last inputs: it raised at {py}:17 "),
+    ("AuxNet", [], "the model failed on a training batch (in training mode): it raised at {py}:30 "),
+])
+def test_a_model_raising_in_a_training_step_is_one_line_naming_its_line(tmp_path, capsys, mnist_dir, model, flags,
+                                                                         message):
+    # The check before training runs the model in eval mode on contiguous inputs: these pass it.
+    py = tmp_path / "nets.py"
+    py.write_text(RAISING_PY)
+    code, _, err = _cli(capsys, "train", f"{py}:{model}", "--data", mnist_dir, "--steps", 2, "--quiet",
+                        "-o", tmp_path / "run", *flags)
+    assert code == 2 and message.format(py=py) in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+    if flags:
+        assert err.rstrip().endswith("train with --no-channels-last (in Python: TrainConfig(channels_last=False))")

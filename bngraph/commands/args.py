@@ -80,7 +80,9 @@ def load_from_args(args: argparse.Namespace, seed: int = 0) -> LoadedModel:
 # ---- the data: --data and how it is read -----------------------------------------------------
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, *, stream: bool = True) -> None:
+    """--data and how it is read; `stream`: --stream-above and --loader-workers too (for a
+    command that reads data larger than memory through a DataLoader)."""
     parser.add_argument(
         "--data", metavar="PATH",
         help="MNIST IDX folder, image folder (train/CLASS/*.png, test/...), FILE.npz, CIFAR binary folder, "
@@ -90,14 +92,26 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset", default="mnist", choices=("mnist", "fashion-mnist"), help="what an MNIST-format --data holds"
     )
     parser.add_argument("--image-size", metavar="H,W", help="resize images to this (default: the model's input size)")
+    parser.add_argument("--cifar100-labels", default="fine", choices=("fine", "coarse"), help="(default: fine)")
+    if not stream:
+        return
     parser.add_argument(
         "--stream-above", type=float, metavar="MB", default=2048.0,
         help="data larger than this (as float32) streams through a DataLoader instead of staying on the "
-        "device (default: 2048)",
+        "device (default: 2048); a factory held in memory is read once, its random augmentation with it: "
+        "--stream-above 0 draws it anew each time an item is used",
     )
     parser.add_argument("--loader-workers", type=int, metavar="N", help="DataLoader processes when streaming "
                         "(default: one per core, less one, at most 8)")
-    parser.add_argument("--cifar100-labels", default="fine", choices=("fine", "coarse"), help="(default: fine)")
+
+
+def data_for_model(args: argparse.Namespace, loaded: LoadedModel, device: torch.device | str = "cpu", *,
+                   allow_stream: bool = False):
+    """The data --data names, read for `loaded`'s example input: an image folder is decoded to its
+    channels and size, integer data stays integer for a model taking token ids."""
+    input_shape = loaded.input_shapes[0] if loaded.input_shapes else None
+    input_dtype = loaded.example_inputs()[0].dtype if loaded.input_shapes else None  # int64: token ids
+    return data_from_args(args, device, input_shape=input_shape, input_dtype=input_dtype, allow_stream=allow_stream)
 
 
 def data_from_args(args: argparse.Namespace, device: torch.device | str = "cpu", *, input_shape=None,
@@ -117,7 +131,7 @@ def data_from_args(args: argparse.Namespace, device: torch.device | str = "cpu",
         args.data, input_shape=input_shape, input_dtype=input_dtype, image_size=getattr(args, "image_size", None),
         device=device,
         stream_above_mb=args.stream_above if allow_stream else None, workers=getattr(args, "loader_workers", None),
-        dataset=args.dataset, cifar100_labels=getattr(args, "cifar100_labels", "fine"),
+        dataset=args.dataset, cifar100_labels=getattr(args, "cifar100_labels", "fine"), seed=getattr(args, "seed", 0),
     )
 
 

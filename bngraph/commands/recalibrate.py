@@ -9,7 +9,8 @@ during training (dropout off). It reports the test accuracy before and after.
 Domain adaptation: on images from another domain (--data pointing at them) it re-targets the
 model to that domain. The weights stay and only the BN statistics move to the new domain's, as
 the paper's future-work note on domain adaptation suggests (Sec. 5). No labels are used to
-recalibrate, only to report the accuracy.
+recalibrate, only to report the accuracy. --data is read as train reads it: an image folder is
+decoded to the model's input channels and size, and the artifact keeps the input it declares.
 
 Examples:
   bngraph recalibrate runs/mlp-bn/model --data ~/mnist -o runs/mlp-bn-recalibrated
@@ -22,12 +23,12 @@ import argparse
 
 from bngraph.atomic import ARTIFACT
 from bngraph.commands import args as shared
-from bngraph.commands.args import add_data_arguments, data_from_args
+from bngraph.commands.args import add_data_arguments, data_for_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     shared.add_model_arguments(parser)
-    add_data_arguments(parser)
+    add_data_arguments(parser, stream=False)  # its batches are drawn from data held whole
     parser.add_argument("-o", "--output", metavar="DIR", required=True, help="artifact folder to write")
     parser.add_argument("--batches", type=int, default=100, help="training mini-batches to average over (default: 100)")
     parser.add_argument("--batch-size", type=int, default=60, help="m, examples per mini-batch (default: 60)")
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = shared.load_from_args(args)
     _, report = recalibrate(
         loaded,
-        data_from_args(args),
+        data_for_model(args, loaded),  # an image folder decoded as train decoded it
         args.output,
         batches=args.batches,
         batch_size=args.batch_size,

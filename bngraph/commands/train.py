@@ -31,7 +31,10 @@ something else with the checkpoint's weights (its code edited since) are refused
   factory       FILE.py:make (FILE.py alone: make), a function returning (train, test) torch Datasets
                 whose items are (image, integer label), the image a C,H,W tensor or array or a PIL
                 image (uint8 scaled to [0, 1]), for everything else; for a model whose example
-                input is integer (--input-dtype int64: token ids), integer items stay integers
+                input is integer (--input-dtype int64: token ids), integer items stay integers.
+                Read with torch, NumPy and random seeded from --seed: held in memory, an item's
+                random augmentation is drawn once for the run; streamed (--stream-above 0), anew
+                for each batch, seeded by its step (--resume stays exact)
 Without --data: $BNGRAPH_DATA, the MNIST cache (downloaded when online), then Debian's Fashion-MNIST.
 Data whose float32 images fit in --stream-above MB (default 2048) stay on the device as tensors;
 larger data streams through a DataLoader with --loader-workers processes (pinned memory on CUDA), in
@@ -158,11 +161,8 @@ def run(args: argparse.Namespace) -> int:
                   if ctx.is_main else contextlib.nullcontext(Path(args.output)))
         with folder as out:
             loaded = shared.load_from_args(args, seed=args.seed)  # a file model's initial weights
-            input_shape = loaded.input_shapes[0] if loaded.input_shapes else None
-            input_dtype = loaded.example_inputs()[0].dtype if loaded.input_shapes else None  # int64: token ids
             with local_main_first(ctx):  # one download per host, not one per process
-                data = shared.data_from_args(args, device, input_shape=input_shape, input_dtype=input_dtype,
-                                             allow_stream=True)
+                data = shared.data_for_model(args, loaded, device, allow_stream=True)
             _, report = train_run(
                 loaded, data, out, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
                 decay_every=args.decay_every, recipe=recipe, sync_bn=args.sync_bn, resume=args.resume, device=device,

@@ -8,12 +8,15 @@ in the same batches. Either way the batch of a step is a pure function of (seed,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import random
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -139,6 +142,32 @@ class StreamData:
                                            persistent_workers=persistent and workers > 0, **batching)
 
 
+@contextlib.contextmanager
+def seeded(key: str) -> Iterator[None]:
+    """torch's, NumPy's and Python's global generators seeded from `key` for the block, and put
+    back after: a user's Dataset that augments with torch.rand (as torchvision's transforms do),
+    np.random or random draws the same values for the same key, run after run."""
+    seed = zlib.crc32(key.encode())  # the CPU generator keeps 32 bits of a seed
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+class _StepBatch(list):
+    """The indices of one step's batch, and the step (which the workers' seed comes from)."""
+
+    def __init__(self, indices, step: int):
+        super().__init__(indices)
+        self.step = step
+
+
 class _StepBatches:
     """The index batches of steps [start, stop), for a DataLoader's batch_sampler."""
 
@@ -150,13 +179,34 @@ class _StepBatches:
 
     def __iter__(self):
         for step in range(self.start, self.stop):
-            yield self.sampler(step).tolist()
+            yield _StepBatch(self.sampler(step).tolist(), step)
+
+
+class _SeededByStep(torch.utils.data.Dataset):
+    """A training Dataset whose batch of step s is read with the generators seeded from (seed,
+    s, rank): whichever worker reads it, in a fresh run or a resumed one, it draws the same
+    augmentation. (Seeded per worker, the draws would follow the worker's round of batches,
+    which starts over where a resume starts its loader.)"""
+
+    def __init__(self, dataset, seed: int, rank: int):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, batch: _StepBatch):
+        with seeded(f"{self.seed}:step{batch.step}:rank{self.rank}"):
+            if hasattr(self.dataset, "__getitems__"):
+                return self.dataset.__getitems__(batch)
+            return [self.dataset[i] for i in batch]
 
 
 def user_error_from_worker(err: UserError) -> UserError:
-    """A UserError raised in a DataLoader worker comes back wrapped in its traceback: keep its line."""
+    """A UserError raised in a DataLoader worker comes back wrapped in its traceback, ending
+    `bngraph.errors.ModelRaised: line` (its own type, a subclass maybe): keep the line."""
     last = str(err).strip().splitlines()[-1]
-    return UserError(last.split("UserError: ", 1)[-1])
+    name, colon, line = last.partition(": ")
+    return type(err)(line if colon and name.rsplit(".", 1)[-1] == type(err).__name__ else last)
 
 
 def step_batches(data: TensorData | StreamData, sampler: EpochSampler, start: int, stop: int,
@@ -167,7 +217,8 @@ def step_batches(data: TensorData | StreamData, sampler: EpochSampler, start: in
             index = sampler(step)
             yield data.x_train[index], data.y_train[index]
         return
-    loader = data.loader(data.train, batch_sampler=_StepBatches(sampler, start, stop), pin=dev.type == "cuda",
+    loader = data.loader(_SeededByStep(data.train, sampler.seed, sampler.rank),
+                         batch_sampler=_StepBatches(sampler, start, stop), pin=dev.type == "cuda",
                          seed=zlib.crc32(f"{sampler.seed}:{start}".encode()))
     batches = iter(loader)
     while True:

@@ -43,8 +43,8 @@ from torch import nn
 
 from bngraph.data import FILES, find_idx_file, load_mnist
 from bngraph.errors import UserError, model_raised
-from bngraph.load import call_user_factory, import_user_file
-from bngraph.training.data import StreamData, TensorData, check_finite
+from bngraph.load import call_user_factory, declared_shapes, import_user_file
+from bngraph.training.data import StreamData, TensorData, check_finite, seeded
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 CIFAR10_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
@@ -434,6 +434,11 @@ def read_factory(text: str):
     except SystemExit as stop:
         raise UserError(f"{path}:{symbol} called sys.exit({stop.code!r}) instead of returning (train, test) "
                         "Datasets") from None
+    if isinstance(made, tuple) and any(isinstance(d, torch.utils.data.IterableDataset) for d in made):
+        # Each step's batch is picked by index (EpochSampler), so that a resumed run sees the same.
+        raise UserError(f"{path}:{symbol}() returned an IterableDataset, which has no length and cannot be "
+                        "indexed: training picks each step's examples by index; return map-style Datasets "
+                        "(__len__ and __getitem__)")
     if not (isinstance(made, tuple) and len(made) == 2 and all(hasattr(d, "__getitem__") and hasattr(d, "__len__") for d in made)):
         raise UserError(f"{path}:{symbol}() returned {type(made).__name__}; expected a tuple (train, test) of Datasets")
     for part, dataset in zip(("train", "test"), made):
@@ -460,6 +465,10 @@ def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
     if isinstance(x, Image.Image):  # as torchvision-style datasets give them without a transform
         array = np.array(x)
         x = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        # A read-only array (np.frombuffer, a memory map): torch would share it and warn that
+        # writing is undefined, pointing at this line; a copy is the item's own.
+        x = x.copy()
     x = torch.as_tensor(x)
     check_finite(x[None], where, first_index=i)
     return x, _label(y, f"{where}[{i}]")
@@ -520,11 +529,15 @@ def open_data(
     workers: int | None = None,
     dataset: str = "mnist",
     cifar100_labels: str = "fine",
+    seed: int = 0,
 ):
     """`path`'s data as TensorData on `device` (it fits) or StreamData (it does not; None: never).
 
     `input_shape` is the model's example input (N, C, H, W): its channels and size are what the
-    images become; with an integer `input_dtype` (token ids), integer data stays integer. `dataset` names what an MNIST-format folder holds (mnist or fashion-mnist)."""
+    images become; with an integer `input_dtype` (token ids), integer data stays integer. `dataset` names what an MNIST-format folder holds (mnist or fashion-mnist).
+    A factory is called, and its items read, with the generators seeded from `seed`: a Dataset
+    that augments at random gives the same data run after run (held in memory, each item is read
+    once, its augmentation with it; streamed, each batch is read again, seeded by its step)."""
     fmt = detect_format(path)
     target = Target.of(input_shape, image_size, input_dtype)
     if image_size is not None and fmt != "image-folder":
@@ -576,7 +589,13 @@ def open_data(
         return StreamData(ImageFiles(train_pairs, mode, size), ImageFiles(test_pairs, mode, size), root.name,
                           str(root), format=fmt, num_classes=len(classes), example_shape=shape, label_file=where,
                           workers=workers, device=device, class_names=tuple(classes))
-    (train_set, test_set), where = read_factory(str(path))
+    with seeded(f"{seed}:data"):  # before the run seeds torch: the factory's draws are the run's
+        return _open_factory(str(path), target, input_shape, fits, finish, workers, device)
+
+
+def _open_factory(path: str, target: Target, input_shape, fits, finish, workers, device):
+    """open_data's factory branch (see there)."""
+    (train_set, test_set), where = read_factory(path)
     x0, _ = _item(train_set, 0, where)
     # (H, W) items for a model that takes (N, 1, H, W) get their channel axis; any other item is
     # what the model takes already (a (T, C) sequence for an (N, T, C) model stays as it is).
@@ -596,7 +615,7 @@ def open_data(
         return finish(splits[0], splits[1], Path(where.split(":")[0]).stem, where)
     return StreamData(CheckedLabels(train_set, f"{where} train", target=target, channel_axis=channel_axis),
                       CheckedLabels(test_set, f"{where} test", target=target, channel_axis=channel_axis),
-                      Path(where.split(":")[0]).stem, where, format=fmt, num_classes=None,
+                      Path(where.split(":")[0]).stem, where, format="factory", num_classes=None,
                       example_shape=(1, *x0.shape) if channel_axis else tuple(x0.shape), label_file=where,
                       workers=workers, device=device)
 
@@ -628,7 +647,12 @@ def _convert_in_chunks(images: torch.Tensor, target: Target, device: torch.devic
 
 
 def load_data(path, model: nn.Module | None = None, *, input_shape=None, device: str | torch.device = "cpu", **options):
-    """`open_data` with the input shape a model declares (`example_input_shape`)."""
+    """`open_data` with the input a model declares: `example_input_shapes` (as a model loaded
+    from a run or an artifact does) or `example_input_shape`, and `example_input_dtypes`."""
     if input_shape is None and model is not None:
-        input_shape = getattr(model, "example_input_shape", None)
+        shapes = declared_shapes(model, type(model).__name__)
+        input_shape = shapes[0] if shapes else None
+        dtypes = getattr(model, "example_input_dtypes", None)
+        if dtypes and "input_dtype" not in options:  # numpy names or torch dtypes, as load_model takes them
+            options["input_dtype"] = getattr(torch, str(dtypes[0]).removeprefix("torch."))
     return open_data(path, input_shape=input_shape, device=device, **options)

@@ -30,6 +30,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,11 +40,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from bngraph.errors import CheckFailed
+from bngraph.errors import CheckFailed, ModelRaised, UserError, model_raised, user_frame
 from bngraph.training.checkpoint import CHECKPOINT, open_run_folder, resume_from_checkpoint, save_checkpoint
 from bngraph.training.config import PRECISIONS, TrainConfig, pick_device
 from bngraph.training.data import (
-    EpochSampler, StreamData, TensorData, check_finite, data_fingerprint, logits_of, step_batches,
+    EpochSampler, StreamData, TensorData, check_finite, check_model_fits, data_fingerprint, logits_of, step_batches,
 )
 from bngraph.training.data_formats import load_data
 from bngraph.training.distributed import SINGLE, Distributed, broadcast_buffers, sum_over_ranks, wrap
@@ -97,14 +98,14 @@ def train(
 ) -> TrainRun:
     """Train `model` in place on `data` (moved to the device when it is elsewhere) and return it on the CPU, in eval mode.
 
-    `data` may be a path (any format of `bngraph.training.data_formats`, read for the model's
-    declared `example_input_shape`). `config.precision` and `config.channels_last` default to
-    bf16 autocast and channels_last on CUDA, fp32 and the default layout elsewhere; fp16 uses a
-    GradScaler. With `out_dir`, checkpoints and metrics go there, and `resume=True` continues from
-    its checkpoint. `on_eval(row)` sees each metrics row as it is written (and may raise to stop).
-    Under torchrun (`distributed` from `bngraph.training.distributed.join`), every rank calls this
-    with the same arguments; rank 0 alone reads and writes `out_dir` (see
-    bngraph.training.distributed).
+    `data` may be a path (any format of `bngraph.training.data_formats`, read for the input the
+    model declares: `example_input_shapes`, as `bngraph.load` gives it, or `example_input_shape`).
+    `config.precision` and `config.channels_last` default to bf16 autocast and channels_last on
+    CUDA, fp32 and the default layout elsewhere; fp16 uses a GradScaler. With `out_dir`,
+    checkpoints and metrics go there, and `resume=True` continues from its checkpoint.
+    `on_eval(row)` sees each metrics row as it is written (and may raise to stop). Under torchrun
+    (`distributed` from `bngraph.training.distributed.join`), every rank calls this with the same
+    arguments; rank 0 alone reads and writes `out_dir` (see bngraph.training.distributed).
     """
     dev = pick_device(device)
     ctx = distributed
@@ -118,6 +119,9 @@ def train(
         data = load_data(data, model, device=dev)
     elif isinstance(data, TensorData):  # tensors made on the CPU, a run on CUDA: found on a GPU
         data = data.to(dev)
+    # Before the first step: data the model cannot take is one line naming it (train_run checks
+    # too; an API caller's model and data meet here first).
+    check_model_fits(model, data)
     setup = _set_up(model, data, config, dev, ctx)
     fingerprint, example = data_fingerprint(data), data.example(2).to(dev)
     if resume:
@@ -225,20 +229,49 @@ def _train_step(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], lr: fl
     x, y = batch
     if setup.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with setup.amp():
-        logits = logits_of(net(x), mode="training")
-    loss = F.cross_entropy(logits.float(), y)
-    setup.optimizer.zero_grad(set_to_none=True)
-    if setup.scaler is not None:
-        setup.scaler.scale(loss).backward()
-        setup.scaler.step(setup.optimizer)
-        setup.scaler.update()
-    else:
-        loss.backward()
-        setup.optimizer.step()
+    try:
+        with setup.amp():
+            logits = logits_of(net(x), mode="training")
+        loss = F.cross_entropy(logits.float(), y)
+        setup.optimizer.zero_grad(set_to_none=True)
+        if setup.scaler is not None:
+            setup.scaler.scale(loss).backward()
+            setup.scaler.step(setup.optimizer)
+            setup.scaler.update()
+        else:
+            loss.backward()
+            setup.optimizer.step()
+    except Exception as err:
+        failed = _model_failed(net, x, setup, err)
+        if failed is None:
+            raise
+        raise failed from err
     interval["loss"] += loss.detach().double()
     interval["correct"] += (logits.detach().argmax(1) == y).sum()
     interval["steps"] += 1
+
+
+def _model_failed(net: nn.Module, x: torch.Tensor, setup: _Setup, err: Exception) -> UserError | None:
+    """The one line for the user's code raising in a training step (check_model_fits ran it only
+    in eval mode, on contiguous inputs), or None when no frame of the user's code raised (a bug)."""
+    if isinstance(err, (UserError, CheckFailed)) or user_frame(err) is None:
+        return None
+    if setup.channels_last:
+        # x.view(x.size(0), -1) cannot view a channels_last tensor: if the same batch passes
+        # through a copy in the default layout (weights too: a channels_last conv weight makes
+        # channels_last outputs from any input), the layout is what the model does not take.
+        model = getattr(net, "_orig_mod", net)  # torch.compile's wrapper
+        model = getattr(model, "module", model)  # DDP's
+        try:
+            copy = deepcopy(model).to(memory_format=torch.contiguous_format)
+            with torch.no_grad(), setup.amp():
+                copy(x.contiguous())
+        except Exception:
+            pass
+        else:
+            raised = str(model_raised(err, failed="the model fails on channels_last inputs")).rstrip(".")
+            return ModelRaised(f"{raised}; train with --no-channels-last (in Python: TrainConfig(channels_last=False))")
+    return model_raised(err, failed="the model failed on a training batch (in training mode)")
 
 
 def _evaluation_row(model: nn.Module, data: TensorData | StreamData, config: TrainConfig, setup: _Setup,
