@@ -162,3 +162,11 @@ def test_real_mnist_10k_steps_bn_ahead_at_every_evaluation():
     assert summary["bn_ahead_at_every_evaluation"], summary["nets"]
     assert summary["speedup"] > 2
     assert summary["nets"]["with BN"]["best_test_accuracy"] > 0.97
+
+
+@pytest.mark.parametrize("flag", ["--stream-above", "--loader-workers"])
+def test_streaming_options_are_not_offered_where_they_would_be_ignored(tmp_path, capsys, flag):
+    # The experiments hold their data whole: a streaming option accepted would do nothing.
+    with pytest.raises(SystemExit) as stop:
+        main(["reproduce", "mnist", flag, "0", "-o", str(tmp_path / "r")])
+    assert stop.value.code == 2 and f"unrecognized arguments: {flag} 0" in capsys.readouterr().err

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the CLI builds its parser without torch: heavy imports wait
 
 
 def _common(parser: argparse.ArgumentParser, steps: int) -> None:
-    add_data_arguments(parser)
+    add_data_arguments(parser, stream=False)  # the experiments hold their data whole
     parser.add_argument("-o", "--output", metavar="DIR", required=True, help="folder to write")
     parser.add_argument("--steps", type=int, default=steps, help=f"training steps (default: {steps:,})")
     parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order (default: 0)")
