@@ -140,8 +140,9 @@ def _changed_or_unrecorded(folder: Path) -> list[str]:
         recorded = json.loads((folder / MARKER).read_text()).get("sha256", {})
     except (OSError, ValueError, AttributeError):
         recorded = {}
+    # A list: the file as it was and as it is being rewritten (`_record_written`), either one bngraph's.
     found += [f"{name} (changed since bngraph wrote it)" for name, digest in recorded.items()
-              if (folder / name).is_file() and sha256(folder / name) != digest]
+              if (folder / name).is_file() and sha256(folder / name) not in ([digest] if isinstance(digest, str) else digest)]
     for place in ("code", "__pycache__"):
         for file in sorted((folder / place).rglob("*")) if (folder / place).is_dir() else ():
             name = file.relative_to(folder).as_posix()
@@ -328,12 +329,43 @@ def write_atomically(
                 mark_picture(tmp)
         if os.path.lexists(path) and not replace_own:
             check_output(path, kind, force=force)  # the long work may have let something else in
+        if replace_own:  # the new digest recorded beside the old one first: a kill in between leaves either valid
+            digest = sha256(tmp)
+            _record_written(path.parent, {path.name: digest}, keep_previous=True)
         os.replace(tmp, path)
+        if replace_own:
+            _record_written(path.parent, {path.name: digest})
     except BaseException:
         tmp.unlink(missing_ok=True)
         _remove_made(made)  # after the temporary: a folder is removed only once empty
         raise
     return path
+
+
+def _record_written(folder: Path, digests: dict[str, str], *, keep_previous: bool = False) -> None:
+    """Record the SHA-256 `digests` of files bngraph writes into `folder`, a run or reproduce
+    folder, in its bngraph.json: an edit after this makes the file the user's, which `--force`
+    and `--resume` then refuse to lose (`foreign_entries`). With `keep_previous`, the digest
+    before stays valid too (the file is about to be replaced). A description the user edited is
+    left as it is (it refuses already); a folder that is not bngraph's is not one to record in."""
+    if not digests or not (folder / MARKER).is_file() or _description_changed(folder):
+        return
+    meta = json.loads((folder / MARKER).read_text())
+    if not isinstance(meta, dict) or meta.get("format") not in FOLDER_FORMATS.values():
+        return
+    recorded = meta.get("sha256", {})
+    for name, digest in digests.items():
+        before = recorded.get(name, []) if keep_previous else []
+        before = [before] if isinstance(before, str) else before
+        recorded[name] = digest if not before else [*before[-1:], digest]
+    meta["sha256"] = recorded
+    tmp = _fresh_sibling(folder / MARKER, "partial")
+    try:
+        tmp.write_text(description_text(meta))
+        os.replace(tmp, folder / MARKER)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_marker(folder: Path, kind: str) -> None:
@@ -373,6 +405,7 @@ def write_dir_atomically(
             write(tmp)
             if kind != ARTIFACT and not (tmp / MARKER).exists():
                 _write_marker(tmp, kind)
+                _record_written(tmp, {p.name: sha256(p) for p in tmp.iterdir() if p.is_file() and p.name != MARKER})
         _swap_in(tmp, path, kind, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -146,6 +146,8 @@ def test_a_bngraph_folder_holding_the_users_files_is_not_replaced(name, inside, 
     ("insert", "model.py"), ("train", "model/model.py"),
     # bngraph.json records the digest of its own text: a note the user added is theirs too.
     ("insert", "bngraph.json"), ("train", "bngraph.json"), ("train", "model/bngraph.json"), ("reproduce", "bngraph.json"),
+    # What a run or reproduce folder holds is recorded as bngraph writes it: a note appended is the user's.
+    ("train", "metrics.jsonl"), ("train", "checkpoint.pt"), ("reproduce", "table.md"),
 ])
 def test_an_artifact_whose_files_the_user_edited_is_not_replaced(name, edited, tmp_path, capsys, inputs):
     # bngraph.json holds the SHA-256 of each file it wrote: an edit makes the file the user's.
@@ -505,3 +507,27 @@ def test_a_run_folder_that_appears_after_the_check_is_left_to_whoever_made_it(tm
     with pytest.raises(UserError, match="appeared while bngraph was starting the run"), atomic.run_folder(out):
         pass
     assert (out / "theirs.txt").read_text() == "another process wrote this\n"
+
+
+def test_a_run_killed_while_it_rewrites_its_checkpoint_is_still_all_bngraphs(tmp_path, capsys, inputs, monkeypatch):
+    # The checkpoint's new digest is recorded before the rename, beside the old one: killed in
+    # between, the folder holds the old checkpoint, which must still count as bngraph's (else
+    # --resume and --force would refuse a run that nobody touched).
+    run = tmp_path / "run"
+    assert _run(capsys, _argv("train", inputs, run))[0] == 0
+    replace = os.replace
+
+    def killed_before_the_rename(src, dst):
+        if Path(dst).name == "checkpoint.pt":
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", killed_before_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_atomically(run / "checkpoint.pt", lambda tmp: tmp.write_bytes(b"a newer checkpoint"), replace_own=True)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    assert atomic.foreign_entries(run, RUN) == []
+    atomic.write_atomically(run / "checkpoint.pt", lambda tmp: tmp.write_bytes(b"a newer checkpoint"), replace_own=True)
+    assert atomic.foreign_entries(run, RUN) == []
+    (run / "checkpoint.pt").write_bytes(b"the user's")
+    assert atomic.foreign_entries(run, RUN) == ["checkpoint.pt (changed since bngraph wrote it)"]
