@@ -265,6 +265,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, mnist_dir, argv,
     assert err.count("\n") == 1 and err.startswith("bngraph: error:")
 
 
+def test_cli_a_tracked_unit_the_input_lacks_is_refused_before_training(tmp_path, capsys, mnist_dir):
+    # Found at the first evaluation, after the steps before it, and a checkpoint, were done.
+    code, _, err = _cli(capsys, "train", "zoo:mnist-mlp", "--data", mnist_dir, "--steps", 200, "--eval-every", 100,
+                        "--checkpoint-every", 50, "--track-inputs", "--track-unit", 9999, "--quiet", "-o", tmp_path / "o")
+    assert code == 2 and err.startswith("bngraph: error: --track-unit 9999: ") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_a_model_that_cannot_take_the_images_is_the_users_error(tmp_path, capsys, mnist_dir):
     code, _, err = _cli(capsys, "train", "zoo:inception", "--data", mnist_dir, "--steps", 2, "-o", tmp_path / "o")
     assert code == 2 and "cannot take mnist images (1x28x28)" in err

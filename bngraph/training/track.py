@@ -122,6 +122,18 @@ class InputTracker:
         self.functional = [n for n in self.names if n not in modules]
         self._values: dict[str, list[torch.Tensor]] = {}
         self._handles = []
+        if example_inputs is not None:  # a unit the input does not have fails now, not after training
+            self._record_example(example_inputs)
+
+    def _record_example(self, example_inputs: Sequence[torch.Tensor]) -> None:
+        was_training = self.model.training
+        self.model.eval()  # the BNs' running statistics untouched
+        try:
+            with torch.no_grad(), self.recording():
+                self.model(*example_inputs)
+        finally:
+            self.model.train(was_training)
+            self._values = {}
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
