@@ -119,7 +119,6 @@ def verify(
             structures[id(runner)] = [[structure for _, structure in batch] for batch in flat]
         return outputs[id(runner)]
 
-    weights_eps = max(map(_weights_eps, (*refs, *cands)))
     compared = []  # (diff, reference runner, candidate runner, output index in each)
     for ref, cand in pairs:
         ref_out, cand_out = run(ref), run(cand)
@@ -157,6 +156,7 @@ def verify(
                 result.diffs.append(diff)
                 compared.append((diff, ref, cand, i, j))  # a reference that draws random numbers says so
                 continue
+            weights_eps = max(getattr(r, "computed_eps", None) or 0.0 for r in (ref, cand))  # 0: an ONNX file
             tolerance = default_tolerance(ref.kind, cand.kind, output_dtype(ref_batches, cand_batches), weights_eps)
             atol_used, rtol_used = (tolerance if atol is None else atol), (tolerance if rtol is None else rtol)
             diff = compare(name, ref_batches, cand_batches, atol_used, rtol_used, (ref.label, cand.label))
@@ -225,15 +225,6 @@ def _refuse_if_nothing_compared(diffs: Sequence[OutputDiff]) -> None:
                 "random N(0,1) inputs give NaN there (a Log or Sqrt of a negative?); compare on real inputs "
                 "with bngraph verify --data"
             )
-
-
-def _weights_eps(runner) -> float:
-    """The epsilon of a PyTorch model's least precise floating weights (0 for an ONNX file)."""
-    module = getattr(runner, "module", None)
-    if not isinstance(module, nn.Module):
-        return 0.0
-    return max((torch.finfo(t.dtype).eps for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()),
-               default=0.0)
 
 
 def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarray]]]) -> None:
