@@ -289,7 +289,9 @@ def named_arrays(out: Any) -> list[tuple[str, np.ndarray]]:
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    tensor = tensor.detach().cpu()
+    # A lazy conjugate or negation (`spectrum.conj()`) is a bit on the tensor that numpy cannot
+    # read: resolved here, the model's output is what it means.
+    tensor = tensor.detach().cpu().resolve_conj().resolve_neg()
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
         tensor = tensor.float()
     return tensor.numpy()

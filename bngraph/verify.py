@@ -8,7 +8,8 @@
 Each side runs through a runner (`bngraph.runners`): a PyTorch module, an ONNX model in
 onnxruntime at ORT_DISABLE_ALL and ORT_ENABLE_ALL, or onnx's ReferenceEvaluator. A PyTorch
 model's result is flattened to named tensors (dicts, dataclasses such as HuggingFace's
-ModelOutput, NamedTuples, lists and tuples, nested; None skipped); an ONNX model's outputs are
+ModelOutput, NamedTuples, lists and tuples, nested; None skipped; a complex tensor as its real
+and imaginary parts); an ONNX model's outputs are
 named by its graph and paired with the other side's by position. Outputs that differ in number
 (or, between two PyTorch models, in names) fail; comparing no tensor at all is an error, and so
 is an output that is NaN or inf on both sides at every element (nothing of it compared). The
@@ -149,6 +150,8 @@ def verify(
                 result.diffs.append(OutputDiff(name, ref.label, cand.label, 0.0, 0.0, passed=False, dtypes=dtypes,
                                                problem=f"its dtype changed: {dtypes[0]} vs {dtypes[1]}"))
                 continue
+            if any(a.dtype.kind == "c" for a in (*ref_batches, *cand_batches)):
+                ref_batches, cand_batches = _real_and_imaginary(ref_batches), _real_and_imaginary(cand_batches)
             if all(a.dtype.kind in "iub" for a in (*ref_batches, *cand_batches)):
                 # Token ids, class indices, masks: off by 3 is wrong, whatever the output's RMS.
                 diff = compare(name, ref_batches, cand_batches, 0.0, 0.0, (ref.label, cand.label), scale=1.0)
@@ -202,6 +205,12 @@ def _structures_differ(ref_batches, cand_batches, ref_structures, cand_structure
         if r != c:
             return f"sequence or map outputs differ on batch {b}: {words(c, cand_batches[b])} vs {words(r, ref_batches[b])}"
     return None
+
+
+def _real_and_imaginary(batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """A complex output as its real and imaginary parts, a last axis of 2, compared as any float
+    output is: cast to float64, a conjugate spectrum passed with error 0 (the imaginary part dropped)."""
+    return [np.stack([np.real(a), np.imag(a)], axis=-1) for a in batches]
 
 
 def _changed_dtypes(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> tuple[str, str] | None:

@@ -856,6 +856,37 @@ def test_an_unused_bfloat16_buffer_leaves_a_float32_models_tolerance_alone():
         check_same_function(reference, candidate, [torch.randn(2, 16)], what="the candidate")
 
 
+class Spectrum(nn.Module):
+    """A spectral layer: the (complex) spectrum of a learned filter's output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(16, 16)
+        self.bn = nn.BatchNorm1d(16)
+
+    def forward(self, x):
+        return torch.fft.rfft(self.bn(self.fc(x)))
+
+
+class ConjugateSpectrum(Spectrum):
+    def forward(self, x):
+        return torch.fft.rfft(self.bn(self.fc(x))).conj()  # a lazy conjugate: the tensor's conj bit set
+
+
+def test_complex_outputs_are_compared_in_real_and_imaginary_parts():
+    # Cast to float64, the imaginary part was dropped: a conjugate spectrum passed with error 0.
+    # And a tensor with its conj bit set crashed bngraph's own .numpy(), blamed on the model.
+    batches = random_batches([(2, 16)])
+    spectrum, conjugate = randomize_bn(Spectrum()), randomize_bn(ConjugateSpectrum())
+    assert verify(spectrum, spectrum, batches)
+    assert verify(conjugate, conjugate, batches)
+    result = verify(spectrum, conjugate, batches)
+    assert not result and result.diffs[0].max_abs > 0.1
+    folded, _ = fold(conjugate, [torch.randn(2, 16)])
+    assert verify(conjugate, folded, batches)
+
+
 # ---- NaN on both sides -----------------------------------------------------------------------
 
 
