@@ -32,7 +32,7 @@ from bngraph.errors import ModelRaised, UserError, one_line
 from bngraph.load import load_model
 from bngraph.report import Report
 from bngraph.runners import (
-    BATCH_SIZES, Float64Runner, OrtRunner, TorchRunner, embedding_bounds, forward_parameter_names, input_order, onnx_inputs, random_batches,
+    BATCH_SIZES, Float64Runner, OrtRunner, TorchRunner, embedding_bounds, forward_parameter_names, input_order, integer_range, onnx_inputs, random_batches,
     runners_for, unbatched_note, unbatched_sizes,
 )
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
@@ -450,26 +450,57 @@ def _in_order(spec, values: list, names: Sequence[str]) -> list:
     return values if order is None else [values[k] for k in order]
 
 
-def _index_bounds(models, onnx_specs, probe: list[np.ndarray]) -> list[int | None]:
-    """Below what each integer input's random ids are drawn: the smallest table either model
-    looks it up in (`embedding_bounds`, `OnnxInputs.index_bounds`), where both models also run
-    on the largest such id (the same ids may index a smaller table too: `F.one_hot(ids, 10)`);
-    else None (0 or 1)."""
+def _index_bounds(models, onnx_specs, probe: list[np.ndarray]) -> list[int | tuple[int, int] | None]:
+    """What each integer input's random values are drawn from (`random_batches`' index_bounds).
+    Ids looked up in a table: below the smallest table either model looks them up in directly
+    (`embedding_bounds`, `OnnxInputs.index_bounds`), where both models also run on the largest
+    such id (the same ids may index a smaller table too: `F.one_hot(ids, 10)`). Any other
+    integer input: `integer_range` (raw pixels), where both models run on it and stay finite
+    wherever they were on 0 and 1 (an attention mask of 200 gives NaN). Else None (0 or 1)."""
     if not any(np.asarray(x).dtype.kind in "iu" for x in probe):
         return [None] * len(probe)  # no ids: the models need not run for this
     found = [embedding_bounds(m, probe) for m in models if isinstance(m, nn.Module)]
     found += [spec.index_bounds for spec in onnx_specs]
     bounds = [min((b[i] for b in found if i < len(b) and b[i]), default=None) for i in range(len(probe))]
     runners = [TorchRunner(m) if isinstance(m, nn.Module) else OrtRunner(m) for m in models]  # one session each
-    for i, bound in enumerate(bounds):
-        highest = [np.full_like(x, bound - 1) if j == i else x for j, x in enumerate(probe)] if bound else None
-        for runner in runners if highest else ():
-            try:
-                runner(highest)
-            except Exception:  # noqa: BLE001 (the model's own limit: its ids stay 0 and 1)
-                bounds[i] = None
+    finite_on_probe: list[bool] | None = None
+    rng = np.random.default_rng(0)
+    ranges: list[int | tuple[int, int] | None] = []
+    for i, (x, bound) in enumerate(zip(probe, bounds)):
+        if np.asarray(x).dtype.kind not in "iu":
+            ranges.append(None)
+            continue
+        if bound:
+            tried = [np.full_like(v, bound - 1) if j == i else v for j, v in enumerate(probe)]
+        else:
+            low, high = bound = integer_range(np.asarray(x).dtype)
+            tried = [rng.integers(low, high, np.shape(v)).astype(v.dtype) if j == i else v for j, v in enumerate(probe)]
+            if finite_on_probe is None:
+                finite_on_probe = [_all_finite(_run_quietly(runner, probe)) for runner in runners]
+        for k, runner in enumerate(runners):
+            outputs = _run_quietly(runner, tried)
+            # The model's own limit (an index past a table, a mask that overflows): 0 and 1 it is.
+            if outputs is None or (isinstance(bound, tuple) and finite_on_probe[k] and not _all_finite(outputs)):
+                bound = None
                 break
-    return bounds
+        ranges.append(bound)
+    return ranges
+
+
+def _run_quietly(runner, batch) -> list | None:
+    """`runner`'s outputs on `batch`, or None where it raises (probing what the model accepts)."""
+    try:
+        return runner(batch)
+    except Exception:  # noqa: BLE001 (the comparison itself runs it and says why it fails)
+        return None
+
+
+def _all_finite(outputs: list | None) -> bool:
+    """Whether every float output is finite everywhere (None, a run that raised: no)."""
+    if outputs is None:
+        return False
+    arrays = [np.asarray(y) for y in outputs if not isinstance(y, (list, dict))]
+    return all(np.isfinite(a).all() for a in arrays if a.dtype.kind in "fc")
 
 
 def data_batch(path: str, shapes, dtype=None) -> list[np.ndarray]:

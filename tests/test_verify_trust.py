@@ -795,6 +795,64 @@ def test_token_ids_cast_before_a_functional_lookup_reach_the_whole_table(tmp_pat
     assert run_cli("verify", f"{cast}:CastFunctional", f"{cast}:CastFunctional")[0] == 0
 
 
+PIXELS_AND_BUCKETS = '''
+import torch
+from torch import nn
+
+
+class Pixels(nn.Module):
+    """Takes raw uint8 pixels (0..255), as deployed image models often do."""
+
+    example_input_shape = (2, 3, 8, 8)
+    example_input_dtypes = ["uint8"]
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x.float() / 255)
+
+
+class WrappedPixels(Pixels):
+    def forward(self, x):
+        return self.conv(x.to(torch.int8).float() / 255)  # every pixel above 127 wraps negative
+
+
+class Hashed(nn.Module):
+    """A token embedding plus a hashed-bucket one (ids % 8), as fastText-style models do."""
+
+    example_input_shape = (2, 5)
+    example_input_dtypes = ["int64"]
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(100, 4)
+        self.bucket = nn.Embedding(8, 4)
+
+    def forward(self, ids):
+        return self.tok(ids) + self.bucket(ids % 8)
+
+
+class HashedBadRows(Hashed):
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.tok.weight[8:] = torch.randn(92, 4) * 100  # a broken conversion past row 7
+'''
+
+
+def test_integer_inputs_reach_their_whole_range(tmp_path):
+    # uint8 pixels were drawn as 0 and 1, so a wrap at 127 passed with error 0; and ids % 8 looked
+    # up in an 8-row table bounded the ids at 8, leaving rows 8-99 of their own table uncompared.
+    path = tmp_path / "ints.py"
+    path.write_text(PIXELS_AND_BUCKETS)
+    assert run_cli("verify", f"{path}:Pixels", f"{path}:WrappedPixels")[0] == 1
+    assert run_cli("verify", f"{path}:Pixels", f"{path}:Pixels")[0] == 0
+    assert run_cli("verify", f"{path}:Hashed", f"{path}:HashedBadRows")[0] == 1
+    assert run_cli("verify", f"{path}:Hashed", f"{path}:Hashed")[0] == 0
+
+
 class BFloat16Block(nn.Module):
     """A bfloat16 conv and BN inside a float32 model: its output is float32, its rounding bfloat16's."""
 
