@@ -63,8 +63,10 @@ def verify(
     (default: the first dimension of each batch's first input that has one). On a failure
     against a float32 PyTorch reference, each failed output gets `from_exact` unless
     `explain_failures` is false (`bngraph.equivalence` measures that itself, with its own runs).
-    `input_names` names the inputs of each batch (default: the reference's): a model that names
-    the same inputs in another order is fed them by name, as its users call it. An output whose
+    `input_names` names the inputs of each batch (default: the reference's): an ONNX model that
+    names the same inputs in another order is fed them by name, as its users call it; a PyTorch
+    model against another is fed them by position, as it is called. Two PyTorch models' dict
+    outputs are paired by key. An output whose
     dtype differs between the two is compared at the less precise one's tolerance and its diff
     names both (`OutputDiff.dtypes`); with `dtypes_must_match` (a fold, which never changes one)
     it fails. An output NaN or inf on both sides at every element is a UserError unless
@@ -82,6 +84,11 @@ def verify(
             runner.every_leaf = True
     names_given = list(input_names or refs[0].input_names)
     orders = {id(r): input_order(r.input_names, names_given) for r in (*refs, *cands)}
+    if all(r.kind == "torch" for r in (*refs, *cands)):
+        # Two PyTorch models are called as their users call them, by position: by name,
+        # forward(self, y, x) against forward(self, x, y) failed where both compute x - 2y of
+        # their first and second inputs, and a pair that differed positionally passed.
+        orders = dict.fromkeys(orders)
     if len(refs) > 1 and len(cands) > 1:
         pairs = list(zip(refs, cands))  # same level against same level
     else:
@@ -321,7 +328,9 @@ def _paired_names(ref, cand, ref_count: int, cand_count: int) -> tuple[list[str]
         raise UserError(
             f"nothing to compare: neither model returns a tensor ({_what(ref)} and {_what(cand)} give no tensor output)"
         )
-    if ref.kind == cand.kind == "torch" and ref_names != cand_names:
+    # Between two PyTorch models, by name: the same dict with its keys in another order computes
+    # the same outputs (`verify` pairs them by key).
+    if ref.kind == cand.kind == "torch" and sorted(ref_names) != sorted(cand_names):
         return ["(structure)"], f"output structures differ: {_listed(cand_names)} vs {_listed(ref_names)}"
     if ref_count != cand_count:
         return ["(structure)"], f"{cand_count} outputs {_listed(cand_names)} vs {ref_count} {_listed(ref_names)}"

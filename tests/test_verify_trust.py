@@ -853,6 +853,55 @@ def test_integer_inputs_reach_their_whole_range(tmp_path):
     assert run_cli("verify", f"{path}:Hashed", f"{path}:Hashed")[0] == 0
 
 
+class Scores(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return {"logits": y, "probs": y.softmax(-1)}
+
+
+class ScoresOtherOrder(Scores):
+    def forward(self, x):
+        y = self.fc(x)
+        return {"probs": y.softmax(-1), "logits": y}
+
+
+def test_two_pytorch_models_pair_dict_outputs_by_key():
+    # "output structures differ": a dict with its keys inserted in another order is the same dict.
+    batches = random_batches([(2, 4)])
+    assert verify(Scores(), ScoresOtherOrder(), batches)
+    broken = ScoresOtherOrder()
+    with torch.no_grad():
+        broken.fc.bias.add_(0.1)
+    assert not verify(Scores(), broken, batches)
+
+
+class WeightedDifference(nn.Module):
+    def forward(self, x, y):
+        return x - 2 * y
+
+
+class DifferenceNamedOtherwise(nn.Module):
+    def forward(self, y, x):  # the same function of its first and second inputs as WeightedDifference
+        return y - 2 * x
+
+
+class DifferenceSwapped(nn.Module):
+    def forward(self, y, x):  # the same by name as WeightedDifference, not as it is called
+        return x - 2 * y
+
+
+def test_two_pytorch_models_are_fed_their_inputs_by_position():
+    # By parameter name, the first pair failed and the second passed.
+    batches = random_batches([(2, 4), (2, 4)])
+    assert verify(WeightedDifference(), DifferenceNamedOtherwise(), batches)
+    assert not verify(WeightedDifference(), DifferenceSwapped(), batches)
+
+
 class BFloat16Block(nn.Module):
     """A bfloat16 conv and BN inside a float32 model: its output is float32, its rounding bfloat16's."""
 
