@@ -327,9 +327,25 @@ def batch_axes_of(example_inputs: Sequence[torch.Tensor], batch_axes: Sequence[i
 
 def random_tensor(shape: Sequence[int], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
     """N(0, 1) floats; integers 0 or 1 (indices valid in any embedding table); either boolean."""
-    if dtype.is_floating_point:
-        return torch.randn(tuple(shape), generator=generator, dtype=dtype)
-    return torch.randint(0, 2, tuple(shape), generator=generator).to(dtype)
+    with _allocating(shape, torch.empty(0, dtype=dtype).element_size()):
+        if dtype.is_floating_point:
+            return torch.randn(tuple(shape), generator=generator, dtype=dtype)
+        return torch.randint(0, 2, tuple(shape), generator=generator).to(dtype)
+
+
+@contextlib.contextmanager
+def _allocating(shape: Sequence[int], itemsize: int):
+    """A UserError naming the size where an input of `shape` does not fit in memory: a typo in
+    --input-shape (2,3,100000,100000: 240 GB) ended in torch's allocator traceback."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as err:
+        text = str(err)
+        if isinstance(err, RuntimeError) and not any(s in text for s in ("allocate", "overflow", "too large")):
+            raise
+        size = itemsize * int(np.prod([int(d) for d in shape], dtype=object))
+        raise UserError(f"an input of shape {tuple(int(d) for d in shape)} takes {size / 1e9:.3g} GB, more memory than "
+                        "this machine can give: give a smaller --input-shape") from err
 
 
 def example_batches(
@@ -388,6 +404,11 @@ def unbatched_note(sizes: Sequence[int]) -> str:
 
 
 def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, bound: int | tuple[int, int] = 2) -> np.ndarray:
+    with _allocating(shape, np.dtype(dtype).itemsize):
+        return _drawn(rng, shape, dtype, bound)
+
+
+def _drawn(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, bound: int | tuple[int, int]) -> np.ndarray:
     if np.issubdtype(dtype, np.floating):
         return np.asarray(rng.standard_normal(shape), dtype=dtype)  # a 0-d array for shape ()
     if dtype == np.bool_:

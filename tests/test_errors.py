@@ -358,3 +358,30 @@ def test_warnings_are_shown_after_a_result_and_not_before_the_one_error_line(tmp
     assert code == 2 and "the model raised at" in _one_line(err)
     code, err = run("Net", "good")
     assert code == 0 and err.count("UserWarning: this model warns on every call") == 1
+
+
+CONV_PY = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+'''
+
+
+@pytest.mark.parametrize("command", [["insert", "--dry-run"], ["verify", "{model}"]])
+def test_an_input_shape_too_large_for_memory_is_one_line_naming_its_size(command, tmp_path, capfd):
+    # A typo of 100000 for 100 ended in torch's allocator traceback, exit 1.
+    model = tmp_path / "conv.py"
+    model.write_text(CONV_PY)
+    argv = [command[0], model, *(a.format(model=model) for a in command[1:])]
+    code, _, err = _cli(capfd, *argv, "--input-shape", "2,3,100000,100000")
+    assert code == 2 and "GB, more memory than this machine can give" in _one_line(err)
