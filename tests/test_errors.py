@@ -124,6 +124,15 @@ def _weights(tmp_path, name: str):
         torch.save([torch.randn(3)], path)
     elif name == "garbage":
         path.write_bytes(bytes(range(256)) * 4)
+    elif name == "truncated":  # a copy cut short
+        torch.save(create_model("mnist-mlp").state_dict(), path)
+        path.write_bytes(path.read_bytes()[:4000])
+    elif name == "text":  # a log saved under the checkpoint's name
+        path.write_text("epoch 3: loss 0.12\n")
+    elif name == "empty":
+        path.write_bytes(b"")
+    elif name == "folder":  # an artifact or run folder, where its weights.pt was meant
+        path.mkdir()
     elif name == "pickle":
         path.write_bytes(pickle.dumps(Counter("a pickle of something else")))
     elif name == "not_tensors":
@@ -143,6 +152,10 @@ WEIGHTS = {
     "list": "hold a list, not a state dict",
     "garbage": "not a state dict saved with torch.save",
     "pickle": "not a state dict saved with torch.save",
+    "truncated": "not a PyTorch state dict file torch can read (cut short, or not saved with torch.save; ",
+    "text": "not a PyTorch state dict file torch can read",
+    "empty": "not a PyTorch state dict file torch can read",
+    "folder": "is a folder, not a file",
     "not_tensors": "not a state dict: 2 keys: fc1.weight, steps are not tensors",
     "other_model": "are for another model: missing 8 keys: fc1.weight, fc1.bias, fc2.weight, ...; "
     "unexpected 4 keys: 0.weight, 0.bias, 2.weight, ...",
@@ -158,6 +171,15 @@ def test_weights_that_do_not_fit_say_why_in_one_line(name, tmp_path, capfd):
     assert code == 2
     assert WEIGHTS[name] in _one_line(err)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec, says", [("x.onnx", "x.onnx is a folder, not an ONNX file"),
+                                         ("m.py", "model file {tmp}/m.py is a folder, not a Python file")])
+def test_a_folder_named_as_a_model_file_is_called_a_folder(spec, says, tmp_path, capfd):
+    # "ONNX file x.onnx does not exist" sent the user looking for a path that is there.
+    (tmp_path / spec).mkdir()
+    code, _, err = _cli(capfd, "verify", tmp_path / spec, "zoo:mnist-mlp")
+    assert code == 2 and says.format(tmp=tmp_path) in _one_line(err)
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "model."])
