@@ -336,8 +336,9 @@ LOW_PRECISION_EPSILONS = 4
 
 def default_tolerance(reference_kind: str, candidate_kind: str, dtype=np.float32, weights_eps: float = 0.0) -> float:
     """The tolerance (atol and rtol) for an output of `dtype`, the lower precision of the two, of
-    a model whose least precise weights round to `weights_eps` (a bfloat16 layer in a float32
-    model rounds at bfloat16's epsilon, whatever its output's dtype)."""
+    a model whose least precise tensor read in its forward rounds to `weights_eps` (a bfloat16
+    layer in a float32 model rounds at bfloat16's epsilon, whatever its output's dtype;
+    `bngraph.runners.ComputedPrecision`)."""
     tolerance = TORCH_TOLERANCE if reference_kind == candidate_kind == "torch" else ONNX_TOLERANCE
     eps = max(float(np.finfo(dtype).eps) if np.dtype(dtype).kind == "f" else 0.0, weights_eps)
     if eps > np.finfo(np.float32).eps:

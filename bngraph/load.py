@@ -150,6 +150,8 @@ def load_weights(module: nn.Module, weights: str | Path) -> None:
     strictly: every key present, none extra, every shape the model's (once a wrapper's prefix on
     every key is dropped: `_without_wrapper_prefix`)."""
     path = Path(weights)
+    if path.is_dir():
+        raise UserError(f"weights {path} is a folder, not a file: give the state dict file saved with torch.save")
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
     try:
@@ -163,8 +165,14 @@ def load_weights(module: nn.Module, weights: str | Path) -> None:
             f"cannot read weights {path}: not a state dict saved with torch.save (it holds other "
             f"objects, or is not a torch file at all)"
         ) from err
+    except PermissionError as err:
+        raise UserError(f"cannot read weights {path}: {err.strerror}") from err
     except Exception as err:
-        raise UserError(f"cannot read weights {path}: {_first_line(one_line(err))}") from err
+        # A truncated or text file fails deep in torch's readers, as "OSError: [Errno 22] Invalid
+        # argument", "KeyError: 101", EOFError: say what the file is not, then torch's words.
+        cause = _first_line(one_line(err)).split(". ")[0]
+        raise UserError(f"cannot read weights {path}: not a PyTorch state dict file torch can read (cut short, or "
+                        f"not saved with torch.save; {cause})") from err
     if isinstance(state, dict):
         for key in ("state_dict", "model"):  # a training checkpoint rather than a bare state dict
             if isinstance(state.get(key), dict):

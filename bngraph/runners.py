@@ -48,10 +48,16 @@ class TorchRunner:
         self.output_names: list[str] | None = None  # known after the first call
         self.tensor_outputs = 0  # how many of them are tensors
         self.every_leaf = False
+        self.computed_eps: float | None = None  # `ComputedPrecision`'s, known after the first call
 
     def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        with torch.no_grad(), eval_mode(self.module), running_user_model():
+        # The first run records the precision the forward computes in; one run shows which
+        # tensors it reads, and the mode costs a Python call per op, so not every run.
+        precision = ComputedPrecision() if self.computed_eps is None else contextlib.nullcontext()
+        with torch.no_grad(), eval_mode(self.module), running_user_model(), precision:
             out = self.module(*(torch.from_numpy(np.array(x, order="C", copy=True)) for x in inputs))  # see fresh_inputs
+        if isinstance(precision, ComputedPrecision):
+            self.computed_eps = precision.eps
         return self._arrays(out)
 
     def _arrays(self, out: Any) -> list[np.ndarray]:
@@ -59,6 +65,25 @@ class TorchRunner:
         named = named_arrays(out) if self.every_leaf else [(name, _to_numpy(t)) for name, t in tensors]
         self.output_names, self.tensor_outputs = [name for name, _ in named], len(tensors)
         return [array for _, array in named]
+
+
+class ComputedPrecision(TorchFunctionMode):
+    """The epsilon of the least precise floating tensor any torch function read while the mode
+    was on (0 where none did): a bfloat16 layer inside a float32 model rounds at bfloat16's
+    epsilon, whatever its output's dtype. What a forward reads, not what the module holds: an
+    unused bfloat16 buffer in a float32 model widened verify's tolerance to 0.031, and a
+    candidate 2% off passed."""
+
+    def __init__(self):
+        super().__init__()
+        self.eps = 0.0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        for arg in (*args, *(kwargs or {}).values()):
+            for t in arg if isinstance(arg, (list, tuple)) else (arg,):  # torch.cat's list
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    self.eps = max(self.eps, torch.finfo(t.dtype).eps)
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
@@ -264,7 +289,9 @@ def named_arrays(out: Any) -> list[tuple[str, np.ndarray]]:
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    tensor = tensor.detach().cpu()
+    # A lazy conjugate or negation (`spectrum.conj()`) is a bit on the tensor that numpy cannot
+    # read: resolved here, the model's output is what it means.
+    tensor = tensor.detach().cpu().resolve_conj().resolve_neg()
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
         tensor = tensor.float()
     return tensor.numpy()
@@ -300,9 +327,25 @@ def batch_axes_of(example_inputs: Sequence[torch.Tensor], batch_axes: Sequence[i
 
 def random_tensor(shape: Sequence[int], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
     """N(0, 1) floats; integers 0 or 1 (indices valid in any embedding table); either boolean."""
-    if dtype.is_floating_point:
-        return torch.randn(tuple(shape), generator=generator, dtype=dtype)
-    return torch.randint(0, 2, tuple(shape), generator=generator).to(dtype)
+    with _allocating(shape, torch.empty(0, dtype=dtype).element_size()):
+        if dtype.is_floating_point:
+            return torch.randn(tuple(shape), generator=generator, dtype=dtype)
+        return torch.randint(0, 2, tuple(shape), generator=generator).to(dtype)
+
+
+@contextlib.contextmanager
+def _allocating(shape: Sequence[int], itemsize: int):
+    """A UserError naming the size where an input of `shape` does not fit in memory: a typo in
+    --input-shape (2,3,100000,100000: 240 GB) ended in torch's allocator traceback."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as err:
+        text = str(err)
+        if isinstance(err, RuntimeError) and not any(s in text for s in ("allocate", "overflow", "too large")):
+            raise
+        size = itemsize * int(np.prod([int(d) for d in shape], dtype=object))
+        raise UserError(f"an input of shape {tuple(int(d) for d in shape)} takes {size / 1e9:.3g} GB, more memory than "
+                        "this machine can give: give a smaller --input-shape") from err
 
 
 def example_batches(
@@ -323,11 +366,12 @@ def random_batches(
     dtypes: Sequence[np.dtype] | None = None,
     seed: int = 0,
     batch_axes: Sequence[int | None] | None = None,
-    index_bounds: Sequence[int | None] | None = None,
+    index_bounds: Sequence[int | tuple[int, int] | None] | None = None,
 ) -> list[list[np.ndarray]]:
     """One list of inputs per batch size: `shapes` with the batch axis (0) replaced, on the
     inputs that have one (`batch_axes`: 0 or None per input; default 0 for all but 0-d ones).
-    Integer inputs are 0 or 1, indices valid in any table, or below their `index_bounds`."""
+    Integer inputs are 0 or 1, indices valid in any table, or below their `index_bounds` (an
+    int), or in their range (a (low, high) pair, high excluded: `integer_range`)."""
     rng = np.random.default_rng(seed)
     dtypes = [np.dtype(d) for d in dtypes] if dtypes is not None else [np.dtype(np.float32)] * len(shapes)
     if batch_axes is None:
@@ -359,31 +403,58 @@ def unbatched_note(sizes: Sequence[int]) -> str:
             "so other batch sizes were not tried")
 
 
-def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, bound: int = 2) -> np.ndarray:
+def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, bound: int | tuple[int, int] = 2) -> np.ndarray:
+    with _allocating(shape, np.dtype(dtype).itemsize):
+        return _drawn(rng, shape, dtype, bound)
+
+
+def _drawn(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, bound: int | tuple[int, int]) -> np.ndarray:
     if np.issubdtype(dtype, np.floating):
         return np.asarray(rng.standard_normal(shape), dtype=dtype)  # a 0-d array for shape ()
     if dtype == np.bool_:
         return np.asarray(rng.integers(0, 2, shape), dtype=bool)
-    return np.asarray(rng.integers(0, bound, shape), dtype=dtype)
+    low, high = bound if isinstance(bound, tuple) else (0, bound)
+    return np.asarray(rng.integers(low, high, shape), dtype=dtype)
+
+
+# Functions that pass ids on unchanged, one per element: `emb(ids.long())`, `ids.view(-1)`,
+# `ids[:, :T]` still look up the ids themselves; `ids % 8` or `ids + 1` do not (`embedding_bounds`).
+INDEX_PRESERVING_FUNCTIONS = {
+    "long", "int", "to", "type", "view", "reshape", "flatten", "unsqueeze", "squeeze", "contiguous", "clone",
+    "detach", "__getitem__", "expand", "expand_as", "permute", "transpose", "t", "unflatten",
+}
 
 
 def embedding_bounds(module: nn.Module, batch: Sequence[np.ndarray]) -> list[int | None]:
     """For each input of `batch`, the size of the smallest embedding table `module` looks it up
-    in (`F.embedding`, which nn.Embedding calls: ids cast first, `emb(ids.long())`, count), or
-    None: token ids drawn below it reach every row, where 0 and 1 left two models that differ
-    past row 1 alike. One eval-mode run."""
+    in directly (`F.embedding`, which nn.Embedding calls, on the input itself or on it passed
+    through INDEX_PRESERVING_FUNCTIONS: `emb(ids.long())`), or None: token ids drawn below it
+    reach every row, where 0 and 1 left two models that differ past row 1 alike. A lookup of
+    ids after arithmetic (`bucket(ids % 8)`) bounds nothing: the ids' own table has 100 rows,
+    and a bound of 8 left rows 8-99 uncompared. One eval-mode run."""
     tensors = [torch.from_numpy(np.array(x, copy=True)) for x in batch]
-    ids = [(i, t.long()) for i, t in enumerate(tensors) if not t.is_floating_point() and t.dtype != torch.bool]
+    carries: dict[int, tuple[int, torch.Tensor]] = {  # id of a tensor -> (the input whose ids it holds, it)
+        id(t): (i, t) for i, t in enumerate(tensors) if not t.is_floating_point() and t.dtype != torch.bool
+    }
     bounds: list[int | None] = [None] * len(tensors)
+
+    def source(value) -> int | None:
+        held = carries.get(id(value))
+        return held[0] if held is not None and held[1] is value else None
 
     class Lookups(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is F.embedding and args:
-                looked_up, table = args[0], args[1] if len(args) > 1 else (kwargs or {}).get("weight")
-                for i, t in ids:
-                    if table is not None and looked_up.shape == t.shape and torch.equal(looked_up.long(), t):
-                        bounds[i] = min(bounds[i] or len(table), len(table))
-            return func(*args, **(kwargs or {}))
+            result = func(*args, **(kwargs or {}))
+            i = source(args[0]) if args else None
+            if i is None:
+                return result
+            if func is F.embedding:
+                table = args[1] if len(args) > 1 else (kwargs or {}).get("weight")
+                if table is not None:
+                    bounds[i] = min(bounds[i] or len(table), len(table))
+            elif getattr(func, "__name__", "") in INDEX_PRESERVING_FUNCTIONS and isinstance(result, torch.Tensor):
+                carries[id(result)] = (i, result)  # the tensor kept too: its id cannot be reused meanwhile
+            return result
 
     try:
         with torch.no_grad(), eval_mode(module), running_user_model(), Lookups():
@@ -391,6 +462,13 @@ def embedding_bounds(module: nn.Module, batch: Sequence[np.ndarray]) -> list[int
     except Exception:  # noqa: BLE001 (the comparison itself runs it again and says why it fails)
         pass
     return bounds
+
+
+def integer_range(dtype: np.dtype) -> tuple[int, int]:
+    """The values an integer input that indexes no table is drawn from (high excluded): uint8's
+    (0..255, raw pixels) for an unsigned input, int8's (-128..127) for a signed one. With 0 and 1
+    alone, a candidate that cast uint8 pixels to int8 (above 127 wrapped negative) passed."""
+    return (0, 256) if np.dtype(dtype).kind == "u" else (-128, 128)
 
 
 # Ops that pass ids on unchanged, one per element: an int32 input cast to int64 for the Gather

@@ -47,11 +47,15 @@ def parse_model_spec(text: str) -> ModelSpec:
     path_text, _, symbol = text.partition(".py:")
     if symbol or text.endswith(".py"):
         path = Path(path_text + ".py" if symbol else text)
+        if path.is_dir():  # "does not exist" sent the user looking for a path that is there
+            raise UserError(f"model file {path} is a folder, not a Python file")
         if not path.is_file():
             raise UserError(f"model file {path} does not exist")
         return ModelSpec("file", text, path=path, symbol=symbol or None)
     path = Path(text)
-    if path.suffix == ".onnx":
+    if path.suffix == ".onnx" and not (path / ARTIFACT_META).is_file():  # an artifact may be named x.onnx
+        if path.is_dir():
+            raise UserError(f"{path} is a folder, not an ONNX file")
         if not path.is_file():
             raise UserError(f"ONNX file {path} does not exist")
         return ModelSpec("onnx", text, path=path)

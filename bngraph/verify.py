@@ -8,7 +8,8 @@
 Each side runs through a runner (`bngraph.runners`): a PyTorch module, an ONNX model in
 onnxruntime at ORT_DISABLE_ALL and ORT_ENABLE_ALL, or onnx's ReferenceEvaluator. A PyTorch
 model's result is flattened to named tensors (dicts, dataclasses such as HuggingFace's
-ModelOutput, NamedTuples, lists and tuples, nested; None skipped); an ONNX model's outputs are
+ModelOutput, NamedTuples, lists and tuples, nested; None skipped; a complex tensor as its real
+and imaginary parts); an ONNX model's outputs are
 named by its graph and paired with the other side's by position. Outputs that differ in number
 (or, between two PyTorch models, in names) fail; comparing no tensor at all is an error, and so
 is an output that is NaN or inf on both sides at every element (nothing of it compared). The
@@ -31,7 +32,7 @@ from bngraph.errors import ModelRaised, UserError, one_line
 from bngraph.load import load_model
 from bngraph.report import Report
 from bngraph.runners import (
-    BATCH_SIZES, Float64Runner, OrtRunner, TorchRunner, embedding_bounds, forward_parameter_names, input_order, onnx_inputs, random_batches,
+    BATCH_SIZES, Float64Runner, OrtRunner, TorchRunner, embedding_bounds, forward_parameter_names, input_order, integer_range, onnx_inputs, random_batches,
     runners_for, unbatched_note, unbatched_sizes,
 )
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
@@ -62,8 +63,10 @@ def verify(
     (default: the first dimension of each batch's first input that has one). On a failure
     against a float32 PyTorch reference, each failed output gets `from_exact` unless
     `explain_failures` is false (`bngraph.equivalence` measures that itself, with its own runs).
-    `input_names` names the inputs of each batch (default: the reference's): a model that names
-    the same inputs in another order is fed them by name, as its users call it. An output whose
+    `input_names` names the inputs of each batch (default: the reference's): an ONNX model that
+    names the same inputs in another order is fed them by name, as its users call it; a PyTorch
+    model against another is fed them by position, as it is called. Two PyTorch models' dict
+    outputs are paired by key. An output whose
     dtype differs between the two is compared at the less precise one's tolerance and its diff
     names both (`OutputDiff.dtypes`); with `dtypes_must_match` (a fold, which never changes one)
     it fails. An output NaN or inf on both sides at every element is a UserError unless
@@ -81,6 +84,11 @@ def verify(
             runner.every_leaf = True
     names_given = list(input_names or refs[0].input_names)
     orders = {id(r): input_order(r.input_names, names_given) for r in (*refs, *cands)}
+    if all(r.kind == "torch" for r in (*refs, *cands)):
+        # Two PyTorch models are called as their users call them, by position: by name,
+        # forward(self, y, x) against forward(self, x, y) failed where both compute x - 2y of
+        # their first and second inputs, and a pair that differed positionally passed.
+        orders = dict.fromkeys(orders)
     if len(refs) > 1 and len(cands) > 1:
         pairs = list(zip(refs, cands))  # same level against same level
     else:
@@ -119,7 +127,6 @@ def verify(
             structures[id(runner)] = [[structure for _, structure in batch] for batch in flat]
         return outputs[id(runner)]
 
-    weights_eps = max(map(_weights_eps, (*refs, *cands)))
     compared = []  # (diff, reference runner, candidate runner, output index in each)
     for ref, cand in pairs:
         ref_out, cand_out = run(ref), run(cand)
@@ -150,6 +157,8 @@ def verify(
                 result.diffs.append(OutputDiff(name, ref.label, cand.label, 0.0, 0.0, passed=False, dtypes=dtypes,
                                                problem=f"its dtype changed: {dtypes[0]} vs {dtypes[1]}"))
                 continue
+            if any(a.dtype.kind == "c" for a in (*ref_batches, *cand_batches)):
+                ref_batches, cand_batches = _real_and_imaginary(ref_batches), _real_and_imaginary(cand_batches)
             if all(a.dtype.kind in "iub" for a in (*ref_batches, *cand_batches)):
                 # Token ids, class indices, masks: off by 3 is wrong, whatever the output's RMS.
                 diff = compare(name, ref_batches, cand_batches, 0.0, 0.0, (ref.label, cand.label), scale=1.0)
@@ -157,6 +166,7 @@ def verify(
                 result.diffs.append(diff)
                 compared.append((diff, ref, cand, i, j))  # a reference that draws random numbers says so
                 continue
+            weights_eps = max(getattr(r, "computed_eps", None) or 0.0 for r in (ref, cand))  # 0: an ONNX file
             tolerance = default_tolerance(ref.kind, cand.kind, output_dtype(ref_batches, cand_batches), weights_eps)
             atol_used, rtol_used = (tolerance if atol is None else atol), (tolerance if rtol is None else rtol)
             diff = compare(name, ref_batches, cand_batches, atol_used, rtol_used, (ref.label, cand.label))
@@ -204,6 +214,12 @@ def _structures_differ(ref_batches, cand_batches, ref_structures, cand_structure
     return None
 
 
+def _real_and_imaginary(batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """A complex output as its real and imaginary parts, a last axis of 2, compared as any float
+    output is: cast to float64, a conjugate spectrum passed with error 0 (the imaginary part dropped)."""
+    return [np.stack([np.real(a), np.imag(a)], axis=-1) for a in batches]
+
+
 def _changed_dtypes(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> tuple[str, str] | None:
     """(the candidate's dtype, the reference's) of one output where they differ, else None."""
     ref_dtype, cand_dtype = reference[0].dtype, candidate[0].dtype
@@ -225,15 +241,6 @@ def _refuse_if_nothing_compared(diffs: Sequence[OutputDiff]) -> None:
                 "random N(0,1) inputs give NaN there (a Log or Sqrt of a negative?); compare on real inputs "
                 "with bngraph verify --data"
             )
-
-
-def _weights_eps(runner) -> float:
-    """The epsilon of a PyTorch model's least precise floating weights (0 for an ONNX file)."""
-    module = getattr(runner, "module", None)
-    if not isinstance(module, nn.Module):
-        return 0.0
-    return max((torch.finfo(t.dtype).eps for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()),
-               default=0.0)
 
 
 def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarray]]]) -> None:
@@ -321,7 +328,9 @@ def _paired_names(ref, cand, ref_count: int, cand_count: int) -> tuple[list[str]
         raise UserError(
             f"nothing to compare: neither model returns a tensor ({_what(ref)} and {_what(cand)} give no tensor output)"
         )
-    if ref.kind == cand.kind == "torch" and ref_names != cand_names:
+    # Between two PyTorch models, by name: the same dict with its keys in another order computes
+    # the same outputs (`verify` pairs them by key).
+    if ref.kind == cand.kind == "torch" and sorted(ref_names) != sorted(cand_names):
         return ["(structure)"], f"output structures differ: {_listed(cand_names)} vs {_listed(ref_names)}"
     if ref_count != cand_count:
         return ["(structure)"], f"{cand_count} outputs {_listed(cand_names)} vs {ref_count} {_listed(ref_names)}"
@@ -450,26 +459,57 @@ def _in_order(spec, values: list, names: Sequence[str]) -> list:
     return values if order is None else [values[k] for k in order]
 
 
-def _index_bounds(models, onnx_specs, probe: list[np.ndarray]) -> list[int | None]:
-    """Below what each integer input's random ids are drawn: the smallest table either model
-    looks it up in (`embedding_bounds`, `OnnxInputs.index_bounds`), where both models also run
-    on the largest such id (the same ids may index a smaller table too: `F.one_hot(ids, 10)`);
-    else None (0 or 1)."""
+def _index_bounds(models, onnx_specs, probe: list[np.ndarray]) -> list[int | tuple[int, int] | None]:
+    """What each integer input's random values are drawn from (`random_batches`' index_bounds).
+    Ids looked up in a table: below the smallest table either model looks them up in directly
+    (`embedding_bounds`, `OnnxInputs.index_bounds`), where both models also run on the largest
+    such id (the same ids may index a smaller table too: `F.one_hot(ids, 10)`). Any other
+    integer input: `integer_range` (raw pixels), where both models run on it and stay finite
+    wherever they were on 0 and 1 (an attention mask of 200 gives NaN). Else None (0 or 1)."""
     if not any(np.asarray(x).dtype.kind in "iu" for x in probe):
         return [None] * len(probe)  # no ids: the models need not run for this
     found = [embedding_bounds(m, probe) for m in models if isinstance(m, nn.Module)]
     found += [spec.index_bounds for spec in onnx_specs]
     bounds = [min((b[i] for b in found if i < len(b) and b[i]), default=None) for i in range(len(probe))]
     runners = [TorchRunner(m) if isinstance(m, nn.Module) else OrtRunner(m) for m in models]  # one session each
-    for i, bound in enumerate(bounds):
-        highest = [np.full_like(x, bound - 1) if j == i else x for j, x in enumerate(probe)] if bound else None
-        for runner in runners if highest else ():
-            try:
-                runner(highest)
-            except Exception:  # noqa: BLE001 (the model's own limit: its ids stay 0 and 1)
-                bounds[i] = None
+    finite_on_probe: list[bool] | None = None
+    rng = np.random.default_rng(0)
+    ranges: list[int | tuple[int, int] | None] = []
+    for i, (x, bound) in enumerate(zip(probe, bounds)):
+        if np.asarray(x).dtype.kind not in "iu":
+            ranges.append(None)
+            continue
+        if bound:
+            tried = [np.full_like(v, bound - 1) if j == i else v for j, v in enumerate(probe)]
+        else:
+            low, high = bound = integer_range(np.asarray(x).dtype)
+            tried = [rng.integers(low, high, np.shape(v)).astype(v.dtype) if j == i else v for j, v in enumerate(probe)]
+            if finite_on_probe is None:
+                finite_on_probe = [_all_finite(_run_quietly(runner, probe)) for runner in runners]
+        for k, runner in enumerate(runners):
+            outputs = _run_quietly(runner, tried)
+            # The model's own limit (an index past a table, a mask that overflows): 0 and 1 it is.
+            if outputs is None or (isinstance(bound, tuple) and finite_on_probe[k] and not _all_finite(outputs)):
+                bound = None
                 break
-    return bounds
+        ranges.append(bound)
+    return ranges
+
+
+def _run_quietly(runner, batch) -> list | None:
+    """`runner`'s outputs on `batch`, or None where it raises (probing what the model accepts)."""
+    try:
+        return runner(batch)
+    except Exception:  # noqa: BLE001 (the comparison itself runs it and says why it fails)
+        return None
+
+
+def _all_finite(outputs: list | None) -> bool:
+    """Whether every float output is finite everywhere (None, a run that raised: no)."""
+    if outputs is None:
+        return False
+    arrays = [np.asarray(y) for y in outputs if not isinstance(y, (list, dict))]
+    return all(np.isfinite(a).all() for a in arrays if a.dtype.kind in "fc")
 
 
 def data_batch(path: str, shapes, dtype=None) -> list[np.ndarray]:

@@ -124,6 +124,15 @@ def _weights(tmp_path, name: str):
         torch.save([torch.randn(3)], path)
     elif name == "garbage":
         path.write_bytes(bytes(range(256)) * 4)
+    elif name == "truncated":  # a copy cut short
+        torch.save(create_model("mnist-mlp").state_dict(), path)
+        path.write_bytes(path.read_bytes()[:4000])
+    elif name == "text":  # a log saved under the checkpoint's name
+        path.write_text("epoch 3: loss 0.12\n")
+    elif name == "empty":
+        path.write_bytes(b"")
+    elif name == "folder":  # an artifact or run folder, where its weights.pt was meant
+        path.mkdir()
     elif name == "pickle":
         path.write_bytes(pickle.dumps(Counter("a pickle of something else")))
     elif name == "not_tensors":
@@ -143,6 +152,10 @@ WEIGHTS = {
     "list": "hold a list, not a state dict",
     "garbage": "not a state dict saved with torch.save",
     "pickle": "not a state dict saved with torch.save",
+    "truncated": "not a PyTorch state dict file torch can read (cut short, or not saved with torch.save; ",
+    "text": "not a PyTorch state dict file torch can read",
+    "empty": "not a PyTorch state dict file torch can read",
+    "folder": "is a folder, not a file",
     "not_tensors": "not a state dict: 2 keys: fc1.weight, steps are not tensors",
     "other_model": "are for another model: missing 8 keys: fc1.weight, fc1.bias, fc2.weight, ...; "
     "unexpected 4 keys: 0.weight, 0.bias, 2.weight, ...",
@@ -158,6 +171,15 @@ def test_weights_that_do_not_fit_say_why_in_one_line(name, tmp_path, capfd):
     assert code == 2
     assert WEIGHTS[name] in _one_line(err)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec, says", [("x.onnx", "x.onnx is a folder, not an ONNX file"),
+                                         ("m.py", "model file {tmp}/m.py is a folder, not a Python file")])
+def test_a_folder_named_as_a_model_file_is_called_a_folder(spec, says, tmp_path, capfd):
+    # "ONNX file x.onnx does not exist" sent the user looking for a path that is there.
+    (tmp_path / spec).mkdir()
+    code, _, err = _cli(capfd, "verify", tmp_path / spec, "zoo:mnist-mlp")
+    assert code == 2 and says.format(tmp=tmp_path) in _one_line(err)
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "model."])
@@ -380,3 +402,30 @@ def test_warnings_are_shown_after_a_result_and_not_before_the_one_error_line(tmp
     assert code == 2 and "the model raised at" in _one_line(err)
     code, err = run("Net", "good")
     assert code == 0 and err.count("UserWarning: this model warns on every call") == 1
+
+
+CONV_PY = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+'''
+
+
+@pytest.mark.parametrize("command", [["insert", "--dry-run"], ["verify", "{model}"]])
+def test_an_input_shape_too_large_for_memory_is_one_line_naming_its_size(command, tmp_path, capfd):
+    # A typo of 100000 for 100 ended in torch's allocator traceback, exit 1.
+    model = tmp_path / "conv.py"
+    model.write_text(CONV_PY)
+    argv = [command[0], model, *(a.format(model=model) for a in command[1:])]
+    code, _, err = _cli(capfd, *argv, "--input-shape", "2,3,100000,100000")
+    assert code == 2 and "GB, more memory than this machine can give" in _one_line(err)

@@ -134,6 +134,29 @@ def test_an_onnx_model_is_folded_in_onnx(tmp_path, capsys):
     assert code == 0 and json.loads(out)["batchnorms_after"] == 0
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--weights", "/no/such/file.pt"], "--weights loads a PyTorch state dict; "),
+    (["--input-dtype", "int64"], "--input-dtype gives int64; "),
+])
+def test_an_onnx_fold_refuses_options_that_do_not_apply_to_it(flags, says, tmp_path, capsys):
+    # Both were silently ignored: the file folded with its own weights and dtypes.
+    onnx = pytest.importorskip("onnx")
+    from tests.onnx_models import conv_bn_net
+    from tests.onnx_util import export_onnx
+
+    onnx.save(export_onnx(conv_bn_net(), (2, 3, 12, 12), "preserve"), tmp_path / "m.onnx")
+    code, _, err = _cli(capsys, "fold", tmp_path / "m.onnx", "-o", tmp_path / "folded.onnx", *flags)
+    assert code == 2 and err.startswith(f"bngraph: error: {says}") and err.count("\n") == 1
+    assert not (tmp_path / "folded.onnx").exists()
+
+
+@pytest.mark.parametrize("flags", [["--atol", "0.1"], ["--standalone-bn", "mul-add"], ["--keep-initializer-inputs"]])
+def test_a_pytorch_fold_refuses_the_onnx_only_options(flags, tmp_path, model_py, capsys):
+    code, _, err = _cli(capsys, "fold", f"{model_py}:Net", "-o", tmp_path / "f", *flags)
+    assert code == 2 and f"{flags[0]} applies to an ONNX input only" in err and err.count("\n") == 1
+    assert not (tmp_path / "f").exists()
+
+
 def test_runs_as_a_program(tmp_path, model_py):
     done = subprocess.run(
         [sys.executable, "-m", "bngraph", "fold", f"{model_py}:Net", "--json"],

@@ -795,6 +795,113 @@ def test_token_ids_cast_before_a_functional_lookup_reach_the_whole_table(tmp_pat
     assert run_cli("verify", f"{cast}:CastFunctional", f"{cast}:CastFunctional")[0] == 0
 
 
+PIXELS_AND_BUCKETS = '''
+import torch
+from torch import nn
+
+
+class Pixels(nn.Module):
+    """Takes raw uint8 pixels (0..255), as deployed image models often do."""
+
+    example_input_shape = (2, 3, 8, 8)
+    example_input_dtypes = ["uint8"]
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x.float() / 255)
+
+
+class WrappedPixels(Pixels):
+    def forward(self, x):
+        return self.conv(x.to(torch.int8).float() / 255)  # every pixel above 127 wraps negative
+
+
+class Hashed(nn.Module):
+    """A token embedding plus a hashed-bucket one (ids % 8), as fastText-style models do."""
+
+    example_input_shape = (2, 5)
+    example_input_dtypes = ["int64"]
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(100, 4)
+        self.bucket = nn.Embedding(8, 4)
+
+    def forward(self, ids):
+        return self.tok(ids) + self.bucket(ids % 8)
+
+
+class HashedBadRows(Hashed):
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.tok.weight[8:] = torch.randn(92, 4) * 100  # a broken conversion past row 7
+'''
+
+
+def test_integer_inputs_reach_their_whole_range(tmp_path):
+    # uint8 pixels were drawn as 0 and 1, so a wrap at 127 passed with error 0; and ids % 8 looked
+    # up in an 8-row table bounded the ids at 8, leaving rows 8-99 of their own table uncompared.
+    path = tmp_path / "ints.py"
+    path.write_text(PIXELS_AND_BUCKETS)
+    assert run_cli("verify", f"{path}:Pixels", f"{path}:WrappedPixels")[0] == 1
+    assert run_cli("verify", f"{path}:Pixels", f"{path}:Pixels")[0] == 0
+    assert run_cli("verify", f"{path}:Hashed", f"{path}:HashedBadRows")[0] == 1
+    assert run_cli("verify", f"{path}:Hashed", f"{path}:Hashed")[0] == 0
+
+
+class Scores(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return {"logits": y, "probs": y.softmax(-1)}
+
+
+class ScoresOtherOrder(Scores):
+    def forward(self, x):
+        y = self.fc(x)
+        return {"probs": y.softmax(-1), "logits": y}
+
+
+def test_two_pytorch_models_pair_dict_outputs_by_key():
+    # "output structures differ": a dict with its keys inserted in another order is the same dict.
+    batches = random_batches([(2, 4)])
+    assert verify(Scores(), ScoresOtherOrder(), batches)
+    broken = ScoresOtherOrder()
+    with torch.no_grad():
+        broken.fc.bias.add_(0.1)
+    assert not verify(Scores(), broken, batches)
+
+
+class WeightedDifference(nn.Module):
+    def forward(self, x, y):
+        return x - 2 * y
+
+
+class DifferenceNamedOtherwise(nn.Module):
+    def forward(self, y, x):  # the same function of its first and second inputs as WeightedDifference
+        return y - 2 * x
+
+
+class DifferenceSwapped(nn.Module):
+    def forward(self, y, x):  # the same by name as WeightedDifference, not as it is called
+        return x - 2 * y
+
+
+def test_two_pytorch_models_are_fed_their_inputs_by_position():
+    # By parameter name, the first pair failed and the second passed.
+    batches = random_batches([(2, 4), (2, 4)])
+    assert verify(WeightedDifference(), DifferenceNamedOtherwise(), batches)
+    assert not verify(WeightedDifference(), DifferenceSwapped(), batches)
+
+
 class BFloat16Block(nn.Module):
     """A bfloat16 conv and BN inside a float32 model: its output is float32, its rounding bfloat16's."""
 
@@ -820,6 +927,71 @@ def test_a_bfloat16_layer_in_a_float32_model_is_held_to_bfloat16s_rounding():
     with torch.no_grad():
         folded.head.weight.mul_(1.1)
     assert not verify(model, folded, batches)
+
+
+class Projection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class ProjectionWithLookupTable(Projection):
+    """float32 throughout, 2% off, and holding a bfloat16 table its forward never reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("unused_table", torch.zeros(4, dtype=torch.bfloat16))
+
+    def forward(self, x):
+        return self.fc(x) * 1.02
+
+
+def test_an_unused_bfloat16_buffer_leaves_a_float32_models_tolerance_alone():
+    # Every tensor the two modules held set the precision: 0.031 instead of 1e-5, and 2% passed,
+    # in verify and in the check every fold and export runs before writing.
+    from bngraph.equivalence import check_same_function
+    from bngraph.errors import CheckFailed
+
+    reference, candidate = Projection().eval(), ProjectionWithLookupTable().eval()
+    result = verify(reference, candidate, random_batches([(2, 16)]))
+    assert not result and result.diffs[0].atol == TORCH_TOLERANCE
+    with pytest.raises(CheckFailed, match="differs from the model it was made from"):
+        check_same_function(reference, candidate, [torch.randn(2, 16)], what="the candidate")
+
+
+class Spectrum(nn.Module):
+    """A spectral layer: the (complex) spectrum of a learned filter's output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(16, 16)
+        self.bn = nn.BatchNorm1d(16)
+
+    def forward(self, x):
+        return torch.fft.rfft(self.bn(self.fc(x)))
+
+
+class ConjugateSpectrum(Spectrum):
+    def forward(self, x):
+        return torch.fft.rfft(self.bn(self.fc(x))).conj()  # a lazy conjugate: the tensor's conj bit set
+
+
+def test_complex_outputs_are_compared_in_real_and_imaginary_parts():
+    # Cast to float64, the imaginary part was dropped: a conjugate spectrum passed with error 0.
+    # And a tensor with its conj bit set crashed bngraph's own .numpy(), blamed on the model.
+    batches = random_batches([(2, 16)])
+    spectrum, conjugate = randomize_bn(Spectrum()), randomize_bn(ConjugateSpectrum())
+    assert verify(spectrum, spectrum, batches)
+    assert verify(conjugate, conjugate, batches)
+    result = verify(spectrum, conjugate, batches)
+    assert not result and result.diffs[0].max_abs > 0.1
+    folded, _ = fold(conjugate, [torch.randn(2, 16)])
+    assert verify(conjugate, folded, batches)
 
 
 # ---- NaN on both sides -----------------------------------------------------------------------

@@ -46,7 +46,7 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DTYPES",
         help="one dtype per input, as the shapes: float32;int64 (default float32; random integers "
         "are 0 or 1, valid token ids for any vocabulary; verify draws them from the embedding table "
-        "they index)",
+        "they index, others over uint8's or int8's range)",
     )
     parser.add_argument(
         "--static-input",
@@ -180,8 +180,9 @@ def add_standalone_bn_argument(parser: argparse.ArgumentParser, applies_to: str 
     parser.add_argument(
         "--standalone-bn",
         choices=["batchnorm", "mul-add"],
-        default="batchnorm",
-        help=f"{applies_to}form of a BN with no exact fold: kept (fastest in onnxruntime) or Mul+Add (no BN kernel)",
+        default=None,  # batchnorm: None tells a PyTorch fold, which has no such form, it was not given
+        help=f"{applies_to}form of a BN with no exact fold: kept (fastest in onnxruntime) or Mul+Add (no BN kernel; "
+        "default: batchnorm)",
     )
 
 

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         atol=args.atol,
         rtol=args.rtol,
         force=args.force,
-        standalone_bn=args.standalone_bn,
+        standalone_bn=args.standalone_bn or "batchnorm",
     )
     result.report.facts = {"model": args.model, **result.report.facts}
     shared.emit(result.report, args)

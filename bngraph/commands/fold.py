@@ -28,7 +28,8 @@ from pathlib import Path
 
 from bngraph.atomic import ARTIFACT
 from bngraph.commands import args as shared
-from bngraph.spec import parse_input_shapes, parse_model_spec
+from bngraph.errors import UserError
+from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +50,14 @@ def run(args: argparse.Namespace) -> int:
     spec = parse_model_spec(args.model)
     if spec.kind == "onnx":
         return fold_onnx_file(spec.path, args.output, args)
+    # Silently ignored, --atol 0.1 read as "checked at 0.1": a PyTorch fold has none of these.
+    onnx_only = [flag for flag, value in (("--atol", args.atol), ("--rtol", args.rtol),
+                                          ("--standalone-bn", args.standalone_bn),
+                                          ("--keep-initializer-inputs", args.keep_initializer_inputs or None))
+                 if value is not None]
+    if onnx_only:
+        raise UserError(f"{', '.join(onnx_only)} {'applies' if len(onnx_only) == 1 else 'apply'} to an ONNX input "
+                        f"only; {args.model} is folded in PyTorch")
     if args.output:  # a PyTorch fold writes a folder, never x.onnx
         shared.check_output_first(args, ARTIFACT)
     from bngraph.fold import fold_artifact  # torch: only once the command runs
@@ -66,11 +75,19 @@ def fold_onnx_file(in_path: str | Path, out_path: str | Path | None, args: argpa
     BatchNormalization is left. Without -o, the folded model is verified but not saved.
     """
     from bngraph.onnx_fold import fold_onnx_verified  # onnx: only once the command runs
+    from bngraph.runners import onnx_inputs
 
+    # Both were silently ignored: the file's own weights folded, its own dtypes drawn.
+    if args.weights:
+        raise UserError(f"--weights loads a PyTorch state dict; {in_path} is an ONNX file with its own weights")
+    if args.input_dtype:
+        declared = [d.name for d in onnx_inputs(in_path).dtypes]
+        if parse_input_dtypes(args.input_dtype) != declared:
+            raise UserError(f"--input-dtype gives {args.input_dtype}; {in_path} declares {';'.join(declared)}")
     result, report = fold_onnx_verified(
         in_path,
         out_path,
-        standalone_bn=args.standalone_bn,
+        standalone_bn=args.standalone_bn or "batchnorm",
         keep_initializer_inputs=args.keep_initializer_inputs,
         input_shapes=parse_input_shapes(args.input_shape) if args.input_shape else None,
         static_inputs=args.static_input or (),
