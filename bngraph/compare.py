@@ -273,6 +273,7 @@ def _abs_error(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
 class VerifyResult:
     diffs: list[OutputDiff] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
+    inputs: str = "as given"  # or how they were changed (`bngraph.verify`'s non-negative retry)
 
     def __bool__(self) -> bool:
         return bool(self.diffs) and all(d.passed for d in self.diffs)
@@ -289,8 +290,9 @@ class VerifyResult:
         if worst is None:
             return lines
         if self:
+            inputs = "" if self.inputs == "as given" else f" (inputs {self.inputs})"
             lines.append(
-                f"PASSED | {len(self.diffs)} comparisons (outputs x runtimes) on batches {self.batch_sizes} | "
+                f"PASSED | {len(self.diffs)} comparisons (outputs x runtimes) on batches {self.batch_sizes}{inputs} | "
                 f"worst: {worst.output!r} ({worst.candidate} vs {worst.reference}) at {_ratio(worst.excess)} of allowed"
             )
         elif worst.problem:
@@ -320,6 +322,7 @@ class VerifyResult:
             "atol": sorted({d.atol for d in self.diffs}),
             "rtol": sorted({d.rtol for d in self.diffs}),
             "batch_sizes": list(self.batch_sizes),
+            "inputs": self.inputs,
             "worst_output": worst.output if worst else None,
             "worst_runtime": worst.candidate if worst else None,
         }

@@ -173,8 +173,22 @@ def verify(
             diff.dtypes = dtypes
             result.diffs.append(diff)
             compared.append((diff, ref, cand, i, j))
-    if refuse_nothing_compared:
-        _refuse_if_nothing_compared(result.diffs)
+    if refuse_nothing_compared and _nothing_compared(result.diffs):
+        # A model whose input is a magnitude (a power spectrogram it takes the Log of) is NaN
+        # everywhere on N(0, 1) values: compared on their absolute values instead, and said so.
+        absolute = [[np.abs(x) if np.asarray(x).dtype.kind == "f" else x for x in batch] for batch in inputs]
+        if any(np.asarray(x).dtype.kind == "f" and (np.asarray(x) < 0).any() for batch in inputs for x in batch):
+            retried = verify(reference, candidate, absolute, atol, rtol, evaluator=evaluator, batch_sizes=batch_sizes,
+                             explain_failures=explain_failures, input_names=input_names,
+                             dtypes_must_match=dtypes_must_match)
+            retried.inputs = (f"made non-negative (their absolute values): on N(0,1) inputs {_nothing_compared(result.diffs)!r} "
+                              "was NaN or inf at every element")
+            return retried
+        raise UserError(
+            f"output {_nothing_compared(result.diffs)!r} is NaN or inf at every element in both models, so nothing of it "
+            "was compared: random inputs (N(0,1), and their absolute values) give NaN there; compare on real inputs "
+            "with bngraph verify --data"
+        )
     if not result and explain_failures:
         _measure_from_exact(compared, inputs, outputs)
     return result
@@ -226,21 +240,17 @@ def _changed_dtypes(reference: Sequence[np.ndarray], candidate: Sequence[np.ndar
     return None if ref_dtype == cand_dtype else (cand_dtype.name, ref_dtype.name)
 
 
-def _refuse_if_nothing_compared(diffs: Sequence[OutputDiff]) -> None:
-    """NaN against NaN agrees (`bngraph.compare`), but an output that is NaN or inf on both sides
-    at every element would pass whatever the two models compute: a log-spectrogram front end fed
-    N(0, 1) values (Log of a negative) passed against one with other weights. No check, no pass.
-    At any runtime level: onnxruntime's own BN fold may overflow a float16 model at one level only."""
+def _nothing_compared(diffs: Sequence[OutputDiff]) -> str | None:
+    """The first output that is NaN or inf on both sides at every element, at every runtime
+    level, or None. NaN against NaN agrees (`bngraph.compare`), but such an output would pass
+    whatever the two models compute: a log-spectrogram front end fed N(0, 1) values (Log of a
+    negative) passed against one with other weights. No check, no pass. At every level:
+    onnxruntime's own BN fold may overflow a float16 model at one level only."""
     by_output: dict[str, list[OutputDiff]] = {}
     for diff in diffs:
         by_output.setdefault(diff.output, []).append(diff)
-    for name, compared in by_output.items():
-        if all(d.elements and d.nonfinite_elements == d.elements for d in compared):
-            raise UserError(
-                f"output {name!r} is NaN or inf at every element in both models, so nothing of it was compared: "
-                "random N(0,1) inputs give NaN there (a Log or Sqrt of a negative?); compare on real inputs "
-                "with bngraph verify --data"
-            )
+    return next((name for name, compared in by_output.items()
+                 if all(d.elements and d.nonfinite_elements == d.elements for d in compared)), None)
 
 
 def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarray]]]) -> None:

@@ -161,7 +161,7 @@ def test_json_report_keys(onnx_files):
     code, out, err = run_cli("verify", MODEL, exported, "--json", "--atol", "1e-3", "--rtol", "1e-3")
     report = json.loads(out)
     assert code == 0 and "PASSED |" in err  # the lines go beside the JSON, not into it
-    assert {"reference", "candidate", "passed", "atol", "rtol", "batch_sizes", "worst_output", "worst_runtime",
+    assert {"reference", "candidate", "passed", "atol", "rtol", "batch_sizes", "inputs", "worst_output", "worst_runtime",
             "outputs", "notes"} == set(report)
     assert report["atol"] == [1e-3]
     assert {"output", "runtime", "passed", "problem", "elements", "failed_elements", "nonfinite_elements", "scale", "max_abs", "max_rel",

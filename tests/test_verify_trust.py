@@ -997,30 +997,51 @@ def test_complex_outputs_are_compared_in_real_and_imaginary_parts():
 # ---- NaN on both sides -----------------------------------------------------------------------
 
 
-def _log_front_end(weight: np.ndarray) -> onnx.ModelProto:
-    """Log(x + 1e-6) @ W, averaged over time: NaN everywhere on N(0, 1) inputs (a Log of a negative)."""
+def _log_front_end(weight: np.ndarray, negated: bool = False) -> onnx.ModelProto:
+    """Log(x + 1e-6) @ W, averaged over time: NaN everywhere on N(0, 1) inputs (a Log of a
+    negative), a front end that takes a magnitude; `negated`, Log(-|x| - 1): NaN on any input."""
     from onnx import TensorProto, helper
 
     from tests.onnx_models import onnx_file
 
-    nodes = [helper.make_node("Add", ["x", "eps"], ["xe"]), helper.make_node("Log", ["xe"], ["lx"]),
-             helper.make_node("MatMul", ["lx", "W"], ["m"]),
+    if negated:
+        head = [helper.make_node("Abs", ["x"], ["ax"]), helper.make_node("Neg", ["ax"], ["nx"]),
+                helper.make_node("Sub", ["nx", "one"], ["xe"])]
+    else:
+        head = [helper.make_node("Add", ["x", "eps"], ["xe"])]
+    nodes = [*head, helper.make_node("Log", ["xe"], ["lx"]), helper.make_node("MatMul", ["lx", "W"], ["m"]),
              helper.make_node("ReduceMean", ["m"], ["y"], axes=[1], keepdims=0)]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 8])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])]
-    return onnx_file(nodes, inputs, outputs, {"W": weight, "eps": np.float32(1e-6)}, opset=13, ir_version=8)
+    constants = {"W": weight, "eps": np.float32(1e-6), "one": np.float32(1.0)}
+    return onnx_file(nodes, inputs, outputs, constants, opset=13, ir_version=8)
 
 
-def test_an_output_nan_at_every_element_on_both_sides_is_refused_not_passed(tmp_path):
+def test_an_output_nan_everywhere_on_random_inputs_is_compared_on_their_absolute_values(tmp_path):
     # Two front ends with weights W and -3W: NaN == NaN everywhere passed, "output RMS 1.18e-38".
+    # They take magnitudes: on the absolute values of the same draws they are compared, and said so.
     weight = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     onnx.save(_log_front_end(weight), a)
     onnx.save(_log_front_end(-3 * weight), b)
+    code, out, _ = run_cli("verify", a, b)
+    assert code == 1 and out.strip().splitlines()[-1].startswith("FAILED")
+    code, out, _ = run_cli("verify", a, a, "--json")
+    assert code == 0 and json.loads(out)["inputs"].startswith("made non-negative (their absolute values)")
+    code, out, err = run_cli("fold", a, "-o", tmp_path / "folded.onnx")  # fold's own check: the same rule
+    assert code == 0, err
+    assert "(inputs made non-negative" in out and (tmp_path / "folded.onnx").exists()
+
+
+def test_an_output_nan_everywhere_on_absolute_values_too_is_refused_not_passed(tmp_path):
+    weight = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(_log_front_end(weight, negated=True), a)
+    onnx.save(_log_front_end(-3 * weight, negated=True), b)
     code, _, err = run_cli("verify", a, b)
     assert code == 2 and "output 'y' is NaN or inf at every element" in err and "--data" in err
     assert len(err.strip().splitlines()) == 1
-    code, _, err = run_cli("fold", a, "-o", tmp_path / "folded.onnx")  # fold's own check: the same rule
+    code, _, err = run_cli("fold", a, "-o", tmp_path / "folded.onnx")
     assert code == 2 and "output 'y' is NaN or inf at every element" in err
     assert not (tmp_path / "folded.onnx").exists()
 
@@ -1040,14 +1061,23 @@ class LogNet(nn.Module):
 
     def forward(self, x):
         return self.bn(self.conv(torch.log(x))).mean((2, 3))  # every output NaN on N(0, 1) inputs
+
+
+class NegativeLogNet(LogNet):
+    def forward(self, x):
+        return self.bn(self.conv(torch.log(-x.abs() - 1))).mean((2, 3))  # NaN on every input
 """
 
 
-def test_the_pytorch_folds_check_refuses_an_output_nan_everywhere_too(tmp_path):
+def test_the_pytorch_folds_check_compares_on_absolute_values_or_refuses_too(tmp_path):
     (tmp_path / "lognet.py").write_text(LOG_NET)
     code, _, err = run_cli("fold", f"{tmp_path / 'lognet.py'}:LogNet", "-o", tmp_path / "folded")
+    assert code == 0, err
+    code, out, err = run_cli("verify", f"{tmp_path / 'lognet.py'}:LogNet", tmp_path / "folded")
+    assert code == 0 and "(inputs made non-negative" in out, err
+    code, _, err = run_cli("fold", f"{tmp_path / 'lognet.py'}:NegativeLogNet", "-o", tmp_path / "never")
     assert code == 2 and err.startswith("bngraph: error: output 'output' is NaN or inf at every element")
-    assert not (tmp_path / "folded").exists()
+    assert not (tmp_path / "never").exists()
 
 
 def test_nan_on_both_sides_at_some_elements_passes_and_is_counted():
