@@ -30,7 +30,7 @@ from bngraph.passes.fold_bn_into_producer_module import fold_bn_into_producer_mo
 from bngraph.passes.fold_bn_into_preceding_layer import fold_bn_into_preceding_layer
 from bngraph.errors import CheckFailed, UserError
 from bngraph.fold_reach import fold_inside_hooked_modules, fold_inside_kept_whole, opaque_batch_norms, unused_batch_norms
-from bngraph.fold_untraced import FALLBACK, fold_untraced, source_edits
+from bngraph.fold_untraced import FALLBACK, ROW_ONLY, fold_untraced, probed_notes, source_edits
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, rounding_gain
 from bngraph.runners import eval_mode, fresh_inputs
 from bngraph.passes._fx_batchnorm import is_batch_norm, read_batch_norm
@@ -257,7 +257,7 @@ def fold_report(
     folded, notes = [], []
     for name in ran:
         for row in results[name].details:
-            row = {k: v for k, v in row.items() if k != "edits"}  # the report's copy; edits go to model.py
+            row = {k: v for k, v in row.items() if k not in ROW_ONLY}  # the report's copy; edits go to model.py
             if row["how"] == "multiply-add":
                 why = reasons.get(row["node"], {})
                 row["note"] = "; ".join(f"{where}: {why[p]}" for where, p in
@@ -278,6 +278,7 @@ def fold_report(
     remaining += list(opaque)  # inside a module called as a whole: no pass saw them
     ops = [{"op": op, "before": before[op], "after": after[op]} for op in sorted(before.keys() | after.keys())]
     passes = [{"pass": name, "changed": len(r.changed), "skipped": len(r.skipped)} for name, r in results.items()]
+    notes += probed_notes([row for name in ran for row in results[name].details])
     if not batch_norms and not opaque:
         notes.append("nothing to fold: the model has no BatchNorm")
     facts = {

@@ -14,6 +14,11 @@ linear module whose output it normalizes when that is exact without a graph:
      bias, or a weight its own weight_norm parametrization computed, made plain by the fold),
      unshared, running no hooks, called once;
   3. nothing but the BN read that output, and nothing changed it in place in between.
+Without a graph these are facts about runs, not about the code: a loop that runs a shared conv
+once on the example and twice on larger inputs passes them on the example alone. So the model
+also runs on probes unlike the example (`PROBES`: scaled, shifted, all positive, another batch
+size), and a BN folds only where 1-3 hold, with the same layer, on every probe the model takes.
+That is evidence, not proof: a fold is exact on the inputs probed, and each fold's row says which.
 Then the layer's weight and bias absorb the BN (torch.nn.utils.fusion) and the BN becomes an
 nn.Identity. Every other BN is left, with the reason; export's ONNX passes can still fold it.
 Each fold also lists the edits that rebuild it from the model's source, for `bngraph fold -o`.
@@ -30,16 +35,17 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from bngraph.errors import running_user_model
-from bngraph.passes._dataflow import record_run, regroups_leading_axes
+from bngraph.passes._dataflow import RunRecord, record_run, regroups_leading_axes
 from bngraph.passes._fx_effects import hook_refusal
 from bngraph.passes._fx_layers import make_plain
 from bngraph.passes.base import PassResult, Skip, graph_pass
+from bngraph.runners import batch_axes_of, example_batches
 
 
 def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:
     """(reason the BN stays, None) or (None, path of the layer it folds into)."""
     if not calls:
-        return "never called on the example input", None
+        return "the model does not call it", None
     if len(calls) > 1:
         return f"called {len(calls)} times; one fold would change every call", None
     if bn.running_mean is None or bn.running_var is None:
@@ -82,6 +88,41 @@ def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:
     if reads != 1:
         return f"{layer_path}'s output is read {reads} times, not only by the BN", None
     return None, layer_path
+
+
+# Inputs unlike the example, where a data-dependent forward may take another path (a loop that
+# runs until its values are small, a branch on their range or on the batch size). Integer and
+# boolean inputs (indices, masks) are kept: scaled, they would be other indices or none at all.
+PROBES = (
+    ("the example x 10", lambda x, gen: x * 10),
+    ("the example + 3", lambda x, gen: x + 3),
+    ("uniform [0, 1) values", lambda x, gen: torch.rand(x.shape, generator=gen, dtype=x.dtype)),
+)
+
+
+def _probe_inputs(example_inputs: Sequence) -> list[tuple[str, list]]:
+    gen = torch.Generator().manual_seed(0)
+    probes = [(what, [change(x, gen) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                      for x in example_inputs]) for what, change in PROBES]
+    axes = batch_axes_of(example_inputs)
+    sizes = {x.shape[0] for x, axis in zip(example_inputs, axes) if axis is not None}
+    if len(sizes) == 1:  # one batch size: one more (not 1, which a model may refuse)
+        size = sizes.pop() + 1
+        batch = example_batches(example_inputs, [size], axes, seed=1)[0]
+        probes.append((f"a batch of {size}", [torch.from_numpy(a) for a in batch]))
+    return probes
+
+
+def _records_on_probes(module: nn.Module, example_inputs: Sequence) -> list[tuple[str, RunRecord]]:
+    """(what the probe is, its run's record) for each probe the model runs on: one it raises on
+    is an input it does not take, and proves nothing either way."""
+    records = []
+    for what, inputs in _probe_inputs(example_inputs):
+        try:
+            records.append((what, record_run(module, inputs)))
+        except Exception:  # noqa: BLE001 - the model's own refusal of an input unlike its example
+            continue
+    return records
 
 
 _EVAL_IDENTITIES = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
@@ -143,10 +184,19 @@ def fold_bn_into_producer_module(
     inside = None if within is None else tuple(f"{p}." for p in within)
     with running_user_model():
         record = record_run(module, example_inputs)
+    probes = _records_on_probes(module, example_inputs)
     for path, bn in list(module.named_modules()):
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or inside is not None and not path.startswith(inside):
             continue
         reason, layer_path = _why_not(path, bn, record.calls_of(path), record, module)
+        for what, probe in probes if not reason else ():
+            reason, on_probe = _why_not(path, bn, probe.calls_of(path), probe, module)
+            if reason:
+                reason = f"on {what}: {reason} (on the example it folds into {layer_path})"
+            elif on_probe != layer_path:
+                reason = f"its input comes from {on_probe} on {what}, from {layer_path} on the example"
+            if reason:
+                break
         if reason:
             result.skipped.append(Skip(path, reason))
             continue
@@ -174,5 +224,6 @@ def fold_bn_into_producer_module(
         parent_path, _, name = path.rpartition(".")
         module.get_submodule(parent_path)._modules[name] = nn.Identity()
         result.changed.append(path)
-        result.details.append({"node": path, "into": layer_path, "how": "into the layer before it", "edits": edits})
+        result.details.append({"node": path, "into": layer_path, "how": "into the layer before it", "edits": edits,
+                               "probed_on": ["the example", *(what for what, _ in probes)]})
     return result

@@ -1,0 +1,72 @@
+"""fold_bn_into_producer_module: a BN folds into the layer module before it, judged by runs of
+the model (no graph), on the example input and on probes unlike it."""
+
+import torch
+from torch import nn
+
+import bngraph
+from bngraph.fold_untraced import FALLBACK
+from tests.util import randomize_bn
+
+
+class IterativeRefinement(nn.Module):
+    """A shared conv applied until the values are small (a data-dependent loop fx cannot trace),
+    then a BN: the conv runs once on N(0, 1) inputs, more often on larger ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for _ in range(4):
+            new = self.conv(h)
+            if h.abs().amax() < 4.0:
+                break
+            h = torch.tanh(new)
+        return self.bn(new)
+
+
+class RescalesLargeInputs(nn.Module):
+    """A branch on the input's range (fx cannot trace it) that leaves the conv called once."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        if x.max() > 100:
+            x = x / 255
+        return self.bn(self.conv(x))
+
+
+def test_a_layer_called_more_often_on_other_inputs_keeps_its_bn():
+    torch.manual_seed(0)
+    model = randomize_bn(IterativeRefinement())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert model.stem(x).abs().amax() < 4.0  # the example runs the conv once
+    folded, report = bngraph.fold(model, [x])
+    assert report.facts["tracing"] == FALLBACK
+    [row] = report.sections["remaining"]
+    assert row["node"] == "bn" and "on the example x 10: conv is called 2 times" in row["reason"], row
+    for probe in (x, 10 * torch.randn(4, 3, 8, 8)):
+        with torch.no_grad():
+            torch.testing.assert_close(folded(probe), model(probe), atol=1e-5, rtol=1e-5)
+
+
+def test_a_fold_without_a_graph_says_which_inputs_it_was_probed_on():
+    torch.manual_seed(0)
+    model = randomize_bn(RescalesLargeInputs())
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = bngraph.fold(model, [x])
+    assert report.facts["tracing"] == FALLBACK and [r["node"] for r in report.sections["folded"]] == ["bn"]
+    assert "probed_on" not in report.sections["folded"][0]
+    [note] = [n for n in report.notes if "proven on those inputs only" in n]
+    assert "the example x 10" in note and "a batch of 3" in note
+    for probe in (x, 300 * torch.rand(3, 3, 8, 8)):
+        with torch.no_grad():
+            torch.testing.assert_close(folded(probe), model(probe), atol=1e-4, rtol=1e-4)
