@@ -13,7 +13,9 @@ linear module whose output it normalizes when that is exact without a graph:
      weight (in, out) (HuggingFace's Conv1D); a plain layer (its op read its own weight and
      bias, or a weight its own weight_norm parametrization computed, made plain by the fold),
      unshared, running no hooks, called once;
-  3. nothing but the BN read that output, and nothing changed it in place in between.
+  3. nothing but the BN read that output, and nothing changed it in place in between, and the
+     forward reads no tensor of the BN or the layer beyond calling them (`self.bn.running_mean`
+     used in the forward would be gone, `self.conv.weight` changed).
 Without a graph these are facts about runs, not about the code: a loop that runs a shared conv
 once on the example and twice on larger inputs passes them on the example alone. So the model
 also runs on probes unlike the example (`PROBES`: scaled, shifted, all positive, another batch
@@ -52,6 +54,8 @@ def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:
         return "it has no running statistics (track_running_stats=False), so it normalizes each batch", None
     if reason := hook_refusal(path, bn, "folding it away"):
         return reason, None
+    if read := record.read_outside.get(path):
+        return f"the forward reads its {_names(read)} beyond calling it, and the fold would remove the BN", None
     x = calls[0].input
     # In eval mode a dropout is the identity: the BN folds through it into the layer before.
     while x is not None and x.op in _EVAL_IDENTITIES and len(x.inputs) == 1 and _reads(x, record) == 1:
@@ -82,6 +86,8 @@ def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:
         return f"{layer_path} shares its weight or bias with another layer", None
     if reason := hook_refusal(layer_path, layer, "folding a BatchNorm into it"):
         return reason, None
+    if read := record.read_outside.get(layer_path):
+        return f"the forward reads {layer_path}'s {_names(read)} beyond calling it, which the fold would change", None
     if len(record.calls_of(layer_path)) != 1:
         return f"{layer_path} is called {len(record.calls_of(layer_path))} times", None
     reads = _reads(x, record)
@@ -159,6 +165,10 @@ def _weight_normed(layer: nn.Module, used: frozenset[int]) -> bool:
     if not parametrize.is_parametrized(layer, "weight") or set(layer.parametrizations) != {"weight"}:
         return False
     return used <= {id(layer.bias)}
+
+
+def _names(attrs) -> str:
+    return " and ".join(sorted(attrs))
 
 
 def _reads(value, record) -> int:

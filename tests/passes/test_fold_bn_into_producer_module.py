@@ -70,3 +70,35 @@ def test_a_fold_without_a_graph_says_which_inputs_it_was_probed_on():
     for probe in (x, 300 * torch.rand(3, 3, 8, 8)):
         with torch.no_grad():
             torch.testing.assert_close(folded(probe), model(probe), atol=1e-4, rtol=1e-4)
+
+
+class ReadsItsLayers(nn.Module):
+    """Untraceable (a branch on the input's range), and its forward reads a BN's running mean
+    and a conv's weight beyond calling them; a third conv-BN pair is plain."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c3, self.bn3 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        if x.max() > 100:
+            x = x / 255
+        h = self.bn1(self.c1(x)) + self.bn1.running_mean.view(1, -1, 1, 1)
+        h = self.bn2(self.c2(h)) * self.c2.weight.abs().mean()
+        return self.bn3(self.c3(h))
+
+
+def test_a_bn_or_layer_the_forward_reads_beyond_a_call_is_left_and_the_rest_folded():
+    torch.manual_seed(0)
+    model = randomize_bn(ReadsItsLayers())
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = bngraph.fold(model, [x])
+    assert report.facts["tracing"] == FALLBACK
+    assert [r["node"] for r in report.sections["folded"]] == ["bn3"]
+    reasons = {r["node"]: r["reason"] for r in report.sections["remaining"]}
+    assert reasons == {"bn1": "the forward reads its running_mean beyond calling it, and the fold would remove the BN",
+                       "bn2": "the forward reads c2's weight beyond calling it, which the fold would change"}
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
