@@ -42,12 +42,13 @@ def rounding_gains(module: nn.Module) -> dict[str, float]:
     }
 
 
-def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], trace_failure: str, *,
+def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], why: str, *,
                   reference: Reference | None = None) -> tuple[nn.Module, Report]:
     """An eval-mode copy of `module` with each BatchNorm folded where that is exact without a
-    graph, and the report; raises CheckFailed if the copy computes something else. `reference`:
-    the model's outputs a caller already has (`bngraph.fold` after its partial trace), so that
-    the model is not run again for them."""
+    graph, and the report; raises CheckFailed if the copy computes something else. `why`: why
+    there is no graph, for the report's note ("torch.fx could not trace the model (...)").
+    `reference`: the model's outputs a caller already has (`bngraph.fold` after its partial
+    trace), so that the model is not run again for them."""
     copy = copy_module(module).eval()
     before = _batch_norms(copy)
     gains = rounding_gains(copy)
@@ -63,7 +64,7 @@ def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], tra
     reasons = {s.site: s.reason for s in result.skipped}
     folded = [{k: v for k, v in row.items() if k not in ROW_ONLY} for row in result.details]
     remaining = [{"node": p, "reason": reasons.get(p, "no pass matched it")} for p in left]
-    notes = [f"torch.fx could not trace the model ({trace_failure}): BatchNorms were folded module by module, "
+    notes = [f"{why}: BatchNorms were folded module by module, "
              "and those left can still be folded by `bngraph export` in ONNX"]
     if not before:
         notes.append("nothing to fold: the model has no BatchNorm")

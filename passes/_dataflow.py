@@ -113,6 +113,7 @@ class ModuleCall:
     input: Value | None  # the first tensor argument's value, as it was when the call began
     ops: list[str] = field(default_factory=list)  # every op run inside it, nested modules included
     output: Value | None = None
+    training: bool = False  # the module's mode when it was called (a forward may set it)
 
 
 @dataclass(eq=False)
@@ -208,7 +209,7 @@ class _Recorder(TorchFunctionMode):
             return
         first = next((t for t in tree_leaves(args) if isinstance(t, torch.Tensor)), None)
         value = self.value_of(first) if first is not None else None
-        call = ModuleCall(path, module, value)
+        call = ModuleCall(path, module, value, training=module.training)
         self.stack.append(call)
         self.record.module_calls.append(call)
 

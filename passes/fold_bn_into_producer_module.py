@@ -44,12 +44,18 @@ from bngraph.passes.base import PassResult, Skip, graph_pass
 from bngraph.runners import batch_axes_of, example_batches
 
 
+TRAINING_IN_EVAL = ("it is in training mode when the model is in eval mode (its train() or its forward keeps it "
+                    "so), normalizing with each batch's statistics")
+
+
 def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:
     """(reason the BN stays, None) or (None, path of the layer it folds into)."""
     if not calls:
         return "the model does not call it", None
     if len(calls) > 1:
         return f"called {len(calls)} times; one fold would change every call", None
+    if calls[0].training:
+        return TRAINING_IN_EVAL, None
     if bn.running_mean is None or bn.running_var is None:
         return "it has no running statistics (track_running_stats=False), so it normalizes each batch", None
     if reason := hook_refusal(path, bn, "folding it away"):
