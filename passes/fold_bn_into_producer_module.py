@@ -41,7 +41,7 @@ from bngraph.passes._dataflow import RunRecord, record_run, regroups_leading_axe
 from bngraph.passes._fx_effects import hook_refusal
 from bngraph.passes._fx_layers import make_plain
 from bngraph.passes.base import PassResult, Skip, graph_pass
-from bngraph.runners import batch_axes_of, example_batches
+from bngraph.runners import batch_axes_of, random_tensor
 
 
 TRAINING_IN_EVAL = ("it is in training mode when the model is in eval mode (its train() or its forward keeps it "
@@ -108,7 +108,7 @@ def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:
 PROBES = (
     ("the example x 10", lambda x, gen: x * 10),
     ("the example + 3", lambda x, gen: x + 3),
-    ("uniform [0, 1) values", lambda x, gen: torch.rand(x.shape, generator=gen, dtype=x.dtype)),
+    ("uniform [0, 1) values", lambda x, gen: torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device)),
 )
 
 
@@ -120,8 +120,9 @@ def _probe_inputs(example_inputs: Sequence) -> list[tuple[str, list]]:
     sizes = {x.shape[0] for x, axis in zip(example_inputs, axes) if axis is not None}
     if len(sizes) == 1:  # one batch size: one more (not 1, which a model may refuse)
         size = sizes.pop() + 1
-        batch = example_batches(example_inputs, [size], axes, seed=1)[0]
-        probes.append((f"a batch of {size}", [torch.from_numpy(a) for a in batch]))
+        batch = [random_tensor((size, *x.shape[1:]), x.dtype, gen).to(x.device)
+                 if isinstance(x, torch.Tensor) and axis is not None else x for x, axis in zip(example_inputs, axes)]
+        probes.append((f"a batch of {size}", batch))
     return probes
 
 

@@ -102,3 +102,16 @@ def test_a_bn_or_layer_the_forward_reads_beyond_a_call_is_left_and_the_rest_fold
                        "bn2": "the forward reads c2's weight beyond calling it, which the fold would change"}
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_probes_keep_each_inputs_dtype_and_leave_indices_alone():
+    from bngraph.passes.fold_bn_into_producer_module import _probe_inputs
+
+    features, tokens = torch.randn(2, 3, dtype=torch.bfloat16), torch.tensor([[1, 5], [7, 2]])
+    probes = _probe_inputs([features, tokens])
+    assert [what for what, _ in probes] == ["the example x 10", "the example + 3", "uniform [0, 1) values", "a batch of 3"]
+    for what, (x, ids) in probes:
+        assert x.dtype == torch.bfloat16 and ids.dtype == tokens.dtype
+        if what != "a batch of 3":
+            assert ids is tokens  # scaled, indices would be other indices
+    assert probes[-1][1][0].shape == (3, 3)
