@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from bngraph.errors import running_user_model
+from bngraph.errors import ModelRaised, running_user_model
 from bngraph.passes._dataflow import RunRecord, record_run, regroups_leading_axes
 from bngraph.passes._fx_effects import hook_refusal
 from bngraph.passes._fx_layers import make_plain
@@ -132,8 +132,9 @@ def _records_on_probes(module: nn.Module, example_inputs: Sequence) -> list[tupl
     records = []
     for what, inputs in _probe_inputs(example_inputs):
         try:
-            records.append((what, record_run(module, inputs)))
-        except Exception:  # noqa: BLE001 - the model's own refusal of an input unlike its example
+            with running_user_model():  # only the model's own exception: a bug in the recorder is not a refusal
+                records.append((what, record_run(module, inputs)))
+        except ModelRaised:
             continue
     return records
 

@@ -115,3 +115,27 @@ def test_probes_keep_each_inputs_dtype_and_leave_indices_alone():
         if what != "a batch of 3":
             assert ids is tokens  # scaled, indices would be other indices
     assert probes[-1][1][0].shape == (3, 3)
+
+
+class ChecksItsRange(nn.Module):
+    """Refuses inputs outside the range it was built for (and branches on the batch, which fx
+    cannot trace)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        if x.abs().max() > 8:
+            raise ValueError("inputs are normalized images")
+        return self.bn(self.conv(x))
+
+
+def test_a_probe_the_model_refuses_is_left_out_and_the_note_names_the_others():
+    torch.manual_seed(0)
+    model = randomize_bn(ChecksItsRange())
+    x = torch.randn(2, 3, 8, 8).clamp(-3, 3)
+    folded, report = bngraph.fold(model, [x])
+    assert [r["node"] for r in report.sections["folded"]] == ["bn"]
+    [note] = [n for n in report.notes if "proven on those inputs only" in n]
+    assert "the example x 10" not in note and "the example + 3" in note
