@@ -14,8 +14,9 @@ linear module whose output it normalizes when that is exact without a graph:
      bias, or a weight its own weight_norm parametrization computed, made plain by the fold),
      unshared, running no hooks, called once;
   3. nothing but the BN read that output, and nothing changed it in place in between, and the
-     forward reads no tensor of the BN or the layer beyond calling them (`self.bn.running_mean`
-     used in the forward would be gone, `self.conv.weight` changed).
+     forward reads nothing of the BN and no tensor of the layer beyond calling them
+     (`self.bn.running_mean` or `self.bn.eps` used in the forward would be gone,
+     `self.conv.weight` changed).
 Without a graph these are facts about runs, not about the code: a loop that runs a shared conv
 once on the example and twice on larger inputs passes them on the example alone. So the model
 also runs on probes unlike the example (`PROBES`: scaled, shifted, all positive, another batch
@@ -41,7 +42,7 @@ from bngraph.passes._dataflow import RunRecord, record_run, regroups_leading_axe
 from bngraph.passes._fx_effects import hook_refusal
 from bngraph.passes._fx_layers import make_plain
 from bngraph.passes.base import PassResult, Skip, graph_pass
-from bngraph.runners import batch_axes_of, random_tensor
+from bngraph.runners import batch_axes_of, eval_mode, fresh_inputs, random_tensor
 
 
 TRAINING_IN_EVAL = ("it is in training mode when the model is in eval mode (its train() or its forward keeps it "
@@ -139,6 +140,59 @@ def _records_on_probes(module: nn.Module, example_inputs: Sequence) -> list[tupl
     return records
 
 
+class _ReadFoldedAway(Exception):
+    """Not an AttributeError, which `getattr(bn, name, default)` and `hasattr` would swallow."""
+
+    def __init__(self, path: str, name: str):
+        super().__init__(f"{path}.{name}")
+        self.path, self.name = path, name
+
+
+class _StandIn(nn.Module):
+    """Computes as the BN at `path` does and has none of its attributes: a forward that reads one
+    (`self.bn.eps`, `self.bn.num_features`) beyond calling the BN trips it, as it would the
+    nn.Identity the fold leaves there."""
+
+    def __init__(self, path: str, bn: nn.Module):
+        super().__init__()
+        self.__dict__["_stand_in_for"] = (path, bn)  # not a submodule: the model holds no BN here
+
+    def forward(self, x):
+        return self._stand_in_for[1](x)
+
+    def __getattr__(self, name: str):
+        raise _ReadFoldedAway(self._stand_in_for[0], name)
+
+
+def _attributes_read_beyond_a_call(module: nn.Module, paths: Sequence[str], example_inputs) -> dict[str, str]:
+    """BN path -> an attribute of it the forward reads other than by calling it, found by running
+    the model on the example with a stand-in (`_StandIn`) for each BN at `paths`. Tensors read
+    show in the record already (`RunRecord.read_outside`); this finds the rest, which the record
+    cannot see. One run, and one more for each BN found."""
+    found: dict[str, str] = {}
+    left = list(paths)
+    while left:
+        slots = {p: module.get_submodule(p) for p in left}
+        for p, bn in slots.items():
+            parent, _, name = p.rpartition(".")
+            module.get_submodule(parent)._modules[name] = _StandIn(p, bn)
+        try:
+            with torch.no_grad(), eval_mode(module):
+                module(*fresh_inputs(example_inputs))
+        except _ReadFoldedAway as err:
+            found[err.path] = err.name
+            left.remove(err.path)
+            continue
+        except Exception:  # noqa: BLE001 - the model ran on the example before: the check after the fold decides
+            break
+        finally:
+            for p, bn in slots.items():
+                parent, _, name = p.rpartition(".")
+                module.get_submodule(parent)._modules[name] = bn
+        break
+    return found
+
+
 _EVAL_IDENTITIES = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
 
 
@@ -203,6 +257,7 @@ def fold_bn_into_producer_module(
     with running_user_model():
         record = record_run(module, example_inputs)
     probes = _records_on_probes(module, example_inputs)
+    foldable = {}  # BN path -> the layer it folds into
     for path, bn in list(module.named_modules()):
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or inside is not None and not path.startswith(inside):
             continue
@@ -217,7 +272,14 @@ def fold_bn_into_producer_module(
                 break
         if reason:
             result.skipped.append(Skip(path, reason))
-            continue
+        else:
+            foldable[path] = layer_path
+    for path, name in _attributes_read_beyond_a_call(module, list(foldable), example_inputs).items():
+        del foldable[path]
+        result.skipped.append(Skip(path, f"the forward reads its {name} beyond calling it, and the fold would "
+                                          "replace the BN by an nn.Identity, which has none"))
+    for path, layer_path in foldable.items():
+        bn = module.get_submodule(path)
         layer = module.get_submodule(layer_path)
         edits: list[tuple] = [("identity", path)]
         if parametrize.is_parametrized(layer, "weight"):  # the weight it computes, now plain

@@ -139,3 +139,36 @@ def test_a_probe_the_model_refuses_is_left_out_and_the_note_names_the_others():
     assert [r["node"] for r in report.sections["folded"]] == ["bn"]
     [note] = [n for n in report.notes if "proven on those inputs only" in n]
     assert "the example x 10" not in note and "the example + 3" in note
+
+
+class ReadsBnSettings(nn.Module):
+    """Untraceable, and reads a BN's settings (not its tensors) in the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c3, self.bn3 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        if x.max() > 100:
+            x = x / 255
+        h = self.bn1(self.c1(x)) / self.bn1.num_features
+        h = self.bn2(self.c2(h)) * getattr(self.bn2, "eps", 1.0)
+        return self.bn3(self.c3(h))
+
+
+def test_a_bn_whose_settings_the_forward_reads_is_left_and_the_rest_folded():
+    torch.manual_seed(0)
+    model = randomize_bn(ReadsBnSettings())
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = bngraph.fold(model, [x])
+    assert [r["node"] for r in report.sections["folded"]] == ["bn3"]
+    reasons = {r["node"]: r["reason"] for r in report.sections["remaining"]}
+    assert reasons == {
+        "bn1": "the forward reads its num_features beyond calling it, and the fold would replace the BN by an "
+               "nn.Identity, which has none",
+        "bn2": "the forward reads its eps beyond calling it, and the fold would replace the BN by an nn.Identity, "
+               "which has none"}
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
