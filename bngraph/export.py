@@ -38,9 +38,12 @@ from torch import nn
 from bngraph.atomic import ONNX, check_output
 from bngraph.attention_math import attention_as_math
 from bngraph.errors import CheckFailed, ModelNotAFunction, ModelRaised, UserError, one_line, running_user_model
+from bngraph.fold import batch_norms_training_in_eval
 from bngraph.fold import fold as fx_fold
 from bngraph.onnx_fold import STANDALONE_BN_FORMS, fold_onnx
 from bngraph.onnx_io import write_verified
+from bngraph.passes._fx_batchnorm import batch_statistics
+from bngraph.passes.fold_bn_into_producer_module import TRAINING_IN_EVAL
 from bngraph.report import Report
 from bngraph.trace import raise_if_model_raises
 from bngraph.runners import (
@@ -377,6 +380,13 @@ def export(
     }
     report = Report("bngraph export", facts=facts)
     exported = _fx_fold(module, example_inputs, report) if fold else module
+    per_batch = [*batch_statistics(exported), *((path, TRAINING_IN_EVAL) for path in
+                                                 batch_norms_training_in_eval(exported, example_inputs))] if fold else []
+    if per_batch:
+        # Never a fixed map, and the exporter writes F.batch_norm(training=True) as an eval-mode
+        # BatchNormalization: a file that computes something else, which only verify would catch.
+        left = "; ".join(f"{name} ({why})" for name, why in per_batch)
+        raise UserError(f"the exported graph keeps a BatchNormalization that cannot be folded: {left}")
     if not fold:
         report.facts["fx_fold"] = "off (--no-fold)"
     exported_onnx = to_onnx(exported, example_inputs, exporter_optimize=exporter_optimize, batch_axes=batch_axes,

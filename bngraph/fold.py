@@ -28,9 +28,9 @@ from bngraph.passes.cancel_inverse_permutes import cancel_inverse_permutes
 from bngraph.passes.fold_bn_into_following_layer import fold_bn_into_following_layer
 from bngraph.passes.fold_bn_into_producer_module import fold_bn_into_producer_module
 from bngraph.passes.fold_bn_into_preceding_layer import fold_bn_into_preceding_layer
-from bngraph.errors import CheckFailed, UserError
+from bngraph.errors import CheckFailed, UserError, running_user_model
 from bngraph.fold_reach import fold_inside_hooked_modules, fold_inside_kept_whole, opaque_batch_norms, unused_batch_norms
-from bngraph.fold_untraced import FALLBACK, fold_untraced, source_edits
+from bngraph.fold_untraced import FALLBACK, ROW_ONLY, fold_untraced, probed_notes, source_edits
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, rounding_gain
 from bngraph.runners import eval_mode, fresh_inputs
 from bngraph.passes._fx_batchnorm import is_batch_norm, read_batch_norm
@@ -40,7 +40,7 @@ from bngraph.passes.remove_eval_identities import remove_eval_identities
 from bngraph.passes.replace_bn_with_multiply_add import replace_bn_with_multiply_add
 from bngraph.report import Report
 from bngraph.partial_trace import kept_whole_modules, trace_for_insert
-from bngraph.trace import TraceFailed, check_faithful_trace, trace, trace_and_run
+from bngraph.trace import TraceFailed, check_faithful_trace, copy_module, materialize_lazy, trace, trace_and_run
 
 # In order: the layer before a BN is the first choice (no constraint on padding), the layer
 # after it the second, a multiply-add the last. Identities go first, as they can stand between
@@ -80,6 +80,12 @@ def fold(
     if standalone_bn not in STANDALONE_BN_FORMS:
         raise ValueError(f"standalone_bn must be one of {STANDALONE_BN_FORMS}, not {standalone_bn!r}")
     opaque_notes, trace_failure, kept_whole = [], None, []
+    if training := batch_norms_training_in_eval(module, example_inputs):
+        # A graph module's eval() sets every submodule's mode, past the model's own train() (a
+        # test-time adaptation model keeps its BNs training) and what its forward sets: only the
+        # model itself, copied, does in eval mode what it does for its user.
+        return fold_untraced(module, example_inputs, f"the model keeps {', '.join(training)} in training mode "
+                             "when it is in eval mode, which a traced graph would not")
     try:
         # An eval-mode copy (`module` is never changed), and its output from the run that recorded the
         # shapes, which the faithfulness check takes instead of running the graph again.
@@ -93,7 +99,7 @@ def fold(
         try:
             gm, kept_whole = trace_for_insert(module, example_inputs)
         except TraceFailed:  # what insert's module-level fallback writes, among others
-            return fold_untraced(module, example_inputs, str(err))
+            return fold_untraced(module, example_inputs, f"torch.fx could not trace the model ({err})")
         gm.eval()
         reference = Reference(module, example_inputs)
         opaque_notes = [f"traced partially, {len(kept_whole)} submodule(s) kept whole: "
@@ -134,12 +140,32 @@ def fold(
         # (one whose layer is in the graph and whose BN is inside a submodule kept whole): the
         # result that leaves fewer.
         try:
-            untraced, untraced_report = fold_untraced(module, example_inputs, trace_failure, reference=reference)
+            untraced, untraced_report = fold_untraced(module, example_inputs, f"torch.fx could not trace the model "
+                                                      f"({trace_failure})", reference=reference)
         except CheckFailed:
             return gm, report
         if untraced_report.facts["batchnorms_after"] < report.facts["batchnorms_after"]:
             return untraced, untraced_report
     return gm, report
+
+
+def batch_norms_training_in_eval(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> list[str]:
+    """The BatchNorms of `module` that are in training mode when it is called in eval mode, as its
+    user puts it there (`model.eval()`, through any train() override): run once, on a copy."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        return []
+    materialize_lazy(module, example_inputs)  # on the model itself, as tracing does: a copy's lazy layers stay lazy
+    copy = copy_module(module)
+    training: list[str] = []
+    handles = [bn.register_forward_pre_hook(lambda m, args, path=path: training.append(path) if m.training else None)
+               for path, bn in copy.named_modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm)]
+    try:
+        with torch.no_grad(), running_user_model():
+            copy.eval()(*fresh_inputs(example_inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(training))
 
 
 def _largest_rounding_gain(gm: fx.GraphModule) -> float:
@@ -257,7 +283,7 @@ def fold_report(
     folded, notes = [], []
     for name in ran:
         for row in results[name].details:
-            row = {k: v for k, v in row.items() if k != "edits"}  # the report's copy; edits go to model.py
+            row = {k: v for k, v in row.items() if k not in ROW_ONLY}  # the report's copy; edits go to model.py
             if row["how"] == "multiply-add":
                 why = reasons.get(row["node"], {})
                 row["note"] = "; ".join(f"{where}: {why[p]}" for where, p in
@@ -278,6 +304,7 @@ def fold_report(
     remaining += list(opaque)  # inside a module called as a whole: no pass saw them
     ops = [{"op": op, "before": before[op], "after": after[op]} for op in sorted(before.keys() | after.keys())]
     passes = [{"pass": name, "changed": len(r.changed), "skipped": len(r.skipped)} for name, r in results.items()]
+    notes += probed_notes([row for name in ran for row in results[name].details])
     if not batch_norms and not opaque:
         notes.append("nothing to fold: the model has no BatchNorm")
     facts = {

@@ -42,12 +42,13 @@ def rounding_gains(module: nn.Module) -> dict[str, float]:
     }
 
 
-def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], trace_failure: str, *,
+def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], why: str, *,
                   reference: Reference | None = None) -> tuple[nn.Module, Report]:
     """An eval-mode copy of `module` with each BatchNorm folded where that is exact without a
-    graph, and the report; raises CheckFailed if the copy computes something else. `reference`:
-    the model's outputs a caller already has (`bngraph.fold` after its partial trace), so that
-    the model is not run again for them."""
+    graph, and the report; raises CheckFailed if the copy computes something else. `why`: why
+    there is no graph, for the report's note ("torch.fx could not trace the model (...)").
+    `reference`: the model's outputs a caller already has (`bngraph.fold` after its partial
+    trace), so that the model is not run again for them."""
     copy = copy_module(module).eval()
     before = _batch_norms(copy)
     gains = rounding_gains(copy)
@@ -61,13 +62,14 @@ def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], tra
     reference.check(copy, what="the folded model", atol=tolerance, rtol=tolerance)
     left = _batch_norms(copy)
     reasons = {s.site: s.reason for s in result.skipped}
-    folded = [{k: v for k, v in row.items() if k != "edits"} for row in result.details]
+    folded = [{k: v for k, v in row.items() if k not in ROW_ONLY} for row in result.details]
     remaining = [{"node": p, "reason": reasons.get(p, "no pass matched it")} for p in left]
-    notes = [f"torch.fx could not trace the model ({trace_failure}): BatchNorms were folded module by module, "
+    notes = [f"{why}: BatchNorms were folded module by module, "
              "and those left can still be folded by `bngraph export` in ONNX"]
     if not before:
         notes.append("nothing to fold: the model has no BatchNorm")
     notes += reference.notes[noted:]
+    notes += probed_notes(result.details)
     for row in folded:
         if (row_gain := gains.get(row["node"], 0.0)) > PRECISION_LOSS_GAIN:
             row["rounding_gain"] = row_gain
@@ -84,10 +86,26 @@ def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], tra
     return copy, report
 
 
+# Keys of the pass's rows that are not the report's columns: the source edits (model.py) and the
+# inputs a fold was probed on (a note).
+ROW_ONLY = ("edits", "probed_on")
+
+
+def probed_notes(rows: Sequence[dict]) -> list[str]:
+    """What a fold without a graph rests on, for the report: the runs it was decided by."""
+    probed = [row for row in rows if row.get("probed_on")]
+    if not probed:
+        return []
+    return [f"{len(probed)} BatchNorm(s) folded without a graph ({', '.join(r['node'] for r in probed)}): "
+            f"each layer and BN ran once, the BN alone reading the layer's output, on "
+            f"{', '.join(probed[0]['probed_on'])}; the fold is proven on those inputs only, not on every input "
+            "(a forward that branches on its data may take another path)"]
+
+
 def source_edits(report: Report) -> list[tuple]:
     """The edits of an untraced fold, in order, for `bngraph.artifact_code.edited_source`."""
     result = report.passes.get(fold_bn_into_producer_module.__name__)
     return [tuple(e) for row in (result.details if result else []) for e in row["edits"]]
 
 
-__all__ = ["fold_untraced", "rounding_gains", "source_edits"]
+__all__ = ["ROW_ONLY", "fold_untraced", "probed_notes", "rounding_gains", "source_edits"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from bngraph.artifacts import load_artifact
 from bngraph.errors import UserError, model_raised, one_line
@@ -273,8 +274,6 @@ def load_model(
         history = list(meta.get("history", []))
     else:
         raise UserError(f"{spec.text} is an ONNX file; this command needs a PyTorch model")
-    if weights is not None:
-        load_weights(module, weights)
     if input_shape is not None:
         given = parse_input_shapes(input_shape)
         if shapes is None or len(given) != len(shapes):
@@ -288,7 +287,15 @@ def load_model(
         dtypes, batch_axes = input_layout(shapes, dtypes, static_inputs, batch_axes)
     elif input_dtype is not None or static_inputs:
         raise UserError(f"{spec.text} declares no example input: give --input-shape with --input-dtype/--static-input")
-    return LoadedModel(module, spec, shapes, history, symbol, dtypes, batch_axes)
+    loaded = LoadedModel(module, spec, shapes, history, symbol, dtypes, batch_axes)
+    if weights is not None:
+        if shapes is not None and any(is_lazy(t) for t in (*module.parameters(), *module.buffers())):
+            # Lazy layers take their shapes from the example first, as the user's own model did
+            # before it saved its weights: torch's load alone gives them shapes but leaves them
+            # lazy, and their first call later fails on a copy.
+            loaded.example_inputs()
+        load_weights(module, weights)
+    return loaded
 
 
 def _declared(module, name: str) -> list | None:

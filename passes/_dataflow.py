@@ -10,6 +10,7 @@ the producer unknown, never stale.
     record = record_run(model, example_inputs)
     record.module_calls   # every module call: path, module, input value, inner ops
     record.functional     # every nonlinearity called as a function outside an activation module
+    record.read_outside   # a module's parameters and buffers that ops read outside its calls
 
 It lives with the passes that decide by it (`wrap_activation_modules`,
 `fold_bn_into_producer_module`); the trace fallback (`bngraph.partial_trace`) and `--track-inputs`
@@ -112,6 +113,7 @@ class ModuleCall:
     input: Value | None  # the first tensor argument's value, as it was when the call began
     ops: list[str] = field(default_factory=list)  # every op run inside it, nested modules included
     output: Value | None = None
+    training: bool = False  # the module's mode when it was called (a forward may set it)
 
 
 @dataclass(eq=False)
@@ -127,16 +129,20 @@ class RunRecord:
     module_calls: list[ModuleCall] = field(default_factory=list)
     functional: list[FunctionalNonlinearity] = field(default_factory=list)
     outputs: list[Value] = field(default_factory=list)
+    # Module path -> names of its own parameters and buffers an op read outside every call of it
+    # (`self.bn.running_mean` or `self.conv.weight` used in the model's own forward).
+    read_outside: dict[str, set[str]] = field(default_factory=dict)
 
     def calls_of(self, path: str) -> list[ModuleCall]:
         return [c for c in self.module_calls if c.path == path]
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, paths: dict[int, str], constants: set[int]):
+    def __init__(self, paths: dict[int, str], constants: set[int], owners: dict[int, list[tuple[str, str]]]):
         super().__init__()
         self.paths = paths
         self.constants = constants  # ids of the model's parameters and buffers: never data
+        self.owners = owners  # id of a parameter or buffer -> (module path, attribute) of each module holding it
         self.values: dict[int, tuple[torch.Tensor, int, Value]] = {}  # id -> (tensor kept alive, version, value)
         self.stack: list[ModuleCall] = []
         self.record = RunRecord()
@@ -155,6 +161,8 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         read = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         before = [self.value_of(t) for t in read]
+        for t in read:
+            self._note_outside_read(t)
         out = func(*args, **kwargs)
         made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         if not made:
@@ -182,6 +190,16 @@ class _Recorder(TorchFunctionMode):
             self.values[id(t)] = (t, t._version, value)
         return out
 
+    def _note_outside_read(self, t: torch.Tensor) -> None:
+        owners = self.owners.get(id(t))
+        if not owners:
+            return
+        running = {call.path for call in self.stack}
+        if any(path in running for path, _ in owners):
+            return  # a module computing with its own tensor, as its call does
+        for path, attr in owners:
+            self.record.read_outside.setdefault(path, set()).add(attr)
+
     def _inside_activation_module(self) -> bool:
         return bool(self.stack) and isinstance(self.stack[-1].module, ACTIVATION_MODULES)
 
@@ -191,7 +209,7 @@ class _Recorder(TorchFunctionMode):
             return
         first = next((t for t in tree_leaves(args) if isinstance(t, torch.Tensor)), None)
         value = self.value_of(first) if first is not None else None
-        call = ModuleCall(path, module, value)
+        call = ModuleCall(path, module, value, training=module.training)
         self.stack.append(call)
         self.record.module_calls.append(call)
 
@@ -214,7 +232,12 @@ def record_run(model: nn.Module, example_inputs: Sequence, *, training: bool = F
     for path, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), path)
     constants = {id(t) for t in [*model.parameters(), *model.buffers()]}
-    recorder = _Recorder(paths, constants)
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        for attr, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is not None and path:  # the model's own tensors: its forward is their call
+                owners.setdefault(id(t), []).append((path, attr))
+    recorder = _Recorder(paths, constants, owners)
     was_training = model.training
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())

@@ -93,6 +93,25 @@ def read_batch_norm(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Mod
     return site
 
 
+def batch_statistics(module: nn.Module) -> list[tuple[str, str]]:
+    """(name, why) for each BatchNorm left in `module` (a traced graph or a model) that normalizes
+    with each batch's statistics whatever its mode: a BN module without running statistics, and in
+    a graph, F.batch_norm called with training=True. (One the model keeps training in eval mode
+    shows only when it runs: `bngraph.fold.batch_norms_training_in_eval`.)"""
+    left = []
+    for path, bn in module.named_modules():
+        if isinstance(bn, _BATCHNORM) and (bn.running_mean is None or bn.running_var is None):
+            left.append((path, "it has no running statistics (track_running_stats=False), so it normalizes "
+                               "with each batch's own statistics even in eval mode"))
+    if isinstance(module, fx.GraphModule):
+        for node in module.graph.nodes:
+            if node.op == "call_function" and node.target is F.batch_norm:
+                refusal, _ = _read_functional(node, module)
+                if arg(node, _BN_ARGS["training"], "training", _BN_DEFAULTS["training"]) is not False:
+                    left.append((node.name, refusal))
+    return left
+
+
 def fixed_batch_norms(gm: fx.GraphModule, result: PassResult, *, backwards: bool = False) -> Iterator[BatchNormSite]:
     """Each BatchNorm of `gm` that is a fixed affine map, in graph order (or from the output
     backwards); every other BatchNorm goes into `result.skipped` with the reason."""

@@ -5,12 +5,13 @@ weights of layers that got a copy are unreachable; left in place they would stil
 loaded and moved between devices. torch.fx's `delete_all_unused_submodules` tests membership
 in a list (quadratic in the number of modules), so this pass keeps sets. A node nobody reads
 is dead only if it has no effect: `out.add_(x)`, `x[i] = v`, an inplace ReLU or a hooked module
-stay (`_fx_effects.is_impure_node`; fx's own rule knows none of them).
+stay (`_fx_effects.is_impure_node`; fx's own rule knows none of them). A module the graph reads
+a tensor of keeps all its own tensors.
 """
 
 from __future__ import annotations
 
-from torch import fx
+from torch import fx, nn
 
 from bngraph.passes._fx_effects import is_impure_node
 from bngraph.passes.base import PassResult, graph_pass
@@ -55,8 +56,12 @@ def remove_dead_code(gm: fx.GraphModule) -> PassResult:
             dropped.add(path)
     for path in sorted(dropped):
         gm.delete_submodule(path)
+    # A module one of whose own tensors a node reads (`self.bn.weight` in the forward) keeps them
+    # all: a BatchNorm2d without its running_var is no BatchNorm2d (its repr, its state dict and
+    # a move to a device read every one). Only the graph itself and fx's plain containers give theirs up.
+    read_whole = {t.rpartition(".")[0] for t in fetched if not _is_module(gm, t)}
     for owner, module in gm.named_modules():
-        if is_held(owner):
+        if is_held(owner) or owner and owner in read_whole and type(module) is not nn.Module:
             continue
         for tensors in (module._parameters, module._buffers):
             for attr in [a for a, t in tensors.items() if t is not None]:

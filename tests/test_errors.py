@@ -220,6 +220,35 @@ def test_weights_without_the_batchnorms_counters_load_as_torch_loads_them(tmp_pa
     assert code == 0, out + err
 
 
+def test_weights_of_a_model_with_lazy_layers_load_after_the_layers_take_their_shapes(tmp_path, capfd):
+    # The user ran the model once (materializing LazyConv2d) and saved its state dict.
+    source = tmp_path / "lazy.py"
+    source.write_text(
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    example_input_shape = (2, 3, 8, 8)\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.LazyConv2d(8, 3)\n"
+        "        self.bn = nn.BatchNorm2d(8)\n"
+        "    def forward(self, x):\n"
+        "        return self.bn(self.conv(x))\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from lazy import Net
+    finally:
+        sys.path.remove(str(tmp_path))
+    model = Net()
+    model(torch.randn(2, 3, 8, 8))
+    path = tmp_path / "lazy.pt"
+    torch.save(randomize_bn(model).state_dict(), path)
+    code, _, err = _cli(capfd, "fold", f"{source}:Net", "--weights", path, "-o", tmp_path / "out")
+    assert code == 0, err
+    code, out, err = _cli(capfd, "verify", f"{source}:Net", tmp_path / "out", "--weights", path)
+    assert code == 0, out + err
+
+
 # 3. A failed ONNX export: one line, and the exporter's whole log in the file it names.
 
 

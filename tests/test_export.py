@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bngraph
 from bngraph.cli import main
@@ -267,6 +268,34 @@ class BatchStatistics(torch.nn.Module):
         return torch.relu(self.b2(self.fc(x)))
 
 
+class FunctionalBatchStatistics(torch.nn.Module):
+    """Normalizes with each batch's statistics through F.batch_norm(training=True)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        b = self.bn1
+        return F.batch_norm(self.c1(x), b.running_mean, b.running_var, b.weight, b.bias, True, 0.1, b.eps)
+
+
+class KeepsBnTraining(torch.nn.Module):
+    """Test-time adaptation: train() keeps the BN training, so eval() leaves it on batch statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.bn.train(True)
+        return self
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
 class ScriptedBlock(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -279,6 +308,8 @@ class ScriptedBlock(torch.nn.Module):
 @pytest.mark.parametrize(("model", "shape", "says"), [
     (BatchStatistics, (4, 6), "b2 (it has no running statistics (track_running_stats=False)"),
     (ScriptedBlock, (2, 3, 8, 8), "blk is a TorchScript module, which torch.export cannot take"),
+    (FunctionalBatchStatistics, (2, 3, 8, 8), "batch_norm (it calls F.batch_norm with training=True"),
+    (KeepsBnTraining, (2, 3, 8, 8), "bn (it is in training mode when the model is in eval mode"),
 ])
 def test_an_export_refused_names_the_users_module_and_why(model, shape, says, tmp_path):
     # The refusals named the exporter's node (node__native_batch_norm_legit__0, "its mean 'val_1'

@@ -140,3 +140,44 @@ def test_a_relu_after_the_flatten_keeps_the_bn_out_of_the_linear():
     model = randomize_bn(FlattenHead("method", relu_between=True)).eval()
     gm, report = fold(model, [torch.randn(5, 3, 8, 8)])
     assert all(r["into"] != "fc" for r in report.sections["folded"])
+
+
+class AdaptsAtTestTime(nn.Module):
+    """Test-time adaptation: `adapt` normalizes with each batch's statistics even in eval mode
+    (the model's train() keeps it training); `stem`'s BN is an ordinary one."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv, self.adapt = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.adapt.train(True)
+        return self
+
+    def forward(self, x):
+        return self.adapt(self.conv(torch.relu(self.stem_bn(self.stem(x)))))
+
+
+class SetsTrainingInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        self.bn.training = True  # always batch statistics
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("cls, left", [(AdaptsAtTestTime, "adapt"), (SetsTrainingInForward, "bn")])
+def test_a_bn_the_model_keeps_training_in_eval_mode_is_left_and_the_rest_folded(cls, left):
+    torch.manual_seed(0)
+    model = randomize_bn(cls())
+    x = torch.randn(4, 3, 8, 8)
+    folded, report = fold(model, [x])
+    [row] = report.sections["remaining"]
+    assert row["node"] == left and row["reason"].startswith("it is in training mode when the model is in eval mode")
+    assert [r["node"] for r in report.sections["folded"]] == (["stem_bn"] if cls is AdaptsAtTestTime else [])
+    with torch.no_grad():
+        torch.testing.assert_close(folded.eval()(x), copy.deepcopy(model).eval()(x), atol=1e-5, rtol=1e-5)
