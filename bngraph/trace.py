@@ -462,7 +462,7 @@ class _Tracer(fx.Tracer):
         buffers = dict(root.named_buffers()) if isinstance(root, nn.Module) else {}
         versions, values = _versions(buffers), {name: b.detach().clone() for name, b in buffers.items()}
         try:
-            with _custom_functions_refused():
+            with _custom_functions_checked(self):
                 graph = super().trace(root, concrete_args)
             _name_fixed_arguments_as_declared(graph, concrete_args)
             check_no_random_draws(rng)
@@ -535,17 +535,22 @@ def _module_state(m: nn.Module) -> dict:
 
 
 @contextlib.contextmanager
-def _custom_functions_refused():
-    """While tracing, a custom `torch.autograd.Function` called on a traced value is fx's
-    TraceError naming it: fx would run its forward on Proxies and record the ops, and the graph
-    would then differentiate those, dropping the backward the Function defines (a straight-through
-    estimator, a gradient reversal). torch's own Functions (checkpointing's) keep the gradient."""
+def _custom_functions_checked(tracer: _Tracer):
+    """While tracing, a custom `torch.autograd.Function` called on a traced value is traced
+    through only where its backward is the derivative of its forward: fx runs the forward on
+    Proxies and records its ops, and the graph then differentiates those ops, dropping the
+    backward the Function defines. A memory-saving Swish (efficientnet-pytorch's) computes the
+    same gradient either way; a straight-through estimator or a gradient reversal does not, and
+    is fx's TraceError naming it (insert's tracer then keeps its module whole). torch's own
+    Functions (checkpointing's) keep the gradient."""
     original = torch.autograd.Function.__dict__["apply"]
 
     def apply(cls, *args, **kwargs):
         if not cls.__module__.startswith("torch.") and any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
-            raise fx.proxy.TraceError(f"it calls the custom autograd Function {cls.__qualname__}, whose own backward "
-                                      "a traced graph would drop (torch.fx records its forward's ops only)")
+            examples = [tracer.example_of(a.node) if isinstance(a, fx.Proxy) else a for a in args]
+            if kwargs or not _backward_is_the_derivative(cls, examples, original.__func__):
+                raise fx.proxy.TraceError(f"it calls the custom autograd Function {cls.__qualname__}, whose own "
+                                          "backward a traced graph would drop (torch.fx records its forward's ops only)")
         return original.__func__(cls, *args, **kwargs)
 
     torch.autograd.Function.apply = classmethod(apply)
@@ -553,6 +558,39 @@ def _custom_functions_refused():
         yield
     finally:
         torch.autograd.Function.apply = original
+
+
+class _Context:
+    """What a Function's forward may call on its ctx, doing nothing: run as plain ops."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _backward_is_the_derivative(cls, examples: list, apply) -> bool:
+    """Whether `cls`'s backward gives what autograd gives for its forward's own ops, on random
+    values shaped like `examples` (meta tensors; any other argument as it is): False where that
+    cannot be run or differs."""
+    if not any(isinstance(e, torch.Tensor) for e in examples) or any(e is None for e in examples):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    try:
+        inputs = [torch.randn(e.shape, generator=generator, dtype=torch.float64).requires_grad_()
+                  if isinstance(e, torch.Tensor) and e.is_floating_point() else e for e in examples]
+        leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+        with torch.enable_grad():
+            own = apply(cls, *inputs)
+            plain = cls.forward(_Context(), *inputs)
+            outputs = [(a, b) for a, b in zip(tree_leaves(own), tree_leaves(plain)) if isinstance(a, torch.Tensor)]
+            if not outputs or not all(isinstance(b, torch.Tensor) and a.shape == b.shape for a, b in outputs):
+                return False
+            seeds = [torch.randn(a.shape, generator=generator, dtype=a.dtype) for a, _ in outputs]
+            by_backward = torch.autograd.grad([a for a, _ in outputs], leaves, seeds, allow_unused=True)
+            by_forward = torch.autograd.grad([b for _, b in outputs], leaves, seeds, allow_unused=True)
+    except Exception:  # noqa: BLE001 - a Function that cannot run this way is not proven: kept whole
+        return False
+    return all((g is None and h is None) or (g is not None and h is not None and torch.allclose(g, h, rtol=1e-6, atol=1e-8))
+               for g, h in zip(by_backward, by_forward))
 
 
 def check_state_kept(m: nn.Module, state: dict, who: str) -> None:

@@ -858,6 +858,45 @@ def test_a_buffer_the_forward_updates_in_place_keeps_being_updated(where):
         assert out.steps.item() == 3
 
 
+class SwishImplementation(torch.autograd.Function):
+    """efficientnet-pytorch's memory-saving Swish: its backward is the exact derivative."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return grad * (s * (1 + x * (1 - s)))
+
+
+class MemoryEfficientSwish(nn.Module):
+    def forward(self, x):
+        return SwishImplementation.apply(x)
+
+
+class SwishBlock(nn.Module):
+    """One Swish module called after each of two convs, as efficientnet-pytorch's blocks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand, self.project = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.swish = MemoryEfficientSwish()
+
+    def forward(self, x):
+        return self.swish(self.project(self.swish(self.expand(x))))
+
+
+def test_a_custom_function_whose_backward_is_its_derivative_is_traced_through():
+    # Kept whole for its custom Function, the one Swish module called at two sites got no
+    # BatchNorm at either: its backward is checked to be the forward's derivative instead.
+    out, report = _assert_preserved(SwishBlock(), [_x(4, 3, 6, 6)])
+    assert report.sections["opaque"] == [] and len(_sites(report)) == 2
+
+
 class EncoderBlock(nn.Module):
     """A transformer block in HuggingFace's style: attention torch.fx cannot trace, then an MLP
     whose GELU reads a Linear's last axis on (N, T, C)."""
