@@ -228,7 +228,7 @@ def check_output(
         if found != kind:
             raise UserError(f"{path} is {DESCRIBED[found]}, not {DESCRIBED.get(kind, 'this output')}; choose another -o")
         if not force:
-            resume = "add --resume to continue it, " if kind == RUN else ""
+            resume = "add --resume to continue it, " if kind == RUN and (path / "checkpoint.pt").is_file() else ""
             raise UserError(f"{path} exists ({DESCRIBED[kind]} bngraph wrote): {resume}add --force to replace it, "
                             "or choose another -o")
         if kind in FOLDER_CONTENTS and (foreign := foreign_entries(path, kind)):
@@ -459,8 +459,8 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
     except KeyboardInterrupt as stop:
         if replacing:
             shutil.rmtree(folder, ignore_errors=True)
-            said = f"{stop}; " if str(stop) else ""
-            discarded = KeyboardInterrupt(f"{said}the new run was discarded; {path} is as it was")
+            # Not the loop's "resume with --resume": the checkpoint it names went with the new run.
+            discarded = KeyboardInterrupt(f"the new run was discarded; {path} is as it was")
             if hasattr(stop, "signum"):  # which signal (the exit code says it: 143 for SIGTERM)
                 discarded.signum = stop.signum
             raise discarded from None

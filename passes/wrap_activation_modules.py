@@ -60,16 +60,17 @@ class LastAxisBatchNorm(nn.Module):
 
 
 def _read_other_than_called(parent: nn.Module, name: str) -> str | None:
-    """Where the source of `parent`'s class (and the classes it inherits from, torch's aside)
-    uses `self.<name>` other than calling it, assigning it or testing it for None (monai's
-    `if self.act is not None:`, which a wrapper leaves true): the line, stripped; else None."""
-    use = re.compile(rf"self\.{re.escape(name)}\b(?!\s*(\(|=[^=]|is\s+(not\s+)?None\b|:))")
+    """Where a forward of `parent`'s class (or of a class it inherits from, torch's aside) uses
+    `self.<name>` other than calling it, assigning it or testing it (monai's `if self.act is not
+    None:`, `self.act(h) if self.act else h`, which a wrapper leaves true): the line, stripped;
+    else None. Only the forwards: `__init__` and `extra_repr` run no computation a wrapper changes."""
+    use = re.compile(rf"self\.{re.escape(name)}\b(?!\s*(\(|=[^=]|is\s+(not\s+)?None\b|:|else\b|and\b|or\b|\)\s*:))")
     for cls in type(parent).__mro__:
-        if cls.__module__.startswith("torch.") or cls is object:
+        if cls.__module__.startswith("torch.") or cls is object or "forward" not in cls.__dict__:
             continue
         try:
-            lines = inspect.getsource(cls).splitlines()
-        except (OSError, TypeError):  # no source (a class built at run time): nothing to read
+            lines = inspect.getsource(cls.__dict__["forward"]).splitlines()
+        except (OSError, TypeError):  # no source (a forward built at run time): nothing to read
             continue
         for line in lines:
             code = line.split("#")[0]

@@ -670,3 +670,30 @@ def test_an_activation_module_the_code_reads_is_not_wrapped(read):
     assert reason.startswith("the code reads the module itself, not only calls it (")
     with torch.no_grad():
         torch.testing.assert_close(out.eval()(x * 3 + 1), model.eval()(x * 3 + 1), rtol=1e-5, atol=1e-5)
+
+
+class ReadsItsActivationOutsideTheForward(nn.Module):
+    """Reads its activation in __init__ (He's gain) and extra_repr, and tests it for truth in the
+    forward: none of that changes with a BatchNorm in front, so it is wrapped."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.head = nn.Linear(6, 8), nn.LeakyReLU(0.2), nn.Linear(8, 3)
+        nn.init.kaiming_uniform_(self.fc.weight, a=self.act.negative_slope)
+
+    def extra_repr(self):
+        return f"act={self.act}"
+
+    def forward(self, x):
+        if torch.isnan(x).any():
+            raise ValueError("NaN input")
+        h = self.fc(x)
+        return self.head(self.act(h) if self.act else h)
+
+
+def test_an_activation_read_only_outside_the_forward_or_for_truth_is_wrapped():
+    model = ReadsItsActivationOutsideTheForward()
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    _, report = bngraph.insert(model, [x])
+    assert report.facts["tracing"] == "module-level fallback"
+    assert [r["node"] for r in report.sections["inserted"]] == ["act"]

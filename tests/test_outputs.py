@@ -310,6 +310,7 @@ def test_ctrl_c_or_sigterm_while_force_replaces_a_run_keeps_the_old_run(signum, 
     assert proc.returncode == 128 + signum  # 143 for SIGTERM, as a scheduler reads it
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bngraph: interrupted") and str(run) in lines[0]
+    assert "--resume" not in lines[0]  # the checkpoint the loop would name went with the new run
     assert snapshot(tmp_path) == before
 
 
@@ -531,3 +532,13 @@ def test_a_run_killed_while_it_rewrites_its_checkpoint_is_still_all_bngraphs(tmp
     assert atomic.foreign_entries(run, RUN) == []
     (run / "checkpoint.pt").write_bytes(b"the user's")
     assert atomic.foreign_entries(run, RUN) == ["checkpoint.pt (changed since bngraph wrote it)"]
+
+
+def test_a_run_folder_without_a_checkpoint_is_not_offered_a_resume(tmp_path, capsys, inputs):
+    # A run killed before its first checkpoint leaves its folder: "add --resume" led to
+    # "nothing to resume".
+    run = tmp_path / "run"
+    run.mkdir()
+    atomic._write_marker(run, RUN)
+    code, _, err = _run(capsys, _argv("train", inputs, run))
+    assert code == 2 and "--resume" not in _one_error_line(err) and "--force" in err
