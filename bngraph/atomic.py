@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import itertools
@@ -227,6 +228,8 @@ def check_output(
             raise UserError(f"{path} is a {what} bngraph did not write: it is left as it is; choose another -o")
         if found != kind:
             raise UserError(f"{path} is {DESCRIBED[found]}, not {DESCRIBED.get(kind, 'this output')}; choose another -o")
+        if found == RUN:
+            _refuse_if_running(path)
         if not force:
             resume = "add --resume to continue it, " if kind == RUN and (path / "checkpoint.pt").is_file() else ""
             raise UserError(f"{path} exists ({DESCRIBED[kind]} bngraph wrote): {resume}add --force to replace it, "
@@ -440,7 +443,8 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
         if force:
             raise UserError("--resume continues the run in -o, --force replaces it: choose one")
         _check_place(path, inputs)
-        yield path
+        with _held(path) if path.is_dir() else contextlib.nullcontext():
+            yield path
         return
     check_output(path, RUN, force=force, inputs=inputs)
     replacing = os.path.lexists(path)
@@ -451,6 +455,45 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
     except FileExistsError:
         _remove_made(made)
         raise UserError(f"{path} appeared while bngraph was starting the run: it is left as it is; choose another -o") from None
+    with _held(folder):
+        yield from _filling(folder, path, made, replacing, force)
+
+
+@contextlib.contextmanager
+def _held(folder: Path) -> Iterator[None]:
+    """Hold `folder` for one training run (an advisory lock the kernel drops with the process):
+    a second run, a `--resume` or a `--force` of the same folder meanwhile is refused, not let
+    write into it or swap it away under the first (`_refuse_if_running`)."""
+    _refuse_if_running(folder)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        _refuse_if_running(folder)
+        raise
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _refuse_if_running(folder: Path) -> None:
+    """Refuse a run folder that a training run still going holds (`_held`)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"{folder} is the folder of a training run still going (another bngraph process): it is "
+                        "left as it is; wait for that run, stop it, or choose another -o") from None
+    finally:
+        os.close(fd)
+
+
+def _filling(folder: Path, path: Path, made: list[Path], replacing: bool, force: bool) -> Iterator[Path]:
     try:
         _write_marker(folder, RUN)
         yield folder

@@ -465,9 +465,9 @@ def embedding_bounds(module: nn.Module, batch: Sequence[np.ndarray]) -> list[int
 
 
 def integer_range(dtype: np.dtype) -> tuple[int, int]:
-    """The values an integer input that indexes no table is drawn from (high excluded): uint8's
-    (0..255, raw pixels) for an unsigned input, int8's (-128..127) for a signed one. With 0 and 1
-    alone, a candidate that cast uint8 pixels to int8 (above 127 wrapped negative) passed."""
+    """The values an unsigned integer input that indexes no table is drawn from (high excluded):
+    uint8's (0..255, raw pixels). With 0 and 1 alone, a candidate that cast uint8 pixels to int8
+    (above 127 wrapped negative) passed. `bngraph.verify` draws signed ones at 0 and 1 (masks)."""
     return (0, 256) if np.dtype(dtype).kind == "u" else (-128, 128)
 
 

@@ -181,9 +181,13 @@ def verify(
             retried = verify(reference, candidate, absolute, atol, rtol, evaluator=evaluator, batch_sizes=batch_sizes,
                              explain_failures=explain_failures, input_names=input_names,
                              dtypes_must_match=dtypes_must_match)
-            retried.inputs = (f"made non-negative (their absolute values): on N(0,1) inputs {_nothing_compared(result.diffs)!r} "
-                              "was NaN or inf at every element")
-            return retried
+            # Only those outputs: another one may differ on negative inputs alone (w(x) vs w(relu(x))).
+            empty = _all_nonfinite_outputs(result.diffs)
+            result.diffs = [d for d in result.diffs if d.output not in empty] + \
+                           [d for d in retried.diffs if d.output in empty]
+            result.inputs = (f"made non-negative (their absolute values) for {_listed(sorted(empty))}, NaN or inf "
+                             "at every element on N(0,1) inputs")
+            return result
         raise UserError(
             f"output {_nothing_compared(result.diffs)!r} is NaN or inf at every element in both models, so nothing of it "
             "was compared: random inputs (N(0,1), and their absolute values) give NaN there; compare on real inputs "
@@ -246,11 +250,15 @@ def _nothing_compared(diffs: Sequence[OutputDiff]) -> str | None:
     whatever the two models compute: a log-spectrogram front end fed N(0, 1) values (Log of a
     negative) passed against one with other weights. No check, no pass. At every level:
     onnxruntime's own BN fold may overflow a float16 model at one level only."""
+    return next(iter(_all_nonfinite_outputs(diffs)), None)
+
+
+def _all_nonfinite_outputs(diffs: Sequence[OutputDiff]) -> list[str]:
     by_output: dict[str, list[OutputDiff]] = {}
     for diff in diffs:
         by_output.setdefault(diff.output, []).append(diff)
-    return next((name for name, compared in by_output.items()
-                 if all(d.elements and d.nonfinite_elements == d.elements for d in compared)), None)
+    return [name for name, compared in by_output.items()
+            if all(d.elements and d.nonfinite_elements == d.elements for d in compared)]
 
 
 def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarray]]]) -> None:
@@ -474,8 +482,8 @@ def _index_bounds(models, onnx_specs, probe: list[np.ndarray]) -> list[int | tup
     Ids looked up in a table: below the smallest table either model looks them up in directly
     (`embedding_bounds`, `OnnxInputs.index_bounds`), where both models also run on the largest
     such id (the same ids may index a smaller table too: `F.one_hot(ids, 10)`). Any other
-    integer input: `integer_range` (raw pixels), where both models run on it and stay finite
-    wherever they were on 0 and 1 (an attention mask of 200 gives NaN). Else None (0 or 1)."""
+    unsigned integer input: `integer_range` (raw pixels), where both models run on it and stay
+    finite wherever they were on 0 and 1. Else (a signed mask, lengths, class indices) None: 0 or 1."""
     if not any(np.asarray(x).dtype.kind in "iu" for x in probe):
         return [None] * len(probe)  # no ids: the models need not run for this
     found = [embedding_bounds(m, probe) for m in models if isinstance(m, nn.Module)]
@@ -491,6 +499,12 @@ def _index_bounds(models, onnx_specs, probe: list[np.ndarray]) -> list[int | tup
             continue
         if bound:
             tried = [np.full_like(v, bound - 1) if j == i else v for j, v in enumerate(probe)]
+        elif np.asarray(x).dtype.kind == "i":
+            # A signed integer input no table reads is a mask, lengths or class indices, whose
+            # meaning lives at 0 and 1: drawn from -128..127, a mask of 127 saturated the softmax
+            # and hid a changed query weight, a length of -90 or 100 hid an off-by-one.
+            ranges.append(None)
+            continue
         else:
             low, high = bound = integer_range(np.asarray(x).dtype)
             tried = [rng.integers(low, high, np.shape(v)).astype(v.dtype) if j == i else v for j, v in enumerate(probe)]

@@ -542,3 +542,22 @@ def test_a_run_folder_without_a_checkpoint_is_not_offered_a_resume(tmp_path, cap
     atomic._write_marker(run, RUN)
     code, _, err = _run(capsys, _argv("train", inputs, run))
     assert code == 2 and "--resume" not in _one_error_line(err) and "--force" in err
+
+
+def test_a_run_still_going_is_neither_replaced_nor_resumed_by_another_command(tmp_path, capsys, inputs):
+    # B's --force swapped A's folder away while A trained on: A then wrote its checkpoints into
+    # B's run, which B had reported written.
+    run = tmp_path / "run"
+    argv = _argv("train", inputs, run)
+    argv[argv.index("--steps") + 1] = "1000000"
+    proc = subprocess.Popen([sys.executable, "-m", "bngraph", *argv], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (run / "checkpoint.pt").exists(), proc)
+        for extra in ("--force", "--resume"):
+            code, _, err = _run(capsys, _argv("train", inputs, run, extra))
+            assert code == 2 and "is the folder of a training run still going" in _one_error_line(err)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
+    assert proc.returncode == 130 and (run / "checkpoint.pt").exists()
+    assert _run(capsys, _argv("train", inputs, run, "--force"))[0] == 0  # once it stopped, as before

@@ -853,6 +853,73 @@ def test_integer_inputs_reach_their_whole_range(tmp_path):
     assert run_cli("verify", f"{path}:Hashed", f"{path}:Hashed")[0] == 0
 
 
+MASKS = """
+import torch
+from torch import nn
+
+T, D = 6, 8
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+
+    def attend(self, x, scores):
+        return scores.softmax(-1) @ self.v(x)
+
+    def scores(self, x):
+        return self.q(x) @ self.k(x).transpose(1, 2) / D ** 0.5
+
+
+class Masked(Attention):  # attention_mask (N, T) int64: 1 keep, 0 padding, as HuggingFace passes it
+    def forward(self, x, mask):
+        return self.attend(x, self.scores(x).masked_fill(mask[:, None, :] == 0, -1e9))
+
+
+class IgnoresTheMask(Attention):
+    def forward(self, x, mask):
+        return self.attend(x, self.scores(x))
+
+
+class Additive(Attention):  # HuggingFace's extended mask, (1 - mask) * -10000
+    def forward(self, x, mask):
+        return self.attend(x, self.scores(x) + (1.0 - mask[:, None, :].float()) * -10000.0)
+
+
+class AdditiveOtherQuery(Additive):
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.q.weight.mul_(-2.0)
+
+
+class Lengths(Attention):  # key j is valid where j < length
+    def forward(self, x, lengths):
+        valid = torch.arange(T)[None, None, :] < lengths[:, None, None]
+        return self.attend(x, self.scores(x).masked_fill(~valid, -1e9))
+
+
+class LengthsOffByOne(Attention):
+    def forward(self, x, lengths):
+        valid = torch.arange(T)[None, None, :] <= lengths[:, None, None]
+        return self.attend(x, self.scores(x).masked_fill(~valid, -1e9))
+"""
+
+
+@pytest.mark.parametrize(("a", "b", "second"), [("Masked", "IgnoresTheMask", "2,6"),
+                                                ("Additive", "AdditiveOtherQuery", "2,6"),
+                                                ("Lengths", "LengthsOffByOne", "2")])
+def test_a_signed_integer_input_no_table_reads_keeps_its_meaning_at_0_and_1(tmp_path, a, b, second):
+    # Drawn from -128..127, a mask almost never held 0, a mask of 127 saturated the softmax,
+    # and lengths fell outside 0..T: each of these pairs passed.
+    (tmp_path / "masks.py").write_text(MASKS)
+    shapes = ["--input-shape", f"2,6,8;{second}", "--input-dtype", "float32;int64"]
+    assert run_cli("verify", f"{tmp_path / 'masks.py'}:{a}", f"{tmp_path / 'masks.py'}:{b}", *shapes)[0] == 1
+    assert run_cli("verify", f"{tmp_path / 'masks.py'}:{a}", f"{tmp_path / 'masks.py'}:{a}", *shapes)[0] == 0
+
+
 class Scores(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1067,6 +1134,31 @@ class NegativeLogNet(LogNet):
     def forward(self, x):
         return self.bn(self.conv(torch.log(-x.abs() - 1))).mean((2, 3))  # NaN on every input
 """
+
+
+class LogAndLinearHeads(nn.Module):
+    """A log-spectrum feature (its input a magnitude) and a linear head on the signed input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.v, self.w = nn.Linear(16, 4), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return torch.log(x + 1e-6).mean(1, keepdim=True) * self.v(x.abs()), self.w(x)
+
+
+class RectifiedLinearHead(LogAndLinearHeads):
+    def forward(self, x):
+        return torch.log(x + 1e-6).mean(1, keepdim=True) * self.v(x.abs()), self.w(x.relu())
+
+
+def test_only_the_outputs_nan_everywhere_are_compared_on_absolute_values():
+    # The whole comparison moved to |x|: a head that differs on negative inputs alone passed.
+    batches = random_batches([(2, 16)])
+    same = verify(LogAndLinearHeads(), LogAndLinearHeads(), batches)
+    assert same and same.inputs.startswith("made non-negative (their absolute values) for ['output.0']")
+    assert not verify(LogAndLinearHeads(), RectifiedLinearHead(), batches)
 
 
 def test_the_pytorch_folds_check_compares_on_absolute_values_or_refuses_too(tmp_path):
