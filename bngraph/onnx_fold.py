@@ -29,7 +29,7 @@ import onnx
 import onnx_ir as ir
 
 from bngraph.atomic import ONNX, check_output
-from bngraph.errors import UserError
+from bngraph.errors import UserError, one_line
 from bngraph.onnx_io import initializer_bytes, load_onnx, write_verified
 from bngraph.passes.base import run_passes
 from bngraph.passes.onnx_replace_bn_with_multiply_add import onnx_replace_bn_with_multiply_add
@@ -80,7 +80,14 @@ def fold_onnx(
     if standalone_bn not in STANDALONE_BN_FORMS:
         raise UserError(f"unknown form {standalone_bn!r} for a BN with no exact fold: {', '.join(STANDALONE_BN_FORMS)}")
     if isinstance(model, onnx.ModelProto):
-        model = ir.serde.deserialize_model(model)
+        try:
+            model = ir.serde.deserialize_model(model)
+        except ir.serde.SerdeError as err:  # a type onnx-ir cannot hold yet (sklearn-onnx's ZipMap maps)
+            cause = err
+            while cause.__cause__ is not None:  # the innermost says what: "Map types are not supported yet"
+                cause = cause.__cause__
+            raise UserError(f"cannot fold this model: onnx-ir, which bngraph's passes run on, cannot read it "
+                            f"({one_line(cause)})") from err
     else:
         model = ir.serde.deserialize_model(ir.serde.serialize_model(model))  # never the caller's
     nested = [site(bn) for bn in mark_nested_graphs(model)]  # left as they are, and said so

@@ -1332,6 +1332,15 @@ def test_zipmaps_probabilities_are_compared_by_key():
         "[{0: float64[], 1: float64[], 2: float64[]}]")
 
 
+def test_folding_a_model_with_a_map_output_is_one_line(tmp_path):
+    # onnx-ir, which the fold's passes run on, holds no map types: its error was a traceback.
+    onnx.save(_zipmap_file(), tmp_path / "classifier.onnx")
+    code, out, err = run_cli("fold", tmp_path / "classifier.onnx", "-o", tmp_path / "folded.onnx")
+    assert (code, out) == (2, "") and len(err.strip().splitlines()) == 1
+    assert err.startswith("bngraph: error: cannot fold this model: onnx-ir") and "Map types" in err
+    assert not (tmp_path / "folded.onnx").exists()
+
+
 def test_an_op_the_reference_evaluator_lacks_is_one_line():
     with pytest.raises(UserError, match="onnx's ReferenceEvaluator cannot run the ONNX model: NotImplementedError: "
                                         "No registered implementation for operator 'ZipMap' and domain 'ai.onnx.ml' "
