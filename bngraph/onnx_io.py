@@ -73,6 +73,8 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         onnx.checker.check_model(proto if proto.ByteSize() < SINGLE_FILE_LIMIT_BYTES else str(path), full_check=True)
     except Exception as err:
         raise UserError(f"{path} is not a valid ONNX model: {one_line(err)}") from err
+    if not proto.graph.output:  # onnxruntime's words for it blamed the file the fold would write
+        raise UserError(f"{path} declares no graph outputs: nothing it computes can be compared")
     return proto
 
 

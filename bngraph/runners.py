@@ -533,6 +533,8 @@ def onnx_inputs(
         empty = proto.ByteSize() == 0
         raise UserError(f"{_describe(model)} is not a valid ONNX model: "
                         f"{'the file is empty' if empty else 'it sets no IR version or no graph'}")
+    if not proto.graph.output:
+        raise UserError(f"{_describe(model)} declares no graph outputs: nothing it computes can be compared")
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if input_shape is not None and len(input_shape) != len(inputs):

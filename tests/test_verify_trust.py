@@ -1341,6 +1341,22 @@ def test_folding_a_model_with_a_map_output_is_one_line(tmp_path):
     assert not (tmp_path / "folded.onnx").exists()
 
 
+@pytest.mark.parametrize("command", ["fold", "verify"])
+def test_a_file_that_declares_no_outputs_is_one_line_naming_it(tmp_path, command):
+    # onnxruntime's words for it ("OrtValue indexes should have been populated") named the
+    # file the fold would have written.
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])], [])
+    path = tmp_path / "no-outputs.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    argv = ["fold", path, "-o", tmp_path / "folded.onnx"] if command == "fold" else ["verify", path, path]
+    code, out, err = run_cli(*argv)
+    assert (code, out, err) == (2, "", f"bngraph: error: {path} declares no graph outputs: nothing it computes can be "
+                                       "compared\n")
+
+
 def test_an_op_the_reference_evaluator_lacks_is_one_line():
     with pytest.raises(UserError, match="onnx's ReferenceEvaluator cannot run the ONNX model: NotImplementedError: "
                                         "No registered implementation for operator 'ZipMap' and domain 'ai.onnx.ml' "
