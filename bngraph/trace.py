@@ -569,9 +569,11 @@ class _Context:
 
 def _backward_is_the_derivative(cls, examples: list, apply) -> bool:
     """Whether `cls`'s backward gives what autograd gives for its forward's own ops, on random
-    values shaped like `examples` (meta tensors; any other argument as it is): False where that
-    cannot be run or differs."""
-    if not any(isinstance(e, torch.Tensor) for e in examples) or any(e is None for e in examples):
+    values shaped like `examples` (meta tensors; None where the trace could not tell a value's
+    shape, which a (2, 3, 4, 5) stands in for: an elementwise Function runs on it, another fails
+    and is not proven; any other argument as it is): False where that cannot be run or differs."""
+    examples = [torch.empty(2, 3, 4, 5, device="meta") if e is None else e for e in examples]
+    if not any(isinstance(e, torch.Tensor) for e in examples):
         return False
     generator = torch.Generator().manual_seed(0)
     try:
