@@ -141,14 +141,8 @@ def test_a_probe_the_model_refuses_is_left_out_and_the_note_names_the_others():
     assert "the example x 10" not in note and "the example + 3" in note
 
 
-class ReadsBnSettings(nn.Module):
+class ReadsBnSettings(ReadsItsLayers):
     """Untraceable, and reads a BN's settings (not its tensors) in the forward."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.c2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.c3, self.bn3 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
 
     def forward(self, x):
         if x.max() > 100:
