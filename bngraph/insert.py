@@ -29,7 +29,7 @@ from bngraph.passes.insert_bn_before_activation import insert_bn_before_activati
 from bngraph.passes.wrap_activation_modules import wrap_activation_modules
 from bngraph.report import Report
 from bngraph.runners import batch_axes_of, random_tensor
-from bngraph.trace import TraceFailed, copy_module, materialize_lazy
+from bngraph.trace import TraceFailed, assert_argument_is_none, copy_module, materialize_lazy
 
 FALLBACK = "module-level fallback"
 
@@ -152,6 +152,10 @@ def insert_report(
     notes = []
     if opaque:
         notes.append(f"traced partially: {len(opaque)} submodule(s) kept opaque (see 'opaque')")
+    if trace_failure is None and (fixed := _fixed_in_the_graph(first.graph)):
+        shown = ", ".join(fixed[:6]) + (f" and {len(fixed) - 6} more" if len(fixed) > 6 else "")
+        notes.append(f"the traced forward takes {shown} only at these values, as the example's call left them: "
+                     "another value raises")
     already = [s for s in skipped if s["reason"].startswith("input already normalized")]
     already_inside = [r for r in not_handled if r.get("input_normalized") is True]
     left_inside = len(not_handled) - len(already_inside)
@@ -189,6 +193,20 @@ def insert_report(
         notes=notes,
         passes=results,
     )
+
+
+def _fixed_in_the_graph(gm) -> list[str]:
+    """The forward's arguments past the example inputs, which the trace fixed at their defaults
+    (`mask=None`, `temperature=1.0`; a graph's guard refuses another value): `name=value` each."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        return []
+
+    def guarded(node) -> bool:  # fx's guard of a fixed argument: an assert on it, not a computation
+        return any(user.target is assert_argument_is_none or any(u.target is torch._assert for u in user.users)
+                   for user in node.users)
+
+    return [f"{node.target}={node.args[0]!r}" for node in gm.graph.nodes
+            if node.op == "placeholder" and node.args and guarded(node)]
 
 
 def data_calibration_batches(path: str, example_inputs: Sequence[torch.Tensor], count: int = 8, batch: int = 64):

@@ -1000,6 +1000,7 @@ def test_optional_arguments_take_their_defaults():
     # Called as the model is, by keyword at the values traced (fx named them mask_1 and
     # return_dict_1); another value is refused, never computed as the traced one.
     torch.testing.assert_close(out(x, mask=None, return_dict=None), out(x))
+    assert "the traced forward takes mask=None, return_dict=None only at these values" in " ".join(report.notes)
     with pytest.raises(AssertionError, match="mask"):
         out(x, mask=torch.zeros(8, 5, 6, dtype=torch.bool))
 
