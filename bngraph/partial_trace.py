@@ -611,7 +611,9 @@ def nonlinearities_not_handled(
     rows = []
     record = record_run(gm, example_inputs)
     for call in record.module_calls:
-        leaf = _containing(call.path, leaves)
+        # Inside a leaf by its path, or by where it ran: an activation module the model also
+        # hands to a block kept whole (`Blk(self.act)`) runs inside it under its own path.
+        leaf = _containing(call.path, leaves) or next(filter(None, (_containing(p, leaves) for p in call.within)), None)
         if leaf is not None and call.path != leaf and isinstance(call.module, ACTIVATION_MODULES):
             rows.append((call.path, type(call.module).__name__, leaf, call.input))
     for fn in record.functional:

@@ -114,6 +114,7 @@ class ModuleCall:
     ops: list[str] = field(default_factory=list)  # every op run inside it, nested modules included
     output: Value | None = None
     training: bool = False  # the module's mode when it was called (a forward may set it)
+    within: tuple[str, ...] = ()  # the paths of the module calls running when it was called, outermost first
 
 
 @dataclass(eq=False)
@@ -209,7 +210,7 @@ class _Recorder(TorchFunctionMode):
             return
         first = next((t for t in tree_leaves(args) if isinstance(t, torch.Tensor)), None)
         value = self.value_of(first) if first is not None else None
-        call = ModuleCall(path, module, value, training=module.training)
+        call = ModuleCall(path, module, value, training=module.training, within=tuple(c.path for c in self.stack))
         self.stack.append(call)
         self.record.module_calls.append(call)
 

@@ -211,3 +211,36 @@ def test_a_batchnorm_inside_a_submodule_fx_keeps_whole_folds_and_the_folder_load
     assert isinstance(loaded.embedder.normalization, nn.Identity) and loaded.embedder.convolution.bias is not None
     code, out, err = _cli(capsys, "verify", f"{tmp_path / 'stem.py'}:Net", folded)
     assert code == 0, out + err
+
+
+class BlockTakingAnActivation(nn.Module):
+    """A block handed its parent's activation module, with a mode branch: kept whole."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.fc, self.act = nn.Linear(6, 6), act
+
+    def forward(self, x):
+        if self.training:
+            x = x * 1.0
+        return self.act(self.fc(x))
+
+
+class SharesItsActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.GELU()
+        self.fc, self.block, self.out = nn.Linear(6, 6), BlockTakingAnActivation(self.act), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.out(self.block(self.act(self.fc(x))))
+
+
+def test_an_activation_module_also_called_inside_a_block_kept_whole_is_named_there():
+    # Registered as `act`, not `block.act`: its call inside the opaque block got no BatchNorm and
+    # no line in the report.
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    _, report = bngraph.insert(SharesItsActivation(), [x])
+    assert [r["node"] for r in report.sections["inserted"]] == ["act"]  # the traced call
+    (row,) = report.sections["not_handled"]
+    assert (row["module"], row["nonlinearity"]) == ("act", "GELU") and row["reason"].startswith("inside block")
