@@ -385,23 +385,30 @@ def verify_models(
     `candidate_weights` into B; the inputs are as the command's --input-shape, --input-dtype
     and --static-input say, else as the models declare."""
     given = parse_input_shapes(input_shape) if input_shape else None
-    models, loaded, onnx_specs, onnx_texts = [], [], [], []
+    models, onnx_specs, onnx_texts = [], [], []
     sides = ((reference, weights, "--weights"), (candidate, candidate_weights, "--candidate-weights"))
-    for text, side_weights, flag in sides:
-        spec = parse_model_spec(text)
-        if spec.kind == "onnx":
-            if side_weights:
-                raise UserError(f"{flag} loads a PyTorch state dict; {text} is an ONNX file with its own weights")
-            models.append(spec.path)
-            onnx_specs.append(onnx_inputs(spec.path, given, static_inputs))
-            onnx_texts.append(text)
-        else:
-            model = load_model(
+    specs = [(parse_model_spec(text), text, side_weights, flag) for text, side_weights, flag in sides]
+    torch_sides = {}  # loaded first: their declared shapes serve an ONNX file whose shapes are symbolic
+    for i, (spec, text, side_weights, flag) in enumerate(specs):
+        if spec.kind == "onnx" and side_weights:
+            raise UserError(f"{flag} loads a PyTorch state dict; {text} is an ONNX file with its own weights")
+        if spec.kind != "onnx":
+            torch_sides[i] = load_model(
                 spec, weights=side_weights, input_shape=input_shape, input_dtype=input_dtype, static_inputs=static_inputs
             )
-            models.append(model.module)
-            if model.input_shapes:
-                loaded.append(model)
+    loaded = [model for model in torch_sides.values() if model.input_shapes]
+    for i, (spec, text, _, _) in enumerate(specs):
+        if spec.kind != "onnx":
+            models.append(torch_sides[i].module)
+            continue
+        models.append(spec.path)
+        try:
+            onnx_specs.append(onnx_inputs(spec.path, given, static_inputs))
+        except UserError:
+            if given or not loaded:  # [?, 3, ?, ?] and nothing else says what: --input-shape
+                raise
+            onnx_specs.append(onnx_inputs(spec.path, loaded[0].input_shapes, static_inputs))
+        onnx_texts.append(text)
     # The PyTorch side's declared shapes first, else the ONNX graph's (batch axis symbolic); the
     # dtypes the user gave, else the ONNX graph's, else the PyTorch side's.
     if loaded:

@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 
+import bngraph
 from bngraph.cli import main
 from bngraph.export import export
 from bngraph.compare import ONNX_TOLERANCE, TORCH_TOLERANCE, compare
@@ -249,3 +250,32 @@ def test_a_file_model_names_the_same_weights_on_every_load(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert main(["fold", f"{path}:Net", "-o", str(tmp_path / "folded")]) == 0
         assert main(["verify", f"{path}:Net", str(tmp_path / "folded")]) == 0
+
+
+DYNAMIC_PY = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 3, 16, 16)
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+'''
+
+
+def test_an_onnx_file_with_symbolic_sizes_takes_the_pytorch_sides_declared_shape(tmp_path):
+    # [N, 3, H, W]: verify asked for --input-shape though the model beside it declares (2, 3, 16, 16).
+    (tmp_path / "net.py").write_text(DYNAMIC_PY)
+    model = bngraph.load(f"{tmp_path / 'net.py'}:Net").eval()
+    torch.onnx.export(model, (torch.randn(2, 3, 16, 16),), str(tmp_path / "net.onnx"), input_names=["x"],
+                      dynamo=False, dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}})
+    code, out, err = run_cli("verify", f"{tmp_path / 'net.py'}:Net", tmp_path / "net.onnx")
+    assert code == 0 and out.strip().splitlines()[-1].startswith("PASSED"), err
+    code, _, err = run_cli("verify", tmp_path / "net.onnx", tmp_path / "net.onnx")  # nothing says the sizes
+    assert code == 2 and "give them with --input-shape" in err
