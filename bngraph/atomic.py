@@ -27,6 +27,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import struct
 import zlib
@@ -91,12 +92,20 @@ def _is_marked_onnx(path: Path) -> bool:
 def foreign_entries(path: Path, kind: str) -> list[str]:
     """What a bngraph folder of `kind` at `path` holds that bngraph does not write there: other
     files, and an artifact's files that are not as bngraph wrote them."""
-    found = [p.name for p in path.iterdir() if p.name not in FOLDER_CONTENTS[kind]]
+    found = [p.name for p in path.iterdir() if p.name not in FOLDER_CONTENTS[kind] and not _left_by_a_kill(p.name, kind)]
     found += _changed_or_unrecorded(path)
     for pattern in _NESTED_ARTIFACTS.get(kind, ()):
         found += [f"{p.relative_to(path)}/{name}" for p in path.glob(pattern) if p.is_dir()
                   for name in foreign_entries(p, ARTIFACT)]
     return sorted(found)
+
+
+def _left_by_a_kill(name: str, kind: str) -> bool:
+    """Whether `name` is the temporary of one of the files bngraph writes in a folder of `kind`
+    (`_fresh_sibling`'s `.checkpoint.1234.partial.pt`): a run killed with SIGKILL as it rewrote
+    its checkpoint or bngraph.json leaves it, and it is bngraph's, not the user's."""
+    found = re.fullmatch(r"\.(.+)\.\d+(?:-\d+)?\.partial(\.[^.]*)?", name)
+    return found is not None and f"{found[1]}{found[2] or ''}" in FOLDER_CONTENTS[kind]
 
 
 def sha256(path: Path) -> str:
@@ -120,15 +129,19 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _description_changed(folder: Path) -> bool:
-    """Whether `folder`'s bngraph.json is not the text bngraph wrote (one written before the
-    digest was recorded cannot tell, and counts as unchanged, as it did then)."""
+def _description(folder: Path) -> tuple[dict | None, bool]:
+    """`folder`'s bngraph.json (None where it is unreadable or not an object), and whether its
+    text is not what bngraph wrote (one written before the digest was recorded cannot tell, and
+    counts as unchanged, as it did then)."""
     try:
         meta = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
-        return True
-    recorded = meta.pop(DESCRIPTION_DIGEST, None) if isinstance(meta, dict) else None
-    return recorded is not None and _digest(json.dumps(meta, indent=2) + "\n") != recorded
+        return None, True
+    if not isinstance(meta, dict):
+        return None, True
+    body = {key: value for key, value in meta.items() if key != DESCRIPTION_DIGEST}
+    recorded = meta.get(DESCRIPTION_DIGEST)
+    return meta, recorded is not None and _digest(json.dumps(body, indent=2) + "\n") != recorded
 
 
 def _changed_or_unrecorded(folder: Path) -> list[str]:
@@ -136,11 +149,9 @@ def _changed_or_unrecorded(folder: Path) -> list[str]:
     artifact's files changed since (their SHA-256 in its bngraph.json), or inside code/ and
     __pycache__/ without being listed there (the user's, put beside the modules bngraph
     carried), Python's bytecode aside."""
-    found = [f"{MARKER} (changed since bngraph wrote it)"] if _description_changed(folder) else []
-    try:
-        recorded = json.loads((folder / MARKER).read_text()).get("sha256", {})
-    except (OSError, ValueError, AttributeError):
-        recorded = {}
+    meta, changed = _description(folder)
+    found = [f"{MARKER} (changed since bngraph wrote it)"] if changed else []
+    recorded = (meta or {}).get("sha256", {})
     # A list: the file as it was and as it is being rewritten (`_record_written`), either one bngraph's.
     found += [f"{name} (changed since bngraph wrote it)" for name, digest in recorded.items()
               if (folder / name).is_file() and sha256(folder / name) not in ([digest] if isinstance(digest, str) else digest)]
@@ -351,10 +362,10 @@ def _record_written(folder: Path, digests: dict[str, str], *, keep_previous: boo
     and `--resume` then refuse to lose (`foreign_entries`). With `keep_previous`, the digest
     before stays valid too (the file is about to be replaced). A description the user edited is
     left as it is (it refuses already); a folder that is not bngraph's is not one to record in."""
-    if not digests or not (folder / MARKER).is_file() or _description_changed(folder):
+    if not digests or not (folder / MARKER).is_file():
         return
-    meta = json.loads((folder / MARKER).read_text())
-    if not isinstance(meta, dict) or meta.get("format") not in FOLDER_FORMATS.values():
+    meta, changed = _description(folder)
+    if changed or meta.get("format") not in FOLDER_FORMATS.values():
         return
     recorded = meta.get("sha256", {})
     for name, digest in digests.items():
@@ -464,15 +475,9 @@ def _held(folder: Path) -> Iterator[None]:
     """Hold `folder` for one training run (an advisory lock the kernel drops with the process):
     a second run, a `--resume` or a `--force` of the same folder meanwhile is refused, not let
     write into it or swap it away under the first (`_refuse_if_running`)."""
-    _refuse_if_running(folder)
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        _refuse_if_running(folder)
-        raise
-    try:
+        _lock(fd, folder, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
@@ -485,12 +490,17 @@ def _refuse_if_running(folder: Path) -> None:
     except OSError:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        _lock(fd, folder, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
+def _lock(fd: int, folder: Path, kind: int) -> None:
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
     except BlockingIOError:
         raise UserError(f"{folder} is the folder of a training run still going (another bngraph process): it is "
                         "left as it is; wait for that run, stop it, or choose another -o") from None
-    finally:
-        os.close(fd)
 
 
 def _filling(folder: Path, path: Path, made: list[Path], replacing: bool, force: bool) -> Iterator[Path]:

@@ -561,3 +561,15 @@ def test_a_run_still_going_is_neither_replaced_nor_resumed_by_another_command(tm
         proc.communicate(timeout=120)
     assert proc.returncode == 130 and (run / "checkpoint.pt").exists()
     assert _run(capsys, _argv("train", inputs, run, "--force"))[0] == 0  # once it stopped, as before
+
+
+def test_the_temporaries_a_killed_run_leaves_are_bngraphs_not_the_users(tmp_path, capsys, inputs):
+    # kill -9 while a run rewrites its checkpoint or bngraph.json leaves the temporary beside it:
+    # the next --resume took it for the user's file and refused (a flake of the SIGKILL test).
+    run = tmp_path / "run"
+    assert _run(capsys, _argv("train", inputs, run))[0] == 0
+    for name in (".checkpoint.4242.partial.pt", ".bngraph.4242-1.partial.json"):
+        (run / name).write_bytes(b"cut short by SIGKILL")
+    assert atomic.foreign_entries(run, RUN) == []
+    (run / ".notes.4242.partial.txt").write_text("not a name bngraph writes\n")
+    assert atomic.foreign_entries(run, RUN) == [".notes.4242.partial.txt"]
