@@ -497,7 +497,7 @@ class _Tracer(fx.Tracer):
         # What a module's own forward did while traced that no graph can hold: the innermost
         # module that did it is named (insert's tracer then keeps it whole).
         state, rng = _module_state(m), torch.random.get_rng_state()
-        buffers = dict(m.named_buffers())
+        buffers = dict(m.named_buffers(recurse=False))  # its own: each submodule's call checks its own
         versions = _versions(buffers)
         out = super().call_module(m, forward, args, kwargs)
         check_no_random_draws(rng)  # `trace` puts back what any of these changed
