@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         doc = module.__doc__.strip()
         p = sub.add_parser(
             name,
-            help=doc.splitlines()[0],
+            help=" ".join(doc.split("\n\n")[0].split()),  # the first paragraph, unwrapped
             description=doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )

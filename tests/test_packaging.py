@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,17 @@ def test_help_and_zoo_start_without_torch_or_onnx(argv):
     if argv[-1] == "--json":
         rows = {row["name"]: row for row in json.loads(done.stdout)["models"]}
         assert rows["mnist-mlp"]["parameters"] == 99_710
+
+
+def test_each_command_is_summed_up_in_whole_sentences(capsys):
+    # `bngraph --help` lists each verb by its docstring's first paragraph; a summary cut at the
+    # first line ended "an exact --resume. The model".
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = capsys.readouterr().out.split("COMMAND", 2)[2].split("options:")[0]
+    summaries = [" ".join(s.split()) for s in re.split(r"\n {4}(?=\S)", listing) if s.strip()]
+    assert len(summaries) == 9, summaries
+    assert all(s.endswith((".", "]")) for s in summaries), summaries
 
 
 def test_the_deployment_side_does_not_load_the_training_package():
