@@ -544,11 +544,15 @@ def _custom_functions_checked(tracer: _Tracer):
     is fx's TraceError naming it (insert's tracer then keeps its module whole). torch's own
     Functions (checkpointing's) keep the gradient."""
     original = torch.autograd.Function.__dict__["apply"]
+    proven: dict[tuple, bool] = {}  # per Function and argument shapes: efficientnet-b0 calls one 49 times
 
     def apply(cls, *args, **kwargs):
         if not cls.__module__.startswith("torch.") and any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
             examples = [tracer.example_of(a.node) if isinstance(a, fx.Proxy) else a for a in args]
-            if kwargs or not _backward_is_the_derivative(cls, examples, original.__func__):
+            key = (cls, *((tuple(e.shape), e.dtype) if isinstance(e, torch.Tensor) else repr(e) for e in examples))
+            if key not in proven:
+                proven[key] = not kwargs and _backward_is_the_derivative(cls, examples, original.__func__)
+            if kwargs or not proven[key]:
                 raise fx.proxy.TraceError(f"it calls the custom autograd Function {cls.__qualname__}, whose own "
                                           "backward a traced graph would drop (torch.fx records its forward's ops only)")
         return original.__func__(cls, *args, **kwargs)
