@@ -213,6 +213,16 @@ def _check_parent(path: Path) -> None:
         raise UserError(f"cannot write {path}: folder {parent} is not writable")
 
 
+def _output_path(path: str | Path) -> Path:
+    """`path`, its folder resolved where it passes through `..`: the temporaries are built beside
+    it by name, and beside `art/../art` is reached through `art` itself, which the swap moves
+    away. Only its folder: a symbolic link at `path` stays one, for `check_output` to refuse."""
+    path = Path(path)
+    if ".." not in path.parts:
+        return path
+    return path.resolve() if path.name in ("", "..") else path.parent.resolve() / path.name
+
+
 def check_output(
     path: str | Path, kind: str | None, *, force: bool = False, inputs: Iterable[str | Path | None] = ()
 ) -> Path:
@@ -220,9 +230,9 @@ def check_output(
 
     `kind` is what will be written there (None: a file only bngraph reads, such as a download).
     `inputs` are the paths the command reads (its model, weights, data): the output may not be
-    one of them, inside one, or around one. Returns `path` as a Path.
+    one of them, inside one, or around one. Returns `path` as a Path (`_output_path`).
     """
-    path = Path(path)
+    path = _output_path(path)
     _check_place(path, inputs)
     if kind in FOLDER_FORMATS and path.suffix.lower() in FILE_LIKE_SUFFIXES:
         hint = " (an ONNX file is written by `bngraph export MODEL -o FILE.onnx`)" if path.suffix == ".onnx" else ""
@@ -331,7 +341,7 @@ def write_atomically(
     An existing `path` is replaced only as the module docstring says; `replace_own` is for a file
     inside a folder bngraph owns (a run's checkpoint), rewritten as the run goes.
     """
-    path = Path(path)
+    path = _output_path(path)
     if not (replace_own and path.is_file()):
         check_output(path, kind, force=force)
     made = _make_parents(path)
@@ -449,7 +459,7 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
     `force` over an old run, the new run is built beside it and swapped in when done: stopped, it
     is discarded and the old run stays as it was.
     """
-    path = Path(path)
+    path = _output_path(path)
     if resume:
         if force:
             raise UserError("--resume continues the run in -o, --force replaces it: choose one")

@@ -116,6 +116,23 @@ def test_force_replaces_a_bngraph_output_of_the_same_kind(name, tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary or old copy left
 
 
+@pytest.mark.parametrize("name", ["insert", "export", "train"])
+def test_force_through_the_outputs_own_name_replaces_it(name, tmp_path, capsys, inputs):
+    # `-o art/../art`: built beside by name, the new output was reached through `art` itself,
+    # which the swap had moved away; the old output was left hidden and a traceback printed.
+    out = tmp_path / COMMANDS[name][1]
+    assert _run(capsys, _argv(name, inputs, out))[0] == 0
+    through = out.name
+    if out.suffix:  # a file has no inside: go through a folder beside it
+        through = "sub"
+        (tmp_path / through).mkdir()
+    around = tmp_path / through / ".." / out.name
+    code, _, err = _run(capsys, _argv(name, inputs, around, "--force"))
+    assert code == 0, err
+    assert output_kind(out) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name] + (["sub"] if out.suffix else []))
+
+
 @pytest.mark.parametrize("name", ["fold-onnx", "export"])
 def test_an_onnx_file_another_tool_wrote_is_never_replaced(name, tmp_path, capsys, inputs):
     out = tmp_path / COMMANDS[name][1]
