@@ -195,6 +195,21 @@ def pil_gray():
     return PilImages(16, "L"), PilImages(8, "L")
 
 
+class SomeAugmentedToFloat(torch.utils.data.Dataset):  # an augmentation that returns floats in [0, 1]
+    def __init__(self, n):
+        self.x = torch.randint(0, 256, (n, 1, 28, 28), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return (self.x[i].float() / 255 if i % 2 else self.x[i]), i % 10
+
+
+def mixed_uint8_and_float():
+    return SomeAugmentedToFloat(16), SomeAugmentedToFloat(8)
+
+
 def pil_rgb():
     return PilImages(16, "RGB"), PilImages(8, "RGB")
 
@@ -388,11 +403,11 @@ def test_a_factory_of_token_ids_trains_a_text_model_in_memory_and_streamed(tmp_p
 
 
 def test_a_factorys_images_read_whole_and_streamed_are_the_same_values(tmp_path):
-    # uint8 tensors are scaled to [0, 1] on both paths (streamed, they once stayed 0-255), and PIL
-    # images become C, H, W.
+    # uint8 tensors are scaled to [0, 1] on both paths (streamed, they once stayed 0-255; held
+    # whole beside float items, torch.stack made them floats of 0-255), and PIL images become C, H, W.
     factory = tmp_path / "data.py"
     factory.write_text(FACTORY_PY)
-    for symbol in ("uint8_images", "pil_gray", "pil_rgb"):
+    for symbol in ("uint8_images", "pil_gray", "pil_rgb", "mixed_uint8_and_float"):
         whole = open_data(f"{factory}:{symbol}")
         streamed = open_data(f"{factory}:{symbol}", stream_above_mb=0, workers=0)
         assert isinstance(whole, TensorData) and isinstance(streamed, StreamData)

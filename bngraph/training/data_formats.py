@@ -608,6 +608,8 @@ def _open_factory(path: str, target: Target, input_shape, fits, finish, workers,
             shapes = {tuple(x.shape) for x, _ in items}
             if len(shapes) > 1:
                 raise UserError(f"{where} {part} has images of several shapes: {', '.join(map(str, sorted(shapes)))}")
+            if len({x.dtype for x, _ in items}) > 1:  # stacked, uint8 items would become floats of 0-255
+                items = [(to_model_input(x[None], target)[0], y) for x, y in items]  # each as streamed
             labels = _check_labels(np.array([y for _, y in items]), f"{where} {part}")
             splits.append(Split(torch.stack([x for x, _ in items]), torch.from_numpy(labels), where))
         if channel_axis:
