@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from bngraph.errors import UserError, one_line
 from bngraph.errors import running_user_model
@@ -68,22 +69,32 @@ class TorchRunner:
 
 
 class ComputedPrecision(TorchFunctionMode):
-    """The epsilon of the least precise floating tensor any torch function read while the mode
-    was on (0 where none did): a bfloat16 layer inside a float32 model rounds at bfloat16's
-    epsilon, whatever its output's dtype. What a forward reads, not what the module holds: an
-    unused bfloat16 buffer in a float32 model widened verify's tolerance to 0.031, and a
-    candidate 2% off passed."""
+    """The epsilon of the least precise floating tensor any torch function computed while the
+    mode was on (0 where none did): a bfloat16 layer inside a float32 model rounds at bfloat16's
+    epsilon, whatever the model's output's dtype. What a forward computes, not what it holds or
+    reads: an unused bfloat16 buffer in a float32 model widened verify's tolerance to 0.031, and
+    so did a bfloat16 zero indexed from a table and added to a float32 sum (exact: the sum is
+    float32, the row a view), and a candidate 2% off passed. A view of an input computes
+    nothing. A fold rounds its weights in their layer's dtype, which that layer computes in."""
 
     def __init__(self):
         super().__init__()
         self.eps = 0.0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        for arg in (*args, *(kwargs or {}).values()):
-            for t in arg if isinstance(arg, (list, tuple)) else (arg,):  # torch.cat's list
-                if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    self.eps = max(self.eps, torch.finfo(t.dtype).eps)
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        read = {_storage(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and (_storage(t) not in read or _storage(t) is None):
+                self.eps = max(self.eps, torch.finfo(t.dtype).eps)
+        return out
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a sparse or nested tensor: taken as computed
+        return None
 
 
 @contextlib.contextmanager
