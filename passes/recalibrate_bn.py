@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from bngraph.errors import UserError
 from bngraph.passes.base import PassResult, Skip, graph_pass
@@ -44,6 +46,24 @@ class _Moments:
         self.mean_sum = mu_b if self.mean_sum is None else self.mean_sum + mu_b
         self.var_sum = unbiased if self.var_sum is None else self.var_sum + unbiased
         self.batches += 1
+
+
+class _NormalizedInputs(TorchFunctionMode):
+    """Each BN's statistics from what F.batch_norm normalizes with its running statistics, not
+    from the module's input: a subclass whose forward transposes (N, L, C) to (N, C, L) first,
+    as transformer code writes it, had its positions' statistics stored as its channels'."""
+
+    def __init__(self, moments: dict[int, _Moments]):
+        super().__init__()
+        self.moments = moments  # by the id of the BN's running_mean
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            running_mean = args[1] if len(args) > 1 else kwargs.get("running_mean")
+            if (moments := self.moments.get(id(running_mean))) is not None:
+                moments.add(args[0] if args else kwargs["input"])
+        return func(*args, **kwargs)
 
 
 class RecalibrateBN:
@@ -72,16 +92,14 @@ class RecalibrateBN:
         # The forward passes below also move the moving averages: keep the originals to compare.
         before = {n: (bns[n].running_mean.clone(), bns[n].running_var.clone(), bns[n].num_batches_tracked.clone())
                   for n in moments}
-        hooks = [bns[n].register_forward_pre_hook(lambda mod, args, n=n: moments[n].add(args[0])) for n in moments]
         try:
             model.eval()
             for name in moments:
                 bns[name].train()  # batch statistics, as the training network computes them
-            for batch in self.batches:
-                model(*fresh_inputs(batch))  # a forward may write into its input
+            with _NormalizedInputs({id(bns[n].running_mean): m for n, m in moments.items()}):
+                for batch in self.batches:
+                    model(*fresh_inputs(batch))  # a forward may write into its input
         finally:
-            for hook in hooks:
-                hook.remove()
             for module, training in flags.items():
                 module.training = training  # this module only: train() would recurse
         for name, m in moments.items():
@@ -91,7 +109,8 @@ class RecalibrateBN:
             if m.batches == 0:
                 bn.running_mean.copy_(old_mean)
                 bn.running_var.copy_(old_var)
-                result.skipped.append(Skip(name, "never ran on the calibration batches"))
+                result.skipped.append(Skip(name, "never ran on the calibration batches (or normalized without "
+                                                 "F.batch_norm on its running statistics)"))
                 continue
             mean, var = m.mean_sum / m.batches, m.var_sum / m.batches
             result.details.append(

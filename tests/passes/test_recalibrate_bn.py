@@ -96,3 +96,34 @@ def test_a_model_without_bn_is_left_alone():
     result = recalibrate_bn(model, [(torch.randn(4, 3),)])
     assert result.changed == [] and result.skipped == []
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+class TokenBatchNorm(nn.BatchNorm1d):
+    """A BatchNorm over the last axis of (N, L, C), as transformer code writes it."""
+
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class TokenMLP(nn.Module):
+    def __init__(self, features: int):
+        super().__init__()
+        self.fc = nn.Linear(5, features)
+        self.bn = TokenBatchNorm(features)
+
+    def forward(self, tokens):
+        return torch.relu(self.bn(self.fc(tokens)))
+
+
+def test_a_subclass_gets_the_statistics_of_what_it_normalizes_not_of_its_input():
+    # Read from the module's input, a (N, L, C) batch gave L positions' statistics, stored as
+    # the C channels' where L == C, and a traceback where not.
+    for length, features in ((4, 4), (7, 4)):
+        torch.manual_seed(2)
+        model = TokenMLP(features)
+        batches = [(torch.randn(6, length, 5) * 3 + 1,) for _ in range(3)]
+        assert recalibrate_bn(model, batches).changed == ["bn"]
+        with torch.no_grad():
+            mean, var = population([model.fc(x).transpose(1, 2) for (x,) in batches])
+        torch.testing.assert_close(model.bn.running_mean, mean.float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.bn.running_var, var.float(), rtol=1e-5, atol=1e-6)
