@@ -385,7 +385,8 @@ def _record_written(folder: Path, digests: dict[str, str], *, keep_previous: boo
     meta["sha256"] = recorded
     tmp = _fresh_sibling(folder / MARKER, "partial")
     try:
-        tmp.write_text(description_text(meta))
+        with _disk_errors(folder / MARKER):
+            tmp.write_text(description_text(meta))
         os.replace(tmp, folder / MARKER)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -393,7 +394,8 @@ def _record_written(folder: Path, digests: dict[str, str], *, keep_previous: boo
 
 
 def _write_marker(folder: Path, kind: str) -> None:
-    (folder / MARKER).write_text(description_text({"format": FOLDER_FORMATS[kind], "format_version": 1}))
+    with _disk_errors(folder / MARKER):
+        (folder / MARKER).write_text(description_text({"format": FOLDER_FORMATS[kind], "format_version": 1}))
 
 
 def _swap_in(built: Path, path: Path, kind: str, force: bool) -> None:

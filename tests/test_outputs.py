@@ -302,6 +302,26 @@ def test_a_full_disk_under_a_file_output_keeps_the_old_file(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_a_full_disk_while_a_run_records_its_files_is_one_line(tmp_path):
+    # A run rewrites bngraph.json after each checkpoint and evaluation (the files' digests):
+    # on a full disk that write, unlike the files', ended in a traceback.
+    atomic._write_marker(tmp_path, RUN)
+    before = snapshot(tmp_path)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16, limits[1]))
+    try:
+        with pytest.raises(UserError, match="bngraph.json: File too large"):
+            atomic._record_written(tmp_path, {"checkpoint.pt": "0" * 64})
+        assert snapshot(tmp_path) == before  # the description as it was, no temporary beside it
+        (tmp_path / "new").mkdir()
+        with pytest.raises(UserError, match="bngraph.json: File too large"):
+            atomic._write_marker(tmp_path / "new", RUN)  # a new run's first file (the folder's own cleanup removes it)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
 def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not predicate():
