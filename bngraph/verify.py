@@ -446,6 +446,7 @@ def verify_models(
     if data:
         batches.append(data_batch(data, shapes, dtypes[0] if dtypes else None))
         batch_sizes.append(len(batches[-1][0]))
+    versions = [_state_versions(m) for m in models]
     result = verify(models[0], models[1], batches, atol, rtol, evaluator=evaluator, batch_sizes=batch_sizes,
                     input_names=names)
     report = Report(
@@ -457,6 +458,12 @@ def verify_models(
         report.notes.append(unbatched_note(unbatched))
     elif sizes != BATCH_SIZES:
         report.notes.append(f"an ONNX file fixes the batch at {sizes[0]}: compared at that batch only")
+    for text, model, before in zip((reference, candidate), models, versions):
+        if written := [name for name, version in _state_versions(model).items() if version != before.get(name)]:
+            # Silent, a candidate that doubled its output from its 7th call on passed.
+            report.notes.append(f"{text} writes {_listed(written)} in its forward, in eval mode: what it computes may "
+                                f"depend on how often it ran before; verify compared its outputs on these {len(batches)} "
+                                "batches only")
     # Silent, a float16 candidate passed a 0.3% gain error at float16's tolerance against float32.
     changed = {d.output: d for d in result.diffs if d.dtypes}
     for name, diff in changed.items():
@@ -464,6 +471,14 @@ def verify_models(
         report.notes.append(f"output {name!r} is {diff.dtypes[0]} in {candidate} but {diff.dtypes[1]} in {reference}: "
                             f"compared {tolerance}")
     return result, report
+
+
+def _state_versions(model) -> dict[str, int]:
+    """Each parameter's and buffer's version counter, which an in-place write moves: empty for an
+    ONNX file (its state is constant)."""
+    if not isinstance(model, torch.nn.Module):
+        return {}
+    return {name: t._version for name, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
 
 
 def _check_same_input_dtypes(specs, texts: Sequence[str], names: Sequence[str]) -> None:

@@ -1432,3 +1432,44 @@ def test_an_empty_onnx_file_is_not_a_valid_model(tmp_path):
     onnx.save(model, tmp_path / "no_graph.onnx")
     code, _, err = run_cli("verify", tmp_path / "model.onnx", tmp_path / "no_graph.onnx")
     assert code == 2 and err.endswith("is not a valid ONNX model: it sets no IR version or no graph\n")
+
+
+COUNTS_ITS_CALLS = '''
+import torch
+from torch import nn
+
+example_input_shape = (2, 4)
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class CountsItsCalls(Plain):
+    """The same function on its first six calls, twice it from the seventh on."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x) * torch.where(self.calls > 6, 2.0, 1.0)
+'''
+
+
+def test_a_model_that_writes_its_state_in_eval_mode_is_named_in_the_report(tmp_path):
+    # It passed on verify's few calls without a word; what it computes later no run can cover.
+    (tmp_path / "m.py").write_text(COUNTS_ITS_CALLS)
+    model = tmp_path / "m.py"
+    code, out, _ = run_cli("verify", f"{model}:Plain", f"{model}:CountsItsCalls", "--json")
+    notes = json.loads(out)["notes"]
+    assert code == 0 and len(notes) == 1
+    assert notes[0].startswith(f"{model}:CountsItsCalls writes ['calls'] in its forward, in eval mode")
+    code, out, _ = run_cli("verify", f"{model}:Plain", f"{model}:Plain", "--json")
+    assert code == 0 and json.loads(out)["notes"] == []
