@@ -28,3 +28,56 @@ def test_leaves_a_training_mode_batchnorm_alone():
     model = ir.serde.deserialize_model(original)
     onnx_simplify(model)
     assert ops(model).count("BatchNormalization") == ops(original).count("BatchNormalization") == 4
+
+
+def _graph(nodes, inputs, outputs, initializers=()):
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_keeps_a_small_epsilon_and_what_it_guards():
+    # onnxscript's no-op rules match their constants within a tolerance: `x + 1e-8` became x, and
+    # log(relu(x) + 1e-8) became -inf wherever the ReLU gave 0.
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    value = helper.make_tensor_value_info
+    original = _graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["r", "eps"], ["a"]),
+         helper.make_node("Mul", ["a", "one"], ["m"]), helper.make_node("Log", ["m"], ["y"])],
+        [value("x", TensorProto.FLOAT, [2, 8])], [value("y", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(np.array(1e-8, np.float32), "eps"),
+         numpy_helper.from_array(np.array(1.000001, np.float32), "one")],
+    )
+    model = ir.serde.deserialize_model(original)
+    onnx_simplify(model)
+    x = np.random.default_rng(0).normal(size=(2, 8)).astype(np.float32)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+           for m in (original, ir.serde.serialize_model(model))]
+    assert np.isfinite(run[1]).all()
+    np.testing.assert_array_equal(run[0], run[1])
+
+
+def test_a_dilated_same_padded_conv_keeps_its_auto_pad():
+    # The pad normalization computed SAME pads as if the dilation were 1: the file then failed
+    # shape inference (a traceback in fold).
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    value = helper.make_tensor_value_info
+    weights = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    original = _graph([helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", dilations=[2, 2])],
+                      [value("x", TensorProto.FLOAT, [1, 3, 8, 8])], [value("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                      [weights])
+    model = ir.serde.deserialize_model(original)
+    onnx_simplify(model)
+    simplified = ir.serde.serialize_model(model)
+    onnx.shape_inference.infer_shapes(simplified, check_type=True, strict_mode=True)
+    assert [n.op_type for n in simplified.graph.node] == ["Conv"]
+    attributes = {a.name: helper.get_attribute_value(a) for a in simplified.graph.node[0].attribute}
+    assert attributes.get("auto_pad") == b"SAME_UPPER" and "pads" not in attributes
