@@ -190,12 +190,13 @@ def bn_scale_shift(bn: ir.Node) -> tuple[torch.Tensor, torch.Tensor]:
     gives its scale and shift: one algebra for every fold, not a second copy of it here.
     """
     params = bn_parameters(bn)
-    shape = params["bn_rm"].shape
-    flat = {k: v.reshape(-1) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
-    features = flat["bn_rm"].numel()
+    shape, dtype = params["bn_rm"].shape, params["bn_rm"].dtype
+    # In float64, rounded once to the statistics' dtype: computed in float32 (torch.ones'), a
+    # float64 model's fold was float32-accurate only, 1.3e-4 of the output off near its mean.
+    flat = {k: v.reshape(-1).double() if isinstance(v, torch.Tensor) else v for k, v in params.items()}
     with torch.no_grad():
-        scale, shift = fuse_conv_bn_weights(torch.ones(features, 1), None, **flat)
-    return scale.detach().reshape(shape), shift.detach().reshape(shape)
+        scale, shift = fuse_conv_bn_weights(torch.ones(flat["bn_rm"].numel(), 1, dtype=torch.float64), None, **flat)
+    return scale.detach().reshape(shape).to(dtype), shift.detach().reshape(shape).to(dtype)
 
 
 def overflow_reason(bn: ir.Node, layer: ir.Node, bias: torch.Tensor | None = None) -> str | None:

@@ -370,3 +370,26 @@ def test_a_transpose_pair_between_a_conv_and_its_bn_is_cancelled_before_the_fold
     folded, report = fold_onnx(model)
     assert report.facts["batchnorms_after"] == 0 and [n.op_type for n in folded.graph] == ["Conv"]
     assert relative_error(model, folded, feeds()) < FLOAT32_REL
+
+
+@pytest.mark.parametrize("standalone_bn", ["fold", "mul-add"])
+def test_a_float64_models_fold_is_float64_accurate(standalone_bn):
+    # The BN's scale and shift were computed in float32 and stored as float64: 1.3e-4 of the
+    # output off on inputs near the running mean (where data lies), 1e-7 on N(0, 1).
+    rng = np.random.default_rng(3)
+    channels, offset = 4, 1e4
+    stats = [numpy_helper.from_array(a, n) for n, a in (
+        ("s", rng.normal(size=channels)), ("b", rng.normal(size=channels)),
+        ("m", rng.normal(size=channels) + offset), ("v", rng.uniform(0.5, 2, size=channels)))]
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["h" if standalone_bn == "fold" else "y"])]
+    weights = []
+    if standalone_bn == "fold":
+        nodes.append(helper.make_node("Gemm", ["h", "w"], ["y"]))
+        weights = [numpy_helper.from_array(rng.normal(size=(channels, channels)), "w")]
+    value = [helper.make_tensor_value_info(n, TensorProto.DOUBLE, ["N", channels]) for n in ("x", "y")]
+    original = helper.make_model(helper.make_graph(nodes, "g", value[:1], value[1:], stats + weights),
+                                 opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    folded, _ = fold_onnx(original, standalone_bn="mul-add")
+    assert "BatchNormalization" not in ops(folded)
+    near_the_mean = {"x": rng.normal(size=(7, channels)) + offset}
+    assert relative_error(original, folded, near_the_mean) < 1e-11
