@@ -327,6 +327,21 @@ def test_npz_in_each_layout_trains(tmp_path, capsys, nets):
     _train(capsys, tmp_path, f"{nets}:Net", tmp_path / "nhwc.npz")
 
 
+def test_an_npz_whose_layout_only_the_models_size_tells_is_read_by_it_and_else_refused(tmp_path):
+    # Images N,3,H,3 for a 3-channel model: axes 1 and 3 both have 3. Read as NHWC first, data
+    # saved N,C,H,W reached the model transposed.
+    rng = np.random.default_rng(0)
+    for shape, model in (((16, 3, 8, 3), (2, 3, 8, 3)), ((16, 3, 3, 3), (2, 3, 3, 3))):
+        x = rng.integers(0, 256, shape, dtype=np.uint8)  # saved as PyTorch orders it
+        path = tmp_path / f"{shape[2]}.npz"
+        np.savez(path, x_train=x, y_train=np.arange(16) % 2, x_test=x[:4], y_test=np.arange(4) % 2)
+        if shape[2] != shape[3]:
+            torch.testing.assert_close(open_data(path, input_shape=model).x_train, torch.from_numpy(x).float() / 255)
+        else:
+            with pytest.raises(UserError, match=r"axes 1 and 3 both hold the model's 3 channels"):
+                open_data(path, input_shape=model)
+
+
 @pytest.mark.parametrize("hundred", [False, True])
 def test_cifar_binary_trains(tmp_path, capsys, nets, hundred):
     root = write_cifar(tmp_path / ("cifar-100-binary" if hundred else "cifar-10-batches-bin"), hundred)

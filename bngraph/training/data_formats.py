@@ -232,7 +232,7 @@ def read_npz(path: Path, target: Target) -> tuple[Split, Split]:
         if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
             raise UserError(f"{path}: x_{part} is {x.dtype}; expected uint8 (0-255) or float images")
         check_finite(torch.from_numpy(x), f"{path}: x_{part}")
-        splits.append(Split(torch.from_numpy(_nchw(x, target.channels, f"{path}: x_{part}")), torch.from_numpy(y), where))
+        splits.append(Split(torch.from_numpy(_nchw(x, target, f"{path}: x_{part}")), torch.from_numpy(y), where))
     train, test = splits
     if train.images.shape[1:] != test.images.shape[1:]:
         raise UserError(f"{path}: x_train images are {tuple(train.images.shape[1:])}, x_test {tuple(test.images.shape[1:])}")
@@ -252,13 +252,21 @@ def _check_one_scale(x_train: np.ndarray, x_test: np.ndarray, path: Path) -> Non
                         "scales; save both as uint8, or both as floats on one scale")
 
 
-def _nchw(x: np.ndarray, channels: int | None, where: str) -> np.ndarray:
+def _nchw(x: np.ndarray, target: Target, where: str) -> np.ndarray:
     if x.ndim == 3:
         return np.ascontiguousarray(x[:, None])
+    channels = target.channels
     if channels is not None:
-        if x.shape[3] == channels:
+        nhwc, nchw = x.shape[3] == channels, x.shape[1] == channels
+        if nhwc and nchw and target.size is not None:  # the model's H, W tell which, where one layout has them
+            nhwc, nchw = x.shape[1:3] == target.size, x.shape[2:] == target.size
+        if nhwc and nchw:  # read as NHWC, data saved N,C,H,W would have its pixels transposed
+            raise UserError(f"{where} has shape {x.shape}: axes 1 and 3 both hold the model's {channels} channels, so "
+                            "N,H,W,C and N,C,H,W cannot be told apart; give the images through a factory (data.py:make) "
+                            "as C,H,W tensors")
+        if nhwc:
             return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-        if x.shape[1] == channels:
+        if nchw:
             return np.ascontiguousarray(x)
         raise UserError(f"{where} has shape {x.shape}: neither axis 1 nor axis 3 is the model's {channels} channels")
     if x.shape[3] in (1, 3, 4) or x.shape[1] not in (1, 3, 4):  # Keras' NHWC unless it cannot be
