@@ -342,6 +342,17 @@ def test_an_npz_whose_layout_only_the_models_size_tells_is_read_by_it_and_else_r
                 open_data(path, input_shape=model)
 
 
+@pytest.mark.parametrize(("option", "data", "message"), [
+    (["--cifar100-labels", "coarse"], "cifar-10-batches-bin", "--cifar100-labels picks CIFAR-100's labels; {} is cifar-10-bin"),
+    (["--dataset", "fashion-mnist"], "d.npz", "--dataset names what an MNIST-format folder holds; {} is npz"),
+    (["--image-size", "8,8"], "d.npz", "--image-size resizes image folders; {} is npz"),
+])
+def test_an_option_for_another_data_format_is_refused(tmp_path, capsys, option, data, message):
+    # --cifar100-labels on CIFAR-10 and --dataset on an .npz were ignored without a word.
+    path = write_cifar(tmp_path / data) if "cifar" in data else write_npz(tmp_path / data)
+    assert message.format(path) in _bad(capsys, tmp_path, "zoo:mnist-mlp", path, *option)
+
+
 @pytest.mark.parametrize("hundred", [False, True])
 def test_cifar_binary_trains(tmp_path, capsys, nets, hundred):
     root = write_cifar(tmp_path / ("cifar-100-binary" if hundred else "cifar-10-batches-bin"), hundred)

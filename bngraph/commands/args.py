@@ -89,10 +89,10 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, stream: bool = True) 
         "or FILE.py:make (default: $BNGRAPH_DATA, the cache, a download)",
     )
     parser.add_argument(
-        "--dataset", default="mnist", choices=("mnist", "fashion-mnist"), help="what an MNIST-format --data holds"
+        "--dataset", choices=("mnist", "fashion-mnist"), help="what an MNIST-format --data holds (default: mnist)"
     )
     parser.add_argument("--image-size", metavar="H,W", help="resize images to this (default: the model's input size)")
-    parser.add_argument("--cifar100-labels", default="fine", choices=("fine", "coarse"), help="(default: fine)")
+    parser.add_argument("--cifar100-labels", choices=("fine", "coarse"), help="CIFAR-100's labels (default: fine)")
     if not stream:
         return
     parser.add_argument(
@@ -121,17 +121,24 @@ def data_from_args(args: argparse.Namespace, device: torch.device | str = "cpu",
     # Imported here, not above: `bngraph --help` starts without torch.
     from bngraph.data import resolve_dataset
     from bngraph.training.data import TensorData
-    from bngraph.training.data_formats import open_data
+    from bngraph.training.data_formats import detect_format, open_data
 
+    # An option for another format is refused, never ignored (as --image-size is by open_data).
+    fmt = detect_format(args.data) if args.data is not None else "mnist-idx"
+    labels = getattr(args, "cifar100_labels", None)
+    if args.dataset is not None and fmt != "mnist-idx":
+        raise UserError(f"--dataset names what an MNIST-format folder holds; {args.data} is {fmt}")
+    if labels is not None and fmt != "cifar-100-bin":
+        raise UserError(f"--cifar100-labels picks CIFAR-100's labels; {args.data or 'MNIST'} is {fmt}")
     if args.data is None:
-        return TensorData.from_dataset(resolve_dataset(None, dataset=args.dataset), device)
+        return TensorData.from_dataset(resolve_dataset(None, dataset=args.dataset or "mnist"), device)
     if getattr(args, "loader_workers", None) is not None and args.loader_workers < 0:
         raise UserError(f"--loader-workers must be at least 0, not {args.loader_workers}")
     return open_data(
         args.data, input_shape=input_shape, input_dtype=input_dtype, image_size=getattr(args, "image_size", None),
         device=device,
         stream_above_mb=args.stream_above if allow_stream else None, workers=getattr(args, "loader_workers", None),
-        dataset=args.dataset, cifar100_labels=getattr(args, "cifar100_labels", "fine"), seed=getattr(args, "seed", 0),
+        dataset=args.dataset or "mnist", cifar100_labels=labels or "fine", seed=getattr(args, "seed", 0),
     )
 
 
