@@ -1,4 +1,5 @@
-"""Tidy the graph once the BatchNorms are gone: onnxscript's optimizer, minus its BN fusions.
+"""Tidy the graph once the BatchNorms are gone: onnxscript's optimizer, minus its BN fusions and
+the rules that are not exact (below).
 
 Constant folding with shape inference turns the exporter's dynamic flatten chain
 (Shape, Squeeze, Concat, Reshape) into one Reshape, and onnxscript's default rewrite rules
@@ -12,19 +13,20 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 import onnxscript.rewriter
-import onnxscript.rewriter.rules.common._no_op
+from onnxscript.rewriter.rules.common import _fuse_relus_clips, _min_max_to_clip, _no_op
 
 from bngraph.passes._onnx_common import fold_constants_quietly, report_removed_nodes
 from bngraph.passes.base import PassResult, graph_pass
 
-# Left out besides: the no-op rules (x * 1, x + 0, ...), whose constants match within a tolerance
-# (onnxscript 0.7.2: `x + 1e-8` became x, in an If branch no check runs, and before a log a zero's
-# -18.4 would become -inf), and the Conv pad normalization, which computes SAME pads as if
-# dilation were 1 (the file then fails shape inference).
-_NOT_TIDY = {id(rule) for rule in onnxscript.rewriter.rules.common._no_op.rules.rules}
+# Left out besides, as not exact: the no-op rules (x * 1, x + 0, ...), whose constants match
+# within a tolerance (onnxscript 0.7.2: `x + 1e-8` became x, a PixelNorm's epsilon, and before a
+# log a zero's -18.4 became -inf); the Clip, Relu, Min and Max fusions, which read an opset-6
+# Clip's bounds as absent (two clamps became none) and merge ranges that do not overlap; and the
+# Conv pad normalization, which computes SAME pads as if dilation were 1.
+_NOT_EXACT = {id(rule) for rules in (_no_op.rules, _fuse_relus_clips.rules, _min_max_to_clip.rules) for rule in rules.rules}
 TIDY_RULES = onnxscript.rewriter.RewriteRuleSet(
     [rule for rule in onnxscript.rewriter._DEFAULT_REWRITE_RULES
-     if id(rule) not in _NOT_TIDY and not any(word in (rule.name or "") for word in ("BatchNorm", "NormalizePadFormat"))]
+     if id(rule) not in _NOT_EXACT and not any(word in (rule.name or "") for word in ("BatchNorm", "NormalizePadFormat"))]
 )
 
 

@@ -81,3 +81,24 @@ def test_a_dilated_same_padded_conv_keeps_its_auto_pad():
     assert [n.op_type for n in simplified.graph.node] == ["Conv"]
     attributes = {a.name: helper.get_attribute_value(a) for a in simplified.graph.node[0].attribute}
     assert attributes.get("auto_pad") == b"SAME_UPPER" and "pads" not in attributes
+
+
+def test_two_opset_9_clamps_stay_two_clamps():
+    # Opset 6-10 Clip holds its bounds as attributes, which onnxscript's Clip fusion reads as
+    # absent: clamp(-10, 10).clamp(-8, 8) became a Clip with no bounds at all.
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Clip", ["x"], ["c"], min=-10.0, max=10.0), helper.make_node("Clip", ["c"], ["y"], min=-8.0, max=8.0)],
+        "g", [value("x", TensorProto.FLOAT, [2, 8])], [value("y", TensorProto.FLOAT, [2, 8])])
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=4)
+    model = ir.serde.deserialize_model(original)
+    onnx_simplify(model)
+    x = (np.random.default_rng(0).normal(size=(2, 8)) * 20).astype(np.float32)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+           for m in (original, ir.serde.serialize_model(model))]
+    assert np.abs(run[0]).max() == 8.0
+    np.testing.assert_array_equal(run[0], run[1])
