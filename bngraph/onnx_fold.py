@@ -81,7 +81,7 @@ def fold_onnx(
         raise UserError(f"unknown form {standalone_bn!r} for a BN with no exact fold: {', '.join(STANDALONE_BN_FORMS)}")
     if isinstance(model, onnx.ModelProto):
         try:
-            model = ir.serde.deserialize_model(model)
+            model = ir.serde.deserialize_model(shapes_from_the_inputs(model))
         except ir.serde.SerdeError as err:  # a type onnx-ir cannot hold yet (sklearn-onnx's ZipMap maps)
             cause = err
             while cause.__cause__ is not None:  # the innermost says what: "Map types are not supported yet"
@@ -108,6 +108,43 @@ def fold_onnx(
             "were read as constants; keep them overridable with --keep-initializer-inputs"
         )
     return model, report
+
+
+def shapes_from_the_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with each declared shape that its inputs contradict replaced by the inferred one:
+    exporters write the example's batch into an output whose input takes any batch, onnxruntime
+    runs it at any, and the rewrite rules that trust a declared shape (Flatten to Reshape) then
+    fixed the batch at the example's. A declared size that inference infers as varying with an
+    input, or as another size, is contradicted; any other declared shape stays (dynamo's symbolic
+    sizes tell more than onnx's inference), and all of them where inference fails."""
+    cleared = onnx.ModelProto()
+    cleared.CopyFrom(model)
+    cleared.graph.ClearField("value_info")
+    for output in cleared.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(cleared, data_prop=True)
+    except Exception:  # noqa: BLE001 - onnx's checker errors and more: the passes meet the file as it is
+        return model
+    shapes = {v.name: v.type.tensor_type.shape for v in [*inferred.graph.value_info, *inferred.graph.output]
+              if v.type.tensor_type.HasField("shape")}
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in [*fixed.graph.value_info, *fixed.graph.output]:
+        declared = value.type.tensor_type
+        if declared.HasField("shape") and value.name in shapes and _contradicts(shapes[value.name], declared.shape):
+            declared.shape.CopyFrom(shapes[value.name])
+    return fixed
+
+
+def _contradicts(inferred, declared) -> bool:
+    """Whether a declared size is another in `inferred`, or a size named by an input (`N`; onnx
+    names the sizes it cannot tell `unk__0`, ...: those say nothing)."""
+    if len(inferred.dim) != len(declared.dim):
+        return True
+    return any(d.HasField("dim_value") and ((i.HasField("dim_param") and not i.dim_param.startswith("unk__"))
+                                            or (i.HasField("dim_value") and i.dim_value != d.dim_value))
+               for i, d in zip(inferred.dim, declared.dim))
 
 
 # The passes that move a BN somewhere, in the order they try; their rows read like the FX fold's.

@@ -393,3 +393,20 @@ def test_a_float64_models_fold_is_float64_accurate(standalone_bn):
     assert "BatchNormalization" not in ops(folded)
     near_the_mean = {"x": rng.normal(size=(7, channels)) + offset}
     assert relative_error(original, folded, near_the_mean) < 1e-11
+
+
+def test_an_output_declared_at_the_examples_batch_does_not_fix_the_folds_batch():
+    # Exporters write the example's batch into an output whose input takes any; onnxruntime
+    # runs it at any batch. The Flatten-to-Reshape rule trusted the declared [2, 32]: the folded
+    # file failed at batch 1, and fold refused a valid file, naming a node only it had made.
+    scale, bias, mean, var = random_bn_stats((2,), 5)
+    arrays = {"s": scale, "b": bias, "m": mean, "v": var,
+              "w": np.random.default_rng(0).standard_normal((2, 3, 1, 1)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["h"]),
+             helper.make_node("Flatten", ["h"], ["y"])]
+    model = onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], arrays, opset=17, ir_version=8)
+    folded, _, verification = fold_and_check(model)
+    assert verification, verification.lines()
+    assert "BatchNormalization" not in ops(folded)
+    assert [getattr(d, "value", d) for d in folded.graph.outputs[0].shape] == ["N", 32]
