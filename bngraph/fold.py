@@ -28,7 +28,7 @@ from bngraph.passes.cancel_inverse_permutes import cancel_inverse_permutes
 from bngraph.passes.fold_bn_into_following_layer import fold_bn_into_following_layer
 from bngraph.passes.fold_bn_into_producer_module import fold_bn_into_producer_module
 from bngraph.passes.fold_bn_into_preceding_layer import fold_bn_into_preceding_layer
-from bngraph.errors import CheckFailed, UserError, running_user_model
+from bngraph.errors import CheckFailed, UserError, one_line, running_user_model
 from bngraph.fold_reach import fold_inside_hooked_modules, fold_inside_kept_whole, opaque_batch_norms, unused_batch_norms
 from bngraph.fold_untraced import FALLBACK, ROW_ONLY, fold_untraced, probed_notes, source_edits
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, rounding_gain
@@ -162,6 +162,11 @@ def batch_norms_training_in_eval(module: nn.Module, example_inputs: Sequence[tor
     try:
         with torch.no_grad(), running_user_model():
             copy.eval()(*fresh_inputs(example_inputs))
+    except (UserError, CheckFailed):
+        raise
+    except Exception as err:  # raised where no user code runs: an nn.Sequential, or the call itself (two inputs for one)
+        shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs)
+        raise UserError(f"the model failed on its example input {shapes}: {one_line(err)}") from err
     finally:
         for h in handles:
             h.remove()

@@ -458,3 +458,34 @@ def test_an_input_shape_too_large_for_memory_is_one_line_naming_its_size(command
     argv = [command[0], model, *(a.format(model=model) for a in command[1:])]
     code, _, err = _cli(capfd, *argv, "--input-shape", "2,3,100000,100000")
     assert code == 2 and "GB, more memory than this machine can give" in _one_line(err)
+
+
+SEQUENTIAL_PY = '''
+from torch import nn
+
+
+def make():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+
+class OneInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = make()
+
+    def forward(self, x):
+        return self.body(x)
+'''
+
+
+@pytest.mark.parametrize("command", [["fold", "-o", "{out}"], ["export", "-o", "{out}.onnx"], ["insert", "-o", "{out}"],
+                                     ["verify", "{model}"]])
+@pytest.mark.parametrize(("symbol", "shape"), [("make", "2,5,8,8"), ("OneInput", "2,3,8,8;2,3")])
+def test_an_input_the_model_cannot_take_is_one_line_where_no_user_code_runs(command, symbol, shape, tmp_path, capfd):
+    # 5 channels for an nn.Sequential's 3 (torch raises with no frame of the user's), and two
+    # inputs for one (the call itself raises): fold and export ended in a traceback, exit 1.
+    spec = f"{tmp_path / 'model.py'}:{symbol}"
+    (tmp_path / "model.py").write_text(SEQUENTIAL_PY)
+    argv = [command[0], spec, *(a.format(model=spec, out=tmp_path / "out") for a in command[1:])]
+    code, _, err = _cli(capfd, *argv, "--input-shape", shape)
+    assert code == 2 and ("channels" in _one_line(err) or "positional arguments" in _one_line(err)), err
