@@ -26,7 +26,7 @@ from torch import fx, nn
 from bngraph.artifact_code import CARRIED_DIR, CLASS_NAME, CODE_FILE, module_source
 from bngraph.atomic import ARTIFACT, check_output, description_text, save_tensors, sha256, write_dir_atomically
 from bngraph.errors import UserError, one_line
-from bngraph.runners import batch_axes_of, fresh_inputs, named_tensors
+from bngraph.runners import batch_axes_of, fresh_inputs, named_tensors, seeded
 from bngraph.spec import ARTIFACT_META
 from bngraph.trace import TraceFailed, check_modules_registered, trace_around_untraceable
 from bngraph.user_modules import importing_beside, isolated_modules, python_files
@@ -123,8 +123,11 @@ def _check_round_trip(original: nn.Module, loaded: nn.Module, example_inputs) ->
         return
     was_training = original.training
     try:
-        with torch.no_grad():
-            a, b = original.eval()(*fresh_inputs(example_inputs)), loaded.eval()(*fresh_inputs(example_inputs))
+        with torch.no_grad():  # each from the same random state: a VAE's sampler draws in eval mode too
+            with seeded():
+                a = original.eval()(*fresh_inputs(example_inputs))
+            with seeded():
+                b = loaded.eval()(*fresh_inputs(example_inputs))
     finally:
         original.train(was_training)
     # Named as verify names them: a user's own dataclass (a class pytree does not know, loaded

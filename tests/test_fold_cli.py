@@ -81,6 +81,43 @@ def test_folds_a_py_model_into_a_loadable_artifact(tmp_path, model_py, capsys):
     assert history[-1]["passes"]["fold_bn_into_preceding_layer"]["changed"] == ["bn", "bn_fc"]
 
 
+SAMPLER_PY = """
+import torch
+from torch import nn
+
+example_input_shape = (2, 16)
+
+
+class Sampler(nn.Module):
+    \"\"\"Draws noise in eval mode too, as a VAE's sampler does.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(16, 10), nn.BatchNorm1d(10)
+
+    def forward(self, x):
+        h = self.bn(self.fc(x))
+        return h + 0.1 * torch.randn_like(h)
+"""
+
+
+def test_a_model_that_draws_in_eval_mode_folds(tmp_path, capsys):
+    # The artifact's own round-trip check ran the two models from different random states: a
+    # bngraph-bug traceback, exit 1, after an exact fold.
+    (tmp_path / "sampler.py").write_text(SAMPLER_PY)
+    code, out, err = _cli(capsys, "fold", f"{tmp_path / 'sampler.py'}:Sampler", "-o", tmp_path / "folded")
+    assert code == 0 and "folded (1)" in out, err
+    folded = bngraph.load(tmp_path / "folded").eval()
+    original = load_model(f"{tmp_path / 'sampler.py'}:Sampler").module.eval()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        outputs = []
+        for model in (original, folded):
+            torch.manual_seed(1)
+            outputs.append(model(x))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
 def test_json_report_keys(model_py, capsys):
     code, out, _ = _cli(capsys, "fold", f"{model_py}:batch_stats", "--json")
     report = json.loads(out)
