@@ -381,7 +381,7 @@ def export(
     report = Report("bngraph export", facts=facts)
     exported = _fx_fold(module, example_inputs, report) if fold else module
     per_batch = [*batch_statistics(exported), *((path, TRAINING_IN_EVAL) for path in
-                                                 batch_norms_training_in_eval(exported, example_inputs))] if fold else []
+                                                 batch_norms_training_in_eval(exported, example_inputs))]
     if per_batch:
         # Never a fixed map, and the exporter writes F.batch_norm(training=True) as an eval-mode
         # BatchNormalization: a file that computes something else, which only verify would catch.
@@ -394,11 +394,16 @@ def export(
     model, onnx_report = fold_onnx(exported_onnx, standalone_bn=standalone_bn)
     report.facts.update({f"onnx_{k}": v for k, v in onnx_report.facts.items()})
     report.sections.update({f"onnx_{k}": v for k, v in onnx_report.sections.items()})
-    if onnx_report.sections["remaining"]:
-        # The FX fold's rows name the model's own modules and say why; the ONNX ones, the exporter's nodes.
-        rows = report.sections.get("fx_fold_remaining") or onnx_report.sections["remaining"]
+    if rows := report.sections.get("fx_fold_remaining"):  # the model's own modules, and why
         left = "; ".join(f"{row['node']} ({row['reason']})" for row in rows)
         raise UserError(f"the exported graph keeps a BatchNormalization that cannot be folded: {left}")
+    if remaining := onnx_report.sections["remaining"]:
+        # None of the model's BatchNorms (those are refused above, by name): the exporter's own form
+        # of another layer (InstanceNorm with running statistics is a BatchNormalization of computed
+        # scale), which verification below checks as it checks the rest.
+        report.notes.append(f"{len(remaining)} BatchNormalization node(s) the exporter wrote for layers that are not "
+                            f"BatchNorms, with statistics computed as the file runs, kept: "
+                            f"{', '.join(row['node'] for row in remaining)}")
     if kept := onnx_report.sections.get("kept"):
         # The ONNX node names are the exporter's; the FX fold's rows name the model's own BNs.
         fx_kept = report.sections.get("fx_fold_kept", [])

@@ -311,12 +311,44 @@ class ScriptedBlock(torch.nn.Module):
     (FunctionalBatchStatistics, (2, 3, 8, 8), "batch_norm (it calls F.batch_norm with training=True"),
     (KeepsBnTraining, (2, 3, 8, 8), "bn (it is in training mode when the model is in eval mode"),
 ])
-def test_an_export_refused_names_the_users_module_and_why(model, shape, says, tmp_path):
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "no-fold"])
+def test_an_export_refused_names_the_users_module_and_why(model, shape, says, fold, tmp_path):
     # The refusals named the exporter's node (node__native_batch_norm_legit__0, "its mean 'val_1'
     # is not a constant") or gave torch.export's SpecViolationError alone.
+    if not fold and model is FunctionalBatchStatistics:
+        pytest.skip("only a graph shows an F.batch_norm call (export --no-fold then fails its check, exit 1)")
     with pytest.raises(bngraph.UserError, match=re.escape(says)):
-        export(model().eval(), [torch.randn(*shape)], tmp_path / "out.onnx")
+        export(model().eval(), [torch.randn(*shape)], tmp_path / "out.onnx", fold=fold)
     assert not (tmp_path / "out.onnx").exists()
+
+
+class InstanceNormWithStatistics(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+def test_a_batchnormalization_the_exporter_wrote_for_another_layer_is_kept_and_checked(tmp_path):
+    # No BatchNorm in the model: the exporter writes an InstanceNorm with running statistics as a
+    # BatchNormalization of computed scale, and export refused the model, naming that node.
+    import onnxruntime as ort
+
+    model = InstanceNormWithStatistics()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-1, 1)
+        model.norm.running_var.uniform_(0.5, 2)
+    model.eval()
+    result = export(model, [torch.randn(2, 3, 8, 8)], tmp_path / "norm.onnx")
+    assert result and "not BatchNorms, with statistics computed as the file runs, kept" in result.report.notes[-1]
+    x = torch.randn(5, 3, 8, 8) * 3 + 1
+    session = ort.InferenceSession(str(tmp_path / "norm.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]),
+                                   model(x), rtol=1e-4, atol=1e-4)
 
 
 class EncoderOutputs(torch.nn.Module):
