@@ -2,7 +2,8 @@
 
 A (the reference) and B (the candidate) are any model specs: zoo:NAME, file.py[:Symbol], an
 artifact folder or a .onnx file; --weights loads a state dict into A, --candidate-weights into B
-(an artifact carries its own). Both run on random batches of 1 and of 7 (the batch axis must be
+(an artifact carries its own). Both run in eval mode, as deployed (what a model does in training
+mode is not compared), on random batches of 1 and of 7 (the batch axis must be
 dynamic; --static-input names inputs without one), and on real images with --data PATH. An ONNX
 model runs in onnxruntime on the CPU, at ORT_DISABLE_ALL (the graph as written) and at
 ORT_ENABLE_ALL (as deployed); --reference adds onnx's ReferenceEvaluator. Outputs are compared
