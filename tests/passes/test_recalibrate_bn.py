@@ -127,3 +127,24 @@ def test_a_subclass_gets_the_statistics_of_what_it_normalizes_not_of_its_input()
             mean, var = population([model.fc(x).transpose(1, 2) for (x,) in batches])
         torch.testing.assert_close(model.bn.running_mean, mean.float(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model.bn.running_var, var.float(), rtol=1e-5, atol=1e-6)
+
+
+class CallsForwardDirectly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(5, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn.forward(self.fc(x)))  # runs no hooks
+
+
+def test_a_bn_whose_forward_is_called_directly_is_recalibrated():
+    # A forward pre-hook saw nothing: "never ran on the calibration batches", statistics unchanged.
+    torch.manual_seed(3)
+    model = CallsForwardDirectly()
+    batches = [(torch.randn(8, 5) * 2 - 1,) for _ in range(3)]
+    assert recalibrate_bn(model, batches).changed == ["bn"]
+    with torch.no_grad():
+        mean, var = population([model.fc(x) for (x,) in batches])
+    torch.testing.assert_close(model.bn.running_mean, mean.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.bn.running_var, var.float(), rtol=1e-5, atol=1e-6)
