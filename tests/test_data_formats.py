@@ -259,6 +259,18 @@ def test_image_folder_reads_subfolders_of_a_class_and_skips_what_is_not_an_image
     torch.testing.assert_close(data.x_train[6], late)  # after dog/0, 1, 2, in path order
 
 
+def test_a_class_folder_linking_back_above_itself_is_refused_but_other_links_are_followed(tmp_path, capsys, nets):
+    # train/cat/loop -> .. read train/ again under cat: 9 files became many examples, other
+    # classes' images labelled cat.
+    root = write_image_folder(tmp_path / "pets")
+    extra = write_image_folder(tmp_path / "more", classes=("dog",))
+    (root / "train" / "dog" / "more").symlink_to(extra / "train" / "dog")  # a folder elsewhere: followed
+    assert open_data(root, input_shape=(2, 3, 7, 7)).y_train.tolist() == [0] * 3 + [1] * 6 + [2] * 3
+    (root / "train" / "cat" / "loop").symlink_to("..")
+    err = _bad(capsys, tmp_path, f"{nets}:Net", root)
+    assert f"{root / 'train' / 'cat' / 'loop'} links back to {(root / 'train').resolve()}, which holds it" in err
+
+
 @pytest.mark.parametrize("streamed", [False, True])
 def test_a_model_trained_on_an_image_folder_records_what_each_output_means(tmp_path, capsys, nets, streamed):
     # Output i is class folder i by sorted name, as in torchvision: "10" before "2". The run says

@@ -308,6 +308,11 @@ def _image_files(folder: Path) -> list[Path]:
     found = []
     for parent, folders, names in os.walk(folder, followlinks=True):
         folders[:] = [d for d in folders if not d.startswith(".")]
+        for name in folders:  # a link back to a folder above: its images again, and other classes' under this one
+            target = Path(parent, name).resolve()
+            if Path(parent).resolve().is_relative_to(target) or folder.resolve().is_relative_to(target):
+                raise UserError(f"{Path(parent, name)} links back to {target}, which holds it: its images would be "
+                                "read again, and under this class; remove the link")
         found += [Path(parent, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith(".")]
     return sorted(found)
 
