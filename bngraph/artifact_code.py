@@ -420,7 +420,7 @@ def _call_top_level_directly(src: str, names: set[str]) -> str:
     """`self.fc1(x)` -> `layers["fc1"](x)` with `layers = self._modules`: a dict lookup instead
     of nn.Module.__getattr__ (about 0.6 us a call, 5% of the MNIST MLP's whole forward)."""
     local = next(n for n in ("layers", "layers_", "layers__") if not re.search(rf"\b{n}\b", src))
-    calls = re.compile(r"\bself\.([A-Za-z_]\w*)\(")
+    calls = re.compile(r"(?<![\w.])self\.([A-Za-z_]\w*)\(")  # not `attention.self.fc(` (BERT's submodule named self)
     body = calls.sub(lambda m: f'{local}["{m.group(1)}"](' if m.group(1) in names else m.group(0), src)
     if body == src:
         return src

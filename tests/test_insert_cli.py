@@ -31,6 +31,50 @@ def test_insert_writes_a_loadable_artifact_and_a_json_report(tmp_path, capsys):
     assert history[0]["command"] == "insert" and len(history[0]["report"]["inserted"]) == 3
 
 
+SUBMODULE_NAMED_SELF = """
+import torch
+from torch import nn
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class Attention(nn.Module):  # HuggingFace BERT's and DeBERTa's attention.self
+    def __init__(self):
+        super().__init__()
+        self.self = Inner()
+
+    def forward(self, x):
+        return torch.relu(self.self(x))
+
+
+class Net(nn.Module):
+    example_input_shape = (4, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.attention, self.fc = Attention(), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.attention(x))
+"""
+
+
+def test_a_submodule_named_self_keeps_its_path_in_the_written_code(tmp_path, capsys):
+    # `attention.self.fc(` was rewritten as a call of the top-level `fc`: a traceback, exit 1.
+    (tmp_path / "m.py").write_text(SUBMODULE_NAMED_SELF)
+    code, _, err = _cli(capsys, "insert", f"{tmp_path / 'm.py'}:Net", "-o", str(tmp_path / "out"))
+    assert code == 0, err
+    model = bngraph.load(tmp_path / "out")
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules()) == 1
+
+
 def test_insert_on_its_own_output_changes_nothing_and_says_so(tmp_path, capsys):
     assert _cli(capsys, "insert", "zoo:mnist-mlp", "-o", str(tmp_path / "a"))[0] == 0
     code, out, _ = _cli(capsys, "insert", str(tmp_path / "a"), "-o", str(tmp_path / "b"), "--json")
