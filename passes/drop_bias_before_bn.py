@@ -95,6 +95,12 @@ def drop_bias_before_bn(gm: fx.GraphModule, only: Collection[str] | None = None)
             result.skipped.append(Skip(site, f"{layer_node.target}.bias is computed by a parametrization, which "
                                              "would have nothing to compute from"))
             continue
+        if parametrize.is_parametrized(layer):
+            # Its class is made at run time: a written model builds it with the user's own code,
+            # bias and all, and the saved weights without one would not load.
+            result.skipped.append(Skip(site, f"{layer_node.target} is parametrized (weight_norm, spectral_norm), and "
+                                             "a written model rebuilds it as the model's code makes it, with its bias"))
+            continue
         refusal = hook_refusal(layer_node.target, layer, "dropping its bias") or hook_refusal(
             site, bn, f"dropping {layer_node.target}'s bias")
         if refusal:  # a hook after the bias (`output * 2`) would no longer see it cancel

@@ -75,6 +75,37 @@ def test_a_submodule_named_self_keeps_its_path_in_the_written_code(tmp_path, cap
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules()) == 1
 
 
+WEIGHT_NORMED = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+"""
+
+
+def test_a_parametrized_layer_keeps_its_bias_and_the_artifact_loads(tmp_path, capsys):
+    # Its bias dropped, the saved weights lacked conv.bias, which the model's own code rebuilds:
+    # "cannot load weights.pt" naming a temporary folder, exit 2.
+    (tmp_path / "m.py").write_text(WEIGHT_NORMED)
+    code, out, err = _cli(capsys, "insert", f"{tmp_path / 'm.py'}:Net", "-o", str(tmp_path / "out"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert [r["bias_removed"] for r in report["inserted"]] == [False]
+    assert any("conv is parametrized (weight_norm, spectral_norm)" in r["reason"] for r in report["skipped"])
+    model = bngraph.load(tmp_path / "out")
+    assert model.conv.bias is not None
+
+
 def test_insert_on_its_own_output_changes_nothing_and_says_so(tmp_path, capsys):
     assert _cli(capsys, "insert", "zoo:mnist-mlp", "-o", str(tmp_path / "a"))[0] == 0
     code, out, _ = _cli(capsys, "insert", str(tmp_path / "a"), "-o", str(tmp_path / "b"), "--json")
