@@ -398,6 +398,11 @@ class _Tracer(fx.Tracer):
         return None if any(isinstance(v, (fx.Proxy, fx.Node)) for v in tree_leaves(value)) else value
 
     def to_bool(self, obj: fx.Proxy) -> bool:
+        if state := _autograd_state_read(obj.node):
+            # The example runs without gradients: `if h.requires_grad:` would be kept False behind a
+            # guard that then fails every training step.
+            raise fx.proxy.TraceError(f"it branches on a tensor's {state}, which differs between training and "
+                                      "the trace (run without gradients)")
         values = self._shape_values(obj.node)
         if values is None or any(bool(v) != bool(values[0]) for v in values):
             return super().to_bool(obj)  # on data, or on the batch size: fx's TraceError
@@ -513,6 +518,23 @@ class _Tracer(fx.Tracer):
 # parameter, buffer and submodule dicts. Not its mode (`training`), which insert's tracer makes a
 # graph value, nor the constants torch.fx stores on the root (`_tensor_constant0`).
 _TRACER_OWN = re.compile(r"training|_tensor_constant\d+")
+
+
+_AUTOGRAD_STATE = ("requires_grad", "is_leaf", "grad_fn", "grad")
+
+
+def _autograd_state_read(node: fx.Node) -> str | None:
+    """The autograd attribute (`requires_grad`, ...) that `node` is computed from, if any."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] in _AUTOGRAD_STATE:
+            return n.args[1]
+        stack.extend(n.all_input_nodes)
+    return None
 
 
 def _versions(buffers: dict[str, torch.Tensor]) -> dict[str, int]:

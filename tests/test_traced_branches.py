@@ -303,3 +303,27 @@ def test_a_forward_that_sets_an_attribute_stays_whole_and_the_model_is_left_as_i
         with torch.no_grad():
             torch.testing.assert_close(bn_model.eval()(probe), model.eval()(probe), rtol=1e-5, atol=1e-5)
         assert bn_model.block.window_size == model.block.window_size
+
+
+class ClipsItsGradientWhenTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.act, self.head = nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        if h.requires_grad:  # only while gradients flow
+            h.register_hook(lambda g: g.clamp(-0.01, 0.01))
+        return self.head(self.act(h))
+
+
+def test_a_branch_on_requires_grad_is_not_fixed_at_the_traces_value():
+    # The trace runs without gradients: the branch was kept False behind a shape guard, and
+    # every training step of the inserted model raised "branches on shapes".
+    model = ClipsItsGradientWhenTraining()
+    out, report = bngraph.insert(model, [_x(2, 3, 8, 8)])
+    assert report.facts["tracing"] == "module-level fallback"
+    assert "it branches on a tensor's requires_grad" in report.notes[-1]
+    x = _x(4, 3, 8, 8)
+    out.train()(x).square().sum().backward()
+    assert out.stem.weight.grad is not None
