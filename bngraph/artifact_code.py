@@ -197,7 +197,9 @@ def module_source(
             ctor, from_base = f"_bngraph_model.get_submodule({path!r})", True
         body.append(f"        _install(self, {path!r}, {ctor})")
     if from_base:  # the layers bngraph did not trace come from the model's own code
-        body.insert(2, "        _bngraph_model = self._bngraph_base()")
+        body[2:2] = ["        with torch.random.fork_rng(devices=[]):  # as bngraph builds a model from its file",
+                     "            torch.manual_seed(0)",
+                     "            _bngraph_model = self._bngraph_base()"]
     leaves = set(leaves)
     owned = {name for leaf in leaves for name, _ in gm.get_submodule(leaf).named_parameters(leaf)}
     owned |= {name for leaf in leaves for name, _ in gm.get_submodule(leaf).named_buffers(leaf)}

@@ -136,7 +136,10 @@ def _check_round_trip(original: nn.Module, loaded: nn.Module, example_inputs) ->
     if [n for n, _ in named_a] != [n for n, _ in named_b] or not all(
         _identical(x, y) for (_, x), (_, y) in zip(named_a, named_b)
     ):
-        raise AssertionError("bngraph bug: the artifact computes something else than the module saved")
+        # The weights matched: what differs is state the model's own code makes when built again.
+        raise UserError("the written model computes something else than the model given, built again from the "
+                        "model's code: its constructor makes state that is not saved (a non-persistent buffer "
+                        "drawn at random, or read from elsewhere); nothing was written")
 
 
 def read_meta(path: str | Path) -> dict:

@@ -244,3 +244,48 @@ def test_an_activation_module_also_called_inside_a_block_kept_whole_is_named_the
     assert [r["node"] for r in report.sections["inserted"]] == ["act"]  # the traced call
     (row,) = report.sections["not_handled"]
     assert (row["module"], row["nonlinearity"]) == ("act", "GELU") and row["reason"].startswith("inside block")
+
+
+RANDOM_FEATURES = '''
+import torch
+from torch import nn
+
+
+class Fourier(nn.Module):
+    """Random Fourier features: a fixed random projection made in __init__, never saved."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("projection", torch.randn(8, 8), persistent=False)
+
+    def forward(self, x):
+        if self.training:  # kept whole: torch.fx cannot trace a branch on the mode here
+            x = x + 0.01 * torch.randn_like(x)
+        return torch.cat([torch.sin(x @ self.projection), torch.cos(x @ self.projection)], -1)
+
+
+class Net(nn.Module):
+    example_input_shape = (4, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.features, self.fc, self.head = Fourier(), nn.Linear(16, 16), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(self.features(x))))
+'''
+
+
+def test_a_submodule_kept_whole_is_rebuilt_as_the_model_was_built(tmp_path, capsys):
+    # Built again from the model's code at each load without a seed, its random projection was
+    # another: the round-trip check ended insert in a "bngraph bug" traceback.
+    (tmp_path / "m.py").write_text(RANDOM_FEATURES)
+    code, _, err = _cli(capsys, "insert", f"{tmp_path / 'm.py'}:Net", "--preserve", "-o", tmp_path / "bn")
+    assert code == 0, err
+    original = bngraph.load(f"{tmp_path / 'm.py'}:Net").eval()
+    x = torch.randn(5, 8)
+    for seed in (0, 1):  # whatever the random state the loader finds
+        torch.manual_seed(seed)
+        inserted = bngraph.load(tmp_path / "bn").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(inserted(x), original(x), rtol=1e-5, atol=1e-5)
