@@ -467,7 +467,7 @@ class _Tracer(fx.Tracer):
         buffers = dict(root.named_buffers()) if isinstance(root, nn.Module) else {}
         versions, values = _versions(buffers), {name: b.detach().clone() for name, b in buffers.items()}
         try:
-            with _custom_functions_checked(self):
+            with _custom_functions_checked(self), _checkpoints_kept():
                 graph = super().trace(root, concrete_args)
             _name_fixed_arguments_as_declared(graph, concrete_args)
             check_no_random_draws(rng)
@@ -584,6 +584,36 @@ def _custom_functions_checked(tracer: _Tracer):
         yield
     finally:
         torch.autograd.Function.apply = original
+
+
+@contextlib.contextmanager
+def _checkpoints_kept():
+    """While tracing, torch.utils.checkpoint called on a traced value is fx's TraceError (its
+    caller is then kept whole): fx would record the block's ops once, and the graph would store
+    the activations that checkpointing recomputes in backward instead. Patched where
+    `checkpoint` looks them up as it runs, so that `from torch.utils.checkpoint import
+    checkpoint` in the user's file is caught too."""
+    import torch.utils.checkpoint as checkpointing
+
+    def refused(original):
+        def call(*args, **kwargs):
+            if any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
+                raise fx.proxy.TraceError("it calls torch.utils.checkpoint, whose recomputation in backward a traced "
+                                          "graph would drop (storing the activations it saves)")
+            return original(*args, **kwargs)
+
+        return call
+
+    originals = {"_checkpoint_without_reentrant_generator": checkpointing._checkpoint_without_reentrant_generator,
+                 "CheckpointFunction": checkpointing.CheckpointFunction}
+    checkpointing._checkpoint_without_reentrant_generator = refused(originals["_checkpoint_without_reentrant_generator"])
+    checkpointing.CheckpointFunction = type("CheckpointFunction", (), {
+        "apply": staticmethod(refused(originals["CheckpointFunction"].apply))})
+    try:
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(checkpointing, name, value)
 
 
 class _Context:
