@@ -9,6 +9,8 @@ its shape and dtype. Then, numbered as in the code:
   2. Never called: skip. Every call's input already normalized (a norm produced it, maybe inside a
      custom block, maybe behind a dropout): skip; that is where Conv-Norm-Act blocks keep theirs.
   3. Called at several sites: skip; one BatchNorm would pool the statistics of different layers.
+     Also where it runs once on the example but more often on an input twice its size (a loop
+     over scales): the model runs once more for that, on such an input, where it takes one.
      Its input computed from parameters and buffers alone (Swin V2's position-bias MLP reads a
      table of coordinates): skip; there is no batch to take statistics over.
   4. The feature axis comes from the layer that produced the input (conv: axis 1, linear: the
@@ -92,6 +94,32 @@ def _input_problem(call) -> str | None:
     return None
 
 
+def _calls_elsewhere(module: nn.Module, example_inputs: Sequence[torch.Tensor], probed: list) -> dict[str, int]:
+    """How many times each module runs on an input of twice the example's size along its last two
+    axes past the batch's and the channels' (an image's H and W), where the model takes one: a
+    forward that loops `while h.shape[-1] > 4` calls its activation once on the example and three
+    times on larger images. Run once; `probed` gets the input and the counts."""
+    if probed:
+        return probed[1]
+    larger = [torch.randn([2 * d if i >= max(2, x.dim() - 2) else d for i, d in enumerate(x.shape)], dtype=x.dtype)
+              if x.is_floating_point() and x.dim() >= 3 else x for x in example_inputs]
+    counts: dict[str, int] = {}
+    paths = {id(m): p for p, m in module.named_modules()}
+    count = lambda m, args: counts.__setitem__(paths.get(id(m)), counts.get(paths.get(id(m)), 0) + 1)  # noqa: E731
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    was_training = module.training
+    try:
+        with torch.no_grad():
+            module.eval()(*larger)
+    except Exception:  # noqa: BLE001 - a model that takes only its example's size: nothing to compare
+        counts = {}
+    finally:
+        handle.remove()
+        module.train(was_training)
+    probed[:] = [larger, counts]
+    return counts
+
+
 @graph_pass(in_place=True)
 def wrap_activation_modules(
     module: nn.Module, example_inputs: Sequence[torch.Tensor], within: Sequence[str] | None = None
@@ -114,6 +142,7 @@ def wrap_activation_modules(
     if inside is not None:
         activations = [p for p in activations if p.startswith(inside)]
 
+    probed: list = []  # the other input `_calls_elsewhere` ran, once it has
     for path in activations:
         act = module.get_submodule(path)
         kind = type(act).__name__
@@ -126,11 +155,16 @@ def wrap_activation_modules(
         if all(norms):
             result.skipped.append(Skip(path, f"input already normalized by {norms[0]}"))
             continue
-        # 3. One module, several sites.
+        # 3. One module, several sites, also on an input of another size (a loop over scales).
         if len(sites) > 1:
             result.skipped.append(
                 Skip(path, f"called {len(sites)} times; without a graph one BatchNorm would mix their statistics")
             )
+            continue
+        if (elsewhere := _calls_elsewhere(module, example_inputs, probed).get(path, 1)) != 1:
+            shapes = ", ".join(str(tuple(x.shape)) for x in probed[0])
+            result.skipped.append(Skip(path, f"called once on the example input but {elsewhere} times on an input of "
+                                             f"{shapes}; one BatchNorm would mix their statistics"))
             continue
         call = sites[0]
         problem = _input_problem(call)

@@ -697,3 +697,31 @@ def test_an_activation_read_only_outside_the_forward_or_for_truth_is_wrapped():
     _, report = bngraph.insert(model, [x])
     assert report.facts["tracing"] == "module-level fallback"
     assert [r["node"] for r in report.sections["inserted"]] == ["act"]
+
+
+class Pyramid(nn.Module):
+    """Halves its feature map until 4 wide, with one activation module: once at 8x8, three times at 32x32."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.down = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.act, self.head = nn.ReLU(), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        if h.mean() > 1e6:  # on data: torch.fx cannot trace it
+            h = h * 0
+        while h.shape[-1] > 4:
+            h = self.act(self.down(h))
+        return self.head(h).mean((2, 3))
+
+
+def test_an_activation_called_once_only_at_the_examples_size_is_not_wrapped():
+    # Called once on the example, it got a BatchNorm, which on larger images normalized three
+    # stages of the pyramid together.
+    out, report = bngraph.insert(Pyramid(), [torch.randn(4, 3, 8, 8)])
+    assert report.facts["tracing"] == "module-level fallback"
+    reasons = {s["node"]: s["reason"] for s in report.sections["skipped"]}
+    assert reasons["act"] == ("called once on the example input but 2 times on an input of (4, 3, 16, 16); "
+                              "one BatchNorm would mix their statistics")
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in out.modules())
