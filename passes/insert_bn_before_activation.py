@@ -102,12 +102,12 @@ def _meta(shape, dtype):
 def _inline_arithmetic(gm: fx.GraphModule, act: fx.Node) -> list[fx.Node]:
     """The other readers of `act`'s input in the elementwise function of it that `act` is part
     of, where that function is not one call (`composite_activation`): x * sigmoid(x) in a
-    block's forward gives [mul]."""
+    block's forward gives [mul]; relu(l(x) * scale) none (the mul makes relu's input)."""
     found = elementwise_region(gm, act)
-    if found is None:
+    if found is None or not act.args or not isinstance(act.args[0], fx.Node):
         return []
-    x, region, _ = found
-    return [u for u in x.users if u in region and u is not act]
+    _, region, _ = found
+    return [u for u in act.args[0].users if u in region and u is not act]
 
 
 # A nonlinearity whose input no model input reaches (an MLP over a table of coordinates, as Swin

@@ -1674,3 +1674,21 @@ def test_activation_checkpointing_is_kept_not_traced_away():
     out.get_submodule("block.fc").register_forward_hook(lambda *_: calls.append(1))
     out.train()(_x(16, 6)).sum().backward()
     assert len(calls) == 2  # once forward, once again in backward: still checkpointed
+
+
+class ScaledBeforeRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.register_buffer("scale", torch.full((8,), 2.0))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(x) * self.scale))
+
+
+def test_the_op_that_makes_an_activations_input_is_not_called_another_reader_of_it():
+    # "relu: its input also reaches mul unnormalized", where mul makes relu's input and nothing
+    # else reads it.
+    _, report = bngraph.insert(ScaledBeforeRelu(), [_x(4, 8)])
+    assert [r["activation"] for r in report.sections["inserted"]] == ["relu"]
+    assert not [n for n in report.notes if "unnormalized" in n]
