@@ -42,7 +42,8 @@ from bngraph.errors import UserError, model_raised, one_line, user_frame, users_
 from bngraph.passes._op_kinds import ACTIVATION_MODULES
 from bngraph.passes._fx_effects import hooks_of
 from bngraph.runners import fresh_inputs
-from bngraph.trace import TraceFailed, _RecordShapes, _Tracer, assert_argument_is_none, copy_module, input_examples
+from bngraph.trace import (TraceFailed, _RecordShapes, _Tracer, assert_argument_is_none, copy_module, input_examples,
+                           refuse_hooks_on_the_model)
 
 MAX_LEAVES = 48
 _SEED = 20150211  # the paper's arXiv date: any fixed seed makes two train-mode runs comparable
@@ -515,6 +516,7 @@ def trace_for_insert(module: nn.Module, example_inputs: Sequence[torch.Tensor]) 
     hooked = hooks_of(module, global_hooks=False)
     if hooked:  # torch.fx runs the root's forward, never its __call__: the hooks would be lost
         raise TraceFailed(f"{name} itself has a {' and a '.join(hooked)}, which a traced graph cannot keep")
+    refuse_hooks_on_the_model(module)
     reference = _Reference(module, example_inputs)
     model = copy_module(module)
     leaves: dict[str, Opaque] = {}

@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
 from bngraph.errors import CheckFailed, UserError, model_raised, one_line, user_frame, users_file
-from bngraph.passes._fx_effects import hooks_of
+from bngraph.passes._fx_effects import hook_on_the_model, hooks_of
 from bngraph.runners import batch_axes_of, fresh_inputs, seeded
 
 
@@ -748,9 +748,18 @@ def _symbolic_trace(module: nn.Module, example_inputs: Sequence | None = None) -
     if hooked:
         # torch.fx runs the root's forward, never its __call__: the hooks would be lost.
         raise TraceFailed(f"{type(module).__name__} itself has a {' and a '.join(hooked)}, which a traced graph cannot keep")
+    refuse_hooks_on_the_model(module)
     tracer = _Tracer(input_examples=input_examples(module, example_inputs or ()))
     graph = tracer.trace(module)
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def refuse_hooks_on_the_model(module: nn.Module) -> None:
+    """TraceFailed where a submodule's hook works on the model itself (`hook_on_the_model`): the
+    model written from a graph would rebuild that submodule, hook and all, for another model."""
+    if hook := hook_on_the_model(module):
+        raise TraceFailed(f"the hook {hook} works on {type(module).__name__} itself (its state), which a model "
+                          "written from a traced graph could not give it")
 
 
 class TraceUnfaithful(TraceFailed):

@@ -99,6 +99,28 @@ def hooks_of(module: nn.Module, *, global_hooks: bool = True) -> list[str]:
     return kinds
 
 
+def hook_on_the_model(root: nn.Module) -> str | None:
+    """'path's NAME' for a hook on a submodule of `root` that is the model's own method, or a
+    function holding the model (a feature extractor's `self.feats[name] = out`), or None: a
+    written model rebuilds that submodule with the model's code, whose hook would then update
+    the model built for it, not the one written."""
+    for path, module in root.named_modules():
+        if not path:
+            continue
+        for attr, _ in _HOOK_KINDS:
+            for hook in (getattr(module, attr, None) or {}).values():
+                hook = getattr(hook, "func", hook)  # functools.partial
+                cells = []
+                for cell in getattr(hook, "__closure__", None) or ():
+                    try:
+                        cells.append(cell.cell_contents)
+                    except ValueError:  # an empty cell
+                        continue
+                if getattr(hook, "__self__", None) is root or any(c is root for c in cells):
+                    return f"{path}'s {getattr(hook, '__qualname__', type(hook).__name__)}"
+    return None
+
+
 def hook_refusal(label: str, module: nn.Module, change: str) -> str | None:
     """Why a fold must not go through `module` because of its hooks, or None.
 

@@ -106,6 +106,43 @@ def test_a_parametrized_layer_keeps_its_bias_and_the_artifact_loads(tmp_path, ca
     assert model.conv.bias is not None
 
 
+FEATURE_TAP = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    example_input_shape = (4, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 2, 1)
+        self.register_buffer("seen", torch.zeros(()))
+        self.features = {}
+        self.act.register_forward_hook(self._tap)  # a feature extractor's tap, on the model's own state
+
+    def _tap(self, module, inputs, output):
+        self.seen += 1
+        self.features["act"] = output.detach()
+
+    def forward(self, x):
+        return self.head(self.act(self.conv(x)))
+"""
+
+
+def test_a_hook_that_works_on_the_model_itself_keeps_working_on_the_written_model(tmp_path, capsys):
+    # Written from a graph, the model rebuilt act with its hook bound to another copy of the
+    # model: `seen` and `features` were gone from the written one, and nothing said so.
+    (tmp_path / "m.py").write_text(FEATURE_TAP)
+    code, out, err = _cli(capsys, "insert", f"{tmp_path / 'm.py'}:Net", "-o", str(tmp_path / "out"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["tracing"] == "module-level fallback" and "act's Net._tap works on Net itself" in report["notes"][-1]
+    model = bngraph.load(tmp_path / "out")
+    model(torch.randn(2, 3, 8, 8))
+    assert model.seen.item() == 1 and list(model.features) == ["act"]
+
+
 def test_insert_on_its_own_output_changes_nothing_and_says_so(tmp_path, capsys):
     assert _cli(capsys, "insert", "zoo:mnist-mlp", "-o", str(tmp_path / "a"))[0] == 0
     code, out, _ = _cli(capsys, "insert", str(tmp_path / "a"), "-o", str(tmp_path / "b"), "--json")
