@@ -394,13 +394,14 @@ def export(
     model, onnx_report = fold_onnx(exported_onnx, standalone_bn=standalone_bn)
     report.facts.update({f"onnx_{k}": v for k, v in onnx_report.facts.items()})
     report.sections.update({f"onnx_{k}": v for k, v in onnx_report.sections.items()})
-    if rows := report.sections.get("fx_fold_remaining"):  # the model's own modules, and why
+    if (remaining := onnx_report.sections["remaining"]) and (rows := report.sections.get("fx_fold_remaining")):
+        # The FX fold's rows name the model's own modules and say why.
         left = "; ".join(f"{row['node']} ({row['reason']})" for row in rows)
         raise UserError(f"the exported graph keeps a BatchNormalization that cannot be folded: {left}")
-    if remaining := onnx_report.sections["remaining"]:
-        # None of the model's BatchNorms (those are refused above, by name): the exporter's own form
-        # of another layer (InstanceNorm with running statistics is a BatchNormalization of computed
-        # scale), which verification below checks as it checks the rest.
+    if remaining:
+        # None of the model's BatchNorms (a batch-statistics one is refused above, by name): the
+        # exporter's own form of another layer (InstanceNorm with running statistics is a
+        # BatchNormalization of computed scale), which verification below checks as it checks the rest.
         report.notes.append(f"{len(remaining)} BatchNormalization node(s) the exporter wrote for layers that are not "
                             f"BatchNorms, with statistics computed as the file runs, kept: "
                             f"{', '.join(row['node'] for row in remaining)}")
