@@ -32,7 +32,7 @@ from bngraph.errors import CheckFailed, UserError, one_line, running_user_model
 from bngraph.fold_reach import fold_inside_hooked_modules, fold_inside_kept_whole, opaque_batch_norms, unused_batch_norms
 from bngraph.fold_untraced import FALLBACK, ROW_ONLY, fold_untraced, probed_notes, source_edits
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, rounding_gain
-from bngraph.runners import eval_mode, fresh_inputs
+from bngraph.runners import buffers_kept, eval_mode, fresh_inputs
 from bngraph.passes._fx_batchnorm import is_batch_norm, read_batch_norm
 from bngraph.passes._op_kinds import op_label
 from bngraph.passes.remove_dead_code import remove_dead_code
@@ -75,10 +75,24 @@ def fold(
     the BNs inside the submodule kept whole are folded module by module
     (`fold_bn_into_producer_module`); where it stops in the model's own forward, every BN is
     (`fold_untraced`).
-    `report.passes` keeps each pass's `PassResult`, for an artifact's history.
+    `report.passes` keeps each pass's `PassResult`, for an artifact's history. The checks run the
+    model; a buffer its forward writes (a counter) is as it was, in `module` and in the result.
     """
     if standalone_bn not in STANDALONE_BN_FORMS:
         raise ValueError(f"standalone_bn must be one of {STANDALONE_BN_FORMS}, not {standalone_bn!r}")
+    bns = {p for p, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    initial = {name: b.detach().clone() for name, b in module.named_buffers()
+               if name.rpartition(".")[0] not in bns and not isinstance(b, nn.parameter.UninitializedBuffer)}
+    with buffers_kept(module):
+        folded, report = _fold(module, example_inputs, standalone_bn)
+    with torch.no_grad():
+        for name, buffer in folded.named_buffers():
+            if name in initial and buffer.shape == initial[name].shape and buffer.dtype == initial[name].dtype:
+                buffer.copy_(initial[name])
+    return folded, report
+
+
+def _fold(module: nn.Module, example_inputs: Sequence[torch.Tensor], standalone_bn: str) -> tuple[fx.GraphModule, Report]:
     opaque_notes, trace_failure, kept_whole = [], None, []
     if training := batch_norms_training_in_eval(module, example_inputs):
         # A graph module's eval() sets every submodule's mode, past the model's own train() (a

@@ -28,7 +28,7 @@ from bngraph.passes.drop_bias_before_bn import drop_bias_before_bn
 from bngraph.passes.insert_bn_before_activation import insert_bn_before_activation
 from bngraph.passes.wrap_activation_modules import wrap_activation_modules
 from bngraph.report import Report
-from bngraph.runners import batch_axes_of, random_tensor
+from bngraph.runners import batch_axes_of, buffers_kept, random_tensor
 from bngraph.trace import TraceFailed, assert_argument_is_none, copy_module, materialize_lazy
 
 FALLBACK = "module-level fallback"
@@ -65,7 +65,8 @@ def insert(
     trace_failure, opaque = None, []
     materialize_lazy(model, example_inputs)  # on the model itself: see bngraph.trace.materialize_lazy
     try:
-        graph, opaque = trace_for_insert(model, example_inputs)
+        with buffers_kept(model):  # its runs there are bngraph's: a counter the forward keeps stays put
+            graph, opaque = trace_for_insert(model, example_inputs)
         insert_pass = insert_bn_before_activation
     except TraceFailed as err:
         if not fallback:
@@ -92,8 +93,9 @@ def insert(
     results.update(more)
     checked = []
     if preserve:  # the promise of --preserve, checked before anything is returned or written
-        reference = Reference(model, example_inputs)
-        reference.check(graph, what="the model with BatchNorms inserted (--preserve)")
+        with buffers_kept(model):
+            reference = Reference(model, example_inputs)
+            reference.check(graph, what="the model with BatchNorms inserted (--preserve)")
         checked = reference.notes
     not_handled = []
     if trace_failure is None:

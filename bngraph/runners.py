@@ -98,6 +98,22 @@ def _storage(t: torch.Tensor) -> int | None:
 
 
 @contextlib.contextmanager
+def buffers_kept(module: nn.Module):
+    """Put back each buffer of `module` that a run inside wrote in place: bngraph's own runs of a
+    model (to trace, check or record it) are not the model's, and a counter it keeps
+    (`self.seen += len(x)`) was saved moved by them."""
+    buffers = {name: b for name, b in module.named_buffers() if not isinstance(b, nn.parameter.UninitializedBuffer)}
+    values = {name: (b._version, b.detach().clone()) for name, b in buffers.items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buffer in buffers.items():
+                if buffer._version != values[name][0]:
+                    buffer.copy_(values[name][1])
+
+
+@contextlib.contextmanager
 def seeded():
     """The random state every run compared starts from (`bngraph.equivalence`; a run outside it,
     such as the shape-recording run of `bngraph.trace`, uses it to stand for one of its runs)."""

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from bngraph.errors import running_user_model
+from bngraph.runners import buffers_kept
 from bngraph.passes._dataflow import feature_axis, is_elementwise_nonlinearity, normalizer_of, record_run
 from bngraph.passes._op_kinds import ACTIVATION_MODULES
 from bngraph.passes.base import PassResult, Skip, graph_pass
@@ -126,6 +127,11 @@ def wrap_activation_modules(
 ) -> PassResult:
     """Wrap each activation module of `module` with a BatchNorm in front of it; with `within`,
     only those inside the submodules at these paths (the leaves a partial trace kept opaque)."""
+    with buffers_kept(module):  # the runs below are bngraph's, not the model's: a counter stays where it was
+        return _wrap_activation_modules(module, example_inputs, within)
+
+
+def _wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.Tensor], within) -> PassResult:
     result = PassResult(module)
     inside = None if within is None else tuple(f"{p}." for p in within)
     with running_user_model():

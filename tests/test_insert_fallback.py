@@ -725,3 +725,27 @@ def test_an_activation_called_once_only_at_the_examples_size_is_not_wrapped():
     assert reasons["act"] == ("called once on the example input but 2 times on an input of (4, 3, 16, 16); "
                               "one BatchNorm would mix their statistics")
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in out.modules())
+
+
+class CountsExamples(nn.Module):
+    """Counts the examples it has seen in a buffer, and branches on data (the fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Linear(4, 3)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        h = self.act(self.conv(x))
+        if h.sum() > -1e9:
+            h = h * 1.0
+        return self.fc(self.bn(h).mean((2, 3)))
+
+
+def test_bngraphs_own_runs_leave_a_counter_the_forward_keeps_where_it_was():
+    # insert saved seen = 6 and fold 18: the examples of their own traces, checks and probes.
+    model = CountsExamples()
+    out, _ = bngraph.insert(model, [torch.randn(2, 3, 8, 8)])
+    folded, _ = bngraph.fold(randomize_bn(model), [torch.randn(2, 3, 8, 8)])
+    assert model.seen.item() == out.seen.item() == folded.seen.item() == 0
