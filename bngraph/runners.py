@@ -72,10 +72,11 @@ class ComputedPrecision(TorchFunctionMode):
     """The epsilon of the least precise floating tensor any torch function computed while the
     mode was on (0 where none did): a bfloat16 layer inside a float32 model rounds at bfloat16's
     epsilon, whatever the model's output's dtype. What a forward computes, not what it holds or
-    reads: an unused bfloat16 buffer in a float32 model widened verify's tolerance to 0.031, and
-    so did a bfloat16 zero indexed from a table and added to a float32 sum (exact: the sum is
-    float32, the row a view), and a candidate 2% off passed. A view of an input computes
-    nothing. A fold rounds its weights in their layer's dtype, which that layer computes in."""
+    moves: an unused bfloat16 buffer in a float32 model widened verify's tolerance to 0.031, and
+    so did a bfloat16 zero indexed, cloned or concatenated from a buffer and added to a float32
+    sum (exact: the sum is float32), and a candidate 2% off passed. A view, or a copy in a
+    precision no finer than its inputs' (`MOVES`), computes nothing; a cast to a coarser dtype
+    rounds. A fold rounds its weights in their layer's dtype, which that layer computes in."""
 
     def __init__(self):
         super().__init__()
@@ -83,11 +84,29 @@ class ComputedPrecision(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        read = {_storage(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        read = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        storages = {_storage(t) for t in read}
+        finest = min((torch.finfo(t.dtype).eps for t in read if t.is_floating_point()), default=None)
+        moves = getattr(func, "__name__", None) in MOVES
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and (_storage(t) not in read or _storage(t) is None):
-                self.eps = max(self.eps, torch.finfo(t.dtype).eps)
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                continue
+            eps = torch.finfo(t.dtype).eps
+            if (_storage(t) in storages and _storage(t) is not None) or (moves and finest is not None and eps <= finest):
+                continue  # a view, or values moved without rounding
+            self.eps = max(self.eps, eps)
         return out
+
+
+# Functions that move values without computing new ones: their output rounds nothing unless its
+# dtype is coarser than their inputs' (a cast).
+MOVES = frozenset({
+    "__getitem__", "clone", "contiguous", "detach", "cat", "concat", "concatenate", "stack", "hstack", "vstack",
+    "index_select", "gather", "take", "take_along_dim", "masked_select", "repeat", "repeat_interleave", "tile",
+    "expand", "expand_as", "flip", "roll", "narrow", "narrow_copy", "to", "type", "type_as", "float", "double",
+    "half", "bfloat16", "reshape", "view", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "t",
+    "movedim", "chunk", "split", "unbind", "select", "where", "zeros_like", "ones_like", "empty_like", "copy_",
+})
 
 
 def _storage(t: torch.Tensor) -> int | None:

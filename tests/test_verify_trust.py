@@ -1024,7 +1024,14 @@ class ProjectionPlusBFloat16Zero(ProjectionWithLookupTable):
         return self.fc(x) * 1.02 + self.unused_table[0].float()
 
 
-@pytest.mark.parametrize("candidate", [ProjectionWithLookupTable, ProjectionPlusBFloat16Zero])
+class ProjectionPlusBFloat16Copy(ProjectionWithLookupTable):
+    """Copies its bfloat16 zeros (advanced indexing, a clone) into a float32 sum: still exact."""
+
+    def forward(self, x):
+        return self.fc(x) * 1.02 + self.unused_table[torch.tensor([0])].float() + self.unused_table[:1].clone().float()
+
+
+@pytest.mark.parametrize("candidate", [ProjectionWithLookupTable, ProjectionPlusBFloat16Zero, ProjectionPlusBFloat16Copy])
 def test_a_bfloat16_tensor_the_forward_computes_nothing_in_leaves_a_float32_models_tolerance_alone(candidate):
     # Every tensor the two modules held set the precision: 0.031 instead of 1e-5, and 2% passed,
     # in verify and in the check every fold and export runs before writing.
