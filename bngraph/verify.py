@@ -473,12 +473,14 @@ def verify_models(
     return result, report
 
 
-def _state_versions(model) -> dict[str, int]:
-    """Each parameter's and buffer's version counter, which an in-place write moves: empty for an
-    ONNX file (its state is constant)."""
+def _state_versions(model) -> dict[str, tuple[int, int]]:
+    """Each parameter's and buffer's identity and version counter, which a write moves, in place
+    (`self.calls += 1`) or by a new tensor (`self.calls = self.calls + 1`): empty for an ONNX file
+    (its state is constant)."""
     if not isinstance(model, torch.nn.Module):
         return {}
-    return {name: t._version for name, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
+    return {name: (id(t), t._version) for name, t in model.state_dict(keep_vars=True).items()
+            if isinstance(t, torch.Tensor)}
 
 
 def _check_same_input_dtypes(specs, texts: Sequence[str], names: Sequence[str]) -> None:

@@ -1467,16 +1467,23 @@ class CountsItsCalls(Plain):
     def forward(self, x):
         self.calls += 1
         return self.fc(x) * torch.where(self.calls > 6, 2.0, 1.0)
+
+
+class CountsByReassigning(CountsItsCalls):
+    def forward(self, x):
+        self.calls = self.calls + 1  # a new tensor each call, not a write into the old one
+        return self.fc(x) * torch.where(self.calls > 6, 2.0, 1.0)
 '''
 
 
-def test_a_model_that_writes_its_state_in_eval_mode_is_named_in_the_report(tmp_path):
+@pytest.mark.parametrize("counter", ["CountsItsCalls", "CountsByReassigning"])
+def test_a_model_that_writes_its_state_in_eval_mode_is_named_in_the_report(counter, tmp_path):
     # It passed on verify's few calls without a word; what it computes later no run can cover.
     (tmp_path / "m.py").write_text(COUNTS_ITS_CALLS)
     model = tmp_path / "m.py"
-    code, out, _ = run_cli("verify", f"{model}:Plain", f"{model}:CountsItsCalls", "--json")
+    code, out, _ = run_cli("verify", f"{model}:Plain", f"{model}:{counter}", "--json")
     notes = json.loads(out)["notes"]
     assert code == 0 and len(notes) == 1
-    assert notes[0].startswith(f"{model}:CountsItsCalls writes ['calls'] in its forward, in eval mode")
+    assert notes[0].startswith(f"{model}:{counter} writes ['calls'] in its forward, in eval mode")
     code, out, _ = run_cli("verify", f"{model}:Plain", f"{model}:Plain", "--json")
     assert code == 0 and json.loads(out)["notes"] == []
