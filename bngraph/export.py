@@ -92,7 +92,10 @@ def to_onnx(
     dynamic_shapes = tuple({0: batch} if axis == 0 else None for axis in axes)
     declared = forward_parameter_names(module)
     input_names = declared[: len(inputs)] if len(declared) >= len(inputs) else None  # `_TensorOutputs` takes *inputs
-    module, output_names = _with_known_outputs(module, example_inputs, declared)
+    module, output_names, left_out = _with_known_outputs(module, example_inputs, declared)
+    if left_out and notes is not None:  # silent, a file with one output of three passed verify
+        notes.append(f"the model's output(s) {', '.join(repr(w) for w in left_out)} are numbers or strings, not "
+                     "tensors: the file holds its tensors only, and verify compares those")
     if isinstance(module, _TensorOutputs):  # torch.export sees its *inputs as one tuple argument
         dynamic_shapes = (dynamic_shapes,)
     # The exporter prints progress, logs a warning per missing torchvision op and, when it fails,
@@ -216,7 +219,7 @@ class _TensorOutputs(nn.Module):
 _LEAVES = (torch.Tensor, int, float, bool, str, type(None))
 
 
-def _with_known_outputs(module: nn.Module, example_inputs, input_names: Sequence[str]) -> tuple[nn.Module, list[str] | None]:
+def _with_known_outputs(module: nn.Module, example_inputs, input_names: Sequence[str]):
     """`module`, or `_TensorOutputs(module)` where its output holds what the exporter refuses: a
     dataclass torch's pytree does not know (a user's own, in HuggingFace's style), or numbers and
     strings beside the tensors (`{"logits": t, "n_layers": 3}`), or an output that is an input or
@@ -224,7 +227,8 @@ def _with_known_outputs(module: nn.Module, example_inputs, input_names: Sequence
     refused by name (UserError): which of its tensors are outputs is not known, and the exporter
     would say only that its class is unknown. And the outputs' names (`named_tensors`), in the
     order the exporter writes them (which verify checks), where every tensor is found, none named
-    as one of `input_names` (`_unique_output_names`)."""
+    as one of `input_names` (`_unique_output_names`). And where the numbers and strings left out
+    of the file are in the output."""
     given = fresh_inputs(example_inputs)
     with torch.no_grad(), eval_mode(module), running_user_model():
         output = module(*given)
@@ -248,10 +252,11 @@ def _with_known_outputs(module: nn.Module, example_inputs, input_names: Sequence
         if id(tensor) in seen:
             aliased.append(k)
         seen.add(id(tensor))
+    left_out = [where for where, leaf in named_leaves(output) if not isinstance(leaf, (torch.Tensor, type(None)))]
     if aliased or not plain:
-        return _TensorOutputs(module, aliased), names
+        return _TensorOutputs(module, aliased), names, left_out
     # A class torch's pytree knows and `named_tensors` does not: the exporter's own names.
-    return module, names if len(names) == sum(isinstance(leaf, torch.Tensor) for leaf in leaves) else None
+    return module, names if len(names) == sum(isinstance(leaf, torch.Tensor) for leaf in leaves) else None, left_out
 
 
 def _unique_output_names(names: list[str], input_names: Sequence[str]) -> list[str]:

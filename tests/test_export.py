@@ -430,3 +430,20 @@ def test_an_example_input_shape_holding_several_shapes_is_one_line(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.endswith("is not a tuple of sizes (several inputs: example_input_shapes = [...])")
     assert len(err.splitlines()) == 1
+
+
+class ReturnsItsBatchSizeToo(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x), x.shape[0], 3
+
+
+def test_numbers_the_file_cannot_hold_are_named_in_a_note(tmp_path):
+    # The file held one output of the model's three, and the report said nothing.
+    result = export(ReturnsItsBatchSizeToo().eval(), [torch.randn(2, 4)], tmp_path / "m.onnx")
+    assert result
+    assert ("the model's output(s) 'output.1', 'output.2' are numbers or strings, not tensors: the file holds its "
+            "tensors only") in " ".join(result.report.notes)
