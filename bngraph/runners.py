@@ -368,6 +368,8 @@ def batch_axes_of(example_inputs: Sequence[torch.Tensor], batch_axes: Sequence[i
         return [0 if x.dim() else None for x in example_inputs]
     if len(batch_axes) != len(example_inputs):
         raise UserError(f"{len(batch_axes)} batch axes given for {len(example_inputs)} example inputs")
+    if other := [axis for axis in batch_axes if axis not in (0, None)]:  # taken as 0, the file's batch was another axis
+        raise UserError(f"batch axis {other[0]}: an input's batch axis is 0, or None for an input without one")
     return [None if axis is None or not x.dim() else 0 for x, axis in zip(example_inputs, batch_axes)]
 
 

@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 
+import bngraph
 from bngraph.insert import calibration_batches
 from bngraph.cli import main
 from bngraph.load import load_model
@@ -194,3 +195,18 @@ def test_an_old_style_file_verifies_and_folds(tmp_path):
     assert code == 2 and "declares float32;float32" in err and err.count("\n") == 1
     code, _, err = run_cli("fold", path, "-o", tmp_path / "folded.onnx")
     assert code == 0, err
+
+
+def test_a_batch_axis_other_than_0_is_refused_not_taken_for_0(tmp_path):
+    # batch_axes=[1] was exported with axis 0 dynamic, as if 0 had been given.
+    with pytest.raises(bngraph.UserError, match="batch axis 1: an input's batch axis is 0, or None"):
+        bngraph.export(torch.nn.Linear(4, 4).eval(), [torch.randn(2, 4)], tmp_path / "m.onnx", batch_axes=[1])
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_tensor_data_of_more_images_than_labels_is_refused():
+    from bngraph.training import TensorData
+
+    x, y = torch.rand(30, 1, 4, 4), torch.randint(0, 3, (30,))
+    with pytest.raises(bngraph.UserError, match="x_train holds 30 examples but y_train 10 labels"):
+        TensorData(x, y[:10], x[:5], y[:5])

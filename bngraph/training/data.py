@@ -78,6 +78,13 @@ class TensorData:
     label_file: str = ""  # where the largest label comes from, for errors
     class_names: tuple[str, ...] | None = None  # what label i means, where the data names it (class folders)
 
+    def __post_init__(self):
+        # As the readers check files: 300 images and 10 labels ended in an IndexError mid-training.
+        for part in ("train", "test"):
+            x, y = getattr(self, f"x_{part}"), getattr(self, f"y_{part}")
+            if len(x) != len(y):
+                raise UserError(f"x_{part} holds {len(x)} examples but y_{part} {len(y)} labels")
+
     @classmethod
     def from_dataset(cls, dataset, device: torch.device | str = "cpu") -> TensorData:
         return cls(*dataset.as_float(device), name=dataset.name, source=dataset.source, format="mnist-idx",

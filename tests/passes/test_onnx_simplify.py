@@ -31,7 +31,6 @@ def test_leaves_a_training_mode_batchnorm_alone():
 
 
 def _graph(nodes, inputs, outputs, initializers=()):
-    import onnx
     from onnx import helper
 
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
