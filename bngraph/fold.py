@@ -78,8 +78,11 @@ def fold(
     `report.passes` keeps each pass's `PassResult`, for an artifact's history. The checks run the
     model; a buffer its forward writes (a counter) is as it was, in `module` and in the result.
     """
-    if standalone_bn not in STANDALONE_BN_FORMS:
-        raise ValueError(f"standalone_bn must be one of {STANDALONE_BN_FORMS}, not {standalone_bn!r}")
+    if not isinstance(module, nn.Module):
+        raise UserError(f"fold takes an nn.Module, not {type(module).__name__}")
+    if standalone_bn not in STANDALONE_BN_FORMS:  # export's and the ONNX fold's names are for a file's nodes
+        raise UserError(f"standalone_bn is one of {', '.join(STANDALONE_BN_FORMS)} for a PyTorch model (export's "
+                        f"'mul-add' and 'batchnorm' name the ONNX forms), not {standalone_bn!r}")
     bns = {p for p, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     initial = {name: b.detach().clone() for name, b in module.named_buffers()
                if name.rpartition(".")[0] not in bns and not isinstance(b, nn.parameter.UninitializedBuffer)}

@@ -62,6 +62,8 @@ def insert(
     torch.fx cannot trace get the module-level fallback unless `fallback=False`, which also
     leaves the activation modules inside submodules a partial trace keeps whole (`not_handled`).
     """
+    if not isinstance(model, nn.Module):
+        raise UserError(f"insert takes an nn.Module, not {type(model).__name__}")
     trace_failure, opaque = None, []
     materialize_lazy(model, example_inputs)  # on the model itself: see bngraph.trace.materialize_lazy
     try:

@@ -210,3 +210,11 @@ def test_tensor_data_of_more_images_than_labels_is_refused():
     x, y = torch.rand(30, 1, 4, 4), torch.randint(0, 3, (30,))
     with pytest.raises(bngraph.UserError, match="x_train holds 30 examples but y_train 10 labels"):
         TensorData(x, y[:10], x[:5], y[:5])
+
+
+def test_the_api_refuses_what_is_not_a_model_or_a_form_in_one_line():
+    # An AttributeError from deep inside, and a ValueError for export's name of a form.
+    with pytest.raises(bngraph.UserError, match="insert takes an nn.Module, not function"):
+        bngraph.insert(lambda x: x, [torch.randn(2, 4)])
+    with pytest.raises(bngraph.UserError, match="export's 'mul-add' and 'batchnorm' name the ONNX forms"):
+        bngraph.fold(torch.nn.Linear(4, 4).eval(), [torch.randn(2, 4)], standalone_bn="mul-add")
