@@ -78,7 +78,9 @@ def _constructor(path: str, module: nn.Module) -> str:
     if not cls.__module__.startswith("torch."):
         raise UserError(
             f"cannot save layer {path!r} of type {cls.__qualname__} as code: only torch.nn layers "
-            "are rebuilt from their constructors (trace through it instead)"
+            "are rebuilt from their constructors, and the rest from the model's own file, which a module "
+            "alone does not name: save it with `bngraph insert model.py:Net -o DIR` (or fold, train), which "
+            "reads that file"
         )
     candidates = dict.fromkeys([f"torch.nn.{cls.__name__}({_arguments(module)})",
                                 f"torch.nn.{cls.__name__}({module.extra_repr()})"])
