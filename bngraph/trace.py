@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 
 from bngraph.errors import CheckFailed, UserError, model_raised, one_line, user_frame, users_file
 from bngraph.passes._fx_effects import hook_on_the_model, hooks_of
-from bngraph.runners import batch_axes_of, fresh_inputs, seeded
+from bngraph.runners import batch_axes_of, buffers_kept, fresh_inputs, seeded
 
 
 class TraceFailed(UserError):
@@ -465,9 +465,11 @@ class _Tracer(fx.Tracer):
             if isinstance(root, nn.Module) else {}
         states = {path: _module_state(m) for path, m in modules.items()}
         buffers = dict(root.named_buffers()) if isinstance(root, nn.Module) else {}
-        versions, values = _versions(buffers), {name: b.detach().clone() for name, b in buffers.items()}
+        versions = _versions(buffers)
         try:
-            with _custom_functions_checked(self), _checkpoints_kept():
+            # Its buffers' values put back as they were, after a forward that wrote them (checked below).
+            with _custom_functions_checked(self), _checkpoints_kept(), \
+                    buffers_kept(root) if buffers else contextlib.nullcontext():
                 graph = super().trace(root, concrete_args)
             _name_fixed_arguments_as_declared(graph, concrete_args)
             check_no_random_draws(rng)
@@ -478,10 +480,6 @@ class _Tracer(fx.Tracer):
             torch.random.set_rng_state(rng)  # the model's draws while traced are no one's
             for path, m in modules.items():
                 _restore_state(m, states[path])
-            with torch.no_grad():  # and its buffers' values as they were
-                for name, buffer in buffers.items():
-                    if buffer._version != versions[name]:
-                        buffer.copy_(values[name])
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         read = self.dtypes_read
         inputs = [(n, d) for n, d in read.items() if n.op == "placeholder"]
