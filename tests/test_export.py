@@ -305,18 +305,22 @@ class ScriptedBlock(torch.nn.Module):
         return torch.relu(self.blk(x))
 
 
-@pytest.mark.parametrize(("model", "shape", "says"), [
-    (BatchStatistics, (4, 6), "b2 (it has no running statistics (track_running_stats=False)"),
-    (ScriptedBlock, (2, 3, 8, 8), "blk is a TorchScript module, which torch.export cannot take"),
-    (FunctionalBatchStatistics, (2, 3, 8, 8), "batch_norm (it calls F.batch_norm with training=True"),
-    (KeepsBnTraining, (2, 3, 8, 8), "bn (it is in training mode when the model is in eval mode"),
-])
-@pytest.mark.parametrize("fold", [True, False], ids=["fold", "no-fold"])
+REFUSED = {
+    "track_running_stats=False": (BatchStatistics, (4, 6), "b2 (it has no running statistics (track_running_stats=False)"),
+    "scripted": (ScriptedBlock, (2, 3, 8, 8), "blk is a TorchScript module, which torch.export cannot take"),
+    "F.batch_norm": (FunctionalBatchStatistics, (2, 3, 8, 8), "batch_norm (it calls F.batch_norm with training=True"),
+    "kept-training": (KeepsBnTraining, (2, 3, 8, 8), "bn (it is in training mode when the model is in eval mode"),
+}
+
+
+# --no-fold has no graph to show an F.batch_norm call in (its export then fails its check, exit 1).
+@pytest.mark.parametrize(("model", "shape", "says", "fold"), [
+    *((*case, True) for case in REFUSED.values()),
+    *((*case, False) for name, case in REFUSED.items() if name != "F.batch_norm"),
+], ids=[*(f"{name}-fold" for name in REFUSED), *(f"{name}-no-fold" for name in REFUSED if name != "F.batch_norm")])
 def test_an_export_refused_names_the_users_module_and_why(model, shape, says, fold, tmp_path):
     # The refusals named the exporter's node (node__native_batch_norm_legit__0, "its mean 'val_1'
     # is not a constant") or gave torch.export's SpecViolationError alone.
-    if not fold and model is FunctionalBatchStatistics:
-        pytest.skip("only a graph shows an F.batch_norm call (export --no-fold then fails its check, exit 1)")
     with pytest.raises(bngraph.UserError, match=re.escape(says)):
         export(model().eval(), [torch.randn(*shape)], tmp_path / "out.onnx", fold=fold)
     assert not (tmp_path / "out.onnx").exists()
