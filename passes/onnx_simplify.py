@@ -20,24 +20,28 @@ from bngraph.passes.base import PassResult, graph_pass
 
 # Left out besides, as not exact: the no-op rules (x * 1, x + 0, ...), whose constants match
 # within a tolerance (onnxscript 0.7.2: `x + 1e-8` became x, a PixelNorm's epsilon, and before a
-# log a zero's -18.4 became -inf); the Clip, Relu, Min and Max fusions, which read an opset-6
-# Clip's bounds as absent (two clamps became none) and merge ranges that do not overlap; and the
-# Conv pad normalization, which computes SAME pads as if dilation were 1.
-_NOT_EXACT = {id(rule) for rules in (_no_op.rules, _fuse_relus_clips.rules, _min_max_to_clip.rules) for rule in rules.rules}
-TIDY_RULES = onnxscript.rewriter.RewriteRuleSet(
-    [rule for rule in onnxscript.rewriter._DEFAULT_REWRITE_RULES
-     if id(rule) not in _NOT_EXACT and not any(word in (rule.name or "") for word in ("BatchNorm", "NormalizePadFormat"))]
-)
+# log a zero's -18.4 became -inf); the Clip and Relu fusions, which read an opset-6 Clip's bounds
+# as absent (two clamps became none) and merge ranges that do not overlap; and the Conv pad
+# normalization, which computes SAME pads as if dilation were 1. The Min and Max fusions check
+# their bounds but write an opset-11 Clip: for files of opset 11 and later only.
+_NOT_EXACT = {id(rule) for rules in (_no_op.rules, _fuse_relus_clips.rules) for rule in rules.rules}
+_MIN_MAX = {id(rule) for rule in _min_max_to_clip.rules.rules}
+_TIDY = [rule for rule in onnxscript.rewriter._DEFAULT_REWRITE_RULES
+         if id(rule) not in _NOT_EXACT and not any(word in (rule.name or "") for word in ("BatchNorm", "NormalizePadFormat"))]
+TIDY_RULES = onnxscript.rewriter.RewriteRuleSet(_TIDY)
+TIDY_RULES_BEFORE_OPSET_11 = onnxscript.rewriter.RewriteRuleSet([rule for rule in _TIDY if id(rule) not in _MIN_MAX])
 
 
 @graph_pass(in_place=True)
 def onnx_simplify(model: ir.Model, rounds: int = 2) -> PassResult:
     """Fold constants and apply the tidy rules; `changed` lists the nodes that disappeared."""
 
+    rules = TIDY_RULES if model.opset_imports.get("", 0) >= 11 else TIDY_RULES_BEFORE_OPSET_11
+
     def simplify(model: ir.Model) -> None:
         for _ in range(rounds):  # a rewrite can expose a constant, and the other way round
             fold_constants_quietly(model)
-            onnxscript.rewriter.rewrite(model, pattern_rewrite_rules=TIDY_RULES)
+            onnxscript.rewriter.rewrite(model, pattern_rewrite_rules=rules)
             ir_passes.RemoveUnusedNodesPass()(model)
         ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         ir_passes.CommonSubexpressionEliminationPass()(model)

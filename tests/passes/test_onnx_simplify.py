@@ -1,3 +1,4 @@
+import pytest
 import onnx_ir as ir
 from bngraph.onnx_fold import fold_onnx
 from bngraph.passes.onnx_simplify import onnx_simplify
@@ -100,4 +101,27 @@ def test_two_opset_9_clamps_stay_two_clamps():
     run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
            for m in (original, ir.serde.serialize_model(model))]
     assert np.abs(run[0]).max() == 8.0
+    np.testing.assert_array_equal(run[0], run[1])
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+def test_a_max_then_min_becomes_one_clip_only_where_the_opset_has_clip_inputs(opset):
+    # Opset 6-10 Clip takes its bounds as attributes: the fusion's Clip-11 inputs failed there.
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    value = helper.make_tensor_value_info
+    bounds = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", -1.0), ("hi", 2.0))]
+    graph = helper.make_graph(
+        [helper.make_node("Max", ["x", "lo"], ["m"]), helper.make_node("Min", ["m", "hi"], ["y"])],
+        "g", [value("x", TensorProto.FLOAT, [2, 8])], [value("y", TensorProto.FLOAT, [2, 8])], bounds)
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+    model = ir.serde.deserialize_model(original)
+    onnx_simplify(model)
+    simplified = ir.serde.serialize_model(model)
+    assert [n.op_type for n in simplified.graph.node] == (["Clip"] if opset >= 11 else ["Max", "Min"])
+    x = (np.random.default_rng(0).normal(size=(2, 8)) * 5).astype(np.float32)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+           for m in (original, simplified)]
     np.testing.assert_array_equal(run[0], run[1])
