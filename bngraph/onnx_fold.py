@@ -128,21 +128,26 @@ def shapes_from_the_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     shapes = {v.name: v.type.tensor_type.shape for v in [*inferred.graph.value_info, *inferred.graph.output]
               if v.type.tensor_type.HasField("shape")}
+    # Where an input's sizes past the batch vary (an image of any H, W), a size declared fixed that
+    # inference cannot tell is the example's, not the file's: a Reshape's [N, 4, 64] became a
+    # constant, and the folded file computed something else at 16 x 12.
+    varying = any(d.HasField("dim_param") for i in model.graph.input for d in i.type.tensor_type.shape.dim[1:])
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     for value in [*fixed.graph.value_info, *fixed.graph.output]:
         declared = value.type.tensor_type
-        if declared.HasField("shape") and value.name in shapes and _contradicts(shapes[value.name], declared.shape):
+        if declared.HasField("shape") and value.name in shapes and _contradicts(shapes[value.name], declared.shape, varying):
             declared.shape.CopyFrom(shapes[value.name])
     return fixed
 
 
-def _contradicts(inferred, declared) -> bool:
-    """Whether a declared size is another in `inferred`, or a size named by an input (`N`; onnx
-    names the sizes it cannot tell `unk__0`, ...: those say nothing)."""
+def _contradicts(inferred, declared, varying: bool) -> bool:
+    """Whether a declared size is another in `inferred`, or a size named by an input (`N`), or,
+    where the inputs' sizes past the batch vary, one inference cannot tell (onnx names such sizes
+    `unk__0`, ...)."""
     if len(inferred.dim) != len(declared.dim):
         return True
-    return any(d.HasField("dim_value") and ((i.HasField("dim_param") and not i.dim_param.startswith("unk__"))
+    return any(d.HasField("dim_value") and ((i.HasField("dim_param") and (varying or not i.dim_param.startswith("unk__")))
                                             or (i.HasField("dim_value") and i.dim_value != d.dim_value))
                for i, d in zip(inferred.dim, declared.dim))
 

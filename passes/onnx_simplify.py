@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 import onnxscript.rewriter
-from onnxscript.rewriter.rules.common import _fuse_relus_clips, _min_max_to_clip, _no_op
+from onnxscript.rewriter.rules.common import _fuse_relus_clips, _no_op
 
 from bngraph.passes._onnx_common import fold_constants_quietly, report_removed_nodes
 from bngraph.passes.base import PassResult, graph_pass
@@ -22,21 +22,33 @@ from bngraph.passes.base import PassResult, graph_pass
 # within a tolerance (onnxscript 0.7.2: `x + 1e-8` became x, a PixelNorm's epsilon, and before a
 # log a zero's -18.4 became -inf); the Clip and Relu fusions, which read an opset-6 Clip's bounds
 # as absent (two clamps became none) and merge ranges that do not overlap; and the Conv pad
-# normalization, which computes SAME pads as if dilation were 1. The Min and Max fusions check
-# their bounds but write an opset-11 Clip: for files of opset 11 and later only.
+# normalization, which computes SAME pads as if dilation were 1.
 _NOT_EXACT = {id(rule) for rules in (_no_op.rules, _fuse_relus_clips.rules) for rule in rules.rules}
-_MIN_MAX = {id(rule) for rule in _min_max_to_clip.rules.rules}
 _TIDY = [rule for rule in onnxscript.rewriter._DEFAULT_REWRITE_RULES
          if id(rule) not in _NOT_EXACT and not any(word in (rule.name or "") for word in ("BatchNorm", "NormalizePadFormat"))]
-TIDY_RULES = onnxscript.rewriter.RewriteRuleSet(_TIDY)
-TIDY_RULES_BEFORE_OPSET_11 = onnxscript.rewriter.RewriteRuleSet([rule for rule in _TIDY if id(rule) not in _MIN_MAX])
+# The rest write and read today's forms of their ops: a Reshape's allowzero (opset 14), a Pad's and
+# an Unsqueeze's inputs, a Clip's (opset 11, 13). In an older file they failed (a Pad whose pads
+# are an attribute: IndexError) or wrote an op the file's opset lacks; there only these, the same
+# in every opset, run.
+_ANY_OPSET = {"TransposeTranspose", "TransposeIdentity", "CastCast", "CastIdentity", "ExpandIdentity", "Flatten2Reshape",
+              "ReshapeReshape", "SqueezeReshape1d", "RemoveOptionalBiasFromConv", "RemoveOptionalBiasFromConvTranspose",
+              "RemoveOptionalBiasFromGemm", "RemoveOptionalBiasFromQLinearConv"}
+
+
+def tidy_rules(opset: int) -> onnxscript.rewriter.RewriteRuleSet:
+    """The tidy rules for a file of this default-domain opset."""
+    if opset >= 14:
+        return onnxscript.rewriter.RewriteRuleSet(_TIDY)
+    if opset >= 13:
+        return onnxscript.rewriter.RewriteRuleSet([rule for rule in _TIDY if rule.name != "MaterializeReshapeShape"])
+    return onnxscript.rewriter.RewriteRuleSet([rule for rule in _TIDY if rule.name in _ANY_OPSET])
 
 
 @graph_pass(in_place=True)
 def onnx_simplify(model: ir.Model, rounds: int = 2) -> PassResult:
     """Fold constants and apply the tidy rules; `changed` lists the nodes that disappeared."""
 
-    rules = TIDY_RULES if model.opset_imports.get("", 0) >= 11 else TIDY_RULES_BEFORE_OPSET_11
+    rules = tidy_rules(model.opset_imports.get("", 0))
 
     def simplify(model: ir.Model) -> None:
         for _ in range(rounds):  # a rewrite can expose a constant, and the other way round

@@ -410,3 +410,42 @@ def test_an_output_declared_at_the_examples_batch_does_not_fix_the_folds_batch()
     assert verification, verification.lines()
     assert "BatchNormalization" not in ops(folded)
     assert [getattr(d, "value", d) for d in folded.graph.outputs[0].shape] == ["N", 32]
+
+
+def test_a_pad_of_opset_9_before_a_conv_folds():
+    # tf2onnx below opset 11 writes a Pad's pads as an attribute: onnxscript's Pad+Conv rule read
+    # them as an input, an IndexError traceback.
+    scale, bias, mean, var = random_bn_stats((4,), 6)
+    arrays = {"s": scale, "b": bias, "m": mean, "v": var,
+              "w": np.random.default_rng(0).standard_normal((5, 4, 3, 3)).astype(np.float32)}
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["h"]),
+             helper.make_node("Pad", ["h"], ["p"], mode="constant", pads=[0, 0, 1, 1, 0, 0, 1, 1], value=0.0),
+             helper.make_node("Conv", ["p", "w"], ["y"])]
+    model = onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 6, 6])], arrays, opset=9, ir_version=8)
+    folded, _, verification = fold_and_check(model)
+    assert verification, verification.lines()
+
+
+@pytest.mark.parametrize("opset", [13, 14])
+def test_a_shape_declared_at_the_examples_size_does_not_fix_a_reshape_of_any_size(opset):
+    # An input of any H, W, and value_info giving a Reshape's output at the example's [N, 4, 64]:
+    # the Reshape's target became the constant [-1, 4, 64] (at opset 13 with allowzero, which
+    # the opset lacks: a traceback), and the file computed something else at 16 x 12.
+    scale, bias, mean, var = random_bn_stats((4,), 7)
+    arrays = {"s": scale, "b": bias, "m": mean, "v": var, "i0": np.array([0], np.int64),
+              "tail": np.array([4, -1], np.int64),
+              "w": np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["h"]),
+             helper.make_node("Shape", ["h"], ["shape"]), helper.make_node("Gather", ["shape", "i0"], ["n"], axis=0),
+             helper.make_node("Concat", ["n", "tail"], ["target"], axis=0), helper.make_node("Reshape", ["h", "target"], ["r"]),
+             helper.make_node("ReduceMean", ["r"], ["y"], axes=[2], keepdims=0)]
+    model = onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], arrays, opset=opset, ir_version=8)
+    model.graph.value_info.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 4, 64]))
+    folded, _ = fold_onnx(model)
+    assert "BatchNormalization" not in ops(folded)
+    for shape in ((2, 3, 16, 12), (1, 3, 5, 7)):
+        x = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+        assert relative_error(model, folded, x) < 1e-5
