@@ -195,6 +195,16 @@ def pil_gray():
     return PilImages(16, "L"), PilImages(8, "L")
 
 
+def two_images():  # the item a two-input model would want
+    pairs = [((torch.rand(1, 28, 28), torch.rand(1, 28, 28)), i % 10) for i in range(12)]
+    return pairs, pairs[:4]
+
+
+def raw_text():  # never tokenized
+    texts = [("some raw text", i % 2) for i in range(12)]
+    return texts, texts[:4]
+
+
 class SomeAugmentedToFloat(torch.utils.data.Dataset):  # an augmentation that returns floats in [0, 1]
     def __init__(self, n):
         self.x = torch.randint(0, 256, (n, 1, 28, 28), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
@@ -691,6 +701,14 @@ def test_a_factory_item_that_cannot_be_read_or_is_another_shape_is_named(tmp_pat
     assert f"{factory}:" in err.split("could not be read")[1] and "FileNotFoundError: /data/photos/img0007.jpg" in err
     err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:smaller", *stream, "--steps", 8)
     assert "(1, 14, 14)" in err and "(1, 28, 28)" in err
+
+
+@pytest.mark.parametrize(("symbol", "holds"), [("two_images", "a tuple of 2 values"), ("raw_text", "str 'some raw text'")])
+def test_a_factory_item_whose_image_is_not_a_tensor_is_named(tmp_path, capsys, symbol, holds):
+    # torch.as_tensor's ValueError and TypeError ended the run in a traceback, exit 1.
+    (tmp_path / "data.py").write_text(FACTORY_PY)
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{tmp_path / 'data.py'}:{symbol}")
+    assert f"train[0] holds {holds} where its image should be" in err
 
 
 def test_a_factory_of_dict_examples_is_told_what_to_return(tmp_path, capsys):

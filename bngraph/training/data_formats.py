@@ -482,7 +482,12 @@ def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
         # A read-only array (np.frombuffer, a memory map): torch would share it and warn that
         # writing is undefined, pointing at this line; a copy is the item's own.
         x = x.copy()
-    x = torch.as_tensor(x)
+    try:
+        x = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):  # a tuple of two images, a string: one line, as _label says
+        what = f"a {type(x).__name__} of {len(x)} values" if isinstance(x, (tuple, list)) else f"{type(x).__name__} {x!r:.40}"
+        raise UserError(f"{where}[{i}] holds {what} where its image should be; expected (image tensor, label): "
+                        "train takes one input tensor per example") from None
     check_finite(x[None], where, first_index=i)
     return x, _label(y, f"{where}[{i}]")
 
