@@ -28,12 +28,12 @@ from torch import nn
 
 from bngraph.compare import OutputDiff, VerifyResult, compare, default_tolerance, output_dtype
 from bngraph.data import model_images
-from bngraph.errors import ModelRaised, UserError, one_line
+from bngraph.errors import ModelRaised, UserError, one_line, running_user_model
 from bngraph.load import load_model
 from bngraph.report import Report
 from bngraph.runners import (
-    BATCH_SIZES, Float64Runner, OrtRunner, TorchRunner, embedding_bounds, forward_parameter_names, input_order, integer_range, onnx_inputs, random_batches,
-    runners_for, unbatched_note, unbatched_sizes,
+    BATCH_SIZES, Float64Runner, OrtRunner, TorchRunner, embedding_bounds, eval_mode, forward_parameter_names, input_order,
+    integer_range, named_leaves, onnx_inputs, random_batches, runners_for, unbatched_note, unbatched_sizes,
 )
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
 
@@ -464,6 +464,12 @@ def verify_models(
             report.notes.append(f"{text} writes {_listed(written)} in its forward, in eval mode: what it computes may "
                                 f"depend on how often it ran before; verify compared its outputs on these {len(batches)} "
                                 "batches only")
+    if onnx_specs:  # a PyTorch model against an ONNX file: only tensors are compared
+        for text, model in zip((reference, candidate), models):
+            if left_out := _not_tensors(model, batches[0]):
+                # Silent, a model returning (logits, n, 3) passed against a file holding only logits.
+                report.notes.append(f"{text} returns {_listed(left_out)} beside its tensors, numbers or strings an ONNX "
+                                    "file does not hold: only its tensors were compared")
     # Silent, a float16 candidate passed a 0.3% gain error at float16's tolerance against float32.
     changed = {d.output: d for d in result.diffs if d.dtypes}
     for name, diff in changed.items():
@@ -471,6 +477,15 @@ def verify_models(
         report.notes.append(f"output {name!r} is {diff.dtypes[0]} in {candidate} but {diff.dtypes[1]} in {reference}: "
                             f"compared {tolerance}")
     return result, report
+
+
+def _not_tensors(model, batch) -> list[str]:
+    """The names of what a PyTorch `model` returns on `batch` that is neither a tensor nor None."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    with torch.no_grad(), eval_mode(model), running_user_model():
+        out = model(*(torch.from_numpy(np.array(x, order="C", copy=True)) for x in batch))
+    return [where for where, leaf in named_leaves(out) if not isinstance(leaf, (torch.Tensor, type(None)))]
 
 
 def _state_versions(model) -> dict[str, tuple[int, int]]:

@@ -1487,3 +1487,32 @@ def test_a_model_that_writes_its_state_in_eval_mode_is_named_in_the_report(count
     assert notes[0].startswith(f"{model}:{counter} writes ['calls'] in its forward, in eval mode")
     code, out, _ = run_cli("verify", f"{model}:Plain", f"{model}:Plain", "--json")
     assert code == 0 and json.loads(out)["notes"] == []
+
+
+RETURNS_NUMBERS_TOO = '''
+import torch
+from torch import nn
+
+example_input_shape = (2, 4)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x), x.shape[0], 3
+'''
+
+
+def test_numbers_a_model_returns_beside_its_tensors_are_named_against_an_onnx_file(tmp_path):
+    # The file holds the tensor only, and verify passed it against the model's three outputs
+    # without a word.
+    (tmp_path / "m.py").write_text(RETURNS_NUMBERS_TOO)
+    model = f"{tmp_path / 'm.py'}:Net"
+    assert run_cli("export", model, "-o", str(tmp_path / "m.onnx"))[0] == 0
+    code, out, _ = run_cli("verify", model, str(tmp_path / "m.onnx"), "--json")
+    assert code == 0
+    assert json.loads(out)["notes"] == [f"{model} returns ['output.1', 'output.2'] beside its tensors, numbers or "
+                                        "strings an ONNX file does not hold: only its tensors were compared"]
