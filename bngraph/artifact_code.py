@@ -326,7 +326,7 @@ def edited_source(
     helpers = "" if _EDIT_HELPERS in source else _EDIT_HELPERS
     return source + helpers + _EDIT_STEP.format(
         symbol=symbol, command=command, base=f"_bngraph_base_{n}", edits_name=f"_BNGRAPH_{kind}_{n}",
-        edits=[tuple(e) for e in edits], cls=name, what=what or symbol,
+        edits=[tuple(e) for e in edits], cls=name, what=what or symbol.removeprefix(_INSTANCE_COPY),
     )
 
 
@@ -367,13 +367,35 @@ _CARRIED = (
 )
 
 
+_INSTANCE_COPY = "_bngraph_copy_of_"  # + the name of a model the user's file builds as it runs
+_INSTANCE_BUILDER = """
+
+# --- Added by bngraph: {symbol} is a model this file builds as it runs; the code below
+# --- builds the model by calling a function, which gives a copy of it each call.
+def {name}():
+    import copy
+    return copy.deepcopy({symbol})
+"""
+
+
+def file_source(loaded) -> tuple[str, str]:
+    """(source text, symbol that builds the model) of a model loaded from a .py file. A model the
+    file builds as it runs (`model = nn.Sequential(...)`) is built by a function appended to the
+    source: the code bngraph writes calls what builds the model, and edits what that returns."""
+    source = Path(loaded.spec.path).read_text()
+    if not loaded.symbol_is_instance:
+        return source, loaded.symbol
+    name = _INSTANCE_COPY + loaded.symbol
+    return source + _INSTANCE_BUILDER.format(symbol=loaded.symbol, name=name), name
+
+
 def user_code(loaded) -> tuple[str, str] | None:
     """(source text, symbol that builds the model) of the user's own code behind a loaded model,
     for `module_source`'s `base`: a .py file, or the user's code an artifact carries in front of
     its generated code (not that code itself: each verb generates its own), or the whole model.py
     where edits follow that code. None: there is none."""
     if loaded.spec.kind == "file":
-        return Path(loaded.spec.path).read_text(), loaded.symbol
+        return file_source(loaded)
     if loaded.spec.kind == "artifact":
         text = (Path(loaded.spec.path) / CODE_FILE).read_text()
         user, marker, rest = text.partition(_CARRIED)
@@ -403,7 +425,7 @@ def fallback_source(loaded) -> tuple[str, str]:
     """(source text, symbol that builds the model) of a loaded model that cannot be traced: a
     .py file, or an artifact written by a module-level fallback."""
     if loaded.spec.kind == "file":
-        return Path(loaded.spec.path).read_text(), loaded.symbol
+        return file_source(loaded)
     if loaded.spec.kind == "artifact":
         return (Path(loaded.spec.path) / CODE_FILE).read_text(), CLASS_NAME
     raise UserError(f"the module-level fallback can only save models loaded from a .py file or an artifact, not {loaded.spec.text}")

@@ -32,9 +32,10 @@ class LoadedModel:
     spec: ModelSpec
     input_shapes: list[tuple[int, ...]] | None
     history: list[dict] = field(default_factory=list)  # passes already applied (artifacts)
-    symbol: str | None = None  # the class or function a .py spec resolved to
+    symbol: str | None = None  # the class, function or module-level instance a .py spec resolved to
     input_dtypes: list[str] | None = None  # numpy names, one per input; None: all float32
     batch_axes: list[int | None] | None = None  # 0, or None for an input without one; None: all 0
+    symbol_is_instance: bool = False  # `model = nn.Sequential(...)`: a model the file builds as it runs
 
     def example_inputs(self, seed: int = 0) -> ExampleInputs:
         """Random inputs of the declared shapes and dtypes (see `bngraph.runners.random_tensor`),
@@ -86,29 +87,40 @@ def _builds_a_module(obj) -> bool:
 
 
 def _module_candidates(code) -> list[str]:
-    return [
+    """What in the user's file builds a model: its classes and functions that do, else the
+    models it builds as it runs (`model = nn.Sequential(...)`), but for those inside another."""
+    builders = [
         name
         for name, obj in vars(code).items()
         if getattr(obj, "__module__", None) == code.__name__ and _builds_a_module(obj)
     ]
+    if builders:
+        return builders
+    instances = {name: obj for name, obj in vars(code).items() if isinstance(obj, nn.Module) and not name.startswith("_")}
+    inside = {id(sub) for obj in instances.values() for sub in obj.modules() if sub is not obj}
+    return [name for name, obj in instances.items() if id(obj) not in inside]
 
 
 def _build(path: Path, symbol: str | None) -> tuple[nn.Module, str, object]:
-    """The model `symbol` of the user's file builds, its name, and the file's Python module."""
+    """The model `symbol` of the user's file builds (or is), its name, and the file's Python module."""
     code = import_user_file(path)
     if symbol is None:
         candidates = _module_candidates(code)
-        if len(candidates) != 1:
-            found = ", ".join(candidates) or "none"
+        if not candidates:
             raise UserError(
-                f"{path} defines {len(candidates)} models ({found}); name one as {path}:Symbol"
+                f"{path} defines no model (an nn.Module class, a function annotated `-> nn.Module`, or "
+                f"an nn.Module it builds at module level); name what builds it as {path}:Symbol"
             )
+        if len(candidates) > 1:
+            raise UserError(f"{path} defines {len(candidates)} models ({', '.join(candidates)}); name one as {path}:Symbol")
         symbol = candidates[0]
     if not hasattr(code, symbol):
         raise UserError(f"{path} has no symbol {symbol!r} (it has: {', '.join(_module_candidates(code)) or 'no modules'})")
     factory = getattr(code, symbol)
+    if isinstance(factory, nn.Module):
+        return factory, symbol, code  # built as the file ran, under the same seeded generator
     if not callable(factory):
-        raise UserError(f"{path}:{symbol} is not a class or function")
+        raise UserError(f"{path}:{symbol} is not a class, a function or an nn.Module")
     module = call_user_factory(path, symbol, factory)
     if not isinstance(module, nn.Module):
         raise UserError(f"{path}:{symbol}() returned {type(module).__name__}, not an nn.Module")
@@ -256,6 +268,7 @@ def load_model(
     history: list[dict] = []
     shapes, symbol = None, spec.symbol
     dtypes, batch_axes = None, None
+    symbol_is_instance = False
     if spec.kind == "zoo":
         module = create_model(spec.symbol)
         shapes = [get_entry(spec.symbol).input_shape]
@@ -263,6 +276,7 @@ def load_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             module, symbol, code = _build(spec.path, spec.symbol)
+        symbol_is_instance = getattr(code, symbol) is module
         # The model's own declaration, else its file's (module-level constants, as users write them).
         declares = module if declared_shapes(module, str(spec.path)) else code
         shapes = declared_shapes(declares, str(spec.path))
@@ -287,7 +301,7 @@ def load_model(
         dtypes, batch_axes = input_layout(shapes, dtypes, static_inputs, batch_axes)
     elif input_dtype is not None or static_inputs:
         raise UserError(f"{spec.text} declares no example input: give --input-shape with --input-dtype/--static-input")
-    loaded = LoadedModel(module, spec, shapes, history, symbol, dtypes, batch_axes)
+    loaded = LoadedModel(module, spec, shapes, history, symbol, dtypes, batch_axes, symbol_is_instance)
     if weights is not None:
         if shapes is not None and any(is_lazy(t) for t in (*module.parameters(), *module.buffers())):
             # Lazy layers take their shapes from the example first, as the user's own model did

@@ -233,6 +233,68 @@ def test_a_file_with_one_builder_function_needs_no_symbol(tmp_path, capsys):
     assert code == 0 and [r["features"] for r in json.loads(out)["inserted"]] == [3]
 
 
+MODEL_BUILT_AS_THE_FILE_RUNS = """
+import torch
+from torch import nn
+
+act = nn.ReLU()  # a layer of the model, named at module level too: not a model of its own
+model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), act, nn.Linear(6, 2))
+example_input_shape = (2, 3, 4)
+"""
+
+UNTRACEABLE_MODEL_BUILT_AS_THE_FILE_RUNS = MODEL_BUILT_AS_THE_FILE_RUNS + """
+
+class Gate(nn.Module):  # torch.fx cannot trace it: a branch on the data
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(12, 6), nn.GELU(), nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        if x.sum() > 1e9:
+            x = x / 2
+        return self.out(self.act(self.fc(x)))
+
+
+gate = Gate()
+"""
+
+
+@pytest.mark.parametrize(
+    "source, symbol",
+    [(MODEL_BUILT_AS_THE_FILE_RUNS, ""), (UNTRACEABLE_MODEL_BUILT_AS_THE_FILE_RUNS, ":gate")],
+    ids=["traced", "module-level-fallback"],
+)
+def test_a_model_the_file_builds_as_it_runs_is_the_model(source, symbol, tmp_path, capsys):
+    # `model = nn.Sequential(...)` at module level, as quick scripts write it: built under the
+    # seeded generator like a class, its BatchNorm in front of the activation, and the artifact
+    # (which calls what builds the model) rebuilds the same weights each load.
+    path = tmp_path / "net.py"
+    path.write_text(source)
+    code, out, _ = _cli(capsys, "insert", f"{path}{symbol}", "-o", str(tmp_path / "o"), "--json")
+    assert code == 0 and [r["features"] for r in json.loads(out)["inserted"]] == [6]
+    original = bngraph.load(f"{path}{symbol}")
+    inserted, again = bngraph.load(tmp_path / "o"), bngraph.load(tmp_path / "o")
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in inserted.modules()) == 1
+    def linear_weights(model):
+        return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+    for got, want in zip(linear_weights(inserted), linear_weights(original), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    x = torch.randn(5, 3, 4) * 3 + 1
+    torch.testing.assert_close(inserted.eval()(x), again.eval()(x), rtol=0, atol=0)
+    assert _cli(capsys, "fold", str(tmp_path / "o"), "-o", str(tmp_path / "f"))[0] == 0
+    assert _cli(capsys, "verify", str(tmp_path / "o"), str(tmp_path / "f"))[0] == 0
+
+
+def test_a_file_without_a_model_says_what_a_model_is(tmp_path, capsys):
+    path = tmp_path / "net.py"
+    path.write_text("import torch\nbuild = lambda: torch.nn.Linear(4, 3)\n")
+    code, _, err = _cli(capsys, "insert", str(path), "-o", str(tmp_path / "o"))
+    assert code == 2 and "defines no model (an nn.Module class, a function annotated" in err
+    assert _cli(capsys, "insert", f"{path}:build", "--input-shape", "2,4", "-o", str(tmp_path / "o"))[0] == 0
+
+
 def test_an_example_input_declared_at_the_files_top_level_is_used(tmp_path, capsys):
     # As users write it: a module-level constant beside the class, not a class attribute.
     path = tmp_path / "net.py"
