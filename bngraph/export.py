@@ -407,9 +407,9 @@ def export(
         # None of the model's BatchNorms (a batch-statistics one is refused above, by name): the
         # exporter's own form of another layer (InstanceNorm with running statistics is a
         # BatchNormalization of computed scale), which verification below checks as it checks the rest.
-        report.notes.append(f"{len(remaining)} BatchNormalization node(s) the exporter wrote for layers that are not "
-                            f"BatchNorms, with statistics computed as the file runs, kept: "
-                            f"{', '.join(row['node'] for row in remaining)}")
+        report.notes.append(f"{len(remaining)} BatchNormalization node(s) whose statistics the file computes as it "
+                            f"runs (the exporter's form of a layer that normalizes with each batch's or instance's "
+                            f"statistics), kept: {', '.join(row['node'] for row in remaining)}")
     if kept := onnx_report.sections.get("kept"):
         # The ONNX node names are the exporter's; the FX fold's rows name the model's own BNs.
         fx_kept = report.sections.get("fx_fold_kept", [])
