@@ -195,3 +195,15 @@ def test_nproc_under_torchrun_is_refused(monkeypatch, tmp_path, capsys):
         monkeypatch.setenv(name, value)
     assert main(["train", "zoo:mnist-mlp", "--nproc", "2", "-o", str(tmp_path / "run")]) == 2
     assert "under torchrun leave it out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("wrong", ["data", "output"])
+def test_what_every_process_would_refuse_is_refused_before_torchrun_in_one_line(wrong, data, tmp_path):
+    # Under torchrun, each rank's one line comes inside torchrun's report of the failed processes.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    given = {"data": (tmp_path / "missing", tmp_path / "run"), "output": (data, tmp_path / "mine")}[wrong]
+    (done,) = launch(bngraph_cli(*train_args(*given, "--steps", "1", "--nproc", "2")))
+    assert done.returncode == 2
+    assert done.stderr.startswith("bngraph: error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's" and not (tmp_path / "run").exists()

@@ -183,6 +183,7 @@ def _launch(args: argparse.Namespace, device: torch.device) -> None:
     # Imported here, not above: `bngraph --help` starts without torch.
     import torch
 
+    from bngraph.atomic import RUN, check_output
     from bngraph.training.distributed import exec_torchrun, under_torchrun, without_option
 
     if under_torchrun():
@@ -192,4 +193,9 @@ def _launch(args: argparse.Namespace, device: torch.device) -> None:
     if device.type == "cuda" and args.nproc > torch.cuda.device_count():
         raise UserError(f"--nproc {args.nproc}: this host has {torch.cuda.device_count()} GPU(s), one per process")
     if args.nproc > 1:
+        # What every process would refuse, refused here in one line: under torchrun, each rank's
+        # error comes wrapped in torchrun's report of the processes that failed.
+        if not args.resume:
+            check_output(args.output, RUN, force=args.force, inputs=shared.input_paths(args))
+        shared.data_for_model(args, shared.load_from_args(args, seed=args.seed), "cpu", allow_stream=True)
         exec_torchrun(args.nproc, without_option(args.argv, "--nproc"))
