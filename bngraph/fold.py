@@ -83,15 +83,14 @@ def fold(
     if standalone_bn not in STANDALONE_BN_FORMS:  # export's and the ONNX fold's names are for a file's nodes
         raise UserError(f"standalone_bn is one of {', '.join(STANDALONE_BN_FORMS)} for a PyTorch model (export's "
                         f"'mul-add' and 'batchnorm' name the ONNX forms), not {standalone_bn!r}")
-    bns = {p for p, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    initial = {name: b.detach().clone() for name, b in module.named_buffers()
-               if name.rpartition(".")[0] not in bns and not isinstance(b, nn.parameter.UninitializedBuffer)}
-    with buffers_kept(module):
+    with buffers_kept(module) as initial:
         folded, report = _fold(module, example_inputs, standalone_bn)
-    with torch.no_grad():
+    bns = {p for p, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    kept = {name: value for name, value in initial.items() if name.rpartition(".")[0] not in bns}
+    with torch.no_grad():  # the result's buffers (a counter) as the model's were before the checks ran it
         for name, buffer in folded.named_buffers():
-            if name in initial and buffer.shape == initial[name].shape and buffer.dtype == initial[name].dtype:
-                buffer.copy_(initial[name])
+            if name in kept and buffer.shape == kept[name].shape and buffer.dtype == kept[name].dtype:
+                buffer.copy_(kept[name])
     return folded, report
 
 

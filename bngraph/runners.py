@@ -120,16 +120,17 @@ def _storage(t: torch.Tensor) -> int | None:
 def buffers_kept(module: nn.Module):
     """Put back each buffer of `module` that a run inside wrote in place: bngraph's own runs of a
     model (to trace, check or record it) are not the model's, and a counter it keeps
-    (`self.seen += len(x)`) was saved moved by them."""
+    (`self.seen += len(x)`) was saved moved by them. Yields what each buffer held before."""
     buffers = {name: b for name, b in module.named_buffers() if not isinstance(b, nn.parameter.UninitializedBuffer)}
-    values = {name: (b._version, b.detach().clone()) for name, b in buffers.items()}
+    versions = {name: b._version for name, b in buffers.items()}
+    values = {name: b.detach().clone() for name, b in buffers.items()}
     try:
-        yield
+        yield values  # by name, for a model built from this one inside (a fold) to take them too
     finally:
         with torch.no_grad():
             for name, buffer in buffers.items():
-                if buffer._version != values[name][0]:
-                    buffer.copy_(values[name][1])
+                if buffer._version != versions[name]:
+                    buffer.copy_(values[name])
 
 
 @contextlib.contextmanager
