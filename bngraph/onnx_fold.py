@@ -107,6 +107,8 @@ def fold_onnx(
             f"{len(lifted.changed)} initializers listed as graph inputs (IR version {lifted.details[0]['ir_version']}) "
             "were read as constants; keep them overridable with --keep-initializer-inputs"
         )
+    if tidy_left := next((s for name, r in results.items() if name.startswith("onnx_simplify") for s in r.skipped), None):
+        report.notes.append(f"{tidy_left.site} not applied: {tidy_left.reason}")
     return model, report
 
 
