@@ -5,6 +5,7 @@ through the CLI; each kind of bad data must stop the run with one line naming th
 """
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -222,6 +223,26 @@ def mixed_uint8_and_float():
 
 def pil_rgb():
     return PilImages(16, "RGB"), PilImages(8, "RGB")
+
+
+class Pixels(torch.utils.data.Dataset):  # 0-255 as uint8, or as floats where `floats_from` says
+    def __init__(self, n, floats_from):
+        self.x = torch.randint(0, 256, (n, 1, 28, 28), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+        self.floats_from = floats_from
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return (self.x[i].float() if i >= self.floats_from else self.x[i]), i % 10
+
+
+def floats_0_255_in_the_test_split():  # a train split of uint8, a test split of the same pixels as floats
+    return Pixels(16, floats_from=16), Pixels(8, floats_from=0)
+
+
+def some_items_0_255_floats():
+    return Pixels(16, floats_from=5), Pixels(8, floats_from=8)
 
 
 def matrices():  # 2-D items: (H, W) images for one model, (T, C) sequences for another
@@ -701,6 +722,18 @@ def test_a_factory_item_that_cannot_be_read_or_is_another_shape_is_named(tmp_pat
     assert f"{factory}:" in err.split("could not be read")[1] and "FileNotFoundError: /data/photos/img0007.jpg" in err
     err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:smaller", *stream, "--steps", 8)
     assert "(1, 14, 14)" in err and "(1, 28, 28)" in err
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream-above", 0, "--loader-workers", 0]], ids=["whole", "streamed"])
+@pytest.mark.parametrize(("symbol", "split", "first_float"), [("floats_0_255_in_the_test_split", "test", 0),
+                                                              ("some_items_0_255_floats", "train", 5)])
+def test_uint8_and_0_255_float_images_of_one_factory_are_refused(tmp_path, capsys, stream, symbol, split, first_float):
+    # uint8 is scaled to [0, 1], floats used as they are: the same pixel 200 became 0.78 in one
+    # image (or split) and 200.0 in another, and a test split of 0-255 floats gave its accuracy.
+    (tmp_path / "data.py").write_text(FACTORY_PY)
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{tmp_path / 'data.py'}:{symbol}", *stream, "--steps", 4)
+    named = re.search(rf"{split}\[(\d+)\] is float32 with values up to", err)  # streamed: the first read
+    assert named and int(named[1]) >= first_float and "would be on different scales" in err, err
 
 
 @pytest.mark.parametrize(("symbol", "holds"), [("two_images", "a tuple of 2 values"), ("raw_text", "str 'some raw text'")])

@@ -516,16 +516,19 @@ class CheckedLabels(torch.utils.data.Dataset):
         self.dataset, self.where, self.num_classes, self.target = dataset, where, num_classes, target
         self.channel_axis = channel_axis  # (H, W) items made (1, H, W), as the whole-data path makes them
 
-        self.shape = _item(dataset, 0, where)[0].shape  # every item's: a batch is stacked from them
+        self.first = _item(dataset, 0, where)[0]
+        self.shape = self.first.shape  # every item's: a batch is stacked from them
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i):
         x, y = _item(self.dataset, i, self.where)
-        if x.shape != self.shape:  # the whole-data path's check, item by item
+        if x.shape != self.shape:  # the whole-data path's checks, item by item
             raise UserError(f"{self.where}[{i}] is an image of shape {tuple(x.shape)}, {self.where}[0] of "
                             f"{tuple(self.shape)}: the images of a split must all be one shape")
+        if x.dtype != self.first.dtype:
+            _check_items_on_one_scale([(f"{self.where}[0]", self.first), (f"{self.where}[{i}]", x)], self.target)
         if y < 0 or (self.num_classes is not None and y >= self.num_classes):
             raise UserError(f"{self.where}[{i}] has label {y}, out of range for the model's {self.num_classes} outputs")
         # The conversion of the whole-data path (uint8 scaled to [0, 1]): streamed or not, the same values.
@@ -620,9 +623,12 @@ def _open_factory(path: str, target: Target, input_shape, fits, finish, workers,
     channel_axis = input_shape is not None and len(input_shape) == 4 and x0.dim() == 2
     _check_item_layout((1, *x0.shape) if channel_axis else tuple(x0.shape), input_shape, f"{where} train[0]")
     if fits(len(train_set) + len(test_set), x0.numel()):
+        parts = {part: [_item(ds, i, f"{where} {part}") for i in range(len(ds))]
+                 for part, ds in (("train", train_set), ("test", test_set))}
+        _check_items_on_one_scale(
+            [(f"{where} {part}[{i}]", x) for part, items in parts.items() for i, (x, _) in enumerate(items)], target)
         splits = []
-        for part, ds in (("train", train_set), ("test", test_set)):
-            items = [_item(ds, i, f"{where} {part}") for i in range(len(ds))]
+        for part, items in parts.items():
             shapes = {tuple(x.shape) for x, _ in items}
             if len(shapes) > 1:
                 raise UserError(f"{where} {part} has images of several shapes: {', '.join(map(str, sorted(shapes)))}")
@@ -633,11 +639,30 @@ def _open_factory(path: str, target: Target, input_shape, fits, finish, workers,
         if channel_axis:
             splits = [Split(s.images.unsqueeze(1), s.labels, s.label_file) for s in splits]
         return finish(splits[0], splits[1], Path(where.split(":")[0]).stem, where)
+    # Streamed, each item is checked against its split's first as it is read; the splits' first here.
+    _check_items_on_one_scale([(f"{where} train[0]", x0), (f"{where} test[0]", _item(test_set, 0, f"{where} test")[0])],
+                              target)
     return StreamData(CheckedLabels(train_set, f"{where} train", target=target, channel_axis=channel_axis),
                       CheckedLabels(test_set, f"{where} test", target=target, channel_axis=channel_axis),
                       Path(where.split(":")[0]).stem, where, format="factory", num_classes=None,
                       example_shape=(1, *x0.shape) if channel_axis else tuple(x0.shape), label_file=where,
                       workers=workers, device=device)
+
+
+def _check_items_on_one_scale(items: list[tuple[str, torch.Tensor]], target: Target) -> None:
+    """uint8 images are scaled from 0-255 to [0, 1] and float ones used as they are (the npz
+    reader's `_check_one_scale`, item by item): a float image above 1 (0-255 as floats) beside a
+    uint8 one would train, or test, on another scale than it, without a word."""
+    if target.integer_dtype is not None:
+        return  # token ids: integers stay as they are
+    first_uint8 = next((where for where, x in items if x.dtype == torch.uint8), None)
+    if first_uint8 is None:
+        return
+    for where, x in items:
+        if x.is_floating_point() and x.numel() and float(x.max()) > 1:
+            raise UserError(f"{first_uint8} is uint8 (scaled from 0-255 to [0, 1]) but {where} is {str(x.dtype).removeprefix('torch.')} with values up "
+                            f"to {float(x.max()):g} (used as they are): they would be on different scales; return "
+                            "every image as uint8, or every one as floats on one scale")
 
 
 def _check_item_layout(shape: tuple[int, ...], input_shape, where: str) -> None:
