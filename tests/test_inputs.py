@@ -212,6 +212,23 @@ def test_tensor_data_of_more_images_than_labels_is_refused():
         TensorData(x, y[:10], x[:5], y[:5])
 
 
+
+@pytest.mark.parametrize(("labels", "message"), [
+    (lambda y: torch.nn.functional.one_hot(y, 3).float(), r"y_train has shape \(30, 3\); .* \(one-hot labels: y.argmax\(1\)\)"),
+    (lambda y: y[:, None], r"y_train has shape \(30, 1\); expected one class index per example, shape \(30,\)"),
+    (lambda y: y.float(), "y_train holds float32 labels; expected integer class indices"),
+    (lambda y: y - 1, "y_train has label -1; labels are class indices from 0"),
+])
+def test_tensor_data_labels_that_are_not_class_indices_are_refused(labels, message):
+    # One-hot labels trained as probabilities, and the accuracy compared (N,) with (N, 3) by
+    # broadcasting: a reported 0.4 for a model right one time in ten. The rest: a torch traceback.
+    from bngraph.training import TensorData
+
+    x, y = torch.rand(30, 1, 4, 4), torch.randint(0, 3, (30,))
+    with pytest.raises(bngraph.UserError, match=message):
+        TensorData(x, labels(y), x[:5], y[:5])
+    assert TensorData(x, y.int(), x[:5], y[:5]).y_train.dtype == torch.int64  # int32 labels are class indices
+
 def test_the_api_refuses_what_is_not_a_model_or_a_form_in_one_line():
     # An AttributeError from deep inside, and a ValueError for export's name of a form.
     with pytest.raises(bngraph.UserError, match="insert takes an nn.Module, not function"):

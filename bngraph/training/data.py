@@ -84,6 +84,19 @@ class TensorData:
             x, y = getattr(self, f"x_{part}"), getattr(self, f"y_{part}")
             if len(x) != len(y):
                 raise UserError(f"x_{part} holds {len(x)} examples but y_{part} {len(y)} labels")
+            # As the readers' `_check_labels`: one-hot labels trained as probabilities, and the
+            # accuracy compared (N,) with (N, C) by broadcasting, without a word.
+            if y.dim() != 1:
+                one_hot = " (one-hot labels: y.argmax(1))" if y.dim() == 2 and y.shape[1] > 1 else ""
+                raise UserError(f"y_{part} has shape {tuple(y.shape)}; expected one class index per example, "
+                                f"shape ({len(y)},){one_hot}")
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise UserError(f"y_{part} holds {str(y.dtype).removeprefix('torch.')} labels; expected integer class "
+                                "indices (torch.long)")
+            if y.numel() and int(y.min()) < 0:
+                raise UserError(f"y_{part} has label {int(y.min())}; labels are class indices from 0")
+            if y.dtype != torch.int64:  # cross_entropy takes int64 targets only
+                setattr(self, f"y_{part}", y.long())
 
     @classmethod
     def from_dataset(cls, dataset, device: torch.device | str = "cpu") -> TensorData:
