@@ -201,8 +201,12 @@ def resume_from_checkpoint(out_dir: Path, *, config: TrainConfig, model: nn.Modu
     return Resumed(step, list(state["metrics"]), float(state["elapsed_s"]), interval)
 
 
+RESOLVED = ("precision", "channels_last")  # saved as the device resolved them (None: its default)
+
+
 def config_changes(saved: dict, config: TrainConfig) -> list[str]:
-    """The settings `config` changes from the run's, other than those a resume may change."""
+    """The settings `config` changes from the run's, other than those a resume may change;
+    `config` and the checkpoint's hold the RESOLVED settings as the run resolved them."""
     now = asdict(config)
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
     # A setting added since the checkpoint was written had its default then.
@@ -211,4 +215,5 @@ def config_changes(saved: dict, config: TrainConfig) -> list[str]:
         f"{k}: {then[k]!r} then, {now[k]!r} now"
         for k in now
         if k not in TrainConfig.RESUMABLE_CHANGES and then[k] != now[k]
+        and not (k in RESOLVED and then[k] is None)  # a checkpoint from before they were saved resolved
     ]

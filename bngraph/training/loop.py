@@ -31,7 +31,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -123,9 +123,12 @@ def train(
     # too; an API caller's model and data meet here first).
     check_model_fits(model, data)
     setup = _set_up(model, data, config, dev, ctx)
+    # As resolved for this device and data, for the checkpoint: a default bf16 run on CUDA resumed
+    # on the CPU (fp32 there) is another run, and --precision fp32 on the CPU is the default's.
+    resolved = replace(config, precision=setup.precision, channels_last=setup.channels_last)
     fingerprint, example = data_fingerprint(data), data.example(2).to(dev)
     if resume:
-        resumed = resume_from_checkpoint(out_dir, config=config, model=model, optimizer=setup.optimizer,
+        resumed = resume_from_checkpoint(out_dir, config=resolved, model=model, optimizer=setup.optimizer,
                                          scaler=setup.scaler, ctx=ctx, dev=dev, data=fingerprint, example=example)
         start, metrics, elapsed_before, interval = resumed.step, resumed.metrics, resumed.elapsed_s, resumed.interval
     else:
@@ -176,7 +179,7 @@ def train(
             stopping = stop_requested()
             if out_dir is not None and (done % checkpoint_every == 0 or done == config.steps or stopping):
                 save_checkpoint(out_dir / CHECKPOINT, step=done, elapsed_s=elapsed_before + time.perf_counter() - started,
-                                config=config, model=model, optimizer=setup.optimizer, scaler=setup.scaler,
+                                config=resolved, model=model, optimizer=setup.optimizer, scaler=setup.scaler,
                                 interval=interval, metrics=metrics, ctx=ctx, on_gpu=dev.type == "cuda",
                                 data=fingerprint, example=example)
                 saved_at = done

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -76,7 +76,8 @@ def train_into_folder(
     if converted is not None:  # same state-dict keys: the trained state, in BatchNorms again
         plain.load_state_dict(run.model.state_dict())
     history.append({"command": "train", "data": f"{data.name} ({data.source})", "data_format": data.format,
-                    "config": asdict(config), "processes": ctx.world_size})
+                    "config": asdict(replace(config, precision=run.precision, channels_last=run.channels_last)),
+                    "processes": ctx.world_size})  # the precision and layout as the device resolved them
     if data.class_names is not None:  # output i is this class: the sorted folder names, "10" before "2"
         history[-1]["classes"] = list(data.class_names)
     # force: a resumed run replaces its own model/, in a folder checked to be a run's
