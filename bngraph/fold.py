@@ -83,14 +83,16 @@ def fold(
     if standalone_bn not in STANDALONE_BN_FORMS:  # export's and the ONNX fold's names are for a file's nodes
         raise UserError(f"standalone_bn is one of {', '.join(STANDALONE_BN_FORMS)} for a PyTorch model (export's "
                         f"'mul-add' and 'batchnorm' name the ONNX forms), not {standalone_bn!r}")
-    with buffers_kept(module) as initial:
+    with buffers_kept(module) as moved:
         folded, report = _fold(module, example_inputs, standalone_bn)
+    # What the model's forward writes (a counter), the checks moved in the result's copy too: as
+    # it was. Only those: a buffer the forward reads (a fixed filter) may hold a folded weight now.
     bns = {p for p, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    kept = {name: value for name, value in initial.items() if name.rpartition(".")[0] not in bns}
-    with torch.no_grad():  # the result's buffers (a counter) as the model's were before the checks ran it
+    written = {name: value for name, value in moved.items() if name.rpartition(".")[0] not in bns}
+    with torch.no_grad():
         for name, buffer in folded.named_buffers():
-            if name in kept and buffer.shape == kept[name].shape and buffer.dtype == kept[name].dtype:
-                buffer.copy_(kept[name])
+            if name in written and buffer.shape == written[name].shape and buffer.dtype == written[name].dtype:
+                buffer.copy_(written[name])
     return folded, report
 
 

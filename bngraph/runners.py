@@ -120,17 +120,20 @@ def _storage(t: torch.Tensor) -> int | None:
 def buffers_kept(module: nn.Module):
     """Put back each buffer of `module` that a run inside wrote in place: bngraph's own runs of a
     model (to trace, check or record it) are not the model's, and a counter it keeps
-    (`self.seen += len(x)`) was saved moved by them. Yields what each buffer held before."""
+    (`self.seen += len(x)`) was saved moved by them. Yields, once the block is done, the value
+    before of each buffer the runs wrote."""
     buffers = {name: b for name, b in module.named_buffers() if not isinstance(b, nn.parameter.UninitializedBuffer)}
     versions = {name: b._version for name, b in buffers.items()}
     values = {name: b.detach().clone() for name, b in buffers.items()}
+    moved: dict[str, torch.Tensor] = {}
     try:
-        yield values  # by name, for a model built from this one inside (a fold) to take them too
+        yield moved  # filled on the way out: name -> value before, for a copy run inside to take too (a fold)
     finally:
         with torch.no_grad():
             for name, buffer in buffers.items():
                 if buffer._version != versions[name]:
                     buffer.copy_(values[name])
+                    moved[name] = values[name]
 
 
 @contextlib.contextmanager
