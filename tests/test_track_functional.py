@@ -76,6 +76,36 @@ def test_tracked_percentiles_of_a_functional_and_an_in_place_call():
     assert tracker.quantiles()["relu"] == got["relu"]
 
 
+class SequenceModel(nn.Module):  # a transformer MLP's shape: features in the last axis of (N, T, C)
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(8, 6), nn.Dropout(0.1))
+        self.act, self.conv = nn.GELU(), nn.Conv1d(6, 6, 1)  # then (N, C, T): features in axis 1
+
+    def forward(self, x):
+        h = self.act(self.fc(x))
+        return F.relu(self.conv(h.transpose(1, 2))).mean(2)
+
+
+def test_the_tracked_unit_is_a_feature_of_a_sequence_not_a_position():
+    # x[:, unit] of a Linear's (N, T, C) output is position `unit`, every feature of it.
+    model = SequenceModel().eval()
+    with torch.no_grad():
+        model.fc[0].bias[2] = 10.0  # feature 2 of the GELU's input sits near 10, the others near 0
+    x = torch.randn(64, 5, 8)
+    tracker = InputTracker(model, ["act", "relu"], unit=2, example_inputs=[x[:2]])
+    with tracker.recording(), torch.no_grad():
+        model(x)
+    with torch.no_grad():
+        features = model.fc(x)
+        channels = model.conv(F.gelu(features).transpose(1, 2))
+    q = torch.tensor([0.15, 0.5, 0.85])
+    got = tracker.quantiles()
+    assert got["act"] == pytest.approx(torch.quantile(features[..., 2].flatten(), q).tolist())
+    assert got["act"][1] > 9
+    assert got["relu"] == pytest.approx(torch.quantile(channels[:, 2].flatten(), q).tolist())
+
+
 def test_unknown_name_lists_calls_too():
     with pytest.raises(UserError, match=r"no nonlinearity module 'relu_7' .*the model has act, relu, sigmoid"):
         InputTracker(Net(), ["relu_7"], example_inputs=[torch.randn(2, 6)])

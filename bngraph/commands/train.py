@@ -123,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "module) at each evaluation, and plot them to OUT/inputs.png (paper, Figure 1(b, c)); a module "
         "path (act3), or a function or method call named as torch.fx names it (sigmoid_1, block.relu)",
     )
-    parser.add_argument("--track-unit", type=int, default=0, help="which feature or channel to track (default: 0)")
+    parser.add_argument("--track-unit", type=int, default=0, help="which feature or channel to track (default: 0): axis 1 of the input, the last axis of an (N, T, C) input a Linear made")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--nproc", type=int, metavar="N",

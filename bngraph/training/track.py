@@ -92,11 +92,50 @@ def functional_nonlinearity_names(model: nn.Module, example_inputs: Sequence[tor
     return calls.seen
 
 
+# Layers whose output holds its features in the last axis ((N, T, C) after a Linear), and those
+# that hand on their input's layout; any other layer's are in axis 1, as a conv's and a BN's.
+_LAST_AXIS_LAYERS = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.RMSNorm, nn.Embedding)
+_SAME_LAYOUT = (nn.Dropout, nn.Identity, *ACTIVATION_MODULES)
+
+
+class _MadeBy:
+    """Which module made each tensor of one forward, to tell the axis of its features."""
+
+    def __init__(self):
+        self.made: dict[int, tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = {}
+
+    def hook(self, module, args, output):
+        if isinstance(output, torch.Tensor):  # the tensors kept alive: an id is not reused
+            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            self.made.setdefault(id(output), (module, output, source))  # the innermost: a Sequential's is its last layer's
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        handle = register_module_forward_hook(self.hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def feature_axis(self, x: torch.Tensor) -> int:
+        """-1 for the output of a Linear (or a BN insert put over the last axis), through
+        dropouts and activations; 1 otherwise."""
+        while id(x) in self.made:
+            module, _, source = self.made[id(x)]
+            if isinstance(module, _LAST_AXIS_LAYERS) or type(module).__name__.endswith("LastAxisBatchNorm"):
+                return -1 if x.dim() > 2 else 1
+            if not isinstance(module, _SAME_LAYOUT) or source is None:
+                return 1
+            x = source
+        return 1
+
+
 class InputTracker:
     """The QUANTILES of feature `unit` of each chosen nonlinearity's input, over an evaluation.
 
     A conv activation's feature is a channel: its values at every position of every image are
-    pooled, as BN pools them (Sec. 3.2). Nonlinearities called as functions are found by
+    pooled, as BN pools them (Sec. 3.2). A feature is axis 1 of the input, but the last axis of
+    an (N, T, C) input a Linear made (`_MadeBy`, on `example_inputs`). Nonlinearities called as functions are found by
     running the model once on `example_inputs`; without them, only modules can be chosen.
     """
 
@@ -122,22 +161,28 @@ class InputTracker:
         self.functional = [n for n in self.names if n not in modules]
         self._values: dict[str, list[torch.Tensor]] = {}
         self._handles = []
+        self._made_by: _MadeBy | None = None
+        self.axes: dict[str, int] = {}  # the features' axis of each input: 1, or -1 after a Linear
         if example_inputs is not None:  # a unit the input does not have fails now, not after training
             self._record_example(example_inputs)
 
     def _record_example(self, example_inputs: Sequence[torch.Tensor]) -> None:
+        """Run the model once: which axis of each input holds the features (`_feature_axis`), and
+        a unit the input does not have fails now, not after training."""
         was_training = self.model.training
         self.model.eval()  # the BNs' running statistics untouched
+        made = _MadeBy()
         try:
-            with torch.no_grad(), self.recording():
+            with torch.no_grad(), made.active(), self.recording(made):
                 self.model(*example_inputs)
         finally:
             self.model.train(was_training)
             self._values = {}
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
+    def recording(self, made: _MadeBy | None = None) -> Iterator[None]:
         self._values = {name: [] for name in self.names}
+        self._made_by = made
         for name in self.hooked:
             self._handles.append(self.model.get_submodule(name).register_forward_pre_hook(self._hook(name)))
         calls = _FunctionalCalls(self.model, self._record) if self.functional else None
@@ -158,9 +203,12 @@ class InputTracker:
     def _record(self, name: str, x: torch.Tensor) -> None:
         if name not in self._values:
             return
-        if x.dim() < 2 or not 0 <= self.unit < x.shape[1]:
+        if self._made_by is not None:
+            self.axes[name] = self._made_by.feature_axis(x)
+        axis = self.axes.get(name, 1)
+        if x.dim() < 2 or not 0 <= self.unit < x.shape[axis]:
             raise UserError(f"--track-unit {self.unit}: {name}'s input has shape {tuple(x.shape)}")
-        values = x[:, self.unit].detach().float().flatten()
+        values = x.select(axis, self.unit).detach().float().flatten()
         stride = -(-values.numel() // _MAX_VALUES_PER_BATCH)
         # A copy: on the CPU these are views, and an in-place nonlinearity (x.sigmoid_()) would change them.
         self._values[name].append(values[::stride].cpu().clone())
