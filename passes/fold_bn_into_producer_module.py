@@ -35,9 +35,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from bngraph.errors import ModelRaised, running_user_model
+from bngraph.passes._bn_affine import BatchNormStats, fold_into_producer
 from bngraph.passes._dataflow import RunRecord, record_run, regroups_leading_axes
 from bngraph.passes._fx_effects import hook_refusal
 from bngraph.passes._fx_layers import make_plain
@@ -286,19 +286,17 @@ def fold_bn_into_producer_module(
             make_plain(layer)
             edits.append(("plain", layer_path, "weight"))
         had_bias = layer.bias is not None
-        with torch.no_grad():
-            if isinstance(layer, nn.Linear):
-                weight, bias = fuse_linear_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var,
-                                                      bn.eps, bn.weight, bn.bias)
-            elif not isinstance(layer, nn.modules.conv._ConvNd):  # a Conv1D's weight is (in, out)
-                weight, bias = fuse_linear_bn_weights(layer.weight.t(), layer.bias, bn.running_mean, bn.running_var,
-                                                      bn.eps, bn.weight, bn.bias)
-                weight = nn.Parameter(weight.detach().t().contiguous())
-            else:
-                transpose = isinstance(layer, nn.modules.conv._ConvTransposeNd)
-                weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var,
-                                                    bn.eps, bn.weight, bn.bias, transpose=transpose)
-        layer.weight, layer.bias = weight, bias
+        stats = BatchNormStats(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        if isinstance(layer, nn.modules.conv._ConvNd):  # grouped transposed convs too (`_bn_affine.regroup`)
+            kind = "conv_transpose" if isinstance(layer, nn.modules.conv._ConvTransposeNd) else "conv"
+            weight, bias = fold_into_producer(kind, layer.weight, layer.bias, layer.groups, stats)
+        elif isinstance(layer, nn.Linear):
+            weight, bias = fold_into_producer("linear", layer.weight, layer.bias, 1, stats)
+        else:  # a Conv1D's weight is (in, out)
+            weight, bias = fold_into_producer("linear", layer.weight.t(), layer.bias, 1, stats)
+            weight = weight.t().contiguous()
+        trains = layer.weight.requires_grad
+        layer.weight, layer.bias = nn.Parameter(weight, requires_grad=trains), nn.Parameter(bias, requires_grad=trains)
         if not had_bias:
             edits.append(("bias", layer_path, bias.shape[0], str(bias.dtype).removeprefix("torch.")))
         parent_path, _, name = path.rpartition(".")

@@ -802,3 +802,33 @@ def test_a_fold_into_a_weight_held_as_a_buffer_is_what_the_fold_returns(persiste
     x = torch.rand(5, 3, 8, 8) * 10 + 3
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-4)
+
+
+class ChecksItsInput(nn.Module):
+    """A layer and its BN behind a NaN check torch.fx cannot trace: folded module by module."""
+
+    def __init__(self, layer: nn.Module, channels: int):
+        super().__init__()
+        self.layer, self.bn = layer, nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        if torch.isnan(x).any():
+            raise ValueError("a NaN in the input")
+        return torch.relu(self.bn(self.layer(x)))
+
+
+@pytest.mark.parametrize(("layer", "channels"), [
+    (nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), 6),
+    (nn.ConvTranspose2d(4, 4, 3, stride=2, groups=4, bias=False), 4),
+    (nn.Conv2d(4, 6, 3, groups=2), 6),
+], ids=["transposed-grouped", "transposed-depthwise", "grouped"])
+def test_a_grouped_layer_folds_module_by_module(layer, channels):
+    # torch's fuse_conv_bn_weights(transpose=True) scales the wrong weight axis when groups > 1:
+    # a traceback, or a weight of another shape blamed on the model.
+    model = randomize_bn(ChecksItsInput(layer, channels)).eval()
+    x = torch.randn(2, 4, 5, 5)
+    folded, report = fold(model, [x])
+    assert [r["node"] for r in report.sections["folded"]] == ["bn"]
+    probe = torch.rand(3, 4, 5, 5) * 10 + 3
+    with torch.no_grad():
+        torch.testing.assert_close(folded(probe), model(probe), rtol=1e-5, atol=1e-4)
