@@ -15,6 +15,7 @@ import contextlib
 import gc
 import importlib
 import importlib.abc
+import importlib.metadata
 import os
 import signal
 import sys
@@ -30,12 +31,21 @@ from bngraph.errors import CheckFailed, UserError, user_frame
 COMMANDS = ("insert", "train", "recalibrate", "reproduce", "fold", "export", "verify", "graph", "zoo")
 
 
+def _versions() -> str:
+    """bngraph's version and the torch build beside it (read from its metadata: no torch import)."""
+    try:
+        torch = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch = "not installed"
+    return f"bngraph {bngraph.__version__} (torch {torch})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bngraph",
         description="Batch Normalization as a compiler pass: insert, train, fold, export, verify.",
     )
-    parser.add_argument("--version", action="version", version=f"bngraph {bngraph.__version__}")
+    parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"bngraph.commands.{name}")

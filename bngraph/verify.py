@@ -388,6 +388,8 @@ def verify_models(
     models, onnx_specs, onnx_texts = [], [], []
     sides = ((reference, weights, "--weights"), (candidate, candidate_weights, "--candidate-weights"))
     specs = [(parse_model_spec(text), text, side_weights, flag) for text, side_weights, flag in sides]
+    if evaluator and not any(spec.kind == "onnx" for spec, *_ in specs):
+        raise UserError("--reference runs onnx's ReferenceEvaluator on an ONNX file; neither model is one")
     torch_sides = {}  # loaded first: their declared shapes serve an ONNX file whose shapes are symbolic
     for i, (spec, text, side_weights, flag) in enumerate(specs):
         if spec.kind == "onnx" and side_weights:

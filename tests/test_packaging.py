@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import bngraph
 import bngraph.passes
@@ -72,7 +73,8 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["--version"])
     assert exited.value.code == 0
-    assert capsys.readouterr().out.strip() == f"bngraph {bngraph.__version__}"
+    # The README sends users here to see which torch build they have.
+    assert capsys.readouterr().out.strip() == f"bngraph {bngraph.__version__} (torch {torch.__version__})"
 
 
 @pytest.mark.parametrize("name", list_models())

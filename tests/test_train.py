@@ -291,6 +291,12 @@ def test_cli_a_tracked_unit_the_input_lacks_is_refused_before_training(tmp_path,
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_a_tracked_unit_without_tracked_inputs_is_refused_not_ignored(tmp_path, capsys, mnist_dir):
+    code, _, err = _cli(capsys, "train", "zoo:mnist-mlp", "--data", mnist_dir, "--steps", 2, "--track-unit", 0,
+                        "--quiet", "-o", tmp_path / "o")
+    assert code == 2 and "add --track-inputs" in err and err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
 def test_cli_a_model_that_cannot_take_the_images_is_the_users_error(tmp_path, capsys, mnist_dir):
     code, _, err = _cli(capsys, "train", "zoo:inception", "--data", mnist_dir, "--steps", 2, "-o", tmp_path / "o")
     assert code == 2 and "cannot take mnist images (1x28x28)" in err

@@ -204,8 +204,10 @@ def test_real_data_in_any_format_train_reads(tmp_path):
         ["verify", "missing.onnx", MODEL],
         ["verify", MODEL, MODEL, "--atol", "-1"],
         ["verify", MODEL, MODEL, "--data", "nowhere"],
+        # onnx's ReferenceEvaluator runs ONNX files only: two PyTorch models passed without it or a word.
+        ["verify", MODEL, MODEL, "--reference"],
     ],
-    ids=["missing-file", "negative-tolerance", "missing-data"],
+    ids=["missing-file", "negative-tolerance", "missing-data", "reference-evaluator-without-onnx"],
 )
 def test_bad_input_exits_2_with_one_line(argv):
     code, out, err = run_cli(*argv)

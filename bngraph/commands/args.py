@@ -45,8 +45,8 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
         "--input-dtype",
         metavar="DTYPES",
         help="one dtype per input, as the shapes: float32;int64 (default float32; random integers "
-        "are 0 or 1, valid token ids for any vocabulary; verify draws them from the embedding table "
-        "they index, others over uint8's or int8's range)",
+        "are 0 or 1, valid token ids for any vocabulary; verify draws those that index an embedding "
+        "table over the table, and unsigned ones over uint8's range)",
     )
     parser.add_argument(
         "--static-input",

@@ -123,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "module) at each evaluation, and plot them to OUT/inputs.png (paper, Figure 1(b, c)); a module "
         "path (act3), or a function or method call named as torch.fx names it (sigmoid_1, block.relu)",
     )
-    parser.add_argument("--track-unit", type=int, default=0, help="which feature or channel to track (default: 0): axis 1 of the input, the last axis of an (N, T, C) input a Linear made")
+    parser.add_argument("--track-unit", type=int, help="which feature or channel to track (default: 0): axis 1 of the input, the last axis of an (N, T, C) input a Linear made")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--nproc", type=int, metavar="N",
@@ -149,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     from bngraph.training.distributed import join, local_main_first
 
     recipe = get_recipe(args.recipe) if args.recipe else None
+    if args.track_unit is not None and args.track_inputs is None:
+        raise UserError("--track-unit picks the feature --track-inputs tracks; add --track-inputs")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, not {args.steps}")
     device = pick_device(args.device)
@@ -170,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
                 lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, lr_decay=args.lr_decay,
                 seed=args.seed, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                 track_inputs=tuple(args.track_inputs) if args.track_inputs is not None else None,
-                track_unit=args.track_unit, precision=args.precision, channels_last=args.channels_last,
+                track_unit=args.track_unit or 0, precision=args.precision, channels_last=args.channels_last,
                 compile=args.compile, deterministic=args.deterministic,
             )
             if report is not None:  # rank 0
