@@ -45,5 +45,6 @@ bench: setup
 	$(BIN)/python benchmarks/onnx_fold.py
 	BNGRAPH_DATA=$(BNGRAPH_DATA) $(BIN)/python benchmarks/train_mnist.py
 
-clean:
-	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info
+clean:  # the demo's folder only where the demo made it (scripts/demo.sh marks it)
+	rm -rf $(VENV) build *.egg-info
+	if [ -e '$(DEMO_OUT)/.bngraph-demo' ]; then rm -rf '$(DEMO_OUT)'; fi

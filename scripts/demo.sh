@@ -5,7 +5,13 @@
 set -euo pipefail
 OUT=${DEMO_OUT:-demo-out}
 BIN=.venv/bin
-rm -rf "$OUT" && mkdir -p "$OUT"
+# Replace only a folder an earlier demo made (it holds the marker), never one of the user's.
+MARK=.bngraph-demo
+if [ -e "$OUT" ] && [ ! -e "$OUT/$MARK" ]; then
+    echo "make demo: $OUT exists and no demo made it: it is left as it is; choose another DEMO_OUT=" >&2
+    exit 2
+fi
+rm -rf "$OUT" && mkdir -p "$OUT" && touch "$OUT/$MARK"
 
 step() { printf '\n== %s\n' "$*"; }
 
