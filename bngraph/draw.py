@@ -69,12 +69,13 @@ class Marks:
 
 
 def marks_from_history(history: list[dict]) -> Marks:
-    """The marks an artifact's history gives: every insert's BatchNorms, the last fold's rows."""
+    """The marks an artifact's history gives: the BatchNorms every insert put in (`bngraph insert`,
+    or a `train --recipe` that inserts), the last fold's rows."""
     marks = Marks()
     folds = [entry for entry in history if entry.get("command") == "fold"]
     for entry in history:
-        if entry.get("command") == "insert":
-            marks.inserted |= {row["bn"] for row in entry.get("report", {}).get("inserted", []) if "bn" in row}
+        inserted = {"insert": entry.get("report", {}), "recipe": entry.get("insert") or {}}.get(entry.get("command"), {})
+        marks.inserted |= {row["bn"] for row in inserted.get("inserted", []) if "bn" in row}
     if folds:
         for row in folds[-1].get("report", {}).get("folded", []):
             if row.get("how") == "multiply-add":

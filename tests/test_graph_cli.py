@@ -12,6 +12,7 @@ import torch
 from bngraph.cli import main
 from bngraph.draw import MARKS, graph_of
 from bngraph.layout import layered_layout
+from tests.mnist_like import write_learnable
 from tests.util import randomize_bn
 
 
@@ -21,6 +22,17 @@ def test_graph_marks_every_inserted_batchnorm(tmp_path, capsys):
     dot = (tmp_path / "g.dot").read_text()
     assert len(re.findall(f'fillcolor="{MARKS["inserted"][0]}"', dot)) == 69
     assert dot.count("->") > 69
+
+
+def test_graph_marks_the_batchnorms_a_recipe_inserted(tmp_path, capsys):
+    # A recipe's insert is in the run's history under "recipe": its BNs were drawn as "left".
+    data = write_learnable(tmp_path / "mnist", n_train=64, n_test=32)
+    args = ["train", "zoo:mnist-mlp", "--recipe", "bn-baseline", "--data", str(data), "--steps", "2", "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["graph", str(tmp_path / "run"), "-o", str(tmp_path / "g.dot")]) == 0
+    out = capsys.readouterr().out
+    assert "inserted: 3" in out and "left: 0" in out
 
 
 def test_graph_marks_batchnorms_a_model_already_had(tmp_path, capsys):
