@@ -80,7 +80,11 @@ def train_run(
                          else decay_every, **settings)
     if recipe is not None:
         config = recipe.train_config(config)
+    grown = None
     if resumed:
+        if saved_decay != config.decay_every:  # the run grew: an uninterrupted run of this length decays slower
+            grown = (f"the learning rate decays every {saved_decay:g} steps, as the run started; a run of {steps} "
+                     f"steps from the start decays every {config.decay_every:g}: --decay-every sets it")
         config = replace(config, decay_every=saved_decay)
     done = train_into_folder(model, data, config, out, history=history, source=loaded.spec.text,
                              example_inputs=example, base=user_code(loaded), carry=user_files(loaded),
@@ -88,8 +92,10 @@ def train_run(
                              device=str(device), progress=progress, distributed=ctx)
     if done is None:
         return None, None
-    return done, train_report(loaded.spec.text, recipe, data, config, ctx.world_size, done, Path(output or out),
-                              recipe_entry)
+    report = train_report(loaded.spec.text, recipe, data, config, ctx.world_size, done, Path(output or out), recipe_entry)
+    if grown:
+        report.notes.append(grown)
+    return done, report
 
 
 def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamData, config: TrainConfig,

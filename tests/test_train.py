@@ -263,6 +263,15 @@ def test_cli_resume_of_a_recipe_run_keeps_its_scaled_decay_period(tmp_path, caps
     assert json.loads(out)["resumed_from"] == 40
 
 
+def test_cli_a_run_grown_on_resume_says_it_keeps_its_decay_period(tmp_path, capsys, mnist_dir):
+    # 1/8 of the first 40 steps, not of 80: not the uninterrupted 80-step run, which said nothing.
+    common = ("train", "zoo:mnist-mlp", "--data", mnist_dir, "--eval-every", 20, "--quiet")
+    assert _cli(capsys, *common, "--steps", 40, "-o", tmp_path / "a")[0] == 0
+    code, out, err = _cli(capsys, *common, "--steps", 80, "-o", tmp_path / "a", "--resume", "--json")
+    assert code == 0 and "decays every 5 steps, as the run started; a run of 80 steps from the start decays every 10" \
+        in " ".join(json.loads(out)["notes"]), err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -99,7 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default: 0)")
     parser.add_argument("--lr-decay", type=float, default=0.96, help="lr factor per --decay-every (default: 0.96)")
     parser.add_argument(
-        "--decay-every", type=float, help="steps per --lr-decay factor, applied smoothly (default: 1/8 of the run)"
+        "--decay-every", type=float, help="steps per --lr-decay factor, applied smoothly (default: 1/8 of the run; on --resume, the "
+        "period the run started with)"
     )
     parser.add_argument("--seed", type=int, default=0, help="initial weights, batch order, dropout (default: 0)")
     parser.add_argument("--eval-every", type=int, default=500, help="steps between test evaluations (default: 500)")
