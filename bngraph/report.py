@@ -90,6 +90,8 @@ def json_value(value: Any, key: str = "") -> Any:
 
 
 def _cell(value: Any) -> str:
+    if value is None:  # JSON's null; Python's word means nothing to a reader
+        return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
