@@ -302,12 +302,15 @@ def load_model(
     elif input_dtype is not None or static_inputs:
         raise UserError(f"{spec.text} declares no example input: give --input-shape with --input-dtype/--static-input")
     loaded = LoadedModel(module, spec, shapes, history, symbol, dtypes, batch_axes, symbol_is_instance)
-    if weights is not None:
-        if shapes is not None and any(is_lazy(t) for t in (*module.parameters(), *module.buffers())):
-            # Lazy layers take their shapes from the example first, as the user's own model did
-            # before it saved its weights: torch's load alone gives them shapes but leaves them
-            # lazy, and their first call later fails on a copy.
+    if shapes is not None and any(is_lazy(t) for t in (*module.parameters(), *module.buffers())):
+        # Lazy layers take their shapes, and draw their weights, from the example now, seeded as
+        # the model was built: drawn at their first call, two loads of one spec differed. With
+        # weights, as the user's own model did before it saved them: torch's load alone gives
+        # them shapes but leaves them lazy, and their first call later fails on a copy.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
             loaded.example_inputs()
+    if weights is not None:
         load_weights(module, weights)
     return loaded
 
