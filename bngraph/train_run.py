@@ -136,6 +136,9 @@ def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamDat
     if recipe_entry is not None:
         sections["recipe"] = recipe_changes(recipe_entry)
     notes = [f"every evaluation is in {output / 'metrics.jsonl'}"]
+    if data.input_scale is not None:
+        notes.append(f"the model was trained on {data.input_scale}: give it its inputs so, in PyTorch and in ONNX "
+                     "(recorded as input_scale in its bngraph.json)")
     if data.class_names is not None:
         names = ", ".join(data.class_names[:8]) + (", ..." if len(data.class_names) > 8 else "")
         notes.append(f"output i is class i: {names} (all {len(data.class_names)} in the model's bngraph.json)")

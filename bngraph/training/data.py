@@ -64,6 +64,11 @@ class EpochSampler:
         return self._batches[i]
 
 
+# What the readers do to uint8 images, for the run's metadata and report: the trained model takes
+# its inputs so, in PyTorch and in ONNX, and pixels as stored give another answer.
+UINT8_SCALE = "uint8 pixels / 255 (values in [0, 1])"
+
+
 @dataclass
 class TensorData:
     """A whole image-classification dataset as tensors on one device."""
@@ -77,6 +82,7 @@ class TensorData:
     format: str = "tensors"  # how it was read (bngraph.training.data_formats), for the run's metadata
     label_file: str = ""  # where the largest label comes from, for errors
     class_names: tuple[str, ...] | None = None  # what label i means, where the data names it (class folders)
+    input_scale: str | None = None  # how stored images became the model's inputs (UINT8_SCALE), None: as stored
 
     def __post_init__(self):
         # As the readers check files: 300 images and 10 labels ended in an IndexError mid-training.
@@ -101,7 +107,7 @@ class TensorData:
     @classmethod
     def from_dataset(cls, dataset, device: torch.device | str = "cpu") -> TensorData:
         return cls(*dataset.as_float(device), name=dataset.name, source=dataset.source, format="mnist-idx",
-                   label_file=dataset.source)
+                   label_file=dataset.source, input_scale=UINT8_SCALE)
 
     @property
     def num_classes(self) -> int:
@@ -142,6 +148,7 @@ class StreamData:
     workers: int | None = None  # None: one per core, less one, at most 8
     device: torch.device | str = "cpu"
     class_names: tuple[str, ...] | None = None  # as TensorData's
+    input_scale: str | None = None  # as TensorData's
 
     @property
     def n_train(self) -> int:

@@ -44,7 +44,7 @@ from torch import nn
 from bngraph.data import FILES, find_idx_file, load_mnist
 from bngraph.errors import UserError, model_raised
 from bngraph.load import call_user_factory, declared_shapes, import_user_file
-from bngraph.training.data import StreamData, TensorData, check_finite, seeded
+from bngraph.training.data import UINT8_SCALE, StreamData, TensorData, check_finite, seeded
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 CIFAR10_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
@@ -573,16 +573,17 @@ def open_data(
 
     def finish(train: Split, test: Split, name: str, source: str, class_names: tuple[str, ...] | None = None):
         shape = tuple(to_model_input(train.images[:1], target).shape[1:])
+        scale = UINT8_SCALE if train.images.dtype == torch.uint8 and target.integer_dtype is None else None
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
         # An error about the largest label names the split that holds it.
         label_file = train.label_file if int(train.labels.max()) + 1 == num_classes else test.label_file
         if fits(len(train.labels) + len(test.labels), int(np.prod(shape))):
             x = [_convert_in_chunks(s.images, target, device) for s in (train, test)]
             return TensorData(x[0], train.labels.to(device), x[1], test.labels.to(device), name, source,
-                              format=fmt, label_file=label_file, class_names=class_names)
+                              format=fmt, label_file=label_file, class_names=class_names, input_scale=scale)
         return StreamData(ArrayDataset(train, target), ArrayDataset(test, target), name, source, format=fmt,
                           num_classes=num_classes, example_shape=shape, label_file=label_file,
-                          workers=workers, device=device, class_names=class_names)
+                          workers=workers, device=device, class_names=class_names, input_scale=scale)
 
     if fmt == "mnist-idx":
         mnist = load_mnist(Path(path).expanduser(), name=dataset)
@@ -609,7 +610,7 @@ def open_data(
             return finish(splits[0], splits[1], root.name, str(root), tuple(classes))
         return StreamData(ImageFiles(train_pairs, mode, size), ImageFiles(test_pairs, mode, size), root.name,
                           str(root), format=fmt, num_classes=len(classes), example_shape=shape, label_file=where,
-                          workers=workers, device=device, class_names=tuple(classes))
+                          workers=workers, device=device, class_names=tuple(classes), input_scale=UINT8_SCALE)
     with seeded(f"{seed}:data"):  # before the run seeds torch: the factory's draws are the run's
         return _open_factory(str(path), target, input_shape, fits, finish, workers, device)
 
@@ -646,7 +647,8 @@ def _open_factory(path: str, target: Target, input_shape, fits, finish, workers,
                       CheckedLabels(test_set, f"{where} test", target=target, channel_axis=channel_axis),
                       Path(where.split(":")[0]).stem, where, format="factory", num_classes=None,
                       example_shape=(1, *x0.shape) if channel_axis else tuple(x0.shape), label_file=where,
-                      workers=workers, device=device)
+                      workers=workers, device=device,
+                      input_scale=UINT8_SCALE if x0.dtype == torch.uint8 and target.integer_dtype is None else None)
 
 
 def _check_items_on_one_scale(items: list[tuple[str, torch.Tensor]], target: Target) -> None:

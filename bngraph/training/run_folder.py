@@ -80,6 +80,8 @@ def train_into_folder(
                     "processes": ctx.world_size})  # the precision and layout as the device resolved them
     if data.class_names is not None:  # output i is this class: the sorted folder names, "10" before "2"
         history[-1]["classes"] = list(data.class_names)
+    if data.input_scale is not None:  # what the model takes: pixels as stored give another answer
+        history[-1]["input_scale"] = data.input_scale
     # force: a resumed run replaces its own model/, in a folder checked to be a run's
     save(plain.eval(), out / MODEL_DIR, example_inputs=example_inputs, history=history, source=source, base=base,
          carry=carry, untraceable_code=untraceable_code, force=True)
