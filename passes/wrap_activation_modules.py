@@ -19,8 +19,10 @@ its shape and dtype. Then, numbered as in the code:
      reason.
   5. An in-place activation: skip, as a BatchNorm in front would stop it from mutating the tensor
      the code may read after it, and a run cannot tell that read from a read of its result.
-  6. The code reads the module itself (`isinstance(self.act, ...)`, `self.act.negative_slope`):
-     skip, as a wrapper in its place would change what that reads.
+  6. The code reads the module itself (`isinstance(self.act, ...)`, `self.act.negative_slope`),
+     or the module has a second name (`nn.Sequential(self.fc, self.act)`), or it is the activation
+     of an nn.TransformerEncoderLayer, whose fused eval path does not call it: skip, as a wrapper
+     in its place would change what the code reads, or not run.
   7. Otherwise the module becomes `Sequential(bn=BatchNorm{1,2,3}d(features), act=module)`, the
      BatchNorm in the input's dtype and on its device; for features in the last axis of a rank > 2
      input (a transformer's MLP), `bn=LastAxisBatchNorm(BatchNorm1d(features))`, statistics over
@@ -203,6 +205,17 @@ def _wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.T
                 Skip(path, f"the code reads the module itself, not only calls it ({read}): a BatchNorm wrapped around "
                            "it would change what that reads")
             )
+            continue
+        # A second name (`self.block = nn.Sequential(self.fc, self.act)`): the wrap would replace
+        # one, and the forward may call the module through the other, the BatchNorm never run.
+        if len(names := [p for p, m in module.named_modules(remove_duplicate=False) if m is act]) > 1:
+            result.skipped.append(Skip(path, f"registered under several names ({', '.join(names)}): a BatchNorm "
+                                             "wrapped in at one would not run where the code calls another"))
+            continue
+        if isinstance(parent, nn.TransformerEncoderLayer):
+            result.skipped.append(Skip(path, "the activation of an nn.TransformerEncoderLayer, whose fused eval path "
+                                             "(without gradients) does not call it: a BatchNorm in front would not run "
+                                             "there"))
             continue
         # 7. Wrap.
         last_axis = found.axis == "last" and len(x.shape) > 2

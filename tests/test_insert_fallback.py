@@ -749,3 +749,46 @@ def test_bngraphs_own_runs_leave_a_counter_the_forward_keeps_where_it_was():
     out, _ = bngraph.insert(model, [torch.randn(2, 3, 8, 8)])
     folded, _ = bngraph.fold(randomize_bn(model), [torch.randn(2, 3, 8, 8)])
     assert model.seen.item() == out.seen.item() == folded.seen.item() == 0
+
+
+class ChecksForNaN(nn.Module):
+    """A check of the data torch.fx cannot follow, in front of `body`."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        if torch.isnan(x).any():
+            raise ValueError("a NaN in the input")
+        return self.body(x)
+
+
+class Aliased(nn.Module):  # the activation is self.act and, through the block, block.1
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(8, 8), nn.GELU()
+        self.block = nn.Sequential(self.fc, self.act)
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class EncoderLayer(nn.TransformerEncoderLayer):  # a subclass, its activation a module
+    def __init__(self):
+        super().__init__(8, 2, dim_feedforward=16, dropout=0.0, activation=nn.ReLU(), batch_first=True)
+
+
+@pytest.mark.parametrize(("body", "site", "reason"), [
+    (Aliased(), "act", "registered under several names (body.act, body.block.1)"),
+    (EncoderLayer(), "activation", "fused eval path"),
+], ids=["second-name", "transformer-encoder-layer"])
+def test_an_activation_a_wrap_would_not_reach_is_skipped_with_the_reason(body, site, reason):
+    # Reported inserted, the BatchNorm never ran: the forward called the module through its other
+    # name, and the encoder layer's fused path (eval, without gradients) never calls its activation.
+    model = ChecksForNaN(body).eval()
+    x = torch.randn(3, 5, 8)
+    out, report = bngraph.insert(model, [x])
+    assert report.facts["tracing"] == "module-level fallback" and report.sections["inserted"] == []
+    assert any(row["node"] == f"body.{site}" and reason in row["reason"] for row in report.sections["skipped"])
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in out.modules())
