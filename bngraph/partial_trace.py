@@ -69,6 +69,8 @@ class InsertTracer(_Tracer):
     """bngraph's tracer (modules with hooks and TorchScript modules stay one call) with the mode
     as a graph value (1.) and the modules at `leaves` kept opaque (3.)."""
 
+    trains = True
+
     def __init__(self, leaves: Sequence[str] = (), functions: Sequence = (), examples: Sequence[dict] = (),
                  mode: bool | None = None):
         super().__init__(autowrap_functions=tuple(functions), input_examples=examples)

@@ -328,6 +328,10 @@ class _Tracer(fx.Tracer):
     number no input feeds (the graph would keep the one drawn), or setting an attribute (Swin's
     layers set their window size: the graph would keep this trace's value)."""
 
+    # A graph that will be trained (insert's) cannot hold a forward that switches gradients off;
+    # one that is only run (fold's, export's) computes the same values without the switch.
+    trains = False
+
     def __init__(self, autowrap_functions=(), input_examples: Sequence[dict[str, torch.Tensor]] = ()):
         super().__init__(autowrap_functions=(assert_argument_is_none, check_input_dtype, check_traced_dtype,
                                              check_traced_shapes, check_traced_length, *autowrap_functions))
@@ -336,6 +340,10 @@ class _Tracer(fx.Tracer):
         self.dtypes_read: dict[fx.Node, torch.dtype] = {}
         self.lengths_checked: set[fx.Node] = set()
         self._is_users: Callable[[str], bool] | None = None
+        self._grad_at_start = True
+        self._grad_frames: list[tuple[str, bool]] = []  # (module path, gradients on at its call), innermost last
+        self._switched_grad_off: set[str] = set()  # the paths of the modules whose forward did ("": the model's)
+        self._in_functions = 0  # inside a custom autograd Function traced through, whose forward runs without
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _DtypeProxy(node, self)
@@ -345,6 +353,12 @@ class _Tracer(fx.Tracer):
         return [_EXAMPLE, *(f"{_EXAMPLE}@{i}" for i in range(len(self.other_batches)))]
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        if self.trains and kind in ("call_function", "call_method", "call_module") and self._grad_at_start \
+                and not torch.is_grad_enabled() and not self._in_functions:
+            # `with torch.no_grad():` in a forward: a graph keeps the ops, not the mode, and
+            # trains what the user froze. The module whose forward switched it off is refused
+            # once its call is done (`_check_grad_kept`), after the checks of what it wrote.
+            self._switched_grad_off.add(next((path for path, on in reversed(self._grad_frames) if on), ""))
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind == "placeholder" and target in self.input_examples:
             for key, examples in zip(self._keys(), [self.input_examples, *self.other_batches]):
@@ -466,6 +480,7 @@ class _Tracer(fx.Tracer):
         states = {path: _module_state(m) for path, m in modules.items()}
         buffers = dict(root.named_buffers()) if isinstance(root, nn.Module) else {}
         versions = _versions(buffers)
+        self._grad_at_start, self._grad_frames, self._switched_grad_off = torch.is_grad_enabled(), [], set()
         try:
             # Its buffers' values put back as they were, after a forward that wrote them (checked below).
             with _custom_functions_checked(self), _checkpoints_kept(), \
@@ -476,6 +491,7 @@ class _Tracer(fx.Tracer):
             for path, m in modules.items():  # a forward that set another module's attribute
                 check_state_kept(m, states[path], path or "the model")
             check_buffers_kept(buffers, versions, "the model")
+            self._check_grad_kept("", "the model")
         finally:
             torch.random.set_rng_state(rng)  # the model's draws while traced are no one's
             for path, m in modules.items():
@@ -502,11 +518,21 @@ class _Tracer(fx.Tracer):
         state, rng = _module_state(m), torch.random.get_rng_state()
         buffers = dict(m.named_buffers(recurse=False))  # its own: each submodule's call checks its own
         versions = _versions(buffers)
-        out = super().call_module(m, forward, args, kwargs)
+        self._grad_frames.append((self.path_of_module(m), torch.is_grad_enabled()))
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        finally:
+            self._grad_frames.pop()
         check_no_random_draws(rng)  # `trace` puts back what any of these changed
         check_state_kept(m, state, "it")  # Swin's layers set their window size in forward
         check_buffers_kept(buffers, versions, "it")  # a step counter, a custom norm's statistics
+        self._check_grad_kept(self.path_of_module(m), "it")
         return out
+
+    def _check_grad_kept(self, path: str, what: str) -> None:
+        if path in self._switched_grad_off:
+            raise fx.proxy.TraceError(f"{what} switches gradients off (torch.no_grad()) for some of its ops, which a "
+                                      "traced graph would train")
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         return super().create_args_for_root(_callable_as_traced(root_fn, concrete_args), is_module, concrete_args)
@@ -575,7 +601,11 @@ def _custom_functions_checked(tracer: _Tracer):
             if kwargs or not proven[key]:
                 raise fx.proxy.TraceError(f"it calls the custom autograd Function {cls.__qualname__}, whose own "
                                           "backward a traced graph would drop (torch.fx records its forward's ops only)")
-        return original.__func__(cls, *args, **kwargs)
+        tracer._in_functions += 1  # its forward runs without gradients, as every Function's does
+        try:
+            return original.__func__(cls, *args, **kwargs)
+        finally:
+            tracer._in_functions -= 1
 
     torch.autograd.Function.apply = classmethod(apply)
     try:

@@ -1692,3 +1692,35 @@ def test_the_op_that_makes_an_activations_input_is_not_called_another_reader_of_
     _, report = bngraph.insert(ScaledBeforeRelu(), [_x(4, 8)])
     assert [r["activation"] for r in report.sections["inserted"]] == ["relu"]
     assert not [n for n in report.notes if "unnormalized" in n]
+
+
+class Teacher(nn.Module):  # a frozen branch, as distillation and target networks write it
+    def __init__(self):
+        super().__init__()
+        self.frozen, self.head = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        with torch.no_grad():
+            target = torch.relu(self.frozen(x))
+        return torch.relu(self.head(x)) + target
+
+
+class WithTeacher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.teacher, self.out = Teacher(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(self.teacher(x))
+
+
+@pytest.mark.parametrize("model", [Teacher, WithTeacher], ids=["in-the-forward", "in-a-submodule"])
+def test_a_forward_that_switches_gradients_off_keeps_them_off(model):
+    # A graph keeps the ops, not torch.no_grad(): training the inserted model trained the frozen
+    # layer (its weight's gradient 27.9 where the model's is None).
+    original = model()
+    inserted, _ = bngraph.insert(original, [_x(4, 6)])
+    inserted(_x(5, 6)).sum().backward()
+    frozen = next(m for name, m in inserted.named_modules() if name.endswith("frozen"))
+    assert frozen.weight.grad is None and frozen.bias.grad is None
+    assert all(p.grad is not None for name, p in inserted.named_parameters() if "frozen" not in name)
