@@ -45,7 +45,7 @@ from bngraph.onnx_io import write_verified
 from bngraph.passes._fx_batchnorm import batch_statistics
 from bngraph.passes.fold_bn_into_producer_module import TRAINING_IN_EVAL
 from bngraph.report import Report
-from bngraph.trace import raise_if_model_raises
+from bngraph.trace import check_model, raise_if_model_raises
 from bngraph.runners import (
     BATCH_SIZES, batch_axes_of, eval_mode, example_batches, forward_parameter_names, fresh_inputs, named_leaves,
     named_tensors,
@@ -371,6 +371,7 @@ def export(
     `standalone_bn` (a key of `bngraph.onnx_fold.STANDALONE_BN_FORMS`) is the form of a BN that
     no layer can take exactly: "batchnorm" keeps it (fastest in onnxruntime), "mul-add" writes
     a Mul and an Add, for a runtime without a BatchNormalization kernel."""
+    check_model(module, "export")
     path = Path(path)
     if path.suffix != ".onnx":
         raise UserError(f"the output {path} must end in .onnx")

@@ -40,7 +40,9 @@ from bngraph.passes.remove_eval_identities import remove_eval_identities
 from bngraph.passes.replace_bn_with_multiply_add import replace_bn_with_multiply_add
 from bngraph.report import Report
 from bngraph.partial_trace import kept_whole_modules, trace_for_insert
-from bngraph.trace import TraceFailed, check_faithful_trace, copy_module, materialize_lazy, trace, trace_and_run
+from bngraph.trace import (
+    TraceFailed, check_faithful_trace, check_model, copy_module, materialize_lazy, trace, trace_and_run,
+)
 
 # In order: the layer before a BN is the first choice (no constraint on padding), the layer
 # after it the second, a multiply-add the last. Identities go first, as they can stand between
@@ -78,8 +80,7 @@ def fold(
     `report.passes` keeps each pass's `PassResult`, for an artifact's history. The checks run the
     model; a buffer its forward writes (a counter) is as it was, in `module` and in the result.
     """
-    if not isinstance(module, nn.Module):
-        raise UserError(f"fold takes an nn.Module, not {type(module).__name__}")
+    check_model(module, "fold")
     if standalone_bn not in STANDALONE_BN_FORMS:  # export's and the ONNX fold's names are for a file's nodes
         raise UserError(f"standalone_bn is one of {', '.join(STANDALONE_BN_FORMS)} for a PyTorch model (export's "
                         f"'mul-add' and 'batchnorm' name the ONNX forms), not {standalone_bn!r}")

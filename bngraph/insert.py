@@ -29,7 +29,7 @@ from bngraph.passes.insert_bn_before_activation import insert_bn_before_activati
 from bngraph.passes.wrap_activation_modules import wrap_activation_modules
 from bngraph.report import Report
 from bngraph.runners import batch_axes_of, buffers_kept, random_tensor
-from bngraph.trace import TraceFailed, assert_argument_is_none, copy_module, materialize_lazy
+from bngraph.trace import TraceFailed, assert_argument_is_none, check_model, copy_module, materialize_lazy
 
 FALLBACK = "module-level fallback"
 
@@ -62,8 +62,7 @@ def insert(
     torch.fx cannot trace get the module-level fallback unless `fallback=False`, which also
     leaves the activation modules inside submodules a partial trace keeps whole (`not_handled`).
     """
-    if not isinstance(model, nn.Module):
-        raise UserError(f"insert takes an nn.Module, not {type(model).__name__}")
+    check_model(model, "insert")
     trace_failure, opaque = None, []
     materialize_lazy(model, example_inputs)  # on the model itself: see bngraph.trace.materialize_lazy
     try:

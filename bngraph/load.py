@@ -21,7 +21,7 @@ from bngraph.artifacts import load_artifact
 from bngraph.errors import UserError, model_raised, one_line
 from bngraph.runners import ExampleInputs, random_tensor
 from bngraph.spec import ModelSpec, input_layout, parse_input_dtypes, parse_input_shapes, parse_model_spec
-from bngraph.trace import materialize_lazy
+from bngraph.trace import check_model, materialize_lazy
 from bngraph.user_modules import importing_beside
 from bngraph.zoo import create_model, get_entry
 
@@ -118,12 +118,14 @@ def _build(path: Path, symbol: str | None) -> tuple[nn.Module, str, object]:
         raise UserError(f"{path} has no symbol {symbol!r} (it has: {', '.join(_module_candidates(code)) or 'no modules'})")
     factory = getattr(code, symbol)
     if isinstance(factory, nn.Module):
+        check_model(factory, "bngraph")
         return factory, symbol, code  # built as the file ran, under the same seeded generator
     if not callable(factory):
         raise UserError(f"{path}:{symbol} is not a class, a function or an nn.Module")
     module = call_user_factory(path, symbol, factory)
     if not isinstance(module, nn.Module):
         raise UserError(f"{path}:{symbol}() returned {type(module).__name__}, not an nn.Module")
+    check_model(module, "bngraph")
     return module, symbol, code
 
 

@@ -131,6 +131,17 @@ def check_modules_registered(model: nn.Module) -> None:
                     )
 
 
+def check_model(model, verb: str) -> None:
+    """A model bngraph can work on: an nn.Module, holding no torch.compile'd module (whose
+    forward runs dynamo's compiled frame, which tracing and running its code here break)."""
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{verb} takes an nn.Module, not {type(model).__name__}")
+    for path, m in model.named_modules():
+        if type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod"):
+            raise UserError(f"{path or 'the model'} is a torch.compile'd module: give bngraph the module before "
+                            f"torch.compile ({path or 'model'}._orig_mod), and compile what it writes")
+
+
 def materialize_lazy(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:
     """Give lazy layers (LazyConv2d, LazyLinear, LazyBatchNorm...) their shapes by running the
     model once on the example input, in eval mode and without gradients.

@@ -235,3 +235,21 @@ def test_the_api_refuses_what_is_not_a_model_or_a_form_in_one_line():
         bngraph.insert(lambda x: x, [torch.randn(2, 4)])
     with pytest.raises(bngraph.UserError, match="export's 'mul-add' and 'batchnorm' name the ONNX forms"):
         bngraph.fold(torch.nn.Linear(4, 4).eval(), [torch.randn(2, 4)], standalone_bn="mul-add")
+
+
+def test_a_torch_compiled_module_is_refused_in_one_line_naming_it(tmp_path):
+    # Traced or run by bngraph, dynamo's compiled frame raised "'Inner' object has no attribute
+    # 'fc'": a traceback in insert, and an error blamed on the model in fold and export.
+    inner = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.SiLU())
+    model = torch.nn.Sequential(torch.compile(inner, backend="eager"), torch.nn.Linear(6, 2))
+    x = [torch.randn(3, 6)]
+    for verb, call in (("insert", lambda: bngraph.insert(model, x)), ("fold", lambda: bngraph.fold(model, x)),
+                       ("export", lambda: bngraph.export(model, x, tmp_path / "m.onnx"))):
+        with pytest.raises(bngraph.UserError, match=r"^0 is a torch.compile'd module: give bngraph the module before "
+                                                    r"torch.compile \(0._orig_mod\)"):
+            call()
+    (tmp_path / "net.py").write_text("import torch\nexample_input_shape = (3, 6)\n"
+                                     "def make() -> torch.nn.Module:\n"
+                                     "    return torch.compile(torch.nn.Linear(6, 2), backend='eager')\n")
+    code, _, err = run_cli("insert", f"{tmp_path / 'net.py'}:make", "-o", tmp_path / "o")
+    assert code == 2 and "the model is a torch.compile'd module" in err and err.count("\n") == 1
