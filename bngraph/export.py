@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import re
@@ -66,6 +67,17 @@ class ExportResult:
         return bool(self.verification)
 
 
+def _as_the_forward_takes_them(module: nn.Module, shapes: tuple) -> tuple:
+    """`shapes`, one per input, in the structure torch.export reads from the forward's signature:
+    the inputs a `*args` takes (a user's `forward(self, *xs)`, `_TensorOutputs`) as one tuple."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return shapes
+    star = next((i for i, p in enumerate(parameters) if p.kind is p.VAR_POSITIONAL), None)
+    return shapes if star is None or star > len(shapes) else (*shapes[:star], tuple(shapes[star:]))
+
+
 def to_onnx(
     module: nn.Module,
     example_inputs: Sequence[torch.Tensor],
@@ -96,8 +108,7 @@ def to_onnx(
     if left_out and notes is not None:  # silent, a file with one output of three passed verify
         notes.append(f"the model's output(s) {', '.join(repr(w) for w in left_out)} are numbers or strings, not "
                      "tensors: the file holds its tensors only, and verify compares those")
-    if isinstance(module, _TensorOutputs):  # torch.export sees its *inputs as one tuple argument
-        dynamic_shapes = (dynamic_shapes,)
+    dynamic_shapes = _as_the_forward_takes_them(module, dynamic_shapes)
     # The exporter prints progress, logs a warning per missing torchvision op and, when it fails,
     # dumps the graph with colour codes: none of it is our report. All of it goes to a log that
     # is kept, and named in the one error line, only when the export fails.

@@ -451,3 +451,34 @@ def test_numbers_the_file_cannot_hold_are_named_in_a_note(tmp_path):
     assert result
     assert ("the model's output(s) 'output.1', 'output.2' are numbers or strings, not tensors: the file holds its "
             "tensors only") in " ".join(result.report.notes)
+
+
+class TakesStarArgs(torch.nn.Module):  # forward(self, *xs), as multi-input towers write it
+    def __init__(self, first_named: bool):
+        super().__init__()
+        self.a, self.b, self.first_named = torch.nn.Linear(6, 5), torch.nn.Linear(4, 5), first_named
+        if first_named:
+            self.forward = self.forward_after_a_named_input
+
+    def forward(self, *xs):
+        return F.relu(self.a(xs[0])) + torch.tanh(self.b(xs[1]))
+
+    def forward_after_a_named_input(self, x, *rest):
+        return F.relu(self.a(x)) + torch.tanh(self.b(rest[0]))
+
+
+@pytest.mark.parametrize("first_named", [False, True], ids=["star-args", "named-then-star-args"])
+def test_a_forward_taking_star_args_exports_with_its_batch_dynamic(first_named, tmp_path):
+    # The dynamic shapes were one per input where torch.export reads *xs as one tuple: an
+    # internal mismatch, no file.
+    model = TakesStarArgs(first_named).eval()
+    result = export(model, [torch.randn(3, 6), torch.randn(3, 4)], tmp_path / "m.onnx")
+    assert result
+    import onnxruntime as ort
+
+    x, y = torch.randn(5, 6), torch.randn(5, 4)
+    with torch.no_grad():
+        want = model(x, y).numpy()
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    np.testing.assert_allclose(session.run(None, dict(zip(names, [x.numpy(), y.numpy()])))[0], want, rtol=1e-5, atol=1e-5)
