@@ -27,6 +27,8 @@ that BN makes redundant is a separate pass (`drop_bias_before_bn`).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -257,21 +259,44 @@ def _is_glu(gm: fx.GraphModule, node: fx.Node) -> bool:
 _BY_HAND = {torch.where: 1, torch.maximum: 0, torch.minimum: 0, torch.sin: 0, torch.cos: 0,  # op: its input's index
             torch.exp: 0, torch.abs: 0, torch.log1p: 0}  # a softplus written log1p(exp(h)), a Snake's sin
 _BY_HAND_METHODS = {"maximum": 0, "minimum": 0, "sin": 0, "cos": 0, "exp": 0, "abs": 0, "log1p": 0}
+_COMPARISONS = {operator.gt, operator.ge, operator.lt, operator.le, torch.gt, torch.ge, torch.lt, torch.le,
+                "gt", "ge", "lt", "le"}
+_LAYER_FUNCTIONS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
 
 
 def _hand_written_on_a_layer(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """The conv or linear whose output `node` bends by hand (`torch.where(h > 0, h, 0.1 * h)`, a
-    SIREN's `torch.sin`), which the report should name rather than pass over; else None."""
-    if node.op == "call_function":
+    """The conv or linear whose output `node` bends by hand (`torch.where(h > 0, h, 0.1 * h)`,
+    `h * (h > 0)`, `torch.max(h, 0 * h)`, a SIREN's `torch.sin`), also through a position added to
+    it, which the report should name rather than pass over; else None."""
+    args = [a for a in node.args]
+    if node.op == "call_function" and node.target in (torch.max, torch.min) or \
+            node.op == "call_method" and node.target in ("max", "min"):
+        index = 0 if len(args) > 1 and isinstance(args[1], fx.Node) else None  # elementwise, not a reduction
+    elif node.op in ("call_function", "call_method") and node.target in (operator.mul, torch.mul, "mul"):
+        # h * (h > 0): the input masked by a comparison of itself
+        index = next((i for i in (0, 1) if len(args) == 2 and isinstance(args[1 - i], fx.Node)
+                      and args[1 - i].target in _COMPARISONS and args[1 - i].args[:1] == (args[i],)), None)
+    elif node.op == "call_function":
         index = _BY_HAND.get(node.target)
     elif node.op == "call_method":
         index = _BY_HAND_METHODS.get(node.target)
     else:
         return None
-    value = node.args[index] if index is not None and len(node.args) > index else None
-    if not isinstance(value, fx.Node) or value.op != "call_module":
+    value = args[index] if index is not None and len(args) > index else None
+    return _layer_behind(gm, value)
+
+
+def _layer_behind(gm: fx.GraphModule, value, through_an_add: bool = True) -> str | None:
+    """The conv or linear (module, or F.linear/F.conv*) making `value`, or one side of an add."""
+    if not isinstance(value, fx.Node):
         return None
-    return value.target if isinstance(gm.get_submodule(value.target), CONV_LINEAR_MODULES) else None
+    if value.op == "call_module" and isinstance(gm.get_submodule(value.target), CONV_LINEAR_MODULES):
+        return value.target
+    if value.op == "call_function" and value.target in _LAYER_FUNCTIONS:
+        return value.name
+    if through_an_add and value.target in (operator.add, torch.add, "add"):
+        return next((layer for a in value.args[:2] if (layer := _layer_behind(gm, a, through_an_add=False))), None)
+    return None
 
 
 def _clamps_at_zero(node: fx.Node) -> bool:

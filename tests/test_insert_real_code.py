@@ -580,6 +580,33 @@ def test_a_nonlinearity_written_by_hand_on_a_layers_output_is_named():
         "where on a's output", "sin on b's output", "maximum on c's output"]
 
 
+class MoreHandWritten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(6, 6) for _ in range(4)])
+        self.pos = nn.Parameter(torch.randn(5, 6))
+
+    def forward(self, x):
+        a, b, c, d = self.layers
+        h = a(x)
+        h = h * (h > 0)  # a ReLU as a mask
+        h = b(h)
+        h = torch.max(h, torch.zeros_like(h))
+        h = c(h) + self.pos
+        h = torch.where(h > 0, h, 0.1 * h)  # after a position added to the layer's output
+        h = F.linear(h, d.weight, d.bias)
+        return torch.where(h > 0, h, 0.2 * h)
+
+
+def test_more_nonlinearities_written_by_hand_are_named():
+    # A mask by a comparison, torch.max of two tensors, and a where after an add or on F.linear's
+    # output: in none of the report's tables, and "2 nonlinearities got no BatchNorm" for 6.
+    _, report = bngraph.insert(MoreHandWritten(), [_x(3, 5, 6)])
+    skips = _skips(report)
+    assert [skips[n].split(" computes")[0] for n in ("mul", "max_1", "where", "where_1")] == [
+        "mul on layers.0's output", "max on layers.1's output", "where on layers.2's output", "where on linear's output"]
+
+
 def bert_gelu(x):
     """The original BERT's GELU (pytorch-pretrained-bert), as HuggingFace's gelu_python too."""
     return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
