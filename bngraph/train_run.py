@@ -136,6 +136,9 @@ def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamDat
     if recipe_entry is not None:
         sections["recipe"] = recipe_changes(recipe_entry)
     notes = [f"every evaluation is in {output / 'metrics.jsonl'}"]
+    if run.precision != "fp32":
+        notes.append(f"test loss and accuracy are measured in {run.precision} autocast, as the model trained; the saved "
+                     "float32 model may differ from them in the last digits")
     if data.input_scale is not None:
         notes.append(f"the model was trained on {data.input_scale}: give it its inputs so, in PyTorch and in ONNX "
                      "(recorded as input_scale in its bngraph.json)")

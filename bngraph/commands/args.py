@@ -27,8 +27,9 @@ if TYPE_CHECKING:  # the CLI builds its parser without torch: heavy imports wait
 # ---- the model and its example input ----------------------------------------------------------
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="zoo:NAME, file.py[:Symbol], or an artifact folder")
+def add_model_arguments(parser: argparse.ArgumentParser, onnx: bool = False) -> None:
+    parser.add_argument("model", help="zoo:NAME, file.py[:Symbol], an artifact folder or a run folder bngraph "
+                        "wrote" + (", or a .onnx file" if onnx else ""))
     parser.add_argument("--weights", metavar="FILE", help="load this state dict first")
     add_input_arguments(parser)
 

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fold", action="store_true", help="skip the FX fold (the ONNX passes still fold)")
     shared.add_standalone_bn_argument(parser)
     shared.add_tolerance_arguments(parser)
-    shared.add_force_argument(parser, ".onnx file (one bngraph wrote: its producer is bngraph)")
+    shared.add_force_argument(parser, ".onnx file (its producer is bngraph)")
     shared.add_report_arguments(parser)
 
 

@@ -33,7 +33,7 @@ from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    shared.add_model_arguments(parser)
+    shared.add_model_arguments(parser, onnx=True)
     parser.add_argument("-o", "--output", metavar="OUT", help="artifact folder to write (a .onnx file for ONNX input)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any BatchNorm is left (the output is still written)")
     # An ONNX fold is checked against its input in onnxruntime; an FX fold computes in float64.
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shared.add_standalone_bn_argument(parser, "ONNX input: ")
     overridable = "ONNX input: initializers also listed as graph inputs stay overridable inputs, not constants"
     parser.add_argument("--keep-initializer-inputs", action="store_true", help=overridable)
-    shared.add_force_argument(parser, "artifact folder (ONNX input: .onnx file, one bngraph wrote)")
+    shared.add_force_argument(parser, "artifact folder (ONNX input: .onnx file)")
     shared.add_report_arguments(parser)
 
 

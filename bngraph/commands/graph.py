@@ -23,7 +23,7 @@ from bngraph.commands import args as shared
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     shared.add_model_arguments(parser)
     parser.add_argument("-o", "--output", required=True, metavar="FILE", help="graph.svg, graph.png or graph.dot")
-    shared.add_force_argument(parser, "picture (one bngraph drew: it carries bngraph's mark)")
+    shared.add_force_argument(parser, "picture (it carries bngraph's mark)")
     shared.add_report_arguments(parser)
 
 

@@ -48,7 +48,9 @@ def _common(parser: argparse.ArgumentParser, steps: int) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
-    mnist = sub.add_parser("mnist", help="Sec. 4.1: the MLP with and without BN (Figure 1)")
+    paragraphs = __doc__.split("\n\n")
+    mnist = sub.add_parser("mnist", help="Sec. 4.1: the MLP with and without BN (Figure 1)",
+                           description=paragraphs[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(mnist, 50_000)
     mnist.add_argument("--batch-size", type=int, default=60, help="(default: 60, the paper's)")
     mnist.add_argument("--lr", type=float, default=0.5, help="plain SGD learning rate (default: 0.5)")
@@ -59,10 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="std of the Gaussian initial weights, the paper's 'small random Gaussian values' "
         "(default: 0.01); 'torch' for PyTorch's default initialization",
     )
-    mnist.add_argument("--unit", type=int, default=0, help="the sigmoid of the last hidden layer that (b, c) follow")
+    mnist.add_argument("--unit", type=int, default=0, help="the sigmoid of the last hidden layer that (b, c) follow (default: 0)")
     mnist.add_argument("--workers", type=int, help="processes (default: one per core)")
 
-    inception = sub.add_parser("inception", help="Sec. 4.2.2: the five Inception variants")
+    inception = sub.add_parser("inception", help="Sec. 4.2.2: the five Inception variants", description=paragraphs[2],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(inception, 1000)
     inception.add_argument(
         "--variants", default="inception,bn-baseline,bn-x5,bn-x30,bn-x5-sigmoid",
