@@ -245,6 +245,20 @@ def some_items_0_255_floats():
     return Pixels(16, floats_from=5), Pixels(8, floats_from=8)
 
 
+class Centred(Pixels):  # floats in [-1, 1], as a Normalize((0.5,), (0.5,)) writes them
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return (x / 127.5 - 1 if x.is_floating_point() else x), y
+
+
+def floats_in_minus_1_to_1_in_the_test_split():
+    return Pixels(16, floats_from=16), Centred(8, floats_from=0)
+
+
+def half_uint8_half_unit_floats():  # on one scale: uint8 / 255 and floats in [0, 1]
+    return SomeAugmentedToFloat(16), Pixels(8, floats_from=8)
+
+
 def matrices():  # 2-D items: (H, W) images for one model, (T, C) sequences for another
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(20, 6, 16, generator=gen)
@@ -381,11 +395,14 @@ def test_the_run_records_that_uint8_pixels_were_divided_by_255(tmp_path, capsys,
     assert code == 0, err
     history = json.loads((out / "model" / "bngraph.json").read_text())["history"]
     notes = " ".join(json.loads(stdout)["notes"])
-    if dtype == np.uint8:
+    if dtype == np.uint8:  # as are a factory's, some uint8 and some floats in [0, 1] (held, they were stacked as floats)
         assert history[-1]["input_scale"] == "uint8 pixels / 255 (values in [0, 1])"
         assert "trained on uint8 pixels / 255" in notes
     else:
         assert "input_scale" not in history[-1] and "pixels / 255" not in notes
+    (tmp_path / "data.py").write_text(FACTORY_PY)
+    mixed = open_data(f"{tmp_path / 'data.py'}:half_uint8_half_unit_floats", input_shape=(2, 1, 28, 28))
+    assert isinstance(mixed, TensorData) and mixed.input_scale == "uint8 pixels / 255 (values in [0, 1])"
 
 
 def test_an_npz_whose_layout_only_the_models_size_tells_is_read_by_it_and_else_refused(tmp_path):
@@ -744,13 +761,14 @@ def test_a_factory_item_that_cannot_be_read_or_is_another_shape_is_named(tmp_pat
 
 @pytest.mark.parametrize("stream", [[], ["--stream-above", 0, "--loader-workers", 0]], ids=["whole", "streamed"])
 @pytest.mark.parametrize(("symbol", "split", "first_float"), [("floats_0_255_in_the_test_split", "test", 0),
-                                                              ("some_items_0_255_floats", "train", 5)])
+                                                              ("some_items_0_255_floats", "train", 5),
+                                                              ("floats_in_minus_1_to_1_in_the_test_split", "test", 0)])
 def test_uint8_and_0_255_float_images_of_one_factory_are_refused(tmp_path, capsys, stream, symbol, split, first_float):
     # uint8 is scaled to [0, 1], floats used as they are: the same pixel 200 became 0.78 in one
     # image (or split) and 200.0 in another, and a test split of 0-255 floats gave its accuracy.
     (tmp_path / "data.py").write_text(FACTORY_PY)
     err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{tmp_path / 'data.py'}:{symbol}", *stream, "--steps", 4)
-    named = re.search(rf"{split}\[(\d+)\] is float32 with values up to", err)  # streamed: the first read
+    named = re.search(rf"{split}\[(\d+)\] is float32 with values from", err)  # streamed: the first read
     assert named and int(named[1]) >= first_float and "would be on different scales" in err, err
 
 

@@ -228,6 +228,8 @@ def test_tensor_data_labels_that_are_not_class_indices_are_refused(labels, messa
     with pytest.raises(bngraph.UserError, match=message):
         TensorData(x, labels(y), x[:5], y[:5])
     assert TensorData(x, y.int(), x[:5], y[:5]).y_train.dtype == torch.int64  # int32 labels are class indices
+    with pytest.raises(bngraph.UserError, match="x_test is empty"):  # a reshape error inside the checks
+        TensorData(x, y, x[:0], y[:0])
 
 def test_the_api_refuses_what_is_not_a_model_or_a_form_in_one_line():
     # An AttributeError from deep inside, and a ValueError for export's name of a form.

@@ -90,6 +90,8 @@ class TensorData:
             x, y = getattr(self, f"x_{part}"), getattr(self, f"y_{part}")
             if len(x) != len(y):
                 raise UserError(f"x_{part} holds {len(x)} examples but y_{part} {len(y)} labels")
+            if len(x) == 0:
+                raise UserError(f"x_{part} is empty: a run needs examples to {'train' if part == 'train' else 'test'} on")
             # As the readers' `_check_labels`: one-hot labels trained as probabilities, and the
             # accuracy compared (N,) with (N, C) by broadcasting, without a word.
             if y.dim() != 1:

@@ -246,10 +246,10 @@ def _check_one_scale(x_train: np.ndarray, x_test: np.ndarray, path: Path) -> Non
     if (x_train.dtype == np.uint8) == (x_test.dtype == np.uint8):
         return
     whole, floats, values = ("x_train", "x_test", x_test) if x_train.dtype == np.uint8 else ("x_test", "x_train", x_train)
-    if values.size and float(values.max()) > 1:
+    if values.size and (float(values.max()) > 1 or float(values.min()) < 0):
         raise UserError(f"{path}: {whole} is uint8 (scaled from 0-255 to [0, 1]) but {floats} is {values.dtype} with "
-                        f"values up to {float(values.max()):g} (used as they are): the splits would be on different "
-                        "scales; save both as uint8, or both as floats on one scale")
+                        f"values from {float(values.min()):g} to {float(values.max()):g} (used as they are): the splits "
+                        "would be on different scales; save both as uint8, or both as floats on one scale")
 
 
 def _nchw(x: np.ndarray, target: Target, where: str) -> np.ndarray:
@@ -571,9 +571,12 @@ def open_data(
     def fits(n: int, per_example: int) -> bool:
         return limit is None or n * per_example * 4 <= limit
 
-    def finish(train: Split, test: Split, name: str, source: str, class_names: tuple[str, ...] | None = None):
+    def finish(train: Split, test: Split, name: str, source: str, class_names: tuple[str, ...] | None = None,
+               scaled: bool = False):
+        """`scaled`: uint8 images were converted already (a factory's, item by item)."""
         shape = tuple(to_model_input(train.images[:1], target).shape[1:])
-        scale = UINT8_SCALE if train.images.dtype == torch.uint8 and target.integer_dtype is None else None
+        scaled = scaled or train.images.dtype == torch.uint8
+        scale = UINT8_SCALE if scaled and target.integer_dtype is None else None
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
         # An error about the largest label names the split that holds it.
         label_file = train.label_file if int(train.labels.max()) + 1 == num_classes else test.label_file
@@ -628,18 +631,19 @@ def _open_factory(path: str, target: Target, input_shape, fits, finish, workers,
                  for part, ds in (("train", train_set), ("test", test_set))}
         _check_items_on_one_scale(
             [(f"{where} {part}[{i}]", x) for part, items in parts.items() for i, (x, _) in enumerate(items)], target)
-        splits = []
+        splits, scaled = [], False
         for part, items in parts.items():
             shapes = {tuple(x.shape) for x, _ in items}
             if len(shapes) > 1:
                 raise UserError(f"{where} {part} has images of several shapes: {', '.join(map(str, sorted(shapes)))}")
+            scaled |= any(x.dtype == torch.uint8 for x, _ in items)
             if len({x.dtype for x, _ in items}) > 1:  # stacked, uint8 items would become floats of 0-255
                 items = [(to_model_input(x[None], target)[0], y) for x, y in items]  # each as streamed
             labels = _check_labels(np.array([y for _, y in items]), f"{where} {part}")
             splits.append(Split(torch.stack([x for x, _ in items]), torch.from_numpy(labels), where))
         if channel_axis:
             splits = [Split(s.images.unsqueeze(1), s.labels, s.label_file) for s in splits]
-        return finish(splits[0], splits[1], Path(where.split(":")[0]).stem, where)
+        return finish(splits[0], splits[1], Path(where.split(":")[0]).stem, where, scaled=scaled)
     # Streamed, each item is checked against its split's first as it is read; the splits' first here.
     _check_items_on_one_scale([(f"{where} train[0]", x0), (f"{where} test[0]", _item(test_set, 0, f"{where} test")[0])],
                               target)
@@ -661,10 +665,11 @@ def _check_items_on_one_scale(items: list[tuple[str, torch.Tensor]], target: Tar
     if first_uint8 is None:
         return
     for where, x in items:
-        if x.is_floating_point() and x.numel() and float(x.max()) > 1:
-            raise UserError(f"{first_uint8} is uint8 (scaled from 0-255 to [0, 1]) but {where} is {str(x.dtype).removeprefix('torch.')} with values up "
-                            f"to {float(x.max()):g} (used as they are): they would be on different scales; return "
-                            "every image as uint8, or every one as floats on one scale")
+        if x.is_floating_point() and x.numel() and (float(x.max()) > 1 or float(x.min()) < 0):
+            raise UserError(f"{first_uint8} is uint8 (scaled from 0-255 to [0, 1]) but {where} is "
+                            f"{str(x.dtype).removeprefix('torch.')} with values from {float(x.min()):g} to "
+                            f"{float(x.max()):g} (used as they are): they would be on different scales; return every "
+                            "image as uint8, or every one as floats on one scale")
 
 
 def _check_item_layout(shape: tuple[int, ...], input_shape, where: str) -> None:
