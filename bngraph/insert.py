@@ -102,9 +102,22 @@ def insert(
     if trace_failure is None:
         not_handled = _left_inside(nonlinearities_not_handled(graph, example_inputs, opaque),
                                    results.get(wrap_activation_modules.__name__))
+    _keep_the_models_buffers(graph, model)
     report = insert_report(results, trace_failure, opaque=opaque, not_handled=not_handled)
     report.notes += checked
     return graph, report
+
+
+def _keep_the_models_buffers(inserted: nn.Module, model: nn.Module) -> None:
+    """Each buffer the result shares with the model holds the model's value: bngraph's runs of its
+    copies (the trace, the passes, the checks) moved a counter its forward keeps, in a submodule
+    kept whole. insert adds BatchNorms; it never changes a buffer the model had."""
+    own = {name: b for name, b in model.named_buffers() if not isinstance(b, nn.parameter.UninitializedBuffer)}
+    with torch.no_grad():
+        for name, buffer in inserted.named_buffers():
+            if (mine := own.get(name)) is not None and buffer is not mine and buffer.shape == mine.shape \
+                    and buffer.dtype == mine.dtype:
+                buffer.copy_(mine)
 
 
 def _left_inside(not_handled: list[dict], wrapped: PassResult | None) -> list[dict]:

@@ -792,3 +792,34 @@ def test_an_activation_a_wrap_would_not_reach_is_skipped_with_the_reason(body, s
     assert report.facts["tracing"] == "module-level fallback" and report.sections["inserted"] == []
     assert any(row["node"] == f"body.{site}" and reason in row["reason"] for row in report.sections["skipped"])
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in out.modules())
+
+
+class CountsInside(nn.Module):  # kept whole by the partial trace: a branch on its data
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.register_buffer("calls", torch.tensor(7))
+
+    def forward(self, x):
+        self.calls += 1
+        if x.sum() > 1e9:
+            x = x * 0
+        return F.relu(self.conv(x))
+
+
+class HoldsACounter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.inner, self.head = nn.Conv2d(3, 4, 1), CountsInside(), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.inner(F.gelu(self.stem(x))))
+
+
+@pytest.mark.parametrize("preserve", [False, True], ids=["insert", "insert-preserve"])
+def test_a_counter_in_a_submodule_kept_whole_is_where_the_model_had_it(preserve):
+    # bngraph's runs of its copies (the trace, the calibration, the checks) moved it: 7 became 9.
+    model = HoldsACounter()
+    out, report = bngraph.insert(model, [torch.randn(2, 3, 8, 8)], preserve=preserve)
+    assert report.facts["tracing"] != "module-level fallback" and len(report.sections["inserted"]) == 1
+    assert int(out.inner.calls) == int(model.inner.calls) == 7
