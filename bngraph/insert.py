@@ -63,11 +63,20 @@ def insert(
     leaves the activation modules inside submodules a partial trace keeps whole (`not_handled`).
     """
     check_model(model, "insert")
+    # Every run of the model and its copies here is bngraph's: a counter its forward keeps (a
+    # hook bound to the model writes the model's even from a copy) stays where the model had it.
+    with buffers_kept(model):
+        graph, report = _insert_into_a_copy(model, example_inputs, preserve, calibration_data, fallback)
+    _keep_the_models_buffers(graph, model)
+    return graph, report
+
+
+def _insert_into_a_copy(model: nn.Module, example_inputs: Sequence[torch.Tensor], preserve: bool,
+                        calibration_data, fallback: bool) -> tuple[nn.Module, Report]:
     trace_failure, opaque = None, []
     materialize_lazy(model, example_inputs)  # on the model itself: see bngraph.trace.materialize_lazy
     try:
-        with buffers_kept(model):  # its runs there are bngraph's: a counter the forward keeps stays put
-            graph, opaque = trace_for_insert(model, example_inputs)
+        graph, opaque = trace_for_insert(model, example_inputs)
         insert_pass = insert_bn_before_activation
     except TraceFailed as err:
         if not fallback:
@@ -94,15 +103,13 @@ def insert(
     results.update(more)
     checked = []
     if preserve:  # the promise of --preserve, checked before anything is returned or written
-        with buffers_kept(model):
-            reference = Reference(model, example_inputs)
-            reference.check(graph, what="the model with BatchNorms inserted (--preserve)")
+        reference = Reference(model, example_inputs)
+        reference.check(graph, what="the model with BatchNorms inserted (--preserve)")
         checked = reference.notes
     not_handled = []
     if trace_failure is None:
         not_handled = _left_inside(nonlinearities_not_handled(graph, example_inputs, opaque),
                                    results.get(wrap_activation_modules.__name__))
-    _keep_the_models_buffers(graph, model)
     report = insert_report(results, trace_failure, opaque=opaque, not_handled=not_handled)
     report.notes += checked
     return graph, report
