@@ -542,8 +542,8 @@ class _Tracer(fx.Tracer):
 
     def _check_grad_kept(self, path: str, what: str) -> None:
         if path in self._switched_grad_off:
-            raise fx.proxy.TraceError(f"{what} switches gradients off (torch.no_grad()) for some of its ops, which a "
-                                      "traced graph would train")
+            raise fx.proxy.TraceError(f"{what} switches gradients off for some of its ops (torch.no_grad(), "
+                                      "inference_mode), which a traced graph would train")
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         return super().create_args_for_root(_callable_as_traced(root_fn, concrete_args), is_module, concrete_args)

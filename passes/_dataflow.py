@@ -138,6 +138,12 @@ class RunRecord:
         return [c for c in self.module_calls if c.path == path]
 
 
+
+def _version(t: torch.Tensor) -> int | None:
+    """How often `t` was written in place; None for a tensor made under torch.inference_mode(),
+    which keeps no count (and cannot be written outside it)."""
+    return None if t.is_inference() else t._version
+
 class _Recorder(TorchFunctionMode):
     def __init__(self, paths: dict[int, str], constants: set[int], owners: dict[int, list[tuple[str, str]]]):
         super().__init__()
@@ -154,7 +160,7 @@ class _Recorder(TorchFunctionMode):
         if entry is None:  # a parameter or buffer, else made where the mode could not see (taken as data)
             return Value("input", shape=tuple(t.shape), dtype=t.dtype, device=t.device, data=id(t) not in self.constants)
         kept, version, value = entry
-        if kept is not t or version != t._version:  # changed where the mode could not see it
+        if kept is not t or version != _version(t):  # changed where the mode could not see it
             return Value("unknown", shape=tuple(t.shape), dtype=t.dtype, device=t.device, data=True)
         return value
 
@@ -188,7 +194,7 @@ class _Recorder(TorchFunctionMode):
                 value.relaid = before[0]
             if name in CHANNEL_LAYERS or name in LAST_AXIS_LAYERS:
                 value.parameters = frozenset(id(t) for t in read if isinstance(t, nn.Parameter))
-            self.values[id(t)] = (t, t._version, value)
+            self.values[id(t)] = (t, _version(t), value)
         return out
 
     def _note_outside_read(self, t: torch.Tensor) -> None:

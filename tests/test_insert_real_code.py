@@ -1751,3 +1751,22 @@ def test_a_forward_that_switches_gradients_off_keeps_them_off(model):
     frozen = next(m for name, m in inserted.named_modules() if name.endswith("frozen"))
     assert frozen.weight.grad is None and frozen.bias.grad is None
     assert all(p.grad is not None for name, p in inserted.named_parameters() if "frozen" not in name)
+
+
+class InferenceModeTeacher(nn.Module):  # torch.inference_mode(), the newer spelling of no_grad
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.frozen, self.act = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(6, 8), nn.ReLU()
+
+    def forward(self, x):
+        with torch.inference_mode():
+            target = self.frozen(x)
+        return self.fc2(self.act(self.fc1(x)) + target.clone())
+
+
+def test_a_forward_under_inference_mode_gets_its_batchnorm():
+    # The fallback's recorder read the version counter inference tensors lack: "the model raised".
+    inserted, report = bngraph.insert(InferenceModeTeacher(), [_x(4, 6)])
+    assert [row["features"] for row in report.sections["inserted"]] == [8]
+    inserted(_x(5, 6)).sum().backward()
+    assert inserted.frozen.weight.grad is None and inserted.fc1.weight.grad is not None
