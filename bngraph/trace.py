@@ -353,7 +353,7 @@ class _Tracer(fx.Tracer):
         self._is_users: Callable[[str], bool] | None = None
         self._grad_at_start = True
         self._grad_frames: list[tuple[str, bool]] = []  # (module path, gradients on at its call), innermost last
-        self._switched_grad_off: set[str] = set()  # the paths of the modules whose forward did ("": the model's)
+        self._switched_grad_off: dict[str, list[fx.Node]] = {}  # module path ("": the model's) -> nodes made so
         self._in_functions = 0  # inside a custom autograd Function traced through, whose forward runs without
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -364,13 +364,14 @@ class _Tracer(fx.Tracer):
         return [_EXAMPLE, *(f"{_EXAMPLE}@{i}" for i in range(len(self.other_batches)))]
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if self.trains and kind in ("call_function", "call_method", "call_module") and self._grad_at_start \
                 and not torch.is_grad_enabled() and not self._in_functions:
             # `with torch.no_grad():` in a forward: a graph keeps the ops, not the mode, and
             # trains what the user froze. The module whose forward switched it off is refused
             # once its call is done (`_check_grad_kept`), after the checks of what it wrote.
-            self._switched_grad_off.add(next((path for path, on in reversed(self._grad_frames) if on), ""))
-        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+            where = next((path for path, on in reversed(self._grad_frames) if on), "")
+            self._switched_grad_off.setdefault(where, []).append(node)
         if kind == "placeholder" and target in self.input_examples:
             for key, examples in zip(self._keys(), [self.input_examples, *self.other_batches]):
                 node.meta[key] = examples[target]
@@ -491,7 +492,7 @@ class _Tracer(fx.Tracer):
         states = {path: _module_state(m) for path, m in modules.items()}
         buffers = dict(root.named_buffers()) if isinstance(root, nn.Module) else {}
         versions = _versions(buffers)
-        self._grad_at_start, self._grad_frames, self._switched_grad_off = torch.is_grad_enabled(), [], set()
+        self._grad_at_start, self._grad_frames, self._switched_grad_off = torch.is_grad_enabled(), [], {}
         try:
             # Its buffers' values put back as they were, after a forward that wrote them (checked below).
             with _custom_functions_checked(self), _checkpoints_kept(), \
@@ -541,7 +542,32 @@ class _Tracer(fx.Tracer):
         return out
 
     def _check_grad_kept(self, path: str, what: str) -> None:
-        if path in self._switched_grad_off:
+        """Refuse where a value made without gradients is read by an op made with them (or
+        returned) and would carry a gradient in a graph: one computed from a parameter or an
+        input through differentiable ops. A mask of comparisons carries none either way."""
+        made = self._switched_grad_off.get(path, [])
+        inside = set(made)
+        carries: dict[fx.Node, bool] = {}
+
+        def carries_gradient(node: fx.Node) -> bool:
+            if node not in carries:
+                carries[node] = False  # a cycle cannot occur; this only stops a revisit
+                value = self.example_of(node) if node.op in ("call_function", "call_method", "call_module") else None
+                if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()):
+                    carries[node] = False  # bool or int: no gradient through it
+                elif node.op == "placeholder":
+                    carries[node] = True
+                elif node.op == "get_attr":
+                    carries[node] = isinstance(_attribute(self.root, str(node.target)), nn.Parameter)
+                else:
+                    own = node.op == "call_module" and any(
+                        p.requires_grad for p in self.root.get_submodule(str(node.target)).parameters())
+                    carries[node] = own or any(carries_gradient(a) for a in node.all_input_nodes)
+            return carries[node]
+
+        # Read outside the block, or not yet read (what a module returns: its caller reads it later).
+        escaping = [n for n in made if not n.users or any(user not in inside for user in n.users)]
+        if any(carries_gradient(n) for n in escaping):
             raise fx.proxy.TraceError(f"{what} switches gradients off for some of its ops (torch.no_grad(), "
                                       "inference_mode), which a traced graph would train")
 

@@ -1770,3 +1770,44 @@ def test_a_forward_under_inference_mode_gets_its_batchnorm():
     assert [row["features"] for row in report.sections["inserted"]] == [8]
     inserted(_x(5, 6)).sum().backward()
     assert inserted.frozen.weight.grad is None and inserted.fc1.weight.grad is not None
+
+
+class MaskedWithoutGradients(nn.Module):  # the no_grad block makes a mask: no gradient either way
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            mask = (self.fc1(x).abs() > 0.5).float()
+        return self.fc2(F.gelu(self.fc1(x) * mask))
+
+
+class ReturnsWithoutGradients(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(6, 6)
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.frozen(x)
+
+
+class ReadsAFrozenBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.branch, self.fc = ReturnsWithoutGradients(), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) + self.branch(x)
+
+
+def test_a_no_grad_block_is_refused_only_where_its_value_would_carry_a_gradient():
+    # A mask of comparisons traces (it sent the whole model to the fallback); a submodule that
+    # returns a frozen layer's output is kept whole, though its caller reads the value later.
+    _, report = bngraph.insert(MaskedWithoutGradients(), [_x(4, 6)])
+    assert report.facts["tracing"] == "torch.fx" and list(_sites(report)) == ["gelu"]
+    inserted, report = bngraph.insert(ReadsAFrozenBranch(), [_x(4, 6)])
+    assert [o["module"] for o in report.sections["opaque"]] == ["branch"]
+    inserted(_x(5, 6)).sum().backward()
+    assert inserted.branch.frozen.weight.grad is None and inserted.fc.weight.grad is not None
