@@ -176,13 +176,17 @@ def load_artifact(path: str | Path) -> tuple[nn.Module, dict]:
     sys.modules[module_name] = code  # so that tracing and pickling can find the class
     carried = path / CARRIED_DIR
     names = {name.split("/")[0].removesuffix(".py") for name in python_files(carried)} if carried.is_dir() else set()
-    try:
-        with importing_beside(carried) if names else contextlib.nullcontext(), isolated_modules(names):
-            spec.loader.exec_module(code)
-    except Exception as err:  # the user's code it carries: theirs to fix, in one line
-        del sys.modules[module_name]
-        raise UserError(f"artifact {path}: importing its {CODE_FILE} failed: {one_line(err)}") from err
-    model = getattr(code, CLASS_NAME)()
+    # Run and built with torch's generator seeded to 0, as bngraph builds a model from its file
+    # (`bngraph.load.load_model`): a random buffer no state dict holds is drawn the same each load.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            with importing_beside(carried) if names else contextlib.nullcontext(), isolated_modules(names):
+                spec.loader.exec_module(code)
+        except Exception as err:  # the user's code it carries: theirs to fix, in one line
+            del sys.modules[module_name]
+            raise UserError(f"artifact {path}: importing its {CODE_FILE} failed: {one_line(err)}") from err
+        model = getattr(code, CLASS_NAME)()
     try:
         state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)

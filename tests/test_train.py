@@ -434,3 +434,39 @@ def test_a_model_raising_in_a_training_step_is_one_line_naming_its_line(tmp_path
     assert not (tmp_path / "run").exists()
     if flags:
         assert err.rstrip().endswith("train with --no-channels-last (in Python: TrainConfig(channels_last=False))")
+
+
+RANDOM_PROJECTION_PY = """
+import torch
+from torch import nn
+
+
+class Projected(nn.Module):
+    example_input_shape = (2, 1, 28, 28)
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10)
+        self.register_buffer("proj", torch.randn(32), persistent=False)  # a fixed random projection
+
+    def forward(self, x):
+        x = x.flatten(1)
+        if x.sum() > 1e9:  # a check of the data: torch.fx cannot trace the model
+            x = x * 0
+        return self.out(self.act(self.fc(x)) * self.proj)
+"""
+
+
+def test_a_run_of_an_untraceable_model_with_a_random_buffer_writes_the_model_it_trained(tmp_path, capsys, mnist_dir):
+    # Its model.py built the model unseeded: each load drew another buffer, none the trained one
+    # (a reported 0.33, the written model 0.12).
+    (tmp_path / "m.py").write_text(RANDOM_PROJECTION_PY)
+    code, out, err = _cli(capsys, "train", f"{tmp_path / 'm.py'}:Projected", "--data", mnist_dir, "--steps", 20,
+                          "--eval-every", 20, "--quiet", "--json", "-o", tmp_path / "run")
+    assert code == 0, err
+    first, again = bngraph.load(tmp_path / "run" / "model"), bngraph.load(tmp_path / "run" / "model")
+    assert torch.equal(first.proj, again.proj)
+    data = bngraph.training.load_data(mnist_dir, first)
+    with torch.no_grad():
+        accuracy = (first.eval()(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    assert accuracy == pytest.approx(json.loads(out)["final_test_accuracy"], abs=1e-6)
