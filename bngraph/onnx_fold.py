@@ -90,6 +90,10 @@ def fold_onnx(
                             f"({one_line(cause)})") from err
     else:
         model = ir.serde.deserialize_model(ir.serde.serialize_model(model))  # never the caller's
+    if training := sorted({n.op_type for n in model.graph.all_nodes() if n.domain == "ai.onnx.preview.training"}):
+        # No inference runtime runs them, and the passes lose their outputs' types.
+        raise UserError(f"the model computes its own training ({', '.join(training)} of ai.onnx.preview.training): "
+                        "bngraph folds models for inference")
     nested = [site(bn) for bn in mark_nested_graphs(model)]  # left as they are, and said so
     before, batch_norms, size_before = op_counts(model), len(batchnorms(model)), initializer_bytes(model)
     chosen = STANDALONE_BN_FORMS[standalone_bn]

@@ -596,6 +596,9 @@ def onnx_inputs(
             raise UserError(f"--static-input {index}: {_describe(model)} has inputs 0 to {len(inputs) - 1}")
     declared, dtypes = [], []
     for value in inputs:
+        if (kind := value.type.WhichOneof("value")) != "tensor_type":
+            raise UserError(f"input {value.name!r} of {_describe(model)} is a {str(kind).removesuffix('_type')}, not a "
+                            "tensor: bngraph runs models whose inputs are tensors")
         tensor = value.type.tensor_type
         if tensor.HasField("shape"):
             declared.append(

@@ -149,7 +149,8 @@ def verify(
                                              [b[j] for b in structures[id(cand)]]):
                 result.diffs.append(OutputDiff(name, ref.label, cand.label, 0.0, 0.0, passed=False, problem=problem))
                 continue
-            if any(a.dtype.kind == "U" for a in (*ref_batches, *cand_batches)):  # None, a string, an object
+            # None (an empty optional), strings (onnxruntime's are objects), any object: compared exactly
+            if any(not isinstance(a, np.ndarray) or a.dtype.kind in "UOS" for a in (*ref_batches, *cand_batches)):
                 result.diffs.append(_compare_exactly(name, ref_batches, cand_batches, (ref.label, cand.label)))
                 continue
             dtypes = _changed_dtypes(ref_batches, cand_batches)
@@ -312,11 +313,22 @@ def _measure_levels_apart(diff, ref, cand, i: int, compared, outputs) -> None:
 
 
 def _compare_exactly(name: str, reference, candidate, labels: tuple[str, str]) -> OutputDiff:
-    """An output that is not a number (`named_arrays`' string arrays): equal on every batch, or not."""
+    """An output that is not a number (`named_arrays`' string arrays, onnxruntime's string
+    tensors, None for an empty optional): equal on every batch, or not."""
     diff = OutputDiff(name, labels[0], labels[1], 0.0, 0.0, passed=True, batches=len(reference), elements=len(reference))
+
+    def show(a) -> str:
+        if not isinstance(a, np.ndarray):
+            return repr(a)
+        if a.dtype.kind == "U" and a.size == 1:  # `named_arrays`' text of a value: shown as it is
+            return str(a.item())
+        return repr(a.item()) if a.size == 1 and a.dtype.kind in "OS" else f"a {a.dtype} array of shape {a.shape}"
+
     for ref, cand in zip(reference, candidate):
-        if ref.dtype.kind != cand.dtype.kind or ref.tolist() != cand.tolist():
-            show = (lambda a: a.item() if a.dtype.kind == "U" else f"a {a.dtype} value")
+        same = (ref is None and cand is None) or (
+            isinstance(ref, np.ndarray) and isinstance(cand, np.ndarray) and ref.dtype.kind == cand.dtype.kind
+            and ref.shape == cand.shape and ref.tolist() == cand.tolist())
+        if not same:
             diff.passed, diff.problem = False, f"not a tensor, and not the same: {show(cand)} vs {show(ref)}"
             break
     return diff

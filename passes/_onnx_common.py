@@ -7,6 +7,8 @@ rules; this module only adapts ONNX values to it. Everything here reads the grap
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -14,7 +16,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import onnx_ir as ir
 import torch
-from onnxscript.optimizer import fold_constants_ir
+from onnxscript.optimizer import _constant_folding, fold_constants_ir
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from bngraph.passes.base import PassResult, Skip
@@ -34,10 +36,40 @@ def fold_constants_quietly(model: ir.Model) -> None:
     level = folder_log.level
     folder_log.setLevel(logging.ERROR)
     try:
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), _partial_evaluators_left_out():
             fold_constants_ir(model, onnx_shape_inference=True, should_fold=_should_fold)
     finally:
         folder_log.setLevel(level)
+
+
+# onnxscript's partial evaluators (they rewrite a node whose inputs are not all constants) that
+# write another op than the file's, not exactly or not in its opset: ConcatFromSequence and
+# SplitToSequence became opset-13 Unsqueeze and Split in an opset-12 file, and the latter failed
+# on a split the file computes; and CastLike with `saturate=0` became a Cast without it (float8:
+# 448 where the file gave NaN), while the exporter's CastLike of a constant still folds. Nodes of
+# these ops with constant inputs are folded as any other.
+_PARTIAL_EVALUATORS_LEFT_OUT = (("", "ConcatFromSequence"), ("", "SplitToSequence"))
+
+
+def _unless_unsaturated(evaluate):
+    def cast_like(node: ir.Node, op, state):
+        saturate = node.attributes.get("saturate")
+        return None if saturate is not None and saturate.as_int() == 0 else evaluate(node, op, state)
+
+    return cast_like
+
+
+@contextlib.contextmanager
+def _partial_evaluators_left_out():
+    evaluators = _constant_folding.registry.op_evaluators
+    kept = {key: evaluators.pop(key) for key in _PARTIAL_EVALUATORS_LEFT_OUT if key in evaluators}
+    if cast_like := evaluators.get(("", "CastLike")):
+        kept[("", "CastLike")] = cast_like
+        evaluators[("", "CastLike")] = [dataclasses.replace(e, function=_unless_unsaturated(e.function)) for e in cast_like]
+    try:
+        yield
+    finally:
+        evaluators.update(kept)
 
 
 # Random draws: onnxscript's folder skips most of them, but not Bernoulli, whose one sample it froze.

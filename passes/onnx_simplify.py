@@ -37,7 +37,7 @@ _TIDY = [rule for rule in onnxscript.rewriter._DEFAULT_REWRITE_RULES
 # in every opset, run.
 _ANY_OPSET = {"TransposeTranspose", "TransposeIdentity", "CastCast", "CastIdentity", "ExpandIdentity", "Flatten2Reshape",
               "ReshapeReshape", "SqueezeReshape1d", "RemoveOptionalBiasFromConv", "RemoveOptionalBiasFromConvTranspose",
-              "RemoveOptionalBiasFromGemm", "RemoveOptionalBiasFromQLinearConv"}
+              "RemoveOptionalBiasFromQLinearConv"}  # not Gemm's: its C is optional from opset 11 only
 
 
 def tidy_rules(opset: int) -> onnxscript.rewriter.RewriteRuleSet:

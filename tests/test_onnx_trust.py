@@ -14,6 +14,7 @@ import pytest
 
 from onnx import TensorProto, helper, numpy_helper
 
+from bngraph.errors import UserError
 from bngraph.onnx_fold import fold_onnx
 from tests.onnx_models import conv_bn_file, gemm_bn_file, onnx_file, random_bn_stats
 from tests.onnx_util import export_onnx, fold_and_check, fold_file, ops, relative_error, run_in_ort
@@ -509,3 +510,91 @@ def test_a_max_and_min_whose_bound_raises_the_rank_stay_as_they_are(tmp_path):
     x = {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}
     assert run_in_ort(folded, x)[0].shape == (1, 3, 4)
 
+
+
+# ---- files from onnx's own test corpus: ops the fold must leave exact, or refuse in one line ----
+
+
+def _one_graph(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def test_a_cast_like_without_saturation_stays_unsaturated():
+    # onnxscript's folder made it a Cast without `saturate=0`: 1e6 became float8's 448, not NaN.
+    like = helper.make_tensor("like", TensorProto.FLOAT8E4M3FN, [0], [])
+    original = _one_graph([helper.make_node("CastLike", ["x", "like"], ["y"], saturate=0)],
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT8E4M3FN, ["N", 4])], [like], opset=19)
+    folded, _ = fold_onnx(original)
+    x = {"x": np.array([[1.0, 1e6, np.inf, -1e6]], np.float32)}
+    np.testing.assert_array_equal(run_in_ort(folded, x)[0].view(np.uint8), run_in_ort(original, x)[0].view(np.uint8))
+
+
+def _gemm_with_a_zero_bias_at_opset_9():
+    arrays = [numpy_helper.from_array(np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32), "W"),
+              numpy_helper.from_array(np.zeros(4, np.float32), "C")]
+    return _one_graph([helper.make_node("Gemm", ["x", "W", "C"], ["y"], beta=0.0)],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], arrays, opset=9)
+
+
+def _concat_from_sequence_at_opset_12():
+    nodes = [helper.make_node("SequenceConstruct", ["x", "x"], ["s"]),
+             helper.make_node("ConcatFromSequence", ["s"], ["y"], axis=-1, new_axis=1)]
+    return _one_graph(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 2])], opset=12)
+
+
+def _split_to_sequence_at_opset_12():
+    nodes = [helper.make_node("SplitToSequence", ["x", "split"], ["s"], axis=1), helper.make_node("SequenceAt", ["s", "i"], ["y"])]
+    arrays = [numpy_helper.from_array(np.array([1, 2], np.int64), "split"), numpy_helper.from_array(np.array(1, np.int64), "i")]
+    return _one_graph(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], arrays, opset=12)
+
+
+@pytest.mark.parametrize("build", [_gemm_with_a_zero_bias_at_opset_9, _concat_from_sequence_at_opset_12,
+                                   _split_to_sequence_at_opset_12], ids=["gemm-9", "concat-from-sequence-12",
+                                                                         "split-to-sequence-12"])
+def test_rewrites_write_only_ops_the_files_opset_has(build, tmp_path):
+    # A Gemm without its C (optional from opset 11), an Unsqueeze and a Split of opset 13: the
+    # written file failed the checker, in a traceback.
+    onnx.save(build(), tmp_path / "in.onnx")
+    code, _ = fold_file(tmp_path / "in.onnx", tmp_path / "out.onnx")
+    assert code == 0
+    x = {"x": np.random.default_rng(1).standard_normal((2, 3)).astype(np.float32)}
+    np.testing.assert_array_equal(run_in_ort(onnx.load(tmp_path / "out.onnx"), x)[0], run_in_ort(build(), x)[0])
+
+
+def test_optional_and_string_outputs_are_compared_exactly_and_sequence_inputs_refused(tmp_path, capsys):
+    # None (an empty optional) and onnxruntime's string objects crashed verify's comparison; a
+    # sequence input crashed reading its element type.
+    prefix = numpy_helper.from_array(np.array(["id-"], dtype=object), "prefix")
+    strings = _one_graph([helper.make_node("Cast", ["x"], ["s"], to=TensorProto.STRING),
+                          helper.make_node("StringConcat", ["prefix", "s"], ["y"])],
+                         [helper.make_tensor_value_info("x", TensorProto.INT64, ["N"])],
+                         [helper.make_tensor_value_info("y", TensorProto.STRING, ["N"])], [prefix], opset=20)
+    onnx.save(strings, tmp_path / "strings.onnx")
+    assert fold_file(tmp_path / "strings.onnx", tmp_path / "strings_out.onnx")[0] == 0
+    sequence = _one_graph([helper.make_node("SequenceLength", ["s"], ["n"])],
+                          [helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("n", TensorProto.INT64, [])])
+    onnx.save(sequence, tmp_path / "sequence.onnx")
+    from bngraph.cli import main
+
+    capsys.readouterr()
+    assert main(["fold", str(tmp_path / "sequence.onnx"), "-o", str(tmp_path / "sequence_out.onnx")]) == 2
+    assert "input 's' of" in capsys.readouterr().err and not (tmp_path / "sequence_out.onnx").exists()
+
+
+def test_a_model_that_computes_its_own_gradient_is_refused_in_one_line():
+    # onnx's simple/test_gradient_of_add: the passes lost its outputs' types, and the check raised.
+    nodes = [helper.make_node("Add", ["a", "b"], ["c"]),
+             helper.make_node("Gradient", ["a", "b"], ["da", "db"], domain="ai.onnx.preview.training", xs=["a", "b"],
+                              y="c")]
+    scalar = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [])  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [scalar("a"), scalar("b")], [scalar("c"), scalar("da"), scalar("db")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12),
+                                                    helper.make_opsetid("ai.onnx.preview.training", 1)])
+    with pytest.raises(UserError, match=r"computes its own training \(Gradient of ai.onnx.preview.training\)"):
+        fold_onnx(model)
