@@ -59,7 +59,25 @@ def attr_value(gm: fx.GraphModule, target: str):
 def is_batch_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return isinstance(modules.get(node.target), _BATCHNORM)
-    return node.op == "call_function" and node.target is F.batch_norm
+    return node.op == "call_function" and node.target is F.batch_norm and _reads_the_inputs(node)
+
+
+def _reads_the_inputs(node: fx.Node) -> bool:
+    """Whether `node`'s first argument is computed from the model's inputs: an F.batch_norm of a
+    layer's weight (HuggingFace BiT's weight standardization, training=True) normalizes no batch,
+    and is no BatchNorm to fold, keep or refuse; its value is the same whatever the input."""
+    first = node.args[0] if node.args else node.kwargs.get("input")
+    if not isinstance(first, fx.Node):
+        return True  # taken for a BatchNorm, as before this question was asked
+    seen, todo = set(), [first]
+    while todo:
+        current = todo.pop()
+        if current.op == "placeholder":
+            return True
+        if current not in seen:
+            seen.add(current)
+            todo += current.all_input_nodes
+    return False
 
 
 def read_batch_norm(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module]) -> BatchNormSite | None:
@@ -105,7 +123,7 @@ def batch_statistics(module: nn.Module) -> list[tuple[str, str]]:
                                "with each batch's own statistics even in eval mode"))
     if isinstance(module, fx.GraphModule):
         for node in module.graph.nodes:
-            if node.op == "call_function" and node.target is F.batch_norm:
+            if node.op == "call_function" and node.target is F.batch_norm and _reads_the_inputs(node):
                 refusal, _ = _read_functional(node, module)
                 if arg(node, _BN_ARGS["training"], "training", _BN_DEFAULTS["training"]) is not False:
                     left.append((node.name, refusal))

@@ -847,3 +847,21 @@ def test_a_grouped_layer_folds_module_by_module(layer, channels):
     probe = torch.rand(3, 4, 5, 5) * 10 + 3
     with torch.no_grad():
         torch.testing.assert_close(folded(probe), model(probe), rtol=1e-5, atol=1e-4)
+
+
+class WeightStandardizedConv2d(nn.Conv2d):
+    """HuggingFace BiT's: the weight normalized by F.batch_norm(training=True) on each call."""
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                              momentum=0.0, eps=1e-8).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def test_a_batch_norm_of_a_weight_is_no_batchnorm_to_refuse(tmp_path):
+    # Export refused it for "normalizing with each batch's statistics": it normalizes no batch.
+    model = randomize_bn(nn.Sequential(WeightStandardizedConv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())).eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = fold(model, [x])
+    assert report.sections["remaining"] == [] and batch_norms_left(folded) == []
+    assert bngraph.export(model, [x], tmp_path / "m.onnx")
