@@ -804,7 +804,10 @@ def test_a_factory_of_iterable_datasets_is_told_they_cannot_be_indexed(tmp_path,
         ({"x_test": np.zeros((12, 27, 27), np.uint8)}, "x_train images are (1, 28, 28), x_test (1, 27, 27)"),
         # uint8 scaled to [0, 1], float 0-255 as it is: test accuracy 0.31 where uint8 for both gave 1
         ({"x_test": np.full((12, 28, 28), 255, np.float32)},
-         "x_train is uint8 (scaled from 0-255 to [0, 1]) but x_test is float32 with values up to 255"),
+         "x_train is uint8 (scaled from 0-255 to [0, 1]) but x_test is float32 with values from 255 to 255"),
+        # and floats centred on 0, as Normalize((0.5,), (0.5,)) writes them
+        ({"x_test": np.full((12, 28, 28), -1, np.float32)},
+         "x_train is uint8 (scaled from 0-255 to [0, 1]) but x_test is float32 with values from -1 to -1"),
     ],
 )
 def test_inconsistent_arrays_are_named(tmp_path, capsys, override, message):
