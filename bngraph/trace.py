@@ -547,27 +547,25 @@ class _Tracer(fx.Tracer):
         input through differentiable ops. A mask of comparisons carries none either way."""
         made = self._switched_grad_off.get(path, [])
         inside = set(made)
-        carries: dict[fx.Node, bool] = {}
-
-        def carries_gradient(node: fx.Node) -> bool:
-            if node not in carries:
-                carries[node] = False  # a cycle cannot occur; this only stops a revisit
-                value = self.example_of(node) if node.op in ("call_function", "call_method", "call_module") else None
-                if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()):
-                    carries[node] = False  # bool or int: no gradient through it
-                elif node.op == "placeholder":
-                    carries[node] = True
-                elif node.op == "get_attr":
-                    carries[node] = isinstance(_attribute(self.root, str(node.target)), nn.Parameter)
-                else:
-                    own = node.op == "call_module" and any(
-                        p.requires_grad for p in self.root.get_submodule(str(node.target)).parameters())
-                    carries[node] = own or any(carries_gradient(a) for a in node.all_input_nodes)
-            return carries[node]
-
         # Read outside the block, or not yet read (what a module returns: its caller reads it later).
-        escaping = [n for n in made if not n.users or any(user not in inside for user in n.users)]
-        if any(carries_gradient(n) for n in escaping):
+        todo = [n for n in made if not n.users or any(user not in inside for user in n.users)]
+        seen: set[fx.Node] = set()
+        carries = False
+        while todo and not carries:  # back from those values, through ops that pass a gradient on
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            value = self.example_of(node) if node.op in ("call_function", "call_method", "call_module") else None
+            if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()):
+                continue  # bool or int: no gradient through it
+            if node.op == "get_attr":
+                carries = isinstance(_attribute(self.root, str(node.target)), nn.Parameter)
+            else:
+                carries = node.op == "placeholder" or node.op == "call_module" and any(
+                    p.requires_grad for p in self.root.get_submodule(str(node.target)).parameters())
+            todo += node.all_input_nodes
+        if carries:
             raise fx.proxy.TraceError(f"{what} switches gradients off for some of its ops (torch.no_grad(), "
                                       "inference_mode), which a traced graph would train")
 
