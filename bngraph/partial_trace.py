@@ -487,8 +487,8 @@ def _check(reference: _Reference, model, gm, leaves, functions) -> tuple[fx.Node
             recorder = _RecordShapes(gm)
             recorder.extra_traceback = False
             got = recorder.run(*fresh_inputs(inputs))  # shapes and the eval output in one run
-    except Exception:
-        return _first_divergence(reference, gm, False), "the traced graph fails on the example input"
+    except Exception as err:  # said with its cause: "fails" alone left the user nothing to look at
+        return _first_divergence(reference, gm, False), f"the traced graph fails on the example input ({one_line(err)})"
     finally:
         gm.train(was_training)
     if not _same(got, reference.eval_output):

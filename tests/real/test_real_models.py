@@ -197,3 +197,21 @@ def test_monai_segresnet_ds_is_traced_through_its_loop_over_the_shape_and_folds_
     row = run_chain("monai-segresnet-ds")
     assert row.tracing == "torch.fx"
     assert row.fold == "ok" and row.export == "ok" and row.verify == "PASSED"
+
+
+def test_hf_segformer_says_why_its_traced_graph_fails():
+    """Segformer's traced graph fails on the example input: the fallback runs the model, and its
+    note names the error, not only "fails"."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (make test-real)")
+    import torch
+
+    import bngraph
+
+    config = transformers.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+                                          patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                                          mlp_ratios=[2, 2], decoder_hidden_size=16, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.SegformerForSemanticSegmentation(config).eval()
+    _, report = bngraph.insert(model, [torch.randn(2, 3, 32, 32)])
+    [said] = [note for note in report.notes if "the traced graph fails on the example input" in note]
+    assert "Error: " in said.split("fails on the example input", 1)[1], said
