@@ -236,20 +236,10 @@ def read_npz(path: Path, target: Target) -> tuple[Split, Split]:
     train, test = splits
     if train.images.shape[1:] != test.images.shape[1:]:
         raise UserError(f"{path}: x_train images are {tuple(train.images.shape[1:])}, x_test {tuple(test.images.shape[1:])}")
-    _check_one_scale(arrays["x_train"], arrays["x_test"], path)
+    _check_items_on_one_scale([(f"{path}: x_train", torch.from_numpy(arrays["x_train"])),
+                               ("x_test", torch.from_numpy(arrays["x_test"]))], target,
+                              fix="save both as uint8, or both as floats on one scale")
     return train, test
-
-
-def _check_one_scale(x_train: np.ndarray, x_test: np.ndarray, path: Path) -> None:
-    """uint8 images are scaled to [0, 1] and float ones used as they are: one split of each, the
-    float one holding values above 1 (0-255 as floats), would train and test on different scales."""
-    if (x_train.dtype == np.uint8) == (x_test.dtype == np.uint8):
-        return
-    whole, floats, values = ("x_train", "x_test", x_test) if x_train.dtype == np.uint8 else ("x_test", "x_train", x_train)
-    if values.size and (float(values.max()) > 1 or float(values.min()) < 0):
-        raise UserError(f"{path}: {whole} is uint8 (scaled from 0-255 to [0, 1]) but {floats} is {values.dtype} with "
-                        f"values from {float(values.min()):g} to {float(values.max()):g} (used as they are): the splits "
-                        "would be on different scales; save both as uint8, or both as floats on one scale")
 
 
 def _nchw(x: np.ndarray, target: Target, where: str) -> np.ndarray:
@@ -655,10 +645,11 @@ def _open_factory(path: str, target: Target, input_shape, fits, finish, workers,
                       input_scale=UINT8_SCALE if x0.dtype == torch.uint8 and target.integer_dtype is None else None)
 
 
-def _check_items_on_one_scale(items: list[tuple[str, torch.Tensor]], target: Target) -> None:
-    """uint8 images are scaled from 0-255 to [0, 1] and float ones used as they are (the npz
-    reader's `_check_one_scale`, item by item): a float image above 1 (0-255 as floats) beside a
-    uint8 one would train, or test, on another scale than it, without a word."""
+def _check_items_on_one_scale(items: list[tuple[str, torch.Tensor]], target: Target,
+                              fix: str = "return every image as uint8, or every one as floats on one scale") -> None:
+    """uint8 images are scaled from 0-255 to [0, 1] and float ones used as they are: a float image
+    (or split, an .npz's) outside [0, 1] beside a uint8 one would train, or test, on another scale
+    than it, without a word. `items`: (name, images)."""
     if target.integer_dtype is not None:
         return  # token ids: integers stay as they are
     first_uint8 = next((where for where, x in items if x.dtype == torch.uint8), None)
@@ -668,8 +659,7 @@ def _check_items_on_one_scale(items: list[tuple[str, torch.Tensor]], target: Tar
         if x.is_floating_point() and x.numel() and (float(x.max()) > 1 or float(x.min()) < 0):
             raise UserError(f"{first_uint8} is uint8 (scaled from 0-255 to [0, 1]) but {where} is "
                             f"{str(x.dtype).removeprefix('torch.')} with values from {float(x.min()):g} to "
-                            f"{float(x.max()):g} (used as they are): they would be on different scales; return every "
-                            "image as uint8, or every one as floats on one scale")
+                            f"{float(x.max()):g} (used as they are): they would be on different scales; {fix}")
 
 
 def _check_item_layout(shape: tuple[int, ...], input_shape, where: str) -> None:
