@@ -18,6 +18,9 @@
 # reports what it did; OUT/gpu.log has every command's output. OUT gets at most 7 files (the
 # device tool brings back 8). Stage 7, torch.compile against eager, runs on what time is left.
 #
+# GPU_SH_STAGES picks the stages and their order (default "1 2 3 4 5 6 7"): a lease too short for
+# all of them runs the ones still unmeasured first, e.g. GPU_SH_STAGES="5 6 1 7".
+#
 # Python: $GPU_SH_PYTHON if set, else a venv in $WORK made with --system-site-packages from
 # python3 (a GPU image's torch, onnx, onnxruntime, pytest) with bngraph installed editable, no
 # network. MNIST: $BNGRAPH_DATA, else ./.gpu-data/mnist (copy ../shared/data/mnist there and
@@ -132,26 +135,29 @@ export BNGRAPH_DATA=$DATA
 say ""
 
 # --- 1. the test suite with CUDA present -----------------------------------------------------
-if [ "$SMOKE" = 1 ]; then
-    TESTS=(tests/test_data_formats.py -k "resume_bit_identically and bf16-True")
-    XDIST=(-p no:xdist)
-else
-    TESTS=()
-    XDIST=(-n "$(nproc)" -p no:benchmark -W ignore)  # the image's pytest-benchmark warns per worker
-fi
-# One worker per core, one thread each: the suite is many small CPU-bound processes (157 s on the
-# H100 machine's 16 cores).
-OMP_NUM_THREADS=1 stage "1. tests with CUDA present" 180 "$PY" -m pytest -q "${XDIST[@]}" "${TESTS[@]}"
-grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$LOG" | tail -15 | sed 's/^/    /' >>"$SUMMARY"
+stage_1() {
+    if [ "$SMOKE" = 1 ]; then
+        TESTS=(tests/test_data_formats.py -k "resume_bit_identically and bf16-True")
+        XDIST=(-p no:xdist)
+    else
+        TESTS=()
+        XDIST=(-n "$(nproc)" -p no:benchmark -W ignore)  # the image's pytest-benchmark warns per worker
+    fi
+    # One worker per core, one thread each: the suite is many small CPU-bound processes (157 s for 661 tests on the
+    # H100 machine's 16 cores).
+    OMP_NUM_THREADS=1 stage "1. tests with CUDA present" 240 "$PY" -m pytest -q --durations=15 "${XDIST[@]}" "${TESTS[@]}"
+    grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$LOG" | tail -15 | sed 's/^/    /' >>"$SUMMARY"
+}
 
 # --- 2. torchrun with nccl and --sync-bn, then fold and export --------------------------------
-if [ "$SMOKE" = 1 ]; then STEPS=4; EVAL=2; else STEPS=300; EVAL=100; fi
-stage "2. torchrun --nproc-per-node=1 --sync-bn" 50 "$PY" -m torch.distributed.run --standalone --nproc-per-node=1 \
-    -m bngraph train $MODEL --recipe bn-x5 --steps $STEPS --eval-every $EVAL --sync-bn --device $DEVICE \
-    --quiet --json -o "$WORK/ddp" &&
-    stage "2. fold of its model" 30 "${BNGRAPH[@]}" fold "$WORK/ddp" -o "$WORK/ddp-folded" --strict &&
-    stage "2. export of its model" 45 "${BNGRAPH[@]}" export "$WORK/ddp" -o "$WORK/ddp.onnx"
-"$PY" - "$WORK/ddp" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
+stage_2() {
+    if [ "$SMOKE" = 1 ]; then STEPS=4; EVAL=2; else STEPS=300; EVAL=100; fi
+    stage "2. torchrun --nproc-per-node=1 --sync-bn" 50 "$PY" -m torch.distributed.run --standalone --nproc-per-node=1 \
+        -m bngraph train $MODEL --recipe bn-x5 --steps $STEPS --eval-every $EVAL --sync-bn --device $DEVICE \
+        --quiet --json -o "$WORK/ddp" &&
+        stage "2. fold of its model" 30 "${BNGRAPH[@]}" fold "$WORK/ddp" -o "$WORK/ddp-folded" --strict &&
+        stage "2. export of its model" 45 "${BNGRAPH[@]}" export "$WORK/ddp" -o "$WORK/ddp.onnx"
+    "$PY" - "$WORK/ddp" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
 history = json.load(open(f"{sys.argv[1]}/model/bngraph.json"))["history"]
@@ -160,73 +166,93 @@ train = next(h for h in reversed(history) if h.get("command") == "train")
 print(f"    final test accuracy {rows[-1]['test_accuracy']:.4f}, {rows[-1]['steps_per_s']} steps/s, "
       f"{train.get('processes')} process(es); BatchNorms made SyncBatchNorm: {len(sync['changed']) if sync else 'none'}")
 EOF
+}
 
 # --- 3. stopped and resumed against uninterrupted, on the device ------------------------------
-if [ "$SMOKE" = 1 ]; then STEPS=400; else STEPS=200; fi  # 400 steps took ~33 s a run on an H100
-for det in "" "--deterministic"; do
-    tag=${det:+det}
-    common=($MODEL --recipe bn-x5 --steps $STEPS --eval-every 20 --decay-every 50 --device $DEVICE --quiet $det)
-    stage "3. uninterrupted run ${det}" 35 "${BNGRAPH[@]}" train "${common[@]}" -o "$WORK/whole$tag"
-    # Stopped by SIGTERM once its first checkpoint exists (it stops after the step in hand and
-    # checkpoints there), then resumed with the same arguments.
-    [ $((BUDGET - SECONDS)) -ge 15 ] &&
-    ( "${BNGRAPH[@]}" train "${common[@]}" -o "$WORK/stopped$tag" >>"$LOG" 2>&1 & pid=$!
-      for _ in $(seq 400); do [ -f "$WORK/stopped$tag/checkpoint.pt" ] && break; sleep 0.1; done
-      kill -TERM $pid 2>/dev/null; wait $pid; echo "stopped run exited $?" >>"$LOG" )
-    stage "3. resumed run ${det}" 35 "${BNGRAPH[@]}" train "${common[@]}" -o "$WORK/stopped$tag" --resume
-    "$PY" - "$WORK/whole$tag" "$WORK/stopped$tag" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
+stage_3() {
+    if [ "$SMOKE" = 1 ]; then STEPS=400; else STEPS=200; fi  # 400 steps took ~33 s a run on an H100
+    for det in "" "--deterministic"; do
+        tag=${det:+det}
+        common=($MODEL --recipe bn-x5 --steps $STEPS --eval-every 20 --decay-every 50 --device $DEVICE --quiet $det)
+        stage "3. uninterrupted run ${det}" 35 "${BNGRAPH[@]}" train "${common[@]}" -o "$WORK/whole$tag"
+        # Stopped by SIGTERM once its first checkpoint exists (it stops after the step in hand and
+        # checkpoints there), then resumed with the same arguments.
+        [ $((BUDGET - SECONDS)) -ge 15 ] &&
+        ( "${BNGRAPH[@]}" train "${common[@]}" -o "$WORK/stopped$tag" >>"$LOG" 2>&1 & pid=$!
+          for _ in $(seq 400); do [ -f "$WORK/stopped$tag/checkpoint.pt" ] && break; sleep 0.1; done
+          kill -TERM $pid 2>/dev/null; wait $pid; echo "stopped run exited $?" >>"$LOG" )
+        stage "3. resumed run ${det}" 35 "${BNGRAPH[@]}" train "${common[@]}" -o "$WORK/stopped$tag" --resume
+        "$PY" - "$WORK/whole$tag" "$WORK/stopped$tag" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
 import sys, bngraph, torch
 a, b = (bngraph.load(p).state_dict() for p in sys.argv[1:3])
 worst = max(float((a[k].double() - b[k].double()).abs().max()) if a[k].is_floating_point() else float(not torch.equal(a[k], b[k])) for k in a)
 same = all(torch.equal(a[k], b[k]) for k in a)
 print(f"    resumed vs uninterrupted: {'bit-identical' if same else f'differ, largest difference {worst:.3g}'}")
 EOF
-done
+    done
+}
 
 # --- 4. reproduce mnist on the device ---------------------------------------------------------
-if [ "$SMOKE" = 1 ]; then STEPS=(--steps 1000); else STEPS=(); fi
-stage "4. reproduce mnist (50,000 steps)" 100 "${BNGRAPH[@]}" reproduce mnist "${STEPS[@]}" --device $DEVICE --quiet \
-    -o "$WORK/mnist" && cp "$WORK/mnist/table.md" "$OUT/mnist-table.md" && sed 's/^/    /' "$WORK/mnist/table.md" >>"$SUMMARY"
+stage_4() {
+    if [ "$SMOKE" = 1 ]; then STEPS=(--steps 1000); else STEPS=(); fi
+    stage "4. reproduce mnist (50,000 steps)" 100 "${BNGRAPH[@]}" reproduce mnist "${STEPS[@]}" --device $DEVICE --quiet \
+        -o "$WORK/mnist" && cp "$WORK/mnist/table.md" "$OUT/mnist-table.md" && sed 's/^/    /' "$WORK/mnist/table.md" >>"$SUMMARY"
+}
 
 # --- 5. reproduce inception --full: 224x224, the five variants ------------------------------
-if [ "$SMOKE" = 1 ]; then
-    INC=(--steps 2 --batch-size 2 --eval-every 1 --test-examples 4 --variants inception,bn-baseline)
-else
-    INC=(--steps 200 --eval-every 50 --test-examples 1000)  # guessed ~20 s a variant on an H100
-fi
-stage "5. reproduce inception --full" 130 "${BNGRAPH[@]}" reproduce inception --full "${INC[@]}" --device $DEVICE --quiet \
-    -o "$WORK/inception-full" && cp "$WORK/inception-full/table.md" "$OUT/inception-full-table.md" &&
-    sed 's/^/    /' "$WORK/inception-full/table.md" >>"$SUMMARY"
+stage_5() {
+    if [ "$SMOKE" = 1 ]; then
+        INC=(--steps 2 --batch-size 2 --eval-every 1 --test-examples 4 --variants inception,bn-baseline)
+    else
+        INC=(--steps 200 --eval-every 50 --test-examples 1000)  # guessed ~20 s a variant on an H100
+    fi
+    stage "5. reproduce inception --full" 130 "${BNGRAPH[@]}" reproduce inception --full "${INC[@]}" --device $DEVICE --quiet \
+        -o "$WORK/inception-full" && cp "$WORK/inception-full/table.md" "$OUT/inception-full-table.md" &&
+        sed 's/^/    /' "$WORK/inception-full/table.md" >>"$SUMMARY"
+}
+
+# throughput_summary JSON: benchmarks/train_throughput.py's figures, one line per batch size.
+throughput_summary() {
+    [ -f "$1" ] && "$PY" - "$1" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for batch, rows in r["batches"].items():
+    compiled = rows.pop("compile", None)
+    line = "; ".join(f"{k} {v['images_per_s']:.0f} images/s ({v['x_plain']:.3f}x plain)" for k, v in rows.items())
+    if compiled:
+        line += (f"; --compile {compiled['speedup']:.3f}x eager bngraph, compiling costs {compiled['compile_s']} s"
+                 f" (pays after {compiled['pays_after_steps']} steps)")
+    print(f"    batch {batch}: {line}")
+EOF
+}
 
 # --- 6. throughput of zoo:inception against a plain AMP loop ------------------------------------
-if [ "$SMOKE" = 1 ]; then
-    TP=(--model zoo:inception-small --batch-sizes 4 --steps 4 --repeats 1)
-else
-    TP=(--model zoo:inception --batch-sizes 32,256 --steps 15 --repeats 3)
-fi
-stage "6. throughput, bngraph vs plain AMP loop" 110 "$PY" benchmarks/train_throughput.py "${TP[@]}" --device $DEVICE \
-    --json "$OUT/throughput.json" --profile "$OUT/throughput-profile.txt"
-[ -f "$OUT/throughput.json" ] && "$PY" - "$OUT/throughput.json" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
-import json, sys
-r = json.load(open(sys.argv[1]))
-for batch, rows in r["batches"].items():
-    print(f"    batch {batch}: " + "; ".join(f"{k} {v['images_per_s']:.0f} images/s ({v['x_plain']:.3f}x plain)" for k, v in rows.items()))
-EOF
+stage_6() {
+    if [ "$SMOKE" = 1 ]; then
+        TP=(--model zoo:inception-small --batch-sizes 4 --steps 4 --repeats 1)
+    else
+        TP=(--model zoo:inception --batch-sizes 32,256 --steps 15 --repeats 3)
+    fi
+    stage "6. throughput, bngraph vs plain AMP loop" 110 "$PY" benchmarks/train_throughput.py "${TP[@]}" --device $DEVICE \
+        --json "$OUT/throughput.json" --profile "$OUT/throughput-profile.txt"
+    throughput_summary "$OUT/throughput.json"
+}
 
 # --- 7. torch.compile of the training step against eager, on what time is left ----------------
-if [ "$SMOKE" = 1 ]; then
-    TC=(--model zoo:mnist-mlp --batch-sizes 60 --steps 20 --repeats 1)
-else
-    TC=(--model zoo:inception-small --batch-sizes 256 --steps 15 --repeats 1)  # compiles 2x per contender
-fi
-stage "7. throughput, bngraph --compile vs eager" 150 "$PY" benchmarks/train_throughput.py "${TC[@]}" --compile \
-    --device $DEVICE --json "$OUT/compile.json"
-[ -f "$OUT/compile.json" ] && "$PY" - "$OUT/compile.json" >>"$SUMMARY" 2>>"$LOG" <<'EOF'
-import json, sys
-r = json.load(open(sys.argv[1]))
-for batch, rows in r["batches"].items():
-    print(f"    batch {batch}: " + "; ".join(f"{k} {v['images_per_s']:.0f} images/s ({v['x_plain']:.3f}x plain)" for k, v in rows.items()))
-EOF
+stage_7() {
+    if [ "$SMOKE" = 1 ]; then
+        TC=(--model zoo:mnist-mlp --batch-sizes 60 --steps 20 --repeats 1)
+    else
+        TC=(--model zoo:inception-small --batch-sizes 256 --steps 15 --repeats 1)  # compiles 2x per contender
+    fi
+    stage "7. throughput, bngraph --compile vs eager" 150 "$PY" benchmarks/train_throughput.py "${TC[@]}" --compile \
+        --device $DEVICE --json "$OUT/compile.json"
+    throughput_summary "$OUT/compile.json"
+}
+
+for n in ${GPU_SH_STAGES:-1 2 3 4 5 6 7}; do
+    "stage_$n"
+done
 
 say ""
 say "total: ${SECONDS} s"
