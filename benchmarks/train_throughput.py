@@ -10,10 +10,17 @@ evaluation cancel out; what they cost once is T(N) - N x that ("setup s": buildi
 run's setup, the final evaluation). Contenders are interleaved over --repeats rounds and medians printed, with images/s
 and the ratio to the plain loop (goal: at least 1.0); with --compile, also the step rate of
 `bngraph --compile` over `bngraph`, and the steps after which compiling has paid for itself.
+With --recipe (bn-baseline: the model with a BN before each nonlinearity, as `bngraph reproduce
+inception` trains it), `bngraph, RECIPE` trains the recipe's model in the same rounds, and its
+step time over `bngraph`'s is what the recipe costs per step (issue 13's goal for BN-Baseline
+over Inception: at most 1.15). Interleaved and warmed, it is steadier than the rates of the
+training runs `reproduce` reports, where two variants of the same step (BN-x5, BN-x30) differed
+by 10% on an H200.
 
     .venv/bin/python benchmarks/train_throughput.py --model zoo:inception-small --batch-sizes 32 --steps 20
     python benchmarks/train_throughput.py --model zoo:inception --batch-sizes 32,256 --json out.json   # a GPU
     .venv/bin/python benchmarks/train_throughput.py --model zoo:mnist-mlp --batch-sizes 60 --steps 500 --compile
+    python benchmarks/train_throughput.py --model zoo:inception --recipe bn-baseline --batch-sizes 32   # a GPU
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bngraph.reproduce.recipes import apply_recipe
 from bngraph.training import TensorData, TrainConfig, pick_device, train
 from bngraph.training.config import PRECISIONS
 from bngraph.zoo import create_model, get_entry
@@ -74,9 +82,11 @@ def plain_amp_loop(name: str, data: TensorData, steps: int, batch: int, precisio
 
 
 def bngraph_loop(name: str, data: TensorData, steps: int, batch: int, precision: str, channels_last: bool,
-                 device, compile: bool = False) -> float:
+                 device, compile: bool = False, recipe: str | None = None) -> float:
     torch.manual_seed(0)
     model = create_model(name)
+    if recipe is not None:
+        model, _ = apply_recipe(model, recipe, [data.x_train[:2].cpu()])
     config = TrainConfig(steps=steps, batch_size=batch, lr=0.001, eval_every=steps, precision=precision,
                          channels_last=channels_last, compile=compile)
     sync(device)
@@ -109,6 +119,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), help="(default: bf16 on CUDA, else fp32)")
     parser.add_argument("--compile", action="store_true", help="also time bngraph with --compile")
+    parser.add_argument("--recipe", help="also time bngraph on the model this recipe makes (e.g. bn-baseline): "
+                        "its step time over bngraph's is what the recipe costs per step")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; 1 is steadier on a shared machine)")
     parser.add_argument("--json", metavar="FILE", help="write the figures here too")
     parser.add_argument("--profile", metavar="FILE",
@@ -142,6 +154,10 @@ def main() -> None:
             contenders["bngraph --compile"] = lambda n: bngraph_loop(
                 name, data, n, batch, precision, channels_last, device, compile=True
             )
+        if args.recipe:
+            contenders[f"bngraph, {args.recipe}"] = lambda n: bngraph_loop(
+                name, data, n, batch, precision, channels_last, device, recipe=args.recipe
+            )
         # One untimed run of each first: CUDA's lazy kernel loading, cuDNN's and cuBLAS's first
         # calls and the allocator's growth are paid there, not by whichever contender runs first.
         # The first compiled run compiles (a fresh cache: see main); the rounds reuse it.
@@ -174,6 +190,10 @@ def main() -> None:
             rows["compile"] = {"speedup": round(speedup, 3), "compile_s": round(cost_s, 2), "pays_after_steps": pays_after}
             print(f"{'':9}--compile: {speedup:.3f}x the step rate of bngraph; compiling costs {cost_s:.1f} s in the first run, "
                   + (f"repaid after {pays_after:,} steps" if pays_after is not None else "never repaid"))
+        if args.recipe:
+            cost = rows[f"bngraph, {args.recipe}"]["ms_per_step"] / rows["bngraph"]["ms_per_step"]
+            rows["recipe"] = {"name": args.recipe, "step_time_ratio": round(cost, 3)}
+            print(f"{'':9}{args.recipe}: {cost:.3f}x the step time of the model without it")
         results["batches"][str(batch)] = rows
         if args.profile:
             profile(contenders, args.steps, device, f"batch {batch}", args.profile)

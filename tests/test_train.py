@@ -106,23 +106,25 @@ def test_resume_refuses_other_settings_and_finished_runs(tmp_path):
         train(small_net(), data, CONFIG, out_dir=tmp_path / "elsewhere", resume=True)
 
 
-
 def test_resume_compares_precision_and_layout_as_the_device_resolved_them(tmp_path):
     # The checkpoint held the settings as given: a default run (fp32 on the CPU) resumed with
     # --precision fp32 was "other settings", and a default bf16 run on CUDA resumed on the CPU
-    # went on in fp32 without a word.
+    # went on in fp32 without a word. On the CPU by name: 'auto' resolves to bf16 on a GPU
+    # machine (the explicit bf16 run below stands for that run).
     data = tensor_data()
     half = TrainConfig(**{**CONFIG.__dict__, "steps": 20})
-    whole = train(small_net(), data, CONFIG, progress=False).model
-    train(small_net(), data, half, out_dir=tmp_path / "run", progress=False)
+    on_cpu = {"progress": False, "device": "cpu"}
+    whole = train(small_net(), data, CONFIG, **on_cpu).model
+    train(small_net(), data, half, out_dir=tmp_path / "run", **on_cpu)
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["config"]
     assert (saved["precision"], saved["channels_last"]) == ("fp32", False)
     as_resolved = TrainConfig(**{**CONFIG.__dict__, "precision": "fp32", "channels_last": False})
-    assert_bit_identical(train(small_net(), data, as_resolved, out_dir=tmp_path / "run", resume=True, progress=False).model,
+    assert_bit_identical(train(small_net(), data, as_resolved, out_dir=tmp_path / "run", resume=True, **on_cpu).model,
                          whole)
-    train(small_net(), data, TrainConfig(**{**half.__dict__, "precision": "bf16"}), out_dir=tmp_path / "bf16", progress=False)
+    train(small_net(), data, TrainConfig(**{**half.__dict__, "precision": "bf16"}), out_dir=tmp_path / "bf16", **on_cpu)
     with pytest.raises(UserError, match="precision: 'bf16' then, 'fp32' now"):
-        train(small_net(), data, CONFIG, out_dir=tmp_path / "bf16", resume=True, progress=False)
+        train(small_net(), data, CONFIG, out_dir=tmp_path / "bf16", resume=True, **on_cpu)
+
 
 def test_resume_refuses_a_model_whose_code_changed_with_the_same_state_dict(tmp_path):
     # The user swapped an activation between the two launches: same keys and shapes, another
