@@ -60,10 +60,11 @@ def test_mnist_writes_figure_summary_table_and_the_trained_nets(tmp_path, data):
     assert (tmp_path / "out" / "fig1.png").stat().st_size > 10_000
     bn_net = bngraph.load(tmp_path / "out" / "models" / "mnist-mlp-bn")
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in bn_net.modules()) == 3
-    # The saved net is the trained one: its accuracy is the last point of its curve.
+    # The saved net is the trained one: its accuracy is the last point of its curve (to one
+    # example: on CUDA the curve came from the GPU's kernels, where a near tie may flip).
     with torch.no_grad():
         accuracy = (bn_net.eval()(data.x_test).argmax(1) == data.y_test).float().mean().item()
-    assert accuracy == pytest.approx(summary["nets"]["with BN"]["test_accuracy"][-1], abs=1e-6)
+    assert accuracy == pytest.approx(summary["nets"]["with BN"]["test_accuracy"][-1], abs=1.5 / len(data.y_test))
 
 
 def test_batches_of_one_seed_are_the_samplers_with_their_widths(data):

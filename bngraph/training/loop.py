@@ -265,16 +265,26 @@ def _model_failed(net: nn.Module, x: torch.Tensor, setup: _Setup, err: Exception
         # channels_last outputs from any input), the layout is what the model does not take.
         model = getattr(net, "_orig_mod", net)  # torch.compile's wrapper
         model = getattr(model, "module", model)  # DDP's
+        hint = "train with --no-channels-last (in Python: TrainConfig(channels_last=False))"
         try:
             copy = deepcopy(model).to(memory_format=torch.contiguous_format)
             with torch.no_grad(), setup.amp():
                 copy(x.contiguous())
-        except Exception:
-            pass
+        except Exception as contiguous_err:
+            frame = user_frame(err)
+            if user_frame(contiguous_err) is not None and frame is not None:
+                # It fails in the default layout too, further on (CUDA's default layout is
+                # channels_last, so this was the first error a GPU user saw): both, that one first.
+                raised = str(model_raised(contiguous_err, failed=_IN_TRAINING)).rstrip(".")
+                return ModelRaised(f"{raised}; on channels_last inputs it fails before that, at "
+                                   f"{frame.filename}:{frame.lineno}: {hint}")
         else:
             raised = str(model_raised(err, failed="the model fails on channels_last inputs")).rstrip(".")
-            return ModelRaised(f"{raised}; train with --no-channels-last (in Python: TrainConfig(channels_last=False))")
-    return model_raised(err, failed="the model failed on a training batch (in training mode)")
+            return ModelRaised(f"{raised}; {hint}")
+    return model_raised(err, failed=_IN_TRAINING)
+
+
+_IN_TRAINING = "the model failed on a training batch (in training mode)"
 
 
 def _evaluation_row(model: nn.Module, data: TensorData | StreamData, config: TrainConfig, setup: _Setup,

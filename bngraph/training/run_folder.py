@@ -20,7 +20,7 @@ from torch import nn
 from bngraph.artifacts import save
 from bngraph.passes.base import PassResult
 from bngraph.passes.convert_bn_to_sync_bn import convert_bn_to_sync_bn
-from bngraph.training.config import TrainConfig
+from bngraph.training.config import TrainConfig, pick_device
 from bngraph.training.data import StreamData, TensorData
 from bngraph.training.distributed import SINGLE, Distributed
 from bngraph.training.loop import TrainRun, train
@@ -67,7 +67,7 @@ def train_into_folder(
         plain = copy.deepcopy(model)  # what OUT/model holds: the model with plain BatchNorms
         converted = convert_bn_to_sync_bn(model)
         # torch's SyncBatchNorm runs on GPUs only; on the CPU, the same statistics by all-reduce.
-        model = converted.graph if torch.device(device).type == "cuda" else use_cpu_sync_bn(converted.graph)
+        model = converted.graph if pick_device(device).type == "cuda" else use_cpu_sync_bn(converted.graph)
         history.append({"command": "sync-bn", "passes": {"convert_bn_to_sync_bn": converted.summary()}})
     ctx = distributed
     run = train(model, data, config, out_dir=out, resume=resume, device=device, progress=progress, distributed=ctx)
