@@ -216,19 +216,20 @@ def bn_parameters(bn: ir.Node) -> dict[str, torch.Tensor | float]:
 
 def bn_scale_shift(bn: ir.Node) -> tuple[torch.Tensor, torch.Tensor]:
     """The BN as an affine map per channel, y = scale * x + shift, shaped like its statistics:
-    (C,), or (C, D1, ...) for spatial=0.
+    (C,), or (C, D1, ...) for spatial=0, in float64: each fold rounds once, to its layer's type.
 
     A lone BN is a BN folded into the identity, so torch's own fold of a 1x1 identity layer
     gives its scale and shift: one algebra for every fold, not a second copy of it here.
     """
     params = bn_parameters(bn)
-    shape, dtype = params["bn_rm"].shape, params["bn_rm"].dtype
-    # In float64, rounded once to the statistics' dtype: computed in float32 (torch.ones'), a
-    # float64 model's fold was float32-accurate only, 1.3e-4 of the output off near its mean.
+    shape = params["bn_rm"].shape
+    # In float64: computed in float32 (torch.ones'), a float64 model's fold was float32-accurate
+    # only, 1.3e-4 of the output off near its mean; rounded to float16 statistics (opset 15 lets a
+    # float32 BN keep them), a float32 fold was 0.0019 of the RMS off.
     flat = {k: v.reshape(-1).double() if isinstance(v, torch.Tensor) else v for k, v in params.items()}
     with torch.no_grad():
         scale, shift = fuse_conv_bn_weights(torch.ones(flat["bn_rm"].numel(), 1, dtype=torch.float64), None, **flat)
-    return scale.detach().reshape(shape).to(dtype), shift.detach().reshape(shape).to(dtype)
+    return scale.detach().reshape(shape), shift.detach().reshape(shape)
 
 
 def overflow_reason(bn: ir.Node, layer: ir.Node, bias: torch.Tensor | None = None) -> str | None:

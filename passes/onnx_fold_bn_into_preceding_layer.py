@@ -50,7 +50,7 @@ class _EvalModeOnly:
 
     def check(self, context, x, inbound_out, batchnorm_out) -> MatchResult:
         bn, layer = batchnorm_out.producer(), inbound_out.producer()
-        reason = (layer_fold_reason(bn) or exposed_reason(*layer.inputs[1:])
+        reason = (layer_fold_reason(bn) or exposed_reason(*layer.inputs[1:]) or _coarser_statistics(bn, layer)
                   or (constant(layer.inputs[1]) is not None and overflow_reason(bn, layer)))
         return MatchResult().fail(reason) if reason else super().check(context, x, inbound_out, batchnorm_out)
 
@@ -64,6 +64,18 @@ class _EvalModeOnly:
                 value.const_value = ir.tensor(value.const_value.numpy().astype(dtype.numpy()), name=value.name)
                 value.dtype = dtype
         return folded
+
+
+def _coarser_statistics(bn: ir.Node, layer: ir.Node) -> str | None:
+    """Their algebra runs in the statistics' type: float16 statistics (opset 15 allows them beside
+    float32 data) would round a float32 layer's folded weights to float16's precision."""
+    weight_type = layer.inputs[1].dtype
+    coarser = [v for v in bn.inputs[1:5] if v is not None and v.dtype is not None and weight_type is not None
+               and v.dtype.itemsize < weight_type.itemsize]
+    if coarser:
+        return (f"its statistics are {coarser[0].dtype.numpy().name} and the {layer.op_type}'s weight "
+                f"{weight_type.numpy().name}: folded in the statistics' type, the weights would lose precision")
+    return None
 
 
 class FoldBnIntoConv(_EvalModeOnly, FuseBatchNormIntoConv): ...
@@ -196,6 +208,9 @@ def _why_left(model: ir.Model, bn: ir.Node, path: list[ir.Node]) -> str:
         if others:
             feeds = ", ".join(others)
             return f"the output of {node.op_type} {site(node)!r} also feeds {feeds}, which needs it unnormalized"
+        if node.outputs[0].is_graph_output():
+            return (f"the output of {node.op_type} {site(node)!r} is also the graph output "
+                    f"{node.outputs[0].name!r}, which must keep its value")
     # The structure fits a rule, so its check said no: take the reason it gave.
     for rule in RULES:
         tracer = MatchingTracer()
