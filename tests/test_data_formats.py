@@ -5,8 +5,10 @@ through the CLI; each kind of bad data must stop the run with one line naming th
 """
 
 import json
+import pickle
 import re
 import warnings
+import zipfile
 from dataclasses import replace
 
 import numpy as np
@@ -841,6 +843,25 @@ def test_a_file_that_is_not_an_npz_of_arrays_is_one_line_without_pickle_advice(t
     assert "junk.npz is not an .npz (not a zip file of arrays)" in err and "pickle" not in err
     path = write_npz(tmp_path / "scalar.npz", x_train=np.array(0.0))
     assert "x_train has shape (); images are" in _bad(capsys, tmp_path, "zoo:mnist-mlp", path)
+
+
+class _OpensAFile:  # unpickled, it creates `path`: the proof that a pickle was run
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_an_npz_member_that_is_a_pickle_is_one_line_and_never_unpickled(tmp_path, capsys):
+    # numpy gives a member not in .npy format as its bytes: train crashed on them with a traceback.
+    path = write_npz(tmp_path / "d.npz")
+    with zipfile.ZipFile(path, "a") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile's note on the duplicate name: the last one is read
+        archive.writestr("x_train.npy", pickle.dumps(_OpensAFile(tmp_path / "ran")))
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", path)
+    assert f"{path}: x_train is not a NumPy array (its x_train.npy member is not in .npy format)" in err
+    assert not (tmp_path / "ran").exists()
 
 
 def test_an_npz_named_in_capitals_is_an_npz(tmp_path, capsys):

@@ -206,6 +206,16 @@ def _native_order(array: np.ndarray) -> np.ndarray:
     return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
 
+def _npy_member(archive, key: str, path: Path) -> np.ndarray:
+    """`key`'s array; numpy gives a member that is not in .npy format (a pickle some tools write
+    under the name) as its raw bytes, which are never unpickled here."""
+    member = archive[key]
+    if not isinstance(member, np.ndarray):
+        raise UserError(f"{path}: {key} is not a NumPy array (its {key}.npy member is not in .npy format): "
+                        f"save the data with {_NPZ_HOWTO}")
+    return member
+
+
 def read_npz(path: Path, target: Target) -> tuple[Split, Split]:
     _check_is_npz(path)
     try:
@@ -213,7 +223,7 @@ def read_npz(path: Path, target: Target) -> tuple[Split, Split]:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in archive.files]
             if missing:
                 raise UserError(f"{path} lacks {', '.join(missing)} (it holds {', '.join(archive.files) or 'nothing'})")
-            arrays = {k: _native_order(archive[k]) for k in ("x_train", "y_train", "x_test", "y_test")}
+            arrays = {k: _native_order(_npy_member(archive, k, path)) for k in ("x_train", "y_train", "x_test", "y_test")}
     except UserError:
         raise
     except (OSError, ValueError, EOFError) as err:  # a damaged zip, or object arrays (pickles)
