@@ -419,6 +419,10 @@ def test_an_npz_whose_layout_only_the_models_size_tells_is_read_by_it_and_else_r
         np.savez(path, x_train=x, y_train=np.arange(16) % 2, x_test=x[:4], y_test=np.arange(4) % 2)
         if shape[2] != shape[3]:
             torch.testing.assert_close(open_data(path, input_shape=model).x_train, torch.from_numpy(x).float() / 255)
+            # Both axes are the channels of a model of another size: its size is what is wrong, said so.
+            with pytest.raises(UserError, match=r"as N,H,W,C its images are 3x8, as N,C,H,W 8x3; neither is the "
+                                                r"model's 8x8 images"):
+                open_data(path, input_shape=(2, 3, 8, 8))
         else:
             with pytest.raises(UserError, match=r"axes 1 and 3 both hold the model's 3 channels"):
                 open_data(path, input_shape=model)

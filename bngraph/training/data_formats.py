@@ -260,6 +260,10 @@ def _nchw(x: np.ndarray, target: Target, where: str) -> np.ndarray:
         nhwc, nchw = x.shape[3] == channels, x.shape[1] == channels
         if nhwc and nchw and target.size is not None:  # the model's H, W tell which, where one layout has them
             nhwc, nchw = x.shape[1:3] == target.size, x.shape[2:] == target.size
+            if not (nhwc or nchw):  # both axes are its channels: what is wrong is the images' size
+                (h, w), size = target.size, "{}x{}".format
+                raise UserError(f"{where} has shape {x.shape}: as N,H,W,C its images are {size(*x.shape[1:3])}, as "
+                                f"N,C,H,W {size(*x.shape[2:])}; neither is the model's {size(h, w)} images")
         if nhwc and nchw:  # read as NHWC, data saved N,C,H,W would have its pixels transposed
             raise UserError(f"{where} has shape {x.shape}: axes 1 and 3 both hold the model's {channels} channels, so "
                             "N,H,W,C and N,C,H,W cannot be told apart; give the images through a factory (data.py:make) "
