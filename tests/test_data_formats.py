@@ -388,6 +388,25 @@ def test_npz_in_each_layout_trains(tmp_path, capsys, nets):
     _train(capsys, tmp_path, f"{nets}:Net", tmp_path / "nhwc.npz")
 
 
+def test_an_npz_of_n_t_f_arrays_gets_a_channel_axis_only_for_a_model_that_takes_one(tmp_path, capsys):
+    # A GRU declaring (2, 8, 8) was given (N, 1, 8, 8) and refused; a model that flattens trained,
+    # and its artifact declared the (2, 1, 8, 8) it was given, not its own (2, 8, 8).
+    x = np.random.default_rng(0).random((24, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "seq.npz", x_train=x[:16], y_train=np.arange(16) % 3, x_test=x[16:], y_test=np.arange(8) % 3)
+    for input_shape in ((2, 8, 8), (2, 1, 8, 8)):
+        whole = open_data(tmp_path / "seq.npz", input_shape=input_shape)
+        streamed = open_data(tmp_path / "seq.npz", input_shape=input_shape, stream_above_mb=0, workers=0)
+        assert torch.equal(whole.x_train, torch.from_numpy(x[:16]).reshape(16, *input_shape[1:]))
+        assert tuple(streamed.example(2).shape) == input_shape
+    model = tmp_path / "gru.py"
+    model.write_text("from torch import nn\n\nclass Net(nn.Module):\n    example_input_shape = (2, 8, 8)\n\n"
+                     "    def __init__(self):\n        super().__init__()\n        self.rnn = nn.GRU(8, 16, batch_first=True)\n"
+                     "        self.head = nn.Linear(16, 3)\n\n    def forward(self, x):\n"
+                     "        return self.head(self.rnn(x)[0][:, -1])\n")
+    _train(capsys, tmp_path, model, tmp_path / "seq.npz")
+    assert json.loads((tmp_path / "run" / "model" / "bngraph.json").read_text())["input_shapes"] == [[2, 8, 8]]
+
+
 @pytest.mark.parametrize(("dtype", "stream"), [(np.uint8, []), (np.uint8, ["--stream-above", 0]), (np.float32, [])],
                          ids=["uint8", "uint8-streamed", "float32"])
 def test_the_run_records_that_uint8_pixels_were_divided_by_255(tmp_path, capsys, dtype, stream):

@@ -23,8 +23,8 @@ something else with the checkpoint's weights (its code edited since) are refused
                 torchvision's ImageFolder: the classes are train/'s sorted folder names. Images become
                 L or RGB for the model's input channels, at --image-size H,W or the model's input size
   .npz          FILE.npz with x_train, y_train, x_test, y_test (Keras' convention): images N,H,W or
-                N,H,W,C or N,C,H,W (the axis matching the model's channels), uint8 (scaled to [0, 1])
-                or float (as is); integer labels
+                N,H,W,C or N,C,H,W (the axis matching the model's channels; N,H,W stays so for a model
+                declaring (N, H, W)), uint8 (scaled to [0, 1]) or float (as is); integer labels
   CIFAR binary  the "binary version" folder: data_batch_1..5.bin + test_batch.bin (CIFAR-10), or
                 train.bin + test.bin (CIFAR-100, fine labels; --cifar100-labels coarse for the 20
                 superclasses). The pickled "python version" is refused: unpickling runs code

@@ -11,7 +11,8 @@ cannot take is the user's error:
                  decodes; each image is converted to L or RGB for the model's channel count and
                  resized (bilinear) to --image-size or the model's input size
   npz            a NumPy .npz with x_train, y_train, x_test, y_test (Keras' convention): images
-                 N,H,W or N,H,W,C or N,C,H,W (the channel axis is the one matching the model's),
+                 N,H,W or N,H,W,C or N,C,H,W (the channel axis is the one matching the model's; N,H,W
+                 stays so for a model declaring (N, H, W)),
                  uint8 (scaled to [0, 1]) or float (as is); read without pickles
   cifar-10-bin   data_batch_1..5.bin and test_batch.bin, records of 1 label byte and 3x32x32 bytes
   cifar-100-bin  train.bin and test.bin, records of a coarse and a fine label byte, then 3x32x32
@@ -57,11 +58,14 @@ _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, what Pillow's convert("L") uses
 @dataclass(frozen=True)
 class Target:
     """What the model takes: channels and H, W from its example input (None: the data's own), and
-    its dtype where that is an integer one (token ids for an Embedding: never made float)."""
+    its dtype where that is an integer one (token ids for an Embedding: never made float).
+    `channel_axis`: False for a model declaring (N, H, W) (an MLP, or a GRU over (N, T, F)), whose
+    input has no channel axis to add to 3-d data."""
 
     channels: int | None = None
     size: tuple[int, int] | None = None
     integer_dtype: torch.dtype | None = None
+    channel_axis: bool = True
 
     @classmethod
     def of(cls, input_shape, image_size=None, input_dtype: torch.dtype | None = None) -> Target:
@@ -71,7 +75,8 @@ class Target:
         elif input_shape is not None and len(input_shape) == 3:  # (N, H, W): one channel, unsqueezed
             size = (int(input_shape[1]), int(input_shape[2]))
         integer = input_dtype if input_dtype is not None and not input_dtype.is_floating_point else None
-        return cls(channels, parse_image_size(image_size) if image_size is not None else size, integer)
+        channel_axis = input_shape is None or len(input_shape) == 4  # undeclared: N,H,W images get one, as MNIST's
+        return cls(channels, parse_image_size(image_size) if image_size is not None else size, integer, channel_axis)
 
 
 def parse_image_size(text) -> tuple[int, int]:
@@ -253,8 +258,8 @@ def read_npz(path: Path, target: Target) -> tuple[Split, Split]:
 
 
 def _nchw(x: np.ndarray, target: Target, where: str) -> np.ndarray:
-    if x.ndim == 3:
-        return np.ascontiguousarray(x[:, None])
+    if x.ndim == 3:  # N,H,W images get their channel axis; N,T,F for a model declaring (N, T, F) stays so
+        return np.ascontiguousarray(x[:, None] if target.channel_axis else x)
     channels = target.channels
     if channels is not None:
         nhwc, nchw = x.shape[3] == channels, x.shape[1] == channels
