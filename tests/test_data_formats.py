@@ -290,6 +290,21 @@ def test_image_folder_trains_at_the_models_size_and_channels(tmp_path, capsys, n
     assert data.x_test.shape == (9, 3, 5, 6) and 0 <= data.x_test.min() and data.x_test.max() <= 1
 
 
+def test_image_folder_for_a_model_declaring_n_h_w_is_read_as_grayscale_without_a_channel_axis(tmp_path, capsys):
+    # An MNIST-style MLP declaring (2, H, W) was given RGB (N, 3, H, W) images and refused.
+    root = write_image_folder(tmp_path / "pets")
+    gray = open_data(root, input_shape=(2, 1, 7, 7)).x_train[:, 0]
+    whole = open_data(root, input_shape=(2, 7, 7))
+    streamed = open_data(root, input_shape=(2, 7, 7), stream_above_mb=0, workers=0)
+    assert torch.equal(whole.x_train, gray) and gray.shape == (9, 7, 7)
+    assert torch.equal(torch.stack([streamed.train[i][0] for i in range(9)]), gray)
+    assert tuple(streamed.example(2).shape) == (2, 7, 7)
+    model = tmp_path / "mlp.py"
+    model.write_text("from torch import nn\n\nclass Net(nn.Sequential):\n    example_input_shape = (2, 7, 7)\n\n"
+                     "    def __init__(self):\n        super().__init__(nn.Flatten(), nn.Linear(49, 3))\n")
+    _train(capsys, tmp_path, model, root)
+
+
 def test_image_folder_reads_subfolders_of_a_class_and_skips_what_is_not_an_image(tmp_path):
     # As torchvision's ImageFolder: a class folder's images in subfolders count (dog/batch2/...);
     # hidden files (macOS's ._x.jpg), hidden folders and other files do not.

@@ -8,8 +8,8 @@ cannot take is the user's error:
   mnist-idx      the four MNIST-format IDX files (bngraph.data, unchanged)
   image-folder   DIR/train/CLASS/*.png|jpg and DIR/test/CLASS/... (or DIR/val/...), torchvision's
                  ImageFolder convention: classes are the sorted folder names of train/. Pillow
-                 decodes; each image is converted to L or RGB for the model's channel count and
-                 resized (bilinear) to --image-size or the model's input size
+                 decodes; each image is converted to L or RGB for the model's channel count (L without a
+                 channel axis for a model declaring (N, H, W)) and resized (bilinear) to --image-size or the model's input size
   npz            a NumPy .npz with x_train, y_train, x_test, y_test (Keras' convention): images
                  N,H,W or N,H,W,C or N,C,H,W (the channel axis is the one matching the model's; N,H,W
                  stays so for a model declaring (N, H, W)),
@@ -72,7 +72,7 @@ class Target:
         channels, size = None, None
         if input_shape is not None and len(input_shape) == 4:
             channels, size = int(input_shape[1]), (int(input_shape[2]), int(input_shape[3]))
-        elif input_shape is not None and len(input_shape) == 3:  # (N, H, W): one channel, unsqueezed
+        elif input_shape is not None and len(input_shape) == 3:  # (N, H, W): one channel, without its axis
             size = (int(input_shape[1]), int(input_shape[2]))
         integer = input_dtype if input_dtype is not None and not input_dtype.is_floating_point else None
         channel_axis = input_shape is None or len(input_shape) == 4  # undeclared: N,H,W images get one, as MNIST's
@@ -127,8 +127,9 @@ def detect_format(path: str | Path) -> str:
 
 
 def to_model_input(x: torch.Tensor, target: Target) -> torch.Tensor:
-    """uint8 (scaled to [0, 1]) or float images N,C,H,W -> float32 with the target's channels and size;
-    integers for a model that takes integers (token ids) -> its dtype, as they are."""
+    """uint8 (scaled to [0, 1]) or float images N,C,H,W -> float32 with the target's channels and size
+    (one channel without its axis, N,H,W, for a model declaring that); integers for a model that takes
+    integers (token ids) -> its dtype, as they are."""
     if target.integer_dtype is not None and not x.is_floating_point():
         return x.to(target.integer_dtype).contiguous()
     x = x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32)
@@ -140,7 +141,7 @@ def to_model_input(x: torch.Tensor, target: Target) -> torch.Tensor:
             x = x.expand(-1, target.channels, -1, -1)
     if target.size is not None and tuple(x.shape[2:]) != target.size:
         x = F.interpolate(x, size=target.size, mode="bilinear", align_corners=False, antialias=True)
-    return x.contiguous()
+    return (x if target.channel_axis else x[:, 0]).contiguous()
 
 
 @dataclass
@@ -375,10 +376,11 @@ def decode_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndar
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files decoded one by one (in the DataLoader's workers), all to one mode and size."""
+    """Image files decoded one by one (in the DataLoader's workers), all to one mode and size;
+    L images without their channel axis (H, W) for a model declaring (N, H, W)."""
 
-    def __init__(self, pairs: list[tuple[Path, int]], mode: str, size: tuple[int, int]):
-        self.pairs, self.mode, self.size = pairs, mode, size
+    def __init__(self, pairs: list[tuple[Path, int]], mode: str, size: tuple[int, int], channel_axis: bool = True):
+        self.pairs, self.mode, self.size, self.channel_axis = pairs, mode, size, channel_axis
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -386,7 +388,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, label = self.pairs[i]
         x = torch.from_numpy(decode_image(path, self.mode, self.size)).float().div_(255.0)
-        return x, torch.tensor(label)
+        return (x if self.channel_axis else x[0]), torch.tensor(label)
 
 
 def recorded_classes(history) -> tuple[str, ...] | None:
@@ -408,7 +410,8 @@ def with_model_classes(data, classes: tuple[str, ...] | None):
     if isinstance(data, TensorData):
         mapping = torch.tensor(label_of, device=data.y_train.device)
         return replace(data, y_train=mapping[data.y_train], y_test=mapping[data.y_test], class_names=tuple(classes))
-    relabel = lambda files: ImageFiles([(p, label_of[c]) for p, c in files.pairs], files.mode, files.size)  # noqa: E731
+    relabel = lambda files: ImageFiles([(p, label_of[c]) for p, c in files.pairs], files.mode, files.size,  # noqa: E731
+                                       files.channel_axis)
     return replace(data, train=relabel(data.train), test=relabel(data.test), num_classes=len(classes),
                    class_names=tuple(classes))
 
@@ -612,17 +615,18 @@ def open_data(
     if fmt == "image-folder":
         root = Path(path).expanduser()
         classes, train_pairs, test_pairs, test_dir = list_image_folder(root)
-        mode = image_folder_mode(target.channels)
+        mode = image_folder_mode(target.channels if target.channel_axis else 1)  # (N, H, W): one channel
         size = image_folder_size(train_pairs[:1] + test_pairs[:1] if target.size else train_pairs + test_pairs, target)
-        shape = (1 if mode == "L" else 3, *size)
+        shape = (1 if mode == "L" else 3, *size) if target.channel_axis else size
         where = f"{root / 'train'} ({len(classes)} class folders)"
         if fits(len(train_pairs) + len(test_pairs), int(np.prod(shape))):
             splits = [Split(torch.from_numpy(np.stack([decode_image(p, mode, size) for p, _ in pairs])),
                             torch.tensor([c for _, c in pairs]), where) for pairs in (train_pairs, test_pairs)]
             return finish(splits[0], splits[1], root.name, str(root), tuple(classes))
-        return StreamData(ImageFiles(train_pairs, mode, size), ImageFiles(test_pairs, mode, size), root.name,
-                          str(root), format=fmt, num_classes=len(classes), example_shape=shape, label_file=where,
-                          workers=workers, device=device, class_names=tuple(classes), input_scale=UINT8_SCALE)
+        files = [ImageFiles(pairs, mode, size, target.channel_axis) for pairs in (train_pairs, test_pairs)]
+        return StreamData(*files, root.name, str(root), format=fmt, num_classes=len(classes), example_shape=shape,
+                          label_file=where, workers=workers, device=device, class_names=tuple(classes),
+                          input_scale=UINT8_SCALE)
     with seeded(f"{seed}:data"):  # before the run seeds torch: the factory's draws are the run's
         return _open_factory(str(path), target, input_shape, fits, finish, workers, device)
 
