@@ -573,6 +573,19 @@ def test_a_factorys_images_read_whole_and_streamed_are_the_same_values(tmp_path)
         assert torch.equal(value, runs[1].model.state_dict()[key]), key
 
 
+def test_a_factorys_arrays_flipped_by_numpy_are_read_as_flipped(tmp_path):
+    # x[:, :, ::-1] (a random horizontal flip) has negative strides, which torch refuses: such an
+    # item was called "not an image".
+    (tmp_path / "data.py").write_text(
+        "import numpy as np\n\nIMAGES = np.random.default_rng(0).integers(0, 256, (12, 1, 8, 8)).astype(np.uint8)\n\n\n"
+        "def make():\n    items = [(x[:, :, ::-1], i % 3) for i, x in enumerate(IMAGES)]\n    return items[:8], items[8:]\n")
+    flipped = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (12, 1, 8, 8)).astype(np.uint8)).flip(3) / 255
+    for stream in (None, 0):
+        data = open_data(f"{tmp_path / 'data.py'}:make", input_shape=(2, 1, 8, 8), stream_above_mb=stream, workers=0)
+        x = data.x_train if stream is None else torch.stack([data.train[i][0] for i in range(8)])
+        assert torch.equal(x, flipped[:8])
+
+
 def test_a_factorys_2d_items_get_a_channel_axis_only_for_a_model_that_takes_one(tmp_path):
     # Whole, (T, C) items for an (N, T, C) model once became (N, 1, T, C); streamed, (H, W) items
     # for an (N, 1, H, W) model stayed (N, H, W). Both paths now give what the model takes.

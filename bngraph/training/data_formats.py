@@ -490,9 +490,10 @@ def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
     if isinstance(x, Image.Image):  # as torchvision-style datasets give them without a transform
         array = np.array(x)
         x = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
-    if isinstance(x, np.ndarray) and not x.flags.writeable:
+    if isinstance(x, np.ndarray) and (not x.flags.writeable or any(step < 0 for step in x.strides)):
         # A read-only array (np.frombuffer, a memory map): torch would share it and warn that
-        # writing is undefined, pointing at this line; a copy is the item's own.
+        # writing is undefined, pointing at this line; a flipped one (x[:, :, ::-1], negative
+        # strides) torch refuses. A (contiguous) copy is the item's own.
         x = x.copy()
     try:
         x = torch.as_tensor(x)
