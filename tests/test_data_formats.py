@@ -323,6 +323,26 @@ def test_image_folder_reads_subfolders_of_a_class_and_skips_what_is_not_an_image
     torch.testing.assert_close(data.x_train[6], late)  # after dog/0, 1, 2, in path order
 
 
+def test_image_folders_read_the_suffixes_torchvision_reads_and_jfif(tmp_path, capsys, nets):
+    # .pgm (AT&T faces), .ppm and .jfif (JPEGs as browsers save them) were left out without a word:
+    # a folder of them was "empty", one beside .png files trained on the .png ones alone.
+    root = tmp_path / "faces"
+    pixels = {name: np.full((8, 8), 40 * k, np.uint8) for k, name in enumerate(("0.pgm", "1.ppm", "2.jfif", "3.tif"))}
+    for split in ("train", "test"):
+        for name, plane in pixels.items():
+            (root / split / "s1").mkdir(parents=True, exist_ok=True)
+            image = Image.fromarray(plane)
+            image.convert("RGB" if name.endswith(".ppm") else "L").save(root / split / "s1" / name,
+                                                                       "JPEG" if name.endswith(".jfif") else None)
+    data = open_data(root, input_shape=(2, 1, 8, 8))
+    assert torch.equal(data.x_train[:, 0, 0, 0], torch.tensor([0.0, 40, 80, 120]) / 255)  # the jfif: a flat JPEG
+    Image.fromarray(pixels["0.pgm"]).save(root / "train" / "s1" / "4.png")
+    assert len(open_data(root, input_shape=(2, 1, 8, 8)).x_train) == 5
+    (root / "test" / "s2").mkdir()
+    (root / "train" / "s2").mkdir()
+    assert "train/s2 is an empty class folder (no png/jpg/jpeg/jfif/bmp/ppm/pgm/" in _bad(capsys, tmp_path, f"{nets}:Net", root)
+
+
 def test_a_class_folder_linking_back_above_itself_is_refused_but_other_links_are_followed(tmp_path, capsys, nets):
     # train/cat/loop -> .. read train/ again under cat: 9 files became many examples, other
     # classes' images labelled cat.

@@ -19,10 +19,10 @@ something else with the checkpoint's weights (its code edited since) are refused
 --data PATH: what the path holds decides how it is read (the format goes into OUT/model's history):
   MNIST IDX     a folder with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte
                 and t10k-labels-idx1-ubyte (raw or .gz); --dataset names it (mnist or fashion-mnist)
-  image folder  DIR/train/CLASS/*.png|jpg|jpeg|bmp|webp and DIR/test/CLASS/... (or DIR/val/), as
-                torchvision's ImageFolder: the classes are train/'s sorted folder names. Images become
-                L or RGB for the model's input channels (L as N,H,W for a model declaring (N, H, W)),
-                at --image-size H,W or the model's input size
+  image folder  DIR/train/CLASS/*.png|jpg|jpeg|jfif|bmp|ppm|pgm|tif|tiff|webp|gif and DIR/test/CLASS/...
+                (or DIR/val/), as torchvision's ImageFolder: the classes are train/'s sorted folder
+                names. Images become L or RGB for the model's input channels (L as N,H,W for a model
+                declaring (N, H, W)), at --image-size H,W or the model's input size
   .npz          FILE.npz with x_train, y_train, x_test, y_test (Keras' convention): images N,H,W or
                 N,H,W,C or N,C,H,W (the axis matching the model's channels; N,H,W stays so for a model
                 declaring (N, H, W)), uint8 (scaled to [0, 1]) or float (as is); integer labels

@@ -6,14 +6,15 @@ Formats (`detect_format`), each named in the run's metadata. Only image folders 
 the model's input (channels, size); the others are taken as they are, and a shape the model
 cannot take is the user's error:
   mnist-idx      the four MNIST-format IDX files (bngraph.data, unchanged)
-  image-folder   DIR/train/CLASS/*.png|jpg and DIR/test/CLASS/... (or DIR/val/...), torchvision's
-                 ImageFolder convention: classes are the sorted folder names of train/. Pillow
-                 decodes; each image is converted to L or RGB for the model's channel count (L without a
-                 channel axis for a model declaring (N, H, W)) and resized (bilinear) to --image-size or the model's input size
+  image-folder   DIR/train/CLASS/*.png|jpg|... (IMAGE_SUFFIXES) and DIR/test/CLASS/... (or
+                 DIR/val/...), torchvision's ImageFolder convention: classes are the sorted folder
+                 names of train/. Pillow decodes; each image is converted to L or RGB for the model's
+                 channel count (L without a channel axis for a model declaring (N, H, W)) and resized
+                 (bilinear) to --image-size or the model's input size
   npz            a NumPy .npz with x_train, y_train, x_test, y_test (Keras' convention): images
                  N,H,W or N,H,W,C or N,C,H,W (the channel axis is the one matching the model's; N,H,W
-                 stays so for a model declaring (N, H, W)),
-                 uint8 (scaled to [0, 1]) or float (as is); read without pickles
+                 stays so for a model declaring (N, H, W)), uint8 (scaled to [0, 1]) or float (as
+                 is); read without pickles
   cifar-10-bin   data_batch_1..5.bin and test_batch.bin, records of 1 label byte and 3x32x32 bytes
   cifar-100-bin  train.bin and test.bin, records of a coarse and a fine label byte, then 3x32x32
                  (fine labels unless told otherwise). The pickled Python versions are never read:
@@ -47,7 +48,9 @@ from bngraph.errors import UserError, model_raised
 from bngraph.load import call_user_factory, declared_shapes, import_user_file
 from bngraph.training.data import UINT8_SCALE, StreamData, TensorData, check_finite, seeded
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# torchvision's ImageFolder's (all of which Pillow decodes), .jfif (JPEGs as browsers save them) and .gif:
+# a file of another suffix is not an image, and is left out.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 CIFAR10_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 CIFAR_SUBFOLDERS = ("", "cifar-10-batches-bin", "cifar-100-binary")
 CIFAR_PIXELS = 3 * 32 * 32
@@ -344,7 +347,7 @@ def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]], li
                 raise UserError(f"{folder} is a class that {root / 'train'} does not have")
             files = _image_files(folder)
             if not files:
-                raise UserError(f"{folder} is an empty class folder (no {'/'.join(s[1:] for s in IMAGE_SUFFIXES[:3])} images)")
+                raise UserError(f"{folder} is an empty class folder (no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images)")
             pairs += [(f, index[folder.name]) for f in files]
         if not pairs:
             raise UserError(f"{split_dir} has no class folders with images")
