@@ -664,6 +664,24 @@ def test_a_16_bit_image_is_named_not_clipped_to_white(tmp_path, capsys, nets):
     assert f"{scan} has 16-bit pixels (mode I;16)" in err
 
 
+def test_palette_images_with_a_table_of_transparency_are_read_without_pillows_warning(tmp_path):
+    # PNG8 exports: Pillow's UserWarning on converting them to RGB or L reached the run's stderr.
+    palette = [0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759
+    for split in ("train", "test"):
+        for k, name in enumerate(("a-red", "b-blue")):
+            (tmp_path / split / name).mkdir(parents=True)
+            image = Image.new("P", (4, 4), k + 1)
+            image.putpalette(palette)
+            image.save(tmp_path / split / name / "0.png", transparency=bytes([0, 128, 200]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rgb = open_data(tmp_path, input_shape=(2, 3, 4, 4)).x_train
+        gray = open_data(tmp_path, input_shape=(2, 1, 4, 4)).x_train
+    assert rgb[:, :, 0, 0].tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]  # the palette's colours, alpha dropped
+    lumas = [np.array(Image.new("RGB", (1, 1), colour).convert("L"))[0, 0] for colour in ((255, 0, 0), (0, 0, 255))]
+    assert torch.equal(gray[:, 0, 0, 0], torch.tensor(lumas, dtype=torch.float32) / 255)
+
+
 def test_an_empty_class_folder_is_named(tmp_path, capsys, nets):
     root = write_image_folder(tmp_path / "pets")
     (root / "test" / "yak").mkdir()

@@ -360,16 +360,24 @@ _WIDE_MODES = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": 
                "F": "32-bit float"}
 
 
+def converted(image: Image.Image, mode: str, where, fix: str) -> Image.Image:
+    """`image` in `mode` (L or RGB), its pixels 8 bits each; one of more bits is refused with
+    `fix`, what the user can do."""
+    if image.mode in _WIDE_MODES:  # convert() would clip every value above 255: a white image
+        raise UserError(f"{where} has {_WIDE_MODES[image.mode]} pixels (mode {image.mode}); {fix}")
+    if image.mode == "P" and "transparency" in image.info:
+        # Pillow warns (on the user's stderr) converting a palette with a byte table of
+        # transparency straight to L or RGB; through RGBA, the colours are the same.
+        image = image.convert("RGBA")
+    return image.convert(mode)
+
+
 def decode_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
     """One image file -> uint8 C,H,W in `mode` (L or RGB), resized to `size` (H, W) if given."""
     try:
         with Image.open(path) as image:
-            if image.mode in _WIDE_MODES:  # convert() would clip every value above 255: a white image
-                raise UserError(
-                    f"{path} has {_WIDE_MODES[image.mode]} pixels (mode {image.mode}); image folders are read as "
-                    "8-bit images: convert the files, or give the data as an .npz of float arrays or a factory"
-                )
-            image = image.convert(mode)
+            image = converted(image, mode, path, "image folders are read as 8-bit images: convert the files, or "
+                                                 "give the data as an .npz of float arrays or a factory")
             if size is not None and image.size != (size[1], size[0]):
                 image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.array(image, dtype=np.uint8)  # a copy: torch wants writable memory
