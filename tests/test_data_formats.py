@@ -593,6 +593,48 @@ def test_a_factorys_images_read_whole_and_streamed_are_the_same_values(tmp_path)
         assert torch.equal(value, runs[1].model.state_dict()[key]), key
 
 
+PALETTE_PY = """
+import numpy as np
+from PIL import Image
+
+PALETTE = [0, 0, 0, 255, 255, 255, 255, 0, 0] + [0] * 759  # black, white, red
+
+
+def palette_image(i):  # GIFs and PNG8s open so: mode P, each pixel an index into the palette
+    image = Image.fromarray(((np.indices((4, 4)).sum(0) + i) % 3).astype(np.uint8), "P")
+    image.putpalette(PALETTE)
+    return image
+
+
+def make():
+    items = [(palette_image(i), i % 2) for i in range(6)]
+    return items[:4], items[4:]
+
+
+def sixteen_bit():
+    items = [(Image.fromarray(np.full((4, 4), 4000, np.uint16)), i % 2) for i in range(6)]
+    return items[:4], items[4:]
+"""
+
+
+def test_a_factorys_pil_images_are_decoded_as_an_image_folders_are(tmp_path, capsys):
+    # Palette images reached the model as their indices / 255 (0, 1/255, 2/255: blank images), and
+    # 16-bit ones as floats of 0-65535.
+    (tmp_path / "data.py").write_text(PALETTE_PY)
+    index = (np.indices((4, 4)).sum(0) + 1) % 3  # train[1]'s
+    colours = np.array([[0, 0, 0], [255, 255, 255], [255, 0, 0]], np.uint8)[index]
+    rgb = torch.from_numpy(colours).permute(2, 0, 1) / 255
+    gray = torch.from_numpy(np.array(Image.fromarray(colours).convert("L"))[None]) / 255
+    for channels, expected in ((3, rgb), (1, gray)):
+        for stream in (None, 0):
+            data = open_data(f"{tmp_path / 'data.py'}:make", input_shape=(2, channels, 4, 4), stream_above_mb=stream,
+                             workers=0)
+            x = data.x_train[1] if stream is None else data.train[1][0]
+            assert torch.equal(x, expected), (channels, stream)
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{tmp_path / 'data.py'}:sixteen_bit")
+    assert "sixteen_bit train[0] has 16-bit pixels (mode I;16); a factory's PIL images are read as 8-bit" in err
+
+
 def test_a_factorys_arrays_flipped_by_numpy_are_read_as_flipped(tmp_path):
     # x[:, :, ::-1] (a random horizontal flip) has negative strides, which torch refuses: such an
     # item was called "not an image".

@@ -70,6 +70,11 @@ class Target:
     integer_dtype: torch.dtype | None = None
     channel_axis: bool = True
 
+    @property
+    def image_channels(self) -> int | None:
+        """The channels an image file or a PIL image is decoded to: one for a model declaring (N, H, W)."""
+        return self.channels if self.channel_axis else 1
+
     @classmethod
     def of(cls, input_shape, image_size=None, input_dtype: torch.dtype | None = None) -> Target:
         channels, size = None, None
@@ -361,8 +366,9 @@ _WIDE_MODES = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": 
 
 
 def converted(image: Image.Image, mode: str, where, fix: str) -> Image.Image:
-    """`image` in `mode` (L or RGB), its pixels 8 bits each; one of more bits is refused with
-    `fix`, what the user can do."""
+    """`image` in `mode` (L or RGB; a factory's may keep its own), its pixels 8 bits each, as an
+    image folder's and a factory's PIL images are read; one of more bits is refused with `fix`,
+    what the user can do."""
     if image.mode in _WIDE_MODES:  # convert() would clip every value above 255: a white image
         raise UserError(f"{where} has {_WIDE_MODES[image.mode]} pixels (mode {image.mode}); {fix}")
     if image.mode == "P" and "transparency" in image.info:
@@ -380,10 +386,14 @@ def decode_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndar
                                                  "give the data as an .npz of float arrays or a factory")
             if size is not None and image.size != (size[1], size[0]):
                 image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            array = np.array(image, dtype=np.uint8)  # a copy: torch wants writable memory
+            return _chw(image)
     except (OSError, ValueError, SyntaxError) as err:  # PIL's "cannot identify", truncated data, bad headers
         raise UserError(f"{path}: not a readable image ({err})") from None
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _chw(image: Image.Image) -> np.ndarray:
+    array = np.array(image)  # a copy: torch wants writable memory
+    return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -484,7 +494,8 @@ def read_factory(text: str):
     return made, f"{path}:{symbol}"
 
 
-def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
+def _item(dataset, i: int, where: str, channels: int | None = None) -> tuple[torch.Tensor, int]:
+    """Item i as (image tensor, label); a PIL image decoded for the model's `channels`."""
     try:
         item = dataset[i]
     except UserError:
@@ -499,8 +510,7 @@ def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
         raise UserError(f"{where}[{i}] is {type(item).__name__}; expected (image tensor, label)")
     x, y = item
     if isinstance(x, Image.Image):  # as torchvision-style datasets give them without a transform
-        array = np.array(x)
-        x = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+        x = torch.from_numpy(_pil_item(x, channels, f"{where}[{i}]"))
     if isinstance(x, np.ndarray) and (not x.flags.writeable or any(step < 0 for step in x.strides)):
         # A read-only array (np.frombuffer, a memory map): torch would share it and warn that
         # writing is undefined, pointing at this line; a flipped one (x[:, :, ::-1], negative
@@ -514,6 +524,26 @@ def _item(dataset, i: int, where: str) -> tuple[torch.Tensor, int]:
                         "train takes one input tensor per example") from None
     check_finite(x[None], where, first_index=i)
     return x, _label(y, f"{where}[{i}]")
+
+
+def _pil_item(image: Image.Image, channels: int | None, where: str) -> np.ndarray:
+    """A factory's PIL image -> C,H,W, decoded as an image folder's (np.array of a palette image is
+    its indices, not its colours); a float image (mode F) is its floats, as a float tensor is."""
+    if image.mode == "F":
+        return _chw(image)
+    fix = ("a factory's PIL images are read as 8-bit images: return it as a float tensor in [0, 1] (16-bit: "
+           "torch.from_numpy(np.array(image) / 65535))")
+    return _chw(converted(image, _pil_item_mode(image, channels), where, fix))
+
+
+def _pil_item_mode(image: Image.Image, channels: int | None) -> str:
+    """L or RGB for a model of 1 or 3 channels, as an image folder's; for another model, the image's
+    own pixels (L, LA, RGB, RGBA), and L or RGB for a mode whose values are not (a palette's indices)."""
+    if channels in (1, 3):
+        return image_folder_mode(channels)
+    if image.mode in ("L", "LA", "RGB", "RGBA"):
+        return image.mode
+    return "L" if image.mode == "1" else "RGB"
 
 
 def _label(y, where: str) -> int:
@@ -536,18 +566,19 @@ class CheckedLabels(torch.utils.data.Dataset):
     """A factory's Dataset, its labels checked as they stream (it may be too large to scan first)."""
 
     def __init__(self, dataset, where: str, num_classes: int | None = None, target: Target = Target(),
-                 channel_axis: bool = False):
+                 channel_axis: bool = False, channels: int | None = None):
         self.dataset, self.where, self.num_classes, self.target = dataset, where, num_classes, target
         self.channel_axis = channel_axis  # (H, W) items made (1, H, W), as the whole-data path makes them
+        self.channels = channels  # the model's, which PIL images are decoded for
 
-        self.first = _item(dataset, 0, where)[0]
+        self.first = _item(dataset, 0, where, channels)[0]
         self.shape = self.first.shape  # every item's: a batch is stacked from them
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i):
-        x, y = _item(self.dataset, i, self.where)
+        x, y = _item(self.dataset, i, self.where, self.channels)
         if x.shape != self.shape:  # the whole-data path's checks, item by item
             raise UserError(f"{self.where}[{i}] is an image of shape {tuple(x.shape)}, {self.where}[0] of "
                             f"{tuple(self.shape)}: the images of a split must all be one shape")
@@ -627,7 +658,7 @@ def open_data(
     if fmt == "image-folder":
         root = Path(path).expanduser()
         classes, train_pairs, test_pairs, test_dir = list_image_folder(root)
-        mode = image_folder_mode(target.channels if target.channel_axis else 1)  # (N, H, W): one channel
+        mode = image_folder_mode(target.image_channels)
         size = image_folder_size(train_pairs[:1] + test_pairs[:1] if target.size else train_pairs + test_pairs, target)
         shape = (1 if mode == "L" else 3, *size) if target.channel_axis else size
         where = f"{root / 'train'} ({len(classes)} class folders)"
@@ -646,13 +677,14 @@ def open_data(
 def _open_factory(path: str, target: Target, input_shape, fits, finish, workers, device):
     """open_data's factory branch (see there)."""
     (train_set, test_set), where = read_factory(path)
-    x0, _ = _item(train_set, 0, where)
+    channels = Target.of(input_shape).image_channels  # which PIL images are decoded for, as image files are
+    x0, _ = _item(train_set, 0, where, channels)
     # (H, W) items for a model that takes (N, 1, H, W) get their channel axis; any other item is
     # what the model takes already (a (T, C) sequence for an (N, T, C) model stays as it is).
     channel_axis = input_shape is not None and len(input_shape) == 4 and x0.dim() == 2
     _check_item_layout((1, *x0.shape) if channel_axis else tuple(x0.shape), input_shape, f"{where} train[0]")
     if fits(len(train_set) + len(test_set), x0.numel()):
-        parts = {part: [_item(ds, i, f"{where} {part}") for i in range(len(ds))]
+        parts = {part: [_item(ds, i, f"{where} {part}", channels) for i in range(len(ds))]
                  for part, ds in (("train", train_set), ("test", test_set))}
         _check_items_on_one_scale(
             [(f"{where} {part}[{i}]", x) for part, items in parts.items() for i, (x, _) in enumerate(items)], target)
@@ -670,11 +702,11 @@ def _open_factory(path: str, target: Target, input_shape, fits, finish, workers,
             splits = [Split(s.images.unsqueeze(1), s.labels, s.label_file) for s in splits]
         return finish(splits[0], splits[1], Path(where.split(":")[0]).stem, where, scaled=scaled)
     # Streamed, each item is checked against its split's first as it is read; the splits' first here.
-    _check_items_on_one_scale([(f"{where} train[0]", x0), (f"{where} test[0]", _item(test_set, 0, f"{where} test")[0])],
-                              target)
-    return StreamData(CheckedLabels(train_set, f"{where} train", target=target, channel_axis=channel_axis),
-                      CheckedLabels(test_set, f"{where} test", target=target, channel_axis=channel_axis),
-                      Path(where.split(":")[0]).stem, where, format="factory", num_classes=None,
+    test0 = _item(test_set, 0, f"{where} test", channels)[0]
+    _check_items_on_one_scale([(f"{where} train[0]", x0), (f"{where} test[0]", test0)], target)
+    checked = [CheckedLabels(ds, f"{where} {part}", target=target, channel_axis=channel_axis, channels=channels)
+               for part, ds in (("train", train_set), ("test", test_set))]
+    return StreamData(*checked, Path(where.split(":")[0]).stem, where, format="factory", num_classes=None,
                       example_shape=(1, *x0.shape) if channel_axis else tuple(x0.shape), label_file=where,
                       workers=workers, device=device,
                       input_scale=UINT8_SCALE if x0.dtype == torch.uint8 and target.integer_dtype is None else None)
