@@ -556,7 +556,8 @@ def test_a_factory_of_token_ids_trains_a_text_model_in_memory_and_streamed(tmp_p
                          stream_above_mb=0, workers=0)
     assert data.x_train.dtype == torch.int64 and streamed.train[0][0].dtype == torch.int64
     assert torch.equal(data.x_train[0], streamed.train[0][0])
-    assert open_data(f"{tmp_path / 'tokens.py'}:make").x_train.dtype == torch.float32  # a model of images: floats
+    with pytest.raises(UserError, match=r"is an image of int64 pixels.*--input-dtype int64"):  # not floats of 0-49
+        open_data(f"{tmp_path / 'tokens.py'}:make")  # for a model of images
     # verify --data reads the test ids as the model takes them (they were made float, and the
     # Embedding raised), and so does insert --preserve --data for its calibration.
     onnx = tmp_path / "tokens.onnx"
@@ -905,6 +906,23 @@ def test_uint8_and_0_255_float_images_of_one_factory_are_refused(tmp_path, capsy
     err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{tmp_path / 'data.py'}:{symbol}", *stream, "--steps", 4)
     named = re.search(rf"{split}\[(\d+)\] is float32 with values from", err)  # streamed: the first read
     assert named and int(named[1]) >= first_float and "would be on different scales" in err, err
+
+
+@pytest.mark.parametrize("stream", [None, 0])
+def test_a_factorys_images_of_integers_other_than_uint8_are_refused(tmp_path, stream):
+    # uint8 items were divided by 255, int64 ones (torch.tensor(x, dtype=torch.long)) used as they
+    # are: one run on two scales, recorded as "uint8 / 255" held and as nothing streamed.
+    (tmp_path / "data.py").write_text(
+        "import numpy as np\nimport torch\n\nX = np.random.default_rng(0).integers(0, 256, (12, 1, 4, 4))\n\n\n"
+        "def longs():\n    items = [(torch.tensor(x), i % 2) for i, x in enumerate(X)]\n    return items[:8], items[8:]\n\n\n"
+        "def some_longs():\n    items = [(torch.tensor(x, dtype=torch.uint8 if i % 2 else torch.int64), i % 2)"
+        " for i, x in enumerate(X)]\n    return items[:8], items[8:]\n\n\n"
+        "def uint16_test_split():\n    items = [(x.astype(np.uint8 if i < 8 else np.uint16), i % 2) for i, x in enumerate(X)]\n"
+        "    return items[:8], items[8:]\n")
+    for symbol, item in (("longs", "train[0]"), ("some_longs", "train[0]"), ("uint16_test_split", "test[0]")):
+        with pytest.raises(UserError, match=rf"{symbol} {re.escape(item)} is an image of (int64|uint16) pixels; images "
+                                            r"are uint8 \(0-255, scaled to \[0, 1\]\) or floats"):
+            open_data(f"{tmp_path / 'data.py'}:{symbol}", input_shape=(2, 1, 4, 4), stream_above_mb=stream, workers=0)
 
 
 @pytest.mark.parametrize(("symbol", "holds"), [("two_images", "a tuple of 2 values"), ("raw_text", "str 'some raw text'")])

@@ -32,7 +32,7 @@ something else with the checkpoint's weights (its code edited since) are refused
   factory       FILE.py:make (FILE.py alone: make), a function returning (train, test) torch Datasets
                 whose items are (image, integer label), the image a C,H,W tensor or array or a PIL
                 image (decoded as an image folder's, to L or RGB for the model's channels), uint8
-                scaled to [0, 1], for everything else; for a model whose example
+                scaled to [0, 1] (other integers are refused), for everything else; for a model whose example
                 input is integer (--input-dtype int64: token ids), integer items stay integers.
                 Read with torch, NumPy and random seeded from --seed: held in memory, an item's
                 random augmentation is drawn once for the run; streamed (--stream-above 0), anew

@@ -716,9 +716,15 @@ def _check_items_on_one_scale(items: list[tuple[str, torch.Tensor]], target: Tar
                               fix: str = "return every image as uint8, or every one as floats on one scale") -> None:
     """uint8 images are scaled from 0-255 to [0, 1] and float ones used as they are: a float image
     (or split, an .npz's) outside [0, 1] beside a uint8 one would train, or test, on another scale
-    than it, without a word. `items`: (name, images)."""
+    than it, without a word; so would an image of other integers (int64, uint16), refused as the
+    .npz reader refuses them. `items`: (name, images)."""
     if target.integer_dtype is not None:
         return  # token ids: integers stay as they are
+    for where, x in items:
+        if not (x.is_floating_point() or x.dtype in (torch.uint8, torch.bool)):
+            raise UserError(f"{where} is an image of {str(x.dtype).removeprefix('torch.')} pixels; images are uint8 "
+                            "(0-255, scaled to [0, 1]) or floats (used as they are): return uint8 (0-255) or floats "
+                            "in [0, 1] (token ids, for a model that takes them: --input-dtype int64)")
     first_uint8 = next((where for where, x in items if x.dtype == torch.uint8), None)
     if first_uint8 is None:
         return
