@@ -59,6 +59,9 @@ FOLDER_CONTENTS = {
     RUN: {MARKER, "checkpoint.pt", "metrics.jsonl", "model", "inputs.png"},
     REPRODUCE: {MARKER, "fig1.png", "accuracy.png", "summary.json", "table.md", "models"},
 }
+# The files among those, each recorded in bngraph.json's sha256 as it is written (the rest are folders).
+WRITTEN_FILES = {"model.py", "weights.pt", "checkpoint.pt", "metrics.jsonl", "inputs.png",
+                 "fig1.png", "accuracy.png", "summary.json", "table.md"}
 # Folders inside one that are themselves artifacts: checked the same way.
 _NESTED_ARTIFACTS = {RUN: ("model",), REPRODUCE: ("models/*",)}
 
@@ -152,6 +155,7 @@ def _changed_or_unrecorded(folder: Path) -> list[str]:
     meta, changed = _description(folder)
     found = [f"{MARKER} (changed since bngraph wrote it)"] if changed else []
     recorded = (meta or {}).get("sha256", {})
+    found += _not_written_here(folder, meta or {}, recorded)
     # A list: the file as it was and as it is being rewritten (`_record_written`), either one bngraph's.
     found += [f"{name} (changed since bngraph wrote it)" for name, digest in recorded.items()
               if (folder / name).is_file() and sha256(folder / name) not in ([digest] if isinstance(digest, str) else digest)]
@@ -162,6 +166,18 @@ def _changed_or_unrecorded(folder: Path) -> list[str]:
             if not file.is_dir() and name not in recorded and not bytecode:
                 found.append(name)
     return found
+
+
+def _not_written_here(folder: Path, meta: dict, recorded: dict) -> list[str]:
+    """The files at the top of a bngraph folder under a name bngraph writes there (inputs.png,
+    checkpoint.pt) that bngraph did not record writing: a run trained without --track-inputs
+    never drew inputs.png, so one there is the user's picture, not a plot to replace. Told only
+    for a folder whose bngraph.json carries its own digest: since then every file bngraph writes
+    is recorded as it is written (an older folder cannot tell, and its files count as bngraph's)."""
+    if DESCRIPTION_DIGEST not in meta:
+        return []
+    return [p.name for p in sorted(folder.iterdir())
+            if p.name in WRITTEN_FILES and (p.name not in recorded or not p.is_file())]
 
 
 def _is_marked_picture(path: Path) -> bool:

@@ -147,6 +147,9 @@ def test_an_onnx_file_another_tool_wrote_is_never_replaced(name, tmp_path, capsy
     ("insert", "notes.txt"), ("train", "model/eval.csv"), ("reproduce", "paper.tex"),
     # Inside the folders an artifact keeps its carried modules and bytecode in:
     ("insert", "code/helpers.py"), ("insert", "__pycache__/NOTES.txt"), ("train", "model/code/data/table.csv"),
+    # Under a name bngraph writes there, but did not write this time (a run without --track-inputs
+    # draws no inputs.png, reproduce mnist no accuracy.png): the user's, which --force deleted.
+    ("train", "inputs.png"), ("reproduce", "accuracy.png"),
 ])
 def test_a_bngraph_folder_holding_the_users_files_is_not_replaced(name, inside, tmp_path, capsys, inputs):
     out = tmp_path / COMMANDS[name][1]
@@ -569,6 +572,18 @@ def test_a_run_killed_while_it_rewrites_its_checkpoint_is_still_all_bngraphs(tmp
     assert atomic.foreign_entries(run, RUN) == []
     (run / "checkpoint.pt").write_bytes(b"the user's")
     assert atomic.foreign_entries(run, RUN) == ["checkpoint.pt (changed since bngraph wrote it)"]
+
+
+def test_a_users_file_in_a_run_killed_before_its_first_checkpoint_is_kept(tmp_path, capsys, inputs):
+    # Only bngraph.json is bngraph's there: a checkpoint.pt or metrics.jsonl the user put in is theirs.
+    run = tmp_path / "run"
+    run.mkdir()
+    atomic._write_marker(run, RUN)
+    (run / "metrics.jsonl").write_text('{"the user\'s": 1}\n')
+    before = snapshot(tmp_path)
+    code, _, err = _run(capsys, _argv("train", inputs, run, "--force"))
+    assert code == 2 and "holds what bngraph did not write (metrics.jsonl)" in _one_error_line(err)
+    assert snapshot(tmp_path) == before
 
 
 def test_a_run_folder_without_a_checkpoint_is_not_offered_a_resume(tmp_path, capsys, inputs):
