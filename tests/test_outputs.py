@@ -247,6 +247,8 @@ def test_an_output_in_or_at_the_input_is_refused(tmp_path, capsys, inputs):
     artifact = tmp_path / "bn"
     assert _run(capsys, ["insert", "zoo:mnist-mlp", "-o", artifact])[0] == 0
     assert _run(capsys, ["export", artifact, "-o", tmp_path / "bn.onnx"])[0] == 0
+    run = tmp_path / "run"
+    assert _run(capsys, _argv("train", inputs, run))[0] == 0
     before = snapshot(tmp_path)
     for argv in (
         ["fold", artifact, "-o", artifact, "--force"],
@@ -254,6 +256,8 @@ def test_an_output_in_or_at_the_input_is_refused(tmp_path, capsys, inputs):
         ["insert", artifact, "-o", artifact / "model.py"],
         ["recalibrate", artifact, "--data", inputs / "mnist", "-o", artifact, "--force"],
         ["fold", tmp_path / "bn.onnx", "-o", tmp_path / "bn.onnx", "--force"],
+        # A run folder reads as its model/: -o beside that, inside the run, was let through.
+        ["fold", run, "-o", run / "folded"], ["export", run, "-o", run / "x.onnx"], ["graph", run, "-o", run / "g.svg"],
     ):
         code, _, err = _run(capsys, argv)
         assert code == 2, argv

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bngraph.atomic import check_output
 from bngraph.errors import UserError
-from bngraph.spec import parse_model_spec
+from bngraph.spec import ModelSpec, parse_model_spec
 
 if TYPE_CHECKING:  # the CLI builds its parser without torch: heavy imports wait for run()
     import torch
@@ -159,8 +160,15 @@ def input_paths(args: argparse.Namespace) -> list:
     inside one of them."""
     model = getattr(args, "model", None)
     # A wrong model spec is said first: it is the first thing wrong with the command line.
-    path = parse_model_spec(model).path if model else None
+    path = _model_path(parse_model_spec(model)) if model else None
     return [p for p in (path, getattr(args, "weights", None), getattr(args, "data", None)) if p]
+
+
+def _model_path(spec: ModelSpec) -> Path | None:
+    """The file or folder the user named as the model: for a run folder that folder itself, not
+    the artifact in it that the spec reads (run/model), so that -o run/folded is inside the input
+    (written there, it made the run one that neither --resume nor --force would take)."""
+    return Path(spec.text) if spec.kind == "artifact" else spec.path
 
 
 def check_output_first(args: argparse.Namespace, kind: str) -> None:
