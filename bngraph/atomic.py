@@ -29,7 +29,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -414,21 +416,56 @@ def _write_marker(folder: Path, kind: str) -> None:
         (folder / MARKER).write_text(description_text({"format": FOLDER_FORMATS[kind], "format_version": 1}))
 
 
+class InterruptedAfterWriting(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM that came while an old output was swapped out: the new output is in
+    place, whole, and the old one gone; only what the command would have done after is not."""
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred() -> Iterator[list[int]]:
+    """Ctrl-C and SIGTERM noted, not raised, while the block runs; the list holds those that came.
+    Only a handler written in Python raises in the middle of a block (Python's own for Ctrl-C, the
+    CLI's for both), and only in the main thread: those are the ones deferred."""
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+    previous = {signum: signal.signal(signum, lambda signum, _frame: came.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(signum))}
+    try:
+        yield came
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _swap_in(built: Path, path: Path, kind: str, force: bool) -> None:
-    """Put the folder `built` at `path`; an old output there goes aside, then away."""
-    old = None
+    """Put the folder `built` at `path`; an old output there goes aside, then away.
+
+    A stop signal waits until the swap is done, the old output's removal included: stopped
+    between the rename and the end of that removal, `path` held the new output beside a hidden,
+    half-deleted `.NAME.PID.old`, and the message said the old output was kept. It then ends the
+    command as `InterruptedAfterWriting`.
+    """
     if os.path.lexists(path):
         check_output(path, kind, force=force)  # the long work may have let something else in
-        old = _fresh_sibling(path, "old")
-        os.replace(path, old)  # a folder cannot be replaced in one rename: `path` is gone an instant
-    try:
-        os.replace(built, path)
-    except BaseException:
+    with _stop_signals_deferred() as stopped:
+        old = None
+        if os.path.lexists(path):
+            old = _fresh_sibling(path, "old")
+            os.replace(path, old)  # a folder cannot be replaced in one rename: `path` is gone an instant
+        try:
+            os.replace(built, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+            raise
         if old is not None:
-            os.replace(old, path)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)  # checked above: a bngraph output of this kind
+            shutil.rmtree(old, ignore_errors=True)  # checked above: a bngraph output of this kind
+    if stopped:
+        interrupted = InterruptedAfterWriting(f"after {path} was written whole (the old one it replaced is gone)")
+        interrupted.signum = stopped[-1]  # the exit code says which (the CLI's 128 + signum)
+        raise interrupted
 
 
 def write_dir_atomically(
@@ -537,6 +574,8 @@ def _filling(folder: Path, path: Path, made: list[Path], replacing: bool, force:
         yield folder
         if replacing:
             _swap_in(folder, path, RUN, force)
+    except InterruptedAfterWriting:
+        raise  # the new run is in place: nothing to discard
     except KeyboardInterrupt as stop:
         if replacing:
             shutil.rmtree(folder, ignore_errors=True)

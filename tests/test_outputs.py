@@ -377,6 +377,30 @@ def test_ctrl_c_or_sigterm_of_a_new_run_leaves_a_whole_resumable_run(signum, tmp
     assert not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
 
 
+@pytest.mark.parametrize("name", ["insert", "train"])
+def test_ctrl_c_while_the_old_output_is_removed_ends_with_the_new_one_whole(name, tmp_path, capsys, inputs, monkeypatch):
+    # The new output was in place, yet the half-deleted old one was left as .out.PID.old and a
+    # run's message said "the new run was discarded; out is as it was".
+    out = tmp_path / COMMANDS[name][1]
+    assert _run(capsys, _argv(name, inputs, out))[0] == 0
+    (out / "bngraph.json").touch()  # a mtime to tell the old output's description from the new one's
+    old_time = (out / "bngraph.json").stat().st_mtime_ns
+    rmtree = atomic.shutil.rmtree
+
+    def ctrl_c_as_the_old_output_is_removed(path, *args, **kwargs):
+        if str(path).endswith(".old"):
+            os.kill(os.getpid(), signal.SIGINT)
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.shutil, "rmtree", ctrl_c_as_the_old_output_is_removed)
+    code, _, err = _run(capsys, _argv(name, inputs, out, "--force"))
+    assert code == 130
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("bngraph: interrupted") and "written whole" in line and "as it was" not in line
+    assert output_kind(out) is not None and (out / "bngraph.json").stat().st_mtime_ns != old_time
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
 @pytest.mark.parametrize("writer", ["file", "folder"])
 def test_an_interrupted_write_leaves_the_old_output_and_no_temporary(writer, tmp_path):
     """Ctrl-C in the middle of writing (here: after the first file of the new output)."""
