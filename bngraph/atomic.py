@@ -512,7 +512,8 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
     A new path is the run folder itself: a run stopped after a checkpoint stays there, whole and
     resumable; one stopped before any checkpoint is removed with the folders made for it. With
     `force` over an old run, the new run is built beside it and swapped in when done: stopped, it
-    is discarded and the old run stays as it was.
+    is discarded and the old run stays as it was; done, but the old run may no longer be replaced
+    (the user put a file into it meanwhile), it is kept as OUT.new and the error says so.
     """
     path = _output_path(path)
     if resume:
@@ -568,12 +569,44 @@ def _lock(fd: int, folder: Path, kind: int) -> None:
                         "left as it is; wait for that run, stop it, or choose another -o") from None
 
 
+def _swap_in_or_keep_beside(folder: Path, path: Path, force: bool) -> None:
+    """Put the finished run `folder` in place of the old run at `path`. Where the old run may no
+    longer be replaced (a file the user put into it while the new one trained), it is left as it
+    is, and the new run, perhaps hours of training, is kept beside it under a name of its own
+    (said in the error) rather than deleted as a temporary."""
+    try:
+        _swap_in(folder, path, RUN, force)
+    except UserError as refused:
+        kept = _keep_beside(folder, path)
+        what = f"the finished new run is kept in {kept}" if kept else "the new run was discarded"
+        raise UserError(f"{refused}; {what}") from None
+
+
+def _keep_beside(folder: Path, path: Path) -> Path | None:
+    """Rename `folder` to a new name beside `path` (run.new, run.new-2, ...); None if it cannot be."""
+    for n in itertools.count(1):
+        kept = path.with_name(f"{path.name}.new{f'-{n}' if n > 1 else ''}")
+        try:
+            kept.mkdir()  # the name taken first: a rename onto an empty folder someone made would replace it
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+        try:
+            os.replace(folder, kept)  # onto the empty folder just made
+        except OSError:
+            _remove_made([kept])
+            return None
+        return kept
+    raise AssertionError("unreachable")
+
+
 def _filling(folder: Path, path: Path, made: list[Path], replacing: bool, force: bool) -> Iterator[Path]:
     try:
         _write_marker(folder, RUN)
         yield folder
         if replacing:
-            _swap_in(folder, path, RUN, force)
+            _swap_in_or_keep_beside(folder, path, force)
     except InterruptedAfterWriting:
         raise  # the new run is in place: nothing to discard
     except KeyboardInterrupt as stop:

@@ -602,6 +602,29 @@ def test_a_run_killed_while_it_rewrites_its_checkpoint_is_still_all_bngraphs(tmp
     assert atomic.foreign_entries(run, RUN) == ["checkpoint.pt (changed since bngraph wrote it)"]
 
 
+def test_a_new_run_that_may_not_replace_the_old_one_once_trained_is_kept_beside_it(tmp_path, capsys, inputs,
+                                                                                   monkeypatch):
+    # A note put into the old run while the new one trained: the swap refused, rightly, and
+    # deleted the finished new run with its temporaries, saying nothing of it.
+    run = tmp_path / "run"
+    assert _run(capsys, _argv("train", inputs, run))[0] == 0
+    swap_in = atomic._swap_in
+
+    def a_note_lands_in_the_old_run_meanwhile(built, path, kind, force):
+        if kind == RUN:
+            (path / "notes.txt").write_text("the user's\n")
+        return swap_in(built, path, kind, force)
+
+    monkeypatch.setattr(atomic, "_swap_in", a_note_lands_in_the_old_run_meanwhile)
+    before = snapshot(run)
+    code, _, err = _run(capsys, _argv("train", inputs, run, "--force"))
+    kept = tmp_path / "run.new"
+    assert code == 2 and f"the finished new run is kept in {kept}" in _one_error_line(err)
+    assert snapshot(run) == {**before, "notes.txt": b"the user's\n"}
+    assert output_kind(kept) == RUN and (kept / "checkpoint.pt").is_file() and atomic.foreign_entries(kept, RUN) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.new"]
+
+
 def test_a_users_file_in_a_run_killed_before_its_first_checkpoint_is_kept(tmp_path, capsys, inputs):
     # Only bngraph.json is bngraph's there: a checkpoint.pt or metrics.jsonl the user put in is theirs.
     run = tmp_path / "run"
