@@ -645,6 +645,10 @@ def test_a_run_folder_without_a_checkpoint_is_not_offered_a_resume(tmp_path, cap
     atomic._write_marker(run, RUN)
     code, _, err = _run(capsys, _argv("train", inputs, run))
     assert code == 2 and "--resume" not in _one_error_line(err) and "--force" in err
+    # and --resume names --force, not "start without --resume", which is the refusal above
+    code, _, err = _run(capsys, _argv("train", inputs, run, "--resume"))
+    assert code == 2 and "start it again with --force" in _one_error_line(err)
+    assert _run(capsys, _argv("train", inputs, run, "--force"))[0] == 0
 
 
 def test_a_run_still_going_is_neither_replaced_nor_resumed_by_another_command(tmp_path, capsys, inputs):

@@ -38,14 +38,23 @@ def open_run_folder(out_dir: Path | None, resume: bool) -> None:
     if out_dir is not None:
         check_writable(out_dir)
     if resume and (checkpoint_path is None or not checkpoint_path.is_file()):
-        missing = checkpoint_path or "no run folder"
-        raise UserError(f"nothing to resume: {missing} does not exist (start without --resume)")
+        raise UserError(_nothing_to_resume(out_dir, checkpoint_path))
     if resume:
         check_resumable(out_dir)
     if not resume and checkpoint_path is not None and checkpoint_path.exists():
         raise UserError(f"{out_dir} holds a run already: add --resume to continue it, or choose another -o")
     if out_dir is not None:
         start_run_folder(out_dir, resume=resume)  # new, empty or a run's: never a user's folder
+
+
+def _nothing_to_resume(out_dir: Path | None, checkpoint_path: Path | None) -> str:
+    """Why --resume has nothing to continue, and the way that works: a run folder stopped before
+    its first checkpoint (a SIGKILL, the OOM killer) exists, so starting without --resume asks for
+    --force; "start without --resume" sent the user back and forth between the two refusals."""
+    if out_dir is not None and output_kind(out_dir) == RUN:
+        return (f"nothing to resume: {out_dir} is a run stopped before its first checkpoint; "
+                "start it again with --force instead of --resume")
+    return f"nothing to resume: {checkpoint_path or 'no run folder'} does not exist (start without --resume)"
 
 
 def check_resumable(out_dir: Path) -> None:
