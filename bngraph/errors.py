@@ -30,6 +30,18 @@ class ModelNotAFunction(UserError):
     forward that counts its calls into a buffer it reads): no copy can be checked against it."""
 
 
+def require_file(path, what: str) -> None:
+    """Refuse `path`, the `what` the user named (a model file, weights), unless it is a regular
+    file: "does not exist" only where nothing is there. A pipe (`--weights /dev/stdin`, `<(...)`)
+    or a device exists, and is said to be what it is: bngraph seeks in its inputs and reads some
+    more than once, which a pipe cannot give."""
+    if os.path.isfile(path):
+        return
+    if not os.path.exists(path):
+        raise UserError(f"{what} {path} does not exist")
+    raise UserError(f"{what} {path} is not a regular file (a pipe or a device?): save it to a file and name that")
+
+
 def one_line(err: BaseException) -> str:
     """`TypeName: first line of the message`."""
     text = str(err).strip().splitlines()

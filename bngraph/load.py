@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from bngraph.artifacts import load_artifact
-from bngraph.errors import UserError, model_raised, one_line
+from bngraph.errors import UserError, model_raised, one_line, require_file
 from bngraph.runners import ExampleInputs, random_tensor
 from bngraph.spec import ModelSpec, input_layout, parse_input_dtypes, parse_input_shapes, parse_model_spec
 from bngraph.trace import check_model, materialize_lazy
@@ -167,8 +167,7 @@ def load_weights(module: nn.Module, weights: str | Path) -> None:
     path = Path(weights)
     if path.is_dir():
         raise UserError(f"weights {path} is a folder, not a file: give the state dict file saved with torch.save")
-    if not path.is_file():
-        raise UserError(f"weights file {path} does not exist")
+    require_file(path, "weights file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error says enough

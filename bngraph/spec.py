@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bngraph.atomic import ARTIFACT, DESCRIBED, output_kind
-from bngraph.errors import UserError
+from bngraph.errors import UserError, require_file
 
 ARTIFACT_META = "bngraph.json"
 
@@ -49,15 +49,13 @@ def parse_model_spec(text: str) -> ModelSpec:
         path = Path(path_text + ".py" if symbol else text)
         if path.is_dir():  # "does not exist" sent the user looking for a path that is there
             raise UserError(f"model file {path} is a folder, not a Python file")
-        if not path.is_file():
-            raise UserError(f"model file {path} does not exist")
+        require_file(path, "model file")
         return ModelSpec("file", text, path=path, symbol=symbol or None)
     path = Path(text)
     if path.suffix == ".onnx" and not (path / ARTIFACT_META).is_file():  # an artifact may be named x.onnx
         if path.is_dir():
             raise UserError(f"{path} is a folder, not an ONNX file")
-        if not path.is_file():
-            raise UserError(f"ONNX file {path} does not exist")
+        require_file(path, "ONNX file")
         return ModelSpec("onnx", text, path=path)
     if path.is_dir():
         kind = output_kind(path)

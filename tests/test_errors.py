@@ -4,6 +4,7 @@ traceback, nothing written; and --json prints JSON alone on stdout, numbers as n
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import subprocess
@@ -180,6 +181,23 @@ def test_a_folder_named_as_a_model_file_is_called_a_folder(spec, says, tmp_path,
     (tmp_path / spec).mkdir()
     code, _, err = _cli(capfd, "verify", tmp_path / spec, "zoo:mnist-mlp")
     assert code == 2 and says.format(tmp=tmp_path) in _one_line(err)
+
+
+@pytest.mark.parametrize("what, argv", [
+    ("weights file", ["insert", "zoo:mnist-mlp", "--weights", "{fifo}.pt"]),
+    ("model file", ["insert", "{fifo}.py:Net"]),
+    ("ONNX file", ["fold", "{fifo}.onnx"]),
+    ("data", ["train", "zoo:mnist-mlp", "--data", "{fifo}", "--steps", "1"]),
+    ("data factory file", ["train", "zoo:mnist-mlp", "--data", "{fifo}.py:make", "--steps", "1"]),
+])
+def test_a_pipe_named_as_an_input_is_called_one(what, argv, tmp_path, capfd):
+    # `--weights /dev/stdin`, `<(...)`: "does not exist" sent the user looking for a path that is there.
+    for suffix in (".pt", ".py", ".onnx", ""):
+        os.mkfifo(tmp_path / f"fifo{suffix}")
+    argv = [a.format(fifo=tmp_path / "fifo") for a in argv]
+    code, _, err = _cli(capfd, *argv, "-o", tmp_path / "out")
+    assert code == 2 and f"{what} {tmp_path}/fifo" in err and "is not a regular file" in _one_line(err)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "model."])

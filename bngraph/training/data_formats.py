@@ -44,7 +44,7 @@ from PIL import Image
 from torch import nn
 
 from bngraph.data import FILES, find_idx_file, load_mnist
-from bngraph.errors import UserError, model_raised
+from bngraph.errors import UserError, model_raised, require_file
 from bngraph.load import call_user_factory, declared_shapes, import_user_file
 from bngraph.training.data import UINT8_SCALE, StreamData, TensorData, check_finite, seeded
 
@@ -113,7 +113,7 @@ def detect_format(path: str | Path) -> str:
             return "npz"
         raise UserError(f"{path} is a file but not an .npz or a .py factory; --data takes a folder, an .npz or FILE.py:make")
     if not path.is_dir():
-        raise UserError(f"data {path} does not exist")
+        require_file(path, "data")  # says what is there, where it is not a folder or a file
     if any(find_idx_file(path, name) for name in FILES):
         return "mnist-idx"
     for sub in CIFAR_SUBFOLDERS:
@@ -469,8 +469,7 @@ def read_factory(text: str):
     path_text, _, symbol = text.partition(".py:")
     path = Path(path_text + ".py" if symbol else text).expanduser()
     symbol = symbol or "make"
-    if not path.is_file():
-        raise UserError(f"data factory file {path} does not exist")
+    require_file(path, "data factory file")
     try:  # a script's sys.exit() would end bngraph with its code and not a word
         code = import_user_file(path)
         make = getattr(code, symbol, None)
