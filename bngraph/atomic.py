@@ -210,8 +210,6 @@ def _within(inner: Path, outer: Path) -> bool:
 
 def _check_place(path: Path, inputs: Iterable[str | Path | None]) -> None:
     """Not the folder the user is in (or one around it), not in, at or around an input."""
-    if not str(path).strip():
-        raise UserError("the output path is empty")
     where = path.resolve()
     if _within(Path.cwd().resolve(), where):
         raise UserError(f"-o {path} is the folder you are in or one around it: name a new file or folder")
@@ -231,10 +229,18 @@ def _check_parent(path: Path) -> None:
         raise UserError(f"cannot write {path}: folder {parent} is not writable")
 
 
+def refuse_empty_output(path: str | Path) -> None:
+    """Refuse an output named by an empty text (`-o "$OUT"` with OUT unset), as it was typed:
+    Path("") is ".", and the refusal then named "-o .", which the user never wrote."""
+    if not str(path).strip():
+        raise UserError('the output path is empty (-o ""): name a file or folder to write')
+
+
 def _output_path(path: str | Path) -> Path:
     """`path`, its folder resolved where it passes through `..`: the temporaries are built beside
     it by name, and beside `art/../art` is reached through `art` itself, which the swap moves
     away. Only its folder: a symbolic link at `path` stays one, for `check_output` to refuse."""
+    refuse_empty_output(path)
     path = Path(path)
     if ".." not in path.parts:
         return path
@@ -284,7 +290,7 @@ def check_output(
 def check_writable(path: str | Path) -> None:
     """Fail before the work when `path`'s folder cannot be written (whether `path` may be
     replaced is `check_output`'s question, asked again by the writers)."""
-    path = Path(path)
+    path = _output_path(path)
     _check_place(path, ())
     _check_parent(path)
 

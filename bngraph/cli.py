@@ -23,6 +23,7 @@ import threading
 import warnings
 
 import bngraph
+from bngraph.atomic import refuse_empty_output
 from bngraph.errors import CheckFailed, UserError, user_frame
 
 # The life of a BN model, in order: a module of bngraph/commands each. Named, not discovered: a
@@ -106,6 +107,14 @@ class _ImportsWhole(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _refuse_an_empty_output(args: argparse.Namespace) -> None:
+    """`-o ""` (often `-o "$OUT"` with OUT unset), before any work: a command that may run
+    without -o (fold) read it as none, did the whole fold, and its check then called it "-o .",
+    the folder the user is in."""
+    if getattr(args, "output", None) is not None:
+        refuse_empty_output(args.output)
+
+
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None  # not called from Python: the process ends when this returns
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -132,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         args.report_stream = sys.stdout
         printed_elsewhere = contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else contextlib.nullcontext()
         with warnings.catch_warnings(record=True) as caught, printed_elsewhere:  # the filters as they are
+            _refuse_an_empty_output(args)
             code = args.run(args)
         _show(caught)
         return code

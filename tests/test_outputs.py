@@ -243,6 +243,17 @@ def test_the_current_folder_and_its_parent_are_refused(target, tmp_path, capsys,
     assert list(tmp_path.rglob("*")) == [here]
 
 
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_an_empty_output_path_is_called_empty_before_any_work(name, tmp_path, capsys, inputs, monkeypatch):
+    # `-o "$OUT"` with OUT unset: called "-o . is the folder you are in", a PyTorch fold did the
+    # whole fold first, an ONNX fold named "the output  of an ONNX fold".
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("bngraph.commands.args.load_from_args", lambda *a, **k: pytest.fail("loaded the model"))
+    code, _, err = _run(capsys, _argv(name, inputs, ""))
+    assert code == 2 and "the output path is empty" in _one_error_line(err)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_output_in_or_at_the_input_is_refused(tmp_path, capsys, inputs):
     artifact = tmp_path / "bn"
     assert _run(capsys, ["insert", "zoo:mnist-mlp", "-o", artifact])[0] == 0

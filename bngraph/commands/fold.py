@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if onnx_only:
         raise UserError(f"{', '.join(onnx_only)} {'applies' if len(onnx_only) == 1 else 'apply'} to an ONNX input "
                         f"only; {args.model} is folded in PyTorch")
-    if args.output:  # a PyTorch fold writes a folder, never x.onnx
+    if args.output is not None:  # a PyTorch fold writes a folder, never x.onnx
         shared.check_output_first(args, ARTIFACT)
     from bngraph.fold import fold_artifact  # torch: only once the command runs
 
