@@ -9,6 +9,7 @@ artifact folder, with the code that rebuilds models torch.fx could only partly t
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 from collections.abc import Iterable, Sequence
 
@@ -19,7 +20,7 @@ from bngraph.artifact_code import edited_base, fallback_source, user_code, user_
 from bngraph.artifacts import history_entry, save
 from bngraph.data import model_images
 from bngraph.equivalence import Reference
-from bngraph.errors import UserError
+from bngraph.errors import CheckFailed, ModelNotAFunction, UserError, one_line
 from bngraph.load import LoadedModel
 from bngraph.partial_trace import Opaque, kept_whole_modules, nonlinearities_not_handled, trace_for_insert
 from bngraph.passes.base import PassResult, pass_name, run_passes
@@ -66,13 +67,40 @@ def insert(
     # Every run of the model and its copies here is bngraph's: a counter its forward keeps (a
     # hook bound to the model writes the model's even from a copy) stays where the model had it.
     with buffers_kept(model):
-        graph, report = _insert_into_a_copy(model, example_inputs, preserve, calibration_data, fallback)
+        try:
+            graph, report = _insert_into_a_copy(model, example_inputs, preserve, calibration_data, fallback)
+        except _BiasesStillRead as err:
+            graph, report = _insert_into_a_copy(model, example_inputs, preserve, calibration_data, fallback,
+                                                drop_biases=False)
+            report.notes.append(f"the biases before the new BatchNorms are kept: with them dropped, {err}")
     _keep_the_models_buffers(graph, model)
     return graph, report
 
 
+class _BiasesStillRead(Exception):
+    """Dropping the biases changed what the model computes: the model reads one elsewhere, where
+    no graph shows it (a submodule kept whole that calls the layer through a list)."""
+
+
+def _check_at_the_initial_state(model: nn.Module, inserted: nn.Module, bn_paths: Sequence[str],
+                                example_inputs: Sequence[torch.Tensor]) -> str | None:
+    """Raise CheckFailed unless `inserted` computes what `model` computes in eval mode, each new
+    BatchNorm as insert made it with eps 0: then it is the identity (a dropped bias is carried in
+    its running mean), so any difference is a change insert made that no BatchNorm explains. A
+    note where the model cannot be checked (it computes something else at each call)."""
+    exact = copy.deepcopy(inserted)
+    for path in bn_paths:
+        exact.get_submodule(path).eps = 0.0
+    try:
+        reference = Reference(model, example_inputs)
+    except ModelNotAFunction as err:
+        return f"not checked against the model: {err}".split(": no transformed copy")[0]
+    reference.check(exact, what="the model with BatchNorms inserted, each at its initial state")
+    return None
+
+
 def _insert_into_a_copy(model: nn.Module, example_inputs: Sequence[torch.Tensor], preserve: bool,
-                        calibration_data, fallback: bool) -> tuple[nn.Module, Report]:
+                        calibration_data, fallback: bool, drop_biases: bool = True) -> tuple[nn.Module, Report]:
     trace_failure, opaque = None, []
     materialize_lazy(model, example_inputs)  # on the model itself: see bngraph.trace.materialize_lazy
     try:
@@ -97,7 +125,7 @@ def _insert_into_a_copy(model: nn.Module, example_inputs: Sequence[torch.Tensor]
     passes = []
     if preserve and bn_paths:
         passes.append(CalibrateBnAsIdentity(bn_paths, calibration_data or calibration_batches(example_inputs)))
-    if trace_failure is None and traced_bns:  # the biases in front of wrapped ones are kept: no graph proves them redundant
+    if trace_failure is None and traced_bns and drop_biases:  # the biases in front of wrapped ones are kept: no graph proves them redundant
         passes.append(partial(drop_bias_before_bn, only=traced_bns))
     graph, more = run_passes(graph, passes)
     results.update(more)
@@ -106,6 +134,15 @@ def _insert_into_a_copy(model: nn.Module, example_inputs: Sequence[torch.Tensor]
         reference = Reference(model, example_inputs)
         reference.check(graph, what="the model with BatchNorms inserted (--preserve)")
         checked = reference.notes
+    elif bn_paths:  # checked too: a BatchNorm at its start is the identity but for its eps
+        dropped = results.get(drop_bias_before_bn.__name__)
+        try:
+            note = _check_at_the_initial_state(model, graph, bn_paths, example_inputs)
+        except Exception as err:  # a difference, or a model that raised without the bias it reads
+            if dropped is None or not dropped.changed:
+                raise
+            raise _BiasesStillRead(one_line(err) if not isinstance(err, CheckFailed) else str(err)) from None
+        checked = [note] if note else []
     not_handled = []
     if trace_failure is None:
         not_handled = _left_inside(nonlinearities_not_handled(graph, example_inputs, opaque),

@@ -27,6 +27,9 @@ its shape and dtype. Then, numbered as in the code:
      BatchNorm in the input's dtype and on its device; for features in the last axis of a rank > 2
      input (a transformer's MLP), `bn=LastAxisBatchNorm(BatchNorm1d(features))`, statistics over
      every axis but the last, as `insert` computes them on a traced graph.
+  8. The model runs once more: a BatchNorm that did not run is unwrapped again, skipped with the
+     reason. The forward reached its activation through another reference than its name (a
+     list, `self._order = [self.conv, self.act]`), which still holds the bare module.
 Nonlinearities called as functions (`F.relu`, `x.sigmoid()`) cannot be wrapped: each is reported.
 
 `insert` runs it on models torch.fx cannot trace at all, and, with `within`, inside the
@@ -151,6 +154,7 @@ def _wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.T
         activations = [p for p in activations if p.startswith(inside)]
 
     probed: list = []  # the other input `_calls_elsewhere` ran, once it has
+    wrapped_at: dict[str, tuple] = {}  # path -> (parent, name, activation, its new BatchNorm)
     for path in activations:
         act = module.get_submodule(path)
         kind = type(act).__name__
@@ -224,6 +228,7 @@ def _wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.T
         bn = norm_cls(features, device=x.device, dtype=x.dtype).train(was_training)
         wrapper = LastAxisBatchNorm(bn) if last_axis else bn
         parent._modules[name] = nn.Sequential(OrderedDict(bn=wrapper, act=act))
+        wrapped_at[path] = (parent, name, act, bn)
         result.changed.append(path)
         result.details.append(
             {
@@ -238,6 +243,8 @@ def _wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.T
             }
         )
 
+    _unwrap_those_not_run(module, example_inputs, wrapped_at, result)
+
     wrapped = set(activations)
     for i, f in enumerate(record.functional):
         if f.module in wrapped or any(f.module.startswith(a + ".") for a in wrapped):
@@ -250,3 +257,30 @@ def _wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.T
                  f"{f.op} called as a function in {where}: without a traced graph only activation modules can be wrapped")
         )
     return result
+
+
+def _unwrap_those_not_run(module: nn.Module, example_inputs: Sequence[torch.Tensor], wrapped_at: dict,
+                          result: PassResult) -> None:
+    """8. Run the model as the record did; put back the bare activation where its new BatchNorm did
+    not run (the report said "inserted" for a BatchNorm that never ran, and training left that
+    activation's input unnormalized)."""
+    if not wrapped_at:
+        return
+    ran: set[int] = set()
+    handles = [bn.register_forward_pre_hook(lambda m, args: ran.add(id(m))) for *_, bn in wrapped_at.values()]
+    was_training = module.training
+    try:
+        with running_user_model(), torch.no_grad():
+            module.eval()(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        module.train(was_training)
+    for path, (parent, name, act, bn) in wrapped_at.items():
+        if id(bn) in ran:
+            continue
+        parent._modules[name] = act
+        result.changed.remove(path)
+        result.details = [row for row in result.details if row["node"] != path]
+        result.skipped.append(Skip(path, "the forward calls it through another reference than its name (a list or "
+                                         "attribute holding the module): a BatchNorm wrapped in at its name never ran"))

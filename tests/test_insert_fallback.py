@@ -774,6 +774,18 @@ class Aliased(nn.Module):  # the activation is self.act and, through the block, 
         return self.block(x)
 
 
+class CalledFromAList(nn.Module):  # the forward reaches its layers through a plain list, as dispatch code does
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(8, 8), nn.SiLU()
+        self._order = [self.fc, self.act]
+
+    def forward(self, x):
+        for layer in self._order:
+            x = layer(x)
+        return x
+
+
 class EncoderLayer(nn.TransformerEncoderLayer):  # a subclass, its activation a module
     def __init__(self):
         super().__init__(8, 2, dim_feedforward=16, dropout=0.0, activation=nn.ReLU(), batch_first=True)
@@ -782,10 +794,12 @@ class EncoderLayer(nn.TransformerEncoderLayer):  # a subclass, its activation a 
 @pytest.mark.parametrize(("body", "site", "reason"), [
     (Aliased(), "act", "registered under several names (body.act, body.block.1)"),
     (EncoderLayer(), "activation", "fused eval path"),
-], ids=["second-name", "transformer-encoder-layer"])
+    (CalledFromAList(), "act", "through another reference than its name (a list"),
+], ids=["second-name", "transformer-encoder-layer", "called-from-a-list"])
 def test_an_activation_a_wrap_would_not_reach_is_skipped_with_the_reason(body, site, reason):
     # Reported inserted, the BatchNorm never ran: the forward called the module through its other
-    # name, and the encoder layer's fused path (eval, without gradients) never calls its activation.
+    # name or a list, and the encoder layer's fused path (eval, without gradients) never calls its
+    # activation.
     model = ChecksForNaN(body).eval()
     x = torch.randn(3, 5, 8)
     out, report = bngraph.insert(model, [x])

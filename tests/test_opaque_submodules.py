@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import textwrap
 
+import pytest
 import torch
 from torch import nn
 
@@ -247,6 +248,7 @@ def test_an_activation_module_also_called_inside_a_block_kept_whole_is_named_the
 
 
 RANDOM_FEATURES = '''
+import pytest
 import torch
 from torch import nn
 
@@ -289,3 +291,44 @@ def test_a_submodule_kept_whole_is_rebuilt_as_the_model_was_built(tmp_path, caps
         inserted = bngraph.load(tmp_path / "bn").eval()
         with torch.no_grad():
             torch.testing.assert_close(inserted(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+class ReadsTheConvThroughAList(nn.Module):
+    """Kept whole (a branch on self.training); calls the model's conv through a plain list, which
+    no graph shows: the conv's bias is read here too."""
+
+    def __init__(self, conv: nn.Conv2d, read_the_bias: bool):
+        super().__init__()
+        self.src, self.read_the_bias = [conv], read_the_bias
+
+    def forward(self, y):
+        if self.training:
+            y = y * 1.0
+        if self.read_the_bias:
+            return y + self.src[0].bias.view(1, -1, 1, 1)
+        return self.src[0](y)
+
+
+class SharesItsConv(nn.Module):
+    def __init__(self, read_the_bias: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = ReadsTheConvThroughAList(self.conv, read_the_bias)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("read_the_bias", [False, True], ids=["calls-the-conv", "reads-its-bias"])
+def test_a_bias_read_again_where_no_graph_shows_it_is_kept(read_the_bias):
+    # The bias before the new BatchNorm was dropped as redundant: the submodule's call then ran
+    # without it (0.4-0.7 of the output's RMS off, returned without a word) or raised on None.
+    torch.manual_seed(0)
+    model = SharesItsConv(read_the_bias).eval()
+    inserted, report = bngraph.insert(model, [torch.randn(2, 4, 8, 8)])
+    assert inserted.conv.bias is not None and [row["bias_removed"] for row in report.sections["inserted"]] == [False]
+    assert any("the biases before the new BatchNorms are kept: with them dropped" in note for note in report.notes)
+    x = torch.randn(5, 4, 8, 8) * 10 + 3
+    with torch.no_grad():
+        expected, got = model(x), inserted.eval()(x)
+    assert ((got - expected).abs().max() / expected.pow(2).mean().sqrt()) < 1e-4  # the fresh BN's eps alone
