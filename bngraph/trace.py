@@ -72,6 +72,23 @@ _DICTS = (dict, collections.OrderedDict, collections.defaultdict)
 _PLAIN = frozenset({int, float, bool, str, type(None)})  # nothing in them to copy
 
 
+def _copied_memory(tensor: torch.Tensor, memo: dict) -> torch.Tensor:
+    """A copy of `tensor`; tensors that shared memory share the copy's (a buffer made as
+    `conv.weight.detach()` is the weight in the model, and must stay it in the copy: copied apart,
+    a fold of the weight passed its check on the copy and not on the model rebuilt from it)."""
+    if type(tensor) is not torch.Tensor or tensor.layout is not torch.strided or tensor.device.type == "meta":
+        return tensor.clone()
+    memory = tensor.untyped_storage()
+    if memory.data_ptr() == 0:  # no elements
+        return tensor.clone()
+    key = ("memory", tensor.device, memory.data_ptr())
+    if key not in memo:
+        memo[key] = memory.clone()
+    copied = torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+        memo[key], tensor.storage_offset(), tensor.size(), tensor.stride())
+    return copied.requires_grad_(tensor.requires_grad)
+
+
 def _copy_value(value, memo: dict):
     """`value` with every module and tensor in it copied once (through `memo`); the rest shared."""
     kind = type(value)  # the fast paths first: a layer's __dict__ is mostly ints and tuples of ints
@@ -86,9 +103,9 @@ def _copy_value(value, memo: dict):
             elif not value.is_leaf:  # a value computed with autograd (classic weight_norm's `weight`)
                 memo[id(value)] = value.detach().clone()
             elif isinstance(value, nn.Parameter):
-                memo[id(value)] = nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
+                memo[id(value)] = nn.Parameter(_copied_memory(value.detach(), memo), requires_grad=value.requires_grad)
             else:
-                memo[id(value)] = value.clone()
+                memo[id(value)] = _copied_memory(value, memo)
         return memo[id(value)]
     if type(value) in (list, tuple, set, frozenset) or isinstance(value, dict):
         if id(value) in memo:

@@ -61,6 +61,9 @@ def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:
         return "it has no running statistics (track_running_stats=False), so it normalizes each batch", None
     if reason := hook_refusal(path, bn, "folding it away"):
         return reason, None
+    if len(names := [p for p, m in module.named_modules(remove_duplicate=False) if m is bn]) > 1:
+        # The fold puts an Identity at one name; the forward may call the BN through another.
+        return f"registered under several names ({', '.join(names)}): the fold would remove it at one only", None
     if read := record.read_outside.get(path):
         return f"the forward reads its {_names(read)} beyond calling it, and the fold would remove the BN", None
     x = calls[0].input
@@ -90,7 +93,7 @@ def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:
     if not own_weight or (layer.bias is not None and id(layer.bias) not in used):
         return f"{layer_path} ({type(layer).__name__}) computes with other tensors than its own weight and bias", None
     if _shares_parameters(module, layer):
-        return f"{layer_path} shares its weight or bias with another layer", None
+        return f"{layer_path} shares its weight or bias (or their memory) with another tensor of the model", None
     if reason := hook_refusal(layer_path, layer, "folding a BatchNorm into it"):
         return reason, None
     if read := record.read_outside.get(layer_path):
@@ -238,8 +241,15 @@ def _reads(value, record) -> int:
 
 
 def _shares_parameters(module: nn.Module, layer: nn.Module) -> bool:
+    """The layer's parameters are also another module's, or their memory another tensor's (a
+    buffer made as `conv.weight.detach()`, a Parameter of `c1.weight.data`): the model rebuilt
+    from what fold saves shares that memory again, and loading one tensor overwrites the other."""
     mine = {id(p) for p in layer.parameters()}
-    return sum(id(p) in mine for _, p in module.named_parameters(remove_duplicate=False)) > len(mine)
+    if sum(id(p) in mine for _, p in module.named_parameters(remove_duplicate=False)) > len(mine):
+        return True
+    memory = {p.untyped_storage().data_ptr() for p in layer.parameters()} - {0}
+    others = (t for t in (*module.parameters(), *module.buffers()) if id(t) not in mine)
+    return any(t.untyped_storage().data_ptr() in memory for t in others)
 
 
 _CONV_OPS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
