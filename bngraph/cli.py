@@ -183,10 +183,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _show(caught: list) -> None:
-    """The warnings a successful command held back (recorded past the filters, so each as often
-    as Python would have shown it), shown now."""
+    """The warnings a successful command held back (recorded past the filters), shown now, each
+    once per place and text: the filters' own once-per-place memory starts over wherever code
+    enters `warnings.catch_warnings()` (torch's and the checks' runs do), which repeated a
+    model's warning for every check that ran it."""
+    shown = set()
     for w in caught:
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        key = (str(w.message), w.category, w.filename, w.lineno)
+        if key not in shown:
+            shown.add(key)
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 if __name__ == "__main__":
