@@ -78,6 +78,24 @@ def _as_the_forward_takes_them(module: nn.Module, shapes: tuple) -> tuple:
     return shapes if star is None or star > len(shapes) else (*shapes[:star], tuple(shapes[star:]))
 
 
+# verify's batches and an even one: the file claims every batch size, and a forward that branches
+# on the batch's parity (`if x.shape[0] % 2 == 0`) was exported with the example's branch alone
+# (the exporter turns that guard into a runtime assert, which ONNX drops), checked on odd batches.
+EXPORT_BATCH_SIZES = (*BATCH_SIZES, 2)
+
+
+def _refuse_unequal_batches(example_inputs: Sequence[torch.Tensor], axes: Sequence[int | None]) -> None:
+    """The file gives every input with a batch axis one dynamic batch: inputs whose examples differ
+    there (a query of 1 and a memory of 2) were exported tied to one size, and computed another
+    shape than the model without a word (a batch of 1 is exported as 2, so torch saw two equal)."""
+    batched = [(i, x.shape[0]) for i, (x, axis) in enumerate(zip(example_inputs, axes)) if axis == 0]
+    if len({size for _, size in batched}) > 1:
+        sizes = ", ".join(f"input {i}: {size}" for i, size in batched)
+        raise UserError(f"the example inputs have different batch sizes ({sizes}); the exported file gives all "
+                        "inputs with a batch axis one dynamic batch: give them one batch size, or name those "
+                        "without a batch axis (--static-input INDEX)")
+
+
 def to_onnx(
     module: nn.Module,
     example_inputs: Sequence[torch.Tensor],
@@ -151,6 +169,7 @@ def to_onnx(
                 f"torch.onnx.export could not export {type(module).__name__}: {_root_cause(err)}{hint} "
                 f"(the exporter's full log: {saved})"
             ) from err
+    _refuse_unequal_batches(example_inputs, axes)  # where they did not stop the export itself
     _raise_if_exported_batch_fixed(program.model, axes)
     return program.model
 
@@ -431,8 +450,9 @@ def export(
             f"onnxruntime: {', '.join(names)} (why no layer took each: 'onnx_kept'); "
             "--standalone-bn mul-add writes a Mul and an Add instead"
         )
-    batches = example_batches(example_inputs, BATCH_SIZES, batch_axes)
-    result, written = write_verified(model, path, module, batches, atol, rtol, batch_sizes=BATCH_SIZES, force=force)
+    batches = example_batches(example_inputs, EXPORT_BATCH_SIZES, batch_axes)
+    result, written = write_verified(model, path, module, batches, atol, rtol, batch_sizes=EXPORT_BATCH_SIZES,
+                                     force=force)
     if not written:
         report.facts["output"] = "(not written: verification failed)"
     report.facts.update(result.facts())

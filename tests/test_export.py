@@ -482,3 +482,41 @@ def test_a_forward_taking_star_args_exports_with_its_batch_dynamic(first_named, 
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     np.testing.assert_allclose(session.run(None, dict(zip(names, [x.numpy(), y.numpy()])))[0], want, rtol=1e-5, atol=1e-5)
+
+
+class QueryAndMemory(torch.nn.Module):
+    """A query and a memory, each with a batch axis: the output has the query's batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.bn = torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8)
+
+    def forward(self, q, memory):
+        return torch.relu(self.bn(self.q(q))) + memory[: q.shape[0]]
+
+
+class DoublesEvenBatches(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h * 2 if x.shape[0] % 2 == 0 else h
+
+
+def test_inputs_of_different_example_batches_are_refused_before_the_export(tmp_path):
+    # Exported with one dynamic batch for both (the batch of 1 made 2), the file returned the
+    # memory's batch: (2, 8) where the model gives (1, 8), and verify passed it.
+    with pytest.raises(bngraph.UserError, match=r"different batch sizes \(input 0: 1, input 1: 2\).*--static-input"):
+        export(QueryAndMemory().eval(), [torch.randn(1, 8), torch.randn(2, 8)], tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_forward_branching_on_the_batchs_parity_is_not_written(tmp_path):
+    # The exporter kept the example's (odd) branch for every batch, and the check ran odd batches
+    # only (1 and 7): a file 1.4-1.7 of the RMS off at every even batch passed.
+    model = DoublesEvenBatches().eval()
+    result = export(model, [torch.randn(3, 4)], tmp_path / "m.onnx")
+    assert not result and not (tmp_path / "m.onnx").exists()
+    assert 2 in result.verification.batch_sizes
