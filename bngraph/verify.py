@@ -131,6 +131,8 @@ def verify(
     for ref, cand in pairs:
         ref_out, cand_out = run(ref), run(cand)
         names, problem = _paired_names(ref, cand, len(ref_out[0]), len(cand_out[0]))
+        problem = problem or _count_changes_with_batch(ref, ref_out, result.batch_sizes) \
+            or _count_changes_with_batch(cand, cand_out, result.batch_sizes)
         # Outputs by name where both sides name the same ones in another order (an ONNX graph's
         # `b, a` against a model's {"a": ..., "b": ...}), else by position.
         order = input_order(ref.output_names or [], cand.output_names or [])
@@ -158,8 +160,9 @@ def verify(
                 result.diffs.append(OutputDiff(name, ref.label, cand.label, 0.0, 0.0, passed=False, dtypes=dtypes,
                                                problem=f"its dtype changed: {dtypes[0]} vs {dtypes[1]}"))
                 continue
-            if any(a.dtype.kind == "c" for a in (*ref_batches, *cand_batches)):
-                ref_batches, cand_batches = _real_and_imaginary(ref_batches), _real_and_imaginary(cand_batches)
+            # A complex output as its parts; an ONNX file holds one so already (a last axis of 2).
+            ref_batches, cand_batches = (_real_and_imaginary(side) if any(a.dtype.kind == "c" for a in side) else side
+                                         for side in (ref_batches, cand_batches))
             if all(a.dtype.kind in "iub" for a in (*ref_batches, *cand_batches)):
                 # Token ids, class indices, masks: off by 3 is wrong, whatever the output's RMS.
                 diff = compare(name, ref_batches, cand_batches, 0.0, 0.0, (ref.label, cand.label), scale=1.0)
@@ -231,6 +234,17 @@ def _structures_differ(ref_batches, cand_batches, ref_structures, cand_structure
         if r != c:
             return f"sequence or map outputs differ on batch {b}: {words(c, cand_batches[b])} vs {words(r, ref_batches[b])}"
     return None
+
+
+def _count_changes_with_batch(runner, outputs: Sequence[Sequence], batch_sizes: Sequence[int]) -> str | None:
+    """Where a side returns another number of outputs on another batch (a tuple of one at batch 1,
+    of two at others): said as the problem (the outputs of batch 0 were indexed in every batch)."""
+    counts = [len(batch) for batch in outputs]
+    if len(set(counts)) == 1:
+        return None
+    b = next(i for i, n in enumerate(counts) if n != counts[0])
+    return (f"{runner.label} returns {counts[0]} output(s) on a batch of {batch_sizes[0]} and {counts[b]} on a batch "
+            f"of {batch_sizes[b]}: its outputs change with the batch size")
 
 
 def _real_and_imaginary(batches: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -1516,3 +1516,43 @@ def test_numbers_a_model_returns_beside_its_tensors_are_named_against_an_onnx_fi
     assert code == 0
     assert json.loads(out)["notes"] == [f"{model} returns ['output.1', 'output.2'] beside its tensors, numbers or "
                                         "strings an ONNX file does not hold: only its tensors were compared"]
+
+
+SPECTRA_PY = '''
+import torch
+from torch import nn
+
+
+class Spectrum(nn.Module):
+    example_input_shape = (2, 5, 8)
+
+    def forward(self, x):
+        return torch.fft.rfft(x * 3 + 1)
+
+
+class SpectrumAsAnOnnxFileHoldsIt(Spectrum):  # ONNX has no complex type: real and imaginary parts
+    def forward(self, x):
+        return torch.view_as_real(super().forward(x))
+
+
+class MoreOutputsAtLargerBatches(nn.Module):
+    example_input_shape = (2, 4)
+
+    def forward(self, x):
+        return (x * 2,) if x.shape[0] == 1 else (x * 2, x + 1)
+'''
+
+
+def test_a_complex_output_is_compared_with_its_parts_as_an_onnx_file_holds_them(tmp_path, capsys):
+    # Both sides were split into parts, the float one too: (1, 5, 5, 2, 2) against (1, 5, 5, 2), FAILED.
+    (tmp_path / "spectra.py").write_text(SPECTRA_PY)
+    spec = lambda name: f"{tmp_path / 'spectra.py'}:{name}"  # noqa: E731
+    assert main(["verify", spec("Spectrum"), spec("SpectrumAsAnOnnxFileHoldsIt")]) == 0, capsys.readouterr().err
+
+
+def test_outputs_that_change_in_number_with_the_batch_fail_in_one_line(tmp_path, capsys):
+    # The outputs of the first batch were indexed in every batch: an IndexError traceback.
+    (tmp_path / "spectra.py").write_text(SPECTRA_PY)
+    spec = f"{tmp_path / 'spectra.py'}:MoreOutputsAtLargerBatches"
+    assert main(["verify", spec, spec]) == 1
+    assert "returns 1 output(s) on a batch of 1 and 2 on a batch of 7" in capsys.readouterr().out
