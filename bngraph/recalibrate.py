@@ -74,6 +74,8 @@ def recalibrate(
         "batch_size": batch_size,
         "passes": {name: r.summary() for name, r in results.items()},
     }
+    if data.input_scale is not None:  # the statistics are of inputs so scaled: the model takes them so
+        entry["input_scale"] = data.input_scale
     # The model keeps the input it declares: data it takes at another size (an .npz of 32x32
     # images for an adaptive model declaring 28x28) must not redeclare it.
     example = loaded.example_inputs() if loaded.input_shapes else [data.x_test[:2]]
@@ -97,5 +99,7 @@ def recalibrate(
             "test_loss_after": loss_after,
             "output": output,
         },
+        notes=[f"the statistics are of {data.input_scale}: give the model its inputs so (recorded as input_scale in "
+               "its bngraph.json)"] if data.input_scale is not None else [],
     )
     return model, report

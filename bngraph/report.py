@@ -29,6 +29,9 @@ class Report:
     def to_json(self) -> dict:
         """The facts, sections and notes as JSON values: numbers stay numbers, floats keep the
         digits they mean (see `json_value`), and a float that is not finite becomes null."""
+        # One namespace in JSON: a section named as a fact replaced it (a recipe run's JSON lost
+        # which recipe ran under the list of what it changed).
+        assert not self.facts.keys() & self.sections.keys(), f"bngraph bug: {self.facts.keys() & self.sections.keys()}"
         return json_value({**self.facts, **self.sections, "notes": list(self.notes)})
 
     def print_json(self, stream: TextIO | None = None) -> None:

@@ -134,7 +134,7 @@ def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamDat
         if sync_bn.skipped:
             sections["skipped"] = [{"site": s.site, "reason": s.reason} for s in sync_bn.skipped]
     if recipe_entry is not None:
-        sections["recipe"] = recipe_changes(recipe_entry)
+        sections["recipe_changes"] = recipe_changes(recipe_entry)
     notes = [f"every evaluation is in {output / 'metrics.jsonl'}"]
     if run.precision != "fp32":
         notes.append(f"test loss and accuracy are measured in {run.precision} autocast, as the model trained; the saved "

@@ -12,6 +12,7 @@ from bngraph.cli import main
 from bngraph.data import load_mnist
 from bngraph.passes.recalibrate_bn import recalibrate_bn
 from bngraph.training import EpochSampler
+from bngraph.training.data import UINT8_SCALE
 from tests.mnist_like import write_learnable
 from tests.test_data_formats import write_npz
 
@@ -54,6 +55,9 @@ def test_statistics_are_those_of_the_training_batches(tmp_path, capsys, trained)
             torch.testing.assert_close(getattr(mine, stat), getattr(theirs, stat))
     history = json.loads((tmp_path / "r" / "bngraph.json").read_text())["history"]
     assert [h["command"] for h in history] == ["recipe", "train", "recalibrate"]
+    # Statistics of uint8 pixels / 255: recorded as train records it (the entry had no scale).
+    assert history[-1]["input_scale"] == history[1]["input_scale"] == UINT8_SCALE
+    assert any("the statistics are of uint8 pixels / 255" in note for note in report["notes"])
 
 
 def test_another_domains_images_retarget_the_model(tmp_path, capsys, trained):

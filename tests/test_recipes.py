@@ -117,7 +117,9 @@ def test_train_reports_what_a_recipe_did_to_the_users_model(tmp_path, capsys):
                  "--batch-size", "8", "--quiet", "--json", "-o", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert code == 0
-    rows = [(r["pass"], r["node"], r["change"]) for r in json.loads(out)["recipe"]]
+    # The list of changes was under "recipe" too, where it replaced the recipe's name in the JSON.
+    assert json.loads(out)["recipe"] == "bn-x5-sigmoid"
+    rows = [(r["pass"], r["node"], r["change"]) for r in json.loads(out)["recipe_changes"]]
     assert rows == [
         ("swap_activation", "relu", "relu -> sigmoid"),
         ("swap_activation", "act", "none: GELU is not relu: kept"),

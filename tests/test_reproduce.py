@@ -59,6 +59,8 @@ def test_mnist_writes_figure_summary_table_and_the_trained_nets(tmp_path, data):
     assert "| with BN |" in (tmp_path / "out" / "table.md").read_text()
     assert (tmp_path / "out" / "fig1.png").stat().st_size > 10_000
     bn_net = bngraph.load(tmp_path / "out" / "models" / "mnist-mlp-bn")
+    [entry] = json.loads((tmp_path / "out" / "models" / "mnist-mlp-bn" / "bngraph.json").read_text())["history"]
+    assert (entry["data_format"], entry["input_scale"]) == ("mnist-idx", "uint8 pixels / 255 (values in [0, 1])")
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in bn_net.modules()) == 3
     # The saved net is the trained one: its accuracy is the last point of its curve (to one
     # example: on CUDA the curve came from the GPU's kernels, where a near tie may flip).

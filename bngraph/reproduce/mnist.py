@@ -37,7 +37,7 @@ from bngraph.report import Report
 from bngraph.reproduce.tables import cell, first_step_reaching
 from bngraph.reproduce.workers import MnistProgress, Workers, cpu_processes, train_here
 from bngraph.training.config import pick_device
-from bngraph.training.data import EpochSampler, TensorData, check_model_fits
+from bngraph.training.data import UINT8_SCALE, EpochSampler, TensorData, check_model_fits
 from bngraph.training.fused_mlp import NonzeroPixels, StackedMLP, feature_order, prefix_widths
 from bngraph.training.plots import plot_fig1
 from bngraph.zoo import create_model, get_entry
@@ -214,6 +214,8 @@ class MnistRun:
     workers: int
     data: str = ""
     summary: dict = field(default_factory=dict)
+    data_format: str = "mnist-idx"
+    input_scale: str | None = UINT8_SCALE  # how stored images became the nets' inputs (TensorData's)
 
 
 def reproduce_mnist(data: TensorData, cfg: MnistConfig, *, progress: bool = True,
@@ -223,6 +225,7 @@ def reproduce_mnist(data: TensorData, cfg: MnistConfig, *, progress: bool = True
     or where their number is not the one this run needs (a GPU trains every net here), they
     are started here."""
     started = time.perf_counter()
+    read_as = {"data_format": data.format, "input_scale": data.input_scale}  # before the copies below drop them
     device = pick_device(cfg.device)
     if device.type != "cpu":
         data = TensorData(*(t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)),
@@ -261,7 +264,7 @@ def reproduce_mnist(data: TensorData, cfg: MnistConfig, *, progress: bool = True
         wall_s=time.perf_counter() - started,
         train_s=max(r["train_s"] for r in results),
         workers=processes,
-        data=f"{data.name} ({data.source})",
+        data=f"{data.name} ({data.source})", **read_as,
     )
     run.summary = mnist_summary(run)
     return run
@@ -344,7 +347,9 @@ def write_mnist(run: MnistRun, out: Path, *, save_models: bool = True, force: bo
         if save_models:
             (folder / "models").mkdir()
             example = [torch.zeros(get_entry("mnist-mlp").input_shape)]
-            entry = {"command": "reproduce mnist", "config": asdict(run.config)}
+            # What the nets take, as train records it (MNIST's uint8 pixels / 255).
+            entry = {"command": "reproduce mnist", "config": asdict(run.config), "data": run.data,
+                     "data_format": run.data_format, "input_scale": run.input_scale}
             for name, folder_name in (("without BN", "mnist-mlp"), ("with BN", "mnist-mlp-bn")):
                 save(run.models[name][0], folder / "models" / folder_name, example_inputs=example,
                      history=[entry], source="zoo:mnist-mlp")
