@@ -197,13 +197,20 @@ def test_nproc_under_torchrun_is_refused(monkeypatch, tmp_path, capsys):
     assert "under torchrun leave it out" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("wrong", ["data", "output"])
-def test_what_every_process_would_refuse_is_refused_before_torchrun_in_one_line(wrong, data, tmp_path):
-    # Under torchrun, each rank's one line comes inside torchrun's report of the failed processes.
+@pytest.mark.parametrize("wrong", ["data", "output", "batch", "resumed-processes"])
+def test_what_every_process_would_refuse_is_refused_before_torchrun_in_one_line(wrong, data, tmp_path, one_step):
+    # Under torchrun, each rank's one line comes inside torchrun's report of the failed processes
+    # (46 lines, a traceback in them, for a global batch larger than the data or a resume with
+    # another number of processes).
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("the user's")
-    given = {"data": (tmp_path / "missing", tmp_path / "run"), "output": (data, tmp_path / "mine")}[wrong]
-    (done,) = launch(bngraph_cli(*train_args(*given, "--steps", "1", "--nproc", "2")))
+    shutil.copytree(one_step / "sync", tmp_path / "ran-as-2")
+    given, extra = {"data": ((tmp_path / "missing", tmp_path / "run"), ()),
+                    "output": ((data, tmp_path / "mine"), ()),
+                    "batch": ((data, tmp_path / "run"), ("--batch-size", "1000")),
+                    "resumed-processes": ((data, tmp_path / "ran-as-2"), ("--resume", "--sync-bn"))}[wrong]
+    nproc = "3" if wrong == "resumed-processes" else "2"
+    (done,) = launch(bngraph_cli(*train_args(*given, "--steps", "1", "--nproc", nproc, *extra)))
     assert done.returncode == 2
     assert done.stderr.startswith("bngraph: error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's" and not (tmp_path / "run").exists()

@@ -189,6 +189,8 @@ def _launch(args: argparse.Namespace, device: torch.device) -> None:
     import torch
 
     from bngraph.atomic import RUN, check_output
+    from bngraph.training.checkpoint import saved_field
+    from bngraph.training.data import EpochSampler
     from bngraph.training.distributed import exec_torchrun, under_torchrun, without_option
 
     if under_torchrun():
@@ -202,5 +204,9 @@ def _launch(args: argparse.Namespace, device: torch.device) -> None:
         # error comes wrapped in torchrun's report of the processes that failed.
         if not args.resume:
             check_output(args.output, RUN, force=args.force, inputs=shared.input_paths(args))
-        shared.data_for_model(args, shared.load_from_args(args, seed=args.seed), "cpu", allow_stream=True)
+        elif (ran_as := saved_field(args.output, "world_size", 1)) != args.nproc:
+            raise UserError(f"the run in {args.output} ran as {ran_as} process(es), not {args.nproc}: resume it with "
+                            "as many (they decide the batches)")
+        data = shared.data_for_model(args, shared.load_from_args(args, seed=args.seed), "cpu", allow_stream=True)
+        EpochSampler(data.n_train, args.batch_size, args.seed, world_size=args.nproc)  # a global batch the data holds
         exec_torchrun(args.nproc, without_option(args.argv, "--nproc"))

@@ -73,13 +73,19 @@ def check_resumable(out_dir: Path) -> None:
 def saved_config(out_dir: Path) -> dict | None:
     """The settings the run in `out_dir` was started with, or None (no checkpoint, or unreadable:
     resuming reports that)."""
+    return saved_field(out_dir, "config")
+
+
+def saved_field(out_dir: Path, key: str, default=None):
+    """One field of the checkpoint in `out_dir` (its "config", its "world_size"), or `default`
+    where there is none (no checkpoint, or unreadable: resuming reports that)."""
     path = Path(out_dir) / CHECKPOINT
     if not path.is_file():
-        return None
+        return default
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)["config"]
+        return torch.load(path, map_location="cpu", weights_only=True).get(key, default)
     except Exception:  # noqa: BLE001 (train() reports what is wrong with the checkpoint)
-        return None
+        return default
 
 
 PROBE_VALUES = 4096  # at most this many output values are kept: a digest of the function
