@@ -163,6 +163,13 @@ def _rebuilds(original: nn.Module, ctor: str) -> bool:
 _LOADED_PREFIXES = ("bngraph_user_", "bngraph_artifact_")  # module names bngraph.load gives files it imports
 
 
+def _is_module(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        return isinstance(gm.get_submodule(target), nn.Module)
+    except AttributeError:  # a parameter or buffer
+        return False
+
+
 def module_source(
     gm: fx.GraphModule, *, input_shapes=None, source: str = "a traced module", base: tuple[str, str] | None = None
 ) -> str:
@@ -186,8 +193,11 @@ def module_source(
     imports = sorted(imports - {"import torch"}) + [f"{n} = {v.__qualname__}" for n, v in from_file.items()]
 
     body = ["    def __init__(self):", "        super().__init__()"]
-    # In the order the forward calls them, so that print(model) reads like the computation.
-    leaves = list(dict.fromkeys(node.target for node in gm.graph.nodes if node.op == "call_module"))
+    # In the order the forward calls them, so that print(model) reads like the computation; with
+    # those it hands whole to a function kept whole (transformers' apply_tf_padding(x, conv) reads
+    # conv.stride): rebuilt as what they are, not as a bare Module holding their tensors.
+    leaves = list(dict.fromkeys(node.target for node in gm.graph.nodes if node.op == "call_module"
+                                or node.op == "get_attr" and _is_module(gm, node.target)))
     from_base = False
     for path in leaves:
         module = gm.get_submodule(path)

@@ -908,3 +908,39 @@ def test_a_module_by_module_fold_leaves_a_bn_it_cannot_fold_everywhere(tmp_path,
     probe = torch.rand(3, 4, 6, 6) * 10 + 3
     with torch.no_grad():
         torch.testing.assert_close(folded(probe), model(probe), rtol=1e-5, atol=1e-4)
+
+
+HANDS_A_CONV_TO_A_FUNCTION_PY = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def same_padding(x, conv):  # as transformers' apply_tf_padding: reads the conv module itself
+    size = int(x.shape[-1])  # a Python int of a size: torch.fx cannot trace it, the call is kept whole
+    pad = max(conv.stride[0] - size % conv.stride[0], 0)
+    return F.pad(x, (0, pad, 0, pad))
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1, stride=2)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        self.conv2(same_padding(y, self.conv2))  # computed and unused, as DeepLab's last backbone conv
+        return y
+'''
+
+
+def test_a_layer_handed_whole_to_a_function_kept_whole_is_rebuilt_as_itself(tmp_path, capsys):
+    # Its own call was dead code and removed; the saved model.py rebuilt it as a bare Module of
+    # tensors, and the function read conv.stride from it: an AttributeError traceback, exit 1.
+    (tmp_path / "net.py").write_text(HANDS_A_CONV_TO_A_FUNCTION_PY)
+    assert main(["fold", f"{tmp_path / 'net.py'}:Net", "-o", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    folded = bngraph.load(tmp_path / "out")
+    assert isinstance(folded.get_submodule("conv2"), nn.Conv2d)
