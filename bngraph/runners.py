@@ -84,6 +84,8 @@ class ComputedPrecision(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if torch.compiler.is_compiling():  # torch.cond's branches traced by dynamo: no storage there (and no rounding)
+            return out
         read = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         storages = {_storage(t) for t in read}
         finest = min((torch.finfo(t.dtype).eps for t in read if t.is_floating_point()), default=None)

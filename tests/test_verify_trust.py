@@ -1556,3 +1556,28 @@ def test_outputs_that_change_in_number_with_the_batch_fail_in_one_line(tmp_path,
     spec = f"{tmp_path / 'spectra.py'}:MoreOutputsAtLargerBatches"
     assert main(["verify", spec, spec]) == 1
     assert "returns 1 output(s) on a batch of 1 and 2 on a batch of 7" in capsys.readouterr().out
+
+
+BRANCHES_WITH_TORCH_COND_PY = '''
+import torch
+from torch import nn
+
+
+class Branches(nn.Module):
+    example_input_shape = (2, 4)
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):  # torch.cond: how torch.export takes a data-dependent branch
+        return torch.cond(x.mean() > 0, lambda t: torch.relu(self.a(t)), lambda t: torch.tanh(self.b(t)), (x,))
+'''
+
+
+def test_a_model_written_with_torch_cond_verifies(tmp_path, capsys):
+    # verify's precision bookkeeping read a tensor's storage inside the branches dynamo traces:
+    # "the model raised ... UncapturedHigherOrderOpError", blamed on a model that runs.
+    (tmp_path / "cond.py").write_text(BRANCHES_WITH_TORCH_COND_PY)
+    spec = f"{tmp_path / 'cond.py'}:Branches"
+    assert main(["verify", spec, spec]) == 0, capsys.readouterr().err
