@@ -136,8 +136,8 @@ def main() -> None:
     name = args.model.removeprefix("zoo:")
     device = pick_device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    channels_last = device.type == "cuda"
     shape = get_entry(name).input_shape
+    channels_last = device.type == "cuda" and len(shape) == 4  # as bngraph.train resolves it
     with torch.no_grad():
         classes = create_model(name)(torch.zeros(shape)).shape[1]
     print(f"torch {torch.__version__}, {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "

@@ -161,6 +161,7 @@ def to_onnx(
                 raise stop from None  # as stopped: no log kept, no "could not export"
             raise_if_model_raises(module, example_inputs)
             _raise_if_batch_fixed(module, example_inputs, axes)
+            _refuse_unequal_batches(example_inputs, axes)  # torch's "L['kv'].size()[0] = 5 is not equal to ..."
             saved = _keep_export_log(log, err)
             scripted = next((name for name, m in module.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
             hint = ("" if scripted is None else f"; {scripted or 'the model'} is a TorchScript module, which torch.export "
@@ -169,7 +170,7 @@ def to_onnx(
                 f"torch.onnx.export could not export {type(module).__name__}: {_root_cause(err)}{hint} "
                 f"(the exporter's full log: {saved})"
             ) from err
-    _refuse_unequal_batches(example_inputs, axes)  # where they did not stop the export itself
+    _refuse_unequal_batches(example_inputs, axes)  # a batch of 1 beside another: exported as one batch of 2
     _raise_if_exported_batch_fixed(program.model, axes)
     return program.model
 

@@ -505,11 +505,14 @@ class DoublesEvenBatches(torch.nn.Module):
         return h * 2 if x.shape[0] % 2 == 0 else h
 
 
-def test_inputs_of_different_example_batches_are_refused_before_the_export(tmp_path):
+@pytest.mark.parametrize("sizes", [(1, 2), (2, 5)])
+def test_inputs_of_different_example_batches_are_refused(tmp_path, sizes):
     # Exported with one dynamic batch for both (the batch of 1 made 2), the file returned the
-    # memory's batch: (2, 8) where the model gives (1, 8), and verify passed it.
-    with pytest.raises(bngraph.UserError, match=r"different batch sizes \(input 0: 1, input 1: 2\).*--static-input"):
-        export(QueryAndMemory().eval(), [torch.randn(1, 8), torch.randn(2, 8)], tmp_path / "m.onnx")
+    # memory's batch: (2, 8) where the model gives (1, 8), and verify passed it; 2 and 5 stopped
+    # the exporter with "L['memory'].size()[0] = 5 is not equal to L['q'].size()[0] = 2".
+    q, memory = sizes
+    with pytest.raises(bngraph.UserError, match=rf"different batch sizes \(input 0: {q}, input 1: {memory}\).*--static"):
+        export(QueryAndMemory().eval(), [torch.randn(q, 8), torch.randn(memory, 8)], tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
 
 

@@ -494,3 +494,11 @@ def test_training_into_a_folder_with_sync_bn_takes_the_default_device(tmp_path):
     counts = [int(v) for k, v in bngraph.load(tmp_path / "run" / "model").state_dict().items()
               if k.endswith("num_batches_tracked")]
     assert counts == [2]  # trained, and saved with a plain BatchNorm's state
+
+
+def test_channels_last_for_inputs_that_are_not_images_is_refused():
+    # Accepted, and the report said "channels_last: no": an option that does nothing is refused.
+    data = TensorData(torch.rand(32, 8), torch.randint(0, 3, (32,)), torch.rand(8, 8), torch.randint(0, 3, (8,)))
+    with pytest.raises(UserError, match=r"--channels-last is a layout of 4-d image batches .* inputs are 2-d"):
+        train(nn.Sequential(nn.Linear(8, 3)), data, TrainConfig(steps=1, batch_size=8, channels_last=True),
+              progress=False)
