@@ -6,7 +6,8 @@ whole test set every 500 steps. It writes OUT/fig1.png ((a) test accuracy, (b, c
 percentiles of one sigmoid input of the last hidden layer without and with BN), summary.json
 (best accuracies, curves, the speed-up: steps the plain net needs to reach its best accuracy
 over the steps the BN net needs to reach the same), table.md and the trained nets in OUT/models/.
-About 30 s on two CPU cores; --seeds N adds seeds, drawn as a spread.
+About 30 s on two CPU cores; --seeds N adds seeds, drawn as a spread (the table's figures are then
+means over the seeds; OUT/models/ holds the first seed's nets).
 
 inception builds Inception, BN-Baseline, BN-x5, BN-x30 and BN-x5-Sigmoid from zoo:inception-small
 with the recipe passes (`bngraph train --help`), trains each on the images, and writes the
