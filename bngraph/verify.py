@@ -131,8 +131,10 @@ def verify(
     for ref, cand in pairs:
         ref_out, cand_out = run(ref), run(cand)
         names, problem = _paired_names(ref, cand, len(ref_out[0]), len(cand_out[0]))
-        problem = problem or _count_changes_with_batch(ref, ref_out, result.batch_sizes) \
-            or _count_changes_with_batch(cand, cand_out, result.batch_sizes)
+        # First: a side whose outputs change with the batch explains a count unlike the other's
+        # ("2 outputs ['main', 'aux'] vs 1 ['main', 'aux']", names from one batch, count from another).
+        problem = _count_changes_with_batch(ref, ref_out, result.batch_sizes) \
+            or _count_changes_with_batch(cand, cand_out, result.batch_sizes) or problem
         # Outputs by name where both sides name the same ones in another order (an ONNX graph's
         # `b, a` against a model's {"a": ..., "b": ...}), else by position.
         order = input_order(ref.output_names or [], cand.output_names or [])

@@ -1581,3 +1581,25 @@ def test_a_model_written_with_torch_cond_verifies(tmp_path, capsys):
     (tmp_path / "cond.py").write_text(BRANCHES_WITH_TORCH_COND_PY)
     spec = f"{tmp_path / 'cond.py'}:Branches"
     assert main(["verify", spec, spec]) == 0, capsys.readouterr().err
+
+
+class KeysByBatch(nn.Module):
+    """An auxiliary output only at batches above 1, as some heads add theirs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        out = {"main": self.fc(x)}
+        if x.shape[0] > 1:
+            out["aux"] = out["main"].mean(0)
+        return out
+
+
+def test_an_export_whose_outputs_change_with_the_batch_says_so(tmp_path):
+    # The file holds both outputs (the example's batch of 2); its check said "2 outputs ['main',
+    # 'aux'] vs 1 ['main', 'aux']": two names beside a count of one.
+    with pytest.raises(bngraph.CheckFailed, match=r"returns 2 output\(s\) on a batch of 2 and 1 on a batch of 1"):
+        export(KeysByBatch().eval(), [torch.randn(2, 4)], tmp_path / "keys.onnx")
+    assert not (tmp_path / "keys.onnx").exists()
