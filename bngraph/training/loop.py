@@ -198,11 +198,12 @@ def _set_up(model: nn.Module, data: TensorData | StreamData, config: TrainConfig
     """Put the model on the device in its training layout, and make the optimizer, the loss
     scaler, the batch sampler, the streamed test loader and the input tracker."""
     on_gpu = dev.type == "cuda"
-    if config.channels_last and (rank := data.example(1).dim()) != 4:  # asked for, it would do nothing: said
+    rank = data.example(1).dim()
+    if config.channels_last and rank != 4:  # asked for, it would do nothing: said
         raise UserError(f"--channels-last is a layout of 4-d image batches (N, C, H, W); this model's inputs are "
                         f"{rank}-d: leave it out")
     precision = config.precision or ("bf16" if on_gpu else "fp32")
-    channels_last = (on_gpu if config.channels_last is None else config.channels_last) and data.example(1).dim() == 4
+    channels_last = (on_gpu if config.channels_last is None else config.channels_last) and rank == 4
     model.to(dev, memory_format=torch.channels_last) if channels_last else model.to(dev)
     model.train()
     amp_dtype = PRECISIONS[precision]
