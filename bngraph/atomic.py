@@ -3,8 +3,8 @@
 The rule for every output (each command's `-o`, `bngraph.save`, `bngraph.export`):
 - A path that exists is replaced only when it is a bngraph output of the same kind (an artifact,
   a run or reproduce folder, each known by its `bngraph.json` and holding nothing but what
-  bngraph writes there; an `.onnx` file or a picture that carries bngraph's mark) and the caller
-  passed `force`. Anything else is refused with one line (`UserError`) and left exactly as it
+  bngraph writes there; an `.onnx` file or a picture that ends in bngraph's seal, the digest of
+  what bngraph wrote, so that an edit since makes it the user's) and the caller passed `force`. Anything else is refused with one line (`UserError`) and left exactly as it
   was. Symbolic links are never replaced.
 - The checks run before the work (`check_output`) and again just before the rename.
 - Missing parent folders are created after the checks pass, and removed again when the write
@@ -52,6 +52,9 @@ PICTURE_MARK = b"written by bngraph graph"  # in a PNG tEXt chunk, an SVG or DOT
 # ModelProto's field 2, producer_name, set to "bngraph" (`bngraph.onnx_io.save_onnx`): protobuf
 # writes fields in number order, so it follows the ir_version within the file's first bytes.
 ONNX_MARK, ONNX_PRODUCER = b"\x12\x07bngraph", "bngraph"
+# The key of the metadata entry in which an ONNX file carries its seal (`seal`).
+SEAL_KEY = b"bngraph_sha256"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a PNG's last chunk: length 0, type, CRC
 # What bngraph writes at the top of each kind of folder (artifacts: bngraph.artifacts, with the
 # user's modules carried in code/ and the bytecode importing model.py leaves; runs:
 # bngraph.training; reproduce: bngraph.reproduce). Anything else there is the user's, and the
@@ -82,16 +85,69 @@ def output_kind(path: str | Path) -> str | None:
         return next((kind for kind, name in FOLDER_FORMATS.items() if name == fmt), None)
     if not path.is_file():
         return None
-    if path.suffix in FILE_SUFFIXES[ONNX] and _is_marked_onnx(path):
+    if path.suffix in FILE_SUFFIXES[ONNX] and _is_marked_onnx(path) and _is_sealed(path, ONNX):
         return ONNX
-    if path.suffix in FILE_SUFFIXES[PICTURE] and _is_marked_picture(path):
+    if path.suffix in FILE_SUFFIXES[PICTURE] and _is_marked_picture(path) and _is_sealed(path, PICTURE):
         return PICTURE
     return None
+
+
+def _changed_since_written(path: Path) -> bool:
+    """Whether the file at `path` carries bngraph's mark but not its seal: bngraph wrote it, and
+    it was changed since (or written by a bngraph before 0.3, which did not seal its files)."""
+    if path.suffix in FILE_SUFFIXES[ONNX]:
+        return _is_marked_onnx(path)
+    return path.suffix in FILE_SUFFIXES[PICTURE] and _is_marked_picture(path)
 
 
 def _is_marked_onnx(path: Path) -> bool:
     with open(path, "rb") as f:
         return ONNX_MARK in f.read(64)
+
+
+def _seal(body_digest: str, kind: str, suffix: str) -> bytes:
+    """The bytes a file of `kind` named `*suffix` ends with (a PNG: before its IEND chunk), for
+    content whose SHA-256 is `body_digest`: bngraph's mark and that digest, in the format's own
+    syntax, so that the file stays valid and a later `--force` can tell it is as bngraph wrote it."""
+    digest = body_digest.encode()
+    if kind == ONNX:  # an entry of ModelProto's metadata_props (field 14): protobuf merges fields appended
+        entry = b"\x0a" + bytes([len(SEAL_KEY)]) + SEAL_KEY + b"\x12" + bytes([len(digest)]) + digest
+        return b"\x72" + bytes([len(entry)]) + entry
+    text = PICTURE_MARK + b" sha256=" + digest
+    if suffix == ".png":  # a tEXt chunk: length, type, keyword NUL text, CRC of type and data
+        body = b"tEXtComment\0" + text
+        return struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+    if suffix == ".svg":  # XML allows a comment after the root element
+        return b"\n<!-- " + text + b" -->\n"
+    return b"\n// " + text + b"\n"  # .dot
+
+
+def seal(path: Path, kind: str) -> None:
+    """Sign the file of `kind` bngraph just wrote at `path` (`_seal`)."""
+    if path.suffix != ".png":  # the seal follows the content: appended, without reading it all at once
+        digest = sha256(path)
+        with path.open("ab") as f:
+            f.write(_seal(digest, kind, path.suffix))
+        return
+    data = path.read_bytes()
+    if not data.endswith(_PNG_END):
+        raise ValueError(f"{path} does not end in a PNG's IEND chunk")
+    body = data[: -len(_PNG_END)]
+    path.write_bytes(body + _seal(hashlib.sha256(body).hexdigest(), kind, path.suffix) + _PNG_END)
+
+
+def _is_sealed(path: Path, kind: str) -> bool:
+    """Whether the file at `path` ends in the seal of the bytes before it: as bngraph wrote it."""
+    tail = _PNG_END if path.suffix == ".png" else b""
+    seal_size = len(_seal("0" * 64, kind, path.suffix))
+    body_size = path.stat().st_size - seal_size - len(tail)
+    if body_size < 0:
+        return False
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for _ in range(0, body_size, 1 << 20):
+            digest.update(f.read(min(1 << 20, body_size - f.tell())))
+        return f.read() == _seal(digest.hexdigest(), kind, path.suffix) + tail
 
 
 def foreign_entries(path: Path, kind: str) -> list[str]:
@@ -188,22 +244,6 @@ def _is_marked_picture(path: Path) -> bool:
         return PICTURE_MARK in f.read()
 
 
-def mark_picture(path: Path) -> None:
-    """Sign a picture bngraph drew, so that a later `--force` may replace it and nothing else."""
-    if path.suffix == ".png":
-        data = path.read_bytes()
-        end = data.rfind(b"IEND") - 4  # before the IEND chunk's length field
-        body = b"tEXtComment\0" + PICTURE_MARK
-        chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
-        path.write_bytes(data[:end] + chunk + data[end:])
-    elif path.suffix == ".svg":  # XML allows a comment after the root element
-        with path.open("ab") as f:
-            f.write(b"\n<!-- " + PICTURE_MARK + b" -->\n")
-    elif path.suffix == ".dot":
-        with path.open("ab") as f:
-            f.write(b"\n// " + PICTURE_MARK + b"\n")
-
-
 def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
@@ -268,6 +308,9 @@ def check_output(
         if path.is_symlink():
             raise UserError(f"{path} is a symbolic link: bngraph does not replace it; choose another -o")
         found = output_kind(path)
+        if found is None and path.is_file() and _changed_since_written(path):
+            raise UserError(f"{path} was written by bngraph but has been changed since: it is left as it is; "
+                            "choose another -o")
         if found is None:
             what = "folder" if path.is_dir() else "file"
             raise UserError(f"{path} is a {what} bngraph did not write: it is left as it is; choose another -o")
@@ -373,8 +416,8 @@ def write_atomically(
     try:
         with _disk_errors(path):
             write(tmp)
-            if kind == PICTURE:
-                mark_picture(tmp)
+            if kind in FILE_SUFFIXES:
+                seal(tmp, kind)
         if os.path.lexists(path) and not replace_own:
             check_output(path, kind, force=force)  # the long work may have let something else in
         if replace_own:  # the new digest recorded beside the old one first: a kill in between leaves either valid

@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from bngraph import __version__
-from bngraph.atomic import ONNX, ONNX_PRODUCER, output_kind, write_atomically
+from bngraph.atomic import ONNX, ONNX_PRODUCER, SEAL_KEY, output_kind, write_atomically
 from bngraph.errors import UserError, one_line
 from bngraph.compare import VerifyResult
 from bngraph.verify import verify
@@ -35,6 +35,8 @@ def save_onnx(model: ir.Model, path: Path, external_data: str | None = None) -> 
     """Save `model`, its weights in the file `external_data` beside it where given. Its producer
     is bngraph: the mark by which a later `-o ... --force` knows it may replace it."""
     model.producer_name, model.producer_version = ONNX_PRODUCER, __version__
+    # A model read from a file bngraph wrote carries that file's seal; `write_atomically` seals anew.
+    model.metadata_props.pop(SEAL_KEY.decode(), None)
     if external_data:
         ir.save(model, path, external_data=external_data)
     else:

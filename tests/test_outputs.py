@@ -215,6 +215,49 @@ def test_graph_replaces_only_a_picture_it_drew(tmp_path, capsys, inputs):
     assert _run(capsys, _argv("graph", inputs, drawn, "--force"))[0] == 0
 
 
+def _edit_onnx(path: Path) -> None:
+    model = onnx.load(str(path))  # as a user's script does: load, change, save; the producer stays bngraph
+    model.doc_string = "threshold tuned by hand"
+    onnx.save(model, str(path))
+
+
+def _edit_text(path: Path) -> None:
+    path.write_text(path.read_text().replace("</svg>", "<!-- my annotation --></svg>"))
+
+
+def _edit_png(path: Path) -> None:
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        picture.load()
+    picture.save(path)  # re-encoded by the user's viewer: bngraph's comment is gone, the picture is theirs
+
+
+@pytest.mark.parametrize("name, out_name, edit, said", [
+    ("export", "out.onnx", _edit_onnx, "changed since"),
+    ("fold-onnx", "out.onnx", _edit_onnx, "changed since"),
+    ("graph", "out.svg", _edit_text, "changed since"),
+    ("graph", "out.png", _edit_png, "did not write"),
+], ids=["export", "fold-onnx", "graph-svg", "graph-png"])
+def test_force_keeps_a_file_bngraph_wrote_that_was_changed_since(name, out_name, edit, said, tmp_path, capsys, inputs):
+    # A file carries bngraph's mark (the ONNX producer, the picture's comment) through an edit;
+    # --force replaced an edited model with no word. Its seal, the digest of what bngraph wrote,
+    # no longer holds, and the file is the user's.
+    out = tmp_path / out_name
+    assert _run(capsys, _argv(name, inputs, out))[0] == 0
+    edit(out)
+    before = snapshot(tmp_path)
+    code, _, err = _run(capsys, _argv(name, inputs, out, "--force"))
+    assert code == 2 and said in _one_error_line(err)
+    assert snapshot(tmp_path) == before
+    if out.suffix == ".onnx":  # what bngraph wrote is a valid model, with the seal among its metadata
+        out.unlink()
+        assert _run(capsys, _argv(name, inputs, out))[0] == 0
+        model = onnx.load(str(out))
+        onnx.checker.check_model(model, full_check=True)
+        assert [entry.key for entry in model.metadata_props].count("bngraph_sha256") == 1
+
+
 def test_missing_parents_are_created_as_the_readme_writes_them(tmp_path, capsys, inputs, monkeypatch):
     monkeypatch.chdir(tmp_path)  # an empty folder, relative paths
     assert _run(capsys, _argv("train", inputs, Path("runs/x5")))[0] == 0
@@ -307,6 +350,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
 def test_a_full_disk_under_a_file_output_keeps_the_old_file(tmp_path):
     old = tmp_path / "model.onnx"
     old.write_bytes(b"\x08\x08" + ONNX_MARK + b" the old model")  # ir_version, then bngraph's producer_name
+    atomic.seal(old, ONNX)
     before = snapshot(tmp_path)
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -418,6 +462,7 @@ def test_an_interrupted_write_leaves_the_old_output_and_no_temporary(writer, tmp
     out = tmp_path / ("model.onnx" if writer == "file" else "artifact")
     if writer == "file":
         out.write_bytes(b"\x08\x08" + ONNX_MARK + b" old onnx bytes")
+        atomic.seal(out, ONNX)
     else:
         out.mkdir()
         (out / "bngraph.json").write_text(json.dumps({"format": "bngraph-artifact"}))
