@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._sympy.numbers import int_oo
+from torch.utils._sympy.printers import PythonPrinter
 
 from bngraph.atomic import ONNX, check_output
 from bngraph.attention_math import attention_as_math
@@ -161,6 +163,7 @@ def to_onnx(
                 raise stop from None  # as stopped: no log kept, no "could not export"
             raise_if_model_raises(module, example_inputs)
             _raise_if_batch_fixed(module, example_inputs, axes)
+            _raise_if_branching_on_the_batch(err, example_inputs, axes)
             _refuse_unequal_batches(example_inputs, axes)  # torch's "L['kv'].size()[0] = 5 is not equal to ..."
             saved = _keep_export_log(log, err)
             scripted = next((name for name, m in module.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
@@ -172,6 +175,7 @@ def to_onnx(
             ) from err
     _refuse_unequal_batches(example_inputs, axes)  # a batch of 1 beside another: exported as one batch of 2
     _raise_if_exported_batch_fixed(program.model, axes)
+    _refuse_guards_on_the_batch(program.exported_program, example_inputs, axes)
     return program.model
 
 
@@ -190,6 +194,63 @@ def _raise_if_exported_batch_fixed(model, axes: Sequence[int | None]) -> None:
                 f"batch size as a Python number (len(x), int(x.shape[0]), a loop over it), which the export made a "
                 f"constant; nothing was written. To export it at its example's batch only, add --static-input {i}"
             )
+
+
+def _refuse_guards_on_the_batch(program: torch.export.ExportedProgram, example_inputs,
+                                axes: Sequence[int | None]) -> None:
+    """Where torch.export kept one branch of a forward that branches on the batch size, it
+    assumed the batch to be in a range (`if x.shape[0] >= 8:` at a batch of 2: at most 7), or
+    recorded a runtime assertion (`if x.shape[0] % 2:`, `!= 5`). The ONNX file keeps neither: it
+    takes every batch and computes that branch for all of them, right at the sizes verify tries
+    and wrong at others."""
+    batch_symbols = {}
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    for name, axis in zip(program.graph_signature.user_inputs, axes):
+        value = placeholders[name].meta.get("val") if name in placeholders else None
+        if axis == 0 and isinstance(value, torch.Tensor) and value.dim() and isinstance(value.shape[0], torch.SymInt):
+            batch_symbols[value.shape[0].node.expr] = value.shape[0].node.shape_env
+
+    def ties_sizes(expr) -> bool:  # two inputs' batches are one (`x + y`): the file's contract, not a branch
+        return getattr(expr, "rel_op", None) == "==" and all(arg.is_Symbol for arg in expr.args)
+
+    assumed = []
+    for symbol, shape_env in batch_symbols.items():
+        known = program.range_constraints.get(symbol)
+        if known is not None and known.lower > 2:  # a dynamic size is 2 at least
+            assumed.append(f"batch >= {known.lower}")
+        if known is not None and known.upper != int_oo:
+            assumed.append(f"batch <= {known.upper}")
+        assumed += [re.sub(rf"\b{symbol}\b", "batch", PythonPrinter().doprint(check.expr))
+                    for checks in shape_env.deferred_runtime_asserts.values() for check in checks
+                    if symbol in check.expr.free_symbols and not ties_sizes(check.expr)]
+    if assumed:
+        raise _branches_on_the_batch(f"(torch.export assumed {' and '.join(dict.fromkeys(assumed))})",
+                                     example_inputs, axes)
+
+
+def _branches_on_the_batch(where: str, example_inputs, axes: Sequence[int | None]) -> UserError:
+    """The one line for a forward that branches on the batch size (`where`: the branch or what
+    the exporter assumed of it): the file would hold the example's branch for every batch."""
+    batched = [i for i, axis in enumerate(axes) if axis == 0]
+    every = ", ".join(f"--static-input {i}" for i in batched)
+    size = example_inputs[batched[0]].shape[0]
+    return UserError(f"the forward branches on the batch size {where}, and an ONNX file with a dynamic batch would "
+                     f"compute batch {size}'s branch for every batch; nothing was written. To export it at batch "
+                     f"{size} only, add {every}")
+
+
+# The guard `bngraph.trace` puts where a forward branched on a shape, as torch.export names the
+# node it failed in: its last argument is where the branch is in the user's code.
+_SHAPE_GUARD = re.compile(r"target=bngraph\.trace\.check_traced_(?:shapes|length)\]\(args = \(.*, (.+?)\), kwargs")
+
+
+def _raise_if_branching_on_the_batch(err: BaseException, example_inputs, axes: Sequence[int | None]) -> None:
+    """After a failed export: where the exporter failed in the guard of a branch on a shape, the
+    branch depends on the batch, the one dynamic size (torch's own message there is sympy's
+    "BooleanAtom not allowed in this context")."""
+    found = _SHAPE_GUARD.search("".join(traceback.format_exception(err)))
+    if found is not None and 0 in axes:
+        raise _branches_on_the_batch(f"at {found[1]}", example_inputs, axes) from err
 
 
 # What torch.onnx.export raises when its decomposition of scaled_dot_product_attention gives the
