@@ -201,7 +201,7 @@ class OrtRunner:
         # Fatal only: unused initializers are warnings, and a failed run is an error onnxruntime
         # prints in colour before our one line, which already says what failed and why.
         options.log_severity_level = 4
-        source = str(model) if isinstance(model, Path) else model
+        source = _without_absent_outputs(model)
         try:
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as err:
@@ -215,6 +215,37 @@ class OrtRunner:
     def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         feeds = {name: np.asarray(x) for name, x in zip(self.input_names, inputs)}
         return self.session.run(None, feeds)
+
+
+def _without_absent_outputs(model: str | Path | bytes) -> str | bytes:
+    """`model` for onnxruntime: as it is, or, where a node lists optional outputs it does not
+    produce by their empty names (`BatchNormalization(..., outputs=["y", "", "", "", ""])`, as
+    the ONNX spec allows), without those trailing names. The same model; onnxruntime 1.32
+    crashes the process on the original at ORT_DISABLE_ALL."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model), load_external_data=False)
+    trimmed = False
+    for nodes in [*(graph.node for graph in _graphs(proto.graph)), *(function.node for function in proto.functions)]:
+        for node in nodes:
+            while node.output and node.output[-1] == "":
+                node.output.pop()
+                trimmed = True
+    if not trimmed:
+        return model if isinstance(model, bytes) else str(model)
+    if not isinstance(model, bytes):  # its weights beside it, named relative to its folder
+        load_external_data_for_model(proto, str(Path(model).parent))
+    return proto.SerializeToString()
+
+
+def _graphs(graph):
+    """`graph` and every graph inside its nodes' attributes (If, Loop and Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for inner in [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs:
+                yield from _graphs(inner)
 
 
 class EvaluatorRunner:

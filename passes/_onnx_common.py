@@ -184,9 +184,17 @@ def per_position_reason(bn: ir.Node) -> str | None:
     channel and position, shaped like one example (C, D1, ...), not per channel."""
     attr = bn.attributes.get("spatial")
     mean = constant(bn.inputs[3]) if len(bn.inputs) > 3 else None
-    if attr is None or attr.is_ref() or attr.as_int() != 0 or mean is None or mean.ndim < 2:
+    if attr is None or attr.is_ref() or attr.as_int() != 0 or mean is None:
         return None
-    return f"spatial=0: its statistics are per channel and position {tuple(mean.shape)}, not per channel"
+    if mean.ndim >= 2:
+        return f"spatial=0: its statistics are per channel and position {tuple(mean.shape)}, not per channel"
+    # One number per channel is per position too only where a channel has one position, (N, C):
+    # statistics flattened to (C*H*W,) for an image would be read as one per channel.
+    shape = bn.inputs[0].shape
+    if shape is None or len(shape) != 2:
+        rank = "an input of unknown rank" if shape is None else f"a rank-{len(shape)} input"
+        return f"spatial=0 on {rank}: its {mean.shape[0]} statistics are per position, not per channel"
+    return None
 
 
 def layer_fold_reason(bn: ir.Node) -> str | None:

@@ -8,15 +8,19 @@ the largest error relative to the output's magnitude. onnxruntime runs every ops
 from __future__ import annotations
 
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 from onnx import TensorProto, helper, numpy_helper
 
 from bngraph.errors import UserError
 from bngraph.onnx_fold import fold_onnx
-from tests.onnx_models import conv_bn_file, gemm_bn_file, onnx_file, random_bn_stats
+from tests.onnx_models import BN_STATS, conv_bn_file, gemm_bn_file, onnx_file, random_bn_stats
 from tests.onnx_util import export_onnx, fold_and_check, fold_file, ops, relative_error, run_in_ort
 from tests.util import randomize_bn
 
@@ -92,6 +96,38 @@ def test_spatial_0_on_features_is_per_feature_and_folds_into_the_gemm():
     x = {"x": np.random.default_rng(0).standard_normal((3, 6)).astype(np.float32)}
     assert relative_error(original, folded, x) < FLOAT32_REL
 
+
+
+def test_spatial_0_statistics_flattened_for_an_image_are_not_read_as_per_channel():
+    # (C*H*W,) statistics: onnx.checker takes the file, onnxruntime does not run it; the fold
+    # read them as per channel and crashed in onnxscript's broadcast (a traceback, exit 1); the
+    # CLI now gives onnxruntime's refusal of the input in one line.
+    model = conv_bn_file(opset=7, ir_version=4, spatial=0)
+    for stat in model.graph.initializer:
+        if stat.name in BN_STATS:
+            stat.dims[:] = [int(np.prod(stat.dims))]
+    folded, report = fold_onnx(model)
+    assert ops(folded) == ["Conv", "BatchNormalization"]  # as it was, which onnxruntime refuses in one line
+    [kept] = report.sections["kept"]
+    assert "spatial=0 on a rank-4 input: its 144 statistics are per position" in kept["note"]
+
+
+def test_a_bn_naming_its_absent_outputs_by_empty_names_folds_and_verifies(tmp_path):
+    # The ONNX spec lets a node list optional outputs it does not produce as "": onnxruntime 1.32
+    # crashed the whole process on such a BN at ORT_DISABLE_ALL, so fold and verify died with
+    # SIGSEGV and no word. Run in subprocesses, so that a crash fails this test, not the suite.
+    reference = conv_bn_file(opset=12, ir_version=7)
+    model = onnx.ModelProto.FromString(reference.SerializeToString())
+    bn = next(node for node in model.graph.node if node.op_type == "BatchNormalization")
+    bn.output.extend(["", "", "", ""])
+    onnx.checker.check_model(model, full_check=True)
+    original, folded = tmp_path / "m.onnx", tmp_path / "folded.onnx"
+    onnx.save(model, str(original))
+    for argv in (["fold", str(original), "-o", str(folded)], ["verify", str(original), str(original)]):
+        done = subprocess.run([sys.executable, "-m", "bngraph", *argv], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (argv[0], done.returncode, done.stderr[-500:])
+    assert ops(ir.load(folded)) == ["Conv"]
+    assert relative_error(reference, ir.load(folded), feeds()) < FLOAT32_REL
 
 # ---- opset 15: a float16 layer with float32 BN statistics --------------------------------------
 
