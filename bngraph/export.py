@@ -33,6 +33,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import sympy
 import torch
 from torch import nn
 from torch.utils._sympy.numbers import int_oo
@@ -196,6 +197,10 @@ def _raise_if_exported_batch_fixed(model, axes: Sequence[int | None]) -> None:
             )
 
 
+# The batch sizes at which an assertion torch.export made must hold for it to be no branch.
+_SIZES_TRIED = (*range(2, 130), 255, 256, 257, 1000, 1023, 1024, 1025, 4096, 4097)
+
+
 def _refuse_guards_on_the_batch(program: torch.export.ExportedProgram, example_inputs,
                                 axes: Sequence[int | None]) -> None:
     """Where torch.export kept one branch of a forward that branches on the batch size, it
@@ -213,6 +218,11 @@ def _refuse_guards_on_the_batch(program: torch.export.ExportedProgram, example_i
     def ties_sizes(expr) -> bool:  # two inputs' batches are one (`x + y`): the file's contract, not a branch
         return getattr(expr, "rel_op", None) == "==" and all(arg.is_Symbol for arg in expr.args)
 
+    def holds_from_2(expr, symbol) -> bool:
+        # torch.export's own premise, that a dynamic size is not 0 or 1 (GPT-2's `batch != 1`):
+        # batch 1 is one that verify runs. Tried on sizes, not proven: a branch at 5000 passes.
+        return all(expr.xreplace({symbol: sympy.Integer(size)}) is sympy.true for size in _SIZES_TRIED)
+
     assumed = []
     for symbol, shape_env in batch_symbols.items():
         known = program.range_constraints.get(symbol)
@@ -222,7 +232,8 @@ def _refuse_guards_on_the_batch(program: torch.export.ExportedProgram, example_i
             assumed.append(f"batch <= {known.upper}")
         assumed += [re.sub(rf"\b{symbol}\b", "batch", PythonPrinter().doprint(check.expr))
                     for checks in shape_env.deferred_runtime_asserts.values() for check in checks
-                    if symbol in check.expr.free_symbols and not ties_sizes(check.expr)]
+                    if symbol in check.expr.free_symbols and not ties_sizes(check.expr)
+                    and not holds_from_2(check.expr, symbol)]
     if assumed:
         raise _branches_on_the_batch(f"(torch.export assumed {' and '.join(dict.fromkeys(assumed))})",
                                      example_inputs, axes)
