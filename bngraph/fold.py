@@ -62,12 +62,15 @@ KEPT_REASON = "kept as BatchNorm (standalone_bn='keep'): no layer can take it ex
 
 
 def fold(
-    module: nn.Module, example_inputs: Sequence[torch.Tensor], *, standalone_bn: str = "multiply-add"
+    module: nn.Module, example_inputs: Sequence[torch.Tensor], *, standalone_bn: str = "multiply-add",
+    inside_hooked_modules: bool = True,
 ) -> tuple[fx.GraphModule, Report]:
     """`module` in eval mode with its BatchNorms folded, and the report.
 
     `standalone_bn` (one of STANDALONE_BN_FORMS) is what a BN with no exact fold becomes; a BN
-    kept that way is a fixed map listed under `kept`, not `remaining`.
+    kept that way is a fixed map listed under `kept`, not `remaining`. `inside_hooked_modules`
+    False leaves the BNs inside a module with hooks as they are (`fold_artifact`: an artifact's
+    model.py rebuilds such a module from the user's code, which holds no fold).
 
     Checked twice against `module` in eval mode (`bngraph.equivalence`, on the example input and
     a batch of another size): the trace must compute what the model computes (else
@@ -85,7 +88,7 @@ def fold(
         raise UserError(f"standalone_bn is one of {', '.join(STANDALONE_BN_FORMS)} for a PyTorch model (export's "
                         f"'mul-add' and 'batchnorm' name the ONNX forms), not {standalone_bn!r}")
     with buffers_kept(module) as moved:
-        folded, report = _fold(module, example_inputs, standalone_bn)
+        folded, report = _fold(module, example_inputs, standalone_bn, inside_hooked_modules)
     # What the model's forward writes (a counter), the checks moved in the result's copy too: as
     # it was. Only those: a buffer the forward reads (a fixed filter) may hold a folded weight now.
     bns = {p for p, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
@@ -97,7 +100,8 @@ def fold(
     return folded, report
 
 
-def _fold(module: nn.Module, example_inputs: Sequence[torch.Tensor], standalone_bn: str) -> tuple[fx.GraphModule, Report]:
+def _fold(module: nn.Module, example_inputs: Sequence[torch.Tensor], standalone_bn: str,
+          inside_hooked_modules: bool) -> tuple[fx.GraphModule, Report]:
     opaque_notes, trace_failure, kept_whole = [], None, []
     if training := batch_norms_training_in_eval(module, example_inputs):
         # A graph module's eval() sets every submodule's mode, past the model's own train() (a
@@ -126,7 +130,7 @@ def _fold(module: nn.Module, example_inputs: Sequence[torch.Tensor], standalone_
     before, batch_norms = _op_counts(gm), len(_batch_norm_names(gm))
     unused = unused_batch_norms(module, gm)
     inside = opaque_batch_norms(gm)
-    inner_rows, inner_left, done = fold_inside_hooked_modules(gm, example_inputs, fold)
+    inner_rows, inner_left, done = fold_inside_hooked_modules(gm, example_inputs, fold) if inside_hooked_modules else ([], [], set())
     opaque = [*inner_left, *(row for row in inside if not row["node"].startswith(tuple(f"{t}." for t in done)))]
     gain = _largest_rounding_gain(gm)
     unfolded = _values_near_flagged(gm, example_inputs) if gain > PRECISION_LOSS_GAIN else {}
@@ -347,7 +351,7 @@ def fold_artifact(loaded: LoadedModel, output: str | None, *, force: bool = Fals
     """`bngraph fold`: `fold` on a loaded model spec, written as an artifact at `output` (None:
     only reported), its history extended by this fold and its report."""
     example_inputs = loaded.example_inputs()
-    folded, report = fold(loaded.module, example_inputs)
+    folded, report = fold(loaded.module, example_inputs, inside_hooked_modules=output is None)
     report.title = f"bngraph fold {loaded.spec.text}"
     if output is None:
         return folded, report

@@ -7,7 +7,8 @@ with the reason, so that `fold --strict` sees it. A BN the forward never reaches
 
 A module kept whole for its hooks is folded on its own: its hooks see its inputs and its
 output, which folding inside it does not change, so its folded graph, with the same hooks,
-takes its place (`fold_inside_hooked_modules`). A submodule a partial trace kept whole (its
+takes its place (`fold_inside_hooked_modules`), unless the hooks also read the module itself
+(`m.bn.running_var`, `m.conv.weight`), which the fold changes: checked, then left whole. A submodule a partial trace kept whole (its
 forward cannot be traced) is folded inside module by module (`fold_inside_kept_whole`).
 """
 
@@ -20,7 +21,8 @@ from functools import partial
 import torch
 from torch import fx, nn
 
-from bngraph.errors import CheckFailed, UserError
+from bngraph.equivalence import check_same_function
+from bngraph.errors import CheckFailed, UserError, one_line
 from bngraph.fold_untraced import rounding_gains
 from bngraph.passes.base import run_passes
 from bngraph.passes.fold_bn_into_producer_module import fold_bn_into_producer_module
@@ -84,12 +86,32 @@ def fold_inside_hooked_modules(gm: fx.GraphModule, example_inputs, fold: Callabl
                 setattr(module, attr, value)
         for attr, value in hooks.items():
             setattr(folded, attr, value)
+        if (why := _hooks_differ(module, folded, capture.args[node.name], target)) is not None:
+            left += [{"node": f"{target}.{row['node']}", "reason": f"it is inside {target}, kept as one call for its "
+                      f"hooks, which read the module itself: {why}"} for row in report.sections["folded"]]
+            left += [{**row, "node": f"{target}.{row['node']}"} for row in report.sections["remaining"]]
+            done.add(target)
+            continue
         parent, _, name = target.rpartition(".")
         setattr(gm.get_submodule(parent), name, folded)
         rows += [{**row, "node": f"{target}.{row['node']}"} for row in report.sections["folded"]]
         left += [{**row, "node": f"{target}.{row['node']}"} for row in report.sections["remaining"]]
         done.add(target)
     return rows, left, done
+
+
+def _hooks_differ(module: nn.Module, folded: nn.Module, args, target: str) -> str | None:
+    """Why `folded` with `module`'s hooks does not stand in for `module` with them (a hook reads
+    a BN the fold removed, or a weight it changed), or None where it does, on `args`."""
+    try:
+        check_same_function(module, folded, args, what=f"{target} folded, with its hooks")
+    except CheckFailed:
+        return "folded, it computes something else with them"
+    except UserError as err:
+        while err.__cause__ is not None:  # the hook's own error, not the check's words around it
+            err = err.__cause__
+        return f"they raise on the folded module ({one_line(err)})"
+    return None
 
 
 class _CaptureArgs(fx.Interpreter):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import operator
+import textwrap
 
 import pytest
 import torch
@@ -221,6 +222,58 @@ def test_a_hooked_block_stays_one_call_whose_hook_fires_and_is_folded_inside():
     assert len(features) == 1  # the hook still fires, on the block's unchanged output
     with torch.no_grad():
         torch.testing.assert_close(features[0], model.block(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reads, why", [
+    (lambda m, i, out: out * m.bn.running_var.view(1, -1, 1, 1), "they raise on the folded module (AttributeError"),
+    (lambda m, i, out: out * m.conv.weight.mean(), "folded, it computes something else with them"),
+], ids=["the-bn", "the-conv-weight"])
+def test_a_hook_reading_the_block_itself_keeps_the_block_whole(reads, why):
+    # A monitoring hook reads the block's BN or weights: folded inside, the block had no `bn`
+    # (the fold refused saying the model raised) or a scaled weight (refused: check failed).
+    model = randomize_bn(FeatureNet())
+    model.block.register_forward_hook(reads)
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = fold(model, [x])
+    [left] = report.sections["remaining"]
+    assert left["node"] == "block.bn" and why in left["reason"]
+    assert_matches(folded, model, x)
+
+
+def test_fold_writes_an_artifact_of_a_model_with_a_hooked_block(tmp_path, monkeypatch):
+    # The artifact's model.py rebuilds the hooked block from the user's code, unfolded, beside
+    # the folded block's weights: the reload check failed, naming the hidden temporary folder.
+    (tmp_path / "net.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+            def forward(self, x):
+                return torch.relu(self.bn(self.conv(x)))
+
+        def double(module, inputs, output):
+            return output * 2
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.block, self.head = Block(), nn.Conv2d(4, 2, 1)
+                self.block.register_forward_hook(double)
+
+            def forward(self, x):
+                return self.head(self.block(x))
+    """))
+    monkeypatch.chdir(tmp_path)
+    assert main(["fold", "net.py:Net", "--input-shape", "2,3,4,4", "-o", "folded"]) == 0
+    original, written = bngraph.load("net.py:Net"), bngraph.load("folded")
+    x = torch.randn(3, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(written.eval()(x), original.eval()(x))
+    assert written.block._forward_hooks  # the hook is the user's code's, registered again on loading
 
 
 def test_a_hook_on_the_model_itself_is_not_dropped_by_tracing():
