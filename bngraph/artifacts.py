@@ -85,7 +85,9 @@ def save(
     carried = {f"{CARRIED_DIR}/{name}": data for name, data in (carry or {}).items()}
 
     def write(folder: Path) -> None:
-        (folder / CODE_FILE).write_text(text)
+        # The code names its source, whose path may hold bytes that are not UTF-8 (a folder named
+        # in Latin-1): written as escapes, which Python reads back as the same name.
+        (folder / CODE_FILE).write_text(text, errors="backslashreplace")
         save_tensors(state, folder / WEIGHTS_FILE)
         for name, data in carried.items():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)

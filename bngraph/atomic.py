@@ -418,12 +418,16 @@ def write_atomically(
             write(tmp)
             if kind in FILE_SUFFIXES:
                 seal(tmp, kind)
-        if os.path.lexists(path) and not replace_own:
+        replacing = os.path.lexists(path)
+        if replacing and not replace_own:
             check_output(path, kind, force=force)  # the long work may have let something else in
         if replace_own:  # the new digest recorded beside the old one first: a kill in between leaves either valid
             digest = sha256(tmp)
             _record_written(path.parent, {path.name: digest}, keep_previous=True)
-        os.replace(tmp, path)
+        if replacing or replace_own:
+            os.replace(tmp, path)  # what the check above allowed
+        else:
+            _rename_new(tmp, path)  # fails where another command wrote `path` since
         if replace_own:
             _record_written(path.parent, {path.name: digest})
     except BaseException:
@@ -488,6 +492,33 @@ def _stop_signals_deferred() -> Iterator[list[int]]:
             signal.signal(signum, handler)
 
 
+def _written_meanwhile(path: Path) -> UserError:
+    return UserError(f"{path} appeared while this command worked (another command writing the same -o?): it is "
+                     "left as it is; choose another -o")
+
+
+def _claim(path: Path) -> None:
+    """Make the empty folder `path`, onto which a built folder is then renamed; a UserError
+    where something else took the name since the checks (two commands writing one -o)."""
+    try:
+        path.mkdir()
+    except FileExistsError:
+        raise _written_meanwhile(path) from None
+
+
+def _rename_new(tmp: Path, path: Path) -> None:
+    """Rename the file `tmp` to `path`, which must not exist: a hard link is made only where
+    nothing is (os.replace would replace a file another command wrote there since the checks)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise _written_meanwhile(path) from None
+    except OSError:  # a file system without hard links: the rename, as before
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
 def _swap_in(built: Path, path: Path, kind: str, force: bool) -> None:
     """Put the folder `built` at `path`; an old output there goes aside, then away.
 
@@ -496,18 +527,23 @@ def _swap_in(built: Path, path: Path, kind: str, force: bool) -> None:
     half-deleted `.NAME.PID.old`, and the message said the old output was kept. It then ends the
     command as `InterruptedAfterWriting`.
     """
-    if os.path.lexists(path):
+    replacing = os.path.lexists(path)  # asked once: what is there now was not checked
+    if replacing:
         check_output(path, kind, force=force)  # the long work may have let something else in
     with _stop_signals_deferred() as stopped:
         old = None
-        if os.path.lexists(path):
+        if replacing:
             old = _fresh_sibling(path, "old")
             os.replace(path, old)  # a folder cannot be replaced in one rename: `path` is gone an instant
+        else:
+            _claim(path)  # a rename onto an empty folder replaces it: the name is taken first
         try:
             os.replace(built, path)
         except BaseException:
             if old is not None:
                 os.replace(old, path)
+            else:
+                _remove_made([path])
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)  # checked above: a bngraph output of this kind

@@ -16,6 +16,7 @@ import gc
 import importlib
 import importlib.abc
 import importlib.metadata
+import io
 import os
 import signal
 import sys
@@ -65,21 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
 # Packages whose initialisation a stop signal must not interrupt: a KeyboardInterrupt raised
 # inside it has aborted the process, failed a later import ("cannot load module more than once"),
 # or been swallowed, letting the command run to the end.
-_IMPORTED_WHOLE = ("numpy", "torch")
+_IMPORTED_WHOLE = ("numpy", "torch", "onnx", "onnxruntime")
 
 
 @contextlib.contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM held back while the block runs, and delivered when it ends (where the
-    system has signal masks: not on Windows)."""
-    if not hasattr(signal, "pthread_sigmask"):
+    """SIGINT and SIGTERM held back while the block runs, and delivered when it ends. Two holds:
+    the main thread's signal mask, so that no system call of the block's C code fails with EINTR,
+    and Python handlers that only record, since a thread torch started before the block takes
+    the signal in its place and Python then runs the handler in the main thread, inside the
+    block (onnxruntime's initialisation failed so)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    arrived = []
+    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    masked = hasattr(signal, "pthread_sigmask")  # not on Windows
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(previous)) if masked else None
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if masked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal it held arrives now, recorded
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in arrived[:1]:
+            signal.raise_signal(signum)
 
 
 class _ImportsWhole(importlib.abc.MetaPathFinder):
@@ -93,13 +105,15 @@ class _ImportsWhole(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if fullname not in self.pending:
             return None
-        self.pending.discard(fullname)
         later = sys.meta_path[sys.meta_path.index(self) + 1 :]
         spec = next((s for f in later if (s := f.find_spec(fullname, path, target)) is not None), None)
         if spec is not None and spec.loader is not None:
             exec_module = spec.loader.exec_module
 
             def exec_whole(module):
+                # Pending until it runs: a library asking whether onnxruntime is installed
+                # (importlib.util.find_spec) finds its spec and never imports it.
+                self.pending.discard(fullname)
                 with _signals_held():
                     exec_module(module)
 
@@ -118,6 +132,10 @@ def _refuse_an_empty_output(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None  # not called from Python: the process ends when this returns
     argv = sys.argv[1:] if argv is None else list(argv)
+    # A path may hold bytes that are not UTF-8 (a folder named in Latin-1, os.fsdecode's
+    # surrogates): printed escaped, as stderr already does, rather than a UnicodeEncodeError.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)  # argparse already exits 2 on a bad flag
     args.argv = argv  # for a command that starts others with the same arguments (train --nproc)
     stopped_by = []  # the signals that asked the command to stop

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import os
 import pickle
 import sys
 import warnings
@@ -22,7 +23,7 @@ from bngraph.errors import UserError, model_raised, one_line, require_file
 from bngraph.runners import ExampleInputs, random_tensor
 from bngraph.spec import ModelSpec, input_layout, parse_input_dtypes, parse_input_shapes, parse_model_spec
 from bngraph.trace import check_model, materialize_lazy
-from bngraph.user_modules import importing_beside
+from bngraph.user_modules import importing_beside, working_folder_restored
 from bngraph.zoo import create_model, get_entry
 
 
@@ -63,7 +64,7 @@ def import_user_file(path: Path):
     """The user's file imported as `python path` would run it: `from blocks import Block` finds
     the file's sibling blocks.py (`importing_beside`)."""
     path = path.resolve()
-    name = "bngraph_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    name = "bngraph_user_" + hashlib.sha1(os.fsencode(path)).hexdigest()[:12]  # a Latin-1 folder name too
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look the module up by name
@@ -274,7 +275,7 @@ def load_model(
         module = create_model(spec.symbol)
         shapes = [get_entry(spec.symbol).input_shape]
     elif spec.kind == "file":
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), working_folder_restored():
             torch.manual_seed(seed)
             module, symbol, code = _build(spec.path, spec.symbol)
         symbol_is_instance = getattr(code, symbol) is module

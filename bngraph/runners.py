@@ -221,7 +221,8 @@ def _without_absent_outputs(model: str | Path | bytes) -> str | bytes:
     """`model` for onnxruntime: as it is, or, where a node lists optional outputs it does not
     produce by their empty names (`BatchNormalization(..., outputs=["y", "", "", "", ""])`, as
     the ONNX spec allows), without those trailing names. The same model; onnxruntime 1.32
-    crashes the process on the original at ORT_DISABLE_ALL."""
+    crashes the process on the original at ORT_DISABLE_ALL. A path onnxruntime cannot open
+    becomes the file's bytes."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
@@ -232,11 +233,22 @@ def _without_absent_outputs(model: str | Path | bytes) -> str | bytes:
             while node.output and node.output[-1] == "":
                 node.output.pop()
                 trimmed = True
-    if not trimmed:
-        return model if isinstance(model, bytes) else str(model)
-    if not isinstance(model, bytes):  # its weights beside it, named relative to its folder
-        load_external_data_for_model(proto, str(Path(model).parent))
+    if isinstance(model, bytes):
+        return proto.SerializeToString() if trimmed else model
+    if not trimmed and _is_utf8(str(model)):
+        return str(model)
+    # Changed, or at a path onnxruntime cannot open (a folder name that is not UTF-8): as bytes,
+    # its weights read from beside it first, where they are named relative to its folder.
+    load_external_data_for_model(proto, str(Path(model).parent))
     return proto.SerializeToString()
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # os.fsdecode's surrogates for bytes that are not UTF-8
+        return False
+    return True
 
 
 def _graphs(graph):

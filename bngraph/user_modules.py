@@ -9,6 +9,7 @@ them, and carried into artifacts so that an artifact loads anywhere.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,20 @@ def importing_beside(folder: Path):
         sys.path.remove(entry)
         if entry not in sys.path:
             sys.path.append(entry)
+
+
+@contextlib.contextmanager
+def working_folder_restored():
+    """The working folder, as it was before the code inside ran, once it has run. Research code
+    changes it (`os.chdir(os.path.dirname(__file__))` at the top of a model file, so that its
+    constructor finds its files); the paths the user gave bngraph (`-o`, the model's own file) are
+    relative to where the command started, and an output went into the model's folder instead."""
+    before = os.getcwd()
+    try:
+        yield
+    finally:
+        if os.getcwd() != before:
+            os.chdir(before)
 
 
 def python_files(folder: Path) -> dict[str, Path]:

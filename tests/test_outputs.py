@@ -9,6 +9,7 @@ and Ctrl-C leave no temporary file and the old output as it was.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import resource
 import signal
@@ -258,6 +259,53 @@ def test_force_keeps_a_file_bngraph_wrote_that_was_changed_since(name, out_name,
         assert [entry.key for entry in model.metadata_props].count("bngraph_sha256") == 1
 
 
+_MLP_FILE = """
+import os
+import torch
+from torch import nn
+{first_line}
+
+class Net(nn.Module):
+    example_input_shape = (2, 4)
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.bn(self.a(x))))
+"""
+
+
+def test_a_model_file_that_changes_the_working_folder_does_not_move_the_output(tmp_path, capsys, monkeypatch):
+    # Research code's first line: the output went into the model's folder (the report said
+    # `output: folded`, relative to where the user was), and a relative model path then failed
+    # with a traceback (FileNotFoundError).
+    (tmp_path / "models").mkdir()
+    chdir = "os.chdir(os.path.dirname(os.path.abspath(__file__)))"
+    (tmp_path / "models" / "net.py").write_text(_MLP_FILE.format(first_line=chdir))
+    monkeypatch.chdir(tmp_path)
+    assert _run(capsys, ["fold", "models/net.py:Net", "-o", "folded"])[0] == 0
+    assert _run(capsys, ["export", "models/net.py:Net", "-o", "net.onnx"])[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folded", "models", "net.onnx"]
+    assert {p.name for p in (tmp_path / "models").iterdir()} - {"__pycache__"} == {"net.py"}
+
+
+def test_a_folder_name_that_is_not_utf8_is_read_and_written(tmp_path, capsys, monkeypatch):
+    # A folder unzipped from an old archive (Latin-1 0xE9): importing its model was a traceback
+    # (UnicodeEncodeError), and onnxruntime could not open a file there ("incompatible
+    # constructor arguments", blamed on onnxruntime).
+    folder = tmp_path / os.fsdecode(b"caf\xe9")
+    folder.mkdir()
+    (folder / "m.py").write_text(_MLP_FILE.format(first_line=""))
+    monkeypatch.chdir(tmp_path)
+    spec = f"{folder.name}/m.py:Net"
+    assert _run(capsys, ["fold", spec, "-o", f"{folder.name}/folded"])[0] == 0
+    code, _, err = _run(capsys, ["export", spec, "-o", f"{folder.name}/m.onnx"])
+    assert code == 0, err
+    assert (folder / "m.onnx").is_file() and (folder / "folded" / "bngraph.json").is_file()
+
+
 def test_missing_parents_are_created_as_the_readme_writes_them(tmp_path, capsys, inputs, monkeypatch):
     monkeypatch.chdir(tmp_path)  # an empty folder, relative paths
     assert _run(capsys, _argv("train", inputs, Path("runs/x5")))[0] == 0
@@ -456,6 +504,47 @@ def test_ctrl_c_while_the_old_output_is_removed_ends_with_the_new_one_whole(name
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
+def _write_at_the_barrier(writer: str, out: Path, barrier, outcomes) -> None:
+    """One of two processes writing `out` (a forked child): its output built, it waits for the
+    other's, and then the two finish together."""
+    def write(tmp: Path) -> None:
+        if writer == "file":
+            tmp.write_bytes(b"\x08\x08" + ONNX_MARK + str(os.getpid()).encode())
+        else:
+            tmp.joinpath("model.py").write_text(str(os.getpid()))
+        barrier.wait()
+
+    try:
+        if writer == "file":
+            write_atomically(out, write, kind=ONNX)
+        else:
+            write_dir_atomically(out, write, kind=ARTIFACT)
+        outcomes.put("wrote")
+    except UserError as err:
+        outcomes.put("refused" if "choose another -o" in str(err) else str(err))
+    except Exception as err:  # noqa: BLE001 (what this test looks for)
+        outcomes.put(repr(err))
+
+
+@pytest.mark.parametrize("writer", ["file", "folder"])
+def test_two_writers_finishing_one_new_output_together_give_one_output_and_one_refusal(writer, tmp_path):
+    # Both checked that the name was free, then renamed: the second replaced the first's file
+    # without --force, or failed on the first's folder with OSError (a traceback). Two
+    # processes finishing together at a barrier meet in that window often, not always.
+    context = multiprocessing.get_context("fork")
+    for round_ in range(12):
+        out = tmp_path / (f"m{round_}.onnx" if writer == "file" else f"a{round_}")
+        barrier, outcomes = context.Barrier(2), context.Queue()
+        children = [context.Process(target=_write_at_the_barrier, args=(writer, out, barrier, outcomes)) for _ in range(2)]
+        for child in children:
+            child.start()
+        found = sorted(outcomes.get(timeout=60) for _ in children)
+        for child in children:
+            child.join(timeout=60)
+        assert found == ["refused", "wrote"], (round_, found)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
 @pytest.mark.parametrize("writer", ["file", "folder"])
 def test_an_interrupted_write_leaves_the_old_output_and_no_temporary(writer, tmp_path):
     """Ctrl-C in the middle of writing (here: after the first file of the new output)."""
@@ -550,6 +639,35 @@ def test_a_stop_signal_while_torch_loads_ends_the_command_cleanly(tmp_path):
                           text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert (done.returncode, done.stderr) == (128 + signal.SIGTERM, "bngraph: interrupted: terminated\n")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_stop_signal_while_onnxruntime_loads_ends_the_command_cleanly(tmp_path):
+    # export imports onnxruntime late, to verify the file. A library asks first whether it is
+    # installed (importlib.util.find_spec), which used up the hold on it, and a signal inside its
+    # C initialisation (sent from outside, at random, this failed 6 times in 8) failed the import:
+    # a traceback ending "ImportError: initialization failed". Here the signal is sent from the
+    # import of its extension module, where a signal must find itself held.
+    script = textwrap.dedent("""
+        import os, signal, sys
+
+        class SignalWhileOnnxruntimeLoads:
+            def find_spec(self, name, path=None, target=None):
+                if name == "onnxruntime.capi.onnxruntime_pybind11_state":
+                    held = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+                    print("held" if held else "not held", file=open(os.environ["HELD_FILE"], "w"))
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        sys.meta_path.insert(0, SignalWhileOnnxruntimeLoads())
+        from bngraph.cli import main
+        sys.exit(main())
+    """)
+    work, held = tmp_path / "work", tmp_path / "held.txt"
+    work.mkdir()
+    done = subprocess.run([sys.executable, "-c", script, "export", "zoo:mnist-mlp", "-o", "m.onnx"], capture_output=True,
+                          text=True, cwd=work, env={**os.environ, "PYTHONPATH": str(REPO), "HELD_FILE": str(held)})
+    assert held.read_text() == "held\n"
+    assert (done.returncode, done.stderr) == (128 + signal.SIGTERM, "bngraph: interrupted: terminated\n")
+    assert not list(work.iterdir())
 
 
 def _children(pid: int) -> list[int]:
