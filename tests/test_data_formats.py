@@ -1251,6 +1251,29 @@ def test_a_streamed_factory_that_augments_at_random_resumes_bit_identically_with
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 
 
+def test_a_streamed_test_set_that_augments_at_random_gives_one_run_with_any_workers_and_on_resume(tmp_path):
+    # The test loader was not seeded: with no workers, its items drew from the generator dropout
+    # draws from (the training after the first evaluation moved with --loader-workers), and its
+    # persistent workers' draws started over on a resume.
+    (tmp_path / "aug.py").write_text(AUGMENTING_PY)
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Dropout(0.3), nn.ReLU(), nn.Linear(16, 10))
+
+    def data(workers):
+        return open_data(f"{tmp_path / 'aug.py'}:make", stream_above_mb=0, workers=workers)
+
+    config = TrainConfig(steps=9, batch_size=8, lr=0.1, eval_every=3)
+    in_process = train(net(), data(0), config, progress=False)
+    train(net(), data(1), replace(config, steps=4), out_dir=tmp_path / "half", progress=False)
+    resumed = train(net(), data(1), config, out_dir=tmp_path / "half", resume=True, progress=False)
+    for key, value in in_process.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    test_loss = lambda run: {row["step"]: row["test_loss"] for row in run.metrics if row["step"] % 3 == 0}  # noqa: E731
+    assert test_loss(resumed) == test_loss(in_process)
+
+
 READ_ONLY_PY = '''
 import numpy as np
 import torch

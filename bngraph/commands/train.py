@@ -36,7 +36,8 @@ something else with the checkpoint's weights (its code edited since) are refused
                 input is integer (--input-dtype int64: token ids), integer items stay integers.
                 Read with torch, NumPy and random seeded from --seed: held in memory, an item's
                 random augmentation is drawn once for the run; streamed (--stream-above 0), anew
-                for each batch, seeded by its step (--resume stays exact)
+                for each batch, seeded by its step (--resume stays exact), and for each test batch
+                the same at every evaluation, with any --loader-workers
 Without --data: $BNGRAPH_DATA, the MNIST cache (downloaded when online), then Debian's Fashion-MNIST.
 Data whose float32 images fit in --stream-above MB (default 2048) stay on the device as tensors;
 larger data streams through a DataLoader with --loader-workers processes (pinned memory on CUDA), in

@@ -211,23 +211,47 @@ class _StepBatches:
             yield _StepBatch(self.sampler(step).tolist(), step)
 
 
-class _SeededByStep(torch.utils.data.Dataset):
+class _SeededBatches(torch.utils.data.Dataset):
+    """A Dataset whose batches are each read with the generators seeded from `key(batch)`."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def key(self, batch) -> str:
+        raise NotImplementedError
+
+    def __getitems__(self, batch):
+        with seeded(self.key(batch)):
+            if hasattr(self.dataset, "__getitems__"):
+                return self.dataset.__getitems__(batch)
+            return [self.dataset[i] for i in batch]
+
+
+class _SeededByStep(_SeededBatches):
     """A training Dataset whose batch of step s is read with the generators seeded from (seed,
     s, rank): whichever worker reads it, in a fresh run or a resumed one, it draws the same
     augmentation. (Seeded per worker, the draws would follow the worker's round of batches,
     which starts over where a resume starts its loader.)"""
 
     def __init__(self, dataset, seed: int, rank: int):
-        self.dataset, self.seed, self.rank = dataset, seed, rank
+        super().__init__(dataset, seed)
+        self.rank = rank
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+    def key(self, batch: _StepBatch) -> str:
+        return f"{self.seed}:step{batch.step}:rank{self.rank}"
 
-    def __getitems__(self, batch: _StepBatch):
-        with seeded(f"{self.seed}:step{batch.step}:rank{self.rank}"):
-            if hasattr(self.dataset, "__getitems__"):
-                return self.dataset.__getitems__(batch)
-            return [self.dataset[i] for i in batch]
+
+class _SeededByFirstIndex(_SeededBatches):
+    """A test Dataset whose batches are read with the generators seeded from (seed, the index of
+    the batch's first example): the test batches are the same at every evaluation, so each
+    example draws the same augmentation each time, whichever worker reads it. (Seeded per
+    batch, not per example: seeding costs about as much as reading a small image.)"""
+
+    def key(self, batch: list[int]) -> str:
+        return f"{self.seed}:test{batch[0]}"
 
 
 def user_error_from_worker(err: UserError) -> UserError:
@@ -258,6 +282,15 @@ def step_batches(data: TensorData | StreamData, sampler: EpochSampler, start: in
         except UserError as err:
             raise user_error_from_worker(err) from None
         yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+
+
+def streamed_test_loader(data: StreamData, seed: int, rank: int, world_size: int, batch_size: int, pin: bool):
+    """A DataLoader of this rank's share of the streamed test set, read seeded (`_SeededByFirstIndex`).
+    Unseeded, with no workers a Dataset's random draws came from the generator dropout draws
+    from (the training after each evaluation depended on --loader-workers), and persistent
+    workers' draws went on from one evaluation to the next and started over on a resume."""
+    shard = torch.utils.data.Subset(_SeededByFirstIndex(data.test, seed), range(rank, len(data.test), world_size))
+    return data.loader(shard, batch_size=batch_size, pin=pin, persistent=True)
 
 
 def data_fingerprint(data: TensorData | StreamData) -> dict:

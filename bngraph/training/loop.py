@@ -45,6 +45,7 @@ from bngraph.training.checkpoint import CHECKPOINT, open_run_folder, resume_from
 from bngraph.training.config import PRECISIONS, TrainConfig, pick_device
 from bngraph.training.data import (
     EpochSampler, StreamData, TensorData, check_finite, check_model_fits, data_fingerprint, logits_of, step_batches,
+    streamed_test_loader,
 )
 from bngraph.training.data_formats import load_data
 from bngraph.training.distributed import SINGLE, Distributed, broadcast_buffers, sum_over_ranks, wrap
@@ -219,8 +220,8 @@ def _set_up(model: nn.Module, data: TensorData | StreamData, config: TrainConfig
                            ctx.world_size)
     test_loader = None
     if streamed:
-        shard = torch.utils.data.Subset(data.test, range(ctx.rank, len(data.test), ctx.world_size))
-        test_loader = data.loader(shard, batch_size=max(config.batch_size, 256), pin=on_gpu, persistent=True)
+        test_loader = streamed_test_loader(data, config.seed, ctx.rank, ctx.world_size, max(config.batch_size, 256),
+                                           on_gpu)
     tracker = None
     if config.track_inputs is not None:  # two examples find the nonlinearities called as functions
         example = [data.example(2).to(dev)]
