@@ -1115,6 +1115,33 @@ def test_resume_refuses_other_data_and_takes_the_same_data_moved(tmp_path, capsy
     assert _cli(capsys, *common, "--data", moved, "--steps", 4, "--resume")[0] == 0
 
 
+def test_resume_refuses_renamed_or_moved_class_folders_and_images_on_another_scale(tmp_path, capsys, nets):
+    # The counts, the image shape and the label sequence were all the checkpoint compared: a
+    # class folder renamed (label 1 now another folder's images), images moved between classes,
+    # or uint8 images saved again as floats of 0-255 resumed without a word.
+    folder = write_image_folder(tmp_path / "pets")
+    common = ["train", f"{nets}:Net", "--batch-size", 4, "--quiet", "-o", tmp_path / "run"]
+    assert _cli(capsys, *common, "--data", folder, "--steps", 2)[0] == 0
+    (folder / "train" / "dog").rename(folder / "train" / "zebu")
+    (folder / "test" / "dog").rename(folder / "test" / "zebu")
+    code, _, err = _cli(capsys, *common, "--data", folder, "--steps", 4, "--resume")
+    assert code == 2 and "classes: ['cat', 'dog', 'emu'] then, ['cat', 'emu', 'zebu'] now" in err
+    (folder / "train" / "zebu").rename(folder / "train" / "dog")
+    (folder / "test" / "zebu").rename(folder / "test" / "dog")
+    (folder / "train" / "cat" / "0.png").rename(folder / "train" / "dog" / "3.png")  # as many of each class as before
+    (folder / "train" / "dog" / "0.png").rename(folder / "train" / "cat" / "0.png")
+    code, _, err = _cli(capsys, *common, "--data", folder, "--steps", 4, "--resume")
+    assert code == 2 and "image files and labels (SHA-256)" in err and err.count("\n") == 1
+
+    uint8 = write_npz(tmp_path / "d.npz")
+    npz = ["train", "zoo:mnist-mlp", "--batch-size", 4, "--quiet", "-o", tmp_path / "npz-run", "--data", uint8]
+    assert _cli(capsys, *npz, "--steps", 2)[0] == 0
+    with np.load(uint8) as arrays:
+        np.savez(uint8, **{k: v.astype(np.float32) if k.startswith("x") else v for k, v in arrays.items()})
+    code, _, err = _cli(capsys, *npz, "--steps", 4, "--resume")
+    assert code == 2 and "input scale: uint8 pixels / 255 (values in [0, 1]) then, as stored (not scaled) now" in err
+
+
 def test_the_python_api_reads_a_path_for_the_models_declared_input(tmp_path):
     class Net(nn.Sequential):
         example_input_shape = (2, 3, 28, 28)  # decides NHWC here

@@ -67,6 +67,7 @@ class EpochSampler:
 # What the readers do to uint8 images, for the run's metadata and report: the trained model takes
 # its inputs so, in PyTorch and in ONNX, and pixels as stored give another answer.
 UINT8_SCALE = "uint8 pixels / 255 (values in [0, 1])"
+AS_STORED = "as stored (not scaled)"  # a data object's input_scale None, where a word is needed
 
 
 @dataclass
@@ -83,6 +84,7 @@ class TensorData:
     label_file: str = ""  # where the largest label comes from, for errors
     class_names: tuple[str, ...] | None = None  # what label i means, where the data names it (class folders)
     input_scale: str | None = None  # how stored images became the model's inputs (UINT8_SCALE), None: as stored
+    files_sha256: str | None = None  # `image_folder_digest` of an image folder's files and labels
 
     def __post_init__(self):
         # As the readers check files: 300 images and 10 labels ended in an IndexError mid-training.
@@ -151,6 +153,7 @@ class StreamData:
     device: torch.device | str = "cpu"
     class_names: tuple[str, ...] | None = None  # as TensorData's
     input_scale: str | None = None  # as TensorData's
+    files_sha256: str | None = None  # as TensorData's
 
     @property
     def n_train(self) -> int:
@@ -294,11 +297,17 @@ def streamed_test_loader(data: StreamData, seed: int, rank: int, world_size: int
 
 
 def data_fingerprint(data: TensorData | StreamData) -> dict:
-    """What a resumed run must find again, since the batches depend on it: the numbers of
-    examples, the image shape and, for data in memory, a digest of the training labels."""
+    """What a resumed run must find again, since the batches and what they teach depend on it:
+    the numbers of examples, the image shape, the format, the input scale, the class names and,
+    for an image folder, a digest of its files and labels, for data in memory, of the training
+    labels. (A checkpoint written before a key was added lacks it, and is not held to it.)"""
     test = len(data.y_test) if isinstance(data, TensorData) else len(data.test)
     found = {"training examples": data.n_train, "test examples": test,
-             "image shape": list(data.example(1).shape[1:])}
+             "image shape": list(data.example(1).shape[1:]), "format": data.format,
+             "input scale": data.input_scale or AS_STORED,
+             "classes": list(data.class_names) if data.class_names is not None else None}
+    if data.files_sha256 is not None:
+        found["image files and labels (SHA-256)"] = data.files_sha256
     if isinstance(data, TensorData):
         found["training labels (SHA-256)"] = hashlib.sha256(data.y_train.cpu().numpy().tobytes()).hexdigest()[:16]
     return found

@@ -33,6 +33,7 @@ docstring line that describes it, and `open_data` dispatches over them at the en
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -360,6 +361,17 @@ def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]], li
     return classes, splits[0], splits[1], test_dir
 
 
+def image_folder_digest(splits: dict[str, tuple[Path, list[tuple[Path, int]]]]) -> str:
+    """A digest of each image's path in its split folder and its label, over `splits` (name ->
+    (folder, (file, label) pairs)): a class folder renamed, or files moved between classes, leave
+    the counts and often the label sequence as they were, but not this."""
+    digest = hashlib.sha256()
+    for name, (folder, pairs) in splits.items():
+        for path, label in pairs:
+            digest.update(f"{name}/{path.relative_to(folder).as_posix()}\t{label}\n".encode(errors="surrogateescape"))
+    return digest.hexdigest()[:16]
+
+
 # Pillow's modes of more than 8 bits a channel (16-bit PNG and TIFF, as medical images often are).
 _WIDE_MODES = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
                "F": "32-bit float"}
@@ -626,7 +638,7 @@ def open_data(
         return limit is None or n * per_example * 4 <= limit
 
     def finish(train: Split, test: Split, name: str, source: str, class_names: tuple[str, ...] | None = None,
-               scaled: bool = False):
+               scaled: bool = False, files_sha256: str | None = None):
         """`scaled`: uint8 images were converted already (a factory's, item by item)."""
         shape = tuple(to_model_input(train.images[:1], target).shape[1:])
         scaled = scaled or train.images.dtype == torch.uint8
@@ -637,10 +649,12 @@ def open_data(
         if fits(len(train.labels) + len(test.labels), int(np.prod(shape))):
             x = [_convert_in_chunks(s.images, target, device) for s in (train, test)]
             return TensorData(x[0], train.labels.to(device), x[1], test.labels.to(device), name, source,
-                              format=fmt, label_file=label_file, class_names=class_names, input_scale=scale)
+                              format=fmt, label_file=label_file, class_names=class_names, input_scale=scale,
+                              files_sha256=files_sha256)
         return StreamData(ArrayDataset(train, target), ArrayDataset(test, target), name, source, format=fmt,
                           num_classes=num_classes, example_shape=shape, label_file=label_file,
-                          workers=workers, device=device, class_names=class_names, input_scale=scale)
+                          workers=workers, device=device, class_names=class_names, input_scale=scale,
+                          files_sha256=files_sha256)
 
     if fmt == "mnist-idx":
         mnist = load_mnist(Path(path).expanduser(), name=dataset)
@@ -661,14 +675,15 @@ def open_data(
         size = image_folder_size(train_pairs[:1] + test_pairs[:1] if target.size else train_pairs + test_pairs, target)
         shape = (1 if mode == "L" else 3, *size) if target.channel_axis else size
         where = f"{root / 'train'} ({len(classes)} class folders)"
+        digest = image_folder_digest({"train": (root / "train", train_pairs), "test": (test_dir, test_pairs)})
         if fits(len(train_pairs) + len(test_pairs), int(np.prod(shape))):
             splits = [Split(torch.from_numpy(np.stack([decode_image(p, mode, size) for p, _ in pairs])),
                             torch.tensor([c for _, c in pairs]), where) for pairs in (train_pairs, test_pairs)]
-            return finish(splits[0], splits[1], root.name, str(root), tuple(classes))
+            return finish(splits[0], splits[1], root.name, str(root), tuple(classes), files_sha256=digest)
         files = [ImageFiles(pairs, mode, size, target.channel_axis) for pairs in (train_pairs, test_pairs)]
         return StreamData(*files, root.name, str(root), format=fmt, num_classes=len(classes), example_shape=shape,
                           label_file=where, workers=workers, device=device, class_names=tuple(classes),
-                          input_scale=UINT8_SCALE)
+                          input_scale=UINT8_SCALE, files_sha256=digest)
     with seeded(f"{seed}:data"):  # before the run seeds torch: the factory's draws are the run's
         return _open_factory(str(path), target, input_shape, fits, finish, workers, device)
 
