@@ -19,6 +19,7 @@ from torch import nn
 
 import bngraph
 from bngraph.cli import main
+from bngraph.data import model_images
 from bngraph.errors import UserError
 from bngraph.training.data_formats import detect_format, open_data
 from bngraph.training import StreamData, TensorData, TrainConfig, train
@@ -288,6 +289,20 @@ def test_image_folder_trains_at_the_models_size_and_channels(tmp_path, capsys, n
     assert data.x_train.shape == (9, 1, 28, 28) and data.y_train.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     data = open_data(root, input_shape=(2, 3, 8, 8), image_size="5,6")
     assert data.x_test.shape == (9, 3, 5, 6) and 0 <= data.x_test.min() and data.x_test.max() <= 1
+
+
+@pytest.mark.parametrize("input_shape", [(2, 3, 8, 8), (2, 8, 8)])
+def test_an_image_folder_for_a_model_taking_integers_gives_the_same_pixels_held_whole_and_streamed(tmp_path, input_shape):
+    # Held whole, a model declaring an int64 input got pixels 0-255 as integers; streamed (and in
+    # verify --data, insert --preserve), floats / 255, recorded as its input_scale: another model.
+    folder = write_image_folder(tmp_path / "pets")
+    whole, streamed = (open_data(folder, input_shape=input_shape, input_dtype=torch.int64, stream_above_mb=limit)
+                       for limit in (None, 0))
+    assert isinstance(whole, TensorData) and isinstance(streamed, StreamData)
+    items = torch.stack([streamed.test[i][0] for i in range(len(streamed.test))])
+    assert items.dtype == torch.int64 and torch.equal(items, whole.x_test) and int(items.max()) > 1
+    assert whole.input_scale is None and streamed.input_scale is None
+    assert torch.equal(model_images(str(folder), [input_shape], "test", range, torch.int64), whole.x_test)
 
 
 def test_image_folder_for_a_model_declaring_n_h_w_is_read_as_grayscale_without_a_channel_axis(tmp_path, capsys):

@@ -34,7 +34,8 @@ the checkpoint's weights (its code edited since) are refused.
                 whose items are (image, integer label), the image a C,H,W tensor or array or a PIL
                 image (decoded as an image folder's, to L or RGB for the model's channels), uint8
                 scaled to [0, 1] (other integers are refused), for everything else; for a model whose example
-                input is integer (--input-dtype int64: token ids), integer items stay integers.
+                input is integer (--input-dtype int64: token ids), integer items stay integers
+                (an image folder's pixels too: 0-255, held in memory or streamed).
                 Read with torch, NumPy and random seeded from --seed: held in memory, an item's
                 random augmentation is drawn once for the run; streamed (--stream-above 0), anew
                 for each batch, seeded by its step (--resume stays exact), and for each test batch

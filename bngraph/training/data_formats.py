@@ -138,9 +138,9 @@ def detect_format(path: str | Path) -> str:
 def to_model_input(x: torch.Tensor, target: Target) -> torch.Tensor:
     """uint8 (scaled to [0, 1]) or float images N,C,H,W -> float32 with the target's channels and size
     (one channel without its axis, N,H,W, for a model declaring that); integers for a model that takes
-    integers (token ids) -> its dtype, as they are."""
+    integers (token ids, or pixels for a model that declares an integer input) -> its dtype, as they are."""
     if target.integer_dtype is not None and not x.is_floating_point():
-        return x.to(target.integer_dtype).contiguous()
+        return (x if target.channel_axis else x[:, 0]).to(target.integer_dtype).contiguous()
     x = x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32)
     c = x.shape[1]
     if target.channels is not None and target.channels != c:
@@ -409,19 +409,20 @@ def _chw(image: Image.Image) -> np.ndarray:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files decoded one by one (in the DataLoader's workers), all to one mode and size;
-    L images without their channel axis (H, W) for a model declaring (N, H, W)."""
+    """Image files decoded one by one (in the DataLoader's workers), all to one mode and size, and
+    made the model's input as the same files held in memory are (`to_model_input` for `target`:
+    integers for a model declaring an integer input, else floats in [0, 1])."""
 
-    def __init__(self, pairs: list[tuple[Path, int]], mode: str, size: tuple[int, int], channel_axis: bool = True):
-        self.pairs, self.mode, self.size, self.channel_axis = pairs, mode, size, channel_axis
+    def __init__(self, pairs: list[tuple[Path, int]], mode: str, size: tuple[int, int], target: Target):
+        self.pairs, self.mode, self.size, self.target = pairs, mode, size, target
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i):
         path, label = self.pairs[i]
-        x = torch.from_numpy(decode_image(path, self.mode, self.size)).float().div_(255.0)
-        return (x if self.channel_axis else x[0]), torch.tensor(label)
+        image = torch.from_numpy(decode_image(path, self.mode, self.size))
+        return to_model_input(image[None], self.target)[0], torch.tensor(label)
 
 
 def recorded_classes(history) -> tuple[str, ...] | None:
@@ -444,7 +445,7 @@ def with_model_classes(data, classes: tuple[str, ...] | None):
         mapping = torch.tensor(label_of, device=data.y_train.device)
         return replace(data, y_train=mapping[data.y_train], y_test=mapping[data.y_test], class_names=tuple(classes))
     relabel = lambda files: ImageFiles([(p, label_of[c]) for p, c in files.pairs], files.mode, files.size,  # noqa: E731
-                                       files.channel_axis)
+                                       files.target)
     return replace(data, train=relabel(data.train), test=relabel(data.test), num_classes=len(classes),
                    class_names=tuple(classes))
 
@@ -680,10 +681,10 @@ def open_data(
             splits = [Split(torch.from_numpy(np.stack([decode_image(p, mode, size) for p, _ in pairs])),
                             torch.tensor([c for _, c in pairs]), where) for pairs in (train_pairs, test_pairs)]
             return finish(splits[0], splits[1], root.name, str(root), tuple(classes), files_sha256=digest)
-        files = [ImageFiles(pairs, mode, size, target.channel_axis) for pairs in (train_pairs, test_pairs)]
+        files = [ImageFiles(pairs, mode, size, target) for pairs in (train_pairs, test_pairs)]
         return StreamData(*files, root.name, str(root), format=fmt, num_classes=len(classes), example_shape=shape,
                           label_file=where, workers=workers, device=device, class_names=tuple(classes),
-                          input_scale=UINT8_SCALE, files_sha256=digest)
+                          input_scale=UINT8_SCALE if target.integer_dtype is None else None, files_sha256=digest)
     with seeded(f"{seed}:data"):  # before the run seeds torch: the factory's draws are the run's
         return _open_factory(str(path), target, input_shape, fits, finish, workers, device)
 
