@@ -38,6 +38,12 @@ class LoadedModel:
     batch_axes: list[int | None] | None = None  # 0, or None for an input without one; None: all 0
     symbol_is_instance: bool = False  # `model = nn.Sequential(...)`: a model the file builds as it runs
 
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        """The classes its training recorded in its history (output i is class i), or None."""
+        entries = (e for e in reversed(self.history) if isinstance(e, dict) and e.get("classes"))
+        return next((tuple(e["classes"]) for e in entries), None)
+
     def example_inputs(self, seed: int = 0) -> ExampleInputs:
         """Random inputs of the declared shapes and dtypes (see `bngraph.runners.random_tensor`),
         carrying each one's batch axis for the checks that vary the batch."""
@@ -331,5 +337,12 @@ def load(spec: str | Path, *, weights=None) -> nn.Module:
     bngraph.json is refused (UserError), so a changed or damaged file is never run unnoticed;
     but the checksums live in the same folder, so they are no defence against a folder someone
     else wrote.
+
+    A model from a run or an artifact whose training recorded its classes (an image folder's)
+    carries them as `bngraph_classes` (output i is class i): `bngraph.train` labels a folder's
+    images by them, as `bngraph train` does.
     """
-    return load_model(str(spec), weights=weights).module
+    loaded = load_model(str(spec), weights=weights)
+    if loaded.classes is not None:
+        loaded.module.bngraph_classes = loaded.classes
+    return loaded.module

@@ -21,7 +21,7 @@ from bngraph.passes.base import run_passes
 from bngraph.passes.recalibrate_bn import RecalibrateBN
 from bngraph.report import Report
 from bngraph.training import EpochSampler, TensorData, check_model_fits, evaluate
-from bngraph.training.data_formats import recorded_classes, with_model_classes
+from bngraph.training.data_formats import with_model_classes
 
 
 def check_has_statistics(model: nn.Module) -> None:
@@ -52,7 +52,7 @@ def recalibrate(
         raise UserError("--batches must be at least 1 and --batch-size at least 2 (a variance needs two values)")
     model = loaded.module
     check_has_statistics(model)
-    data = with_model_classes(data, recorded_classes(loaded.history))  # labels as the model's outputs mean them
+    data = with_model_classes(data, loaded.classes)  # labels as the model's outputs mean them
     check_model_fits(model, data, for_training=False)  # a softmax output recalibrates as well
     sampler = EpochSampler(len(data.x_train), batch_size, seed)
     training_batches = [(data.x_train[sampler(i)],) for i in range(batches)]

@@ -420,6 +420,11 @@ def test_recalibrating_and_fine_tuning_keep_the_classes_the_model_recorded(tmp_p
     assert json.loads(out)["final_test_accuracy"] == 1.0
     history = json.loads((tmp_path / "tuned" / "model" / "bngraph.json").read_text())["history"]
     assert [e["classes"] for e in history if "classes" in e] == [["cat", "dog", "fox", "owl"]] * 2
+    # From Python too: bngraph.train labelled dog 0, fox 1, owl 2 (accuracy 0), training dogs as cats.
+    loaded = bngraph.load(trained)
+    assert loaded.bngraph_classes == ("cat", "dog", "fox", "owl")
+    tuned = train(loaded, no_cat, TrainConfig(steps=2, batch_size=16, eval_every=2), progress=False)
+    assert tuned.metrics[-1]["test_accuracy"] == 1.0
 
     (no_cat / "train" / "yak").mkdir()
     (no_cat / "train" / "owl" / "3.png").rename(no_cat / "train" / "yak" / "3.png")

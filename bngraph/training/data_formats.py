@@ -425,11 +425,6 @@ class ImageFiles(torch.utils.data.Dataset):
         return to_model_input(image[None], self.target)[0], torch.tensor(label)
 
 
-def recorded_classes(history) -> tuple[str, ...] | None:
-    """The classes a model's training recorded in its history (output i is class i), or None."""
-    return next((tuple(e["classes"]) for e in reversed(history) if isinstance(e, dict) and e.get("classes")), None)
-
-
 def with_model_classes(data, classes: tuple[str, ...] | None):
     """`data` with its class folders' labels mapped onto the model's `classes` (its output i is
     class i): a folder lacking one of them must not shift the others' labels. A class the model

@@ -47,7 +47,7 @@ from bngraph.training.data import (
     EpochSampler, StreamData, TensorData, check_finite, check_model_fits, data_fingerprint, logits_of, step_batches,
     streamed_test_loader,
 )
-from bngraph.training.data_formats import load_data
+from bngraph.training.data_formats import load_data, with_model_classes
 from bngraph.training.distributed import SINGLE, Distributed, broadcast_buffers, sum_over_ranks, wrap
 from bngraph.training.metrics import METRICS, evaluate_shared, interval_means, new_interval, write_metrics
 from bngraph.training.track import InputTracker
@@ -120,6 +120,9 @@ def train(
         data = load_data(data, model, device=dev)
     elif isinstance(data, TensorData):  # tensors made on the CPU, a run on CUDA: found on a GPU
         data = data.to(dev)
+    # A model bngraph.load gave from a run knows its classes: a folder lacking one of them must
+    # not shift the others' labels (the CLI maps them before it calls this).
+    data = with_model_classes(data, getattr(model, "bngraph_classes", None))
     # Before the first step: data the model cannot take is one line naming it (train_run checks
     # too; an API caller's model and data meet here first).
     check_model_fits(model, data)
