@@ -44,6 +44,14 @@ class LoadedModel:
         entries = (e for e in reversed(self.history) if isinstance(e, dict) and e.get("classes"))
         return next((tuple(e["classes"]) for e in entries), None)
 
+    @property
+    def input_scale(self) -> str | None:
+        """How the inputs of its last training or recalibration were scaled, as its history
+        records it (`input_scale`), or None where it does not say (a model never trained here,
+        or trained before bngraph recorded it)."""
+        entries = (e for e in reversed(self.history) if isinstance(e, dict) and "input_scale" in e)
+        return next((e["input_scale"] for e in entries), None)
+
     def example_inputs(self, seed: int = 0) -> ExampleInputs:
         """Random inputs of the declared shapes and dtypes (see `bngraph.runners.random_tensor`),
         carrying each one's batch axis for the checks that vary the batch."""

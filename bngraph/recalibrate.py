@@ -21,7 +21,8 @@ from bngraph.passes.base import run_passes
 from bngraph.passes.recalibrate_bn import RecalibrateBN
 from bngraph.report import Report
 from bngraph.training import EpochSampler, TensorData, check_model_fits, evaluate
-from bngraph.training.data_formats import with_model_classes
+from bngraph.training.data import AS_STORED
+from bngraph.training.data_formats import check_input_scale, with_model_classes
 
 
 def check_has_statistics(model: nn.Module) -> None:
@@ -53,6 +54,7 @@ def recalibrate(
     model = loaded.module
     check_has_statistics(model)
     data = with_model_classes(data, loaded.classes)  # labels as the model's outputs mean them
+    check_input_scale(data, loaded.input_scale)  # statistics of inputs on another scale than the model's
     check_model_fits(model, data, for_training=False)  # a softmax output recalibrates as well
     sampler = EpochSampler(len(data.x_train), batch_size, seed)
     training_batches = [(data.x_train[sampler(i)],) for i in range(batches)]
@@ -73,9 +75,8 @@ def recalibrate(
         "batches": batches,
         "batch_size": batch_size,
         "passes": {name: r.summary() for name, r in results.items()},
+        "input_scale": data.input_scale or AS_STORED,  # the statistics are of inputs so scaled: the model takes them so
     }
-    if data.input_scale is not None:  # the statistics are of inputs so scaled: the model takes them so
-        entry["input_scale"] = data.input_scale
     # The model keeps the input it declares: data it takes at another size (an .npz of 32x32
     # images for an adaptive model declaring 28x28) must not redeclare it.
     example = loaded.example_inputs() if loaded.input_shapes else [data.x_test[:2]]

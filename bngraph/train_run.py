@@ -25,7 +25,7 @@ from bngraph.reproduce.recipes import Recipe, apply_recipe
 from bngraph.training.checkpoint import saved_config
 from bngraph.training.config import TrainConfig, epochs_to_steps
 from bngraph.training.data import StreamData, TensorData, check_model_fits
-from bngraph.training.data_formats import with_model_classes
+from bngraph.training.data_formats import check_input_scale, with_model_classes
 from bngraph.training.distributed import SINGLE, Distributed, from_main
 from bngraph.training.run_folder import TrainedFolder, train_into_folder
 
@@ -60,6 +60,7 @@ def train_run(
     ctx = distributed
     model, history = loaded.module, list(loaded.history)
     data = with_model_classes(data, loaded.classes)  # fine-tuning: the model's outputs keep their classes
+    check_input_scale(data, loaded.input_scale)
     if steps is None:  # `--epochs 0` is refused by epochs_to_steps, not read as the default
         steps = epochs_to_steps(2 if epochs is None else epochs, data.n_train, batch_size * ctx.world_size)
     example = [data.example(2).cpu()]

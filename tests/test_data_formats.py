@@ -477,7 +477,7 @@ def test_the_run_records_that_uint8_pixels_were_divided_by_255(tmp_path, capsys,
         assert history[-1]["input_scale"] == "uint8 pixels / 255 (values in [0, 1])"
         assert "trained on uint8 pixels / 255" in notes
     else:
-        assert "input_scale" not in history[-1] and "pixels / 255" not in notes
+        assert history[-1]["input_scale"] == "as stored (not scaled)" and "pixels / 255" not in notes
     (tmp_path / "data.py").write_text(FACTORY_PY)
     mixed = open_data(f"{tmp_path / 'data.py'}:half_uint8_half_unit_floats", input_shape=(2, 1, 28, 28))
     assert isinstance(mixed, TensorData) and mixed.input_scale == "uint8 pixels / 255 (values in [0, 1])"

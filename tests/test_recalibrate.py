@@ -60,6 +60,28 @@ def test_statistics_are_those_of_the_training_batches(tmp_path, capsys, trained)
     assert any("the statistics are of uint8 pixels / 255" in note for note in report["notes"])
 
 
+def test_images_on_another_scale_than_the_models_are_refused_and_the_scale_is_recorded(tmp_path, capsys, trained):
+    # The same pictures as floats of 0-255 (used as stored) moved a model trained on pixels / 255
+    # to inputs 255x larger without a word, and its bngraph.json still said pixels / 255.
+    model_dir, source, _ = trained
+    mnist = load_mnist(source)
+    arrays = {"x_train": mnist.train_images.numpy(), "y_train": mnist.train_labels.numpy(),
+              "x_test": mnist.test_images.numpy(), "y_test": mnist.test_labels.numpy()}
+    for name, scale in (("raw", 1.0), ("unit", 1 / 255)):
+        np.savez(tmp_path / f"{name}.npz", **{k: v.astype(np.float32) * scale if k.startswith("x") else v
+                                             for k, v in arrays.items()})
+    for argv in (["recalibrate", model_dir, "--batches", 2], ["train", model_dir, "--steps", 2, "--quiet"]):
+        code, _, err = _cli(capsys, *argv, "--data", tmp_path / "raw.npz", "-o", tmp_path / "refused")
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"raw.npz: its images are used as stored, with values from 0 to {int(mnist.train_images.max())}, but" in err
+    assert not (tmp_path / "refused").exists()
+    code, _, err = _cli(capsys, "recalibrate", model_dir, "--data", tmp_path / "unit.npz", "--batches", 2,
+                        "-o", tmp_path / "unit")
+    assert code == 0, err
+    history = json.loads((tmp_path / "unit" / "bngraph.json").read_text())["history"]
+    assert history[-1]["input_scale"] == "as stored (not scaled)"
+
+
 def test_another_domains_images_retarget_the_model(tmp_path, capsys, trained):
     model_dir, _, target = trained
     code, out, _ = _cli(capsys, "recalibrate", model_dir, "--data", target, "--batches", 10, "-o", tmp_path / "a",

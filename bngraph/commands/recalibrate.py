@@ -10,7 +10,10 @@ Domain adaptation: on images from another domain (--data pointing at them) it re
 model to that domain. The weights stay and only the BN statistics move to the new domain's, as
 the paper's future-work note on domain adaptation suggests (Sec. 5). No labels are used to
 recalibrate, only to report the accuracy. --data is read as train reads it: an image folder is
-decoded to the model's input channels and size, and the artifact keeps the input it declares.
+decoded to the model's input channels and size, and the artifact keeps the input it declares
+and records the data's input_scale. For a model trained on uint8 pixels / 255, images used as
+stored whose values leave [0, 1] (floats of 0-255) are refused: its statistics would move to
+inputs it is not given.
 
 Examples:
   bngraph recalibrate runs/mlp-bn/model --data ~/mnist -o runs/mlp-bn-recalibrated

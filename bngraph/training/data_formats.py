@@ -445,6 +445,24 @@ def with_model_classes(data, classes: tuple[str, ...] | None):
                    class_names=tuple(classes))
 
 
+def check_input_scale(data, model_scale: str | None) -> None:
+    """Refuse images used as stored whose values leave [0, 1] for a model trained on uint8
+    pixels / 255 (`model_scale`, its recorded `input_scale`): recalibrated or fine-tuned on them
+    (an .npz of the same pictures as floats of 0-255, or normalized ones), it would move to
+    inputs it is not given. (A model trained on images as stored records no range, so nothing
+    is compared for it.)"""
+    if model_scale != UINT8_SCALE or data.input_scale is not None:
+        return
+    images = [data.x_train, data.x_test] if isinstance(data, TensorData) else [data.example(2)]
+    if not images[0].is_floating_point():
+        return  # integers for a model taking integers: as it was given them
+    low, high = min(float(x.min()) for x in images), max(float(x.max()) for x in images)
+    if low < 0 or high > 1:
+        raise UserError(f"{data.source}: its images are used as stored, with values from {low:g} to {high:g}, but the "
+                        f"model was trained on {UINT8_SCALE} (input_scale in its bngraph.json): give them as uint8 "
+                        "(0-255, scaled as then) or as floats in [0, 1]")
+
+
 def image_folder_mode(channels: int | None) -> str:
     if channels in (None, 3):
         return "RGB"

@@ -21,7 +21,7 @@ from bngraph.artifacts import save
 from bngraph.passes.base import PassResult
 from bngraph.passes.convert_bn_to_sync_bn import convert_bn_to_sync_bn
 from bngraph.training.config import TrainConfig, pick_device
-from bngraph.training.data import StreamData, TensorData
+from bngraph.training.data import AS_STORED, StreamData, TensorData
 from bngraph.training.distributed import SINGLE, Distributed
 from bngraph.training.loop import TrainRun, train
 from bngraph.training.plots import plot_tracked_inputs
@@ -80,8 +80,8 @@ def train_into_folder(
                     "processes": ctx.world_size})  # the precision and layout as the device resolved them
     if data.class_names is not None:  # output i is this class: the sorted folder names, "10" before "2"
         history[-1]["classes"] = list(data.class_names)
-    if data.input_scale is not None:  # what the model takes: pixels as stored give another answer
-        history[-1]["input_scale"] = data.input_scale
+    # What the model takes, said either way: pixels as stored give another answer than pixels / 255.
+    history[-1]["input_scale"] = data.input_scale or AS_STORED
     # force: a resumed run replaces its own model/, in a folder checked to be a run's
     save(plain.eval(), out / MODEL_DIR, example_inputs=example_inputs, history=history, source=source, base=base,
          carry=carry, untraceable_code=untraceable_code, force=True)
