@@ -93,10 +93,11 @@ def model_raised(err: BaseException, what: str = "the model", *, failed: str | N
 
 class running_user_model:
     """`with running_user_model("the model"): model(x)`: an exception from inside the user's own
-    code becomes a one-line `ModelRaised`; one with no frame in the user's code stays a bug."""
+    code becomes a one-line `ModelRaised` (`failed`: the circumstance, as `model_raised` takes
+    it); one with no frame in the user's code stays a bug."""
 
-    def __init__(self, what: str = "the model"):
-        self.what = what
+    def __init__(self, what: str = "the model", *, failed: str | None = None):
+        self.what, self.failed = what, failed
 
     def __enter__(self):
         return self
@@ -106,4 +107,4 @@ class running_user_model:
             return False
         if user_frame(err) is None:
             return False
-        raise model_raised(err, self.what) from err
+        raise model_raised(err, self.what, failed=self.failed) from err

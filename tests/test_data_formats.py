@@ -1321,6 +1321,38 @@ def test_a_streamed_test_set_that_augments_at_random_gives_one_run_with_any_work
     assert test_loss(resumed) == test_loss(in_process)
 
 
+SPLIT_SIZES_PY = '''
+import torch
+
+
+class Crops(torch.utils.data.Dataset):
+    def __init__(self, n, size):
+        self.n, self.size = n, size
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.rand(3, self.size, self.size), i % 4
+
+
+def make():  # test crops at twice the training crops' size
+    return Crops(16, 8), Crops(8, 16)
+'''
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream-above", 0, "--loader-workers", 0]], ids=["held", "streamed"])
+def test_a_factorys_test_images_of_another_shape_are_refused_before_training(tmp_path, capsys, stream):
+    # Only training images meet the model before the run: the first evaluation, after training,
+    # ended in a traceback (mat1 and mat2 shapes cannot be multiplied).
+    (tmp_path / "crops.py").write_text(SPLIT_SIZES_PY)
+    (tmp_path / "net.py").write_text("from torch import nn\n\nclass Net(nn.Sequential):\n"
+                                     "    example_input_shape = (2, 3, 8, 8)\n\n    def __init__(self):\n"
+                                     "        super().__init__(nn.Flatten(), nn.Linear(192, 4))\n")
+    err = _bad(capsys, tmp_path, f"{tmp_path / 'net.py'}:Net", f"{tmp_path / 'crops.py'}:make", *stream)
+    assert "crops.py:make: train[0] is an image of shape (3, 8, 8), test[0] of (3, 16, 16)" in err
+
+
 READ_ONLY_PY = '''
 import numpy as np
 import torch

@@ -420,6 +420,14 @@ class AuxNet(ViewNet):
         if self.training:
             out = out + self.aux(out)
         return out
+
+
+class PairNet(ViewNet):
+    """Flattens for the batch of two it was written for: the test set's batch does not fit."""
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc(h.reshape(2, -1))
 '''
 
 
@@ -442,6 +450,16 @@ def test_a_model_raising_in_a_training_step_is_one_line_naming_its_line(tmp_path
     assert not (tmp_path / "run").exists()
     if flags:
         assert err.rstrip().endswith("train with --no-channels-last (in Python: TrainConfig(channels_last=False))")
+
+
+def test_a_model_raising_on_a_test_batch_is_one_line_naming_its_line(tmp_path, capsys, mnist_dir):
+    # It trains at --batch-size 2; the first evaluation ended in a traceback.
+    py = tmp_path / "nets.py"
+    py.write_text(RAISING_PY)
+    code, _, err = _cli(capsys, "train", f"{py}:PairNet", "--data", mnist_dir, "--steps", 2, "--batch-size", 2,
+                        "--quiet", "-o", tmp_path / "run")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"the model failed on a test batch (in eval mode): it raised at {py}:39 " in err
 
 
 RANDOM_PROJECTION_PY = """

@@ -726,11 +726,13 @@ def _open_factory(path: str, target: Target, input_shape, fits, finish, workers,
                 items = [(to_model_input(x[None], target)[0], y) for x, y in items]  # each as streamed
             labels = _check_labels(np.array([y for _, y in items]), f"{where} {part}")
             splits.append(Split(torch.stack([x for x, _ in items]), torch.from_numpy(labels), where))
+        _check_splits_one_shape(splits[0].images[0], splits[1].images[0], where)
         if channel_axis:
             splits = [Split(s.images.unsqueeze(1), s.labels, s.label_file) for s in splits]
         return finish(splits[0], splits[1], Path(where.split(":")[0]).stem, where, scaled=scaled)
     # Streamed, each item is checked against its split's first as it is read; the splits' first here.
     test0 = _item(test_set, 0, f"{where} test", channels)[0]
+    _check_splits_one_shape(x0, test0, where)
     _check_items_on_one_scale([(f"{where} train[0]", x0), (f"{where} test[0]", test0)], target)
     checked = [CheckedLabels(ds, f"{where} {part}", target=target, channel_axis=channel_axis, channels=channels)
                for part, ds in (("train", train_set), ("test", test_set))]
@@ -738,6 +740,15 @@ def _open_factory(path: str, target: Target, input_shape, fits, finish, workers,
                       example_shape=(1, *x0.shape) if channel_axis else tuple(x0.shape), label_file=where,
                       workers=workers, device=device,
                       input_scale=UINT8_SCALE if x0.dtype == torch.uint8 and target.integer_dtype is None else None)
+
+
+def _check_splits_one_shape(train0: torch.Tensor, test0: torch.Tensor, where: str) -> None:
+    """Refuse a factory whose test images are another shape than its training images: only
+    training images go through the model before the run, and the first evaluation, after
+    training, would fail."""
+    if train0.shape != test0.shape:
+        raise UserError(f"{where}: train[0] is an image of shape {tuple(train0.shape)}, test[0] of {tuple(test0.shape)}: "
+                        "the test images must be the training images' shape")
 
 
 def _check_items_on_one_scale(items: list[tuple[str, torch.Tensor]], target: Target,

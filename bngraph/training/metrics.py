@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from bngraph.atomic import write_atomically
-from bngraph.errors import UserError
+from bngraph.errors import UserError, running_user_model
 from bngraph.training.data import StreamData, TensorData, logits_of, user_error_from_worker
 from bngraph.training.distributed import Distributed, sum_over_ranks
 
 METRICS = "metrics.jsonl"
+# A model may fail on test batches only: another batch size (the last one), or eval mode's branch.
+_ON_TEST_BATCH = "the model failed on a test batch (in eval mode)"
 
 
 @torch.no_grad()
@@ -31,7 +33,8 @@ def evaluate(
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
     try:
         for lo in range(0, len(x), batch):
-            with amp():  # a copy: a forward that writes into its input (x.sub_(mean)) would shift the test set
+            # a copy: a forward that writes into its input (x.sub_(mean)) would shift the test set
+            with amp(), running_user_model(failed=_ON_TEST_BATCH):
                 logits = logits_of(model(x[lo : lo + batch].clone())).float()
             loss += F.cross_entropy(logits, y[lo : lo + batch], reduction="sum").double()
             correct += (logits.argmax(1) == y[lo : lo + batch]).sum()
@@ -51,7 +54,7 @@ def _evaluate_loader(model: nn.Module, loader, dev: torch.device, amp) -> tuple[
     try:
         for x, y in loader:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            with amp():
+            with amp(), running_user_model(failed=_ON_TEST_BATCH):
                 logits = logits_of(model(x)).float()
             loss += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
