@@ -717,6 +717,20 @@ def test_a_corrupt_image_found_while_streaming_is_named(tmp_path, capsys, nets):
     assert str(broken) in err
 
 
+@pytest.mark.parametrize("stream", [[], ["--stream-above", 0, "--loader-workers", 0]], ids=["held", "streamed"])
+def test_an_image_whose_header_claims_more_pixels_than_pillow_decodes_is_named(tmp_path, capsys, nets, stream):
+    # Pillow's DecompressionBombError (a huge scan, or a damaged header) is neither an OSError
+    # nor a ValueError: it ended the run in a traceback.
+    root = write_image_folder(tmp_path / "pets")
+    damaged = root / "train" / "dog" / "3.bmp"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(damaged)
+    header = bytearray(damaged.read_bytes())
+    header[18:26] = np.array([20000, 10000], "<i4").tobytes()  # width and height: 200 million pixels
+    damaged.write_bytes(bytes(header))
+    err = _bad(capsys, tmp_path, f"{nets}:Net", root, *stream)
+    assert f"{damaged}: not a readable image (DecompressionBombError: Image size (200000000 pixels)" in err
+
+
 def test_a_16_bit_image_is_named_not_clipped_to_white(tmp_path, capsys, nets):
     # Pillow's convert("L") clips a 16-bit scan (CT, microscopy) at 255: nearly all white.
     root = write_image_folder(tmp_path / "scans")

@@ -43,10 +43,11 @@ the checkpoint's weights (its code edited since) are refused.
 Without --data: $BNGRAPH_DATA, the MNIST cache (downloaded when online), then Debian's Fashion-MNIST.
 Data whose float32 images fit in --stream-above MB (default 2048) stay on the device as tensors;
 larger data streams through a DataLoader with --loader-workers processes (pinned memory on CUDA), in
-the same batches. Bad data (an unreadable image, labels out of range for the model's outputs, x and
-y of different lengths, an empty class folder, a shape the model cannot take, test images of another
-shape than the training images, NaN or infinite pixel values, a 16-bit image in a folder, which
-would read as white) stops the run with one line naming the file (exit code 2).
+the same batches. Bad data (an unreadable image, damaged or too large for Pillow, labels out of
+range for the model's outputs, x and y of different lengths, an empty class folder, a shape the
+model cannot take, test images of another shape than the training images, NaN or infinite pixel
+values, a 16-bit image in a folder, which would read as white) stops the run with one line naming
+the file (exit code 2).
 
 Precision and layout: --precision fp32|bf16|fp16 (autocast; fp16 with a gradient scaler) and
 --channels-last / --no-channels-last; --device auto uses CUDA when present with bf16 and

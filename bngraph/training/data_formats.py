@@ -33,8 +33,10 @@ docstring line that describes it, and `open_data` dispatches over them at the en
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -45,7 +47,7 @@ from PIL import Image
 from torch import nn
 
 from bngraph.data import FILES, find_idx_file, load_mnist
-from bngraph.errors import UserError, model_raised, require_file
+from bngraph.errors import UserError, model_raised, one_line, require_file
 from bngraph.load import call_user_factory, declared_shapes, import_user_file
 from bngraph.training.data import UINT8_SCALE, StreamData, TensorData, check_finite, seeded
 
@@ -390,17 +392,29 @@ def converted(image: Image.Image, mode: str, where, fix: str) -> Image.Image:
     return image.convert(mode)
 
 
-def decode_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
-    """One image file -> uint8 C,H,W in `mode` (L or RGB), resized to `size` (H, W) if given."""
+@contextlib.contextmanager
+def opened_image(path: Path) -> Iterator[Image.Image]:
+    """`path` opened by Pillow for the block, which decodes it. Whatever Pillow raises there is
+    the file's, one line naming it: "cannot identify", truncated data, a bad header, a
+    DecompressionBombError (an image of more pixels than Pillow will decode, or a header that
+    claims so), and what else a damaged file makes a decoder raise (struct.error, IndexError)."""
     try:
         with Image.open(path) as image:
-            image = converted(image, mode, path, "image folders are read as 8-bit images: convert the files, or "
-                                                 "give the data as an .npz of float arrays or a factory")
-            if size is not None and image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            return _chw(image)
-    except (OSError, ValueError, SyntaxError) as err:  # PIL's "cannot identify", truncated data, bad headers
-        raise UserError(f"{path}: not a readable image ({err})") from None
+            yield image
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"{path}: not a readable image ({one_line(err)})") from None
+
+
+def decode_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    """One image file -> uint8 C,H,W in `mode` (L or RGB), resized to `size` (H, W) if given."""
+    with opened_image(path) as image:
+        image = converted(image, mode, path, "image folders are read as 8-bit images: convert the files, or "
+                                             "give the data as an .npz of float arrays or a factory")
+        if size is not None and image.size != (size[1], size[0]):
+            image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        return _chw(image)
 
 
 def _chw(image: Image.Image) -> np.ndarray:
@@ -477,11 +491,8 @@ def image_folder_size(pairs, target: Target) -> tuple[int, int]:
         return target.size
     sizes = {}
     for path, _ in pairs:
-        try:
-            with Image.open(path) as image:
-                sizes.setdefault(image.size[::-1], path)
-        except (OSError, ValueError, SyntaxError) as err:
-            raise UserError(f"{path}: not a readable image ({err})") from None
+        with opened_image(path) as image:
+            sizes.setdefault(image.size[::-1], path)
         if len(sizes) > 1:
             (a, pa), (b, pb) = sizes.items()
             raise UserError(f"{pb} is {b[0]}x{b[1]} but {pa} {a[0]}x{a[1]}: give the size to train at with --image-size H,W")
