@@ -802,6 +802,16 @@ def test_images_holding_nan_or_inf_are_named_before_any_training(tmp_path, capsy
         train(create_model("mnist-mlp"), user_tensors, TrainConfig(steps=2, batch_size=4), progress=False)
 
 
+def test_a_float64_value_float32_cannot_hold_is_named_before_any_training(tmp_path, capsys):
+    # Checked as float64 it was finite; as the model's float32 input, inf: the run "diverged" (exit
+    # 1, "lower --lr") where bad data is one line naming it.
+    x_train = np.random.default_rng(0).random((40, 28, 28))
+    x_train[5, 0, 0] = 1e39
+    path = write_npz(tmp_path / "d.npz", x_train=x_train)
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", path)
+    assert f"{path}: x_train[5] holds a value beyond float32's range (up to 3.4e+38)" in err
+
+
 MLP_PY = """
 from torch import nn
 

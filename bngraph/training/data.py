@@ -315,13 +315,18 @@ def data_fingerprint(data: TensorData | StreamData) -> dict:
 
 def check_finite(images: torch.Tensor, where: str, first_index: int = 0) -> None:
     """Refuse images holding NaN or infinities, naming the first (`where`[index], counted from
-    `first_index`): trained on, they make NaN weights that look like any others until the end."""
+    `first_index`): trained on, they make NaN weights that look like any others until the end.
+    Checked as float32, which the model is given: a float64 1e39 is finite, and becomes inf."""
     if not images.is_floating_point():
         return
-    finite = torch.isfinite(images.reshape(len(images), -1)).all(1)
+    finite = torch.isfinite(images.to(torch.float32).reshape(len(images), -1)).all(1)
     if not bool(finite.all()):
-        index = first_index + int((~finite).nonzero()[0])
-        raise UserError(f"{where}[{index}] holds NaN or infinite values; images must be finite")
+        first = int((~finite).nonzero()[0])
+        if bool(torch.isfinite(images[first]).all()):
+            raise UserError(f"{where}[{first_index + first}] holds a value beyond float32's range (up to "
+                            f"{torch.finfo(torch.float32).max:.3g}), which becomes infinite as the model's input; "
+                            "images must be finite in float32")
+        raise UserError(f"{where}[{first_index + first}] holds NaN or infinite values; images must be finite")
 
 
 def logits_of(output, *, mode: str = "eval") -> torch.Tensor:
