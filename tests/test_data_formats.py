@@ -7,6 +7,7 @@ through the CLI; each kind of bad data must stop the run with one line naming th
 import json
 import pickle
 import re
+import unicodedata
 import warnings
 import zipfile
 from dataclasses import replace
@@ -21,7 +22,7 @@ import bngraph
 from bngraph.cli import main
 from bngraph.data import model_images
 from bngraph.errors import UserError
-from bngraph.training.data_formats import detect_format, open_data
+from bngraph.training.data_formats import detect_format, open_data, with_model_classes
 from bngraph.training import StreamData, TensorData, TrainConfig, train
 from bngraph.zoo import create_model
 from tests.mnist_like import learnable_arrays
@@ -274,6 +275,11 @@ def with_inf():
     x = torch.rand(12, 1, 28, 28)
     x[3, 0, 5, 5] = float("inf")
     return TensorDataset(x, torch.zeros(12, dtype=torch.long)), TensorDataset(x[4:], torch.zeros(8, dtype=torch.long))
+
+
+def with_paths():  # (image, label, path), as Datasets that keep each file's name return
+    items = [(torch.rand(1, 28, 28), i % 10, f"img{i}.png") for i in range(12)]
+    return items, items[:4]
 '''
 
 
@@ -759,6 +765,23 @@ def test_palette_images_with_a_table_of_transparency_are_read_without_pillows_wa
     assert torch.equal(gray[:, 0, 0, 0], torch.tensor(lumas, dtype=torch.float32) / 255)
 
 
+def test_class_folders_named_in_two_unicode_forms_are_one_class(tmp_path):
+    # macOS writes "café" decomposed (NFD): test/café of a folder copied from it beside train/café
+    # (NFC) was "a class that train does not have", and a line that printed the same name twice.
+    composed, decomposed = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
+    for split, name in (("train", composed), ("train", "tea"), ("test", decomposed), ("test", "tea")):
+        (tmp_path / split / name).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), len(name) * 20, np.uint8)).save(tmp_path / split / name / "0.png")
+    data = open_data(tmp_path, input_shape=(2, 3, 8, 8))
+    assert data.class_names == (composed, "tea") and data.y_test.tolist() == [0, 1]
+    trained_on_a_mac = with_model_classes(data, ("tea", decomposed))
+    assert trained_on_a_mac.class_names == ("tea", decomposed) and trained_on_a_mac.y_test.tolist() == [1, 0]
+    (tmp_path / "train" / decomposed).mkdir()
+    (tmp_path / "train" / composed / "0.png").rename(tmp_path / "train" / decomposed / "0.png")
+    with pytest.raises(UserError, match="two class folders of one name, spelled in two Unicode forms"):
+        open_data(tmp_path, input_shape=(2, 3, 8, 8))
+
+
 def test_an_empty_class_folder_is_named(tmp_path, capsys, nets):
     root = write_image_folder(tmp_path / "pets")
     (root / "test" / "yak").mkdir()
@@ -977,6 +1000,13 @@ def test_a_factory_item_whose_image_is_not_a_tensor_is_named(tmp_path, capsys, s
     assert f"train[0] holds {holds} where its image should be" in err
 
 
+def test_a_factory_item_of_more_than_image_and_label_is_told_how_many_it_holds(tmp_path, capsys):
+    # "train[0] is tuple; expected (image tensor, label)": it is a tuple.
+    (tmp_path / "data.py").write_text(FACTORY_PY)
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{tmp_path / 'data.py'}:with_paths")
+    assert "with_paths train[0] is a tuple of 3 items; expected 2, (image tensor, label)" in err
+
+
 def test_a_factory_of_dict_examples_is_told_what_to_return(tmp_path, capsys):
     factory = tmp_path / "data.py"
     factory.write_text(FACTORY_PY)
@@ -998,6 +1028,8 @@ def test_a_factory_of_iterable_datasets_is_told_they_cannot_be_indexed(tmp_path,
         ({"y_train": np.zeros(39, np.int64)}, "x_train holds 40 examples but y_train 39 labels"),
         ({"y_test": np.full(12, -1)}, "has label -1 at index 0"),
         ({"y_train": np.zeros(40, np.float32)}, "labels of type float32"),
+        # cast to int64, 2**63 wrapped round: "y_train has label -9223372036854775808", no file named
+        ({"y_train": np.array([0] * 7 + [2**63] + [1] * 32, np.uint64)}, "has label 9223372036854775808 at index 7"),
         ({"x_test": np.zeros((12, 27, 27), np.uint8)}, "x_train images are (1, 28, 28), x_test (1, 27, 27)"),
         # uint8 scaled to [0, 1], float 0-255 as it is: test accuracy 0.31 where uint8 for both gave 1
         ({"x_test": np.full((12, 28, 28), 255, np.float32)},

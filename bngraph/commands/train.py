@@ -22,7 +22,7 @@ the checkpoint's weights (its code edited since) are refused.
                 and t10k-labels-idx1-ubyte (raw or .gz); --dataset names it (mnist or fashion-mnist)
   image folder  DIR/train/CLASS/*.png|jpg|jpeg|jfif|bmp|ppm|pgm|tif|tiff|webp|gif and DIR/test/CLASS/...
                 (or DIR/val/), as torchvision's ImageFolder: the classes are train/'s sorted folder
-                names. Images become L or RGB for the model's input channels (L as N,H,W for a model
+                names (compared in Unicode NFC: a name macOS wrote decomposed is the same class). Images become L or RGB for the model's input channels (L as N,H,W for a model
                 declaring (N, H, W)), at --image-size H,W or the model's input size
   .npz          FILE.npz with x_train, y_train, x_test, y_test (Keras' convention): images N,H,W or
                 N,H,W,C or N,C,H,W (the axis matching the model's channels; N,H,W stays so for a model

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -187,6 +188,9 @@ def _check_labels(labels: np.ndarray, where: str, limit: int | None = None) -> n
         raise UserError(f"{where} has labels of shape {labels.shape}; expected one integer per example")
     if not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"{where} has labels of type {labels.dtype}; expected integers (class indices)")
+    if labels.dtype == np.uint64 and labels.size and int(labels.max()) > np.iinfo(np.int64).max:
+        i = int(np.argmax(labels))  # named as it is: cast to int64, it would wrap to a negative label
+        raise UserError(f"{where} has label {int(labels[i])} at index {i}; labels are class indices from 0")
     if labels.size and labels.min() < 0:
         i = int(np.argmin(labels))
         raise UserError(f"{where} has label {labels[i]} at index {i}; labels are class indices from 0")
@@ -338,6 +342,13 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+def same_name(name: str) -> str:
+    """A class name as compared: Unicode NFC. macOS writes file names decomposed (NFD: "e" and a
+    combining accent), most other systems composed: "café" copied from one to the other prints
+    alike, but is another string."""
+    return unicodedata.normalize("NFC", name)
+
+
 def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]], Path]:
     """Classes (sorted folder names of train/) and the (file, class) pairs of train and test."""
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
@@ -346,17 +357,20 @@ def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]], li
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise UserError(f"{root / 'train'} has no class folders (train/CLASS/*.png)")
-    index = {c: i for i, c in enumerate(classes)}
+    index = {same_name(c): i for i, c in enumerate(classes)}
+    if len(index) < len(classes):
+        raise UserError(f"{root / 'train'} has two class folders of one name, spelled in two Unicode forms (composed "
+                        "and decomposed, as macOS writes names): merge them")
     splits = []
     for split_dir in (root / "train", test_dir):
         pairs = []
         for folder in sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
-            if folder.name not in index:
+            if same_name(folder.name) not in index:
                 raise UserError(f"{folder} is a class that {root / 'train'} does not have")
             files = _image_files(folder)
             if not files:
                 raise UserError(f"{folder} is an empty class folder (no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images)")
-            pairs += [(f, index[folder.name]) for f in files]
+            pairs += [(f, index[same_name(folder.name)]) for f in files]
         if not pairs:
             raise UserError(f"{split_dir} has no class folders with images")
         splits.append(pairs)
@@ -445,11 +459,12 @@ def with_model_classes(data, classes: tuple[str, ...] | None):
     does not know is refused. Data without class names, or a model without them, is as it is."""
     if classes is None or data.class_names is None or tuple(data.class_names) == tuple(classes):
         return data
-    unknown = [c for c in data.class_names if c not in classes]
+    output_of = {same_name(c): i for i, c in enumerate(classes)}
+    unknown = [c for c in data.class_names if same_name(c) not in output_of]
     if unknown:
         raise UserError(f"{data.source} has class folder {unknown[0]!r}, which is not one of the model's classes "
                         f"({', '.join(classes)}, recorded in its bngraph.json): leave that folder out")
-    label_of = [classes.index(c) for c in data.class_names]  # folder label -> the model's output
+    label_of = [output_of[same_name(c)] for c in data.class_names]  # folder label -> the model's output
     if isinstance(data, TensorData):
         mapping = torch.tensor(label_of, device=data.y_train.device)
         return replace(data, y_train=mapping[data.y_train], y_test=mapping[data.y_test], class_names=tuple(classes))
@@ -542,8 +557,11 @@ def _item(dataset, i: int, where: str, channels: int | None = None) -> tuple[tor
         keys = ", ".join(map(repr, item))
         raise UserError(f"{where}[{i}] is a dict ({keys}); expected a tuple (image tensor, label): "
                         "return Datasets whose items are tuples, e.g. (item['pixel_values'], item['label'])")
-    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+    if not isinstance(item, (tuple, list)):
         raise UserError(f"{where}[{i}] is {type(item).__name__}; expected (image tensor, label)")
+    if len(item) != 2:  # (image, label, path), as Datasets that keep the file name return
+        raise UserError(f"{where}[{i}] is a {type(item).__name__} of {len(item)} items; expected 2, (image tensor, "
+                        "label): return (image, label) from __getitem__")
     x, y = item
     if isinstance(x, Image.Image):  # as torchvision-style datasets give them without a transform
         x = torch.from_numpy(_pil_item(x, channels, f"{where}[{i}]"))
