@@ -22,6 +22,10 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import rich
 
 import bngraph
 from bngraph.atomic import refuse_empty_output
@@ -59,8 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
+        for action in p._actions:
+            if type(action) is argparse._StoreAction:
+                action.__class__ = _StoreOnce
         p.set_defaults(run=module.run)
     return parser
+
+
+class _StoreOnce(argparse._StoreAction):
+    """An option with a value, refused when given twice (`-o first -o second` wrote `second`
+    without a word): which one the user meant is theirs to say."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_options_given", set())
+        if self.dest in given:
+            parser.error(f"{option_string or self.dest} is given twice: give it once")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
 
 
 # Packages whose initialisation a stop signal must not interrupt: a KeyboardInterrupt raised
@@ -129,6 +148,31 @@ def _refuse_an_empty_output(args: argparse.Namespace) -> None:
         refuse_empty_output(args.output)
 
 
+@contextlib.contextmanager
+def _stdout_for_the_report(args: argparse.Namespace) -> Iterator[None]:
+    """--json: stdout holds the report alone. Python's prints go to stderr, and so does what is
+    written to file descriptor 1 below Python (a C extension's printf, a subprocess the model
+    file runs), which came before the JSON and broke `| jq`; `args.report_stream` is stdout."""
+    try:
+        real = sys.stdout.fileno() == 1
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # a stream in memory (pytest's capsys)
+        real = False
+    if not real:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with os.fdopen(os.dup(saved), "w") as report, contextlib.redirect_stdout(sys.stderr):
+            args.report_stream = report
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None  # not called from Python: the process ends when this returns
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -156,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         # Warnings (torch's, the user's model's) are held until the command ends: shown after a
         # result, dropped before the one line that says why there is none.
         # With --json, stdout is the report's alone: what the user's model prints goes to stderr.
+        printed_elsewhere = _stdout_for_the_report(args) if getattr(args, "json", False) else contextlib.nullcontext()
         args.report_stream = sys.stdout
-        printed_elsewhere = contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else contextlib.nullcontext()
         with warnings.catch_warnings(record=True) as caught, printed_elsewhere:  # the filters as they are
             _refuse_an_empty_output(args)
             code = args.run(args)
@@ -174,16 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except SystemExit as stop:  # the user's code called sys.exit(): theirs, in one line, not our exit code
         frame = user_frame(stop)
+        if frame is not None and Path(frame.filename).is_relative_to(Path(rich.__file__).parent):
+            return _reader_left()  # rich, printing the report into a closed pipe, exits so itself
         if frame is None:
             raise
         print(f"bngraph: error: the model's code called sys.exit({stop.code!r}) at {frame.filename}:{frame.lineno}",
               file=sys.stderr)
         return 2
     except BrokenPipeError:
-        # `bngraph ... --json | head`: the reader took what it wanted and left. What the command
-        # writes to disk is whole by then; the rest of the report has nowhere to go.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error at exit
-        return 128 + signal.SIGPIPE  # as a shell reports a process that SIGPIPE ended
+        return _reader_left()
     except KeyboardInterrupt as err:  # a stopped training run says where to resume
         print(f"bngraph: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
         # 128 + the signal, as a shell reports it: the training loop stops on either signal
@@ -198,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
             # Python's exit would walk every object torch made, ~1 s after a command that used
             # it; frozen, they are left to the OS.
             gc.freeze()
+
+
+def _reader_left() -> int:
+    """`bngraph ... | head`: the reader took what it wanted and left. What the command writes to
+    disk is whole by then; the rest of the report has nowhere to go."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error at exit
+    return 128 + signal.SIGPIPE  # as a shell reports a process that SIGPIPE ended
 
 
 def _show(caught: list) -> None:

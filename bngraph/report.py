@@ -35,8 +35,10 @@ class Report:
         return json_value({**self.facts, **self.sections, "notes": list(self.notes)})
 
     def print_json(self, stream: TextIO | None = None) -> None:
-        json.dump(self.to_json(), stream or sys.stdout, indent=2, allow_nan=False)
-        (stream or sys.stdout).write("\n")
+        stream = stream or sys.stdout
+        json.dump(self.to_json(), stream, indent=2, allow_nan=False)
+        stream.write("\n")
+        stream.flush()  # whole before the table that may follow on stderr
 
     def print_table(self, stream: TextIO | None = None) -> None:
         stream = stream or sys.stdout

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,6 +134,21 @@ def test_a_two_process_run_folds_exports_and_verifies_like_any_other(one_step, t
     assert main(["fold", str(run / "model"), "-o", str(tmp_path / "folded"), "--strict"]) == 0
     assert main(["export", str(run / "model"), "-o", str(tmp_path / "model.onnx")]) == 0
     assert main(["verify", str(run / "model"), str(tmp_path / "model.onnx")]) == 0
+
+
+def test_nproc_does_not_import_the_users_scripts_from_the_working_folder(data, tmp_path):
+    # The user's own profile.py beside them: `bngraph train` never imports it, but --nproc ran
+    # `python -m torch.distributed.run ... -m bngraph`, whose working folder comes first on
+    # sys.path, and torch's import of the standard library's profile ran the user's script in
+    # torchrun and in both ranks, which died with a traceback.
+    command = Path(sys.executable).with_name("bngraph")  # the installed command, as a user types it
+    if not command.is_file():
+        pytest.skip("bngraph is not installed as a command in this environment")
+    (tmp_path / "profile.py").write_text("open('PROFILE_RAN', 'a').write('ran')\n")
+    done = subprocess.run([str(command), *train_args(data, tmp_path / "run", "--steps", "1", "--nproc", "2")],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "PROFILE_RAN").exists()
 
 
 def test_one_rank_raising_ends_the_job_with_its_error(data, tmp_path):

@@ -200,7 +200,9 @@ def exec_torchrun(nproc: int, argv: Sequence[str]) -> NoReturn:
                "-m", "bngraph", *argv]
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, command)
+    # `python -m` puts the working folder first on sys.path, where the `bngraph` command does not:
+    # a user's profile.py there replaced the standard library's in torchrun and in every rank.
+    os.execve(sys.executable, command, {**os.environ, "PYTHONSAFEPATH": "1"})
 
 
 __all__ = [
