@@ -25,7 +25,7 @@ from bngraph.errors import UserError
 from bngraph.training.data_formats import detect_format, open_data, with_model_classes
 from bngraph.training import StreamData, TensorData, TrainConfig, train
 from bngraph.zoo import create_model
-from tests.mnist_like import learnable_arrays
+from tests.mnist_like import learnable_arrays, write_learnable
 from tests.util import DETERMINISTIC_FOR_EXACTNESS
 
 NETS_PY = '''
@@ -466,6 +466,17 @@ def test_an_npz_of_n_t_f_arrays_gets_a_channel_axis_only_for_a_model_that_takes_
                      "        return self.head(self.rnn(x)[0][:, -1])\n")
     _train(capsys, tmp_path, model, tmp_path / "seq.npz")
     assert json.loads((tmp_path / "run" / "model" / "bngraph.json").read_text())["input_shapes"] == [[2, 8, 8]]
+
+
+def test_mnist_idx_files_get_a_channel_axis_only_for_a_model_that_takes_one(tmp_path):
+    # A GRU over an image's rows declaring (2, 28, 28) was given (N, 1, 28, 28) and refused,
+    # where image folders and .npz arrays were already read without the axis.
+    write_learnable(tmp_path / "mnist", n_train=40, n_test=20)
+    for input_shape in ((2, 28, 28), (2, 1, 28, 28)):
+        whole = open_data(tmp_path / "mnist", input_shape=input_shape)
+        streamed = open_data(tmp_path / "mnist", input_shape=input_shape, stream_above_mb=0, workers=0)
+        assert tuple(whole.x_train.shape[1:]) == input_shape[1:] == tuple(streamed.example(2).shape[1:])
+        assert torch.equal(whole.x_train[:2], streamed.example(2))
 
 
 @pytest.mark.parametrize(("dtype", "stream"), [(np.uint8, []), (np.uint8, ["--stream-above", 0]), (np.float32, [])],

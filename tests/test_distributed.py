@@ -33,10 +33,10 @@ assert LAUNCH_TIMEOUT_S < PROCESS_GROUP_TIMEOUT_S
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def train_args(data, out, *extra, model="SmallConvNet") -> list[str]:
+def train_args(data, out, *extra, model="SmallConvNet", batch=BATCH) -> list[str]:
     # --device cpu: the CPU processes with gloo that this file is about; on a host with a GPU, auto
     # would pick CUDA, and --nproc 2 needs two GPUs there.
-    return ["train", f"{MODELS}:{model}", "--data", str(data), "--batch-size", str(BATCH), "--lr", "0.1",
+    return ["train", f"{MODELS}:{model}", "--data", str(data), "--batch-size", str(batch), "--lr", "0.1",
             "--decay-every", "4", "--eval-every", "1", "--device", "cpu", "--quiet",
             "-o", str(out), *extra]
 
@@ -223,10 +223,11 @@ def test_what_every_process_would_refuse_is_refused_before_torchrun_in_one_line(
     shutil.copytree(one_step / "sync", tmp_path / "ran-as-2")
     given, extra = {"data": ((tmp_path / "missing", tmp_path / "run"), ()),
                     "output": ((data, tmp_path / "mine"), ()),
-                    "batch": ((data, tmp_path / "run"), ("--batch-size", "1000")),
+                    "batch": ((data, tmp_path / "run"), ()),
                     "resumed-processes": ((data, tmp_path / "ran-as-2"), ("--resume", "--sync-bn"))}[wrong]
     nproc = "3" if wrong == "resumed-processes" else "2"
-    (done,) = launch(bngraph_cli(*train_args(*given, "--steps", "1", "--nproc", nproc, *extra)))
+    batch = 1000 if wrong == "batch" else BATCH
+    (done,) = launch(bngraph_cli(*train_args(*given, "--steps", "1", "--nproc", nproc, *extra, batch=batch)))
     assert done.returncode == 2
     assert done.stderr.startswith("bngraph: error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's" and not (tmp_path / "run").exists()

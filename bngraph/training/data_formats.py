@@ -701,7 +701,8 @@ def open_data(
 
     if fmt == "mnist-idx":
         mnist = load_mnist(Path(path).expanduser(), name=dataset)
-        split = lambda x, y, f: Split(x.unsqueeze(1), y, str(Path(path) / f))  # noqa: E731
+        # (N, 1, H, W), or as stored for a model declaring (N, H, W) (a GRU over rows, an MLP).
+        split = lambda x, y, f: Split(x.unsqueeze(1) if wanted.channel_axis else x, y, str(Path(path) / f))  # noqa: E731
         return finish(split(mnist.train_images, mnist.train_labels, "train-labels-idx1-ubyte"),
                       split(mnist.test_images, mnist.test_labels, "t10k-labels-idx1-ubyte"), dataset, str(path))
     if fmt == "npz":
