@@ -163,7 +163,7 @@ def foreign_entries(path: Path, kind: str) -> list[str]:
 
 def _left_by_a_kill(name: str, kind: str) -> bool:
     """Whether `name` is the temporary of one of the files bngraph writes in a folder of `kind`
-    (`_fresh_sibling`'s `.checkpoint.1234.partial.pt`): a run killed with SIGKILL as it rewrote
+    (`fresh_sibling`'s `.checkpoint.1234.partial.pt`): a run killed with SIGKILL as it rewrote
     its checkpoint or bngraph.json leaves it, and it is bngraph's, not the user's."""
     found = re.fullmatch(r"\.(.+)\.\d+(?:-\d+)?\.partial(\.[^.]*)?", name)
     return found is not None and f"{found[1]}{found[2] or ''}" in FOLDER_CONTENTS[kind]
@@ -358,7 +358,7 @@ def _remove_made(made: list[Path]) -> None:
             folder.rmdir()  # only if still empty: something else may have come to live there
 
 
-def _fresh_sibling(path: Path, tag: str) -> Path:
+def fresh_sibling(path: Path, tag: str) -> Path:
     # Hidden, beside the target (same filesystem: the rename is atomic), the suffix kept (onnx.save
     # and savefig choose the format from it), and new: an old leftover is never reused or deleted.
     for n in itertools.count():
@@ -402,17 +402,20 @@ def write_atomically(
     kind: str | None = None,
     force: bool = False,
     replace_own: bool = False,
+    before_rename: Callable[[], None] | None = None,
 ) -> Path:
     """Call `write(tmp)` on a temporary sibling of `path`, then rename it onto `path`.
 
     An existing `path` is replaced only as the module docstring says; `replace_own` is for a file
     inside a folder bngraph owns (a run's checkpoint), rewritten as the run goes.
+    `before_rename()` runs after the last check, right before the rename (a companion file put
+    in place); a failure after it is the caller's to undo.
     """
     path = _output_path(path)
     if not (replace_own and path.is_file()):
         check_output(path, kind, force=force)
     made = _make_parents(path)
-    tmp = _fresh_sibling(path, "partial")
+    tmp = fresh_sibling(path, "partial")
     try:
         with _disk_errors(path):
             write(tmp)
@@ -424,6 +427,8 @@ def write_atomically(
         if replace_own:  # the new digest recorded beside the old one first: a kill in between leaves either valid
             digest = sha256(tmp)
             _record_written(path.parent, {path.name: digest}, keep_previous=True)
+        if before_rename is not None:
+            before_rename()
         if replacing or replace_own:
             os.replace(tmp, path)  # what the check above allowed
         else:
@@ -454,7 +459,7 @@ def _record_written(folder: Path, digests: dict[str, str], *, keep_previous: boo
         before = [before] if isinstance(before, str) else before
         recorded[name] = digest if not before else [*before[-1:], digest]
     meta["sha256"] = recorded
-    tmp = _fresh_sibling(folder / MARKER, "partial")
+    tmp = fresh_sibling(folder / MARKER, "partial")
     try:
         with _disk_errors(folder / MARKER):
             tmp.write_text(description_text(meta))
@@ -533,7 +538,7 @@ def _swap_in(built: Path, path: Path, kind: str, force: bool) -> None:
     with _stop_signals_deferred() as stopped:
         old = None
         if replacing:
-            old = _fresh_sibling(path, "old")
+            old = fresh_sibling(path, "old")
             os.replace(path, old)  # a folder cannot be replaced in one rename: `path` is gone an instant
         else:
             _claim(path)  # a rename onto an empty folder replaces it: the name is taken first
@@ -562,7 +567,7 @@ def write_dir_atomically(
     """
     path = check_output(path, kind, force=force)
     made = _make_parents(path)
-    tmp = _fresh_sibling(path, "partial")
+    tmp = fresh_sibling(path, "partial")
     try:
         tmp.mkdir()
         with _disk_errors(path):
@@ -611,7 +616,7 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
     check_output(path, RUN, force=force, inputs=inputs)
     replacing = os.path.lexists(path)
     made = _make_parents(path)
-    folder = _fresh_sibling(path, "partial") if replacing else path
+    folder = fresh_sibling(path, "partial") if replacing else path
     try:
         folder.mkdir()  # outside the cleanup below: a folder that appeared since the check is not ours
     except FileExistsError:

@@ -106,8 +106,13 @@ def to_onnx(
     exporter_optimize: bool = False,
     batch_axes: Sequence[int | None] | None = None,
     notes: list[str] | None = None,
+    original: nn.Module | None = None,
 ):
     """torch.onnx.export (dynamo=True) with a dynamic batch axis; returns the onnx_ir.Model.
+
+    `original` is the model as the user wrote it, which `module` (its FX fold) was made from:
+    run at other batch sizes where the export fails or assumes something of the batch, since
+    the fold's graph holds guards of its own (default: `module`).
 
     Where the exporter fails on its own decomposition of scaled_dot_product_attention, the
     export runs again with the attention written out (`bngraph.attention_math`), and a line
@@ -163,7 +168,7 @@ def to_onnx(
             if (stop := _interrupt_within(err)) is not None:  # the exporter wrapped Ctrl-C or SIGTERM
                 raise stop from None  # as stopped: no log kept, no "could not export"
             raise_if_model_raises(module, example_inputs)
-            _raise_if_batch_fixed(module, example_inputs, axes)
+            _raise_if_batch_fixed(original or module, example_inputs, axes)
             _raise_if_branching_on_the_batch(err, example_inputs, axes)
             _refuse_unequal_batches(example_inputs, axes)  # torch's "L['kv'].size()[0] = 5 is not equal to ..."
             saved = _keep_export_log(log, err)
@@ -176,7 +181,7 @@ def to_onnx(
             ) from err
     _refuse_unequal_batches(example_inputs, axes)  # a batch of 1 beside another: exported as one batch of 2
     _raise_if_exported_batch_fixed(program.model, axes)
-    _refuse_guards_on_the_batch(program.exported_program, example_inputs, axes)
+    _refuse_guards_on_the_batch(program.exported_program, original or module, example_inputs, axes)
     return program.model
 
 
@@ -201,13 +206,15 @@ def _raise_if_exported_batch_fixed(model, axes: Sequence[int | None]) -> None:
 _SIZES_TRIED = (*range(2, 130), 255, 256, 257, 1000, 1023, 1024, 1025, 4096, 4097)
 
 
-def _refuse_guards_on_the_batch(program: torch.export.ExportedProgram, example_inputs,
+def _refuse_guards_on_the_batch(program: torch.export.ExportedProgram, model: nn.Module, example_inputs,
                                 axes: Sequence[int | None]) -> None:
     """Where torch.export kept one branch of a forward that branches on the batch size, it
     assumed the batch to be in a range (`if x.shape[0] >= 8:` at a batch of 2: at most 7), or
     recorded a runtime assertion (`if x.shape[0] % 2:`, `!= 5`). The ONNX file keeps neither: it
     takes every batch and computes that branch for all of them, right at the sizes verify tries
-    and wrong at others."""
+    and wrong at others. An assumption is a branch where `model`, the user's own, runs at a batch
+    that breaks it; where it raises there, it is the model's own check (`torch._check(batch <=
+    16384)`, Llama's `assert bsz <= max_batch_size`), and the file is right wherever the model runs."""
     batch_symbols = {}
     placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
     for name, axis in zip(program.graph_signature.user_inputs, axes):
@@ -218,25 +225,38 @@ def _refuse_guards_on_the_batch(program: torch.export.ExportedProgram, example_i
     def ties_sizes(expr) -> bool:  # two inputs' batches are one (`x + y`): the file's contract, not a branch
         return getattr(expr, "rel_op", None) == "==" and all(arg.is_Symbol for arg in expr.args)
 
-    def holds_from_2(expr, symbol) -> bool:
-        # torch.export's own premise, that a dynamic size is not 0 or 1 (GPT-2's `batch != 1`):
+    def broken_at(expr, symbol) -> int | None:
+        # The first size from 2 that breaks an assertion, or None: torch.export's own premise,
+        # that a dynamic size is not 0 or 1 (GPT-2's `batch != 1`), breaks at none of them, and
         # batch 1 is one that verify runs. Tried on sizes, not proven: a branch at 5000 passes.
-        return all(expr.xreplace({symbol: sympy.Integer(size)}) is sympy.true for size in _SIZES_TRIED)
+        return next((size for size in _SIZES_TRIED if expr.xreplace({symbol: sympy.Integer(size)}) is not sympy.true),
+                    None)
 
-    assumed = []
+    assumed = {}  # what torch.export assumed -> a batch size that breaks it
     for symbol, shape_env in batch_symbols.items():
         known = program.range_constraints.get(symbol)
         if known is not None and known.lower > 2:  # a dynamic size is 2 at least
-            assumed.append(f"batch >= {known.lower}")
+            assumed[f"batch >= {known.lower}"] = int(known.lower) - 1
         if known is not None and known.upper != int_oo:
-            assumed.append(f"batch <= {known.upper}")
-        assumed += [re.sub(rf"\b{symbol}\b", "batch", PythonPrinter().doprint(check.expr))
-                    for checks in shape_env.deferred_runtime_asserts.values() for check in checks
-                    if symbol in check.expr.free_symbols and not ties_sizes(check.expr)
-                    and not holds_from_2(check.expr, symbol)]
-    if assumed:
-        raise _branches_on_the_batch(f"(torch.export assumed {' and '.join(dict.fromkeys(assumed))})",
-                                     example_inputs, axes)
+            assumed[f"batch <= {known.upper}"] = int(known.upper) + 1
+        for check in (c for checks in shape_env.deferred_runtime_asserts.values() for c in checks):
+            if symbol in check.expr.free_symbols and not ties_sizes(check.expr):
+                if (size := broken_at(check.expr, symbol)) is not None:
+                    assumed[re.sub(rf"\b{symbol}\b", "batch", PythonPrinter().doprint(check.expr))] = size
+    branches = [what for what, size in assumed.items() if _runs_at_batch(model, example_inputs, axes, size)]
+    if branches:
+        raise _branches_on_the_batch(f"(torch.export assumed {' and '.join(branches)})", example_inputs, axes)
+
+
+def _runs_at_batch(model: nn.Module, example_inputs, axes: Sequence[int | None], size: int) -> bool:
+    """Whether `model` runs, in eval mode, on its example's rows repeated to batch `size`."""
+    inputs = [x[torch.arange(size) % x.shape[0]] if axis == 0 else x.clone() for x, axis in zip(example_inputs, axes)]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(*inputs)
+    except Exception:  # noqa: BLE001 (the user's model, at a size it may refuse)
+        return False
+    return True
 
 
 def _branches_on_the_batch(where: str, example_inputs, axes: Sequence[int | None]) -> UserError:
@@ -499,7 +519,7 @@ def export(
     if not fold:
         report.facts["fx_fold"] = "off (--no-fold)"
     exported_onnx = to_onnx(exported, example_inputs, exporter_optimize=exporter_optimize, batch_axes=batch_axes,
-                            notes=report.notes)
+                            notes=report.notes, original=module)
     model, onnx_report = fold_onnx(exported_onnx, standalone_bn=standalone_bn)
     report.facts.update({f"onnx_{k}": v for k, v in onnx_report.facts.items()})
     report.sections.update({f"onnx_{k}": v for k, v in onnx_report.sections.items()})

@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from bngraph import __version__
-from bngraph.atomic import ONNX, ONNX_PRODUCER, SEAL_KEY, output_kind, write_atomically
+from bngraph.atomic import ONNX, ONNX_PRODUCER, SEAL_KEY, fresh_sibling, output_kind, write_atomically
 from bngraph.errors import UserError, one_line
 from bngraph.compare import VerifyResult
 from bngraph.verify import verify
@@ -58,6 +58,40 @@ def _check_weights_file(data: Path, path: Path, force: bool) -> None:
     if not ours:
         raise UserError(f"{data} exists, and the weights of {path.name} (over 2 GiB) would be written there: "
                         "bngraph did not write it, so it is left as it is; choose another -o")
+
+
+class _Weights:
+    """The weights file `<name>.data` of a model over 2 GiB, put in place only once the model's
+    rename is all that is left (an edited old model there refused at the last check left the
+    user's model without its weights), the old one moved aside until the new model is in."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.staged, self.old, self.placed = path, None, None, False
+
+    def stage(self, built: Path) -> None:
+        self.staged = fresh_sibling(self.path, "partial")
+        os.replace(built, self.staged)
+
+    def put_in_place(self) -> None:
+        if self.staged is None:
+            return
+        if os.path.lexists(self.path):  # the old model's, as `_check_weights_file` allowed
+            self.old = fresh_sibling(self.path, "old")
+            os.replace(self.path, self.old)
+        os.replace(self.staged, self.path)
+        self.placed = True
+
+    def done(self) -> None:
+        if self.old is not None:
+            self.old.unlink(missing_ok=True)
+
+    def undo(self) -> None:
+        if self.placed:
+            self.path.unlink(missing_ok=True)
+        elif self.staged is not None:
+            self.staged.unlink(missing_ok=True)
+        if self.old is not None:
+            os.replace(self.old, self.path)
 
 
 def _external_locations(path: Path) -> set[str]:
@@ -104,10 +138,14 @@ def write_verified(
     `dtypes_must_match` is `verify`'s."""
     path = Path(path)
     outcome: dict[str, VerifyResult] = {}
-    moved: list[Path] = []
     data = weights_file(model, path)
     if data is not None:
         _check_weights_file(data, path, force)
+    # The weights file of the old model this replaces, which the new one no longer needs.
+    stale = path.with_name(f"{path.name}.data") if data is None and force and output_kind(path) == ONNX else None
+    if stale is not None and stale.name not in _external_locations(path):
+        stale = None
+    weights = _Weights(data)
 
     def check(saved: Path) -> None:
         try:
@@ -124,21 +162,23 @@ def write_verified(
             check(tmp)
             return
         # The model names its weights file, which must sit beside it under its final name: the
-        # two are written and verified in a folder of their own, the weights moved out first.
+        # two are written and verified in a folder of their own; the weights wait beside it
+        # until the model's last check has passed (`_Weights`).
         with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{path.name}.") as folder:
             staged = Path(folder) / path.name
             save_onnx(model, staged, external_data=data.name)
             check(staged)
-            os.replace(staged.with_name(data.name), data)
-            moved.append(data)
+            weights.stage(staged.with_name(data.name))
             os.replace(staged, tmp)
 
     try:
-        write_atomically(path, write, kind=ONNX, force=force)
-    except Rejected:
-        return outcome["result"], False
-    except BaseException:
-        for written in moved:  # the weights moved out, then the model's rename failed
-            written.unlink(missing_ok=True)
+        write_atomically(path, write, kind=ONNX, force=force, before_rename=weights.put_in_place)
+    except BaseException as err:
+        weights.undo()
+        if isinstance(err, Rejected):
+            return outcome["result"], False
         raise
+    weights.done()
+    if stale is not None:
+        stale.unlink(missing_ok=True)
     return outcome["result"], True

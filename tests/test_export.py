@@ -530,6 +530,27 @@ def test_inputs_of_different_example_batches_are_refused(tmp_path, sizes):
     assert not (tmp_path / "m.onnx").exists()
 
 
+class ChecksItsBatch(DoublesEvenBatches):
+    def forward(self, x):
+        torch._check(x.shape[0] <= 64)  # as Llama's `assert bsz <= max_batch_size`
+        return torch.relu(self.fc(x))
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "no-fold"])
+def test_the_models_own_check_of_its_batch_is_not_taken_for_a_branch(fold, tmp_path):
+    # torch.export assumes what the check says (batch <= 64), as it does for a branch; the model
+    # raises above it, so the file, right wherever the model runs, was refused as branching.
+    import onnxruntime as ort
+
+    model = ChecksItsBatch().eval()
+    assert export(model, [torch.randn(3, 4)], tmp_path / "m.onnx", fold=fold)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(33, 4)
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], model(x).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("fold", [True, False], ids=["folded", "no-fold"])
 @pytest.mark.parametrize("model", [DoublesEvenBatches(), DoublesBatchesOf8OrMore(), DoublesAllBut5()],
                          ids=["parity", "at-least-8", "not-5"])

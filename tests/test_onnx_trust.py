@@ -371,6 +371,42 @@ def test_weights_written_beside_the_model_never_replace_a_users_file(tmp_path, e
     assert not result and sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx", "out.onnx.data"]
 
 
+def test_a_model_with_weights_beside_it_edited_during_force_keeps_its_weights(tmp_path, external_weights, monkeypatch):
+    # The user re-saved out.onnx while --force rewrote it: the last check refused it, as edited,
+    # but the new weights had already replaced out.onnx.data and were then deleted, leaving the
+    # user's model without weights. Then: a small model replacing the pair leaves no stale .data.
+    import bngraph.onnx_io
+    from bngraph.errors import UserError
+    from bngraph.onnx_fold import fold_onnx_verified
+
+    source, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(conv_bn_file(), source)
+    assert fold_onnx_verified(source, out)[0]
+    weights_before = (tmp_path / "out.onnx.data").read_bytes()
+    verify = bngraph.onnx_io.verify
+
+    def verify_while_the_user_edits(*args, **kwargs):
+        result = verify(*args, **kwargs)
+        edited = onnx.load(str(out), load_external_data=False)
+        edited.doc_string = "my notes"
+        onnx.save(edited, str(out))
+        return result
+
+    monkeypatch.setattr(bngraph.onnx_io, "verify", verify_while_the_user_edits)
+    with pytest.raises(UserError, match="changed since"):
+        fold_onnx_verified(source, out, force=True)
+    assert (tmp_path / "out.onnx.data").read_bytes() == weights_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx", "out.onnx.data"]
+    assert relative_error(onnx.load(str(source)), onnx.load(str(out)), feeds()) < FLOAT32_REL
+    monkeypatch.setattr(bngraph.onnx_io, "verify", verify)
+    for name in ("out.onnx", "out.onnx.data"):  # the user's now: moved away by hand
+        (tmp_path / name).unlink()
+    assert fold_onnx_verified(source, out)[0]  # bngraph's pair again
+    monkeypatch.setattr(bngraph.onnx_io, "SINGLE_FILE_LIMIT_BYTES", 2**31)  # a model for one file
+    assert fold_onnx_verified(source, out, force=True)[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx"]  # the old pair's .data gone
+
+
 @pytest.mark.parametrize("exposed", ["W", "B"])
 def test_a_layer_whose_weight_is_also_a_graph_output_keeps_its_bn(tmp_path, exposed):
     # Valid ONNX that some exporters write: a parameter exposed as an output. The fold renamed
