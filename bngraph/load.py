@@ -46,10 +46,15 @@ class LoadedModel:
 
     @property
     def input_scale(self) -> str | None:
-        """How the inputs of its last training or recalibration were scaled, as its history
-        records it (`input_scale`), or None where it does not say (a model never trained here,
-        or trained before bngraph recorded it)."""
-        entries = (e for e in reversed(self.history) if isinstance(e, dict) and "input_scale" in e)
+        """How the inputs of its last training or recalibration that scaled them were scaled, as
+        its history records it (`input_scale`), or None where it does not say (a model never
+        trained here, or trained before bngraph recorded it). Entries on data used as stored are
+        passed over: recalibrated on floats in [0, 1] (which `check_input_scale` lets through
+        for a model trained on pixels / 255), the model still takes [0, 1], and a later
+        recalibration on 0-255 floats was let through."""
+        from bngraph.training.data import AS_STORED  # here: bngraph.training imports this module
+
+        entries = (e for e in reversed(self.history) if isinstance(e, dict) and e.get("input_scale") not in (None, AS_STORED))
         return next((e["input_scale"] for e in entries), None)
 
     def example_inputs(self, seed: int = 0) -> ExampleInputs:
@@ -346,11 +351,17 @@ def load(spec: str | Path, *, weights=None) -> nn.Module:
     but the checksums live in the same folder, so they are no defence against a folder someone
     else wrote.
 
-    A model from a run or an artifact whose training recorded its classes (an image folder's)
-    carries them as `bngraph_classes` (output i is class i): `bngraph.train` labels a folder's
-    images by them, as `bngraph train` does.
+    A model from a run or an artifact carries what its training recorded, for `bngraph.train`
+    to read data as `bngraph train` does: its classes (an image folder's) as `bngraph_classes`
+    (output i is class i), its input scale as `bngraph_input_scale`, and its inputs' dtypes as
+    `example_input_dtypes` (integer pixels for a model that takes them, not floats / 255).
     """
     loaded = load_model(str(spec), weights=weights)
+    module = loaded.module
     if loaded.classes is not None:
-        loaded.module.bngraph_classes = loaded.classes
-    return loaded.module
+        module.bngraph_classes = loaded.classes
+    if loaded.input_scale is not None:
+        module.bngraph_input_scale = loaded.input_scale
+    if loaded.input_dtypes is not None and getattr(module, "example_input_dtypes", None) is None:
+        module.example_input_dtypes = tuple(loaded.input_dtypes)
+    return module

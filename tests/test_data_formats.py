@@ -7,6 +7,7 @@ through the CLI; each kind of bad data must stop the run with one line naming th
 import json
 import pickle
 import re
+import textwrap
 import unicodedata
 import warnings
 import zipfile
@@ -26,7 +27,7 @@ from bngraph.training.data_formats import detect_format, open_data, with_model_c
 from bngraph.training import StreamData, TensorData, TrainConfig, train
 from bngraph.zoo import create_model
 from tests.mnist_like import learnable_arrays, write_learnable
-from tests.util import DETERMINISTIC_FOR_EXACTNESS
+from tests.util import DETERMINISTIC_FOR_EXACTNESS, overridden
 
 NETS_PY = '''
 import torch
@@ -76,8 +77,8 @@ def _cli(capsys, *argv):
 
 def _train(capsys, tmp_path, model, data, *extra, steps=3):
     out = tmp_path / "run"
-    code, stdout, err = _cli(capsys, "train", model, "--data", data, "--steps", steps, "--batch-size", 4,
-                             "--eval-every", steps, "--quiet", "--json", "-o", out, *extra)
+    code, stdout, err = _cli(capsys, *overridden(["train", model, "--data", data, "--steps", steps, "--batch-size", 4,
+                                                  "--eval-every", steps, "--quiet", "--json", "-o", out], extra))
     assert code == 0, err
     facts = json.loads(stdout)
     history = json.loads((out / "model" / "bngraph.json").read_text())["history"]
@@ -86,8 +87,8 @@ def _train(capsys, tmp_path, model, data, *extra, steps=3):
 
 
 def _bad(capsys, tmp_path, model, data, *extra):
-    code, _, err = _cli(capsys, "train", model, "--data", data, "--steps", 2, "--batch-size", 2, "--quiet",
-                        "-o", tmp_path / "bad", *extra)
+    code, _, err = _cli(capsys, *overridden(["train", model, "--data", data, "--steps", 2, "--batch-size", 2, "--quiet",
+                                             "-o", tmp_path / "bad"], extra))
     assert code == 2, err
     assert err.startswith("bngraph: error:") and err.count("\n") == 1, err
     return err
@@ -1227,6 +1228,78 @@ def test_resume_refuses_renamed_or_moved_class_folders_and_images_on_another_sca
         np.savez(uint8, **{k: v.astype(np.float32) if k.startswith("x") else v for k, v in arrays.items()})
     code, _, err = _cli(capsys, *npz, "--steps", 4, "--resume")
     assert code == 2 and "input scale: uint8 pixels / 255 (values in [0, 1]) then, as stored (not scaled) now" in err
+
+
+def test_resume_refuses_other_pixels_and_takes_a_class_folder_renamed_to_nfc(tmp_path, capsys, nets):
+    # The images of an .npz saved again inverted, labels kept: resumed, the run trained on two
+    # datasets. A class folder macOS named decomposed, renamed composed: the same class, refused.
+    npz = write_npz(tmp_path / "d.npz")
+    common = ["train", "zoo:mnist-mlp", "--batch-size", 4, "--quiet", "-o", tmp_path / "npz-run", "--data", npz]
+    assert _cli(capsys, *common, "--steps", 2)[0] == 0
+    with np.load(npz) as arrays:
+        np.savez(npz, **{k: 255 - v if k.startswith("x") else v for k, v in arrays.items()})
+    code, _, err = _cli(capsys, *common, "--steps", 4, "--resume")
+    assert code == 2 and "training images (SHA-256)" in err
+
+    folder = write_image_folder(tmp_path / "pets")
+    for split in ("train", "test"):
+        (folder / split / "emu").rename(folder / split / unicodedata.normalize("NFD", "émeu"))
+    run = ["train", f"{nets}:Net", "--batch-size", 4, "--quiet", "-o", tmp_path / "run", "--data", folder]
+    assert _cli(capsys, *run, "--steps", 2)[0] == 0
+    for split in ("train", "test"):
+        (folder / split / unicodedata.normalize("NFD", "émeu")).rename(folder / split / "émeu")
+    code, _, err = _cli(capsys, *run, "--steps", 4, "--resume")
+    assert code == 0, err
+
+
+def test_resume_refuses_a_factory_held_then_streamed(tmp_path, capsys, nets):
+    # A factory's Dataset that augments at random: held, each item is drawn once; streamed, at
+    # every step. A run resumed the other way matched neither run.
+    factory = tmp_path / "data.py"
+    factory.write_text(textwrap.dedent("""
+        import torch
+
+        class Noisy(torch.utils.data.Dataset):
+            def __init__(self, n):
+                self.n = n
+
+            def __len__(self):
+                return self.n
+
+            def __getitem__(self, i):
+                return torch.full((3, 8, 8), i / self.n) + 0.1 * torch.randn(3, 8, 8), i % 3
+
+        def make():
+            return Noisy(24), Noisy(8)
+    """))
+    common = ["train", f"{nets}:Net", "--batch-size", 4, "--quiet", "-o", tmp_path / "run", "--data", f"{factory}:make"]
+    assert _cli(capsys, *common, "--steps", 2)[0] == 0
+    code, _, err = _cli(capsys, *common, "--steps", 4, "--resume", "--stream-above", 0, "--loader-workers", 0)
+    assert code == 2 and "factory items: held in memory then, streamed now" in err
+
+
+def test_the_python_api_reads_data_as_the_cli_does_for_a_model_it_loaded(tmp_path, capsys):
+    # bngraph.train(bngraph.load(run), ...): the model trained on uint8 / 255 took 0-255 floats
+    # (the CLI refuses them), and an integer-input model got floats / 255 (the CLI: integers).
+    uint8 = write_npz(tmp_path / "d.npz")
+    assert _cli(capsys, "insert", "zoo:mnist-mlp", "-o", tmp_path / "bn")[0] == 0
+    assert _cli(capsys, "train", tmp_path / "bn", "--data", uint8, "--steps", 2, "--batch-size", 4, "--quiet",
+                "-o", tmp_path / "run")[0] == 0
+    with np.load(uint8) as arrays:
+        np.savez(tmp_path / "f255.npz", **{k: v.astype(np.float32) if k.startswith("x") else v for k, v in arrays.items()})
+    model = bngraph.load(tmp_path / "run")
+    assert model.bngraph_input_scale.startswith("uint8 pixels / 255")
+    with pytest.raises(UserError, match="used as stored, with values from 0 to "):
+        train(model, str(tmp_path / "f255.npz"), TrainConfig(steps=1, batch_size=4), progress=False)
+    # A recalibration on floats in [0, 1] does not take that protection away.
+    with np.load(uint8) as arrays:
+        np.savez(tmp_path / "f01.npz", **{k: v.astype(np.float32) / 255 if k.startswith("x") else v
+                                          for k, v in arrays.items()})
+    assert _cli(capsys, "recalibrate", tmp_path / "run", "--data", tmp_path / "f01.npz", "--batches", 2,
+                "--batch-size", 4, "-o", tmp_path / "recal")[0] == 0
+    code, _, err = _cli(capsys, "recalibrate", tmp_path / "recal", "--data", tmp_path / "f255.npz", "--batches", 2,
+                        "--batch-size", 4, "-o", tmp_path / "recal2")
+    assert code == 2 and "used as stored, with values from 0 to " in err
 
 
 def test_the_python_api_reads_a_path_for_the_models_declared_input(tmp_path):

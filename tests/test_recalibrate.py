@@ -13,6 +13,7 @@ from bngraph.data import load_mnist
 from bngraph.passes.recalibrate_bn import recalibrate_bn
 from bngraph.training import EpochSampler
 from bngraph.training.data import UINT8_SCALE
+from tests.util import overridden
 from tests.mnist_like import write_learnable
 from tests.test_data_formats import write_npz
 
@@ -112,7 +113,7 @@ def test_a_model_without_bn_is_refused_and_nothing_written(tmp_path, capsys, tra
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, trained, argv, message):
     model_dir, source, _ = trained
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    code, _, err = _cli(capsys, "recalibrate", model_dir, "--data", source, "-o", tmp_path / "o", *argv)
+    code, _, err = _cli(capsys, *overridden(["recalibrate", model_dir, "--data", source, "-o", tmp_path / "o"], argv))
     assert code == 2 and message in err and err.count("\n") == 1
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 
 from bngraph.training import EpochSampler, InputTracker, StreamData, TensorData, TrainConfig, read_metrics, train
 from tests.mnist_like import learnable_arrays, write_learnable
-from tests.util import DETERMINISTIC_FOR_EXACTNESS
+from tests.util import DETERMINISTIC_FOR_EXACTNESS, overridden
 
 
 def tensor_data(seed=0, n_train=300, n_test=100) -> TensorData:
@@ -291,7 +291,7 @@ def test_cli_a_run_grown_on_resume_says_it_keeps_its_decay_period(tmp_path, caps
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, mnist_dir, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     base = ["train", "zoo:mnist-mlp", "--data", mnist_dir, "--steps", 5, "--quiet", "-o", tmp_path / "o"]
-    code, _, err = _cli(capsys, *base, *argv)
+    code, _, err = _cli(capsys, *overridden(base, argv))
     assert code == 2 and message in err
     assert err.count("\n") == 1 and err.startswith("bngraph: error:")
 

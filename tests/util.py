@@ -25,3 +25,20 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 # deterministic algorithms (--deterministic), since cuDNN's weight gradients may accumulate with
 # atomics. Tests that compare two runs bit for bit ask for what this machine needs.
 DETERMINISTIC_FOR_EXACTNESS = torch.cuda.is_available()
+
+
+def overridden(argv, extra) -> list:
+    """`argv` and then `extra`, each option of `extra` first taken out of `argv` with its value:
+    the CLI refuses an option given twice, where the last one used to win."""
+    given = {a for a in extra if isinstance(a, str) and a.startswith("--")}
+    kept, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in given:
+            value = argv[i + 1] if i + 1 < len(argv) else None
+            skip = value is not None and not (isinstance(value, str) and value.startswith("--"))
+            continue
+        kept.append(arg)
+    return [*kept, *extra]

@@ -7,7 +7,8 @@ OUT/inputs.png. A stopped run (Ctrl-C, SIGTERM, or a crash after a checkpoint) c
 --resume and the same arguments: same next batch, optimizer and RNG state, so it ends with
 bit-identical weights. --steps may grow on resume; other settings, other data (its example
 counts, image shape, format, input scale and class names, an image folder's file paths and labels,
-and for data held in memory its training labels), or a model that computes something else with
+for data held in memory its training labels and images, a factory's items held or streamed), or a
+model that computes something else with
 the checkpoint's weights (its code edited since) are refused.
 
 --recipe applies the paper's Sec. 4.2.1 changes through passes before training:

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import random
+import unicodedata
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -302,15 +303,29 @@ def data_fingerprint(data: TensorData | StreamData) -> dict:
     for an image folder, a digest of its files and labels, for data in memory, of the training
     labels. (A checkpoint written before a key was added lacks it, and is not held to it.)"""
     test = len(data.y_test) if isinstance(data, TensorData) else len(data.test)
+    classes = None if data.class_names is None else [unicodedata.normalize("NFC", c) for c in data.class_names]
     found = {"training examples": data.n_train, "test examples": test,
              "image shape": list(data.example(1).shape[1:]), "format": data.format,
-             "input scale": data.input_scale or AS_STORED,
-             "classes": list(data.class_names) if data.class_names is not None else None}
+             "input scale": data.input_scale or AS_STORED, "classes": classes}
     if data.files_sha256 is not None:
         found["image files and labels (SHA-256)"] = data.files_sha256
     if isinstance(data, TensorData):
         found["training labels (SHA-256)"] = hashlib.sha256(data.y_train.cpu().numpy().tobytes()).hexdigest()[:16]
+        # The pixels too, where they are at hand: an .npz saved again with other images (the
+        # labels kept) trained on two datasets, matching no run.
+        found["training images (SHA-256)"] = _tensor_digest(data.x_train)
+    if data.format == "factory":
+        # A factory's Dataset may augment at random: held in memory, each item is drawn once,
+        # streamed, at each step, so the two are other data (plain data gives the same batches).
+        found["factory items"] = "streamed" if isinstance(data, StreamData) else "held in memory"
     return found
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for chunk in tensor.reshape(len(tensor), -1).split(4096):  # on the CPU a chunk at a time
+        digest.update(chunk.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_finite(images: torch.Tensor, where: str, first_index: int = 0) -> None:

@@ -384,7 +384,9 @@ def image_folder_digest(splits: dict[str, tuple[Path, list[tuple[Path, int]]]]) 
     digest = hashlib.sha256()
     for name, (folder, pairs) in splits.items():
         for path, label in pairs:
-            digest.update(f"{name}/{path.relative_to(folder).as_posix()}\t{label}\n".encode(errors="surrogateescape"))
+            # NFC: a folder renamed from macOS's decomposed form to the composed one is the same class.
+            entry = unicodedata.normalize("NFC", f"{name}/{path.relative_to(folder).as_posix()}\t{label}\n")
+            digest.update(entry.encode(errors="surrogateescape"))
     return digest.hexdigest()[:16]
 
 
@@ -482,7 +484,8 @@ def check_input_scale(data, model_scale: str | None) -> None:
     is compared for it.)"""
     if model_scale != UINT8_SCALE or data.input_scale is not None:
         return
-    images = [data.x_train, data.x_test] if isinstance(data, TensorData) else [data.example(2)]
+    # Streamed: 64 examples spread over the training set (its first ones may be a black frame).
+    images = [data.x_train, data.x_test] if isinstance(data, TensorData) else [_spread_sample(data.train, 64)]
     if not images[0].is_floating_point():
         return  # integers for a model taking integers: as it was given them
     low, high = min(float(x.min()) for x in images), max(float(x.max()) for x in images)
@@ -490,6 +493,12 @@ def check_input_scale(data, model_scale: str | None) -> None:
         raise UserError(f"{data.source}: its images are used as stored, with values from {low:g} to {high:g}, but the "
                         f"model was trained on {UINT8_SCALE} (input_scale in its bngraph.json): give them as uint8 "
                         "(0-255, scaled as then) or as floats in [0, 1]")
+
+
+def _spread_sample(dataset, count: int) -> torch.Tensor:
+    """Up to `count` images of `dataset`, evenly spread over it, stacked."""
+    step = max(1, len(dataset) // count)
+    return torch.stack([torch.as_tensor(dataset[i][0]) for i in range(0, len(dataset), step)][:count])
 
 
 def image_folder_mode(channels: int | None) -> str:

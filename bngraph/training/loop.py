@@ -47,7 +47,7 @@ from bngraph.training.data import (
     EpochSampler, StreamData, TensorData, check_finite, check_model_fits, data_fingerprint, logits_of, step_batches,
     streamed_test_loader,
 )
-from bngraph.training.data_formats import load_data, with_model_classes
+from bngraph.training.data_formats import check_input_scale, load_data, with_model_classes
 from bngraph.training.distributed import SINGLE, Distributed, broadcast_buffers, sum_over_ranks, wrap
 from bngraph.training.metrics import METRICS, evaluate_shared, interval_means, new_interval, write_metrics
 from bngraph.training.track import InputTracker
@@ -123,6 +123,7 @@ def train(
     # A model bngraph.load gave from a run knows its classes: a folder lacking one of them must
     # not shift the others' labels (the CLI maps them before it calls this).
     data = with_model_classes(data, getattr(model, "bngraph_classes", None))
+    check_input_scale(data, getattr(model, "bngraph_input_scale", None))  # as the CLI's fine-tune does
     # Before the first step: data the model cannot take is one line naming it (train_run checks
     # too; an API caller's model and data meet here first).
     check_model_fits(model, data)
