@@ -276,12 +276,33 @@ def refuse_empty_output(path: str | Path) -> None:
         raise UserError('the output path is empty (-o ""): name a file or folder to write')
 
 
+# The working folder a command started in (`working_folder_pinned`, the CLI's): a relative -o is
+# the user's relative to it, whatever the model's code does with os.chdir as it runs.
+_started_in: str | None = None
+
+
+@contextlib.contextmanager
+def working_folder_pinned() -> Iterator[None]:
+    """While the block runs, a relative output path is refused once the working folder is no
+    longer the one the block started in (a model's forward calling os.chdir): it would be
+    written there, not where the user meant."""
+    global _started_in
+    before, _started_in = _started_in, os.getcwd()
+    try:
+        yield
+    finally:
+        _started_in = before
+
+
 def _output_path(path: str | Path) -> Path:
     """`path`, its folder resolved where it passes through `..`: the temporaries are built beside
     it by name, and beside `art/../art` is reached through `art` itself, which the swap moves
     away. Only its folder: a symbolic link at `path` stays one, for `check_output` to refuse."""
     refuse_empty_output(path)
     path = Path(path)
+    if _started_in is not None and not path.is_absolute() and os.getcwd() != _started_in:
+        raise UserError(f"the model's code moved the working folder to {os.getcwd()} (os.chdir) as it ran, so -o {path} "
+                        "would land there: nothing was written; give -o as an absolute path")
     if ".." not in path.parts:
         return path
     return path.resolve() if path.name in ("", "..") else path.parent.resolve() / path.name

@@ -28,7 +28,7 @@ from pathlib import Path
 import rich
 
 import bngraph
-from bngraph.atomic import refuse_empty_output
+from bngraph.atomic import refuse_empty_output, working_folder_pinned
 from bngraph.errors import CheckFailed, UserError, user_frame
 
 # The life of a BN model, in order: a module of bngraph/commands each. Named, not discovered: a
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         # With --json, stdout is the report's alone: what the user's model prints goes to stderr.
         printed_elsewhere = _stdout_for_the_report(args) if getattr(args, "json", False) else contextlib.nullcontext()
         args.report_stream = sys.stdout
-        with warnings.catch_warnings(record=True) as caught, printed_elsewhere:  # the filters as they are
+        with warnings.catch_warnings(record=True) as caught, printed_elsewhere, working_folder_pinned():
             _refuse_an_empty_output(args)
             code = args.run(args)
         _show(caught)

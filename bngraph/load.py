@@ -10,7 +10,7 @@ import pickle
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -294,6 +294,9 @@ def load_model(
         module = create_model(spec.symbol)
         shapes = [get_entry(spec.symbol).input_shape]
     elif spec.kind == "file":
+        # Read again later (the artifact carries its source), perhaps after the model's forward
+        # moved the working folder: absolute from here on.
+        spec = replace(spec, path=spec.path.absolute())
         with torch.random.fork_rng(devices=[]), working_folder_restored():
             torch.manual_seed(seed)
             module, symbol, code = _build(spec.path, spec.symbol)

@@ -291,6 +291,24 @@ def test_a_model_file_that_changes_the_working_folder_does_not_move_the_output(t
     assert {p.name for p in (tmp_path / "models").iterdir()} - {"__pycache__"} == {"net.py"}
 
 
+@pytest.mark.parametrize("name", ["fold", "export"])
+def test_a_forward_that_changes_the_working_folder_is_told_to_take_an_absolute_output(name, tmp_path, capsys,
+                                                                                     monkeypatch):
+    # The checks run the forward, which moved the working folder: export wrote the relative -o
+    # into the folder the forward chose, and fold failed with a traceback reading its model file.
+    (tmp_path / "elsewhere").mkdir()
+    moves = "HERE = os.path.dirname(os.path.abspath(__file__))\nMOVE = lambda: os.chdir(os.path.join(HERE, 'elsewhere'))"
+    source = _MLP_FILE.format(first_line=moves).replace("        return self.b(", "        MOVE()\n        return self.b(")
+    (tmp_path / "net.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    out = "out.onnx" if name == "export" else "out"
+    code, _, err = _run(capsys, [name, "net.py:Net", "-o", out])
+    assert code == 2 and "moved the working folder" in _one_error_line(err) and "give -o as an absolute path" in err
+    assert sorted(p.name for p in tmp_path.rglob("*") if "__pycache__" not in p.parts) == ["elsewhere", "net.py"]
+    assert _run(capsys, [name, str(tmp_path / "net.py") + ":Net", "-o", str(tmp_path / out)])[0] == 0
+    assert (tmp_path / out).exists() and list((tmp_path / "elsewhere").iterdir()) == []
+
+
 def test_a_folder_name_that_is_not_utf8_is_read_and_written(tmp_path, capsys, monkeypatch):
     # A folder unzipped from an old archive (Latin-1 0xE9): importing its model was a traceback
     # (UnicodeEncodeError), and onnxruntime could not open a file there ("incompatible
