@@ -330,8 +330,8 @@ def check_output(
             raise UserError(f"{path} is a symbolic link: bngraph does not replace it; choose another -o")
         found = output_kind(path)
         if found is None and path.is_file() and _changed_since_written(path):
-            raise UserError(f"{path} was written by bngraph but has been changed since: it is left as it is; "
-                            "choose another -o")
+            raise UserError(f"{path} was written by bngraph but is not as it wrote it (changed since, or written before "
+                            "bngraph sealed its files): it is left as it is; choose another -o")
         if found is None:
             what = "folder" if path.is_dir() else "file"
             raise UserError(f"{path} is a {what} bngraph did not write: it is left as it is; choose another -o")
