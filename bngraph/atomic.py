@@ -4,8 +4,9 @@ The rule for every output (each command's `-o`, `bngraph.save`, `bngraph.export`
 - A path that exists is replaced only when it is a bngraph output of the same kind (an artifact,
   a run or reproduce folder, each known by its `bngraph.json` and holding nothing but what
   bngraph writes there; an `.onnx` file or a picture that ends in bngraph's seal, the digest of
-  what bngraph wrote, so that an edit since makes it the user's) and the caller passed `force`. Anything else is refused with one line (`UserError`) and left exactly as it
-  was. Symbolic links are never replaced.
+  what bngraph wrote, so that an edit since makes it the user's) and the caller passed `force`.
+  Anything else is refused with one line (`UserError`) and left exactly as it was. Symbolic
+  links are never replaced.
 - The checks run before the work (`check_output`) and again just before the rename.
 - Missing parent folders are created after the checks pass, and removed again when the write
   fails. The output is built beside its path and renamed onto it last; an old output of the same
@@ -94,7 +95,7 @@ def output_kind(path: str | Path) -> str | None:
 
 def _changed_since_written(path: Path) -> bool:
     """Whether the file at `path` carries bngraph's mark but not its seal: bngraph wrote it, and
-    it was changed since (or written by a bngraph before 0.3, which did not seal its files)."""
+    it was changed since (or bngraph wrote it before it sealed its files)."""
     if path.suffix in FILE_SUFFIXES[ONNX]:
         return _is_marked_onnx(path)
     return path.suffix in FILE_SUFFIXES[PICTURE] and _is_marked_picture(path)

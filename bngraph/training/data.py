@@ -297,13 +297,21 @@ def streamed_test_loader(data: StreamData, seed: int, rank: int, world_size: int
     return data.loader(shard, batch_size=batch_size, pin=pin, persistent=True)
 
 
+def same_name(name: str) -> str:
+    """A class name as compared: Unicode NFC. macOS writes file names decomposed (NFD: "e" and a
+    combining accent), most other systems composed: "café" copied from one to the other prints
+    alike, but is another string."""
+    return unicodedata.normalize("NFC", name)
+
+
 def data_fingerprint(data: TensorData | StreamData) -> dict:
     """What a resumed run must find again, since the batches and what they teach depend on it:
-    the numbers of examples, the image shape, the format, the input scale, the class names and,
-    for an image folder, a digest of its files and labels, for data in memory, of the training
-    labels. (A checkpoint written before a key was added lacks it, and is not held to it.)"""
+    the numbers of examples, the image shape, the format, the input scale, the class names, for
+    an image folder a digest of its files and labels, for data in memory digests of the training
+    labels and images, and whether a factory's items were held or streamed. (A checkpoint written
+    before a key was added lacks it, and is not held to it.)"""
     test = len(data.y_test) if isinstance(data, TensorData) else len(data.test)
-    classes = None if data.class_names is None else [unicodedata.normalize("NFC", c) for c in data.class_names]
+    classes = None if data.class_names is None else [same_name(c) for c in data.class_names]
     found = {"training examples": data.n_train, "test examples": test,
              "image shape": list(data.example(1).shape[1:]), "format": data.format,
              "input scale": data.input_scale or AS_STORED, "classes": classes}

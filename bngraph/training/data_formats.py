@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,7 +49,7 @@ from torch import nn
 from bngraph.data import FILES, find_idx_file, load_mnist
 from bngraph.errors import UserError, model_raised, one_line, require_file
 from bngraph.load import call_user_factory, declared_shapes, import_user_file
-from bngraph.training.data import UINT8_SCALE, StreamData, TensorData, check_finite, seeded
+from bngraph.training.data import UINT8_SCALE, StreamData, TensorData, check_finite, same_name, seeded
 
 # torchvision's ImageFolder's (all of which Pillow decodes), .jfif (JPEGs as browsers save them) and .gif:
 # a file of another suffix is not an image, and is left out.
@@ -342,13 +341,6 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def same_name(name: str) -> str:
-    """A class name as compared: Unicode NFC. macOS writes file names decomposed (NFD: "e" and a
-    combining accent), most other systems composed: "café" copied from one to the other prints
-    alike, but is another string."""
-    return unicodedata.normalize("NFC", name)
-
-
 def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]], Path]:
     """Classes (sorted folder names of train/) and the (file, class) pairs of train and test."""
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
@@ -385,7 +377,7 @@ def image_folder_digest(splits: dict[str, tuple[Path, list[tuple[Path, int]]]]) 
     for name, (folder, pairs) in splits.items():
         for path, label in pairs:
             # NFC: a folder renamed from macOS's decomposed form to the composed one is the same class.
-            entry = unicodedata.normalize("NFC", f"{name}/{path.relative_to(folder).as_posix()}\t{label}\n")
+            entry = same_name(f"{name}/{path.relative_to(folder).as_posix()}\t{label}\n")
             digest.update(entry.encode(errors="surrogateescape"))
     return digest.hexdigest()[:16]
 
