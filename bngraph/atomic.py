@@ -111,9 +111,8 @@ def _seal(body_digest: str, kind: str, suffix: str) -> bytes:
     content whose SHA-256 is `body_digest`: bngraph's mark and that digest, in the format's own
     syntax, so that the file stays valid and a later `--force` can tell it is as bngraph wrote it."""
     digest = body_digest.encode()
-    if kind == ONNX:  # an entry of ModelProto's metadata_props (field 14): protobuf merges fields appended
-        entry = b"\x0a" + bytes([len(SEAL_KEY)]) + SEAL_KEY + b"\x12" + bytes([len(digest)]) + digest
-        return b"\x72" + bytes([len(entry)]) + entry
+    if kind == ONNX:
+        return onnx_metadata_entry(SEAL_KEY, digest)
     text = PICTURE_MARK + b" sha256=" + digest
     if suffix == ".png":  # a tEXt chunk: length, type, keyword NUL text, CRC of type and data
         body = b"tEXtComment\0" + text
@@ -121,6 +120,13 @@ def _seal(body_digest: str, kind: str, suffix: str) -> bytes:
     if suffix == ".svg":  # XML allows a comment after the root element
         return b"\n<!-- " + text + b" -->\n"
     return b"\n// " + text + b"\n"  # .dot
+
+
+def onnx_metadata_entry(key: bytes, value: bytes) -> bytes:
+    """The bytes of one entry of ModelProto's metadata_props (field 14) holding `key` and `value`
+    (each under 128 bytes): appended to an ONNX file, protobuf merges it into the model."""
+    entry = b"\x0a" + bytes([len(key)]) + key + b"\x12" + bytes([len(value)]) + value
+    return b"\x72" + bytes([len(entry)]) + entry
 
 
 def seal(path: Path, kind: str) -> None:

@@ -18,13 +18,18 @@ import onnx
 import onnx_ir as ir
 
 from bngraph import __version__
-from bngraph.atomic import ONNX, ONNX_PRODUCER, SEAL_KEY, fresh_sibling, output_kind, write_atomically
+from bngraph.atomic import (
+    ONNX, ONNX_PRODUCER, SEAL_KEY, fresh_sibling, onnx_metadata_entry, output_kind, sha256, write_atomically,
+)
 from bngraph.errors import UserError, one_line
 from bngraph.compare import VerifyResult
 from bngraph.verify import verify
 
 # protobuf cannot serialize a message over 2 GiB; keep a margin for the graph itself.
 SINGLE_FILE_LIMIT_BYTES = 2**31 - 2**27
+# The metadata entry in which a model whose weights sit in `<name>.data` records that file's
+# SHA-256: the model's seal covers it, so an edit to either makes the pair the user's.
+WEIGHTS_DIGEST_KEY = b"bngraph_weights_sha256"
 
 
 def initializer_bytes(model: ir.Model) -> int:
@@ -36,11 +41,14 @@ def save_onnx(model: ir.Model, path: Path, external_data: str | None = None) -> 
     is bngraph: the mark by which a later `-o ... --force` knows it may replace it."""
     model.producer_name, model.producer_version = ONNX_PRODUCER, __version__
     # A model read from a file bngraph wrote carries that file's seal; `write_atomically` seals anew.
-    model.metadata_props.pop(SEAL_KEY.decode(), None)
-    if external_data:
-        ir.save(model, path, external_data=external_data)
-    else:
+    for key in (SEAL_KEY, WEIGHTS_DIGEST_KEY):
+        model.metadata_props.pop(key.decode(), None)
+    if not external_data:
         ir.save(model, path)
+        return
+    ir.save(model, path, external_data=external_data)
+    with path.open("ab") as f:
+        f.write(onnx_metadata_entry(WEIGHTS_DIGEST_KEY, sha256(path.with_name(external_data)).encode()))
 
 
 def weights_file(model: ir.Model, path: Path) -> Path | None:
@@ -51,13 +59,13 @@ def weights_file(model: ir.Model, path: Path) -> Path | None:
 
 def _check_weights_file(data: Path, path: Path, force: bool) -> None:
     """Refuse to write over a `<name>.data` that bngraph did not write: one is replaced only with
-    --force, and only as the weights of the bngraph ONNX file at `path` that names it."""
+    --force, and only as the weights of the bngraph ONNX file at `path`, as it wrote them."""
     if not data.exists() and not data.is_symlink():
         return
-    ours = force and output_kind(path) == ONNX and data.name in _external_locations(path)
-    if not ours:
+    if not (force and _own_weights_file(path, data)):
         raise UserError(f"{data} exists, and the weights of {path.name} (over 2 GiB) would be written there: "
-                        "bngraph did not write it, so it is left as it is; choose another -o")
+                        "bngraph did not write it (or it was changed since), so it is left as it is; "
+                        "choose another -o")
 
 
 class _Weights:
@@ -94,10 +102,16 @@ class _Weights:
             os.replace(self.old, self.path)
 
 
-def _external_locations(path: Path) -> set[str]:
+def _own_weights_file(path: Path, data: Path) -> bool:
+    """Whether `data` holds the weights of the bngraph ONNX file at `path` as bngraph wrote them:
+    a file the model names, whose SHA-256 is the one the model recorded (`save_onnx`)."""
+    if output_kind(path) != ONNX or data.is_symlink() or not data.is_file():
+        return False
     proto = onnx.load(str(path), load_external_data=False)
-    return {entry.value for tensor in proto.graph.initializer for entry in tensor.external_data
-            if entry.key == "location"}
+    named = {entry.value for tensor in proto.graph.initializer for entry in tensor.external_data
+             if entry.key == "location"}
+    recorded = {entry.key: entry.value for entry in proto.metadata_props}.get(WEIGHTS_DIGEST_KEY.decode())
+    return data.name in named and recorded == sha256(data)
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
@@ -142,8 +156,8 @@ def write_verified(
     if data is not None:
         _check_weights_file(data, path, force)
     # The weights file of the old model this replaces, which the new one no longer needs.
-    stale = path.with_name(f"{path.name}.data") if data is None and force and output_kind(path) == ONNX else None
-    if stale is not None and stale.name not in _external_locations(path):
+    stale = path.with_name(f"{path.name}.data") if data is None and force else None
+    if stale is not None and not _own_weights_file(path, stale):
         stale = None
     weights = _Weights(data)
 

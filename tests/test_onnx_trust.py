@@ -407,6 +407,26 @@ def test_a_model_with_weights_beside_it_edited_during_force_keeps_its_weights(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx"]  # the old pair's .data gone
 
 
+def test_weights_beside_a_model_edited_since_are_the_users(tmp_path, external_weights, monkeypatch):
+    # The seal covered the .onnx only: weights edited (or swapped in) beside a model bngraph wrote
+    # were overwritten by --force, and deleted when a small model replaced the pair.
+    import bngraph.onnx_io
+    from bngraph.errors import UserError
+    from bngraph.onnx_fold import fold_onnx_verified
+
+    source, out, data = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "out.onnx.data"
+    onnx.save(conv_bn_file(), source)
+    assert fold_onnx_verified(source, out)[0]
+    edited = bytearray(data.read_bytes())
+    edited[0] ^= 0xFF  # the user's fine-tuned weights, say
+    data.write_bytes(bytes(edited))
+    with pytest.raises(UserError, match="out.onnx.data exists.*changed since"):
+        fold_onnx_verified(source, out, force=True)
+    monkeypatch.setattr(bngraph.onnx_io, "SINGLE_FILE_LIMIT_BYTES", 2**31)  # a model for one file
+    assert fold_onnx_verified(source, out, force=True)[0]
+    assert data.read_bytes() == bytes(edited)  # kept: not the old model's weights as bngraph wrote them
+
+
 @pytest.mark.parametrize("exposed", ["W", "B"])
 def test_a_layer_whose_weight_is_also_a_graph_output_keeps_its_bn(tmp_path, exposed):
     # Valid ONNX that some exporters write: a parameter exposed as an output. The fold renamed
