@@ -28,7 +28,7 @@ from bngraph.atomic import ARTIFACT, check_output, description_text, save_tensor
 from bngraph.errors import UserError, one_line
 from bngraph.runners import batch_axes_of, fresh_inputs, named_tensors, seeded
 from bngraph.spec import ARTIFACT_META
-from bngraph.trace import TraceFailed, check_modules_registered, trace_around_untraceable
+from bngraph.trace import TraceFailed, check_modules_registered, copy_module, trace_around_untraceable
 from bngraph.user_modules import importing_beside, isolated_modules, python_files
 
 FORMAT = "bngraph-artifact"
@@ -68,6 +68,7 @@ def save(
     # Each input's dtype and batch axis (0, or None), so that later commands build the same inputs.
     input_dtypes = [str(x.dtype).removeprefix("torch.") for x in example_inputs] if example_inputs is not None else None
     batch_axes = batch_axes_of(example_inputs) if example_inputs is not None else None
+    given = module
     if code is None and not isinstance(module, fx.GraphModule):
         try:
             module = trace_around_untraceable(module, example_inputs)
@@ -104,7 +105,7 @@ def save(
             "history": list(history),
         }
         (folder / ARTIFACT_META).write_text(description_text(meta))
-        _check_round_trip(module, load_artifact(folder)[0], example_inputs)
+        _check_round_trip(given, module, load_artifact(folder)[0], example_inputs)
 
     return write_dir_atomically(path, write, kind=ARTIFACT, force=force)
 
@@ -117,31 +118,50 @@ def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a == b) | (a.isnan() & b.isnan())).all()) if a.is_floating_point() else torch.equal(a, b)
 
 
-def _check_round_trip(original: nn.Module, loaded: nn.Module, example_inputs) -> None:
-    mine, theirs = original.state_dict(), loaded.state_dict()
+def _check_round_trip(given: nn.Module, saved: nn.Module, loaded: nn.Module, example_inputs) -> None:
+    """`loaded`, the artifact read back, holds the weights of `saved` (what was written: `given`
+    or its trace) and computes what `given` does, in eval mode and in train mode."""
+    mine, theirs = saved.state_dict(), loaded.state_dict()
     if mine.keys() != theirs.keys() or not all(_identical(mine[k], theirs[k]) for k in mine):
         raise AssertionError("bngraph bug: the artifact's weights do not match the module saved")
     if example_inputs is None:
         return
-    was_training = original.training
+    for training in (False, True):
+        expected = _outputs(given, example_inputs, training)
+        if expected is None:  # the model does not run in train mode on its example (a batch of 1 into BN)
+            continue
+        found = _outputs(loaded, example_inputs, training)
+        # Named as verify names them: a user's own dataclass (a class pytree does not know, loaded
+        # again with the artifact's code) is compared field by field, not with its __eq__.
+        named_a, named_b = named_tensors(expected), named_tensors(found) if found is not None else []
+        if found is None or [n for n, _ in named_a] != [n for n, _ in named_b] or not all(
+            _identical(x, y) for (_, x), (_, y) in zip(named_a, named_b)
+        ):
+            if training:
+                raise UserError("the written model computes something else than the model given in train mode "
+                                "(code that depends on the mode written for one mode only): nothing was written")
+            # The weights matched: what differs is state the model's own code makes when built again.
+            raise UserError("the written model computes something else than the model given, built again from the "
+                            "model's code: its constructor makes state that is not saved (a non-persistent buffer "
+                            "drawn at random, or read from elsewhere); nothing was written")
+
+
+def _outputs(module: nn.Module, example_inputs, training: bool):
+    """`module`'s outputs on the example, from one random state (a VAE's sampler draws in eval
+    mode too; dropout in train mode), without gradients; in train mode on a copy, whose
+    statistics move. None where it raises in train mode."""
+    if training:
+        module = copy_module(module).train()
+        with contextlib.suppress(Exception), torch.no_grad(), seeded():  # noqa: BLE001 (the user's model)
+            return module(*fresh_inputs(example_inputs))
+        return None
+    modes = {m: m.training for m in module.modules()}  # each put back: a submodule may differ
     try:
-        with torch.no_grad():  # each from the same random state: a VAE's sampler draws in eval mode too
-            with seeded():
-                a = original.eval()(*fresh_inputs(example_inputs))
-            with seeded():
-                b = loaded.eval()(*fresh_inputs(example_inputs))
+        with torch.no_grad(), seeded():
+            return module.eval()(*fresh_inputs(example_inputs))
     finally:
-        original.train(was_training)
-    # Named as verify names them: a user's own dataclass (a class pytree does not know, loaded
-    # again with the artifact's code) is compared field by field, not with its __eq__.
-    named_a, named_b = named_tensors(a), named_tensors(b)
-    if [n for n, _ in named_a] != [n for n, _ in named_b] or not all(
-        _identical(x, y) for (_, x), (_, y) in zip(named_a, named_b)
-    ):
-        # The weights matched: what differs is state the model's own code makes when built again.
-        raise UserError("the written model computes something else than the model given, built again from the "
-                        "model's code: its constructor makes state that is not saved (a non-persistent buffer "
-                        "drawn at random, or read from elsewhere); nothing was written")
+        for m, flag in modes.items():
+            m.training = flag
 
 
 def read_meta(path: str | Path) -> dict:

@@ -875,17 +875,15 @@ def trace(
 
 
 def trace_around_untraceable(module: nn.Module, example_inputs: Sequence[torch.Tensor] | None) -> fx.GraphModule:
-    """`trace`, or where torch.fx cannot follow a submodule (one an artifact kept opaque), the
-    trace insert makes around it (`bngraph.partial_trace`), the submodule kept whole; shapes
-    recorded. Without `example_inputs`, `trace` alone."""
-    try:
-        return trace(module, example_inputs)
-    except TraceFailed:
-        if example_inputs is None:
-            raise
-        from bngraph.partial_trace import trace_for_insert  # it builds on this module
+    """The trace insert makes (`bngraph.partial_trace`): faithful in both modes, the mode a graph
+    value (`F.dropout(x, training=self.training)` reads it as it runs, where `trace` writes the
+    mode the model was in), a submodule torch.fx cannot follow kept whole; shapes recorded.
+    Without `example_inputs` nothing can be checked: `trace` alone."""
+    if example_inputs is None:
+        return trace(module)
+    from bngraph.partial_trace import trace_for_insert  # it builds on this module
 
-        return trace_for_insert(module, example_inputs)[0]
+    return trace_for_insert(module, example_inputs)[0]
 
 
 def trace_and_run(

@@ -1,5 +1,6 @@
 """Save/load round trips: every tested model, in this process and in a fresh one."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -223,3 +224,102 @@ def test_saving_a_model_torch_fx_cannot_trace_says_what_to_do_instead(tmp_path):
     with pytest.raises(UserError, match=r"cannot save Untraceable as an artifact: .* Run `bngraph insert`"):
         bngraph.save(inserted, tmp_path / "out", example_inputs=[x])
     assert not (tmp_path / "out").exists()
+
+
+# ---- code that depends on the mode, written for both modes -------------------------------------
+
+MODE_DEPENDENT = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Noisy(nn.Module):  # a top-level forward that branches on the mode
+    example_input_shape = (6, 1, 28, 28)
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.out = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.fc(x.flatten(1))))
+        if self.training:
+            h = h * 2.0 + 0.5
+        return self.out(h)
+
+
+class Dropping(nn.Module):  # dropout that reads the mode
+    example_input_shape = (6, 1, 28, 28)
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.out = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.fc(x.flatten(1))))
+        return self.out(F.dropout(h, 0.5, training=self.training))
+'''
+
+
+def _assert_same_in_both_modes(model, loaded, x):
+    for training in (False, True):
+        outputs = []
+        for m in (model, loaded):
+            m = copy.deepcopy(m).train(training)
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(3)
+                outputs.append(m(x))
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0, msg=f"training={training}")
+
+
+@pytest.mark.parametrize("verb", ["train", "recalibrate"])
+@pytest.mark.parametrize("name", ["Noisy", "Dropping"])
+def test_a_trained_or_recalibrated_model_computes_what_the_users_does_in_both_modes(tmp_path, verb, name):
+    # Written from a trace in the mode the model was in: `recalibrate` ran the train-only branch
+    # and dropout at inference, `train` lost them for fine-tuning, both checked only against the trace.
+    from bngraph.cli import main
+    from tests.test_data_formats import write_npz
+
+    (tmp_path / "m.py").write_text(MODE_DEPENDENT)
+    data = write_npz(tmp_path / "d.npz")
+    out = tmp_path / "out"
+    argv = (["train", f"{tmp_path}/m.py:{name}", "--steps", "3", "--batch-size", "8", "--quiet"] if verb == "train" else
+            ["recalibrate", f"{tmp_path}/m.py:{name}", "--batches", "2", "--batch-size", "8"])
+    assert main([*argv, "--data", str(data), "-o", str(out)]) == 0
+    artifact = out / "model" if verb == "train" else out
+    loaded = bngraph.load(artifact)
+    users = getattr(load_module(tmp_path / "m.py"), name)()
+    users.load_state_dict(torch.load(artifact / "weights.pt", weights_only=True))
+    x = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    _assert_same_in_both_modes(users, loaded, x)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_saving_keeps_dropout_reading_the_mode_whatever_mode_the_model_is_in(tmp_path, training):
+    module = load_module_from_text(tmp_path, MODE_DEPENDENT)
+    model = randomize_bn(module.Dropping(), seed=1).train(training)
+    x = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    bngraph.save(model, tmp_path / "a", example_inputs=[x])
+    _assert_same_in_both_modes(model, bngraph.load(tmp_path / "a"), x)
+    # A branch on the mode in the top-level forward: no traced code holds both modes.
+    with pytest.raises(UserError, match="branches on self.training"):
+        bngraph.save(module.Noisy().train(training), tmp_path / "b", example_inputs=[x])
+    assert not (tmp_path / "b").exists()
+
+
+def load_module(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"users_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_module_from_text(folder, text):
+    (folder / "m.py").write_text(text)
+    return load_module(folder / "m.py")
