@@ -282,8 +282,8 @@ def load_model(
     `example_input_dtypes`, `example_input_batch_axes`, or its file's; an artifact's bngraph.json)
     unless given.
 
-    A file's model is built with torch's generator seeded to `seed` (and put back after), so a
-    spec names the same initial weights on every load, as a zoo name does: `bngraph fold
+    A file's or zoo model is built with torch's generator seeded to `seed` (and put back after),
+    so a spec names the same initial weights on every load: `bngraph fold
     model.py:Net -o folded` and then `bngraph verify model.py:Net folded` compare one model."""
     spec = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
     history: list[dict] = []
@@ -291,7 +291,7 @@ def load_model(
     dtypes, batch_axes = None, None
     symbol_is_instance = False
     if spec.kind == "zoo":
-        module = create_model(spec.symbol)
+        module = create_model(spec.symbol, seed=seed)
         shapes = [get_entry(spec.symbol).input_shape]
     elif spec.kind == "file":
         # Read again later (the artifact carries its source), perhaps after the model's forward

@@ -173,3 +173,18 @@ def test_streaming_options_are_not_offered_where_they_would_be_ignored(tmp_path,
     with pytest.raises(SystemExit) as stop:
         main(["reproduce", "mnist", flag, "0", "-o", str(tmp_path / "r")])
     assert stop.value.code == 2 and f"unrecognized arguments: {flag} 0" in capsys.readouterr().err
+
+
+def test_each_seed_draws_its_own_initial_weights():
+    # `--seed`'s help says "initial weights and batch order", and `--seeds N` "independent
+    # runs": the zoo re-seeded with 0 inside, and every seed started from one set of weights.
+    from bngraph.load import load_model
+    from bngraph.reproduce.mnist import mnist_nets
+
+    (plain0, bn0), (plain5, bn5) = mnist_nets(0, 0.01), mnist_nets(5, 0.01)
+    assert not torch.equal(plain0.fc1.weight, plain5.fc1.weight)
+    assert torch.equal(plain0.fc1.weight, bn0.fc1.weight) and torch.equal(plain5.fc1.weight, bn5.fc1.weight)
+    assert torch.equal(mnist_nets(5, 0.01)[0].fc1.weight, plain5.fc1.weight)  # a seed names its weights
+    # `train zoo:NAME --seed S` likewise: the seed's weights, the same at every load.
+    first, second, again = (load_model("zoo:mnist-mlp", seed=s).module for s in (1, 2, 1))
+    assert not torch.equal(first.fc1.weight, second.fc1.weight) and torch.equal(first.fc1.weight, again.fc1.weight)

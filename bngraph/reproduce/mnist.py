@@ -77,7 +77,7 @@ class MnistConfig:
 def mnist_nets(seed: int, init_std: float | None) -> tuple[nn.Module, nn.Module]:
     """The paper's MLP and, from the same initial weights (bias aside), its BN version."""
     torch.manual_seed(seed)
-    plain = create_model("mnist-mlp", init_std=init_std)
+    plain = create_model("mnist-mlp", seed=seed, init_std=init_std)
     bn_net, _ = insert(plain, [torch.zeros(get_entry("mnist-mlp").input_shape)])
     return plain, bn_net
 
