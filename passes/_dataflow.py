@@ -74,7 +74,12 @@ _SHAPE_OF_SECOND = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})
 _SHAPE_ONLY_READS = frozenset({"zeros_like", "ones_like", "empty_like", "full_like"})
 # Layers: where their output features sit.
 CHANNEL_LAYERS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
-LAST_AXIS_LAYERS = frozenset({"linear", "bilinear", "addmm", "matmul", "__matmul__", "embedding"})
+LAST_AXIS_LAYERS = frozenset({"linear", "bilinear", "addmm", "matmul", "__matmul__", "mm", "bmm", "embedding"})
+# Of those, the ones that are a layer only where what they multiply by is a weight matrix (a
+# tensor made from the model's parameters alone, 2-D), and the argument that holds it; a product
+# of two computed tensors (attention scores) or with a vector is recorded as PRODUCT.
+_WEIGHT_ARGUMENT = {"linear": 1, "matmul": 1, "__matmul__": 1, "mm": 1, "bmm": 1, "addmm": 2}
+PRODUCT = "product"
 CHANNEL_NORMS = frozenset({"batch_norm", "instance_norm", "group_norm"})
 LAST_AXIS_NORMS = frozenset({"layer_norm", "rms_norm"})
 
@@ -187,15 +192,23 @@ class _Recorder(TorchFunctionMode):
             )
         if name in NONLINEARITIES:
             self.nonlinear_calls += 1
+        made_by = name
+        if name in _WEIGHT_ARGUMENT and not self._multiplies_a_weight_matrix(args, kwargs, _WEIGHT_ARGUMENT[name]):
+            made_by = PRODUCT
         for t in made:
             same_shape = tuple(v for v in before if v.shape == tuple(t.shape))
-            value = Value(name, same_shape, tuple(t.shape), t.dtype, t.device, data=any(v.data for v in before))
+            value = Value(made_by, same_shape, tuple(t.shape), t.dtype, t.device, data=any(v.data for v in before))
             if (name in _RELAYOUT or name == "__getitem__" and _keeps_every_axis(args[1])) and before:
                 value.relaid = before[0]
             if name in CHANNEL_LAYERS or name in LAST_AXIS_LAYERS:
                 value.parameters = frozenset(id(t) for t in read if isinstance(t, nn.Parameter))
             self.values[id(t)] = (t, _version(t), value)
         return out
+
+    def _multiplies_a_weight_matrix(self, args, kwargs, index: int) -> bool:
+        weight = args[index] if len(args) > index else kwargs.get("weight", kwargs.get("mat2", kwargs.get("other")))
+        return isinstance(weight, torch.Tensor) and weight.dim() == 2 and (
+            isinstance(weight, nn.Parameter) or not self.value_of(weight).data)  # a layer held in a plain list too
 
     def _note_outside_read(self, t: torch.Tensor) -> None:
         owners = self.owners.get(id(t))
@@ -308,6 +321,9 @@ def feature_axis(value: Value | None, _memo: dict | None = None, _depth: int = 0
         found = FeatureAxis("1", where)
     elif op in LAST_AXIS_LAYERS or op in LAST_AXIS_NORMS:
         found = FeatureAxis("last", where)
+    elif op == PRODUCT:
+        found = FeatureAxis(None, f"{where}, a product of two computed tensors (attention-style) or with a weight that "
+                                  "is not a matrix, whose last axis is not a layer's features")
     elif op == "input":
         found = FeatureAxis(None, "the model's input")
     elif op == "unknown":

@@ -144,11 +144,17 @@ class _Layouts:
                 return f"{name} runs on an unbatched input, so axis 1 is not its channels"
             return Features(1, 2, node.name)
         if target in LINEAR_FUNCTIONS:
+            if target is F.linear and self.weight_rank(node) != 2:
+                return f"it comes from {node.name}, a linear map whose weight is not a matrix: its last axis is not a layer's features"
             return Features(rank - 1, rank, node.name)
         if target in {torch.matmul, operator.matmul, torch.mm, torch.bmm} or name in {"matmul", "mm", "bmm"}:
             right = node.args[1] if len(node.args) > 1 else None
             if isinstance(right, fx.Node) and right.op == "get_attr" and rank >= 1:
-                return Features(rank - 1, rank, node.name)  # x @ W: the columns of a weight
+                if self.weight_rank(node) == 2:
+                    return Features(rank - 1, rank, node.name)  # x @ W: the columns of a weight
+                # x @ v with v a vector: one unit, its values spread over the axes left; a stack
+                # of matrices (one per group or head): features on more than the last axis.
+                return f"it comes from {node.name}, a product with {right.target}, a weight that is not a matrix: its last axis is not a layer's features"
             return f"it comes from {node.name}, a product of two computed tensors (attention-style), whose last axis is not a layer's features"
         if (node.op == "call_function" and target in SAME_LAYOUT_FUNCTIONS) or (
             node.op == "call_method" and target in SAME_LAYOUT_METHODS
@@ -188,6 +194,19 @@ class _Layouts:
         if name in {"chunk", "split", "tensor_split", "unbind"}:
             return self.split(node, name)
         return f"it comes through {node.name} ({op_label(self.gm, node)}), whose effect on the feature axis bngraph does not know"
+
+    def weight_rank(self, node: fx.Node) -> int | None:
+        """The rank of the weight `node` (a matmul or F.linear) multiplies by: its second argument."""
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight", node.kwargs.get("other"))
+        if not isinstance(weight, fx.Node):
+            return None
+        if weight.op == "get_attr":
+            held = self.gm
+            for part in weight.target.split("."):
+                held = getattr(held, part, None)
+            return held.dim() if isinstance(held, torch.Tensor) else None
+        shape = tensor_shape(weight)
+        return len(shape) if shape is not None else None
 
     def module_layout(self, node: fx.Node, module: nn.Module, shape) -> Layout:
         label = f"{node.target} ({type(module).__name__})"

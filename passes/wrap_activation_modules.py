@@ -150,8 +150,8 @@ def _wrap_activation_modules(module: nn.Module, example_inputs: Sequence[torch.T
     hand_written = {p for p, cs in calls.items() if all(is_elementwise_nonlinearity(c) for c in cs)}
     activations = [p for p, m in module.named_modules() if isinstance(m, ACTIVATION_MODULES) or p in hand_written]
     activations = [p for p in activations if not any(p.startswith(a + ".") for a in activations)]
-    if inside is not None:
-        activations = [p for p in activations if p.startswith(inside)]
+    if inside is not None:  # inside a leaf, or the leaf itself (an activation module fx cannot follow)
+        activations = [p for p in activations if p in within or p.startswith(inside)]
 
     probed: list = []  # the other input `_calls_elsewhere` ran, once it has
     wrapped_at: dict[str, tuple] = {}  # path -> (parent, name, activation, its new BatchNorm)

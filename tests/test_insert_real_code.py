@@ -370,6 +370,85 @@ def test_unproven_axes_are_skipped_with_the_reason():
     assert "attention-style" in skips["sigmoid"] and "model's input" in skips["relu"]
 
 
+class GatePerPosition(nn.Module):
+    """One score per position (attention pooling): a weight vector, not a matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.v = nn.Parameter(torch.randn(6))
+        self.w = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):  # (N, T, 6)
+        return torch.sigmoid(x @ self.v) + torch.tanh(F.linear(x, self.w))
+
+
+class GroupedLinear(nn.Module):
+    """A linear map per group (per head), its weights stacked: (G, Cin, Cout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4, 5))
+
+    def forward(self, x):  # (G, N, Cin)
+        return F.relu(torch.bmm(x, self.w)) + F.relu(torch.matmul(x, self.w))
+
+
+class UntraceableSigmoidAttention(nn.Module):
+    """Scores `q @ k^T` into an activation module, in a forward torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.act = nn.Sigmoid()
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # a data-dependent branch: the module-level fallback
+            x = x + 0
+        return self.act(self.q(x) @ self.k(x).transpose(-2, -1)) @ self.v(x)
+
+
+@pytest.mark.parametrize("cls, shape", [(GatePerPosition, (4, 5, 6)), (GroupedLinear, (3, 8, 4)),
+                                        (UntraceableSigmoidAttention, (4, 5, 8))])
+def test_products_with_what_is_not_a_weight_matrix_have_no_feature_axis(cls, shape):
+    # Taken for x @ W: the positions of a vector's scores, or one unit of each stacked matrix
+    # pooled with the other groups', normalized as features; the model then took no other length.
+    out, report = bngraph.insert(cls(), [_x(*shape)])
+    assert _sites(report) == {}
+    assert all("not a layer's features" in reason for reason in _skips(report).values()), _skips(report)
+    longer = (shape[0], shape[1] + 2, shape[2])
+    with torch.no_grad():
+        out.train()(_x(*longer))
+
+
+class TrainOnlyNoise(nn.Module):
+    """An activation module whose forward branches on the mode: torch.fx keeps it whole."""
+
+    def forward(self, x):
+        if self.training:
+            x = x + 0.01 * torch.randn_like(x)
+        return F.silu(x)
+
+
+class WithTrainOnlyNoise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(6, 8), TrainOnlyNoise(), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.act(self.fc(x)))
+
+
+def test_an_activation_module_torch_fx_keeps_whole_gets_its_batchnorm():
+    # Only modules inside a kept-whole one were wrapped, never that module itself: no BatchNorm,
+    # and a reason saying only activation modules could be, which it is.
+    out, report = bngraph.insert(WithTrainOnlyNoise(), [_x(16, 6)])
+    assert _sites(report) == {"act": ("BatchNorm1d", 8)} and not report.sections.get("not_handled")
+    seen = {}
+    out.act.act.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    out.train()(_x(16, 6) * 5 + 3)
+    torch.testing.assert_close(seen["x"].mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+
+
 # 3. In-place activations.
 
 
