@@ -474,15 +474,40 @@ def random_batches(
     if batch_axes is None:
         batch_axes = [0 if len(shape) else None for shape in shapes]
     bounds = list(index_bounds or [None] * len(shapes))
+    ids = {i: _SpreadIds(rng, bound) for i, (bound, dtype) in enumerate(zip(bounds, dtypes))
+           if isinstance(bound, int) and bound > 2 and dtype.kind in "iu"}
     batches = []
     for batch in batch_sizes:
         batches.append(
             [
-                _random(rng, tuple(shape) if axis is None or not len(shape) else (batch, *shape[1:]), dtype, bound or 2)
-                for shape, dtype, axis, bound in zip(shapes, dtypes, batch_axes, bounds)
+                ids[i].take(shaped, dtype) if i in ids else _random(rng, shaped, dtype, bound or 2)
+                for i, (shape, dtype, axis, bound) in enumerate(zip(shapes, dtypes, batch_axes, bounds))
+                for shaped in [tuple(shape) if axis is None or not len(shape) else (batch, *shape[1:])]
             ]
         )
     return batches
+
+
+class _SpreadIds:
+    """Ids below `bound` (a table's rows), each batch taking the next ones of shuffled runs
+    through every id: batches with as many positions as the table has rows reach every row,
+    where independent draws left a third of them out (a changed row of 100 passed)."""
+
+    def __init__(self, rng: np.random.Generator, bound: int):
+        self.rng, self.bound, self.left = rng, bound, np.empty(0, np.int64)
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        count = int(np.prod([int(d) for d in shape], dtype=object))
+        with _allocating(shape, np.dtype(dtype).itemsize):
+            taken = np.empty(count, dtype)
+        filled = min(count, self.left.size)
+        taken[:filled], self.left = self.left[:filled], self.left[filled:]
+        while filled < count:
+            run = self.rng.permutation(self.bound)
+            n = min(count - filled, self.bound)
+            taken[filled:filled + n], self.left = run[:n], run[n:]
+            filled += n
+        return taken.reshape(shape)
 
 
 def unbatched_sizes(shapes: Sequence[Sequence[int]], batch_axes: Sequence[int | None]) -> tuple[int, ...] | None:
@@ -599,6 +624,9 @@ class OnnxInputs:
     batch_axes: list[int | None] = dataclasses.field(default_factory=list)  # 0, or None: no batch axis
     names: list[str] = dataclasses.field(default_factory=list)
     index_bounds: list[int | None] = dataclasses.field(default_factory=list)  # `random_batches`'
+    # Per input, per axis: the name of a symbolic size (its dim_param, or one of its own where it
+    # has none), None where the size is fixed.
+    symbols: list[list[str | None]] = dataclasses.field(default_factory=list)
 
 
 def onnx_inputs(
@@ -663,6 +691,12 @@ def onnx_inputs(
                     f"--input-shape gives input {value.name!r} of {_describe(model)} rank {len(shape)}; "
                     f"the file declares rank {len(dims)} ({_dims_text(dims)})"
                 )
+            if dims is not None and (axis := next((a for a in range(1, len(dims)) if dims[a] not in (None, shape[a])),
+                                                  None)) is not None:
+                raise UserError(
+                    f"--input-shape gives input {value.name!r} of {_describe(model)} size {shape[axis]} on axis {axis}; "
+                    f"the file declares {_dims_text(dims)}, which it alone takes"
+                )
         elif dims is None:
             raise UserError(f"input {value.name!r} of {_describe(model)} declares no shape: give it with --input-shape")
         elif any(d is None for d in dims[1:]):
@@ -684,8 +718,10 @@ def onnx_inputs(
         batch_axes = [
             0 if axis == 0 and dims and dims[0] == fixed_batch else None for axis, dims in zip(batch_axes, declared)
         ]
+    symbols = [[(d.dim_param or f"{value.name}[{axis}]") if not (d.HasField("dim_value") and d.dim_value > 0) else None
+                for axis, d in enumerate(value.type.tensor_type.shape.dim)] for value in inputs]
     return OnnxInputs(shapes, dtypes, fixed_batch, batch_axes, [value.name for value in inputs],
-                      _gather_bounds(proto, inputs))
+                      _gather_bounds(proto, inputs), symbols)
 
 
 def _dims_text(dims: Sequence[int | None]) -> str:

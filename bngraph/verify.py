@@ -473,6 +473,13 @@ def verify_models(
     bounds = _index_bounds(models, onnx_specs, random_batches(shapes, sizes[:1], dtypes, batch_axes=batch_axes)[0])
     batches = random_batches(shapes, sizes, dtypes, batch_axes=batch_axes, index_bounds=bounds)
     batch_sizes = list(sizes)
+    notes = _rows_reached(batches, bounds, names)
+    if given is None and loaded and onnx_specs:
+        resized = _at_other_sizes(models, onnx_specs, onnx_texts, names, shapes, dtypes, batch_axes, bounds, notes,
+                                  batch_size=2 if sizes == BATCH_SIZES else sizes[0])
+        if resized is not None:
+            batches.append(resized)
+            batch_sizes.append(_batch_size(resized, batch_axes))
     if data:
         batches.append(data_batch(data, shapes, dtypes[0] if dtypes else None))
         batch_sizes.append(len(batches[-1][0]))
@@ -484,6 +491,7 @@ def verify_models(
         facts={"reference": reference, "candidate": candidate, **result.facts()},
         sections={"outputs": [d.row() for d in result.diffs]},
     )
+    report.notes += notes
     if unbatched:  # [1, 1, 1, 7] said the batch was varied where no input has one
         report.notes.append(unbatched_note(unbatched))
     elif sizes != BATCH_SIZES:
@@ -537,6 +545,64 @@ def _check_same_input_dtypes(specs, texts: Sequence[str], names: Sequence[str]) 
             name = names[i] if i < len(names) else str(i)
             raise UserError(f"{texts[0]} takes input '{name}' as {dtype_a.name}, {texts[1]} as {dtype_b.name}: "
                             "verify compares two models on the same inputs")
+
+
+def _rows_reached(batches, bounds, names: Sequence[str]) -> list[str]:
+    """A note for each input of ids whose batches reached fewer rows than its table has: a row
+    no batch looks up is not compared."""
+    notes = []
+    for i, bound in enumerate(bounds):
+        if isinstance(bound, int) and bound > 2:
+            reached = len(np.unique(np.concatenate([np.ravel(batch[i]) for batch in batches])))
+            if reached < bound:
+                notes.append(f"input {_input_name(names, i)} looks up a table of {bound} rows, of which the batches "
+                             f"reached {reached}: the others were not compared")
+    return notes
+
+
+def _input_name(names: Sequence[str] | None, i: int) -> str:
+    return repr(names[i]) if names and i < len(names) else str(i)
+
+
+# What a size an ONNX file declares symbolic past the batch (a sequence length, an image's
+# height) is also compared at: twice the example's, which keeps a size the model divides by
+# (a UNet's 16) divisible.
+_RESIZE_FACTOR = 2
+
+
+def _at_other_sizes(models, onnx_specs, onnx_texts, names, shapes, dtypes, batch_axes, bounds, notes, batch_size):
+    """A batch of `batch_size` at other sizes wherever an ONNX file declares a size past the batch symbolic
+    (one that `shapes`, the PyTorch model's example, fixed for the comparison): a file that
+    computes with the example's size as a constant there passes at that size alone. Each symbol
+    takes one size in every input that names it. None (and a note) where the PyTorch model does
+    not run at those sizes."""
+    resized = [list(shape) for shape in shapes]
+    symbolic: dict[str, list[tuple[int, int]]] = {}
+    for spec in onnx_specs:
+        for i, axes in enumerate(_in_order(spec, spec.symbols, names)):
+            for axis, symbol in enumerate(axes):
+                if symbol is not None and axis < len(shapes[i]) and (axis >= 1 or batch_axes[i] is None):
+                    symbolic.setdefault(symbol, []).append((i, axis))
+    if not symbolic:
+        return None
+    for places in symbolic.values():
+        size = shapes[places[0][0]][places[0][1]] * _RESIZE_FACTOR
+        for i, axis in places:
+            resized[i][axis] = size
+    batch = random_batches(resized, (batch_size,), dtypes, seed=1, batch_axes=batch_axes, index_bounds=bounds)[0]
+    declared = ", ".join(sorted(symbolic))
+    text = " and ".join(str(tuple(shape)) for shape in resized)
+    for model in models:
+        if isinstance(model, nn.Module) and _run_quietly(TorchRunner(model), batch) is None:
+            notes.append(f"{' and '.join(onnx_texts)} declares {declared} symbolic, but the PyTorch model does not run "
+                         f"at other sizes ({text} tried): compared at the example's sizes only")
+            return None
+    notes.append(f"{' and '.join(onnx_texts)} declares {declared} symbolic: also compared at {text}")
+    return batch
+
+
+def _batch_size(batch, batch_axes) -> int:
+    return next((x.shape[0] for x, axis in zip(batch, batch_axes) if axis == 0), 1)
 
 
 def _in_order(spec, values: list, names: Sequence[str]) -> list:

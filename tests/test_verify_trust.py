@@ -638,6 +638,73 @@ def test_token_ids_are_drawn_from_the_whole_table(tmp_path):
     assert run_cli("verify", tmp_path / "tokens.onnx", f"{tokens}:Tokens")[0] == 0
 
 
+@pytest.mark.parametrize("row", [57, 3])
+def test_every_row_of_a_table_the_batches_can_reach_is_compared(tmp_path, row):
+    # Ids drawn independently left a third of the rows out of the 70 positions of the batches
+    # (1, 1, 1 and 7 rows of 7): a model with one row of its table changed passed.
+    (tmp_path / "tokens.py").write_text(TOKEN_MODELS.replace("nn.Embedding(100, 8)", "nn.Embedding(60, 8)") + f"""
+
+class OneRowChanged(Tokens):
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.emb.weight[{row}] *= -1
+""")
+    tokens = tmp_path / "tokens.py"
+    code, out, _ = run_cli("verify", f"{tokens}:Tokens", f"{tokens}:OneRowChanged", "--json")
+    assert code == 1 and json.loads(out)["passed"] is False
+    # Where the positions are fewer than the rows, the report says how many rows were reached.
+    (tmp_path / "wide.py").write_text(TOKEN_MODELS.replace("nn.Embedding(100, 8)", "nn.Embedding(5000, 8)"))
+    code, out, _ = run_cli("verify", f"{tmp_path}/wide.py:Tokens", f"{tmp_path}/wide.py:Tokens", "--json")
+    assert code == 0
+    assert any("a table of 5000 rows, of which the batches reached 70" in note for note in json.loads(out)["notes"])
+
+
+SEQUENCE_MEAN = '''
+import torch
+from torch import nn
+
+
+class SequenceMean(nn.Module):
+    example_input_shape = (2, 16, 8)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(x.mean(1))
+
+
+class Baked(SequenceMean):  # what a tracing exporter makes of `x.sum(1) / int(x.shape[1])`
+    def forward(self, x):
+        return self.fc(x.sum(1) / 16)
+'''
+
+
+def test_a_file_declaring_a_symbolic_length_is_also_compared_at_another(tmp_path):
+    # The file declares [batch, seq, 8] but divides by 16: verify compared at the PyTorch
+    # example's length alone, and passed it.
+    import warnings
+
+    (tmp_path / "seq.py").write_text(SEQUENCE_MEAN)
+    module = bngraph.load(f"{tmp_path}/seq.py:Baked")
+    for name, model in (("baked", module), ("right", bngraph.load(f"{tmp_path}/seq.py:SequenceMean"))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.eval(), (torch.randn(2, 16, 8),), tmp_path / f"{name}.onnx", dynamo=False,
+                              input_names=["x"], dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    code, out, _ = run_cli("verify", f"{tmp_path}/seq.py:SequenceMean", tmp_path / "baked.onnx", "--json")
+    assert code == 1 and "also compared at (2, 32, 8)" in " ".join(json.loads(out)["notes"])
+    code, out, _ = run_cli("verify", f"{tmp_path}/seq.py:SequenceMean", tmp_path / "right.onnx", "--json")
+    assert code == 0 and json.loads(out)["batch_sizes"] == [1, 1, 1, 7, 2]
+    # A length the file fixes, given by --input-shape: one line naming the axis.
+    code, _, err = run_cli("verify", f"{tmp_path}/seq.py:SequenceMean", tmp_path / "right.onnx", "--input-shape",
+                           "2,16,4")
+    assert code == 2 and "size 4 on axis 2; the file declares [?, ?, 8]" in err
+
+
 def test_a_failure_against_an_onnx_reference_is_measured_against_its_own_levels(tmp_path):
     # A wrong candidate is far beyond what onnxruntime's own optimizations change in the reference.
     from tests.onnx_models import conv_bn_file
