@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 import onnxscript.rewriter
-from onnxscript.rewriter.rules.common import _fuse_relus_clips, _no_op
+from onnxscript.rewriter.rules.common import _cast_constant_of_shape, _fuse_relus_clips, _no_op
 
 from bngraph.passes._onnx_common import fold_constants_quietly, report_removed_nodes
 from bngraph.passes.base import PassResult, Skip, graph_pass
@@ -25,8 +25,12 @@ from bngraph.passes.base import PassResult, Skip, graph_pass
 # whose Clip drops the rank a bound of higher rank broadcasts the input to; the Cast pair,
 # which rounds a float64 once where the file rounded it twice (to float32, then float16); the
 # Conv pad normalization, which computes SAME pads as if dilation were 1; and the Pad fusion into
-# ConvInteger, which pads with its zero point where the Pad wrote 0.
-_NOT_EXACT = {id(rule) for rules in (_no_op.rules, _fuse_relus_clips.rules) for rule in rules.rules}
+# ConvInteger, which pads with its zero point where the Pad wrote 0; and the Casts of a filled
+# constant: one casts the fill value with numpy, not as Cast does (300.0 to uint8 raised
+# OverflowError, where onnxruntime wraps it to 44), the other, for a ConstantOfShape without a
+# value, matches one with a value too and fills with 0.
+_NOT_EXACT = {id(rule) for rules in (_no_op.rules, _fuse_relus_clips.rules, _cast_constant_of_shape.rules)
+              for rule in rules.rules}
 _NOT_EXACT_NAMES = ("BatchNorm", "NormalizePadFormat", "FuseConvIntegerPad", "FuseSuccessiveMin", "FuseSuccessiveMax",
                     "FuseMinMaxToClip", "FuseMaxMinToClip", "CastCast")
 _TIDY = [rule for rule in onnxscript.rewriter._DEFAULT_REWRITE_RULES

@@ -645,6 +645,23 @@ def test_a_cast_like_without_saturation_stays_unsaturated():
     np.testing.assert_array_equal(run_in_ort(folded, x)[0].view(np.uint8), run_in_ort(original, x)[0].view(np.uint8))
 
 
+@pytest.mark.parametrize("fill, to", [(300.0, TensorProto.UINT8), (5.0, TensorProto.INT64)])
+def test_a_filled_constant_cast_to_integers_keeps_its_value(fill, to):
+    # onnxscript's rules for ConstantOfShape -> Cast: one raised OverflowError casting 300.0 to
+    # uint8 (a traceback), the other, for a fill without a value, took this one and filled with 0.
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("ConstantOfShape", ["shape"], ["filled"],
+                              value=numpy_helper.from_array(np.array([fill], np.float32))),
+             helper.make_node("Cast", ["filled"], ["cast"], to=to),
+             helper.make_node("Cast", ["cast"], ["back"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "back"], ["y"])]
+    original = _one_graph(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], opset=18)
+    folded, _ = fold_onnx(original)
+    x = {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}
+    np.testing.assert_array_equal(run_in_ort(folded, x)[0], run_in_ort(original, x)[0])
+
+
 def _gemm_with_a_zero_bias_at_opset_9():
     arrays = [numpy_helper.from_array(np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32), "W"),
               numpy_helper.from_array(np.zeros(4, np.float32), "C")]
