@@ -98,11 +98,13 @@ def test_insert_then_train_is_idempotent_and_preserve_is_exact(net, seed):
         kept, _ = bngraph.insert(model, [x], preserve=True)
     except CheckFailed as err:
         # A correct --preserve is refused only where the check cannot tell rounding from error:
-        # an output that is 0 everywhere (no scale), or a model whose own float32 rounding is
-        # within 10x of the check's tolerance (1e-5 of the output's RMS).
+        # an output that is 0 everywhere on the example (a ReLU after weights that make every
+        # input negative: no scale, and on the check's other batches a few tiny values next to
+        # the 1-ulp error of a BatchNorm whose mean is far from 0), or a model whose own float32
+        # rounding is within 10x of the check's tolerance (1e-5 of the output's RMS).
         reference = model(x).detach()
         rms = reference.square().mean().sqrt()
-        assert "is 0 everywhere" in str(err) and not reference.any() or _own_rounding(model, x) > 1e-6 * rms, err
+        assert not reference.any() or _own_rounding(model, x) > 1e-6 * rms, err
         return
     probe = torch.randn(7, *shape) * 2
     with torch.no_grad():
