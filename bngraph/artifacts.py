@@ -28,7 +28,7 @@ from bngraph.atomic import ARTIFACT, check_output, description_text, save_tensor
 from bngraph.errors import UserError, one_line
 from bngraph.runners import batch_axes_of, fresh_inputs, named_tensors, seeded
 from bngraph.spec import ARTIFACT_META
-from bngraph.trace import TraceFailed, check_modules_registered, copy_module, trace_around_untraceable
+from bngraph.trace import TraceFailed, check_modules_registered, copy_module, faithful_trace
 from bngraph.user_modules import importing_beside, isolated_modules, python_files
 
 FORMAT = "bngraph-artifact"
@@ -71,7 +71,7 @@ def save(
     given = module
     if code is None and not isinstance(module, fx.GraphModule):
         try:
-            module = trace_around_untraceable(module, example_inputs)
+            module = faithful_trace(module, example_inputs)
         except TraceFailed as err:
             if untraceable_code is None:  # the CLI carries the model's own file instead; an object alone has none
                 raise TraceFailed(f"cannot save {type(module).__name__} as an artifact: an artifact holds traced code, "

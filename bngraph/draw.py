@@ -33,7 +33,7 @@ from bngraph.passes._fx_batchnorm import is_batch_norm
 from bngraph.passes._fx_effects import is_guard
 from bngraph.passes._op_kinds import op_label
 from bngraph.report import Report
-from bngraph.trace import trace_around_untraceable
+from bngraph.trace import faithful_trace
 
 # What each mark means, and its colour in every format.
 MARKS = {
@@ -273,7 +273,7 @@ def draw_graph(graph: nx.DiGraph, path: str | Path, *, force: bool = False, grap
 def draw_model(loaded: LoadedModel, output: str | Path, *, force: bool = False) -> tuple[nx.DiGraph, Report]:
     """`bngraph graph`: the loaded model traced, marked from its artifact history, drawn to
     `output`; the report carries the legend's counts, so the report and the picture agree."""
-    gm = trace_around_untraceable(loaded.module, loaded.example_inputs() if loaded.input_shapes else None)
+    gm = faithful_trace(loaded.module, loaded.example_inputs() if loaded.input_shapes else None)
     graph = graph_of(gm, marks_from_history(loaded.history))
     draw_graph(graph, output, force=force)
     facts = {"output": str(output), "nodes": graph.number_of_nodes(), **graph.graph["counts"]}

@@ -874,7 +874,7 @@ def trace(
     return trace_and_run(module, example_inputs, training=training)[0]
 
 
-def trace_around_untraceable(module: nn.Module, example_inputs: Sequence[torch.Tensor] | None) -> fx.GraphModule:
+def faithful_trace(module: nn.Module, example_inputs: Sequence[torch.Tensor] | None) -> fx.GraphModule:
     """The trace insert makes (`bngraph.partial_trace`): faithful in both modes, the mode a graph
     value (`F.dropout(x, training=self.training)` reads it as it runs, where `trace` writes the
     mode the model was in), a submodule torch.fx cannot follow kept whole; shapes recorded.
