@@ -20,10 +20,11 @@ from torch.nn.parameter import is_lazy
 
 from bngraph.artifacts import load_artifact
 from bngraph.errors import UserError, model_raised, one_line, require_file
+from bngraph.library_call import library_call
 from bngraph.runners import ExampleInputs, random_tensor
 from bngraph.spec import ModelSpec, input_layout, parse_input_dtypes, parse_input_shapes, parse_model_spec
 from bngraph.trace import check_model, materialize_lazy
-from bngraph.user_modules import importing_beside, working_folder_restored
+from bngraph.user_modules import importing_beside, siblings_imported_afresh, working_folder_restored
 from bngraph.zoo import create_model, get_entry
 
 
@@ -79,6 +80,11 @@ def _torch_dtype(name: str) -> torch.dtype:
     return torch.from_numpy(np.zeros(0, dtype=name)).dtype
 
 
+# What each user file imported last from beside it (resolved path -> {relative path: contents}):
+# the modules an artifact of its model carries (`bngraph.artifact_code.user_files`).
+IMPORTED_BESIDE: dict[Path, dict[str, bytes]] = {}
+
+
 def import_user_file(path: Path):
     """The user's file imported as `python path` would run it: `from blocks import Block` finds
     the file's sibling blocks.py (`importing_beside`)."""
@@ -88,11 +94,12 @@ def import_user_file(path: Path):
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look the module up by name
     try:
-        with importing_beside(path.parent):
+        with importing_beside(path.parent), siblings_imported_afresh(path.parent) as carried:
             spec.loader.exec_module(module)
     except Exception as err:
         del sys.modules[name]
         raise UserError(f"importing {path} failed: {one_line(err)}") from err
+    IMPORTED_BESIDE[path] = carried
     return module
 
 
@@ -344,6 +351,7 @@ def _declared(module, name: str) -> list | None:
     return list(value) if value is not None else None
 
 
+@library_call
 def load(spec: str | Path, *, weights=None) -> nn.Module:
     """`bngraph.load('zoo:mnist-mlp')`, `bngraph.load('out/')`: the nn.Module a spec names.
 

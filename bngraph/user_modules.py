@@ -2,7 +2,7 @@
 them, and carried into artifacts so that an artifact loads anywhere.
 
     with importing_beside(folder): ...     # `from blocks import Block` finds folder/blocks.py
-    local_modules(folder)                  # {"blocks.py": Path(...)}: what the model imported from there
+    with siblings_imported_afresh(folder) as carried: ...  # {"blocks.py": b"..."}: what the model imported
     with isolated_modules({"blocks"}): ... # an artifact's carried blocks.py, not the user's current one
 """
 
@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import site
 import sys
+import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -88,3 +91,43 @@ def isolated_modules(names: set[str]):
         for name in [n for n in sys.modules if ours(n)]:
             del sys.modules[name]
         sys.modules.update(saved)
+
+
+@contextlib.contextmanager
+def siblings_imported_afresh(folder: Path) -> Iterator[dict[str, bytes]]:
+    """The user's modules beside their file (blocks.py, a package layers/) imported afresh while
+    the block runs, as `python model.py` would import them, and forgotten by sys.modules after
+    (`isolated_modules`): a second model file whose blocks.py is another folder's, or the same
+    blocks.py edited since (a notebook loading again), was given the module imported first. A
+    name an installed package holds (a user's json.py beside the model) stays the package's, as
+    bngraph and torch use it. Yields, filled once the block has run, what the model imported
+    from `folder` (path relative to it -> contents, as run), which an artifact carries."""
+    folder = folder.resolve()
+    names = {name for name in _top_level_names(folder) if name != "bngraph" and not _installed(sys.modules.get(name))}
+    carried: dict[str, bytes] = {}
+    with isolated_modules(names):
+        yield carried
+        carried.update({name: file.read_bytes() for name, file in local_modules(folder).items()})
+
+
+def _top_level_names(folder: Path) -> set[str]:
+    """The modules `import NAME` finds in `folder`: its .py files and its folders (packages)."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return set()
+    return {p.stem for p in entries if p.suffix == ".py"} | {p.name for p in entries if p.is_dir() and p.name.isidentifier()}
+
+
+def _installed(module) -> bool:
+    """Whether `module` (from sys.modules, or None) comes with Python or an installed package:
+    built in, or a file under the standard library or a site-packages folder."""
+    if module is None:
+        return False
+    file = getattr(module, "__file__", None)
+    if not file:  # built in or frozen; else made in memory, as a notebook may
+        return getattr(getattr(module, "__spec__", None), "origin", None) in ("built-in", "frozen")
+    places = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    places |= {*site.getsitepackages(), site.getusersitepackages(), sys.prefix, sys.base_prefix}
+    resolved = Path(file).resolve()
+    return any(resolved.is_relative_to(Path(place).resolve()) for place in places if place)

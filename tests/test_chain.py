@@ -264,6 +264,65 @@ def test_a_model_that_imports_its_siblings_goes_through_the_chain_and_its_artifa
     assert "PASSED" in done.stdout
 
 
+SIBLING_MODEL_PY = """
+from torch import nn
+
+from blocks import Block
+
+
+class Net(nn.Module):
+    example_input_shape = (3, 4)
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.block = nn.Linear(4, 4), Block()
+
+    def forward(self, x):
+        return self.block(self.fc(x))
+"""
+
+SIBLING_BLOCK_PY = """
+from torch import nn
+
+
+class Block(nn.Module):
+    def forward(self, x):
+        return x.{}
+"""
+
+
+def test_each_model_file_gets_the_modules_beside_it_afresh(tmp_path, capsys):
+    # The second model file's `from blocks import Block` got the first's blocks.py, cached by
+    # name: verify compared a model with itself and passed two different ones. In one process
+    # (a notebook), a blocks.py edited since was not read again; a user's own module of that
+    # name is theirs again after.
+    import types
+
+    from bngraph.cli import main
+
+    for folder, activation in (("a", "relu()"), ("b", "sigmoid() * 5")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "model.py").write_text(SIBLING_MODEL_PY)
+        (tmp_path / folder / "blocks.py").write_text(SIBLING_BLOCK_PY.format(activation))
+    assert main(["verify", f"{tmp_path}/a/model.py", f"{tmp_path}/b/model.py"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    users_own = sys.modules["blocks"] = types.ModuleType("blocks")
+    try:
+        first = bngraph.load(f"{tmp_path}/a/model.py")
+        (tmp_path / "a" / "blocks.py").write_text(SIBLING_BLOCK_PY.format("tanh()"))
+        again = bngraph.load(f"{tmp_path}/a/model.py")
+        x = torch.randn(3, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(again.block(x), x.tanh())
+            torch.testing.assert_close(first.block(x), x.relu())
+        assert sys.modules["blocks"] is users_own
+    finally:
+        del sys.modules["blocks"]
+    # An artifact carries the blocks.py its model ran.
+    assert main(["insert", f"{tmp_path}/a/model.py", "-o", str(tmp_path / "art")]) == 0
+    assert (tmp_path / "art" / "code" / "blocks.py").read_text() == SIBLING_BLOCK_PY.format("tanh()")
+
+
 def test_the_users_folder_leads_sys_path_only_while_their_file_imports(tmp_path):
     # Later imports (inside a forward) still find the user's modules, and a user's onnx.py beside
     # their model does not shadow the onnx package that bngraph imports after it.
