@@ -26,6 +26,7 @@ from torch import fx, nn
 from bngraph.artifact_code import CARRIED_DIR, CLASS_NAME, CODE_FILE, module_source
 from bngraph.atomic import ARTIFACT, check_output, description_text, save_tensors, sha256, write_dir_atomically
 from bngraph.errors import UserError, one_line
+from bngraph.library_call import library_call
 from bngraph.runners import batch_axes_of, fresh_inputs, named_tensors, seeded
 from bngraph.spec import ARTIFACT_META
 from bngraph.trace import TraceFailed, check_modules_registered, copy_module, faithful_trace
@@ -35,6 +36,7 @@ FORMAT = "bngraph-artifact"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.pt"
 
+@library_call(refuse_inference_mode=True)
 def save(
     module: nn.Module,
     path: str | Path,

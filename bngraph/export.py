@@ -44,6 +44,7 @@ from bngraph.attention_math import attention_as_math
 from bngraph.errors import CheckFailed, ModelNotAFunction, ModelRaised, UserError, one_line, running_user_model
 from bngraph.fold import batch_norms_training_in_eval
 from bngraph.fold import fold as fx_fold
+from bngraph.library_call import library_call
 from bngraph.onnx_fold import STANDALONE_BN_FORMS, fold_onnx
 from bngraph.onnx_io import write_verified
 from bngraph.passes._fx_batchnorm import batch_statistics
@@ -183,6 +184,21 @@ def to_onnx(
     _raise_if_exported_batch_fixed(program.model, axes)
     _refuse_guards_on_the_batch(program.exported_program, original or module, example_inputs, axes)
     return program.model
+
+
+def _check_exported(model) -> None:
+    """One line where the exporter wrote a file that onnx's checker refuses, before the passes
+    (whose own check ended in a traceback): a bfloat16 model's Conv, a type ONNX's Conv lacks."""
+    import onnx  # here, as the exporter imports it
+    import onnx_ir as ir
+
+    try:
+        onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        hint = (": export the model in float32 (model.float()) or float16" if "bfloat16" in str(err) else "")
+        raise UserError(f"torch.onnx.export wrote a file that onnx's checker refuses ({one_line(err)}){hint}") from err
+    except ValueError:  # over protobuf's 2 GiB in one message: the passes check it from a file
+        pass
 
 
 def _raise_if_exported_batch_fixed(model, axes: Sequence[int | None]) -> None:
@@ -475,6 +491,7 @@ def _fx_fold(module: nn.Module, example_inputs, report: Report) -> nn.Module:
     return folded
 
 
+@library_call
 def export(
     module: nn.Module,
     example_inputs: Sequence[torch.Tensor],
@@ -523,6 +540,7 @@ def export(
         report.facts["fx_fold"] = "off (--no-fold)"
     exported_onnx = to_onnx(exported, example_inputs, exporter_optimize=exporter_optimize, batch_axes=batch_axes,
                             notes=report.notes, original=module)
+    _check_exported(exported_onnx)
     model, onnx_report = fold_onnx(exported_onnx, standalone_bn=standalone_bn)
     report.facts.update({f"onnx_{k}": v for k, v in onnx_report.facts.items()})
     report.sections.update({f"onnx_{k}": v for k, v in onnx_report.sections.items()})

@@ -22,6 +22,7 @@ from bngraph.artifact_code import edited_base, edited_source, fallback_source, u
 from bngraph.artifacts import history_entry, save
 from bngraph.compare import fold_tolerance
 from bngraph.equivalence import Reference
+from bngraph.library_call import library_call
 from bngraph.load import LoadedModel
 from bngraph.passes.base import PassResult, run_passes
 from bngraph.passes.cancel_inverse_permutes import cancel_inverse_permutes
@@ -61,6 +62,7 @@ STANDALONE_BN_FORMS = ("multiply-add", "keep")
 KEPT_REASON = "kept as BatchNorm (standalone_bn='keep'): no layer can take it exactly"
 
 
+@library_call
 def fold(
     module: nn.Module, example_inputs: Sequence[torch.Tensor], *, standalone_bn: str = "multiply-add",
     inside_hooked_modules: bool = True,

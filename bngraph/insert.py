@@ -20,6 +20,7 @@ from bngraph.artifacts import history_entry, save
 from bngraph.data import model_images
 from bngraph.equivalence import Reference
 from bngraph.errors import CheckFailed, ModelNotAFunction, UserError, one_line
+from bngraph.library_call import library_call
 from bngraph.load import LoadedModel
 from bngraph.partial_trace import Opaque, kept_whole_modules, nonlinearities_not_handled, trace_for_insert
 from bngraph.passes.base import PassResult, pass_name, run_passes
@@ -46,6 +47,7 @@ def calibration_batches(example_inputs: Sequence[torch.Tensor], count: int = 4, 
     ]
 
 
+@library_call(refuse_inference_mode=True)
 def insert(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor],

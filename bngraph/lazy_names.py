@@ -6,6 +6,7 @@ first, so they always give the function, and `import bngraph` starts neither tor
 """
 
 import importlib
+import random
 import sys
 import types
 
@@ -18,7 +19,14 @@ def answer_names_lazily(package_name: str, api: dict[str, str]) -> None:
             where = api.get(name)
             if where is None:
                 return super().__getattribute__(name)
-            return getattr(importlib.import_module(where), name)
+            if where in sys.modules:
+                return getattr(sys.modules[where], name)
+            # The caller's Python random state kept: rich, imported on the way, draws from it.
+            state = random.getstate()
+            try:
+                return getattr(importlib.import_module(where), name)
+            finally:
+                random.setstate(state)
 
         def __dir__(self):
             return sorted({*super().__dir__(), *api})

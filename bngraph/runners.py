@@ -226,7 +226,10 @@ def _without_absent_outputs(model: str | Path | bytes) -> str | bytes:
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
-    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model), load_external_data=False)
+    try:
+        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError, and what else a damaged file raises
+        raise UserError(f"{_describe(model)} is not a valid ONNX model: {one_line(err)}") from err
     trimmed = False
     for nodes in [*(graph.node for graph in _graphs(proto.graph)), *(function.node for function in proto.functions)]:
         for node in nodes:
@@ -290,6 +293,11 @@ def runners_for(model: Any, *, evaluator: bool = False) -> list:
         return [model]
     if hasattr(model, "SerializeToString"):
         model = model.SerializeToString()
+    if not isinstance(model, (str, Path, bytes)):
+        raise UserError(f"cannot run a {type(model).__name__}: give an nn.Module or an ONNX model (a path, bytes or a "
+                        "ModelProto)")
+    if not isinstance(model, bytes) and not Path(model).is_file():
+        raise UserError(f"{model}: no such ONNX file")
     runners = [OrtRunner(model, level) for level in ORT_LEVELS]
     return runners + ([EvaluatorRunner(model)] if evaluator else [])
 

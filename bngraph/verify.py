@@ -29,6 +29,7 @@ from torch import nn
 from bngraph.compare import OutputDiff, VerifyResult, compare, default_tolerance, output_dtype
 from bngraph.data import model_images
 from bngraph.errors import ModelRaised, UserError, one_line, running_user_model
+from bngraph.library_call import library_call
 from bngraph.load import load_model
 from bngraph.report import Report
 from bngraph.runners import (
@@ -40,6 +41,7 @@ from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spe
 DATA_EXAMPLES = 97  # an odd batch of real images, besides the random ones
 
 
+@library_call
 def verify(
     reference: Any,
     candidate: Any,

@@ -41,6 +41,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from bngraph.errors import CheckFailed, ModelRaised, UserError, model_raised, user_frame
+from bngraph.library_call import library_call
 from bngraph.training.checkpoint import CHECKPOINT, open_run_folder, resume_from_checkpoint, save_checkpoint
 from bngraph.training.config import PRECISIONS, TrainConfig, pick_device
 from bngraph.training.data import (
@@ -84,6 +85,7 @@ class _Setup:
     tracker: InputTracker | None
 
 
+@library_call(refuse_inference_mode=True)
 def train(
     model: nn.Module,
     data: TensorData | StreamData | str | Path,
@@ -108,6 +110,9 @@ def train(
     (`distributed` from `bngraph.training.distributed.join`), every rank calls this with the same
     arguments; rank 0 alone reads and writes `out_dir` (see bngraph.training.distributed).
     """
+    if not any(p.requires_grad for p in model.parameters()):  # torch's words came at the first backward
+        raise UserError(f"{type(model).__name__} has no parameter to train (none, or each with requires_grad=False): "
+                        "nothing to train")
     dev = pick_device(device)
     ctx = distributed
     out_dir = None if out_dir is None else Path(out_dir)

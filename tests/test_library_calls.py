@@ -1,0 +1,102 @@
+"""The public functions called from the user's own program (a notebook, a training script):
+whatever autocast, random state or inference mode the caller is in, each runs the model as it
+is, leaves the caller's state as it was, and says what went wrong as a UserError."""
+
+import random
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import bngraph
+from bngraph.training import TensorData, TrainConfig
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 4)).eval()
+
+
+class DataDependent(nn.Module):  # an `if` on data: insert wraps its activation modules by running it
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 4, 3), nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            x = x + 0
+        return self.act(self.conv(x))
+
+
+def test_the_callers_autocast_does_not_change_what_is_checked_or_written(tmp_path):
+    # verify judged a float32 model run in bfloat16 at bfloat16's tolerance and passed a
+    # candidate 0.6% off; export wrote a float16 file.
+    model, x = _net(), torch.randn(2, 3, 8, 8)
+    off = _net()
+    with torch.no_grad():
+        off[4].bias += 0.03
+    batches = [[x.numpy()]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not bngraph.verify(model, off, batches)
+        result = bngraph.export(model, [x], tmp_path / "m.onnx")
+    assert result
+    written = onnx.load(str(tmp_path / "m.onnx"))
+    assert written.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert not [n for n in written.graph.node if n.op_type == "Cast"]
+
+
+def test_the_callers_random_state_is_left_as_it_was():
+    # train seeded torch's generator and left it so: an ensemble built in a seeded loop got one
+    # set of initial weights. insert drew from it; importing bngraph's report drew from Python's.
+    data = TensorData(torch.rand(32, 3, 8, 8), torch.randint(0, 4, (32,)), torch.rand(8, 3, 8, 8),
+                      torch.randint(0, 4, (8,)))
+    model, other, x = _net(), DataDependent(), torch.randn(2, 3, 8, 8)
+    torch.manual_seed(1)
+    random.seed(1)
+    torch_state, python_state = torch.random.get_rng_state(), random.getstate()
+    bngraph.train(model, data, TrainConfig(steps=2, batch_size=8, eval_every=2), progress=False)
+    bngraph.insert(other, [x])
+    assert torch.equal(torch.random.get_rng_state(), torch_state) and random.getstate() == python_state
+
+
+def test_the_users_sys_exit_is_a_user_error_not_the_end_of_the_callers_program(tmp_path):
+    (tmp_path / "exits.py").write_text("import sys\nfrom torch import nn\nsys.exit(3)\n")
+
+    class ExitsInForward(nn.Module):
+        def forward(self, x):
+            raise SystemExit(4)
+
+    with pytest.raises(bngraph.UserError, match=r"sys.exit\(3\) at .*exits.py:3"):
+        bngraph.load(tmp_path / "exits.py")
+    with pytest.raises(bngraph.UserError, match=r"sys.exit\(4\)"):
+        bngraph.insert(ExitsInForward(), [torch.randn(2, 3)])
+
+
+def test_what_cannot_run_in_inference_mode_says_so(tmp_path):
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 8, 8)
+        with pytest.raises(bngraph.UserError, match="inside torch.inference_mode"):
+            bngraph.insert(_net(), [x])
+        with pytest.raises(bngraph.UserError, match="inside torch.inference_mode"):
+            bngraph.save(_net(), tmp_path / "a", example_inputs=[x])
+        assert bngraph.verify(_net(), _net(), [[x.numpy()]])  # what runs the model as it is works there
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_candidate_that_is_no_onnx_model_is_a_user_error(tmp_path):
+    (tmp_path / "garbage.onnx").write_text("not onnx")
+    batches = [[np.zeros((2, 3, 8, 8), np.float32)]]
+    for candidate, message in ((tmp_path / "missing.onnx", "no such ONNX file"),
+                               (tmp_path / "garbage.onnx", "is not a valid ONNX model"), (42, "cannot run a int")):
+        with pytest.raises(bngraph.UserError, match=message):
+            bngraph.verify(_net(), candidate, batches)
+
+
+def test_a_model_with_nothing_to_train_is_refused_before_the_first_step():
+    model = _net().requires_grad_(False)
+    data = TensorData(torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,)), torch.rand(8, 3, 8, 8),
+                      torch.randint(0, 4, (8,)))
+    with pytest.raises(bngraph.UserError, match="no parameter to train"):
+        bngraph.train(model, data, TrainConfig(steps=2, batch_size=8, eval_every=2), progress=False)
