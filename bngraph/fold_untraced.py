@@ -22,7 +22,7 @@ from bngraph.equivalence import Reference
 from bngraph.compare import fold_tolerance
 from bngraph.passes.base import run_passes
 from bngraph.passes._bn_affine import PRECISION_LOSS_GAIN, BatchNormStats, rounding_gain
-from bngraph.passes.fold_bn_into_producer_module import fold_bn_into_producer_module
+from bngraph.passes.fold_bn_into_producer_module import TRAINING_IN_EVAL, fold_bn_into_producer_module
 from bngraph.report import Report
 from bngraph.trace import copy_module
 
@@ -64,8 +64,10 @@ def fold_untraced(module: nn.Module, example_inputs: Sequence[torch.Tensor], why
     reasons = {s.site: s.reason for s in result.skipped}
     folded = [{k: v for k, v in row.items() if k not in ROW_ONLY} for row in result.details]
     remaining = [{"node": p, "reason": reasons.get(p, "no pass matched it")} for p in left]
-    notes = [f"{why}: BatchNorms were folded module by module, "
-             "and those left can still be folded by `bngraph export` in ONNX"]
+    # `export` may fold in ONNX what is left here, but not a BN that normalizes with its batch.
+    foldable_in_onnx = [row["node"] for row in remaining if TRAINING_IN_EVAL not in row["reason"]]
+    notes = [f"{why}: BatchNorms were folded module by module"
+             + (f", and `bngraph export` may still fold {', '.join(foldable_in_onnx)} in ONNX" if foldable_in_onnx else "")]
     if not before:
         notes.append("nothing to fold: the model has no BatchNorm")
     notes += reference.notes[noted:]

@@ -512,7 +512,7 @@ class _Tracer(fx.Tracer):
         self._grad_at_start, self._grad_frames, self._switched_grad_off = torch.is_grad_enabled(), [], {}
         try:
             # Its buffers' values put back as they were, after a forward that wrote them (checked below).
-            with _custom_functions_checked(self), _checkpoints_kept(), \
+            with _custom_functions_checked(self), _checkpoints_kept(), _autocast_refused(), \
                     buffers_kept(root) if buffers else contextlib.nullcontext():
                 graph = super().trace(root, concrete_args)
             _name_fixed_arguments_as_declared(graph, concrete_args)
@@ -664,6 +664,25 @@ def _custom_functions_checked(tracer: _Tracer):
         yield
     finally:
         torch.autograd.Function.apply = original
+
+
+@contextlib.contextmanager
+def _autocast_refused():
+    """While tracing, entering torch.autocast (`with torch.autocast("cpu", torch.bfloat16):` in a
+    forward, or `enabled=False` around a head kept in float32, as a decorator too) is fx's
+    TraceError (its module is then kept whole): a graph keeps the ops, not the precision they
+    run in, and the fold's artifact computed in float32, or in bfloat16 under the user's AMP."""
+    autocast = torch.amp.autocast_mode.autocast
+    enter = autocast.__enter__
+
+    def refused(self):
+        raise fx.proxy.TraceError("it enters torch.autocast, whose precision a traced graph would not keep")
+
+    autocast.__enter__ = refused
+    try:
+        yield
+    finally:
+        autocast.__enter__ = enter
 
 
 @contextlib.contextmanager

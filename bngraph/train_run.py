@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from bngraph.artifact_code import kept_source, user_code, user_files
 from bngraph.load import LoadedModel
@@ -96,6 +97,12 @@ def train_run(
     report = train_report(loaded.spec.text, recipe, data, config, ctx.world_size, done, Path(output or out), recipe_entry)
     if grown:
         report.notes.append(grown)
+    if any(isinstance(entry, dict) and entry.get("command") == "fold" for entry in history):
+        # Folded: its BatchNorms are in its layers' weights now, and it trains without them.
+        left = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        report.notes.append(f"{loaded.spec.text} was folded for inference: it trained with "
+                            f"{f'the {left} BatchNorm(s) the fold left' if left else 'no BatchNorm'}; train the model "
+                            "from before the fold to train with them")
     return done, report
 
 

@@ -10,6 +10,7 @@ import json
 import operator
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -997,3 +998,116 @@ def test_a_layer_handed_whole_to_a_function_kept_whole_is_rebuilt_as_itself(tmp_
     assert main(["fold", f"{tmp_path / 'net.py'}:Net", "-o", str(tmp_path / "out")]) == 0, capsys.readouterr().err
     folded = bngraph.load(tmp_path / "out")
     assert isinstance(folded.get_submodule("conv2"), nn.Conv2d)
+
+
+AUTOCAST_MODELS = '''
+import torch
+from torch import nn
+
+
+class Head(nn.Module):  # kept in float32 under the user's AMP, as mixed-precision code does
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            return self.fc(x.float())
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), Head()
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+class AllInBfloat16(Net):
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return super().forward(x)
+'''
+
+
+@pytest.mark.parametrize("name", ["Net", "AllInBfloat16"])
+def test_a_forward_that_enters_autocast_keeps_it_in_the_folded_model(tmp_path, name):
+    # torch.fx ran the `with torch.autocast(...)` at trace time and kept none of it: the fold's
+    # model computed in float32 what the model computed in bfloat16, and in bfloat16, under the
+    # user's AMP, the head the model kept in float32.
+    (tmp_path / "m.py").write_text(AUTOCAST_MODELS)
+    model = randomize_bn(bngraph.load(f"{tmp_path}/m.py:{name}"), seed=1)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    assert main(["fold", f"{tmp_path}/m.py:{name}", "--weights", str(tmp_path / "w.pt"), "-o", str(tmp_path / "f")]) == 0
+    folded = bngraph.load(tmp_path / "f")
+    assert not [m for m in folded.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        head_in = torch.relu(model.bn(model.conv(x))).mean((2, 3))
+        assert model.eval()(x).dtype == folded.eval()(x).dtype == torch.float32  # the head ran in float32
+        torch.testing.assert_close(folded.head(head_in), model.head(head_in), rtol=0, atol=0)
+
+
+MODE_KEPT_MODELS = '''
+import torch
+from torch import nn
+
+
+class AdaptsAtTest(nn.Module):  # test-time adaptation: the first BN always normalizes with its batch
+    example_input_shape = (4, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.conv2, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        self.bn.train()
+        return self.bn2(self.conv2(torch.relu(self.bn(self.conv(x)))))
+
+
+class InBfloat16(nn.Module):
+    example_input_shape = (2, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.bfloat16()
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x.bfloat16()))).float()
+'''
+
+
+def test_what_fold_leaves_and_export_cannot_fold_is_not_promised_to_export(tmp_path, capsys):
+    # The note said "those left can still be folded by `bngraph export`", which then refused them.
+    (tmp_path / "m.py").write_text(MODE_KEPT_MODELS)
+    assert main(["fold", f"{tmp_path}/m.py:AdaptsAtTest", "-o", str(tmp_path / "f"), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert not [note for note in notes if "bngraph export" in note]
+    assert main(["export", f"{tmp_path}/m.py:AdaptsAtTest", "-o", str(tmp_path / "m.onnx")]) == 2
+
+
+def test_a_bfloat16_model_whose_file_onnx_refuses_is_one_line(tmp_path, capsys):
+    # ONNX's Conv takes no bfloat16: the passes' final check ended in two tracebacks, exit 1.
+    (tmp_path / "m.py").write_text(MODE_KEPT_MODELS)
+    assert main(["export", f"{tmp_path}/m.py:InBfloat16", "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "export the model in float32" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_training_a_folded_model_says_it_trains_without_its_batchnorms(tmp_path, capsys):
+    from tests.test_data_formats import write_npz
+
+    (tmp_path / "m.py").write_text(AUTOCAST_MODELS)
+    assert main(["fold", f"{tmp_path}/m.py:Net", "-o", str(tmp_path / "folded")]) == 0
+    rng = np.random.default_rng(0)
+    data = write_npz(tmp_path / "d.npz", layout="NCHW", y_train=rng.integers(0, 4, 40), y_test=rng.integers(0, 4, 12))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "folded"), "--data", str(data), "--input-shape", "2,3,28,28", "--steps", "2",
+                 "--batch-size", "8", "--quiet", "-o", str(tmp_path / "run"), "--json"]) == 0
+    assert any("was folded for inference: it trained with no BatchNorm" in note
+               for note in json.loads(capsys.readouterr().out)["notes"])
