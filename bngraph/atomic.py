@@ -176,6 +176,29 @@ def _left_by_a_kill(name: str, kind: str) -> bool:
     return found is not None and f"{found[1]}{found[2] or ''}" in FOLDER_CONTENTS[kind]
 
 
+def remove_left_by_kills(folder: Path, kind: str) -> None:
+    """Delete what a killed bngraph left in its folder of `kind` (`_left_by_a_kill`: a whole
+    checkpoint's size, or a half-written model/), where the process that wrote it is gone."""
+    for entry in folder.iterdir():
+        found = re.search(r"\.(\d+)(?:-\d+)?\.partial(?:\.[^.]*)?$", entry.name)
+        if not found or not _left_by_a_kill(entry.name, kind) or _alive(int(found[1])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        return True
+    return True
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -274,6 +297,18 @@ def _check_parent(path: Path) -> None:
         raise UserError(f"cannot write {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {path}: folder {parent} is not writable")
+    limit = _name_limit(parent)
+    if too_long := [p.name for p in (path, *path.parents) if len(os.fsencode(p.name)) > limit]:
+        raise UserError(f"cannot write {path}: the name {too_long[0][:40]}... is {len(os.fsencode(too_long[0]))} bytes, "
+                        f"more than the file system takes ({limit})")
+
+
+def _name_limit(folder: Path) -> int:
+    """The longest file name, in bytes, the file system at `folder` takes (NAME_MAX)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not on Windows, and not on every file system
+        return 255
 
 
 def refuse_empty_output(path: str | Path) -> None:
@@ -389,8 +424,12 @@ def _remove_made(made: list[Path]) -> None:
 def fresh_sibling(path: Path, tag: str) -> Path:
     # Hidden, beside the target (same filesystem: the rename is atomic), the suffix kept (onnx.save
     # and savefig choose the format from it), and new: an old leftover is never reused or deleted.
+    # A stem near the file system's name limit is shortened to its digest, the name then too long.
+    stem = path.stem
+    if len(os.fsencode(path.name)) > _name_limit(path.absolute().parent) - 40:
+        stem = hashlib.sha256(os.fsencode(stem)).hexdigest()[:16]
     for n in itertools.count():
-        name = f".{path.stem}.{os.getpid()}{f'-{n}' if n else ''}.{tag}{path.suffix}"
+        name = f".{stem}.{os.getpid()}{f'-{n}' if n else ''}.{tag}{path.suffix}"
         if not os.path.lexists(path.with_name(name)):
             return path.with_name(name)
     raise AssertionError("unreachable")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import importlib
 import importlib.abc
@@ -176,6 +177,7 @@ def _stdout_for_the_report(args: argparse.Namespace) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None  # not called from Python: the process ends when this returns
     argv = sys.argv[1:] if argv is None else list(argv)
+    _closed_streams_to_devnull()
     # A path may hold bytes that are not UTF-8 (a folder named in Latin-1, os.fsdecode's
     # surrogates): printed escaped, as stderr already does, rather than a UnicodeEncodeError.
     if isinstance(sys.stdout, io.TextIOWrapper):
@@ -227,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:
         return _reader_left()
+    except OSError as err:
+        if err.filename is not None or err.errno not in _STREAM_ERRORS:
+            raise
+        return _streams_failed(err)
     except KeyboardInterrupt as err:  # a stopped training run says where to resume
         print(f"bngraph: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
         # 128 + the signal, as a shell reports it: the training loop stops on either signal
@@ -241,6 +247,37 @@ def main(argv: list[str] | None = None) -> int:
             # Python's exit would walk every object torch made, ~1 s after a command that used
             # it; frozen, they are left to the OS.
             gc.freeze()
+
+
+# A standard stream that cannot be written (`> /dev/full`, a stream on a lost terminal or disk).
+_STREAM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EBADF}
+
+
+def _closed_streams_to_devnull() -> None:
+    """`bngraph ... >&-` or `2>&-`: Python starts without sys.stdout (or stderr), and printing the
+    report raised AttributeError on None (exit 1, "a check failed"). The closed descriptor gets
+    os.devnull: the user asked for no output there."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is None:
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, "w", errors="backslashreplace", closefd=False))
+
+
+def _streams_failed(err: OSError) -> int:
+    """The report could not be written (`> /dev/full`): one line where stderr still takes it, and
+    exit 2, not a traceback and exit 1 (a failed check). What the command wrote to disk is whole
+    by then (outputs are written before the report)."""
+    with contextlib.suppress(OSError):
+        print(f"bngraph: error: cannot write the report to standard output: {err.strerror}", file=sys.stderr)
+        sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)  # and no second error as Python flushes them at exit
+    for fd in (1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    return 2
 
 
 def _reader_left() -> int:

@@ -178,7 +178,7 @@ def write_verified(
         # The model names its weights file, which must sit beside it under its final name: the
         # two are written and verified in a folder of their own; the weights wait beside it
         # until the model's last check has passed (`_Weights`).
-        with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{path.name}.") as folder:
+        with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".bngraph-onnx.") as folder:
             staged = Path(folder) / path.name
             save_onnx(model, staged, external_data=data.name)
             check(staged)

@@ -507,3 +507,48 @@ def test_an_input_the_model_cannot_take_is_one_line_where_no_user_code_runs(comm
     argv = [command[0], spec, *(a.format(model=spec, out=tmp_path / "out") for a in command[1:])]
     code, _, err = _cli(capfd, *argv, "--input-shape", shape)
     assert code == 2 and ("channels" in _one_line(err) or "positional arguments" in _one_line(err)), err
+
+
+# ---- standard streams the report cannot go to, and names near the file system's limit ------------
+
+
+def _fold_in_a_shell(tmp_path, redirect: str, *flags: str, output: str = "out.onnx") -> subprocess.CompletedProcess:
+    import onnx
+
+    from tests.onnx_models import conv_bn_file
+
+    onnx.save(conv_bn_file(), tmp_path / "in.onnx")
+    command = f"{sys.executable} -m bngraph fold in.onnx -o {output} {' '.join(flags)} {redirect}"
+    return subprocess.run(["bash", "-c", command], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("flags", [(), ("--json",)])
+def test_a_report_that_cannot_be_written_is_one_line_and_exit_2_the_output_whole(tmp_path, flags):
+    # `> /dev/full`: tracebacks and exit 1, read by CI as a failed check, after a fold that passed.
+    done = _fold_in_a_shell(tmp_path, "> /dev/full", *flags)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("bngraph: error: cannot write the report to standard output: "
+                                                   "No space left on device")
+    assert (tmp_path / "out.onnx").is_file()
+
+
+@pytest.mark.parametrize("redirect", [">&-", "--json 2>&-"])
+def test_a_closed_stream_is_no_failure(tmp_path, redirect):
+    # Closed stdout: AttributeError on None, exit 1; closed stderr under --json: the JSON whole,
+    # and exit 1 all the same.
+    done = _fold_in_a_shell(tmp_path, redirect)
+    assert done.returncode == 0, done.stderr
+    if "--json" in redirect:
+        assert json.loads(done.stdout)["batchnorms_after"] == 0
+    assert (tmp_path / "out.onnx").is_file()
+
+
+def test_an_output_name_near_the_file_systems_limit_is_written_and_one_past_it_refused(tmp_path):
+    # The temporary beside it (".NAME.PID.partial.onnx") passed NAME_MAX: a traceback after the work.
+    done = _fold_in_a_shell(tmp_path, "", output="a" * 244 + ".onnx")
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("a")] == ["a" * 244 + ".onnx"]
+    done = _fold_in_a_shell(tmp_path, "", output="b" * 260 + ".onnx")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "bytes, more than the file system takes" in done.stderr
