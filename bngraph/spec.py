@@ -19,6 +19,7 @@ A 0-d input never has a batch axis. Random example values: floats N(0, 1); integ
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,10 @@ def parse_model_spec(text: str) -> ModelSpec:
     if path.is_dir():
         kind = output_kind(path)
         if kind != ARTIFACT and (path / "model" / ARTIFACT_META).is_file():
+            if (behind := model_behind_its_run(path)) is not None:
+                raise UserError(f"{path} is a run stopped as it wrote its model: its evaluations reach step {behind[1]}, "
+                                f"its model/ is step {behind[0]}'s; finish it with `bngraph train ... --resume`, or "
+                                f"name {path / 'model'} for that older model")
             path, kind = path / "model", ARTIFACT  # a `bngraph train` run folder: its artifact is model/
         if kind not in (ARTIFACT, None):
             raise UserError(f"{path} is {DESCRIBED[kind]}, not an artifact: name one of the artifacts in it")
@@ -69,6 +74,28 @@ def parse_model_spec(text: str) -> ModelSpec:
     if path.exists():
         raise UserError(f"cannot tell what model {text!r} is: expected a .py, .onnx or an artifact folder")
     raise UserError(f"no model {text!r}: expected zoo:NAME, file.py[:Symbol], an artifact folder or a .onnx file")
+
+
+def model_steps(run: Path) -> int | None:
+    """The steps the model in the run folder `run` was trained for (its history's last `train`
+    entry, in its bngraph.json), or None where there is none to read."""
+    try:
+        history = json.loads((run / "model" / ARTIFACT_META).read_text())["history"]
+        return int(next(e for e in reversed(history) if e.get("command") == "train")["config"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+        return None
+
+
+def model_behind_its_run(run: Path) -> tuple[int, int] | None:
+    """(the model's steps, the last evaluated step) where the run folder `run` evaluated past
+    the model it holds: stopped after its last checkpoint, as it wrote the model."""
+    steps = model_steps(run)
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        evaluated = int(json.loads(next(line for line in reversed(lines) if line.strip()))["step"])
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
+    return (steps, evaluated) if steps is not None and evaluated > steps else None
 
 
 def parse_input_shapes(text: str) -> list[tuple[int, ...]]:

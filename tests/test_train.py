@@ -149,6 +149,52 @@ def test_resume_refuses_a_model_whose_code_changed_with_the_same_state_dict(tmp_
     assert train(untouched, data, CONFIG, out_dir=tmp_path, resume=True, progress=False).resumed_from == 10
 
 
+@pytest.mark.parametrize("edit", ["dropout rate", "batchnorm momentum"])
+def test_resume_refuses_a_model_that_trains_otherwise_with_the_same_state_dict(tmp_path, edit):
+    # What runs in train mode only: the eval-mode probe saw no change, and the run went on as
+    # neither the old code's nor the new code's.
+    data = tensor_data()
+
+    def stop(row):
+        if row["step"] == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(small_net(), data, CONFIG, out_dir=tmp_path, progress=False, on_eval=stop)
+    edited = small_net()
+    if edit == "dropout rate":
+        edited[4].p = 0.5
+    else:
+        edited[1].momentum = 0.5
+    with pytest.raises(UserError, match="--resume: the model trains otherwise with the checkpoint's weights"):
+        train(edited, data, CONFIG, out_dir=tmp_path, resume=True, progress=False)
+    assert train(small_net(), data, CONFIG, out_dir=tmp_path, resume=True, progress=False).resumed_from == 10
+
+
+def test_resume_removes_what_a_killed_run_left_half_written(tmp_path):
+    # kill -9 as a checkpoint or the model was written: the temporaries stayed for good.
+    import subprocess
+    import sys
+
+    data = tensor_data()
+
+    def stop(row):
+        if row["step"] == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(small_net(), data, CONFIG, out_dir=tmp_path, progress=False, on_eval=stop)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (tmp_path / f".checkpoint.{pid}.partial.pt").write_bytes(b"half a checkpoint")
+    (tmp_path / f".model.{pid}.partial").mkdir()
+    (tmp_path / f".model.{pid}.partial" / "weights.pt").write_bytes(b"half a model")
+    (tmp_path / f".checkpoint.{os.getppid()}.partial.pt").write_bytes(b"a live process's")  # still being written
+    train(small_net(), data, CONFIG, out_dir=tmp_path, resume=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [
+        f".checkpoint.{os.getppid()}.partial.pt"]
+
+
 def test_sampler_reshuffles_every_epoch_as_a_function_of_seed_and_step():
     a, b = EpochSampler(100, 30, seed=3), EpochSampler(100, 30, seed=3)
     assert a.steps_per_epoch == 3  # the last partial batch is dropped
@@ -250,12 +296,47 @@ def test_cli_saves_and_recalibrates_a_model_torch_fx_cannot_trace(tmp_path, caps
     assert not torch.equal(bngraph.load(recal).bn.running_mean, trained.bn.running_mean)
 
 
+def test_cli_resume_refuses_weights_it_would_not_start_from(tmp_path, capsys, mnist_dir):
+    # Read, then replaced by the checkpoint's: the run went on as if --weights were not given.
+    common = ("train", "zoo:mnist-mlp", "--data", mnist_dir, "--eval-every", 20, "--quiet")
+    assert _cli(capsys, *common, "--steps", 40, "-o", tmp_path / "a")[0] == 0
+    torch.save(bngraph.load("zoo:mnist-mlp").state_dict(), tmp_path / "w.pt")
+    code, _, err = _cli(capsys, *common, "--steps", 60, "-o", tmp_path / "a", "--resume", "--weights", tmp_path / "w.pt")
+    assert code == 2 and "a resumed run goes on from its checkpoint's" in err
+
+
 def test_cli_resume_may_extend_the_run(tmp_path, capsys, mnist_dir):
     common = ("train", "zoo:mnist-mlp", "--data", mnist_dir, "--eval-every", 20, "--decay-every", 50, "--quiet")
     assert _cli(capsys, *common, "--steps", 40, "-o", tmp_path / "a")[0] == 0
     assert _cli(capsys, *common, "--steps", 80, "-o", tmp_path / "a", "--resume")[0] == 0
     assert _cli(capsys, *common, "--steps", 80, "-o", tmp_path / "b")[0] == 0
     assert_bit_identical(bngraph.load(tmp_path / "a" / "model"), bngraph.load(tmp_path / "b" / "model"))
+
+
+def test_cli_a_run_stopped_as_it_writes_its_model_is_finished_by_resume(tmp_path, capsys, mnist_dir, monkeypatch):
+    # Ctrl-C after the last checkpoint, while the model was traced and written: --resume was
+    # refused ("has done 40 steps already"), and after an extended run, `fold RUN` took the
+    # model of the steps before with exit 0 while the metrics spoke of the steps after.
+    import bngraph.training.run_folder as run_folder
+
+    common = ("train", "zoo:mnist-mlp", "--data", mnist_dir, "--eval-every", 20, "--decay-every", 50, "--quiet")
+    save = run_folder.save
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    assert _cli(capsys, *common, "--steps", 40, "-o", tmp_path / "a")[0] == 0
+    monkeypatch.setattr(run_folder, "save", stopped)
+    assert _cli(capsys, *common, "--steps", 80, "-o", tmp_path / "a", "--resume")[0] == 130
+    monkeypatch.setattr(run_folder, "save", save)
+    code, _, err = _cli(capsys, "fold", tmp_path / "a", "-o", tmp_path / "folded")
+    assert code == 2 and "evaluations reach step 80, its model/ is step 40's" in err and "--resume" in err
+    assert _cli(capsys, *common, "--steps", 80, "-o", tmp_path / "a", "--resume")[0] == 0  # no step: the model written
+    assert [r["step"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")] == [20, 40, 60, 80]
+    assert _cli(capsys, *common, "--steps", 80, "-o", tmp_path / "b")[0] == 0
+    assert_bit_identical(bngraph.load(tmp_path / "a"), bngraph.load(tmp_path / "b" / "model"))
+    code, _, err = _cli(capsys, *common, "--steps", 80, "-o", tmp_path / "a", "--resume")
+    assert code == 2 and "has done 80 steps already" in err
 
 
 def test_cli_resume_of_a_recipe_run_keeps_its_scaled_decay_period(tmp_path, capsys, mnist_dir):

@@ -161,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--track-unit picks the feature --track-inputs tracks; add --track-inputs")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, not {args.steps}")
+    if args.resume and args.weights:  # it was read, then the checkpoint's weights replaced it
+        raise UserError("--weights gives a run its starting weights; a resumed run goes on from its checkpoint's: "
+                        "leave --weights out, or start a new run")
     device = pick_device(args.device)
     if args.nproc is not None:
         _launch(args, device)

@@ -18,11 +18,13 @@ import torch
 from torch import nn
 
 from bngraph.atomic import (
-    RUN, check_writable, foreign_entries, output_kind, save_tensors, start_run_folder, write_atomically,
+    RUN, check_writable, foreign_entries, output_kind, remove_left_by_kills, save_tensors, start_run_folder,
+    write_atomically,
 )
 from bngraph.compare import ONNX_TOLERANCE, compare
 from bngraph.errors import UserError, one_line
 from bngraph.runners import named_tensors, random_tensor
+from bngraph.spec import model_steps
 from bngraph.training.config import TrainConfig
 from bngraph.training.distributed import Distributed, from_main, gather_to_main
 from bngraph.training.sync_bn import has_sync_bn
@@ -41,6 +43,7 @@ def open_run_folder(out_dir: Path | None, resume: bool) -> None:
         raise UserError(_nothing_to_resume(out_dir, checkpoint_path))
     if resume:
         check_resumable(out_dir)
+        remove_left_by_kills(out_dir, RUN)
     if not resume and checkpoint_path is not None and checkpoint_path.exists():
         raise UserError(f"{out_dir} holds a run already: add --resume to continue it, or choose another -o")
     if out_dir is not None:
@@ -94,19 +97,52 @@ PROBE_VALUES = 4096  # at most this many output values are kept: a digest of the
 def function_probe(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
     """The model's eval-mode outputs (flattened, evenly thinned to PROBE_VALUES) on a fixed random
     batch shaped like `example`: what it computes with its present weights."""
-    generator = torch.Generator().manual_seed(0)
-    if example.is_floating_point():
-        probe = torch.randn(example.shape, generator=generator).to(example.device, example.dtype)
-    else:  # token ids: N(0, 1) cast to integers would index an embedding at -1
-        probe = random_tensor(example.shape, example.dtype, generator).to(example.device)
     was_training = model.training
-    devices = [example.device] if example.device.type == "cuda" else []
     try:  # a forward that draws random numbers must not move the run's generator
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            output = model.eval()(probe)
+        with torch.no_grad(), torch.random.fork_rng(devices=_devices(example)):
+            output = model.eval()(_probe_batch(example))
     finally:
         model.train(was_training)
-    flat = torch.cat([t.detach().float().flatten().cpu() for _, t in named_tensors(output)])
+    return _digest([t for _, t in named_tensors(output)])
+
+
+def train_mode_probe(model: nn.Module, example: torch.Tensor) -> torch.Tensor | None:
+    """What the eval-mode probe cannot see: the model's train-mode outputs on the probe batch
+    under one random seed (its dropout masks), and the buffers that forward leaves (its
+    BatchNorms' statistics, moved by their momentum), the model's own put back after. None where
+    it does not run so (a batch of 1 into a BatchNorm), or where its forward is a collective
+    (SyncBatchNorms) that the other ranks do not join here."""
+    if has_sync_bn(model):
+        return None
+    was_training = model.training
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=_devices(example)):
+            torch.manual_seed(0)
+            output = model.train()(_probe_batch(example))
+            return _digest([t for _, t in named_tensors(output)] + [b for _, b in model.named_buffers()])
+    except Exception:  # noqa: BLE001 (the user's model, on a batch it may not take in train mode)
+        return None
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        model.train(was_training)
+
+
+def _probe_batch(example: torch.Tensor) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    if example.is_floating_point():
+        return torch.randn(example.shape, generator=generator).to(example.device, example.dtype)
+    return random_tensor(example.shape, example.dtype, generator).to(example.device)  # token ids: never -1
+
+
+def _devices(example: torch.Tensor) -> list:
+    return [example.device] if example.device.type == "cuda" else []
+
+
+def _digest(tensors: list[torch.Tensor]) -> torch.Tensor:
+    flat = torch.cat([t.detach().float().flatten().cpu() for t in tensors])
     return flat[:: max(1, len(flat) // PROBE_VALUES)][:PROBE_VALUES]
 
 
@@ -136,6 +172,8 @@ def save_checkpoint(path: Path, *, step: int, elapsed_s: float, config: TrainCon
         "data": data,  # `data_fingerprint`: a resume checks it finds the same data
         "model": model.state_dict(),
         "probe": function_probe(model, example),  # what `model` computes: a resume checks its model still does
+        "probe_train": train_mode_probe(model, example),
+        "probe_device": example.device.type,  # dropout draws other masks on another device
         "optimizer": optimizer.state_dict(),
         "rng": rng,
         "interval": interval,
@@ -202,6 +240,14 @@ def resume_from_checkpoint(out_dir: Path, *, config: TrainConfig, model: nn.Modu
             "did (its code changed since, an activation or a forward): resume with the model the run started with, "
             "or start a new run"
         )
+    then = state.get("probe_train")
+    if then is not None and state.get("probe_device") == dev.type and (now := train_mode_probe(model, example)) is not None \
+            and not _same_function(then.cpu(), now):
+        raise UserError(
+            f"--resume: the model trains otherwise with the checkpoint's weights than the run in {out_dir} did (its "
+            "code changed since in what runs in train mode: a dropout rate, a BatchNorm's momentum): resume with the "
+            "model the run started with, or start a new run"
+        )
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
@@ -211,7 +257,8 @@ def resume_from_checkpoint(out_dir: Path, *, config: TrainConfig, model: nn.Modu
         torch.cuda.set_rng_state(own["rng"]["cuda"].cpu())
     step = int(state["step"])
     interval = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in own["interval"].items()}
-    if step >= config.steps:
+    # A run stopped as it wrote its model (after the last checkpoint) is finished: no step, the model written.
+    if step > config.steps or step == config.steps and model_steps(out_dir) == step:
         raise UserError(f"the run in {out_dir} has done {step} steps already; ask for more with --steps")
     return Resumed(step, list(state["metrics"]), float(state["elapsed_s"]), interval)
 
