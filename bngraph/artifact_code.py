@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from bngraph.errors import UserError
 from bngraph.passes._fx_effects import hooks_of
-from bngraph.user_modules import python_files
+from bngraph.user_modules import local_modules, python_files
 
 CODE_FILE = "model.py"
 CARRIED_DIR = "code"  # the user's modules that model.py imports (blocks.py beside their model.py)
@@ -421,12 +421,11 @@ def user_code(loaded) -> tuple[str, str] | None:
 def user_files(loaded) -> dict[str, bytes]:
     """The user's modules that the code `user_code` and `fallback_source` carry imports from
     beside its file (blocks.py beside model.py), relative path -> contents, for `save`'s
-    `carry`: those the .py file imported from its folder as it ran, or those an artifact
+    `carry`: those this process imported from the .py file's folder, or those an artifact
     carries already."""
     if loaded.spec.kind == "file":
-        from bngraph.load import IMPORTED_BESIDE  # load imports this module
-
-        return dict(IMPORTED_BESIDE.get(Path(loaded.spec.path).resolve(), {}))
+        folder = Path(loaded.spec.path).resolve().parent
+        return {name: file.read_bytes() for name, file in local_modules(folder).items()}
     if loaded.spec.kind != "artifact" or not (Path(loaded.spec.path) / CARRIED_DIR).is_dir():
         return {}  # a zoo model is bngraph's own code; an ONNX file has none
     return {name: file.read_bytes() for name, file in python_files(Path(loaded.spec.path) / CARRIED_DIR).items()}

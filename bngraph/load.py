@@ -24,7 +24,7 @@ from bngraph.library_call import library_call
 from bngraph.runners import ExampleInputs, random_tensor
 from bngraph.spec import ModelSpec, input_layout, parse_input_dtypes, parse_input_shapes, parse_model_spec
 from bngraph.trace import check_model, materialize_lazy
-from bngraph.user_modules import importing_beside, siblings_imported_afresh, working_folder_restored
+from bngraph.user_modules import forget_stale_siblings, importing_beside, remember_siblings, working_folder_restored
 from bngraph.zoo import create_model, get_entry
 
 
@@ -80,11 +80,6 @@ def _torch_dtype(name: str) -> torch.dtype:
     return torch.from_numpy(np.zeros(0, dtype=name)).dtype
 
 
-# What each user file imported last from beside it (resolved path -> {relative path: contents}):
-# the modules an artifact of its model carries (`bngraph.artifact_code.user_files`).
-IMPORTED_BESIDE: dict[Path, dict[str, bytes]] = {}
-
-
 def import_user_file(path: Path):
     """The user's file imported as `python path` would run it: `from blocks import Block` finds
     the file's sibling blocks.py (`importing_beside`)."""
@@ -93,13 +88,14 @@ def import_user_file(path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look the module up by name
+    forget_stale_siblings(path.parent)
     try:
-        with importing_beside(path.parent), siblings_imported_afresh(path.parent) as carried:
+        with importing_beside(path.parent):
             spec.loader.exec_module(module)
     except Exception as err:
         del sys.modules[name]
         raise UserError(f"importing {path} failed: {one_line(err)}") from err
-    IMPORTED_BESIDE[path] = carried
+    remember_siblings(path.parent)
     return module
 
 
@@ -149,7 +145,8 @@ def _build(path: Path, symbol: str | None) -> tuple[nn.Module, str, object]:
         return factory, symbol, code  # built as the file ran, under the same seeded generator
     if not callable(factory):
         raise UserError(f"{path}:{symbol} is not a class, a function or an nn.Module")
-    module = call_user_factory(path, symbol, factory)
+    with importing_beside(path.parent):  # a constructor's `from blocks import Block` finds this folder's first
+        module = call_user_factory(path, symbol, factory)
     if not isinstance(module, nn.Module):
         raise UserError(f"{path}:{symbol}() returned {type(module).__name__}, not an nn.Module")
     check_model(module, "bngraph")

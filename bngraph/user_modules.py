@@ -2,7 +2,8 @@
 them, and carried into artifacts so that an artifact loads anywhere.
 
     with importing_beside(folder): ...     # `from blocks import Block` finds folder/blocks.py
-    with siblings_imported_afresh(folder) as carried: ...  # {"blocks.py": b"..."}: what the model imported
+    forget_stale_siblings(folder)          # another folder's blocks.py, or one edited since: imported anew
+    local_modules(folder)                  # {"blocks.py": Path(...)}: what the model imported from there
     with isolated_modules({"blocks"}): ... # an artifact's carried blocks.py, not the user's current one
 """
 
@@ -13,7 +14,6 @@ import os
 import site
 import sys
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -93,21 +93,43 @@ def isolated_modules(names: set[str]):
         sys.modules.update(saved)
 
 
-@contextlib.contextmanager
-def siblings_imported_afresh(folder: Path) -> Iterator[dict[str, bytes]]:
-    """The user's modules beside their file (blocks.py, a package layers/) imported afresh while
-    the block runs, as `python model.py` would import them, and forgotten by sys.modules after
-    (`isolated_modules`): a second model file whose blocks.py is another folder's, or the same
-    blocks.py edited since (a notebook loading again), was given the module imported first. A
-    name an installed package holds (a user's json.py beside the model) stays the package's, as
-    bngraph and torch use it. Yields, filled once the block has run, what the model imported
-    from `folder` (path relative to it -> contents, as run), which an artifact carries."""
+# Each file of the user's modules as bngraph's import of a model file read it: path -> (mtime, size).
+_IMPORTED_AS: dict[str, tuple[int, int]] = {}
+
+
+def forget_stale_siblings(folder: Path) -> None:
+    """Before a model file in `folder` is imported: forget (sys.modules) each module of a name
+    that `folder` holds where it comes from elsewhere (another model's blocks.py: `verify
+    a/model.py b/model.py` compared the first with itself) or changed since bngraph imported it
+    (a notebook loading again after an edit), so that `from blocks import Block` gets this
+    folder's file as it is now, as `python model.py` would. A module still as it was is reused,
+    and the modules stay imported, as a script's do: a forward's `import blocks` and pickling
+    find them. A name an installed package holds (a json.py beside the model) stays the package's."""
     folder = folder.resolve()
-    names = {name for name in _top_level_names(folder) if name != "bngraph" and not _installed(sys.modules.get(name))}
-    carried: dict[str, bytes] = {}
-    with isolated_modules(names):
-        yield carried
-        carried.update({name: file.read_bytes() for name, file in local_modules(folder).items()})
+    for name in _top_level_names(folder):
+        module = sys.modules.get(name)
+        if module is None or name == "bngraph" or _installed(module):
+            continue
+        names = [n for n in sys.modules if n == name or n.startswith(f"{name}.")]
+        files = [Path(f).resolve() for n in names if (f := getattr(sys.modules[n], "__file__", None))]
+        elsewhere = not files or not all(f.is_relative_to(folder) for f in files)
+        if elsewhere or any(_IMPORTED_AS.get(str(f)) not in (None, _stamp(f)) for f in files):
+            for n in names:
+                del sys.modules[n]
+
+
+def remember_siblings(folder: Path) -> None:
+    """Record the files of the modules imported from `folder` as they are now (`forget_stale_siblings`)."""
+    for file in local_modules(folder).values():
+        _IMPORTED_AS[str(file)] = _stamp(file)
+
+
+def _stamp(file: Path) -> tuple[int, int] | None:
+    try:
+        stat = file.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 def _top_level_names(folder: Path) -> set[str]:

@@ -294,8 +294,8 @@ class Block(nn.Module):
 def test_each_model_file_gets_the_modules_beside_it_afresh(tmp_path, capsys):
     # The second model file's `from blocks import Block` got the first's blocks.py, cached by
     # name: verify compared a model with itself and passed two different ones. In one process
-    # (a notebook), a blocks.py edited since was not read again; a user's own module of that
-    # name is theirs again after.
+    # (a notebook), a blocks.py edited since was not read again, nor another folder's in place
+    # of a module of that name the user made.
     import types
 
     from bngraph.cli import main
@@ -306,7 +306,7 @@ def test_each_model_file_gets_the_modules_beside_it_afresh(tmp_path, capsys):
         (tmp_path / folder / "blocks.py").write_text(SIBLING_BLOCK_PY.format(activation))
     assert main(["verify", f"{tmp_path}/a/model.py", f"{tmp_path}/b/model.py"]) == 1
     assert "FAILED" in capsys.readouterr().out
-    users_own = sys.modules["blocks"] = types.ModuleType("blocks")
+    sys.modules["blocks"] = types.ModuleType("blocks")
     try:
         first = bngraph.load(f"{tmp_path}/a/model.py")
         (tmp_path / "a" / "blocks.py").write_text(SIBLING_BLOCK_PY.format("tanh()"))
@@ -315,12 +315,62 @@ def test_each_model_file_gets_the_modules_beside_it_afresh(tmp_path, capsys):
         with torch.no_grad():
             torch.testing.assert_close(again.block(x), x.tanh())
             torch.testing.assert_close(first.block(x), x.relu())
-        assert sys.modules["blocks"] is users_own
+        assert isinstance(again.block, sys.modules["blocks"].Block)  # imported as a script's: pickling finds it
     finally:
-        del sys.modules["blocks"]
+        sys.modules.pop("blocks", None)
     # An artifact carries the blocks.py its model ran.
     assert main(["insert", f"{tmp_path}/a/model.py", "-o", str(tmp_path / "art")]) == 0
     assert (tmp_path / "art" / "code" / "blocks.py").read_text() == SIBLING_BLOCK_PY.format("tanh()")
+
+
+CONFIGURED_MODEL_PY = """
+import torch
+from torch import nn
+
+import settings
+
+settings.SCALE = 3.0  # configured as the file runs, read again later
+
+
+class Net(nn.Module):
+    example_input_shape = (3, 4)
+
+    def __init__(self):
+        super().__init__()
+        from blocks import Block  # imported as the model is built
+        self.fc, self.block = nn.Linear(4, 4), Block()
+
+    def forward(self, x):
+        import settings as s  # and as it runs
+        if x.sum() > -1e9:  # data-dependent: its artifacts keep this code
+            x = x + 0
+        return self.block(self.fc(x)) * s.SCALE
+"""
+
+
+def test_the_modules_beside_a_model_stay_imported_as_a_scripts_do(tmp_path, capsys):
+    # Forgotten once the file had run: a forward's `import settings` got a fresh, unconfigured
+    # copy (an export 3x too small, verified), an artifact lacked the blocks.py its constructor
+    # imported, and torch.save of the model failed (another Block class than blocks.Block).
+    import io
+
+    from bngraph.cli import main
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.py").write_text(CONFIGURED_MODEL_PY)
+    (tmp_path / "m" / "settings.py").write_text("SCALE = 1.0\n")
+    (tmp_path / "m" / "blocks.py").write_text(SIBLING_BLOCK_PY.format("relu()"))
+    try:
+        model = bngraph.load(f"{tmp_path}/m/model.py")
+        x = torch.randn(3, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), model.fc(x).relu() * 3)
+        torch.save(model, io.BytesIO())
+        assert main(["insert", f"{tmp_path}/m/model.py", "-o", str(tmp_path / "art")]) == 0
+        assert (tmp_path / "art" / "code" / "blocks.py").is_file()
+    finally:
+        for name in ("settings", "blocks"):
+            sys.modules.pop(name, None)
 
 
 def test_the_users_folder_leads_sys_path_only_while_their_file_imports(tmp_path):

@@ -100,3 +100,13 @@ def test_a_model_with_nothing_to_train_is_refused_before_the_first_step():
                       torch.randint(0, 4, (8,)))
     with pytest.raises(bngraph.UserError, match="no parameter to train"):
         bngraph.train(model, data, TrainConfig(steps=2, batch_size=8, eval_every=2), progress=False)
+
+
+def test_train_inside_the_callers_no_grad_trains():
+    data = TensorData(torch.rand(32, 3, 8, 8), torch.randint(0, 4, (32,)), torch.rand(8, 3, 8, 8),
+                      torch.randint(0, 4, (8,)))
+    model = _net()
+    before = model[4].weight.clone()
+    with torch.no_grad():
+        bngraph.train(model, data, TrainConfig(steps=2, batch_size=8, eval_every=2), progress=False)
+    assert not torch.equal(model[4].weight, before)

@@ -171,6 +171,38 @@ def test_resume_refuses_a_model_that_trains_otherwise_with_the_same_state_dict(t
     assert train(small_net(), data, CONFIG, out_dir=tmp_path, resume=True, progress=False).resumed_from == 10
 
 
+class MovingAverage(nn.Module):
+    """A codebook kept as an exponential moving average in train mode (VQ-VAE's), a frozen
+    parameter written by the forward, and a Python counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.center = nn.Parameter(torch.zeros(10), requires_grad=False)
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            with torch.no_grad():
+                self.center.mul_(0.9).add_(0.1 * x.mean(0))
+        return x - self.center
+
+
+def test_checkpoints_leave_what_the_model_trains_as_it_was(tmp_path):
+    # The resume check's train-mode probe ran on the model itself: a forward writing its state
+    # moved it at every checkpoint, and the weights depended on how often checkpoints were written.
+    data = tensor_data()
+    runs = []
+    for out_dir, every in ((tmp_path / "each", 1), (tmp_path / "rarely", 20), (None, None)):
+        torch.manual_seed(0)
+        model = nn.Sequential(small_net(), MovingAverage())
+        train(model, data, replace(CONFIG, checkpoint_every=every), out_dir=out_dir, progress=False)
+        runs.append(model)
+    for model in runs[1:]:
+        assert_bit_identical(model, runs[0])
+    assert {model[1].calls for model in runs} == {CONFIG.steps}
+
+
 def test_resume_removes_what_a_killed_run_left_half_written(tmp_path):
     # kill -9 as a checkpoint or the model was written: the temporaries stayed for good.
     import subprocess

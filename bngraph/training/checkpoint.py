@@ -11,6 +11,7 @@ outputs tell that a resume would continue another model's run.
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,25 +110,20 @@ def function_probe(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
 def train_mode_probe(model: nn.Module, example: torch.Tensor) -> torch.Tensor | None:
     """What the eval-mode probe cannot see: the model's train-mode outputs on the probe batch
     under one random seed (its dropout masks), and the buffers that forward leaves (its
-    BatchNorms' statistics, moved by their momentum), the model's own put back after. None where
-    it does not run so (a batch of 1 into a BatchNorm), or where its forward is a collective
-    (SyncBatchNorms) that the other ranks do not join here."""
+    BatchNorms' statistics, moved by their momentum). Run on a copy: a forward that writes its
+    state in train mode (an EMA codebook, a step counter) must not move the run's. None where it
+    does not run so (a batch of 1 into a BatchNorm, a model that cannot be copied), or where its
+    forward is a collective (SyncBatchNorms) that the other ranks do not join here."""
     if has_sync_bn(model):
         return None
-    was_training = model.training
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
     try:
+        copy = deepcopy(model).train()
         with torch.no_grad(), torch.random.fork_rng(devices=_devices(example)):
             torch.manual_seed(0)
-            output = model.train()(_probe_batch(example))
-            return _digest([t for _, t in named_tensors(output)] + [b for _, b in model.named_buffers()])
+            output = copy(_probe_batch(example))
+        return _digest([t for _, t in named_tensors(output)] + [b for _, b in copy.named_buffers()])
     except Exception:  # noqa: BLE001 (the user's model, on a batch it may not take in train mode)
         return None
-    finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-        model.train(was_training)
 
 
 def _probe_batch(example: torch.Tensor) -> torch.Tensor:

@@ -155,7 +155,8 @@ def train(
     batches = step_batches(data, setup.sampler, start, config.steps, dev)
     checked_at = last_eval = start  # the loss is looked at where it reaches the CPU anyway
     saved_at = start if resume and out_dir is not None else None
-    with _stop_requests(not ctx.is_distributed) as stop_requested, \
+    # Gradients on whatever the caller's mode (a `bngraph.train` inside their torch.no_grad()).
+    with _stop_requests(not ctx.is_distributed) as stop_requested, torch.enable_grad(), \
             _progress_bar(progress and ctx.is_main, label) as bar, _deterministic(config.deterministic):
         task = bar.add_task("train", total=config.steps, completed=start, loss="-", acc="-", test="-", rate="-")
         for step in range(start, config.steps):
