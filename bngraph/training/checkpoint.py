@@ -195,7 +195,7 @@ class Resumed:
 
 def resume_from_checkpoint(out_dir: Path, *, config: TrainConfig, model: nn.Module,
                            optimizer: torch.optim.Optimizer, scaler, ctx: Distributed,
-                           dev: torch.device, data: dict, example: torch.Tensor) -> Resumed:
+                           dev: torch.device, data: dict, example: torch.Tensor, finish: bool = False) -> Resumed:
     """Restore model, optimizer, loss scale and RNG from the checkpoint in `out_dir`, after
     checking it is of this run: the same model (its state dict's keys and shapes, and what it
     computes with the checkpoint's weights: `function_probe` on `example`'s shape), settings,
@@ -253,8 +253,9 @@ def resume_from_checkpoint(out_dir: Path, *, config: TrainConfig, model: nn.Modu
         torch.cuda.set_rng_state(own["rng"]["cuda"].cpu())
     step = int(state["step"])
     interval = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in own["interval"].items()}
-    # A run stopped as it wrote its model (after the last checkpoint) is finished: no step, the model written.
-    if step > config.steps or step == config.steps and model_steps(out_dir) == step:
+    # With `finish`, a run folder stopped as it wrote its model (after the last checkpoint) is
+    # finished: no step, and the caller writes the model.
+    if step > config.steps or step == config.steps and not (finish and model_steps(out_dir) != step):
         raise UserError(f"the run in {out_dir} has done {step} steps already; ask for more with --steps")
     return Resumed(step, list(state["metrics"]), float(state["elapsed_s"]), interval)
 

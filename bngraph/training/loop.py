@@ -98,6 +98,7 @@ def train(
     label: str = "train",
     on_eval: Callable[[dict], None] | None = None,
     distributed: Distributed = SINGLE,
+    finish: bool = False,
 ) -> TrainRun:
     """Train `model` in place on `data` (moved to the device when it is elsewhere) and return it on the CPU, in eval mode.
 
@@ -108,7 +109,9 @@ def train(
     checkpoints and metrics go there, and `resume=True` continues from its checkpoint.
     `on_eval(row)` sees each metrics row as it is written (and may raise to stop). Under torchrun
     (`distributed` from `bngraph.training.distributed.join`), every rank calls this with the same
-    arguments; rank 0 alone reads and writes `out_dir` (see bngraph.training.distributed).
+    arguments; rank 0 alone reads and writes `out_dir` (see bngraph.training.distributed). With
+    `finish`, resuming a run whose steps are all done but whose model/ is not yet written (or
+    older) is no error: no step runs (`bngraph.training.run_folder` writes the model).
     """
     if not any(p.requires_grad for p in model.parameters()):  # torch's words came at the first backward
         raise UserError(f"{type(model).__name__} has no parameter to train (none, or each with requires_grad=False): "
@@ -139,7 +142,8 @@ def train(
     fingerprint, example = data_fingerprint(data), data.example(2).to(dev)
     if resume:
         resumed = resume_from_checkpoint(out_dir, config=resolved, model=model, optimizer=setup.optimizer,
-                                         scaler=setup.scaler, ctx=ctx, dev=dev, data=fingerprint, example=example)
+                                         scaler=setup.scaler, ctx=ctx, dev=dev, data=fingerprint, example=example,
+                                         finish=finish)
         start, metrics, elapsed_before, interval = resumed.step, resumed.metrics, resumed.elapsed_s, resumed.interval
     else:
         # Dropout draws from the global generator; other ranks' masks must differ from rank 0's.

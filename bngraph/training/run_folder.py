@@ -70,7 +70,8 @@ def train_into_folder(
         model = converted.graph if pick_device(device).type == "cuda" else use_cpu_sync_bn(converted.graph)
         history.append({"command": "sync-bn", "passes": {"convert_bn_to_sync_bn": converted.summary()}})
     ctx = distributed
-    run = train(model, data, config, out_dir=out, resume=resume, device=device, progress=progress, distributed=ctx)
+    run = train(model, data, config, out_dir=out, resume=resume, device=device, progress=progress, distributed=ctx,
+                finish=True)
     if not ctx.is_main:
         return None
     if converted is not None:  # same state-dict keys: the trained state, in BatchNorms again
