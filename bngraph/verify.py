@@ -476,7 +476,7 @@ def verify_models(
     batches = random_batches(shapes, sizes, dtypes, batch_axes=batch_axes, index_bounds=bounds)
     batch_sizes = list(sizes)
     notes = _rows_reached(batches, bounds, names)
-    if given is None and loaded and onnx_specs:
+    if onnx_specs:
         resized = _at_other_sizes(models, onnx_specs, onnx_texts, names, shapes, dtypes, batch_axes, bounds, notes,
                                   batch_size=2 if sizes == BATCH_SIZES else sizes[0])
         if resized is not None:
@@ -573,11 +573,11 @@ _RESIZE_FACTOR = 2
 
 
 def _at_other_sizes(models, onnx_specs, onnx_texts, names, shapes, dtypes, batch_axes, bounds, notes, batch_size):
-    """A batch of `batch_size` at other sizes wherever an ONNX file declares a size past the batch symbolic
-    (one that `shapes`, the PyTorch model's example, fixed for the comparison): a file that
-    computes with the example's size as a constant there passes at that size alone. Each symbol
-    takes one size in every input that names it. None (and a note) where the PyTorch model does
-    not run at those sizes."""
+    """A batch of `batch_size` at other sizes wherever an ONNX file declares a size past the
+    batch symbolic (one that `shapes`, the PyTorch model's example or --input-shape, fixed for
+    the comparison): a file that computes with the example's size as a constant there passes at
+    that size alone. Each symbol takes one size in every input that names it. None (and a note)
+    where either model does not run at those sizes."""
     resized = [list(shape) for shape in shapes]
     symbolic: dict[str, list[tuple[int, int]]] = {}
     for spec in onnx_specs:
@@ -595,9 +595,10 @@ def _at_other_sizes(models, onnx_specs, onnx_texts, names, shapes, dtypes, batch
     declared = ", ".join(sorted(symbolic))
     text = " and ".join(str(tuple(shape)) for shape in resized)
     for model in models:
-        if isinstance(model, nn.Module) and _run_quietly(TorchRunner(model), batch) is None:
-            notes.append(f"{' and '.join(onnx_texts)} declares {declared} symbolic, but the PyTorch model does not run "
-                         f"at other sizes ({text} tried): compared at the example's sizes only")
+        if _run_quietly(runners_for(model)[0], batch) is None:
+            who = "the PyTorch model does" if isinstance(model, nn.Module) else f"{model} does"
+            notes.append(f"{' and '.join(onnx_texts)} declares {declared} symbolic, but {who} not run at other sizes "
+                         f"({text} tried): compared at the example's sizes only")
             return None
     notes.append(f"{' and '.join(onnx_texts)} declares {declared} symbolic: also compared at {text}")
     return batch

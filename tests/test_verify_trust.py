@@ -699,6 +699,10 @@ def test_a_file_declaring_a_symbolic_length_is_also_compared_at_another(tmp_path
     assert code == 1 and "also compared at (2, 32, 8)" in " ".join(json.loads(out)["notes"])
     code, out, _ = run_cli("verify", f"{tmp_path}/seq.py:SequenceMean", tmp_path / "right.onnx", "--json")
     assert code == 0 and json.loads(out)["batch_sizes"] == [1, 1, 1, 7, 2]
+    # Two files, the length given: compared at twice it too.
+    code, out, _ = run_cli("verify", tmp_path / "right.onnx", tmp_path / "baked.onnx", "--input-shape", "2,16,8",
+                           "--json")
+    assert code == 1 and "also compared at (2, 32, 8)" in " ".join(json.loads(out)["notes"])
     # A length the file fixes, given by --input-shape: one line naming the axis.
     code, _, err = run_cli("verify", f"{tmp_path}/seq.py:SequenceMean", tmp_path / "right.onnx", "--input-shape",
                            "2,16,4")
