@@ -12,6 +12,7 @@ API's training function.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from bngraph.artifact_code import kept_source, user_code, user_files
+from bngraph.artifacts import save
+from bngraph.errors import UserError
 from bngraph.load import LoadedModel
 from bngraph.report import Report
 from bngraph.reproduce.recipes import Recipe, apply_recipe
@@ -77,6 +80,8 @@ def train_run(
     if recipe is not None:
         model, recipe_entry = apply_recipe(model, recipe, example)
         history.append(recipe_entry)
+        if ctx.is_main:  # before the training, not after it: the model the run will write
+            _check_savable(model, example, loaded)
     check_model_fits(model, data)
     config = TrainConfig(steps=steps, batch_size=batch_size, decay_every=steps / 8 if decay_every is None
                          else decay_every, **settings)
@@ -104,6 +109,18 @@ def train_run(
                             f"{f'the {left} BatchNorm(s) the fold left' if left else 'no BatchNorm'}; train the model "
                             "from before the fold to train with them")
     return done, report
+
+
+def _check_savable(model, example, loaded: LoadedModel) -> None:
+    """Write the recipe's model into a folder of its own and read it back, as the run will at its
+    end: one the artifact code cannot write (BatchNorms wrapped inside a submodule torch.fx kept
+    whole) was refused only after all its steps."""
+    with tempfile.TemporaryDirectory(prefix="bngraph-recipe-") as folder:
+        try:
+            save(model, Path(folder) / "model", example_inputs=example, base=user_code(loaded), carry=user_files(loaded))
+        except UserError as err:
+            raise UserError(f"the recipe's model cannot be written as the run's model ({err}); nothing was trained: "
+                            "insert its BatchNorms with `bngraph insert` first, and train that artifact") from err
 
 
 def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamData, config: TrainConfig,

@@ -44,7 +44,12 @@ class SwapActivation:
             if kind.lower() not in self.replace:  # a user's GELU under the paper's ReLU -> sigmoid
                 result.skipped.append(Skip(node.name, f"{kind} is not {' or '.join(sorted(self.replace))}: kept"))
                 continue
-            if node.op == "call_module":
+            if _writes_its_input(gm, node):
+                # `h.relu_()`, ReLU(inplace=True): the code may read the result through h, so the
+                # new activation writes it there too (an out-of-place sigmoid nobody read left
+                # the net without its nonlinearity).
+                node.op, node.target, node.args, node.kwargs = "call_method", f"{self.to}_", node.args[:1], {}
+            elif node.op == "call_module":
                 *parent, name = node.target.split(".")
                 gm.get_submodule(".".join(parent)).add_module(name, make_module())
             else:
@@ -55,6 +60,16 @@ class SwapActivation:
         if result.changed:
             gm.recompile()
         return result
+
+
+def _writes_its_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether the activation at `node` overwrites its input: a module with inplace=True,
+    `F.relu(h, inplace=True)` (or True as its second argument), `torch.relu_(h)`, `h.relu_()`."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") or node.kwargs.get("inplace") is True or (
+        node.op == "call_function" and len(node.args) > 1 and node.args[-1] is True)
 
 
 @graph_pass(in_place=True)

@@ -130,3 +130,61 @@ def test_train_reports_what_a_recipe_did_to_the_users_model(tmp_path, capsys):
     trained = bngraph.load(tmp_path / "run")
     kinds = {type(m).__name__ for m in trained.modules()}
     assert "GELU" in kinds and "Dropout" not in kinds and "sigmoid_bn" in dict(trained.named_modules())
+
+
+MODE_READING_NET_PY = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Gate(nn.Module):  # torch.fx cannot follow it: its forward branches on its data
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            x = x + 0
+        return self.act(x)
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 1, 28, 28)
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 10)
+        self.gate = Gate()
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        return self.head(F.dropout(x.mean((2, 3)), 0.5, training=self.training))
+
+
+class Gated(Net):
+    def forward(self, x):
+        return self.head(self.gate(self.c1(x)).mean((2, 3)))
+'''
+
+
+def test_a_recipe_keeps_dropout_reading_the_mode_and_refuses_before_training_what_it_cannot_write(tmp_path, capsys):
+    # Traced in the mode the model was in: `F.dropout(..., training=self.training)` became
+    # `training=True`, dropping units at inference. A BatchNorm wrapped inside a submodule
+    # torch.fx kept whole could not be written: the run failed after all its steps.
+    import bngraph
+    from bngraph.cli import main
+    from tests.mnist_like import write_learnable
+
+    (tmp_path / "net.py").write_text(MODE_READING_NET_PY)
+    data = write_learnable(tmp_path / "data", n_train=40, n_test=20)
+    common = ["--recipe", "bn-baseline", "--data", str(data), "--steps", "2", "--batch-size", "8", "--quiet"]
+    assert main(["train", f"{tmp_path}/net.py:Net", *common, "-o", str(tmp_path / "run")]) == 0
+    trained = bngraph.load(tmp_path / "run").eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(trained(x), trained(x), rtol=0, atol=0)  # no dropout in eval
+    capsys.readouterr()
+    code = main(["train", f"{tmp_path}/net.py:Gated", *common, "-o", str(tmp_path / "gated")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nothing was trained" in err and not (tmp_path / "gated" / "checkpoint.pt").exists()

@@ -35,7 +35,7 @@ from bngraph.errors import UserError
 from bngraph.passes.base import run_passes
 from bngraph.passes.strip_dropout_and_lrn import strip_dropout_and_lrn
 from bngraph.passes.swap_activation import SwapActivation
-from bngraph.trace import trace
+from bngraph.partial_trace import trace_for_insert
 from bngraph.training.config import TrainConfig
 
 PAPER_VARIANTS = ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid")
@@ -105,7 +105,9 @@ def apply_recipe(
         passes.append(strip_dropout_and_lrn)
     if not passes and not recipe.insert_bn:
         return model, entry  # nothing to do: untraceable models still train as they are
-    graph = trace(model, example_inputs)
+    # insert's trace: the mode read as the model runs (a plain trace wrote the mode it was in:
+    # dropout on in eval), a submodule torch.fx cannot follow kept whole.
+    graph, _ = trace_for_insert(model, example_inputs)
     graph, results = run_passes(graph, passes)
     entry["passes"] = {name: result.summary() for name, result in results.items()}
     if recipe.insert_bn:
