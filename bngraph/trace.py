@@ -127,25 +127,36 @@ def _copy_value(value, memo: dict):
 
 
 def check_modules_registered(model: nn.Module) -> None:
-    """Raise UserError where `model` holds a module in a plain list, tuple or dict attribute: not
-    registered, so its weights are not in parameters() (never trained), state_dict() (never
-    saved) or .to(); a saved or traced copy would compute something else. A plain list of
-    modules that are registered elsewhere too (a second reference) is fine."""
+    """Raise UserError where `model` holds a module in a plain list, tuple or dict attribute (at
+    any depth: `[[nn.Linear(...)]]`): not registered, so its weights are not in parameters()
+    (never trained), state_dict() (never saved) or .to(); a saved or traced copy would compute
+    something else. A plain list of modules that are registered elsewhere too (a second
+    reference) is fine."""
     registered = {id(m) for m in model.modules()}
+
+    def unregistered(value, where: str, depth: int = 0):
+        if depth > 4 or not isinstance(value, (list, tuple, dict)):
+            return None
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(item, nn.Module) and id(item) not in registered:
+                return f"{where}[{key!r}]", item, value
+            if (found := unregistered(item, f"{where}[{key!r}]", depth + 1)) is not None:
+                return found
+        return None
+
     for path, owner in model.named_modules():
         for name, value in vars(owner).items():
-            if not isinstance(value, (list, tuple, dict)):
+            found = unregistered(value, f"{path}.{name}" if path else name)
+            if found is None:
                 continue
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            for key, item in items:
-                if isinstance(item, nn.Module) and id(item) not in registered:
-                    where = f"{path}.{name}" if path else name
-                    container = "nn.ModuleDict" if isinstance(value, dict) else "nn.ModuleList"
-                    raise UserError(
-                        f"{type(model).__name__}.{where}[{key!r}] is a {type(item).__name__} in a plain "
-                        f"{type(value).__name__}, not a registered submodule: its weights are not parameters "
-                        f"(not trained, saved or moved to a device); hold the layers in {container}"
-                    )
+            where, item, container = found
+            wanted = "nn.ModuleDict" if isinstance(container, dict) else "nn.ModuleList"
+            weights = any(True for _ in item.parameters()) or any(True for _ in item.buffers())
+            why = ("its weights are not parameters (not trained, saved or moved to a device)" if weights else
+                   "a model saved or traced from it would not find it")
+            raise UserError(f"{type(model).__name__}.{where} is a {type(item).__name__} in a plain "
+                            f"{type(container).__name__}, not a registered submodule: {why}; hold the layers in {wanted}")
 
 
 def check_model(model, verb: str) -> None:

@@ -1470,6 +1470,30 @@ def test_layers_in_a_plain_list_are_refused_with_the_fix_not_saved_wrong(tmp_pat
     assert saved.is_dir()
 
 
+class NestedPlainLists(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.scale = [[nn.Linear(8, 8)]]  # a level deeper: the check looked one level in
+        self.acts = [nn.Tanh()]
+
+    def forward(self, x):
+        return self.acts[0](self.scale[0][0](self.fc(x)))
+
+
+def test_layers_in_nested_plain_lists_are_refused_and_a_weightless_one_for_what_it_is(tmp_path):
+    # A list inside a list got past the check: an artifact without the layer's weights, its
+    # model.py building that layer with whatever weights the generator gave.
+    with pytest.raises(bngraph.UserError, match=r"NestedPlainLists.scale\[0\]\[0\] is a Linear in a plain list"):
+        bngraph.save(NestedPlainLists(), tmp_path / "a", example_inputs=[_x(2, 8)])
+    model = NestedPlainLists()
+    model.scale = [[]]
+    with pytest.raises(bngraph.UserError, match=r"acts\[0\] is a Tanh .* a model saved or traced from it would not "
+                                                "find it"):
+        bngraph.save(model, tmp_path / "a", example_inputs=[_x(2, 8)])
+    assert not (tmp_path / "a").exists()
+
+
 def _source(cls) -> str:
     import inspect
 

@@ -27,7 +27,9 @@ def pick_device(name: str = "auto") -> torch.device:
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a run's result: steps, batch, SGD and its schedule, evaluation and
-    checkpoints (`--resume` refuses other values than the run had)."""
+    checkpoints (`--resume` refuses other values than the run had). `decay_every=None` keeps the
+    learning rate constant; `bngraph train` passes `steps / 8` unless --decay-every says otherwise,
+    so the same run from Python needs `decay_every=steps / 8` to match it."""
 
     steps: int
     batch_size: int = 32
