@@ -143,6 +143,8 @@ def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamDat
         "steps": config.steps,
         "resumed_from": run.resumed_from,
         "lr": config.lr,
+        "weight_decay": config.weight_decay,
+        "lr_decay_every": config.decay_every,  # steps for each factor lr_decay (None: constant)
         "best_test_accuracy": run.best_test_accuracy,
         "final_test_accuracy": run.metrics[-1]["test_accuracy"],
         "wall_s": round(run.wall_s, 2),
@@ -161,6 +163,9 @@ def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamDat
     if recipe_entry is not None:
         sections["recipe_changes"] = recipe_changes(recipe_entry)
     notes = [f"every evaluation is in {output / 'metrics.jsonl'}"]
+    if recipe is not None and recipe.weight_decay_divisor != 1 and config.weight_decay == 0:
+        notes.append(f"{recipe.name} divides L2 weight decay by {recipe.weight_decay_divisor:g}, but the run had none "
+                     "(--weight-decay 0): nothing to reduce")
     if run.precision != "fp32":
         notes.append(f"test loss and accuracy are measured in {run.precision} autocast, as the model trained; the saved "
                      "float32 model may differ from them in the last digits")
@@ -189,4 +194,10 @@ def recipe_changes(entry: dict) -> list[dict]:
     rows += [{"pass": "insert", "node": r["node"], "change": f"{r['norm']} before {r['activation']}"}
              for r in inserted.get("inserted", [])]
     rows += [{"pass": "insert", "node": r["node"], "change": f"none: {r['reason']}"} for r in inserted.get("skipped", [])]
+    # Inside submodules torch.fx kept whole, no pass reaches: their nonlinearities, and any
+    # dropout or LRN there, stay as they are.
+    rows += [{"pass": "insert", "node": r["module"], "change": f"none: {r['nonlinearity']} {r['reason']}"}
+             for r in inserted.get("not_handled", [])]
+    rows += [{"pass": "recipe", "node": r["module"], "change": f"none inside: kept whole ({r['reason']}); its dropout, "
+              "LRN and activations are as they were"} for r in inserted.get("opaque", [])]
     return rows

@@ -5,14 +5,20 @@ Each such op is replaced by its input; the modules it called are deleted from th
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from bngraph.passes._op_kinds import first_node_arg, op_label
 from bngraph.passes.base import PassResult, graph_pass
 
-STRIPPED_MODULES = (nn.modules.dropout._DropoutNd, nn.LocalResponseNorm)
-STRIPPED_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.local_response_norm}
+STRIPPED_MODULES = (nn.modules.dropout._DropoutNd, nn.LocalResponseNorm, nn.CrossMapLRN2d)
+# torch's own forms too (`torch.dropout(x, p, self.training)`), which F.dropout calls.
+STRIPPED_FUNCTIONS = {
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, F.local_response_norm,
+    torch.dropout, torch.dropout_, torch.feature_dropout, torch.feature_dropout_, torch.alpha_dropout,
+    torch.alpha_dropout_, torch.feature_alpha_dropout, torch.feature_alpha_dropout_,
+}
 
 
 def _is_stripped(gm: fx.GraphModule, node: fx.Node) -> bool:

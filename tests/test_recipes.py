@@ -188,3 +188,17 @@ def test_a_recipe_keeps_dropout_reading_the_mode_and_refuses_before_training_wha
     code = main(["train", f"{tmp_path}/net.py:Gated", *common, "-o", str(tmp_path / "gated")])
     err = capsys.readouterr().err
     assert code == 2 and "nothing was trained" in err and not (tmp_path / "gated" / "checkpoint.pt").exists()
+
+
+def test_the_report_says_the_weight_decay_and_period_used_and_an_l2_cut_with_nothing_to_cut(tmp_path, capsys):
+    import json
+
+    from bngraph.cli import main
+    from tests.mnist_like import write_learnable
+
+    data = write_learnable(tmp_path / "data", n_train=40, n_test=20)
+    assert main(["train", "zoo:mnist-mlp", "--recipe", "bn-x5", "--data", str(data), "--steps", "8", "--batch-size", "8",
+                 "--quiet", "--json", "-o", str(tmp_path / "run")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["weight_decay"] == 0 and report["lr_decay_every"] == pytest.approx(8 / 8 / 6, rel=1e-5)
+    assert any("divides L2 weight decay by 5, but the run had none" in note for note in report["notes"])

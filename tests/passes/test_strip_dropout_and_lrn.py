@@ -29,3 +29,22 @@ def test_removes_dropout_and_lrn_in_module_and_functional_form():
 def test_does_nothing_without_dropout():
     gm = trace(nn.Sequential(nn.Linear(3, 3)), [torch.randn(2, 3)])
     assert strip_dropout_and_lrn(gm).changed == []
+
+
+class TorchsOwnForms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.lrn = nn.Conv2d(3, 6, 3), nn.CrossMapLRN2d(5)
+
+    def forward(self, x):
+        h = torch.dropout(self.lrn(self.conv(x)), 0.5, self.training)
+        return torch.feature_alpha_dropout(h, 0.2, self.training)
+
+
+def test_removes_torchs_own_dropout_functions_and_the_cross_map_lrn():
+    # Kept by the recipes that promise "dropout removed", without a word.
+    model = TorchsOwnForms()
+    gm = trace(model, [torch.randn(2, 3, 8, 8)])
+    assert len(strip_dropout_and_lrn(gm).changed) == 3
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(gm.train()(x), model.conv(x))
