@@ -24,7 +24,9 @@ from bngraph.library_call import library_call
 from bngraph.runners import ExampleInputs, random_tensor
 from bngraph.spec import ModelSpec, input_layout, parse_input_dtypes, parse_input_shapes, parse_model_spec
 from bngraph.trace import check_model, materialize_lazy
-from bngraph.user_modules import forget_stale_siblings, importing_beside, remember_siblings, working_folder_restored
+from bngraph.user_modules import (
+    forget_stale_siblings, importing_beside, put_back, remember_siblings, working_folder_restored,
+)
 from bngraph.zoo import create_model, get_entry
 
 
@@ -88,14 +90,16 @@ def import_user_file(path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look the module up by name
-    forget_stale_siblings(path.parent)
+    forgotten = forget_stale_siblings(path.parent)
     try:
         with importing_beside(path.parent):
             spec.loader.exec_module(module)
     except Exception as err:
         del sys.modules[name]
         raise UserError(f"importing {path} failed: {one_line(err)}") from err
-    remember_siblings(path.parent)
+    finally:
+        remember_siblings(path.parent)
+        put_back(forgotten)
     return module
 
 

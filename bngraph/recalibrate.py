@@ -3,7 +3,9 @@
     model, report = recalibrate(loaded, data, "out/", batches=100, batch_size=60)
 
 Over `batches` training mini-batches of `batch_size` m, E[x] is the average of the batch means
-and Var[x] is m/(m-1) times the average of the batch variances (`passes/recalibrate_bn.py`).
+and Var[x] is m'/(m'-1) times the average of the batch variances, m' the values per feature in a
+batch (m, or m x H x W for a conv's feature map: Sec. 3.2's effective mini-batch;
+`passes/recalibrate_bn.py`).
 Not function-preserving by design: the statistics move, and a check makes sure nothing else
 does. The test accuracy before and after is reported.
 """

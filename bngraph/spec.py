@@ -62,9 +62,9 @@ def parse_model_spec(text: str) -> ModelSpec:
         kind = output_kind(path)
         if kind != ARTIFACT and (path / "model" / ARTIFACT_META).is_file():
             if (behind := model_behind_its_run(path)) is not None:
-                raise UserError(f"{path} is a run stopped as it wrote its model: its evaluations reach step {behind[1]}, "
-                                f"its model/ is step {behind[0]}'s; finish it with `bngraph train ... --resume`, or "
-                                f"name {path / 'model'} for that older model")
+                raise UserError(f"{path} is a run stopped before it wrote its model: its evaluations reach step "
+                                f"{behind[1]}, its model/ is step {behind[0]}'s; finish it with `bngraph train ... "
+                                f"--resume`, or name {path / 'model'} for that older model")
             path, kind = path / "model", ARTIFACT  # a `bngraph train` run folder: its artifact is model/
         if kind not in (ARTIFACT, None):
             raise UserError(f"{path} is {DESCRIBED[kind]}, not an artifact: name one of the artifacts in it")

@@ -10,6 +10,7 @@ them, and carried into artifacts so that an artifact loads anywhere.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import site
 import sys
@@ -93,43 +94,56 @@ def isolated_modules(names: set[str]):
         sys.modules.update(saved)
 
 
-# Each file of the user's modules as bngraph's import of a model file read it: path -> (mtime, size).
-_IMPORTED_AS: dict[str, tuple[int, int]] = {}
+# The contents' digest of each file of the user's modules as bngraph's import of a model file read it.
+_IMPORTED_AS: dict[str, str] = {}
 
 
-def forget_stale_siblings(folder: Path) -> None:
-    """Before a model file in `folder` is imported: forget (sys.modules) each module of a name
-    that `folder` holds where it comes from elsewhere (another model's blocks.py: `verify
-    a/model.py b/model.py` compared the first with itself) or changed since bngraph imported it
-    (a notebook loading again after an edit), so that `from blocks import Block` gets this
-    folder's file as it is now, as `python model.py` would. A module still as it was is reused,
-    and the modules stay imported, as a script's do: a forward's `import blocks` and pickling
-    find them. A name an installed package holds (a json.py beside the model) stays the package's."""
+def forget_stale_siblings(folder: Path) -> dict[str, object]:
+    """Before a model file in `folder` is imported: forget (sys.modules) the modules of the names
+    `folder` holds where one comes from elsewhere (another model's blocks.py: `verify a/model.py
+    b/model.py` compared the first with itself), and all of them where one changed since bngraph
+    imported it (a notebook loading again after an edit; blocks.py keeps what it took from an
+    edited helpers.py), so that `from blocks import Block` gets this folder's files as they are
+    now, as `python model.py` would. Modules still as they were are reused, and the modules stay
+    imported, as a script's do: a forward's `import blocks` and pickling find them. A name an
+    installed package holds (a json.py beside the model) stays the package's. Returns the
+    caller's own modules forgotten (their script's utils.py), for `put_back` after the import."""
     folder = folder.resolve()
+    found: dict[str, list[str]] = {}
     for name in _top_level_names(folder):
         module = sys.modules.get(name)
-        if module is None or name == "bngraph" or _installed(module):
-            continue
-        names = [n for n in sys.modules if n == name or n.startswith(f"{name}.")]
-        files = [Path(f).resolve() for n in names if (f := getattr(sys.modules[n], "__file__", None))]
-        elsewhere = not files or not all(f.is_relative_to(folder) for f in files)
-        if elsewhere or any(_IMPORTED_AS.get(str(f)) not in (None, _stamp(f)) for f in files):
-            for n in names:
-                del sys.modules[n]
+        if module is not None and name != "bngraph" and not _installed(module):
+            found[name] = [n for n in sys.modules if n == name or n.startswith(f"{name}.")]
+    files = {name: [Path(f).resolve() for n in names if (f := getattr(sys.modules[n], "__file__", None))]
+             for name, names in found.items()}
+    elsewhere = {name for name, paths in files.items() if not paths or not all(p.is_relative_to(folder) for p in paths)}
+    changed = any(_IMPORTED_AS.get(str(p)) not in (None, _digest(p)) for paths in files.values() for p in paths)
+    forgotten: dict[str, object] = {}
+    for name in found if changed else elsewhere:
+        for n in found[name]:
+            module = sys.modules.pop(n)
+            if not any(str(Path(f).resolve()) in _IMPORTED_AS for f in [getattr(module, "__file__", None)] if f):
+                forgotten[n] = module  # not one bngraph imported: the caller's own
+    return forgotten
+
+
+def put_back(forgotten: dict[str, object]) -> None:
+    """The caller's own modules that `forget_stale_siblings` forgot, theirs again in sys.modules
+    (the model keeps the modules it imported from its folder)."""
+    sys.modules.update(forgotten)
 
 
 def remember_siblings(folder: Path) -> None:
     """Record the files of the modules imported from `folder` as they are now (`forget_stale_siblings`)."""
     for file in local_modules(folder).values():
-        _IMPORTED_AS[str(file)] = _stamp(file)
+        _IMPORTED_AS[str(file)] = _digest(file)
 
 
-def _stamp(file: Path) -> tuple[int, int] | None:
+def _digest(file: Path) -> str | None:
     try:
-        stat = file.stat()
+        return hashlib.sha256(file.read_bytes()).hexdigest()
     except OSError:
         return None
-    return stat.st_mtime_ns, stat.st_size
 
 
 def _top_level_names(folder: Path) -> set[str]:

@@ -306,7 +306,7 @@ def test_each_model_file_gets_the_modules_beside_it_afresh(tmp_path, capsys):
         (tmp_path / folder / "blocks.py").write_text(SIBLING_BLOCK_PY.format(activation))
     assert main(["verify", f"{tmp_path}/a/model.py", f"{tmp_path}/b/model.py"]) == 1
     assert "FAILED" in capsys.readouterr().out
-    sys.modules["blocks"] = types.ModuleType("blocks")
+    users_own = sys.modules["blocks"] = types.ModuleType("blocks")
     try:
         first = bngraph.load(f"{tmp_path}/a/model.py")
         (tmp_path / "a" / "blocks.py").write_text(SIBLING_BLOCK_PY.format("tanh()"))
@@ -315,7 +315,7 @@ def test_each_model_file_gets_the_modules_beside_it_afresh(tmp_path, capsys):
         with torch.no_grad():
             torch.testing.assert_close(again.block(x), x.tanh())
             torch.testing.assert_close(first.block(x), x.relu())
-        assert isinstance(again.block, sys.modules["blocks"].Block)  # imported as a script's: pickling finds it
+        assert sys.modules["blocks"] is users_own  # the caller's own module of that name is theirs again
     finally:
         sys.modules.pop("blocks", None)
     # An artifact carries the blocks.py its model ran.
@@ -370,6 +370,30 @@ def test_the_modules_beside_a_model_stay_imported_as_a_scripts_do(tmp_path, caps
         assert (tmp_path / "art" / "code" / "blocks.py").is_file()
     finally:
         for name in ("settings", "blocks"):
+            sys.modules.pop(name, None)
+
+
+def test_a_helper_edited_behind_a_sibling_is_read_again(tmp_path):
+    # Only the edited file was imported anew: blocks.py kept the function it took from the old
+    # helpers.py (and a file rewritten at the same size and time passed for unchanged).
+    import os
+
+    (tmp_path / "model.py").write_text(SIBLING_MODEL_PY)
+    (tmp_path / "blocks.py").write_text("from torch import nn\nfrom helpers import act\n\n\nclass Block(nn.Module):\n"
+                                        "    def forward(self, x):\n        return act(x)\n")
+    (tmp_path / "helpers.py").write_text("def act(x):\n    return x.relu()\n")
+    try:
+        first = bngraph.load(f"{tmp_path}/model.py")
+        stat = (tmp_path / "helpers.py").stat()
+        (tmp_path / "helpers.py").write_text("def act(x):\n    return x.tanh()\n")
+        os.utime(tmp_path / "helpers.py", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        again = bngraph.load(f"{tmp_path}/model.py")
+        x = torch.randn(3, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(again.block(x), x.tanh())
+            torch.testing.assert_close(first.block(x), x.relu())
+    finally:
+        for name in ("blocks", "helpers"):
             sys.modules.pop(name, None)
 
 

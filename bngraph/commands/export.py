@@ -2,8 +2,8 @@
 
 The model is folded by the FX passes, exported with torch.onnx.export (dynamo=True) with a
 dynamic batch axis, folded again at the ONNX level (whatever the FX fold could not reach),
-then run in onnxruntime at batch 1 and 7 against the unfolded model. A BN that no layer can
-take exactly stays a BatchNormalization, the fastest exact form in onnxruntime, or becomes a
+then run in onnxruntime on verify's batches (1 and 7) and an even one against the unfolded
+model. A BN that no layer can take exactly stays a BatchNormalization, the fastest exact form in onnxruntime, or becomes a
 Mul and an Add with --standalone-bn mul-add (for a runtime without a BN kernel). Exit 1, and no file,
 when they differ beyond tolerance (default: atol = rtol = 1e-4).
 """

@@ -2,8 +2,9 @@
 
 Training keeps a moving average of the batch statistics as a stand-in for the statistics the
 paper uses at inference. This replaces them with Algorithm 2's: over --batches training
-mini-batches of --batch-size m, E[x] is the average of the batch means and Var[x] is m/(m-1)
-times the average of the batch variances, with every BN normalizing by its batch statistics as
+mini-batches of --batch-size m, E[x] is the average of the batch means and Var[x] is m'/(m'-1)
+times the average of the batch variances (m' the values per feature in a batch: m, or m x H x W
+for a conv's feature map, the paper's effective mini-batch, Sec. 3.2), with every BN normalizing by its batch statistics as
 during training (dropout off). It reports the test accuracy before and after.
 
 Domain adaptation: on images from another domain (--data pointing at them) it re-targets the
