@@ -336,9 +336,10 @@ class Net(nn.Module):
     example_input_shape = (3, 4)
 
     def __init__(self):
-        super().__init__()
         from blocks import Block  # imported as the model is built
-        self.fc, self.block = nn.Linear(4, 4), Block()
+
+        super().__init__()
+        self.block, self.fc = Block(), nn.Linear(4, 4)
 
     def forward(self, x):
         import settings as s  # and as it runs

@@ -128,17 +128,22 @@ def test_resume_compares_precision_and_layout_as_the_device_resolved_them(tmp_pa
         train(small_net(), data, CONFIG, out_dir=tmp_path / "bf16", resume=True, **on_cpu)
 
 
-def test_resume_refuses_a_model_whose_code_changed_with_the_same_state_dict(tmp_path):
-    # The user swapped an activation between the two launches: same keys and shapes, another
-    # function. Resuming would continue one model's run with another.
-    data = tensor_data()
+def _stopped_at_step_20(out_dir, data) -> None:
+    """A run of small_net stopped at step 20's evaluation, before its checkpoint: it resumes from 10."""
 
-    def stop(row):  # at step 20's evaluation, before its checkpoint: the run resumes from 10
+    def stop(row):
         if row["step"] == 20:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(small_net(), data, CONFIG, out_dir=tmp_path, progress=False, on_eval=stop)
+        train(small_net(), data, CONFIG, out_dir=out_dir, progress=False, on_eval=stop)
+
+
+def test_resume_refuses_a_model_whose_code_changed_with_the_same_state_dict(tmp_path):
+    # The user swapped an activation between the two launches: same keys and shapes, another
+    # function. Resuming would continue one model's run with another.
+    data = tensor_data()
+    _stopped_at_step_20(tmp_path, data)
     edited = small_net()
     edited[2] = nn.GELU()
     with pytest.raises(UserError, match="--resume: the model computes something else with the checkpoint's weights"):
@@ -154,13 +159,7 @@ def test_resume_refuses_a_model_that_trains_otherwise_with_the_same_state_dict(t
     # What runs in train mode only: the eval-mode probe saw no change, and the run went on as
     # neither the old code's nor the new code's.
     data = tensor_data()
-
-    def stop(row):
-        if row["step"] == 20:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(small_net(), data, CONFIG, out_dir=tmp_path, progress=False, on_eval=stop)
+    _stopped_at_step_20(tmp_path, data)
     edited = small_net()
     if edit == "dropout rate":
         edited[4].p = 0.5
@@ -209,13 +208,7 @@ def test_resume_removes_what_a_killed_run_left_half_written(tmp_path):
     import sys
 
     data = tensor_data()
-
-    def stop(row):
-        if row["step"] == 20:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(small_net(), data, CONFIG, out_dir=tmp_path, progress=False, on_eval=stop)
+    _stopped_at_step_20(tmp_path, data)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
     (tmp_path / f".checkpoint.{pid}.partial.pt").write_bytes(b"half a checkpoint")
