@@ -12,6 +12,7 @@ import copy
 import inspect
 import re
 import sys
+import types
 from collections.abc import Callable, Sequence
 
 import torch
@@ -135,6 +136,8 @@ def check_modules_registered(model: nn.Module) -> None:
     registered = {id(m) for m in model.modules()}
 
     def unregistered(value, where: str, depth: int = 0):
+        if isinstance(value, types.SimpleNamespace):  # `self.heads = SimpleNamespace(cls=nn.Linear(...))`
+            value = vars(value)
         if depth > 4 or not isinstance(value, (list, tuple, dict)):
             return None
         items = value.items() if isinstance(value, dict) else enumerate(value)
@@ -146,7 +149,9 @@ def check_modules_registered(model: nn.Module) -> None:
         return None
 
     for path, owner in model.named_modules():
-        for name, value in vars(owner).items():
+        # The instance's attributes, and its class's (`shared = [nn.Linear(8, 8)]` in the class body).
+        held = {**{k: v for k, v in vars(type(owner)).items() if not k.startswith("__")}, **vars(owner)}
+        for name, value in held.items():
             found = unregistered(value, f"{path}.{name}" if path else name)
             if found is None:
                 continue

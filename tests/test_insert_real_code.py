@@ -12,6 +12,7 @@ import copy
 import functools
 import inspect
 import math
+import re
 
 import pytest
 import torch
@@ -1492,6 +1493,34 @@ def test_layers_in_nested_plain_lists_are_refused_and_a_weightless_one_for_what_
                                                 "find it"):
         bngraph.save(model, tmp_path / "a", example_inputs=[_x(2, 8)])
     assert not (tmp_path / "a").exists()
+
+
+class HeldInTheClass(nn.Module):
+    shared = [nn.Linear(8, 8)]  # one layer for every instance, in the class body
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.shared[0](self.fc(x))
+
+
+class HeldInANamespace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        import types
+
+        self.fc, self.heads = nn.Linear(8, 8), types.SimpleNamespace(cls=nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.heads.cls(self.fc(x))
+
+
+@pytest.mark.parametrize("cls, where", [(HeldInTheClass, "shared[0]"), (HeldInANamespace, "heads['cls']")])
+def test_layers_held_in_the_class_or_a_namespace_are_refused(tmp_path, cls, where):
+    with pytest.raises(bngraph.UserError, match=re.escape(f"{cls.__name__}.{where} is a Linear")):
+        bngraph.save(cls(), tmp_path / "a", example_inputs=[_x(2, 8)])
 
 
 def _source(cls) -> str:
