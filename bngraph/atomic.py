@@ -172,16 +172,19 @@ def _left_by_a_kill(name: str, kind: str) -> bool:
     """Whether `name` is the temporary of one of the files bngraph writes in a folder of `kind`
     (`fresh_sibling`'s `.checkpoint.1234.partial.pt`): a run killed with SIGKILL as it rewrote
     its checkpoint or bngraph.json leaves it, and it is bngraph's, not the user's."""
-    found = re.fullmatch(r"\.(.+)\.\d+(?:-\d+)?\.partial(\.[^.]*)?", name)
-    return found is not None and f"{found[1]}{found[2] or ''}" in FOLDER_CONTENTS[kind]
+    found = _KILLED_TEMPORARY.fullmatch(name)
+    return found is not None and f"{found[1]}{found[3] or ''}" in FOLDER_CONTENTS[kind]
+
+
+# `fresh_sibling`'s temporary of the file `NAME.SUFFIX` made by process PID: (NAME, PID, SUFFIX).
+_KILLED_TEMPORARY = re.compile(r"\.(.+)\.(\d+)(?:-\d+)?\.partial(\.[^.]*)?")
 
 
 def remove_left_by_kills(folder: Path, kind: str) -> None:
     """Delete what a killed bngraph left in its folder of `kind` (`_left_by_a_kill`: a whole
     checkpoint's size, or a half-written model/), where the process that wrote it is gone."""
     for entry in folder.iterdir():
-        found = re.search(r"\.(\d+)(?:-\d+)?\.partial(?:\.[^.]*)?$", entry.name)
-        if not found or not _left_by_a_kill(entry.name, kind) or _alive(int(found[1])):
+        if not _left_by_a_kill(entry.name, kind) or _alive(int(_KILLED_TEMPORARY.fullmatch(entry.name)[2])):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
