@@ -25,9 +25,11 @@ def library_call(function: Callable | None = None, *, refuse_inference_mode: boo
       its run, and an ensemble built in a seeded loop around it got one set of initial weights;
     - the user's code calling sys.exit() turned into a UserError saying where, rather than the
       end of the caller's program.
+    - with torch.inference_mode off: the weights `fold` made inside the caller's block were
+      inference tensors, and training the folded model failed in torch's words.
     With `refuse_inference_mode` (a function that traces, trains or saves), a call inside
-    torch.inference_mode() is a UserError: its tensors keep no version counter and take no
-    gradient, and torch's words for the failure spoke of counters."""
+    torch.inference_mode() is a UserError: the tensors the caller made there keep no version
+    counter and take no gradient, and torch's words for the failure spoke of counters."""
     if function is None:
         return functools.partial(library_call, refuse_inference_mode=refuse_inference_mode)
 
@@ -54,6 +56,7 @@ def _as_the_model_is(name: str, refuse_inference_mode: bool) -> Iterator[None]:
         raise UserError(f"bngraph.{name} was called inside torch.inference_mode(), whose tensors bngraph cannot trace, "
                         "train or save: call it outside that block")
     with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
         for device in ("cpu", "cuda"):
             if torch.is_autocast_enabled(device):
                 stack.enter_context(torch.autocast(device, enabled=False))

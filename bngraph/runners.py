@@ -123,8 +123,10 @@ def buffers_kept(module: nn.Module):
     """Put back each buffer of `module` that a run inside wrote in place: bngraph's own runs of a
     model (to trace, check or record it) are not the model's, and a counter it keeps
     (`self.seen += len(x)`) was saved moved by them. Yields, once the block is done, the value
-    before of each buffer the runs wrote."""
-    buffers = {name: b for name, b in module.named_buffers() if not isinstance(b, nn.parameter.UninitializedBuffer)}
+    before of each buffer the runs wrote. Inference tensors (a model built inside
+    torch.inference_mode()) keep no version and cannot be written outside that block: left out."""
+    buffers = {name: b for name, b in module.named_buffers()
+               if not isinstance(b, nn.parameter.UninitializedBuffer) and not b.is_inference()}
     versions = {name: b._version for name, b in buffers.items()}
     values = {name: b.detach().clone() for name, b in buffers.items()}
     moved: dict[str, torch.Tensor] = {}

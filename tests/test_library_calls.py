@@ -85,6 +85,30 @@ def test_what_cannot_run_in_inference_mode_says_so(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def test_what_fold_and_load_return_inside_inference_mode_can_be_trained_after():
+    # fold made its merged weights inside the caller's block: inference tensors, and training
+    # the folded model failed in torch's words.
+    model = _net()
+    with torch.inference_mode():
+        folded, _ = bngraph.fold(model, [torch.randn(2, 3, 8, 8)])
+        loaded = bngraph.load("zoo:mnist-mlp")
+    for trained, example in ((folded, torch.randn(2, 3, 8, 8)), (loaded, torch.rand(2, 1, 28, 28))):
+        assert not any(t.is_inference() for t in [*trained.parameters(), *trained.buffers()])
+        trained.train()(example).sum().backward()
+
+
+def test_a_model_built_inside_inference_mode_folds_and_is_refused_for_training():
+    with torch.inference_mode():
+        model, x = _net(), torch.randn(2, 3, 8, 8)
+        model[1].running_mean.normal_()
+        folded, _ = bngraph.fold(model, [x])  # this failed reading its buffers' version counters
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+    data = TensorData(torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,)), torch.rand(8, 3, 8, 8),
+                      torch.randint(0, 4, (8,)))
+    with pytest.raises(bngraph.UserError, match="made inside torch.inference_mode"):
+        bngraph.train(model, data, TrainConfig(steps=2, batch_size=8, eval_every=2), progress=False)
+
+
 def test_a_candidate_that_is_no_onnx_model_is_a_user_error(tmp_path):
     (tmp_path / "garbage.onnx").write_text("not onnx")
     batches = [[np.zeros((2, 3, 8, 8), np.float32)]]

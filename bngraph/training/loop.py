@@ -116,6 +116,10 @@ def train(
     if not any(p.requires_grad for p in model.parameters()):  # torch's words came at the first backward
         raise UserError(f"{type(model).__name__} has no parameter to train (none, or each with requires_grad=False): "
                         "nothing to train")
+    made_in_inference_mode = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_inference()]
+    if made_in_inference_mode:  # torch's words came at the first backward, or the first running-mean update
+        raise UserError(f"{type(model).__name__}'s {made_in_inference_mode[0]} was made inside torch.inference_mode(), "
+                        "and such tensors take no gradient: build the model outside that block")
     dev = pick_device(device)
     ctx = distributed
     out_dir = None if out_dir is None else Path(out_dir)
