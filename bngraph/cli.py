@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _streams_failed(err)
     except KeyboardInterrupt as err:  # a stopped training run says where to resume
-        print(f"bngraph: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it for the job
+            print(f"bngraph: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
         # 128 + the signal, as a shell reports it: the training loop stops on either signal
         # itself (after a whole step) and says which; else SIGTERM came through our handler.
         return 128 + getattr(err, "signum", stopped_by[-1] if stopped_by else signal.SIGINT)

@@ -6,10 +6,13 @@ read are module fixtures; five launches in all.
 """
 
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,6 +160,33 @@ def test_one_rank_raising_ends_the_job_with_its_error(data, tmp_path):
     assert done.returncode != 0
     assert "rank 1 fails in its third step" in done.stderr
     assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stopped_job_says_where_it_resumes_in_one_line_and_leaves_no_torchrun_logs(signum, data, tmp_path):
+    # torchrun answered the stop with its Python traceback (exit 1), each rank with its own line,
+    # and left a torchelastic_* folder of logs in $TMPDIR.
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    run = tmp_path / "run"
+    job = subprocess.Popen(bngraph_cli(*train_args(data, run, "--steps", "100000", "--nproc", "2")), cwd=REPO,
+                           env={**ENV, "TMPDIR": str(temporary)}, text=True, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline:  # rank 0 wrote a checkpoint
+            time.sleep(0.2)
+        job.send_signal(signum)
+        _, err = job.communicate(timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        job.kill()
+    assert job.returncode == 128 + signum, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("bngraph:")]
+    assert len(said) == 1 and "Traceback" not in err, err[-3000:]
+    assert re.fullmatch(rf"bngraph: interrupted: .*resume with --resume from the checkpoint of step \d+ in {re.escape(str(run))}",
+                        said[0]), said
+    left = [p.name for p in temporary.iterdir() if not p.name.startswith("torchinductor_")]  # torch's own cache
+    assert left == []
+    succeeded(bngraph_cli(*train_args(data, run, "--steps", str(checkpoint(run)["step"] + 1), "--resume", "--nproc", "2")))
 
 
 def test_two_torchrun_launches_form_one_job_and_a_resumed_run_matches_it(one_step, data, tmp_path):

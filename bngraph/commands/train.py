@@ -209,7 +209,7 @@ def _launch(args: argparse.Namespace, device: torch.device) -> None:
         raise UserError(f"--nproc {args.nproc}: this host has {torch.cuda.device_count()} GPU(s), one per process")
     if args.nproc > 1:
         # What every process would refuse, refused here in one line: under torchrun, each rank's
-        # error comes wrapped in torchrun's report of the processes that failed.
+        # error would come once per rank.
         if not args.resume:
             check_output(args.output, RUN, force=args.force, inputs=shared.input_paths(args))
         elif (ran_as := saved_field(args.output, "world_size", 1)) != args.nproc:

@@ -194,9 +194,10 @@ def without_option(argv: Sequence[str], option: str) -> list[str]:
 
 
 def exec_torchrun(nproc: int, argv: Sequence[str]) -> NoReturn:
-    """Replace this process by `torchrun --standalone --nproc-per-node=N -m bngraph ARGV`: a job
-    on this host, on a free port, that torchrun supervises (Ctrl-C and failures included)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    """Replace this process by torchrun (`bngraph.training.torchrun`, its launcher with bngraph's
+    way out) running `--standalone --nproc-per-node=N -m bngraph ARGV`: a job on this host, on a
+    free port, that torchrun supervises (Ctrl-C and failures included)."""
+    command = [sys.executable, "-m", "bngraph.training.torchrun", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "bngraph", *argv]
     sys.stdout.flush()
     sys.stderr.flush()

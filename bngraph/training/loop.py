@@ -164,49 +164,54 @@ def train(
     checked_at = last_eval = start  # the loss is looked at where it reaches the CPU anyway
     saved_at = start if resume and out_dir is not None else None
     # Gradients on whatever the caller's mode (a `bngraph.train` inside their torch.no_grad()).
-    with _stop_requests(not ctx.is_distributed) as stop_requested, torch.enable_grad(), \
-            _progress_bar(progress and ctx.is_main, label) as bar, _deterministic(config.deterministic):
-        task = bar.add_task("train", total=config.steps, completed=start, loss="-", acc="-", test="-", rate="-")
-        for step in range(start, config.steps):
-            lr = config.lr_at(step)
-            _train_step(net, next(batches), lr, setup, interval)
-            done, window_steps = step + 1, window_steps + 1
+    try:
+        with _stop_requests(not ctx.is_distributed) as stop_requested, torch.enable_grad(), \
+                _progress_bar(progress and ctx.is_main, label) as bar, _deterministic(config.deterministic):
+            task = bar.add_task("train", total=config.steps, completed=start, loss="-", acc="-", test="-", rate="-")
+            for step in range(start, config.steps):
+                lr = config.lr_at(step)
+                _train_step(net, next(batches), lr, setup, interval)
+                done, window_steps = step + 1, window_steps + 1
 
-            is_eval = done % config.eval_every == 0 or done == config.steps
-            if is_eval or done % 25 == 0:
-                now = time.perf_counter()
-                rate = window_steps / max(now - window_start, 1e-9)
-                train_loss, train_accuracy = interval_means(interval, config.batch_size)
-                if not ctx.is_distributed:  # under torchrun all ranks stop together, below
-                    _stop_if_diverged(train_loss, checked_at, done, config.lr, out_dir, saved_at)
-                checked_at = done
-                bar.update(task, completed=done, loss=f"{train_loss:.3f}", acc=f"{train_accuracy:.3f}",
-                           rate=f"{rate:.0f}")
-            if is_eval:
-                row = _evaluation_row(model, data, config, setup, ctx, interval, done, lr, rate,
-                                      elapsed_before + time.perf_counter() - started)
-                _stop_if_diverged(row["train_loss"], last_eval, done, config.lr, out_dir, saved_at)  # the same on every rank
-                last_eval = done
-                metrics.append(row)
-                interval = new_interval(dev)
-                bar.update(task, test=f"{row['test_accuracy']:.4f}")
-                window_start, window_steps = time.perf_counter(), 0
-                if out_dir is not None and ctx.is_main:
-                    write_metrics(out_dir / METRICS, metrics)
-                if on_eval is not None:
-                    on_eval(row)
-            stopping = stop_requested()
-            if out_dir is not None and (done % checkpoint_every == 0 or done == config.steps or stopping):
-                save_checkpoint(out_dir / CHECKPOINT, step=done, elapsed_s=elapsed_before + time.perf_counter() - started,
-                                config=resolved, model=model, optimizer=setup.optimizer, scaler=setup.scaler,
-                                interval=interval, metrics=metrics, ctx=ctx, on_gpu=dev.type == "cuda",
-                                data=fingerprint, example=example)
-                saved_at = done
-            if stopping:
-                where = f"; resume with --resume (checkpoint in {out_dir})" if out_dir is not None else ""
-                stop = KeyboardInterrupt(f"stopped after step {done}{where}")  # the CLI's one line
-                stop.signum = stopping  # the CLI's exit code: 128 + the signal, as a shell reports it
-                raise stop
+                is_eval = done % config.eval_every == 0 or done == config.steps
+                if is_eval or done % 25 == 0:
+                    now = time.perf_counter()
+                    rate = window_steps / max(now - window_start, 1e-9)
+                    train_loss, train_accuracy = interval_means(interval, config.batch_size)
+                    if not ctx.is_distributed:  # under torchrun all ranks stop together, below
+                        _stop_if_diverged(train_loss, checked_at, done, config.lr, out_dir, saved_at)
+                    checked_at = done
+                    bar.update(task, completed=done, loss=f"{train_loss:.3f}", acc=f"{train_accuracy:.3f}",
+                               rate=f"{rate:.0f}")
+                if is_eval:
+                    row = _evaluation_row(model, data, config, setup, ctx, interval, done, lr, rate,
+                                          elapsed_before + time.perf_counter() - started)
+                    _stop_if_diverged(row["train_loss"], last_eval, done, config.lr, out_dir, saved_at)  # the same on every rank
+                    last_eval = done
+                    metrics.append(row)
+                    interval = new_interval(dev)
+                    bar.update(task, test=f"{row['test_accuracy']:.4f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                    if out_dir is not None and ctx.is_main:
+                        write_metrics(out_dir / METRICS, metrics)
+                    if on_eval is not None:
+                        on_eval(row)
+                stopping = stop_requested()
+                if out_dir is not None and (done % checkpoint_every == 0 or done == config.steps or stopping):
+                    save_checkpoint(out_dir / CHECKPOINT, step=done, elapsed_s=elapsed_before + time.perf_counter() - started,
+                                    config=resolved, model=model, optimizer=setup.optimizer, scaler=setup.scaler,
+                                    interval=interval, metrics=metrics, ctx=ctx, on_gpu=dev.type == "cuda",
+                                    data=fingerprint, example=example)
+                    saved_at = done
+                if stopping:
+                    where = f"; resume with --resume (checkpoint in {out_dir})" if out_dir is not None else ""
+                    stop = KeyboardInterrupt(f"stopped after step {done}{where}")  # the CLI's one line
+                    stop.signum = stopping  # the CLI's exit code: 128 + the signal, as a shell reports it
+                    raise stop
+    except KeyboardInterrupt as stop:
+        if not ctx.is_distributed:  # stopped after a whole step, above, and says where to resume
+            raise
+        raise _job_stopped(stop, out_dir, saved_at) from None
     model.to("cpu", memory_format=torch.contiguous_format).eval()
     return TrainRun(model, metrics, elapsed_before + time.perf_counter() - started, start if resume else None,
                     str(dev), setup.precision, setup.channels_last)
@@ -335,6 +340,21 @@ def _evaluation_row(model: nn.Module, data: TensorData | StreamData, config: Tra
     if setup.tracker:
         row["inputs"] = setup.tracker.quantiles()
     return row
+
+
+def _job_stopped(stop: KeyboardInterrupt, out_dir: Path | None, saved_at: int | None) -> KeyboardInterrupt:
+    """What a rank of a job stopped by a signal says: where the job resumes (its last scheduled
+    checkpoint: see _stop_requests)."""
+    if out_dir is None:
+        where = ""
+    elif saved_at is None:
+        where = f"; no checkpoint yet in {out_dir}: start the run again"
+    else:
+        where = f"; resume with --resume from the checkpoint of step {saved_at} in {out_dir}"
+    stopped = KeyboardInterrupt(f"{stop}{where}" if str(stop) else where.removeprefix("; "))
+    if hasattr(stop, "signum"):
+        stopped.signum = stop.signum
+    return stopped
 
 
 @contextlib.contextmanager
