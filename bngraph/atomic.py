@@ -386,7 +386,7 @@ def check_output(
             _refuse_if_running(path)
         if not force:
             resume = "add --resume to continue it, " if kind == RUN and (path / "checkpoint.pt").is_file() else ""
-            raise UserError(f"{path} exists ({DESCRIBED[kind]} bngraph wrote): {resume}add --force to replace it, "
+            raise UserError(f"{path} exists ({DESCRIBED[kind]} bngraph wrote): {resume}add --force (in Python, force=True) to replace it, "
                             "or choose another -o")
         if kind in FOLDER_CONTENTS and (foreign := foreign_entries(path, kind)):
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")

@@ -514,7 +514,7 @@ def export(
     `standalone_bn` (a key of `bngraph.onnx_fold.STANDALONE_BN_FORMS`) is the form of a BN that
     no layer can take exactly: "batchnorm" keeps it (fastest in onnxruntime), "mul-add" writes
     a Mul and an Add, for a runtime without a BatchNormalization kernel."""
-    check_model(module, "export")
+    check_model(module, "export", example_inputs)
     path = Path(path)
     if path.suffix != ".onnx":
         raise UserError(f"the output {path} must end in .onnx")

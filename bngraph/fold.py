@@ -85,7 +85,7 @@ def fold(
     `report.passes` keeps each pass's `PassResult`, for an artifact's history. The checks run the
     model; a buffer its forward writes (a counter) is as it was, in `module` and in the result.
     """
-    check_model(module, "fold")
+    check_model(module, "fold", example_inputs)
     if standalone_bn not in STANDALONE_BN_FORMS:  # export's and the ONNX fold's names are for a file's nodes
         raise UserError(f"standalone_bn is one of {', '.join(STANDALONE_BN_FORMS)} for a PyTorch model (export's "
                         f"'mul-add' and 'batchnorm' name the ONNX forms), not {standalone_bn!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
+import threading
 from collections.abc import Callable, Iterator
 
 from bngraph.errors import UserError, user_frame
@@ -26,7 +27,11 @@ def library_call(function: Callable | None = None, *, refuse_inference_mode: boo
     - the user's code calling sys.exit() turned into a UserError saying where, rather than the
       end of the caller's program.
     - with torch.inference_mode off: the weights `fold` made inside the caller's block were
-      inference tensors, and training the folded model failed in torch's words.
+      inference tensors, and training the folded model failed in torch's words;
+    - with the CPU as torch's default device: after the caller's torch.set_default_device, the
+      tensors bngraph makes without naming a device (and the model's own) went there;
+    - one call at a time in the process: torch.fx's tracer patches nn.Module.__call__ for
+      everyone while it traces, and calls from two threads failed as if the model had raised.
     With `refuse_inference_mode` (a function that traces, trains or saves), a call inside
     torch.inference_mode() is a UserError: the tensors the caller made there keep no version
     counter and take no gradient, and torch's words for the failure spoke of counters."""
@@ -35,7 +40,7 @@ def library_call(function: Callable | None = None, *, refuse_inference_mode: boo
 
     @functools.wraps(function)
     def call(*args, **kwargs):
-        with _as_the_model_is(function.__name__, refuse_inference_mode), _random_state_kept():
+        with _ONE_CALL_AT_A_TIME, _as_the_model_is(function.__name__, refuse_inference_mode), _random_state_kept():
             try:
                 return function(*args, **kwargs)
             except SystemExit as stop:
@@ -48,6 +53,9 @@ def library_call(function: Callable | None = None, *, refuse_inference_mode: boo
     return call
 
 
+_ONE_CALL_AT_A_TIME = threading.RLock()  # reentrant: export calls fold
+
+
 @contextlib.contextmanager
 def _as_the_model_is(name: str, refuse_inference_mode: bool) -> Iterator[None]:
     import torch  # here: `import bngraph` does not start torch
@@ -57,6 +65,8 @@ def _as_the_model_is(name: str, refuse_inference_mode: bool) -> Iterator[None]:
                         "train or save: call it outside that block")
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
+        if torch.get_default_device().type != "cpu":  # entered only then: the mode sees every torch call
+            stack.enter_context(torch.device("cpu"))
         for device in ("cpu", "cuda"):
             if torch.is_autocast_enabled(device):
                 stack.enter_context(torch.autocast(device, enabled=False))

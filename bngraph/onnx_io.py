@@ -114,12 +114,41 @@ def _own_weights_file(path: Path, data: Path) -> bool:
     return data.name in named and recorded == sha256(data)
 
 
+def _declare_output_shapes(proto: onnx.ModelProto, path: Path) -> None:
+    """Give a graph output declared without a shape (other exporters write them; onnxruntime runs
+    them, onnx.checker refuses them) the shape inference finds for it; a graph input without one
+    is named, since nothing can say its rank."""
+    unshaped = lambda values: [v for v in values if v.type.HasField("tensor_type")  # noqa: E731
+                               and not v.type.tensor_type.HasField("shape")]
+    if inputs := unshaped(proto.graph.input):
+        raise UserError(f"{path}: graph input {inputs[0].name!r} declares no shape (not even its rank), which ONNX "
+                        "requires of a graph's inputs: declare it")
+    outputs = unshaped(proto.graph.output)
+    if not outputs or proto.ByteSize() >= SINGLE_FILE_LIMIT_BYTES:
+        return
+    try:
+        graph = onnx.shape_inference.infer_shapes(proto).graph
+        inferred = {v.name: v for v in (*graph.value_info, *graph.output)}
+    except Exception:  # the checker below says what is wrong with the file
+        return
+    for output in outputs:
+        found = inferred.get(output.name)
+        if found is None or not found.type.tensor_type.HasField("shape"):
+            raise UserError(f"{path}: graph output {output.name!r} declares no shape (not even its rank), which ONNX "
+                            "requires of a graph's outputs, and shape inference finds none: declare it")
+        output.type.tensor_type.shape.CopyFrom(found.type.tensor_type.shape)
+
+
 def load_onnx(path: str | Path) -> onnx.ModelProto:
     """The model, if onnx.checker with shape inference accepts it: the fold ends with the same
     check, so a model that fails it is the input's fault, said here rather than after the work."""
     path = Path(path)
     try:
         proto = onnx.load(str(path))
+    except Exception as err:
+        raise UserError(f"{path} is not a valid ONNX model: {one_line(err)}") from err
+    _declare_output_shapes(proto, path)
+    try:
         onnx.checker.check_model(proto if proto.ByteSize() < SINGLE_FILE_LIMIT_BYTES else str(path), full_check=True)
     except Exception as err:
         raise UserError(f"{path} is not a valid ONNX model: {one_line(err)}") from err

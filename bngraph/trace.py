@@ -164,15 +164,30 @@ def check_modules_registered(model: nn.Module) -> None:
                             f"{type(container).__name__}, not a registered submodule: {why}; hold the layers in {wanted}")
 
 
-def check_model(model, verb: str) -> None:
-    """A model bngraph can work on: an nn.Module, holding no torch.compile'd module (whose
-    forward runs dynamo's compiled frame, which tracing and running its code here break)."""
+def check_model(model, verb: str, example_inputs: Sequence | None = None) -> None:
+    """A model bngraph can work on, with inputs it can run it on: an nn.Module (not TorchScript,
+    whose graph bngraph cannot rewrite), with its weights materialized (not on the meta device),
+    holding no torch.compile'd module (whose forward runs dynamo's compiled frame, which tracing
+    and running its code here break); and tensors for inputs, one per forward argument."""
+    if isinstance(model, torch.jit.ScriptModule):  # its submodules are modules too: reported as not reached
+        raise UserError(f"{verb} takes an nn.Module, not a TorchScript module (torch.jit.script or torch.jit.trace), "
+                        "whose graph bngraph cannot rewrite: give it the module that was scripted")
     if not isinstance(model, nn.Module):
         raise UserError(f"{verb} takes an nn.Module, not {type(model).__name__}")
     for path, m in model.named_modules():
         if type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod"):
             raise UserError(f"{path or 'the model'} is a torch.compile'd module: give bngraph the module before "
                             f"torch.compile ({path or 'model'}._orig_mod), and compile what it writes")
+    on_meta = next((name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if on_meta is not None:
+        raise UserError(f"the model's {on_meta} is on the meta device (no values): load its weights first "
+                        "(model.to_empty(device='cpu'), then load_state_dict)")
+    for i, x in enumerate(example_inputs or ()):
+        if not isinstance(x, torch.Tensor):
+            raise UserError(f"example input {i} is a {type(x).__name__}: bngraph runs a model on tensors, one per "
+                            "forward argument (wrap a model that takes a dict or a list in one whose forward takes tensors)")
+        if x.is_meta:
+            raise UserError(f"example input {i} is on the meta device (no values)")
 
 
 def materialize_lazy(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:

@@ -134,7 +134,9 @@ class _Layouts:
         if node.op == "call_function" and target is operator.getitem:
             return self.getitem(node, shape)
         if node.op == "call_function" and target is getattr:
-            return None  # x.shape, x.dtype...: not a tensor
+            if shape is None:
+                return None  # x.shape, x.dtype...: not a tensor
+            return f"it comes from .{node.args[1]} at {node.name}, which is not followed"  # x.mT, x.T, x.real
         if shape is None and name not in {"chunk", "split", "tensor_split", "unbind"}:
             return f"no single tensor shape was recorded at {node.name}"
         rank = len(shape) if shape is not None else 0

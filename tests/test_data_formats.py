@@ -27,6 +27,7 @@ from bngraph.training.data_formats import detect_format, open_data, with_model_c
 from bngraph.training import StreamData, TensorData, TrainConfig, train
 from bngraph.zoo import create_model
 from tests.mnist_like import learnable_arrays, write_learnable
+from tests.test_data import write_set
 from tests.util import DETERMINISTIC_FOR_EXACTNESS, overridden
 
 NETS_PY = '''
@@ -478,6 +479,26 @@ def test_mnist_idx_files_get_a_channel_axis_only_for_a_model_that_takes_one(tmp_
         streamed = open_data(tmp_path / "mnist", input_shape=input_shape, stream_above_mb=0, workers=0)
         assert tuple(whole.x_train.shape[1:]) == input_shape[1:] == tuple(streamed.example(2).shape[1:])
         assert torch.equal(whole.x_train[:2], streamed.example(2))
+
+
+def test_idx_data_of_more_than_ten_classes_trains_a_model_with_as_many_outputs_and_is_named_by_its_folder(
+        tmp_path, capsys):
+    # An EMNIST-style folder (47 classes) was refused with "labels must be 0 to 9" whatever the
+    # model's outputs, and every IDX folder was reported as "mnist".
+    arrays = learnable_arrays(n_train=40, n_test=20)
+    for split in ("train", "t10k"):
+        labels = arrays[f"{split}-labels-idx1-ubyte"]
+        labels[::3] += 37  # up to 46
+    write_set(tmp_path / "emnist-balanced", arrays)
+    model = tmp_path / "m47.py"
+    model.write_text("from torch import nn\n\n\nclass Net(nn.Sequential):\n    example_input_shape = (2, 1, 28, 28)\n\n"
+                     "    def __init__(self, outputs=47):\n        super().__init__(nn.Flatten(), nn.Linear(784, 32), "
+                     "nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, outputs))\n\n\nclass Ten(Net):\n"
+                     "    def __init__(self):\n        super().__init__(10)\n")
+    facts = _train(capsys, tmp_path, f"{model}:Net", tmp_path / "emnist-balanced")
+    assert facts["data"].startswith("emnist-balanced (")
+    err = _bad(capsys, tmp_path, f"{model}:Ten", tmp_path / "emnist-balanced")
+    assert "label 46 is out of range for the model's 10 outputs" in err
 
 
 @pytest.mark.parametrize(("dtype", "stream"), [(np.uint8, []), (np.uint8, ["--stream-above", 0]), (np.float32, [])],

@@ -13,6 +13,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -343,16 +344,75 @@ def test_training_that_diverges_stops_with_exit_1(tmp_path, capfd, mnist_dir):
     assert "nothing of this run is kept" in err and not (tmp_path / "run").exists()
 
 
-def test_a_run_that_diverges_after_a_checkpoint_keeps_it_whole(tmp_path, capfd, mnist_dir):
+def test_a_run_that_diverges_after_a_checkpoint_keeps_it_whole(tmp_path, capfd):
     run = tmp_path / "run"
-    code, _, err = _cli(capfd, "train", "zoo:mnist-mlp", "--data", mnist_dir, "--steps", 40, "--eval-every", 5,
-                        "--lr", 3e35, "--quiet", "-o", run)
+    code, _, err = _cli(capfd, *_tiny_run(tmp_path), "--steps", 40, "--eval-every", 5, "--lr", 100)
     assert code == 1
     kept = re.search(r"keeps the checkpoint of step (\d+), from before", _one_line(err, "bngraph: check failed: "))
     step = int(kept.group(1))
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == step  # resumable, no NaN in it
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == step and all(row["train_loss"] < float("inf") for row in rows)
+
+
+TINY_CONV_NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 1, 6, 6)
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+"""
+
+
+def _tiny_run(tmp_path, *, scale: float = 1.0):
+    (tmp_path / "tiny.py").write_text(TINY_CONV_NET)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 77)
+    x = ((rng.random((77, 6, 6)) + y[:, None, None] * 0.3) * scale).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x_train=x[:40], y_train=y[:40], x_test=x[40:], y_test=y[40:])
+    return ["train", f"{tmp_path / 'tiny.py'}:Net", "--data", tmp_path / "d.npz", "--batch-size", 8, "--quiet",
+            "-o", tmp_path / "run"]
+
+
+@pytest.mark.parametrize("steps, lr, says", [
+    (1, 1e30, "the test loss is nan after step 1"),  # the one step blew up: no training loss looked at since
+    (8, 1e3, "the test loss is {} after step 8"),
+])
+def test_a_run_whose_test_loss_is_not_finite_is_not_a_success(tmp_path, capfd, steps, lr, says):
+    # It exited 0, wrote the model, and reported the accuracy of always guessing class 0.
+    code, _, err = _cli(capfd, *_tiny_run(tmp_path), "--steps", steps, "--eval-every", 4, "--lr", lr)
+    line = _one_line(err, "bngraph: check failed: training diverged: ")
+    assert code == 1 and any(says.format(value) in line for value in ("nan", "inf"))
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_checkpoint_between_the_looks_at_the_loss_never_holds_what_diverged(tmp_path, capfd):
+    # The loss is looked at every 25 steps and at evaluations; a checkpoint written every 2 steps
+    # held NaN weights and was named "from before" the divergence.
+    code, _, err = _cli(capfd, *_tiny_run(tmp_path), "--steps", 50, "--eval-every", 50, "--checkpoint-every", 2,
+                        "--lr", 1e12)
+    assert code == 1
+    kept = re.search(r"keeps the checkpoint of step (\d+), from before", _one_line(err, "bngraph: check failed: "))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == int(kept.group(1))
+    assert all(bool(torch.isfinite(t).all()) for t in state["model"].values() if t.is_floating_point())
+
+
+def test_inputs_that_overflow_a_batchnorms_variance_stop_the_run(tmp_path, capfd):
+    # Finite images of 1e19: the batch variance is inf in float32, the loss stays finite (nothing
+    # is learned), and the run wrote a model with running_var = inf and exited 0.
+    code, _, err = _cli(capfd, *_tiny_run(tmp_path, scale=1e19), "--steps", 6, "--eval-every", 6)
+    assert code == 1
+    assert "the model's bn.running_var is no longer finite after step" in _one_line(err, "bngraph: check failed: ")
+    assert not (tmp_path / "run" / "model").exists()
 
 
 def test_reproduce_that_diverges_stops_with_exit_1(tmp_path, capfd, mnist_dir):

@@ -1943,3 +1943,18 @@ def test_a_no_grad_block_is_refused_only_where_its_value_would_carry_a_gradient(
     assert [o["module"] for o in report.sections["opaque"]] == ["branch"]
     inserted(_x(5, 6)).sum().backward()
     assert inserted.branch.frozen.weight.grad is None and inserted.fc.weight.grad is not None
+
+
+class TransposedByProperty(nn.Module):  # Tensor.mT: fx records a getattr, as for x.shape
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x).mT)
+
+
+def test_an_activation_after_a_tensor_property_is_skipped_naming_it():
+    _, report = bngraph.insert(TransposedByProperty(), [torch.randn(6, 8, 8)])
+    (reason,) = _skips(report).values()
+    assert reason.endswith("it comes from .mT at getattr_1, which is not followed")  # was "...: None"

@@ -134,3 +134,53 @@ def test_train_inside_the_callers_no_grad_trains():
     with torch.no_grad():
         bngraph.train(model, data, TrainConfig(steps=2, batch_size=8, eval_every=2), progress=False)
     assert not torch.equal(model[4].weight, before)
+
+
+def test_torchscript_and_unmaterialized_models_and_non_tensor_inputs_are_refused_in_one_line():
+    # A scripted model went through the module-level fallback, which found no nn.BatchNorm in it:
+    # fold said "the model has no BatchNorm", insert "nothing changed", both returning it as it was.
+    model, x = _net(), torch.randn(2, 3, 8, 8)
+    scripted = torch.jit.script(model)
+    with torch.device("meta"):
+        on_meta = _net()
+    for call in (bngraph.fold, bngraph.insert):
+        with pytest.raises(bngraph.UserError, match="not a TorchScript module"):
+            call(scripted, [x])
+        with pytest.raises(bngraph.UserError, match="0.weight is on the meta device"):
+            call(on_meta, [x])
+        with pytest.raises(bngraph.UserError, match="example input 0 is a dict"):
+            call(model, [{"x": x}])
+        with pytest.raises(bngraph.UserError, match="example input 0 is on the meta device"):
+            call(model, [x.to("meta")])
+    with pytest.raises(bngraph.UserError, match="x_train is on the meta device"):
+        TensorData(torch.rand(4, 3, 8, 8, device="meta"), torch.zeros(4, dtype=torch.long), torch.rand(4, 3, 8, 8),
+                   torch.zeros(4, dtype=torch.long))
+
+
+def test_the_callers_default_device_is_not_where_bngraph_makes_its_tensors(tmp_path):
+    # After torch.set_default_device (a notebook's "cuda"; "meta" here, where a tensor has no
+    # values), every call failed in bngraph's own helpers, which made their tensors there.
+    model, x = _net(), torch.randn(2, 3, 8, 8)
+    torch.set_default_device("meta")
+    try:
+        folded, _ = bngraph.fold(model, [x])
+        inserted, _ = bngraph.insert(model, [x])
+        assert bngraph.export(model, [x], tmp_path / "m.onnx")
+    finally:
+        torch.set_default_device(None)
+    assert torch.allclose(folded(x), model(x), atol=1e-5) and inserted(x).shape == (2, 4)
+
+
+def test_calls_from_threads_each_get_their_own_answer():
+    # torch.fx's tracer patches nn.Module.__call__ for the whole process while it traces: folds
+    # from four threads failed as "the model failed on its example input".
+    import concurrent.futures
+
+    models = [_net() for _ in range(4)]
+    for model in models:
+        model[1].running_mean.normal_()
+    x = torch.randn(2, 3, 8, 8)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        folded = list(pool.map(lambda m: bngraph.fold(m, [x])[0], models * 2))
+    for model, result in zip(models * 2, folded):
+        assert torch.allclose(result(x), model(x), atol=1e-5)

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bngraph.errors import UserError
-from bngraph.onnx_fold import fold_onnx
+from bngraph.onnx_fold import fold_onnx, fold_onnx_verified
 from tests.onnx_models import BN_STATS, conv_bn_file, gemm_bn_file, onnx_file, random_bn_stats
 from tests.onnx_util import export_onnx, fold_and_check, fold_file, ops, relative_error, run_in_ort
 from tests.util import randomize_bn
@@ -729,3 +729,24 @@ def test_a_model_that_computes_its_own_gradient_is_refused_in_one_line():
                                                     helper.make_opsetid("ai.onnx.preview.training", 1)])
     with pytest.raises(UserError, match=r"computes its own training \(Gradient of ai.onnx.preview.training\)"):
         fold_onnx(model)
+
+
+# ---- declared shapes: other exporters leave an output's out ------------------------------------
+
+
+def test_an_output_declared_without_a_shape_gets_the_inferred_one_and_folds(tmp_path):
+    # onnxruntime runs such a file and verify passed it, but fold refused it in onnx.checker's
+    # words ("Field 'shape' of 'type' is required but missing"), naming no value.
+    reference = conv_bn_file(opset=17, ir_version=8)
+    model = onnx.ModelProto.FromString(reference.SerializeToString())
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    original, folded = tmp_path / "m.onnx", tmp_path / "folded.onnx"
+    onnx.save(model, str(original))
+    code, report = fold_file(original, folded)
+    assert code == 0, report
+    assert ops(ir.load(folded)) == ["Conv"]
+    assert relative_error(reference, ir.load(folded), feeds()) < FLOAT32_REL
+    model.graph.input[0].type.tensor_type.ClearField("shape")  # nothing can say an input's rank
+    onnx.save(model, str(original))
+    with pytest.raises(UserError, match="graph input 'x' declares no shape"):
+        fold_onnx_verified(original, tmp_path / "again.onnx")

@@ -626,3 +626,12 @@ def test_channels_last_for_inputs_that_are_not_images_is_refused():
     with pytest.raises(UserError, match=r"--channels-last is a layout of 4-d image batches .* inputs are 2-d"):
         train(nn.Sequential(nn.Linear(8, 3)), data, TrainConfig(steps=1, batch_size=8, channels_last=True),
               progress=False)
+
+
+def test_a_ranks_empty_share_of_a_small_test_set_evaluates_to_zero_sums():
+    # `--nproc 2` with one test example: rank 1's share x_test[1::2] is empty, and its evaluation
+    # divided by zero after the whole run (a ZeroDivisionError inside torchrun's report).
+    from bngraph.training.metrics import evaluate
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    assert evaluate(model, torch.rand(0, 2, 2), torch.zeros(0, dtype=torch.long)) == (0.0, 0.0)

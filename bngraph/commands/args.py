@@ -91,7 +91,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, stream: bool = True) 
         "or FILE.py:make (default: $BNGRAPH_DATA, the cache, a download)",
     )
     parser.add_argument(
-        "--dataset", choices=("mnist", "fashion-mnist"), help="what an MNIST-format --data holds (default: mnist)"
+        "--dataset", choices=("mnist", "fashion-mnist"), help="which of the two to read without --data (default: mnist), or the name of an MNIST-format --data "
+        "(default: its folder's name)"
     )
     parser.add_argument("--image-size", metavar="H,W", help="resize images to this (default: the model's input size)")
     parser.add_argument("--cifar100-labels", choices=("fine", "coarse"), help="CIFAR-100's labels (default: fine)")
@@ -140,7 +141,7 @@ def data_from_args(args: argparse.Namespace, device: torch.device | str = "cpu",
         args.data, input_shape=input_shape, input_dtype=input_dtype, image_size=getattr(args, "image_size", None),
         device=device,
         stream_above_mb=args.stream_above if allow_stream else None, workers=getattr(args, "loader_workers", None),
-        dataset=args.dataset or "mnist", cifar100_labels=labels or "fine", seed=getattr(args, "seed", 0),
+        dataset=args.dataset, cifar100_labels=labels or "fine", seed=getattr(args, "seed", 0),
     )
 
 

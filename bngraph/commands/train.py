@@ -20,7 +20,7 @@ the checkpoint's weights (its code edited since) are refused.
 
 --data PATH: what the path holds decides how it is read (the format goes into OUT/model's history):
   MNIST IDX     a folder with train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte
-                and t10k-labels-idx1-ubyte (raw or .gz); --dataset names it (mnist or fashion-mnist)
+                and t10k-labels-idx1-ubyte (raw or .gz), named by its folder or --dataset; labels 0 to the model's outputs - 1
   image folder  DIR/train/CLASS/*.png|jpg|jpeg|jfif|bmp|ppm|pgm|tif|tiff|webp|gif and DIR/test/CLASS/...
                 (or DIR/val/), as torchvision's ImageFolder: the classes are train/'s sorted folder
                 names (compared in Unicode NFC: a name macOS wrote decomposed is the same class). Images become L or RGB for the model's input channels (L as N,H,W for a model
@@ -208,8 +208,8 @@ def _launch(args: argparse.Namespace, device: torch.device) -> None:
     if device.type == "cuda" and args.nproc > torch.cuda.device_count():
         raise UserError(f"--nproc {args.nproc}: this host has {torch.cuda.device_count()} GPU(s), one per process")
     if args.nproc > 1:
-        # What every process would refuse, refused here in one line: under torchrun, each rank's
-        # error would come once per rank.
+        # What every process would refuse, refused here in one line: under torchrun, every rank
+        # would say it, once the job had started.
         if not args.resume:
             check_output(args.output, RUN, force=args.force, inputs=shared.input_paths(args))
         elif (ran_as := saved_field(args.output, "world_size", 1)) != args.nproc:

@@ -93,6 +93,8 @@ class TensorData:
             x, y = getattr(self, f"x_{part}"), getattr(self, f"y_{part}")
             if len(x) != len(y):
                 raise UserError(f"x_{part} holds {len(x)} examples but y_{part} {len(y)} labels")
+            if x.is_meta or y.is_meta:
+                raise UserError(f"{'x' if x.is_meta else 'y'}_{part} is on the meta device (no values)")
             if len(x) == 0:
                 raise UserError(f"x_{part} is empty: a run needs examples to {'train' if part == 'train' else 'test'} on")
             # As the readers' `_check_labels`: one-hot labels trained as probabilities, and the

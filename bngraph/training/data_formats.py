@@ -658,14 +658,14 @@ def open_data(
     device: torch.device | str = "cpu",
     stream_above_mb: float | None = DEFAULT_STREAM_ABOVE_MB,
     workers: int | None = None,
-    dataset: str = "mnist",
+    dataset: str | None = None,
     cifar100_labels: str = "fine",
     seed: int = 0,
 ):
     """`path`'s data as TensorData on `device` (it fits) or StreamData (it does not; None: never).
 
     `input_shape` is the model's example input (N, C, H, W): its channels and size are what the
-    images become; with an integer `input_dtype` (token ids), integer data stays integer. `dataset` names what an MNIST-format folder holds (mnist or fashion-mnist).
+    images become; with an integer `input_dtype` (token ids), integer data stays integer. `dataset` names what an MNIST-format folder holds (default: the folder's name).
     A factory is called, and its items read, with the generators seeded from `seed`: a Dataset
     that augments at random gives the same data run after run (held in memory, each item is read
     once, its augmentation with it; streamed, each batch is read again, seeded by its step)."""
@@ -701,11 +701,13 @@ def open_data(
                           files_sha256=files_sha256)
 
     if fmt == "mnist-idx":
-        mnist = load_mnist(Path(path).expanduser(), name=dataset)
+        root = Path(path).expanduser()
+        name = dataset or root.resolve().name  # a user's own IDX data is not MNIST
+        mnist = load_mnist(root, name=name)
         # (N, 1, H, W), or as stored for a model declaring (N, H, W) (a GRU over rows, an MLP).
         split = lambda x, y, f: Split(x.unsqueeze(1) if wanted.channel_axis else x, y, str(Path(path) / f))  # noqa: E731
         return finish(split(mnist.train_images, mnist.train_labels, "train-labels-idx1-ubyte"),
-                      split(mnist.test_images, mnist.test_labels, "t10k-labels-idx1-ubyte"), dataset, str(path))
+                      split(mnist.test_images, mnist.test_labels, "t10k-labels-idx1-ubyte"), name, str(path))
     if fmt == "npz":
         train, test = read_npz(Path(path).expanduser(), wanted)
         return finish(train, test, Path(path).stem, str(path))

@@ -52,6 +52,7 @@ from bngraph.training.data_formats import check_input_scale, load_data, with_mod
 from bngraph.training.distributed import SINGLE, Distributed, broadcast_buffers, sum_over_ranks, wrap
 from bngraph.training.metrics import METRICS, evaluate_shared, interval_means, new_interval, write_metrics
 from bngraph.training.track import InputTracker
+from bngraph.trace import check_model
 
 
 @dataclass
@@ -113,6 +114,7 @@ def train(
     `finish`, resuming a run whose steps are all done but whose model/ is not yet written (or
     older) is no error: no step runs (`bngraph.training.run_folder` writes the model).
     """
+    check_model(model, "train")
     if not any(p.requires_grad for p in model.parameters()):  # torch's words came at the first backward
         raise UserError(f"{type(model).__name__} has no parameter to train (none, or each with requires_grad=False): "
                         "nothing to train")
@@ -187,6 +189,7 @@ def train(
                     row = _evaluation_row(model, data, config, setup, ctx, interval, done, lr, rate,
                                           elapsed_before + time.perf_counter() - started)
                     _stop_if_diverged(row["train_loss"], last_eval, done, config.lr, out_dir, saved_at)  # the same on every rank
+                    _stop_if_not_finite(model, row["test_loss"], done, config.lr, ctx, out_dir, saved_at)
                     last_eval = done
                     metrics.append(row)
                     interval = new_interval(dev)
@@ -198,6 +201,8 @@ def train(
                         on_eval(row)
                 stopping = stop_requested()
                 if out_dir is not None and (done % checkpoint_every == 0 or done == config.steps or stopping):
+                    if not is_eval:  # checked above at an evaluation
+                        _stop_if_not_finite(model, None, done, config.lr, ctx, out_dir, saved_at)
                     save_checkpoint(out_dir / CHECKPOINT, step=done, elapsed_s=elapsed_before + time.perf_counter() - started,
                                     config=resolved, model=model, optimizer=setup.optimizer, scaler=setup.scaler,
                                     interval=interval, metrics=metrics, ctx=ctx, on_gpu=dev.type == "cuda",
@@ -421,12 +426,36 @@ def _stop_if_diverged(mean_loss: float, since: int, step: int, lr: float, out_di
     if math.isfinite(mean_loss):
         return
     steps = f"step {step}" if step - since == 1 else f"steps {since + 1}-{step}"
+    raise _diverged(f"the training loss is {mean_loss} (mean over {steps})", lr, out_dir, saved_at)
+
+
+def _stop_if_not_finite(model: nn.Module, test_loss: float | None, step: int, lr: float, ctx: Distributed, out_dir,
+                        saved_at: int | None) -> None:
+    """Weights and statistics that are no longer finite, or a test loss that is not, stop the run
+    before a checkpoint or the model holds them. The training loss is looked at only every few
+    steps (where it reaches the CPU), and is finite when the step that blew up was the last
+    before a checkpoint, or when inputs of 1e19 overflow a BatchNorm's variance while the loss
+    stays put: a run written so exited 0 and reported the accuracy of always guessing class 0.
+    Collective under torchrun (each rank has its own BN statistics): every rank stops together."""
+    if test_loss is not None and not math.isfinite(test_loss):
+        raise _diverged(f"the test loss is {test_loss} after step {step}", lr, out_dir, saved_at)
+    named = [(name, t) for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()]
+    if not named:
+        return
+    (broken,) = sum_over_ranks([torch.stack([~torch.isfinite(t.detach()).all() for _, t in named]).int()], ctx)
+    if bool(broken.any()):
+        name = named[int(broken.nonzero()[0])][0]
+        # A running statistic overflows from inputs float32 cannot square (1e19), whatever the lr.
+        fix = "lower --lr" if name in dict(model.named_parameters()) else \
+            "lower --lr (or scale the data down, if its values reach 1e19: float32 cannot square them)"
+        raise _diverged(f"the model's {name} is no longer finite after step {step}", lr, out_dir, saved_at, fix)
+
+
+def _diverged(what: str, lr: float, out_dir, saved_at: int | None, fix: str = "lower --lr") -> CheckFailed:
     if out_dir is None:
         kept = ""
     elif saved_at is None:
         kept = "; nothing of this run is kept"
     else:
         kept = f"; {out_dir} keeps the checkpoint of step {saved_at}, from before"
-    raise CheckFailed(
-        f"training diverged: the training loss is {mean_loss} (mean over {steps}) at --lr {lr:g}; lower --lr{kept}"
-    )
+    return CheckFailed(f"training diverged: {what} at --lr {lr:g}; {fix}{kept}")
