@@ -612,3 +612,14 @@ def test_an_output_name_near_the_file_systems_limit_is_written_and_one_past_it_r
     done = _fold_in_a_shell(tmp_path, "", output="b" * 260 + ".onnx")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "bytes, more than the file system takes" in done.stderr
+
+
+def test_a_buffer_that_is_infinite_by_design_is_not_a_divergence(tmp_path, capfd):
+    # A causal mask of -inf, held by the model from the start, is no sign of a run blowing up.
+    args = _tiny_run(tmp_path)
+    (tmp_path / "tiny.py").write_text(TINY_CONV_NET.replace(
+        "self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(64, 3)",
+        "self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(64, 3)\n"
+        "        self.register_buffer('mask', torch.full((3, 3), float('-inf')).triu(1))"))
+    code, _, err = _cli(capfd, *args, "--steps", 4, "--eval-every", 2)
+    assert code == 0, err

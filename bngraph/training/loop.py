@@ -164,6 +164,7 @@ def train(
         net = torch.compile(net)  # the training steps; evaluation runs the model as it is
     batches = step_batches(data, setup.sampler, start, config.steps, dev)
     checked_at = last_eval = start  # the loss is looked at where it reaches the CPU anyway
+    finite = _FiniteWatch(model, ctx)
     saved_at = start if resume and out_dir is not None else None
     # Gradients on whatever the caller's mode (a `bngraph.train` inside their torch.no_grad()).
     try:
@@ -189,7 +190,7 @@ def train(
                     row = _evaluation_row(model, data, config, setup, ctx, interval, done, lr, rate,
                                           elapsed_before + time.perf_counter() - started)
                     _stop_if_diverged(row["train_loss"], last_eval, done, config.lr, out_dir, saved_at)  # the same on every rank
-                    _stop_if_not_finite(model, row["test_loss"], done, config.lr, ctx, out_dir, saved_at)
+                    finite.stop_if_broken(row["test_loss"], done, config.lr, out_dir, saved_at)
                     last_eval = done
                     metrics.append(row)
                     interval = new_interval(dev)
@@ -202,7 +203,7 @@ def train(
                 stopping = stop_requested()
                 if out_dir is not None and (done % checkpoint_every == 0 or done == config.steps or stopping):
                     if not is_eval:  # checked above at an evaluation
-                        _stop_if_not_finite(model, None, done, config.lr, ctx, out_dir, saved_at)
+                        finite.stop_if_broken(None, done, config.lr, out_dir, saved_at)
                     save_checkpoint(out_dir / CHECKPOINT, step=done, elapsed_s=elapsed_before + time.perf_counter() - started,
                                     config=resolved, model=model, optimizer=setup.optimizer, scaler=setup.scaler,
                                     interval=interval, metrics=metrics, ctx=ctx, on_gpu=dev.type == "cuda",
@@ -429,26 +430,38 @@ def _stop_if_diverged(mean_loss: float, since: int, step: int, lr: float, out_di
     raise _diverged(f"the training loss is {mean_loss} (mean over {steps})", lr, out_dir, saved_at)
 
 
-def _stop_if_not_finite(model: nn.Module, test_loss: float | None, step: int, lr: float, ctx: Distributed, out_dir,
-                        saved_at: int | None) -> None:
-    """Weights and statistics that are no longer finite, or a test loss that is not, stop the run
-    before a checkpoint or the model holds them. The training loss is looked at only every few
-    steps (where it reaches the CPU), and is finite when the step that blew up was the last
-    before a checkpoint, or when inputs of 1e19 overflow a BatchNorm's variance while the loss
-    stays put: a run written so exited 0 and reported the accuracy of always guessing class 0.
-    Collective under torchrun (each rank has its own BN statistics): every rank stops together."""
-    if test_loss is not None and not math.isfinite(test_loss):
-        raise _diverged(f"the test loss is {test_loss} after step {step}", lr, out_dir, saved_at)
-    named = [(name, t) for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()]
-    if not named:
-        return
-    (broken,) = sum_over_ranks([torch.stack([~torch.isfinite(t.detach()).all() for _, t in named]).int()], ctx)
-    if bool(broken.any()):
-        name = named[int(broken.nonzero()[0])][0]
-        # A running statistic overflows from inputs float32 cannot square (1e19), whatever the lr.
-        fix = "lower --lr" if name in dict(model.named_parameters()) else \
-            "lower --lr (or scale the data down, if its values reach 1e19: float32 cannot square them)"
-        raise _diverged(f"the model's {name} is no longer finite after step {step}", lr, out_dir, saved_at, fix)
+class _FiniteWatch:
+    """The model's weights and floating buffers that were finite when the run started (a causal
+    mask of -inf is the model's own), checked for NaN and infinities: what breaks one of them
+    stops the run before a checkpoint or the model holds it. The training loss is looked at only
+    every few steps (where it reaches the CPU), and is finite when the step that blew up was the
+    last before a checkpoint, or when inputs of 1e19 overflow a BatchNorm's variance while the
+    loss stays put: a run written so exited 0 and reported the accuracy of always guessing class 0."""
+
+    def __init__(self, model: nn.Module, ctx: Distributed):
+        self.model, self.ctx = model, ctx
+        self.parameters = {name for name, _ in model.named_parameters()}
+        self.watched = [name for name, t in self._tensors().items()
+                        if t.is_floating_point() and bool(torch.isfinite(t.detach()).all())]
+
+    def _tensors(self) -> dict[str, torch.Tensor]:  # by name each time: moving a model replaces its buffers
+        return {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+
+    def stop_if_broken(self, test_loss: float | None, step: int, lr: float, out_dir, saved_at: int | None) -> None:
+        """Collective under torchrun (each rank has its own BN statistics): every rank stops together."""
+        if test_loss is not None and not math.isfinite(test_loss):
+            raise _diverged(f"the test loss is {test_loss} after step {step}", lr, out_dir, saved_at)
+        if not self.watched:
+            return
+        tensors = self._tensors()
+        finite = [torch.isfinite(tensors[name].detach()).all() for name in self.watched]
+        (broken,) = sum_over_ranks([(~torch.stack(finite)).int()], self.ctx)
+        if bool(broken.any()):
+            name = self.watched[int(broken.nonzero()[0])]
+            # A running statistic overflows from inputs float32 cannot square (1e19), whatever the lr.
+            fix = "lower --lr" if name in self.parameters else \
+                "lower --lr (or scale the data down, if its values reach 1e19: float32 cannot square them)"
+            raise _diverged(f"the model's {name} is no longer finite after step {step}", lr, out_dir, saved_at, fix)
 
 
 def _diverged(what: str, lr: float, out_dir, saved_at: int | None, fix: str = "lower --lr") -> CheckFailed:
