@@ -76,6 +76,7 @@ def recalibrate(
         "data_format": data.format,
         "batches": batches,
         "batch_size": batch_size,
+        "seed": seed,  # which training batches: the statistics depend on it
         "passes": {name: r.summary() for name, r in results.items()},
         "input_scale": data.input_scale or AS_STORED,  # the statistics are of inputs so scaled: the model takes them so
     }
@@ -95,6 +96,7 @@ def recalibrate(
             "data": described,
             "batches": batches,
             "batch_size": batch_size,
+            "seed": seed,
             "test_accuracy_before": accuracy_before,
             "test_accuracy_after": accuracy_after,
             "test_accuracy_change": accuracy_after - accuracy_before,

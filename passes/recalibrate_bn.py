@@ -56,6 +56,7 @@ class _NormalizedInputs(TorchFunctionMode):
     def __init__(self, moments: dict[int, _Moments]):
         super().__init__()
         self.moments = moments  # by the id of the BN's running_mean
+        self.foreign: dict[int, torch.Tensor] = {}  # running statistics no nn.BatchNorm holds, by id
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -63,6 +64,8 @@ class _NormalizedInputs(TorchFunctionMode):
             running_mean = args[1] if len(args) > 1 else kwargs.get("running_mean")
             if (moments := self.moments.get(id(running_mean))) is not None:
                 moments.add(args[0] if args else kwargs["input"])
+            elif running_mean is not None:
+                self.foreign[id(running_mean)] = running_mean
         return func(*args, **kwargs)
 
 
@@ -96,12 +99,24 @@ class RecalibrateBN:
             model.eval()
             for name in moments:
                 bns[name].train()  # batch statistics, as the training network computes them
-            with _NormalizedInputs({id(bns[n].running_mean): m for n, m in moments.items()}):
+            with _NormalizedInputs({id(bns[n].running_mean): m for n, m in moments.items()}) as normalized:
                 for batch in self.batches:
                     model(*fresh_inputs(batch))  # a forward may write into its input
         finally:
             for module, training in flags.items():
                 module.training = training  # this module only: train() would recurse
+        if normalized.foreign:
+            # A hand-written BN (F.batch_norm on its own buffers) normalized with its old
+            # statistics, and every BN after it was measured on what that gave: wrong, not skipped.
+            for name, (mean, var, count) in before.items():
+                bns[name].running_mean.copy_(mean)
+                bns[name].running_var.copy_(var)
+                bns[name].num_batches_tracked.copy_(count)
+            held = {id(b): n for n, b in model.named_buffers()}
+            names = [held.get(i, "a tensor the model does not register") for i in normalized.foreign]
+            raise UserError(f"the model calls F.batch_norm on running statistics no nn.BatchNorm holds ({names[0]}): "
+                            "recalibrate recomputes those of nn.BatchNorm modules only, and the BNs after it would "
+                            "be measured on what its old statistics give; make it an nn.BatchNorm")
         for name, m in moments.items():
             bn = bns[name]
             old_mean, old_var, count = before[name]

@@ -9,7 +9,7 @@ import torch
 import bngraph
 from bngraph.cli import main
 from bngraph.data import load_mnist
-from bngraph.reproduce.mnist import MnistConfig, _batches, mnist_summary, reproduce_mnist, write_mnist
+from bngraph.reproduce.mnist import MnistConfig, _batches, mnist_summary, mnist_table, reproduce_mnist, write_mnist
 from bngraph.reproduce.tables import first_step_reaching
 from bngraph.training import EpochSampler, TensorData
 from bngraph.training.fused_mlp import prefix_widths
@@ -45,6 +45,17 @@ def test_first_step_reaching_and_speedup_follow_the_definition(data):
     assert (summary["target_accuracy"], summary["steps_without_bn"], summary["steps_with_bn"]) == (0.9, 300, 100)
     assert summary["speedup"] == 3.0 and summary["bn_ahead_at_every_evaluation"] is False
     assert summary["evaluations_bn_ahead"] == 3
+
+
+def test_the_mnist_table_says_its_evaluations_ahead_are_counted_in_every_seed(data):
+    # "ahead at 1 of 2 evaluations" read as a figure of the seed-mean curves, on which the BN net
+    # was ahead at both.
+    run = reproduce_mnist(data, MnistConfig(steps=2, eval_every=1, batch_size=20, workers=1, seeds=2), progress=False)
+    run.steps = [100, 200]
+    run.accuracy = {"without BN": np.array([[0.5, 0.5], [0.5, 0.5]]), "with BN": np.array([[0.9, 0.9], [0.9, 0.4]])}
+    summary = mnist_summary(run)
+    assert summary["evaluations_bn_ahead"] == 1  # at step 100 in both seeds; at 200 in one
+    assert "The BN net is ahead at 1 of 2 evaluations in each of the 2 seeds." in mnist_table(summary)
 
 
 def test_mnist_writes_figure_summary_table_and_the_trained_nets(tmp_path, data):
@@ -143,7 +154,7 @@ def test_users_data_is_read_as_the_experiments_nets_take_it_or_refused_in_one_li
 
 def test_inception_variants_table_and_plot(tmp_path, capsys, mnist_dir):
     code, out, _ = _cli(capsys, "reproduce", "inception", "--data", mnist_dir, "--steps", 4, "--eval-every", 2,
-                        "--variants", "inception,bn-x30,inception-sigmoid", "--test-examples", 20,
+                        "--variants", "inception,bn-x30,inception-sigmoid", "--test-examples", 100_000,
                         "--quiet", "-o", tmp_path / "inc", "--json")
     assert code == 0
     rows = {row["variant"]: row for row in json.loads(out)["results"]}
@@ -155,6 +166,9 @@ def test_inception_variants_table_and_plot(tmp_path, capsys, mnist_dir):
     assert summary["variants"]["inception"]["steps_to_reference"] is not None  # it reaches its own best
     table = (tmp_path / "inc" / "table.md").read_text()
     assert sum(line.startswith("| ") for line in table.splitlines()) == 4 and "| BN-x30 |" in table
+    # The test images measured, not those asked for (the table said 100000 of a data set's 200).
+    n_test = len(load_mnist(mnist_dir).test_images)
+    assert summary["test_images"] == n_test and f"accuracy on {n_test} test images" in table
     assert (tmp_path / "inc" / "accuracy.png").stat().st_size > 10_000
 
 

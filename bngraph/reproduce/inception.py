@@ -136,6 +136,7 @@ def reproduce_inception(data: TensorData, cfg: InceptionConfig, *, progress: boo
         facts[name]["images_per_s"] = round(float(np.median([r["steps_per_s"] for r in run.metrics])) * cfg.batch_size, 1)
     run = InceptionRun(cfg, metrics, models, facts, time.perf_counter() - started, f"{data.name} ({data.source})")
     run.summary = inception_summary(run)
+    run.summary["test_images"] = n_test  # what --test-examples asked for, up to what the data holds
     return run
 
 
@@ -184,7 +185,7 @@ def inception_table(summary: dict) -> str:
     cost = f" BN-Baseline's step time / Inception's: {ratio:.3f}." if ratio else ""
     return "\n".join(rows) + (
         f"\n\n{cfg['steps']} steps of batch {cfg['batch_size']} on {summary['data']}; accuracy on "
-        f"{cfg['test_examples']} test images; {summary['wall_s']:.0f} s.{cost}\n"
+        f"{summary.get('test_images', cfg['test_examples'])} test images; {summary['wall_s']:.0f} s.{cost}\n"
     )
 
 

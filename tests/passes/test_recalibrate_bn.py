@@ -1,9 +1,11 @@
 """recalibrate_bn: Algorithm 2's population statistics, checked against a direct computation."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bngraph.errors import UserError
 from bngraph.passes.recalibrate_bn import recalibrate_bn
 from bngraph.trace import trace
 from tests.util import randomize_bn
@@ -148,3 +150,25 @@ def test_a_bn_whose_forward_is_called_directly_is_recalibrated():
         mean, var = population([model.fc(x) for (x,) in batches])
     torch.testing.assert_close(model.bn.running_mean, mean.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.bn.running_var, var.float(), rtol=1e-5, atol=1e-6)
+
+
+class HandWrittenBN(nn.Module):  # its own buffers, F.batch_norm: no nn.BatchNorm
+    def __init__(self, features):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(features)), nn.Parameter(torch.zeros(features))
+        self.register_buffer("running_mean", torch.full((features,), 5.0))
+        self.register_buffer("running_var", torch.full((features,), 9.0))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, 1e-5)
+
+
+def test_a_hand_written_bn_is_refused_and_nothing_is_changed():
+    # Its statistics stayed as they were (the report did not name it), and the BN after it was
+    # measured on what they gave: a running_var of 0 after an all-zero ReLU.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), HandWrittenBN(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()
+    randomize_bn(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match=r"F.batch_norm on running statistics no nn.BatchNorm holds \(1.running_mean\)"):
+        recalibrate_bn(model, [(torch.randn(8, 3, 8, 8),)])
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
