@@ -778,11 +778,29 @@ def _filling(folder: Path, path: Path, made: list[Path], replacing: bool, force:
                 discarded.signum = stop.signum
             raise discarded from None
         if not (folder / "checkpoint.pt").exists():
-            shutil.rmtree(folder, ignore_errors=True)
+            _discard_run(folder)
             _remove_made(made)
         raise
     except BaseException:
         if replacing or not (folder / "checkpoint.pt").exists():
-            shutil.rmtree(folder, ignore_errors=True)
+            _discard_run(folder)
             _remove_made(made)
         raise
+
+
+def _discard_run(folder: Path) -> None:
+    """Remove what bngraph wrote in a run folder it is giving up; a file the user put there while
+    the run went on (notes.txt) stays, in the folder, which is then no run (its marker gone)."""
+    if not folder.is_dir():
+        return
+    theirs = {name.split("/")[0] for name in foreign_entries(folder, RUN)}
+    if not theirs:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for entry in folder.iterdir():
+        if entry.name in theirs:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)

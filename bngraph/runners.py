@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from bngraph.errors import UserError, one_line
 from bngraph.errors import running_user_model
@@ -49,7 +50,8 @@ class TorchRunner:
         self.output_names: list[str] | None = None  # known after the first call
         self.tensor_outputs = 0  # how many of them are tensors
         self.every_leaf = False
-        self.computed_eps: float | None = None  # `ComputedPrecision`'s, known after the first call
+        # `ComputedPrecision`'s epsilon of each output, known after the first call
+        self.computed_eps: list[float] | None = None
 
     def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         # The first run records the precision the forward computes in; one run shows which
@@ -57,9 +59,16 @@ class TorchRunner:
         precision = ComputedPrecision() if self.computed_eps is None else contextlib.nullcontext()
         with torch.no_grad(), eval_mode(self.module), running_user_model(), precision:
             out = self.module(*(torch.from_numpy(np.array(x, order="C", copy=True)) for x in inputs))  # see fresh_inputs
+        arrays = self._arrays(out)
         if isinstance(precision, ComputedPrecision):
-            self.computed_eps = precision.eps
-        return self._arrays(out)
+            leaves = named_leaves(out) if self.every_leaf else named_tensors(out)
+            self.computed_eps = [precision.eps_of(leaf) for _, leaf in leaves]
+        return arrays
+
+    def eps_of_output(self, index: int) -> float:
+        """The epsilon output `index` was computed at (0 for a runner that does not know: ONNX)."""
+        eps = self.computed_eps or []
+        return eps[index] if index < len(eps) else max(eps, default=0.0)
 
     def _arrays(self, out: Any) -> list[np.ndarray]:
         tensors = named_tensors(out)
@@ -69,18 +78,24 @@ class TorchRunner:
 
 
 class ComputedPrecision(TorchFunctionMode):
-    """The epsilon of the least precise floating tensor any torch function computed while the
-    mode was on (0 where none did): a bfloat16 layer inside a float32 model rounds at bfloat16's
-    epsilon, whatever the model's output's dtype. What a forward computes, not what it holds or
-    moves: an unused bfloat16 buffer in a float32 model widened verify's tolerance to 0.031, and
-    so did a bfloat16 zero indexed, cloned or concatenated from a buffer and added to a float32
-    sum (exact: the sum is float32), and a candidate 2% off passed. A view, or a copy in a
-    precision no finer than its inputs' (`MOVES`), computes nothing; a cast to a coarser dtype
-    rounds. A fold rounds its weights in their layer's dtype, which that layer computes in."""
+    """The epsilon of the least precise floating tensor computed on the way to each tensor while
+    the mode was on (`eps_of`; 0 where nothing rounded coarser than float64): a bfloat16 layer
+    inside a float32 model rounds every output after it at bfloat16's epsilon, whatever their
+    dtype. Followed tensor by tensor, not for the whole forward: one float16 side output (or a
+    bfloat16 cast feeding a comparison) widened the tolerance of a float32 model's logits that
+    never passed through it, and a candidate 0.17% off passed. What a forward computes, not what
+    it holds or moves: an unused bfloat16 buffer widened verify's tolerance to 0.031, and so did a
+    bfloat16 zero indexed, cloned or concatenated from a buffer and added to a float32 sum (exact:
+    the sum is float32). A view, or a copy in a precision no finer than its inputs' (`MOVES`),
+    computes nothing; a cast to a coarser dtype rounds. A fold rounds its weights in their layer's
+    dtype, which that layer computes in."""
 
     def __init__(self):
         super().__init__()
-        self.eps = 0.0
+        self._rounded: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> coarsest eps on its way
+
+    def eps_of(self, tensor) -> float:
+        return self._rounded.get(tensor, 0.0) if isinstance(tensor, torch.Tensor) else 0.0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -90,13 +105,16 @@ class ComputedPrecision(TorchFunctionMode):
         storages = {_storage(t) for t in read}
         finest = min((torch.finfo(t.dtype).eps for t in read if t.is_floating_point()), default=None)
         moves = getattr(func, "__name__", None) in MOVES
+        inherited = max((self._rounded.get(t, 0.0) for t in read), default=0.0)
         for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            if not isinstance(t, torch.Tensor):
                 continue
-            eps = torch.finfo(t.dtype).eps
-            if (_storage(t) in storages and _storage(t) is not None) or (moves and finest is not None and eps <= finest):
-                continue  # a view, or values moved without rounding
-            self.eps = max(self.eps, eps)
+            eps = inherited
+            computed = not ((_storage(t) in storages and _storage(t) is not None)  # a view, or written in place
+                            or (moves and finest is not None and torch.finfo(t.dtype).eps <= finest))  # moved
+            if t.is_floating_point() and computed:
+                eps = max(eps, torch.finfo(t.dtype).eps)
+            self._rounded[t] = max(eps, self._rounded.get(t, 0.0))
         return out
 
 

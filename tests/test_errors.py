@@ -623,3 +623,33 @@ def test_a_buffer_that_is_infinite_by_design_is_not_a_divergence(tmp_path, capfd
         "        self.register_buffer('mask', torch.full((3, 3), float('-inf')).triu(1))"))
     code, _, err = _cli(capfd, *args, "--steps", 4, "--eval-every", 2)
     assert code == 0, err
+
+
+def test_a_buffer_the_forward_drops_is_no_longer_watched(tmp_path, capfd):
+    # A cache invalidated in training (`self.cache = None`): the finite check looked it up by name
+    # and the run died with a KeyError after its steps.
+    args = _tiny_run(tmp_path)
+    (tmp_path / "tiny.py").write_text(TINY_CONV_NET.replace(
+        "self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(64, 3)",
+        "self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(64, 3)\n"
+        "        self.register_buffer('cache', torch.zeros(3), persistent=False)").replace(
+        "        return self.fc(", "        if self.training:\n            self.cache = None\n        return self.fc("))
+    code, _, err = _cli(capfd, *args, "--steps", 4, "--eval-every", 2)
+    assert code == 0, err
+
+
+def test_a_run_given_up_before_its_first_checkpoint_keeps_a_file_the_user_put_in_its_folder(tmp_path, capfd):
+    # The whole folder went with shutil.rmtree, the user's notes with it.
+    args = _tiny_run(tmp_path)
+    notes = tmp_path / "run" / "notes.txt"
+    (tmp_path / "tiny.py").write_text(TINY_CONV_NET.replace(
+        "        return self.fc(",
+        "        if self.training:\n"
+        f"            import pathlib\n"
+        f"            pathlib.Path({str(notes)!r}).write_text('mine')  # the user, while the run goes on\n"
+        f"            return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1)) * float('nan')\n"
+        "        return self.fc("))
+    code, _, err = _cli(capfd, *args, "--steps", 30, "--eval-every", 30)
+    assert code == 1 and "training diverged" in err
+    assert notes.read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"]  # bngraph's files went

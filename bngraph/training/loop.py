@@ -453,11 +453,12 @@ class _FiniteWatch:
             raise _diverged(f"the test loss is {test_loss} after step {step}", lr, out_dir, saved_at)
         if not self.watched:
             return
-        tensors = self._tensors()
-        finite = [torch.isfinite(tensors[name].detach()).all() for name in self.watched]
+        tensors = self._tensors()  # a buffer the forward dropped (`self.cache = None`) is no longer watched
+        watched = [name for name in self.watched if name in tensors]
+        finite = [torch.isfinite(tensors[name].detach()).all() for name in watched] or [torch.tensor(True)]
         (broken,) = sum_over_ranks([(~torch.stack(finite)).int()], self.ctx)
         if bool(broken.any()):
-            name = self.watched[int(broken.nonzero()[0])]
+            name = watched[int(broken.nonzero()[0])]
             # A running statistic overflows from inputs float32 cannot square (1e19), whatever the lr.
             fix = "lower --lr" if name in self.parameters else \
                 "lower --lr (or scale the data down, if its values reach 1e19: float32 cannot square them)"
