@@ -383,7 +383,7 @@ def check_output(
         if found != kind:
             raise UserError(f"{path} is {DESCRIBED[found]}, not {DESCRIBED.get(kind, 'this output')}; choose another -o")
         if found == RUN:
-            _refuse_if_running(path)
+            refuse_if_running(path)
         if not force:
             resume = "add --resume to continue it, " if kind == RUN and (path / "checkpoint.pt").is_file() else ""
             raise UserError(f"{path} exists ({DESCRIBED[kind]} bngraph wrote): {resume}add --force (in Python, force=True) to replace it, "
@@ -700,7 +700,7 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
 def _held(folder: Path) -> Iterator[None]:
     """Hold `folder` for one training run (an advisory lock the kernel drops with the process):
     a second run, a `--resume` or a `--force` of the same folder meanwhile is refused, not let
-    write into it or swap it away under the first (`_refuse_if_running`)."""
+    write into it or swap it away under the first (`refuse_if_running`)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         _lock(fd, folder, fcntl.LOCK_EX)
@@ -709,7 +709,7 @@ def _held(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _refuse_if_running(folder: Path) -> None:
+def refuse_if_running(folder: Path) -> None:
     """Refuse a run folder that a training run still going holds (`_held`)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

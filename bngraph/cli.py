@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         if err.filename is not None or err.errno not in _STREAM_ERRORS:
             raise
         return _streams_failed(err)
+    except Exception as err:
+        if not _a_peer_was_lost(err):
+            raise
+        # Another rank failed and said why in its own line; this one's collective broke with it.
+        print(f"bngraph: error: rank {os.environ['RANK']} stopped: another process of the job failed", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:  # a stopped training run says where to resume
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it for the job
             print(f"bngraph: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
@@ -248,6 +255,18 @@ def main(argv: list[str] | None = None) -> int:
             # Python's exit would walk every object torch made, ~1 s after a command that used
             # it; frozen, they are left to the OS.
             gc.freeze()
+
+
+def _a_peer_was_lost(err: BaseException) -> bool:
+    """Whether `err` is a rank's collective failing under torchrun (gloo's "Connection closed by
+    peer", NCCL's errors): another rank of the job failed, and its traceback was noise."""
+    if "RANK" not in os.environ or err.__traceback__ is None:
+        return False
+    # DDP's all-reduce runs in autograd's C++ engine: its error is known by its words, not its frame.
+    frames = [frame.f_code.co_filename.replace(os.sep, "/") for frame, _ in traceback.walk_tb(err.__traceback__)]
+    return "torch/distributed/" in frames[-1] or type(err).__name__.startswith("Dist") or \
+        any(word in str(err) for word in ("gloo/transport", "Connection closed by peer", "Connection reset by peer",
+                                          "NCCL error", "ProcessGroupNCCL"))
 
 
 # A standard stream that cannot be written (`> /dev/full`, a stream on a lost terminal or disk).

@@ -64,7 +64,7 @@ def insert(
     torch.fx cannot trace get the module-level fallback unless `fallback=False`, which also
     leaves the activation modules inside submodules a partial trace keeps whole (`not_handled`).
     """
-    check_model(model, "insert", example_inputs)
+    check_model(model, "insert", example_inputs, allow_none=True)
     # Every run of the model and its copies here is bngraph's: a counter its forward keeps (a
     # hook bound to the model writes the model's even from a copy) stays where the model had it.
     with buffers_kept(model):

@@ -32,6 +32,8 @@ def library_call(function: Callable | None = None, *, refuse_inference_mode: boo
       tensors bngraph makes without naming a device (and the model's own) went there;
     - one call at a time in the process: torch.fx's tracer patches nn.Module.__call__ for
       everyone while it traces, and calls from two threads failed as if the model had raised.
+      A call from another thread waits for the one running (a `train` on_eval callback that
+      waits on another thread's `fold` would wait for ever: call it in the callback's thread).
     With `refuse_inference_mode` (a function that traces, trains or saves), a call inside
     torch.inference_mode() is a UserError: the tensors the caller made there keep no version
     counter and take no gradient, and torch's words for the failure spoke of counters."""

@@ -164,11 +164,13 @@ def check_modules_registered(model: nn.Module) -> None:
                             f"{type(container).__name__}, not a registered submodule: {why}; hold the layers in {wanted}")
 
 
-def check_model(model, verb: str, example_inputs: Sequence | None = None) -> None:
+def check_model(model, verb: str, example_inputs: Sequence | None = None, *, allow_none: bool = False) -> None:
     """A model bngraph can work on, with inputs it can run it on: an nn.Module (not TorchScript,
     whose graph bngraph cannot rewrite), with its weights materialized (not on the meta device),
     holding no torch.compile'd module (whose forward runs dynamo's compiled frame, which tracing
-    and running its code here break); and tensors for inputs, one per forward argument."""
+    and running its code here break); and tensors for inputs, one per forward argument (or, with
+    `allow_none`, None for an optional argument left out: insert's trace takes it as a constant,
+    where fold and export compare runs on tensors)."""
     if isinstance(model, torch.jit.ScriptModule):  # its submodules are modules too: reported as not reached
         raise UserError(f"{verb} takes an nn.Module, not a TorchScript module (torch.jit.script or torch.jit.trace), "
                         "whose graph bngraph cannot rewrite: give it the module that was scripted")
@@ -183,9 +185,14 @@ def check_model(model, verb: str, example_inputs: Sequence | None = None) -> Non
         raise UserError(f"the model's {on_meta} is on the meta device (no values): load its weights first "
                         "(model.to_empty(device='cpu'), then load_state_dict)")
     for i, x in enumerate(example_inputs or ()):
+        if x is None or isinstance(x, (bool, int, float)):  # an optional argument left out, a scale
+            if x is None and allow_none:
+                continue
+            raise UserError(f"example input {i} is {x!r}: {verb} runs the model on tensors; leave an optional "
+                            "argument out of the example inputs, or give it as a tensor")
         if not isinstance(x, torch.Tensor):
-            raise UserError(f"example input {i} is a {type(x).__name__}: bngraph runs a model on tensors, one per "
-                            "forward argument (wrap a model that takes a dict or a list in one whose forward takes tensors)")
+            raise UserError(f"example input {i} is a {type(x).__name__}: {verb} runs the model on tensors, one per "
+                            "forward argument; wrap a model that takes a dict or a list in one whose forward takes tensors")
         if x.is_meta:
             raise UserError(f"example input {i} is on the meta device (no values)")
 

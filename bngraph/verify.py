@@ -132,6 +132,10 @@ def verify(
     compared = []  # (diff, reference runner, candidate runner, output index in each)
     for ref, cand in pairs:
         ref_out, cand_out = run(ref), run(cand)
+        for runner in (ref, cand):  # {"a.b": h, "a": {"b": g}}: paired by position, they were swapped unseen
+            if twice := sorted({n for n in runner.output_names or [] if (runner.output_names or []).count(n) > 1}):
+                raise UserError(f"{runner.label}'s outputs name {twice[0]!r} twice once their keys are joined with "
+                                "'.': verify cannot tell which is which; give them distinct keys")
         names, problem = _paired_names(ref, cand, len(ref_out[0]), len(cand_out[0]))
         # First: a side whose outputs change with the batch explains a count unlike the other's
         # ("2 outputs ['main', 'aux'] vs 1 ['main', 'aux']", names from one batch, count from another).

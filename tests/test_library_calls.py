@@ -136,6 +136,16 @@ def test_train_inside_the_callers_no_grad_trains():
     assert not torch.equal(model[4].weight, before)
 
 
+class OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, mask=None):
+        y = torch.relu(self.conv(x))
+        return y if mask is None else y * mask
+
+
 def test_torchscript_and_unmaterialized_models_and_non_tensor_inputs_are_refused_in_one_line():
     # A scripted model went through the module-level fallback, which found no nn.BatchNorm in it:
     # fold said "the model has no BatchNorm", insert "nothing changed", both returning it as it was.
@@ -152,6 +162,12 @@ def test_torchscript_and_unmaterialized_models_and_non_tensor_inputs_are_refused
             call(model, [{"x": x}])
         with pytest.raises(bngraph.UserError, match="example input 0 is on the meta device"):
             call(model, [x.to("meta")])
+    masked = OptionalMask()
+    with pytest.raises(bngraph.UserError, match="example input 1 is None: fold runs the model on tensors"):
+        bngraph.fold(masked, [x, None])
+    with pytest.raises(bngraph.UserError, match="example input 1 is 2.0: insert runs the model on tensors"):
+        bngraph.insert(masked, [x, 2.0])
+    bngraph.insert(masked, [x, None])  # an optional argument left at None: insert takes it, as it always did
     with pytest.raises(bngraph.UserError, match="x_train is on the meta device"):
         TensorData(torch.rand(4, 3, 8, 8, device="meta"), torch.zeros(4, dtype=torch.long), torch.rand(4, 3, 8, 8),
                    torch.zeros(4, dtype=torch.long))

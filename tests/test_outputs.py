@@ -385,6 +385,15 @@ def test_an_output_in_or_at_the_input_is_refused(tmp_path, capsys, inputs):
     assert snapshot(tmp_path) == before
 
 
+def test_an_output_inside_the_data_bngraph_data_names_is_refused(tmp_path, capsys, inputs, monkeypatch):
+    # Without --data, $BNGRAPH_DATA is read, and -o inside it was let through.
+    monkeypatch.setenv("BNGRAPH_DATA", str(inputs / "mnist"))
+    before = snapshot(inputs)
+    code, _, err = _run(capsys, ["train", "zoo:mnist-mlp", "--steps", 1, "-o", inputs / "mnist" / "run"])
+    assert code == 2 and "inside" in _one_error_line(err)
+    assert snapshot(inputs) == before
+
+
 @pytest.mark.parametrize("argv", [["fold", "zoo:mnist-mlp"], ["insert", "zoo:mnist-mlp"], ["train", "zoo:mnist-mlp"]])
 def test_a_folder_is_never_named_like_a_file(argv, tmp_path, capsys):
     code, _, err = _run(capsys, [*argv, "-o", tmp_path / "x.onnx"])

@@ -1116,6 +1116,29 @@ def test_a_bfloat16_tensor_the_forward_computes_nothing_in_leaves_a_float32_mode
         check_same_function(reference, candidate, [torch.randn(2, 16)], what="the candidate")
 
 
+class ProjectionWithHalfCopy(Projection):
+    """The float32 logits and, beside them, a float16 copy and a bfloat16-computed mask."""
+
+    scale = 1.0
+
+    def forward(self, x):
+        logits = self.fc(x) * self.scale
+        return logits, logits.half(), logits.bfloat16() > 0
+
+
+class ProjectionWithHalfCopyOff(ProjectionWithHalfCopy):
+    scale = 1.003
+
+
+def test_each_output_is_judged_at_the_precision_it_was_computed_in():
+    # One float16 side output set float16's tolerance for every output: float32 logits 0.3% off
+    # passed.
+    result = verify(ProjectionWithHalfCopy().eval(), ProjectionWithHalfCopyOff().eval(), random_batches([(2, 16)]))
+    logits, half, _ = result.diffs
+    assert not logits.passed and logits.atol == TORCH_TOLERANCE
+    assert half.atol > TORCH_TOLERANCE  # float16's own rounding, where the float16 copy is judged
+
+
 class Spectrum(nn.Module):
     """A spectral layer: the (complex) spectrum of a learned filter's output."""
 
@@ -1674,3 +1697,22 @@ def test_an_export_whose_outputs_change_with_the_batch_says_so(tmp_path):
     with pytest.raises(bngraph.CheckFailed, match=r"returns 2 output\(s\) on a batch of 2 and 1 on a batch of 1"):
         export(KeysByBatch().eval(), [torch.randn(2, 4)], tmp_path / "keys.onnx")
     assert not (tmp_path / "keys.onnx").exists()
+
+
+class KeysJoined(nn.Module):
+    swapped = False
+
+    def forward(self, x):
+        h, k = torch.relu(x), torch.relu(x) * 5
+        if self.swapped:
+            h, k = k, h
+        return {"a.b": h, "a": {"b": k}}
+
+
+def test_outputs_whose_joined_names_collide_are_refused():
+    # {"a.b": h, "a": {"b": 5h}} against the values swapped: both name their outputs a.b, a.b, and
+    # paired by position they passed.
+    swapped = KeysJoined()
+    swapped.swapped = True
+    with pytest.raises(UserError, match="name 'a.b' twice"):
+        verify(KeysJoined(), swapped, random_batches([(2, 6)]))

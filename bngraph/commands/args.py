@@ -9,6 +9,7 @@ a step that needs a heavy module imports it when it runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -162,7 +163,10 @@ def input_paths(args: argparse.Namespace) -> list:
     model = getattr(args, "model", None)
     # A wrong model spec is said first: it is the first thing wrong with the command line.
     path = _model_path(parse_model_spec(model)) if model else None
-    return [p for p in (path, getattr(args, "weights", None), getattr(args, "data", None)) if p]
+    data = getattr(args, "data", None)
+    if data is None and hasattr(args, "data"):  # read from $BNGRAPH_DATA then, where -o must not go either
+        data = os.environ.get("BNGRAPH_DATA") or None
+    return [p for p in (path, getattr(args, "weights", None), data) if p]
 
 
 def _model_path(spec: ModelSpec) -> Path | None:

@@ -196,8 +196,8 @@ def _launch(args: argparse.Namespace, device: torch.device) -> None:
     # Imported here, not above: `bngraph --help` starts without torch.
     import torch
 
-    from bngraph.atomic import RUN, check_output
-    from bngraph.training.checkpoint import saved_field
+    from bngraph.atomic import RUN, check_output, refuse_if_running
+    from bngraph.training.checkpoint import check_resumable, saved_field
     from bngraph.training.data import EpochSampler
     from bngraph.training.distributed import exec_torchrun, under_torchrun, without_option
 
@@ -212,7 +212,10 @@ def _launch(args: argparse.Namespace, device: torch.device) -> None:
         # would say it, once the job had started.
         if not args.resume:
             check_output(args.output, RUN, force=args.force, inputs=shared.input_paths(args))
-        elif (ran_as := saved_field(args.output, "world_size", 1)) != args.nproc:
+        else:
+            check_resumable(Path(args.output))
+            refuse_if_running(Path(args.output))
+        if args.resume and (ran_as := saved_field(args.output, "world_size", 1)) != args.nproc:
             raise UserError(f"the run in {args.output} ran as {ran_as} process(es), not {args.nproc}: resume it with "
                             "as many (they decide the batches)")
         data = shared.data_for_model(args, shared.load_from_args(args, seed=args.seed), "cpu", allow_stream=True)

@@ -11,6 +11,8 @@ outputs tell that a resume would continue another model's run.
 
 from __future__ import annotations
 
+import os
+
 from copy import deepcopy
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +42,7 @@ def open_run_folder(out_dir: Path | None, resume: bool) -> None:
     checkpoint_path = None if out_dir is None else out_dir / CHECKPOINT
     if out_dir is not None:
         check_writable(out_dir)
-    if resume and (checkpoint_path is None or not checkpoint_path.is_file()):
+    if resume and out_dir is None:
         raise UserError(_nothing_to_resume(out_dir, checkpoint_path))
     if resume:
         check_resumable(out_dir)
@@ -63,7 +65,11 @@ def _nothing_to_resume(out_dir: Path | None, checkpoint_path: Path | None) -> st
 
 def check_resumable(out_dir: Path) -> None:
     """A resume rewrites the checkpoint, the metrics and model/: only in a run folder bngraph
-    wrote, and holding nothing else (a checkpoint copied into a user's folder is not a run)."""
+    wrote, with a checkpoint, holding nothing else (a checkpoint copied into a user's folder is
+    not a run), that this process can write (a read-only one failed after all the steps)."""
+    checkpoint_path = out_dir / CHECKPOINT
+    if not checkpoint_path.is_file():
+        raise UserError(_nothing_to_resume(out_dir, checkpoint_path))
     if output_kind(out_dir) != RUN:
         raise UserError(f"cannot resume in {out_dir}: it is not a run folder bngraph wrote (no bngraph.json of a "
                         "run); it is left as it is: copy the whole run folder, or start a new run elsewhere")
@@ -72,6 +78,8 @@ def check_resumable(out_dir: Path) -> None:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise UserError(f"cannot resume in {out_dir}: it holds what bngraph did not write ({shown}), which resuming "
                         "could overwrite; it is left as it is: move that out, then resume")
+    if not os.access(out_dir, os.W_OK):  # a read-only mount: root's access() says so too
+        raise UserError(f"cannot resume in {out_dir}: the folder cannot be written (read-only)")
 
 
 def saved_config(out_dir: Path) -> dict | None:

@@ -203,7 +203,11 @@ def exec_torchrun(nproc: int, argv: Sequence[str]) -> NoReturn:
     sys.stderr.flush()
     # `python -m` puts the working folder first on sys.path, where the `bngraph` command does not:
     # a user's profile.py there replaced the standard library's in torchrun and in every rank.
-    os.execve(sys.executable, command, {**os.environ, "PYTHONSAFEPATH": "1"})
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    # torchrun sets 1 thread per process, with a banner saying so; the host's cores shared out
+    # instead (a 16-core host with 2 processes ran each on one core).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.execve(sys.executable, command, env)
 
 
 __all__ = [
