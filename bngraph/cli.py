@@ -19,6 +19,7 @@ import importlib.abc
 import importlib.metadata
 import io
 import os
+import re
 import signal
 import sys
 import threading
@@ -183,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     # surrogates): printed escaped, as stderr already does, rather than a UnicodeEncodeError.
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)  # argparse already exits 2 on a bad flag
+    try:
+        args = build_parser().parse_args(argv)  # argparse already exits 2 on a bad flag
+    except KeyboardInterrupt:  # a Ctrl-C while the verbs' modules import, before our handler
+        print("bngraph: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     args.argv = argv  # for a command that starts others with the same arguments (train --nproc)
     stopped_by = []  # the signals that asked the command to stop
 
@@ -233,8 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         if err.filename is not None or err.errno not in _STREAM_ERRORS:
             raise
-        return _streams_failed(err)
+        if _raised_writing_the_report(err):
+            return _streams_failed(err)
+        # Elsewhere, no file named: the shared memory DataLoader workers pass batches through
+        # (/dev/shm, 64 MB in a default container) was full, and was called a report to stdout.
+        print(f"bngraph: error: {err.strerror}, with no file named: the disk, or the shared memory of /dev/shm "
+              "(streamed data's workers use it: try --loader-workers 0), is full", file=sys.stderr)
+        return 2
     except Exception as err:
+        if (shm := _shared_memory_file(err)) is not None:
+            return _shared_memory_failed(err, shm)
         if not _a_peer_was_lost(err):
             raise
         # Another rank failed and said why in its own line; this one's collective broke with it.
@@ -284,6 +297,36 @@ def _closed_streams_to_devnull() -> None:
                 os.dup2(null, fd)
                 os.close(null)
             setattr(sys, name, open(fd, "w", errors="backslashreplace", closefd=False))
+
+
+# torch's words when a tensor cannot be put into shared memory: the file it made in /dev/shm.
+_SHARED_MEMORY_FILE = re.compile(r"unable to (?:allocate shared memory\(shm\) for|resize|write to) file </(torch_\d+_\d+_\d+)>")
+
+
+def _shared_memory_file(err: BaseException) -> str | None:
+    found = _SHARED_MEMORY_FILE.search(str(err)) if isinstance(err, RuntimeError) else None
+    return None if found is None else found[1]
+
+
+def _shared_memory_failed(err: BaseException, name: str) -> int:
+    """A tensor torch shares with worker processes (reproduce's workers, streamed data's loader)
+    did not fit in /dev/shm (64 MB in a default container) or under a file-size limit: one line,
+    and torch's half-made file removed where it is this process's (its name holds the pid)."""
+    if name.startswith(f"torch_{os.getpid()}_"):
+        with contextlib.suppress(OSError):
+            os.unlink(f"/dev/shm/{name}")
+    reason = str(err).rsplit(":", 1)[-1].strip()
+    print(f"bngraph: error: cannot share a tensor with the worker processes through /dev/shm ({reason}): make room "
+          "there (docker run --shm-size), or use fewer workers (--workers 1, --loader-workers 0)", file=sys.stderr)
+    return 2
+
+
+def _raised_writing_the_report(err: OSError) -> bool:
+    """Whether `err` came from printing (the report, rich's console, a flush here), where the
+    innermost frame of its traceback is."""
+    frames = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(err.__traceback__)]
+    here = (str(Path(rich.__file__).parent), str(Path(__file__).parent / "report.py"), __file__)
+    return not frames or frames[-1].startswith(here)
 
 
 def _streams_failed(err: OSError) -> int:

@@ -422,6 +422,20 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # not even the parent folder made for it
 
 
+def test_shared_memory_the_workers_cannot_get_is_one_line_and_leaves_no_file(tmp_path, inputs):
+    """reproduce shares its data with its worker processes through /dev/shm (64 MB in a default
+    container); one that does not fit (here: past a file-size limit) was a traceback, and torch's
+    half-made file stayed in /dev/shm."""
+    with subprocess.Popen([sys.executable, "-m", "bngraph", "reproduce", "mnist", "--data", str(inputs / "mnist"),
+                           "--steps", "4", "--workers", "2", "--quiet", "-o", "rep"], stderr=subprocess.PIPE,
+                          text=True, cwd=tmp_path, preexec_fn=_limited(64 * 1024)) as done:
+        _, err = done.communicate(timeout=300)
+    assert done.returncode == 2, err
+    assert "cannot share a tensor with the worker processes through /dev/shm (File too large" in _one_error_line(err)
+    assert not list(Path("/dev/shm").glob(f"torch_{done.pid}_*"))  # its name holds the process id
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_full_disk_under_a_file_output_keeps_the_old_file(tmp_path):
     old = tmp_path / "model.onnx"
     old.write_bytes(b"\x08\x08" + ONNX_MARK + b" the old model")  # ir_version, then bngraph's producer_name
@@ -908,3 +922,16 @@ def test_the_temporaries_a_killed_run_leaves_are_bngraphs_not_the_users(tmp_path
     assert atomic.foreign_entries(run, RUN) == []
     (run / ".notes.4242.partial.txt").write_text("not a name bngraph writes\n")
     assert atomic.foreign_entries(run, RUN) == [".notes.4242.partial.txt"]
+
+
+def test_a_ctrl_c_while_the_commands_modules_import_is_one_line(monkeypatch, capsys):
+    # Before the command's handler: building the parser imports every verb's module (seconds on
+    # a cold disk), and a Ctrl-C there printed a traceback.
+    import bngraph.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bngraph.cli, "build_parser", interrupted)
+    assert main(["insert", "zoo:mnist-mlp"]) == 130
+    assert capsys.readouterr().err == "bngraph: interrupted\n"
