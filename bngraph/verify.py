@@ -514,6 +514,15 @@ def verify_models(
                 # Silent, a model returning (logits, n, 3) passed against a file holding only logits.
                 report.notes.append(f"{text} returns {_listed(left_out)} beside its tensors, numbers or strings an ONNX "
                                     "file does not hold: only its tensors were compared")
+    # Silent, a ReLU gate shut on every drawn batch (or detections `y[y > 4]` never found)
+    # passed two models that differ once it opens.
+    for name in dict.fromkeys(d.output for d in result.diffs if d.problem is None and not d.exact):
+        diffs = [d for d in result.diffs if d.output == name]
+        if all(d.elements == 0 for d in diffs):
+            report.notes.append(f"output {name!r} was empty in every batch: nothing of it was compared")
+        elif all(d.scale <= np.finfo(np.float32).tiny for d in diffs):  # `compare`'s scale of an all-zero output
+            report.notes.append(f"output {name!r} was 0 at every element of every batch: it was compared only where "
+                                "it is 0 (a gate or threshold the random inputs never open)")
     # Silent, a float16 candidate passed a 0.3% gain error at float16's tolerance against float32.
     changed = {d.output: d for d in result.diffs if d.dtypes}
     for name, diff in changed.items():
@@ -558,11 +567,16 @@ def _rows_reached(batches, bounds, names: Sequence[str]) -> list[str]:
     no batch looks up is not compared."""
     notes = []
     for i, bound in enumerate(bounds):
+        values = np.unique(np.concatenate([np.ravel(batch[i]) for batch in batches]))
         if isinstance(bound, int) and bound > 2:
-            reached = len(np.unique(np.concatenate([np.ravel(batch[i]) for batch in batches])))
-            if reached < bound:
+            if len(values) < bound:
                 notes.append(f"input {_input_name(names, i)} looks up a table of {bound} rows, of which the batches "
-                             f"reached {reached}: the others were not compared")
+                             f"reached {len(values)}: the others were not compared")
+        elif bound is None and values.dtype.kind in "iu" and set(values.tolist()) <= {0, 1}:
+            # Ids clamped (or offset) before their table: found by no probe, so drawn where any
+            # table has rows; two models differing in rows 2 and up passed without a word.
+            notes.append(f"input {_input_name(names, i)} holds integers, drawn at 0 and 1 only (no table it indexes "
+                         "directly was found): what the models do with larger values was not compared")
     return notes
 
 

@@ -15,6 +15,7 @@ import bngraph
 from bngraph.cli import main
 from bngraph.export import export
 from bngraph.compare import ONNX_TOLERANCE, TORCH_TOLERANCE, compare
+from bngraph.verify import verify_models
 from tests.onnx_models import conv_bn_net, mlp_bn_net
 from tests.test_data import make_arrays, write_set
 from tests.test_data_formats import write_image_folder, write_npz
@@ -281,3 +282,67 @@ def test_an_onnx_file_with_symbolic_sizes_takes_the_pytorch_sides_declared_shape
     assert code == 0 and out.strip().splitlines()[-1].startswith("PASSED"), err
     code, _, err = run_cli("verify", tmp_path / "net.onnx", tmp_path / "net.onnx")  # nothing says the sizes
     assert code == 2 and "give them with --input-shape" in err
+
+
+GATED = """
+import torch
+from torch import nn
+
+
+class Gated(nn.Module):
+    example_input_shape = (2, 16)
+    k = 1.0
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.gate = nn.Linear(16, 8), nn.Linear(16, 4)
+        with torch.no_grad():
+            self.gate.bias.fill_(-6.0)  # shut on N(0, 1) inputs, open on larger ones
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y, torch.relu(self.gate(x) * self.k), y[y > 5 * self.k]  # a gate, and detections above a threshold
+
+
+class Tripled(Gated):
+    k = 3.0
+"""
+
+
+def test_an_output_the_random_batches_never_open_is_named_in_a_note(tmp_path):
+    # Both passed without a word: the gate was 0, the detections empty, on every drawn batch.
+    (tmp_path / "gated.py").write_text(GATED)
+    result, report = verify_models(f"{tmp_path / 'gated.py'}:Gated", f"{tmp_path / 'gated.py'}:Tripled")
+    assert result
+    assert "output 'output.1' was 0 at every element of every batch: it was compared only where it is 0" in \
+        " ".join(report.notes)
+    assert "output 'output.2' was empty in every batch: nothing of it was compared" in " ".join(report.notes)
+
+
+CLAMPED_IDS = """
+import torch
+from torch import nn
+
+
+class Clamped(nn.Module):
+    example_input_shape = (2, 5)
+    example_input_dtypes = (torch.int64,)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Embedding(50, 4)
+
+    def forward(self, ids):
+        return self.table(ids.clamp(0, 49))
+"""
+
+
+def test_integer_inputs_drawn_at_0_and_1_only_say_so(tmp_path):
+    # The clamp hid the table from the probe: ids were drawn at 0 and 1, and a candidate with
+    # rows 2-49 changed passed without a word.
+    (tmp_path / "ids.py").write_text(CLAMPED_IDS)
+    spec = f"{tmp_path / 'ids.py'}:Clamped"
+    _, report = verify_models(spec, spec)
+    assert "input 'ids' holds integers, drawn at 0 and 1 only" in " ".join(report.notes)
