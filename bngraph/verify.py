@@ -109,7 +109,8 @@ def verify(
         if ran:  # one input, run at batch 1 and not at 7: the model fixes its batch (a Reshape to [1, ...])
             return (f" (it runs at batch {min(ran)}: if the model fixes its batch, keep the input's own shape "
                     "with --static-input 0)")
-        return ""
+        # The first batch already fails: axis 0 may be no batch (a sequence-first LSTM's time steps).
+        return " (if axis 0 of the input is not its batch, keep the input's own shape with --static-input 0)"
 
     def run(runner) -> list[list[np.ndarray]]:
         if id(runner) not in outputs:

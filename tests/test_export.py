@@ -228,6 +228,24 @@ class _BatchOfOneOnly(torch.nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).view(1, -1))
 
 
+class _SequenceFirst(torch.nn.Module):  # (T, B, F): axis 0 is time, not the batch
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.bn = torch.nn.LSTM(6, 8), torch.nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.rnn(x)[0][-1]))
+
+
+def test_a_sequence_first_rnn_is_told_to_keep_its_inputs_shape(tmp_path):
+    # The exporter baked T=5 into a Reshape; run at "batch" 1, onnxruntime's words came alone.
+    model, x = randomize_bn(_SequenceFirst()), torch.randn(5, 2, 6)
+    with pytest.raises(bngraph.UserError, match=r"if axis 0 of the input is not its batch, keep the input's own shape "
+                                                 r"with --static-input 0\)$"):
+        export(model, [x], tmp_path / "m.onnx")
+    assert export(model, [x], tmp_path / "m.onnx", batch_axes=[None])
+
+
 def test_a_model_that_takes_one_batch_size_is_told_how_to_export_it_at_that_size(tmp_path):
     # The exporter said only "ValueError: The following inconsistencies were found".
     model, x = randomize_bn(_BatchOfOneOnly()), torch.randn(1, 3, 8, 8)
