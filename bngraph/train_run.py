@@ -28,7 +28,7 @@ from bngraph.report import Report
 from bngraph.reproduce.recipes import Recipe, apply_recipe
 from bngraph.training.checkpoint import saved_config
 from bngraph.training.config import TrainConfig, epochs_to_steps
-from bngraph.training.data import StreamData, TensorData, check_model_fits
+from bngraph.training.data import StreamData, TensorData, check_model_fits, logits_of
 from bngraph.training.data_formats import check_input_scale, with_model_classes
 from bngraph.training.distributed import SINGLE, Distributed, from_main
 from bngraph.training.run_folder import TrainedFolder, train_into_folder
@@ -175,7 +175,17 @@ def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamDat
     if data.class_names is not None:
         names = ", ".join(data.class_names[:8]) + (", ..." if len(data.class_names) > 8 else "")
         notes.append(f"output i is class i: {names} (all {len(data.class_names)} in the model's bngraph.json)")
+        classes, outputs = len(data.class_names), _outputs(run.model, data)
+        if outputs > classes:  # trained never to pick them, yet an argmax still may
+            notes.append(f"the model has {outputs} outputs for {classes} classes: outputs {classes} to {outputs - 1} "
+                         "name no class")
     return Report(f"bngraph train {model}", sections=sections, facts=facts, notes=notes)
+
+
+def _outputs(model: nn.Module, data: TensorData | StreamData) -> int:
+    """How many logits `model` (trained, on the CPU) gives an example."""
+    with torch.no_grad():
+        return logits_of(model.eval()(data.example(2).cpu())).shape[1]
 
 
 def recipe_changes(entry: dict) -> list[dict]:

@@ -293,6 +293,8 @@ def test_image_folder_trains_at_the_models_size_and_channels(tmp_path, capsys, n
     assert detect_format(root) == "image-folder"
     facts = _train(capsys, tmp_path, f"{nets}:Net", root)  # RGB, 8 x 8
     assert facts["data_format"] == "image-folder" and not facts["streamed"]
+    # Its 10 outputs for 3 folders: 7 an argmax may pick that no class is.
+    assert "the model has 10 outputs for 3 classes: outputs 3 to 9 name no class" in facts["notes"]
     data = open_data(root, input_shape=(2, 1, 28, 28))  # the same files, for a grayscale model
     assert data.x_train.shape == (9, 1, 28, 28) and data.y_train.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     data = open_data(root, input_shape=(2, 3, 8, 8), image_size="5,6")
