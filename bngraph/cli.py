@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bngraph: error: rank {os.environ['RANK']} stopped: another process of the job failed", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # a stopped training run says where to resume
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it for the job
+        if not _a_rank_of_torchrun() or os.environ["RANK"] == "0":  # under torchrun, rank 0 says it for the job
             print(f"bngraph: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
         # 128 + the signal, as a shell reports it: the training loop stops on either signal
         # itself (after a whole step) and says which; else SIGTERM came through our handler.
@@ -270,10 +270,16 @@ def main(argv: list[str] | None = None) -> int:
             gc.freeze()
 
 
+def _a_rank_of_torchrun() -> bool:
+    """As `bngraph.training.distributed.under_torchrun` (which imports torch): RANK alone is set
+    in many a cluster's shell, where a plain run said nothing when stopped."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"))
+
+
 def _a_peer_was_lost(err: BaseException) -> bool:
     """Whether `err` is a rank's collective failing under torchrun (gloo's "Connection closed by
     peer", NCCL's errors): another rank of the job failed, and its traceback was noise."""
-    if "RANK" not in os.environ or err.__traceback__ is None:
+    if not _a_rank_of_torchrun() or err.__traceback__ is None:
         return False
     # DDP's all-reduce runs in autograd's C++ engine: its error is known by its words, not its frame.
     frames = [frame.f_code.co_filename.replace(os.sep, "/") for frame, _ in traceback.walk_tb(err.__traceback__)]

@@ -105,7 +105,10 @@ class ComputedPrecision(TorchFunctionMode):
         storages = {_storage(t) for t in read}
         finest = min((torch.finfo(t.dtype).eps for t in read if t.is_floating_point()), default=None)
         moves = getattr(func, "__name__", None) in MOVES
-        inherited = max((self._rounded.get(t, 0.0) for t in read), default=0.0)
+        # Values carry their rounding on; a choice (a mask, an argmax, an index) carries none into
+        # the float32 values it selects: a bfloat16 router's `>` widened float32 experts' tolerance.
+        inherited = max((self._rounded.get(t, 0.0) for t in read if t.is_floating_point() or t.is_complex()),
+                        default=0.0)
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue

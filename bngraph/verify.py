@@ -522,8 +522,8 @@ def verify_models(
         if all(d.elements == 0 for d in diffs):
             report.notes.append(f"output {name!r} was empty in every batch: nothing of it was compared")
         elif all(d.scale <= np.finfo(np.float32).tiny for d in diffs):  # `compare`'s scale of an all-zero output
-            report.notes.append(f"output {name!r} was 0 at every element of every batch: it was compared only where "
-                                "it is 0 (a gate or threshold the random inputs never open)")
+            report.notes.append(f"output {name!r} was 0 at every element of every batch: if it can be other than 0, "
+                                "the inputs that make it so were not drawn, and it was not compared there")
     # Silent, a float16 candidate passed a 0.3% gain error at float16's tolerance against float32.
     changed = {d.output: d for d in result.diffs if d.dtypes}
     for name, diff in changed.items():
@@ -573,7 +573,8 @@ def _rows_reached(batches, bounds, names: Sequence[str]) -> list[str]:
             if len(values) < bound:
                 notes.append(f"input {_input_name(names, i)} looks up a table of {bound} rows, of which the batches "
                              f"reached {len(values)}: the others were not compared")
-        elif bound is None and values.dtype.kind in "iu" and set(values.tolist()) <= {0, 1}:
+        elif bound is None and values.dtype.kind in "iu" and set(values.tolist()) <= {0, 1} \
+                and "mask" not in _input_name(names, i).lower():  # an attention mask is 0 or 1
             # Ids clamped (or offset) before their table: found by no probe, so drawn where any
             # table has rows; two models differing in rows 2 and up passed without a word.
             notes.append(f"input {_input_name(names, i)} holds integers, drawn at 0 and 1 only (no table it indexes "

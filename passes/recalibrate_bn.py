@@ -60,8 +60,9 @@ class _NormalizedInputs(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.batch_norm:
-            running_mean = args[1] if len(args) > 1 else kwargs.get("running_mean")
+        if func is F.batch_norm or func is torch.batch_norm:  # torch.batch_norm: (input, weight, bias, mean, var, ...)
+            at = 1 if func is F.batch_norm else 3
+            running_mean = args[at] if len(args) > at else kwargs.get("running_mean")
             if (moments := self.moments.get(id(running_mean))) is not None:
                 moments.add(args[0] if args else kwargs["input"])
             elif running_mean is not None:
@@ -105,15 +106,24 @@ class RecalibrateBN:
         finally:
             for module, training in flags.items():
                 module.training = training  # this module only: train() would recurse
-        if normalized.foreign:
+        owners = {id(b): (f"{path}.{n}" if path else n, m) for path, m in model.named_modules()
+                  for n, b in m.named_buffers(recurse=False)}
+        for i in normalized.foreign:
+            if i in owners and not any(p.requires_grad for p in owners[i][1].parameters(recurse=False)):
+                # Statistics and affine all fixed buffers (detectron2's FrozenBatchNorm2d): not
+                # the training network's to recompute, and what it gives is what training saw.
+                result.skipped.append(Skip(owners[i][0].rpartition(".")[0] or owners[i][0],
+                                           "a frozen BatchNorm (fixed buffers, nothing trained): kept as it is"))
+        foreign = [i for i in normalized.foreign if i not in owners or any(
+            p.requires_grad for p in owners[i][1].parameters(recurse=False))]
+        if foreign:
             # A hand-written BN (F.batch_norm on its own buffers) normalized with its old
             # statistics, and every BN after it was measured on what that gave: wrong, not skipped.
             for name, (mean, var, count) in before.items():
                 bns[name].running_mean.copy_(mean)
                 bns[name].running_var.copy_(var)
                 bns[name].num_batches_tracked.copy_(count)
-            held = {id(b): n for n, b in model.named_buffers()}
-            names = [held.get(i, "a tensor the model does not register") for i in normalized.foreign]
+            names = [owners[i][0] if i in owners else "a tensor the model does not register" for i in foreign]
             raise UserError(f"the model calls F.batch_norm on running statistics no nn.BatchNorm holds ({names[0]}): "
                             "recalibrate recomputes those of nn.BatchNorm modules only, and the BNs after it would "
                             "be measured on what its old statistics give; make it an nn.BatchNorm")

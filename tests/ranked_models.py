@@ -38,3 +38,16 @@ class FailsOnRank1(SmallConvNet):
             if self.training_calls == 3:
                 raise RuntimeError("rank 1 fails in its third step")
         return super().forward(x)
+
+
+class EvalOnlyHead(SmallConvNet):
+    """A second head run in eval mode only (a deployment calibration head): its parameters get no
+    gradient in training, which DDP takes for a rank that fell behind."""
+
+    def __init__(self):
+        super().__init__()
+        self.calibrated = nn.Linear(10, 10)
+
+    def forward(self, x):
+        logits = self.layers(x)
+        return logits if self.training else self.calibrated(logits)

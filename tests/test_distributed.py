@@ -193,6 +193,12 @@ def test_a_stopped_job_says_where_it_resumes_in_one_line_and_leaves_no_torchrun_
     succeeded(bngraph_cli(*train_args(data, run, "--steps", str(checkpoint(run)["step"] + 1), "--resume", "--nproc", "2")))
 
 
+def test_a_model_with_parameters_unused_in_training_trains_in_two_processes(data, tmp_path):
+    # DDP waited for their gradients: both ranks failed their second step with its traceback.
+    succeeded(bngraph_cli(*train_args(data, tmp_path / "run", "--steps", "3", "--nproc", "2", model="EvalOnlyHead")))
+    assert checkpoint(tmp_path / "run")["step"] == 3
+
+
 def test_two_torchrun_launches_form_one_job_and_a_resumed_run_matches_it(one_step, data, tmp_path):
     port = free_port()
     hosts = [tmp_path / "host-a", tmp_path / "host-b"]  # two -o folders, as on two machines

@@ -848,6 +848,26 @@ def test_an_untraceable_fold_skips_a_layer_with_a_backward_hook():
         torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
 
 
+class ClampedBN(nn.BatchNorm2d):  # an overflow guard after the BN, as fp16 code adds
+    def forward(self, x):
+        return super().forward(x).clamp(-8, 8)
+
+
+def test_an_untraceable_fold_leaves_a_batchnorm_subclass_that_computes_more():
+    # Folded module by module, it became an Identity and its clamp was lost: the example input
+    # never reached it, the check passed, and inputs x10 were 0.25 off.
+    torch.manual_seed(0)
+    model = _DataDependent()
+    model.bn = ClampedBN(model.bn.num_features)
+    randomize_bn(model)
+    x = torch.randn(2, 3, 6, 6)
+    folded, report = fold(model, [x])
+    assert report.sections["remaining"] == [
+        {"node": "bn", "reason": "ClampedBN overrides BatchNorm's forward: folding it would drop what else it computes"}]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x * 10), model(x * 10), rtol=0, atol=0)
+
+
 class FixedFilter(nn.Module):
     """A fixed Sobel filter held as a buffer (not trained), as edge and blur layers are written."""
 

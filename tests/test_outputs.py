@@ -935,3 +935,15 @@ def test_a_ctrl_c_while_the_commands_modules_import_is_one_line(monkeypatch, cap
     monkeypatch.setattr(bngraph.cli, "build_parser", interrupted)
     assert main(["insert", "zoo:mnist-mlp"]) == 130
     assert capsys.readouterr().err == "bngraph: interrupted\n"
+
+
+def test_a_stop_says_so_where_rank_is_set_outside_torchrun(tmp_path, monkeypatch, capsys):
+    # RANK alone (a cluster's shell, a job's worker pod): the stop was taken for a torchrun rank
+    # other than 0, which leaves the words to rank 0, and nothing was said.
+    monkeypatch.setenv("RANK", "1")
+    (tmp_path / "stops.py").write_text("from torch import nn\n\n\nclass Net(nn.Linear):\n"
+                                       "    example_input_shape = (2, 4)\n\n    def __init__(self):\n"
+                                       "        super().__init__(4, 4)\n\n    def forward(self, x):\n"
+                                       "        raise KeyboardInterrupt\n")
+    assert main(["insert", f"{tmp_path / 'stops.py'}:Net", "-o", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err == "bngraph: interrupted\n"

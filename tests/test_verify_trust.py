@@ -1139,6 +1139,27 @@ def test_each_output_is_judged_at_the_precision_it_was_computed_in():
     assert half.atol > TORCH_TOLERANCE  # float16's own rounding, where the float16 copy is judged
 
 
+class RoutedInBFloat16(Projection):
+    """A float32 model whose top-1 router compares in bfloat16: the choice rounds nothing."""
+
+    scale = 1.0
+
+    def forward(self, x):
+        h = self.fc(x)
+        pick = h.bfloat16()[:, :1] > 0
+        return torch.where(pick, h * 2, h) * self.scale
+
+
+class RoutedInBFloat16Off(RoutedInBFloat16):
+    scale = 1.02
+
+
+def test_a_choice_made_in_bfloat16_leaves_the_float32_values_it_picks_at_float32s_tolerance():
+    # The router's mask carried bfloat16's epsilon into the experts' float32 outputs: 2% passed.
+    result = verify(RoutedInBFloat16().eval(), RoutedInBFloat16Off().eval(), random_batches([(2, 16)]))
+    assert not result and result.diffs[0].atol == TORCH_TOLERANCE
+
+
 class Spectrum(nn.Module):
     """A spectral layer: the (complex) spectrum of a learned filter's output."""
 

@@ -27,6 +27,7 @@ runs out. torch 2.13 cannot run SyncBatchNorm on the CPU: bngraph.training.sync_
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -115,14 +116,31 @@ def join(
 # --- what ranks exchange -----------------------------------------------------------------------
 
 
-def wrap(model: nn.Module, ctx: Distributed, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, ctx: Distributed, device: torch.device, example: torch.Tensor) -> nn.Module:
     """The module a training step calls: `model` itself, or DDP around it (same parameters).
 
     Checkpoints and outputs use `model`, never the wrapper, so no `module.` prefix reaches them.
+    DDP waits for a gradient of every parameter; one the training forward leaves unused (an
+    auxiliary head run in eval mode only) failed the job's second step in DDP's words: such a
+    model is wrapped to look for them (`find_unused_parameters`, a graph walk per step).
     """
     if not ctx.is_distributed:
         return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=_unused_in_training(model, example))
+
+
+def _unused_in_training(model: nn.Module, example: torch.Tensor) -> bool:
+    """Whether a training step of `model` on `example` leaves a trainable parameter without a
+    gradient (on a copy: the step moves BN statistics). The same on every rank."""
+    from bngraph.training.data import logits_of  # here: data imports this module
+
+    probe = copy.deepcopy(model).train()
+    devices = [example.device.index or 0] if example.device.type == "cuda" else []
+    # Its dropout draws from the generators a resumed run has just restored: put back after.
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():  # whatever the caller's mode
+        logits_of(probe(example), mode="training").float().sum().backward()
+    return any(p.requires_grad and p.grad is None for p in probe.parameters())
 
 
 def sum_over_ranks(tensors: Sequence[torch.Tensor], ctx: Distributed) -> list[torch.Tensor]:

@@ -159,7 +159,7 @@ def train(
 
     started = time.perf_counter()
     window_start, window_steps = started, 0
-    net = wrap(model, ctx, dev)  # DDP under torchrun: a step's gradients are the global batch's
+    net = wrap(model, ctx, dev, example)  # DDP under torchrun: a step's gradients are the global batch's
     if config.compile:
         net = torch.compile(net)  # the training steps; evaluation runs the model as it is
     batches = step_batches(data, setup.sampler, start, config.steps, dev)

@@ -172,3 +172,35 @@ def test_a_hand_written_bn_is_refused_and_nothing_is_changed():
     with pytest.raises(UserError, match=r"F.batch_norm on running statistics no nn.BatchNorm holds \(1.running_mean\)"):
         recalibrate_bn(model, [(torch.randn(8, 3, 8, 8),)])
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+class TorchBatchNormBN(HandWrittenBN):  # the same, through torch.batch_norm's argument order
+    def forward(self, x):
+        return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.training, 0.1,
+                                1e-5, False)
+
+
+class FrozenBN(nn.Module):  # detectron2's FrozenBatchNorm2d: every tensor a fixed buffer
+    def __init__(self, features):
+        super().__init__()
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.5), ("running_var", 2.0)):
+            self.register_buffer(name, torch.full((features,), value))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, 1e-5)
+
+
+def test_a_hand_written_bn_through_torch_batch_norm_is_refused_too():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), TorchBatchNormBN(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(UserError, match=r"no nn.BatchNorm holds \(1.running_mean\)"):
+        recalibrate_bn(model.eval(), [(torch.randn(8, 3, 8, 8),)])
+
+
+def test_a_frozen_bn_is_kept_and_the_bn_after_it_recalibrated():
+    # Refused as a hand-written BN: its statistics are fixed, and what it gives is what training saw.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBN(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()
+    frozen = {k: v.clone() for k, v in model[1].state_dict().items()}
+    result = recalibrate_bn(model, [(torch.randn(8, 3, 8, 8),)])
+    assert result.changed == ["4"] and [(s.site, s.reason) for s in result.skipped] == [
+        ("1", "a frozen BatchNorm (fixed buffers, nothing trained): kept as it is")]
+    assert all(torch.equal(frozen[k], v) for k, v in model[1].state_dict().items())
