@@ -127,6 +127,8 @@ class OutputDiff:
         """The pass rule with this output's numbers in it."""
         if self.exact:
             return "c == r (integers and booleans: exactly)"
+        if self.scale <= np.finfo(np.float32).tiny:  # `output_scale`'s floor: the output is 0 everywhere
+            return f"|c - r| <= {self.atol:g} x float32's smallest normal (the output is all 0: no RMS) + {self.rtol:g} x |r|"
         return f"|c - r| <= {self.atol:g} x {self.scale:.3g} (output RMS) + {self.rtol:g} x |r|"
 
     def line(self) -> str:

@@ -53,7 +53,7 @@ from bngraph.report import Report
 from bngraph.trace import check_model, raise_if_model_raises
 from bngraph.runners import (
     BATCH_SIZES, batch_axes_of, eval_mode, example_batches, forward_parameter_names, fresh_inputs, named_leaves,
-    named_tensors,
+    named_tensors, unbatched_note, unbatched_sizes,
 )
 from bngraph.compare import VerifyResult
 
@@ -565,8 +565,11 @@ def export(
             "--standalone-bn mul-add writes a Mul and an Add instead"
         )
     batches = example_batches(example_inputs, EXPORT_BATCH_SIZES, batch_axes)
-    result, written = write_verified(model, path, module, batches, atol, rtol, batch_sizes=EXPORT_BATCH_SIZES,
-                                     force=force)
+    sizes = EXPORT_BATCH_SIZES
+    if unbatched := unbatched_sizes([tuple(x.shape) for x in example_inputs], batch_axes_of(example_inputs, batch_axes)):
+        sizes = (unbatched[0],) * len(batches)  # as they ran: [1, 1, 1, 7, 2] said the batch was varied
+        report.notes.append(unbatched_note(unbatched))
+    result, written = write_verified(model, path, module, batches, atol, rtol, batch_sizes=sizes, force=force)
     if not written:
         report.facts["output"] = "(not written: verification failed)"
     report.facts.update(result.facts())

@@ -712,7 +712,10 @@ def onnx_inputs(
             declared.append(None)  # rank unknown
         dtypes.append(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)))
     has_symbolic_batch = any(dims and dims[0] is None for dims in declared)
-    fixed = {dims[0] for dims in declared if dims and dims[0] is not None}
+    # A fixed first dimension of an input --static-input names is its own size, no batch (a
+    # sequence-first RNN's time steps): "the file fixes the batch at 5" was said of it.
+    fixed = {dims[0] for index, dims in enumerate(declared)
+             if dims and dims[0] is not None and index not in set(static_inputs)}
     shapes, batch_axes = [], []
     for index, (value, dims) in enumerate(zip(inputs, declared)):
         if input_shape is not None:

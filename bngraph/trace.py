@@ -195,6 +195,9 @@ def check_model(model, verb: str, example_inputs: Sequence | None = None, *, all
                             "forward argument; wrap a model that takes a dict or a list in one whose forward takes tensors")
         if x.is_meta:
             raise UserError(f"example input {i} is on the meta device (no values)")
+        if x.dtype == torch.bfloat16:  # the checks run the models on numpy arrays, which have no bfloat16
+            raise UserError(f"example input {i} is bfloat16, which {verb}'s checks cannot hold: give it as float32 "
+                            "and let the model cast it (x.to(torch.bfloat16) in its forward)")
 
 
 def materialize_lazy(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:

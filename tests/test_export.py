@@ -19,7 +19,7 @@ import bngraph
 from bngraph.cli import main
 from bngraph.errors import UserError
 from bngraph.export import OPSET, export
-from bngraph.runners import OrtRunner
+from bngraph.runners import OrtRunner, onnx_inputs
 from bngraph.compare import ONNX_TOLERANCE
 from bngraph.zoo import create_model, get_entry, list_models
 from tests.onnx_models import conv_bn_net
@@ -243,7 +243,13 @@ def test_a_sequence_first_rnn_is_told_to_keep_its_inputs_shape(tmp_path):
     with pytest.raises(bngraph.UserError, match=r"if axis 0 of the input is not its batch, keep the input's own shape "
                                                  r"with --static-input 0\)$"):
         export(model, [x], tmp_path / "m.onnx")
-    assert export(model, [x], tmp_path / "m.onnx", batch_axes=[None])
+    result = export(model, [x], tmp_path / "m.onnx", batch_axes=[None])
+    # Reported as they ran, with the note verify gives (it said [1, 1, 1, 7, 2]).
+    assert result and result.verification.batch_sizes == [5] * 5
+    assert "no input has a batch axis" in " ".join(result.report.notes)
+    # verify reads the file's fixed 5 as its time steps under --static-input 0, not as its batch
+    spec = onnx_inputs(tmp_path / "m.onnx", None, [0])
+    assert spec.fixed_batch is None and spec.batch_axes == [None]
 
 
 def test_a_model_that_takes_one_batch_size_is_told_how_to_export_it_at_that_size(tmp_path):

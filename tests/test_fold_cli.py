@@ -127,6 +127,7 @@ def test_json_report_keys(model_py, capsys):
     assert "track_running_stats=False" in report["remaining"][0]["reason"]
     assert {row["node"] for row in report["folded"]} == {"bn", "bn_fc"}
     assert report["nodes_before"] == 8 and report["nodes_after"] == 6
+    assert "no -o: folded and checked, nothing written" in report["notes"]  # it said nothing of it
 
 
 def test_strict_exits_1_when_a_batchnorm_is_left_and_still_writes(tmp_path, model_py, capsys):

@@ -162,6 +162,9 @@ def test_torchscript_and_unmaterialized_models_and_non_tensor_inputs_are_refused
             call(model, [{"x": x}])
         with pytest.raises(bngraph.UserError, match="example input 0 is on the meta device"):
             call(model, [x.to("meta")])
+        with pytest.raises(bngraph.UserError, match="example input 0 is bfloat16"):  # was numpy's TypeError
+            call(model.to(torch.bfloat16), [x.to(torch.bfloat16)])
+        model.float()
     masked = OptionalMask()
     with pytest.raises(bngraph.UserError, match="example input 1 is None: fold runs the model on tensors"):
         bngraph.fold(masked, [x, None])

@@ -96,6 +96,7 @@ def test_without_output_it_verifies_and_writes_nothing(exported, tmp_path):
     eval_path, _ = exported
     code, report = fold(eval_path, None)
     assert code == 0 and report["passed"] is True and "output" not in report
+    assert "no -o: folded and checked, nothing written" in report["notes"]
 
 
 def test_a_file_that_is_not_onnx_is_a_user_error(tmp_path):

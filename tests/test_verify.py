@@ -318,6 +318,8 @@ def test_an_output_the_random_batches_never_open_is_named_in_a_note(tmp_path):
     assert "output 'output.1' was 0 at every element of every batch: if it can be other than 0, the inputs" in \
         " ".join(report.notes)
     assert "output 'output.2' was empty in every batch: nothing of it was compared" in " ".join(report.notes)
+    gate = next(d for d in result.diffs if d.output == "output.1")
+    assert "(the output is all 0: no RMS)" in gate.line()  # it showed float32's smallest normal as the RMS
 
 
 CLAMPED_IDS = """

@@ -16,7 +16,7 @@ MODEL may also be an ONNX file, folded in ONNX.
 
 Examples:
   bngraph fold net-bn/ -o net-folded          an artifact: bngraph.load('net-folded')
-  bngraph fold model.py:Net --json --strict   exit 1 if any BatchNorm is left
+  bngraph fold model.py:Net --json --strict   no -o: a check, nothing written; exit 1 if any BatchNorm is left
   bngraph fold model.onnx -o folded.onnx
 """
 
@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shared.add_report_arguments(parser)
 
 
+# Without -o, a fold is a check: what would fold, and that the result computes what MODEL does.
+NOTHING_WRITTEN = "no -o: folded and checked, nothing written"
+
+
 def run(args: argparse.Namespace) -> int:
     spec = parse_model_spec(args.model)
     if spec.kind == "onnx":
@@ -63,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     from bngraph.fold import fold_artifact  # torch: only once the command runs
 
     _, report = fold_artifact(shared.load_from_args(args), args.output, force=args.force)
+    if args.output is None:
+        report.notes.append(NOTHING_WRITTEN)
     shared.emit(report, args)
     return 1 if args.strict and report.sections["remaining"] else 0
 
@@ -95,6 +101,8 @@ def fold_onnx_file(in_path: str | Path, out_path: str | Path | None, args: argpa
         rtol=args.rtol,
         force=args.force,
     )
+    if out_path is None:
+        report.notes.append(NOTHING_WRITTEN)
     shared.emit(report, args)
     shared.print_lines(result, args)
     # A BN kept as the fastest exact form is a fixed map, not a failure: --strict counts the others.
