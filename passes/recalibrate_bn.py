@@ -15,6 +15,7 @@ on images of another domain it re-targets the model to that domain (Sec. 5).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -56,7 +57,9 @@ class _NormalizedInputs(TorchFunctionMode):
     def __init__(self, moments: dict[int, _Moments]):
         super().__init__()
         self.moments = moments  # by the id of the BN's running_mean
-        self.foreign: dict[int, torch.Tensor] = {}  # running statistics no nn.BatchNorm holds, by id
+        # Running statistics no nn.BatchNorm holds, by id: whether a call normalized with the
+        # batch's statistics (training=True), which moves them.
+        self.foreign: dict[int, bool] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -66,8 +69,22 @@ class _NormalizedInputs(TorchFunctionMode):
             if (moments := self.moments.get(id(running_mean))) is not None:
                 moments.add(args[0] if args else kwargs["input"])
             elif running_mean is not None:
-                self.foreign[id(running_mean)] = running_mean
+                training = bool(args[5] if len(args) > 5 else kwargs.get("training", False))
+                self.foreign[id(running_mean)] = self.foreign.get(id(running_mean), False) or training
         return func(*args, **kwargs)
+
+
+def _trained_in_training(model: nn.Module, batch: Sequence[torch.Tensor], names: Sequence[str]) -> list[str]:
+    """Which of the buffers `names` (running means no nn.BatchNorm holds) a training forward of
+    `model` normalizes with batch statistics: a hand-written BN, whose statistics training
+    moves; the others are frozen (detectron2's FrozenBatchNorm2d calls with training=False). On
+    a copy in train mode: the calls in eval mode say nothing (`training=self.training`)."""
+    probe = copy.deepcopy(model).train()
+    recorded = _NormalizedInputs({})
+    with torch.random.fork_rng(devices=[]), recorded:
+        probe(*fresh_inputs(batch))
+    buffers = dict(probe.named_buffers())
+    return [name for name in names if name not in buffers or recorded.foreign.get(id(buffers[name]), True)]
 
 
 class RecalibrateBN:
@@ -100,22 +117,23 @@ class RecalibrateBN:
             model.eval()
             for name in moments:
                 bns[name].train()  # batch statistics, as the training network computes them
+            first = None
             with _NormalizedInputs({id(bns[n].running_mean): m for n, m in moments.items()}) as normalized:
                 for batch in self.batches:
+                    first = batch if first is None else first
                     model(*fresh_inputs(batch))  # a forward may write into its input
         finally:
             for module, training in flags.items():
                 module.training = training  # this module only: train() would recurse
-        owners = {id(b): (f"{path}.{n}" if path else n, m) for path, m in model.named_modules()
-                  for n, b in m.named_buffers(recurse=False)}
-        for i in normalized.foreign:
-            if i in owners and not any(p.requires_grad for p in owners[i][1].parameters(recurse=False)):
-                # Statistics and affine all fixed buffers (detectron2's FrozenBatchNorm2d): not
-                # the training network's to recompute, and what it gives is what training saw.
-                result.skipped.append(Skip(owners[i][0].rpartition(".")[0] or owners[i][0],
-                                           "a frozen BatchNorm (fixed buffers, nothing trained): kept as it is"))
-        foreign = [i for i in normalized.foreign if i not in owners or any(
-            p.requires_grad for p in owners[i][1].parameters(recurse=False))]
+        held = {id(b): name for name, b in model.named_buffers()}
+        foreign = [held.get(i, "a tensor the model does not register") for i in normalized.foreign]
+        if foreign and first is not None:
+            trained = _trained_in_training(model, first, foreign)
+            for name in foreign:
+                if name not in trained:  # its statistics are fixed: what it gives is what training saw
+                    result.skipped.append(Skip(name.rpartition(".")[0] or name,
+                                               "a frozen BatchNorm (F.batch_norm with training=False): kept as it is"))
+            foreign = trained
         if foreign:
             # A hand-written BN (F.batch_norm on its own buffers) normalized with its old
             # statistics, and every BN after it was measured on what that gave: wrong, not skipped.
@@ -123,8 +141,7 @@ class RecalibrateBN:
                 bns[name].running_mean.copy_(mean)
                 bns[name].running_var.copy_(var)
                 bns[name].num_batches_tracked.copy_(count)
-            names = [owners[i][0] if i in owners else "a tensor the model does not register" for i in foreign]
-            raise UserError(f"the model calls F.batch_norm on running statistics no nn.BatchNorm holds ({names[0]}): "
+            raise UserError(f"the model calls F.batch_norm on running statistics no nn.BatchNorm holds ({foreign[0]}): "
                             "recalibrate recomputes those of nn.BatchNorm modules only, and the BNs after it would "
                             "be measured on what its old statistics give; make it an nn.BatchNorm")
         for name, m in moments.items():

@@ -5,6 +5,7 @@ Small enough that a few torchrun launches fit in a test run, with the state a re
 
 import os
 
+import torch
 from torch import nn
 
 
@@ -51,3 +52,32 @@ class EvalOnlyHead(SmallConvNet):
     def forward(self, x):
         logits = self.layers(x)
         return logits if self.training else self.calibrated(logits)
+
+
+class FirstStepDiffersOnRank1(SmallConvNet):
+    """Skips its extra layer in rank 1's first training forward only (the probe DDP's wrapping
+    runs), as a LayerDrop model may: the ranks' probes disagree."""
+
+    def __init__(self):
+        super().__init__()
+        self.extra = nn.Linear(10, 10)
+        self.forwards = 0
+
+    def forward(self, x):
+        logits = self.layers(x)
+        if self.training:
+            self.forwards += 1
+            if os.environ.get("RANK") == "1" and self.forwards == 1:
+                return logits
+        return logits + self.extra(logits)
+
+
+class HalvesNormalizedApart(SmallConvNet):
+    """Normalizes each half of a training batch on its own (SimCLR's two views): a batch of two
+    gives halves of one, which BatchNorm1d refuses in train mode."""
+
+    def forward(self, x):
+        if not self.training:
+            return self.layers(x)
+        half = len(x) // 2
+        return torch.cat([self.layers(x[:half]), self.layers(x[half:])])

@@ -193,9 +193,12 @@ def test_a_stopped_job_says_where_it_resumes_in_one_line_and_leaves_no_torchrun_
     succeeded(bngraph_cli(*train_args(data, run, "--steps", str(checkpoint(run)["step"] + 1), "--resume", "--nproc", "2")))
 
 
-def test_a_model_with_parameters_unused_in_training_trains_in_two_processes(data, tmp_path):
-    # DDP waited for their gradients: both ranks failed their second step with its traceback.
-    succeeded(bngraph_cli(*train_args(data, tmp_path / "run", "--steps", "3", "--nproc", "2", model="EvalOnlyHead")))
+@pytest.mark.parametrize("model", ["EvalOnlyHead", "FirstStepDiffersOnRank1", "HalvesNormalizedApart"])
+def test_a_model_with_parameters_unused_in_training_trains_in_two_processes(model, data, tmp_path):
+    # EvalOnlyHead: DDP waited for their gradients, and both ranks failed their second step with
+    # its traceback. The probe that finds them: the ranks disagreed and the job hung; a model that
+    # cannot run on the probe's batch of two failed with a traceback.
+    succeeded(bngraph_cli(*train_args(data, tmp_path / "run", "--steps", "3", "--nproc", "2", model=model)))
     assert checkpoint(tmp_path / "run")["step"] == 3
 
 

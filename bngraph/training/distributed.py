@@ -122,24 +122,32 @@ def wrap(model: nn.Module, ctx: Distributed, device: torch.device, example: torc
     Checkpoints and outputs use `model`, never the wrapper, so no `module.` prefix reaches them.
     DDP waits for a gradient of every parameter; one the training forward leaves unused (an
     auxiliary head run in eval mode only) failed the job's second step in DDP's words: such a
-    model is wrapped to look for them (`find_unused_parameters`, a graph walk per step).
+    model is wrapped to look for them (`find_unused_parameters`, a graph walk per step). Every
+    rank must wrap alike (the flag changes the collectives): the ranks' probes are combined.
     """
     if not ctx.is_distributed:
         return model
+    unused = torch.tensor([int(_unused_in_training(model, example))], device=example.device)
+    (unused,) = sum_over_ranks([unused], ctx)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=_unused_in_training(model, example))
+                                   find_unused_parameters=bool(unused.item()))
 
 
 def _unused_in_training(model: nn.Module, example: torch.Tensor) -> bool:
     """Whether a training step of `model` on `example` leaves a trainable parameter without a
-    gradient (on a copy: the step moves BN statistics). The same on every rank."""
+    gradient (on a copy: the step moves BN statistics), or cannot tell (the model does not run
+    on a batch of two in train mode: it is then looked for at every step, which always works).
+    A model that skips layers at random (LayerDrop) may use them all in this one step."""
     from bngraph.training.data import logits_of  # here: data imports this module
 
     probe = copy.deepcopy(model).train()
     devices = [example.device.index or 0] if example.device.type == "cuda" else []
     # Its dropout draws from the generators a resumed run has just restored: put back after.
     with torch.random.fork_rng(devices=devices), torch.enable_grad():  # whatever the caller's mode
-        logits_of(probe(example), mode="training").float().sum().backward()
+        try:
+            logits_of(probe(example), mode="training").float().sum().backward()
+        except Exception:  # noqa: BLE001 (the training step itself says what is wrong, on its real batch)
+            return True
     return any(p.requires_grad and p.grad is None for p in probe.parameters())
 
 

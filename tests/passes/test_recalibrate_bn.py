@@ -202,5 +202,22 @@ def test_a_frozen_bn_is_kept_and_the_bn_after_it_recalibrated():
     frozen = {k: v.clone() for k, v in model[1].state_dict().items()}
     result = recalibrate_bn(model, [(torch.randn(8, 3, 8, 8),)])
     assert result.changed == ["4"] and [(s.site, s.reason) for s in result.skipped] == [
-        ("1", "a frozen BatchNorm (fixed buffers, nothing trained): kept as it is")]
+        ("1", "a frozen BatchNorm (F.batch_norm with training=False): kept as it is")]
     assert all(torch.equal(frozen[k], v) for k, v in model[1].state_dict().items())
+
+
+class HandWrittenNoAffine(nn.Module):  # buffers only, like a frozen BN, but trained: training=self.training
+    def __init__(self, features):
+        super().__init__()
+        self.register_buffer("running_mean", torch.full((features,), 5.0))
+        self.register_buffer("running_var", torch.full((features,), 9.0))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, None, None, self.training, 0.1, 1e-5)
+
+
+def test_a_hand_written_bn_without_parameters_is_refused_not_taken_for_frozen():
+    # Owning no parameter, it was kept as "frozen" and its stale statistics fed the BN after it.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), HandWrittenNoAffine(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(UserError, match=r"no nn.BatchNorm holds \(1.running_mean\)"):
+        recalibrate_bn(model.eval(), [(torch.randn(8, 3, 8, 8),)])
