@@ -135,8 +135,6 @@ def test_truncated_file_in_dataset(tmp_path):
 def test_a_label_the_model_has_no_output_for_names_its_file(tmp_path, capsys):
     # Labels are checked against the model's outputs (EMNIST's 47 classes train a 47-output
     # model), not against MNIST's ten.
-    from bngraph.cli import main
-
     arrays = make_arrays()
     arrays["t10k-labels-idx1-ubyte"][7] = 12
     folder = write_set(tmp_path / "data", arrays)
