@@ -113,10 +113,11 @@ class ComputedPrecision(TorchFunctionMode):
             if not isinstance(t, torch.Tensor):
                 continue
             eps = inherited
-            computed = not ((_storage(t) in storages and _storage(t) is not None)  # a view, or written in place
-                            or (moves and finest is not None and torch.finfo(t.dtype).eps <= finest))  # moved
-            if t.is_floating_point() and computed:
-                eps = max(eps, torch.finfo(t.dtype).eps)
+            if t.is_floating_point():
+                own = torch.finfo(t.dtype).eps
+                viewed = _storage(t) in storages and _storage(t) is not None  # a view, or written in place
+                if not (viewed or (moves and finest is not None and own <= finest)):  # else moved, not rounded
+                    eps = max(eps, own)
             self._rounded[t] = max(eps, self._rounded.get(t, 0.0))
         return out
 

@@ -1737,3 +1737,14 @@ def test_outputs_whose_joined_names_collide_are_refused():
     swapped.swapped = True
     with pytest.raises(UserError, match="name 'a.b' twice"):
         verify(KeysJoined(), swapped, random_batches([(2, 6)]))
+
+
+class Buckets(nn.Module):  # a float computation cast to integers, as T5's relative-position buckets are
+    def forward(self, x):
+        return (x * 3).to(torch.long), x.float()
+
+
+def test_a_cast_to_integers_is_followed_as_a_choice():
+    # The precision lineage asked torch.finfo of the int64 a `.to(torch.long)` moved to: T5 and
+    # ConvBERT failed in every check with "torch.finfo() requires a floating point input type".
+    assert verify(Buckets(), Buckets(), random_batches([(2, 6)]))
