@@ -57,10 +57,12 @@ def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:
         return f"called {len(calls)} times; one fold would change every call", None
     if calls[0].training:
         return TRAINING_IN_EVAL, None
-    if type(bn).forward.__module__ != "torch.nn.modules.batchnorm":  # torch's own BNs (SyncBatchNorm's too) pass
-        # A subclass computing more (timm's BatchNormAct2d, a clamp after): folding its statistics
-        # and putting an Identity in its place dropped the rest, a 0.25 error on inputs x10.
-        return f"{type(bn).__name__} overrides BatchNorm's forward: folding it would drop what else it computes", None
+    if type(bn).forward.__module__ != "torch.nn.modules.batchnorm" or "forward" in vars(bn):  # torch's own BNs pass
+        # A subclass computing more (timm's BatchNormAct2d, a clamp after), or a forward set on
+        # the instance: folding its statistics and putting an Identity in its place dropped the
+        # rest, a 0.25 error on inputs x10.
+        whose = "its instance" if "forward" in vars(bn) else type(bn).__name__
+        return f"{whose} overrides BatchNorm's forward: folding it would drop what else it computes", None
     if bn.running_mean is None or bn.running_var is None:
         return "it has no running statistics (track_running_stats=False), so it normalizes each batch", None
     if reason := hook_refusal(path, bn, "folding it away"):

@@ -7,6 +7,8 @@ import json
 import os
 import pickle
 import re
+import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -653,3 +655,19 @@ def test_a_run_given_up_before_its_first_checkpoint_keeps_a_file_the_user_put_in
     assert code == 1 and "training diverged" in err
     assert notes.read_text() == "mine"
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"]  # bngraph's files went
+
+
+def test_a_picture_that_cannot_be_written_after_the_model_says_the_run_is_done(tmp_path):
+    # Past a 20 KB file-size limit the model and checkpoint fit, the picture of the tracked inputs
+    # does not: the line said "nothing was written" of a finished run.
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    args = [str(a) for a in _tiny_run(tmp_path) if a != "--quiet"]
+    done = subprocess.run([sys.executable, "-m", "bngraph", *args, "--steps", "4", "--eval-every", "2", "--quiet",
+                           "--track-inputs"], capture_output=True, text=True, preexec_fn=limited, timeout=300)
+    assert done.returncode == 2, done.stderr
+    line = _one_line(done.stderr, "bngraph: error: cannot write ")
+    assert "inputs.png" in line and "the run itself is done: its model and checkpoint are in" in line
+    assert (tmp_path / "run" / "model" / "weights.pt").is_file()

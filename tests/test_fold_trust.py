@@ -866,6 +866,13 @@ def test_an_untraceable_fold_leaves_a_batchnorm_subclass_that_computes_more():
         {"node": "bn", "reason": "ClampedBN overrides BatchNorm's forward: folding it would drop what else it computes"}]
     with torch.no_grad():
         torch.testing.assert_close(folded(x * 10), model(x * 10), rtol=0, atol=0)
+    # The same forward set on a plain BN's instance was folded, and the whole fold then failed
+    # its check (exit 1) instead of leaving that one BN.
+    patched = randomize_bn(_DataDependent())
+    patched.bn.forward = lambda x, bn=patched.bn: nn.BatchNorm2d.forward(bn, x).clamp(-8, 8)
+    folded, report = fold(patched, [x])
+    assert report.sections["remaining"] == [
+        {"node": "bn", "reason": "its instance overrides BatchNorm's forward: folding it would drop what else it computes"}]
 
 
 class FixedFilter(nn.Module):

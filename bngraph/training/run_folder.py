@@ -20,10 +20,12 @@ from torch import nn
 from bngraph.artifacts import save
 from bngraph.passes.base import PassResult
 from bngraph.passes.convert_bn_to_sync_bn import convert_bn_to_sync_bn
+from bngraph.errors import UserError
 from bngraph.training.config import TrainConfig, pick_device
 from bngraph.training.data import AS_STORED, StreamData, TensorData
 from bngraph.training.distributed import SINGLE, Distributed
 from bngraph.training.loop import TrainRun, train
+from bngraph.training.metrics import METRICS
 from bngraph.training.plots import plot_tracked_inputs
 from bngraph.training.sync_bn import use_cpu_sync_bn
 
@@ -90,5 +92,9 @@ def train_into_folder(
     if config.track_inputs is not None:
         rows = [r for r in run.metrics if "inputs" in r]
         quantiles = {name: [r["inputs"][name] for r in rows] for name in rows[-1]["inputs"]}
-        plot = plot_tracked_inputs([r["step"] for r in rows], quantiles, out / PLOT, unit=config.track_unit)
+        try:
+            plot = plot_tracked_inputs([r["step"] for r in rows], quantiles, out / PLOT, unit=config.track_unit)
+        except UserError as err:  # it said "nothing was written" of a run whose model was
+            raise UserError(f"{err}; the run itself is done: its model and checkpoint are in {out}, and the "
+                            f"tracked percentiles the picture draws are in its {METRICS}") from err
     return TrainedFolder(run, converted, out / MODEL_DIR, plot)
