@@ -171,6 +171,17 @@ def seeded():
         yield
 
 
+@contextlib.contextmanager
+def training_copy(model: nn.Module):
+    """A copy of `model` in train mode, for one probing run that must leave the model and the
+    random state as they were (its dropout draws from the generators a resumed run restored):
+    which parameters a training step uses (`bngraph.training.distributed`), which hand-written
+    BNs normalize with batch statistics (`bngraph.passes.recalibrate_bn`)."""
+    devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        yield copy.deepcopy(model).train()
+
+
 class SeededRunner(TorchRunner):
     """A TorchRunner that draws the same random numbers on every call, and keeps its outputs
     (by the identity of the batch it was given, and whether every leaf was asked for)."""

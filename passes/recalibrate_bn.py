@@ -15,7 +15,6 @@ on images of another domain it re-targets the model to that domain (Sec. 5).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -25,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from bngraph.errors import UserError
 from bngraph.passes.base import PassResult, Skip, graph_pass
-from bngraph.runners import fresh_inputs
+from bngraph.runners import fresh_inputs, training_copy
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -79,9 +78,8 @@ def _trained_in_training(model: nn.Module, batch: Sequence[torch.Tensor], names:
     `model` normalizes with batch statistics: a hand-written BN, whose statistics training
     moves; the others are frozen (detectron2's FrozenBatchNorm2d calls with training=False). On
     a copy in train mode: the calls in eval mode say nothing (`training=self.training`)."""
-    probe = copy.deepcopy(model).train()
     recorded = _NormalizedInputs({})
-    with torch.random.fork_rng(devices=[]), recorded:
+    with training_copy(model) as probe, recorded:
         probe(*fresh_inputs(batch))
     buffers = dict(probe.named_buffers())
     return [name for name in names if name not in buffers or recorded.foreign.get(id(buffers[name]), True)]

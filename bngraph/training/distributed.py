@@ -27,7 +27,6 @@ runs out. torch 2.13 cannot run SyncBatchNorm on the CPU: bngraph.training.sync_
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bngraph.errors import UserError
+from bngraph.runners import training_copy
 
 # A collective that waits longer than this fails instead of hanging: a rank's step, evaluation
 # shard or rank 0's checkpoint write must fit in it.
@@ -140,15 +140,12 @@ def _unused_in_training(model: nn.Module, example: torch.Tensor) -> bool:
     A model that skips layers at random (LayerDrop) may use them all in this one step."""
     from bngraph.training.data import logits_of  # here: data imports this module
 
-    probe = copy.deepcopy(model).train()
-    devices = [example.device.index or 0] if example.device.type == "cuda" else []
-    # Its dropout draws from the generators a resumed run has just restored: put back after.
-    with torch.random.fork_rng(devices=devices), torch.enable_grad():  # whatever the caller's mode
+    with training_copy(model) as probe, torch.enable_grad():  # whatever the caller's mode
         try:
             logits_of(probe(example), mode="training").float().sum().backward()
         except Exception:  # noqa: BLE001 (the training step itself says what is wrong, on its real batch)
             return True
-    return any(p.requires_grad and p.grad is None for p in probe.parameters())
+        return any(p.requires_grad and p.grad is None for p in probe.parameters())
 
 
 def sum_over_ranks(tensors: Sequence[torch.Tensor], ctx: Distributed) -> list[torch.Tensor]:

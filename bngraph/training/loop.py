@@ -441,8 +441,10 @@ class _FiniteWatch:
     def __init__(self, model: nn.Module, ctx: Distributed):
         self.model, self.ctx = model, ctx
         self.parameters = {name for name, _ in model.named_parameters()}
-        self.watched = [name for name, t in self._tensors().items()
-                        if t.is_floating_point() and bool(torch.isfinite(t.detach()).all())]
+        floating = {name: t for name, t in self._tensors().items() if t.is_floating_point()}
+        finite = torch.stack([torch.isfinite(t.detach()).all() for t in floating.values()]).tolist() \
+            if floating else []  # one look at the device, not one per tensor
+        self.watched = [name for name, ok in zip(floating, finite) if ok]
 
     def _tensors(self) -> dict[str, torch.Tensor]:  # by name each time: moving a model replaces its buffers
         return {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
