@@ -183,6 +183,12 @@ def module_source(
     # generated file imports the functions instead.
     code.src = re.sub(r"^torch\.fx\._symbolic_trace\.wrap\(.*\)\n", "", code.src.lstrip("\n"), flags=re.M)
     used = {n: v for n, v in code.globals.items() if re.search(rf"\b{re.escape(n)}\b", code.src)}
+    for name, value in list(used.items()):  # fx's `transformers_modeling_outputs_X` read as `X` where free
+        short = getattr(value, "__qualname__", None) if isinstance(value, type) else None
+        if short and short != name and short.isidentifier() and short not in used \
+                and not re.search(rf"\b{short}\b", code.src) and not hasattr(builtins, short):
+            code.src = re.sub(rf"\b{re.escape(name)}\b", short, code.src)
+            used[short] = used.pop(name)
     # A function of the user's own file (a helper fx kept as one call) has no import path: it
     # comes from the carried source (`base`), defined above the generated code.
     from_file = {n: v for n, v in used.items() if str(getattr(v, "__module__", "")).startswith(_LOADED_PREFIXES)}

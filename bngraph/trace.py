@@ -9,7 +9,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import inspect
+import keyword
 import re
 import sys
 import types
@@ -371,6 +373,23 @@ class _DtypeProxy(fx.Proxy):
         return super().__len__() if length is None else length
 
 
+def _rebuildable_dict_type(value) -> type | None:
+    """The type of a dict subclass `type(value)(**value)` rebuilds, key order included: an
+    OrderedDict, or a dataclass that is a dict (HuggingFace's ModelOutput), whose keys are fields
+    it takes by name. None for a plain dict (fx keeps it) and for any other dict."""
+    cls = type(value)
+    if cls is collections.OrderedDict:
+        keys_ok = True
+    elif isinstance(value, dict) and dataclasses.is_dataclass(cls):
+        fields = {f.name for f in dataclasses.fields(cls) if f.init}
+        keys_ok = all(isinstance(k, str) and k in fields for k in value) and all(
+            getattr(value, f, None) is None or f in value for f in fields)  # its dict holds all it holds
+    else:
+        return None
+    return cls if keys_ok and all(isinstance(k, str) and k.isidentifier() and not keyword.iskeyword(k)
+                                  for k in value) else None
+
+
 class _Tracer(fx.Tracer):
     """fx's tracer, keeping each module that `must_stay_whole` as one call, tracing a forward
     behind a decorator (`_callable_as_traced`), and keeping the guards of a graph traced with
@@ -439,6 +458,15 @@ class _Tracer(fx.Tracer):
                 for key in self._keys():
                     node.meta[key] = value.detach().to("meta")
         return node
+
+    def create_arg(self, a):
+        # fx writes every dict as a plain one: a model returning HuggingFace's ModelOutput (or an
+        # OrderedDict) would come back from its graph, and every model.py written from it, as a
+        # dict, and the user's `out.logits` fail. Such a dict is rebuilt as its type in the graph.
+        rebuilt = _rebuildable_dict_type(a)
+        if rebuilt is not None:
+            return self.create_node("call_function", rebuilt, (), {k: self.create_arg(v) for k, v in a.items()})
+        return super().create_arg(a)
 
     def example_of(self, node: fx.Node, key: str = _EXAMPLE):
         """`node`'s value on the example (or with `key`, at another batch size), on meta

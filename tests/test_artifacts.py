@@ -315,3 +315,60 @@ def load_module(path):
 def load_module_from_text(folder, text):
     (folder / "m.py").write_text(text)
     return load_module(folder / "m.py")
+
+
+OUTPUT_TYPES = '''
+import collections, dataclasses
+import torch, torch.nn as nn
+from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutput
+
+@dataclasses.dataclass
+class Heads(ModelOutput):  # a user's own output class, in the model's own file
+    logits: torch.Tensor = None
+    features: torch.Tensor = None
+
+class Net(nn.Module):
+    example_input_shape = (4, 8)
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 3)
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        y = self.fc2(h)
+        if self.kind == "hf":
+            return SequenceClassifierOutput(logits=y, hidden_states=(h,))
+        if self.kind == "ordered":
+            return collections.OrderedDict(z=y, a=h)
+        return Heads(logits=y, features=h)
+
+def HF(): return Net("hf")
+def Ordered(): return Net("ordered")
+def Own(): return Net("own")
+'''
+
+
+@pytest.mark.parametrize("symbol", ["HF", "Ordered", "Own"])
+@pytest.mark.parametrize("verb", ["insert", "fold"])
+def test_a_model_returning_a_modeloutput_or_ordered_dict_gets_its_type_back_from_the_artifact(symbol, verb, tmp_path):
+    # torch.fx writes every dict as a plain one: `out.logits` of the saved model raised.
+    from bngraph.cli import main
+
+    pytest.importorskip("transformers")
+    (tmp_path / "m.py").write_text(OUTPUT_TYPES)
+    argv = [verb, f"{tmp_path}/m.py:{symbol}", "-o", str(tmp_path / "out")]
+    assert main([*argv, "--input-shape", "4,8"]) == 0
+    script = f"""
+import sys, bngraph, torch
+sys.path.insert(0, {str(tmp_path)!r})
+import m
+x = torch.randn(5, 8)
+want = getattr(m, {symbol!r})().eval()(x)
+got = bngraph.load({str(tmp_path / "out")!r}).eval()(x)
+assert type(got).__name__ == type(want).__name__, (type(got), type(want))
+assert list(got.keys()) == list(want.keys()), (list(got.keys()), list(want.keys()))
+print(type(got).__name__, got[list(got.keys())[0]].shape[0])
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[1] == "5"

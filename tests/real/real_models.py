@@ -286,6 +286,7 @@ class ChainRow:
     trained: str = ""
     fold: str = ""
     fold_notes: list[str] = field(default_factory=list)  # the fold report's
+    output_types: dict[str, str] = field(default_factory=dict)  # what each model returns: original, inserted, folded
     export: str = ""
     verify: str = ""
     seconds: float = 0.0
@@ -325,7 +326,9 @@ def run_chain(name: str, out_dir: Path | None = None) -> ChainRow:
     row.inserted = count_batch_norms(bn_model) - count_batch_norms(model)
     row.bn_on_normalized = count_nonlinearities(bn_model, inputs).bn_inputs_normalized - before.bn_inputs_normalized
     with torch.no_grad():  # under one seed each: a model that draws random numbers (ViTMAE) draws the same
-        want, got = (tree_leaves(_seeded(m.eval(), inputs)) for m in (model, bn_model))
+        want, got = (_seeded(m.eval(), inputs) for m in (model, bn_model))
+    row.output_types = {"original": type(want).__name__, "inserted": type(got).__name__}
+    want, got = tree_leaves(want), tree_leaves(got)
     pairs = [(a, b) for a, b in zip(want, got) if isinstance(a, torch.Tensor) and a.is_floating_point()]
     row.preserve_error = max((float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) for a, b in pairs), default=0.0)
     bn_model.train()
@@ -338,6 +341,8 @@ def run_chain(name: str, out_dir: Path | None = None) -> ChainRow:
     folded = None
     try:
         folded, fold_report = bngraph.fold(bn_model, inputs)
+        with torch.no_grad():
+            row.output_types["folded"] = type(_seeded(folded, inputs)).__name__
         row.fold_notes = list(fold_report.notes)
         left = fold_report.facts.get("batchnorms_after", 0)
         row.fold = f"ok, {left} BN left" if left else "ok"

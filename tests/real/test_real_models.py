@@ -35,6 +35,8 @@ def test_the_chain_on_a_real_model(name):
     assert row.inserted <= row.nonlinearities - row.normalized
     assert row.preserve_error <= 1e-4
     assert row.trained == "ok"
+    # a HuggingFace ModelOutput stays one (fx writes every dict as a plain dict): `out.logits` works
+    assert len(set(row.output_types.values())) == 1, row.output_types
     assert row.fold.startswith("ok"), row.fold
     # export may refuse a model, but then in one line with its reason; what it writes is verified
     assert row.export == "ok" or ("\n" not in row.export and ": " in row.export), row.export
