@@ -45,7 +45,10 @@ def require_file(path, what: str) -> None:
 def one_line(err: BaseException) -> str:
     """`TypeName: first line of the message`."""
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    first = text[0] if text else ""
+    if first.endswith("for the following indices"):  # onnxruntime lists the axes and sizes below it
+        first += ": " + "; ".join(line.strip() for line in text[1:] if line.strip().startswith("index:"))
+    return f"{type(err).__name__}: {first}".rstrip(": ")
 
 
 def _library_dirs() -> tuple[str, ...]:

@@ -242,6 +242,7 @@ class OrtRunner:
         except Exception as err:
             raise UserError(f"onnxruntime cannot load {_describe(model)}: {one_line(err)}") from err
         self.label = "ort-" + level.removeprefix("ORT_").lower().replace("_", "-")  # ort-disable-all
+        self.source = _describe(model)
         self.output_names = [o.name for o in self.session.get_outputs()]
         # onnxruntime lists neither initializers nor IR-3 initializers-as-inputs here: the same
         # inputs as `onnx_inputs` and the ReferenceEvaluator feed, in graph order.

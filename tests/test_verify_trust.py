@@ -1534,10 +1534,27 @@ def test_a_file_that_fails_at_batch_7_says_which_batch_in_one_line_and_what_to_t
     path = _batch_1_only_file(tmp_path)
     done = subprocess.run([sys.executable, "-m", "bngraph", "fold", str(path)], capture_output=True, text=True)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert done.stderr.startswith("bngraph: error: ort-disable-all failed on a batch of 7 (batch 3 of [1, 1, 1, 7]): ")
+    assert done.stderr.startswith(f"bngraph: error: ort-disable-all {path} failed on a batch of 7 (batch 3 of [1, 1, 1, 7]): ")
     assert done.stderr.strip().endswith(
         "(it runs at batch 1: if the model fixes its batch, keep the input's own shape with --static-input 0)")
     assert run_cli("fold", path, "--static-input", "0")[0] == 0
+
+
+def test_a_file_declaring_other_sizes_is_named_with_the_axis_and_sizes_onnxruntime_gave(tmp_path):
+    # onnxruntime lists the axes on the lines after its first: the one line named no axis, not
+    # which file refused, and told the user to try --static-input 0 for a conflict on axis 2.
+    from tests.onnx_models import conv_bn_file
+
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(conv_bn_file(), a)
+    proto = conv_bn_file()
+    for axis in (2, 3):
+        proto.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = 4
+    onnx.save(proto, b)
+    code, _, err = run_cli("verify", a, b)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"ort-disable-all {b} failed on a batch of 1" in err
+    assert err.strip().endswith("for the following indices: index: 2 Got: 8 Expected: 4; index: 3 Got: 8 Expected: 4"), err
 
 
 def test_an_empty_onnx_file_is_not_a_valid_model(tmp_path):
