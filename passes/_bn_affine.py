@@ -125,4 +125,11 @@ def rounding_gain(stats: BatchNormStats) -> float:
 
 
 def _cast(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return value.detach().to(dtype=like.dtype, device=like.device).contiguous()
+    """`value` in `like`'s dtype, device and memory format: a channels_last model's conv
+    weights stay channels_last (contiguous, each call of the folded layer would convert them)."""
+    value = value.detach().to(dtype=like.dtype, device=like.device)
+    if value.shape == like.shape and value.dim() in (4, 5) and not like.is_contiguous():
+        layout = torch.channels_last if value.dim() == 4 else torch.channels_last_3d
+        if like.is_contiguous(memory_format=layout):
+            return value.contiguous(memory_format=layout)
+    return value.contiguous()

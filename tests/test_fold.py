@@ -181,3 +181,18 @@ def test_a_bn_the_model_keeps_training_in_eval_mode_is_left_and_the_rest_folded(
     assert [r["node"] for r in report.sections["folded"]] == (["stem_bn"] if cls is AdaptsAtTestTime else [])
     with torch.no_grad():
         torch.testing.assert_close(folded.eval()(x), copy.deepcopy(model).eval()(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_channels_last_model_keeps_channels_last_weights(dims):
+    # The folded weights came back contiguous: every call of the folded conv converted them.
+    conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    model = randomize_bn(nn.Sequential(conv(3, 8, 3), norm(8), nn.ReLU(), conv(8, 8, 3, bias=False), norm(8)), seed=3)
+    model = model.eval().to(memory_format=layout)
+    x = torch.randn(2, 3, *[9] * dims).contiguous(memory_format=layout)
+    folded, _ = fold(model, [x])
+    weights = [p for p in folded.parameters() if p.dim() == dims + 2]
+    assert len(weights) == 2 and all(w.is_contiguous(memory_format=layout) for w in weights)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
