@@ -111,7 +111,7 @@ def graph_of(gm: fx.GraphModule, marks: Marks | None = None) -> nx.DiGraph:
     marks = marks or Marks()
     graph = nx.DiGraph()
     modules = dict(gm.named_modules())
-    left = 0
+    left = left_inserted = 0  # every BatchNorm the graph still holds; those of them bngraph inserted
     for node in gm.graph.nodes:
         if node.op == "get_attr" or is_guard(node):
             continue  # weights, the multiply-adds' constants and dtype checks: not data flow
@@ -121,7 +121,7 @@ def graph_of(gm: fx.GraphModule, marks: Marks | None = None) -> nx.DiGraph:
         if node.op in ("placeholder", "output"):
             mark, name, detail = "io", ("input " + node.name if node.op == "placeholder" else "output"), ""
         elif node.op == "call_module" and node.target in marks.inserted:
-            mark = "inserted"
+            mark, left, left_inserted = "inserted", left + 1, left_inserted + 1
         elif is_batch_norm(node, modules):
             mark, left = "left", left + 1
         elif (bn := _multiply_add_of(node)) is not None:
@@ -141,7 +141,7 @@ def graph_of(gm: fx.GraphModule, marks: Marks | None = None) -> nx.DiGraph:
         for source in node.all_input_nodes:
             if source.op != "get_attr":
                 graph.add_edge(source.name, node.name)
-    graph.graph["counts"] = {**marks.counts(), "left": left}
+    graph.graph["counts"] = {**marks.counts(), "left": left, "left_inserted": left_inserted}
     return graph
 
 
@@ -205,7 +205,9 @@ def legend_entries(graph: nx.DiGraph) -> list[tuple[str | None, str]]:
         entries.append(("folded", f"{MARKS['folded'][1]}: {counts.get('folded', 0)} BatchNorms into {layers} layers"))
     if counts.get("multiply_add") or "multiply_add" in present:
         entries.append(("multiply_add", f"{MARKS['multiply_add'][1]}: {counts.get('multiply_add', 0)}"))
-    entries.append(("left", f"{MARKS['left'][1]}: {counts.get('left', 0)}"))
+    inserted_left = counts.get("left_inserted", 0)
+    of_them = f" ({inserted_left} of them inserted, in green)" if inserted_left else ""
+    entries.append(("left", f"{MARKS['left'][1]}: {counts.get('left', 0)}{of_them}"))
     entries.append((None, MARKS[None][1]))
     return entries
 

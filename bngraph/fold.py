@@ -342,10 +342,9 @@ def fold_report(
         "nodes_after": sum(after.values()),
         "batchnorms_before": batch_norms + len(opaque),
         "batchnorms_after": len(left) + len(opaque),
+        "batchnorms_kept": len(kept_rows),  # always there, as in the ONNX fold's: a script reads it
     }
-    if kept_rows:
-        facts["batchnorms_kept"] = len(kept_rows)
-    sections = {"folded": folded, **({"kept": kept_rows} if kept_rows else {}), "remaining": remaining, "ops": ops, "passes": passes}
+    sections = {"folded": folded, "kept": kept_rows, "remaining": remaining, "ops": ops, "passes": passes}
     return Report("bngraph fold", sections=sections, facts=facts, notes=notes)
 
 

@@ -16,8 +16,8 @@ target (STANDALONE_BN_FORMS). For onnxruntime that is the BatchNormalization its
 runs it as a depthwise NCHWc conv inside its layout, where a Mul + Add costs 2-11% more
 (benchmarks/onnx_fold.py), and it is the same node the exporter's optimizer and onnxruntime's
 offline optimizer leave there. Such a BN is listed under `kept`, not `remaining`: `remaining`
-holds only the BNs that are not a fixed map (training mode, statistics fed at run time), the
-ones `--strict` fails on. A runtime without a BatchNormalization kernel asks for "mul-add".
+holds only the BNs that are not a fixed map (training mode, statistics fed at run time). A
+runtime without a BatchNormalization kernel asks for "mul-add" (`--strict` fails on either).
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def fold_onnx_verified(
 
     `input_shapes` and `static_inputs` are `bngraph.runners.onnx_inputs`'s; a file that fixes its
     batch is verified at that batch only. The report's `output` fact says whether the file was
-    written; `remaining` lists the BNs that are not a fixed map (what `--strict` fails on)."""
+    written; `remaining` lists the BNs that are not a fixed map."""
     in_path = Path(in_path)
     if out_path is not None and Path(out_path).suffix != ".onnx":
         raise UserError(f"the output {out_path} of an ONNX fold must be a .onnx file")

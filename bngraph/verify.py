@@ -502,7 +502,7 @@ def verify_models(
     report = Report(
         "bngraph verify",
         facts={"reference": reference, "candidate": candidate, **result.facts()},
-        sections={"outputs": [d.row() for d in result.diffs]},
+        sections={"verification": [d.row() for d in result.diffs]},
     )
     report.notes += notes
     if unbatched:  # [1, 1, 1, 7] said the batch was varied where no input has one

@@ -43,7 +43,7 @@ def test_insert_train_fold_export_verify(name, data, tmp_path, capsys):
     for candidate in (tmp_path / "folded", tmp_path / "m.onnx"):
         verified = _json(capsys, "verify", tmp_path / "run", candidate, "--data", data)
         assert verified["passed"] is True
-        errors = {o["runtime"]: o["max_abs"] for o in verified["outputs"]}
+        errors = {o["runtime"]: o["max_abs"] for o in verified["verification"]}
         with capsys.disabled():  # the errors, for whoever runs this with -s
             print(f"\n{name}: {candidate.name} vs the trained BN model, max abs error {errors}")
         assert max(errors.values()) < 1e-4
@@ -115,7 +115,7 @@ def test_a_model_returning_its_own_output_dataclass_goes_through_the_chain(data,
     assert type(output).__name__ == "ImageClassifierOutput" and output.logits.shape == (3, 10)
     assert _json(capsys, "export", tmp_path / "run", "-o", tmp_path / "m.onnx")["passed"] is True
     verified = _json(capsys, "verify", tmp_path / "run", tmp_path / "m.onnx", "--data", data)
-    assert verified["passed"] is True and len({o["output"] for o in verified["outputs"]}) == 2
+    assert verified["passed"] is True and len({o["output"] for o in verified["verification"]}) == 2
 
 
 @pytest.mark.parametrize("model, says", [

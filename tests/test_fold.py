@@ -50,7 +50,8 @@ def test_each_bn_gets_its_fate_and_the_report_says_so():
     ]
     ops = {row["op"]: (row["before"], row["after"]) for row in report.sections["ops"]}
     assert ops["BatchNorm2d"] == (3, 1) and ops["BatchNorm1d"] == (1, 0) and ops["Dropout"] == (1, 0)
-    assert report.facts == {"nodes_before": 11, "nodes_after": 8, "batchnorms_before": 4, "batchnorms_after": 1}
+    assert report.facts == {"nodes_before": 11, "nodes_after": 8, "batchnorms_before": 4, "batchnorms_after": 1,
+                            "batchnorms_kept": 0}
     assert batch_norms_left(gm) == ["bn_batch"] and not gm.training
     assert set(report.passes) == {row["pass"] for row in report.sections["passes"]}
     assert_matches(gm, model.eval(), x)

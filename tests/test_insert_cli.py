@@ -156,6 +156,7 @@ def test_insert_on_its_own_output_changes_nothing_and_says_so(tmp_path, capsys):
 def test_dry_run_writes_nothing(tmp_path, capsys):
     code, out, _ = _cli(capsys, "insert", "zoo:mnist-mlp", "--dry-run", "-o", str(tmp_path / "x"))
     assert code == 0 and "BatchNorm1d" in out and not (tmp_path / "x").exists()
+    assert f"--dry-run: nothing written (not {tmp_path / 'x'})" in out  # -o was ignored without a word
 
 
 def test_weights_and_preserve_keep_a_pretrained_function(tmp_path, capsys):

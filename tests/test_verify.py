@@ -120,7 +120,7 @@ def test_two_equal_onnx_files_pass_at_each_level(onnx_files):
     code, out, _ = run_cli("verify", exported, exported, "--json")
     report = json.loads(out)
     assert code == 0 and report["batch_sizes"] == [1, 1, 1, 7]  # the graph's symbolic batch
-    runtimes = [r["runtime"] for r in report["outputs"]]
+    runtimes = [r["runtime"] for r in report["verification"]]
     assert runtimes == ["ort-disable-all vs ort-disable-all", "ort-enable-all vs ort-enable-all"]
 
 
@@ -155,7 +155,7 @@ def test_two_pytorch_models_compare_at_the_tighter_tolerance():
     code, out, _ = run_cli("verify", MODEL, "tests/onnx_models.py:conv_bn_net_perturbed", "--json")
     report = json.loads(out)
     assert code == 1 and report["atol"] == [TORCH_TOLERANCE] and report["rtol"] == [TORCH_TOLERANCE]
-    assert report["outputs"][0]["runtime"] == "torch vs torch"
+    assert report["verification"][0]["runtime"] == "torch vs torch"
 
 
 def test_json_report_keys(onnx_files):
@@ -164,12 +164,12 @@ def test_json_report_keys(onnx_files):
     report = json.loads(out)
     assert code == 0 and "PASSED |" in err  # the lines go beside the JSON, not into it
     assert {"reference", "candidate", "passed", "atol", "rtol", "batch_sizes", "inputs", "worst_output", "worst_runtime",
-            "outputs", "notes"} == set(report)
+            "verification", "notes"} == set(report)
     assert report["atol"] == [1e-3]
     assert {"output", "runtime", "passed", "problem", "elements", "failed_elements", "nonfinite_elements", "scale", "max_abs", "max_rel",
             "excess", "mean_abs", "p99_abs", "worst_batch", "worst_index", "min_atol", "min_rtol",
-            "top1"} == set(report["outputs"][0])
-    assert report["outputs"][0]["top1"] == 1.0
+            "top1"} == set(report["verification"][0])
+    assert report["verification"][0]["top1"] == 1.0
 
 
 def test_the_reference_evaluator_is_a_third_opinion(onnx_files):
@@ -177,7 +177,7 @@ def test_the_reference_evaluator_is_a_third_opinion(onnx_files):
     code, out, _ = run_cli("verify", MODEL, exported, "--reference", "--json")
     report = json.loads(out)
     assert code == 0
-    assert [r["runtime"] for r in report["outputs"]][-1] == "onnx-reference vs torch"
+    assert [r["runtime"] for r in report["verification"]][-1] == "onnx-reference vs torch"
 
 
 def test_real_data_is_one_more_batch(tmp_path):

@@ -1379,7 +1379,7 @@ def test_a_float16_candidate_of_a_float32_model_is_said_in_the_report(tmp_path):
     report = json.loads(out)
     assert f"output 'b' is float16 in {candidate} but float32 in {reference}: compared at the less precise" in (
         report["notes"][1])
-    assert {(r["candidate_dtype"], r["reference_dtype"]) for r in report["outputs"]} == {("float16", "float32")}
+    assert {(r["candidate_dtype"], r["reference_dtype"]) for r in report["verification"]} == {("float16", "float32")}
 
 
 def test_a_check_of_a_transformation_fails_where_an_outputs_dtype_changed():

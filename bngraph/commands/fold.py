@@ -105,9 +105,14 @@ def fold_onnx_file(in_path: str | Path, out_path: str | Path | None, args: argpa
         report.notes.append(NOTHING_WRITTEN)
     shared.emit(report, args)
     shared.print_lines(result, args)
-    # A BN kept as the fastest exact form is a fixed map, not a failure: --strict counts the others.
-    left = len(report.sections["remaining"])
-    if args.strict and left:
-        print(f"bngraph: --strict: {left} BatchNormalization left unfolded (see 'remaining')", file=sys.stderr)
+    # --strict is a gate for a runtime that has no BatchNormalization: a BN kept as the exact
+    # form of a fixed map is still one in the file (mul-add writes it as Mul and Add instead).
+    kept, left = len(report.sections["kept"]), len(report.sections["remaining"])
+    if args.strict and (kept or left):
+        why = [f"{left} not folded (see 'remaining')"] if left else []
+        if kept:
+            why.append(f"{kept} kept as the exact form of a BN no layer can take (see 'kept'; "
+                       "--standalone-bn mul-add writes them as Mul and Add)")
+        print(f"bngraph: --strict: {kept + left} BatchNormalization left: {'; '.join(why)}", file=sys.stderr)
         return 1
     return 0 if result else 1

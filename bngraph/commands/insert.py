@@ -66,5 +66,7 @@ def run(args: argparse.Namespace) -> int:
     _, report = insert_artifact(
         loaded, output, preserve=args.preserve, data=args.data, fallback=not args.no_fallback, force=args.force
     )
+    if args.dry_run:
+        report.notes.append(f"--dry-run: nothing written{f' (not {args.output})' if args.output else ''}")
     shared.emit(report, args)
     return 0

@@ -58,7 +58,7 @@ every precision and layout. On CUDA, add --deterministic (torch.use_deterministi
 CUBLAS_WORKSPACE_CONFIG=:4096:8) for the same guarantee; without it cuDNN and atomics may round
 differently from run to run, and a resumed run matches an uninterrupted one only to that rounding.
 
-Several processes: launched by torchrun (`--nproc N` execs `torchrun --standalone` on this host),
+Several processes: launched by torchrun (`--nproc N` runs torchrun's standalone launcher on this host),
 trained with DistributedDataParallel, nccl on CUDA (one GPU per process), gloo on the CPU. Each
 process takes --batch-size examples per step from its own disjoint share of one shuffle, so a step
 is one SGD step on a global batch of --batch-size x N (gradients are averaged over it) and an epoch
@@ -135,8 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--nproc", type=int, metavar="N",
-        help="train with N processes on this host: execs `torchrun --standalone --nproc-per-node=N -m bngraph "
-        "train ...` (one GPU each on CUDA). Under torchrun, leave it out",
+        help="train with N processes on this host, through torchrun's standalone launcher (as `torchrun "
+        "--standalone --nproc-per-node=N -m bngraph train ...`; one GPU each on CUDA). Under torchrun, leave it out",
     )
     parser.add_argument(
         "--sync-bn", action="store_true",
