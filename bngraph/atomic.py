@@ -332,7 +332,12 @@ def working_folder_pinned() -> Iterator[None]:
     longer the one the block started in (a model's forward calling os.chdir): it would be
     written there, not where the user meant."""
     global _started_in
-    before, _started_in = _started_in, os.getcwd()
+    try:
+        here = os.getcwd()
+    except FileNotFoundError:  # the shell's folder was removed after it entered it
+        raise UserError("the working folder no longer exists (it was removed after this shell entered it): "
+                        "cd to a folder that exists") from None
+    before, _started_in = _started_in, here
     try:
         yield
     finally:

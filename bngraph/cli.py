@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"bngraph.commands.{name}")
-        doc = module.__doc__.strip()
+        doc = (module.__doc__ or name).strip()  # `python -OO` strips docstrings: the help is then the name
         p = sub.add_parser(
             name,
             help=" ".join(doc.split("\n\n")[0].split()),  # the first paragraph, unwrapped

@@ -671,3 +671,14 @@ def test_a_picture_that_cannot_be_written_after_the_model_says_the_run_is_done(t
     line = _one_line(done.stderr, "bngraph: error: cannot write ")
     assert "inputs.png" in line and "the run itself is done: its model and checkpoint are in" in line
     assert (tmp_path / "run" / "model" / "weights.pt").is_file()
+
+
+def test_a_working_folder_removed_under_the_shell_is_one_line(tmp_path):
+    # os.getcwd() raised FileNotFoundError: a traceback, exit 1.
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = f"cd {gone} && rmdir {gone} && exec {sys.executable} -m bngraph verify zoo:mnist-mlp zoo:mnist-mlp"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "the working folder no longer exists" in done.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import os
 import re
 import subprocess
 import sys
@@ -46,6 +47,14 @@ def test_help_and_zoo_start_without_torch_or_onnx(argv):
     if argv[-1] == "--json":
         rows = {row["name"]: row for row in json.loads(done.stdout)["models"]}
         assert rows["mnist-mlp"]["parameters"] == 99_710
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["reproduce", "mnist", "--help"], ["insert", "zoo:mnist-mlp", "--dry-run"]])
+def test_the_cli_runs_under_python_OO_which_strips_docstrings(argv, tmp_path):
+    # Every command was an AttributeError traceback: the parser read each command's __doc__.
+    done = subprocess.run([sys.executable, "-OO", "-m", "bngraph", *argv], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
 
 
 def test_each_command_is_summed_up_in_whole_sentences(capsys):

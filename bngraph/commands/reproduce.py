@@ -49,7 +49,7 @@ def _common(parser: argparse.ArgumentParser, steps: int) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
-    paragraphs = __doc__.split("\n\n")
+    paragraphs = (__doc__ or "\n\n" * 3).split("\n\n")  # `python -OO` strips docstrings
     mnist = sub.add_parser("mnist", help="Sec. 4.1: the MLP with and without BN (Figure 1)",
                            description=paragraphs[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(mnist, 50_000)
