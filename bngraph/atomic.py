@@ -31,8 +31,11 @@ import os
 import re
 import shutil
 import signal
+import stat
 import struct
+import sys
 import threading
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -397,8 +400,56 @@ def check_output(
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise UserError(f"{path} holds what bngraph did not write ({shown}), which replacing it would delete: "
                             "move that out, or choose another -o")
+        _check_replaceable(path)
     _check_parent(path)
     return path
+
+
+def _check_replaceable(path: Path) -> None:
+    """Fail before the work where this user may not replace the bngraph output at `path`: another
+    user's in a folder only owners may rename in (/tmp's sticky bit; the rename failed after all
+    the work), or a folder whose files this user cannot delete (its old copy stayed, hidden)."""
+    uid = os.geteuid()
+    if uid == 0:
+        return
+    parent = path.absolute().parent
+    with contextlib.suppress(OSError):
+        own, folder = os.lstat(path), os.stat(parent)
+        if folder.st_mode & stat.S_ISVTX and uid not in (own.st_uid, folder.st_uid):
+            raise UserError(f"cannot replace {path}: it belongs to another user, in a folder where only a file's owner "
+                            "may replace it; choose another -o")
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"cannot replace {path}: its files cannot be deleted by this user (folder not writable); "
+                        "choose another -o")
+
+
+def _keep_mode(old: Path, new: Path) -> None:
+    """Give `new`, about to replace `old`, `old`'s permissions, and a folder's files those of the
+    files they replace: an output the user had made private stays private (--force made it
+    world-readable with the umask's mode)."""
+    with contextlib.suppress(OSError):
+        os.chmod(new, stat.S_IMODE(os.lstat(old).st_mode))
+        if new.is_dir():
+            for entry in new.iterdir():
+                before = old / entry.name
+                if entry.is_file() and before.is_file() and not before.is_symlink():
+                    os.chmod(entry, stat.S_IMODE(os.lstat(before).st_mode))
+
+
+def _remove_old(old: Path, path: Path) -> None:
+    """Delete `old`, the output `path` replaced; say so where some of it could not be deleted
+    (`_check_replaceable` asked first: a file made unremovable since) rather than leave a hidden
+    copy without a word."""
+    failed: list[str] = []
+    def note(_function, name, err):
+        err = err[1] if isinstance(err, tuple) else err  # onerror's exc_info; onexc's exception
+        failed.append(f"{name}: {getattr(err, 'strerror', None) or err}")
+
+    # onexc from Python 3.12, where onerror is deprecated (a warning -W error makes an exception)
+    shutil.rmtree(old, **{"onexc" if sys.version_info >= (3, 12) else "onerror": note})
+    if failed:
+        warnings.warn(f"{path} was replaced, but its old copy could not be deleted whole ({failed[0]}); "
+                      f"what is left of it is in {old}", stacklevel=2)
 
 
 def check_writable(path: str | Path) -> None:
@@ -502,6 +553,8 @@ def write_atomically(
         if replace_own:  # the new digest recorded beside the old one first: a kill in between leaves either valid
             digest = sha256(tmp)
             _record_written(path.parent, {path.name: digest}, keep_previous=True)
+        if replacing:
+            _keep_mode(path, tmp)
         if before_rename is not None:
             before_rename()
         if replacing or replace_own:
@@ -613,6 +666,7 @@ def _swap_in(built: Path, path: Path, kind: str, force: bool) -> None:
     with _stop_signals_deferred() as stopped:
         old = None
         if replacing:
+            _keep_mode(path, built)
             old = fresh_sibling(path, "old")
             os.replace(path, old)  # a folder cannot be replaced in one rename: `path` is gone an instant
         else:
@@ -626,7 +680,7 @@ def _swap_in(built: Path, path: Path, kind: str, force: bool) -> None:
                 _remove_made([path])
             raise
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)  # checked above: a bngraph output of this kind
+            _remove_old(old, path)  # checked above: a bngraph output of this kind
     if stopped:
         interrupted = InterruptedAfterWriting(f"after {path} was written whole (the old one it replaced is gone)")
         interrupted.signum = stopped[-1]  # the exit code says which (the CLI's 128 + signum)

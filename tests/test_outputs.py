@@ -117,6 +117,51 @@ def test_force_replaces_a_bngraph_output_of_the_same_kind(name, tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary or old copy left
 
 
+@pytest.mark.parametrize("name", ["insert", "fold-onnx", "export", "train"])
+def test_force_keeps_the_permissions_of_what_it_replaces(name, tmp_path, capsys, inputs):
+    # The user made the output private; --force brought it back at the umask's mode, world-readable.
+    out = tmp_path / COMMANDS[name][1]
+    assert _run(capsys, _argv(name, inputs, out))[0] == 0
+    inside = sorted(p.name for p in out.iterdir() if p.is_file()) if out.is_dir() else []
+    out.chmod(0o700 if out.is_dir() else 0o600)
+    for file_name in inside:
+        (out / file_name).chmod(0o600)
+    assert _run(capsys, _argv(name, inputs, out, "--force"))[0] == 0
+    assert out.stat().st_mode & 0o777 == (0o700 if out.is_dir() else 0o600)
+    assert {n: (out / n).stat().st_mode & 0o777 for n in inside if (out / n).exists()} == \
+        {n: 0o600 for n in inside if (out / n).exists()}
+
+
+@pytest.mark.parametrize("name", ["insert", "export"])
+def test_force_refuses_before_the_work_another_users_output_in_a_sticky_folder(name, tmp_path, capsys, inputs,
+                                                                              monkeypatch):
+    # In /tmp (sticky), the rename of another user's file failed after all the work: a PermissionError traceback.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    out = shared / COMMANDS[name][1]
+    assert _run(capsys, _argv(name, inputs, out))[0] == 0
+    before = snapshot(shared)
+    monkeypatch.setattr(atomic.os, "geteuid", lambda: os.stat(out).st_uid + 4242)  # someone else now
+    code, _, err = _run(capsys, _argv(name, inputs, out, "--force"))
+    assert code == 2 and "belongs to another user" in _one_error_line(err)
+    assert snapshot(shared) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may delete any file")
+def test_force_refuses_a_folder_whose_files_it_cannot_delete(tmp_path, capsys, inputs):
+    # The old copy could not be deleted and stayed as a hidden .NAME.PID.old without a word.
+    out = tmp_path / "out"
+    assert _run(capsys, _argv("insert", inputs, out))[0] == 0
+    out.chmod(0o500)
+    try:
+        code, _, err = _run(capsys, _argv("insert", inputs, out, "--force"))
+        assert code == 2 and "cannot be deleted" in _one_error_line(err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    finally:
+        out.chmod(0o700)
+
+
 @pytest.mark.parametrize("name", ["insert", "export", "train"])
 def test_force_through_the_outputs_own_name_replaces_it(name, tmp_path, capsys, inputs):
     # `-o art/../art`: built beside by name, the new output was reached through `art` itself,
