@@ -79,7 +79,7 @@ def _as_the_forward_takes_them(module: nn.Module, shapes: tuple) -> tuple:
     except (TypeError, ValueError):
         return shapes
     star = next((i for i, p in enumerate(parameters) if p.kind is p.VAR_POSITIONAL), None)
-    return shapes if star is None or star > len(shapes) else (*shapes[:star], tuple(shapes[star:]))
+    return shapes if star is None or star >= len(shapes) else (*shapes[:star], tuple(shapes[star:]))
 
 
 # verify's batches and an even one: the file claims every batch size, and a forward that branches

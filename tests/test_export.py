@@ -509,6 +509,29 @@ def test_a_forward_taking_star_args_exports_with_its_batch_dynamic(first_named, 
     np.testing.assert_allclose(session.run(None, dict(zip(names, [x.numpy(), y.numpy()])))[0], want, rtol=1e-5, atol=1e-5)
 
 
+class OptionalExtras(torch.nn.Module):  # forward(self, x, *extra), called with x alone
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x, *extra):
+        y = torch.relu(self.bn(self.conv(x)))
+        return y + sum(extra) if extra else y
+
+
+def test_a_forward_whose_star_args_receive_nothing_exports(tmp_path):
+    # An empty tuple was given as the dynamic shape of the empty *extra: torch's structure mismatch, no file.
+    model = randomize_bn(OptionalExtras(), seed=1).eval()
+    assert export(model, [torch.randn(2, 3, 8, 8)], tmp_path / "m.onnx")
+    import onnxruntime as ort
+
+    x = torch.randn(5, 3, 8, 8)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], model(x).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+
+
 class QueryAndMemory(torch.nn.Module):
     """A query and a memory, each with a batch axis: the output has the query's batch."""
 
