@@ -27,6 +27,7 @@ from bngraph.artifact_code import CARRIED_DIR, CLASS_NAME, CODE_FILE, module_sou
 from bngraph.atomic import ARTIFACT, check_output, description_text, save_tensors, sha256, write_dir_atomically
 from bngraph.errors import UserError, one_line
 from bngraph.library_call import library_call
+from bngraph.passes._fx_effects import global_hook_kinds
 from bngraph.runners import batch_axes_of, fresh_inputs, named_tensors, seeded
 from bngraph.spec import ARTIFACT_META
 from bngraph.trace import TraceFailed, check_modules_registered, copy_module, faithful_trace
@@ -66,6 +67,7 @@ def save(
     """
     check_output(path, ARTIFACT, force=force)  # before the trace, not after it
     check_modules_registered(module)  # layers no state dict holds: no artifact computes the same
+    check_no_global_hooks(module)
     input_shapes = [list(x.shape) for x in example_inputs] if example_inputs is not None else None
     # Each input's dtype and batch axis (0, or None), so that later commands build the same inputs.
     input_dtypes = [str(x.dtype).removeprefix("torch.") for x in example_inputs] if example_inputs is not None else None
@@ -110,6 +112,15 @@ def save(
         _check_round_trip(given, module, load_artifact(folder)[0], example_inputs)
 
     return write_dir_atomically(path, write, kind=ARTIFACT, force=force)
+
+
+def check_no_global_hooks(module: nn.Module) -> None:
+    """Refuse to write `module` while a hook is registered for every module: it runs in this
+    process, on the check of the written model too, and a model loaded elsewhere computes without it."""
+    if hooks := global_hook_kinds():
+        raise UserError(f"cannot save {type(module).__name__}: a {' and a '.join(hooks)} is registered for every "
+                        "module (torch.nn.modules.module.register_module_forward_hook...), which no written model "
+                        "holds; remove it before saving")
 
 
 def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bngraph.artifact_code import kept_source, user_code, user_files
-from bngraph.artifacts import save
+from bngraph.artifacts import check_no_global_hooks, save
 from bngraph.errors import UserError
 from bngraph.load import LoadedModel
 from bngraph.report import Report
@@ -63,6 +63,7 @@ def train_run(
     """
     ctx = distributed
     model, history = loaded.module, list(loaded.history)
+    check_no_global_hooks(model)  # before the steps, not when the model is written after them
     data = with_model_classes(data, loaded.classes)  # fine-tuning: the model's outputs keep their classes
     check_input_scale(data, loaded.input_scale)
     if steps is None:  # `--epochs 0` is refused by epochs_to_steps, not read as the default

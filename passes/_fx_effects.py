@@ -87,16 +87,17 @@ def mutates_first_argument(node: fx.Node, modules: dict[str, nn.Module] | None =
 def hooks_of(module: nn.Module, *, global_hooks: bool = True) -> list[str]:
     """The kinds of hook `module` runs when called ('forward hook', ...), global ones included."""
     kinds = [kind for attr, kind in _HOOK_KINDS if getattr(module, attr, None)]
+    return kinds + global_hook_kinds() if global_hooks else kinds
+
+
+def global_hook_kinds() -> list[str]:
+    """The kinds of hook registered for every module (`register_module_forward_hook`...)."""
     globals_ = nn.modules.module
-    if not global_hooks:
-        return kinds
-    for attr, kind in (("_global_forward_pre_hooks", "global forward pre-hook"),
-                       ("_global_forward_hooks", "global forward hook"),
-                       ("_global_backward_pre_hooks", "global backward pre-hook"),
-                       ("_global_backward_hooks", "global backward hook")):
-        if getattr(globals_, attr, None):
-            kinds.append(kind)
-    return kinds
+    return [kind for attr, kind in (("_global_forward_pre_hooks", "global forward pre-hook"),
+                                    ("_global_forward_hooks", "global forward hook"),
+                                    ("_global_backward_pre_hooks", "global backward pre-hook"),
+                                    ("_global_backward_hooks", "global backward hook"))
+            if getattr(globals_, attr, None)]
 
 
 def hook_on_the_model(root: nn.Module) -> str | None:

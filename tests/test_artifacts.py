@@ -372,3 +372,39 @@ print(type(got).__name__, got[list(got.keys())[0]].shape[0])
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[1] == "5"
+
+
+GLOBAL_HOOK = '''
+import torch, torch.nn as nn
+
+def _double_convs(module, inputs, output):
+    return output * 2 if isinstance(module, nn.Conv2d) else None
+
+nn.modules.module.register_module_forward_hook(_double_convs)
+
+class Net(nn.Module):
+    example_input_shape = (2, 3, 28, 28)
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 10)
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+'''
+
+
+@pytest.mark.parametrize("verb", ["insert", "fold", "train"])
+def test_a_hook_registered_for_every_module_is_refused_before_writing(verb, tmp_path):
+    # The artifact had no hook; the check ran in this process, where the hook ran on it too, and
+    # passed: loaded elsewhere, the model was off by twice its RMS.
+    from tests.test_data_formats import write_npz
+
+    (tmp_path / "m.py").write_text(GLOBAL_HOOK)
+    extra = ["--data", str(write_npz(tmp_path / "d.npz", layout="NCHW")), "--steps", "2", "--quiet"] if verb == "train" else []
+    script = f"""
+import sys
+from bngraph.cli import main
+sys.exit(main({[verb, f"{tmp_path}/m.py:Net", "-o", str(tmp_path / "out"), *extra]!r}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 2 and "a global forward hook is registered for every module" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
