@@ -92,6 +92,10 @@ def _why_not(path, bn, calls, record, module) -> tuple[str | None, str | None]:
         x = product
     elif not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) or x.op not in ("linear", *_CONV_OPS):
         return f"its input comes from {x.where()}, not a conv or linear layer", None
+    if merged is not None and product is None and not isinstance(layer, nn.Linear):
+        # (N, C, L).reshape(-1, C): the BN's features are L's positions, a conv's are C
+        return (f"its input is {layer_path}'s output with its leading axes merged, whose last axis is not the "
+                f"{type(layer).__name__}'s feature axis"), None
     if isinstance(layer, nn.Linear) and len(x.shape) != 2 and merged is None:
         return f"the Linear {layer_path}'s output has rank {len(x.shape)}: the BN's axis 1 is not its feature axis", None
     used = x.parameters

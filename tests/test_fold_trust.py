@@ -991,6 +991,29 @@ def test_a_module_by_module_fold_leaves_a_bn_it_cannot_fold_everywhere(tmp_path,
         torch.testing.assert_close(folded(probe), model(probe), rtol=1e-5, atol=1e-4)
 
 
+class NormalizesAConvsLengthAfterAReshape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(3, 5, 3), nn.BatchNorm1d(5)  # (N, 5, 5): channels == length
+
+    def forward(self, x):
+        if torch.isnan(x).any():
+            raise ValueError("a NaN in the input")
+        return self.bn(self.conv(x).reshape(-1, 5))  # the BN's features are the conv's positions
+
+
+def test_a_module_by_module_fold_leaves_a_bn_over_a_convs_merged_leading_axes():
+    # Taken for LeViT's Linear(x).flatten(0, 1): folded into the conv's channels, refused by the
+    # final check (exit 1), so the model could not be folded at all.
+    model = randomize_bn(NormalizesAConvsLengthAfterAReshape()).eval()
+    folded, report = fold(model, [torch.randn(2, 3, 7)])
+    [row] = report.sections["remaining"]
+    assert row["node"] == "bn" and "leading axes merged" in row["reason"], row
+    probe = torch.rand(4, 3, 7) * 10 + 3
+    with torch.no_grad():
+        torch.testing.assert_close(folded(probe), model(probe), rtol=1e-5, atol=1e-4)
+
+
 HANDS_A_CONV_TO_A_FUNCTION_PY = '''
 import torch
 import torch.nn.functional as F
