@@ -453,6 +453,30 @@ def test_npz_in_each_layout_trains(tmp_path, capsys, nets):
     _train(capsys, tmp_path, f"{nets}:Net", tmp_path / "nhwc.npz")
 
 
+ANY_SIZE_PY = '''
+import torch
+from torch import nn
+
+class AnySize(nn.Module):  # declares no input shape: it takes the data's
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+'''
+
+
+def test_an_npz_whose_layout_cannot_be_told_for_a_model_without_a_shape_is_refused(tmp_path, capsys):
+    # (N, 8, 8, 8) saved N,C,H,W was read as Keras' N,H,W,C and transposed without a word: the run
+    # reported its accuracy on the transposed images, the model scored chance on them as stored.
+    (tmp_path / "m.py").write_text(ANY_SIZE_PY)
+    x = np.random.default_rng(0).random((24, 8, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "cube.npz", x_train=x[:16], y_train=np.arange(16) % 4, x_test=x[16:], y_test=np.arange(8) % 4)
+    err = _bad(capsys, tmp_path, f"{tmp_path}/m.py:AnySize", tmp_path / "cube.npz")
+    assert "axes 1 and 3 have the same size" in err and "--input-shape" in err
+
+
 def test_an_npz_of_n_t_f_arrays_gets_a_channel_axis_only_for_a_model_that_takes_one(tmp_path, capsys):
     # A GRU declaring (2, 8, 8) was given (N, 1, 8, 8) and refused; a model that flattens trained,
     # and its artifact declared the (2, 1, 8, 8) it was given, not its own (2, 8, 8).

@@ -293,6 +293,10 @@ def _nchw(x: np.ndarray, target: Target, where: str) -> np.ndarray:
         if nchw:
             return np.ascontiguousarray(x)
         raise UserError(f"{where} has shape {x.shape}: neither axis 1 nor axis 3 is the model's {channels} channels")
+    if x.shape[1] == x.shape[3]:  # a model that takes any shape (C == H == W, adaptive pooling) cannot tell
+        raise UserError(f"{where} has shape {x.shape}: axes 1 and 3 have the same size, so N,H,W,C and N,C,H,W "
+                        "cannot be told apart, and the model declares no input shape: give it one (--input-shape, "
+                        "batch first, or example_input_shape), or the images through a factory (data.py:make)")
     if x.shape[3] in (1, 3, 4) or x.shape[1] not in (1, 3, 4):  # Keras' NHWC unless it cannot be
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     return np.ascontiguousarray(x)
