@@ -5,6 +5,7 @@ with a timeout, so a hang fails its test instead of stalling the suite. Runs tha
 read are module fixtures; five launches in all.
 """
 
+import json
 import os
 import re
 import shutil
@@ -152,6 +153,13 @@ def test_nproc_does_not_import_the_users_scripts_from_the_working_folder(data, t
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not (tmp_path / "PROFILE_RAN").exists()
+
+
+def test_nproc_json_is_the_report_alone_on_stdout(data, tmp_path):
+    # fd 1 pointed at stderr when --nproc exec'd torchrun: the JSON came on stderr, stdout was empty.
+    (done,) = launch(bngraph_cli(*train_args(data, tmp_path / "run", "--steps", "1", "--nproc", "2", "--json")))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["processes"] == 2
 
 
 def test_one_rank_raising_ends_the_job_with_its_error(data, tmp_path):

@@ -220,4 +220,5 @@ def _launch(args: argparse.Namespace, device: torch.device) -> None:
                             "as many (they decide the batches)")
         data = shared.data_for_model(args, shared.load_from_args(args, seed=args.seed), "cpu", allow_stream=True)
         EpochSampler(data.n_train, args.batch_size, args.seed, world_size=args.nproc)  # a global batch the data holds
-        exec_torchrun(args.nproc, without_option(args.argv, "--nproc"))
+        # With --json, fd 1 points at stderr here (`cli._stdout_for_the_report`): torchrun gets the real stdout
+        exec_torchrun(args.nproc, without_option(args.argv, "--nproc"), stdout=getattr(args, "report_stream", None))

@@ -216,14 +216,18 @@ def without_option(argv: Sequence[str], option: str) -> list[str]:
     return out
 
 
-def exec_torchrun(nproc: int, argv: Sequence[str]) -> NoReturn:
+def exec_torchrun(nproc: int, argv: Sequence[str], stdout=None) -> NoReturn:
     """Replace this process by torchrun (`bngraph.training.torchrun`, its launcher with bngraph's
     way out) running `--standalone --nproc-per-node=N -m bngraph ARGV`: a job on this host, on a
-    free port, that torchrun supervises (Ctrl-C and failures included)."""
+    free port, that torchrun supervises (Ctrl-C and failures included). `stdout`, a stream on a
+    file descriptor, becomes the job's standard output (the command's own, where fd 1 was moved)."""
     command = [sys.executable, "-m", "bngraph.training.torchrun", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "bngraph", *argv]
     sys.stdout.flush()
     sys.stderr.flush()
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # a stream in memory has no descriptor
+        stdout.flush()
+        os.dup2(stdout.fileno(), 1)
     # `python -m` puts the working folder first on sys.path, where the `bngraph` command does not:
     # a user's profile.py there replaced the standard library's in torchrun and in every rank.
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
