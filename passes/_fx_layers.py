@@ -216,10 +216,15 @@ class TensorUses:
                 self._users.get(id(tensor), set()).discard(layer.node)
 
 
-def write_weights(gm, layer: Layer, weight, bias, uses: TensorUses, modules: dict[str, nn.Module]) -> str | None:
-    """Give `layer` the folded weight and bias, in a copy if it shares them; say so if it did."""
+def write_weights(gm, layer: Layer, weight, bias, uses: TensorUses, modules: dict[str, nn.Module],
+                  bn_bias: torch.Tensor | None = None) -> str | None:
+    """Give `layer` the folded weight and bias, in a copy if it shares them; say so if it did.
+
+    Each keeps the kind (parameter or buffer) and trainability of the tensor it replaces; a bias
+    the layer lacked, those of `bn_bias` (the BN's beta, which it comes from) where there is one."""
     sharers = uses.sharers(layer)
     node, like = layer.node, layer.weight
+    new_bias_like = bn_bias if bn_bias is not None else like
     if layer.module is not None:
         module = layer.module
         if sharers:
@@ -230,7 +235,7 @@ def write_weights(gm, layer: Layer, weight, bias, uses: TensorUses, modules: dic
             modules[node.target] = module
         plain = make_plain(module)
         _store(module, "weight", weight, module.weight)
-        _store(module, "bias", bias, module.weight)
+        _store(module, "bias", bias, module.bias if module.bias is not None else new_bias_like)
     else:
         for name, value in (("weight", weight), ("bias", bias)):
             current = arg(node, layer.positions[name], name)
@@ -242,7 +247,9 @@ def write_weights(gm, layer: Layer, weight, bias, uses: TensorUses, modules: dic
             owner_path, _, weight_attr = arg(node, layer.positions["weight"], "weight").target.rpartition(".")
             owner = gm.get_submodule(owner_path)
             attr = free_name(owner, f"{weight_attr if name == 'weight' else 'bias'}_folded")
-            _store(owner, attr, value, like)
+            current_value = attr_value(gm, current.target) if current is not None else None
+            _store(owner, attr, value, current_value if current_value is not None else
+                   like if name == "weight" else new_bias_like)
             with gm.graph.inserting_before(node):
                 getter = gm.graph.get_attr(".".join(filter(None, [owner_path, attr])))
             _set_arg(node, layer.positions[name], name, getter)

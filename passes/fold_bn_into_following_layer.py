@@ -108,7 +108,7 @@ def fold_bn_into_following_layer(gm: fx.GraphModule) -> PassResult:
         # 7.
         with torch.no_grad():
             weight, bias = fold_into_consumer(layer.weight, layer.bias, layer.groups, stats)
-        note = write_weights(gm, layer, weight, bias, uses, modules)
+        note = write_weights(gm, layer, weight, bias, uses, modules, bn_bias=site.stats.bias)
         node.replace_all_uses_with(site.input)
         gm.graph.erase_node(node)
         result.changed.append(node.name)

@@ -56,7 +56,7 @@ def fold_bn_into_preceding_layer(gm: fx.GraphModule) -> PassResult:
         # 5.
         with torch.no_grad():
             weight, bias = fold_into_producer(layer.kind, layer.weight, layer.bias, layer.groups, site.stats)
-        note = write_weights(gm, layer, weight, bias, uses, modules)
+        note = write_weights(gm, layer, weight, bias, uses, modules, bn_bias=site.stats.bias)
         node.replace_all_uses_with(site.input)
         gm.graph.erase_node(node)
         result.changed.append(node.name)

@@ -315,8 +315,10 @@ def fold_bn_into_producer_module(
         else:  # a Conv1D's weight is (in, out)
             weight, bias = fold_into_producer("linear", layer.weight.t(), layer.bias, 1, stats)
             weight = weight.t().contiguous()
-        trains = layer.weight.requires_grad
-        layer.weight, layer.bias = nn.Parameter(weight, requires_grad=trains), nn.Parameter(bias, requires_grad=trains)
+        # Each keeps the trainability of what it replaces; a new bias, the BN's beta's it comes from.
+        bias_like = layer.bias if had_bias else bn.bias if bn.bias is not None else layer.weight
+        layer.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
+        layer.bias = nn.Parameter(bias, requires_grad=bias_like.requires_grad)
         if not had_bias:
             edits.append(("bias", layer_path, bias.shape[0], str(bias.dtype).removeprefix("torch.")))
         parent_path, _, name = path.rpartition(".")

@@ -197,3 +197,31 @@ def test_a_channels_last_model_keeps_channels_last_weights(dims):
     assert len(weights) == 2 and all(w.is_contiguous(memory_format=layout) for w in weights)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _FrozenParts(nn.Module):
+    def __init__(self, bias: bool, traceable: bool):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3, padding=1, bias=bias), nn.BatchNorm2d(4), nn.Linear(4, 2)
+        self.traceable = traceable
+
+    def forward(self, x):
+        if not self.traceable and torch.isnan(x).any():  # a branch on data: folded module by module
+            raise ValueError("a NaN in the input")
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("traceable", [True, False], ids=["traced", "module-by-module"])
+@pytest.mark.parametrize(("bias", "frozen", "trains"), [
+    (True, ["conv.weight"], {"conv.weight": False, "conv.bias": True}),  # the bias took the weight's: frozen
+    (True, ["bn.weight", "bn.bias"], {"conv.weight": True, "conv.bias": True}),
+    (False, ["bn.weight", "bn.bias"], {"conv.weight": True, "conv.bias": False}),  # a new bias: beta's
+    (False, ["conv.weight"], {"conv.weight": False, "conv.bias": True}),
+])
+def test_folded_weights_keep_the_trainability_of_what_they_replace(traceable, bias, frozen, trains):
+    model = randomize_bn(_FrozenParts(bias, traceable), seed=2).eval()
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(False)
+    folded, report = fold(model, [torch.randn(2, 3, 8, 8)])
+    assert report.facts["batchnorms_after"] == 0
+    assert {n: p.requires_grad for n, p in folded.named_parameters() if n.startswith("conv")} == trains
