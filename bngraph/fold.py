@@ -42,7 +42,8 @@ from bngraph.passes.replace_bn_with_multiply_add import replace_bn_with_multiply
 from bngraph.report import Report
 from bngraph.partial_trace import kept_whole_modules, trace_for_insert
 from bngraph.trace import (
-    TraceFailed, check_faithful_trace, check_model, copy_module, materialize_lazy, trace, trace_and_run,
+    TraceFailed, check_faithful_trace, check_model, copy_module, left_out_of_the_graph, materialize_lazy, trace,
+    trace_and_run,
 )
 
 # In order: the layer before a BN is the first choice (no constraint on padding), the layer
@@ -131,6 +132,7 @@ def _fold(module: nn.Module, example_inputs: Sequence[torch.Tensor], standalone_
                         f"{', '.join(o.module for o in kept_whole)}"]
     before, batch_norms = _op_counts(gm), len(_batch_norm_names(gm))
     unused = unused_batch_norms(module, gm)
+    left_out = left_out_of_the_graph(module, gm, said=unused)
     inside = opaque_batch_norms(gm)
     inner_rows, inner_left, done = fold_inside_hooked_modules(gm, example_inputs, fold) if inside_hooked_modules else ([], [], set())
     opaque = [*inner_left, *(row for row in inside if not row["node"].startswith(tuple(f"{t}." for t in done)))]
@@ -155,6 +157,8 @@ def _fold(module: nn.Module, example_inputs: Sequence[torch.Tensor], standalone_
     if unused:
         report.notes.append(f"{len(unused)} BatchNorm(s) the model holds are never called by its forward, so the "
                             f"folded model does not have them: {', '.join(unused)}")
+    if left_out:
+        report.notes.append(left_out)
     # Those folded inside hooked modules and inside the submodules kept whole count too.
     report.facts["batchnorms_before"] += len(inside) - len(opaque)
     if report.facts["batchnorms_before"]:

@@ -30,7 +30,8 @@ from bngraph.passes.insert_bn_before_activation import insert_bn_before_activati
 from bngraph.passes.wrap_activation_modules import wrap_activation_modules
 from bngraph.report import Report
 from bngraph.runners import batch_axes_of, buffers_kept, random_tensor
-from bngraph.trace import TraceFailed, assert_argument_is_none, check_model, copy_module, materialize_lazy
+from bngraph.trace import (TraceFailed, assert_argument_is_none, check_model, copy_module, left_out_of_the_graph,
+                           materialize_lazy)
 
 FALLBACK = "module-level fallback"
 
@@ -104,9 +105,11 @@ def _insert_into_a_copy(model: nn.Module, example_inputs: Sequence[torch.Tensor]
                         calibration_data, fallback: bool, drop_biases: bool = True) -> tuple[nn.Module, Report]:
     trace_failure, opaque = None, []
     materialize_lazy(model, example_inputs)  # on the model itself: see bngraph.trace.materialize_lazy
+    left_out = None
     try:
         graph, opaque = trace_for_insert(model, example_inputs)
         insert_pass = insert_bn_before_activation
+        left_out = left_out_of_the_graph(model, graph)
     except TraceFailed as err:
         if not fallback:
             raise
@@ -149,7 +152,7 @@ def _insert_into_a_copy(model: nn.Module, example_inputs: Sequence[torch.Tensor]
         not_handled = _left_inside(nonlinearities_not_handled(graph, example_inputs, opaque),
                                    results.get(wrap_activation_modules.__name__))
     report = insert_report(results, trace_failure, opaque=opaque, not_handled=not_handled)
-    report.notes += checked
+    report.notes += checked + ([left_out] if left_out else [])
     return graph, report
 
 

@@ -930,6 +930,31 @@ def refuse_hooks_on_the_model(module: nn.Module) -> None:
                           "written from a traced graph could not give it")
 
 
+def left_out_of_the_graph(model: nn.Module, gm: nn.Module, said: Sequence[str] = ()) -> str | None:
+    """A note naming what a graph of `model`'s forward does not hold: the layers and tensors no
+    forward reaches (an auxiliary head, a temperature another method reads; `said`, those already
+    named elsewhere, left out) and the methods of the model's own class beside forward. None
+    when it holds everything."""
+    kept = {name for name, _ in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))}
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        names_of.setdefault(id(tensor), []).append(name)
+    owners = {names[0].rpartition(".")[0] or names[0] for names in names_of.values() if not any(n in kept for n in names)}
+    owners = sorted(o for o in owners if not any(o == p or o.startswith(f"{p}.") for p in said)
+                    and not any(o.startswith(f"{other}.") for other in owners))
+    methods = [name for name, value in vars(type(model)).items() if name != "forward" and not name.startswith("_")
+               and isinstance(value, (types.FunctionType, staticmethod, classmethod))]
+    if not owners and not methods:
+        return None
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+    left = [f"{listed(owners)} (never used by its forward: their weights are left out)" if owners else None,
+            f"{type(model).__name__}'s other methods ({listed(methods)})" if methods else None]
+    return f"the result is the graph of the model's forward, without {' or '.join(x for x in left if x)}"
+
+
 class TraceUnfaithful(TraceFailed):
     """The traced graph computes something else than the model: a value fixed at trace time."""
 

@@ -1958,3 +1958,36 @@ def test_an_activation_after_a_tensor_property_is_skipped_naming_it():
     _, report = bngraph.insert(TransposedByProperty(), [torch.randn(6, 8, 8)])
     (reason,) = _skips(report).values()
     assert reason.endswith("it comes from .mT at getattr_1, which is not followed")  # was "...: None"
+
+
+class WithAnAuxiliaryHead(nn.Module):
+    """An auxiliary head and a temperature that other methods use, as users write them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+        self.aux_head = nn.Linear(4, 2)
+        self.temperature = nn.Parameter(torch.ones(1))
+
+    def features(self, x):
+        return torch.relu(self.bn(self.conv(x))).mean((2, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+    def forward_aux(self, x):
+        return self.aux_head(self.features(x))
+
+    def predict_proba(self, x):
+        return torch.softmax(self(x) / self.temperature, -1)
+
+
+@pytest.mark.parametrize("verb", ["insert", "fold"])
+def test_what_the_forward_never_uses_is_named_as_left_out(verb):
+    # The aux head's and the temperature's trained weights, and the other methods, were dropped without a word.
+    model = WithAnAuxiliaryHead().eval()
+    result, report = getattr(bngraph, verb)(model, [torch.randn(2, 3, 8, 8)])
+    assert not hasattr(result, "aux_head") and not hasattr(result, "temperature")
+    [note] = [n for n in report.notes if n.startswith("the result is the graph of the model's forward")]
+    assert "without aux_head, temperature (never used by its forward" in note
+    assert "WithAnAuxiliaryHead's other methods (features, forward_aux, predict_proba)" in note
