@@ -103,11 +103,16 @@ def train_run(
     report = train_report(loaded.spec.text, recipe, data, config, ctx.world_size, done, Path(output or out), recipe_entry)
     if grown:
         report.notes.append(grown)
-    if any(isinstance(entry, dict) and entry.get("command") == "fold" for entry in history):
-        # Folded: its BatchNorms are in its layers' weights now, and it trains without them.
+    folds = [entry for entry in history if isinstance(entry, dict) and entry.get("command") == "fold"]
+    if folds:
+        # Folded: its BatchNorms are in its layers' weights now, and it trains without them, and
+        # without the dropout the fold took out as an identity at inference.
         left = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        stripped = any(row.get("op") != "Identity" for entry in folds
+                       for row in entry.get("passes", {}).get("remove_eval_identities", {}).get("details", []))
         report.notes.append(f"{loaded.spec.text} was folded for inference: it trained with "
-                            f"{f'the {left} BatchNorm(s) the fold left' if left else 'no BatchNorm'}; train the model "
+                            f"{f'the {left} BatchNorm(s) the fold left' if left else 'no BatchNorm'}"
+                            f"{' and without the dropout the fold removed' if stripped else ''}; train the model "
                             "from before the fold to train with them")
     return done, report
 

@@ -1161,3 +1161,33 @@ def test_training_a_folded_model_says_it_trains_without_its_batchnorms(tmp_path,
                  "--batch-size", "8", "--quiet", "-o", str(tmp_path / "run"), "--json"]) == 0
     assert any("was folded for inference: it trained with no BatchNorm" in note
                for note in json.loads(capsys.readouterr().out)["notes"])
+
+
+WITH_DROPOUT_PY = '''
+import torch.nn as nn, torch.nn.functional as F
+
+class Net(nn.Module):
+    example_input_shape = (2, 3, 28, 28)
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.drop, self.fc = nn.Dropout(0.5), nn.Linear(8, 4)
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.fc(self.drop(F.dropout(x, 0.3, self.training)))
+'''
+
+
+def test_training_a_folded_model_says_it_trains_without_the_dropout_the_fold_removed(tmp_path, capsys):
+    # The note named the BatchNorms only: fine-tuning ran without dropout too, without a word.
+    from tests.test_data_formats import write_npz
+
+    (tmp_path / "m.py").write_text(WITH_DROPOUT_PY)
+    assert main(["fold", f"{tmp_path}/m.py:Net", "-o", str(tmp_path / "folded")]) == 0
+    rng = np.random.default_rng(0)
+    data = write_npz(tmp_path / "d.npz", layout="NCHW", y_train=rng.integers(0, 4, 40), y_test=rng.integers(0, 4, 12))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "folded"), "--data", str(data), "--steps", "2", "--batch-size", "8", "--quiet",
+                 "-o", str(tmp_path / "run"), "--json"]) == 0
+    assert any("it trained with no BatchNorm and without the dropout the fold removed" in note
+               for note in json.loads(capsys.readouterr().out)["notes"])
