@@ -31,7 +31,7 @@ from bngraph.passes._fx_effects import global_hook_kinds
 from bngraph.runners import batch_axes_of, fresh_inputs, named_tensors, seeded
 from bngraph.spec import ARTIFACT_META
 from bngraph.trace import TraceFailed, check_modules_registered, copy_module, faithful_trace
-from bngraph.user_modules import importing_beside, isolated_modules, python_files
+from bngraph.user_modules import importing_beside, imports_in_forward, isolated_modules, python_files
 
 FORMAT = "bngraph-artifact"
 FORMAT_VERSION = 1
@@ -85,6 +85,7 @@ def save(
     if code is None:
         code = module_source(module, input_shapes=input_shapes, source=source, base=base)
     text = code
+    _refuse_imports_in_forward(type(given).__name__, text, carry or {})
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     carried = {f"{CARRIED_DIR}/{name}": data for name, data in (carry or {}).items()}
@@ -112,6 +113,19 @@ def save(
         _check_round_trip(given, module, load_artifact(folder)[0], example_inputs)
 
     return write_dir_atomically(path, write, kind=ARTIFACT, force=force)
+
+
+def _refuse_imports_in_forward(name: str, code: str, carry: dict[str, bytes]) -> None:
+    """An artifact's modules (code/) are its own only while it loads: a forward that imports one
+    as it runs took the fresh, unconfigured file, or another artifact's or the user's module of
+    that name (a model whose forward read settings.SCALE computed 3x less, loaded elsewhere)."""
+    names = {path.split("/")[0].removesuffix(".py") for path in carry}
+    sources = {CODE_FILE: code.encode(), **{f"{CARRIED_DIR}/{path}": data for path, data in carry.items()}}
+    if found := imports_in_forward(sources, names):
+        file, line, module = found[0]
+        raise UserError(f"cannot save {name} as an artifact: {file}:{line} imports {module} inside forward, and a "
+                        f"saved model cannot keep that import to its own {module.partition('.')[0]!r} (it takes "
+                        "whichever the process holds as it runs); import it at the top of the model's file")
 
 
 def check_no_global_hooks(module: nn.Module) -> None:

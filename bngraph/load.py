@@ -25,7 +25,8 @@ from bngraph.runners import ExampleInputs, random_tensor
 from bngraph.spec import ModelSpec, input_layout, parse_input_dtypes, parse_input_shapes, parse_model_spec
 from bngraph.trace import check_model, materialize_lazy
 from bngraph.user_modules import (
-    forget_stale_siblings, importing_beside, put_back, remember_siblings, working_folder_restored,
+    forget_stale_siblings, importing_beside, put_back, refuse_ambiguous_imports_in_forward, remember_siblings,
+    working_folder_restored,
 )
 from bngraph.zoo import create_model, get_entry
 
@@ -100,6 +101,7 @@ def import_user_file(path: Path):
     finally:
         remember_siblings(path.parent)
         put_back(forgotten)
+    refuse_ambiguous_imports_in_forward(path, forgotten)
     return module
 
 

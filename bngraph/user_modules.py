@@ -9,6 +9,7 @@ them, and carried into artifacts so that an artifact loads anywhere.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import os
@@ -17,6 +18,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from bngraph.errors import UserError
+
 
 @contextlib.contextmanager
 def importing_beside(folder: Path):
@@ -24,7 +27,7 @@ def importing_beside(folder: Path):
     script's folder does; then it goes last, so that imports made later (inside a forward) still
     find its modules while the packages bngraph imports later are not shadowed by a user's
     onnx.py."""
-    entry = str(folder)
+    entry = os.path.abspath(folder)  # a relative entry would find other files once the working folder changes
     sys.path.insert(0, entry)
     try:
         yield
@@ -144,6 +147,60 @@ def _digest(file: Path) -> str | None:
         return hashlib.sha256(file.read_bytes()).hexdigest()
     except OSError:
         return None
+
+
+def imports_in_forward(sources: dict[str, bytes], names: set[str]) -> list[tuple[str, int, str]]:
+    """(file, line, module) for each import of one of the modules `names` inside a forward of
+    `sources` (file name -> text): run as the model runs, it takes whichever module of that name
+    the process holds by then."""
+    found = []
+    for file, text in sources.items():
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        forwards = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.name == "forward"]
+        for node in (n for f in forwards for n in ast.walk(f)):
+            imported = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            found += [(file, node.lineno, m) for m in imported if m.partition(".")[0] in names]
+    return found
+
+
+# Top-level module name -> the folder whose model's forward imports it as it runs.
+_IMPORTED_IN_FORWARD: dict[str, Path] = {}
+
+
+def refuse_ambiguous_imports_in_forward(model_file: Path, forgotten: dict[str, object]) -> None:
+    """UserError where a forward imports a module of the model's folder as it runs (`import
+    settings` in forward) and this process holds, or will hold, another module of that name: the
+    caller's own (`forgotten`), or another model folder's, whose forward imports it so too or
+    which a model beside it will import. Run later, such a forward took the other module and
+    computed something else without a word (`verify a/model.py b/model.py` passed)."""
+    folder = model_file.parent.resolve()
+    names = _top_level_names(folder)
+    files = {model_file, *local_modules(folder).values()}
+    found = imports_in_forward({str(f): _read(f) for f in files}, names)
+    for top in names:  # this folder's modules replace another forward's (it imports them as it runs)
+        other = _IMPORTED_IN_FORWARD.get(top)
+        if other is not None and other != folder:
+            raise UserError(f"the forward of the model in {other} imports {top} as it runs, and {folder} holds "
+                            f"another {top}: in one process one model would run the other's; use separate processes, "
+                            "or import it at the top of each model file")
+    for file, line, module in found:
+        top = module.partition(".")[0]
+        if top in forgotten:
+            raise UserError(f"{Path(file).name}:{line} imports {module} inside forward, and this process already "
+                            f"holds its own {top!r}, which that import would take instead of the one beside the model: "
+                            "import it at the top of the model file")
+        _IMPORTED_IN_FORWARD[top] = folder
+
+
+def _read(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError:
+        return b""
 
 
 def _top_level_names(folder: Path) -> set[str]:

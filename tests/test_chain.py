@@ -367,11 +367,64 @@ def test_the_modules_beside_a_model_stay_imported_as_a_scripts_do(tmp_path, caps
         with torch.no_grad():
             torch.testing.assert_close(model(x), model.fc(x).relu() * 3)
         torch.save(model, io.BytesIO())
+        # An artifact's settings.py is its own only while it loads: its forward's `import settings`
+        # took a fresh, unconfigured copy loaded elsewhere (SCALE 1, not 3), so it is refused.
+        assert main(["insert", f"{tmp_path}/m/model.py", "-o", str(tmp_path / "art")]) == 2
+        assert "model.py:20 imports settings inside forward" in capsys.readouterr().err
+        # Read through the name the file imported at its top, it is the artifact's own, configured.
+        (tmp_path / "m" / "model.py").write_text(CONFIGURED_MODEL_PY.replace("import settings as s  #", "s = settings  #"))
         assert main(["insert", f"{tmp_path}/m/model.py", "-o", str(tmp_path / "art")]) == 0
         assert (tmp_path / "art" / "code" / "blocks.py").is_file()
+        x = torch.randn(3, 4)
+        with torch.no_grad():  # the model's own SCALE, 3, read in this process
+            torch.save((x, bngraph.load(f"{tmp_path}/m/model.py").eval()(x)), tmp_path / "want.pt")
+        script = ("import torch, bngraph\nm = bngraph.load('art').eval()\nx, want = torch.load('want.pt')\n"
+                  "torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-4)")
+        done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
     finally:
         for name in ("settings", "blocks"):
             sys.modules.pop(name, None)
+
+
+LAZY_MODEL_PY = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    example_input_shape = (3, 4)
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        from helpers import scale  # imported as it runs
+        return scale(self.fc(x))
+"""
+
+
+def test_a_forward_importing_its_folders_module_is_refused_where_another_of_that_name_is_held(tmp_path, capsys):
+    # The second model's forward took the first's helpers.py (x2 for x3): verify PASSED two
+    # different models; with the caller's own helpers imported, the model ran that one.
+    from bngraph.cli import main
+
+    for folder, factor in (("a", 2), ("b", 3)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "model.py").write_text(LAZY_MODEL_PY)
+        (tmp_path / folder / "helpers.py").write_text(f"def scale(x):\n    return x * {factor}\n")
+    try:
+        assert main(["verify", f"{tmp_path}/a/model.py", f"{tmp_path}/b/model.py"]) == 2
+        err = capsys.readouterr().err
+        assert f"the model in {tmp_path / 'a'} imports helpers as it runs, and {tmp_path / 'b'} holds another" in err
+    finally:
+        sys.modules.pop("helpers", None)
+    # In a fresh process (this one remembers a's forward), the caller's own helpers imported first.
+    script = (f"import sys, types, bngraph\nsys.modules['helpers'] = types.ModuleType('helpers')\n"
+              f"bngraph.load({str(tmp_path / 'b' / 'model.py')!r})")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 1 and "this process already holds its own 'helpers'" in done.stderr, done.stderr
 
 
 def test_a_helper_edited_behind_a_sibling_is_read_again(tmp_path):
