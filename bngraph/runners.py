@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,9 +167,18 @@ def buffers_kept(module: nn.Module):
 def seeded():
     """The random state every run compared starts from (`bngraph.equivalence`; a run outside it,
     such as the shape-recording run of `bngraph.trace`, uses it to stand for one of its runs)."""
+    # numpy's and Python's generators too: HuggingFace's SpecAugment (wav2vec2, HuBERT) draws its
+    # train-mode masks with numpy, and two runs of one model differed, blamed on the model written.
+    numpy_state, python_state = np.random.get_state(), random.getstate()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        yield
+        np.random.seed(0)
+        random.seed(0)
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
 
 
 @contextlib.contextmanager

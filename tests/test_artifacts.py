@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -408,3 +409,31 @@ sys.exit(main({[verb, f"{tmp_path}/m.py:Net", "-o", str(tmp_path / "out"), *extr
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 2 and "a global forward hook is registered for every module" in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+NUMPY_MASK = '''
+import numpy as np
+import torch, torch.nn as nn
+
+class Net(nn.Module):  # a train-mode mask drawn with numpy, as HuggingFace's SpecAugment draws it
+    example_input_shape = (4, 16)
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 3)
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.training:
+            h = h * torch.from_numpy(np.random.rand(*h.shape) > 0.3).to(h.dtype)
+        return self.fc2(self.act(h))
+'''
+
+
+def test_a_model_drawing_with_numpy_in_train_mode_is_written(tmp_path, capsys):
+    # Each run of the train-mode check drew another mask: refused as "computes something else in train mode".
+    from bngraph.cli import main
+
+    (tmp_path / "m.py").write_text(NUMPY_MASK)
+    assert main(["insert", f"{tmp_path}/m.py:Net", "-o", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    state = np.random.get_state()[1].copy()
+    bngraph.load(tmp_path / "out")
+    assert (np.random.get_state()[1] == state).all()  # the caller's numpy generator is left as it was
