@@ -15,6 +15,7 @@ model.py, with one header, one class name and one way back (`bngraph.load`).
 from __future__ import annotations
 
 import builtins
+import importlib.util
 import inspect
 import math
 import re
@@ -398,7 +399,7 @@ def file_source(loaded) -> tuple[str, str]:
     """(source text, symbol that builds the model) of a model loaded from a .py file. A model the
     file builds as it runs (`model = nn.Sequential(...)`) is built by a function appended to the
     source: the code bngraph writes calls what builds the model, and edits what that returns."""
-    source = Path(loaded.spec.path).read_text()
+    source = importlib.util.decode_source(Path(loaded.spec.path).read_bytes())  # UTF-8, or the file's coding line
     if not loaded.symbol_is_instance:
         return source, loaded.symbol
     name = _INSTANCE_COPY + loaded.symbol
@@ -413,7 +414,7 @@ def user_code(loaded) -> tuple[str, str] | None:
     if loaded.spec.kind == "file":
         return file_source(loaded)
     if loaded.spec.kind == "artifact":
-        text = (Path(loaded.spec.path) / CODE_FILE).read_text()
+        text = (Path(loaded.spec.path) / CODE_FILE).read_text(encoding="utf-8")
         user, marker, rest = text.partition(_CARRIED)
         if marker and _edit_steps(rest) and "self._bngraph_base()" in rest:
             # The generated model was edited after (a fold module by module): what builds it is
@@ -443,7 +444,7 @@ def fallback_source(loaded) -> tuple[str, str]:
     if loaded.spec.kind == "file":
         return file_source(loaded)
     if loaded.spec.kind == "artifact":
-        return (Path(loaded.spec.path) / CODE_FILE).read_text(), CLASS_NAME
+        return (Path(loaded.spec.path) / CODE_FILE).read_text(encoding="utf-8"), CLASS_NAME
     raise UserError(f"the module-level fallback can only save models loaded from a .py file or an artifact, not {loaded.spec.text}")
 
 
@@ -452,7 +453,7 @@ def kept_source(loaded, command: str) -> str | None:
     (train, recalibrate): an artifact's model.py as it is, or a .py file's source naming its
     model; None for a zoo model, which traces."""
     if loaded.spec.kind == "artifact":
-        return (Path(loaded.spec.path) / CODE_FILE).read_text()
+        return (Path(loaded.spec.path) / CODE_FILE).read_text(encoding="utf-8")
     if loaded.spec.kind == "file":
         return edited_source(*fallback_source(loaded), [], command)
     return None

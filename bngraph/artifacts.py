@@ -93,7 +93,7 @@ def save(
     def write(folder: Path) -> None:
         # The code names its source, whose path may hold bytes that are not UTF-8 (a folder named
         # in Latin-1): written as escapes, which Python reads back as the same name.
-        (folder / CODE_FILE).write_text(text, errors="backslashreplace")
+        (folder / CODE_FILE).write_text(text, encoding="utf-8", errors="backslashreplace")
         save_tensors(state, folder / WEIGHTS_FILE)
         for name, data in carried.items():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,7 @@ def save(
             "sha256": {f: sha256(folder / f) for f in (CODE_FILE, WEIGHTS_FILE, *carried)},
             "history": list(history),
         }
-        (folder / ARTIFACT_META).write_text(description_text(meta))
+        (folder / ARTIFACT_META).write_text(description_text(meta), encoding="utf-8")
         _check_round_trip(given, module, load_artifact(folder)[0], example_inputs)
 
     return write_dir_atomically(path, write, kind=ARTIFACT, force=force)
@@ -120,7 +120,7 @@ def _refuse_imports_in_forward(name: str, code: str, carry: dict[str, bytes]) ->
     as it runs took the fresh, unconfigured file, or another artifact's or the user's module of
     that name (a model whose forward read settings.SCALE computed 3x less, loaded elsewhere)."""
     names = {path.split("/")[0].removesuffix(".py") for path in carry}
-    sources = {CODE_FILE: code.encode(), **{f"{CARRIED_DIR}/{path}": data for path, data in carry.items()}}
+    sources = {CODE_FILE: code.encode(errors="backslashreplace"), **{f"{CARRIED_DIR}/{path}": data for path, data in carry.items()}}
     if found := imports_in_forward(sources, names):
         file, line, module = found[0]
         raise UserError(f"cannot save {name} as an artifact: {file}:{line} imports {module} inside forward, and a "
@@ -194,7 +194,7 @@ def _outputs(module: nn.Module, example_inputs, training: bool):
 def read_meta(path: str | Path) -> dict:
     path = Path(path)
     try:
-        meta = json.loads((path / ARTIFACT_META).read_text())
+        meta = json.loads((path / ARTIFACT_META).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} is not a bngraph artifact (no {ARTIFACT_META})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

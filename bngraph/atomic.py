@@ -82,7 +82,7 @@ def output_kind(path: str | Path) -> str | None:
         return None
     if path.is_dir():
         try:
-            meta = json.loads((path / MARKER).read_text())
+            meta = json.loads((path / MARKER).read_text(encoding="utf-8"))
         except (OSError, ValueError):  # no bngraph.json (a run from before 0.2 had none): not ours to replace
             return None
         fmt = meta.get("format") if isinstance(meta, dict) else None
@@ -231,7 +231,7 @@ def _description(folder: Path) -> tuple[dict | None, bool]:
     text is not what bngraph wrote (one written before the digest was recorded cannot tell, and
     counts as unchanged, as it did then)."""
     try:
-        meta = json.loads((folder / MARKER).read_text())
+        meta = json.loads((folder / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None, True
     if not isinstance(meta, dict):
@@ -590,7 +590,7 @@ def _record_written(folder: Path, digests: dict[str, str], *, keep_previous: boo
     tmp = fresh_sibling(folder / MARKER, "partial")
     try:
         with _disk_errors(folder / MARKER):
-            tmp.write_text(description_text(meta))
+            tmp.write_text(description_text(meta), encoding="utf-8")
         os.replace(tmp, folder / MARKER)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -599,7 +599,7 @@ def _record_written(folder: Path, digests: dict[str, str], *, keep_previous: boo
 
 def _write_marker(folder: Path, kind: str) -> None:
     with _disk_errors(folder / MARKER):
-        (folder / MARKER).write_text(description_text({"format": FOLDER_FORMATS[kind], "format_version": 1}))
+        (folder / MARKER).write_text(description_text({"format": FOLDER_FORMATS[kind], "format_version": 1}), encoding="utf-8")
 
 
 class InterruptedAfterWriting(KeyboardInterrupt):

@@ -260,7 +260,7 @@ def draw_graph(graph: nx.DiGraph, path: str | Path, *, force: bool = False, grap
     if path.suffix not in (".svg", ".png", ".dot"):
         raise UserError(f"cannot draw to {path}: use a .svg, .png or .dot file name")
     if path.suffix == ".dot":
-        return write_atomically(path, lambda tmp: tmp.write_text(_dot(graph)), kind=PICTURE, force=force)
+        return write_atomically(path, lambda tmp: tmp.write_text(_dot(graph), encoding="utf-8"), kind=PICTURE, force=force)
 
     # dot draws one long column, so a deep graph (Inception) would be a strip: ours wraps it.
     graphviz = graphviz and max(layers(graph).values(), default=0) < _GRAPHVIZ_MAX_LAYERS

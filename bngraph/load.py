@@ -143,6 +143,8 @@ def _build(path: Path, symbol: str | None) -> tuple[nn.Module, str, object]:
         if len(candidates) > 1:
             raise UserError(f"{path} defines {len(candidates)} models ({', '.join(candidates)}); name one as {path}:Symbol")
         symbol = candidates[0]
+    if not hasattr(code, symbol) and symbol != (utf8 := os.fsencode(symbol).decode("utf-8", "replace")):
+        symbol = utf8  # an argument the locale (LANG=C) decoded byte by byte; Python names are UTF-8
     if not hasattr(code, symbol):
         raise UserError(f"{path} has no symbol {symbol!r} (it has: {', '.join(_module_candidates(code)) or 'no modules'})")
     factory = getattr(code, symbol)

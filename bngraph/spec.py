@@ -80,7 +80,7 @@ def model_steps(run: Path) -> int | None:
     """The steps the model in the run folder `run` was trained for (its history's last `train`
     entry, in its bngraph.json), or None where there is none to read."""
     try:
-        history = json.loads((run / "model" / ARTIFACT_META).read_text())["history"]
+        history = json.loads((run / "model" / ARTIFACT_META).read_text(encoding="utf-8"))["history"]
         return int(next(e for e in reversed(history) if e.get("command") == "train")["config"]["steps"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
         return None
@@ -91,7 +91,7 @@ def model_behind_its_run(run: Path) -> tuple[int, int] | None:
     the model it holds: stopped after its last checkpoint, as it wrote the model."""
     steps = model_steps(run)
     try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
+        lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
         evaluated = int(json.loads(next(line for line in reversed(lines) if line.strip()))["step"])
     except (OSError, ValueError, KeyError, TypeError, StopIteration):
         return None

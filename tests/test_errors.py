@@ -682,3 +682,18 @@ def test_a_working_folder_removed_under_the_shell_is_one_line(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "the working folder no longer exists" in done.stderr
+
+
+def test_a_model_file_is_read_as_utf8_under_any_locale(tmp_path):
+    # Under LC_ALL=C (PYTHONUTF8=0), a comment's "José" was a UnicodeDecodeError traceback, and a
+    # class named in Cyrillic was "not found" (argv decoded by the locale, names by UTF-8).
+    source = ("# Net by José\nimport torch.nn as nn\nclass {name}(nn.Module):\n    example_input_shape = (2, 4)\n"
+              "    def __init__(self):\n        super().__init__()\n        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)\n"
+              "    def forward(self, x):\n        return self.fc2(self.fc1(x).relu())\n")
+    env = {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C", "PYTHONPATH": str(REPO)}
+    for name in ("Net", "Сеть"):
+        (tmp_path / "m.py").write_text(source.format(name=name), encoding="utf-8")
+        out = tmp_path / f"out-{len(name)}"
+        done = subprocess.run([sys.executable, "-m", "bngraph", "insert", f"m.py:{name}", "-o",
+                               str(out)], cwd=tmp_path, env=env, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr.decode(errors="replace")

@@ -200,8 +200,8 @@ def write_inception(run: InceptionRun, out: Path, *, force: bool = False) -> Pat
             title=f"Inception variants on {run.data.split(' ')[0]}",
             reference=run.summary["reference_accuracy"],
         )
-        (folder / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n")
-        (folder / "table.md").write_text(inception_table(run.summary))
+        (folder / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n", encoding="utf-8")
+        (folder / "table.md").write_text(inception_table(run.summary), encoding="utf-8")
 
     return write_dir_atomically(out, write, kind=REPRODUCE, force=force)
 

@@ -345,8 +345,8 @@ def write_mnist(run: MnistRun, out: Path, *, save_models: bool = True, force: bo
     def write(folder: Path) -> None:
         plot_fig1(run.steps, run.accuracy, {k: v[0] for k, v in run.quantiles.items()}, folder / "fig1.png",
                   unit=run.config.track_unit, seeds=run.config.seeds)
-        (folder / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n")
-        (folder / "table.md").write_text(mnist_table(run.summary))
+        (folder / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n", encoding="utf-8")
+        (folder / "table.md").write_text(mnist_table(run.summary), encoding="utf-8")
         if save_models:
             (folder / "models").mkdir()
             example = [torch.zeros(get_entry("mnist-mlp").input_shape)]

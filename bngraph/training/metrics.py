@@ -100,9 +100,9 @@ def interval_means(interval: dict, batch_size: int, world_size: int = 1) -> tupl
 
 def write_metrics(path: Path, rows: Sequence[dict]) -> None:
     text = "".join(json.dumps(row) + "\n" for row in rows)
-    write_atomically(path, lambda tmp: tmp.write_text(text), replace_own=True)
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), replace_own=True)
 
 
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl, one per evaluation."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
