@@ -635,3 +635,19 @@ def test_a_ranks_empty_share_of_a_small_test_set_evaluates_to_zero_sums():
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     assert evaluate(model, torch.rand(0, 2, 2), torch.zeros(0, dtype=torch.long)) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("device", ["mps", "xla", "meta", "cuda:7", "cuda"])
+def test_a_device_bngraph_cannot_train_on_is_one_line(device, tmp_path, capsys):
+    # mps and xla failed in torch's 84-line traceback while the data moved there; cuda:7 on a
+    # machine without 8 GPUs passed the check that only asked whether CUDA was there.
+    from tests.mnist_like import write_learnable
+
+    if torch.cuda.device_count() > (7 if device == "cuda:7" else 0) and device.startswith("cuda"):
+        pytest.skip("this machine has that GPU")
+    data = write_learnable(tmp_path / "mnist", n_train=32, n_test=16)
+    code = main(["train", "zoo:mnist-mlp", "--data", str(data), "--steps", "1", "--device", device, "--quiet",
+                 "-o", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"bngraph: error: --device {device}: "), err
+    assert not (tmp_path / "run").exists()

@@ -19,9 +19,14 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: this machine has no CUDA GPU (use --device cpu or auto)")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as err:
         raise UserError(f"bad --device {name!r}: {one_line(err)}") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    if device.type not in ("cpu", "cuda"):  # mps, xla, meta: its data and checkpoints failed in torch's tracebacks
+        raise UserError(f"--device {name}: bngraph trains on cpu or cuda only (use --device cpu, cuda or auto)")
+    return device
 
 
 @dataclass(frozen=True)
