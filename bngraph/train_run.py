@@ -168,7 +168,7 @@ def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamDat
             sections["skipped"] = [{"site": s.site, "reason": s.reason} for s in sync_bn.skipped]
     if recipe_entry is not None:
         sections["recipe_changes"] = recipe_changes(recipe_entry)
-    notes = [f"every evaluation is in {output / 'metrics.jsonl'}"]
+    notes = [f"every evaluation is in {output / 'metrics.jsonl'}", *run.notes]
     if recipe is not None and recipe.weight_decay_divisor != 1 and config.weight_decay == 0:
         notes.append(f"{recipe.name} divides L2 weight decay by {recipe.weight_decay_divisor:g}, but the run had none "
                      "(--weight-decay 0): nothing to reduce")

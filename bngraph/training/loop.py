@@ -66,6 +66,7 @@ class TrainRun:
     device: str = "cpu"
     precision: str = "fp32"  # as resolved for the device
     channels_last: bool = False
+    notes: list[str] = field(default_factory=list)  # what a resumed run did otherwise than the run had
 
     @property
     def best_test_accuracy(self) -> float:
@@ -220,7 +221,7 @@ def train(
         raise _job_stopped(stop, out_dir, saved_at) from None
     model.to("cpu", memory_format=torch.contiguous_format).eval()
     return TrainRun(model, metrics, elapsed_before + time.perf_counter() - started, start if resume else None,
-                    str(dev), setup.precision, setup.channels_last)
+                    str(dev), setup.precision, setup.channels_last, resumed.notes if resume else [])
 
 
 def _set_up(model: nn.Module, data: TensorData | StreamData, config: TrainConfig, dev: torch.device,
