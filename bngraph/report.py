@@ -54,7 +54,7 @@ class Report:
             table = Table(title=f"{name} ({len(rows)})", title_justify="left", box=None, pad_edge=False)
             columns = list(dict.fromkeys(k for row in rows for k in row))
             for column in columns:
-                table.add_column(column)
+                table.add_column(column, overflow="fold")  # a narrow terminal wraps a number, never cuts it to "…"
             for row in rows:
                 table.add_row(*(escape(_cell(row.get(c, ""))) for c in columns))  # `[...]` in a reason is text
             console.print(table)

@@ -24,3 +24,17 @@ def test_json_keeps_shapes_as_numbers_and_the_table_as_the_cli_writes_them():
     report.print_table(out)
     assert "2,3,32,32" in out.getvalue()
     assert json.loads(json.dumps(report.to_json()))["models"][0]["input_shape"] == [2, 3, 32, 32]
+
+
+def test_a_narrow_terminal_wraps_a_number_and_never_cuts_it(monkeypatch):
+    # COLUMNS=30: `bngraph zoo` showed "1126…" for 11268536, and verify's rows were all "…".
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("COLUMNS", "30")
+    out = Terminal()
+    Report("t", sections={"models": [{"name": "inception-small", "parameters": 11268536, "input": "2,3,224,224"}]}
+           ).print_table(out)
+    text = out.getvalue()
+    assert "…" not in text and "11268536" in text
