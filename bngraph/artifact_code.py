@@ -186,8 +186,8 @@ def module_source(
     used = {n: v for n, v in code.globals.items() if re.search(rf"\b{re.escape(n)}\b", code.src)}
     for name, value in list(used.items()):  # fx's `transformers_modeling_outputs_X` read as `X` where free
         short = getattr(value, "__qualname__", None) if isinstance(value, type) else None
-        if short and short != name and short.isidentifier() and short not in used \
-                and not re.search(rf"\b{short}\b", code.src) and not hasattr(builtins, short):
+        if short and short != name and short.isidentifier() and short not in used and not hasattr(builtins, short) \
+                and not any(re.search(rf"\b{short}\b", text) for text in (code.src, base[0] if base else "")):
             code.src = re.sub(rf"\b{re.escape(name)}\b", short, code.src)
             used[short] = used.pop(name)
     # A function of the user's own file (a helper fx kept as one call) has no import path: it

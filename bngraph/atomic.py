@@ -427,6 +427,8 @@ def _keep_mode(old: Path, new: Path) -> None:
     """Give `new`, about to replace `old`, `old`'s permissions, and a folder's files those of the
     files they replace: an output the user had made private stays private (--force made it
     world-readable with the umask's mode)."""
+    if old.is_symlink():  # a link's own mode is 0777: never one to give a file
+        return
     with contextlib.suppress(OSError):
         os.chmod(new, stat.S_IMODE(os.lstat(old).st_mode))
         if new.is_dir():
@@ -538,7 +540,7 @@ def write_atomically(
     in place); a failure after it is the caller's to undo.
     """
     path = _output_path(path)
-    if not (replace_own and path.is_file()):
+    if not (replace_own and path.is_file() and not path.is_symlink()):  # a link the user put there is refused
         check_output(path, kind, force=force)
     made = _make_parents(path)
     tmp = fresh_sibling(path, "partial")

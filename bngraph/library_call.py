@@ -79,10 +79,13 @@ def _as_the_model_is(name: str, refuse_inference_mode: bool) -> Iterator[None]:
 def _random_state_kept() -> Iterator[None]:
     import torch
 
+    import numpy as np  # a model may draw from numpy's global generator (HuggingFace's SpecAugment)
+
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    python_state = random.getstate()
+    python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=devices):
             yield
     finally:
         random.setstate(python_state)
+        np.random.set_state(numpy_state)

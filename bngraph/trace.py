@@ -378,12 +378,19 @@ def _rebuildable_dict_type(value) -> type | None:
     OrderedDict, or a dataclass that is a dict (HuggingFace's ModelOutput), whose keys are fields
     it takes by name. None for a plain dict (fx keeps it) and for any other dict."""
     cls = type(value)
+    if cls.__module__ == "__main__":  # a script's or notebook's class: no other process could import it
+        return None
     if cls is collections.OrderedDict:
         keys_ok = True
     elif isinstance(value, dict) and dataclasses.is_dataclass(cls):
-        fields = {f.name for f in dataclasses.fields(cls) if f.init}
-        keys_ok = all(isinstance(k, str) and k in fields for k in value) and all(
-            getattr(value, f, None) is None or f in value for f in fields)  # its dict holds all it holds
+        fields = [f.name for f in dataclasses.fields(cls) if f.init]
+        # Its dict holds all it holds, in the fields' order (cls(**value) orders them so: a field
+        # set after construction, `out.loss = ...`, came first and out[0] was the loss), and
+        # no attribute beside its fields.
+        keys_ok = all(isinstance(k, str) and k in fields for k in value) \
+            and list(value) == [f for f in fields if f in value] \
+            and all(getattr(value, f, None) is None or f in value for f in fields) \
+            and set(vars(value)) <= set(fields)
     else:
         return None
     return cls if keys_ok and all(isinstance(k, str) and k.isidentifier() and not keyword.iskeyword(k)

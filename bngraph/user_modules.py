@@ -150,19 +150,47 @@ def _digest(file: Path) -> str | None:
 
 
 def imports_in_forward(sources: dict[str, bytes], names: set[str]) -> list[tuple[str, int, str]]:
-    """(file, line, module) for each import of one of the modules `names` inside a forward of
-    `sources` (file name -> text): run as the model runs, it takes whichever module of that name
-    the process holds by then."""
-    found = []
+    """(file, line, module) for each import of one of the modules `names` made as a model runs:
+    in a `forward` of `sources` (file name -> text), or in a function one calls there by name
+    (`scale(x)`, `self.scale(x)`), as a statement or through importlib.import_module("name")
+    or __import__("name"). Run then, it takes whichever module of that name the process holds."""
+    trees = {}
     for file, text in sources.items():
         try:
-            tree = ast.parse(text)
+            trees[file] = ast.parse(text)
         except (SyntaxError, ValueError):
             continue
-        forwards = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.name == "forward"]
-        for node in (n for f in forwards for n in ast.walk(f)):
-            imported = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+    functions = [(file, f) for file, tree in trees.items() for f in ast.walk(tree)
+                 if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    by_name: dict[str, list] = {}
+    for file, f in functions:
+        by_name.setdefault(f.name, []).append((file, f))
+    reached, todo = set(), [(file, f) for file, f in functions if f.name == "forward"]
+    while todo:
+        file, f = todo.pop()
+        if id(f) in reached:
+            continue
+        reached.add(id(f))
+        for call in (n for n in ast.walk(f) if isinstance(n, ast.Call)):
+            called = call.func.id if isinstance(call.func, ast.Name) else \
+                call.func.attr if isinstance(call.func, ast.Attribute) else None
+            todo += by_name.get(called, []) if called != "__init__" else []
+    found = []
+    for file, f in functions:
+        if id(f) not in reached:
+            continue
+        for node in ast.walk(f):
+            if isinstance(node, ast.Import):
+                imported = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                imported = [node.module] if node.level == 0 and node.module else []
+            elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                    and isinstance(node.args[0].value, str) and (
+                    isinstance(node.func, ast.Name) and node.func.id == "__import__"
+                    or isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"):
+                imported = [node.args[0].value]
+            else:
+                continue
             found += [(file, node.lineno, m) for m in imported if m.partition(".")[0] in names]
     return found
 
@@ -179,9 +207,11 @@ def refuse_ambiguous_imports_in_forward(model_file: Path, forgotten: dict[str, o
     computed something else without a word (`verify a/model.py b/model.py` passed)."""
     folder = model_file.parent.resolve()
     names = _top_level_names(folder)
-    files = {model_file, *local_modules(folder).values()}
+    local = local_modules(folder)
+    files = {model_file, *local.values()}
     found = imports_in_forward({str(f): _read(f) for f in files}, names)
-    for top in names:  # this folder's modules replace another forward's (it imports them as it runs)
+    imported = {path.split("/")[0].removesuffix(".py") for path in local}
+    for top in imported:  # this folder's modules, now in sys.modules, replace those another forward imports as it runs
         other = _IMPORTED_IN_FORWARD.get(top)
         if other is not None and other != folder:
             raise UserError(f"the forward of the model in {other} imports {top} as it runs, and {folder} holds "
@@ -189,6 +219,11 @@ def refuse_ambiguous_imports_in_forward(model_file: Path, forgotten: dict[str, o
                             "or import it at the top of each model file")
     for file, line, module in found:
         top = module.partition(".")[0]
+        other = _IMPORTED_IN_FORWARD.get(top)
+        if other is not None and other != folder:  # both forwards import a module of that name as they run
+            raise UserError(f"the forward of the model in {other} imports {top} as it runs, and so does the one in "
+                            f"{folder}, from another {top}: in one process one model would run the other's; use "
+                            "separate processes, or import it at the top of each model file")
         if top in forgotten:
             raise UserError(f"{Path(file).name}:{line} imports {module} inside forward, and this process already "
                             f"holds its own {top!r}, which that import would take instead of the one beside the model: "

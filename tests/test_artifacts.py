@@ -437,3 +437,74 @@ def test_a_model_drawing_with_numpy_in_train_mode_is_written(tmp_path, capsys):
     state = np.random.get_state()[1].copy()
     bngraph.load(tmp_path / "out")
     assert (np.random.get_state()[1] == state).all()  # the caller's numpy generator is left as it was
+
+
+SET_AFTER = '''
+import dataclasses
+from typing import Optional
+import torch, torch.nn as nn
+from transformers.modeling_outputs import ModelOutput
+
+@dataclasses.dataclass
+class Out(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits: torch.Tensor = None
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+    def forward(self, x):
+        out = Out(logits=self.b(torch.relu(self.bn(self.a(x)))))
+        out.loss = out.logits.pow(2).mean()  # set after: the key comes after logits
+        return out
+'''
+
+
+def test_a_modeloutput_whose_keys_are_not_in_field_order_is_never_rebuilt_reordered(tmp_path):
+    # Rebuilt as Out(**items), the loss came first: out[0] was the loss, not the logits, silently.
+    pytest.importorskip("transformers")
+    module = load_module_from_text(tmp_path, SET_AFTER)
+    model = randomize_bn(module.Net(), seed=1).eval()
+    x = torch.randn(5, 4)
+    folded, _ = bngraph.fold(model, [x])
+    got, want = folded(x), model(x)
+    assert list(got.keys()) == list(want.keys())
+    torch.testing.assert_close(list(got.values())[0], want[0])
+
+
+def test_a_scripts_own_output_class_is_not_written_as_an_import_from_main(tmp_path):
+    # `from __main__ import MyOut` in model.py: the check passed in the script's process, and every
+    # other process failed to load the artifact.
+    pytest.importorskip("transformers")
+    script = f"""
+import dataclasses, torch, torch.nn as nn, bngraph
+from transformers.modeling_outputs import ModelOutput
+
+@dataclasses.dataclass
+class MyOut(ModelOutput):
+    logits: torch.Tensor = None
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)
+    def forward(self, x):
+        return MyOut(logits=self.fc2(self.act(self.fc1(x))))
+
+x = torch.randn(2, 4)
+bngraph.save(bngraph.insert(Net(), [x])[0], {str(tmp_path / "art")!r}, example_inputs=[x])
+"""
+    for code in (script, f"import bngraph\nbngraph.load({str(tmp_path / 'art')!r})"):
+        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+
+def test_the_callers_numpy_generator_is_left_as_it_was(tmp_path):
+    # A model drawing from numpy as it runs moved the caller's numpy state (torch's and Python's were put back).
+    module = load_module_from_text(tmp_path, NUMPY_MASK)
+    np.random.seed(7)
+    expected = np.random.rand()
+    np.random.seed(7)
+    bngraph.insert(module.Net(), [torch.randn(4, 16)])
+    assert np.random.rand() == expected

@@ -400,31 +400,34 @@ class Net(nn.Module):
         self.fc = nn.Linear(4, 4)
 
     def forward(self, x):
-        from helpers import scale  # imported as it runs
-        return scale(self.fc(x))
+        return self.scaled(self.fc(x))
+
+    def scaled(self, x):
+        from lazyscale import scale  # imported as it runs, in a method the forward calls
+        return scale(x)
 """
 
 
 def test_a_forward_importing_its_folders_module_is_refused_where_another_of_that_name_is_held(tmp_path, capsys):
-    # The second model's forward took the first's helpers.py (x2 for x3): verify PASSED two
-    # different models; with the caller's own helpers imported, the model ran that one.
+    # The second model's forward took the first's lazyscale.py (x2 for x3): verify PASSED two
+    # different models; with the caller's own lazyscale imported, the model ran that one.
     from bngraph.cli import main
 
     for folder, factor in (("a", 2), ("b", 3)):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "model.py").write_text(LAZY_MODEL_PY)
-        (tmp_path / folder / "helpers.py").write_text(f"def scale(x):\n    return x * {factor}\n")
+        (tmp_path / folder / "lazyscale.py").write_text(f"def scale(x):\n    return x * {factor}\n")
     try:
         assert main(["verify", f"{tmp_path}/a/model.py", f"{tmp_path}/b/model.py"]) == 2
         err = capsys.readouterr().err
-        assert f"the model in {tmp_path / 'a'} imports helpers as it runs, and {tmp_path / 'b'} holds another" in err
+        assert f"the forward of the model in {tmp_path / 'a'} imports lazyscale as it runs, and so does" in err
     finally:
-        sys.modules.pop("helpers", None)
-    # In a fresh process (this one remembers a's forward), the caller's own helpers imported first.
-    script = (f"import sys, types, bngraph\nsys.modules['helpers'] = types.ModuleType('helpers')\n"
+        sys.modules.pop("lazyscale", None)
+    # In a fresh process (this one remembers a's forward), the caller's own lazyscale imported first.
+    script = (f"import sys, types, bngraph\nsys.modules['lazyscale'] = types.ModuleType('lazyscale')\n"
               f"bngraph.load({str(tmp_path / 'b' / 'model.py')!r})")
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
-    assert done.returncode == 1 and "this process already holds its own 'helpers'" in done.stderr, done.stderr
+    assert done.returncode == 1 and "this process already holds its own 'lazyscale'" in done.stderr, done.stderr
 
 
 def test_a_helper_edited_behind_a_sibling_is_read_again(tmp_path):
@@ -507,3 +510,28 @@ def test_an_artifact_runs_the_modules_it_carries_not_the_users_edited_ones(tmp_p
     done = subprocess.run([sys.executable, "-m", "bngraph", "verify", str(tmp_path / "model.py:Net"),
                            str(tmp_path / "folded")], capture_output=True, text=True)  # a new process, as a user's
     assert done.returncode == 1 and "FAILED" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_loaded_artifact_that_carries_its_modules_pickles_whole(tmp_path, capsys):
+    # Its code/editedblocks.py was taken out of sys.modules once loaded: torch.save of the whole
+    # model failed ("not the same object as editedblocks.Block"), where the model file's pickled.
+
+    (tmp_path / "editedblocks.py").write_text(BLOCK_PY)
+    (tmp_path / "model.py").write_text(BLOCK_MODEL_PY)
+    _json(capsys, "fold", tmp_path / "model.py:Net", "-o", tmp_path / "folded")
+    script = f"""
+import io, sys, types, torch, bngraph
+sys.modules["editedblocks"] = own = types.ModuleType("editedblocks")  # the caller's own module of that name
+model = bngraph.load({str(tmp_path / "folded")!r}).eval()
+buffer = io.BytesIO()
+torch.save(model, buffer)
+buffer.seek(0)
+again = torch.load(buffer, weights_only=False).eval()
+x = torch.randn(2, 4, 8, 8)
+with torch.no_grad():
+    assert torch.equal(again(x), model(x))
+assert sys.modules["editedblocks"] is own
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path / "folded", capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
