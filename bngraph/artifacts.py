@@ -69,6 +69,11 @@ def save(
     check_output(path, ARTIFACT, force=force)  # before the trace, not after it
     check_modules_registered(module)  # layers no state dict holds: no artifact computes the same
     check_no_global_hooks(module)
+    history = list(history)
+    if getattr(module, "bngraph_classes", None) and not any(isinstance(e, dict) and e.get("classes") for e in history):
+        # A model `bngraph.train` returned: its classes and input scale, as a run records them.
+        history.append({"command": "bngraph.save", "classes": list(module.bngraph_classes),
+                        **({"input_scale": module.bngraph_input_scale} if getattr(module, "bngraph_input_scale", None) else {})})
     input_shapes = [list(x.shape) for x in example_inputs] if example_inputs is not None else None
     # Each input's dtype and batch axis (0, or None), so that later commands build the same inputs.
     input_dtypes = [str(x.dtype).removeprefix("torch.") for x in example_inputs] if example_inputs is not None else None

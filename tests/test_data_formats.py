@@ -1569,3 +1569,17 @@ def test_a_factory_of_read_only_arrays_reads_without_torchs_warning(tmp_path):
         warnings.simplefilter("error")  # torch's "non-writable NumPy array" named bngraph's line
         data = open_data(f"{tmp_path / 'mapped.py'}:make")
     assert data.x_train.shape == (12, 1, 32, 32) and data.x_train[0, 0, 0, 1] == torch.tensor(1.0) / 255
+
+
+def test_the_api_gives_the_trained_model_its_classes_for_saving_and_fine_tuning(tmp_path, nets):
+    # bngraph.train's model knew no classes: saved, its bngraph.json had none, and fine-tuned on a
+    # folder lacking class "cat", dog and emu were trained as outputs 0 and 1 (the CLI maps them).
+    write_image_folder(tmp_path / "all")
+    write_image_folder(tmp_path / "no-cat", classes=("dog", "emu"))
+    config = TrainConfig(steps=2, batch_size=3, eval_every=2, decay_every=None)
+    run = train(bngraph.load(f"{nets}:Net"), str(tmp_path / "all"), config, progress=False)
+    assert run.model.bngraph_classes == ("cat", "dog", "emu")
+    bngraph.save(run.model, tmp_path / "art", example_inputs=[torch.randn(2, 3, 10, 12)])
+    assert bngraph.load(tmp_path / "art").bngraph_classes == ("cat", "dog", "emu")
+    again = train(run.model, str(tmp_path / "no-cat"), config, progress=False)
+    assert again.model.bngraph_classes == ("cat", "dog", "emu")  # dog and emu kept their outputs 1 and 2

@@ -220,6 +220,12 @@ def train(
             raise
         raise _job_stopped(stop, out_dir, saved_at) from None
     model.to("cpu", memory_format=torch.contiguous_format).eval()
+    # What its outputs and inputs now mean, as `bngraph.load` gives a run's model: fine-tuned on
+    # a folder lacking a class, the classes it has keep their outputs (labels b, c were 0, 1).
+    if data.class_names is not None:
+        model.bngraph_classes = tuple(data.class_names)
+    if data.input_scale:
+        model.bngraph_input_scale = data.input_scale
     return TrainRun(model, metrics, elapsed_before + time.perf_counter() - started, start if resume else None,
                     str(dev), setup.precision, setup.channels_last, resumed.notes if resume else [])
 
