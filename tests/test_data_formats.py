@@ -5,6 +5,7 @@ through the CLI; each kind of bad data must stop the run with one line naming th
 """
 
 import json
+import os
 import pickle
 import re
 import textwrap
@@ -1583,3 +1584,73 @@ def test_the_api_gives_the_trained_model_its_classes_for_saving_and_fine_tuning(
     assert bngraph.load(tmp_path / "art").bngraph_classes == ("cat", "dog", "emu")
     again = train(run.model, str(tmp_path / "no-cat"), config, progress=False)
     assert again.model.bngraph_classes == ("cat", "dog", "emu")  # dog and emu kept their outputs 1 and 2
+
+
+ODD_FACTORIES_PY = '''
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+g = torch.Generator().manual_seed(0)
+X, Y = torch.rand(24, 1, 28, 28, generator=g), torch.arange(24) % 10
+
+
+class Sized(Dataset):
+    def __init__(self, length):
+        self.length = length
+    def __getitem__(self, i):
+        return X[i % 24], int(Y[i % 24])
+    def __len__(self):
+        return self.length
+
+
+class Blurred(Dataset):  # items computed by a module carry a graph
+    def __init__(self):
+        self.blur = torch.nn.Conv2d(1, 1, 3, padding=1)
+    def __getitem__(self, i):
+        return self.blur(X[i][None])[0].clamp(0, 1), int(Y[i])
+    def __len__(self):
+        return 24
+
+
+class NegativeLabel(Sized):
+    def __getitem__(self, i):
+        return X[i], -1
+
+
+def float_length(): return Sized(24.0), Sized(8)
+def raising_length():
+    class Unknown(Sized):
+        def __len__(self):
+            raise NotImplementedError("length unknown")
+    return Unknown(24), Sized(8)
+def loaders(): return DataLoader(TensorDataset(X, Y)), DataLoader(TensorDataset(X, Y))
+def blurred(): return Blurred(), Blurred()
+def negative(): return NegativeLabel(24), Sized(8)
+'''
+
+
+@pytest.mark.parametrize(("factory", "stream", "says"), [
+    ("float_length", False, "len() of the train Dataset"),  # tracebacks from len()
+    ("raising_length", True, "len() of the train Dataset"),
+    ("loaders", False, "returned DataLoaders; expected a tuple (train, test) of Datasets: return their .dataset"),
+    ("negative", True, "has label -1; labels are class indices from 0"),  # "the model's None outputs"
+])
+def test_a_factorys_odd_datasets_are_one_line(factory, stream, says, tmp_path, capsys):
+    (tmp_path / "data.py").write_text(ODD_FACTORIES_PY)
+    extra = ["--stream-above", 0, "--loader-workers", 0] if stream else []
+    assert says in _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{tmp_path / 'data.py'}:{factory}", *extra)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["held", "streamed"])
+def test_items_a_module_computed_train(stream, tmp_path, capsys):
+    # Items carrying autograd's graph: numpy() refused them held, the collate refused them streamed.
+    (tmp_path / "data.py").write_text(ODD_FACTORIES_PY)
+    extra = ["--stream-above", 0, "--loader-workers", 1] if stream else []
+    assert _train(capsys, tmp_path, "zoo:mnist-mlp", f"{tmp_path / 'data.py'}:blurred", *extra)["streamed"] == stream
+
+
+def test_a_pipe_among_the_images_is_one_line_not_a_hang(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "pics")
+    os.mkfifo(root / "train" / "cat" / "live.png")
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", root, "--image-size", "28,28")
+    assert "live.png is not a regular file (a pipe or a device)" in err

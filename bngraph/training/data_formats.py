@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -342,6 +343,9 @@ def _image_files(folder: Path) -> list[Path]:
                 raise UserError(f"{Path(parent, name)} links back to {target}, which holds it: its images would be "
                                 "read again, and under this class; remove the link")
         found += [Path(parent, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith(".")]
+    for path in found:
+        if path.exists() and not path.is_file():  # a FIFO or a device: reading one waits for ever
+            raise UserError(f"{path} is not a regular file (a pipe or a device): move it out of the class folder")
     return sorted(found)
 
 
@@ -411,8 +415,11 @@ def opened_image(path: Path) -> Iterator[Image.Image]:
     DecompressionBombError (an image of more pixels than Pillow will decode, or a header that
     claims so), and what else a damaged file makes a decoder raise (struct.error, IndexError)."""
     try:
-        with Image.open(path) as image:
-            yield image
+        with warnings.catch_warnings():
+            # Pillow warns of an image of 89-179 million pixels in its own words and path; it is the user's image
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                yield image
     except UserError:
         raise
     except Exception as err:
@@ -541,10 +548,18 @@ def read_factory(text: str):
         raise UserError(f"{path}:{symbol}() returned an IterableDataset, which has no length and cannot be "
                         "indexed: training picks each step's examples by index; return map-style Datasets "
                         "(__len__ and __getitem__)")
+    if isinstance(made, tuple) and any(isinstance(d, torch.utils.data.DataLoader) for d in made):
+        raise UserError(f"{path}:{symbol}() returned DataLoaders; expected a tuple (train, test) of Datasets: return "
+                        "their .dataset (training batches them itself)")
     if not (isinstance(made, tuple) and len(made) == 2 and all(hasattr(d, "__getitem__") and hasattr(d, "__len__") for d in made)):
-        raise UserError(f"{path}:{symbol}() returned {type(made).__name__}; expected a tuple (train, test) of Datasets")
+        what = f"a tuple of {len(made)}" if isinstance(made, tuple) else type(made).__name__
+        raise UserError(f"{path}:{symbol}() returned {what}; expected a tuple (train, test) of Datasets")
     for part, dataset in zip(("train", "test"), made):
-        if len(dataset) == 0:
+        try:
+            size = len(dataset)
+        except Exception as err:  # __len__ raising, or returning a float or a negative number (TypeError, ValueError)
+            raise model_raised(err, failed=f"len() of the {part} Dataset {path}:{symbol}() returned failed") from err
+        if size == 0:
             raise UserError(f"{path}:{symbol}() returned an empty {part} Dataset")
         _item(dataset, 0, f"{path}:{symbol} {part}")  # as the items read later name it
     return made, f"{path}:{symbol}"
@@ -576,7 +591,7 @@ def _item(dataset, i: int, where: str, channels: int | None = None) -> tuple[tor
         # strides) torch refuses. A (contiguous) copy is the item's own.
         x = x.copy()
     try:
-        x = torch.as_tensor(x)
+        x = torch.as_tensor(x).detach()  # an item computed by a module (a blur as a Conv2d) carries a graph
     except (TypeError, ValueError, RuntimeError):  # a tuple of two images, a string: one line, as _label says
         what = f"a {type(x).__name__} of {len(x)} values" if isinstance(x, (tuple, list)) else f"{type(x).__name__} {x!r:.40}"
         raise UserError(f"{where}[{i}] holds {what} where its image should be; expected (image tensor, label): "
@@ -643,7 +658,9 @@ class CheckedLabels(torch.utils.data.Dataset):
                             f"{tuple(self.shape)}: the images of a split must all be one shape")
         if x.dtype != self.first.dtype:
             _check_items_on_one_scale([(f"{self.where}[0]", self.first), (f"{self.where}[{i}]", x)], self.target)
-        if y < 0 or (self.num_classes is not None and y >= self.num_classes):
+        if y < 0:
+            raise UserError(f"{self.where}[{i}] has label {y}; labels are class indices from 0")
+        if self.num_classes is not None and y >= self.num_classes:
             raise UserError(f"{self.where}[{i}] has label {y}, out of range for the model's {self.num_classes} outputs")
         # The conversion of the whole-data path (uint8 scaled to [0, 1]): streamed or not, the same values.
         x = x[None, None] if self.channel_axis else x[None]
