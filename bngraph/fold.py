@@ -129,10 +129,10 @@ def _fold(module: nn.Module, example_inputs: Sequence[torch.Tensor], standalone_
         gm.eval()
         reference = Reference(module, example_inputs)
         opaque_notes = [f"traced partially, {len(kept_whole)} submodule(s) kept whole: "
-                        f"{', '.join(o.module for o in kept_whole)}"]
+                        f"{', '.join(o.module for o in kept_whole)}"] if kept_whole else []
     before, batch_norms = _op_counts(gm), len(_batch_norm_names(gm))
     unused = unused_batch_norms(module, gm)
-    left_out = left_out_of_the_graph(module, gm, said=unused)
+    left_out = left_out_of_the_graph(module, gm, said=unused, in_eval=True)
     inside = opaque_batch_norms(gm)
     inner_rows, inner_left, done = fold_inside_hooked_modules(gm, example_inputs, fold) if inside_hooked_modules else ([], [], set())
     opaque = [*inner_left, *(row for row in inside if not row["node"].startswith(tuple(f"{t}." for t in done)))]

@@ -937,7 +937,10 @@ def refuse_hooks_on_the_model(module: nn.Module) -> None:
                           "written from a traced graph could not give it")
 
 
-def left_out_of_the_graph(model: nn.Module, gm: nn.Module, said: Sequence[str] = ()) -> str | None:
+_SET_UP_ONLY = frozenset({"reset_parameters", "extra_repr", "init_weights", "initialize_weights"})  # not run on a model
+
+
+def left_out_of_the_graph(model: nn.Module, gm: nn.Module, said: Sequence[str] = (), *, in_eval: bool = False) -> str | None:
     """A note naming what a graph of `model`'s forward does not hold: the layers and tensors no
     forward reaches (an auxiliary head, a temperature another method reads; `said`, those already
     named elsewhere, left out) and the methods of the model's own class beside forward. None
@@ -950,14 +953,15 @@ def left_out_of_the_graph(model: nn.Module, gm: nn.Module, said: Sequence[str] =
     owners = sorted(o for o in owners if not any(o == p or o.startswith(f"{p}.") for p in said)
                     and not any(o.startswith(f"{other}.") for other in owners))
     methods = [name for name, value in vars(type(model)).items() if name != "forward" and not name.startswith("_")
-               and isinstance(value, (types.FunctionType, staticmethod, classmethod))]
+               and name not in _SET_UP_ONLY and isinstance(value, (types.FunctionType, staticmethod, classmethod))]
     if not owners and not methods:
         return None
 
     def listed(names: list[str]) -> str:
         return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
 
-    left = [f"{listed(owners)} (never used by its forward: their weights are left out)" if owners else None,
+    never = "never used by its forward in eval mode" if in_eval else "never used by its forward"
+    left = [f"{listed(owners)} ({never}: their weights are left out)" if owners else None,
             f"{type(model).__name__}'s other methods ({listed(methods)})" if methods else None]
     return f"the result is the graph of the model's forward, without {' or '.join(x for x in left if x)}"
 
