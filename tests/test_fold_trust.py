@@ -1149,20 +1149,6 @@ def test_a_bfloat16_model_whose_file_onnx_refuses_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_training_a_folded_model_says_it_trains_without_its_batchnorms(tmp_path, capsys):
-    from tests.test_data_formats import write_npz
-
-    (tmp_path / "m.py").write_text(AUTOCAST_MODELS)
-    assert main(["fold", f"{tmp_path}/m.py:Net", "-o", str(tmp_path / "folded")]) == 0
-    rng = np.random.default_rng(0)
-    data = write_npz(tmp_path / "d.npz", layout="NCHW", y_train=rng.integers(0, 4, 40), y_test=rng.integers(0, 4, 12))
-    capsys.readouterr()
-    assert main(["train", str(tmp_path / "folded"), "--data", str(data), "--input-shape", "2,3,28,28", "--steps", "2",
-                 "--batch-size", "8", "--quiet", "-o", str(tmp_path / "run"), "--json"]) == 0
-    assert any("was folded for inference: it trained with no BatchNorm" in note
-               for note in json.loads(capsys.readouterr().out)["notes"])
-
-
 WITH_DROPOUT_PY = '''
 import torch.nn as nn, torch.nn.functional as F
 
@@ -1178,16 +1164,19 @@ class Net(nn.Module):
 '''
 
 
-def test_training_a_folded_model_says_it_trains_without_the_dropout_the_fold_removed(tmp_path, capsys):
+@pytest.mark.parametrize(("models", "extra", "says"), [
+    ("AUTOCAST_MODELS", ["--input-shape", "2,3,28,28"], "it trained with no BatchNorm;"),
     # The note named the BatchNorms only: fine-tuning ran without dropout too, without a word.
+    ("WITH_DROPOUT_PY", [], "it trained with no BatchNorm and without the dropout the fold removed"),
+], ids=["batchnorms", "dropout"])
+def test_training_a_folded_model_says_what_it_trains_without(models, extra, says, tmp_path, capsys):
     from tests.test_data_formats import write_npz
 
-    (tmp_path / "m.py").write_text(WITH_DROPOUT_PY)
+    (tmp_path / "m.py").write_text(globals()[models])
     assert main(["fold", f"{tmp_path}/m.py:Net", "-o", str(tmp_path / "folded")]) == 0
     rng = np.random.default_rng(0)
     data = write_npz(tmp_path / "d.npz", layout="NCHW", y_train=rng.integers(0, 4, 40), y_test=rng.integers(0, 4, 12))
     capsys.readouterr()
-    assert main(["train", str(tmp_path / "folded"), "--data", str(data), "--steps", "2", "--batch-size", "8", "--quiet",
-                 "-o", str(tmp_path / "run"), "--json"]) == 0
-    assert any("it trained with no BatchNorm and without the dropout the fold removed" in note
-               for note in json.loads(capsys.readouterr().out)["notes"])
+    assert main(["train", str(tmp_path / "folded"), "--data", str(data), *extra, "--steps", "2", "--batch-size", "8",
+                 "--quiet", "-o", str(tmp_path / "run"), "--json"]) == 0
+    assert any(says in note for note in json.loads(capsys.readouterr().out)["notes"])
