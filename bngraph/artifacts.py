@@ -17,7 +17,6 @@ import contextlib
 import importlib.util
 import json
 import sys
-import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,10 +69,12 @@ def save(
     check_modules_registered(module)  # layers no state dict holds: no artifact computes the same
     check_no_global_hooks(module)
     history = list(history)
-    if getattr(module, "bngraph_classes", None) and not any(isinstance(e, dict) and e.get("classes") for e in history):
+    classes, scale = getattr(module, "bngraph_classes", None), getattr(module, "bngraph_input_scale", None)
+    recorded = {key for e in history if isinstance(e, dict) for key in ("classes", "input_scale") if e.get(key)}
+    if classes and "classes" not in recorded or scale and "input_scale" not in recorded:
         # A model `bngraph.train` returned: its classes and input scale, as a run records them.
-        history.append({"command": "bngraph.save", "classes": list(module.bngraph_classes),
-                        **({"input_scale": module.bngraph_input_scale} if getattr(module, "bngraph_input_scale", None) else {})})
+        history.append({"command": "bngraph.save", **({"classes": list(classes)} if classes else {}),
+                        **({"input_scale": scale} if scale else {})})
     input_shapes = [list(x.shape) for x in example_inputs] if example_inputs is not None else None
     # Each input's dtype and batch axis (0, or None), so that later commands build the same inputs.
     input_dtypes = [str(x.dtype).removeprefix("torch.") for x in example_inputs] if example_inputs is not None else None
@@ -215,22 +216,6 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def _keep_carried_modules_findable(module_name: str, names: set[str]) -> None:
-    """Name the artifact's own modules (code/blocks.py), which `isolated_modules` takes out of
-    sys.modules once it has loaded, after the artifact (`bngraph_artifact_<digest>_code_blocks`),
-    and register them so: pickle then finds its Block class as the object the model holds
-    (torch.save of the whole model failed, "not the same object as blocks.Block"), and a fresh
-    process finds it once it loads the artifact, as it finds the artifact's own class."""
-    for name, module in [(n, m) for n, m in sys.modules.items() if n.partition(".")[0] in names]:
-        top, dot, rest = name.partition(".")
-        alias = f"{module_name}_code_{top}{dot}{rest}"
-        for value in vars(module).values():
-            if getattr(value, "__module__", None) == name and isinstance(value, (type, types.FunctionType)):
-                value.__module__ = alias
-        module.__name__ = alias
-        sys.modules[alias] = module
-
-
 def load_artifact(path: str | Path) -> tuple[nn.Module, dict]:
     """Artifact folder -> (module in train mode, its bngraph.json)."""
     path = Path(path)
@@ -254,7 +239,6 @@ def load_artifact(path: str | Path) -> tuple[nn.Module, dict]:
         try:
             with importing_beside(carried) if names else contextlib.nullcontext(), isolated_modules(names):
                 spec.loader.exec_module(code)
-                _keep_carried_modules_findable(module_name, names)
         except Exception as err:  # the user's code it carries: theirs to fix, in one line
             del sys.modules[module_name]
             raise UserError(f"artifact {path}: importing its {CODE_FILE} failed: {one_line(err)}") from err

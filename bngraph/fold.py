@@ -42,8 +42,8 @@ from bngraph.passes.replace_bn_with_multiply_add import replace_bn_with_multiply
 from bngraph.report import Report
 from bngraph.partial_trace import kept_whole_modules, trace_for_insert
 from bngraph.trace import (
-    TraceFailed, check_faithful_trace, check_model, copy_module, left_out_of_the_graph, materialize_lazy, trace,
-    trace_and_run,
+    TraceFailed, check_faithful_trace, check_model, copy_module, keep_what_its_data_means, left_out_of_the_graph,
+    materialize_lazy, trace, trace_and_run,
 )
 
 # In order: the layer before a BN is the first choice (no constraint on padding), the layer
@@ -100,6 +100,7 @@ def fold(
         for name, buffer in folded.named_buffers():
             if name in written and buffer.shape == written[name].shape and buffer.dtype == written[name].dtype:
                 buffer.copy_(written[name])
+    keep_what_its_data_means(module, folded)
     return folded, report
 
 

@@ -30,8 +30,8 @@ from bngraph.passes.insert_bn_before_activation import insert_bn_before_activati
 from bngraph.passes.wrap_activation_modules import wrap_activation_modules
 from bngraph.report import Report
 from bngraph.runners import batch_axes_of, buffers_kept, random_tensor
-from bngraph.trace import (TraceFailed, assert_argument_is_none, check_model, copy_module, left_out_of_the_graph,
-                           materialize_lazy)
+from bngraph.trace import (TraceFailed, assert_argument_is_none, check_model, copy_module, keep_what_its_data_means,
+                           left_out_of_the_graph, materialize_lazy)
 
 FALLBACK = "module-level fallback"
 
@@ -76,6 +76,7 @@ def insert(
                                                 drop_biases=False)
             report.notes.append(f"the biases before the new BatchNorms are kept: with them dropped, {err}")
     _keep_the_models_buffers(graph, model)
+    keep_what_its_data_means(model, graph)
     return graph, report
 
 

@@ -382,19 +382,29 @@ def _rebuildable_dict_type(value) -> type | None:
         return None
     if cls is collections.OrderedDict:
         keys_ok = True
-    elif isinstance(value, dict) and dataclasses.is_dataclass(cls):
+    elif isinstance(value, dict) and dataclasses.is_dataclass(cls) and _models_outputs_init(cls):
         fields = [f.name for f in dataclasses.fields(cls) if f.init]
-        # Its dict holds all it holds, in the fields' order (cls(**value) orders them so: a field
-        # set after construction, `out.loss = ...`, came first and out[0] was the loss), and
-        # no attribute beside its fields.
+        # Its dict holds all it holds, the same values (HF keeps the key of a field set to None),
+        # in the fields' order (cls(**value) orders them so: a field set after construction,
+        # `out.loss = ...`, came first and out[0] was the loss), and no attribute beside its fields.
         keys_ok = all(isinstance(k, str) and k in fields for k in value) \
             and list(value) == [f for f in fields if f in value] \
-            and all(getattr(value, f, None) is None or f in value for f in fields) \
+            and all(getattr(value, f, None) is (value[f] if f in value else None) for f in fields) \
             and set(vars(value)) <= set(fields)
     else:
         return None
     return cls if keys_ok and all(isinstance(k, str) and k.isidentifier() and not keyword.iskeyword(k)
                                   for k in value) else None
+
+
+def _models_outputs_init(cls: type) -> bool:
+    """Whether `cls` is built as HuggingFace's ModelOutput builds itself: its __init__ and
+    __post_init__ are ModelOutput's, which only store the fields, so that building it again from
+    its items gives it back. A user's own __post_init__ may change a value (logits / T), which a
+    second run would apply twice."""
+    post_init = getattr(cls, "__post_init__", None)
+    return post_init is not None and post_init.__qualname__ == "ModelOutput.__post_init__" \
+        and post_init.__module__.startswith("transformers.")
 
 
 class _Tracer(fx.Tracer):
@@ -935,6 +945,15 @@ def refuse_hooks_on_the_model(module: nn.Module) -> None:
     if hook := hook_on_the_model(module):
         raise TraceFailed(f"the hook {hook} works on {type(module).__name__} itself (its state), which a model "
                           "written from a traced graph could not give it")
+
+
+def keep_what_its_data_means(model: nn.Module, result: nn.Module) -> None:
+    """Give `result`, made from `model`, the classes its outputs are and the scale its inputs take
+    (set by `bngraph.load` and `bngraph.train`): saved or fine-tuned, a folded trained model lost
+    them, and a folder lacking a class shifted the others' labels."""
+    for name in ("bngraph_classes", "bngraph_input_scale"):
+        if getattr(model, name, None) is not None and result is not model:
+            setattr(result, name, getattr(model, name))
 
 
 _SET_UP_ONLY = frozenset({"reset_parameters", "extra_repr", "init_weights", "initialize_weights"})  # not run on a model

@@ -206,7 +206,8 @@ def refuse_ambiguous_imports_in_forward(model_file: Path, forgotten: dict[str, o
     which a model beside it will import. Run later, such a forward took the other module and
     computed something else without a word (`verify a/model.py b/model.py` passed)."""
     folder = model_file.parent.resolve()
-    names = _top_level_names(folder)
+    # A name the standard library or an installed package holds is theirs (a signal.py beside the model is not imported).
+    names = {n for n in _top_level_names(folder) if n not in sys.stdlib_module_names and not _installed(sys.modules.get(n))}
     local = local_modules(folder)
     files = {model_file, *local.values()}
     found = imports_in_forward({str(f): _read(f) for f in files}, names)

@@ -512,26 +512,14 @@ def test_an_artifact_runs_the_modules_it_carries_not_the_users_edited_ones(tmp_p
     assert done.returncode == 1 and "FAILED" in done.stdout, done.stdout + done.stderr
 
 
-def test_a_loaded_artifact_that_carries_its_modules_pickles_whole(tmp_path, capsys):
-    # Its code/editedblocks.py was taken out of sys.modules once loaded: torch.save of the whole
-    # model failed ("not the same object as editedblocks.Block"), where the model file's pickled.
+def test_a_forward_importing_a_standard_library_module_is_not_refused_for_a_file_of_that_name(tmp_path, capsys):
+    # Both folders held a signal.py, and both forwards' `import signal` got the standard library's:
+    # verify was refused, "from another signal".
+    from bngraph.cli import main
 
-    (tmp_path / "editedblocks.py").write_text(BLOCK_PY)
-    (tmp_path / "model.py").write_text(BLOCK_MODEL_PY)
-    _json(capsys, "fold", tmp_path / "model.py:Net", "-o", tmp_path / "folded")
-    script = f"""
-import io, sys, types, torch, bngraph
-sys.modules["editedblocks"] = own = types.ModuleType("editedblocks")  # the caller's own module of that name
-model = bngraph.load({str(tmp_path / "folded")!r}).eval()
-buffer = io.BytesIO()
-torch.save(model, buffer)
-buffer.seek(0)
-again = torch.load(buffer, weights_only=False).eval()
-x = torch.randn(2, 4, 8, 8)
-with torch.no_grad():
-    assert torch.equal(again(x), model(x))
-assert sys.modules["editedblocks"] is own
-print("ok")
-"""
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path / "folded", capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "model.py").write_text(LAZY_MODEL_PY.replace("from lazyscale import scale", "import signal")
+                                                    .replace("return scale(x)", "return x * int(signal.SIGINT)"))
+        (tmp_path / folder / "signal.py").write_text("SIGINT = 7\n")
+    assert main(["verify", f"{tmp_path}/a/model.py", f"{tmp_path}/b/model.py"]) == 0, capsys.readouterr().err

@@ -1584,6 +1584,15 @@ def test_the_api_gives_the_trained_model_its_classes_for_saving_and_fine_tuning(
     assert bngraph.load(tmp_path / "art").bngraph_classes == ("cat", "dog", "emu")
     again = train(run.model, str(tmp_path / "no-cat"), config, progress=False)
     assert again.model.bngraph_classes == ("cat", "dog", "emu")  # dog and emu kept their outputs 1 and 2
+    # Folded or inserted, it keeps them (a new graph had lost them), and a model that has only an
+    # input scale (uint8 data without class names) has it recorded by save too.
+    example = [torch.randn(2, 3, 10, 12)]
+    assert bngraph.fold(run.model, example)[0].bngraph_classes == ("cat", "dog", "emu")
+    assert bngraph.insert(run.model, example)[0].bngraph_input_scale == run.model.bngraph_input_scale
+    scaled = train(bngraph.load("zoo:mnist-mlp"), str(write_npz(tmp_path / "d.npz")), config, progress=False).model
+    assert getattr(scaled, "bngraph_classes", None) is None and scaled.bngraph_input_scale
+    bngraph.save(scaled, tmp_path / "scaled", example_inputs=[torch.randn(2, 1, 28, 28)])
+    assert bngraph.load(tmp_path / "scaled").bngraph_input_scale == scaled.bngraph_input_scale
 
 
 ODD_FACTORIES_PY = '''
