@@ -1663,3 +1663,10 @@ def test_a_pipe_among_the_images_is_one_line_not_a_hang(tmp_path, capsys):
     os.mkfifo(root / "train" / "cat" / "live.png")
     err = _bad(capsys, tmp_path, "zoo:mnist-mlp", root, "--image-size", "28,28")
     assert "live.png is not a regular file (a pipe or a device)" in err
+
+
+def test_a_model_with_class_names_is_not_fine_tuned_on_labels_without_names(tmp_path, capsys, nets):
+    # Fine-tuned on an .npz of labels 0-9, it kept the names cat, dog, emu for outputs that now meant 0, 1, 2.
+    _train(capsys, tmp_path, f"{nets}:Net", write_image_folder(tmp_path / "pics"), "--image-size", "28,28")
+    err = _bad(capsys, tmp_path, tmp_path / "run" / "model", write_npz(tmp_path / "d.npz", "NHWC"))
+    assert "gives labels without class names, and the model's outputs are the classes cat, dog, emu" in err

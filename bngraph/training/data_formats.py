@@ -461,7 +461,12 @@ class ImageFiles(torch.utils.data.Dataset):
 def with_model_classes(data, classes: tuple[str, ...] | None):
     """`data` with its class folders' labels mapped onto the model's `classes` (its output i is
     class i): a folder lacking one of them must not shift the others' labels. A class the model
-    does not know is refused. Data without class names, or a model without them, is as it is."""
+    does not know is refused, and so is data without class names for a model with them (its
+    labels would retrain the outputs, the old names kept). A model without them takes any data."""
+    if classes is not None and data.class_names is None:  # its labels would retrain the outputs under the old names
+        raise UserError(f"{data.source} gives labels without class names, and the model's outputs are the classes "
+                        f"{', '.join(classes[:6])}{' ...' if len(classes) > 6 else ''} (recorded in its bngraph.json): "
+                        "give the data as class folders of those names, or use the model from before its training")
     if classes is None or data.class_names is None or tuple(data.class_names) == tuple(classes):
         return data
     output_of = {same_name(c): i for i, c in enumerate(classes)}
