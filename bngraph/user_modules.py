@@ -151,9 +151,10 @@ def _digest(file: Path) -> str | None:
 
 def imports_in_forward(sources: dict[str, bytes], names: set[str]) -> list[tuple[str, int, str]]:
     """(file, line, module) for each import of one of the modules `names` made as a model runs:
-    in a `forward` of `sources` (file name -> text), or in a function one calls there by name
-    (`scale(x)`, `self.scale(x)`), as a statement or through importlib.import_module("name")
-    or __import__("name"). Run then, it takes whichever module of that name the process holds."""
+    in a `forward` of `sources` (file name -> text), a `__call__`, a property, a function used as
+    a value, or a function one of those calls by name (`scale(x)`, `self.scale(x)`), as a
+    statement or through importlib.import_module("name") or __import__("name"). Run then, it
+    takes whichever module of that name the process holds."""
     trees = {}
     for file, text in sources.items():
         try:
@@ -165,7 +166,13 @@ def imports_in_forward(sources: dict[str, bytes], names: set[str]) -> list[tuple
     by_name: dict[str, list] = {}
     for file, f in functions:
         by_name.setdefault(f.name, []).append((file, f))
-    reached, todo = set(), [(file, f) for file, f in functions if f.name == "forward"]
+    # Where a model runs: its forward, a callable object's __call__, a property (read as it runs),
+    # and a function handed around as a value (`self.post = _scaled`), then what those call by name.
+    called = {id(n.func) for tree in trees.values() for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    values = {n.id for tree in trees.values() for n in ast.walk(tree)
+              if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and id(n) not in called}
+    reached, todo = set(), [(file, f) for file, f in functions if f.name in ("forward", "__call__") or f.name in values
+                            or any(isinstance(d, ast.Name) and d.id in ("property", "cached_property") for d in f.decorator_list)]
     while todo:
         file, f = todo.pop()
         if id(f) in reached:

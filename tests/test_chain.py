@@ -523,3 +523,19 @@ def test_a_forward_importing_a_standard_library_module_is_not_refused_for_a_file
                                                     .replace("return scale(x)", "return x * int(signal.SIGINT)"))
         (tmp_path / folder / "signal.py").write_text("SIGINT = 7\n")
     assert main(["verify", f"{tmp_path}/a/model.py", f"{tmp_path}/b/model.py"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("source", "found"), [
+    ("class S:\n    def __call__(self, x):\n        import cfg\n        return x * cfg.SCALE\n", True),  # a callable object
+    ("class N:\n    @property\n    def scale(self):\n        import cfg\n        return cfg.SCALE\n", True),
+    ("def _scaled(x):\n    import cfg\n    return x * cfg.SCALE\nclass N:\n    def __init__(self):\n"
+     "        self.post = _scaled\n", True),  # a function handed around as a value
+    ("def build():\n    from cfg import Block\n    return Block()\nclass N:\n    def __init__(self):\n"
+     "        self.b = build()\n    def forward(self, x):\n        return self.b(x)\n", False),  # runs as it is built
+], ids=["__call__", "property", "value", "factory"])
+def test_imports_made_as_the_model_runs_are_found_wherever_the_forward_reaches(source, found):
+    # Only forward and the functions it called by name were read: verify PASSED two models whose
+    # callable object, property or stored function imported a different cfg.py as they ran.
+    from bngraph.user_modules import imports_in_forward
+
+    assert bool(imports_in_forward({"model.py": source.encode()}, {"cfg"})) == found
