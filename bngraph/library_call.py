@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import random
 import threading
 from collections.abc import Callable, Iterator
 
@@ -79,13 +78,8 @@ def _as_the_model_is(name: str, refuse_inference_mode: bool) -> Iterator[None]:
 def _random_state_kept() -> Iterator[None]:
     import torch
 
-    import numpy as np  # a model may draw from numpy's global generator (HuggingFace's SpecAugment)
+    from bngraph.runners import host_generators_kept  # here: `import bngraph` does not start torch
 
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
+    with host_generators_kept(), torch.random.fork_rng(devices=devices):
+        yield

@@ -164,21 +164,28 @@ def buffers_kept(module: nn.Module):
 
 
 @contextlib.contextmanager
+def host_generators_kept():
+    """numpy's and Python's global generators put back as they were after the block: a model may
+    draw from them (HuggingFace's SpecAugment masks in wav2vec2 and HuBERT use numpy's)."""
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+@contextlib.contextmanager
 def seeded():
     """The random state every run compared starts from (`bngraph.equivalence`; a run outside it,
-    such as the shape-recording run of `bngraph.trace`, uses it to stand for one of its runs)."""
-    # numpy's and Python's generators too: HuggingFace's SpecAugment (wav2vec2, HuBERT) draws its
-    # train-mode masks with numpy, and two runs of one model differed, blamed on the model written.
-    numpy_state, python_state = np.random.get_state(), random.getstate()
-    with torch.random.fork_rng(devices=[]):
+    such as the shape-recording run of `bngraph.trace`, uses it to stand for one of its runs):
+    torch's, numpy's and Python's generators, or two runs of a model drawing with numpy differed
+    and the model written was blamed."""
+    with torch.random.fork_rng(devices=[]), host_generators_kept():
         torch.manual_seed(0)
         np.random.seed(0)
         random.seed(0)
-        try:
-            yield
-        finally:
-            np.random.set_state(numpy_state)
-            random.setstate(python_state)
+        yield
 
 
 @contextlib.contextmanager

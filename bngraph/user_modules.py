@@ -219,19 +219,18 @@ def refuse_ambiguous_imports_in_forward(model_file: Path, forgotten: dict[str, o
     files = {model_file, *local.values()}
     found = imports_in_forward({str(f): _read(f) for f in files}, names)
     imported = {path.split("/")[0].removesuffix(".py") for path in local}
-    for top in imported:  # this folder's modules, now in sys.modules, replace those another forward imports as it runs
+    def refuse_where_another_forward_imports(top: str, here: str) -> None:
         other = _IMPORTED_IN_FORWARD.get(top)
         if other is not None and other != folder:
-            raise UserError(f"the forward of the model in {other} imports {top} as it runs, and {folder} holds "
-                            f"another {top}: in one process one model would run the other's; use separate processes, "
-                            "or import it at the top of each model file")
+            raise UserError(f"the forward of the model in {other} imports {top} as it runs, and {here}: in one process "
+                            "one model would run the other's; use separate processes, or import it at the top of each "
+                            "model file")
+
+    for top in imported:  # this folder's modules, now in sys.modules, replace those another forward imports as it runs
+        refuse_where_another_forward_imports(top, f"{folder} holds another {top}")
     for file, line, module in found:
         top = module.partition(".")[0]
-        other = _IMPORTED_IN_FORWARD.get(top)
-        if other is not None and other != folder:  # both forwards import a module of that name as they run
-            raise UserError(f"the forward of the model in {other} imports {top} as it runs, and so does the one in "
-                            f"{folder}, from another {top}: in one process one model would run the other's; use "
-                            "separate processes, or import it at the top of each model file")
+        refuse_where_another_forward_imports(top, f"so does the one in {folder}, from another {top}")
         if top in forgotten:
             raise UserError(f"{Path(file).name}:{line} imports {module} inside forward, and this process already "
                             f"holds its own {top!r}, which that import would take instead of the one beside the model: "
