@@ -150,12 +150,12 @@ def training_reason(bn: ir.Node) -> str | None:
     # Opsets 7-13 have no attribute: a node that declares the statistics outputs is in training
     # mode, used or not (torch.onnx.export(training=TRAINING) at those opsets writes five unused
     # ones), and onnxruntime normalizes it with each batch's statistics.
-    if _opset(bn) < 14 and any(out is not None and out.name for out in bn.outputs[1:]):
+    if opset_of(bn) < 14 and any(out is not None and out.name for out in bn.outputs[1:]):
         return "it declares the running-statistics outputs, which at opsets below 14 means training mode"
     return None
 
 
-def _opset(node: ir.Node) -> int:
+def opset_of(node: ir.Node) -> int:
     """The default-domain opset `node` runs at (the newest where the file does not say)."""
     if node.version is not None:
         return node.version

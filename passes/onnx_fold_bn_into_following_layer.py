@@ -8,7 +8,9 @@ Exact for a Conv only without zero padding: the original conv pads the BN's outp
 the folded one pads x with 0, which the BN would have turned into t. Such a BN (and one before
 a pool, an add...) is left for `onnx_replace_bn_with_multiply_add`. Grouped convs fold per group.
 A BN before a flatten (a Reshape to (N, C * positions)) and a Gemm folds into the Gemm, each
-channel's s and t spread over its positions' rows of W.
+channel's s and t spread over its positions' rows of W. A BN on (N, C) before a MatMul by a
+constant (C, out) matrix, a bias-less Linear as the TorchScript exporter writes it, folds into
+MatMul(x, W') + t W: on (N, C) the BN's channel axis is the one the MatMul sums over.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
 from bngraph.passes._onnx_common import (
-    bn_scale_shift, constant, exposed_reason, fold_by_rules, layer_fold_reason, new_initializer, overflow_reason, site,
+    bn_scale_shift, constant, exposed_reason, fold_by_rules, layer_fold_reason, new_initializer, opset_of, overflow_reason, rank, site,
 )
 from bngraph.passes.base import PassResult, graph_pass
 
@@ -70,6 +72,19 @@ class FoldBnIntoNextGemm(_FoldBnIntoNext):
 
     def rewrite(self, op, x, w, bn_out, layer_out):
         return _folded_gemm(op, x, w, bn_out.producer(), layer_out.producer(), positions=1)
+
+
+class FoldBnIntoNextMatMul(_FoldBnIntoNext):
+    op_type = "MatMul"
+
+    def rewrite(self, op, x, w, bn_out, layer_out):
+        weight = constant(w)
+        scale, shift = bn_scale_shift(bn_out.producer())
+        folded_w = (weight * scale[:, None]).to(weight.dtype)
+        folded_b = (shift @ weight.to(shift.dtype)).to(weight.dtype)
+        graph = layer_out.producer().graph
+        y = op.MatMul(x, new_initializer(op, graph, folded_w, w.name))
+        return op.Add(y, new_initializer(op, graph, folded_b, f"{w.name}_bias"))
 
 
 class _FoldBnIntoGemmThroughFlatten(RewriteRuleClassBase):
@@ -185,6 +200,15 @@ def _refusal(bn: ir.Node, layer: ir.Node) -> str | None:
         pads = _attr(layer, "pads", [0])
         if _attr(layer, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or any(pads):
             return f"{where} pads with zeros, which the BN would have shifted: the border would differ"
+    if layer.op_type == "MatMul":
+        weight, channels = constant(layer.inputs[1]), _channels(bn.outputs[0])
+        if weight.ndim != 2 or weight.shape[0] != channels:
+            return f"the weight of {where} is {tuple(weight.shape)}, not a ({channels}, out) matrix over the BN's channels"
+        if rank(bn.inputs[0]) != 2:
+            # On (N, C, L) the BN normalizes axis 1 while the MatMul sums over the last axis.
+            return f"it normalizes axis 1 of a rank-{rank(bn.inputs[0])} input, which {where} does not sum over"
+        if opset_of(layer) < 7:
+            return f"{where} is in opset {opset_of(layer)}, whose Add broadcasts a bias only with an attribute"
     if layer.op_type == "Gemm":
         if _attr(layer, "transA", 0):
             return f"{where} transposes its input (transA), so the BN's channels are not its rows"
@@ -200,14 +224,14 @@ def _refusal(bn: ir.Node, layer: ir.Node) -> str | None:
 
 
 RULES = RewriteRuleSet([
-    FoldBnIntoNextConv.rule(), FoldBnIntoNextGemm.rule(), FoldBnIntoGemmThroughReshape.rule(),
+    FoldBnIntoNextConv.rule(), FoldBnIntoNextGemm.rule(), FoldBnIntoNextMatMul.rule(), FoldBnIntoGemmThroughReshape.rule(),
     FoldBnIntoGemmThroughFlatten.rule(),
 ])
 
 
 @graph_pass(in_place=True)
 def onnx_fold_bn_into_following_layer(model: ir.Model) -> PassResult:
-    """Fold every BN whose output only feeds a Conv (without zero padding) or a Gemm."""
+    """Fold every BN whose output only feeds a Conv (without zero padding), a Gemm or a MatMul."""
     return fold_by_rules(model, RULES, _next_layer, _why_left, "into the layer after it")
 
 
@@ -230,8 +254,8 @@ def _why_left(bn: ir.Node, layer: ir.Node | None) -> str:
     if layer is None:
         users = sorted(site(u) for u, _ in bn.outputs[0].uses())
         return f"its output feeds {len(users)} nodes ({', '.join(users)}), not one layer"
-    if layer.op_type not in ("Conv", "Gemm"):
-        return f"its output feeds {layer.op_type} {site(layer)!r}, not a Conv or Gemm"
+    if layer.op_type not in ("Conv", "Gemm", "MatMul"):
+        return f"its output feeds {layer.op_type} {site(layer)!r}, not a Conv, Gemm or MatMul"
     reshape = layer.inputs[0].producer() if layer.inputs[0] is not None else None
     if reshape is not None and reshape.op_type in ("Reshape", "Flatten") and reshape.inputs[0] is bn.outputs[0]:
         return (_refusal(bn, layer) or _not_a_flatten(bn.outputs[0], reshape.outputs[0], layer.inputs[1])

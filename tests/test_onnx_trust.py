@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+import torch
 
 from onnx import TensorProto, helper, numpy_helper
 
@@ -233,6 +234,38 @@ def test_a_reshape_that_is_not_a_flatten_per_example_keeps_the_bn():
     assert verification, verification.lines()
     assert ops(folded).count("BatchNormalization") + ops(folded).count("Mul") >= 1  # kept, in some exact form
     assert not [row for row in report.sections["folded"] if row["into"].startswith("Gemm")]
+
+
+@pytest.mark.parametrize("mode", ["dynamo", "torchscript"])
+def test_a_bn_before_a_bias_less_linear_folds_into_its_matmul(mode):
+    # TorchScript writes Linear(bias=False) as MatMul by the transposed weight, no Gemm: the BN
+    # before it stayed, the one BN of the file no rule took.
+    model = randomize_bn(torch.nn.Sequential(torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 5, bias=False)), seed=3).eval()
+    original = export_onnx(model, (7, 6), mode)
+    assert "BatchNormalization" in ops(original)
+    folded, report, verification = fold_and_check(original)
+    assert verification, verification.lines()
+    assert "BatchNormalization" not in ops(folded) and report.sections["kept"] == []
+    x = np.random.default_rng(2).standard_normal((7, 6)).astype(np.float32) * 10 + 3  # TorchScript's batch is fixed
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(run_in_ort(folded, {folded.graph.inputs[0].name: x})[0], want, rtol=1e-4, atol=1e-3)
+
+
+def test_a_bn_on_n_c_l_before_a_matmul_over_l_keeps_the_bn():
+    # (N, C, L) @ (L, out): the BN scales axis 1, the MatMul sums axis 2. With C == L the shapes
+    # fit a fold over the wrong axis, which would compute something else.
+    rng = np.random.default_rng(0)
+    arrays = {"W": rng.standard_normal((4, 3)).astype(np.float32)}
+    arrays.update(zip(("s", "b", "m", "v"), random_bn_stats((4,), 2)))
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["bn"], name="bn"),
+             helper.make_node("MatMul", ["bn", "W"], ["y"], name="mm")]
+    model = onnx_file(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 3])], arrays, opset=15, ir_version=8)
+    folded, report, verification = fold_and_check(model)
+    assert verification, verification.lines()
+    assert report.sections["kept"][0]["node"] == "bn"
+    assert "rank-3 input, which MatMul 'mm' does not sum over" in report.sections["kept"][0]["note"]
 
 
 # ---- Biases that look per feature and are not ------------------------------------------------
