@@ -127,6 +127,9 @@ def parse_input_dtypes(text: str) -> list[str]:
             dtype = np.dtype(name)
         except TypeError:
             dtype = None
+        if name == "bfloat16":  # the checks draw their inputs in numpy, which has no bfloat16
+            raise UserError(f"bad --input-dtype in {text!r}: bngraph checks models on numpy inputs, which have no "
+                            "bfloat16 (float16 and float32 are); train in bfloat16 with `train --precision bf16`")
         if dtype is None or dtype.name != name or dtype.kind not in "biuf":
             raise UserError(f"bad --input-dtype {name!r} in {text!r}: expected names like float32, int64, bool")
         dtypes.append(dtype.name)

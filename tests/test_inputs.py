@@ -85,8 +85,9 @@ def test_flags_describe_each_input(mixer):
         (["--input-shape", "2,6;6,6", "--input-dtype", "long;float32"], "bad --input-dtype 'long'"),
         (["--input-shape", "2,6;6,6", "--input-dtype", "int64"], "--input-dtype gives 1 dtypes for 2 inputs"),
         (["--input-shape", "2,6;6,6", "--static-input", "2"], "--static-input 2: the model has inputs 0 to 1"),
+        (["--input-shape", "2,6;6,6", "--input-dtype", "int64;bfloat16"], "numpy inputs, which have no bfloat16"),
     ],
-    ids=["unknown-dtype", "dtype-count", "static-index"],
+    ids=["unknown-dtype", "dtype-count", "static-index", "bfloat16"],
 )
 def test_bad_input_flags_exit_2_with_one_line(mixer, flags, message):
     _, _, undeclared = mixer
