@@ -134,6 +134,9 @@ def _insert_into_a_copy(model: nn.Module, example_inputs: Sequence[torch.Tensor]
         passes.append(partial(drop_bias_before_bn, only=traced_bns))
     graph, more = run_passes(graph, passes)
     results.update(more)
+    # The passes ran the copy in train mode (shapes, feature axes): a buffer its forward moves
+    # there (spectral_norm's power iteration) would make the check compare two states of the model.
+    _keep_the_models_buffers(graph, model)
     checked = []
     if preserve:  # the promise of --preserve, checked before anything is returned or written
         reference = Reference(model, example_inputs)

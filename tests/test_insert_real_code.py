@@ -639,6 +639,30 @@ def test_a_bias_computed_by_a_parametrization_is_kept():
     assert "conv.bias is computed by a parametrization" in _skips(report)["relu_bn"]
 
 
+class SpectralNormDiscriminator(nn.Module):
+    """A GAN discriminator's conv under torch's spectral_norm parametrization, built in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 8, 3))
+        self.head = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.head(F.leaky_relu(self.conv(x), 0.2))
+
+
+def test_a_spectral_norm_layer_in_train_mode_inserts_and_keeps_its_power_iteration_state():
+    # The passes ran the copy in train mode, where each weight read takes a power-iteration
+    # step: the check compared a copy one step on with the model, and refused it (0.8% off).
+    torch.manual_seed(0)
+    model = SpectralNormDiscriminator()
+    u = model.conv.parametrizations.weight[0]._u.clone()
+    inserted, report = bngraph.insert(model, [_x(2, 3, 8, 8)])
+    assert list(_sites(report).values()) == [("BatchNorm2d", 8)]
+    assert torch.equal(inserted.get_buffer("conv.parametrizations.weight.0._u"), u)
+    assert torch.equal(model.conv.parametrizations.weight[0]._u, u)
+
+
 class HandWritten(nn.Module):
     """A leaky ReLU with torch.where, a SIREN layer's sine, a ReLU with torch.maximum."""
 
