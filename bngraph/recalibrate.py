@@ -57,17 +57,18 @@ def recalibrate(
     check_has_statistics(model)
     data = with_model_classes(data, loaded.classes)  # labels as the model's outputs mean them
     check_input_scale(data, loaded.input_scale)  # statistics of inputs on another scale than the model's
-    check_model_fits(model, data, for_training=False)  # a softmax output recalibrates as well
+    # A softmax or sigmoid output recalibrates as well; the loss of probabilities is -log p.
+    probabilities = check_model_fits(model, data, for_training=False) == "probabilities"
     sampler = EpochSampler(len(data.x_train), batch_size, seed)
     training_batches = [(data.x_train[sampler(i)],) for i in range(batches)]
 
-    loss_before, accuracy_before = evaluate(model, data.x_test, data.y_test)
+    loss_before, accuracy_before = evaluate(model, data.x_test, data.y_test, probabilities=probabilities)
     state_before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model, results = run_passes(model, [RecalibrateBN(training_batches)])
     # Not function-preserving by design (the statistics move); the rest of the model must not.
     check_only_statistics_changed(state_before, model, what="the recalibrated model")
     result = results[RecalibrateBN.name]
-    loss_after, accuracy_after = evaluate(model, data.x_test, data.y_test)
+    loss_after, accuracy_after = evaluate(model, data.x_test, data.y_test, probabilities=probabilities)
 
     described = f"{data.name} ({data.source})"
     entry = {

@@ -96,6 +96,22 @@ class Probabilities(Classifier):
         return super().forward(pixel_values).logits.softmax(-1)
 
 
+class ProbabilitiesInTraining(Classifier):
+    def forward(self, pixel_values):
+        logits = super().forward(pixel_values).logits
+        return logits.softmax(-1) if self.training else logits
+
+
+class Bfloat16Probabilities(Classifier):
+    def forward(self, pixel_values):  # rows sum to 1 within bfloat16's rounding, 2e-3
+        return (3 * super().forward(pixel_values).logits).bfloat16().softmax(-1).float()
+
+
+class SigmoidScores(Classifier):
+    def forward(self, pixel_values):
+        return torch.sigmoid(super().forward(pixel_values).logits)
+
+
 class LogProbabilities(Classifier):
     def forward(self, pixel_values):
         return super().forward(pixel_values).logits.log_softmax(-1)
@@ -123,6 +139,10 @@ def test_a_model_returning_its_own_output_dataclass_goes_through_the_chain(data,
     ("WithAuxiliaryHead", "in training mode the model's output is tuple"),
     # Cross-entropy would apply a second softmax: it runs, and learns little.
     ("Probabilities", "the model's outputs are probabilities"),
+    # The eval-mode probe saw logits; the first step's outputs are checked before any update.
+    ("ProbabilitiesInTraining", "in training mode the model's outputs are probabilities"),
+    ("Bfloat16Probabilities", "the model's outputs are probabilities"),
+    ("SigmoidScores", "the model's outputs all lie between 0 and 1, as after a sigmoid"),
 ])
 def test_training_a_model_with_no_logits_to_read_is_one_line(data, tmp_path, capsys, model, says):
     (tmp_path / "hf_style.py").write_text(HF_STYLE_PY)

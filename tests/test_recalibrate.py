@@ -13,6 +13,7 @@ from bngraph.data import load_mnist
 from bngraph.passes.recalibrate_bn import recalibrate_bn
 from bngraph.training import EpochSampler
 from bngraph.training.data import UINT8_SCALE
+from bngraph.training.data_formats import load_data
 from tests.util import overridden
 from tests.mnist_like import write_learnable
 from tests.test_data_formats import write_npz
@@ -145,8 +146,15 @@ def test_a_model_that_outputs_probabilities_recalibrates(tmp_path, capsys, train
     code, out, err = _cli(capsys, "recalibrate", tmp_path / "deployed.py", "--data", source, "--batches", 2,
                           "-o", tmp_path / "r", "--json")
     assert code == 0, err
-    assert [row["bn"] for row in json.loads(out)["recalibrated"]] == ["body.2"]
+    report = json.loads(out)
+    assert [row["bn"] for row in report["recalibrated"]] == ["body.2"]
     assert json.loads((tmp_path / "r" / "bngraph.json").read_text())["history"][-1]["data_format"] == "mnist-idx"
+    # The loss is -log p of each label: cross-entropy on the probabilities took a second softmax.
+    data = load_data(source, input_shape=(1, 784))
+    with torch.no_grad():
+        p = bngraph.load(tmp_path / "r").eval()(data.x_test)
+    nll = -p.double().gather(1, data.y_test[:, None]).log().mean().item()
+    assert report["test_loss_after"] == pytest.approx(nll, rel=1e-5)
 
 
 def test_a_test_label_out_of_range_names_y_test_and_not_training(tmp_path, capsys):

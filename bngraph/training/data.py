@@ -354,6 +354,13 @@ def check_finite(images: torch.Tensor, where: str, first_index: int = 0) -> None
         raise UserError(f"{where}[{first_index + first}] holds NaN or infinite values; images must be finite")
 
 
+def refuse_what_is_not_logits(logits: torch.Tensor) -> None:
+    """UserError where a training step's outputs are probabilities or sigmoid scores: a model may
+    apply its softmax in training mode only, which the eval-mode probe cannot see."""
+    if (kind := output_kind(logits)) is not None:
+        raise UserError(f"in training mode {_NOT_LOGITS[kind]}")
+
+
 def logits_of(output, *, mode: str = "eval") -> torch.Tensor:
     """The logits in a model's output: the tensor itself, or the `logits` entry of a dict or field
     of an object (HuggingFace's ModelOutput, a user's dataclass in its style). Anything else is
@@ -371,9 +378,35 @@ def logits_of(output, *, mode: str = "eval") -> torch.Tensor:
     return logits
 
 
-def check_model_fits(model: nn.Module, data: TensorData | StreamData, *, for_training: bool = True) -> None:
+# Cross-entropy takes logits and applies its own softmax; on probabilities it trains on
+# softmax(softmax(z)), and on scores a sigmoid squashed into (0, 1) it can never be confident:
+# both run and learn little. (log_softmax outputs are fine: it is idempotent.)
+_NOT_LOGITS = {
+    "probabilities": "the model's outputs are probabilities (each row is at least 0 and sums to 1, as after a "
+                     "softmax); training's cross-entropy takes logits: return the scores before the softmax",
+    "squashed": "the model's outputs all lie between 0 and 1, as after a sigmoid; training's cross-entropy takes "
+                "logits, which a sigmoid squashes: return the scores before it",
+}
+
+
+def output_kind(logits: torch.Tensor) -> str | None:
+    """'probabilities' (rows of at least 0 summing to 1), 'squashed' (every value strictly between
+    0 and 1, a sigmoid's) or None for logits. The sums are taken to 1e-2: probabilities computed in
+    bfloat16 sum to 1 within 2e-3 only."""
+    logits = logits.detach().double()
+    if logits.shape[1] < 2:
+        return None
+    if bool((logits >= 0).all()) and bool(((logits.sum(1) - 1).abs() <= 1e-2).all()):
+        return "probabilities"
+    if logits.numel() >= 4 and bool(((logits > 0) & (logits < 1)).all()):
+        return "squashed"
+    return None
+
+
+def check_model_fits(model: nn.Module, data: TensorData | StreamData, *, for_training: bool = True) -> str | None:
     """Run two training images through `model`: a wrong input or output shape is the user's, and
-    so is a label the model has no output for, or (`for_training`) an output of probabilities."""
+    so is a label the model has no output for, or (`for_training`) outputs that are not logits.
+    Returns the `output_kind` of its eval-mode outputs."""
     was_training = model.training
     example = data.example(2)
     device = next(iter(model.parameters()), example).device
@@ -386,14 +419,9 @@ def check_model_fits(model: nn.Module, data: TensorData | StreamData, *, for_tra
     finally:
         model.train(was_training)
     logits = logits_of(output).double()
-    # Cross-entropy takes logits and applies its own softmax; on probabilities it would train on
-    # softmax(softmax(z)), which runs but learns little. (log_softmax outputs are fine: it is
-    # idempotent.)
-    if for_training and logits.shape[1] > 1 and bool((logits >= 0).all()) and torch.allclose(logits.sum(1), torch.ones_like(logits[:, 0])):
-        raise UserError(
-            "the model's outputs are probabilities (each row is at least 0 and sums to 1, as after a softmax); "
-            "training's cross-entropy takes logits: return the scores before the softmax"
-        )
+    kind = output_kind(logits)
+    if for_training and kind is not None:
+        raise UserError(_NOT_LOGITS[kind])
     outputs = logits.shape[1]
     if data.num_classes is None:  # a factory's streamed labels: checked as they come
         data.train.num_classes = data.test.num_classes = outputs
@@ -402,3 +430,4 @@ def check_model_fits(model: nn.Module, data: TensorData | StreamData, *, for_tra
             f"{data.label_file or data.source}: label {data.num_classes - 1} is out of range for the model's "
             f"{outputs} outputs; {data.name}'s labels need logits of shape (N, {data.num_classes})"
         )
+    return kind

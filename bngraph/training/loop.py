@@ -45,8 +45,8 @@ from bngraph.library_call import library_call
 from bngraph.training.checkpoint import CHECKPOINT, open_run_folder, resume_from_checkpoint, save_checkpoint
 from bngraph.training.config import PRECISIONS, TrainConfig, pick_device
 from bngraph.training.data import (
-    EpochSampler, StreamData, TensorData, check_finite, check_model_fits, data_fingerprint, logits_of, step_batches,
-    streamed_test_loader,
+    EpochSampler, StreamData, TensorData, check_finite, check_model_fits, data_fingerprint, logits_of,
+    refuse_what_is_not_logits, step_batches, streamed_test_loader,
 )
 from bngraph.training.data_formats import check_input_scale, load_data, with_model_classes
 from bngraph.training.distributed import SINGLE, Distributed, broadcast_buffers, sum_over_ranks, wrap
@@ -174,7 +174,7 @@ def train(
             task = bar.add_task("train", total=config.steps, completed=start, loss="-", acc="-", test="-", rate="-")
             for step in range(start, config.steps):
                 lr = config.lr_at(step)
-                _train_step(net, next(batches), lr, setup, interval)
+                _train_step(net, next(batches), lr, setup, interval, check_outputs=step == start)
                 done, window_steps = step + 1, window_steps + 1
 
                 is_eval = done % config.eval_every == 0 or done == config.steps
@@ -266,8 +266,9 @@ def _set_up(model: nn.Module, data: TensorData | StreamData, config: TrainConfig
 
 
 def _train_step(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], lr: float, setup: _Setup,
-                interval: dict) -> None:
-    """One SGD step at `lr` on `batch`, its loss and hits added to `interval`."""
+                interval: dict, check_outputs: bool = False) -> None:
+    """One SGD step at `lr` on `batch`, its loss and hits added to `interval`; with `check_outputs`
+    (the first step), refused before any update where the outputs are not logits."""
     for group in setup.optimizer.param_groups:
         group["lr"] = lr
     x, y = batch
@@ -276,6 +277,8 @@ def _train_step(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], lr: fl
     try:
         with setup.amp():
             logits = logits_of(net(x), mode="training")
+        if check_outputs:
+            refuse_what_is_not_logits(logits)
         loss = F.cross_entropy(logits.float(), y)
         setup.optimizer.zero_grad(set_to_none=True)
         if setup.scaler is not None:

@@ -24,9 +24,11 @@ _ON_TEST_BATCH = "the model failed on a test batch (in eval mode)"
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch: int = 1000, amp=contextlib.nullcontext
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch: int = 1000, amp=contextlib.nullcontext,
+    probabilities: bool = False,
 ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of `model` in eval mode."""
+    """(mean cross-entropy, accuracy) of `model` in eval mode; with `probabilities`, of outputs
+    that are a softmax's already (recalibrate takes such models): -log p of each label."""
     was_training = model.training
     model.eval()
     loss = torch.zeros((), device=x.device, dtype=torch.float64)
@@ -36,7 +38,11 @@ def evaluate(
             # a copy: a forward that writes into its input (x.sub_(mean)) would shift the test set
             with amp(), running_user_model(failed=_ON_TEST_BATCH):
                 logits = logits_of(model(x[lo : lo + batch].clone())).float()
-            loss += F.cross_entropy(logits, y[lo : lo + batch], reduction="sum").double()
+            if probabilities:
+                log_p = logits.double().clamp_min(torch.finfo(torch.float64).tiny).log()
+                loss += F.nll_loss(log_p, y[lo : lo + batch], reduction="sum")
+            else:
+                loss += F.cross_entropy(logits, y[lo : lo + batch], reduction="sum").double()
             correct += (logits.argmax(1) == y[lo : lo + batch]).sum()
     finally:
         model.train(was_training)
