@@ -964,6 +964,11 @@ def strings():
 def whole_floats():
     y = (torch.arange(16) % 10).float()
     return TensorDataset(x, y), TensorDataset(x, y)
+
+
+def masks():  # a segmentation data set's per-pixel labels
+    y = torch.randint(0, 10, (16, 28, 28), generator=torch.Generator().manual_seed(0))
+    return TensorDataset(x, y), TensorDataset(x, y)
 """
 
 
@@ -976,6 +981,8 @@ def test_a_factorys_labels_must_be_class_indices_not_truncated_floats_or_text(tm
     assert f"{factory}:fractional train[1] has label 0.633" in err and "expected an integer class index" in err
     err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:strings", *stream)
     assert f"{factory}:strings train[0] has label '0'; expected an integer class index" in err
+    err = _bad(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:masks", *stream)  # its repr ran over 28 lines
+    assert f"{factory}:masks train[0] has label a Tensor of shape (28, 28); expected an integer class index" in err
     _train(capsys, tmp_path, "zoo:mnist-mlp", f"{factory}:whole_floats", *stream)
 
 

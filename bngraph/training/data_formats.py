@@ -633,7 +633,9 @@ def _label(y, where: str) -> int:
     except (TypeError, ValueError, RuntimeError):
         value = None
     if value is None or value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
-        raise UserError(f"{where} has label {y!r}; expected an integer class index")
+        # A mask's or a one-hot vector's repr runs over many lines: its shape says what it is.
+        what = f"a {type(y).__name__} of shape {tuple(value.shape)}" if value is not None and value.numel() > 1 else repr(y)
+        raise UserError(f"{where} has label {what}; expected an integer class index")
     number = value.item()
     if value.is_floating_point() and not float(number).is_integer():
         raise UserError(f"{where} has label {number!r}; expected an integer class index (a float only when whole, "
