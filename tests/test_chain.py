@@ -112,6 +112,11 @@ class SigmoidScores(Classifier):
         return torch.sigmoid(super().forward(pixel_values).logits)
 
 
+class NearOneHalf(Classifier):
+    def forward(self, pixel_values):  # logits that happen to lie in (0, 1): no sigmoid made them
+        return 0.5 + 0.01 * super().forward(pixel_values).logits
+
+
 class LogProbabilities(Classifier):
     def forward(self, pixel_values):
         return super().forward(pixel_values).logits.log_softmax(-1)
@@ -142,7 +147,7 @@ def test_a_model_returning_its_own_output_dataclass_goes_through_the_chain(data,
     # The eval-mode probe saw logits; the first step's outputs are checked before any update.
     ("ProbabilitiesInTraining", "in training mode the model's outputs are probabilities"),
     ("Bfloat16Probabilities", "the model's outputs are probabilities"),
-    ("SigmoidScores", "the model's outputs all lie between 0 and 1, as after a sigmoid"),
+    ("SigmoidScores", "the model returns a sigmoid's outputs"),
 ])
 def test_training_a_model_with_no_logits_to_read_is_one_line(data, tmp_path, capsys, model, says):
     (tmp_path / "hf_style.py").write_text(HF_STYLE_PY)
@@ -153,10 +158,13 @@ def test_training_a_model_with_no_logits_to_read_is_one_line(data, tmp_path, cap
     assert says in err and ("logits" in err)
 
 
-def test_log_probabilities_train_as_logits(data, tmp_path, capsys):
-    # log_softmax is idempotent: cross-entropy on log-probabilities is cross-entropy on the logits.
+@pytest.mark.parametrize("model", [
+    "LogProbabilities",  # log_softmax is idempotent: cross-entropy on log-probabilities is on the logits
+    "NearOneHalf",  # told from a sigmoid's outputs by the function that made them, not by their values
+])
+def test_log_probabilities_and_logits_between_0_and_1_train(data, tmp_path, capsys, model):
     (tmp_path / "hf_style.py").write_text(HF_STYLE_PY)
-    _json(capsys, "train", tmp_path / "hf_style.py:LogProbabilities", "--data", data, "--steps", 2,
+    _json(capsys, "train", f"{tmp_path / 'hf_style.py'}:{model}", "--data", data, "--steps", 2,
           "--batch-size", 16, "--quiet", "-o", tmp_path / "run")
 
 

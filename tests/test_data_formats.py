@@ -1368,6 +1368,41 @@ def test_the_python_api_reads_a_path_for_the_models_declared_input(tmp_path):
     assert [row["step"] for row in run.metrics] == [3]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["held", "streamed"])
+def test_the_python_api_trains_on_a_tuple_of_datasets_as_on_a_factorys(tmp_path, stream):
+    # What a PyTorch user has at hand; it raised AttributeError: 'tuple' object has no attribute 'example'.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(60, 3, 8, 8, generator=g), torch.randint(0, 3, (60,), generator=g)
+    pairs = [(x[i], int(y[i])) for i in range(60)]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3))
+    data = (pairs[:40], pairs[40:])
+    if stream:  # as open_data reads them for a path: streamed when larger than stream_above_mb
+        data = open_data(data, input_shape=(2, 3, 8, 8), stream_above_mb=0, workers=0)
+        assert isinstance(data, StreamData) and data.format == "datasets"
+    config = TrainConfig(steps=4, batch_size=8, eval_every=4)
+    run = train(model, data, config, out_dir=tmp_path / "run", progress=False)
+    with torch.no_grad():
+        logits = run.model(x[40:])
+    assert run.metrics[-1]["test_accuracy"] == pytest.approx((logits.argmax(1) == y[40:]).float().mean().item())
+    assert run.metrics[-1]["test_loss"] == pytest.approx(nn.functional.cross_entropy(logits, y[40:]).item(), rel=1e-5)
+    meta = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert meta["test_accuracy"] == run.metrics[-1]["test_accuracy"]
+
+
+@pytest.mark.parametrize("data, says", [
+    (lambda ds: ds, "data is a TensorDataset; expected a path"),
+    (lambda ds: torch.utils.data.DataLoader(ds), "data is a DataLoader; expected a path"),
+    (lambda ds: (torch.utils.data.DataLoader(ds), ds), "the data given is DataLoaders; expected a tuple (train, test)"),
+])
+def test_the_python_api_names_the_data_it_takes(tmp_path, data, says):
+    ds = torch.utils.data.TensorDataset(torch.rand(8, 3, 8, 8), torch.randint(0, 3, (8,)))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
+    with pytest.raises(UserError, match=re.escape(says)):
+        train(model, data(ds), TrainConfig(steps=2, batch_size=4), out_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 PRETRAINED_PY = '''
 import torch
 from torch import nn

@@ -11,6 +11,7 @@ outputs tell that a resume would continue another model's run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from copy import deepcopy
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from bngraph.atomic import (
-    RUN, check_writable, foreign_entries, output_kind, remove_left_by_kills, save_tensors, start_run_folder,
+    MARKER, RUN, check_writable, foreign_entries, output_kind, remove_left_by_kills, save_tensors, start_run_folder,
     write_atomically,
 )
 from bngraph.compare import ONNX_TOLERANCE, compare
@@ -30,6 +31,7 @@ from bngraph.runners import named_tensors, random_tensor
 from bngraph.spec import model_steps
 from bngraph.training.config import TrainConfig
 from bngraph.training.distributed import Distributed, from_main, gather_to_main
+from bngraph.training.metrics import METRICS
 from bngraph.training.sync_bn import has_sync_bn
 
 CHECKPOINT = "checkpoint.pt"
@@ -51,6 +53,17 @@ def open_run_folder(out_dir: Path | None, resume: bool) -> None:
         raise UserError(f"{out_dir} holds a run already: add --resume to continue it, or choose another -o")
     if out_dir is not None:
         start_run_folder(out_dir, resume=resume)  # new, empty or a run's: never a user's folder
+
+
+def remove_unstarted_run(out_dir: Path) -> None:
+    """Remove the run folder `open_run_folder` made for a run stopped before its first checkpoint:
+    the files a run writes before it, then the folder where nothing else is in it."""
+    if (out_dir / CHECKPOINT).exists():
+        return  # resumable: kept
+    for name in (METRICS, MARKER):
+        (out_dir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # something else in it: not bngraph's to delete
+        out_dir.rmdir()
 
 
 def _nothing_to_resume(out_dir: Path | None, checkpoint_path: Path | None) -> str:

@@ -110,6 +110,10 @@ class TensorData:
                 raise UserError(f"y_{part} has label {int(y.min())}; labels are class indices from 0")
             if y.dtype != torch.int64:  # cross_entropy takes int64 targets only
                 setattr(self, f"y_{part}", y.long())
+        # As the readers' `_check_splits_one_shape`: the first evaluation raised, after every step.
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise UserError(f"x_train's examples have shape {tuple(self.x_train.shape[1:])} but x_test's "
+                            f"{tuple(self.x_test.shape[1:])}: the test examples must be the training examples' shape")
 
     @classmethod
     def from_dataset(cls, dataset, device: torch.device | str = "cpu") -> TensorData:
@@ -324,7 +328,7 @@ def data_fingerprint(data: TensorData | StreamData) -> dict:
         # The pixels too, where they are at hand: an .npz saved again with other images (the
         # labels kept) trained on two datasets, matching no run.
         found["training images (SHA-256)"] = _tensor_digest(data.x_train)
-    if data.format == "factory":
+    if data.format in ("factory", "datasets"):
         # A factory's Dataset may augment at random: held in memory, each item is drawn once,
         # streamed, at each step, so the two are other data (plain data gives the same batches).
         found["factory items"] = "streamed" if isinstance(data, StreamData) else "held in memory"
@@ -355,8 +359,8 @@ def check_finite(images: torch.Tensor, where: str, first_index: int = 0) -> None
 
 
 def refuse_what_is_not_logits(logits: torch.Tensor) -> None:
-    """UserError where a training step's outputs are probabilities or sigmoid scores: a model may
-    apply its softmax in training mode only, which the eval-mode probe cannot see."""
+    """UserError where a training step's outputs are probabilities: a model may apply its softmax
+    in training mode only, which the eval-mode probe cannot see."""
     if (kind := output_kind(logits)) is not None:
         raise UserError(f"in training mode {_NOT_LOGITS[kind]}")
 
@@ -379,27 +383,41 @@ def logits_of(output, *, mode: str = "eval") -> torch.Tensor:
 
 
 # Cross-entropy takes logits and applies its own softmax; on probabilities it trains on
-# softmax(softmax(z)), and on scores a sigmoid squashed into (0, 1) it can never be confident:
-# both run and learn little. (log_softmax outputs are fine: it is idempotent.)
+# softmax(softmax(z)), and on a sigmoid's scores, squashed into (0, 1), it can never be
+# confident: both run and learn little. (log_softmax outputs are fine: it is idempotent.)
 _NOT_LOGITS = {
     "probabilities": "the model's outputs are probabilities (each row is at least 0 and sums to 1, as after a "
                      "softmax); training's cross-entropy takes logits: return the scores before the softmax",
-    "squashed": "the model's outputs all lie between 0 and 1, as after a sigmoid; training's cross-entropy takes "
-                "logits, which a sigmoid squashes: return the scores before it",
+    "squashed": "the model returns a sigmoid's outputs, scores squashed into (0, 1); training's cross-entropy "
+                "takes logits: return the scores before the sigmoid",
 }
+_SIGMOIDS = frozenset({torch.sigmoid, torch.Tensor.sigmoid, torch.special.expit, nn.functional.sigmoid})
 
 
-def output_kind(logits: torch.Tensor) -> str | None:
-    """'probabilities' (rows of at least 0 summing to 1), 'squashed' (every value strictly between
-    0 and 1, a sigmoid's) or None for logits. The sums are taken to 1e-2: probabilities computed in
-    bfloat16 sum to 1 within 2e-3 only."""
-    logits = logits.detach().double()
-    if logits.shape[1] < 2:
-        return None
-    if bool((logits >= 0).all()) and bool(((logits.sum(1) - 1).abs() <= 1e-2).all()):
-        return "probabilities"
-    if logits.numel() >= 4 and bool(((logits > 0) & (logits < 1)).all()):
+class _SigmoidOutputs(torch.overrides.TorchFunctionMode):
+    """The tensors a sigmoid returned while the mode was on (told by the function, not by the
+    values: a fresh model's logits on inputs in [0, 1) may all lie in (0, 1) too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _SIGMOIDS:
+            self.outputs.append(out)
+        return out
+
+
+def output_kind(logits: torch.Tensor, sigmoid_outputs=()) -> str | None:
+    """'probabilities' (rows of at least 0 summing to 1), 'squashed' (a tensor in `sigmoid_outputs`)
+    or None for logits. The sums are taken to 1e-2: probabilities computed in bfloat16 sum to 1
+    within 2e-3 only."""
+    if any(logits is out for out in sigmoid_outputs):
         return "squashed"
+    values = logits.detach().double()
+    if values.shape[1] > 1 and bool((values >= 0).all()) and bool(((values.sum(1) - 1).abs() <= 1e-2).all()):
+        return "probabilities"
     return None
 
 
@@ -411,15 +429,15 @@ def check_model_fits(model: nn.Module, data: TensorData | StreamData, *, for_tra
     example = data.example(2)
     device = next(iter(model.parameters()), example).device
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _SigmoidOutputs() as sigmoids:
             output = model.eval()(example.to(device))
     except Exception as err:
         shape = "x".join(map(str, example.shape[1:]))
         raise model_raised(err, failed=f"the model cannot take {data.name} images ({shape}) from {data.source}") from err
     finally:
         model.train(was_training)
+    kind = output_kind(logits_of(output), sigmoids.outputs)
     logits = logits_of(output).double()
-    kind = output_kind(logits)
     if for_training and kind is not None:
         raise UserError(_NOT_LOGITS[kind])
     outputs = logits.shape[1]

@@ -21,6 +21,7 @@ cannot take is the user's error:
                  unpickling a downloaded file runs whatever code it holds
   factory        FILE.py:make (or FILE.py, calling `make`): a function returning (train, test),
                  torch Datasets of (image tensor, integer label)
+  datasets       in Python, such a (train, test) tuple of Datasets itself (`bngraph.train`)
 
 Data whose float32 images fit under `stream_above_mb` go to the device as whole tensors
 (`TensorData`: a batch is an index, the fast path). Larger data becomes `StreamData`: a DataLoader
@@ -106,8 +107,10 @@ def parse_image_size(text) -> tuple[int, int]:
     return dims
 
 
-def detect_format(path: str | Path) -> str:
+def detect_format(path: str | Path | tuple) -> str:
     """Which format `path` holds (see the module docstring), or a UserError saying what it lacks."""
+    if isinstance(path, tuple):
+        return "datasets"
     text = str(path)
     if ".py:" in text or text.endswith(".py"):
         return "factory"
@@ -548,26 +551,32 @@ def read_factory(text: str):
     except SystemExit as stop:
         raise UserError(f"{path}:{symbol} called sys.exit({stop.code!r}) instead of returning (train, test) "
                         "Datasets") from None
+    return check_datasets(made, f"{path}:{symbol}", f"{path}:{symbol}() returned"), f"{path}:{symbol}"
+
+
+def check_datasets(made, where: str, what: str):
+    """`made` if it is a tuple (train, test) of map-style Datasets with items; else a UserError
+    naming `where` they come from and saying `what` (a factory's "data.py:make() returned")."""
     if isinstance(made, tuple) and any(isinstance(d, torch.utils.data.IterableDataset) for d in made):
         # Each step's batch is picked by index (EpochSampler), so that a resumed run sees the same.
-        raise UserError(f"{path}:{symbol}() returned an IterableDataset, which has no length and cannot be "
+        raise UserError(f"{what} an IterableDataset, which has no length and cannot be "
                         "indexed: training picks each step's examples by index; return map-style Datasets "
                         "(__len__ and __getitem__)")
     if isinstance(made, tuple) and any(isinstance(d, torch.utils.data.DataLoader) for d in made):
-        raise UserError(f"{path}:{symbol}() returned DataLoaders; expected a tuple (train, test) of Datasets: return "
+        raise UserError(f"{what} DataLoaders; expected a tuple (train, test) of Datasets: return "
                         "their .dataset (training batches them itself)")
     if not (isinstance(made, tuple) and len(made) == 2 and all(hasattr(d, "__getitem__") and hasattr(d, "__len__") for d in made)):
-        what = f"a tuple of {len(made)}" if isinstance(made, tuple) else type(made).__name__
-        raise UserError(f"{path}:{symbol}() returned {what}; expected a tuple (train, test) of Datasets")
+        got = f"a tuple of {len(made)}" if isinstance(made, tuple) else type(made).__name__
+        raise UserError(f"{what} {got}; expected a tuple (train, test) of Datasets")
     for part, dataset in zip(("train", "test"), made):
         try:
             size = len(dataset)
         except Exception as err:  # __len__ raising, or returning a float or a negative number (TypeError, ValueError)
-            raise model_raised(err, failed=f"len() of the {part} Dataset {path}:{symbol}() returned failed") from err
+            raise model_raised(err, failed=f"len() of the {part} Dataset of {where} failed") from err
         if size == 0:
-            raise UserError(f"{path}:{symbol}() returned an empty {part} Dataset")
-        _item(dataset, 0, f"{path}:{symbol} {part}")  # as the items read later name it
-    return made, f"{path}:{symbol}"
+            raise UserError(f"{what} an empty {part} Dataset")
+        _item(dataset, 0, f"{where} {part}")  # as the items read later name it
+    return made
 
 
 def _item(dataset, i: int, where: str, channels: int | None = None) -> tuple[torch.Tensor, int]:
@@ -760,12 +769,16 @@ def open_data(
                           label_file=where, workers=workers, device=device, class_names=tuple(classes),
                           input_scale=UINT8_SCALE if target.integer_dtype is None else None, files_sha256=digest)
     with seeded(f"{seed}:data"):  # before the run seeds torch: the factory's draws are the run's
-        return _open_factory(str(path), target, input_shape, fits, finish, workers, device)
+        return _open_factory(path if fmt == "datasets" else str(path), target, input_shape, fits, finish, workers, device)
 
 
-def _open_factory(path: str, target: Target, input_shape, fits, finish, workers, device):
-    """open_data's factory branch (see there)."""
-    (train_set, test_set), where = read_factory(path)
+def _open_factory(path: str | tuple, target: Target, input_shape, fits, finish, workers, device):
+    """open_data's factory branch (see there), and the datasets given in Python."""
+    if isinstance(path, tuple):
+        (train_set, test_set), where = check_datasets(path, "datasets", "the data given is"), "datasets"
+    else:
+        (train_set, test_set), where = read_factory(path)
+    fmt = "datasets" if isinstance(path, tuple) else "factory"
     channels = Target.of(input_shape).image_channels  # which PIL images are decoded for, as image files are
     x0, _ = _item(train_set, 0, where, channels)
     # (H, W) items for a model that takes (N, 1, H, W) get their channel axis; any other item is
@@ -797,7 +810,7 @@ def _open_factory(path: str, target: Target, input_shape, fits, finish, workers,
     _check_items_on_one_scale([(f"{where} train[0]", x0), (f"{where} test[0]", test0)], target)
     checked = [CheckedLabels(ds, f"{where} {part}", target=target, channel_axis=channel_axis, channels=channels)
                for part, ds in (("train", train_set), ("test", test_set))]
-    return StreamData(*checked, Path(where.split(":")[0]).stem, where, format="factory", num_classes=None,
+    return StreamData(*checked, Path(where.split(":")[0]).stem, where, format=fmt, num_classes=None,
                       example_shape=(1, *x0.shape) if channel_axis else tuple(x0.shape), label_file=where,
                       workers=workers, device=device,
                       input_scale=UINT8_SCALE if x0.dtype == torch.uint8 and target.integer_dtype is None else None)

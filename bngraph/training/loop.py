@@ -42,7 +42,9 @@ from torch import nn
 
 from bngraph.errors import CheckFailed, ModelRaised, UserError, model_raised, user_frame
 from bngraph.library_call import library_call
-from bngraph.training.checkpoint import CHECKPOINT, open_run_folder, resume_from_checkpoint, save_checkpoint
+from bngraph.training.checkpoint import (
+    CHECKPOINT, open_run_folder, remove_unstarted_run, resume_from_checkpoint, save_checkpoint,
+)
 from bngraph.training.config import PRECISIONS, TrainConfig, pick_device
 from bngraph.training.data import (
     EpochSampler, StreamData, TensorData, check_finite, check_model_fits, data_fingerprint, logits_of,
@@ -90,7 +92,7 @@ class _Setup:
 @library_call(refuse_inference_mode=True)
 def train(
     model: nn.Module,
-    data: TensorData | StreamData | str | Path,
+    data: TensorData | StreamData | str | Path | tuple,
     config: TrainConfig,
     *,
     out_dir: Path | None = None,
@@ -105,7 +107,8 @@ def train(
     """Train `model` in place on `data` (moved to the device when it is elsewhere) and return it on the CPU, in eval mode.
 
     `data` may be a path (any format of `bngraph.training.data_formats`, read for the input the
-    model declares: `example_input_shapes`, as `bngraph.load` gives it, or `example_input_shape`).
+    model declares: `example_input_shapes`, as `bngraph.load` gives it, or `example_input_shape`),
+    or a tuple (train, test) of Datasets, read as a factory's.
     `config.precision` and `config.channels_last` default to bf16 autocast and channels_last on
     CUDA, fp32 and the default layout elsewhere; fp16 uses a GradScaler. With `out_dir`,
     checkpoints and metrics go there, and `resume=True` continues from its checkpoint.
@@ -129,9 +132,26 @@ def train(
     if isinstance(data, TensorData) and data.format == "tensors":  # the caller's own; readers check theirs
         for name in ("x_train", "x_test"):
             check_finite(getattr(data, name), f"the data's {name}")
+    if not isinstance(data, (str, Path, tuple, TensorData, StreamData)):
+        raise UserError(f"data is a {type(data).__name__}; expected a path (a folder, an .npz, FILE.py:make), a tuple "
+                        "(train, test) of Datasets, or TensorData / StreamData")
+    # A run folder this call makes is removed again where it stops before its first checkpoint
+    # (bad data, a model that fails its first step): nothing to resume, and the -o free again.
+    made = ctx.is_main and out_dir is not None and not resume and not os.path.lexists(out_dir)
     if ctx.is_main:  # rank 0 alone reads and writes the run folder
         open_run_folder(out_dir, resume)
-    if isinstance(data, (str, Path)):
+    try:
+        return _train_in_folder(model, data, config, out_dir, resume, dev, ctx, progress, label, on_eval, finish)
+    except BaseException:
+        if made:
+            remove_unstarted_run(out_dir)
+        raise
+
+
+def _train_in_folder(model: nn.Module, data, config: TrainConfig, out_dir: Path | None, resume: bool,
+                     dev: torch.device, ctx: Distributed, progress: bool, label: str, on_eval, finish: bool) -> TrainRun:
+    """`train` once its arguments are checked and its run folder is open."""
+    if isinstance(data, (str, Path, tuple)):  # a path, or (train, test) Datasets
         data = load_data(data, model, device=dev)
     elif isinstance(data, TensorData):  # tensors made on the CPU, a run on CUDA: found on a GPU
         data = data.to(dev)
