@@ -231,6 +231,24 @@ def test_tensor_data_labels_that_are_not_class_indices_are_refused(labels, messa
     assert TensorData(x, y.int(), x[:5], y[:5]).y_train.dtype == torch.int64  # int32 labels are class indices
     with pytest.raises(bngraph.UserError, match="x_test is empty"):  # a reshape error inside the checks
         TensorData(x, y, x[:0], y[:0])
+    # Every step ran, then the first evaluation raised: mat1 and mat2 shapes cannot be multiplied.
+    with pytest.raises(bngraph.UserError, match=r"x_train's examples have shape \(1, 4, 4\) but x_test's \(1, 5, 5\)"):
+        TensorData(x, y, torch.rand(5, 1, 5, 5), y[:5])
+
+
+def test_a_model_of_two_inputs_is_not_trained_on_one(mixer, tmp_path):
+    # Trained on its ids alone, its artifact was traced with the mask fixed: called as the
+    # model is, (ids, mask), it raised.
+    folder, declared, _ = mixer
+    (tmp_path / "data.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    ids = [(torch.randint(0, 50, (6,)), i % 5) for i in range(20)]\n"
+        "    return ids[:15], ids[15:]\n")
+    code, out, err = run_cli("train", declared, "--data", f"{tmp_path / 'data.py'}:make", "--steps", 2, "-o",
+                             tmp_path / "run")
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "run").exists()
+    assert "TokenMixer declares 2 inputs (example_input_shapes); training feeds a model one" in err
 
 def test_the_api_refuses_what_is_not_a_model_or_a_form_in_one_line():
     # An AttributeError from deep inside, and a ValueError for export's name of a form.

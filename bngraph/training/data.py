@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bngraph.errors import UserError, model_raised
+from bngraph.load import declared_shapes
 
 
 class EpochSampler:
@@ -425,6 +426,10 @@ def check_model_fits(model: nn.Module, data: TensorData | StreamData, *, for_tra
     """Run two training images through `model`: a wrong input or output shape is the user's, and
     so is a label the model has no output for, or (`for_training`) outputs that are not logits.
     Returns the `output_kind` of its eval-mode outputs."""
+    if len(shapes := declared_shapes(model, type(model).__name__) or ()) > 1:
+        # Trained on one, its artifact would be traced with the others fixed at their defaults.
+        raise UserError(f"{type(model).__name__} declares {len(shapes)} inputs (example_input_shapes); training feeds "
+                        "a model one, each example's data: train a model whose forward takes that one alone")
     was_training = model.training
     example = data.example(2)
     device = next(iter(model.parameters()), example).device
