@@ -70,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
     if args.output is None:
         report.notes.append(NOTHING_WRITTEN)
     shared.emit(report, args)
-    return 1 if args.strict and report.sections["remaining"] else 0
+    if args.strict and (left := report.sections["remaining"]):
+        print(f"bngraph: --strict: {len(left)} BatchNorm left, not folded (see 'remaining')", file=sys.stderr)
+        return 1
+    return 0
 
 
 def fold_onnx_file(in_path: str | Path, out_path: str | Path | None, args: argparse.Namespace) -> int:
