@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bngraph",
         description="Batch Normalization as a compiler pass: insert, train, fold, export, verify.",
+        allow_abbrev=False,  # `--stri` taken for --strict, and broken by the next option named --stri...
     )
     parser.add_argument("--version", action="version", version=_versions())
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
     for name in COMMANDS:
         module = importlib.import_module(f"bngraph.commands.{name}")
         doc = (module.__doc__ or name).strip()  # `python -OO` strips docstrings: the help is then the name
@@ -71,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
                 action.__class__ = _StoreOnce
         p.set_defaults(run=module.run)
     return parser
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: an option it does not know is refused with the command's usage (argparse
+    hands such options up to `bngraph`'s own parser, whose usage lists no option of the command)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
 
 
 class _StoreOnce(argparse._StoreAction):

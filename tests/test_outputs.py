@@ -706,6 +706,19 @@ def test_an_option_given_twice_is_refused(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv, says", [
+    # The top-level usage came, listing no option of fold's, for an option fold does not know.
+    (["fold", "zoo:mnist-mlp", "--stirct"], "bngraph fold: error: unrecognized arguments: --stirct"),
+    # A prefix was taken for the option it begins: --stri for --strict, until another option begins so.
+    (["fold", "zoo:mnist-mlp", "--stri"], "bngraph fold: error: unrecognized arguments: --stri"),
+])
+def test_an_unknown_option_is_refused_with_its_commands_usage(capsys, argv, says):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("usage: bngraph fold ") and err.strip().endswith(says)
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
 def test_a_killed_worker_ends_the_run_in_one_line_and_leaves_nothing(tmp_path):
     data = tmp_path / "mnist"
