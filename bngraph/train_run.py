@@ -145,7 +145,8 @@ def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamDat
         "channels_last": run.channels_last,
         "processes": processes,
         "global_batch_size": config.batch_size * processes,
-        "sync_bn": len(sync_bn.changed) if sync_bn is not None else "off",
+        "sync_bn": sync_bn is not None,
+        "sync_batchnorms": len(sync_bn.changed) if sync_bn is not None else None,  # converted to SyncBatchNorm
         "steps": config.steps,
         "resumed_from": run.resumed_from,
         "lr": config.lr,
@@ -169,6 +170,8 @@ def train_report(model: str, recipe: Recipe | None, data: TensorData | StreamDat
     if recipe_entry is not None:
         sections["recipe_changes"] = recipe_changes(recipe_entry)
     notes = [f"every evaluation is in {output / 'metrics.jsonl'}", *run.notes]
+    if sync_bn is not None and not sync_bn.changed and not sync_bn.skipped:
+        notes.append("--sync-bn had nothing to do: the model has no BatchNorm")
     if recipe is not None and recipe.weight_decay_divisor != 1 and config.weight_decay == 0:
         notes.append(f"{recipe.name} divides L2 weight decay by {recipe.weight_decay_divisor:g}, but the run had none "
                      "(--weight-decay 0): nothing to reduce")

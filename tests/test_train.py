@@ -304,6 +304,20 @@ def test_cli_writes_an_artifact_metrics_and_a_checkpoint(tmp_path, capsys, mnist
     assert [h["command"] for h in history] == ["recipe", "train"]
 
 
+@pytest.mark.parametrize("model, flags, says", [
+    # Both were taken without a word, where an option that does not apply is never silently ignored.
+    ("zoo:mnist-mlp", ["--sync-bn"], "--sync-bn had nothing to do: the model has no BatchNorm"),
+    ("zoo:mnist-mlp", ["--loader-workers", 2], "--loader-workers 2 was not used: the data fits under --stream-above"),
+])
+def test_an_option_with_nothing_to_do_says_so(tmp_path, capsys, mnist_dir, model, flags, says):
+    code, stdout, err = _cli(capsys, "train", model, "--data", mnist_dir, "--steps", 2, "--quiet", "-o", tmp_path / "run",
+                             "--json", *flags)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert says in " ".join(report["notes"])
+    assert (report["sync_bn"], report["sync_batchnorms"]) == ((True, 0) if "--sync-bn" in flags else (False, None))
+
+
 UNTRACEABLE_PY = """
 import torch
 from torch import nn

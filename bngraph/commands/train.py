@@ -187,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
                 compile=args.compile, deterministic=args.deterministic,
             )
             if report is not None:  # rank 0
+                if args.loader_workers is not None and not report.facts["streamed"]:
+                    report.notes.append(f"--loader-workers {args.loader_workers} was not used: the data fits under "
+                                        "--stream-above and stayed on the device as tensors (--stream-above 0 streams it)")
                 shared.emit(report, args)
             return 0
 
