@@ -139,6 +139,9 @@ def verify(
         ref_out, cand_out = run(ref), run(cand)
         for runner in (ref, cand):  # {"a.b": h, "a": {"b": g}}: paired by position, they were swapped unseen
             if twice := sorted({n for n in runner.output_names or [] if (runner.output_names or []).count(n) > 1}):
+                if runner.kind == "onnx":  # valid ONNX: a tensor listed twice among the graph's outputs
+                    raise UserError(f"{getattr(runner, 'source', None) or runner.label} lists the graph output {twice[0]!r} twice: verify pairs outputs "
+                                    "by name and cannot tell the two apart; list it once")
                 raise UserError(f"{runner.label}'s outputs name {twice[0]!r} twice once their keys are joined with "
                                 "'.': verify cannot tell which is which; give them distinct keys")
         names, problem = _paired_names(ref, cand, len(ref_out[0]), len(cand_out[0]))

@@ -796,6 +796,20 @@ def test_outputs_are_paired_by_name_where_both_sides_name_the_same_ones(tmp_path
     assert run_cli("verify", ab, listed_ba)[0] == 0
 
 
+def test_an_onnx_graph_listing_one_output_twice_is_named_as_such(tmp_path):
+    # Valid ONNX, which onnxruntime runs; the refusal spoke of dict keys joined with '.'.
+    from onnx import TensorProto, helper
+
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])], [y, y])
+    path = tmp_path / "twice.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    code, out, err = run_cli("verify", path, path)
+    assert code == 2 and err == f"bngraph: error: {path} lists the graph output 'y' twice: verify pairs outputs by " \
+                                "name and cannot tell the two apart; list it once\n"
+
+
 IDS_AND_FEATURES = '''
 import torch
 from torch import nn
