@@ -30,6 +30,8 @@ SINGLE_FILE_LIMIT_BYTES = 2**31 - 2**27
 # The metadata entry in which a model whose weights sit in `<name>.data` records that file's
 # SHA-256: the model's seal covers it, so an edit to either makes the pair the user's.
 WEIGHTS_DIGEST_KEY = b"bngraph_weights_sha256"
+# The metadata entry that keeps the producer (exporter and version) of a file bngraph rewrote.
+EXPORTED_BY_KEY = "bngraph_exported_by"
 
 
 def initializer_bytes(model: ir.Model) -> int:
@@ -39,6 +41,9 @@ def initializer_bytes(model: ir.Model) -> int:
 def save_onnx(model: ir.Model, path: Path, external_data: str | None = None) -> None:
     """Save `model`, its weights in the file `external_data` beside it where given. Its producer
     is bngraph: the mark by which a later `-o ... --force` knows it may replace it."""
+    if model.producer_name and model.producer_name != ONNX_PRODUCER:  # the exporter the mark replaces, kept
+        exported_by = f"{model.producer_name} {model.producer_version or ''}".strip()
+        model.metadata_props.setdefault(EXPORTED_BY_KEY, exported_by)
     model.producer_name, model.producer_version = ONNX_PRODUCER, __version__
     # A model read from a file bngraph wrote carries that file's seal; `write_atomically` seals anew.
     for key in (SEAL_KEY, WEIGHTS_DIGEST_KEY):

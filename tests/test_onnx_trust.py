@@ -55,6 +55,18 @@ def test_ir3_initializers_listed_as_inputs_are_read_as_constants_and_fold():
     assert relative_error(original, folded, feeds()) < FLOAT32_REL
 
 
+def test_the_folded_file_keeps_its_exporters_name_in_its_metadata(tmp_path):
+    # bngraph's producer_name marks the files it wrote; the exporter's (tf2onnx 1.16.1) was lost.
+    original = conv_bn_file(opset=13, ir_version=7)
+    original.producer_version = "1.16.1"
+    original.metadata_props.add(key="author", value="someone")
+    onnx.save(original, tmp_path / "in.onnx")
+    assert fold_file(tmp_path / "in.onnx", tmp_path / "out.onnx")[0] == 0
+    folded = onnx.load(str(tmp_path / "out.onnx"))
+    meta = {p.key: p.value for p in folded.metadata_props}
+    assert folded.producer_name == "bngraph" and meta["bngraph_exported_by"] == "tests 1.16.1" and meta["author"] == "someone"
+
+
 def test_keep_initializer_inputs_leaves_the_bn_overridable_with_the_reason():
     original = conv_bn_file(opset=7, ir_version=3, spatial=1, initializers_as_inputs=True)
     folded, report = fold_onnx(original, keep_initializer_inputs=True)
