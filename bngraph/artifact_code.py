@@ -59,6 +59,8 @@ def _import_line(name: str, value) -> str | None:
         return f"{name} = float({str(value)!r})"
     if isinstance(value, str) and re.fullmatch(r"torch(\.\w+)+", value):  # a type annotation
         return f"{name} = {value}"
+    if isinstance(value, str):  # an annotation under `from __future__ import annotations`: "tuple[torch.Tensor, ...]"
+        return f"{name} = {value!r}"
     if value is type(None):
         return f"{name} = type(None)"
     if getattr(builtins, name, None) is value:

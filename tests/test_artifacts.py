@@ -122,6 +122,38 @@ print("ok", len(expected))
     assert done.stdout.strip() == f"ok {len(models.TRACEABLE)}"
 
 
+POSTPONED_ANNOTATIONS_PY = """
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Net(nn.Module):  # monai's style: every file postpones its annotations
+    example_input_shape = (2, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.a(x))
+        return self.b(h), h
+"""
+
+
+def test_a_forward_with_postponed_annotations_saves_as_code(tmp_path):
+    # fx keeps "tuple[torch.Tensor, torch.Tensor]" as a global of the graph's code: the save
+    # refused it ("has no import path"), and with it monai's VarAutoEncoder.
+    (tmp_path / "net.py").write_text(POSTPONED_ANNOTATIONS_PY)
+    from bngraph.cli import main
+
+    assert main(["insert", f"{tmp_path / 'net.py'}:Net", "-o", str(tmp_path / "bn")]) == 0
+    model = bngraph.load(tmp_path / "bn").eval()
+    out = model(torch.randn(3, 8))
+    assert isinstance(out, tuple) and [t.shape for t in out] == [(3, 3), (3, 8)]
+
+
 def test_untraceable_model_round_trips_through_its_source(tmp_path):
     from bngraph.cli import main
 
