@@ -968,9 +968,10 @@ def left_out_of_the_graph(model: nn.Module, gm: nn.Module, said: Sequence[str] =
     names_of: dict[int, list[str]] = {}
     for name, tensor in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
         names_of.setdefault(id(tensor), []).append(name)
-    owners = {names[0].rpartition(".")[0] or names[0] for names in names_of.values() if not any(n in kept for n in names)}
-    owners = sorted(o for o in owners if not any(o == p or o.startswith(f"{p}.") for p in said)
-                    and not any(o.startswith(f"{other}.") for other in owners))
+    every = [names[0] for names in names_of.values()]
+    left_out = {names[0] for names in names_of.values() if not any(n in kept for n in names)}
+    owners = sorted({_whole_owner(name, every, left_out) for name in left_out})
+    owners = [o for o in owners if not any(o == p or o.startswith(f"{p}.") for p in said)]
     methods = [name for name, value in vars(type(model)).items() if name != "forward" and not name.startswith("_")
                and name not in _SET_UP_ONLY and isinstance(value, (types.FunctionType, staticmethod, classmethod))]
     if not owners and not methods:
@@ -983,6 +984,17 @@ def left_out_of_the_graph(model: nn.Module, gm: nn.Module, said: Sequence[str] =
     left = [f"{listed(owners)} ({never}: their weights are left out)" if owners else None,
             f"{type(model).__name__}'s other methods ({listed(methods)})" if methods else None]
     return f"the result is the graph of the model's forward, without {' or '.join(x for x in left if x)}"
+
+
+def _whole_owner(name: str, every: Sequence[str], left_out: set[str]) -> str:
+    """The outermost module above the tensor `name` whose tensors are all `left_out`, or `name`
+    itself where its module keeps some (HuBERT's masked_spec_embed, beside its used layers)."""
+    parts = name.split(".")
+    for depth in range(1, len(parts)):
+        prefix = ".".join(parts[:depth]) + "."
+        if all(n in left_out for n in every if n.startswith(prefix)):
+            return prefix[:-1]
+    return name
 
 
 class TraceUnfaithful(TraceFailed):

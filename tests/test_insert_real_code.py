@@ -1992,9 +1992,12 @@ class WithAnAuxiliaryHead(nn.Module):
         self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
         self.aux_head = nn.Linear(4, 2)
         self.temperature = nn.Parameter(torch.ones(1))
+        # A module the forward uses holding one tensor it does not (HuBERT's masked_spec_embed).
+        self.encoder = nn.Module()
+        self.encoder.proj, self.encoder.mask_embed = nn.Linear(4, 4), nn.Parameter(torch.zeros(4))
 
     def features(self, x):
-        return torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.encoder.proj(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -2013,5 +2016,6 @@ def test_what_the_forward_never_uses_is_named_as_left_out(verb):
     result, report = getattr(bngraph, verb)(model, [torch.randn(2, 3, 8, 8)])
     assert not hasattr(result, "aux_head") and not hasattr(result, "temperature")
     [note] = [n for n in report.notes if n.startswith("the result is the graph of the model's forward")]
-    assert "without aux_head, temperature (never used by its forward" in note
+    # That one is named, not its module: "without encoder" beside the encoder's weights in the result.
+    assert "without aux_head, encoder.mask_embed, temperature (never used by its forward" in note
     assert "WithAnAuxiliaryHead's other methods (features, forward_aux, predict_proba)" in note
