@@ -736,7 +736,9 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
     is discarded and the old run stays as it was; done, but the old run may no longer be replaced
     (the user put a file into it meanwhile), it is kept as OUT.new and the error says so.
     """
-    path = _output_path(path)
+    # Absolute from here: a model whose forward calls os.chdir must not move the run's writes, or
+    # the clean-up of a run it stops, into another folder.
+    path = _output_path(path).absolute()
     if resume:
         if force:
             raise UserError("--resume continues the run in -o, --force replaces it: choose one")

@@ -112,6 +112,24 @@ class SigmoidScores(Classifier):
         return torch.sigmoid(super().forward(pixel_values).logits)
 
 
+class SigmoidView(Classifier):
+    def forward(self, pixel_values):
+        return torch.sigmoid(super().forward(pixel_values).logits).view(-1, 10)
+
+
+class HardSigmoid(Classifier):
+    def forward(self, pixel_values):
+        return nn.functional.hardsigmoid(super().forward(pixel_values).logits)
+
+
+class InPlaceGate(Classifier):
+    def forward(self, pixel_values):  # autograd needs the sigmoid's output, which *= overwrites
+        logits = super().forward(pixel_values).logits
+        gate = torch.sigmoid(logits)
+        gate *= 4 * logits
+        return gate
+
+
 class NearOneHalf(Classifier):
     def forward(self, pixel_values):  # logits that happen to lie in (0, 1): no sigmoid made them
         return 0.5 + 0.01 * super().forward(pixel_values).logits
@@ -148,6 +166,10 @@ def test_a_model_returning_its_own_output_dataclass_goes_through_the_chain(data,
     ("ProbabilitiesInTraining", "in training mode the model's outputs are probabilities"),
     ("Bfloat16Probabilities", "the model's outputs are probabilities"),
     ("SigmoidScores", "the model returns a sigmoid's outputs"),
+    ("SigmoidView", "the model returns a sigmoid's outputs"),
+    ("HardSigmoid", "the model returns a sigmoid's outputs"),
+    # A gate written in place is logits, not a sigmoid's outputs; its backward fails, in torch's C++.
+    ("InPlaceGate", "the model's backward failed on a training batch: RuntimeError: one of the variables needed"),
 ])
 def test_training_a_model_with_no_logits_to_read_is_one_line(data, tmp_path, capsys, model, says):
     (tmp_path / "hf_style.py").write_text(HF_STYLE_PY)
@@ -155,7 +177,7 @@ def test_training_a_model_with_no_logits_to_read_is_one_line(data, tmp_path, cap
                  "-o", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and not (tmp_path / "run").exists()
-    assert says in err and ("logits" in err)
+    assert says in err and ("logits" in err or model == "InPlaceGate")
 
 
 @pytest.mark.parametrize("model", [

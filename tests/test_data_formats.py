@@ -1217,7 +1217,7 @@ def test_precision_and_layout_resume_bit_identically(tmp_path, precision, channe
     with pytest.raises(RuntimeError, match="killed"):
         train(_conv_net(), data, config, out_dir=tmp_path / "killed", progress=False, on_eval=crash)
     resumed = train(_conv_net(), data, config, out_dir=tmp_path / "killed", resume=True, progress=False)
-    assert resumed.resumed_from == 4
+    assert resumed.resumed_from == 8  # the checkpoint of the evaluation the callback saw
     for key, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     # fp32 in the default layout said outright: on CUDA the defaults are bf16 and channels_last.

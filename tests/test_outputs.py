@@ -21,6 +21,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 
 import bngraph
 from bngraph import atomic
@@ -352,6 +353,66 @@ def test_a_forward_that_changes_the_working_folder_is_told_to_take_an_absolute_o
     assert sorted(p.name for p in tmp_path.rglob("*") if "__pycache__" not in p.parts) == ["elsewhere", "net.py"]
     assert _run(capsys, [name, str(tmp_path / "net.py") + ":Net", "-o", str(tmp_path / out)])[0] == 0
     assert (tmp_path / out).exists() and list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def _chdir_model(tmp_path, then: str = "") -> str:
+    """A model file whose training-mode forward moves the working folder to elsewhere/ (and `then`)."""
+    moves = "HERE = os.path.dirname(os.path.abspath(__file__))\nMOVE = lambda: os.chdir(os.path.join(HERE, 'elsewhere'))"
+    source = _MLP_FILE.format(first_line=moves).replace(
+        "        return self.b(", f"        if self.training:\n            MOVE(){then}\n        return self.b(")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "net.py").write_text(source)
+    return f"{tmp_path / 'net.py'}:Net"
+
+
+def test_a_run_whose_forward_changes_the_working_folder_writes_where_it_was_told(tmp_path, capsys, monkeypatch):
+    # The whole run trained into runX, then writing runX/model was refused as "nothing was written".
+    model = _chdir_model(tmp_path)
+    (tmp_path / "data.py").write_text("import torch\nfrom torch.utils.data import TensorDataset\n"
+                                      "def make():\n    x = torch.rand(24, 4)\n"
+                                      "    return TensorDataset(x[:16], torch.arange(16) % 3), TensorDataset(x[16:], torch.arange(8) % 3)\n")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, ["train", model, "--data", "data.py:make", "--steps", "2", "--batch-size", "4", "-o",
+                                 "runX", "--quiet"])
+    assert code == 0, err
+    assert (tmp_path / "runX" / "model" / "bngraph.json").is_file() and list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_an_api_run_stopped_in_a_moved_working_folder_cleans_up_its_own(tmp_path, monkeypatch):
+    # bngraph.train kept out_dir relative: its clean-up deleted elsewhere/runX's metrics.jsonl and the folder,
+    # and a run that went on wrote its checkpoint over elsewhere/runX/checkpoint.pt.
+    import bngraph
+    from bngraph.load import load_model
+    from bngraph.training import TensorData, TrainConfig
+
+    (tmp_path / "deep").mkdir()
+    model = load_model(_chdir_model(tmp_path, then="; raise ValueError('bad batch')")).module
+    (tmp_path / "elsewhere" / "runX").mkdir()
+    user_files = {"metrics.jsonl": b"mine", "checkpoint.pt": b"mine too"}
+    for name, data in user_files.items():
+        (tmp_path / "elsewhere" / "runX" / name).write_bytes(data)
+    data = TensorData(torch.rand(16, 4), torch.arange(16) % 3, torch.rand(8, 4), torch.arange(8) % 3)
+    monkeypatch.chdir(tmp_path / "deep")
+    with pytest.raises(bngraph.UserError, match="bad batch"):
+        bngraph.train(model, data, TrainConfig(steps=2, batch_size=4), out_dir="new/runX", progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "elsewhere" / "runX").iterdir()} == user_files
+    assert list((tmp_path / "deep").iterdir()) == []  # the run folder, and the parent made for it, removed
+
+
+def test_an_api_run_stopped_by_its_on_eval_callback_keeps_that_evaluations_checkpoint(tmp_path):
+    # The callback ran before the checkpoint: stopped at the first evaluation, the run folder was removed.
+    import bngraph
+    from bngraph.training import TensorData, TrainConfig, read_metrics
+
+    def stop(row):
+        raise RuntimeError("enough")
+
+    data = TensorData(torch.rand(16, 4), torch.arange(16) % 3, torch.rand(8, 4), torch.arange(8) % 3)
+    with pytest.raises(RuntimeError, match="enough"):
+        bngraph.train(torch.nn.Linear(4, 3), data, TrainConfig(steps=8, batch_size=4, eval_every=2),
+                      out_dir=tmp_path / "run", on_eval=stop, progress=False)
+    assert [row["step"] for row in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [2]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 2
 
 
 def test_a_folder_name_that_is_not_utf8_is_read_and_written(tmp_path, capsys, monkeypatch):

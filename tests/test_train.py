@@ -51,12 +51,13 @@ def test_a_run_killed_mid_way_and_resumed_ends_bit_identical(tmp_path):
     data = tensor_data()
     whole = train(small_net(), data, CONFIG, out_dir=tmp_path / "whole", progress=False)
 
-    def crash(row):  # dies after step 30 was evaluated, before its checkpoint: steps 21-30 are lost
+    def crash(row):  # dies at step 30, checkpointed every 20 steps: steps 21-30 are lost
         if row["step"] == 30:
             raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
-        train(small_net(), data, CONFIG, out_dir=tmp_path / "killed", progress=False, on_eval=crash)
+        train(small_net(), data, replace(CONFIG, checkpoint_every=20), out_dir=tmp_path / "killed", progress=False,
+              on_eval=crash)
     resumed = train(small_net(), data, CONFIG, out_dir=tmp_path / "killed", resume=True, progress=False)
     assert resumed.resumed_from == 20
     assert_bit_identical(whole.model, resumed.model)
@@ -90,7 +91,8 @@ def test_sigterm_stops_after_a_whole_step_and_resumes_exactly(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(small_net(), data, CONFIG, out_dir=tmp_path, progress=False, on_eval=terminate)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 10
+    # Sent after step 10's checkpoint (the callback sees a saved evaluation): step 11 finishes, then it stops.
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 11
     resumed = train(small_net(), data, CONFIG, out_dir=tmp_path, resume=True, progress=False)
     assert_bit_identical(whole.model, resumed.model)
 
@@ -146,7 +148,7 @@ def test_a_resume_with_another_thread_count_says_it_is_not_bit_exact(tmp_path):
 
 
 def _stopped_at_step_20(out_dir, data) -> None:
-    """A run of small_net stopped at step 20's evaluation, before its checkpoint: it resumes from 10."""
+    """A run of small_net stopped by its callback at step 20's evaluation, after that checkpoint."""
 
     def stop(row):
         if row["step"] == 20:
@@ -168,7 +170,7 @@ def test_resume_refuses_a_model_whose_code_changed_with_the_same_state_dict(tmp_
     untouched = small_net()  # other initial weights do not matter: the checkpoint's are loaded
     with torch.no_grad():
         untouched[0].weight.mul_(3)
-    assert train(untouched, data, CONFIG, out_dir=tmp_path, resume=True, progress=False).resumed_from == 10
+    assert train(untouched, data, CONFIG, out_dir=tmp_path, resume=True, progress=False).resumed_from == 20
 
 
 @pytest.mark.parametrize("edit", ["dropout rate", "batchnorm momentum"])
@@ -184,7 +186,7 @@ def test_resume_refuses_a_model_that_trains_otherwise_with_the_same_state_dict(t
         edited[1].momentum = 0.5
     with pytest.raises(UserError, match="--resume: the model trains otherwise with the checkpoint's weights"):
         train(edited, data, CONFIG, out_dir=tmp_path, resume=True, progress=False)
-    assert train(small_net(), data, CONFIG, out_dir=tmp_path, resume=True, progress=False).resumed_from == 10
+    assert train(small_net(), data, CONFIG, out_dir=tmp_path, resume=True, progress=False).resumed_from == 20
 
 
 class MovingAverage(nn.Module):

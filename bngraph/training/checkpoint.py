@@ -11,8 +11,8 @@ outputs tell that a resume would continue another model's run.
 
 from __future__ import annotations
 
-import contextlib
 import os
+from collections.abc import Sequence
 
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
@@ -55,15 +55,19 @@ def open_run_folder(out_dir: Path | None, resume: bool) -> None:
         start_run_folder(out_dir, resume=resume)  # new, empty or a run's: never a user's folder
 
 
-def remove_unstarted_run(out_dir: Path) -> None:
-    """Remove the run folder `open_run_folder` made for a run stopped before its first checkpoint:
-    the files a run writes before it, then the folder where nothing else is in it."""
+def remove_unstarted_run(out_dir: Path, made: Sequence[Path] = ()) -> None:
+    """Undo `open_run_folder` for a run stopped before its first checkpoint: the files a run
+    writes before it, then the folders in `made` (the run folder and the parents the call made),
+    innermost first, each only where nothing else is in it."""
     if (out_dir / CHECKPOINT).exists():
         return  # resumable: kept
     for name in (METRICS, MARKER):
         (out_dir / name).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # something else in it: not bngraph's to delete
-        out_dir.rmdir()
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # something else in it: not bngraph's to delete
+            return
 
 
 def _nothing_to_resume(out_dir: Path | None, checkpoint_path: Path | None) -> str:

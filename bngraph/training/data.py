@@ -392,29 +392,36 @@ _NOT_LOGITS = {
     "squashed": "the model returns a sigmoid's outputs, scores squashed into (0, 1); training's cross-entropy "
                 "takes logits: return the scores before the sigmoid",
 }
-_SIGMOIDS = frozenset({torch.sigmoid, torch.Tensor.sigmoid, torch.special.expit, nn.functional.sigmoid})
+_SIGMOIDS = frozenset({torch.sigmoid, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, torch.special.expit,
+                       nn.functional.sigmoid, nn.functional.hardsigmoid})
 
 
 class _SigmoidOutputs(torch.overrides.TorchFunctionMode):
-    """The tensors a sigmoid returned while the mode was on (told by the function, not by the
-    values: a fresh model's logits on inputs in [0, 1) may all lie in (0, 1) too)."""
+    """The tensors a sigmoid returned while the mode was on, each with its version then (told by
+    the function, not by the values: a fresh model's logits on inputs in [0, 1) may all lie in
+    (0, 1) too; an in-place op after it, `h *= gain`, makes them something else)."""
 
     def __init__(self):
         super().__init__()
-        self.outputs: list[torch.Tensor] = []
+        self.outputs: list[tuple[torch.Tensor, int]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in _SIGMOIDS:
-            self.outputs.append(out)
+        if func in _SIGMOIDS and isinstance(out, torch.Tensor):
+            self.outputs.append((out, out._version))
         return out
 
+    def returned(self, logits: torch.Tensor) -> bool:
+        """Whether `logits` is a sigmoid's output (or a view of one), unchanged since."""
+        base = logits if logits._base is None else logits._base
+        return any((base is out or logits is out) and out._version == version for out, version in self.outputs)
 
-def output_kind(logits: torch.Tensor, sigmoid_outputs=()) -> str | None:
-    """'probabilities' (rows of at least 0 summing to 1), 'squashed' (a tensor in `sigmoid_outputs`)
-    or None for logits. The sums are taken to 1e-2: probabilities computed in bfloat16 sum to 1
-    within 2e-3 only."""
-    if any(logits is out for out in sigmoid_outputs):
+
+def output_kind(logits: torch.Tensor, sigmoids: _SigmoidOutputs | None = None) -> str | None:
+    """'probabilities' (rows of at least 0 summing to 1), 'squashed' (a sigmoid's outputs, as
+    `sigmoids` saw them made) or None for logits. The sums are taken to 1e-2: probabilities
+    computed in bfloat16 sum to 1 within 2e-3 only."""
+    if sigmoids is not None and sigmoids.returned(logits):
         return "squashed"
     values = logits.detach().double()
     if values.shape[1] > 1 and bool((values >= 0).all()) and bool(((values.sum(1) - 1).abs() <= 1e-2).all()):
@@ -441,7 +448,7 @@ def check_model_fits(model: nn.Module, data: TensorData | StreamData, *, for_tra
         raise model_raised(err, failed=f"the model cannot take {data.name} images ({shape}) from {data.source}") from err
     finally:
         model.train(was_training)
-    kind = output_kind(logits_of(output), sigmoids.outputs)
+    kind = output_kind(logits_of(output), sigmoids)
     logits = logits_of(output).double()
     if for_training and kind is not None:
         raise UserError(_NOT_LOGITS[kind])

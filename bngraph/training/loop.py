@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from bngraph.errors import CheckFailed, ModelRaised, UserError, model_raised, user_frame
+from bngraph.errors import CheckFailed, ModelRaised, UserError, model_raised, one_line, user_frame
 from bngraph.library_call import library_call
 from bngraph.training.checkpoint import (
     CHECKPOINT, open_run_folder, remove_unstarted_run, resume_from_checkpoint, save_checkpoint,
@@ -112,7 +112,8 @@ def train(
     `config.precision` and `config.channels_last` default to bf16 autocast and channels_last on
     CUDA, fp32 and the default layout elsewhere; fp16 uses a GradScaler. With `out_dir`,
     checkpoints and metrics go there, and `resume=True` continues from its checkpoint.
-    `on_eval(row)` sees each metrics row as it is written (and may raise to stop). Under torchrun
+    `on_eval(row)` sees each metrics row once it and its checkpoint are written (and may raise to
+    stop: the run resumes from there). Under torchrun
     (`distributed` from `bngraph.training.distributed.join`), every rank calls this with the same
     arguments; rank 0 alone reads and writes `out_dir` (see bngraph.training.distributed). With
     `finish`, resuming a run whose steps are all done but whose model/ is not yet written (or
@@ -128,23 +129,26 @@ def train(
                         "and such tensors take no gradient: build the model outside that block")
     dev = pick_device(device)
     ctx = distributed
-    out_dir = None if out_dir is None else Path(out_dir)
+    # Absolute: a forward that calls os.chdir must not move where the run writes (or what a
+    # failed run's clean-up removes) into another folder.
+    out_dir = None if out_dir is None else Path(out_dir).absolute()
     if isinstance(data, TensorData) and data.format == "tensors":  # the caller's own; readers check theirs
         for name in ("x_train", "x_test"):
             check_finite(getattr(data, name), f"the data's {name}")
     if not isinstance(data, (str, Path, tuple, TensorData, StreamData)):
         raise UserError(f"data is a {type(data).__name__}; expected a path (a folder, an .npz, FILE.py:make), a tuple "
                         "(train, test) of Datasets, or TensorData / StreamData")
-    # A run folder this call makes is removed again where it stops before its first checkpoint
-    # (bad data, a model that fails its first step): nothing to resume, and the -o free again.
-    made = ctx.is_main and out_dir is not None and not resume and not os.path.lexists(out_dir)
+    # What this call makes, the run folder and the parents it lacks, is removed again where the run
+    # stops before its first checkpoint (bad data, a model that fails its first step).
+    made = [] if out_dir is None or resume or not ctx.is_main else \
+        [p for p in (out_dir, *out_dir.parents) if not os.path.lexists(p)]
     if ctx.is_main:  # rank 0 alone reads and writes the run folder
         open_run_folder(out_dir, resume)
     try:
         return _train_in_folder(model, data, config, out_dir, resume, dev, ctx, progress, label, on_eval, finish)
     except BaseException:
-        if made:
-            remove_unstarted_run(out_dir)
+        if made:  # not a folder given to it (the CLI's run_folder, a user's): that is its maker's to clean
+            remove_unstarted_run(out_dir, made)
         raise
 
 
@@ -219,8 +223,6 @@ def _train_in_folder(model: nn.Module, data, config: TrainConfig, out_dir: Path 
                     window_start, window_steps = time.perf_counter(), 0
                     if out_dir is not None and ctx.is_main:
                         write_metrics(out_dir / METRICS, metrics)
-                    if on_eval is not None:
-                        on_eval(row)
                 stopping = stop_requested()
                 if out_dir is not None and (done % checkpoint_every == 0 or done == config.steps or stopping):
                     if not is_eval:  # checked above at an evaluation
@@ -230,6 +232,8 @@ def _train_in_folder(model: nn.Module, data, config: TrainConfig, out_dir: Path 
                                     interval=interval, metrics=metrics, ctx=ctx, on_gpu=dev.type == "cuda",
                                     data=fingerprint, example=example)
                     saved_at = done
+                if is_eval and on_eval is not None:  # after its checkpoint: a callback that raises to stop keeps it
+                    on_eval(row)
                 if stopping:
                     where = f"; resume with --resume (checkpoint in {out_dir})" if out_dir is not None else ""
                     stop = KeyboardInterrupt(f"stopped after step {done}{where}")  # the CLI's one line
@@ -301,12 +305,11 @@ def _train_step(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], lr: fl
             refuse_what_is_not_logits(logits)
         loss = F.cross_entropy(logits.float(), y)
         setup.optimizer.zero_grad(set_to_none=True)
+        _backward(setup.scaler.scale(loss) if setup.scaler is not None else loss)
         if setup.scaler is not None:
-            setup.scaler.scale(loss).backward()
             setup.scaler.step(setup.optimizer)
             setup.scaler.update()
         else:
-            loss.backward()
             setup.optimizer.step()
     except Exception as err:
         failed = _model_failed(net, x, setup, err)
@@ -316,6 +319,19 @@ def _train_step(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], lr: fl
     interval["loss"] += loss.detach().double()
     interval["correct"] += (logits.detach().argmax(1) == y).sum()
     interval["steps"] += 1
+
+
+def _backward(loss: torch.Tensor) -> None:
+    """loss.backward(), where autograd's own failure is the model's: a forward that wrote in place
+    into a tensor its backward needs (`h = sigmoid(a); h *= b`) fails here, in no frame of its code."""
+    try:
+        loss.backward()
+    except RuntimeError as err:
+        # Under torchrun the backward also all-reduces: a peer's failure surfaces here, and the
+        # job's own handling names it (bngraph.training.distributed).
+        if user_frame(err) is not None or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise
+        raise ModelRaised(f"the model's backward failed on a training batch: {one_line(err)}") from err
 
 
 def _model_failed(net: nn.Module, x: torch.Tensor, setup: _Setup, err: Exception) -> UserError | None:
