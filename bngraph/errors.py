@@ -51,6 +51,15 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}".rstrip(": ")
 
 
+def add_note(err: BaseException, note: str) -> None:
+    """`err.add_note(note)`, which Python 3.10 lacks: there the note is kept in `__notes__`
+    (which its tracebacks do not print) rather than the AttributeError hiding `err`."""
+    if hasattr(err, "add_note"):
+        err.add_note(note)
+    else:
+        err.__notes__ = [*getattr(err, "__notes__", []), note]
+
+
 def _library_dirs() -> tuple[str, ...]:
     """Folders whose frames are not the user's: torch, bngraph itself (its zoo aside), the stdlib."""
     dirs = [sysconfig.get_paths()["stdlib"]]

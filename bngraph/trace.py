@@ -26,7 +26,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
-from bngraph.errors import CheckFailed, UserError, model_raised, one_line, user_frame, users_file
+from bngraph.errors import CheckFailed, UserError, add_note, model_raised, one_line, user_frame, users_file
 from bngraph.passes._fx_effects import hook_on_the_model, hooks_of
 from bngraph.runners import batch_axes_of, buffers_kept, fresh_inputs, seeded
 
@@ -1097,7 +1097,7 @@ class _RecordShapes(fx.Interpreter):
         try:
             result = super().run_node(node)
         except Exception as err:
-            err.add_note(f"bngraph: at node {node.name}")
+            add_note(err, f"bngraph: at node {node.name}")
             self.failed_at = node.name
             raise
         if any(isinstance(leaf, torch.Tensor) for leaf in torch.utils._pytree.tree_leaves(result)):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from bngraph.errors import ModelRaised, UserError
+from bngraph.errors import ModelRaised, UserError, add_note
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def run_passes(graph: Any, passes: Sequence[Pass]) -> tuple[Any, dict[str, PassR
         except UserError as err:
             raise UserError(f"{name}: {err}") from err
         except Exception as err:  # a bug: keep the traceback, but say which pass it was in
-            err.add_note(f"bngraph: raised in pass {name!r} (after {list(results) or 'none'})")
+            add_note(err, f"bngraph: raised in pass {name!r} (after {list(results) or 'none'})")
             raise
         _check_contract(name, in_place, graph, result.graph, before)
         results[name] = result

@@ -697,3 +697,39 @@ def test_a_model_file_is_read_as_utf8_under_any_locale(tmp_path):
         done = subprocess.run([sys.executable, "-m", "bngraph", "insert", f"m.py:{name}", "-o",
                                str(out)], cwd=tmp_path, env=env, capture_output=True, timeout=120)
         assert done.returncode == 0, done.stderr.decode(errors="replace")
+
+
+class _WithoutNotes(RuntimeError):
+    """An exception as Python 3.10 makes them (the wheel says >=3.10): no add_note."""
+
+    def __getattribute__(self, name):
+        if name == "add_note":
+            raise AttributeError(f"'RuntimeError' object has no attribute {name!r}")
+        return super().__getattribute__(name)
+
+
+@torch.fx.wrap
+def _layer_that_fails(x):
+    raise _WithoutNotes("shape mismatch in my layer")
+
+
+class _FailsInALayer(nn.Module):
+    def forward(self, x):
+        return _layer_that_fails(x)
+
+
+def test_a_failure_is_named_on_a_python_without_exception_notes():
+    # On 3.10, bngraph's own err.add_note raised AttributeError in place of the model's error.
+    from bngraph.trace import record_shapes
+
+    gm = torch.fx.symbolic_trace(_FailsInALayer())
+    with pytest.raises(Exception, match="at node _layer_that_fails: _WithoutNotes: shape mismatch in my layer"):
+        record_shapes(gm, [torch.randn(2, 4)])
+
+    @graph_pass(in_place=True)
+    def broken(model):
+        raise _WithoutNotes("a bug in a pass")
+
+    with pytest.raises(_WithoutNotes, match="a bug in a pass") as raised:
+        run_passes(nn.Linear(2, 2), [broken])
+    assert raised.value.__notes__ == ["bngraph: raised in pass 'broken' (after none)"]
