@@ -297,6 +297,16 @@ def _check_place(path: Path, inputs: Iterable[str | Path | None]) -> None:
             raise UserError(f"-o {path} would replace or sit inside the input {given}: choose another output")
 
 
+def refuse_inside_bngraph_folder(path: str | Path) -> None:
+    """Refuse a user's -o inside a run, an artifact or a reproduce folder: its --resume and --force
+    then refused that folder as holding what was not the command's own. bngraph's folders hold
+    what their command writes, and nothing else."""
+    where = Path(path).resolve()  # out/../out is out, beside its parents, not inside it
+    if (folder := next((p for p in where.parents if output_kind(p) is not None), None)) is not None:
+        raise UserError(f"-o {path} would sit inside {folder}, bngraph's {output_kind(folder)} folder, whose --resume "
+                        "and --force would then refuse it: write it beside that folder")
+
+
 def _check_parent(path: Path) -> None:
     parent = next(p for p in path.absolute().parents if os.path.lexists(p))
     if not parent.is_dir():

@@ -415,6 +415,20 @@ def test_an_api_run_stopped_by_its_on_eval_callback_keeps_that_evaluations_check
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 2
 
 
+def test_an_output_inside_a_folder_bngraph_wrote_is_refused(tmp_path, capsys):
+    # export -o run/x.onnx was written; the run's --resume and --force then refused the run as holding
+    # "what bngraph did not write (x.onnx)".
+    assert _run(capsys, ["insert", "zoo:mnist-mlp", "-o", tmp_path / "art"])[0] == 0
+    assert _run(capsys, ["export", "zoo:mnist-mlp", "-o", tmp_path / "m.onnx"])[0] == 0
+    for argv in (["export", "zoo:mnist-mlp", "-o", tmp_path / "art" / "m.onnx"],
+                 ["graph", "zoo:mnist-mlp", "-o", tmp_path / "art" / "g.svg"],
+                 ["fold", tmp_path / "m.onnx", "-o", tmp_path / "art" / "sub" / "f.onnx"],
+                 ["train", "zoo:mnist-mlp", "--data", tmp_path, "-o", tmp_path / "art" / "run"]):
+        code, _, err = _run(capsys, argv)
+        assert code == 2 and f"would sit inside {tmp_path / 'art'}, bngraph's artifact folder" in _one_error_line(err)
+    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["bngraph.json", "model.py", "weights.pt"]
+
+
 def test_a_folder_name_that_is_not_utf8_is_read_and_written(tmp_path, capsys, monkeypatch):
     # A folder unzipped from an old archive (Latin-1 0xE9): importing its model was a traceback
     # (UnicodeEncodeError), and onnxruntime could not open a file there ("incompatible

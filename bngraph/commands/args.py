@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bngraph.atomic import check_output
+from bngraph.atomic import check_output, refuse_inside_bngraph_folder
 from bngraph.errors import UserError
 from bngraph.spec import ModelSpec, parse_model_spec
 
@@ -178,6 +178,7 @@ def _model_path(spec: ModelSpec) -> Path | None:
 
 def check_output_first(args: argparse.Namespace, kind: str) -> None:
     """Refuse -o before the work, not after it (`bngraph.atomic.check_output`)."""
+    refuse_inside_bngraph_folder(args.output)
     check_output(args.output, kind, force=args.force, inputs=input_paths(args))
 
 

@@ -26,7 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bngraph.atomic import ARTIFACT
+from bngraph.atomic import ARTIFACT, refuse_inside_bngraph_folder
 from bngraph.commands import args as shared
 from bngraph.errors import UserError
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
@@ -53,6 +53,8 @@ NOTHING_WRITTEN = "no -o: folded and checked, nothing written"
 def run(args: argparse.Namespace) -> int:
     spec = parse_model_spec(args.model)
     if spec.kind == "onnx":
+        if args.output is not None:
+            refuse_inside_bngraph_folder(args.output)
         return fold_onnx_file(spec.path, args.output, args)
     # Silently ignored, --atol 0.1 read as "checked at 0.1": a PyTorch fold has none of these.
     onnx_only = [flag for flag, value in (("--atol", args.atol), ("--rtol", args.rtol),

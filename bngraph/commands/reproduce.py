@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from bngraph.atomic import REPRODUCE, check_output
+from bngraph.atomic import REPRODUCE, check_output, refuse_inside_bngraph_folder
 from bngraph.commands.args import add_data_arguments, add_force_argument, add_report_arguments, data_from_args, emit
 from bngraph.errors import UserError
 
@@ -89,6 +89,7 @@ def _init_std(text: str) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_inside_bngraph_folder(args.output)
     check_output(args.output, REPRODUCE, force=args.force, inputs=[args.data])  # before the work
     _, report = _mnist(args) if args.experiment == "mnist" else _inception(args)
     emit(report, args)

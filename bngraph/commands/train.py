@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here, not above: `bngraph --help` starts without torch.
-    from bngraph.atomic import run_folder
+    from bngraph.atomic import refuse_inside_bngraph_folder, run_folder
     from bngraph.reproduce.recipes import get_recipe
     from bngraph.train_run import train_run
     from bngraph.training.config import pick_device
@@ -164,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.weights:  # it was read, then the checkpoint's weights replaced it
         raise UserError("--weights gives a run its starting weights; a resumed run goes on from its checkpoint's: "
                         "leave --weights out, or start a new run")
+    refuse_inside_bngraph_folder(args.output)
     device = pick_device(args.device)
     if args.nproc is not None:
         _launch(args, device)
