@@ -320,6 +320,21 @@ def test_an_option_with_nothing_to_do_says_so(tmp_path, capsys, mnist_dir, model
     assert (report["sync_bn"], report["sync_batchnorms"]) == ((True, 0) if "--sync-bn" in flags else (False, None))
 
 
+def test_compile_without_a_cxx_compiler_is_one_line(tmp_path, mnist_dir):
+    # A slim image has no g++: torch.compile's 100-line InductorError traceback, exit 1.
+    import subprocess
+    import sys
+
+    (tmp_path / "bin").mkdir()
+    env = {"HOME": str(tmp_path), "PATH": str(tmp_path / "bin"), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "bngraph", "train", "zoo:mnist-mlp", "--data", str(mnist_dir),
+                           "--steps", "2", "--compile", "--quiet", "-o", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "--compile: torch.compile could not build the training step" in done.stderr
+    assert "train without --compile" in done.stderr and not (tmp_path / "run").exists()
+
+
 UNTRACEABLE_PY = """
 import torch
 from torch import nn

@@ -312,6 +312,11 @@ def _train_step(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], lr: fl
         else:
             setup.optimizer.step()
     except Exception as err:
+        if type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            # torch.compile's own failure (no C++ compiler in a slim image, an op it cannot
+            # compile): a 100-line traceback, for an option the user can leave out.
+            raise UserError(f"--compile: torch.compile could not build the training step ({one_line(err)}); "
+                            "train without --compile (in Python: TrainConfig(compile=False))") from err
         failed = _model_failed(net, x, setup, err)
         if failed is None:
             raise
