@@ -186,6 +186,8 @@ def check_model(model, verb: str, example_inputs: Sequence | None = None, *, all
     if on_meta is not None:
         raise UserError(f"the model's {on_meta} is on the meta device (no values): load its weights first "
                         "(model.to_empty(device='cpu'), then load_state_dict)")
+    if isinstance(example_inputs, torch.Tensor):  # `bool(x)` raised inside: "Boolean value of Tensor ... ambiguous"
+        raise UserError(f"{verb}'s example inputs are one tensor: give a list of the forward's inputs, [x]")
     for i, x in enumerate(example_inputs or ()):
         if x is None or isinstance(x, (bool, int, float)):  # an optional argument left out, a scale
             if x is None and allow_none:

@@ -78,6 +78,10 @@ def verify(
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if tol is not None and not tol >= 0:
             raise UserError(f"--{name} must be a number >= 0, not {tol}")
+    if isinstance(inputs, (torch.Tensor, np.ndarray)) or any(isinstance(b, (torch.Tensor, np.ndarray)) for b in inputs):
+        # A batch that is one tensor was taken as a list of inputs: its rows, a model call each.
+        raise UserError("verify's inputs are a list of batches, each a list of the forward's inputs: [[x]] for one "
+                        "batch of a one-input model, not [x] or x")
     if not inputs:
         raise UserError("nothing to compare: no input batches")
     refs, cands = runners_for(reference, evaluator=evaluator), runners_for(candidate, evaluator=evaluator)

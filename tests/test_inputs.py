@@ -250,6 +250,19 @@ def test_a_model_of_two_inputs_is_not_trained_on_one(mixer, tmp_path):
     assert code == 2 and err.count("\n") == 1 and not (tmp_path / "run").exists()
     assert "TokenMixer declares 2 inputs (example_input_shapes); training feeds a model one" in err
 
+def test_the_api_names_a_tensor_given_where_a_list_of_inputs_belongs():
+    # torch's "Boolean value of Tensor with more than one value is ambiguous"; verify(m, m, [x])
+    # took each row for a batch, and blamed an input without a batch axis.
+    model, x = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval(), torch.randn(3, 4)
+    for verb in ("insert", "fold"):
+        with pytest.raises(bngraph.UserError, match=f"{verb}'s example inputs are one tensor: give a list"):
+            getattr(bngraph, verb)(model, x)
+    for batches in (x, [x]):
+        with pytest.raises(bngraph.UserError, match=r"verify's inputs are a list of batches, .*: \[\[x\]\]"):
+            bngraph.verify(model, model, batches)
+    assert bngraph.verify(model, model, [[x]])
+
+
 def test_the_api_refuses_what_is_not_a_model_or_a_form_in_one_line():
     # An AttributeError from deep inside, and a ValueError for export's name of a form.
     with pytest.raises(bngraph.UserError, match="insert takes an nn.Module, not function"):
