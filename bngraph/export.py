@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import os
 import re
@@ -492,6 +493,19 @@ def _fx_fold(module: nn.Module, example_inputs, report: Report) -> nn.Module:
 
 
 @library_call
+def _record_what_its_data_means(module: nn.Module, model, report: Report) -> None:
+    """Put a trained model's input scale and class names into the file's metadata, and say so: a
+    user handed the .onnx alone fed it 0-255 pixels where it trained on pixels / 255."""
+    scale, classes = getattr(module, "bngraph_input_scale", None), getattr(module, "bngraph_classes", None)
+    if scale:
+        model.metadata_props["bngraph_input_scale"] = str(scale)
+        report.notes.append(f"the model was trained on {scale}: feed it its inputs so (recorded in the file's metadata "
+                            "as bngraph_input_scale)")
+    if classes:
+        model.metadata_props["bngraph_classes"] = json.dumps(list(classes))
+        report.notes.append(f"output i is class i of the {len(classes)} in the file's metadata (bngraph_classes)")
+
+
 def export(
     module: nn.Module,
     example_inputs: Sequence[torch.Tensor],
@@ -569,6 +583,7 @@ def export(
     if unbatched := unbatched_sizes([tuple(x.shape) for x in example_inputs], batch_axes_of(example_inputs, batch_axes)):
         sizes = (unbatched[0],) * len(batches)  # as they ran: [1, 1, 1, 7, 2] said the batch was varied
         report.notes.append(unbatched_note(unbatched))
+    _record_what_its_data_means(module, model, report)
     result, written = write_verified(model, path, module, batches, atol, rtol, batch_sizes=sizes, force=force)
     if not written:
         report.facts["output"] = "(not written: verification failed)"

@@ -373,11 +373,18 @@ def load(spec: str | Path, *, weights=None) -> nn.Module:
     `example_input_dtypes` (integer pixels for a model that takes them, not floats / 255).
     """
     loaded = load_model(str(spec), weights=weights)
+    module = module_with_its_meaning(loaded)
+    if loaded.input_dtypes is not None and getattr(module, "example_input_dtypes", None) is None:
+        module.example_input_dtypes = tuple(loaded.input_dtypes)
+    return module
+
+
+def module_with_its_meaning(loaded: LoadedModel) -> nn.Module:
+    """`loaded.module` carrying what its training recorded: its classes as `bngraph_classes`, its
+    input scale as `bngraph_input_scale` (which export writes into the ONNX file's metadata)."""
     module = loaded.module
     if loaded.classes is not None:
         module.bngraph_classes = loaded.classes
     if loaded.input_scale is not None:
         module.bngraph_input_scale = loaded.input_scale
-    if loaded.input_dtypes is not None and getattr(module, "example_input_dtypes", None) is None:
-        module.example_input_dtypes = tuple(loaded.input_dtypes)
     return module

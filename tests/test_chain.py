@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import onnx
 import pytest
 import torch
 
@@ -152,7 +153,12 @@ def test_a_model_returning_its_own_output_dataclass_goes_through_the_chain(data,
     assert folded["batchnorms_after"] == 0
     output = bngraph.load(tmp_path / "folded").eval()(torch.randn(3, 1, 28, 28))
     assert type(output).__name__ == "ImageClassifierOutput" and output.logits.shape == (3, 10)
-    assert _json(capsys, "export", tmp_path / "run", "-o", tmp_path / "m.onnx")["passed"] is True
+    exported = _json(capsys, "export", tmp_path / "run", "-o", tmp_path / "m.onnx")
+    assert exported["passed"] is True
+    # Handed the .onnx alone, a user fed it 0-255 pixels: the scale it trained on is in the file now.
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert meta["bngraph_input_scale"] == "uint8 pixels / 255 (values in [0, 1])"
+    assert any("bngraph_input_scale" in note for note in exported["notes"])
     verified = _json(capsys, "verify", tmp_path / "run", tmp_path / "m.onnx", "--data", data)
     assert verified["passed"] is True and len({o["output"] for o in verified["verification"]}) == 2
 

@@ -1713,3 +1713,15 @@ def test_a_model_with_class_names_is_not_fine_tuned_on_labels_without_names(tmp_
     _train(capsys, tmp_path, f"{nets}:Net", write_image_folder(tmp_path / "pics"), "--image-size", "28,28")
     err = _bad(capsys, tmp_path, tmp_path / "run" / "model", write_npz(tmp_path / "d.npz", "NHWC"))
     assert "gives labels without class names, and the model's outputs are the classes cat, dog, emu" in err
+
+
+def test_an_exported_model_carries_its_classes_and_input_scale_in_the_onnx_file(tmp_path, capsys, nets):
+    # train's note said "give it its inputs so, in PyTorch and in ONNX", but the .onnx held neither.
+    import onnx
+
+    _train(capsys, tmp_path, f"{nets}:Net", write_image_folder(tmp_path / "pics"), "--image-size", "28,28")
+    code, _, err = _cli(capsys, "export", tmp_path / "run", "-o", tmp_path / "m.onnx")
+    assert code == 0, err
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(meta["bngraph_classes"]) == ["cat", "dog", "emu"]
+    assert meta["bngraph_input_scale"] == "uint8 pixels / 255 (values in [0, 1])"

@@ -34,10 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     shared.check_output_first(args, ONNX)
     from bngraph.export import export  # torch and onnx: only once the command runs
+    from bngraph.load import module_with_its_meaning
 
     loaded = shared.load_from_args(args)
     result = export(
-        loaded.module,
+        module_with_its_meaning(loaded),  # its input scale and classes go into the file's metadata
         loaded.example_inputs(),
         args.output,
         fold=not args.no_fold,
