@@ -335,6 +335,35 @@ def test_compile_without_a_cxx_compiler_is_one_line(tmp_path, mnist_dir):
     assert "train without --compile" in done.stderr and not (tmp_path / "run").exists()
 
 
+TRAIN_MODE_BUG_PY = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    example_input_shape = (2, 1, 28, 28)
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(784, 10), nn.Linear(11, 10)
+
+    def forward(self, x):
+        h = self.a(x.flatten(1))
+        if self.training:
+            h = self.b(h)  # LINE: the shape error
+        return h
+"""
+
+
+def test_a_models_own_error_under_compile_is_the_models_not_compiles(tmp_path, capsys, mnist_dir):
+    # dynamo reports a forward's shape error as its TorchRuntimeError: it was blamed on --compile.
+    (tmp_path / "net.py").write_text(TRAIN_MODE_BUG_PY)
+    code, _, err = _cli(capsys, "train", f"{tmp_path / 'net.py'}:Net", "--data", mnist_dir, "--steps", 2, "--compile",
+                        "--quiet", "-o", tmp_path / "run")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{tmp_path / 'net.py'}:16 (h = self.b(h)  # LINE: the shape error)" in err and "compile" not in err
+
+
 UNTRACEABLE_PY = """
 import torch
 from torch import nn

@@ -22,6 +22,7 @@ seed, then the loop, whose step and evaluation are functions of their own. The m
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -194,7 +195,8 @@ def _train_in_folder(model: nn.Module, data, config: TrainConfig, out_dir: Path 
     # Gradients on whatever the caller's mode (a `bngraph.train` inside their torch.no_grad()).
     try:
         with _stop_requests(not ctx.is_distributed) as stop_requested, torch.enable_grad(), \
-                _progress_bar(progress and ctx.is_main, label) as bar, _deterministic(config.deterministic):
+                _progress_bar(progress and ctx.is_main, label) as bar, _deterministic(config.deterministic), \
+                _compile_logs_quiet(config.compile):
             task = bar.add_task("train", total=config.steps, completed=start, loss="-", acc="-", test="-", rate="-")
             for step in range(start, config.steps):
                 lr = config.lr_at(step)
@@ -313,10 +315,7 @@ def _train_step(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], lr: fl
             setup.optimizer.step()
     except Exception as err:
         if type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
-            # torch.compile's own failure (no C++ compiler in a slim image, an op it cannot
-            # compile): a 100-line traceback, for an option the user can leave out.
-            raise UserError(f"--compile: torch.compile could not build the training step ({one_line(err)}); "
-                            "train without --compile (in Python: TrainConfig(compile=False))") from err
+            raise _compile_failed(net, x, setup, err) from err
         failed = _model_failed(net, x, setup, err)
         if failed is None:
             raise
@@ -324,6 +323,37 @@ def _train_step(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], lr: fl
     interval["loss"] += loss.detach().double()
     interval["correct"] += (logits.detach().argmax(1) == y).sum()
     interval["steps"] += 1
+
+
+def _compile_failed(net: nn.Module, x: torch.Tensor, setup: _Setup, err: Exception) -> UserError:
+    """The one line for a step torch.compile failed: the model's own error where a copy of it,
+    not compiled, fails on the same batch (dynamo reports a forward's shape error as its own
+    TorchRuntimeError), else torch.compile's (no C++ compiler in a slim image, an op it cannot
+    build), for an option the user can leave out; either way not inductor's 100-line traceback."""
+    model = getattr(net, "_orig_mod", net)
+    model = getattr(model, "module", model)  # DDP's
+    try:
+        with torch.no_grad(), setup.amp():
+            logits_of(deepcopy(model)(x), mode="training")
+    except Exception as own:
+        if isinstance(own, UserError) or user_frame(own) is not None:
+            return own if isinstance(own, UserError) else model_raised(own, failed=_IN_TRAINING)
+    return UserError(f"--compile: torch.compile could not build the training step ({one_line(err)}); "
+                     "train without --compile (in Python: TrainConfig(compile=False))")
+
+
+@contextlib.contextmanager
+def _compile_logs_quiet(enabled: bool) -> Iterator[None]:
+    """torch.compile's fake-tensor pass logs a model's error on stderr before raising it: the
+    error's one line says it (`_compile_failed`)."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    if enabled:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _backward(loss: torch.Tensor) -> None:
