@@ -448,8 +448,8 @@ def check_model_fits(model: nn.Module, data: TensorData | StreamData, *, for_tra
         raise model_raised(err, failed=f"the model cannot take {data.name} images ({shape}) from {data.source}") from err
     finally:
         model.train(was_training)
-    kind = output_kind(logits_of(output), sigmoids)
-    logits = logits_of(output).double()
+    logits = logits_of(output)
+    kind = output_kind(logits, sigmoids)
     if for_training and kind is not None:
         raise UserError(_NOT_LOGITS[kind])
     outputs = logits.shape[1]
