@@ -43,6 +43,7 @@ from pathlib import Path
 from bngraph.errors import UserError
 
 MARKER = "bngraph.json"  # the artifact's description; run and reproduce folders carry one too
+_MARKER_MAX_BYTES = 1 << 20  # a marker holds a history of commands: kilobytes
 DESCRIPTION_DIGEST = "description_sha256"  # in bngraph.json, of the rest of its text
 ARTIFACT, RUN, REPRODUCE, ONNX, PICTURE = "artifact", "run", "reproduce", "onnx", "picture"
 FOLDER_FORMATS = {ARTIFACT: "bngraph-artifact", RUN: "bngraph-run", REPRODUCE: "bngraph-reproduce"}
@@ -81,8 +82,12 @@ def output_kind(path: str | Path) -> str | None:
     if path.is_symlink():
         return None
     if path.is_dir():
+        marker = path / MARKER
         try:
-            meta = json.loads((path / MARKER).read_text(encoding="utf-8"))
+            # A regular file of a marker's size only: a FIFO named so blocked the read for ever.
+            if not marker.is_file() or marker.is_symlink() or marker.stat().st_size > _MARKER_MAX_BYTES:
+                return None
+            meta = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):  # no bngraph.json (a run from before 0.2 had none): not ours to replace
             return None
         fmt = meta.get("format") if isinstance(meta, dict) else None
@@ -302,9 +307,18 @@ def refuse_inside_bngraph_folder(path: str | Path) -> None:
     then refused that folder as holding what was not the command's own. bngraph's folders hold
     what their command writes, and nothing else."""
     where = Path(path).resolve()  # out/../out is out, beside its parents, not inside it
-    if (folder := next((p for p in where.parents if output_kind(p) is not None), None)) is not None:
+    # The user's own folders only: another user's /tmp/bngraph.json must not refuse every -o under /tmp.
+    mine = [p for p in where.parents if _owned(p)]
+    if (folder := next((p for p in mine if output_kind(p) is not None), None)) is not None:
         raise UserError(f"-o {path} would sit inside {folder}, bngraph's {output_kind(folder)} folder, whose --resume "
                         "and --force would then refuse it: write it beside that folder")
+
+
+def _owned(folder: Path) -> bool:
+    try:
+        return folder.stat().st_uid == os.getuid()
+    except OSError:
+        return False
 
 
 def _check_parent(path: Path) -> None:
@@ -736,6 +750,13 @@ def start_run_folder(path: Path, *, resume: bool) -> None:
         _write_marker(path, RUN)
 
 
+def refuse_symlinked_run(path: Path) -> None:
+    """A run folder is a folder: through a symbolic link, whether it is bngraph's run cannot be
+    told (`output_kind`), and the two refusals sent the user from --resume to its absence and back."""
+    if path.is_symlink():
+        raise UserError(f"{path} is a symbolic link: give the run folder itself (where it points: {os.path.realpath(path)})")
+
+
 @contextlib.contextmanager
 def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, inputs=()) -> Iterator[Path]:
     """The folder a training run fills as it goes, so that a stopped run can `--resume`.
@@ -752,6 +773,7 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
     if resume:
         if force:
             raise UserError("--resume continues the run in -o, --force replaces it: choose one")
+        refuse_symlinked_run(path)
         _check_place(path, inputs)
         with _held(path) if path.is_dir() else contextlib.nullcontext():
             yield path

@@ -493,7 +493,7 @@ def _fx_fold(module: nn.Module, example_inputs, report: Report) -> nn.Module:
 
 
 @library_call
-def _record_what_its_data_means(module: nn.Module, model, report: Report) -> None:
+def _record_what_its_data_means(module: nn.Module, example_inputs, model, report: Report) -> None:
     """Put a trained model's input scale and class names into the file's metadata, and say so: a
     user handed the .onnx alone fed it 0-255 pixels where it trained on pixels / 255."""
     scale, classes = getattr(module, "bngraph_input_scale", None), getattr(module, "bngraph_classes", None)
@@ -502,8 +502,24 @@ def _record_what_its_data_means(module: nn.Module, model, report: Report) -> Non
         report.notes.append(f"the model was trained on {scale}: feed it its inputs so (recorded in the file's metadata "
                             "as bngraph_input_scale)")
     if classes:
+        width = _logits_width(module, example_inputs)
+        if width is None or width < len(classes):  # a new head on a loaded model: the names name no output
+            report.notes.append(f"the model's {len(classes)} class names are not written into the file: its logits "
+                                f"have {width if width is not None else 'no'} columns")
+            return
         model.metadata_props["bngraph_classes"] = json.dumps(list(classes))
-        report.notes.append(f"output i is class i of the {len(classes)} in the file's metadata (bngraph_classes)")
+        extra = f"; outputs {len(classes)} to {width - 1} name no class" if width > len(classes) else ""
+        report.notes.append(f"output i is class i of the {len(classes)} in the file's metadata (bngraph_classes){extra}")
+
+
+def _logits_width(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> int | None:
+    from bngraph.training.data import logits_of  # here: export needs training's code only for this
+
+    try:
+        with torch.no_grad(), eval_mode(module), running_user_model():
+            return logits_of(module(*fresh_inputs(example_inputs))).shape[1]
+    except Exception:  # no (N, classes) logits: the names name nothing here
+        return None
 
 
 def export(
@@ -583,7 +599,7 @@ def export(
     if unbatched := unbatched_sizes([tuple(x.shape) for x in example_inputs], batch_axes_of(example_inputs, batch_axes)):
         sizes = (unbatched[0],) * len(batches)  # as they ran: [1, 1, 1, 7, 2] said the batch was varied
         report.notes.append(unbatched_note(unbatched))
-    _record_what_its_data_means(module, model, report)
+    _record_what_its_data_means(module, example_inputs, model, report)
     result, written = write_verified(model, path, module, batches, atol, rtol, batch_sizes=sizes, force=force)
     if not written:
         report.facts["output"] = "(not written: verification failed)"

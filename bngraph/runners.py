@@ -377,6 +377,14 @@ def input_order(names: Sequence[str], given: Sequence[str]) -> list[int] | None:
     return [list(given).index(name) for name in names]
 
 
+def crossed_name(names: Sequence[str], other: Sequence[str]) -> str | None:
+    """A name both lists hold at different positions, where they do not name the same set (which
+    `input_order` pairs by name): paired by position, it would label another's value."""
+    if not names or not other or sorted(names) == sorted(other):
+        return None
+    return next((n for i, n in enumerate(names) if n in other and list(other).index(n) != i), None)
+
+
 def fresh_inputs(inputs: Sequence) -> list:
     """Copies of the tensors among `inputs`, for one run: a forward that writes into its input
     (`x.sub_(0.5)`, a user's preprocessing) must not change what the next run is given, or two

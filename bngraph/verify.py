@@ -34,8 +34,8 @@ from bngraph.library_call import library_call
 from bngraph.load import load_model
 from bngraph.report import Report
 from bngraph.runners import (
-    BATCH_SIZES, Float64Runner, OrtRunner, TorchRunner, embedding_bounds, eval_mode, forward_parameter_names, input_order,
-    integer_range, named_leaves, onnx_inputs, random_batches, runners_for, unbatched_note, unbatched_sizes,
+    BATCH_SIZES, Float64Runner, OrtRunner, TorchRunner, crossed_name, embedding_bounds, eval_mode, forward_parameter_names,
+    input_order, integer_range, named_leaves, onnx_inputs, random_batches, runners_for, unbatched_note, unbatched_sizes,
 )
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
 
@@ -91,6 +91,14 @@ def verify(
             runner.every_leaf = True
     names_given = list(input_names or refs[0].input_names)
     orders = {id(r): input_order(r.input_names, names_given) for r in (*refs, *cands)}
+    for r in (*refs, *cands):
+        # An ONNX file is fed by position where its names and the model's differ: a name both use
+        # at other positions would get the other input's values.
+        if r.kind == "onnx" and orders[id(r)] is None and (name := crossed_name(r.input_names, names_given)):
+            raise UserError(f"{getattr(r, 'source', None) or r.label} has an input named {name!r} at position "
+                            f"{list(r.input_names).index(name)}, where the other side's {name!r} is input "
+                            f"{names_given.index(name)}: fed by position, it would get another input's values; "
+                            "give the inputs the same names, or none in common")
     if all(r.kind == "torch" for r in (*refs, *cands)):
         # Two PyTorch models are called as their users call them, by position: by name,
         # forward(self, y, x) against forward(self, x, y) failed where both compute x - 2y of
@@ -158,6 +166,10 @@ def verify(
         order = input_order(ref.output_names or [], cand.output_names or [])
         if order is not None:
             names = list(ref.output_names)
+        elif not problem and (name := crossed_name(ref.output_names or [], cand.output_names or [])):
+            problem = (f"output {name!r} is output {ref.output_names.index(name)} of {ref.label} and "
+                       f"{cand.output_names.index(name)} of {cand.label}: paired by position, each would be "
+                       "judged under another's name; give the outputs the same names, or none in common")
         if problem:
             tolerance = default_tolerance(ref.kind, cand.kind)
             atol_used, rtol_used = (tolerance if atol is None else atol), (tolerance if rtol is None else rtol)

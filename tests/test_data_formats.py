@@ -1725,3 +1725,9 @@ def test_an_exported_model_carries_its_classes_and_input_scale_in_the_onnx_file(
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(meta["bngraph_classes"]) == ["cat", "dog", "emu"]
     assert meta["bngraph_input_scale"] == "uint8 pixels / 255 (values in [0, 1])"
+    # Names that no longer match the logits (a new head on a loaded model) are left out, and said so.
+    model = bngraph.load(tmp_path / "run" / "model")
+    model.bngraph_classes = tuple(f"class {i}" for i in range(12))
+    result = bngraph.export(model, [torch.rand(2, 3, 28, 28)], tmp_path / "twelve.onnx")
+    assert "bngraph_classes" not in {p.key for p in onnx.load(str(tmp_path / "twelve.onnx")).metadata_props}
+    assert "the model's 12 class names are not written into the file: its logits have 10 columns" in result.report.notes

@@ -429,6 +429,33 @@ def test_an_output_inside_a_folder_bngraph_wrote_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["bngraph.json", "model.py", "weights.pt"]
 
 
+@pytest.mark.timeout(120)
+def test_a_pipe_named_like_bngraphs_marker_above_the_output_is_not_read(tmp_path, capsys):
+    # Every folder above -o is asked whether bngraph wrote it: reading a FIFO bngraph.json blocked for ever.
+    os.mkfifo(tmp_path / "bngraph.json")
+    assert _run(capsys, ["export", "zoo:mnist-mlp", "-o", tmp_path / "sub" / "m.onnx"])[0] == 0
+
+
+def test_an_api_run_folder_that_is_a_symbolic_link_is_refused_naming_it(tmp_path):
+    # A dangling link raised FileExistsError; a link to a run sent the user from --resume to its absence and back.
+    import bngraph
+    from bngraph.training import TensorData, TrainConfig
+
+    data = TensorData(torch.rand(16, 4), torch.arange(16) % 3, torch.rand(8, 4), torch.arange(8) % 3)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "to-run").symlink_to(tmp_path / "run")
+    for link, resume in (("dangling", False), ("to-run", False), ("to-run", True)):
+        with pytest.raises(bngraph.UserError, match=f"{tmp_path / link} is a symbolic link: give the run folder itself"):
+            bngraph.train(torch.nn.Linear(4, 3), data, TrainConfig(steps=2, batch_size=4), out_dir=tmp_path / link,
+                          resume=resume, progress=False)
+    # newA/../newB/run: the newA that Path kept (absolute() does not fold ..) was left behind.
+    with pytest.raises(bngraph.UserError):
+        bngraph.train(torch.nn.Linear(4, 3), str(tmp_path / "none.npz"), TrainConfig(steps=2, batch_size=4),
+                      out_dir=tmp_path / "newA" / ".." / "newB" / "run", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "run", "to-run"]
+
+
 def test_a_folder_name_that_is_not_utf8_is_read_and_written(tmp_path, capsys, monkeypatch):
     # A folder unzipped from an old archive (Latin-1 0xE9): importing its model was a traceback
     # (UnicodeEncodeError), and onnxruntime could not open a file there ("incompatible

@@ -796,6 +796,35 @@ def test_outputs_are_paired_by_name_where_both_sides_name_the_same_ones(tmp_path
     assert run_cli("verify", ab, listed_ba)[0] == 0
 
 
+class _ZetaAlpha(nn.Module):
+    def forward(self, x):
+        return {"zeta": torch.relu(x), "alpha": -x}
+
+
+class _Difference(nn.Module):
+    def forward(self, a, b):
+        return a - 2 * b
+
+
+def test_names_both_sides_use_at_other_positions_are_not_paired_by_position(tmp_path):
+    # A file whose outputs another tool renamed ['q', 'zeta'] (its zeta holds the model's alpha) PASSED
+    # as "Output 'zeta'"; one whose inputs are ['x', 'a'] got b's values in its 'a'.
+    from onnx import TensorProto, helper
+
+    x = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    renamed = _two_outputs_file(tmp_path / "renamed.onnx", {"q": "Relu", "zeta": "Neg"})
+    result = verify(_ZetaAlpha(), renamed, [[x]])
+    assert not result and "output 'zeta' is output 0 of" in result.diffs[0].problem
+
+    nodes = [helper.make_node("Constant", [], ["two"], value=helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])),
+             helper.make_node("Mul", ["a", "two"], ["twice"]), helper.make_node("Sub", ["x", "twice"], ["y"])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 5]) for n in ("x", "a")]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "xa.onnx")
+    with pytest.raises(UserError, match="has an input named 'a' at position 1, where the other side's 'a' is input 0"):
+        verify(_Difference(), tmp_path / "xa.onnx", [[x, x]])
+
+
 def test_an_onnx_graph_listing_one_output_twice_is_named_as_such(tmp_path):
     # Valid ONNX, which onnxruntime runs; the refusal spoke of dict keys joined with '.'.
     from onnx import TensorProto, helper

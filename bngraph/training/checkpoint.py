@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bngraph.atomic import (
-    MARKER, RUN, check_writable, foreign_entries, output_kind, remove_left_by_kills, save_tensors, start_run_folder,
+    MARKER, RUN, check_writable, refuse_symlinked_run, foreign_entries, output_kind, remove_left_by_kills, save_tensors, start_run_folder,
     write_atomically,
 )
 from bngraph.compare import ONNX_TOLERANCE, compare
@@ -43,6 +43,7 @@ def open_run_folder(out_dir: Path | None, resume: bool) -> None:
     Rank 0's job: it alone reads and writes the run folder."""
     checkpoint_path = None if out_dir is None else out_dir / CHECKPOINT
     if out_dir is not None:
+        refuse_symlinked_run(out_dir)
         check_writable(out_dir)
     if resume and out_dir is None:
         raise UserError(_nothing_to_resume(out_dir, checkpoint_path))

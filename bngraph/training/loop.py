@@ -132,7 +132,7 @@ def train(
     ctx = distributed
     # Absolute: a forward that calls os.chdir must not move where the run writes (or what a
     # failed run's clean-up removes) into another folder.
-    out_dir = None if out_dir is None else Path(out_dir).absolute()
+    out_dir = None if out_dir is None else Path(os.path.abspath(out_dir))  # newA/../run is run: no newA made
     if isinstance(data, TensorData) and data.format == "tensors":  # the caller's own; readers check theirs
         for name in ("x_train", "x_test"):
             check_finite(getattr(data, name), f"the data's {name}")
@@ -332,14 +332,19 @@ def _compile_failed(net: nn.Module, x: torch.Tensor, setup: _Setup, err: Excepti
     build), for an option the user can leave out; either way not inductor's 100-line traceback."""
     model = getattr(net, "_orig_mod", net)
     model = getattr(model, "module", model)  # DDP's
+    way_out = "train without --compile (in Python: TrainConfig(compile=False))"
     try:
-        with torch.no_grad(), setup.amp():
-            logits_of(deepcopy(model)(x), mode="training")
+        copy = deepcopy(model)
+    except Exception:  # a model holding a lock: whose error it was cannot be told on a copy
+        return UserError(f"--compile: the compiled training step failed ({one_line(err)}); {way_out}, which names "
+                         "the model's line where the model itself fails")
+    try:
+        with setup.amp():  # with gradients, and their backward, as the step: an in-place write to a leaf fails only so
+            logits_of(copy(x), mode="training").float().sum().backward()
     except Exception as own:
         if isinstance(own, UserError) or user_frame(own) is not None:
             return own if isinstance(own, UserError) else model_raised(own, failed=_IN_TRAINING)
-    return UserError(f"--compile: torch.compile could not build the training step ({one_line(err)}); "
-                     "train without --compile (in Python: TrainConfig(compile=False))")
+    return UserError(f"--compile: torch.compile could not build the training step ({one_line(err)}); {way_out}")
 
 
 @contextlib.contextmanager
