@@ -492,7 +492,6 @@ def _fx_fold(module: nn.Module, example_inputs, report: Report) -> nn.Module:
     return folded
 
 
-@library_call
 def _record_what_its_data_means(module: nn.Module, example_inputs, model, report: Report) -> None:
     """Put a trained model's input scale and class names into the file's metadata, and say so: a
     user handed the .onnx alone fed it 0-255 pixels where it trained on pixels / 255."""
@@ -522,6 +521,7 @@ def _logits_width(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> 
         return None
 
 
+@library_call
 def export(
     module: nn.Module,
     example_inputs: Sequence[torch.Tensor],

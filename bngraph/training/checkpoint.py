@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from bngraph.atomic import (
-    MARKER, RUN, check_writable, refuse_symlinked_run, foreign_entries, output_kind, remove_left_by_kills, save_tensors, start_run_folder,
-    write_atomically,
+    MARKER, RUN, check_writable, foreign_entries, output_kind, refuse_symlinked_run, remove_left_by_kills, save_tensors,
+    start_run_folder, write_atomically,
 )
 from bngraph.compare import ONNX_TOLERANCE, compare
 from bngraph.errors import UserError, one_line
