@@ -22,7 +22,8 @@ import torch
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
 from bngraph.passes._onnx_common import (
-    bn_scale_shift, constant, exposed_reason, fold_by_rules, layer_fold_reason, new_initializer, opset_of, overflow_reason, rank, site,
+    bn_scale_shift, constant, exposed_reason, fold_by_rules, layer_fold_reason, new_initializer, opset_of,
+    overflow_reason, rank, site,
 )
 from bngraph.passes.base import PassResult, graph_pass
 
@@ -224,7 +225,8 @@ def _refusal(bn: ir.Node, layer: ir.Node) -> str | None:
 
 
 RULES = RewriteRuleSet([
-    FoldBnIntoNextConv.rule(), FoldBnIntoNextGemm.rule(), FoldBnIntoNextMatMul.rule(), FoldBnIntoGemmThroughReshape.rule(),
+    FoldBnIntoNextConv.rule(), FoldBnIntoNextGemm.rule(), FoldBnIntoNextMatMul.rule(),
+    FoldBnIntoGemmThroughReshape.rule(),
     FoldBnIntoGemmThroughFlatten.rule(),
 ])
 
