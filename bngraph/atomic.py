@@ -43,7 +43,7 @@ from pathlib import Path
 from bngraph.errors import UserError
 
 MARKER = "bngraph.json"  # the artifact's description; run and reproduce folders carry one too
-_MARKER_MAX_BYTES = 1 << 20  # a marker holds a history of commands: kilobytes
+_MARKER_MAX_BYTES = 1 << 26  # a marker holds a history of commands and class names: 21k classes are 1.7 MB
 DESCRIPTION_DIGEST = "description_sha256"  # in bngraph.json, of the rest of its text
 ARTIFACT, RUN, REPRODUCE, ONNX, PICTURE = "artifact", "run", "reproduce", "onnx", "picture"
 FOLDER_FORMATS = {ARTIFACT: "bngraph-artifact", RUN: "bngraph-run", REPRODUCE: "bngraph-reproduce"}
@@ -307,18 +307,18 @@ def refuse_inside_bngraph_folder(path: str | Path) -> None:
     then refused that folder as holding what was not the command's own. bngraph's folders hold
     what their command writes, and nothing else."""
     where = Path(path).resolve()  # out/../out is out, beside its parents, not inside it
-    # The user's own folders only: another user's /tmp/bngraph.json must not refuse every -o under /tmp.
-    mine = [p for p in where.parents if _owned(p)]
-    if (folder := next((p for p in mine if output_kind(p) is not None), None)) is not None:
+    # Not a folder anyone may write into (/tmp): a bngraph.json planted there would refuse every -o below.
+    own = [p for p in where.parents if not _writable_by_all(p)]
+    if (folder := next((p for p in own if output_kind(p) is not None), None)) is not None:
         raise UserError(f"-o {path} would sit inside {folder}, bngraph's {output_kind(folder)} folder, whose --resume "
                         "and --force would then refuse it: write it beside that folder")
 
 
-def _owned(folder: Path) -> bool:
+def _writable_by_all(folder: Path) -> bool:
     try:
-        return folder.stat().st_uid == os.getuid()
+        return bool(folder.stat().st_mode & stat.S_IWOTH)
     except OSError:
-        return False
+        return True
 
 
 def _check_parent(path: Path) -> None:
@@ -369,6 +369,13 @@ def working_folder_pinned() -> Iterator[None]:
         yield
     finally:
         _started_in = before
+
+
+def absolute_output(path: str | Path) -> Path:
+    """`_output_path`, absolute: where a run folder is written from then on, whatever the model's
+    forward does to the working folder (os.chdir), its `..` read through symbolic links as the
+    system reads them (`link/../run` is beside where link points)."""
+    return _output_path(path).absolute()
 
 
 def _output_path(path: str | Path) -> Path:
@@ -767,9 +774,7 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
     is discarded and the old run stays as it was; done, but the old run may no longer be replaced
     (the user put a file into it meanwhile), it is kept as OUT.new and the error says so.
     """
-    # Absolute from here: a model whose forward calls os.chdir must not move the run's writes, or
-    # the clean-up of a run it stops, into another folder.
-    path = _output_path(path).absolute()
+    path = absolute_output(path)
     if resume:
         if force:
             raise UserError("--resume continues the run in -o, --force replaces it: choose one")

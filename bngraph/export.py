@@ -53,8 +53,8 @@ from bngraph.passes.fold_bn_into_producer_module import TRAINING_IN_EVAL
 from bngraph.report import Report
 from bngraph.trace import check_model, raise_if_model_raises
 from bngraph.runners import (
-    BATCH_SIZES, batch_axes_of, eval_mode, example_batches, forward_parameter_names, fresh_inputs, named_leaves,
-    named_tensors, unbatched_note, unbatched_sizes,
+    BATCH_SIZES, batch_axes_of, buffers_kept, eval_mode, example_batches, forward_parameter_names, fresh_inputs,
+    named_leaves, named_tensors, unbatched_note, unbatched_sizes,
 )
 from bngraph.compare import VerifyResult
 
@@ -558,51 +558,54 @@ def export(
         "standalone_bn": standalone_bn,
     }
     report = Report("bngraph export", facts=facts)
-    exported = _fx_fold(module, example_inputs, report) if fold else module
-    per_batch = [*batch_statistics(exported), *((path, TRAINING_IN_EVAL) for path in
-                                                 batch_norms_training_in_eval(exported, example_inputs))]
-    if per_batch:
-        # Never a fixed map, and the exporter writes F.batch_norm(training=True) as an eval-mode
-        # BatchNormalization: a file that computes something else, which only verify would catch.
-        left = "; ".join(f"{name} ({why})" for name, why in per_batch)
-        raise UserError(f"the exported graph keeps a BatchNormalization that cannot be folded: {left}")
-    if not fold:
-        report.facts["fx_fold"] = "off (--no-fold)"
-    exported_onnx = to_onnx(exported, example_inputs, exporter_optimize=exporter_optimize, batch_axes=batch_axes,
-                            notes=report.notes, original=module)
-    _check_exported(exported_onnx)
-    model, onnx_report = fold_onnx(exported_onnx, standalone_bn=standalone_bn)
-    report.facts.update({f"onnx_{k}": v for k, v in onnx_report.facts.items()})
-    report.sections.update({f"onnx_{k}": v for k, v in onnx_report.sections.items()})
-    if (remaining := onnx_report.sections["remaining"]) and (rows := report.sections.get("fx_fold_remaining")):
-        # The FX fold's rows name the model's own modules and say why.
-        left = "; ".join(f"{row['node']} ({row['reason']})" for row in rows)
-        raise UserError(f"the exported graph keeps a BatchNormalization that cannot be folded: {left}")
-    if remaining:
-        # None of the model's BatchNorms (a batch-statistics one is refused above, by name): the
-        # exporter's own form of another layer (InstanceNorm with running statistics is a
-        # BatchNormalization of computed scale), which verification below checks as it checks the rest.
-        report.notes.append(f"{len(remaining)} BatchNormalization node(s) whose statistics the file computes as it "
-                            f"runs (the exporter's form of a layer that normalizes with each batch's or instance's "
-                            f"statistics), kept: {', '.join(row['node'] for row in remaining)}")
-    if kept := onnx_report.sections.get("kept"):
-        # The ONNX node names are the exporter's; the FX fold's rows name the model's own BNs.
-        fx_kept = report.sections.get("fx_fold_kept", [])
-        names = [row["node"] for row in (fx_kept if len(fx_kept) == len(kept) else kept)]
-        report.notes.append(
-            f"{len(kept)} BatchNorm(s) with no exact fold kept as BatchNormalization, the fastest exact form in "
-            f"onnxruntime: {', '.join(names)} (why no layer took each: 'onnx_kept'); "
-            "--standalone-bn mul-add writes a Mul and an Add instead"
-        )
-    batches = example_batches(example_inputs, EXPORT_BATCH_SIZES, batch_axes)
-    sizes = EXPORT_BATCH_SIZES
-    if unbatched := unbatched_sizes([tuple(x.shape) for x in example_inputs], batch_axes_of(example_inputs, batch_axes)):
-        sizes = (unbatched[0],) * len(batches)  # as they ran: [1, 1, 1, 7, 2] said the batch was varied
-        report.notes.append(unbatched_note(unbatched))
-    _record_what_its_data_means(module, example_inputs, model, report)
-    result, written = write_verified(model, path, module, batches, atol, rtol, batch_sizes=sizes, force=force)
-    if not written:
-        report.facts["output"] = "(not written: verification failed)"
-    report.facts.update(result.facts())
-    report.sections["verification"] = [d.row() for d in result.diffs]
-    return ExportResult(path if written else None, result, report)
+    # bngraph's runs of the model (the trace, the checks) are not the model's: a counter it keeps in a
+    # buffer is put back as it was (fold and insert do the same).
+    with buffers_kept(module):
+        exported = _fx_fold(module, example_inputs, report) if fold else module
+        per_batch = [*batch_statistics(exported), *((path, TRAINING_IN_EVAL) for path in
+                                                     batch_norms_training_in_eval(exported, example_inputs))]
+        if per_batch:
+            # Never a fixed map, and the exporter writes F.batch_norm(training=True) as an eval-mode
+            # BatchNormalization: a file that computes something else, which only verify would catch.
+            left = "; ".join(f"{name} ({why})" for name, why in per_batch)
+            raise UserError(f"the exported graph keeps a BatchNormalization that cannot be folded: {left}")
+        if not fold:
+            report.facts["fx_fold"] = "off (--no-fold)"
+        exported_onnx = to_onnx(exported, example_inputs, exporter_optimize=exporter_optimize, batch_axes=batch_axes,
+                                notes=report.notes, original=module)
+        _check_exported(exported_onnx)
+        model, onnx_report = fold_onnx(exported_onnx, standalone_bn=standalone_bn)
+        report.facts.update({f"onnx_{k}": v for k, v in onnx_report.facts.items()})
+        report.sections.update({f"onnx_{k}": v for k, v in onnx_report.sections.items()})
+        if (remaining := onnx_report.sections["remaining"]) and (rows := report.sections.get("fx_fold_remaining")):
+            # The FX fold's rows name the model's own modules and say why.
+            left = "; ".join(f"{row['node']} ({row['reason']})" for row in rows)
+            raise UserError(f"the exported graph keeps a BatchNormalization that cannot be folded: {left}")
+        if remaining:
+            # None of the model's BatchNorms (a batch-statistics one is refused above, by name): the
+            # exporter's own form of another layer (InstanceNorm with running statistics is a
+            # BatchNormalization of computed scale), which verification below checks as it checks the rest.
+            report.notes.append(f"{len(remaining)} BatchNormalization node(s) whose statistics the file computes as it "
+                                f"runs (the exporter's form of a layer that normalizes with each batch's or instance's "
+                                f"statistics), kept: {', '.join(row['node'] for row in remaining)}")
+        if kept := onnx_report.sections.get("kept"):
+            # The ONNX node names are the exporter's; the FX fold's rows name the model's own BNs.
+            fx_kept = report.sections.get("fx_fold_kept", [])
+            names = [row["node"] for row in (fx_kept if len(fx_kept) == len(kept) else kept)]
+            report.notes.append(
+                f"{len(kept)} BatchNorm(s) with no exact fold kept as BatchNormalization, the fastest exact form in "
+                f"onnxruntime: {', '.join(names)} (why no layer took each: 'onnx_kept'); "
+                "--standalone-bn mul-add writes a Mul and an Add instead"
+            )
+        batches = example_batches(example_inputs, EXPORT_BATCH_SIZES, batch_axes)
+        sizes = EXPORT_BATCH_SIZES
+        if unbatched := unbatched_sizes([tuple(x.shape) for x in example_inputs], batch_axes_of(example_inputs, batch_axes)):
+            sizes = (unbatched[0],) * len(batches)  # as they ran: [1, 1, 1, 7, 2] said the batch was varied
+            report.notes.append(unbatched_note(unbatched))
+        _record_what_its_data_means(module, example_inputs, model, report)
+        result, written = write_verified(model, path, module, batches, atol, rtol, batch_sizes=sizes, force=force)
+        if not written:
+            report.facts["output"] = "(not written: verification failed)"
+        report.facts.update(result.facts())
+        report.sections["verification"] = [d.row() for d in result.diffs]
+        return ExportResult(path if written else None, result, report)

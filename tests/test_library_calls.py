@@ -203,3 +203,22 @@ def test_calls_from_threads_each_get_their_own_answer():
         folded = list(pool.map(lambda m: bngraph.fold(m, [x])[0], models * 2))
     for model, result in zip(models * 2, folded):
         assert torch.allclose(result(x), model(x), atol=1e-5)
+
+
+class _CountsItsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.linear(x)
+
+
+def test_export_leaves_a_buffer_the_forward_writes_as_it_was(tmp_path):
+    # export's own runs of the model (trace, checks) moved the user's counter to 5, to 6 with class names.
+    model = _CountsItsCalls()
+    model.bngraph_classes = ("a", "b", "c")
+    assert bngraph.export(model, [torch.rand(2, 4)], tmp_path / "m.onnx") is not None
+    assert int(model.calls) == 0

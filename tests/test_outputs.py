@@ -456,6 +456,32 @@ def test_an_api_run_folder_that_is_a_symbolic_link_is_refused_naming_it(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "run", "to-run"]
 
 
+def test_bngraphs_folders_are_told_by_their_marker_whatever_its_size_and_wherever_planted(tmp_path, capsys):
+    # 21,841 class names make a 1.7 MB bngraph.json: the 1 MiB cap took the artifact for a user's folder.
+    model = torch.nn.Linear(4, 3)
+    model.bngraph_classes = tuple(f"synset {i:05d} with a long name" for i in range(40_000))
+    bngraph.save(model, tmp_path / "art", example_inputs=[torch.rand(2, 4)])
+    assert (tmp_path / "art" / "bngraph.json").stat().st_size > 1 << 20 and output_kind(tmp_path / "art") == ARTIFACT
+    # A marker in a folder anyone may write into (/tmp) refuses no -o below it.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    (shared / "bngraph.json").write_text(json.dumps({"format": "bngraph-run"}))
+    assert _run(capsys, ["export", "zoo:mnist-mlp", "-o", shared / "sub" / "m.onnx"])[0] == 0
+
+
+def test_an_api_run_through_a_link_and_dotdot_goes_where_the_system_resolves_it(tmp_path, monkeypatch):
+    # abspath folded link/../run as text: the resume continued ./run, not deep/run.
+    from bngraph.training import TensorData, TrainConfig
+
+    data = TensorData(torch.rand(16, 4), torch.arange(16) % 3, torch.rand(8, 4), torch.arange(8) % 3)
+    (tmp_path / "deep" / "x").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "deep" / "x")
+    monkeypatch.chdir(tmp_path)
+    bngraph.train(torch.nn.Linear(4, 3), data, TrainConfig(steps=2, batch_size=4), out_dir="link/../run", progress=False)
+    assert (tmp_path / "deep" / "run" / "checkpoint.pt").is_file() and not (tmp_path / "run").exists()
+
+
 def test_a_folder_name_that_is_not_utf8_is_read_and_written(tmp_path, capsys, monkeypatch):
     # A folder unzipped from an old archive (Latin-1 0xE9): importing its model was a traceback
     # (UnicodeEncodeError), and onnxruntime could not open a file there ("incompatible

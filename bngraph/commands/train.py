@@ -200,7 +200,7 @@ def _launch(args: argparse.Namespace, device: torch.device) -> None:
     # Imported here, not above: `bngraph --help` starts without torch.
     import torch
 
-    from bngraph.atomic import RUN, check_output, refuse_if_running
+    from bngraph.atomic import RUN, check_output, refuse_if_running, refuse_symlinked_run
     from bngraph.training.checkpoint import check_resumable, saved_field
     from bngraph.training.data import EpochSampler
     from bngraph.training.distributed import exec_torchrun, under_torchrun, without_option
@@ -217,6 +217,7 @@ def _launch(args: argparse.Namespace, device: torch.device) -> None:
         if not args.resume:
             check_output(args.output, RUN, force=args.force, inputs=shared.input_paths(args))
         else:
+            refuse_symlinked_run(Path(args.output))
             check_resumable(Path(args.output))
             refuse_if_running(Path(args.output))
         if args.resume and (ran_as := saved_field(args.output, "world_size", 1)) != args.nproc:

@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from bngraph.atomic import absolute_output
 from bngraph.errors import CheckFailed, ModelRaised, UserError, model_raised, one_line, user_frame
 from bngraph.library_call import library_call
 from bngraph.training.checkpoint import (
@@ -130,9 +131,7 @@ def train(
                         "and such tensors take no gradient: build the model outside that block")
     dev = pick_device(device)
     ctx = distributed
-    # Absolute: a forward that calls os.chdir must not move where the run writes (or what a
-    # failed run's clean-up removes) into another folder.
-    out_dir = None if out_dir is None else Path(os.path.abspath(out_dir))  # newA/../run is run: no newA made
+    out_dir = None if out_dir is None else absolute_output(out_dir)
     if isinstance(data, TensorData) and data.format == "tensors":  # the caller's own; readers check theirs
         for name in ("x_train", "x_test"):
             check_finite(getattr(data, name), f"the data's {name}")
