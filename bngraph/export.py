@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -404,8 +405,15 @@ def _with_known_outputs(module: nn.Module, example_inputs, input_names: Sequence
 
 def _unique_output_names(names: list[str], input_names: Sequence[str]) -> list[str]:
     """The outputs' names, each unlike the inputs' (ONNX names a value once: HF blocks take
-    `hidden_states` and return `{"hidden_states": ...}`): such an output becomes `NAME.out`."""
-    return [f"{name}.out" if name in input_names else name for name in names]
+    `hidden_states` and return `{"hidden_states": ...}`): such an output becomes `NAME.out`,
+    `NAME.out2`... whichever no other output or input takes (`{"x": h, "x.out": g}`)."""
+    taken, unique = set(names) | set(input_names), []
+    for name in names:
+        if name in input_names:
+            name = next(n for n in (f"{name}.out{i or ''}" for i in itertools.count()) if n not in taken)
+            taken.add(name)
+        unique.append(name)
+    return unique
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

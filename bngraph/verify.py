@@ -91,14 +91,17 @@ def verify(
             runner.every_leaf = True
     names_given = list(input_names or refs[0].input_names)
     orders = {id(r): input_order(r.input_names, names_given) for r in (*refs, *cands)}
+    against_a_file = any(r.kind == "onnx" for r in (*refs, *cands))
     for r in (*refs, *cands):
-        # An ONNX file is fed by position where its names and the model's differ: a name both use
-        # at other positions would get the other input's values.
-        if r.kind == "onnx" and orders[id(r)] is None and (name := crossed_name(r.input_names, names_given)):
-            raise UserError(f"{getattr(r, 'source', None) or r.label} has an input named {name!r} at position "
-                            f"{list(r.input_names).index(name)}, where the other side's {name!r} is input "
-                            f"{names_given.index(name)}: fed by position, it would get another input's values; "
-                            "give the inputs the same names, or none in common")
+        # Fed by position where the names differ (a model and a file it is checked against, whose
+        # names given may be the file's): a name both use at other positions would get another
+        # input's values (a file exported with `mask` as a keyword, skipping `past`).
+        if against_a_file and orders[id(r)] is None and (name := crossed_name(r.input_names, names_given)):
+            here, there = list(r.input_names).index(name), names_given.index(name)
+            whose = (f"{type(r.module).__name__}'s forward takes {name!r} as input {here}"
+                     if r.kind == "torch" else f"{getattr(r, 'source', None) or r.label} has input {name!r} at {here}")
+            raise UserError(f"{whose}, the other side at {there}: fed by position, it would get another input's "
+                            "values; give both the inputs in one order (the forward's: bngraph export writes it so)")
     if all(r.kind == "torch" for r in (*refs, *cands)):
         # Two PyTorch models are called as their users call them, by position: by name,
         # forward(self, y, x) against forward(self, x, y) failed where both compute x - 2y of

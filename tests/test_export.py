@@ -431,6 +431,19 @@ def test_an_output_named_as_an_input_is_written_as_name_out(tmp_path):
     assert [v.name for v in model.graph.output] == ["hidden_states.out"]
 
 
+class TakenNameBlock(SameNameBlock):
+    def forward(self, hidden_states):
+        return {"hidden_states": torch.relu(self.fc(hidden_states)), "hidden_states.out": hidden_states * 3}
+
+
+def test_an_output_renamed_from_an_inputs_name_takes_a_name_no_other_output_has(tmp_path):
+    # hidden_states -> hidden_states.out collided with the model's own hidden_states.out: torch.onnx's
+    # "Output names cannot be duplicated", blamed on the exporter.
+    assert export(TakenNameBlock().eval(), [torch.randn(3, 8)], tmp_path / "block.onnx")
+    model = onnx.load(str(tmp_path / "block.onnx"))
+    assert [v.name for v in model.graph.output] == ["hidden_states.out1", "hidden_states.out"]
+
+
 class MaskedMixer(torch.nn.Module):
     """Its second input is a (T, T) mask, without a batch axis; exported as if it had one."""
 

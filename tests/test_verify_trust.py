@@ -821,8 +821,12 @@ def test_names_both_sides_use_at_other_positions_are_not_paired_by_position(tmp_
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 5]) for n in ("x", "a")]
     graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "xa.onnx")
-    with pytest.raises(UserError, match="has an input named 'a' at position 1, where the other side's 'a' is input 0"):
+    with pytest.raises(UserError, match="has input .a. at 1, the other side at 0: fed by position"):
         verify(_Difference(), tmp_path / "xa.onnx", [[x, x]])
+    # The model's side too, given the file's names (verify_models, for a model declaring no input):
+    # a file exported with `b` as a keyword, skipping `a`, failed as "computes something else".
+    with pytest.raises(UserError, match="_Difference's forward takes 'a' as input 0, the other side at 1"):
+        verify(_Difference(), tmp_path / "xa.onnx", [[x, x]], input_names=["x", "a"])
 
 
 def test_an_onnx_graph_listing_one_output_twice_is_named_as_such(tmp_path):
