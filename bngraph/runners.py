@@ -51,6 +51,9 @@ class TorchRunner:
         self.output_names: list[str] | None = None  # known after the first call
         self.tensor_outputs = 0  # how many of them are tensors
         self.every_leaf = False
+        # The forward's parameters to pass the inputs as, by keyword: a file exported with some of
+        # the forward's optional arguments (`token_type_ids` without `attention_mask`). None: by position.
+        self.keywords: list[str] | None = None
         # `ComputedPrecision`'s epsilon of each output, known after the first call
         self.computed_eps: list[float] | None = None
 
@@ -58,8 +61,9 @@ class TorchRunner:
         # The first run records the precision the forward computes in; one run shows which
         # tensors it reads, and the mode costs a Python call per op, so not every run.
         precision = ComputedPrecision() if self.computed_eps is None else contextlib.nullcontext()
+        tensors = [torch.from_numpy(np.array(x, order="C", copy=True)) for x in inputs]  # see fresh_inputs
         with torch.no_grad(), eval_mode(self.module), running_user_model(), precision:
-            out = self.module(*(torch.from_numpy(np.array(x, order="C", copy=True)) for x in inputs))  # see fresh_inputs
+            out = self.module(**dict(zip(self.keywords, tensors))) if self.keywords else self.module(*tensors)
         arrays = self._arrays(out)
         if isinstance(precision, ComputedPrecision):
             leaves = named_leaves(out) if self.every_leaf else named_tensors(out)
@@ -375,6 +379,15 @@ def input_order(names: Sequence[str], given: Sequence[str]) -> list[int] | None:
     if not names or not given or list(names) == list(given) or sorted(names) != sorted(given):
         return None
     return [list(given).index(name) for name in names]
+
+
+def keyword_call(names: Sequence[str], given: Sequence[str]) -> list[str] | None:
+    """`given`, where a model whose forward takes `names` is to be called with the inputs `given`
+    by keyword: each is a parameter of the forward, but not its first ones in order (a file
+    exported with `token_type_ids` and not `attention_mask`). None: by position (or `input_order`)."""
+    if not given or not set(given) <= set(names) or list(given) == list(names)[:len(given)]:
+        return None
+    return None if sorted(given) == sorted(names) else list(given)
 
 
 def crossed_name(names: Sequence[str], other: Sequence[str]) -> str | None:

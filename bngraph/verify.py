@@ -35,7 +35,7 @@ from bngraph.load import load_model
 from bngraph.report import Report
 from bngraph.runners import (
     BATCH_SIZES, Float64Runner, OrtRunner, TorchRunner, crossed_name, embedding_bounds, eval_mode, forward_parameter_names,
-    input_order, integer_range, named_leaves, onnx_inputs, random_batches, runners_for, unbatched_note, unbatched_sizes,
+    input_order, integer_range, keyword_call, named_leaves, onnx_inputs, random_batches, runners_for, unbatched_note, unbatched_sizes,
 )
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
 
@@ -96,7 +96,10 @@ def verify(
         # Fed by position where the names differ (a model and a file it is checked against, whose
         # names given may be the file's): a name both use at other positions would get another
         # input's values (a file exported with `mask` as a keyword, skipping `past`).
-        if against_a_file and orders[id(r)] is None and (name := crossed_name(r.input_names, names_given)):
+        if against_a_file and r.kind == "torch" and orders[id(r)] is None:
+            r.keywords = keyword_call(r.input_names, names_given)
+        if against_a_file and orders[id(r)] is None and not getattr(r, "keywords", None) \
+                and (name := crossed_name(r.input_names, names_given)):
             here, there = list(r.input_names).index(name), names_given.index(name)
             whose = (f"{type(r.module).__name__}'s forward takes {name!r} as input {here}"
                      if r.kind == "torch" else f"{getattr(r, 'source', None) or r.label} has input {name!r} at {here}")
@@ -233,7 +236,7 @@ def verify(
             "with bngraph verify --data"
         )
     if not result and explain_failures:
-        _measure_from_exact(compared, inputs, outputs)
+        _measure_from_exact(compared, inputs, outputs, orders)
     return result
 
 
@@ -311,7 +314,7 @@ def _all_nonfinite_outputs(diffs: Sequence[OutputDiff]) -> list[str]:
             if all(d.elements and d.nonfinite_elements == d.elements for d in compared)]
 
 
-def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarray]]]) -> None:
+def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarray]]], orders: dict) -> None:
     """For each output that failed: whether the reference gives another output when run again on
     the first batch (`OutputDiff.reference_varies`); else, against a float32 PyTorch reference,
     how far the candidate and the reference are from the reference run in float64 on the same
@@ -325,7 +328,8 @@ def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarra
         if not np.isfinite(diff.max_abs):  # NaN or inf against a number: no rounding explains it
             continue
         if id(ref) not in varies:  # an ONNX file draws too (Bernoulli, RandomNormal)
-            again = [_flattened(value)[0] for value in ref(inputs[0])]
+            order = orders.get(id(ref))  # as `run` fed it
+            again = [_flattened(value)[0] for value in ref(inputs[0] if order is None else [inputs[0][k] for k in order])]
             varies[id(ref)] = not all(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
                                       for a, b in zip(again, outputs[id(ref)][0]))
         if varies[id(ref)]:
@@ -339,7 +343,9 @@ def _measure_from_exact(compared, inputs, outputs: dict[int, list[list[np.ndarra
         if ref.kind != "torch":
             continue
         if id(ref) not in exact:
-            exact[id(ref)] = _float64_outputs(ref.module, inputs)
+            order = orders.get(id(ref))
+            exact[id(ref)] = _float64_outputs(ref.module, [b if order is None else [b[k] for k in order] for b in inputs],
+                                              ref.keywords)
         wide = exact[id(ref)]
         if wide is None or any(outputs[id(ref)][b][i].dtype != np.float32 for b in range(len(inputs))):
             continue
@@ -389,11 +395,12 @@ def _largest_difference(batches: list[list[np.ndarray]], exact: list[list[np.nda
     return max(float(np.max(np.abs(outs[j] - wide[i]))) for outs, wide in zip(batches, exact))
 
 
-def _float64_outputs(module: torch.nn.Module, inputs) -> list[list[np.ndarray]] | None:
-    """`module`'s exact (float64) outputs on `inputs`, or None where it does not run in float64
-    (a model that fixes float32 somewhere: no figure)."""
+def _float64_outputs(module: torch.nn.Module, inputs, keywords=None) -> list[list[np.ndarray]] | None:
+    """`module`'s exact (float64) outputs on `inputs` (by `keywords` where given), or None where it
+    does not run in float64 (a model that fixes float32 somewhere: no figure)."""
     try:
         exact = Float64Runner(module)
+        exact.keywords = keywords
         return [exact(batch) for batch in inputs]
     except Exception:  # noqa: BLE001 (the user's model in float64)
         return None
@@ -477,7 +484,9 @@ def verify_models(
     # The PyTorch side's declared shapes first, else the ONNX graph's (batch axis symbolic); the
     # dtypes the user gave, else the ONNX graph's, else the PyTorch side's.
     if loaded:
-        shapes, names = loaded[0].input_shapes, forward_parameter_names(loaded[0].module)
+        shapes = loaded[0].input_shapes
+        # The inputs it declares, not the optional ones after them (`scale=1.0`), which no file holds.
+        names = forward_parameter_names(loaded[0].module)[:len(shapes) if shapes else None]
     elif onnx_specs:
         shapes, names = onnx_specs[0].shapes, onnx_specs[0].names
     else:
@@ -539,7 +548,7 @@ def verify_models(
                                 "batches only")
     if onnx_specs:  # a PyTorch model against an ONNX file: only tensors are compared
         for text, model in zip((reference, candidate), models):
-            if left_out := _not_tensors(model, batches[0]):
+            if left_out := _not_tensors(model, batches[0], names):
                 # Silent, a model returning (logits, n, 3) passed against a file holding only logits.
                 report.notes.append(f"{text} returns {_listed(left_out)} beside its tensors, numbers or strings an ONNX "
                                     "file does not hold: only its tensors were compared")
@@ -561,12 +570,18 @@ def verify_models(
     return result, report
 
 
-def _not_tensors(model, batch) -> list[str]:
-    """The names of what a PyTorch `model` returns on `batch` that is neither a tensor nor None."""
+def _not_tensors(model, batch, names: Sequence[str]) -> list[str]:
+    """The names of what a PyTorch `model` returns on `batch` (its inputs `names`, fed as verify fed
+    them) that is neither a tensor nor None."""
     if not isinstance(model, torch.nn.Module):
         return []
+    params = forward_parameter_names(model)
+    tensors = [torch.from_numpy(np.array(x, order="C", copy=True)) for x in batch]
+    if (order := input_order(params, names)) is not None:
+        tensors = [tensors[k] for k in order]
+    keywords = keyword_call(params, names) if order is None else None
     with torch.no_grad(), eval_mode(model), running_user_model():
-        out = model(*(torch.from_numpy(np.array(x, order="C", copy=True)) for x in batch))
+        out = model(**dict(zip(keywords, tensors))) if keywords else model(*tensors)
     return [where for where, leaf in named_leaves(out) if not isinstance(leaf, (torch.Tensor, type(None)))]
 
 

@@ -829,6 +829,37 @@ def test_names_both_sides_use_at_other_positions_are_not_paired_by_position(tmp_
         verify(_Difference(), tmp_path / "xa.onnx", [[x, x]], input_names=["x", "a"])
 
 
+class _WithOptionalInputs(nn.Module):
+    def forward(self, x, past=None, mask=None):  # HF's style: optional inputs, exported as keywords
+        y = 2 * x
+        if past is not None:
+            y = y + past
+        return y * mask if mask is not None else y
+
+
+def _x_and_mask_file(path, op: str):
+    """A file of inputs [x, mask] computing op(2 x, mask), as an exporter writes forward(x, mask=m)."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Constant", [], ["two"], value=helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])),
+             helper.make_node("Mul", ["x", "two"], ["twice"]), helper.make_node(op, ["twice", "mask"], ["y"])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 5]) for n in ("x", "mask")]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+def test_a_file_of_some_of_the_forwards_inputs_feeds_the_model_by_keyword(tmp_path):
+    # [input_ids, token_type_ids] of HF BERT, fed by position, gave token_type_ids to attention_mask:
+    # the correct file failed as "computes something else", a wrong one passed.
+    rng = np.random.default_rng(0)
+    batch = [rng.standard_normal((3, 5)).astype(np.float32), rng.uniform(0.5, 2, (3, 5)).astype(np.float32)]
+    good, wrong = _x_and_mask_file(tmp_path / "good.onnx", "Mul"), _x_and_mask_file(tmp_path / "wrong.onnx", "Add")
+    assert verify(_WithOptionalInputs(), good, [batch], input_names=["x", "mask"])
+    assert not verify(_WithOptionalInputs(), wrong, [batch], input_names=["x", "mask"])
+    assert verify(good, _WithOptionalInputs(), [batch], input_names=["x", "mask"])
+
+
 def test_an_onnx_graph_listing_one_output_twice_is_named_as_such(tmp_path):
     # Valid ONNX, which onnxruntime runs; the refusal spoke of dict keys joined with '.'.
     from onnx import TensorProto, helper
