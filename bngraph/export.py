@@ -409,7 +409,8 @@ def _unique_output_names(names: list[str], input_names: Sequence[str]) -> list[s
     `NAME.out2`... whichever no other output or input takes (`{"x": h, "x.out": g}`)."""
     taken, unique = set(names) | set(input_names), []
     for name in names:
-        if name in input_names:
+        # An input's name, or one an earlier output took (`{0: h, "0": g}`: both are named '0').
+        if name in input_names or name in unique:
             name = next(n for n in (f"{name}.out{i or ''}" for i in itertools.count()) if n not in taken)
             taken.add(name)
         unique.append(name)

@@ -444,6 +444,18 @@ def test_an_output_renamed_from_an_inputs_name_takes_a_name_no_other_output_has(
     assert [v.name for v in model.graph.output] == ["hidden_states.out1", "hidden_states.out"]
 
 
+class KeysNamedAlike(SameNameBlock):
+    def forward(self, hidden_states):
+        return {0: self.fc(hidden_states), "0": 2 * hidden_states}
+
+
+def test_outputs_whose_keys_read_alike_are_refused_in_bngraphs_words(tmp_path):
+    # {0: h, "0": g}: both named '0', and torch.onnx's "Output names cannot be duplicated" with a log.
+    with pytest.raises(UserError, match="name '0' twice once their keys are joined"):
+        export(KeysNamedAlike().eval(), [torch.randn(3, 8)], tmp_path / "block.onnx")
+    assert not (tmp_path / "block.onnx").exists()
+
+
 class MaskedMixer(torch.nn.Module):
     """Its second input is a (T, T) mask, without a batch axis; exported as if it had one."""
 

@@ -261,6 +261,7 @@ def test_the_api_names_a_tensor_given_where_a_list_of_inputs_belongs():
         with pytest.raises(bngraph.UserError, match=r"verify's inputs are a list of batches, .*: \[\[x\]\]"):
             bngraph.verify(model, model, batches)
     assert bngraph.verify(model, model, [[x]])
+    assert bngraph.verify(model, model, ([x] for _ in range(2)))  # a generator of batches: an IndexError
 
 
 def test_the_api_refuses_what_is_not_a_model_or_a_form_in_one_line():
