@@ -449,6 +449,13 @@ def test_an_api_run_folder_that_is_a_symbolic_link_is_refused_naming_it(tmp_path
         with pytest.raises(bngraph.UserError, match=f"{tmp_path / link} is a symbolic link: give the run folder itself"):
             bngraph.train(torch.nn.Linear(4, 3), data, TrainConfig(steps=2, batch_size=4), out_dir=tmp_path / link,
                           resume=resume, progress=False)
+    # An empty folder given as out_dir kept bngraph.json after a failed start: a run folder no run filled.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(bngraph.UserError):
+        bngraph.train(torch.nn.Linear(4, 3), str(tmp_path / "none.npz"), TrainConfig(steps=2, batch_size=4),
+                      out_dir=tmp_path / "empty", progress=False)
+    assert list((tmp_path / "empty").iterdir()) == []
+    (tmp_path / "empty").rmdir()
     # newA/../newB/run: the newA that Path kept (absolute() does not fold ..) was left behind.
     with pytest.raises(bngraph.UserError):
         bngraph.train(torch.nn.Linear(4, 3), str(tmp_path / "none.npz"), TrainConfig(steps=2, batch_size=4),

@@ -140,14 +140,16 @@ def train(
                         "(train, test) of Datasets, or TensorData / StreamData")
     # What this call makes, the run folder and the parents it lacks, is removed again where the run
     # stops before its first checkpoint (bad data, a model that fails its first step).
-    made = [] if out_dir is None or resume or not ctx.is_main else \
-        [p for p in (out_dir, *out_dir.parents) if not os.path.lexists(p)]
+    # An empty folder given to it keeps no bngraph.json either (the folder itself stays: not bngraph's).
+    starts = out_dir is not None and not resume and ctx.is_main
+    made = [p for p in (out_dir, *out_dir.parents) if not os.path.lexists(p)] if starts else []
+    was_empty = starts and not made and out_dir.is_dir() and not any(out_dir.iterdir())
     if ctx.is_main:  # rank 0 alone reads and writes the run folder
         open_run_folder(out_dir, resume)
     try:
         return _train_in_folder(model, data, config, out_dir, resume, dev, ctx, progress, label, on_eval, finish)
     except BaseException:
-        if made:  # not a folder given to it (the CLI's run_folder, a user's): that is its maker's to clean
+        if made or was_empty:  # not a run folder made by another (the CLI's run_folder): its maker's to clean
             remove_unstarted_run(out_dir, made)
         raise
 
