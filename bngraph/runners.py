@@ -205,23 +205,26 @@ def training_copy(model: nn.Module):
 
 class SeededRunner(TorchRunner):
     """A TorchRunner that draws the same random numbers on every call, and keeps its outputs
-    (by the identity of the batch it was given, and whether every leaf was asked for)."""
+    (by the identity of the batch it was given, and whether every leaf was asked for). Each
+    entry holds its batch too: a freed batch's id() is reused, and a new batch at the old
+    address must not be answered with the old batch's outputs."""
 
     def __init__(self, module: nn.Module, label: str):
         super().__init__(module, label)
-        self._outputs: dict[tuple[int, bool], tuple[list[str], int, list[np.ndarray]]] = {}
-        self._known: dict[int, Any] = {}  # forward results handed in (`know`), by batch
+        self._outputs: dict[tuple[int, bool], tuple[Any, list[str], int, list[np.ndarray]]] = {}
+        self._known: dict[int, tuple[Any, Any]] = {}  # forward results handed in (`know`), by batch
 
     def __call__(self, inputs):
         key = (id(inputs), self.every_leaf)
-        if key not in self._outputs:
-            if id(inputs) in self._known:
-                arrays = self._arrays(self._known[id(inputs)])
+        if key not in self._outputs or self._outputs[key][0] is not inputs:
+            known = self._known.get(id(inputs))
+            if known is not None and known[0] is inputs:
+                arrays = self._arrays(known[1])
             else:
                 with seeded():
                     arrays = super().__call__(self._prepared(inputs))
-            self._outputs[key] = (self.output_names, self.tensor_outputs, arrays)
-        self.output_names, self.tensor_outputs, arrays = self._outputs[key]
+            self._outputs[key] = (inputs, self.output_names, self.tensor_outputs, arrays)
+        _, self.output_names, self.tensor_outputs, arrays = self._outputs[key]
         return arrays
 
     def _prepared(self, inputs) -> list[np.ndarray]:
@@ -230,7 +233,7 @@ class SeededRunner(TorchRunner):
     def know(self, inputs, outputs) -> None:
         """Take `outputs` (a forward's result, run under `seeded()` in eval mode without gradients)
         as this module's on `inputs`, instead of running it again."""
-        self._known[id(inputs)] = outputs
+        self._known[id(inputs)] = (inputs, outputs)
 
 
 class Float64Runner(SeededRunner):

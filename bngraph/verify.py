@@ -543,7 +543,8 @@ def verify_models(
     elif sizes != BATCH_SIZES:
         report.notes.append(f"an ONNX file fixes the batch at {sizes[0]}: compared at that batch only")
     for text, model, before in zip((reference, candidate), models, versions):
-        if written := [name for name, version in _state_versions(model).items() if version != before.get(name)]:
+        if written := [name for name, (tensor, version) in _state_versions(model).items()
+                       if name not in before or before[name][0] is not tensor or before[name][1] != version]:
             # Silent, a candidate that doubled its output from its 7th call on passed.
             report.notes.append(f"{text} writes {_listed(written)} in its forward, in eval mode: what it computes may "
                                 f"depend on how often it ran before; verify compared its outputs on these {len(batches)} "
@@ -587,13 +588,14 @@ def _not_tensors(model, batch, names: Sequence[str]) -> list[str]:
     return [where for where, leaf in named_leaves(out) if not isinstance(leaf, (torch.Tensor, type(None)))]
 
 
-def _state_versions(model) -> dict[str, tuple[int, int]]:
-    """Each parameter's and buffer's identity and version counter, which a write moves, in place
+def _state_versions(model) -> dict[str, tuple[torch.Tensor, int]]:
+    """Each parameter and buffer with its version counter, which a write moves, in place
     (`self.calls += 1`) or by a new tensor (`self.calls = self.calls + 1`): empty for an ONNX file
-    (its state is constant)."""
+    (its state is constant). The tensor itself is held, not its id(): a freed tensor's id is
+    reused, and a buffer reassigned on every call could end at its first tensor's address."""
     if not isinstance(model, torch.nn.Module):
         return {}
-    return {name: (id(t), t._version) for name, t in model.state_dict(keep_vars=True).items()
+    return {name: (t, t._version) for name, t in model.state_dict(keep_vars=True).items()
             if isinstance(t, torch.Tensor)}
 
 

@@ -1683,10 +1683,19 @@ class CountsByReassigning(CountsItsCalls):
     def forward(self, x):
         self.calls = self.calls + 1  # a new tensor each call, not a write into the old one
         return self.fc(x) * torch.where(self.calls > 6, 2.0, 1.0)
+
+
+class CountsInTwoSteps(CountsItsCalls):
+    def forward(self, x):
+        # Its second new tensor takes the first one's freed address: the buffer's id() is the
+        # same after every call, and its version 0.
+        self.calls = self.calls + 1
+        self.calls = self.calls * 1
+        return self.fc(x) * torch.where(self.calls > 6, 2.0, 1.0)
 '''
 
 
-@pytest.mark.parametrize("counter", ["CountsItsCalls", "CountsByReassigning"])
+@pytest.mark.parametrize("counter", ["CountsItsCalls", "CountsByReassigning", "CountsInTwoSteps"])
 def test_a_model_that_writes_its_state_in_eval_mode_is_named_in_the_report(counter, tmp_path):
     # It passed on verify's few calls without a word; what it computes later no run can cover.
     (tmp_path / "m.py").write_text(COUNTS_ITS_CALLS)
