@@ -323,6 +323,33 @@ def _graphs(graph):
                 yield from _graphs(inner)
 
 
+def _batch_normalization_as_specified():
+    """A BatchNormalization for onnx's ReferenceEvaluator that runs as the spec says. Its own runs
+    one of opsets 9 to 14 that carries a momentum attribute (torch.onnx writes one) on batch
+    statistics, and so failed a correct file; in every opset a node with one output is inference,
+    on its running statistics, and those of opset 6 to 8 with spatial=0 are per C x H x W."""
+    from onnx.reference.op_run import OpRun
+
+    class BatchNormalization(OpRun):
+        op_domain = ""
+
+        def _run(self, x, scale, bias, mean, var, epsilon=1e-5, momentum=0.9, training_mode=0, **_):
+            # Per channel, or per element of one example (spatial=0): its statistics' own shape.
+            stats_shape = (-1,) + (1,) * (x.ndim - 2) if mean.size == x.shape[1] else x.shape[1:]
+            s, b, m, v = (np.asarray(t).reshape(stats_shape) for t in (scale, bias, mean, var))
+            outputs = sum(1 for name in self.onnx_node.output if name)
+            if outputs == 1 and not training_mode:
+                return ((s * (x - m) / np.sqrt(v + epsilon) + b).astype(x.dtype),)
+            axes = (0, *range(2, x.ndim)) if mean.size == x.shape[1] else (0,)
+            batch_mean, batch_var = x.mean(axis=axes), x.var(axis=axes)
+            shape = (1, *stats_shape)
+            y = s * (x - batch_mean.reshape(shape)) / np.sqrt(batch_var.reshape(shape) + epsilon) + b
+            running = (mean * momentum + batch_mean * (1 - momentum), var * momentum + batch_var * (1 - momentum))
+            return tuple(t.astype(x.dtype) for t in (y, *running, batch_mean, batch_var)[:outputs])
+
+    return BatchNormalization
+
+
 class EvaluatorRunner:
     kind, label = "onnx", "onnx-reference"
 
@@ -332,7 +359,7 @@ class EvaluatorRunner:
 
         proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
         try:
-            self.evaluator = ReferenceEvaluator(proto)
+            self.evaluator = ReferenceEvaluator(proto, new_ops=[_batch_normalization_as_specified()])
         except NotImplementedError as err:  # an op it lacks (ai.onnx.ml's ZipMap): the user's choice of --reference
             raise UserError(f"onnx's ReferenceEvaluator cannot run {_describe(model)}: {one_line(err).removesuffix(' in')} "
                             "(compare in onnxruntime alone: drop --reference)") from err

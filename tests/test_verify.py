@@ -16,7 +16,7 @@ from bngraph.cli import main
 from bngraph.export import export
 from bngraph.compare import ONNX_TOLERANCE, TORCH_TOLERANCE, compare
 from bngraph.verify import verify_models
-from tests.onnx_models import conv_bn_net, mlp_bn_net
+from tests.onnx_models import conv_bn_net, conv_bn_net_perturbed, mlp_bn_net
 from tests.test_data import make_arrays, write_set
 from tests.test_data_formats import write_image_folder, write_npz
 
@@ -178,6 +178,21 @@ def test_the_reference_evaluator_is_a_third_opinion(onnx_files):
     report = json.loads(out)
     assert code == 0
     assert [r["runtime"] for r in report["verification"]][-1] == "onnx-reference vs torch"
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+def test_the_reference_evaluator_runs_an_old_opsets_batchnorm_on_its_running_statistics(opset, tmp_path):
+    # torch.onnx writes a momentum attribute on opsets 9 to 14; onnx's own BatchNormalization then
+    # used batch statistics, and a correct file FAILED against its model.
+    for name, model in (("model", conv_bn_net()), ("perturbed", conv_bn_net_perturbed())):
+        torch.onnx.export(model.eval(), (torch.randn(2, 3, 12, 12),), str(tmp_path / f"{name}.onnx"), dynamo=False,
+                          opset_version=opset, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    assert any(n.op_type == "BatchNormalization" for n in onnx.load(str(tmp_path / "model.onnx")).graph.node)
+    code, out, err = run_cli("verify", MODEL, tmp_path / "model.onnx", "--reference", "--json")
+    assert code == 0, err
+    assert "onnx-reference vs torch" in [r["runtime"] for r in json.loads(out)["verification"]]
+    code, out, _ = run_cli("verify", MODEL, tmp_path / "perturbed.onnx", "--reference", "--json")
+    assert code == 1 and not any(r["passed"] for r in json.loads(out)["verification"])
 
 
 def test_real_data_is_one_more_batch(tmp_path):
