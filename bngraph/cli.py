@@ -32,7 +32,7 @@ import rich
 
 import bngraph
 from bngraph.atomic import refuse_empty_output, working_folder_pinned
-from bngraph.errors import CheckFailed, UserError, user_frame
+from bngraph.errors import CheckFailed, UserError, printable, user_frame
 
 # The life of a BN model, in order: a module of bngraph/commands each. Named, not discovered: a
 # module deleted from the source can live on in an installed copy (setuptools' build/ keeps what
@@ -234,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         if stopped_by:  # the signal landed in code that turned it into another error (torch's lazy imports)
             print(f"bngraph: interrupted{': terminated' if stopped_by[-1] == signal.SIGTERM else ''}", file=sys.stderr)
             return 128 + stopped_by[-1]
-        print(f"bngraph: error: {err}", file=sys.stderr)
+        print(f"bngraph: error: {printable(str(err))}", file=sys.stderr)
         return 2
     except CheckFailed as err:
-        print(f"bngraph: check failed: {err}", file=sys.stderr)
+        print(f"bngraph: check failed: {printable(str(err))}", file=sys.stderr)
         return 1
     except SystemExit as stop:  # the user's code called sys.exit(): theirs, in one line, not our exit code
         frame = user_frame(stop)

@@ -10,6 +10,7 @@ import os
 import sys
 import sysconfig
 import traceback
+import unicodedata
 from collections.abc import Callable
 
 
@@ -49,6 +50,15 @@ def one_line(err: BaseException) -> str:
     if first.endswith("for the following indices"):  # onnxruntime lists the axes and sizes below it
         first += ": " + "; ".join(line.strip() for line in text[1:] if line.strip().startswith("index:"))
     return f"{type(err).__name__}: {first}".rstrip(": ")
+
+
+def printable(text: str) -> str:
+    """`text` with each control character written as its escape (`\\n`, `\\x1b`): a newline in
+    a folder's name must not split a one-line message or a table row, nor a terminal escape in a
+    file's name reach the terminal."""
+    if not any(unicodedata.category(c) == "Cc" for c in text):
+        return text
+    return "".join(c.encode("unicode_escape").decode() if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def add_note(err: BaseException, note: str) -> None:

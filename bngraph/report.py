@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bngraph.errors import printable
+
 
 @dataclass
 class Report:
@@ -46,7 +48,7 @@ class Report:
         console = Console(file=stream, width=None if stream.isatty() else 160, highlight=False)
         console.print(f"[bold]{self.title}[/bold]")
         for key, value in self.facts.items():
-            console.print(f"  {key}: {escape(_cell(value))}")
+            console.print(f"  {key}: {_text(_cell(value))}")
         for name, rows in self.sections.items():
             if not rows:
                 console.print(f"  {name}: none")
@@ -56,10 +58,16 @@ class Report:
             for column in columns:
                 table.add_column(column, overflow="fold")  # a narrow terminal wraps a number, never cuts it to "…"
             for row in rows:
-                table.add_row(*(escape(_cell(row.get(c, ""))) for c in columns))  # `[...]` in a reason is text
+                table.add_row(*(_text(_cell(row.get(c, ""))) for c in columns))
             console.print(table)
         for note in self.notes:
-            console.print(f"  note: {escape(str(note))}")
+            console.print(f"  note: {_text(str(note))}")
+
+
+def _text(text: str) -> str:
+    """`text` as one printed line: `[...]` in a reason is text, not rich markup, and a control
+    character (a newline in a class folder's name) is written as its escape."""
+    return escape(printable(text))
 
 
 # Differences and errors mean their order of magnitude and a few digits; anything else (a loss,

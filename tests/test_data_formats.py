@@ -302,6 +302,18 @@ def test_image_folder_trains_at_the_models_size_and_channels(tmp_path, capsys, n
     assert data.x_test.shape == (9, 3, 5, 6) and 0 <= data.x_test.min() and data.x_test.max() <= 1
 
 
+def test_class_folders_named_with_control_characters_print_on_one_line_each(tmp_path, capsys, nets):
+    # A folder name holding a newline split the table's note over two lines, and a terminal
+    # escape in one reached the terminal.
+    root = write_image_folder(tmp_path / "pets", classes=("cat\nfluffy", "dog\x1b[2J"))
+    code, out, err = _cli(capsys, "train", f"{nets}:Net", "--data", root, "--steps", 2, "--batch-size", 4,
+                          "--eval-every", 2, "--quiet", "-o", tmp_path / "run")
+    assert code == 0, err
+    assert "\x1b" not in out and r"output i is class i: cat\nfluffy, dog\x1b[2J (all 2" in out
+    history = json.loads((tmp_path / "run" / "model" / "bngraph.json").read_text())["history"]
+    assert history[-1]["classes"] == ["cat\nfluffy", "dog\x1b[2J"]  # the names themselves, in JSON
+
+
 @pytest.mark.parametrize("input_shape", [(2, 3, 8, 8), (2, 8, 8)])
 def test_an_image_folder_for_a_model_taking_integers_gives_the_same_pixels_held_whole_and_streamed(tmp_path, input_shape):
     # Held whole, a model declaring an int64 input got pixels 0-255 as integers; streamed (and in

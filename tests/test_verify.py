@@ -218,12 +218,13 @@ def test_real_data_in_any_format_train_reads(tmp_path):
     "argv",
     [
         ["verify", "missing.onnx", MODEL],
+        ["verify", "missing\nfile.onnx", MODEL],  # a newline in a name no longer splits the line
         ["verify", MODEL, MODEL, "--atol", "-1"],
         ["verify", MODEL, MODEL, "--data", "nowhere"],
         # onnx's ReferenceEvaluator runs ONNX files only: two PyTorch models passed without it or a word.
         ["verify", MODEL, MODEL, "--reference"],
     ],
-    ids=["missing-file", "negative-tolerance", "missing-data", "reference-evaluator-without-onnx"],
+    ids=["missing-file", "newline-in-name", "negative-tolerance", "missing-data", "reference-evaluator-without-onnx"],
 )
 def test_bad_input_exits_2_with_one_line(argv):
     code, out, err = run_cli(*argv)
