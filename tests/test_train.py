@@ -355,13 +355,19 @@ class Net(nn.Module):
 """
 
 
-def test_a_models_own_error_under_compile_is_the_models_not_compiles(tmp_path, capsys, mnist_dir):
-    # dynamo reports a forward's shape error as its TorchRuntimeError: it was blamed on --compile.
-    (tmp_path / "net.py").write_text(TRAIN_MODE_BUG_PY)
+@pytest.mark.parametrize("holds_a_lock", [False, True], ids=["copyable", "holding-a-lock"])
+def test_a_models_own_error_under_compile_is_the_models_not_compiles(holds_a_lock, tmp_path, capsys, mnist_dir):
+    # dynamo reports a forward's shape error as its TorchRuntimeError: it was blamed on --compile,
+    # and a model no copy can be made of (it holds a lock) still was.
+    source = TRAIN_MODE_BUG_PY
+    if holds_a_lock:
+        source = source.replace("nn.Linear(11, 10)", "nn.Linear(11, 10)\n        self.lock = threading.Lock()")
+    (tmp_path / "net.py").write_text("import threading\n" + source)
     code, _, err = _cli(capsys, "train", f"{tmp_path / 'net.py'}:Net", "--data", mnist_dir, "--steps", 2, "--compile",
                         "--quiet", "-o", tmp_path / "run")
     assert code == 2 and err.count("\n") == 1, err
-    assert f"{tmp_path / 'net.py'}:16 (h = self.b(h)  # LINE: the shape error)" in err and "compile" not in err
+    line = 18 if holds_a_lock else 17
+    assert f"{tmp_path / 'net.py'}:{line} (h = self.b(h)  # LINE: the shape error)" in err and "compile" not in err
 
 
 UNTRACEABLE_PY = """

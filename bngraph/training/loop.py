@@ -335,17 +335,32 @@ def _compile_failed(net: nn.Module, x: torch.Tensor, setup: _Setup, err: Excepti
     model = getattr(model, "module", model)  # DDP's
     way_out = "train without --compile (in Python: TrainConfig(compile=False))"
     try:
-        copy = deepcopy(model)
-    except Exception:  # a model holding a lock: whose error it was cannot be told on a copy
-        return UserError(f"--compile: the compiled training step failed ({one_line(err)}); {way_out}, which names "
-                         "the model's line where the model itself fails")
+        copy, kept = deepcopy(model), contextlib.nullcontext()
+    except Exception:  # a model holding a lock: the model itself, its state put back after
+        copy, kept = model, _state_kept(model)
     try:
-        with setup.amp():  # with gradients, and their backward, as the step: an in-place write to a leaf fails only so
+        # With gradients, and their backward, as the step: an in-place write to a leaf fails only so.
+        with kept, setup.amp():
             logits_of(copy(x), mode="training").float().sum().backward()
     except Exception as own:
         if isinstance(own, UserError) or user_frame(own) is not None:
             return own if isinstance(own, UserError) else model_raised(own, failed=_IN_TRAINING)
     return UserError(f"--compile: torch.compile could not build the training step ({one_line(err)}); {way_out}")
+
+
+@contextlib.contextmanager
+def _state_kept(model: nn.Module) -> Iterator[None]:
+    """Run `model` and leave its parameters, buffers, gradients and the random state as they were."""
+    state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    grads = [(p, p.grad) for p in model.parameters()]
+    devices = sorted({t.device.index or 0 for t in state.values() if t.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        model.load_state_dict(state)
+        for p, grad in grads:
+            p.grad = grad
 
 
 @contextlib.contextmanager
