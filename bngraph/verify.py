@@ -489,6 +489,7 @@ def verify_models(
         shapes = loaded[0].input_shapes
         # The inputs it declares, not the optional ones after them (`scale=1.0`), which no file holds.
         names = forward_parameter_names(loaded[0].module)[:len(shapes) if shapes else None]
+        _refuse_undeclared_inputs(loaded[0].module, names, onnx_specs, onnx_texts)
     elif onnx_specs:
         shapes, names = onnx_specs[0].shapes, onnx_specs[0].names
     else:
@@ -586,6 +587,19 @@ def _not_tensors(model, batch, names: Sequence[str]) -> list[str]:
     with torch.no_grad(), eval_mode(model), running_user_model():
         out = model(**dict(zip(keywords, tensors))) if keywords else model(*tensors)
     return [where for where, leaf in named_leaves(out) if not isinstance(leaf, (torch.Tensor, type(None)))]
+
+
+def _refuse_undeclared_inputs(module: torch.nn.Module, declared: Sequence[str], onnx_specs, texts) -> None:
+    """A file taking a forward's later argument the model declares no shape for (`mask`, where the
+    model declares `x, past`) cannot be fed from those shapes: by position, `mask` got `past`'s
+    values and a correct file FAILED as "computes something else"."""
+    params = forward_parameter_names(module)
+    for spec, text in zip(onnx_specs, texts):
+        if undeclared := [n for n in spec.names if n in params and n not in declared]:
+            name = undeclared[0]
+            raise UserError(f"{text} takes input {name!r}, which {type(module).__name__}'s forward takes as input "
+                            f"{params.index(name)} but declares no shape for (it declares {', '.join(declared)}): a model "
+                            "that declares no input shapes is fed the file's inputs by name")
 
 
 def _state_versions(model) -> dict[str, tuple[torch.Tensor, int]]:

@@ -860,6 +860,35 @@ def test_a_file_of_some_of_the_forwards_inputs_feeds_the_model_by_keyword(tmp_pa
     assert verify(good, _WithOptionalInputs(), [batch], input_names=["x", "mask"])
 
 
+OPTIONAL_INPUTS_PY = '''
+from torch import nn
+
+
+class Optional(nn.Module):
+    def forward(self, x, past=None, mask=None):
+        y = 2 * x
+        if past is not None:
+            y = y + past
+        return y * mask if mask is not None else y
+
+
+class DeclaresXAndPast(Optional):
+    example_input_shapes = [(2, 5), (2, 5)]
+'''
+
+
+def test_a_file_taking_an_input_the_model_declares_no_shape_for_is_refused_naming_it(tmp_path):
+    # The model declares (x, past); the file takes (x, mask): fed by position, mask got past's
+    # values, and the correct file FAILED as "computes something else".
+    (tmp_path / "m.py").write_text(OPTIONAL_INPUTS_PY)
+    good = _x_and_mask_file(tmp_path / "good.onnx", "Mul")
+    code, _, err = run_cli("verify", f"{tmp_path / 'm.py'}:DeclaresXAndPast", good)
+    assert code == 2 and err == (f"bngraph: error: {good} takes input 'mask', which DeclaresXAndPast's forward takes "
+                                 "as input 2 but declares no shape for (it declares x, past): a model that declares no "
+                                 "input shapes is fed the file's inputs by name\n")
+    assert run_cli("verify", f"{tmp_path / 'm.py'}:Optional", good)[0] == 0
+
+
 def test_an_onnx_graph_listing_one_output_twice_is_named_as_such(tmp_path):
     # Valid ONNX, which onnxruntime runs; the refusal spoke of dict keys joined with '.'.
     from onnx import TensorProto, helper
