@@ -510,7 +510,9 @@ def _record_what_its_data_means(module: nn.Module, example_inputs, model, report
         report.notes.append(f"the model was trained on {scale}: feed it its inputs so (recorded in the file's metadata "
                             "as bngraph_input_scale)")
     if classes:
-        width = _logits_width(module, example_inputs)
+        from bngraph.training.data import logits_width  # here: export needs training's code only for this
+
+        width = logits_width(module, example_inputs)
         if width is None or width < len(classes):  # a new head on a loaded model: the names name no output
             report.notes.append(f"the model's {len(classes)} class names are not written into the file: its logits "
                                 f"have {width if width is not None else 'no'} columns")
@@ -518,16 +520,6 @@ def _record_what_its_data_means(module: nn.Module, example_inputs, model, report
         model.metadata_props["bngraph_classes"] = json.dumps(list(classes))
         extra = f"; outputs {len(classes)} to {width - 1} name no class" if width > len(classes) else ""
         report.notes.append(f"output i is class i of the {len(classes)} in the file's metadata (bngraph_classes){extra}")
-
-
-def _logits_width(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> int | None:
-    from bngraph.training.data import logits_of  # here: export needs training's code only for this
-
-    try:
-        with torch.no_grad(), eval_mode(module), running_user_model():
-            return logits_of(module(*fresh_inputs(example_inputs))).shape[1]
-    except Exception:  # no (N, classes) logits: the names name nothing here
-        return None
 
 
 @library_call

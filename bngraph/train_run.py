@@ -64,7 +64,7 @@ def train_run(
     ctx = distributed
     model, history = loaded.module, list(loaded.history)
     check_no_global_hooks(model)  # before the steps, not when the model is written after them
-    data = with_model_classes(data, loaded.classes)  # fine-tuning: the model's outputs keep their classes
+    data = with_model_classes(data, loaded.classes, model)  # fine-tuning: the model's outputs keep their classes
     check_input_scale(data, loaded.input_scale)
     if steps is None:  # `--epochs 0` is refused by epochs_to_steps, not read as the default
         steps = epochs_to_steps(2 if epochs is None else epochs, data.n_train, batch_size * ctx.world_size)

@@ -1618,6 +1618,24 @@ def make():
 '''
 
 
+def test_a_head_made_wider_takes_new_classes_after_the_models_own(tmp_path, nets):
+    # Given a wider head for a folder with a new class, the model was refused ("leave that folder
+    # out"): its outputs 0 and 1 keep cat and dog, and the new class takes output 2, whatever
+    # the folders' order.
+    write_image_folder(tmp_path / "two", classes=("cat", "dog"))
+    write_image_folder(tmp_path / "three", classes=("ant", "cat", "dog"))
+    config = TrainConfig(steps=2, batch_size=3, eval_every=2, decay_every=None)
+    model = train(bngraph.load(f"{nets}:Net"), str(tmp_path / "two"), config, progress=False).model
+    model.head = nn.Linear(16, 2)  # as narrow as its classes: no output for ant
+    with pytest.raises(UserError, match="has class folder 'ant', which is not one of the model's classes"):
+        train(model, str(tmp_path / "three"), config, progress=False)
+    model.head = nn.Linear(16, 3)
+    data = with_model_classes(open_data(tmp_path / "three", input_shape=(2, 3, 8, 8)), model.bngraph_classes, model)
+    assert data.class_names == ("cat", "dog", "ant") and data.y_train.tolist() == [2, 2, 2, 0, 0, 0, 1, 1, 1]
+    again = train(model, str(tmp_path / "three"), config, progress=False)
+    assert again.model.bngraph_classes == ("cat", "dog", "ant")
+
+
 def test_a_factory_of_read_only_arrays_reads_without_torchs_warning(tmp_path):
     (tmp_path / "mapped.py").write_text(READ_ONLY_PY)
     with warnings.catch_warnings():

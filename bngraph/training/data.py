@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bngraph.errors import UserError, model_raised
+from bngraph.errors import UserError, model_raised, running_user_model
 from bngraph.load import declared_shapes
 
 
@@ -381,6 +381,19 @@ def logits_of(output, *, mode: str = "eval") -> torch.Tensor:
             "returned alone or as the `logits` entry of a dict or dataclass"
         )
     return logits
+
+
+def logits_width(module: nn.Module, example_inputs) -> int | None:
+    """How many logits (N, classes) `module` gives in eval mode on `example_inputs`; None where
+    its output holds no such logits (the class names name nothing there)."""
+    from bngraph.runners import eval_mode
+
+    device = next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
+    try:
+        with torch.no_grad(), eval_mode(module), running_user_model(), torch.random.fork_rng(devices=[]):
+            return logits_of(module(*(x.to(device, copy=True) for x in example_inputs))).shape[1]
+    except Exception:
+        return None
 
 
 # Cross-entropy takes logits and applies its own softmax; on probabilities it trains on

@@ -51,7 +51,7 @@ from torch import nn
 from bngraph.data import FILES, find_idx_file, load_mnist
 from bngraph.errors import UserError, model_raised, one_line, require_file
 from bngraph.load import call_user_factory, declared_shapes, import_user_file
-from bngraph.training.data import UINT8_SCALE, StreamData, TensorData, check_finite, same_name, seeded
+from bngraph.training.data import UINT8_SCALE, StreamData, TensorData, check_finite, logits_width, same_name, seeded
 
 # torchvision's ImageFolder's (all of which Pillow decodes), .jfif (JPEGs as browsers save them) and .gif:
 # a file of another suffix is not an image, and is left out.
@@ -461,11 +461,13 @@ class ImageFiles(torch.utils.data.Dataset):
         return to_model_input(image[None], self.target)[0], torch.tensor(label)
 
 
-def with_model_classes(data, classes: tuple[str, ...] | None):
+def with_model_classes(data, classes: tuple[str, ...] | None, model: nn.Module | None = None):
     """`data` with its class folders' labels mapped onto the model's `classes` (its output i is
-    class i): a folder lacking one of them must not shift the others' labels. A class the model
-    does not know is refused, and so is data without class names for a model with them (its
-    labels would retrain the outputs, the old names kept). A model without them takes any data."""
+    class i): a folder lacking one of them must not shift the others' labels. Classes the model
+    does not know take the outputs after its own where `model` has that many (a head made wider
+    to learn them), and are refused otherwise; so is data without class names for a model with
+    them (its labels would retrain the outputs, the old names kept). A model without them takes
+    any data."""
     if classes is not None and data.class_names is None:  # its labels would retrain the outputs under the old names
         raise UserError(f"{data.source} gives labels without class names, and the model's outputs are the classes "
                         f"{', '.join(classes[:6])}{' ...' if len(classes) > 6 else ''} (recorded in its bngraph.json): "
@@ -474,9 +476,13 @@ def with_model_classes(data, classes: tuple[str, ...] | None):
         return data
     output_of = {same_name(c): i for i, c in enumerate(classes)}
     unknown = [c for c in data.class_names if same_name(c) not in output_of]
+    if unknown and model is not None and len(classes) + len(unknown) <= (logits_width(model, [data.example(2)]) or 0):
+        output_of.update({same_name(c): len(classes) + i for i, c in enumerate(unknown)})
+        classes, unknown = (*classes, *unknown), []
     if unknown:
         raise UserError(f"{data.source} has class folder {unknown[0]!r}, which is not one of the model's classes "
-                        f"({', '.join(classes)}, recorded in its bngraph.json): leave that folder out")
+                        f"({', '.join(classes)}, recorded in its bngraph.json): leave that folder out"
+                        + (", or give the model a head with an output for each new class" if model is not None else ""))
     label_of = [output_of[same_name(c)] for c in data.class_names]  # folder label -> the model's output
     if isinstance(data, TensorData):
         mapping = torch.tensor(label_of, device=data.y_train.device)

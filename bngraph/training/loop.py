@@ -163,7 +163,7 @@ def _train_in_folder(model: nn.Module, data, config: TrainConfig, out_dir: Path 
         data = data.to(dev)
     # A model bngraph.load gave from a run knows its classes: a folder lacking one of them must
     # not shift the others' labels (the CLI maps them before it calls this).
-    data = with_model_classes(data, getattr(model, "bngraph_classes", None))
+    data = with_model_classes(data, getattr(model, "bngraph_classes", None), model)
     check_input_scale(data, getattr(model, "bngraph_input_scale", None))  # as the CLI's fine-tune does
     # Before the first step: data the model cannot take is one line naming it (train_run checks
     # too; an API caller's model and data meet here first).
