@@ -43,6 +43,22 @@ def _refusal(bn: ir.Node) -> str | None:
         return reason
     if rank(bn.inputs[0]) is None:
         return "the rank of its input is unknown, so its channel axis cannot be broadcast"
+    return _statistics_misfit(bn)
+
+
+def _statistics_misfit(bn: ir.Node) -> str | None:
+    """Why its statistics cannot broadcast over its input: (C,), or (C, D1, ...) for spatial=0, is
+    what the spec allows; flattened (C*D,) ones, which onnxruntime refuses to run too, made a
+    Mul the checker failed."""
+    stats = bn.inputs[3].shape
+    sizes = list(bn.inputs[0].shape or [])[1:]
+    if stats is None:
+        return None
+    expected = sizes[:1] if len(stats) == 1 else sizes
+    if len(stats) != len(expected) or any(isinstance(a, int) and isinstance(b, int) and a != b
+                                          for a, b in zip(stats, expected)):
+        return (f"its statistics are shaped {list(stats)}, which fits neither its channel axis nor its input's "
+                f"{[d if isinstance(d, int) else '?' for d in sizes]} per example")
     return None
 
 

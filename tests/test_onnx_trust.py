@@ -111,18 +111,25 @@ def test_spatial_0_on_features_is_per_feature_and_folds_into_the_gemm():
 
 
 
-def test_spatial_0_statistics_flattened_for_an_image_are_not_read_as_per_channel():
+@pytest.mark.parametrize("standalone_bn", ["batchnorm", "mul-add"])
+def test_spatial_0_statistics_flattened_for_an_image_are_not_read_as_per_channel(standalone_bn):
     # (C*H*W,) statistics: onnx.checker takes the file, onnxruntime does not run it; the fold
     # read them as per channel and crashed in onnxscript's broadcast (a traceback, exit 1); the
-    # CLI now gives onnxruntime's refusal of the input in one line.
+    # CLI now gives onnxruntime's refusal of the input in one line. As Mul + Add, they made a
+    # Mul the checker failed (a traceback).
     model = conv_bn_file(opset=7, ir_version=4, spatial=0)
     for stat in model.graph.initializer:
         if stat.name in BN_STATS:
             stat.dims[:] = [int(np.prod(stat.dims))]
-    folded, report = fold_onnx(model)
+    folded, report = fold_onnx(model, standalone_bn=standalone_bn)
     assert ops(folded) == ["Conv", "BatchNormalization"]  # as it was, which onnxruntime refuses in one line
-    [kept] = report.sections["kept"]
-    assert "spatial=0 on a rank-4 input: its 144 statistics are per position" in kept["note"]
+    if standalone_bn == "mul-add":
+        [left] = report.sections["remaining"]
+        assert left["reason"] == ("its statistics are shaped [144], which fits neither its channel axis nor its "
+                                  "input's [4, 6, 6] per example")
+    else:
+        [kept] = report.sections["kept"]
+        assert "spatial=0 on a rank-4 input: its 144 statistics are per position" in kept["note"]
 
 
 def test_a_bn_naming_its_absent_outputs_by_empty_names_folds_and_verifies(tmp_path):
