@@ -230,8 +230,10 @@ def load_weights(module: nn.Module, weights: str | Path) -> None:
     if not_tensors:
         raise UserError(f"weights {path} are not a state dict: {_some(not_tensors)} are not tensors")
     own = module.state_dict()
-    if not any(k.rsplit(".", 1)[-1] == _BATCHES_TRACKED for k in state):
-        # A BatchNorm's state from before torch 0.4.1 has no counter; torch's own load fills it in.
+    counted = any(k.rsplit(".", 1)[-1] == _BATCHES_TRACKED for k in state)
+    if not counted:
+        # A BatchNorm's state from before torch 0.4.1 has no counter (nor one a user popped): each
+        # keeps the model's. torch fills it in only where the file's metadata says it is that old.
         own = {k: v for k, v in own.items() if k.rsplit(".", 1)[-1] != _BATCHES_TRACKED}
     state = _without_wrapper_prefix(state, own)
     missing = [k for k in own if k not in state]
@@ -248,7 +250,7 @@ def load_weights(module: nn.Module, weights: str | Path) -> None:
     if problems:
         raise UserError(f"weights {path} are for another model: " + "; ".join(problems))
     try:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=counted)  # every other key was checked above
     except Exception as err:
         raise UserError(f"weights {path} do not fit the model: {_first_line(one_line(err))}") from err
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+import bngraph
 from bngraph.cli import main
 from bngraph.errors import ModelRaised, running_user_model
 from bngraph.passes.base import PassResult, graph_pass, run_passes
@@ -239,6 +240,30 @@ def test_weights_without_the_batchnorms_counters_load_as_torch_loads_them(tmp_pa
     assert code == 0, err
     code, out, err = _cli(capfd, "verify", "zoo:inception-small", tmp_path / "out", "--weights", path)
     assert code == 0, out + err
+
+
+def test_weights_whose_counters_were_popped_load_too(tmp_path, capfd):
+    # Popped from the state dict, the counters left its metadata (version 2) saying they were
+    # there, so torch did not fill them in: refused as "Error(s) in loading state_dict", no key named.
+    source = tmp_path / "net.py"
+    source.write_text("from torch import nn\n"
+                      "class Net(nn.Module):\n"
+                      "    example_input_shape = (2, 3, 8, 8)\n"
+                      "    def __init__(self):\n"
+                      "        super().__init__()\n"
+                      "        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)\n"
+                      "    def forward(self, x):\n"
+                      "        return self.bn(self.conv(x))\n")
+    model = bngraph.load(f"{source}:Net")
+    state = randomize_bn(model).state_dict()
+    state.pop("bn.num_batches_tracked")
+    torch.save(state, tmp_path / "w.pt")
+    code, _, err = _cli(capfd, "fold", f"{source}:Net", "--weights", tmp_path / "w.pt", "-o", tmp_path / "out")
+    assert code == 0, err
+    folded = bngraph.load(tmp_path / "out")
+    x = torch.randn(5, 3, 8, 8) * 3 + 1
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model.eval()(x), atol=1e-5, rtol=1e-5)
 
 
 def test_weights_of_a_model_with_lazy_layers_load_after_the_layers_take_their_shapes(tmp_path, capfd):
