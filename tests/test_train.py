@@ -66,6 +66,23 @@ def test_a_run_killed_mid_way_and_resumed_ends_bit_identical(tmp_path):
     assert drop(read_metrics(tmp_path / "killed" / "metrics.jsonl")) == drop(whole.metrics)
 
 
+def test_an_on_eval_logger_that_edits_its_row_leaves_the_history_as_measured(tmp_path):
+    # wandb.log(row, step=row.pop("step")) got the dict the run keeps: metrics.jsonl, rewritten
+    # whole at each evaluation, and TrainRun.metrics lost every step but the last.
+    logged = []
+
+    def log(row):
+        logged.append((row.pop("step"), row.pop("test_loss")))
+        row["test_accuracy"] = -1.0
+
+    config = replace(CONFIG, steps=20, checkpoint_every=20)
+    run = train(small_net(), tensor_data(n_train=64, n_test=32), config, out_dir=tmp_path, progress=False, on_eval=log)
+    saved = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in saved] == [r["step"] for r in run.metrics] == [s for s, _ in logged] == [10, 20]
+    assert [r["test_loss"] for r in run.metrics] == [loss for _, loss in logged]
+    assert all(0 <= r["test_accuracy"] <= 1 for r in (*saved, *run.metrics))
+
+
 def test_a_streamed_run_with_dropout_resumed_ends_bit_identical(tmp_path):
     # Each DataLoader iterator once drew its seed from the global generator, which dropout draws
     # from: the resume's new iterator moved every later dropout mask.

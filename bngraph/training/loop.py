@@ -114,7 +114,7 @@ def train(
     `config.precision` and `config.channels_last` default to bf16 autocast and channels_last on
     CUDA, fp32 and the default layout elsewhere; fp16 uses a GradScaler. With `out_dir`,
     checkpoints and metrics go there, and `resume=True` continues from its checkpoint.
-    `on_eval(row)` sees each metrics row once it and its checkpoint are written (and may raise to
+    `on_eval(row)` sees a copy of each metrics row once it and its checkpoint are written (and may raise to
     stop: the run resumes from there). Under torchrun
     (`distributed` from `bngraph.training.distributed.join`), every rank calls this with the same
     arguments; rank 0 alone reads and writes `out_dir` (see bngraph.training.distributed). With
@@ -236,7 +236,7 @@ def _train_in_folder(model: nn.Module, data, config: TrainConfig, out_dir: Path 
                                     data=fingerprint, example=example)
                     saved_at = done
                 if is_eval and on_eval is not None:  # after its checkpoint: a callback that raises to stop keeps it
-                    on_eval(row)
+                    on_eval(dict(row))  # its own copy: a logger that pops "step" must not edit the history
                 if stopping:
                     where = f"; resume with --resume (checkpoint in {out_dir})" if out_dir is not None else ""
                     stop = KeyboardInterrupt(f"stopped after step {done}{where}")  # the CLI's one line
