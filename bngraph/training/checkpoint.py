@@ -51,7 +51,8 @@ def open_run_folder(out_dir: Path | None, resume: bool) -> None:
         check_resumable(out_dir)
         remove_left_by_kills(out_dir, RUN)
     if not resume and checkpoint_path is not None and checkpoint_path.exists():
-        raise UserError(f"{out_dir} holds a run already: add --resume to continue it, or choose another -o")
+        raise UserError(f"{out_dir} holds a run already: add --resume to continue it (in Python: resume=True), or "
+                        "choose another -o (out_dir)")
     if out_dir is not None:
         start_run_folder(out_dir, resume=resume)  # new, empty or a run's: never a user's folder
 
