@@ -19,6 +19,7 @@ import importlib.util
 import inspect
 import math
 import re
+import textwrap
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +70,33 @@ def _import_line(name: str, value) -> str | None:
     if not module or not qualname or "<" in qualname:
         raise UserError(f"cannot save the model as code: its forward uses {name!r}, which has no import path")
     return f"from {module} import {qualname}" + ("" if qualname == name else f" as {name}")
+
+
+def _guards() -> tuple:
+    """The checks bngraph's traces call (an argument fixed at None, a branch on shapes or dtypes)."""
+    from bngraph import trace  # here: trace imports this module's users
+
+    return (trace.assert_argument_is_none, trace.check_input_dtype, trace.check_traced_shapes,
+            trace.check_traced_length, trace.check_traced_dtype)
+
+
+def _guard_definitions(guards: dict[str, object]) -> list[str]:
+    """Each check the forward calls, under the name it calls it by: bngraph's own where bngraph
+    is installed (its traces know them by identity, and keep them as one call), else its source
+    written out, so that model.py imports without bngraph ("Plain PyTorch")."""
+    from bngraph import trace
+
+    definitions = []
+    for name, function in sorted(guards.items()):
+        source = inspect.getsource(function)
+        if function is trace.check_traced_length:  # it calls check_traced_shapes: the same one
+            source = source.replace("check_traced_shapes(", "_check_traced_shapes(") + "\n\n" + re.sub(
+                r"^def check_traced_shapes\(", "def _check_traced_shapes(", inspect.getsource(trace.check_traced_shapes))
+        written = re.sub(rf"^def {function.__name__}\(", f"def {name}(", source, count=1, flags=re.M)
+        definitions.append(f"\n\ntry:\n    from bngraph.trace import {function.__name__} as {name}\n"
+                           "except ImportError:  # plain PyTorch: the same check, written out\n"
+                           + textwrap.indent(written.rstrip(), "    "))
+    return definitions
 
 
 def _constructor(path: str, module: nn.Module) -> str:
@@ -198,8 +226,10 @@ def module_source(
     if from_file and base is None:
         name = next(iter(from_file.values())).__qualname__
         raise UserError(f"cannot save the model as code: its forward calls {name} from the model's own file")
-    imports = {line for n, v in used.items() if n not in from_file and (line := _import_line(n, v))}
+    guards = {n: v for n, v in used.items() if any(v is guard for guard in _guards())}
+    imports = {line for n, v in used.items() if n not in from_file and n not in guards and (line := _import_line(n, v))}
     imports = sorted(imports - {"import torch"}) + [f"{n} = {v.__qualname__}" for n, v in from_file.items()]
+    imports += _guard_definitions(guards)
 
     body = ["    def __init__(self):", "        super().__init__()"]
     # In the order the forward calls them, so that print(model) reads like the computation; with

@@ -12,6 +12,8 @@ a branch on the batch size, on data or on a mode that changes the graph is still
 
 import json
 import re
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -257,6 +259,28 @@ def test_the_guarded_graph_goes_through_the_whole_chain(tmp_path, capsys):
     assert code == 0, err
     assert json.loads(out)["tracing"] == "torch.fx"
     assert "check_traced_shapes" in (bn / "model.py").read_text()  # the guard is part of the saved code
+    # model.py says "Plain PyTorch: import it": where bngraph is not installed too (it imported
+    # its guards from bngraph.trace).
+    x = _x(5, 8, 32)
+    torch.save(x, tmp_path / "x.pt")
+    plain = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import importlib.util, sys, torch
+        sys.modules["bngraph"] = None  # a machine with torch alone
+        spec = importlib.util.spec_from_file_location("m", {str(bn / "model.py")!r})
+        code = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(code)
+        model = code.BngraphModel()
+        model.load_state_dict(torch.load({str(bn / "weights.pt")!r}, weights_only=True))
+        torch.save(model.eval()(torch.load({str(tmp_path / "x.pt")!r})), {str(tmp_path / "y.pt")!r})
+        try:
+            model(torch.randn(2, 8, 40))
+        except ValueError as err:
+            print(err)
+    """)], capture_output=True, text=True, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    assert "branches on shapes" in plain.stdout
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "y.pt"), bngraph.load(bn).eval()(x))
     code, out, err = _cli(capsys, "fold", bn, "-o", folded, "--strict")
     assert code == 0, err
     code, out, err = _cli(capsys, "export", folded, "-o", onnx)  # verified at other batch sizes before it appears
