@@ -815,8 +815,10 @@ def onnx_inputs(
         elif dims is None:
             raise UserError(f"input {value.name!r} of {_describe(model)} declares no shape: give it with --input-shape")
         elif any(d is None for d in dims[1:]):
+            named = [str(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else d.dim_param or "?"
+                     for d in value.type.tensor_type.shape.dim]  # the file's names for them: [N, K] said [?, ?]
             raise UserError(
-                f"input {value.name!r} of {_describe(model)} has symbolic dimensions ({_dims_text(dims)}) "
+                f"input {value.name!r} of {_describe(model)} has symbolic dimensions ([{', '.join(named)}]) "
                 "beyond the batch: give them with --input-shape"
             )
         else:

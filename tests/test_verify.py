@@ -195,6 +195,20 @@ def test_the_reference_evaluator_runs_an_old_opsets_batchnorm_on_its_running_sta
     assert code == 1 and not any(r["passed"] for r in json.loads(out)["verification"])
 
 
+def test_an_onnx_file_with_named_sizes_beyond_the_batch_is_refused_naming_them(tmp_path):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, "K"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "K"])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    path = tmp_path / "named.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    code, _, err = run_cli("verify", path, path)
+    assert code == 2 and err == (f"bngraph: error: input 'x' of {path} has symbolic dimensions ([N, 4, K]) beyond "
+                                 "the batch: give them with --input-shape\n")
+    assert run_cli("verify", path, path, "--input-shape", "2,4,3")[0] == 0
+
+
 def test_real_data_is_one_more_batch(tmp_path):
     data = write_set(tmp_path / "mnist", make_arrays(n_test=5))
     exported = tmp_path / "mlp.onnx"
