@@ -391,7 +391,8 @@ def logits_width(module: nn.Module, example_inputs) -> int | None:
     device = next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
     try:
         with torch.no_grad(), eval_mode(module), running_user_model(), torch.random.fork_rng(devices=[]):
-            return logits_of(module(*(x.to(device, copy=True) for x in example_inputs))).shape[1]
+            inputs = [x.to(device, copy=True) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+            return logits_of(module(*inputs)).shape[1]
     except Exception:
         return None
 
