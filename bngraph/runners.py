@@ -403,6 +403,16 @@ def forward_parameter_names(module: nn.Module) -> list[str]:
     return names
 
 
+def required_parameter_names(module: nn.Module) -> list[str]:
+    """The forward's positional parameters without a default: those every call must give."""
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in parameters
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+
+
 def input_order(names: Sequence[str], given: Sequence[str]) -> list[int] | None:
     """Where each of a model's inputs `names` is among the inputs `given`, when both name the same
     inputs in another order (an ONNX file whose graph lists y before x); None: by position."""

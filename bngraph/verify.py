@@ -35,7 +35,8 @@ from bngraph.load import load_model
 from bngraph.report import Report
 from bngraph.runners import (
     BATCH_SIZES, Float64Runner, OrtRunner, TorchRunner, crossed_name, embedding_bounds, eval_mode, forward_parameter_names,
-    input_order, integer_range, keyword_call, named_leaves, onnx_inputs, random_batches, runners_for, unbatched_note, unbatched_sizes,
+    input_order, integer_range, keyword_call, named_leaves, onnx_inputs, random_batches, required_parameter_names, runners_for,
+    unbatched_note, unbatched_sizes,
 )
 from bngraph.spec import parse_input_dtypes, parse_input_shapes, parse_model_spec
 
@@ -100,6 +101,8 @@ def verify(
         # input's values (a file exported with `mask` as a keyword, skipping `past`).
         if against_a_file and r.kind == "torch" and orders[id(r)] is None:
             r.keywords = keyword_call(r.input_names, names_given)
+        if against_a_file and r.kind == "torch":
+            _refuse_missing_required(r, names_given)
         if against_a_file and orders[id(r)] is None and not getattr(r, "keywords", None) \
                 and (name := crossed_name(r.input_names, names_given)):
             here, there = list(r.input_names).index(name), names_given.index(name)
@@ -587,6 +590,21 @@ def _not_tensors(model, batch, names: Sequence[str]) -> list[str]:
     with torch.no_grad(), eval_mode(model), running_user_model():
         out = model(**dict(zip(keywords, tensors))) if keywords else model(*tensors)
     return [where for where, leaf in named_leaves(out) if not isinstance(leaf, (torch.Tensor, type(None)))]
+
+
+def _refuse_missing_required(runner, names_given: Sequence[str]) -> None:
+    """A file holding fewer inputs than the model's forward requires: an exporter drops one the
+    forward never uses (torch.onnx's TorchScript exporter does), and the call failed in Python's
+    words, with a hint about --static-input beside them."""
+    required = required_parameter_names(runner.module)
+    if keywords := getattr(runner, "keywords", None):
+        missing = [name for name in required if name not in keywords]
+    else:
+        missing = required[len(names_given):]
+    if missing:
+        raise UserError(f"{type(runner.module).__name__}'s forward requires {_listed(missing)}, which the other side "
+                        f"does not take (its inputs: {_listed(list(names_given))}; an exporter drops an input the "
+                        "forward never uses): verify feeds both sides the same inputs")
 
 
 def _refuse_undeclared_inputs(module: torch.nn.Module, declared: Sequence[str], onnx_specs, texts) -> None:

@@ -889,6 +889,34 @@ def test_a_file_taking_an_input_the_model_declares_no_shape_for_is_refused_namin
     assert run_cli("verify", f"{tmp_path / 'm.py'}:Optional", good)[0] == 0
 
 
+UNUSED_INPUT_PY = '''
+import torch
+from torch import nn
+
+
+class Unused(nn.Module):
+    def forward(self, x, y):  # x is never used: torch.onnx's TorchScript exporter drops it
+        return torch.relu(y)
+'''
+
+
+def test_a_file_lacking_an_input_the_forward_requires_is_refused_naming_it(tmp_path):
+    # The file's inputs were ['y']; the model was called with one input, and Python's "missing 1
+    # required positional argument" came with a hint about --static-input.
+    from onnx import TensorProto, helper
+
+    (tmp_path / "m.py").write_text(UNUSED_INPUT_PY)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])
+    graph = helper.make_graph([helper.make_node("Relu", ["y"], ["out"])], "g", [y],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 5])])
+    path = tmp_path / "u.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    code, _, err = run_cli("verify", f"{tmp_path / 'm.py'}:Unused", path)
+    assert code == 2 and err == ("bngraph: error: Unused's forward requires ['x'], which the other side does not take "
+                                 "(its inputs: ['y']; an exporter drops an input the forward never uses): verify feeds "
+                                 "both sides the same inputs\n")
+
+
 def test_an_onnx_graph_listing_one_output_twice_is_named_as_such(tmp_path):
     # Valid ONNX, which onnxruntime runs; the refusal spoke of dict keys joined with '.'.
     from onnx import TensorProto, helper
