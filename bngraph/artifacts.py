@@ -30,7 +30,7 @@ from bngraph.library_call import library_call
 from bngraph.passes._fx_effects import global_hook_kinds
 from bngraph.runners import batch_axes_of, fresh_inputs, named_tensors, seeded
 from bngraph.spec import ARTIFACT_META
-from bngraph.trace import TraceFailed, check_modules_registered, copy_module, faithful_trace
+from bngraph.trace import TraceFailed, check_model, check_modules_registered, copy_module, faithful_trace
 from bngraph.user_modules import importing_beside, imports_in_forward, isolated_modules, python_files
 
 FORMAT = "bngraph-artifact"
@@ -65,6 +65,9 @@ def save(
     `untraceable_code` is the code to write where torch.fx cannot trace the module: the source it
     was loaded from, for verbs that change only weights (`bngraph.artifact_code.kept_source`).
     """
+    # A path given for the module, one tensor or a numpy array for the list of inputs: one line,
+    # not an AttributeError (a single (1, 3, 8, 8) tensor was taken row by row, as three inputs).
+    check_model(module, "save") if example_inputs is None else check_model(module, "save", example_inputs)
     check_output(path, ARTIFACT, force=force)  # before the trace, not after it
     check_modules_registered(module)  # layers no state dict holds: no artifact computes the same
     check_no_global_hooks(module)

@@ -343,7 +343,11 @@ def _name_limit(folder: Path) -> int:
 
 def refuse_empty_output(path: str | Path) -> None:
     """Refuse an output named by an empty text (`-o "$OUT"` with OUT unset), as it was typed:
-    Path("") is ".", and the refusal then named "-o .", which the user never wrote."""
+    Path("") is ".", and the refusal then named "-o .", which the user never wrote; and one
+    that is no path at all (a module given where the path goes: pathlib's TypeError)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise UserError(f"the output path is {'None' if path is None else 'a ' + type(path).__name__}: name a file or "
+                        "folder to write")
     if not str(path).strip():
         raise UserError('the output path is empty (-o ""): name a file or folder to write')
 

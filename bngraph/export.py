@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils._sympy.numbers import int_oo
 from torch.utils._sympy.printers import PythonPrinter
 
-from bngraph.atomic import ONNX, check_output
+from bngraph.atomic import ONNX, check_output, refuse_empty_output
 from bngraph.attention_math import attention_as_math
 from bngraph.errors import CheckFailed, ModelNotAFunction, ModelRaised, UserError, one_line, running_user_model
 from bngraph.fold import batch_norms_training_in_eval
@@ -546,6 +546,7 @@ def export(
     no layer can take exactly: "batchnorm" keeps it (fastest in onnxruntime), "mul-add" writes
     a Mul and an Add, for a runtime without a BatchNormalization kernel."""
     check_model(module, "export", example_inputs)
+    refuse_empty_output(path)
     path = Path(path)
     if path.suffix != ".onnx":
         raise UserError(f"the output {path} must end in .onnx")

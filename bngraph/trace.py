@@ -166,7 +166,10 @@ def check_modules_registered(model: nn.Module) -> None:
                             f"{type(container).__name__}, not a registered submodule: {why}; hold the layers in {wanted}")
 
 
-def check_model(model, verb: str, example_inputs: Sequence | None = None, *, allow_none: bool = False) -> None:
+_NO_INPUTS = object()  # check_model without example inputs (train, load): not the same as None given
+
+
+def check_model(model, verb: str, example_inputs: Sequence | None = _NO_INPUTS, *, allow_none: bool = False) -> None:
     """A model bngraph can work on, with inputs it can run it on: an nn.Module (not TorchScript,
     whose graph bngraph cannot rewrite), with its weights materialized (not on the meta device),
     holding no torch.compile'd module (whose forward runs dynamo's compiled frame, which tracing
@@ -186,9 +189,16 @@ def check_model(model, verb: str, example_inputs: Sequence | None = None, *, all
     if on_meta is not None:
         raise UserError(f"the model's {on_meta} is on the meta device (no values): load its weights first "
                         "(model.to_empty(device='cpu'), then load_state_dict)")
+    if example_inputs is _NO_INPUTS:
+        return
     if isinstance(example_inputs, torch.Tensor):  # `bool(x)` raised inside: "Boolean value of Tensor ... ambiguous"
         raise UserError(f"{verb}'s example inputs are one tensor: give a list of the forward's inputs, [x]")
-    for i, x in enumerate(example_inputs or ()):
+    if not isinstance(example_inputs, (list, tuple)):
+        # A numpy array raised numpy's "truth value ... is ambiguous", None a TypeError deep inside,
+        # a dict's keys were taken for inputs, and a generator was used up by this very check.
+        raise UserError(f"{verb}'s example inputs are {'None' if example_inputs is None else 'a ' + type(example_inputs).__name__}: "
+                        "give a list of the forward's inputs as tensors, [x]")
+    for i, x in enumerate(example_inputs):
         if x is None or isinstance(x, (bool, int, float)):  # an optional argument left out, a scale
             if x is None and allow_none:
                 continue

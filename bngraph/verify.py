@@ -79,6 +79,8 @@ def verify(
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if tol is not None and not tol >= 0:
             raise UserError(f"--{name} must be a number >= 0, not {tol}")
+    if inputs is None:
+        raise UserError("verify's inputs are None: give a list of batches, each a list of the forward's inputs: [[x]]")
     if not isinstance(inputs, (torch.Tensor, np.ndarray, Sequence)):  # a generator of batches: each is read again
         inputs = list(inputs)
     if isinstance(inputs, (torch.Tensor, np.ndarray)) or any(isinstance(b, (torch.Tensor, np.ndarray)) for b in inputs):

@@ -264,6 +264,47 @@ def test_the_api_names_a_tensor_given_where_a_list_of_inputs_belongs():
     assert bngraph.verify(model, model, ([x] for _ in range(2)))  # a generator of batches: an IndexError
 
 
+def test_the_api_names_other_wrong_containers_and_paths_in_one_line(tmp_path):
+    # numpy's "truth value of an array is ambiguous", a TypeError deep inside for None, pathlib's
+    # TypeError for a module given as the output, AttributeErrors for a dict config, numpy
+    # TensorData and a state dict saved row by row from a single tensor.
+    model, x = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval(), torch.randn(3, 4)
+    for wrong, said in ((x.numpy(), "a ndarray"), (None, "None"), ({"x": x}, "a dict"), (iter([x]), "a list_iterator")):
+        for verb, call in (("insert", lambda: bngraph.insert(model, wrong)), ("fold", lambda: bngraph.fold(model, wrong)),
+                           ("export", lambda: bngraph.export(model, wrong, tmp_path / "m.onnx")),
+                           ("save", lambda: bngraph.save(model, tmp_path / "art", example_inputs=wrong))):
+            if verb == "save" and wrong is None:
+                continue  # save without example inputs is fine
+            with pytest.raises(bngraph.UserError, match=rf"^{verb}'s example inputs are {said}: give a list"):
+                call()
+    with pytest.raises(bngraph.UserError, match=r"^save's example inputs are one tensor"):
+        bngraph.save(model, tmp_path / "art", example_inputs=x)
+    with pytest.raises(bngraph.UserError, match=r"^verify's inputs are None"):
+        bngraph.verify(model, model, None)
+    for output, said in ((model, "a Sequential"), (None, "None")):
+        with pytest.raises(bngraph.UserError, match=rf"^the output path is {said}: name a file or folder"):
+            bngraph.export(model, [x], output)
+    with pytest.raises(bngraph.UserError, match=r"^the output path is a Sequential"):
+        bngraph.save(model, model)
+    assert not any(tmp_path.iterdir())
+
+
+def test_train_names_a_wrong_config_data_or_run_folder_in_one_line(tmp_path):
+    from bngraph.training import TensorData, TrainConfig
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(bngraph.UserError, match=r"^config is a dict; give a TrainConfig"):
+        bngraph.train(model, TensorData(x, y, x, y), {"steps": 2}, progress=False)
+    with pytest.raises(bngraph.UserError, match=r"^TensorData's x_train is a ndarray, not a tensor"):
+        TensorData(x.numpy(), y.numpy(), x.numpy(), y.numpy())
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(bngraph.UserError, match=r"notes.txt is a file, not a folder"):
+        bngraph.train(model, TensorData(x, y, x, y), TrainConfig(steps=2, batch_size=4), out_dir=tmp_path / "notes.txt",
+                      progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
 def test_the_api_refuses_what_is_not_a_model_or_a_form_in_one_line():
     # An AttributeError from deep inside, and a ValueError for export's name of a form.
     with pytest.raises(bngraph.UserError, match="insert takes an nn.Module, not function"):

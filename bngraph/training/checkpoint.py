@@ -44,6 +44,8 @@ def open_run_folder(out_dir: Path | None, resume: bool) -> None:
     checkpoint_path = None if out_dir is None else out_dir / CHECKPOINT
     if out_dir is not None:
         refuse_symlinked_run(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():  # mkdir's FileExistsError; the file stays as it is
+            raise UserError(f"{out_dir} is a file, not a folder: choose another -o (out_dir) for the run folder")
         check_writable(out_dir)
     if resume and out_dir is None:
         raise UserError(_nothing_to_resume(out_dir, checkpoint_path))

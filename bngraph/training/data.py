@@ -92,6 +92,10 @@ class TensorData:
         # As the readers check files: 300 images and 10 labels ended in an IndexError mid-training.
         for part in ("train", "test"):
             x, y = getattr(self, f"x_{part}"), getattr(self, f"y_{part}")
+            for name, value in ((f"x_{part}", x), (f"y_{part}", y)):
+                if not isinstance(value, torch.Tensor):  # numpy arrays: an AttributeError below
+                    raise UserError(f"TensorData's {name} is a {type(value).__name__}, not a tensor: give torch "
+                                    "tensors (torch.from_numpy(array))")
             if len(x) != len(y):
                 raise UserError(f"x_{part} holds {len(x)} examples but y_{part} {len(y)} labels")
             if x.is_meta or y.is_meta:

@@ -132,6 +132,9 @@ def train(
     dev = pick_device(device)
     ctx = distributed
     out_dir = None if out_dir is None else absolute_output(out_dir)
+    if not isinstance(config, TrainConfig):  # a dict of its fields: an AttributeError deep in the loop
+        raise UserError(f"config is a {type(config).__name__}; give a TrainConfig(steps=..., batch_size=...) "
+                        "(bngraph.training.TrainConfig)")
     if isinstance(data, TensorData) and data.format == "tensors":  # the caller's own; readers check theirs
         for name in ("x_train", "x_test"):
             check_finite(getattr(data, name), f"the data's {name}")
