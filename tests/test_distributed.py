@@ -125,6 +125,18 @@ def test_sync_bn_statistics_are_the_global_batchs_and_plain_bn_the_ranks_own(one
         assert not torch.allclose(local[key], global_batch[key], **fp32_rounding), key
 
 
+def test_sync_bn_under_bf16_autocast_gathers_float32_statistics(data, tmp_path):
+    # The CPU SyncBatchNorm took bf16 activations under autocast and crashed both ranks in
+    # running_mean.lerp_ (140 lines of tracebacks); its sums were bf16 too.
+    succeeded(bngraph_cli(*train_args(data, tmp_path / "bf16", "--steps", "1", "--sync-bn", "--nproc", "2",
+                                      "--precision", "bf16")))
+    synced = bn_statistics(checkpoint(tmp_path / "bf16")["model"])
+    global_batch = one_process_statistics(data, slice(None))
+    for key in global_batch:
+        assert synced[key].dtype == torch.float32
+        torch.testing.assert_close(synced[key], global_batch[key], rtol=3e-2, atol=3e-2)  # bf16 activations
+
+
 def test_a_two_process_run_folds_exports_and_verifies_like_any_other(one_step, tmp_path):
     run = one_step / "sync"
     state = checkpoint(run)

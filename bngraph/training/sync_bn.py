@@ -57,6 +57,10 @@ class SyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
         if not (self.training and group is not None and dist.get_world_size(group) > 1):
             return super().forward(input)
         self._check_input_dim(input)
+        given_dtype = input.dtype
+        # Statistics in float32 whatever autocast hands it (bf16 sums lose digits, and the running
+        # statistics are float32), the output in the dtype given, as BatchNorm's under autocast.
+        input = input.float()
         per_channel = [1, -1] + [1] * (input.dim() - 2)
         dims = [0, *range(2, input.dim())]
         count = input.new_full((1,), input.numel() // input.shape[1])  # ranks' batches may differ
@@ -76,7 +80,7 @@ class SyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
             out = out * self.weight.view(per_channel)
         if self.bias is not None:
             out = out + self.bias.view(per_channel)
-        return out
+        return out.to(given_dtype)
 
 
 def has_sync_bn(model: nn.Module) -> bool:
@@ -86,14 +90,16 @@ def has_sync_bn(model: nn.Module) -> bool:
 def use_cpu_sync_bn(model: nn.Module) -> nn.Module:
     """Swap each nn.SyncBatchNorm of `model` for a `SyncBatchNormCPU` holding the same parameters
     and buffers (in place, as torch's converter works); returns `model`."""
-    for path, module in list(model.named_modules()):
+    swapped: dict[int, SyncBatchNormCPU] = {}  # one per BatchNorm, at each name it is reached by
+    for path, module in list(model.named_modules(remove_duplicate=False)):
         if type(module) is not nn.SyncBatchNorm:
             continue
-        cpu = SyncBatchNormCPU(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats, bias=module.bias is not None)
-        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            setattr(cpu, name, tensor)
-        cpu.train(module.training)
+        if (cpu := swapped.get(id(module))) is None:
+            cpu = swapped[id(module)] = SyncBatchNormCPU(module.num_features, module.eps, module.momentum, module.affine,
+                                                         module.track_running_stats, bias=module.bias is not None)
+            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                setattr(cpu, name, tensor)
+            cpu.train(module.training)
         if not path:
             return cpu  # `model` is itself the BatchNorm
         parent, _, name = path.rpartition(".")
