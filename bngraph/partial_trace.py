@@ -103,10 +103,14 @@ class InsertTracer(_Tracer):
             if users is None:
                 users = self._users_code[code] = self._is_users(code.co_filename)
             if users:
-                if code.co_name == "forward" and code.co_varnames[:1] == ("self",):
-                    break  # a module's forward (not read from f_locals: that copies every local)
+                if code.co_name == "forward" and code.co_argcount >= 1:
+                    # A module's forward, whatever its first parameter is called (`def forward(s, x)`
+                    # read as a plain function made tanh(relu(x)) one nonlinearity); not read from
+                    # f_locals, which copies every local.
+                    break
                 if frame not in self._calls:  # the frame stays referenced: no other call gets its id
-                    self._calls[frame] = (code.co_qualname, len(self._calls))
+                    # co_qualname from Python 3.11 on
+                    self._calls[frame] = (getattr(code, "co_qualname", code.co_name), len(self._calls))
                 calls.append(self._calls[frame])
             frame = frame.f_back
         return tuple(reversed(calls))

@@ -1,4 +1,4 @@
-"""Remove the bias of a conv/linear whose only user is a BatchNorm (paper, Sec. 3.2).
+"""Remove the bias of a conv/linear whose every user is a BatchNorm (paper, Sec. 3.2).
 
 BN subtracts the mean, so a bias in front of it cancels; beta takes its role. Removing it
 changes nothing in train mode, and in eval mode the running mean shifts by the same bias
@@ -50,6 +50,22 @@ class _Readers:
         return ", ".join(found)
 
 
+def _normalizing_readers(gm: fx.GraphModule, layer_node: fx.Node, features_last: bool) -> list[fx.Node] | None:
+    """The BatchNorms that read the layer's output over its features, where they are all that
+    reads it (each cancels the bias: sigmoid(BN1(h)) * tanh(BN2(h)) needs none); None where
+    another reader needs the bias."""
+    norms = []
+    for reader in value_readers(layer_node):
+        if _is_transpose_1_last(reader) and features_last and len(value_readers(reader)) == 1:
+            reader = value_readers(reader)[0]
+        elif features_last:
+            return None
+        if reader.op != "call_module" or not isinstance(gm.get_submodule(reader.target), _BATCHNORM):
+            return None
+        norms.append(reader)
+    return norms
+
+
 @graph_pass(in_place=True)
 def drop_bias_before_bn(gm: fx.GraphModule, only: Collection[str] | None = None) -> PassResult:
     """Drop the redundant bias before each BatchNorm (or those whose module path is in `only`)."""
@@ -81,7 +97,8 @@ def drop_bias_before_bn(gm: fx.GraphModule, only: Collection[str] | None = None)
         if layer_features_last != (moved is not None):
             result.skipped.append(Skip(site, f"normalizes another axis than {layer_node.target}'s output features"))
             continue
-        if len(value_readers(layer_node)) > 1 or (moved is not None and len(value_readers(moved)) > 1):
+        group = _normalizing_readers(gm, layer_node, layer_features_last)
+        if group is None:
             others = ", ".join(u.name for u in value_readers(layer_node) if u is not bn_node and u is not moved)
             result.skipped.append(Skip(site, f"{layer_node.target}'s output also feeds {others}, which needs the bias"))
             continue
@@ -101,8 +118,9 @@ def drop_bias_before_bn(gm: fx.GraphModule, only: Collection[str] | None = None)
             result.skipped.append(Skip(site, f"{layer_node.target} is parametrized (weight_norm, spectral_norm), and "
                                              "a written model rebuilds it as the model's code makes it, with its bias"))
             continue
-        refusal = hook_refusal(layer_node.target, layer, "dropping its bias") or hook_refusal(
-            site, bn, f"dropping {layer_node.target}'s bias")
+        refusal = hook_refusal(layer_node.target, layer, "dropping its bias") or next(
+            (r for n in group if (r := hook_refusal(n.target, gm.get_submodule(n.target), f"dropping {layer_node.target}'s bias"))),
+            None)
         if refusal:  # a hook after the bias (`output * 2`) would no longer see it cancel
             result.skipped.append(Skip(site, refusal))
             continue
@@ -115,11 +133,13 @@ def drop_bias_before_bn(gm: fx.GraphModule, only: Collection[str] | None = None)
             )
             continue
         with torch.no_grad():
-            if bn.running_mean is not None:
-                bn.running_mean.sub_(layer.bias.to(bn.running_mean.dtype))
+            for norm in (gm.get_submodule(n.target) for n in group):
+                if norm.running_mean is not None:
+                    norm.running_mean.sub_(layer.bias.to(norm.running_mean.dtype))
         layer.bias = None
-        result.changed.append(site)
-        result.details.append({"bn": site, "layer": layer_node.target})
+        for n in group:
+            result.changed.append(n.target)
+            result.details.append({"bn": n.target, "layer": layer_node.target})
     if result.changed:
         gm.recompile()
     return result

@@ -138,6 +138,7 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
     device = _device(gm)
     layouts = feature_layouts(gm)
     from_input = _computed_from_inputs(gm)
+    inputs_of: dict[str, fx.Node] = {}  # each changed activation's input x
     for act in list(gm.graph.nodes):
         kind = activation_kind(gm, act)
         if kind is None:
@@ -215,6 +216,14 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
             if span > 1:
                 value = graph.call_method("unflatten", (value, layout.start, tuple(shape[layout.start : layout.stop])))
             value.meta["tensor_meta"] = x.meta["tensor_meta"]
+        # The new nodes stand where x did for the activations still to come: computed from the
+        # input as x is, and made in the calls x was made in (without them, tanh after relu's BN
+        # read as part of one activation function of that BN, and was skipped as "not from the
+        # model's input").
+        for node in list(graph.nodes)[order[x] + 1 : list(graph.nodes).index(value) + 1]:
+            if node not in order:
+                from_input.add(node)
+                node.meta.update({k: x.meta[k] for k in ("function_calls", "nn_module_stack") if k in x.meta})
         for reader in readers_of_x:
             reader.replace_input_with(x, value)
         for reader, name in readers:
@@ -230,9 +239,12 @@ def insert_bn_before_activation(gm: fx.GraphModule) -> PassResult:
                 "bn": bn_path,
                 "input": x.name,
                 "layer": layout.source,
-                "unnormalized_readers": [n.name for n in inline],
+                "unnormalized_readers": inline,  # named below: a later activation's BN may take one over
             }
         )
+        inputs_of[act.name] = x
+    for row in result.details:  # tanh(h) beside sigmoid(h) reads h through its own BN once it has one
+        row["unnormalized_readers"] = [n.name for n in row["unnormalized_readers"] if inputs_of[row["node"]] in n.all_input_nodes]
     result.skipped += [Skip(n.name, f"{op_label(gm, n)} at 0 computes a ReLU, which insert does not take for an activation "
                             "(a clamp may as well bound a statistic): write F.relu for a BN in front of it")
                        for n in gm.graph.nodes if _clamps_at_zero(n)]

@@ -139,3 +139,78 @@ def test_skips_what_it_cannot_prove(cls, shape, site, reason):
     assert {r["node"]: r["reason"] for r in report.sections["skipped"]}[site].endswith(reason)
     with torch.no_grad():
         torch.testing.assert_close(out.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+IN_A_ROW_PY = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def layer_then_two(layer, x):  # a helper of the user's: its calls are recorded as one call
+    return torch.tanh(F.relu(layer(x)))
+
+
+class TanhOfRelu(nn.Module):
+    def __init__(s):  # `s` for self, as some code writes it: its forward read as a plain function
+        super().__init__()
+        s.l = nn.Linear(4, 5)
+
+    def forward(s, x):
+        return torch.tanh(F.relu(s.l(x)))
+
+
+class ReluOfRelu(TanhOfRelu):
+    def forward(s, x):
+        return torch.relu(torch.relu(s.l(x)))
+
+
+class ThroughAHelper(TanhOfRelu):
+    def forward(self, x):
+        return layer_then_two(self.l, x)
+
+
+def sequential():
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Tanh())
+'''
+
+
+class SigmoidTimesTanh(nn.Module):  # a gated unit: two activations of one conv's output
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        h = self.c(x)
+        return torch.sigmoid(h) * torch.tanh(h)
+
+
+@pytest.mark.parametrize("model, shape", [
+    ("TanhOfRelu", (6, 4)), ("sequential", (6, 4)), ("ReluOfRelu", (6, 4)), ("ReluOfRelu", (4, 3, 4)),
+    ("ThroughAHelper", (6, 4)),
+])
+def test_two_activations_in_a_row_get_a_batchnorm_each_and_a_second_insert_adds_none(model, shape, tmp_path):
+    # The second was skipped as "computed from parameters and buffers alone": its input read as
+    # one activation function of the first one's new BN. Inserting again then added its BN.
+    (tmp_path / "in_a_row.py").write_text(IN_A_ROW_PY)
+    x = torch.randn(*shape)
+    inserted, report = bngraph.insert(bngraph.load(f"{tmp_path / 'in_a_row.py'}:{model}").eval(), [x])
+    assert len(report.sections["inserted"]) == 2 and report.sections["skipped"] == []
+    again, report = bngraph.insert(inserted, [x])
+    assert report.sections["inserted"] == [] and report.facts["changed"] is False
+
+
+def test_a_layer_read_by_two_activations_through_their_own_batchnorms_loses_its_bias_exactly():
+    # Each BN cancels the bias, yet it was kept ("c's output also feeds tanh_bn, which needs the
+    # bias"), and a note said h reached tanh unnormalized, which read it through tanh_bn.
+    torch.manual_seed(0)
+    model, x = SigmoidTimesTanh(), torch.randn(5, 3, 8, 8)
+    bias = model.c.bias.detach().clone()
+    inserted, report = bngraph.insert(model, [x])
+    assert [row["bias_removed"] for row in report.sections["inserted"]] == [True, True]
+    assert report.notes == [] and inserted.c.bias is None
+    inserted.train()
+    with torch.no_grad():
+        without = inserted(x)
+        inserted.c.bias = nn.Parameter(bias * 10)  # any bias: each BN subtracts its batch's mean
+        torch.testing.assert_close(inserted(x), without, rtol=1e-4, atol=1e-5)
