@@ -56,6 +56,9 @@ def test_the_mnist_table_says_its_evaluations_ahead_are_counted_in_every_seed(da
     summary = mnist_summary(run)
     assert summary["evaluations_bn_ahead"] == 1  # at step 100 in both seeds; at 200 in one
     assert "The BN net is ahead at 1 of 2 evaluations in each of the 2 seeds." in mnist_table(summary)
+    # The table's figures are the seed-mean curves': each seed's speed-up stands beside them
+    # (--help called them means over the seeds, which they are not).
+    assert f"x on the seed-mean curves (each seed's: {summary['speedup_per_seed'][0]:.2f}x, " in mnist_table(summary)
 
 
 def test_mnist_writes_figure_summary_table_and_the_trained_nets(tmp_path, data):
@@ -119,6 +122,10 @@ def test_worker_processes_train_the_same_nets_as_one_process(data, seeds):
         (("mnist", "--seeds", "0"), "--seeds must be at least 1"),
         (("mnist", "--workers", "-1"), "--workers must be at least 1"),
         (("mnist", "--init-std", "small"), "--init-std 'small'"),
+        # NaN statistics, then a matplotlib traceback (the API returned a NaN table).
+        (("mnist", "--batch-size", "1"), "--batch-size must be at least 2 (a BatchNorm's variance needs two values)"),
+        (("mnist", "--init-std", "inf"), "--init-std must be a positive number, not inf"),
+        (("mnist", "--lr", "inf"), "--lr must be a positive number, not inf"),
         (("mnist", "--data", "{tmp}/missing"), "does not exist"),
         (("inception", "--variants", "inception,bn-x7"), "no recipe 'bn-x7'"),
         (("inception", "--steps", "-1"), "--steps must be at least 1"),
@@ -130,6 +137,26 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, mnist_dir, argv, mes
     code, _, err = _cli(capsys, "reproduce", experiment, *data, *rest, "--quiet", "-o", tmp_path / "o")
     assert code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("after_s", [1.0, 2.5])
+def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path, mnist_dir, after_s):
+    # A terminal's Ctrl-C reaches the whole process group: a worker still importing torch or
+    # reading its job printed its KeyboardInterrupt traceback beside bngraph's one line.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = subprocess.Popen([sys.executable, "-m", "bngraph", "reproduce", "mnist", "--data", str(mnist_dir), "--steps",
+                            "20000", "--workers", "2", "--quiet", "-o", str(tmp_path / "out")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(after_s)
+    os.killpg(run.pid, signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and err == "bngraph: interrupted\n", err
+    assert not (tmp_path / "out").exists()
 
 
 def test_users_data_is_read_as_the_experiments_nets_take_it_or_refused_in_one_line(tmp_path, capsys):

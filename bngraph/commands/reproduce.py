@@ -7,7 +7,8 @@ percentiles of one sigmoid input of the last hidden layer without and with BN), 
 (best accuracies, curves, the speed-up: steps the plain net needs to reach its best accuracy
 over the steps the BN net needs to reach the same), table.md and the trained nets in OUT/models/.
 About 30 s on two CPU cores; --seeds N adds seeds, drawn as a spread (the table's figures are then
-means over the seeds; OUT/models/ holds the first seed's nets).
+those of the accuracy curves averaged over the seeds, with each seed's speed-up beside them, and
+summary.json holds each seed's figures too; OUT/models/ holds the first seed's nets).
 
 inception builds Inception, BN-Baseline, BN-x5, BN-x30 and BN-x5-Sigmoid from zoo:inception-small
 with the recipe passes (`bngraph train --help`), trains each on the images, and writes the

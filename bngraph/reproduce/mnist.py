@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import queue
 import time
 from collections.abc import Callable
@@ -64,12 +65,16 @@ class MnistConfig:
         for name in ("steps", "batch_size", "eval_every", "seeds"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.batch_size < 2:  # the BN net's variance of one value: NaN statistics, and a NaN table
+            raise UserError(f"--batch-size must be at least 2 (a BatchNorm's variance needs two values), not "
+                            f"{self.batch_size}")
         if self.workers is not None and self.workers < 1:
             raise UserError(f"--workers must be at least 1, not {self.workers}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, not {self.lr}")
-        if self.init_std is not None and not self.init_std > 0:
-            raise UserError(f"--init-std must be positive, not {self.init_std}")
+        if not 0 < self.lr < math.inf:
+            raise UserError(f"--lr must be a positive number, not {self.lr}")
+        if self.init_std is not None and not 0 < self.init_std < math.inf:
+            # inf made weights no net computes with, and a refusal about outputs NaN everywhere
+            raise UserError(f"--init-std must be a positive number, not {self.init_std}")
         if not 0 <= self.track_unit < 100:
             raise UserError(f"--unit must be one of the 100 units of the last hidden layer, not {self.track_unit}")
 
@@ -331,8 +336,11 @@ def mnist_table(summary: dict) -> str:
     # Counted where it is ahead in every seed (`evaluations_bn_ahead`), not on the mean curves.
     ahead = f"{summary['evaluations_bn_ahead']} of {summary['evaluations']} evaluations" + \
         (f" in each of the {seeds} seeds" if seeds > 1 else "")
+    # With seeds, the figures are the seed-mean curves': each seed's own speed-up beside them.
+    each = (f" on the seed-mean curves (each seed's: {', '.join(f'{cell(s)}x' for s in summary['speedup_per_seed'])})"
+            if seeds > 1 else "")
     return "\n".join(rows) + (
-        f"\n\nSpeed-up (steps to {summary['target_accuracy']:.2%}): {cell(summary['speedup'])}x. "
+        f"\n\nSpeed-up (steps to {summary['target_accuracy']:.2%}): {cell(summary['speedup'])}x{each}. "
         f"The BN net is ahead at {ahead}. {summary['config']['steps']} steps, batch "
         f"{summary['config']['batch_size']}, {summary['config']['seeds']} seed(s), {summary['wall_s']:.1f} s.\n"
     )

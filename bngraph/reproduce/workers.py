@@ -8,6 +8,7 @@ torch itself, so that theirs and its own load at the same time (~1.3 s each)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -63,6 +64,23 @@ def _worker(rank, jobs, messages, states) -> None:
         messages.put(("error", rank, traceback.format_exc()))
 
 
+@contextlib.contextmanager
+def _ctrl_c_left_to_this_process():
+    """Start workers with SIGINT ignored, which they keep (Python leaves an inherited SIG_IGN):
+    a terminal's Ctrl-C reaches the whole process group, and a worker still starting (importing
+    torch, reading its job) printed its KeyboardInterrupt traceback beside this process's one
+    line. This process stops them itself (`__exit__`). Outside the main thread, as it was."""
+    try:
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not this call's to change
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 class Workers:
     """`count` spawned training processes, started before their work is ready: each spends ~1.3 s
     starting Python and importing torch, while this process does the same, reads the data and
@@ -90,8 +108,9 @@ class Workers:
         self.procs = {rank: ctx.Process(target=_worker, args=(rank, jobs, self.messages, self.states), daemon=True)
                       for rank, jobs in self.jobs.items()}
         self.results: dict[int, dict] = {}
-        for p in self.procs.values():
-            p.start()
+        with _ctrl_c_left_to_this_process():
+            for p in self.procs.values():
+                p.start()
 
     def __len__(self) -> int:
         return len(self.procs)
