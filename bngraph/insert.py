@@ -10,8 +10,9 @@ artifact folder, with the code that rebuilds models torch.fx could only partly t
 from __future__ import annotations
 
 from functools import partial
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -129,7 +130,9 @@ def _insert_into_a_copy(model: nn.Module, example_inputs: Sequence[torch.Tensor]
     bn_paths = [row["bn"] for result in results.values() for row in result.details]
     passes = []
     if preserve and bn_paths:
-        passes.append(CalibrateBnAsIdentity(bn_paths, calibration_data or calibration_batches(example_inputs)))
+        batches = calibration_batches(example_inputs) if calibration_data is None else \
+            _checked_batches(calibration_data, len(example_inputs))
+        passes.append(CalibrateBnAsIdentity(bn_paths, batches))
     if trace_failure is None and traced_bns and drop_biases:  # the biases in front of wrapped ones are kept: no graph proves them redundant
         passes.append(partial(drop_bias_before_bn, only=traced_bns))
     graph, more = run_passes(graph, passes)
@@ -185,6 +188,35 @@ def _left_inside(not_handled: list[dict], wrapped: PassResult | None) -> list[di
         why = [s.reason for s in wrapped.skipped if s.site == row["module"] or s.site.startswith(f"{row['module']}:")]
         left.append({**row, "reason": "; ".join([*why[:1], row["reason"]])})
     return left
+
+
+def _checked_batches(calibration_data, inputs: int) -> Iterator[Sequence[torch.Tensor]]:
+    """`calibration_data`'s batches, each checked as it comes (a DataLoader's are read once): a
+    list of the forward's `inputs` tensors. A DataLoader's (x, y) pairs reached the forward as
+    two inputs, a single tensor raised "Boolean value of Tensor ... is ambiguous", numpy batches
+    a conv2d signature dump, and no batch at all calibrated nothing without a word."""
+    if isinstance(calibration_data, (torch.Tensor, np.ndarray)):
+        raise UserError("calibration_data is one tensor: give a list of batches, each a list of the forward's inputs: "
+                        "[[x1], [x2]]")
+
+    def checked():
+        count = 0
+        for count, batch in enumerate(calibration_data, 1):
+            if not isinstance(batch, (list, tuple)):
+                raise UserError(f"calibration batch {count - 1} is a {type(batch).__name__}: give each batch as a list "
+                                "of the forward's input tensors, [x]")
+            if not all(isinstance(t, torch.Tensor) for t in batch):
+                wrong = next(t for t in batch if not isinstance(t, torch.Tensor))
+                raise UserError(f"calibration batch {count - 1} holds a {type(wrong).__name__}: give each batch as a "
+                                "list of the forward's input tensors, [x]")
+            if len(batch) != inputs:
+                pairs = " (a DataLoader's (x, y) pairs: give [x] batches, [[x] for x, _ in loader])" if len(batch) == 2 else ""
+                raise UserError(f"calibration batch {count - 1} holds {len(batch)} tensors; the forward takes {inputs}{pairs}")
+            yield batch
+        if count == 0:
+            raise UserError("calibration_data holds no batch: give at least one, or leave it out for random batches")
+
+    return checked()
 
 
 def insert_report(

@@ -9,7 +9,7 @@ import os
 import pickle
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -192,33 +192,19 @@ def declared_shapes(module, where: str) -> list[tuple[int, ...]] | None:
     return shapes
 
 
-def load_weights(module: nn.Module, weights: str | Path) -> None:
+def load_weights(module: nn.Module, weights: str | Path | Mapping) -> None:
     """Load a state dict (or a checkpoint holding one under "state_dict"/"model") into `module`,
     strictly: every key present, none extra, every shape the model's (once a wrapper's prefix on
-    every key is dropped: `_without_wrapper_prefix`)."""
-    path = Path(weights)
-    if path.is_dir():
-        raise UserError(f"weights {path} is a folder, not a file: give the state dict file saved with torch.save")
-    require_file(path, "weights file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error says enough
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only=True unpickles tensors and containers only; anything else, or bytes that
-        # are no pickle at all, ends here (and loading it unrestricted would run its code).
-        raise UserError(
-            f"cannot read weights {path}: not a state dict saved with torch.save (it holds other "
-            f"objects, or is not a torch file at all)"
-        ) from err
-    except PermissionError as err:
-        raise UserError(f"cannot read weights {path}: {err.strerror}") from err
-    except Exception as err:
-        # A truncated or text file fails deep in torch's readers, as "OSError: [Errno 22] Invalid
-        # argument", "KeyError: 101", EOFError: say what the file is not, then torch's words.
-        cause = _first_line(one_line(err)).split(". ")[0]
-        raise UserError(f"cannot read weights {path}: not a PyTorch state dict file torch can read (cut short, or "
-                        f"not saved with torch.save; {cause})") from err
+    every key is dropped: `_without_wrapper_prefix`). `weights`: a file torch.save wrote, or
+    (from Python) the state dict itself."""
+    if isinstance(weights, Mapping):
+        path, state = "given", dict(weights)
+    elif isinstance(weights, (str, os.PathLike)):
+        path = Path(weights)
+        state = _read_weights(path)
+    else:  # a model given for its weights: pathlib's TypeError
+        raise UserError(f"weights are a {type(weights).__name__}: give a state dict (model.state_dict()) or the path "
+                        "of a file torch.save wrote")
     if isinstance(state, dict):
         for key in ("state_dict", "model"):  # a training checkpoint rather than a bare state dict
             if isinstance(state.get(key), dict):
@@ -253,6 +239,31 @@ def load_weights(module: nn.Module, weights: str | Path) -> None:
         module.load_state_dict(state, strict=counted)  # every other key was checked above
     except Exception as err:
         raise UserError(f"weights {path} do not fit the model: {_first_line(one_line(err))}") from err
+
+
+def _read_weights(path: Path):
+    if path.is_dir():
+        raise UserError(f"weights {path} is a folder, not a file: give the state dict file saved with torch.save")
+    require_file(path, "weights file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error says enough
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only=True unpickles tensors and containers only; anything else, or bytes that
+        # are no pickle at all, ends here (and loading it unrestricted would run its code).
+        raise UserError(
+            f"cannot read weights {path}: not a state dict saved with torch.save (it holds other "
+            f"objects, or is not a torch file at all)"
+        ) from err
+    except PermissionError as err:
+        raise UserError(f"cannot read weights {path}: {err.strerror}") from err
+    except Exception as err:
+        # A truncated or text file fails deep in torch's readers, as "OSError: [Errno 22] Invalid
+        # argument", "KeyError: 101", EOFError: say what the file is not, then torch's words.
+        cause = _first_line(one_line(err)).split(". ")[0]
+        raise UserError(f"cannot read weights {path}: not a PyTorch state dict file torch can read (cut short, or "
+                        f"not saved with torch.save; {cause})") from err
 
 
 _BATCHES_TRACKED = "num_batches_tracked"
@@ -360,7 +371,8 @@ def _declared(module, name: str) -> list | None:
 
 @library_call
 def load(spec: str | Path, *, weights=None) -> nn.Module:
-    """`bngraph.load('zoo:mnist-mlp')`, `bngraph.load('out/')`: the nn.Module a spec names.
+    """`bngraph.load('zoo:mnist-mlp')`, `bngraph.load('out/')`: the nn.Module a spec names, with
+    `weights` loaded into it strictly where given (a file torch.save wrote, or a state dict).
 
     Loading runs Python code: a `file.py` spec, and an artifact's `model.py` (its generated
     code). As with pickle, load only artifacts and files you trust. The weights are read with

@@ -19,6 +19,7 @@ rule each output passes by, and the default tolerances: `bngraph.compare`. The r
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -77,8 +78,8 @@ def verify(
     `refuse_nothing_compared` is false (a check whose own passes name the cause better).
     """
     for name, tol in (("atol", atol), ("rtol", rtol)):
-        if tol is not None and not tol >= 0:
-            raise UserError(f"--{name} must be a number >= 0, not {tol}")
+        if tol is not None and not 0 <= tol < math.inf:  # inf passed any candidate at all
+            raise UserError(f"--{name} must be a finite number >= 0, not {tol}")
     if inputs is None:
         raise UserError("verify's inputs are None: give a list of batches, each a list of the forward's inputs: [[x]]")
     if not isinstance(inputs, (torch.Tensor, np.ndarray, Sequence)):  # a generator of batches: each is read again
@@ -123,6 +124,8 @@ def verify(
         pairs = [(r, c) for r in refs for c in cands]
     if batch_sizes is None:
         batch_sizes = [next((len(x) for x in map(np.asarray, batch) if x.ndim), 1) for batch in inputs]
+    elif len(batch_sizes) != len(inputs):  # a label per batch: an IndexError at the first failure
+        raise UserError(f"batch_sizes labels {len(batch_sizes)} batches; the inputs hold {len(inputs)}")
     result = VerifyResult(batch_sizes=list(batch_sizes))
     outputs: dict[int, list[list[np.ndarray]]] = {}
     structures: dict[int, list[list[str | None]]] = {}  # of sequence and map outputs (`_flattened`)

@@ -281,12 +281,63 @@ def test_the_api_names_other_wrong_containers_and_paths_in_one_line(tmp_path):
         bngraph.save(model, tmp_path / "art", example_inputs=x)
     with pytest.raises(bngraph.UserError, match=r"^verify's inputs are None"):
         bngraph.verify(model, model, None)
+    for tolerance in ("atol", "rtol"):  # inf passed a candidate off by 1.0 on 3 of 4 rows
+        with pytest.raises(bngraph.UserError, match=rf"^--{tolerance} must be a finite number >= 0, not inf"):
+            bngraph.verify(model, model, [[x]], **{tolerance: float("inf")})
+    with pytest.raises(bngraph.UserError, match=r"^batch_sizes labels 0 batches; the inputs hold 1"):
+        bngraph.verify(model, model, [[x]], batch_sizes=[])
     for output, said in ((model, "a Sequential"), (None, "None")):
         with pytest.raises(bngraph.UserError, match=rf"^the output path is {said}: name a file or folder"):
             bngraph.export(model, [x], output)
     with pytest.raises(bngraph.UserError, match=r"^the output path is a Sequential"):
         bngraph.save(model, model)
     assert not any(tmp_path.iterdir())
+
+
+def test_load_takes_a_state_dict_for_its_weights_and_names_a_model_given_instead(tmp_path):
+    # Both raised pathlib's TypeError.
+    (tmp_path / "net.py").write_text("from torch import nn\n"
+                                     "class Net(nn.Module):\n"
+                                     "    def __init__(self):\n"
+                                     "        super().__init__()\n"
+                                     "        self.l = nn.Linear(4, 4)\n"
+                                     "    def forward(self, x):\n"
+                                     "        return self.l(x).relu()\n")
+    spec = f"{tmp_path / 'net.py'}:Net"
+    trained = bngraph.load(spec)
+    with torch.no_grad():
+        trained.l.weight.mul_(3)
+    loaded = bngraph.load(spec, weights=trained.state_dict())
+    assert torch.equal(loaded.l.weight, trained.l.weight) and loaded.l.weight is not trained.l.weight
+    with pytest.raises(bngraph.UserError, match=r"^weights are a Net: give a state dict \(model.state_dict\(\)\)"):
+        bngraph.load(spec, weights=trained)
+    with pytest.raises(bngraph.UserError, match=r"^weights given are for another model: missing 1 key"):
+        bngraph.load(spec, weights={"l.weight": trained.l.weight})
+
+
+def test_insert_names_calibration_data_in_another_form_in_one_line():
+    # A DataLoader's (x, y) pairs reached the forward as two inputs (torch's TypeError), one
+    # tensor raised "Boolean value of Tensor", numpy batches a conv2d signature dump, and []
+    # calibrated on random batches without a word.
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(16, 3, 8, 8)
+    cases = [
+        (DataLoader(TensorDataset(x, torch.zeros(16)), batch_size=8), r"calibration batch 0 holds 2 tensors; the "
+         r"forward takes 1 \(a DataLoader's \(x, y\) pairs: give \[x\] batches, \[\[x\] for x, _ in loader\]\)"),
+        (x, r"^calibration_data is one tensor: give a list of batches"),
+        ([x[:8], x[8:]], r"calibration batch 0 is a Tensor: give each batch as a list"),
+        ([[x[:8].numpy()]], r"calibration batch 0 holds a ndarray"),
+        ([], r"calibration_data holds no batch"),
+    ]
+    for calibration, said in cases:
+        with pytest.raises(bngraph.UserError, match=said):
+            bngraph.insert(model, [x[:2]], preserve=True, calibration_data=calibration)
+    loader = DataLoader(TensorDataset(x), batch_size=8)  # batches of [x]: taken as they are
+    calibrated, _ = bngraph.insert(model, [x[:2]], preserve=True, calibration_data=loader)
+    with torch.no_grad():
+        torch.testing.assert_close(calibrated(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_train_names_a_wrong_config_data_or_run_folder_in_one_line(tmp_path):
