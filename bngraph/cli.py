@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         if stopped_by:  # the signal landed in code that turned it into another error (torch's lazy imports)
             print(f"bngraph: interrupted{': terminated' if stopped_by[-1] == signal.SIGTERM else ''}", file=sys.stderr)
             return 128 + stopped_by[-1]
+        if getattr(err, "said_by_rank_0", False) and _a_rank_of_torchrun() and os.environ["RANK"] != "0":
+            return 2  # the same on every rank: rank 0's line says it for the job
         print(f"bngraph: error: {printable(str(err))}", file=sys.stderr)
         return 2
     except CheckFailed as err:

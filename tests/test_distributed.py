@@ -253,6 +253,15 @@ def test_resume_needs_as_many_processes_as_the_run_had(one_step, data, tmp_path,
     assert "ran as 2 process(es), not 1" in capsys.readouterr().err
 
 
+def test_a_resume_of_other_settings_under_torchrun_is_one_line(one_step, data, tmp_path):
+    # Each rank checks the checkpoint rank 0 sent against the same arguments: both printed it.
+    run = tmp_path / "run"
+    shutil.copytree(one_step / "sync", run)
+    (done,) = launch(bngraph_cli(*train_args(data, run, "--steps", "2", "--resume", "--nproc", "2")))
+    assert done.returncode == 2
+    assert done.stderr == f"bngraph: error: the run in {run} was trained with --sync-bn; resume it the same way\n"
+
+
 def test_ranks_take_disjoint_slices_of_the_one_process_batch():
     one = EpochSampler(50, 6, seed=3)
     ranks = [EpochSampler(50, 3, seed=3, rank=r, world_size=2) for r in range(2)]

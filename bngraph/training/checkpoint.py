@@ -224,13 +224,22 @@ class Resumed:
     notes: list[str] = field(default_factory=list)  # what the resumed run does otherwise than the run did
 
 
-def resume_from_checkpoint(out_dir: Path, *, config: TrainConfig, model: nn.Module,
-                           optimizer: torch.optim.Optimizer, scaler, ctx: Distributed,
-                           dev: torch.device, data: dict, example: torch.Tensor, finish: bool = False) -> Resumed:
+def resume_from_checkpoint(out_dir: Path, **run) -> Resumed:
     """Restore model, optimizer, loss scale and RNG from the checkpoint in `out_dir`, after
     checking it is of this run: the same model (its state dict's keys and shapes, and what it
     computes with the checkpoint's weights: `function_probe` on `example`'s shape), settings,
-    data (its `data_fingerprint`), process count and --sync-bn."""
+    data (its `data_fingerprint`), process count and --sync-bn (`_resume`'s arguments)."""
+    try:
+        return _resume(out_dir, **run)
+    except UserError as err:
+        # Each rank checks what rank 0 read and sent against the same arguments: under torchrun,
+        # every rank printed the same line. Rank 0 alone says it (bngraph.cli).
+        err.said_by_rank_0 = True
+        raise
+
+
+def _resume(out_dir: Path, *, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scaler,
+            ctx: Distributed, dev: torch.device, data: dict, example: torch.Tensor, finish: bool = False) -> Resumed:
     path = None if out_dir is None else out_dir / CHECKPOINT  # rank 0 has refused a resume without one
 
     def load() -> dict:
