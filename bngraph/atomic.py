@@ -800,17 +800,37 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
         yield from _filling(folder, path, made, replacing, force)
 
 
+_held_here: set[str] = set()  # the run folders this process holds: the CLI's, then bngraph.train's inside it
+
+
 @contextlib.contextmanager
 def _held(folder: Path) -> Iterator[None]:
     """Hold `folder` for one training run (an advisory lock the kernel drops with the process):
     a second run, a `--resume` or a `--force` of the same folder meanwhile is refused, not let
-    write into it or swap it away under the first (`refuse_if_running`)."""
+    write into it or swap it away under the first (`refuse_if_running`). Held already by this
+    process (the CLI's `run_folder` around `bngraph.train`), it is held on: a second flock of
+    this process's own would refuse it."""
+    key = os.path.realpath(folder)
+    if key in _held_here:
+        yield
+        return
     fd = os.open(folder, os.O_RDONLY)
     try:
         _lock(fd, folder, fcntl.LOCK_EX)
-        yield
+        _held_here.add(key)
+        try:
+            yield
+        finally:
+            _held_here.discard(key)
     finally:
         os.close(fd)
+
+
+def held_run_folder(folder: Path) -> contextlib.AbstractContextManager:
+    """`_held` for `bngraph.train`'s own run folder: two processes training into one folder (an
+    API script started twice, or under torchrun without `distributed=join(...)`) both wrote it,
+    the last writer's checkpoint winning."""
+    return _held(folder)
 
 
 def refuse_if_running(folder: Path) -> None:

@@ -83,6 +83,25 @@ def test_an_on_eval_logger_that_edits_its_row_leaves_the_history_as_measured(tmp
     assert all(0 <= r["test_accuracy"] <= 1 for r in (*saved, *run.metrics))
 
 
+def test_an_api_run_into_a_folder_another_process_trains_in_is_refused(tmp_path):
+    # Two scripts (or torchrun ranks without distributed=join) both trained into one folder, the
+    # last writer's checkpoint winning; the CLI refused the second, bngraph.train did not.
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    held = os.open(run, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as a training run in another process holds it
+    try:
+        with pytest.raises(UserError, match="is the folder of a training run still going"):
+            train(small_net(), tensor_data(n_train=64, n_test=32), replace(CONFIG, steps=2), out_dir=run, progress=False)
+    finally:
+        os.close(held)
+    assert not (run / "checkpoint.pt").exists()
+    done = train(small_net(), tensor_data(n_train=64, n_test=32), replace(CONFIG, steps=2), out_dir=run, progress=False)
+    assert (run / "checkpoint.pt").exists() and done.metrics
+
+
 def test_a_streamed_run_with_dropout_resumed_ends_bit_identical(tmp_path):
     # Each DataLoader iterator once drew its seed from the global generator, which dropout draws
     # from: the resume's new iterator moved every later dropout mask.

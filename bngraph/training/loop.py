@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from bngraph.atomic import absolute_output
+from bngraph.atomic import absolute_output, held_run_folder
 from bngraph.errors import CheckFailed, ModelRaised, UserError, model_raised, one_line, user_frame
 from bngraph.library_call import library_call
 from bngraph.training.checkpoint import (
@@ -149,12 +149,14 @@ def train(
     was_empty = starts and not made and out_dir.is_dir() and not any(out_dir.iterdir())
     if ctx.is_main:  # rank 0 alone reads and writes the run folder
         open_run_folder(out_dir, resume)
-    try:
-        return _train_in_folder(model, data, config, out_dir, resume, dev, ctx, progress, label, on_eval, finish)
-    except BaseException:
-        if made or was_empty:  # not a run folder made by another (the CLI's run_folder): its maker's to clean
-            remove_unstarted_run(out_dir, made)
-        raise
+    # Held before the cleanup below is armed: a second process refused here leaves the first's folder.
+    with held_run_folder(out_dir) if out_dir is not None and ctx.is_main else contextlib.nullcontext():
+        try:
+            return _train_in_folder(model, data, config, out_dir, resume, dev, ctx, progress, label, on_eval, finish)
+        except BaseException:
+            if made or was_empty:  # not a run folder made by another (the CLI's run_folder): its maker's to clean
+                remove_unstarted_run(out_dir, made)
+            raise
 
 
 def _train_in_folder(model: nn.Module, data, config: TrainConfig, out_dir: Path | None, resume: bool,
