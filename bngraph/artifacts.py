@@ -89,8 +89,9 @@ def save(
         except TraceFailed as err:
             if untraceable_code is None:  # the CLI carries the model's own file instead; an object alone has none
                 raise TraceFailed(f"cannot save {type(module).__name__} as an artifact: an artifact holds traced code, "
-                                  f"and {err}. Run `bngraph insert` (or fold) on the model's file, whose code the "
-                                  "artifact then carries, or keep its state_dict with torch.save") from err
+                                  f"and {err}. Keep its state_dict with torch.save, or run the command on the model's "
+                                  "file (`bngraph fold model.py:Net -o DIR`), whose artifact carries the file's own "
+                                  "code") from err
             code = untraceable_code
     if code is None:
         code = module_source(module, input_shapes=input_shapes, source=source, base=base)

@@ -340,6 +340,25 @@ def test_insert_names_calibration_data_in_another_form_in_one_line():
         torch.testing.assert_close(calibrated(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+class _ScalesItsInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.register_forward_pre_hook(lambda module, args: (args[0].float() / 255,))
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.c(x)))
+
+
+def test_saving_a_fold_of_a_model_with_a_hook_says_what_works_from_python(tmp_path):
+    # The refusal sent the user to "run bngraph insert (or fold)", which had made the object.
+    folded, _ = bngraph.fold(_ScalesItsInput().eval(), [torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)])
+    with pytest.raises(bngraph.UserError, match=r"a forward pre-hook, which a traced graph cannot keep\. Keep its "
+                                                r"state_dict with torch\.save, or run the command on the model's file"):
+        bngraph.save(folded, tmp_path / "art")
+    assert not (tmp_path / "art").exists()
+
+
 def test_train_names_a_wrong_config_data_or_run_folder_in_one_line(tmp_path):
     from bngraph.training import TensorData, TrainConfig
 
