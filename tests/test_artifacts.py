@@ -254,7 +254,7 @@ def test_saving_a_model_torch_fx_cannot_trace_says_what_to_do_instead(tmp_path):
     x = torch.randn(*model.example_input_shape, generator=torch.Generator().manual_seed(0))
     inserted, report = bngraph.insert(model, [x])
     assert report.facts["tracing"] == "module-level fallback"
-    with pytest.raises(UserError, match=r"cannot save Untraceable as an artifact: .* Run `bngraph insert`"):
+    with pytest.raises(UserError, match=r"cannot save Untraceable as an artifact: .* run the command on the model.s file"):
         bngraph.save(inserted, tmp_path / "out", example_inputs=[x])
     assert not (tmp_path / "out").exists()
 
