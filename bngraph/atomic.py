@@ -784,7 +784,7 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
             raise UserError("--resume continues the run in -o, --force replaces it: choose one")
         refuse_symlinked_run(path)
         _check_place(path, inputs)
-        with _held(path) if path.is_dir() else contextlib.nullcontext():
+        with _held(path, pass_on=True) if path.is_dir() else contextlib.nullcontext():
             yield path
         return
     check_output(path, RUN, force=force, inputs=inputs)
@@ -796,41 +796,48 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
     except FileExistsError:
         _remove_made(made)
         raise UserError(f"{path} appeared while bngraph was starting the run: it is left as it is; choose another -o") from None
-    with _held(folder):
+    with _held(folder, pass_on=True):
         yield from _filling(folder, path, made, replacing, force)
 
 
-_held_here: set[str] = set()  # the run folders this process holds: the CLI's, then bngraph.train's inside it
+# The run folder `run_folder` holds for the one `bngraph.train` call it wraps (`held_run_folder`):
+# that call holds it on; any other (a second run started from its on_eval) is refused.
+_passed_on: str | None = None
 
 
 @contextlib.contextmanager
-def _held(folder: Path) -> Iterator[None]:
+def _held(folder: Path, *, pass_on: bool = False) -> Iterator[None]:
     """Hold `folder` for one training run (an advisory lock the kernel drops with the process):
     a second run, a `--resume` or a `--force` of the same folder meanwhile is refused, not let
-    write into it or swap it away under the first (`refuse_if_running`). Held already by this
-    process (the CLI's `run_folder` around `bngraph.train`), it is held on: a second flock of
-    this process's own would refuse it."""
-    key = os.path.realpath(folder)
-    if key in _held_here:
-        yield
-        return
+    write into it or swap it away under the first (`refuse_if_running`). With `pass_on`, the
+    first `held_run_folder` of it inside holds it on (a second flock of this process's own
+    would refuse it)."""
+    global _passed_on
     fd = os.open(folder, os.O_RDONLY)
     try:
         _lock(fd, folder, fcntl.LOCK_EX)
-        _held_here.add(key)
+        before, _passed_on = _passed_on, os.path.realpath(folder) if pass_on else _passed_on
         try:
             yield
         finally:
-            _held_here.discard(key)
+            _passed_on = before
     finally:
         os.close(fd)
 
 
-def held_run_folder(folder: Path) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def held_run_folder(folder: Path) -> Iterator[None]:
     """`_held` for `bngraph.train`'s own run folder: two processes training into one folder (an
     API script started twice, or under torchrun without `distributed=join(...)`) both wrote it,
-    the last writer's checkpoint winning."""
-    return _held(folder)
+    the last writer's checkpoint winning. The CLI's `run_folder` holds it already and passes it
+    on to the one call it wraps."""
+    global _passed_on
+    if _passed_on is not None and _passed_on == os.path.realpath(folder):
+        _passed_on = None  # taken: a run this one starts (from its on_eval) is refused
+        yield
+        return
+    with _held(folder):
+        yield
 
 
 def refuse_if_running(folder: Path) -> None:

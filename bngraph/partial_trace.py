@@ -103,10 +103,11 @@ class InsertTracer(_Tracer):
             if users is None:
                 users = self._users_code[code] = self._is_users(code.co_filename)
             if users:
-                if code.co_name == "forward" and code.co_argcount >= 1:
+                if code.co_name == "forward" and code.co_argcount >= 1 and \
+                        isinstance(frame.f_locals.get(code.co_varnames[0]), nn.Module):
                     # A module's forward, whatever its first parameter is called (`def forward(s, x)`
-                    # read as a plain function made tanh(relu(x)) one nonlinearity); not read from
-                    # f_locals, which copies every local.
+                    # read as a plain function made tanh(relu(x)) one nonlinearity), and not a
+                    # helper function of that name (`def forward(x): return x * torch.sigmoid(x)`).
                     break
                 if frame not in self._calls:  # the frame stays referenced: no other call gets its id
                     # co_qualname from Python 3.11 on

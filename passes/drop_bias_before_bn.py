@@ -50,20 +50,23 @@ class _Readers:
         return ", ".join(found)
 
 
-def _normalizing_readers(gm: fx.GraphModule, layer_node: fx.Node, features_last: bool) -> list[fx.Node] | None:
+def _normalizing_readers(gm: fx.GraphModule, layer_node: fx.Node, features_last: bool,
+                         only: Collection[str] | None) -> list[fx.Node] | None:
     """The BatchNorms that read the layer's output over its features, where they are all that
-    reads it (each cancels the bias: sigmoid(BN1(h)) * tanh(BN2(h)) needs none); None where
-    another reader needs the bias."""
-    norms = []
+    reads it (each cancels the bias: sigmoid(BN1(h)) * tanh(BN2(h)) needs none), each once;
+    None where another reader needs the bias. With `only`, the BNs this pass may change: a
+    model's own BN keeps its statistics (insert puts them back), so the bias stays for it."""
+    norms = {}
     for reader in value_readers(layer_node):
         if _is_transpose_1_last(reader) and features_last and len(value_readers(reader)) == 1:
             reader = value_readers(reader)[0]
         elif features_last:
             return None
-        if reader.op != "call_module" or not isinstance(gm.get_submodule(reader.target), _BATCHNORM):
+        if reader.op != "call_module" or not isinstance(gm.get_submodule(reader.target), _BATCHNORM) \
+                or only is not None and reader.target not in only:
             return None
-        norms.append(reader)
-    return norms
+        norms.setdefault(reader.target, reader)  # one BN called twice on it shifts its statistics once
+    return list(norms.values())
 
 
 @graph_pass(in_place=True)
@@ -97,10 +100,14 @@ def drop_bias_before_bn(gm: fx.GraphModule, only: Collection[str] | None = None)
         if layer_features_last != (moved is not None):
             result.skipped.append(Skip(site, f"normalizes another axis than {layer_node.target}'s output features"))
             continue
-        group = _normalizing_readers(gm, layer_node, layer_features_last)
+        group = _normalizing_readers(gm, layer_node, layer_features_last, only)
         if group is None:
-            others = ", ".join(u.name for u in value_readers(layer_node) if u is not bn_node and u is not moved)
-            result.skipped.append(Skip(site, f"{layer_node.target}'s output also feeds {others}, which needs the bias"))
+            readers = [u for u in value_readers(layer_node) if u is not bn_node and u is not moved]
+            others = ", ".join(u.name for u in readers)
+            own_bns = all(u.op == "call_module" and isinstance(gm.get_submodule(u.target), _BATCHNORM) for u in readers)
+            why = ("the model's own BatchNorm, whose running statistics stay as they are (the bias is in them)"
+                   if own_bns else "which needs the bias")
+            result.skipped.append(Skip(site, f"{layer_node.target}'s output also feeds {others}, {why}"))
             continue
         read_again = readers.of(layer_node.target, layer)
         if read_again:

@@ -102,6 +102,31 @@ def test_an_api_run_into_a_folder_another_process_trains_in_is_refused(tmp_path)
     assert (run / "checkpoint.pt").exists() and done.metrics
 
 
+@pytest.mark.parametrize("through_the_cli", [False, True])
+def test_a_run_started_from_on_eval_into_the_running_folder_is_refused(tmp_path, through_the_cli):
+    # Once this process held the folder, any call in it counted as the holder: a resume started
+    # from on_eval trained into it, and the outer run then wrote its checkpoint over the inner's.
+    from bngraph.atomic import run_folder
+
+    data, refused = tensor_data(n_train=64, n_test=32), []
+
+    def start_another(row):
+        if row["step"] == 10:
+            try:
+                train(small_net(), data, CONFIG, out_dir=tmp_path / "run", resume=True, progress=False)
+            except UserError as err:
+                refused.append(str(err))
+
+    config = replace(CONFIG, steps=20)
+    if through_the_cli:  # the CLI's run folder holds it and passes it on to its one train call
+        with run_folder(tmp_path / "run") as folder:
+            train(small_net(), data, config, out_dir=folder, progress=False, on_eval=start_another)
+    else:
+        train(small_net(), data, config, out_dir=tmp_path / "run", progress=False, on_eval=start_another)
+    assert len(refused) == 1 and "is the folder of a training run still going" in refused[0]
+    assert [row["step"] for row in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [10, 20]
+
+
 def test_a_streamed_run_with_dropout_resumed_ends_bit_identical(tmp_path):
     # Each DataLoader iterator once drew its seed from the global generator, which dropout draws
     # from: the resume's new iterator moved every later dropout mask.

@@ -1,5 +1,7 @@
 """The insert pipeline (insert_bn_before_activation + drop_bias_before_bn) on many architectures."""
 
+import operator
+
 import pytest
 import torch
 from torch import nn
@@ -172,6 +174,29 @@ class ThroughAHelper(TanhOfRelu):
 
 def sequential():
     return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Tanh())
+
+
+def forward(x):  # a helper that happens to be called forward: a swish, one nonlinearity
+    return x * torch.sigmoid(x)
+
+
+class SwishHelper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return forward(self.c(x))
+
+
+class OwnBatchNormBeside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.conv(torch.relu(self.conv0(x)))
+        return torch.relu(h) + self.bn(h)
 '''
 
 
@@ -214,3 +239,26 @@ def test_a_layer_read_by_two_activations_through_their_own_batchnorms_loses_its_
         without = inserted(x)
         inserted.c.bias = nn.Parameter(bias * 10)  # any bias: each BN subtracts its batch's mean
         torch.testing.assert_close(inserted(x), without, rtol=1e-4, atol=1e-5)
+
+
+def test_a_helper_function_named_forward_is_one_nonlinearity(tmp_path):
+    # Taken for a module's forward, its sigmoid got a BN of its own: conv * sigmoid(BN(conv)).
+    (tmp_path / "in_a_row.py").write_text(IN_A_ROW_PY)
+    x = torch.randn(2, 3, 8, 8)
+    inserted, report = bngraph.insert(bngraph.load(f"{tmp_path / 'in_a_row.py'}:SwishHelper").eval(), [x])
+    [row] = report.sections["inserted"]
+    mul = next(n for n in inserted.graph.nodes if n.op == "call_function" and n.target is operator.mul)
+    assert {a.name for a in mul.all_input_nodes} == {row["bn"], "sigmoid"}  # x * sigmoid(x), x normalized
+
+
+def test_a_layer_read_by_a_new_batchnorm_and_the_models_own_keeps_its_bias_saying_why(tmp_path):
+    # Its bias was dropped and the model's BN shifted, which insert then put back: the check
+    # failed, and insert kept every bias in the model with a note that it differed.
+    (tmp_path / "in_a_row.py").write_text(IN_A_ROW_PY)
+    model = bngraph.load(f"{tmp_path / 'in_a_row.py'}:OwnBatchNormBeside").eval()
+    inserted, report = bngraph.insert(model, [torch.randn(2, 3, 12, 12)])
+    assert [row["bias_removed"] for row in report.sections["inserted"]] == [True, False] and report.notes == []
+    assert inserted.conv0.bias is None and inserted.conv.bias is not None
+    assert report.sections["skipped"][0]["reason"] == ("drop_bias_before_bn: conv's output also feeds bn, the model's "
+                                                       "own BatchNorm, whose running statistics stay as they are (the "
+                                                       "bias is in them)")
