@@ -124,7 +124,8 @@ def test_worker_processes_train_the_same_nets_as_one_process(data, seeds):
         (("mnist", "--init-std", "small"), "--init-std 'small'"),
         # NaN statistics, then a matplotlib traceback (the API returned a NaN table).
         (("mnist", "--batch-size", "1"), "--batch-size must be at least 2 (a BatchNorm's variance needs two values)"),
-        (("mnist", "--init-std", "inf"), "--init-std must be a positive number, not inf"),
+        (("mnist", "--init-std", "inf"), "--init-std must be a positive number that float32 weights can hold"),
+        (("mnist", "--init-std", "1e39"), "(below 4e+37), not 1e+39"),
         (("mnist", "--lr", "inf"), "--lr must be a positive number, not inf"),
         (("mnist", "--data", "{tmp}/missing"), "does not exist"),
         (("inception", "--variants", "inception,bn-x7"), "no recipe 'bn-x7'"),

@@ -46,6 +46,10 @@ from bngraph.zoo import create_model, get_entry
 MNIST_NETS = ("without BN", "with BN")
 
 
+# Weights drawn from N(0, std^2) reach 8 std among the MLP's ~10^5: finite in float32 below this.
+_LARGEST_STD = float(np.finfo(np.float32).max) / 8
+
+
 @dataclass(frozen=True)
 class MnistConfig:
     """The settings of `reproduce_mnist`; the defaults are the paper's (Sec. 4.1)."""
@@ -72,9 +76,10 @@ class MnistConfig:
             raise UserError(f"--workers must be at least 1, not {self.workers}")
         if not 0 < self.lr < math.inf:
             raise UserError(f"--lr must be a positive number, not {self.lr}")
-        if self.init_std is not None and not 0 < self.init_std < math.inf:
-            # inf made weights no net computes with, and a refusal about outputs NaN everywhere
-            raise UserError(f"--init-std must be a positive number, not {self.init_std}")
+        if self.init_std is not None and not 0 < self.init_std < _LARGEST_STD:
+            # Beyond float32 (inf, 1e39) the weights were inf, and the refusal spoke of outputs NaN everywhere.
+            raise UserError(f"--init-std must be a positive number that float32 weights can hold (below "
+                            f"{_LARGEST_STD:.0e}), not {self.init_std}")
         if not 0 <= self.track_unit < 100:
             raise UserError(f"--unit must be one of the 100 units of the last hidden layer, not {self.track_unit}")
 
