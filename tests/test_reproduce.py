@@ -83,6 +83,17 @@ def test_mnist_writes_figure_summary_table_and_the_trained_nets(tmp_path, data):
     assert accuracy == pytest.approx(summary["nets"]["with BN"]["test_accuracy"][-1], abs=1.5 / len(data.y_test))
 
 
+def test_the_report_of_several_seeds_says_what_its_figures_are(tmp_path, capsys, mnist_dir):
+    # table.md said it; the command's own report gave one speed-up without a word about seeds.
+    code, out, err = _cli(capsys, "reproduce", "mnist", "--data", mnist_dir, "--steps", 4, "--eval-every", 2,
+                          "--batch-size", 20, "--seeds", 2, "--workers", 1, "--quiet", "--json", "-o", tmp_path / "o")
+    assert code == 0, err
+    report = json.loads(out)
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert report["speedup_per_seed"] == summary["speedup_per_seed"] and len(report["speedup_per_seed"]) == 2
+    assert "those of the accuracy curves averaged over the 2 seeds" in " ".join(report["notes"])
+
+
 def test_batches_of_one_seed_are_the_samplers_with_their_widths(data):
     # One seed: labels and batch widths are gathered a whole epoch at a time (600 images in
     # batches of 20: 30 steps an epoch, so 70 steps cross two epoch boundaries).
