@@ -803,6 +803,7 @@ def run_folder(path: str | Path, *, force: bool = False, resume: bool = False, i
 # The run folder `run_folder` holds for the one `bngraph.train` call it wraps (`held_run_folder`):
 # that call holds it on; any other (a second run started from its on_eval) is refused.
 _passed_on: str | None = None
+_held_here: set[str] = set()  # the run folders this process holds, for the refusal's words
 
 
 @contextlib.contextmanager
@@ -813,14 +814,20 @@ def _held(folder: Path, *, pass_on: bool = False) -> Iterator[None]:
     first `held_run_folder` of it inside holds it on (a second flock of this process's own
     would refuse it)."""
     global _passed_on
+    key = os.path.realpath(folder)
+    if key in _held_here:  # flock would refuse it too, in words about another process
+        raise UserError(f"{folder} is the folder of a training run still going in this process (a run started from "
+                        "its on_eval?): it is left as it is; start the new run when that one is done, or choose another -o")
     fd = os.open(folder, os.O_RDONLY)
     try:
         _lock(fd, folder, fcntl.LOCK_EX)
-        before, _passed_on = _passed_on, os.path.realpath(folder) if pass_on else _passed_on
+        before, _passed_on = _passed_on, key if pass_on else _passed_on
+        _held_here.add(key)
         try:
             yield
         finally:
             _passed_on = before
+            _held_here.discard(key)
     finally:
         os.close(fd)
 

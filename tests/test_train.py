@@ -123,7 +123,7 @@ def test_a_run_started_from_on_eval_into_the_running_folder_is_refused(tmp_path,
             train(small_net(), data, config, out_dir=folder, progress=False, on_eval=start_another)
     else:
         train(small_net(), data, config, out_dir=tmp_path / "run", progress=False, on_eval=start_another)
-    assert len(refused) == 1 and "is the folder of a training run still going" in refused[0]
+    assert len(refused) == 1 and "is the folder of a training run still going in this process" in refused[0]
     assert [row["step"] for row in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [10, 20]
 
 
