@@ -102,15 +102,15 @@ def drop_bias_before_bn(gm: fx.GraphModule, only: Collection[str] | None = None)
             continue
         group = _normalizing_readers(gm, layer_node, layer_features_last, only)
         if group is None:
-            readers = [u for u in value_readers(layer_node) if u is not bn_node and u is not moved]
-            norms = [u for u in readers if u.op == "call_module" and isinstance(gm.get_submodule(u.target), _BATCHNORM)]
+            users = [u for u in value_readers(layer_node) if u is not bn_node and u is not moved]
+            norms = [u for u in users if u.op == "call_module" and isinstance(gm.get_submodule(u.target), _BATCHNORM)]
             own = [u for u in norms if only is not None and u.target not in only]
-            if own and len(norms) == len(readers):
+            if own and len(norms) == len(users):
                 why = (f"{', '.join(u.name for u in own)}, the model's own BatchNorm, whose running statistics stay as "
                        "they are (the bias is in them)")
             else:
-                why = f"{', '.join(u.name for u in readers if u not in norms) or ', '.join(u.name for u in readers)}, " \
-                      "which needs the bias"
+                needing = [u for u in users if u not in norms] or users
+                why = f"{', '.join(u.name for u in needing)}, which needs the bias"
             result.skipped.append(Skip(site, f"{layer_node.target}'s output also feeds {why}"))
             continue
         read_again = readers.of(layer_node.target, layer)

@@ -262,3 +262,23 @@ def test_a_layer_read_by_a_new_batchnorm_and_the_models_own_keeps_its_bias_sayin
     assert report.sections["skipped"][0]["reason"] == ("drop_bias_before_bn: conv's output also feeds bn, the model's "
                                                        "own BatchNorm, whose running statistics stay as they are (the "
                                                        "bias is in them)")
+
+
+class SkipThenLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.c(torch.relu(self.b(torch.relu(h) + h)))
+
+
+def test_a_bias_kept_for_another_reader_and_a_bias_dropped_after_it():
+    # The kept one's reason once reused the name of the pass's index of bias readers: the next
+    # BatchNorm's check then raised inside the pass.
+    inserted, report = bngraph.insert(SkipThenLayer(), [torch.randn(5, 6)])
+    assert [row["bias_removed"] for row in report.sections["inserted"]] == [False, True]
+    assert report.sections["skipped"] == [{"node": "relu_bn", "reason": "drop_bias_before_bn: a's output also feeds "
+                                                                        "add, which needs the bias"}]
+    assert inserted.a.bias is not None and inserted.b.bias is None
