@@ -85,6 +85,19 @@ def _trained_in_training(model: nn.Module, batch: Sequence[torch.Tensor], names:
     return [name for name in names if name not in buffers or recorded.foreign.get(id(buffers[name]), True)]
 
 
+def hand_written_batchnorms(model: nn.Module, batch: Sequence[torch.Tensor]) -> list[str]:
+    """The running means, by name, that a training forward of `model` (on a copy) normalizes
+    with F.batch_norm on batch statistics though no nn.BatchNorm holds them: BatchNorms written
+    by hand, which the passes that act on BatchNorm modules do not reach (`--sync-bn`)."""
+    recorded = _NormalizedInputs({})
+    with training_copy(model) as probe, recorded:
+        probe(*fresh_inputs(batch))
+    modules = {id(m.running_mean) for m in probe.modules() if isinstance(m, _BN) and m.running_mean is not None}
+    names = {id(b): name for name, b in probe.named_buffers()}
+    return [names.get(i, "a tensor the model does not register") for i, training in recorded.foreign.items()
+            if training and i not in modules]
+
+
 class RecalibrateBN:
     """Set every BN's running statistics to Algorithm 2's population statistics over `batches`
     (each a tuple of model inputs). The model's train/eval flags are restored."""

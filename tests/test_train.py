@@ -712,6 +712,35 @@ def test_a_model_raising_on_a_test_batch_is_one_line_naming_its_line(tmp_path, c
     assert f"the model failed on a test batch (in eval mode): it raised at {py}:39 " in err
 
 
+class _HandWrittenBatchNorm(nn.Module):
+    """A BatchNorm as some code writes it: F.batch_norm on its own buffers."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(features)), nn.Parameter(torch.zeros(features))
+        self.register_buffer("running_mean", torch.zeros(features))
+        self.register_buffer("running_var", torch.ones(features))
+
+    def forward(self, x):
+        return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                              self.training)
+
+
+def test_sync_bn_names_a_batchnorm_written_with_f_batch_norm_as_left_per_rank(tmp_path):
+    # Documented, but the report said "changed 1, skipped 0" without a word about it.
+    from bngraph.training.run_folder import train_into_folder
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 5, stride=3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                          _HandWrittenBatchNorm(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    data = tensor_data(n_train=64, n_test=16)
+    done = train_into_folder(model, data, TrainConfig(steps=2, batch_size=8, eval_every=2), tmp_path / "run", history=[],
+                             source="model", example_inputs=[data.x_train[:2]], sync_bn=True, progress=False)
+    assert done.sync_bn.changed == ["1"]
+    assert [(s.site, s.reason) for s in done.sync_bn.skipped] == [
+        ("4", "a BatchNorm written with F.batch_norm, which --sync-bn does not convert: its statistics stay the rank's own")]
+
+
 RANDOM_PROJECTION_PY = """
 import torch
 from torch import nn

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from bngraph.artifacts import save
-from bngraph.passes.base import PassResult
+from bngraph.passes.base import PassResult, Skip
 from bngraph.passes.convert_bn_to_sync_bn import convert_bn_to_sync_bn
+from bngraph.passes.recalibrate_bn import hand_written_batchnorms
 from bngraph.errors import UserError
 from bngraph.training.config import TrainConfig, pick_device
 from bngraph.training.data import AS_STORED, StreamData, TensorData
@@ -68,6 +69,9 @@ def train_into_folder(
     if sync_bn:
         plain = copy.deepcopy(model)  # what OUT/model holds: the model with plain BatchNorms
         converted = convert_bn_to_sync_bn(model)
+        for name in hand_written_batchnorms(plain, example_inputs):  # named in the report, not left unsaid
+            converted.skipped.append(Skip(name.rpartition(".")[0] or name, "a BatchNorm written with F.batch_norm, which "
+                                          "--sync-bn does not convert: its statistics stay the rank's own"))
         # torch's SyncBatchNorm runs on GPUs only; on the CPU, the same statistics by all-reduce.
         model = converted.graph if pick_device(device).type == "cuda" else use_cpu_sync_bn(converted.graph)
         history.append({"command": "sync-bn", "passes": {"convert_bn_to_sync_bn": converted.summary()}})
