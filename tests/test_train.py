@@ -396,6 +396,35 @@ def test_compile_without_a_cxx_compiler_is_one_line(tmp_path, mnist_dir):
     assert "train without --compile" in done.stderr and not (tmp_path / "run").exists()
 
 
+def test_the_compile_probe_of_a_model_that_cannot_be_copied_puts_its_state_back():
+    # BatchNorm's kernel moves its running statistics without a version bump, a forward may
+    # rebind a buffer or write a parameter in place, and backward adds into existing gradients.
+    import threading
+
+    from bngraph.training.loop import _state_kept
+
+    class Holds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.bn, self.lock = nn.Linear(3, 2), nn.BatchNorm1d(2), threading.Lock()
+            self.register_buffer("seen", torch.zeros(()))
+
+        def forward(self, x):
+            self.seen = self.seen + len(x)
+            with torch.no_grad():
+                self.l.weight.clamp_(-0.01, 0.01)
+            return self.bn(self.l(x))
+
+    torch.manual_seed(0)
+    model = Holds().train()
+    model.l.weight.grad = torch.ones_like(model.l.weight)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with _state_kept(model):
+        model(torch.randn(4, 3) * 10).sum().backward()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model.l.weight.grad, torch.ones_like(model.l.weight))
+
+
 TRAIN_MODE_BUG_PY = """
 import torch
 from torch import nn
@@ -429,6 +458,15 @@ def test_a_models_own_error_under_compile_is_the_models_not_compiles(holds_a_loc
     assert code == 2 and err.count("\n") == 1, err
     line = 18 if holds_a_lock else 17
     assert f"{tmp_path / 'net.py'}:{line} (h = self.b(h)  # LINE: the shape error)" in err and "compile" not in err
+
+
+def test_a_model_failing_in_training_mode_under_sync_bn_is_the_models_one_line(tmp_path, capsys, mnist_dir):
+    # --sync-bn's probe for hand-written BNs ran the training forward first: a traceback.
+    (tmp_path / "net.py").write_text("import threading\n" + TRAIN_MODE_BUG_PY)
+    code, _, err = _cli(capsys, "train", f"{tmp_path / 'net.py'}:Net", "--data", mnist_dir, "--steps", 2, "--sync-bn",
+                        "--quiet", "-o", tmp_path / "run")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{tmp_path / 'net.py'}:17 (h = self.b(h)  # LINE: the shape error)" in err
 
 
 UNTRACEABLE_PY = """
@@ -738,7 +776,16 @@ def test_sync_bn_names_a_batchnorm_written_with_f_batch_norm_as_left_per_rank(tm
                              source="model", example_inputs=[data.x_train[:2]], sync_bn=True, progress=False)
     assert done.sync_bn.changed == ["1"]
     assert [(s.site, s.reason) for s in done.sync_bn.skipped] == [
-        ("4", "a BatchNorm written with F.batch_norm, which --sync-bn does not convert: its statistics stay the rank's own")]
+        ("4.running_mean", "the running statistics of a BatchNorm written with F.batch_norm, which --sync-bn does not "
+                           "convert: they stay the rank's own")]
+    # A model no copy can be made of (it holds a lock) was a traceback: --sync-bn keeps one to save.
+    import threading
+
+    model.lock = threading.Lock()
+    with pytest.raises(UserError, match=r"--sync-bn keeps a copy of the model with its plain BatchNorms to save, and "
+                                        r"Sequential cannot be copied \(TypeError: cannot pickle"):
+        train_into_folder(model, data, TrainConfig(steps=2, batch_size=8), tmp_path / "run2", history=[],
+                          source="model", example_inputs=[data.x_train[:2]], sync_bn=True, progress=False)
 
 
 RANDOM_PROJECTION_PY = """

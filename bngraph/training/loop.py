@@ -44,7 +44,6 @@ from torch import nn
 from bngraph.atomic import absolute_output, held_run_folder
 from bngraph.errors import CheckFailed, ModelRaised, UserError, model_raised, one_line, user_frame
 from bngraph.library_call import library_call
-from bngraph.runners import buffers_kept
 from bngraph.training.checkpoint import (
     CHECKPOINT, open_run_folder, remove_unstarted_run, resume_from_checkpoint, save_checkpoint,
 )
@@ -356,14 +355,18 @@ def _compile_failed(net: nn.Module, x: torch.Tensor, setup: _Setup, err: Excepti
 
 @contextlib.contextmanager
 def _state_kept(model: nn.Module) -> Iterator[None]:
-    """Run `model` forward and backward and leave its buffers, gradients and the random state as
-    they were (no parameter moves without an optimizer step)."""
-    grads = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters()]  # backward adds in place
-    devices = sorted({p.device.index or 0 for p, _ in grads if p.device.type == "cuda"})
+    """Run `model` and leave its parameters, buffers, gradients and the random state as they were.
+    By value, from its state dict: BatchNorm's kernel moves its running statistics without a
+    version bump (`buffers_kept` would miss them), and a forward may rebind a buffer or write a
+    parameter in place; backward adds into existing gradients in place."""
+    state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    grads = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
+    devices = sorted({t.device.index or 0 for t in state.values() if t.device.type == "cuda"})
     try:
-        with buffers_kept(model), torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices):
             yield
     finally:
+        model.load_state_dict(state)
         for p, grad in grads:
             p.grad = grad
 

@@ -21,7 +21,7 @@ from bngraph.artifacts import save
 from bngraph.passes.base import PassResult, Skip
 from bngraph.passes.convert_bn_to_sync_bn import convert_bn_to_sync_bn
 from bngraph.passes.recalibrate_bn import hand_written_batchnorms
-from bngraph.errors import UserError
+from bngraph.errors import UserError, one_line
 from bngraph.training.config import TrainConfig, pick_device
 from bngraph.training.data import AS_STORED, StreamData, TensorData
 from bngraph.training.distributed import SINGLE, Distributed
@@ -41,6 +41,15 @@ class TrainedFolder:
     sync_bn: PassResult | None
     model_dir: Path  # OUT/model
     plot: Path | None  # OUT/inputs.png, when inputs were tracked
+
+
+def _hand_written_batchnorms(model: nn.Module, example_inputs) -> list[str]:
+    """`hand_written_batchnorms` for the report, or none where the probe cannot run: a model whose
+    training forward fails on the example fails the first step itself, in its own one line."""
+    try:
+        return hand_written_batchnorms(model, example_inputs)
+    except Exception:  # noqa: BLE001 (the run's first step says it)
+        return []
 
 
 def train_into_folder(
@@ -67,11 +76,15 @@ def train_into_folder(
     history = list(history)
     plain, converted = model, None
     if sync_bn:
-        plain = copy.deepcopy(model)  # what OUT/model holds: the model with plain BatchNorms
+        try:
+            plain = copy.deepcopy(model)  # what OUT/model holds: the model with plain BatchNorms
+        except Exception as err:  # a model holding a lock: a traceback
+            raise UserError(f"--sync-bn keeps a copy of the model with its plain BatchNorms to save, and "
+                            f"{type(model).__name__} cannot be copied ({one_line(err)}): train it without --sync-bn") from None
         converted = convert_bn_to_sync_bn(model)
-        for name in hand_written_batchnorms(plain, example_inputs):  # named in the report, not left unsaid
-            converted.skipped.append(Skip(name.rpartition(".")[0] or name, "a BatchNorm written with F.batch_norm, which "
-                                          "--sync-bn does not convert: its statistics stay the rank's own"))
+        for name in _hand_written_batchnorms(plain, example_inputs):  # named in the report, not left unsaid
+            converted.skipped.append(Skip(name, "the running statistics of a BatchNorm written with F.batch_norm, "
+                                                "which --sync-bn does not convert: they stay the rank's own"))
         # torch's SyncBatchNorm runs on GPUs only; on the CPU, the same statistics by all-reduce.
         model = converted.graph if pick_device(device).type == "cuda" else use_cpu_sync_bn(converted.graph)
         history.append({"command": "sync-bn", "passes": {"convert_bn_to_sync_bn": converted.summary()}})
