@@ -848,7 +848,10 @@ def held_run_folder(folder: Path) -> Iterator[None]:
 
 
 def refuse_if_running(folder: Path) -> None:
-    """Refuse a run folder that a training run still going holds (`_held`)."""
+    """Refuse a run folder that a training run still going in another process holds (`_held`;
+    this process's own hold is `held_run_folder`'s to judge)."""
+    if os.path.realpath(folder) in _held_here:
+        return
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -95,6 +95,10 @@ def test_an_api_run_into_a_folder_another_process_trains_in_is_refused(tmp_path)
     try:
         with pytest.raises(UserError, match="is the folder of a training run still going"):
             train(small_net(), tensor_data(n_train=64, n_test=32), replace(CONFIG, steps=2), out_dir=run, progress=False)
+        # Before that run's first checkpoint, a resume was told "nothing to resume: start it again with --force".
+        with pytest.raises(UserError, match="is the folder of a training run still going"):
+            train(small_net(), tensor_data(n_train=64, n_test=32), replace(CONFIG, steps=2), out_dir=run, resume=True,
+                  progress=False)
     finally:
         os.close(held)
     assert not (run / "checkpoint.pt").exists()

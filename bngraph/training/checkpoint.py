@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from bngraph.atomic import (
-    MARKER, RUN, check_writable, foreign_entries, output_kind, refuse_symlinked_run, remove_left_by_kills, save_tensors,
-    start_run_folder, write_atomically,
+    MARKER, RUN, check_writable, foreign_entries, output_kind, refuse_if_running, refuse_symlinked_run,
+    remove_left_by_kills, save_tensors, start_run_folder, write_atomically,
 )
 from bngraph.compare import ONNX_TOLERANCE, compare
 from bngraph.errors import UserError, one_line
@@ -50,6 +50,7 @@ def open_run_folder(out_dir: Path | None, resume: bool) -> None:
     if resume and out_dir is None:
         raise UserError(_nothing_to_resume(out_dir, checkpoint_path))
     if resume:
+        refuse_if_running(out_dir)  # before its first checkpoint, "nothing to resume" sent the user to --force
         check_resumable(out_dir)
         remove_left_by_kills(out_dir, RUN)
     if not resume and checkpoint_path is not None and checkpoint_path.exists():
