@@ -86,13 +86,11 @@ def _guard_definitions(guards: dict[str, object]) -> list[str]:
     written out, so that model.py imports without bngraph ("Plain PyTorch")."""
     from bngraph import trace
 
+    if any(function is trace.check_traced_length for function in guards.values()):
+        guards = {**guards, "check_traced_shapes": trace.check_traced_shapes}  # which check_traced_length calls
     definitions = []
     for name, function in sorted(guards.items()):
-        source = inspect.getsource(function)
-        if function is trace.check_traced_length:  # it calls check_traced_shapes: the same one
-            source = source.replace("check_traced_shapes(", "_check_traced_shapes(") + "\n\n" + re.sub(
-                r"^def check_traced_shapes\(", "def _check_traced_shapes(", inspect.getsource(trace.check_traced_shapes))
-        written = re.sub(rf"^def {function.__name__}\(", f"def {name}(", source, count=1, flags=re.M)
+        written = re.sub(rf"^def {function.__name__}\(", f"def {name}(", inspect.getsource(function), count=1, flags=re.M)
         definitions.append(f"\n\ntry:\n    from bngraph.trace import {function.__name__} as {name}\n"
                            "except ImportError:  # plain PyTorch: the same check, written out\n"
                            + textwrap.indent(written.rstrip(), "    "))

@@ -389,28 +389,28 @@ def runners_for(model: Any, *, evaluator: bool = False) -> list:
     return runners + ([EvaluatorRunner(model)] if evaluator else [])
 
 
-def forward_parameter_names(module: nn.Module) -> list[str]:
-    """The names of the parameters `module`'s forward takes by position (none after a `*args`)."""
+def _positional_parameters(module: nn.Module) -> list[inspect.Parameter]:
+    """The parameters `module`'s forward takes by position (none after a `*args`)."""
     try:
         parameters = inspect.signature(module.forward).parameters.values()
     except (TypeError, ValueError):  # a builtin or TorchScript forward
         return []
-    names = []
+    positional = []
     for p in parameters:
         if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
             break
-        names.append(p.name)
-    return names
+        positional.append(p)
+    return positional
+
+
+def forward_parameter_names(module: nn.Module) -> list[str]:
+    """The names of the parameters `module`'s forward takes by position."""
+    return [p.name for p in _positional_parameters(module)]
 
 
 def required_parameter_names(module: nn.Module) -> list[str]:
     """The forward's positional parameters without a default: those every call must give."""
-    try:
-        parameters = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    return [p.name for p in parameters
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return [p.name for p in _positional_parameters(module) if p.default is p.empty]
 
 
 def input_order(names: Sequence[str], given: Sequence[str]) -> list[int] | None:

@@ -552,8 +552,7 @@ def verify_models(
     elif sizes != BATCH_SIZES:
         report.notes.append(f"an ONNX file fixes the batch at {sizes[0]}: compared at that batch only")
     for text, model, before in zip((reference, candidate), models, versions):
-        if written := [name for name, (tensor, version) in _state_versions(model).items()
-                       if name not in before or before[name][0] is not tensor or before[name][1] != version]:
+        if written := _written_state(model, before):
             # Silent, a candidate that doubled its output from its 7th call on passed.
             report.notes.append(f"{text} writes {_listed(written)} in its forward, in eval mode: what it computes may "
                                 f"depend on how often it ran before; verify compared its outputs on these {len(batches)} "
@@ -623,6 +622,12 @@ def _refuse_undeclared_inputs(module: torch.nn.Module, declared: Sequence[str], 
             raise UserError(f"{text} takes input {name!r}, which {type(module).__name__}'s forward takes as input "
                             f"{params.index(name)} but declares no shape for (it declares {', '.join(declared)}): a model "
                             "that declares no input shapes is fed the file's inputs by name")
+
+
+def _written_state(model, before: dict[str, tuple[torch.Tensor, int]]) -> list[str]:
+    """The parameters and buffers of `model` written since `before` (`_state_versions`)."""
+    return [name for name, (tensor, version) in _state_versions(model).items()
+            if name not in before or before[name][0] is not tensor or before[name][1] != version]
 
 
 def _state_versions(model) -> dict[str, tuple[torch.Tensor, int]]:

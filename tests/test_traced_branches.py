@@ -292,6 +292,48 @@ def test_the_guarded_graph_goes_through_the_whole_chain(tmp_path, capsys):
         loaded(_x(2, 8, 40))
 
 
+LOOP_OVER_SIZES_PY = """
+import torch.nn.functional as F
+from torch import nn
+
+example_input_shape = (2, 3, 8, 8)
+
+
+class ShapeFactorNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+
+    def forward(self, x):
+        if not all(size % factor == 0 for size, factor in zip(x.shape[2:], (4, 4))):
+            raise ValueError("spatial sizes must be multiples of 4")
+        return F.silu(self.conv(x))
+"""
+
+
+def test_a_saved_loop_over_sizes_checks_them_where_bngraph_is_not_installed(tmp_path, capsys):
+    # Its length check calls the shapes check: written out, model.py needs both.
+    (tmp_path / "net.py").write_text(LOOP_OVER_SIZES_PY)
+    code, _, err = _cli(capsys, "insert", f"{tmp_path / 'net.py'}:ShapeFactorNet", "-o", tmp_path / "bn")
+    assert code == 0, err
+    assert "check_traced_length" in (tmp_path / "bn" / "model.py").read_text()
+    plain = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import importlib.util, sys, torch
+        sys.modules["bngraph"] = None
+        spec = importlib.util.spec_from_file_location("m", {str(tmp_path / "bn" / "model.py")!r})
+        code = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(code)
+        model = code.BngraphModel().eval()
+        print(tuple(model(torch.randn(2, 3, 12, 8)).shape))
+        try:
+            model(torch.randn(2, 3, 10, 8))
+        except ValueError as err:
+            print(err)
+    """)], capture_output=True, text=True, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.startswith("(2, 6, 12, 8)\n") and "branches on shapes" in plain.stdout
+
+
 class WindowedBlock(nn.Module):
     """Swin's layer: it shrinks its window to the input when the input is smaller, setting the
     attribute in its forward (HF's `set_shift_and_window_size`)."""

@@ -1765,6 +1765,23 @@ def test_a_model_that_writes_its_state_in_eval_mode_is_named_in_the_report(count
     assert code == 0 and json.loads(out)["notes"] == []
 
 
+def test_a_buffer_reassigned_back_to_its_first_address_is_seen_written(tmp_path):
+    # Two new tensors per call: the second takes the first one's freed address, with version 0,
+    # on every call. Watched by id() and version, the write was missed (CI failed on it by chance).
+    from bngraph.verify import _state_versions, _written_state
+
+    (tmp_path / "m.py").write_text(COUNTS_ITS_CALLS)
+    model = bngraph.load(f"{tmp_path / 'm.py'}:CountsInTwoSteps").eval()
+    first = id(model.calls)
+    with torch.no_grad():
+        model(torch.randn(2, 4))
+    assert id(model.calls) == first and model.calls._version == 0  # all that id() and the version see
+    before = _state_versions(model)
+    with torch.no_grad():
+        model(torch.randn(2, 4))
+    assert _written_state(model, before) == ["calls"]
+
+
 RETURNS_NUMBERS_TOO = '''
 import torch
 from torch import nn
